@@ -1,1 +1,40 @@
-//! ciyuan-core
+//! Ciyuan's domain core: the vocabulary every other crate speaks.
+//!
+//! - [`AccountPath`]: a node of the account tree (`acme/cn/hr/onboarding`).
+//! - [`Scope`]: what an API key may do.
+//! - [`Entry`]: one record of the tamper-evident ledger, with its typed [`EntryBody`].
+//! - [`TokenCount`], [`Modality`], [`Direction`]: tokens by modality and direction.
+//! - [`Money`]: exact decimal amounts, never floats.
+//!
+//! This crate does no IO. The ledger's bytes for an entry are produced here
+//! ([`Entry::encode`]) because the entry format is part of the domain: an auditor reads
+//! exactly these bytes.
+//!
+//! ```
+//! use ciyuan_core::{AccountPath, Entry, EntryBody, AccountInfo};
+//! let path: AccountPath = "acme/cn".parse().unwrap();
+//! assert_eq!(path.parent().unwrap().as_str(), "acme");
+//! let entry = Entry::new(
+//!     jiff::Timestamp::UNIX_EPOCH,
+//!     path,
+//!     EntryBody::AccountCreated(AccountInfo::default()),
+//! );
+//! let bytes = entry.encode();
+//! assert_eq!(Entry::decode(&bytes).unwrap(), entry);
+//! ```
+#![deny(missing_docs)]
+
+mod entry;
+mod money;
+mod path;
+mod scope;
+mod tokens;
+
+pub use entry::{
+    AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, KeyCreated, KeyRevoked,
+    Usage,
+};
+pub use money::{Currency, Money, MoneyError};
+pub use path::{AccountPath, PathError};
+pub use scope::{Scope, ScopeError, Scopes};
+pub use tokens::{Direction, Modality, TokenCount, TokenError, TokenMap};

@@ -1,0 +1,318 @@
+//! Ledger entries: what the tamper-evident log records.
+//!
+//! An entry is encoded as one line of compact JSON with a fixed field order:
+//!
+//! ```text
+//! {"v":1,"ts":"2026-11-25T06:00:00Z","account":"acme/cn","kind":"usage","data":{...}}
+//! ```
+//!
+//! Those bytes are the Merkle leaf: an auditor hashes exactly them, so they are never
+//! re-serialized after the append. `v` is the entry format version; readers refuse
+//! versions they do not know rather than guess.
+
+use crate::{AccountPath, Scopes, tokens::TokenMap};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The entry format version this build writes and reads.
+pub const ENTRY_VERSION: u16 = 1;
+
+/// One record of the ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// Format version, [`ENTRY_VERSION`] for new entries.
+    pub v: u16,
+    /// When it happened, UTC.
+    pub ts: Timestamp,
+    /// The account node it belongs to.
+    pub account: AccountPath,
+    /// What it records.
+    pub body: EntryBody,
+}
+
+/// What an entry records.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntryBody {
+    /// Tokens consumed or produced by an AI service.
+    Usage(Usage),
+    /// A correction of earlier usage: signed deltas, naming the entry corrected.
+    Adjustment(Adjustment),
+    /// A node of the account tree was created.
+    AccountCreated(AccountInfo),
+    /// A node's attributes changed (the new attributes, whole).
+    AccountUpdated(AccountInfo),
+    /// An API key was created for the entry's account (the secret is never logged).
+    KeyCreated(KeyCreated),
+    /// An API key was revoked.
+    KeyRevoked(KeyRevoked),
+}
+
+/// Tokens of one call or event.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    /// The service: `llm.chat`, `llm.embeddings`, `face.match`, ...
+    pub service: String,
+    /// The model, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Tokens by modality and direction, never negative.
+    pub tokens: TokenMap,
+    /// Where the record came from (`gateway`, or an ingest event's `source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The originating event or request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// The token definition and version that produced the tokens, e.g. `doc.verify@2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
+    /// Whether the measurement is incomplete (a cut stream).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+}
+
+/// A correction of earlier usage.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Adjustment {
+    /// The id (log index) of the entry corrected, if the correction targets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrects: Option<u64>,
+    /// Why, in words.
+    pub reason: String,
+    /// The service whose usage is corrected.
+    pub service: String,
+    /// The model whose usage is corrected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Signed token deltas.
+    pub tokens: TokenMap,
+}
+
+/// Attributes of an account node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AccountInfo {
+    /// A name for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// IANA time zone in which the node's periods (days, months) are computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Free metadata for exports: cost center, GL account, ...
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A key was created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCreated {
+    /// The key's public id (the part of the key that is not secret).
+    pub key_id: String,
+    /// Its scopes.
+    pub scopes: Scopes,
+    /// A label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A key was revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRevoked {
+    /// The key's public id.
+    pub key_id: String,
+}
+
+/// Why bytes are not a valid entry.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not the entry JSON shape.
+    #[error("malformed entry: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A version this build does not read.
+    #[error("entry format version {0} is not supported (this build reads {ENTRY_VERSION})")]
+    Version(u16),
+    /// An unknown kind.
+    #[error("unknown entry kind {0:?}")]
+    Kind(String),
+}
+
+impl EntryBody {
+    /// The kind as written in the entry.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EntryBody::Usage(_) => "usage",
+            EntryBody::Adjustment(_) => "adjustment",
+            EntryBody::AccountCreated(_) => "account.created",
+            EntryBody::AccountUpdated(_) => "account.updated",
+            EntryBody::KeyCreated(_) => "key.created",
+            EntryBody::KeyRevoked(_) => "key.revoked",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EntryOut<'a, T: Serialize> {
+    v: u16,
+    ts: &'a Timestamp,
+    account: &'a AccountPath,
+    kind: &'static str,
+    data: &'a T,
+}
+
+#[derive(Deserialize)]
+struct EntryIn<'a> {
+    v: u16,
+    ts: Timestamp,
+    account: AccountPath,
+    #[serde(borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+}
+
+impl Entry {
+    /// A new entry of the current format version.
+    pub fn new(ts: Timestamp, account: AccountPath, body: EntryBody) -> Entry {
+        Entry {
+            v: ENTRY_VERSION,
+            ts,
+            account,
+            body,
+        }
+    }
+
+    /// The ledger bytes: compact JSON, one line, no trailing newline.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(192);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the ledger bytes to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        fn put<T: Serialize>(e: &Entry, data: &T, out: &mut Vec<u8>) {
+            let wire = EntryOut {
+                v: e.v,
+                ts: &e.ts,
+                account: &e.account,
+                kind: e.body.kind(),
+                data,
+            };
+            // Writing plain structs of strings and integers into a Vec cannot fail.
+            let _ = serde_json::to_writer(out, &wire);
+        }
+        match &self.body {
+            EntryBody::Usage(d) => put(self, d, out),
+            EntryBody::Adjustment(d) => put(self, d, out),
+            EntryBody::AccountCreated(d) | EntryBody::AccountUpdated(d) => put(self, d, out),
+            EntryBody::KeyCreated(d) => put(self, d, out),
+            EntryBody::KeyRevoked(d) => put(self, d, out),
+        }
+    }
+
+    /// Decodes ledger bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Entry, DecodeError> {
+        let raw: EntryIn<'_> = serde_json::from_slice(bytes)?;
+        if raw.v != ENTRY_VERSION {
+            return Err(DecodeError::Version(raw.v));
+        }
+        let data = raw.data.get();
+        let body = match raw.kind.as_ref() {
+            "usage" => EntryBody::Usage(serde_json::from_str(data)?),
+            "adjustment" => EntryBody::Adjustment(serde_json::from_str(data)?),
+            "account.created" => EntryBody::AccountCreated(serde_json::from_str(data)?),
+            "account.updated" => EntryBody::AccountUpdated(serde_json::from_str(data)?),
+            "key.created" => EntryBody::KeyCreated(serde_json::from_str(data)?),
+            "key.revoked" => EntryBody::KeyRevoked(serde_json::from_str(data)?),
+            other => return Err(DecodeError::Kind(other.to_string())),
+        };
+        Ok(Entry {
+            v: raw.v,
+            ts: raw.ts,
+            account: raw.account,
+            body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Direction, Modality};
+
+    fn usage() -> Entry {
+        let mut tokens = TokenMap::new();
+        tokens.add(Modality::Text, Direction::Input, 19).unwrap();
+        tokens.add(Modality::Text, Direction::Output, 10).unwrap();
+        Entry::new(
+            "2026-11-25T06:00:00.123Z".parse().unwrap(),
+            "acme/cn".parse().unwrap(),
+            EntryBody::Usage(Usage {
+                service: "llm.chat".into(),
+                model: Some("gpt-4o".into()),
+                tokens,
+                source: Some("gateway".into()),
+                ..Usage::default()
+            }),
+        )
+    }
+
+    #[test]
+    fn encoding_is_pinned() {
+        let bytes = usage().encode();
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            r#"{"v":1,"ts":"2026-11-25T06:00:00.123Z","account":"acme/cn","kind":"usage","data":{"service":"llm.chat","model":"gpt-4o","tokens":{"text.input":19,"text.output":10},"source":"gateway"}}"#
+        );
+        assert_eq!(Entry::decode(&bytes).unwrap(), usage());
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let at: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let acct: AccountPath = "a/b".parse().unwrap();
+        let bodies = [
+            EntryBody::Adjustment(Adjustment {
+                corrects: Some(7),
+                reason: "double count".into(),
+                service: "llm.chat".into(),
+                model: None,
+                tokens: TokenMap::new(),
+            }),
+            EntryBody::AccountCreated(AccountInfo {
+                display_name: Some("HR 人力资源".into()),
+                time_zone: Some("Asia/Shanghai".into()),
+                metadata: [("gl".to_string(), "6001".to_string())].into(),
+            }),
+            EntryBody::AccountUpdated(AccountInfo::default()),
+            EntryBody::KeyCreated(KeyCreated {
+                key_id: "k1".into(),
+                scopes: Scopes::parse_list("gateway,read").unwrap(),
+                name: None,
+            }),
+            EntryBody::KeyRevoked(KeyRevoked {
+                key_id: "k1".into(),
+            }),
+        ];
+        for body in bodies {
+            let e = Entry::new(at, acct.clone(), body);
+            let bytes = e.encode();
+            assert!(!bytes.contains(&b'\n'));
+            assert_eq!(Entry::decode(&bytes).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn refuses_unknown_versions_and_kinds() {
+        let v2 = br#"{"v":2,"ts":"2026-01-01T00:00:00Z","account":"a","kind":"usage","data":{}}"#;
+        assert_eq!(
+            Entry::decode(v2).unwrap_err().to_string(),
+            "entry format version 2 is not supported (this build reads 1)"
+        );
+        let k = br#"{"v":1,"ts":"2026-01-01T00:00:00Z","account":"a","kind":"mystery","data":{}}"#;
+        assert_eq!(
+            Entry::decode(k).unwrap_err().to_string(),
+            "unknown entry kind \"mystery\""
+        );
+    }
+}

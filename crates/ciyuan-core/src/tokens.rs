@@ -1,0 +1,249 @@
+//! Tokens by modality and direction.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// What kind of content a token measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Modality {
+    /// Text and code.
+    Text,
+    /// Images.
+    Image,
+    /// Audio.
+    Audio,
+    /// Video.
+    Video,
+    /// Units of non-LLM services turned into tokens by a token definition.
+    Other,
+}
+
+/// Which way a token went, and how the provider treats it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Fresh input (prompt) tokens.
+    Input,
+    /// Input served from the provider's prompt cache.
+    CachedInput,
+    /// Input written to the provider's prompt cache.
+    CacheWrite,
+    /// Output (completion) tokens, reasoning excluded.
+    Output,
+    /// Reasoning tokens the provider bills as output but does not return.
+    Reasoning,
+}
+
+/// Why a string is not a modality, direction or token key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Unknown modality name.
+    #[error("unknown modality {0:?} (expected text, image, audio, video or other)")]
+    Modality(String),
+    /// Unknown direction name.
+    #[error(
+        "unknown direction {0:?} (expected input, cached_input, cache_write, output or reasoning)"
+    )]
+    Direction(String),
+    /// A token key not of the form `modality.direction`.
+    #[error("token key {0:?} is not of the form modality.direction, e.g. text.input")]
+    Key(String),
+}
+
+macro_rules! names {
+    ($ty:ident, $err:ident, $($variant:ident => $name:literal),+ $(,)?) => {
+        impl $ty {
+            /// Every value, in order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+            /// The name used in APIs and the ledger.
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $name),+ }
+            }
+        }
+        impl FromStr for $ty {
+            type Err = TokenError;
+            fn from_str(s: &str) -> Result<Self, TokenError> {
+                match s { $($name => Ok($ty::$variant),)+ _ => Err(TokenError::$err(s.to_string())) }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+names!(Modality, Modality, Text => "text", Image => "image", Audio => "audio", Video => "video", Other => "other");
+names!(Direction, Direction, Input => "input", CachedInput => "cached_input", CacheWrite => "cache_write", Output => "output", Reasoning => "reasoning");
+
+/// A signed number of tokens of one modality and direction. Usage is never negative;
+/// corrections carry negative deltas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCount {
+    /// What the tokens measure.
+    pub modality: Modality,
+    /// Which way they went.
+    pub direction: Direction,
+    /// How many.
+    pub count: i64,
+}
+
+/// Tokens keyed by `modality.direction`, kept sorted so an entry's bytes are
+/// deterministic. Serialized as a JSON object such as `{"text.input":19,"text.output":10}`:
+/// compact in the log and readable by an auditor.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenMap(BTreeMap<(Modality, Direction), i64>);
+
+impl TokenMap {
+    /// An empty map.
+    pub fn new() -> Self {
+        TokenMap::default()
+    }
+
+    /// Adds `count` to a key, failing on overflow.
+    pub fn add(&mut self, modality: Modality, direction: Direction, count: i64) -> Option<()> {
+        let slot = self.0.entry((modality, direction)).or_insert(0);
+        *slot = slot.checked_add(count)?;
+        Some(())
+    }
+
+    /// The counts, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = TokenCount> + '_ {
+        self.0
+            .iter()
+            .map(|(&(modality, direction), &count)| TokenCount {
+                modality,
+                direction,
+                count,
+            })
+    }
+
+    /// Whether no key is present.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sum over all keys, or `None` on overflow.
+    pub fn total(&self) -> Option<i64> {
+        self.0.values().try_fold(0i64, |acc, v| acc.checked_add(*v))
+    }
+}
+
+impl FromIterator<TokenCount> for TokenMap {
+    fn from_iter<I: IntoIterator<Item = TokenCount>>(iter: I) -> Self {
+        let mut m = TokenMap::new();
+        for t in iter {
+            // Saturate rather than fail here; validated constructors use `add`.
+            let slot = m.0.entry((t.modality, t.direction)).or_insert(0);
+            *slot = slot.saturating_add(t.count);
+        }
+        m
+    }
+}
+
+fn parse_key(key: &str) -> Result<(Modality, Direction), TokenError> {
+    let (m, d) = key
+        .split_once('.')
+        .ok_or_else(|| TokenError::Key(key.to_string()))?;
+    Ok((m.parse()?, d.parse()?))
+}
+
+impl serde::Serialize for TokenMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        let mut key = String::with_capacity(24);
+        for (&(m, d), v) in &self.0 {
+            key.clear();
+            key.push_str(m.as_str());
+            key.push('.');
+            key.push_str(d.as_str());
+            map.serialize_entry(&key, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TokenMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TokenMap;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of token counts keyed by modality.direction")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<TokenMap, A::Error> {
+                let mut m = TokenMap::new();
+                while let Some((k, v)) = a.next_entry::<std::borrow::Cow<'de, str>, i64>()? {
+                    let key = parse_key(&k).map_err(serde::de::Error::custom)?;
+                    if m.0.insert(key, v).is_some() {
+                        return Err(serde::de::Error::custom(format!(
+                            "duplicate token key {k:?}"
+                        )));
+                    }
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_map_round_trip() {
+        let mut m = TokenMap::new();
+        m.add(Modality::Text, Direction::Output, 10).unwrap();
+        m.add(Modality::Text, Direction::Input, 19).unwrap();
+        m.add(Modality::Image, Direction::Input, 85).unwrap();
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            json,
+            r#"{"text.input":19,"text.output":10,"image.input":85}"#
+        );
+        assert_eq!(serde_json::from_str::<TokenMap>(&json).unwrap(), m);
+        assert_eq!(m.total(), Some(114));
+    }
+
+    #[test]
+    fn token_map_rejects_bad_keys() {
+        let err = serde_json::from_str::<TokenMap>(r#"{"text":1}"#).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not of the form modality.direction"),
+            "{err}"
+        );
+        let err = serde_json::from_str::<TokenMap>(r#"{"smell.input":1}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown modality \"smell\""),
+            "{err}"
+        );
+        let err =
+            serde_json::from_str::<TokenMap>(r#"{"text.input":1,"text.input":2}"#).unwrap_err();
+        assert!(err.to_string().contains("duplicate token key"), "{err}");
+    }
+
+    #[test]
+    fn overflow_is_refused() {
+        let mut m = TokenMap::new();
+        m.add(Modality::Text, Direction::Input, i64::MAX).unwrap();
+        assert!(m.add(Modality::Text, Direction::Input, 1).is_none());
+    }
+}
