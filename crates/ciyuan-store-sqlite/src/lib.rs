@@ -1,1 +1,487 @@
-//! ciyuan-store-sqlite
+//! SQLite backend of the [`ciyuan_store::Store`] trait: the embedded default.
+//!
+//! One database file beside the ledger holds the projections (accounts, hourly usage
+//! rollups, and the index of the last entry applied) and the API keys (hashed).
+//! Projections are applied in one transaction together with the new projection
+//! watermark, so after a crash they are either wholly applied or not at all, and the
+//! server replays the log from the watermark.
+#![deny(missing_docs)]
+
+use ciyuan_core::jiff::Timestamp;
+use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, EntryBody, Modality, Scopes};
+use ciyuan_store::{Account, HourFilter, HourRow, KeyRecord, Store, StoreError, floor_hour};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO meta (name, value) VALUES ('projected_through', 0);
+CREATE TABLE accounts (
+    path          TEXT PRIMARY KEY,
+    info          TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    created_entry INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE keys (
+    seq         INTEGER PRIMARY KEY,
+    key_id      TEXT NOT NULL UNIQUE,
+    secret_hash BLOB NOT NULL UNIQUE,
+    account     TEXT NOT NULL,
+    scopes      TEXT NOT NULL,
+    name        TEXT,
+    created_at  TEXT NOT NULL,
+    revoked_at  TEXT
+);
+CREATE INDEX keys_account ON keys (account);
+CREATE TABLE usage_hourly (
+    account   TEXT NOT NULL,
+    hour      INTEGER NOT NULL,
+    service   TEXT NOT NULL,
+    model     TEXT NOT NULL,
+    modality  TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    tokens    INTEGER NOT NULL,
+    PRIMARY KEY (account, hour, service, model, modality, direction)
+) WITHOUT ROWID;
+"#];
+
+/// The SQLite store.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating as needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path).map_err(backend)?;
+        // WAL lets readers run beside the projector; FULL because keys live here and are
+        // not derivable from the log.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(backend)?;
+        Self::init(conn)
+    }
+
+    /// A throwaway in-memory database, for tests.
+    pub fn open_in_memory() -> Result<SqliteStore, StoreError> {
+        Self::init(Connection::open_in_memory().map_err(backend)?)
+    }
+
+    fn init(mut conn: Connection) -> Result<SqliteStore, StoreError> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(backend)?;
+        let version: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(backend)?;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "database schema version {version} is newer than this build ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction().map_err(backend)?;
+            tx.execute_batch(sql).map_err(backend)?;
+            tx.pragma_update(None, "user_version", i + 1)
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+        }
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions
+        // roll back on drop), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// SQL condition and bound values selecting a subtree of `column`.
+fn subtree(column: &str, path: &AccountPath) -> (String, Vec<String>) {
+    if path.is_root() {
+        ("1 = 1".to_string(), vec![])
+    } else {
+        // '0' is the byte after '/', so [p/, p0) is exactly the descendants of p.
+        (
+            format!("({column} = ? OR ({column} >= ? AND {column} < ?))"),
+            vec![
+                path.as_str().to_string(),
+                format!("{}/", path.as_str()),
+                format!("{}0", path.as_str()),
+            ],
+        )
+    }
+}
+
+fn parse_ts(s: &str) -> Result<Timestamp, StoreError> {
+    s.parse()
+        .map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
+}
+
+fn parse_path(s: &str) -> Result<AccountPath, StoreError> {
+    if s.is_empty() {
+        return Ok(AccountPath::root());
+    }
+    s.parse()
+        .map_err(|e| StoreError::Corrupt(format!("account path {s:?}: {e}")))
+}
+
+type RawKey = (
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+);
+
+fn key_from_raw(raw: RawKey) -> Result<KeyRecord, StoreError> {
+    let (key_id, account, scopes, name, created_at, revoked_at) = raw;
+    Ok(KeyRecord {
+        key_id,
+        account: parse_path(&account)?,
+        scopes: Scopes::parse_list(&scopes).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        name,
+        created_at: parse_ts(&created_at)?,
+        revoked_at: revoked_at.as_deref().map(parse_ts).transpose()?,
+    })
+}
+
+const KEY_COLUMNS: &str = "key_id, account, scopes, name, created_at, revoked_at";
+
+fn raw_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawKey> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+type RawAccount = (String, String, String, i64);
+
+fn account_from_raw(raw: RawAccount) -> Result<Account, StoreError> {
+    let (path, info, created_at, created_entry) = raw;
+    Ok(Account {
+        path: parse_path(&path)?,
+        info: serde_json::from_str(&info)
+            .map_err(|e| StoreError::Corrupt(format!("account {path:?}: {e}")))?,
+        created_at: parse_ts(&created_at)?,
+        created_entry: u64::try_from(created_entry)
+            .map_err(|_| StoreError::Corrupt(format!("account {path:?}: negative entry id")))?,
+    })
+}
+
+type RollupKey = (String, i64, String, String, Modality, Direction);
+
+impl Store for SqliteStore {
+    fn projected_through(&self) -> Result<u64, StoreError> {
+        let v: i64 = self
+            .conn()
+            .query_row(
+                "SELECT value FROM meta WHERE name = 'projected_through'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        u64::try_from(v).map_err(|_| StoreError::Corrupt("negative projection watermark".into()))
+    }
+
+    fn apply(&self, start: u64, entries: &[Entry]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        let at: i64 = tx
+            .query_row(
+                "SELECT value FROM meta WHERE name = 'projected_through'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        if at as u64 != start {
+            return Err(StoreError::OutOfOrder {
+                at: at as u64,
+                from: start,
+            });
+        }
+        // Sum usage per rollup key first: a batch of many events for one key becomes one
+        // upsert.
+        let mut rollup: HashMap<RollupKey, i64> = HashMap::new();
+        {
+            let mut insert_account = tx
+                .prepare_cached(
+                    "INSERT INTO accounts (path, info, created_at, created_entry) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (path) DO NOTHING",
+                )
+                .map_err(backend)?;
+            let mut update_account = tx
+                .prepare_cached("UPDATE accounts SET info = ? WHERE path = ?")
+                .map_err(backend)?;
+            for (i, entry) in entries.iter().enumerate() {
+                let index = start + i as u64;
+                let (service, model, tokens) = match &entry.body {
+                    EntryBody::Usage(u) => (&u.service, &u.model, &u.tokens),
+                    EntryBody::Adjustment(a) => (&a.service, &a.model, &a.tokens),
+                    EntryBody::AccountCreated(info) => {
+                        insert_account
+                            .execute(params![
+                                entry.account.as_str(),
+                                info_json(info),
+                                entry.ts.to_string(),
+                                index as i64
+                            ])
+                            .map_err(backend)?;
+                        continue;
+                    }
+                    EntryBody::AccountUpdated(info) => {
+                        update_account
+                            .execute(params![info_json(info), entry.account.as_str()])
+                            .map_err(backend)?;
+                        continue;
+                    }
+                    EntryBody::KeyCreated(_) | EntryBody::KeyRevoked(_) => continue,
+                };
+                let hour = floor_hour(entry.ts);
+                for t in tokens.iter() {
+                    let slot = rollup
+                        .entry((
+                            entry.account.as_str().to_string(),
+                            hour,
+                            service.clone(),
+                            model.clone().unwrap_or_default(),
+                            t.modality,
+                            t.direction,
+                        ))
+                        .or_insert(0);
+                    *slot = slot.saturating_add(t.count);
+                }
+            }
+            let mut upsert = tx
+                .prepare_cached(
+                    "INSERT INTO usage_hourly (account, hour, service, model, modality, direction, tokens)
+                     VALUES (?, ?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (account, hour, service, model, modality, direction)
+                     DO UPDATE SET tokens = tokens + excluded.tokens",
+                )
+                .map_err(backend)?;
+            for ((account, hour, service, model, modality, direction), tokens) in rollup {
+                upsert
+                    .execute(params![
+                        account,
+                        hour,
+                        service,
+                        model,
+                        modality.as_str(),
+                        direction.as_str(),
+                        tokens
+                    ])
+                    .map_err(backend)?;
+            }
+        }
+        tx.execute(
+            "UPDATE meta SET value = ? WHERE name = 'projected_through'",
+            params![(start + entries.len() as u64) as i64],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn reset_projections(&self) -> Result<(), StoreError> {
+        self.conn()
+            .execute_batch(
+                "BEGIN;
+                 DELETE FROM accounts;
+                 DELETE FROM usage_hourly;
+                 UPDATE meta SET value = 0 WHERE name = 'projected_through';
+                 COMMIT;",
+            )
+            .map_err(backend)
+    }
+
+    fn account(&self, path: &AccountPath) -> Result<Option<Account>, StoreError> {
+        let raw: Option<RawAccount> = self
+            .conn()
+            .query_row(
+                "SELECT path, info, created_at, created_entry FROM accounts WHERE path = ?",
+                [path.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(backend)?;
+        raw.map(account_from_raw).transpose()
+    }
+
+    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError> {
+        let (cond, args) = subtree("path", under);
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT path, info, created_at, created_entry FROM accounts WHERE {cond} ORDER BY path"
+            ))
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .map_err(backend)?;
+        rows.map(|r| account_from_raw(r.map_err(backend)?))
+            .collect()
+    }
+
+    fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError> {
+        let result = self.conn().execute(
+            "INSERT INTO keys (key_id, secret_hash, account, scopes, name, created_at, revoked_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            params![
+                key.key_id,
+                secret_hash.as_slice(),
+                key.account.as_str(),
+                key.scopes.to_string(),
+                key.name,
+                key.created_at.to_string(),
+                key.revoked_at.map(|t| t.to_string()),
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::Conflict(format!("key {} exists", key.key_id)))
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    fn key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
+        let raw = self
+            .conn()
+            .query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE secret_hash = ?"),
+                [secret_hash.as_slice()],
+                raw_key,
+            )
+            .optional()
+            .map_err(backend)?;
+        raw.map(key_from_raw).transpose()
+    }
+
+    fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let raw = self
+            .conn()
+            .query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ?"),
+                [key_id],
+                raw_key,
+            )
+            .optional()
+            .map_err(backend)?;
+        raw.map(key_from_raw).transpose()
+    }
+
+    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError> {
+        let (cond, args) = subtree("account", under);
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {KEY_COLUMNS} FROM keys WHERE {cond} ORDER BY seq"
+            ))
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), raw_key)
+            .map_err(backend)?;
+        rows.map(|r| key_from_raw(r.map_err(backend)?)).collect()
+    }
+
+    fn key_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn()
+            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+            .map_err(backend)?;
+        Ok(n as u64)
+    }
+
+    fn revoke_key(&self, key_id: &str, at: Timestamp) -> Result<Option<KeyRecord>, StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                params![at.to_string(), key_id],
+            )
+            .map_err(backend)?;
+        self.key(key_id)
+    }
+
+    fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
+        let (cond, mut args) = subtree("account", &filter.account);
+        let mut sql = format!(
+            "SELECT account, hour, service, model, modality, direction, sum(tokens)
+             FROM usage_hourly WHERE {cond}"
+        );
+        if let Some(from) = filter.from_hour {
+            sql.push_str(" AND hour >= ?");
+            args.push(from.to_string());
+        }
+        if let Some(to) = filter.to_hour {
+            sql.push_str(" AND hour < ?");
+            args.push(to.to_string());
+        }
+        sql.push_str(
+            " GROUP BY account, hour, service, model, modality, direction
+              ORDER BY account, hour, service, model, modality, direction",
+        );
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql).map_err(backend)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            })
+            .map_err(backend)?;
+        rows.map(|r| {
+            let (account, hour, service, model, modality, direction, tokens) =
+                r.map_err(backend)?;
+            Ok(HourRow {
+                hour,
+                account: parse_path(&account)?,
+                service,
+                model,
+                modality: modality
+                    .parse()
+                    .map_err(|e: ciyuan_core::TokenError| StoreError::Corrupt(e.to_string()))?,
+                direction: direction
+                    .parse()
+                    .map_err(|e: ciyuan_core::TokenError| StoreError::Corrupt(e.to_string()))?,
+                tokens,
+            })
+        })
+        .collect()
+    }
+}
+
+fn info_json(info: &AccountInfo) -> String {
+    serde_json::to_string(info).unwrap_or_else(|_| "{}".to_string())
+}
+
+#[cfg(test)]
+mod tests;

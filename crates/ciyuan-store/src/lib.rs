@@ -1,1 +1,161 @@
-//! ciyuan-store
+//! Storage traits for Ciyuan's state and projections, shared by every backend.
+//!
+//! The ledger is the source of truth. What lives behind [`Store`] is either derived from
+//! it (accounts, usage rollups: rebuildable by replaying the log) or is authentication
+//! state that must never enter a public log (key hashes). Backends: `ciyuan-store-sqlite`
+//! for the embedded default; PostgreSQL implements the same trait and passes the same
+//! conformance tests.
+//!
+//! Methods are synchronous: the embedded backend is SQLite, and the server calls them
+//! from blocking threads, never from the async reactor.
+#![deny(missing_docs)]
+
+use ciyuan_core::jiff::{Timestamp, tz::TimeZone};
+use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, Modality, Scopes};
+
+mod usage;
+pub use usage::{Bucket, GroupBy, UsageQuery, UsageRow, aggregate, ceil_hour, floor_hour};
+
+/// An account node, as projected from the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Its path.
+    pub path: AccountPath,
+    /// Its current attributes.
+    pub info: AccountInfo,
+    /// When it was created (the entry's timestamp).
+    pub created_at: Timestamp,
+    /// The ledger entry that created it.
+    pub created_entry: u64,
+}
+
+/// An API key, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The public id, also the first part of the key string.
+    pub key_id: String,
+    /// The node the key belongs to; it can act only within this subtree.
+    pub account: AccountPath,
+    /// What it may do.
+    pub scopes: Scopes,
+    /// A label.
+    pub name: Option<String>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// A usage rollup row as kept by a backend: one account node, service, model, UTC hour,
+/// modality and direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HourRow {
+    /// Start of the UTC hour, in seconds since the Unix epoch.
+    pub hour: i64,
+    /// The node.
+    pub account: AccountPath,
+    /// The service.
+    pub service: String,
+    /// The model, empty where none.
+    pub model: String,
+    /// Modality.
+    pub modality: Modality,
+    /// Direction.
+    pub direction: Direction,
+    /// Signed token sum.
+    pub tokens: i64,
+}
+
+/// Which hourly rows a usage query reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HourFilter {
+    /// Only this node and its subtree.
+    pub account: AccountPath,
+    /// First hour included (seconds since the epoch, inclusive).
+    pub from_hour: Option<i64>,
+    /// End (seconds since the epoch, exclusive).
+    pub to_hour: Option<i64>,
+}
+
+/// What went wrong in a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The thing exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// The projections are not where the caller thinks they are.
+    #[error("projection is at entry {at}, cannot apply from {from}")]
+    OutOfOrder {
+        /// Next entry the projection expects.
+        at: u64,
+        /// Entry the caller offered.
+        from: u64,
+    },
+    /// Stored data that does not parse.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The backend failed.
+    #[error("storage backend: {0}")]
+    Backend(String),
+}
+
+/// Everything the server keeps beside the ledger.
+pub trait Store: Send + Sync + 'static {
+    /// Index of the next ledger entry the projections expect (= entries applied).
+    fn projected_through(&self) -> Result<u64, StoreError>;
+
+    /// Applies ledger entries `start..start + entries.len()` to the projections in one
+    /// transaction. `start` must equal [`Store::projected_through`], so every entry is
+    /// applied exactly once, even across crashes.
+    fn apply(&self, start: u64, entries: &[Entry]) -> Result<(), StoreError>;
+
+    /// Forgets every projection (accounts, rollups) so they can be rebuilt from the log.
+    /// Keys are authentication state, not projections, and are kept.
+    fn reset_projections(&self) -> Result<(), StoreError>;
+
+    /// One account node.
+    fn account(&self, path: &AccountPath) -> Result<Option<Account>, StoreError>;
+
+    /// The nodes of a subtree (the node itself included), in path order.
+    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError>;
+
+    /// Stores a new key with the SHA-256 of its secret.
+    fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError>;
+
+    /// Looks a key up by the SHA-256 of its secret.
+    fn key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// One key by id.
+    fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Keys of a subtree, in creation order.
+    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Number of keys ever created (revoked included).
+    fn key_count(&self) -> Result<u64, StoreError>;
+
+    /// Marks a key revoked; returns the updated record, `None` if there is no such key.
+    fn revoke_key(&self, key_id: &str, at: Timestamp) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Hourly rollup rows of a subtree, summed over equal keys.
+    fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
+}
+
+/// The time zone a node's periods are computed in: its own, else its nearest ancestor's,
+/// else UTC.
+pub fn effective_time_zone(store: &dyn Store, path: &AccountPath) -> Result<TimeZone, StoreError> {
+    let mut node = Some(path.clone());
+    while let Some(p) = node {
+        if let Some(a) = store.account(&p)? {
+            if let Some(name) = &a.info.time_zone {
+                return TimeZone::get(name)
+                    .map_err(|e| StoreError::Corrupt(format!("time zone {name:?} of {p}: {e}")));
+            }
+        }
+        node = p.parent();
+    }
+    Ok(TimeZone::UTC)
+}
+
+#[cfg(feature = "conformance")]
+pub mod conformance;

@@ -1,0 +1,214 @@
+//! The behaviour every backend must show, as one suite each backend runs against itself
+//! (`cargo test -p ciyuan-store-sqlite`, and the PostgreSQL backend the same way).
+
+use crate::{HourFilter, KeyRecord, Store, StoreError};
+use ciyuan_core::jiff::Timestamp;
+use ciyuan_core::{
+    AccountInfo, AccountPath, Adjustment, Direction, Entry, EntryBody, Modality, Scopes, TokenMap,
+    Usage,
+};
+
+fn path(s: &str) -> AccountPath {
+    AccountPath::parse(s).unwrap_or_default()
+}
+
+fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn usage(account: &str, at: &str, model: &str, input: i64) -> Entry {
+    let mut tokens = TokenMap::new();
+    let _ = tokens.add(Modality::Text, Direction::Input, input);
+    Entry::new(
+        ts(at),
+        path(account),
+        EntryBody::Usage(Usage {
+            service: "llm.chat".into(),
+            model: Some(model.into()),
+            tokens,
+            ..Usage::default()
+        }),
+    )
+}
+
+fn created(account: &str) -> Entry {
+    Entry::new(
+        ts("2026-01-01T00:00:00Z"),
+        path(account),
+        EntryBody::AccountCreated(AccountInfo::default()),
+    )
+}
+
+/// Runs every check against fresh stores made by `make`.
+pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
+    projections_apply_in_order(make().as_ref());
+    accounts_and_subtrees(make().as_ref());
+    keys_lifecycle(make().as_ref());
+    usage_rollups_and_reset(make().as_ref());
+}
+
+fn projections_apply_in_order(s: &dyn Store) {
+    assert_eq!(s.projected_through().ok(), Some(0));
+    assert!(s.apply(0, &[created("a"), created("a/b")]).is_ok());
+    assert_eq!(s.projected_through().ok(), Some(2));
+    // A replay of entries already applied, or a gap, is refused, so nothing is counted
+    // twice or skipped.
+    assert!(matches!(
+        s.apply(0, &[created("a")]),
+        Err(StoreError::OutOfOrder { at: 2, from: 0 })
+    ));
+    assert!(matches!(
+        s.apply(3, &[created("c")]),
+        Err(StoreError::OutOfOrder { at: 2, from: 3 })
+    ));
+    assert_eq!(s.projected_through().ok(), Some(2));
+}
+
+fn accounts_and_subtrees(s: &dyn Store) {
+    let entries = [
+        created("acme"),
+        created("acme/cn"),
+        created("acme/cn/hr"),
+        created("acme-x"),
+        created("acme/us"),
+    ];
+    assert!(s.apply(0, &entries).is_ok());
+    let names = |under: &str| -> Vec<String> {
+        s.accounts(&path(under))
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a.path.to_string())
+            .collect()
+    };
+    assert_eq!(names("acme"), ["acme", "acme/cn", "acme/cn/hr", "acme/us"]);
+    assert_eq!(names("acme/cn"), ["acme/cn", "acme/cn/hr"]);
+    assert_eq!(names("/").len(), 5);
+    let cn = s.account(&path("acme/cn")).ok().flatten();
+    assert_eq!(cn.map(|a| a.created_entry), Some(1));
+    // An update replaces the attributes; a duplicate creation keeps the first.
+    let info = AccountInfo {
+        display_name: Some("China".into()),
+        time_zone: Some("Asia/Shanghai".into()),
+        ..AccountInfo::default()
+    };
+    let update = Entry::new(
+        ts("2026-01-02T00:00:00Z"),
+        path("acme/cn"),
+        EntryBody::AccountUpdated(info.clone()),
+    );
+    assert!(s.apply(5, &[update, created("acme/cn")]).is_ok());
+    let cn = s.account(&path("acme/cn")).ok().flatten();
+    assert_eq!(cn.as_ref().map(|a| &a.info), Some(&info));
+    assert_eq!(cn.map(|a| a.created_entry), Some(1));
+    assert!(s.account(&path("nope")).ok().flatten().is_none());
+}
+
+fn keys_lifecycle(s: &dyn Store) {
+    let key = |id: &str, account: &str| KeyRecord {
+        key_id: id.into(),
+        account: path(account),
+        scopes: Scopes::parse_list("gateway,read").unwrap_or_default(),
+        name: Some("ci".into()),
+        created_at: ts("2026-01-01T00:00:00Z"),
+        revoked_at: None,
+    };
+    assert!(s.insert_key(&key("k1", "acme/cn"), &[1; 32]).is_ok());
+    assert!(s.insert_key(&key("k2", "acme/us"), &[2; 32]).is_ok());
+    assert!(s.insert_key(&key("k3", "/"), &[3; 32]).is_ok());
+    assert!(matches!(
+        s.insert_key(&key("k1", "acme"), &[4; 32]),
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.insert_key(&key("k4", "acme"), &[1; 32]),
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.key_count().ok(), Some(3));
+    assert_eq!(
+        s.key_by_hash(&[1; 32]).ok().flatten(),
+        Some(key("k1", "acme/cn"))
+    );
+    assert_eq!(
+        s.key_by_hash(&[3; 32]).ok().flatten().map(|k| k.account),
+        Some(AccountPath::root())
+    );
+    assert!(s.key_by_hash(&[9; 32]).ok().flatten().is_none());
+    let ids: Vec<String> = s
+        .keys(&path("acme"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|k| k.key_id)
+        .collect();
+    assert_eq!(ids, ["k1", "k2"]);
+    assert_eq!(s.keys(&AccountPath::root()).map(|k| k.len()).ok(), Some(3));
+    let at = ts("2026-02-01T00:00:00Z");
+    let revoked = s.revoke_key("k1", at).ok().flatten();
+    assert_eq!(revoked.and_then(|k| k.revoked_at), Some(at));
+    // Revoking twice keeps the first revocation time.
+    let again = s
+        .revoke_key("k1", ts("2026-03-01T00:00:00Z"))
+        .ok()
+        .flatten();
+    assert_eq!(again.and_then(|k| k.revoked_at), Some(at));
+    assert!(s.revoke_key("missing", at).ok().flatten().is_none());
+}
+
+fn usage_rollups_and_reset(s: &dyn Store) {
+    let mut fix = TokenMap::new();
+    let _ = fix.add(Modality::Text, Direction::Input, -3);
+    let entries = [
+        created("acme"),
+        usage("acme/cn", "2026-11-24T15:10:00Z", "gpt-4o", 10),
+        usage("acme/cn", "2026-11-24T15:50:00Z", "gpt-4o", 5),
+        usage("acme/cn", "2026-11-24T16:00:00Z", "gpt-4o", 1),
+        usage("acme/us", "2026-11-24T15:00:00Z", "qwen-max", 7),
+        usage("acme-x", "2026-11-24T15:00:00Z", "gpt-4o", 100),
+        Entry::new(
+            ts("2026-11-24T15:20:00Z"),
+            path("acme/cn"),
+            EntryBody::Adjustment(Adjustment {
+                corrects: Some(1),
+                reason: "duplicate".into(),
+                service: "llm.chat".into(),
+                model: Some("gpt-4o".into()),
+                tokens: fix,
+            }),
+        ),
+    ];
+    // Applied in two transactions, as the projector does.
+    assert!(s.apply(0, &entries[..3]).is_ok());
+    assert!(s.apply(3, &entries[3..]).is_ok());
+    let filter = HourFilter {
+        account: path("acme"),
+        from_hour: None,
+        to_hour: None,
+    };
+    let rows = s.usage_hours(&filter).unwrap_or_default();
+    let summary: Vec<(String, i64, String, i64)> = rows
+        .iter()
+        .map(|r| (r.account.to_string(), r.hour, r.model.clone(), r.tokens))
+        .collect();
+    let h15 = ts("2026-11-24T15:00:00Z").as_second();
+    assert_eq!(
+        summary,
+        [
+            ("acme/cn".to_string(), h15, "gpt-4o".to_string(), 12),
+            ("acme/cn".to_string(), h15 + 3600, "gpt-4o".to_string(), 1),
+            ("acme/us".to_string(), h15, "qwen-max".to_string(), 7),
+        ]
+    );
+    let windowed = HourFilter {
+        account: path("acme"),
+        from_hour: Some(h15 + 3600),
+        to_hour: Some(h15 + 7200),
+    };
+    assert_eq!(s.usage_hours(&windowed).map(|r| r.len()).ok(), Some(1));
+    assert!(s.reset_projections().is_ok());
+    assert_eq!(s.projected_through().ok(), Some(0));
+    assert_eq!(s.usage_hours(&filter).map(|r| r.len()).ok(), Some(0));
+    assert!(
+        s.accounts(&AccountPath::root())
+            .unwrap_or_default()
+            .is_empty()
+    );
+}

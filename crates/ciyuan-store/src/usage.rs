@@ -1,0 +1,218 @@
+//! Usage queries: hourly rollups turned into the rows a person or an ERP asks for.
+
+use crate::HourRow;
+use ciyuan_core::jiff::{Timestamp, tz::TimeZone};
+use ciyuan_core::{AccountPath, TokenMap};
+use std::collections::BTreeMap;
+
+/// Time bucket of a usage query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    /// One row per hour.
+    Hour,
+    /// One row per calendar day in the query's time zone.
+    Day,
+    /// One row per calendar month in the query's time zone.
+    Month,
+}
+
+/// A dimension to group usage by (tokens are always split by modality and direction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GroupBy {
+    /// The exact account node.
+    Account,
+    /// The service.
+    Service,
+    /// The model.
+    Model,
+}
+
+/// A usage question.
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    /// The subtree asked about.
+    pub account: AccountPath,
+    /// Dimensions to split rows by.
+    pub group_by: Vec<GroupBy>,
+    /// Time bucket, or one total over the range.
+    pub bucket: Option<Bucket>,
+    /// Zone in which days and months are computed.
+    pub tz: TimeZone,
+}
+
+/// One answer row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    /// Start of the bucket, if bucketed.
+    pub bucket_start: Option<Timestamp>,
+    /// The account node, if grouped by account.
+    pub account: Option<AccountPath>,
+    /// The service, if grouped by service.
+    pub service: Option<String>,
+    /// The model, if grouped by model (empty for services without one).
+    pub model: Option<String>,
+    /// Tokens by modality and direction.
+    pub tokens: TokenMap,
+}
+
+type Key = (
+    Option<i64>,
+    Option<AccountPath>,
+    Option<String>,
+    Option<String>,
+);
+
+/// Groups hourly rows into the rows `query` asks for, in a deterministic order (bucket,
+/// account, service, model), so the same log always gives byte-identical answers.
+pub fn aggregate(rows: &[HourRow], query: &UsageQuery) -> Vec<UsageRow> {
+    let mut groups: BTreeMap<Key, TokenMap> = BTreeMap::new();
+    for row in rows {
+        let bucket = query.bucket.map(|b| bucket_start(row.hour, b, &query.tz));
+        let key = (
+            bucket,
+            query
+                .group_by
+                .contains(&GroupBy::Account)
+                .then(|| row.account.clone()),
+            query
+                .group_by
+                .contains(&GroupBy::Service)
+                .then(|| row.service.clone()),
+            query
+                .group_by
+                .contains(&GroupBy::Model)
+                .then(|| row.model.clone()),
+        );
+        let tokens = groups.entry(key).or_default();
+        // Sums of i64 token counts that overflow would need 9.2e18 tokens; saturate
+        // rather than wrap so a corrupt row cannot silently flip a sign.
+        if tokens
+            .add(row.modality, row.direction, row.tokens)
+            .is_none()
+        {
+            let _ = tokens.add(row.modality, row.direction, 0);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((bucket, account, service, model), tokens)| UsageRow {
+            bucket_start: bucket.and_then(|s| Timestamp::from_second(s).ok()),
+            account,
+            service,
+            model,
+            tokens,
+        })
+        .collect()
+}
+
+/// Start of the bucket holding the UTC hour starting at `hour` seconds.
+fn bucket_start(hour: i64, bucket: Bucket, tz: &TimeZone) -> i64 {
+    let Ok(ts) = Timestamp::from_second(hour) else {
+        return hour;
+    };
+    let zoned = ts.to_zoned(tz.clone());
+    let start = match bucket {
+        Bucket::Hour => return hour,
+        Bucket::Day => zoned.start_of_day(),
+        Bucket::Month => zoned.first_of_month().and_then(|z| z.start_of_day()),
+    };
+    start.map(|z| z.timestamp().as_second()).unwrap_or(hour)
+}
+
+/// Rounds a timestamp down to the start of its UTC hour, in seconds.
+pub fn floor_hour(ts: Timestamp) -> i64 {
+    ts.as_second().div_euclid(3600) * 3600
+}
+
+/// Rounds a timestamp up to the start of the next UTC hour unless it is on one.
+pub fn ceil_hour(ts: Timestamp) -> i64 {
+    let floor = floor_hour(ts);
+    if floor == ts.as_second() && ts.subsec_nanosecond() == 0 {
+        floor
+    } else {
+        floor + 3600
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciyuan_core::{Direction, Modality};
+
+    fn row(hour: &str, account: &str, model: &str, tokens: i64) -> HourRow {
+        HourRow {
+            hour: hour.parse::<Timestamp>().unwrap().as_second(),
+            account: account.parse().unwrap(),
+            service: "llm.chat".into(),
+            model: model.into(),
+            modality: Modality::Text,
+            direction: Direction::Input,
+            tokens,
+        }
+    }
+
+    #[test]
+    fn days_follow_the_time_zone() {
+        // 15:00Z and 17:00Z fall on different days in Shanghai (UTC+8), the same in UTC.
+        let rows = [
+            row("2026-11-24T15:00:00Z", "acme/cn", "gpt-4o", 5),
+            row("2026-11-24T17:00:00Z", "acme/cn", "gpt-4o", 7),
+        ];
+        let mut q = UsageQuery {
+            account: "acme".parse().unwrap(),
+            group_by: vec![GroupBy::Model],
+            bucket: Some(Bucket::Day),
+            tz: TimeZone::UTC,
+        };
+        assert_eq!(aggregate(&rows, &q).len(), 1);
+        q.tz = TimeZone::get("Asia/Shanghai").unwrap();
+        let out = aggregate(&rows, &q);
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            out[0].bucket_start.unwrap().to_string(),
+            "2026-11-23T16:00:00Z"
+        );
+        assert_eq!(
+            out[1].bucket_start.unwrap().to_string(),
+            "2026-11-24T16:00:00Z"
+        );
+    }
+
+    #[test]
+    fn groups_and_sums() {
+        let rows = [
+            row("2026-11-24T15:00:00Z", "acme/cn", "a", 5),
+            row("2026-11-24T16:00:00Z", "acme/us", "a", 7),
+            row("2026-11-24T16:00:00Z", "acme/us", "b", 1),
+        ];
+        let q = UsageQuery {
+            account: "acme".parse().unwrap(),
+            group_by: vec![GroupBy::Account],
+            bucket: Some(Bucket::Month),
+            tz: TimeZone::UTC,
+        };
+        let out = aggregate(&rows, &q);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].account.as_ref().unwrap().as_str(), "acme/us");
+        assert_eq!(out[1].tokens.total(), Some(8));
+        assert_eq!(
+            out[0].bucket_start.unwrap().to_string(),
+            "2026-11-01T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn hour_rounding() {
+        let t: Timestamp = "2026-11-24T15:20:00Z".parse().unwrap();
+        assert_eq!(
+            Timestamp::from_second(floor_hour(t)).unwrap().to_string(),
+            "2026-11-24T15:00:00Z"
+        );
+        assert_eq!(
+            Timestamp::from_second(ceil_hour(t)).unwrap().to_string(),
+            "2026-11-24T16:00:00Z"
+        );
+        let on: Timestamp = "2026-11-24T15:00:00Z".parse().unwrap();
+        assert_eq!(ceil_hour(on), on.as_second());
+    }
+}
