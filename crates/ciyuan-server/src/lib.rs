@@ -1,1 +1,286 @@
-//! ciyuan-server
+//! Ciyuan's HTTP server: the admin, usage and audit API under `/api/v1/`, and
+//! `/healthz`. This is the only crate that knows HTTP and the JSON shapes of the API;
+//! everything below it speaks domain types.
+//!
+//! Every request is answered; bad input gets `application/problem+json` naming what was
+//! wrong, and internal failures are logged once, here at the edge.
+#![deny(missing_docs)]
+
+mod accounts;
+mod adjust;
+mod audit;
+pub mod auth;
+pub mod error;
+mod extract;
+mod keys;
+pub mod pipeline;
+mod usage;
+
+use crate::auth::{Authenticator, Caller};
+use crate::error::ApiError;
+use crate::pipeline::Projector;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use ciyuan_core::jiff::Timestamp;
+use ciyuan_core::{AccountPath, Entry, EntryBody, KeyCreated, Scope, Scopes};
+use ciyuan_store::{KeyRecord, Log, Store};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Settings of the HTTP server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// How often a new checkpoint is signed when the log has grown.
+    pub checkpoint_interval: Duration,
+    /// How long a write waits for its projection before answering 503.
+    pub projection_wait: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: 1 << 20,
+            checkpoint_interval: Duration::from_secs(10),
+            projection_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a request handler needs.
+pub struct App {
+    store: Arc<dyn Store>,
+    log: Arc<dyn Log>,
+    auth: Authenticator,
+    projector: Projector,
+    config: ServerConfig,
+    /// Serialises account and key creation so two racing requests cannot both create
+    /// the same node.
+    admin_lock: tokio::sync::Mutex<()>,
+}
+
+impl App {
+    /// Wires the application together and starts the projector.
+    pub fn new(
+        store: Arc<dyn Store>,
+        log: Arc<dyn Log>,
+        config: ServerConfig,
+    ) -> Result<Arc<App>, ApiError> {
+        let projector = Projector::start(store.clone(), log.clone())?;
+        Ok(Arc::new(App {
+            auth: Authenticator::new(store.clone()),
+            store,
+            log,
+            projector,
+            config,
+            admin_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// Appends entries durably and lets the projector know.
+    pub async fn append(&self, entries: &[Entry]) -> Result<Range<u64>, ApiError> {
+        let range = pipeline::append(self.log.as_ref(), entries).await?;
+        self.projector.kick();
+        Ok(range)
+    }
+
+    /// Appends entries and waits until queries see them.
+    pub async fn append_visible(&self, entries: &[Entry]) -> Result<Range<u64>, ApiError> {
+        let range = self.append(entries).await?;
+        self.projector
+            .wait_for(range.end, self.config.projection_wait)
+            .await?;
+        Ok(range)
+    }
+
+    /// Runs a blocking store call off the async reactor.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || f(&app))
+            .await
+            .map_err(ApiError::internal)?
+    }
+
+    /// On a store with no key yet, creates the root admin key: `given` if set (from the
+    /// configuration), else a new random one, which is returned so it can be printed
+    /// once. Returns `None` when keys exist already.
+    pub async fn bootstrap_admin_key(
+        self: &Arc<Self>,
+        given: Option<String>,
+    ) -> Result<Option<String>, ApiError> {
+        if self.blocking(|app| Ok(app.store.key_count()?)).await? > 0 {
+            return Ok(None);
+        }
+        let key = match given {
+            Some(secret) => {
+                let Some(id) = auth::parse_key(&secret) else {
+                    return Err(ApiError::bad_request(
+                        "bootstrap admin key is not a Ciyuan key (cy_<12 hex>_<64 hex>)",
+                    ));
+                };
+                auth::NewKey {
+                    key_id: id.to_string(),
+                    hash: auth::hash_key(&secret),
+                    secret,
+                }
+            }
+            None => auth::generate_key()?,
+        };
+        let record = KeyRecord {
+            key_id: key.key_id.clone(),
+            account: AccountPath::root(),
+            scopes: Scope::ALL.into_iter().collect::<Scopes>(),
+            name: Some("bootstrap admin".into()),
+            created_at: Timestamp::now(),
+            revoked_at: None,
+        };
+        self.create_key(&record, key.hash).await?;
+        Ok(Some(key.secret))
+    }
+
+    async fn create_key(
+        self: &Arc<Self>,
+        record: &KeyRecord,
+        hash: [u8; 32],
+    ) -> Result<(), ApiError> {
+        // The ledger records that the key exists (never its secret or hash) before the key
+        // works, so no usable key is missing from the audit trail.
+        self.append(&[Entry::new(
+            record.created_at,
+            record.account.clone(),
+            EntryBody::KeyCreated(KeyCreated {
+                key_id: record.key_id.clone(),
+                scopes: record.scopes,
+                name: record.name.clone(),
+            }),
+        )])
+        .await?;
+        let rec = record.clone();
+        self.blocking(move |app| Ok(app.store.insert_key(&rec, &hash)?))
+            .await
+    }
+
+    /// The projection watermark: entries visible to queries.
+    pub fn projected(&self) -> u64 {
+        self.projector.watermark()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The log.
+    pub fn log(&self) -> &Arc<dyn Log> {
+        &self.log
+    }
+
+    /// Signs a checkpoint if the log grew since the last one.
+    pub async fn checkpoint(&self) -> Result<ciyuan_store::SignedCheckpoint, ApiError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.log.checkpoint(Box::new(move |r| {
+            let _ = tx.send(r);
+        }))?;
+        Ok(rx
+            .await
+            .map_err(|_| ApiError::unavailable("the ledger writer stopped"))??)
+    }
+}
+
+impl FromRequestParts<Arc<App>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        let key = Authenticator::presented(&parts.headers)?.to_string();
+        app.blocking(move |app| app.auth.authenticate(&key)).await
+    }
+}
+
+/// The router of the whole HTTP API.
+pub fn router(app: Arc<App>) -> Router {
+    let limit = app.config.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route(
+            "/api/v1/accounts",
+            post(accounts::create).get(accounts::list),
+        )
+        .route(
+            "/api/v1/accounts/{*path}",
+            get(accounts::show).patch(accounts::update),
+        )
+        .route("/api/v1/keys", post(keys::create).get(keys::list))
+        .route(
+            "/api/v1/keys/{key_id}",
+            axum::routing::delete(keys::revoke).get(keys::show),
+        )
+        .route("/api/v1/usage", get(usage::query))
+        .route("/api/v1/adjustments", post(adjust::create))
+        .route(
+            "/api/v1/audit/checkpoint",
+            get(audit::checkpoint).post(audit::sign),
+        )
+        .route("/api/v1/audit/checkpoints", get(audit::checkpoints))
+        .route("/api/v1/audit/entries", get(audit::entries))
+        .route("/api/v1/audit/entries/{id}", get(audit::entry))
+        .route("/api/v1/audit/entries/{id}/proof", get(audit::prove))
+        .route("/api/v1/audit/consistency", get(audit::consistency))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "entries": app.log.size(),
+        "projected": app.projected(),
+    }))
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Signs a checkpoint every `interval` while the log grows. Runs until the app is dropped.
+pub async fn checkpoint_loop(app: Arc<App>) {
+    let mut tick = tokio::time::interval(app.config.checkpoint_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let covered = app
+            .log
+            .latest_checkpoint()
+            .map(|c| c.checkpoint.size)
+            .unwrap_or(0);
+        if app.log.size() > covered || app.log.latest_checkpoint().is_none() {
+            if let Err(e) = app.checkpoint().await {
+                tracing::warn!(detail = %e.detail, "periodic checkpoint failed");
+            }
+        }
+    }
+}
+
+/// Parses an account path from user input, as a 400 naming the problem.
+pub(crate) fn parse_path(s: &str, what: &str) -> Result<AccountPath, ApiError> {
+    AccountPath::parse(s).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -13,7 +13,9 @@
 use ciyuan_core::jiff::{Timestamp, tz::TimeZone};
 use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, Modality, Scopes};
 
+mod log;
 mod usage;
+pub use log::{AppendDone, CheckpointDone, Log, LogError, SignedCheckpoint};
 pub use usage::{Bucket, GroupBy, UsageQuery, UsageRow, aggregate, ceil_hour, floor_hour};
 
 /// An account node, as projected from the ledger.

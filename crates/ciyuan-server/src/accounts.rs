@@ -1,0 +1,247 @@
+//! `/api/v1/accounts`: the account tree.
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::extract::{Json, PathParam, Query};
+use crate::{App, parse_path};
+use axum::extract::State;
+use axum::http::StatusCode;
+use ciyuan_core::jiff::Timestamp;
+use ciyuan_core::{AccountInfo, AccountPath, Entry, EntryBody, Scope};
+use ciyuan_store::Account;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const MAX_DISPLAY_NAME_BYTES: usize = 256;
+const MAX_METADATA_ENTRIES: usize = 64;
+const MAX_METADATA_KEY_BYTES: usize = 64;
+const MAX_METADATA_VALUE_BYTES: usize = 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccount {
+    path: String,
+    display_name: Option<String>,
+    time_zone: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAccount {
+    display_name: Option<String>,
+    time_zone: Option<String>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+/// An account as the API shows it.
+#[derive(Serialize)]
+pub struct AccountDto {
+    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    display_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time_zone: Option<String>,
+    metadata: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_entry: Option<u64>,
+}
+
+impl From<Account> for AccountDto {
+    fn from(a: Account) -> Self {
+        AccountDto {
+            path: a.path.to_string(),
+            display_name: a.info.display_name,
+            time_zone: a.info.time_zone,
+            metadata: a.info.metadata,
+            created_at: Some(a.created_at),
+            created_entry: Some(a.created_entry),
+        }
+    }
+}
+
+fn root_dto() -> AccountDto {
+    AccountDto {
+        path: "/".into(),
+        display_name: None,
+        time_zone: None,
+        metadata: BTreeMap::new(),
+        created_at: None,
+        created_entry: None,
+    }
+}
+
+fn validate_info(info: &AccountInfo) -> Result<(), ApiError> {
+    if let Some(name) = &info.display_name {
+        if name.len() > MAX_DISPLAY_NAME_BYTES || name.trim().is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "display_name must be 1 to {MAX_DISPLAY_NAME_BYTES} bytes and not blank"
+            )));
+        }
+    }
+    if let Some(tz) = &info.time_zone {
+        ciyuan_core::jiff::tz::TimeZone::get(tz).map_err(|_| {
+            ApiError::bad_request(format!(
+                "time_zone {tz:?} is not an IANA time zone such as Asia/Shanghai"
+            ))
+        })?;
+    }
+    if info.metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(ApiError::bad_request(format!(
+            "metadata has more than {MAX_METADATA_ENTRIES} entries"
+        )));
+    }
+    for (k, v) in &info.metadata {
+        if k.is_empty() || k.len() > MAX_METADATA_KEY_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "metadata key {k:?} must be 1 to {MAX_METADATA_KEY_BYTES} bytes"
+            )));
+        }
+        if v.len() > MAX_METADATA_VALUE_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "metadata value of {k:?} is longer than {MAX_METADATA_VALUE_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub async fn create(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Json(body): Json<CreateAccount>,
+) -> Result<(StatusCode, axum::Json<AccountDto>), ApiError> {
+    caller.require(Scope::Admin)?;
+    let path = parse_path(&body.path, "path")?;
+    if path.is_root() {
+        return Err(ApiError::conflict("the root account / always exists"));
+    }
+    caller.require_within(&path)?;
+    let info = AccountInfo {
+        display_name: body.display_name,
+        time_zone: body.time_zone,
+        metadata: body.metadata,
+    };
+    validate_info(&info)?;
+
+    let _guard = app.admin_lock.lock().await;
+    let lineage = path.lineage();
+    let check = lineage.clone();
+    let existing = app
+        .blocking(move |app| {
+            check
+                .iter()
+                .map(|p| Ok(app.store.account(p)?.is_some()))
+                .collect::<Result<Vec<bool>, ApiError>>()
+        })
+        .await?;
+    if existing.last().copied().unwrap_or(false) {
+        return Err(ApiError::conflict(format!("account {path} exists")));
+    }
+    let now = Timestamp::now();
+    // Missing ancestors are created in the same append, so the tree never has a gap.
+    let entries: Vec<Entry> = lineage
+        .into_iter()
+        .zip(existing)
+        .filter(|(_, exists)| !exists)
+        .map(|(p, _)| {
+            let node_info = if p == path {
+                info.clone()
+            } else {
+                AccountInfo::default()
+            };
+            Entry::new(now, p, EntryBody::AccountCreated(node_info))
+        })
+        .collect();
+    app.append_visible(&entries).await?;
+    let account = load(&app, path).await?;
+    Ok((StatusCode::CREATED, axum::Json(account)))
+}
+
+async fn load(app: &Arc<App>, path: AccountPath) -> Result<AccountDto, ApiError> {
+    if path.is_root() {
+        return Ok(root_dto());
+    }
+    let shown = path.to_string();
+    app.blocking(move |app| app.store.account(&path).map_err(ApiError::from))
+        .await?
+        .map(AccountDto::from)
+        .ok_or_else(|| ApiError::not_found(format!("account {shown} does not exist")))
+}
+
+pub async fn show(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParam(raw): PathParam,
+) -> Result<axum::Json<AccountDto>, ApiError> {
+    caller.require(Scope::Read)?;
+    let path = parse_path(&raw, "account path")?;
+    caller.require_within(&path)?;
+    Ok(axum::Json(load(&app, path).await?))
+}
+
+pub async fn update(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParam(raw): PathParam,
+    Json(body): Json<UpdateAccount>,
+) -> Result<axum::Json<AccountDto>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let path = parse_path(&raw, "account path")?;
+    caller.require_within(&path)?;
+    if path.is_root() {
+        return Err(ApiError::bad_request("the root account has no attributes"));
+    }
+    let _guard = app.admin_lock.lock().await;
+    let p = path.clone();
+    let current = app
+        .blocking(move |app| app.store.account(&p).map_err(ApiError::from))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("account {path} does not exist")))?;
+    let mut info = current.info;
+    if let Some(n) = body.display_name {
+        info.display_name = Some(n);
+    }
+    if let Some(tz) = body.time_zone {
+        info.time_zone = Some(tz);
+    }
+    if let Some(m) = body.metadata {
+        info.metadata = m;
+    }
+    validate_info(&info)?;
+    app.append_visible(&[Entry::new(
+        Timestamp::now(),
+        path.clone(),
+        EntryBody::AccountUpdated(info),
+    )])
+    .await?;
+    Ok(axum::Json(load(&app, path).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    under: Option<String>,
+}
+
+pub async fn list(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    caller.require(Scope::Read)?;
+    let under = match q.under {
+        Some(s) => parse_path(&s, "under")?,
+        None => caller.key.account.clone(),
+    };
+    caller.require_within(&under)?;
+    let accounts = app
+        .blocking(move |app| app.store.accounts(&under).map_err(ApiError::from))
+        .await?;
+    let dtos: Vec<AccountDto> = accounts.into_iter().map(AccountDto::from).collect();
+    Ok(axum::Json(serde_json::json!({ "accounts": dtos })))
+}

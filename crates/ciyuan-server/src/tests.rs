@@ -1,0 +1,572 @@
+//! Handler tests through the router, with an in-memory log and SQLite store.
+
+use super::*;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use ciyuan_store::{AppendDone, CheckpointDone, LogError, SignedCheckpoint};
+use ciyuan_tlog::{Checkpoint, Hash, MemoryTree, NoteSigner};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use std::sync::Mutex;
+use tower::ServiceExt;
+
+/// A log kept in memory: the same contract as the file ledger, for handler tests.
+struct MemLog {
+    inner: Mutex<(Vec<Vec<u8>>, MemoryTree, Vec<SignedCheckpoint>)>,
+    signer: NoteSigner,
+}
+
+impl MemLog {
+    fn new() -> MemLog {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        MemLog {
+            inner: Mutex::new((Vec::new(), MemoryTree::new(), Vec::new())),
+            signer: NoteSigner::new("test.ciyuan/log", key).unwrap(),
+        }
+    }
+}
+
+impl Log for MemLog {
+    fn append(&self, entries: Vec<Vec<u8>>, done: AppendDone) -> Result<(), LogError> {
+        let mut g = self.inner.lock().unwrap();
+        let start = g.0.len() as u64;
+        for e in entries {
+            g.1.push(ciyuan_tlog::leaf_hash(&e));
+            g.0.push(e);
+        }
+        let end = g.0.len() as u64;
+        drop(g);
+        done(Ok(start..end));
+        Ok(())
+    }
+    fn checkpoint(&self, done: CheckpointDone) -> Result<(), LogError> {
+        let mut g = self.inner.lock().unwrap();
+        let cp = Checkpoint {
+            origin: "test.ciyuan/log".into(),
+            size: g.0.len() as u64,
+            root: g.1.root(),
+            extensions: vec![],
+        };
+        let note = self.signer.sign(&cp.to_text()).unwrap();
+        let signed = SignedCheckpoint {
+            checkpoint: cp,
+            note,
+        };
+        g.2.push(signed.clone());
+        drop(g);
+        done(Ok(signed));
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        self.inner.lock().unwrap().0.len() as u64
+    }
+    fn entry(&self, index: u64) -> Result<Vec<u8>, LogError> {
+        let g = self.inner.lock().unwrap();
+        g.0.get(index as usize)
+            .cloned()
+            .ok_or_else(|| LogError::Invalid("no entry".into()))
+    }
+    fn scan(
+        &self,
+        range: std::ops::Range<u64>,
+        f: &mut dyn FnMut(u64, &[u8]) -> Result<(), LogError>,
+    ) -> Result<(), LogError> {
+        let entries: Vec<Vec<u8>> =
+            self.inner.lock().unwrap().0[range.start as usize..range.end as usize].to_vec();
+        for (i, e) in entries.iter().enumerate() {
+            f(range.start + i as u64, e)?;
+        }
+        Ok(())
+    }
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, LogError> {
+        let g = self.inner.lock().unwrap();
+        ciyuan_tlog::inclusion_proof(&g.1, index, size)
+            .map_err(|e| LogError::Invalid(format!("{e:?}")))
+    }
+    fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, LogError> {
+        let g = self.inner.lock().unwrap();
+        ciyuan_tlog::consistency_proof(&g.1, old, new)
+            .map_err(|e| LogError::Invalid(format!("{e:?}")))
+    }
+    fn root_at(&self, size: u64) -> Result<Hash, LogError> {
+        let g = self.inner.lock().unwrap();
+        ciyuan_tlog::root(&g.1, size).map_err(|e| LogError::Invalid(format!("{e:?}")))
+    }
+    fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
+        self.inner.lock().unwrap().2.last().cloned()
+    }
+    fn checkpoints(&self) -> Vec<SignedCheckpoint> {
+        self.inner.lock().unwrap().2.clone()
+    }
+    fn verifier_key(&self) -> String {
+        self.signer.verifier_key()
+    }
+}
+
+struct Harness {
+    router: Router,
+    admin: String,
+}
+
+async fn harness() -> Harness {
+    let store: Arc<dyn Store> =
+        Arc::new(ciyuan_store_sqlite::SqliteStore::open_in_memory().unwrap());
+    let log: Arc<dyn Log> = Arc::new(MemLog::new());
+    let config = ServerConfig {
+        max_body_bytes: 4096,
+        ..ServerConfig::default()
+    };
+    let app = App::new(store, log, config).unwrap();
+    let admin = app.bootstrap_admin_key(None).await.unwrap().unwrap();
+    assert!(
+        app.bootstrap_admin_key(None).await.unwrap().is_none(),
+        "bootstrap happens once"
+    );
+    Harness {
+        router: router(app),
+        admin,
+    }
+}
+
+impl Harness {
+    async fn send(
+        &self,
+        method: &str,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let is_problem = resp
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v == "application/problem+json");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        if status.is_client_error() || status.is_server_error() {
+            assert!(
+                is_problem,
+                "{status} without problem+json: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    async fn admin(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let b = body.map(|b| b.to_string());
+        self.send(method, uri, Some(&self.admin.clone()), b.as_deref())
+            .await
+    }
+
+    async fn key(&self, account: &str, scopes: &[&str]) -> String {
+        let (s, v) = self
+            .admin(
+                "POST",
+                "/api/v1/keys",
+                Some(json!({"account": account, "scopes": scopes})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["key"].as_str().unwrap().to_string()
+    }
+}
+
+#[tokio::test]
+async fn accounts_are_created_with_their_parents() {
+    let h = harness().await;
+    let (s, v) = h
+        .admin("POST", "/api/v1/accounts", Some(json!({"path": "acme/cn/hr", "time_zone": "Asia/Shanghai", "metadata": {"gl": "6001"}})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["path"], "acme/cn/hr");
+    assert_eq!(v["metadata"]["gl"], "6001");
+    let (s, v) = h.admin("GET", "/api/v1/accounts/acme/cn", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = h.admin("GET", "/api/v1/accounts?under=acme", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let paths: Vec<&str> = v["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["acme", "acme/cn", "acme/cn/hr"]);
+    let (s, v) = h
+        .admin("POST", "/api/v1/accounts", Some(json!({"path": "acme/cn"})))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, v) = h
+        .admin(
+            "PATCH",
+            "/api/v1/accounts/acme/cn",
+            Some(json!({"display_name": "China"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["display_name"], "China");
+    let (s, _) = h.admin("GET", "/api/v1/accounts/nope", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_4xx() {
+    let h = harness().await;
+    let k = h.admin.clone();
+    let cases: Vec<(&str, &str, Option<&str>, Option<&str>, StatusCode, &str)> = vec![
+        (
+            "POST",
+            "/api/v1/accounts",
+            Some(&k),
+            Some("{\"path\": "),
+            StatusCode::BAD_REQUEST,
+            "malformed JSON",
+        ),
+        (
+            "POST",
+            "/api/v1/accounts",
+            Some(&k),
+            Some("{\"path\": \"a\", \"colour\": 1}"),
+            StatusCode::BAD_REQUEST,
+            "unknown field `colour`",
+        ),
+        (
+            "POST",
+            "/api/v1/accounts",
+            Some(&k),
+            Some("{\"path\": \"a//b\"}"),
+            StatusCode::BAD_REQUEST,
+            "empty segment",
+        ),
+        (
+            "POST",
+            "/api/v1/accounts",
+            Some(&k),
+            Some("{\"path\": \"../x\"}"),
+            StatusCode::BAD_REQUEST,
+            "\"..\" is not allowed",
+        ),
+        (
+            "POST",
+            "/api/v1/accounts",
+            Some(&k),
+            Some("{\"path\": 5}"),
+            StatusCode::BAD_REQUEST,
+            "invalid type",
+        ),
+        (
+            "POST",
+            "/api/v1/accounts",
+            Some(&k),
+            Some("{\"path\": \"a\", \"time_zone\": \"Mars/Olympus\"}"),
+            StatusCode::BAD_REQUEST,
+            "not an IANA time zone",
+        ),
+        (
+            "POST",
+            "/api/v1/accounts",
+            None,
+            Some("{\"path\": \"a\"}"),
+            StatusCode::UNAUTHORIZED,
+            "missing API key",
+        ),
+        (
+            "POST",
+            "/api/v1/accounts",
+            Some("cy_nonsense"),
+            Some("{\"path\": \"a\"}"),
+            StatusCode::UNAUTHORIZED,
+            "not a Ciyuan key",
+        ),
+        (
+            "POST",
+            "/api/v1/keys",
+            Some(&k),
+            Some("{\"account\": \"/\", \"scopes\": [\"root\"]}"),
+            StatusCode::BAD_REQUEST,
+            "unknown scope \\\"root\\\"",
+        ),
+        (
+            "POST",
+            "/api/v1/keys",
+            Some(&k),
+            Some("{\"account\": \"ghost\", \"scopes\": [\"read\"]}"),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "GET",
+            "/api/v1/usage?bucket=week",
+            Some(&k),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bucket \\\"week\\\"",
+        ),
+        (
+            "GET",
+            "/api/v1/usage?from=yesterday",
+            Some(&k),
+            None,
+            StatusCode::BAD_REQUEST,
+            "RFC 3339",
+        ),
+        (
+            "GET",
+            "/api/v1/usage?colour=red",
+            Some(&k),
+            None,
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+        (
+            "GET",
+            "/api/v1/audit/entries/abc/proof",
+            Some(&k),
+            None,
+            StatusCode::BAD_REQUEST,
+            "not a number",
+        ),
+        (
+            "GET",
+            "/api/v1/audit/entries/999/proof",
+            Some(&k),
+            None,
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "GET",
+            "/api/v1/nowhere",
+            Some(&k),
+            None,
+            StatusCode::NOT_FOUND,
+            "no route",
+        ),
+        (
+            "PUT",
+            "/api/v1/accounts",
+            Some(&k),
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not allowed",
+        ),
+    ];
+    for (method, uri, key, body, status, needle) in cases {
+        let (s, v) = h.send(method, uri, key, body).await;
+        assert_eq!(s, status, "{method} {uri} {body:?}: {v}");
+        assert!(
+            v.to_string().contains(needle),
+            "{method} {uri}: {v} lacks {needle}"
+        );
+    }
+    // Oversize body and wrong media type.
+    let big = format!("{{\"path\": \"{}\"}}", "a".repeat(5000));
+    let (s, _) = h
+        .send("POST", "/api/v1/accounts", Some(&k), Some(&big))
+        .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/accounts")
+        .header("authorization", format!("Bearer {k}"))
+        .header("content-type", "text/plain")
+        .body(Body::from("{\"path\":\"a\"}"))
+        .unwrap();
+    let resp = h.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Nothing above created anything.
+    let (_, v) = h.admin("GET", "/api/v1/accounts?under=/", None).await;
+    assert_eq!(v["accounts"].as_array().unwrap().len(), 0, "{v}");
+}
+
+#[tokio::test]
+async fn scopes_subtrees_and_revocation() {
+    let h = harness().await;
+    for p in ["acme/cn", "acme/us", "other"] {
+        let (s, _) = h
+            .admin("POST", "/api/v1/accounts", Some(json!({"path": p})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let cn_admin = h.key("acme/cn", &["admin"]).await;
+    let gw = h.key("acme/cn", &["gateway"]).await;
+    // Wrong scope.
+    let (s, v) = h
+        .send("GET", "/api/v1/accounts/acme/cn", Some(&gw), None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("lacks the read scope")
+    );
+    // Outside the subtree.
+    let (s, _) = h
+        .send("GET", "/api/v1/accounts/acme/us", Some(&cn_admin), None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = h
+        .send(
+            "POST",
+            "/api/v1/accounts",
+            Some(&cn_admin),
+            Some("{\"path\": \"acme/us/x\"}"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = h
+        .send(
+            "POST",
+            "/api/v1/accounts",
+            Some(&cn_admin),
+            Some("{\"path\": \"acme/cn/x\"}"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    // No escalation: an admin key cannot mint an audit key.
+    let (s, v) = h
+        .send(
+            "POST",
+            "/api/v1/keys",
+            Some(&cn_admin),
+            Some("{\"account\": \"acme/cn\", \"scopes\": [\"audit\"]}"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // The key list never shows secrets.
+    let (s, v) = h.admin("GET", "/api/v1/keys?account=acme", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!v.to_string().contains(&gw), "secret leaked in list");
+    assert_eq!(v["keys"].as_array().unwrap().len(), 2);
+    // Revocation is immediate, even for a key that was just used (and cached).
+    let (s, _) = h
+        .send("GET", "/api/v1/accounts/acme/cn", Some(&cn_admin), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let id = &cn_admin[3..15];
+    let (s, v) = h.admin("DELETE", &format!("/api/v1/keys/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["revoked_at"].is_string());
+    let (s, v) = h
+        .send("GET", "/api/v1/accounts/acme/cn", Some(&cn_admin), None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(v["detail"].as_str().unwrap().contains("revoked"));
+}
+
+#[tokio::test]
+async fn corrections_show_in_usage_and_proofs_verify() {
+    let h = harness().await;
+    h.admin("POST", "/api/v1/accounts", Some(json!({"path": "acme/cn"})))
+        .await;
+    let (s, v) = h
+        .admin(
+            "POST",
+            "/api/v1/adjustments",
+            Some(json!({
+                "account": "acme/cn", "reason": "credit for an outage", "service": "llm.chat",
+                "model": "gpt-4o", "tokens": {"text.input": -30, "text.output": -5}
+            })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["entry_id"].as_u64().unwrap();
+    // A correction must name an entry of the same account that is usage.
+    let (s, v) = h
+        .admin(
+            "POST",
+            "/api/v1/adjustments",
+            Some(json!({
+                "account": "acme/cn", "reason": "x", "service": "llm.chat", "corrects": 0,
+                "tokens": {"text.input": 1}
+            })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (s, v) = h
+        .admin(
+            "GET",
+            "/api/v1/usage?account=acme&group_by=model,account",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["rows"][0]["tokens"]["text.input"], -30);
+    assert_eq!(v["rows"][0]["total"], -35);
+    assert_eq!(v["rows"][0]["account"], "acme/cn");
+
+    let (s, p) = h
+        .admin("GET", &format!("/api/v1/audit/entries/{id}/proof"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let entry = p["entry"].as_str().unwrap().as_bytes();
+    let proof: Vec<Hash> = p["proof"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| b64.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
+        .collect();
+    let root: Hash = b64
+        .decode(p["root_hash"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let size = p["tree_size"].as_u64().unwrap();
+    ciyuan_tlog::verify_inclusion(&ciyuan_tlog::leaf_hash(entry), id, size, &proof, &root).unwrap();
+    let verifier = ciyuan_tlog::NoteVerifier::from_vkey(p["public_key"].as_str().unwrap()).unwrap();
+    let cp =
+        ciyuan_tlog::open_checkpoint(&verifier, p["checkpoint"].as_str().unwrap(), None).unwrap();
+    assert_eq!(cp.root, root);
+    assert_eq!(cp.size, size);
+
+    // Consistency between the first checkpoint and a later one.
+    let (_, first) = h.admin("POST", "/api/v1/audit/checkpoint", None).await;
+    h.admin("POST", "/api/v1/accounts", Some(json!({"path": "later"})))
+        .await;
+    let (_, second) = h.admin("POST", "/api/v1/audit/checkpoint", None).await;
+    let (m, n) = (
+        first["size"].as_u64().unwrap(),
+        second["size"].as_u64().unwrap(),
+    );
+    assert!(n > m);
+    let (s, c) = h
+        .admin(
+            "GET",
+            &format!("/api/v1/audit/consistency?from={m}&to={n}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    let proof: Vec<Hash> = c["proof"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| b64.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
+        .collect();
+    let r1: Hash = b64
+        .decode(first["root_hash"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let r2: Hash = b64
+        .decode(second["root_hash"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    ciyuan_tlog::verify_consistency(m, n, &r1, &r2, &proof).unwrap();
+}

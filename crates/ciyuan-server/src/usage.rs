@@ -1,0 +1,172 @@
+//! `/api/v1/usage`: tokens by subtree, dimension and time bucket, from the projections.
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::extract::Query;
+use crate::{App, parse_path};
+use axum::extract::State;
+use ciyuan_core::jiff::{Timestamp, tz::TimeZone};
+use ciyuan_core::{Scope, TokenMap};
+use ciyuan_store::{Bucket, GroupBy, HourFilter, UsageQuery, aggregate, ceil_hour, floor_hour};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    account: Option<String>,
+    group_by: Option<String>,
+    bucket: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    tz: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bucket_start: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
+    tokens: TokenMap,
+    total: i64,
+}
+
+#[derive(Serialize)]
+pub struct Answer {
+    account: String,
+    group_by: Vec<&'static str>,
+    bucket: Option<&'static str>,
+    tz: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<Timestamp>,
+    rows: Vec<Row>,
+}
+
+fn parse_time(s: &str, what: &str) -> Result<Timestamp, ApiError> {
+    s.parse().map_err(|e| {
+        ApiError::bad_request(format!(
+            "{what} {s:?} is not an RFC 3339 timestamp such as 2026-11-25T00:00:00Z: {e}"
+        ))
+    })
+}
+
+pub async fn query(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Query(p): Query<Params>,
+) -> Result<axum::Json<Answer>, ApiError> {
+    caller.require(Scope::Read)?;
+    let account = match &p.account {
+        Some(s) => parse_path(s, "account")?,
+        None => caller.key.account.clone(),
+    };
+    caller.require_within(&account)?;
+    let mut group_by = Vec::new();
+    let mut group_names = Vec::new();
+    for g in p
+        .group_by
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+    {
+        let (dim, name) = match g {
+            "" => continue,
+            "account" => (GroupBy::Account, "account"),
+            "service" => (GroupBy::Service, "service"),
+            "model" => (GroupBy::Model, "model"),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "group_by {other:?} is not one of account, service, model"
+                )));
+            }
+        };
+        if !group_by.contains(&dim) {
+            group_by.push(dim);
+            group_names.push(name);
+        }
+    }
+    let (bucket, bucket_name) = match p.bucket.as_deref() {
+        None | Some("none") => (None, None),
+        Some("hour") => (Some(Bucket::Hour), Some("hour")),
+        Some("day") => (Some(Bucket::Day), Some("day")),
+        Some("month") => (Some(Bucket::Month), Some("month")),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "bucket {other:?} is not one of hour, day, month, none"
+            )));
+        }
+    };
+    let from = p
+        .from
+        .as_deref()
+        .map(|s| parse_time(s, "from"))
+        .transpose()?;
+    let to = p.to.as_deref().map(|s| parse_time(s, "to")).transpose()?;
+    if let (Some(f), Some(t)) = (from, to) {
+        if f >= t {
+            return Err(ApiError::bad_request("from must be before to"));
+        }
+    }
+    let tz_given =
+        match &p.tz {
+            Some(name) => Some(TimeZone::get(name).map_err(|_| {
+                ApiError::bad_request(format!("tz {name:?} is not an IANA time zone"))
+            })?),
+            None => None,
+        };
+    let filter = HourFilter {
+        account: account.clone(),
+        // Rollups are hourly: a range is widened to whole UTC hours.
+        from_hour: from.map(floor_hour),
+        to_hour: to.map(ceil_hour),
+    };
+    let acct = account.clone();
+    let (rows, tz) = app
+        .blocking(move |app| {
+            let tz = match tz_given {
+                Some(tz) => tz,
+                None => ciyuan_store::effective_time_zone(app.store.as_ref(), &acct)?,
+            };
+            Ok((app.store.usage_hours(&filter)?, tz))
+        })
+        .await?;
+    let tz_name = tz.iana_name().unwrap_or("UTC").to_string();
+    let q = UsageQuery {
+        account: account.clone(),
+        group_by,
+        bucket,
+        tz: tz.clone(),
+    };
+    let rows = aggregate(&rows, &q)
+        .into_iter()
+        .map(|r| Row {
+            bucket_start: r.bucket_start.map(|t| {
+                t.to_zoned(tz.clone())
+                    .strftime("%Y-%m-%dT%H:%M:%S%:z")
+                    .to_string()
+            }),
+            account: r.account.map(|a| a.to_string()),
+            service: r.service,
+            model: r.model,
+            total: r.tokens.total().unwrap_or(i64::MAX),
+            tokens: r.tokens,
+        })
+        .collect();
+    Ok(axum::Json(Answer {
+        account: account.to_string(),
+        group_by: group_names,
+        bucket: bucket_name,
+        tz: tz_name,
+        from,
+        to,
+        rows,
+    }))
+}

@@ -1,0 +1,63 @@
+//! The ledger seen from the server: append, read, prove.
+
+use ciyuan_tlog::{Checkpoint, Hash};
+use std::ops::Range;
+
+/// A checkpoint together with its signed note, exactly as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCheckpoint {
+    /// The parsed checkpoint.
+    pub checkpoint: Checkpoint,
+    /// The C2SP signed note text.
+    pub note: String,
+}
+
+/// What went wrong in a log backend.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// The caller asked for something that does not exist or cannot be (an index past
+    /// the end, an entry that breaks the log's rules).
+    #[error("{0}")]
+    Invalid(String),
+    /// The log is shutting down or its writer stopped.
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
+    /// Storage failed.
+    #[error("ledger storage: {0}")]
+    Io(String),
+}
+
+/// Called once the appended entries are durable (or failed): their index range.
+pub type AppendDone = Box<dyn FnOnce(Result<Range<u64>, LogError>) + Send>;
+/// Called once a checkpoint is signed and stored.
+pub type CheckpointDone = Box<dyn FnOnce(Result<SignedCheckpoint, LogError>) + Send>;
+
+/// The tamper-evident log. Entries are opaque bytes here; their id is their index.
+pub trait Log: Send + Sync + 'static {
+    /// Queues entries for a durable append; `done` runs when they are durable.
+    fn append(&self, entries: Vec<Vec<u8>>, done: AppendDone) -> Result<(), LogError>;
+    /// Signs a checkpoint of the current tree (unless the latest already covers it).
+    fn checkpoint(&self, done: CheckpointDone) -> Result<(), LogError>;
+    /// Number of durable entries.
+    fn size(&self) -> u64;
+    /// One entry's bytes.
+    fn entry(&self, index: u64) -> Result<Vec<u8>, LogError>;
+    /// Streams entries `range` in order.
+    fn scan(
+        &self,
+        range: Range<u64>,
+        f: &mut dyn FnMut(u64, &[u8]) -> Result<(), LogError>,
+    ) -> Result<(), LogError>;
+    /// RFC 6962 inclusion proof of entry `index` in the tree of `size` entries.
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, LogError>;
+    /// RFC 6962 consistency proof between tree sizes.
+    fn consistency_proof(&self, old_size: u64, new_size: u64) -> Result<Vec<Hash>, LogError>;
+    /// Root hash of the tree of `size` entries.
+    fn root_at(&self, size: u64) -> Result<Hash, LogError>;
+    /// The newest signed checkpoint.
+    fn latest_checkpoint(&self) -> Option<SignedCheckpoint>;
+    /// Every signed checkpoint, oldest first.
+    fn checkpoints(&self) -> Vec<SignedCheckpoint>;
+    /// The C2SP verifier key of the checkpoint signer.
+    fn verifier_key(&self) -> String;
+}

@@ -1,0 +1,541 @@
+//! Admin subcommands: clients of the HTTP API, plus the offline audit verifier.
+
+use crate::Remote;
+use crate::client::{Client, enc};
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum AccountsCmd {
+    /// Create a node (and any missing parents).
+    Create {
+        /// Path such as acme/cn/hr.
+        path: String,
+        /// A name for people.
+        #[arg(long)]
+        display_name: Option<String>,
+        /// IANA time zone for days and months, e.g. Asia/Shanghai.
+        #[arg(long)]
+        time_zone: Option<String>,
+        /// Metadata KEY=VALUE (repeatable), e.g. cost_center=CC-42.
+        #[arg(long = "meta", value_name = "KEY=VALUE")]
+        meta: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List a subtree.
+    List {
+        /// Subtree (default: the key's own node).
+        #[arg(long)]
+        under: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one node.
+    Show {
+        /// Path of the node.
+        path: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Create a key; it is shown once.
+    Create {
+        /// Node the key belongs to (`/` for the root).
+        #[arg(long)]
+        account: String,
+        /// Comma-separated scopes: gateway, ingest, read, admin, audit.
+        #[arg(long)]
+        scopes: String,
+        /// A label.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the keys of a subtree.
+    List {
+        /// Subtree (default: the key's own node).
+        #[arg(long)]
+        account: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Revoke a key, effective at once.
+    Revoke {
+        /// The key id (the 12 hex digits after cy_).
+        key_id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Args)]
+pub struct UsageArgs {
+    /// Subtree (default: the key's own node).
+    #[arg(long)]
+    account: Option<String>,
+    /// Comma-separated: account, service, model.
+    #[arg(long)]
+    group_by: Option<String>,
+    /// hour, day, month or none.
+    #[arg(long)]
+    bucket: Option<String>,
+    /// Start, RFC 3339.
+    #[arg(long)]
+    from: Option<String>,
+    /// End (exclusive), RFC 3339.
+    #[arg(long)]
+    to: Option<String>,
+    /// Time zone of days and months (default: the account's).
+    #[arg(long)]
+    tz: Option<String>,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+#[derive(Args)]
+pub struct AdjustArgs {
+    /// Account whose usage is corrected.
+    #[arg(long)]
+    account: String,
+    /// Service, e.g. llm.chat.
+    #[arg(long)]
+    service: String,
+    /// Model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Why.
+    #[arg(long)]
+    reason: String,
+    /// Token deltas, e.g. text.input=-120,text.output=-40.
+    #[arg(long)]
+    tokens: String,
+    /// Id of the entry corrected.
+    #[arg(long)]
+    corrects: Option<u64>,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Print the latest signed checkpoint and the public key.
+    Checkpoint {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print an inclusion proof of one entry, checkable by a third party.
+    Prove {
+        /// The entry id.
+        entry_id: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Write entries, checkpoints and the public key to DIR as an audit bundle.
+    Export {
+        /// Output directory (created; must be empty).
+        dir: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Verify a data directory or a bundle offline; exits 0 only if everything checks.
+    Verify {
+        /// A data directory, a ledger directory or an exported bundle.
+        path: PathBuf,
+        /// Print the report as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn str_of<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+pub fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AccountsCmd::Create {
+            path,
+            display_name,
+            time_zone,
+            meta,
+            remote,
+        } => {
+            let mut metadata = BTreeMap::new();
+            for m in meta {
+                let (k, v) = m
+                    .split_once('=')
+                    .with_context(|| format!("--meta {m:?} is not KEY=VALUE"))?;
+                metadata.insert(k.to_string(), v.to_string());
+            }
+            let mut body = json!({ "path": path, "metadata": metadata });
+            if let Some(n) = display_name {
+                body["display_name"] = json!(n);
+            }
+            if let Some(tz) = time_zone {
+                body["time_zone"] = json!(tz);
+            }
+            let v = Client::new(&remote)?.json(Method::POST, "/api/v1/accounts", Some(&body))?;
+            if remote.json {
+                print_json(&v)?;
+            } else {
+                println!("created {}", str_of(&v, "path"));
+            }
+        }
+        AccountsCmd::List { under, remote } => {
+            let q = under
+                .map(|u| format!("?under={}", enc(&u)))
+                .unwrap_or_default();
+            let v =
+                Client::new(&remote)?.json(Method::GET, &format!("/api/v1/accounts{q}"), None)?;
+            if remote.json {
+                print_json(&v)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{:<40} {:<24} {:<20}", "PATH", "NAME", "TIME ZONE")?;
+                for a in v["accounts"].as_array().into_iter().flatten() {
+                    writeln!(
+                        out,
+                        "{:<40} {:<24} {:<20}",
+                        str_of(a, "path"),
+                        str_of(a, "display_name"),
+                        str_of(a, "time_zone")
+                    )?;
+                }
+            }
+        }
+        AccountsCmd::Show { path, remote } => {
+            let v = Client::new(&remote)?.json(
+                Method::GET,
+                &format!("/api/v1/accounts/{}", enc(&path)),
+                None,
+            )?;
+            print_json(&v)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn keys(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        KeysCmd::Create {
+            account,
+            scopes,
+            name,
+            remote,
+        } => {
+            let scopes: Vec<&str> = scopes
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let mut body = json!({ "account": account, "scopes": scopes });
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            let v = Client::new(&remote)?.json(Method::POST, "/api/v1/keys", Some(&body))?;
+            if remote.json {
+                print_json(&v)?;
+            } else {
+                println!("{}", str_of(&v, "key"));
+                eprintln!(
+                    "key {} for {} ({}); shown once, store it now",
+                    str_of(&v, "key_id"),
+                    str_of(&v, "account"),
+                    v["scopes"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(","))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        KeysCmd::List { account, remote } => {
+            let q = account
+                .map(|a| format!("?account={}", enc(&a)))
+                .unwrap_or_default();
+            let v = Client::new(&remote)?.json(Method::GET, &format!("/api/v1/keys{q}"), None)?;
+            if remote.json {
+                print_json(&v)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(
+                    out,
+                    "{:<14} {:<30} {:<28} {:<10}",
+                    "KEY ID", "ACCOUNT", "SCOPES", "STATE"
+                )?;
+                for k in v["keys"].as_array().into_iter().flatten() {
+                    let scopes = k["scopes"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    let state = if k.get("revoked_at").is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    writeln!(
+                        out,
+                        "{:<14} {:<30} {:<28} {:<10}",
+                        str_of(k, "key_id"),
+                        str_of(k, "account"),
+                        scopes,
+                        state
+                    )?;
+                }
+            }
+        }
+        KeysCmd::Revoke { key_id, remote } => {
+            let v = Client::new(&remote)?.json(
+                Method::DELETE,
+                &format!("/api/v1/keys/{}", enc(&key_id)),
+                None,
+            )?;
+            if remote.json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "revoked {} at {}",
+                    str_of(&v, "key_id"),
+                    str_of(&v, "revoked_at")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn usage(a: UsageArgs) -> anyhow::Result<ExitCode> {
+    let mut q = Vec::new();
+    for (k, v) in [
+        ("account", &a.account),
+        ("group_by", &a.group_by),
+        ("bucket", &a.bucket),
+        ("from", &a.from),
+        ("to", &a.to),
+        ("tz", &a.tz),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", enc(v)));
+        }
+    }
+    let path = format!("/api/v1/usage?{}", q.join("&"));
+    let v = Client::new(&a.remote)?.json(Method::GET, &path, None)?;
+    if a.remote.json {
+        return print_json(&v).map(|_| ExitCode::SUCCESS);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "usage of {} (time zone {})",
+        str_of(&v, "account"),
+        str_of(&v, "tz")
+    )?;
+    for r in v["rows"].as_array().into_iter().flatten() {
+        let mut label = Vec::new();
+        for k in ["bucket_start", "account", "service", "model"] {
+            if let Some(s) = r.get(k).and_then(Value::as_str) {
+                label.push(if s.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.to_string()
+                });
+            }
+        }
+        let tokens: Vec<String> = r["tokens"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        writeln!(
+            out,
+            "{:<60} total={:<12} {}",
+            label.join("  "),
+            r["total"],
+            tokens.join(" ")
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn adjust(a: AdjustArgs) -> anyhow::Result<ExitCode> {
+    let mut tokens = serde_json::Map::new();
+    for part in a.tokens.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (k, n) = part
+            .split_once('=')
+            .with_context(|| format!("--tokens {part:?} is not modality.direction=COUNT"))?;
+        let n: i64 = n
+            .parse()
+            .with_context(|| format!("--tokens {part:?}: {n:?} is not an integer"))?;
+        tokens.insert(k.to_string(), json!(n));
+    }
+    let mut body = json!({
+        "account": a.account, "service": a.service, "reason": a.reason, "tokens": tokens,
+    });
+    if let Some(m) = a.model {
+        body["model"] = json!(m);
+    }
+    if let Some(c) = a.corrects {
+        body["corrects"] = json!(c);
+    }
+    let v = Client::new(&a.remote)?.json(Method::POST, "/api/v1/adjustments", Some(&body))?;
+    if a.remote.json {
+        print_json(&v)?;
+    } else {
+        println!("recorded adjustment as entry {}", v["entry_id"]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCmd::Checkpoint { remote } => {
+            let v = Client::new(&remote)?.json(Method::GET, "/api/v1/audit/checkpoint", None)?;
+            if remote.json {
+                print_json(&v)?;
+            } else {
+                print!("{}", str_of(&v, "checkpoint"));
+                println!();
+                println!("public key: {}", str_of(&v, "public_key"));
+            }
+        }
+        AuditCmd::Prove { entry_id, remote } => {
+            let v = Client::new(&remote)?.json(
+                Method::GET,
+                &format!("/api/v1/audit/entries/{entry_id}/proof"),
+                None,
+            )?;
+            print_json(&v)?;
+        }
+        AuditCmd::Export { dir, remote } => {
+            let client = Client::new(&remote)?;
+            export(&client, &dir)?;
+        }
+        AuditCmd::Verify { path, json } => return verify(path, json),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Entries fetched per request while exporting.
+const EXPORT_PAGE_ENTRIES: u64 = 10_000;
+
+fn export(client: &Client, dir: &std::path::Path) -> anyhow::Result<()> {
+    // Sign a checkpoint first so the bundle covers everything written so far.
+    let latest = client.json(Method::POST, "/api/v1/audit/checkpoint", None)?;
+    let size = latest["size"].as_u64().context("checkpoint without size")?;
+    let cps = client.json(Method::GET, "/api/v1/audit/checkpoints", None)?;
+    let notes: Vec<String> = cps["checkpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["size"].as_u64().is_some_and(|s| s <= size))
+        .map(|c| str_of(c, "checkpoint").to_string())
+        .collect();
+    let mut entries: Vec<Vec<u8>> = Vec::new();
+    let mut start = 0;
+    while start < size {
+        let limit = EXPORT_PAGE_ENTRIES.min(size - start);
+        let page = client.call(
+            Method::GET,
+            &format!("/api/v1/audit/entries?start={start}&limit={limit}"),
+            None,
+        )?;
+        let before = entries.len();
+        entries.extend(
+            page.split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec),
+        );
+        if entries.len() == before {
+            bail!("the server returned no entries from {start} on");
+        }
+        start += (entries.len() - before) as u64;
+    }
+    entries.truncate(size as usize);
+    let summary = ciyuan_ledger::write_bundle(
+        dir,
+        entries.iter().map(Vec::as_slice),
+        &notes,
+        str_of(&latest, "public_key"),
+    )
+    .with_context(|| format!("writing the bundle to {}", dir.display()))?;
+    println!(
+        "exported {} entries and {} checkpoints to {}",
+        summary.entries,
+        summary.checkpoints,
+        dir.display()
+    );
+    Ok(())
+}
+
+fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+    // A data directory holds the ledger in `ledger/`.
+    let target = if path.join("ledger").is_dir() {
+        path.join("ledger")
+    } else {
+        path
+    };
+    match ciyuan_ledger::verify_path(&target) {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "ok": true,
+                        "entries": report.entries,
+                        "checkpoints": report.checkpoints,
+                        "size": report.size,
+                        "root_hash": base64_hash(&report.root),
+                    })
+                );
+            } else {
+                println!(
+                    "ok: {} entries, {} checkpoints verified; root {} at size {}",
+                    report.entries,
+                    report.checkpoints,
+                    base64_hash(&report.root),
+                    report.size
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(failure) => {
+            if json {
+                println!("{}", json!({ "ok": false, "error": failure.to_string() }));
+            }
+            eprintln!("verification FAILED: {failure}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn base64_hash(h: &[u8; 32]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(h)
+}

@@ -1,0 +1,160 @@
+//! `ciyuan bench`: measurements recorded in BENCHMARKS.md.
+
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Durable appends of ~200-byte entries through group commit.
+    Ledger(LedgerArgs),
+    /// Offline verification speed.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+pub struct LedgerArgs {
+    /// Entries to append in all.
+    #[arg(long, default_value_t = 5_000_000)]
+    entries: u64,
+    /// Entries per append call.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Concurrent producers.
+    #[arg(long, default_value_t = 4)]
+    producers: usize,
+    /// Bytes per entry.
+    #[arg(long, default_value_t = 200)]
+    entry_bytes: usize,
+    /// Directory to write in (default: a fresh temporary directory, removed after).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// End with one JSON line of the figures.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Entries in the ledger to build and verify.
+    #[arg(long, default_value_t = 5_000_000)]
+    entries: u64,
+    /// Verify an existing ledger or bundle instead of building one.
+    #[arg(long)]
+    path: Option<PathBuf>,
+    /// End with one JSON line of the figures.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCmd::Ledger(a) => {
+            let tmp;
+            let dir = match a.dir {
+                Some(d) => d,
+                None => {
+                    tmp = tempdir()?;
+                    tmp.path.clone()
+                }
+            };
+            let report = ciyuan_ledger::bench::bench_append(
+                &dir,
+                ciyuan_ledger::bench::BenchAppendOptions {
+                    total_entries: a.entries,
+                    batch_entries: a.batch,
+                    producers: a.producers,
+                    entry_bytes: a.entry_bytes,
+                },
+            )?;
+            println!(
+                "ledger append: {} entries of {} bytes, batches of {}, {} producers",
+                a.entries, a.entry_bytes, a.batch, a.producers
+            );
+            println!("  {:.0} durable entries/s", report.entries_per_sec);
+            println!(
+                "  append latency p50 {} us, p99 {} us",
+                report.p50_append_us, report.p99_append_us
+            );
+            println!(
+                "  {} fsyncs, {:.0} entries per fsync",
+                report.fsyncs, report.entries_per_fsync
+            );
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "entries": a.entries,
+                        "entry_bytes": a.entry_bytes,
+                        "batch_entries": a.batch,
+                        "producers": a.producers,
+                        "entries_per_sec": report.entries_per_sec,
+                        "p50_append_us": report.p50_append_us,
+                        "p99_append_us": report.p99_append_us,
+                        "fsyncs": report.fsyncs,
+                        "entries_per_fsync": report.entries_per_fsync,
+                    })
+                );
+            }
+        }
+        BenchCmd::Verify(a) => {
+            let tmp;
+            let path = match a.path {
+                Some(p) => p,
+                None => {
+                    tmp = tempdir()?;
+                    ciyuan_ledger::bench::bench_append(
+                        &tmp.path,
+                        ciyuan_ledger::bench::BenchAppendOptions {
+                            total_entries: a.entries,
+                            batch_entries: 10_000,
+                            producers: 2,
+                            entry_bytes: 200,
+                        },
+                    )?;
+                    tmp.path.clone()
+                }
+            };
+            let report = ciyuan_ledger::bench::bench_verify(&path)?;
+            println!(
+                "verify: {} entries in {:.3}s: {:.0} entries/s",
+                report.entries, report.seconds, report.entries_per_sec
+            );
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "entries": report.entries,
+                        "seconds": report.seconds,
+                        "entries_per_sec": report.entries_per_sec,
+                    })
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A directory removed on drop; the CLI has no tempfile dependency outside tests.
+struct TempDir {
+    path: PathBuf,
+}
+
+fn tempdir() -> anyhow::Result<TempDir> {
+    let path = std::env::temp_dir().join(format!(
+        "ciyuan-bench-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&path)?;
+    Ok(TempDir { path })
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

@@ -1,0 +1,91 @@
+//! The HTTP client behind the admin subcommands.
+
+use crate::Remote;
+use anyhow::{Context, anyhow, bail};
+use reqwest::Method;
+use serde_json::Value;
+
+/// Most time one admin request may take.
+const REQUEST_TIMEOUT_SECS: u64 = 60;
+
+/// A client of one Ciyuan server.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    /// A client from `--url`/`--key`.
+    pub fn new(remote: &Remote) -> anyhow::Result<Client> {
+        let key = remote.key.clone().ok_or_else(|| {
+            anyhow!("no API key: pass --key or set CIYUAN_KEY (the bootstrap admin key is printed on the server's first start)")
+        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(REQUEST_TIMEOUT_SECS))
+            .build()?;
+        Ok(Client {
+            http,
+            base: remote.url.trim_end_matches('/').to_string(),
+            key,
+            rt,
+        })
+    }
+
+    /// Sends a request; answers the body of a 2xx, or an error carrying the problem's
+    /// detail.
+    pub fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Vec<u8>> {
+        let url = format!("{}{path}", self.base);
+        self.rt.block_on(async {
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(&self.key);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the Ciyuan server at {}", self.base))?;
+            let status = resp.status();
+            let bytes = resp.bytes().await.context("reading the server's answer")?;
+            if status.is_success() {
+                return Ok(bytes.to_vec());
+            }
+            let detail = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{method} {path}: {status}: {detail}")
+        })
+    }
+
+    /// A JSON call.
+    pub fn json(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let bytes = self.call(method, path, body)?;
+        serde_json::from_slice(&bytes).context("the server's answer is not JSON")
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,170 @@
+//! `ciyuan serve` and `ciyuan rebuild`: the embedded default, one data directory.
+//!
+//! Layout of the data directory: `ledger/` (the tamper-evident log: segments, sidecar,
+//! checkpoints, signing key) and `ciyuan.db` (SQLite: projections and hashed keys).
+
+use crate::config::{FileConfig, ServeConfig};
+use anyhow::Context;
+use ciyuan_ledger::{GroupCommitter, Ledger, LedgerOptions};
+use ciyuan_server::{App, ServerConfig};
+use ciyuan_store::{Log, Store};
+use ciyuan_store_sqlite::SqliteStore;
+use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Data directory.
+    #[arg(long, env = "CIYUAN_DATA")]
+    data: Option<PathBuf>,
+    /// HTTP listen address, HOST:PORT (port 0 picks a free one).
+    #[arg(long, env = "CIYUAN_LISTEN")]
+    listen: Option<String>,
+    /// Admin key to install on first start instead of generating one.
+    #[arg(long, env = "CIYUAN_BOOTSTRAP_ADMIN_KEY", hide_env_values = true)]
+    bootstrap_admin_key: Option<String>,
+}
+
+#[derive(Args)]
+pub struct RebuildArgs {
+    /// Data directory.
+    #[arg(long, env = "CIYUAN_DATA")]
+    data: Option<PathBuf>,
+}
+
+fn ledger_options(cfg: &ServeConfig) -> LedgerOptions {
+    let mut opts = LedgerOptions::default();
+    if let Some(o) = &cfg.origin {
+        opts.origin = Some(o.clone());
+    }
+    if let Some(s) = cfg.segment_max_bytes {
+        opts.segment_max_bytes = s;
+    }
+    opts
+}
+
+/// Opens the ledger and the store of a data directory.
+fn open(data: &Path, opts: LedgerOptions) -> anyhow::Result<(Ledger, SqliteStore)> {
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("creating data directory {}", data.display()))?;
+    let ledger = Ledger::open(&data.join("ledger"), opts)
+        .with_context(|| format!("opening the ledger in {}", data.join("ledger").display()))?;
+    let store = SqliteStore::open(&data.join("ciyuan.db"))
+        .with_context(|| format!("opening {}", data.join("ciyuan.db").display()))?;
+    Ok((ledger, store))
+}
+
+pub fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let file = match config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let cfg = ServeConfig::resolve(file, args.data, args.listen, args.bootstrap_admin_key)?;
+    let (ledger, store) = open(&cfg.data, ledger_options(&cfg))?;
+    let (committer, writer) = GroupCommitter::start(ledger);
+    let log: Arc<dyn Log> = Arc::new(committer.clone());
+    let store: Arc<dyn Store> = Arc::new(store);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(run(cfg, store, log));
+    // Whatever happened, let the writer finish what it acknowledged and seal the sidecar.
+    committer.shutdown();
+    let _ = writer.join();
+    result
+}
+
+async fn run(
+    cfg: ServeConfig,
+    store: Arc<dyn Store>,
+    log: Arc<dyn Log>,
+) -> anyhow::Result<ExitCode> {
+    let server_cfg = ServerConfig {
+        max_body_bytes: cfg.max_body_bytes,
+        checkpoint_interval: Duration::from_secs(cfg.checkpoint_interval_secs),
+        ..ServerConfig::default()
+    };
+    let app = App::new(store, log, server_cfg).map_err(|e| anyhow::anyhow!(e.detail))?;
+    let given = cfg.bootstrap_admin_key.as_ref().map(|s| s.0.clone());
+    let bootstrap = app
+        .bootstrap_admin_key(given)
+        .await
+        .map_err(|e| anyhow::anyhow!("bootstrap admin key: {}", e.detail))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        if let Some(key) = bootstrap {
+            writeln!(out, "bootstrap admin key (shown once, store it now): {key}")?;
+        }
+        writeln!(out, "data directory: {}", cfg.data.display())?;
+        writeln!(out, "listening on http://{addr}")?;
+        out.flush()?;
+    }
+    tracing::info!(%addr, data = %cfg.data.display(), "ciyuan serving");
+    let checkpoints = tokio::spawn(ciyuan_server::checkpoint_loop(app.clone()));
+    axum::serve(listener, ciyuan_server::router(app.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    checkpoints.abort();
+    // A last checkpoint so a clean stop leaves everything signed.
+    if let Err(e) = app.checkpoint().await {
+        tracing::warn!(detail = %e.detail, "final checkpoint failed");
+    }
+    tracing::info!("ciyuan stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+pub fn rebuild(config: Option<&Path>, args: RebuildArgs) -> anyhow::Result<ExitCode> {
+    let file = match config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let cfg = ServeConfig::resolve(file, args.data, None, None)?;
+    let (ledger, store) = open(&cfg.data, ledger_options(&cfg))?;
+    let (committer, writer) = GroupCommitter::start(ledger);
+    let started = std::time::Instant::now();
+    let result = (|| -> anyhow::Result<u64> {
+        store.reset_projections()?;
+        let end = committer.size();
+        let applied = ciyuan_server::pipeline::project(&store, &committer, end, &mut |_| {})
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(applied)
+    })();
+    committer.shutdown();
+    let _ = writer.join();
+    let applied = result?;
+    println!(
+        "rebuilt projections from {applied} ledger entries in {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
