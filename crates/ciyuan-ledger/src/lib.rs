@@ -1,1 +1,116 @@
-//! ciyuan-ledger
+//! The embedded tamper-evident log of Ciyuan.
+//!
+//! A ledger directory holds:
+//!
+//! - `segments/{first index:020}.seg`: a 16-byte header, then records framed as
+//!   `u32 length ‖ u64 index ‖ u32 CRC32C(length ‖ index ‖ payload) ‖ payload`. The
+//!   index in every record makes gaps and reordering visible even without the tree.
+//! - `leaves`: the sidecar, 40 bytes per entry: the RFC 6962 leaf hash and the record's
+//!   offset in its segment. It is derivable from the segments, so it is not synced per
+//!   append; it is synced when a segment is sealed and on close, and recovery rebuilds
+//!   the part belonging to the last segment.
+//! - `checkpoints`: signed C2SP checkpoint notes, framed with length and CRC32C.
+//! - `signing.key` / `public.key`: the Ed25519 checkpoint key (Go `note` private key
+//!   format, mode 0600) and its C2SP verifier key. The key name is the log's origin.
+//! - `LOCK`: held with an OS file lock so one process at a time owns the ledger.
+//!
+//! [`Ledger`] is the single writer; [`GroupCommitter`] runs it on a thread so that many
+//! producers share one `fdatasync` per group; [`LedgerReader`] reads, proves and
+//! serves checkpoints concurrently with appends. [`verify_path`] checks a ledger
+//! directory or an exported bundle offline, from the bytes alone.
+#![deny(missing_docs)]
+
+pub mod bench;
+mod bundle;
+mod format;
+mod group;
+mod keys;
+mod ledger;
+mod verify;
+
+pub use bundle::{BundleSummary, export_bundle, write_bundle};
+pub use group::GroupCommitter;
+pub use ledger::{Ledger, LedgerReader};
+pub use verify::{VerifyFailure, VerifyReport, verify_path};
+
+pub use ciyuan_store::SignedCheckpoint;
+
+/// Tunables of a ledger. Every bound is named here.
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    /// Origin (and key name) of a new ledger; ignored when the ledger exists.
+    pub origin: Option<String>,
+    /// A segment is sealed and a new one begun once it reaches this size.
+    pub segment_max_bytes: u64,
+    /// Largest entry accepted.
+    pub max_entry_bytes: usize,
+    /// Most entries in one group commit.
+    pub max_batch_entries: usize,
+    /// Most payload bytes in one group commit.
+    pub max_batch_bytes: usize,
+    /// Append requests that may wait for the writer before producers block.
+    pub queue_depth: usize,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        LedgerOptions {
+            origin: None,
+            segment_max_bytes: 128 << 20,
+            max_entry_bytes: 1 << 20,
+            max_batch_entries: 65_536,
+            max_batch_bytes: 16 << 20,
+            queue_depth: 1024,
+        }
+    }
+}
+
+/// What went wrong in the ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// An entry that breaks the ledger's rules; nothing of its request was written.
+    #[error("invalid entry: {0}")]
+    Invalid(String),
+    /// An index or size outside the log.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// Another process holds the ledger.
+    #[error("the ledger in {0} is locked by another process (is a server running on it?)")]
+    Locked(String),
+    /// The stored data is damaged beyond a torn tail.
+    #[error("ledger corrupt: {0}")]
+    Corrupt(String),
+    /// A previous write failed; the ledger refuses further appends until reopened.
+    #[error("ledger failed earlier and must be reopened: {0}")]
+    Failed(String),
+    /// The writer thread is gone.
+    #[error("the ledger is shut down")]
+    ShutDown,
+    /// An IO error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl LedgerError {
+    fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LedgerError {
+        let context = context.into();
+        move |source| LedgerError::Io { context, source }
+    }
+}
+
+impl From<LedgerError> for ciyuan_store::LogError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::Invalid(m) | LedgerError::OutOfRange(m) => {
+                ciyuan_store::LogError::Invalid(m)
+            }
+            LedgerError::ShutDown => ciyuan_store::LogError::Unavailable("shut down".into()),
+            other => ciyuan_store::LogError::Io(other.to_string()),
+        }
+    }
+}

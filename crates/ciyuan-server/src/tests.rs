@@ -296,7 +296,7 @@ async fn bad_input_gets_clear_4xx() {
             Some(&k),
             Some("{\"account\": \"/\", \"scopes\": [\"root\"]}"),
             StatusCode::BAD_REQUEST,
-            "unknown scope \\\"root\\\"",
+            "unknown scope \"root\"",
         ),
         (
             "POST",
@@ -312,7 +312,7 @@ async fn bad_input_gets_clear_4xx() {
             Some(&k),
             None,
             StatusCode::BAD_REQUEST,
-            "bucket \\\"week\\\"",
+            "bucket \"week\"",
         ),
         (
             "GET",
@@ -366,10 +366,8 @@ async fn bad_input_gets_clear_4xx() {
     for (method, uri, key, body, status, needle) in cases {
         let (s, v) = h.send(method, uri, key, body).await;
         assert_eq!(s, status, "{method} {uri} {body:?}: {v}");
-        assert!(
-            v.to_string().contains(needle),
-            "{method} {uri}: {v} lacks {needle}"
-        );
+        let detail = v["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(needle), "{method} {uri}: {v} lacks {needle}");
     }
     // Oversize body and wrong media type.
     let big = format!("{{\"path\": \"{}\"}}", "a".repeat(5000));

@@ -1,0 +1,145 @@
+//! Audit bundles: the log as plain files a third party can check by hand.
+
+use crate::ledger::LedgerReader;
+use crate::LedgerError;
+use ciyuan_tlog::{Checkpoint, NoteVerifier, leaf_hash};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+/// Entries, one per line, exactly the hashed bytes.
+pub const ENTRIES_FILE: &str = "entries.jsonl";
+/// Leaf hashes in hex, one per line: a locator that lets a verifier name the first bad
+/// entry instead of only saying that a root differs.
+pub const LEAF_HASHES_FILE: &str = "leaf-hashes.txt";
+/// Signed checkpoints, one file each, named by tree size.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// The verifier key.
+pub const PUBLIC_KEY_FILE: &str = "public.key";
+/// How to check by hand.
+pub const README_FILE: &str = "README.txt";
+
+const README: &str = "Ciyuan audit bundle
+
+entries.jsonl     one ledger entry per line; entry N is on line N+1
+leaf-hashes.txt   SHA-256(0x00 || entry bytes without the newline), hex, one per line
+checkpoints/      C2SP signed notes of tlog-checkpoints, named by tree size
+public.key        the C2SP Ed25519 verifier key that signed them
+
+To check by hand: hash every entry as above, build the RFC 6962 Merkle tree
+(node = SHA-256(0x01 || left || right), split at the largest power of two below
+the size), compare the root of the first SIZE entries with the base64 root on the
+third line of each checkpoint, and check each note's Ed25519 signature with
+public.key (C2SP signed-note). `ciyuan audit verify DIR` does all of this.
+";
+
+/// What a bundle holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleSummary {
+    /// Entries written.
+    pub entries: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+}
+
+struct BundleWriter {
+    entries: BufWriter<File>,
+    leaves: BufWriter<File>,
+    count: u64,
+}
+
+fn create(path: &Path) -> Result<BufWriter<File>, LedgerError> {
+    File::create(path)
+        .map(|f| BufWriter::with_capacity(1 << 20, f))
+        .map_err(LedgerError::io(format!("creating {}", path.display())))
+}
+
+impl BundleWriter {
+    fn new(out: &Path) -> Result<BundleWriter, LedgerError> {
+        if out.exists() {
+            let mut it = std::fs::read_dir(out).map_err(LedgerError::io(format!("reading {}", out.display())))?;
+            if it.next().is_some() {
+                return Err(LedgerError::Invalid(format!("{} exists and is not empty", out.display())));
+            }
+        }
+        std::fs::create_dir_all(out.join(CHECKPOINTS_DIR))
+            .map_err(LedgerError::io(format!("creating {}", out.display())))?;
+        Ok(BundleWriter {
+            entries: create(&out.join(ENTRIES_FILE))?,
+            leaves: create(&out.join(LEAF_HASHES_FILE))?,
+            count: 0,
+        })
+    }
+
+    fn add(&mut self, entry: &[u8]) -> Result<(), LedgerError> {
+        if entry.contains(&b'\n') || entry.is_empty() {
+            return Err(LedgerError::Invalid(format!("entry {} is empty or has a newline", self.count)));
+        }
+        let mut hex_buf = [0u8; 65];
+        hex::encode_to_slice(leaf_hash(entry), &mut hex_buf[..64])
+            .map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        hex_buf[64] = b'\n';
+        let w = self
+            .entries
+            .write_all(entry)
+            .and_then(|_| self.entries.write_all(b"\n"))
+            .and_then(|_| self.leaves.write_all(&hex_buf));
+        w.map_err(LedgerError::io("writing the bundle"))?;
+        self.count += 1;
+        Ok(())
+    }
+
+    fn finish(mut self, out: &Path, notes: &[String], vkey: &str) -> Result<BundleSummary, LedgerError> {
+        self.entries.flush().map_err(LedgerError::io("writing the bundle"))?;
+        self.leaves.flush().map_err(LedgerError::io("writing the bundle"))?;
+        let verifier = NoteVerifier::from_vkey(vkey)
+            .map_err(|e| LedgerError::Invalid(format!("public key: {e}")))?;
+        let mut written = 0;
+        for note in notes {
+            let text = verifier
+                .verify(note)
+                .map_err(|e| LedgerError::Invalid(format!("checkpoint: {e}")))?;
+            let c = Checkpoint::parse(text).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+            if c.size > self.count {
+                continue;
+            }
+            let path = out.join(CHECKPOINTS_DIR).join(format!("{:020}.note", c.size));
+            std::fs::write(&path, note).map_err(LedgerError::io(format!("writing {}", path.display())))?;
+            written += 1;
+        }
+        let write = |name: &str, body: &str| {
+            std::fs::write(out.join(name), body).map_err(LedgerError::io(format!("writing {name}")))
+        };
+        write(PUBLIC_KEY_FILE, &format!("{}\n", vkey.trim_end_matches('\n')))?;
+        write(README_FILE, README)?;
+        Ok(BundleSummary {
+            entries: self.count,
+            checkpoints: written,
+        })
+    }
+}
+
+/// Writes a bundle from entries given in log order, the signed checkpoint notes, and
+/// the verifier key. `out` must not exist or be empty. Checkpoints beyond the entries
+/// given are left out.
+pub fn write_bundle<'a>(
+    out: &Path,
+    entries: impl Iterator<Item = &'a [u8]>,
+    notes: &[String],
+    vkey: &str,
+) -> Result<BundleSummary, LedgerError> {
+    let mut w = BundleWriter::new(out)?;
+    for e in entries {
+        w.add(e)?;
+    }
+    w.finish(out, notes, vkey)
+}
+
+/// Writes the whole log as a bundle.
+pub fn export_bundle(reader: &LedgerReader, out: &Path) -> Result<BundleSummary, LedgerError> {
+    let mut w = BundleWriter::new(out)?;
+    let size = reader.size();
+    reader.scan(0..size, |_, bytes| w.add(bytes))?;
+    let notes: Vec<String> = reader.checkpoints().into_iter().map(|c| c.note).collect();
+    w.finish(out, &notes, reader.verifier_key())
+}

@@ -1,0 +1,224 @@
+//! On-disk framing of segments, the sidecar and the checkpoints file.
+
+/// First bytes of every segment file.
+pub const SEGMENT_MAGIC: &[u8; 8] = b"CYLEDGER";
+/// Segment format version.
+pub const SEGMENT_VERSION: u32 = 1;
+/// Segment header: magic, version, zero padding.
+pub const SEGMENT_HEADER_BYTES: usize = 16;
+/// Record header: length, index, CRC.
+pub const RECORD_HEADER_BYTES: usize = 16;
+/// Sidecar bytes per entry: leaf hash and offset.
+pub const SIDECAR_ENTRY_BYTES: usize = 40;
+/// Checkpoint frame header: length, CRC.
+pub const CHECKPOINT_HEADER_BYTES: usize = 8;
+
+/// The segment header bytes.
+pub fn segment_header() -> [u8; SEGMENT_HEADER_BYTES] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES];
+    h[..8].copy_from_slice(SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    h
+}
+
+/// Whether `h` is a valid segment header.
+pub fn check_segment_header(h: &[u8]) -> bool {
+    h.len() >= SEGMENT_HEADER_BYTES && h[..SEGMENT_HEADER_BYTES] == segment_header()
+}
+
+/// CRC of a record: covers length, index and payload, so a record moved to another
+/// index or cut short fails.
+#[inline]
+pub fn record_crc(len: u32, index: u64, payload: &[u8]) -> u32 {
+    let mut head = [0u8; 12];
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    head[4..].copy_from_slice(&index.to_le_bytes());
+    crc32c::crc32c_append(crc32c::crc32c(&head), payload)
+}
+
+/// Appends one framed record to `out`.
+#[inline]
+pub fn put_record(out: &mut Vec<u8>, index: u64, payload: &[u8]) {
+    let len = payload.len() as u32;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&record_crc(len, index, payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Why bytes at an offset are not a valid record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordError {
+    /// Fewer bytes than a header, or than the header's length says.
+    Truncated,
+    /// A length above the limit.
+    TooLong(u32),
+    /// Not the index expected here.
+    WrongIndex {
+        /// Index expected.
+        expected: u64,
+        /// Index found.
+        found: u64,
+    },
+    /// The checksum does not match.
+    Checksum,
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordError::Truncated => f.write_str("record is cut short"),
+            RecordError::TooLong(n) => write!(f, "record length {n} is over the limit"),
+            RecordError::WrongIndex { expected, found } => {
+                write!(f, "record claims index {found}, expected {expected}")
+            }
+            RecordError::Checksum => f.write_str("checksum mismatch"),
+        }
+    }
+}
+
+/// Parses the record at the start of `buf`, expecting `index`. Returns the payload and
+/// the record's total size.
+#[inline]
+pub fn parse_record(
+    buf: &[u8],
+    index: u64,
+    max_len: usize,
+) -> Result<(&[u8], usize), RecordError> {
+    if buf.len() < RECORD_HEADER_BYTES {
+        return Err(RecordError::Truncated);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let found = u64::from_le_bytes([
+        buf[4], buf[5], buf[6], buf[7], buf[8], buf[9], buf[10], buf[11],
+    ]);
+    let crc = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+    if len as usize > max_len {
+        return Err(RecordError::TooLong(len));
+    }
+    let total = RECORD_HEADER_BYTES + len as usize;
+    if buf.len() < total {
+        return Err(RecordError::Truncated);
+    }
+    let payload = &buf[RECORD_HEADER_BYTES..total];
+    if record_crc(len, found, payload) != crc {
+        return Err(RecordError::Checksum);
+    }
+    if found != index {
+        return Err(RecordError::WrongIndex {
+            expected: index,
+            found,
+        });
+    }
+    Ok((payload, total))
+}
+
+/// One sidecar entry.
+#[inline]
+pub fn put_sidecar(out: &mut Vec<u8>, leaf: &[u8; 32], offset: u64) {
+    out.extend_from_slice(leaf);
+    out.extend_from_slice(&offset.to_le_bytes());
+}
+
+/// Splits a sidecar entry.
+#[inline]
+pub fn parse_sidecar(b: &[u8]) -> ([u8; 32], u64) {
+    let mut leaf = [0u8; 32];
+    leaf.copy_from_slice(&b[..32]);
+    let mut off = [0u8; 8];
+    off.copy_from_slice(&b[32..40]);
+    (leaf, u64::from_le_bytes(off))
+}
+
+/// Frames a checkpoint note.
+pub fn put_checkpoint(note: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CHECKPOINT_HEADER_BYTES + note.len());
+    out.extend_from_slice(&(note.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(note.as_bytes()).to_le_bytes());
+    out.extend_from_slice(note.as_bytes());
+    out
+}
+
+/// Splits a checkpoints file into notes. Returns the notes, and the offset and reason of
+/// the first bad frame if any.
+pub fn parse_checkpoints(buf: &[u8]) -> (Vec<(usize, String)>, Option<(usize, &'static str)>) {
+    let mut notes = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        if buf.len() - at < CHECKPOINT_HEADER_BYTES {
+            return (notes, Some((at, "frame header cut short")));
+        }
+        let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+        let crc = u32::from_le_bytes([buf[at + 4], buf[at + 5], buf[at + 6], buf[at + 7]]);
+        let start = at + CHECKPOINT_HEADER_BYTES;
+        if len > 64 * 1024 || buf.len() - start < len {
+            return (notes, Some((at, "frame cut short or too long")));
+        }
+        let body = &buf[start..start + len];
+        if crc32c::crc32c(body) != crc {
+            return (notes, Some((at, "checksum mismatch")));
+        }
+        match std::str::from_utf8(body) {
+            Ok(s) => notes.push((at, s.to_string())),
+            Err(_) => return (notes, Some((at, "note is not UTF-8"))),
+        }
+        at = start + len;
+    }
+    (notes, None)
+}
+
+/// Segment file name for a first index.
+pub fn segment_name(first: u64) -> String {
+    format!("{first:020}.seg")
+}
+
+/// First index of a segment file name, if it is one.
+pub fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_fail_loudly() {
+        let mut buf = Vec::new();
+        put_record(&mut buf, 7, b"hello");
+        assert_eq!(parse_record(&buf, 7, 100), Ok((&b"hello"[..], 21)));
+        assert_eq!(
+            parse_record(&buf, 8, 100),
+            Err(RecordError::WrongIndex { expected: 8, found: 7 })
+        );
+        assert_eq!(parse_record(&buf[..20], 7, 100), Err(RecordError::Truncated));
+        assert_eq!(parse_record(&buf, 7, 3), Err(RecordError::TooLong(5)));
+        for i in 0..buf.len() {
+            let mut b = buf.clone();
+            b[i] ^= 0x10;
+            assert!(parse_record(&b, 7, 100).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn checkpoint_frames() {
+        let mut f = put_checkpoint("a\n\n— x y\n");
+        f.extend(put_checkpoint("b\n"));
+        let (notes, bad) = parse_checkpoints(&f);
+        assert_eq!(notes.len(), 2);
+        assert!(bad.is_none());
+        let (notes, bad) = parse_checkpoints(&f[..f.len() - 1]);
+        assert_eq!(notes.len(), 1);
+        assert!(bad.is_some());
+    }
+
+    #[test]
+    fn segment_names() {
+        assert_eq!(segment_name(42), "00000000000000000042.seg");
+        assert_eq!(parse_segment_name("00000000000000000042.seg"), Some(42));
+        assert_eq!(parse_segment_name("42.seg"), None);
+    }
+}

@@ -1,0 +1,256 @@
+//! Group commit: one writer thread, many producers, one `fdatasync` per group.
+
+use crate::ledger::{Ledger, LedgerReader};
+use crate::{LedgerError, SignedCheckpoint};
+use ciyuan_store::{AppendDone, CheckpointDone, Log, LogError};
+use ciyuan_tlog::Hash;
+use std::ops::Range;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+enum Request {
+    Append {
+        entries: Vec<Vec<u8>>,
+        done: Box<dyn FnOnce(Result<Range<u64>, LedgerError>) + Send>,
+    },
+    Checkpoint {
+        done: Box<dyn FnOnce(Result<SignedCheckpoint, LedgerError>) + Send>,
+    },
+    Shutdown,
+}
+
+/// A handle to the writer thread. Clone it freely; producers block when the bounded
+/// queue is full, which is the back-pressure the ingest path relies on.
+#[derive(Clone)]
+pub struct GroupCommitter {
+    tx: SyncSender<Request>,
+    groups: Arc<AtomicU64>,
+    reader: LedgerReader,
+    max_entry_bytes: usize,
+}
+
+impl GroupCommitter {
+    /// Moves the ledger onto its writer thread.
+    pub fn start(ledger: Ledger) -> (GroupCommitter, JoinHandle<()>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(ledger.options().queue_depth);
+        let reader = ledger.reader();
+        let max_entry_bytes = ledger.options().max_entry_bytes;
+        let groups = Arc::new(AtomicU64::new(0));
+        let counter = groups.clone();
+        let handle = std::thread::Builder::new()
+            .name("ciyuan-ledger-writer".into())
+            .spawn(move || writer(ledger, rx, counter));
+        let handle = match handle {
+            Ok(h) => h,
+            // Without a writer thread nothing can be appended; requests fail at once.
+            Err(_) => std::thread::spawn(|| {}),
+        };
+        (
+            GroupCommitter {
+                tx,
+                groups,
+                reader,
+                max_entry_bytes,
+            },
+            handle,
+        )
+    }
+
+    /// Queues entries; `done` runs on the writer thread once they are durable.
+    pub fn append(
+        &self,
+        entries: Vec<Vec<u8>>,
+        done: Box<dyn FnOnce(Result<Range<u64>, LedgerError>) + Send>,
+    ) -> Result<(), LedgerError> {
+        self.tx
+            .send(Request::Append { entries, done })
+            .map_err(|_| LedgerError::ShutDown)
+    }
+
+    /// Appends and waits.
+    pub fn append_blocking(&self, entries: Vec<Vec<u8>>) -> Result<Range<u64>, LedgerError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.append(
+            entries,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        rx.recv().map_err(|_| LedgerError::ShutDown)?
+    }
+
+    /// Queues a checkpoint after everything queued before it.
+    pub fn checkpoint_with(
+        &self,
+        done: Box<dyn FnOnce(Result<SignedCheckpoint, LedgerError>) + Send>,
+    ) -> Result<(), LedgerError> {
+        self.tx
+            .send(Request::Checkpoint { done })
+            .map_err(|_| LedgerError::ShutDown)
+    }
+
+    /// Signs a checkpoint and waits.
+    pub fn checkpoint_blocking(&self) -> Result<SignedCheckpoint, LedgerError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.checkpoint_with(Box::new(move |r| {
+            let _ = tx.send(r);
+        }))?;
+        rx.recv().map_err(|_| LedgerError::ShutDown)?
+    }
+
+    /// Group commits (each one `fdatasync`) made so far.
+    pub fn group_commits(&self) -> u64 {
+        self.groups.load(Ordering::Relaxed)
+    }
+
+    /// The reader.
+    pub fn reader(&self) -> &LedgerReader {
+        &self.reader
+    }
+
+    /// Asks the writer to finish what is queued, sync the sidecar and stop. Join the
+    /// handle returned by [`GroupCommitter::start`] to wait for it.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Request::Shutdown);
+    }
+}
+
+fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
+    let max_entries = ledger.options().max_batch_entries;
+    let max_bytes = ledger.options().max_batch_bytes;
+    let mut group: Vec<(Vec<Vec<u8>>, Box<dyn FnOnce(Result<Range<u64>, LedgerError>) + Send>)> = Vec::new();
+    let mut after: Vec<Box<dyn FnOnce(Result<SignedCheckpoint, LedgerError>) + Send>> = Vec::new();
+    let mut stop = false;
+    while !stop {
+        let Ok(first) = rx.recv() else { break };
+        let mut pending = Some(first);
+        let (mut entries, mut bytes) = (0usize, 0usize);
+        // Take what is already queued, up to the group bounds.
+        loop {
+            let req = match pending.take() {
+                Some(r) => r,
+                None => {
+                    if entries >= max_entries || bytes >= max_bytes || !after.is_empty() {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(r) => r,
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    }
+                }
+            };
+            match req {
+                Request::Append { entries: e, done } => {
+                    // A bad entry fails its own request only.
+                    if let Some(err) = e.iter().find_map(|x| ledger.validate(x).err()) {
+                        done(Err(err));
+                        continue;
+                    }
+                    entries += e.len();
+                    bytes += e.iter().map(Vec::len).sum::<usize>();
+                    group.push((e, done));
+                }
+                Request::Checkpoint { done } => after.push(done),
+                Request::Shutdown => {
+                    stop = true;
+                    break;
+                }
+            }
+        }
+        if !group.is_empty() {
+            let slices: Vec<&[u8]> = group.iter().flat_map(|(e, _)| e.iter().map(Vec::as_slice)).collect();
+            let result = ledger.append_batch(&slices);
+            groups.fetch_add(1, Ordering::Relaxed);
+            drop(slices);
+            match result {
+                Ok(range) => {
+                    let mut at = range.start;
+                    for (e, done) in group.drain(..) {
+                        let n = e.len() as u64;
+                        done(Ok(at..at + n));
+                        at += n;
+                    }
+                }
+                Err(err) => {
+                    let msg = err.to_string();
+                    for (_, done) in group.drain(..) {
+                        done(Err(LedgerError::Failed(msg.clone())));
+                    }
+                }
+            }
+        }
+        for done in after.drain(..) {
+            done(ledger.checkpoint());
+        }
+    }
+    // Answer whatever is still queued so no producer waits forever.
+    while let Ok(req) = rx.try_recv() {
+        match req {
+            Request::Append { done, .. } => done(Err(LedgerError::ShutDown)),
+            Request::Checkpoint { done } => done(Err(LedgerError::ShutDown)),
+            Request::Shutdown => {}
+        }
+    }
+    let _ = ledger.sync();
+}
+
+impl Log for GroupCommitter {
+    fn append(&self, entries: Vec<Vec<u8>>, done: AppendDone) -> Result<(), LogError> {
+        if let Some(big) = entries.iter().find(|e| e.len() > self.max_entry_bytes) {
+            return Err(LogError::Invalid(format!(
+                "entry of {} bytes is over the limit of {}",
+                big.len(),
+                self.max_entry_bytes
+            )));
+        }
+        GroupCommitter::append(self, entries, Box::new(move |r| done(r.map_err(LogError::from))))
+            .map_err(LogError::from)
+    }
+
+    fn checkpoint(&self, done: CheckpointDone) -> Result<(), LogError> {
+        self.checkpoint_with(Box::new(move |r| done(r.map_err(LogError::from))))
+            .map_err(LogError::from)
+    }
+
+    fn size(&self) -> u64 {
+        self.reader.size()
+    }
+
+    fn entry(&self, index: u64) -> Result<Vec<u8>, LogError> {
+        Ok(self.reader.entry(index)?)
+    }
+
+    fn scan(
+        &self,
+        range: Range<u64>,
+        f: &mut dyn FnMut(u64, &[u8]) -> Result<(), LogError>,
+    ) -> Result<(), LogError> {
+        self.reader.scan(range, |i, b| f(i, b))
+    }
+
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, LogError> {
+        Ok(self.reader.inclusion_proof(index, size)?)
+    }
+
+    fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, LogError> {
+        Ok(self.reader.consistency_proof(old, new)?)
+    }
+
+    fn root_at(&self, size: u64) -> Result<Hash, LogError> {
+        Ok(self.reader.root_at(size)?)
+    }
+
+    fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
+        self.reader.latest_checkpoint()
+    }
+
+    fn checkpoints(&self) -> Vec<SignedCheckpoint> {
+        self.reader.checkpoints()
+    }
+
+    fn verifier_key(&self) -> String {
+        self.reader.verifier_key().to_string()
+    }
+}

@@ -1,0 +1,798 @@
+//! The single writer ([`Ledger`]) and the concurrent readers ([`LedgerReader`]).
+
+use crate::format::*;
+use crate::keys;
+use crate::{LedgerError, LedgerOptions, SignedCheckpoint};
+use ciyuan_tlog::{
+    Checkpoint, EMPTY_ROOT, Frontier, Hash, NodeSource, NoteSigner, NoteVerifier, leaf_hash,
+    node_hash,
+};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+/// Perfect subtrees at this level and above are kept in memory (one hash per 256
+/// leaves); lower ones are recomputed from at most 256 sidecar hashes.
+const UPPER_LEVEL: u32 = 8;
+/// Bytes read per call when streaming segments or the sidecar.
+const READ_CHUNK_BYTES: usize = 4 << 20;
+const SEGMENTS_DIR: &str = "segments";
+const SIDECAR_FILE: &str = "leaves";
+const CHECKPOINTS_FILE: &str = "checkpoints";
+const LOCK_FILE: &str = "LOCK";
+
+struct Segment {
+    first: u64,
+    file: Arc<File>,
+    name: String,
+}
+
+struct State {
+    size: u64,
+    root: Hash,
+    /// `upper[k]` holds the perfect subtrees of level `UPPER_LEVEL + k`, in order.
+    upper: Vec<Vec<Hash>>,
+    segments: Vec<Segment>,
+}
+
+struct Shared {
+    origin: String,
+    vkey: String,
+    verifier: NoteVerifier,
+    sidecar: File,
+    state: RwLock<State>,
+    checkpoints: RwLock<Vec<SignedCheckpoint>>,
+    max_entry_bytes: usize,
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    // A panic while holding the lock leaves the state as the last complete update.
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The writer of a ledger directory. Owns the lock; one per directory.
+pub struct Ledger {
+    shared: Arc<Shared>,
+    opts: LedgerOptions,
+    dir: PathBuf,
+    signer: NoteSigner,
+    frontier: Frontier,
+    active: File,
+    active_first: u64,
+    active_len: u64,
+    sidecar_w: File,
+    checkpoints_w: File,
+    buf: Vec<u8>,
+    side_buf: Vec<u8>,
+    failed: Option<String>,
+    _lock: File,
+}
+
+/// Reads entries, proofs and checkpoints while the writer appends. Cheap to clone.
+#[derive(Clone)]
+pub struct LedgerReader {
+    shared: Arc<Shared>,
+}
+
+fn corrupt(msg: String) -> LedgerError {
+    LedgerError::Corrupt(msg)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LedgerError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(LedgerError::io(format!("syncing directory {}", dir.display())))
+}
+
+fn read_at_exact(file: &File, buf: &mut [u8], offset: u64, what: &str) -> Result<(), LedgerError> {
+    file.read_exact_at(buf, offset)
+        .map_err(LedgerError::io(format!("reading {what} at {offset}")))
+}
+
+/// Where the last segment's valid records end, with the count; a damaged tail is
+/// accepted only if it can be a torn final write.
+fn scan_last_segment(
+    bytes: &[u8],
+    first: u64,
+    name: &str,
+    opts: &LedgerOptions,
+) -> Result<(u64, usize, Vec<(Hash, u64)>), LedgerError> {
+    let mut at = SEGMENT_HEADER_BYTES;
+    let mut index = first;
+    let mut leaves = Vec::new();
+    while at < bytes.len() {
+        match parse_record(&bytes[at..], index, opts.max_entry_bytes) {
+            Ok((payload, total)) => {
+                leaves.push((leaf_hash(payload), at as u64));
+                at += total;
+                index += 1;
+            }
+            Err(why) => {
+                // A torn write is at most one group long, and nothing valid follows it.
+                let rest = bytes.len() - at;
+                let bound = opts.max_batch_bytes
+                    + opts.max_batch_entries * RECORD_HEADER_BYTES
+                    + opts.max_entry_bytes
+                    + RECORD_HEADER_BYTES;
+                if rest > bound || valid_record_after(&bytes[at..], index, opts) {
+                    return Err(corrupt(format!(
+                        "{SEGMENTS_DIR}/{name} offset {at} (entry {index}): {why}, and data follows that is not a torn write"
+                    )));
+                }
+                break;
+            }
+        }
+    }
+    Ok((index - first, at, leaves))
+}
+
+fn valid_record_after(tail: &[u8], index: u64, opts: &LedgerOptions) -> bool {
+    (1..tail.len()).any(|off| {
+        let b = &tail[off..];
+        if b.len() < RECORD_HEADER_BYTES {
+            return false;
+        }
+        let found = u64::from_le_bytes([b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]]);
+        found >= index && parse_record(b, found, opts.max_entry_bytes).is_ok()
+    })
+}
+
+impl Ledger {
+    /// Opens the ledger in `dir`, creating it if needed, and recovers from a crash:
+    /// a torn tail of the last segment is cut off, the sidecar is rebuilt where it may
+    /// lag, and the latest checkpoint must match the recovered tree.
+    pub fn open(dir: &Path, opts: LedgerOptions) -> Result<Ledger, LedgerError> {
+        let seg_dir = dir.join(SEGMENTS_DIR);
+        std::fs::create_dir_all(&seg_dir)
+            .map_err(LedgerError::io(format!("creating {}", seg_dir.display())))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(LedgerError::io("opening the lock file"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LedgerError::Locked(dir.display().to_string()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(LedgerError::io("locking the ledger")(e));
+            }
+        }
+
+        let has_keys = dir.join(keys::PUBLIC_KEY_FILE).exists() || dir.join(keys::SIGNING_KEY_FILE).exists();
+        let (signer, verifier) = if has_keys {
+            keys::load(dir)?
+        } else {
+            let origin = match &opts.origin {
+                Some(o) => o.clone(),
+                None => {
+                    let mut r = [0u8; 4];
+                    getrandom::fill(&mut r)
+                        .map_err(|e| corrupt(format!("no randomness for the origin: {e}")))?;
+                    format!("ciyuan-{}", hex::encode(r))
+                }
+            };
+            let signer = keys::create(dir, &origin)?;
+            sync_dir(dir)?;
+            let verifier = NoteVerifier::from_vkey(&signer.verifier_key())
+                .map_err(|e| corrupt(format!("new verifier key: {e}")))?;
+            (signer, verifier)
+        };
+
+        // Segments, in order.
+        let mut firsts = Vec::new();
+        for e in std::fs::read_dir(&seg_dir).map_err(LedgerError::io("listing segments"))? {
+            let e = e.map_err(LedgerError::io("listing segments"))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let first = parse_segment_name(&name)
+                .ok_or_else(|| corrupt(format!("{SEGMENTS_DIR}/{name}: not a segment file")))?;
+            firsts.push(first);
+        }
+        firsts.sort_unstable();
+        if firsts.is_empty() {
+            create_segment(&seg_dir, 0)?;
+            firsts.push(0);
+        }
+        if firsts[0] != 0 {
+            return Err(corrupt(format!("{SEGMENTS_DIR}: the first segment starts at entry {}, not 0", firsts[0])));
+        }
+        let mut segments = Vec::with_capacity(firsts.len());
+        for &first in &firsts {
+            let name = segment_name(first);
+            let file = File::open(seg_dir.join(&name))
+                .map_err(LedgerError::io(format!("opening {SEGMENTS_DIR}/{name}")))?;
+            segments.push(Segment { first, file: Arc::new(file), name });
+        }
+
+        // The last segment: scan, cut a torn tail.
+        let last_first = *firsts.last().unwrap_or(&0);
+        let last_name = segment_name(last_first);
+        let last_path = seg_dir.join(&last_name);
+        let mut bytes = std::fs::read(&last_path)
+            .map_err(LedgerError::io(format!("reading {SEGMENTS_DIR}/{last_name}")))?;
+        if bytes.len() >= SEGMENT_HEADER_BYTES && !check_segment_header(&bytes) {
+            return Err(corrupt(format!("{SEGMENTS_DIR}/{last_name}: bad segment header")));
+        }
+        if bytes.len() < SEGMENT_HEADER_BYTES {
+            // Created but its header never became durable: write it again.
+            bytes = segment_header().to_vec();
+            std::fs::write(&last_path, &bytes)
+                .and_then(|_| File::open(&last_path)?.sync_all())
+                .map_err(LedgerError::io(format!("rewriting {SEGMENTS_DIR}/{last_name}")))?;
+        }
+        let (count, valid_len, last_leaves) = scan_last_segment(&bytes, last_first, &last_name, &opts)?;
+        drop(bytes);
+        let active = OpenOptions::new()
+            .write(true)
+            .open(&last_path)
+            .map_err(LedgerError::io(format!("opening {SEGMENTS_DIR}/{last_name}")))?;
+        let on_disk = active
+            .metadata()
+            .map_err(LedgerError::io("segment metadata"))?
+            .len();
+        if on_disk != valid_len as u64 {
+            active
+                .set_len(valid_len as u64)
+                .and_then(|_| active.sync_all())
+                .map_err(LedgerError::io(format!("truncating the torn tail of {SEGMENTS_DIR}/{last_name}")))?;
+        }
+        let size = last_first + count;
+
+        // The sidecar: trusted for sealed segments, rebuilt for the last one.
+        let sidecar_path = dir.join(SIDECAR_FILE);
+        let sidecar_w = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&sidecar_path)
+            .map_err(LedgerError::io("opening the sidecar"))?;
+        let side_len = sidecar_w.metadata().map_err(LedgerError::io("sidecar metadata"))?.len();
+        let have = side_len / SIDECAR_ENTRY_BYTES as u64;
+        let keep = have.min(last_first);
+        sidecar_w
+            .set_len(keep * SIDECAR_ENTRY_BYTES as u64)
+            .map_err(LedgerError::io("truncating the sidecar"))?;
+        let mut side_buf = Vec::new();
+        // Sealed segments the sidecar does not cover (it was lost or cut): rebuild them.
+        for (i, seg) in segments.iter().enumerate().take(segments.len() - 1) {
+            let end = segments[i + 1].first;
+            if end <= keep {
+                continue;
+            }
+            let data = std::fs::read(seg_dir.join(&seg.name))
+                .map_err(LedgerError::io(format!("reading {SEGMENTS_DIR}/{}", seg.name)))?;
+            if !check_segment_header(&data) {
+                return Err(corrupt(format!("{SEGMENTS_DIR}/{}: bad segment header", seg.name)));
+            }
+            let mut at = SEGMENT_HEADER_BYTES;
+            for index in seg.first..end {
+                let (payload, total) = parse_record(&data[at..], index, opts.max_entry_bytes)
+                    .map_err(|why| corrupt(format!("{SEGMENTS_DIR}/{} offset {at} (entry {index}): {why}", seg.name)))?;
+                if index >= keep {
+                    put_sidecar(&mut side_buf, &leaf_hash(payload), at as u64);
+                }
+                at += total;
+            }
+            if at != data.len() {
+                return Err(corrupt(format!("{SEGMENTS_DIR}/{} offset {at}: data after the last entry of a sealed segment", seg.name)));
+            }
+        }
+        for (leaf, off) in &last_leaves {
+            put_sidecar(&mut side_buf, leaf, *off);
+        }
+        sidecar_w
+            .write_all_at(&side_buf, keep * SIDECAR_ENTRY_BYTES as u64)
+            .and_then(|_| sidecar_w.sync_data())
+            .map_err(LedgerError::io("rebuilding the sidecar"))?;
+        side_buf.clear();
+        let sidecar = File::open(&sidecar_path).map_err(LedgerError::io("opening the sidecar"))?;
+
+        // The tree: stream the sidecar through a frontier, keeping the upper levels.
+        let mut frontier = Frontier::new();
+        let mut upper: Vec<Vec<Hash>> = Vec::new();
+        let mut chunk = vec![0u8; READ_CHUNK_BYTES / SIDECAR_ENTRY_BYTES * SIDECAR_ENTRY_BYTES];
+        let mut done = 0u64;
+        while done < size {
+            let n = ((size - done) as usize).min(chunk.len() / SIDECAR_ENTRY_BYTES);
+            let buf = &mut chunk[..n * SIDECAR_ENTRY_BYTES];
+            read_at_exact(&sidecar, buf, done * SIDECAR_ENTRY_BYTES as u64, "the sidecar")?;
+            for e in buf.chunks_exact(SIDECAR_ENTRY_BYTES) {
+                let (leaf, _) = parse_sidecar(e);
+                frontier.push(leaf, |level, _, h| keep_upper(&mut upper, level, h));
+            }
+            done += n as u64;
+        }
+        let root = frontier.root();
+
+        // Checkpoints: cut a torn final frame, check the newest against the tree.
+        let cp_path = dir.join(CHECKPOINTS_FILE);
+        let checkpoints_w = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&cp_path)
+            .map_err(LedgerError::io("opening the checkpoints file"))?;
+        let cp_bytes = std::fs::read(&cp_path).map_err(LedgerError::io("reading checkpoints"))?;
+        let (notes, bad) = parse_checkpoints(&cp_bytes);
+        if let Some((at, why)) = bad {
+            let tail = cp_bytes.len() - at;
+            if tail > 64 * 1024 + CHECKPOINT_HEADER_BYTES {
+                return Err(corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {why}")));
+            }
+            checkpoints_w
+                .set_len(at as u64)
+                .and_then(|_| checkpoints_w.sync_all())
+                .map_err(LedgerError::io("truncating a torn checkpoint"))?;
+        }
+        let mut checkpoints = Vec::with_capacity(notes.len());
+        for (at, note) in notes {
+            let checkpoint = ciyuan_tlog::open_checkpoint(&verifier, &note, Some(signer.name()))
+                .map_err(|e| corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {e}")))?;
+            checkpoints.push(SignedCheckpoint { checkpoint, note });
+        }
+
+        let shared = Arc::new(Shared {
+            origin: signer.name().to_string(),
+            vkey: signer.verifier_key(),
+            verifier,
+            sidecar,
+            state: RwLock::new(State { size, root, upper, segments }),
+            checkpoints: RwLock::new(checkpoints),
+            max_entry_bytes: opts.max_entry_bytes,
+        });
+        let reader = LedgerReader { shared: shared.clone() };
+        if let Some(latest) = reader.latest_checkpoint() {
+            let c = &latest.checkpoint;
+            if c.size > size {
+                return Err(corrupt(format!(
+                    "the latest checkpoint covers {} entries but the log holds {size}: signed entries are missing",
+                    c.size
+                )));
+            }
+            if reader.root_at(c.size)? != c.root {
+                return Err(corrupt(format!(
+                    "the log's first {} entries do not match the latest signed checkpoint",
+                    c.size
+                )));
+            }
+        }
+
+        Ok(Ledger {
+            shared,
+            dir: dir.to_path_buf(),
+            signer,
+            frontier,
+            active,
+            active_first: last_first,
+            active_len: valid_len as u64,
+            sidecar_w,
+            checkpoints_w,
+            buf: Vec::with_capacity(1 << 20),
+            side_buf: Vec::with_capacity(64 << 10),
+            failed: None,
+            _lock: lock,
+            opts,
+        })
+    }
+
+    /// Number of durable entries.
+    pub fn size(&self) -> u64 {
+        self.frontier.size()
+    }
+
+    /// Current root.
+    pub fn root(&self) -> Hash {
+        self.frontier.root()
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &LedgerOptions {
+        &self.opts
+    }
+
+    /// A reader sharing this ledger's state.
+    pub fn reader(&self) -> LedgerReader {
+        LedgerReader { shared: self.shared.clone() }
+    }
+
+    /// Checks one entry against the ledger's rules.
+    pub fn validate(&self, entry: &[u8]) -> Result<(), LedgerError> {
+        if entry.is_empty() {
+            return Err(LedgerError::Invalid("entry is empty".into()));
+        }
+        if entry.len() > self.opts.max_entry_bytes {
+            return Err(LedgerError::Invalid(format!(
+                "entry of {} bytes is over the limit of {}",
+                entry.len(),
+                self.opts.max_entry_bytes
+            )));
+        }
+        if entry.contains(&b'\n') {
+            return Err(LedgerError::Invalid("entry contains a newline".into()));
+        }
+        Ok(())
+    }
+
+    /// Appends entries with one write and one `fdatasync`; they are durable when this
+    /// returns. All entries are validated first, so a bad one writes nothing.
+    pub fn append_batch<E: AsRef<[u8]>>(&mut self, entries: &[E]) -> Result<Range<u64>, LedgerError> {
+        if let Some(why) = &self.failed {
+            return Err(LedgerError::Failed(why.clone()));
+        }
+        for e in entries {
+            self.validate(e.as_ref())?;
+        }
+        let start = self.size();
+        if entries.is_empty() {
+            return Ok(start..start);
+        }
+        if self.active_len >= self.opts.segment_max_bytes {
+            self.roll()?;
+        }
+        let result = self.write_group(entries);
+        if let Err(e) = &result {
+            // After a failed write or fsync the file's state is unknown (the kernel may
+            // have dropped dirty pages): refuse everything until recovery reopens it.
+            self.failed = Some(e.to_string());
+        }
+        result
+    }
+
+    fn write_group<E: AsRef<[u8]>>(&mut self, entries: &[E]) -> Result<Range<u64>, LedgerError> {
+        let start = self.size();
+        self.buf.clear();
+        self.side_buf.clear();
+        let mut offset = self.active_len;
+        let mut leaves = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            let payload = e.as_ref();
+            let leaf = leaf_hash(payload);
+            put_record(&mut self.buf, start + i as u64, payload);
+            put_sidecar(&mut self.side_buf, &leaf, offset);
+            offset += (RECORD_HEADER_BYTES + payload.len()) as u64;
+            leaves.push(leaf);
+        }
+        self.active
+            .write_all_at(&self.buf, self.active_len)
+            .map_err(LedgerError::io("appending to the segment"))?;
+        self.active
+            .sync_data()
+            .map_err(LedgerError::io("syncing the segment"))?;
+        self.active_len = offset;
+        self.sidecar_w
+            .write_all_at(&self.side_buf, start * SIDECAR_ENTRY_BYTES as u64)
+            .map_err(LedgerError::io("writing the sidecar"))?;
+        let mut new_upper: Vec<(u32, Hash)> = Vec::new();
+        for leaf in leaves {
+            self.frontier.push(leaf, |level, _, h| {
+                if level >= UPPER_LEVEL {
+                    new_upper.push((level, *h));
+                }
+            });
+        }
+        let end = self.size();
+        let root = self.frontier.root();
+        let mut st = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
+        for (level, h) in new_upper {
+            keep_upper(&mut st.upper, level, &h);
+        }
+        st.size = end;
+        st.root = root;
+        Ok(start..end)
+    }
+
+    /// Seals the active segment and starts the next.
+    fn roll(&mut self) -> Result<(), LedgerError> {
+        // The sidecar of a sealed segment must be durable: recovery trusts it.
+        self.sidecar_w
+            .sync_data()
+            .map_err(LedgerError::io("syncing the sidecar"))?;
+        let first = self.size();
+        let seg_dir = self.dir.join(SEGMENTS_DIR);
+        let (file, name) = create_segment(&seg_dir, first)?;
+        let reader = File::open(seg_dir.join(&name)).map_err(LedgerError::io("opening the new segment"))?;
+        self.active = file;
+        self.active_first = first;
+        self.active_len = SEGMENT_HEADER_BYTES as u64;
+        let mut st = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
+        st.segments.push(Segment { first, file: Arc::new(reader), name });
+        Ok(())
+    }
+
+    /// Signs a checkpoint of the current tree unless the newest one already covers it,
+    /// and stores it durably.
+    pub fn checkpoint(&mut self) -> Result<SignedCheckpoint, LedgerError> {
+        if let Some(why) = &self.failed {
+            return Err(LedgerError::Failed(why.clone()));
+        }
+        let size = self.size();
+        if let Some(latest) = self.reader().latest_checkpoint() {
+            if latest.checkpoint.size == size {
+                return Ok(latest);
+            }
+        }
+        let checkpoint = Checkpoint {
+            origin: self.signer.name().to_string(),
+            size,
+            root: self.root(),
+            extensions: Vec::new(),
+        };
+        let note = self
+            .signer
+            .sign(&checkpoint.to_text())
+            .map_err(|e| corrupt(format!("signing a checkpoint: {e}")))?;
+        let frame = put_checkpoint(&note);
+        let at = self
+            .checkpoints_w
+            .metadata()
+            .map_err(LedgerError::io("checkpoints metadata"))?
+            .len();
+        let write = self
+            .checkpoints_w
+            .write_all_at(&frame, at)
+            .and_then(|_| self.checkpoints_w.sync_data());
+        if let Err(e) = write {
+            self.failed = Some(format!("writing a checkpoint: {e}"));
+            return Err(LedgerError::io("writing a checkpoint")(e));
+        }
+        let signed = SignedCheckpoint { checkpoint, note };
+        self.shared
+            .checkpoints
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(signed.clone());
+        Ok(signed)
+    }
+
+    /// Makes the sidecar durable (on clean shutdown, so the next open rebuilds less).
+    pub fn sync(&mut self) -> Result<(), LedgerError> {
+        self.sidecar_w
+            .sync_data()
+            .map_err(LedgerError::io("syncing the sidecar"))?;
+        self.active.flush().map_err(LedgerError::io("flushing the segment"))
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        let _ = self.sidecar_w.sync_data();
+    }
+}
+
+fn keep_upper(upper: &mut Vec<Vec<Hash>>, level: u32, h: &Hash) {
+    if level < UPPER_LEVEL {
+        return;
+    }
+    let k = (level - UPPER_LEVEL) as usize;
+    while upper.len() <= k {
+        upper.push(Vec::new());
+    }
+    upper[k].push(*h);
+}
+
+fn create_segment(seg_dir: &Path, first: u64) -> Result<(File, String), LedgerError> {
+    let name = segment_name(first);
+    let path = seg_dir.join(&name);
+    let ctx = format!("creating {SEGMENTS_DIR}/{name}");
+    let mut f = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&path)
+        .map_err(LedgerError::io(ctx.clone()))?;
+    f.write_all(&segment_header())
+        .and_then(|_| f.sync_all())
+        .map_err(LedgerError::io(ctx))?;
+    sync_dir(seg_dir)?;
+    Ok((f, name))
+}
+
+/// Perfect-subtree hashes of one consistent snapshot of the tree.
+struct Nodes<'a> {
+    shared: &'a Shared,
+    upper: &'a [Vec<Hash>],
+}
+
+impl NodeSource for Nodes<'_> {
+    type Error = LedgerError;
+    fn node(&self, level: u32, index: u64) -> Result<Hash, LedgerError> {
+        if level >= UPPER_LEVEL {
+            return self
+                .upper
+                .get((level - UPPER_LEVEL) as usize)
+                .and_then(|l| l.get(index as usize))
+                .copied()
+                .ok_or_else(|| LedgerError::OutOfRange(format!("no tree node at level {level}, index {index}")));
+        }
+        let count = 1usize << level;
+        let mut buf = vec![0u8; count * SIDECAR_ENTRY_BYTES];
+        read_at_exact(
+            &self.shared.sidecar,
+            &mut buf,
+            (index << level) * SIDECAR_ENTRY_BYTES as u64,
+            "the sidecar",
+        )?;
+        let mut hashes: Vec<Hash> = buf.chunks_exact(SIDECAR_ENTRY_BYTES).map(|e| parse_sidecar(e).0).collect();
+        while hashes.len() > 1 {
+            hashes = hashes.chunks_exact(2).map(|p| node_hash(&p[0], &p[1])).collect();
+        }
+        Ok(hashes.first().copied().unwrap_or(EMPTY_ROOT))
+    }
+}
+
+impl LedgerReader {
+    /// Number of durable entries.
+    pub fn size(&self) -> u64 {
+        read_lock(&self.shared.state).size
+    }
+
+    /// Current root.
+    pub fn root(&self) -> Hash {
+        read_lock(&self.shared.state).root
+    }
+
+    /// The log's origin (its checkpoint key's name).
+    pub fn origin(&self) -> &str {
+        &self.shared.origin
+    }
+
+    /// The C2SP verifier key.
+    pub fn verifier_key(&self) -> &str {
+        &self.shared.vkey
+    }
+
+    /// The verifier of this log's checkpoints.
+    pub fn verifier(&self) -> &NoteVerifier {
+        &self.shared.verifier
+    }
+
+    fn check_size(&self, size: u64) -> Result<RwLockReadGuard<'_, State>, LedgerError> {
+        let st = read_lock(&self.shared.state);
+        if size > st.size {
+            return Err(LedgerError::OutOfRange(format!(
+                "tree size {size} is beyond the log's {} entries",
+                st.size
+            )));
+        }
+        Ok(st)
+    }
+
+    /// Root of the tree of the first `size` entries.
+    pub fn root_at(&self, size: u64) -> Result<Hash, LedgerError> {
+        let st = self.check_size(size)?;
+        ciyuan_tlog::root(&Nodes { shared: &self.shared, upper: &st.upper }, size)
+    }
+
+    /// Inclusion proof of entry `index` in the tree of `size` entries.
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, LedgerError> {
+        let st = self.check_size(size)?;
+        ciyuan_tlog::inclusion_proof(&Nodes { shared: &self.shared, upper: &st.upper }, index, size)
+            .map_err(proof_error)
+    }
+
+    /// Consistency proof between two tree sizes.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, LedgerError> {
+        let st = self.check_size(new)?;
+        ciyuan_tlog::consistency_proof(&Nodes { shared: &self.shared, upper: &st.upper }, old, new)
+            .map_err(proof_error)
+    }
+
+    /// The newest signed checkpoint.
+    pub fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
+        read_lock(&self.shared.checkpoints).last().cloned()
+    }
+
+    /// Every signed checkpoint, oldest first.
+    pub fn checkpoints(&self) -> Vec<SignedCheckpoint> {
+        read_lock(&self.shared.checkpoints).clone()
+    }
+
+    /// The segment holding `index` and the offset of its record.
+    fn locate(&self, index: u64) -> Result<(Arc<File>, String, u64), LedgerError> {
+        let (file, name) = {
+            let st = read_lock(&self.shared.state);
+            if index >= st.size {
+                return Err(LedgerError::OutOfRange(format!(
+                    "entry {index} does not exist (the log holds {})",
+                    st.size
+                )));
+            }
+            let i = st.segments.partition_point(|s| s.first <= index) - 1;
+            (st.segments[i].file.clone(), st.segments[i].name.clone())
+        };
+        let mut side = [0u8; SIDECAR_ENTRY_BYTES];
+        read_at_exact(&self.shared.sidecar, &mut side, index * SIDECAR_ENTRY_BYTES as u64, "the sidecar")?;
+        Ok((file, name, parse_sidecar(&side).1))
+    }
+
+    /// One entry's bytes, checked against its record checksum.
+    pub fn entry(&self, index: u64) -> Result<Vec<u8>, LedgerError> {
+        let (file, name, offset) = self.locate(index)?;
+        let mut head = [0u8; RECORD_HEADER_BYTES];
+        read_at_exact(&file, &mut head, offset, &name)?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if len > self.shared.max_entry_bytes {
+            return Err(corrupt(format!("{SEGMENTS_DIR}/{name} offset {offset} (entry {index}): bad length")));
+        }
+        let mut rec = vec![0u8; RECORD_HEADER_BYTES + len];
+        read_at_exact(&file, &mut rec, offset, &name)?;
+        let (payload, _) = parse_record(&rec, index, self.shared.max_entry_bytes)
+            .map_err(|why| corrupt(format!("{SEGMENTS_DIR}/{name} offset {offset} (entry {index}): {why}")))?;
+        Ok(payload.to_vec())
+    }
+
+    /// Streams entries `range` in order, reading segments in large chunks.
+    pub fn scan<E: From<LedgerError>>(
+        &self,
+        range: Range<u64>,
+        mut f: impl FnMut(u64, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if range.start >= range.end {
+            return Ok(());
+        }
+        drop(self.check_size(range.end).map_err(E::from)?);
+        let mut index = range.start;
+        while index < range.end {
+            let (file, name, offset) = self.locate(index).map_err(E::from)?;
+            let seg_end = {
+                let st = read_lock(&self.shared.state);
+                let i = st.segments.partition_point(|s| s.first <= index);
+                st.segments.get(i).map(|s| s.first).unwrap_or(u64::MAX)
+            };
+            let stop = range.end.min(seg_end);
+            let mut pos = offset;
+            let mut buf: Vec<u8> = Vec::new();
+            let mut at = 0usize;
+            while index < stop {
+                if buf.len() - at < RECORD_HEADER_BYTES
+                    || buf.len() - at
+                        < RECORD_HEADER_BYTES
+                            + u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize
+                {
+                    // Refill from the current record on.
+                    pos += at as u64;
+                    let want = READ_CHUNK_BYTES.max(RECORD_HEADER_BYTES + self.shared.max_entry_bytes);
+                    buf.resize(want, 0);
+                    let n = read_some_at(&file, &mut buf, pos).map_err(|e| E::from(LedgerError::io(format!("reading {name}"))(e)))?;
+                    buf.truncate(n);
+                    at = 0;
+                    if n < RECORD_HEADER_BYTES {
+                        return Err(E::from(corrupt(format!("{SEGMENTS_DIR}/{name} offset {pos} (entry {index}): record cut short"))));
+                    }
+                }
+                let (payload, total) = parse_record(&buf[at..], index, self.shared.max_entry_bytes)
+                    .map_err(|why| E::from(corrupt(format!("{SEGMENTS_DIR}/{name} offset {} (entry {index}): {why}", pos + at as u64))))?;
+                f(index, payload)?;
+                at += total;
+                index += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_some_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn proof_error(e: ciyuan_tlog::ProofError<LedgerError>) -> LedgerError {
+    match e {
+        ciyuan_tlog::ProofError::Source(e) => e,
+        other => LedgerError::OutOfRange(other.to_string()),
+    }
+}
