@@ -125,7 +125,7 @@ def ed25519_verify(public: bytes, msg: bytes, sig: bytes) -> bool:
 # --- C2SP signed note and checkpoint ---------------------------------------------------
 def check_note(note: str, vkey: str) -> str:
     """Returns the note's text if a signature by vkey verifies, else raises."""
-    name, key_id_hex, key_b64 = vkey.split("+")
+    name, key_id_hex, key_b64 = vkey.split("+", 2)
     key = base64.b64decode(key_b64, validate=True)
     if key[0] != 1 or len(key) != 33:
         raise ValueError("verifier key is not an Ed25519 key")

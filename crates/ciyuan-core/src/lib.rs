@@ -34,9 +34,9 @@ pub use entry::{
     AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, KeyCreated, KeyRevoked,
     Usage,
 };
+/// Re-exported so every crate names time with the same version.
+pub use jiff;
 pub use money::{Currency, Money, MoneyError};
 pub use path::{AccountPath, PathError};
 pub use scope::{Scope, ScopeError, Scopes};
 pub use tokens::{Direction, Modality, TokenCount, TokenError, TokenMap};
-/// Re-exported so every crate names time with the same version.
-pub use jiff;

@@ -87,7 +87,8 @@ pub fn bench_append(dir: &Path, o: BenchAppendOptions) -> Result<AppendReport, L
                     let end = n + per_producer;
                     while n < end {
                         let k = (o.batch_entries as u64).min(end - n);
-                        let batch: Vec<Vec<u8>> = (n..n + k).map(|i| sample_entry(i, o.entry_bytes)).collect();
+                        let batch: Vec<Vec<u8>> =
+                            (n..n + k).map(|i| sample_entry(i, o.entry_bytes)).collect();
                         let t = Instant::now();
                         committer.append_blocking(batch)?;
                         lat.push(t.elapsed().as_micros() as u64);
@@ -114,7 +115,12 @@ pub fn bench_append(dir: &Path, o: BenchAppendOptions) -> Result<AppendReport, L
     committer.shutdown();
     let _ = writer.join();
     latencies.sort_unstable();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     let fsyncs = groups - fsyncs_before;
     Ok(AppendReport {
         entries_per_sec: entries as f64 / seconds,

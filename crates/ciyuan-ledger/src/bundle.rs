@@ -1,7 +1,7 @@
 //! Audit bundles: the log as plain files a third party can check by hand.
 
-use crate::ledger::LedgerReader;
 use crate::LedgerError;
+use crate::ledger::LedgerReader;
 use ciyuan_tlog::{Checkpoint, NoteVerifier, leaf_hash};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -57,9 +57,13 @@ fn create(path: &Path) -> Result<BufWriter<File>, LedgerError> {
 impl BundleWriter {
     fn new(out: &Path) -> Result<BundleWriter, LedgerError> {
         if out.exists() {
-            let mut it = std::fs::read_dir(out).map_err(LedgerError::io(format!("reading {}", out.display())))?;
+            let mut it = std::fs::read_dir(out)
+                .map_err(LedgerError::io(format!("reading {}", out.display())))?;
             if it.next().is_some() {
-                return Err(LedgerError::Invalid(format!("{} exists and is not empty", out.display())));
+                return Err(LedgerError::Invalid(format!(
+                    "{} exists and is not empty",
+                    out.display()
+                )));
             }
         }
         std::fs::create_dir_all(out.join(CHECKPOINTS_DIR))
@@ -73,7 +77,10 @@ impl BundleWriter {
 
     fn add(&mut self, entry: &[u8]) -> Result<(), LedgerError> {
         if entry.contains(&b'\n') || entry.is_empty() {
-            return Err(LedgerError::Invalid(format!("entry {} is empty or has a newline", self.count)));
+            return Err(LedgerError::Invalid(format!(
+                "entry {} is empty or has a newline",
+                self.count
+            )));
         }
         let mut hex_buf = [0u8; 65];
         hex::encode_to_slice(leaf_hash(entry), &mut hex_buf[..64])
@@ -89,9 +96,18 @@ impl BundleWriter {
         Ok(())
     }
 
-    fn finish(mut self, out: &Path, notes: &[String], vkey: &str) -> Result<BundleSummary, LedgerError> {
-        self.entries.flush().map_err(LedgerError::io("writing the bundle"))?;
-        self.leaves.flush().map_err(LedgerError::io("writing the bundle"))?;
+    fn finish(
+        mut self,
+        out: &Path,
+        notes: &[String],
+        vkey: &str,
+    ) -> Result<BundleSummary, LedgerError> {
+        self.entries
+            .flush()
+            .map_err(LedgerError::io("writing the bundle"))?;
+        self.leaves
+            .flush()
+            .map_err(LedgerError::io("writing the bundle"))?;
         let verifier = NoteVerifier::from_vkey(vkey)
             .map_err(|e| LedgerError::Invalid(format!("public key: {e}")))?;
         let mut written = 0;
@@ -103,14 +119,20 @@ impl BundleWriter {
             if c.size > self.count {
                 continue;
             }
-            let path = out.join(CHECKPOINTS_DIR).join(format!("{:020}.note", c.size));
-            std::fs::write(&path, note).map_err(LedgerError::io(format!("writing {}", path.display())))?;
+            let path = out
+                .join(CHECKPOINTS_DIR)
+                .join(format!("{:020}.note", c.size));
+            std::fs::write(&path, note)
+                .map_err(LedgerError::io(format!("writing {}", path.display())))?;
             written += 1;
         }
         let write = |name: &str, body: &str| {
             std::fs::write(out.join(name), body).map_err(LedgerError::io(format!("writing {name}")))
         };
-        write(PUBLIC_KEY_FILE, &format!("{}\n", vkey.trim_end_matches('\n')))?;
+        write(
+            PUBLIC_KEY_FILE,
+            &format!("{}\n", vkey.trim_end_matches('\n')),
+        )?;
         write(README_FILE, README)?;
         Ok(BundleSummary {
             entries: self.count,

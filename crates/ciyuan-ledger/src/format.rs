@@ -80,11 +80,7 @@ impl std::fmt::Display for RecordError {
 /// Parses the record at the start of `buf`, expecting `index`. Returns the payload and
 /// the record's total size.
 #[inline]
-pub fn parse_record(
-    buf: &[u8],
-    index: u64,
-    max_len: usize,
-) -> Result<(&[u8], usize), RecordError> {
+pub fn parse_record(buf: &[u8], index: u64, max_len: usize) -> Result<(&[u8], usize), RecordError> {
     if buf.len() < RECORD_HEADER_BYTES {
         return Err(RecordError::Truncated);
     }
@@ -192,9 +188,15 @@ mod tests {
         assert_eq!(parse_record(&buf, 7, 100), Ok((&b"hello"[..], 21)));
         assert_eq!(
             parse_record(&buf, 8, 100),
-            Err(RecordError::WrongIndex { expected: 8, found: 7 })
+            Err(RecordError::WrongIndex {
+                expected: 8,
+                found: 7
+            })
         );
-        assert_eq!(parse_record(&buf[..20], 7, 100), Err(RecordError::Truncated));
+        assert_eq!(
+            parse_record(&buf[..20], 7, 100),
+            Err(RecordError::Truncated)
+        );
         assert_eq!(parse_record(&buf, 7, 3), Err(RecordError::TooLong(5)));
         for i in 0..buf.len() {
             let mut b = buf.clone();

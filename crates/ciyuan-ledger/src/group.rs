@@ -5,9 +5,9 @@ use crate::{LedgerError, SignedCheckpoint};
 use ciyuan_store::{AppendDone, CheckpointDone, Log, LogError};
 use ciyuan_tlog::Hash;
 use std::ops::Range;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
 
 enum Request {
@@ -120,7 +120,10 @@ impl GroupCommitter {
 fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
     let max_entries = ledger.options().max_batch_entries;
     let max_bytes = ledger.options().max_batch_bytes;
-    let mut group: Vec<(Vec<Vec<u8>>, Box<dyn FnOnce(Result<Range<u64>, LedgerError>) + Send>)> = Vec::new();
+    let mut group: Vec<(
+        Vec<Vec<u8>>,
+        Box<dyn FnOnce(Result<Range<u64>, LedgerError>) + Send>,
+    )> = Vec::new();
     let mut after: Vec<Box<dyn FnOnce(Result<SignedCheckpoint, LedgerError>) + Send>> = Vec::new();
     let mut stop = false;
     while !stop {
@@ -160,7 +163,10 @@ fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
             }
         }
         if !group.is_empty() {
-            let slices: Vec<&[u8]> = group.iter().flat_map(|(e, _)| e.iter().map(Vec::as_slice)).collect();
+            let slices: Vec<&[u8]> = group
+                .iter()
+                .flat_map(|(e, _)| e.iter().map(Vec::as_slice))
+                .collect();
             let result = ledger.append_batch(&slices);
             groups.fetch_add(1, Ordering::Relaxed);
             drop(slices);
@@ -205,8 +211,12 @@ impl Log for GroupCommitter {
                 self.max_entry_bytes
             )));
         }
-        GroupCommitter::append(self, entries, Box::new(move |r| done(r.map_err(LogError::from))))
-            .map_err(LogError::from)
+        GroupCommitter::append(
+            self,
+            entries,
+            Box::new(move |r| done(r.map_err(LogError::from))),
+        )
+        .map_err(LogError::from)
     }
 
     fn checkpoint(&self, done: CheckpointDone) -> Result<(), LogError> {

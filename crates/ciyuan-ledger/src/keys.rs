@@ -60,10 +60,9 @@ pub fn parse_signing_key(text: &str) -> Result<NoteSigner, String> {
     let rest = t
         .strip_prefix("PRIVATE+KEY+")
         .ok_or("does not start with PRIVATE+KEY+")?;
-    let mut parts = rest.split('+');
-    let (Some(name), Some(id), Some(key), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    // The base64 key may itself contain '+': split at the first two only.
+    let mut parts = rest.splitn(3, '+');
+    let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
         return Err("expected PRIVATE+KEY+name+keyid+key".into());
     };
     let raw = B64.decode(key).map_err(|_| "key is not base64")?;
@@ -72,8 +71,7 @@ pub fn parse_signing_key(text: &str) -> Result<NoteSigner, String> {
     }
     let mut seed = [0u8; 32];
     seed.copy_from_slice(&raw[1..]);
-    let signer =
-        NoteSigner::new(name, SigningKey::from_bytes(&seed)).map_err(|e| e.to_string())?;
+    let signer = NoteSigner::new(name, SigningKey::from_bytes(&seed)).map_err(|e| e.to_string())?;
     if format!("{:08x}", signer.key_id()) != id {
         return Err("key id does not match the key".into());
     }
@@ -83,8 +81,10 @@ pub fn parse_signing_key(text: &str) -> Result<NoteSigner, String> {
 /// Loads the key pair of an existing ledger and checks that the halves match.
 pub fn load(dir: &Path) -> Result<(NoteSigner, NoteVerifier), LedgerError> {
     let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name))
-            .map_err(LedgerError::io(format!("reading {}", dir.join(name).display())))
+        std::fs::read_to_string(dir.join(name)).map_err(LedgerError::io(format!(
+            "reading {}",
+            dir.join(name).display()
+        )))
     };
     let secret = read(SIGNING_KEY_FILE)?;
     let public = read(PUBLIC_KEY_FILE)?;

@@ -84,7 +84,10 @@ fn corrupt(msg: String) -> LedgerError {
 fn sync_dir(dir: &Path) -> Result<(), LedgerError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(LedgerError::io(format!("syncing directory {}", dir.display())))
+        .map_err(LedgerError::io(format!(
+            "syncing directory {}",
+            dir.display()
+        )))
 }
 
 fn read_at_exact(file: &File, buf: &mut [u8], offset: u64, what: &str) -> Result<(), LedgerError> {
@@ -164,7 +167,8 @@ impl Ledger {
             }
         }
 
-        let has_keys = dir.join(keys::PUBLIC_KEY_FILE).exists() || dir.join(keys::SIGNING_KEY_FILE).exists();
+        let has_keys =
+            dir.join(keys::PUBLIC_KEY_FILE).exists() || dir.join(keys::SIGNING_KEY_FILE).exists();
         let (signer, verifier) = if has_keys {
             keys::load(dir)?
         } else {
@@ -199,38 +203,53 @@ impl Ledger {
             firsts.push(0);
         }
         if firsts[0] != 0 {
-            return Err(corrupt(format!("{SEGMENTS_DIR}: the first segment starts at entry {}, not 0", firsts[0])));
+            return Err(corrupt(format!(
+                "{SEGMENTS_DIR}: the first segment starts at entry {}, not 0",
+                firsts[0]
+            )));
         }
         let mut segments = Vec::with_capacity(firsts.len());
         for &first in &firsts {
             let name = segment_name(first);
             let file = File::open(seg_dir.join(&name))
                 .map_err(LedgerError::io(format!("opening {SEGMENTS_DIR}/{name}")))?;
-            segments.push(Segment { first, file: Arc::new(file), name });
+            segments.push(Segment {
+                first,
+                file: Arc::new(file),
+                name,
+            });
         }
 
         // The last segment: scan, cut a torn tail.
         let last_first = *firsts.last().unwrap_or(&0);
         let last_name = segment_name(last_first);
         let last_path = seg_dir.join(&last_name);
-        let mut bytes = std::fs::read(&last_path)
-            .map_err(LedgerError::io(format!("reading {SEGMENTS_DIR}/{last_name}")))?;
+        let mut bytes = std::fs::read(&last_path).map_err(LedgerError::io(format!(
+            "reading {SEGMENTS_DIR}/{last_name}"
+        )))?;
         if bytes.len() >= SEGMENT_HEADER_BYTES && !check_segment_header(&bytes) {
-            return Err(corrupt(format!("{SEGMENTS_DIR}/{last_name}: bad segment header")));
+            return Err(corrupt(format!(
+                "{SEGMENTS_DIR}/{last_name}: bad segment header"
+            )));
         }
         if bytes.len() < SEGMENT_HEADER_BYTES {
             // Created but its header never became durable: write it again.
             bytes = segment_header().to_vec();
             std::fs::write(&last_path, &bytes)
                 .and_then(|_| File::open(&last_path)?.sync_all())
-                .map_err(LedgerError::io(format!("rewriting {SEGMENTS_DIR}/{last_name}")))?;
+                .map_err(LedgerError::io(format!(
+                    "rewriting {SEGMENTS_DIR}/{last_name}"
+                )))?;
         }
-        let (count, valid_len, last_leaves) = scan_last_segment(&bytes, last_first, &last_name, &opts)?;
+        let (count, valid_len, last_leaves) =
+            scan_last_segment(&bytes, last_first, &last_name, &opts)?;
         drop(bytes);
         let active = OpenOptions::new()
             .write(true)
             .open(&last_path)
-            .map_err(LedgerError::io(format!("opening {SEGMENTS_DIR}/{last_name}")))?;
+            .map_err(LedgerError::io(format!(
+                "opening {SEGMENTS_DIR}/{last_name}"
+            )))?;
         let on_disk = active
             .metadata()
             .map_err(LedgerError::io("segment metadata"))?
@@ -239,7 +258,9 @@ impl Ledger {
             active
                 .set_len(valid_len as u64)
                 .and_then(|_| active.sync_all())
-                .map_err(LedgerError::io(format!("truncating the torn tail of {SEGMENTS_DIR}/{last_name}")))?;
+                .map_err(LedgerError::io(format!(
+                    "truncating the torn tail of {SEGMENTS_DIR}/{last_name}"
+                )))?;
         }
         let size = last_first + count;
 
@@ -252,7 +273,10 @@ impl Ledger {
             .write(true)
             .open(&sidecar_path)
             .map_err(LedgerError::io("opening the sidecar"))?;
-        let side_len = sidecar_w.metadata().map_err(LedgerError::io("sidecar metadata"))?.len();
+        let side_len = sidecar_w
+            .metadata()
+            .map_err(LedgerError::io("sidecar metadata"))?
+            .len();
         let have = side_len / SIDECAR_ENTRY_BYTES as u64;
         let keep = have.min(last_first);
         sidecar_w
@@ -265,22 +289,35 @@ impl Ledger {
             if end <= keep {
                 continue;
             }
-            let data = std::fs::read(seg_dir.join(&seg.name))
-                .map_err(LedgerError::io(format!("reading {SEGMENTS_DIR}/{}", seg.name)))?;
+            let data = std::fs::read(seg_dir.join(&seg.name)).map_err(LedgerError::io(format!(
+                "reading {SEGMENTS_DIR}/{}",
+                seg.name
+            )))?;
             if !check_segment_header(&data) {
-                return Err(corrupt(format!("{SEGMENTS_DIR}/{}: bad segment header", seg.name)));
+                return Err(corrupt(format!(
+                    "{SEGMENTS_DIR}/{}: bad segment header",
+                    seg.name
+                )));
             }
             let mut at = SEGMENT_HEADER_BYTES;
             for index in seg.first..end {
                 let (payload, total) = parse_record(&data[at..], index, opts.max_entry_bytes)
-                    .map_err(|why| corrupt(format!("{SEGMENTS_DIR}/{} offset {at} (entry {index}): {why}", seg.name)))?;
+                    .map_err(|why| {
+                        corrupt(format!(
+                            "{SEGMENTS_DIR}/{} offset {at} (entry {index}): {why}",
+                            seg.name
+                        ))
+                    })?;
                 if index >= keep {
                     put_sidecar(&mut side_buf, &leaf_hash(payload), at as u64);
                 }
                 at += total;
             }
             if at != data.len() {
-                return Err(corrupt(format!("{SEGMENTS_DIR}/{} offset {at}: data after the last entry of a sealed segment", seg.name)));
+                return Err(corrupt(format!(
+                    "{SEGMENTS_DIR}/{} offset {at}: data after the last entry of a sealed segment",
+                    seg.name
+                )));
             }
         }
         for (leaf, off) in &last_leaves {
@@ -301,7 +338,12 @@ impl Ledger {
         while done < size {
             let n = ((size - done) as usize).min(chunk.len() / SIDECAR_ENTRY_BYTES);
             let buf = &mut chunk[..n * SIDECAR_ENTRY_BYTES];
-            read_at_exact(&sidecar, buf, done * SIDECAR_ENTRY_BYTES as u64, "the sidecar")?;
+            read_at_exact(
+                &sidecar,
+                buf,
+                done * SIDECAR_ENTRY_BYTES as u64,
+                "the sidecar",
+            )?;
             for e in buf.chunks_exact(SIDECAR_ENTRY_BYTES) {
                 let (leaf, _) = parse_sidecar(e);
                 frontier.push(leaf, |level, _, h| keep_upper(&mut upper, level, h));
@@ -343,11 +385,18 @@ impl Ledger {
             vkey: signer.verifier_key(),
             verifier,
             sidecar,
-            state: RwLock::new(State { size, root, upper, segments }),
+            state: RwLock::new(State {
+                size,
+                root,
+                upper,
+                segments,
+            }),
             checkpoints: RwLock::new(checkpoints),
             max_entry_bytes: opts.max_entry_bytes,
         });
-        let reader = LedgerReader { shared: shared.clone() };
+        let reader = LedgerReader {
+            shared: shared.clone(),
+        };
         if let Some(latest) = reader.latest_checkpoint() {
             let c = &latest.checkpoint;
             if c.size > size {
@@ -399,7 +448,9 @@ impl Ledger {
 
     /// A reader sharing this ledger's state.
     pub fn reader(&self) -> LedgerReader {
-        LedgerReader { shared: self.shared.clone() }
+        LedgerReader {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Checks one entry against the ledger's rules.
@@ -422,7 +473,10 @@ impl Ledger {
 
     /// Appends entries with one write and one `fdatasync`; they are durable when this
     /// returns. All entries are validated first, so a bad one writes nothing.
-    pub fn append_batch<E: AsRef<[u8]>>(&mut self, entries: &[E]) -> Result<Range<u64>, LedgerError> {
+    pub fn append_batch<E: AsRef<[u8]>>(
+        &mut self,
+        entries: &[E],
+    ) -> Result<Range<u64>, LedgerError> {
         if let Some(why) = &self.failed {
             return Err(LedgerError::Failed(why.clone()));
         }
@@ -497,12 +551,17 @@ impl Ledger {
         let first = self.size();
         let seg_dir = self.dir.join(SEGMENTS_DIR);
         let (file, name) = create_segment(&seg_dir, first)?;
-        let reader = File::open(seg_dir.join(&name)).map_err(LedgerError::io("opening the new segment"))?;
+        let reader =
+            File::open(seg_dir.join(&name)).map_err(LedgerError::io("opening the new segment"))?;
         self.active = file;
         self.active_first = first;
         self.active_len = SEGMENT_HEADER_BYTES as u64;
         let mut st = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
-        st.segments.push(Segment { first, file: Arc::new(reader), name });
+        st.segments.push(Segment {
+            first,
+            file: Arc::new(reader),
+            name,
+        });
         Ok(())
     }
 
@@ -556,7 +615,9 @@ impl Ledger {
         self.sidecar_w
             .sync_data()
             .map_err(LedgerError::io("syncing the sidecar"))?;
-        self.active.flush().map_err(LedgerError::io("flushing the segment"))
+        self.active
+            .flush()
+            .map_err(LedgerError::io("flushing the segment"))
     }
 }
 
@@ -608,7 +669,9 @@ impl NodeSource for Nodes<'_> {
                 .get((level - UPPER_LEVEL) as usize)
                 .and_then(|l| l.get(index as usize))
                 .copied()
-                .ok_or_else(|| LedgerError::OutOfRange(format!("no tree node at level {level}, index {index}")));
+                .ok_or_else(|| {
+                    LedgerError::OutOfRange(format!("no tree node at level {level}, index {index}"))
+                });
         }
         let count = 1usize << level;
         let mut buf = vec![0u8; count * SIDECAR_ENTRY_BYTES];
@@ -618,9 +681,15 @@ impl NodeSource for Nodes<'_> {
             (index << level) * SIDECAR_ENTRY_BYTES as u64,
             "the sidecar",
         )?;
-        let mut hashes: Vec<Hash> = buf.chunks_exact(SIDECAR_ENTRY_BYTES).map(|e| parse_sidecar(e).0).collect();
+        let mut hashes: Vec<Hash> = buf
+            .chunks_exact(SIDECAR_ENTRY_BYTES)
+            .map(|e| parse_sidecar(e).0)
+            .collect();
         while hashes.len() > 1 {
-            hashes = hashes.chunks_exact(2).map(|p| node_hash(&p[0], &p[1])).collect();
+            hashes = hashes
+                .chunks_exact(2)
+                .map(|p| node_hash(&p[0], &p[1]))
+                .collect();
         }
         Ok(hashes.first().copied().unwrap_or(EMPTY_ROOT))
     }
@@ -666,21 +735,41 @@ impl LedgerReader {
     /// Root of the tree of the first `size` entries.
     pub fn root_at(&self, size: u64) -> Result<Hash, LedgerError> {
         let st = self.check_size(size)?;
-        ciyuan_tlog::root(&Nodes { shared: &self.shared, upper: &st.upper }, size)
+        ciyuan_tlog::root(
+            &Nodes {
+                shared: &self.shared,
+                upper: &st.upper,
+            },
+            size,
+        )
     }
 
     /// Inclusion proof of entry `index` in the tree of `size` entries.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, LedgerError> {
         let st = self.check_size(size)?;
-        ciyuan_tlog::inclusion_proof(&Nodes { shared: &self.shared, upper: &st.upper }, index, size)
-            .map_err(proof_error)
+        ciyuan_tlog::inclusion_proof(
+            &Nodes {
+                shared: &self.shared,
+                upper: &st.upper,
+            },
+            index,
+            size,
+        )
+        .map_err(proof_error)
     }
 
     /// Consistency proof between two tree sizes.
     pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, LedgerError> {
         let st = self.check_size(new)?;
-        ciyuan_tlog::consistency_proof(&Nodes { shared: &self.shared, upper: &st.upper }, old, new)
-            .map_err(proof_error)
+        ciyuan_tlog::consistency_proof(
+            &Nodes {
+                shared: &self.shared,
+                upper: &st.upper,
+            },
+            old,
+            new,
+        )
+        .map_err(proof_error)
     }
 
     /// The newest signed checkpoint.
@@ -707,7 +796,12 @@ impl LedgerReader {
             (st.segments[i].file.clone(), st.segments[i].name.clone())
         };
         let mut side = [0u8; SIDECAR_ENTRY_BYTES];
-        read_at_exact(&self.shared.sidecar, &mut side, index * SIDECAR_ENTRY_BYTES as u64, "the sidecar")?;
+        read_at_exact(
+            &self.shared.sidecar,
+            &mut side,
+            index * SIDECAR_ENTRY_BYTES as u64,
+            "the sidecar",
+        )?;
         Ok((file, name, parse_sidecar(&side).1))
     }
 
@@ -718,12 +812,18 @@ impl LedgerReader {
         read_at_exact(&file, &mut head, offset, &name)?;
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         if len > self.shared.max_entry_bytes {
-            return Err(corrupt(format!("{SEGMENTS_DIR}/{name} offset {offset} (entry {index}): bad length")));
+            return Err(corrupt(format!(
+                "{SEGMENTS_DIR}/{name} offset {offset} (entry {index}): bad length"
+            )));
         }
         let mut rec = vec![0u8; RECORD_HEADER_BYTES + len];
         read_at_exact(&file, &mut rec, offset, &name)?;
-        let (payload, _) = parse_record(&rec, index, self.shared.max_entry_bytes)
-            .map_err(|why| corrupt(format!("{SEGMENTS_DIR}/{name} offset {offset} (entry {index}): {why}")))?;
+        let (payload, _) =
+            parse_record(&rec, index, self.shared.max_entry_bytes).map_err(|why| {
+                corrupt(format!(
+                    "{SEGMENTS_DIR}/{name} offset {offset} (entry {index}): {why}"
+                ))
+            })?;
         Ok(payload.to_vec())
     }
 
@@ -753,21 +853,31 @@ impl LedgerReader {
                 if buf.len() - at < RECORD_HEADER_BYTES
                     || buf.len() - at
                         < RECORD_HEADER_BYTES
-                            + u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize
+                            + u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+                                as usize
                 {
                     // Refill from the current record on.
                     pos += at as u64;
-                    let want = READ_CHUNK_BYTES.max(RECORD_HEADER_BYTES + self.shared.max_entry_bytes);
+                    let want =
+                        READ_CHUNK_BYTES.max(RECORD_HEADER_BYTES + self.shared.max_entry_bytes);
                     buf.resize(want, 0);
-                    let n = read_some_at(&file, &mut buf, pos).map_err(|e| E::from(LedgerError::io(format!("reading {name}"))(e)))?;
+                    let n = read_some_at(&file, &mut buf, pos)
+                        .map_err(|e| E::from(LedgerError::io(format!("reading {name}"))(e)))?;
                     buf.truncate(n);
                     at = 0;
                     if n < RECORD_HEADER_BYTES {
-                        return Err(E::from(corrupt(format!("{SEGMENTS_DIR}/{name} offset {pos} (entry {index}): record cut short"))));
+                        return Err(E::from(corrupt(format!(
+                            "{SEGMENTS_DIR}/{name} offset {pos} (entry {index}): record cut short"
+                        ))));
                     }
                 }
                 let (payload, total) = parse_record(&buf[at..], index, self.shared.max_entry_bytes)
-                    .map_err(|why| E::from(corrupt(format!("{SEGMENTS_DIR}/{name} offset {} (entry {index}): {why}", pos + at as u64))))?;
+                    .map_err(|why| {
+                        E::from(corrupt(format!(
+                            "{SEGMENTS_DIR}/{name} offset {} (entry {index}): {why}",
+                            pos + at as u64
+                        )))
+                    })?;
                 f(index, payload)?;
                 at += total;
                 index += 1;

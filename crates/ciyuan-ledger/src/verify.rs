@@ -4,7 +4,9 @@
 //! repaired by opening it once (`ciyuan serve` or `ciyuan rebuild`), never by the
 //! verifier, which only judges.
 
-use crate::bundle::{CHECKPOINTS_DIR, ENTRIES_FILE, LEAF_HASHES_FILE, PUBLIC_KEY_FILE, README_FILE};
+use crate::bundle::{
+    CHECKPOINTS_DIR, ENTRIES_FILE, LEAF_HASHES_FILE, PUBLIC_KEY_FILE, README_FILE,
+};
 use crate::format::*;
 use crate::keys;
 use ciyuan_tlog::{Checkpoint, Frontier, Hash, NoteVerifier, leaf_hash};
@@ -60,9 +62,12 @@ fn read_verifier(path: &Path) -> Result<(NoteVerifier, String), VerifyFailure> {
     let text = std::fs::read_to_string(path.join(PUBLIC_KEY_FILE))
         .map_err(|e| VerifyFailure(format!("{PUBLIC_KEY_FILE}: {e}")))?;
     let Some(line) = text.strip_suffix('\n') else {
-        return fail(format!("{PUBLIC_KEY_FILE}: must be one line ending in a newline"));
+        return fail(format!(
+            "{PUBLIC_KEY_FILE}: must be one line ending in a newline"
+        ));
     };
-    let v = NoteVerifier::from_vkey(line).map_err(|e| VerifyFailure(format!("{PUBLIC_KEY_FILE}: {e}")))?;
+    let v = NoteVerifier::from_vkey(line)
+        .map_err(|e| VerifyFailure(format!("{PUBLIC_KEY_FILE}: {e}")))?;
     Ok((v, line.to_string()))
 }
 
@@ -78,14 +83,20 @@ impl Roots {
     fn new(mut wanted: Vec<u64>) -> Roots {
         wanted.sort_unstable();
         wanted.dedup();
-        let mut r = Roots { frontier: Frontier::new(), wanted, next: 0, found: BTreeMap::new() };
+        let mut r = Roots {
+            frontier: Frontier::new(),
+            wanted,
+            next: 0,
+            found: BTreeMap::new(),
+        };
         r.record();
         r
     }
 
     fn record(&mut self) {
         while self.next < self.wanted.len() && self.wanted[self.next] == self.frontier.size() {
-            self.found.insert(self.frontier.size(), self.frontier.root());
+            self.found
+                .insert(self.frontier.size(), self.frontier.root());
             self.next += 1;
         }
     }
@@ -108,7 +119,10 @@ fn check_checkpoints(
     let mut newest = 0;
     for (name, c) in cps {
         if c.size > entries {
-            return fail(format!("{name}: covers {} entries but only {entries} are present", c.size));
+            return fail(format!(
+                "{name}: covers {} entries but only {entries} are present",
+                c.size
+            ));
         }
         match roots.found.get(&c.size) {
             Some(r) if *r == c.root => {}
@@ -139,13 +153,24 @@ fn verify_ledger(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
             .map_err(|e| VerifyFailure(format!("{}: {e}", keys::SIGNING_KEY_FILE)))?;
         let signer = keys::parse_signing_key(&text)
             .map_err(|e| VerifyFailure(format!("{}: {e}", keys::SIGNING_KEY_FILE)))?;
-        if signer.verifier_key() != vkey || !text.ends_with('\n') || text.matches('\n').count() != 1 {
-            return fail(format!("{} does not match {PUBLIC_KEY_FILE}", keys::SIGNING_KEY_FILE));
+        if signer.verifier_key() != vkey || !text.ends_with('\n') || text.matches('\n').count() != 1
+        {
+            return fail(format!(
+                "{} does not match {PUBLIC_KEY_FILE}",
+                keys::SIGNING_KEY_FILE
+            ));
         }
     }
     for e in std::fs::read_dir(dir).map_err(|e| VerifyFailure(format!("{}: {e}", dir.display())))? {
-        let name = e.map_err(|e| VerifyFailure(e.to_string()))?.file_name().to_string_lossy().into_owned();
-        if !matches!(name.as_str(), "segments" | "leaves" | "checkpoints" | "signing.key" | "public.key" | "LOCK") {
+        let name = e
+            .map_err(|e| VerifyFailure(e.to_string()))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if !matches!(
+            name.as_str(),
+            "segments" | "leaves" | "checkpoints" | "signing.key" | "public.key" | "LOCK"
+        ) {
             return fail(format!("{name}: unexpected file in the ledger directory"));
         }
     }
@@ -162,7 +187,10 @@ fn verify_ledger(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
         let name = format!("checkpoints offset {at}");
         let c = open_note(&verifier, &name, note)?;
         if c.size < last_size {
-            return fail(format!("{name}: size {} is smaller than an earlier checkpoint's", c.size));
+            return fail(format!(
+                "{name}: size {} is smaller than an earlier checkpoint's",
+                c.size
+            ));
         }
         last_size = c.size;
         cps.push((name, c));
@@ -172,7 +200,11 @@ fn verify_ledger(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
     let seg_dir = dir.join("segments");
     let mut firsts = Vec::new();
     for e in std::fs::read_dir(&seg_dir).map_err(|e| VerifyFailure(format!("segments: {e}")))? {
-        let name = e.map_err(|e| VerifyFailure(e.to_string()))?.file_name().to_string_lossy().into_owned();
+        let name = e
+            .map_err(|e| VerifyFailure(e.to_string()))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
         match parse_segment_name(&name) {
             Some(f) => firsts.push(f),
             None => return fail(format!("segments/{name}: not a segment file")),
@@ -180,10 +212,14 @@ fn verify_ledger(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
     }
     firsts.sort_unstable();
 
-    let side_file = File::open(dir.join("leaves")).map_err(|e| VerifyFailure(format!("leaves: {e}")))?;
+    let side_file =
+        File::open(dir.join("leaves")).map_err(|e| VerifyFailure(format!("leaves: {e}")))?;
     let side_len = side_file.metadata().map(|m| m.len()).unwrap_or(0);
     if side_len % SIDECAR_ENTRY_BYTES as u64 != 0 {
-        return fail(format!("leaves: {} trailing bytes", side_len % SIDECAR_ENTRY_BYTES as u64));
+        return fail(format!(
+            "leaves: {} trailing bytes",
+            side_len % SIDECAR_ENTRY_BYTES as u64
+        ));
     }
     let side_entries = side_len / SIDECAR_ENTRY_BYTES as u64;
     let mut side = BufReader::with_capacity(1 << 20, side_file);
@@ -193,7 +229,9 @@ fn verify_ledger(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
     for first in firsts {
         let name = format!("segments/{}", segment_name(first));
         if first != index {
-            return fail(format!("{name}: starts at entry {first}, but the previous segments end at {index}"));
+            return fail(format!(
+                "{name}: starts at entry {first}, but the previous segments end at {index}"
+            ));
         }
         seg_bytes.clear();
         File::open(dir.join(&name))
@@ -205,13 +243,18 @@ fn verify_ledger(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
         let mut at = SEGMENT_HEADER_BYTES;
         let mut side_entry = [0u8; SIDECAR_ENTRY_BYTES];
         while at < seg_bytes.len() {
-            let (payload, total) = parse_record(&seg_bytes[at..], index, usize::MAX >> 1)
-                .map_err(|why| VerifyFailure(format!("{name} offset {at} (entry {index}): {why}")))?;
+            let (payload, total) =
+                parse_record(&seg_bytes[at..], index, usize::MAX >> 1).map_err(|why| {
+                    VerifyFailure(format!("{name} offset {at} (entry {index}): {why}"))
+                })?;
             let leaf = leaf_hash(payload);
             if index >= side_entries {
-                return fail(format!("leaves: has {side_entries} entries but {name} holds entry {index}"));
+                return fail(format!(
+                    "leaves: has {side_entries} entries but {name} holds entry {index}"
+                ));
             }
-            side.read_exact(&mut side_entry).map_err(|e| VerifyFailure(format!("leaves: {e}")))?;
+            side.read_exact(&mut side_entry)
+                .map_err(|e| VerifyFailure(format!("leaves: {e}")))?;
             let (side_leaf, side_off) = parse_sidecar(&side_entry);
             if side_leaf != leaf || side_off != at as u64 {
                 return fail(format!(
@@ -224,18 +267,38 @@ fn verify_ledger(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
         }
     }
     if side_entries != index {
-        return fail(format!("leaves: has {side_entries} entries, the segments hold {index}"));
+        return fail(format!(
+            "leaves: has {side_entries} entries, the segments hold {index}"
+        ));
     }
     let root = roots.frontier.root();
     let newest = check_checkpoints(&cps, &roots, index)?;
-    Ok(VerifyReport { entries: index, checkpoints: cps.len() as u64, size: newest.max(index), root, seconds: 0.0 })
+    Ok(VerifyReport {
+        entries: index,
+        checkpoints: cps.len() as u64,
+        size: newest.max(index),
+        root,
+        seconds: 0.0,
+    })
 }
 
 fn verify_bundle(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
     let (verifier, _) = read_verifier(dir)?;
     for e in std::fs::read_dir(dir).map_err(|e| VerifyFailure(format!("{}: {e}", dir.display())))? {
-        let name = e.map_err(|e| VerifyFailure(e.to_string()))?.file_name().to_string_lossy().into_owned();
-        if ![ENTRIES_FILE, LEAF_HASHES_FILE, CHECKPOINTS_DIR, PUBLIC_KEY_FILE, README_FILE].contains(&name.as_str()) {
+        let name = e
+            .map_err(|e| VerifyFailure(e.to_string()))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if ![
+            ENTRIES_FILE,
+            LEAF_HASHES_FILE,
+            CHECKPOINTS_DIR,
+            PUBLIC_KEY_FILE,
+            README_FILE,
+        ]
+        .contains(&name.as_str())
+        {
             return fail(format!("{name}: unexpected file in the bundle"));
         }
     }
@@ -249,10 +312,14 @@ fn verify_bundle(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
         names.sort();
         for n in names {
             let name = format!("{CHECKPOINTS_DIR}/{n}");
-            let note = std::fs::read_to_string(cp_dir.join(&n)).map_err(|e| VerifyFailure(format!("{name}: {e}")))?;
+            let note = std::fs::read_to_string(cp_dir.join(&n))
+                .map_err(|e| VerifyFailure(format!("{name}: {e}")))?;
             let c = open_note(&verifier, &name, &note)?;
             if n != format!("{:020}.note", c.size) {
-                return fail(format!("{name}: the file name does not match the checkpoint's size {}", c.size));
+                return fail(format!(
+                    "{name}: the file name does not match the checkpoint's size {}",
+                    c.size
+                ));
             }
             cps.push((name, c));
         }
@@ -270,8 +337,12 @@ fn verify_bundle(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
     loop {
         line.clear();
         hex_line.clear();
-        let n = entries.read_until(b'\n', &mut line).map_err(|e| VerifyFailure(format!("{ENTRIES_FILE}: {e}")))?;
-        let m = leaves.read_until(b'\n', &mut hex_line).map_err(|e| VerifyFailure(format!("{LEAF_HASHES_FILE}: {e}")))?;
+        let n = entries
+            .read_until(b'\n', &mut line)
+            .map_err(|e| VerifyFailure(format!("{ENTRIES_FILE}: {e}")))?;
+        let m = leaves
+            .read_until(b'\n', &mut hex_line)
+            .map_err(|e| VerifyFailure(format!("{LEAF_HASHES_FILE}: {e}")))?;
         if n == 0 && m == 0 {
             break;
         }
@@ -282,13 +353,19 @@ fn verify_bundle(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
             ));
         }
         if line.last() != Some(&b'\n') || line.len() == 1 {
-            return fail(format!("{ENTRIES_FILE} line {lineno} (entry {index}): empty or without a final newline"));
+            return fail(format!(
+                "{ENTRIES_FILE} line {lineno} (entry {index}): empty or without a final newline"
+            ));
         }
         let mut want = [0u8; 32];
-        if hex_line.len() != 65 || hex_line[64] != b'\n' || hex::decode_to_slice(&hex_line[..64], &mut want).is_err()
+        if hex_line.len() != 65
+            || hex_line[64] != b'\n'
+            || hex::decode_to_slice(&hex_line[..64], &mut want).is_err()
             || hex_line[..64].iter().any(u8::is_ascii_uppercase)
         {
-            return fail(format!("{LEAF_HASHES_FILE} line {lineno}: not a lower-case hex SHA-256"));
+            return fail(format!(
+                "{LEAF_HASHES_FILE} line {lineno}: not a lower-case hex SHA-256"
+            ));
         }
         let leaf = leaf_hash(&line[..line.len() - 1]);
         if leaf != want {
@@ -302,7 +379,9 @@ fn verify_bundle(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
     let root = roots.frontier.root();
     let newest = check_checkpoints(&cps, &roots, index)?;
     if cps.is_empty() {
-        return fail(format!("{CHECKPOINTS_DIR}: no signed checkpoint: nothing vouches for the entries"));
+        return fail(format!(
+            "{CHECKPOINTS_DIR}: no signed checkpoint: nothing vouches for the entries"
+        ));
     }
     if newest != index {
         return fail(format!(
@@ -310,5 +389,11 @@ fn verify_bundle(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
             index - 1
         ));
     }
-    Ok(VerifyReport { entries: index, checkpoints: cps.len() as u64, size: newest, root, seconds: 0.0 })
+    Ok(VerifyReport {
+        entries: index,
+        checkpoints: cps.len() as u64,
+        size: newest,
+        root,
+        seconds: 0.0,
+    })
 }

@@ -367,7 +367,10 @@ async fn bad_input_gets_clear_4xx() {
         let (s, v) = h.send(method, uri, key, body).await;
         assert_eq!(s, status, "{method} {uri} {body:?}: {v}");
         let detail = v["detail"].as_str().unwrap_or_default();
-        assert!(detail.contains(needle), "{method} {uri}: {v} lacks {needle}");
+        assert!(
+            detail.contains(needle),
+            "{method} {uri}: {v} lacks {needle}"
+        );
     }
     // Oversize body and wrong media type.
     let big = format!("{{\"path\": \"{}\"}}", "a".repeat(5000));

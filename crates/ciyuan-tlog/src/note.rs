@@ -151,9 +151,9 @@ impl NoteVerifier {
     /// Parses a verifier key `name+keyid+base64(0x01 ‖ public key)`.
     pub fn from_vkey(vkey: &str) -> Result<NoteVerifier, NoteError> {
         let vkey = vkey.trim_end_matches('\n');
-        let mut parts = vkey.split('+');
-        let (Some(name), Some(id_hex), Some(key_b64), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
+        // The base64 key may itself contain '+': split at the first two only.
+        let mut parts = vkey.splitn(3, '+');
+        let (Some(name), Some(id_hex), Some(key_b64)) = (parts.next(), parts.next(), parts.next())
         else {
             return Err(NoteError::BadKey("expected name+keyid+key"));
         };

@@ -40,7 +40,10 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         let url = loop {
             assert!(Instant::now() < deadline, "server did not start");
-            let line = lines.next().expect("server exited before listening").expect("read");
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .expect("read");
             if let Some(k) = line.strip_prefix("bootstrap admin key (shown once, store it now): ") {
                 bootstrap = Some(k.to_string());
             }
@@ -50,7 +53,11 @@ impl Server {
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, url, bootstrap }
+        Server {
+            child,
+            url,
+            bootstrap,
+        }
     }
 
     pub fn kill9(mut self) {
@@ -77,7 +84,13 @@ impl Server {
     }
 
     /// A blocking HTTP call: (status, body).
-    pub fn http(&self, method: &str, path: &str, key: &str, body: Option<&Value>) -> (u16, Vec<u8>) {
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<&Value>,
+    ) -> (u16, Vec<u8>) {
         http(&self.url, method, path, key, body)
     }
 }
@@ -90,33 +103,63 @@ impl Drop for Server {
 }
 
 /// Minimal HTTP/1.1 client over a TCP stream: enough for tests, no extra dependency.
-pub fn http(url: &str, method: &str, path: &str, key: &str, body: Option<&Value>) -> (u16, Vec<u8>) {
-    use std::io::{Read, Write};
+pub fn http(
+    url: &str,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<&Value>,
+) -> (u16, Vec<u8>) {
+    try_http(url, method, path, key, body).expect("HTTP request")
+}
+
+/// The same, answering an error when the server goes away mid-request.
+pub fn try_http(
+    url: &str,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    use std::io::{Error, Read, Write};
     let addr = url.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).expect("write");
+    s.write_all(req.as_bytes())?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
+    s.read_to_end(&mut raw)?;
+    let cut = || Error::other("response cut short");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(cut)?;
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(cut)?;
     let mut payload = raw[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         payload = dechunk(&payload);
     }
-    (status, payload)
+    Ok((status, payload))
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else { break };
+        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
         let len = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).trim(), 16).unwrap_or(0);
         if len == 0 {
             break;
@@ -128,7 +171,8 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 }
 
 pub fn json(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -152,6 +196,10 @@ pub fn verify(path: &Path) -> (i32, String) {
         .expect("run verify");
     (
         o.status.code().unwrap_or(-1),
-        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
     )
 }

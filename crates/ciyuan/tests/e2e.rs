@@ -9,20 +9,47 @@ fn admin_cli_audit_and_rebuild() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let server = Server::start(&data);
-    let admin = server.bootstrap.clone().expect("first start prints the bootstrap admin key");
+    let admin = server
+        .bootstrap
+        .clone()
+        .expect("first start prints the bootstrap admin key");
     assert!(admin.starts_with("cy_"));
 
-    let out = stdout(&server.cli(&admin, &["accounts", "create", "acme/cn/hr", "--time-zone", "Asia/Shanghai", "--meta", "cost_center=CC-42"]));
+    let out = stdout(&server.cli(
+        &admin,
+        &[
+            "accounts",
+            "create",
+            "acme/cn/hr",
+            "--time-zone",
+            "Asia/Shanghai",
+            "--meta",
+            "cost_center=CC-42",
+        ],
+    ));
     assert!(out.contains("created acme/cn/hr"), "{out}");
     let out = stdout(&server.cli(&admin, &["accounts", "list", "--under", "acme"]));
     for p in ["acme ", "acme/cn ", "acme/cn/hr "] {
         assert!(out.contains(p), "{out}");
     }
     let out = stdout(&server.cli(&admin, &["accounts", "show", "acme/cn/hr"]));
-    assert!(out.contains("CC-42") && out.contains("Asia/Shanghai"), "{out}");
+    assert!(
+        out.contains("CC-42") && out.contains("Asia/Shanghai"),
+        "{out}"
+    );
 
     // A key is printed once and works; its secret is nowhere in the data directory.
-    let key = stdout(&server.cli(&admin, &["keys", "create", "--account", "acme/cn", "--scopes", "read,admin"]));
+    let key = stdout(&server.cli(
+        &admin,
+        &[
+            "keys",
+            "create",
+            "--account",
+            "acme/cn",
+            "--scopes",
+            "read,admin",
+        ],
+    ));
     let key = key.trim().to_string();
     assert!(key.starts_with("cy_"), "{key}");
     let out = stdout(&server.cli(&key, &["accounts", "list"]));
@@ -34,7 +61,10 @@ fn admin_cli_audit_and_rebuild() {
     for (args, needle) in [
         (vec!["accounts", "create", "a//b"], "empty segment"),
         (vec!["accounts", "create", "../x"], "is not allowed"),
-        (vec!["keys", "create", "--account", "acme", "--scopes", "root"], "unknown scope"),
+        (
+            vec!["keys", "create", "--account", "acme", "--scopes", "root"],
+            "unknown scope",
+        ),
         (vec!["accounts", "create", "other"], "outside the subtree"),
     ] {
         let k = if args[2] == "other" { &key } else { &admin };
@@ -45,11 +75,38 @@ fn admin_cli_audit_and_rebuild() {
     }
 
     // Usage and corrections.
-    for (tokens, reason) in [("text.input=120,text.output=40", "backfill"), ("text.input=-20", "duplicate")] {
-        let out = stdout(&server.cli(&admin, &["adjust", "--account", "acme/cn/hr", "--service", "llm.chat", "--model", "qwen-max", "--reason", reason, "--tokens", tokens]));
+    for (tokens, reason) in [
+        ("text.input=120,text.output=40", "backfill"),
+        ("text.input=-20", "duplicate"),
+    ] {
+        let out = stdout(&server.cli(
+            &admin,
+            &[
+                "adjust",
+                "--account",
+                "acme/cn/hr",
+                "--service",
+                "llm.chat",
+                "--model",
+                "qwen-max",
+                "--reason",
+                reason,
+                "--tokens",
+                tokens,
+            ],
+        ));
         assert!(out.contains("recorded adjustment as entry"), "{out}");
     }
-    let usage_args = ["usage", "--account", "acme", "--group-by", "model,account", "--bucket", "day", "--json"];
+    let usage_args = [
+        "usage",
+        "--account",
+        "acme",
+        "--group-by",
+        "model,account",
+        "--bucket",
+        "day",
+        "--json",
+    ];
     let before = stdout(&server.cli(&admin, &usage_args));
     let v: serde_json::Value = serde_json::from_str(&before).unwrap();
     assert_eq!(v["tz"], "UTC");
@@ -65,7 +122,10 @@ fn admin_cli_audit_and_rebuild() {
 
     // Audit: checkpoint, proof, export, verify.
     let out = stdout(&server.cli(&admin, &["audit", "checkpoint"]));
-    assert!(out.contains("\n\u{2014} ") && out.contains("public key: "), "{out}");
+    assert!(
+        out.contains("\n\u{2014} ") && out.contains("public key: "),
+        "{out}"
+    );
     let proof = stdout(&server.cli(&admin, &["audit", "prove", "3"]));
     let p: serde_json::Value = serde_json::from_str(&proof).unwrap();
     assert_eq!(p["entry_id"], 3);
@@ -73,16 +133,29 @@ fn admin_cli_audit_and_rebuild() {
     // A third party checks the proof with its own code (Python standard library only).
     let proof_file = tmp.path().join("proof.json");
     std::fs::write(&proof_file, &proof).unwrap();
-    let checker = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/check_proof.py");
-    let o = Command::new("python3").arg(&checker).arg(&proof_file).output().expect("python3");
+    let checker =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/check_proof.py");
+    let o = Command::new("python3")
+        .arg(&checker)
+        .arg(&proof_file)
+        .output()
+        .expect("python3");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok: entry 3"));
     let mut forged = p.clone();
-    forged["entry"] = serde_json::Value::String(p["entry"].as_str().unwrap().replace("acme", "acmf"));
+    forged["entry"] =
+        serde_json::Value::String(p["entry"].as_str().unwrap().replace("acme", "acmf"));
     forged["leaf_hash"] = serde_json::Value::Null;
     std::fs::write(&proof_file, forged.to_string()).unwrap();
-    let o = Command::new("python3").arg(&checker).arg(&proof_file).output().unwrap();
-    assert!(!o.status.success(), "a forged entry passed the third-party check");
+    let o = Command::new("python3")
+        .arg(&checker)
+        .arg(&proof_file)
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "a forged entry passed the third-party check"
+    );
     let bundle = tmp.path().join("bundle");
     let out = stdout(&server.cli(&admin, &["audit", "export", bundle.to_str().unwrap()]));
     assert!(out.contains("exported"), "{out}");
@@ -90,12 +163,22 @@ fn admin_cli_audit_and_rebuild() {
     assert_eq!(code, 0, "{msg}");
 
     // The same over HTTP for auditors: an audit-scoped key, and a read key refused.
-    let (s, body) = server.http("POST", "/api/v1/keys", &admin, Some(&json!({"account": "/", "scopes": ["audit"]})));
+    let (s, body) = server.http(
+        "POST",
+        "/api/v1/keys",
+        &admin,
+        Some(&json!({"account": "/", "scopes": ["audit"]})),
+    );
     assert_eq!(s, 201);
     let auditor = json(&body)["key"].as_str().unwrap().to_string();
     let (s, body) = server.http("GET", "/api/v1/audit/checkpoint", &auditor, None);
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
-    let (s, body) = server.http("POST", "/api/v1/keys", &admin, Some(&json!({"account": "acme", "scopes": ["read"]})));
+    let (s, body) = server.http(
+        "POST",
+        "/api/v1/keys",
+        &admin,
+        Some(&json!({"account": "acme", "scopes": ["read"]})),
+    );
     assert_eq!(s, 201);
     let reader = json(&body)["key"].as_str().unwrap().to_string();
     let (s, _) = server.http("GET", "/api/v1/audit/checkpoint", &reader, None);
@@ -110,14 +193,25 @@ fn admin_cli_audit_and_rebuild() {
     for entry in walk(&data) {
         let bytes = std::fs::read(&entry).unwrap();
         let hay = String::from_utf8_lossy(&bytes);
-        assert!(!hay.contains(&admin[16..]) && !hay.contains(&key[16..]), "secret in {}", entry.display());
+        assert!(
+            !hay.contains(&admin[16..]) && !hay.contains(&key[16..]),
+            "secret in {}",
+            entry.display()
+        );
     }
 
     // Rebuild from the log alone gives byte-identical answers.
-    let o = Command::new(bin()).args(["rebuild", "--data"]).arg(&data).output().unwrap();
+    let o = Command::new(bin())
+        .args(["rebuild", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
     assert!(stdout(&o).contains("rebuilt projections"));
     let server = Server::start(&data);
-    assert!(server.bootstrap.is_none(), "the bootstrap key is printed only on the first start");
+    assert!(
+        server.bootstrap.is_none(),
+        "the bootstrap key is printed only on the first start"
+    );
     let after = stdout(&server.cli(&admin, &usage_args));
     assert_eq!(before, after);
     let out = stdout(&server.cli(&admin, &["accounts", "show", "acme/cn/hr"]));
@@ -129,7 +223,11 @@ fn admin_cli_audit_and_rebuild() {
 fn rebuild_refuses_while_the_server_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(tmp.path());
-    let o = Command::new(bin()).args(["rebuild", "--data"]).arg(tmp.path()).output().unwrap();
+    let o = Command::new(bin())
+        .args(["rebuild", "--data"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.to_lowercase().contains("lock"), "{err}");

@@ -11,7 +11,12 @@ fn populated(tmp: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) 
     let server = Server::start(&data);
     let admin = server.bootstrap.clone().unwrap();
     for i in 0..30 {
-        let (s, _) = server.http("POST", "/api/v1/accounts", &admin, Some(&json!({"path": format!("t/n{i}")})));
+        let (s, _) = server.http(
+            "POST",
+            "/api/v1/accounts",
+            &admin,
+            Some(&json!({"path": format!("t/n{i}")})),
+        );
         assert_eq!(s, 201);
         if i % 10 == 0 {
             let (s, _) = server.http("POST", "/api/v1/audit/checkpoint", &admin, None);
@@ -43,7 +48,12 @@ fn flip_and_verify(root: &std::path::Path, verify_at: &std::path::Path, seed: &m
         std::fs::write(file, &bytes).unwrap();
         let (code, msg) = verify(verify_at);
         let name = file.file_name().unwrap().to_string_lossy().to_string();
-        assert_eq!(code, 1, "flip of bit {bit:#x} at {at} in {} went unnoticed: {msg}", file.display());
+        assert_eq!(
+            code,
+            1,
+            "flip of bit {bit:#x} at {at} in {} went unnoticed: {msg}",
+            file.display()
+        );
         assert!(msg.contains(&name), "failure does not name {name}: {msg}");
         bytes[at] ^= bit;
         std::fs::write(file, &bytes).unwrap();
