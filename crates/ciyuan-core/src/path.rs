@@ -241,7 +241,7 @@ mod tests {
             );
         }
         assert_eq!(
-            AccountPath::parse(&"a/".repeat(17).trim_end_matches('/').to_string()).unwrap_err(),
+            AccountPath::parse("a/".repeat(17).trim_end_matches('/')).unwrap_err(),
             PathError::TooDeep
         );
         assert!(matches!(

@@ -135,9 +135,14 @@ pub fn put_checkpoint(note: &str) -> Vec<u8> {
     out
 }
 
+/// Notes with their offsets in the checkpoints file.
+pub type Notes = Vec<(usize, String)>;
+/// Offset and reason of a bad frame.
+pub type BadFrame = Option<(usize, &'static str)>;
+
 /// Splits a checkpoints file into notes. Returns the notes, and the offset and reason of
 /// the first bad frame if any.
-pub fn parse_checkpoints(buf: &[u8]) -> (Vec<(usize, String)>, Option<(usize, &'static str)>) {
+pub fn parse_checkpoints(buf: &[u8]) -> (Notes, BadFrame) {
     let mut notes = Vec::new();
     let mut at = 0;
     while at < buf.len() {

@@ -10,13 +10,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
 
+/// Called once appended entries are durable.
+pub type OnAppended = Box<dyn FnOnce(Result<Range<u64>, LedgerError>) + Send>;
+/// Called once a checkpoint is signed and stored.
+pub type OnCheckpoint = Box<dyn FnOnce(Result<SignedCheckpoint, LedgerError>) + Send>;
+
 enum Request {
     Append {
         entries: Vec<Vec<u8>>,
-        done: Box<dyn FnOnce(Result<Range<u64>, LedgerError>) + Send>,
+        done: OnAppended,
     },
     Checkpoint {
-        done: Box<dyn FnOnce(Result<SignedCheckpoint, LedgerError>) + Send>,
+        done: OnCheckpoint,
     },
     Shutdown,
 }
@@ -59,11 +64,7 @@ impl GroupCommitter {
     }
 
     /// Queues entries; `done` runs on the writer thread once they are durable.
-    pub fn append(
-        &self,
-        entries: Vec<Vec<u8>>,
-        done: Box<dyn FnOnce(Result<Range<u64>, LedgerError>) + Send>,
-    ) -> Result<(), LedgerError> {
+    pub fn append(&self, entries: Vec<Vec<u8>>, done: OnAppended) -> Result<(), LedgerError> {
         self.tx
             .send(Request::Append { entries, done })
             .map_err(|_| LedgerError::ShutDown)
@@ -82,10 +83,7 @@ impl GroupCommitter {
     }
 
     /// Queues a checkpoint after everything queued before it.
-    pub fn checkpoint_with(
-        &self,
-        done: Box<dyn FnOnce(Result<SignedCheckpoint, LedgerError>) + Send>,
-    ) -> Result<(), LedgerError> {
+    pub fn checkpoint_with(&self, done: OnCheckpoint) -> Result<(), LedgerError> {
         self.tx
             .send(Request::Checkpoint { done })
             .map_err(|_| LedgerError::ShutDown)
@@ -120,11 +118,8 @@ impl GroupCommitter {
 fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
     let max_entries = ledger.options().max_batch_entries;
     let max_bytes = ledger.options().max_batch_bytes;
-    let mut group: Vec<(
-        Vec<Vec<u8>>,
-        Box<dyn FnOnce(Result<Range<u64>, LedgerError>) + Send>,
-    )> = Vec::new();
-    let mut after: Vec<Box<dyn FnOnce(Result<SignedCheckpoint, LedgerError>) + Send>> = Vec::new();
+    let mut group: Vec<(Vec<Vec<u8>>, OnAppended)> = Vec::new();
+    let mut after: Vec<OnCheckpoint> = Vec::new();
     let mut stop = false;
     while !stop {
         let Ok(first) = rx.recv() else { break };
@@ -232,11 +227,7 @@ impl Log for GroupCommitter {
         Ok(self.reader.entry(index)?)
     }
 
-    fn scan(
-        &self,
-        range: Range<u64>,
-        f: &mut dyn FnMut(u64, &[u8]) -> Result<(), LogError>,
-    ) -> Result<(), LogError> {
+    fn scan(&self, range: Range<u64>, f: &mut ciyuan_store::ScanFn<'_>) -> Result<(), LogError> {
         self.reader.scan(range, |i, b| f(i, b))
     }
 

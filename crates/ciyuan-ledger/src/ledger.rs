@@ -95,6 +95,10 @@ fn read_at_exact(file: &File, buf: &mut [u8], offset: u64, what: &str) -> Result
         .map_err(LedgerError::io(format!("reading {what} at {offset}")))
 }
 
+/// Entries of the last segment, where its valid records end, and their leaf hashes
+/// with offsets.
+type LastSegment = (u64, usize, Vec<(Hash, u64)>);
+
 /// Where the last segment's valid records end, with the count; a damaged tail is
 /// accepted only if it can be a torn final write.
 fn scan_last_segment(
@@ -102,7 +106,7 @@ fn scan_last_segment(
     first: u64,
     name: &str,
     opts: &LedgerOptions,
-) -> Result<(u64, usize, Vec<(Hash, u64)>), LedgerError> {
+) -> Result<LastSegment, LedgerError> {
     let mut at = SEGMENT_HEADER_BYTES;
     let mut index = first;
     let mut leaves = Vec::new();
@@ -572,10 +576,10 @@ impl Ledger {
             return Err(LedgerError::Failed(why.clone()));
         }
         let size = self.size();
-        if let Some(latest) = self.reader().latest_checkpoint() {
-            if latest.checkpoint.size == size {
-                return Ok(latest);
-            }
+        if let Some(latest) = self.reader().latest_checkpoint()
+            && latest.checkpoint.size == size
+        {
+            return Ok(latest);
         }
         let checkpoint = Checkpoint {
             origin: self.signer.name().to_string(),

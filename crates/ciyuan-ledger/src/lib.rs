@@ -29,7 +29,7 @@ mod ledger;
 mod verify;
 
 pub use bundle::{BundleSummary, export_bundle, write_bundle};
-pub use group::GroupCommitter;
+pub use group::{GroupCommitter, OnAppended, OnCheckpoint};
 pub use ledger::{Ledger, LedgerReader};
 pub use verify::{VerifyFailure, VerifyReport, verify_path};
 

@@ -1,5 +1,7 @@
 //! The ledger against an in-memory model, through crashes, reopenings and tampering.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use ciyuan_ledger::{
     GroupCommitter, Ledger, LedgerError, LedgerOptions, export_bundle, verify_path,
 };

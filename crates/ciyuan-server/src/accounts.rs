@@ -76,12 +76,12 @@ fn root_dto() -> AccountDto {
 }
 
 fn validate_info(info: &AccountInfo) -> Result<(), ApiError> {
-    if let Some(name) = &info.display_name {
-        if name.len() > MAX_DISPLAY_NAME_BYTES || name.trim().is_empty() {
-            return Err(ApiError::bad_request(format!(
-                "display_name must be 1 to {MAX_DISPLAY_NAME_BYTES} bytes and not blank"
-            )));
-        }
+    if let Some(name) = &info.display_name
+        && (name.len() > MAX_DISPLAY_NAME_BYTES || name.trim().is_empty())
+    {
+        return Err(ApiError::bad_request(format!(
+            "display_name must be 1 to {MAX_DISPLAY_NAME_BYTES} bytes and not blank"
+        )));
     }
     if let Some(tz) = &info.time_zone {
         ciyuan_core::jiff::tz::TimeZone::get(tz).map_err(|_| {

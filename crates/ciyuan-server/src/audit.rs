@@ -33,10 +33,10 @@ fn require_audit(caller: &Caller) -> Result<(), ApiError> {
 
 /// The newest checkpoint covering at least `size` entries, signing one if needed.
 async fn covering(app: &Arc<App>, size: u64) -> Result<SignedCheckpoint, ApiError> {
-    if let Some(c) = app.log().latest_checkpoint() {
-        if c.checkpoint.size >= size {
-            return Ok(c);
-        }
+    if let Some(c) = app.log().latest_checkpoint()
+        && c.checkpoint.size >= size
+    {
+        return Ok(c);
     }
     app.checkpoint().await
 }

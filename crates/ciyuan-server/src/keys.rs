@@ -70,12 +70,12 @@ pub async fn create(
             caller.key.scopes, body.scopes
         )));
     }
-    if let Some(n) = &body.name {
-        if n.len() > MAX_KEY_NAME_BYTES {
-            return Err(ApiError::bad_request(format!(
-                "name is longer than {MAX_KEY_NAME_BYTES} bytes"
-            )));
-        }
+    if let Some(n) = &body.name
+        && n.len() > MAX_KEY_NAME_BYTES
+    {
+        return Err(ApiError::bad_request(format!(
+            "name is longer than {MAX_KEY_NAME_BYTES} bytes"
+        )));
     }
     if !account.is_root() {
         let a = account.clone();

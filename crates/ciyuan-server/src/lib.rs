@@ -269,10 +269,10 @@ pub async fn checkpoint_loop(app: Arc<App>) {
             .latest_checkpoint()
             .map(|c| c.checkpoint.size)
             .unwrap_or(0);
-        if app.log.size() > covered || app.log.latest_checkpoint().is_none() {
-            if let Err(e) = app.checkpoint().await {
-                tracing::warn!(detail = %e.detail, "periodic checkpoint failed");
-            }
+        if (app.log.size() > covered || app.log.latest_checkpoint().is_none())
+            && let Err(e) = app.checkpoint().await
+        {
+            tracing::warn!(detail = %e.detail, "periodic checkpoint failed");
         }
     }
 }

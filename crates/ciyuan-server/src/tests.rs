@@ -69,7 +69,7 @@ impl Log for MemLog {
     fn scan(
         &self,
         range: std::ops::Range<u64>,
-        f: &mut dyn FnMut(u64, &[u8]) -> Result<(), LogError>,
+        f: &mut ciyuan_store::ScanFn<'_>,
     ) -> Result<(), LogError> {
         let entries: Vec<Vec<u8>> =
             self.inner.lock().unwrap().0[range.start as usize..range.end as usize].to_vec();
@@ -225,7 +225,15 @@ async fn accounts_are_created_with_their_parents() {
 async fn bad_input_gets_clear_4xx() {
     let h = harness().await;
     let k = h.admin.clone();
-    let cases: Vec<(&str, &str, Option<&str>, Option<&str>, StatusCode, &str)> = vec![
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+        StatusCode,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/api/v1/accounts",

@@ -110,10 +110,10 @@ pub async fn query(
         .map(|s| parse_time(s, "from"))
         .transpose()?;
     let to = p.to.as_deref().map(|s| parse_time(s, "to")).transpose()?;
-    if let (Some(f), Some(t)) = (from, to) {
-        if f >= t {
-            return Err(ApiError::bad_request("from must be before to"));
-        }
+    if let (Some(f), Some(t)) = (from, to)
+        && f >= t
+    {
+        return Err(ApiError::bad_request("from must be before to"));
     }
     let tz_given =
         match &p.tz {

@@ -15,7 +15,7 @@ use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, Modality, Scopes};
 
 mod log;
 mod usage;
-pub use log::{AppendDone, CheckpointDone, Log, LogError, SignedCheckpoint};
+pub use log::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
 pub use usage::{Bucket, GroupBy, UsageQuery, UsageRow, aggregate, ceil_hour, floor_hour};
 
 /// An account node, as projected from the ledger.
@@ -148,11 +148,11 @@ pub trait Store: Send + Sync + 'static {
 pub fn effective_time_zone(store: &dyn Store, path: &AccountPath) -> Result<TimeZone, StoreError> {
     let mut node = Some(path.clone());
     while let Some(p) = node {
-        if let Some(a) = store.account(&p)? {
-            if let Some(name) = &a.info.time_zone {
-                return TimeZone::get(name)
-                    .map_err(|e| StoreError::Corrupt(format!("time zone {name:?} of {p}: {e}")));
-            }
+        if let Some(a) = store.account(&p)?
+            && let Some(name) = &a.info.time_zone
+        {
+            return TimeZone::get(name)
+                .map_err(|e| StoreError::Corrupt(format!("time zone {name:?} of {p}: {e}")));
         }
         node = p.parent();
     }

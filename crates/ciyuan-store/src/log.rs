@@ -32,6 +32,9 @@ pub type AppendDone = Box<dyn FnOnce(Result<Range<u64>, LogError>) + Send>;
 /// Called once a checkpoint is signed and stored.
 pub type CheckpointDone = Box<dyn FnOnce(Result<SignedCheckpoint, LogError>) + Send>;
 
+/// Visits one entry of a scan: its index and bytes.
+pub type ScanFn<'a> = dyn FnMut(u64, &[u8]) -> Result<(), LogError> + 'a;
+
 /// The tamper-evident log. Entries are opaque bytes here; their id is their index.
 pub trait Log: Send + Sync + 'static {
     /// Queues entries for a durable append; `done` runs when they are durable.
@@ -43,11 +46,7 @@ pub trait Log: Send + Sync + 'static {
     /// One entry's bytes.
     fn entry(&self, index: u64) -> Result<Vec<u8>, LogError>;
     /// Streams entries `range` in order.
-    fn scan(
-        &self,
-        range: Range<u64>,
-        f: &mut dyn FnMut(u64, &[u8]) -> Result<(), LogError>,
-    ) -> Result<(), LogError>;
+    fn scan(&self, range: Range<u64>, f: &mut ScanFn<'_>) -> Result<(), LogError>;
     /// RFC 6962 inclusion proof of entry `index` in the tree of `size` entries.
     fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, LogError>;
     /// RFC 6962 consistency proof between tree sizes.

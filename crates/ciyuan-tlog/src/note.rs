@@ -321,13 +321,13 @@ pub fn open_checkpoint(
 ) -> Result<Checkpoint, NoteError> {
     let text = verifier.verify(note)?;
     let c = Checkpoint::parse(text)?;
-    if let Some(o) = expected_origin {
-        if c.origin != o {
-            return Err(NoteError::WrongOrigin {
-                expected: o.to_string(),
-                found: c.origin,
-            });
-        }
+    if let Some(o) = expected_origin
+        && c.origin != o
+    {
+        return Err(NoteError::WrongOrigin {
+            expected: o.to_string(),
+            found: c.origin,
+        });
     }
     Ok(c)
 }

@@ -53,7 +53,7 @@ pub fn subtree_root<S: NodeSource>(src: &S, start: u64, end: u64) -> Result<Hash
     if len == 0 {
         return Ok(EMPTY_ROOT);
     }
-    if len.is_power_of_two() && start % len == 0 {
+    if len.is_power_of_two() && start.is_multiple_of(len) {
         return src.node(len.trailing_zeros(), start / len);
     }
     let k = split(len);

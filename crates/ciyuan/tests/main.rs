@@ -1,5 +1,7 @@
 //! End-to-end tests: the real `ciyuan` binary, its HTTP API and its files.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 mod crash;
 mod e2e;
