@@ -1,6 +1,6 @@
 //! Group commit: one writer thread, many producers, one `fdatasync` per group.
 
-use crate::ledger::{Ledger, LedgerReader};
+use crate::ledger::{Ledger, LedgerReader, Staged};
 use crate::{LedgerError, SignedCheckpoint};
 use ciyuan_store::{AppendDone, CheckpointDone, Log, LogError};
 use ciyuan_tlog::Hash;
@@ -115,22 +115,78 @@ impl GroupCommitter {
     }
 }
 
+/// What the writer hands the syncer, in order.
+enum Synced {
+    Group(Staged, Vec<(u64, OnAppended)>),
+    Failed(String, Vec<OnAppended>),
+    Checkpoint(OnCheckpoint),
+}
+
+/// Groups staged ahead of the one being synced. Two keep the disk busy (one syncing,
+/// one being written) without letting acknowledged work pile up.
+const PIPELINE_DEPTH: usize = 2;
+
+/// The writer: gathers a group, writes it, and hands it to the syncer, so that framing
+/// and writing the next group overlap the `fdatasync` of the previous one.
 fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
     let max_entries = ledger.options().max_batch_entries;
     let max_bytes = ledger.options().max_batch_bytes;
+    let handle = ledger.handle();
+    let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<Synced>(PIPELINE_DEPTH);
+    let syncer = std::thread::Builder::new()
+        .name("ciyuan-ledger-sync".into())
+        .spawn(move || {
+            for msg in sync_rx {
+                match msg {
+                    Synced::Group(staged, dones) => match handle.commit(staged) {
+                        Ok(range) => {
+                            groups.fetch_add(1, Ordering::Relaxed);
+                            let mut at = range.start;
+                            for (n, done) in dones {
+                                done(Ok(at..at + n));
+                                at += n;
+                            }
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            for (_, done) in dones {
+                                done(Err(LedgerError::Failed(msg.clone())));
+                            }
+                        }
+                    },
+                    Synced::Failed(msg, dones) => {
+                        for done in dones {
+                            done(Err(LedgerError::Failed(msg.clone())));
+                        }
+                    }
+                    Synced::Checkpoint(done) => done(handle.checkpoint()),
+                }
+            }
+        });
+    let Ok(syncer) = syncer else {
+        // No syncer thread: nothing can become durable; fail every request.
+        for req in rx {
+            match req {
+                Request::Append { done, .. } => done(Err(LedgerError::ShutDown)),
+                Request::Checkpoint { done } => done(Err(LedgerError::ShutDown)),
+                Request::Shutdown => break,
+            }
+        }
+        return;
+    };
     let mut group: Vec<(Vec<Vec<u8>>, OnAppended)> = Vec::new();
-    let mut after: Vec<OnCheckpoint> = Vec::new();
     let mut stop = false;
     while !stop {
         let Ok(first) = rx.recv() else { break };
         let mut pending = Some(first);
         let (mut entries, mut bytes) = (0usize, 0usize);
+        let mut checkpoints = Vec::new();
         // Take what is already queued, up to the group bounds.
         loop {
             let req = match pending.take() {
                 Some(r) => r,
                 None => {
-                    if entries >= max_entries || bytes >= max_bytes || !after.is_empty() {
+                    if entries >= max_entries || bytes >= max_bytes || !checkpoints.is_empty() {
                         break;
                     }
                     match rx.try_recv() {
@@ -150,7 +206,7 @@ fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
                     bytes += e.iter().map(Vec::len).sum::<usize>();
                     group.push((e, done));
                 }
-                Request::Checkpoint { done } => after.push(done),
+                Request::Checkpoint { done } => checkpoints.push(done),
                 Request::Shutdown => {
                     stop = true;
                     break;
@@ -162,30 +218,30 @@ fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
                 .iter()
                 .flat_map(|(e, _)| e.iter().map(Vec::as_slice))
                 .collect();
-            let result = ledger.append_batch(&slices);
-            groups.fetch_add(1, Ordering::Relaxed);
+            let staged = ledger.stage(&slices);
             drop(slices);
-            match result {
-                Ok(range) => {
-                    let mut at = range.start;
-                    for (e, done) in group.drain(..) {
-                        let n = e.len() as u64;
-                        done(Ok(at..at + n));
-                        at += n;
-                    }
-                }
-                Err(err) => {
-                    let msg = err.to_string();
-                    for (_, done) in group.drain(..) {
-                        done(Err(LedgerError::Failed(msg.clone())));
-                    }
-                }
+            let msg = match staged {
+                Ok(staged) => Synced::Group(
+                    staged,
+                    group
+                        .drain(..)
+                        .map(|(e, done)| (e.len() as u64, done))
+                        .collect(),
+                ),
+                Err(e) => Synced::Failed(e.to_string(), group.drain(..).map(|(_, d)| d).collect()),
+            };
+            if sync_tx.send(msg).is_err() {
+                break;
             }
         }
-        for done in after.drain(..) {
-            done(ledger.checkpoint());
+        for done in checkpoints {
+            if sync_tx.send(Synced::Checkpoint(done)).is_err() {
+                break;
+            }
         }
     }
+    drop(sync_tx);
+    let _ = syncer.join();
     // Answer whatever is still queued so no producer waits forever.
     while let Ok(req) = rx.try_recv() {
         match req {

@@ -46,6 +46,125 @@ struct Shared {
     state: RwLock<State>,
     checkpoints: RwLock<Vec<SignedCheckpoint>>,
     max_entry_bytes: usize,
+    /// Set when a write or sync failed: the file's state is then unknown (the kernel may
+    /// have dropped dirty pages), so everything is refused until recovery reopens it.
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn fail(&self, why: String) {
+        let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(why);
+        }
+    }
+
+    /// Makes a synced group visible to readers.
+    fn publish(&self, staged: Staged) {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        for (level, h) in staged.upper {
+            keep_upper(&mut st.upper, level, &h);
+        }
+        st.size = staged.range.end;
+        st.root = staged.root;
+    }
+}
+
+/// A group written to its segment but not yet synced, nor visible to readers.
+pub(crate) struct Staged {
+    /// Indices of the group.
+    pub range: Range<u64>,
+    /// The segment to `fdatasync` before publishing.
+    pub file: Arc<File>,
+    upper: Vec<(u32, Hash)>,
+    root: Hash,
+}
+
+/// What the sync side of a pipelined writer needs: the shared state and the
+/// checkpointer.
+pub(crate) struct SharedHandle {
+    shared: Arc<Shared>,
+    checkpointer: std::sync::Mutex<Checkpointer>,
+}
+
+impl SharedHandle {
+    pub(crate) fn commit(&self, staged: Staged) -> Result<Range<u64>, LedgerError> {
+        if let Some(why) = self.shared.failure() {
+            return Err(LedgerError::Failed(why));
+        }
+        if let Err(e) = staged.file.sync_data() {
+            self.shared.fail(format!("syncing the segment: {e}"));
+            return Err(LedgerError::io("syncing the segment")(e));
+        }
+        let range = staged.range.clone();
+        self.shared.publish(staged);
+        Ok(range)
+    }
+
+    pub(crate) fn checkpoint(&self) -> Result<SignedCheckpoint, LedgerError> {
+        self.checkpointer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .checkpoint(&self.shared)
+    }
+}
+
+/// Signs and stores checkpoints of the *published* tree, so a checkpoint never covers
+/// an entry that is not yet durable.
+pub(crate) struct Checkpointer {
+    signer: NoteSigner,
+    file: File,
+}
+
+impl Checkpointer {
+    fn checkpoint(&mut self, shared: &Shared) -> Result<SignedCheckpoint, LedgerError> {
+        if let Some(why) = shared.failure() {
+            return Err(LedgerError::Failed(why));
+        }
+        let (size, root) = {
+            let st = read_lock(&shared.state);
+            (st.size, st.root)
+        };
+        if let Some(latest) = read_lock(&shared.checkpoints).last() {
+            if latest.checkpoint.size == size {
+                return Ok(latest.clone());
+            }
+        }
+        let checkpoint = Checkpoint {
+            origin: self.signer.name().to_string(),
+            size,
+            root,
+            extensions: Vec::new(),
+        };
+        let note = self
+            .signer
+            .sign(&checkpoint.to_text())
+            .map_err(|e| corrupt(format!("signing a checkpoint: {e}")))?;
+        let frame = put_checkpoint(&note);
+        let write = self
+            .file
+            .metadata()
+            .and_then(|m| self.file.write_all_at(&frame, m.len()))
+            .and_then(|_| self.file.sync_data());
+        if let Err(e) = write {
+            shared.fail(format!("writing a checkpoint: {e}"));
+            return Err(LedgerError::io("writing a checkpoint")(e));
+        }
+        let signed = SignedCheckpoint { checkpoint, note };
+        shared
+            .checkpoints
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(signed.clone());
+        Ok(signed)
+    }
 }
 
 fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -56,18 +175,15 @@ fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 /// The writer of a ledger directory. Owns the lock; one per directory.
 pub struct Ledger {
     shared: Arc<Shared>,
+    handle: Arc<SharedHandle>,
     opts: LedgerOptions,
     dir: PathBuf,
-    signer: NoteSigner,
     frontier: Frontier,
-    active: File,
-    active_first: u64,
+    active: Arc<File>,
     active_len: u64,
     sidecar_w: File,
-    checkpoints_w: File,
     buf: Vec<u8>,
     side_buf: Vec<u8>,
-    failed: Option<String>,
     _lock: File,
 }
 
@@ -397,6 +513,7 @@ impl Ledger {
             }),
             checkpoints: RwLock::new(checkpoints),
             max_entry_bytes: opts.max_entry_bytes,
+            failed: std::sync::Mutex::new(None),
         });
         let reader = LedgerReader {
             shared: shared.clone(),
@@ -417,19 +534,23 @@ impl Ledger {
             }
         }
 
+        let handle = Arc::new(SharedHandle {
+            shared: shared.clone(),
+            checkpointer: std::sync::Mutex::new(Checkpointer {
+                signer,
+                file: checkpoints_w,
+            }),
+        });
         Ok(Ledger {
             shared,
+            handle,
             dir: dir.to_path_buf(),
-            signer,
             frontier,
-            active,
-            active_first: last_first,
+            active: Arc::new(active),
             active_len: valid_len as u64,
             sidecar_w,
-            checkpoints_w,
             buf: Vec::with_capacity(1 << 20),
             side_buf: Vec::with_capacity(64 << 10),
-            failed: None,
             _lock: lock,
             opts,
         })
@@ -481,74 +602,73 @@ impl Ledger {
         &mut self,
         entries: &[E],
     ) -> Result<Range<u64>, LedgerError> {
-        if let Some(why) = &self.failed {
-            return Err(LedgerError::Failed(why.clone()));
+        let staged = self.stage(entries)?;
+        self.handle.commit(staged)
+    }
+
+    /// The sync side of this ledger, for a pipelined writer.
+    pub(crate) fn handle(&self) -> Arc<SharedHandle> {
+        self.handle.clone()
+    }
+
+    /// Validates and writes a group to the active segment and the sidecar, without
+    /// syncing or publishing it. Groups must be committed in the order staged.
+    pub(crate) fn stage<E: AsRef<[u8]>>(&mut self, entries: &[E]) -> Result<Staged, LedgerError> {
+        if let Some(why) = self.shared.failure() {
+            return Err(LedgerError::Failed(why));
         }
         for e in entries {
             self.validate(e.as_ref())?;
         }
-        let start = self.size();
-        if entries.is_empty() {
-            return Ok(start..start);
-        }
-        if self.active_len >= self.opts.segment_max_bytes {
+        if self.active_len >= self.opts.segment_max_bytes && !entries.is_empty() {
             self.roll()?;
         }
         let result = self.write_group(entries);
         if let Err(e) = &result {
-            // After a failed write or fsync the file's state is unknown (the kernel may
-            // have dropped dirty pages): refuse everything until recovery reopens it.
-            self.failed = Some(e.to_string());
+            self.shared.fail(e.to_string());
         }
         result
     }
 
-    fn write_group<E: AsRef<[u8]>>(&mut self, entries: &[E]) -> Result<Range<u64>, LedgerError> {
+    fn write_group<E: AsRef<[u8]>>(&mut self, entries: &[E]) -> Result<Staged, LedgerError> {
         let start = self.size();
         self.buf.clear();
         self.side_buf.clear();
         let mut offset = self.active_len;
-        let mut leaves = Vec::with_capacity(entries.len());
+        let mut upper: Vec<(u32, Hash)> = Vec::new();
         for (i, e) in entries.iter().enumerate() {
             let payload = e.as_ref();
             let leaf = leaf_hash(payload);
             put_record(&mut self.buf, start + i as u64, payload);
             put_sidecar(&mut self.side_buf, &leaf, offset);
             offset += (RECORD_HEADER_BYTES + payload.len()) as u64;
-            leaves.push(leaf);
+            self.frontier.push(leaf, |level, _, h| {
+                if level >= UPPER_LEVEL {
+                    upper.push((level, *h));
+                }
+            });
         }
         self.active
             .write_all_at(&self.buf, self.active_len)
             .map_err(LedgerError::io("appending to the segment"))?;
-        self.active
-            .sync_data()
-            .map_err(LedgerError::io("syncing the segment"))?;
         self.active_len = offset;
         self.sidecar_w
             .write_all_at(&self.side_buf, start * SIDECAR_ENTRY_BYTES as u64)
             .map_err(LedgerError::io("writing the sidecar"))?;
-        let mut new_upper: Vec<(u32, Hash)> = Vec::new();
-        for leaf in leaves {
-            self.frontier.push(leaf, |level, _, h| {
-                if level >= UPPER_LEVEL {
-                    new_upper.push((level, *h));
-                }
-            });
-        }
-        let end = self.size();
-        let root = self.frontier.root();
-        let mut st = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
-        for (level, h) in new_upper {
-            keep_upper(&mut st.upper, level, &h);
-        }
-        st.size = end;
-        st.root = root;
-        Ok(start..end)
+        Ok(Staged {
+            range: start..self.size(),
+            file: self.active.clone(),
+            upper,
+            root: self.frontier.root(),
+        })
     }
 
     /// Seals the active segment and starts the next.
     fn roll(&mut self) -> Result<(), LedgerError> {
-        // The sidecar of a sealed segment must be durable: recovery trusts it.
+        // The sealed segment and its sidecar must be durable: recovery trusts both.
+        self.active
+            .sync_data()
+            .map_err(LedgerError::io("syncing the sealed segment"))?;
         self.sidecar_w
             .sync_data()
             .map_err(LedgerError::io("syncing the sidecar"))?;
@@ -557,8 +677,7 @@ impl Ledger {
         let (file, name) = create_segment(&seg_dir, first)?;
         let reader =
             File::open(seg_dir.join(&name)).map_err(LedgerError::io("opening the new segment"))?;
-        self.active = file;
-        self.active_first = first;
+        self.active = Arc::new(file);
         self.active_len = SEGMENT_HEADER_BYTES as u64;
         let mut st = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
         st.segments.push(Segment {
@@ -572,46 +691,7 @@ impl Ledger {
     /// Signs a checkpoint of the current tree unless the newest one already covers it,
     /// and stores it durably.
     pub fn checkpoint(&mut self) -> Result<SignedCheckpoint, LedgerError> {
-        if let Some(why) = &self.failed {
-            return Err(LedgerError::Failed(why.clone()));
-        }
-        let size = self.size();
-        if let Some(latest) = self.reader().latest_checkpoint()
-            && latest.checkpoint.size == size
-        {
-            return Ok(latest);
-        }
-        let checkpoint = Checkpoint {
-            origin: self.signer.name().to_string(),
-            size,
-            root: self.root(),
-            extensions: Vec::new(),
-        };
-        let note = self
-            .signer
-            .sign(&checkpoint.to_text())
-            .map_err(|e| corrupt(format!("signing a checkpoint: {e}")))?;
-        let frame = put_checkpoint(&note);
-        let at = self
-            .checkpoints_w
-            .metadata()
-            .map_err(LedgerError::io("checkpoints metadata"))?
-            .len();
-        let write = self
-            .checkpoints_w
-            .write_all_at(&frame, at)
-            .and_then(|_| self.checkpoints_w.sync_data());
-        if let Err(e) = write {
-            self.failed = Some(format!("writing a checkpoint: {e}"));
-            return Err(LedgerError::io("writing a checkpoint")(e));
-        }
-        let signed = SignedCheckpoint { checkpoint, note };
-        self.shared
-            .checkpoints
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(signed.clone());
-        Ok(signed)
+        self.handle.checkpoint()
     }
 
     /// Makes the sidecar durable (on clean shutdown, so the next open rebuilds less).

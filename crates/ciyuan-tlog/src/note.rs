@@ -1,44 +1,63 @@
-//! C2SP `tlog-checkpoint` texts inside C2SP `signed-note`s, signed with Ed25519.
+//! C2SP `signed-note`s with Ed25519 keys.
 //!
-//! A signed note is the text (non-empty, every line ending in `\n`), a blank line, then
-//! one or more lines `— <name> <base64(key id ‖ signature)>`. The key id is the first
-//! four bytes of SHA-256(name ‖ "\n" ‖ 0x01 ‖ public key); the verifier key is written
-//! `<name>+<key id hex>+<base64(0x01 ‖ public key)>`.
+//! A signed note is the text (ending in `\n`), a blank line, then one or more lines
+//! `— <name> <base64(key id ‖ signature)>`. The key id is the first four bytes of
+//! SHA-256(name ‖ "\n" ‖ 0x01 ‖ public key), big-endian; the verifier key is written
+//! `<name>+<key id as 8 hex digits>+<base64(0x01 ‖ public key)>`, the form the Go
+//! reference implementation (`golang.org/x/mod/sumdb/note`) reads and writes.
 
-use crate::Hash;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
-/// Algorithm byte of Ed25519 keys in C2SP signed notes.
+/// Signature type byte of Ed25519 keys in C2SP signed notes.
 const ALG_ED25519: u8 = 0x01;
-/// The dash that opens a signature line: U+2014 EM DASH and a space.
+/// What opens a signature line: U+2014 EM DASH and a space.
 const SIG_PREFIX: &str = "\u{2014} ";
-/// Longest note accepted; checkpoints are a few hundred bytes.
-const MAX_NOTE_BYTES: usize = 64 * 1024;
+/// Largest note accepted. The spec asks verifiers to accept at least 16 signatures of up
+/// to about 5 kB each; this leaves ample room while bounding the work per note.
+const MAX_NOTE_BYTES: usize = 1 << 20;
+/// Most signature lines accepted, as in the Go reference implementation.
+const MAX_SIGNATURES: usize = 100;
+/// Room left for signature lines when signing, so that what `sign` makes `verify`
+/// accepts.
+const SIGNATURE_ROOM: usize = 4 << 10;
 
-/// Why a note, key or checkpoint was refused.
+/// Why a key, note or checkpoint was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NoteError {
-    /// A key name with whitespace, `+`, or nothing.
-    #[error("key name {0:?} must be non-empty without spaces or '+'")]
+    /// A key name that is empty or has whitespace or `+`.
+    #[error("invalid key name {0:?}: it must be non-empty, without spaces or '+'")]
     BadName(String),
     /// Text that a note cannot carry.
-    #[error("note text {0}")]
+    #[error("cannot sign this text: it {0}")]
     BadText(&'static str),
-    /// A malformed signed note.
-    #[error("malformed signed note: {0}")]
-    Malformed(&'static str),
-    /// A malformed verifier key.
+    /// A verifier key that does not parse.
     #[error("malformed verifier key: {0}")]
-    BadKey(&'static str),
-    /// No signature by this key, or one that does not verify.
-    #[error("no valid signature by key {0}")]
-    NotSigned(String),
-    /// A malformed checkpoint text.
+    MalformedKey(String),
+    /// A signed note that does not follow the format.
+    #[error("malformed signed note: {0}")]
+    MalformedNote(String),
+    /// The note carries no signature by the verifier's key.
+    #[error("the note has no signature by key {name}+{key_id:08x}")]
+    NotSigned {
+        /// Name of the key.
+        name: String,
+        /// Id of the key.
+        key_id: u32,
+    },
+    /// The note carries a signature by the verifier's key that does not verify.
+    #[error("the signature by key {name}+{key_id:08x} does not verify")]
+    BadSignature {
+        /// Name of the key.
+        name: String,
+        /// Id of the key.
+        key_id: u32,
+    },
+    /// A checkpoint text that does not follow the format.
     #[error("malformed checkpoint: {0}")]
-    BadCheckpoint(&'static str),
+    MalformedCheckpoint(String),
     /// A checkpoint of another log.
     #[error("checkpoint origin {found:?} is not the expected {expected:?}")]
     WrongOrigin {
@@ -49,6 +68,8 @@ pub enum NoteError {
     },
 }
 
+/// Key names must be non-empty and free of Unicode white space and `+`, so that the
+/// signature line and the `+`-separated verifier key split unambiguously.
 fn check_name(name: &str) -> Result<(), NoteError> {
     if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '+') {
         return Err(NoteError::BadName(name.to_string()));
@@ -56,19 +77,17 @@ fn check_name(name: &str) -> Result<(), NoteError> {
     Ok(())
 }
 
-fn check_text(text: &str) -> Result<(), NoteError> {
-    if text.is_empty() || !text.ends_with('\n') {
-        return Err(NoteError::BadText(
-            "must be non-empty and end with a newline",
-        ));
+/// The spec forbids ASCII control characters other than newline anywhere in a note.
+pub(crate) fn find_control(s: &str) -> Option<char> {
+    s.chars().find(|&c| c < ' ' && c != '\n')
+}
+
+/// At most 40 characters of untrusted input, for error messages.
+pub(crate) fn excerpt(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((at, _)) => format!("{:?}…", &s[..at]),
+        None => format!("{s:?}"),
     }
-    if text.contains("\n\n") || text.starts_with('\n') {
-        return Err(NoteError::BadText("must not contain blank lines"));
-    }
-    if text.chars().any(|c| c.is_control() && c != '\n') {
-        return Err(NoteError::BadText("must not contain control characters"));
-    }
-    Ok(())
 }
 
 fn key_id(name: &str, public: &[u8; 32]) -> u32 {
@@ -81,6 +100,13 @@ fn key_id(name: &str, public: &[u8; 32]) -> u32 {
     u32::from_be_bytes([h[0], h[1], h[2], h[3]])
 }
 
+fn encode_vkey(name: &str, id: u32, public: &VerifyingKey) -> String {
+    let mut raw = [0u8; 33];
+    raw[0] = ALG_ED25519;
+    raw[1..].copy_from_slice(public.as_bytes());
+    format!("{name}+{id:08x}+{}", B64.encode(raw))
+}
+
 /// Signs notes with one Ed25519 key under one name.
 pub struct NoteSigner {
     name: String,
@@ -89,13 +115,14 @@ pub struct NoteSigner {
 }
 
 impl std::fmt::Debug for NoteSigner {
+    /// Names the key but never shows the secret.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "NoteSigner({}+{:08x})", self.name, self.id)
     }
 }
 
 impl NoteSigner {
-    /// A signer named `name` (by convention the log's origin).
+    /// A signer named `name`; for a log, by convention, its checkpoint origin.
     pub fn new(name: &str, key: SigningKey) -> Result<NoteSigner, NoteError> {
         check_name(name)?;
         let id = key_id(name, key.verifying_key().as_bytes());
@@ -111,22 +138,47 @@ impl NoteSigner {
         &self.name
     }
 
-    /// The key id.
+    /// The key id: the first four bytes, big-endian, of
+    /// SHA-256(name ‖ "\n" ‖ 0x01 ‖ public key).
     pub fn key_id(&self) -> u32 {
         self.id
     }
 
-    /// The verifier key, `name+keyid+base64(0x01 ‖ public key)`.
+    /// The verifier key, `name+<8 hex key id>+<base64(0x01 ‖ public key)>`, to hand to
+    /// whoever checks this signer's notes.
     pub fn verifier_key(&self) -> String {
-        let mut raw = [0u8; 33];
-        raw[0] = ALG_ED25519;
-        raw[1..].copy_from_slice(self.key.verifying_key().as_bytes());
-        format!("{}+{:08x}+{}", self.name, self.id, B64.encode(raw))
+        encode_vkey(&self.name, self.id, &self.key.verifying_key())
     }
 
-    /// Signs `text`, giving the whole signed note.
+    /// The verifier for this signer's notes.
+    pub fn verifier(&self) -> NoteVerifier {
+        NoteVerifier {
+            name: self.name.clone(),
+            id: self.id,
+            key: self.key.verifying_key(),
+        }
+    }
+
+    /// Signs `text`, giving the whole signed note: the text, a blank line, and the
+    /// signature line `— <name> <base64(key id ‖ Ed25519 signature of the text)>`.
+    ///
+    /// The text must be non-empty, end in a newline and contain no ASCII control
+    /// characters other than newline.
     pub fn sign(&self, text: &str) -> Result<String, NoteError> {
-        check_text(text)?;
+        if text.is_empty() {
+            return Err(NoteError::BadText("is empty"));
+        }
+        if !text.ends_with('\n') {
+            return Err(NoteError::BadText("does not end in a newline"));
+        }
+        if find_control(text).is_some() {
+            return Err(NoteError::BadText(
+                "contains an ASCII control character other than newline",
+            ));
+        }
+        if text.len() > MAX_NOTE_BYTES - SIGNATURE_ROOM {
+            return Err(NoteError::BadText("is too long for a note"));
+        }
         let sig = self.key.sign(text.as_bytes());
         let mut raw = [0u8; 68];
         raw[..4].copy_from_slice(&self.id.to_be_bytes());
@@ -139,8 +191,8 @@ impl NoteSigner {
     }
 }
 
-/// Checks notes against one verifier key.
-#[derive(Debug, Clone)]
+/// Checks notes against one Ed25519 verifier key.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NoteVerifier {
     name: String,
     id: u32,
@@ -148,33 +200,50 @@ pub struct NoteVerifier {
 }
 
 impl NoteVerifier {
-    /// Parses a verifier key `name+keyid+base64(0x01 ‖ public key)`.
+    /// Parses a verifier key `name+<8 hex key id>+<base64(0x01 ‖ public key)>`, checking
+    /// that the key id belongs to the name and key.
     pub fn from_vkey(vkey: &str) -> Result<NoteVerifier, NoteError> {
-        let vkey = vkey.trim_end_matches('\n');
-        // The base64 key may itself contain '+': split at the first two only.
+        let bad = |why: &str| NoteError::MalformedKey(why.to_string());
+        // The key's base64 may itself contain '+': only the first two separate fields.
         let mut parts = vkey.splitn(3, '+');
         let (Some(name), Some(id_hex), Some(key_b64)) = (parts.next(), parts.next(), parts.next())
         else {
-            return Err(NoteError::BadKey("expected name+keyid+key"));
+            return Err(bad("expected <name>+<key id>+<key>"));
         };
         check_name(name)?;
         if id_hex.len() != 8 || !id_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(NoteError::BadKey("key id is not 8 hex digits"));
+            return Err(NoteError::MalformedKey(format!(
+                "key id {} is not 8 hex digits",
+                excerpt(id_hex)
+            )));
         }
-        let id = u32::from_str_radix(id_hex, 16).map_err(|_| NoteError::BadKey("key id"))?;
+        let id = u32::from_str_radix(id_hex, 16).map_err(|_| bad("key id is not hex"))?;
         let raw = B64
             .decode(key_b64)
-            .map_err(|_| NoteError::BadKey("key is not base64"))?;
-        if raw.len() != 33 || raw[0] != ALG_ED25519 {
-            return Err(NoteError::BadKey("not an Ed25519 key"));
+            .map_err(|_| bad("the key is not canonical standard base64"))?;
+        match raw.first() {
+            None => return Err(bad("the key is empty")),
+            Some(&ALG_ED25519) => {}
+            Some(alg) => {
+                return Err(NoteError::MalformedKey(format!(
+                    "unsupported signature type {alg:#04x} (only Ed25519, 0x01, is)"
+                )));
+            }
         }
-        let mut public = [0u8; 32];
-        public.copy_from_slice(&raw[1..]);
-        if key_id(name, &public) != id {
-            return Err(NoteError::BadKey("key id does not match the key"));
+        let public: [u8; 32] = raw[1..].try_into().map_err(|_| {
+            NoteError::MalformedKey(format!(
+                "an Ed25519 key is 32 bytes, this one is {}",
+                raw.len() - 1
+            ))
+        })?;
+        let want = key_id(name, &public);
+        if want != id {
+            return Err(NoteError::MalformedKey(format!(
+                "key id {id:08x} does not belong to this name and key (that would be {want:08x})"
+            )));
         }
         let key = VerifyingKey::from_bytes(&public)
-            .map_err(|_| NoteError::BadKey("not a valid Ed25519 point"))?;
+            .map_err(|_| bad("the key is not a valid Ed25519 public key"))?;
         Ok(NoteVerifier {
             name: name.to_string(),
             id,
@@ -192,142 +261,94 @@ impl NoteVerifier {
         self.id
     }
 
-    /// Checks a signed note; answers its text when a signature by this key verifies.
-    /// Signatures by other keys are ignored, as the spec asks.
+    /// The verifier key this verifier was made from, in canonical form.
+    pub fn verifier_key(&self) -> String {
+        encode_vkey(&self.name, self.id, &self.key)
+    }
+
+    /// Parses a signed note strictly and answers its text when it carries a valid
+    /// signature by this key.
+    ///
+    /// Signature lines by other keys (another name or another key id) are ignored, as the
+    /// spec requires, but must still be well-formed. A signature by this key that does not
+    /// verify rejects the whole note, even if another one by this key does.
     pub fn verify<'a>(&self, note: &'a str) -> Result<&'a str, NoteError> {
+        let malformed = |why: String| NoteError::MalformedNote(why);
         if note.len() > MAX_NOTE_BYTES {
-            return Err(NoteError::Malformed("too long"));
+            return Err(malformed(format!("it is over {MAX_NOTE_BYTES} bytes long")));
         }
-        let split = note
-            .rfind("\n\n")
-            .ok_or(NoteError::Malformed("no blank line before the signatures"))?;
-        let (text, sigs) = (&note[..split + 1], &note[split + 2..]);
-        check_text(text).map_err(|_| NoteError::Malformed("bad text"))?;
-        if sigs.is_empty() || !sigs.ends_with('\n') {
-            return Err(NoteError::Malformed(
-                "signature block must end with a newline",
-            ));
+        if let Some(c) = find_control(note) {
+            return Err(malformed(format!(
+                "it contains the control character {c:?}"
+            )));
         }
+        // The text may contain blank lines of its own: the last one separates it.
+        let split = note.rfind("\n\n").ok_or_else(|| {
+            malformed("no blank line separates the text from the signatures".into())
+        })?;
+        let (text, sigs) = (&note[..=split], &note[split + 2..]);
+        let Some(sigs) = sigs.strip_suffix('\n') else {
+            return Err(malformed(if sigs.is_empty() {
+                "no signature lines follow the blank line".into()
+            } else {
+                "the last signature line does not end in a newline".into()
+            }));
+        };
         let mut found = false;
-        for line in sigs[..sigs.len() - 1].split('\n') {
-            let rest = line.strip_prefix(SIG_PREFIX).ok_or(NoteError::Malformed(
-                "signature line must start with an em dash",
-            ))?;
-            let (name, b64) = rest.split_once(' ').ok_or(NoteError::Malformed(
-                "signature line must be '— name signature'",
-            ))?;
-            check_name(name).map_err(|_| NoteError::Malformed("bad signer name"))?;
-            let raw = B64
-                .decode(b64)
-                .map_err(|_| NoteError::Malformed("signature is not base64"))?;
+        for (i, line) in sigs.split('\n').enumerate() {
+            let n = i + 1;
+            if n > MAX_SIGNATURES {
+                return Err(malformed(format!(
+                    "it has more than {MAX_SIGNATURES} signatures"
+                )));
+            }
+            let rest = line.strip_prefix(SIG_PREFIX).ok_or_else(|| {
+                malformed(format!(
+                    "signature line {n} does not start with an em dash and a space"
+                ))
+            })?;
+            let (name, b64) = rest.split_once(' ').ok_or_else(|| {
+                malformed(format!(
+                    "signature line {n} is not '\u{2014} <name> <signature>'"
+                ))
+            })?;
+            if check_name(name).is_err() {
+                return Err(malformed(format!(
+                    "signature line {n} has the invalid key name {}",
+                    excerpt(name)
+                )));
+            }
+            let raw = B64.decode(b64).map_err(|_| {
+                malformed(format!(
+                    "signature line {n}: the signature is not canonical standard base64"
+                ))
+            })?;
             if raw.len() < 5 {
-                return Err(NoteError::Malformed("signature too short"));
+                return Err(malformed(format!(
+                    "signature line {n}: the signature is too short to hold a key id"
+                )));
             }
             if name != self.name || raw[..4] != self.id.to_be_bytes() {
                 continue;
             }
-            let sig = Signature::from_slice(&raw[4..])
-                .map_err(|_| NoteError::NotSigned(self.name.clone()))?;
-            if self.key.verify(text.as_bytes(), &sig).is_err() {
-                return Err(NoteError::NotSigned(self.name.clone()));
-            }
+            let bad = || NoteError::BadSignature {
+                name: self.name.clone(),
+                key_id: self.id,
+            };
+            let sig = Signature::from_slice(&raw[4..]).map_err(|_| bad())?;
+            // Strict verification also refuses small-order key and nonce points, with
+            // which one signature can be made to hold for more than one message.
+            self.key
+                .verify_strict(text.as_bytes(), &sig)
+                .map_err(|_| bad())?;
             found = true;
         }
         if !found {
-            return Err(NoteError::NotSigned(self.name.clone()));
+            return Err(NoteError::NotSigned {
+                name: self.name.clone(),
+                key_id: self.id,
+            });
         }
         Ok(text)
     }
-}
-
-/// A C2SP `tlog-checkpoint`: origin, tree size, root hash, optional extension lines.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checkpoint {
-    /// The log's name.
-    pub origin: String,
-    /// Number of entries.
-    pub size: u64,
-    /// RFC 6962 root of those entries.
-    pub root: Hash,
-    /// Extra lines, opaque here.
-    pub extensions: Vec<String>,
-}
-
-impl Checkpoint {
-    /// The checkpoint text, ready to sign.
-    pub fn to_text(&self) -> String {
-        let mut s = format!(
-            "{}\n{}\n{}\n",
-            self.origin,
-            self.size,
-            B64.encode(self.root)
-        );
-        for e in &self.extensions {
-            s.push_str(e);
-            s.push('\n');
-        }
-        s
-    }
-
-    /// Parses a checkpoint text strictly.
-    pub fn parse(text: &str) -> Result<Checkpoint, NoteError> {
-        let body = text
-            .strip_suffix('\n')
-            .ok_or(NoteError::BadCheckpoint("must end with a newline"))?;
-        let mut lines = body.split('\n');
-        let origin = lines.next().unwrap_or("");
-        if origin.is_empty() {
-            return Err(NoteError::BadCheckpoint("empty origin"));
-        }
-        let size_text = lines
-            .next()
-            .ok_or(NoteError::BadCheckpoint("no size line"))?;
-        if size_text.is_empty()
-            || !size_text.bytes().all(|b| b.is_ascii_digit())
-            || (size_text.len() > 1 && size_text.starts_with('0'))
-        {
-            return Err(NoteError::BadCheckpoint("size is not a decimal number"));
-        }
-        let size: u64 = size_text
-            .parse()
-            .map_err(|_| NoteError::BadCheckpoint("size overflows"))?;
-        let root_text = lines
-            .next()
-            .ok_or(NoteError::BadCheckpoint("no root line"))?;
-        let raw = B64
-            .decode(root_text)
-            .map_err(|_| NoteError::BadCheckpoint("root is not canonical base64"))?;
-        let root: Hash = raw
-            .try_into()
-            .map_err(|_| NoteError::BadCheckpoint("root is not 32 bytes"))?;
-        let extensions: Vec<String> = lines.map(str::to_string).collect();
-        if extensions.iter().any(String::is_empty) {
-            return Err(NoteError::BadCheckpoint("empty extension line"));
-        }
-        Ok(Checkpoint {
-            origin: origin.to_string(),
-            size,
-            root,
-            extensions,
-        })
-    }
-}
-
-/// Verifies a signed checkpoint note and parses it; checks the origin when given.
-pub fn open_checkpoint(
-    verifier: &NoteVerifier,
-    note: &str,
-    expected_origin: Option<&str>,
-) -> Result<Checkpoint, NoteError> {
-    let text = verifier.verify(note)?;
-    let c = Checkpoint::parse(text)?;
-    if let Some(o) = expected_origin
-        && c.origin != o
-    {
-        return Err(NoteError::WrongOrigin {
-            expected: o.to_string(),
-            found: c.origin,
-        });
-    }
-    Ok(c)
 }
