@@ -145,7 +145,11 @@ fn admin_cli_audit_and_rebuild() {
     let mut forged = p.clone();
     forged["entry"] =
         serde_json::Value::String(p["entry"].as_str().unwrap().replace("acme", "acmf"));
-    forged["leaf_hash"] = serde_json::Value::Null;
+    // With a leaf hash that matches the forged entry, so it is the Merkle path that fails.
+    use base64::Engine;
+    let forged_leaf = ciyuan_tlog::leaf_hash(forged["entry"].as_str().unwrap().as_bytes());
+    forged["leaf_hash"] =
+        serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(forged_leaf));
     std::fs::write(&proof_file, forged.to_string()).unwrap();
     let o = Command::new("python3")
         .arg(&checker)
