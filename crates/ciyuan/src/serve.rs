@@ -27,6 +27,12 @@ pub struct ServeArgs {
     /// Admin key to install on first start instead of generating one.
     #[arg(long, env = "CIYUAN_BOOTSTRAP_ADMIN_KEY", hide_env_values = true)]
     bootstrap_admin_key: Option<String>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "CIYUAN_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Seconds between automatic checkpoints while the log grows.
+    #[arg(long, env = "CIYUAN_CHECKPOINT_INTERVAL_SECS")]
+    checkpoint_interval_secs: Option<u64>,
 }
 
 #[derive(Args)]
@@ -59,10 +65,17 @@ fn open(data: &Path, opts: LedgerOptions) -> anyhow::Result<(Ledger, SqliteStore
 }
 
 pub fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let file = match config {
+    let mut file = match config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
+    // Flags and environment variables override the file.
+    if args.max_body_bytes.is_some() {
+        file.max_body_bytes = args.max_body_bytes;
+    }
+    if args.checkpoint_interval_secs.is_some() {
+        file.checkpoint_interval_secs = args.checkpoint_interval_secs;
+    }
     let cfg = ServeConfig::resolve(file, args.data, args.listen, args.bootstrap_admin_key)?;
     let (ledger, store) = open(&cfg.data, ledger_options(&cfg))?;
     let (committer, writer) = GroupCommitter::start(ledger);

@@ -16,6 +16,8 @@ pub struct Server {
     pub url: String,
     /// The bootstrap admin key, when this start printed one.
     pub bootstrap: Option<String>,
+    /// The data directory the server reported.
+    pub data_dir: PathBuf,
 }
 
 impl Server {
@@ -24,12 +26,17 @@ impl Server {
     }
 
     pub fn start_with(data: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
-            .args(extra)
+            .args(extra);
+        Self::spawn(cmd)
+    }
+
+    /// Starts a prepared `ciyuan serve` command and waits until it listens.
+    pub fn spawn(mut cmd: Command) -> Server {
+        let mut child = cmd
             .env("CIYUAN_LOG", "warn")
-            .env_remove("CIYUAN_CONFIG")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -37,6 +44,7 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut bootstrap = None;
+        let mut data_dir = None;
         let deadline = Instant::now() + Duration::from_secs(60);
         let url = loop {
             assert!(Instant::now() < deadline, "server did not start");
@@ -46,6 +54,9 @@ impl Server {
                 .expect("read");
             if let Some(k) = line.strip_prefix("bootstrap admin key (shown once, store it now): ") {
                 bootstrap = Some(k.to_string());
+            }
+            if let Some(d) = line.strip_prefix("data directory: ") {
+                data_dir = Some(PathBuf::from(d));
             }
             if let Some(u) = line.strip_prefix("listening on ") {
                 break u.to_string();
@@ -57,6 +68,7 @@ impl Server {
             child,
             url,
             bootstrap,
+            data_dir: data_dir.expect("the server names its data directory"),
         }
     }
 

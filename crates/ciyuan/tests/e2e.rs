@@ -224,6 +224,45 @@ fn admin_cli_audit_and_rebuild() {
 }
 
 #[test]
+fn config_file_then_environment_then_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ciyuan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data = \"{}\"\nlisten = \"127.0.0.1:1\"\nmax_body_bytes = 2048\n[ledger]\norigin = \"example.test/ledger\"\n",
+            tmp.path().join("from-file").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0"]) // the flag beats the file's unusable port
+        .env("CIYUAN_DATA", tmp.path().join("from-env")); // the environment beats the file
+    let server = Server::spawn(cmd);
+    assert_eq!(server.data_dir, tmp.path().join("from-env"));
+    let admin = server.bootstrap.clone().unwrap();
+    // max_body_bytes from the file holds.
+    let big = json!({"path": "a", "display_name": "x".repeat(3000)});
+    let (s, body) = server.http("POST", "/api/v1/accounts", &admin, Some(&big));
+    assert_eq!(s, 413, "{}", String::from_utf8_lossy(&body));
+    // The origin from the file names the log.
+    let out = stdout(&server.cli(&admin, &["audit", "checkpoint"]));
+    assert!(out.starts_with("example.test/ledger\n"), "{out}");
+    server.stop();
+    // An unknown key in the file is refused with its name.
+    std::fs::write(&config, "lisen = \"x\"\n").unwrap();
+    let o = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown field `lisen`"));
+}
+
+#[test]
 fn rebuild_refuses_while_the_server_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(tmp.path());
