@@ -58,6 +58,23 @@ pub fn verify_path(path: &Path) -> Result<VerifyReport, VerifyFailure> {
     Ok(report)
 }
 
+/// Fails on any file in `dir` that is not in `allowed`: nothing unaccounted for.
+fn only_expected(dir: &Path, allowed: &[&str], what: &str) -> Result<(), VerifyFailure> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| VerifyFailure(format!("{}: {e}", dir.display())))?;
+    for e in entries {
+        let name = e
+            .map_err(|e| VerifyFailure(e.to_string()))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if !allowed.contains(&name.as_str()) {
+            return fail(format!("{name}: unexpected file in {what}"));
+        }
+    }
+    Ok(())
+}
+
 fn read_verifier(path: &Path) -> Result<(NoteVerifier, String), VerifyFailure> {
     let text = std::fs::read_to_string(path.join(PUBLIC_KEY_FILE))
         .map_err(|e| VerifyFailure(format!("{PUBLIC_KEY_FILE}: {e}")))?;
@@ -161,19 +178,18 @@ fn verify_ledger(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
             ));
         }
     }
-    for e in std::fs::read_dir(dir).map_err(|e| VerifyFailure(format!("{}: {e}", dir.display())))? {
-        let name = e
-            .map_err(|e| VerifyFailure(e.to_string()))?
-            .file_name()
-            .to_string_lossy()
-            .into_owned();
-        if !matches!(
-            name.as_str(),
-            "segments" | "leaves" | "checkpoints" | "signing.key" | "public.key" | "LOCK"
-        ) {
-            return fail(format!("{name}: unexpected file in the ledger directory"));
-        }
-    }
+    only_expected(
+        dir,
+        &[
+            "segments",
+            "leaves",
+            "checkpoints",
+            "signing.key",
+            "public.key",
+            "LOCK",
+        ],
+        "the ledger directory",
+    )?;
 
     // Checkpoints first, so the roots to look for are known while leaves stream past.
     let cp_bytes = std::fs::read(dir.join("checkpoints")).unwrap_or_default();
@@ -284,24 +300,17 @@ fn verify_ledger(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
 
 fn verify_bundle(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
     let (verifier, _) = read_verifier(dir)?;
-    for e in std::fs::read_dir(dir).map_err(|e| VerifyFailure(format!("{}: {e}", dir.display())))? {
-        let name = e
-            .map_err(|e| VerifyFailure(e.to_string()))?
-            .file_name()
-            .to_string_lossy()
-            .into_owned();
-        if ![
+    only_expected(
+        dir,
+        &[
             ENTRIES_FILE,
             LEAF_HASHES_FILE,
             CHECKPOINTS_DIR,
             PUBLIC_KEY_FILE,
             README_FILE,
-        ]
-        .contains(&name.as_str())
-        {
-            return fail(format!("{name}: unexpected file in the bundle"));
-        }
-    }
+        ],
+        "the bundle",
+    )?;
     let mut cps = Vec::new();
     let cp_dir = dir.join(CHECKPOINTS_DIR);
     if cp_dir.is_dir() {

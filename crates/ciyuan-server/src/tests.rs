@@ -476,6 +476,18 @@ async fn scopes_subtrees_and_revocation() {
     assert!(v["detail"].as_str().unwrap().contains("revoked"));
 }
 
+fn hash(v: &Value) -> Hash {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().unwrap())
+        .unwrap();
+    raw.try_into().unwrap()
+}
+
+fn hashes(v: &Value) -> Vec<Hash> {
+    v.as_array().unwrap().iter().map(hash).collect()
+}
+
 #[tokio::test]
 async fn corrections_show_in_usage_and_proofs_verify() {
     let h = harness().await;
@@ -521,20 +533,9 @@ async fn corrections_show_in_usage_and_proofs_verify() {
         .admin("GET", &format!("/api/v1/audit/entries/{id}/proof"), None)
         .await;
     assert_eq!(s, StatusCode::OK, "{p}");
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
     let entry = p["entry"].as_str().unwrap().as_bytes();
-    let proof: Vec<Hash> = p["proof"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| b64.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
-        .collect();
-    let root: Hash = b64
-        .decode(p["root_hash"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let proof = hashes(&p["proof"]);
+    let root = hash(&p["root_hash"]);
     let size = p["tree_size"].as_u64().unwrap();
     ciyuan_tlog::verify_inclusion(&ciyuan_tlog::leaf_hash(entry), id, size, &proof, &root).unwrap();
     let verifier = ciyuan_tlog::NoteVerifier::from_vkey(p["public_key"].as_str().unwrap()).unwrap();
@@ -561,21 +562,8 @@ async fn corrections_show_in_usage_and_proofs_verify() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{c}");
-    let proof: Vec<Hash> = c["proof"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| b64.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
-        .collect();
-    let r1: Hash = b64
-        .decode(first["root_hash"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let r2: Hash = b64
-        .decode(second["root_hash"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let proof = hashes(&c["proof"]);
+    let r1 = hash(&first["root_hash"]);
+    let r2 = hash(&second["root_hash"]);
     ciyuan_tlog::verify_consistency(m, n, &r1, &r2, &proof).unwrap();
 }
