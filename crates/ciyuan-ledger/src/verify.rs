@@ -163,6 +163,16 @@ fn open_note(verifier: &NoteVerifier, name: &str, note: &str) -> Result<Checkpoi
 }
 
 fn verify_ledger(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
+    // A ledger a server is appending to changes under the verifier's feet; say so
+    // rather than report a half-written tail as damage.
+    if let Ok(lock) = File::open(dir.join("LOCK")) {
+        if let Err(std::fs::TryLockError::WouldBlock) = lock.try_lock() {
+            return fail(
+                "LOCK: the ledger is open in a running server; stop it, or verify an export \
+                 (ciyuan audit export DIR)",
+            );
+        }
+    }
     let (verifier, vkey) = read_verifier(dir)?;
     let secret_path = dir.join(keys::SIGNING_KEY_FILE);
     if secret_path.exists() {

@@ -263,9 +263,12 @@ fn config_file_then_environment_then_flags() {
 }
 
 #[test]
-fn rebuild_refuses_while_the_server_runs() {
+fn rebuild_and_verify_refuse_while_the_server_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(tmp.path());
+    let (code, msg) = verify(tmp.path());
+    assert_eq!(code, 1);
+    assert!(msg.contains("open in a running server"), "{msg}");
     let o = Command::new(bin())
         .args(["rebuild", "--data"])
         .arg(tmp.path())
