@@ -12,6 +12,7 @@ mod audit;
 pub mod auth;
 pub mod error;
 mod extract;
+mod ingest;
 mod keys;
 pub mod pipeline;
 mod usage;
@@ -39,6 +40,12 @@ pub struct ServerConfig {
     pub checkpoint_interval: Duration,
     /// How long a write waits for its projection before answering 503.
     pub projection_wait: Duration,
+    /// Oldest event time the ingest API accepts, relative to now.
+    pub ingest_max_age: Duration,
+    /// How far in the future an event time may be (clock skew).
+    pub ingest_max_future: Duration,
+    /// Most events in one ingest batch.
+    pub max_events_per_batch: usize,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +54,9 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             checkpoint_interval: Duration::from_secs(10),
             projection_wait: Duration::from_secs(10),
+            ingest_max_age: Duration::from_secs(7 * 24 * 3600),
+            ingest_max_future: Duration::from_secs(300),
+            max_events_per_batch: 10_000,
         }
     }
 }
@@ -61,6 +71,9 @@ pub struct App {
     /// Serialises account and key creation so two racing requests cannot both create
     /// the same node.
     admin_lock: tokio::sync::Mutex<()>,
+    /// Serialises the ingest idempotency check with the append it guards, and holds the
+    /// events appended but not yet projected.
+    ingest_lock: tokio::sync::Mutex<ingest::Recent>,
 }
 
 impl App {
@@ -78,6 +91,7 @@ impl App {
             projector,
             config,
             admin_lock: tokio::sync::Mutex::new(()),
+            ingest_lock: tokio::sync::Mutex::new(ingest::Recent::default()),
         }))
     }
 
@@ -208,6 +222,7 @@ pub fn router(app: Arc<App>) -> Router {
     let limit = app.config.max_body_bytes;
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/v1/events", post(ingest::events))
         .route(
             "/api/v1/accounts",
             post(accounts::create).get(accounts::list),

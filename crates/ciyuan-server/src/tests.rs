@@ -619,3 +619,309 @@ async fn corrections_show_in_usage_and_proofs_verify() {
     let r2 = hash(&second["root_hash"]);
     ciyuan_tlog::verify_consistency(m, n, &r1, &r2, &proof).unwrap();
 }
+
+impl Harness {
+    async fn events(&self, key: &str, content_type: &str, body: &str) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/events")
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", content_type)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+fn event(id: &str, subject: &str, data: Value) -> Value {
+    json!({
+        "specversion": "1.0", "id": id, "source": "svc://billing-test", "type": "llm.usage",
+        "subject": subject, "data": data,
+    })
+}
+
+#[tokio::test]
+async fn ingest_is_idempotent_and_answers_per_event() {
+    let h = harness().await;
+    for p in ["acme/cn", "acme/us"] {
+        h.admin("POST", "/api/v1/accounts", Some(json!({"path": p})))
+            .await;
+    }
+    let ingest = h.key("acme/cn", &["ingest"]).await;
+    let single = event(
+        "e1",
+        "acme/cn",
+        json!({"model": "gpt-4o", "input_tokens": 19, "output_tokens": 10}),
+    );
+    let (s, v) = h
+        .events(&ingest, "application/cloudevents+json", &single.to_string())
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["status"], "accepted");
+    let first = v["entry_id"].as_u64().unwrap();
+    let (s, v) = h
+        .events(&ingest, "application/cloudevents+json", &single.to_string())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "duplicate");
+    assert_eq!(v["entry_id"], first);
+
+    let old = (ciyuan_core::jiff::Timestamp::now()
+        - ciyuan_core::jiff::SignedDuration::from_hours(24 * 30))
+    .to_string();
+    let late = (ciyuan_core::jiff::Timestamp::now()
+        - ciyuan_core::jiff::SignedDuration::from_hours(30))
+    .to_string();
+    let mut late_event = event(
+        "late",
+        "acme/cn",
+        json!({"model": "qwen-max", "input_tokens": 7}),
+    );
+    late_event["time"] = json!(late);
+    let mut too_old = event("old", "acme/cn", json!({"model": "m", "input_tokens": 1}));
+    too_old["time"] = json!(old);
+    let mut wrong_version = event("v", "acme/cn", json!({"model": "m", "input_tokens": 1}));
+    wrong_version["specversion"] = json!("0.3");
+    let mut face = event("f", "acme/cn", json!({"matches": 1}));
+    face["type"] = json!("face.match");
+    let batch = json!([
+        event(
+            "e2",
+            "acme/cn",
+            json!({"model": "gpt-4o", "input_tokens": 5, "cached_input_tokens": 100, "reasoning_tokens": 3, "tokens": {"image.input": 85}})
+        ),
+        single,
+        event("neg", "acme/cn", json!({"model": "m", "input_tokens": -1})),
+        event(
+            "frac",
+            "acme/cn",
+            json!({"model": "m", "input_tokens": 1.5})
+        ),
+        event(
+            "big",
+            "acme/cn",
+            json!({"model": "m", "input_tokens": 18446744073709551615u64})
+        ),
+        event(
+            "huge",
+            "acme/cn",
+            serde_json::from_str::<Value>(r#"{"model": "m", "input_tokens": 1e400}"#)
+                .unwrap_or(json!({"model": "m", "input_tokens": "x"}))
+        ),
+        event("nomodel", "acme/cn", json!({"input_tokens": 1})),
+        event("field", "acme/cn", json!({"model": "m", "input_tokns": 1})),
+        event(
+            "outside",
+            "acme/us",
+            json!({"model": "m", "input_tokens": 1})
+        ),
+        event(
+            "ghost",
+            "acme/cn/ghost",
+            json!({"model": "m", "input_tokens": 1})
+        ),
+        event(
+            "badpath",
+            "acme//cn",
+            json!({"model": "m", "input_tokens": 1})
+        ),
+        too_old,
+        wrong_version,
+        face,
+        json!({"specversion": "1.0", "source": "s", "type": "llm.usage", "subject": "acme/cn", "data": {}}),
+        json!("not an object"),
+        late_event,
+        event(
+            "e2",
+            "acme/cn",
+            json!({"model": "gpt-4o", "input_tokens": 5})
+        ),
+    ]);
+    let (s, v) = h
+        .events(
+            &ingest,
+            "application/cloudevents-batch+json",
+            &batch.to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let results = v["results"].as_array().unwrap();
+    let detail = |i: usize| {
+        results[i]["error"]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(results[0]["status"], "accepted");
+    assert_eq!(results[1]["status"], "duplicate");
+    assert_eq!(results[1]["entry_id"], first);
+    for (i, needle) in [
+        (2, "data.input_tokens: must not be negative"),
+        (3, "data.input_tokens: must be a whole number"),
+        (4, "data.input_tokens: 18446744073709551615 is too large"),
+        (5, "data.input_tokens"),
+        (6, "data.model: required"),
+        (7, "data.input_tokns: unknown field"),
+        (8, "outside the subtree"),
+        (9, "account acme/cn/ghost does not exist"),
+        (
+            10,
+            "subject: account path \"acme//cn\" has an empty segment",
+        ),
+        (11, "older than the accepted window"),
+        (12, "specversion: \"0.3\" is not supported"),
+        (13, "unknown service \"face.match\""),
+        (14, "id: required attribute is missing"),
+        (15, "an event must be a JSON object"),
+        (17, "duplicate of event 0 in the same batch"),
+    ] {
+        assert_eq!(results[i]["status"], "rejected", "{i}: {}", results[i]);
+        assert!(
+            detail(i).contains(needle),
+            "{i}: {} lacks {needle}",
+            results[i]
+        );
+    }
+    assert_eq!(results[16]["status"], "accepted", "{}", results[16]);
+    assert_eq!(
+        (
+            v["accepted"].as_u64(),
+            v["duplicates"].as_u64(),
+            v["rejected"].as_u64()
+        ),
+        (Some(2), Some(1), Some(15))
+    );
+
+    // Only the accepted events count, each once; the late one lands in its own hour.
+    let (_, u) = h
+        .admin("GET", "/api/v1/usage?account=acme&group_by=model", None)
+        .await;
+    let rows = u["rows"].as_array().unwrap();
+    let gpt = rows.iter().find(|r| r["model"] == "gpt-4o").unwrap();
+    assert_eq!(
+        gpt["tokens"],
+        json!({"text.input": 24, "text.cached_input": 100, "text.output": 10, "text.reasoning": 3, "image.input": 85})
+    );
+    let (_, u) = h
+        .admin(
+            "GET",
+            "/api/v1/usage?account=acme&group_by=model&bucket=hour",
+            None,
+        )
+        .await;
+    let qwen: Vec<&Value> = u["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["model"] == "qwen-max")
+        .collect();
+    assert_eq!(qwen.len(), 1);
+    let hour =
+        ciyuan_core::jiff::Timestamp::from_second(ciyuan_store::floor_hour(late.parse().unwrap()))
+            .unwrap();
+    assert_eq!(
+        qwen[0]["bucket_start"],
+        hour.strftime("%Y-%m-%dT%H:%M:%S+00:00").to_string()
+    );
+}
+
+#[tokio::test]
+async fn ingest_refuses_bad_requests_whole() {
+    let h = harness().await;
+    h.admin("POST", "/api/v1/accounts", Some(json!({"path": "acme"})))
+        .await;
+    let ingest = h.key("acme", &["ingest"]).await;
+    let reader = h.key("acme", &["read"]).await;
+    let ok = event("x", "acme", json!({"model": "m", "input_tokens": 1})).to_string();
+    let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+    let cases: Vec<(&str, &str, String, StatusCode, &str)> = vec![
+        (
+            &reader,
+            "application/cloudevents+json",
+            ok.clone(),
+            StatusCode::FORBIDDEN,
+            "lacks the ingest scope",
+        ),
+        (
+            &ingest,
+            "text/plain",
+            ok.clone(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "cloudevents",
+        ),
+        (
+            &ingest,
+            "application/cloudevents+json",
+            "{not json".into(),
+            StatusCode::BAD_REQUEST,
+            "malformed JSON",
+        ),
+        (
+            &ingest,
+            "application/cloudevents-batch+json",
+            deep,
+            StatusCode::BAD_REQUEST,
+            "recursion limit",
+        ),
+        (
+            &ingest,
+            "application/cloudevents-batch+json",
+            "[]".into(),
+            StatusCode::BAD_REQUEST,
+            "no event",
+        ),
+        (
+            &ingest,
+            "application/cloudevents-batch+json",
+            ok.clone(),
+            StatusCode::BAD_REQUEST,
+            "must be a JSON array",
+        ),
+        (
+            &ingest,
+            "application/cloudevents+json",
+            "x".repeat(5000),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "limit",
+        ),
+    ];
+    for (key, ct, body, status, needle) in cases {
+        let (s, v) = h.events(key, ct, &body).await;
+        assert_eq!(s, status, "{ct} {}: {v}", &body[..body.len().min(40)]);
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains(needle),
+            "{v} lacks {needle}"
+        );
+    }
+    // Invalid UTF-8.
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/events")
+        .header("authorization", format!("Bearer {ingest}"))
+        .header("content-type", "application/cloudevents+json")
+        .body(Body::from(vec![b'{', 0xff, 0xfe, b'}']))
+        .unwrap();
+    let resp = h.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // A single rejected event is an error in the provider-neutral problem shape.
+    let bad = event("n", "acme", json!({"model": "m", "input_tokens": -5})).to_string();
+    let (s, v) = h
+        .events(&ingest, "application/cloudevents+json", &bad)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("must not be negative")
+    );
+    // Nothing of the above was recorded.
+    let (_, u) = h.admin("GET", "/api/v1/usage?account=acme", None).await;
+    assert_eq!(u["rows"].as_array().unwrap().len(), 0, "{u}");
+}

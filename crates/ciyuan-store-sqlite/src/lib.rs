@@ -16,7 +16,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -49,7 +50,16 @@ CREATE TABLE usage_hourly (
     tokens    INTEGER NOT NULL,
     PRIMARY KEY (account, hour, service, model, modality, direction)
 ) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+CREATE TABLE ingested (
+    source TEXT NOT NULL,
+    id     TEXT NOT NULL,
+    entry  INTEGER NOT NULL,
+    PRIMARY KEY (source, id)
+) WITHOUT ROWID;
+"#,
+];
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -231,10 +241,24 @@ impl Store for SqliteStore {
             let mut update_account = tx
                 .prepare_cached("UPDATE accounts SET info = ? WHERE path = ?")
                 .map_err(backend)?;
+            // The first entry for an event wins; a replayed duplicate can never overwrite it.
+            let mut ingested = tx
+                .prepare_cached(
+                    "INSERT INTO ingested (source, id, entry) VALUES (?, ?, ?)
+                     ON CONFLICT (source, id) DO NOTHING",
+                )
+                .map_err(backend)?;
             for (i, entry) in entries.iter().enumerate() {
                 let index = start + i as u64;
                 let (service, model, tokens) = match &entry.body {
-                    EntryBody::Usage(u) => (&u.service, &u.model, &u.tokens),
+                    EntryBody::Usage(u) => {
+                        if let (Some(source), Some(id)) = (&u.source, &u.event_id) {
+                            ingested
+                                .execute(params![source, id, index as i64])
+                                .map_err(backend)?;
+                        }
+                        (&u.service, &u.model, &u.tokens)
+                    }
                     EntryBody::Adjustment(a) => (&a.service, &a.model, &a.tokens),
                     EntryBody::AccountCreated(info) => {
                         insert_account
@@ -306,6 +330,7 @@ impl Store for SqliteStore {
                 "BEGIN;
                  DELETE FROM accounts;
                  DELETE FROM usage_hourly;
+                 DELETE FROM ingested;
                  UPDATE meta SET value = 0 WHERE name = 'projected_through';
                  COMMIT;",
             )
@@ -423,6 +448,19 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
         self.key(key_id)
+    }
+
+    fn ingested(&self, source: &str, id: &str) -> Result<Option<u64>, StoreError> {
+        let entry: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT entry FROM ingested WHERE source = ? AND id = ?",
+                [source, id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?;
+        Ok(entry.map(|e| e as u64))
     }
 
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {

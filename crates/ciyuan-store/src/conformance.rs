@@ -45,6 +45,34 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     accounts_and_subtrees(make().as_ref());
     keys_lifecycle(make().as_ref());
     usage_rollups_and_reset(make().as_ref());
+    ingest_index(make().as_ref());
+}
+
+fn ingest_index(s: &dyn Store) {
+    let event = |source: &str, id: &str, n: i64| {
+        let mut e = usage("acme", "2026-11-24T15:00:00Z", "m", n);
+        if let EntryBody::Usage(u) = &mut e.body {
+            u.source = Some(source.into());
+            u.event_id = Some(id.into());
+        }
+        e
+    };
+    let entries = [
+        event("svc-a", "1", 1),
+        event("svc-b", "1", 2),
+        usage("acme", "2026-11-24T15:00:00Z", "m", 3),
+        event("svc-a", "1", 4),
+    ];
+    assert!(s.apply(0, &entries).is_ok());
+    assert_eq!(
+        s.ingested("svc-a", "1").ok().flatten(),
+        Some(0),
+        "the first entry wins"
+    );
+    assert_eq!(s.ingested("svc-b", "1").ok().flatten(), Some(1));
+    assert_eq!(s.ingested("svc-a", "2").ok().flatten(), None);
+    assert!(s.reset_projections().is_ok());
+    assert_eq!(s.ingested("svc-a", "1").ok().flatten(), None);
 }
 
 fn projections_apply_in_order(s: &dyn Store) {

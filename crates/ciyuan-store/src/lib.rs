@@ -139,6 +139,10 @@ pub trait Store: Send + Sync + 'static {
     /// Marks a key revoked; returns the updated record, `None` if there is no such key.
     fn revoke_key(&self, key_id: &str, at: Timestamp) -> Result<Option<KeyRecord>, StoreError>;
 
+    /// The ledger entry that recorded the event `(source, id)`, if one did: the
+    /// idempotency index of the ingest API, projected from usage entries.
+    fn ingested(&self, source: &str, id: &str) -> Result<Option<u64>, StoreError>;
+
     /// Hourly rollup rows of a subtree, summed over equal keys.
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
 }
