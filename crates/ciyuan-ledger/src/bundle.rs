@@ -19,18 +19,28 @@ pub const PUBLIC_KEY_FILE: &str = "public.key";
 /// How to check by hand.
 pub const README_FILE: &str = "README.txt";
 
-const README: &str = "Ciyuan audit bundle
+/// The README written into every bundle. The verifier compares it byte for byte, so a
+/// bundle is exactly what the exporter wrote.
+pub(crate) const README: &str = "Ciyuan audit bundle
 
-entries.jsonl     one ledger entry per line; entry N is on line N+1
-leaf-hashes.txt   SHA-256(0x00 || entry bytes without the newline), hex, one per line
+entries.jsonl     one ledger entry per line; entry N (from 0) is on line N+1
+leaf-hashes.txt   hex SHA-256(0x00 || entry bytes without the newline), one per line:
+                  a locator that names the first entry that changed
 checkpoints/      C2SP signed notes of tlog-checkpoints, named by tree size
-public.key        the C2SP Ed25519 verifier key that signed them
+public.key        the C2SP Ed25519 verifier key (name+keyid+base64) that signed them
 
-To check by hand: hash every entry as above, build the RFC 6962 Merkle tree
-(node = SHA-256(0x01 || left || right), split at the largest power of two below
-the size), compare the root of the first SIZE entries with the base64 root on the
-third line of each checkpoint, and check each note's Ed25519 signature with
-public.key (C2SP signed-note). `ciyuan audit verify DIR` does all of this.
+To check by hand:
+1. leaf = SHA-256(0x00 || line bytes without the newline), for every line.
+2. The RFC 6962 Merkle tree hash of n leaves: the leaf itself when n = 1; otherwise
+   node = SHA-256(0x01 || left || right), where left is the tree of the first k
+   leaves, k the largest power of two below n, and right the tree of the rest.
+3. Each checkpoint note is: origin line, tree size line, base64 root line, a blank
+   line, then signature lines '\u{2014} name base64(keyid || Ed25519 signature)'. The
+   signature covers the text before the blank line, newlines included. Check it with
+   the key in public.key, and compare the root with that of the first SIZE leaves.
+4. The newest checkpoint must cover every line of entries.jsonl.
+`ciyuan audit verify DIR` does all of this, and proves each checkpoint consistent
+with the next.
 ";
 
 /// What a bundle holds.
@@ -157,10 +167,19 @@ pub fn write_bundle<'a>(
     w.finish(out, notes, vkey)
 }
 
-/// Writes the whole log as a bundle.
+/// Writes the log as a bundle, up to its newest signed checkpoint.
+///
+/// The bundle ends at the newest signed checkpoint: entries appended after it are not
+/// vouched for by any signature, so a verifier could not tell them from forgeries. With
+/// no checkpoint yet there is nothing to export and this fails.
 pub fn export_bundle(reader: &LedgerReader, out: &Path) -> Result<BundleSummary, LedgerError> {
+    let Some(latest) = reader.latest_checkpoint() else {
+        return Err(LedgerError::Invalid(
+            "the ledger has no signed checkpoint yet: sign one before exporting".into(),
+        ));
+    };
+    let size = latest.checkpoint.size;
     let mut w = BundleWriter::new(out)?;
-    let size = reader.size();
     reader.scan(0..size, |_, bytes| w.add(bytes))?;
     let notes: Vec<String> = reader.checkpoints().into_iter().map(|c| c.note).collect();
     w.finish(out, &notes, reader.verifier_key())

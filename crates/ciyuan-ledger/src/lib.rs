@@ -31,7 +31,7 @@ mod verify;
 pub use bundle::{BundleSummary, export_bundle, write_bundle};
 pub use group::{GroupCommitter, OnAppended, OnCheckpoint};
 pub use ledger::{Ledger, LedgerReader};
-pub use verify::{VerifyFailure, VerifyReport, verify_path};
+pub use verify::{VerifyFailure, VerifyReport, verify_path, verify_path_with_progress};
 
 pub use ciyuan_store::SignedCheckpoint;
 

@@ -4,7 +4,8 @@
 //! `— <name> <base64(key id ‖ signature)>`. The key id is the first four bytes of
 //! SHA-256(name ‖ "\n" ‖ 0x01 ‖ public key), big-endian; the verifier key is written
 //! `<name>+<key id as 8 hex digits>+<base64(0x01 ‖ public key)>`, the form the Go
-//! reference implementation (`golang.org/x/mod/sumdb/note`) reads and writes.
+//! reference implementation (the `sumdb/note` package of the Go x/mod module) reads and
+//! writes.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -82,9 +83,9 @@ pub(crate) fn find_control(s: &str) -> Option<char> {
     s.chars().find(|&c| c < ' ' && c != '\n')
 }
 
-/// At most 40 characters of untrusted input, for error messages.
+/// At most 64 characters of untrusted input, quoted, for error messages.
 pub(crate) fn excerpt(s: &str) -> String {
-    match s.char_indices().nth(40) {
+    match s.char_indices().nth(64) {
         Some((at, _)) => format!("{:?}…", &s[..at]),
         None => format!("{s:?}"),
     }

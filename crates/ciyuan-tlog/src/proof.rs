@@ -54,13 +54,11 @@ pub enum VerifyError {
         /// Hashes the sizes call for.
         want: usize,
     },
-    /// The proof leads to a different (new) root than the one given.
-    #[error("the proof leads to a different root hash than the one given")]
+    /// The hashes do not lead to the given root (for a consistency proof: to both given
+    /// roots). Either the claim is false or the proof is corrupt; a perfect old tree's
+    /// root seeds the computation, so which root is wrong cannot always be told.
+    #[error("the proof does not lead to the given root hash")]
     RootMismatch,
-    /// A consistency proof that does not lead to the given old root: that tree is not
-    /// a prefix of the new one, or the proof is corrupt.
-    #[error("the proof leads to a different old root hash than the one given")]
-    OldRootMismatch,
 }
 
 /// Largest power of two strictly below `n`, for `n >= 2`: RFC 6962's split point `k`.
@@ -69,7 +67,7 @@ fn split(n: u64) -> u64 {
     1u64 << (63 - (n - 1).leading_zeros())
 }
 
-/// MTH(D[start:end]), the RFC 6962 hash of a range of leaves; [`EMPTY_ROOT`] for an
+/// `MTH(D[start:end])`, the RFC 6962 hash of a range of leaves; [`EMPTY_ROOT`] for an
 /// empty range.
 ///
 /// Perfect, aligned ranges are read from `src` as one node; other ranges follow the RFC's
@@ -80,7 +78,7 @@ pub fn subtree_root<S: NodeSource>(src: &S, start: u64, end: u64) -> Result<Hash
     if len == 0 {
         return Ok(EMPTY_ROOT);
     }
-    if len.is_power_of_two() && start % len == 0 {
+    if len.is_power_of_two() && start & (len - 1) == 0 {
         return src.node(len.trailing_zeros(), start / len);
     }
     let k = split(len);
@@ -94,7 +92,7 @@ pub fn root<S: NodeSource>(src: &S, size: u64) -> Result<Hash, S::Error> {
     subtree_root(src, 0, size)
 }
 
-/// The audit path PATH(index, D[size]) of RFC 6962 §2.1.1: sibling hashes from the leaf
+/// The audit path `PATH(index, D[size])` of RFC 6962 §2.1.1: sibling hashes from the leaf
 /// up to the root.
 pub fn inclusion_proof<S: NodeSource>(
     src: &S,
@@ -126,7 +124,7 @@ pub fn inclusion_proof<S: NodeSource>(
     Ok(proof)
 }
 
-/// The consistency proof PROOF(old, D[new]) of RFC 6962 §2.1.2. Empty when `old` is 0 or
+/// The consistency proof `PROOF(old, D[new])` of RFC 6962 §2.1.2. Empty when `old` is 0 or
 /// equals `new`, as RFC 9162 §2.1.4.1 specifies.
 pub fn consistency_proof<S: NodeSource>(
     src: &S,
@@ -144,8 +142,8 @@ pub fn consistency_proof<S: NodeSource>(
     let (mut m, mut start, mut n, mut complete) = (old, 0u64, new, true);
     loop {
         if m == n {
-            // The old tree's own root is only needed when it is not the proved-against
-            // old root itself (a perfect left part the verifier already knows).
+            // While `complete`, this subtree is the whole old tree, whose root the
+            // verifier already has; otherwise it must be sent.
             if !complete {
                 proof.push(subtree_root(src, start, start + n).map_err(ProofError::Source)?);
             }
@@ -299,10 +297,7 @@ pub fn verify_consistency(
         fn_ >>= 1;
         sn >>= 1;
     }
-    if &fr != old_root {
-        return Err(VerifyError::OldRootMismatch);
-    }
-    if &sr != new_root {
+    if &fr != old_root || &sr != new_root {
         return Err(VerifyError::RootMismatch);
     }
     Ok(())

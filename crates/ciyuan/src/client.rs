@@ -70,6 +70,32 @@ impl Client {
         })
     }
 
+    /// Sends a batch of CloudEvents; answers the per-event results.
+    pub fn events(&self, batch: &Value) -> anyhow::Result<Value> {
+        let url = format!("{}/v1/events", self.base);
+        self.rt.block_on(async {
+            let resp = self
+                .http
+                .post(&url)
+                .bearer_auth(&self.key)
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(batch.to_string())
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the Ciyuan server at {}", self.base))?;
+            let status = resp.status();
+            let bytes = resp.bytes().await.context("reading the server's answer")?;
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if !status.is_success() {
+                bail!(
+                    "POST /v1/events: {status}: {}",
+                    v["detail"].as_str().unwrap_or("error")
+                );
+            }
+            Ok(v)
+        })
+    }
+
     /// A JSON call.
     pub fn json(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
         let bytes = self.call(method, path, body)?;

@@ -8,6 +8,7 @@ mod admin;
 mod bench;
 mod client;
 mod config;
+mod ingest;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -48,6 +49,8 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(admin::KeysCmd),
+    /// Send a file of CloudEvents (one per line) to the ingest API.
+    Ingest(ingest::IngestArgs),
     /// Query token usage.
     Usage(admin::UsageArgs),
     /// Record a correction of earlier usage.
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(cli.config.as_deref(), args),
         Command::Accounts(cmd) => admin::accounts(cmd),
         Command::Keys(cmd) => admin::keys(cmd),
+        Command::Ingest(args) => ingest::run(args),
         Command::Usage(args) => admin::usage(args),
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),

@@ -224,6 +224,65 @@ fn admin_cli_audit_and_rebuild() {
 }
 
 #[test]
+fn ingest_a_file_twice_across_a_restart_counts_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let admin = server.bootstrap.clone().unwrap();
+    stdout(&server.cli(&admin, &["accounts", "create", "acme/cn"]));
+    let key = stdout(&server.cli(
+        &admin,
+        &["keys", "create", "--account", "acme", "--scopes", "ingest"],
+    ));
+    let key = key.trim().to_string();
+    let mut lines = String::new();
+    for i in 0..2500 {
+        let ev = json!({"specversion": "1.0", "id": format!("e{i}"), "source": "svc://app", "type": "llm.usage",
+            "subject": "acme/cn", "data": {"model": "deepseek-chat", "input_tokens": 3, "output_tokens": 1}});
+        lines.push_str(&ev.to_string());
+        lines.push('\n');
+        if i == 1200 {
+            lines.push_str("{not json\n");
+            let bad = json!({"specversion": "1.0", "id": "bad", "source": "svc://app", "type": "llm.usage",
+                "subject": "acme/cn", "data": {"model": "m", "input_tokens": -3}});
+            lines.push_str(&bad.to_string());
+            lines.push('\n');
+        }
+    }
+    let file = tmp.path().join("events.jsonl");
+    std::fs::write(&file, lines).unwrap();
+    let o = server.cli(&key, &["ingest", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "rejections make the exit code 1");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "2500 accepted, 0 duplicates, 2 rejected"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("line 1202: not JSON")
+            && err.contains("line 1203: data.input_tokens: must not be negative"),
+        "{err}"
+    );
+    server.stop();
+
+    let server = Server::start(&data);
+    let o = server.cli(&key, &["ingest", file.to_str().unwrap()]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "0 accepted, 2500 duplicates, 2 rejected"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(
+        &server.cli(&admin, &["usage", "--account", "acme", "--json"]),
+    ))
+    .unwrap();
+    assert_eq!(
+        v["rows"][0]["tokens"],
+        json!({"text.input": 7500, "text.output": 2500})
+    );
+    server.stop();
+}
+
+#[test]
 fn config_file_then_environment_then_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("ciyuan.toml");
