@@ -70,6 +70,10 @@ pub struct Usage {
     /// Whether the measurement is incomplete (a cut stream).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
+    /// The raw measures the definition turned into tokens (pages, seconds, ...), so a
+    /// record explains its own count.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub measures: BTreeMap<String, serde_json::Value>,
 }
 
 /// A correction of earlier usage.

@@ -24,6 +24,10 @@ use std::sync::Arc;
 /// Longest `id`, `source`, `type` or model name accepted.
 const MAX_ATTRIBUTE_BYTES: usize = 256;
 
+/// The built-in definition of `llm.usage`: reported counts map one to one onto token
+/// keys, as [`LLM_FIELDS`] lists.
+const LLM_USAGE_DEFINITION: &str = "llm.usage@1";
+
 /// Named usage fields of an `llm.usage` event and the token key each one feeds. They
 /// are disjoint: their sum is the total.
 const LLM_FIELDS: [(&str, Modality, Direction); 8] = [
@@ -274,12 +278,12 @@ fn validate(
             ));
         }
         caller.require_within(&account)?;
-        if let Some(ct) = string_attr(ev, "datacontenttype", false)? {
-            if !ct.eq_ignore_ascii_case("application/json") {
-                return Err(ApiError::bad_request(format!(
-                    "datacontenttype: {ct:?} is not application/json"
-                )));
-            }
+        if let Some(ct) = string_attr(ev, "datacontenttype", false)?
+            && !ct.eq_ignore_ascii_case("application/json")
+        {
+            return Err(ApiError::bad_request(format!(
+                "datacontenttype: {ct:?} is not application/json"
+            )));
         }
         let ts = match string_attr(ev, "time", false)? {
             Some(t) => t.parse::<Timestamp>().map_err(|e| {
@@ -314,15 +318,29 @@ fn validate(
             }
             None => return Err(ApiError::bad_request("data: required attribute is missing")),
         };
-        let (model, tokens) = match service.as_str() {
+        let (model, tokens, definition, measures) = match service.as_str() {
             "llm.usage" => {
                 let (m, t) = llm_usage(data)?;
-                (Some(m), t)
+                (
+                    Some(m),
+                    t,
+                    LLM_USAGE_DEFINITION.to_string(),
+                    Default::default(),
+                )
             }
             other => {
-                return Err(unprocessable(format!(
-                    "type: unknown service {other:?}: no token definition turns its measures into tokens"
-                )));
+                use ciyuan_measure::MeasureError as M;
+                let measured =
+                    app.config
+                        .definitions
+                        .measure(other, ts, data)
+                        .map_err(|e| match e {
+                            M::BadMeasure(..) => ApiError::bad_request(e.to_string()),
+                            M::UnknownService(_) => unprocessable(format!("type: {e}")),
+                            _ => unprocessable(e.to_string()),
+                        })?;
+                let measures = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                (None, measured.tokens, measured.definition, measures)
             }
         };
         let entry = Entry::new(
@@ -334,8 +352,9 @@ fn validate(
                 tokens,
                 source: Some(source.clone()),
                 event_id: Some(id.clone()),
-                definition: None,
+                definition: Some(definition),
                 partial: false,
+                measures,
             }),
         );
         Ok(Accepted { source, id, entry })

@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub ingest_max_future: Duration,
     /// Most events in one ingest batch.
     pub max_events_per_batch: usize,
+    /// How services other than `llm.usage` turn measures into tokens.
+    pub definitions: Arc<ciyuan_measure::DefinitionSet>,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +59,7 @@ impl Default for ServerConfig {
             ingest_max_age: Duration::from_secs(7 * 24 * 3600),
             ingest_max_future: Duration::from_secs(300),
             max_events_per_batch: 10_000,
+            definitions: Arc::default(),
         }
     }
 }

@@ -112,8 +112,14 @@ async fn harness() -> Harness {
     let store: Arc<dyn Store> =
         Arc::new(ciyuan_store_sqlite::SqliteStore::open_in_memory().unwrap());
     let log: Arc<dyn Log> = Arc::new(MemLog::new());
+    let definitions: Vec<ciyuan_measure::RawDefinition> = serde_json::from_value(json!([
+        {"service": "doc.verify", "version": 1, "effective_from": "2020-01-01T00:00:00Z", "tokens": {"other.input": "5 + 2 * pages"}},
+        {"service": "face.match", "version": 1, "effective_from": "2020-01-01T00:00:00Z", "tokens": {"other.input": "1"}},
+    ]))
+    .unwrap();
     let config = ServerConfig {
         max_body_bytes: 4096,
+        definitions: Arc::new(ciyuan_measure::DefinitionSet::new(definitions).unwrap()),
         ..ServerConfig::default()
     };
     let app = App::new(store, log, config).unwrap();
@@ -689,7 +695,7 @@ async fn ingest_is_idempotent_and_answers_per_event() {
     let mut wrong_version = event("v", "acme/cn", json!({"model": "m", "input_tokens": 1}));
     wrong_version["specversion"] = json!("0.3");
     let mut face = event("f", "acme/cn", json!({"matches": 1}));
-    face["type"] = json!("face.match");
+    face["type"] = json!("voice.clone");
     let batch = json!([
         event(
             "e2",
@@ -776,7 +782,7 @@ async fn ingest_is_idempotent_and_answers_per_event() {
         ),
         (11, "older than the accepted window"),
         (12, "specversion: \"0.3\" is not supported"),
-        (13, "unknown service \"face.match\""),
+        (13, "unknown service \"voice.clone\""),
         (14, "id: required attribute is missing"),
         (15, "an event must be a JSON object"),
         (17, "duplicate of event 0 in the same batch"),
@@ -924,4 +930,55 @@ async fn ingest_refuses_bad_requests_whole() {
     // Nothing of the above was recorded.
     let (_, u) = h.admin("GET", "/api/v1/usage?account=acme", None).await;
     assert_eq!(u["rows"].as_array().unwrap().len(), 0, "{u}");
+}
+
+#[tokio::test]
+async fn rule_defined_services_record_their_definition_and_measures() {
+    let h = harness().await;
+    h.admin(
+        "POST",
+        "/api/v1/accounts",
+        Some(json!({"path": "bank/kyc"})),
+    )
+    .await;
+    let ingest = h.key("bank", &["ingest"]).await;
+    let mut doc = event("d1", "bank/kyc", json!({"pages": 3, "country": "CN"}));
+    doc["type"] = json!("doc.verify");
+    let (s, v) = h
+        .events(&ingest, "application/cloudevents+json", &doc.to_string())
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["entry_id"].as_u64().unwrap();
+    let (_, e) = h
+        .admin("GET", &format!("/api/v1/audit/entries/{id}"), None)
+        .await;
+    let entry: Value = serde_json::from_str(e["entry"].as_str().unwrap()).unwrap();
+    assert_eq!(entry["data"]["tokens"], json!({"other.input": 11}));
+    assert_eq!(entry["data"]["definition"], "doc.verify@1");
+    assert_eq!(
+        entry["data"]["measures"],
+        json!({"country": "CN", "pages": 3})
+    );
+    let mut missing = event("d2", "bank/kyc", json!({"country": "CN"}));
+    missing["type"] = json!("doc.verify");
+    let (s, v) = h
+        .events(
+            &ingest,
+            "application/cloudevents+json",
+            &missing.to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("doc.verify@1: other.input = 5 + 2 * pages"),
+        "{v}"
+    );
+    let (_, u) = h
+        .admin("GET", "/api/v1/usage?account=bank&group_by=service", None)
+        .await;
+    assert_eq!(u["rows"][0]["service"], "doc.verify");
+    assert_eq!(u["rows"][0]["total"], 11);
 }

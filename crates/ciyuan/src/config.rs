@@ -29,6 +29,24 @@ pub struct FileConfig {
     /// Ledger settings.
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// Ingest settings.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// How services other than `llm.usage` turn measures into tokens.
+    #[serde(default)]
+    pub token_definitions: Vec<ciyuan_measure::RawDefinition>,
+}
+
+/// `[ingest]` settings.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Oldest event time accepted, in seconds before now.
+    pub max_age_secs: Option<u64>,
+    /// Latest event time accepted, in seconds after now (clock skew).
+    pub max_future_secs: Option<u64>,
+    /// Most events in one batch.
+    pub max_events_per_batch: Option<usize>,
 }
 
 /// `[ledger]` settings.
@@ -78,6 +96,14 @@ pub struct ServeConfig {
     pub origin: Option<String>,
     /// Segment size.
     pub segment_max_bytes: Option<u64>,
+    /// Late-event window.
+    pub ingest_max_age_secs: u64,
+    /// Clock-skew allowance.
+    pub ingest_max_future_secs: u64,
+    /// Batch bound.
+    pub max_events_per_batch: usize,
+    /// Compiled token definitions.
+    pub definitions: ciyuan_measure::DefinitionSet,
 }
 
 impl ServeConfig {
@@ -102,7 +128,16 @@ impl ServeConfig {
         if checkpoint_interval_secs == 0 {
             bail!("checkpoint_interval_secs must be at least 1");
         }
+        let definitions = ciyuan_measure::DefinitionSet::new(file.token_definitions)?;
+        let max_events_per_batch = file.ingest.max_events_per_batch.unwrap_or(10_000);
+        if max_events_per_batch == 0 {
+            bail!("ingest.max_events_per_batch must be at least 1");
+        }
         Ok(ServeConfig {
+            ingest_max_age_secs: file.ingest.max_age_secs.unwrap_or(7 * 24 * 3600),
+            ingest_max_future_secs: file.ingest.max_future_secs.unwrap_or(300),
+            max_events_per_batch,
+            definitions,
             data: data.or(file.data).unwrap_or_else(|| DEFAULT_DATA.into()),
             listen,
             max_body_bytes,

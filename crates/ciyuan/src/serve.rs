@@ -92,13 +92,17 @@ pub fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ExitCode>
 }
 
 async fn run(
-    cfg: ServeConfig,
+    mut cfg: ServeConfig,
     store: Arc<dyn Store>,
     log: Arc<dyn Log>,
 ) -> anyhow::Result<ExitCode> {
     let server_cfg = ServerConfig {
         max_body_bytes: cfg.max_body_bytes,
         checkpoint_interval: Duration::from_secs(cfg.checkpoint_interval_secs),
+        ingest_max_age: Duration::from_secs(cfg.ingest_max_age_secs),
+        ingest_max_future: Duration::from_secs(cfg.ingest_max_future_secs),
+        max_events_per_batch: cfg.max_events_per_batch,
+        definitions: Arc::new(std::mem::take(&mut cfg.definitions)),
         ..ServerConfig::default()
     };
     let app = App::new(store, log, server_cfg).map_err(|e| anyhow::anyhow!(e.detail))?;

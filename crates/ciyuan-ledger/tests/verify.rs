@@ -1,0 +1,532 @@
+//! The offline verifier: what a crash may leave is accepted, everything else is named.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use ciyuan_ledger::{
+    Ledger, LedgerError, LedgerOptions, export_bundle, verify_path, verify_path_with_progress,
+};
+use ciyuan_tlog::{Checkpoint, MemoryTree, NoteSigner, leaf_hash};
+use proptest::prelude::*;
+use std::path::{Path, PathBuf};
+
+const SEGMENT_HEADER: u64 = 16;
+const RECORD_HEADER: u64 = 16;
+const SIDECAR_ENTRY: u64 = 40;
+
+fn opts() -> LedgerOptions {
+    LedgerOptions {
+        origin: Some("verify.test".into()),
+        segment_max_bytes: 400,
+        ..LedgerOptions::default()
+    }
+}
+
+fn entry(i: usize) -> Vec<u8> {
+    format!("{{\"i\":{i},\"pad\":\"{}\"}}", "y".repeat(i % 17)).into_bytes()
+}
+
+/// A ledger of `n` entries in batches of 3, with a checkpoint after every `every`
+/// batches (none when `every` is 0); closed cleanly.
+fn build(dir: &Path, n: usize, every: usize) -> Vec<Vec<u8>> {
+    let entries: Vec<Vec<u8>> = (0..n).map(entry).collect();
+    let mut l = Ledger::open(dir, opts()).unwrap();
+    for (k, chunk) in entries.chunks(3).enumerate() {
+        l.append_batch(chunk).unwrap();
+        if every > 0 && k % every == every - 1 {
+            l.checkpoint().unwrap();
+        }
+    }
+    entries
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut s: Vec<PathBuf> = std::fs::read_dir(dir.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    s.sort();
+    s
+}
+
+fn len(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
+
+fn set_len(p: &Path, n: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len(n)
+        .unwrap();
+}
+
+fn append_bytes(p: &Path, b: &[u8]) {
+    let mut all = std::fs::read(p).unwrap();
+    all.extend_from_slice(b);
+    std::fs::write(p, all).unwrap();
+}
+
+fn first_index(seg: &Path) -> u64 {
+    seg.file_stem().unwrap().to_str().unwrap().parse().unwrap()
+}
+
+fn root_of(entries: &[Vec<u8>]) -> ciyuan_tlog::Hash {
+    let mut t = MemoryTree::new();
+    for e in entries {
+        t.push(leaf_hash(e));
+    }
+    t.root()
+}
+
+fn err(path: &Path) -> String {
+    verify_path(path).expect_err("verification must fail").0
+}
+
+#[test]
+fn a_clean_ledger_verifies_with_every_checkpoint_and_reports_progress() {
+    let base = tempfile::tempdir().unwrap();
+    let entries = build(base.path(), 100, 2);
+    assert!(segments(base.path()).len() > 5);
+    let mut seen = Vec::new();
+    let r = verify_path_with_progress(base.path(), &mut |n| seen.push(n)).unwrap();
+    assert_eq!(r.entries, 100);
+    assert_eq!(r.size, 100);
+    assert_eq!(r.root, root_of(&entries));
+    // 34 batches, a checkpoint after every second one: the last covers everything.
+    assert_eq!(r.checkpoints, 17);
+    assert_eq!(r.signed_size, 100);
+    assert_eq!((r.sidecar_missing, r.torn_tail_bytes), (0, 0));
+    assert_eq!(seen.last(), Some(&100));
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]));
+}
+
+#[test]
+fn an_empty_ledger_verifies() {
+    let base = tempfile::tempdir().unwrap();
+    drop(Ledger::open(base.path(), opts()).unwrap());
+    let r = verify_path(base.path()).unwrap();
+    assert_eq!(r.entries, 0);
+    assert_eq!(r.root, ciyuan_tlog::EMPTY_ROOT);
+}
+
+#[test]
+fn a_ledger_held_open_is_refused() {
+    let base = tempfile::tempdir().unwrap();
+    let _l = Ledger::open(base.path(), opts()).unwrap();
+    assert!(err(base.path()).contains("LOCK"));
+}
+
+#[test]
+fn a_sidecar_lagging_inside_the_last_segment_is_accepted() {
+    let base = tempfile::tempdir().unwrap();
+    build(base.path(), 40, 0);
+    let last = segments(base.path()).pop().unwrap();
+    let in_last = 40 - first_index(&last);
+    assert!(in_last >= 2, "the last segment holds {in_last}");
+    let side = base.path().join("leaves");
+    let full = std::fs::read(&side).unwrap();
+    // Whole entries missing, then also a partial final entry.
+    set_len(&side, (40 - 2) * SIDECAR_ENTRY);
+    let r = verify_path(base.path()).unwrap();
+    assert_eq!(r.sidecar_missing, 2);
+    std::fs::write(&side, &full[..(40 - 2) * SIDECAR_ENTRY as usize + 17]).unwrap();
+    assert_eq!(verify_path(base.path()).unwrap().sidecar_missing, 2);
+
+    // The partial entry must still match what it would be.
+    let mut b = std::fs::read(&side).unwrap();
+    let n = b.len();
+    b[n - 3] ^= 0x40;
+    std::fs::write(&side, &b).unwrap();
+    let e = err(base.path());
+    assert!(e.contains("leaves entry 38"), "{e}");
+
+    // Opening repairs it, and then nothing is missing.
+    drop(Ledger::open(base.path(), opts()).unwrap());
+    assert_eq!(verify_path(base.path()).unwrap().sidecar_missing, 0);
+}
+
+#[test]
+fn a_sidecar_lagging_inside_a_sealed_segment_or_running_ahead_is_refused() {
+    let base = tempfile::tempdir().unwrap();
+    build(base.path(), 40, 0);
+    let last = segments(base.path()).pop().unwrap();
+    let side = base.path().join("leaves");
+    let full = std::fs::read(&side).unwrap();
+    set_len(&side, (first_index(&last) - 1) * SIDECAR_ENTRY);
+    let e = err(base.path());
+    assert!(e.starts_with("leaves:") && e.contains("sealed"), "{e}");
+
+    let mut longer = full.clone();
+    longer.extend_from_slice(&full[..SIDECAR_ENTRY as usize]);
+    std::fs::write(&side, &longer).unwrap();
+    let e = err(base.path());
+    assert!(e.contains("leaves") && e.contains("more than"), "{e}");
+
+    std::fs::write(&side, &full[..full.len() - 1]).unwrap();
+    verify_path(base.path()).unwrap();
+}
+
+#[test]
+fn a_torn_final_write_is_accepted_only_when_nothing_vouches_for_it() {
+    let base = tempfile::tempdir().unwrap();
+    let entries = build(base.path(), 30, 0);
+    let seg = segments(base.path()).pop().unwrap();
+    let side = base.path().join("leaves");
+
+    // Half a record after the last one, as a crash in the middle of a write leaves it.
+    let mut rec = Vec::new();
+    rec.extend_from_slice(&(50u32).to_le_bytes());
+    rec.extend_from_slice(&(30u64).to_le_bytes());
+    rec.extend_from_slice(&[0x11; 4]);
+    rec.extend_from_slice(b"{\"i\":30");
+    append_bytes(&seg, &rec);
+    let r = verify_path(base.path()).unwrap();
+    assert_eq!(r.entries, 30);
+    assert_eq!(r.torn_tail_bytes, rec.len() as u64);
+    assert_eq!(r.root, root_of(&entries));
+
+    // The same cut through entry 29, which the sidecar holds: damage, named.
+    let full = len(&seg) - rec.len() as u64;
+    set_len(&seg, full - 3);
+    let e = err(base.path());
+    assert!(
+        e.contains("entry 29") && e.contains("leaves") && e.contains("segments/"),
+        "{e}"
+    );
+
+    // Without the sidecar entry it is a torn write again...
+    set_len(&side, 29 * SIDECAR_ENTRY);
+    let r = verify_path(base.path()).unwrap();
+    assert_eq!((r.entries, r.sidecar_missing), (29, 0));
+    assert!(r.torn_tail_bytes > 0);
+    // ...unless a signed checkpoint covers it.
+    drop(Ledger::open(base.path(), opts()).unwrap()); // repair: 29 entries
+    {
+        let mut l = Ledger::open(base.path(), opts()).unwrap();
+        l.append_batch(&[entries[29].clone()]).unwrap();
+        l.checkpoint().unwrap();
+    }
+    let full = len(&seg);
+    set_len(&seg, full - 3);
+    set_len(&side, 29 * SIDECAR_ENTRY);
+    let e = err(base.path());
+    assert!(
+        e.contains("entry 29") && e.contains("signed checkpoint"),
+        "{e}"
+    );
+}
+
+#[test]
+fn damage_followed_by_valid_records_is_never_a_torn_write() {
+    let base = tempfile::tempdir().unwrap();
+    build(base.path(), 30, 0);
+    let seg = segments(base.path()).pop().unwrap();
+    let first = first_index(&seg);
+    // Drop the sidecar entries of the last segment so only the framing can tell.
+    set_len(&base.path().join("leaves"), first * SIDECAR_ENTRY);
+    let mut b = std::fs::read(&seg).unwrap();
+    b[SEGMENT_HEADER as usize + RECORD_HEADER as usize + 2] ^= 0x08;
+    std::fs::write(&seg, &b).unwrap();
+    let e = err(base.path());
+    assert!(
+        e.contains(&format!("entry {first}")) && e.contains("valid records follow"),
+        "{e}"
+    );
+}
+
+#[test]
+fn damage_in_a_sealed_segment_is_named_by_open_readers_and_verify_and_never_cut() {
+    let base = tempfile::tempdir().unwrap();
+    build(base.path(), 40, 0);
+    let segs = segments(base.path());
+    let seg = &segs[1];
+    let first = first_index(seg);
+    let before = len(seg);
+    let mut b = std::fs::read(seg).unwrap();
+    b[SEGMENT_HEADER as usize + RECORD_HEADER as usize] ^= 0x01;
+    std::fs::write(seg, &b).unwrap();
+
+    let name = seg.file_name().unwrap().to_str().unwrap().to_string();
+    let e = err(base.path());
+    assert!(
+        e.contains(&format!("entry {first}")) && e.contains(&name) && e.contains("offset 16"),
+        "{e}"
+    );
+    // Opening does not rescan sealed segments, but never cuts them, and a read of the
+    // damaged entry says where it is.
+    match Ledger::open(base.path(), opts()) {
+        Ok(l) => {
+            let r = l.reader();
+            assert_eq!(r.size(), 40);
+            let e = r.entry(first).unwrap_err();
+            assert!(matches!(e, LedgerError::Corrupt(_)), "{e}");
+            assert!(e.to_string().contains(&name), "{e}");
+        }
+        Err(e) => assert!(e.to_string().contains(&name), "{e}"),
+    }
+    assert_eq!(len(seg), before);
+}
+
+/// Signs a checkpoint with the ledger's own key, as a thief of `signing.key` could.
+fn forge(dir: &Path, size: u64, root: ciyuan_tlog::Hash) -> String {
+    let text = std::fs::read_to_string(dir.join("signing.key")).unwrap();
+    let rest = text.trim_end().strip_prefix("PRIVATE+KEY+").unwrap();
+    let mut parts = rest.splitn(3, '+');
+    let name = parts.next().unwrap();
+    let _id = parts.next().unwrap();
+    let raw = B64.decode(parts.next().unwrap()).unwrap();
+    let seed: [u8; 32] = raw[1..].try_into().unwrap();
+    let signer = NoteSigner::new(name, ed25519_dalek::SigningKey::from_bytes(&seed)).unwrap();
+    let c = Checkpoint {
+        origin: name.to_string(),
+        size,
+        root,
+        extensions: Vec::new(),
+    };
+    signer.sign(&c.to_text()).unwrap()
+}
+
+fn frame(note: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(note.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(note.as_bytes()).to_le_bytes());
+    out.extend_from_slice(note.as_bytes());
+    out
+}
+
+#[test]
+fn a_validly_signed_checkpoint_of_another_history_is_refused() {
+    let base = tempfile::tempdir().unwrap();
+    // Checkpoints at 9, 18 and 27 entries.
+    let entries = build(base.path(), 30, 3);
+    let cps = base.path().join("checkpoints");
+    let good = std::fs::read(&cps).unwrap();
+
+    // A root at size 30 that is not the root of these entries.
+    let mut other = entries.clone();
+    other[4] = b"{\"i\":4,\"forged\":true}".to_vec();
+    append_bytes(&cps, &frame(&forge(base.path(), 30, root_of(&other))));
+    let e = err(base.path());
+    assert!(
+        e.contains("checkpoints offset") && e.contains("root"),
+        "{e}"
+    );
+
+    // A checkpoint that does not grow from the previous one.
+    std::fs::write(&cps, &good).unwrap();
+    append_bytes(&cps, &frame(&forge(base.path(), 3, root_of(&entries[..3]))));
+    let e = err(base.path());
+    assert!(e.contains("does not grow"), "{e}");
+
+    // The right root signed at a new size verifies, and its consistency is proven.
+    std::fs::write(&cps, &good).unwrap();
+    append_bytes(
+        &cps,
+        &frame(&forge(base.path(), 29, root_of(&entries[..29]))),
+    );
+    assert_eq!(verify_path(base.path()).unwrap().signed_size, 29);
+}
+
+#[test]
+fn the_key_files_must_agree_and_be_canonical() {
+    let base = tempfile::tempdir().unwrap();
+    build(base.path(), 12, 1);
+    let public = base.path().join("public.key");
+    let good = std::fs::read_to_string(&public).unwrap();
+    let id = good.split('+').nth(1).unwrap().to_string();
+    if id.bytes().any(|b| b.is_ascii_lowercase()) {
+        // The parser takes upper-case hex; the verifier does not.
+        std::fs::write(&public, good.replacen(&id, &id.to_uppercase(), 1)).unwrap();
+        let e = err(base.path());
+        assert!(e.contains("public.key"), "{e}");
+    }
+    std::fs::write(&public, good.trim_end()).unwrap();
+    assert!(err(base.path()).contains("public.key"));
+    std::fs::write(&public, &good).unwrap();
+    std::fs::remove_file(base.path().join("signing.key")).unwrap();
+    // Without the secret half the ledger still verifies against its public key.
+    verify_path(base.path()).unwrap();
+}
+
+#[test]
+fn bundles_end_at_the_newest_checkpoint() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("l");
+    let entries: Vec<Vec<u8>> = (0..20).map(entry).collect();
+    let mut l = Ledger::open(&dir, opts()).unwrap();
+    l.append_batch(&entries[..5]).unwrap();
+    let e = export_bundle(&l.reader(), &base.path().join("none")).unwrap_err();
+    assert!(matches!(e, LedgerError::Invalid(_)), "{e}");
+    l.checkpoint().unwrap();
+    l.append_batch(&entries[5..12]).unwrap();
+    l.checkpoint().unwrap();
+    l.append_batch(&entries[12..]).unwrap();
+    let out = base.path().join("b");
+    let s = export_bundle(&l.reader(), &out).unwrap();
+    assert_eq!((s.entries, s.checkpoints), (12, 2));
+    drop(l);
+    let r = verify_path(&out).unwrap();
+    assert_eq!((r.entries, r.checkpoints, r.signed_size), (12, 2, 12));
+    assert_eq!(r.root, root_of(&entries[..12]));
+    let lines = std::fs::read_to_string(out.join("entries.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 12);
+    // The directory is left as it was: an existing non-empty one is refused.
+    let reader = Ledger::open(&dir, opts()).unwrap().reader();
+    assert!(export_bundle(&reader, &out).is_err());
+}
+
+fn bundle(base: &Path) -> PathBuf {
+    let dir = base.join("l");
+    build(&dir, 25, 3);
+    let out = base.join("b");
+    let l = Ledger::open(&dir, opts()).unwrap();
+    export_bundle(&l.reader(), &out).unwrap();
+    out
+}
+
+#[test]
+fn a_bundle_is_exactly_what_was_exported() {
+    let base = tempfile::tempdir().unwrap();
+    let out = bundle(base.path());
+    verify_path(&out).unwrap();
+
+    let readme = std::fs::read_to_string(out.join("README.txt")).unwrap();
+    assert!(readme.contains("SHA-256(0x00 ||") && readme.contains("RFC 6962"));
+    std::fs::write(out.join("README.txt"), readme.replace("Merkle", "merkle")).unwrap();
+    assert!(err(&out).contains("README.txt"));
+    std::fs::write(out.join("README.txt"), &readme).unwrap();
+
+    std::fs::write(out.join("notes.txt"), "hi").unwrap();
+    assert!(err(&out).contains("notes.txt"));
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+
+    // A missing final newline, an extra empty line, a line removed.
+    let entries = std::fs::read(out.join("entries.jsonl")).unwrap();
+    std::fs::write(out.join("entries.jsonl"), &entries[..entries.len() - 1]).unwrap();
+    let e = err(&out);
+    assert!(e.contains("entries.jsonl line 25"), "{e}");
+    let mut extra = entries.clone();
+    extra.push(b'\n');
+    std::fs::write(out.join("entries.jsonl"), &extra).unwrap();
+    assert!(err(&out).contains("entries.jsonl line 26"));
+    let cut = entries[..entries.len() - 1]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .unwrap();
+    std::fs::write(out.join("entries.jsonl"), &entries[..=cut]).unwrap();
+    let e = err(&out);
+    assert!(
+        e.contains("leaf-hashes.txt") || e.contains("checkpoint"),
+        "{e}"
+    );
+    std::fs::write(out.join("entries.jsonl"), &entries).unwrap();
+
+    // A checkpoint file under another size's name.
+    let cps: Vec<PathBuf> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let moved = out.join("checkpoints").join(format!("{:020}.note", 999));
+    std::fs::rename(&cps[0], &moved).unwrap();
+    assert!(err(&out).contains("file name"));
+    std::fs::rename(&moved, &cps[0]).unwrap();
+    verify_path(&out).unwrap();
+}
+
+#[test]
+fn a_changed_entry_is_named_by_line_even_with_its_leaf_hash_updated() {
+    let base = tempfile::tempdir().unwrap();
+    let out = bundle(base.path());
+    let text = std::fs::read_to_string(out.join("entries.jsonl")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines[7] = lines[7].replace("\"i\":7", "\"i\":8");
+    std::fs::write(out.join("entries.jsonl"), lines.join("\n") + "\n").unwrap();
+    let e = err(&out);
+    assert!(e.contains("entry 7") && e.contains("line 8"), "{e}");
+
+    let mut hashes: Vec<String> = std::fs::read_to_string(out.join("leaf-hashes.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    hashes[7] = hex::encode(leaf_hash(lines[7].as_bytes()));
+    std::fs::write(out.join("leaf-hashes.txt"), hashes.join("\n") + "\n").unwrap();
+    let e = err(&out);
+    assert!(e.contains("checkpoints/") && e.contains("root"), "{e}");
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files(&p));
+        } else if len(&p) > 0 {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Every byte of every non-empty file counts, the README of a bundle included.
+    #[test]
+    fn any_changed_byte_anywhere_fails_and_names_the_file(
+        file_pick in any::<u64>(),
+        at_pick in any::<u64>(),
+        xor in 1u8..=255,
+        is_bundle in any::<bool>(),
+    ) {
+        let base = tempfile::tempdir().unwrap();
+        let target = if is_bundle {
+            bundle(base.path())
+        } else {
+            let dir = base.path().join("l");
+            build(&dir, 25, 3);
+            dir
+        };
+        verify_path(&target).unwrap();
+        let fs = files(&target);
+        let file = &fs[(file_pick % fs.len() as u64) as usize];
+        let mut b = std::fs::read(file).unwrap();
+        let at = (at_pick % b.len() as u64) as usize;
+        b[at] ^= xor;
+        std::fs::write(file, &b).unwrap();
+        let e = verify_path(&target).err();
+        prop_assert!(e.is_some(), "xor {:#x} at {} of {} passed", xor, at, file.display());
+        let msg = e.unwrap().0;
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        prop_assert!(msg.contains(&name), "{} does not name {}", msg, name);
+    }
+}
+
+#[test]
+fn a_sealed_segment_cut_or_grown_is_refused_on_open_and_named() {
+    let base = tempfile::tempdir().unwrap();
+    let entries = build(base.path(), 40, 0);
+    let segs = segments(base.path());
+    let seg = segs[2].clone();
+    let name = seg.file_name().unwrap().to_str().unwrap().to_string();
+    let good = std::fs::read(&seg).unwrap();
+    for (what, bytes) in [
+        ("cut", good[..good.len() - 1].to_vec()),
+        ("grown", [good.clone(), b"x".to_vec()].concat()),
+        ("swapped", std::fs::read(&segs[1]).unwrap()),
+    ] {
+        std::fs::write(&seg, &bytes).unwrap();
+        let e = Ledger::open(base.path(), opts()).err().expect(what);
+        assert!(matches!(e, LedgerError::Corrupt(_)), "{what}: {e}");
+        assert!(e.to_string().contains(&name), "{what}: {e}");
+        assert!(err(base.path()).contains(&name), "{what}");
+        assert_eq!(std::fs::read(&seg).unwrap(), bytes, "{what}: never cut");
+    }
+    std::fs::write(&seg, &good).unwrap();
+    let l = Ledger::open(base.path(), opts()).unwrap();
+    assert_eq!(l.reader().root(), root_of(&entries));
+}
