@@ -514,12 +514,19 @@ async fn ingest(
     let known = {
         let recent = guard.map.clone();
         app.blocking(move |app| {
-            keys.into_iter()
-                .map(|k| match recent.get(&k) {
-                    Some(&e) => Ok(Some(e)),
-                    None => Ok(app.store.ingested(&k.0, &k.1)?),
+            let unknown: Vec<(&str, &str)> = keys
+                .iter()
+                .filter(|k| !recent.contains_key(*k))
+                .map(|(s, i)| (s.as_str(), i.as_str()))
+                .collect();
+            let mut stored = app.store.ingested_many(&unknown)?.into_iter();
+            Ok(keys
+                .iter()
+                .map(|k| match recent.get(k) {
+                    Some(&e) => Some(e),
+                    None => stored.next().flatten(),
                 })
-                .collect::<Result<Vec<Option<u64>>, ApiError>>()
+                .collect::<Vec<Option<u64>>>())
         })
         .await?
     };

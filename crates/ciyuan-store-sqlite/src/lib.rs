@@ -463,6 +463,22 @@ impl Store for SqliteStore {
         Ok(entry.map(|e| e as u64))
     }
 
+    fn ingested_many(&self, keys: &[(&str, &str)]) -> Result<Vec<Option<u64>>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT entry FROM ingested WHERE source = ? AND id = ?")
+            .map_err(backend)?;
+        keys.iter()
+            .map(|(source, id)| {
+                let e: Option<i64> = stmt
+                    .query_row([source, id], |r| r.get(0))
+                    .optional()
+                    .map_err(backend)?;
+                Ok(e.map(|e| e as u64))
+            })
+            .collect()
+    }
+
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
         let (cond, mut args) = subtree("account", &filter.account);
         let mut sql = format!(

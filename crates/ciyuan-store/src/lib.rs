@@ -143,6 +143,11 @@ pub trait Store: Send + Sync + 'static {
     /// idempotency index of the ingest API, projected from usage entries.
     fn ingested(&self, source: &str, id: &str) -> Result<Option<u64>, StoreError>;
 
+    /// [`Store::ingested`] for many events at once (one lock, one prepared statement).
+    fn ingested_many(&self, keys: &[(&str, &str)]) -> Result<Vec<Option<u64>>, StoreError> {
+        keys.iter().map(|(s, i)| self.ingested(s, i)).collect()
+    }
+
     /// Hourly rollup rows of a subtree, summed over equal keys.
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
 }

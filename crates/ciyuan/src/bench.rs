@@ -10,6 +10,24 @@ pub enum BenchCmd {
     Ledger(LedgerArgs),
     /// Offline verification speed.
     Verify(VerifyArgs),
+    /// Durable ingest over HTTP: batches of CloudEvents against a `ciyuan serve` process.
+    Ingest(IngestArgs),
+}
+
+#[derive(Args)]
+pub struct IngestArgs {
+    /// Events to send in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Events per request.
+    #[arg(long, default_value_t = 1000)]
+    batch: u64,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 4)]
+    clients: u64,
+    /// End with one JSON line of the figures.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -93,6 +111,31 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                         "p99_append_us": report.p99_append_us,
                         "fsyncs": report.fsyncs,
                         "entries_per_fsync": report.entries_per_fsync,
+                    })
+                );
+            }
+        }
+        BenchCmd::Ingest(a) => {
+            let r = crate::bench_ingest::run(a.events, a.batch, a.clients)?;
+            println!(
+                "ingest: {} events in batches of {} from {} clients over HTTP",
+                r.events, a.batch, a.clients
+            );
+            println!("  {:.0} durable events/s", r.events_per_sec);
+            println!(
+                "  request latency p50 {} us, p99 {} us",
+                r.p50_request_us, r.p99_request_us
+            );
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "events": r.events,
+                        "batch": a.batch,
+                        "clients": a.clients,
+                        "events_per_sec": r.events_per_sec,
+                        "p50_request_us": r.p50_request_us,
+                        "p99_request_us": r.p99_request_us,
                     })
                 );
             }

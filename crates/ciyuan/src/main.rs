@@ -6,6 +6,7 @@
 
 mod admin;
 mod bench;
+mod bench_ingest;
 mod client;
 mod config;
 mod ingest;

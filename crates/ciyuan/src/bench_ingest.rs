@@ -1,0 +1,148 @@
+//! `ciyuan bench ingest`: a real `ciyuan serve` in its own process, fed batches of
+//! CloudEvents over loopback HTTP by concurrent clients; every accepted event is
+//! durable in the ledger before its request is answered.
+
+use anyhow::{Context, bail};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Figures of one run.
+pub struct Report {
+    pub events: u64,
+    pub events_per_sec: f64,
+    pub p50_request_us: u64,
+    pub p99_request_us: u64,
+}
+
+/// Kills the server process when the benchmark ends, however it ends.
+struct Child(std::process::Child, std::path::PathBuf);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut b = vec![0u8; bytes];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
+    Ok(hex::encode(b))
+}
+
+pub fn run(events: u64, batch: u64, clients: u64) -> anyhow::Result<Report> {
+    if batch == 0 || clients == 0 || events == 0 {
+        bail!("--events, --batch and --clients must be positive");
+    }
+    let dir = std::env::temp_dir().join(format!("ciyuan-bench-ingest-{}", random_hex(6)?));
+    let admin = format!("cy_{}_{}", random_hex(6)?, random_hex(32)?);
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&dir)
+        .env("CIYUAN_BOOTSTRAP_ADMIN_KEY", &admin)
+        .env("CIYUAN_LOG", "warn")
+        .env("CIYUAN_MAX_BODY_BYTES", (64u64 << 20).to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting ciyuan serve")?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let guard = Child(child, dir);
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        let line = lines.next().context("the server exited before listening")??;
+        if let Some(u) = line.strip_prefix("listening on ") {
+            break u.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(async move {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+        let post = |path: &str, body: serde_json::Value, key: &str| {
+            http.post(format!("{url}{path}")).bearer_auth(key).json(&body).send()
+        };
+        post("/api/v1/accounts", serde_json::json!({"path": "bench/app"}), &admin).await?.error_for_status()?;
+        let key: serde_json::Value = post(
+            "/api/v1/keys",
+            serde_json::json!({"account": "bench", "scopes": ["ingest"]}),
+            &admin,
+        )
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+        let key = key["key"].as_str().context("no key")?.to_string();
+        let requests = events.div_ceil(batch);
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (http, url, key, next) = (http.clone(), url.clone(), key.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut accepted = 0u64;
+                loop {
+                    let r = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if r >= requests {
+                        break;
+                    }
+                    let first = r * batch;
+                    let n = batch.min(events - first);
+                    let mut body = String::with_capacity(n as usize * 240);
+                    body.push('[');
+                    for i in first..first + n {
+                        if i > first {
+                            body.push(',');
+                        }
+                        body.push_str(&format!(
+                            r#"{{"specversion":"1.0","id":"ev-{i}","source":"svc://bench","type":"llm.usage","subject":"bench/app","data":{{"model":"gpt-4o","input_tokens":{},"output_tokens":{}}}}}"#,
+                            i % 997,
+                            i % 101
+                        ));
+                    }
+                    body.push(']');
+                    let t = Instant::now();
+                    let resp = http
+                        .post(format!("{url}/v1/events"))
+                        .bearer_auth(&key)
+                        .header("content-type", "application/cloudevents-batch+json")
+                        .body(body)
+                        .send()
+                        .await?
+                        .error_for_status()?;
+                    let v: serde_json::Value = resp.json().await?;
+                    latencies.push(t.elapsed().as_micros() as u64);
+                    accepted += v["accepted"].as_u64().unwrap_or(0);
+                }
+                anyhow::Ok((latencies, accepted))
+            }));
+        }
+        let mut latencies = Vec::new();
+        let mut accepted = 0;
+        for t in tasks {
+            let (l, a) = t.await??;
+            latencies.extend(l);
+            accepted += a;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        if accepted != events {
+            bail!("only {accepted} of {events} events were accepted");
+        }
+        latencies.sort_unstable();
+        let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        anyhow::Ok(Report {
+            events,
+            events_per_sec: events as f64 / seconds,
+            p50_request_us: pct(0.50),
+            p99_request_us: pct(0.99),
+        })
+    })?;
+    drop(guard);
+    Ok(report)
+}
