@@ -51,7 +51,9 @@ pub fn run(events: u64, batch: u64, clients: u64) -> anyhow::Result<Report> {
     let guard = Child(child, dir);
     let mut lines = BufReader::new(stdout).lines();
     let url = loop {
-        let line = lines.next().context("the server exited before listening")??;
+        let line = lines
+            .next()
+            .context("the server exited before listening")??;
         if let Some(u) = line.strip_prefix("listening on ") {
             break u.to_string();
         }
