@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 
 mod definitions;
+pub mod media;
 
 pub use definitions::{
     Definition, DefinitionError, DefinitionSet, MeasureError, Measured, RawDefinition,

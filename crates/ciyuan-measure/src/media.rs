@@ -1,0 +1,1 @@
+//! Media token formulas (images, audio, video) as providers document them.
