@@ -197,7 +197,8 @@ fn account_from_raw(raw: RawAccount) -> Result<Account, StoreError> {
     })
 }
 
-type RollupKey = (String, i64, String, String, Modality, Direction);
+/// Rollup key borrowed from the entries being applied: no allocation per token.
+type RollupKey<'a> = (&'a str, i64, &'a str, &'a str, Modality, Direction);
 
 impl Store for SqliteStore {
     fn projected_through(&self) -> Result<u64, StoreError> {
@@ -230,7 +231,7 @@ impl Store for SqliteStore {
         }
         // Sum usage per rollup key first: a batch of many events for one key becomes one
         // upsert.
-        let mut rollup: HashMap<RollupKey, i64> = HashMap::new();
+        let mut rollup: HashMap<RollupKey<'_>, i64> = HashMap::new();
         {
             let mut insert_account = tx
                 .prepare_cached(
@@ -283,10 +284,10 @@ impl Store for SqliteStore {
                 for t in tokens.iter() {
                     let slot = rollup
                         .entry((
-                            entry.account.as_str().to_string(),
+                            entry.account.as_str(),
                             hour,
-                            service.clone(),
-                            model.clone().unwrap_or_default(),
+                            service.as_str(),
+                            model.as_deref().unwrap_or(""),
                             t.modality,
                             t.direction,
                         ))
