@@ -585,7 +585,8 @@ async fn ingest(
     Ok(outcomes
         .into_iter()
         .map(|o| {
-            o.unwrap_or(Outcome::Rejected {
+            // Lazily: building an internal error logs it.
+            o.unwrap_or_else(|| Outcome::Rejected {
                 source: None,
                 id: None,
                 error: ApiError::internal("event without outcome"),
