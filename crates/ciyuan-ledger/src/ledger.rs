@@ -234,12 +234,15 @@ fn scan_last_segment(
                 index += 1;
             }
             Err(why) => {
-                // A torn write is at most one group long, and nothing valid follows it.
+                // Nothing valid follows a torn write, and it spans at most the groups
+                // written but not yet synced: the pipelined writer keeps up to
+                // `UNSYNCED_GROUPS` of them in flight.
                 let rest = bytes.len() - at;
-                let bound = opts.max_batch_bytes
-                    + opts.max_batch_entries * RECORD_HEADER_BYTES
-                    + opts.max_entry_bytes
-                    + RECORD_HEADER_BYTES;
+                let bound = crate::group::UNSYNCED_GROUPS
+                    * (opts.max_batch_bytes
+                        + opts.max_batch_entries * RECORD_HEADER_BYTES
+                        + opts.max_entry_bytes
+                        + RECORD_HEADER_BYTES);
                 if rest > bound || valid_record_after(&bytes[at..], index, opts) {
                     return Err(corrupt(format!(
                         "{SEGMENTS_DIR}/{name} offset {at} (entry {index}): {why}, and data follows that is not a torn write"
@@ -584,20 +587,7 @@ impl Ledger {
 
     /// Checks one entry against the ledger's rules.
     pub fn validate(&self, entry: &[u8]) -> Result<(), LedgerError> {
-        if entry.is_empty() {
-            return Err(LedgerError::Invalid("entry is empty".into()));
-        }
-        if entry.len() > self.opts.max_entry_bytes {
-            return Err(LedgerError::Invalid(format!(
-                "entry of {} bytes is over the limit of {}",
-                entry.len(),
-                self.opts.max_entry_bytes
-            )));
-        }
-        if entry.contains(&b'\n') {
-            return Err(LedgerError::Invalid("entry contains a newline".into()));
-        }
-        Ok(())
+        validate_entry(entry, self.opts.max_entry_bytes)
     }
 
     /// Appends entries with one write and one `fdatasync`; they are durable when this
@@ -618,23 +608,53 @@ impl Ledger {
     /// Validates and writes a group to the active segment and the sidecar, without
     /// syncing or publishing it. Groups must be committed in the order staged.
     pub(crate) fn stage<E: AsRef<[u8]>>(&mut self, entries: &[E]) -> Result<Staged, LedgerError> {
-        if let Some(why) = self.shared.failure() {
-            return Err(LedgerError::Failed(why));
-        }
         for e in entries {
             self.validate(e.as_ref())?;
+        }
+        self.stage_checked(entries, None)
+    }
+
+    /// [`Ledger::stage`] for entries already validated, with their leaf hashes already
+    /// computed (by the producers, in parallel, so the single writer thread only frames
+    /// and writes).
+    pub(crate) fn stage_prepared(
+        &mut self,
+        entries: &[&[u8]],
+        leaves: &[Hash],
+    ) -> Result<Staged, LedgerError> {
+        if leaves.len() != entries.len() {
+            return Err(LedgerError::Invalid(format!(
+                "{} leaf hashes for {} entries",
+                leaves.len(),
+                entries.len()
+            )));
+        }
+        self.stage_checked(entries, Some(leaves))
+    }
+
+    fn stage_checked<E: AsRef<[u8]>>(
+        &mut self,
+        entries: &[E],
+        leaves: Option<&[Hash]>,
+    ) -> Result<Staged, LedgerError> {
+        if let Some(why) = self.shared.failure() {
+            return Err(LedgerError::Failed(why));
         }
         if self.active_len >= self.opts.segment_max_bytes && !entries.is_empty() {
             self.roll()?;
         }
-        let result = self.write_group(entries);
+        let result = self.write_group(entries, leaves);
         if let Err(e) = &result {
             self.shared.fail(e.to_string());
         }
         result
     }
 
-    fn write_group<E: AsRef<[u8]>>(&mut self, entries: &[E]) -> Result<Staged, LedgerError> {
+    fn write_group<E: AsRef<[u8]>>(
+        &mut self,
+        entries: &[E],
+        leaves: Option<&[Hash]>,
+    ) -> Result<Staged, LedgerError> {
         let start = self.size();
         self.buf.clear();
         self.side_buf.clear();
@@ -642,7 +662,10 @@ impl Ledger {
         let mut upper: Vec<(u32, Hash)> = Vec::new();
         for (i, e) in entries.iter().enumerate() {
             let payload = e.as_ref();
-            let leaf = leaf_hash(payload);
+            let leaf = match leaves {
+                Some(l) => l[i],
+                None => leaf_hash(payload),
+            };
             put_record(&mut self.buf, start + i as u64, payload);
             put_sidecar(&mut self.side_buf, &leaf, offset);
             offset += (RECORD_HEADER_BYTES + payload.len()) as u64;
@@ -713,6 +736,24 @@ impl Drop for Ledger {
     fn drop(&mut self) {
         let _ = self.sidecar_w.sync_data();
     }
+}
+
+/// Checks one entry against the ledger's rules: not empty, at most `max_bytes`, and no
+/// newline byte (a bundle holds one entry per line).
+pub(crate) fn validate_entry(entry: &[u8], max_bytes: usize) -> Result<(), LedgerError> {
+    if entry.is_empty() {
+        return Err(LedgerError::Invalid("entry is empty".into()));
+    }
+    if entry.len() > max_bytes {
+        return Err(LedgerError::Invalid(format!(
+            "entry of {} bytes is over the limit of {max_bytes}",
+            entry.len(),
+        )));
+    }
+    if entry.contains(&b'\n') {
+        return Err(LedgerError::Invalid("entry contains a newline".into()));
+    }
+    Ok(())
 }
 
 /// Checks that sealed segment `seg`, which the sidecar covers, holds exactly the

@@ -18,6 +18,22 @@
 //! producers share one `fdatasync` per group; [`LedgerReader`] reads, proves and
 //! serves checkpoints concurrently with appends. [`verify_path`] checks a ledger
 //! directory or an exported bundle offline, from the bytes alone.
+//!
+//! ## What a crash may leave, and who judges it
+//!
+//! Only the writes after the last completed `fdatasync` can be torn, and none of them
+//! was acknowledged. [`Ledger::open`] cuts a damaged tail of the **last** segment when
+//! nothing valid follows it, rebuilds the sidecar from the start of that segment, and
+//! checks the ends of every sealed segment against the sidecar. Damage followed by
+//! valid records, or anywhere in a sealed segment, is an error naming the segment,
+//! offset and entry; it is never cut.
+//!
+//! [`verify_path`] repairs nothing. On a ledger directory that has not been reopened
+//! since a crash it accepts exactly the two leftovers nothing ever vouched for: a
+//! sidecar that stops short inside the last segment (every byte it has must match),
+//! and a torn final write that neither the sidecar nor a signed checkpoint covers
+//! (reported in [`VerifyReport::torn_tail_bytes`]). A bundle must be exactly what
+//! [`export_bundle`] wrote, up to its newest checkpoint.
 #![deny(missing_docs)]
 
 pub mod bench;

@@ -13,11 +13,13 @@
 //!   checksum, with no valid record after it) that neither the sidecar nor a signed
 //!   checkpoint covers. It is reported in [`VerifyReport::torn_tail_bytes`].
 //!
-//! Speed: the leaves are hashed on two threads per chunk of records (the machine this
-//! runs on has two cores and SHA-256 is most of the work), while framing, checksums,
-//! the sidecar comparison and the tree stay sequential and cheap. Checkpoint roots and
-//! the nodes of the consistency proofs between consecutive checkpoints are captured as
-//! the leaves stream past, so nothing is read twice and memory stays small.
+//! Speed: SHA-256 is most of the work, so the leaves of each chunk of records are
+//! hashed on two threads (the target machine has two cores), and the tree (one node
+//! hash per leaf, in order) is built on a third thread while the next chunk is read,
+//! framed and hashed. Framing, checksums and the sidecar or hex comparison are cheap
+//! and stay in order. Checkpoint roots and the nodes of the consistency proofs between
+//! consecutive checkpoints are captured as the leaves stream past, so nothing is read
+//! twice and memory stays small.
 
 use crate::bundle::{
     CHECKPOINTS_DIR, ENTRIES_FILE, LEAF_HASHES_FILE, PUBLIC_KEY_FILE, README, README_FILE,
@@ -30,6 +32,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
 /// What a successful verification covered.
@@ -299,6 +302,53 @@ impl TreeCheck {
     }
 }
 
+/// Hands chunks of leaves to the thread that builds the tree, so that building it
+/// (one node hash per leaf, in order) overlaps reading and hashing the next chunk.
+struct TreeFeed {
+    tx: SyncSender<Vec<Hash>>,
+    spare: Receiver<Vec<Hash>>,
+}
+
+impl TreeFeed {
+    /// Sends `leaves` to the tree and leaves an empty (recycled) vector in its place.
+    fn feed(&mut self, leaves: &mut Vec<Hash>) {
+        let next = self.spare.try_recv().unwrap_or_default();
+        let full = std::mem::replace(leaves, next);
+        // The tree thread only stops when this side is dropped.
+        let _ = self.tx.send(full);
+    }
+}
+
+/// Runs `f` with a feed into `tree` built on its own thread; returns what `f` returned
+/// and the tree with every leaf fed.
+fn with_tree<R>(
+    tree: TreeCheck,
+    f: impl FnOnce(&mut TreeFeed) -> Result<R, VerifyFailure>,
+) -> Result<(R, TreeCheck), VerifyFailure> {
+    std::thread::scope(|s| {
+        let (tx, rx) = sync_channel::<Vec<Hash>>(4);
+        let (spare_tx, spare) = sync_channel::<Vec<Hash>>(8);
+        let builder = s.spawn(move || {
+            let mut tree = tree;
+            for mut leaves in rx {
+                for leaf in &leaves {
+                    tree.push(*leaf);
+                }
+                leaves.clear();
+                let _ = spare_tx.try_send(leaves);
+            }
+            tree
+        });
+        let mut feed = TreeFeed { tx, spare };
+        let result = f(&mut feed);
+        drop(feed);
+        let tree = builder
+            .join()
+            .map_err(|_| VerifyFailure("the tree-building thread failed".into()))?;
+        result.map(|r| (r, tree))
+    })
+}
+
 // ---------------------------------------------------------------------------------
 // Parallel leaf hashing
 
@@ -442,7 +492,7 @@ fn verify_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
     // Checkpoints first, so the roots and proof nodes to capture are known while the
     // leaves stream past.
     let cps = ledger_checkpoints(dir, &verifier)?;
-    let mut tree = TreeCheck::new(&cps);
+    let tree = TreeCheck::new(&cps);
 
     let mut firsts = Vec::new();
     for name in list_dir(&dir.join(SEGMENTS), SEGMENTS)? {
@@ -477,6 +527,38 @@ fn verify_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
     }
     let signed_size = cps.iter().map(|c| c.checkpoint.size).max().unwrap_or(0);
 
+    let ((index, torn_tail_bytes), tree) = with_tree(tree, |tree| {
+        scan_segments(dir, &firsts, &mut side, signed_size, tree, progress)
+    })?;
+    if side.entries > index || (side.entries == index && side.partial > 0) {
+        return fail(format!(
+            "{SIDECAR}: holds {} entries and {} bytes, more than the {index} entries in {SEGMENTS}",
+            side.entries, side.partial
+        ));
+    }
+    let newest = tree.check(&cps, index)?;
+    Ok(VerifyReport {
+        entries: index,
+        checkpoints: cps.len() as u64,
+        size: index,
+        root: tree.frontier.root(),
+        signed_size: newest,
+        sidecar_missing: index - side.entries,
+        torn_tail_bytes,
+        seconds: 0.0,
+    })
+}
+
+/// Streams every segment in order into the tree; returns the number of entries and
+/// the size of an accepted torn tail.
+fn scan_segments(
+    dir: &Path,
+    firsts: &[u64],
+    side: &mut Sidecar,
+    signed_size: u64,
+    tree: &mut TreeFeed,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(u64, u64), VerifyFailure> {
     let mut index = 0u64;
     let mut torn_tail_bytes = 0u64;
     let mut scan = SegmentScan::default();
@@ -490,7 +572,7 @@ fn verify_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
         let last = k + 1 == firsts.len();
         let file =
             File::open(dir.join(&name)).map_err(|e| VerifyFailure(format!("{name}: {e}")))?;
-        let outcome = scan.run(&file, &name, index, last, &mut side, &mut tree, progress)?;
+        let outcome = scan.run(&file, &name, index, last, side, tree, progress)?;
         index = outcome.end;
         if let Some(tail) = outcome.torn {
             // Only a write that nothing vouches for may be torn.
@@ -511,23 +593,7 @@ fn verify_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
             torn_tail_bytes = tail.bytes;
         }
     }
-    if side.entries > index || (side.entries == index && side.partial > 0) {
-        return fail(format!(
-            "{SIDECAR}: holds {} entries and {} bytes, more than the {index} entries in {SEGMENTS}",
-            side.entries, side.partial
-        ));
-    }
-    let newest = tree.check(&cps, index)?;
-    Ok(VerifyReport {
-        entries: index,
-        checkpoints: cps.len() as u64,
-        size: index,
-        root: tree.frontier.root(),
-        signed_size: newest,
-        sidecar_missing: index - side.entries,
-        torn_tail_bytes,
-        seconds: 0.0,
-    })
+    Ok((index, torn_tail_bytes))
 }
 
 /// A damaged end of the last segment that may be a torn write.
@@ -559,7 +625,7 @@ impl SegmentScan {
         first: u64,
         last: bool,
         side: &mut Sidecar,
-        tree: &mut TreeCheck,
+        tree: &mut TreeFeed,
         progress: &mut dyn FnMut(u64),
     ) -> Result<SegmentOutcome, VerifyFailure> {
         let io = |e: std::io::Error| VerifyFailure(format!("{name}: {e}"));
@@ -687,9 +753,7 @@ impl SegmentScan {
                     return fail(format!("{SIDECAR}: cut short inside sealed segment {name}"));
                 }
             }
-            for leaf in &self.leaves {
-                tree.push(*leaf);
-            }
+            tree.feed(&mut self.leaves);
             index += n as u64;
             progress(index);
 
@@ -804,43 +868,15 @@ fn bundle_checkpoints(dir: &Path, verifier: &NoteVerifier) -> Result<Vec<Signed>
     Ok(out)
 }
 
-fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyReport, VerifyFailure> {
-    let (verifier, _) = read_verifier(dir)?;
-    for name in list_dir(dir, &dir.display().to_string())? {
-        if ![
-            ENTRIES_FILE,
-            LEAF_HASHES_FILE,
-            CHECKPOINTS_DIR,
-            PUBLIC_KEY_FILE,
-            README_FILE,
-        ]
-        .contains(&name.as_str())
-        {
-            return fail(format!("{name}: unexpected file in the bundle"));
-        }
-    }
-    // The README is part of what the exporter wrote: a changed one is a changed bundle.
-    match std::fs::read(dir.join(README_FILE)) {
-        Ok(b) if b == README.as_bytes() => {}
-        Ok(_) => {
-            return fail(format!(
-                "{README_FILE}: differs from the text the exporter writes"
-            ));
-        }
-        Err(e) => return fail(format!("{README_FILE}: {e}")),
-    }
-    let cps = bundle_checkpoints(dir, &verifier)?;
-    let mut tree = TreeCheck::new(&cps);
-
-    let open =
-        |name: &str| File::open(dir.join(name)).map_err(|e| VerifyFailure(format!("{name}: {e}")));
-    let entries_file = open(ENTRIES_FILE)?;
-    let hashes_file = open(LEAF_HASHES_FILE)?;
-    let hashes_len = hashes_file
-        .metadata()
-        .map_err(|e| VerifyFailure(format!("{LEAF_HASHES_FILE}: {e}")))?
-        .len();
-
+/// Streams `entries.jsonl` into the tree, checking each line against
+/// `leaf-hashes.txt`; returns the number of entries.
+fn scan_bundle(
+    entries_file: &File,
+    hashes_file: &File,
+    hashes_len: u64,
+    tree: &mut TreeFeed,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, VerifyFailure> {
     let mut buf = vec![0u8; CHUNK_BYTES];
     let mut hex = Vec::new();
     let mut ranges: Vec<(usize, usize)> = Vec::new();
@@ -852,7 +888,7 @@ fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
         if buf.len() < carry * 2 {
             buf.resize(carry * 2, 0);
         }
-        let got = read_fully_at(&entries_file, &mut buf[carry..], pos + carry as u64)
+        let got = read_fully_at(entries_file, &mut buf[carry..], pos + carry as u64)
             .map_err(|e| VerifyFailure(format!("{ENTRIES_FILE}: {e}")))?;
         let filled = carry + got;
         let eof = got == 0 || filled < buf.len();
@@ -860,7 +896,7 @@ fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
         let mut at = 0usize;
         let mut line_fault: Option<String> = None;
         while at < filled {
-            match buf[at..filled].iter().position(|&b| b == b'\n') {
+            match find_newline(&buf[at..filled]) {
                 Some(0) => {
                     line_fault = Some("empty line".into());
                     break;
@@ -895,30 +931,33 @@ fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
                 ));
             }
             let line = &hex_ref[i * HEX_LINE..(i + 1) * HEX_LINE];
-            let mut want = [0u8; 32];
+            // Encoding the computed leaf and comparing bytes is cheaper than decoding,
+            // and only the canonical lower-case spelling matches. Why a line differs is
+            // worked out only when it does.
+            let mut want = [0u8; HEX_LINE];
+            want[64] = b'\n';
+            if hex::encode_to_slice(leaf, &mut want[..64]).is_ok() && line == want {
+                return Ok(());
+            }
+            let mut parsed = [0u8; 32];
             if line[64] != b'\n'
                 || line[..64].iter().any(u8::is_ascii_uppercase)
-                || hex::decode_to_slice(&line[..64], &mut want).is_err()
+                || hex::decode_to_slice(&line[..64], &mut parsed).is_err()
             {
                 return Err(format!(
                     "{LEAF_HASHES_FILE} line {}: not a lower-case hex SHA-256 and a newline",
                     index + i as u64 + 1
                 ));
             }
-            if want != *leaf {
-                return Err(format!(
-                    "{ENTRIES_FILE} line {0} does not hash to {LEAF_HASHES_FILE} line {0}",
-                    index + i as u64 + 1
-                ));
-            }
-            Ok(())
+            Err(format!(
+                "{ENTRIES_FILE} line {0} does not hash to {LEAF_HASHES_FILE} line {0}",
+                index + i as u64 + 1
+            ))
         });
         if let Some((i, why)) = fault {
             return fail(format!("entry {}: {why}", index + i as u64));
         }
-        for leaf in &leaves {
-            tree.push(*leaf);
-        }
+        tree.feed(&mut leaves);
         index += n as u64;
         progress(index);
         if let Some(why) = line_fault {
@@ -934,6 +973,75 @@ fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
             break;
         }
     }
+    Ok(index)
+}
+
+/// The first newline in `b`, eight bytes at a time: line splitting is on the
+/// sequential path of bundle verification, and a byte loop costs a cycle per byte.
+fn find_newline(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    const NEWLINES: u64 = ONES * b'\n' as u64;
+    let mut chunks = b.chunks_exact(8);
+    let mut at = 0;
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        // A zero byte of `x` is a newline of `c`; the lowest flagged byte is exact
+        // (a borrow can only flag bytes above a true zero).
+        let x = u64::from_le_bytes(w) ^ NEWLINES;
+        let zero = x.wrapping_sub(ONES) & !x & HIGHS;
+        if zero != 0 {
+            return Some(at + (zero.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&c| c == b'\n')
+        .map(|p| at + p)
+}
+
+fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyReport, VerifyFailure> {
+    let (verifier, _) = read_verifier(dir)?;
+    for name in list_dir(dir, &dir.display().to_string())? {
+        if ![
+            ENTRIES_FILE,
+            LEAF_HASHES_FILE,
+            CHECKPOINTS_DIR,
+            PUBLIC_KEY_FILE,
+            README_FILE,
+        ]
+        .contains(&name.as_str())
+        {
+            return fail(format!("{name}: unexpected file in the bundle"));
+        }
+    }
+    // The README is part of what the exporter wrote: a changed one is a changed bundle.
+    match std::fs::read(dir.join(README_FILE)) {
+        Ok(b) if b == README.as_bytes() => {}
+        Ok(_) => {
+            return fail(format!(
+                "{README_FILE}: differs from the text the exporter writes"
+            ));
+        }
+        Err(e) => return fail(format!("{README_FILE}: {e}")),
+    }
+    let cps = bundle_checkpoints(dir, &verifier)?;
+    let tree = TreeCheck::new(&cps);
+
+    let open =
+        |name: &str| File::open(dir.join(name)).map_err(|e| VerifyFailure(format!("{name}: {e}")));
+    let entries_file = open(ENTRIES_FILE)?;
+    let hashes_file = open(LEAF_HASHES_FILE)?;
+    let hashes_len = hashes_file
+        .metadata()
+        .map_err(|e| VerifyFailure(format!("{LEAF_HASHES_FILE}: {e}")))?
+        .len();
+    let (index, tree) = with_tree(tree, |tree| {
+        scan_bundle(&entries_file, &hashes_file, hashes_len, tree, progress)
+    })?;
     if hashes_len != index * HEX_LINE as u64 {
         return fail(format!(
             "{LEAF_HASHES_FILE}: {hashes_len} bytes, but {index} entries need {}",
@@ -957,4 +1065,33 @@ fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
         torn_tail_bytes: 0,
         seconds: 0.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_newline;
+
+    #[test]
+    fn newline_search_agrees_with_a_byte_loop() {
+        // Newlines and bytes that trip naive word tricks (0x0b, 0x8a, 0x0a-adjacent).
+        let alphabet = [b'a', b'\n', 0x0b, 0x8a, 0x09, 0xff, 0x00, 0x01];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for len in 0..80 {
+            for _ in 0..200 {
+                let b: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        alphabet[(seed % 8) as usize]
+                    })
+                    .collect();
+                assert_eq!(
+                    find_newline(&b),
+                    b.iter().position(|&c| c == b'\n'),
+                    "{b:?}"
+                );
+            }
+        }
+    }
 }
