@@ -24,6 +24,7 @@
 
 mod definitions;
 pub mod media;
+pub mod text;
 
 pub use definitions::{
     Definition, DefinitionError, DefinitionSet, MeasureError, Measured, RawDefinition,

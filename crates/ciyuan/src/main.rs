@@ -61,9 +61,60 @@ enum Command {
     Audit(admin::AuditCmd),
     /// Rebuild the projections from the ledger alone (server stopped).
     Rebuild(serve::RebuildArgs),
+    /// Count the tokens of a text with a model's own tokenizer.
+    Count(CountArgs),
     /// Measure the ledger.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+}
+
+#[derive(Args)]
+struct CountArgs {
+    /// The model, e.g. gpt-4o, qwen-max, deepseek-chat (picks its tokenizer).
+    #[arg(long, required_unless_present = "encoding")]
+    model: Option<String>,
+    /// Name the encoding directly: o200k_base, cl100k_base, qwen, qwen3_6, deepseek_v4.
+    #[arg(long)]
+    encoding: Option<String>,
+    /// The text file (`-` or nothing for standard input).
+    file: Option<PathBuf>,
+}
+
+/// `ciyuan count`: the count alone on standard output.
+fn count(a: CountArgs) -> anyhow::Result<ExitCode> {
+    use ciyuan_measure::text::{Encoding, encoding_for_model};
+    use std::io::Read;
+    let enc = match (&a.encoding, &a.model) {
+        (Some(e), _) => Encoding::from_name(e).ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown encoding {e:?} (o200k_base, cl100k_base, qwen, qwen3_6, deepseek_v4)"
+            )
+        })?,
+        (None, Some(m)) => encoding_for_model(m, &[]).ok_or_else(|| {
+            anyhow::anyhow!("no tokenizer is known for model {m:?}; name one with --encoding")
+        })?,
+        (None, None) => anyhow::bail!("pass --model or --encoding"),
+    };
+    let mut bytes = Vec::new();
+    match a.file.as_deref() {
+        None => std::io::stdin().read_to_end(&mut bytes)?,
+        Some(p) if p.as_os_str() == "-" => std::io::stdin().read_to_end(&mut bytes)?,
+        Some(p) => {
+            bytes =
+                std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+            bytes.len()
+        }
+    };
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            // Invalid UTF-8 cannot reach a model as text; count what the API would get.
+            eprintln!("warning: input is not valid UTF-8; invalid bytes count as U+FFFD");
+            String::from_utf8_lossy(e.as_bytes()).into_owned()
+        }
+    };
+    println!("{}", enc.count(&text)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -83,6 +134,7 @@ fn main() -> ExitCode {
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),
+        Command::Count(args) => count(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

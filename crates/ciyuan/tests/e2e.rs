@@ -352,3 +352,57 @@ pub fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+#[test]
+fn count_prints_the_count_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("t.txt");
+    std::fs::write(
+        &file,
+        "词元是人工智能服务中最小的可计量单位。Tokens are the unit.",
+    )
+    .unwrap();
+    for (model, want) in [
+        ("gpt-4o", "o200k_base"),
+        ("gpt-4", "cl100k_base"),
+        ("qwen-max", "qwen"),
+        ("deepseek-chat", "deepseek_v4"),
+    ] {
+        let by_model = Command::new(bin())
+            .args(["count", "--model", model])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let by_encoding = Command::new(bin())
+            .args(["count", "--encoding", want])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let n = stdout(&by_model);
+        assert_eq!(n, stdout(&by_encoding));
+        assert!(n.trim().parse::<u64>().unwrap() > 10, "{model}: {n}");
+    }
+    // Standard input, and a clear error for a model without a known tokenizer.
+    let mut child = Command::new(bin())
+        .args(["count", "--model", "gpt-4o", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello world")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "2\n");
+    let o = Command::new(bin())
+        .args(["count", "--model", "claude-3"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no tokenizer is known for model"));
+}
