@@ -12,6 +12,24 @@ pub enum BenchCmd {
     Verify(VerifyArgs),
     /// Durable ingest over HTTP: batches of CloudEvents against a `ciyuan serve` process.
     Ingest(IngestArgs),
+    /// Token counting speed, side by side with Python tiktoken on the same text.
+    Tokens(TokensArgs),
+}
+
+#[derive(Args)]
+pub struct TokensArgs {
+    /// Text to count (default: the committed parity corpus, repeated).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Repeat the text up to about this many bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    bytes: usize,
+    /// Python interpreter with `tiktoken` installed (the peer).
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// End with one JSON line of the figures.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -115,6 +133,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        BenchCmd::Tokens(a) => crate::bench_tokens::run(a.file, a.bytes, &a.python, a.json)?,
         BenchCmd::Ingest(a) => {
             let r = crate::bench_ingest::run(a.events, a.batch, a.clients)?;
             println!(

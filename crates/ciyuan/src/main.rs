@@ -7,6 +7,7 @@
 mod admin;
 mod bench;
 mod bench_ingest;
+mod bench_tokens;
 mod client;
 mod config;
 mod ingest;
