@@ -33,7 +33,9 @@ print(json.dumps(out))
 
 pub fn run(file: Option<PathBuf>, bytes: usize, python: &str, json: bool) -> anyhow::Result<()> {
     let base = match &file {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
         None => serde_json::from_str::<Vec<String>>(CORPUS)?.join("\n"),
     };
     let mut text = String::with_capacity(bytes + base.len());
@@ -50,15 +52,26 @@ pub fn run(file: Option<PathBuf>, bytes: usize, python: &str, json: bool) -> any
         let t = Instant::now();
         let n = enc.count(&text)?;
         let secs = t.elapsed().as_secs_f64();
-        println!("  ciyuan {:<12} {:>10} tokens {:>7.1} MB/s", enc.name(), n, mb / secs);
+        println!(
+            "  ciyuan {:<12} {:>10} tokens {:>7.1} MB/s",
+            enc.name(),
+            n,
+            mb / secs
+        );
         ours.insert(enc.name(), (n, secs));
-        figures.insert(format!("{}_mb_per_sec", enc.name()), serde_json::json!(mb / secs));
+        figures.insert(
+            format!("{}_mb_per_sec", enc.name()),
+            serde_json::json!(mb / secs),
+        );
     }
     let dir = std::env::temp_dir().join(format!("ciyuan-bench-tokens-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("text.txt");
     std::fs::write(&path, &text)?;
-    let peer = std::process::Command::new(python).args(["-c", PEER]).arg(&path).output();
+    let peer = std::process::Command::new(python)
+        .args(["-c", PEER])
+        .arg(&path)
+        .output();
     let _ = std::fs::remove_dir_all(&dir);
     match peer {
         Ok(o) if o.status.success() => {
@@ -67,7 +80,11 @@ pub fn run(file: Option<PathBuf>, bytes: usize, python: &str, json: bool) -> any
                 let (n, secs) = ours[name];
                 let pn = v[name]["tokens"].as_u64().unwrap_or(0) as usize;
                 let psecs = v[name]["seconds"].as_f64().unwrap_or(f64::NAN);
-                let same = if pn == n { "identical counts" } else { "COUNTS DIFFER" };
+                let same = if pn == n {
+                    "identical counts"
+                } else {
+                    "COUNTS DIFFER"
+                };
                 println!(
                     "  python tiktoken {} {:<12} {:>10} tokens {:>7.1} MB/s -> ciyuan is {:.2}x ({same})",
                     v["version"].as_str().unwrap_or("?"),
@@ -76,13 +93,22 @@ pub fn run(file: Option<PathBuf>, bytes: usize, python: &str, json: bool) -> any
                     mb / psecs,
                     psecs / secs
                 );
-                figures.insert(format!("{name}_speedup_vs_tiktoken"), serde_json::json!(psecs / secs));
-                figures.insert(format!("{name}_counts_identical"), serde_json::json!(pn == n));
+                figures.insert(
+                    format!("{name}_speedup_vs_tiktoken"),
+                    serde_json::json!(psecs / secs),
+                );
+                figures.insert(
+                    format!("{name}_counts_identical"),
+                    serde_json::json!(pn == n),
+                );
             }
         }
         Ok(o) => println!(
             "  peer unavailable ({python} with tiktoken failed: {}); install it with `pip install tiktoken==0.14.0`",
-            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         ),
         Err(e) => println!("  peer unavailable ({python}: {e})"),
     }

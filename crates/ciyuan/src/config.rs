@@ -35,6 +35,38 @@ pub struct FileConfig {
     /// How services other than `llm.usage` turn measures into tokens.
     #[serde(default)]
     pub token_definitions: Vec<ciyuan_measure::RawDefinition>,
+    /// Model patterns mapped to encodings, consulted before the built-in table.
+    #[serde(default)]
+    pub tokenizers: Vec<TokenizerRule>,
+}
+
+/// `[[tokenizers]]`: which encoding counts a model's text.
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerRule {
+    /// Model name pattern; `*` matches any run of characters.
+    pub model: String,
+    /// o200k_base, cl100k_base, qwen, qwen3_6 or deepseek_v4.
+    pub encoding: String,
+}
+
+impl FileConfig {
+    /// The `[[tokenizers]]` rules, checked, in file order.
+    pub fn tokenizer_rules(&self) -> anyhow::Result<Vec<(String, ciyuan_measure::text::Encoding)>> {
+        self.tokenizers
+            .iter()
+            .map(|r| {
+                let e = ciyuan_measure::text::Encoding::from_name(&r.encoding).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "tokenizers: encoding {:?} for {:?} is not one of o200k_base, cl100k_base, qwen, qwen3_6, deepseek_v4",
+                        r.encoding,
+                        r.model
+                    )
+                })?;
+                Ok((r.model.clone(), e))
+            })
+            .collect()
+    }
 }
 
 /// `[ingest]` settings.

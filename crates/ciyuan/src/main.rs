@@ -82,16 +82,20 @@ struct CountArgs {
 }
 
 /// `ciyuan count`: the count alone on standard output.
-fn count(a: CountArgs) -> anyhow::Result<ExitCode> {
+fn count(config: Option<&std::path::Path>, a: CountArgs) -> anyhow::Result<ExitCode> {
     use ciyuan_measure::text::{Encoding, encoding_for_model};
     use std::io::Read;
+    let extra = match config {
+        Some(p) => config::FileConfig::load(p)?.tokenizer_rules()?,
+        None => Vec::new(),
+    };
     let enc = match (&a.encoding, &a.model) {
         (Some(e), _) => Encoding::from_name(e).ok_or_else(|| {
             anyhow::anyhow!(
                 "unknown encoding {e:?} (o200k_base, cl100k_base, qwen, qwen3_6, deepseek_v4)"
             )
         })?,
-        (None, Some(m)) => encoding_for_model(m, &[]).ok_or_else(|| {
+        (None, Some(m)) => encoding_for_model(m, &extra).ok_or_else(|| {
             anyhow::anyhow!("no tokenizer is known for model {m:?}; name one with --encoding")
         })?,
         (None, None) => anyhow::bail!("pass --model or --encoding"),
@@ -135,7 +139,7 @@ fn main() -> ExitCode {
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),
-        Command::Count(args) => count(args),
+        Command::Count(args) => count(cli.config.as_deref(), args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
