@@ -1079,7 +1079,8 @@ impl LedgerReader {
     }
 }
 
-fn read_some_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+/// Reads from `offset` until `buf` is full or the file ends; answers the bytes read.
+pub(crate) fn read_some_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match file.read_at(&mut buf[n..], offset + n as u64) {

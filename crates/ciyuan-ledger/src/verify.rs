@@ -398,19 +398,6 @@ where
     })
 }
 
-fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read_at(&mut buf[n..], offset + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 // ---------------------------------------------------------------------------------
 // Ledger directory
 
@@ -631,7 +618,7 @@ impl SegmentScan {
         let io = |e: std::io::Error| VerifyFailure(format!("{name}: {e}"));
         let len = file.metadata().map_err(io)?.len();
         let mut head = [0u8; SEGMENT_HEADER_BYTES];
-        let n = read_fully_at(file, &mut head, 0).map_err(io)?;
+        let n = crate::ledger::read_some_at(file, &mut head, 0).map_err(io)?;
         if n < SEGMENT_HEADER_BYTES {
             // A segment created just before a crash may lack its header; it holds
             // nothing, so it is a torn write like any other.
@@ -666,7 +653,8 @@ impl SegmentScan {
                 self.buf.resize(want, 0);
             }
             let got =
-                read_fully_at(file, &mut self.buf[carry..], base + carry as u64).map_err(io)?;
+                crate::ledger::read_some_at(file, &mut self.buf[carry..], base + carry as u64)
+                    .map_err(io)?;
             filled = carry + got;
             let at_eof = base + filled as u64 >= len;
             let data = &self.buf[..filled];
@@ -817,7 +805,7 @@ fn valid_record_after(
     let have = offset + tail.len() as u64;
     if have < len {
         let mut more = vec![0u8; (len - have) as usize];
-        let n = read_fully_at(file, &mut more, have)?;
+        let n = crate::ledger::read_some_at(file, &mut more, have)?;
         more.truncate(n);
         tail.extend_from_slice(&more);
     }
@@ -888,7 +876,7 @@ fn scan_bundle(
         if buf.len() < carry * 2 {
             buf.resize(carry * 2, 0);
         }
-        let got = read_fully_at(entries_file, &mut buf[carry..], pos + carry as u64)
+        let got = crate::ledger::read_some_at(entries_file, &mut buf[carry..], pos + carry as u64)
             .map_err(|e| VerifyFailure(format!("{ENTRIES_FILE}: {e}")))?;
         let filled = carry + got;
         let eof = got == 0 || filled < buf.len();

@@ -31,18 +31,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
                 "expected a body with Content-Type: application/json",
             ));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload-too-large",
-                    "request body is larger than the configured limit (max_body_bytes)",
-                )
-            } else {
-                ApiError::bad_request(format!("could not read the request body: {e}"))
-            }
-        })?;
+        let bytes = Bytes::from_request(req, state).await.map_err(body_error)?;
         parse_json(&bytes).map(Json)
+    }
+}
+
+/// The error for a body that could not be read: 413 over the limit, else 400.
+pub fn body_error(e: axum::extract::rejection::BytesRejection) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "request body is larger than the configured limit (max_body_bytes)",
+        )
+    } else {
+        ApiError::bad_request(format!("could not read the request body: {e}"))
     }
 }
 

@@ -412,17 +412,7 @@ pub async fn events(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Ingest)?;
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload-too-large",
-                "request body is larger than the configured limit (max_body_bytes)",
-            )
-        } else {
-            ApiError::bad_request(format!("could not read the request body: {e}"))
-        }
-    })?;
+    let body = body.map_err(crate::extract::body_error)?;
     let value: Value = crate::extract::parse_json(&body)?;
     let mode = mode(&headers, &value)?;
     let events: Vec<Value> = match value {
