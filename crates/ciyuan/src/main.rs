@@ -77,12 +77,60 @@ struct CountArgs {
     /// Name the encoding directly: o200k_base, cl100k_base, qwen, qwen3_6, deepseek_v4.
     #[arg(long)]
     encoding: Option<String>,
-    /// The text file (`-` or nothing for standard input).
+    /// Count an image of WIDTHxHEIGHT pixels with the model's image formula
+    /// (repeatable; without a FILE only the images are counted).
+    #[arg(long, value_name = "WxH")]
+    image: Vec<String>,
+    /// Image detail: low, high or auto (OpenAI models).
+    #[arg(long, default_value = "auto")]
+    detail: String,
+    /// The text file (`-` for standard input; standard input too when no FILE and no --image).
     file: Option<PathBuf>,
 }
 
 /// `ciyuan count`: the count alone on standard output.
 fn count(config: Option<&std::path::Path>, a: CountArgs) -> anyhow::Result<ExitCode> {
+    if !a.image.is_empty() {
+        let model = a
+            .model
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--image needs --model (the formula depends on it)"))?;
+        let detail = match a.detail.as_str() {
+            "low" => ciyuan_measure::media::ImageDetail::Low,
+            "high" => ciyuan_measure::media::ImageDetail::High,
+            "auto" => ciyuan_measure::media::ImageDetail::Auto,
+            other => anyhow::bail!("--detail {other:?} is not low, high or auto"),
+        };
+        let mut total: u64 = 0;
+        for spec in &a.image {
+            let (w, h) = spec
+                .split_once(['x', 'X'])
+                .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--image {spec:?} is not WIDTHxHEIGHT, e.g. 1024x768")
+                })?;
+            let t = ciyuan_measure::media::image_tokens_for(model, w, h, detail)
+                .map_err(|e| anyhow::anyhow!("--image {spec}: {e}"))?;
+            eprintln!(
+                "image {spec}: {} tokens ({}, resized to {}x{})",
+                t.tokens, t.formula, t.resized.0, t.resized.1
+            );
+            total += t.tokens;
+        }
+        if a.file.is_none() {
+            println!("{total}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let text_tokens = count_text(config, &a)?;
+        println!("{}", total + text_tokens as u64);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}", count_text(config, &a)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The text part of `ciyuan count`.
+fn count_text(config: Option<&std::path::Path>, a: &CountArgs) -> anyhow::Result<usize> {
     use ciyuan_measure::text::{Encoding, encoding_for_model};
     use std::io::Read;
     let extra = match config {
@@ -118,8 +166,7 @@ fn count(config: Option<&std::path::Path>, a: CountArgs) -> anyhow::Result<ExitC
             String::from_utf8_lossy(e.as_bytes()).into_owned()
         }
     };
-    println!("{}", enc.count(&text)?);
-    Ok(ExitCode::SUCCESS)
+    Ok(enc.count(&text)?)
 }
 
 fn main() -> ExitCode {
