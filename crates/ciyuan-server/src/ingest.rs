@@ -501,25 +501,29 @@ async fn ingest(
         .iter()
         .map(|(_, a)| (a.source.clone(), a.id.clone()))
         .collect();
-    let known = {
-        let recent = guard.map.clone();
-        app.blocking(move |app| {
-            let unknown: Vec<(&str, &str)> = keys
-                .iter()
-                .filter(|k| !recent.contains_key(*k))
-                .map(|(s, i)| (s.as_str(), i.as_str()))
-                .collect();
-            let mut stored = app.store.ingested_many(&unknown)?.into_iter();
-            Ok(keys
-                .iter()
-                .map(|k| match recent.get(k) {
-                    Some(&e) => Some(e),
-                    None => stored.next().flatten(),
-                })
-                .collect::<Vec<Option<u64>>>())
-        })
-        .await?
-    };
+    // Events appended but not yet projected are answered from memory, under the lock;
+    // only the rest are looked up in the store.
+    let mut known: Vec<Option<u64>> = keys.iter().map(|k| guard.map.get(k).copied()).collect();
+    let unknown: Vec<(usize, (String, String))> = known
+        .iter()
+        .zip(keys)
+        .enumerate()
+        .filter(|(_, (k, _))| k.is_none())
+        .map(|(i, (_, key))| (i, key))
+        .collect();
+    if !unknown.is_empty() {
+        let (at, keys): (Vec<usize>, Vec<(String, String)>) = unknown.into_iter().unzip();
+        let stored = app
+            .blocking(move |app| {
+                let refs: Vec<(&str, &str)> =
+                    keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).collect();
+                Ok(app.store.ingested_many(&refs)?)
+            })
+            .await?;
+        for (i, e) in at.into_iter().zip(stored) {
+            known[i] = e;
+        }
+    }
     for ((i, a), prior) in candidates.into_iter().zip(known) {
         if missing.contains(&a.entry.account) {
             let error = ApiError::unprocessable(format!(
@@ -555,19 +559,21 @@ async fn ingest(
         fresh.push((i, a));
     }
     if !fresh.is_empty() {
-        let entries: Vec<Entry> = fresh.iter().map(|(_, a)| a.entry.clone()).collect();
+        let (slots, fresh): (Vec<usize>, Vec<Accepted>) = fresh.into_iter().unzip();
+        let (heads, entries): (Vec<(String, String)>, Vec<Entry>) = fresh
+            .into_iter()
+            .map(|a| ((a.source, a.id), a.entry))
+            .unzip();
         let range = app.append(&entries).await?;
         let mut recent = guard;
         // Forget events the projections have indexed; bounds the map.
         let projected = app.projected();
         recent.map.retain(|_, e| *e >= projected);
-        for ((i, a), entry_id) in fresh.into_iter().zip(range) {
-            recent
-                .map
-                .insert((a.source.clone(), a.id.clone()), entry_id);
+        for ((i, (source, id)), entry_id) in slots.into_iter().zip(heads).zip(range) {
+            recent.map.insert((source.clone(), id.clone()), entry_id);
             outcomes[i] = Some(Outcome::Accepted {
-                source: a.source,
-                id: a.id,
+                source,
+                id,
                 entry_id,
             });
         }
