@@ -83,6 +83,16 @@ impl SqliteStore {
         Self::init(conn)
     }
 
+    /// The schema version this build migrates databases to.
+    pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<usize, StoreError> {
+        self.conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(backend)
+    }
+
     /// A throwaway in-memory database, for tests.
     pub fn open_in_memory() -> Result<SqliteStore, StoreError> {
         Self::init(Connection::open_in_memory().map_err(backend)?)

@@ -60,6 +60,8 @@ enum Command {
     /// Checkpoints, proofs, bundles and offline verification.
     #[command(subcommand)]
     Audit(admin::AuditCmd),
+    /// Migrate a data directory to this build and recover its ledger (server stopped).
+    Migrate(serve::RebuildArgs),
     /// Rebuild the projections from the ledger alone (server stopped).
     Rebuild(serve::RebuildArgs),
     /// Count the tokens of a text with a model's own tokenizer.
@@ -186,6 +188,7 @@ fn main() -> ExitCode {
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),
+        Command::Migrate(args) => serve::migrate(cli.config.as_deref(), args),
         Command::Count(args) => count(cli.config.as_deref(), args),
         Command::Bench(cmd) => bench::run(cmd),
     };

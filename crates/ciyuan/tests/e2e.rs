@@ -328,15 +328,28 @@ fn rebuild_and_verify_refuse_while_the_server_runs() {
     let (code, msg) = verify(tmp.path());
     assert_eq!(code, 1);
     assert!(msg.contains("open in a running server"), "{msg}");
+    for cmd in ["rebuild", "migrate"] {
+        let o = Command::new(bin())
+            .args([cmd, "--data"])
+            .arg(tmp.path())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{cmd}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.to_lowercase().contains("lock"), "{cmd}: {err}");
+    }
+    server.stop();
+    // Stopped, the data directory migrates (and its ledger recovers) offline.
     let o = Command::new(bin())
-        .args(["rebuild", "--data"])
+        .args(["migrate", "--data"])
         .arg(tmp.path())
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.to_lowercase().contains("lock"), "{err}");
-    server.stop();
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("ledger: 1 entries; database schema version 2 (this build: 2)"),
+        "{out}"
+    );
 }
 
 pub fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
