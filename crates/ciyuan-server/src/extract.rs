@@ -60,6 +60,60 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+/// Deepest nesting of arrays and objects accepted, as `serde_json` allows when it builds
+/// values.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Whether JSON text nests arrays and objects deeper than `limit`. Brackets inside
+/// strings do not count. The text need not be valid: this only bounds the work done on
+/// it.
+pub fn nests_deeper_than(bytes: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Skip the string, honouring escapes.
+                i += 1;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
+/// [`parse_json`] for types that borrow from the body (raw JSON slices). Raw slices are
+/// not parsed into values, so nesting is bounded here, as [`parse_json`] bounds it.
+pub fn parse_json_borrowed<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    if nests_deeper_than(bytes, MAX_JSON_DEPTH) {
+        return Err(ApiError::bad_request(format!(
+            "malformed JSON: recursion limit exceeded (nesting deeper than {MAX_JSON_DEPTH})"
+        )));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "invalid request body",
+            _ => "malformed JSON",
+        };
+        ApiError::bad_request(format!("{what}: {e}"))
+    })
+}
+
 /// Query parameters, rejected as problem+json.
 pub struct Query<T>(pub T);
 
@@ -93,5 +147,21 @@ impl<S: Send + Sync> FromRequestParts<S> for PathParam {
             .await
             .map(|p| PathParam(p.0))
             .map_err(|e| ApiError::bad_request(format!("invalid path: {}", e.body_text())))
+    }
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::nests_deeper_than;
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        assert!(!nests_deeper_than(br#"[{"a": [1, 2]}]"#, 3));
+        assert!(nests_deeper_than(br#"[{"a": [[1]]}]"#, 3));
+        // Brackets and escaped quotes inside strings are text.
+        assert!(!nests_deeper_than(br#"[{"a": "[[[[\"[[[["}]"#, 2));
+        let deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
+        assert!(nests_deeper_than(deep.as_bytes(), 128));
+        assert!(!nests_deeper_than(&deep.as_bytes()[1..deep.len() - 1], 128));
     }
 }

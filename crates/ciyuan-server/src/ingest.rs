@@ -2,8 +2,9 @@
 //! (structured mode, or the batch format); each accepted event becomes one usage entry.
 //!
 //! - Idempotent on `(source, id)`, across restarts: the index lives in the projections
-//!   (rebuilt from the log) plus an in-memory map of events appended but not yet
-//!   projected. A repeat answers the original entry and is never counted twice.
+//!   (rebuilt from the log) plus [`Recent`], in memory: events appended but not yet
+//!   projected, and a hash filter that spares new events a store lookup. A repeat
+//!   answers the original entry and is never counted twice.
 //! - A batch answers per event; bad events are rejected alone, and the good ones are
 //!   appended together in one durable group, so nothing is half-written.
 //! - Late events are accepted within `ingest_max_age` and land in their own period.
@@ -17,9 +18,16 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Direction, Entry, EntryBody, Modality, Scope, TokenMap, Usage};
+use ciyuan_store::{Log, Store};
+use rustc_hash::{FxHashSet, FxHasher};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use tokio::sync::watch;
 
 /// Longest `id`, `source`, `type` or model name accepted.
 const MAX_ATTRIBUTE_BYTES: usize = 256;
@@ -71,136 +79,334 @@ enum Outcome {
     },
 }
 
-impl Outcome {
-    fn json(&self) -> Value {
+impl Serialize for Outcome {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(4))?;
         match self {
             Outcome::Accepted {
                 source,
                 id,
                 entry_id,
-            } => {
-                json!({"source": source, "id": id, "status": "accepted", "entry_id": entry_id})
             }
-            Outcome::Duplicate {
+            | Outcome::Duplicate {
                 source,
                 id,
                 entry_id,
             } => {
-                json!({"source": source, "id": id, "status": "duplicate", "entry_id": entry_id})
+                m.serialize_entry("source", source)?;
+                m.serialize_entry("id", id)?;
+                let status = match self {
+                    Outcome::Accepted { .. } => "accepted",
+                    _ => "duplicate",
+                };
+                m.serialize_entry("status", status)?;
+                m.serialize_entry("entry_id", entry_id)?;
             }
-            Outcome::Rejected { source, id, error } => json!({
-                "source": source, "id": id, "status": "rejected",
-                "error": {"status": error.status.as_u16(), "detail": error.detail},
-            }),
+            Outcome::Rejected { source, id, error } => {
+                m.serialize_entry("source", source)?;
+                m.serialize_entry("id", id)?;
+                m.serialize_entry("status", "rejected")?;
+                m.serialize_entry(
+                    "error",
+                    &json!({"status": error.status.as_u16(), "detail": error.detail}),
+                )?;
+            }
         }
+        m.end()
     }
 }
 
-/// Events appended but perhaps not yet in the projections' idempotency index.
+/// Where an event's idempotency key stands in memory.
+enum Slot {
+    /// Being appended by a request; the watch tells the first index of its append.
+    Pending(watch::Receiver<Option<Result<u64, ()>>>, u64),
+    /// Appended at this index, perhaps not yet projected.
+    Done(u64),
+}
+
+/// The in-memory half of the idempotency index, guarded by `App::ingest_lock`.
+///
+/// Invariant: the key of every event in the log is in `map` (appended or being appended,
+/// not yet projected) or in the store's index (projected), and its hash is in `seen`. So
+/// a key whose hash is not in `seen` is new without asking the store: at 500k events/s a
+/// store lookup per event would cost more than everything else together. `seen` costs
+/// about 16 bytes per event ever ingested; a hash in `seen` only sends the key to the
+/// exact checks, so collisions cost a lookup, never a wrong answer.
 #[derive(Default)]
 pub struct Recent {
-    map: HashMap<(String, String), u64>,
+    map: HashMap<(String, String), Slot>,
+    seen: FxHashSet<u64>,
+}
+
+impl Recent {
+    /// Loads the index from the store and the log's unprojected tail.
+    pub(crate) fn load(store: &dyn Store, log: &dyn Log) -> Result<Recent, ApiError> {
+        let mut recent = Recent::default();
+        let projected = store.ingested_keys(&mut |source, id| {
+            recent.seen.insert(key_hash(source, id));
+        })?;
+        let mut bad = None;
+        log.scan(projected..log.size(), &mut |i, bytes| {
+            match Entry::decode(bytes) {
+                Ok(Entry {
+                    body:
+                        EntryBody::Usage(Usage {
+                            source: Some(source),
+                            event_id: Some(id),
+                            ..
+                        }),
+                    ..
+                }) => {
+                    recent.seen.insert(key_hash(&source, &id));
+                    recent.map.entry((source, id)).or_insert(Slot::Done(i));
+                }
+                Ok(_) => {}
+                Err(e) => bad = Some(format!("entry {i} does not decode: {e}")),
+            }
+            Ok(())
+        })?;
+        match bad {
+            Some(why) => Err(ApiError::internal(why)),
+            None => Ok(recent),
+        }
+    }
+
+    /// Forgets appended events the projections have indexed; bounds the map.
+    fn prune(&mut self, projected: u64) {
+        self.map
+            .retain(|_, s| !matches!(s, Slot::Done(e) if *e < projected));
+    }
+}
+
+fn key_hash(source: &str, id: &str) -> u64 {
+    let mut h = FxHasher::default();
+    source.hash(&mut h);
+    id.hash(&mut h);
+    h.finish()
 }
 
 fn unprocessable(msg: String) -> ApiError {
     ApiError::unprocessable(msg)
 }
 
+/// What a JSON value is, from its text, for messages.
+fn kind(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'"') => "a string",
+        Some(b'[') => "an array",
+        Some(b'{') => "an object",
+        _ => "a number",
+    }
+}
+
+/// A string borrowed from the request body where it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A JSON object's members in document order, values left unparsed.
+struct Members<'a>(Vec<(Text<'a>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members<'de>, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(k) = map.next_key::<Text<'de>>()? {
+                    out.push((k, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The context attributes Ciyuan reads; others (extensions) are ignored, as CloudEvents
+/// requires.
+#[derive(Deserialize)]
+struct Attributes<'a> {
+    #[serde(borrow, default)]
+    specversion: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    source: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "type")]
+    service: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    subject: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    time: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    datacontenttype: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
 fn string_attr<'a>(
-    ev: &'a Map<String, Value>,
+    raw: Option<&'a RawValue>,
     name: &str,
     required: bool,
-) -> Result<Option<&'a str>, ApiError> {
-    match ev.get(name) {
-        None | Some(Value::Null) if !required => Ok(None),
-        None | Some(Value::Null) => Err(ApiError::bad_request(format!(
-            "{name}: required attribute is missing"
-        ))),
-        Some(Value::String(s)) if s.is_empty() => {
-            Err(ApiError::bad_request(format!("{name}: must not be empty")))
-        }
-        Some(Value::String(s)) if s.len() > MAX_ATTRIBUTE_BYTES => Err(ApiError::bad_request(
-            format!("{name}: longer than {MAX_ATTRIBUTE_BYTES} bytes"),
-        )),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(ApiError::bad_request(format!(
+) -> Result<Option<Cow<'a, str>>, ApiError> {
+    let Some(raw) = raw else {
+        return match required {
+            true => Err(ApiError::bad_request(format!(
+                "{name}: required attribute is missing"
+            ))),
+            false => Ok(None),
+        };
+    };
+    let Ok(Text(s)) = serde_json::from_str::<Text<'a>>(raw.get()) else {
+        return Err(ApiError::bad_request(format!(
             "{name}: must be a string, got {}",
-            kind(other)
-        ))),
+            kind(raw)
+        )));
+    };
+    if s.is_empty() {
+        return Err(ApiError::bad_request(format!("{name}: must not be empty")));
     }
+    if s.len() > MAX_ATTRIBUTE_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "{name}: longer than {MAX_ATTRIBUTE_BYTES} bytes"
+        )));
+    }
+    Ok(Some(s))
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// A token quantity: a non-negative integer that fits the ledger's counters.
-fn quantity(v: &Value, field: &str) -> Result<i64, ApiError> {
-    match v {
-        Value::Number(n) => {
-            if let Some(u) = n.as_u64() {
-                return i64::try_from(u)
-                    .map_err(|_| ApiError::bad_request(format!("{field}: {u} is too large")));
-            }
-            if n.as_i64().is_some() {
-                return Err(ApiError::bad_request(format!(
-                    "{field}: must not be negative, got {n}"
-                )));
-            }
-            Err(ApiError::bad_request(format!(
-                "{field}: must be a whole number of tokens, got {n}"
-            )))
-        }
-        other => Err(ApiError::bad_request(format!(
+/// A token quantity: a non-negative integer that fits the ledger's counters. Read from
+/// the number's text, so no precision is lost on the way.
+fn quantity(raw: &RawValue, field: &dyn std::fmt::Display) -> Result<i64, ApiError> {
+    let text = raw.get();
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    if !digits.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(ApiError::bad_request(format!(
             "{field}: must be an integer, got {}",
-            kind(other)
-        ))),
+            kind(raw)
+        )));
     }
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::bad_request(format!(
+            "{field}: must be a whole number of tokens, got {text}"
+        )));
+    }
+    if negative {
+        return Err(ApiError::bad_request(format!(
+            "{field}: must not be negative, got {text}"
+        )));
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|u| i64::try_from(u).ok())
+        .ok_or_else(|| ApiError::bad_request(format!("{field}: {text} is too large")))
+}
+
+fn members<'a>(raw: &'a RawValue, field: &str) -> Result<Members<'a>, ApiError> {
+    if !raw.get().starts_with('{') {
+        return Err(ApiError::bad_request(format!(
+            "{field}: must be an object, got {}",
+            kind(raw)
+        )));
+    }
+    serde_json::from_str(raw.get()).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
 }
 
 /// Tokens of an `llm.usage` event's data.
-fn llm_usage(data: &Map<String, Value>) -> Result<(String, TokenMap), ApiError> {
-    let model = match data.get("model") {
-        Some(Value::String(m)) if !m.is_empty() && m.len() <= MAX_ATTRIBUTE_BYTES => m.clone(),
-        Some(Value::String(_)) => {
-            return Err(ApiError::bad_request(format!(
-                "data.model: must be 1 to {MAX_ATTRIBUTE_BYTES} bytes"
-            )));
-        }
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "data.model: must be a string, got {}",
-                kind(other)
-            )));
-        }
-        None => return Err(ApiError::bad_request("data.model: required for llm.usage")),
-    };
+fn llm_usage(data: &RawValue) -> Result<(String, TokenMap), ApiError> {
+    let data = members(data, "data")?;
+    let mut model = None;
     let mut tokens = TokenMap::new();
-    let overflow = |f: &str| ApiError::bad_request(format!("{f}: the token total overflows"));
-    for (key, value) in data {
-        if key == "model" {
-            continue;
+    let mut seen = 0u16;
+    let overflow = |f: &dyn std::fmt::Display| {
+        ApiError::bad_request(format!("{f}: the token total overflows"))
+    };
+    for (Text(key), value) in &data.0 {
+        let key = key.as_ref();
+        // Bit 0..8 for LLM_FIELDS, 8 for model, 9 for tokens: a repeated member would be
+        // counted twice, so it is refused.
+        let (bit, known) = match key {
+            "model" => (8, None),
+            "tokens" => (9, None),
+            _ => match LLM_FIELDS.iter().position(|(name, _, _)| *name == key) {
+                Some(i) => (i, Some(LLM_FIELDS[i])),
+                None => {
+                    return Err(ApiError::bad_request(format!(
+                        "data.{key}: unknown field for llm.usage (expected model, tokens or one of {})",
+                        LLM_FIELDS.map(|f| f.0).join(", ")
+                    )));
+                }
+            },
+        };
+        if seen & (1 << bit) != 0 {
+            return Err(ApiError::bad_request(format!(
+                "data.{key}: appears more than once"
+            )));
         }
-        if let Some((_, m, d)) = LLM_FIELDS.iter().find(|(name, _, _)| name == key) {
-            let field = format!("data.{key}");
+        seen |= 1 << bit;
+        if let Some((name, m, d)) = known {
+            let field = format_args!("data.{name}");
             let n = quantity(value, &field)?;
-            tokens.add(*m, *d, n).ok_or_else(|| overflow(&field))?;
-        } else if key == "tokens" {
-            let Value::Object(map) = value else {
-                return Err(ApiError::bad_request(format!(
-                    "data.tokens: must be an object, got {}",
-                    kind(value)
-                )));
-            };
-            for (k, v) in map {
-                let field = format!("data.tokens.{k}");
+            tokens.add(m, d, n).ok_or_else(|| overflow(&field))?;
+        } else if key == "model" {
+            model = Some(match serde_json::from_str::<Text<'_>>(value.get()) {
+                Ok(Text(m)) if !m.is_empty() && m.len() <= MAX_ATTRIBUTE_BYTES => m.into_owned(),
+                Ok(_) => {
+                    return Err(ApiError::bad_request(format!(
+                        "data.model: must be 1 to {MAX_ATTRIBUTE_BYTES} bytes"
+                    )));
+                }
+                Err(_) => {
+                    return Err(ApiError::bad_request(format!(
+                        "data.model: must be a string, got {}",
+                        kind(value)
+                    )));
+                }
+            });
+        } else {
+            let map = members(value, "data.tokens")?;
+            let mut keys = std::collections::HashSet::new();
+            for (Text(k), v) in &map.0 {
+                let field = format_args!("data.tokens.{k}");
+                if !keys.insert(k.as_ref()) {
+                    return Err(ApiError::bad_request(format!(
+                        "{field}: appears more than once"
+                    )));
+                }
                 let (m, d) = k
                     .split_once('.')
                     .and_then(|(m, d)| {
@@ -214,13 +420,11 @@ fn llm_usage(data: &Map<String, Value>) -> Result<(String, TokenMap), ApiError> 
                 let n = quantity(v, &field)?;
                 tokens.add(m, d, n).ok_or_else(|| overflow(&field))?;
             }
-        } else {
-            return Err(ApiError::bad_request(format!(
-                "data.{key}: unknown field for llm.usage (expected model, tokens or one of {})",
-                LLM_FIELDS.map(|f| f.0).join(", ")
-            )));
         }
     }
+    let Some(model) = model else {
+        return Err(ApiError::bad_request("data.model: required for llm.usage"));
+    };
     if tokens.is_empty() {
         return Err(ApiError::bad_request(
             "data: an llm.usage event must carry at least one token count",
@@ -233,27 +437,27 @@ fn llm_usage(data: &Map<String, Value>) -> Result<(String, TokenMap), ApiError> 
 fn validate(
     app: &App,
     caller: &Caller,
-    v: &Value,
+    raw: &RawValue,
     now: Timestamp,
 ) -> Result<Accepted, (Option<String>, Option<String>, ApiError)> {
-    let Value::Object(ev) = v else {
+    if !raw.get().starts_with('{') {
         return Err((
             None,
             None,
-            ApiError::bad_request(format!("an event must be a JSON object, got {}", kind(v))),
+            ApiError::bad_request(format!("an event must be a JSON object, got {}", kind(raw))),
         ));
-    };
-    let id = string_attr(ev, "id", true)
-        .ok()
-        .flatten()
-        .map(str::to_string);
-    let source = string_attr(ev, "source", true)
-        .ok()
-        .flatten()
-        .map(str::to_string);
-    let wrap = |e: ApiError| (source.clone(), id.clone(), e);
+    }
+    let ev: Attributes<'_> = serde_json::from_str(raw.get()).map_err(|e| {
+        (
+            None,
+            None,
+            ApiError::bad_request(format!("invalid event: {e}")),
+        )
+    })?;
+    let id = string_attr(ev.id, "id", true).ok().flatten();
+    let source = string_attr(ev.source, "source", true).ok().flatten();
     let check = || -> Result<Accepted, ApiError> {
-        match string_attr(ev, "specversion", true)? {
+        match string_attr(ev.specversion, "specversion", true)?.as_deref() {
             Some("1.0") => {}
             Some(other) => {
                 return Err(ApiError::bad_request(format!(
@@ -262,15 +466,11 @@ fn validate(
             }
             None => unreachable_missing()?,
         }
-        let id = string_attr(ev, "id", true)?.unwrap_or_default().to_string();
-        let source = string_attr(ev, "source", true)?
-            .unwrap_or_default()
-            .to_string();
-        let service = string_attr(ev, "type", true)?
-            .unwrap_or_default()
-            .to_string();
-        let subject = string_attr(ev, "subject", true)?.unwrap_or_default();
-        let account = AccountPath::parse(subject)
+        let id = string_attr(ev.id, "id", true)?.unwrap_or_default();
+        let source = string_attr(ev.source, "source", true)?.unwrap_or_default();
+        let service = string_attr(ev.service, "type", true)?.unwrap_or_default();
+        let subject = string_attr(ev.subject, "subject", true)?.unwrap_or_default();
+        let account = AccountPath::parse(&subject)
             .map_err(|e| ApiError::bad_request(format!("subject: {e}")))?;
         if account.is_root() {
             return Err(ApiError::bad_request(
@@ -278,14 +478,14 @@ fn validate(
             ));
         }
         caller.require_within(&account)?;
-        if let Some(ct) = string_attr(ev, "datacontenttype", false)?
+        if let Some(ct) = string_attr(ev.datacontenttype, "datacontenttype", false)?
             && !ct.eq_ignore_ascii_case("application/json")
         {
             return Err(ApiError::bad_request(format!(
                 "datacontenttype: {ct:?} is not application/json"
             )));
         }
-        let ts = match string_attr(ev, "time", false)? {
+        let ts = match string_attr(ev.time, "time", false)? {
             Some(t) => t.parse::<Timestamp>().map_err(|e| {
                 ApiError::bad_request(format!("time: {t:?} is not an RFC 3339 timestamp: {e}"))
             })?,
@@ -308,17 +508,10 @@ fn validate(
                 app.config.ingest_max_future.as_secs()
             )));
         }
-        let data = match ev.get("data") {
-            Some(Value::Object(d)) => d,
-            Some(other) => {
-                return Err(ApiError::bad_request(format!(
-                    "data: must be an object, got {}",
-                    kind(other)
-                )));
-            }
-            None => return Err(ApiError::bad_request("data: required attribute is missing")),
+        let Some(data) = ev.data else {
+            return Err(ApiError::bad_request("data: required attribute is missing"));
         };
-        let (model, tokens, definition, measures) = match service.as_str() {
+        let (model, tokens, definition, measures) = match service.as_ref() {
             "llm.usage" => {
                 let (m, t) = llm_usage(data)?;
                 (
@@ -330,24 +523,37 @@ fn validate(
             }
             other => {
                 use ciyuan_measure::MeasureError as M;
+                if !data.get().starts_with('{') {
+                    return Err(ApiError::bad_request(format!(
+                        "data: must be an object, got {}",
+                        kind(data)
+                    )));
+                }
+                let data: Map<String, Value> = serde_json::from_str(data.get())
+                    .map_err(|e| ApiError::bad_request(format!("data: {e}")))?;
                 let measured =
                     app.config
                         .definitions
-                        .measure(other, ts, data)
+                        .measure(other, ts, &data)
                         .map_err(|e| match e {
                             M::BadMeasure(..) => ApiError::bad_request(e.to_string()),
                             M::UnknownService(_) => unprocessable(format!("type: {e}")),
                             _ => unprocessable(e.to_string()),
                         })?;
-                let measures = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                (None, measured.tokens, measured.definition, measures)
+                (
+                    None,
+                    measured.tokens,
+                    measured.definition,
+                    data.into_iter().collect(),
+                )
             }
         };
+        let (source, id) = (source.into_owned(), id.into_owned());
         let entry = Entry::new(
             ts,
             account,
             EntryBody::Usage(Usage {
-                service,
+                service: service.into_owned(),
                 model,
                 tokens,
                 source: Some(source.clone()),
@@ -359,7 +565,7 @@ fn validate(
         );
         Ok(Accepted { source, id, entry })
     };
-    check().map_err(wrap)
+    check().map_err(|e| (source.map(Cow::into_owned), id.map(Cow::into_owned), e))
 }
 
 fn unreachable_missing() -> Result<(), ApiError> {
@@ -374,7 +580,7 @@ enum Mode {
     Batch,
 }
 
-fn mode(headers: &HeaderMap, body: &Value) -> Result<Mode, ApiError> {
+fn mode(headers: &HeaderMap, body: &[u8]) -> Result<Mode, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -386,23 +592,40 @@ fn mode(headers: &HeaderMap, body: &Value) -> Result<Mode, ApiError> {
                 .to_ascii_lowercase()
         })
         .unwrap_or_default();
-    match (ct.as_str(), body) {
-        ("application/cloudevents-batch+json", Value::Array(_)) => Ok(Mode::Batch),
-        ("application/cloudevents-batch+json", _) => Err(ApiError::bad_request(
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let array = first == Some(&b'[');
+    let object = first == Some(&b'{');
+    match ct.as_str() {
+        "application/cloudevents-batch+json" if array => Ok(Mode::Batch),
+        "application/cloudevents-batch+json" if object => Err(ApiError::bad_request(
             "a CloudEvents batch must be a JSON array",
         )),
-        ("application/cloudevents+json", Value::Object(_)) => Ok(Mode::Single),
-        ("application/json", Value::Array(_)) => Ok(Mode::Batch),
-        ("application/json", Value::Object(_)) => Ok(Mode::Single),
-        ("application/cloudevents+json" | "application/json", _) => Err(ApiError::bad_request(
-            "the body must be a CloudEvent object (or an array in batch mode)",
-        )),
+        "application/json" if array => Ok(Mode::Batch),
+        "application/cloudevents+json" | "application/json" if object => Ok(Mode::Single),
+        "application/cloudevents+json"
+        | "application/json"
+        | "application/cloudevents-batch+json" => {
+            // Not an object or array: say what is wrong with the JSON, or its shape.
+            crate::extract::parse_json::<serde::de::IgnoredAny>(body)?;
+            Err(ApiError::bad_request(
+                "the body must be a CloudEvent object (or an array in batch mode)",
+            ))
+        }
         _ => Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported-media-type",
             "expected Content-Type application/cloudevents+json or application/cloudevents-batch+json",
         )),
     }
+}
+
+/// The batch answer.
+#[derive(Serialize)]
+struct BatchAnswer<'a> {
+    accepted: usize,
+    duplicates: usize,
+    rejected: usize,
+    results: &'a [Outcome],
 }
 
 pub async fn events(
@@ -413,11 +636,12 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Ingest)?;
     let body = body.map_err(crate::extract::body_error)?;
-    let value: Value = crate::extract::parse_json(&body)?;
-    let mode = mode(&headers, &value)?;
-    let events: Vec<Value> = match value {
-        Value::Array(a) => a,
-        one => vec![one],
+    let mode = mode(&headers, &body)?;
+    // One pass checks the whole body is JSON (syntax, UTF-8, depth); each event's
+    // members are then read from its own slice of the body, without building a tree.
+    let events: Vec<&RawValue> = match mode {
+        Mode::Batch => crate::extract::parse_json_borrowed(&body)?,
+        Mode::Single => vec![crate::extract::parse_json_borrowed(&body)?],
     };
     if events.is_empty() {
         return Err(ApiError::bad_request("the batch holds no event"));
@@ -432,39 +656,11 @@ pub async fn events(
             ),
         ));
     }
-    let outcomes = ingest(&app, &caller, &events).await?;
-    match mode {
-        Mode::Single => match outcomes.into_iter().next() {
-            Some(Outcome::Rejected { error, .. }) => Err(error),
-            Some(o @ Outcome::Accepted { .. }) => {
-                Ok((StatusCode::CREATED, axum::Json(o.json())).into_response())
-            }
-            Some(o) => Ok((StatusCode::OK, axum::Json(o.json())).into_response()),
-            None => Err(ApiError::internal("no outcome for the event")),
-        },
-        Mode::Batch => {
-            let count = |f: fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
-            let body = json!({
-                "accepted": count(|o| matches!(o, Outcome::Accepted { .. })),
-                "duplicates": count(|o| matches!(o, Outcome::Duplicate { .. })),
-                "rejected": count(|o| matches!(o, Outcome::Rejected { .. })),
-                "results": outcomes.iter().map(Outcome::json).collect::<Vec<_>>(),
-            });
-            Ok((StatusCode::OK, axum::Json(body)).into_response())
-        }
-    }
-}
-
-async fn ingest(
-    app: &Arc<App>,
-    caller: &Caller,
-    events: &[Value],
-) -> Result<Vec<Outcome>, ApiError> {
     let now = Timestamp::now();
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(events.len());
-    let mut candidates: Vec<(usize, Accepted)> = Vec::new();
+    let mut candidates: Vec<(usize, Accepted)> = Vec::with_capacity(events.len());
     for (i, ev) in events.iter().enumerate() {
-        match validate(app, caller, ev, now) {
+        match validate(&app, &caller, ev, now) {
             Ok(a) => {
                 candidates.push((i, a));
                 outcomes.push(None);
@@ -474,12 +670,46 @@ async fn ingest(
             }
         }
     }
+    drop(events);
+    // Once events are checked, recording them runs to its end even if the client goes:
+    // an append cut off between the ledger and the idempotency index could be counted
+    // twice on a retry.
+    let task = tokio::spawn(record(app, candidates, outcomes));
+    let outcomes = task.await.map_err(ApiError::internal)??;
+    match mode {
+        Mode::Single => match outcomes.into_iter().next() {
+            Some(Outcome::Rejected { error, .. }) => Err(error),
+            Some(o @ Outcome::Accepted { .. }) => {
+                Ok((StatusCode::CREATED, axum::Json(o)).into_response())
+            }
+            Some(o) => Ok((StatusCode::OK, axum::Json(o)).into_response()),
+            None => Err(ApiError::internal("no outcome for the event")),
+        },
+        Mode::Batch => {
+            let count = |f: fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+            let body = BatchAnswer {
+                accepted: count(|o| matches!(o, Outcome::Accepted { .. })),
+                duplicates: count(|o| matches!(o, Outcome::Duplicate { .. })),
+                rejected: count(|o| matches!(o, Outcome::Rejected { .. })),
+                results: &outcomes,
+            };
+            Ok((StatusCode::OK, axum::Json(body)).into_response())
+        }
+    }
+}
+
+/// Deduplicates the checked events and appends the new ones.
+async fn record(
+    app: Arc<App>,
+    candidates: Vec<(usize, Accepted)>,
+    mut outcomes: Vec<Option<Outcome>>,
+) -> Result<Vec<Outcome>, ApiError> {
     // Accounts must exist; checked once per distinct account.
     let mut accounts: Vec<AccountPath> = candidates
         .iter()
         .map(|(_, a)| a.entry.account.clone())
         .collect();
-    accounts.sort();
+    accounts.sort_unstable();
     accounts.dedup();
     let missing = app
         .blocking(move |app| {
@@ -492,85 +722,131 @@ async fn ingest(
             Ok(missing)
         })
         .await?;
-    // Dedupe and append under one lock, so two requests carrying the same event cannot
-    // both append it. The group commit still batches each request's events together.
-    let guard = app.ingest_lock.lock().await;
-    let mut fresh: Vec<(usize, Accepted)> = Vec::new();
-    let mut seen_here: HashMap<(String, String), usize> = HashMap::new();
-    let keys: Vec<(String, String)> = candidates
-        .iter()
-        .map(|(_, a)| (a.source.clone(), a.id.clone()))
-        .collect();
-    // Events appended but not yet projected are answered from memory, under the lock;
-    // only the rest are looked up in the store.
-    let mut known: Vec<Option<u64>> = keys.iter().map(|k| guard.map.get(k).copied()).collect();
-    let unknown: Vec<(usize, (String, String))> = known
-        .iter()
-        .zip(keys)
-        .enumerate()
-        .filter(|(_, (k, _))| k.is_none())
-        .map(|(i, (_, key))| (i, key))
-        .collect();
-    if !unknown.is_empty() {
-        let (at, keys): (Vec<usize>, Vec<(String, String)>) = unknown.into_iter().unzip();
-        let stored = app
-            .blocking(move |app| {
-                let refs: Vec<(&str, &str)> =
-                    keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).collect();
-                Ok(app.store.ingested_many(&refs)?)
+    // The same event twice in one batch: the second is a duplicate of the first.
+    let first_of: Vec<Option<usize>> = {
+        let mut first: HashMap<(&str, &str), usize> = HashMap::with_capacity(candidates.len());
+        candidates
+            .iter()
+            .map(|(i, a)| match first.entry((&a.source, &a.id)) {
+                std::collections::hash_map::Entry::Occupied(o) => Some(*o.get()),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(*i);
+                    None
+                }
             })
-            .await?;
-        for (i, e) in at.into_iter().zip(stored) {
-            known[i] = e;
-        }
-    }
-    for ((i, a), prior) in candidates.into_iter().zip(known) {
-        if missing.contains(&a.entry.account) {
-            let error = ApiError::unprocessable(format!(
-                "subject: account {} does not exist",
-                a.entry.account
-            ));
+            .collect()
+    };
+
+    // Classify and claim under the lock, so two requests carrying the same event cannot
+    // both append it; the lock is not held while appending, so concurrent requests
+    // still share group commits.
+    let (done_tx, done_rx) = watch::channel(None);
+    let mut fresh: Vec<(usize, Accepted)> = Vec::with_capacity(candidates.len());
+    let mut waits = Vec::new();
+    {
+        let mut recent = app.ingest_lock.lock().await;
+        let mut maybe = Vec::new();
+        for ((i, a), first) in candidates.into_iter().zip(first_of) {
+            let error = if missing.contains(&a.entry.account) {
+                ApiError::unprocessable(format!(
+                    "subject: account {} does not exist",
+                    a.entry.account
+                ))
+            } else if let Some(first) = first {
+                ApiError::conflict(format!("duplicate of event {first} in the same batch"))
+            } else if recent.seen.contains(&key_hash(&a.source, &a.id)) {
+                maybe.push((i, a));
+                continue;
+            } else {
+                fresh.push((i, a));
+                continue;
+            };
             outcomes[i] = Some(Outcome::Rejected {
                 source: Some(a.source),
                 id: Some(a.id),
                 error,
             });
-            continue;
         }
-        if let Some(entry_id) = prior {
-            outcomes[i] = Some(Outcome::Duplicate {
-                source: a.source,
-                id: a.id,
-                entry_id,
-            });
-            continue;
+        // Keys whose hash is known: the exact answer is in memory or in the store.
+        let mut unknown = Vec::new();
+        for (i, a) in maybe {
+            match recent.map.get(&(a.source.clone(), a.id.clone())) {
+                Some(Slot::Done(e)) => {
+                    outcomes[i] = Some(Outcome::Duplicate {
+                        entry_id: *e,
+                        source: a.source,
+                        id: a.id,
+                    });
+                }
+                Some(Slot::Pending(rx, pos)) => waits.push((i, a, rx.clone(), *pos)),
+                None => unknown.push((i, a)),
+            }
         }
-        let key = (a.source.clone(), a.id.clone());
-        if let Some(&first) = seen_here.get(&key) {
-            // The same event twice in one batch: the second is a duplicate of the first.
-            outcomes[i] = Some(Outcome::Rejected {
-                source: Some(a.source),
-                id: Some(a.id),
-                error: ApiError::conflict(format!("duplicate of event {first} in the same batch")),
-            });
-            continue;
+        if !unknown.is_empty() {
+            let keys: Vec<(String, String)> = unknown
+                .iter()
+                .map(|(_, a)| (a.source.clone(), a.id.clone()))
+                .collect();
+            let stored = app
+                .blocking(move |app| {
+                    let refs: Vec<(&str, &str)> =
+                        keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).collect();
+                    Ok(app.store.ingested_many(&refs)?)
+                })
+                .await?;
+            for ((i, a), prior) in unknown.into_iter().zip(stored) {
+                match prior {
+                    Some(entry_id) => {
+                        outcomes[i] = Some(Outcome::Duplicate {
+                            source: a.source,
+                            id: a.id,
+                            entry_id,
+                        })
+                    }
+                    None => fresh.push((i, a)),
+                }
+            }
+            // Entries go to the ledger in the batch's order.
+            fresh.sort_unstable_by_key(|(i, _)| *i);
         }
-        seen_here.insert(key, i);
-        fresh.push((i, a));
+        for (pos, (_, a)) in fresh.iter().enumerate() {
+            recent.seen.insert(key_hash(&a.source, &a.id));
+            recent.map.insert(
+                (a.source.clone(), a.id.clone()),
+                Slot::Pending(done_rx.clone(), pos as u64),
+            );
+        }
     }
+
     if !fresh.is_empty() {
-        let (slots, fresh): (Vec<usize>, Vec<Accepted>) = fresh.into_iter().unzip();
-        let (heads, entries): (Vec<(String, String)>, Vec<Entry>) = fresh
-            .into_iter()
-            .map(|a| ((a.source, a.id), a.entry))
-            .unzip();
-        let range = app.append(&entries).await?;
-        let mut recent = guard;
-        // Forget events the projections have indexed; bounds the map.
-        let projected = app.projected();
-        recent.map.retain(|_, e| *e >= projected);
+        let mut slots = Vec::with_capacity(fresh.len());
+        let mut heads = Vec::with_capacity(fresh.len());
+        let mut entries = Vec::with_capacity(fresh.len());
+        for (i, a) in fresh {
+            slots.push(i);
+            heads.push((a.source, a.id));
+            entries.push(a.entry);
+        }
+        let appended = app.append(&entries).await;
+        {
+            let mut recent = app.ingest_lock.lock().await;
+            for (k, head) in heads.iter().enumerate() {
+                match &appended {
+                    Ok(range) => {
+                        if let Some(slot) = recent.map.get_mut(head) {
+                            *slot = Slot::Done(range.start + k as u64);
+                        }
+                    }
+                    Err(_) => {
+                        recent.map.remove(head);
+                    }
+                }
+            }
+            recent.prune(app.projected());
+        }
+        let _ = done_tx.send(Some(appended.as_ref().map(|r| r.start).map_err(|_| ())));
+        let range = appended?;
         for ((i, (source, id)), entry_id) in slots.into_iter().zip(heads).zip(range) {
-            recent.map.insert((source.clone(), id.clone()), entry_id);
             outcomes[i] = Some(Outcome::Accepted {
                 source,
                 id,
@@ -578,6 +854,29 @@ async fn ingest(
             });
         }
     }
+    drop(done_tx);
+
+    for (i, a, mut rx, pos) in waits {
+        let start = match rx.wait_for(Option::is_some).await {
+            Ok(v) => *v,
+            Err(_) => None,
+        };
+        outcomes[i] = Some(match start {
+            Some(Ok(start)) => Outcome::Duplicate {
+                source: a.source,
+                id: a.id,
+                entry_id: start + pos,
+            },
+            _ => Outcome::Rejected {
+                source: Some(a.source),
+                id: Some(a.id),
+                error: ApiError::unavailable(
+                    "a concurrent request carrying this event failed to record it; retry",
+                ),
+            },
+        });
+    }
+
     Ok(outcomes
         .into_iter()
         .map(|o| {

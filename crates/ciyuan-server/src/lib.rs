@@ -74,8 +74,8 @@ pub struct App {
     /// Serialises account and key creation so two racing requests cannot both create
     /// the same node.
     admin_lock: tokio::sync::Mutex<()>,
-    /// Serialises the ingest idempotency check with the append it guards, and holds the
-    /// events appended but not yet projected.
+    /// Serialises the ingest idempotency check with the claim of new events; holds the
+    /// events appended (or being appended) but not yet projected.
     ingest_lock: tokio::sync::Mutex<ingest::Recent>,
 }
 
@@ -87,6 +87,7 @@ impl App {
         config: ServerConfig,
     ) -> Result<Arc<App>, ApiError> {
         let projector = Projector::start(store.clone(), log.clone())?;
+        let recent = ingest::Recent::load(store.as_ref(), log.as_ref())?;
         Ok(Arc::new(App {
             auth: Authenticator::new(store.clone()),
             store,
@@ -94,7 +95,7 @@ impl App {
             projector,
             config,
             admin_lock: tokio::sync::Mutex::new(()),
-            ingest_lock: tokio::sync::Mutex::new(ingest::Recent::default()),
+            ingest_lock: tokio::sync::Mutex::new(recent),
         }))
     }
 

@@ -982,3 +982,65 @@ async fn rule_defined_services_record_their_definition_and_measures() {
     assert_eq!(u["rows"][0]["service"], "doc.verify");
     assert_eq!(u["rows"][0]["total"], 11);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_carrying_the_same_events_record_each_once() {
+    let h = Arc::new(harness().await);
+    h.admin("POST", "/api/v1/accounts", Some(json!({"path": "acme"})))
+        .await;
+    let ingest = h.key("acme", &["ingest"]).await;
+    // Ids with JSON escapes take the owned path of the borrowed parser.
+    let ids: Vec<String> = (0..8).map(|i| format!("c\\u00e9-{i}")).collect();
+    let mut tasks = Vec::new();
+    for r in 0..8usize {
+        let (h, ingest) = (h.clone(), ingest.clone());
+        let mut order = ids.clone();
+        order.rotate_left(r);
+        tasks.push(tokio::spawn(async move {
+            let body = format!(
+                "[{}]",
+                order
+                    .iter()
+                    .map(|id| format!(
+                        r#"{{"specversion":"1.0","id":"{id}","source":"svc://race","type":"llm.usage","subject":"acme","data":{{"model":"m","input_tokens":2}}}}"#
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            h.events(&ingest, "application/cloudevents-batch+json", &body)
+                .await
+        }));
+    }
+    let mut accepted = 0;
+    let mut entry_of: std::collections::HashMap<String, u64> = Default::default();
+    for t in tasks {
+        let (s, v) = t.await.unwrap();
+        assert_eq!(s, StatusCode::OK, "{v}");
+        accepted += v["accepted"].as_u64().unwrap();
+        assert_eq!(v["rejected"], 0, "{v}");
+        for r in v["results"].as_array().unwrap() {
+            let id = r["id"].as_str().unwrap().to_string();
+            let e = r["entry_id"].as_u64().unwrap();
+            assert!(id.starts_with("cé-"), "{id}");
+            // Every answer for an event names the same entry.
+            assert_eq!(*entry_of.entry(id).or_insert(e), e, "{v}");
+        }
+    }
+    assert_eq!(accepted, 8, "each event accepted exactly once");
+    assert_eq!(entry_of.len(), 8);
+    let (_, u) = h.admin("GET", "/api/v1/usage?account=acme", None).await;
+    assert_eq!(u["rows"][0]["tokens"], json!({"text.input": 16}), "{u}");
+    // A member given twice would be counted twice: refused, naming it.
+    let twice = r#"{"specversion":"1.0","id":"t","source":"s","type":"llm.usage","subject":"acme","data":{"model":"m","input_tokens":2,"input_tokens":3}}"#;
+    let (s, v) = h
+        .events(&ingest, "application/cloudevents+json", twice)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("data.input_tokens: appears more than once"),
+        "{v}"
+    );
+}

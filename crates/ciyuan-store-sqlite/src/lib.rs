@@ -474,6 +474,40 @@ impl Store for SqliteStore {
         Ok(entry.map(|e| e as u64))
     }
 
+    fn ingested_keys(&self, f: &mut dyn FnMut(&str, &str)) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        // One read transaction: the keys and the watermark are of the same snapshot.
+        let tx = conn.transaction().map_err(backend)?;
+        let through: i64 = tx
+            .query_row(
+                "SELECT value FROM meta WHERE name = 'projected_through'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        {
+            let mut stmt = tx
+                .prepare("SELECT source, id FROM ingested")
+                .map_err(backend)?;
+            let mut rows = stmt.query([]).map_err(backend)?;
+            while let Some(row) = rows.next().map_err(backend)? {
+                let source = row
+                    .get_ref(0)
+                    .map_err(backend)?
+                    .as_str()
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                let id = row
+                    .get_ref(1)
+                    .map_err(backend)?
+                    .as_str()
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                f(source, id);
+            }
+        }
+        tx.commit().map_err(backend)?;
+        Ok(through as u64)
+    }
+
     fn ingested_many(&self, keys: &[(&str, &str)]) -> Result<Vec<Option<u64>>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn

@@ -71,6 +71,19 @@ fn ingest_index(s: &dyn Store) {
     );
     assert_eq!(s.ingested("svc-b", "1").ok().flatten(), Some(1));
     assert_eq!(s.ingested("svc-a", "2").ok().flatten(), None);
+    let mut keys = Vec::new();
+    let through =
+        s.ingested_keys(&mut |source, id| keys.push((source.to_string(), id.to_string())));
+    keys.sort();
+    assert_eq!(through.ok(), Some(4), "the watermark of the same snapshot");
+    assert_eq!(
+        keys,
+        [
+            ("svc-a".to_string(), "1".to_string()),
+            ("svc-b".into(), "1".into())
+        ],
+        "every indexed event once"
+    );
     assert!(s.reset_projections().is_ok());
     assert_eq!(s.ingested("svc-a", "1").ok().flatten(), None);
 }

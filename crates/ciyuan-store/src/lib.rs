@@ -148,6 +148,10 @@ pub trait Store: Send + Sync + 'static {
         keys.iter().map(|(s, i)| self.ingested(s, i)).collect()
     }
 
+    /// Calls `f` with every indexed `(source, id)` and returns the projection watermark
+    /// of the same snapshot: the index holds exactly the events of entries before it.
+    fn ingested_keys(&self, f: &mut dyn FnMut(&str, &str)) -> Result<u64, StoreError>;
+
     /// Hourly rollup rows of a subtree, summed over equal keys.
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
 }

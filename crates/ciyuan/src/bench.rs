@@ -145,6 +145,10 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 "  request latency p50 {} us, p99 {} us",
                 r.p50_request_us, r.p99_request_us
             );
+            println!(
+                "  {:.0} events/s until projected; server CPU {:.2} us/event",
+                r.projected_events_per_sec, r.server_cpu_us_per_event
+            );
             if a.json {
                 println!(
                     "{}",
@@ -155,6 +159,8 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                         "events_per_sec": r.events_per_sec,
                         "p50_request_us": r.p50_request_us,
                         "p99_request_us": r.p99_request_us,
+                        "projected_events_per_sec": r.projected_events_per_sec,
+                        "server_cpu_us_per_event": r.server_cpu_us_per_event,
                     })
                 );
             }

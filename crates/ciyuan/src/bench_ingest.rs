@@ -13,6 +13,28 @@ pub struct Report {
     pub events_per_sec: f64,
     pub p50_request_us: u64,
     pub p99_request_us: u64,
+    /// Events per second until the projections (usage queries, idempotency index) had
+    /// caught up with every event.
+    pub projected_events_per_sec: f64,
+    /// CPU time the server process spent per event (user + system), in microseconds:
+    /// steadier than wall time on a shared machine.
+    pub server_cpu_us_per_event: f64,
+}
+
+/// User plus system CPU seconds a process has used so far (Linux; 0 elsewhere).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; the
+    // kernel counts them in USER_HZ, 100 on every Linux architecture Ciyuan targets.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Kills the server process when the benchmark ends, however it ends.
@@ -48,6 +70,7 @@ pub fn run(events: u64, batch: u64, clients: u64) -> anyhow::Result<Report> {
         .spawn()
         .context("starting ciyuan serve")?;
     let stdout = child.stdout.take().context("server stdout")?;
+    let pid = child.id();
     let guard = Child(child, dir);
     let mut lines = BufReader::new(stdout).lines();
     let url = loop {
@@ -81,6 +104,7 @@ pub fn run(events: u64, batch: u64, clients: u64) -> anyhow::Result<Report> {
         .await?;
         let key = key["key"].as_str().context("no key")?.to_string();
         let requests = events.div_ceil(batch);
+        let cpu_before = cpu_seconds(pid);
         let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -136,6 +160,15 @@ pub fn run(events: u64, batch: u64, clients: u64) -> anyhow::Result<Report> {
         if accepted != events {
             bail!("only {accepted} of {events} events were accepted");
         }
+        // Wait for the projector to apply every entry.
+        let projected_seconds = loop {
+            let h: serde_json::Value = http.get(format!("{url}/healthz")).send().await?.json().await?;
+            if h["projected"].as_u64() >= h["entries"].as_u64() {
+                break started.elapsed().as_secs_f64();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let cpu = cpu_seconds(pid) - cpu_before;
         latencies.sort_unstable();
         let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
         anyhow::Ok(Report {
@@ -143,6 +176,8 @@ pub fn run(events: u64, batch: u64, clients: u64) -> anyhow::Result<Report> {
             events_per_sec: events as f64 / seconds,
             p50_request_us: pct(0.50),
             p99_request_us: pct(0.99),
+            projected_events_per_sec: events as f64 / projected_seconds,
+            server_cpu_us_per_event: cpu * 1e6 / events as f64,
         })
     })?;
     drop(guard);
