@@ -74,6 +74,51 @@ pub struct Usage {
     /// record explains its own count.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub measures: BTreeMap<String, serde_json::Value>,
+    /// How a gateway request went (latency, status, upstream); service-quality
+    /// guarantees are computed from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<Quality>,
+    /// Ciyuan's own count of the request's text, beside the provider's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recount: Option<Recount>,
+}
+
+/// How one gateway request went. Durations are whole microseconds, so every figure is
+/// exact; rates are derived from them when asked.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Quality {
+    /// The upstream provider's configured name.
+    pub upstream: String,
+    /// The HTTP status the client got.
+    pub status: u16,
+    /// Whether the answer was streamed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// From the request's arrival to the first byte of content (streams: the first
+    /// token), if any came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_us: Option<u64>,
+    /// From the request's arrival to the last byte sent to the client.
+    pub latency_us: u64,
+    /// Why the measurement is partial or failed: `client_disconnected`,
+    /// `upstream_cut`, `upstream_timeout`, `upstream_error`, `no_usage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+/// Ciyuan's independent count of a request's text with the model's tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Recount {
+    /// The encoding used, e.g. `o200k_base`.
+    pub encoding: String,
+    /// Prompt tokens as Ciyuan counts them (chat framing estimated per family).
+    pub input: u64,
+    /// Answer tokens as Ciyuan counts them (text actually delivered).
+    pub output: u64,
+    /// Whether the provider's count differs from this one beyond the configured
+    /// tolerance.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flagged: bool,
 }
 
 /// A correction of earlier usage.

@@ -32,7 +32,7 @@ mod tokens;
 
 pub use entry::{
     AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, KeyCreated, KeyRevoked,
-    Usage,
+    Quality, Recount, Usage,
 };
 /// Re-exported so every crate names time with the same version.
 pub use jiff;

