@@ -439,25 +439,11 @@ pub(crate) fn text_failure(e: ciyuan_measure::text::TextError) -> Failure {
 pub(crate) async fn answer_json(ctx: &Ctx, body: Vec<u8>, output_tokens: usize) -> Response {
     tokio::time::sleep(ctx.ttft + ctx.generation_time(output_tokens.saturating_sub(1))).await;
     match ctx.fault {
-        Some(Fault::Timeout) => std::future::pending().await,
-        Some(Fault::Cut) => {
-            if let Some(kill) = &ctx.kill {
-                kill.0.notify_one();
-                return std::future::pending().await;
-            }
-            // Served without `serve`: send the headers and half the body, then fail it.
-            let half = Bytes::from(body[..body.len() / 2].to_vec());
-            let chunks: Vec<Result<Bytes, std::io::Error>> =
-                vec![Ok(half), Err(std::io::Error::other("simulated cut"))];
-            (
-                [(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )],
-                Body::from_stream(futures_util::stream::iter(chunks)),
-            )
-                .into_response()
+        Some(Fault::Timeout) => {
+            tokio::time::sleep(crate::STALL_LIMIT).await;
+            cut(ctx, body).await
         }
+        Some(Fault::Cut) => cut(ctx, body).await,
         Some(Fault::Malformed) => {
             let mut b = body;
             b.truncate(b.len() / 2);
@@ -466,6 +452,26 @@ pub(crate) async fn answer_json(ctx: &Ctx, body: Vec<u8>, output_tokens: usize) 
         }
         _ => json_body(body),
     }
+}
+
+/// Breaks the connection without a response (under [`crate::serve`]), or sends the
+/// headers and half the body and then breaks it.
+async fn cut(ctx: &Ctx, body: Vec<u8>) -> Response {
+    if let Some(kill) = &ctx.kill {
+        kill.0.notify_one();
+        return std::future::pending().await;
+    }
+    let half = Bytes::from(body[..body.len() / 2].to_vec());
+    let chunks: Vec<Result<Bytes, std::io::Error>> =
+        vec![Ok(half), Err(std::io::Error::other("simulated cut"))];
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        Body::from_stream(futures_util::stream::iter(chunks)),
+    )
+        .into_response()
 }
 
 /// Text parts of a content value: a string, or an array of parts with `text` (OpenAI

@@ -7,6 +7,9 @@
 //! `POST /v1/embeddings`, `GET /v1/models` (OpenAI; with an `anthropic-version` header,
 //! Anthropic's model list), `GET /v1/models/{id}`, `POST /v1/messages` (Anthropic).
 //!
+//! Anthropic's `message_delta` carries cumulative usage as the API sends it today (the
+//! input figures repeat `message_start`'s; `output_tokens` is final).
+//!
 //! Prompt tokens are counted with the model's tokenizer
 //! ([`ciyuan_measure::text::encoding_for_model`], `o200k_base` for unknown models,
 //! chat framing by [`ciyuan_measure::text::estimate_chat`]); output tokens are exactly
@@ -19,7 +22,7 @@
 //! |---|---|
 //! | `x-sim-fault: 500` / `429` | answer that error, in the provider's error shape (`429` with `retry-after: 1`) |
 //! | `x-sim-fault: cut` | a stream stops mid-way and the connection is closed abruptly (no final events, no `[DONE]`); a non-streaming request gets its connection closed with no response (under [`serve`]; under [`router`] alone the body is cut after the headers) |
-//! | `x-sim-fault: timeout` | never answer: non-streaming requests get nothing; streams get headers and then nothing |
+//! | `x-sim-fault: timeout` | never answer: non-streaming requests get nothing; streams get headers and then nothing (the connection is closed after [`STALL_LIMIT`]) |
 //! | `x-sim-fault: malformed` | `200` with a body that is not JSON; streams get one invalid `data:` line mid-way and otherwise complete normally |
 //! | `x-sim-fault: no-usage` | no usage at all: no usage chunk even when asked, no `usage` in non-streaming answers, no `usage` in Anthropic's `message_delta` |
 //! | `x-sim-ttft-ms: N` | time to first token |
@@ -42,6 +45,10 @@ use std::time::Duration;
 
 /// The largest request body accepted, in bytes (a larger one is answered 413).
 pub const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// How long the `timeout` fault stalls before the connection is closed: an hour,
+/// forever for any client's timeout, yet no task is held without bound.
+pub const STALL_LIMIT: Duration = Duration::from_secs(3600);
 
 /// The largest `x-sim-output-tokens` accepted.
 pub const MAX_FORCED_OUTPUT_TOKENS: usize = 1 << 17;

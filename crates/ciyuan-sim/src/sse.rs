@@ -121,7 +121,11 @@ pub(crate) fn respond(ctx: &Ctx, plan: Plan, request_id: &str) -> Response {
     let fault = ctx.stream_fault();
     let n = plan.pieces.len();
     let body = if fault == Some(Fault::Timeout) {
-        Body::from_stream(futures_util::stream::pending::<Result<Bytes, std::io::Error>>())
+        // Headers, then nothing until the stall limit, then a broken connection.
+        Body::from_stream(futures_util::stream::once(async {
+            tokio::time::sleep(crate::STALL_LIMIT).await;
+            Err::<Bytes, _>(std::io::Error::other("simulated stall"))
+        }))
     } else {
         let mut rng = Rng::new(ctx.seed ^ ctx.seq.rotate_left(17) ^ 0xC07);
         let cut_at = (fault == Some(Fault::Cut)).then(|| {
