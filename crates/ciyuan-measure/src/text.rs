@@ -16,7 +16,8 @@ use base64::Engine;
 use fancy_regex::Regex;
 use rustc_hash::FxHashMap;
 use std::io::Read;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{LazyLock, Mutex, OnceLock};
 use tiktoken_rs::{CoreBPE, Rank};
 use unicode_normalization::UnicodeNormalization;
 
@@ -76,19 +77,22 @@ impl Encoding {
     ///
     /// Long texts are cut at boundaries no token can cross and counted on every core.
     pub fn count(self, text: &str) -> Result<usize, TextError> {
-        if text.len() < PARALLEL_MIN_BYTES {
+        let ways = cores();
+        if text.len() < PARALLEL_MIN_BYTES || ways < 2 {
             return self.count_serial(text);
         }
-        let parts = split_for_parallel(text, cores());
+        let parts = split_for_parallel(text, part_bytes(text.len(), ways));
         if parts.len() < 2 {
             return self.count_serial(text);
         }
+        // Every thread takes the next part until none is left, so a costly part (long
+        // runs of one character cost far more per byte than prose) or a core busy with
+        // other work does not hold the rest back.
+        let next = AtomicUsize::new(0);
+        let work = || self.count_parts(&parts, &next);
         std::thread::scope(|s| {
-            let handles: Vec<_> = parts[1..]
-                .iter()
-                .map(|p| s.spawn(move || self.count_serial(p)))
-                .collect();
-            let mut n = self.count_serial(parts[0])?;
+            let handles: Vec<_> = (1..ways.min(parts.len())).map(|_| s.spawn(work)).collect();
+            let mut n = work()?;
             for h in handles {
                 n += h.join().map_err(|_| {
                     TextError::Vocabulary(self.name(), "a counting thread panicked".into())
@@ -98,10 +102,35 @@ impl Encoding {
         })
     }
 
+    /// Counts the parts that `next` hands out, one after another, until none is left.
+    fn count_parts(self, parts: &[&str], next: &AtomicUsize) -> Result<usize, TextError> {
+        let take = || parts.get(next.fetch_add(1, Ordering::Relaxed)).copied();
+        let mut n = 0;
+        match self {
+            Encoding::O200kBase | Encoding::Cl100kBase => {
+                let mut counter = OpenAiCounter::new(self);
+                while let Some(p) = take() {
+                    n += counter.count(p);
+                }
+            }
+            _ => {
+                while let Some(p) = take() {
+                    n += self.count_serial(p)?;
+                }
+            }
+        }
+        Ok(n)
+    }
+
     fn count_serial(self, text: &str) -> Result<usize, TextError> {
         Ok(match self {
-            Encoding::O200kBase => count_openai(bpe_openai::o200k_base(), text),
-            Encoding::Cl100kBase => count_openai(bpe_openai::cl100k_base(), text),
+            Encoding::O200kBase | Encoding::Cl100kBase => {
+                if text.len() < CACHE_MIN_BYTES {
+                    OpenAiCounter::count_once(self, text)
+                } else {
+                    OpenAiCounter::new(self).count(text)
+                }
+            }
             Encoding::Qwen | Encoding::Qwen3_6 => {
                 let bpe = qwen(self)?;
                 // Qwen's tokenizer normalizes to NFC before encoding.
@@ -116,40 +145,177 @@ impl Encoding {
     }
 }
 
-/// Pieces up to this many bytes have their count remembered for the rest of the text.
+/// Pieces up to this many bytes have their count remembered.
 const CACHED_PIECE_BYTES: usize = 32;
 /// Texts shorter than this are counted without remembering pieces: too few repeat.
 const CACHE_MIN_BYTES: usize = 2048;
-/// At most this many distinct pieces are remembered per call.
+/// At most this many distinct pieces are remembered per thread and text.
 const CACHED_PIECES: usize = 1 << 16;
 
-/// OpenAI encodings: `bpe-openai`'s pre-tokenizer (the split pattern on `regex-automata`,
-/// its one look-ahead emulated) and its BPE, which give tiktoken's tokens. Short pieces
-/// repeat (words, punctuation, indentation), so their counts are remembered, keyed by
-/// the piece's bytes in `text` itself (no copies).
-fn count_openai(tok: &bpe_openai::Tokenizer, text: &str) -> usize {
-    if text.len() < CACHE_MIN_BYTES {
-        return tok.split(text).map(|p| tok.bpe.count(p.as_bytes())).sum();
-    }
-    let mut seen: FxHashMap<&[u8], u32> = FxHashMap::default();
-    let mut n = 0;
-    for piece in tok.split(text) {
-        let b = piece.as_bytes();
-        n += if b.len() <= 1 {
-            b.len()
-        } else if b.len() > CACHED_PIECE_BYTES {
-            tok.bpe.count(b)
-        } else if let Some(&c) = seen.get(b) {
-            c as usize
+/// Counts with an OpenAI encoding: the split pattern on `regex-automata` (see
+/// [`Pretokenizer`]) and `bpe-openai`'s BPE, which gives tiktoken's tokens without
+/// building token vectors. Short pieces repeat (words, punctuation, indentation), so
+/// their counts are remembered, keyed by the piece's bytes in the text itself (no
+/// copies).
+struct OpenAiCounter<'a> {
+    bpe: &'static bpe_openai::byte_pair_encoding::BytePairEncoding,
+    pre: &'static Pretokenizer,
+    cache: CacheGuard,
+    seen: FxHashMap<&'a [u8], u32>,
+}
+
+impl<'a> OpenAiCounter<'a> {
+    fn new(encoding: Encoding) -> Self {
+        let (bpe, pre) = if encoding == Encoding::Cl100kBase {
+            (&bpe_openai::cl100k_base().bpe, &*CL100K_PRE)
         } else {
-            let c = tok.bpe.count(b);
-            if seen.len() < CACHED_PIECES {
-                seen.insert(b, c as u32);
-            }
-            c
+            (&bpe_openai::o200k_base().bpe, &*O200K_PRE)
         };
+        OpenAiCounter {
+            bpe,
+            pre,
+            cache: pre.cache(),
+            seen: FxHashMap::default(),
+        }
     }
-    n
+
+    fn count(&mut self, text: &'a str) -> usize {
+        let mut n = 0;
+        let mut at = 0;
+        while let Some((start, end)) = self.pre.next_piece(&mut self.cache, text, at) {
+            at = end;
+            let b = &text.as_bytes()[start..end];
+            n += if b.len() <= 1 {
+                b.len() // every byte is a token
+            } else if b.len() > CACHED_PIECE_BYTES {
+                self.bpe.count(b)
+            } else if let Some(&c) = self.seen.get(b) {
+                c as usize
+            } else {
+                let c = self.bpe.count(b);
+                if self.seen.len() < CACHED_PIECES {
+                    self.seen.insert(b, c as u32);
+                }
+                c
+            };
+        }
+        n
+    }
+
+    /// Counts without remembering pieces, for short texts.
+    fn count_once(encoding: Encoding, text: &str) -> usize {
+        let mut c = OpenAiCounter::new(encoding);
+        let mut n = 0;
+        let mut at = 0;
+        while let Some((start, end)) = c.pre.next_piece(&mut c.cache, text, at) {
+            at = end;
+            n += c.bpe.count(&text.as_bytes()[start..end]);
+        }
+        n
+    }
+}
+
+/// tiktoken's split patterns as `regex-automata` runs them: the look-ahead alternative
+/// `\s+(?!\S)` becomes `\s+\s` whose last character is given back, with `\s+$` for the
+/// end of the text — the rewrite `bpe-openai` makes (its tests and ours check it against
+/// tiktoken). Only the iteration is ours: `bpe-openai`'s iterator takes the regex's
+/// scratch space from a shared pool for every piece, which costs more than the match
+/// itself on threads other than the first to use the regex; here each counting call
+/// takes one scratch space for the whole text.
+struct Pretokenizer {
+    re: regex_automata::meta::Regex,
+    caches: Mutex<Vec<regex_automata::meta::Cache>>,
+}
+
+/// The alternative whose last character is a look-ahead (pattern index).
+const LOOKAHEAD_PATTERN: usize = 1;
+
+static O200K_PRE: LazyLock<Pretokenizer> = LazyLock::new(|| {
+    Pretokenizer::new(&[
+        [
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+            r"\p{N}{1,3}",
+            r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+            r"\s*[\r\n]+",
+            r"\s+$",
+        ]
+        .join("|")
+        .as_str(),
+        r"\s+\s",
+        r"\s+",
+    ])
+});
+
+static CL100K_PRE: LazyLock<Pretokenizer> = LazyLock::new(|| {
+    Pretokenizer::new(&[
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+$",
+        r"\s+\s",
+        r"\s+",
+    ])
+});
+
+/// A scratch space for a [`Pretokenizer`]'s regex, given back to it when dropped.
+struct CacheGuard {
+    pre: &'static Pretokenizer,
+    cache: Option<regex_automata::meta::Cache>,
+}
+
+impl Drop for CacheGuard {
+    fn drop(&mut self) {
+        if let (Some(c), Ok(mut pool)) = (self.cache.take(), self.pre.caches.lock()) {
+            pool.push(c);
+        }
+    }
+}
+
+impl Pretokenizer {
+    fn new(patterns: &[&str; 3]) -> Self {
+        // The patterns are constants, checked by every test that counts.
+        #[allow(clippy::expect_used)]
+        let re = regex_automata::meta::Regex::new_many(patterns).expect("valid split patterns");
+        Pretokenizer {
+            re,
+            caches: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn cache(&'static self) -> CacheGuard {
+        let pooled = self.caches.lock().ok().and_then(|mut p| p.pop());
+        CacheGuard {
+            pre: self,
+            cache: Some(pooled.unwrap_or_else(|| self.re.create_cache())),
+        }
+    }
+
+    /// The next piece of `text` at or after `at`, as a byte range. Like tiktoken's
+    /// `find_iter`, text that no alternative matches is skipped (these patterns match
+    /// everywhere, so none is).
+    fn next_piece(&self, guard: &mut CacheGuard, text: &str, at: usize) -> Option<(usize, usize)> {
+        use regex_automata::{Anchored, Input};
+        if at >= text.len() {
+            return None;
+        }
+        let cache = guard.cache.as_mut()?;
+        let input = Input::new(text).range(at..).anchored(Anchored::Yes);
+        let (start, m) = match self.re.search_half_with(cache, &input) {
+            Some(m) => (at, m),
+            None => {
+                let m = self.re.search_with(cache, &input.anchored(Anchored::No))?;
+                let input = Input::new(text).range(m.start()..).anchored(Anchored::Yes);
+                (m.start(), self.re.search_half_with(cache, &input)?)
+            }
+        };
+        let mut end = m.offset();
+        if m.pattern().as_usize() == LOOKAHEAD_PATTERN {
+            // `\s+\s` matched: give the last character back (`\s+(?!\S)`).
+            end -= text[start..end]
+                .chars()
+                .next_back()
+                .map_or(0, char::len_utf8);
+        }
+        Some((start, end))
+    }
 }
 
 /// The cores this process may use, asked once: `available_parallelism` reads cgroup
@@ -163,30 +329,33 @@ fn cores() -> usize {
 /// more than it saves.
 const PARALLEL_MIN_BYTES: usize = 1 << 16;
 
-/// Cuts `text` into up to `ways` parts, each cut just after a `\n` that is followed by an
-/// ASCII letter. No token of any supported encoding crosses such a point: newline runs
-/// end there (`\s*[\r\n]+`, punctuation's trailing `[\r\n]*`), letter runs cannot
-/// start with a newline, no special or added token contains one, and NFC (Qwen) never
-/// composes across a starter. So the parts' counts add up to the whole's — checked
-/// against Python tiktoken on megabytes by `ciyuan bench tokens`.
-fn split_for_parallel(text: &str, ways: usize) -> Vec<&str> {
-    if ways < 2 || text.len() < PARALLEL_MIN_BYTES {
-        return vec![text];
-    }
+/// How long the parts of a text counted on `ways` cores should be: about sixteen per
+/// core, so that threads that finish early take over the rest, within bounds.
+fn part_bytes(len: usize, ways: usize) -> usize {
+    (len / (ways * 16)).clamp(1 << 14, 1 << 20)
+}
+
+/// Cuts `text` into parts of about `part_bytes` or a little more, each cut just after a
+/// `\n` that is followed by an ASCII letter. No token of any supported encoding crosses
+/// such a point: newline runs end there (`\s*[\r\n]+`, punctuation's trailing
+/// `[\r\n]*`), letter runs cannot start with a newline, no special or added token
+/// contains one, and NFC (Qwen) never composes across a starter. So the parts' counts
+/// add up to the whole's — checked against Python tiktoken on megabytes by `ciyuan
+/// bench tokens`, and against every encoding's own serial count by the tests.
+fn split_for_parallel(text: &str, part_bytes: usize) -> Vec<&str> {
     let bytes = text.as_bytes();
-    let mut parts = Vec::with_capacity(ways);
+    let mut parts = Vec::with_capacity(text.len() / part_bytes.max(1) + 1);
     let mut start = 0;
-    for k in 1..ways {
-        let target = (text.len() * k / ways).max(start);
-        let cut = (target..bytes.len().saturating_sub(1))
+    while start + part_bytes < bytes.len() {
+        let cut = (start + part_bytes..bytes.len() - 1)
             .find(|&i| bytes[i] == b'\n' && bytes[i + 1].is_ascii_alphabetic())
             .map(|i| i + 1);
         match cut {
-            Some(c) if c > start => {
+            Some(c) => {
                 parts.push(&text[start..c]);
                 start = c;
             }
-            _ => break,
+            None => break,
         }
     }
     parts.push(&text[start..]);
@@ -505,8 +674,11 @@ mod tests {
         let chunk =
             "The ledger counts 词元.\nIt's 42 tokens!\n\n  indented\nmore text here\r\nend\n";
         let text = chunk.repeat(4000);
-        assert!(split_for_parallel(&text, 2).len() == 2);
-        assert_eq!(split_for_parallel(&text, 3).concat(), text);
+        let parts = split_for_parallel(&text, 1 << 14);
+        assert!(parts.len() > 10);
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.len() >= 1 << 14));
+        assert_eq!(parts.concat(), text);
+        assert_eq!(split_for_parallel(&text, text.len()), vec![text.as_str()]);
         for e in Encoding::ALL {
             assert_eq!(
                 e.count(&text).unwrap(),
@@ -514,9 +686,16 @@ mod tests {
                 "{}",
                 e.name()
             );
+            let next = AtomicUsize::new(0);
+            assert_eq!(
+                e.count_parts(&parts, &next).unwrap(),
+                e.count_serial(&text).unwrap(),
+                "{}",
+                e.name()
+            );
         }
         // No cut point at all: one part.
-        assert_eq!(split_for_parallel(&"x".repeat(1 << 17), 2).len(), 1);
+        assert_eq!(split_for_parallel(&"x".repeat(1 << 17), 1 << 14).len(), 1);
     }
 
     #[test]
