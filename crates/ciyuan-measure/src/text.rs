@@ -15,6 +15,8 @@ use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine;
 use fancy_regex::Regex;
 use rustc_hash::FxHashMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock};
@@ -583,11 +585,71 @@ impl DeepSeek {
                 if b.len() <= 1 || self.ranks.contains_key(b) {
                     b.len().min(1)
                 } else {
-                    tiktoken_rs::byte_pair_split(b, &self.ranks).len()
+                    merge_count(b, &self.ranks)
                 }
             })
             .sum()
     }
+}
+
+/// Pieces shorter than this are merged by `tiktoken_rs::byte_pair_split` (tiktoken's
+/// own cut-over between its two merge routines).
+const HEAP_MERGE_MIN_BYTES: usize = 100;
+
+/// How many tokens byte-pair merging leaves of `piece`: the lowest-ranked adjacent pair
+/// first, the leftmost among equals, until no pair is a token.
+///
+/// `tiktoken-rs` exports only the routine that rescans every part after each merge,
+/// quadratic in the piece's length (DeepSeek's pre-tokenizer leaves runs of one
+/// character of thousands of bytes as one piece). Long pieces are therefore merged here
+/// with a heap of candidate merges, as tiktoken's own `_byte_pair_merge_large` does
+/// (not exported); the result is the same merge sequence, checked against
+/// `byte_pair_split` by `heap_merge_equals_tiktoken_merge`.
+fn merge_count(piece: &[u8], ranks: &FxHashMap<Vec<u8>, Rank>) -> usize {
+    if piece.len() < HEAP_MERGE_MIN_BYTES {
+        return tiktoken_rs::byte_pair_split(piece, ranks).len();
+    }
+    let n = piece.len();
+    // For the part that starts at byte i: where it ends, where the part before it
+    // starts, and the rank of merging it with the part after it.
+    let mut end: Vec<usize> = (1..=n).collect();
+    let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+    let mut next_rank = vec![Rank::MAX; n];
+    let mut heap = BinaryHeap::with_capacity(n);
+    for i in 0..n - 1 {
+        if let Some(&r) = ranks.get(&piece[i..i + 2]) {
+            next_rank[i] = r;
+            heap.push(Reverse((r, i)));
+        }
+    }
+    let mut parts = n;
+    while let Some(Reverse((r, left))) = heap.pop() {
+        if r != next_rank[left] {
+            continue; // outdated: one of the two parts has merged since
+        }
+        let right = end[left];
+        let right_end = end[right];
+        end[left] = right_end;
+        next_rank[right] = Rank::MAX;
+        parts -= 1;
+        next_rank[left] = Rank::MAX;
+        if right_end < n {
+            prev[right_end] = left;
+            if let Some(&r) = ranks.get(&piece[left..end[right_end]]) {
+                next_rank[left] = r;
+                heap.push(Reverse((r, left)));
+            }
+        }
+        if left > 0 {
+            let p = prev[left];
+            next_rank[p] = Rank::MAX;
+            if let Some(&r) = ranks.get(&piece[p..right_end]) {
+                next_rank[p] = r;
+                heap.push(Reverse((r, p)));
+            }
+        }
+    }
+    parts
 }
 
 /// Hugging Face `Split` with behaviour `Isolated`: every match and every gap between
@@ -696,6 +758,47 @@ mod tests {
         }
         // No cut point at all: one part.
         assert_eq!(split_for_parallel(&"x".repeat(1 << 17), 1 << 14).len(), 1);
+    }
+
+    #[test]
+    fn heap_merge_equals_tiktoken_merge() {
+        let ranks = &deepseek().unwrap().ranks;
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rand = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let alphabets: [&[&str]; 4] = [
+            &["a", "b", "ab", " "],
+            &["中", "文", "a", "1"],
+            &["e", "r", "t", "h", " ", "\n", "th", "er"],
+            &["x", "y", "z", "é", "!", "-", "="],
+        ];
+        for round in 0..200 {
+            let alphabet = alphabets[round % alphabets.len()];
+            let len = HEAP_MERGE_MIN_BYTES + rand(1500);
+            let mut s = String::new();
+            while s.len() < len {
+                s.push_str(alphabet[rand(alphabet.len())]);
+            }
+            let b = s.as_bytes();
+            assert_eq!(
+                merge_count(b, ranks),
+                tiktoken_rs::byte_pair_split(b, ranks).len(),
+                "{s:?}"
+            );
+        }
+        for run in ["a", " ", "中", "1", "ab", "-", "\n"] {
+            let s = run.repeat(3000 / run.len());
+            let b = s.as_bytes();
+            assert_eq!(
+                merge_count(b, ranks),
+                tiktoken_rs::byte_pair_split(b, ranks).len(),
+                "{run:?}"
+            );
+        }
     }
 
     #[test]
