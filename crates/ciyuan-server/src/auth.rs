@@ -174,6 +174,24 @@ impl Authenticator {
         Ok(Caller { key: record })
     }
 
+    /// [`Authenticator::authenticate`] from the cache alone, without blocking: `None`
+    /// when the key is not cached (look it up with `authenticate` then).
+    pub fn cached(&self, key: &str) -> Option<Result<Caller, ApiError>> {
+        parse_key(key)?;
+        let hash = hash_key(key);
+        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        let record = cache.get(&hash)?;
+        Some(match record.revoked_at {
+            Some(_) => Err(ApiError::unauthorized(format!(
+                "API key {} has been revoked",
+                record.key_id
+            ))),
+            None => Ok(Caller {
+                key: record.clone(),
+            }),
+        })
+    }
+
     /// Forgets a revoked key so its next use reads the revocation.
     pub fn revoked(&self, key_id: &str) {
         self.cache

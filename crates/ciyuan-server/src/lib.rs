@@ -12,6 +12,7 @@ mod audit;
 pub mod auth;
 pub mod error;
 mod extract;
+pub mod gateway;
 mod ingest;
 mod keys;
 pub mod pipeline;
@@ -48,6 +49,8 @@ pub struct ServerConfig {
     pub max_events_per_batch: usize,
     /// How services other than `llm.usage` turn measures into tokens.
     pub definitions: Arc<ciyuan_measure::DefinitionSet>,
+    /// Providers and the gateway's settings.
+    pub gateway: gateway::GatewayConfig,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +63,7 @@ impl Default for ServerConfig {
             ingest_max_future: Duration::from_secs(300),
             max_events_per_batch: 10_000,
             definitions: Arc::default(),
+            gateway: gateway::GatewayConfig::default(),
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct App {
     /// Serialises the ingest idempotency check with the claim of new events; holds the
     /// events appended (or being appended) but not yet projected.
     ingest_lock: tokio::sync::Mutex<ingest::Recent>,
+    /// Providers, their HTTP clients, and the gateway's metrics.
+    gateway: gateway::Gateway,
 }
 
 impl App {
@@ -88,7 +94,9 @@ impl App {
     ) -> Result<Arc<App>, ApiError> {
         let projector = Projector::start(store.clone(), log.clone())?;
         let recent = ingest::Recent::load(store.as_ref(), log.as_ref())?;
+        let gateway = gateway::Gateway::new(config.gateway.clone()).map_err(ApiError::internal)?;
         Ok(Arc::new(App {
+            gateway,
             auth: Authenticator::new(store.clone()),
             store,
             log,
@@ -224,8 +232,17 @@ impl FromRequestParts<Arc<App>> for Caller {
 /// The router of the whole HTTP API.
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.config.max_body_bytes;
+    // Prompts with images run to megabytes: the gateway has its own body limit.
+    let gateway_routes = Router::new()
+        .route("/v1/chat/completions", post(gateway::chat))
+        .route("/v1/completions", post(gateway::completions))
+        .route("/v1/embeddings", post(gateway::embeddings))
+        .route("/v1/messages", post(gateway::messages))
+        .route("/v1/models", get(gateway::models))
+        .layer(DefaultBodyLimit::max(app.gateway.config().max_body_bytes));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(gateway::metrics_page))
         .route("/v1/events", post(ingest::events))
         .route(
             "/api/v1/accounts",
@@ -251,9 +268,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/audit/entries/{id}", get(audit::entry))
         .route("/api/v1/audit/entries/{id}/proof", get(audit::prove))
         .route("/api/v1/audit/consistency", get(audit::consistency))
+        .layer(DefaultBodyLimit::max(limit))
+        .merge(gateway_routes)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
 }
 

@@ -38,6 +38,103 @@ pub struct FileConfig {
     /// Model patterns mapped to encodings, consulted before the built-in table.
     #[serde(default)]
     pub tokenizers: Vec<TokenizerRule>,
+    /// Gateway settings.
+    #[serde(default)]
+    pub gateway: GatewaySection,
+    /// Upstream providers of the gateway, in routing order.
+    #[serde(default)]
+    pub providers: Vec<ProviderSection>,
+}
+
+/// `[gateway]` settings.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Flag a recount that differs from the provider's count by more than this
+    /// percentage (default 5)...
+    pub recount_tolerance_percent: Option<u64>,
+    /// ...and by more than this many tokens (default 3).
+    pub recount_tolerance_tokens: Option<u64>,
+    /// Largest gateway request body, in bytes (default 32 MiB).
+    pub max_body_bytes: Option<usize>,
+}
+
+/// `[[providers]]`: one upstream.
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSection {
+    /// Name recorded with each request it serves.
+    pub name: String,
+    /// `openai`, `anthropic` or `openai-compatible`.
+    pub protocol: String,
+    /// Base URL as the provider's SDK takes it (OpenAI: `https://api.openai.com/v1`;
+    /// Anthropic: `https://api.anthropic.com`).
+    pub base_url: String,
+    /// Environment variable holding the provider's API key (none for local servers).
+    pub api_key_env: Option<String>,
+    /// Model names served, exact or with `*` wildcards.
+    pub models: Vec<String>,
+    /// Seconds to wait for a connection (default 10).
+    pub connect_timeout_secs: Option<u64>,
+    /// Seconds to wait for the answer's headers or a whole answer (default 600).
+    pub timeout_secs: Option<u64>,
+    /// Seconds of silence allowed between two chunks of a stream (default 300).
+    pub idle_timeout_secs: Option<u64>,
+    /// Extra request headers passed on to the provider (`x-foo`, or a prefix `x-foo-*`).
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
+}
+
+impl ProviderSection {
+    /// Checks the section and reads its key from the environment.
+    pub fn resolve(&self) -> anyhow::Result<ciyuan_server::gateway::Provider> {
+        use ciyuan_server::gateway::{Protocol, Provider};
+        let at = format!("providers[{}]", self.name);
+        if self.name.is_empty() {
+            bail!("providers: a provider needs a name");
+        }
+        let protocol = Protocol::parse(&self.protocol).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{at}.protocol: {:?} is not openai, anthropic or openai-compatible",
+                self.protocol
+            )
+        })?;
+        let base_url = self.base_url.trim_end_matches('/').to_string();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            bail!("{at}.base_url: {:?} is not an http(s) URL", self.base_url);
+        }
+        if self.models.is_empty() {
+            bail!("{at}.models: list at least one model name or pattern");
+        }
+        let api_key = match &self.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("{at}.api_key_env: environment variable {var} is not set")
+            })?),
+            None => None,
+        };
+        let secs =
+            |v: Option<u64>, default: u64, what: &str| -> anyhow::Result<std::time::Duration> {
+                match v.unwrap_or(default) {
+                    0 => bail!("{at}.{what}: must be at least 1"),
+                    n => Ok(std::time::Duration::from_secs(n)),
+                }
+            };
+        Ok(Provider {
+            name: self.name.clone(),
+            protocol,
+            base_url,
+            api_key,
+            models: self.models.clone(),
+            connect_timeout: secs(self.connect_timeout_secs, 10, "connect_timeout_secs")?,
+            timeout: secs(self.timeout_secs, 600, "timeout_secs")?,
+            idle_timeout: secs(self.idle_timeout_secs, 300, "idle_timeout_secs")?,
+            forward_headers: self
+                .forward_headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+        })
+    }
 }
 
 /// `[[tokenizers]]`: which encoding counts a model's text.
@@ -136,6 +233,8 @@ pub struct ServeConfig {
     pub max_events_per_batch: usize,
     /// Compiled token definitions.
     pub definitions: ciyuan_measure::DefinitionSet,
+    /// The gateway's providers and settings (no providers: the simulated one).
+    pub gateway: ciyuan_server::gateway::GatewayConfig,
 }
 
 impl ServeConfig {
@@ -147,7 +246,7 @@ impl ServeConfig {
         bootstrap_admin_key: Option<String>,
     ) -> anyhow::Result<ServeConfig> {
         let listen_text = listen
-            .or(file.listen)
+            .or(file.listen.clone())
             .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen: SocketAddr = listen_text
             .parse()
@@ -160,7 +259,37 @@ impl ServeConfig {
         if checkpoint_interval_secs == 0 {
             bail!("checkpoint_interval_secs must be at least 1");
         }
-        let definitions = ciyuan_measure::DefinitionSet::new(file.token_definitions)?;
+        let definitions = ciyuan_measure::DefinitionSet::new(file.token_definitions.clone())?;
+        let mut gateway = ciyuan_server::gateway::GatewayConfig {
+            encodings: file.tokenizer_rules()?,
+            providers: file
+                .providers
+                .iter()
+                .map(ProviderSection::resolve)
+                .collect::<anyhow::Result<_>>()?,
+            ..Default::default()
+        };
+        let mut names = std::collections::HashSet::new();
+        for p in &file.providers {
+            if !names.insert((&p.name, &p.protocol)) {
+                bail!(
+                    "providers[{}]: two providers share this name and protocol",
+                    p.name
+                );
+            }
+        }
+        if let Some(p) = file.gateway.recount_tolerance_percent {
+            gateway.recount_tolerance_percent = p;
+        }
+        if let Some(t) = file.gateway.recount_tolerance_tokens {
+            gateway.recount_tolerance_tokens = t;
+        }
+        if let Some(b) = file.gateway.max_body_bytes {
+            if b < 1024 {
+                bail!("gateway.max_body_bytes must be at least 1024");
+            }
+            gateway.max_body_bytes = b;
+        }
         let max_events_per_batch = file.ingest.max_events_per_batch.unwrap_or(10_000);
         if max_events_per_batch == 0 {
             bail!("ingest.max_events_per_batch must be at least 1");
@@ -170,6 +299,7 @@ impl ServeConfig {
             ingest_max_future_secs: file.ingest.max_future_secs.unwrap_or(300),
             max_events_per_batch,
             definitions,
+            gateway,
             data: data.or(file.data).unwrap_or_else(|| DEFAULT_DATA.into()),
             listen,
             max_body_bytes,
@@ -214,6 +344,37 @@ mod tests {
             format!("{:?}", file.bootstrap_admin_key),
             "Some(Secret(<redacted>))"
         );
+    }
+
+    #[test]
+    fn providers_are_checked_and_keys_read_from_the_environment() {
+        let bad = |toml_text: &str, needle: &str| {
+            let file: FileConfig = toml::from_str(toml_text).unwrap();
+            let err = ServeConfig::resolve(file, None, None, None).err().unwrap();
+            assert!(
+                format!("{err:#}").contains(needle),
+                "{err:#} lacks {needle}"
+            );
+        };
+        bad(
+            "[[providers]]\nname = \"x\"\nprotocol = \"grpc\"\nbase_url = \"http://h\"\nmodels = [\"m\"]",
+            "providers[x].protocol",
+        );
+        bad(
+            "[[providers]]\nname = \"x\"\nprotocol = \"openai\"\nbase_url = \"ftp://h\"\nmodels = [\"m\"]",
+            "providers[x].base_url",
+        );
+        bad(
+            "[[providers]]\nname = \"x\"\nprotocol = \"openai\"\nbase_url = \"http://h\"\nmodels = [\"m\"]\napi_key_env = \"CIYUAN_TEST_UNSET_VARIABLE\"",
+            "CIYUAN_TEST_UNSET_VARIABLE is not set",
+        );
+        let file: FileConfig = toml::from_str(
+            "[gateway]\nrecount_tolerance_percent = 2\n[[providers]]\nname = \"local\"\nprotocol = \"openai-compatible\"\nbase_url = \"http://127.0.0.1:11434/v1/\"\nmodels = [\"llama*\"]",
+        )
+        .unwrap();
+        let c = ServeConfig::resolve(file, None, None, None).unwrap();
+        assert_eq!(c.gateway.recount_tolerance_percent, 2);
+        assert_eq!(c.gateway.providers[0].base_url, "http://127.0.0.1:11434/v1");
     }
 
     #[test]

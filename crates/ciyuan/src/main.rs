@@ -12,6 +12,7 @@ mod client;
 mod config;
 mod ingest;
 mod serve;
+mod sim;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -66,6 +67,8 @@ enum Command {
     Rebuild(serve::RebuildArgs),
     /// Count the tokens of a text with a model's own tokenizer.
     Count(CountArgs),
+    /// Run the simulated LLM provider (OpenAI and Anthropic shapes, real token counts).
+    Sim(sim::SimArgs),
     /// Measure the ledger.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -190,6 +193,7 @@ fn main() -> ExitCode {
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),
         Command::Migrate(args) => serve::migrate(cli.config.as_deref(), args),
         Command::Count(args) => count(cli.config.as_deref(), args),
+        Command::Sim(args) => sim::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

@@ -103,7 +103,27 @@ async fn run(
         ingest_max_future: Duration::from_secs(cfg.ingest_max_future_secs),
         max_events_per_batch: cfg.max_events_per_batch,
         definitions: Arc::new(std::mem::take(&mut cfg.definitions)),
+        gateway: std::mem::take(&mut cfg.gateway),
         ..ServerConfig::default()
+    };
+    let mut server_cfg = server_cfg;
+    // No provider configured: every model goes to the simulated provider, in this
+    // process, so the gateway meters tokens from the first minute.
+    let sim_addr = if server_cfg.gateway.providers.is_empty() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("starting the simulated provider")?;
+        let addr = listener.local_addr()?;
+        let sim = ciyuan_sim::SimConfig {
+            ttft: Duration::from_millis(150),
+            tokens_per_sec: 200.0,
+            ..ciyuan_sim::SimConfig::default()
+        };
+        tokio::spawn(ciyuan_sim::serve(listener, sim));
+        server_cfg.gateway.providers = sim_providers(&format!("http://{addr}"));
+        Some(addr)
+    } else {
+        None
     };
     let app = App::new(store, log, server_cfg).map_err(|e| anyhow::anyhow!(e.detail))?;
     let given = cfg.bootstrap_admin_key.as_ref().map(|s| s.0.clone());
@@ -121,6 +141,12 @@ async fn run(
             writeln!(out, "bootstrap admin key (shown once, store it now): {key}")?;
         }
         writeln!(out, "data directory: {}", cfg.data.display())?;
+        if let Some(sim) = sim_addr {
+            writeln!(
+                out,
+                "gateway: no [[providers]] configured; every model goes to the simulated provider at http://{sim}"
+            )?;
+        }
         writeln!(out, "listening on http://{addr}")?;
         out.flush()?;
     }
@@ -137,6 +163,29 @@ async fn run(
     }
     tracing::info!("ciyuan stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The simulated provider as the gateway's providers: both protocols, every model, its
+/// fault and pacing headers passed through.
+pub fn sim_providers(base: &str) -> Vec<ciyuan_server::gateway::Provider> {
+    use ciyuan_server::gateway::{Protocol, Provider};
+    [
+        (Protocol::OpenAi, format!("{base}/v1")),
+        (Protocol::Anthropic, base.to_string()),
+    ]
+    .into_iter()
+    .map(|(protocol, base_url)| Provider {
+        name: "sim".into(),
+        protocol,
+        base_url,
+        api_key: None,
+        models: vec!["*".into()],
+        connect_timeout: Duration::from_secs(5),
+        timeout: Duration::from_secs(120),
+        idle_timeout: Duration::from_secs(60),
+        forward_headers: vec!["x-sim-*".into()],
+    })
+    .collect()
 }
 
 async fn shutdown_signal() {

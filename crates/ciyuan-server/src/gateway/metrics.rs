@@ -1,0 +1,237 @@
+//! Prometheus metrics of the gateway, in the text exposition format at `/metrics`.
+//!
+//! Written by hand: a handful of counters and histograms updated once per request
+//! (never per chunk) under one short lock; a metrics crate plus exporter would add
+//! more dependencies than this file has lines.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the latency histograms, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum_us: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_us += u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: BTreeMap<(String, String, u16), u64>,
+    tokens: BTreeMap<(String, String, String), u64>,
+    partial: BTreeMap<(String, String), u64>,
+    flagged: BTreeMap<(String, String), u64>,
+    ttft: BTreeMap<String, Histogram>,
+    latency: BTreeMap<String, Histogram>,
+}
+
+/// One finished request, as the metrics see it.
+pub struct Observation<'a> {
+    /// The provider's configured name.
+    pub upstream: &'a str,
+    /// The model asked for.
+    pub model: &'a str,
+    /// The status the client got.
+    pub status: u16,
+    /// Time to first token, if one came.
+    pub ttft: Option<Duration>,
+    /// Total time.
+    pub latency: Duration,
+    /// Tokens recorded, by `modality.direction`.
+    pub tokens: &'a ciyuan_core::TokenMap,
+    /// Whether the measurement is partial.
+    pub partial: bool,
+    /// Whether the recount disagreed beyond tolerance.
+    pub flagged: bool,
+}
+
+/// The gateway's metrics.
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    /// Records one finished request.
+    pub fn observe(&self, o: &Observation<'_>) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *m.requests
+            .entry((o.upstream.into(), o.model.into(), o.status))
+            .or_default() += 1;
+        for t in o.tokens.iter() {
+            *m.tokens
+                .entry((
+                    o.upstream.into(),
+                    o.model.into(),
+                    format!("{}.{}", t.modality, t.direction),
+                ))
+                .or_default() += u64::try_from(t.count).unwrap_or(0);
+        }
+        if o.partial {
+            *m.partial
+                .entry((o.upstream.into(), o.model.into()))
+                .or_default() += 1;
+        }
+        if o.flagged {
+            *m.flagged
+                .entry((o.upstream.into(), o.model.into()))
+                .or_default() += 1;
+        }
+        if let Some(t) = o.ttft {
+            m.ttft.entry(o.upstream.into()).or_default().observe(t);
+        }
+        m.latency
+            .entry(o.upstream.into())
+            .or_default()
+            .observe(o.latency);
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        let esc = |s: &str| {
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        };
+        let _ = writeln!(
+            out,
+            "# HELP ciyuan_gateway_requests_total Gateway requests by upstream, model and status.\n# TYPE ciyuan_gateway_requests_total counter"
+        );
+        for ((u, model, s), n) in &m.requests {
+            let _ = writeln!(
+                out,
+                "ciyuan_gateway_requests_total{{upstream=\"{}\",model=\"{}\",status=\"{s}\"}} {n}",
+                esc(u),
+                esc(model)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ciyuan_gateway_tokens_total Tokens metered by the gateway.\n# TYPE ciyuan_gateway_tokens_total counter"
+        );
+        for ((u, model, k), n) in &m.tokens {
+            let _ = writeln!(
+                out,
+                "ciyuan_gateway_tokens_total{{upstream=\"{}\",model=\"{}\",token=\"{k}\"}} {n}",
+                esc(u),
+                esc(model)
+            );
+        }
+        for (name, help, map) in [
+            (
+                "ciyuan_gateway_partial_total",
+                "Requests metered partially (cut, disconnected, no usage).",
+                &m.partial,
+            ),
+            (
+                "ciyuan_gateway_recount_flagged_total",
+                "Requests whose recount disagreed with the provider beyond tolerance.",
+                &m.flagged,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((u, model), n) in map {
+                let _ = writeln!(
+                    out,
+                    "{name}{{upstream=\"{}\",model=\"{}\"}} {n}",
+                    esc(u),
+                    esc(model)
+                );
+            }
+        }
+        for (name, help, map) in [
+            (
+                "ciyuan_gateway_ttft_seconds",
+                "Time to first token.",
+                &m.ttft,
+            ),
+            (
+                "ciyuan_gateway_latency_seconds",
+                "Total request latency.",
+                &m.latency,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for (u, h) in map {
+                let u = esc(u);
+                for (b, c) in BUCKETS.iter().zip(h.counts) {
+                    let _ = writeln!(out, "{name}_bucket{{upstream=\"{u}\",le=\"{b}\"}} {c}");
+                }
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{upstream=\"{u}\",le=\"+Inf\"}} {}",
+                    h.count
+                );
+                let _ = writeln!(
+                    out,
+                    "{name}_sum{{upstream=\"{u}\"}} {}.{:06}",
+                    h.sum_us / 1_000_000,
+                    h.sum_us % 1_000_000
+                );
+                let _ = writeln!(out, "{name}_count{{upstream=\"{u}\"}} {}", h.count);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciyuan_core::{Direction, Modality, TokenMap};
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        let mut tokens = TokenMap::new();
+        tokens.add(Modality::Text, Direction::Input, 19).unwrap();
+        for ms in [3, 40] {
+            m.observe(&Observation {
+                upstream: "sim",
+                model: "gpt-4o",
+                status: 200,
+                ttft: Some(Duration::from_millis(ms)),
+                latency: Duration::from_millis(ms * 2),
+                tokens: &tokens,
+                partial: ms == 40,
+                flagged: false,
+            });
+        }
+        let text = m.render();
+        assert!(text.contains(
+            "ciyuan_gateway_requests_total{upstream=\"sim\",model=\"gpt-4o\",status=\"200\"} 2"
+        ));
+        assert!(text.contains(
+            "ciyuan_gateway_tokens_total{upstream=\"sim\",model=\"gpt-4o\",token=\"text.input\"} 38"
+        ));
+        assert!(
+            text.contains("ciyuan_gateway_ttft_seconds_bucket{upstream=\"sim\",le=\"0.005\"} 1")
+        );
+        assert!(
+            text.contains("ciyuan_gateway_ttft_seconds_bucket{upstream=\"sim\",le=\"0.05\"} 2")
+        );
+        assert!(text.contains("ciyuan_gateway_latency_seconds_sum{upstream=\"sim\"} 0.086000"));
+        assert!(text.contains("ciyuan_gateway_partial_total{upstream=\"sim\",model=\"gpt-4o\"} 1"));
+    }
+}

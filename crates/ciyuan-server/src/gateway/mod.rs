@@ -1,0 +1,859 @@
+//! The gateway: OpenAI- and Anthropic-compatible endpoints that forward each call to
+//! the provider configured for its model, stream the answer back as it arrives, and
+//! record what was consumed.
+//!
+//! Per request: authenticate (`gateway` scope) → read the request → route by model →
+//! forward → relay the answer (streams chunk by chunk, never buffered whole) while
+//! metering it → record one usage entry with the provider's counts, Ciyuan's recount
+//! and the request's quality (status, time to first token, latency, upstream).
+//!
+//! The entry is appended after the answer has gone to the client, so the ledger's
+//! fsync never adds latency; a crash in the few milliseconds between the two loses that
+//! one record.
+
+pub mod metrics;
+pub mod protocol;
+mod sse;
+
+use crate::App;
+use crate::auth::Caller;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ciyuan_core::jiff::Timestamp;
+use ciyuan_core::{
+    Direction, Entry, EntryBody, Modality, Quality, Recount, Scope, TokenMap, Usage,
+};
+use ciyuan_measure::text::{
+    ChatMessage, Encoding, encoding_for_model, estimate_chat, wildcard_match,
+};
+use protocol::{
+    AnthropicEvent, AnthropicUsage, Endpoint, Family, GatewayError, OpenAiChunk, Reported,
+    RequestInfo,
+};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The wire protocol a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// OpenAI's API.
+    OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
+    /// An OpenAI-compatible API: DeepSeek, Qwen's compatible mode, Moonshot, vLLM,
+    /// Ollama, ...
+    OpenAiCompatible,
+}
+
+impl Protocol {
+    /// Parses `openai`, `anthropic` or `openai-compatible`.
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "openai" => Some(Protocol::OpenAi),
+            "anthropic" => Some(Protocol::Anthropic),
+            "openai-compatible" => Some(Protocol::OpenAiCompatible),
+            _ => None,
+        }
+    }
+
+    fn family(self) -> Family {
+        match self {
+            Protocol::Anthropic => Family::Anthropic,
+            _ => Family::OpenAi,
+        }
+    }
+}
+
+/// One upstream provider.
+#[derive(Clone)]
+pub struct Provider {
+    /// Its name, recorded with every request it serves.
+    pub name: String,
+    /// What it speaks.
+    pub protocol: Protocol,
+    /// Base URL as its SDK takes it (OpenAI: ending in `/v1`; Anthropic: without).
+    pub base_url: String,
+    /// The API key sent upstream (read from the environment at start; never logged).
+    pub api_key: Option<String>,
+    /// Model names it serves, exact or with `*` wildcards; first matching provider wins.
+    pub models: Vec<String>,
+    /// Longest wait for a connection.
+    pub connect_timeout: Duration,
+    /// Longest wait for the answer's headers (and a whole non-streamed answer).
+    pub timeout: Duration,
+    /// Longest silence between two chunks of a stream.
+    pub idle_timeout: Duration,
+    /// Request headers passed on to the provider (lower case; `*` ends a prefix).
+    pub forward_headers: Vec<String>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .field("protocol", &self.protocol)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("models", &self.models)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Request headers always passed on: tracing, and the providers' own versioning.
+pub const DEFAULT_FORWARD_HEADERS: [&str; 6] = [
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-beta",
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+];
+
+/// Settings of the gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Providers, in routing order.
+    pub providers: Vec<Provider>,
+    /// A recount differing from the provider's by more than this percentage (and
+    /// more than `recount_tolerance_tokens`) is flagged.
+    pub recount_tolerance_percent: u64,
+    /// Differences up to this many tokens are never flagged.
+    pub recount_tolerance_tokens: u64,
+    /// Model → encoding rules in front of the built-in table.
+    pub encodings: Vec<(String, Encoding)>,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            providers: Vec::new(),
+            recount_tolerance_percent: 5,
+            recount_tolerance_tokens: 3,
+            encodings: Vec::new(),
+            max_body_bytes: 32 << 20,
+        }
+    }
+}
+
+/// The gateway's running state: configuration, one HTTP client per provider, metrics.
+pub struct Gateway {
+    config: GatewayConfig,
+    clients: Vec<reqwest::Client>,
+    /// Prometheus metrics.
+    pub metrics: metrics::Metrics,
+}
+
+impl Gateway {
+    /// Builds the clients.
+    pub fn new(config: GatewayConfig) -> Result<Gateway, String> {
+        let clients = config
+            .providers
+            .iter()
+            .map(|p| {
+                reqwest::Client::builder()
+                    .connect_timeout(p.connect_timeout)
+                    .pool_max_idle_per_host(1024)
+                    .tcp_nodelay(true)
+                    // A gateway must not follow proxies from the environment by surprise.
+                    .no_proxy()
+                    .build()
+                    .map_err(|e| format!("provider {}: {e}", p.name))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Gateway {
+            config,
+            clients,
+            metrics: metrics::Metrics::default(),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    /// The provider for `model` on an endpoint of `family`.
+    fn route(&self, family: Family, model: &str) -> Result<usize, GatewayError> {
+        let serves = |p: &Provider| p.models.iter().any(|m| wildcard_match(m, model));
+        if let Some(i) = self
+            .config
+            .providers
+            .iter()
+            .position(|p| p.protocol.family() == family && serves(p))
+        {
+            return Ok(i);
+        }
+        if let Some(p) = self.config.providers.iter().find(|p| serves(p)) {
+            let endpoint = match p.protocol.family() {
+                Family::OpenAi => "/v1/chat/completions",
+                Family::Anthropic => "/v1/messages",
+            };
+            return Err(GatewayError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "model {model:?} is served by provider {} over the {} protocol; call {endpoint}",
+                    p.name,
+                    match p.protocol.family() {
+                        Family::OpenAi => "OpenAI",
+                        Family::Anthropic => "Anthropic",
+                    }
+                ),
+            ));
+        }
+        Err(GatewayError::new(
+            StatusCode::NOT_FOUND,
+            format!("The model `{model}` does not exist or you do not have access to it."),
+        )
+        .code("model_not_found"))
+    }
+}
+
+/// `POST /v1/chat/completions`
+pub async fn chat(app: State<Arc<App>>, headers: HeaderMap, body: BodyResult) -> Response {
+    handle(app.0, Endpoint::Chat, headers, body).await
+}
+
+/// `POST /v1/completions`
+pub async fn completions(app: State<Arc<App>>, headers: HeaderMap, body: BodyResult) -> Response {
+    handle(app.0, Endpoint::Completions, headers, body).await
+}
+
+/// `POST /v1/embeddings`
+pub async fn embeddings(app: State<Arc<App>>, headers: HeaderMap, body: BodyResult) -> Response {
+    handle(app.0, Endpoint::Embeddings, headers, body).await
+}
+
+/// `POST /v1/messages`
+pub async fn messages(app: State<Arc<App>>, headers: HeaderMap, body: BodyResult) -> Response {
+    handle(app.0, Endpoint::Messages, headers, body).await
+}
+
+type BodyResult = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
+/// `GET /v1/models`: the models configured by exact name, in the shape of the SDK that
+/// asks (Anthropic's when an `anthropic-version` header is sent).
+pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let family = if headers.contains_key("anthropic-version") {
+        Family::Anthropic
+    } else {
+        Family::OpenAi
+    };
+    if let Err(e) = caller(&app, &headers).await {
+        return e.into_response(family);
+    }
+    let mut names: Vec<(&str, &str)> = Vec::new();
+    for p in &app.gateway.config.providers {
+        for m in &p.models {
+            if !m.contains('*') && !names.iter().any(|(n, _)| n == m) {
+                names.push((m, &p.name));
+            }
+        }
+    }
+    let body = match family {
+        Family::OpenAi => serde_json::json!({
+            "object": "list",
+            "data": names.iter().map(|(m, p)| serde_json::json!({
+                "id": m, "object": "model", "created": 0, "owned_by": p,
+            })).collect::<Vec<_>>(),
+        }),
+        Family::Anthropic => serde_json::json!({
+            "data": names.iter().map(|(m, _)| serde_json::json!({
+                "type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z",
+            })).collect::<Vec<_>>(),
+            "has_more": false,
+            "first_id": names.first().map(|n| n.0),
+            "last_id": names.last().map(|n| n.0),
+        }),
+    };
+    axum::Json(body).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics_page(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        app.gateway.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Authenticates a gateway call: from the key cache on the async thread when it can,
+/// else from the store on a blocking thread.
+async fn caller(app: &Arc<App>, headers: &HeaderMap) -> Result<Caller, GatewayError> {
+    let key = crate::auth::Authenticator::presented(headers)?;
+    let caller = match app.auth.cached(key) {
+        Some(r) => r?,
+        None => {
+            let key = key.to_string();
+            app.blocking(move |app| app.auth.authenticate(&key)).await?
+        }
+    };
+    caller.require(Scope::Gateway)?;
+    Ok(caller)
+}
+
+/// Everything known about a request once it is accepted for forwarding.
+struct Call {
+    endpoint: Endpoint,
+    caller: Caller,
+    info: RequestInfo,
+    provider: usize,
+    request_id: String,
+    started: Instant,
+    at: Timestamp,
+}
+
+async fn handle(
+    app: Arc<App>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: BodyResult,
+) -> Response {
+    let started = Instant::now();
+    let at = Timestamp::now();
+    let family = endpoint.family();
+    let caller = match caller(&app, &headers).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(family),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return GatewayError::from(crate::extract::body_error(e)).into_response(family),
+    };
+    let mut request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return GatewayError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the request body is not valid JSON: {e}"),
+            )
+            .into_response(family);
+        }
+    };
+    let info = match protocol::inspect(endpoint, &request) {
+        Ok(i) => i,
+        Err(e) => return e.into_response(family),
+    };
+    let provider = match app.gateway.route(family, &info.model) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(family),
+    };
+    // Ask for usage inside OpenAI streams; the extra chunk is taken out again below
+    // when the client did not ask for it.
+    let body = if info.stream && family == Family::OpenAi && !info.include_usage {
+        if let Some(obj) = request.as_object_mut() {
+            let opts = obj
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Some(o) = opts.as_object_mut() {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+        }
+        match serde_json::to_vec(&request) {
+            Ok(v) => Bytes::from(v),
+            Err(e) => {
+                return GatewayError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                    .into_response(family);
+            }
+        }
+    } else {
+        body
+    };
+    let call = Call {
+        endpoint,
+        caller,
+        info,
+        provider,
+        request_id: request_id(),
+        started,
+        at,
+    };
+    forward(app, call, &headers, body).await
+}
+
+fn request_id() -> String {
+    let mut b = [0u8; 12];
+    if getrandom::fill(&mut b).is_err() {
+        // Only an id for correlation: the time is unique enough if randomness fails.
+        let t = Timestamp::now().as_nanosecond();
+        b[..12].copy_from_slice(&t.to_le_bytes()[..12]);
+    }
+    format!("req_{}", hex::encode(b))
+}
+
+fn forwarded(name: &str, allowed: &[String]) -> bool {
+    DEFAULT_FORWARD_HEADERS.contains(&name)
+        || allowed.iter().any(|a| match a.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => a == name,
+        })
+}
+
+/// Response headers not passed back: hop-by-hop, and lengths the gateway may change.
+fn kept_response_header(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "content-length"
+            | "set-cookie"
+            | "upgrade"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+    )
+}
+
+async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) -> Response {
+    let family = call.endpoint.family();
+    let provider = &app.gateway.config.providers[call.provider];
+    let client = &app.gateway.clients[call.provider];
+    let url = format!("{}{}", provider.base_url, call.endpoint.upstream_path());
+    let mut rb = client
+        .post(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(
+            header::USER_AGENT,
+            concat!("ciyuan/", env!("CARGO_PKG_VERSION")),
+        );
+    for (name, value) in headers {
+        if forwarded(name.as_str(), &provider.forward_headers) {
+            rb = rb.header(name, value);
+        }
+    }
+    match provider.protocol {
+        Protocol::Anthropic => {
+            if !headers.contains_key("anthropic-version") {
+                rb = rb.header("anthropic-version", "2023-06-01");
+            }
+            if let Some(k) = &provider.api_key {
+                rb = rb.header("x-api-key", k);
+            }
+        }
+        Protocol::OpenAi | Protocol::OpenAiCompatible => {
+            if let Some(k) = &provider.api_key {
+                rb = rb.bearer_auth(k);
+            }
+        }
+    }
+    let sent = tokio::time::timeout(provider.timeout, rb.body(body).send()).await;
+    let resp = match sent {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let msg = format!("upstream {} failed: {}", provider.name, error_chain(&e));
+            let status = StatusCode::BAD_GATEWAY;
+            finish_failed(&app, &call, status, "upstream_error");
+            return GatewayError::new(status, msg).into_response(family);
+        }
+        Err(_) => {
+            let msg = format!(
+                "upstream {} did not answer within {}s",
+                provider.name,
+                provider.timeout.as_secs_f64()
+            );
+            finish_failed(&app, &call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
+            return GatewayError::new(StatusCode::GATEWAY_TIMEOUT, msg).into_response(family);
+        }
+    };
+    let status = resp.status();
+    let mut out_headers = HeaderMap::new();
+    for (k, v) in resp.headers() {
+        if kept_response_header(k) {
+            out_headers.append(k.clone(), v.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&call.request_id) {
+        out_headers.insert("x-ciyuan-request-id", v);
+    }
+    let is_stream = call.info.stream
+        && status.is_success()
+        && resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+    if is_stream {
+        return stream(app.clone(), call, resp, status, out_headers);
+    }
+    // A whole answer: read it (within the provider's timeout), pass it on unchanged.
+    let whole = tokio::time::timeout(provider.timeout, resp.bytes()).await;
+    let bytes = match whole {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let msg = format!(
+                "upstream {} broke off its answer: {}",
+                provider.name,
+                error_chain(&e)
+            );
+            finish_failed(&app, &call, StatusCode::BAD_GATEWAY, "upstream_cut");
+            return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
+        }
+        Err(_) => {
+            let msg = format!(
+                "upstream {} did not finish its answer within {}s",
+                provider.name,
+                provider.timeout.as_secs_f64()
+            );
+            finish_failed(&app, &call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
+            return GatewayError::new(StatusCode::GATEWAY_TIMEOUT, msg).into_response(family);
+        }
+    };
+    if !status.is_success() {
+        // The provider's own error, in its own shape, reaches the client as it is.
+        finish_failed(&app, &call, status, "upstream_error");
+        let mut resp = (status, bytes).into_response();
+        *resp.headers_mut() = out_headers;
+        return resp;
+    }
+    let Some((reported, text)) = protocol::read_answer(call.endpoint, &bytes) else {
+        let msg = format!("upstream {} answered with malformed JSON", provider.name);
+        // The provider answered (and will bill): meter what was asked, recounted.
+        let mut meter = Meter::new(Some("upstream_malformed".into()));
+        meter.billable = true;
+        finish(&app, call, meter, StatusCode::BAD_GATEWAY.as_u16(), None);
+        return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
+    };
+    let ttft = call.started.elapsed();
+    let mut meter = Meter::new(None);
+    meter.billable = true;
+    meter.text = text;
+    meter.reported = reported;
+    meter.complete = true;
+    if meter.reported.is_none() {
+        meter.failure = Some("no_usage".into());
+    }
+    finish(&app, call, meter, status.as_u16(), Some(ttft));
+    let mut resp = (status, bytes).into_response();
+    *resp.headers_mut() = out_headers;
+    resp
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// What a relayed answer has shown so far.
+struct Meter {
+    text: String,
+    reported: Option<Reported>,
+    anthropic: AnthropicUsage,
+    /// The stream reached its proper end (`[DONE]`, `message_stop`).
+    complete: bool,
+    failure: Option<String>,
+    ttft: Option<Duration>,
+    /// The provider accepted the request (2xx): it consumed tokens, whether or not
+    /// its count reaches us.
+    billable: bool,
+}
+
+impl Meter {
+    fn new(failure: Option<String>) -> Meter {
+        Meter {
+            text: String::new(),
+            reported: None,
+            anthropic: AnthropicUsage::default(),
+            complete: false,
+            failure,
+            ttft: None,
+            billable: false,
+        }
+    }
+
+    /// Reads one event; returns whether to pass it on to the client.
+    fn event(&mut self, family: Family, event: &[u8], strip_usage: bool, started: Instant) -> bool {
+        let Some(data) = sse::data(event) else {
+            return true;
+        };
+        let before = self.text.len();
+        let mut forward = true;
+        match family {
+            Family::OpenAi => {
+                if data.trim() == "[DONE]" {
+                    self.complete = true;
+                } else if let Ok(chunk) = serde_json::from_str::<OpenAiChunk>(&data) {
+                    chunk.text_into(&mut self.text);
+                    if let Some(u) = chunk.usage() {
+                        self.reported = Some(u.reported());
+                    }
+                    if strip_usage && chunk.is_usage_only() {
+                        forward = false;
+                    }
+                }
+            }
+            Family::Anthropic => {
+                if let Ok(ev) = serde_json::from_str::<AnthropicEvent>(&data) {
+                    if ev.apply(&mut self.anthropic, &mut self.text) {
+                        self.complete = true;
+                    }
+                    if self.anthropic.has_output() {
+                        self.reported = Some(self.anthropic.reported());
+                    }
+                }
+            }
+        }
+        if self.ttft.is_none() && self.text.len() > before {
+            self.ttft = Some(started.elapsed());
+        }
+        forward
+    }
+}
+
+type Chunk = Result<Bytes, std::io::Error>;
+
+/// The client's end of a relayed stream.
+struct Relay(tokio::sync::mpsc::Receiver<Chunk>);
+
+impl futures_core::Stream for Relay {
+    type Item = Chunk;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Chunk>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Relays a stream: a task reads the provider and hands each chunk to the client as it
+/// arrives, metering it on the way; it notices a client that goes away at once.
+fn stream(
+    app: Arc<App>,
+    call: Call,
+    mut resp: reqwest::Response,
+    status: StatusCode,
+    headers: HeaderMap,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(16);
+    let family = call.endpoint.family();
+    let strip_usage = family == Family::OpenAi && !call.info.include_usage;
+    let idle = app.gateway.config.providers[call.provider].idle_timeout;
+    tokio::spawn(async move {
+        let mut meter = Meter::new(None);
+        meter.billable = true;
+        let mut splitter = sse::Splitter::default();
+        loop {
+            let next = tokio::select! {
+                _ = tx.closed() => {
+                    meter.failure = Some("client_disconnected".into());
+                    break;
+                }
+                r = tokio::time::timeout(idle, resp.chunk()) => r,
+            };
+            let chunk = match next {
+                Ok(Ok(Some(c))) => c,
+                Ok(Ok(None)) => {
+                    if let Some(rest) = splitter.finish() {
+                        meter.event(family, &rest, false, call.started);
+                        let _ = tx.send(Ok(rest)).await;
+                    }
+                    if !meter.complete {
+                        meter.failure = Some("upstream_cut".into());
+                    }
+                    break;
+                }
+                Ok(Err(e)) => {
+                    meter.failure = Some("upstream_cut".into());
+                    let _ = tx.send(Err(std::io::Error::other(error_chain(&e)))).await;
+                    break;
+                }
+                Err(_) => {
+                    meter.failure = Some("upstream_timeout".into());
+                    let _ = tx
+                        .send(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upstream stream went silent",
+                        )))
+                        .await;
+                    break;
+                }
+            };
+            let events = splitter.push(&chunk);
+            let out = if strip_usage {
+                // Only whole events go out, so an event can be left out whole.
+                let mut kept = Vec::with_capacity(events.len());
+                for e in &events {
+                    if meter.event(family, e, true, call.started) {
+                        kept.push(e.clone());
+                    }
+                }
+                match kept.len() {
+                    0 => continue,
+                    1 => kept.swap_remove(0),
+                    _ => Bytes::from(kept.concat()),
+                }
+            } else {
+                for e in &events {
+                    meter.event(family, e, false, call.started);
+                }
+                chunk
+            };
+            if tx.send(Ok(out)).await.is_err() {
+                meter.failure = Some("client_disconnected".into());
+                break;
+            }
+        }
+        drop(resp);
+        if meter.failure.is_none() && meter.reported.is_none() {
+            meter.failure = Some("no_usage".into());
+        }
+        let ttft = meter.ttft;
+        finish(&app, call, meter, status.as_u16(), ttft);
+    });
+    let mut r = Response::new(Body::from_stream(Relay(rx)));
+    *r.status_mut() = status;
+    *r.headers_mut() = headers;
+    r
+}
+
+/// Records a request that consumed nothing (refused or failed upstream before an
+/// answer): no tokens, but its status and latency count for service quality.
+fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &str) {
+    let meter = Meter::new(Some(why.to_string()));
+    let call = Call {
+        endpoint: call.endpoint,
+        caller: call.caller.clone(),
+        info: RequestInfo {
+            model: call.info.model.clone(),
+            stream: call.info.stream,
+            ..RequestInfo::default()
+        },
+        provider: call.provider,
+        request_id: call.request_id.clone(),
+        started: call.started,
+        at: call.at,
+    };
+    finish(app, call, meter, status.as_u16(), None);
+}
+
+/// Counts, compares and records, off the request's path.
+fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Duration>) {
+    let latency = call.started.elapsed();
+    let app = app.clone();
+    tokio::spawn(async move {
+        let gw = &app.gateway;
+        let encoding = encoding_for_model(&call.info.model, &gw.config.encodings);
+        let billable = meter.billable;
+        let recount = encoding
+            .filter(|_| billable)
+            .and_then(|enc| recount(enc, &call, &meter));
+        let partial = billable && (meter.failure.is_some() || meter.reported.is_none());
+        let mut tokens = TokenMap::new();
+        let mut flagged = false;
+        let mut recount_entry = None;
+        match (&meter.reported, &recount) {
+            (Some(r), Some((enc, input, output))) => {
+                tokens = r.tokens.clone();
+                let off = |provider: u64, ours: u64| {
+                    let allowed = (provider * gw.config.recount_tolerance_percent / 100)
+                        .max(gw.config.recount_tolerance_tokens);
+                    provider.abs_diff(ours) > allowed
+                };
+                flagged = (!call.info.has_media && off(r.input, *input))
+                    || (!r.audio_output && meter.complete && off(r.output, *output));
+                recount_entry = Some(Recount {
+                    encoding: enc.name().to_string(),
+                    input: *input,
+                    output: *output,
+                    flagged,
+                });
+            }
+            (Some(r), None) => tokens = r.tokens.clone(),
+            (None, Some((enc, input, output))) => {
+                // The provider's count never came: what was delivered, recounted.
+                for (d, n) in [(Direction::Input, *input), (Direction::Output, *output)] {
+                    if n > 0 {
+                        let _ = tokens.add(Modality::Text, d, i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                }
+                recount_entry = Some(Recount {
+                    encoding: enc.name().to_string(),
+                    input: *input,
+                    output: *output,
+                    flagged: false,
+                });
+            }
+            (None, None) => {}
+        }
+        let provider = &gw.config.providers[call.provider];
+        gw.metrics.observe(&metrics::Observation {
+            upstream: &provider.name,
+            model: &call.info.model,
+            status,
+            ttft,
+            latency,
+            tokens: &tokens,
+            partial,
+            flagged,
+        });
+        let entry = Entry::new(
+            call.at,
+            call.caller.key.account.clone(),
+            EntryBody::Usage(Usage {
+                service: call.endpoint.service().to_string(),
+                model: Some(call.info.model.clone()),
+                tokens,
+                source: Some("gateway".into()),
+                event_id: Some(call.request_id.clone()),
+                definition: Some(call.endpoint.definition().to_string()),
+                partial,
+                quality: Some(Quality {
+                    upstream: provider.name.clone(),
+                    status,
+                    stream: call.info.stream,
+                    ttft_us: ttft.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+                    latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+                    failure: meter.failure.clone(),
+                }),
+                recount: recount_entry,
+                ..Usage::default()
+            }),
+        );
+        if let Err(e) = app.append(&[entry]).await {
+            tracing::error!(request = %call.request_id, detail = %e.detail, "gateway usage not recorded");
+        }
+    });
+}
+
+/// Ciyuan's own count of the prompt and of the answer text delivered.
+fn recount(enc: Encoding, call: &Call, meter: &Meter) -> Option<(Encoding, u64, u64)> {
+    let info = &call.info;
+    let input = if !info.messages.is_empty() {
+        let msgs: Vec<ChatMessage<'_>> = info
+            .messages
+            .iter()
+            .map(|(role, content)| ChatMessage {
+                role,
+                content,
+                name: None,
+            })
+            .collect();
+        estimate_chat(enc, &msgs).ok()?
+    } else {
+        let mut n = 0;
+        for p in &info.prompts {
+            n += enc.count(p).ok()?;
+        }
+        n
+    };
+    let output = if call.endpoint == Endpoint::Embeddings {
+        0
+    } else {
+        enc.count(&meter.text).ok()?
+    };
+    Some((enc, input as u64, output as u64))
+}

@@ -1,0 +1,741 @@
+//! What the gateway must know of each provider family's wire format: the endpoints,
+//! the error shape its SDKs parse, the text of a request and an answer (for the
+//! recount), and the usage report (for the ledger).
+//!
+//! Usage is mapped to disjoint token keys, so their sum is what the provider billed:
+//! - OpenAI: `prompt_tokens` includes cached and audio input, `completion_tokens`
+//!   includes reasoning and audio output; the parts are split out. DeepSeek reports
+//!   `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens` instead of details.
+//! - Anthropic: `input_tokens` excludes cache reads and writes, which come as
+//!   `cache_read_input_tokens` and `cache_creation_input_tokens`; `output_tokens`
+//!   includes thinking.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ciyuan_core::{Direction, Modality, TokenMap};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The two API shapes the gateway speaks to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// OpenAI's (and every OpenAI-compatible provider's).
+    OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+/// A metered endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`
+    Chat,
+    /// `POST /v1/completions`
+    Completions,
+    /// `POST /v1/embeddings`
+    Embeddings,
+    /// `POST /v1/messages`
+    Messages,
+}
+
+impl Endpoint {
+    /// The family whose shapes the endpoint speaks.
+    pub fn family(self) -> Family {
+        match self {
+            Endpoint::Messages => Family::Anthropic,
+            _ => Family::OpenAi,
+        }
+    }
+
+    /// The path appended to a provider's base URL. OpenAI base URLs end in `/v1` (as
+    /// the OpenAI SDK's do); Anthropic's do not (as the Anthropic SDK's do not).
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+            Endpoint::Messages => "/v1/messages",
+        }
+    }
+
+    /// The service name recorded in the ledger.
+    pub fn service(self) -> &'static str {
+        match self {
+            Endpoint::Chat | Endpoint::Messages => "llm.chat",
+            Endpoint::Completions => "llm.completion",
+            Endpoint::Embeddings => "llm.embedding",
+        }
+    }
+
+    /// The definition (usage mapping rules and their version) recorded in the ledger.
+    pub fn definition(self) -> &'static str {
+        match self.family() {
+            Family::OpenAi => "gateway.openai@1",
+            Family::Anthropic => "gateway.anthropic@1",
+        }
+    }
+}
+
+/// An error answered in the family's own shape, so SDKs raise their usual exceptions.
+#[derive(Debug)]
+pub struct GatewayError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// OpenAI's `code` (`model_not_found`, `invalid_api_key`, ...), if any.
+    pub code: Option<&'static str>,
+    /// Seconds after which a retry may succeed.
+    pub retry_after_secs: Option<u64>,
+}
+
+impl GatewayError {
+    /// A new error.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> GatewayError {
+        GatewayError {
+            status,
+            message: message.into(),
+            code: None,
+            retry_after_secs: None,
+        }
+    }
+
+    /// With OpenAI's `code`.
+    pub fn code(mut self, code: &'static str) -> GatewayError {
+        self.code = Some(code);
+        self
+    }
+
+    /// The error as `family` answers it.
+    pub fn into_response(self, family: Family) -> Response {
+        let s = self.status.as_u16();
+        let body = match family {
+            Family::OpenAi => {
+                let kind = match s {
+                    401 => "invalid_request_error",
+                    403 => "permission_error",
+                    404 => "invalid_request_error",
+                    429 => match self.code {
+                        Some("insufficient_quota") => "insufficient_quota",
+                        _ => "rate_limit_error",
+                    },
+                    400..=499 => "invalid_request_error",
+                    _ => "server_error",
+                };
+                serde_json::json!({"error": {
+                    "message": self.message, "type": kind, "param": null, "code": self.code,
+                }})
+            }
+            Family::Anthropic => {
+                let kind = match s {
+                    401 => "authentication_error",
+                    403 => "permission_error",
+                    404 => "not_found_error",
+                    413 => "request_too_large",
+                    429 => "rate_limit_error",
+                    529 => "overloaded_error",
+                    400..=499 => "invalid_request_error",
+                    504 => "timeout_error",
+                    _ => "api_error",
+                };
+                serde_json::json!({"type": "error", "error": {"type": kind, "message": self.message}})
+            }
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+impl From<crate::error::ApiError> for GatewayError {
+    fn from(e: crate::error::ApiError) -> GatewayError {
+        let mut g = GatewayError::new(e.status, e.detail);
+        g.retry_after_secs = e.retry_after_secs;
+        if e.status == StatusCode::UNAUTHORIZED {
+            g.code = Some("invalid_api_key");
+        }
+        g
+    }
+}
+
+/// What the gateway reads of a request: the model, whether it streams, and its text.
+#[derive(Debug, Default)]
+pub struct RequestInfo {
+    /// The requested model.
+    pub model: String,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Whether an OpenAI client asked for usage in the stream itself.
+    pub include_usage: bool,
+    /// The prompt's messages as (role, text), for the recount.
+    pub messages: Vec<(String, String)>,
+    /// Plain prompt texts (completions, embeddings).
+    pub prompts: Vec<String>,
+    /// The most output tokens the request allows, if it says.
+    pub max_tokens: Option<u64>,
+    /// The end user or session the request names (`user`, `metadata.user_id`).
+    pub user: Option<String>,
+    /// Whether the prompt holds content the recount cannot count (images, audio, files).
+    pub has_media: bool,
+}
+
+fn text_of_content(content: &Value, has_media: &mut bool) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => {
+            let mut out = String::new();
+            for p in parts {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text" | "input_text") => {
+                        if let Some(t) = p.get("text").and_then(Value::as_str) {
+                            out.push_str(t);
+                        }
+                    }
+                    Some("tool_result") => {
+                        out.push_str(&text_of_content(
+                            p.get("content").unwrap_or(&Value::Null),
+                            has_media,
+                        ));
+                    }
+                    Some("tool_use") => {
+                        if let Some(i) = p.get("input") {
+                            out.push_str(&i.to_string());
+                        }
+                    }
+                    _ => *has_media = true,
+                }
+            }
+            out
+        }
+        _ => String::new(),
+    }
+}
+
+/// Reads a request body as `endpoint` defines it; the error names the field.
+pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayError> {
+    let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m);
+    let Value::Object(obj) = body else {
+        return Err(bad("the request body must be a JSON object".into()));
+    };
+    let model = match obj.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(_) => return Err(bad("model: must be a non-empty string".into())),
+        None => return Err(bad("model: required".into())),
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("stream: must be a boolean".into())),
+    };
+    if stream && endpoint == Endpoint::Embeddings {
+        return Err(bad("stream: embeddings do not stream".into()));
+    }
+    let include_usage = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let max_tokens = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| obj.get(*k))
+        .map(|v| {
+            v.as_u64()
+                .ok_or_else(|| bad("max_tokens: must be a non-negative integer".into()))
+        })
+        .transpose()?;
+    let user = obj
+        .get("user")
+        .and_then(Value::as_str)
+        .or_else(|| {
+            obj.get("metadata")
+                .and_then(|m| m.get("user_id"))
+                .and_then(Value::as_str)
+        })
+        .map(str::to_string);
+    let mut info = RequestInfo {
+        model,
+        stream,
+        include_usage,
+        max_tokens,
+        user,
+        ..RequestInfo::default()
+    };
+    match endpoint {
+        Endpoint::Chat | Endpoint::Messages => {
+            if endpoint == Endpoint::Messages
+                && let Some(system) = obj.get("system")
+            {
+                let text = text_of_content(system, &mut info.has_media);
+                info.messages.push(("system".into(), text));
+            }
+            let Some(Value::Array(messages)) = obj.get("messages") else {
+                return Err(bad("messages: required, an array".into()));
+            };
+            for (i, m) in messages.iter().enumerate() {
+                let role = m
+                    .get("role")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad(format!("messages[{i}].role: required, a string")))?;
+                let mut text = text_of_content(
+                    m.get("content").unwrap_or(&Value::Null),
+                    &mut info.has_media,
+                );
+                if let Some(Value::Array(calls)) = m.get("tool_calls") {
+                    for c in calls {
+                        if let Some(a) = c
+                            .get("function")
+                            .and_then(|f| f.get("arguments"))
+                            .and_then(Value::as_str)
+                        {
+                            text.push_str(a);
+                        }
+                    }
+                }
+                info.messages.push((role.to_string(), text));
+            }
+            if endpoint == Endpoint::Messages && info.max_tokens.is_none() {
+                return Err(bad("max_tokens: required".into()));
+            }
+        }
+        Endpoint::Completions | Endpoint::Embeddings => {
+            let field = if endpoint == Endpoint::Completions {
+                "prompt"
+            } else {
+                "input"
+            };
+            match obj.get(field) {
+                Some(Value::String(s)) => info.prompts.push(s.clone()),
+                Some(Value::Array(items)) => {
+                    for it in items {
+                        match it {
+                            Value::String(s) => info.prompts.push(s.clone()),
+                            // Token arrays: already tokens, counted as given.
+                            Value::Number(_) | Value::Array(_) => info.has_media = true,
+                            _ => return Err(bad(format!("{field}: items must be strings"))),
+                        }
+                    }
+                }
+                _ => return Err(bad(format!("{field}: required, a string or an array"))),
+            }
+        }
+    }
+    Ok(info)
+}
+
+/// A provider's usage report, in token keys.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reported {
+    /// Tokens by modality and direction, disjoint.
+    pub tokens: TokenMap,
+    /// Input as the provider counts it (fresh + cached + cache writes), for the recount.
+    pub input: u64,
+    /// Text output without reasoning, for the recount.
+    pub output: u64,
+    /// Whether output includes audio (the text recount does not apply).
+    pub audio_output: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct OpenAiDetails {
+    cached_tokens: Option<u64>,
+    audio_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+}
+
+/// OpenAI's `usage` object.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct OpenAiUsage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    prompt_tokens_details: Option<OpenAiDetails>,
+    completion_tokens_details: Option<OpenAiDetails>,
+    prompt_cache_hit_tokens: Option<u64>,
+    prompt_cache_miss_tokens: Option<u64>,
+}
+
+fn add(t: &mut TokenMap, m: Modality, d: Direction, n: u64) {
+    if n > 0 {
+        let _ = t.add(m, d, i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+impl OpenAiUsage {
+    /// Maps the report onto disjoint token keys.
+    pub fn reported(&self) -> Reported {
+        let pd = self.prompt_tokens_details.as_ref();
+        let cd = self.completion_tokens_details.as_ref();
+        let cached = self
+            .prompt_cache_hit_tokens
+            .or_else(|| pd.and_then(|d| d.cached_tokens))
+            .unwrap_or(0)
+            .min(self.prompt_tokens);
+        let audio_in = pd.and_then(|d| d.audio_tokens).unwrap_or(0);
+        let text_in = self
+            .prompt_cache_miss_tokens
+            .unwrap_or(self.prompt_tokens.saturating_sub(cached))
+            .saturating_sub(audio_in);
+        let reasoning = cd.and_then(|d| d.reasoning_tokens).unwrap_or(0);
+        let audio_out = cd.and_then(|d| d.audio_tokens).unwrap_or(0);
+        let text_out = self
+            .completion_tokens
+            .saturating_sub(reasoning)
+            .saturating_sub(audio_out);
+        let mut tokens = TokenMap::new();
+        add(&mut tokens, Modality::Text, Direction::Input, text_in);
+        add(&mut tokens, Modality::Text, Direction::CachedInput, cached);
+        add(&mut tokens, Modality::Audio, Direction::Input, audio_in);
+        add(&mut tokens, Modality::Text, Direction::Output, text_out);
+        add(&mut tokens, Modality::Text, Direction::Reasoning, reasoning);
+        add(&mut tokens, Modality::Audio, Direction::Output, audio_out);
+        Reported {
+            tokens,
+            input: self.prompt_tokens,
+            output: text_out,
+            audio_output: audio_out > 0,
+        }
+    }
+}
+
+/// Anthropic's `usage` object (`message_start` carries the input side, `message_delta`
+/// the cumulative output).
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(default)]
+pub struct AnthropicUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl AnthropicUsage {
+    /// Takes the fields `later` reports over this one's.
+    pub fn merge(&mut self, later: &AnthropicUsage) {
+        let pick = |a: &mut Option<u64>, b: Option<u64>| {
+            if b.is_some() {
+                *a = b;
+            }
+        };
+        pick(&mut self.input_tokens, later.input_tokens);
+        pick(&mut self.output_tokens, later.output_tokens);
+        pick(
+            &mut self.cache_creation_input_tokens,
+            later.cache_creation_input_tokens,
+        );
+        pick(
+            &mut self.cache_read_input_tokens,
+            later.cache_read_input_tokens,
+        );
+    }
+
+    /// Whether the output count has been reported.
+    pub fn has_output(&self) -> bool {
+        self.output_tokens.is_some()
+    }
+
+    /// Maps the report onto disjoint token keys.
+    pub fn reported(&self) -> Reported {
+        let input = self.input_tokens.unwrap_or(0);
+        let write = self.cache_creation_input_tokens.unwrap_or(0);
+        let read = self.cache_read_input_tokens.unwrap_or(0);
+        let output = self.output_tokens.unwrap_or(0);
+        let mut tokens = TokenMap::new();
+        add(&mut tokens, Modality::Text, Direction::Input, input);
+        add(&mut tokens, Modality::Text, Direction::CacheWrite, write);
+        add(&mut tokens, Modality::Text, Direction::CachedInput, read);
+        add(&mut tokens, Modality::Text, Direction::Output, output);
+        Reported {
+            tokens,
+            input: input + write + read,
+            output,
+            audio_output: false,
+        }
+    }
+}
+
+/// What a whole (not streamed) answer holds: its usage and its text.
+pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>, String)> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let mut text = String::new();
+    let usage = match endpoint.family() {
+        Family::OpenAi => {
+            if let Some(Value::Array(choices)) = v.get("choices") {
+                for c in choices {
+                    if let Some(m) = c.get("message") {
+                        if let Some(t) = m.get("content").and_then(Value::as_str) {
+                            text.push_str(t);
+                        }
+                        if let Some(Value::Array(calls)) = m.get("tool_calls") {
+                            for call in calls {
+                                if let Some(a) = call
+                                    .get("function")
+                                    .and_then(|f| f.get("arguments"))
+                                    .and_then(Value::as_str)
+                                {
+                                    text.push_str(a);
+                                }
+                            }
+                        }
+                    } else if let Some(t) = c.get("text").and_then(Value::as_str) {
+                        text.push_str(t);
+                    }
+                }
+            }
+            v.get("usage")
+                .filter(|u| !u.is_null())
+                .and_then(|u| OpenAiUsage::deserialize(u).ok())
+                .map(|u| u.reported())
+        }
+        Family::Anthropic => {
+            if let Some(Value::Array(blocks)) = v.get("content") {
+                for b in blocks {
+                    match b.get("type").and_then(Value::as_str) {
+                        Some("text") => {
+                            if let Some(t) = b.get("text").and_then(Value::as_str) {
+                                text.push_str(t);
+                            }
+                        }
+                        Some("tool_use") => {
+                            if let Some(i) = b.get("input") {
+                                text.push_str(&i.to_string());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            v.get("usage")
+                .and_then(|u| AnthropicUsage::deserialize(u).ok())
+                .map(|u| u.reported())
+        }
+    };
+    Some((usage, text))
+}
+
+/// One streamed OpenAI chunk, as much of it as metering needs.
+#[derive(Deserialize)]
+pub struct OpenAiChunk {
+    #[serde(default)]
+    choices: Vec<OpenAiChoice>,
+    #[serde(default)]
+    usage: Option<OpenAiUsage>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiChoice {
+    #[serde(default)]
+    delta: Option<OpenAiDelta>,
+    /// Legacy completions stream text here.
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiDelta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+}
+
+impl OpenAiChunk {
+    /// Appends the chunk's answer text to `out`.
+    pub fn text_into(&self, out: &mut String) {
+        for c in &self.choices {
+            if let Some(d) = &c.delta {
+                if let Some(t) = &d.content {
+                    out.push_str(t);
+                }
+                for call in d.tool_calls.iter().flatten() {
+                    if let Some(a) = call
+                        .get("function")
+                        .and_then(|f| f.get("arguments"))
+                        .and_then(Value::as_str)
+                    {
+                        out.push_str(a);
+                    }
+                }
+            }
+            if let Some(t) = &c.text {
+                out.push_str(t);
+            }
+        }
+    }
+
+    /// Whether this is the extra chunk that only carries usage (`choices` empty).
+    pub fn is_usage_only(&self) -> bool {
+        self.choices.is_empty() && self.usage.is_some()
+    }
+
+    /// The usage the chunk reports, if any.
+    pub fn usage(&self) -> Option<&OpenAiUsage> {
+        self.usage.as_ref()
+    }
+}
+
+/// One streamed Anthropic event, as much of it as metering needs.
+#[derive(Deserialize)]
+pub struct AnthropicEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    message: Option<AnthropicStart>,
+    #[serde(default)]
+    usage: Option<AnthropicUsage>,
+    #[serde(default)]
+    delta: Option<AnthropicDelta>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicStart {
+    #[serde(default)]
+    usage: Option<AnthropicUsage>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicDelta {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    partial_json: Option<String>,
+}
+
+impl AnthropicEvent {
+    /// Folds the event into the running usage and answer text; true at `message_stop`.
+    pub fn apply(&self, usage: &mut AnthropicUsage, text: &mut String) -> bool {
+        if let Some(u) = self.message.as_ref().and_then(|m| m.usage.as_ref()) {
+            usage.merge(u);
+        }
+        if let Some(u) = &self.usage {
+            usage.merge(u);
+        }
+        if self.kind == "content_block_delta"
+            && let Some(d) = &self.delta
+        {
+            if let Some(t) = &d.text {
+                text.push_str(t);
+            }
+            if let Some(j) = &d.partial_json {
+                text.push_str(j);
+            }
+        }
+        self.kind == "message_stop"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn openai_usage_splits_into_disjoint_keys() {
+        let u: OpenAiUsage = serde_json::from_value(json!({
+            "prompt_tokens": 1200, "completion_tokens": 300, "total_tokens": 1500,
+            "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 200, "audio_tokens": 0}
+        }))
+        .unwrap();
+        let r = u.reported();
+        assert_eq!(
+            serde_json::to_value(&r.tokens).unwrap(),
+            json!({"text.input": 176, "text.cached_input": 1024, "text.output": 100, "text.reasoning": 200})
+        );
+        assert_eq!(
+            r.tokens.total(),
+            Some(1500),
+            "the parts add up to the total"
+        );
+        assert_eq!((r.input, r.output), (1200, 100));
+        // DeepSeek's cache fields.
+        let d: OpenAiUsage = serde_json::from_value(json!({
+            "prompt_tokens": 50, "completion_tokens": 7,
+            "prompt_cache_hit_tokens": 32, "prompt_cache_miss_tokens": 18
+        }))
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(d.reported().tokens).unwrap(),
+            json!({"text.input": 18, "text.cached_input": 32, "text.output": 7})
+        );
+    }
+
+    #[test]
+    fn anthropic_usage_merges_start_and_delta() {
+        let mut u = AnthropicUsage::default();
+        let mut text = String::new();
+        for ev in [
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": 25, "cache_creation_input_tokens": 10, "cache_read_input_tokens": 90, "output_tokens": 1}}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 15}}),
+        ] {
+            let e: AnthropicEvent = serde_json::from_value(ev).unwrap();
+            assert!(!e.apply(&mut u, &mut text));
+        }
+        let stop: AnthropicEvent = serde_json::from_value(json!({"type": "message_stop"})).unwrap();
+        assert!(stop.apply(&mut u, &mut text));
+        assert_eq!(text, "Hi");
+        let r = u.reported();
+        assert_eq!(
+            serde_json::to_value(&r.tokens).unwrap(),
+            json!({"text.input": 25, "text.cache_write": 10, "text.cached_input": 90, "text.output": 15})
+        );
+        assert_eq!(r.input, 125);
+    }
+
+    #[test]
+    fn requests_are_read_with_errors_naming_the_field() {
+        let info = inspect(
+            Endpoint::Chat,
+            &json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true},
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}],
+                    "max_completion_tokens": 50, "user": "u1"}),
+        )
+        .unwrap();
+        assert!(info.stream && info.include_usage && info.has_media);
+        assert_eq!(info.messages, vec![("user".to_string(), "hi".to_string())]);
+        assert_eq!(
+            (info.max_tokens, info.user.as_deref()),
+            (Some(50), Some("u1"))
+        );
+        for (ep, body, needle) in [
+            (Endpoint::Chat, json!({"messages": []}), "model: required"),
+            (Endpoint::Chat, json!({"model": 3}), "model: must be"),
+            (Endpoint::Chat, json!({"model": "m"}), "messages: required"),
+            (
+                Endpoint::Chat,
+                json!({"model": "m", "messages": [{}]}),
+                "messages[0].role",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"model": "m", "messages": [], "stream": "yes"}),
+                "stream: must be a boolean",
+            ),
+            (
+                Endpoint::Messages,
+                json!({"model": "m", "messages": []}),
+                "max_tokens: required",
+            ),
+            (
+                Endpoint::Embeddings,
+                json!({"model": "m"}),
+                "input: required",
+            ),
+            (
+                Endpoint::Embeddings,
+                json!({"model": "m", "input": "x", "stream": true}),
+                "embeddings do not stream",
+            ),
+            (Endpoint::Chat, json!([1]), "JSON object"),
+        ] {
+            let e = inspect(ep, &body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.contains(needle), "{} lacks {needle}", e.message);
+        }
+    }
+}
