@@ -5,4 +5,5 @@
 mod common;
 mod crash;
 mod e2e;
+mod gateway;
 mod tamper;

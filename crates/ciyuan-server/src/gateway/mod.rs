@@ -297,6 +297,15 @@ async fn caller(app: &Arc<App>, headers: &HeaderMap) -> Result<Caller, GatewayEr
         }
     };
     caller.require(Scope::Gateway)?;
+    if caller.key.account.is_root() {
+        return Err(GatewayError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "key {} belongs to the root account; gateway usage must land on an account: use a key made for one",
+                caller.key.key_id
+            ),
+        ));
+    }
     Ok(caller)
 }
 
@@ -376,7 +385,13 @@ async fn handle(
         started,
         at,
     };
-    forward(app, call, &headers, body).await
+    let id = HeaderValue::from_str(&call.request_id).ok();
+    let mut resp = forward(app, call, &headers, body).await;
+    if let Some(id) = id {
+        // On every answer, errors included, so a client can name the request.
+        resp.headers_mut().insert("x-ciyuan-request-id", id);
+    }
+    resp
 }
 
 fn request_id() -> String {
@@ -470,9 +485,6 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
         if kept_response_header(k) {
             out_headers.append(k.clone(), v.clone());
         }
-    }
-    if let Ok(v) = HeaderValue::from_str(&call.request_id) {
-        out_headers.insert("x-ciyuan-request-id", v);
     }
     let is_stream = call.info.stream
         && status.is_success()

@@ -1,0 +1,626 @@
+//! The gateway end to end: the real binary between clients (the official OpenAI and
+//! Anthropic Python SDKs, and raw sockets for failures) and `ciyuan sim` in its own
+//! process, with the ledger checked after every call.
+
+use crate::common::{Server, bin, http, json};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `ciyuan sim` in its own process.
+struct Sim {
+    child: Child,
+    url: String,
+}
+
+impl Sim {
+    fn start() -> Sim {
+        let mut child = Command::new(bin())
+            .args([
+                "sim",
+                "--listen",
+                "127.0.0.1:0",
+                "--ttft-ms",
+                "5",
+                "--tokens-per-sec",
+                "0",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn ciyuan sim");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let url = loop {
+            let line = lines.next().expect("sim exited").expect("read");
+            if let Some(u) = line.strip_prefix("listening on ") {
+                break u.to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Sim { child, url }
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A gateway in front of a sim, an account `acme/app` and a gateway key for it.
+struct Gateway {
+    _sim: Sim,
+    server: Server,
+    admin: String,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+fn gateway() -> Gateway {
+    let sim = Sim::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ciyuan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[providers]]
+name = "sim-openai"
+protocol = "openai"
+base_url = "{sim}/v1"
+models = ["gpt-*", "text-embedding-*"]
+forward_headers = ["x-sim-*"]
+timeout_secs = 2
+idle_timeout_secs = 1
+
+[[providers]]
+name = "sim-anthropic"
+protocol = "anthropic"
+base_url = "{sim}"
+models = ["claude-*"]
+forward_headers = ["x-sim-*"]
+timeout_secs = 2
+idle_timeout_secs = 1
+"#,
+            sim = sim.url
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"));
+    let server = Server::spawn(cmd);
+    let admin = server.bootstrap.clone().unwrap();
+    let (s, _) = server.http(
+        "POST",
+        "/api/v1/accounts",
+        &admin,
+        Some(&json!({"path": "acme/app"})),
+    );
+    assert_eq!(s, 201);
+    let (s, b) = server.http(
+        "POST",
+        "/api/v1/keys",
+        &admin,
+        Some(&json!({"account": "acme/app", "scopes": ["gateway"]})),
+    );
+    assert_eq!(s, 201, "{}", String::from_utf8_lossy(&b));
+    let key = json(&b)["key"].as_str().unwrap().to_string();
+    Gateway {
+        _sim: sim,
+        server,
+        admin,
+        key,
+        _dir: dir,
+    }
+}
+
+impl Gateway {
+    /// The usage entry recorded for a gateway request id, waiting for it to appear.
+    fn entry(&self, request_id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (s, body) =
+                self.server
+                    .http("GET", "/api/v1/audit/entries?start=0", &self.admin, None);
+            assert_eq!(s, 200);
+            for line in String::from_utf8_lossy(&body).lines() {
+                let e: Value = serde_json::from_str(line).unwrap();
+                if e["data"]["event_id"] == request_id {
+                    assert_eq!(e["data"]["source"], "gateway");
+                    assert_eq!(e["account"], "acme/app");
+                    return e["data"].clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "no entry for {request_id}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The virtual environment with the official SDKs, made once per build directory.
+fn sdk_python() -> PathBuf {
+    let reqs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/requirements.txt");
+    let wanted = std::fs::read_to_string(&reqs).unwrap();
+    let target = bin().parent().unwrap().parent().unwrap().to_path_buf();
+    let venv = target.join("sdk-venv");
+    let python = venv.join("bin/python");
+    let stamp = venv.join("installed-requirements.txt");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return python;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .expect("python3 -m venv");
+    assert!(ok.success(), "creating the SDK virtual environment failed");
+    let ok = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&reqs)
+        .status()
+        .expect("pip");
+    assert!(
+        ok.success(),
+        "installing the OpenAI and Anthropic SDKs failed"
+    );
+    std::fs::write(&stamp, wanted).unwrap();
+    python
+}
+
+#[test]
+fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
+    let python = sdk_python();
+    let gw = gateway();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/sdk_check.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(&gw.server.url)
+        .arg(&gw.key)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.last().unwrap()["scenario"], "done");
+    let mut checked = 0;
+    for l in &lines {
+        let scenario = l["scenario"].as_str().unwrap();
+        let Some(id) = l["request_id"].as_str() else {
+            continue;
+        };
+        let e = gw.entry(id);
+        let tokens = &e["tokens"];
+        let u = &l["usage"];
+        assert_eq!(e["quality"]["status"], 200, "{scenario}: {e}");
+        assert!(e["partial"].is_null(), "{scenario}: {e}");
+        assert!(
+            e["recount"]["flagged"].is_null(),
+            "{scenario}: recount disagrees: {e}"
+        );
+        match scenario {
+            "openai.chat" | "openai.chat.stream_usage" | "openai.completions" => {
+                assert_eq!(tokens["text.input"], u["prompt_tokens"], "{scenario}: {e}");
+                assert_eq!(
+                    tokens["text.output"], u["completion_tokens"],
+                    "{scenario}: {e}"
+                );
+            }
+            "openai.embeddings" => {
+                assert_eq!(tokens, &json!({"text.input": u["prompt_tokens"]}), "{e}");
+            }
+            "openai.chat.stream" => {
+                // The client saw no usage; the ledger has the provider's anyway, and it
+                // equals Ciyuan's recount of the text the client received.
+                assert_eq!(tokens["text.output"], e["recount"]["output"], "{e}");
+                assert!(e["quality"]["ttft_us"].as_u64().unwrap() > 0);
+                assert_eq!(e["quality"]["stream"], true);
+            }
+            "anthropic.messages" | "anthropic.messages.stream" => {
+                assert_eq!(tokens["text.input"], u["input_tokens"], "{scenario}: {e}");
+                assert_eq!(tokens["text.output"], u["output_tokens"], "{scenario}: {e}");
+                assert_eq!(e["definition"], "gateway.anthropic@1");
+            }
+            other => panic!("unexpected scenario {other}"),
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 7);
+    let errors: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["scenario"] == "error")
+        .map(|l| l["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "AuthenticationError",
+            "AuthenticationError",
+            "RateLimitError",
+            "InternalServerError",
+            "RateLimitError",
+            "InternalServerError",
+            "NotFoundError",
+            "NotFoundError",
+            "BadRequestError"
+        ]
+    );
+    // Usage queries see the gateway's entries; metrics count them.
+    let (_, u) = gw.server.http(
+        "GET",
+        "/api/v1/usage?account=acme&group_by=model",
+        &gw.admin,
+        None,
+    );
+    let rows = json(&u)["rows"].as_array().unwrap().clone();
+    assert!(
+        rows.iter().any(|r| r["model"] == "claude-sonnet-4-5"),
+        "{rows:?}"
+    );
+    let (s, m) = gw.server.http("GET", "/metrics", "", None);
+    assert_eq!(s, 200);
+    let m = String::from_utf8_lossy(&m);
+    assert!(
+        m.contains("ciyuan_gateway_requests_total{upstream=\"sim-openai\",model=\"gpt-4o\",status=\"429\"} 1"),
+        "{m}"
+    );
+}
+
+/// A raw HTTP exchange that can stop reading (and hang up) after `keep` body bytes.
+struct Raw {
+    status: u16,
+    head: String,
+    body: String,
+    /// The response ended properly (chunked terminator).
+    complete: bool,
+}
+
+fn raw(
+    url: &str,
+    path: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+    keep: Option<usize>,
+) -> Raw {
+    let addr = url.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let body = body.to_string();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut head_end = None;
+    loop {
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            Err(_) => 0,
+        };
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if head_end.is_none() {
+            head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+        }
+        if let (Some(h), Some(k)) = (head_end, keep)
+            && buf.len() - h >= k
+        {
+            // Hang up mid-answer.
+            drop(s);
+            break;
+        }
+    }
+    let h = head_end.expect("response headers");
+    let head = String::from_utf8_lossy(&buf[..h]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let raw_body = &buf[h..];
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let complete = !chunked || raw_body.ends_with(b"0\r\n\r\n");
+    Raw {
+        status,
+        head,
+        body: String::from_utf8_lossy(raw_body).to_string(),
+        complete,
+    }
+}
+
+fn request_id(r: &Raw) -> String {
+    r.head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-ciyuan-request-id: "))
+        .unwrap_or_else(|| panic!("no request id in {}", r.head))
+        .trim()
+        .to_string()
+}
+
+fn chat(stream: bool) -> Value {
+    json!({"model": "gpt-4o", "stream": stream, "max_tokens": 200,
+           "messages": [{"role": "user", "content": "Tell me about the ledger."}]})
+}
+
+#[test]
+fn failures_are_metered_and_answered_in_the_providers_shape() {
+    let gw = gateway();
+    let url = gw.server.url.clone();
+    let key = gw.key.clone();
+
+    // The client hangs up mid-stream: what it was sent is metered, marked partial.
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        &[
+            ("x-sim-tokens-per-sec", "40"),
+            ("x-sim-output-tokens", "200"),
+        ],
+        &chat(true),
+        Some(600),
+    );
+    assert_eq!(r.status, 200);
+    assert!(!r.complete);
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["partial"], true, "{e}");
+    assert_eq!(e["quality"]["failure"], "client_disconnected", "{e}");
+    let out = e["tokens"]["text.output"].as_u64().unwrap();
+    assert!(out > 0 && out < 200, "recounted delivered output: {e}");
+    assert_eq!(e["tokens"]["text.input"], e["recount"]["input"]);
+
+    // The provider cuts the stream: the client sees a broken stream, the ledger the
+    // recounted delivered tokens.
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        &[("x-sim-fault", "cut")],
+        &chat(true),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert!(!r.complete, "the client must see the stream break");
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(
+        (e["partial"].clone(), e["quality"]["failure"].clone()),
+        (json!(true), json!("upstream_cut")),
+        "{e}"
+    );
+    assert_eq!(e["tokens"]["text.output"], e["recount"]["output"], "{e}");
+
+    // A stream that never reports usage: recounted, partial.
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        &[("x-sim-fault", "no-usage")],
+        &chat(true),
+        None,
+    );
+    assert!(r.complete && r.body.contains("[DONE]"), "{}", r.body);
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["quality"]["failure"], "no_usage", "{e}");
+    assert_eq!(e["partial"], true);
+    assert!(e["tokens"]["text.output"].as_u64().unwrap() > 0);
+    assert_eq!(e["tokens"]["text.input"], e["recount"]["input"]);
+
+    // The provider goes silent mid-stream: cut after the idle timeout (1 s here).
+    let started = Instant::now();
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        &[("x-sim-fault", "timeout")],
+        &chat(true),
+        None,
+    );
+    assert!(!r.complete);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["quality"]["failure"], "upstream_timeout", "{e}");
+    assert_eq!(e["partial"], true);
+
+    // No answer at all within the provider's timeout (2 s here): 504 in OpenAI's shape.
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        &[("x-sim-fault", "timeout")],
+        &chat(false),
+        None,
+    );
+    assert_eq!(r.status, 504, "{}", r.body);
+    let b: Value = serde_json::from_str(&r.body).unwrap();
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"),
+        "{b}"
+    );
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["quality"]["status"], 504);
+    assert_eq!(e["quality"]["failure"], "upstream_timeout");
+    assert!(
+        e["tokens"].as_object().unwrap().is_empty(),
+        "nothing consumed: {e}"
+    );
+
+    // Provider errors pass through in the provider's own shape, with retry-after.
+    for (fault, status) in [("500", 500), ("429", 429)] {
+        let r = raw(
+            &url,
+            "/v1/chat/completions",
+            &key,
+            &[("x-sim-fault", fault)],
+            &chat(false),
+            None,
+        );
+        assert_eq!(r.status, status);
+        let b: Value = serde_json::from_str(&r.body).unwrap();
+        assert!(b["error"]["message"].is_string(), "{b}");
+        if status == 429 {
+            assert!(
+                r.head.to_ascii_lowercase().contains("retry-after: 1"),
+                "{}",
+                r.head
+            );
+        }
+        let e = gw.entry(&request_id(&r));
+        assert_eq!(e["quality"]["status"], status);
+        assert_eq!(e["quality"]["failure"], "upstream_error");
+    }
+    let r = raw(
+        &url,
+        "/v1/messages",
+        &key,
+        &[("x-sim-fault", "429")],
+        &json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+        None,
+    );
+    let b: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        (r.status, b["type"].as_str(), b["error"]["type"].as_str()),
+        (429, Some("error"), Some("rate_limit_error"))
+    );
+
+    // Malformed JSON from the provider: a 502 in OpenAI's shape; the prompt is metered.
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        &[("x-sim-fault", "malformed")],
+        &chat(false),
+        None,
+    );
+    assert_eq!(r.status, 502);
+    let b: Value = serde_json::from_str(&r.body).unwrap();
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed JSON"),
+        "{b}"
+    );
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["quality"]["failure"], "upstream_malformed");
+    assert_eq!(e["tokens"]["text.input"], e["recount"]["input"], "{e}");
+
+    // Anthropic stream cut mid-way.
+    let r = raw(
+        &url,
+        "/v1/messages",
+        &key,
+        &[("x-sim-fault", "cut")],
+        &json!({"model": "claude-sonnet-4-5", "max_tokens": 100, "stream": true, "messages": [{"role": "user", "content": "Tell me a story."}]}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["quality"]["failure"], "upstream_cut", "{e}");
+    assert_eq!(e["partial"], true);
+
+    // Ciyuan's own errors use the provider's shape too.
+    let (s, b) = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(&json!({"model": "gpt-4o"})),
+    );
+    assert_eq!(s, 400);
+    assert!(
+        json(&b)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages: required")
+    );
+    let (s, b) = http(
+        &url,
+        "POST",
+        "/v1/messages",
+        &gw.admin.replace(|c: char| c.is_ascii_digit(), "0"),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 401);
+    assert_eq!(json(&b)["error"]["type"], "authentication_error");
+    let (s, b) = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(&json!({"model": "claude-sonnet-4-5", "messages": []})),
+    );
+    assert_eq!(s, 400, "a model served over the other protocol");
+    assert!(
+        json(&b)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/messages")
+    );
+    // A key without the gateway scope, and a root key (usage needs an account).
+    let (_, b) = gw.server.http(
+        "POST",
+        "/api/v1/keys",
+        &gw.admin,
+        Some(&json!({"account": "acme/app", "scopes": ["read"]})),
+    );
+    let reader = json(&b)["key"].as_str().unwrap().to_string();
+    let (s, b) = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &reader,
+        Some(&chat(false)),
+    );
+    assert_eq!(s, 403, "{}", String::from_utf8_lossy(&b));
+    assert!(
+        json(&b)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gateway scope")
+    );
+    let (s, b) = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &gw.admin,
+        Some(&chat(false)),
+    );
+    assert_eq!(s, 403);
+    assert!(
+        json(&b)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("root account")
+    );
+}

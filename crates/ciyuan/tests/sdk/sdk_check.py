@@ -1,0 +1,133 @@
+"""Drives Ciyuan's gateway with the official OpenAI and Anthropic Python SDKs.
+
+Usage: sdk_check.py BASE_URL GATEWAY_KEY
+
+Prints one JSON line per call: the scenario, the gateway's request id (from the
+x-ciyuan-request-id header) and the usage the SDK parsed, so the caller can compare
+them with the ledger. Any unexpected behaviour raises, and the exit code is non-zero.
+"""
+
+import json
+import sys
+
+import anthropic
+import openai
+
+base, key = sys.argv[1], sys.argv[2]
+oai = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+ant = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "How are tokens counted for 词元 billing?"},
+]
+
+
+def emit(scenario, raw, usage, **extra):
+    print(json.dumps({
+        "scenario": scenario,
+        "request_id": raw.headers.get("x-ciyuan-request-id"),
+        "usage": usage,
+        **extra,
+    }), flush=True)
+
+
+# OpenAI chat, not streamed.
+raw = oai.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=40)
+c = raw.parse()
+assert c.choices[0].message.content, c
+emit("openai.chat", raw, c.usage.model_dump())
+
+# OpenAI chat, streamed without asking for usage: the gateway asked for it upstream and
+# must take the extra chunk out again.
+raw = oai.chat.completions.with_raw_response.create(
+    model="gpt-4o-mini", messages=MESSAGES, max_tokens=30, stream=True)
+text, usage_chunks = "", 0
+for chunk in raw.parse():
+    if chunk.usage is not None:
+        usage_chunks += 1
+    for ch in chunk.choices:
+        text += ch.delta.content or ""
+assert text and usage_chunks == 0, (text, usage_chunks)
+emit("openai.chat.stream", raw, None, text=text)
+
+# Streamed with usage asked for: exactly one usage chunk, with empty choices.
+raw = oai.chat.completions.with_raw_response.create(
+    model="gpt-4o", messages=MESSAGES, max_tokens=30, stream=True,
+    stream_options={"include_usage": True})
+usage = None
+for chunk in raw.parse():
+    if chunk.usage is not None:
+        assert usage is None and chunk.choices == [], chunk
+        usage = chunk.usage.model_dump()
+assert usage is not None
+emit("openai.chat.stream_usage", raw, usage)
+
+# Legacy completions and embeddings.
+raw = oai.completions.with_raw_response.create(model="gpt-3.5-turbo-instruct", prompt="Say hi", max_tokens=8)
+emit("openai.completions", raw, raw.parse().usage.model_dump())
+raw = oai.embeddings.with_raw_response.create(model="text-embedding-3-small", input=["ledger", "词元"])
+e = raw.parse()
+assert len(e.data) == 2 and len(e.data[0].embedding) > 0
+emit("openai.embeddings", raw, e.usage.model_dump())
+
+# Anthropic, not streamed and streamed.
+raw = ant.messages.with_raw_response.create(
+    model="claude-sonnet-4-5", max_tokens=40, system="You are terse.",
+    messages=[{"role": "user", "content": "How are tokens counted for 词元 billing?"}])
+m = raw.parse()
+assert m.content[0].text, m
+emit("anthropic.messages", raw, m.usage.model_dump())
+raw = ant.messages.with_raw_response.create(
+    model="claude-sonnet-4-5", max_tokens=30, stream=True,
+    messages=[{"role": "user", "content": "Stream me something."}])
+usage, text = {}, ""
+for ev in raw.parse():
+    if ev.type == "message_start":
+        usage.update({k: v for k, v in ev.message.usage.model_dump().items() if v is not None})
+    elif ev.type == "content_block_delta":
+        text += ev.delta.text
+    elif ev.type == "message_delta":
+        usage["output_tokens"] = ev.usage.output_tokens
+assert text
+emit("anthropic.messages.stream", raw, usage, text=text)
+
+# The SDKs' helper for streams works through the gateway too.
+with ant.messages.stream(model="claude-haiku-4-5", max_tokens=20,
+                         messages=[{"role": "user", "content": "hi"}]) as s:
+    final = s.get_final_message()
+assert final.usage.output_tokens > 0
+
+# Models.
+ids = [m.id for m in oai.models.list()]
+assert isinstance(ids, list)
+
+# Errors arrive as the SDKs' usual exception types.
+def expect(exc, fn):
+    try:
+        fn()
+    except exc as e:
+        print(json.dumps({"scenario": "error", "type": type(e).__name__,
+                          "status": getattr(e, "status_code", None)}), flush=True)
+        return
+    raise AssertionError(f"expected {exc.__name__}")
+
+bad_oai = openai.OpenAI(base_url=base + "/v1", api_key="cy_000000000000_" + "0" * 64, max_retries=0)
+bad_ant = anthropic.Anthropic(base_url=base, api_key="cy_000000000000_" + "0" * 64, max_retries=0)
+expect(openai.AuthenticationError, lambda: bad_oai.chat.completions.create(model="gpt-4o", messages=MESSAGES))
+expect(anthropic.AuthenticationError, lambda: bad_ant.messages.create(
+    model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "x"}]))
+expect(openai.RateLimitError, lambda: oai.chat.completions.create(
+    model="gpt-4o", messages=MESSAGES, extra_headers={"x-sim-fault": "429"}))
+expect(openai.InternalServerError, lambda: oai.chat.completions.create(
+    model="gpt-4o", messages=MESSAGES, extra_headers={"x-sim-fault": "500"}))
+expect(anthropic.RateLimitError, lambda: ant.messages.create(
+    model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "x"}],
+    extra_headers={"x-sim-fault": "429"}))
+expect(anthropic.InternalServerError, lambda: ant.messages.create(
+    model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "x"}],
+    extra_headers={"x-sim-fault": "500"}))
+expect(openai.NotFoundError, lambda: oai.chat.completions.create(model="no-such-model", messages=MESSAGES))
+expect(anthropic.NotFoundError, lambda: ant.messages.create(
+    model="no-such-model", max_tokens=5, messages=[{"role": "user", "content": "x"}]))
+expect(openai.BadRequestError, lambda: oai.chat.completions.create(model="gpt-4o", messages="nope"))
+print(json.dumps({"scenario": "done"}), flush=True)
