@@ -321,10 +321,7 @@ fn raw(
     let mut chunk = [0u8; 4096];
     let mut head_end = None;
     loop {
-        let n = match s.read(&mut chunk) {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+        let n: usize = s.read(&mut chunk).unwrap_or_default();
         if n == 0 {
             break;
         }
