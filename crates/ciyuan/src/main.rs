@@ -6,10 +6,12 @@
 
 mod admin;
 mod bench;
+mod bench_gateway;
 mod bench_ingest;
 mod bench_tokens;
 mod client;
 mod config;
+mod demo;
 mod ingest;
 mod serve;
 mod sim;

@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// Seconds between automatic checkpoints while the log grows.
     #[arg(long, env = "CIYUAN_CHECKPOINT_INTERVAL_SECS")]
     checkpoint_interval_secs: Option<u64>,
+    /// After starting, send a few calls through the gateway and print what the ledger
+    /// recorded (needs the admin key: printed on first start, else from CIYUAN_KEY).
+    #[arg(long)]
+    demo: bool,
 }
 
 #[derive(Args)]
@@ -76,6 +80,7 @@ pub fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ExitCode>
     if args.checkpoint_interval_secs.is_some() {
         file.checkpoint_interval_secs = args.checkpoint_interval_secs;
     }
+    let demo = args.demo;
     let cfg = ServeConfig::resolve(file, args.data, args.listen, args.bootstrap_admin_key)?;
     let (ledger, store) = open(&cfg.data, ledger_options(&cfg))?;
     let (committer, writer) = GroupCommitter::start(ledger);
@@ -84,7 +89,7 @@ pub fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ExitCode>
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(run(cfg, store, log));
+    let result = rt.block_on(run(cfg, store, log, demo));
     // Whatever happened, let the writer finish what it acknowledged and seal the sidecar.
     committer.shutdown();
     let _ = writer.join();
@@ -95,6 +100,7 @@ async fn run(
     mut cfg: ServeConfig,
     store: Arc<dyn Store>,
     log: Arc<dyn Log>,
+    demo: bool,
 ) -> anyhow::Result<ExitCode> {
     let server_cfg = ServerConfig {
         max_body_bytes: cfg.max_body_bytes,
@@ -135,6 +141,15 @@ async fn run(
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let demo_key = match (demo, &bootstrap) {
+        (false, _) => None,
+        (true, Some(k)) => Some(k.clone()),
+        (true, None) => Some(std::env::var("CIYUAN_KEY").map_err(|_| {
+            anyhow::anyhow!(
+                "--demo on an existing data directory needs the admin key in CIYUAN_KEY"
+            )
+        })?),
+    };
     {
         let mut out = std::io::stdout().lock();
         if let Some(key) = bootstrap {
@@ -152,6 +167,14 @@ async fn run(
     }
     tracing::info!(%addr, data = %cfg.data.display(), "ciyuan serving");
     let checkpoints = tokio::spawn(ciyuan_server::checkpoint_loop(app.clone()));
+    if let Some(key) = demo_key {
+        let url = format!("http://{addr}");
+        tokio::spawn(async move {
+            if let Err(e) = crate::demo::run(url, key).await {
+                eprintln!("demo failed: {e:#}");
+            }
+        });
+    }
     axum::serve(listener, ciyuan_server::router(app.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await

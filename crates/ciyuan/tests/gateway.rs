@@ -621,3 +621,41 @@ fn failures_are_metered_and_answered_in_the_providers_shape() {
             .contains("root account")
     );
 }
+
+#[test]
+fn serve_demo_meters_calls_through_the_simulated_provider() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin())
+        .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env("CIYUAN_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines {
+        let line = line.unwrap();
+        let done = line.starts_with("demo: try it");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = seen.join("\n");
+    assert!(text.contains("simulated provider"), "{text}");
+    for model in ["gpt-4o", "qwen-max", "claude-sonnet-4-5"] {
+        assert!(
+            seen.iter()
+                .any(|l| l.trim_start().starts_with(model) && l.contains("\"text.output\":")),
+            "no ledger row for {model}:\n{text}"
+        );
+        assert!(
+            seen.iter()
+                .any(|l| l.contains(model) && l.contains("-> 200 OK")),
+            "{text}"
+        );
+    }
+}
