@@ -13,7 +13,6 @@
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine;
-use fancy_regex::Regex;
 use rustc_hash::FxHashMap;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -234,7 +233,8 @@ struct Pretokenizer {
     caches: Mutex<Vec<regex_automata::meta::Cache>>,
 }
 
-/// The alternative whose last character is a look-ahead (pattern index).
+/// The alternative whose last character is a look-ahead (pattern index); patterns with
+/// fewer alternatives have none.
 const LOOKAHEAD_PATTERN: usize = 1;
 
 static O200K_PRE: LazyLock<Pretokenizer> = LazyLock::new(|| {
@@ -277,7 +277,7 @@ impl Drop for CacheGuard {
 }
 
 impl Pretokenizer {
-    fn new(patterns: &[&str; 3]) -> Self {
+    fn new(patterns: &[&str]) -> Self {
         // The patterns are constants, checked by every test that counts.
         #[allow(clippy::expect_used)]
         let re = regex_automata::meta::Regex::new_many(patterns).expect("valid split patterns");
@@ -297,6 +297,40 @@ impl Pretokenizer {
             .strip_suffix(TAIL)
             .expect("the pattern ends in the look-ahead alternatives");
         Pretokenizer::new(&[&format!(r"{head}|\s+$"), r"\s+\s", r"\s+"])
+    }
+
+    /// Hugging Face `Split` with behaviour `Isolated`: every match and every gap between
+    /// matches becomes a piece (as `find_iter` would give them, the look-ahead's character
+    /// given back as in [`Pretokenizer::next_piece`]).
+    fn split_isolated<'a>(&self, guard: &mut CacheGuard, s: &'a str, out: &mut Vec<&'a str>) {
+        use regex_automata::Input;
+        let Some(cache) = guard.cache.as_mut() else {
+            return;
+        };
+        let mut last = 0;
+        while last < s.len() {
+            let Some(m) = self.re.search_with(cache, &Input::new(s).range(last..)) else {
+                break;
+            };
+            let mut end = m.end();
+            if m.pattern().as_usize() == LOOKAHEAD_PATTERN {
+                end -= s[m.start()..end]
+                    .chars()
+                    .next_back()
+                    .map_or(0, char::len_utf8);
+            }
+            if end == m.start() {
+                break; // an empty match: none of the patterns has one
+            }
+            if m.start() > last {
+                out.push(&s[last..m.start()]);
+            }
+            out.push(&s[m.start()..end]);
+            last = end;
+        }
+        if last < s.len() {
+            out.push(&s[last..]);
+        }
     }
 
     fn cache(&'static self) -> CacheGuard {
@@ -333,7 +367,8 @@ impl Pretokenizer {
                 .next_back()
                 .map_or(0, char::len_utf8);
         }
-        Some((start, end))
+        // An empty match would never advance; none of the patterns has one.
+        (end > start).then_some((start, end))
     }
 }
 
@@ -646,49 +681,57 @@ const DEEPSEEK_STAGES: [&str; 3] = [
     r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
 
-/// DeepSeek's byte-level BPE, run with tiktoken-rs's merge routine. Its merges are in
-/// id order (checked when the rank file was made), so rank = id is the same BPE; the
+/// DeepSeek's byte-level BPE, run with tiktoken's merge. Its merges are in id order
+/// (checked when the rank file was made), so rank = id is the same BPE; the
 /// `tokenizers` crate would do too, at an eighth of the speed and 85 more crates.
 struct DeepSeek {
-    stages: Vec<Regex>,
+    /// [`DEEPSEEK_STAGES`] on `regex-automata`, the last with its look-ahead rewritten.
+    stages: [Pretokenizer; 3],
     ranks: FxHashMap<Vec<u8>, Rank>,
     added: AhoCorasick,
 }
 
 impl DeepSeek {
-    fn count(&self, text: &str) -> usize {
+    fn count(&'static self, text: &str) -> usize {
+        let mut caches = self.stages.each_ref().map(|p| p.cache());
+        let mut seen = FxHashMap::default();
+        let mut pieces = Vec::new();
+        let mut next = Vec::new();
         // Added tokens (`<｜User｜>`, `<think>`, ...) are split out first and count one each.
         let (mut n, mut last) = (0, 0);
         for m in self.added.find_iter(text) {
-            n += self.count_plain(&text[last..m.start()]) + 1;
+            pieces.clear();
+            pieces.push(&text[last..m.start()]);
+            n += 1;
             last = m.end();
+            n += self.count_plain(&mut caches, &mut pieces, &mut next, &mut seen);
         }
-        n + self.count_plain(&text[last..])
+        pieces.clear();
+        pieces.push(&text[last..]);
+        n + self.count_plain(&mut caches, &mut pieces, &mut next, &mut seen)
     }
 
-    fn count_plain(&self, text: &str) -> usize {
-        if text.is_empty() {
+    /// Counts the text in `pieces` (one piece, without added tokens).
+    fn count_plain<'a>(
+        &'static self,
+        caches: &mut [CacheGuard; 3],
+        pieces: &mut Vec<&'a str>,
+        next: &mut Vec<&'a str>,
+        seen: &mut FxHashMap<&'a [u8], u32>,
+    ) -> usize {
+        if pieces.iter().all(|p| p.is_empty()) {
             return 0;
         }
-        let mut pieces = vec![text];
-        let mut next = Vec::new();
-        for re in &self.stages {
+        for (pre, cache) in self.stages.iter().zip(caches.iter_mut()) {
             next.clear();
-            for p in &pieces {
-                split_isolated(re, p, &mut next);
+            for p in pieces.iter() {
+                pre.split_isolated(cache, p, next);
             }
-            std::mem::swap(&mut pieces, &mut next);
+            std::mem::swap(pieces, next);
         }
         pieces
             .iter()
-            .map(|p| {
-                let b = p.as_bytes();
-                if b.len() <= 1 || self.ranks.contains_key(b) {
-                    b.len().min(1)
-                } else {
-                    merge_count(b, &self.ranks)
-                }
-            })
+            .map(|p| piece_count(p.as_bytes(), &self.ranks, seen))
             .sum()
     }
 }
@@ -753,27 +796,6 @@ fn merge_count(piece: &[u8], ranks: &FxHashMap<Vec<u8>, Rank>) -> usize {
     parts
 }
 
-/// Hugging Face `Split` with behaviour `Isolated`: every match and every gap between
-/// matches becomes a piece.
-fn split_isolated<'a>(re: &Regex, s: &'a str, out: &mut Vec<&'a str>) {
-    let mut last = 0;
-    for m in re.find_iter(s) {
-        // fancy-regex errors only on backtrack limits, which these patterns (one bounded
-        // look-ahead) do not reach; treat an error as no further match.
-        let Ok(m) = m else { break };
-        if m.start() > last {
-            out.push(&s[last..m.start()]);
-        }
-        if m.end() > m.start() {
-            out.push(m.as_str());
-        }
-        last = m.end();
-    }
-    if last < s.len() {
-        out.push(&s[last..]);
-    }
-}
-
 fn deepseek() -> Result<&'static DeepSeek, TextError> {
     static CELL: OnceLock<Result<DeepSeek, TextError>> = OnceLock::new();
     CELL.get_or_init(|| {
@@ -781,10 +803,11 @@ fn deepseek() -> Result<&'static DeepSeek, TextError> {
         let text = gunzip(include_bytes!("../vocab/deepseek_v4.tiktoken.gz"))
             .map_err(|e| bad(e.to_string()))?;
         let ranks = parse_ranks("deepseek_v4", &text)?;
-        let stages = DEEPSEEK_STAGES
-            .iter()
-            .map(|p| Regex::new(p).map_err(|e| bad(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
+        let stages = [
+            Pretokenizer::new(&[DEEPSEEK_STAGES[0]]),
+            Pretokenizer::new(&[DEEPSEEK_STAGES[1]]),
+            Pretokenizer::rewriting_lookahead(DEEPSEEK_STAGES[2]),
+        ];
         let added: Vec<&str> = include_str!("../vocab/deepseek_v4_added.txt")
             .lines()
             .collect();
@@ -954,6 +977,127 @@ mod tests {
                     which.name()
                 );
             }
+        }
+    }
+
+    /// DeepSeek as it was counted before: the stages on fancy-regex (its look-ahead
+    /// as written), split `Isolated`, every piece merged by `byte_pair_split`
+    /// (895/895 texts equal to Hugging Face `tokenizers`).
+    fn deepseek_reference(text: &str) -> usize {
+        let d = deepseek().unwrap();
+        let stages: Vec<fancy_regex::Regex> = DEEPSEEK_STAGES
+            .iter()
+            .map(|p| fancy_regex::Regex::new(p).unwrap())
+            .collect();
+        let plain = |text: &str| -> usize {
+            let mut pieces = vec![text];
+            for re in &stages {
+                let mut next = Vec::new();
+                for &p in &pieces {
+                    let mut last = 0;
+                    for m in re.find_iter(p) {
+                        let m = m.unwrap();
+                        if m.start() > last {
+                            next.push(&p[last..m.start()]);
+                        }
+                        if m.end() > m.start() {
+                            next.push(m.as_str());
+                        }
+                        last = m.end();
+                    }
+                    if last < p.len() {
+                        next.push(&p[last..]);
+                    }
+                }
+                pieces = next;
+            }
+            pieces
+                .iter()
+                .map(|p| {
+                    let b = p.as_bytes();
+                    if b.len() <= 1 || d.ranks.contains_key(b) {
+                        b.len().min(1)
+                    } else {
+                        tiktoken_rs::byte_pair_split(b, &d.ranks).len()
+                    }
+                })
+                .sum()
+        };
+        let (mut n, mut last) = (0, 0);
+        for m in d.added.find_iter(text) {
+            n += plain(&text[last..m.start()]) + 1;
+            last = m.end();
+        }
+        n + plain(&text[last..])
+    }
+
+    #[test]
+    fn deepseek_counts_equal_fancy_regex_stages() {
+        const ATOMS: &[&str] = &[
+            "a",
+            "Z",
+            "Hello",
+            "WORLD",
+            " ",
+            "  ",
+            "   ",
+            "\t",
+            "\n",
+            "\r\n",
+            "\r",
+            "\n\n",
+            " \n",
+            "'s",
+            "'",
+            "0",
+            "12",
+            "12345",
+            "٣",
+            "²",
+            ".",
+            "!?",
+            "//",
+            ".x",
+            "#Ab",
+            "é",
+            "e\u{301}",
+            "ǅ",
+            "中",
+            "文字",
+            "の",
+            "カタ",
+            "한",
+            "\u{a0}",
+            "\u{3000}",
+            "\u{85}",
+            "🦀",
+            "\u{200d}",
+            "<think>",
+            "</think>",
+            "<｜User｜>",
+            "<｜Assistant｜>",
+            "x\n ",
+            "\u{b}",
+            "$1,234.50",
+            "中中中中中中",
+            "\u{7f}",
+            "\u{1}",
+        ];
+        let mut x: u64 = 0x5851_f42d_4c95_7f2d;
+        let mut rand = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for round in 0..400 {
+            let atoms = if round % 20 == 0 { 2000 } else { rand(40) };
+            let s: String = (0..atoms).map(|_| ATOMS[rand(ATOMS.len())]).collect();
+            assert_eq!(
+                deepseek().unwrap().count(&s),
+                deepseek_reference(&s),
+                "{s:?}"
+            );
         }
     }
 
