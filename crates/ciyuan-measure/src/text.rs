@@ -109,7 +109,7 @@ impl Encoding {
         let mut n = 0;
         match self {
             Encoding::O200kBase | Encoding::Cl100kBase => {
-                let mut counter = OpenAiCounter::new(self);
+                let mut counter = OpenAiCounter::new(self, usize::MAX);
                 while let Some(p) = take() {
                     n += counter.count(p);
                 }
@@ -131,11 +131,7 @@ impl Encoding {
     fn count_serial(self, text: &str) -> Result<usize, TextError> {
         Ok(match self {
             Encoding::O200kBase | Encoding::Cl100kBase => {
-                if text.len() < CACHE_MIN_BYTES {
-                    OpenAiCounter::count_once(self, text)
-                } else {
-                    OpenAiCounter::new(self).count(text)
-                }
+                OpenAiCounter::new(self, text.len()).count(text)
             }
             Encoding::Qwen | Encoding::Qwen3_6 => {
                 let q = qwen(self)?;
@@ -158,6 +154,44 @@ const CACHE_MIN_BYTES: usize = 2048;
 /// At most this many distinct pieces are remembered per thread and text.
 const CACHED_PIECES: usize = 1 << 16;
 
+/// Token counts of short pieces already counted, keyed by their bytes in the text.
+struct Seen<'a> {
+    counts: FxHashMap<&'a [u8], u32>,
+    /// How many pieces may be remembered: none for a short text.
+    room: usize,
+}
+
+impl<'a> Seen<'a> {
+    fn for_text(len: usize) -> Self {
+        Seen {
+            counts: FxHashMap::default(),
+            room: if len < CACHE_MIN_BYTES {
+                0
+            } else {
+                CACHED_PIECES
+            },
+        }
+    }
+
+    /// The count of `piece`, from memory or from `count`.
+    fn count(&mut self, piece: &'a [u8], count: impl FnOnce(&[u8]) -> usize) -> usize {
+        if piece.len() <= 1 {
+            return piece.len(); // every byte is a token
+        }
+        if self.room == 0 || piece.len() > CACHED_PIECE_BYTES {
+            return count(piece);
+        }
+        if let Some(&c) = self.counts.get(piece) {
+            return c as usize;
+        }
+        let c = count(piece);
+        if self.counts.len() < self.room {
+            self.counts.insert(piece, c as u32);
+        }
+        c
+    }
+}
+
 /// Counts with an OpenAI encoding: the split pattern on `regex-automata` (see
 /// [`Pretokenizer`]) and `bpe-openai`'s BPE, which gives tiktoken's tokens without
 /// building token vectors. Short pieces repeat (words, punctuation, indentation), so
@@ -167,11 +201,12 @@ struct OpenAiCounter<'a> {
     bpe: &'static bpe_openai::byte_pair_encoding::BytePairEncoding,
     pre: &'static Pretokenizer,
     cache: CacheGuard,
-    seen: FxHashMap<&'a [u8], u32>,
+    seen: Seen<'a>,
 }
 
 impl<'a> OpenAiCounter<'a> {
-    fn new(encoding: Encoding) -> Self {
+    /// A counter for texts of about `len` bytes (short ones remember no pieces).
+    fn new(encoding: Encoding, len: usize) -> Self {
         let (bpe, pre) = if encoding == Encoding::Cl100kBase {
             (&bpe_openai::cl100k_base().bpe, &*CL100K_PRE)
         } else {
@@ -181,41 +216,18 @@ impl<'a> OpenAiCounter<'a> {
             bpe,
             pre,
             cache: pre.cache(),
-            seen: FxHashMap::default(),
+            seen: Seen::for_text(len),
         }
     }
 
     fn count(&mut self, text: &'a str) -> usize {
-        let mut n = 0;
-        let mut at = 0;
+        let (mut n, mut at) = (0, 0);
         while let Some((start, end)) = self.pre.next_piece(&mut self.cache, text, at) {
             at = end;
-            let b = &text.as_bytes()[start..end];
-            n += if b.len() <= 1 {
-                b.len() // every byte is a token
-            } else if b.len() > CACHED_PIECE_BYTES {
-                self.bpe.count(b)
-            } else if let Some(&c) = self.seen.get(b) {
-                c as usize
-            } else {
-                let c = self.bpe.count(b);
-                if self.seen.len() < CACHED_PIECES {
-                    self.seen.insert(b, c as u32);
-                }
-                c
-            };
-        }
-        n
-    }
-
-    /// Counts without remembering pieces, for short texts.
-    fn count_once(encoding: Encoding, text: &str) -> usize {
-        let mut c = OpenAiCounter::new(encoding);
-        let mut n = 0;
-        let mut at = 0;
-        while let Some((start, end)) = c.pre.next_piece(&mut c.cache, text, at) {
-            at = end;
-            n += c.bpe.count(&text.as_bytes()[start..end]);
+            let bpe = self.bpe;
+            n += self
+                .seen
+                .count(&text.as_bytes()[start..end], |b| bpe.count(b));
         }
         n
     }
@@ -593,7 +605,7 @@ static QWEN3_6_PRE: LazyLock<Pretokenizer> =
 impl Qwen {
     fn count(&self, text: &str) -> usize {
         let mut cache = self.pre.cache();
-        let mut seen = FxHashMap::default();
+        let mut seen = Seen::for_text(text.len());
         let (mut n, mut last) = (0, 0);
         for m in self.specials.find_iter(text) {
             n += self.count_ordinary(&text[last..m.start()], &mut cache, &mut seen) + 1;
@@ -606,43 +618,26 @@ impl Qwen {
         &self,
         text: &'a str,
         cache: &mut CacheGuard,
-        seen: &mut FxHashMap<&'a [u8], u32>,
+        seen: &mut Seen<'a>,
     ) -> usize {
         let (mut n, mut at) = (0, 0);
         while let Some((start, end)) = self.pre.next_piece(cache, text, at) {
             at = end;
-            n += piece_count(&text.as_bytes()[start..end], &self.ranks, seen);
+            n += seen.count(&text.as_bytes()[start..end], |b| {
+                piece_count(b, &self.ranks)
+            });
         }
         n
     }
 }
 
 /// Tokens of one piece: one if it is a token, else what byte-pair merging leaves (as
-/// tiktoken's `encode`); short pieces' counts are remembered in `seen`.
-fn piece_count<'a>(
-    b: &'a [u8],
-    ranks: &FxHashMap<Vec<u8>, Rank>,
-    seen: &mut FxHashMap<&'a [u8], u32>,
-) -> usize {
-    let count = |b: &[u8]| {
-        if ranks.contains_key(b) {
-            1
-        } else {
-            merge_count(b, ranks)
-        }
-    };
-    if b.len() <= 1 {
-        b.len()
-    } else if b.len() > CACHED_PIECE_BYTES {
-        count(b)
-    } else if let Some(&c) = seen.get(b) {
-        c as usize
+/// tiktoken's `encode`).
+fn piece_count(b: &[u8], ranks: &FxHashMap<Vec<u8>, Rank>) -> usize {
+    if ranks.contains_key(b) {
+        1
     } else {
-        let c = count(b);
-        if seen.len() < CACHED_PIECES {
-            seen.insert(b, c as u32);
-        }
-        c
+        merge_count(b, ranks)
     }
 }
 
@@ -694,7 +689,7 @@ struct DeepSeek {
 impl DeepSeek {
     fn count(&'static self, text: &str) -> usize {
         let mut caches = self.stages.each_ref().map(|p| p.cache());
-        let mut seen = FxHashMap::default();
+        let mut seen = Seen::for_text(text.len());
         let mut pieces = Vec::new();
         let mut next = Vec::new();
         // Added tokens (`<｜User｜>`, `<think>`, ...) are split out first and count one each.
@@ -717,7 +712,7 @@ impl DeepSeek {
         caches: &mut [CacheGuard; 3],
         pieces: &mut Vec<&'a str>,
         next: &mut Vec<&'a str>,
-        seen: &mut FxHashMap<&'a [u8], u32>,
+        seen: &mut Seen<'a>,
     ) -> usize {
         if pieces.iter().all(|p| p.is_empty()) {
             return 0;
@@ -731,7 +726,7 @@ impl DeepSeek {
         }
         pieces
             .iter()
-            .map(|p| piece_count(p.as_bytes(), &self.ranks, seen))
+            .map(|p| seen.count(p.as_bytes(), |b| piece_count(b, &self.ranks)))
             .sum()
     }
 }
