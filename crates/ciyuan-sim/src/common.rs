@@ -23,6 +23,11 @@ pub(crate) struct Sim {
 }
 
 impl Sim {
+    /// Requests seen so far (those that got as far as choosing their faults).
+    pub(crate) fn requests(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn new(cfg: SimConfig) -> Sim {
         Sim {
             cfg,

@@ -5,7 +5,8 @@
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`,
 //! `POST /v1/embeddings`, `GET /v1/models` (OpenAI; with an `anthropic-version` header,
-//! Anthropic's model list), `GET /v1/models/{id}`, `POST /v1/messages` (Anthropic).
+//! Anthropic's model list), `GET /v1/models/{id}`, `POST /v1/messages` (Anthropic), and
+//! `GET /sim/stats` (requests served, for tests).
 //!
 //! Anthropic's `message_delta` carries cumulative usage as the API sends it today (the
 //! input figures repeat `message_start`'s; `output_tokens` is final).
@@ -96,9 +97,18 @@ pub fn router(cfg: SimConfig) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/sim/stats", get(stats))
         .fallback(common::not_found)
         .method_not_allowed_fallback(common::not_found)
         .with_state(state)
+}
+
+/// `GET /sim/stats`: how many requests reached the simulated model, so tests can check
+/// that a gateway refused a request before it reached the provider.
+async fn stats(
+    axum::extract::State(sim): axum::extract::State<Arc<Sim>>,
+) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"requests": sim.requests()}))
 }
 
 /// Serves [`router`] on `listener` over HTTP/1.1 until the task is dropped. Each

@@ -955,3 +955,31 @@ async fn router_alone_serves_too() {
         assert!(resp.text().await.is_err());
     }
 }
+
+#[tokio::test]
+async fn stats_count_the_requests_that_reached_the_model() {
+    let base = start(fast()).await;
+    let stats = || async {
+        let v: Value = client()
+            .get(format!("{base}/sim/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["requests"].as_u64().unwrap()
+    };
+    assert_eq!(stats().await, 0);
+    for _ in 0..3 {
+        let r = post(
+            &format!("{base}/v1/chat/completions"),
+            &chat_body("gpt-4o", "hi"),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(stats().await, 3);
+}
