@@ -100,6 +100,10 @@ pub struct Quality {
     pub ttft_us: Option<u64>,
     /// From the request's arrival to the last byte sent to the client.
     pub latency_us: u64,
+    /// Output tokens per second while the answer was generated (after the first
+    /// token), rounded down; absent when there was no output or no time to measure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens_per_sec: Option<u64>,
     /// Why the measurement is partial or failed: `client_disconnected`,
     /// `upstream_cut`, `upstream_timeout`, `upstream_error`, `no_usage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

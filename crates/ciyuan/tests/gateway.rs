@@ -234,6 +234,7 @@ fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
                 // equals Ciyuan's recount of the text the client received.
                 assert_eq!(tokens["text.output"], e["recount"]["output"], "{e}");
                 assert!(e["quality"]["ttft_us"].as_u64().unwrap() > 0);
+                assert!(e["quality"]["output_tokens_per_sec"].as_u64().unwrap() > 0, "{e}");
                 assert_eq!(e["quality"]["stream"], true);
             }
             "anthropic.messages" | "anthropic.messages.stream" => {

@@ -13,6 +13,8 @@ use std::time::Duration;
 const BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+/// Upper bounds of the generation-speed histogram, in output tokens per second.
+const TPS_BUCKETS: [u64; 10] = [5, 10, 20, 35, 50, 75, 100, 150, 250, 500];
 
 #[derive(Default, Clone)]
 struct Histogram {
@@ -42,6 +44,7 @@ struct Inner {
     flagged: BTreeMap<(String, String), u64>,
     ttft: BTreeMap<String, Histogram>,
     latency: BTreeMap<String, Histogram>,
+    tps: BTreeMap<String, ([u64; TPS_BUCKETS.len()], u64, u64)>,
 }
 
 /// One finished request, as the metrics see it.
@@ -62,6 +65,8 @@ pub struct Observation<'a> {
     pub partial: bool,
     /// Whether the recount disagreed beyond tolerance.
     pub flagged: bool,
+    /// Output tokens per second, when measurable.
+    pub output_tokens_per_sec: Option<u64>,
 }
 
 /// The gateway's metrics.
@@ -103,6 +108,16 @@ impl Metrics {
             .entry(o.upstream.into())
             .or_default()
             .observe(o.latency);
+        if let Some(tps) = o.output_tokens_per_sec {
+            let h = m.tps.entry(o.upstream.into()).or_default();
+            for (i, b) in TPS_BUCKETS.iter().enumerate() {
+                if tps <= *b {
+                    h.0[i] += 1;
+                }
+            }
+            h.1 += 1;
+            h.2 += tps;
+        }
     }
 
     /// The metrics in Prometheus' text format.
@@ -192,6 +207,20 @@ impl Metrics {
                 let _ = writeln!(out, "{name}_count{{upstream=\"{u}\"}} {}", h.count);
             }
         }
+        let name = "ciyuan_gateway_output_tokens_per_second";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Output tokens per second after the first token.\n# TYPE {name} histogram"
+        );
+        for (u, (counts, count, sum)) in &m.tps {
+            let u = esc(u);
+            for (b, c) in TPS_BUCKETS.iter().zip(counts) {
+                let _ = writeln!(out, "{name}_bucket{{upstream=\"{u}\",le=\"{b}\"}} {c}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{upstream=\"{u}\",le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{upstream=\"{u}\"}} {sum}");
+            let _ = writeln!(out, "{name}_count{{upstream=\"{u}\"}} {count}");
+        }
         out
     }
 }
@@ -216,6 +245,7 @@ mod tests {
                 tokens: &tokens,
                 partial: ms == 40,
                 flagged: false,
+                output_tokens_per_sec: Some(ms),
             });
         }
         let text = m.render();
@@ -233,5 +263,9 @@ mod tests {
         );
         assert!(text.contains("ciyuan_gateway_latency_seconds_sum{upstream=\"sim\"} 0.086000"));
         assert!(text.contains("ciyuan_gateway_partial_total{upstream=\"sim\",model=\"gpt-4o\"} 1"));
+        assert!(text.contains(
+            "ciyuan_gateway_output_tokens_per_second_bucket{upstream=\"sim\",le=\"5\"} 1"
+        ));
+        assert!(text.contains("ciyuan_gateway_output_tokens_per_second_count{upstream=\"sim\"} 2"));
     }
 }

@@ -802,6 +802,21 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
             (None, None) => {}
         }
         let provider = &gw.config.providers[call.provider];
+        // Generation speed: output over the time after the first token (for whole
+        // answers, over the whole latency: the first token's time is unknown).
+        let output: u64 = tokens
+            .iter()
+            .filter(|t| matches!(t.direction, Direction::Output | Direction::Reasoning))
+            .map(|t| u64::try_from(t.count).unwrap_or(0))
+            .sum();
+        let generating = match (call.info.stream, ttft) {
+            (true, Some(t)) => latency.saturating_sub(t),
+            _ => latency,
+        };
+        let output_tokens_per_sec = (output > 0 && !generating.is_zero()).then(|| {
+            u64::try_from(u128::from(output) * 1_000_000 / generating.as_micros().max(1))
+                .unwrap_or(u64::MAX)
+        });
         gw.metrics.observe(&metrics::Observation {
             upstream: &provider.name,
             model: &call.info.model,
@@ -811,6 +826,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
             tokens: &tokens,
             partial,
             flagged,
+            output_tokens_per_sec,
         });
         let entry = Entry::new(
             call.at,
@@ -829,6 +845,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                     stream: call.info.stream,
                     ttft_us: ttft.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+                    output_tokens_per_sec,
                     failure: meter.failure.clone(),
                 }),
                 recount: recount_entry,
