@@ -14,6 +14,27 @@ pub enum BenchCmd {
     Ingest(IngestArgs),
     /// Token counting speed, side by side with Python tiktoken on the same text.
     Tokens(TokensArgs),
+    /// The gateway's added latency, throughput and memory, against `ciyuan sim`.
+    Gateway(GatewayArgs),
+}
+
+#[derive(Args)]
+pub struct GatewayArgs {
+    /// Requests per second of the open-loop latency measurement.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Seconds of each latency and throughput measurement.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Concurrent clients of the throughput measurement.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Concurrent streams of the memory measurement.
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// End with one JSON line of the figures.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -163,6 +184,124 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                         "server_cpu_us_per_event": r.server_cpu_us_per_event,
                     })
                 );
+            }
+        }
+        BenchCmd::Gateway(a) => {
+            let r = crate::bench_gateway::run(crate::bench_gateway::Options {
+                rate: a.rate,
+                seconds: a.seconds,
+                concurrency: a.concurrency,
+                streams: a.streams,
+            })?;
+            let (d, g) = (&r.latency_direct, &r.latency_gateway);
+            println!(
+                "gateway: `ciyuan sim` (answers at once) directly and behind `ciyuan serve`, small chat completions"
+            );
+            println!(
+                "  latency, open loop at {:.0} requests/s for {} s (from scheduled send time):",
+                a.rate, a.seconds
+            );
+            for (name, l) in [("direct ", d), ("gateway", g)] {
+                println!(
+                    "    {name} p50 {} us, p99 {} us, p99.9 {} us, max {} us ({} requests, {:.0}/s sent, client late p99 {} us; CPU/request gateway {:.0} us, sim {:.0} us)",
+                    l.p50_us,
+                    l.p99_us,
+                    l.p999_us,
+                    l.max_us,
+                    l.requests,
+                    l.achieved_rate,
+                    l.client_late_p99_us,
+                    l.gateway_cpu_us,
+                    l.sim_cpu_us
+                );
+            }
+            println!(
+                "    added   p50 {:+} us, p99 {:+} us, p99.9 {:+} us (target: p99 <= 1000 us)",
+                r.added_p50_us, r.added_p99_us, r.added_p999_us
+            );
+            let (d, g) = (&r.throughput_direct, &r.throughput_gateway);
+            println!(
+                "  throughput, closed loop, {} clients for {} s:",
+                a.concurrency, a.seconds
+            );
+            for (name, t) in [("direct ", d), ("gateway", g)] {
+                println!(
+                    "    {name} {:.0} requests/s ({} requests; CPU/request gateway {:.0} us, sim {:.0} us, client {:.0} us)",
+                    t.per_sec, t.requests, t.gateway_cpu_us, t.sim_cpu_us, t.client_cpu_us
+                );
+            }
+            println!(
+                "    gateway/direct {:.2} (target: >= 0.50)",
+                r.throughput_ratio
+            );
+            let m = &r.memory;
+            let mb = |kb: u64| kb as f64 / 1024.0;
+            println!(
+                "  memory, {} concurrent streams through the gateway (100 tokens at 20/s each):",
+                m.streams
+            );
+            println!(
+                "    gateway RSS {:.1} MiB at start, {:.1} MiB after its first second of calls (tokenizer loaded)",
+                mb(m.rss_start_kb),
+                mb(m.rss_warm_kb)
+            );
+            println!(
+                "    gateway RSS {:.1} MiB before, peak {:.1} MiB with {} streams open ({:+.1} KiB per stream), {:.1} MiB after; VmHWM {:.1} MiB (target: peak <= 64 MB)",
+                mb(m.rss_before_kb),
+                mb(m.rss_peak_kb),
+                m.open_at_peak,
+                (m.rss_peak_kb as f64 - m.rss_before_kb as f64) / m.streams.max(1) as f64,
+                mb(m.rss_after_kb),
+                mb(m.hwm_kb)
+            );
+            println!(
+                "    {} of {} streams ended with [DONE], at most {} open at once, {:.1} s in all",
+                m.completed, m.streams, m.max_open, m.seconds
+            );
+            if r.problems.is_empty() {
+                println!("  correctness: all {} answers 200", r.responses);
+            } else {
+                println!("  correctness: FAILED ({} answers checked)", r.responses);
+                for p in &r.problems {
+                    println!("    {p}");
+                }
+            }
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "rate": a.rate,
+                        "seconds": a.seconds,
+                        "concurrency": a.concurrency,
+                        "streams": a.streams,
+                        "direct_p50_us": r.latency_direct.p50_us,
+                        "direct_p99_us": r.latency_direct.p99_us,
+                        "direct_p999_us": r.latency_direct.p999_us,
+                        "gateway_p50_us": r.latency_gateway.p50_us,
+                        "gateway_p99_us": r.latency_gateway.p99_us,
+                        "gateway_p999_us": r.latency_gateway.p999_us,
+                        "added_p50_us": r.added_p50_us,
+                        "added_p99_us": r.added_p99_us,
+                        "added_p999_us": r.added_p999_us,
+                        "gateway_cpu_us_per_request": r.latency_gateway.gateway_cpu_us,
+                        "direct_requests_per_sec": r.throughput_direct.per_sec,
+                        "gateway_requests_per_sec": r.throughput_gateway.per_sec,
+                        "throughput_ratio": r.throughput_ratio,
+                        "streams_completed": m.completed,
+                        "streams_max_open": m.max_open,
+                        "rss_start_kb": m.rss_start_kb,
+                        "rss_warm_kb": m.rss_warm_kb,
+                        "rss_before_kb": m.rss_before_kb,
+                        "rss_peak_kb": m.rss_peak_kb,
+                        "rss_after_kb": m.rss_after_kb,
+                        "hwm_kb": m.hwm_kb,
+                        "responses": r.responses,
+                        "failed": !r.problems.is_empty(),
+                    })
+                );
+            }
+            if !r.problems.is_empty() {
+                return Ok(ExitCode::FAILURE);
             }
         }
         BenchCmd::Verify(a) => {

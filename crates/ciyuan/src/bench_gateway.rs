@@ -1,0 +1,618 @@
+//! `ciyuan bench gateway`: what the gateway adds on top of the provider it relays.
+//!
+//! One run starts `ciyuan sim` (the simulated provider, answering at once) and
+//! `ciyuan serve` (fresh data directory, the sim as its only provider) as child
+//! processes, and measures with the same client code against both:
+//!
+//! 1. added latency: open-loop load at a fixed rate of small non-streaming chat
+//!    completions, directly against the sim and through the gateway; each latency
+//!    counts from the request's scheduled send time, so a stall delays the requests
+//!    behind it instead of hiding them (no coordinated omission);
+//! 2. throughput: a closed loop of concurrent clients, directly and through the gateway;
+//! 3. memory: many concurrent slow streams through the gateway while its resident
+//!    memory is sampled from `/proc`.
+//!
+//! Every response must be `200` and every stream must end with `[DONE]`; the run
+//! reports any that did not.
+
+use anyhow::{Context, bail};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What to run.
+pub struct Options {
+    /// Requests per second of the open-loop latency phase.
+    pub rate: f64,
+    /// Seconds of each latency and throughput measurement.
+    pub seconds: f64,
+    /// Concurrent clients of the throughput phase.
+    pub concurrency: usize,
+    /// Concurrent streams of the memory phase.
+    pub streams: usize,
+}
+
+/// Output tokens of each small completion.
+const SMALL_OUTPUT_TOKENS: &str = "16";
+/// Output tokens and pacing of each stream of the memory phase: 5 s per stream.
+const STREAM_OUTPUT_TOKENS: &str = "100";
+const STREAM_TOKENS_PER_SEC: &str = "20";
+
+const SMALL_BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello to the benchmark."}],"max_tokens":32}"#;
+const STREAM_BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Tell the benchmark a short story."}],"max_tokens":200,"stream":true}"#;
+
+/// Latency of one open-loop run, in microseconds from each request's scheduled time.
+#[derive(Clone, Copy, Default)]
+pub struct Latency {
+    pub requests: u64,
+    /// Requests sent per second over the run (the schedule, if the client kept up).
+    pub achieved_rate: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    /// p99 of how late a request's task started against its schedule: the client's
+    /// own delay, part of every figure above.
+    pub client_late_p99_us: u64,
+    /// CPU (user + system) the gateway process spent per request, microseconds.
+    pub gateway_cpu_us: f64,
+    /// CPU the sim process spent per request, microseconds.
+    pub sim_cpu_us: f64,
+}
+
+/// One closed-loop run.
+#[derive(Clone, Copy, Default)]
+pub struct Throughput {
+    pub requests: u64,
+    pub per_sec: f64,
+    pub gateway_cpu_us: f64,
+    pub sim_cpu_us: f64,
+    /// CPU the benchmark's own client spent per request, microseconds.
+    pub client_cpu_us: f64,
+}
+
+/// The memory phase.
+#[derive(Clone, Copy, Default)]
+pub struct Memory {
+    /// The gateway's resident memory once it listened, before any request, in KiB.
+    pub rss_start_kb: u64,
+    /// ... and after its first second of gateway calls (the model's tokenizer loaded
+    /// for the recount, connections and caches warm), in KiB.
+    pub rss_warm_kb: u64,
+    pub streams: usize,
+    /// Streams that answered 200 and ended with `[DONE]`.
+    pub completed: usize,
+    /// Most streams open at the same time (headers received, body not yet ended).
+    pub max_open: usize,
+    pub seconds: f64,
+    /// The gateway's resident memory just before the streams, in KiB.
+    pub rss_before_kb: u64,
+    /// The highest resident memory sampled (every 10 ms) while the streams ran.
+    pub rss_peak_kb: u64,
+    /// Streams open when that peak was sampled.
+    pub open_at_peak: usize,
+    /// Resident memory once every stream had ended.
+    pub rss_after_kb: u64,
+    /// The kernel's high-water mark of resident memory over the process's whole life
+    /// (VmHWM), after the memory phase; includes the earlier phases.
+    pub hwm_kb: u64,
+}
+
+/// Figures of one run.
+pub struct Report {
+    pub latency_direct: Latency,
+    pub latency_gateway: Latency,
+    /// Gateway minus direct, microseconds.
+    pub added_p50_us: i64,
+    pub added_p99_us: i64,
+    pub added_p999_us: i64,
+    pub throughput_direct: Throughput,
+    pub throughput_gateway: Throughput,
+    /// Gateway requests/s over direct requests/s.
+    pub throughput_ratio: f64,
+    pub memory: Memory,
+    /// Responses checked in all (every phase, warm-ups included).
+    pub responses: u64,
+    /// What went wrong: non-200 answers, transport errors, streams without `[DONE]`.
+    pub problems: Vec<String>,
+}
+
+/// User plus system CPU seconds a process has used so far (Linux; 0 elsewhere).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime, in USER_HZ (100).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A `kB` field of `/proc/PID/status` (VmRSS, VmHWM); 0 when unreadable.
+fn status_kb(pid: u32, field: &str) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Kills a child process when the benchmark ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes the benchmark's directory (data and configuration) when it ends.
+struct Dir(std::path::PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts `cmd` and waits for its `listening on URL` line; the rest of its standard
+/// output is drained by a thread.
+fn start(mut cmd: Command, what: &str) -> anyhow::Result<(Child, String)> {
+    let mut child = cmd
+        .env("CIYUAN_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let guard = Child(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .with_context(|| format!("{what} exited before listening"))??;
+        if let Some(u) = line.strip_prefix("listening on ") {
+            break u.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok((guard, url))
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut b = vec![0u8; bytes];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
+    Ok(hex::encode(b))
+}
+
+/// Counts answers and keeps the first few problems.
+#[derive(Default)]
+struct Checks {
+    responses: AtomicU64,
+    failed: AtomicU64,
+    problems: Mutex<Vec<String>>,
+}
+
+impl Checks {
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut p) = self.problems.lock()
+            && p.len() < 10
+        {
+            p.push(what);
+        }
+    }
+}
+
+/// Where requests go, with the client and the key.
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    url: String,
+    auth: HeaderValue,
+    http: reqwest::Client,
+    checks: Arc<Checks>,
+}
+
+impl Target {
+    /// One small non-streaming chat completion; whether it answered 200.
+    async fn call(&self) -> bool {
+        self.checks.responses.fetch_add(1, Ordering::Relaxed);
+        let sent = self
+            .http
+            .post(&self.url)
+            .header(AUTHORIZATION, self.auth.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("x-sim-output-tokens", SMALL_OUTPUT_TOKENS)
+            .body(SMALL_BODY)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                self.checks.fail(format!("{}: {e}", self.name));
+                return false;
+            }
+        };
+        let status = resp.status();
+        match resp.bytes().await {
+            Ok(b) if status == reqwest::StatusCode::OK && b.starts_with(b"{") => true,
+            Ok(b) => {
+                let shown = String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned();
+                self.checks
+                    .fail(format!("{}: status {status}: {shown}", self.name));
+                false
+            }
+            Err(e) => {
+                self.checks
+                    .fail(format!("{}: reading the answer: {e}", self.name));
+                false
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    // Nearest rank.
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Open loop: request `i` is due at `start + i / rate`, whenever earlier ones answer.
+/// A thread sleeps to each due time and spawns the request on the runtime.
+async fn open_loop(
+    t: &Target,
+    rate: f64,
+    seconds: f64,
+    pids: (u32, u32),
+) -> anyhow::Result<Latency> {
+    let n = (rate * seconds).round().max(1.0) as u64;
+    let handle = tokio::runtime::Handle::current();
+    let start = Instant::now() + Duration::from_millis(10);
+    let cpu = (cpu_seconds(pids.0), cpu_seconds(pids.1));
+    let t2 = t.clone();
+    let (tasks, sent_for) = tokio::task::spawn_blocking(move || {
+        let mut tasks = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let t = t2.clone();
+            tasks.push(handle.spawn(async move {
+                let late = due.elapsed();
+                let ok = t.call().await;
+                (due.elapsed(), late, ok)
+            }));
+        }
+        (tasks, start.elapsed())
+    })
+    .await?;
+    let mut lat = Vec::with_capacity(tasks.len());
+    let mut late = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let (l, s, _ok) = task.await?;
+        lat.push(l.as_micros() as u64);
+        late.push(s.as_micros() as u64);
+    }
+    let cpu = (cpu_seconds(pids.0) - cpu.0, cpu_seconds(pids.1) - cpu.1);
+    lat.sort_unstable();
+    late.sort_unstable();
+    Ok(Latency {
+        requests: n,
+        achieved_rate: n as f64 / sent_for.as_secs_f64(),
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        p999_us: percentile(&lat, 0.999),
+        max_us: lat.last().copied().unwrap_or(0),
+        client_late_p99_us: percentile(&late, 0.99),
+        gateway_cpu_us: cpu.0 * 1e6 / n as f64,
+        sim_cpu_us: cpu.1 * 1e6 / n as f64,
+    })
+}
+
+/// Closed loop: `concurrency` clients each send the next request when the last one
+/// answered, until `seconds` have passed.
+async fn closed_loop(
+    t: &Target,
+    concurrency: usize,
+    seconds: f64,
+    pids: (u32, u32),
+) -> anyhow::Result<Throughput> {
+    let me = std::process::id();
+    let cpu = (cpu_seconds(pids.0), cpu_seconds(pids.1), cpu_seconds(me));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                t.call().await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut requests = 0;
+    for task in tasks {
+        requests += task.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let per = |c: f64| c * 1e6 / requests.max(1) as f64;
+    Ok(Throughput {
+        requests,
+        per_sec: requests as f64 / elapsed,
+        gateway_cpu_us: per(cpu_seconds(pids.0) - cpu.0),
+        sim_cpu_us: per(cpu_seconds(pids.1) - cpu.1),
+        client_cpu_us: per(cpu_seconds(me) - cpu.2),
+    })
+}
+
+/// `streams` concurrent slow streams through the gateway (started over about a
+/// second), the gateway's resident memory sampled every 10 ms meanwhile.
+async fn memory(
+    t: &Target,
+    streams: usize,
+    gateway_pid: u32,
+    (rss_start_kb, rss_warm_kb): (u64, u64),
+) -> anyhow::Result<Memory> {
+    let rss_before_kb = status_kb(gateway_pid, "VmRSS");
+    let open = Arc::new(AtomicUsize::new(0));
+    let max_open = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (open, stop) = (open.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut peak, mut open_at_peak) = (0u64, 0usize);
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let rss = status_kb(gateway_pid, "VmRSS");
+                if rss > peak {
+                    peak = rss;
+                    open_at_peak = open.load(Ordering::Relaxed);
+                }
+            }
+            (peak, open_at_peak)
+        })
+    };
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(streams);
+    for i in 0..streams {
+        if i > 0 && i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (t, open, max_open) = (t.clone(), open.clone(), max_open.clone());
+        tasks.push(tokio::spawn(async move {
+            t.checks.responses.fetch_add(1, Ordering::Relaxed);
+            let sent = t
+                .http
+                .post(&t.url)
+                .header(AUTHORIZATION, t.auth.clone())
+                .header(CONTENT_TYPE, "application/json")
+                .header("x-sim-ttft-ms", "0")
+                .header("x-sim-tokens-per-sec", STREAM_TOKENS_PER_SEC)
+                .header("x-sim-output-tokens", STREAM_OUTPUT_TOKENS)
+                .body(STREAM_BODY)
+                .timeout(Duration::from_secs(120))
+                .send()
+                .await;
+            let mut resp = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    t.checks.fail(format!("stream {i}: {e}"));
+                    return false;
+                }
+            };
+            let status = resp.status();
+            let now_open = open.fetch_add(1, Ordering::Relaxed) + 1;
+            max_open.fetch_max(now_open, Ordering::Relaxed);
+            let mut body = Vec::new();
+            let read = loop {
+                match resp.chunk().await {
+                    Ok(Some(c)) => body.extend_from_slice(&c),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            open.fetch_sub(1, Ordering::Relaxed);
+            let done = body
+                .windows(b"data: [DONE]".len())
+                .any(|w| w == b"data: [DONE]");
+            match read {
+                Ok(()) if status == reqwest::StatusCode::OK && done => true,
+                Ok(()) => {
+                    let tail = String::from_utf8_lossy(&body[body.len().saturating_sub(200)..])
+                        .into_owned();
+                    t.checks.fail(format!(
+                        "stream {i}: status {status}, no [DONE]; ends {tail:?}"
+                    ));
+                    false
+                }
+                Err(e) => {
+                    t.checks.fail(format!("stream {i}: reading: {e}"));
+                    false
+                }
+            }
+        }));
+    }
+    let mut completed = 0;
+    for task in tasks {
+        if task.await? {
+            completed += 1;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (rss_peak_kb, open_at_peak) = sampler.await?;
+    Ok(Memory {
+        rss_start_kb,
+        rss_warm_kb,
+        streams,
+        completed,
+        max_open: max_open.load(Ordering::Relaxed),
+        seconds,
+        rss_before_kb,
+        rss_peak_kb,
+        open_at_peak,
+        rss_after_kb: status_kb(gateway_pid, "VmRSS"),
+        hwm_kb: status_kb(gateway_pid, "VmHWM"),
+    })
+}
+
+pub fn run(o: Options) -> anyhow::Result<Report> {
+    let positive = |v: f64| v > 0.0 && v.is_finite();
+    if !positive(o.rate) || !positive(o.seconds) {
+        bail!("--rate and --seconds must be positive");
+    }
+    if o.concurrency == 0 {
+        bail!("--concurrency must be positive");
+    }
+    let exe = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("ciyuan-bench-gateway-{}", random_hex(6)?));
+    std::fs::create_dir_all(&dir)?;
+    let dir = Dir(dir);
+
+    // The provider: answers at once (no time to first token, no pacing) unless a
+    // request's x-sim-* headers say otherwise.
+    let mut sim = Command::new(&exe);
+    sim.args([
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "0",
+    ]);
+    let (sim_guard, sim_url) = start(sim, "ciyuan sim")?;
+    let sim_pid = sim_guard.0.id();
+
+    // The gateway, with the sim as its only provider.
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[providers]]\nname = \"sim\"\nprotocol = \"openai\"\nbase_url = \"{sim_url}/v1\"\nmodels = [\"*\"]\nforward_headers = [\"x-sim-*\"]\n"
+        ),
+    )?;
+    let admin = format!("cy_{}_{}", random_hex(6)?, random_hex(32)?);
+    let mut serve = Command::new(&exe);
+    serve
+        .arg("--config")
+        .arg(&config)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.0.join("data"))
+        .env("CIYUAN_BOOTSTRAP_ADMIN_KEY", &admin);
+    let (gw_guard, gw_url) = start(serve, "ciyuan serve")?;
+    let gw_pid = gw_guard.0.id();
+    let pids = (gw_pid, sim_pid);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(4096)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .build()?;
+        let post = |path: &str, body: serde_json::Value| {
+            http.post(format!("{gw_url}{path}"))
+                .bearer_auth(&admin)
+                .json(&body)
+                .send()
+        };
+        post("/api/v1/accounts", serde_json::json!({"path": "bench"}))
+            .await?
+            .error_for_status()?;
+        let key: serde_json::Value = post(
+            "/api/v1/keys",
+            serde_json::json!({"account": "bench", "scopes": ["gateway"]}),
+        )
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+        let key = key["key"].as_str().context("no key in the answer")?;
+        let rss_start_kb = status_kb(gw_pid, "VmRSS");
+        let checks = Arc::new(Checks::default());
+        let auth = HeaderValue::from_str(&format!("Bearer {key}"))?;
+        let direct = Target {
+            name: "direct",
+            url: format!("{sim_url}/v1/chat/completions"),
+            auth: auth.clone(),
+            http: http.clone(),
+            checks: checks.clone(),
+        };
+        let gateway = Target {
+            name: "gateway",
+            url: format!("{gw_url}/v1/chat/completions"),
+            ..direct.clone()
+        };
+
+        // 1. Added latency. A second at the rate first warms connections, the key
+        // cache and the tokenizers; it is not counted.
+        let warm = o.seconds.min(1.0);
+        open_loop(&direct, o.rate, warm, pids).await?;
+        let latency_direct = open_loop(&direct, o.rate, o.seconds, pids).await?;
+        open_loop(&gateway, o.rate, warm, pids).await?;
+        let rss_warm_kb = status_kb(gw_pid, "VmRSS");
+        let latency_gateway = open_loop(&gateway, o.rate, o.seconds, pids).await?;
+
+        // 2. Throughput.
+        closed_loop(&direct, o.concurrency, warm, pids).await?;
+        let throughput_direct = closed_loop(&direct, o.concurrency, o.seconds, pids).await?;
+        closed_loop(&gateway, o.concurrency, warm, pids).await?;
+        let throughput_gateway = closed_loop(&gateway, o.concurrency, o.seconds, pids).await?;
+
+        // 3. Memory under many concurrent streams.
+        let memory = memory(&gateway, o.streams, gw_pid, (rss_start_kb, rss_warm_kb)).await?;
+
+        let mut problems = checks
+            .problems
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default();
+        let failed = checks.failed.load(Ordering::Relaxed);
+        if failed > 0 {
+            problems.insert(0, format!("{failed} requests failed; the first:"));
+        }
+        let added = |g: u64, d: u64| g as i64 - d as i64;
+        anyhow::Ok(Report {
+            added_p50_us: added(latency_gateway.p50_us, latency_direct.p50_us),
+            added_p99_us: added(latency_gateway.p99_us, latency_direct.p99_us),
+            added_p999_us: added(latency_gateway.p999_us, latency_direct.p999_us),
+            latency_direct,
+            latency_gateway,
+            throughput_ratio: throughput_gateway.per_sec / throughput_direct.per_sec,
+            throughput_direct,
+            throughput_gateway,
+            memory,
+            responses: checks.responses.load(Ordering::Relaxed),
+            problems,
+        })
+    })?;
+    drop(gw_guard);
+    drop(sim_guard);
+    drop(dir);
+    Ok(report)
+}
