@@ -44,6 +44,37 @@
 //!
 //! One notifier per log file: two processes appending to the same log would both
 //! replay it.
+//!
+//! # Cost
+//!
+//! The log is written synchronously under one mutex: `notify` waits for its
+//! `fdatasync`, and delivery tasks append their (unsynced) outcomes under the same
+//! lock, so they may wait for a concurrent `notify`'s sync. Meant for incidents (a
+//! few per second at most), not for a stream of usage events.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), ciyuan_notify::NotifyError> {
+//! use ciyuan_notify::{Event, Notifier, RetryPolicy, Target, jiff::Timestamp};
+//!
+//! let ops = Target {
+//!     name: "ops".into(),
+//!     url: "https://ops.example.com/hooks/ciyuan".into(),
+//!     secret: "whsec_…".into(),
+//!     events: vec!["budget.*".into()],
+//! };
+//! let notifier = Notifier::start(vec![ops], "data/webhooks.jsonl".into(), RetryPolicy::default()).await?;
+//! notifier.notify(Event {
+//!     id: "budget-acme-2025-06-80".into(),
+//!     kind: "budget.threshold".into(),
+//!     created: Timestamp::now(),
+//!     data: serde_json::json!({"account": "acme", "threshold": 0.8}),
+//! })?;
+//! notifier.drain(std::time::Duration::from_secs(30)).await;
+//! # Ok(())
+//! # }
+//! ```
 
 #![deny(missing_docs)]
 
