@@ -27,6 +27,7 @@
 mod entry;
 mod money;
 mod path;
+mod reuse;
 mod scope;
 mod tokens;
 

@@ -19,12 +19,13 @@ use axum::response::{IntoResponse, Response};
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Direction, Entry, EntryBody, Modality, Scope, TokenMap, Usage};
 use ciyuan_store::{Log, Store};
-use rustc_hash::{FxHashSet, FxHasher};
+use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::collections::hash_map::Entry as HashEntry;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -53,18 +54,44 @@ const LLM_FIELDS: [(&str, Modality, Direction); 8] = [
     ("image_input_tokens", Modality::Image, Direction::Input),
 ];
 
-/// An event that passed validation.
+/// An event that passed validation: a usage entry with its source and event id.
 struct Accepted {
-    source: String,
-    id: String,
+    /// [`key_hash`] of the event's `(source, id)`.
+    hash: u64,
     entry: Entry,
+}
+
+impl Accepted {
+    fn key(&self) -> (&str, &str) {
+        event_key(&self.entry)
+    }
+
+    /// The event's `(source, id)`, taken out of the entry.
+    fn into_key(self) -> (String, String) {
+        match self.entry.body {
+            EntryBody::Usage(u) => (u.source.unwrap_or_default(), u.event_id.unwrap_or_default()),
+            _ => Default::default(),
+        }
+    }
+}
+
+/// The `(source, id)` of an ingested event's entry.
+fn event_key(entry: &Entry) -> (&str, &str) {
+    match &entry.body {
+        EntryBody::Usage(u) => (
+            u.source.as_deref().unwrap_or_default(),
+            u.event_id.as_deref().unwrap_or_default(),
+        ),
+        _ => ("", ""),
+    }
 }
 
 /// The answer for one event.
 enum Outcome {
+    /// Appended as entry `entry_id`: the event at `pos` of `claim`.
     Accepted {
-        source: String,
-        id: String,
+        claim: Arc<Claim>,
+        pos: usize,
         entry_id: u64,
     },
     Duplicate {
@@ -85,22 +112,24 @@ impl Serialize for Outcome {
         let mut m = s.serialize_map(Some(4))?;
         match self {
             Outcome::Accepted {
-                source,
-                id,
+                claim,
+                pos,
                 entry_id,
+            } => {
+                let (source, id) = event_key(&claim.entries[*pos]);
+                m.serialize_entry("source", source)?;
+                m.serialize_entry("id", id)?;
+                m.serialize_entry("status", "accepted")?;
+                m.serialize_entry("entry_id", entry_id)?;
             }
-            | Outcome::Duplicate {
+            Outcome::Duplicate {
                 source,
                 id,
                 entry_id,
             } => {
                 m.serialize_entry("source", source)?;
                 m.serialize_entry("id", id)?;
-                let status = match self {
-                    Outcome::Accepted { .. } => "accepted",
-                    _ => "duplicate",
-                };
-                m.serialize_entry("status", status)?;
+                m.serialize_entry("status", "duplicate")?;
                 m.serialize_entry("entry_id", entry_id)?;
             }
             Outcome::Rejected { source, id, error } => {
@@ -117,26 +146,71 @@ impl Serialize for Outcome {
     }
 }
 
-/// Where an event's idempotency key stands in memory.
-enum Slot {
-    /// Being appended by a request; the watch tells the first index of its append.
-    Pending(watch::Receiver<Option<Result<u64, ()>>>, u64),
-    /// Appended at this index, perhaps not yet projected.
-    Done(u64),
+/// Events one request claimed and appends together.
+pub(crate) struct Claim {
+    /// Their usage entries, in append order.
+    entries: Vec<Entry>,
+    /// The index of the first once the append is durable; `Err` if it failed.
+    appended: watch::Sender<Option<Result<u64, ()>>>,
+}
+
+impl Claim {
+    fn new(entries: Vec<Entry>, appended: Option<Result<u64, ()>>) -> Claim {
+        Claim {
+            entries,
+            appended: watch::channel(appended).0,
+        }
+    }
+
+    fn state(&self) -> Option<Result<u64, ()>> {
+        *self.appended.borrow()
+    }
+}
+
+/// Settles a claim as failed if its request ends without settling it (a panic), so no
+/// request waits on it forever and it can be pruned.
+struct Settle<'a>(&'a Claim);
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        self.0.appended.send_if_modified(|v| {
+            let unset = v.is_none();
+            if unset {
+                *v = Some(Err(()));
+            }
+            unset
+        });
+    }
+}
+
+/// Where claimed events are: the claim's sequence number and the event's position in it.
+type Slot = (u64, usize);
+
+/// Slots of the events whose keys share one hash; almost always one.
+enum Bucket {
+    One(Slot),
+    Many(Vec<Slot>),
 }
 
 /// The in-memory half of the idempotency index, guarded by `App::ingest_lock`.
 ///
-/// Invariant: the key of every event in the log is in `map` (appended or being appended,
-/// not yet projected) or in the store's index (projected), and its hash is in `seen`. So
-/// a key whose hash is not in `seen` is new without asking the store: at 500k events/s a
-/// store lookup per event would cost more than everything else together. `seen` costs
-/// about 16 bytes per event ever ingested; a hash in `seen` only sends the key to the
-/// exact checks, so collisions cost a lookup, never a wrong answer.
+/// Invariant: the key of every event in the log is in a claim held here (appended or
+/// being appended, not yet projected) or in the store's index (projected), and its hash
+/// is in `seen`. So a key whose hash is not in `seen` is new without asking the store: at
+/// 500k events/s a store lookup per event would cost more than everything else together.
+/// `seen` costs about 16 bytes per event ever ingested; a hash in `seen` only sends the
+/// key to the exact checks, so collisions cost a lookup, never a wrong answer.
+///
+/// Claims keep their entries (the keys are read from them, never copied) and are
+/// dropped in claim order once the projections have indexed them, or once they failed.
 #[derive(Default)]
 pub struct Recent {
-    map: HashMap<(String, String), Slot>,
     seen: FxHashSet<u64>,
+    /// Unprojected claimed events by key hash.
+    slots: FxHashMap<u64, Bucket>,
+    /// Claims by sequence number, the first being `first_seq`.
+    claims: VecDeque<Arc<Claim>>,
+    first_seq: u64,
 }
 
 impl Recent {
@@ -149,17 +223,24 @@ impl Recent {
         let mut bad = None;
         log.scan(projected..log.size(), &mut |i, bytes| {
             match Entry::decode(bytes) {
-                Ok(Entry {
-                    body:
-                        EntryBody::Usage(Usage {
-                            source: Some(source),
-                            event_id: Some(id),
-                            ..
-                        }),
-                    ..
-                }) => {
-                    recent.seen.insert(key_hash(&source, &id));
-                    recent.map.entry((source, id)).or_insert(Slot::Done(i));
+                Ok(
+                    entry @ Entry {
+                        body:
+                            EntryBody::Usage(Usage {
+                                source: Some(_),
+                                event_id: Some(_),
+                                ..
+                            }),
+                        ..
+                    },
+                ) => {
+                    let (source, id) = event_key(&entry);
+                    let hash = key_hash(source, id);
+                    // The first entry of an event is its answer.
+                    if recent.find(hash, (source, id)).is_none() {
+                        recent.seen.insert(hash);
+                        recent.claim(Claim::new(vec![entry], Some(Ok(i))), &[hash]);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => bad = Some(format!("entry {i} does not decode: {e}")),
@@ -172,10 +253,77 @@ impl Recent {
         }
     }
 
-    /// Forgets appended events the projections have indexed; bounds the map.
+    /// The claim holding the event `key` (its hash is `hash`) and its position there,
+    /// unless the claim failed.
+    fn find(&self, hash: u64, key: (&str, &str)) -> Option<(&Arc<Claim>, usize)> {
+        let one;
+        let slots: &[Slot] = match self.slots.get(&hash)? {
+            Bucket::One(s) => {
+                one = [*s];
+                &one
+            }
+            Bucket::Many(v) => v,
+        };
+        // The newest first: a failed claim may be followed by a retry of the event.
+        slots.iter().rev().find_map(|&(seq, pos)| {
+            let claim = &self.claims[(seq - self.first_seq) as usize];
+            (event_key(&claim.entries[pos]) == key && claim.state() != Some(Err(())))
+                .then_some((claim, pos))
+        })
+    }
+
+    /// Holds a new claim; `hashes` are the keys' hashes of its entries, in order.
+    fn claim(&mut self, claim: Claim, hashes: &[u64]) -> Arc<Claim> {
+        let seq = self.first_seq + self.claims.len() as u64;
+        for (pos, &hash) in hashes.iter().enumerate() {
+            match self.slots.entry(hash) {
+                HashEntry::Vacant(v) => {
+                    v.insert(Bucket::One((seq, pos)));
+                }
+                HashEntry::Occupied(mut o) => {
+                    let b = o.get_mut();
+                    match b {
+                        Bucket::One(s) => *b = Bucket::Many(vec![*s, (seq, pos)]),
+                        Bucket::Many(v) => v.push((seq, pos)),
+                    }
+                }
+            }
+        }
+        let claim = Arc::new(claim);
+        self.claims.push_back(claim.clone());
+        claim
+    }
+
+    /// Drops the oldest claims the projections have indexed, and failed ones; bounds
+    /// the index.
     fn prune(&mut self, projected: u64) {
-        self.map
-            .retain(|_, s| !matches!(s, Slot::Done(e) if *e < projected));
+        while let Some(front) = self.claims.front() {
+            match front.state() {
+                Some(Ok(start)) if start + front.entries.len() as u64 <= projected => {}
+                Some(Err(())) => {}
+                _ => return,
+            }
+            let seq = self.first_seq;
+            for (pos, entry) in front.entries.iter().enumerate() {
+                let (source, id) = event_key(entry);
+                if let HashEntry::Occupied(mut o) = self.slots.entry(key_hash(source, id)) {
+                    match o.get_mut() {
+                        Bucket::One(s) if *s == (seq, pos) => {
+                            o.remove();
+                        }
+                        Bucket::One(_) => {}
+                        Bucket::Many(v) => {
+                            v.retain(|s| *s != (seq, pos));
+                            if v.is_empty() {
+                                o.remove();
+                            }
+                        }
+                    }
+                }
+            }
+            self.claims.pop_front();
+            self.first_seq += 1;
+        }
     }
 }
 
@@ -225,6 +373,19 @@ impl<'de> Deserialize<'de> for Text<'de> {
         }
         d.deserialize_str(V)
     }
+}
+
+/// The string a JSON value holds, borrowed where it has no escapes.
+fn text(raw: &RawValue) -> Result<Text<'_>, serde_json::Error> {
+    let json = raw.get();
+    // The body was checked to be JSON already, so a quoted value without a backslash is
+    // a string whose text is between the quotes.
+    if let Some(inner) = json.strip_prefix('"').and_then(|j| j.strip_suffix('"'))
+        && !inner.contains('\\')
+    {
+        return Ok(Text(Cow::Borrowed(inner)));
+    }
+    serde_json::from_str(json)
 }
 
 /// A JSON object's members in document order, values left unparsed.
@@ -288,7 +449,7 @@ fn string_attr<'a>(
             false => Ok(None),
         };
     };
-    let Ok(Text(s)) = serde_json::from_str::<Text<'a>>(raw.get()) else {
+    let Ok(Text(s)) = text(raw) else {
         return Err(ApiError::bad_request(format!(
             "{name}: must be a string, got {}",
             kind(raw)
@@ -383,7 +544,7 @@ fn llm_usage(data: &RawValue) -> Result<(String, TokenMap), ApiError> {
             let n = quantity(value, &field)?;
             tokens.add(m, d, n).ok_or_else(|| overflow(&field))?;
         } else if key == "model" {
-            model = Some(match serde_json::from_str::<Text<'_>>(value.get()) {
+            model = Some(match text(value) {
                 Ok(Text(m)) if !m.is_empty() && m.len() <= MAX_ATTRIBUTE_BYTES => m.into_owned(),
                 Ok(_) => {
                     return Err(ApiError::bad_request(format!(
@@ -439,6 +600,7 @@ fn validate(
     caller: &Caller,
     raw: &RawValue,
     now: Timestamp,
+    last_account: &mut Option<AccountPath>,
 ) -> Result<Accepted, (Option<String>, Option<String>, ApiError)> {
     if !raw.get().starts_with('{') {
         return Err((
@@ -456,7 +618,7 @@ fn validate(
     })?;
     let id = string_attr(ev.id, "id", true).ok().flatten();
     let source = string_attr(ev.source, "source", true).ok().flatten();
-    let check = || -> Result<Accepted, ApiError> {
+    let mut check = || -> Result<Accepted, ApiError> {
         match string_attr(ev.specversion, "specversion", true)?.as_deref() {
             Some("1.0") => {}
             Some(other) => {
@@ -470,14 +632,22 @@ fn validate(
         let source = string_attr(ev.source, "source", true)?.unwrap_or_default();
         let service = string_attr(ev.service, "type", true)?.unwrap_or_default();
         let subject = string_attr(ev.subject, "subject", true)?.unwrap_or_default();
-        let account = AccountPath::parse(&subject)
-            .map_err(|e| ApiError::bad_request(format!("subject: {e}")))?;
-        if account.is_root() {
-            return Err(ApiError::bad_request(
-                "subject: usage cannot land on the root account",
-            ));
-        }
-        caller.require_within(&account)?;
+        let account = match last_account {
+            // The previous event's subject passed the checks below.
+            Some(last) if last.as_str() == subject => last.clone(),
+            _ => {
+                let account = AccountPath::parse(&subject)
+                    .map_err(|e| ApiError::bad_request(format!("subject: {e}")))?;
+                if account.is_root() {
+                    return Err(ApiError::bad_request(
+                        "subject: usage cannot land on the root account",
+                    ));
+                }
+                caller.require_within(&account)?;
+                *last_account = Some(account.clone());
+                account
+            }
+        };
         if let Some(ct) = string_attr(ev.datacontenttype, "datacontenttype", false)?
             && !ct.eq_ignore_ascii_case("application/json")
         {
@@ -548,7 +718,7 @@ fn validate(
                 )
             }
         };
-        let (source, id) = (source.into_owned(), id.into_owned());
+        let hash = key_hash(&source, &id);
         let entry = Entry::new(
             ts,
             account,
@@ -556,15 +726,15 @@ fn validate(
                 service: service.into_owned(),
                 model,
                 tokens,
-                source: Some(source.clone()),
-                event_id: Some(id.clone()),
+                source: Some(source.into_owned()),
+                event_id: Some(id.into_owned()),
                 definition: Some(definition),
                 partial: false,
                 measures,
                 ..Usage::default()
             }),
         );
-        Ok(Accepted { source, id, entry })
+        Ok(Accepted { hash, entry })
     };
     check().map_err(|e| (source.map(Cow::into_owned), id.map(Cow::into_owned), e))
 }
@@ -660,8 +830,9 @@ pub async fn events(
     let now = Timestamp::now();
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(events.len());
     let mut candidates: Vec<(usize, Accepted)> = Vec::with_capacity(events.len());
+    let mut last_account = None;
     for (i, ev) in events.iter().enumerate() {
-        match validate(&app, &caller, ev, now) {
+        match validate(&app, &caller, ev, now, &mut last_account) {
             Ok(a) => {
                 candidates.push((i, a));
                 outcomes.push(None);
@@ -706,12 +877,14 @@ async fn record(
     mut outcomes: Vec<Option<Outcome>>,
 ) -> Result<Vec<Outcome>, ApiError> {
     // Accounts must exist; checked once per distinct account.
-    let mut accounts: Vec<AccountPath> = candidates
-        .iter()
-        .map(|(_, a)| a.entry.account.clone())
-        .collect();
-    accounts.sort_unstable();
-    accounts.dedup();
+    let accounts: Vec<AccountPath> = {
+        let mut distinct = FxHashSet::default();
+        candidates
+            .iter()
+            .filter(|(_, a)| distinct.insert(&a.entry.account))
+            .map(|(_, a)| a.entry.account.clone())
+            .collect()
+    };
     let missing = app
         .blocking(move |app| {
             let mut missing = Vec::new();
@@ -725,12 +898,13 @@ async fn record(
         .await?;
     // The same event twice in one batch: the second is a duplicate of the first.
     let first_of: Vec<Option<usize>> = {
-        let mut first: HashMap<(&str, &str), usize> = HashMap::with_capacity(candidates.len());
+        let mut first: FxHashMap<(&str, &str), usize> =
+            FxHashMap::with_capacity_and_hasher(candidates.len(), Default::default());
         candidates
             .iter()
-            .map(|(i, a)| match first.entry((&a.source, &a.id)) {
-                std::collections::hash_map::Entry::Occupied(o) => Some(*o.get()),
-                std::collections::hash_map::Entry::Vacant(v) => {
+            .map(|(i, a)| match first.entry(a.key()) {
+                HashEntry::Occupied(o) => Some(*o.get()),
+                HashEntry::Vacant(v) => {
                     v.insert(*i);
                     None
                 }
@@ -741,12 +915,13 @@ async fn record(
     // Classify and claim under the lock, so two requests carrying the same event cannot
     // both append it; the lock is not held while appending, so concurrent requests
     // still share group commits.
-    let (done_tx, done_rx) = watch::channel(None);
-    let mut fresh: Vec<(usize, Accepted)> = Vec::with_capacity(candidates.len());
+    let mut slots = Vec::with_capacity(candidates.len());
     let mut waits = Vec::new();
-    {
+    let claim = {
         let mut recent = app.ingest_lock.lock().await;
-        let mut maybe = Vec::new();
+        recent.prune(app.projected());
+        let mut fresh: Vec<(usize, Accepted)> = Vec::with_capacity(candidates.len());
+        let mut unknown = Vec::new();
         for ((i, a), first) in candidates.into_iter().zip(first_of) {
             let error = if missing.contains(&a.entry.account) {
                 ApiError::unprocessable(format!(
@@ -755,38 +930,41 @@ async fn record(
                 ))
             } else if let Some(first) = first {
                 ApiError::conflict(format!("duplicate of event {first} in the same batch"))
-            } else if recent.seen.contains(&key_hash(&a.source, &a.id)) {
-                maybe.push((i, a));
-                continue;
-            } else {
+            } else if !recent.seen.contains(&a.hash) {
                 fresh.push((i, a));
                 continue;
+            } else {
+                // The hash is known: the exact answer is in memory or in the store.
+                match recent.find(a.hash, a.key()) {
+                    Some((claim, pos)) => match claim.state() {
+                        Some(Ok(start)) => {
+                            let (source, id) = a.into_key();
+                            outcomes[i] = Some(Outcome::Duplicate {
+                                source,
+                                id,
+                                entry_id: start + pos as u64,
+                            });
+                        }
+                        _ => waits.push((i, a, claim.clone(), pos)),
+                    },
+                    None => unknown.push((i, a)),
+                }
+                continue;
             };
+            let (source, id) = a.into_key();
             outcomes[i] = Some(Outcome::Rejected {
-                source: Some(a.source),
-                id: Some(a.id),
+                source: Some(source),
+                id: Some(id),
                 error,
             });
-        }
-        // Keys whose hash is known: the exact answer is in memory or in the store.
-        let mut unknown = Vec::new();
-        for (i, a) in maybe {
-            match recent.map.get(&(a.source.clone(), a.id.clone())) {
-                Some(Slot::Done(e)) => {
-                    outcomes[i] = Some(Outcome::Duplicate {
-                        entry_id: *e,
-                        source: a.source,
-                        id: a.id,
-                    });
-                }
-                Some(Slot::Pending(rx, pos)) => waits.push((i, a, rx.clone(), *pos)),
-                None => unknown.push((i, a)),
-            }
         }
         if !unknown.is_empty() {
             let keys: Vec<(String, String)> = unknown
                 .iter()
-                .map(|(_, a)| (a.source.clone(), a.id.clone()))
+                .map(|(_, a)| {
+                    let (s, i) = a.key();
+                    (s.to_string(), i.to_string())
+                })
                 .collect();
             let stored = app
                 .blocking(move |app| {
@@ -798,9 +976,10 @@ async fn record(
             for ((i, a), prior) in unknown.into_iter().zip(stored) {
                 match prior {
                     Some(entry_id) => {
+                        let (source, id) = a.into_key();
                         outcomes[i] = Some(Outcome::Duplicate {
-                            source: a.source,
-                            id: a.id,
+                            source,
+                            id,
                             entry_id,
                         })
                     }
@@ -810,67 +989,54 @@ async fn record(
             // Entries go to the ledger in the batch's order.
             fresh.sort_unstable_by_key(|(i, _)| *i);
         }
-        for (pos, (_, a)) in fresh.iter().enumerate() {
-            recent.seen.insert(key_hash(&a.source, &a.id));
-            recent.map.insert(
-                (a.source.clone(), a.id.clone()),
-                Slot::Pending(done_rx.clone(), pos as u64),
-            );
-        }
-    }
-
-    if !fresh.is_empty() {
-        let mut slots = Vec::with_capacity(fresh.len());
-        let mut heads = Vec::with_capacity(fresh.len());
-        let mut entries = Vec::with_capacity(fresh.len());
-        for (i, a) in fresh {
-            slots.push(i);
-            heads.push((a.source, a.id));
-            entries.push(a.entry);
-        }
-        let appended = app.append(&entries).await;
-        {
-            let mut recent = app.ingest_lock.lock().await;
-            for (k, head) in heads.iter().enumerate() {
-                match &appended {
-                    Ok(range) => {
-                        if let Some(slot) = recent.map.get_mut(head) {
-                            *slot = Slot::Done(range.start + k as u64);
-                        }
-                    }
-                    Err(_) => {
-                        recent.map.remove(head);
-                    }
-                }
+        if fresh.is_empty() {
+            None
+        } else {
+            let mut hashes = Vec::with_capacity(fresh.len());
+            let mut entries = Vec::with_capacity(fresh.len());
+            for (i, a) in fresh {
+                recent.seen.insert(a.hash);
+                slots.push(i);
+                hashes.push(a.hash);
+                entries.push(a.entry);
             }
-            recent.prune(app.projected());
+            Some(recent.claim(Claim::new(entries, None), &hashes))
         }
-        let _ = done_tx.send(Some(appended.as_ref().map(|r| r.start).map_err(|_| ())));
+    };
+
+    if let Some(claim) = claim {
+        let settle = Settle(&claim);
+        let appended = app.append(&claim.entries).await;
+        claim
+            .appended
+            .send_replace(Some(appended.as_ref().map(|r| r.start).map_err(|_| ())));
+        drop(settle);
         let range = appended?;
-        for ((i, (source, id)), entry_id) in slots.into_iter().zip(heads).zip(range) {
+        for ((pos, i), entry_id) in slots.into_iter().enumerate().zip(range) {
             outcomes[i] = Some(Outcome::Accepted {
-                source,
-                id,
+                claim: claim.clone(),
+                pos,
                 entry_id,
             });
         }
     }
-    drop(done_tx);
 
-    for (i, a, mut rx, pos) in waits {
+    for (i, a, claim, pos) in waits {
+        let mut rx = claim.appended.subscribe();
         let start = match rx.wait_for(Option::is_some).await {
             Ok(v) => *v,
             Err(_) => None,
         };
+        let (source, id) = a.into_key();
         outcomes[i] = Some(match start {
             Some(Ok(start)) => Outcome::Duplicate {
-                source: a.source,
-                id: a.id,
-                entry_id: start + pos,
+                source,
+                id,
+                entry_id: start + pos as u64,
             },
             _ => Outcome::Rejected {
-                source: Some(a.source),
-                id: Some(a.id),
+                source: Some(source),
+                id: Some(id),
                 error: ApiError::unavailable(
                     "a concurrent request carrying this event failed to record it; retry",
                 ),

@@ -21,7 +21,18 @@ const PROJECT_IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// Appends encoded entries and waits until they are durable.
 pub async fn append(log: &dyn Log, entries: &[Entry]) -> Result<Range<u64>, ApiError> {
-    let bytes: Vec<Vec<u8>> = entries.iter().map(Entry::encode).collect();
+    // Sized from the entries before: most batches hold entries of similar length, and a
+    // buffer that has to grow is copied.
+    let mut cap = 256;
+    let bytes: Vec<Vec<u8>> = entries
+        .iter()
+        .map(|e| {
+            let mut out = Vec::with_capacity(cap);
+            e.encode_into(&mut out);
+            cap = cap.max(out.len());
+            out
+        })
+        .collect();
     let (tx, rx) = tokio::sync::oneshot::channel();
     log.append(
         bytes,
@@ -66,27 +77,40 @@ pub fn project(
     end: u64,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, ProjectError> {
+    project_reusing(store, log, end, progress, &mut Vec::new())
+}
+
+/// [`project`], decoding into the entries of `pool` (kept between calls): consecutive
+/// entries reuse each other's string buffers instead of allocating their own.
+fn project_reusing(
+    store: &dyn Store,
+    log: &dyn Log,
+    end: u64,
+    progress: &mut dyn FnMut(u64),
+    pool: &mut Vec<Entry>,
+) -> Result<u64, ProjectError> {
     let mut at = store.projected_through().map_err(ProjectError::Store)?;
-    let mut batch = Vec::with_capacity(PROJECT_BATCH_ENTRIES as usize);
     while at < end {
         let stop = end.min(at + PROJECT_BATCH_ENTRIES);
-        batch.clear();
+        let mut len = 0;
         let mut bad = None;
         log.scan(at..stop, &mut |i, bytes| {
-            match Entry::decode(bytes) {
-                Ok(e) => batch.push(e),
-                Err(e) => {
-                    bad = Some((i, e.to_string()));
-                    return Err(LogError::Invalid(format!("entry {i} does not decode")));
-                }
+            let decoded = match pool.get_mut(len) {
+                Some(slot) => slot.decode_into(bytes),
+                None => Entry::decode(bytes).map(|e| pool.push(e)),
+            };
+            if let Err(e) = decoded {
+                bad = Some((i, e.to_string()));
+                return Err(LogError::Invalid(format!("entry {i} does not decode")));
             }
+            len += 1;
             Ok(())
         })
         .map_err(|e| match bad.take() {
             Some((i, m)) => ProjectError::Decode(i, m),
             None => ProjectError::Log(e),
         })?;
-        store.apply(at, &batch).map_err(ProjectError::Store)?;
+        store.apply(at, &pool[..len]).map_err(ProjectError::Store)?;
         at = stop;
         progress(at);
     }
@@ -154,11 +178,18 @@ fn run(
     mark: watch::Sender<u64>,
     failed: watch::Sender<Option<String>>,
 ) {
+    let mut pool = Vec::with_capacity(PROJECT_BATCH_ENTRIES as usize);
     loop {
         let end = log.size();
-        let result = project(store.as_ref(), log.as_ref(), end, &mut |m| {
-            mark.send_replace(m);
-        });
+        let result = project_reusing(
+            store.as_ref(),
+            log.as_ref(),
+            end,
+            &mut |m| {
+                mark.send_replace(m);
+            },
+            &mut pool,
+        );
         if let Err(e) = result {
             // Retrying cannot fix a corrupt log or a failing disk by itself; stop and
             // make every waiter see why, instead of spinning.

@@ -11,7 +11,7 @@ use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, EntryBody, Modality, Scopes};
 use ciyuan_store::{Account, HourFilter, HourRow, KeyRecord, Store, StoreError, floor_hour};
 use rusqlite::{Connection, OptionalExtension, params};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -241,7 +241,7 @@ impl Store for SqliteStore {
         }
         // Sum usage per rollup key first: a batch of many events for one key becomes one
         // upsert.
-        let mut rollup: HashMap<RollupKey<'_>, i64> = HashMap::new();
+        let mut rollup: FxHashMap<RollupKey<'_>, i64> = FxHashMap::default();
         {
             let mut insert_account = tx
                 .prepare_cached(
@@ -252,21 +252,14 @@ impl Store for SqliteStore {
             let mut update_account = tx
                 .prepare_cached("UPDATE accounts SET info = ? WHERE path = ?")
                 .map_err(backend)?;
-            // The first entry for an event wins; a replayed duplicate can never overwrite it.
-            let mut ingested = tx
-                .prepare_cached(
-                    "INSERT INTO ingested (source, id, entry) VALUES (?, ?, ?)
-                     ON CONFLICT (source, id) DO NOTHING",
-                )
-                .map_err(backend)?;
+            // Events to index, in log order: the first entry for an event wins.
+            let mut events: Vec<(&str, &str, i64)> = Vec::with_capacity(entries.len());
             for (i, entry) in entries.iter().enumerate() {
                 let index = start + i as u64;
                 let (service, model, tokens) = match &entry.body {
                     EntryBody::Usage(u) => {
                         if let (Some(source), Some(id)) = (&u.source, &u.event_id) {
-                            ingested
-                                .execute(params![source, id, index as i64])
-                                .map_err(backend)?;
+                            events.push((source, id, index as i64));
                         }
                         (&u.service, &u.model, &u.tokens)
                     }
@@ -305,6 +298,7 @@ impl Store for SqliteStore {
                     *slot = slot.saturating_add(t.count);
                 }
             }
+            insert_ingested(&tx, &events)?;
             let mut upsert = tx
                 .prepare_cached(
                     "INSERT INTO usage_hourly (account, hour, service, model, modality, direction, tokens)
@@ -576,6 +570,44 @@ impl Store for SqliteStore {
         })
         .collect()
     }
+}
+
+/// Rows per `INSERT` of the ingest index: one statement step for many rows costs far
+/// less than a step per row.
+const INGESTED_ROWS_PER_INSERT: usize = 64;
+
+/// Indexes ingested events `(source, id, entry)` in order; the first entry for an event
+/// wins, so a replayed duplicate can never overwrite it (`DO NOTHING` applies row by row,
+/// in the order of the `VALUES` list, within one statement too).
+fn insert_ingested(tx: &Connection, events: &[(&str, &str, i64)]) -> Result<(), StoreError> {
+    fn sql(rows: usize) -> String {
+        let mut sql = String::from("INSERT INTO ingested (source, id, entry) VALUES ");
+        for r in 0..rows {
+            sql.push_str(if r == 0 { "(?, ?, ?)" } else { ", (?, ?, ?)" });
+        }
+        sql.push_str(" ON CONFLICT (source, id) DO NOTHING");
+        sql
+    }
+    let mut chunks = events.chunks_exact(INGESTED_ROWS_PER_INSERT);
+    if chunks.len() > 0 {
+        let mut many = tx
+            .prepare_cached(&sql(INGESTED_ROWS_PER_INSERT))
+            .map_err(backend)?;
+        for chunk in &mut chunks {
+            for (r, (source, id, entry)) in chunk.iter().enumerate() {
+                many.raw_bind_parameter(3 * r + 1, source)
+                    .map_err(backend)?;
+                many.raw_bind_parameter(3 * r + 2, id).map_err(backend)?;
+                many.raw_bind_parameter(3 * r + 3, entry).map_err(backend)?;
+            }
+            many.raw_execute().map_err(backend)?;
+        }
+    }
+    let mut one = tx.prepare_cached(&sql(1)).map_err(backend)?;
+    for (source, id, entry) in chunks.remainder() {
+        one.execute(params![source, id, entry]).map_err(backend)?;
+    }
+    Ok(())
 }
 
 fn info_json(info: &AccountInfo) -> String {

@@ -3,6 +3,7 @@
 //! durable in the ledger before its request is answered.
 
 use anyhow::{Context, bail};
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,6 +20,12 @@ pub struct Report {
     /// CPU time the server process spent per event (user + system), in microseconds:
     /// steadier than wall time on a shared machine.
     pub server_cpu_us_per_event: f64,
+}
+
+/// The counts of a batch answer.
+#[derive(serde::Deserialize)]
+struct Counts {
+    accepted: u64,
 }
 
 /// User plus system CPU seconds a process has used so far (Linux; 0 elsewhere).
@@ -126,11 +133,13 @@ pub fn run(events: u64, batch: u64, clients: u64) -> anyhow::Result<Report> {
                         if i > first {
                             body.push(',');
                         }
-                        body.push_str(&format!(
+                        // Written in place: the client shares the cores with the server.
+                        let _ = write!(
+                            body,
                             r#"{{"specversion":"1.0","id":"ev-{i}","source":"svc://bench","type":"llm.usage","subject":"bench/app","data":{{"model":"gpt-4o","input_tokens":{},"output_tokens":{}}}}}"#,
                             i % 997,
                             i % 101
-                        ));
+                        );
                     }
                     body.push(']');
                     let t = Instant::now();
@@ -142,9 +151,10 @@ pub fn run(events: u64, batch: u64, clients: u64) -> anyhow::Result<Report> {
                         .send()
                         .await?
                         .error_for_status()?;
-                    let v: serde_json::Value = resp.json().await?;
+                    // Only the counts are read; the per-event results are skipped unparsed.
+                    let counts: Counts = resp.json().await?;
                     latencies.push(t.elapsed().as_micros() as u64);
-                    accepted += v["accepted"].as_u64().unwrap_or(0);
+                    accepted += counts.accepted;
                 }
                 anyhow::Ok((latencies, accepted))
             }));

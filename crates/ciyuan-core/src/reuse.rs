@@ -1,0 +1,397 @@
+//! Decoding ledger bytes into an entry that already exists, reusing its allocations.
+//!
+//! The projector decodes every entry of the log, millions of usage entries in a row, and
+//! consecutive entries mostly carry strings of similar size (account, service, model,
+//! source, event id, definition): reading them into the previous entry's buffers spares
+//! an allocation and a free per string. The result is always exactly what
+//! [`Entry::decode`] returns: the fast path reads the encoding this build writes (one
+//! pass, fields in the written order), and anything it does not expect (an error, an
+//! unusual layout) is decoded again by [`Entry::decode`], whose answer, value or error,
+//! is then the answer.
+
+use crate::entry::{DecodeError, ENTRY_VERSION, Entry, EntryBody, Usage};
+use crate::path::AccountPath;
+use crate::tokens::{Direction, Modality, TokenMap};
+use jiff::Timestamp;
+use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
+
+impl Entry {
+    /// Decodes ledger bytes into `self`, reusing its allocations where it can; the same
+    /// entry, or the same error, as [`Entry::decode`]. On error `self` holds some valid
+    /// entry, not necessarily a meaningful one.
+    pub fn decode_into(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let fast = EntrySeed(self).deserialize(&mut de).and_then(|()| de.end());
+        if fast.is_err() {
+            *self = Entry::decode(bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// A string borrowed from the input where it has no escapes.
+struct Str<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Str<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Replaces the contents of `slot` with `s`, keeping its buffer.
+fn set(slot: &mut String, s: &str) {
+    slot.clear();
+    slot.push_str(s);
+}
+
+/// Like [`set`] for an optional string: `None` keeps nothing, `Some` reuses any buffer.
+fn set_opt(slot: &mut Option<String>, s: Option<Str<'_>>) {
+    match s {
+        None => *slot = None,
+        Some(Str(s)) => match slot {
+            Some(buf) => set(buf, &s),
+            None => *slot = Some(s.into_owned()),
+        },
+    }
+}
+
+/// Reads one entry into the target, in the order [`Entry::encode`] writes.
+struct EntrySeed<'e>(&'e mut Entry);
+
+impl<'de> DeserializeSeed<'de> for EntrySeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntrySeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a ledger entry")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let e = self.0;
+        // Anything unexpected is an error here, and `decode_into` then asks the exact
+        // decoder for the answer.
+        let unexpected = || A::Error::custom("not the layout this build writes");
+        let (mut v, mut ts, mut account, mut kind, mut data) = (None, None, false, None, false);
+        while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
+            match key.as_ref() {
+                "v" if v.is_none() => {
+                    let n: u16 = map.next_value()?;
+                    if n != ENTRY_VERSION {
+                        return Err(unexpected());
+                    }
+                    v = Some(n);
+                }
+                "ts" if ts.is_none() => ts = Some(map.next_value::<Timestamp>()?),
+                "account" if !account => {
+                    let Str(s) = map.next_value()?;
+                    // A valid non-root internal form is its own written form, so an equal
+                    // string needs no new check; the root is written "/", never "".
+                    if e.account.is_root() || e.account.as_str() != s {
+                        e.account = AccountPath::parse(&s).map_err(A::Error::custom)?;
+                    }
+                    account = true;
+                }
+                "kind" if kind.is_none() => kind = Some(map.next_value::<Str<'de>>()?.0),
+                "data" if !data => {
+                    match kind.as_deref() {
+                        Some("usage") => {
+                            if !matches!(e.body, EntryBody::Usage(_)) {
+                                e.body = EntryBody::Usage(Usage::default());
+                            }
+                            let EntryBody::Usage(u) = &mut e.body else {
+                                return Err(unexpected());
+                            };
+                            map.next_value_seed(UsageSeed(u))?;
+                        }
+                        Some(_) => {
+                            // Rare kinds: decoded whole, as `Entry::decode` does.
+                            let _: &'de RawValue = map.next_value()?;
+                            return Err(unexpected());
+                        }
+                        None => return Err(unexpected()),
+                    }
+                    data = true;
+                }
+                "v" | "ts" | "account" | "kind" | "data" => return Err(unexpected()),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        match (v, ts, account, data) {
+            (Some(v), Some(ts), true, true) => {
+                e.v = v;
+                e.ts = ts;
+                Ok(())
+            }
+            _ => Err(unexpected()),
+        }
+    }
+}
+
+/// Reads a usage body into an existing [`Usage`], with the defaults of its derived
+/// `Deserialize` for absent fields.
+struct UsageSeed<'u>(&'u mut Usage);
+
+impl<'de> DeserializeSeed<'de> for UsageSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UsageSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a usage entry's data")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let u = self.0;
+        let unexpected = || A::Error::custom("not the layout this build writes");
+        // One bit per field: a repeated field is an error for the derived decoder too.
+        let mut seen = 0u16;
+        while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
+            let bit = match key.as_ref() {
+                "service" => 0,
+                "model" => 1,
+                "tokens" => 2,
+                "source" => 3,
+                "event_id" => 4,
+                "definition" => 5,
+                "partial" => 6,
+                "measures" => 7,
+                "quality" => 8,
+                "recount" => 9,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            if seen & (1 << bit) != 0 {
+                return Err(unexpected());
+            }
+            seen |= 1 << bit;
+            match bit {
+                0 => set(&mut u.service, &map.next_value::<Str<'de>>()?.0),
+                1 => set_opt(&mut u.model, map.next_value()?),
+                2 => u.tokens = map.next_value::<Tokens>()?.0,
+                3 => set_opt(&mut u.source, map.next_value()?),
+                4 => set_opt(&mut u.event_id, map.next_value()?),
+                5 => set_opt(&mut u.definition, map.next_value()?),
+                6 => u.partial = map.next_value()?,
+                7 => u.measures = map.next_value()?,
+                8 => u.quality = map.next_value()?,
+                _ => u.recount = map.next_value()?,
+            }
+        }
+        // `service` and `tokens` are required; the others default when absent.
+        if seen & 0b101 != 0b101 {
+            return Err(unexpected());
+        }
+        let absent = |bit: u16| seen & (1 << bit) == 0;
+        if absent(1) {
+            u.model = None;
+        }
+        if absent(3) {
+            u.source = None;
+        }
+        if absent(4) {
+            u.event_id = None;
+        }
+        if absent(5) {
+            u.definition = None;
+        }
+        if absent(6) {
+            u.partial = false;
+        }
+        if absent(7) {
+            u.measures.clear();
+        }
+        if absent(8) {
+            u.quality = None;
+        }
+        if absent(9) {
+            u.recount = None;
+        }
+        Ok(())
+    }
+}
+
+/// A token map read with borrowed keys (the derived path allocates one per key).
+struct Tokens(TokenMap);
+
+impl<'de> Deserialize<'de> for Tokens {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Tokens;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("token counts")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Tokens, A::Error> {
+                let unexpected = || A::Error::custom("not the layout this build writes");
+                let mut m = TokenMap::new();
+                let mut keys: Vec<(Modality, Direction)> = Vec::new();
+                while let Some(Str(k)) = a.next_key::<Str<'de>>()? {
+                    let n: i64 = a.next_value()?;
+                    let key = k
+                        .split_once('.')
+                        .and_then(|(m, d)| Some((m.parse().ok()?, d.parse().ok()?)))
+                        .ok_or_else(unexpected)?;
+                    if keys.contains(&key) {
+                        return Err(unexpected());
+                    }
+                    keys.push(key);
+                    m.add(key.0, key.1, n).ok_or_else(unexpected)?;
+                }
+                Ok(Tokens(m))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::{AccountInfo, KeyRevoked, Quality, Recount};
+
+    fn usage(i: u32) -> Entry {
+        let mut tokens = TokenMap::new();
+        tokens
+            .add(Modality::Text, Direction::Input, 19 + i as i64)
+            .unwrap();
+        if i.is_multiple_of(2) {
+            tokens.add(Modality::Audio, Direction::Output, 3).unwrap();
+        }
+        Entry::new(
+            "2026-11-25T06:00:00.123Z".parse().unwrap(),
+            if i.is_multiple_of(3) {
+                "acme/cn"
+            } else {
+                "acme/us/x"
+            }
+            .parse()
+            .unwrap(),
+            EntryBody::Usage(Usage {
+                service: format!("llm.chat{}", "x".repeat(i as usize % 4)),
+                model: (i % 4 != 1).then(|| "gpt-4o".into()),
+                tokens,
+                source: (i % 5 != 2).then(|| format!("svc://\"quoted\"/{i}")),
+                event_id: Some(format!("ev-{i}-\u{4e2d}")),
+                definition: (i % 2 == 1).then(|| "llm.usage@1".into()),
+                partial: i % 7 == 3,
+                measures: if i % 6 == 5 {
+                    [("pages".to_string(), serde_json::json!(3))].into()
+                } else {
+                    Default::default()
+                },
+                quality: (i % 4 == 2).then(|| Quality {
+                    upstream: "openai".into(),
+                    status: 200,
+                    latency_us: 5,
+                    ..Quality::default()
+                }),
+                recount: (i % 9 == 4).then(|| Recount {
+                    encoding: "o200k_base".into(),
+                    input: 1,
+                    output: 2,
+                    flagged: true,
+                }),
+            }),
+        )
+    }
+
+    #[test]
+    fn decodes_what_decode_decodes_reusing_buffers() {
+        let mut slot = usage(0);
+        let others = [
+            Entry::new(
+                Timestamp::UNIX_EPOCH,
+                AccountPath::root(),
+                EntryBody::AccountCreated(AccountInfo::default()),
+            ),
+            Entry::new(
+                Timestamp::UNIX_EPOCH,
+                "a".parse().unwrap(),
+                EntryBody::KeyRevoked(KeyRevoked { key_id: "k".into() }),
+            ),
+        ];
+        for i in 0..40 {
+            let e = match i % 13 {
+                11 => others[0].clone(),
+                12 => others[1].clone(),
+                _ => usage(i),
+            };
+            let bytes = e.encode();
+            slot.decode_into(&bytes).unwrap();
+            assert_eq!(slot, e, "entry {i}");
+            assert_eq!(slot, Entry::decode(&bytes).unwrap());
+        }
+    }
+
+    #[test]
+    fn odd_layouts_and_errors_answer_as_decode_does() {
+        let cases: &[&[u8]] = &[
+            // Fields in another order, unknown fields, escapes, a null option.
+            br#"{"kind":"usage","data":{"tokens":{"text.input":1},"service":"s","model":null,"x":[1]},"account":"a\/b","ts":"2026-01-01T00:00:00Z","v":1,"extra":{}}"#,
+            br#"{"v":1,"ts":"2026-01-01T00:00:00Z","account":"a","kind":"usage","data":{"service":"s","tokens":{"text.input":1,"text.input":2}}}"#,
+            br#"{"v":1,"ts":"2026-01-01T00:00:00Z","account":"a","kind":"usage","data":{"service":"s"}}"#,
+            br#"{"v":1,"ts":"2026-01-01T00:00:00Z","account":"a","kind":"usage","data":{"service":"s","service":"t","tokens":{}}}"#,
+            br#"{"v":2,"ts":"2026-01-01T00:00:00Z","account":"a","kind":"usage","data":{}}"#,
+            br#"{"v":1,"ts":"2026-01-01T00:00:00Z","account":"a","kind":"mystery","data":{}}"#,
+            br#"{"v":1,"ts":"2026-01-01T00:00:00Z","account":"../x","kind":"usage","data":{"service":"s","tokens":{}}}"#,
+            br#"{"v":1,"ts":"2026-01-01T00:00:00Z","account":"","kind":"usage","data":{"service":"s","tokens":{}}}"#,
+            br#"{"v":1,"ts":"2026-01-01T00:00:00Z","account":"a","kind":"usage","data":{"service":"s","tokens":{}}} x"#,
+            br#"{"v":1,"ts":"2026-01-01T00:00:00Z","account":"a","kind":"usage","data":{"service":"s","tokens":{"smell.in":1}}}"#,
+        ];
+        for (i, bytes) in cases.iter().enumerate() {
+            // From a root-account slot and from a usage slot.
+            for mut slot in [
+                Entry::new(
+                    Timestamp::UNIX_EPOCH,
+                    AccountPath::root(),
+                    EntryBody::KeyRevoked(KeyRevoked { key_id: "k".into() }),
+                ),
+                usage(1),
+            ] {
+                match Entry::decode(bytes) {
+                    Ok(want) => {
+                        slot.decode_into(bytes).unwrap();
+                        assert_eq!(slot, want, "case {i}");
+                    }
+                    Err(want) => assert_eq!(
+                        slot.decode_into(bytes).unwrap_err().to_string(),
+                        want.to_string(),
+                        "case {i}"
+                    ),
+                }
+            }
+        }
+    }
+}
