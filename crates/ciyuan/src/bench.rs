@@ -198,7 +198,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 "gateway: `ciyuan sim` (answers at once) directly and behind `ciyuan serve`, small chat completions"
             );
             println!(
-                "  latency, open loop at {:.0} requests/s for {} s (from scheduled send time):",
+                "  latency, open loop at {:.0} requests/s for {} s each (from scheduled send time; direct and gateway alternate in 1 s slices):",
                 a.rate, a.seconds
             );
             for (name, l) in [("direct ", d), ("gateway", g)] {
@@ -221,7 +221,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             );
             let (d, g) = (&r.throughput_direct, &r.throughput_gateway);
             println!(
-                "  throughput, closed loop, {} clients for {} s:",
+                "  throughput, closed loop, {} clients for {} s each (alternating in 1 s slices):",
                 a.concurrency, a.seconds
             );
             for (name, t) in [("direct ", d), ("gateway", g)] {

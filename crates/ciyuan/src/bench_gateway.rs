@@ -12,6 +12,9 @@
 //! 3. memory: many concurrent slow streams through the gateway while its resident
 //!    memory is sampled from `/proc`.
 //!
+//! Direct and gateway measurements alternate in slices of about a second, so both
+//! see the same background load on a shared machine.
+//!
 //! Every response must be `200` and every stream must end with `[DONE]`; the run
 //! reports any that did not.
 
@@ -277,7 +280,8 @@ async fn open_loop(
     rate: f64,
     seconds: f64,
     pids: (u32, u32),
-) -> anyhow::Result<Latency> {
+    into: &mut OpenSamples,
+) -> anyhow::Result<()> {
     let n = (rate * seconds).round().max(1.0) as u64;
     let handle = tokio::runtime::Handle::current();
     let start = Instant::now() + Duration::from_millis(10);
@@ -301,27 +305,70 @@ async fn open_loop(
         (tasks, start.elapsed())
     })
     .await?;
-    let mut lat = Vec::with_capacity(tasks.len());
-    let mut late = Vec::with_capacity(tasks.len());
     for task in tasks {
         let (l, s, _ok) = task.await?;
-        lat.push(l.as_micros() as u64);
-        late.push(s.as_micros() as u64);
+        into.lat.push(l.as_micros() as u64);
+        into.late.push(s.as_micros() as u64);
     }
-    let cpu = (cpu_seconds(pids.0) - cpu.0, cpu_seconds(pids.1) - cpu.1);
-    lat.sort_unstable();
-    late.sort_unstable();
-    Ok(Latency {
-        requests: n,
-        achieved_rate: n as f64 / sent_for.as_secs_f64(),
-        p50_us: percentile(&lat, 0.50),
-        p99_us: percentile(&lat, 0.99),
-        p999_us: percentile(&lat, 0.999),
-        max_us: lat.last().copied().unwrap_or(0),
-        client_late_p99_us: percentile(&late, 0.99),
-        gateway_cpu_us: cpu.0 * 1e6 / n as f64,
-        sim_cpu_us: cpu.1 * 1e6 / n as f64,
-    })
+    into.sent_secs += sent_for.as_secs_f64();
+    into.cpu.0 += cpu_seconds(pids.0) - cpu.0;
+    into.cpu.1 += cpu_seconds(pids.1) - cpu.1;
+    Ok(())
+}
+
+/// Open-loop slices of one target, merged.
+#[derive(Default)]
+struct OpenSamples {
+    /// Latency of each request from its scheduled time, microseconds.
+    lat: Vec<u64>,
+    /// How late each request's task started.
+    late: Vec<u64>,
+    /// Seconds spent sending.
+    sent_secs: f64,
+    /// CPU seconds of the gateway and the sim.
+    cpu: (f64, f64),
+}
+
+impl OpenSamples {
+    fn latency(mut self) -> Latency {
+        self.lat.sort_unstable();
+        self.late.sort_unstable();
+        let n = self.lat.len() as u64;
+        let per = |c: f64| c * 1e6 / n.max(1) as f64;
+        Latency {
+            requests: n,
+            achieved_rate: n as f64 / self.sent_secs,
+            p50_us: percentile(&self.lat, 0.50),
+            p99_us: percentile(&self.lat, 0.99),
+            p999_us: percentile(&self.lat, 0.999),
+            max_us: self.lat.last().copied().unwrap_or(0),
+            client_late_p99_us: percentile(&self.late, 0.99),
+            gateway_cpu_us: per(self.cpu.0),
+            sim_cpu_us: per(self.cpu.1),
+        }
+    }
+}
+
+/// Closed-loop slices of one target, merged.
+#[derive(Default)]
+struct ClosedSamples {
+    requests: u64,
+    secs: f64,
+    /// CPU seconds of the gateway, the sim and this process.
+    cpu: (f64, f64, f64),
+}
+
+impl ClosedSamples {
+    fn throughput(&self) -> Throughput {
+        let per = |c: f64| c * 1e6 / self.requests.max(1) as f64;
+        Throughput {
+            requests: self.requests,
+            per_sec: self.requests as f64 / self.secs,
+            gateway_cpu_us: per(self.cpu.0),
+            sim_cpu_us: per(self.cpu.1),
+            client_cpu_us: per(self.cpu.2),
+        }
+    }
 }
 
 /// Closed loop: `concurrency` clients each send the next request when the last one
@@ -331,7 +378,8 @@ async fn closed_loop(
     concurrency: usize,
     seconds: f64,
     pids: (u32, u32),
-) -> anyhow::Result<Throughput> {
+    into: &mut ClosedSamples,
+) -> anyhow::Result<()> {
     let me = std::process::id();
     let cpu = (cpu_seconds(pids.0), cpu_seconds(pids.1), cpu_seconds(me));
     let started = Instant::now();
@@ -352,15 +400,12 @@ async fn closed_loop(
     for task in tasks {
         requests += task.await?;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let per = |c: f64| c * 1e6 / requests.max(1) as f64;
-    Ok(Throughput {
-        requests,
-        per_sec: requests as f64 / elapsed,
-        gateway_cpu_us: per(cpu_seconds(pids.0) - cpu.0),
-        sim_cpu_us: per(cpu_seconds(pids.1) - cpu.1),
-        client_cpu_us: per(cpu_seconds(me) - cpu.2),
-    })
+    into.requests += requests;
+    into.secs += started.elapsed().as_secs_f64();
+    into.cpu.0 += cpu_seconds(pids.0) - cpu.0;
+    into.cpu.1 += cpu_seconds(pids.1) - cpu.1;
+    into.cpu.2 += cpu_seconds(me) - cpu.2;
+    Ok(())
 }
 
 /// `streams` concurrent slow streams through the gateway (started over about a
@@ -569,20 +614,63 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
             ..direct.clone()
         };
 
-        // 1. Added latency. A second at the rate first warms connections, the key
-        // cache and the tokenizers; it is not counted.
+        // Direct and gateway runs alternate in slices of about a second (which goes
+        // first alternating too), so both see the same background load on a shared
+        // machine. A first slice of each warms connections, the key cache and the
+        // tokenizers; it is not counted.
+        let slices = o.seconds.ceil().max(1.0) as usize;
+        let slice = o.seconds / slices as f64;
         let warm = o.seconds.min(1.0);
-        open_loop(&direct, o.rate, warm, pids).await?;
-        let latency_direct = open_loop(&direct, o.rate, o.seconds, pids).await?;
-        open_loop(&gateway, o.rate, warm, pids).await?;
+
+        // 1. Added latency.
+        let (mut direct_open, mut gateway_open) = (OpenSamples::default(), OpenSamples::default());
+        open_loop(&direct, o.rate, warm, pids, &mut OpenSamples::default()).await?;
+        open_loop(&gateway, o.rate, warm, pids, &mut OpenSamples::default()).await?;
         let rss_warm_kb = status_kb(gw_pid, "VmRSS");
-        let latency_gateway = open_loop(&gateway, o.rate, o.seconds, pids).await?;
+        for i in 0..slices {
+            let mut runs = [(&direct, &mut direct_open), (&gateway, &mut gateway_open)];
+            if i % 2 == 1 {
+                runs.reverse();
+            }
+            for (t, into) in runs {
+                open_loop(t, o.rate, slice, pids, into).await?;
+            }
+        }
+        let (latency_direct, latency_gateway) = (direct_open.latency(), gateway_open.latency());
 
         // 2. Throughput.
-        closed_loop(&direct, o.concurrency, warm, pids).await?;
-        let throughput_direct = closed_loop(&direct, o.concurrency, o.seconds, pids).await?;
-        closed_loop(&gateway, o.concurrency, warm, pids).await?;
-        let throughput_gateway = closed_loop(&gateway, o.concurrency, o.seconds, pids).await?;
+        let (mut direct_closed, mut gateway_closed) =
+            (ClosedSamples::default(), ClosedSamples::default());
+        closed_loop(
+            &direct,
+            o.concurrency,
+            warm,
+            pids,
+            &mut ClosedSamples::default(),
+        )
+        .await?;
+        closed_loop(
+            &gateway,
+            o.concurrency,
+            warm,
+            pids,
+            &mut ClosedSamples::default(),
+        )
+        .await?;
+        for i in 0..slices {
+            let mut runs = [
+                (&direct, &mut direct_closed),
+                (&gateway, &mut gateway_closed),
+            ];
+            if i % 2 == 1 {
+                runs.reverse();
+            }
+            for (t, into) in runs {
+                closed_loop(t, o.concurrency, slice, pids, into).await?;
+            }
+        }
+        let (throughput_direct, throughput_gateway) =
+            (direct_closed.throughput(), gateway_closed.throughput());
 
         // 3. Memory under many concurrent streams.
         let memory = memory(&gateway, o.streams, gw_pid, (rss_start_kb, rss_warm_kb)).await?;
