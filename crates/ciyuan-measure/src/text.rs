@@ -14,6 +14,7 @@
 use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine;
 use rustc_hash::FxHashMap;
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::Read;
@@ -603,18 +604,22 @@ impl Qwen {
     /// the quick check cannot pass are normalized; they are cut where
     /// [`split_for_parallel`] cuts, across which NFC never composes.
     fn count(&self, text: &str) -> usize {
+        let stretches: Vec<Cow<'_, str>> = split_for_parallel(text, NFC_STRETCH_BYTES)
+            .into_iter()
+            .map(|part| {
+                if part.is_ascii() || is_nfc_quick(part.chars()) == IsNormalized::Yes {
+                    Cow::Borrowed(part)
+                } else {
+                    Cow::Owned(part.nfc().collect())
+                }
+            })
+            .collect();
         let mut cache = self.pre.cache();
         let mut seen = Seen::for_text(text.len());
-        let mut n = 0;
-        for part in split_for_parallel(text, NFC_STRETCH_BYTES) {
-            if part.is_ascii() || is_nfc_quick(part.chars()) == IsNormalized::Yes {
-                n += self.count_nfc(part, &mut cache, &mut seen);
-            } else {
-                let nfc: String = part.nfc().collect();
-                n += self.count_nfc(&nfc, &mut cache, &mut Seen::for_text(nfc.len()));
-            }
-        }
-        n
+        stretches
+            .iter()
+            .map(|s| self.count_nfc(s, &mut cache, &mut seen))
+            .sum()
     }
 
     /// Counts NFC text: special tokens one each, the rest split and merged.
