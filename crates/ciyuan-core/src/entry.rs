@@ -32,6 +32,9 @@ pub struct Entry {
 }
 
 /// What an entry records.
+// Usage is by far the most common entry and the largest; boxing it would add an
+// allocation to nearly every entry to shrink the rare ones.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum EntryBody {
     /// Tokens consumed or produced by an AI service.

@@ -1038,6 +1038,12 @@ impl LedgerReader {
                 st.segments.get(i).map(|s| s.first).unwrap_or(u64::MAX)
             };
             let stop = range.end.min(seg_end);
+            // Where the range's bytes end in this segment, when the entry after it is
+            // in the same segment: reads stop there, so scanning a few entries (the
+            // projector behind a busy gateway) reads a few records, not a whole chunk.
+            let end_pos = (stop < seg_end)
+                .then(|| self.locate(stop).ok().map(|(_, _, o)| o))
+                .flatten();
             let mut pos = offset;
             let mut buf: Vec<u8> = Vec::new();
             let mut at = 0usize;
@@ -1050,8 +1056,11 @@ impl LedgerReader {
                 {
                     // Refill from the current record on.
                     pos += at as u64;
-                    let want =
+                    let mut want =
                         READ_CHUNK_BYTES.max(RECORD_HEADER_BYTES + self.shared.max_entry_bytes);
+                    if let Some(end) = end_pos {
+                        want = want.min(end.saturating_sub(pos) as usize).max(RECORD_HEADER_BYTES);
+                    }
                     buf.resize(want, 0);
                     let n = read_some_at(&file, &mut buf, pos)
                         .map_err(|e| E::from(LedgerError::io(format!("reading {name}"))(e)))?;
