@@ -1,0 +1,1084 @@
+//! The engine: limits and access rules by node, counters by window, reservations.
+
+use std::fmt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use ciyuan_core::jiff::{SignedDuration, Timestamp};
+use ciyuan_core::{AccountPath, TokenMap};
+use rustc_hash::FxHashMap;
+
+use crate::BudgetError;
+use crate::models::Rules;
+use crate::spec::{LimitScope, LimitSpec, Measure, Mode, Window, until};
+
+/// Deepest chain of nodes an account can have: the root plus
+/// [`ciyuan_core::AccountPath`]'s 16 segments.
+const MAX_CHAIN: usize = 17;
+/// Spare hold vectors kept for reuse, so admitting does not allocate them.
+const POOL: usize = 1024;
+
+/// One request asking to be let through.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission<'a> {
+    /// The account the request is made for; limits on it and on all its ancestors apply.
+    pub account: &'a AccountPath,
+    /// The API key's id (for [`LimitScope::Key`] limits).
+    pub key_id: &'a str,
+    /// The session id, if the request names one (for [`LimitScope::Session`] limits).
+    pub session: Option<&'a str>,
+    /// The model asked for (for the access rules).
+    pub model: &'a str,
+    /// When the request arrives; its windows are the windows containing this time.
+    pub now: Timestamp,
+    /// The prompt's tokens as counted locally, by key.
+    pub input: &'a TokenMap,
+    /// The most output the request may produce, by key (e.g. `text.output` =
+    /// `max_tokens`). Every key the request can produce should be listed: a limit
+    /// holds only while actual usage stays within `input` + `max_output`.
+    pub max_output: &'a TokenMap,
+}
+
+/// An admitted request's hold on its limits, to be [`Engine::settle`]d or
+/// [`Engine::release`]d.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// Names the reservation in `settle` and `release`.
+    pub id: u64,
+    /// When set, a request-scope clamp limit admitted the request only with less
+    /// output: the caller must limit the request's total output (e.g. `max_tokens`) to
+    /// this many tokens.
+    pub output_cap: Option<u64>,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalKind {
+    /// A token budget over a period (hour, day, month, lifetime) or per request.
+    Quota,
+    /// A rate: a minute window, or a count of requests.
+    Rate,
+    /// An access rule: the model is denied or not allowed.
+    Model,
+}
+
+/// A refused request: which rule on which node, in words, and when to retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The node whose limit or rule refused.
+    pub node: AccountPath,
+    /// The limit's name; `None` for an access rule.
+    pub limit: Option<String>,
+    /// Quota, rate or access rule.
+    pub kind: RefusalKind,
+    /// For a person: e.g. `hard limit 'monthly' on acme/cn: 1000000 tokens per month,
+    /// 999990 used, 20 reserved, this request needs 300`.
+    pub message: String,
+    /// Time until the refusing limit's window resets, when waiting can help (never
+    /// for lifetime or request-scope limits, access rules, or requests larger than
+    /// the whole limit).
+    pub retry_after: Option<Duration>,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Whose counter of a limit: the node's, one session's, one key's, or one request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subject {
+    /// The node's single counter ([`LimitScope::Node`]).
+    Node,
+    /// One session's counter ([`LimitScope::Session`]).
+    Session(String),
+    /// One API key's counter ([`LimitScope::Key`]).
+    Key(String),
+    /// A single request ([`LimitScope::Request`]).
+    Request,
+}
+
+/// Usage reaching one of a limit's thresholds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    /// The limit's node.
+    pub node: AccountPath,
+    /// The limit's name.
+    pub limit: String,
+    /// Whose counter reached it.
+    pub subject: Subject,
+    /// The window's start; `None` for lifetime limits; the request's admission (or
+    /// recording) time for request-scope limits, whose window is the request.
+    pub window_start: Option<Timestamp>,
+    /// The threshold reached, in percent of `amount`.
+    pub threshold: u8,
+    /// The counter after the usage that reached it.
+    pub used: u64,
+    /// The limit's amount.
+    pub amount: u64,
+    /// The limit's mode.
+    pub mode: Mode,
+}
+
+/// What settling or recording usage did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Thresholds reached by this usage, each reported once per window and subject.
+    pub crossings: Vec<Crossing>,
+    /// Hard limits (node, name) that this usage added to while they are over their
+    /// amount (for request-scope limits: the request alone is over). Through
+    /// admit + settle this happens only when actual usage exceeded the reservation.
+    pub exceeded: Vec<(AccountPath, String)>,
+}
+
+/// One counter of a limit as it stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitStatus {
+    /// The limit.
+    pub spec: LimitSpec,
+    /// Whose counter.
+    pub subject: Subject,
+    /// Start of the current window; `None` for lifetime and request-scope limits.
+    pub window_start: Option<Timestamp>,
+    /// End (exclusive) of the current window; `None` for lifetime and request-scope.
+    pub window_end: Option<Timestamp>,
+    /// Usage counted in the window.
+    pub used: u64,
+    /// Held by requests in flight.
+    pub reserved: u64,
+    /// `amount - used - reserved`, at least 0.
+    pub remaining: u64,
+}
+
+/// The budget engine. Cheap to share (`Send + Sync`); every call holds one internal
+/// lock for a few microseconds at most.
+///
+/// - Limits sit on account nodes and count usage of the node's whole subtree.
+/// - [`Engine::admit`] checks the access rules and every applicable limit on the
+///   account and all its ancestors, and either reserves on all of them at once or
+///   refuses with nothing reserved.
+/// - [`Engine::settle`] turns a reservation into actual usage, in the windows the
+///   request was admitted in; [`Engine::release`] and [`Engine::expire`] drop
+///   reservations; [`Engine::record`] counts usage that already happened.
+/// - Counters hold the current window only (the latest window any call has seen);
+///   reservations live in memory only.
+pub struct Engine {
+    inner: Mutex<Inner>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let g = self.lock();
+        f.debug_struct("Engine")
+            .field("nodes", &g.nodes.len())
+            .field("reservations", &g.reservations.len())
+            .finish()
+    }
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::new()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    index: FxHashMap<Box<str>, u32>,
+    nodes: Vec<Node>,
+    reservations: FxHashMap<u64, Res>,
+    next_reservation: u64,
+    next_limit: u64,
+    pool: Vec<Vec<Hold>>,
+}
+
+struct Node {
+    path: AccountPath,
+    limits: Vec<Limit>,
+    rules: Rules,
+}
+
+struct Limit {
+    /// Changes whenever the counters are reset, so older holds no longer apply.
+    id: u64,
+    spec: LimitSpec,
+    /// The latest window seen; starts empty.
+    window: Window,
+    node: Counter,
+    keyed: FxHashMap<Box<str>, Counter>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    window_start: Timestamp,
+    used: u64,
+    reserved: u64,
+    /// Bit i: `spec.thresholds[i]` already reported in this window.
+    crossed: u16,
+}
+
+impl Counter {
+    const EMPTY: Counter = Counter::fresh(Timestamp::MIN);
+
+    const fn fresh(window_start: Timestamp) -> Counter {
+        Counter {
+            window_start,
+            used: 0,
+            reserved: 0,
+            crossed: 0,
+        }
+    }
+
+    /// Moves the counter to window `w` if it is older.
+    fn roll(&mut self, w: &Window) {
+        if self.window_start < w.start {
+            *self = Counter::fresh(w.start);
+        }
+    }
+
+    /// (used, reserved) in window `w`.
+    fn view(&self, w: &Window) -> (u64, u64) {
+        if self.window_start == w.start {
+            (self.used, self.reserved)
+        } else {
+            (0, 0)
+        }
+    }
+}
+
+struct Res {
+    admitted: Timestamp,
+    key_id: Option<Box<str>>,
+    session: Option<Box<str>>,
+    holds: Vec<Hold>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    node: u32,
+    limit: u64,
+    /// The counter's window (the admission time for request-scope limits).
+    window_start: Timestamp,
+    amount: u64,
+}
+
+struct Chain {
+    ids: [u32; MAX_CHAIN],
+    len: usize,
+}
+
+impl Chain {
+    fn push(&mut self, id: u32) {
+        if self.len < MAX_CHAIN {
+            self.ids[self.len] = id;
+            self.len += 1;
+        }
+    }
+
+    /// Root first, the account's own node last.
+    fn top_down(&self) -> impl DoubleEndedIterator<Item = usize> + '_ {
+        self.ids[..self.len].iter().map(|&i| i as usize)
+    }
+}
+
+const EMPTY_WINDOW: Window = Window {
+    start: Timestamp::MIN,
+    end: Timestamp::MIN,
+};
+
+impl Limit {
+    fn new(id: u64, spec: LimitSpec) -> Limit {
+        Limit {
+            id,
+            spec,
+            window: EMPTY_WINDOW,
+            node: Counter::EMPTY,
+            keyed: FxHashMap::default(),
+        }
+    }
+
+    /// Advances the latest window to the one containing `at` if that is newer (and
+    /// drops the keyed counters of older windows), and returns the latest window. When
+    /// `at` lies in an older window, the latest window is returned unchanged.
+    fn advance(&mut self, at: Timestamp) -> Window {
+        if self.window.contains(at) {
+            return self.window;
+        }
+        let w = Window::containing(self.spec.period, &self.spec.time_zone, at);
+        if w.start > self.window.start || self.window == EMPTY_WINDOW {
+            self.move_to(w);
+        }
+        self.window
+    }
+
+    fn move_to(&mut self, w: Window) {
+        self.window = w;
+        self.keyed.retain(|_, c| c.window_start >= w.start);
+        if self.keyed.capacity() > 64 && self.keyed.capacity() > 4 * self.keyed.len() {
+            self.keyed.shrink_to_fit();
+        }
+    }
+
+    fn counter(&mut self, subject: Option<&str>) -> Option<&mut Counter> {
+        match self.spec.scope {
+            LimitScope::Node => Some(&mut self.node),
+            LimitScope::Session | LimitScope::Key => self.keyed.get_mut(subject?),
+            LimitScope::Request => None,
+        }
+    }
+
+    fn counter_or_insert(&mut self, subject: Option<&str>) -> Option<&mut Counter> {
+        match self.spec.scope {
+            LimitScope::Node => Some(&mut self.node),
+            LimitScope::Session | LimitScope::Key => {
+                let s = subject?;
+                if !self.keyed.contains_key(s) {
+                    self.keyed.insert(s.into(), Counter::EMPTY);
+                }
+                self.keyed.get_mut(s)
+            }
+            LimitScope::Request => None,
+        }
+    }
+
+    /// Whose counter this subject string names, for reports.
+    fn subject(&self, s: Option<&str>) -> Subject {
+        match self.spec.scope {
+            LimitScope::Node => Subject::Node,
+            LimitScope::Session => Subject::Session(s.unwrap_or_default().to_string()),
+            LimitScope::Key => Subject::Key(s.unwrap_or_default().to_string()),
+            LimitScope::Request => Subject::Request,
+        }
+    }
+
+    /// The subject string of an admission or record for this limit; `None` when the
+    /// limit does not apply (a session limit and no session).
+    fn pick<'a>(&self, key_id: &'a str, session: Option<&'a str>) -> Option<Option<&'a str>> {
+        match self.spec.scope {
+            LimitScope::Node | LimitScope::Request => Some(None),
+            LimitScope::Session => session.map(Some),
+            LimitScope::Key => Some(Some(key_id)),
+        }
+    }
+}
+
+/// Whether `used` reaches `pct` percent of `amount` (usage must be above zero).
+fn reached(used: u64, amount: u64, pct: u8) -> bool {
+    used > 0 && u128::from(used) * 100 >= u128::from(amount) * u128::from(pct)
+}
+
+/// The thresholds `used` has reached, as crossed bits.
+fn reached_bits(spec: &LimitSpec, used: u64) -> u16 {
+    let mut bits = 0u16;
+    for (i, &t) in spec.thresholds.iter().enumerate() {
+        if reached(used, spec.amount, t) {
+            bits |= 1 << i;
+        }
+    }
+    bits
+}
+
+/// Adds `amount` of usage to a counter and reports what that did.
+fn add_usage(
+    path: &AccountPath,
+    l: &Limit,
+    c: &mut Counter,
+    subject: Option<&str>,
+    amount: u64,
+    out: &mut Settled,
+) {
+    c.used = c.used.saturating_add(amount);
+    let spec = &l.spec;
+    for (i, &t) in spec.thresholds.iter().enumerate() {
+        if c.crossed & (1 << i) == 0 && reached(c.used, spec.amount, t) {
+            c.crossed |= 1 << i;
+            out.crossings.push(Crossing {
+                node: path.clone(),
+                limit: spec.name.clone(),
+                subject: l.subject(subject),
+                window_start: (l.window != Window::LIFETIME).then_some(c.window_start),
+                threshold: t,
+                used: c.used,
+                amount: spec.amount,
+                mode: spec.mode,
+            });
+        }
+    }
+    if spec.mode == Mode::Hard && amount > 0 && c.used > spec.amount {
+        push_exceeded(out, path, &spec.name);
+    }
+}
+
+/// A request-scope limit looking at one request's actual size.
+fn request_usage(path: &AccountPath, l: &Limit, at: Timestamp, amount: u64, out: &mut Settled) {
+    let spec = &l.spec;
+    for &t in &spec.thresholds {
+        if reached(amount, spec.amount, t) {
+            out.crossings.push(Crossing {
+                node: path.clone(),
+                limit: spec.name.clone(),
+                subject: Subject::Request,
+                window_start: Some(at),
+                threshold: t,
+                used: amount,
+                amount: spec.amount,
+                mode: spec.mode,
+            });
+        }
+    }
+    if spec.mode == Mode::Hard && amount > spec.amount {
+        push_exceeded(out, path, &spec.name);
+    }
+}
+
+fn push_exceeded(out: &mut Settled, path: &AccountPath, name: &str) {
+    if !out.exceeded.iter().any(|(p, n)| p == path && n == name) {
+        out.exceeded.push((path.clone(), name.to_string()));
+    }
+}
+
+fn kind(spec: &LimitSpec) -> RefusalKind {
+    if spec.is_rate() {
+        RefusalKind::Rate
+    } else {
+        RefusalKind::Quota
+    }
+}
+
+fn subject_phrase(scope: LimitScope, s: Option<&str>) -> String {
+    match (scope, s) {
+        (LimitScope::Session, Some(s)) => format!(" (session {s})"),
+        (LimitScope::Key, Some(k)) => format!(" (key {k})"),
+        _ => String::new(),
+    }
+}
+
+impl Inner {
+    fn chain(&self, path: &str) -> Chain {
+        let mut c = Chain {
+            ids: [0; MAX_CHAIN],
+            len: 0,
+        };
+        if self.index.is_empty() {
+            return c;
+        }
+        if let Some(&i) = self.index.get("") {
+            c.push(i);
+        }
+        if !path.is_empty() {
+            for (i, b) in path.bytes().enumerate() {
+                if b == b'/'
+                    && let Some(&n) = self.index.get(&path[..i])
+                {
+                    c.push(n);
+                }
+            }
+            if let Some(&n) = self.index.get(path) {
+                c.push(n);
+            }
+        }
+        c
+    }
+
+    fn node_mut(&mut self, path: &AccountPath) -> &mut Node {
+        let idx = match self.index.get(path.as_str()) {
+            Some(&i) => i as usize,
+            None => {
+                let i = self.nodes.len();
+                self.nodes.push(Node {
+                    path: path.clone(),
+                    limits: Vec::new(),
+                    rules: Rules::default(),
+                });
+                self.index.insert(path.as_str().into(), i as u32);
+                i
+            }
+        };
+        &mut self.nodes[idx]
+    }
+
+    fn node(&self, path: &AccountPath) -> Option<&Node> {
+        self.index
+            .get(path.as_str())
+            .map(|&i| &self.nodes[i as usize])
+    }
+
+    fn release_holds(&mut self, res: Res) {
+        for h in &res.holds {
+            let Some(node) = self.nodes.get_mut(h.node as usize) else {
+                continue;
+            };
+            let Some(l) = node.limits.iter_mut().find(|l| l.id == h.limit) else {
+                continue;
+            };
+            let subject = match l.spec.scope {
+                LimitScope::Session => res.session.as_deref(),
+                LimitScope::Key => res.key_id.as_deref(),
+                _ => None,
+            };
+            if let Some(c) = l.counter(subject)
+                && c.window_start == h.window_start
+            {
+                c.reserved = c.reserved.saturating_sub(h.amount);
+            }
+        }
+        self.recycle(res.holds);
+    }
+
+    fn recycle(&mut self, mut holds: Vec<Hold>) {
+        if self.pool.len() < POOL {
+            holds.clear();
+            self.pool.push(holds);
+        }
+    }
+}
+
+impl Engine {
+    /// An engine with no limits and no rules: everything is admitted.
+    pub fn new() -> Engine {
+        Engine {
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing in the engine panics while holding the lock, and its state stays
+        // consistent between statements; a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a limit, or replaces the limit of the same node and name. A replacement
+    /// that keeps the measure, period, scope and time zone keeps the counters and
+    /// reservations (e.g. raising the amount); any other replacement starts from zero.
+    pub fn set_limit(&self, mut spec: LimitSpec) -> Result<(), BudgetError> {
+        spec.validate()?;
+        let mut g = self.lock();
+        let inner = &mut *g;
+        inner.next_limit += 1;
+        let fresh_id = inner.next_limit;
+        let node = inner.node_mut(&spec.node);
+        match node.limits.iter_mut().find(|l| l.spec.name == spec.name) {
+            Some(l)
+                if l.spec.measure == spec.measure
+                    && l.spec.period == spec.period
+                    && l.spec.scope == spec.scope
+                    && l.spec.time_zone == spec.time_zone =>
+            {
+                // Keep the counters; carry the reported thresholds over by value.
+                let remap = |bits: u16| -> u16 {
+                    let mut out = 0u16;
+                    for (j, t) in spec.thresholds.iter().enumerate() {
+                        if let Some(i) = l.spec.thresholds.iter().position(|o| o == t)
+                            && bits & (1 << i) != 0
+                        {
+                            out |= 1 << j;
+                        }
+                    }
+                    out
+                };
+                l.node.crossed = remap(l.node.crossed);
+                for c in l.keyed.values_mut() {
+                    c.crossed = remap(c.crossed);
+                }
+                l.spec = spec;
+            }
+            Some(l) => *l = Limit::new(fresh_id, spec),
+            None => node.limits.push(Limit::new(fresh_id, spec)),
+        }
+        Ok(())
+    }
+
+    /// Removes a limit; whether it existed. Reservations on it are forgotten.
+    pub fn clear_limit(&self, node: &AccountPath, name: &str) -> bool {
+        let mut g = self.lock();
+        let Some(&i) = g.index.get(node.as_str()) else {
+            return false;
+        };
+        let limits = &mut g.nodes[i as usize].limits;
+        let before = limits.len();
+        limits.retain(|l| l.spec.name != name);
+        limits.len() != before
+    }
+
+    /// The limits set on `node` itself (not inherited ones), in the order they were
+    /// first set.
+    pub fn limits(&self, node: &AccountPath) -> Vec<LimitSpec> {
+        let g = self.lock();
+        g.node(node)
+            .map(|n| n.limits.iter().map(|l| l.spec.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sets the model access rules of `node`, replacing its previous ones. Patterns
+    /// use `*` for any run of characters and are case-sensitive. A model is allowed
+    /// iff no node on the account's path (the node and its ancestors) denies it and
+    /// every allow list on the path matches it; `None` means no allow list. An empty
+    /// allow list allows nothing.
+    pub fn set_models(&self, node: &AccountPath, allow: Option<Vec<String>>, deny: Vec<String>) {
+        let mut g = self.lock();
+        let rules = Rules { allow, deny };
+        if rules.is_empty() && g.node(node).is_none() {
+            return;
+        }
+        g.node_mut(node).rules = rules;
+    }
+
+    /// The model access rules set on `node` itself: (allow, deny).
+    pub fn models(&self, node: &AccountPath) -> (Option<Vec<String>>, Vec<String>) {
+        let g = self.lock();
+        g.node(node)
+            .map(|n| (n.rules.allow.clone(), n.rules.deny.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Checks only the access rules for `model` on `account`'s path.
+    pub fn check_model(&self, account: &AccountPath, model: &str) -> Result<(), Refusal> {
+        let g = self.lock();
+        let chain = g.chain(account.as_str());
+        check_rules(&g, &chain, model)
+    }
+
+    /// Admits a request or refuses it.
+    ///
+    /// In order: the access rules of every node on the path; then request-scope
+    /// limits (clamp limits first, which may set an output cap); then every
+    /// hard counter limit on the account's node and all its ancestors, nearest node
+    /// first: a limit refuses when `used + reserved + need > amount`, where `need` is
+    /// the request's selected input plus its selected `max_output` (lowered to the
+    /// output cap, if any), or 1 for a request count. A session limit applies only
+    /// when the request names a session. If nothing refuses, every applicable counter
+    /// (hard and soft) reserves `need` under one lock, so no other call interleaves;
+    /// a refusal reserves nothing. Soft limits never refuse.
+    ///
+    /// Clamping: a hard request-scope limit with `clamp` that the request does not fit
+    /// grants `amount - input` output tokens when the request's input alone fits and it
+    /// asks for some selected output; the smallest such grant is the reservation's
+    /// `output_cap`. Other limits never clamp: they refuse.
+    pub fn admit(&self, a: &Admission<'_>) -> Result<Reservation, Refusal> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let chain = inner.chain(a.account.as_str());
+        check_rules(inner, &chain, a.model)?;
+
+        // Request-scope limits: clamps first, so that other limits see the cap.
+        let mut cap: Option<u64> = None;
+        for n in chain.top_down().rev() {
+            let node = &inner.nodes[n];
+            for l in &node.limits {
+                let s = &l.spec;
+                if s.scope != LimitScope::Request || s.mode != Mode::Hard || !s.clamp {
+                    continue;
+                }
+                let Measure::Tokens(sel) = s.measure else {
+                    continue;
+                };
+                let input = sel.count(a.input);
+                let out = sel.count(a.max_output);
+                if input.saturating_add(out) <= s.amount {
+                    continue;
+                }
+                if out > 0 && input < s.amount {
+                    let room = s.amount - input;
+                    cap = Some(cap.map_or(room, |c| c.min(room)));
+                } else {
+                    return Err(Refusal {
+                        node: node.path.clone(),
+                        limit: Some(s.name.clone()),
+                        kind: RefusalKind::Quota,
+                        message: format!(
+                            "hard limit '{}' on {}: {}, this request's input alone needs {input}",
+                            s.name,
+                            node.path,
+                            s.describe()
+                        ),
+                        retry_after: None,
+                    });
+                }
+            }
+        }
+        let need = |m: &Measure| -> u64 {
+            match m {
+                Measure::Requests => 1,
+                Measure::Tokens(sel) => {
+                    let out = sel.count(a.max_output);
+                    sel.count(a.input)
+                        .saturating_add(cap.map_or(out, |c| out.min(c)))
+                }
+            }
+        };
+
+        // Check every hard limit, nearest node first.
+        for n in chain.top_down().rev() {
+            let node = &mut inner.nodes[n];
+            for l in node.limits.iter_mut() {
+                if l.spec.mode != Mode::Hard {
+                    continue;
+                }
+                let Some(subject) = l.pick(a.key_id, a.session) else {
+                    continue;
+                };
+                let amt = need(&l.spec.measure);
+                let (w, used, reserved) = if l.spec.scope == LimitScope::Request {
+                    (EMPTY_WINDOW, 0, 0)
+                } else {
+                    let w = l.advance(a.now);
+                    let (u, r) = l.counter(subject).map_or((0, 0), |c| c.view(&w));
+                    (w, u, r)
+                };
+                if used.saturating_add(reserved).saturating_add(amt) <= l.spec.amount {
+                    continue;
+                }
+                let s = &l.spec;
+                let retry_after =
+                    (s.scope != LimitScope::Request && amt <= s.amount && w.end != Timestamp::MAX)
+                        .then(|| until(a.now, w.end));
+                let message = if s.scope == LimitScope::Request {
+                    format!(
+                        "hard limit '{}' on {}: {}, this request needs {amt}",
+                        s.name,
+                        node.path,
+                        s.describe()
+                    )
+                } else {
+                    format!(
+                        "hard limit '{}' on {}: {}{}, {used} used, {reserved} reserved, this request needs {amt}",
+                        s.name,
+                        node.path,
+                        s.describe(),
+                        subject_phrase(s.scope, subject)
+                    )
+                };
+                return Err(Refusal {
+                    node: node.path.clone(),
+                    limit: Some(s.name.clone()),
+                    kind: kind(s),
+                    message,
+                    retry_after,
+                });
+            }
+        }
+
+        // Reserve on everything that applies.
+        let mut holds = inner.pool.pop().unwrap_or_default();
+        let (mut by_key, mut by_session) = (false, false);
+        for n in chain.top_down() {
+            let node = &mut inner.nodes[n];
+            for l in node.limits.iter_mut() {
+                let Some(subject) = l.pick(a.key_id, a.session) else {
+                    continue;
+                };
+                let amt = need(&l.spec.measure);
+                let window_start = if l.spec.scope == LimitScope::Request {
+                    a.now
+                } else {
+                    let w = l.advance(a.now);
+                    let Some(c) = l.counter_or_insert(subject) else {
+                        continue;
+                    };
+                    c.roll(&w);
+                    c.reserved = c.reserved.saturating_add(amt);
+                    match l.spec.scope {
+                        LimitScope::Key => by_key = true,
+                        LimitScope::Session => by_session = true,
+                        _ => {}
+                    }
+                    w.start
+                };
+                holds.push(Hold {
+                    node: n as u32,
+                    limit: l.id,
+                    window_start,
+                    amount: amt,
+                });
+            }
+        }
+        inner.next_reservation += 1;
+        let id = inner.next_reservation;
+        inner.reservations.insert(
+            id,
+            Res {
+                admitted: a.now,
+                key_id: by_key.then(|| a.key_id.into()),
+                session: if by_session {
+                    a.session.map(Into::into)
+                } else {
+                    None
+                },
+                holds,
+            },
+        );
+        Ok(Reservation {
+            id,
+            output_cap: cap,
+        })
+    }
+
+    /// Ends a reservation with the request's actual usage: the reservation is released
+    /// and `actual` counted on every counter it held, in the window it was admitted
+    /// in (if a counter has since moved to a newer window, that usage belongs to the
+    /// past window and is not counted in memory). `now` is the settlement time; it
+    /// only advances windows. Unknown ids (already settled, released or expired) are
+    /// an error: the caller should [`Engine::record`] the usage instead.
+    pub fn settle(
+        &self,
+        reservation: u64,
+        actual: &TokenMap,
+        now: Timestamp,
+    ) -> Result<Settled, BudgetError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let Some(res) = inner.reservations.remove(&reservation) else {
+            return Err(BudgetError::UnknownReservation(reservation));
+        };
+        let mut out = Settled::default();
+        for h in &res.holds {
+            let Some(node) = inner.nodes.get_mut(h.node as usize) else {
+                continue;
+            };
+            let Some(l) = node.limits.iter_mut().find(|l| l.id == h.limit) else {
+                continue;
+            };
+            let amt = l.spec.measure.amount(actual);
+            let subject = match l.spec.scope {
+                LimitScope::Request => {
+                    request_usage(&node.path, l, h.window_start, amt, &mut out);
+                    continue;
+                }
+                LimitScope::Node => None,
+                LimitScope::Session => res.session.as_deref(),
+                LimitScope::Key => res.key_id.as_deref(),
+            };
+            l.advance(now);
+            let mut c = match l.counter(subject) {
+                Some(c) if c.window_start == h.window_start => *c,
+                _ => continue,
+            };
+            c.reserved = c.reserved.saturating_sub(h.amount);
+            add_usage(&node.path, l, &mut c, subject, amt, &mut out);
+            if let Some(slot) = l.counter(subject) {
+                *slot = c;
+            }
+        }
+        inner.recycle(res.holds);
+        Ok(out)
+    }
+
+    /// Drops a reservation without usage (the request failed before using anything);
+    /// whether it existed.
+    pub fn release(&self, reservation: u64) -> bool {
+        let mut g = self.lock();
+        match g.reservations.remove(&reservation) {
+            Some(res) => {
+                g.release_holds(res);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Releases, without usage, every reservation admitted at or before `now - ttl`
+    /// (requests that died without settling); how many.
+    pub fn expire(&self, now: Timestamp, ttl: Duration) -> usize {
+        let ttl = SignedDuration::try_from(ttl).unwrap_or(SignedDuration::MAX);
+        let mut g = self.lock();
+        let old: Vec<u64> = g
+            .reservations
+            .iter()
+            .filter(|(_, r)| now.duration_since(r.admitted) >= ttl)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &old {
+            if let Some(res) = g.reservations.remove(id) {
+                g.release_holds(res);
+            }
+        }
+        old.len()
+    }
+
+    /// How many reservations are held.
+    pub fn reservations(&self) -> usize {
+        self.lock().reservations.len()
+    }
+
+    /// Counts usage that already happened (e.g. an ingested event) at time `at`: never
+    /// refused, counted on every applicable counter in the window containing `at`
+    /// (nothing is counted in memory for a window older than a counter's current
+    /// one). A request-count limit counts 1. Reports the crossings and the hard limits
+    /// this usage pushed or kept over their amount, so the caller can flag the entry.
+    pub fn record(
+        &self,
+        account: &AccountPath,
+        key_id: &str,
+        session: Option<&str>,
+        tokens: &TokenMap,
+        at: Timestamp,
+    ) -> Settled {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let chain = inner.chain(account.as_str());
+        let mut out = Settled::default();
+        for n in chain.top_down() {
+            let node = &mut inner.nodes[n];
+            for l in node.limits.iter_mut() {
+                let Some(subject) = l.pick(key_id, session) else {
+                    continue;
+                };
+                let amt = l.spec.measure.amount(tokens);
+                if l.spec.scope == LimitScope::Request {
+                    request_usage(&node.path, l, at, amt, &mut out);
+                    continue;
+                }
+                let w = l.advance(at);
+                if !w.contains(at) {
+                    continue; // a past window
+                }
+                let Some(c) = l.counter_or_insert(subject) else {
+                    continue;
+                };
+                c.roll(&w);
+                let mut copy = *c;
+                add_usage(&node.path, l, &mut copy, subject, amt, &mut out);
+                if let Some(slot) = l.counter(subject) {
+                    *slot = copy;
+                }
+            }
+        }
+        out
+    }
+
+    /// Restores a counter after a restart: sets `used` for the window starting at
+    /// `window_start` (`None` for lifetime limits) of limit `name` on `node`, for
+    /// `subject` (the session or key id for session and key limits, `None` for node
+    /// limits). Thresholds already reached count as reported. A window older than
+    /// the counter's current one is ignored. Request-scope limits have no counters.
+    pub fn load_used(
+        &self,
+        node: &AccountPath,
+        name: &str,
+        subject: Option<&str>,
+        window_start: Option<Timestamp>,
+        used: u64,
+    ) -> Result<(), BudgetError> {
+        let mut g = self.lock();
+        let unknown = || BudgetError::UnknownLimit {
+            node: node.clone(),
+            name: name.to_string(),
+        };
+        let &i = g.index.get(node.as_str()).ok_or_else(unknown)?;
+        let l = g.nodes[i as usize]
+            .limits
+            .iter_mut()
+            .find(|l| l.spec.name == name)
+            .ok_or_else(unknown)?;
+        let bad = |why: &str| BudgetError::BadLoad {
+            name: name.to_string(),
+            reason: why.to_string(),
+        };
+        match (l.spec.scope, subject) {
+            (LimitScope::Request, _) => return Err(bad("request-scope limits have no counters")),
+            (LimitScope::Node, Some(_)) => return Err(bad("a node limit takes no subject")),
+            (LimitScope::Session | LimitScope::Key, None) => {
+                return Err(bad("a session or key limit needs the session or key id"));
+            }
+            _ => {}
+        }
+        let w = match window_start {
+            None if l.spec.period == crate::Period::Lifetime => Window::LIFETIME,
+            Some(ws) if l.spec.period != crate::Period::Lifetime => {
+                let w = Window::containing(l.spec.period, &l.spec.time_zone, ws);
+                if w.start != ws {
+                    return Err(bad("not the start of one of the limit's windows"));
+                }
+                w
+            }
+            _ => return Err(bad("lifetime limits take no window start, others need one")),
+        };
+        if l.window != EMPTY_WINDOW && w.start < l.window.start {
+            return Ok(());
+        }
+        if w.start > l.window.start || l.window == EMPTY_WINDOW {
+            l.move_to(w);
+        }
+        let bits = reached_bits(&l.spec, used);
+        if let Some(c) = l.counter_or_insert(subject) {
+            c.roll(&w);
+            c.used = used;
+            c.crossed = bits;
+        }
+        Ok(())
+    }
+
+    /// The counters of `node`'s own limits at `now`: one row per node-scope and
+    /// request-scope limit, and one per session or key with usage or reservations in
+    /// the current window, in limit order and then by subject.
+    pub fn status(&self, node: &AccountPath, now: Timestamp) -> Vec<LimitStatus> {
+        let mut g = self.lock();
+        let mut out = Vec::new();
+        if let Some(&i) = g.index.get(node.as_str()) {
+            status_of(&mut g.nodes[i as usize], now, &mut out);
+        }
+        out
+    }
+
+    /// [`Engine::status`] for `account` and all its ancestors, top-most first.
+    pub fn status_path(&self, account: &AccountPath, now: Timestamp) -> Vec<LimitStatus> {
+        let mut g = self.lock();
+        let chain = g.chain(account.as_str());
+        let mut out = Vec::new();
+        for n in chain.top_down() {
+            status_of(&mut g.nodes[n], now, &mut out);
+        }
+        out
+    }
+}
+
+fn check_rules(inner: &Inner, chain: &Chain, model: &str) -> Result<(), Refusal> {
+    for n in chain.top_down() {
+        let node = &inner.nodes[n];
+        if let Err(why) = node.rules.check(model) {
+            return Err(Refusal {
+                node: node.path.clone(),
+                limit: None,
+                kind: RefusalKind::Model,
+                message: format!("model '{model}' is {why} on {}", node.path),
+                retry_after: None,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn status_of(node: &mut Node, now: Timestamp, out: &mut Vec<LimitStatus>) {
+    for l in node.limits.iter_mut() {
+        let row =
+            |spec: &LimitSpec, subject, w: Option<Window>, used: u64, reserved: u64| LimitStatus {
+                spec: spec.clone(),
+                subject,
+                window_start: w.and_then(|w| w.start_opt()),
+                window_end: w.and_then(|w| w.bounded().map(|b| b.1)),
+                used,
+                reserved,
+                remaining: spec.amount.saturating_sub(used.saturating_add(reserved)),
+            };
+        match l.spec.scope {
+            LimitScope::Request => out.push(row(&l.spec, Subject::Request, None, 0, 0)),
+            LimitScope::Node => {
+                let w = l.advance(now);
+                let (u, r) = l.node.view(&w);
+                out.push(row(&l.spec, Subject::Node, Some(w), u, r));
+            }
+            LimitScope::Session | LimitScope::Key => {
+                let w = l.advance(now);
+                let mut rows: Vec<LimitStatus> = l
+                    .keyed
+                    .iter()
+                    .filter(|(_, c)| c.window_start == w.start && (c.used > 0 || c.reserved > 0))
+                    .map(|(k, c)| row(&l.spec, l.subject(Some(k)), Some(w), c.used, c.reserved))
+                    .collect();
+                rows.sort_by(|a, b| a.subject.cmp(&b.subject));
+                out.extend(rows);
+            }
+        }
+    }
+}

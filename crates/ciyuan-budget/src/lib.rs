@@ -1,0 +1,98 @@
+//! Ciyuan's real-time budget engine: what the gateway asks before a request ("may this
+//! run, and with how much output?") and tells after it ("this is what it used"), and
+//! what the ingest API tells about usage that already happened.
+//!
+//! - [`LimitSpec`]: a limit on an account node, inherited by its whole subtree —
+//!   tokens (any, or by [`Selector`]) or requests, per minute, hour, calendar day or
+//!   month (in the limit's time zone) or lifetime; hard (refuse) or soft (alert);
+//!   counted for the node, per session, per API key, or per single request.
+//! - Model access rules per node ([`Engine::set_models`]), `*` wildcards.
+//! - [`Engine::admit`] → [`Reservation`] or [`Refusal`]; [`Engine::settle`],
+//!   [`Engine::release`], [`Engine::expire`]; [`Engine::record`] for ingested usage;
+//!   [`Crossing`]s of alert thresholds, once per window.
+//! - [`Engine::status`] for what is used, reserved and left; [`Engine::load_used`] to
+//!   restore counters from the projections after a restart (reservations are never
+//!   persisted: a restart releases them).
+//!
+//! No IO and no async: time is always passed in.
+//!
+//! ```
+//! use ciyuan_budget::{Admission, Engine, LimitSpec, Measure, Period, Selector};
+//! use ciyuan_core::{AccountPath, Direction, Modality, TokenMap};
+//!
+//! let engine = Engine::new();
+//! let acme: AccountPath = "acme".parse().unwrap();
+//! engine
+//!     .set_limit(LimitSpec::new(acme.clone(), "monthly", Measure::Tokens(Selector::ALL), 1000, Period::Month))
+//!     .unwrap();
+//! let hr: AccountPath = "acme/cn/hr".parse().unwrap();
+//! let mut input = TokenMap::new();
+//! input.add(Modality::Text, Direction::Input, 300).unwrap();
+//! let mut max_output = TokenMap::new();
+//! max_output.add(Modality::Text, Direction::Output, 500).unwrap();
+//! let now: jiff::Timestamp = "2026-11-25T08:00:00Z".parse().unwrap();
+//! let admission = Admission {
+//!     account: &hr, key_id: "k1", session: None, model: "qwen-max", now,
+//!     input: &input, max_output: &max_output,
+//! };
+//! let r = engine.admit(&admission).unwrap();
+//! // 800 reserved: a second identical request does not fit in 1000.
+//! let refusal = engine.admit(&admission).unwrap_err();
+//! assert_eq!(
+//!     refusal.message,
+//!     "hard limit 'monthly' on acme: 1000 tokens per month, 0 used, 800 reserved, this request needs 800"
+//! );
+//! let mut actual = input.clone();
+//! actual.add(Modality::Text, Direction::Output, 120).unwrap();
+//! engine.settle(r.id, &actual, now).unwrap();
+//! assert_eq!(engine.status(&acme, now)[0].used, 420);
+//! # use ciyuan_core::jiff;
+//! ```
+#![deny(missing_docs)]
+
+pub mod bench;
+mod engine;
+mod models;
+mod spec;
+
+pub use engine::{
+    Admission, Crossing, Engine, LimitStatus, Refusal, RefusalKind, Reservation, Settled, Subject,
+};
+pub use models::matches as model_matches;
+pub use spec::{
+    LimitScope, LimitSpec, MAX_NAME_BYTES, MAX_THRESHOLDS, Measure, Mode, Period, Selector,
+};
+
+use ciyuan_core::AccountPath;
+
+/// Why a call to the engine failed (refusals of requests are [`Refusal`]s, not errors).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BudgetError {
+    /// The limit is not well-formed.
+    #[error("limit {name:?} is invalid: {reason}")]
+    InvalidLimit {
+        /// The limit's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No limit of that name on that node.
+    #[error("no limit {name:?} on {node}")]
+    UnknownLimit {
+        /// The node.
+        node: AccountPath,
+        /// The name.
+        name: String,
+    },
+    /// A counter cannot be restored as asked.
+    #[error("cannot restore limit {name:?}: {reason}")]
+    BadLoad {
+        /// The limit's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The reservation was already settled, released or expired (or never existed).
+    #[error("no reservation {0} (already settled, released or expired)")]
+    UnknownReservation(u64),
+}

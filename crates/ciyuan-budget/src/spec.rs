@@ -1,0 +1,340 @@
+//! What a limit says: the node it sits on, what it measures, over which window, and
+//! what happens when it is reached.
+
+use std::fmt;
+
+use ciyuan_core::jiff::tz::TimeZone;
+use ciyuan_core::jiff::{SignedDuration, Timestamp};
+use ciyuan_core::{AccountPath, Direction, Modality, TokenMap};
+
+use crate::BudgetError;
+
+/// Most thresholds one limit may carry.
+pub const MAX_THRESHOLDS: usize = 16;
+/// Longest accepted limit name, in bytes.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// Which tokens a [`Measure::Tokens`] limit counts. `None` means any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Selector {
+    /// Only tokens of this modality, or any modality.
+    pub modality: Option<Modality>,
+    /// Only tokens of this direction, or any direction.
+    pub direction: Option<Direction>,
+}
+
+impl Selector {
+    /// Every token.
+    pub const ALL: Selector = Selector {
+        modality: None,
+        direction: None,
+    };
+
+    /// Whether a token key is counted.
+    pub fn matches(&self, modality: Modality, direction: Direction) -> bool {
+        self.modality.is_none_or(|m| m == modality) && self.direction.is_none_or(|d| d == direction)
+    }
+
+    /// The selected tokens of `map`, negative counts (corrections) taken as zero,
+    /// saturating at `u64::MAX`.
+    pub fn count(&self, map: &TokenMap) -> u64 {
+        map.iter()
+            .filter(|t| self.matches(t.modality, t.direction))
+            .fold(0u64, |acc, t| acc.saturating_add(t.count.max(0) as u64))
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.modality, self.direction) {
+            (None, None) => f.write_str("tokens"),
+            (Some(m), None) => write!(f, "{m} tokens"),
+            (None, Some(d)) => write!(f, "{d} tokens"),
+            (Some(m), Some(d)) => write!(f, "{m}.{d} tokens"),
+        }
+    }
+}
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Measure {
+    /// Tokens chosen by a [`Selector`].
+    Tokens(Selector),
+    /// Requests: each admitted or recorded request counts 1.
+    Requests,
+}
+
+impl Measure {
+    /// How much of this measure a request of these tokens amounts to.
+    pub fn amount(&self, tokens: &TokenMap) -> u64 {
+        match self {
+            Measure::Tokens(sel) => sel.count(tokens),
+            Measure::Requests => 1,
+        }
+    }
+}
+
+impl fmt::Display for Measure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Measure::Tokens(sel) => sel.fmt(f),
+            Measure::Requests => f.write_str("requests"),
+        }
+    }
+}
+
+/// The window over which a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Period {
+    /// A UTC-aligned minute.
+    Minute,
+    /// A UTC-aligned hour.
+    Hour,
+    /// A calendar day in the limit's time zone (23 or 25 hours on DST days).
+    Day,
+    /// A calendar month in the limit's time zone.
+    Month,
+    /// Forever: the counter never resets.
+    Lifetime,
+}
+
+impl Period {
+    /// `per minute`, ..., `in total`.
+    pub fn phrase(self) -> &'static str {
+        match self {
+            Period::Minute => "per minute",
+            Period::Hour => "per hour",
+            Period::Day => "per day",
+            Period::Month => "per month",
+            Period::Lifetime => "in total",
+        }
+    }
+}
+
+/// What reaching a limit does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Refuse requests that would go over.
+    Hard,
+    /// Never refuse; report threshold crossings (alerts) only.
+    Soft,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Hard => "hard",
+            Mode::Soft => "soft",
+        })
+    }
+}
+
+/// Whose usage one counter of a limit holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitScope {
+    /// One counter for the whole subtree of the node.
+    Node,
+    /// One counter per session id; requests without a session are not limited by it.
+    Session,
+    /// One counter per API key id.
+    Key,
+    /// No counter: each single request's own size is limited.
+    Request,
+}
+
+/// One limit on one account node, inherited by the node's whole subtree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitSpec {
+    /// The node the limit sits on; usage anywhere below it counts.
+    pub node: AccountPath,
+    /// The limit's name, unique on its node (1 to 64 bytes, no control characters).
+    pub name: String,
+    /// What is counted.
+    pub measure: Measure,
+    /// The most that may be counted in one window (a request's size for
+    /// [`LimitScope::Request`]).
+    pub amount: u64,
+    /// The window. Ignored for [`LimitScope::Request`].
+    pub period: Period,
+    /// Refuse, or only alert.
+    pub mode: Mode,
+    /// Whose usage a counter holds.
+    pub scope: LimitScope,
+    /// Alert thresholds in percent of `amount` (1 to 255, e.g. `[50, 80, 100]`); each
+    /// is reported once per window (and per session or key) when usage reaches it.
+    pub thresholds: Vec<u8>,
+    /// The time zone of [`Period::Day`] and [`Period::Month`] windows.
+    pub time_zone: TimeZone,
+    /// Only for hard [`LimitScope::Request`] limits on tokens: when a request does not
+    /// fit, grant it less output (an output cap) instead of refusing, as long as its
+    /// input fits and some output is selected.
+    pub clamp: bool,
+}
+
+impl LimitSpec {
+    /// A hard, node-scoped limit in UTC with no thresholds and no clamp; adjust the
+    /// public fields for anything else.
+    pub fn new(
+        node: AccountPath,
+        name: impl Into<String>,
+        measure: Measure,
+        amount: u64,
+        period: Period,
+    ) -> LimitSpec {
+        LimitSpec {
+            node,
+            name: name.into(),
+            measure,
+            amount,
+            period,
+            mode: Mode::Hard,
+            scope: LimitScope::Node,
+            thresholds: Vec::new(),
+            time_zone: TimeZone::UTC,
+            clamp: false,
+        }
+    }
+
+    /// Checks the spec and puts its thresholds in order without duplicates.
+    pub(crate) fn validate(&mut self) -> Result<(), BudgetError> {
+        let bad = |why: &str| BudgetError::InvalidLimit {
+            name: self.name.clone(),
+            reason: why.to_string(),
+        };
+        if self.name.is_empty() || self.name.len() > MAX_NAME_BYTES {
+            return Err(bad("the name must be 1 to 64 bytes"));
+        }
+        if self.name.chars().any(char::is_control) {
+            return Err(bad("the name has a control character"));
+        }
+        if self.thresholds.contains(&0) {
+            return Err(bad("thresholds are percentages from 1 to 255"));
+        }
+        self.thresholds.sort_unstable();
+        self.thresholds.dedup();
+        if self.thresholds.len() > MAX_THRESHOLDS {
+            return Err(bad("more than 16 thresholds"));
+        }
+        if self.clamp {
+            if self.scope != LimitScope::Request || self.mode != Mode::Hard {
+                return Err(bad("clamp is only for hard limits of request scope"));
+            }
+            if self.measure == Measure::Requests {
+                return Err(bad("clamp needs a token measure"));
+            }
+        }
+        if self.scope == LimitScope::Request && self.measure == Measure::Requests {
+            return Err(bad("a request-scope limit must measure tokens"));
+        }
+        Ok(())
+    }
+
+    /// The window containing `at`: `None` for [`Period::Lifetime`] and request-scope
+    /// limits, else its start (inclusive) and end (exclusive).
+    pub fn window(&self, at: Timestamp) -> Option<(Timestamp, Timestamp)> {
+        if self.scope == LimitScope::Request {
+            return None;
+        }
+        let w = Window::containing(self.period, &self.time_zone, at);
+        w.bounded()
+    }
+
+    /// How this limit reads in a message: `1000000 tokens per month`,
+    /// `60 requests per minute per key`.
+    pub fn describe(&self) -> String {
+        let per = match self.scope {
+            LimitScope::Node => "",
+            LimitScope::Session => " per session",
+            LimitScope::Key => " per key",
+            LimitScope::Request => return format!("{} {} per request", self.amount, self.measure),
+        };
+        format!(
+            "{} {} {}{per}",
+            self.amount,
+            self.measure,
+            self.period.phrase()
+        )
+    }
+
+    /// Whether waiting and retrying can help, i.e. the kind of a refusal: minute
+    /// windows and request counts are rates, everything else quotas.
+    pub(crate) fn is_rate(&self) -> bool {
+        self.period == Period::Minute || self.measure == Measure::Requests
+    }
+}
+
+/// A window of a counter. Lifetime windows run from `Timestamp::MIN` to
+/// `Timestamp::MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    pub start: Timestamp,
+    pub end: Timestamp,
+}
+
+impl Window {
+    pub const LIFETIME: Window = Window {
+        start: Timestamp::MIN,
+        end: Timestamp::MAX,
+    };
+
+    pub fn contains(&self, at: Timestamp) -> bool {
+        self.start <= at && at < self.end
+    }
+
+    pub fn bounded(self) -> Option<(Timestamp, Timestamp)> {
+        (self != Window::LIFETIME).then_some((self.start, self.end))
+    }
+
+    pub fn start_opt(self) -> Option<Timestamp> {
+        (self != Window::LIFETIME).then_some(self.start)
+    }
+
+    /// The window of `period` containing `at`. Outside jiff's range (years beyond
+    /// ±9999) the window degrades to "from `at` on", which never happens in practice.
+    pub fn containing(period: Period, tz: &TimeZone, at: Timestamp) -> Window {
+        let w = match period {
+            Period::Minute => fixed(at, 60),
+            Period::Hour => fixed(at, 3600),
+            Period::Day => day(tz, at),
+            Period::Month => month(tz, at),
+            Period::Lifetime => Some(Window::LIFETIME),
+        };
+        w.unwrap_or(Window {
+            start: at,
+            end: Timestamp::MAX,
+        })
+    }
+}
+
+fn fixed(at: Timestamp, secs: i64) -> Option<Window> {
+    let s = at.as_second().div_euclid(secs) * secs;
+    Some(Window {
+        start: Timestamp::from_second(s).ok()?,
+        end: Timestamp::from_second(s + secs).ok()?,
+    })
+}
+
+fn day(tz: &TimeZone, at: Timestamp) -> Option<Window> {
+    let date = at.to_zoned(tz.clone()).date();
+    Some(Window {
+        start: date.to_zoned(tz.clone()).ok()?.timestamp(),
+        end: date.tomorrow().ok()?.to_zoned(tz.clone()).ok()?.timestamp(),
+    })
+}
+
+fn month(tz: &TimeZone, at: Timestamp) -> Option<Window> {
+    let first = at.to_zoned(tz.clone()).date().first_of_month();
+    let next = first
+        .checked_add(ciyuan_core::jiff::Span::new().months(1))
+        .ok()?;
+    Some(Window {
+        start: first.to_zoned(tz.clone()).ok()?.timestamp(),
+        end: next.to_zoned(tz.clone()).ok()?.timestamp(),
+    })
+}
+
+/// Time from `now` to `end`, zero if already past.
+pub(crate) fn until(now: Timestamp, end: Timestamp) -> std::time::Duration {
+    let d: SignedDuration = end.duration_since(now);
+    std::time::Duration::try_from(d).unwrap_or(std::time::Duration::ZERO)
+}
