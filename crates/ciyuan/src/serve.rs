@@ -180,6 +180,8 @@ async fn run(
         .await
         .context("serving HTTP")?;
     checkpoints.abort();
+    // Gateway entries of answered requests are appended in groups: append the last.
+    app.flush_gateway(Duration::from_secs(10)).await;
     // A last checkpoint so a clean stop leaves everything signed.
     if let Err(e) = app.checkpoint().await {
         tracing::warn!(detail = %e.detail, "final checkpoint failed");

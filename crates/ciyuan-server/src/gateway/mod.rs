@@ -146,6 +146,110 @@ pub struct Gateway {
     clients: Vec<reqwest::Client>,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
+    /// The recorder task's inbox, started with the first request.
+    recorder: std::sync::OnceLock<tokio::sync::mpsc::Sender<Record>>,
+    /// Requests whose entry is not yet handed to the recorder.
+    finishing: std::sync::atomic::AtomicUsize,
+}
+
+/// Entries wait this long for company before they are appended together: the answer
+/// is already out, and one append (one fsync, one projection batch) for many requests
+/// is what lets the ledger keep up with a busy gateway.
+const RECORD_LINGER: Duration = Duration::from_millis(5);
+/// Most entries appended at once by the recorder.
+const RECORD_BATCH_MAX: usize = 1024;
+/// Entries queued for the recorder before `finish` appends on its own instead.
+const RECORD_QUEUE: usize = 16 * 1024;
+
+/// What the recorder task receives.
+// Nearly every message is an entry; boxing it would allocate per request.
+#[allow(clippy::large_enum_variant)]
+enum Record {
+    Entry(Entry),
+    /// Append what is queued now and say when it is durable.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Appends gateway entries in groups.
+async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver<Record>) {
+    let mut batch: Vec<Entry> = Vec::with_capacity(RECORD_BATCH_MAX);
+    let mut waiting: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let deadline = tokio::time::Instant::now() + RECORD_LINGER;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Record::Entry(e) => batch.push(e),
+                Record::Flush(done) => {
+                    waiting.push(done);
+                    break;
+                }
+            }
+            if batch.len() >= RECORD_BATCH_MAX {
+                break;
+            }
+            next = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .ok()
+                .flatten();
+        }
+        let Some(app) = app.upgrade() else { return };
+        if !batch.is_empty()
+            && let Err(e) = app.append(&batch).await
+        {
+            tracing::error!(entries = batch.len(), detail = %e.detail, "gateway usage not recorded");
+        }
+        batch.clear();
+        for w in waiting.drain(..) {
+            let _ = w.send(());
+        }
+    }
+}
+
+impl App {
+    /// Waits until every gateway request that has finished has its entry durable in
+    /// the ledger (for a clean stop), at most `timeout`.
+    pub async fn flush_gateway(self: &Arc<Self>, timeout: Duration) {
+        let until = tokio::time::Instant::now() + timeout;
+        while self
+            .gateway
+            .finishing
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if let Some(tx) = self.gateway.recorder.get() {
+            let (done, wait) = tokio::sync::oneshot::channel();
+            if tx.send(Record::Flush(done)).await.is_ok() {
+                let _ = tokio::time::timeout_at(until, wait).await;
+            }
+        }
+    }
+
+    /// Hands a gateway entry to the recorder (started on first use).
+    fn record_gateway(self: &Arc<Self>, entry: Entry) {
+        let tx = self.gateway.recorder.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(RECORD_QUEUE);
+            tokio::spawn(recorder(Arc::downgrade(self), rx));
+            tx
+        });
+        if let Err(e) = tx.try_send(Record::Entry(entry)) {
+            // The recorder is behind: append this one alone rather than drop it.
+            let entry = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(Record::Entry(e))
+                | tokio::sync::mpsc::error::TrySendError::Closed(Record::Entry(e)) => e,
+                _ => return,
+            };
+            let app = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = app.append(&[entry]).await {
+                    tracing::error!(detail = %e.detail, "gateway usage not recorded");
+                }
+            });
+        }
+    }
 }
 
 impl Gateway {
@@ -169,6 +273,8 @@ impl Gateway {
             config,
             clients,
             metrics: metrics::Metrics::default(),
+            recorder: std::sync::OnceLock::new(),
+            finishing: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -756,6 +862,9 @@ fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &str) {
 fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Duration>) {
     let latency = call.started.elapsed();
     let app = app.clone();
+    app.gateway
+        .finishing
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     tokio::spawn(async move {
         let gw = &app.gateway;
         let encoding = encoding_for_model(&call.info.model, &gw.config.encodings);
@@ -852,9 +961,10 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                 ..Usage::default()
             }),
         );
-        if let Err(e) = app.append(&[entry]).await {
-            tracing::error!(request = %call.request_id, detail = %e.detail, "gateway usage not recorded");
-        }
+        app.record_gateway(entry);
+        app.gateway
+            .finishing
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     });
 }
 
