@@ -10,6 +10,7 @@
 //! re-serialized after the append. `v` is the entry format version; readers refuse
 //! versions they do not know rather than guess.
 
+use crate::budget::{AccessSet, BudgetCleared, BudgetSet, Incident};
 use crate::{AccountPath, Scopes, tokens::TokenMap};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,14 @@ pub enum EntryBody {
     KeyCreated(KeyCreated),
     /// An API key was revoked.
     KeyRevoked(KeyRevoked),
+    /// A limit was set on the entry's node.
+    BudgetSet(BudgetSet),
+    /// A limit was removed from the entry's node.
+    BudgetCleared(BudgetCleared),
+    /// The entry's node's model access rules changed (the new rules, whole).
+    AccessSet(AccessSet),
+    /// A threshold was reached or a hard limit exceeded on the entry's node.
+    Incident(Incident),
 }
 
 /// Tokens of one call or event.
@@ -202,6 +211,10 @@ impl EntryBody {
             EntryBody::AccountUpdated(_) => "account.updated",
             EntryBody::KeyCreated(_) => "key.created",
             EntryBody::KeyRevoked(_) => "key.revoked",
+            EntryBody::BudgetSet(_) => "budget.set",
+            EntryBody::BudgetCleared(_) => "budget.cleared",
+            EntryBody::AccessSet(_) => "access.set",
+            EntryBody::Incident(_) => "incident",
         }
     }
 }
@@ -263,6 +276,10 @@ impl Entry {
             EntryBody::AccountCreated(d) | EntryBody::AccountUpdated(d) => put(self, d, out),
             EntryBody::KeyCreated(d) => put(self, d, out),
             EntryBody::KeyRevoked(d) => put(self, d, out),
+            EntryBody::BudgetSet(d) => put(self, d, out),
+            EntryBody::BudgetCleared(d) => put(self, d, out),
+            EntryBody::AccessSet(d) => put(self, d, out),
+            EntryBody::Incident(d) => put(self, d, out),
         }
     }
 
@@ -280,6 +297,10 @@ impl Entry {
             "account.updated" => EntryBody::AccountUpdated(serde_json::from_str(data)?),
             "key.created" => EntryBody::KeyCreated(serde_json::from_str(data)?),
             "key.revoked" => EntryBody::KeyRevoked(serde_json::from_str(data)?),
+            "budget.set" => EntryBody::BudgetSet(serde_json::from_str(data)?),
+            "budget.cleared" => EntryBody::BudgetCleared(serde_json::from_str(data)?),
+            "access.set" => EntryBody::AccessSet(serde_json::from_str(data)?),
+            "incident" => EntryBody::Incident(serde_json::from_str(data)?),
             other => return Err(DecodeError::Kind(other.to_string())),
         };
         Ok(Entry {
@@ -348,6 +369,35 @@ mod tests {
             }),
             EntryBody::KeyRevoked(KeyRevoked {
                 key_id: "k1".into(),
+            }),
+            EntryBody::BudgetSet(crate::BudgetSet {
+                name: "monthly".into(),
+                measure: crate::BudgetMeasure::Tokens,
+                selector: crate::Selector::parse("text.output").unwrap(),
+                amount: 1000,
+                period: crate::BudgetPeriod::Month,
+                mode: crate::BudgetMode::Hard,
+                per: crate::BudgetPer::Session,
+                thresholds: vec![80, 100],
+                clamp: true,
+            }),
+            EntryBody::BudgetCleared(crate::BudgetCleared {
+                name: "monthly".into(),
+            }),
+            EntryBody::AccessSet(crate::AccessSet {
+                allow: Some(vec!["gpt-4o*".into()]),
+                deny: vec!["gpt-4o-audio*".into()],
+            }),
+            EntryBody::Incident(crate::Incident {
+                kind: "budget.threshold".into(),
+                limit: "monthly".into(),
+                mode: crate::BudgetMode::Hard,
+                window_start: Some(at),
+                threshold: Some(80),
+                used: 800,
+                amount: 1000,
+                subject: Some("session-1".into()),
+                cause: Some(41),
             }),
         ];
         for body in bodies {

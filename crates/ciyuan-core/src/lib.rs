@@ -24,6 +24,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod budget;
 mod entry;
 mod money;
 mod path;
@@ -31,6 +32,10 @@ mod reuse;
 mod scope;
 mod tokens;
 
+pub use budget::{
+    AccessSet, BudgetCleared, BudgetMeasure, BudgetMode, BudgetPer, BudgetPeriod, BudgetSet,
+    Incident, Selector,
+};
 pub use entry::{
     AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, KeyCreated, KeyRevoked,
     Quality, Recount, Usage,

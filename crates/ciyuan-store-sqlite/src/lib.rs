@@ -9,7 +9,9 @@
 
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, EntryBody, Modality, Scopes};
-use ciyuan_store::{Account, HourFilter, HourRow, KeyRecord, Store, StoreError, floor_hour};
+use ciyuan_store::{
+    Account, HourFilter, HourRow, KeyRecord, Recorded, Store, StoreError, floor_hour,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use rustc_hash::FxHashMap;
 use std::path::Path;
@@ -58,6 +60,34 @@ CREATE TABLE ingested (
     entry  INTEGER NOT NULL,
     PRIMARY KEY (source, id)
 ) WITHOUT ROWID;
+"#,
+    r#"
+CREATE TABLE budgets (
+    node  TEXT NOT NULL,
+    name  TEXT NOT NULL,
+    spec  TEXT NOT NULL,
+    entry INTEGER NOT NULL,
+    PRIMARY KEY (node, name)
+) WITHOUT ROWID;
+CREATE TABLE access_rules (
+    node  TEXT PRIMARY KEY,
+    rules TEXT NOT NULL,
+    entry INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE flagged (
+    entry   INTEGER PRIMARY KEY,
+    ts      TEXT NOT NULL,
+    account TEXT NOT NULL,
+    usage   TEXT NOT NULL
+);
+CREATE INDEX flagged_account ON flagged (account);
+CREATE TABLE incidents (
+    entry    INTEGER PRIMARY KEY,
+    ts       TEXT NOT NULL,
+    account  TEXT NOT NULL,
+    incident TEXT NOT NULL
+);
+CREATE INDEX incidents_account ON incidents (account);
 "#,
 ];
 
@@ -130,6 +160,45 @@ impl SqliteStore {
 }
 
 /// SQL condition and bound values selecting a subtree of `column`.
+/// JSON of a projected value; plain data serializes without fail.
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// Rows of (entry, ts, account, json) decoded into [`Recorded`] values.
+fn recorded<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+    args: Vec<String>,
+) -> Result<Vec<Recorded<T>>, StoreError> {
+    let mut stmt = conn.prepare(sql).map_err(backend)?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(args), |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (entry, ts, account, json) = row.map_err(backend)?;
+        out.push(Recorded {
+            entry: entry as u64,
+            ts: ts
+                .parse()
+                .map_err(|e| StoreError::Backend(format!("stored time {ts:?}: {e}")))?,
+            account: AccountPath::parse(&account)
+                .map_err(|e| StoreError::Backend(format!("stored account {account:?}: {e}")))?,
+            body: serde_json::from_str(&json)
+                .map_err(|e| StoreError::Backend(format!("stored entry {entry}: {e}")))?,
+        });
+    }
+    Ok(out)
+}
+
 fn subtree(column: &str, path: &AccountPath) -> (String, Vec<String>) {
     if path.is_root() {
         ("1 = 1".to_string(), vec![])
@@ -282,7 +351,71 @@ impl Store for SqliteStore {
                         continue;
                     }
                     EntryBody::KeyCreated(_) | EntryBody::KeyRevoked(_) => continue,
+                    EntryBody::BudgetSet(b) => {
+                        tx.prepare_cached(
+                            "INSERT INTO budgets (node, name, spec, entry) VALUES (?, ?, ?, ?)
+                             ON CONFLICT (node, name) DO UPDATE SET spec = excluded.spec, entry = excluded.entry",
+                        )
+                        .and_then(|mut st| {
+                            st.execute(params![
+                                entry.account.as_str(),
+                                b.name,
+                                to_json(b),
+                                index as i64
+                            ])
+                        })
+                        .map_err(backend)?;
+                        continue;
+                    }
+                    EntryBody::BudgetCleared(b) => {
+                        tx.prepare_cached("DELETE FROM budgets WHERE node = ? AND name = ?")
+                            .and_then(|mut st| st.execute(params![entry.account.as_str(), b.name]))
+                            .map_err(backend)?;
+                        continue;
+                    }
+                    EntryBody::AccessSet(a) => {
+                        tx.prepare_cached(
+                            "INSERT INTO access_rules (node, rules, entry) VALUES (?, ?, ?)
+                             ON CONFLICT (node) DO UPDATE SET rules = excluded.rules, entry = excluded.entry",
+                        )
+                        .and_then(|mut st| {
+                            st.execute(params![entry.account.as_str(), to_json(a), index as i64])
+                        })
+                        .map_err(backend)?;
+                        continue;
+                    }
+                    EntryBody::Incident(inc) => {
+                        tx.prepare_cached(
+                            "INSERT INTO incidents (entry, ts, account, incident) VALUES (?, ?, ?, ?)",
+                        )
+                        .and_then(|mut st| {
+                            st.execute(params![
+                                index as i64,
+                                entry.ts.to_string(),
+                                entry.account.as_str(),
+                                to_json(inc)
+                            ])
+                        })
+                        .map_err(backend)?;
+                        continue;
+                    }
                 };
+                if let EntryBody::Usage(u) = &entry.body
+                    && u.recount.as_ref().is_some_and(|r| r.flagged)
+                {
+                    tx.prepare_cached(
+                        "INSERT INTO flagged (entry, ts, account, usage) VALUES (?, ?, ?, ?)",
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![
+                            index as i64,
+                            entry.ts.to_string(),
+                            entry.account.as_str(),
+                            to_json(u)
+                        ])
+                    })
+                    .map_err(backend)?;
+                }
                 let hour = floor_hour(entry.ts);
                 for t in tokens.iter() {
                     let slot = rollup
@@ -336,6 +469,10 @@ impl Store for SqliteStore {
                  DELETE FROM accounts;
                  DELETE FROM usage_hourly;
                  DELETE FROM ingested;
+                 DELETE FROM budgets;
+                 DELETE FROM access_rules;
+                 DELETE FROM flagged;
+                 DELETE FROM incidents;
                  UPDATE meta SET value = 0 WHERE name = 'projected_through';
                  COMMIT;",
             )
@@ -466,6 +603,78 @@ impl Store for SqliteStore {
             .optional()
             .map_err(backend)?;
         Ok(entry.map(|e| e as u64))
+    }
+
+    fn budgets(&self) -> Result<Vec<(AccountPath, ciyuan_core::BudgetSet)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT node, spec FROM budgets ORDER BY node, name")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (node, spec) = row.map_err(backend)?;
+            out.push((
+                AccountPath::parse(&node)
+                    .map_err(|e| StoreError::Backend(format!("stored node {node:?}: {e}")))?,
+                serde_json::from_str(&spec)
+                    .map_err(|e| StoreError::Backend(format!("stored budget on {node}: {e}")))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn access_rules(&self) -> Result<Vec<(AccountPath, ciyuan_core::AccessSet)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT node, rules FROM access_rules ORDER BY node")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (node, rules) = row.map_err(backend)?;
+            out.push((
+                AccountPath::parse(&node)
+                    .map_err(|e| StoreError::Backend(format!("stored node {node:?}: {e}")))?,
+                serde_json::from_str(&rules)
+                    .map_err(|e| StoreError::Backend(format!("stored rules of {node}: {e}")))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn flagged(
+        &self,
+        under: &AccountPath,
+        limit: usize,
+    ) -> Result<Vec<Recorded<ciyuan_core::Usage>>, StoreError> {
+        let (cond, args) = subtree("account", under);
+        recorded(
+            &self.conn(),
+            &format!(
+                "SELECT entry, ts, account, usage FROM flagged WHERE {cond} ORDER BY entry DESC LIMIT {limit}"
+            ),
+            args,
+        )
+    }
+
+    fn incidents(
+        &self,
+        under: &AccountPath,
+        limit: usize,
+    ) -> Result<Vec<Recorded<ciyuan_core::Incident>>, StoreError> {
+        let (cond, args) = subtree("account", under);
+        recorded(
+            &self.conn(),
+            &format!(
+                "SELECT entry, ts, account, incident FROM incidents WHERE {cond} ORDER BY entry DESC LIMIT {limit}"
+            ),
+            args,
+        )
     }
 
     fn ingested_keys(&self, f: &mut dyn FnMut(&str, &str)) -> Result<u64, StoreError> {

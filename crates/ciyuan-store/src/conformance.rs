@@ -46,6 +46,98 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     keys_lifecycle(make().as_ref());
     usage_rollups_and_reset(make().as_ref());
     ingest_index(make().as_ref());
+    budgets_access_flags_and_incidents(make().as_ref());
+}
+
+fn budgets_access_flags_and_incidents(s: &dyn Store) {
+    use ciyuan_core::{
+        AccessSet, BudgetCleared, BudgetMeasure, BudgetMode, BudgetPer, BudgetPeriod, BudgetSet,
+        Incident, Recount, Selector,
+    };
+    let at = "2026-11-24T15:00:00Z";
+    let budget = |name: &str, amount: u64| BudgetSet {
+        name: name.into(),
+        measure: BudgetMeasure::Tokens,
+        selector: Selector::default(),
+        amount,
+        period: BudgetPeriod::Month,
+        mode: BudgetMode::Hard,
+        per: BudgetPer::Node,
+        thresholds: vec![80],
+        clamp: false,
+    };
+    let on = |account: &str, body: EntryBody| Entry::new(ts(at), path(account), body);
+    let mut flagged = usage("acme/cn", at, "gpt-4o", 100);
+    if let EntryBody::Usage(u) = &mut flagged.body {
+        u.recount = Some(Recount {
+            encoding: "o200k_base".into(),
+            input: 60,
+            output: 0,
+            flagged: true,
+        });
+    }
+    let incident = Incident {
+        kind: "budget.threshold".into(),
+        limit: "monthly".into(),
+        mode: BudgetMode::Hard,
+        window_start: None,
+        threshold: Some(80),
+        used: 800,
+        amount: 1000,
+        subject: None,
+        cause: Some(5),
+    };
+    let entries = [
+        on("acme", EntryBody::BudgetSet(budget("monthly", 1000))),
+        on("acme/cn", EntryBody::BudgetSet(budget("daily", 10))),
+        on("acme", EntryBody::BudgetSet(budget("monthly", 2000))),
+        on(
+            "acme/cn",
+            EntryBody::BudgetCleared(BudgetCleared {
+                name: "daily".into(),
+            }),
+        ),
+        on(
+            "acme/cn",
+            EntryBody::AccessSet(AccessSet {
+                allow: Some(vec!["gpt-*".into()]),
+                deny: vec![],
+            }),
+        ),
+        flagged,
+        usage("acme/us", at, "gpt-4o", 5),
+        on("acme", EntryBody::Incident(incident.clone())),
+    ];
+    assert!(s.apply(0, &entries).is_ok());
+    let budgets = s.budgets().ok().unwrap_or_default();
+    assert_eq!(
+        budgets,
+        vec![(path("acme"), budget("monthly", 2000))],
+        "set replaces, clear removes"
+    );
+    let rules = s.access_rules().ok().unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].1.allow, Some(vec!["gpt-*".to_string()]));
+    let f = s.flagged(&path("acme"), 10).ok().unwrap_or_default();
+    assert_eq!(f.len(), 1, "only the flagged usage");
+    assert_eq!((f[0].entry, f[0].account.as_str()), (5, "acme/cn"));
+    assert!(
+        s.flagged(&path("acme/us"), 10)
+            .ok()
+            .unwrap_or_default()
+            .is_empty()
+    );
+    let i = s.incidents(&path("acme"), 10).ok().unwrap_or_default();
+    assert_eq!(i.len(), 1);
+    assert_eq!((i[0].entry, &i[0].body), (7, &incident));
+    assert!(s.reset_projections().is_ok());
+    assert!(s.budgets().ok().unwrap_or_default().is_empty());
+    assert!(
+        s.incidents(&path("acme"), 10)
+            .ok()
+            .unwrap_or_default()
+            .is_empty()
+    );
 }
 
 fn ingest_index(s: &dyn Store) {

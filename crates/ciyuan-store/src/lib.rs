@@ -31,6 +31,19 @@ pub struct Account {
     pub created_entry: u64,
 }
 
+/// Something the ledger recorded, with where and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded<T> {
+    /// The entry's id (log index).
+    pub entry: u64,
+    /// The entry's time.
+    pub ts: Timestamp,
+    /// The entry's account.
+    pub account: AccountPath,
+    /// What it recorded.
+    pub body: T,
+}
+
 /// An API key, without its secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
@@ -151,6 +164,28 @@ pub trait Store: Send + Sync + 'static {
     /// Calls `f` with every indexed `(source, id)` and returns the projection watermark
     /// of the same snapshot: the index holds exactly the events of entries before it.
     fn ingested_keys(&self, f: &mut dyn FnMut(&str, &str)) -> Result<u64, StoreError>;
+
+    /// The limits in force on every node (projected from `budget.set` and
+    /// `budget.cleared` entries), by node and name.
+    fn budgets(&self) -> Result<Vec<(AccountPath, ciyuan_core::BudgetSet)>, StoreError>;
+
+    /// The model access rules of every node that has some.
+    fn access_rules(&self) -> Result<Vec<(AccountPath, ciyuan_core::AccessSet)>, StoreError>;
+
+    /// Gateway usage whose recount disagreed with the provider beyond tolerance, in a
+    /// subtree, newest first.
+    fn flagged(
+        &self,
+        under: &AccountPath,
+        limit: usize,
+    ) -> Result<Vec<Recorded<ciyuan_core::Usage>>, StoreError>;
+
+    /// Incidents (thresholds reached, hard limits exceeded) in a subtree, newest first.
+    fn incidents(
+        &self,
+        under: &AccountPath,
+        limit: usize,
+    ) -> Result<Vec<Recorded<ciyuan_core::Incident>>, StoreError>;
 
     /// Hourly rollup rows of a subtree, summed over equal keys.
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
