@@ -16,6 +16,7 @@ pub mod gateway;
 mod ingest;
 mod keys;
 pub mod pipeline;
+mod records;
 mod usage;
 
 use crate::auth::{Authenticator, Caller};
@@ -258,6 +259,8 @@ pub fn router(app: Arc<App>) -> Router {
             axum::routing::delete(keys::revoke).get(keys::show),
         )
         .route("/api/v1/usage", get(usage::query))
+        .route("/api/v1/discrepancies", get(records::discrepancies))
+        .route("/api/v1/incidents", get(records::incidents))
         .route("/api/v1/adjustments", post(adjust::create))
         .route(
             "/api/v1/audit/checkpoint",

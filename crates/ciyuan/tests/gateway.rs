@@ -67,6 +67,16 @@ fn gateway() -> Gateway {
         &config,
         format!(
             r#"
+[gateway]
+recount_tolerance_percent = 0
+recount_tolerance_tokens = 0
+
+# Ciyuan recounts this model with another family's tokenizer than the provider uses,
+# so its counts disagree: a discrepancy to flag.
+[[tokenizers]]
+model = "gpt-4-skewed"
+encoding = "qwen"
+
 [[providers]]
 name = "sim-openai"
 protocol = "openai"
@@ -234,7 +244,10 @@ fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
                 // equals Ciyuan's recount of the text the client received.
                 assert_eq!(tokens["text.output"], e["recount"]["output"], "{e}");
                 assert!(e["quality"]["ttft_us"].as_u64().unwrap() > 0);
-                assert!(e["quality"]["output_tokens_per_sec"].as_u64().unwrap() > 0, "{e}");
+                assert!(
+                    e["quality"]["output_tokens_per_sec"].as_u64().unwrap() > 0,
+                    "{e}"
+                );
                 assert_eq!(e["quality"]["stream"], true);
             }
             "anthropic.messages" | "anthropic.messages.stream" => {
@@ -546,6 +559,40 @@ fn failures_are_metered_and_answered_in_the_providers_shape() {
     let e = gw.entry(&request_id(&r));
     assert_eq!(e["quality"]["failure"], "upstream_cut", "{e}");
     assert_eq!(e["partial"], true);
+
+    // A recount that disagrees with the provider is flagged and listed.
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        &[],
+        &json!({"model": "gpt-4-skewed", "max_tokens": 30, "messages": [{"role": "user", "content": "词元是人工智能服务最小的计量单位，可以定价和交易。"}]}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let id = request_id(&r);
+    let e = gw.entry(&id);
+    assert_eq!(e["recount"]["flagged"], true, "{e}");
+    assert_eq!(e["recount"]["encoding"], "qwen");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let (s, b) = gw
+            .server
+            .http("GET", "/api/v1/discrepancies?account=acme", &gw.admin, None);
+        assert_eq!(s, 200);
+        let rows = json(&b)["rows"].as_array().unwrap().clone();
+        if !rows.is_empty() || Instant::now() > deadline {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["model"], "gpt-4-skewed");
+    assert_eq!(listed[0]["recount"]["encoding"], "qwen");
+    assert_ne!(
+        listed[0]["tokens"]["text.input"],
+        listed[0]["recount"]["input"]
+    );
 
     // Ciyuan's own errors use the provider's shape too.
     let (s, b) = http(
