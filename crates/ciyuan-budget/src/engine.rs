@@ -10,13 +10,11 @@ use rustc_hash::FxHashMap;
 
 use crate::BudgetError;
 use crate::models::Rules;
-use crate::spec::{LimitScope, LimitSpec, Measure, Mode, Window, until};
+use crate::spec::{Amounts, LimitScope, LimitSpec, Measure, Mode, Window, until};
 
 /// Deepest chain of nodes an account can have: the root plus
 /// [`ciyuan_core::AccountPath`]'s 16 segments.
 const MAX_CHAIN: usize = 17;
-/// Spare hold vectors kept for reuse, so admitting does not allocate them.
-const POOL: usize = 1024;
 
 /// One request asking to be let through.
 #[derive(Debug, Clone, Copy)]
@@ -172,7 +170,7 @@ impl fmt::Debug for Engine {
         let g = self.lock();
         f.debug_struct("Engine")
             .field("nodes", &g.nodes.len())
-            .field("reservations", &g.reservations.len())
+            .field("reservations", &g.live)
             .finish()
     }
 }
@@ -187,10 +185,14 @@ impl Default for Engine {
 struct Inner {
     index: FxHashMap<Box<str>, u32>,
     nodes: Vec<Node>,
-    reservations: FxHashMap<u64, Res>,
-    next_reservation: u64,
+    /// The chain of existing nodes above each account asked about; cleared whenever a
+    /// node is added.
+    chains: FxHashMap<Box<str>, Chain>,
+    /// Reservations, by slot; a reservation's id is its slot and the slot's generation.
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    live: usize,
     next_limit: u64,
-    pool: Vec<Vec<Hold>>,
 }
 
 struct Node {
@@ -245,24 +247,62 @@ impl Counter {
             (0, 0)
         }
     }
+
+    /// Reserves `amount` in window `w`, unless `hard` and it does not fit in `limit`:
+    /// then `Err((used, reserved))`.
+    fn reserve(
+        &mut self,
+        w: &Window,
+        amount: u64,
+        hard: bool,
+        limit: u64,
+    ) -> Result<(), (u64, u64)> {
+        self.roll(w);
+        let total = self
+            .used
+            .saturating_add(self.reserved)
+            .saturating_add(amount);
+        if hard && total > limit {
+            return Err((self.used, self.reserved));
+        }
+        self.reserved = self.reserved.saturating_add(amount);
+        Ok(())
+    }
 }
 
-struct Res {
+/// One reservation's slot; its buffers are reused by later reservations.
+#[derive(Default)]
+struct Slot {
+    generation: u32,
+    live: bool,
     admitted: Timestamp,
-    key_id: Option<Box<str>>,
-    session: Option<Box<str>>,
+    key_id: String,
+    session: Option<String>,
     holds: Vec<Hold>,
+}
+
+impl Slot {
+    fn subject(&self, scope: LimitScope) -> Option<&str> {
+        match scope {
+            LimitScope::Session => self.session.as_deref(),
+            LimitScope::Key => Some(&self.key_id),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Hold {
     node: u32,
+    /// Where the limit was in its node's list (checked against `limit`).
+    index: u32,
     limit: u64,
     /// The counter's window (the admission time for request-scope limits).
     window_start: Timestamp,
     amount: u64,
 }
 
+#[derive(Clone, Copy)]
 struct Chain {
     ids: [u32; MAX_CHAIN],
     len: usize,
@@ -281,6 +321,9 @@ impl Chain {
         self.ids[..self.len].iter().map(|&i| i as usize)
     }
 }
+
+/// Most chains remembered before the cache starts over.
+const MAX_CHAINS: usize = 1 << 16;
 
 const EMPTY_WINDOW: Window = Window {
     start: Timestamp::MIN,
@@ -342,6 +385,31 @@ impl Limit {
         }
     }
 
+    /// Reserves on the counter of `subject` in window `w` (see [`Counter::reserve`]),
+    /// creating the counter only if the reservation succeeds.
+    fn reserve(
+        &mut self,
+        subject: Option<&str>,
+        w: &Window,
+        amount: u64,
+    ) -> Result<(), (u64, u64)> {
+        let hard = self.spec.mode == Mode::Hard;
+        let limit = self.spec.amount;
+        match (self.spec.scope, subject) {
+            (LimitScope::Node, _) => self.node.reserve(w, amount, hard, limit),
+            (LimitScope::Session | LimitScope::Key, Some(s)) => match self.keyed.get_mut(s) {
+                Some(c) => c.reserve(w, amount, hard, limit),
+                None => {
+                    let mut c = Counter::fresh(w.start);
+                    c.reserve(w, amount, hard, limit)?;
+                    self.keyed.insert(s.into(), c);
+                    Ok(())
+                }
+            },
+            _ => Ok(()),
+        }
+    }
+
     /// Whose counter this subject string names, for reports.
     fn subject(&self, s: Option<&str>) -> Subject {
         match self.spec.scope {
@@ -359,6 +427,35 @@ impl Limit {
             LimitScope::Node | LimitScope::Request => Some(None),
             LimitScope::Session => session.map(Some),
             LimitScope::Key => Some(Some(key_id)),
+        }
+    }
+}
+
+/// The limit a hold points at, if it still exists with the same counters.
+fn held<'a>(nodes: &'a mut [Node], h: &Hold) -> Option<(&'a AccountPath, &'a mut Limit)> {
+    let node = nodes.get_mut(h.node as usize)?;
+    let i = match node.limits.get(h.index as usize) {
+        Some(l) if l.id == h.limit => h.index as usize,
+        _ => node.limits.iter().position(|l| l.id == h.limit)?,
+    };
+    Some((&node.path, node.limits.get_mut(i)?))
+}
+
+/// Gives back what `holds` reserved.
+fn unreserve(nodes: &mut [Node], holds: &[Hold], key_id: &str, session: Option<&str>) {
+    for h in holds {
+        let Some((_, l)) = held(nodes, h) else {
+            continue;
+        };
+        let subject = match l.spec.scope {
+            LimitScope::Session => session,
+            LimitScope::Key => Some(key_id),
+            _ => None,
+        };
+        if let Some(c) = l.counter(subject)
+            && c.window_start == h.window_start
+        {
+            c.reserved = c.reserved.saturating_sub(h.amount);
         }
     }
 }
@@ -455,14 +552,15 @@ fn subject_phrase(scope: LimitScope, s: Option<&str>) -> String {
 }
 
 impl Inner {
-    fn chain(&self, path: &str) -> Chain {
+    /// The existing nodes from the root down to `path`.
+    fn chain(&mut self, path: &str) -> Chain {
+        if let Some(c) = self.chains.get(path) {
+            return *c;
+        }
         let mut c = Chain {
             ids: [0; MAX_CHAIN],
             len: 0,
         };
-        if self.index.is_empty() {
-            return c;
-        }
         if let Some(&i) = self.index.get("") {
             c.push(i);
         }
@@ -478,6 +576,10 @@ impl Inner {
                 c.push(n);
             }
         }
+        if self.chains.len() >= MAX_CHAINS {
+            self.chains.clear();
+        }
+        self.chains.insert(path.into(), c);
         c
     }
 
@@ -492,6 +594,7 @@ impl Inner {
                     rules: Rules::default(),
                 });
                 self.index.insert(path.as_str().into(), i as u32);
+                self.chains.clear();
                 i
             }
         };
@@ -504,33 +607,48 @@ impl Inner {
             .map(|&i| &self.nodes[i as usize])
     }
 
-    fn release_holds(&mut self, res: Res) {
-        for h in &res.holds {
-            let Some(node) = self.nodes.get_mut(h.node as usize) else {
-                continue;
-            };
-            let Some(l) = node.limits.iter_mut().find(|l| l.id == h.limit) else {
-                continue;
-            };
-            let subject = match l.spec.scope {
-                LimitScope::Session => res.session.as_deref(),
-                LimitScope::Key => res.key_id.as_deref(),
-                _ => None,
-            };
-            if let Some(c) = l.counter(subject)
-                && c.window_start == h.window_start
-            {
-                c.reserved = c.reserved.saturating_sub(h.amount);
+    /// A free slot for a new reservation, its buffers emptied.
+    fn new_slot(&mut self) -> usize {
+        let i = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.slots.push(Slot::default());
+                self.slots.len() - 1
             }
-        }
-        self.recycle(res.holds);
+        };
+        let s = &mut self.slots[i];
+        s.holds.clear();
+        s.key_id.clear();
+        s.session = None;
+        i
     }
 
-    fn recycle(&mut self, mut holds: Vec<Hold>) {
-        if self.pool.len() < POOL {
-            holds.clear();
-            self.pool.push(holds);
+    /// The slot of a live reservation, no longer live; [`Inner::free_slot`] it after use.
+    fn take(&mut self, id: u64) -> Option<usize> {
+        let i = (id & 0xffff_ffff) as usize;
+        let s = self.slots.get_mut(i)?;
+        if !s.live || u64::from(s.generation) != id >> 32 {
+            return None;
         }
+        s.live = false;
+        self.live -= 1;
+        Some(i)
+    }
+
+    fn free_slot(&mut self, i: usize) {
+        if let Some(s) = self.slots.get_mut(i) {
+            s.generation = s.generation.wrapping_add(1);
+            self.free.push(i as u32);
+        }
+    }
+
+    /// Releases the reservation in slot `i` (already taken) without usage.
+    fn release_slot(&mut self, i: usize) {
+        let Inner { nodes, slots, .. } = self;
+        if let Some(s) = slots.get(i) {
+            unreserve(nodes, &s.holds, &s.key_id, s.session.as_deref());
+        }
+        self.free_slot(i);
     }
 }
 
@@ -544,7 +662,9 @@ impl Engine {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Nothing in the engine panics while holding the lock, and its state stays
-        // consistent between statements; a poisoned lock is still usable.
+        // consistent between statements; a poisoned lock is still usable. (Spinning
+        // before sleeping, or parking_lot's mutex, measured slower in `bench`: the
+        // cost under contention is the counters' cache lines moving between cores.)
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -634,52 +754,55 @@ impl Engine {
 
     /// Checks only the access rules for `model` on `account`'s path.
     pub fn check_model(&self, account: &AccountPath, model: &str) -> Result<(), Refusal> {
-        let g = self.lock();
+        let mut g = self.lock();
         let chain = g.chain(account.as_str());
         check_rules(&g, &chain, model)
     }
 
     /// Admits a request or refuses it.
     ///
-    /// In order: the access rules of every node on the path; then request-scope
-    /// limits (clamp limits first, which may set an output cap); then every
-    /// hard counter limit on the account's node and all its ancestors, nearest node
-    /// first: a limit refuses when `used + reserved + need > amount`, where `need` is
-    /// the request's selected input plus its selected `max_output` (lowered to the
-    /// output cap, if any), or 1 for a request count. A session limit applies only
-    /// when the request names a session. If nothing refuses, every applicable counter
-    /// (hard and soft) reserves `need` under one lock, so no other call interleaves;
-    /// a refusal reserves nothing. Soft limits never refuse.
+    /// In order: the access rules of every node on the path; then request-scope clamp
+    /// limits, which may set an output cap; then every limit on the account's node and
+    /// all its ancestors, nearest node first. A hard limit refuses when
+    /// `used + reserved + need > amount`, where `need` is the request's selected input
+    /// plus its selected `max_output` (lowered to the output cap, if any), or 1 for a
+    /// request count; a hard request-scope limit refuses when `need > amount`. A
+    /// session limit applies only when the request names a session. If nothing
+    /// refuses, every applicable counter (hard and soft) holds `need`; all of this
+    /// happens under one lock, so no other call interleaves, and a refusal leaves
+    /// nothing reserved. Soft limits never refuse.
     ///
     /// Clamping: a hard request-scope limit with `clamp` that the request does not fit
     /// grants `amount - input` output tokens when the request's input alone fits and it
     /// asks for some selected output; the smallest such grant is the reservation's
     /// `output_cap`. Other limits never clamp: they refuse.
     pub fn admit(&self, a: &Admission<'_>) -> Result<Reservation, Refusal> {
+        let input = Amounts::of(a.input);
+        let max_output = Amounts::of(a.max_output);
         let mut g = self.lock();
         let inner = &mut *g;
         let chain = inner.chain(a.account.as_str());
         check_rules(inner, &chain, a.model)?;
 
-        // Request-scope limits: clamps first, so that other limits see the cap.
+        // Request-scope clamps first, so that the other limits see the cap.
         let mut cap: Option<u64> = None;
         for n in chain.top_down().rev() {
             let node = &inner.nodes[n];
             for l in &node.limits {
                 let s = &l.spec;
-                if s.scope != LimitScope::Request || s.mode != Mode::Hard || !s.clamp {
+                if !s.clamp {
                     continue;
                 }
                 let Measure::Tokens(sel) = s.measure else {
                     continue;
                 };
-                let input = sel.count(a.input);
-                let out = sel.count(a.max_output);
-                if input.saturating_add(out) <= s.amount {
+                let i = input.select(&sel);
+                let o = max_output.select(&sel);
+                if i.saturating_add(o) <= s.amount {
                     continue;
                 }
-                if out > 0 && input < s.amount {
-                    let room = s.amount - input;
+                if o > 0 && i < s.amount {
+                    let room = s.amount - i;
                     cap = Some(cap.map_or(room, |c| c.min(room)));
                 } else {
                     return Err(Refusal {
@@ -687,7 +810,7 @@ impl Engine {
                         limit: Some(s.name.clone()),
                         kind: RefusalKind::Quota,
                         message: format!(
-                            "hard limit '{}' on {}: {}, this request's input alone needs {input}",
+                            "hard limit '{}' on {}: {}, this request's input alone needs {i}",
                             s.name,
                             node.path,
                             s.describe()
@@ -701,113 +824,70 @@ impl Engine {
             match m {
                 Measure::Requests => 1,
                 Measure::Tokens(sel) => {
-                    let out = sel.count(a.max_output);
-                    sel.count(a.input)
-                        .saturating_add(cap.map_or(out, |c| out.min(c)))
+                    let o = max_output.select(sel);
+                    input
+                        .select(sel)
+                        .saturating_add(cap.map_or(o, |c| o.min(c)))
                 }
             }
         };
 
-        // Check every hard limit, nearest node first.
-        for n in chain.top_down().rev() {
-            let node = &mut inner.nodes[n];
-            for l in node.limits.iter_mut() {
-                if l.spec.mode != Mode::Hard {
-                    continue;
-                }
+        // One pass, nearest node first: check and reserve; on a refusal, give back
+        // what this pass reserved.
+        let slot = inner.new_slot();
+        let Inner { nodes, slots, .. } = &mut *inner;
+        let mut holds = std::mem::take(&mut slots[slot].holds);
+        let mut refusal = None;
+        'nodes: for n in chain.top_down().rev() {
+            let node = &mut nodes[n];
+            for (index, l) in node.limits.iter_mut().enumerate() {
                 let Some(subject) = l.pick(a.key_id, a.session) else {
                     continue;
                 };
                 let amt = need(&l.spec.measure);
-                let (w, used, reserved) = if l.spec.scope == LimitScope::Request {
-                    (EMPTY_WINDOW, 0, 0)
-                } else {
-                    let w = l.advance(a.now);
-                    let (u, r) = l.counter(subject).map_or((0, 0), |c| c.view(&w));
-                    (w, u, r)
-                };
-                if used.saturating_add(reserved).saturating_add(amt) <= l.spec.amount {
-                    continue;
-                }
                 let s = &l.spec;
-                let retry_after =
-                    (s.scope != LimitScope::Request && amt <= s.amount && w.end != Timestamp::MAX)
-                        .then(|| until(a.now, w.end));
-                let message = if s.scope == LimitScope::Request {
-                    format!(
-                        "hard limit '{}' on {}: {}, this request needs {amt}",
-                        s.name,
-                        node.path,
-                        s.describe()
-                    )
-                } else {
-                    format!(
-                        "hard limit '{}' on {}: {}{}, {used} used, {reserved} reserved, this request needs {amt}",
-                        s.name,
-                        node.path,
-                        s.describe(),
-                        subject_phrase(s.scope, subject)
-                    )
-                };
-                return Err(Refusal {
-                    node: node.path.clone(),
-                    limit: Some(s.name.clone()),
-                    kind: kind(s),
-                    message,
-                    retry_after,
-                });
-            }
-        }
-
-        // Reserve on everything that applies.
-        let mut holds = inner.pool.pop().unwrap_or_default();
-        let (mut by_key, mut by_session) = (false, false);
-        for n in chain.top_down() {
-            let node = &mut inner.nodes[n];
-            for l in node.limits.iter_mut() {
-                let Some(subject) = l.pick(a.key_id, a.session) else {
-                    continue;
-                };
-                let amt = need(&l.spec.measure);
-                let window_start = if l.spec.scope == LimitScope::Request {
-                    a.now
+                let (window_start, outcome) = if s.scope == LimitScope::Request {
+                    let fits = s.mode == Mode::Soft || amt <= s.amount;
+                    (a.now, if fits { Ok(()) } else { Err((0, 0)) })
                 } else {
                     let w = l.advance(a.now);
-                    let Some(c) = l.counter_or_insert(subject) else {
-                        continue;
-                    };
-                    c.roll(&w);
-                    c.reserved = c.reserved.saturating_add(amt);
-                    match l.spec.scope {
-                        LimitScope::Key => by_key = true,
-                        LimitScope::Session => by_session = true,
-                        _ => {}
-                    }
-                    w.start
+                    (w.start, l.reserve(subject, &w, amt))
                 };
-                holds.push(Hold {
-                    node: n as u32,
-                    limit: l.id,
-                    window_start,
-                    amount: amt,
-                });
+                match outcome {
+                    Ok(()) => holds.push(Hold {
+                        node: n as u32,
+                        index: index as u32,
+                        limit: l.id,
+                        window_start,
+                        amount: amt,
+                    }),
+                    Err((used, reserved)) => {
+                        refusal = Some(refuse(&node.path, l, a, subject, amt, used, reserved));
+                        break 'nodes;
+                    }
+                }
             }
         }
-        inner.next_reservation += 1;
-        let id = inner.next_reservation;
-        inner.reservations.insert(
-            id,
-            Res {
-                admitted: a.now,
-                key_id: by_key.then(|| a.key_id.into()),
-                session: if by_session {
-                    a.session.map(Into::into)
-                } else {
-                    None
-                },
-                holds,
-            },
-        );
+        if let Some(refusal) = refusal {
+            unreserve(nodes, &holds, a.key_id, a.session);
+            holds.clear();
+            slots[slot].holds = holds;
+            inner.free_slot(slot);
+            return Err(refusal);
+        }
+        let s = &mut slots[slot];
+        s.holds = holds;
+        s.live = true;
+        s.admitted = a.now;
+        s.key_id.push_str(a.key_id);
+        if let Some(session) = a.session {
+            let mut buf = s.session.take().unwrap_or_default();
+            buf.clear();
+            buf.push_str(session);
+            s.session = Some(buf);
+        }
+        let id = (u64::from(s.generation) << 32) | slot as u64;
+        inner.live += 1;
         Ok(Reservation {
             id,
             output_cap: cap,
@@ -826,41 +906,37 @@ impl Engine {
         actual: &TokenMap,
         now: Timestamp,
     ) -> Result<Settled, BudgetError> {
+        let actual = Amounts::of(actual);
         let mut g = self.lock();
         let inner = &mut *g;
-        let Some(res) = inner.reservations.remove(&reservation) else {
+        let Some(i) = inner.take(reservation) else {
             return Err(BudgetError::UnknownReservation(reservation));
         };
         let mut out = Settled::default();
+        let Inner { nodes, slots, .. } = &mut *inner;
+        let res = &slots[i];
         for h in &res.holds {
-            let Some(node) = inner.nodes.get_mut(h.node as usize) else {
+            let Some((path, l)) = held(nodes, h) else {
                 continue;
             };
-            let Some(l) = node.limits.iter_mut().find(|l| l.id == h.limit) else {
+            let amt = actual.measure(&l.spec.measure);
+            if l.spec.scope == LimitScope::Request {
+                request_usage(path, l, h.window_start, amt, &mut out);
                 continue;
-            };
-            let amt = l.spec.measure.amount(actual);
-            let subject = match l.spec.scope {
-                LimitScope::Request => {
-                    request_usage(&node.path, l, h.window_start, amt, &mut out);
-                    continue;
-                }
-                LimitScope::Node => None,
-                LimitScope::Session => res.session.as_deref(),
-                LimitScope::Key => res.key_id.as_deref(),
-            };
+            }
+            let subject = res.subject(l.spec.scope);
             l.advance(now);
             let mut c = match l.counter(subject) {
                 Some(c) if c.window_start == h.window_start => *c,
                 _ => continue,
             };
             c.reserved = c.reserved.saturating_sub(h.amount);
-            add_usage(&node.path, l, &mut c, subject, amt, &mut out);
+            add_usage(path, l, &mut c, subject, amt, &mut out);
             if let Some(slot) = l.counter(subject) {
                 *slot = c;
             }
         }
-        inner.recycle(res.holds);
+        inner.free_slot(i);
         Ok(out)
     }
 
@@ -868,9 +944,9 @@ impl Engine {
     /// whether it existed.
     pub fn release(&self, reservation: u64) -> bool {
         let mut g = self.lock();
-        match g.reservations.remove(&reservation) {
-            Some(res) => {
-                g.release_holds(res);
+        match g.take(reservation) {
+            Some(i) => {
+                g.release_slot(i);
                 true
             }
             None => false,
@@ -883,14 +959,15 @@ impl Engine {
         let ttl = SignedDuration::try_from(ttl).unwrap_or(SignedDuration::MAX);
         let mut g = self.lock();
         let old: Vec<u64> = g
-            .reservations
+            .slots
             .iter()
-            .filter(|(_, r)| now.duration_since(r.admitted) >= ttl)
-            .map(|(&id, _)| id)
+            .enumerate()
+            .filter(|(_, s)| s.live && now.duration_since(s.admitted) >= ttl)
+            .map(|(i, s)| (u64::from(s.generation) << 32) | i as u64)
             .collect();
-        for id in &old {
-            if let Some(res) = g.reservations.remove(id) {
-                g.release_holds(res);
+        for &id in &old {
+            if let Some(i) = g.take(id) {
+                g.release_slot(i);
             }
         }
         old.len()
@@ -898,7 +975,7 @@ impl Engine {
 
     /// How many reservations are held.
     pub fn reservations(&self) -> usize {
-        self.lock().reservations.len()
+        self.lock().live
     }
 
     /// Counts usage that already happened (e.g. an ingested event) at time `at`: never
@@ -914,6 +991,7 @@ impl Engine {
         tokens: &TokenMap,
         at: Timestamp,
     ) -> Settled {
+        let tokens = Amounts::of(tokens);
         let mut g = self.lock();
         let inner = &mut *g;
         let chain = inner.chain(account.as_str());
@@ -924,7 +1002,7 @@ impl Engine {
                 let Some(subject) = l.pick(key_id, session) else {
                     continue;
                 };
-                let amt = l.spec.measure.amount(tokens);
+                let amt = tokens.measure(&l.spec.measure);
                 if l.spec.scope == LimitScope::Request {
                     request_usage(&node.path, l, at, amt, &mut out);
                     continue;
@@ -1080,5 +1158,42 @@ fn status_of(node: &mut Node, now: Timestamp, out: &mut Vec<LimitStatus>) {
                 out.extend(rows);
             }
         }
+    }
+}
+
+/// The refusal of hard limit `l` for admission `a`.
+fn refuse(
+    path: &AccountPath,
+    l: &Limit,
+    a: &Admission<'_>,
+    subject: Option<&str>,
+    amt: u64,
+    used: u64,
+    reserved: u64,
+) -> Refusal {
+    let s = &l.spec;
+    let message = if s.scope == LimitScope::Request {
+        format!(
+            "hard limit '{}' on {path}: {}, this request needs {amt}",
+            s.name,
+            s.describe()
+        )
+    } else {
+        format!(
+            "hard limit '{}' on {path}: {}{}, {used} used, {reserved} reserved, this request needs {amt}",
+            s.name,
+            s.describe(),
+            subject_phrase(s.scope, subject)
+        )
+    };
+    let retry_after =
+        (s.scope != LimitScope::Request && amt <= s.amount && l.window.end != Timestamp::MAX)
+            .then(|| until(a.now, l.window.end));
+    Refusal {
+        node: path.clone(),
+        limit: Some(s.name.clone()),
+        kind: kind(s),
+        message,
+        retry_after,
     }
 }

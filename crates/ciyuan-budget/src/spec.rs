@@ -338,3 +338,50 @@ pub(crate) fn until(now: Timestamp, end: Timestamp) -> std::time::Duration {
     let d: SignedDuration = end.duration_since(now);
     std::time::Duration::try_from(d).unwrap_or(std::time::Duration::ZERO)
 }
+
+/// Tokens of a map by modality × direction (negative counts as zero), with the sums
+/// by modality, by direction and in total, so that any selector is one lookup and
+/// limits are measured without walking the map again (and outside the engine's lock).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Amounts {
+    cell: [u64; 25],
+    by_modality: [u64; 5],
+    by_direction: [u64; 5],
+    total: u64,
+}
+
+impl Amounts {
+    pub fn of(map: &TokenMap) -> Amounts {
+        let mut a = Amounts {
+            cell: [0; 25],
+            by_modality: [0; 5],
+            by_direction: [0; 5],
+            total: 0,
+        };
+        for t in map.iter() {
+            let n = t.count.max(0) as u64;
+            let (m, d) = (t.modality as usize, t.direction as usize);
+            a.cell[m * 5 + d] = a.cell[m * 5 + d].saturating_add(n);
+            a.by_modality[m] = a.by_modality[m].saturating_add(n);
+            a.by_direction[d] = a.by_direction[d].saturating_add(n);
+            a.total = a.total.saturating_add(n);
+        }
+        a
+    }
+
+    pub fn select(&self, sel: &Selector) -> u64 {
+        match (sel.modality, sel.direction) {
+            (Some(m), Some(d)) => self.cell[m as usize * 5 + d as usize],
+            (Some(m), None) => self.by_modality[m as usize],
+            (None, Some(d)) => self.by_direction[d as usize],
+            (None, None) => self.total,
+        }
+    }
+
+    pub fn measure(&self, m: &Measure) -> u64 {
+        match m {
+            Measure::Tokens(sel) => self.select(sel),
+            Measure::Requests => 1,
+        }
+    }
+}
