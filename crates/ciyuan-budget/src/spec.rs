@@ -195,8 +195,9 @@ impl LimitSpec {
         }
     }
 
-    /// Checks the spec and puts its thresholds in order without duplicates.
-    pub(crate) fn validate(&mut self) -> Result<(), BudgetError> {
+    /// Checks the spec as [`crate::Engine::set_limit`] does and puts its thresholds in
+    /// order without duplicates, e.g. before a limit is written to the ledger.
+    pub fn validate(&mut self) -> Result<(), BudgetError> {
         let bad = |why: &str| BudgetError::InvalidLimit {
             name: self.name.clone(),
             reason: why.to_string(),
