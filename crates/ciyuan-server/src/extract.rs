@@ -51,13 +51,25 @@ pub fn body_error(e: axum::extract::rejection::BytesRejection) -> ApiError {
 
 /// Parses a JSON body with a message that names the problem.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        let what = match e.classify() {
-            serde_json::error::Category::Data => "invalid request body",
-            _ => "malformed JSON",
-        };
-        ApiError::bad_request(format!("{what}: {e}"))
-    })
+    // serde_path_to_error names the field a data error is about (`period: unknown
+    // variant ...`), which serde_json's own message does not.
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let e = e.into_inner();
+        match e.classify() {
+            serde_json::error::Category::Data if path != "." => {
+                ApiError::bad_request(format!("invalid request body: {path}: {e}"))
+            }
+            serde_json::error::Category::Data => {
+                ApiError::bad_request(format!("invalid request body: {e}"))
+            }
+            _ => ApiError::bad_request(format!("malformed JSON: {e}")),
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+    Ok(value)
 }
 
 /// Deepest nesting of arrays and objects accepted, as `serde_json` allows when it builds

@@ -93,6 +93,8 @@ enum Outcome {
         claim: Arc<Claim>,
         pos: usize,
         entry_id: u64,
+        /// The usage pushed a hard limit over its amount (it is recorded: it happened).
+        over_limit: bool,
     },
     Duplicate {
         source: String,
@@ -115,12 +117,16 @@ impl Serialize for Outcome {
                 claim,
                 pos,
                 entry_id,
+                over_limit,
             } => {
                 let (source, id) = event_key(&claim.entries[*pos]);
                 m.serialize_entry("source", source)?;
                 m.serialize_entry("id", id)?;
                 m.serialize_entry("status", "accepted")?;
                 m.serialize_entry("entry_id", entry_id)?;
+                if *over_limit {
+                    m.serialize_entry("over_limit", &true)?;
+                }
             }
             Outcome::Duplicate {
                 source,
@@ -846,7 +852,7 @@ pub async fn events(
     // Once events are checked, recording them runs to its end even if the client goes:
     // an append cut off between the ledger and the idempotency index could be counted
     // twice on a retry.
-    let task = tokio::spawn(record(app, candidates, outcomes));
+    let task = tokio::spawn(record(app, caller.key.key_id.clone(), candidates, outcomes));
     let outcomes = task.await.map_err(ApiError::internal)??;
     match mode {
         Mode::Single => match outcomes.into_iter().next() {
@@ -873,6 +879,7 @@ pub async fn events(
 /// Deduplicates the checked events and appends the new ones.
 async fn record(
     app: Arc<App>,
+    key_id: String,
     candidates: Vec<(usize, Accepted)>,
     mut outcomes: Vec<Option<Outcome>>,
 ) -> Result<Vec<Outcome>, ApiError> {
@@ -1012,12 +1019,29 @@ async fn record(
             .send_replace(Some(appended.as_ref().map(|r| r.start).map_err(|_| ())));
         drop(settle);
         let range = appended?;
+        // Usage that already happened counts against budgets, never refused; a hard
+        // limit it pushes over is flagged on its answer and by an incident naming it.
+        let mut over = Vec::new();
+        for (entry, entry_id) in claim.entries.iter().zip(range.clone()) {
+            if let EntryBody::Usage(u) = &entry.body {
+                let settled = app
+                    .budget
+                    .record(&entry.account, &key_id, None, &u.tokens, entry.ts);
+                if !settled.crossings.is_empty() || !settled.exceeded.is_empty() {
+                    over.push((entry_id, !settled.exceeded.is_empty(), settled));
+                }
+            }
+        }
         for ((pos, i), entry_id) in slots.into_iter().enumerate().zip(range) {
             outcomes[i] = Some(Outcome::Accepted {
                 claim: claim.clone(),
                 pos,
                 entry_id,
+                over_limit: over.iter().any(|(e, x, _)| *e == entry_id && *x),
             });
+        }
+        for (entry_id, _, settled) in over {
+            crate::budgets::incidents(&app, settled, Some(entry_id)).await;
         }
     }
 

@@ -9,6 +9,7 @@
 mod accounts;
 mod adjust;
 mod audit;
+pub mod budgets;
 pub mod auth;
 pub mod error;
 mod extract;
@@ -52,6 +53,10 @@ pub struct ServerConfig {
     pub definitions: Arc<ciyuan_measure::DefinitionSet>,
     /// Providers and the gateway's settings.
     pub gateway: gateway::GatewayConfig,
+    /// Where budget incidents are sent as signed webhooks, if anywhere.
+    pub notifier: Option<ciyuan_notify::Notifier>,
+    /// How long a gateway reservation may stay unsettled before it is released.
+    pub reservation_ttl: Duration,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +70,8 @@ impl Default for ServerConfig {
             max_events_per_batch: 10_000,
             definitions: Arc::default(),
             gateway: gateway::GatewayConfig::default(),
+            notifier: None,
+            reservation_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -84,6 +91,8 @@ pub struct App {
     ingest_lock: tokio::sync::Mutex<ingest::Recent>,
     /// Providers, their HTTP clients, and the gateway's metrics.
     gateway: gateway::Gateway,
+    /// Limits, access rules, reservations and counters.
+    budget: ciyuan_budget::Engine,
 }
 
 impl App {
@@ -93,11 +102,17 @@ impl App {
         log: Arc<dyn Log>,
         config: ServerConfig,
     ) -> Result<Arc<App>, ApiError> {
+        // Catch the projections up with the log first: the budget engine is built from
+        // them, and must know every limit before the first request.
+        pipeline::project(store.as_ref(), log.as_ref(), log.size(), &mut |_| {})
+            .map_err(ApiError::internal)?;
+        let budget = budgets::load(store.as_ref(), Timestamp::now())?;
         let projector = Projector::start(store.clone(), log.clone())?;
         let recent = ingest::Recent::load(store.as_ref(), log.as_ref())?;
         let gateway = gateway::Gateway::new(config.gateway.clone()).map_err(ApiError::internal)?;
         Ok(Arc::new(App {
             gateway,
+            budget,
             auth: Authenticator::new(store.clone()),
             store,
             log,
@@ -259,6 +274,11 @@ pub fn router(app: Arc<App>) -> Router {
             axum::routing::delete(keys::revoke).get(keys::show),
         )
         .route("/api/v1/usage", get(usage::query))
+        .route(
+            "/api/v1/budgets/{*path}",
+            get(budgets::show).put(budgets::set).delete(budgets::clear),
+        )
+        .route("/api/v1/access/{*path}", axum::routing::put(budgets::set_access))
         .route("/api/v1/discrepancies", get(records::discrepancies))
         .route("/api/v1/incidents", get(records::incidents))
         .route("/api/v1/adjustments", post(adjust::create))

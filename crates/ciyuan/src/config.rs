@@ -44,6 +44,53 @@ pub struct FileConfig {
     /// Upstream providers of the gateway, in routing order.
     #[serde(default)]
     pub providers: Vec<ProviderSection>,
+    /// Where budget incidents are delivered.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookSection>,
+}
+
+/// `[[webhooks]]`: a receiver of budget incidents (configured by whoever runs the
+/// server: admins only).
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSection {
+    /// Name in the delivery log.
+    pub name: String,
+    /// Where to POST.
+    pub url: String,
+    /// Environment variable holding the HMAC secret of the signature header.
+    pub secret_env: String,
+    /// Event types sent (`*` wildcards); empty: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+impl WebhookSection {
+    /// Checks the section and reads its secret from the environment.
+    pub fn resolve(&self) -> anyhow::Result<ciyuan_notify::Target> {
+        let at = format!("webhooks[{}]", self.name);
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            bail!("{at}.url: not an http(s) URL");
+        }
+        let secret = std::env::var(&self.secret_env).map_err(|_| {
+            anyhow::anyhow!(
+                "{at}.secret_env: environment variable {} is not set",
+                self.secret_env
+            )
+        })?;
+        if secret.len() < 16 {
+            bail!(
+                "{at}: the secret in {} must be at least 16 bytes",
+                self.secret_env
+            );
+        }
+        Ok(ciyuan_notify::Target {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            secret,
+            events: self.events.clone(),
+        })
+    }
 }
 
 /// `[gateway]` settings.
@@ -57,6 +104,11 @@ pub struct GatewaySection {
     pub recount_tolerance_tokens: Option<u64>,
     /// Largest gateway request body, in bytes (default 32 MiB).
     pub max_body_bytes: Option<usize>,
+    /// Output tokens reserved against budgets for a request without `max_tokens`
+    /// (default 4096).
+    pub default_max_output_tokens: Option<u64>,
+    /// Seconds after which an unsettled budget reservation is released (default 3600).
+    pub reservation_ttl_secs: Option<u64>,
 }
 
 /// `[[providers]]`: one upstream.
@@ -235,6 +287,10 @@ pub struct ServeConfig {
     pub definitions: ciyuan_measure::DefinitionSet,
     /// The gateway's providers and settings (no providers: the simulated one).
     pub gateway: ciyuan_server::gateway::GatewayConfig,
+    /// Webhook receivers of budget incidents.
+    pub webhooks: Vec<ciyuan_notify::Target>,
+    /// Unsettled reservations are released after this long.
+    pub reservation_ttl_secs: u64,
 }
 
 impl ServeConfig {
@@ -284,6 +340,15 @@ impl ServeConfig {
         if let Some(t) = file.gateway.recount_tolerance_tokens {
             gateway.recount_tolerance_tokens = t;
         }
+        if let Some(m) = file.gateway.default_max_output_tokens {
+            gateway.default_max_output_tokens = m;
+        }
+        let reservation_ttl_secs = file.gateway.reservation_ttl_secs.unwrap_or(3600).max(1);
+        let webhooks = file
+            .webhooks
+            .iter()
+            .map(WebhookSection::resolve)
+            .collect::<anyhow::Result<Vec<_>>>()?;
         if let Some(b) = file.gateway.max_body_bytes {
             if b < 1024 {
                 bail!("gateway.max_body_bytes must be at least 1024");
@@ -300,6 +365,8 @@ impl ServeConfig {
             max_events_per_batch,
             definitions,
             gateway,
+            webhooks,
+            reservation_ttl_secs,
             data: data.or(file.data).unwrap_or_else(|| DEFAULT_DATA.into()),
             listen,
             max_body_bytes,

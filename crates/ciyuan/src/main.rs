@@ -9,6 +9,7 @@ mod bench;
 mod bench_gateway;
 mod bench_ingest;
 mod bench_tokens;
+mod budgets;
 mod client;
 mod config;
 mod demo;
@@ -58,6 +59,12 @@ enum Command {
     Ingest(ingest::IngestArgs),
     /// Query token usage.
     Usage(admin::UsageArgs),
+    /// Limits on account nodes: set, show (live), clear.
+    #[command(subcommand)]
+    Budgets(budgets::BudgetsCmd),
+    /// Model access rules on account nodes.
+    #[command(subcommand)]
+    Access(budgets::AccessCmd),
     /// Record a correction of earlier usage.
     Adjust(admin::AdjustArgs),
     /// Checkpoints, proofs, bundles and offline verification.
@@ -190,6 +197,8 @@ fn main() -> ExitCode {
         Command::Keys(cmd) => admin::keys(cmd),
         Command::Ingest(args) => ingest::run(args),
         Command::Usage(args) => admin::usage(args),
+        Command::Budgets(cmd) => budgets::budgets(cmd),
+        Command::Access(cmd) => budgets::access(cmd),
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),

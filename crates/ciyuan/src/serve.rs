@@ -131,7 +131,20 @@ async fn run(
     } else {
         None
     };
+    server_cfg.reservation_ttl = Duration::from_secs(cfg.reservation_ttl_secs);
+    if !cfg.webhooks.is_empty() {
+        let notifier = ciyuan_notify::Notifier::start(
+            std::mem::take(&mut cfg.webhooks),
+            cfg.data.join("webhooks.jsonl"),
+            ciyuan_notify::RetryPolicy::default(),
+        )
+        .await
+        .context("starting webhook delivery")?;
+        server_cfg.notifier = Some(notifier);
+    }
+    let ttl = server_cfg.reservation_ttl;
     let app = App::new(store, log, server_cfg).map_err(|e| anyhow::anyhow!(e.detail))?;
+    let expiry = tokio::spawn(ciyuan_server::budgets::expiry_loop(app.clone(), ttl));
     let given = cfg.bootstrap_admin_key.as_ref().map(|s| s.0.clone());
     let bootstrap = app
         .bootstrap_admin_key(given)
@@ -180,6 +193,7 @@ async fn run(
         .await
         .context("serving HTTP")?;
     checkpoints.abort();
+    expiry.abort();
     // Gateway entries of answered requests are appended in groups: append the last.
     app.flush_gateway(Duration::from_secs(10)).await;
     // A last checkpoint so a clean stop leaves everything signed.

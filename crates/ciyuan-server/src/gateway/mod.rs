@@ -126,6 +126,8 @@ pub struct GatewayConfig {
     pub encodings: Vec<(String, Encoding)>,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// Output reserved against budgets for a request that sets no `max_tokens`.
+    pub default_max_output_tokens: u64,
 }
 
 impl Default for GatewayConfig {
@@ -136,6 +138,7 @@ impl Default for GatewayConfig {
             recount_tolerance_tokens: 3,
             encodings: Vec::new(),
             max_body_bytes: 32 << 20,
+            default_max_output_tokens: 4096,
         }
     }
 }
@@ -424,6 +427,12 @@ struct Call {
     request_id: String,
     started: Instant,
     at: Timestamp,
+    /// The budget reservation to settle or release when the request ends.
+    reservation: Option<u64>,
+    /// The session the request belongs to (`x-ciyuan-session`, else the `user` field).
+    session: Option<String>,
+    /// The prompt as counted locally before forwarding (reused by the recount).
+    input_estimate: Option<(Encoding, u64)>,
 }
 
 async fn handle(
@@ -461,10 +470,66 @@ async fn handle(
         Ok(p) => p,
         Err(e) => return e.into_response(family),
     };
+    // Admission: reserve the prompt and the most output the request may produce on
+    // the key's node and all its ancestors, before anything reaches the provider.
+    let session = headers
+        .get("x-ciyuan-session")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| info.user.clone());
+    let encoding = encoding_for_model(&info.model, &app.gateway.config.encodings);
+    let counted = encoding.and_then(|enc| count_input(enc, &info).map(|n| (enc, n)));
+    let max_output = match endpoint {
+        Endpoint::Embeddings => 0,
+        _ => info
+            .max_tokens
+            .unwrap_or(app.gateway.config.default_max_output_tokens),
+    };
+    let reservation = {
+        // Models without a local tokenizer are estimated with o200k_base.
+        let input_n = match counted {
+            Some((_, n)) => n,
+            None => count_input(Encoding::O200kBase, &info).unwrap_or(0),
+        };
+        let mut input = TokenMap::new();
+        let mut out = TokenMap::new();
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let _ = input.add(Modality::Text, Direction::Input, as_i64(input_n));
+        let _ = out.add(Modality::Text, Direction::Output, as_i64(max_output));
+        let admission = ciyuan_budget::Admission {
+            account: &caller.key.account,
+            key_id: &caller.key.key_id,
+            session: session.as_deref(),
+            model: &info.model,
+            now: at,
+            input: &input,
+            max_output: &out,
+        };
+        match app.budget.admit(&admission) {
+            Ok(r) => r,
+            Err(refusal) => return refused(family, refusal),
+        }
+    };
+    if let Some(cap) = reservation.output_cap
+        && cap < max_output
+        && let Some(obj) = request.as_object_mut()
+    {
+        // A per-request limit with clamping: the request may produce only this much.
+        let field = if obj.contains_key("max_completion_tokens") {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        obj.insert(field.into(), Value::from(cap));
+    }
     // Ask for usage inside OpenAI streams; the extra chunk is taken out again below
     // when the client did not ask for it.
-    let body = if info.stream && family == Family::OpenAi && !info.include_usage {
-        if let Some(obj) = request.as_object_mut() {
+    let clamped = reservation.output_cap.is_some_and(|c| c < max_output);
+    let body = if clamped || (info.stream && family == Family::OpenAi && !info.include_usage) {
+        if let Some(obj) = request
+            .as_object_mut()
+            .filter(|_| info.stream && family == Family::OpenAi && !info.include_usage)
+        {
             let opts = obj
                 .entry("stream_options")
                 .or_insert_with(|| Value::Object(Default::default()));
@@ -475,6 +540,7 @@ async fn handle(
         match serde_json::to_vec(&request) {
             Ok(v) => Bytes::from(v),
             Err(e) => {
+                app.budget.release(reservation.id);
                 return GatewayError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
                     .into_response(family);
             }
@@ -490,6 +556,9 @@ async fn handle(
         request_id: request_id(),
         started,
         at,
+        reservation: Some(reservation.id),
+        session,
+        input_estimate: counted,
     };
     let id = HeaderValue::from_str(&call.request_id).ok();
     let mut resp = forward(app, call, &headers, body).await;
@@ -854,6 +923,9 @@ fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &str) {
         request_id: call.request_id.clone(),
         started: call.started,
         at: call.at,
+        reservation: call.reservation,
+        session: call.session.clone(),
+        input_estimate: None,
     };
     finish(app, call, meter, status.as_u16(), None);
 }
@@ -909,6 +981,25 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                 });
             }
             (None, None) => {}
+        }
+        // Settle the reservation to what was consumed (or release it: nothing was).
+        if let Some(r) = call.reservation {
+            if billable {
+                let settled = match app.budget.settle(r, &tokens, Timestamp::now()) {
+                    Ok(settled) => settled,
+                    // Expired before the request ended: count what it used anyway.
+                    Err(_) => app.budget.record(
+                        &call.caller.key.account,
+                        &call.caller.key.key_id,
+                        call.session.as_deref(),
+                        &tokens,
+                        call.at,
+                    ),
+                };
+                crate::budgets::incidents(&app, settled, None).await;
+            } else {
+                app.budget.release(r);
+            }
         }
         let provider = &gw.config.providers[call.provider];
         // Generation speed: output over the time after the first token (for whole
@@ -970,7 +1061,36 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
 
 /// Ciyuan's own count of the prompt and of the answer text delivered.
 fn recount(enc: Encoding, call: &Call, meter: &Meter) -> Option<(Encoding, u64, u64)> {
-    let info = &call.info;
+    let input = match call.input_estimate {
+        Some((e, n)) if e == enc => n,
+        _ => count_input(enc, &call.info)?,
+    };
+    let output = if call.endpoint == Endpoint::Embeddings {
+        0
+    } else {
+        enc.count(&meter.text).ok()? as u64
+    };
+    Some((enc, input, output))
+}
+
+/// A refused request, in the family's shape: 429 for budgets and rates (with
+/// `retry-after` where waiting helps), 403 for a model the node may not use.
+fn refused(family: Family, r: ciyuan_budget::Refusal) -> Response {
+    use ciyuan_budget::RefusalKind;
+    let (status, code) = match r.kind {
+        RefusalKind::Quota => (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota"),
+        RefusalKind::Rate => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"),
+        RefusalKind::Model => (StatusCode::FORBIDDEN, "model_not_allowed"),
+    };
+    let mut e = GatewayError::new(status, r.message).code(code);
+    e.retry_after_secs = r
+        .retry_after
+        .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+    e.into_response(family)
+}
+
+/// The prompt's tokens as Ciyuan counts them.
+fn count_input(enc: Encoding, info: &RequestInfo) -> Option<u64> {
     let input = if !info.messages.is_empty() {
         let msgs: Vec<ChatMessage<'_>> = info
             .messages
@@ -989,10 +1109,5 @@ fn recount(enc: Encoding, call: &Call, meter: &Meter) -> Option<(Encoding, u64, 
         }
         n
     };
-    let output = if call.endpoint == Endpoint::Embeddings {
-        0
-    } else {
-        enc.count(&meter.text).ok()?
-    };
-    Some((enc, input as u64, output as u64))
+    Some(input as u64)
 }
