@@ -16,6 +16,21 @@ pub enum BenchCmd {
     Tokens(TokensArgs),
     /// The gateway's added latency, throughput and memory, against `ciyuan sim`.
     Gateway(GatewayArgs),
+    /// Budget admission plus settlement in-process, on a five-level tree.
+    Budgets(BudgetsArgs),
+}
+
+#[derive(Args)]
+pub struct BudgetsArgs {
+    /// Admit + settle pairs per thread.
+    #[arg(long, default_value_t = 1_000_000)]
+    iterations: u64,
+    /// Threads of the parallel run.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// End with one JSON line of the figures.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -182,6 +197,37 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                         "p99_request_us": r.p99_request_us,
                         "projected_events_per_sec": r.projected_events_per_sec,
                         "server_cpu_us_per_event": r.server_cpu_us_per_event,
+                    })
+                );
+            }
+        }
+        BenchCmd::Budgets(a) => {
+            let r = ciyuan_budget::bench::bench(a.iterations, a.threads)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "budgets: admit + settle on a five-level tree, {} limits per request, {} per thread",
+                r.limits_per_request, r.iterations
+            );
+            println!(
+                "  1 thread:  {:.0} ns per request, {:.0} requests/s",
+                r.single_ns, r.single_per_sec
+            );
+            println!(
+                "  {} threads: {:.0} ns per request per thread, {:.0} requests/s in all ({:.2}x one thread)",
+                r.threads, r.parallel_thread_ns, r.parallel_per_sec, r.scaling
+            );
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "iterations": r.iterations,
+                        "threads": r.threads,
+                        "limits_per_request": r.limits_per_request,
+                        "single_ns": r.single_ns,
+                        "single_per_sec": r.single_per_sec,
+                        "parallel_thread_ns": r.parallel_thread_ns,
+                        "parallel_per_sec": r.parallel_per_sec,
+                        "scaling": r.scaling,
                     })
                 );
             }
