@@ -483,3 +483,81 @@ fn thresholds_write_incidents_and_call_signed_webhooks_and_ingest_over_a_hard_li
     assert_eq!(view["limits"][0]["remaining"], 0);
     let _ = request_id;
 }
+
+#[test]
+fn limits_and_usage_survive_a_crash_and_reservations_of_dead_requests_are_released() {
+    let mut gw = gateway_with("", &[]);
+    let key = gw.key.clone();
+    set_budget(
+        &gw,
+        "acme",
+        json!({"tokens": 400, "period": "month", "mode": "hard"}),
+    );
+    // One request settles; slow streams hold reservations when the server dies.
+    let (s, _) = http(
+        &gw.server.url,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(
+            &json!({"model": "gpt-4o", "max_tokens": 20, "messages": [{"role": "user", "content": "hello"}]}),
+        ),
+    );
+    assert_eq!(s, 200);
+    // Its entry is in the ledger (appended a few ms after the answer).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while used_in_ledger(&gw, "acme") == 0 {
+        assert!(Instant::now() < deadline, "usage never reached the ledger");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = gw.server.url.clone();
+    let k = key.clone();
+    let slow = std::thread::spawn(move || {
+        raw(
+            &url,
+            "/v1/chat/completions",
+            &k,
+            &[
+                ("x-sim-tokens-per-sec", "5"),
+                ("x-sim-output-tokens", "100"),
+            ],
+            &json!({"model": "gpt-4o", "stream": true, "max_tokens": 100, "messages": [{"role": "user", "content": "slow"}]}),
+            None,
+        )
+    });
+    // Wait until the stream's reservation shows, then kill the server under it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let used_before = loop {
+        let v = budget(&gw, "acme");
+        if v["limits"][0]["reserved"].as_u64().unwrap() > 0 {
+            break v["limits"][0]["used"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no reservation: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(used_before > 0);
+    gw.restart_hard();
+    let _ = slow.join();
+    // The limit is back from the ledger, its usage restored from the projections,
+    // and the dead request's reservation is gone.
+    let v = budget(&gw, "acme");
+    let l = &v["limits"][0];
+    assert_eq!(
+        (l["name"].as_str(), l["amount"].as_u64()),
+        (Some("default"), Some(400)),
+        "{v}"
+    );
+    assert_eq!(l["used"].as_u64(), Some(used_before), "{v}");
+    assert_eq!(l["reserved"], 0, "{v}");
+    // And it is still enforced.
+    let (s, b) = http(
+        &gw.server.url,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(
+            &json!({"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "too big"}]}),
+        ),
+    );
+    assert_eq!(s, 429, "{}", String::from_utf8_lossy(&b));
+}

@@ -56,6 +56,7 @@ pub struct Gateway {
     pub server: Server,
     pub admin: String,
     pub key: String,
+    env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -105,13 +106,7 @@ idle_timeout_secs = 1
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(bin());
-    cmd.arg("--config")
-        .arg(&config)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path().join("data"))
-        .envs(env.iter().copied());
-    let server = Server::spawn(cmd);
+    let server = Server::spawn(serve_command(dir.path(), env));
     let admin = server.bootstrap.clone().unwrap();
     let (s, _) = server.http(
         "POST",
@@ -129,6 +124,10 @@ idle_timeout_secs = 1
     assert_eq!(s, 201, "{}", String::from_utf8_lossy(&b));
     let key = json(&b)["key"].as_str().unwrap().to_string();
     Gateway {
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         sim,
         server,
         admin,
@@ -137,7 +136,31 @@ idle_timeout_secs = 1
     }
 }
 
+/// `ciyuan --config DIR/ciyuan.toml serve` on `DIR/data`.
+fn serve_command(dir: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg("--config")
+        .arg(dir.join("ciyuan.toml"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.join("data"))
+        .envs(env.iter().copied());
+    cmd
+}
+
 impl Gateway {
+    /// Kills the server (SIGKILL: whatever was in flight dies with it) and starts it
+    /// again on the same data directory and configuration.
+    pub fn restart_hard(&mut self) {
+        let _ = self.server.child.kill();
+        let _ = self.server.child.wait();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.server = Server::spawn(serve_command(self._dir.path(), &env));
+    }
+
     /// A new key with `scopes` on `account` (created if missing).
     pub fn key_for(&self, account: &str, scopes: &[&str]) -> String {
         let (s, _) = self.server.http(
