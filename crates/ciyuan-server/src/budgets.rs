@@ -486,3 +486,47 @@ pub async fn set_access(
     app.budget.set_models(&node, rules.allow, rules.deny);
     Ok(answer(&app, &node).await)
 }
+
+/// `GET /api/v1/webhooks/deliveries?limit=`: the newest delivery records (queued,
+/// failed with status or error, delivered, gave up), for root admins.
+pub async fn deliveries(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Query(p): Query<DeliveriesParams>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    if !caller.key.account.is_root() {
+        return Err(ApiError::forbidden(
+            "webhook deliveries are visible to admin keys at the root account / only",
+        ));
+    }
+    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let rows: Vec<serde_json::Value> = app
+        .config
+        .notifier
+        .as_ref()
+        .map(|n| n.deliveries(limit))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| {
+            serde_json::json!({
+                "ts": d.ts,
+                "event_id": d.event_id,
+                "target": d.target,
+                "state": d.state,
+                "attempt": d.attempt,
+                "status": d.status,
+                "error": d.error,
+                "next_retry": d.next_retry,
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "rows": rows })))
+}
+
+/// `GET /api/v1/webhooks/deliveries` query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveriesParams {
+    limit: Option<usize>,
+}

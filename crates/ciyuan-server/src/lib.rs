@@ -279,6 +279,7 @@ pub fn router(app: Arc<App>) -> Router {
             get(budgets::show).put(budgets::set).delete(budgets::clear),
         )
         .route("/api/v1/access/{*path}", axum::routing::put(budgets::set_access))
+        .route("/api/v1/webhooks/deliveries", get(budgets::deliveries))
         .route("/api/v1/discrepancies", get(records::discrepancies))
         .route("/api/v1/incidents", get(records::incidents))
         .route("/api/v1/adjustments", post(adjust::create))

@@ -477,6 +477,22 @@ fn thresholds_write_incidents_and_call_signed_webhooks_and_ingest_over_a_hard_li
         got.len(),
         "one delivery per incident once delivered"
     );
+    // The delivery log shows the failed first attempt and every delivery.
+    let (s, b) = gw.server.http(
+        "GET",
+        "/api/v1/webhooks/deliveries?limit=100",
+        &gw.admin,
+        None,
+    );
+    assert_eq!(s, 200);
+    let log = json(&b)["rows"].as_array().unwrap().clone();
+    let states: Vec<&str> = log.iter().map(|r| r["state"].as_str().unwrap()).collect();
+    assert!(states.contains(&"failed"), "{log:?}");
+    assert_eq!(
+        states.iter().filter(|s| **s == "delivered").count(),
+        3,
+        "{log:?}"
+    );
     // The budget view: used 130 of 100, nothing reserved.
     let view = budget(&gw, "acme/batch");
     assert_eq!(view["limits"][0]["used"], 130, "{view}");
