@@ -16,6 +16,12 @@ use tokio::sync::watch;
 
 /// Entries applied to the projections per transaction.
 pub const PROJECT_BATCH_ENTRIES: u64 = 4096;
+/// Below this many new entries, the projector waits [`PROJECT_LINGER`] for more
+/// before committing them.
+const PROJECT_LINGER_BELOW: u64 = 256;
+/// How long a small batch waits for company (also the added delay before an admin
+/// write becomes visible to queries).
+const PROJECT_LINGER: Duration = Duration::from_millis(10);
 /// How long the projector sleeps when nobody kicks it; catches appends by other writers.
 const PROJECT_IDLE_POLL: Duration = Duration::from_millis(250);
 
@@ -200,6 +206,12 @@ fn run(
         match kicked.recv_timeout(PROJECT_IDLE_POLL) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
+        }
+        // A trickle of small appends (a gateway under steady load) would cost one
+        // SQLite commit each: let a few milliseconds of them gather into one.
+        let backlog = log.size().saturating_sub(*mark.borrow());
+        if backlog > 0 && backlog < PROJECT_LINGER_BELOW {
+            std::thread::sleep(PROJECT_LINGER);
         }
     }
 }
