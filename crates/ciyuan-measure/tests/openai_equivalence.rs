@@ -1,6 +1,7 @@
-//! The OpenAI counters (`bpe-openai`'s pre-tokenizer and BPE, plus the piece cache)
-//! give the same counts as `tiktoken-rs`, a port of tiktoken's own Rust core, on
-//! random texts built from the characters where the split patterns are subtle:
+//! The OpenAI counters (the split patterns on `regex-automata`, our byte-pair merge
+//! over the compact vocabulary table, plus the piece cache) give the same counts as
+//! `tiktoken-rs`, a port of tiktoken's own Rust core, on random texts built from the
+//! characters where the split patterns are subtle:
 //! whitespace before letters and at the end, `\r\n`, apostrophe suffixes, case
 //! changes, combining marks, title-case and modifier letters, non-ASCII digits and
 //! spaces, `/` after punctuation, CJK and emoji.
