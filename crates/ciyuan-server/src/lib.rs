@@ -209,6 +209,14 @@ impl App {
             .await
     }
 
+    /// Waits until queries see every entry acknowledged before this call: queries
+    /// read their writes (and everyone's), at the cost of the projector's short linger.
+    pub async fn caught_up(&self) -> Result<(), ApiError> {
+        self.projector
+            .wait_for(self.log.size(), self.config.projection_wait)
+            .await
+    }
+
     /// The projection watermark: entries visible to queries.
     pub fn projected(&self) -> u64 {
         self.projector.watermark()

@@ -59,6 +59,7 @@ pub async fn discrepancies(
     Query(p): Query<Params>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let (account, limit) = scope(&caller, &p)?;
+    app.caught_up().await?;
     let rows = app
         .blocking(move |app| Ok(app.store.flagged(&account, limit)?))
         .await?;
@@ -94,6 +95,7 @@ pub async fn incidents(
     Query(p): Query<Params>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let (account, limit) = scope(&caller, &p)?;
+    app.caught_up().await?;
     let rows = app
         .blocking(move |app| Ok(app.store.incidents(&account, limit)?))
         .await?;

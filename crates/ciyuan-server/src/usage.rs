@@ -68,6 +68,7 @@ pub async fn query(
         None => caller.key.account.clone(),
     };
     caller.require_within(&account)?;
+    app.caught_up().await?;
     let mut group_by = Vec::new();
     let mut group_names = Vec::new();
     for g in p
