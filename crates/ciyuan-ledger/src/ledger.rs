@@ -1059,7 +1059,9 @@ impl LedgerReader {
                     let mut want =
                         READ_CHUNK_BYTES.max(RECORD_HEADER_BYTES + self.shared.max_entry_bytes);
                     if let Some(end) = end_pos {
-                        want = want.min(end.saturating_sub(pos) as usize).max(RECORD_HEADER_BYTES);
+                        want = want
+                            .min(end.saturating_sub(pos) as usize)
+                            .max(RECORD_HEADER_BYTES);
                     }
                     buf.resize(want, 0);
                     let n = read_some_at(&file, &mut buf, pos)

@@ -9,8 +9,8 @@
 mod accounts;
 mod adjust;
 mod audit;
-pub mod budgets;
 pub mod auth;
+pub mod budgets;
 pub mod error;
 mod extract;
 pub mod gateway;
@@ -286,7 +286,10 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/budgets/{*path}",
             get(budgets::show).put(budgets::set).delete(budgets::clear),
         )
-        .route("/api/v1/access/{*path}", axum::routing::put(budgets::set_access))
+        .route(
+            "/api/v1/access/{*path}",
+            axum::routing::put(budgets::set_access),
+        )
         .route("/api/v1/webhooks/deliveries", get(budgets::deliveries))
         .route("/api/v1/discrepancies", get(records::discrepancies))
         .route("/api/v1/incidents", get(records::incidents))
