@@ -247,6 +247,8 @@ const DEFAULT_THRESHOLDS: [u8; 3] = [50, 80, 100];
 struct LimitView {
     node: String,
     name: String,
+    /// In words: `1000000 tokens per month`, `60 requests per minute per key`.
+    limit: String,
     measure: String,
     period: &'static str,
     mode: String,
@@ -271,6 +273,7 @@ fn view(s: LimitStatus) -> LimitView {
     LimitView {
         node: s.spec.node.to_string(),
         name: s.spec.name.clone(),
+        limit: s.spec.describe(),
         measure: s.spec.measure.to_string(),
         period: match s.spec.period {
             Period::Minute => "minute",
@@ -323,12 +326,33 @@ async fn existing_node(
 /// and remaining), and the access rules on the path.
 async fn answer(app: &Arc<App>, node: &AccountPath) -> axum::Json<serde_json::Value> {
     let now = Timestamp::now();
-    let limits: Vec<LimitView> = app
+    let mut limits: Vec<LimitView> = app
         .budget
         .status_path(node, now)
         .into_iter()
         .map(view)
         .collect();
+    // Per-session, per-key and per-request limits have no counter until first used:
+    // show them anyway, unused.
+    for p in node.lineage() {
+        for spec in app.budget.limits(&p) {
+            if !limits
+                .iter()
+                .any(|l| l.node == p.as_str() && l.name == spec.name)
+            {
+                let window = spec.window(now);
+                limits.push(view(LimitStatus {
+                    remaining: spec.amount,
+                    subject: Subject::Node,
+                    window_start: window.map(|w| w.0),
+                    window_end: window.map(|w| w.1),
+                    used: 0,
+                    reserved: 0,
+                    spec,
+                }));
+            }
+        }
+    }
     let mut models = Vec::new();
     for p in node.lineage() {
         let (allow, deny) = app.budget.models(&p);

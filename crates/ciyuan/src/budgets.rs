@@ -104,17 +104,11 @@ fn print(v: &Value, remote: &Remote) -> anyhow::Result<ExitCode> {
             .unwrap_or_default();
         writeln!(
             out,
-            "  {:<16} {:<10} {} {} {} {}{}: used {}, reserved {}, remaining {}",
+            "  {:<16} {:<12} {} {}{}: used {}, reserved {}, remaining {}",
             l["node"].as_str().unwrap_or("?"),
             l["name"].as_str().unwrap_or("?"),
             l["mode"].as_str().unwrap_or("?"),
-            l["amount"],
-            l["measure"].as_str().unwrap_or("?"),
-            format_args!(
-                "per {} ({})",
-                l["period"].as_str().unwrap_or("?"),
-                l["per"].as_str().unwrap_or("?")
-            ),
+            l["limit"].as_str().unwrap_or("?"),
             subject,
             l["used"],
             l["reserved"],
