@@ -569,14 +569,22 @@ async fn handle(
     resp
 }
 
+/// A request id: a random prefix drawn once per process and a counter, so ids are
+/// unique and not guessable across restarts without a system call per request.
 fn request_id() -> String {
-    let mut b = [0u8; 12];
-    if getrandom::fill(&mut b).is_err() {
-        // Only an id for correlation: the time is unique enough if randomness fails.
-        let t = Timestamp::now().as_nanosecond();
-        b[..12].copy_from_slice(&t.to_le_bytes()[..12]);
-    }
-    format!("req_{}", hex::encode(b))
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut b = [0u8; 8];
+        if getrandom::fill(&mut b).is_err() {
+            // Only an id for correlation: the start time is unique enough then.
+            let t = Timestamp::now().as_nanosecond();
+            b.copy_from_slice(&t.to_le_bytes()[..8]);
+        }
+        u64::from_le_bytes(b)
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("req_{prefix:016x}{n:08x}")
 }
 
 fn forwarded(name: &str, allowed: &[String]) -> bool {
