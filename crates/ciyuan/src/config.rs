@@ -109,6 +109,9 @@ pub struct GatewaySection {
     pub default_max_output_tokens: Option<u64>,
     /// Seconds after which an unsettled budget reservation is released (default 3600).
     pub reservation_ttl_secs: Option<u64>,
+    /// Input tokens reserved for each image, audio or file part of a prompt (default
+    /// 2048).
+    pub media_reserve_tokens: Option<u64>,
 }
 
 /// `[[providers]]`: one upstream.
@@ -342,6 +345,9 @@ impl ServeConfig {
         }
         if let Some(m) = file.gateway.default_max_output_tokens {
             gateway.default_max_output_tokens = m;
+        }
+        if let Some(m) = file.gateway.media_reserve_tokens {
+            gateway.media_reserve_tokens = m;
         }
         let reservation_ttl_secs = file.gateway.reservation_ttl_secs.unwrap_or(3600).max(1);
         let webhooks = file

@@ -128,6 +128,9 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Output reserved against budgets for a request that sets no `max_tokens`.
     pub default_max_output_tokens: u64,
+    /// Input reserved against budgets for each image, audio or file part of a prompt
+    /// (their tokens are known only from the provider's count).
+    pub media_reserve_tokens: u64,
 }
 
 impl Default for GatewayConfig {
@@ -139,6 +142,7 @@ impl Default for GatewayConfig {
             encodings: Vec::new(),
             max_body_bytes: 32 << 20,
             default_max_output_tokens: 4096,
+            media_reserve_tokens: 2048,
         }
     }
 }
@@ -490,7 +494,11 @@ async fn handle(
         let input_n = match counted {
             Some((_, n)) => n,
             None => count_input(Encoding::O200kBase, &info).unwrap_or(0),
-        };
+        }
+        .saturating_add(
+            info.media_parts
+                .saturating_mul(app.gateway.config.media_reserve_tokens),
+        );
         let mut input = TokenMap::new();
         let mut out = TokenMap::new();
         let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -1117,5 +1125,10 @@ fn count_input(enc: Encoding, info: &RequestInfo) -> Option<u64> {
         }
         n
     };
-    Some(input as u64)
+    let tools = if info.tools_text.is_empty() {
+        0
+    } else {
+        enc.count(&info.tools_text).ok()?
+    };
+    Some((input + tools) as u64)
 }

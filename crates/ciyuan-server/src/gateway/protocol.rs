@@ -181,9 +181,14 @@ pub struct RequestInfo {
     pub user: Option<String>,
     /// Whether the prompt holds content the recount cannot count (images, audio, files).
     pub has_media: bool,
+    /// How many such parts (or pre-tokenized prompts) it holds: budgets reserve a
+    /// fixed allowance for each.
+    pub media_parts: u64,
+    /// Tool and function definitions as JSON text: providers count them as input.
+    pub tools_text: String,
 }
 
-fn text_of_content(content: &Value, has_media: &mut bool) -> String {
+fn text_of_content(content: &Value, media: &mut u64) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(parts) => {
@@ -198,7 +203,7 @@ fn text_of_content(content: &Value, has_media: &mut bool) -> String {
                     Some("tool_result") => {
                         out.push_str(&text_of_content(
                             p.get("content").unwrap_or(&Value::Null),
-                            has_media,
+                            media,
                         ));
                     }
                     Some("tool_use") => {
@@ -206,7 +211,7 @@ fn text_of_content(content: &Value, has_media: &mut bool) -> String {
                             out.push_str(&i.to_string());
                         }
                     }
-                    _ => *has_media = true,
+                    _ => *media += 1,
                 }
             }
             out
@@ -269,7 +274,7 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
             if endpoint == Endpoint::Messages
                 && let Some(system) = obj.get("system")
             {
-                let text = text_of_content(system, &mut info.has_media);
+                let text = text_of_content(system, &mut info.media_parts);
                 info.messages.push(("system".into(), text));
             }
             let Some(Value::Array(messages)) = obj.get("messages") else {
@@ -282,7 +287,7 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
                     .ok_or_else(|| bad(format!("messages[{i}].role: required, a string")))?;
                 let mut text = text_of_content(
                     m.get("content").unwrap_or(&Value::Null),
-                    &mut info.has_media,
+                    &mut info.media_parts,
                 );
                 if let Some(Value::Array(calls)) = m.get("tool_calls") {
                     for c in calls {
@@ -314,7 +319,7 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
                         match it {
                             Value::String(s) => info.prompts.push(s.clone()),
                             // Token arrays: already tokens, counted as given.
-                            Value::Number(_) | Value::Array(_) => info.has_media = true,
+                            Value::Number(_) | Value::Array(_) => info.media_parts += 1,
                             _ => return Err(bad(format!("{field}: items must be strings"))),
                         }
                     }
@@ -323,6 +328,12 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
             }
         }
     }
+    for key in ["tools", "functions"] {
+        if let Some(t) = obj.get(key).filter(|t| !t.is_null()) {
+            info.tools_text.push_str(&t.to_string());
+        }
+    }
+    info.has_media = info.media_parts > 0;
     Ok(info)
 }
 
@@ -693,10 +704,19 @@ mod tests {
             Endpoint::Chat,
             &json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true},
                     "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}],
-                    "max_completion_tokens": 50, "user": "u1"}),
+                    "max_completion_tokens": 50, "user": "u1",
+                    "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]}),
         )
         .unwrap();
         assert!(info.stream && info.include_usage && info.has_media);
+        assert_eq!(
+            info.media_parts, 1,
+            "the image part is counted for the reservation"
+        );
+        assert!(
+            info.tools_text.contains("\"lookup\""),
+            "tool definitions count as input"
+        );
         assert_eq!(info.messages, vec![("user".to_string(), "hi".to_string())]);
         assert_eq!(
             (info.max_tokens, info.user.as_deref()),
