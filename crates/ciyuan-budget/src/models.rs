@@ -1,30 +1,11 @@
 //! Model access patterns: `*` matches any run of characters (including none and
-//! including `/`); everything else matches itself, case-sensitively.
+//! including `/`); everything else matches itself, ignoring ASCII case — the same
+//! matching as provider routing ([`ciyuan_core::wildcard_match`]), so a deny rule
+//! catches every spelling the gateway would route.
 
 /// Whether `name` matches `pattern`.
 pub fn matches(pattern: &str, name: &str) -> bool {
-    let p = pattern.as_bytes();
-    let n = name.as_bytes();
-    // Greedy matching with backtracking to the last star: linear in practice, at most
-    // O(|p| · |n|).
-    let (mut pi, mut ni) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            star = Some((pi, ni));
-            pi += 1;
-        } else if pi < p.len() && p[pi] == n[ni] {
-            pi += 1;
-            ni += 1;
-        } else if let Some((sp, sn)) = star {
-            pi = sp + 1;
-            ni = sn + 1;
-            star = Some((sp, sn + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&b| b == b'*')
+    ciyuan_core::wildcard_match(pattern, name)
 }
 
 /// The access rules of one node.
@@ -64,11 +45,15 @@ mod tests {
         assert!(matches("*", "anything/at/all"));
         assert!(matches("qwen*-max", "qwen2.5-max"));
         assert!(matches("qwen*-max", "qwen-max"));
+        assert!(
+            matches("gpt-4o-mini*", "GPT-4o-MINI"),
+            "case cannot slip past a rule"
+        );
         assert!(!matches("qwen*-max", "qwen-max-latest"));
         assert!(matches("*mini*", "o4-mini-high"));
         assert!(matches("a*b*c", "aXbYbZc"));
         assert!(!matches("a*b*c", "aXbYbZ"));
-        assert!(!matches("GPT-4o", "gpt-4o"));
+        assert!(matches("GPT-4o", "gpt-4o"));
         assert!(!matches("", "x"));
         assert!(matches("", ""));
     }

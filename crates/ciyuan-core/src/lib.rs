@@ -31,6 +31,7 @@ mod path;
 mod reuse;
 mod scope;
 mod tokens;
+mod wildcard;
 
 pub use budget::{
     AccessSet, BudgetCleared, BudgetMeasure, BudgetMode, BudgetPer, BudgetPeriod, BudgetSet,
@@ -46,3 +47,4 @@ pub use money::{Currency, Money, MoneyError};
 pub use path::{AccountPath, PathError};
 pub use scope::{Scope, ScopeError, Scopes};
 pub use tokens::{Direction, Modality, TokenCount, TokenError, TokenMap};
+pub use wildcard::wildcard_match;

@@ -466,28 +466,7 @@ pub const MODEL_ENCODINGS: &[(&str, Encoding)] = &[
     ("deepseek*", Encoding::DeepSeekV4),
 ];
 
-/// Whether `name` matches a pattern where `*` stands for any run of characters.
-pub fn wildcard_match(pattern: &str, name: &str) -> bool {
-    let (p, n) = (pattern.as_bytes(), name.as_bytes());
-    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
-    while ni < n.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            star = Some(pi);
-            mark = ni;
-            pi += 1;
-        } else if pi < p.len() && p[pi].eq_ignore_ascii_case(&n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ni = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == b'*')
-}
+pub use ciyuan_core::wildcard_match;
 
 /// The encoding of `model`, looking at `extra` (pattern, encoding) pairs first, then
 /// [`MODEL_ENCODINGS`]. A provider prefix such as `openai/` or `deepseek-ai/` is ignored.
