@@ -165,6 +165,28 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
+/// Rows of (node, json) decoded.
+fn by_node<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+) -> Result<Vec<(AccountPath, T)>, StoreError> {
+    let mut stmt = conn.prepare(sql).map_err(backend)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (node, json) = row.map_err(backend)?;
+        out.push((
+            AccountPath::parse(&node)
+                .map_err(|e| StoreError::Backend(format!("stored node {node:?}: {e}")))?,
+            serde_json::from_str(&json)
+                .map_err(|e| StoreError::Backend(format!("stored value on {node}: {e}")))?,
+        ));
+    }
+    Ok(out)
+}
+
 /// Rows of (entry, ts, account, json) decoded into [`Recorded`] values.
 fn recorded<T: serde::de::DeserializeOwned>(
     conn: &Connection,
@@ -606,45 +628,17 @@ impl Store for SqliteStore {
     }
 
     fn budgets(&self) -> Result<Vec<(AccountPath, ciyuan_core::BudgetSet)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT node, spec FROM budgets ORDER BY node, name")
-            .map_err(backend)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(backend)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (node, spec) = row.map_err(backend)?;
-            out.push((
-                AccountPath::parse(&node)
-                    .map_err(|e| StoreError::Backend(format!("stored node {node:?}: {e}")))?,
-                serde_json::from_str(&spec)
-                    .map_err(|e| StoreError::Backend(format!("stored budget on {node}: {e}")))?,
-            ));
-        }
-        Ok(out)
+        by_node(
+            &self.conn(),
+            "SELECT node, spec FROM budgets ORDER BY node, name",
+        )
     }
 
     fn access_rules(&self) -> Result<Vec<(AccountPath, ciyuan_core::AccessSet)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT node, rules FROM access_rules ORDER BY node")
-            .map_err(backend)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(backend)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (node, rules) = row.map_err(backend)?;
-            out.push((
-                AccountPath::parse(&node)
-                    .map_err(|e| StoreError::Backend(format!("stored node {node:?}: {e}")))?,
-                serde_json::from_str(&rules)
-                    .map_err(|e| StoreError::Backend(format!("stored rules of {node}: {e}")))?,
-            ));
-        }
-        Ok(out)
+        by_node(
+            &self.conn(),
+            "SELECT node, rules FROM access_rules ORDER BY node",
+        )
     }
 
     fn flagged(
