@@ -163,6 +163,8 @@ pub struct LimitStatus {
 ///   reservations live in memory only.
 pub struct Engine {
     inner: Mutex<Inner>,
+    /// Limits set, anywhere: with none, usage that already happened needs no lock.
+    limit_count: std::sync::atomic::AtomicUsize,
 }
 
 impl fmt::Debug for Engine {
@@ -657,6 +659,7 @@ impl Engine {
     pub fn new() -> Engine {
         Engine {
             inner: Mutex::new(Inner::default()),
+            limit_count: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -704,7 +707,11 @@ impl Engine {
                 l.spec = spec;
             }
             Some(l) => *l = Limit::new(fresh_id, spec),
-            None => node.limits.push(Limit::new(fresh_id, spec)),
+            None => {
+                node.limits.push(Limit::new(fresh_id, spec));
+                self.limit_count
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
+            }
         }
         Ok(())
     }
@@ -718,7 +725,10 @@ impl Engine {
         let limits = &mut g.nodes[i as usize].limits;
         let before = limits.len();
         limits.retain(|l| l.spec.name != name);
-        limits.len() != before
+        let removed = before - limits.len();
+        self.limit_count
+            .fetch_sub(removed, std::sync::atomic::Ordering::Release);
+        removed > 0
     }
 
     /// The limits set on `node` itself (not inherited ones), in the order they were
@@ -731,7 +741,7 @@ impl Engine {
     }
 
     /// Sets the model access rules of `node`, replacing its previous ones. Patterns
-    /// use `*` for any run of characters and are case-sensitive. A model is allowed
+    /// use `*` for any run of characters and ignore ASCII case (as routing does). A model is allowed
     /// iff no node on the account's path (the node and its ancestors) denies it and
     /// every allow list on the path matches it; `None` means no allow list. An empty
     /// allow list allows nothing.
@@ -991,6 +1001,11 @@ impl Engine {
         tokens: &TokenMap,
         at: Timestamp,
     ) -> Settled {
+        if self.limit_count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            // No limit anywhere: nothing to count (a limit set later starts from the
+            // projections, as after a restart).
+            return Settled::default();
+        }
         let tokens = Amounts::of(tokens);
         let mut g = self.lock();
         let inner = &mut *g;

@@ -77,29 +77,43 @@ pub(crate) fn load(store: &dyn Store, now: Timestamp) -> Result<Engine, ApiError
         engine
             .set_limit(spec.clone())
             .map_err(|e| ApiError::internal(format!("stored limit on {node}: {e}")))?;
-        if spec.scope != LimitScope::Node || spec.period == Period::Minute {
-            continue;
-        }
-        let window = spec.window(now);
-        let filter = HourFilter {
-            account: node.clone(),
-            from_hour: window.map(|(s, _)| ciyuan_store::floor_hour(s)),
-            to_hour: window.map(|(_, e)| ciyuan_store::ceil_hour(e)),
-        };
-        let mut used = TokenMap::new();
-        for row in store.usage_hours(&filter)? {
-            let _ = used.add(row.modality, row.direction, row.tokens);
-        }
-        let amount = match spec.measure {
-            Measure::Tokens(sel) => sel.count(&used),
-            // Request counts are not projected; they restart with the process.
-            Measure::Requests => continue,
-        };
-        engine
-            .load_used(&node, &spec.name, None, window.map(|(s, _)| s), amount)
-            .map_err(|e| ApiError::internal(format!("restoring limit on {node}: {e}")))?;
+        restore_used(store, &engine, &spec, now)?;
     }
     Ok(engine)
+}
+
+/// Sets a node limit's counter to the usage the projections hold for its current
+/// window (hour-or-longer windows; minute windows, per-session and per-key counters
+/// start empty). Used on start and when a limit is set, so a monthly budget set on
+/// the 20th counts the month so far.
+pub(crate) fn restore_used(
+    store: &dyn Store,
+    engine: &Engine,
+    spec: &LimitSpec,
+    now: Timestamp,
+) -> Result<(), ApiError> {
+    let node = &spec.node;
+    if spec.scope != LimitScope::Node || spec.period == Period::Minute {
+        return Ok(());
+    }
+    let window = spec.window(now);
+    let filter = HourFilter {
+        account: node.clone(),
+        from_hour: window.map(|(s, _)| ciyuan_store::floor_hour(s)),
+        to_hour: window.map(|(_, e)| ciyuan_store::ceil_hour(e)),
+    };
+    let mut used = TokenMap::new();
+    for row in store.usage_hours(&filter)? {
+        let _ = used.add(row.modality, row.direction, row.tokens);
+    }
+    let amount = match spec.measure {
+        Measure::Tokens(sel) => sel.count(&used),
+        // Request counts are not projected; they restart with the process.
+        Measure::Requests => return Ok(()),
+    };
+    engine
+        .load_used(node, &spec.name, None, window.map(|(s, _)| s), amount)
+        .map_err(|e| ApiError::internal(format!("restoring limit on {node}: {e}")))
 }
 
 /// Turns crossings and exceeded hard limits into incident entries (and webhooks).
@@ -434,8 +448,13 @@ pub async fn set(
     )])
     .await?;
     app.budget
-        .set_limit(spec)
+        .set_limit(spec.clone())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // Count what the window already holds (a new limit, or one whose window changed,
+    // starts from the ledger's usage, not from zero).
+    app.caught_up().await?;
+    app.blocking(move |app| restore_used(app.store.as_ref(), &app.budget, &spec, Timestamp::now()))
+        .await?;
     Ok((StatusCode::OK, answer(&app, &node).await))
 }
 

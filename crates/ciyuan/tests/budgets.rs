@@ -376,10 +376,37 @@ fn thresholds_write_incidents_and_call_signed_webhooks_and_ingest_over_a_hard_li
         &[("CIYUAN_TEST_HOOK_SECRET", secret)],
     );
     let ingest = gw.key_for("acme/batch", &["ingest"]);
+    // Usage from before the limit counts once the limit is set.
+    let early = gw.key_for("acme/batch/early", &["gateway"]);
+    let (s, b) = http(
+        &gw.server.url,
+        "POST",
+        "/v1/chat/completions",
+        &early,
+        Some(
+            &json!({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "before"}]}),
+        ),
+    );
+    assert_eq!(s, 200);
+    let before = json(&b)["usage"]["total_tokens"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while used_in_ledger(&gw, "acme/batch") == 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v = set_budget(
+        &gw,
+        "acme/batch",
+        json!({"tokens": 100 + before, "period": "lifetime", "mode": "hard", "thresholds": [50, 100]}),
+    );
+    assert_eq!(
+        v["limits"][0]["used"], before,
+        "the month so far is counted: {v}"
+    );
     set_budget(
         &gw,
         "acme/batch",
-        json!({"tokens": 100, "period": "lifetime", "mode": "hard", "thresholds": [50, 100]}),
+        json!({"tokens": 100 + before, "period": "lifetime", "mode": "hard", "thresholds": [50, 100]}),
     );
     let event = |id: &str, n: u64| {
         json!({"specversion": "1.0", "id": id, "source": "svc://batch", "type": "llm.usage",
@@ -443,7 +470,7 @@ fn thresholds_write_incidents_and_call_signed_webhooks_and_ingest_over_a_hard_li
         .find(|r| r["kind"] == "budget.exceeded")
         .unwrap_or_else(|| panic!("{incidents:?}"));
     assert_eq!(exceeded["cause"], over_entry);
-    assert_eq!(exceeded["used"], 130);
+    assert_eq!(exceeded["used"], 130 + before);
 
     // Webhooks: each incident once (after a retry of the first), signed, with an id.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -495,7 +522,7 @@ fn thresholds_write_incidents_and_call_signed_webhooks_and_ingest_over_a_hard_li
     );
     // The budget view: used 130 of 100, nothing reserved.
     let view = budget(&gw, "acme/batch");
-    assert_eq!(view["limits"][0]["used"], 130, "{view}");
+    assert_eq!(view["limits"][0]["used"], 130 + before, "{view}");
     assert_eq!(view["limits"][0]["remaining"], 0);
     let _ = request_id;
 }
