@@ -36,15 +36,29 @@ impl Histogram {
     }
 }
 
+/// One model's counters on one upstream.
+#[derive(Default)]
+struct Series {
+    requests: BTreeMap<u16, u64>,
+    tokens: BTreeMap<(ciyuan_core::Modality, ciyuan_core::Direction), u64>,
+    partial: u64,
+    flagged: u64,
+}
+
+/// One upstream's series and histograms.
+#[derive(Default)]
+struct Upstream {
+    models: BTreeMap<String, Series>,
+    ttft: Histogram,
+    latency: Histogram,
+    tps: ([u64; TPS_BUCKETS.len()], u64, u64),
+}
+
+/// Keyed by upstream, then model: looked up by `&str`, so recording a request
+/// allocates nothing once its upstream and model have been seen.
 #[derive(Default)]
 struct Inner {
-    requests: BTreeMap<(String, String, u16), u64>,
-    tokens: BTreeMap<(String, String, String), u64>,
-    partial: BTreeMap<(String, String), u64>,
-    flagged: BTreeMap<(String, String), u64>,
-    ttft: BTreeMap<String, Histogram>,
-    latency: BTreeMap<String, Histogram>,
-    tps: BTreeMap<String, ([u64; TPS_BUCKETS.len()], u64, u64)>,
+    upstreams: BTreeMap<String, Upstream>,
 }
 
 /// One finished request, as the metrics see it.
@@ -79,44 +93,37 @@ impl Metrics {
     /// Records one finished request.
     pub fn observe(&self, o: &Observation<'_>) {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        *m.requests
-            .entry((o.upstream.into(), o.model.into(), o.status))
-            .or_default() += 1;
-        for t in o.tokens.iter() {
-            *m.tokens
-                .entry((
-                    o.upstream.into(),
-                    o.model.into(),
-                    format!("{}.{}", t.modality, t.direction),
-                ))
-                .or_default() += u64::try_from(t.count).unwrap_or(0);
+        if !m.upstreams.contains_key(o.upstream) {
+            m.upstreams
+                .insert(o.upstream.to_string(), Upstream::default());
         }
-        if o.partial {
-            *m.partial
-                .entry((o.upstream.into(), o.model.into()))
-                .or_default() += 1;
+        let Some(u) = m.upstreams.get_mut(o.upstream) else {
+            return;
+        };
+        if !u.models.contains_key(o.model) {
+            u.models.insert(o.model.to_string(), Series::default());
         }
-        if o.flagged {
-            *m.flagged
-                .entry((o.upstream.into(), o.model.into()))
-                .or_default() += 1;
+        if let Some(series) = u.models.get_mut(o.model) {
+            *series.requests.entry(o.status).or_default() += 1;
+            for t in o.tokens.iter() {
+                *series.tokens.entry((t.modality, t.direction)).or_default() +=
+                    u64::try_from(t.count).unwrap_or(0);
+            }
+            series.partial += u64::from(o.partial);
+            series.flagged += u64::from(o.flagged);
         }
         if let Some(t) = o.ttft {
-            m.ttft.entry(o.upstream.into()).or_default().observe(t);
+            u.ttft.observe(t);
         }
-        m.latency
-            .entry(o.upstream.into())
-            .or_default()
-            .observe(o.latency);
+        u.latency.observe(o.latency);
         if let Some(tps) = o.output_tokens_per_sec {
-            let h = m.tps.entry(o.upstream.into()).or_default();
             for (i, b) in TPS_BUCKETS.iter().enumerate() {
                 if tps <= *b {
-                    h.0[i] += 1;
+                    u.tps.0[i] += 1;
                 }
             }
-            h.1 += 1;
-            h.2 += tps;
+            u.tps.1 += 1;
+            u.tps.2 += tps;
         }
     }
 
@@ -133,62 +140,71 @@ impl Metrics {
             out,
             "# HELP ciyuan_gateway_requests_total Gateway requests by upstream, model and status.\n# TYPE ciyuan_gateway_requests_total counter"
         );
-        for ((u, model, s), n) in &m.requests {
-            let _ = writeln!(
-                out,
-                "ciyuan_gateway_requests_total{{upstream=\"{}\",model=\"{}\",status=\"{s}\"}} {n}",
-                esc(u),
-                esc(model)
-            );
-        }
+        let each = |f: &mut dyn FnMut(&str, &str, &Series)| {
+            for (u, up) in &m.upstreams {
+                for (model, series) in &up.models {
+                    f(&esc(u), &esc(model), series);
+                }
+            }
+        };
+        each(&mut |u, model, series| {
+            for (s, n) in &series.requests {
+                let _ = writeln!(
+                    out,
+                    "ciyuan_gateway_requests_total{{upstream=\"{u}\",model=\"{model}\",status=\"{s}\"}} {n}"
+                );
+            }
+        });
         let _ = writeln!(
             out,
             "# HELP ciyuan_gateway_tokens_total Tokens metered by the gateway.\n# TYPE ciyuan_gateway_tokens_total counter"
         );
-        for ((u, model, k), n) in &m.tokens {
-            let _ = writeln!(
-                out,
-                "ciyuan_gateway_tokens_total{{upstream=\"{}\",model=\"{}\",token=\"{k}\"}} {n}",
-                esc(u),
-                esc(model)
-            );
-        }
-        for (name, help, map) in [
+        each(&mut |u, model, series| {
+            for ((md, d), n) in &series.tokens {
+                let _ = writeln!(
+                    out,
+                    "ciyuan_gateway_tokens_total{{upstream=\"{u}\",model=\"{model}\",token=\"{md}.{d}\"}} {n}"
+                );
+            }
+        });
+        for (name, help, pick) in [
             (
                 "ciyuan_gateway_partial_total",
                 "Requests metered partially (cut, disconnected, no usage).",
-                &m.partial,
+                (|s: &Series| s.partial) as fn(&Series) -> u64,
             ),
             (
                 "ciyuan_gateway_recount_flagged_total",
                 "Requests whose recount disagreed with the provider beyond tolerance.",
-                &m.flagged,
+                |s: &Series| s.flagged,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for ((u, model), n) in map {
-                let _ = writeln!(
-                    out,
-                    "{name}{{upstream=\"{}\",model=\"{}\"}} {n}",
-                    esc(u),
-                    esc(model)
-                );
-            }
+            each(&mut |u, model, series| {
+                let n = pick(series);
+                if n > 0 {
+                    let _ = writeln!(out, "{name}{{upstream=\"{u}\",model=\"{model}\"}} {n}");
+                }
+            });
         }
-        for (name, help, map) in [
+        for (name, help, pick) in [
             (
                 "ciyuan_gateway_ttft_seconds",
                 "Time to first token.",
-                &m.ttft,
+                (|u: &Upstream| &u.ttft) as fn(&Upstream) -> &Histogram,
             ),
             (
                 "ciyuan_gateway_latency_seconds",
                 "Total request latency.",
-                &m.latency,
+                |u: &Upstream| &u.latency,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            for (u, h) in map {
+            for (u, up) in &m.upstreams {
+                let h = pick(up);
+                if h.count == 0 {
+                    continue;
+                }
                 let u = esc(u);
                 for (b, c) in BUCKETS.iter().zip(h.counts) {
                     let _ = writeln!(out, "{name}_bucket{{upstream=\"{u}\",le=\"{b}\"}} {c}");
@@ -212,7 +228,11 @@ impl Metrics {
             out,
             "# HELP {name} Output tokens per second after the first token.\n# TYPE {name} histogram"
         );
-        for (u, (counts, count, sum)) in &m.tps {
+        for (u, up) in &m.upstreams {
+            let (counts, count, sum) = &up.tps;
+            if *count == 0 {
+                continue;
+            }
             let u = esc(u);
             for (b, c) in TPS_BUCKETS.iter().zip(counts) {
                 let _ = writeln!(out, "{name}_bucket{{upstream=\"{u}\",le=\"{b}\"}} {c}");

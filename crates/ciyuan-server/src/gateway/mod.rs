@@ -151,6 +151,8 @@ impl Default for GatewayConfig {
 pub struct Gateway {
     config: GatewayConfig,
     clients: Vec<reqwest::Client>,
+    /// Each provider's URL per endpoint, parsed once.
+    urls: Vec<[reqwest::Url; 4]>,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
     /// The recorder task's inbox, started with the first request.
@@ -276,9 +278,27 @@ impl Gateway {
                     .map_err(|e| format!("provider {}: {e}", p.name))
             })
             .collect::<Result<_, _>>()?;
+        let urls = config
+            .providers
+            .iter()
+            .map(|p| {
+                let url = |e: Endpoint| {
+                    reqwest::Url::parse(&format!("{}{}", p.base_url, e.upstream_path())).map_err(
+                        |err| format!("provider {}: base_url {:?}: {err}", p.name, p.base_url),
+                    )
+                };
+                Ok([
+                    url(Endpoint::ALL[0])?,
+                    url(Endpoint::ALL[1])?,
+                    url(Endpoint::ALL[2])?,
+                    url(Endpoint::ALL[3])?,
+                ])
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(Gateway {
             config,
             clients,
+            urls,
             metrics: metrics::Metrics::default(),
             recorder: std::sync::OnceLock::new(),
             finishing: std::sync::atomic::AtomicUsize::new(0),
@@ -623,7 +643,7 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
     let family = call.endpoint.family();
     let provider = &app.gateway.config.providers[call.provider];
     let client = &app.gateway.clients[call.provider];
-    let url = format!("{}{}", provider.base_url, call.endpoint.upstream_path());
+    let url = app.gateway.urls[call.provider][call.endpoint.index()].clone();
     let mut rb = client
         .post(url)
         .header(header::CONTENT_TYPE, "application/json")

@@ -39,6 +39,24 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Every endpoint, in [`Endpoint::index`] order.
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::Chat,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Messages,
+    ];
+
+    /// The endpoint's position in [`Endpoint::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Endpoint::Chat => 0,
+            Endpoint::Completions => 1,
+            Endpoint::Embeddings => 2,
+            Endpoint::Messages => 3,
+        }
+    }
+
     /// The family whose shapes the endpoint speaks.
     pub fn family(self) -> Family {
         match self {
