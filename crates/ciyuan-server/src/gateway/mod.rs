@@ -153,6 +153,8 @@ pub struct Gateway {
     clients: Vec<reqwest::Client>,
     /// Each provider's URL per endpoint, parsed once.
     urls: Vec<[reqwest::Url; 4]>,
+    /// Models the providers listed behind wildcard patterns, and when they were asked.
+    listed: tokio::sync::Mutex<Option<(Instant, ModelList)>>,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
     /// The recorder task's inbox, started with the first request.
@@ -261,7 +263,71 @@ impl App {
     }
 }
 
+/// (model, provider) pairs.
+type ModelList = Vec<(String, String)>;
+
+/// How long the providers' model lists are remembered.
+const MODEL_LIST_TTL: Duration = Duration::from_secs(60);
+/// Longest wait for a provider's model list.
+const MODEL_LIST_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Gateway {
+    /// The models each provider with wildcard patterns lists itself (`GET /models`),
+    /// kept to those its patterns route here: (model, provider). Asked at most once a
+    /// minute; a provider that does not answer in time lists nothing.
+    async fn listed_upstream(&self) -> Vec<(String, String)> {
+        let mut cached = self.listed.lock().await;
+        if let Some((at, list)) = cached.as_ref()
+            && at.elapsed() < MODEL_LIST_TTL
+        {
+            return list.clone();
+        }
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (i, p) in self.config.providers.iter().enumerate() {
+            if !p.models.iter().any(|m| m.contains('*')) {
+                continue;
+            }
+            let url = match p.protocol.family() {
+                Family::OpenAi => format!("{}/models", p.base_url),
+                Family::Anthropic => format!("{}/v1/models", p.base_url),
+            };
+            let mut rb = self.clients[i].get(url);
+            match p.protocol {
+                Protocol::Anthropic => {
+                    rb = rb.header("anthropic-version", "2023-06-01");
+                    if let Some(k) = &p.api_key {
+                        rb = rb.header("x-api-key", k);
+                    }
+                }
+                _ => {
+                    if let Some(k) = &p.api_key {
+                        rb = rb.bearer_auth(k);
+                    }
+                }
+            }
+            let answer = tokio::time::timeout(MODEL_LIST_TIMEOUT, async {
+                rb.send().await?.error_for_status()?.json::<Value>().await
+            })
+            .await;
+            let Ok(Ok(v)) = answer else {
+                tracing::warn!(provider = %p.name, "provider did not list its models");
+                continue;
+            };
+            for id in v["data"].as_array().into_iter().flatten() {
+                let Some(id) = id["id"].as_str() else {
+                    continue;
+                };
+                if p.models.iter().any(|m| wildcard_match(m, id))
+                    && !out.iter().any(|(n, _)| n == id)
+                {
+                    out.push((id.to_string(), p.name.clone()));
+                }
+            }
+        }
+        *cached = Some((Instant::now(), out.clone()));
+        out
+    }
+
     /// Builds the clients.
     pub fn new(config: GatewayConfig) -> Result<Gateway, String> {
         let clients = config
@@ -299,6 +365,7 @@ impl Gateway {
             config,
             clients,
             urls,
+            listed: tokio::sync::Mutex::new(None),
             metrics: metrics::Metrics::default(),
             recorder: std::sync::OnceLock::new(),
             finishing: std::sync::atomic::AtomicUsize::new(0),
@@ -379,12 +446,17 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
     if let Err(e) = caller(&app, &headers).await {
         return e.into_response(family);
     }
-    let mut names: Vec<(&str, &str)> = Vec::new();
+    let mut names: Vec<(String, String)> = Vec::new();
     for p in &app.gateway.config.providers {
         for m in &p.models {
             if !m.contains('*') && !names.iter().any(|(n, _)| n == m) {
-                names.push((m, &p.name));
+                names.push((m.clone(), p.name.clone()));
             }
+        }
+    }
+    for (m, p) in app.gateway.listed_upstream().await {
+        if !names.iter().any(|(n, _)| *n == m) {
+            names.push((m, p));
         }
     }
     let body = match family {
@@ -399,8 +471,8 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
                 "type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z",
             })).collect::<Vec<_>>(),
             "has_more": false,
-            "first_id": names.first().map(|n| n.0),
-            "last_id": names.last().map(|n| n.0),
+            "first_id": names.first().map(|n| &n.0),
+            "last_id": names.last().map(|n| &n.0),
         }),
     };
     axum::Json(body).into_response()

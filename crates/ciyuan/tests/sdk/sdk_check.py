@@ -97,9 +97,11 @@ with ant.messages.stream(model="claude-haiku-4-5", max_tokens=20,
     final = s.get_final_message()
 assert final.usage.output_tokens > 0
 
-# Models.
+# Models: what the providers behind the wildcard patterns list, in each SDK's shape.
 ids = [m.id for m in oai.models.list()]
-assert isinstance(ids, list)
+assert "gpt-4o" in ids and "text-embedding-3-small" in ids, ids
+claude = [m.id for m in ant.models.list()]
+assert any(i.startswith("claude-sonnet-4-5") for i in claude), claude
 
 # Errors arrive as the SDKs' usual exception types.
 def expect(exc, fn):
