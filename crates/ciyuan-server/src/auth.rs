@@ -96,6 +96,19 @@ impl Caller {
     }
 }
 
+/// The caller a key record makes, unless the key is revoked.
+fn checked(record: &KeyRecord) -> Result<Caller, ApiError> {
+    if record.revoked_at.is_some() {
+        return Err(ApiError::unauthorized(format!(
+            "API key {} has been revoked",
+            record.key_id
+        )));
+    }
+    Ok(Caller {
+        key: record.clone(),
+    })
+}
+
 /// Looks keys up, with a cache so the gateway's hot path does not touch the database.
 /// Revocation goes through [`Authenticator::revoked`] and takes effect at once.
 pub struct Authenticator {
@@ -139,39 +152,26 @@ impl Authenticator {
 
     /// Authenticates a request. Blocking: call from a blocking context.
     pub fn authenticate(&self, key: &str) -> Result<Caller, ApiError> {
+        if let Some(answer) = self.cached(key) {
+            return answer;
+        }
         if parse_key(key).is_none() {
             return Err(ApiError::unauthorized(
                 "invalid API key: not a Ciyuan key (cy_…)",
             ));
         }
         let hash = hash_key(key);
-        let cached = self
-            .cache
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-            .cloned();
-        let record = match cached {
-            Some(r) => r,
-            None => {
-                let Some(r) = self.store.key_by_hash(&hash)? else {
-                    return Err(ApiError::unauthorized("invalid API key: unknown key"));
-                };
-                let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-                if cache.len() >= CACHE_MAX_KEYS {
-                    cache.clear();
-                }
-                cache.insert(hash, r.clone());
-                r
-            }
+        let Some(record) = self.store.key_by_hash(&hash)? else {
+            return Err(ApiError::unauthorized("invalid API key: unknown key"));
         };
-        if record.revoked_at.is_some() {
-            return Err(ApiError::unauthorized(format!(
-                "API key {} has been revoked",
-                record.key_id
-            )));
+        {
+            let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= CACHE_MAX_KEYS {
+                cache.clear();
+            }
+            cache.insert(hash, record.clone());
         }
-        Ok(Caller { key: record })
+        checked(&record)
     }
 
     /// [`Authenticator::authenticate`] from the cache alone, without blocking: `None`
@@ -180,16 +180,7 @@ impl Authenticator {
         parse_key(key)?;
         let hash = hash_key(key);
         let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
-        let record = cache.get(&hash)?;
-        Some(match record.revoked_at {
-            Some(_) => Err(ApiError::unauthorized(format!(
-                "API key {} has been revoked",
-                record.key_id
-            ))),
-            None => Ok(Caller {
-                key: record.clone(),
-            }),
-        })
+        cache.get(&hash).map(checked)
     }
 
     /// Forgets a revoked key so its next use reads the revocation.

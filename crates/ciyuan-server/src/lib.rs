@@ -248,8 +248,25 @@ impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
-        let key = Authenticator::presented(&parts.headers)?.to_string();
-        app.blocking(move |app| app.auth.authenticate(&key)).await
+        app.caller(&parts.headers).await
+    }
+}
+
+impl App {
+    /// Who presents the request's key: from the key cache on the async thread when it
+    /// can, else from the store on a blocking thread.
+    pub(crate) async fn caller(
+        self: &Arc<Self>,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Caller, ApiError> {
+        let key = Authenticator::presented(headers)?;
+        match self.auth.cached(key) {
+            Some(answer) => answer,
+            None => {
+                let key = key.to_string();
+                self.blocking(move |app| app.auth.authenticate(&key)).await
+            }
+        }
     }
 }
 

@@ -8,7 +8,8 @@ use crate::extract::Query;
 use crate::{App, parse_path};
 use axum::extract::State;
 use ciyuan_core::jiff::Timestamp;
-use ciyuan_core::{Incident, Scope, TokenMap};
+use ciyuan_core::{AccountPath, Incident, Scope, TokenMap, Usage};
+use ciyuan_store::{Recorded, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -22,7 +23,7 @@ pub struct Params {
     limit: Option<usize>,
 }
 
-fn scope(caller: &Caller, p: &Params) -> Result<(ciyuan_core::AccountPath, usize), ApiError> {
+fn scope(caller: &Caller, p: &Params) -> Result<(AccountPath, usize), ApiError> {
     caller.require(Scope::Read)?;
     let account = match &p.account {
         Some(s) => parse_path(s, "account")?,
@@ -38,11 +39,47 @@ fn scope(caller: &Caller, p: &Params) -> Result<(ciyuan_core::AccountPath, usize
     Ok((account, limit))
 }
 
+/// One listed record: where and when, then what.
 #[derive(Serialize)]
-struct Discrepancy {
+struct Row<T> {
     entry: u64,
     ts: Timestamp,
     account: String,
+    #[serde(flatten)]
+    body: T,
+}
+
+/// A store listing of a subtree, newest first, at most `limit` rows.
+type Fetch<T> = fn(&dyn Store, &AccountPath, usize) -> Result<Vec<Recorded<T>>, StoreError>;
+
+/// Reads `fetch` for the caller's subtree once the projections have caught up, and
+/// answers `{"rows": [...]}` with each body shaped by `shape`.
+async fn listing<T: Send + 'static, U: Serialize>(
+    app: Arc<App>,
+    caller: Caller,
+    p: Params,
+    fetch: Fetch<T>,
+    shape: fn(T) -> U,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let (account, limit) = scope(&caller, &p)?;
+    app.caught_up().await?;
+    let rows = app
+        .blocking(move |app| Ok(fetch(app.store.as_ref(), &account, limit)?))
+        .await?;
+    let rows: Vec<Row<U>> = rows
+        .into_iter()
+        .map(|r| Row {
+            entry: r.entry,
+            ts: r.ts,
+            account: r.account.to_string(),
+            body: shape(r.body),
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "rows": rows })))
+}
+
+#[derive(Serialize)]
+struct Discrepancy {
     service: String,
     model: Option<String>,
     upstream: Option<String>,
@@ -58,34 +95,20 @@ pub async fn discrepancies(
     caller: Caller,
     Query(p): Query<Params>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let (account, limit) = scope(&caller, &p)?;
-    app.caught_up().await?;
-    let rows = app
-        .blocking(move |app| Ok(app.store.flagged(&account, limit)?))
-        .await?;
-    let rows: Vec<Discrepancy> = rows
-        .into_iter()
-        .map(|r| Discrepancy {
-            entry: r.entry,
-            ts: r.ts,
-            account: r.account.to_string(),
-            service: r.body.service,
-            model: r.body.model,
-            upstream: r.body.quality.map(|q| q.upstream),
-            tokens: r.body.tokens,
-            recount: r.body.recount,
-        })
-        .collect();
-    Ok(axum::Json(serde_json::json!({ "rows": rows })))
-}
-
-#[derive(Serialize)]
-struct IncidentRow {
-    entry: u64,
-    ts: Timestamp,
-    account: String,
-    #[serde(flatten)]
-    incident: Incident,
+    listing(
+        app,
+        caller,
+        p,
+        |store, account, limit| store.flagged(account, limit),
+        |u: Usage| Discrepancy {
+            service: u.service,
+            model: u.model,
+            upstream: u.quality.map(|q| q.upstream),
+            tokens: u.tokens,
+            recount: u.recount,
+        },
+    )
+    .await
 }
 
 /// `GET /api/v1/incidents?account=&limit=`
@@ -94,19 +117,12 @@ pub async fn incidents(
     caller: Caller,
     Query(p): Query<Params>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let (account, limit) = scope(&caller, &p)?;
-    app.caught_up().await?;
-    let rows = app
-        .blocking(move |app| Ok(app.store.incidents(&account, limit)?))
-        .await?;
-    let rows: Vec<IncidentRow> = rows
-        .into_iter()
-        .map(|r| IncidentRow {
-            entry: r.entry,
-            ts: r.ts,
-            account: r.account.to_string(),
-            incident: r.body,
-        })
-        .collect();
-    Ok(axum::Json(serde_json::json!({ "rows": rows })))
+    listing(
+        app,
+        caller,
+        p,
+        |store, account, limit| store.incidents(account, limit),
+        |i: Incident| i,
+    )
+    .await
 }

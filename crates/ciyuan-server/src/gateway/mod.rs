@@ -490,17 +490,9 @@ pub async fn metrics_page(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-/// Authenticates a gateway call: from the key cache on the async thread when it can,
-/// else from the store on a blocking thread.
+/// Authenticates a gateway call: a key with the gateway scope, on an account.
 async fn caller(app: &Arc<App>, headers: &HeaderMap) -> Result<Caller, GatewayError> {
-    let key = crate::auth::Authenticator::presented(headers)?;
-    let caller = match app.auth.cached(key) {
-        Some(r) => r?,
-        None => {
-            let key = key.to_string();
-            app.blocking(move |app| app.auth.authenticate(&key)).await?
-        }
-    };
+    let caller = app.caller(headers).await?;
     caller.require(Scope::Gateway)?;
     if caller.key.account.is_root() {
         return Err(GatewayError::new(

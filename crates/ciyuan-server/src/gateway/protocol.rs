@@ -238,6 +238,20 @@ fn text_of_content(content: &Value, media: &mut u64) -> String {
     }
 }
 
+/// Appends the arguments text of OpenAI tool calls (`[{"function": {"arguments"}}]`):
+/// the model wrote them, so they are output (or, in a prompt, input) tokens.
+fn push_tool_arguments(calls: &[Value], out: &mut String) {
+    for call in calls {
+        if let Some(a) = call
+            .get("function")
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str)
+        {
+            out.push_str(a);
+        }
+    }
+}
+
 /// Reads a request body as `endpoint` defines it; the error names the field.
 pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayError> {
     let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m);
@@ -308,15 +322,7 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
                     &mut info.media_parts,
                 );
                 if let Some(Value::Array(calls)) = m.get("tool_calls") {
-                    for c in calls {
-                        if let Some(a) = c
-                            .get("function")
-                            .and_then(|f| f.get("arguments"))
-                            .and_then(Value::as_str)
-                        {
-                            text.push_str(a);
-                        }
-                    }
+                    push_tool_arguments(calls, &mut text);
                 }
                 info.messages.push((role.to_string(), text));
             }
@@ -500,15 +506,7 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>,
                             text.push_str(t);
                         }
                         if let Some(Value::Array(calls)) = m.get("tool_calls") {
-                            for call in calls {
-                                if let Some(a) = call
-                                    .get("function")
-                                    .and_then(|f| f.get("arguments"))
-                                    .and_then(Value::as_str)
-                                {
-                                    text.push_str(a);
-                                }
-                            }
+                            push_tool_arguments(calls, &mut text);
                         }
                     } else if let Some(t) = c.get("text").and_then(Value::as_str) {
                         text.push_str(t);
@@ -580,14 +578,8 @@ impl OpenAiChunk {
                 if let Some(t) = &d.content {
                     out.push_str(t);
                 }
-                for call in d.tool_calls.iter().flatten() {
-                    if let Some(a) = call
-                        .get("function")
-                        .and_then(|f| f.get("arguments"))
-                        .and_then(Value::as_str)
-                    {
-                        out.push_str(a);
-                    }
+                if let Some(calls) = &d.tool_calls {
+                    push_tool_arguments(calls, out);
                 }
             }
             if let Some(t) = &c.text {
