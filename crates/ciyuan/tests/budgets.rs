@@ -604,3 +604,150 @@ fn limits_and_usage_survive_a_crash_and_reservations_of_dead_requests_are_releas
     );
     assert_eq!(s, 429, "{}", String::from_utf8_lossy(&b));
 }
+
+#[test]
+fn session_limits_soft_limits_and_the_cli() {
+    let gw = gateway_with("", &[]);
+    let url = gw.server.url.clone();
+    let key = gw.key_for("acme/sess", &["gateway"]);
+    let stdout = |args: &[&str]| {
+        let o = gw.server.cli(&gw.admin, args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    // The README's commands: a per-session hard cap and a soft limit, by the CLI.
+    let out = stdout(&[
+        "budgets",
+        "set",
+        "acme/sess",
+        "--name",
+        "per-session",
+        "--tokens",
+        "40",
+        "--period",
+        "day",
+        "--per",
+        "session",
+        "--hard",
+    ]);
+    assert!(
+        out.contains("per-session  hard 40 tokens per day per session"),
+        "{out}"
+    );
+    let out = stdout(&[
+        "budgets",
+        "set",
+        "acme",
+        "--name",
+        "soft",
+        "--tokens",
+        "10",
+        "--period",
+        "month",
+        "--soft",
+        "--thresholds",
+        "100",
+    ]);
+    assert!(
+        out.contains("soft         soft 10 tokens per month"),
+        "{out}"
+    );
+    let chat = |user: Option<&str>| {
+        let mut body = json!({"model": "gpt-4o", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hello"}]});
+        if let Some(u) = user {
+            body["user"] = json!(u);
+        }
+        body
+    };
+    // Session "a" by header: ~18 tokens each, the third does not fit in 40.
+    for _ in 0..2 {
+        let r = raw(
+            &url,
+            "/v1/chat/completions",
+            &key,
+            &[("x-ciyuan-session", "a")],
+            &chat(None),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        &[("x-ciyuan-session", "a")],
+        &chat(None),
+        None,
+    );
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.body.contains("per-session"), "{}", r.body);
+    // Session "b" by the request's user field has its own counter; so does no session.
+    let (s, b) = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(&chat(Some("b"))),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let (s, _) = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(&chat(None)),
+    );
+    assert_eq!(s, 200);
+    // The soft limit was passed long ago: allowed, with one incident at 100%.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = gw
+            .server
+            .http("GET", "/api/v1/incidents?account=acme", &gw.admin, None);
+        let rows = json(&body)["rows"].as_array().unwrap().clone();
+        let soft: Vec<&Value> = rows.iter().filter(|r| r["limit"] == "soft").collect();
+        if !soft.is_empty() {
+            assert_eq!(soft.len(), 1, "once per window: {rows:?}");
+            assert_eq!(
+                (soft[0]["mode"].as_str(), soft[0]["threshold"].as_u64()),
+                (Some("soft"), Some(100))
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no incident for the soft limit: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Show lists the session counters; clear and access set work from the CLI too.
+    let out = stdout(&["budgets", "show", "acme/sess"]);
+    assert!(
+        out.contains("[session:a]") && out.contains("[session:b]"),
+        "{out}"
+    );
+    stdout(&["budgets", "clear", "acme/sess", "--name", "per-session"]);
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &key,
+        &[("x-ciyuan-session", "a")],
+        &chat(None),
+        None,
+    );
+    assert_eq!(r.status, 200, "cleared: {}", r.body);
+    stdout(&["access", "set", "acme/sess", "--deny", "gpt-4o*"]);
+    let (s, _) = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(&chat(None)),
+    );
+    assert_eq!(s, 403);
+}
