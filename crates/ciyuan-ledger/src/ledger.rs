@@ -1041,9 +1041,13 @@ impl LedgerReader {
             // Where the range's bytes end in this segment, when the entry after it is
             // in the same segment: reads stop there, so scanning a few entries (the
             // projector behind a busy gateway) reads a few records, not a whole chunk.
+            // At the log's end (the projector catching up, every few milliseconds behind a
+            // busy gateway) there is no next entry: the file's length bounds the read
+            // instead of a whole chunk being zeroed and read.
             let end_pos = (stop < seg_end)
                 .then(|| self.locate(stop).ok().map(|(_, _, o)| o))
-                .flatten();
+                .flatten()
+                .or_else(|| file.metadata().ok().map(|m| m.len()));
             let mut pos = offset;
             let mut buf: Vec<u8> = Vec::new();
             let mut at = 0usize;
