@@ -187,7 +187,7 @@ fn count_text(config: Option<&std::path::Path>, a: &CountArgs) -> anyhow::Result
 // consolidation on the many small, short-lived allocations of request handling);
 // jemalloc cut the gateway's CPU per request by a quarter at the same peak memory
 // (mimalloc was as fast but held half again as much memory). BENCHMARKS.md has both.
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

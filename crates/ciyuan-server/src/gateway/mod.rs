@@ -13,13 +13,15 @@
 
 pub mod metrics;
 pub mod protocol;
+mod relay;
 mod sse;
+mod upstream;
 
 use crate::App;
 use crate::auth::Caller;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
@@ -32,6 +34,7 @@ use protocol::{
     AnthropicEvent, AnthropicUsage, Endpoint, Family, GatewayError, OpenAiChunk, Reported,
     RequestInfo,
 };
+use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -150,9 +153,11 @@ impl Default for GatewayConfig {
 /// The gateway's running state: configuration, one HTTP client per provider, metrics.
 pub struct Gateway {
     config: GatewayConfig,
-    clients: Vec<reqwest::Client>,
+    clients: Vec<upstream::UpstreamClient>,
     /// Each provider's URL per endpoint, parsed once.
-    urls: Vec<[reqwest::Url; 4]>,
+    urls: Vec<[Uri; 4]>,
+    /// Each provider's credential header, made once (marked sensitive: never logged).
+    auth: Vec<Option<(HeaderName, HeaderValue)>>,
     /// Models the providers listed behind wildcard patterns, and when they were asked.
     listed: tokio::sync::Mutex<Option<(Instant, ModelList)>>,
     /// Prometheus metrics.
@@ -291,25 +296,30 @@ impl Gateway {
                 Family::OpenAi => format!("{}/models", p.base_url),
                 Family::Anthropic => format!("{}/v1/models", p.base_url),
             };
-            let mut rb = self.clients[i].get(url);
-            match p.protocol {
-                Protocol::Anthropic => {
-                    rb = rb.header("anthropic-version", "2023-06-01");
-                    if let Some(k) = &p.api_key {
-                        rb = rb.header("x-api-key", k);
-                    }
-                }
-                _ => {
-                    if let Some(k) = &p.api_key {
-                        rb = rb.bearer_auth(k);
-                    }
-                }
+            let Ok(uri) = url.parse::<Uri>() else {
+                continue;
+            };
+            let mut req = hyper::Request::new(Full::new(Bytes::new()));
+            *req.uri_mut() = uri;
+            if p.protocol == Protocol::Anthropic {
+                req.headers_mut().insert(
+                    HeaderName::from_static("anthropic-version"),
+                    HeaderValue::from_static(ANTHROPIC_VERSION),
+                );
+            }
+            if let Some((name, value)) = &self.auth[i] {
+                req.headers_mut().insert(name.clone(), value.clone());
             }
             let answer = tokio::time::timeout(MODEL_LIST_TIMEOUT, async {
-                rb.send().await?.error_for_status()?.json::<Value>().await
+                let resp = self.clients[i].request(req).await.ok()?;
+                if !resp.status().is_success() {
+                    return None;
+                }
+                let body = resp.into_body().collect().await.ok()?.to_bytes();
+                serde_json::from_slice::<Value>(&body).ok()
             })
             .await;
-            let Ok(Ok(v)) = answer else {
+            let Ok(Some(v)) = answer else {
                 tracing::warn!(provider = %p.name, "provider did not list its models");
                 continue;
             };
@@ -334,14 +344,7 @@ impl Gateway {
             .providers
             .iter()
             .map(|p| {
-                reqwest::Client::builder()
-                    .connect_timeout(p.connect_timeout)
-                    .pool_max_idle_per_host(1024)
-                    .tcp_nodelay(true)
-                    // A gateway must not follow proxies from the environment by surprise.
-                    .no_proxy()
-                    .build()
-                    .map_err(|e| format!("provider {}: {e}", p.name))
+                upstream::client(p.connect_timeout).map_err(|e| format!("provider {}: {e}", p.name))
             })
             .collect::<Result<_, _>>()?;
         let urls = config
@@ -349,9 +352,17 @@ impl Gateway {
             .iter()
             .map(|p| {
                 let url = |e: Endpoint| {
-                    reqwest::Url::parse(&format!("{}{}", p.base_url, e.upstream_path())).map_err(
-                        |err| format!("provider {}: base_url {:?}: {err}", p.name, p.base_url),
-                    )
+                    let url = format!("{}{}", p.base_url, e.upstream_path());
+                    match url.parse::<Uri>() {
+                        Ok(u) if u.scheme().is_some() && u.host().is_some() => Ok(u),
+                        Ok(_) => Err(format!(
+                            "provider {}: base_url {:?} is not an absolute http(s) URL",
+                            p.name, p.base_url
+                        )),
+                        Err(err) => {
+                            Err(format!("provider {}: base_url {:?}: {err}", p.name, p.base_url))
+                        }
+                    }
                 };
                 Ok([
                     url(Endpoint::ALL[0])?,
@@ -361,10 +372,32 @@ impl Gateway {
                 ])
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let auth = config
+            .providers
+            .iter()
+            .map(|p| {
+                let Some(key) = &p.api_key else {
+                    return Ok(None);
+                };
+                let (name, value) = match p.protocol {
+                    Protocol::Anthropic => (HeaderName::from_static("x-api-key"), key.clone()),
+                    _ => (header::AUTHORIZATION, format!("Bearer {key}")),
+                };
+                let mut value = HeaderValue::try_from(value).map_err(|_| {
+                    format!(
+                        "provider {}: the API key holds characters an HTTP header cannot carry",
+                        p.name
+                    )
+                })?;
+                value.set_sensitive(true);
+                Ok(Some((name, value)))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(Gateway {
             config,
             clients,
             urls,
+            auth,
             listed: tokio::sync::Mutex::new(None),
             metrics: metrics::Metrics::default(),
             recorder: std::sync::OnceLock::new(),
@@ -688,54 +721,52 @@ fn forwarded(name: &str, allowed: &[String]) -> bool {
 }
 
 /// Response headers not passed back: hop-by-hop, and lengths the gateway may change.
-fn kept_response_header(name: &HeaderName) -> bool {
-    !matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "content-length"
-            | "set-cookie"
-            | "upgrade"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-    )
-}
+const DROPPED_RESPONSE_HEADERS: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "set-cookie",
+    "upgrade",
+    "proxy-connection",
+    "te",
+    "trailer",
+];
+
+/// The `anthropic-version` sent when the client sent none.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) -> Response {
     let family = call.endpoint.family();
-    let provider = &app.gateway.config.providers[call.provider];
-    let client = &app.gateway.clients[call.provider];
-    let url = app.gateway.urls[call.provider][call.endpoint.index()].clone();
-    let mut rb = client
-        .post(url)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(
-            header::USER_AGENT,
-            concat!("ciyuan/", env!("CARGO_PKG_VERSION")),
-        );
+    let gw = &app.gateway;
+    let provider = &gw.config.providers[call.provider];
+    let mut req = hyper::Request::new(Full::new(body));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = gw.urls[call.provider][call.endpoint.index()].clone();
+    let out = req.headers_mut();
+    out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    out.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static(concat!("ciyuan/", env!("CARGO_PKG_VERSION"))),
+    );
     for (name, value) in headers {
         if forwarded(name.as_str(), &provider.forward_headers) {
-            rb = rb.header(name, value);
+            out.append(name.clone(), value.clone());
         }
     }
-    match provider.protocol {
-        Protocol::Anthropic => {
-            if !headers.contains_key("anthropic-version") {
-                rb = rb.header("anthropic-version", "2023-06-01");
-            }
-            if let Some(k) = &provider.api_key {
-                rb = rb.header("x-api-key", k);
-            }
-        }
-        Protocol::OpenAi | Protocol::OpenAiCompatible => {
-            if let Some(k) = &provider.api_key {
-                rb = rb.bearer_auth(k);
-            }
-        }
+    if provider.protocol == Protocol::Anthropic && !out.contains_key("anthropic-version") {
+        out.insert(
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static(ANTHROPIC_VERSION),
+        );
     }
-    let sent = tokio::time::timeout(provider.timeout, rb.body(body).send()).await;
+    if let Some((name, value)) = &gw.auth[call.provider] {
+        out.insert(name.clone(), value.clone());
+    }
+    let sent = tokio::time::timeout(provider.timeout, gw.clients[call.provider].request(req)).await;
     let resp = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -754,27 +785,30 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
             return GatewayError::new(StatusCode::GATEWAY_TIMEOUT, msg).into_response(family);
         }
     };
-    let status = resp.status();
-    let mut out_headers = HeaderMap::new();
-    for (k, v) in resp.headers() {
-        if kept_response_header(k) {
-            out_headers.append(k.clone(), v.clone());
-        }
+    let (parts, incoming) = resp.into_parts();
+    let status = parts.status;
+    let mut out_headers = parts.headers;
+    for name in DROPPED_RESPONSE_HEADERS {
+        out_headers.remove(name);
     }
     let is_stream = call.info.stream
         && status.is_success()
-        && resp
-            .headers()
+        && out_headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
     if is_stream {
-        return stream(app.clone(), call, resp, status, out_headers);
+        let idle = provider.idle_timeout;
+        let relay = relay::Relay::new(app.clone(), call, incoming, status.as_u16(), idle);
+        let mut r = Response::new(Body::new(relay));
+        *r.status_mut() = status;
+        *r.headers_mut() = out_headers;
+        return r;
     }
     // A whole answer: read it (within the provider's timeout), pass it on unchanged.
-    let whole = tokio::time::timeout(provider.timeout, resp.bytes()).await;
+    let whole = tokio::time::timeout(provider.timeout, incoming.collect()).await;
     let bytes = match whole {
-        Ok(Ok(b)) => b,
+        Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(e)) => {
             let msg = format!(
                 "upstream {} broke off its answer: {}",
@@ -804,7 +838,7 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
     let Some((reported, text)) = protocol::read_answer(call.endpoint, &bytes) else {
         let msg = format!("upstream {} answered with malformed JSON", provider.name);
         // The provider answered (and will bill): meter what was asked, recounted.
-        let mut meter = Meter::new(Some("upstream_malformed".into()));
+        let mut meter = Meter::new(Some("upstream_malformed"));
         meter.billable = true;
         finish(&app, call, meter, StatusCode::BAD_GATEWAY.as_u16(), None);
         return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
@@ -816,7 +850,7 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
     meter.reported = reported;
     meter.complete = true;
     if meter.reported.is_none() {
-        meter.failure = Some("no_usage".into());
+        meter.failure = Some("no_usage");
     }
     finish(&app, call, meter, status.as_u16(), Some(ttft));
     let mut resp = (status, bytes).into_response();
@@ -842,7 +876,7 @@ struct Meter {
     anthropic: AnthropicUsage,
     /// The stream reached its proper end (`[DONE]`, `message_stop`).
     complete: bool,
-    failure: Option<String>,
+    failure: Option<&'static str>,
     ttft: Option<Duration>,
     /// The provider accepted the request (2xx): it consumed tokens, whether or not
     /// its count reaches us.
@@ -850,7 +884,7 @@ struct Meter {
 }
 
 impl Meter {
-    fn new(failure: Option<String>) -> Meter {
+    fn new(failure: Option<&'static str>) -> Meter {
         Meter {
             text: String::new(),
             reported: None,
@@ -901,116 +935,10 @@ impl Meter {
     }
 }
 
-type Chunk = Result<Bytes, std::io::Error>;
-
-/// The client's end of a relayed stream.
-struct Relay(tokio::sync::mpsc::Receiver<Chunk>);
-
-impl futures_core::Stream for Relay {
-    type Item = Chunk;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Chunk>> {
-        self.0.poll_recv(cx)
-    }
-}
-
-/// Relays a stream: a task reads the provider and hands each chunk to the client as it
-/// arrives, metering it on the way; it notices a client that goes away at once.
-fn stream(
-    app: Arc<App>,
-    call: Call,
-    mut resp: reqwest::Response,
-    status: StatusCode,
-    headers: HeaderMap,
-) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(16);
-    let family = call.endpoint.family();
-    let strip_usage = family == Family::OpenAi && !call.info.include_usage;
-    let idle = app.gateway.config.providers[call.provider].idle_timeout;
-    tokio::spawn(async move {
-        let mut meter = Meter::new(None);
-        meter.billable = true;
-        let mut splitter = sse::Splitter::default();
-        loop {
-            let next = tokio::select! {
-                _ = tx.closed() => {
-                    meter.failure = Some("client_disconnected".into());
-                    break;
-                }
-                r = tokio::time::timeout(idle, resp.chunk()) => r,
-            };
-            let chunk = match next {
-                Ok(Ok(Some(c))) => c,
-                Ok(Ok(None)) => {
-                    if let Some(rest) = splitter.finish() {
-                        meter.event(family, &rest, false, call.started);
-                        let _ = tx.send(Ok(rest)).await;
-                    }
-                    if !meter.complete {
-                        meter.failure = Some("upstream_cut".into());
-                    }
-                    break;
-                }
-                Ok(Err(e)) => {
-                    meter.failure = Some("upstream_cut".into());
-                    let _ = tx.send(Err(std::io::Error::other(error_chain(&e)))).await;
-                    break;
-                }
-                Err(_) => {
-                    meter.failure = Some("upstream_timeout".into());
-                    let _ = tx
-                        .send(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "upstream stream went silent",
-                        )))
-                        .await;
-                    break;
-                }
-            };
-            let events = splitter.push(&chunk);
-            let out = if strip_usage {
-                // Only whole events go out, so an event can be left out whole.
-                let mut kept = Vec::with_capacity(events.len());
-                for e in &events {
-                    if meter.event(family, e, true, call.started) {
-                        kept.push(e.clone());
-                    }
-                }
-                match kept.len() {
-                    0 => continue,
-                    1 => kept.swap_remove(0),
-                    _ => Bytes::from(kept.concat()),
-                }
-            } else {
-                for e in &events {
-                    meter.event(family, e, false, call.started);
-                }
-                chunk
-            };
-            if tx.send(Ok(out)).await.is_err() {
-                meter.failure = Some("client_disconnected".into());
-                break;
-            }
-        }
-        drop(resp);
-        if meter.failure.is_none() && meter.reported.is_none() {
-            meter.failure = Some("no_usage".into());
-        }
-        let ttft = meter.ttft;
-        finish(&app, call, meter, status.as_u16(), ttft);
-    });
-    let mut r = Response::new(Body::from_stream(Relay(rx)));
-    *r.status_mut() = status;
-    *r.headers_mut() = headers;
-    r
-}
-
 /// Records a request that consumed nothing (refused or failed upstream before an
 /// answer): no tokens, but its status and latency count for service quality.
-fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &str) {
-    let meter = Meter::new(Some(why.to_string()));
+fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &'static str) {
+    let meter = Meter::new(Some(why));
     let call = Call {
         endpoint: call.endpoint,
         caller: call.caller.clone(),
@@ -1033,11 +961,16 @@ fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &str) {
 /// Counts, compares and records, off the request's path.
 fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Duration>) {
     let latency = call.started.elapsed();
+    // A relay dropped while the runtime shuts down has nowhere to record from.
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(request = %call.request_id, "gateway usage not recorded: stopping");
+        return;
+    };
     let app = app.clone();
     app.gateway
         .finishing
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    tokio::spawn(async move {
+    rt.spawn(async move {
         let gw = &app.gateway;
         let encoding = encoding_for_model(&call.info.model, &gw.config.encodings);
         let billable = meter.billable;
@@ -1146,7 +1079,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                     ttft_us: ttft.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
                     output_tokens_per_sec,
-                    failure: meter.failure.clone(),
+                    failure: meter.failure.map(str::to_string),
                 }),
                 recount: recount_entry,
                 ..Usage::default()
