@@ -495,6 +495,191 @@ impl AnthropicUsage {
 
 /// What a whole (not streamed) answer holds: its usage and its text.
 pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>, String)> {
+    // Answers of the usual shape are read into borrowed, typed fields (no tree of
+    // values); anything else (a field of an unexpected type, a duplicate key) is read
+    // the slow, forgiving way.
+    let fast = match endpoint.family() {
+        Family::OpenAi => serde_json::from_slice::<OpenAiAnswer<'_>>(body)
+            .ok()
+            .map(OpenAiAnswer::read),
+        Family::Anthropic => serde_json::from_slice::<AnthropicAnswer<'_>>(body)
+            .ok()
+            .and_then(AnthropicAnswer::read),
+    };
+    fast.or_else(|| read_answer_value(endpoint, body))
+}
+
+/// A string field that may also be absent, null or of another type (then no text).
+#[derive(Default)]
+struct Text<'a>(Option<std::borrow::Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<Text<'a>>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Some(std::borrow::Cow::Borrowed(s))))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Some(std::borrow::Cow::Owned(s.to_owned()))))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Text<'a>, E> {
+                Ok(Text(Some(std::borrow::Cow::Owned(s))))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_unit<E>(self) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_none<E>(self) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Text<'a>, D::Error> {
+                Text::deserialize(d)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Text<'a>, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Text<'a>, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Text(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl Text<'_> {
+    fn push_to(&self, out: &mut String) {
+        if let Some(t) = &self.0 {
+            out.push_str(t);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct OpenAiAnswer<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<OpenAiAnswerChoice<'a>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiAnswerChoice<'a> {
+    #[serde(default, borrow)]
+    message: Option<OpenAiAnswerMessage<'a>>,
+    /// Legacy completions answer here.
+    #[serde(default, borrow)]
+    text: Text<'a>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiAnswerMessage<'a> {
+    #[serde(default, borrow)]
+    content: Text<'a>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<OpenAiToolCall<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiToolCall<'a> {
+    #[serde(default, borrow)]
+    function: Option<OpenAiFunctionCall<'a>>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiFunctionCall<'a> {
+    #[serde(default, borrow)]
+    arguments: Text<'a>,
+}
+
+impl OpenAiAnswer<'_> {
+    fn read(self) -> (Option<Reported>, String) {
+        let mut text = String::new();
+        for c in &self.choices {
+            match &c.message {
+                Some(m) => {
+                    m.content.push_to(&mut text);
+                    for call in m.tool_calls.iter().flatten() {
+                        if let Some(f) = &call.function {
+                            f.arguments.push_to(&mut text);
+                        }
+                    }
+                }
+                None => c.text.push_to(&mut text),
+            }
+        }
+        let usage = self
+            .usage
+            .and_then(|u| serde_json::from_str::<Option<OpenAiUsage>>(u.get()).ok())
+            .flatten()
+            .map(|u| u.reported());
+        (usage, text)
+    }
+}
+
+#[derive(Deserialize)]
+struct AnthropicAnswer<'a> {
+    #[serde(default, borrow)]
+    content: Vec<AnthropicBlock<'a>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicBlock<'a> {
+    #[serde(rename = "type", default, borrow)]
+    kind: Text<'a>,
+    #[serde(default, borrow)]
+    text: Text<'a>,
+    #[serde(default, borrow)]
+    input: Option<&'a serde_json::value::RawValue>,
+}
+
+impl AnthropicAnswer<'_> {
+    fn read(self) -> Option<(Option<Reported>, String)> {
+        let mut text = String::new();
+        for b in &self.content {
+            match b.kind.0.as_deref() {
+                Some("text") => b.text.push_to(&mut text),
+                Some("tool_use") => {
+                    if let Some(i) = b.input {
+                        // As the slow path writes it: compact JSON.
+                        text.push_str(&serde_json::from_str::<Value>(i.get()).ok()?.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let usage = self
+            .usage
+            .and_then(|u| serde_json::from_str::<AnthropicUsage>(u.get()).ok())
+            .map(|u| u.reported());
+        Some((usage, text))
+    }
+}
+
+/// [`read_answer`] for any JSON: fields of unexpected types are passed over.
+fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>, String)> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let mut text = String::new();
     let usage = match endpoint.family() {
@@ -683,6 +868,56 @@ mod tests {
             serde_json::to_value(d.reported().tokens).unwrap(),
             json!({"text.input": 18, "text.cached_input": 32, "text.output": 7})
         );
+    }
+
+    #[test]
+    fn typed_answers_read_as_the_forgiving_path_does() {
+        let openai = [
+            include_str!("../../testdata/openai_chat.json").to_string(),
+            include_str!("../../testdata/deepseek_chat.json").to_string(),
+            json!({"choices": [{"message": {"content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"city\":\"Paris\"}"}},
+                {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}}],
+                "usage": {"prompt_tokens": 30, "completion_tokens": 12}}).to_string(),
+            r#"{"choices": [{"text": "legacy \u00e9 \"escaped\" text", "index": 0}], "usage": null}"#
+                .to_string(),
+            json!({"object": "list", "data": [{"embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": 5, "total_tokens": 5}}).to_string(),
+            // Shapes the typed path refuses: content as parts, a duplicate key.
+            json!({"choices": [{"message": {"content": [{"type": "text", "text": "x"}]}}]}).to_string(),
+            r#"{"choices": [], "choices": [{"message": {"content": "later"}}]}"#.to_string(),
+            json!({"choices": "none", "usage": {"prompt_tokens": "3"}}).to_string(),
+        ];
+        for body in &openai {
+            for ep in [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings] {
+                assert_eq!(
+                    read_answer(ep, body.as_bytes()),
+                    read_answer_value(ep, body.as_bytes()),
+                    "{body}"
+                );
+            }
+        }
+        let fast = serde_json::from_str::<OpenAiAnswer<'_>>(&openai[2]).unwrap().read();
+        assert_eq!(fast.1, "{\"city\":\"Paris\"}{}");
+        assert_eq!(fast.0.unwrap().tokens.total(), Some(42));
+        let anthropic = [
+            include_str!("../../testdata/anthropic_message.json").to_string(),
+            json!({"content": [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "a"},
+                {"type": "tool_use", "id": "t", "name": "f", "input": {"b": [1, 2], "a": "x"}}],
+                "usage": {"input_tokens": 7, "output_tokens": 9}}).to_string(),
+            r#"{"content": [{"type": "tool_use", "input": { "spaced" : true }}]}"#.to_string(),
+            json!({"content": {"type": "text"}, "usage": 3}).to_string(),
+        ];
+        for body in &anthropic {
+            assert_eq!(
+                read_answer(Endpoint::Messages, body.as_bytes()),
+                read_answer_value(Endpoint::Messages, body.as_bytes()),
+                "{body}"
+            );
+        }
+        let real = read_answer(Endpoint::Messages, anthropic[0].as_bytes()).unwrap();
+        assert_eq!(real.1, "Hello! How can I help you today?");
+        assert_eq!(real.0.unwrap().tokens.total(), Some(24));
+        assert!(read_answer(Endpoint::Chat, b"{not json").is_none());
     }
 
     #[test]
