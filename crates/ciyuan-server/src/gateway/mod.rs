@@ -14,6 +14,7 @@
 pub mod metrics;
 pub mod protocol;
 mod relay;
+mod request;
 mod sse;
 mod upstream;
 
@@ -30,11 +31,11 @@ use ciyuan_core::{
 use ciyuan_measure::text::{
     ChatMessage, Encoding, encoding_for_model, estimate_chat, wildcard_match,
 };
+use http_body_util::{BodyExt, Full};
 use protocol::{
     AnthropicEvent, AnthropicUsage, Endpoint, Family, GatewayError, OpenAiChunk, Reported,
     RequestInfo,
 };
-use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -359,9 +360,10 @@ impl Gateway {
                             "provider {}: base_url {:?} is not an absolute http(s) URL",
                             p.name, p.base_url
                         )),
-                        Err(err) => {
-                            Err(format!("provider {}: base_url {:?}: {err}", p.name, p.base_url))
-                        }
+                        Err(err) => Err(format!(
+                            "provider {}: base_url {:?}: {err}",
+                            p.name, p.base_url
+                        )),
                     }
                 };
                 Ok([
@@ -552,6 +554,8 @@ struct Call {
     reservation: Option<u64>,
     /// The session the request belongs to (`x-ciyuan-session`, else the `user` field).
     session: Option<String>,
+    /// The model's tokenizer, if Ciyuan has it.
+    encoding: Option<Encoding>,
     /// The prompt as counted locally before forwarding (reused by the recount).
     input_estimate: Option<(Encoding, u64)>,
 }
@@ -573,19 +577,26 @@ async fn handle(
         Ok(b) => b,
         Err(e) => return GatewayError::from(crate::extract::body_error(e)).into_response(family),
     };
-    let mut request: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return GatewayError::new(
-                StatusCode::BAD_REQUEST,
-                format!("the request body is not valid JSON: {e}"),
-            )
-            .into_response(family);
+    // Chat requests of the usual shape are read in one pass, and edited (if they must
+    // be) by splicing; anything else goes through the value tree.
+    let (info, mut parsed) = match request::inspect(endpoint, &body) {
+        Some((info, spans)) => (info, Parsed::Spans(spans)),
+        None => {
+            let request: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => {
+                    return GatewayError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("the request body is not valid JSON: {e}"),
+                    )
+                    .into_response(family);
+                }
+            };
+            match protocol::inspect(endpoint, &request) {
+                Ok(i) => (i, Parsed::Tree(request)),
+                Err(e) => return e.into_response(family),
+            }
         }
-    };
-    let info = match protocol::inspect(endpoint, &request) {
-        Ok(i) => i,
-        Err(e) => return e.into_response(family),
     };
     let provider = match app.gateway.route(family, &info.model) {
         Ok(p) => p,
@@ -635,44 +646,31 @@ async fn handle(
             Err(refusal) => return refused(family, refusal),
         }
     };
-    if let Some(cap) = reservation.output_cap
-        && cap < max_output
-        && let Some(obj) = request.as_object_mut()
-    {
-        // A per-request limit with clamping: the request may produce only this much.
-        let field = if obj.contains_key("max_completion_tokens") {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
+    // A per-request limit with clamping: the request may produce only this much.
+    let cap = reservation.output_cap.filter(|c| *c < max_output);
+    // Ask for usage inside OpenAI streams; the extra chunk is taken out again on the
+    // way back when the client did not ask for it.
+    let ask_usage = info.stream && family == Family::OpenAi && !info.include_usage;
+    let body = if cap.is_some() || ask_usage {
+        let edited = match &mut parsed {
+            Parsed::Spans(spans) => request::edit(&body, spans, ask_usage, cap),
+            Parsed::Tree(tree) => edit_tree(tree, ask_usage, cap),
         };
-        obj.insert(field.into(), Value::from(cap));
-    }
-    // Ask for usage inside OpenAI streams; the extra chunk is taken out again below
-    // when the client did not ask for it.
-    let clamped = reservation.output_cap.is_some_and(|c| c < max_output);
-    let body = if clamped || (info.stream && family == Family::OpenAi && !info.include_usage) {
-        if let Some(obj) = request
-            .as_object_mut()
-            .filter(|_| info.stream && family == Family::OpenAi && !info.include_usage)
-        {
-            let opts = obj
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Default::default()));
-            if let Some(o) = opts.as_object_mut() {
-                o.insert("include_usage".into(), Value::Bool(true));
-            }
-        }
-        match serde_json::to_vec(&request) {
-            Ok(v) => Bytes::from(v),
-            Err(e) => {
+        match edited {
+            Some(b) => b,
+            None => {
                 app.budget.release(reservation.id);
-                return GatewayError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                    .into_response(family);
+                return GatewayError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the request could not be rewritten for the provider",
+                )
+                .into_response(family);
             }
         }
     } else {
         body
     };
+    drop(parsed);
     let call = Call {
         endpoint,
         caller,
@@ -683,6 +681,7 @@ async fn handle(
         at,
         reservation: Some(reservation.id),
         session,
+        encoding,
         input_estimate: counted,
     };
     let id = HeaderValue::from_str(&call.request_id).ok();
@@ -692,6 +691,37 @@ async fn handle(
         resp.headers_mut().insert("x-ciyuan-request-id", id);
     }
     resp
+}
+
+/// A request as read: where its editable fields are, or its whole value tree.
+enum Parsed {
+    Spans(request::Spans),
+    Tree(Value),
+}
+
+/// [`request::edit`] on a value tree (requests of unusual shapes).
+fn edit_tree(tree: &mut Value, include_usage: bool, cap: Option<u64>) -> Option<Bytes> {
+    let obj = tree.as_object_mut()?;
+    if include_usage {
+        let opts = obj
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if !opts.is_object() {
+            *opts = Value::Object(Default::default());
+        }
+        if let Some(o) = opts.as_object_mut() {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    if let Some(cap) = cap {
+        let field = if obj.contains_key("max_completion_tokens") {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        obj.insert(field.into(), Value::from(cap));
+    }
+    serde_json::to_vec(tree).ok().map(Bytes::from)
 }
 
 /// A request id: a random prefix drawn once per process and a counter, so ids are
@@ -709,7 +739,18 @@ fn request_id() -> String {
         u64::from_le_bytes(b)
     });
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("req_{prefix:016x}{n:08x}")
+    // By hand: `format!` with hex padding cost more than the rest of the id's work.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(28);
+    id.push_str("req_");
+    // At least 8 digits of the counter, more once it outgrows them (ids stay unique).
+    let n_digits = 8.max((64 - n.leading_zeros() as usize).div_ceil(4));
+    for (value, digits) in [(prefix, 16), (n, n_digits)] {
+        for i in (0..digits).rev() {
+            id.push(char::from(HEX[((value >> (i * 4)) & 0xf) as usize]));
+        }
+    }
+    id
 }
 
 fn forwarded(name: &str, allowed: &[String]) -> bool {
@@ -953,6 +994,7 @@ fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &'static 
         at: call.at,
         reservation: call.reservation,
         session: call.session.clone(),
+        encoding: call.encoding,
         input_estimate: None,
     };
     finish(app, call, meter, status.as_u16(), None);
@@ -972,9 +1014,9 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     rt.spawn(async move {
         let gw = &app.gateway;
-        let encoding = encoding_for_model(&call.info.model, &gw.config.encodings);
         let billable = meter.billable;
-        let recount = encoding
+        let recount = call
+            .encoding
             .filter(|_| billable)
             .and_then(|enc| recount(enc, &call, &meter));
         let partial = billable && (meter.failure.is_some() || meter.reported.is_none());
@@ -1148,4 +1190,23 @@ fn count_input(enc: Encoding, info: &RequestInfo) -> Option<u64> {
         enc.count(&info.tools_text).ok()?
     };
     Some((input + tools) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_unique_lowercase_hex_after_the_prefix() {
+        let a = super::request_id();
+        let b = super::request_id();
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            let hex = id.strip_prefix("req_").unwrap();
+            assert_eq!(hex.len(), 24, "{id}");
+            assert!(
+                hex.bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+            );
+        }
+        assert_eq!(a[..20], b[..20], "one prefix per process");
+    }
 }

@@ -511,7 +511,7 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>,
 
 /// A string field that may also be absent, null or of another type (then no text).
 #[derive(Default)]
-struct Text<'a>(Option<std::borrow::Cow<'a, str>>);
+pub(crate) struct Text<'a>(Option<std::borrow::Cow<'a, str>>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -551,11 +551,17 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
             fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Text<'a>, D::Error> {
                 Text::deserialize(d)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Text<'a>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Text<'a>, A::Error> {
                 while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
                 Ok(Text(None))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Text<'a>, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Text<'a>, A::Error> {
                 while a
                     .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
                     .is_some()
@@ -567,8 +573,20 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
-impl Text<'_> {
-    fn push_to(&self, out: &mut String) {
+impl<'a> Text<'a> {
+    pub(crate) fn borrowed(s: &'a str) -> Text<'a> {
+        Text(Some(std::borrow::Cow::Borrowed(s)))
+    }
+
+    pub(crate) fn owned(s: String) -> Text<'a> {
+        Text(Some(std::borrow::Cow::Owned(s)))
+    }
+
+    pub(crate) fn as_str(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
+    pub(crate) fn push_to(&self, out: &mut String) {
         if let Some(t) = &self.0 {
             out.push_str(t);
         }
@@ -896,7 +914,9 @@ mod tests {
                 );
             }
         }
-        let fast = serde_json::from_str::<OpenAiAnswer<'_>>(&openai[2]).unwrap().read();
+        let fast = serde_json::from_str::<OpenAiAnswer<'_>>(&openai[2])
+            .unwrap()
+            .read();
         assert_eq!(fast.1, "{\"city\":\"Paris\"}{}");
         assert_eq!(fast.0.unwrap().tokens.total(), Some(42));
         let anthropic = [
