@@ -16,6 +16,7 @@ mod extract;
 pub mod gateway;
 mod ingest;
 mod keys;
+pub mod listen;
 pub mod pipeline;
 mod records;
 mod usage;

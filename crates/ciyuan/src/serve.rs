@@ -188,14 +188,9 @@ async fn run(
             }
         });
     }
-    // Routes are resolved once here: serving a bare `Router` rebuilds its route table
-    // for every connection (~9 KiB each, held for the connection's life).
-    // Streamed answers go out chunk by chunk: Nagle's algorithm must not hold them back.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, ciyuan_server::router(app.clone()).into_make_service())
-        .with_graceful_shutdown(shutdown_signal())
+    // Routes are resolved once here, not for every connection.
+    let router = ciyuan_server::router(app.clone()).with_state(());
+    ciyuan_server::listen::serve(listener, router, shutdown_signal())
         .await
         .context("serving HTTP")?;
     checkpoints.abort();

@@ -449,26 +449,45 @@ impl Gateway {
 }
 
 /// `POST /v1/chat/completions`
-pub async fn chat(app: State<Arc<App>>, headers: HeaderMap, body: BodyResult) -> Response {
-    handle(app.0, Endpoint::Chat, headers, body).await
+pub async fn chat(app: State<Arc<App>>, headers: TakenHeaders, body: BodyResult) -> Response {
+    handle(app.0, Endpoint::Chat, headers.0, body).await
 }
 
 /// `POST /v1/completions`
-pub async fn completions(app: State<Arc<App>>, headers: HeaderMap, body: BodyResult) -> Response {
-    handle(app.0, Endpoint::Completions, headers, body).await
+pub async fn completions(
+    app: State<Arc<App>>,
+    headers: TakenHeaders,
+    body: BodyResult,
+) -> Response {
+    handle(app.0, Endpoint::Completions, headers.0, body).await
 }
 
 /// `POST /v1/embeddings`
-pub async fn embeddings(app: State<Arc<App>>, headers: HeaderMap, body: BodyResult) -> Response {
-    handle(app.0, Endpoint::Embeddings, headers, body).await
+pub async fn embeddings(app: State<Arc<App>>, headers: TakenHeaders, body: BodyResult) -> Response {
+    handle(app.0, Endpoint::Embeddings, headers.0, body).await
 }
 
 /// `POST /v1/messages`
-pub async fn messages(app: State<Arc<App>>, headers: HeaderMap, body: BodyResult) -> Response {
-    handle(app.0, Endpoint::Messages, headers, body).await
+pub async fn messages(app: State<Arc<App>>, headers: TakenHeaders, body: BodyResult) -> Response {
+    handle(app.0, Endpoint::Messages, headers.0, body).await
 }
 
 type BodyResult = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
+/// The request's headers, moved out of the request: axum's `HeaderMap` extractor copies
+/// them all, on every call. Only the body is extracted after them.
+pub struct TakenHeaders(HeaderMap);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for TakenHeaders {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(TakenHeaders(std::mem::take(&mut parts.headers)))
+    }
+}
 
 /// `GET /v1/models`: the models configured by exact name, in the shape of the SDK that
 /// asks (Anthropic's when an `anthropic-version` header is sent).
@@ -579,7 +598,7 @@ async fn handle(
     };
     // Chat requests of the usual shape are read in one pass, and edited (if they must
     // be) by splicing; anything else goes through the value tree.
-    let (info, mut parsed) = match request::inspect(endpoint, &body) {
+    let (mut info, mut parsed) = match request::inspect(endpoint, &body) {
         Some((info, spans)) => (info, Parsed::Spans(spans)),
         None => {
             let request: Value = match serde_json::from_slice(&body) {
@@ -671,6 +690,13 @@ async fn handle(
         body
     };
     drop(parsed);
+    if counted.is_some() {
+        // The prompt is counted: its text need not stay in memory while the answer
+        // streams (a thousand open streams with long prompts would hold them all).
+        info.messages = Vec::new();
+        info.prompts = Vec::new();
+        info.tools_text = String::new();
+    }
     let call = Call {
         endpoint,
         caller,
