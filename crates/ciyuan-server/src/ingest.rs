@@ -173,6 +173,16 @@ impl Claim {
     }
 }
 
+/// A claim's entries are built from checked strings, integers and a timestamp, which
+/// decode back exactly as they are; `measures` may hold numbers that do not, but the
+/// projections never read them from usage that is not flagged, and ingested usage
+/// carries no recount to flag.
+impl crate::pipeline::Lent for Claim {
+    fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+}
+
 /// Settles a claim as failed if its request ends without settling it (a panic), so no
 /// request waits on it forever and it can be pruned.
 struct Settle<'a>(&'a Claim);
@@ -1013,7 +1023,12 @@ async fn record(
 
     if let Some(claim) = claim {
         let settle = Settle(&claim);
-        let appended = app.append(&claim.entries).await;
+        // Lent to the projector, which then applies these entries without reading them
+        // back from the ledger.
+        let appended =
+            crate::pipeline::append_lent(app.log.as_ref(), &app.projector, claim.clone())
+                .await
+                .inspect(|_| app.projector.kick());
         claim
             .appended
             .send_replace(Some(appended.as_ref().map(|r| r.start).map_err(|_| ())));

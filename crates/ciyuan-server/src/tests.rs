@@ -11,13 +11,13 @@ use std::sync::Mutex;
 use tower::ServiceExt;
 
 /// A log kept in memory: the same contract as the file ledger, for handler tests.
-struct MemLog {
+pub(crate) struct MemLog {
     inner: Mutex<(Vec<Vec<u8>>, MemoryTree, Vec<SignedCheckpoint>)>,
     signer: NoteSigner,
 }
 
 impl MemLog {
-    fn new() -> MemLog {
+    pub(crate) fn new() -> MemLog {
         let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
         MemLog {
             inner: Mutex::new((Vec::new(), MemoryTree::new(), Vec::new())),

@@ -315,6 +315,11 @@ impl Store for SqliteStore {
     }
 
     fn apply(&self, start: u64, entries: &[Entry]) -> Result<(), StoreError> {
+        self.apply_parts(start, &[entries])
+    }
+
+    fn apply_parts(&self, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
+        let count: usize = parts.iter().map(|p| p.len()).sum();
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(backend)?;
         let at: i64 = tx
@@ -344,8 +349,8 @@ impl Store for SqliteStore {
                 .prepare_cached("UPDATE accounts SET info = ? WHERE path = ?")
                 .map_err(backend)?;
             // Events to index, in log order: the first entry for an event wins.
-            let mut events: Vec<(&str, &str, i64)> = Vec::with_capacity(entries.len());
-            for (i, entry) in entries.iter().enumerate() {
+            let mut events: Vec<(&str, &str, i64)> = Vec::with_capacity(count);
+            for (i, entry) in parts.iter().flat_map(|p| p.iter()).enumerate() {
                 let index = start + i as u64;
                 let (service, model, tokens) = match &entry.body {
                     EntryBody::Usage(u) => {
@@ -478,7 +483,7 @@ impl Store for SqliteStore {
         }
         tx.execute(
             "UPDATE meta SET value = ? WHERE name = 'projected_through'",
-            params![(start + entries.len() as u64) as i64],
+            params![(start + count as u64) as i64],
         )
         .map_err(backend)?;
         tx.commit().map_err(backend)

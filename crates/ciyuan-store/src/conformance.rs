@@ -42,6 +42,7 @@ fn created(account: &str) -> Entry {
 /// Runs every check against fresh stores made by `make`.
 pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     projections_apply_in_order(make().as_ref());
+    projections_apply_in_parts(make().as_ref());
     accounts_and_subtrees(make().as_ref());
     keys_lifecycle(make().as_ref());
     usage_rollups_and_reset(make().as_ref());
@@ -155,7 +156,12 @@ fn ingest_index(s: &dyn Store) {
         usage("acme", "2026-11-24T15:00:00Z", "m", 3),
         event("svc-a", "1", 4),
     ];
-    assert!(s.apply(0, &entries).is_ok());
+    // In parts: one transaction, in order, as if one slice.
+    assert!(
+        s.apply_parts(0, &[&entries[..1], &[], &entries[1..3], &entries[3..]])
+            .is_ok()
+    );
+    assert_eq!(s.projected_through().ok(), Some(4));
     assert_eq!(
         s.ingested("svc-a", "1").ok().flatten(),
         Some(0),
@@ -195,6 +201,27 @@ fn projections_apply_in_order(s: &dyn Store) {
         Err(StoreError::OutOfOrder { at: 2, from: 3 })
     ));
     assert_eq!(s.projected_through().ok(), Some(2));
+}
+
+fn projections_apply_in_parts(s: &dyn Store) {
+    assert!(s.apply_parts(0, &[&[created("a")]]).is_ok());
+    assert!(matches!(
+        s.apply_parts(0, &[&[created("c")], &[created("d")]]),
+        Err(StoreError::OutOfOrder { at: 1, from: 0 })
+    ));
+    assert!(
+        s.apply_parts(1, &[&[created("c")], &[], &[created("d"), created("d/e")]])
+            .is_ok()
+    );
+    assert!(s.apply_parts(4, &[]).is_ok());
+    assert_eq!(s.projected_through().ok(), Some(4));
+    let paths: Vec<String> = s
+        .accounts(&AccountPath::root())
+        .unwrap_or_default()
+        .iter()
+        .map(|a| a.path.to_string())
+        .collect();
+    assert_eq!(paths, ["a", "c", "d", "d/e"]);
 }
 
 fn accounts_and_subtrees(s: &dyn Store) {

@@ -124,6 +124,17 @@ pub trait Store: Send + Sync + 'static {
     /// applied exactly once, even across crashes.
     fn apply(&self, start: u64, entries: &[Entry]) -> Result<(), StoreError>;
 
+    /// [`Store::apply`] of the concatenation of `parts`, in one transaction: entries
+    /// held in several places (lent by the writers that appended them, or read back
+    /// from the log) are applied without first being copied into one slice.
+    fn apply_parts(&self, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
+        match parts {
+            [] => self.apply(start, &[]),
+            [one] => self.apply(start, one),
+            _ => self.apply(start, &parts.concat()),
+        }
+    }
+
     /// Forgets every projection (accounts, rollups) so they can be rebuilt from the log.
     /// Keys are authentication state, not projections, and are kept.
     fn reset_projections(&self) -> Result<(), StoreError>;
