@@ -187,6 +187,17 @@ enum Record {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
+/// A group of gateway entries as appended. They are built from strings, integers and a
+/// timestamp, which decode back exactly as they are, so the projector may apply them
+/// as held.
+struct Recorded(Vec<Entry>);
+
+impl crate::pipeline::Lent for Recorded {
+    fn entries(&self) -> &[Entry] {
+        &self.0
+    }
+}
+
 /// Appends gateway entries in groups.
 async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver<Record>) {
     let mut batch: Vec<Entry> = Vec::with_capacity(RECORD_BATCH_MAX);
@@ -211,12 +222,21 @@ async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver
                 .flatten();
         }
         let Some(app) = app.upgrade() else { return };
-        if !batch.is_empty()
-            && let Err(e) = app.append(&batch).await
-        {
-            tracing::error!(entries = batch.len(), detail = %e.detail, "gateway usage not recorded");
+        if !batch.is_empty() {
+            let n = batch.len();
+            // Lent to the projector, which applies them as they are instead of reading
+            // them back from the ledger and decoding them.
+            let lent = Arc::new(Recorded(std::mem::replace(
+                &mut batch,
+                Vec::with_capacity(n.next_power_of_two()),
+            )));
+            match crate::pipeline::append_lent(app.log.as_ref(), &app.projector, lent).await {
+                Ok(_) => app.projector.kick(),
+                Err(e) => {
+                    tracing::error!(entries = n, detail = %e.detail, "gateway usage not recorded")
+                }
+            }
         }
-        batch.clear();
         for w in waiting.drain(..) {
             let _ = w.send(());
         }
