@@ -1059,6 +1059,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
         .finishing
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     rt.spawn(async move {
+        let (mut call, mut meter) = (call, meter);
         let gw = &app.gateway;
         let billable = meter.billable;
         let recount = call
@@ -1069,9 +1070,8 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
         let mut tokens = TokenMap::new();
         let mut flagged = false;
         let mut recount_entry = None;
-        match (&meter.reported, &recount) {
+        match (meter.reported.take(), &recount) {
             (Some(r), Some((enc, input, output))) => {
-                tokens = r.tokens.clone();
                 let off = |provider: u64, ours: u64| {
                     let allowed = (provider * gw.config.recount_tolerance_percent / 100)
                         .max(gw.config.recount_tolerance_tokens);
@@ -1085,8 +1085,9 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                     output: *output,
                     flagged,
                 });
+                tokens = r.tokens;
             }
-            (Some(r), None) => tokens = r.tokens.clone(),
+            (Some(r), None) => tokens = r.tokens,
             (None, Some((enc, input, output))) => {
                 // The provider's count never came: what was delivered, recounted.
                 for (d, n) in [(Direction::Input, *input), (Direction::Output, *output)] {
@@ -1154,10 +1155,10 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
             call.caller.key.account.clone(),
             EntryBody::Usage(Usage {
                 service: call.endpoint.service().to_string(),
-                model: Some(call.info.model.clone()),
+                model: Some(std::mem::take(&mut call.info.model)),
                 tokens,
                 source: Some("gateway".into()),
-                event_id: Some(call.request_id.clone()),
+                event_id: Some(std::mem::take(&mut call.request_id)),
                 definition: Some(call.endpoint.definition().to_string()),
                 partial,
                 quality: Some(Quality {
