@@ -156,14 +156,17 @@ impl Serialize for Outcome {
 pub(crate) struct Claim {
     /// Their usage entries, in append order.
     entries: Vec<Entry>,
+    /// [`key_hash`] of each entry's event.
+    hashes: Vec<u64>,
     /// The index of the first once the append is durable; `Err` if it failed.
     appended: watch::Sender<Option<Result<u64, ()>>>,
 }
 
 impl Claim {
-    fn new(entries: Vec<Entry>, appended: Option<Result<u64, ()>>) -> Claim {
+    fn new(entries: Vec<Entry>, hashes: Vec<u64>, appended: Option<Result<u64, ()>>) -> Claim {
         Claim {
             entries,
+            hashes,
             appended: watch::channel(appended).0,
         }
     }
@@ -199,34 +202,24 @@ impl Drop for Settle<'_> {
     }
 }
 
-/// Where claimed events are: the claim's sequence number and the event's position in it.
-type Slot = (u64, usize);
-
-/// Slots of the events whose keys share one hash; almost always one.
-enum Bucket {
-    One(Slot),
-    Many(Vec<Slot>),
-}
-
 /// The in-memory half of the idempotency index, guarded by `App::ingest_lock`.
 ///
 /// Invariant: the key of every event in the log is in a claim held here (appended or
 /// being appended, not yet projected) or in the store's index (projected), and its hash
 /// is in `seen`. So a key whose hash is not in `seen` is new without asking the store: at
 /// 500k events/s a store lookup per event would cost more than everything else together.
-/// `seen` costs about 16 bytes per event ever ingested; a hash in `seen` only sends the
+/// `seen` costs 11 to 21 bytes per event ever ingested; a hash in `seen` only sends the
 /// key to the exact checks, so collisions cost a lookup, never a wrong answer.
 ///
 /// Claims keep their entries (the keys are read from them, never copied) and are
 /// dropped in claim order once the projections have indexed them, or once they failed.
+/// They are not indexed by key: only events whose hash is in `seen` (repeats, and rare
+/// collisions) are looked for in them, with one pass over the claims per request.
 #[derive(Default)]
 pub struct Recent {
-    seen: FxHashSet<u64>,
-    /// Unprojected claimed events by key hash.
-    slots: FxHashMap<u64, Bucket>,
-    /// Claims by sequence number, the first being `first_seq`.
+    seen: Seen,
+    /// Unprojected claims, oldest first.
     claims: VecDeque<Arc<Claim>>,
-    first_seq: u64,
 }
 
 impl Recent {
@@ -236,6 +229,8 @@ impl Recent {
         let projected = store.ingested_keys(&mut |source, id| {
             recent.seen.insert(key_hash(source, id));
         })?;
+        // Events of the tail already held: the first entry of an event is its answer.
+        let mut held: FxHashSet<(String, String)> = FxHashSet::default();
         let mut bad = None;
         log.scan(projected..log.size(), &mut |i, bytes| {
             match Entry::decode(bytes) {
@@ -251,11 +246,10 @@ impl Recent {
                     },
                 ) => {
                     let (source, id) = event_key(&entry);
-                    let hash = key_hash(source, id);
-                    // The first entry of an event is its answer.
-                    if recent.find(hash, (source, id)).is_none() {
+                    if held.insert((source.to_string(), id.to_string())) {
+                        let hash = key_hash(source, id);
                         recent.seen.insert(hash);
-                        recent.claim(Claim::new(vec![entry], Some(Ok(i))), &[hash]);
+                        recent.claim(Claim::new(vec![entry], vec![hash], Some(Ok(i))));
                     }
                 }
                 Ok(_) => {}
@@ -269,42 +263,42 @@ impl Recent {
         }
     }
 
-    /// The claim holding the event `key` (its hash is `hash`) and its position there,
-    /// unless the claim failed.
-    fn find(&self, hash: u64, key: (&str, &str)) -> Option<(&Arc<Claim>, usize)> {
-        let one;
-        let slots: &[Slot] = match self.slots.get(&hash)? {
-            Bucket::One(s) => {
-                one = [*s];
-                &one
+    /// For each event of `wanted` (its hash and key), the claim holding it and its
+    /// position there, unless the claim failed.
+    fn find_many(&self, wanted: &[(u64, (&str, &str))]) -> Vec<Option<(Arc<Claim>, usize)>> {
+        let mut found = vec![None; wanted.len()];
+        let mut by_hash: FxHashMap<u64, Vec<usize>> = FxHashMap::default();
+        for (w, (hash, _)) in wanted.iter().enumerate() {
+            by_hash.entry(*hash).or_default().push(w);
+        }
+        let mut open = wanted.len();
+        // The newest first: a failed claim may be followed by a retry of the event, and
+        // no two claims that did not fail hold the same event.
+        for claim in self.claims.iter().rev() {
+            if open == 0 {
+                break;
             }
-            Bucket::Many(v) => v,
-        };
-        // The newest first: a failed claim may be followed by a retry of the event.
-        slots.iter().rev().find_map(|&(seq, pos)| {
-            let claim = &self.claims[(seq - self.first_seq) as usize];
-            (event_key(&claim.entries[pos]) == key && claim.state() != Some(Err(())))
-                .then_some((claim, pos))
-        })
-    }
-
-    /// Holds a new claim; `hashes` are the keys' hashes of its entries, in order.
-    fn claim(&mut self, claim: Claim, hashes: &[u64]) -> Arc<Claim> {
-        let seq = self.first_seq + self.claims.len() as u64;
-        for (pos, &hash) in hashes.iter().enumerate() {
-            match self.slots.entry(hash) {
-                HashEntry::Vacant(v) => {
-                    v.insert(Bucket::One((seq, pos)));
-                }
-                HashEntry::Occupied(mut o) => {
-                    let b = o.get_mut();
-                    match b {
-                        Bucket::One(s) => *b = Bucket::Many(vec![*s, (seq, pos)]),
-                        Bucket::Many(v) => v.push((seq, pos)),
+            if claim.state() == Some(Err(())) {
+                continue;
+            }
+            for (pos, hash) in claim.hashes.iter().enumerate() {
+                let Some(ws) = by_hash.get(hash) else {
+                    continue;
+                };
+                let key = event_key(&claim.entries[pos]);
+                for &w in ws {
+                    if found[w].is_none() && wanted[w].1 == key {
+                        found[w] = Some((claim.clone(), pos));
+                        open -= 1;
                     }
                 }
             }
         }
+        found
+    }
+
+    /// Holds a new claim.
+    fn claim(&mut self, claim: Claim) -> Arc<Claim> {
         let claim = Arc::new(claim);
         self.claims.push_back(claim.clone());
         claim
@@ -319,26 +313,66 @@ impl Recent {
                 Some(Err(())) => {}
                 _ => return,
             }
-            let seq = self.first_seq;
-            for (pos, entry) in front.entries.iter().enumerate() {
-                let (source, id) = event_key(entry);
-                if let HashEntry::Occupied(mut o) = self.slots.entry(key_hash(source, id)) {
-                    match o.get_mut() {
-                        Bucket::One(s) if *s == (seq, pos) => {
-                            o.remove();
-                        }
-                        Bucket::One(_) => {}
-                        Bucket::Many(v) => {
-                            v.retain(|s| *s != (seq, pos));
-                            if v.is_empty() {
-                                o.remove();
-                            }
-                        }
-                    }
-                }
-            }
             self.claims.pop_front();
-            self.first_seq += 1;
+        }
+    }
+}
+
+/// A set of key hashes: open addressing with linear probing in one array of the hashes
+/// themselves. A probe touches one cache line where a general hash set touches two
+/// (control bytes, then keys); past a few million keys nearly every probe misses the
+/// cache, so that is most of its cost.
+#[derive(Default)]
+struct Seen {
+    /// Hashes; 0 marks an empty slot. The length is 0 or a power of two.
+    slots: Vec<u64>,
+    len: usize,
+}
+
+impl Seen {
+    /// Slots of a new table.
+    const MIN_SLOTS: usize = 1024;
+
+    /// Adds `hash`; false if it was there already.
+    fn insert(&mut self, hash: u64) -> bool {
+        // 0 marks an empty slot, so the hash 0 is kept as 1: merging two hashes only
+        // sends their keys to the exact checks.
+        let hash = hash.max(1);
+        // At most three quarters full, so runs of occupied slots stay short.
+        if 4 * (self.len + 1) > 3 * self.slots.len() {
+            self.grow();
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = Self::home(hash, mask);
+        loop {
+            match self.slots[i] {
+                0 => {
+                    self.slots[i] = hash;
+                    self.len += 1;
+                    return true;
+                }
+                s if s == hash => return false,
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// The first slot to probe for `hash`.
+    fn home(hash: u64, mask: usize) -> usize {
+        // Fx hashes are weak in their low bits: mix them all in before masking.
+        (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(32) as usize) & mask
+    }
+
+    fn grow(&mut self) {
+        let size = (2 * self.slots.len()).max(Self::MIN_SLOTS);
+        let old = std::mem::replace(&mut self.slots, vec![0; size]);
+        let mask = size - 1;
+        for hash in old.into_iter().filter(|&h| h != 0) {
+            let mut i = Self::home(hash, mask);
+            while self.slots[i] != 0 {
+                i = (i + 1) & mask;
+            }
+            self.slots[i] = hash;
         }
     }
 }
@@ -938,7 +972,7 @@ async fn record(
         let mut recent = app.ingest_lock.lock().await;
         recent.prune(app.projected());
         let mut fresh: Vec<(usize, Accepted)> = Vec::with_capacity(candidates.len());
-        let mut unknown = Vec::new();
+        let mut known = Vec::new();
         for ((i, a), first) in candidates.into_iter().zip(first_of) {
             let error = if missing.contains(&a.entry.account) {
                 ApiError::unprocessable(format!(
@@ -947,25 +981,13 @@ async fn record(
                 ))
             } else if let Some(first) = first {
                 ApiError::conflict(format!("duplicate of event {first} in the same batch"))
-            } else if !recent.seen.contains(&a.hash) {
+            } else if recent.seen.insert(a.hash) {
+                // A hash never seen: the event is new (and its hash now seen).
                 fresh.push((i, a));
                 continue;
             } else {
                 // The hash is known: the exact answer is in memory or in the store.
-                match recent.find(a.hash, a.key()) {
-                    Some((claim, pos)) => match claim.state() {
-                        Some(Ok(start)) => {
-                            let (source, id) = a.into_key();
-                            outcomes[i] = Some(Outcome::Duplicate {
-                                source,
-                                id,
-                                entry_id: start + pos as u64,
-                            });
-                        }
-                        _ => waits.push((i, a, claim.clone(), pos)),
-                    },
-                    None => unknown.push((i, a)),
-                }
+                known.push((i, a));
                 continue;
             };
             let (source, id) = a.into_key();
@@ -974,6 +996,27 @@ async fn record(
                 id: Some(id),
                 error,
             });
+        }
+        let held = {
+            let wanted: Vec<_> = known.iter().map(|(_, a)| (a.hash, a.key())).collect();
+            recent.find_many(&wanted)
+        };
+        let mut unknown = Vec::new();
+        for ((i, a), held) in known.into_iter().zip(held) {
+            match held {
+                Some((claim, pos)) => match claim.state() {
+                    Some(Ok(start)) => {
+                        let (source, id) = a.into_key();
+                        outcomes[i] = Some(Outcome::Duplicate {
+                            source,
+                            id,
+                            entry_id: start + pos as u64,
+                        });
+                    }
+                    _ => waits.push((i, a, claim, pos)),
+                },
+                None => unknown.push((i, a)),
+            }
         }
         if !unknown.is_empty() {
             let keys: Vec<(String, String)> = unknown
@@ -1012,12 +1055,11 @@ async fn record(
             let mut hashes = Vec::with_capacity(fresh.len());
             let mut entries = Vec::with_capacity(fresh.len());
             for (i, a) in fresh {
-                recent.seen.insert(a.hash);
                 slots.push(i);
                 hashes.push(a.hash);
                 entries.push(a.entry);
             }
-            Some(recent.claim(Claim::new(entries, None), &hashes))
+            Some(recent.claim(Claim::new(entries, hashes, None)))
         }
     };
 
@@ -1094,4 +1136,84 @@ async fn record(
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_answers_as_a_set_across_growth() {
+        let mut seen = Seen::default();
+        let mut set = std::collections::HashSet::new();
+        // Fx-like hashes with weak low bits, small values, and 0 (kept as 1).
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        for i in 0..200_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let h = match i % 4 {
+                0 => x << 20,
+                1 => i % 5000,
+                _ => x,
+            };
+            assert_eq!(seen.insert(h), set.insert(h.max(1)), "hash {h}");
+        }
+        assert_eq!(seen.len, set.len());
+        assert!(4 * seen.len <= 3 * seen.slots.len());
+        assert!(!seen.insert(0) && !seen.insert(1));
+    }
+
+    fn entry(source: &str, id: &str) -> Entry {
+        Entry::new(
+            Timestamp::UNIX_EPOCH,
+            "a".parse().unwrap(),
+            EntryBody::Usage(Usage {
+                source: Some(source.into()),
+                event_id: Some(id.into()),
+                ..Usage::default()
+            }),
+        )
+    }
+
+    #[test]
+    fn claims_answer_the_newest_claim_that_did_not_fail_by_exact_key() {
+        let mut recent = Recent::default();
+        let claim = |r: &mut Recent, ids: &[&str], hashes: &[u64], state| {
+            let entries = ids.iter().map(|id| entry("s", id)).collect();
+            r.claim(Claim::new(entries, hashes.to_vec(), state))
+        };
+        // "a" and "b" share a hash: only the exact key answers.
+        let first = claim(&mut recent, &["x", "a"], &[9, 7], Some(Ok(10)));
+        claim(&mut recent, &["c"], &[3], Some(Err(())));
+        let retried = claim(&mut recent, &["c", "b"], &[3, 7], None);
+        let found = recent.find_many(&[
+            (7, ("s", "a")),
+            (7, ("s", "b")),
+            (3, ("s", "c")),
+            (9, ("s", "x")),
+            (9, ("t", "x")),
+            (5, ("s", "nope")),
+        ]);
+        let at = |i: usize| found[i].as_ref().map(|(c, pos)| (Arc::as_ptr(c), *pos));
+        assert_eq!(at(0), Some((Arc::as_ptr(&first), 1)));
+        assert_eq!(at(1), Some((Arc::as_ptr(&retried), 1)));
+        assert_eq!(
+            at(2),
+            Some((Arc::as_ptr(&retried), 0)),
+            "not the failed claim"
+        );
+        assert_eq!(at(3), Some((Arc::as_ptr(&first), 0)));
+        assert_eq!(at(4), None, "another source");
+        assert_eq!(at(5), None);
+        assert!(recent.find_many(&[]).is_empty());
+        // Projected and failed claims go, in order; the pending one stays.
+        recent.prune(12);
+        assert_eq!(recent.claims.len(), 1);
+        retried.appended.send_replace(Some(Ok(12)));
+        recent.prune(13);
+        assert_eq!(recent.claims.len(), 1);
+        recent.prune(14);
+        assert!(recent.claims.is_empty());
+    }
 }
