@@ -19,6 +19,11 @@ use std::collections::BTreeMap;
 /// The entry format version this build writes and reads.
 pub const ENTRY_VERSION: u16 = 1;
 
+/// The `source` of the gateway's own usage records. Their ids are minted by the
+/// gateway and never repeat, so they are not indexed for idempotency; the ingest API
+/// refuses events that claim this source.
+pub const GATEWAY_SOURCE: &str = "gateway";
+
 /// One record of the ledger.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -199,6 +204,17 @@ pub enum DecodeError {
     /// An unknown kind.
     #[error("unknown entry kind {0:?}")]
     Kind(String),
+}
+
+impl Usage {
+    /// The `(source, id)` under which an ingested event is deduplicated: present for
+    /// events that came through the ingest API, absent for the gateway's own records.
+    pub fn ingest_key(&self) -> Option<(&str, &str)> {
+        match (self.source.as_deref(), self.event_id.as_deref()) {
+            (Some(source), Some(id)) if source != GATEWAY_SOURCE => Some((source, id)),
+            _ => None,
+        }
+    }
 }
 
 impl EntryBody {

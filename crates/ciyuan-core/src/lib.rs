@@ -38,7 +38,7 @@ pub use budget::{
     Incident, Selector,
 };
 pub use entry::{
-    AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, KeyCreated, KeyRevoked,
+    AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, GATEWAY_SOURCE, KeyCreated, KeyRevoked,
     Quality, Recount, Usage,
 };
 /// Re-exported so every crate names time with the same version.

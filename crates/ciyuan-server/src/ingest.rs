@@ -17,7 +17,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ciyuan_core::jiff::Timestamp;
-use ciyuan_core::{AccountPath, Direction, Entry, EntryBody, Modality, Scope, TokenMap, Usage};
+use ciyuan_core::{
+    AccountPath, Direction, Entry, EntryBody, GATEWAY_SOURCE, Modality, Scope, TokenMap, Usage,
+};
 use ciyuan_store::{Log, Store};
 use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
 use serde::{Deserialize, Serialize};
@@ -234,17 +236,9 @@ impl Recent {
         let mut bad = None;
         log.scan(projected..log.size(), &mut |i, bytes| {
             match Entry::decode(bytes) {
-                Ok(
-                    entry @ Entry {
-                        body:
-                            EntryBody::Usage(Usage {
-                                source: Some(_),
-                                event_id: Some(_),
-                                ..
-                            }),
-                        ..
-                    },
-                ) => {
+                Ok(entry)
+                    if matches!(&entry.body, EntryBody::Usage(u) if u.ingest_key().is_some()) =>
+                {
                     let (source, id) = event_key(&entry);
                     if held.insert((source.to_string(), id.to_string())) {
                         let hash = key_hash(source, id);
@@ -355,6 +349,22 @@ impl Seen {
                 _ => i = (i + 1) & mask,
             }
         }
+    }
+
+    /// Reads the home slot of every hash before they are inserted one by one. Past a
+    /// few million keys nearly every probe misses the cache; these loads do not depend
+    /// on each other, so the processor has many of them in flight at once, and the
+    /// inserts that follow find their slots cached instead of waiting for each in turn.
+    fn warm(&self, hashes: impl Iterator<Item = u64>) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let mask = self.slots.len() - 1;
+        let mut any = 0u64;
+        for hash in hashes {
+            any |= self.slots[Self::home(hash.max(1), mask)];
+        }
+        std::hint::black_box(any);
     }
 
     /// The first slot to probe for `hash`.
@@ -680,6 +690,11 @@ fn validate(
         }
         let id = string_attr(ev.id, "id", true)?.unwrap_or_default();
         let source = string_attr(ev.source, "source", true)?.unwrap_or_default();
+        if source == GATEWAY_SOURCE {
+            return Err(ApiError::bad_request(format!(
+                "source: {GATEWAY_SOURCE:?} is reserved for the gateway's own records"
+            )));
+        }
         let service = string_attr(ev.service, "type", true)?.unwrap_or_default();
         let subject = string_attr(ev.subject, "subject", true)?.unwrap_or_default();
         let account = match last_account {
@@ -971,6 +986,7 @@ async fn record(
     let claim = {
         let mut recent = app.ingest_lock.lock().await;
         recent.prune(app.projected());
+        recent.seen.warm(candidates.iter().map(|(_, a)| a.hash));
         let mut fresh: Vec<(usize, Accepted)> = Vec::with_capacity(candidates.len());
         let mut known = Vec::new();
         for ((i, a), first) in candidates.into_iter().zip(first_of) {

@@ -748,6 +748,7 @@ async fn ingest_is_idempotent_and_answers_per_event() {
             "acme/cn",
             json!({"model": "gpt-4o", "input_tokens": 5})
         ),
+        json!({"specversion": "1.0", "id": "chatcmpl-1", "source": "gateway", "type": "llm.usage", "subject": "acme/cn", "data": {"model": "m", "input_tokens": 1}}),
     ]);
     let (s, v) = h
         .events(
@@ -786,6 +787,7 @@ async fn ingest_is_idempotent_and_answers_per_event() {
         (14, "id: required attribute is missing"),
         (15, "an event must be a JSON object"),
         (17, "duplicate of event 0 in the same batch"),
+        (18, "source: \"gateway\" is reserved"),
     ] {
         assert_eq!(results[i]["status"], "rejected", "{i}: {}", results[i]);
         assert!(
@@ -801,7 +803,7 @@ async fn ingest_is_idempotent_and_answers_per_event() {
             v["duplicates"].as_u64(),
             v["rejected"].as_u64()
         ),
-        (Some(2), Some(1), Some(15))
+        (Some(2), Some(1), Some(16))
     );
 
     // Only the accepted events count, each once; the late one lands in its own hour.

@@ -354,7 +354,7 @@ impl Store for SqliteStore {
                 let index = start + i as u64;
                 let (service, model, tokens) = match &entry.body {
                     EntryBody::Usage(u) => {
-                        if let (Some(source), Some(id)) = (&u.source, &u.event_id) {
+                        if let Some((source, id)) = u.ingest_key() {
                             events.push((source, id, index as i64));
                         }
                         (&u.service, &u.model, &u.tokens)

@@ -155,13 +155,21 @@ fn ingest_index(s: &dyn Store) {
         event("svc-b", "1", 2),
         usage("acme", "2026-11-24T15:00:00Z", "m", 3),
         event("svc-a", "1", 4),
+        event(ciyuan_core::GATEWAY_SOURCE, "req-1", 5),
     ];
     // In parts: one transaction, in order, as if one slice.
     assert!(
         s.apply_parts(0, &[&entries[..1], &[], &entries[1..3], &entries[3..]])
             .is_ok()
     );
-    assert_eq!(s.projected_through().ok(), Some(4));
+    assert_eq!(s.projected_through().ok(), Some(5));
+    assert_eq!(
+        s.ingested(ciyuan_core::GATEWAY_SOURCE, "req-1")
+            .ok()
+            .flatten(),
+        None,
+        "the gateway's own records are not ingested events"
+    );
     assert_eq!(
         s.ingested("svc-a", "1").ok().flatten(),
         Some(0),
@@ -173,7 +181,7 @@ fn ingest_index(s: &dyn Store) {
     let through =
         s.ingested_keys(&mut |source, id| keys.push((source.to_string(), id.to_string())));
     keys.sort();
-    assert_eq!(through.ok(), Some(4), "the watermark of the same snapshot");
+    assert_eq!(through.ok(), Some(5), "the watermark of the same snapshot");
     assert_eq!(
         keys,
         [

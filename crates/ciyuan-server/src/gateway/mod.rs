@@ -1157,7 +1157,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                 service: call.endpoint.service().to_string(),
                 model: Some(std::mem::take(&mut call.info.model)),
                 tokens,
-                source: Some("gateway".into()),
+                source: Some(ciyuan_core::GATEWAY_SOURCE.into()),
                 event_id: Some(std::mem::take(&mut call.request_id)),
                 definition: Some(call.endpoint.definition().to_string()),
                 partial,
