@@ -311,17 +311,21 @@ mod tests {
                 } else {
                     Default::default()
                 },
-                quality: (i % 4 == 2).then(|| Quality {
-                    upstream: "openai".into(),
-                    status: 200,
-                    latency_us: 5,
-                    ..Quality::default()
+                quality: (i % 4 == 2).then(|| {
+                    Box::new(Quality {
+                        upstream: "openai".into(),
+                        status: 200,
+                        latency_us: 5,
+                        ..Quality::default()
+                    })
                 }),
-                recount: (i % 9 == 4).then(|| Recount {
-                    encoding: "o200k_base".into(),
-                    input: 1,
-                    output: 2,
-                    flagged: true,
+                recount: (i % 9 == 4).then(|| {
+                    Box::new(Recount {
+                        encoding: "o200k_base".into(),
+                        input: 1,
+                        output: 2,
+                        flagged: true,
+                    })
                 }),
             }),
         )

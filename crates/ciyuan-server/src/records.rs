@@ -86,7 +86,7 @@ struct Discrepancy {
     /// The provider's count, as recorded.
     tokens: TokenMap,
     /// Ciyuan's recount.
-    recount: Option<ciyuan_core::Recount>,
+    recount: Option<Box<ciyuan_core::Recount>>,
 }
 
 /// `GET /api/v1/discrepancies?account=&limit=`

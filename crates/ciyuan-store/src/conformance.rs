@@ -70,12 +70,12 @@ fn budgets_access_flags_and_incidents(s: &dyn Store) {
     let on = |account: &str, body: EntryBody| Entry::new(ts(at), path(account), body);
     let mut flagged = usage("acme/cn", at, "gpt-4o", 100);
     if let EntryBody::Usage(u) = &mut flagged.body {
-        u.recount = Some(Recount {
+        u.recount = Some(Box::new(Recount {
             encoding: "o200k_base".into(),
             input: 60,
             output: 0,
             flagged: true,
-        });
+        }));
     }
     let incident = Incident {
         kind: "budget.threshold".into(),

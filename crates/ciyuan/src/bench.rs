@@ -71,13 +71,14 @@ pub struct TokensArgs {
 #[derive(Args)]
 pub struct IngestArgs {
     /// Events to send in all.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 2_000_000)]
     events: u64,
     /// Events per request.
     #[arg(long, default_value_t = 1000)]
     batch: u64,
-    /// Concurrent HTTP clients.
-    #[arg(long, default_value_t = 4)]
+    /// Concurrent HTTP clients (requests in flight): enough that the server has work
+    /// while earlier requests wait for their group's `fdatasync`.
+    #[arg(long, default_value_t = 16)]
     clients: u64,
     /// End with one JSON line of the figures.
     #[arg(long)]

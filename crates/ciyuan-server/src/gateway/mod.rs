@@ -1079,12 +1079,12 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                 };
                 flagged = (!call.info.has_media && off(r.input, *input))
                     || (!r.audio_output && meter.complete && off(r.output, *output));
-                recount_entry = Some(Recount {
+                recount_entry = Some(Box::new(Recount {
                     encoding: enc.name().to_string(),
                     input: *input,
                     output: *output,
                     flagged,
-                });
+                }));
                 tokens = r.tokens;
             }
             (Some(r), None) => tokens = r.tokens,
@@ -1095,12 +1095,12 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                         let _ = tokens.add(Modality::Text, d, i64::try_from(n).unwrap_or(i64::MAX));
                     }
                 }
-                recount_entry = Some(Recount {
+                recount_entry = Some(Box::new(Recount {
                     encoding: enc.name().to_string(),
                     input: *input,
                     output: *output,
                     flagged: false,
-                });
+                }));
             }
             (None, None) => {}
         }
@@ -1161,7 +1161,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                 event_id: Some(std::mem::take(&mut call.request_id)),
                 definition: Some(call.endpoint.definition().to_string()),
                 partial,
-                quality: Some(Quality {
+                quality: Some(Box::new(Quality {
                     upstream: provider.name.clone(),
                     status,
                     stream: call.info.stream,
@@ -1169,7 +1169,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                     latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
                     output_tokens_per_sec,
                     failure: meter.failure.map(str::to_string),
-                }),
+                })),
                 recount: recount_entry,
                 ..Usage::default()
             }),
