@@ -18,3 +18,39 @@ fn conformance_on_disk_and_reopen() {
     let store = SqliteStore::open(&path).unwrap();
     assert_eq!(store.projected_through().unwrap(), 2);
 }
+
+#[test]
+fn key_writes_are_synced_and_projections_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("k.db")).unwrap();
+    let synchronous = |s: &SqliteStore| -> i64 {
+        s.conn()
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    };
+    // 1 = NORMAL, 2 = FULL.
+    assert_eq!(
+        synchronous(&store),
+        1,
+        "projector commits do not sync the WAL"
+    );
+    let seen = store
+        .durably(|conn| conn.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0)))
+        .unwrap();
+    assert_eq!(
+        seen, 2,
+        "writes the ledger cannot restore commit with a sync"
+    );
+    assert_eq!(
+        synchronous(&store),
+        1,
+        "and the connection goes back to NORMAL"
+    );
+    // A failed write restores the setting too.
+    assert!(
+        store
+            .durably(|conn| conn.execute("INSERT INTO no_such_table VALUES (1)", []))
+            .is_err()
+    );
+    assert_eq!(synchronous(&store), 1);
+}
