@@ -38,8 +38,8 @@ pub use budget::{
     Incident, Selector,
 };
 pub use entry::{
-    AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, GATEWAY_SOURCE, KeyCreated, KeyRevoked,
-    Quality, Recount, Usage,
+    AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, GATEWAY_SOURCE,
+    KeyCreated, KeyRevoked, Quality, Recount, Usage,
 };
 /// Re-exported so every crate names time with the same version.
 pub use jiff;
