@@ -80,6 +80,10 @@ pub struct IngestArgs {
     /// while earlier requests wait for their group's `fdatasync`.
     #[arg(long, default_value_t = 16)]
     clients: u64,
+    /// Event ids as UUIDs in no order, as most producers mint them, instead of
+    /// `ev-1`, `ev-2`, ... (which the idempotency index receives in key order).
+    #[arg(long)]
+    random_ids: bool,
     /// End with one JSON line of the figures.
     #[arg(long)]
     json: bool,
@@ -172,10 +176,17 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         }
         BenchCmd::Tokens(a) => crate::bench_tokens::run(a.file, a.bytes, &a.python, a.json)?,
         BenchCmd::Ingest(a) => {
-            let r = crate::bench_ingest::run(a.events, a.batch, a.clients)?;
+            let r = crate::bench_ingest::run(a.events, a.batch, a.clients, a.random_ids)?;
             println!(
-                "ingest: {} events in batches of {} from {} clients over HTTP",
-                r.events, a.batch, a.clients
+                "ingest: {} events in batches of {} from {} clients over HTTP ({} ids)",
+                r.events,
+                a.batch,
+                a.clients,
+                if a.random_ids {
+                    "random UUID"
+                } else {
+                    "sequential"
+                }
             );
             println!("  {:.0} durable events/s", r.events_per_sec);
             println!(
@@ -193,6 +204,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                         "events": r.events,
                         "batch": a.batch,
                         "clients": a.clients,
+                        "random_ids": a.random_ids,
                         "events_per_sec": r.events_per_sec,
                         "p50_request_us": r.p50_request_us,
                         "p99_request_us": r.p99_request_us,

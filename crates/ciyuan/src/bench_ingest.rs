@@ -61,7 +61,28 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
     Ok(hex::encode(b))
 }
 
-pub fn run(events: u64, batch: u64, clients: u64) -> anyhow::Result<Report> {
+/// An event id as producers commonly mint them: a UUID (version 4 layout), here a
+/// fixed function of `i` so runs are repeatable, in no order.
+fn uuid_like(i: u64) -> String {
+    // splitmix64: consecutive inputs give unrelated outputs.
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let (a, b) = (mix(2 * i), mix(2 * i + 1));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        0x8000 | (b >> 48) & 0x3fff,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+pub fn run(events: u64, batch: u64, clients: u64, random_ids: bool) -> anyhow::Result<Report> {
     if batch == 0 || clients == 0 || events == 0 {
         bail!("--events, --batch and --clients must be positive");
     }
@@ -129,9 +150,10 @@ pub fn run(events: u64, batch: u64, clients: u64) -> anyhow::Result<Report> {
                     if i > first {
                         body.push(',');
                     }
+                    let id = if random_ids { uuid_like(i) } else { format!("ev-{i}") };
                     let _ = write!(
                         body,
-                        r#"{{"specversion":"1.0","id":"ev-{i}","source":"svc://bench","type":"llm.usage","subject":"bench/app","data":{{"model":"gpt-4o","input_tokens":{},"output_tokens":{}}}}}"#,
+                        r#"{{"specversion":"1.0","id":"{id}","source":"svc://bench","type":"llm.usage","subject":"bench/app","data":{{"model":"gpt-4o","input_tokens":{},"output_tokens":{}}}}}"#,
                         i % 997,
                         i % 101
                     );
