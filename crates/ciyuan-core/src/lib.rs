@@ -39,7 +39,7 @@ pub use budget::{
 };
 pub use entry::{
     AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, GATEWAY_SOURCE,
-    KeyCreated, KeyRevoked, Quality, Recount, Usage,
+    KeyCreated, KeyRevoked, Quality, Recount, Usage, ingest_key_hash,
 };
 /// Re-exported so every crate names time with the same version.
 pub use jiff;

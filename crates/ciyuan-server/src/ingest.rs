@@ -1,10 +1,10 @@
 //! `POST /v1/events`: the second door. Any AI service reports usage as CloudEvents 1.0
 //! (structured mode, or the batch format); each accepted event becomes one usage entry.
 //!
-//! - Idempotent on `(source, id)`, across restarts: the index lives in the projections
-//!   (rebuilt from the log) plus [`Recent`], in memory: events appended but not yet
-//!   projected, and a hash filter that spares new events a store lookup. A repeat
-//!   answers the original entry and is never counted twice.
+//! - Idempotent on `(source, id)`, across restarts: [`Recent`] holds, in memory, the
+//!   hash of every ingested event's key with the entry that recorded it (loaded at start
+//!   from the projections' index, which only appends) and the events appended but not
+//!   yet projected. A repeat answers the original entry and is never counted twice.
 //! - A batch answers per event; bad events are rejected alone, and the good ones are
 //!   appended together in one durable group, so nothing is half-written.
 //! - Late events are accepted within `ingest_max_age` and land in their own period.
@@ -21,14 +21,13 @@ use ciyuan_core::{
     AccountPath, Direction, Entry, EntryBody, GATEWAY_SOURCE, Modality, Scope, TokenMap, Usage,
 };
 use ciyuan_store::{Log, Store};
-use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::collections::hash_map::Entry as HashEntry;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -204,19 +203,23 @@ impl Drop for Settle<'_> {
     }
 }
 
-/// The in-memory half of the idempotency index, guarded by `App::ingest_lock`.
+/// The idempotency index, in memory, guarded by `App::ingest_lock`.
 ///
-/// Invariant: the key of every event in the log is in a claim held here (appended or
-/// being appended, not yet projected) or in the store's index (projected), and its hash
-/// is in `seen`. So a key whose hash is not in `seen` is new without asking the store: at
-/// 500k events/s a store lookup per event would cost more than everything else together.
-/// `seen` costs 11 to 21 bytes per event ever ingested; a hash in `seen` only sends the
-/// key to the exact checks, so collisions cost a lookup, never a wrong answer.
+/// Invariant: every event in the log is in a claim held here (appended or being
+/// appended, not yet projected) or has a slot `(hash, entry)` in `seen` (projected); and
+/// every claimed event's hash is in `seen`. So a key whose hash is not in `seen` is new
+/// without further work (at 500k events/s any lookup per event would cost more than
+/// everything else together), and a known hash is settled by the claims or by reading
+/// the few entries recorded under it back from the log and comparing keys: a shared
+/// hash costs a read, never a wrong answer. `seen` costs 21 to 43 bytes per event ever
+/// ingested. The store's index is appended in entry order (random ids do not scatter
+/// writes over a B-tree) and read whole only at start.
 ///
 /// Claims keep their entries (the keys are read from them, never copied) and are
-/// dropped in claim order once the projections have indexed them, or once they failed.
-/// They are not indexed by key: only events whose hash is in `seen` (repeats, and rare
-/// collisions) are looked for in them, with one pass over the claims per request.
+/// dropped in claim order once the projections have indexed them (their entries then
+/// go into `seen`), or once they failed. They are not indexed by key: only events whose
+/// hash is in `seen` (repeats, and rare collisions) are looked for in them, with one
+/// pass over the claims per request.
 #[derive(Default)]
 pub struct Recent {
     seen: Seen,
@@ -228,9 +231,7 @@ impl Recent {
     /// Loads the index from the store and the log's unprojected tail.
     pub(crate) fn load(store: &dyn Store, log: &dyn Log) -> Result<Recent, ApiError> {
         let mut recent = Recent::default();
-        let projected = store.ingested_keys(&mut |source, id| {
-            recent.seen.insert(key_hash(source, id));
-        })?;
+        let projected = store.ingest_index(&mut |hash, entry| recent.seen.index(hash, entry))?;
         // Events of the tail already held: the first entry of an event is its answer.
         let mut held: FxHashSet<(String, String)> = FxHashSet::default();
         let mut bad = None;
@@ -242,7 +243,7 @@ impl Recent {
                     let (source, id) = event_key(&entry);
                     if held.insert((source.to_string(), id.to_string())) {
                         let hash = key_hash(source, id);
-                        recent.seen.insert(hash);
+                        recent.seen.add_pending(hash);
                         recent.claim(Claim::new(vec![entry], vec![hash], Some(Ok(i))));
                     }
                 }
@@ -301,54 +302,134 @@ impl Recent {
     /// Drops the oldest claims the projections have indexed, and failed ones; bounds
     /// the index.
     fn prune(&mut self, projected: u64) {
-        while let Some(front) = self.claims.front() {
+        let Recent { seen, claims } = self;
+        while let Some(front) = claims.front() {
             match front.state() {
-                Some(Ok(start)) if start + front.entries.len() as u64 <= projected => {}
+                Some(Ok(start)) if start + front.entries.len() as u64 <= projected => {
+                    for (pos, &hash) in front.hashes.iter().enumerate() {
+                        seen.index(hash, start + pos as u64);
+                    }
+                }
                 Some(Err(())) => {}
                 _ => return,
             }
-            self.claims.pop_front();
+            claims.pop_front();
         }
     }
 }
 
-/// A set of key hashes: open addressing with linear probing in one array of the hashes
-/// themselves. A probe touches one cache line where a general hash set touches two
-/// (control bytes, then keys); past a few million keys nearly every probe misses the
-/// cache, so that is most of its cost.
-#[derive(Default)]
+/// The entry of a slot whose event is claimed but not yet indexed with its entry.
+const PENDING: u64 = u64::MAX;
+
+/// Key hashes and the entries that recorded them: open addressing with linear probing
+/// in one array of `(hash, entry)` pairs. A probe touches one cache line where a general
+/// hash map touches two (control bytes, then keys); past a few million keys nearly
+/// every probe misses the cache, so that is most of its cost. A hash may sit in several
+/// slots (two keys sharing a hash, or a claim that failed and was claimed again), so a
+/// lookup reads the whole run of slots it probes.
 struct Seen {
-    /// Hashes; 0 marks an empty slot. The length is 0 or a power of two.
-    slots: Vec<u64>,
+    /// Slots; hash 0 marks an empty one. The length is 0 or a power of two.
+    slots: Vec<(u64, u64)>,
     len: usize,
+    /// Where a hash lands depends on this per-process random value too: the hashes are
+    /// fixed and anyone can compute them, where they land is not, so nobody can choose
+    /// ids that pile up in one run of slots.
+    seed: u64,
+}
+
+impl Default for Seen {
+    fn default() -> Seen {
+        use std::hash::BuildHasher;
+        Seen {
+            slots: Vec::new(),
+            len: 0,
+            seed: std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64),
+        }
+    }
 }
 
 impl Seen {
     /// Slots of a new table.
     const MIN_SLOTS: usize = 1024;
 
-    /// Adds `hash`; false if it was there already.
-    fn insert(&mut self, hash: u64) -> bool {
-        // 0 marks an empty slot, so the hash 0 is kept as 1: merging two hashes only
-        // sends their keys to the exact checks.
-        let hash = hash.max(1);
-        // At most three quarters full, so runs of occupied slots stay short.
-        if 4 * (self.len + 1) > 3 * self.slots.len() {
-            self.grow();
-        }
+    /// 0 marks an empty slot, so the hash 0 is kept as 1: merging two hashes only sends
+    /// their keys to the exact checks.
+    fn nonzero(hash: u64) -> u64 {
+        hash.max(1)
+    }
+
+    /// Adds `hash` as pending and answers true if no slot held it; false (adding
+    /// nothing) if one did: the event may be known, and goes to the exact checks.
+    fn claim(&mut self, hash: u64) -> bool {
+        let hash = Self::nonzero(hash);
+        self.reserve_one();
         let mask = self.slots.len() - 1;
-        let mut i = Self::home(hash, mask);
+        let mut i = self.home(hash, mask);
         loop {
-            match self.slots[i] {
+            match self.slots[i].0 {
                 0 => {
-                    self.slots[i] = hash;
+                    self.slots[i] = (hash, PENDING);
                     self.len += 1;
                     return true;
                 }
-                s if s == hash => return false,
+                h if h == hash => return false,
                 _ => i = (i + 1) & mask,
             }
         }
+    }
+
+    /// Makes sure `hash` has a pending slot, for an event found new by the exact checks
+    /// although its hash was known.
+    fn add_pending(&mut self, hash: u64) {
+        self.put(hash, PENDING);
+    }
+
+    /// Records that `entry` holds an event of `hash`: in a pending slot of that hash if
+    /// there is one, else in a new slot.
+    fn index(&mut self, hash: u64, entry: u64) {
+        self.put(hash, entry);
+    }
+
+    fn put(&mut self, hash: u64, entry: u64) {
+        let hash = Self::nonzero(hash);
+        self.reserve_one();
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(hash, mask);
+        loop {
+            match self.slots[i] {
+                (0, _) => {
+                    self.slots[i] = (hash, entry);
+                    self.len += 1;
+                    return;
+                }
+                (h, PENDING) if h == hash => {
+                    self.slots[i].1 = entry;
+                    return;
+                }
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// The entries recorded for `hash`, oldest first.
+    fn entries(&self, hash: u64) -> Vec<u64> {
+        let hash = Self::nonzero(hash);
+        let mut found = Vec::new();
+        if self.slots.is_empty() {
+            return found;
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(hash, mask);
+        loop {
+            match self.slots[i] {
+                (0, _) => break,
+                (h, e) if h == hash && e != PENDING => found.push(e),
+                _ => {}
+            }
+            i = (i + 1) & mask;
+        }
+        found.sort_unstable();
+        found
     }
 
     /// Reads the home slot of every hash before they are inserted one by one. Past a
@@ -362,36 +443,39 @@ impl Seen {
         let mask = self.slots.len() - 1;
         let mut any = 0u64;
         for hash in hashes {
-            any |= self.slots[Self::home(hash.max(1), mask)];
+            any |= self.slots[self.home(Self::nonzero(hash), mask)].0;
         }
         std::hint::black_box(any);
     }
 
     /// The first slot to probe for `hash`.
-    fn home(hash: u64, mask: usize) -> usize {
-        // Fx hashes are weak in their low bits: mix them all in before masking.
-        (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(32) as usize) & mask
+    fn home(&self, hash: u64, mask: usize) -> usize {
+        ((hash ^ self.seed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(32) as usize)
+            & mask
     }
 
-    fn grow(&mut self) {
+    /// At most three quarters full after one more slot, so runs stay short.
+    fn reserve_one(&mut self) {
+        if 4 * (self.len + 1) <= 3 * self.slots.len() {
+            return;
+        }
         let size = (2 * self.slots.len()).max(Self::MIN_SLOTS);
-        let old = std::mem::replace(&mut self.slots, vec![0; size]);
+        let old = std::mem::replace(&mut self.slots, vec![(0, 0); size]);
         let mask = size - 1;
-        for hash in old.into_iter().filter(|&h| h != 0) {
-            let mut i = Self::home(hash, mask);
-            while self.slots[i] != 0 {
+        for slot in old.into_iter().filter(|s| s.0 != 0) {
+            let mut i = self.home(slot.0, mask);
+            while self.slots[i].0 != 0 {
                 i = (i + 1) & mask;
             }
-            self.slots[i] = hash;
+            self.slots[i] = slot;
         }
     }
 }
 
 fn key_hash(source: &str, id: &str) -> u64 {
-    let mut h = FxHasher::default();
-    source.hash(&mut h);
-    id.hash(&mut h);
-    h.finish()
+    ciyuan_core::ingest_key_hash(source, id)
 }
 
 fn unprocessable(msg: String) -> ApiError {
@@ -997,7 +1081,7 @@ async fn record(
                 ))
             } else if let Some(first) = first {
                 ApiError::conflict(format!("duplicate of event {first} in the same batch"))
-            } else if recent.seen.insert(a.hash) {
+            } else if recent.seen.claim(a.hash) {
                 // A hash never seen: the event is new (and its hash now seen).
                 fresh.push((i, a));
                 continue;
@@ -1035,18 +1119,33 @@ async fn record(
             }
         }
         if !unknown.is_empty() {
-            let keys: Vec<(String, String)> = unknown
+            // Events whose hash is known but not held here: the entries recorded under
+            // that hash are read back from the log and compared by exact key.
+            let wanted: Vec<(String, String, Vec<u64>)> = unknown
                 .iter()
                 .map(|(_, a)| {
                     let (s, i) = a.key();
-                    (s.to_string(), i.to_string())
+                    (s.to_string(), i.to_string(), recent.seen.entries(a.hash))
                 })
                 .collect();
             let stored = app
                 .blocking(move |app| {
-                    let refs: Vec<(&str, &str)> =
-                        keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).collect();
-                    Ok(app.store.ingested_many(&refs)?)
+                    wanted
+                        .iter()
+                        .map(|(source, id, entries)| {
+                            for &e in entries {
+                                let entry = Entry::decode(&app.log.entry(e)?).map_err(|err| {
+                                    ApiError::internal(format!("entry {e} does not decode: {err}"))
+                                })?;
+                                if let EntryBody::Usage(u) = &entry.body
+                                    && u.ingest_key() == Some((source.as_str(), id.as_str()))
+                                {
+                                    return Ok(Some(e));
+                                }
+                            }
+                            Ok(None)
+                        })
+                        .collect::<Result<Vec<_>, ApiError>>()
                 })
                 .await?;
             for ((i, a), prior) in unknown.into_iter().zip(stored) {
@@ -1059,7 +1158,10 @@ async fn record(
                             entry_id,
                         })
                     }
-                    None => fresh.push((i, a)),
+                    None => {
+                        recent.seen.add_pending(a.hash);
+                        fresh.push((i, a));
+                    }
                 }
             }
             // Entries go to the ledger in the batch's order.
@@ -1158,26 +1260,70 @@ async fn record(
 mod tests {
     use super::*;
 
+    /// `Seen` against a plain model (hash -> pending count and entries), through growth,
+    /// with hashes that share low bits, small values, 0 (kept as 1) and repeats.
     #[test]
-    fn seen_answers_as_a_set_across_growth() {
+    fn seen_agrees_with_a_model_across_growth() {
+        use std::collections::{BTreeMap, HashMap};
         let mut seen = Seen::default();
-        let mut set = std::collections::HashSet::new();
-        // Fx-like hashes with weak low bits, small values, and 0 (kept as 1).
+        // hash -> (has a pending slot, entries)
+        let mut model: HashMap<u64, (bool, Vec<u64>)> = HashMap::new();
         let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next_entry = 0u64;
         for i in 0..200_000u64 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let h = match i % 4 {
+            let h = match i % 5 {
                 0 => x << 20,
                 1 => i % 5000,
                 _ => x,
             };
-            assert_eq!(seen.insert(h), set.insert(h.max(1)), "hash {h}");
+            let k = h.max(1);
+            match x % 4 {
+                0 | 1 => {
+                    let new = !model.contains_key(&k);
+                    assert_eq!(seen.claim(h), new, "claim {h}");
+                    if new {
+                        model.insert(k, (true, vec![]));
+                    }
+                }
+                2 => {
+                    seen.add_pending(h);
+                    model.entry(k).or_default().0 = true;
+                }
+                _ => {
+                    seen.index(h, next_entry);
+                    let m = model.entry(k).or_default();
+                    m.0 = false;
+                    m.1.push(next_entry);
+                    next_entry += 1;
+                }
+            }
+            if i % 997 == 0 {
+                assert_eq!(seen.entries(h), model[&k].1, "entries of {h}");
+            }
         }
-        assert_eq!(seen.len, set.len());
+        let sorted: BTreeMap<_, _> = model.iter().collect();
+        for (k, (_, entries)) in sorted {
+            assert_eq!(&seen.entries(*k), entries);
+        }
         assert!(4 * seen.len <= 3 * seen.slots.len());
-        assert!(!seen.insert(0) && !seen.insert(1));
+        assert_eq!(seen.entries(0), seen.entries(1), "0 is kept as 1");
+    }
+
+    #[test]
+    fn a_hash_shared_by_two_keys_keeps_both_entries() {
+        let mut seen = Seen::default();
+        assert!(seen.claim(42));
+        // A second key with the same hash, found new by the exact checks.
+        assert!(!seen.claim(42));
+        seen.add_pending(42);
+        // Indexed in claim order: the first fills the pending slot, the second adds one.
+        seen.index(42, 7);
+        seen.index(42, 9);
+        assert_eq!(seen.entries(42), vec![7, 9]);
+        assert!(seen.entries(43).is_empty());
     }
 
     fn entry(source: &str, id: &str) -> Entry {

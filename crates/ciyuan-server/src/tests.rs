@@ -112,6 +112,12 @@ async fn harness() -> Harness {
     let store: Arc<dyn Store> =
         Arc::new(ciyuan_store_sqlite::SqliteStore::open_in_memory().unwrap());
     let log: Arc<dyn Log> = Arc::new(MemLog::new());
+    harness_on(store, log, None).await
+}
+
+/// A server on `store` and `log`; `admin` is the admin key of an earlier server on
+/// them (a restart), else one is bootstrapped.
+async fn harness_on(store: Arc<dyn Store>, log: Arc<dyn Log>, admin: Option<String>) -> Harness {
     let definitions: Vec<ciyuan_measure::RawDefinition> = serde_json::from_value(json!([
         {"service": "doc.verify", "version": 1, "effective_from": "2020-01-01T00:00:00Z", "tokens": {"other.input": "5 + 2 * pages"}},
         {"service": "face.match", "version": 1, "effective_from": "2020-01-01T00:00:00Z", "tokens": {"other.input": "1"}},
@@ -123,7 +129,10 @@ async fn harness() -> Harness {
         ..ServerConfig::default()
     };
     let app = App::new(store, log, config).unwrap();
-    let admin = app.bootstrap_admin_key(None).await.unwrap().unwrap();
+    let admin = match admin {
+        Some(admin) => admin,
+        None => app.bootstrap_admin_key(None).await.unwrap().unwrap(),
+    };
     assert!(
         app.bootstrap_admin_key(None).await.unwrap().is_none(),
         "bootstrap happens once"
@@ -1045,4 +1054,69 @@ async fn concurrent_requests_carrying_the_same_events_record_each_once() {
             .contains("data.input_tokens: appears more than once"),
         "{v}"
     );
+}
+
+#[tokio::test]
+async fn repeats_answer_the_original_entry_once_projected_and_after_a_restart() {
+    let store: Arc<dyn Store> =
+        Arc::new(ciyuan_store_sqlite::SqliteStore::open_in_memory().unwrap());
+    let log: Arc<dyn Log> = Arc::new(MemLog::new());
+    let h = harness_on(store.clone(), log.clone(), None).await;
+    h.admin("POST", "/api/v1/accounts", Some(json!({"path": "acme"})))
+        .await;
+    let ingest = h.key("acme", &["ingest"]).await;
+    let batch = |ids: &[&str]| {
+        json!(
+            ids.iter()
+                .map(|id| event(id, "acme", json!({"model": "m", "input_tokens": 2})))
+                .collect::<Vec<_>>()
+        )
+        .to_string()
+    };
+    let entries = |v: &Value| -> Vec<(String, u64)> {
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["status"].as_str().unwrap().to_string(),
+                    r["entry_id"].as_u64().unwrap_or(u64::MAX),
+                )
+            })
+            .collect()
+    };
+    let kind = "application/cloudevents-batch+json";
+    let (_, first) = h.events(&ingest, kind, &batch(&["a", "b", "c"])).await;
+    let original: Vec<u64> = entries(&first).iter().map(|e| e.1).collect();
+    assert!(entries(&first).iter().all(|e| e.0 == "accepted"), "{first}");
+    // A query waits for the projections; the next request finds the claim projected,
+    // drops it and answers repeats from the index and the log.
+    h.admin("GET", "/api/v1/usage?account=acme", None).await;
+    let (_, other) = h.events(&ingest, kind, &batch(&["d"])).await;
+    assert_eq!(entries(&other)[0].0, "accepted");
+    let (_, again) = h.events(&ingest, kind, &batch(&["b", "a", "e", "c"])).await;
+    assert_eq!(
+        entries(&again),
+        vec![
+            ("duplicate".to_string(), original[1]),
+            ("duplicate".into(), original[0]),
+            ("accepted".into(), entries(&again)[2].1),
+            ("duplicate".into(), original[2]),
+        ],
+        "{again}"
+    );
+    // After a restart on the same store and log: the index is loaded from the store.
+    h.admin("GET", "/api/v1/usage?account=acme", None).await;
+    let admin = h.admin.clone();
+    drop(h);
+    let h = harness_on(store, log, Some(admin)).await;
+    let (_, after) = h.events(&ingest, kind, &batch(&["c", "e", "f"])).await;
+    let after = entries(&after);
+    assert_eq!(after[0], ("duplicate".to_string(), original[2]));
+    assert_eq!(after[1].0, "duplicate");
+    assert_eq!(after[2].0, "accepted");
+    // Each event counted once: a..f, 2 tokens each.
+    let (_, u) = h.admin("GET", "/api/v1/usage?account=acme", None).await;
+    assert_eq!(u["rows"][0]["tokens"], json!({"text.input": 12}), "{u}");
 }

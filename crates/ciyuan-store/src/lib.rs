@@ -163,18 +163,13 @@ pub trait Store: Send + Sync + 'static {
     /// Marks a key revoked; returns the updated record, `None` if there is no such key.
     fn revoke_key(&self, key_id: &str, at: Timestamp) -> Result<Option<KeyRecord>, StoreError>;
 
-    /// The ledger entry that recorded the event `(source, id)`, if one did: the
-    /// idempotency index of the ingest API, projected from usage entries.
-    fn ingested(&self, source: &str, id: &str) -> Result<Option<u64>, StoreError>;
-
-    /// [`Store::ingested`] for many events at once (one lock, one prepared statement).
-    fn ingested_many(&self, keys: &[(&str, &str)]) -> Result<Vec<Option<u64>>, StoreError> {
-        keys.iter().map(|(s, i)| self.ingested(s, i)).collect()
-    }
-
-    /// Calls `f` with every indexed `(source, id)` and returns the projection watermark
-    /// of the same snapshot: the index holds exactly the events of entries before it.
-    fn ingested_keys(&self, f: &mut dyn FnMut(&str, &str)) -> Result<u64, StoreError>;
+    /// Calls `f(hash, entry)` for every ingested event the projections have indexed, in
+    /// entry order, and returns the projection watermark of the same snapshot: the index
+    /// holds exactly the ingested events of entries before it. `hash` is
+    /// [`ciyuan_core::ingest_key_hash`] of the event's `(source, id)`; the ingest API
+    /// keeps the index in memory and checks a match against the entry itself, so the
+    /// store only appends to it (in entry order, whatever the ids) and reads it whole.
+    fn ingest_index(&self, f: &mut dyn FnMut(u64, u64)) -> Result<u64, StoreError>;
 
     /// The limits in force on every node (projected from `budget.set` and
     /// `budget.cleared` entries), by node and name.

@@ -347,7 +347,7 @@ fn rebuild_and_verify_refuse_while_the_server_runs() {
         .unwrap();
     let out = stdout(&o);
     assert!(
-        out.starts_with("ledger: 1 entries; database schema version 3 (this build: 3)"),
+        out.starts_with("ledger: 1 entries; database schema version 4 (this build: 4)"),
         "{out}"
     );
 }
