@@ -84,6 +84,7 @@ pub(crate) struct Staged {
     /// The segment to `fdatasync` before publishing.
     pub file: Arc<File>,
     /// Where the group's records lie in the segment.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     bytes: Range<u64>,
     upper: Vec<(u32, Hash)>,
     root: Hash,
@@ -109,16 +110,28 @@ impl SharedHandle {
         // entries it applies), so its pages leave the page cache now: the next groups
         // are written into the pages just freed instead of pages the kernel has not
         // touched for a while, which on a virtual machine cost a trip to the host each
-        // (a fifth of the ledger writer's time at 500,000 events/s, see BENCHMARKS.md),
-        // and a write-once log does not push the projections' pages out of the cache.
-        // Only whole pages inside the range are dropped; the last, still being filled,
-        // stays. Advice only: a failure changes nothing but speed.
-        let _ = rustix::fs::fadvise(
-            &*staged.file,
-            staged.bytes.start,
-            std::num::NonZeroU64::new(staged.bytes.end - staged.bytes.start),
-            rustix::fs::Advice::DontNeed,
-        );
+        // (over half of the ledger writer's time in slow runs, see BENCHMARKS.md), and
+        // a write-once log does not push the projections' pages out of the cache. The
+        // range ends at a 64 KiB boundary (a multiple of every usual page size), so the
+        // page the next group goes on filling stays; Linux drops a partial last page
+        // when the range reaches the end of the file. Advice only: a failure changes
+        // nothing but speed.
+        #[cfg(target_os = "linux")]
+        {
+            const ALIGN: u64 = 64 << 10;
+            let end = staged.bytes.end & !(ALIGN - 1);
+            if let Some(len) = end
+                .checked_sub(staged.bytes.start)
+                .and_then(std::num::NonZeroU64::new)
+            {
+                let _ = rustix::fs::fadvise(
+                    &*staged.file,
+                    staged.bytes.start,
+                    Some(len),
+                    rustix::fs::Advice::DontNeed,
+                );
+            }
+        }
         let range = staged.range.clone();
         self.shared.publish(staged);
         Ok(range)

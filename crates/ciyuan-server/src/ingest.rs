@@ -318,7 +318,9 @@ impl Recent {
     }
 }
 
-/// The entry of a slot whose event is claimed but not yet indexed with its entry.
+/// The entry of a slot whose event is claimed but not yet indexed with its entry. A
+/// pending slot whose claim failed stays until the next start: it only sends a retry
+/// of that event to the exact checks, which find nothing and reuse the slot.
 const PENDING: u64 = u64::MAX;
 
 /// Key hashes and the entries that recorded them: open addressing with linear probing
@@ -1130,22 +1132,35 @@ async fn record(
                 .collect();
             let stored = app
                 .blocking(move |app| {
-                    wanted
+                    // Each entry read once, in log order (a retried batch names many).
+                    let mut reads: Vec<u64> =
+                        wanted.iter().flat_map(|w| w.2.iter().copied()).collect();
+                    reads.sort_unstable();
+                    reads.dedup();
+                    let mut keys: FxHashMap<u64, Option<(String, String)>> =
+                        FxHashMap::with_capacity_and_hasher(reads.len(), Default::default());
+                    for e in reads {
+                        let entry = Entry::decode(&app.log.entry(e)?).map_err(|err| {
+                            ApiError::internal(format!("entry {e} does not decode: {err}"))
+                        })?;
+                        let key = match &entry.body {
+                            EntryBody::Usage(u) => {
+                                u.ingest_key().map(|(s, i)| (s.to_string(), i.to_string()))
+                            }
+                            _ => None,
+                        };
+                        keys.insert(e, key);
+                    }
+                    Ok(wanted
                         .iter()
                         .map(|(source, id, entries)| {
-                            for &e in entries {
-                                let entry = Entry::decode(&app.log.entry(e)?).map_err(|err| {
-                                    ApiError::internal(format!("entry {e} does not decode: {err}"))
-                                })?;
-                                if let EntryBody::Usage(u) = &entry.body
-                                    && u.ingest_key() == Some((source.as_str(), id.as_str()))
-                                {
-                                    return Ok(Some(e));
-                                }
-                            }
-                            Ok(None)
+                            entries.iter().copied().find(|e| {
+                                keys.get(e)
+                                    .and_then(Option::as_ref)
+                                    .is_some_and(|(s, i)| s == source && i == id)
+                            })
                         })
-                        .collect::<Result<Vec<_>, ApiError>>()
+                        .collect::<Vec<_>>())
                 })
                 .await?;
             for ((i, a), prior) in unknown.into_iter().zip(stored) {
