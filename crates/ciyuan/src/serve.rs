@@ -276,7 +276,8 @@ pub fn rebuild(config: Option<&Path>, args: RebuildArgs) -> anyhow::Result<ExitC
 }
 
 /// `ciyuan migrate`: brings a stopped server's data directory up to this build —
-/// database schema migrations, and the ledger's crash recovery — without serving.
+/// database schema migrations, the ledger's crash recovery, and the projections caught
+/// up with the ledger (a migration may have reset them) — without serving.
 pub fn migrate(config: Option<&Path>, args: RebuildArgs) -> anyhow::Result<ExitCode> {
     let file = match config {
         Some(p) => FileConfig::load(p)?,
@@ -289,6 +290,18 @@ pub fn migrate(config: Option<&Path>, args: RebuildArgs) -> anyhow::Result<ExitC
         ledger.size(),
         store.schema_version()?,
         SqliteStore::SCHEMA_VERSION
+    );
+    let (committer, writer) = GroupCommitter::start(ledger);
+    let started = std::time::Instant::now();
+    let applied =
+        ciyuan_server::pipeline::project(&store, &committer, committer.size(), &mut |_| {})
+            .map_err(|e| anyhow::anyhow!("{e}"));
+    committer.shutdown();
+    let _ = writer.join();
+    println!(
+        "projections: {} entries applied in {:.2}s",
+        applied?,
+        started.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -346,8 +346,17 @@ fn rebuild_and_verify_refuse_while_the_server_runs() {
         .output()
         .unwrap();
     let out = stdout(&o);
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("ledger: 1 entries; database schema version 4 (this build: 4)"),
+        "{out}"
+    );
+    // And the projections are caught up with the ledger.
     assert!(
-        out.starts_with("ledger: 1 entries; database schema version 4 (this build: 4)"),
+        lines
+            .next()
+            .is_some_and(|l| l.starts_with("projections: ") && l.contains(" entries applied in ")),
         "{out}"
     );
 }
