@@ -256,18 +256,9 @@ pub fn rebuild(config: Option<&Path>, args: RebuildArgs) -> anyhow::Result<ExitC
     };
     let cfg = ServeConfig::resolve(file, args.data, None, None)?;
     let (ledger, store) = open(&cfg.data, ledger_options(&cfg))?;
-    let (committer, writer) = GroupCommitter::start(ledger);
     let started = std::time::Instant::now();
-    let result = (|| -> anyhow::Result<u64> {
-        store.reset_projections()?;
-        let end = committer.size();
-        let applied = ciyuan_server::pipeline::project(&store, &committer, end, &mut |_| {})
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(applied)
-    })();
-    committer.shutdown();
-    let _ = writer.join();
-    let applied = result?;
+    store.reset_projections()?;
+    let applied = catch_up(ledger, &store)?;
     println!(
         "rebuilt projections from {applied} ledger entries in {:.2}s",
         started.elapsed().as_secs_f64()
@@ -291,17 +282,22 @@ pub fn migrate(config: Option<&Path>, args: RebuildArgs) -> anyhow::Result<ExitC
         store.schema_version()?,
         SqliteStore::SCHEMA_VERSION
     );
-    let (committer, writer) = GroupCommitter::start(ledger);
     let started = std::time::Instant::now();
-    let applied =
-        ciyuan_server::pipeline::project(&store, &committer, committer.size(), &mut |_| {})
-            .map_err(|e| anyhow::anyhow!("{e}"));
-    committer.shutdown();
-    let _ = writer.join();
+    let applied = catch_up(ledger, &store)?;
     println!(
-        "projections: {} entries applied in {:.2}s",
-        applied?,
+        "projections: {applied} entries applied in {:.2}s",
         started.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Applies the ledger's entries the projections lack, offline; returns how many.
+fn catch_up(ledger: Ledger, store: &SqliteStore) -> anyhow::Result<u64> {
+    let (committer, writer) = GroupCommitter::start(ledger);
+    let applied =
+        ciyuan_server::pipeline::project(store, &committer, committer.size(), &mut |_| {})
+            .map_err(|e| anyhow::anyhow!("{e}"));
+    committer.shutdown();
+    let _ = writer.join();
+    applied
 }
