@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
     AccountPath, Direction, Entry, EntryBody, GATEWAY_SOURCE, Modality, Scope, TokenMap, Usage,
+    ingest_key_hash,
 };
 use ciyuan_store::{Log, Store};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -57,7 +58,7 @@ const LLM_FIELDS: [(&str, Modality, Direction); 8] = [
 
 /// An event that passed validation: a usage entry with its source and event id.
 struct Accepted {
-    /// [`key_hash`] of the event's `(source, id)`.
+    /// [`ingest_key_hash`] of the event's `(source, id)`.
     hash: u64,
     entry: Entry,
 }
@@ -157,7 +158,7 @@ impl Serialize for Outcome {
 pub(crate) struct Claim {
     /// Their usage entries, in append order.
     entries: Vec<Entry>,
-    /// [`key_hash`] of each entry's event.
+    /// [`ingest_key_hash`] of each entry's event.
     hashes: Vec<u64>,
     /// The index of the first once the append is durable; `Err` if it failed.
     appended: watch::Sender<Option<Result<u64, ()>>>,
@@ -237,17 +238,19 @@ impl Recent {
         let mut bad = None;
         log.scan(projected..log.size(), &mut |i, bytes| {
             match Entry::decode(bytes) {
-                Ok(entry)
-                    if matches!(&entry.body, EntryBody::Usage(u) if u.ingest_key().is_some()) =>
-                {
-                    let (source, id) = event_key(&entry);
+                Ok(entry) => {
+                    let EntryBody::Usage(u) = &entry.body else {
+                        return Ok(());
+                    };
+                    let Some((source, id)) = u.ingest_key() else {
+                        return Ok(());
+                    };
                     if held.insert((source.to_string(), id.to_string())) {
-                        let hash = key_hash(source, id);
+                        let hash = ingest_key_hash(source, id);
                         recent.seen.add_pending(hash);
                         recent.claim(Claim::new(vec![entry], vec![hash], Some(Ok(i))));
                     }
                 }
-                Ok(_) => {}
                 Err(e) => bad = Some(format!("entry {i} does not decode: {e}")),
             }
             Ok(())
@@ -518,10 +521,6 @@ impl Shard {
 /// the input over the high bits, which pick the table and the slot.
 fn mix(hash: u64, seed: u64) -> u64 {
     (hash ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-fn key_hash(source: &str, id: &str) -> u64 {
-    ciyuan_core::ingest_key_hash(source, id)
 }
 
 fn unprocessable(msg: String) -> ApiError {
@@ -913,7 +912,7 @@ fn validate(
                 )
             }
         };
-        let hash = key_hash(&source, &id);
+        let hash = ingest_key_hash(&source, &id);
         let entry = Entry::new(
             ts,
             account,
@@ -1319,14 +1318,14 @@ async fn record(
 mod tests {
     use super::*;
 
-    /// `Seen` against a plain model (hash -> pending count and entries), through growth,
-    /// with hashes that share low bits, small values, 0 (kept as 1) and repeats.
+    /// `Seen` against a plain model (hash -> entries), through growth, with hashes that
+    /// share low bits, small values, 0 (kept as 1) and repeats.
     #[test]
     fn seen_agrees_with_a_model_across_growth() {
         use std::collections::{BTreeMap, HashMap};
         let mut seen = Seen::default();
-        // hash -> (has a pending slot, entries)
-        let mut model: HashMap<u64, (bool, Vec<u64>)> = HashMap::new();
+        // Hashes held (pending or indexed), with their entries.
+        let mut model: HashMap<u64, Vec<u64>> = HashMap::new();
         let mut x = 0x2545_f491_4f6c_dd1d_u64;
         let mut next_entry = 0u64;
         for i in 0..200_000u64 {
@@ -1344,27 +1343,25 @@ mod tests {
                     let new = !model.contains_key(&k);
                     assert_eq!(seen.claim(h), new, "claim {h}");
                     if new {
-                        model.insert(k, (true, vec![]));
+                        model.insert(k, vec![]);
                     }
                 }
                 2 => {
                     seen.add_pending(h);
-                    model.entry(k).or_default().0 = true;
+                    model.entry(k).or_default();
                 }
                 _ => {
                     seen.index(h, next_entry);
-                    let m = model.entry(k).or_default();
-                    m.0 = false;
-                    m.1.push(next_entry);
+                    model.entry(k).or_default().push(next_entry);
                     next_entry += 1;
                 }
             }
             if i % 997 == 0 {
-                assert_eq!(seen.entries(h), model[&k].1, "entries of {h}");
+                assert_eq!(seen.entries(h), model[&k], "entries of {h}");
             }
         }
         let sorted: BTreeMap<_, _> = model.iter().collect();
-        for (k, (_, entries)) in sorted {
+        for (k, entries) in sorted {
             assert_eq!(&seen.entries(*k), entries);
         }
         assert!(seen.shards.iter().all(|s| 4 * s.len <= 3 * s.slots.len()));

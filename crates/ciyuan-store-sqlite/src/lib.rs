@@ -788,7 +788,7 @@ impl Store for SqliteStore {
 
 /// Rows per `INSERT` of the ingest index: one statement step for many rows costs far
 /// less than a step per row.
-const INGESTED_ROWS_PER_INSERT: usize = 64;
+const INGEST_INDEX_ROWS_PER_INSERT: usize = 64;
 
 /// Appends ingested events `(entry, hash)` to the idempotency index, in entry order:
 /// the table is keyed by entry, so each commit only extends its last pages.
@@ -800,10 +800,10 @@ fn insert_ingest_index(tx: &Connection, events: &[(i64, i64)]) -> Result<(), Sto
         }
         sql
     }
-    let mut chunks = events.chunks_exact(INGESTED_ROWS_PER_INSERT);
+    let mut chunks = events.chunks_exact(INGEST_INDEX_ROWS_PER_INSERT);
     if chunks.len() > 0 {
         let mut many = tx
-            .prepare_cached(&sql(INGESTED_ROWS_PER_INSERT))
+            .prepare_cached(&sql(INGEST_INDEX_ROWS_PER_INSERT))
             .map_err(backend)?;
         for chunk in &mut chunks {
             for (r, (entry, hash)) in chunk.iter().enumerate() {
