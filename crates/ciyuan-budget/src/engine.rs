@@ -10,7 +10,7 @@ use rustc_hash::FxHashMap;
 
 use crate::BudgetError;
 use crate::models::Rules;
-use crate::spec::{Amounts, LimitScope, LimitSpec, Measure, Mode, Window, first_negative, until};
+use crate::spec::{Amounts, LimitScope, LimitSpec, Measure, Mode, Window, until};
 
 /// Deepest chain of nodes an account can have: the root plus
 /// [`ciyuan_core::AccountPath`]'s 16 segments.
@@ -525,10 +525,11 @@ fn unreserve(nodes: &mut [Node], holds: &[Hold], key_id: &str, session: Option<&
 /// Whether `used` reaches `pct` percent of `amount` (`used × 100 ≥ amount × pct`);
 /// never at or below zero.
 fn reached(used: i128, amount: u64, pct: u8) -> bool {
-    // amount × pct < 2^72: exact in i128. Comparing with its ceiling over 100 keeps
-    // `used`, which may be large, out of the multiplication.
-    let point = (i128::from(amount) * i128::from(pct) + 99) / 100;
-    used > 0 && used >= point
+    // amount × pct < 2^64 × 2^8 = 2^72, so any used from 2^72 on reaches it, and
+    // below that used × 100 < 2^79: both products are exact in i128 (and cheap; an
+    // i128 division or checked multiplication would be a library call).
+    const PAST_ANY: i128 = 1 << 72;
+    used > 0 && (used >= PAST_ANY || used * 100 >= i128::from(amount) * i128::from(pct))
 }
 
 /// The thresholds `used` has reached, as crossed bits.
@@ -879,13 +880,13 @@ impl Engine {
     /// asks for some selected output; the smallest such grant is the reservation's
     /// `output_cap`. Other limits never clamp: they refuse.
     pub fn admit(&self, a: &Admission<'_>) -> Result<Reservation, Refusal> {
-        let negative = first_negative(a.input).or_else(|| first_negative(a.max_output));
+        let input = Amounts::of(a.input);
+        let max_output = Amounts::of(a.max_output);
+        let negative = input.negative.or(max_output.negative);
         assert!(
             negative.is_none(),
             "an admission with a negative count: {negative:?}"
         );
-        let input = Amounts::of(a.input);
-        let max_output = Amounts::of(a.max_output);
         let mut g = self.lock();
         let inner = &mut *g;
         let chain = inner.chain(a.account.as_str());
@@ -1022,14 +1023,14 @@ impl Engine {
         actual: &TokenMap,
         now: Timestamp,
     ) -> Result<Settled, BudgetError> {
-        if let Some(t) = first_negative(actual) {
+        let actual = Amounts::of(actual);
+        if let Some(t) = actual.negative {
             return Err(BudgetError::NegativeUsage {
                 modality: t.modality,
                 direction: t.direction,
                 count: t.count,
             });
         }
-        let actual = Amounts::of(actual);
         let mut g = self.lock();
         let inner = &mut *g;
         let Some(i) = inner.take(reservation) else {
@@ -1359,5 +1360,28 @@ fn refuse(
         kind: kind(s),
         message,
         retry_after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reached;
+
+    #[test]
+    fn regression_thresholds_are_exact_for_any_signed_usage() {
+        assert!(reached(50, 100, 50));
+        assert!(!reached(49, 100, 50));
+        // 50% of 3 is 1.5: 2 reaches it, 1 does not.
+        assert!(reached(2, 3, 50) && !reached(1, 3, 50));
+        // Never at or below zero, even of a zero amount.
+        assert!(!reached(0, 0, 1) && reached(1, 0, 1));
+        assert!(!reached(-1, 0, 1) && !reached(i128::MIN, 100, 50));
+        // At the top: 255% of u64::MAX, exactly.
+        let point = i128::from(u64::MAX) * 255;
+        let ceil = (point + 99) / 100;
+        assert!(reached(ceil, u64::MAX, 255));
+        assert!(!reached(ceil - 1, u64::MAX, 255));
+        assert!(reached(1 << 72, u64::MAX, 255));
+        assert!(reached(i128::MAX, u64::MAX, 255));
     }
 }

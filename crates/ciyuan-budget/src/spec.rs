@@ -5,7 +5,7 @@ use std::fmt;
 
 use ciyuan_core::jiff::tz::TimeZone;
 use ciyuan_core::jiff::{SignedDuration, Timestamp};
-use ciyuan_core::{AccountPath, Direction, Modality, TokenMap};
+use ciyuan_core::{AccountPath, Direction, Modality, TokenCount, TokenMap};
 
 use crate::BudgetError;
 
@@ -349,13 +349,17 @@ pub(crate) fn until(now: Timestamp, end: Timestamp) -> std::time::Duration {
 /// engine's lock).
 ///
 /// Every sum is exact with plain `+`: a map has at most 25 keys (5 modalities × 5
-/// directions), each an `i64`, so no sum's magnitude reaches 25 × 2^63 < 2^68.
+/// directions), each an `i64` (so a cell is one count), and no sum's magnitude
+/// reaches 25 × 2^63 < 2^68.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Amounts {
-    cell: [i128; 25],
+    cell: [i64; 25],
     by_modality: [i128; 5],
     by_direction: [i128; 5],
     total: i128,
+    /// The map's first negative count, if any: usage that happened (or may happen) is
+    /// never negative; only corrections are.
+    pub negative: Option<TokenCount>,
 }
 
 impl Amounts {
@@ -365,21 +369,25 @@ impl Amounts {
             by_modality: [0; 5],
             by_direction: [0; 5],
             total: 0,
+            negative: None,
         };
         for t in map.iter() {
             let n = i128::from(t.count);
             let (m, d) = (t.modality as usize, t.direction as usize);
-            a.cell[m * 5 + d] += n;
+            a.cell[m * 5 + d] = t.count;
             a.by_modality[m] += n;
             a.by_direction[d] += n;
             a.total += n;
+            if t.count < 0 && a.negative.is_none() {
+                a.negative = Some(t);
+            }
         }
         a
     }
 
     pub fn select(&self, sel: &Selector) -> i128 {
         match (sel.modality, sel.direction) {
-            (Some(m), Some(d)) => self.cell[m as usize * 5 + d as usize],
+            (Some(m), Some(d)) => i128::from(self.cell[m as usize * 5 + d as usize]),
             (Some(m), None) => self.by_modality[m as usize],
             (None, Some(d)) => self.by_direction[d as usize],
             (None, None) => self.total,
@@ -392,10 +400,4 @@ impl Amounts {
             Measure::Requests => 1,
         }
     }
-}
-
-/// The first negative count of `map`, if any: usage that happened (or may happen)
-/// is never negative; only corrections are.
-pub(crate) fn first_negative(map: &TokenMap) -> Option<ciyuan_core::TokenCount> {
-    map.iter().find(|t| t.count < 0)
 }
