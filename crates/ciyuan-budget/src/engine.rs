@@ -869,11 +869,16 @@ impl Engine {
     /// all its ancestors, nearest node first. A hard limit refuses when
     /// `used + reserved + need > amount`, where `need` is the request's selected input
     /// plus its selected `max_output` (lowered to the output cap, if any), or 1 for a
-    /// request count; a hard request-scope limit refuses when `need > amount`. A
-    /// session limit applies only when the request names a session. If nothing
-    /// refuses, every applicable counter (hard and soft) holds `need`; all of this
-    /// happens under one lock, so no other call interleaves, and a refusal leaves
-    /// nothing reserved. Soft limits never refuse.
+    /// request count; a hard request-scope limit refuses when `need > amount`. All of
+    /// it is exact (in `i128`), and `used` is net: a credit (a correction below zero)
+    /// leaves room. A session limit applies only when the request names a session. If
+    /// nothing refuses, every applicable counter (hard and soft) holds `need`; all of
+    /// this happens under one lock, so no other call interleaves, and a refusal leaves
+    /// nothing reserved. Soft limits never refuse, but for one bound: no counter holds
+    /// more than `u64::MAX` reserved at once, and a request that would make it do so
+    /// is refused by any limit rather than held in part.
+    ///
+    /// Panics when `input` or `max_output` has a negative count (see [`Admission`]).
     ///
     /// Clamping: a hard request-scope limit with `clamp` that the request does not fit
     /// grants `amount - input` output tokens when the request's input alone fits and it
@@ -1226,7 +1231,7 @@ impl Engine {
     }
 
     /// The counters of `node`'s own limits at `now`: one row per node-scope and
-    /// request-scope limit, and one per session or key with usage or reservations in
+    /// request-scope limit, and one per session or key with net usage or reservations in
     /// the current window, in limit order and then by subject.
     pub fn status(&self, node: &AccountPath, now: Timestamp) -> Vec<LimitStatus> {
         let mut g = self.lock();

@@ -323,6 +323,22 @@ fn regression_sums_near_i64_max_are_exact() {
     );
     soft.mode = Mode::Soft;
     e.set_limit(soft).unwrap();
+    // A threshold crossed beyond u64::MAX reports u64::MAX, the documented bound.
+    let e2 = Engine::new();
+    let mut soft2 = LimitSpec::new(
+        p("a"),
+        "soft",
+        Measure::Tokens(Selector::ALL),
+        100,
+        Period::Lifetime,
+    );
+    soft2.mode = Mode::Soft;
+    soft2.thresholds = vec![80];
+    e2.set_limit(soft2).unwrap();
+    let s = e2.record(&p("a"), "k1", None, &every_key(i64::MAX), now);
+    assert_eq!((s.crossings.len(), s.crossings[0].used), (1, u64::MAX));
+    assert_eq!(row(&e2, "a", "soft", now).used, 25 * max);
+
     let event = every_key(1_000_000_000_000);
     let n = 750_000i128;
     for _ in 0..n {
