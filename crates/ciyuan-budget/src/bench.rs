@@ -126,7 +126,7 @@ pub fn bench(iterations: u64, threads: usize) -> Result<BenchReport, BudgetError
     let (engine, leaf, limits_per_request) = setup()?;
     let start: Timestamp = Timestamp::from_second(1_795_000_000).unwrap_or(Timestamp::UNIX_EPOCH);
 
-    let run = |thread: usize| -> (u64, f64) {
+    let run = |thread: usize| -> Result<(u64, f64), BudgetError> {
         let sessions: Vec<String> = (0..64).map(|i| format!("t{thread}-s{i}")).collect();
         let keys: Vec<String> = (0..8).map(|i| format!("t{thread}-k{i}")).collect();
         let mut input = TokenMap::new();
@@ -153,26 +153,26 @@ pub fn bench(iterations: u64, threads: usize) -> Result<BenchReport, BudgetError
             };
             match engine.admit(&a) {
                 Ok(r) => {
-                    let _ = engine.settle(r.id, &actual, now);
+                    engine.settle(r.id, &actual, now)?;
                 }
                 Err(_) => refused += 1,
             }
         }
-        (refused, t0.elapsed().as_nanos() as f64)
+        Ok((refused, t0.elapsed().as_nanos() as f64))
     };
 
-    let (mut refused, single) = run(0);
+    let (mut refused, single) = run(0)?;
     let t0 = Instant::now();
     let mut thread_ns = 0.0;
-    std::thread::scope(|s| {
+    std::thread::scope(|s| -> Result<(), BudgetError> {
         let handles: Vec<_> = (0..threads).map(|t| s.spawn(move || run(t + 1))).collect();
         for h in handles {
-            if let Ok((r, ns)) = h.join() {
-                refused += r;
-                thread_ns += ns;
-            }
+            let (r, ns) = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?;
+            refused += r;
+            thread_ns += ns;
         }
-    });
+        Ok(())
+    })?;
     let wall = t0.elapsed().as_nanos() as f64;
     let n = iterations.max(1) as f64;
     let total = n * threads as f64;

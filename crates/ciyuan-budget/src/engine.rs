@@ -29,11 +29,14 @@ pub struct Admission<'a> {
     pub model: &'a str,
     /// When the request arrives; its windows are the windows containing this time.
     pub now: Timestamp,
-    /// The prompt's tokens as counted locally, by key.
+    /// The prompt's tokens as counted locally, by key. Never negative: a request that
+    /// has not run cannot give tokens back, so a negative count is the caller's bug
+    /// and [`Engine::admit`] panics on it.
     pub input: &'a TokenMap,
     /// The most output the request may produce, by key (e.g. `text.output` =
     /// `max_tokens`). Every key the request can produce should be listed: a limit
-    /// holds only while actual usage stays within `input` + `max_output`.
+    /// holds only while actual usage stays within `input` + `max_output`. Never
+    /// negative, as `input`.
     pub max_output: &'a TokenMap,
 }
 
@@ -111,7 +114,10 @@ pub struct Crossing {
     pub window_start: Option<Timestamp>,
     /// The threshold reached, in percent of `amount`.
     pub threshold: u8,
-    /// The counter after the usage that reached it.
+    /// The counter after the usage that reached it (always above zero: a threshold
+    /// is never reached by a counter at or below zero). A counter beyond `u64::MAX`
+    /// is reported as `u64::MAX`, the one bound on this field: only a limit of more
+    /// than about 7 × 10^18 tokens, or more than 2^64 tokens counted at once, gets there.
     pub used: u64,
     /// The limit's amount.
     pub amount: u64,
@@ -141,11 +147,13 @@ pub struct LimitStatus {
     pub window_start: Option<Timestamp>,
     /// End (exclusive) of the current window; `None` for lifetime and request-scope.
     pub window_end: Option<Timestamp>,
-    /// Usage counted in the window.
-    pub used: u64,
+    /// Net usage counted in the window: corrections count negatively, so it is below
+    /// zero when a correction landed in a later window than the usage it corrects
+    /// (a credit, which leaves room).
+    pub used: i128,
     /// Held by requests in flight.
     pub reserved: u64,
-    /// `amount - used - reserved`, at least 0.
+    /// `amount - used - reserved`, exactly, clamped to `0..=amount`.
     pub remaining: u64,
 }
 
@@ -213,13 +221,30 @@ struct Limit {
     keyed: FxHashMap<Box<str>, Counter>,
 }
 
+/// Usage a restored counter may start from, either way: far beyond any real window
+/// (the projections sum `i64` rows), and it keeps every later sum exact (see
+/// [`add_usage`]).
+const MAX_LOADED: i128 = 1 << 100;
+
 #[derive(Debug, Clone, Copy)]
 struct Counter {
     window_start: Timestamp,
-    used: u64,
+    /// Net usage: corrections count negatively.
+    used: i128,
+    /// The sum of the live holds on this counter in its window.
     reserved: u64,
     /// Bit i: `spec.thresholds[i]` already reported in this window.
     crossed: u16,
+}
+
+/// Why a counter cannot hold a request.
+#[derive(Debug, Clone, Copy)]
+enum NoRoom {
+    /// A hard limit: `used + reserved + need` would exceed its amount (for a
+    /// request-scope limit, `need` alone would).
+    Over { used: i128, reserved: u64 },
+    /// Any limit: the counter would hold more than `u64::MAX` reserved at once.
+    Held { reserved: u64 },
 }
 
 impl Counter {
@@ -242,7 +267,7 @@ impl Counter {
     }
 
     /// (used, reserved) in window `w`.
-    fn view(&self, w: &Window) -> (u64, u64) {
+    fn view(&self, w: &Window) -> (i128, u64) {
         if self.window_start == w.start {
             (self.used, self.reserved)
         } else {
@@ -250,25 +275,79 @@ impl Counter {
         }
     }
 
-    /// Reserves `amount` in window `w`, unless `hard` and it does not fit in `limit`:
-    /// then `Err((used, reserved))`.
-    fn reserve(
-        &mut self,
-        w: &Window,
-        amount: u64,
-        hard: bool,
-        limit: u64,
-    ) -> Result<(), (u64, u64)> {
+    /// Holds `need` (not negative) in window `w` and returns what it holds, unless
+    /// `hard` and `used + reserved + need > limit`, or the counter would then hold
+    /// more than `u64::MAX` (a bound no real traffic reaches; it refuses even for a
+    /// soft limit, rather than hold less than asked).
+    fn reserve(&mut self, w: &Window, need: i128, hard: bool, limit: u64) -> Result<u64, NoRoom> {
         self.roll(w);
+        // `reserved` and `need` are not negative, so the sum can only overflow upwards,
+        // past i128::MAX and so past any limit.
         let total = self
             .used
-            .saturating_add(self.reserved)
-            .saturating_add(amount);
-        if hard && total > limit {
-            return Err((self.used, self.reserved));
+            .checked_add(i128::from(self.reserved))
+            .and_then(|t| t.checked_add(need));
+        if hard && total.is_none_or(|t| t > i128::from(limit)) {
+            return Err(NoRoom::Over {
+                used: self.used,
+                reserved: self.reserved,
+            });
         }
-        self.reserved = self.reserved.saturating_add(amount);
-        Ok(())
+        let held = u64::try_from(need)
+            .ok()
+            .and_then(|n| Some((n, self.reserved.checked_add(n)?)));
+        let Some((n, reserved)) = held else {
+            return Err(NoRoom::Held {
+                reserved: self.reserved,
+            });
+        };
+        self.reserved = reserved;
+        Ok(n)
+    }
+
+    /// Gives back what one hold on this counter, in its window, held.
+    fn unhold(&mut self, amount: u64) {
+        assert!(
+            self.reserved >= amount,
+            "a hold of {amount} on a counter holding {} in all: reserved is the sum of its holds",
+            self.reserved
+        );
+        self.reserved -= amount;
+    }
+}
+
+/// Whose counter of a limit a call touches, borrowed from the call, so that a
+/// session's or key's name travels with it to the counter and into reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who<'a> {
+    Node,
+    Session(&'a str),
+    Key(&'a str),
+    Request,
+}
+
+impl Who<'_> {
+    fn subject(self) -> Subject {
+        match self {
+            Who::Node => Subject::Node,
+            Who::Session(s) => Subject::Session(s.to_string()),
+            Who::Key(k) => Subject::Key(k.to_string()),
+            Who::Request => Subject::Request,
+        }
+    }
+}
+
+/// Who holds on a limit of `scope` for the request of `key_id` and `session` that
+/// was admitted with a hold on it.
+fn holder<'a>(scope: LimitScope, key_id: &'a str, session: Option<&'a str>) -> Who<'a> {
+    match (scope, session) {
+        (LimitScope::Node, _) => Who::Node,
+        (LimitScope::Request, _) => Who::Request,
+        (LimitScope::Key, _) => Who::Key(key_id),
+        (LimitScope::Session, Some(s)) => Who::Session(s),
+        (LimitScope::Session, None) => {
+            unreachable!("a session limit holds only for requests with a session ({key_id})")
+        }
     }
 }
 
@@ -284,12 +363,8 @@ struct Slot {
 }
 
 impl Slot {
-    fn subject(&self, scope: LimitScope) -> Option<&str> {
-        match scope {
-            LimitScope::Session => self.session.as_deref(),
-            LimitScope::Key => Some(&self.key_id),
-            _ => None,
-        }
+    fn holder(&self, scope: LimitScope) -> Who<'_> {
+        holder(scope, &self.key_id, self.session.as_deref())
     }
 }
 
@@ -301,6 +376,7 @@ struct Hold {
     limit: u64,
     /// The counter's window (the admission time for request-scope limits).
     window_start: Timestamp,
+    /// What the counter holds for it (0 for request-scope limits, which have none).
     amount: u64,
 }
 
@@ -312,10 +388,13 @@ struct Chain {
 
 impl Chain {
     fn push(&mut self, id: u32) {
-        if self.len < MAX_CHAIN {
-            self.ids[self.len] = id;
-            self.len += 1;
-        }
+        // A path has at most 16 segments, so its chain at most 17 nodes.
+        assert!(
+            self.len < MAX_CHAIN,
+            "a chain deeper than {MAX_CHAIN} nodes"
+        );
+        self.ids[self.len] = id;
+        self.len += 1;
     }
 
     /// Root first, the account's own node last.
@@ -365,70 +444,55 @@ impl Limit {
         }
     }
 
-    fn counter(&mut self, subject: Option<&str>) -> Option<&mut Counter> {
-        match self.spec.scope {
-            LimitScope::Node => Some(&mut self.node),
-            LimitScope::Session | LimitScope::Key => self.keyed.get_mut(subject?),
-            LimitScope::Request => None,
+    fn counter(&mut self, who: Who<'_>) -> Option<&mut Counter> {
+        match who {
+            Who::Node => Some(&mut self.node),
+            Who::Session(s) | Who::Key(s) => self.keyed.get_mut(s),
+            Who::Request => None,
         }
     }
 
-    fn counter_or_insert(&mut self, subject: Option<&str>) -> Option<&mut Counter> {
-        match self.spec.scope {
-            LimitScope::Node => Some(&mut self.node),
-            LimitScope::Session | LimitScope::Key => {
-                let s = subject?;
+    fn counter_or_insert(&mut self, who: Who<'_>) -> Option<&mut Counter> {
+        match who {
+            Who::Node => Some(&mut self.node),
+            Who::Session(s) | Who::Key(s) => {
                 if !self.keyed.contains_key(s) {
                     self.keyed.insert(s.into(), Counter::EMPTY);
                 }
                 self.keyed.get_mut(s)
             }
-            LimitScope::Request => None,
+            Who::Request => None,
         }
     }
 
-    /// Reserves on the counter of `subject` in window `w` (see [`Counter::reserve`]),
-    /// creating the counter only if the reservation succeeds.
-    fn reserve(
-        &mut self,
-        subject: Option<&str>,
-        w: &Window,
-        amount: u64,
-    ) -> Result<(), (u64, u64)> {
+    /// Holds `need` on the counter of `who` in window `w` (see [`Counter::reserve`]),
+    /// creating the counter only if the reservation succeeds; what it holds.
+    fn reserve(&mut self, who: Who<'_>, w: &Window, need: i128) -> Result<u64, NoRoom> {
         let hard = self.spec.mode == Mode::Hard;
         let limit = self.spec.amount;
-        match (self.spec.scope, subject) {
-            (LimitScope::Node, _) => self.node.reserve(w, amount, hard, limit),
-            (LimitScope::Session | LimitScope::Key, Some(s)) => match self.keyed.get_mut(s) {
-                Some(c) => c.reserve(w, amount, hard, limit),
+        match who {
+            Who::Node => self.node.reserve(w, need, hard, limit),
+            Who::Session(s) | Who::Key(s) => match self.keyed.get_mut(s) {
+                Some(c) => c.reserve(w, need, hard, limit),
                 None => {
                     let mut c = Counter::fresh(w.start);
-                    c.reserve(w, amount, hard, limit)?;
+                    let held = c.reserve(w, need, hard, limit)?;
                     self.keyed.insert(s.into(), c);
-                    Ok(())
+                    Ok(held)
                 }
             },
-            _ => Ok(()),
+            Who::Request => Ok(0),
         }
     }
 
-    /// Whose counter this subject string names, for reports.
-    fn subject(&self, s: Option<&str>) -> Subject {
-        match self.spec.scope {
-            LimitScope::Node => Subject::Node,
-            LimitScope::Session => Subject::Session(s.unwrap_or_default().to_string()),
-            LimitScope::Key => Subject::Key(s.unwrap_or_default().to_string()),
-            LimitScope::Request => Subject::Request,
-        }
-    }
-
-    /// The subject string of an admission or record for this limit; `None` when the
+    /// Whose counter of this limit an admission or record touches; `None` when the
     /// limit does not apply (a session limit and no session).
-    fn pick<'a>(&self, key_id: &'a str, session: Option<&'a str>) -> Option<Option<&'a str>> {
+    fn pick<'a>(&self, key_id: &'a str, session: Option<&'a str>) -> Option<Who<'a>> {
         match self.spec.scope {
-            LimitScope::Node | LimitScope::Request => Some(None),
-            LimitScope::Session => session.map(Some),
-            LimitScope::Key => Some(Some(key_id)),
+            LimitScope::Node => Some(Who::Node),
+            LimitScope::Request => Some(Who::Request),
+            LimitScope::Session => session.map(Who::Session),
+            LimitScope::Key => Some(Who::Key(key_id)),
         }
     }
 }
@@ -449,26 +513,27 @@ fn unreserve(nodes: &mut [Node], holds: &[Hold], key_id: &str, session: Option<&
         let Some((_, l)) = held(nodes, h) else {
             continue;
         };
-        let subject = match l.spec.scope {
-            LimitScope::Session => session,
-            LimitScope::Key => Some(key_id),
-            _ => None,
-        };
-        if let Some(c) = l.counter(subject)
+        let who = holder(l.spec.scope, key_id, session);
+        if let Some(c) = l.counter(who)
             && c.window_start == h.window_start
         {
-            c.reserved = c.reserved.saturating_sub(h.amount);
+            c.unhold(h.amount);
         }
     }
 }
 
-/// Whether `used` reaches `pct` percent of `amount` (usage must be above zero).
-fn reached(used: u64, amount: u64, pct: u8) -> bool {
-    used > 0 && u128::from(used) * 100 >= u128::from(amount) * u128::from(pct)
+/// Whether `used` reaches `pct` percent of `amount` (`used × 100 ≥ amount × pct`);
+/// never at or below zero.
+fn reached(used: i128, amount: u64, pct: u8) -> bool {
+    // amount × pct < 2^64 × 2^8 = 2^72, so any used from 2^72 on reaches it, and
+    // below that used × 100 < 2^79: both products are exact in i128 (and cheap; an
+    // i128 division or checked multiplication would be a library call).
+    const PAST_ANY: i128 = 1 << 72;
+    used > 0 && (used >= PAST_ANY || used * 100 >= i128::from(amount) * i128::from(pct))
 }
 
 /// The thresholds `used` has reached, as crossed bits.
-fn reached_bits(spec: &LimitSpec, used: u64) -> u16 {
+fn reached_bits(spec: &LimitSpec, used: i128) -> u16 {
     let mut bits = 0u16;
     for (i, &t) in spec.thresholds.iter().enumerate() {
         if reached(used, spec.amount, t) {
@@ -478,16 +543,30 @@ fn reached_bits(spec: &LimitSpec, used: u64) -> u16 {
     bits
 }
 
-/// Adds `amount` of usage to a counter and reports what that did.
+/// [`Crossing::used`] of a counter that reached a threshold, so above zero; beyond
+/// `u64::MAX` it is `u64::MAX`, as documented there.
+fn crossing_used(used: i128) -> u64 {
+    assert!(used > 0, "a threshold reached with {used} used");
+    u64::try_from(used).unwrap_or(u64::MAX)
+}
+
+/// Adds `amount` of usage (negative for a correction) to a counter and reports what
+/// that did.
 fn add_usage(
     path: &AccountPath,
     l: &Limit,
     c: &mut Counter,
-    subject: Option<&str>,
-    amount: u64,
+    who: Who<'_>,
+    amount: i128,
     out: &mut Settled,
 ) {
-    c.used = c.used.saturating_add(amount);
+    // A counter starts within ±MAX_LOADED (2^100) and each usage moves it by less
+    // than 2^68 (at most 25 keys of i64), so leaving i128 takes more than 2^58
+    // usages in one window: it cannot happen, and if it did, stop.
+    let Some(used) = c.used.checked_add(amount) else {
+        unreachable!("counter of '{}' on {path} overflows i128", l.spec.name)
+    };
+    c.used = used;
     let spec = &l.spec;
     for (i, &t) in spec.thresholds.iter().enumerate() {
         if c.crossed & (1 << i) == 0 && reached(c.used, spec.amount, t) {
@@ -495,22 +574,22 @@ fn add_usage(
             out.crossings.push(Crossing {
                 node: path.clone(),
                 limit: spec.name.clone(),
-                subject: l.subject(subject),
+                subject: who.subject(),
                 window_start: (l.window != Window::LIFETIME).then_some(c.window_start),
                 threshold: t,
-                used: c.used,
+                used: crossing_used(c.used),
                 amount: spec.amount,
                 mode: spec.mode,
             });
         }
     }
-    if spec.mode == Mode::Hard && amount > 0 && c.used > spec.amount {
+    if spec.mode == Mode::Hard && amount > 0 && c.used > i128::from(spec.amount) {
         push_exceeded(out, path, &spec.name);
     }
 }
 
 /// A request-scope limit looking at one request's actual size.
-fn request_usage(path: &AccountPath, l: &Limit, at: Timestamp, amount: u64, out: &mut Settled) {
+fn request_usage(path: &AccountPath, l: &Limit, at: Timestamp, amount: i128, out: &mut Settled) {
     let spec = &l.spec;
     for &t in &spec.thresholds {
         if reached(amount, spec.amount, t) {
@@ -520,13 +599,13 @@ fn request_usage(path: &AccountPath, l: &Limit, at: Timestamp, amount: u64, out:
                 subject: Subject::Request,
                 window_start: Some(at),
                 threshold: t,
-                used: amount,
+                used: crossing_used(amount),
                 amount: spec.amount,
                 mode: spec.mode,
             });
         }
     }
-    if spec.mode == Mode::Hard && amount > spec.amount {
+    if spec.mode == Mode::Hard && amount > i128::from(spec.amount) {
         push_exceeded(out, path, &spec.name);
     }
 }
@@ -545,11 +624,11 @@ fn kind(spec: &LimitSpec) -> RefusalKind {
     }
 }
 
-fn subject_phrase(scope: LimitScope, s: Option<&str>) -> String {
-    match (scope, s) {
-        (LimitScope::Session, Some(s)) => format!(" (session {s})"),
-        (LimitScope::Key, Some(k)) => format!(" (key {k})"),
-        _ => String::new(),
+fn subject_phrase(who: Who<'_>) -> String {
+    match who {
+        Who::Session(s) => format!(" (session {s})"),
+        Who::Key(k) => format!(" (key {k})"),
+        Who::Node | Who::Request => String::new(),
     }
 }
 
@@ -590,6 +669,12 @@ impl Inner {
             Some(&i) => i as usize,
             None => {
                 let i = self.nodes.len();
+                // Nodes and holds name nodes by u32: 4 billion nodes with limits or
+                // rules is beyond any tree (and any memory) this engine serves.
+                assert!(
+                    i < u32::MAX as usize,
+                    "more than 2^32 nodes with limits or rules"
+                );
                 self.nodes.push(Node {
                     path: path.clone(),
                     limits: Vec::new(),
@@ -614,6 +699,11 @@ impl Inner {
         let i = match self.free.pop() {
             Some(i) => i as usize,
             None => {
+                // A reservation id is the slot in its low 32 bits.
+                assert!(
+                    self.slots.len() < u32::MAX as usize,
+                    "more than 2^32 reservations held at once"
+                );
                 self.slots.push(Slot::default());
                 self.slots.len() - 1
             }
@@ -639,6 +729,9 @@ impl Inner {
 
     fn free_slot(&mut self, i: usize) {
         if let Some(s) = self.slots.get_mut(i) {
+            // Wrapping is the design: an id names its slot and the slot's generation
+            // (32 bits each), so a stale id could only match again after 2^32 more
+            // reservations in the same slot.
             s.generation = s.generation.wrapping_add(1);
             self.free.push(i as u32);
         }
@@ -776,11 +869,16 @@ impl Engine {
     /// all its ancestors, nearest node first. A hard limit refuses when
     /// `used + reserved + need > amount`, where `need` is the request's selected input
     /// plus its selected `max_output` (lowered to the output cap, if any), or 1 for a
-    /// request count; a hard request-scope limit refuses when `need > amount`. A
-    /// session limit applies only when the request names a session. If nothing
-    /// refuses, every applicable counter (hard and soft) holds `need`; all of this
-    /// happens under one lock, so no other call interleaves, and a refusal leaves
-    /// nothing reserved. Soft limits never refuse.
+    /// request count; a hard request-scope limit refuses when `need > amount`. All of
+    /// it is exact (in `i128`), and `used` is net: a credit (a correction below zero)
+    /// leaves room. A session limit applies only when the request names a session. If
+    /// nothing refuses, every applicable counter (hard and soft) holds `need`; all of
+    /// this happens under one lock, so no other call interleaves, and a refusal leaves
+    /// nothing reserved. Soft limits never refuse, but for one bound: no counter holds
+    /// more than `u64::MAX` reserved at once, and a request that would make it do so
+    /// is refused by any limit rather than held in part.
+    ///
+    /// Panics when `input` or `max_output` has a negative count (see [`Admission`]).
     ///
     /// Clamping: a hard request-scope limit with `clamp` that the request does not fit
     /// grants `amount - input` output tokens when the request's input alone fits and it
@@ -789,6 +887,11 @@ impl Engine {
     pub fn admit(&self, a: &Admission<'_>) -> Result<Reservation, Refusal> {
         let input = Amounts::of(a.input);
         let max_output = Amounts::of(a.max_output);
+        let negative = input.negative.or(max_output.negative);
+        assert!(
+            negative.is_none(),
+            "an admission with a negative count: {negative:?}"
+        );
         let mut g = self.lock();
         let inner = &mut *g;
         let chain = inner.chain(a.account.as_str());
@@ -808,11 +911,15 @@ impl Engine {
                 };
                 let i = input.select(&sel);
                 let o = max_output.select(&sel);
-                if i.saturating_add(o) <= s.amount {
+                let amount = i128::from(s.amount);
+                if i + o <= amount {
                     continue;
                 }
-                if o > 0 && i < s.amount {
-                    let room = s.amount - i;
+                if o > 0 && i < amount {
+                    // 0 <= i < amount: the room is in 1..=amount, a u64.
+                    let Ok(room) = u64::try_from(amount - i) else {
+                        unreachable!("room {} of a u64 limit", amount - i)
+                    };
                     cap = Some(cap.map_or(room, |c| c.min(room)));
                 } else {
                     return Err(Refusal {
@@ -830,14 +937,13 @@ impl Engine {
                 }
             }
         }
-        let need = |m: &Measure| -> u64 {
+        // Exact: both selections are sums of at most 25 non-negative i64 counts.
+        let need = |m: &Measure| -> i128 {
             match m {
                 Measure::Requests => 1,
                 Measure::Tokens(sel) => {
                     let o = max_output.select(sel);
-                    input
-                        .select(sel)
-                        .saturating_add(cap.map_or(o, |c| o.min(c)))
+                    input.select(sel) + cap.map_or(o, |c| o.min(i128::from(c)))
                 }
             }
         };
@@ -851,28 +957,32 @@ impl Engine {
         'nodes: for n in chain.top_down().rev() {
             let node = &mut nodes[n];
             for (index, l) in node.limits.iter_mut().enumerate() {
-                let Some(subject) = l.pick(a.key_id, a.session) else {
+                let Some(who) = l.pick(a.key_id, a.session) else {
                     continue;
                 };
                 let amt = need(&l.spec.measure);
                 let s = &l.spec;
                 let (window_start, outcome) = if s.scope == LimitScope::Request {
-                    let fits = s.mode == Mode::Soft || amt <= s.amount;
-                    (a.now, if fits { Ok(()) } else { Err((0, 0)) })
+                    let fits = s.mode == Mode::Soft || amt <= i128::from(s.amount);
+                    let over = NoRoom::Over {
+                        used: 0,
+                        reserved: 0,
+                    };
+                    (a.now, if fits { Ok(0) } else { Err(over) })
                 } else {
                     let w = l.advance(a.now);
-                    (w.start, l.reserve(subject, &w, amt))
+                    (w.start, l.reserve(who, &w, amt))
                 };
                 match outcome {
-                    Ok(()) => holds.push(Hold {
+                    Ok(held) => holds.push(Hold {
                         node: n as u32,
                         index: index as u32,
                         limit: l.id,
                         window_start,
-                        amount: amt,
+                        amount: held,
                     }),
-                    Err((used, reserved)) => {
-                        refusal = Some(refuse(&node.path, l, a, subject, amt, used, reserved));
+                    Err(why) => {
+                        refusal = Some(refuse(&node.path, l, a, who, amt, why));
                         break 'nodes;
                     }
                 }
@@ -909,7 +1019,9 @@ impl Engine {
     /// in (if a counter has since moved to a newer window, that usage belongs to the
     /// past window and is not counted in memory). `now` is the settlement time; it
     /// only advances windows. Unknown ids (already settled, released or expired) are
-    /// an error: the caller should [`Engine::record`] the usage instead.
+    /// an error: the caller should [`Engine::record`] the usage instead. A negative
+    /// count in `actual` is [`BudgetError::NegativeUsage`] and leaves the reservation
+    /// held: what a request used is never negative.
     pub fn settle(
         &self,
         reservation: u64,
@@ -917,6 +1029,13 @@ impl Engine {
         now: Timestamp,
     ) -> Result<Settled, BudgetError> {
         let actual = Amounts::of(actual);
+        if let Some(t) = actual.negative {
+            return Err(BudgetError::NegativeUsage {
+                modality: t.modality,
+                direction: t.direction,
+                count: t.count,
+            });
+        }
         let mut g = self.lock();
         let inner = &mut *g;
         let Some(i) = inner.take(reservation) else {
@@ -934,15 +1053,15 @@ impl Engine {
                 request_usage(path, l, h.window_start, amt, &mut out);
                 continue;
             }
-            let subject = res.subject(l.spec.scope);
+            let who = res.holder(l.spec.scope);
             l.advance(now);
-            let mut c = match l.counter(subject) {
+            let mut c = match l.counter(who) {
                 Some(c) if c.window_start == h.window_start => *c,
                 _ => continue,
             };
-            c.reserved = c.reserved.saturating_sub(h.amount);
-            add_usage(path, l, &mut c, subject, amt, &mut out);
-            if let Some(slot) = l.counter(subject) {
+            c.unhold(h.amount);
+            add_usage(path, l, &mut c, who, amt, &mut out);
+            if let Some(slot) = l.counter(who) {
                 *slot = c;
             }
         }
@@ -991,8 +1110,10 @@ impl Engine {
     /// Counts usage that already happened (e.g. an ingested event) at time `at`: never
     /// refused, counted on every applicable counter in the window containing `at`
     /// (nothing is counted in memory for a window older than a counter's current
-    /// one). A request-count limit counts 1. Reports the crossings and the hard limits
-    /// this usage pushed or kept over their amount, so the caller can flag the entry.
+    /// one). Counts are signed: a correction's negative counts lower the counters, as
+    /// they lower the projections counters are restored from ([`Engine::load_used`]).
+    /// A request-count limit counts 1. Reports the crossings and the hard limits this
+    /// usage pushed or kept over their amount, so the caller can flag the entry.
     pub fn record(
         &self,
         account: &AccountPath,
@@ -1014,7 +1135,7 @@ impl Engine {
         for n in chain.top_down() {
             let node = &mut inner.nodes[n];
             for l in node.limits.iter_mut() {
-                let Some(subject) = l.pick(key_id, session) else {
+                let Some(who) = l.pick(key_id, session) else {
                     continue;
                 };
                 let amt = tokens.measure(&l.spec.measure);
@@ -1026,13 +1147,13 @@ impl Engine {
                 if !w.contains(at) {
                     continue; // a past window
                 }
-                let Some(c) = l.counter_or_insert(subject) else {
+                let Some(c) = l.counter_or_insert(who) else {
                     continue;
                 };
                 c.roll(&w);
                 let mut copy = *c;
-                add_usage(&node.path, l, &mut copy, subject, amt, &mut out);
-                if let Some(slot) = l.counter(subject) {
+                add_usage(&node.path, l, &mut copy, who, amt, &mut out);
+                if let Some(slot) = l.counter(who) {
                     *slot = copy;
                 }
             }
@@ -1043,15 +1164,17 @@ impl Engine {
     /// Restores a counter after a restart: sets `used` for the window starting at
     /// `window_start` (`None` for lifetime limits) of limit `name` on `node`, for
     /// `subject` (the session or key id for session and key limits, `None` for node
-    /// limits). Thresholds already reached count as reported. A window older than
-    /// the counter's current one is ignored. Request-scope limits have no counters.
+    /// limits). `used` is net, corrections included, as [`Engine::record`] counts it,
+    /// and at most 2^100 either way. Thresholds already reached count as reported.
+    /// A window older than the counter's current one is ignored. Request-scope limits
+    /// have no counters.
     pub fn load_used(
         &self,
         node: &AccountPath,
         name: &str,
         subject: Option<&str>,
         window_start: Option<Timestamp>,
-        used: u64,
+        used: i128,
     ) -> Result<(), BudgetError> {
         let mut g = self.lock();
         let unknown = || BudgetError::UnknownLimit {
@@ -1068,13 +1191,18 @@ impl Engine {
             name: name.to_string(),
             reason: why.to_string(),
         };
-        match (l.spec.scope, subject) {
+        let who = match (l.spec.scope, subject) {
             (LimitScope::Request, _) => return Err(bad("request-scope limits have no counters")),
             (LimitScope::Node, Some(_)) => return Err(bad("a node limit takes no subject")),
             (LimitScope::Session | LimitScope::Key, None) => {
                 return Err(bad("a session or key limit needs the session or key id"));
             }
-            _ => {}
+            (LimitScope::Node, None) => Who::Node,
+            (LimitScope::Session, Some(s)) => Who::Session(s),
+            (LimitScope::Key, Some(k)) => Who::Key(k),
+        };
+        if used.unsigned_abs() > MAX_LOADED.unsigned_abs() {
+            return Err(bad("used is beyond ±2^100 tokens"));
         }
         let w = match window_start {
             None if l.spec.period == crate::Period::Lifetime => Window::LIFETIME,
@@ -1094,7 +1222,7 @@ impl Engine {
             l.move_to(w);
         }
         let bits = reached_bits(&l.spec, used);
-        if let Some(c) = l.counter_or_insert(subject) {
+        if let Some(c) = l.counter_or_insert(who) {
             c.roll(&w);
             c.used = used;
             c.crossed = bits;
@@ -1103,7 +1231,7 @@ impl Engine {
     }
 
     /// The counters of `node`'s own limits at `now`: one row per node-scope and
-    /// request-scope limit, and one per session or key with usage or reservations in
+    /// request-scope limit, and one per session or key with net usage or reservations in
     /// the current window, in limit order and then by subject.
     pub fn status(&self, node: &AccountPath, now: Timestamp) -> Vec<LimitStatus> {
         let mut g = self.lock();
@@ -1145,14 +1273,14 @@ fn check_rules(inner: &Inner, chain: &Chain, model: &str) -> Result<(), Refusal>
 fn status_of(node: &mut Node, now: Timestamp, out: &mut Vec<LimitStatus>) {
     for l in node.limits.iter_mut() {
         let row =
-            |spec: &LimitSpec, subject, w: Option<Window>, used: u64, reserved: u64| LimitStatus {
+            |spec: &LimitSpec, subject, w: Option<Window>, used: i128, reserved: u64| LimitStatus {
                 spec: spec.clone(),
                 subject,
                 window_start: w.and_then(|w| w.start_opt()),
                 window_end: w.and_then(|w| w.bounded().map(|b| b.1)),
                 used,
                 reserved,
-                remaining: spec.amount.saturating_sub(used.saturating_add(reserved)),
+                remaining: remaining(spec.amount, used, reserved),
             };
         match l.spec.scope {
             LimitScope::Request => out.push(row(&l.spec, Subject::Request, None, 0, 0)),
@@ -1161,13 +1289,17 @@ fn status_of(node: &mut Node, now: Timestamp, out: &mut Vec<LimitStatus>) {
                 let (u, r) = l.node.view(&w);
                 out.push(row(&l.spec, Subject::Node, Some(w), u, r));
             }
-            LimitScope::Session | LimitScope::Key => {
+            scope @ (LimitScope::Session | LimitScope::Key) => {
                 let w = l.advance(now);
+                let who = |k| match scope {
+                    LimitScope::Session => Who::Session(k),
+                    _ => Who::Key(k),
+                };
                 let mut rows: Vec<LimitStatus> = l
                     .keyed
                     .iter()
-                    .filter(|(_, c)| c.window_start == w.start && (c.used > 0 || c.reserved > 0))
-                    .map(|(k, c)| row(&l.spec, l.subject(Some(k)), Some(w), c.used, c.reserved))
+                    .filter(|(_, c)| c.window_start == w.start && (c.used != 0 || c.reserved > 0))
+                    .map(|(k, c)| row(&l.spec, who(k).subject(), Some(w), c.used, c.reserved))
                     .collect();
                 rows.sort_by(|a, b| a.subject.cmp(&b.subject));
                 out.extend(rows);
@@ -1176,39 +1308,85 @@ fn status_of(node: &mut Node, now: Timestamp, out: &mut Vec<LimitStatus>) {
     }
 }
 
+/// `amount - used - reserved` clamped to `0..=amount`, exactly.
+fn remaining(amount: u64, used: i128, reserved: u64) -> u64 {
+    // `amount - reserved` is within ±2^64; taking `used` away overflows only when
+    // `used` is hugely negative (room beyond the amount) or hugely positive (none).
+    let free = match (i128::from(amount) - i128::from(reserved)).checked_sub(used) {
+        Some(f) => f.clamp(0, i128::from(amount)),
+        None if used < 0 => i128::from(amount),
+        None => 0,
+    };
+    let Ok(free) = u64::try_from(free) else {
+        unreachable!("{free} clamped to 0..={amount}")
+    };
+    free
+}
+
 /// The refusal of hard limit `l` for admission `a`.
 fn refuse(
     path: &AccountPath,
     l: &Limit,
     a: &Admission<'_>,
-    subject: Option<&str>,
-    amt: u64,
-    used: u64,
-    reserved: u64,
+    who: Who<'_>,
+    amt: i128,
+    why: NoRoom,
 ) -> Refusal {
     let s = &l.spec;
-    let message = if s.scope == LimitScope::Request {
-        format!(
+    let message = match why {
+        _ if s.scope == LimitScope::Request => format!(
             "hard limit '{}' on {path}: {}, this request needs {amt}",
             s.name,
             s.describe()
-        )
-    } else {
-        format!(
+        ),
+        NoRoom::Over { used, reserved } => format!(
             "hard limit '{}' on {path}: {}{}, {used} used, {reserved} reserved, this request needs {amt}",
             s.name,
             s.describe(),
-            subject_phrase(s.scope, subject)
-        )
+            subject_phrase(who)
+        ),
+        NoRoom::Held { reserved } => format!(
+            "{} limit '{}' on {path}: {}{}, {reserved} reserved, this request needs {amt}: \
+             no counter holds more than {} at once",
+            s.mode,
+            s.name,
+            s.describe(),
+            subject_phrase(who),
+            u64::MAX
+        ),
     };
-    let retry_after =
-        (s.scope != LimitScope::Request && amt <= s.amount && l.window.end != Timestamp::MAX)
-            .then(|| until(a.now, l.window.end));
+    let retry_after = (s.scope != LimitScope::Request
+        && amt <= i128::from(s.amount)
+        && l.window.end != Timestamp::MAX)
+        .then(|| until(a.now, l.window.end));
     Refusal {
         node: path.clone(),
         limit: Some(s.name.clone()),
         kind: kind(s),
         message,
         retry_after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reached;
+
+    #[test]
+    fn regression_thresholds_are_exact_for_any_signed_usage() {
+        assert!(reached(50, 100, 50));
+        assert!(!reached(49, 100, 50));
+        // 50% of 3 is 1.5: 2 reaches it, 1 does not.
+        assert!(reached(2, 3, 50) && !reached(1, 3, 50));
+        // Never at or below zero, even of a zero amount.
+        assert!(!reached(0, 0, 1) && reached(1, 0, 1));
+        assert!(!reached(-1, 0, 1) && !reached(i128::MIN, 100, 50));
+        // At the top: 255% of u64::MAX, exactly.
+        let point = i128::from(u64::MAX) * 255;
+        let ceil = (point + 99) / 100;
+        assert!(reached(ceil, u64::MAX, 255));
+        assert!(!reached(ceil - 1, u64::MAX, 255));
+        assert!(reached(1 << 72, u64::MAX, 255));
+        assert!(reached(i128::MAX, u64::MAX, 255));
     }
 }

@@ -95,4 +95,16 @@ pub enum BudgetError {
     /// The reservation was already settled, released or expired (or never existed).
     #[error("no reservation {0} (already settled, released or expired)")]
     UnknownReservation(u64),
+    /// Actual usage given to [`Engine::settle`] has a negative count. What a request
+    /// used is never negative; a correction is usage of its own, for
+    /// [`Engine::record`]. The reservation is left as it was.
+    #[error("actual usage cannot be negative: {modality}.{direction} is {count}")]
+    NegativeUsage {
+        /// The modality of the negative count.
+        modality: ciyuan_core::Modality,
+        /// The direction of the negative count.
+        direction: ciyuan_core::Direction,
+        /// The count.
+        count: i64,
+    },
 }

@@ -5,7 +5,7 @@ use std::fmt;
 
 use ciyuan_core::jiff::tz::TimeZone;
 use ciyuan_core::jiff::{SignedDuration, Timestamp};
-use ciyuan_core::{AccountPath, Direction, Modality, TokenMap};
+use ciyuan_core::{AccountPath, Direction, Modality, TokenCount, TokenMap};
 
 use crate::BudgetError;
 
@@ -35,12 +35,14 @@ impl Selector {
         self.modality.is_none_or(|m| m == modality) && self.direction.is_none_or(|d| d == direction)
     }
 
-    /// The selected tokens of `map`, negative counts (corrections) taken as zero,
-    /// saturating at `u64::MAX`.
-    pub fn count(&self, map: &TokenMap) -> u64 {
+    /// The selected tokens of `map`, net: negative counts (corrections) count
+    /// negatively. Exact: a map has at most 25 keys of `i64`, so the sum's magnitude
+    /// stays below 25 × 2^63 < 2^68, far inside `i128`.
+    pub fn count(&self, map: &TokenMap) -> i128 {
         map.iter()
             .filter(|t| self.matches(t.modality, t.direction))
-            .fold(0u64, |acc, t| acc.saturating_add(t.count.max(0) as u64))
+            .map(|t| i128::from(t.count))
+            .sum()
     }
 }
 
@@ -65,8 +67,9 @@ pub enum Measure {
 }
 
 impl Measure {
-    /// How much of this measure a request of these tokens amounts to.
-    pub fn amount(&self, tokens: &TokenMap) -> u64 {
+    /// How much of this measure a request of these tokens amounts to: the net
+    /// selected tokens (see [`Selector::count`]), or 1 request.
+    pub fn amount(&self, tokens: &TokenMap) -> i128 {
         match self {
             Measure::Tokens(sel) => sel.count(tokens),
             Measure::Requests => 1,
@@ -340,15 +343,23 @@ pub(crate) fn until(now: Timestamp, end: Timestamp) -> std::time::Duration {
     std::time::Duration::try_from(d).unwrap_or(std::time::Duration::ZERO)
 }
 
-/// Tokens of a map by modality × direction (negative counts as zero), with the sums
-/// by modality, by direction and in total, so that any selector is one lookup and
-/// limits are measured without walking the map again (and outside the engine's lock).
+/// Tokens of a map by modality × direction, net (negative counts count negatively),
+/// with the sums by modality, by direction and in total, so that any selector is one
+/// lookup and limits are measured without walking the map again (and outside the
+/// engine's lock).
+///
+/// Every sum is exact with plain `+`: a map has at most 25 keys (5 modalities × 5
+/// directions), each an `i64` (so a cell is one count), and no sum's magnitude
+/// reaches 25 × 2^63 < 2^68.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Amounts {
-    cell: [u64; 25],
-    by_modality: [u64; 5],
-    by_direction: [u64; 5],
-    total: u64,
+    cell: [i64; 25],
+    by_modality: [i128; 5],
+    by_direction: [i128; 5],
+    total: i128,
+    /// The map's first negative count, if any: usage that happened (or may happen) is
+    /// never negative; only corrections are.
+    pub negative: Option<TokenCount>,
 }
 
 impl Amounts {
@@ -358,28 +369,32 @@ impl Amounts {
             by_modality: [0; 5],
             by_direction: [0; 5],
             total: 0,
+            negative: None,
         };
         for t in map.iter() {
-            let n = t.count.max(0) as u64;
+            let n = i128::from(t.count);
             let (m, d) = (t.modality as usize, t.direction as usize);
-            a.cell[m * 5 + d] = a.cell[m * 5 + d].saturating_add(n);
-            a.by_modality[m] = a.by_modality[m].saturating_add(n);
-            a.by_direction[d] = a.by_direction[d].saturating_add(n);
-            a.total = a.total.saturating_add(n);
+            a.cell[m * 5 + d] = t.count;
+            a.by_modality[m] += n;
+            a.by_direction[d] += n;
+            a.total += n;
+            if t.count < 0 && a.negative.is_none() {
+                a.negative = Some(t);
+            }
         }
         a
     }
 
-    pub fn select(&self, sel: &Selector) -> u64 {
+    pub fn select(&self, sel: &Selector) -> i128 {
         match (sel.modality, sel.direction) {
-            (Some(m), Some(d)) => self.cell[m as usize * 5 + d as usize],
+            (Some(m), Some(d)) => i128::from(self.cell[m as usize * 5 + d as usize]),
             (Some(m), None) => self.by_modality[m as usize],
             (None, Some(d)) => self.by_direction[d as usize],
             (None, None) => self.total,
         }
     }
 
-    pub fn measure(&self, m: &Measure) -> u64 {
+    pub fn measure(&self, m: &Measure) -> i128 {
         match m {
             Measure::Tokens(sel) => self.select(sel),
             Measure::Requests => 1,

@@ -99,7 +99,7 @@ fn race(round: u64) {
     let granted = granted.load(Ordering::Relaxed);
     let status = engine.status(&top, now);
     let total = status.iter().find(|r| r.spec.name == "total").unwrap();
-    assert_eq!(total.used, granted);
+    assert_eq!(total.used, i128::from(granted));
     assert_eq!(total.reserved, 0);
     assert!(granted <= AMOUNT, "granted {granted} > {AMOUNT}");
     // Requests need at most 100 tokens and threads stop only after many refusals, so

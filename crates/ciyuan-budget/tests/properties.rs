@@ -1,13 +1,17 @@
 //! Random trees, limits and interleavings of admit / settle / release / expire / record
 //! against a naive model that replays the log of usage from scratch.
 //!
-//! 1. With usage only through admit + settle (actual ≤ reserved), no hard limit's
-//!    `used + reserved` ever exceeds its amount.
+//! 1. With usage only through admit + settle (actual ≤ reserved), and corrections
+//!    (negative counts) recorded in between, no hard limit's `used + reserved` ever
+//!    exceeds its amount: a credit may give room, never more than it took away.
 //! 2. Every counter equals the model's replay of the log (settled usage at its admission
-//!    time, recorded usage at its time) over the current window, and every counter's
-//!    reserved equals the sum over live reservations; refusals name a limit that really
-//!    does not fit; each threshold is reported exactly once per counter and window.
+//!    time, recorded usage and corrections at their time, signed) over the current
+//!    window, and every counter's reserved equals the sum over live reservations;
+//!    refusals name a limit that really does not fit; each threshold is reported
+//!    exactly once per counter and window, once the counter has reached it.
 //! 3. Once every reservation is settled, released or expired, nothing is reserved.
+//! 4. An engine restored from each counter's net usage in its window (as after a
+//!    restart) shows the same usage as the live one.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -105,7 +109,18 @@ fn limit_strategy() -> impl Strategy<Value = GenLimit> {
         )
 }
 
-fn op_strategy(with_record: bool) -> impl Strategy<Value = Op> {
+/// What `Op::Record` may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Records {
+    /// No records: usage only through admit + settle.
+    None,
+    /// Corrections only: counts of zero or below.
+    Corrections,
+    /// Usage and corrections.
+    Signed,
+}
+
+fn op_strategy(records: Records) -> impl Strategy<Value = Op> {
     let admit = (
         path_strategy(1, 5),
         0u8..3,
@@ -133,12 +148,16 @@ fn op_strategy(with_record: bool) -> impl Strategy<Value = Op> {
     });
     let release = any::<usize>().prop_map(|which| Op::Release { which });
     let expire = prop_oneof![0u64..120, 0u64..20_000].prop_map(|ttl| Op::Expire { ttl });
+    let (low, high) = match records {
+        Records::Corrections => (-150i64, 1i64),
+        _ => (-150i64, 150i64),
+    };
     let record = (
         path_strategy(1, 5),
         0u8..3,
         prop::option::of(0u8..3),
-        0i64..150,
-        0i64..150,
+        prop_oneof![2 => 0i64..150, 1 => low..high].prop_map(move |n| n.min(high - 1)),
+        prop_oneof![2 => 0i64..150, 1 => low..high].prop_map(move |n| n.min(high - 1)),
     )
         .prop_map(|(account, key, session, text_in, text_out)| Op::Record {
             account,
@@ -149,7 +168,7 @@ fn op_strategy(with_record: bool) -> impl Strategy<Value = Op> {
         });
     let advance =
         prop_oneof![0i64..90, 0i64..4000, 20_000i64..200_000].prop_map(|secs| Op::Advance { secs });
-    let record_weight = if with_record { 2 } else { 0 };
+    let record_weight = if records == Records::None { 0 } else { 2 };
     prop_oneof![
         6 => admit,
         4 => settle,
@@ -250,13 +269,14 @@ fn window_start(s: &LimitSpec, at: Timestamp) -> Option<Timestamp> {
     }
 }
 
-fn count(sel: &Selector, m: &TokenMap) -> u64 {
+/// Selected tokens, signed: a correction counts negatively.
+fn count(sel: &Selector, m: &TokenMap) -> i128 {
     m.iter()
         .filter(|t| {
             sel.modality.is_none_or(|x| x == t.modality)
                 && sel.direction.is_none_or(|x| x == t.direction)
         })
-        .map(|t| t.count.max(0) as u64)
+        .map(|t| i128::from(t.count))
         .sum()
 }
 
@@ -299,21 +319,28 @@ fn subject_of(
     }
 }
 
-fn need(s: &LimitSpec, input: &TokenMap, max_output: &TokenMap, cap: Option<u64>) -> u64 {
+fn need(s: &LimitSpec, input: &TokenMap, max_output: &TokenMap, cap: Option<u64>) -> i128 {
     match s.measure {
         Measure::Requests => 1,
         Measure::Tokens(sel) => {
             let out = count(&sel, max_output);
-            count(&sel, input) + cap.map_or(out, |c| out.min(c))
+            count(&sel, input) + cap.map_or(out, |c| out.min(i128::from(c)))
         }
     }
 }
 
-fn actual(s: &LimitSpec, tokens: &TokenMap) -> u64 {
+fn actual(s: &LimitSpec, tokens: &TokenMap) -> i128 {
     match s.measure {
         Measure::Requests => 1,
         Measure::Tokens(sel) => count(&sel, tokens),
     }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Replayed {
+    used: i128,
+    reserved: u64,
+    peak: i128,
 }
 
 struct Model {
@@ -329,23 +356,35 @@ impl Model {
     }
 
     /// (used, reserved) per subject of a counter limit, over the current window.
-    fn counters(&self, s: &LimitSpec) -> BTreeMap<Subject, (u64, u64)> {
-        let mut out: BTreeMap<Subject, (u64, u64)> = BTreeMap::new();
+    fn counters(&self, s: &LimitSpec) -> BTreeMap<Subject, (i128, u64)> {
+        self.replay(s)
+            .into_iter()
+            .map(|(sub, c)| (sub, (c.used, c.reserved)))
+            .filter(|(_, v)| *v != (0, 0))
+            .collect()
+    }
+
+    /// Each subject's counter of a counter limit over the current window: usage in
+    /// log order, so `peak` is the highest the counter has been.
+    fn replay(&self, s: &LimitSpec) -> BTreeMap<Subject, Replayed> {
+        let mut out: BTreeMap<Subject, Replayed> = BTreeMap::new();
         for u in &self.log {
             if let Some(sub) = subject_of(s, &u.account, &u.key, u.session.as_deref())
                 && self.same_window(s, u.at)
             {
-                out.entry(sub).or_default().0 += actual(s, &u.tokens);
+                let c = out.entry(sub).or_default();
+                c.used += actual(s, &u.tokens);
+                c.peak = c.peak.max(c.used);
             }
         }
         for r in &self.live {
             if let Some(sub) = subject_of(s, &r.account, &r.key, r.session.as_deref())
                 && self.same_window(s, r.at)
             {
-                out.entry(sub).or_default().1 += need(s, &r.input, &r.max_output, r.cap);
+                let n = need(s, &r.input, &r.max_output, r.cap);
+                out.entry(sub).or_default().reserved += u64::try_from(n).unwrap();
             }
         }
-        out.retain(|_, v| *v != (0, 0));
         out
     }
 
@@ -365,11 +404,12 @@ impl Model {
                 continue;
             };
             let (i, o) = (count(&sel, input), count(&sel, max_output));
-            if i + o <= s.amount {
+            let amount = i128::from(s.amount);
+            if i + o <= amount {
                 continue;
             }
-            if o > 0 && i < s.amount {
-                let room = s.amount - i;
+            if o > 0 && i < amount {
+                let room = u64::try_from(amount - i).unwrap();
                 cap = Some(cap.map_or(room, |c: u64| c.min(room)));
             } else {
                 return Err(());
@@ -379,11 +419,11 @@ impl Model {
     }
 }
 
-fn thresholds_reached(s: &LimitSpec, used: u64) -> BTreeSet<u8> {
+fn thresholds_reached(s: &LimitSpec, used: i128) -> BTreeSet<u8> {
     s.thresholds
         .iter()
         .copied()
-        .filter(|&t| used > 0 && u128::from(used) * 100 >= u128::from(s.amount) * u128::from(t))
+        .filter(|&t| used > 0 && used * 100 >= i128::from(s.amount) * i128::from(t))
         .collect()
 }
 
@@ -427,7 +467,14 @@ fn run(limits: Vec<GenLimit>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 .unwrap(),
         );
     }
-    let only_admitted = !ops.iter().any(|o| matches!(o, Op::Record { .. }));
+    // Usage only through admit + settle; corrections may lower the counters. A
+    // record, even a correction, still counts one request.
+    let only_admitted = !ops.iter().any(
+        |o| matches!(o, Op::Record { text_in, text_out, .. } if *text_in > 0 || *text_out > 0),
+    );
+    let records = ops.iter().any(|o| matches!(o, Op::Record { .. }));
+    let admitted_only =
+        |s: &LimitSpec| only_admitted && !(records && s.measure == Measure::Requests);
     let mut crossings: BTreeMap<CrossingKey, u32> = BTreeMap::new();
 
     for op in ops {
@@ -493,7 +540,9 @@ fn run(limits: Vec<GenLimit>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         if s.scope == LimitScope::Request {
                             let fits = match cap {
                                 Err(()) => false,
-                                Ok(cap) => need(&s, &input, &max_output, cap) <= s.amount,
+                                Ok(cap) => {
+                                    need(&s, &input, &max_output, cap) <= i128::from(s.amount)
+                                }
                             };
                             prop_assert!(!fits, "{}", refusal.message);
                         } else {
@@ -501,7 +550,8 @@ fn run(limits: Vec<GenLimit>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                             let sub = subject_of(&s, &account, &key, session.as_deref()).unwrap();
                             let (u, r) = model.counters(&s).get(&sub).copied().unwrap_or((0, 0));
                             prop_assert!(
-                                u + r + need(&s, &input, &max_output, cap) > s.amount,
+                                u + i128::from(r) + need(&s, &input, &max_output, cap)
+                                    > i128::from(s.amount),
                                 "{}",
                                 refusal.message
                             );
@@ -527,14 +577,18 @@ fn run(limits: Vec<GenLimit>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 for t in r.max_output.iter() {
                     let mut n = t.count * frac_out / 100;
                     if let Some(c) = r.cap {
-                        n = n.min(c as i64);
+                        n = n.min(i64::try_from(c).unwrap());
                     }
                     tokens.add(t.modality, t.direction, n).unwrap();
                 }
                 let s = engine.settle(r.id, &tokens, model.now).unwrap();
                 note(&mut crossings, &s);
-                if only_admitted {
-                    prop_assert!(s.exceeded.is_empty(), "{:?}", s.exceeded);
+                for (node, name) in &s.exceeded {
+                    let spec = model
+                        .limits
+                        .iter()
+                        .find(|l| &l.node == node && &l.name == name);
+                    prop_assert!(!admitted_only(spec.unwrap()), "{} on {}", name, node);
                 }
                 model.log.push(Usage {
                     account: r.account,
@@ -601,7 +655,7 @@ fn run(limits: Vec<GenLimit>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 continue;
             }
             let rows = engine.status(&s.node, model.now);
-            let got: BTreeMap<Subject, (u64, u64)> = rows
+            let got: BTreeMap<Subject, (i128, u64)> = rows
                 .iter()
                 .filter(|r| r.spec.name == s.name)
                 .map(|r| (r.subject.clone(), (r.used, r.reserved)))
@@ -609,10 +663,11 @@ fn run(limits: Vec<GenLimit>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 .collect();
             let want = model.counters(s);
             prop_assert_eq!(&got, &want, "limit {} on {}", s.name, s.node);
-            for (sub, (used, reserved)) in &want {
-                if only_admitted && s.mode == Mode::Hard {
+            for (sub, c) in &model.replay(s) {
+                let (used, reserved) = (c.used, c.reserved);
+                if admitted_only(s) && s.mode == Mode::Hard {
                     prop_assert!(
-                        used + reserved <= s.amount,
+                        used + i128::from(reserved) <= i128::from(s.amount),
                         "{} {:?}: {} + {} > {}",
                         s.name,
                         sub,
@@ -631,7 +686,7 @@ fn run(limits: Vec<GenLimit>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .collect();
                 prop_assert_eq!(
                     reported,
-                    thresholds_reached(s, *used),
+                    thresholds_reached(s, c.peak),
                     "{} {:?}",
                     s.name,
                     sub
@@ -643,6 +698,42 @@ fn run(limits: Vec<GenLimit>, ops: Vec<Op>) -> Result<(), TestCaseError> {
 
     for (k, n) in &crossings {
         prop_assert_eq!(*n, 1, "crossing reported more than once: {:?}", k);
+    }
+
+    // A restart restores the same counters: each counter's net usage over its window,
+    // as the model replays it, loaded into a fresh engine.
+    let restored = Engine::new();
+    for s in &model.limits {
+        restored.set_limit(s.clone()).unwrap();
+        if s.scope == LimitScope::Request {
+            continue;
+        }
+        for (sub, c) in model.replay(s) {
+            let subject = match &sub {
+                Subject::Session(x) | Subject::Key(x) => Some(x.as_str()),
+                _ => None,
+            };
+            let window = window_start(s, model.now);
+            restored
+                .load_used(&s.node, &s.name, subject, window, c.used)
+                .unwrap();
+        }
+    }
+    for s in &model.limits {
+        let used = |e: &Engine| -> BTreeMap<Subject, i128> {
+            e.status(&s.node, model.now)
+                .into_iter()
+                .filter(|r| r.spec.name == s.name && r.used != 0)
+                .map(|r| (r.subject, r.used))
+                .collect()
+        };
+        prop_assert_eq!(
+            used(&engine),
+            used(&restored),
+            "limit {} on {}",
+            s.name,
+            s.node
+        );
     }
 
     // Everything settled or released: nothing reserved anywhere.
@@ -668,7 +759,15 @@ proptest! {
     #[test]
     fn admitted_usage_never_exceeds_hard_limits(
         limits in prop::collection::vec(limit_strategy(), 1..8),
-        ops in prop::collection::vec(op_strategy(false), 1..150),
+        ops in prop::collection::vec(op_strategy(Records::None), 1..150),
+    ) {
+        run(limits, ops)?;
+    }
+
+    #[test]
+    fn corrections_never_let_admitted_usage_exceed_hard_limits(
+        limits in prop::collection::vec(limit_strategy(), 1..8),
+        ops in prop::collection::vec(op_strategy(Records::Corrections), 1..150),
     ) {
         run(limits, ops)?;
     }
@@ -676,7 +775,7 @@ proptest! {
     #[test]
     fn counters_equal_a_replay_of_the_log(
         limits in prop::collection::vec(limit_strategy(), 1..8),
-        ops in prop::collection::vec(op_strategy(true), 1..150),
+        ops in prop::collection::vec(op_strategy(Records::Signed), 1..150),
     ) {
         run(limits, ops)?;
     }

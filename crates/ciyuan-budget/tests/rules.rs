@@ -73,7 +73,7 @@ impl<'a> Req<'a> {
     }
 }
 
-fn used(e: &Engine, node: &str, name: &str, now: Timestamp) -> (u64, u64) {
+fn used(e: &Engine, node: &str, name: &str, now: Timestamp) -> (i128, u64) {
     let rows = e.status(&p(node), now);
     let r = rows.iter().find(|r| r.spec.name == name).unwrap();
     (r.used, r.reserved)
