@@ -30,12 +30,13 @@ mod money;
 mod path;
 mod reuse;
 mod scope;
+mod text;
 mod tokens;
 mod wildcard;
 
 pub use budget::{
     AccessSet, BudgetCleared, BudgetMeasure, BudgetMode, BudgetPer, BudgetPeriod, BudgetSet,
-    Incident, Selector,
+    Incident, Selector, may_change_control,
 };
 pub use entry::{
     AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, GATEWAY_SOURCE,
@@ -46,5 +47,6 @@ pub use jiff;
 pub use money::{Currency, Money, MoneyError};
 pub use path::{AccountPath, PathError};
 pub use scope::{Scope, ScopeError, Scopes};
-pub use tokens::{Direction, Modality, TokenCount, TokenError, TokenMap};
+pub use text::{TextError, check_text};
+pub use tokens::{Direction, MAX_TOKENS_PER_KEY, Modality, TokenCount, TokenError, TokenMap};
 pub use wildcard::wildcard_match;

@@ -86,6 +86,14 @@ macro_rules! names {
 names!(Modality, Modality, Text => "text", Image => "image", Audio => "audio", Video => "video", Other => "other");
 names!(Direction, Direction, Input => "input", CachedInput => "cached_input", CacheWrite => "cache_write", Output => "output", Reasoning => "reasoning");
 
+/// The largest count of one token key that one entry may carry: a usage event, a
+/// gateway record or a correction (in either sign). The longest context windows hold
+/// about 10^7 tokens; 10^12 leaves five orders of magnitude for events that report
+/// a service's aggregated usage, and keeps every sum the ledger can hold exact in
+/// `i128`: 10^12 × 25 keys × 2^64 entries < 2^127. The doors (ingest, the gateway,
+/// adjustments, token definitions) refuse larger counts, naming the field.
+pub const MAX_TOKENS_PER_KEY: i64 = 1_000_000_000_000;
+
 /// A signed number of tokens of one modality and direction. Usage is never negative;
 /// corrections carry negative deltas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -138,17 +146,14 @@ impl TokenMap {
     pub fn total(&self) -> Option<i64> {
         self.0.values().try_fold(0i64, |acc, v| acc.checked_add(*v))
     }
-}
 
-impl FromIterator<TokenCount> for TokenMap {
-    fn from_iter<I: IntoIterator<Item = TokenCount>>(iter: I) -> Self {
-        let mut m = TokenMap::new();
-        for t in iter {
-            // Saturate rather than fail here; validated constructors use `add`.
-            let slot = m.0.entry((t.modality, t.direction)).or_insert(0);
-            *slot = slot.saturating_add(t.count);
-        }
-        m
+    /// The first count outside the bounds a door accepts: above
+    /// [`MAX_TOKENS_PER_KEY`], or below zero unless `signed` (corrections), or below
+    /// `-MAX_TOKENS_PER_KEY`.
+    pub fn out_of_bounds(&self, signed: bool) -> Option<TokenCount> {
+        let low = if signed { -MAX_TOKENS_PER_KEY } else { 0 };
+        self.iter()
+            .find(|t| t.count > MAX_TOKENS_PER_KEY || t.count < low)
     }
 }
 
@@ -238,6 +243,24 @@ mod tests {
         let err =
             serde_json::from_str::<TokenMap>(r#"{"text.input":1,"text.input":2}"#).unwrap_err();
         assert!(err.to_string().contains("duplicate token key"), "{err}");
+    }
+
+    #[test]
+    fn bounds_name_the_first_count_outside_them() {
+        let mut m = TokenMap::new();
+        m.add(Modality::Text, Direction::Input, MAX_TOKENS_PER_KEY)
+            .unwrap();
+        assert_eq!(m.out_of_bounds(false), None);
+        m.add(Modality::Text, Direction::Output, -1).unwrap();
+        let bad = m.out_of_bounds(false).unwrap();
+        assert_eq!((bad.direction, bad.count), (Direction::Output, -1));
+        assert_eq!(m.out_of_bounds(true), None);
+        m.add(Modality::Text, Direction::Input, 1).unwrap();
+        let bad = m.out_of_bounds(true).unwrap();
+        assert_eq!(
+            (bad.direction, bad.count),
+            (Direction::Input, MAX_TOKENS_PER_KEY + 1)
+        );
     }
 
     #[test]

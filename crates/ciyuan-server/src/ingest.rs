@@ -18,8 +18,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
-    AccountPath, Direction, Entry, EntryBody, GATEWAY_SOURCE, Modality, Scope, TokenMap, Usage,
-    ingest_key_hash,
+    AccountPath, Direction, Entry, EntryBody, GATEWAY_SOURCE, MAX_TOKENS_PER_KEY, Modality, Scope,
+    TokenMap, Usage, ingest_key_hash,
 };
 use ciyuan_store::{Log, Store};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -71,8 +71,12 @@ impl Accepted {
     /// The event's `(source, id)`, taken out of the entry.
     fn into_key(self) -> (String, String) {
         match self.entry.body {
-            EntryBody::Usage(u) => (u.source.unwrap_or_default(), u.event_id.unwrap_or_default()),
-            _ => Default::default(),
+            EntryBody::Usage(Usage {
+                source: Some(source),
+                event_id: Some(id),
+                ..
+            }) => (source, id),
+            other => no_key(other.kind()),
         }
     }
 }
@@ -80,12 +84,21 @@ impl Accepted {
 /// The `(source, id)` of an ingested event's entry.
 fn event_key(entry: &Entry) -> (&str, &str) {
     match &entry.body {
-        EntryBody::Usage(u) => (
-            u.source.as_deref().unwrap_or_default(),
-            u.event_id.as_deref().unwrap_or_default(),
-        ),
-        _ => ("", ""),
+        EntryBody::Usage(Usage {
+            source: Some(source),
+            event_id: Some(id),
+            ..
+        }) => (source, id),
+        other => no_key(other.kind()),
     }
+}
+
+/// Every entry the ingest door builds or indexes is usage with a source and an id
+/// (`validate` makes them so; the index holds only such entries). Anything else
+/// would be filed under an empty key and answer other events' repeats: stop.
+#[cold]
+fn no_key(kind: &str) -> ! {
+    unreachable!("an ingested {kind} entry without (source, id)")
 }
 
 /// The answer for one event.
@@ -644,15 +657,16 @@ fn string_attr<'a>(
             kind(raw)
         )));
     };
-    if s.is_empty() {
-        return Err(ApiError::bad_request(format!("{name}: must not be empty")));
-    }
-    if s.len() > MAX_ATTRIBUTE_BYTES {
-        return Err(ApiError::bad_request(format!(
-            "{name}: longer than {MAX_ATTRIBUTE_BYTES} bytes"
-        )));
-    }
+    // Ids, sources, types and subjects come back in listings, exports and logs.
+    ciyuan_core::check_text(name, &s, MAX_ATTRIBUTE_BYTES)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(Some(s))
+}
+
+/// A required string attribute.
+fn required_attr<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<Cow<'a, str>, ApiError> {
+    string_attr(raw, name, true)?
+        .ok_or_else(|| ApiError::bad_request(format!("{name}: required attribute is missing")))
 }
 
 /// A token quantity: a non-negative integer that fits the ledger's counters. Read from
@@ -683,7 +697,12 @@ fn quantity(raw: &RawValue, field: &dyn std::fmt::Display) -> Result<i64, ApiErr
         .parse::<u64>()
         .ok()
         .and_then(|u| i64::try_from(u).ok())
-        .ok_or_else(|| ApiError::bad_request(format!("{field}: {text} is too large")))
+        .filter(|&n| n <= MAX_TOKENS_PER_KEY)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{field}: {text} is more than the largest accepted count, {MAX_TOKENS_PER_KEY}"
+            ))
+        })
 }
 
 fn members<'a>(raw: &'a RawValue, field: &str) -> Result<Members<'a>, ApiError> {
@@ -734,11 +753,10 @@ fn llm_usage(data: &RawValue) -> Result<(String, TokenMap), ApiError> {
             tokens.add(m, d, n).ok_or_else(|| overflow(&field))?;
         } else if key == "model" {
             model = Some(match text(value) {
-                Ok(Text(m)) if !m.is_empty() && m.len() <= MAX_ATTRIBUTE_BYTES => m.into_owned(),
-                Ok(_) => {
-                    return Err(ApiError::bad_request(format!(
-                        "data.model: must be 1 to {MAX_ATTRIBUTE_BYTES} bytes"
-                    )));
+                Ok(Text(m)) => {
+                    ciyuan_core::check_text("data.model", &m, MAX_ATTRIBUTE_BYTES)
+                        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                    m.into_owned()
                 }
                 Err(_) => {
                     return Err(ApiError::bad_request(format!(
@@ -808,24 +826,21 @@ fn validate(
     let id = string_attr(ev.id, "id", true).ok().flatten();
     let source = string_attr(ev.source, "source", true).ok().flatten();
     let mut check = || -> Result<Accepted, ApiError> {
-        match string_attr(ev.specversion, "specversion", true)?.as_deref() {
-            Some("1.0") => {}
-            Some(other) => {
-                return Err(ApiError::bad_request(format!(
-                    "specversion: {other:?} is not supported (expected \"1.0\")"
-                )));
-            }
-            None => unreachable_missing()?,
+        let version = required_attr(ev.specversion, "specversion")?;
+        if version != "1.0" {
+            return Err(ApiError::bad_request(format!(
+                "specversion: {version:?} is not supported (expected \"1.0\")"
+            )));
         }
-        let id = string_attr(ev.id, "id", true)?.unwrap_or_default();
-        let source = string_attr(ev.source, "source", true)?.unwrap_or_default();
+        let id = required_attr(ev.id, "id")?;
+        let source = required_attr(ev.source, "source")?;
         if source == GATEWAY_SOURCE {
             return Err(ApiError::bad_request(format!(
                 "source: {GATEWAY_SOURCE:?} is reserved for the gateway's own records"
             )));
         }
-        let service = string_attr(ev.service, "type", true)?.unwrap_or_default();
-        let subject = string_attr(ev.subject, "subject", true)?.unwrap_or_default();
+        let service = required_attr(ev.service, "type")?;
+        let subject = required_attr(ev.subject, "subject")?;
         let account = match last_account {
             // The previous event's subject passed the checks below.
             Some(last) if last.as_str() == subject => last.clone(),
@@ -912,6 +927,14 @@ fn validate(
                 )
             }
         };
+        // Definitions compute counts from the event's own numbers: bound them as
+        // the fields of llm.usage are bounded.
+        if let Some(t) = tokens.out_of_bounds(false) {
+            return Err(ApiError::bad_request(format!(
+                "data: {definition} gives {}.{} = {}, outside 0 to {MAX_TOKENS_PER_KEY}",
+                t.modality, t.direction, t.count
+            )));
+        }
         let hash = ingest_key_hash(&source, &id);
         let entry = Entry::new(
             ts,
@@ -931,12 +954,6 @@ fn validate(
         Ok(Accepted { hash, entry })
     };
     check().map_err(|e| (source.map(Cow::into_owned), id.map(Cow::into_owned), e))
-}
-
-fn unreachable_missing() -> Result<(), ApiError> {
-    Err(ApiError::bad_request(
-        "specversion: required attribute is missing",
-    ))
 }
 
 /// What the body holds.

@@ -5,9 +5,11 @@ use crate::error::ApiError;
 use crate::extract::Query;
 use crate::{App, parse_path};
 use axum::extract::State;
+use ciyuan_core::Scope;
 use ciyuan_core::jiff::{Timestamp, tz::TimeZone};
-use ciyuan_core::{Scope, TokenMap};
-use ciyuan_store::{Bucket, GroupBy, HourFilter, UsageQuery, aggregate, ceil_hour, floor_hour};
+use ciyuan_store::{
+    Bucket, GroupBy, HourFilter, TokenSums, UsageQuery, aggregate, ceil_hour, floor_hour,
+};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -32,8 +34,23 @@ struct Row {
     service: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<String>,
-    tokens: TokenMap,
-    total: i64,
+    tokens: Sums,
+    /// Exact: sums past `i64` are written as JSON integers of any size.
+    total: i128,
+}
+
+/// Token sums as a JSON object keyed `modality.direction`, like a ledger entry's.
+struct Sums(TokenSums);
+
+impl Serialize for Sums {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (m, d, n) in self.0.iter() {
+            map.serialize_entry(&format_args!("{m}.{d}").to_string(), &n)?;
+        }
+        map.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -146,21 +163,29 @@ pub async fn query(
         bucket,
         tz: tz.clone(),
     };
+    let overflow = |_| ApiError::unprocessable("a usage sum exceeds 128 bits");
     let rows = aggregate(&rows, &q)
+        .map_err(overflow)?
         .into_iter()
-        .map(|r| Row {
-            bucket_start: r.bucket_start.map(|t| {
-                t.to_zoned(tz.clone())
-                    .strftime("%Y-%m-%dT%H:%M:%S%:z")
-                    .to_string()
-            }),
-            account: r.account.map(|a| a.to_string()),
-            service: r.service,
-            model: r.model,
-            total: r.tokens.total().unwrap_or(i64::MAX),
-            tokens: r.tokens,
+        .map(|r| {
+            Ok(Row {
+                bucket_start: r.bucket_start.map(|t| {
+                    t.to_zoned(tz.clone())
+                        .strftime("%Y-%m-%dT%H:%M:%S%:z")
+                        .to_string()
+                }),
+                account: r.account.map(|a| a.to_string()),
+                service: r.service,
+                model: r.model,
+                total: r
+                    .tokens
+                    .total()
+                    .ok_or(ciyuan_store::SumOverflow)
+                    .map_err(overflow)?,
+                tokens: Sums(r.tokens),
+            })
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     Ok(axum::Json(Answer {
         account: account.to_string(),
         group_by: group_names,

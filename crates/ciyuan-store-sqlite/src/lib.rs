@@ -8,7 +8,7 @@
 #![deny(missing_docs)]
 
 use ciyuan_core::jiff::Timestamp;
-use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, EntryBody, Modality, Scopes};
+use ciyuan_core::{AccountPath, Direction, Entry, EntryBody, Modality, Scopes};
 use ciyuan_store::{
     Account, HourFilter, HourRow, KeyRecord, Recorded, Store, StoreError, floor_hour,
 };
@@ -106,7 +106,50 @@ DELETE FROM flagged;
 DELETE FROM incidents;
 UPDATE meta SET value = 0 WHERE name = 'projected_through';
 "#,
+    // Token sums exact whatever the ledger holds: SQLite turns an integer sum that
+    // overflows i64 into a float, which made usage answer 500 and the server refuse to
+    // start. A sum is now `hi * 2^62 + lo` with `0 <= lo < 2^62`, added with carry in
+    // the upsert; the CHECK turns any float into an error instead of a stored value.
+    // Rebuilt by projecting the log again.
+    r#"
+DROP TABLE usage_hourly;
+CREATE TABLE usage_hourly (
+    account   TEXT NOT NULL,
+    hour      INTEGER NOT NULL,
+    service   TEXT NOT NULL,
+    model     TEXT NOT NULL,
+    modality  TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    hi        INTEGER NOT NULL CHECK (typeof(hi) = 'integer'),
+    lo        INTEGER NOT NULL CHECK (typeof(lo) = 'integer' AND lo >= 0 AND lo < 4611686018427387904),
+    PRIMARY KEY (account, hour, service, model, modality, direction)
+) WITHOUT ROWID;
+DELETE FROM accounts;
+DELETE FROM ingest_index;
+DELETE FROM budgets;
+DELETE FROM access_rules;
+DELETE FROM flagged;
+DELETE FROM incidents;
+UPDATE meta SET value = 0 WHERE name = 'projected_through';
+"#,
 ];
+
+/// A token sum as stored: `hi * 2^62 + lo`, `0 <= lo < 2^62`. Sums of the ledger's
+/// counts fit: each entry's count is an i64 (< 2^63), so `hi` stays within i64 for
+/// any log of fewer than 2^61 entries per row, far beyond any disk.
+const LO_BITS: u32 = 62;
+
+fn split_sum(v: i128) -> Result<(i64, i64), StoreError> {
+    let hi = i64::try_from(v >> LO_BITS)
+        .map_err(|_| StoreError::Backend(format!("token sum {v} exceeds the stored range")))?;
+    // In 0..2^62 by construction of the mask.
+    let lo = (v & ((1i128 << LO_BITS) - 1)) as i64;
+    Ok((hi, lo))
+}
+
+fn join_sum(hi: i64, lo: i64) -> i128 {
+    (i128::from(hi) << LO_BITS) + i128::from(lo)
+}
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -198,9 +241,10 @@ impl SqliteStore {
 }
 
 /// SQL condition and bound values selecting a subtree of `column`.
-/// JSON of a projected value; plain data serializes without fail.
-fn to_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_default()
+/// JSON of a projected value. Plain data serializes without fail; if it ever did not,
+/// the projection fails loudly rather than storing an empty string.
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Backend(format!("projected value: {e}")))
 }
 
 /// Rows of (node, json) decoded.
@@ -375,7 +419,7 @@ impl Store for SqliteStore {
         }
         // Sum usage per rollup key first: a batch of many events for one key becomes one
         // upsert.
-        let mut rollup: FxHashMap<RollupKey<'_>, i64> = FxHashMap::default();
+        let mut rollup: FxHashMap<RollupKey<'_>, i128> = FxHashMap::default();
         {
             let mut insert_account = tx
                 .prepare_cached(
@@ -404,7 +448,7 @@ impl Store for SqliteStore {
                         insert_account
                             .execute(params![
                                 entry.account.as_str(),
-                                info_json(info),
+                                to_json(info)?,
                                 entry.ts.to_string(),
                                 index as i64
                             ])
@@ -413,12 +457,13 @@ impl Store for SqliteStore {
                     }
                     EntryBody::AccountUpdated(info) => {
                         update_account
-                            .execute(params![info_json(info), entry.account.as_str()])
+                            .execute(params![to_json(info)?, entry.account.as_str()])
                             .map_err(backend)?;
                         continue;
                     }
                     EntryBody::KeyCreated(_) | EntryBody::KeyRevoked(_) => continue,
                     EntryBody::BudgetSet(b) => {
+                        let spec = to_json(b)?;
                         tx.prepare_cached(
                             "INSERT INTO budgets (node, name, spec, entry) VALUES (?, ?, ?, ?)
                              ON CONFLICT (node, name) DO UPDATE SET spec = excluded.spec, entry = excluded.entry",
@@ -427,7 +472,7 @@ impl Store for SqliteStore {
                             st.execute(params![
                                 entry.account.as_str(),
                                 b.name,
-                                to_json(b),
+                                spec,
                                 index as i64
                             ])
                         })
@@ -441,17 +486,19 @@ impl Store for SqliteStore {
                         continue;
                     }
                     EntryBody::AccessSet(a) => {
+                        let rules = to_json(a)?;
                         tx.prepare_cached(
                             "INSERT INTO access_rules (node, rules, entry) VALUES (?, ?, ?)
                              ON CONFLICT (node) DO UPDATE SET rules = excluded.rules, entry = excluded.entry",
                         )
                         .and_then(|mut st| {
-                            st.execute(params![entry.account.as_str(), to_json(a), index as i64])
+                            st.execute(params![entry.account.as_str(), rules, index as i64])
                         })
                         .map_err(backend)?;
                         continue;
                     }
                     EntryBody::Incident(inc) => {
+                        let incident = to_json(inc)?;
                         tx.prepare_cached(
                             "INSERT INTO incidents (entry, ts, account, incident) VALUES (?, ?, ?, ?)",
                         )
@@ -460,7 +507,7 @@ impl Store for SqliteStore {
                                 index as i64,
                                 entry.ts.to_string(),
                                 entry.account.as_str(),
-                                to_json(inc)
+                                incident
                             ])
                         })
                         .map_err(backend)?;
@@ -470,6 +517,7 @@ impl Store for SqliteStore {
                 if let EntryBody::Usage(u) = &entry.body
                     && u.recount.as_ref().is_some_and(|r| r.flagged)
                 {
+                    let usage = to_json(u)?;
                     tx.prepare_cached(
                         "INSERT INTO flagged (entry, ts, account, usage) VALUES (?, ?, ?, ?)",
                     )
@@ -478,7 +526,7 @@ impl Store for SqliteStore {
                             index as i64,
                             entry.ts.to_string(),
                             entry.account.as_str(),
-                            to_json(u)
+                            usage
                         ])
                     })
                     .map_err(backend)?;
@@ -495,19 +543,25 @@ impl Store for SqliteStore {
                             t.direction,
                         ))
                         .or_insert(0);
-                    *slot = slot.saturating_add(t.count);
+                    // A batch holds at most a few thousand entries of i64 counts: an
+                    // i128 sum of them cannot overflow, but the check is cheap.
+                    *slot = slot.checked_add(i128::from(t.count)).ok_or_else(|| {
+                        StoreError::Backend(format!("token sum overflows at entry {index}"))
+                    })?;
                 }
             }
             insert_ingest_index(&tx, &events)?;
             let mut upsert = tx
                 .prepare_cached(
-                    "INSERT INTO usage_hourly (account, hour, service, model, modality, direction, tokens)
-                     VALUES (?, ?, ?, ?, ?, ?, ?)
+                    "INSERT INTO usage_hourly (account, hour, service, model, modality, direction, hi, lo)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                      ON CONFLICT (account, hour, service, model, modality, direction)
-                     DO UPDATE SET tokens = tokens + excluded.tokens",
+                     DO UPDATE SET hi = hi + excluded.hi + ((lo + excluded.lo) >> 62),
+                                   lo = (lo + excluded.lo) & 4611686018427387903",
                 )
                 .map_err(backend)?;
             for ((account, hour, service, model, modality, direction), tokens) in rollup {
+                let (hi, lo) = split_sum(tokens)?;
                 upsert
                     .execute(params![
                         account,
@@ -516,7 +570,8 @@ impl Store for SqliteStore {
                         model,
                         modality.as_str(),
                         direction.as_str(),
-                        tokens
+                        hi,
+                        lo
                     ])
                     .map_err(backend)?;
             }
@@ -735,7 +790,7 @@ impl Store for SqliteStore {
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
         let (cond, mut args) = subtree("account", &filter.account);
         let mut sql = format!(
-            "SELECT account, hour, service, model, modality, direction, sum(tokens)
+            "SELECT account, hour, service, model, modality, direction, hi, lo
              FROM usage_hourly WHERE {cond}"
         );
         if let Some(from) = filter.from_hour {
@@ -746,10 +801,7 @@ impl Store for SqliteStore {
             sql.push_str(" AND hour < ?");
             args.push(to.to_string());
         }
-        sql.push_str(
-            " GROUP BY account, hour, service, model, modality, direction
-              ORDER BY account, hour, service, model, modality, direction",
-        );
+        sql.push_str(" ORDER BY account, hour, service, model, modality, direction");
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql).map_err(backend)?;
         let rows = stmt
@@ -761,7 +813,7 @@ impl Store for SqliteStore {
                     r.get::<_, String>(3)?,
                     r.get::<_, String>(4)?,
                     r.get::<_, String>(5)?,
-                    r.get::<_, i64>(6)?,
+                    join_sum(r.get(6)?, r.get(7)?),
                 ))
             })
             .map_err(backend)?;
@@ -818,10 +870,6 @@ fn insert_ingest_index(tx: &Connection, events: &[(i64, i64)]) -> Result<(), Sto
         one.execute(params![entry, hash]).map_err(backend)?;
     }
     Ok(())
-}
-
-fn info_json(info: &AccountInfo) -> String {
-    serde_json::to_string(info).unwrap_or_else(|_| "{}".to_string())
 }
 
 #[cfg(test)]

@@ -48,6 +48,56 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     usage_rollups_and_reset(make().as_ref());
     ingest_index(make().as_ref());
     budgets_access_flags_and_incidents(make().as_ref());
+    regression_token_sums_past_i64_stay_exact(make().as_ref());
+}
+
+/// Issue 13: two events of 9223372036854775807 input tokens and one of 1 in the same
+/// hour made SQLite store a float, and usage answered 500. Whatever the ledger holds,
+/// the projected sums stay exact, in both signs.
+fn regression_token_sums_past_i64_stay_exact(s: &dyn Store) {
+    let at = "2026-11-24T15:10:00Z";
+    let mut entries = vec![
+        usage("acme/cn", at, "gpt-4o", i64::MAX),
+        usage("acme/cn", at, "gpt-4o", 1),
+    ];
+    let r = s.apply(0, &entries);
+    assert!(r.is_ok(), "{r:?}");
+    entries = vec![usage("acme/cn", at, "gpt-4o", i64::MAX)];
+    let r = s.apply(2, &entries);
+    assert!(r.is_ok(), "{r:?}");
+    let filter = HourFilter {
+        account: path("acme"),
+        from_hour: None,
+        to_hour: None,
+    };
+    let sums = |s: &dyn Store| -> Vec<i128> {
+        let rows = s.usage_hours(&filter);
+        assert!(rows.is_ok(), "usage_hours: {rows:?}");
+        rows.iter().flatten().map(|r| r.tokens).collect()
+    };
+    assert_eq!(sums(s), [2 * i128::from(i64::MAX) + 1]);
+    // Corrections bring it back below i64 exactly.
+    let mut fix = TokenMap::new();
+    assert!(
+        fix.add(Modality::Text, Direction::Input, -i64::MAX)
+            .is_some()
+    );
+    let correction = Entry::new(
+        ts(at),
+        path("acme/cn"),
+        EntryBody::Adjustment(Adjustment {
+            corrects: Some(0),
+            reason: "overflow test".into(),
+            service: "llm.chat".into(),
+            model: Some("gpt-4o".into()),
+            tokens: fix,
+        }),
+    );
+    for (i, e) in [correction.clone(), correction].iter().enumerate() {
+        let r = s.apply(3 + i as u64, std::slice::from_ref(e));
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(sums(s), [1]);
 }
 
 fn budgets_access_flags_and_incidents(s: &dyn Store) {
@@ -66,6 +116,7 @@ fn budgets_access_flags_and_incidents(s: &dyn Store) {
         per: BudgetPer::Node,
         thresholds: vec![80],
         clamp: false,
+        set_by: None,
     };
     let on = |account: &str, body: EntryBody| Entry::new(ts(at), path(account), body);
     let mut flagged = usage("acme/cn", at, "gpt-4o", 100);
@@ -96,6 +147,7 @@ fn budgets_access_flags_and_incidents(s: &dyn Store) {
             "acme/cn",
             EntryBody::BudgetCleared(BudgetCleared {
                 name: "daily".into(),
+                cleared_by: None,
             }),
         ),
         on(
@@ -103,6 +155,7 @@ fn budgets_access_flags_and_incidents(s: &dyn Store) {
             EntryBody::AccessSet(AccessSet {
                 allow: Some(vec!["gpt-*".into()]),
                 deny: vec![],
+                set_by: None,
             }),
         ),
         flagged,
@@ -347,7 +400,7 @@ fn usage_rollups_and_reset(s: &dyn Store) {
         to_hour: None,
     };
     let rows = s.usage_hours(&filter).unwrap_or_default();
-    let summary: Vec<(String, i64, String, i64)> = rows
+    let summary: Vec<(String, i64, String, i128)> = rows
         .iter()
         .map(|r| (r.account.to_string(), r.hour, r.model.clone(), r.tokens))
         .collect();

@@ -16,7 +16,9 @@ use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, Modality, Scopes};
 mod log;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
-pub use usage::{Bucket, GroupBy, UsageQuery, UsageRow, aggregate, ceil_hour, floor_hour};
+pub use usage::{
+    Bucket, GroupBy, SumOverflow, TokenSums, UsageQuery, UsageRow, aggregate, ceil_hour, floor_hour,
+};
 
 /// An account node, as projected from the ledger.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,8 +79,8 @@ pub struct HourRow {
     pub modality: Modality,
     /// Direction.
     pub direction: Direction,
-    /// Signed token sum.
-    pub tokens: i64,
+    /// Signed token sum, exact (the backend keeps sums wider than `i64`).
+    pub tokens: i128,
 }
 
 /// Which hourly rows a usage query reads.

@@ -2,8 +2,51 @@
 
 use crate::HourRow;
 use ciyuan_core::jiff::{Timestamp, tz::TimeZone};
-use ciyuan_core::{AccountPath, TokenMap};
+use ciyuan_core::{AccountPath, Direction, Modality};
 use std::collections::BTreeMap;
+
+/// Token sums by modality and direction, exact: each key is an `i128`, so no sum of
+/// the ledger's `i64` counts can overflow (the ledger would need more than 2^64
+/// entries), and a sum is never saturated or skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenSums(BTreeMap<(Modality, Direction), i128>);
+
+impl TokenSums {
+    /// Adds `n` to a key; `None` on overflow (unreachable from a real ledger, and
+    /// then an error, never a wrong number).
+    pub fn add(&mut self, modality: Modality, direction: Direction, n: i128) -> Option<()> {
+        let slot = self.0.entry((modality, direction)).or_insert(0);
+        *slot = slot.checked_add(n)?;
+        Some(())
+    }
+
+    /// The sums, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (Modality, Direction, i128)> + '_ {
+        self.0.iter().map(|(&(m, d), &n)| (m, d, n))
+    }
+
+    /// One key's sum (0 when absent).
+    pub fn get(&self, modality: Modality, direction: Direction) -> i128 {
+        self.0.get(&(modality, direction)).copied().unwrap_or(0)
+    }
+
+    /// The sum over all keys, or `None` on overflow.
+    pub fn total(&self) -> Option<i128> {
+        self.0
+            .values()
+            .try_fold(0i128, |acc, v| acc.checked_add(*v))
+    }
+
+    /// Whether no key is present.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A usage sum left the range of exact arithmetic (`i128`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a usage sum overflows 128 bits")]
+pub struct SumOverflow;
 
 /// Time bucket of a usage query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +95,7 @@ pub struct UsageRow {
     /// The model, if grouped by model (empty for services without one).
     pub model: Option<String>,
     /// Tokens by modality and direction.
-    pub tokens: TokenMap,
+    pub tokens: TokenSums,
 }
 
 type Key = (
@@ -64,8 +107,8 @@ type Key = (
 
 /// Groups hourly rows into the rows `query` asks for, in a deterministic order (bucket,
 /// account, service, model), so the same log always gives byte-identical answers.
-pub fn aggregate(rows: &[HourRow], query: &UsageQuery) -> Vec<UsageRow> {
-    let mut groups: BTreeMap<Key, TokenMap> = BTreeMap::new();
+pub fn aggregate(rows: &[HourRow], query: &UsageQuery) -> Result<Vec<UsageRow>, SumOverflow> {
+    let mut groups: BTreeMap<Key, TokenSums> = BTreeMap::new();
     for row in rows {
         let bucket = query.bucket.map(|b| bucket_start(row.hour, b, &query.tz));
         let key = (
@@ -83,17 +126,13 @@ pub fn aggregate(rows: &[HourRow], query: &UsageQuery) -> Vec<UsageRow> {
                 .contains(&GroupBy::Model)
                 .then(|| row.model.clone()),
         );
-        let tokens = groups.entry(key).or_default();
-        // Sums of i64 token counts that overflow would need 9.2e18 tokens; saturate
-        // rather than wrap so a corrupt row cannot silently flip a sign.
-        if tokens
+        groups
+            .entry(key)
+            .or_default()
             .add(row.modality, row.direction, row.tokens)
-            .is_none()
-        {
-            let _ = tokens.add(row.modality, row.direction, 0);
-        }
+            .ok_or(SumOverflow)?;
     }
-    groups
+    Ok(groups
         .into_iter()
         .map(|((bucket, account, service, model), tokens)| UsageRow {
             bucket_start: bucket.and_then(|s| Timestamp::from_second(s).ok()),
@@ -102,7 +141,7 @@ pub fn aggregate(rows: &[HourRow], query: &UsageQuery) -> Vec<UsageRow> {
             model,
             tokens,
         })
-        .collect()
+        .collect())
 }
 
 /// Start of the bucket holding the UTC hour starting at `hour` seconds.
@@ -139,7 +178,7 @@ mod tests {
     use super::*;
     use ciyuan_core::{Direction, Modality};
 
-    fn row(hour: &str, account: &str, model: &str, tokens: i64) -> HourRow {
+    fn row(hour: &str, account: &str, model: &str, tokens: i128) -> HourRow {
         HourRow {
             hour: hour.parse::<Timestamp>().unwrap().as_second(),
             account: account.parse().unwrap(),
@@ -164,9 +203,9 @@ mod tests {
             bucket: Some(Bucket::Day),
             tz: TimeZone::UTC,
         };
-        assert_eq!(aggregate(&rows, &q).len(), 1);
+        assert_eq!(aggregate(&rows, &q).unwrap().len(), 1);
         q.tz = TimeZone::get("Asia/Shanghai").unwrap();
-        let out = aggregate(&rows, &q);
+        let out = aggregate(&rows, &q).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(
             out[0].bucket_start.unwrap().to_string(),
@@ -191,7 +230,7 @@ mod tests {
             bucket: Some(Bucket::Month),
             tz: TimeZone::UTC,
         };
-        let out = aggregate(&rows, &q);
+        let out = aggregate(&rows, &q).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].account.as_ref().unwrap().as_str(), "acme/us");
         assert_eq!(out[1].tokens.total(), Some(8));
@@ -199,6 +238,31 @@ mod tests {
             out[0].bucket_start.unwrap().to_string(),
             "2026-11-01T00:00:00Z"
         );
+    }
+
+    #[test]
+    fn regression_usage_totals_are_exact_past_i64() {
+        // Two hourly rows of i64::MAX and one more: the total is exact, not skipped
+        // or saturated.
+        let rows = [
+            row("2026-11-24T15:00:00Z", "acme/cn", "a", i64::MAX.into()),
+            row("2026-11-24T16:00:00Z", "acme/cn", "a", i64::MAX.into()),
+            row("2026-11-24T16:00:00Z", "acme/us", "a", 2),
+        ];
+        let q = UsageQuery {
+            account: "acme".parse().unwrap(),
+            group_by: vec![],
+            bucket: None,
+            tz: TimeZone::UTC,
+        };
+        let out = aggregate(&rows, &q).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].tokens.total(), Some(2 * i128::from(i64::MAX) + 2));
+        let huge = [
+            row("2026-11-24T15:00:00Z", "acme/cn", "a", i128::MAX),
+            row("2026-11-24T16:00:00Z", "acme/cn", "a", 1),
+        ];
+        assert_eq!(aggregate(&huge, &q), Err(SumOverflow));
     }
 
     #[test]
