@@ -1161,6 +1161,50 @@ impl Engine {
         out
     }
 
+    /// Counts a correction (signed token deltas on `account`, made at `at`) on the
+    /// node counters of token limits only: the counters a restart restores from the
+    /// usage projections, which count corrections. A correction is not a request, nor
+    /// any session's or key's usage, so request counts, per-session, per-key and
+    /// per-request limits are left alone.
+    pub fn record_correction(
+        &self,
+        account: &AccountPath,
+        tokens: &TokenMap,
+        at: Timestamp,
+    ) -> Settled {
+        if self.limit_count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return Settled::default();
+        }
+        let tokens = Amounts::of(tokens);
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let chain = inner.chain(account.as_str());
+        let mut out = Settled::default();
+        for n in chain.top_down() {
+            let node = &mut inner.nodes[n];
+            for l in node.limits.iter_mut() {
+                if l.spec.scope != LimitScope::Node || l.spec.measure == Measure::Requests {
+                    continue;
+                }
+                let amt = tokens.measure(&l.spec.measure);
+                let w = l.advance(at);
+                if !w.contains(at) {
+                    continue; // a past window
+                }
+                let Some(c) = l.counter_or_insert(Who::Node) else {
+                    continue;
+                };
+                c.roll(&w);
+                let mut copy = *c;
+                add_usage(&node.path, l, &mut copy, Who::Node, amt, &mut out);
+                if let Some(slot) = l.counter(Who::Node) {
+                    *slot = copy;
+                }
+            }
+        }
+        out
+    }
+
     /// Restores a counter after a restart: sets `used` for the window starting at
     /// `window_start` (`None` for lifetime limits) of limit `name` on `node`, for
     /// `subject` (the session or key id for session and key limits, `None` for node

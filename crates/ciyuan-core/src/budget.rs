@@ -4,7 +4,7 @@
 //! be proved like usage; the engine that enforces them (`ciyuan-budget`) is rebuilt
 //! from these entries on start.
 
-use crate::{Direction, Modality};
+use crate::{AccountPath, Direction, Modality};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -157,6 +157,12 @@ pub struct BudgetSet {
     /// refusing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub clamp: bool,
+    /// The account node of the key that set it. Only a key at that node or above may
+    /// change or remove it, so a tenant cannot lift a control set from above. Absent
+    /// in entries written before it was recorded: such a limit is treated as set at
+    /// the root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_by: Option<AccountPath>,
 }
 
 /// A limit removed from the entry's node (kind `budget.cleared`).
@@ -164,6 +170,9 @@ pub struct BudgetSet {
 pub struct BudgetCleared {
     /// The limit's name.
     pub name: String,
+    /// The account node of the key that removed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleared_by: Option<AccountPath>,
 }
 
 /// Model access rules of the entry's node (kind `access.set`), inherited by its
@@ -176,6 +185,18 @@ pub struct AccessSet {
     /// Model patterns denied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// The account node of the key that set them (see [`BudgetSet::set_by`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_by: Option<AccountPath>,
+}
+
+/// Whether a control set by a key at `set_by` (the root when unknown) may be
+/// changed or removed by a key at `caller`: only from the same node or above.
+pub fn may_change_control(set_by: Option<&AccountPath>, caller: &AccountPath) -> bool {
+    match set_by {
+        Some(setter) => setter.is_within(caller),
+        None => caller.is_root(),
+    }
 }
 
 /// Something that needs attention (kind `incident`), on the node of the limit.
@@ -222,6 +243,19 @@ mod tests {
     }
 
     #[test]
+    fn controls_change_only_from_their_setter_or_above() {
+        let p = |s: &str| s.parse::<AccountPath>().unwrap();
+        let acme = p("acme");
+        assert!(may_change_control(Some(&acme), &p("acme")));
+        assert!(may_change_control(Some(&acme), &AccountPath::root()));
+        assert!(!may_change_control(Some(&acme), &p("acme/a")));
+        assert!(!may_change_control(Some(&acme), &p("other")));
+        // Unknown setter (entries before `set_by`): the root only.
+        assert!(may_change_control(None, &AccountPath::root()));
+        assert!(!may_change_control(None, &acme));
+    }
+
+    #[test]
     fn budget_entries_serialize_compactly() {
         let b = BudgetSet {
             name: "monthly".into(),
@@ -233,6 +267,7 @@ mod tests {
             per: BudgetPer::Node,
             thresholds: vec![50, 80, 100],
             clamp: false,
+            set_by: None,
         };
         let json = serde_json::to_string(&b).unwrap();
         assert_eq!(

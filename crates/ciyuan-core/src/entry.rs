@@ -426,13 +426,16 @@ mod tests {
                 per: crate::BudgetPer::Session,
                 thresholds: vec![80, 100],
                 clamp: true,
+                set_by: Some("a".parse().unwrap()),
             }),
             EntryBody::BudgetCleared(crate::BudgetCleared {
                 name: "monthly".into(),
+                cleared_by: None,
             }),
             EntryBody::AccessSet(crate::AccessSet {
                 allow: Some(vec!["gpt-4o*".into()]),
                 deny: vec!["gpt-4o-audio*".into()],
+                set_by: None,
             }),
             EntryBody::Incident(crate::Incident {
                 kind: "budget.threshold".into(),

@@ -98,6 +98,12 @@ impl Scopes {
         self.0 & other.0 == other.0
     }
 
+    /// Whether a key with these scopes may hand out every scope of `other`: each
+    /// one is allowed by these ([`Scopes::allows`], so admin grants read).
+    pub fn grants(self, other: Scopes) -> bool {
+        other.iter().all(|s| self.allows(s))
+    }
+
     /// The scopes in display order.
     pub fn iter(self) -> impl Iterator<Item = Scope> {
         Scope::ALL.into_iter().filter(move |s| self.contains(*s))

@@ -6,6 +6,7 @@ use crate::extract::{Json, PathParam, Query};
 use crate::{App, parse_path};
 use axum::extract::State;
 use axum::http::StatusCode;
+use ciyuan_core::check_text;
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountInfo, AccountPath, Entry, EntryBody, Scope};
 use ciyuan_store::Account;
@@ -76,12 +77,14 @@ fn root_dto() -> AccountDto {
 }
 
 fn validate_info(info: &AccountInfo) -> Result<(), ApiError> {
-    if let Some(name) = &info.display_name
-        && (name.len() > MAX_DISPLAY_NAME_BYTES || name.trim().is_empty())
-    {
-        return Err(ApiError::bad_request(format!(
-            "display_name must be 1 to {MAX_DISPLAY_NAME_BYTES} bytes and not blank"
-        )));
+    let text = |field: &str, s: &str, max: usize| {
+        check_text(field, s, max).map_err(|e| ApiError::bad_request(e.to_string()))
+    };
+    if let Some(name) = &info.display_name {
+        if name.trim().is_empty() {
+            return Err(ApiError::bad_request("display_name: must not be blank"));
+        }
+        text("display_name", name, MAX_DISPLAY_NAME_BYTES)?;
     }
     if let Some(tz) = &info.time_zone {
         ciyuan_core::jiff::tz::TimeZone::get(tz).map_err(|_| {
@@ -96,15 +99,9 @@ fn validate_info(info: &AccountInfo) -> Result<(), ApiError> {
         )));
     }
     for (k, v) in &info.metadata {
-        if k.is_empty() || k.len() > MAX_METADATA_KEY_BYTES {
-            return Err(ApiError::bad_request(format!(
-                "metadata key {k:?} must be 1 to {MAX_METADATA_KEY_BYTES} bytes"
-            )));
-        }
-        if v.len() > MAX_METADATA_VALUE_BYTES {
-            return Err(ApiError::bad_request(format!(
-                "metadata value of {k:?} is longer than {MAX_METADATA_VALUE_BYTES} bytes"
-            )));
+        text("metadata key", k, MAX_METADATA_KEY_BYTES)?;
+        if !v.is_empty() {
+            text(&format!("metadata.{k}"), v, MAX_METADATA_VALUE_BYTES)?;
         }
     }
     Ok(())

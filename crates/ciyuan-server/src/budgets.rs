@@ -21,7 +21,7 @@ use ciyuan_budget::{
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
     AccessSet, AccountPath, BudgetCleared, BudgetMeasure, BudgetMode, BudgetPer, BudgetPeriod,
-    BudgetSet, Entry, EntryBody, Incident, Scope, TokenMap,
+    BudgetSet, Entry, EntryBody, Incident, Scope, check_text, may_change_control,
 };
 use ciyuan_store::{HourFilter, Store};
 use serde::{Deserialize, Serialize};
@@ -102,18 +102,30 @@ pub(crate) fn restore_used(
         from_hour: window.map(|(s, _)| ciyuan_store::floor_hour(s)),
         to_hour: window.map(|(_, e)| ciyuan_store::ceil_hour(e)),
     };
-    let mut used = TokenMap::new();
-    for row in store.usage_hours(&filter)? {
-        let _ = used.add(row.modality, row.direction, row.tokens);
-    }
-    let amount = match spec.measure {
-        Measure::Tokens(sel) => sel.count(&used),
+    let sel = match spec.measure {
+        Measure::Tokens(sel) => sel,
         // Request counts are not projected; they restart with the process.
         Measure::Requests => return Ok(()),
     };
+    // Net usage, corrections included, exactly as the engine counts it live.
+    let mut amount: i128 = 0;
+    for row in store.usage_hours(&filter)? {
+        if sel.matches(row.modality, row.direction) {
+            amount = amount.checked_add(row.tokens).ok_or_else(|| {
+                ApiError::internal(format!("usage of limit on {node} exceeds 128 bits"))
+            })?;
+        }
+    }
     engine
         .load_used(node, &spec.name, None, window.map(|(s, _)| s), amount)
         .map_err(|e| ApiError::internal(format!("restoring limit on {node}: {e}")))
+}
+
+/// A counter as an incident reports it (`u64` in the entry format): a net usage below
+/// zero (a credit) reports 0; one past `u64::MAX` (beyond 10^7 events at the largest
+/// accepted count) reports `u64::MAX`.
+fn reported(used: i128) -> u64 {
+    u64::try_from(used.max(0)).unwrap_or(u64::MAX)
 }
 
 /// Turns crossings and exceeded hard limits into incident entries (and webhooks).
@@ -142,7 +154,7 @@ pub(crate) async fn incidents(app: &Arc<App>, settled: Settled, cause: Option<u6
                 mode: BudgetMode::Hard,
                 window_start: status.as_ref().and_then(|s| s.window_start),
                 threshold: None,
-                used: status.as_ref().map_or(0, |s| s.used),
+                used: status.as_ref().map_or(0, |s| reported(s.used)),
                 amount: status.as_ref().map_or(0, |s| s.spec.amount),
                 subject: None,
                 cause,
@@ -274,7 +286,8 @@ struct LimitView {
     window_start: Option<Timestamp>,
     #[serde(skip_serializing_if = "Option::is_none")]
     window_end: Option<Timestamp>,
-    used: u64,
+    /// Net usage in the window: corrections count, so a credit can make it negative.
+    used: i128,
     reserved: u64,
     remaining: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -338,12 +351,27 @@ async fn existing_node(
 
 /// The live view of a node: its limits and its ancestors' (each with used, reserved
 /// and remaining), and the access rules on the path.
-async fn answer(app: &Arc<App>, node: &AccountPath) -> axum::Json<serde_json::Value> {
+///
+/// Per-session and per-key counters of limits on nodes above the caller's key are
+/// left out: a session or key counted there may belong to another tenant under the
+/// same ancestor, and its subject (a `user` value, an e-mail address, a key id) and
+/// usage are that tenant's.
+async fn answer(
+    app: &Arc<App>,
+    caller: &Caller,
+    node: &AccountPath,
+) -> axum::Json<serde_json::Value> {
     let now = Timestamp::now();
+    let mine = &caller.key.account;
     let mut limits: Vec<LimitView> = app
         .budget
         .status_path(node, now)
         .into_iter()
+        .filter(|s| {
+            s.subject == Subject::Node
+                || s.subject == Subject::Request
+                || s.spec.node.is_within(mine)
+        })
         .map(view)
         .collect();
     // Per-session, per-key and per-request limits have no counter until first used:
@@ -389,7 +417,7 @@ pub async fn show(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Read)?;
     let node = existing_node(&app, &caller, &raw).await?;
-    Ok(answer(&app, &node).await)
+    Ok(answer(&app, &caller, &node).await)
 }
 
 /// `PUT /api/v1/budgets/{path}`
@@ -431,7 +459,10 @@ pub async fn set(
         per: b.per.unwrap_or_default(),
         thresholds: b.thresholds.unwrap_or_else(|| DEFAULT_THRESHOLDS.to_vec()),
         clamp: b.clamp,
+        set_by: Some(caller.key.account.clone()),
     };
+    check_text("name", &budget.name, ciyuan_budget::MAX_NAME_BYTES)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let n = node.clone();
     let tz = app
         .blocking(move |app| Ok(ciyuan_store::effective_time_zone(app.store.as_ref(), &n)?))
@@ -441,6 +472,7 @@ pub async fn set(
     spec.validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let _guard = app.admin_lock.lock().await;
+    may_change_limit(&app, &caller, &node, &budget.name).await?;
     app.append_visible(&[Entry::new(
         Timestamp::now(),
         node.clone(),
@@ -455,7 +487,7 @@ pub async fn set(
     app.caught_up().await?;
     app.blocking(move |app| restore_used(app.store.as_ref(), &app.budget, &spec, Timestamp::now()))
         .await?;
-    Ok((StatusCode::OK, answer(&app, &node).await))
+    Ok((StatusCode::OK, answer(&app, &caller, &node).await))
 }
 
 /// `DELETE /api/v1/budgets/{path}` query: which limit (default `default`).
@@ -479,14 +511,65 @@ pub async fn clear(
     if !app.budget.limits(&node).iter().any(|l| l.name == name) {
         return Err(ApiError::not_found(format!("no limit {name:?} on {node}")));
     }
+    may_change_limit(&app, &caller, &node, &name).await?;
     app.append_visible(&[Entry::new(
         Timestamp::now(),
         node.clone(),
-        EntryBody::BudgetCleared(BudgetCleared { name: name.clone() }),
+        EntryBody::BudgetCleared(BudgetCleared {
+            name: name.clone(),
+            cleared_by: Some(caller.key.account.clone()),
+        }),
     )])
     .await?;
     app.budget.clear_limit(&node, &name);
-    Ok(answer(&app, &node).await)
+    Ok(answer(&app, &caller, &node).await)
+}
+
+/// Most model patterns in one allow or deny list.
+const MAX_MODEL_PATTERNS: usize = 256;
+/// Longest model pattern, as long as the longest model name the gateway accepts.
+const MAX_MODEL_PATTERN_BYTES: usize = 256;
+
+/// Refuses unless the caller's key sits at or above the node of the key that set
+/// limit `name` on `node` (if the limit exists). Call under the admin lock, so the
+/// projections hold every earlier change.
+async fn may_change_limit(
+    app: &Arc<App>,
+    caller: &Caller,
+    node: &AccountPath,
+    name: &str,
+) -> Result<(), ApiError> {
+    app.caught_up().await?;
+    let (n, nm) = (node.clone(), name.to_string());
+    let current = app
+        .blocking(move |app| {
+            Ok(app
+                .store
+                .budgets()?
+                .into_iter()
+                .find(|(p, b)| *p == n && b.name == nm)
+                .map(|(_, b)| b))
+        })
+        .await?;
+    match current {
+        Some(b) if !may_change_control(b.set_by.as_ref(), &caller.key.account) => Err(from_above(
+            &format!("limit {name:?}"),
+            node,
+            b.set_by.as_ref(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The refusal of a change to a control set from above the caller.
+fn from_above(what: &str, node: &AccountPath, set_by: Option<&AccountPath>) -> ApiError {
+    let setter = set_by.map_or_else(
+        || "/ (set before setters were recorded)".to_string(),
+        AccountPath::to_string,
+    );
+    ApiError::forbidden(format!(
+        "{what} on {node} was set by a key at {setter}: only a key at that node or above may change or remove it"
+    ))
 }
 
 /// `PUT /api/v1/access/{path}` body: model patterns allowed and denied.
@@ -508,17 +591,46 @@ pub async fn set_access(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Admin)?;
     let node = existing_node(&app, &caller, &raw).await?;
-    for p in b.allow.iter().flatten().chain(&b.deny) {
-        if p.is_empty() || p.len() > 256 {
+    for (list, patterns) in [
+        ("allow", b.allow.as_deref().unwrap_or(&[])),
+        ("deny", &b.deny),
+    ] {
+        if patterns.len() > MAX_MODEL_PATTERNS {
             return Err(ApiError::bad_request(format!(
-                "model pattern {p:?} must be 1 to 256 bytes"
+                "{list}: more than {MAX_MODEL_PATTERNS} model patterns"
             )));
+        }
+        for p in patterns {
+            check_text(list, p, MAX_MODEL_PATTERN_BYTES)
+                .map_err(|e| ApiError::bad_request(format!("model pattern {p:?}: {e}")))?;
         }
     }
     let _guard = app.admin_lock.lock().await;
+    app.caught_up().await?;
+    let n = node.clone();
+    let current = app
+        .blocking(move |app| {
+            Ok(app
+                .store
+                .access_rules()?
+                .into_iter()
+                .find(|(p, r)| *p == n && (r.allow.is_some() || !r.deny.is_empty()))
+                .map(|(_, r)| r))
+        })
+        .await?;
+    if let Some(r) = current
+        && !may_change_control(r.set_by.as_ref(), &caller.key.account)
+    {
+        return Err(from_above(
+            "the model access rules",
+            &node,
+            r.set_by.as_ref(),
+        ));
+    }
     let rules = AccessSet {
         allow: b.allow,
         deny: b.deny,
+        set_by: Some(caller.key.account.clone()),
     };
     app.append_visible(&[Entry::new(
         Timestamp::now(),
@@ -527,7 +639,7 @@ pub async fn set_access(
     )])
     .await?;
     app.budget.set_models(&node, rules.allow, rules.deny);
-    Ok(answer(&app, &node).await)
+    Ok(answer(&app, &caller, &node).await)
 }
 
 /// `GET /api/v1/webhooks/deliveries?limit=`: the newest delivery records (queued,

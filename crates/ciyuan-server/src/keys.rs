@@ -64,18 +64,15 @@ pub async fn create(
             "scopes must name at least one of gateway, ingest, read, admin, audit",
         ));
     }
-    if !caller.key.scopes.is_superset(body.scopes) {
+    if !caller.key.scopes.grants(body.scopes) {
         return Err(ApiError::forbidden(format!(
             "a key with scopes {} cannot create a key with scopes {}",
             caller.key.scopes, body.scopes
         )));
     }
-    if let Some(n) = &body.name
-        && n.len() > MAX_KEY_NAME_BYTES
-    {
-        return Err(ApiError::bad_request(format!(
-            "name is longer than {MAX_KEY_NAME_BYTES} bytes"
-        )));
+    if let Some(n) = &body.name {
+        ciyuan_core::check_text("name", n, MAX_KEY_NAME_BYTES)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     if !account.is_root() {
         let a = account.clone();

@@ -7,4 +7,5 @@ mod common;
 mod crash;
 mod e2e;
 mod gateway;
+mod hostile;
 mod tamper;
