@@ -200,6 +200,20 @@ pub async fn update(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("account {path} does not exist")))?;
     let mut info = current.info;
+    // A node's time zone places the windows of the limits set on it from above, and
+    // its metadata (cost center, GL account) is how the parent's finance allocates
+    // it: both are the parent's controls, changed only from above. A node's own
+    // admin may rename it.
+    let changes_controls = body
+        .time_zone
+        .as_ref()
+        .is_some_and(|tz| info.time_zone.as_ref() != Some(tz))
+        || body.metadata.as_ref().is_some_and(|m| *m != info.metadata);
+    if changes_controls && path == caller.key.account {
+        return Err(ApiError::forbidden(format!(
+            "time_zone and metadata of {path} are set from above: use an admin key of an ancestor of {path}"
+        )));
+    }
     if let Some(n) = body.display_name {
         info.display_name = Some(n);
     }

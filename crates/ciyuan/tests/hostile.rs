@@ -257,6 +257,45 @@ fn regression_a_tenant_admin_cannot_lift_its_parents_controls() {
 }
 
 #[test]
+fn a_tenant_admin_cannot_move_its_windows_or_its_cost_center() {
+    let t = tenant();
+    let s = &t.gw.server;
+    let set = json!({"time_zone": "Asia/Shanghai", "metadata": {"cost_center": "CC-1"}});
+    assert_eq!(
+        call(s, "PATCH", "/api/v1/accounts/acme/a", &t.acme, Some(set)).0,
+        200
+    );
+    for body in [
+        json!({"time_zone": "Pacific/Kiritimati"}),
+        json!({"metadata": {"cost_center": "CC-9"}}),
+    ] {
+        refused(
+            call(
+                s,
+                "PATCH",
+                "/api/v1/accounts/acme/a",
+                &t.a_admin,
+                Some(body),
+            ),
+            403,
+            "set from above",
+        );
+    }
+    // Renaming is the node's own; repeating the values in force changes nothing.
+    let same = json!({"display_name": "A", "time_zone": "Asia/Shanghai",
+                      "metadata": {"cost_center": "CC-1"}});
+    let (st, v) = call(
+        s,
+        "PATCH",
+        "/api/v1/accounts/acme/a",
+        &t.a_admin,
+        Some(same),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["metadata"]["cost_center"], "CC-1");
+}
+
+#[test]
 fn regression_a_tenant_admin_cannot_credit_itself() {
     let t = tenant();
     let s = &t.gw.server;
