@@ -92,6 +92,8 @@ impl GroupCommitter {
         self.append(
             entries,
             Box::new(move |r| {
+                // The receiver is below, waiting; the send fails only if this caller's
+                // thread is gone, and then nobody is left to tell.
                 let _ = tx.send(r);
             }),
         )?;
@@ -109,6 +111,7 @@ impl GroupCommitter {
     pub fn checkpoint_blocking(&self) -> Result<SignedCheckpoint, LedgerError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.checkpoint_with(Box::new(move |r| {
+            // As in `append_blocking`: only a vanished waiter makes this fail.
             let _ = tx.send(r);
         }))?;
         rx.recv().map_err(|_| LedgerError::ShutDown)?
@@ -127,6 +130,8 @@ impl GroupCommitter {
     /// Asks the writer to finish what is queued, sync the sidecar and stop. Join the
     /// handle returned by [`GroupCommitter::start`] to wait for it.
     pub fn shutdown(&self) {
+        // The send fails only when the writer has stopped already, which is what was
+        // asked for.
         let _ = self.tx.send(Request::Shutdown);
     }
 }
@@ -272,7 +277,13 @@ fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
         }
     }
     drop(sync_tx);
-    let _ = syncer.join();
+    if syncer.join().is_err() {
+        // The syncer died mid-group: what it had not published is not acknowledged,
+        // and the next open judges the files. Syncing the sidecar now would only
+        // make durable what recovery rebuilds anyway.
+        tracing::error!("ledger: the sync thread panicked; the ledger must be reopened");
+        return;
+    }
     // Answer whatever is still queued so no producer waits forever.
     while let Ok(req) = rx.try_recv() {
         match req {
@@ -281,7 +292,11 @@ fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
             Request::Shutdown => {}
         }
     }
-    let _ = ledger.sync();
+    if let Err(e) = ledger.sync() {
+        // Everything acknowledged was synced group by group; this sync only saves the
+        // next open some rebuilding, so its failure is reported, not fatal.
+        tracing::warn!("ledger: final sync on shutdown failed: {e}");
+    }
 }
 
 impl Log for GroupCommitter {

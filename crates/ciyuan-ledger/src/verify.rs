@@ -199,7 +199,9 @@ impl TreeCheck {
         for pair in sizes.windows(2) {
             if pair[0] > 0 {
                 // The proof's shape depends on the sizes only, so asking with dummy
-                // hashes lists exactly the nodes the real proof is made of.
+                // hashes lists exactly the nodes the real proof is made of. It cannot
+                // fail for sizes 0 < a < b; if it did, `check` builds the same proof
+                // again and reports the error there, so nothing is skipped.
                 let _ = ciyuan_tlog::consistency_proof(&rec, pair[0], pair[1]);
             }
         }
@@ -314,7 +316,9 @@ impl TreeFeed {
     fn feed(&mut self, leaves: &mut Vec<Hash>) {
         let next = self.spare.try_recv().unwrap_or_default();
         let full = std::mem::replace(leaves, next);
-        // The tree thread only stops when this side is dropped.
+        // The tree thread only stops when this side is dropped, or by panicking; the
+        // join in `with_tree` turns that into a failure, so a lost chunk is never
+        // mistaken for a verified one.
         let _ = self.tx.send(full);
     }
 }
@@ -335,6 +339,7 @@ fn with_tree<R>(
                     tree.push(*leaf);
                 }
                 leaves.clear();
+                // Recycling only: a full spare queue drops the vector, nothing else.
                 let _ = spare_tx.try_send(leaves);
             }
             tree
