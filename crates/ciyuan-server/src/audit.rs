@@ -31,14 +31,38 @@ fn require_audit(caller: &Caller) -> Result<(), ApiError> {
     caller.require(Scope::Audit)
 }
 
-/// The newest checkpoint covering at least `size` entries, signing one if needed.
-async fn covering(app: &Arc<App>, size: u64) -> Result<SignedCheckpoint, ApiError> {
+/// Whether `caller` may have a checkpoint signed on demand. A checkpoint signs the
+/// whole log, every tenant's entries, and each one is an `fdatasync` and a record kept
+/// forever: only an audit key at the root `/` may ask for one (admin does not imply
+/// audit, as everywhere). Other keys get the checkpoints the server signs on its own,
+/// every `checkpoint_interval`.
+fn may_sign(caller: &Caller) -> bool {
+    caller.key.account.is_root() && caller.key.scopes.allows(Scope::Audit)
+}
+
+/// The newest checkpoint covering at least `size` entries. A root audit key gets one
+/// signed if needed; any other key waits for the periodic checkpoint (503 with
+/// `retry-after`).
+async fn covering(
+    app: &Arc<App>,
+    caller: &Caller,
+    size: u64,
+) -> Result<SignedCheckpoint, ApiError> {
     if let Some(c) = app.log().latest_checkpoint()
         && c.checkpoint.size >= size
     {
         return Ok(c);
     }
-    app.checkpoint().await
+    if may_sign(caller) {
+        return app.checkpoint().await;
+    }
+    let mut e = ApiError::unavailable(format!(
+        "no signed checkpoint covers {size} entries yet; the server signs one every {} s \
+         (only an audit key at the root / may have one signed on demand)",
+        app.config.checkpoint_interval.as_secs()
+    ));
+    e.retry_after_secs = Some(app.config.checkpoint_interval.as_secs().max(1));
+    Err(e)
 }
 
 pub async fn checkpoint(
@@ -46,7 +70,7 @@ pub async fn checkpoint(
     caller: Caller,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     require_audit(&caller)?;
-    let c = covering(&app, 0).await?;
+    let c = covering(&app, &caller, 0).await?;
     Ok(axum::Json(checkpoint_json(&app, &c)))
 }
 
@@ -55,6 +79,13 @@ pub async fn sign(
     caller: Caller,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     require_audit(&caller)?;
+    if !may_sign(&caller) {
+        return Err(ApiError::forbidden(format!(
+            "key {} may not sign a checkpoint: that needs an audit key at the root account / \
+             (others read the periodic checkpoints with GET)",
+            caller.key.key_id
+        )));
+    }
     let c = app.checkpoint().await?;
     Ok(axum::Json(checkpoint_json(&app, &c)))
 }
@@ -171,7 +202,7 @@ pub async fn prove(
     require_audit(&caller)?;
     let id = parse_id(&raw)?;
     let bytes = visible_entry(&app, &caller, id).await?;
-    let c = covering(&app, id + 1).await?;
+    let c = covering(&app, &caller, id + 1).await?;
     let size = c.checkpoint.size;
     let log = app.log().clone();
     let proof = app
@@ -208,7 +239,7 @@ pub async fn consistency(
     require_audit(&caller)?;
     let to = match q.to {
         Some(t) => t,
-        None => covering(&app, 0).await?.checkpoint.size,
+        None => covering(&app, &caller, 0).await?.checkpoint.size,
     };
     if q.from > to {
         return Err(ApiError::bad_request("from must not exceed to"));

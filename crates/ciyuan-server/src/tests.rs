@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 use std::sync::Mutex;
 use tower::ServiceExt;
 
+mod audit;
+
 /// A log kept in memory: the same contract as the file ledger, for handler tests.
 pub(crate) struct MemLog {
     inner: Mutex<(Vec<Vec<u8>>, MemoryTree, Vec<SignedCheckpoint>)>,
