@@ -135,37 +135,122 @@ pub fn put_checkpoint(note: &str) -> Vec<u8> {
     out
 }
 
+/// Largest checkpoint note a frame may hold. A note is a few hundred bytes; the bound
+/// keeps a damaged length field from asking for gigabytes.
+pub const MAX_CHECKPOINT_NOTE_BYTES: usize = 64 * 1024;
+
 /// Notes with their offsets in the checkpoints file.
 pub type Notes = Vec<(usize, String)>;
 /// Offset and reason of a bad frame.
 pub type BadFrame = Option<(usize, &'static str)>;
 
-/// Splits a checkpoints file into notes. Returns the notes, and the offset and reason of
-/// the first bad frame if any.
+/// What the bytes at the start of a buffer hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A whole, checked note and the frame's size.
+    Note(&'a str, usize),
+    /// The frame goes on past the buffer (and is not over the size limit).
+    Incomplete,
+    /// Not a frame, and why.
+    Bad(&'static str),
+}
+
+/// Parses the checkpoint frame at the start of `buf`.
+pub fn parse_checkpoint_frame(buf: &[u8]) -> Frame<'_> {
+    if buf.len() < CHECKPOINT_HEADER_BYTES {
+        return Frame::Incomplete;
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if len > MAX_CHECKPOINT_NOTE_BYTES {
+        return Frame::Bad("frame cut short or too long");
+    }
+    let total = CHECKPOINT_HEADER_BYTES + len;
+    if buf.len() < total {
+        return Frame::Incomplete;
+    }
+    let body = &buf[CHECKPOINT_HEADER_BYTES..total];
+    if crc32c::crc32c(body) != crc {
+        return Frame::Bad("checksum mismatch");
+    }
+    match std::str::from_utf8(body) {
+        Ok(s) => Frame::Note(s, total),
+        Err(_) => Frame::Bad("note is not UTF-8"),
+    }
+}
+
+/// Splits a checkpoints file held in memory into notes. Returns the notes, and the
+/// offset and reason of the first bad frame if any.
 pub fn parse_checkpoints(buf: &[u8]) -> (Notes, BadFrame) {
     let mut notes = Vec::new();
     let mut at = 0;
     while at < buf.len() {
-        if buf.len() - at < CHECKPOINT_HEADER_BYTES {
-            return (notes, Some((at, "frame header cut short")));
+        match parse_checkpoint_frame(&buf[at..]) {
+            Frame::Note(s, total) => {
+                notes.push((at, s.to_string()));
+                at += total;
+            }
+            Frame::Incomplete => return (notes, Some((at, "frame cut short or too long"))),
+            Frame::Bad(why) => return (notes, Some((at, why))),
         }
-        let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-        let crc = u32::from_le_bytes([buf[at + 4], buf[at + 5], buf[at + 6], buf[at + 7]]);
-        let start = at + CHECKPOINT_HEADER_BYTES;
-        if len > 64 * 1024 || buf.len() - start < len {
-            return (notes, Some((at, "frame cut short or too long")));
-        }
-        let body = &buf[start..start + len];
-        if crc32c::crc32c(body) != crc {
-            return (notes, Some((at, "checksum mismatch")));
-        }
-        match std::str::from_utf8(body) {
-            Ok(s) => notes.push((at, s.to_string())),
-            Err(_) => return (notes, Some((at, "note is not UTF-8"))),
-        }
-        at = start + len;
     }
     (notes, None)
+}
+
+/// Bytes read at a time while streaming a checkpoints file: many frames, and always
+/// room for the largest one.
+const CHECKPOINT_READ_BYTES: usize = 1 << 20;
+
+/// Streams the frames of a checkpoints file from byte `start` (a frame boundary) to
+/// byte `end`, in constant memory: `f(offset, note)` for each until it answers
+/// `false`. Returns the offset and reason of the bad or cut frame that stopped the
+/// scan, if one did. `io` names a read error in the caller's terms.
+pub fn scan_checkpoints<E>(
+    file: &std::fs::File,
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(u64, &str) -> Result<bool, E>,
+    io: impl FnOnce(std::io::Error) -> E,
+) -> Result<Option<(u64, &'static str)>, E> {
+    use std::os::unix::fs::FileExt;
+    const _: () =
+        assert!(CHECKPOINT_READ_BYTES >= CHECKPOINT_HEADER_BYTES + MAX_CHECKPOINT_NOTE_BYTES);
+    let mut buf = vec![0u8; CHECKPOINT_READ_BYTES];
+    let mut pos = start; // file offset of buf[0]
+    let mut filled = 0usize;
+    loop {
+        // Top the buffer up from the file.
+        while filled < buf.len() && pos + (filled as u64) < end {
+            let want = (buf.len() - filled).min((end - pos - filled as u64) as usize);
+            match file.read_at(&mut buf[filled..filled + want], pos + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        if filled == 0 {
+            return Ok(None);
+        }
+        let mut at = 0usize;
+        while at < filled {
+            match parse_checkpoint_frame(&buf[at..filled]) {
+                Frame::Note(note, total) => {
+                    if !f(pos + at as u64, note)? {
+                        return Ok(None);
+                    }
+                    at += total;
+                }
+                Frame::Incomplete if at > 0 => break,
+                // A whole buffer holds any valid frame: what does not fit is cut.
+                Frame::Incomplete => return Ok(Some((pos, "frame cut short or too long"))),
+                Frame::Bad(why) => return Ok(Some((pos + at as u64, why))),
+            }
+        }
+        buf.copy_within(at..filled, 0);
+        filled -= at;
+        pos += at as u64;
+    }
 }
 
 /// Segment file name for a first index.

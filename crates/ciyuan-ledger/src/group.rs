@@ -349,8 +349,12 @@ impl Log for GroupCommitter {
         self.reader.latest_checkpoint()
     }
 
-    fn checkpoints(&self) -> Vec<SignedCheckpoint> {
-        self.reader.checkpoints()
+    fn checkpoint_count(&self) -> u64 {
+        self.reader.checkpoint_count()
+    }
+
+    fn checkpoints(&self, from: u64, limit: usize) -> Result<Vec<SignedCheckpoint>, LogError> {
+        Ok(self.reader.checkpoints(from, limit)?)
     }
 
     fn verifier_key(&self) -> String {

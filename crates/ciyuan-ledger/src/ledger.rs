@@ -23,6 +23,36 @@ const SEGMENTS_DIR: &str = "segments";
 const SIDECAR_FILE: &str = "leaves";
 const CHECKPOINTS_FILE: &str = "checkpoints";
 const LOCK_FILE: &str = "LOCK";
+/// The offset of every this-many-th checkpoint is kept in memory; a page of older
+/// checkpoints is read from the file, starting at the nearest indexed one. At the
+/// default interval of 10 s that is some 100 KB a year instead of every note.
+const CHECKPOINT_INDEX_STRIDE: u64 = 256;
+
+/// What is kept in memory of the checkpoints file: the newest checkpoint, and where
+/// to find the others.
+#[derive(Default)]
+struct CheckpointIndex {
+    /// Checkpoints signed so far.
+    count: u64,
+    /// Bytes of whole frames in the file: where the next one is written.
+    end: u64,
+    /// `sparse[k]` is the offset of checkpoint `k * CHECKPOINT_INDEX_STRIDE`.
+    sparse: Vec<u64>,
+    latest: Option<SignedCheckpoint>,
+}
+
+impl CheckpointIndex {
+    /// Records the frame of `frame_bytes` at `offset`, which must be the end so far.
+    fn push(&mut self, offset: u64, frame_bytes: u64, signed: SignedCheckpoint) {
+        assert_eq!(offset, self.end, "checkpoint frames are appended in order");
+        if self.count.is_multiple_of(CHECKPOINT_INDEX_STRIDE) {
+            self.sparse.push(offset);
+        }
+        self.count += 1;
+        self.end = offset + frame_bytes;
+        self.latest = Some(signed);
+    }
+}
 
 struct Segment {
     first: u64,
@@ -44,7 +74,9 @@ struct Shared {
     verifier: NoteVerifier,
     sidecar: File,
     state: RwLock<State>,
-    checkpoints: RwLock<Vec<SignedCheckpoint>>,
+    checkpoints: RwLock<CheckpointIndex>,
+    /// The checkpoints file, for reading older checkpoints by offset.
+    checkpoints_file: File,
     max_entry_bytes: usize,
     /// Set when a write or sync failed: the file's state is then unknown (the kernel may
     /// have dropped dirty pages), so everything is refused until recovery reopens it.
@@ -161,7 +193,7 @@ impl Checkpointer {
             let st = read_lock(&shared.state);
             (st.size, st.root)
         };
-        if let Some(latest) = read_lock(&shared.checkpoints).last()
+        if let Some(latest) = &read_lock(&shared.checkpoints).latest
             && latest.checkpoint.size == size
         {
             return Ok(latest.clone());
@@ -177,10 +209,12 @@ impl Checkpointer {
             .sign(&checkpoint.to_text())
             .map_err(|e| corrupt(format!("signing a checkpoint: {e}")))?;
         let frame = put_checkpoint(&note);
+        // Only this checkpointer (one per ledger, behind a mutex) writes the file, so
+        // the end the index knows is where the frame goes.
+        let at = read_lock(&shared.checkpoints).end;
         let write = self
             .file
-            .metadata()
-            .and_then(|m| self.file.write_all_at(&frame, m.len()))
+            .write_all_at(&frame, at)
             .and_then(|_| self.file.sync_data());
         if let Err(e) = write {
             shared.fail(format!("writing a checkpoint: {e}"));
@@ -191,7 +225,7 @@ impl Checkpointer {
             .checkpoints
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .push(signed.clone());
+            .push(at, frame.len() as u64, signed.clone());
         Ok(signed)
     }
 }
@@ -517,24 +551,39 @@ impl Ledger {
             .write(true)
             .open(&cp_path)
             .map_err(LedgerError::io("opening the checkpoints file"))?;
-        let cp_bytes = std::fs::read(&cp_path).map_err(LedgerError::io("reading checkpoints"))?;
-        let (notes, bad) = parse_checkpoints(&cp_bytes);
+        let cp_len = checkpoints_w
+            .metadata()
+            .map_err(LedgerError::io("reading checkpoints"))?
+            .len();
+        // Streamed: a year of checkpoints is millions of notes, and only the newest
+        // and an offset every `CHECKPOINT_INDEX_STRIDE` stay in memory.
+        let mut checkpoints = CheckpointIndex::default();
+        let bad = scan_checkpoints(
+            &checkpoints_w,
+            0,
+            cp_len,
+            |at, note| {
+                let checkpoint = ciyuan_tlog::open_checkpoint(&verifier, note, Some(signer.name()))
+                    .map_err(|e| corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {e}")))?;
+                let frame = (CHECKPOINT_HEADER_BYTES + note.len()) as u64;
+                let note = note.to_string();
+                checkpoints.push(at, frame, SignedCheckpoint { checkpoint, note });
+                Ok(true)
+            },
+            LedgerError::io("reading checkpoints"),
+        )?;
         if let Some((at, why)) = bad {
-            let tail = cp_bytes.len() - at;
-            if tail > 64 * 1024 + CHECKPOINT_HEADER_BYTES {
+            let tail = cp_len - at;
+            if tail > (MAX_CHECKPOINT_NOTE_BYTES + CHECKPOINT_HEADER_BYTES) as u64 {
                 return Err(corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {why}")));
             }
             checkpoints_w
-                .set_len(at as u64)
+                .set_len(at)
                 .and_then(|_| checkpoints_w.sync_all())
                 .map_err(LedgerError::io("truncating a torn checkpoint"))?;
         }
-        let mut checkpoints = Vec::with_capacity(notes.len());
-        for (at, note) in notes {
-            let checkpoint = ciyuan_tlog::open_checkpoint(&verifier, &note, Some(signer.name()))
-                .map_err(|e| corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {e}")))?;
-            checkpoints.push(SignedCheckpoint { checkpoint, note });
-        }
+        let checkpoints_file =
+            File::open(&cp_path).map_err(LedgerError::io("opening the checkpoints file"))?;
 
         let shared = Arc::new(Shared {
             origin: signer.name().to_string(),
@@ -548,6 +597,7 @@ impl Ledger {
                 segments,
             }),
             checkpoints: RwLock::new(checkpoints),
+            checkpoints_file,
             max_entry_bytes: opts.max_entry_bytes,
             failed: std::sync::Mutex::new(None),
         });
@@ -1007,12 +1057,59 @@ impl LedgerReader {
 
     /// The newest signed checkpoint.
     pub fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
-        read_lock(&self.shared.checkpoints).last().cloned()
+        read_lock(&self.shared.checkpoints).latest.clone()
     }
 
-    /// Every signed checkpoint, oldest first.
-    pub fn checkpoints(&self) -> Vec<SignedCheckpoint> {
-        read_lock(&self.shared.checkpoints).clone()
+    /// Number of checkpoints signed so far.
+    pub fn checkpoint_count(&self) -> u64 {
+        read_lock(&self.shared.checkpoints).count
+    }
+
+    /// Up to `limit` signed checkpoints, oldest first, from the `from`-th on (0 is the
+    /// first ever signed). Read from the checkpoints file, each note's signature
+    /// checked again on the way out: only the newest is held in memory.
+    pub fn checkpoints(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<SignedCheckpoint>, LedgerError> {
+        let (start, end, count) = {
+            let ix = read_lock(&self.shared.checkpoints);
+            if from >= ix.count || limit == 0 {
+                return Ok(Vec::new());
+            }
+            let k = (from / CHECKPOINT_INDEX_STRIDE) as usize;
+            (ix.sparse[k], ix.end, ix.count)
+        };
+        let mut skip = from % CHECKPOINT_INDEX_STRIDE;
+        let mut out = Vec::with_capacity(limit.min((count - from) as usize));
+        let verifier = &self.shared.verifier;
+        let bad = scan_checkpoints(
+            &self.shared.checkpoints_file,
+            start,
+            end,
+            |at, note| {
+                if skip > 0 {
+                    skip -= 1;
+                    return Ok(true);
+                }
+                let checkpoint =
+                    ciyuan_tlog::open_checkpoint(verifier, note, Some(verifier.name()))
+                        .map_err(|e| corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {e}")))?;
+                out.push(SignedCheckpoint {
+                    checkpoint,
+                    note: note.to_string(),
+                });
+                Ok(out.len() < limit)
+            },
+            LedgerError::io("reading checkpoints"),
+        )?;
+        if let Some((at, why)) = bad {
+            // The frames up to `end` were whole and checked when they were written or
+            // opened: a bad one now is damage done since.
+            return Err(corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {why}")));
+        }
+        Ok(out)
     }
 
     /// The segment holding `index` and the offset of its record.

@@ -44,7 +44,7 @@ mod keys;
 mod ledger;
 mod verify;
 
-pub use bundle::{BundleSummary, export_bundle, write_bundle};
+pub use bundle::{BundleSummary, BundleWriter, export_bundle, write_bundle};
 pub use group::{GroupCommitter, OnAppended, OnCheckpoint};
 pub use ledger::{Ledger, LedgerReader};
 pub use verify::{VerifyFailure, VerifyReport, verify_path, verify_path_with_progress};

@@ -16,6 +16,10 @@ use std::sync::Arc;
 
 /// Most entries one `GET /api/v1/audit/entries` answers.
 const MAX_ENTRIES_PER_PAGE: u64 = 10_000;
+/// Checkpoints one `GET /api/v1/audit/checkpoints` answers unless asked for fewer.
+const DEFAULT_CHECKPOINTS_PER_PAGE: usize = 100;
+/// Most checkpoints one `GET /api/v1/audit/checkpoints` answers.
+const MAX_CHECKPOINTS_PER_PAGE: usize = 1000;
 
 fn checkpoint_json(app: &App, c: &SignedCheckpoint) -> serde_json::Value {
     serde_json::json!({
@@ -90,18 +94,48 @@ pub async fn sign(
     Ok(axum::Json(checkpoint_json(&app, &c)))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointPage {
+    /// How many checkpoints come before the page (the `next` of the previous one).
+    cursor: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Signed checkpoints, oldest first, a page at a time: there are millions of them, and
+/// the log reads older ones from storage rather than keeping them in memory.
 pub async fn checkpoints(
     State(app): State<Arc<App>>,
     caller: Caller,
+    Query(page): Query<CheckpointPage>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     require_audit(&caller)?;
-    let all: Vec<serde_json::Value> = app
-        .log()
-        .checkpoints()
-        .iter()
-        .map(|c| checkpoint_json(&app, c))
-        .collect();
-    Ok(axum::Json(serde_json::json!({ "checkpoints": all })))
+    let limit = page.limit.unwrap_or(DEFAULT_CHECKPOINTS_PER_PAGE);
+    if limit == 0 || limit > MAX_CHECKPOINTS_PER_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_CHECKPOINTS_PER_PAGE}"
+        )));
+    }
+    let cursor = page.cursor.unwrap_or(0);
+    let count = app.log().checkpoint_count();
+    if cursor > count {
+        return Err(ApiError::bad_request(format!(
+            "cursor {cursor} is past the end: {count} checkpoints have been signed"
+        )));
+    }
+    let log = app.log().clone();
+    let cps = app
+        .blocking(move |_| Ok(log.checkpoints(cursor, limit)?))
+        .await?;
+    let end = cursor + cps.len() as u64;
+    // A full page may have more behind it; the cursor of the end is handed out so a
+    // client can also come back later for the checkpoints signed since.
+    let next = (cps.len() == limit && end < app.log().checkpoint_count()).then_some(end);
+    let list: Vec<serde_json::Value> = cps.iter().map(|c| checkpoint_json(&app, c)).collect();
+    Ok(axum::Json(serde_json::json!({
+        "checkpoints": list,
+        "next": next,
+    })))
 }
 
 #[derive(Deserialize)]

@@ -97,8 +97,17 @@ impl Log for MemLog {
     fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
         self.inner.lock().unwrap().2.last().cloned()
     }
-    fn checkpoints(&self) -> Vec<SignedCheckpoint> {
-        self.inner.lock().unwrap().2.clone()
+    fn checkpoint_count(&self) -> u64 {
+        self.inner.lock().unwrap().2.len() as u64
+    }
+    fn checkpoints(&self, from: u64, limit: usize) -> Result<Vec<SignedCheckpoint>, LogError> {
+        let g = self.inner.lock().unwrap();
+        Ok(g.2
+            .iter()
+            .skip(from as usize)
+            .take(limit)
+            .cloned()
+            .collect())
     }
     fn verifier_key(&self) -> String {
         self.signer.verifier_key()
