@@ -1,5 +1,8 @@
 //! The behaviour every backend must show, as one suite each backend runs against itself
-//! (`cargo test -p ciyuan-store-sqlite`, and the PostgreSQL backend the same way).
+//! (`cargo test -p ciyuan-store-sqlite`, and the PostgreSQL backend the same way). The
+//! [`Store`] suite is [`run_all`]; the [`crate::Log`] suite is [`log::run_all`].
+
+pub mod log;
 
 use crate::{HourFilter, KeyRecord, Store, StoreError};
 use ciyuan_core::jiff::Timestamp;
