@@ -13,6 +13,93 @@ pub const SIDECAR_ENTRY_BYTES: usize = 40;
 /// Checkpoint frame header: length, CRC.
 pub const CHECKPOINT_HEADER_BYTES: usize = 8;
 
+/// Largest entry the format holds. [`crate::LedgerOptions::max_entry_bytes`] may refuse
+/// smaller ones for new appends, but recovery, readers and the verifier parse records
+/// with this bound, so lowering the option never makes a written entry unreadable, or
+/// a whole last record look like a torn one.
+pub const MAX_ENTRY_BYTES: usize = 16 << 20;
+
+/// The most bytes a crash may leave torn at the end of the last segment. A writer
+/// never has more than this written and not yet synced (options that would allow more
+/// are refused when a ledger is opened), so a longer damaged tail is damage to
+/// acknowledged data. Recovery and the verifier judge a tail by this bound and
+/// [`judge_torn_tail`] alone: the decision belongs to the files, not to the pipeline
+/// depth or the options of whichever binary looks at them.
+pub const MAX_TORN_TAIL_BYTES: u64 = 256 << 20;
+
+/// Why the damaged end of the last segment is not what a crash leaves behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotTorn {
+    /// A signed checkpoint covers the damaged entry: it was durable when signed.
+    Signed {
+        /// Entries the newest checkpoint signs.
+        signed_size: u64,
+    },
+    /// Longer than any write that was not yet synced.
+    TooLong {
+        /// Bytes from the damaged record to the end of the file.
+        bytes: u64,
+    },
+    /// A valid record follows, this many bytes after the damaged one starts.
+    ValidRecordFollows {
+        /// Where, from the start of the damaged record.
+        after: usize,
+    },
+}
+
+impl std::fmt::Display for NotTorn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotTorn::Signed { signed_size } => {
+                write!(f, "a signed checkpoint covers {signed_size} entries")
+            }
+            NotTorn::TooLong { bytes } => write!(
+                f,
+                "{bytes} damaged bytes follow, more than a crash can leave unsynced ({MAX_TORN_TAIL_BYTES})"
+            ),
+            NotTorn::ValidRecordFollows { after } => {
+                write!(f, "a valid record follows {after} bytes further on")
+            }
+        }
+    }
+}
+
+/// What can be judged of a damaged tail from its length alone (so a verifier need not
+/// read a tail that is too long to be torn): see [`judge_torn_tail`].
+pub fn judge_torn_tail_len(bytes: u64, index: u64, signed_size: u64) -> Result<(), NotTorn> {
+    if signed_size > index {
+        return Err(NotTorn::Signed { signed_size });
+    }
+    if bytes > MAX_TORN_TAIL_BYTES {
+        return Err(NotTorn::TooLong { bytes });
+    }
+    Ok(())
+}
+
+/// Judges the damaged end of the last segment: `tail` runs from the first record that
+/// fails to parse (expected to be entry `index`) to the end of the file, and
+/// `signed_size` is the size of the newest signed checkpoint (0 without one). `Ok` means
+/// it is a torn write nobody was told about: recovery cuts it, the verifier reports it.
+/// Anything else is damage, and both refuse it. The sidecar has no say: it is written
+/// before its group is synced, so after a crash it may hold entries whose records never
+/// reached the disk.
+pub fn judge_torn_tail(tail: &[u8], index: u64, signed_size: u64) -> Result<(), NotTorn> {
+    judge_torn_tail_len(tail.len() as u64, index, signed_size)?;
+    match (1..tail.len()).find(|&off| valid_record_at(&tail[off..], index)) {
+        Some(after) => Err(NotTorn::ValidRecordFollows { after }),
+        None => Ok(()),
+    }
+}
+
+/// Whether `b` starts with a valid record of index `index` or later.
+fn valid_record_at(b: &[u8], index: u64) -> bool {
+    if b.len() < RECORD_HEADER_BYTES {
+        return false;
+    }
+    let found = u64::from_le_bytes([b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]]);
+    found >= index && parse_record(b, found, MAX_ENTRY_BYTES).is_ok()
+}
+
 /// The segment header bytes.
 pub fn segment_header() -> [u8; SEGMENT_HEADER_BYTES] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES];
@@ -305,6 +392,32 @@ mod tests {
         let (notes, bad) = parse_checkpoints(&f[..f.len() - 1]);
         assert_eq!(notes.len(), 1);
         assert!(bad.is_some());
+    }
+
+    #[test]
+    fn torn_tails_are_judged_by_the_format() {
+        let mut next = Vec::new();
+        put_record(&mut next, 9, b"later");
+        let mut tail = vec![0xAB; 100];
+        assert_eq!(judge_torn_tail(&tail, 7, 7), Ok(()));
+        assert_eq!(
+            judge_torn_tail(&tail, 7, 8),
+            Err(NotTorn::Signed { signed_size: 8 })
+        );
+        tail.extend_from_slice(&next);
+        assert_eq!(
+            judge_torn_tail(&tail, 7, 0),
+            Err(NotTorn::ValidRecordFollows { after: 100 })
+        );
+        // A record of an earlier index is old garbage, not a later write.
+        assert_eq!(judge_torn_tail(&tail, 10, 0), Ok(()));
+        assert_eq!(judge_torn_tail_len(MAX_TORN_TAIL_BYTES, 7, 0), Ok(()));
+        assert_eq!(
+            judge_torn_tail_len(MAX_TORN_TAIL_BYTES + 1, 7, 0),
+            Err(NotTorn::TooLong {
+                bytes: MAX_TORN_TAIL_BYTES + 1
+            })
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Group commit: one writer thread, many producers, one `fdatasync` per group.
 
-use crate::ledger::{Ledger, LedgerReader, Staged, validate_entry};
+use crate::ledger::{Ledger, LedgerReader, Staged, check_request, validate_entry};
 use crate::{LedgerError, SignedCheckpoint};
 use ciyuan_store::{AppendDone, CheckpointDone, Log, LogError};
 use ciyuan_tlog::{Hash, leaf_hash};
@@ -36,6 +36,7 @@ pub struct GroupCommitter {
     groups: Arc<AtomicU64>,
     reader: LedgerReader,
     max_entry_bytes: usize,
+    opts: crate::LedgerOptions,
 }
 
 impl GroupCommitter {
@@ -44,6 +45,7 @@ impl GroupCommitter {
         let (tx, rx) = std::sync::mpsc::sync_channel(ledger.options().queue_depth);
         let reader = ledger.reader();
         let max_entry_bytes = ledger.options().max_entry_bytes;
+        let opts = ledger.options().clone();
         let groups = Arc::new(AtomicU64::new(0));
         let counter = groups.clone();
         let handle = std::thread::Builder::new()
@@ -60,6 +62,7 @@ impl GroupCommitter {
                 groups,
                 reader,
                 max_entry_bytes,
+                opts,
             },
             handle,
         )
@@ -73,10 +76,12 @@ impl GroupCommitter {
     /// hashing is most of the CPU an append costs, and spread over the producers it no
     /// longer queues behind the one writer thread.
     pub fn append(&self, entries: Vec<Vec<u8>>, done: OnAppended) -> Result<(), LedgerError> {
-        let leaves = entries
-            .iter()
-            .map(|e| validate_entry(e, self.max_entry_bytes).map(|()| leaf_hash(e)))
-            .collect();
+        let leaves = check_request(&entries, &self.opts).and_then(|()| {
+            entries
+                .iter()
+                .map(|e| validate_entry(e, self.max_entry_bytes).map(|()| leaf_hash(e)))
+                .collect()
+        });
         self.tx
             .send(Request::Append {
                 entries,
@@ -149,7 +154,8 @@ const PIPELINE_DEPTH: usize = 2;
 
 /// Groups that can be written but not yet synced at once: the one syncing, those
 /// queued for the syncer, and the one the writer has written and waits to hand over.
-/// Recovery allows a torn tail this many groups long.
+/// `LedgerOptions::check` keeps this many groups within the format's torn-tail bound
+/// (recovery and the verifier know nothing of the pipeline).
 pub(crate) const UNSYNCED_GROUPS: usize = PIPELINE_DEPTH + 2;
 
 /// The writer: gathers a group, writes it, and hands it to the syncer, so that framing

@@ -77,7 +77,6 @@ struct Shared {
     checkpoints: RwLock<CheckpointIndex>,
     /// The checkpoints file, for reading older checkpoints by offset.
     checkpoints_file: File,
-    max_entry_bytes: usize,
     /// Set when a write or sync failed: the file's state is then unknown (the kernel may
     /// have dropped dirty pages), so everything is refused until recovery reopens it.
     failed: std::sync::Mutex<Option<String>>,
@@ -279,36 +278,28 @@ fn read_at_exact(file: &File, buf: &mut [u8], offset: u64, what: &str) -> Result
 type LastSegment = (u64, usize, Vec<(Hash, u64)>);
 
 /// Where the last segment's valid records end, with the count; a damaged tail is
-/// accepted only if it can be a torn final write.
+/// accepted only if the format's rule ([`judge_torn_tail`]) calls it a torn final write,
+/// the same rule the verifier applies. `signed_size` is the newest checkpoint's size.
 fn scan_last_segment(
     bytes: &[u8],
     first: u64,
     name: &str,
-    opts: &LedgerOptions,
+    signed_size: u64,
 ) -> Result<LastSegment, LedgerError> {
     let mut at = SEGMENT_HEADER_BYTES;
     let mut index = first;
     let mut leaves = Vec::new();
     while at < bytes.len() {
-        match parse_record(&bytes[at..], index, opts.max_entry_bytes) {
+        match parse_record(&bytes[at..], index, MAX_ENTRY_BYTES) {
             Ok((payload, total)) => {
                 leaves.push((leaf_hash(payload), at as u64));
                 at += total;
                 index += 1;
             }
             Err(why) => {
-                // Nothing valid follows a torn write, and it spans at most the groups
-                // written but not yet synced: the pipelined writer keeps up to
-                // `UNSYNCED_GROUPS` of them in flight.
-                let rest = bytes.len() - at;
-                let bound = crate::group::UNSYNCED_GROUPS
-                    * (opts.max_batch_bytes
-                        + opts.max_batch_entries * RECORD_HEADER_BYTES
-                        + opts.max_entry_bytes
-                        + RECORD_HEADER_BYTES);
-                if rest > bound || valid_record_after(&bytes[at..], index, opts) {
+                if let Err(not_torn) = judge_torn_tail(&bytes[at..], index, signed_size) {
                     return Err(corrupt(format!(
-                        "{SEGMENTS_DIR}/{name} offset {at} (entry {index}): {why}, and data follows that is not a torn write"
+                        "{SEGMENTS_DIR}/{name} offset {at} (entry {index}): {why}, and it is not a torn write: {not_torn}"
                     )));
                 }
                 break;
@@ -318,22 +309,12 @@ fn scan_last_segment(
     Ok((index - first, at, leaves))
 }
 
-fn valid_record_after(tail: &[u8], index: u64, opts: &LedgerOptions) -> bool {
-    (1..tail.len()).any(|off| {
-        let b = &tail[off..];
-        if b.len() < RECORD_HEADER_BYTES {
-            return false;
-        }
-        let found = u64::from_le_bytes([b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]]);
-        found >= index && parse_record(b, found, opts.max_entry_bytes).is_ok()
-    })
-}
-
 impl Ledger {
     /// Opens the ledger in `dir`, creating it if needed, and recovers from a crash:
     /// a torn tail of the last segment is cut off, the sidecar is rebuilt where it may
     /// lag, and the latest checkpoint must match the recovered tree.
     pub fn open(dir: &Path, opts: LedgerOptions) -> Result<Ledger, LedgerError> {
+        opts.check()?;
         let seg_dir = dir.join(SEGMENTS_DIR);
         std::fs::create_dir_all(&seg_dir)
             .map_err(LedgerError::io(format!("creating {}", seg_dir.display())))?;
@@ -406,6 +387,51 @@ impl Ledger {
             });
         }
 
+        // Checkpoints first: a torn tail of the segments may not cut what one signed.
+        // A torn final frame is cut; the newest is checked against the tree below.
+        let cp_path = dir.join(CHECKPOINTS_FILE);
+        let checkpoints_w = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&cp_path)
+            .map_err(LedgerError::io("opening the checkpoints file"))?;
+        let cp_len = checkpoints_w
+            .metadata()
+            .map_err(LedgerError::io("reading checkpoints"))?
+            .len();
+        // Streamed: a year of checkpoints is millions of notes, and only the newest
+        // and an offset every `CHECKPOINT_INDEX_STRIDE` stay in memory.
+        let mut checkpoints = CheckpointIndex::default();
+        let bad = scan_checkpoints(
+            &checkpoints_w,
+            0,
+            cp_len,
+            |at, note| {
+                let checkpoint = ciyuan_tlog::open_checkpoint(&verifier, note, Some(signer.name()))
+                    .map_err(|e| corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {e}")))?;
+                let frame = (CHECKPOINT_HEADER_BYTES + note.len()) as u64;
+                let note = note.to_string();
+                checkpoints.push(at, frame, SignedCheckpoint { checkpoint, note });
+                Ok(true)
+            },
+            LedgerError::io("reading checkpoints"),
+        )?;
+        if let Some((at, why)) = bad {
+            let tail = cp_len - at;
+            if tail > (MAX_CHECKPOINT_NOTE_BYTES + CHECKPOINT_HEADER_BYTES) as u64 {
+                return Err(corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {why}")));
+            }
+            checkpoints_w
+                .set_len(at)
+                .and_then(|_| checkpoints_w.sync_all())
+                .map_err(LedgerError::io("truncating a torn checkpoint"))?;
+        }
+        let checkpoints_file =
+            File::open(&cp_path).map_err(LedgerError::io("opening the checkpoints file"))?;
+        let signed_size = checkpoints.latest.as_ref().map_or(0, |c| c.checkpoint.size);
+
         // The last segment: scan, cut a torn tail.
         let last_first = *firsts.last().unwrap_or(&0);
         let last_name = segment_name(last_first);
@@ -428,7 +454,7 @@ impl Ledger {
                 )))?;
         }
         let (count, valid_len, last_leaves) =
-            scan_last_segment(&bytes, last_first, &last_name, &opts)?;
+            scan_last_segment(&bytes, last_first, &last_name, signed_size)?;
         drop(bytes);
         let active = OpenOptions::new()
             .write(true)
@@ -491,8 +517,8 @@ impl Ledger {
             }
             let mut at = SEGMENT_HEADER_BYTES;
             for index in seg.first..end {
-                let (payload, total) = parse_record(&data[at..], index, opts.max_entry_bytes)
-                    .map_err(|why| {
+                let (payload, total) =
+                    parse_record(&data[at..], index, MAX_ENTRY_BYTES).map_err(|why| {
                         corrupt(format!(
                             "{SEGMENTS_DIR}/{} offset {at} (entry {index}): {why}",
                             seg.name
@@ -542,49 +568,6 @@ impl Ledger {
         }
         let root = frontier.root();
 
-        // Checkpoints: cut a torn final frame, check the newest against the tree.
-        let cp_path = dir.join(CHECKPOINTS_FILE);
-        let checkpoints_w = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&cp_path)
-            .map_err(LedgerError::io("opening the checkpoints file"))?;
-        let cp_len = checkpoints_w
-            .metadata()
-            .map_err(LedgerError::io("reading checkpoints"))?
-            .len();
-        // Streamed: a year of checkpoints is millions of notes, and only the newest
-        // and an offset every `CHECKPOINT_INDEX_STRIDE` stay in memory.
-        let mut checkpoints = CheckpointIndex::default();
-        let bad = scan_checkpoints(
-            &checkpoints_w,
-            0,
-            cp_len,
-            |at, note| {
-                let checkpoint = ciyuan_tlog::open_checkpoint(&verifier, note, Some(signer.name()))
-                    .map_err(|e| corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {e}")))?;
-                let frame = (CHECKPOINT_HEADER_BYTES + note.len()) as u64;
-                let note = note.to_string();
-                checkpoints.push(at, frame, SignedCheckpoint { checkpoint, note });
-                Ok(true)
-            },
-            LedgerError::io("reading checkpoints"),
-        )?;
-        if let Some((at, why)) = bad {
-            let tail = cp_len - at;
-            if tail > (MAX_CHECKPOINT_NOTE_BYTES + CHECKPOINT_HEADER_BYTES) as u64 {
-                return Err(corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {why}")));
-            }
-            checkpoints_w
-                .set_len(at)
-                .and_then(|_| checkpoints_w.sync_all())
-                .map_err(LedgerError::io("truncating a torn checkpoint"))?;
-        }
-        let checkpoints_file =
-            File::open(&cp_path).map_err(LedgerError::io("opening the checkpoints file"))?;
-
         let shared = Arc::new(Shared {
             origin: signer.name().to_string(),
             vkey: signer.verifier_key(),
@@ -598,7 +581,6 @@ impl Ledger {
             }),
             checkpoints: RwLock::new(checkpoints),
             checkpoints_file,
-            max_entry_bytes: opts.max_entry_bytes,
             failed: std::sync::Mutex::new(None),
         });
         let reader = LedgerReader {
@@ -675,6 +657,7 @@ impl Ledger {
         &mut self,
         entries: &[E],
     ) -> Result<Range<u64>, LedgerError> {
+        check_request(entries, &self.opts)?;
         let staged = self.stage(entries)?;
         self.handle.commit(staged)
     }
@@ -827,6 +810,24 @@ impl Drop for Ledger {
             );
         }
     }
+}
+
+/// Checks that one append request fits in a group: the writer never splits a request,
+/// and the bytes it may hold unsynced are bounded by the format.
+pub(crate) fn check_request<E: AsRef<[u8]>>(
+    entries: &[E],
+    opts: &LedgerOptions,
+) -> Result<(), LedgerError> {
+    let bytes: usize = entries.iter().map(|e| e.as_ref().len()).sum();
+    if entries.len() > opts.max_batch_entries || bytes > opts.max_batch_bytes {
+        return Err(LedgerError::Invalid(format!(
+            "a request of {} entries and {bytes} bytes is over the limit of {} entries and {} bytes",
+            entries.len(),
+            opts.max_batch_entries,
+            opts.max_batch_bytes
+        )));
+    }
+    Ok(())
 }
 
 /// Checks one entry against the ledger's rules: not empty, at most `max_bytes`, and no
@@ -1141,19 +1142,18 @@ impl LedgerReader {
         let mut head = [0u8; RECORD_HEADER_BYTES];
         read_at_exact(&file, &mut head, offset, &name)?;
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if len > self.shared.max_entry_bytes {
+        if len > MAX_ENTRY_BYTES {
             return Err(corrupt(format!(
                 "{SEGMENTS_DIR}/{name} offset {offset} (entry {index}): bad length"
             )));
         }
         let mut rec = vec![0u8; RECORD_HEADER_BYTES + len];
         read_at_exact(&file, &mut rec, offset, &name)?;
-        let (payload, _) =
-            parse_record(&rec, index, self.shared.max_entry_bytes).map_err(|why| {
-                corrupt(format!(
-                    "{SEGMENTS_DIR}/{name} offset {offset} (entry {index}): {why}"
-                ))
-            })?;
+        let (payload, _) = parse_record(&rec, index, MAX_ENTRY_BYTES).map_err(|why| {
+            corrupt(format!(
+                "{SEGMENTS_DIR}/{name} offset {offset} (entry {index}): {why}"
+            ))
+        })?;
         Ok(payload.to_vec())
     }
 
@@ -1196,14 +1196,23 @@ impl LedgerReader {
                             + u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
                                 as usize
                 {
-                    // Refill from the current record on.
+                    // Refill from the current record on, with room for the whole record:
+                    // its header says how long it is (up to the format's limit, whatever
+                    // the options were when it was written).
                     pos += at as u64;
-                    let mut want =
-                        READ_CHUNK_BYTES.max(RECORD_HEADER_BYTES + self.shared.max_entry_bytes);
+                    let mut head = [0u8; RECORD_HEADER_BYTES];
+                    let got = read_some_at(&file, &mut head, pos)
+                        .map_err(|e| E::from(LedgerError::io(format!("reading {name}"))(e)))?;
+                    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+                    if got < RECORD_HEADER_BYTES || len > MAX_ENTRY_BYTES {
+                        return Err(E::from(corrupt(format!(
+                            "{SEGMENTS_DIR}/{name} offset {pos} (entry {index}): record cut short or too long"
+                        ))));
+                    }
+                    let whole = RECORD_HEADER_BYTES + len;
+                    let mut want = READ_CHUNK_BYTES.max(whole);
                     if let Some(end) = end_pos {
-                        want = want
-                            .min(end.saturating_sub(pos) as usize)
-                            .max(RECORD_HEADER_BYTES);
+                        want = want.min(end.saturating_sub(pos) as usize).max(whole);
                     }
                     buf.resize(want, 0);
                     let n = read_some_at(&file, &mut buf, pos)
@@ -1216,8 +1225,8 @@ impl LedgerReader {
                         ))));
                     }
                 }
-                let (payload, total) = parse_record(&buf[at..], index, self.shared.max_entry_bytes)
-                    .map_err(|why| {
+                let (payload, total) =
+                    parse_record(&buf[at..], index, MAX_ENTRY_BYTES).map_err(|why| {
                         E::from(corrupt(format!(
                             "{SEGMENTS_DIR}/{name} offset {} (entry {index}): {why}",
                             pos + at as u64

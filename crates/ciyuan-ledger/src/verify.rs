@@ -7,11 +7,14 @@
 //! and are accepted in a ledger directory, because nothing ever vouched for them:
 //!
 //! - the sidecar (`leaves`) may lack entries of the **last** segment (it is synced only
-//!   when a segment is sealed and on clean close), even a final partial entry; every
-//!   sidecar byte that is there must still match what the segments say;
-//! - the last segment may end in a torn write (a record cut short or failing its
-//!   checksum, with no valid record after it) that neither the sidecar nor a signed
-//!   checkpoint covers. It is reported in [`VerifyReport::torn_tail_bytes`].
+//!   when a segment is sealed and on clean close), even a final partial entry, or run
+//!   past its records (a group's sidecar entries are written before the group is
+//!   synced); every sidecar byte that lies beside a record must still match it;
+//! - the last segment may end in a torn write, as judged by the format's rule that
+//!   recovery applies too (`format::judge_torn_tail`): a record cut short or
+//!   failing its checksum, no valid record after it, no more bytes than a writer can
+//!   have unsynced, and no signed checkpoint covering it. It is reported in
+//!   [`VerifyReport::torn_tail_bytes`].
 //!
 //! Speed: SHA-256 is most of the work, so the leaves of each chunk of records are
 //! hashed on two threads (the target machine has two cores), and the tree (one node
@@ -522,12 +525,10 @@ fn verify_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
     let ((index, torn_tail_bytes), tree) = with_tree(tree, |tree| {
         scan_segments(dir, &firsts, &mut side, signed_size, tree, progress)
     })?;
-    if side.entries > index || (side.entries == index && side.partial > 0) {
-        return fail(format!(
-            "{SIDECAR}: holds {} entries and {} bytes, more than the {index} entries in {SEGMENTS}",
-            side.entries, side.partial
-        ));
-    }
+    // Sidecar entries past the records are leftovers of a crash, not damage: a group's
+    // sidecar entries are written before its records are synced, and recovery rebuilds
+    // that part from the segment. Only a signed checkpoint vouches for entries, and
+    // `check` holds each to the entries present.
     let newest = tree.check(&cps, index)?;
     Ok(VerifyReport {
         entries: index,
@@ -535,7 +536,9 @@ fn verify_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
         size: index,
         root: tree.frontier.root(),
         signed_size: newest,
-        sidecar_missing: index - side.entries,
+        // The sidecar may also run past the records (see above): then none is missing,
+        // so zero here is the answer, not an underflow hidden.
+        sidecar_missing: index.saturating_sub(side.entries),
         torn_tail_bytes,
         seconds: 0.0,
     })
@@ -564,24 +567,10 @@ fn scan_segments(
         let last = k + 1 == firsts.len();
         let file =
             File::open(dir.join(&name)).map_err(|e| VerifyFailure(format!("{name}: {e}")))?;
-        let outcome = scan.run(&file, &name, index, last, side, tree, progress)?;
+        let outcome = scan.run(&file, &name, index, last, signed_size, side, tree, progress)?;
         index = outcome.end;
         if let Some(tail) = outcome.torn {
-            // Only a write that nothing vouches for may be torn.
-            // The sidecar is written after the segment is synced, and a checkpoint
-            // signs only synced entries: either covering the entry proves it was whole.
-            if side.entries > index || (side.entries == index && side.partial > 0) {
-                return fail(format!(
-                    "{}, but {SIDECAR} holds that entry, so it is not a torn write",
-                    tail.message
-                ));
-            }
-            if signed_size > index {
-                return fail(format!(
-                    "{}, but a signed checkpoint covers {signed_size} entries",
-                    tail.message
-                ));
-            }
+            // Judged by the format's rule in `run`, as recovery judges it.
             torn_tail_bytes = tail.bytes;
         }
     }
@@ -591,7 +580,6 @@ fn scan_segments(
 /// A damaged end of the last segment that may be a torn write.
 struct TornTail {
     bytes: u64,
-    message: String,
 }
 
 struct SegmentOutcome {
@@ -616,6 +604,7 @@ impl SegmentScan {
         name: &str,
         first: u64,
         last: bool,
+        signed_size: u64,
         side: &mut Sidecar,
         tree: &mut TreeFeed,
         progress: &mut dyn FnMut(u64),
@@ -630,10 +619,7 @@ impl SegmentScan {
             if last && head[..n] == segment_header()[..n] {
                 return Ok(SegmentOutcome {
                     end: first,
-                    torn: (n > 0).then(|| TornTail {
-                        bytes: n as u64,
-                        message: format!("{name}: segment header cut short"),
-                    }),
+                    torn: (n > 0).then_some(TornTail { bytes: n as u64 }),
                 });
             }
             return fail(format!("{name}: segment header cut short"));
@@ -673,7 +659,7 @@ impl SegmentScan {
                 match parse_record(
                     &data[at..],
                     index + self.ranges.len() as u64,
-                    u32::MAX as usize,
+                    MAX_ENTRY_BYTES,
                 ) {
                     Ok((payload, total)) => {
                         let s = at + RECORD_HEADER_BYTES;
@@ -755,21 +741,21 @@ impl SegmentScan {
                 if !last {
                     return fail(message);
                 }
-                // A torn write leaves nothing valid behind it; a damaged record with
-                // valid ones after it is damage to acknowledged data.
+                // The format's rule, the one recovery applies to the same bytes. The
+                // length and the checkpoints are judged before the tail is read, so a
+                // long damaged tail is never read into memory.
+                let not_torn = |n: NotTorn| {
+                    VerifyFailure(format!("{message}, and it is not a torn write: {n}"))
+                };
+                judge_torn_tail_len(len - offset, index, signed_size).map_err(not_torn)?;
                 let rest_start = (offset - base) as usize;
-                if valid_record_after(file, len, offset, index, &self.buf[rest_start..filled])
-                    .map_err(io)?
-                {
-                    return fail(format!(
-                        "{message}, and valid records follow, so it is not a torn write"
-                    ));
-                }
+                let tail =
+                    read_tail(file, len, offset, &self.buf[rest_start..filled]).map_err(io)?;
+                judge_torn_tail(&tail, index, signed_size).map_err(not_torn)?;
                 return Ok(SegmentOutcome {
                     end: index,
                     torn: Some(TornTail {
                         bytes: len - offset,
-                        message,
                     }),
                 });
             }
@@ -797,15 +783,9 @@ fn record_end(head: &[u8], offset: u64) -> u64 {
     offset + RECORD_HEADER_BYTES as u64 + u64::from(n)
 }
 
-/// Whether a valid record with an index at or after `index` starts anywhere after
-/// `offset` (the damaged record) in the file.
-fn valid_record_after(
-    file: &File,
-    len: u64,
-    offset: u64,
-    index: u64,
-    in_buf: &[u8],
-) -> std::io::Result<bool> {
+/// The bytes of `file` from `offset` (the damaged record) to its end `len`, the first
+/// of which are already in `in_buf`.
+fn read_tail(file: &File, len: u64, offset: u64, in_buf: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut tail = in_buf.to_vec();
     let have = offset + tail.len() as u64;
     if have < len {
@@ -814,14 +794,7 @@ fn valid_record_after(
         more.truncate(n);
         tail.extend_from_slice(&more);
     }
-    Ok((1..tail.len()).any(|off| {
-        let b = &tail[off..];
-        if b.len() < RECORD_HEADER_BYTES {
-            return false;
-        }
-        let found = u64::from_le_bytes([b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]]);
-        found >= index && parse_record(b, found, u32::MAX as usize).is_ok()
-    }))
+    Ok(tail)
 }
 
 // ---------------------------------------------------------------------------------
