@@ -226,11 +226,6 @@ pub fn put_checkpoint(note: &str) -> Vec<u8> {
 /// keeps a damaged length field from asking for gigabytes.
 pub const MAX_CHECKPOINT_NOTE_BYTES: usize = 64 * 1024;
 
-/// Notes with their offsets in the checkpoints file.
-pub type Notes = Vec<(usize, String)>;
-/// Offset and reason of a bad frame.
-pub type BadFrame = Option<(usize, &'static str)>;
-
 /// What the bytes at the start of a buffer hold.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -264,24 +259,6 @@ pub fn parse_checkpoint_frame(buf: &[u8]) -> Frame<'_> {
         Ok(s) => Frame::Note(s, total),
         Err(_) => Frame::Bad("note is not UTF-8"),
     }
-}
-
-/// Splits a checkpoints file held in memory into notes. Returns the notes, and the
-/// offset and reason of the first bad frame if any.
-pub fn parse_checkpoints(buf: &[u8]) -> (Notes, BadFrame) {
-    let mut notes = Vec::new();
-    let mut at = 0;
-    while at < buf.len() {
-        match parse_checkpoint_frame(&buf[at..]) {
-            Frame::Note(s, total) => {
-                notes.push((at, s.to_string()));
-                at += total;
-            }
-            Frame::Incomplete => return (notes, Some((at, "frame cut short or too long"))),
-            Frame::Bad(why) => return (notes, Some((at, why))),
-        }
-    }
-    (notes, None)
 }
 
 /// Bytes read at a time while streaming a checkpoints file: many frames, and always
@@ -382,16 +359,50 @@ mod tests {
         }
     }
 
+    /// Where a bad frame stopped a scan, and why.
+    type Stop = Option<(u64, &'static str)>;
+
+    /// Every note of a checkpoints file, and where a bad frame stopped the scan.
+    fn scan_all(bytes: &[u8]) -> (Vec<(u64, String)>, Stop) {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
+        let mut notes = Vec::new();
+        let bad = scan_checkpoints(
+            &f,
+            0,
+            bytes.len() as u64,
+            |at, note| {
+                notes.push((at, note.to_string()));
+                Ok::<_, std::io::Error>(true)
+            },
+            |e| e,
+        )
+        .unwrap();
+        (notes, bad)
+    }
+
     #[test]
     fn checkpoint_frames() {
         let mut f = put_checkpoint("a\n\n— x y\n");
         f.extend(put_checkpoint("b\n"));
-        let (notes, bad) = parse_checkpoints(&f);
+        let (notes, bad) = scan_all(&f);
         assert_eq!(notes.len(), 2);
         assert!(bad.is_none());
-        let (notes, bad) = parse_checkpoints(&f[..f.len() - 1]);
+        let (notes, bad) = scan_all(&f[..f.len() - 1]);
         assert_eq!(notes.len(), 1);
-        assert!(bad.is_some());
+        assert_eq!(
+            bad,
+            Some((notes[0].1.len() as u64 + 8, "frame cut short or too long"))
+        );
+        // Many frames, across the read buffer's edge, in order.
+        let mut many = Vec::new();
+        for i in 0..20_000 {
+            many.extend(put_checkpoint(&format!("note {i}\n")));
+        }
+        let (notes, bad) = scan_all(&many);
+        assert!(bad.is_none());
+        assert_eq!(notes.len(), 20_000);
+        assert_eq!(notes[12_345].1, "note 12345\n");
     }
 
     #[test]

@@ -693,3 +693,50 @@ fn options_that_could_tear_more_than_the_format_allows_are_refused() {
     assert!(matches!(e, LedgerError::Invalid(_)), "{e}");
     assert_eq!(l.size(), 0);
 }
+
+#[test]
+fn more_checkpoints_than_one_batch_are_streamed_and_each_is_checked() {
+    // 1100 checkpoints, one per entry: more than the verifier reads at once (1024),
+    // so the checks and the proofs between them cross a batch.
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("l");
+    let n = 1100;
+    let entries: Vec<Vec<u8>> = (0..n).map(entry).collect();
+    {
+        let mut l = Ledger::open(&dir, opts()).unwrap();
+        for e in &entries {
+            l.append_batch(std::slice::from_ref(e)).unwrap();
+            l.checkpoint().unwrap();
+        }
+        assert_eq!(l.reader().checkpoint_count(), n as u64);
+        assert_eq!(
+            l.reader().checkpoints(1050, 3).unwrap()[0].checkpoint.size,
+            1051
+        );
+        export_bundle(&l.reader(), &base.path().join("b")).unwrap();
+    }
+    let r = verify_path(&dir).unwrap();
+    assert_eq!(
+        (r.entries, r.checkpoints, r.signed_size),
+        (n as u64, n as u64, n as u64)
+    );
+    assert_eq!(r.root, root_of(&entries));
+    let b = base.path().join("b");
+    let r = verify_path(&b).unwrap();
+    assert_eq!((r.entries, r.checkpoints), (n as u64, n as u64));
+
+    // A checkpoint in the second batch whose root is changed (and re-signed, so only
+    // the tree can tell) is named.
+    let mut root = root_of(&entries[..1070]);
+    root[0] ^= 1;
+    std::fs::write(
+        b.join("checkpoints").join(format!("{:020}.note", 1070)),
+        forge(&dir, 1070, root),
+    )
+    .unwrap();
+    let e = err(&b);
+    assert!(
+        e.contains("00000000000000001070.note") && e.contains("root"),
+        "{e}"
+    );
+}
