@@ -4,8 +4,7 @@ use crate::format::*;
 use crate::keys;
 use crate::{LedgerError, LedgerOptions, SignedCheckpoint};
 use ciyuan_tlog::{
-    Checkpoint, EMPTY_ROOT, Frontier, Hash, NodeSource, NoteSigner, NoteVerifier, leaf_hash,
-    node_hash,
+    Checkpoint, Frontier, Hash, NodeSource, NoteSigner, NoteVerifier, leaf_hash, node_hash,
 };
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -975,7 +974,14 @@ impl NodeSource for Nodes<'_> {
                 .map(|p| node_hash(&p[0], &p[1]))
                 .collect();
         }
-        Ok(hashes.first().copied().unwrap_or(EMPTY_ROOT))
+        // 2^level leaves pair down to exactly one node; an empty list would be a bug
+        // here, never the empty tree's root.
+        assert_eq!(
+            hashes.len(),
+            1,
+            "a perfect subtree of level {level} has one root"
+        );
+        Ok(hashes[0])
     }
 }
 
