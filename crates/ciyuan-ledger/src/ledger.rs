@@ -42,13 +42,18 @@ struct CheckpointIndex {
 
 impl CheckpointIndex {
     /// Records the frame of `frame_bytes` at `offset`, which must be the end so far.
-    fn push(&mut self, offset: u64, frame_bytes: u64, signed: SignedCheckpoint) {
+    fn push_frame(&mut self, offset: u64, frame_bytes: u64) {
         assert_eq!(offset, self.end, "checkpoint frames are appended in order");
         if self.count.is_multiple_of(CHECKPOINT_INDEX_STRIDE) {
             self.sparse.push(offset);
         }
         self.count += 1;
         self.end = offset + frame_bytes;
+    }
+
+    /// Records a newly signed checkpoint, written at `offset`.
+    fn push(&mut self, offset: u64, frame_bytes: u64, signed: SignedCheckpoint) {
+        self.push_frame(offset, frame_bytes);
         self.latest = Some(signed);
     }
 }
@@ -401,22 +406,32 @@ impl Ledger {
             .map_err(LedgerError::io("reading checkpoints"))?
             .len();
         // Streamed: a year of checkpoints is millions of notes, and only the newest
-        // and an offset every `CHECKPOINT_INDEX_STRIDE` stay in memory.
+        // and an offset every `CHECKPOINT_INDEX_STRIDE` stay in memory. Every frame's
+        // checksum is checked here, but only the newest note's signature (and root,
+        // below): checking millions of signatures made each start take minutes. Older
+        // notes are checked again whenever they are read (`checkpoints`), and all of
+        // them by `ciyuan audit verify`.
         let mut checkpoints = CheckpointIndex::default();
+        let mut newest = (0u64, String::new());
         let bad = scan_checkpoints(
             &checkpoints_w,
             0,
             cp_len,
             |at, note| {
-                let checkpoint = ciyuan_tlog::open_checkpoint(&verifier, note, Some(signer.name()))
-                    .map_err(|e| corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {e}")))?;
-                let frame = (CHECKPOINT_HEADER_BYTES + note.len()) as u64;
-                let note = note.to_string();
-                checkpoints.push(at, frame, SignedCheckpoint { checkpoint, note });
+                checkpoints.push_frame(at, (CHECKPOINT_HEADER_BYTES + note.len()) as u64);
+                newest.0 = at;
+                newest.1.clear();
+                newest.1.push_str(note);
                 Ok(true)
             },
             LedgerError::io("reading checkpoints"),
         )?;
+        if checkpoints.count > 0 {
+            let (at, note) = newest;
+            let checkpoint = ciyuan_tlog::open_checkpoint(&verifier, &note, Some(signer.name()))
+                .map_err(|e| corrupt(format!("{CHECKPOINTS_FILE} offset {at}: {e}")))?;
+            checkpoints.latest = Some(SignedCheckpoint { checkpoint, note });
+        }
         if let Some((at, why)) = bad {
             let tail = cp_len - at;
             if tail > (MAX_CHECKPOINT_NOTE_BYTES + CHECKPOINT_HEADER_BYTES) as u64 {

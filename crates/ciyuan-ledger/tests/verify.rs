@@ -740,3 +740,32 @@ fn more_checkpoints_than_one_batch_are_streamed_and_each_is_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn an_old_checkpoint_with_a_bad_signature_is_refused_when_read_and_by_verify() {
+    let base = tempfile::tempdir().unwrap();
+    build(base.path(), 12, 1); // a checkpoint after every batch of 3
+    let cp = base.path().join("checkpoints");
+    let bytes = std::fs::read(&cp).unwrap();
+    let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+    let mut first = String::from_utf8(bytes[8..8 + len].to_vec()).unwrap();
+    // Change a base64 digit inside the signature, and frame it with a valid checksum.
+    let at = first.len() - 20;
+    let digit = if &first[at..=at] == "A" { "B" } else { "A" };
+    first.replace_range(at..=at, digit);
+    let mut changed = frame(&first);
+    changed.extend_from_slice(&bytes[8 + len..]);
+    std::fs::write(&cp, &changed).unwrap();
+
+    // Opening checks only the newest signature (a start must not take minutes with
+    // years of checkpoints); the old one is refused whenever it is read.
+    let l = Ledger::open(base.path(), opts()).unwrap();
+    let r = l.reader();
+    assert_eq!(r.checkpoint_count(), 4);
+    let e = r.checkpoints(0, 10).unwrap_err().to_string();
+    assert!(e.contains("checkpoints offset 0"), "{e}");
+    assert_eq!(r.checkpoints(1, 10).unwrap().len(), 3);
+    drop(l);
+    let e = err(base.path());
+    assert!(e.contains("checkpoints offset 0"), "{e}");
+}
