@@ -304,8 +304,15 @@ impl Entry {
                 kind: e.body.kind(),
                 data,
             };
-            // Writing plain structs of strings and integers into a Vec cannot fail.
-            let _ = serde_json::to_writer(out, &wire);
+            // These bytes become a Merkle leaf: a partial write would sign a truncated
+            // entry forever. Writing plain structs into a Vec cannot fail (a map key
+            // that is not a string could), so a failure is a bug and stops loudly.
+            let written = serde_json::to_writer(out, &wire);
+            assert!(
+                written.is_ok(),
+                "encoding a {} entry failed: {written:?}",
+                e.body.kind()
+            );
         }
         match &self.body {
             EntryBody::Usage(d) => put(self, d, out),

@@ -114,7 +114,9 @@ pub fn bench_append(dir: &Path, o: BenchAppendOptions) -> Result<AppendReport, L
     // Sign the result, so `bench verify` on this ledger checks a signature too.
     committer.checkpoint_blocking()?;
     committer.shutdown();
-    let _ = writer.join();
+    writer
+        .join()
+        .map_err(|_| LedgerError::Invalid("the ledger writer panicked".into()))?;
     latencies.sort_unstable();
     let pct = |p: f64| {
         latencies

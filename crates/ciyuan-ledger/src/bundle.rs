@@ -52,10 +52,16 @@ pub struct BundleSummary {
     pub checkpoints: u64,
 }
 
-struct BundleWriter {
+/// Writes a bundle as a stream: every entry in log order, then the checkpoints, then
+/// [`BundleWriter::finish`]. Memory stays small however long the log is.
+pub struct BundleWriter {
+    out: std::path::PathBuf,
     entries: BufWriter<File>,
     leaves: BufWriter<File>,
+    verifier: NoteVerifier,
+    vkey: String,
     count: u64,
+    checkpoints: u64,
 }
 
 fn create(path: &Path) -> Result<BufWriter<File>, LedgerError> {
@@ -64,8 +70,15 @@ fn create(path: &Path) -> Result<BufWriter<File>, LedgerError> {
         .map_err(LedgerError::io(format!("creating {}", path.display())))
 }
 
+/// Checkpoints read per page while exporting.
+const EXPORT_CHECKPOINTS_PER_PAGE: usize = 1024;
+
 impl BundleWriter {
-    fn new(out: &Path) -> Result<BundleWriter, LedgerError> {
+    /// Starts a bundle in `out`, which must not exist or be empty; `vkey` is the
+    /// verifier key of the log's checkpoints.
+    pub fn create(out: &Path, vkey: &str) -> Result<BundleWriter, LedgerError> {
+        let verifier = NoteVerifier::from_vkey(vkey)
+            .map_err(|e| LedgerError::Invalid(format!("public key: {e}")))?;
         if out.exists() {
             let mut it = std::fs::read_dir(out)
                 .map_err(LedgerError::io(format!("reading {}", out.display())))?;
@@ -79,13 +92,23 @@ impl BundleWriter {
         std::fs::create_dir_all(out.join(CHECKPOINTS_DIR))
             .map_err(LedgerError::io(format!("creating {}", out.display())))?;
         Ok(BundleWriter {
+            out: out.to_path_buf(),
             entries: create(&out.join(ENTRIES_FILE))?,
             leaves: create(&out.join(LEAF_HASHES_FILE))?,
+            verifier,
+            vkey: vkey.trim_end_matches('\n').to_string(),
             count: 0,
+            checkpoints: 0,
         })
     }
 
-    fn add(&mut self, entry: &[u8]) -> Result<(), LedgerError> {
+    /// Adds the next entry.
+    pub fn entry(&mut self, entry: &[u8]) -> Result<(), LedgerError> {
+        if self.checkpoints > 0 {
+            return Err(LedgerError::Invalid(
+                "entries go into a bundle before its checkpoints".into(),
+            ));
+        }
         if entry.contains(&b'\n') || entry.is_empty() {
             return Err(LedgerError::Invalid(format!(
                 "entry {} is empty or has a newline",
@@ -106,47 +129,49 @@ impl BundleWriter {
         Ok(())
     }
 
-    fn finish(
-        mut self,
-        out: &Path,
-        notes: &[String],
-        vkey: &str,
-    ) -> Result<BundleSummary, LedgerError> {
+    /// Adds a signed checkpoint note, after all the entries; one that covers more
+    /// entries than the bundle holds is left out. Answers whether it was written.
+    pub fn checkpoint(&mut self, note: &str) -> Result<bool, LedgerError> {
+        let text = self
+            .verifier
+            .verify(note)
+            .map_err(|e| LedgerError::Invalid(format!("checkpoint: {e}")))?;
+        let c = Checkpoint::parse(text).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        if c.size > self.count {
+            return Ok(false);
+        }
+        let path = self
+            .out
+            .join(CHECKPOINTS_DIR)
+            .join(format!("{:020}.note", c.size));
+        std::fs::write(&path, note)
+            .map_err(LedgerError::io(format!("writing {}", path.display())))?;
+        self.checkpoints += 1;
+        Ok(true)
+    }
+
+    /// Entries added so far.
+    pub fn entries(&self) -> u64 {
+        self.count
+    }
+
+    /// Writes the key and the README, and flushes everything.
+    pub fn finish(mut self) -> Result<BundleSummary, LedgerError> {
         self.entries
             .flush()
             .map_err(LedgerError::io("writing the bundle"))?;
         self.leaves
             .flush()
             .map_err(LedgerError::io("writing the bundle"))?;
-        let verifier = NoteVerifier::from_vkey(vkey)
-            .map_err(|e| LedgerError::Invalid(format!("public key: {e}")))?;
-        let mut written = 0;
-        for note in notes {
-            let text = verifier
-                .verify(note)
-                .map_err(|e| LedgerError::Invalid(format!("checkpoint: {e}")))?;
-            let c = Checkpoint::parse(text).map_err(|e| LedgerError::Invalid(e.to_string()))?;
-            if c.size > self.count {
-                continue;
-            }
-            let path = out
-                .join(CHECKPOINTS_DIR)
-                .join(format!("{:020}.note", c.size));
-            std::fs::write(&path, note)
-                .map_err(LedgerError::io(format!("writing {}", path.display())))?;
-            written += 1;
-        }
+        let out = &self.out;
         let write = |name: &str, body: &str| {
             std::fs::write(out.join(name), body).map_err(LedgerError::io(format!("writing {name}")))
         };
-        write(
-            PUBLIC_KEY_FILE,
-            &format!("{}\n", vkey.trim_end_matches('\n')),
-        )?;
+        write(PUBLIC_KEY_FILE, &format!("{}\n", self.vkey))?;
         write(README_FILE, README)?;
         Ok(BundleSummary {
             entries: self.count,
-            checkpoints: written,
+            checkpoints: self.checkpoints,
         })
     }
 }
@@ -160,14 +185,18 @@ pub fn write_bundle<'a>(
     notes: &[String],
     vkey: &str,
 ) -> Result<BundleSummary, LedgerError> {
-    let mut w = BundleWriter::new(out)?;
+    let mut w = BundleWriter::create(out, vkey)?;
     for e in entries {
-        w.add(e)?;
+        w.entry(e)?;
     }
-    w.finish(out, notes, vkey)
+    for note in notes {
+        w.checkpoint(note)?;
+    }
+    w.finish()
 }
 
-/// Writes the log as a bundle, up to its newest signed checkpoint.
+/// Writes the log as a bundle, up to its newest signed checkpoint, streaming entries
+/// and checkpoints (a page at a time) so memory stays small.
 ///
 /// The bundle ends at the newest signed checkpoint: entries appended after it are not
 /// vouched for by any signature, so a verifier could not tell them from forgeries. With
@@ -179,8 +208,19 @@ pub fn export_bundle(reader: &LedgerReader, out: &Path) -> Result<BundleSummary,
         ));
     };
     let size = latest.checkpoint.size;
-    let mut w = BundleWriter::new(out)?;
-    reader.scan(0..size, |_, bytes| w.add(bytes))?;
-    let notes: Vec<String> = reader.checkpoints().into_iter().map(|c| c.note).collect();
-    w.finish(out, &notes, reader.verifier_key())
+    let mut w = BundleWriter::create(out, reader.verifier_key())?;
+    reader.scan(0..size, |_, bytes| w.entry(bytes))?;
+    // Checkpoints signed while exporting cover more than `size`, and are left out.
+    let mut from = 0;
+    loop {
+        let page = reader.checkpoints(from, EXPORT_CHECKPOINTS_PER_PAGE)?;
+        for c in &page {
+            w.checkpoint(&c.note)?;
+        }
+        if page.len() < EXPORT_CHECKPOINTS_PER_PAGE {
+            break;
+        }
+        from += page.len() as u64;
+    }
+    w.finish()
 }

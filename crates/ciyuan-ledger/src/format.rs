@@ -13,6 +13,93 @@ pub const SIDECAR_ENTRY_BYTES: usize = 40;
 /// Checkpoint frame header: length, CRC.
 pub const CHECKPOINT_HEADER_BYTES: usize = 8;
 
+/// Largest entry the format holds. [`crate::LedgerOptions::max_entry_bytes`] may refuse
+/// smaller ones for new appends, but recovery, readers and the verifier parse records
+/// with this bound, so lowering the option never makes a written entry unreadable, or
+/// a whole last record look like a torn one.
+pub const MAX_ENTRY_BYTES: usize = 16 << 20;
+
+/// The most bytes a crash may leave torn at the end of the last segment. A writer
+/// never has more than this written and not yet synced (options that would allow more
+/// are refused when a ledger is opened), so a longer damaged tail is damage to
+/// acknowledged data. Recovery and the verifier judge a tail by this bound and
+/// [`judge_torn_tail`] alone: the decision belongs to the files, not to the pipeline
+/// depth or the options of whichever binary looks at them.
+pub const MAX_TORN_TAIL_BYTES: u64 = 256 << 20;
+
+/// Why the damaged end of the last segment is not what a crash leaves behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotTorn {
+    /// A signed checkpoint covers the damaged entry: it was durable when signed.
+    Signed {
+        /// Entries the newest checkpoint signs.
+        signed_size: u64,
+    },
+    /// Longer than any write that was not yet synced.
+    TooLong {
+        /// Bytes from the damaged record to the end of the file.
+        bytes: u64,
+    },
+    /// A valid record follows, this many bytes after the damaged one starts.
+    ValidRecordFollows {
+        /// Where, from the start of the damaged record.
+        after: usize,
+    },
+}
+
+impl std::fmt::Display for NotTorn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotTorn::Signed { signed_size } => {
+                write!(f, "a signed checkpoint covers {signed_size} entries")
+            }
+            NotTorn::TooLong { bytes } => write!(
+                f,
+                "{bytes} damaged bytes follow, more than a crash can leave unsynced ({MAX_TORN_TAIL_BYTES})"
+            ),
+            NotTorn::ValidRecordFollows { after } => {
+                write!(f, "a valid record follows {after} bytes further on")
+            }
+        }
+    }
+}
+
+/// What can be judged of a damaged tail from its length alone (so a verifier need not
+/// read a tail that is too long to be torn): see [`judge_torn_tail`].
+pub fn judge_torn_tail_len(bytes: u64, index: u64, signed_size: u64) -> Result<(), NotTorn> {
+    if signed_size > index {
+        return Err(NotTorn::Signed { signed_size });
+    }
+    if bytes > MAX_TORN_TAIL_BYTES {
+        return Err(NotTorn::TooLong { bytes });
+    }
+    Ok(())
+}
+
+/// Judges the damaged end of the last segment: `tail` runs from the first record that
+/// fails to parse (expected to be entry `index`) to the end of the file, and
+/// `signed_size` is the size of the newest signed checkpoint (0 without one). `Ok` means
+/// it is a torn write nobody was told about: recovery cuts it, the verifier reports it.
+/// Anything else is damage, and both refuse it. The sidecar has no say: it is written
+/// before its group is synced, so after a crash it may hold entries whose records never
+/// reached the disk.
+pub fn judge_torn_tail(tail: &[u8], index: u64, signed_size: u64) -> Result<(), NotTorn> {
+    judge_torn_tail_len(tail.len() as u64, index, signed_size)?;
+    match (1..tail.len()).find(|&off| valid_record_at(&tail[off..], index)) {
+        Some(after) => Err(NotTorn::ValidRecordFollows { after }),
+        None => Ok(()),
+    }
+}
+
+/// Whether `b` starts with a valid record of index `index` or later.
+fn valid_record_at(b: &[u8], index: u64) -> bool {
+    if b.len() < RECORD_HEADER_BYTES {
+        return false;
+    }
+    let found = u64::from_le_bytes([b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]]);
+    found >= index && parse_record(b, found, MAX_ENTRY_BYTES).is_ok()
+}
+
 /// The segment header bytes.
 pub fn segment_header() -> [u8; SEGMENT_HEADER_BYTES] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES];
@@ -135,37 +222,99 @@ pub fn put_checkpoint(note: &str) -> Vec<u8> {
     out
 }
 
-/// Notes with their offsets in the checkpoints file.
-pub type Notes = Vec<(usize, String)>;
-/// Offset and reason of a bad frame.
-pub type BadFrame = Option<(usize, &'static str)>;
+/// Largest checkpoint note a frame may hold. A note is a few hundred bytes; the bound
+/// keeps a damaged length field from asking for gigabytes.
+pub const MAX_CHECKPOINT_NOTE_BYTES: usize = 64 * 1024;
 
-/// Splits a checkpoints file into notes. Returns the notes, and the offset and reason of
-/// the first bad frame if any.
-pub fn parse_checkpoints(buf: &[u8]) -> (Notes, BadFrame) {
-    let mut notes = Vec::new();
-    let mut at = 0;
-    while at < buf.len() {
-        if buf.len() - at < CHECKPOINT_HEADER_BYTES {
-            return (notes, Some((at, "frame header cut short")));
-        }
-        let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-        let crc = u32::from_le_bytes([buf[at + 4], buf[at + 5], buf[at + 6], buf[at + 7]]);
-        let start = at + CHECKPOINT_HEADER_BYTES;
-        if len > 64 * 1024 || buf.len() - start < len {
-            return (notes, Some((at, "frame cut short or too long")));
-        }
-        let body = &buf[start..start + len];
-        if crc32c::crc32c(body) != crc {
-            return (notes, Some((at, "checksum mismatch")));
-        }
-        match std::str::from_utf8(body) {
-            Ok(s) => notes.push((at, s.to_string())),
-            Err(_) => return (notes, Some((at, "note is not UTF-8"))),
-        }
-        at = start + len;
+/// What the bytes at the start of a buffer hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A whole, checked note and the frame's size.
+    Note(&'a str, usize),
+    /// The frame goes on past the buffer (and is not over the size limit).
+    Incomplete,
+    /// Not a frame, and why.
+    Bad(&'static str),
+}
+
+/// Parses the checkpoint frame at the start of `buf`.
+pub fn parse_checkpoint_frame(buf: &[u8]) -> Frame<'_> {
+    if buf.len() < CHECKPOINT_HEADER_BYTES {
+        return Frame::Incomplete;
     }
-    (notes, None)
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if len > MAX_CHECKPOINT_NOTE_BYTES {
+        return Frame::Bad("frame cut short or too long");
+    }
+    let total = CHECKPOINT_HEADER_BYTES + len;
+    if buf.len() < total {
+        return Frame::Incomplete;
+    }
+    let body = &buf[CHECKPOINT_HEADER_BYTES..total];
+    if crc32c::crc32c(body) != crc {
+        return Frame::Bad("checksum mismatch");
+    }
+    match std::str::from_utf8(body) {
+        Ok(s) => Frame::Note(s, total),
+        Err(_) => Frame::Bad("note is not UTF-8"),
+    }
+}
+
+/// Bytes read at a time while streaming a checkpoints file: many frames, and always
+/// room for the largest one.
+const CHECKPOINT_READ_BYTES: usize = 1 << 20;
+
+/// Streams the frames of a checkpoints file from byte `start` (a frame boundary) to
+/// byte `end`, in constant memory: `f(offset, note)` for each until it answers
+/// `false`. Returns the offset and reason of the bad or cut frame that stopped the
+/// scan, if one did. `io` names a read error in the caller's terms.
+pub fn scan_checkpoints<E>(
+    file: &std::fs::File,
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(u64, &str) -> Result<bool, E>,
+    io: impl FnOnce(std::io::Error) -> E,
+) -> Result<Option<(u64, &'static str)>, E> {
+    use std::os::unix::fs::FileExt;
+    const _: () =
+        assert!(CHECKPOINT_READ_BYTES >= CHECKPOINT_HEADER_BYTES + MAX_CHECKPOINT_NOTE_BYTES);
+    let mut buf = vec![0u8; CHECKPOINT_READ_BYTES];
+    let mut pos = start; // file offset of buf[0]
+    let mut filled = 0usize;
+    loop {
+        // Top the buffer up from the file.
+        while filled < buf.len() && pos + (filled as u64) < end {
+            let want = (buf.len() - filled).min((end - pos - filled as u64) as usize);
+            match file.read_at(&mut buf[filled..filled + want], pos + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        if filled == 0 {
+            return Ok(None);
+        }
+        let mut at = 0usize;
+        while at < filled {
+            match parse_checkpoint_frame(&buf[at..filled]) {
+                Frame::Note(note, total) => {
+                    if !f(pos + at as u64, note)? {
+                        return Ok(None);
+                    }
+                    at += total;
+                }
+                Frame::Incomplete if at > 0 => break,
+                // A whole buffer holds any valid frame: what does not fit is cut.
+                Frame::Incomplete => return Ok(Some((pos, "frame cut short or too long"))),
+                Frame::Bad(why) => return Ok(Some((pos + at as u64, why))),
+            }
+        }
+        buf.copy_within(at..filled, 0);
+        filled -= at;
+        pos += at as u64;
+    }
 }
 
 /// Segment file name for a first index.
@@ -210,16 +359,76 @@ mod tests {
         }
     }
 
+    /// Where a bad frame stopped a scan, and why.
+    type Stop = Option<(u64, &'static str)>;
+
+    /// Every note of a checkpoints file, and where a bad frame stopped the scan.
+    fn scan_all(bytes: &[u8]) -> (Vec<(u64, String)>, Stop) {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
+        let mut notes = Vec::new();
+        let bad = scan_checkpoints(
+            &f,
+            0,
+            bytes.len() as u64,
+            |at, note| {
+                notes.push((at, note.to_string()));
+                Ok::<_, std::io::Error>(true)
+            },
+            |e| e,
+        )
+        .unwrap();
+        (notes, bad)
+    }
+
     #[test]
     fn checkpoint_frames() {
         let mut f = put_checkpoint("a\n\n— x y\n");
         f.extend(put_checkpoint("b\n"));
-        let (notes, bad) = parse_checkpoints(&f);
+        let (notes, bad) = scan_all(&f);
         assert_eq!(notes.len(), 2);
         assert!(bad.is_none());
-        let (notes, bad) = parse_checkpoints(&f[..f.len() - 1]);
+        let (notes, bad) = scan_all(&f[..f.len() - 1]);
         assert_eq!(notes.len(), 1);
-        assert!(bad.is_some());
+        assert_eq!(
+            bad,
+            Some((notes[0].1.len() as u64 + 8, "frame cut short or too long"))
+        );
+        // Many frames, across the read buffer's edge, in order.
+        let mut many = Vec::new();
+        for i in 0..20_000 {
+            many.extend(put_checkpoint(&format!("note {i}\n")));
+        }
+        let (notes, bad) = scan_all(&many);
+        assert!(bad.is_none());
+        assert_eq!(notes.len(), 20_000);
+        assert_eq!(notes[12_345].1, "note 12345\n");
+    }
+
+    #[test]
+    fn torn_tails_are_judged_by_the_format() {
+        let mut next = Vec::new();
+        put_record(&mut next, 9, b"later");
+        let mut tail = vec![0xAB; 100];
+        assert_eq!(judge_torn_tail(&tail, 7, 7), Ok(()));
+        assert_eq!(
+            judge_torn_tail(&tail, 7, 8),
+            Err(NotTorn::Signed { signed_size: 8 })
+        );
+        tail.extend_from_slice(&next);
+        assert_eq!(
+            judge_torn_tail(&tail, 7, 0),
+            Err(NotTorn::ValidRecordFollows { after: 100 })
+        );
+        // A record of an earlier index is old garbage, not a later write.
+        assert_eq!(judge_torn_tail(&tail, 10, 0), Ok(()));
+        assert_eq!(judge_torn_tail_len(MAX_TORN_TAIL_BYTES, 7, 0), Ok(()));
+        assert_eq!(
+            judge_torn_tail_len(MAX_TORN_TAIL_BYTES + 1, 7, 0),
+            Err(NotTorn::TooLong {
+                bytes: MAX_TORN_TAIL_BYTES + 1
+            })
+        );
     }
 
     #[test]

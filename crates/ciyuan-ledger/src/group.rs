@@ -1,6 +1,6 @@
 //! Group commit: one writer thread, many producers, one `fdatasync` per group.
 
-use crate::ledger::{Ledger, LedgerReader, Staged, validate_entry};
+use crate::ledger::{Ledger, LedgerReader, Staged, check_request, validate_entry};
 use crate::{LedgerError, SignedCheckpoint};
 use ciyuan_store::{AppendDone, CheckpointDone, Log, LogError};
 use ciyuan_tlog::{Hash, leaf_hash};
@@ -36,6 +36,7 @@ pub struct GroupCommitter {
     groups: Arc<AtomicU64>,
     reader: LedgerReader,
     max_entry_bytes: usize,
+    opts: crate::LedgerOptions,
 }
 
 impl GroupCommitter {
@@ -44,6 +45,7 @@ impl GroupCommitter {
         let (tx, rx) = std::sync::mpsc::sync_channel(ledger.options().queue_depth);
         let reader = ledger.reader();
         let max_entry_bytes = ledger.options().max_entry_bytes;
+        let opts = ledger.options().clone();
         let groups = Arc::new(AtomicU64::new(0));
         let counter = groups.clone();
         let handle = std::thread::Builder::new()
@@ -60,6 +62,7 @@ impl GroupCommitter {
                 groups,
                 reader,
                 max_entry_bytes,
+                opts,
             },
             handle,
         )
@@ -73,10 +76,12 @@ impl GroupCommitter {
     /// hashing is most of the CPU an append costs, and spread over the producers it no
     /// longer queues behind the one writer thread.
     pub fn append(&self, entries: Vec<Vec<u8>>, done: OnAppended) -> Result<(), LedgerError> {
-        let leaves = entries
-            .iter()
-            .map(|e| validate_entry(e, self.max_entry_bytes).map(|()| leaf_hash(e)))
-            .collect();
+        let leaves = check_request(&entries, &self.opts).and_then(|()| {
+            entries
+                .iter()
+                .map(|e| validate_entry(e, self.max_entry_bytes).map(|()| leaf_hash(e)))
+                .collect()
+        });
         self.tx
             .send(Request::Append {
                 entries,
@@ -92,6 +97,8 @@ impl GroupCommitter {
         self.append(
             entries,
             Box::new(move |r| {
+                // The receiver is below, waiting; the send fails only if this caller's
+                // thread is gone, and then nobody is left to tell.
                 let _ = tx.send(r);
             }),
         )?;
@@ -109,6 +116,7 @@ impl GroupCommitter {
     pub fn checkpoint_blocking(&self) -> Result<SignedCheckpoint, LedgerError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.checkpoint_with(Box::new(move |r| {
+            // As in `append_blocking`: only a vanished waiter makes this fail.
             let _ = tx.send(r);
         }))?;
         rx.recv().map_err(|_| LedgerError::ShutDown)?
@@ -127,6 +135,8 @@ impl GroupCommitter {
     /// Asks the writer to finish what is queued, sync the sidecar and stop. Join the
     /// handle returned by [`GroupCommitter::start`] to wait for it.
     pub fn shutdown(&self) {
+        // The send fails only when the writer has stopped already, which is what was
+        // asked for.
         let _ = self.tx.send(Request::Shutdown);
     }
 }
@@ -144,7 +154,8 @@ const PIPELINE_DEPTH: usize = 2;
 
 /// Groups that can be written but not yet synced at once: the one syncing, those
 /// queued for the syncer, and the one the writer has written and waits to hand over.
-/// Recovery allows a torn tail this many groups long.
+/// `LedgerOptions::check` keeps this many groups within the format's torn-tail bound
+/// (recovery and the verifier know nothing of the pipeline).
 pub(crate) const UNSYNCED_GROUPS: usize = PIPELINE_DEPTH + 2;
 
 /// The writer: gathers a group, writes it, and hands it to the syncer, so that framing
@@ -272,7 +283,13 @@ fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
         }
     }
     drop(sync_tx);
-    let _ = syncer.join();
+    if syncer.join().is_err() {
+        // The syncer died mid-group: what it had not published is not acknowledged,
+        // and the next open judges the files. Syncing the sidecar now would only
+        // make durable what recovery rebuilds anyway.
+        tracing::error!("ledger: the sync thread panicked; the ledger must be reopened");
+        return;
+    }
     // Answer whatever is still queued so no producer waits forever.
     while let Ok(req) = rx.try_recv() {
         match req {
@@ -281,7 +298,11 @@ fn writer(mut ledger: Ledger, rx: Receiver<Request>, groups: Arc<AtomicU64>) {
             Request::Shutdown => {}
         }
     }
-    let _ = ledger.sync();
+    if let Err(e) = ledger.sync() {
+        // Everything acknowledged was synced group by group; this sync only saves the
+        // next open some rebuilding, so its failure is reported, not fatal.
+        tracing::warn!("ledger: final sync on shutdown failed: {e}");
+    }
 }
 
 impl Log for GroupCommitter {
@@ -334,8 +355,12 @@ impl Log for GroupCommitter {
         self.reader.latest_checkpoint()
     }
 
-    fn checkpoints(&self) -> Vec<SignedCheckpoint> {
-        self.reader.checkpoints()
+    fn checkpoint_count(&self) -> u64 {
+        self.reader.checkpoint_count()
+    }
+
+    fn checkpoints(&self, from: u64, limit: usize) -> Result<Vec<SignedCheckpoint>, LogError> {
+        Ok(self.reader.checkpoints(from, limit)?)
     }
 
     fn verifier_key(&self) -> String {

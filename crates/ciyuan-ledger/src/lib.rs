@@ -30,9 +30,13 @@
 //!
 //! [`verify_path`] repairs nothing. On a ledger directory that has not been reopened
 //! since a crash it accepts exactly the two leftovers nothing ever vouched for: a
-//! sidecar that stops short inside the last segment (every byte it has must match),
-//! and a torn final write that neither the sidecar nor a signed checkpoint covers
-//! (reported in [`VerifyReport::torn_tail_bytes`]). A bundle must be exactly what
+//! sidecar that stops short of, or runs past, the records of the last segment (every
+//! byte beside a record must match it), and a torn final write (reported in
+//! [`VerifyReport::torn_tail_bytes`]). Whether a damaged tail is a torn write is a rule
+//! of the format, applied alike by recovery and the verifier: nothing valid follows
+//! it, no signed checkpoint covers it, and it is no longer than
+//! `MAX_TORN_TAIL_BYTES` (256 MiB), which bounds what a writer may hold unsynced
+//! whatever its options ([`LedgerOptions::check`]). A bundle must be exactly what
 //! [`export_bundle`] wrote, up to its newest checkpoint.
 #![deny(missing_docs)]
 
@@ -44,7 +48,7 @@ mod keys;
 mod ledger;
 mod verify;
 
-pub use bundle::{BundleSummary, export_bundle, write_bundle};
+pub use bundle::{BundleSummary, BundleWriter, export_bundle, write_bundle};
 pub use group::{GroupCommitter, OnAppended, OnCheckpoint};
 pub use ledger::{Ledger, LedgerReader};
 pub use verify::{VerifyFailure, VerifyReport, verify_path, verify_path_with_progress};
@@ -58,11 +62,11 @@ pub struct LedgerOptions {
     pub origin: Option<String>,
     /// A segment is sealed and a new one begun once it reaches this size.
     pub segment_max_bytes: u64,
-    /// Largest entry accepted.
+    /// Largest entry accepted; at most the format's limit (16 MiB).
     pub max_entry_bytes: usize,
-    /// Most entries in one group commit.
+    /// Most entries in one group commit, and in one append request.
     pub max_batch_entries: usize,
-    /// Most payload bytes in one group commit.
+    /// Most payload bytes in one group commit, and in one append request.
     pub max_batch_bytes: usize,
     /// Append requests that may wait for the writer before producers block.
     pub queue_depth: usize,
@@ -78,6 +82,45 @@ impl Default for LedgerOptions {
             max_batch_bytes: 16 << 20,
             queue_depth: 1024,
         }
+    }
+}
+
+impl LedgerOptions {
+    /// The most bytes the writer can have written but not yet synced with these
+    /// options: the groups in flight in the pipeline, each at most one request past
+    /// the batch bounds (a request is never split), records framed. It must stay within
+    /// the format's torn-tail bound, which recovery and the verifier rely on.
+    pub fn max_unsynced_bytes(&self) -> u64 {
+        let group = 2 * self.max_batch_bytes as u64
+            + 2 * self.max_batch_entries as u64 * format::RECORD_HEADER_BYTES as u64;
+        group::UNSYNCED_GROUPS as u64 * group
+    }
+
+    /// Refuses options the on-disk format cannot honour.
+    pub fn check(&self) -> Result<(), LedgerError> {
+        if self.max_entry_bytes > format::MAX_ENTRY_BYTES {
+            return Err(LedgerError::Invalid(format!(
+                "max_entry_bytes {} is over the format's limit of {}",
+                self.max_entry_bytes,
+                format::MAX_ENTRY_BYTES
+            )));
+        }
+        if self.max_batch_bytes == 0 || self.max_batch_entries == 0 {
+            return Err(LedgerError::Invalid(
+                "max_batch_bytes and max_batch_entries must be at least 1".into(),
+            ));
+        }
+        if self.max_unsynced_bytes() > format::MAX_TORN_TAIL_BYTES {
+            return Err(LedgerError::Invalid(format!(
+                "max_batch_bytes {} and max_batch_entries {} let {} bytes wait for a sync, \
+                 more than the {} a crash may leave torn in the ledger format",
+                self.max_batch_bytes,
+                self.max_batch_entries,
+                self.max_unsynced_bytes(),
+                format::MAX_TORN_TAIL_BYTES
+            )));
+        }
+        Ok(())
     }
 }
 

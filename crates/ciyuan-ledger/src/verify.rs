@@ -7,11 +7,14 @@
 //! and are accepted in a ledger directory, because nothing ever vouched for them:
 //!
 //! - the sidecar (`leaves`) may lack entries of the **last** segment (it is synced only
-//!   when a segment is sealed and on clean close), even a final partial entry; every
-//!   sidecar byte that is there must still match what the segments say;
-//! - the last segment may end in a torn write (a record cut short or failing its
-//!   checksum, with no valid record after it) that neither the sidecar nor a signed
-//!   checkpoint covers. It is reported in [`VerifyReport::torn_tail_bytes`].
+//!   when a segment is sealed and on clean close), even a final partial entry, or run
+//!   past its records (a group's sidecar entries are written before the group is
+//!   synced); every sidecar byte that lies beside a record must still match it;
+//! - the last segment may end in a torn write, as judged by the format's rule that
+//!   recovery applies too (`format::judge_torn_tail`): a record cut short or
+//!   failing its checksum, no valid record after it, no more bytes than a writer can
+//!   have unsynced, and no signed checkpoint covering it. It is reported in
+//!   [`VerifyReport::torn_tail_bytes`].
 //!
 //! Speed: SHA-256 is most of the work, so the leaves of each chunk of records are
 //! hashed on two threads (the target machine has two cores), and the tree (one node
@@ -26,9 +29,9 @@ use crate::bundle::{
 };
 use crate::format::*;
 use crate::keys;
-use ciyuan_tlog::{Checkpoint, EMPTY_ROOT, Frontier, Hash, NodeSource, NoteVerifier, leaf_hash};
+use ciyuan_tlog::{Checkpoint, Frontier, Hash, NodeSource, NoteVerifier, leaf_hash};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -176,59 +179,154 @@ impl NodeSource for Captured<'_> {
     }
 }
 
-/// Builds the tree from leaves in order, remembering the roots at the checkpoint sizes
-/// and the perfect subtrees the consistency proofs between them will need.
+/// Where the checkpoints come from, oldest first: read a batch at a time, so memory
+/// does not grow with their number (millions, after a few years).
+trait CheckpointSource: Send {
+    /// Appends the next few checkpoints to `out`, strictly growing in size; none at the
+    /// end.
+    fn next_batch(&mut self, out: &mut VecDeque<Signed>) -> Result<(), VerifyFailure>;
+}
+
+/// Checkpoints read per batch.
+const CHECKPOINT_BATCH: usize = 1024;
+
+/// Builds the tree from leaves in order and checks each checkpoint as the tree reaches
+/// its size: its root, and a consistency proof from the previous one, made of nodes
+/// taken from the frontier (the old tree's part, see `Frontier::nodes`) or captured as
+/// the leaves stream past. Memory holds one batch of checkpoints and one proof's nodes.
 struct TreeCheck {
     frontier: Frontier,
-    /// Distinct checkpoint sizes, ascending.
-    sizes: Vec<u64>,
-    next_size: usize,
-    roots: HashMap<u64, Hash>,
-    /// Nodes to capture, by the tree size at which each is complete.
+    source: Box<dyn CheckpointSource>,
+    /// Checkpoints read and not yet reached, oldest first.
+    pending: VecDeque<Signed>,
+    source_done: bool,
+    /// The last checkpoint checked.
+    prev: Option<Signed>,
+    checked: u64,
+    /// Nodes of the proof from `prev` to `pending[0]` that complete after `prev`, by
+    /// the tree size at which each is complete.
     needed: Vec<(u64, u32, u64)>,
     next_need: usize,
     nodes: HashMap<(u32, u64), Hash>,
+    /// The first failure; the leaves after it are not looked at.
+    failure: Option<VerifyFailure>,
 }
 
 impl TreeCheck {
-    fn new(checkpoints: &[Signed]) -> TreeCheck {
-        let mut sizes: Vec<u64> = checkpoints.iter().map(|c| c.checkpoint.size).collect();
-        sizes.sort_unstable();
-        sizes.dedup();
-        let rec = Recorder(RefCell::new(Vec::new()));
-        for pair in sizes.windows(2) {
-            if pair[0] > 0 {
-                // The proof's shape depends on the sizes only, so asking with dummy
-                // hashes lists exactly the nodes the real proof is made of.
-                let _ = ciyuan_tlog::consistency_proof(&rec, pair[0], pair[1]);
-            }
-        }
-        let mut needed: Vec<(u64, u32, u64)> = rec
-            .0
-            .into_inner()
-            .into_iter()
-            .map(|(level, index)| ((index + 1) << level, level, index))
-            .collect();
-        needed.sort_unstable();
-        needed.dedup();
+    fn new(source: Box<dyn CheckpointSource>) -> TreeCheck {
         let mut t = TreeCheck {
             frontier: Frontier::new(),
-            sizes,
-            next_size: 0,
-            roots: HashMap::new(),
-            needed,
+            source,
+            pending: VecDeque::new(),
+            source_done: false,
+            prev: None,
+            checked: 0,
+            needed: Vec::new(),
             next_need: 0,
             nodes: HashMap::new(),
+            failure: None,
         };
-        if t.sizes.first() == Some(&0) {
-            t.roots.insert(0, EMPTY_ROOT);
-            t.next_size = 1;
+        if let Err(e) = t.arrive() {
+            t.failure = Some(e);
         }
         t
     }
 
+    /// The oldest checkpoint not yet reached, reading the next batch if needed.
+    fn front(&mut self) -> Result<Option<&Signed>, VerifyFailure> {
+        if self.pending.is_empty() && !self.source_done {
+            self.source.next_batch(&mut self.pending)?;
+            self.source_done = self.pending.is_empty();
+        }
+        Ok(self.pending.front())
+    }
+
+    /// Checks the checkpoints of the current size, then prepares the next proof.
+    fn arrive(&mut self) -> Result<(), VerifyFailure> {
+        let size = self.frontier.size();
+        while let Some(c) = self.front()?
+            && c.checkpoint.size <= size
+        {
+            let Some(c) = self.pending.pop_front() else {
+                break;
+            };
+            let cp = &c.checkpoint;
+            if cp.size < size {
+                // Sources hand out growing sizes, and every size is visited.
+                return fail(format!("{}: checkpoints out of order", c.name));
+            }
+            if self.frontier.root() != cp.root {
+                return fail(format!(
+                    "{}: the root of the first {} entries is not the signed root",
+                    c.name, cp.size
+                ));
+            }
+            // Roots recomputed from one sequence of leaves already make each tree a
+            // prefix of the next; the proofs show it the way an outside client would.
+            if let Some(p) = &self.prev {
+                let a = &p.checkpoint;
+                let proof = if a.size == 0 {
+                    Vec::new()
+                } else {
+                    ciyuan_tlog::consistency_proof(&Captured(&self.nodes), a.size, cp.size)
+                        .map_err(|e| VerifyFailure(format!("{}: {e}", c.name)))?
+                };
+                if let Err(e) =
+                    ciyuan_tlog::verify_consistency(a.size, cp.size, &a.root, &cp.root, &proof)
+                {
+                    return fail(format!("{}: not consistent with {} ({e})", c.name, p.name));
+                }
+            }
+            self.checked += 1;
+            self.prev = Some(c);
+        }
+        self.prepare()
+    }
+
+    /// Lists the nodes of the proof from `prev` to the next checkpoint: those of the
+    /// old tree come from the frontier now, the others are captured as they complete.
+    fn prepare(&mut self) -> Result<(), VerifyFailure> {
+        self.needed.clear();
+        self.next_need = 0;
+        self.nodes.clear();
+        let a = self.frontier.size();
+        let b = match self.pending.front() {
+            Some(c) => c.checkpoint.size,
+            None => return Ok(()),
+        };
+        if a == 0 || self.prev.is_none() {
+            return Ok(());
+        }
+        let rec = Recorder(RefCell::new(Vec::new()));
+        // The proof's shape depends on the sizes only, so asking with dummy hashes
+        // lists exactly the nodes the real proof is made of. It cannot fail for sizes
+        // 0 < a < b; if it did, `arrive` builds the same proof and reports the error.
+        let _ = ciyuan_tlog::consistency_proof(&rec, a, b);
+        for (level, index) in rec.0.into_inner() {
+            let complete = (index + 1) << level;
+            if complete <= a {
+                let Some((_, _, h)) = self.frontier.nodes().find(|n| (n.0, n.1) == (level, index))
+                else {
+                    return fail(format!(
+                        "the proof from {a} to {b} entries needs node {level}/{index}, \
+                         which is not on the frontier"
+                    ));
+                };
+                self.nodes.insert((level, index), h);
+            } else {
+                self.needed.push((complete, level, index));
+            }
+        }
+        self.needed.sort_unstable();
+        self.needed.dedup();
+        Ok(())
+    }
+
     #[inline]
     fn push(&mut self, leaf: Hash) {
+        if self.failure.is_some() {
+            return;
+        }
         let after = self.frontier.size() + 1;
         if self
             .needed
@@ -251,54 +349,38 @@ impl TreeCheck {
         } else {
             self.frontier.push(leaf, |_, _, _| {});
         }
-        if self.sizes.get(self.next_size) == Some(&after) {
-            self.roots.insert(after, self.frontier.root());
-            self.next_size += 1;
+        if self
+            .pending
+            .front()
+            .is_some_and(|c| c.checkpoint.size == after)
+            && let Err(e) = self.arrive()
+        {
+            self.failure = Some(e);
         }
     }
 
-    /// Checks every checkpoint against the recomputed tree, and each against the next
-    /// larger one with a consistency proof. Returns the newest size.
-    fn check(&self, checkpoints: &[Signed], entries: u64) -> Result<u64, VerifyFailure> {
-        let mut newest = 0;
-        for c in checkpoints {
-            let cp = &c.checkpoint;
-            if cp.size > entries {
-                return fail(format!(
-                    "{}: signs {} entries but only {entries} are present",
-                    c.name, cp.size
-                ));
-            }
-            if self.roots.get(&cp.size) != Some(&cp.root) {
-                return fail(format!(
-                    "{}: the root of the first {} entries is not the signed root",
-                    c.name, cp.size
-                ));
-            }
-            newest = newest.max(cp.size);
+    /// A checkpoint covering more than `entries`, if any is left: it signs entries
+    /// that are not there.
+    fn beyond(&mut self, entries: u64) -> Result<Option<(String, u64)>, VerifyFailure> {
+        if let Some(e) = self.failure.take() {
+            return Err(e);
         }
-        // Roots recomputed from one sequence of leaves already make each tree a prefix
-        // of the next; the proofs show it the way an outside client would check it.
-        let mut by_size: Vec<&Signed> = checkpoints.iter().collect();
-        by_size.sort_by_key(|c| c.checkpoint.size);
-        for pair in by_size.windows(2) {
-            let (a, b) = (&pair[0].checkpoint, &pair[1].checkpoint);
-            let proof = if a.size == 0 || a.size == b.size {
-                Vec::new()
-            } else {
-                ciyuan_tlog::consistency_proof(&Captured(&self.nodes), a.size, b.size)
-                    .map_err(|e| VerifyFailure(format!("{}: {e}", pair[1].name)))?
-            };
-            if let Err(e) =
-                ciyuan_tlog::verify_consistency(a.size, b.size, &a.root, &b.root, &proof)
-            {
-                return fail(format!(
-                    "{}: not consistent with {} ({e})",
-                    pair[1].name, pair[0].name
-                ));
-            }
+        Ok(self
+            .front()?
+            .filter(|c| c.checkpoint.size > entries)
+            .map(|c| (c.name.clone(), c.checkpoint.size)))
+    }
+
+    /// After the last leaf: every checkpoint must have been reached. Returns how many
+    /// were checked and the newest size (0 without any).
+    fn finish(&mut self, entries: u64) -> Result<(u64, u64), VerifyFailure> {
+        if let Some((name, size)) = self.beyond(entries)? {
+            return fail(format!(
+                "{name}: signs {size} entries but only {entries} are present"
+            ));
         }
-        Ok(newest)
+        let newest = self.prev.as_ref().map_or(0, |p| p.checkpoint.size);
+        Ok((self.checked, newest))
     }
 }
 
@@ -314,7 +396,9 @@ impl TreeFeed {
     fn feed(&mut self, leaves: &mut Vec<Hash>) {
         let next = self.spare.try_recv().unwrap_or_default();
         let full = std::mem::replace(leaves, next);
-        // The tree thread only stops when this side is dropped.
+        // The tree thread only stops when this side is dropped, or by panicking; the
+        // join in `with_tree` turns that into a failure, so a lost chunk is never
+        // mistaken for a verified one.
         let _ = self.tx.send(full);
     }
 }
@@ -335,6 +419,7 @@ fn with_tree<R>(
                     tree.push(*leaf);
                 }
                 leaves.clear();
+                // Recycling only: a full spare queue drops the vector, nothing else.
                 let _ = spare_tx.try_send(leaves);
             }
             tree
@@ -416,31 +501,84 @@ fn list_dir(dir: &Path, label: &str) -> Result<Vec<String>, VerifyFailure> {
     Ok(names)
 }
 
-fn ledger_checkpoints(dir: &Path, verifier: &NoteVerifier) -> Result<Vec<Signed>, VerifyFailure> {
-    let bytes = match std::fs::read(dir.join(CHECKPOINTS)) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return fail(format!("{CHECKPOINTS}: {e}")),
-    };
-    let (notes, bad) = parse_checkpoints(&bytes);
-    if let Some((at, why)) = bad {
-        return fail(format!("{CHECKPOINTS} offset {at}: {why}"));
+/// The checkpoints file of a ledger directory, streamed a batch at a time: every frame
+/// whole and checked, every note signed by the key in `public.key`, sizes growing.
+struct LedgerSource {
+    /// `None` when the ledger has no checkpoints file.
+    file: Option<File>,
+    len: u64,
+    offset: u64,
+    verifier: NoteVerifier,
+    last_size: Option<u64>,
+}
+
+impl LedgerSource {
+    fn open(dir: &Path, verifier: NoteVerifier) -> Result<LedgerSource, VerifyFailure> {
+        let file = match File::open(dir.join(CHECKPOINTS)) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return fail(format!("{CHECKPOINTS}: {e}")),
+        };
+        let len = match &file {
+            Some(f) => f
+                .metadata()
+                .map_err(|e| VerifyFailure(format!("{CHECKPOINTS}: {e}")))?
+                .len(),
+            None => 0,
+        };
+        Ok(LedgerSource {
+            file,
+            len,
+            offset: 0,
+            verifier,
+            last_size: None,
+        })
     }
-    let mut out: Vec<Signed> = Vec::with_capacity(notes.len());
-    for (at, note) in &notes {
-        let name = format!("{CHECKPOINTS} offset {at}");
-        let checkpoint = open_note(verifier, &name, note)?;
-        if let Some(prev) = out.last()
-            && checkpoint.size <= prev.checkpoint.size
-        {
-            return fail(format!(
-                "{name}: size {} does not grow from the previous checkpoint's {}",
-                checkpoint.size, prev.checkpoint.size
-            ));
+}
+
+impl CheckpointSource for LedgerSource {
+    fn next_batch(&mut self, out: &mut VecDeque<Signed>) -> Result<(), VerifyFailure> {
+        let LedgerSource {
+            file,
+            len,
+            offset,
+            verifier,
+            last_size,
+        } = self;
+        let Some(file) = file else {
+            return Ok(());
+        };
+        let mut got = 0;
+        let mut next = *offset;
+        let bad = scan_checkpoints(
+            file,
+            *offset,
+            *len,
+            |at, note| {
+                let name = format!("{CHECKPOINTS} offset {at}");
+                let checkpoint = open_note(verifier, &name, note)?;
+                if let Some(prev) = *last_size
+                    && checkpoint.size <= prev
+                {
+                    return fail(format!(
+                        "{name}: size {} does not grow from the previous checkpoint's {prev}",
+                        checkpoint.size
+                    ));
+                }
+                *last_size = Some(checkpoint.size);
+                next = at + (CHECKPOINT_HEADER_BYTES + note.len()) as u64;
+                out.push_back(Signed { name, checkpoint });
+                got += 1;
+                Ok(got < CHECKPOINT_BATCH)
+            },
+            |e| VerifyFailure(format!("{CHECKPOINTS}: {e}")),
+        )?;
+        if let Some((at, why)) = bad {
+            return fail(format!("{CHECKPOINTS} offset {at}: {why}"));
         }
-        out.push(Signed { name, checkpoint });
+        *offset = next;
+        Ok(())
     }
-    Ok(out)
 }
 
 /// The sidecar as far as it goes: whole entries, and the bytes of a final partial one.
@@ -476,10 +614,9 @@ fn verify_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
         return fail(format!("{LOCK}: the lock file must be empty"));
     }
 
-    // Checkpoints first, so the roots and proof nodes to capture are known while the
-    // leaves stream past.
-    let cps = ledger_checkpoints(dir, &verifier)?;
-    let tree = TreeCheck::new(&cps);
+    // Checkpoints are checked as the leaves stream past, read from the file a batch at
+    // a time.
+    let tree = TreeCheck::new(Box::new(LedgerSource::open(dir, verifier)?));
 
     let mut firsts = Vec::new();
     for name in list_dir(&dir.join(SEGMENTS), SEGMENTS)? {
@@ -512,42 +649,53 @@ fn verify_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
             side.entries
         ));
     }
-    let signed_size = cps.iter().map(|c| c.checkpoint.size).max().unwrap_or(0);
-
-    let ((index, torn_tail_bytes), tree) = with_tree(tree, |tree| {
-        scan_segments(dir, &firsts, &mut side, signed_size, tree, progress)
+    let ((index, torn), mut tree) = with_tree(tree, |tree| {
+        scan_segments(dir, &firsts, &mut side, tree, progress)
     })?;
-    if side.entries > index || (side.entries == index && side.partial > 0) {
-        return fail(format!(
-            "{SIDECAR}: holds {} entries and {} bytes, more than the {index} entries in {SEGMENTS}",
-            side.entries, side.partial
-        ));
+    let mut torn_tail_bytes = 0;
+    if let Some(tail) = torn {
+        // The last part of the format's rule (`judge_torn_tail`): the scan judged the
+        // bytes; whether a checkpoint signs the damaged entry is known only now that
+        // the checkpoints have streamed past.
+        if let Some((_, signed_size)) = tree.beyond(index)? {
+            return fail(format!(
+                "{}, and it is not a torn write: {}",
+                tail.message,
+                NotTorn::Signed { signed_size }
+            ));
+        }
+        torn_tail_bytes = tail.bytes;
     }
-    let newest = tree.check(&cps, index)?;
+    // Sidecar entries past the records are leftovers of a crash, not damage: a group's
+    // sidecar entries are written before its records are synced, and recovery rebuilds
+    // that part from the segment. Only a signed checkpoint vouches for entries, and
+    // `finish` holds each to the entries present.
+    let (checkpoints, newest) = tree.finish(index)?;
     Ok(VerifyReport {
         entries: index,
-        checkpoints: cps.len() as u64,
+        checkpoints,
         size: index,
         root: tree.frontier.root(),
         signed_size: newest,
-        sidecar_missing: index - side.entries,
+        // The sidecar may also run past the records (see above): then none is missing,
+        // so zero here is the answer, not an underflow hidden.
+        sidecar_missing: index.saturating_sub(side.entries),
         torn_tail_bytes,
         seconds: 0.0,
     })
 }
 
 /// Streams every segment in order into the tree; returns the number of entries and
-/// the size of an accepted torn tail.
+/// the torn tail the bytes allow, if there is one.
 fn scan_segments(
     dir: &Path,
     firsts: &[u64],
     side: &mut Sidecar,
-    signed_size: u64,
     tree: &mut TreeFeed,
     progress: &mut dyn FnMut(u64),
-) -> Result<(u64, u64), VerifyFailure> {
+) -> Result<(u64, Option<TornTail>), VerifyFailure> {
     let mut index = 0u64;
-    let mut torn_tail_bytes = 0u64;
+    let mut torn_tail = None;
     let mut scan = SegmentScan::default();
     for (k, &first) in firsts.iter().enumerate() {
         let name = format!("{SEGMENTS}/{}", segment_name(first));
@@ -561,26 +709,11 @@ fn scan_segments(
             File::open(dir.join(&name)).map_err(|e| VerifyFailure(format!("{name}: {e}")))?;
         let outcome = scan.run(&file, &name, index, last, side, tree, progress)?;
         index = outcome.end;
-        if let Some(tail) = outcome.torn {
-            // Only a write that nothing vouches for may be torn.
-            // The sidecar is written after the segment is synced, and a checkpoint
-            // signs only synced entries: either covering the entry proves it was whole.
-            if side.entries > index || (side.entries == index && side.partial > 0) {
-                return fail(format!(
-                    "{}, but {SIDECAR} holds that entry, so it is not a torn write",
-                    tail.message
-                ));
-            }
-            if signed_size > index {
-                return fail(format!(
-                    "{}, but a signed checkpoint covers {signed_size} entries",
-                    tail.message
-                ));
-            }
-            torn_tail_bytes = tail.bytes;
-        }
+        // Judged by the format's rule in `run`, as recovery judges it (but for the
+        // checkpoints, which the caller checks once they have all been read).
+        torn_tail = outcome.torn;
     }
-    Ok((index, torn_tail_bytes))
+    Ok((index, torn_tail))
 }
 
 /// A damaged end of the last segment that may be a torn write.
@@ -668,7 +801,7 @@ impl SegmentScan {
                 match parse_record(
                     &data[at..],
                     index + self.ranges.len() as u64,
-                    u32::MAX as usize,
+                    MAX_ENTRY_BYTES,
                 ) {
                     Ok((payload, total)) => {
                         let s = at + RECORD_HEADER_BYTES;
@@ -750,16 +883,18 @@ impl SegmentScan {
                 if !last {
                     return fail(message);
                 }
-                // A torn write leaves nothing valid behind it; a damaged record with
-                // valid ones after it is damage to acknowledged data.
+                // The format's rule, the one recovery applies to the same bytes. The
+                // length is judged before the tail is read, so a long damaged tail is
+                // never read into memory.
+                let not_torn = |n: NotTorn| {
+                    VerifyFailure(format!("{message}, and it is not a torn write: {n}"))
+                };
+                // (Checkpoints are judged by the caller once all are read: 0 here.)
+                judge_torn_tail_len(len - offset, index, 0).map_err(not_torn)?;
                 let rest_start = (offset - base) as usize;
-                if valid_record_after(file, len, offset, index, &self.buf[rest_start..filled])
-                    .map_err(io)?
-                {
-                    return fail(format!(
-                        "{message}, and valid records follow, so it is not a torn write"
-                    ));
-                }
+                let tail =
+                    read_tail(file, len, offset, &self.buf[rest_start..filled]).map_err(io)?;
+                judge_torn_tail(&tail, index, 0).map_err(not_torn)?;
                 return Ok(SegmentOutcome {
                     end: index,
                     torn: Some(TornTail {
@@ -792,15 +927,9 @@ fn record_end(head: &[u8], offset: u64) -> u64 {
     offset + RECORD_HEADER_BYTES as u64 + u64::from(n)
 }
 
-/// Whether a valid record with an index at or after `index` starts anywhere after
-/// `offset` (the damaged record) in the file.
-fn valid_record_after(
-    file: &File,
-    len: u64,
-    offset: u64,
-    index: u64,
-    in_buf: &[u8],
-) -> std::io::Result<bool> {
+/// The bytes of `file` from `offset` (the damaged record) to its end `len`, the first
+/// of which are already in `in_buf`.
+fn read_tail(file: &File, len: u64, offset: u64, in_buf: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut tail = in_buf.to_vec();
     let have = offset + tail.len() as u64;
     if have < len {
@@ -809,14 +938,7 @@ fn valid_record_after(
         more.truncate(n);
         tail.extend_from_slice(&more);
     }
-    Ok((1..tail.len()).any(|off| {
-        let b = &tail[off..];
-        if b.len() < RECORD_HEADER_BYTES {
-            return false;
-        }
-        let found = u64::from_le_bytes([b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]]);
-        found >= index && parse_record(b, found, u32::MAX as usize).is_ok()
-    }))
+    Ok(tail)
 }
 
 // ---------------------------------------------------------------------------------
@@ -825,35 +947,81 @@ fn valid_record_after(
 /// Bytes per line of `leaf-hashes.txt`: 64 hex digits and a newline.
 const HEX_LINE: usize = 65;
 
-fn bundle_checkpoints(dir: &Path, verifier: &NoteVerifier) -> Result<Vec<Signed>, VerifyFailure> {
-    let cp_dir = dir.join(CHECKPOINTS_DIR);
-    if !cp_dir.is_dir() {
-        return fail(format!(
-            "{CHECKPOINTS_DIR}: missing: nothing vouches for the entries"
-        ));
-    }
-    let mut out = Vec::new();
-    for n in list_dir(&cp_dir, CHECKPOINTS_DIR)? {
-        let name = format!("{CHECKPOINTS_DIR}/{n}");
-        let note =
-            std::fs::read(cp_dir.join(&n)).map_err(|e| VerifyFailure(format!("{name}: {e}")))?;
-        let note = String::from_utf8(note)
-            .map_err(|_| VerifyFailure(format!("{name}: not UTF-8 text")))?;
-        let checkpoint = open_note(verifier, &name, &note)?;
-        if n != format!("{:020}.note", checkpoint.size) {
+/// The `checkpoints/` directory of a bundle: only the sizes (from the file names) are
+/// held, and the notes are read a batch at a time as the tree reaches them.
+struct BundleSource {
+    dir: std::path::PathBuf,
+    /// Sizes named by the files, ascending.
+    sizes: Vec<u64>,
+    next: usize,
+    verifier: NoteVerifier,
+}
+
+impl BundleSource {
+    fn open(dir: &Path, verifier: NoteVerifier) -> Result<BundleSource, VerifyFailure> {
+        let cp_dir = dir.join(CHECKPOINTS_DIR);
+        if !cp_dir.is_dir() {
             return fail(format!(
-                "{name}: the file name does not match the checkpoint's size {}",
-                checkpoint.size
+                "{CHECKPOINTS_DIR}: missing: nothing vouches for the entries"
             ));
         }
-        out.push(Signed { name, checkpoint });
+        let mut sizes = Vec::new();
+        let read = std::fs::read_dir(&cp_dir)
+            .map_err(|e| VerifyFailure(format!("{CHECKPOINTS_DIR}: {e}")))?;
+        for e in read {
+            let e = e.map_err(|e| VerifyFailure(format!("{CHECKPOINTS_DIR}: {e}")))?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            let size = n
+                .strip_suffix(".note")
+                .filter(|d| d.len() == 20 && d.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|d| d.parse::<u64>().ok());
+            match size {
+                Some(size) => sizes.push(size),
+                None => {
+                    return fail(format!(
+                        "{CHECKPOINTS_DIR}/{n}: the file name is not a tree size (20 digits, .note)"
+                    ));
+                }
+            }
+        }
+        if sizes.is_empty() {
+            return fail(format!(
+                "{CHECKPOINTS_DIR}: no signed checkpoint: nothing vouches for the entries"
+            ));
+        }
+        // Twenty digits name each size once, so sorted they grow strictly.
+        sizes.sort_unstable();
+        Ok(BundleSource {
+            dir: dir.to_path_buf(),
+            sizes,
+            next: 0,
+            verifier,
+        })
     }
-    if out.is_empty() {
-        return fail(format!(
-            "{CHECKPOINTS_DIR}: no signed checkpoint: nothing vouches for the entries"
-        ));
+}
+
+impl CheckpointSource for BundleSource {
+    fn next_batch(&mut self, out: &mut VecDeque<Signed>) -> Result<(), VerifyFailure> {
+        let end = (self.next + CHECKPOINT_BATCH).min(self.sizes.len());
+        for &size in &self.sizes[self.next..end] {
+            let file = format!("{size:020}.note");
+            let name = format!("{CHECKPOINTS_DIR}/{file}");
+            let note = std::fs::read(self.dir.join(CHECKPOINTS_DIR).join(&file))
+                .map_err(|e| VerifyFailure(format!("{name}: {e}")))?;
+            let note = String::from_utf8(note)
+                .map_err(|_| VerifyFailure(format!("{name}: not UTF-8 text")))?;
+            let checkpoint = open_note(&self.verifier, &name, &note)?;
+            if checkpoint.size != size {
+                return fail(format!(
+                    "{name}: the file name does not match the checkpoint's size {}",
+                    checkpoint.size
+                ));
+            }
+            out.push_back(Signed { name, checkpoint });
+        }
+        self.next = end;
+        Ok(())
     }
-    Ok(out)
 }
 
 /// Streams `entries.jsonl` into the tree, checking each line against
@@ -1016,8 +1184,7 @@ fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
         }
         Err(e) => return fail(format!("{README_FILE}: {e}")),
     }
-    let cps = bundle_checkpoints(dir, &verifier)?;
-    let tree = TreeCheck::new(&cps);
+    let tree = TreeCheck::new(Box::new(BundleSource::open(dir, verifier)?));
 
     let open =
         |name: &str| File::open(dir.join(name)).map_err(|e| VerifyFailure(format!("{name}: {e}")));
@@ -1027,7 +1194,7 @@ fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
         .metadata()
         .map_err(|e| VerifyFailure(format!("{LEAF_HASHES_FILE}: {e}")))?
         .len();
-    let (index, tree) = with_tree(tree, |tree| {
+    let (index, mut tree) = with_tree(tree, |tree| {
         scan_bundle(&entries_file, &hashes_file, hashes_len, tree, progress)
     })?;
     if hashes_len != index * HEX_LINE as u64 {
@@ -1036,7 +1203,7 @@ fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
             index * HEX_LINE as u64
         ));
     }
-    let newest = tree.check(&cps, index)?;
+    let (checkpoints, newest) = tree.finish(index)?;
     if newest != index {
         return fail(format!(
             "{ENTRIES_FILE}: entries {newest} to {} are not covered by any signed checkpoint",
@@ -1045,7 +1212,7 @@ fn verify_bundle(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<VerifyRepo
     }
     Ok(VerifyReport {
         entries: index,
-        checkpoints: cps.len() as u64,
+        checkpoints,
         size: index,
         root: tree.frontier.root(),
         signed_size: newest,

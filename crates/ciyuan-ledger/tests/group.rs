@@ -159,3 +159,30 @@ fn after_shutdown_appends_fail_at_once_and_the_ledger_reopens_whole() {
     assert_eq!(l.size(), 2);
     assert_eq!(l.reader().latest_checkpoint().unwrap().checkpoint.size, 2);
 }
+
+#[test]
+fn a_request_larger_than_a_group_is_refused_whole() {
+    // The writer never splits a request, so one over the group bounds could hold more
+    // bytes unsynced than the format lets a crash tear: it is refused, alone.
+    let base = tempfile::tempdir().unwrap();
+    let small = LedgerOptions {
+        max_batch_entries: 4,
+        max_batch_bytes: 1024,
+        ..opts()
+    };
+    let (c, writer) = GroupCommitter::start(Ledger::open(base.path(), small).unwrap());
+    let too_many: Vec<Vec<u8>> = (0..5).map(|i| vec![b'a' + i; 8]).collect();
+    let e = c.append_blocking(too_many).unwrap_err();
+    assert!(
+        matches!(&e, LedgerError::Invalid(m) if m.contains("over the limit")),
+        "{e}"
+    );
+    let e = c
+        .append_blocking(vec![vec![b'x'; 600], vec![b'y'; 600]])
+        .unwrap_err();
+    assert!(matches!(e, LedgerError::Invalid(_)), "{e}");
+    assert_eq!(c.append_blocking(vec![b"ok".to_vec()]).unwrap(), 0..1);
+    c.shutdown();
+    writer.join().unwrap();
+    verify_path(base.path()).unwrap();
+}

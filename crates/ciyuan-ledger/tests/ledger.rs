@@ -319,7 +319,7 @@ proptest! {
             check_matches(&l, &model);
         }
         let r = l.reader();
-        prop_assert_eq!(r.checkpoints().len(), signed.iter().map(|s| s.0).collect::<std::collections::BTreeSet<_>>().len());
+        prop_assert_eq!(r.checkpoint_count() as usize, signed.iter().map(|s| s.0).collect::<std::collections::BTreeSet<_>>().len());
         drop(l);
         let report = verify_path(base.path()).unwrap();
         prop_assert_eq!(report.entries, model.len() as u64);

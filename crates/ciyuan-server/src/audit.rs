@@ -16,6 +16,10 @@ use std::sync::Arc;
 
 /// Most entries one `GET /api/v1/audit/entries` answers.
 const MAX_ENTRIES_PER_PAGE: u64 = 10_000;
+/// Checkpoints one `GET /api/v1/audit/checkpoints` answers unless asked for fewer.
+const DEFAULT_CHECKPOINTS_PER_PAGE: usize = 100;
+/// Most checkpoints one `GET /api/v1/audit/checkpoints` answers.
+const MAX_CHECKPOINTS_PER_PAGE: usize = 1000;
 
 fn checkpoint_json(app: &App, c: &SignedCheckpoint) -> serde_json::Value {
     serde_json::json!({
@@ -31,14 +35,38 @@ fn require_audit(caller: &Caller) -> Result<(), ApiError> {
     caller.require(Scope::Audit)
 }
 
-/// The newest checkpoint covering at least `size` entries, signing one if needed.
-async fn covering(app: &Arc<App>, size: u64) -> Result<SignedCheckpoint, ApiError> {
+/// Whether `caller` may have a checkpoint signed on demand. A checkpoint signs the
+/// whole log, every tenant's entries, and each one is an `fdatasync` and a record kept
+/// forever: only an audit key at the root `/` may ask for one (admin does not imply
+/// audit, as everywhere). Other keys get the checkpoints the server signs on its own,
+/// every `checkpoint_interval`.
+fn may_sign(caller: &Caller) -> bool {
+    caller.key.account.is_root() && caller.key.scopes.allows(Scope::Audit)
+}
+
+/// The newest checkpoint covering at least `size` entries. A root audit key gets one
+/// signed if needed; any other key waits for the periodic checkpoint (503 with
+/// `retry-after`).
+async fn covering(
+    app: &Arc<App>,
+    caller: &Caller,
+    size: u64,
+) -> Result<SignedCheckpoint, ApiError> {
     if let Some(c) = app.log().latest_checkpoint()
         && c.checkpoint.size >= size
     {
         return Ok(c);
     }
-    app.checkpoint().await
+    if may_sign(caller) {
+        return app.checkpoint().await;
+    }
+    let mut e = ApiError::unavailable(format!(
+        "no signed checkpoint covers {size} entries yet; the server signs one every {} s \
+         (only an audit key at the root / may have one signed on demand)",
+        app.config.checkpoint_interval.as_secs()
+    ));
+    e.retry_after_secs = Some(app.config.checkpoint_interval.as_secs().max(1));
+    Err(e)
 }
 
 pub async fn checkpoint(
@@ -46,7 +74,7 @@ pub async fn checkpoint(
     caller: Caller,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     require_audit(&caller)?;
-    let c = covering(&app, 0).await?;
+    let c = covering(&app, &caller, 0).await?;
     Ok(axum::Json(checkpoint_json(&app, &c)))
 }
 
@@ -55,22 +83,59 @@ pub async fn sign(
     caller: Caller,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     require_audit(&caller)?;
+    if !may_sign(&caller) {
+        return Err(ApiError::forbidden(format!(
+            "key {} may not sign a checkpoint: that needs an audit key at the root account / \
+             (others read the periodic checkpoints with GET)",
+            caller.key.key_id
+        )));
+    }
     let c = app.checkpoint().await?;
     Ok(axum::Json(checkpoint_json(&app, &c)))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointPage {
+    /// How many checkpoints come before the page (the `next` of the previous one).
+    cursor: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Signed checkpoints, oldest first, a page at a time: there are millions of them, and
+/// the log reads older ones from storage rather than keeping them in memory.
 pub async fn checkpoints(
     State(app): State<Arc<App>>,
     caller: Caller,
+    Query(page): Query<CheckpointPage>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     require_audit(&caller)?;
-    let all: Vec<serde_json::Value> = app
-        .log()
-        .checkpoints()
-        .iter()
-        .map(|c| checkpoint_json(&app, c))
-        .collect();
-    Ok(axum::Json(serde_json::json!({ "checkpoints": all })))
+    let limit = page.limit.unwrap_or(DEFAULT_CHECKPOINTS_PER_PAGE);
+    if limit == 0 || limit > MAX_CHECKPOINTS_PER_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_CHECKPOINTS_PER_PAGE}"
+        )));
+    }
+    let cursor = page.cursor.unwrap_or(0);
+    let count = app.log().checkpoint_count();
+    if cursor > count {
+        return Err(ApiError::bad_request(format!(
+            "cursor {cursor} is past the end: {count} checkpoints have been signed"
+        )));
+    }
+    let log = app.log().clone();
+    let cps = app
+        .blocking(move |_| Ok(log.checkpoints(cursor, limit)?))
+        .await?;
+    let end = cursor + cps.len() as u64;
+    // A full page may have more behind it; the cursor of the end is handed out so a
+    // client can also come back later for the checkpoints signed since.
+    let next = (cps.len() == limit && end < app.log().checkpoint_count()).then_some(end);
+    let list: Vec<serde_json::Value> = cps.iter().map(|c| checkpoint_json(&app, c)).collect();
+    Ok(axum::Json(serde_json::json!({
+        "checkpoints": list,
+        "next": next,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -171,7 +236,7 @@ pub async fn prove(
     require_audit(&caller)?;
     let id = parse_id(&raw)?;
     let bytes = visible_entry(&app, &caller, id).await?;
-    let c = covering(&app, id + 1).await?;
+    let c = covering(&app, &caller, id + 1).await?;
     let size = c.checkpoint.size;
     let log = app.log().clone();
     let proof = app
@@ -208,7 +273,7 @@ pub async fn consistency(
     require_audit(&caller)?;
     let to = match q.to {
         Some(t) => t,
-        None => covering(&app, 0).await?.checkpoint.size,
+        None => covering(&app, &caller, 0).await?.checkpoint.size,
     };
     if q.from > to {
         return Err(ApiError::bad_request("from must not exceed to"));

@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 use std::sync::Mutex;
 use tower::ServiceExt;
 
+mod audit;
+
 /// A log kept in memory: the same contract as the file ledger, for handler tests.
 pub(crate) struct MemLog {
     inner: Mutex<(Vec<Vec<u8>>, MemoryTree, Vec<SignedCheckpoint>)>,
@@ -95,8 +97,17 @@ impl Log for MemLog {
     fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
         self.inner.lock().unwrap().2.last().cloned()
     }
-    fn checkpoints(&self) -> Vec<SignedCheckpoint> {
-        self.inner.lock().unwrap().2.clone()
+    fn checkpoint_count(&self) -> u64 {
+        self.inner.lock().unwrap().2.len() as u64
+    }
+    fn checkpoints(&self, from: u64, limit: usize) -> Result<Vec<SignedCheckpoint>, LogError> {
+        let g = self.inner.lock().unwrap();
+        Ok(g.2
+            .iter()
+            .skip(from as usize)
+            .take(limit)
+            .cloned()
+            .collect())
     }
     fn verifier_key(&self) -> String {
         self.signer.verifier_key()

@@ -1,5 +1,8 @@
 //! The behaviour every backend must show, as one suite each backend runs against itself
-//! (`cargo test -p ciyuan-store-sqlite`, and the PostgreSQL backend the same way).
+//! (`cargo test -p ciyuan-store-sqlite`, and the PostgreSQL backend the same way). The
+//! [`Store`] suite is [`run_all`]; the [`crate::Log`] suite is [`log::run_all`].
+
+pub mod log;
 
 use crate::{HourFilter, KeyRecord, Store, StoreError};
 use ciyuan_core::jiff::Timestamp;
@@ -8,17 +11,35 @@ use ciyuan_core::{
     Usage,
 };
 
-fn path(s: &str) -> AccountPath {
-    AccountPath::parse(s).unwrap_or_default()
+/// The value of a call that must succeed. A check that swallowed the error (into an
+/// empty list, the root account, the epoch) would pass against a backend that fails,
+/// so a failure fails the suite, naming the call.
+#[track_caller]
+#[allow(clippy::panic)] // a conformance check fails the way a test does
+pub(crate) fn ok<T, E: std::fmt::Debug>(r: Result<T, E>, call: &str) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{call} failed: {e:?}"),
+    }
 }
 
+#[track_caller]
+fn path(s: &str) -> AccountPath {
+    ok(
+        AccountPath::parse(s),
+        &format!("parsing account path {s:?}"),
+    )
+}
+
+#[track_caller]
 fn ts(s: &str) -> Timestamp {
-    s.parse().unwrap_or(Timestamp::UNIX_EPOCH)
+    ok(s.parse(), &format!("parsing timestamp {s:?}"))
 }
 
 fn usage(account: &str, at: &str, model: &str, input: i64) -> Entry {
     let mut tokens = TokenMap::new();
-    let _ = tokens.add(Modality::Text, Direction::Input, input);
+    let added = tokens.add(Modality::Text, Direction::Input, input);
+    ok(added.ok_or("overflow"), "TokenMap::add");
     Entry::new(
         ts(at),
         path(account),
@@ -60,20 +81,17 @@ fn regression_token_sums_past_i64_stay_exact(s: &dyn Store) {
         usage("acme/cn", at, "gpt-4o", i64::MAX),
         usage("acme/cn", at, "gpt-4o", 1),
     ];
-    let r = s.apply(0, &entries);
-    assert!(r.is_ok(), "{r:?}");
+    ok(s.apply(0, &entries), "apply()");
     entries = vec![usage("acme/cn", at, "gpt-4o", i64::MAX)];
-    let r = s.apply(2, &entries);
-    assert!(r.is_ok(), "{r:?}");
+    ok(s.apply(2, &entries), "apply()");
     let filter = HourFilter {
         account: path("acme"),
         from_hour: None,
         to_hour: None,
     };
     let sums = |s: &dyn Store| -> Vec<i128> {
-        let rows = s.usage_hours(&filter);
-        assert!(rows.is_ok(), "usage_hours: {rows:?}");
-        rows.iter().flatten().map(|r| r.tokens).collect()
+        let rows = ok(s.usage_hours(&filter), "usage_hours()");
+        rows.iter().map(|r| r.tokens).collect()
     };
     assert_eq!(sums(s), [2 * i128::from(i64::MAX) + 1]);
     // Corrections bring it back below i64 exactly.
@@ -94,8 +112,7 @@ fn regression_token_sums_past_i64_stay_exact(s: &dyn Store) {
         }),
     );
     for (i, e) in [correction.clone(), correction].iter().enumerate() {
-        let r = s.apply(3 + i as u64, std::slice::from_ref(e));
-        assert!(r.is_ok(), "{r:?}");
+        ok(s.apply(3 + i as u64, std::slice::from_ref(e)), "apply()");
     }
     assert_eq!(sums(s), [1]);
 }
@@ -163,35 +180,25 @@ fn budgets_access_flags_and_incidents(s: &dyn Store) {
         on("acme", EntryBody::Incident(incident.clone())),
     ];
     assert!(s.apply(0, &entries).is_ok());
-    let budgets = s.budgets().ok().unwrap_or_default();
+    let budgets = ok(s.budgets(), "budgets()");
     assert_eq!(
         budgets,
         vec![(path("acme"), budget("monthly", 2000))],
         "set replaces, clear removes"
     );
-    let rules = s.access_rules().ok().unwrap_or_default();
+    let rules = ok(s.access_rules(), "access_rules()");
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].1.allow, Some(vec!["gpt-*".to_string()]));
-    let f = s.flagged(&path("acme"), 10).ok().unwrap_or_default();
+    let f = ok(s.flagged(&path("acme"), 10), "flagged(acme)");
     assert_eq!(f.len(), 1, "only the flagged usage");
     assert_eq!((f[0].entry, f[0].account.as_str()), (5, "acme/cn"));
-    assert!(
-        s.flagged(&path("acme/us"), 10)
-            .ok()
-            .unwrap_or_default()
-            .is_empty()
-    );
-    let i = s.incidents(&path("acme"), 10).ok().unwrap_or_default();
+    assert!(ok(s.flagged(&path("acme/us"), 10), "flagged(acme/us)").is_empty());
+    let i = ok(s.incidents(&path("acme"), 10), "incidents(acme)");
     assert_eq!(i.len(), 1);
     assert_eq!((i[0].entry, &i[0].body), (7, &incident));
     assert!(s.reset_projections().is_ok());
-    assert!(s.budgets().ok().unwrap_or_default().is_empty());
-    assert!(
-        s.incidents(&path("acme"), 10)
-            .ok()
-            .unwrap_or_default()
-            .is_empty()
-    );
+    assert!(ok(s.budgets(), "budgets() after a reset").is_empty());
+    assert!(ok(s.incidents(&path("acme"), 10), "incidents() after a reset").is_empty());
 }
 
 fn ingest_index(s: &dyn Store) {
@@ -271,9 +278,7 @@ fn projections_apply_in_parts(s: &dyn Store) {
     );
     assert!(s.apply_parts(4, &[]).is_ok());
     assert_eq!(s.projected_through().ok(), Some(4));
-    let paths: Vec<String> = s
-        .accounts(&AccountPath::root())
-        .unwrap_or_default()
+    let paths: Vec<String> = ok(s.accounts(&AccountPath::root()), "accounts(/)")
         .iter()
         .map(|a| a.path.to_string())
         .collect();
@@ -290,8 +295,7 @@ fn accounts_and_subtrees(s: &dyn Store) {
     ];
     assert!(s.apply(0, &entries).is_ok());
     let names = |under: &str| -> Vec<String> {
-        s.accounts(&path(under))
-            .unwrap_or_default()
+        ok(s.accounts(&path(under)), "accounts()")
             .iter()
             .map(|a| a.path.to_string())
             .collect()
@@ -316,14 +320,14 @@ fn accounts_and_subtrees(s: &dyn Store) {
     let cn = s.account(&path("acme/cn")).ok().flatten();
     assert_eq!(cn.as_ref().map(|a| &a.info), Some(&info));
     assert_eq!(cn.map(|a| a.created_entry), Some(1));
-    assert!(s.account(&path("nope")).ok().flatten().is_none());
+    assert!(ok(s.account(&path("nope")), "account(nope)").is_none());
 }
 
 fn keys_lifecycle(s: &dyn Store) {
     let key = |id: &str, account: &str| KeyRecord {
         key_id: id.into(),
         account: path(account),
-        scopes: Scopes::parse_list("gateway,read").unwrap_or_default(),
+        scopes: ok(Scopes::parse_list("gateway,read"), "Scopes::parse_list"),
         name: Some("ci".into()),
         created_at: ts("2026-01-01T00:00:00Z"),
         revoked_at: None,
@@ -348,10 +352,8 @@ fn keys_lifecycle(s: &dyn Store) {
         s.key_by_hash(&[3; 32]).ok().flatten().map(|k| k.account),
         Some(AccountPath::root())
     );
-    assert!(s.key_by_hash(&[9; 32]).ok().flatten().is_none());
-    let ids: Vec<String> = s
-        .keys(&path("acme"))
-        .unwrap_or_default()
+    assert!(ok(s.key_by_hash(&[9; 32]), "key_by_hash(unknown)").is_none());
+    let ids: Vec<String> = ok(s.keys(&path("acme")), "keys(acme)")
         .into_iter()
         .map(|k| k.key_id)
         .collect();
@@ -366,12 +368,16 @@ fn keys_lifecycle(s: &dyn Store) {
         .ok()
         .flatten();
     assert_eq!(again.and_then(|k| k.revoked_at), Some(at));
-    assert!(s.revoke_key("missing", at).ok().flatten().is_none());
+    assert!(ok(s.revoke_key("missing", at), "revoke_key(missing)").is_none());
 }
 
 fn usage_rollups_and_reset(s: &dyn Store) {
     let mut fix = TokenMap::new();
-    let _ = fix.add(Modality::Text, Direction::Input, -3);
+    ok(
+        fix.add(Modality::Text, Direction::Input, -3)
+            .ok_or("overflow"),
+        "TokenMap::add",
+    );
     let entries = [
         created("acme"),
         usage("acme/cn", "2026-11-24T15:10:00Z", "gpt-4o", 10),
@@ -399,7 +405,7 @@ fn usage_rollups_and_reset(s: &dyn Store) {
         from_hour: None,
         to_hour: None,
     };
-    let rows = s.usage_hours(&filter).unwrap_or_default();
+    let rows = ok(s.usage_hours(&filter), "usage_hours()");
     let summary: Vec<(String, i64, String, i128)> = rows
         .iter()
         .map(|r| (r.account.to_string(), r.hour, r.model.clone(), r.tokens))
@@ -422,9 +428,5 @@ fn usage_rollups_and_reset(s: &dyn Store) {
     assert!(s.reset_projections().is_ok());
     assert_eq!(s.projected_through().ok(), Some(0));
     assert_eq!(s.usage_hours(&filter).map(|r| r.len()).ok(), Some(0));
-    assert!(
-        s.accounts(&AccountPath::root())
-            .unwrap_or_default()
-            .is_empty()
-    );
+    assert!(ok(s.accounts(&AccountPath::root()), "accounts() after a reset").is_empty());
 }

@@ -55,8 +55,13 @@ pub trait Log: Send + Sync + 'static {
     fn root_at(&self, size: u64) -> Result<Hash, LogError>;
     /// The newest signed checkpoint.
     fn latest_checkpoint(&self) -> Option<SignedCheckpoint>;
-    /// Every signed checkpoint, oldest first.
-    fn checkpoints(&self) -> Vec<SignedCheckpoint>;
+    /// Number of checkpoints signed so far.
+    fn checkpoint_count(&self) -> u64;
+    /// Up to `limit` signed checkpoints, oldest first, from the `from`-th on (0 is the
+    /// first ever signed; past the end, none). A log signs millions of checkpoints
+    /// over the years, so they are read a page at a time, never all at once, and a
+    /// backend need not hold them in memory.
+    fn checkpoints(&self, from: u64, limit: usize) -> Result<Vec<SignedCheckpoint>, LogError>;
     /// The C2SP verifier key of the checkpoint signer.
     fn verifier_key(&self) -> String;
 }

@@ -49,6 +49,24 @@ impl Frontier {
         self.size += 1;
     }
 
+    /// The maximal perfect subtrees the tree is made of, largest (leftmost) first, as
+    /// `(level, index, hash)`: the nodes a consistency proof from this size takes from
+    /// the old tree are among them, so a verifier streaming the leaves can take them
+    /// here instead of remembering every node.
+    pub fn nodes(&self) -> impl Iterator<Item = (u32, u64, Hash)> + '_ {
+        let size = self.size;
+        let mut start = 0u64;
+        (0..u64::BITS)
+            .rev()
+            .filter(move |level| size & (1u64 << level) != 0)
+            .zip(self.edge.iter())
+            .map(move |(level, hash)| {
+                let index = start >> level;
+                start += 1u64 << level;
+                (level, index, *hash)
+            })
+    }
+
     /// The root hash of the tree so far; [`EMPTY_ROOT`] when there are no leaves.
     pub fn root(&self) -> Hash {
         let mut it = self.edge.iter().rev();

@@ -444,20 +444,17 @@ pub fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
 
 /// Entries fetched per request while exporting.
 const EXPORT_PAGE_ENTRIES: u64 = 10_000;
+/// Checkpoints fetched per request while exporting (the server's maximum page).
+const EXPORT_PAGE_CHECKPOINTS: u64 = 1000;
 
+/// Streams the log into a bundle, page by page: memory stays small however long the
+/// log and however many its checkpoints.
 fn export(client: &Client, dir: &std::path::Path) -> anyhow::Result<()> {
     // Sign a checkpoint first so the bundle covers everything written so far.
     let latest = client.json(Method::POST, "/api/v1/audit/checkpoint", None)?;
     let size = latest["size"].as_u64().context("checkpoint without size")?;
-    let cps = client.json(Method::GET, "/api/v1/audit/checkpoints", None)?;
-    let notes: Vec<String> = cps["checkpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["size"].as_u64().is_some_and(|s| s <= size))
-        .map(|c| str_of(c, "checkpoint").to_string())
-        .collect();
-    let mut entries: Vec<Vec<u8>> = Vec::new();
+    let mut bundle = ciyuan_ledger::BundleWriter::create(dir, str_of(&latest, "public_key"))
+        .with_context(|| format!("writing the bundle to {}", dir.display()))?;
     let mut start = 0;
     while start < size {
         let limit = EXPORT_PAGE_ENTRIES.min(size - start);
@@ -466,25 +463,39 @@ fn export(client: &Client, dir: &std::path::Path) -> anyhow::Result<()> {
             &format!("/api/v1/audit/entries?start={start}&limit={limit}"),
             None,
         )?;
-        let before = entries.len();
-        entries.extend(
-            page.split(|&b| b == b'\n')
-                .filter(|l| !l.is_empty())
-                .map(<[u8]>::to_vec),
-        );
-        if entries.len() == before {
+        let before = bundle.entries();
+        for line in page.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            if bundle.entries() == size {
+                break;
+            }
+            bundle
+                .entry(line)
+                .with_context(|| format!("writing the bundle to {}", dir.display()))?;
+        }
+        if bundle.entries() == before {
             bail!("the server returned no entries from {start} on");
         }
-        start += (entries.len() - before) as u64;
+        start = bundle.entries();
     }
-    entries.truncate(size as usize);
-    let summary = ciyuan_ledger::write_bundle(
-        dir,
-        entries.iter().map(Vec::as_slice),
-        &notes,
-        str_of(&latest, "public_key"),
-    )
-    .with_context(|| format!("writing the bundle to {}", dir.display()))?;
+    // Checkpoints signed after `latest` cover more entries than the bundle holds and
+    // are left out by the writer.
+    let mut cursor = Some(0u64);
+    while let Some(at) = cursor {
+        let page = client.json(
+            Method::GET,
+            &format!("/api/v1/audit/checkpoints?cursor={at}&limit={EXPORT_PAGE_CHECKPOINTS}"),
+            None,
+        )?;
+        for c in page["checkpoints"].as_array().into_iter().flatten() {
+            bundle
+                .checkpoint(str_of(c, "checkpoint"))
+                .with_context(|| format!("writing the bundle to {}", dir.display()))?;
+        }
+        cursor = page["next"].as_u64();
+    }
+    let summary = bundle
+        .finish()
+        .with_context(|| format!("writing the bundle to {}", dir.display()))?;
     println!(
         "exported {} entries and {} checkpoints to {}",
         summary.entries,

@@ -1,0 +1,115 @@
+//! The Store conformance suite must fail against a backend that fails. A wrapper over
+//! the SQLite store that errors on every read after a reset (the calls whose answer the
+//! suite expects to be empty) passed the old suite, which turned errors into empty lists.
+
+use ciyuan_core::jiff::Timestamp;
+use ciyuan_core::{AccessSet, AccountPath, BudgetSet, Entry, Incident, Usage};
+use ciyuan_store::{
+    Account, HourFilter, HourRow, KeyRecord, Recorded, Store, StoreError, conformance,
+};
+use ciyuan_store_sqlite::SqliteStore;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Delegates to SQLite, but once reset its listing reads fail.
+struct BrokenAfterReset {
+    inner: SqliteStore,
+    reset: AtomicBool,
+}
+
+impl BrokenAfterReset {
+    fn broken(&self) -> Result<(), StoreError> {
+        if self.reset.load(Ordering::Relaxed) {
+            return Err(StoreError::Backend(
+                "deliberately broken after a reset".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Store for BrokenAfterReset {
+    fn projected_through(&self) -> Result<u64, StoreError> {
+        self.inner.projected_through()
+    }
+    fn apply(&self, start: u64, entries: &[Entry]) -> Result<(), StoreError> {
+        self.inner.apply(start, entries)
+    }
+    fn reset_projections(&self) -> Result<(), StoreError> {
+        self.inner.reset_projections()?;
+        self.reset.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+    fn account(&self, path: &AccountPath) -> Result<Option<Account>, StoreError> {
+        self.inner.account(path)
+    }
+    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError> {
+        self.broken()?;
+        self.inner.accounts(under)
+    }
+    fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError> {
+        self.inner.insert_key(key, secret_hash)
+    }
+    fn key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.key_by_hash(secret_hash)
+    }
+    fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.key(key_id)
+    }
+    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.keys(under)
+    }
+    fn key_count(&self) -> Result<u64, StoreError> {
+        self.inner.key_count()
+    }
+    fn revoke_key(&self, key_id: &str, at: Timestamp) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.revoke_key(key_id, at)
+    }
+    fn ingest_index(&self, f: &mut dyn FnMut(u64, u64)) -> Result<u64, StoreError> {
+        self.inner.ingest_index(f)
+    }
+    fn budgets(&self) -> Result<Vec<(AccountPath, BudgetSet)>, StoreError> {
+        self.broken()?;
+        self.inner.budgets()
+    }
+    fn access_rules(&self) -> Result<Vec<(AccountPath, AccessSet)>, StoreError> {
+        self.inner.access_rules()
+    }
+    fn flagged(
+        &self,
+        under: &AccountPath,
+        limit: usize,
+    ) -> Result<Vec<Recorded<Usage>>, StoreError> {
+        self.inner.flagged(under, limit)
+    }
+    fn incidents(
+        &self,
+        under: &AccountPath,
+        limit: usize,
+    ) -> Result<Vec<Recorded<Incident>>, StoreError> {
+        self.broken()?;
+        self.inner.incidents(under, limit)
+    }
+    fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
+        self.inner.usage_hours(filter)
+    }
+}
+
+#[test]
+fn regression_conformance_fails_when_reads_after_reset_error() {
+    let outcome = std::panic::catch_unwind(|| {
+        conformance::run_all(&|| {
+            Box::new(BrokenAfterReset {
+                inner: SqliteStore::open_in_memory().unwrap(),
+                reset: AtomicBool::new(false),
+            })
+        })
+    });
+    let Err(panic) = outcome else {
+        panic!("the suite passed against a store whose reads fail after a reset");
+    };
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        message.contains("after a reset failed") && message.contains("deliberately broken"),
+        "the failure names the call and the error: {message}"
+    );
+}
