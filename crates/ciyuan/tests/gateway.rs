@@ -573,7 +573,8 @@ fn failures_are_metered_and_answered_in_the_providers_shape() {
         (429, Some("error"), Some("rate_limit_error"))
     );
 
-    // Malformed JSON from the provider: a 502 in OpenAI's shape; the prompt is metered.
+    // Malformed JSON from the provider: a 502 in OpenAI's shape; no usable answer, so
+    // nothing is charged (the failure is recorded, the reservation released).
     let r = raw(
         &url,
         "/v1/chat/completions",
@@ -593,7 +594,12 @@ fn failures_are_metered_and_answered_in_the_providers_shape() {
     );
     let e = gw.entry(&request_id(&r));
     assert_eq!(e["quality"]["failure"], "upstream_malformed");
-    assert_eq!(e["tokens"]["text.input"], e["recount"]["input"], "{e}");
+    assert_eq!(e["quality"]["status"], 502);
+    assert!(
+        e["tokens"].as_object().unwrap().is_empty(),
+        "regression_malformed_upstream_answer_charges_nothing: {e}"
+    );
+    assert!(e["partial"].is_null(), "{e}");
 
     // Anthropic stream cut mid-way.
     let r = raw(

@@ -72,7 +72,8 @@ impl Relay {
         if m.meter.failure.is_none() {
             m.meter.failure = failure;
         }
-        if m.meter.failure.is_none() && m.meter.reported.is_none() {
+        let counted = m.meter.shown.reported.as_ref().is_some_and(|r| r.complete);
+        if m.meter.failure.is_none() && !counted {
             m.meter.failure = Some("no_usage");
         }
         let ttft = m.meter.ttft;

@@ -1,0 +1,382 @@
+//! Metering against recorded provider answers (`fixtures/`: one answer and one stream
+//! per provider, in the shapes each documents), and the regressions of issue 13.
+
+use super::protocol::{Endpoint, Family, RequestInfo, read_answer};
+use super::sse::Splitter;
+use super::{Call, GatewayConfig, Measured, Meter, measure};
+use crate::auth::Caller;
+use bytes::Bytes;
+use ciyuan_core::jiff::Timestamp;
+use ciyuan_core::{Scope, Scopes};
+use ciyuan_measure::text::{Encoding, encoding_for_model};
+use ciyuan_store::KeyRecord;
+use serde_json::{Value, json};
+use std::time::Instant;
+
+/// A fixture's bytes.
+fn fixture(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/gateway/fixtures")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A stream fed to a meter in pieces of `piece` bytes, up to `cut` bytes if given.
+fn metered_stream(family: Family, stream: &[u8], piece: usize, cut: Option<usize>) -> Meter {
+    let mut meter = Meter::new(None);
+    meter.billable = true;
+    let mut splitter = Splitter::default();
+    let end = cut.unwrap_or(stream.len()).min(stream.len());
+    let started = Instant::now();
+    for chunk in stream[..end].chunks(piece) {
+        for event in splitter.push(&Bytes::copy_from_slice(chunk)) {
+            meter.event(family, &event, false, started);
+        }
+    }
+    if cut.is_some() {
+        meter.failure = Some("client_disconnected");
+    }
+    meter
+}
+
+/// A whole answer's meter.
+fn metered_answer(endpoint: Endpoint, body: &[u8]) -> Meter {
+    let mut meter = Meter::new(None);
+    meter.billable = true;
+    meter.complete = true;
+    meter.shown = read_answer(endpoint, body).expect("the fixture is JSON");
+    meter
+}
+
+fn call(endpoint: Endpoint, model: &str, prompt: &str, tools: &str) -> Call {
+    Call {
+        endpoint,
+        caller: Caller {
+            key: KeyRecord {
+                key_id: "0123456789ab".into(),
+                account: "acme/app".parse().unwrap(),
+                scopes: [Scope::Gateway].into_iter().collect::<Scopes>(),
+                name: None,
+                created_at: Timestamp::UNIX_EPOCH,
+                revoked_at: None,
+            },
+        },
+        info: RequestInfo {
+            model: model.into(),
+            stream: true,
+            messages: vec![("user".into(), prompt.into())],
+            tools_text: tools.into(),
+            ..RequestInfo::default()
+        },
+        provider: 0,
+        request_id: "req_test".into(),
+        started: Instant::now(),
+        at: Timestamp::UNIX_EPOCH,
+        reservation: None,
+        session: None,
+        encoding: encoding_for_model(model, &[]),
+        input_estimate: None,
+    }
+}
+
+fn tokens(m: &Measured) -> Value {
+    serde_json::to_value(&m.tokens).unwrap()
+}
+
+/// Every provider's answer and stream, read into the same disjoint token keys.
+#[test]
+fn every_providers_usage_shape_is_read_streamed_and_not() {
+    let cases = [
+        // (fixture, endpoint, tokens of the answer, tokens of the stream)
+        (
+            "openai",
+            Endpoint::Chat,
+            json!({"text.input": 19, "text.output": 10}),
+            json!({"text.input": 19, "text.output": 10}),
+        ),
+        (
+            "deepseek",
+            Endpoint::Chat,
+            json!({"text.input": 76, "text.cached_input": 1024, "text.output": 14, "text.reasoning": 182}),
+            json!({"text.input": 76, "text.cached_input": 1024, "text.output": 14, "text.reasoning": 182}),
+        ),
+        (
+            "qwen",
+            Endpoint::Chat,
+            json!({"text.input": 22, "text.output": 20, "text.reasoning": 100}),
+            json!({"text.input": 22, "text.output": 20, "text.reasoning": 100}),
+        ),
+        (
+            "moonshot",
+            Endpoint::Chat,
+            json!({"text.input": 4, "text.cached_input": 8, "text.output": 12}),
+            json!({"text.input": 4, "text.cached_input": 8, "text.output": 12}),
+        ),
+        (
+            "glm",
+            Endpoint::Chat,
+            json!({"text.input": 12, "text.output": 45}),
+            json!({"text.input": 12, "text.output": 45}),
+        ),
+        (
+            "ark",
+            Endpoint::Chat,
+            json!({"text.input": 394, "text.cached_input": 1024, "text.output": 30, "text.reasoning": 200}),
+            json!({"text.input": 394, "text.cached_input": 1024, "text.output": 30, "text.reasoning": 200}),
+        ),
+        (
+            // Thinking appears only in `total_tokens`: billed, so recorded as reasoning.
+            "gemini",
+            Endpoint::Chat,
+            json!({"text.input": 8, "text.output": 9, "text.reasoning": 606}),
+            json!({"text.input": 8, "text.output": 9, "text.reasoning": 606}),
+        ),
+        (
+            "anthropic",
+            Endpoint::Messages,
+            json!({"text.input": 12, "text.output": 12}),
+            json!({"text.input": 472, "text.cached_input": 2048, "text.output": 15}),
+        ),
+        (
+            "anthropic_tool_use",
+            Endpoint::Messages,
+            json!({"text.input": 472, "text.output": 89}),
+            json!({"text.input": 472, "text.output": 89}),
+        ),
+    ];
+    for (name, endpoint, answer, stream) in cases {
+        let config = GatewayConfig::default();
+        let model = "some-model-without-a-tokenizer";
+        let mut m = metered_answer(endpoint, &fixture(&format!("{name}.json")));
+        let whole = measure(&config, &call(endpoint, model, "hi", ""), &mut m);
+        assert_eq!(tokens(&whole), answer, "{name}.json");
+        assert!(!whole.estimated, "{name}.json: the provider's count");
+        let bytes = fixture(&format!("{name}.sse"));
+        for piece in [7, 64, bytes.len()] {
+            let mut m = metered_stream(endpoint.family(), &bytes, piece, None);
+            assert!(m.complete, "{name}.sse ends properly");
+            let streamed = measure(&config, &call(endpoint, model, "hi", ""), &mut m);
+            assert_eq!(tokens(&streamed), stream, "{name}.sse in pieces of {piece}");
+            assert!(!streamed.estimated, "{name}.sse: the provider's count");
+        }
+    }
+}
+
+#[test]
+fn regression_moonshot_stream_usage_inside_the_choice_is_read() {
+    let mut m = metered_stream(Family::OpenAi, &fixture("moonshot.sse"), 4096, None);
+    let measured = measure(
+        &GatewayConfig::default(),
+        &call(Endpoint::Chat, "kimi-k2-0905-preview", "1+1?", ""),
+        &mut m,
+    );
+    assert_eq!(
+        tokens(&measured),
+        json!({"text.input": 4, "text.cached_input": 8, "text.output": 12})
+    );
+    assert!(!measured.estimated);
+}
+
+/// Cuts `name.sse` after `percent` of its bytes and measures it for `model`.
+fn cut(name: &str, endpoint: Endpoint, model: &str, percent: usize) -> (Measured, Meter) {
+    let bytes = fixture(&format!("{name}.sse"));
+    let mut m = metered_stream(
+        endpoint.family(),
+        &bytes,
+        33,
+        Some(bytes.len() * percent / 100),
+    );
+    let measured = measure(
+        &GatewayConfig::default(),
+        &call(endpoint, model, "What is the weather in Paris?", ""),
+        &mut m,
+    );
+    (measured, m)
+}
+
+#[test]
+fn regression_cut_anthropic_stream_is_metered_by_estimate_not_message_start() {
+    // Cut before `message_delta`: only `message_start`'s output count of 1 came.
+    let (measured, m) = cut(
+        "anthropic_tool_use",
+        Endpoint::Messages,
+        "claude-sonnet-4-5",
+        85,
+    );
+    assert!(!m.complete);
+    assert!(measured.estimated, "no final count: Ciyuan's estimate");
+    let t = tokens(&measured);
+    assert_eq!(
+        t["text.input"], 472,
+        "message_start's input figures are exact"
+    );
+    let out = t["text.output"].as_u64().unwrap();
+    let delivered = Encoding::O200kBase
+        .count(
+            "The user wants the weather in Paris; I should call the tool.I'll check the weather.",
+        )
+        .unwrap() as u64;
+    assert!(
+        out >= delivered,
+        "thinking and text delivered are metered ({out} < {delivered}): {t}"
+    );
+    let recount = measured.recount.as_ref().unwrap();
+    assert_eq!(recount.encoding, "o200k_base", "the declared estimator");
+    assert_eq!(recount.output, out);
+}
+
+#[test]
+fn regression_cut_openai_compatible_stream_without_tokenizer_is_never_zero() {
+    for (name, model) in [
+        ("glm", "glm-4.5"),
+        ("gemini", "gemini-2.5-flash"),
+        ("moonshot", "kimi-k2-0905-preview"),
+    ] {
+        let (measured, _) = cut(name, Endpoint::Chat, model, 80);
+        let t = tokens(&measured);
+        assert!(measured.estimated, "{name}: {t}");
+        assert!(t["text.input"].as_u64().unwrap() > 0, "{name}: {t}");
+        let delivered =
+            t["text.output"].as_u64().unwrap_or(0) + t["text.reasoning"].as_u64().unwrap_or(0);
+        assert!(delivered > 0, "{name}: delivered text is metered: {t}");
+    }
+}
+
+#[test]
+fn regression_delivered_reasoning_of_a_cut_stream_is_metered() {
+    // A DeepSeek reasoner cut in its reasoning: the reasoning text was delivered.
+    let (measured, _) = cut("deepseek", Endpoint::Chat, "deepseek-reasoner", 50);
+    let t = tokens(&measured);
+    assert!(measured.estimated);
+    assert!(t["text.reasoning"].as_u64().unwrap() > 0, "{t}");
+}
+
+#[test]
+fn regression_anthropic_tool_use_recounts_the_same_streamed_and_not() {
+    let mut whole = metered_answer(Endpoint::Messages, &fixture("anthropic_tool_use.json"));
+    let mut streamed = metered_stream(
+        Family::Anthropic,
+        &fixture("anthropic_tool_use.sse"),
+        19,
+        None,
+    );
+    let model = "claude-sonnet-4-5";
+    let c = call(Endpoint::Messages, model, "Weather in Paris?", "");
+    // The text Ciyuan recounts is the same however it arrived.
+    let a = measure(&GatewayConfig::default(), &c, &mut whole);
+    let b = measure(&GatewayConfig::default(), &c, &mut streamed);
+    assert_eq!(whole.shown.text, streamed.shown.text);
+    assert_eq!(whole.shown.reasoning, streamed.shown.reasoning);
+    assert_eq!(
+        whole.shown.reasoning,
+        "The user wants the weather in Paris; I should call the tool."
+    );
+    assert_eq!((whole.shown.tool_calls, streamed.shown.tool_calls), (1, 1));
+    assert_eq!(tokens(&a), tokens(&b));
+}
+
+/// A provider speaking Anthropic's protocol for a model Ciyuan can count exactly: the
+/// recount compares thinking included, tool calls allowed for.
+#[test]
+fn regression_thinking_and_tool_calls_do_not_flag_an_honest_count() {
+    let answer = |thinking: &str, text: &str, tool: bool, output: u64| {
+        let mut content = vec![
+            json!({"type": "thinking", "thinking": thinking}),
+            json!({"type": "text", "text": text}),
+        ];
+        if tool {
+            content.push(json!({"type": "tool_use", "id": "t", "name": "get_weather", "input": {"city": "Paris"}}));
+        }
+        json!({"content": content, "usage": {"input_tokens": 0, "output_tokens": output}})
+            .to_string()
+    };
+    let enc = Encoding::O200kBase;
+    let thinking = "Let me think about the weather in Paris in some detail first.";
+    let text = "It is sunny.";
+    let honest = (enc.count(thinking).unwrap() + enc.count(text).unwrap()) as u64;
+    let config = GatewayConfig {
+        recount_tolerance_percent: 0,
+        recount_tolerance_tokens: 0,
+        ..GatewayConfig::default()
+    };
+    let mut c = call(Endpoint::Messages, "gpt-4o", "", "");
+    c.info.messages.clear();
+    let exact_input = super::count_input(enc, &c.info).unwrap().0;
+    let with_input = |body: String| {
+        let mut v: Value = serde_json::from_str(&body).unwrap();
+        v["usage"]["input_tokens"] = json!(exact_input);
+        v.to_string()
+    };
+    // Thinking is output to Anthropic: recounted with it, no flag.
+    let mut m = metered_answer(
+        Endpoint::Messages,
+        with_input(answer(thinking, text, false, honest)).as_bytes(),
+    );
+    let measured = measure(&config, &c, &mut m);
+    assert!(
+        !measured.recount.as_ref().unwrap().flagged,
+        "{:?}",
+        measured.recount
+    );
+    // A tool call's framing is the provider's: allowed for, and noted.
+    let args = enc.count("{\"city\":\"Paris\"}").unwrap() as u64;
+    let mut m = metered_answer(
+        Endpoint::Messages,
+        with_input(answer(thinking, text, true, honest + args + 12)).as_bytes(),
+    );
+    let measured = measure(&config, &c, &mut m);
+    assert!(!measured.recount.as_ref().unwrap().flagged);
+    assert_eq!(measured.uncounted, ["tool_calls"]);
+    // A count far off is still flagged.
+    let mut m = metered_answer(
+        Endpoint::Messages,
+        with_input(answer(thinking, text, false, honest * 3)).as_bytes(),
+    );
+    assert!(measure(&config, &c, &mut m).recount.unwrap().flagged);
+}
+
+#[test]
+fn regression_tool_definitions_widen_the_input_tolerance_not_flag() {
+    let config = GatewayConfig {
+        recount_tolerance_percent: 0,
+        recount_tolerance_tokens: 0,
+        ..GatewayConfig::default()
+    };
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]).to_string();
+    let c = call(Endpoint::Chat, "gpt-4o", "Weather in Paris?", &tools);
+    let (ours, tools_n) = super::count_input(Encoding::O200kBase, &c.info).unwrap();
+    // The provider renders the definitions more compactly than their JSON.
+    let provider_input = ours - tools_n / 2;
+    let body = json!({"choices": [{"message": {"content": "Sunny."}}],
+        "usage": {"prompt_tokens": provider_input, "completion_tokens": 2}})
+    .to_string();
+    let mut m = metered_answer(Endpoint::Chat, body.as_bytes());
+    let measured = measure(&config, &c, &mut m);
+    let r = measured.recount.as_ref().unwrap();
+    assert!(!r.flagged, "{r:?}");
+    assert_eq!(measured.uncounted, ["tools"]);
+    // Beyond the definitions' own size, it is flagged.
+    let body = json!({"choices": [{"message": {"content": "Sunny."}}],
+        "usage": {"prompt_tokens": ours + tools_n + 10, "completion_tokens": 2}})
+    .to_string();
+    let mut m = metered_answer(Endpoint::Chat, body.as_bytes());
+    assert!(measure(&config, &c, &mut m).recount.unwrap().flagged);
+}
+
+#[test]
+fn regression_reported_counts_out_of_range_are_no_report() {
+    let body = json!({"choices": [{"message": {"content": "hi"}}],
+        "usage": {"prompt_tokens": u64::MAX, "completion_tokens": 1}})
+    .to_string();
+    let shown = read_answer(Endpoint::Chat, body.as_bytes()).unwrap();
+    assert!(shown.reported.is_none());
+    let body = json!({"content": [{"type": "text", "text": "hi"}],
+        "usage": {"input_tokens": 1, "output_tokens": 1u64 << 62}})
+    .to_string();
+    assert!(
+        read_answer(Endpoint::Messages, body.as_bytes())
+            .unwrap()
+            .reported
+            .is_none()
+    );
+}
