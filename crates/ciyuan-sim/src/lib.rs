@@ -26,6 +26,7 @@
 //! | `x-sim-fault: timeout` | never answer: non-streaming requests get nothing; streams get headers and then nothing (the connection is closed after [`STALL_LIMIT`]) |
 //! | `x-sim-fault: malformed` | `200` with a body that is not JSON; streams get one invalid `data:` line mid-way and otherwise complete normally |
 //! | `x-sim-fault: no-usage` | no usage at all: no usage chunk even when asked, no `usage` in non-streaming answers, no `usage` in Anthropic's `message_delta` |
+//! | `x-sim-cut-at: P` | the `cut` fault, after `P` percent (0 to 100) of the stream's text pieces |
 //! | `x-sim-ttft-ms: N` | time to first token |
 //! | `x-sim-tokens-per-sec: F` | streaming rate (`0`: as fast as possible) |
 //! | `x-sim-output-tokens: N` | exactly `N` output tokens (`N` ≤ [`MAX_FORCED_OUTPUT_TOKENS`]); if the request's token limit is lower, exactly the limit, with `length` / `max_tokens` |
