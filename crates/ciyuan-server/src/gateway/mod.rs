@@ -138,6 +138,8 @@ pub struct GatewayConfig {
     /// Input reserved against budgets for each image, audio or file part of a prompt
     /// (their tokens are known only from the provider's count).
     pub media_reserve_tokens: u64,
+    /// Distinct model labels `/metrics` keeps; further models count as `other`.
+    pub metrics_max_models: usize,
 }
 
 impl Default for GatewayConfig {
@@ -150,6 +152,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 32 << 20,
             default_max_output_tokens: 4096,
             media_reserve_tokens: 2048,
+            metrics_max_models: metrics::DEFAULT_MAX_MODELS,
         }
     }
 }
@@ -418,13 +421,14 @@ impl Gateway {
                 Ok(Some((name, value)))
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let max_models = config.metrics_max_models;
         Ok(Gateway {
             config,
             clients,
             urls,
             auth,
             listed: tokio::sync::Mutex::new(None),
-            metrics: metrics::Metrics::default(),
+            metrics: metrics::Metrics::new(max_models),
             recorder: std::sync::OnceLock::new(),
             finishing: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -578,8 +582,28 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
     axum::Json(body).into_response()
 }
 
-/// `GET /metrics`: Prometheus text format.
-pub async fn metrics_page(State(app): State<Arc<App>>) -> Response {
+/// `GET /metrics`: Prometheus text format, for a key with the `read` scope at the root
+/// account (the figures span every tenant). Served without a key only on the separate
+/// metrics listener ([`metrics_router`]), when one is configured.
+pub async fn metrics_page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let caller = match app.caller(&headers).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = caller.require(Scope::Read) {
+        return e.into_response();
+    }
+    if !caller.key.account.is_root() {
+        return crate::error::ApiError::forbidden(format!(
+            "key {} belongs to {}; /metrics spans every account and needs a read key at the root account /",
+            caller.key.key_id, caller.key.account
+        ))
+        .into_response();
+    }
+    metrics_text(&app)
+}
+
+fn metrics_text(app: &App) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -588,6 +612,17 @@ pub async fn metrics_page(State(app): State<Arc<App>>) -> Response {
         app.gateway.metrics.render(),
     )
         .into_response()
+}
+
+/// The router of the separate metrics listener (`metrics_listen`): `GET /metrics`
+/// without a key, for a scraper on a private network, and nothing else.
+pub fn metrics_router(app: Arc<App>) -> axum::Router {
+    async fn open_metrics(State(app): State<Arc<App>>) -> Response {
+        metrics_text(&app)
+    }
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(open_metrics))
+        .with_state(app)
 }
 
 /// Authenticates a gateway call: a key with the gateway scope, on an account.
@@ -1463,6 +1498,64 @@ fn count_input(enc: Encoding, info: &RequestInfo) -> Option<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_forward_patterns_never_pass_the_tenants_key_on() {
+        let everything = vec!["x-*".to_string(), "*".to_string()];
+        for name in [
+            "authorization",
+            "x-api-key",
+            "x-ciyuan-session",
+            "cookie",
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "proxy-authorization",
+        ] {
+            assert!(!forwarded(name, &everything), "{name} was forwarded");
+        }
+        assert!(forwarded("x-sim-fault", &everything));
+        assert!(forwarded("anthropic-version", &[]));
+        assert!(!forwarded("x-sim-fault", &[]));
+    }
+
+    #[test]
+    fn regression_provider_response_headers_reach_tenants_only_from_an_allow_list() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/json"),
+            ("openai-organization", "org-secret"),
+            ("openai-project", "proj_secret"),
+            ("set-cookie", "__cf_bm=x"),
+            ("server", "cloudflare"),
+            ("x-ratelimit-remaining-tokens", "149984"),
+            ("anthropic-organization-id", "0b5c"),
+            ("retry-after", "1"),
+            ("x-request-id", "req_123"),
+        ] {
+            h.insert(
+                HeaderName::from_static(k),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let out = passed_back_headers(&h);
+        let mut names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["content-type", "retry-after", "x-request-id"]);
+    }
+
+    #[test]
+    fn regression_names_are_bounded_and_free_of_control_characters() {
+        assert!(bounded("model", &"m".repeat(256)).is_ok());
+        assert_eq!(
+            bounded("model", &"m".repeat(257)),
+            Err(("model", "longer than 256 bytes"))
+        );
+        assert!(bounded("user", "a\u{1b}[31m").is_err());
+        assert!(bounded("user", "alice@example.com").is_ok());
+    }
+
     #[test]
     fn request_ids_are_unique_lowercase_hex_after_the_prefix() {
         let a = super::request_id();
