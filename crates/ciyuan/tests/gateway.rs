@@ -1148,6 +1148,18 @@ fn regression_metrics_need_a_root_read_key_and_bound_their_labels() {
             .unwrap()
             .starts_with("model:")
     );
+    // So is the output a request may ask for (reserved against budgets as it is).
+    let (s, b) = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &gw.key,
+        Some(
+            &json!({"model": "gpt-4o", "max_tokens": 1u64 << 62, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    );
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["error"]["param"], "max_tokens");
     // Past two distinct models, further ones count as `other`.
     for m in [
         "gpt-4o",

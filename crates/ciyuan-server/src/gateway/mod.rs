@@ -714,6 +714,14 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
         if let Some(s) = &session {
             bounded("x-ciyuan-session", s)?;
         }
+        // Reserved against budgets as it is: no model writes this much, and a larger
+        // figure would overflow the sums it joins.
+        if info
+            .max_tokens
+            .is_some_and(|m| m > protocol::MAX_REPORTED_TOKENS)
+        {
+            return Err(("max_tokens", "at most 2^40"));
+        }
         Ok(session)
     });
     let session = match checked {
