@@ -326,7 +326,8 @@ impl Answering {
     /// Looks at the start of a write: true when it was taken as hyper's own answer,
     /// completed, and is now pending.
     fn watch(&mut self, buf: &[u8]) -> bool {
-        if !buf.starts_with(b"HTTP/1.") {
+        // `100 Continue` is an interim answer: the request's own follows.
+        if !buf.starts_with(b"HTTP/1.") || buf.get(9..13) == Some(b"100 ") {
             return false;
         }
         self.heads += 1;

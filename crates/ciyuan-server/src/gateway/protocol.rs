@@ -718,6 +718,9 @@ struct OpenAiAnswerMessage<'a> {
     /// DeepSeek, Qwen, Moonshot, GLM and Ark send the reasoning text here.
     #[serde(default, borrow)]
     reasoning_content: Text<'a>,
+    /// vLLM and OpenRouter send it here.
+    #[serde(default, borrow)]
+    reasoning: Text<'a>,
     #[serde(default, borrow)]
     tool_calls: Option<Vec<OpenAiToolCall<'a>>>,
 }
@@ -748,6 +751,7 @@ impl OpenAiAnswer<'_> {
                 Some(m) => {
                     m.content.push_to(&mut shown.text);
                     m.reasoning_content.push_to(&mut shown.reasoning);
+                    m.reasoning.push_to(&mut shown.reasoning);
                     for call in m.tool_calls.iter().flatten() {
                         shown.tool_calls += 1;
                         if let Some(f) = &call.function {
@@ -832,9 +836,11 @@ fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
                         shown
                             .text
                             .push_str(&str_of(m, "content").unwrap_or_default());
-                        shown
-                            .reasoning
-                            .push_str(&str_of(m, "reasoning_content").unwrap_or_default());
+                        for field in ["reasoning_content", "reasoning"] {
+                            shown
+                                .reasoning
+                                .push_str(&str_of(m, field).unwrap_or_default());
+                        }
                         if let Some(Value::Array(calls)) = m.get("tool_calls") {
                             shown.tool_calls += calls.len() as u64;
                             push_tool_arguments(calls, &mut shown.text);
@@ -899,6 +905,8 @@ struct OpenAiDelta {
     #[serde(default)]
     reasoning_content: Option<Value>,
     #[serde(default)]
+    reasoning: Option<Value>,
+    #[serde(default)]
     tool_calls: Option<Vec<Value>>,
 }
 
@@ -910,8 +918,10 @@ impl OpenAiChunk {
                 if let Some(Value::String(t)) = &d.content {
                     shown.text.push_str(t);
                 }
-                if let Some(Value::String(t)) = &d.reasoning_content {
-                    shown.reasoning.push_str(t);
+                for r in [&d.reasoning_content, &d.reasoning] {
+                    if let Some(Value::String(t)) = r {
+                        shown.reasoning.push_str(t);
+                    }
                 }
                 if let Some(calls) = &d.tool_calls {
                     // A call's first delta carries its id; later ones only more

@@ -88,6 +88,9 @@ impl Metering {
         let family = self.call.endpoint.family();
         let started = self.call.started;
         let events = self.splitter.push(&chunk);
+        if self.splitter.overflowed() && self.meter.failure.is_none() {
+            self.meter.failure = Some("upstream_event_too_large");
+        }
         if !self.strip_usage {
             for e in &events {
                 self.meter.event(family, e, false, started);
