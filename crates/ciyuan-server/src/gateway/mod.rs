@@ -753,15 +753,31 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
             .unwrap_or(app.gateway.config.default_max_output_tokens),
     };
     let reservation = {
-        let input_n = counted.map_or(0, |c| c.input).saturating_add(
-            info.media_parts
-                .saturating_mul(app.gateway.config.media_reserve_tokens),
-        );
+        let input_n = info
+            .media_parts
+            .checked_mul(app.gateway.config.media_reserve_tokens)
+            .and_then(|media| media.checked_add(counted.map_or(0, |c| c.input)))
+            .filter(|n| *n <= protocol::MAX_REPORTED_TOKENS);
+        let Some(input_n) = input_n else {
+            return GatewayError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the prompt's {} media parts would reserve more than 2^40 tokens; send fewer",
+                    info.media_parts
+                ),
+            )
+            .into_response(family);
+        };
+        // Both are at most 2^40 (max_tokens is checked above; the default is configured).
         let mut input = TokenMap::new();
         let mut out = TokenMap::new();
-        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        let _ = input.add(Modality::Text, Direction::Input, as_i64(input_n));
-        let _ = out.add(Modality::Text, Direction::Output, as_i64(max_output));
+        add_tokens(&mut input, Modality::Text, Direction::Input, input_n);
+        add_tokens(
+            &mut out,
+            Modality::Text,
+            Direction::Output,
+            max_output.min(protocol::MAX_REPORTED_TOKENS),
+        );
         let admission = ciyuan_budget::Admission {
             account: &caller.key.account,
             key_id: &caller.key.key_id,
