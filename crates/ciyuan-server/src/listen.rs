@@ -291,11 +291,15 @@ fn complete_hyper_error(head: &[u8]) -> Option<Bytes> {
     })
     .to_string();
     let mut out = String::with_capacity(end + body.len() + 80);
+    // hyper closes the connection after these; it says so in most of them.
+    let closes = text.contains("\r\nconnection: close\r\n");
     for line in text.trim_end_matches("\r\n").split("\r\n") {
         if line == "content-length: 0" {
             out.push_str("content-type: application/problem+json\r\n");
             out.push_str(&format!("content-length: {}\r\n", body.len()));
-            out.push_str("connection: close\r\n");
+            if !closes {
+                out.push_str("connection: close\r\n");
+            }
         } else {
             out.push_str(line);
             out.push_str("\r\n");
@@ -423,7 +427,7 @@ mod tests {
 
     #[test]
     fn hypers_own_answers_get_a_problem_body() {
-        let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Sun, 06 Dec 2026 03:00:00 GMT\r\n\r\n";
+        let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Sun, 06 Dec 2026 03:00:00 GMT\r\n\r\n";
         let done = complete_hyper_error(head).unwrap();
         let text = std::str::from_utf8(&done).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
@@ -431,6 +435,7 @@ mod tests {
         assert!(head.contains("\r\ncontent-type: application/problem+json\r\n"));
         assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())));
         assert!(head.contains("\r\ndate: "));
+        assert_eq!(head.matches("connection: close").count(), 1, "{head}");
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["status"], 431);
         assert!(v["detail"].as_str().unwrap().contains("8 KiB"));
