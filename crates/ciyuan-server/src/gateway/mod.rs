@@ -298,6 +298,13 @@ impl App {
 /// (model, provider) pairs.
 type ModelList = Vec<(String, String)>;
 
+/// Largest model list read from a provider.
+const MAX_MODEL_LIST_BYTES: usize = 4 << 20;
+
+/// Largest whole (not streamed) answer read from a provider: embeddings of a large
+/// batch run to a hundred megabytes; a provider sending more is broken.
+const MAX_ANSWER_BYTES: usize = 256 << 20;
+
 /// How long the providers' model lists are remembered.
 const MODEL_LIST_TTL: Duration = Duration::from_secs(60);
 /// Longest wait for a provider's model list.
@@ -342,7 +349,11 @@ impl Gateway {
                 if !resp.status().is_success() {
                     return None;
                 }
-                let body = resp.into_body().collect().await.ok()?.to_bytes();
+                let body = http_body_util::Limited::new(resp.into_body(), MAX_MODEL_LIST_BYTES)
+                    .collect()
+                    .await
+                    .ok()?
+                    .to_bytes();
                 serde_json::from_slice::<Value>(&body).ok()
             })
             .await;
@@ -1040,15 +1051,26 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
         *r.headers_mut() = out_headers;
         return r;
     }
-    // A whole answer: read it (within the provider's timeout), pass it on unchanged.
-    let whole = tokio::time::timeout(provider.timeout, incoming.collect()).await;
+    // A whole answer: read it (within the provider's timeout and size bound), pass it
+    // on unchanged.
+    let limited = http_body_util::Limited::new(incoming, MAX_ANSWER_BYTES);
+    let whole = tokio::time::timeout(provider.timeout, limited.collect()).await;
     let bytes = match whole {
         Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            let msg = format!(
+                "upstream {} answered with more than {} MiB",
+                provider.name,
+                MAX_ANSWER_BYTES >> 20
+            );
+            finish_failed(&app, &call, StatusCode::BAD_GATEWAY, "upstream_too_large");
+            return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
+        }
         Ok(Err(e)) => {
             let msg = format!(
                 "upstream {} broke off its answer: {}",
                 provider.name,
-                error_chain(&e)
+                error_chain(e.as_ref())
             );
             finish_failed(&app, &call, StatusCode::BAD_GATEWAY, "upstream_cut");
             return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
