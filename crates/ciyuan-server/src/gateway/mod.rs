@@ -958,7 +958,8 @@ const NEVER_FORWARDED: [&str; 14] = [
 /// answer with their organisation and project ids, cookies, server details and the
 /// remaining capacity of the shared upstream account (`x-ratelimit-*`, which would
 /// show one tenant the others' traffic); the client needs only the body's type, when
-/// to retry, and the provider's request id to quote to its support.
+/// and whether to retry (the SDKs obey `x-should-retry`), and the provider's request
+/// id to quote to its support.
 fn passed_back(name: &str) -> bool {
     matches!(
         name,
@@ -966,6 +967,7 @@ fn passed_back(name: &str) -> bool {
             | "cache-control"
             | "retry-after"
             | "retry-after-ms"
+            | "x-should-retry"
             | "x-request-id"
             | "request-id"
     )
