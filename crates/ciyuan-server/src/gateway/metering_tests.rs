@@ -35,6 +35,8 @@ fn metered_stream(family: Family, stream: &[u8], piece: usize, cut: Option<usize
     }
     if cut.is_some() {
         meter.failure = Some("client_disconnected");
+    } else {
+        assert!(meter.counted(), "a whole stream brings its count");
     }
     meter
 }
@@ -45,6 +47,7 @@ fn metered_answer(endpoint: Endpoint, body: &[u8]) -> Meter {
     meter.billable = true;
     meter.complete = true;
     meter.shown = read_answer(endpoint, body).expect("the fixture is JSON");
+    assert!(meter.counted() == meter.shown.reported.is_some());
     meter
 }
 

@@ -1174,10 +1174,10 @@ impl Meter {
             }
             Family::Anthropic => {
                 if let Ok(ev) = serde_json::from_str::<AnthropicEvent>(&data) {
+                    // The usage is read out once, when the request is measured.
                     if ev.apply(&mut self.anthropic, &mut self.shown) {
                         self.complete = true;
                     }
-                    self.shown.reported = self.anthropic.reported();
                 }
             }
         }
@@ -1185,6 +1185,23 @@ impl Meter {
             self.ttft = Some(started.elapsed());
         }
         forward
+    }
+
+    /// Whether the provider's final count has come.
+    fn counted(&self) -> bool {
+        match &self.shown.reported {
+            Some(r) => r.complete,
+            None => self.anthropic.is_final(),
+        }
+    }
+
+    /// The provider's count so far: a whole answer's, an OpenAI stream's usage chunk,
+    /// or what an Anthropic stream's events added up to.
+    fn take_reported(&mut self) -> Option<protocol::Reported> {
+        self.shown
+            .reported
+            .take()
+            .or_else(|| self.anthropic.reported())
     }
 }
 
@@ -1248,7 +1265,7 @@ fn measure(config: &GatewayConfig, call: &Call, meter: &mut Meter) -> Measured {
     if ours.is_none() {
         tracing::error!(request = %call.request_id, encoding = enc.name(), "the recount failed: its vocabulary did not load");
     }
-    let reported = meter.shown.reported.take();
+    let reported = meter.take_reported();
     let shown = &meter.shown;
     let thinking_in_output = call.endpoint.family() == Family::Anthropic;
     match (reported, ours) {

@@ -1004,6 +1004,11 @@ pub struct AnthropicStream {
 }
 
 impl AnthropicStream {
+    /// Whether `message_delta` brought the final output count.
+    pub fn is_final(&self) -> bool {
+        self.final_usage
+    }
+
     /// The usage reported so far, marked final once `message_delta` carried it.
     pub fn reported(&self) -> Option<Reported> {
         if !self.usage.any() {

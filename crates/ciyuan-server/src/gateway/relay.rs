@@ -72,8 +72,7 @@ impl Relay {
         if m.meter.failure.is_none() {
             m.meter.failure = failure;
         }
-        let counted = m.meter.shown.reported.as_ref().is_some_and(|r| r.complete);
-        if m.meter.failure.is_none() && !counted {
+        if m.meter.failure.is_none() && !m.meter.counted() {
             m.meter.failure = Some("no_usage");
         }
         let ttft = m.meter.ttft;
