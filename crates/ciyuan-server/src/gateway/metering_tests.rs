@@ -35,8 +35,6 @@ fn metered_stream(family: Family, stream: &[u8], piece: usize, cut: Option<usize
     }
     if cut.is_some() {
         meter.failure = Some("client_disconnected");
-    } else {
-        assert!(meter.counted(), "a whole stream brings its count");
     }
     meter
 }
@@ -158,6 +156,7 @@ fn every_providers_usage_shape_is_read_streamed_and_not() {
         for piece in [7, 64, bytes.len()] {
             let mut m = metered_stream(endpoint.family(), &bytes, piece, None);
             assert!(m.complete, "{name}.sse ends properly");
+            assert!(m.counted(), "{name}.sse brings its count");
             let streamed = measure(&config, &call(endpoint, model, "hi", ""), &mut m);
             assert_eq!(tokens(&streamed), stream, "{name}.sse in pieces of {piece}");
             assert!(!streamed.estimated, "{name}.sse: the provider's count");
@@ -382,4 +381,108 @@ fn regression_reported_counts_out_of_range_are_no_report() {
             .reported
             .is_none()
     );
+}
+
+mod properties {
+    use super::*;
+    use crate::gateway::protocol::{self, OpenAiUsage};
+    use proptest::prelude::*;
+
+    const FIXTURES: [(&str, Endpoint); 9] = [
+        ("openai", Endpoint::Chat),
+        ("deepseek", Endpoint::Chat),
+        ("qwen", Endpoint::Chat),
+        ("moonshot", Endpoint::Chat),
+        ("glm", Endpoint::Chat),
+        ("ark", Endpoint::Chat),
+        ("gemini", Endpoint::Chat),
+        ("anthropic", Endpoint::Messages),
+        ("anthropic_tool_use", Endpoint::Messages),
+    ];
+
+    /// A fixture with `edits` applied: (position, byte) overwrites, then a cut.
+    fn mutated(bytes: &[u8], edits: &[(usize, u8)], cut: usize) -> Vec<u8> {
+        let mut b = bytes.to_vec();
+        for (at, byte) in edits {
+            if !b.is_empty() {
+                let i = at % b.len();
+                b[i] = *byte;
+            }
+        }
+        b.truncate(cut % (b.len() + 1));
+        b
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever a provider sends, metering answers (no panic), and what it records
+        /// stays within the bounds the ledger's sums rely on.
+        #[test]
+        fn broken_answers_and_streams_are_metered_without_panicking(
+            which in 0usize..FIXTURES.len(),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+            cut in any::<usize>(),
+            piece in 1usize..200,
+            model in proptest::sample::select(vec!["gpt-4o", "claude-sonnet-4-5"]),
+        ) {
+            let (name, endpoint) = FIXTURES[which];
+            let config = GatewayConfig::default();
+            for (file, stream) in [(format!("{name}.json"), false), (format!("{name}.sse"), true)] {
+                let bytes = mutated(&fixture(&file), &edits, cut);
+                let mut meter = if stream {
+                    metered_stream(endpoint.family(), &bytes, piece, None)
+                } else {
+                    match read_answer(endpoint, &bytes) {
+                        Some(shown) => {
+                            let mut m = Meter::new(None);
+                            m.billable = true;
+                            m.shown = shown;
+                            m
+                        }
+                        None => continue,
+                    }
+                };
+                let measured = measure(&config, &call(endpoint, model, "hi", ""), &mut meter);
+                for t in measured.tokens.iter() {
+                    prop_assert!(t.count > 0 && t.count.unsigned_abs() <= 4 * protocol::MAX_REPORTED_TOKENS);
+                }
+            }
+        }
+
+        /// OpenAI-shaped usage of any figures: out-of-range reports are no report, the
+        /// others add up to what the provider bills.
+        #[test]
+        fn openai_usage_of_any_figures_adds_up(
+            prompt in 0u64..(1 << 41),
+            completion in 0u64..(1 << 41),
+            cached in proptest::option::of(0u64..(1 << 41)),
+            reasoning in proptest::option::of(0u64..(1 << 41)),
+            total in proptest::option::of(0u64..(1 << 42)),
+        ) {
+            let mut v = json!({"prompt_tokens": prompt, "completion_tokens": completion});
+            if let Some(c) = cached {
+                v["prompt_tokens_details"] = json!({"cached_tokens": c});
+            }
+            if let Some(r) = reasoning {
+                v["completion_tokens_details"] = json!({"reasoning_tokens": r});
+            }
+            if let Some(t) = total {
+                v["total_tokens"] = json!(t);
+            }
+            let u: OpenAiUsage = serde_json::from_value(v).unwrap();
+            let in_range = [Some(prompt), Some(completion), cached, reasoning, total]
+                .iter()
+                .flatten()
+                .all(|n| *n <= protocol::MAX_REPORTED_TOKENS);
+            match u.reported() {
+                None => prop_assert!(!in_range),
+                Some(r) => {
+                    prop_assert!(in_range);
+                    let billed = (prompt + completion).max(total.unwrap_or(0));
+                    prop_assert_eq!(r.tokens.total(), Some(i64::try_from(billed).unwrap()));
+                }
+            }
+        }
+    }
 }

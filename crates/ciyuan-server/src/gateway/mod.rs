@@ -1274,8 +1274,9 @@ fn measure(config: &GatewayConfig, call: &Call, meter: &mut Meter) -> Measured {
             let Some(ours) = ours.filter(|_| exact) else {
                 return m;
             };
+            // A tolerance past the count itself allows everything: saturating is exact.
             let tolerance = |provider: u64| {
-                (provider * config.recount_tolerance_percent / 100)
+                (provider.saturating_mul(config.recount_tolerance_percent) / 100)
                     .max(config.recount_tolerance_tokens)
             };
             // The provider counts reasoning inside the output unless it reports it apart.
@@ -1293,13 +1294,15 @@ fn measure(config: &GatewayConfig, call: &Call, meter: &mut Meter) -> Measured {
                 // Tool definitions reach the model in a format the provider does not
                 // publish; their JSON is counted, and may differ by as much again.
                 m.uncounted.push("tools".into());
-                input_allowed = input_allowed.map(|a| a + ours.tools);
+                input_allowed = input_allowed.map(|a| a.saturating_add(ours.tools));
             }
             let mut output_allowed =
                 (!r.audio_output && meter.complete).then(|| tolerance(r.output));
             if shown.tool_calls > 0 {
                 m.uncounted.push("tool_calls".into());
-                output_allowed = output_allowed.map(|a| a + TOOL_CALL_ALLOWANCE * shown.tool_calls);
+                output_allowed = output_allowed.map(|a| {
+                    a.saturating_add(TOOL_CALL_ALLOWANCE.saturating_mul(shown.tool_calls))
+                });
             }
             if shown.redacted {
                 m.uncounted.push("redacted_thinking".into());
