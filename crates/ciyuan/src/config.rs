@@ -490,6 +490,28 @@ mod tests {
     #[test]
     fn example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ciyuan.example.toml");
-        FileConfig::load(&path).unwrap();
+        let c = ServeConfig::resolve(FileConfig::load(&path).unwrap(), None, None, None).unwrap();
+        assert_eq!(c.body_timeout_secs, 30);
+        assert_eq!(c.gateway.metrics_max_models, 200);
+        assert_eq!(c.metrics_listen, None);
+    }
+
+    #[test]
+    fn metrics_and_body_timeout_settings() {
+        let file: FileConfig = toml::from_str(
+            "body_timeout_secs = 5\n[metrics]\nlisten = \"127.0.0.1:9464\"\nmax_models = 7",
+        )
+        .unwrap();
+        let c = ServeConfig::resolve(file, None, None, None).unwrap();
+        assert_eq!(c.body_timeout_secs, 5);
+        assert_eq!(c.gateway.metrics_max_models, 7);
+        assert_eq!(c.metrics_listen.unwrap().port(), 9464);
+        for bad in ["body_timeout_secs = 0", "[metrics]\nlisten = \"nowhere\""] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            assert!(
+                ServeConfig::resolve(file, None, None, None).is_err(),
+                "{bad}"
+            );
+        }
     }
 }
