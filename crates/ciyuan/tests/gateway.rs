@@ -1211,3 +1211,47 @@ fn regression_metrics_need_a_root_read_key_and_bound_their_labels() {
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&m).contains("ciyuan_gateway_requests_total"));
 }
+
+#[test]
+fn regression_provider_account_headers_never_reach_tenants() {
+    // The sim answers with the organisation, project, rate-limit and cookie headers the
+    // real APIs send.
+    let gw = gateway();
+    let anthropic = json!({"model": "claude-sonnet-4-5", "max_tokens": 20,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let mut anthropic_stream = anthropic.clone();
+    anthropic_stream["stream"] = json!(true);
+    for (path, body, headers) in [
+        ("/v1/chat/completions", chat(false), vec![]),
+        ("/v1/chat/completions", chat(true), vec![]),
+        (
+            "/v1/chat/completions",
+            chat(false),
+            vec![("x-sim-fault", "429")],
+        ),
+        ("/v1/messages", anthropic.clone(), vec![]),
+        ("/v1/messages", anthropic_stream, vec![]),
+        ("/v1/messages", anthropic, vec![("x-sim-fault", "500")]),
+    ] {
+        let r = raw(&gw.server.url, path, &gw.key, &headers, &body, None);
+        let head = r.head.to_ascii_lowercase();
+        for name in [
+            "openai-organization",
+            "openai-project",
+            "anthropic-organization-id",
+            "x-ratelimit-",
+            "set-cookie",
+            "server: ciyuan-sim",
+        ] {
+            assert!(
+                !head.contains(name),
+                "{path} {headers:?}: {name} reached the tenant:\n{}",
+                r.head
+            );
+        }
+        assert!(head.contains("content-type: "), "{}", r.head);
+        if r.status == 429 {
+            assert!(head.contains("retry-after: 1"), "{}", r.head);
+        }
+    }
+}
