@@ -400,6 +400,49 @@ mod properties {
         ("anthropic_tool_use", Endpoint::Messages),
     ];
 
+    /// Replaces the `k`-th value (in document order) of `v` with `with`.
+    fn replace_nth(v: &mut Value, k: &mut usize, with: &Value) -> bool {
+        if *k == 0 {
+            *v = with.clone();
+            return true;
+        }
+        *k -= 1;
+        match v {
+            Value::Array(items) => items.iter_mut().any(|i| replace_nth(i, k, with)),
+            Value::Object(map) => map.values_mut().any(|i| replace_nth(i, k, with)),
+            _ => false,
+        }
+    }
+
+    /// JSON values of every type.
+    fn any_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (0u64..1 << 41).prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("type".to_string()),
+                        Just("text".to_string()),
+                        Just("usage".to_string()),
+                        Just("content".to_string()),
+                        "[a-z_]{1,10}"
+                    ],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
     /// A fixture with `edits` applied: (position, byte) overwrites, then a cut.
     fn mutated(bytes: &[u8], edits: &[(usize, u8)], cut: usize) -> Vec<u8> {
         let mut b = bytes.to_vec();
@@ -414,7 +457,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
+        #![proptest_config(crate::gateway::fuzz_config(300, "metering"))]
 
         /// Whatever a provider sends, metering answers (no panic), and what it records
         /// stays within the bounds the ledger's sums rely on.
@@ -448,6 +491,27 @@ mod properties {
                     prop_assert!(t.count > 0 && t.count.unsigned_abs() <= 4 * protocol::MAX_REPORTED_TOKENS);
                 }
             }
+        }
+
+        /// Structurally mutated answers (a value anywhere replaced by one of any type):
+        /// the typed reader reads them as the forgiving one does, or leaves them to it.
+        #[test]
+        fn structurally_mutated_answers_are_read_as_the_forgiving_reader_reads_them(
+            which in 0usize..FIXTURES.len(),
+            replacements in proptest::collection::vec((any::<usize>(), any_value()), 1..4),
+        ) {
+            let (name, endpoint) = FIXTURES[which];
+            let mut v: Value = serde_json::from_slice(&fixture(&format!("{name}.json"))).unwrap();
+            for (k, with) in &replacements {
+                let mut k = k % 48;
+                replace_nth(&mut v, &mut k, with);
+            }
+            let bytes = v.to_string().into_bytes();
+            prop_assert_eq!(
+                read_answer(endpoint, &bytes),
+                protocol::read_answer_value(endpoint, &bytes),
+                "{}", v
+            );
         }
 
         /// OpenAI-shaped usage of any figures: out-of-range reports are no report, the

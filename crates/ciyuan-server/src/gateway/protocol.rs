@@ -10,6 +10,7 @@
 //!   `cache_read_input_tokens` and `cache_creation_input_tokens`; `output_tokens`
 //!   includes thinking.
 
+use super::request::Obj;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ciyuan_core::{Direction, Modality, TokenMap};
@@ -599,13 +600,16 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     // Answers of the usual shape are read into borrowed, typed fields (no tree of
     // values); anything else (a field of an unexpected type, a duplicate key) is read
     // the slow, forgiving way.
-    let fast = match endpoint.family() {
-        Family::OpenAi => serde_json::from_slice::<OpenAiAnswer<'_>>(body)
+    // The typed reader skips the fields it does not need without checking their
+    // UTF-8, which the forgiving one refuses: such a body is left to that one.
+    let fast = match (endpoint.family(), std::str::from_utf8(body).is_ok()) {
+        (_, false) => None,
+        (Family::OpenAi, true) => serde_json::from_slice::<Obj<OpenAiAnswer<'_>>>(body)
             .ok()
-            .map(OpenAiAnswer::read),
-        Family::Anthropic => serde_json::from_slice::<AnthropicAnswer<'_>>(body)
+            .map(|a| a.0.read()),
+        (Family::Anthropic, true) => serde_json::from_slice::<Obj<AnthropicAnswer<'_>>>(body)
             .ok()
-            .and_then(AnthropicAnswer::read),
+            .and_then(|a| a.0.read()),
     };
     fast.or_else(|| read_answer_value(endpoint, body))
 }
@@ -697,7 +701,7 @@ impl<'a> Text<'a> {
 #[derive(Deserialize)]
 struct OpenAiAnswer<'a> {
     #[serde(default, borrow)]
-    choices: Vec<OpenAiAnswerChoice<'a>>,
+    choices: Vec<Obj<OpenAiAnswerChoice<'a>>>,
     #[serde(default, borrow)]
     usage: Option<&'a serde_json::value::RawValue>,
 }
@@ -705,7 +709,7 @@ struct OpenAiAnswer<'a> {
 #[derive(Deserialize)]
 struct OpenAiAnswerChoice<'a> {
     #[serde(default, borrow)]
-    message: Option<OpenAiAnswerMessage<'a>>,
+    message: Option<Obj<OpenAiAnswerMessage<'a>>>,
     /// Legacy completions answer here.
     #[serde(default, borrow)]
     text: Text<'a>,
@@ -722,13 +726,13 @@ struct OpenAiAnswerMessage<'a> {
     #[serde(default, borrow)]
     reasoning: Text<'a>,
     #[serde(default, borrow)]
-    tool_calls: Option<Vec<OpenAiToolCall<'a>>>,
+    tool_calls: Option<Vec<Obj<OpenAiToolCall<'a>>>>,
 }
 
 #[derive(Deserialize)]
 struct OpenAiToolCall<'a> {
     #[serde(default, borrow)]
-    function: Option<OpenAiFunctionCall<'a>>,
+    function: Option<Obj<OpenAiFunctionCall<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -746,15 +750,15 @@ fn openai_usage(v: &Value) -> Option<Reported> {
 impl OpenAiAnswer<'_> {
     fn read(self) -> Shown {
         let mut shown = Shown::default();
-        for c in &self.choices {
+        for Obj(c) in &self.choices {
             match &c.message {
-                Some(m) => {
+                Some(Obj(m)) => {
                     m.content.push_to(&mut shown.text);
                     m.reasoning_content.push_to(&mut shown.reasoning);
                     m.reasoning.push_to(&mut shown.reasoning);
-                    for call in m.tool_calls.iter().flatten() {
+                    for Obj(call) in m.tool_calls.iter().flatten() {
                         shown.tool_calls += 1;
-                        if let Some(f) = &call.function {
+                        if let Some(Obj(f)) = &call.function {
                             f.arguments.push_to(&mut shown.text);
                         }
                     }
@@ -773,7 +777,7 @@ impl OpenAiAnswer<'_> {
 #[derive(Deserialize)]
 struct AnthropicAnswer<'a> {
     #[serde(default, borrow)]
-    content: Vec<AnthropicBlock<'a>>,
+    content: Vec<Obj<AnthropicBlock<'a>>>,
     #[serde(default, borrow)]
     usage: Option<&'a serde_json::value::RawValue>,
 }
@@ -798,7 +802,7 @@ fn anthropic_usage(v: &Value) -> Option<Reported> {
 impl AnthropicAnswer<'_> {
     fn read(self) -> Option<Shown> {
         let mut shown = Shown::default();
-        for b in &self.content {
+        for Obj(b) in &self.content {
             match b.kind.as_str() {
                 Some("text") => b.text.push_to(&mut shown.text),
                 Some("thinking") => b.thinking.push_to(&mut shown.reasoning),
@@ -824,7 +828,7 @@ impl AnthropicAnswer<'_> {
 }
 
 /// [`read_answer`] for any JSON: fields of unexpected types are passed over.
-fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
+pub(super) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let mut shown = Shown::default();
     let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
@@ -863,7 +867,8 @@ fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
                         Some("redacted_thinking") => shown.redacted = true,
                         Some("tool_use") => {
                             shown.tool_calls += 1;
-                            if let Some(i) = b.get("input") {
+                            // A null input is no input, as the typed reader reads it.
+                            if let Some(i) = b.get("input").filter(|i| !i.is_null()) {
                                 shown.text.push_str(&i.to_string());
                             }
                         }
@@ -1132,6 +1137,9 @@ mod tests {
             json!({"choices": [{"message": {"content": [{"type": "text", "text": "x"}]}}]}).to_string(),
             r#"{"choices": [], "choices": [{"message": {"content": "later"}}]}"#.to_string(),
             json!({"choices": "none", "usage": {"prompt_tokens": "3"}}).to_string(),
+            // regression: objects given as arrays are not read in field order.
+            json!({"choices": [{"message": ["read as content"]}]}).to_string(),
+            json!({"choices": [["x"]], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).to_string(),
         ];
         for body in &openai {
             for ep in [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings] {
@@ -1155,6 +1163,9 @@ mod tests {
                 "usage": {"input_tokens": 7, "output_tokens": 9}}).to_string(),
             r#"{"content": [{"type": "tool_use", "input": { "spaced" : true }}]}"#.to_string(),
             json!({"content": {"type": "text"}, "usage": 3}).to_string(),
+            // regression: an input of null, a block given as an array.
+            json!({"content": [{"type": "tool_use", "id": "t", "name": "f", "input": null}]}).to_string(),
+            json!({"content": [["text", "as an array"]], "usage": {"input_tokens": 1, "output_tokens": 1}}).to_string(),
         ];
         for body in &anthropic {
             assert_eq!(
@@ -1167,6 +1178,12 @@ mod tests {
         assert_eq!(real.text, "Hello! How can I help you today?");
         assert_eq!(real.reported.unwrap().tokens.total(), Some(24));
         assert!(read_answer(Endpoint::Chat, b"{not json").is_none());
+        // regression: invalid UTF-8 in a field the typed reader skips is malformed for
+        // both readers.
+        let mut bad = br#"{"id": "x\xff", "choices": [{"message": {"content": "hi"}}]}"#.to_vec();
+        let at = bad.iter().position(|b| *b == b'\\').unwrap();
+        bad.splice(at..at + 4, [0xff]);
+        assert!(read_answer(Endpoint::Chat, &bad).is_none());
     }
 
     #[test]
