@@ -13,6 +13,29 @@ use ciyuan_store::KeyRecord;
 use serde_json::{Value, json};
 use std::time::Instant;
 
+/// The property tests' settings: `cases` by default, `CIYUAN_FUZZ_CASES` for a long
+/// run; failures are kept in `fixtures/proptest-<name>.txt` and replayed first.
+pub(crate) fn fuzz_config(cases: u32, name: &str) -> proptest::test_runner::Config {
+    let cases = std::env::var("CIYUAN_FUZZ_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(cases);
+    let path: &'static str = Box::leak(
+        format!(
+            "{}/src/gateway/fixtures/proptest-{name}.txt",
+            env!("CARGO_MANIFEST_DIR")
+        )
+        .into_boxed_str(),
+    );
+    proptest::test_runner::Config {
+        cases,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::Direct(path),
+        )),
+        ..proptest::test_runner::Config::default()
+    }
+}
+
 /// A fixture's bytes.
 fn fixture(name: &str) -> Vec<u8> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -457,7 +480,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(crate::gateway::fuzz_config(300, "metering"))]
+        #![proptest_config(super::fuzz_config(300, "metering"))]
 
         /// Whatever a provider sends, metering answers (no panic), and what it records
         /// stays within the bounds the ledger's sums rely on.

@@ -21,30 +21,6 @@ mod upstream;
 #[cfg(test)]
 mod metering_tests;
 
-/// The property tests' settings: `cases` by default, `CIYUAN_FUZZ_CASES` for a long
-/// run; failures are kept in `fixtures/proptest-<name>.txt` and replayed first.
-#[cfg(test)]
-pub(crate) fn fuzz_config(cases: u32, name: &str) -> proptest::test_runner::Config {
-    let cases = std::env::var("CIYUAN_FUZZ_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(cases);
-    let path: &'static str = Box::leak(
-        format!(
-            "{}/src/gateway/fixtures/proptest-{name}.txt",
-            env!("CARGO_MANIFEST_DIR")
-        )
-        .into_boxed_str(),
-    );
-    proptest::test_runner::Config {
-        cases,
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::Direct(path),
-        )),
-        ..proptest::test_runner::Config::default()
-    }
-}
-
 use crate::App;
 use crate::auth::Caller;
 use axum::body::{Body, Bytes};
