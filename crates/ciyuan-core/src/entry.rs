@@ -128,6 +128,17 @@ pub struct Quality {
     /// `upstream_cut`, `upstream_timeout`, `upstream_error`, `no_usage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The tokens are Ciyuan's count of the prompt and of what was delivered (the
+    /// provider's final count never came: a cut stream, no usage reported), made with
+    /// the tokenizer `recount.encoding` names (`o200k_base` standing in for models whose
+    /// own tokenizer Ciyuan does not have). Absent (false) in entries written before it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
+    /// What the recount could not count exactly, so the comparison with the provider
+    /// allowed for it: `tools` (definitions, in a format providers do not publish),
+    /// `tool_calls` (their framing), `media`, `redacted_thinking`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uncounted: Vec<String>,
 }
 
 /// Ciyuan's independent count of a request's text with the model's tokenizer.

@@ -199,6 +199,8 @@ pub(crate) struct Ctx {
     /// Time between output tokens; `None`: as fast as possible.
     pub interval: Option<Duration>,
     pub forced: Option<usize>,
+    /// Where a cut stream stops, in percent of its pieces (`x-sim-cut-at`).
+    pub cut_at_percent: Option<usize>,
     pub seq: u64,
     pub seed: u64,
     pub kill: Option<ConnKill>,
@@ -377,9 +379,24 @@ fn finish_steer(
                 .ok_or_else(|| bad_header("x-sim-output-tokens", v))?,
         ),
     };
+    let cut_at_percent = match header_str(headers, "x-sim-cut-at") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<usize>()
+                .ok()
+                .filter(|p| *p <= 100)
+                .ok_or_else(|| bad_header("x-sim-cut-at", v))?,
+        ),
+    };
+    // A cut point asks for a cut.
+    let fault = match (fault, cut_at_percent) {
+        (None, Some(_)) => Some(Fault::Cut),
+        (f, _) => f,
+    };
     Ok(Ctx {
         fault,
         random_cut,
+        cut_at_percent,
         ttft,
         interval,
         forced,

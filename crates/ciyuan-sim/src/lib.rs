@@ -8,6 +8,9 @@
 //! Anthropic's model list), `GET /v1/models/{id}`, `POST /v1/messages` (Anthropic), and
 //! `GET /sim/stats` (requests served, for tests).
 //!
+//! Every answer carries the account headers the real APIs send ([`ACCOUNT_HEADERS`]:
+//! organisation and project ids, rate-limit figures, a cookie).
+//!
 //! Anthropic's `message_delta` carries cumulative usage as the API sends it today (the
 //! input figures repeat `message_start`'s; `output_tokens` is final).
 //!
@@ -26,6 +29,7 @@
 //! | `x-sim-fault: timeout` | never answer: non-streaming requests get nothing; streams get headers and then nothing (the connection is closed after [`STALL_LIMIT`]) |
 //! | `x-sim-fault: malformed` | `200` with a body that is not JSON; streams get one invalid `data:` line mid-way and otherwise complete normally |
 //! | `x-sim-fault: no-usage` | no usage at all: no usage chunk even when asked, no `usage` in non-streaming answers, no `usage` in Anthropic's `message_delta` |
+//! | `x-sim-cut-at: P` | the `cut` fault, after `P` percent (0 to 100) of the stream's text pieces |
 //! | `x-sim-ttft-ms: N` | time to first token |
 //! | `x-sim-tokens-per-sec: F` | streaming rate (`0`: as fast as possible) |
 //! | `x-sim-output-tokens: N` | exactly `N` output tokens (`N` ≤ [`MAX_FORCED_OUTPUT_TOKENS`]); if the request's token limit is lower, exactly the limit, with `length` / `max_tokens` |
@@ -100,7 +104,32 @@ pub fn router(cfg: SimConfig) -> Router {
         .route("/sim/stats", get(stats))
         .fallback(common::not_found)
         .method_not_allowed_fallback(common::not_found)
+        .layer(axum::middleware::map_response(account_headers))
         .with_state(state)
+}
+
+/// What the real APIs send about the account behind a key, on every answer: a gateway
+/// must not let them through to its tenants.
+pub const ACCOUNT_HEADERS: [(&str, &str); 6] = [
+    ("openai-organization", "org-sim0000000000000000000000"),
+    ("openai-project", "proj_sim000000000000000000000"),
+    (
+        "anthropic-organization-id",
+        "00000000-0000-4000-8000-000000000000",
+    ),
+    ("x-ratelimit-remaining-tokens", "149984"),
+    ("set-cookie", "__cf_bm=sim; path=/; HttpOnly; Secure"),
+    ("server", "ciyuan-sim"),
+];
+
+async fn account_headers(mut resp: axum::response::Response) -> axum::response::Response {
+    for (name, value) in ACCOUNT_HEADERS {
+        resp.headers_mut().insert(
+            axum::http::HeaderName::from_static(name),
+            axum::http::HeaderValue::from_static(value),
+        );
+    }
+    resp
 }
 
 /// `GET /sim/stats`: how many requests reached the simulated model, so tests can check

@@ -128,9 +128,10 @@ pub(crate) fn respond(ctx: &Ctx, plan: Plan, request_id: &str) -> Response {
         }))
     } else {
         let mut rng = Rng::new(ctx.seed ^ ctx.seq.rotate_left(17) ^ 0xC07);
-        let cut_at = (fault == Some(Fault::Cut)).then(|| {
+        let cut_at = (fault == Some(Fault::Cut)).then(|| match ctx.cut_at_percent {
+            Some(p) => n * p / 100,
             // Somewhere in the middle third.
-            n / 3 + rng.below(n / 3 + 1)
+            None => n / 3 + rng.below(n / 3 + 1),
         });
         let malformed_at = (fault == Some(Fault::Malformed)).then_some(n / 2);
         let driver = Box::new(Driver {

@@ -22,6 +22,8 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: Option<usize>,
+    /// Seconds a request's body may take to arrive, from its head (default 30).
+    pub body_timeout_secs: Option<u64>,
     /// Seconds between automatic checkpoints while the log grows.
     pub checkpoint_interval_secs: Option<u64>,
     /// Admin key to install on first start instead of generating one.
@@ -47,6 +49,21 @@ pub struct FileConfig {
     /// Where budget incidents are delivered.
     #[serde(default)]
     pub webhooks: Vec<WebhookSection>,
+    /// `/metrics` settings.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]` settings.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// A separate address serving `GET /metrics` without a key (for a scraper on a
+    /// private network); on the main address `/metrics` always needs a read key at `/`.
+    pub listen: Option<String>,
+    /// Distinct model labels kept; requests for further models count as `other`
+    /// (default 200).
+    pub max_models: Option<usize>,
 }
 
 /// `[[webhooks]]`: a receiver of budget incidents (configured by whoever runs the
@@ -294,6 +311,10 @@ pub struct ServeConfig {
     pub webhooks: Vec<ciyuan_notify::Target>,
     /// Unsettled reservations are released after this long.
     pub reservation_ttl_secs: u64,
+    /// Seconds a request's body may take to arrive.
+    pub body_timeout_secs: u64,
+    /// The separate, keyless `/metrics` address, if any.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeConfig {
@@ -361,11 +382,27 @@ impl ServeConfig {
             }
             gateway.max_body_bytes = b;
         }
+        if let Some(m) = file.metrics.max_models {
+            gateway.metrics_max_models = m;
+        }
+        let metrics_listen = match &file.metrics.listen {
+            None => None,
+            Some(text) => Some(
+                text.parse::<SocketAddr>()
+                    .with_context(|| format!("metrics.listen {text:?} is not HOST:PORT"))?,
+            ),
+        };
+        let body_timeout_secs = file.body_timeout_secs.unwrap_or(30);
+        if body_timeout_secs == 0 {
+            bail!("body_timeout_secs must be at least 1");
+        }
         let max_events_per_batch = file.ingest.max_events_per_batch.unwrap_or(10_000);
         if max_events_per_batch == 0 {
             bail!("ingest.max_events_per_batch must be at least 1");
         }
         Ok(ServeConfig {
+            body_timeout_secs,
+            metrics_listen,
             ingest_max_age_secs: file.ingest.max_age_secs.unwrap_or(7 * 24 * 3600),
             ingest_max_future_secs: file.ingest.max_future_secs.unwrap_or(300),
             max_events_per_batch,
@@ -453,6 +490,28 @@ mod tests {
     #[test]
     fn example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ciyuan.example.toml");
-        FileConfig::load(&path).unwrap();
+        let c = ServeConfig::resolve(FileConfig::load(&path).unwrap(), None, None, None).unwrap();
+        assert_eq!(c.body_timeout_secs, 30);
+        assert_eq!(c.gateway.metrics_max_models, 200);
+        assert_eq!(c.metrics_listen, None);
+    }
+
+    #[test]
+    fn metrics_and_body_timeout_settings() {
+        let file: FileConfig = toml::from_str(
+            "body_timeout_secs = 5\n[metrics]\nlisten = \"127.0.0.1:9464\"\nmax_models = 7",
+        )
+        .unwrap();
+        let c = ServeConfig::resolve(file, None, None, None).unwrap();
+        assert_eq!(c.body_timeout_secs, 5);
+        assert_eq!(c.gateway.metrics_max_models, 7);
+        assert_eq!(c.metrics_listen.unwrap().port(), 9464);
+        for bad in ["body_timeout_secs = 0", "[metrics]\nlisten = \"nowhere\""] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            assert!(
+                ServeConfig::resolve(file, None, None, None).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

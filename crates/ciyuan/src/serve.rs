@@ -188,11 +188,34 @@ async fn run(
             }
         });
     }
+    let listen = ciyuan_server::listen::ListenConfig {
+        body_timeout: Duration::from_secs(cfg.body_timeout_secs),
+    };
+    // `/metrics` without a key, on its own address, when configured.
+    let metrics = match cfg.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for /metrics on {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "serving /metrics");
+            let router = ciyuan_server::gateway::metrics_router(app.clone()).with_state(());
+            Some(tokio::spawn(ciyuan_server::listen::serve_with(
+                listener,
+                router,
+                std::future::pending(),
+                listen,
+            )))
+        }
+    };
     // Routes are resolved once here, not for every connection.
     let router = ciyuan_server::router(app.clone()).with_state(());
-    ciyuan_server::listen::serve(listener, router, shutdown_signal())
+    ciyuan_server::listen::serve_with(listener, router, shutdown_signal(), listen)
         .await
         .context("serving HTTP")?;
+    if let Some(m) = metrics {
+        m.abort();
+    }
     checkpoints.abort();
     expiry.abort();
     // Gateway entries of answered requests are appended in groups: append the last.

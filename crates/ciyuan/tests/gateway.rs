@@ -66,6 +66,11 @@ fn gateway() -> Gateway {
 
 /// A gateway with `extra` appended to its configuration and `env` in its environment.
 pub fn gateway_with(extra: &str, env: &[(&str, &str)]) -> Gateway {
+    gateway_with_top("", extra, env)
+}
+
+/// [`gateway_with`], with `top` at the top of the configuration (top-level settings).
+pub fn gateway_with_top(top: &str, extra: &str, env: &[(&str, &str)]) -> Gateway {
     let sim = Sim::start();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ciyuan.toml");
@@ -73,6 +78,7 @@ pub fn gateway_with(extra: &str, env: &[(&str, &str)]) -> Gateway {
         &config,
         format!(
             r#"
+{top}
 [gateway]
 recount_tolerance_percent = 0
 recount_tolerance_tokens = 0
@@ -87,7 +93,7 @@ encoding = "qwen"
 name = "sim-openai"
 protocol = "openai"
 base_url = "{sim}/v1"
-models = ["gpt-*", "text-embedding-*"]
+models = ["gpt-*", "text-embedding-*", "glm-*"]
 forward_headers = ["x-sim-*"]
 timeout_secs = 2
 idle_timeout_secs = 1
@@ -340,7 +346,7 @@ fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
         rows.iter().any(|r| r["model"] == "claude-sonnet-4-5"),
         "{rows:?}"
     );
-    let (s, m) = gw.server.http("GET", "/metrics", "", None);
+    let (s, m) = gw.server.http("GET", "/metrics", &gw.admin, None);
     assert_eq!(s, 200);
     let m = String::from_utf8_lossy(&m);
     assert!(
@@ -573,7 +579,8 @@ fn failures_are_metered_and_answered_in_the_providers_shape() {
         (429, Some("error"), Some("rate_limit_error"))
     );
 
-    // Malformed JSON from the provider: a 502 in OpenAI's shape; the prompt is metered.
+    // Malformed JSON from the provider: a 502 in OpenAI's shape; no usable answer, so
+    // nothing is charged (the failure is recorded, the reservation released).
     let r = raw(
         &url,
         "/v1/chat/completions",
@@ -593,7 +600,12 @@ fn failures_are_metered_and_answered_in_the_providers_shape() {
     );
     let e = gw.entry(&request_id(&r));
     assert_eq!(e["quality"]["failure"], "upstream_malformed");
-    assert_eq!(e["tokens"]["text.input"], e["recount"]["input"], "{e}");
+    assert_eq!(e["quality"]["status"], 502);
+    assert!(
+        e["tokens"].as_object().unwrap().is_empty(),
+        "regression_malformed_upstream_answer_charges_nothing: {e}"
+    );
+    assert!(e["partial"].is_null(), "{e}");
 
     // Anthropic stream cut mid-way.
     let r = raw(
@@ -790,4 +802,456 @@ fn request_heads_over_8_kib_are_refused_with_431_and_serving_goes_on() {
         None,
     );
     assert!(r.status == 200 && r.complete, "{} {}", r.head, r.body);
+}
+
+/// The tokens the ledger has for a subtree, all kinds together.
+fn used_in_ledger(gw: &Gateway, account: &str) -> i64 {
+    let (_, b) = gw.server.http(
+        "GET",
+        &format!("/api/v1/usage?account={account}"),
+        &gw.admin,
+        None,
+    );
+    json(&b)["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["total"].as_i64().unwrap())
+        .sum()
+}
+
+#[test]
+fn regression_stream_cut_at_90_percent_is_metered_by_estimate_not_zero() {
+    // Models Ciyuan has no tokenizer for, over both protocols: cut by the provider and
+    // by the client after about 90% of a 300-token answer.
+    let gw = gateway();
+    let (s, b) = gw.server.http(
+        "PUT",
+        "/api/v1/budgets/acme/app",
+        &gw.admin,
+        Some(&json!({"tokens": 1_000_000, "period": "month", "mode": "hard"})),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let chat = json!({"model": "glm-4.5", "stream": true, "max_tokens": 400,
+        "messages": [{"role": "user", "content": "Tell me about the ledger."}]});
+    let messages = json!({"model": "claude-sonnet-4-5", "stream": true, "max_tokens": 400,
+        "messages": [{"role": "user", "content": "Tell me about the ledger."}]});
+    let mut metered = 0;
+    for (path, body) in [("/v1/chat/completions", &chat), ("/v1/messages", &messages)] {
+        // Whole, for the size of the answer.
+        let whole = raw(
+            &gw.server.url,
+            path,
+            &gw.key,
+            &[("x-sim-output-tokens", "300")],
+            body,
+            None,
+        );
+        assert!(whole.complete, "{}", whole.body);
+        let e = gw.entry(&request_id(&whole));
+        let full = e["tokens"]["text.output"].as_u64().unwrap();
+        assert_eq!(full, 300, "{e}");
+        // Cut by the provider.
+        let cut = raw(
+            &gw.server.url,
+            path,
+            &gw.key,
+            &[("x-sim-output-tokens", "300"), ("x-sim-cut-at", "90")],
+            body,
+            None,
+        );
+        assert_eq!(cut.status, 200);
+        assert!(!cut.complete, "the client sees the stream break");
+        let by_provider = gw.entry(&request_id(&cut));
+        // Cut by the client, after about 90% of the bytes.
+        let hung_up = raw(
+            &gw.server.url,
+            path,
+            &gw.key,
+            &[
+                ("x-sim-output-tokens", "300"),
+                ("x-sim-tokens-per-sec", "300"),
+            ],
+            body,
+            Some(whole.body.len() * 9 / 10),
+        );
+        let by_client = gw.entry(&request_id(&hung_up));
+        for (e, failure) in [
+            (&by_provider, "upstream_cut"),
+            (&by_client, "client_disconnected"),
+        ] {
+            assert_eq!(e["partial"], true, "{path}: {e}");
+            assert_eq!(e["quality"]["failure"], failure, "{path}: {e}");
+            assert_eq!(e["quality"]["estimated"], true, "{path}: {e}");
+            assert_eq!(e["recount"]["encoding"], "o200k_base", "{path}: {e}");
+            let out = e["tokens"]["text.output"].as_u64().unwrap_or(0);
+            assert!(
+                out >= full * 7 / 10 && out <= full,
+                "{path} {failure}: about 90% of {full} output tokens metered, not {out}: {e}"
+            );
+            assert!(e["tokens"]["text.input"].as_u64().unwrap() > 0, "{e}");
+            metered += e["tokens"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_i64().unwrap())
+                .sum::<i64>();
+        }
+    }
+    // Budgets settled to what the ledger holds (estimates included), nothing reserved.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, b) = gw
+            .server
+            .http("GET", "/api/v1/budgets/acme/app", &gw.admin, None);
+        let view = json(&b);
+        let used = view["limits"][0]["used"].as_i64().unwrap();
+        let ledger = used_in_ledger(&gw, "acme/app");
+        if (used == ledger && view["limits"][0]["reserved"].as_i64() == Some(0))
+            || Instant::now() > deadline
+        {
+            assert_eq!(used, ledger, "{view}");
+            assert!(ledger >= metered, "{ledger} < {metered}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `head` (and then `body` one byte every `gap`, if given) on a new connection;
+/// the whole answer as text, and how long it took.
+fn exchange(url: &str, head: &str, body: Option<(&[u8], Duration)>) -> (String, Duration) {
+    let addr = url.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = Instant::now();
+    s.write_all(head.as_bytes()).unwrap();
+    if let Some((bytes, gap)) = body {
+        s.set_nonblocking(true).unwrap();
+        let mut answer = Vec::new();
+        for b in bytes {
+            std::thread::sleep(gap);
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = s.read(&mut buf)
+                && n > 0
+            {
+                answer.extend_from_slice(&buf[..n]);
+                break;
+            }
+        }
+        s.set_nonblocking(false).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        answer.extend_from_slice(&rest);
+        return (
+            String::from_utf8_lossy(&answer).to_string(),
+            started.elapsed(),
+        );
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the answer is whole: the server may keep the connection open.
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((h, b)) = text.split_once("\r\n\r\n")
+            && let Some(len) = h.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_string)
+            })
+            && b.len() >= len.trim().parse::<usize>().unwrap()
+        {
+            break;
+        }
+    }
+    (
+        String::from_utf8_lossy(&answer).to_string(),
+        started.elapsed(),
+    )
+}
+
+fn status_of(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"))
+}
+
+fn body_of(answer: &str) -> Value {
+    let (_, b) = answer.split_once("\r\n\r\n").unwrap();
+    serde_json::from_str(b).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+#[test]
+fn regression_bodies_are_read_after_the_key_and_within_a_deadline() {
+    let gw = gateway_with_top("body_timeout_secs = 2", "", &[]);
+    let url = gw.server.url.clone();
+    let bad = format!("cy_{}_{}", "0".repeat(12), "0".repeat(64));
+    // A 30 MiB body announced with a wrong key, and never sent: answered 401 at once,
+    // on the gateway and on the ingest and admin routes alike.
+    for (path, shape) in [
+        ("/v1/chat/completions", "openai"),
+        ("/v1/messages", "anthropic"),
+        ("/v1/events", "problem"),
+        ("/api/v1/accounts", "problem"),
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bad}\r\nContent-Type: application/json\r\nContent-Length: 31457280\r\n\r\n"
+        );
+        let (answer, took) = exchange(&url, &head, None);
+        assert_eq!(status_of(&answer), 401, "{path}: {answer}");
+        assert!(took < Duration::from_secs(2), "{path}: {took:?}");
+        let b = body_of(&answer);
+        match shape {
+            "openai" => assert_eq!(b["error"]["code"], "invalid_api_key", "{b}"),
+            "anthropic" => assert_eq!(b["error"]["type"], "authentication_error", "{b}"),
+            _ => assert_eq!(b["status"], 401, "{b}"),
+        }
+    }
+    // A body trickled one byte at a time with a valid key: cut after the deadline (2 s
+    // here), answered 408 in the client's shape.
+    let trickle = vec![b' '; 64];
+    for (path, key, shape) in [
+        ("/v1/chat/completions", gw.key.clone(), "openai"),
+        ("/v1/messages", gw.key.clone(), "anthropic"),
+        ("/v1/events", gw.admin.clone(), "problem"),
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 64\r\n\r\n"
+        );
+        let (answer, took) = exchange(&url, &head, Some((&trickle, Duration::from_millis(400))));
+        assert_eq!(status_of(&answer), 408, "{path}: {answer}");
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+            "{path}: {took:?}"
+        );
+        let b = body_of(&answer);
+        match shape {
+            "openai" => assert_eq!(b["error"]["type"], "invalid_request_error", "{b}"),
+            "anthropic" => assert_eq!(b["error"]["type"], "timeout_error", "{b}"),
+            _ => assert_eq!(b["type"], "urn:ciyuan:problem:request-timeout", "{b}"),
+        }
+    }
+    // The server serves on.
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &gw.key,
+        &[],
+        &chat(false),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn regression_the_http_layers_own_answers_carry_problem_json() {
+    let gw = gateway();
+    let url = gw.server.url.clone();
+    for (request, status) in [
+        (
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\n\r\n",
+                "x".repeat(9000)
+            ),
+            431,
+        ),
+        (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
+                .to_string(),
+            400,
+        ),
+        ("GARBAGE\r\n\r\n".to_string(), 400),
+        (
+            "GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n".to_string(),
+            400,
+        ),
+    ] {
+        let (answer, _) = exchange(&url, &request, None);
+        assert_eq!(status_of(&answer), status, "{answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("content-type: application/problem+json"),
+            "{answer}"
+        );
+        let b = body_of(&answer);
+        assert_eq!(b["status"], status, "{b}");
+        assert!(b["detail"].as_str().unwrap().len() > 10, "{b}");
+    }
+    // A keep-alive connection whose second request is malformed: the first answer is
+    // the router's, the second hyper's, completed.
+    let (answer, _) = exchange(
+        &url,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        None,
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let r = raw(
+        &url,
+        "/v1/chat/completions",
+        &gw.key,
+        &[],
+        &chat(false),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn regression_metrics_need_a_root_read_key_and_bound_their_labels() {
+    // A free port for the keyless metrics listener.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = gateway_with(
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\nmax_models = 2\n"),
+        &[],
+    );
+    let url = gw.server.url.clone();
+    let (s, _) = gw.server.http("GET", "/metrics", "", None);
+    assert_eq!(s, 401, "no key");
+    let reader = gw.key_for("acme/app", &["read"]);
+    let (s, b) = gw.server.http("GET", "/metrics", &reader, None);
+    assert_eq!(
+        s,
+        403,
+        "a tenant's read key: {}",
+        String::from_utf8_lossy(&b)
+    );
+    let (s, _) = gw.server.http("GET", "/metrics", &gw.key, None);
+    assert_eq!(s, 403, "a gateway key");
+    // Model names are bounded as ingest bounds them.
+    let long = "gpt-".to_string() + &"x".repeat(253);
+    let (s, b) = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &gw.key,
+        Some(&json!({"model": long, "messages": [{"role": "user", "content": "hi"}]})),
+    );
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["error"]["param"], "model");
+    assert!(
+        json(&b)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("model:")
+    );
+    // So is the output a request may ask for (reserved against budgets as it is).
+    let (s, b) = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &gw.key,
+        Some(
+            &json!({"model": "gpt-4o", "max_tokens": 1u64 << 62, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    );
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["error"]["param"], "max_tokens");
+    // Past two distinct models, further ones count as `other`.
+    for m in [
+        "gpt-4o",
+        "gpt-4o-mini",
+        "gpt-a",
+        "gpt-b",
+        "gpt-\"quoted\"\\name",
+    ] {
+        let (s, b) = http(
+            &url,
+            "POST",
+            "/v1/chat/completions",
+            &gw.key,
+            Some(
+                &json!({"model": m, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+            ),
+        );
+        assert_eq!(s, 200, "{m}: {}", String::from_utf8_lossy(&b));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (s, m) = gw.server.http("GET", "/metrics", &gw.admin, None);
+        assert_eq!(s, 200);
+        let text = String::from_utf8_lossy(&m).to_string();
+        if text.contains("model=\"other\",status=\"200\"} 3") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        text.contains("ciyuan_gateway_requests_total{upstream=\"sim-openai\",model=\"other\",status=\"200\"} 3"),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("ciyuan_gateway_requests_total{"))
+            .count(),
+        3,
+        "{text}"
+    );
+    // The separate listener serves them without a key.
+    let (s, m) = http(
+        &format!("http://127.0.0.1:{port}"),
+        "GET",
+        "/metrics",
+        "",
+        None,
+    );
+    assert_eq!(s, 200);
+    assert!(String::from_utf8_lossy(&m).contains("ciyuan_gateway_requests_total"));
+}
+
+#[test]
+fn regression_provider_account_headers_never_reach_tenants() {
+    // The sim answers with the organisation, project, rate-limit and cookie headers the
+    // real APIs send.
+    let gw = gateway();
+    let anthropic = json!({"model": "claude-sonnet-4-5", "max_tokens": 20,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let mut anthropic_stream = anthropic.clone();
+    anthropic_stream["stream"] = json!(true);
+    for (path, body, headers) in [
+        ("/v1/chat/completions", chat(false), vec![]),
+        ("/v1/chat/completions", chat(true), vec![]),
+        (
+            "/v1/chat/completions",
+            chat(false),
+            vec![("x-sim-fault", "429")],
+        ),
+        ("/v1/messages", anthropic.clone(), vec![]),
+        ("/v1/messages", anthropic_stream, vec![]),
+        ("/v1/messages", anthropic, vec![("x-sim-fault", "500")]),
+    ] {
+        let r = raw(&gw.server.url, path, &gw.key, &headers, &body, None);
+        let head = r.head.to_ascii_lowercase();
+        for name in [
+            "openai-organization",
+            "openai-project",
+            "anthropic-organization-id",
+            "x-ratelimit-",
+            "set-cookie",
+            "server: ciyuan-sim",
+        ] {
+            assert!(
+                !head.contains(name),
+                "{path} {headers:?}: {name} reached the tenant:\n{}",
+                r.head
+            );
+        }
+        assert!(head.contains("content-type: "), "{}", r.head);
+        if r.status == 429 {
+            assert!(head.contains("retry-after: 1"), "{}", r.head);
+        }
+    }
 }

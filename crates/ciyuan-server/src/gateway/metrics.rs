@@ -59,7 +59,12 @@ struct Upstream {
 #[derive(Default)]
 struct Inner {
     upstreams: BTreeMap<String, Upstream>,
+    /// Model labels given out so far, across upstreams.
+    models: std::collections::HashSet<String>,
 }
+
+/// The model label of requests for models beyond the first `max_models` seen.
+pub const OTHER_MODEL: &str = "other";
 
 /// One finished request, as the metrics see it.
 pub struct Observation<'a> {
@@ -84,15 +89,42 @@ pub struct Observation<'a> {
 }
 
 /// The gateway's metrics.
-#[derive(Default)]
 pub struct Metrics {
     inner: Mutex<Inner>,
+    /// Distinct model labels kept; requests for further models count as `other`.
+    max_models: usize,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new(DEFAULT_MAX_MODELS)
+    }
+}
+
+/// Distinct model labels kept by default.
+pub const DEFAULT_MAX_MODELS: usize = 200;
+
 impl Metrics {
+    /// Metrics keeping at most `max_models` distinct model labels: model names are the
+    /// clients' to choose, and every label is a series kept for good.
+    pub fn new(max_models: usize) -> Metrics {
+        Metrics {
+            inner: Mutex::default(),
+            max_models,
+        }
+    }
+
     /// Records one finished request.
     pub fn observe(&self, o: &Observation<'_>) {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let model = if m.models.contains(o.model) {
+            o.model
+        } else if m.models.len() < self.max_models {
+            m.models.insert(o.model.to_string());
+            o.model
+        } else {
+            OTHER_MODEL
+        };
         if !m.upstreams.contains_key(o.upstream) {
             m.upstreams
                 .insert(o.upstream.to_string(), Upstream::default());
@@ -100,10 +132,10 @@ impl Metrics {
         let Some(u) = m.upstreams.get_mut(o.upstream) else {
             return;
         };
-        if !u.models.contains_key(o.model) {
-            u.models.insert(o.model.to_string(), Series::default());
+        if !u.models.contains_key(model) {
+            u.models.insert(model.to_string(), Series::default());
         }
-        if let Some(series) = u.models.get_mut(o.model) {
+        if let Some(series) = u.models.get_mut(model) {
             *series.requests.entry(o.status).or_default() += 1;
             for t in o.tokens.iter() {
                 *series.tokens.entry((t.modality, t.direction)).or_default() +=
@@ -131,11 +163,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
-        let esc = |s: &str| {
-            s.replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
-        };
+        let esc = escape;
         let _ = writeln!(
             out,
             "# HELP ciyuan_gateway_requests_total Gateway requests by upstream, model and status.\n# TYPE ciyuan_gateway_requests_total counter"
@@ -245,6 +273,21 @@ impl Metrics {
     }
 }
 
+/// A label value as Prometheus' text format writes it: backslash, double quote and
+/// line feed escaped.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +330,50 @@ mod tests {
             "ciyuan_gateway_output_tokens_per_second_bucket{upstream=\"sim\",le=\"5\"} 1"
         ));
         assert!(text.contains("ciyuan_gateway_output_tokens_per_second_count{upstream=\"sim\"} 2"));
+    }
+
+    fn observe(m: &Metrics, model: &str) {
+        m.observe(&Observation {
+            upstream: "sim",
+            model,
+            status: 200,
+            ttft: None,
+            latency: Duration::from_millis(1),
+            tokens: &TokenMap::new(),
+            partial: false,
+            flagged: false,
+            output_tokens_per_sec: None,
+        });
+    }
+
+    #[test]
+    fn regression_model_labels_are_bounded_with_an_other_label() {
+        let m = Metrics::new(3);
+        for i in 0..50 {
+            observe(&m, &format!("model-{i}"));
+        }
+        observe(&m, "model-1");
+        let text = m.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("ciyuan_gateway_requests_total{"))
+            .count();
+        assert_eq!(series, 4, "three models and `other`:\n{text}");
+        assert!(text.contains(
+            "ciyuan_gateway_requests_total{upstream=\"sim\",model=\"other\",status=\"200\"} 47"
+        ));
+        assert!(text.contains("model=\"model-1\",status=\"200\"} 2"));
+    }
+
+    #[test]
+    fn label_values_are_escaped_per_the_text_format() {
+        let m = Metrics::default();
+        observe(&m, "a\"b\\c\nd");
+        let text = m.render();
+        assert!(text.contains("model=\"a\\\"b\\\\c\\nd\""), "{text}");
+        assert!(
+            text.lines().all(|l| !l.starts_with('d')),
+            "no raw line feed"
+        );
     }
 }

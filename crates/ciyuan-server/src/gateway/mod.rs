@@ -18,10 +18,13 @@ mod request;
 mod sse;
 mod upstream;
 
+#[cfg(test)]
+mod metering_tests;
+
 use crate::App;
 use crate::auth::Caller;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use ciyuan_core::jiff::Timestamp;
@@ -33,8 +36,8 @@ use ciyuan_measure::text::{
 };
 use http_body_util::{BodyExt, Full};
 use protocol::{
-    AnthropicEvent, AnthropicUsage, Endpoint, Family, GatewayError, OpenAiChunk, Reported,
-    RequestInfo,
+    AnthropicEvent, AnthropicStream, Endpoint, Family, GatewayError, OpenAiChunk, RequestInfo,
+    Shown,
 };
 use serde_json::Value;
 use std::sync::Arc;
@@ -135,6 +138,8 @@ pub struct GatewayConfig {
     /// Input reserved against budgets for each image, audio or file part of a prompt
     /// (their tokens are known only from the provider's count).
     pub media_reserve_tokens: u64,
+    /// Distinct model labels `/metrics` keeps; further models count as `other`.
+    pub metrics_max_models: usize,
 }
 
 impl Default for GatewayConfig {
@@ -147,6 +152,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 32 << 20,
             default_max_output_tokens: 4096,
             media_reserve_tokens: 2048,
+            metrics_max_models: metrics::DEFAULT_MAX_MODELS,
         }
     }
 }
@@ -292,6 +298,13 @@ impl App {
 /// (model, provider) pairs.
 type ModelList = Vec<(String, String)>;
 
+/// Largest model list read from a provider.
+const MAX_MODEL_LIST_BYTES: usize = 4 << 20;
+
+/// Largest whole (not streamed) answer read from a provider: embeddings of a large
+/// batch run to a hundred megabytes; a provider sending more is broken.
+const MAX_ANSWER_BYTES: usize = 256 << 20;
+
 /// How long the providers' model lists are remembered.
 const MODEL_LIST_TTL: Duration = Duration::from_secs(60);
 /// Longest wait for a provider's model list.
@@ -336,7 +349,11 @@ impl Gateway {
                 if !resp.status().is_success() {
                     return None;
                 }
-                let body = resp.into_body().collect().await.ok()?.to_bytes();
+                let body = http_body_util::Limited::new(resp.into_body(), MAX_MODEL_LIST_BYTES)
+                    .collect()
+                    .await
+                    .ok()?
+                    .to_bytes();
                 serde_json::from_slice::<Value>(&body).ok()
             })
             .await;
@@ -415,13 +432,14 @@ impl Gateway {
                 Ok(Some((name, value)))
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let max_models = config.metrics_max_models;
         Ok(Gateway {
             config,
             clients,
             urls,
             auth,
             listed: tokio::sync::Mutex::new(None),
-            metrics: metrics::Metrics::default(),
+            metrics: metrics::Metrics::new(max_models),
             recorder: std::sync::OnceLock::new(),
             finishing: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -469,30 +487,53 @@ impl Gateway {
 }
 
 /// `POST /v1/chat/completions`
-pub async fn chat(app: State<Arc<App>>, headers: TakenHeaders, body: BodyResult) -> Response {
-    handle(app.0, Endpoint::Chat, headers.0, body).await
+pub async fn chat(app: State<Arc<App>>, headers: TakenHeaders, req: Request) -> Response {
+    handle(app.0, Endpoint::Chat, headers.0, req).await
 }
 
 /// `POST /v1/completions`
-pub async fn completions(
-    app: State<Arc<App>>,
-    headers: TakenHeaders,
-    body: BodyResult,
-) -> Response {
-    handle(app.0, Endpoint::Completions, headers.0, body).await
+pub async fn completions(app: State<Arc<App>>, headers: TakenHeaders, req: Request) -> Response {
+    handle(app.0, Endpoint::Completions, headers.0, req).await
 }
 
 /// `POST /v1/embeddings`
-pub async fn embeddings(app: State<Arc<App>>, headers: TakenHeaders, body: BodyResult) -> Response {
-    handle(app.0, Endpoint::Embeddings, headers.0, body).await
+pub async fn embeddings(app: State<Arc<App>>, headers: TakenHeaders, req: Request) -> Response {
+    handle(app.0, Endpoint::Embeddings, headers.0, req).await
 }
 
 /// `POST /v1/messages`
-pub async fn messages(app: State<Arc<App>>, headers: TakenHeaders, body: BodyResult) -> Response {
-    handle(app.0, Endpoint::Messages, headers.0, body).await
+pub async fn messages(app: State<Arc<App>>, headers: TakenHeaders, req: Request) -> Response {
+    handle(app.0, Endpoint::Messages, headers.0, req).await
 }
 
-type BodyResult = Result<Bytes, axum::extract::rejection::BytesRejection>;
+/// Longest model name, end-user id or session accepted, in bytes (as ingest bounds its
+/// model names): each becomes a label, a budget counter's key or a ledger field.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// The session a request belongs to: `x-ciyuan-session`, else the request's `user`.
+fn session_of(
+    headers: &HeaderMap,
+    info: &RequestInfo,
+) -> Result<Option<String>, (&'static str, &'static str)> {
+    match headers.get("x-ciyuan-session") {
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.to_string()))
+            .map_err(|_| ("x-ciyuan-session", "must be visible ASCII")),
+        None => Ok(info.user.clone()),
+    }
+}
+
+/// Checks a name the request gives: `Err((field, problem))`.
+fn bounded(field: &'static str, value: &str) -> Result<(), (&'static str, &'static str)> {
+    if value.len() > MAX_NAME_BYTES {
+        return Err((field, "longer than 256 bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err((field, "holds control characters"));
+    }
+    Ok(())
+}
 
 /// The request's headers, moved out of the request: axum's `HeaderMap` extractor copies
 /// them all, on every call. Only the body is extracted after them.
@@ -552,8 +593,28 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
     axum::Json(body).into_response()
 }
 
-/// `GET /metrics`: Prometheus text format.
-pub async fn metrics_page(State(app): State<Arc<App>>) -> Response {
+/// `GET /metrics`: Prometheus text format, for a key with the `read` scope at the root
+/// account (the figures span every tenant). Served without a key only on the separate
+/// metrics listener ([`metrics_router`]), when one is configured.
+pub async fn metrics_page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let caller = match app.caller(&headers).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = caller.require(Scope::Read) {
+        return e.into_response();
+    }
+    if !caller.key.account.is_root() {
+        return crate::error::ApiError::forbidden(format!(
+            "key {} belongs to {}; /metrics spans every account and needs a read key at the root account /",
+            caller.key.key_id, caller.key.account
+        ))
+        .into_response();
+    }
+    metrics_text(&app)
+}
+
+fn metrics_text(app: &App) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -562,6 +623,17 @@ pub async fn metrics_page(State(app): State<Arc<App>>) -> Response {
         app.gateway.metrics.render(),
     )
         .into_response()
+}
+
+/// The router of the separate metrics listener (`metrics_listen`): `GET /metrics`
+/// without a key, for a scraper on a private network, and nothing else.
+pub fn metrics_router(app: Arc<App>) -> axum::Router {
+    async fn open_metrics(State(app): State<Arc<App>>) -> Response {
+        metrics_text(&app)
+    }
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(open_metrics))
+        .with_state(app)
 }
 
 /// Authenticates a gateway call: a key with the gateway scope, on an account.
@@ -596,23 +668,31 @@ struct Call {
     /// The model's tokenizer, if Ciyuan has it.
     encoding: Option<Encoding>,
     /// The prompt as counted locally before forwarding (reused by the recount).
-    input_estimate: Option<(Encoding, u64)>,
+    input_estimate: Option<InputCount>,
 }
 
-async fn handle(
-    app: Arc<App>,
-    endpoint: Endpoint,
-    headers: HeaderMap,
-    body: BodyResult,
-) -> Response {
+/// The prompt as counted at admission.
+#[derive(Clone, Copy)]
+struct InputCount {
+    encoding: Encoding,
+    /// The whole prompt, tool definitions included.
+    input: u64,
+    /// Of which tool definitions.
+    tools: u64,
+}
+
+async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Request) -> Response {
     let started = Instant::now();
     let at = Timestamp::now();
     let family = endpoint.family();
+    // The key is checked from the headers alone: a request without a valid key is
+    // answered before a byte of its body is read.
     let caller = match caller(&app, &headers).await {
         Ok(c) => c,
         Err(e) => return e.into_response(family),
     };
-    let body = match body {
+    // Within the route's body limit, and the listener's read deadline.
+    let body = match Bytes::from_request(req, &()).await {
         Ok(b) => b,
         Err(e) => return GatewayError::from(crate::extract::body_error(e)).into_response(family),
     };
@@ -637,19 +717,46 @@ async fn handle(
             }
         }
     };
+    let checked = session_of(&headers, &info).and_then(|session| {
+        bounded("model", &info.model)?;
+        if let Some(u) = &info.user {
+            bounded("user", u)?;
+        }
+        if let Some(s) = &session {
+            bounded("x-ciyuan-session", s)?;
+        }
+        // Reserved against budgets as it is: no model writes this much, and a larger
+        // figure would overflow the sums it joins.
+        if info
+            .max_tokens
+            .is_some_and(|m| m > protocol::MAX_REPORTED_TOKENS)
+        {
+            return Err(("max_tokens", "at most 2^40"));
+        }
+        Ok(session)
+    });
+    let session = match checked {
+        Ok(s) => s,
+        Err((field, problem)) => {
+            return GatewayError::new(StatusCode::BAD_REQUEST, format!("{field}: {problem}"))
+                .param(field)
+                .into_response(family);
+        }
+    };
     let provider = match app.gateway.route(family, &info.model) {
         Ok(p) => p,
         Err(e) => return e.into_response(family),
     };
     // Admission: reserve the prompt and the most output the request may produce on
     // the key's node and all its ancestors, before anything reaches the provider.
-    let session = headers
-        .get("x-ciyuan-session")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| info.user.clone());
     let encoding = encoding_for_model(&info.model, &app.gateway.config.encodings);
-    let counted = encoding.and_then(|enc| count_input(enc, &info).map(|n| (enc, n)));
+    // Models without a local tokenizer are estimated with the estimator.
+    let counting = encoding.unwrap_or(ESTIMATOR);
+    let counted = count_input(counting, &info).map(|(input, tools)| InputCount {
+        encoding: counting,
+        input,
+        tools,
+    });
     let max_output = match endpoint {
         Endpoint::Embeddings => 0,
         _ => info
@@ -657,20 +764,31 @@ async fn handle(
             .unwrap_or(app.gateway.config.default_max_output_tokens),
     };
     let reservation = {
-        // Models without a local tokenizer are estimated with o200k_base.
-        let input_n = match counted {
-            Some((_, n)) => n,
-            None => count_input(Encoding::O200kBase, &info).unwrap_or(0),
-        }
-        .saturating_add(
-            info.media_parts
-                .saturating_mul(app.gateway.config.media_reserve_tokens),
-        );
+        let input_n = info
+            .media_parts
+            .checked_mul(app.gateway.config.media_reserve_tokens)
+            .and_then(|media| media.checked_add(counted.map_or(0, |c| c.input)))
+            .filter(|n| *n <= protocol::MAX_REPORTED_TOKENS);
+        let Some(input_n) = input_n else {
+            return GatewayError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the prompt's {} media parts would reserve more than 2^40 tokens; send fewer",
+                    info.media_parts
+                ),
+            )
+            .into_response(family);
+        };
+        // Both are at most 2^40 (max_tokens is checked above; the default is configured).
         let mut input = TokenMap::new();
         let mut out = TokenMap::new();
-        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        let _ = input.add(Modality::Text, Direction::Input, as_i64(input_n));
-        let _ = out.add(Modality::Text, Direction::Output, as_i64(max_output));
+        add_tokens(&mut input, Modality::Text, Direction::Input, input_n);
+        add_tokens(
+            &mut out,
+            Modality::Text,
+            Direction::Output,
+            max_output.min(protocol::MAX_REPORTED_TOKENS),
+        );
         let admission = ciyuan_budget::Admission {
             account: &caller.key.account,
             key_id: &caller.key.key_id,
@@ -711,8 +829,9 @@ async fn handle(
     };
     drop(parsed);
     if counted.is_some() {
-        // The prompt is counted: its text need not stay in memory while the answer
-        // streams (a thousand open streams with long prompts would hold them all).
+        // The prompt is counted (with the model's tokenizer, or the estimator the
+        // recount would fall back to): its text need not stay in memory while the
+        // answer streams (a thousand open streams with long prompts would hold them all).
         info.messages = Vec::new();
         info.prompts = Vec::new();
         info.tools_text = String::new();
@@ -799,7 +918,16 @@ fn request_id() -> String {
     id
 }
 
+/// Whether a client's request header goes on to the provider: the defaults and the
+/// provider's `forward_headers`, never a credential, Ciyuan's own headers, or what
+/// frames the request (which the gateway sets for the body it sends).
 fn forwarded(name: &str, allowed: &[String]) -> bool {
+    if NEVER_FORWARDED.contains(&name)
+        || name.starts_with("x-ciyuan-")
+        || name.starts_with("proxy-")
+    {
+        return false;
+    }
     DEFAULT_FORWARD_HEADERS.contains(&name)
         || allowed.iter().any(|a| match a.strip_suffix('*') {
             Some(prefix) => name.starts_with(prefix),
@@ -807,18 +935,54 @@ fn forwarded(name: &str, allowed: &[String]) -> bool {
         })
 }
 
-/// Response headers not passed back: hop-by-hop, and lengths the gateway may change.
-const DROPPED_RESPONSE_HEADERS: [&str; 9] = [
+/// Request headers no `forward_headers` pattern passes on: the tenant's key (the
+/// provider gets the gateway's own), cookies, and hop-by-hop and framing headers.
+const NEVER_FORWARDED: [&str; 14] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
     "connection",
     "keep-alive",
-    "transfer-encoding",
-    "content-length",
-    "set-cookie",
-    "upgrade",
-    "proxy-connection",
     "te",
     "trailer",
+    "upgrade",
+    "expect",
 ];
+
+/// Whether a provider's response header reaches the tenant. An allow-list: providers
+/// answer with their organisation and project ids, cookies, server details and the
+/// remaining capacity of the shared upstream account (`x-ratelimit-*`, which would
+/// show one tenant the others' traffic); the client needs only the body's type, when
+/// and whether to retry (the SDKs obey `x-should-retry`), and the provider's request
+/// id to quote to its support.
+fn passed_back(name: &str) -> bool {
+    matches!(
+        name,
+        "content-type"
+            | "cache-control"
+            | "retry-after"
+            | "retry-after-ms"
+            | "x-should-retry"
+            | "x-request-id"
+            | "request-id"
+    )
+}
+
+/// The provider's response headers that reach the tenant.
+fn passed_back_headers(from: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(4);
+    for (name, value) in from {
+        if passed_back(name.as_str()) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
 
 /// The `anthropic-version` sent when the client sent none.
 const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -874,10 +1038,7 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
     };
     let (parts, incoming) = resp.into_parts();
     let status = parts.status;
-    let mut out_headers = parts.headers;
-    for name in DROPPED_RESPONSE_HEADERS {
-        out_headers.remove(name);
-    }
+    let out_headers = passed_back_headers(&parts.headers);
     let is_stream = call.info.stream
         && status.is_success()
         && out_headers
@@ -892,15 +1053,26 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
         *r.headers_mut() = out_headers;
         return r;
     }
-    // A whole answer: read it (within the provider's timeout), pass it on unchanged.
-    let whole = tokio::time::timeout(provider.timeout, incoming.collect()).await;
+    // A whole answer: read it (within the provider's timeout and size bound), pass it
+    // on unchanged.
+    let limited = http_body_util::Limited::new(incoming, MAX_ANSWER_BYTES);
+    let whole = tokio::time::timeout(provider.timeout, limited.collect()).await;
     let bytes = match whole {
         Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            let msg = format!(
+                "upstream {} answered with more than {} MiB",
+                provider.name,
+                MAX_ANSWER_BYTES >> 20
+            );
+            finish_failed(&app, &call, StatusCode::BAD_GATEWAY, "upstream_too_large");
+            return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
+        }
         Ok(Err(e)) => {
             let msg = format!(
                 "upstream {} broke off its answer: {}",
                 provider.name,
-                error_chain(&e)
+                error_chain(e.as_ref())
             );
             finish_failed(&app, &call, StatusCode::BAD_GATEWAY, "upstream_cut");
             return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
@@ -922,23 +1094,21 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
         *resp.headers_mut() = out_headers;
         return resp;
     }
-    let Some((reported, text)) = protocol::read_answer(call.endpoint, &bytes) else {
+    let Some(shown) = protocol::read_answer(call.endpoint, &bytes) else {
         let msg = format!("upstream {} answered with malformed JSON", provider.name);
-        // The provider answered (and will bill): meter what was asked, recounted.
-        let mut meter = Meter::new(Some("upstream_malformed"));
-        meter.billable = true;
-        finish(&app, call, meter, StatusCode::BAD_GATEWAY.as_u16(), None);
+        // The tenant got no answer it can use: it is charged nothing (the entry still
+        // records the failure, and the reservation is released).
+        finish_failed(&app, &call, StatusCode::BAD_GATEWAY, "upstream_malformed");
         return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
     };
     let ttft = call.started.elapsed();
     let mut meter = Meter::new(None);
     meter.billable = true;
-    meter.text = text;
-    meter.reported = reported;
     meter.complete = true;
-    if meter.reported.is_none() {
+    if shown.reported.is_none() {
         meter.failure = Some("no_usage");
     }
+    meter.shown = shown;
     finish(&app, call, meter, status.as_u16(), Some(ttft));
     let mut resp = (status, bytes).into_response();
     *resp.headers_mut() = out_headers;
@@ -958,24 +1128,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// What a relayed answer has shown so far.
 struct Meter {
-    text: String,
-    reported: Option<Reported>,
-    anthropic: AnthropicUsage,
+    shown: Shown,
+    anthropic: AnthropicStream,
     /// The stream reached its proper end (`[DONE]`, `message_stop`).
     complete: bool,
     failure: Option<&'static str>,
     ttft: Option<Duration>,
-    /// The provider accepted the request (2xx): it consumed tokens, whether or not
-    /// its count reaches us.
+    /// The provider accepted the request (2xx) and answered: it consumed tokens,
+    /// whether or not its count reaches us.
     billable: bool,
 }
 
 impl Meter {
     fn new(failure: Option<&'static str>) -> Meter {
         Meter {
-            text: String::new(),
-            reported: None,
-            anthropic: AnthropicUsage::default(),
+            shown: Shown::default(),
+            anthropic: AnthropicStream::default(),
             complete: false,
             failure,
             ttft: None,
@@ -988,16 +1156,16 @@ impl Meter {
         let Some(data) = sse::data(event) else {
             return true;
         };
-        let before = self.text.len();
+        let before = self.shown.text.len() + self.shown.reasoning.len();
         let mut forward = true;
         match family {
             Family::OpenAi => {
                 if data.trim() == "[DONE]" {
                     self.complete = true;
                 } else if let Ok(chunk) = serde_json::from_str::<OpenAiChunk>(&data) {
-                    chunk.text_into(&mut self.text);
+                    chunk.text_into(&mut self.shown);
                     if let Some(u) = chunk.usage() {
-                        self.reported = Some(u.reported());
+                        self.shown.reported = Some(u);
                     }
                     if strip_usage && chunk.is_usage_only() {
                         forward = false;
@@ -1006,24 +1174,40 @@ impl Meter {
             }
             Family::Anthropic => {
                 if let Ok(ev) = serde_json::from_str::<AnthropicEvent>(&data) {
-                    if ev.apply(&mut self.anthropic, &mut self.text) {
+                    // The usage is read out once, when the request is measured.
+                    if ev.apply(&mut self.anthropic, &mut self.shown) {
                         self.complete = true;
-                    }
-                    if self.anthropic.has_output() {
-                        self.reported = Some(self.anthropic.reported());
                     }
                 }
             }
         }
-        if self.ttft.is_none() && self.text.len() > before {
+        if self.ttft.is_none() && self.shown.text.len() + self.shown.reasoning.len() > before {
             self.ttft = Some(started.elapsed());
         }
         forward
     }
+
+    /// Whether the provider's final count has come.
+    fn counted(&self) -> bool {
+        match &self.shown.reported {
+            Some(r) => r.complete,
+            None => self.anthropic.is_final(),
+        }
+    }
+
+    /// The provider's count so far: a whole answer's, an OpenAI stream's usage chunk,
+    /// or what an Anthropic stream's events added up to.
+    fn take_reported(&mut self) -> Option<protocol::Reported> {
+        self.shown
+            .reported
+            .take()
+            .or_else(|| self.anthropic.reported())
+    }
 }
 
-/// Records a request that consumed nothing (refused or failed upstream before an
-/// answer): no tokens, but its status and latency count for service quality.
+/// Records a request that consumed nothing (refused, failed upstream before an
+/// answer, or answered with nothing usable): no tokens, but its status and latency
+/// count for service quality.
 fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &'static str) {
     let meter = Meter::new(Some(why));
     let call = Call {
@@ -1046,6 +1230,158 @@ fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &'static 
     finish(app, call, meter, status.as_u16(), None);
 }
 
+/// Tokens allowed per tool call in the answer beyond its arguments: the provider also
+/// counts the call's name and framing, whose format it does not publish.
+const TOOL_CALL_ALLOWANCE: u64 = 24;
+
+/// The tokens to record for a request, and how they were found.
+struct Measured {
+    tokens: TokenMap,
+    recount: Option<Box<Recount>>,
+    /// The tokens are Ciyuan's count (no final count came from the provider).
+    estimated: bool,
+    /// What the recount could not count exactly (its tolerance was widened for it).
+    uncounted: Vec<String>,
+}
+
+/// What a request consumed: the provider's final count when it came (compared with
+/// Ciyuan's own count where Ciyuan has the model's tokenizer), else Ciyuan's count of
+/// the prompt and of everything delivered, with `estimator` for models whose tokenizer
+/// Ciyuan does not have, and never less than what the provider reported so far.
+fn measure(config: &GatewayConfig, call: &Call, meter: &mut Meter) -> Measured {
+    let mut m = Measured {
+        tokens: TokenMap::new(),
+        recount: None,
+        estimated: false,
+        uncounted: Vec::new(),
+    };
+    if !meter.billable {
+        return m;
+    }
+    meter.anthropic.end_tool_input(&mut meter.shown);
+    let exact = call.encoding.is_some();
+    let enc = call.encoding.unwrap_or(ESTIMATOR);
+    let ours = recount(enc, call, &meter.shown);
+    if ours.is_none() {
+        tracing::error!(request = %call.request_id, encoding = enc.name(), "the recount failed: its vocabulary did not load");
+    }
+    let reported = meter.take_reported();
+    let shown = &meter.shown;
+    let thinking_in_output = call.endpoint.family() == Family::Anthropic;
+    match (reported, ours) {
+        (Some(r), ours) if r.complete => {
+            m.tokens = r.tokens;
+            let Some(ours) = ours.filter(|_| exact) else {
+                return m;
+            };
+            // A tolerance past the count itself allows everything: saturating is exact.
+            let tolerance = |provider: u64| {
+                (provider.saturating_mul(config.recount_tolerance_percent) / 100)
+                    .max(config.recount_tolerance_tokens)
+            };
+            // The provider counts reasoning inside the output unless it reports it apart.
+            let our_output = if r.reasoning == 0 {
+                ours.output + ours.reasoning
+            } else {
+                ours.output
+            };
+            let mut input_allowed = Some(tolerance(r.input));
+            if call.info.has_media {
+                m.uncounted.push("media".into());
+                input_allowed = None;
+            }
+            if ours.tools > 0 {
+                // Tool definitions reach the model in a format the provider does not
+                // publish; their JSON is counted, and may differ by as much again.
+                m.uncounted.push("tools".into());
+                input_allowed = input_allowed.map(|a| a.saturating_add(ours.tools));
+            }
+            let mut output_allowed =
+                (!r.audio_output && meter.complete).then(|| tolerance(r.output));
+            if shown.tool_calls > 0 {
+                m.uncounted.push("tool_calls".into());
+                output_allowed = output_allowed.map(|a| {
+                    a.saturating_add(TOOL_CALL_ALLOWANCE.saturating_mul(shown.tool_calls))
+                });
+            }
+            if shown.redacted {
+                m.uncounted.push("redacted_thinking".into());
+                output_allowed = None;
+            }
+            let off = |provider: u64, ours: u64, allowed: Option<u64>| {
+                allowed.is_some_and(|a| provider.abs_diff(ours) > a)
+            };
+            let flagged = off(r.input, ours.input, input_allowed)
+                || off(r.output, our_output, output_allowed);
+            m.recount = Some(Box::new(Recount {
+                encoding: enc.name().to_string(),
+                input: ours.input,
+                output: our_output,
+                flagged,
+            }));
+        }
+        (interim, ours) => {
+            // No final count: Ciyuan's count of what was asked and delivered stands in.
+            m.estimated = true;
+            let Some(ours) = ours else {
+                if let Some(r) = interim {
+                    m.tokens = r.tokens;
+                }
+                return m;
+            };
+            let (output, reasoning) = if thinking_in_output {
+                (ours.output + ours.reasoning, 0)
+            } else {
+                (ours.output, ours.reasoning)
+            };
+            let mut output = output;
+            match &interim {
+                Some(r) => {
+                    // The provider's input figures are exact; its output so far is a floor.
+                    for t in r.tokens.iter() {
+                        if t.direction != Direction::Output && t.direction != Direction::Reasoning {
+                            add_tokens(
+                                &mut m.tokens,
+                                t.modality,
+                                t.direction,
+                                t.count.unsigned_abs(),
+                            );
+                        }
+                    }
+                    output = output.max(r.output);
+                }
+                None => add_tokens(&mut m.tokens, Modality::Text, Direction::Input, ours.input),
+            }
+            add_tokens(&mut m.tokens, Modality::Text, Direction::Output, output);
+            add_tokens(
+                &mut m.tokens,
+                Modality::Text,
+                Direction::Reasoning,
+                reasoning,
+            );
+            m.recount = Some(Box::new(Recount {
+                encoding: enc.name().to_string(),
+                input: ours.input,
+                output,
+                flagged: false,
+            }));
+        }
+    }
+    m
+}
+
+/// Adds a count Ciyuan measured (bounded by the body and answer sizes) to its key.
+fn add_tokens(t: &mut TokenMap, m: Modality, d: Direction, n: u64) {
+    if n == 0 {
+        return;
+    }
+    let added = i64::try_from(n).ok().map(|n| t.add(m, d, n));
+    assert!(
+        matches!(added, Some(Some(()))),
+        "a count of delivered text fits a token map"
+    );
+}
+
 /// Counts, compares and records, off the request's path.
 fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Duration>) {
     let latency = call.started.elapsed();
@@ -1062,48 +1398,10 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
         let (mut call, mut meter) = (call, meter);
         let gw = &app.gateway;
         let billable = meter.billable;
-        let recount = call
-            .encoding
-            .filter(|_| billable)
-            .and_then(|enc| recount(enc, &call, &meter));
-        let partial = billable && (meter.failure.is_some() || meter.reported.is_none());
-        let mut tokens = TokenMap::new();
-        let mut flagged = false;
-        let mut recount_entry = None;
-        match (meter.reported.take(), &recount) {
-            (Some(r), Some((enc, input, output))) => {
-                let off = |provider: u64, ours: u64| {
-                    let allowed = (provider * gw.config.recount_tolerance_percent / 100)
-                        .max(gw.config.recount_tolerance_tokens);
-                    provider.abs_diff(ours) > allowed
-                };
-                flagged = (!call.info.has_media && off(r.input, *input))
-                    || (!r.audio_output && meter.complete && off(r.output, *output));
-                recount_entry = Some(Box::new(Recount {
-                    encoding: enc.name().to_string(),
-                    input: *input,
-                    output: *output,
-                    flagged,
-                }));
-                tokens = r.tokens;
-            }
-            (Some(r), None) => tokens = r.tokens,
-            (None, Some((enc, input, output))) => {
-                // The provider's count never came: what was delivered, recounted.
-                for (d, n) in [(Direction::Input, *input), (Direction::Output, *output)] {
-                    if n > 0 {
-                        let _ = tokens.add(Modality::Text, d, i64::try_from(n).unwrap_or(i64::MAX));
-                    }
-                }
-                recount_entry = Some(Box::new(Recount {
-                    encoding: enc.name().to_string(),
-                    input: *input,
-                    output: *output,
-                    flagged: false,
-                }));
-            }
-            (None, None) => {}
-        }
+        let measured = measure(&gw.config, &call, &mut meter);
+        let partial = billable && (meter.failure.is_some() || measured.estimated);
+        let tokens = measured.tokens;
+        let flagged = measured.recount.as_ref().is_some_and(|r| r.flagged);
         // Settle the reservation to what was consumed (or release it: nothing was).
         if let Some(r) = call.reservation {
             if billable {
@@ -1129,7 +1427,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
         let output: u64 = tokens
             .iter()
             .filter(|t| matches!(t.direction, Direction::Output | Direction::Reasoning))
-            .map(|t| u64::try_from(t.count).unwrap_or(0))
+            .map(|t| t.count.unsigned_abs())
             .sum();
         let generating = match (call.info.stream, ttft) {
             (true, Some(t)) => latency.saturating_sub(t),
@@ -1169,8 +1467,10 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                     latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
                     output_tokens_per_sec,
                     failure: meter.failure.map(str::to_string),
+                    estimated: measured.estimated,
+                    uncounted: measured.uncounted,
                 })),
-                recount: recount_entry,
+                recount: measured.recount,
                 ..Usage::default()
             }),
         );
@@ -1181,18 +1481,42 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
     });
 }
 
+/// The estimator for models whose tokenizer Ciyuan does not have (admission reserves
+/// with it too).
+const ESTIMATOR: Encoding = Encoding::O200kBase;
+
+/// Ciyuan's own count of a request.
+struct Counted {
+    /// The prompt, tool definitions included.
+    input: u64,
+    /// Of which tool definitions.
+    tools: u64,
+    /// Answer text delivered (tool call arguments included).
+    output: u64,
+    /// Reasoning text delivered.
+    reasoning: u64,
+}
+
 /// Ciyuan's own count of the prompt and of the answer text delivered.
-fn recount(enc: Encoding, call: &Call, meter: &Meter) -> Option<(Encoding, u64, u64)> {
-    let input = match call.input_estimate {
-        Some((e, n)) if e == enc => n,
+fn recount(enc: Encoding, call: &Call, shown: &Shown) -> Option<Counted> {
+    let (input, tools) = match call.input_estimate {
+        Some(e) if e.encoding == enc => (e.input, e.tools),
         _ => count_input(enc, &call.info)?,
     };
-    let output = if call.endpoint == Endpoint::Embeddings {
-        0
+    let (output, reasoning) = if call.endpoint == Endpoint::Embeddings {
+        (0, 0)
     } else {
-        enc.count(&meter.text).ok()? as u64
+        (
+            enc.count(&shown.text).ok()? as u64,
+            enc.count(&shown.reasoning).ok()? as u64,
+        )
     };
-    Some((enc, input, output))
+    Some(Counted {
+        input,
+        tools,
+        output,
+        reasoning,
+    })
 }
 
 /// A refused request, in the family's shape: 429 for budgets and rates (with
@@ -1211,8 +1535,9 @@ fn refused(family: Family, r: ciyuan_budget::Refusal) -> Response {
     e.into_response(family)
 }
 
-/// The prompt's tokens as Ciyuan counts them.
-fn count_input(enc: Encoding, info: &RequestInfo) -> Option<u64> {
+/// The prompt's tokens as Ciyuan counts them, and how many of them are tool
+/// definitions.
+fn count_input(enc: Encoding, info: &RequestInfo) -> Option<(u64, u64)> {
     let input = if !info.messages.is_empty() {
         let msgs: Vec<ChatMessage<'_>> = info
             .messages
@@ -1236,11 +1561,69 @@ fn count_input(enc: Encoding, info: &RequestInfo) -> Option<u64> {
     } else {
         enc.count(&info.tools_text).ok()?
     };
-    Some((input + tools) as u64)
+    Some(((input + tools) as u64, tools as u64))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_forward_patterns_never_pass_the_tenants_key_on() {
+        let everything = vec!["x-*".to_string(), "*".to_string()];
+        for name in [
+            "authorization",
+            "x-api-key",
+            "x-ciyuan-session",
+            "cookie",
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "proxy-authorization",
+        ] {
+            assert!(!forwarded(name, &everything), "{name} was forwarded");
+        }
+        assert!(forwarded("x-sim-fault", &everything));
+        assert!(forwarded("anthropic-version", &[]));
+        assert!(!forwarded("x-sim-fault", &[]));
+    }
+
+    #[test]
+    fn regression_provider_response_headers_reach_tenants_only_from_an_allow_list() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/json"),
+            ("openai-organization", "org-secret"),
+            ("openai-project", "proj_secret"),
+            ("set-cookie", "__cf_bm=x"),
+            ("server", "cloudflare"),
+            ("x-ratelimit-remaining-tokens", "149984"),
+            ("anthropic-organization-id", "0b5c"),
+            ("retry-after", "1"),
+            ("x-request-id", "req_123"),
+        ] {
+            h.insert(
+                HeaderName::from_static(k),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let out = passed_back_headers(&h);
+        let mut names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["content-type", "retry-after", "x-request-id"]);
+    }
+
+    #[test]
+    fn regression_names_are_bounded_and_free_of_control_characters() {
+        assert!(bounded("model", &"m".repeat(256)).is_ok());
+        assert_eq!(
+            bounded("model", &"m".repeat(257)),
+            Err(("model", "longer than 256 bytes"))
+        );
+        assert!(bounded("user", "a\u{1b}[31m").is_err());
+        assert!(bounded("user", "alice@example.com").is_ok());
+    }
+
     #[test]
     fn request_ids_are_unique_lowercase_hex_after_the_prefix() {
         let a = super::request_id();

@@ -10,6 +10,7 @@
 //!   `cache_read_input_tokens` and `cache_creation_input_tokens`; `output_tokens`
 //!   includes thinking.
 
+use super::request::Obj;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ciyuan_core::{Direction, Modality, TokenMap};
@@ -103,6 +104,8 @@ pub struct GatewayError {
     pub message: String,
     /// OpenAI's `code` (`model_not_found`, `invalid_api_key`, ...), if any.
     pub code: Option<&'static str>,
+    /// OpenAI's `param`: the request field at fault, if one is.
+    pub param: Option<&'static str>,
     /// Seconds after which a retry may succeed.
     pub retry_after_secs: Option<u64>,
 }
@@ -114,8 +117,15 @@ impl GatewayError {
             status,
             message: message.into(),
             code: None,
+            param: None,
             retry_after_secs: None,
         }
+    }
+
+    /// With OpenAI's `param`.
+    pub fn param(mut self, param: &'static str) -> GatewayError {
+        self.param = Some(param);
+        self
     }
 
     /// With OpenAI's `code`.
@@ -141,7 +151,7 @@ impl GatewayError {
                     _ => "server_error",
                 };
                 serde_json::json!({"error": {
-                    "message": self.message, "type": kind, "param": null, "code": self.code,
+                    "message": self.message, "type": kind, "param": self.param, "code": self.code,
                 }})
             }
             Family::Anthropic => {
@@ -149,6 +159,7 @@ impl GatewayError {
                     401 => "authentication_error",
                     403 => "permission_error",
                     404 => "not_found_error",
+                    408 => "timeout_error",
                     413 => "request_too_large",
                     429 => "rate_limit_error",
                     529 => "overloaded_error",
@@ -370,8 +381,14 @@ pub struct Reported {
     pub input: u64,
     /// Text output without reasoning, for the recount.
     pub output: u64,
+    /// Reasoning tokens reported apart from the output (OpenAI's shapes; Anthropic
+    /// counts thinking as output).
+    pub reasoning: u64,
     /// Whether output includes audio (the text recount does not apply).
     pub audio_output: bool,
+    /// Whether this is the provider's final count. Anthropic's `message_start` carries
+    /// an output count of a token or two that only `message_delta` makes final.
+    pub complete: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -388,39 +405,95 @@ struct OpenAiDetails {
 pub struct OpenAiUsage {
     prompt_tokens: u64,
     completion_tokens: u64,
+    /// What the provider bills in all; Gemini's OpenAI endpoint counts thinking here
+    /// and nowhere else.
+    total_tokens: Option<u64>,
     prompt_tokens_details: Option<OpenAiDetails>,
     completion_tokens_details: Option<OpenAiDetails>,
+    /// DeepSeek's cache split of `prompt_tokens`.
     prompt_cache_hit_tokens: Option<u64>,
     prompt_cache_miss_tokens: Option<u64>,
+    /// Moonshot's cached prompt tokens (beside, or instead of, the details).
+    cached_tokens: Option<u64>,
 }
 
+/// The most tokens a provider may report for one figure of one request. No real
+/// request comes near (a million-token context is 2^20); a larger figure is a broken
+/// report, read as no report, so it can never overflow a sum downstream.
+pub const MAX_REPORTED_TOKENS: u64 = 1 << 40;
+
+/// Adds a count known to be at most a few times [`MAX_REPORTED_TOKENS`] to a key of
+/// its own.
 fn add(t: &mut TokenMap, m: Modality, d: Direction, n: u64) {
     if n > 0 {
-        let _ = t.add(m, d, i64::try_from(n).unwrap_or(i64::MAX));
+        let n = i64::try_from(n);
+        assert!(
+            n.is_ok_and(|n| t.add(m, d, n).is_some()),
+            "bounded token counts fit a token map"
+        );
     }
 }
 
 impl OpenAiUsage {
     /// Maps the report onto disjoint token keys.
-    pub fn reported(&self) -> Reported {
+    ///
+    /// Shapes read: OpenAI's (`*_tokens_details`), DeepSeek's cache hit/miss split,
+    /// Moonshot's top-level `cached_tokens`, and Gemini's, whose `completion_tokens`
+    /// leaves thinking out and `total_tokens` keeps it in: whatever `total_tokens` holds
+    /// beyond prompt and completion is billed reasoning, so the keys always add up to
+    /// the total the provider bills. Counts that contradict each other (more cached than
+    /// prompt tokens) are clamped to the larger figure they are part of.
+    pub fn reported(&self) -> Option<Reported> {
         let pd = self.prompt_tokens_details.as_ref();
+        let figures = [
+            Some(self.prompt_tokens),
+            Some(self.completion_tokens),
+            self.total_tokens,
+            self.prompt_cache_hit_tokens,
+            self.prompt_cache_miss_tokens,
+            self.cached_tokens,
+        ];
+        let details = [pd, self.completion_tokens_details.as_ref()]
+            .into_iter()
+            .flatten()
+            .flat_map(|d| [d.cached_tokens, d.audio_tokens, d.reasoning_tokens]);
+        if figures
+            .into_iter()
+            .chain(details)
+            .flatten()
+            .any(|n| n > MAX_REPORTED_TOKENS)
+        {
+            return None;
+        }
         let cd = self.completion_tokens_details.as_ref();
         let cached = self
             .prompt_cache_hit_tokens
             .or_else(|| pd.and_then(|d| d.cached_tokens))
+            .or(self.cached_tokens)
             .unwrap_or(0)
             .min(self.prompt_tokens);
         let audio_in = pd.and_then(|d| d.audio_tokens).unwrap_or(0);
         let text_in = self
             .prompt_cache_miss_tokens
-            .unwrap_or(self.prompt_tokens.saturating_sub(cached))
+            .unwrap_or(self.prompt_tokens - cached)
             .saturating_sub(audio_in);
-        let reasoning = cd.and_then(|d| d.reasoning_tokens).unwrap_or(0);
-        let audio_out = cd.and_then(|d| d.audio_tokens).unwrap_or(0);
-        let text_out = self
-            .completion_tokens
-            .saturating_sub(reasoning)
-            .saturating_sub(audio_out);
+        let shown = self.prompt_tokens.saturating_add(self.completion_tokens);
+        let hidden = self.total_tokens.map_or(0, |t| t.saturating_sub(shown));
+        // Reasoning counted inside `completion_tokens`, unless the total shows it was
+        // left out of it.
+        let inner_reasoning = if hidden > 0 {
+            0
+        } else {
+            cd.and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0)
+                .min(self.completion_tokens)
+        };
+        let audio_out = cd
+            .and_then(|d| d.audio_tokens)
+            .unwrap_or(0)
+            .min(self.completion_tokens - inner_reasoning);
+        let text_out = self.completion_tokens - inner_reasoning - audio_out;
+        let reasoning = inner_reasoning.saturating_add(hidden);
         let mut tokens = TokenMap::new();
         add(&mut tokens, Modality::Text, Direction::Input, text_in);
         add(&mut tokens, Modality::Text, Direction::CachedInput, cached);
@@ -428,12 +501,14 @@ impl OpenAiUsage {
         add(&mut tokens, Modality::Text, Direction::Output, text_out);
         add(&mut tokens, Modality::Text, Direction::Reasoning, reasoning);
         add(&mut tokens, Modality::Audio, Direction::Output, audio_out);
-        Reported {
+        Some(Reported {
             tokens,
             input: self.prompt_tokens,
             output: text_out,
+            reasoning,
             audio_output: audio_out > 0,
-        }
+            complete: true,
+        })
     }
 }
 
@@ -468,43 +543,73 @@ impl AnthropicUsage {
         );
     }
 
-    /// Whether the output count has been reported.
-    pub fn has_output(&self) -> bool {
-        self.output_tokens.is_some()
-    }
-
-    /// Maps the report onto disjoint token keys.
-    pub fn reported(&self) -> Reported {
+    /// Maps the report onto disjoint token keys; `complete` says whether its output
+    /// count is final. `None` when a figure is out of range.
+    pub fn reported(&self, complete: bool) -> Option<Reported> {
         let input = self.input_tokens.unwrap_or(0);
         let write = self.cache_creation_input_tokens.unwrap_or(0);
         let read = self.cache_read_input_tokens.unwrap_or(0);
         let output = self.output_tokens.unwrap_or(0);
+        if [input, write, read, output]
+            .iter()
+            .any(|n| *n > MAX_REPORTED_TOKENS)
+        {
+            return None;
+        }
         let mut tokens = TokenMap::new();
         add(&mut tokens, Modality::Text, Direction::Input, input);
         add(&mut tokens, Modality::Text, Direction::CacheWrite, write);
         add(&mut tokens, Modality::Text, Direction::CachedInput, read);
         add(&mut tokens, Modality::Text, Direction::Output, output);
-        Reported {
+        Some(Reported {
             tokens,
             input: input + write + read,
             output,
+            reasoning: 0,
             audio_output: false,
-        }
+            complete,
+        })
+    }
+
+    /// Whether any figure has been reported.
+    pub fn any(&self) -> bool {
+        self.input_tokens.is_some()
+            || self.output_tokens.is_some()
+            || self.cache_creation_input_tokens.is_some()
+            || self.cache_read_input_tokens.is_some()
     }
 }
 
+/// What an answer showed: the provider's count, and what Ciyuan can recount.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Shown {
+    /// The provider's usage report, if one came (and was usable).
+    pub reported: Option<Reported>,
+    /// The answer's text, tool call arguments included.
+    pub text: String,
+    /// Reasoning or thinking text delivered (`reasoning_content`, `thinking`).
+    pub reasoning: String,
+    /// Tool calls in the answer: their framing is counted by the provider, not here.
+    pub tool_calls: u64,
+    /// Thinking came redacted (encrypted): the provider counts it, nobody else can.
+    pub redacted: bool,
+}
+
 /// What a whole (not streamed) answer holds: its usage and its text.
-pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>, String)> {
+pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     // Answers of the usual shape are read into borrowed, typed fields (no tree of
     // values); anything else (a field of an unexpected type, a duplicate key) is read
     // the slow, forgiving way.
-    let fast = match endpoint.family() {
-        Family::OpenAi => serde_json::from_slice::<OpenAiAnswer<'_>>(body)
+    // The typed reader skips the fields it does not need without checking their
+    // UTF-8, which the forgiving one refuses: such a body is left to that one.
+    let fast = match (endpoint.family(), std::str::from_utf8(body).is_ok()) {
+        (_, false) => None,
+        (Family::OpenAi, true) => serde_json::from_slice::<Obj<OpenAiAnswer<'_>>>(body)
             .ok()
-            .map(OpenAiAnswer::read),
-        Family::Anthropic => serde_json::from_slice::<AnthropicAnswer<'_>>(body)
+            .map(|a| a.0.read()),
+        (Family::Anthropic, true) => serde_json::from_slice::<Obj<AnthropicAnswer<'_>>>(body)
             .ok()
-            .and_then(AnthropicAnswer::read),
+            .and_then(|a| a.0.read()),
     };
     fast.or_else(|| read_answer_value(endpoint, body))
 }
@@ -596,7 +701,7 @@ impl<'a> Text<'a> {
 #[derive(Deserialize)]
 struct OpenAiAnswer<'a> {
     #[serde(default, borrow)]
-    choices: Vec<OpenAiAnswerChoice<'a>>,
+    choices: Vec<Obj<OpenAiAnswerChoice<'a>>>,
     #[serde(default, borrow)]
     usage: Option<&'a serde_json::value::RawValue>,
 }
@@ -604,7 +709,7 @@ struct OpenAiAnswer<'a> {
 #[derive(Deserialize)]
 struct OpenAiAnswerChoice<'a> {
     #[serde(default, borrow)]
-    message: Option<OpenAiAnswerMessage<'a>>,
+    message: Option<Obj<OpenAiAnswerMessage<'a>>>,
     /// Legacy completions answer here.
     #[serde(default, borrow)]
     text: Text<'a>,
@@ -614,14 +719,20 @@ struct OpenAiAnswerChoice<'a> {
 struct OpenAiAnswerMessage<'a> {
     #[serde(default, borrow)]
     content: Text<'a>,
+    /// DeepSeek, Qwen, Moonshot, GLM and Ark send the reasoning text here.
     #[serde(default, borrow)]
-    tool_calls: Option<Vec<OpenAiToolCall<'a>>>,
+    reasoning_content: Text<'a>,
+    /// vLLM and OpenRouter send it here.
+    #[serde(default, borrow)]
+    reasoning: Text<'a>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<Obj<OpenAiToolCall<'a>>>>,
 }
 
 #[derive(Deserialize)]
 struct OpenAiToolCall<'a> {
     #[serde(default, borrow)]
-    function: Option<OpenAiFunctionCall<'a>>,
+    function: Option<Obj<OpenAiFunctionCall<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -630,35 +741,43 @@ struct OpenAiFunctionCall<'a> {
     arguments: Text<'a>,
 }
 
+/// An OpenAI-shaped `usage` value, read leniently: `null`, a missing value or one of
+/// another shape is no report.
+fn openai_usage(v: &Value) -> Option<Reported> {
+    OpenAiUsage::deserialize(v).ok()?.reported()
+}
+
 impl OpenAiAnswer<'_> {
-    fn read(self) -> (Option<Reported>, String) {
-        let mut text = String::new();
-        for c in &self.choices {
+    fn read(self) -> Shown {
+        let mut shown = Shown::default();
+        for Obj(c) in &self.choices {
             match &c.message {
-                Some(m) => {
-                    m.content.push_to(&mut text);
-                    for call in m.tool_calls.iter().flatten() {
-                        if let Some(f) = &call.function {
-                            f.arguments.push_to(&mut text);
+                Some(Obj(m)) => {
+                    m.content.push_to(&mut shown.text);
+                    m.reasoning_content.push_to(&mut shown.reasoning);
+                    m.reasoning.push_to(&mut shown.reasoning);
+                    for Obj(call) in m.tool_calls.iter().flatten() {
+                        shown.tool_calls += 1;
+                        if let Some(Obj(f)) = &call.function {
+                            f.arguments.push_to(&mut shown.text);
                         }
                     }
                 }
-                None => c.text.push_to(&mut text),
+                None => c.text.push_to(&mut shown.text),
             }
         }
-        let usage = self
+        shown.reported = self
             .usage
-            .and_then(|u| serde_json::from_str::<Option<OpenAiUsage>>(u.get()).ok())
-            .flatten()
-            .map(|u| u.reported());
-        (usage, text)
+            .and_then(|u| serde_json::from_str::<Value>(u.get()).ok())
+            .and_then(|u| openai_usage(&u));
+        shown
     }
 }
 
 #[derive(Deserialize)]
 struct AnthropicAnswer<'a> {
     #[serde(default, borrow)]
-    content: Vec<AnthropicBlock<'a>>,
+    content: Vec<Obj<AnthropicBlock<'a>>>,
     #[serde(default, borrow)]
     usage: Option<&'a serde_json::value::RawValue>,
 }
@@ -670,81 +789,97 @@ struct AnthropicBlock<'a> {
     #[serde(default, borrow)]
     text: Text<'a>,
     #[serde(default, borrow)]
+    thinking: Text<'a>,
+    #[serde(default, borrow)]
     input: Option<&'a serde_json::value::RawValue>,
 }
 
+/// Anthropic's `usage` value, read leniently.
+fn anthropic_usage(v: &Value) -> Option<Reported> {
+    AnthropicUsage::deserialize(v).ok()?.reported(true)
+}
+
 impl AnthropicAnswer<'_> {
-    fn read(self) -> Option<(Option<Reported>, String)> {
-        let mut text = String::new();
-        for b in &self.content {
-            match b.kind.0.as_deref() {
-                Some("text") => b.text.push_to(&mut text),
+    fn read(self) -> Option<Shown> {
+        let mut shown = Shown::default();
+        for Obj(b) in &self.content {
+            match b.kind.as_str() {
+                Some("text") => b.text.push_to(&mut shown.text),
+                Some("thinking") => b.thinking.push_to(&mut shown.reasoning),
+                Some("redacted_thinking") => shown.redacted = true,
                 Some("tool_use") => {
+                    shown.tool_calls += 1;
                     if let Some(i) = b.input {
                         // As the slow path writes it: compact JSON.
-                        text.push_str(&serde_json::from_str::<Value>(i.get()).ok()?.to_string());
+                        shown
+                            .text
+                            .push_str(&serde_json::from_str::<Value>(i.get()).ok()?.to_string());
                     }
                 }
                 _ => {}
             }
         }
-        let usage = self
+        shown.reported = self
             .usage
-            .and_then(|u| serde_json::from_str::<AnthropicUsage>(u.get()).ok())
-            .map(|u| u.reported());
-        Some((usage, text))
+            .and_then(|u| serde_json::from_str::<Value>(u.get()).ok())
+            .and_then(|u| anthropic_usage(&u));
+        Some(shown)
     }
 }
 
 /// [`read_answer`] for any JSON: fields of unexpected types are passed over.
-fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>, String)> {
+pub(super) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     let v: Value = serde_json::from_slice(body).ok()?;
-    let mut text = String::new();
-    let usage = match endpoint.family() {
+    let mut shown = Shown::default();
+    let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    match endpoint.family() {
         Family::OpenAi => {
             if let Some(Value::Array(choices)) = v.get("choices") {
                 for c in choices {
                     if let Some(m) = c.get("message") {
-                        if let Some(t) = m.get("content").and_then(Value::as_str) {
-                            text.push_str(t);
+                        shown
+                            .text
+                            .push_str(&str_of(m, "content").unwrap_or_default());
+                        for field in ["reasoning_content", "reasoning"] {
+                            shown
+                                .reasoning
+                                .push_str(&str_of(m, field).unwrap_or_default());
                         }
                         if let Some(Value::Array(calls)) = m.get("tool_calls") {
-                            push_tool_arguments(calls, &mut text);
+                            shown.tool_calls += calls.len() as u64;
+                            push_tool_arguments(calls, &mut shown.text);
                         }
-                    } else if let Some(t) = c.get("text").and_then(Value::as_str) {
-                        text.push_str(t);
+                    } else if let Some(t) = str_of(c, "text") {
+                        shown.text.push_str(&t);
                     }
                 }
             }
-            v.get("usage")
-                .filter(|u| !u.is_null())
-                .and_then(|u| OpenAiUsage::deserialize(u).ok())
-                .map(|u| u.reported())
+            shown.reported = v.get("usage").and_then(openai_usage);
         }
         Family::Anthropic => {
             if let Some(Value::Array(blocks)) = v.get("content") {
                 for b in blocks {
                     match b.get("type").and_then(Value::as_str) {
-                        Some("text") => {
-                            if let Some(t) = b.get("text").and_then(Value::as_str) {
-                                text.push_str(t);
-                            }
-                        }
+                        Some("text") => shown.text.push_str(&str_of(b, "text").unwrap_or_default()),
+                        Some("thinking") => shown
+                            .reasoning
+                            .push_str(&str_of(b, "thinking").unwrap_or_default()),
+                        Some("redacted_thinking") => shown.redacted = true,
                         Some("tool_use") => {
-                            if let Some(i) = b.get("input") {
-                                text.push_str(&i.to_string());
+                            shown.tool_calls += 1;
+                            // A null input is no input, as the typed reader reads it.
+                            if let Some(i) = b.get("input").filter(|i| !i.is_null()) {
+                                shown.text.push_str(&i.to_string());
                             }
                         }
                         _ => {}
                     }
                 }
             }
-            v.get("usage")
-                .and_then(|u| AnthropicUsage::deserialize(u).ok())
-                .map(|u| u.reported())
+            shown.reported = v.get("usage").and_then(anthropic_usage);
         }
-    };
-    Some((usage, text))
+    }
+    Some(shown)
 }
 
 /// One streamed OpenAI chunk, as much of it as metering needs.
@@ -753,7 +888,7 @@ pub struct OpenAiChunk {
     #[serde(default)]
     choices: Vec<OpenAiChoice>,
     #[serde(default)]
-    usage: Option<OpenAiUsage>,
+    usage: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -762,43 +897,66 @@ struct OpenAiChoice {
     delta: Option<OpenAiDelta>,
     /// Legacy completions stream text here.
     #[serde(default)]
-    text: Option<String>,
+    text: Option<Value>,
+    /// Moonshot (Kimi) reports a stream's usage inside its last choice.
+    #[serde(default)]
+    usage: Option<Value>,
 }
 
 #[derive(Deserialize)]
 struct OpenAiDelta {
     #[serde(default)]
-    content: Option<String>,
+    content: Option<Value>,
+    #[serde(default)]
+    reasoning_content: Option<Value>,
+    #[serde(default)]
+    reasoning: Option<Value>,
     #[serde(default)]
     tool_calls: Option<Vec<Value>>,
 }
 
 impl OpenAiChunk {
-    /// Appends the chunk's answer text to `out`.
-    pub fn text_into(&self, out: &mut String) {
+    /// Folds the chunk's text, reasoning and tool calls into `shown`.
+    pub fn text_into(&self, shown: &mut Shown) {
         for c in &self.choices {
             if let Some(d) = &c.delta {
-                if let Some(t) = &d.content {
-                    out.push_str(t);
+                if let Some(Value::String(t)) = &d.content {
+                    shown.text.push_str(t);
+                }
+                for r in [&d.reasoning_content, &d.reasoning] {
+                    if let Some(Value::String(t)) = r {
+                        shown.reasoning.push_str(t);
+                    }
                 }
                 if let Some(calls) = &d.tool_calls {
-                    push_tool_arguments(calls, out);
+                    // A call's first delta carries its id; later ones only more
+                    // arguments.
+                    shown.tool_calls +=
+                        calls.iter().filter(|c| c.get("id").is_some()).count() as u64;
+                    push_tool_arguments(calls, &mut shown.text);
                 }
             }
-            if let Some(t) = &c.text {
-                out.push_str(t);
+            if let Some(Value::String(t)) = &c.text {
+                shown.text.push_str(t);
             }
         }
     }
 
     /// Whether this is the extra chunk that only carries usage (`choices` empty).
     pub fn is_usage_only(&self) -> bool {
-        self.choices.is_empty() && self.usage.is_some()
+        self.choices.is_empty() && self.usage.as_ref().is_some_and(|u| !u.is_null())
     }
 
-    /// The usage the chunk reports, if any.
-    pub fn usage(&self) -> Option<&OpenAiUsage> {
-        self.usage.as_ref()
+    /// The usage the chunk reports, if any: at the top (OpenAI, DeepSeek, Qwen, GLM,
+    /// Ark, Gemini) or in a choice (Moonshot).
+    pub fn usage(&self) -> Option<Reported> {
+        let top = self.usage.as_ref().filter(|u| !u.is_null());
+        let in_choice = || {
+            self.choices
+                .iter()
+                .find_map(|c| c.usage.as_ref().filter(|u| !u.is_null()))
+        };
+        openai_usage(top.or_else(in_choice)?)
     }
 }
 
@@ -813,6 +971,8 @@ pub struct AnthropicEvent {
     usage: Option<AnthropicUsage>,
     #[serde(default)]
     delta: Option<AnthropicDelta>,
+    #[serde(default)]
+    content_block: Option<AnthropicBlockStart>,
 }
 
 #[derive(Deserialize)]
@@ -822,33 +982,106 @@ struct AnthropicStart {
 }
 
 #[derive(Deserialize)]
+struct AnthropicBlockStart {
+    #[serde(rename = "type", default)]
+    kind: String,
+}
+
+#[derive(Deserialize)]
 struct AnthropicDelta {
     #[serde(default)]
     text: Option<String>,
     #[serde(default)]
+    thinking: Option<String>,
+    #[serde(default)]
     partial_json: Option<String>,
 }
 
+/// A streamed Anthropic answer as it has been folded so far.
+#[derive(Default)]
+pub struct AnthropicStream {
+    usage: AnthropicUsage,
+    /// A `message_delta` brought the final output count.
+    final_usage: bool,
+    /// The tool input being streamed (`input_json_delta` pieces), written out compact
+    /// when its block ends, as a whole answer's `input` is.
+    tool_input: Option<String>,
+}
+
+impl AnthropicStream {
+    /// Whether `message_delta` brought the final output count.
+    pub fn is_final(&self) -> bool {
+        self.final_usage
+    }
+
+    /// The usage reported so far, marked final once `message_delta` carried it.
+    pub fn reported(&self) -> Option<Reported> {
+        if !self.usage.any() {
+            return None;
+        }
+        self.usage.reported(self.final_usage)
+    }
+}
+
 impl AnthropicEvent {
-    /// Folds the event into the running usage and answer text; true at `message_stop`.
-    pub fn apply(&self, usage: &mut AnthropicUsage, text: &mut String) -> bool {
+    /// Folds the event into the stream's usage and `shown`; true at `message_stop`.
+    pub fn apply(&self, stream: &mut AnthropicStream, shown: &mut Shown) -> bool {
         if let Some(u) = self.message.as_ref().and_then(|m| m.usage.as_ref()) {
-            usage.merge(u);
+            stream.usage.merge(u);
         }
         if let Some(u) = &self.usage {
-            usage.merge(u);
+            stream.usage.merge(u);
+            if self.kind == "message_delta" && u.output_tokens.is_some() {
+                stream.final_usage = true;
+            }
         }
-        if self.kind == "content_block_delta"
-            && let Some(d) = &self.delta
-        {
-            if let Some(t) = &d.text {
-                text.push_str(t);
+        match self.kind.as_str() {
+            "content_block_start" => match self.content_block.as_ref().map(|b| b.kind.as_str()) {
+                Some("tool_use") => {
+                    shown.tool_calls += 1;
+                    stream.tool_input = Some(String::new());
+                }
+                Some("redacted_thinking") => shown.redacted = true,
+                _ => {}
+            },
+            "content_block_delta" => {
+                if let Some(d) = &self.delta {
+                    if let Some(t) = &d.text {
+                        shown.text.push_str(t);
+                    }
+                    if let Some(t) = &d.thinking {
+                        shown.reasoning.push_str(t);
+                    }
+                    if let Some(j) = &d.partial_json {
+                        match &mut stream.tool_input {
+                            Some(input) => input.push_str(j),
+                            None => shown.text.push_str(j),
+                        }
+                    }
+                }
             }
-            if let Some(j) = &d.partial_json {
-                text.push_str(j);
-            }
+            "content_block_stop" => stream.end_tool_input(shown),
+            _ => {}
         }
         self.kind == "message_stop"
+    }
+}
+
+impl AnthropicStream {
+    /// Writes a finished (or, at a cut, unfinished) tool input into `shown`: compact
+    /// when it parses, as delivered when it does not.
+    pub fn end_tool_input(&mut self, shown: &mut Shown) {
+        if let Some(input) = self.tool_input.take() {
+            // A tool called without arguments streams no JSON at all: its input is `{}`.
+            if input.trim().is_empty() {
+                shown.text.push_str("{}");
+                return;
+            }
+            match serde_json::from_str::<Value>(&input) {
+                Ok(v) => shown.text.push_str(&v.to_string()),
+                Err(_) => shown.text.push_str(&input),
+            }
+        }
     }
 }
 
@@ -865,7 +1098,7 @@ mod tests {
             "completion_tokens_details": {"reasoning_tokens": 200, "audio_tokens": 0}
         }))
         .unwrap();
-        let r = u.reported();
+        let r = u.reported().unwrap();
         assert_eq!(
             serde_json::to_value(&r.tokens).unwrap(),
             json!({"text.input": 176, "text.cached_input": 1024, "text.output": 100, "text.reasoning": 200})
@@ -883,7 +1116,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            serde_json::to_value(d.reported().tokens).unwrap(),
+            serde_json::to_value(d.reported().unwrap().tokens).unwrap(),
             json!({"text.input": 18, "text.cached_input": 32, "text.output": 7})
         );
     }
@@ -904,6 +1137,9 @@ mod tests {
             json!({"choices": [{"message": {"content": [{"type": "text", "text": "x"}]}}]}).to_string(),
             r#"{"choices": [], "choices": [{"message": {"content": "later"}}]}"#.to_string(),
             json!({"choices": "none", "usage": {"prompt_tokens": "3"}}).to_string(),
+            // regression: objects given as arrays are not read in field order.
+            json!({"choices": [{"message": ["read as content"]}]}).to_string(),
+            json!({"choices": [["x"]], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).to_string(),
         ];
         for body in &openai {
             for ep in [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings] {
@@ -917,8 +1153,9 @@ mod tests {
         let fast = serde_json::from_str::<OpenAiAnswer<'_>>(&openai[2])
             .unwrap()
             .read();
-        assert_eq!(fast.1, "{\"city\":\"Paris\"}{}");
-        assert_eq!(fast.0.unwrap().tokens.total(), Some(42));
+        assert_eq!(fast.text, "{\"city\":\"Paris\"}{}");
+        assert_eq!(fast.tool_calls, 2);
+        assert_eq!(fast.reported.unwrap().tokens.total(), Some(42));
         let anthropic = [
             include_str!("../../testdata/anthropic_message.json").to_string(),
             json!({"content": [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "a"},
@@ -926,6 +1163,9 @@ mod tests {
                 "usage": {"input_tokens": 7, "output_tokens": 9}}).to_string(),
             r#"{"content": [{"type": "tool_use", "input": { "spaced" : true }}]}"#.to_string(),
             json!({"content": {"type": "text"}, "usage": 3}).to_string(),
+            // regression: an input of null, a block given as an array.
+            json!({"content": [{"type": "tool_use", "id": "t", "name": "f", "input": null}]}).to_string(),
+            json!({"content": [["text", "as an array"]], "usage": {"input_tokens": 1, "output_tokens": 1}}).to_string(),
         ];
         for body in &anthropic {
             assert_eq!(
@@ -935,15 +1175,21 @@ mod tests {
             );
         }
         let real = read_answer(Endpoint::Messages, anthropic[0].as_bytes()).unwrap();
-        assert_eq!(real.1, "Hello! How can I help you today?");
-        assert_eq!(real.0.unwrap().tokens.total(), Some(24));
+        assert_eq!(real.text, "Hello! How can I help you today?");
+        assert_eq!(real.reported.unwrap().tokens.total(), Some(24));
         assert!(read_answer(Endpoint::Chat, b"{not json").is_none());
+        // regression: invalid UTF-8 in a field the typed reader skips is malformed for
+        // both readers.
+        let mut bad = br#"{"id": "x\xff", "choices": [{"message": {"content": "hi"}}]}"#.to_vec();
+        let at = bad.iter().position(|b| *b == b'\\').unwrap();
+        bad.splice(at..at + 4, [0xff]);
+        assert!(read_answer(Endpoint::Chat, &bad).is_none());
     }
 
     #[test]
     fn anthropic_usage_merges_start_and_delta() {
-        let mut u = AnthropicUsage::default();
-        let mut text = String::new();
+        let mut u = AnthropicStream::default();
+        let mut text = Shown::default();
         for ev in [
             json!({"type": "message_start", "message": {"usage": {"input_tokens": 25, "cache_creation_input_tokens": 10, "cache_read_input_tokens": 90, "output_tokens": 1}}}),
             json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
@@ -954,8 +1200,9 @@ mod tests {
         }
         let stop: AnthropicEvent = serde_json::from_value(json!({"type": "message_stop"})).unwrap();
         assert!(stop.apply(&mut u, &mut text));
-        assert_eq!(text, "Hi");
-        let r = u.reported();
+        assert_eq!(text.text, "Hi");
+        let r = u.reported().unwrap();
+        assert!(r.complete, "message_delta's count is final");
         assert_eq!(
             serde_json::to_value(&r.tokens).unwrap(),
             json!({"text.input": 25, "text.cache_write": 10, "text.cached_input": 90, "text.output": 15})

@@ -72,7 +72,7 @@ impl Relay {
         if m.meter.failure.is_none() {
             m.meter.failure = failure;
         }
-        if m.meter.failure.is_none() && m.meter.reported.is_none() {
+        if m.meter.failure.is_none() && !m.meter.counted() {
             m.meter.failure = Some("no_usage");
         }
         let ttft = m.meter.ttft;
@@ -87,6 +87,9 @@ impl Metering {
         let family = self.call.endpoint.family();
         let started = self.call.started;
         let events = self.splitter.push(&chunk);
+        if self.splitter.overflowed() && self.meter.failure.is_none() {
+            self.meter.failure = Some("upstream_event_too_large");
+        }
         if !self.strip_usage {
             for e in &events {
                 self.meter.event(family, e, false, started);

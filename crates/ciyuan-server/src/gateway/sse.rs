@@ -6,10 +6,17 @@
 
 use bytes::{Bytes, BytesMut};
 
+/// The largest piece of an event held while it is incomplete. Providers send events of
+/// a few kilobytes; one that never ends would otherwise grow without bound. Past it,
+/// what is held goes on as it is (to the client, and to metering, which cannot read
+/// it) and the stream is marked: see [`Splitter::overflowed`].
+pub const MAX_EVENT_BYTES: usize = 4 << 20;
+
 /// Splits a byte stream into whole events (each with its terminating blank line).
 #[derive(Default)]
 pub struct Splitter {
     pending: BytesMut,
+    overflowed: bool,
 }
 
 impl Splitter {
@@ -25,13 +32,28 @@ impl Splitter {
             if !rest.is_empty() {
                 self.pending.extend_from_slice(&rest);
             }
+            self.bound(&mut out);
             return out;
         }
         self.pending.extend_from_slice(chunk);
         while let Some(end) = event_end(&self.pending) {
             out.push(self.pending.split_to(end).freeze());
         }
+        self.bound(&mut out);
         out
+    }
+
+    /// Lets an incomplete event past [`MAX_EVENT_BYTES`] go on as it is.
+    fn bound(&mut self, out: &mut Vec<Bytes>) {
+        if self.pending.len() > MAX_EVENT_BYTES {
+            out.push(self.pending.split().freeze());
+            self.overflowed = true;
+        }
+    }
+
+    /// Whether an event outgrew [`MAX_EVENT_BYTES`] (its content was not metered).
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
     }
 
     /// What is left when the stream ends: an event without its final blank line.
@@ -101,6 +123,19 @@ mod tests {
             assert_eq!(data(&got[1]).as_deref(), Some("y"));
             assert_eq!(data(&got[2]).as_deref(), Some("[DONE]"));
         }
+    }
+
+    #[test]
+    fn regression_an_endless_event_is_passed_on_not_held_without_bound() {
+        let mut s = Splitter::default();
+        let piece = Bytes::from(vec![b'x'; 1 << 20]);
+        let mut passed = 0;
+        for _ in 0..10 {
+            passed += s.push(&piece).iter().map(Bytes::len).sum::<usize>();
+            assert!(s.pending.len() <= MAX_EVENT_BYTES);
+        }
+        assert!(s.overflowed());
+        assert_eq!(passed + s.pending.len(), 10 << 20, "no byte lost");
     }
 
     #[test]
