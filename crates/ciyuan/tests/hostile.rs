@@ -562,6 +562,14 @@ fn after_hostile_input_the_ledger_verifies_and_rebuilds_identically() {
         );
         assert_eq!(st, 403);
         assert_eq!(chat(&t, &t.a_gateway, "gpt-4o", "carol"), 200);
+        // A model name of 1 MB is refused before it reaches a label or the ledger.
+        let long = "m".repeat(1 << 20);
+        assert_eq!(chat(&t, &t.a_gateway, &long, "carol"), 400);
+        let (st, _) = s.http("GET", "/metrics", "", None);
+        assert_eq!(st, 401);
+        let (st, page) = s.http("GET", "/metrics", &root, None);
+        assert_eq!(st, 200);
+        assert!(page.len() < 64 << 10, "{} bytes", page.len());
     }
     t.gw.restart_hard();
     let before = usage(&t.gw.server, &root, "/");

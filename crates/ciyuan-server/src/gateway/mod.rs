@@ -731,7 +731,7 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
             .max_tokens
             .is_some_and(|m| m > protocol::MAX_REPORTED_TOKENS)
         {
-            return Err(("max_tokens", "at most 2^40"));
+            return Err(("max_tokens", "at most 1000000000000"));
         }
         Ok(session)
     });
@@ -773,13 +773,13 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
             return GatewayError::new(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "the prompt's {} media parts would reserve more than 2^40 tokens; send fewer",
+                    "the prompt's {} media parts would reserve more than 10^12 tokens; send fewer",
                     info.media_parts
                 ),
             )
             .into_response(family);
         };
-        // Both are at most 2^40 (max_tokens is checked above; the default is configured).
+        // Both are at most 10^12 (max_tokens is checked above; the default is configured).
         let mut input = TokenMap::new();
         let mut out = TokenMap::new();
         add_tokens(&mut input, Modality::Text, Direction::Input, input_n);

@@ -417,10 +417,12 @@ pub struct OpenAiUsage {
     cached_tokens: Option<u64>,
 }
 
-/// The most tokens a provider may report for one figure of one request. No real
-/// request comes near (a million-token context is 2^20); a larger figure is a broken
-/// report, read as no report, so it can never overflow a sum downstream.
-pub const MAX_REPORTED_TOKENS: u64 = 1 << 40;
+/// The most tokens a provider may report for one figure of one request: the ledger's
+/// bound on one count ([`ciyuan_core::MAX_TOKENS_PER_KEY`]). No real request comes
+/// near (a million-token context is 2^20); a larger figure is a broken report, read as
+/// no report, so it can never overflow a sum downstream. Each token key is made of
+/// one figure (less others), so it stays within the ledger's bound too.
+pub const MAX_REPORTED_TOKENS: u64 = ciyuan_core::MAX_TOKENS_PER_KEY as u64;
 
 /// Adds a count known to be at most a few times [`MAX_REPORTED_TOKENS`] to a key of
 /// its own.
