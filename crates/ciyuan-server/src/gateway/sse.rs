@@ -10,6 +10,9 @@ use bytes::{Bytes, BytesMut};
 #[derive(Default)]
 pub struct Splitter {
     pending: BytesMut,
+    /// How much of `pending` holds no blank line: an event sent in small chunks is
+    /// scanned once, not once per chunk.
+    scanned: usize,
 }
 
 impl Splitter {
@@ -25,17 +28,30 @@ impl Splitter {
             if !rest.is_empty() {
                 self.pending.extend_from_slice(&rest);
             }
+            self.scanned = self.pending.len();
             return out;
         }
         self.pending.extend_from_slice(chunk);
-        while let Some(end) = event_end(&self.pending) {
-            out.push(self.pending.split_to(end).freeze());
+        loop {
+            // A blank line is at most 3 bytes long: one may begin in the last 2 bytes
+            // already scanned, and end in the new ones.
+            let from = self.scanned.saturating_sub(2);
+            match event_end(&self.pending[from..]) {
+                Some(end) => {
+                    out.push(self.pending.split_to(from + end).freeze());
+                    self.scanned = 0;
+                }
+                None => {
+                    self.scanned = self.pending.len();
+                    return out;
+                }
+            }
         }
-        out
     }
 
     /// What is left when the stream ends: an event without its final blank line.
     pub fn finish(&mut self) -> Option<Bytes> {
+        self.scanned = 0;
         (!self.pending.is_empty()).then(|| std::mem::take(&mut self.pending).freeze())
     }
 }
