@@ -486,7 +486,9 @@ impl AnthropicUsage {
         add(&mut tokens, Modality::Text, Direction::Output, output);
         Reported {
             tokens,
-            input: input + write + read,
+            // Only compared with the recount: a report past u64 is far off at u64::MAX
+            // too, and must not panic (or wrap to a small, plausible count).
+            input: input.saturating_add(write).saturating_add(read),
             output,
             audio_output: false,
         }
