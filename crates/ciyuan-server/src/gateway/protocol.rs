@@ -503,7 +503,7 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>,
     let fast = match endpoint.family() {
         Family::OpenAi => serde_json::from_slice::<OpenAiAnswer<'_>>(body)
             .ok()
-            .map(OpenAiAnswer::read),
+            .and_then(OpenAiAnswer::read),
         Family::Anthropic => serde_json::from_slice::<AnthropicAnswer<'_>>(body)
             .ok()
             .and_then(AnthropicAnswer::read),
@@ -633,7 +633,7 @@ struct OpenAiFunctionCall<'a> {
 }
 
 impl OpenAiAnswer<'_> {
-    fn read(self) -> (Option<Reported>, String) {
+    fn read(self) -> Option<(Option<Reported>, String)> {
         let mut text = String::new();
         for c in &self.choices {
             match &c.message {
@@ -648,12 +648,15 @@ impl OpenAiAnswer<'_> {
                 None => c.text.push_to(&mut text),
             }
         }
-        let usage = self
-            .usage
-            .and_then(|u| serde_json::from_str::<Option<OpenAiUsage>>(u.get()).ok())
-            .flatten()
-            .map(|u| u.reported());
-        (usage, text)
+        // A usage the typed reader cannot take (a repeated key, a field of another type)
+        // is left to the forgiving reader, so the two never differ on what was billed.
+        let usage = match self.usage {
+            None => None,
+            Some(u) => serde_json::from_str::<Option<OpenAiUsage>>(u.get())
+                .ok()?
+                .map(|u| u.reported()),
+        };
+        Some((usage, text))
     }
 }
 
@@ -690,10 +693,14 @@ impl AnthropicAnswer<'_> {
                 _ => {}
             }
         }
-        let usage = self
-            .usage
-            .and_then(|u| serde_json::from_str::<AnthropicUsage>(u.get()).ok())
-            .map(|u| u.reported());
+        let usage = match self.usage {
+            None => None,
+            Some(u) => Some(
+                serde_json::from_str::<AnthropicUsage>(u.get())
+                    .ok()?
+                    .reported(),
+            ),
+        };
         Some((usage, text))
     }
 }
@@ -918,7 +925,8 @@ mod tests {
         }
         let fast = serde_json::from_str::<OpenAiAnswer<'_>>(&openai[2])
             .unwrap()
-            .read();
+            .read()
+            .unwrap();
         assert_eq!(fast.1, "{\"city\":\"Paris\"}{}");
         assert_eq!(fast.0.unwrap().tokens.total(), Some(42));
         let anthropic = [
