@@ -499,12 +499,14 @@ impl AnthropicUsage {
 pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>, String)> {
     // Answers of the usual shape are read into borrowed, typed fields (no tree of
     // values); anything else (a field of an unexpected type, a duplicate key) is read
-    // the slow, forgiving way.
+    // the slow, forgiving way. serde_json checks UTF-8 only in the strings it reads: an
+    // answer that is not UTF-8 is not JSON, wherever the bad bytes are.
+    let text = std::str::from_utf8(body).ok()?;
     let fast = match endpoint.family() {
-        Family::OpenAi => serde_json::from_slice::<OpenAiAnswer<'_>>(body)
+        Family::OpenAi => serde_json::from_str::<OpenAiAnswer<'_>>(text)
             .ok()
             .and_then(OpenAiAnswer::read),
-        Family::Anthropic => serde_json::from_slice::<AnthropicAnswer<'_>>(body)
+        Family::Anthropic => serde_json::from_str::<AnthropicAnswer<'_>>(text)
             .ok()
             .and_then(AnthropicAnswer::read),
     };
