@@ -708,7 +708,10 @@ impl AnthropicAnswer<'_> {
 }
 
 /// [`read_answer`] for any JSON: fields of unexpected types are passed over.
-fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>, String)> {
+pub(crate) fn read_answer_value(
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Option<(Option<Reported>, String)> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let mut text = String::new();
     let usage = match endpoint.family() {
