@@ -503,12 +503,12 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Reported>,
     // answer that is not UTF-8 is not JSON, wherever the bad bytes are.
     let text = std::str::from_utf8(body).ok()?;
     let fast = match endpoint.family() {
-        Family::OpenAi => serde_json::from_str::<OpenAiAnswer<'_>>(text)
+        Family::OpenAi => serde_json::from_str::<Obj<OpenAiAnswer<'_>>>(text)
             .ok()
-            .and_then(OpenAiAnswer::read),
-        Family::Anthropic => serde_json::from_str::<AnthropicAnswer<'_>>(text)
+            .and_then(|a| a.0.read()),
+        Family::Anthropic => serde_json::from_str::<Obj<AnthropicAnswer<'_>>>(text)
             .ok()
-            .and_then(AnthropicAnswer::read),
+            .and_then(|a| a.0.read()),
     };
     fast.or_else(|| read_answer_value(endpoint, body))
 }
@@ -597,10 +597,38 @@ impl<'a> Text<'a> {
     }
 }
 
+/// A struct read from a JSON object only. serde's derived readers also take an array
+/// (the fields by position), where the forgiving readers, which look members up by name,
+/// find nothing: the fast readers would read what the forgiving ones do not.
+pub(crate) struct Obj<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Obj<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = Obj<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Obj<T>, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(a)).map(Obj)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
 #[derive(Deserialize)]
 struct OpenAiAnswer<'a> {
     #[serde(default, borrow)]
-    choices: Vec<OpenAiAnswerChoice<'a>>,
+    choices: Vec<Obj<OpenAiAnswerChoice<'a>>>,
     #[serde(default, borrow)]
     usage: Option<&'a serde_json::value::RawValue>,
 }
@@ -608,7 +636,7 @@ struct OpenAiAnswer<'a> {
 #[derive(Deserialize)]
 struct OpenAiAnswerChoice<'a> {
     #[serde(default, borrow)]
-    message: Option<OpenAiAnswerMessage<'a>>,
+    message: Option<Obj<OpenAiAnswerMessage<'a>>>,
     /// Legacy completions answer here.
     #[serde(default, borrow)]
     text: Text<'a>,
@@ -619,13 +647,13 @@ struct OpenAiAnswerMessage<'a> {
     #[serde(default, borrow)]
     content: Text<'a>,
     #[serde(default, borrow)]
-    tool_calls: Option<Vec<OpenAiToolCall<'a>>>,
+    tool_calls: Option<Vec<Obj<OpenAiToolCall<'a>>>>,
 }
 
 #[derive(Deserialize)]
 struct OpenAiToolCall<'a> {
     #[serde(default, borrow)]
-    function: Option<OpenAiFunctionCall<'a>>,
+    function: Option<Obj<OpenAiFunctionCall<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -665,7 +693,7 @@ impl OpenAiAnswer<'_> {
 #[derive(Deserialize)]
 struct AnthropicAnswer<'a> {
     #[serde(default, borrow)]
-    content: Vec<AnthropicBlock<'a>>,
+    content: Vec<Obj<AnthropicBlock<'a>>>,
     #[serde(default, borrow)]
     usage: Option<&'a serde_json::value::RawValue>,
 }

@@ -9,7 +9,7 @@
 //! the forgiving reader decides then, with its error messages: so whenever this one
 //! answers, it answers what the forgiving one would.
 
-use super::protocol::{Endpoint, RequestInfo, Text};
+use super::protocol::{Endpoint, Obj, RequestInfo, Text};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
@@ -65,7 +65,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
                 mut a: A,
             ) -> Result<Content<'a>, A::Error> {
                 let mut parts = Vec::with_capacity(a.size_hint().unwrap_or(2));
-                while let Some(p) = a.next_element::<Part<'a>>()? {
+                while let Some(Obj(p)) = a.next_element::<Obj<Part<'a>>>()? {
                     parts.push(p);
                 }
                 Ok(Content::Parts(parts))
@@ -125,7 +125,7 @@ struct Part<'a> {
 #[derive(Deserialize)]
 struct ToolCall<'a> {
     #[serde(default, borrow)]
-    function: Option<FunctionCall<'a>>,
+    function: Option<Obj<FunctionCall<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -141,7 +141,7 @@ struct Message<'a> {
     #[serde(default, borrow)]
     content: Option<Content<'a>>,
     #[serde(default, borrow)]
-    tool_calls: Option<Vec<ToolCall<'a>>>,
+    tool_calls: Option<Vec<Obj<ToolCall<'a>>>>,
 }
 
 #[derive(Deserialize)]
@@ -163,7 +163,7 @@ struct Request<'a> {
     #[serde(default, borrow)]
     system: Field<'a>,
     #[serde(default, borrow)]
-    messages: Option<Vec<Message<'a>>>,
+    messages: Option<Vec<Obj<Message<'a>>>>,
     #[serde(default, borrow)]
     tools: Field<'a>,
     #[serde(default, borrow)]
@@ -214,7 +214,7 @@ pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Option<(RequestInfo, Spans)> 
     // serde_json checks UTF-8 only in the strings it reads, not in those it skips: a body
     // that is not UTF-8 is not JSON, and the forgiving reader refuses it.
     let body_text = std::str::from_utf8(body).ok()?;
-    let r: Request<'_> = serde_json::from_str(body_text).ok()?;
+    let Obj(r) = serde_json::from_str::<Obj<Request<'_>>>(body_text).ok()?;
     let model = r.model.as_str().filter(|m| !m.is_empty())?.to_string();
     let include_usage = match r.stream_options.0 {
         None => false,
