@@ -704,8 +704,16 @@ struct AnthropicBlock<'a> {
     kind: Text<'a>,
     #[serde(default, borrow)]
     text: Text<'a>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "raw_or_null")]
     input: Option<&'a serde_json::value::RawValue>,
+}
+
+/// A member's raw text, `null` included: an `Option` reads `null` as absent, where the
+/// forgiving reader writes a `null` input as `null`.
+fn raw_or_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de serde_json::value::RawValue>, D::Error> {
+    <&serde_json::value::RawValue>::deserialize(d).map(Some)
 }
 
 impl AnthropicAnswer<'_> {
