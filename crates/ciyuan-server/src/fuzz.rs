@@ -921,8 +921,12 @@ fn inputs(reader: &str, generated: BoxedStrategy<Input>) -> BoxedStrategy<(Strin
 
 /// The subject of a refusal's message (its field, or its first words), for the tallies.
 fn what_of(detail: &str) -> String {
-    // The field and the start of what is wrong with it.
-    detail.chars().take(40).collect()
+    // The field (member names are echoed as sent: only the first part is kept).
+    if detail.contains(" is outside the subtree of ") {
+        return "account outside the key's subtree".into();
+    }
+    let head = detail.split([':', '.', '"']).next().unwrap_or("");
+    head.chars().take(40).collect()
 }
 
 /// A refusal's message starts by naming the field (`messages[2].role: ...`) or the body.
@@ -1652,4 +1656,53 @@ fn regression_answer_that_is_not_utf8_is_refused_by_both_readers() {
         assert_eq!(read_answer(ep, &body), None, "{ep:?}");
     }
     check_answer(&body).unwrap();
+}
+
+#[test]
+fn regression_fast_readers_take_objects_not_arrays() {
+    // serde's derived readers take an array as a struct's fields by position: a message
+    // `[""]` read as role "", a part `["text", "hi"]` as text. The forgiving readers look
+    // members up by name and find none there.
+    for path in [
+        "requests/regression-message-as-array.json",
+        "requests/regression-parts-as-arrays.json",
+    ] {
+        let body = seed_file(path);
+        check_request(&body).unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    assert!(
+        request::inspect(
+            Endpoint::Chat,
+            &seed_file("requests/regression-message-as-array.json")
+        )
+        .is_none()
+    );
+    for (ep, path) in [
+        (
+            Endpoint::Chat,
+            "answers/regression-openai-choice-as-array.json",
+        ),
+        (
+            Endpoint::Messages,
+            "answers/regression-anthropic-block-as-array.json",
+        ),
+    ] {
+        let body = seed_file(path);
+        check_answer(&body).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(
+            read_answer(ep, &body).map(|a| a.1),
+            Some(String::new()),
+            "{path}"
+        );
+    }
+}
+
+#[test]
+fn regression_anthropic_tool_use_with_null_input_reads_as_the_forgiving_reader_does() {
+    // The typed reader took `"input": null` for no input; the forgiving one (and the
+    // request readers) count it as the text `null`.
+    let body = seed_file("answers/regression-anthropic-tool-use-null-input.json");
+    check_answer(&body).unwrap();
+    let (_, text) = read_answer(Endpoint::Messages, &body).unwrap();
+    assert_eq!(text, "Let me check.null");
 }
