@@ -1073,7 +1073,13 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
         match (meter.reported.take(), &recount) {
             (Some(r), Some((enc, input, output))) => {
                 let off = |provider: u64, ours: u64| {
-                    let allowed = (provider * gw.config.recount_tolerance_percent / 100)
+                    // In u128: a provider's count near u64::MAX times the percentage
+                    // overflowed (a panic that lost the entry in debug builds).
+                    let pct = u128::from(provider)
+                        * u128::from(gw.config.recount_tolerance_percent)
+                        / 100;
+                    let allowed = u64::try_from(pct)
+                        .unwrap_or(u64::MAX)
                         .max(gw.config.recount_tolerance_tokens);
                     provider.abs_diff(ours) > allowed
                 };
@@ -1130,7 +1136,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
             .iter()
             .filter(|t| matches!(t.direction, Direction::Output | Direction::Reasoning))
             .map(|t| u64::try_from(t.count).unwrap_or(0))
-            .sum();
+            .fold(0u64, u64::saturating_add);
         let generating = match (call.info.stream, ttft) {
             (true, Some(t)) => latency.saturating_sub(t),
             _ => latency,
