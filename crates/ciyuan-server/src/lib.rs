@@ -13,6 +13,8 @@ pub mod auth;
 pub mod budgets;
 pub mod error;
 mod extract;
+#[cfg(test)]
+mod fuzz;
 pub mod gateway;
 mod ingest;
 mod keys;

@@ -138,8 +138,11 @@ impl Metrics {
         if let Some(series) = u.models.get_mut(model) {
             *series.requests.entry(o.status).or_default() += 1;
             for t in o.tokens.iter() {
-                *series.tokens.entry((t.modality, t.direction)).or_default() +=
-                    u64::try_from(t.count).unwrap_or(0);
+                // Counts are what providers report: absurd ones must not stop the
+                // recording (a panic here lost the request's ledger entry in debug
+                // builds; release builds wrapped). The counter stays at its ceiling.
+                let counter = series.tokens.entry((t.modality, t.direction)).or_default();
+                *counter = counter.saturating_add(u64::try_from(t.count).unwrap_or(0));
             }
             series.partial += u64::from(o.partial);
             series.flagged += u64::from(o.flagged);
@@ -155,7 +158,7 @@ impl Metrics {
                 }
             }
             u.tps.1 += 1;
-            u.tps.2 += tps;
+            u.tps.2 = u.tps.2.saturating_add(tps);
         }
     }
 

@@ -14,8 +14,8 @@
 pub mod metrics;
 pub mod protocol;
 mod relay;
-mod request;
-mod sse;
+pub(crate) mod request;
+pub(crate) mod sse;
 mod upstream;
 
 #[cfg(test)]

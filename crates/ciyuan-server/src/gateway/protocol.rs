@@ -565,7 +565,9 @@ impl AnthropicUsage {
         add(&mut tokens, Modality::Text, Direction::Output, output);
         Some(Reported {
             tokens,
-            input: input + write + read,
+            // Only compared with the recount: a report past u64 is far off at u64::MAX
+            // too, and must not panic (or wrap to a small, plausible count).
+            input: input.saturating_add(write).saturating_add(read),
             output,
             reasoning: 0,
             audio_output: false,
@@ -830,7 +832,7 @@ impl AnthropicAnswer<'_> {
 }
 
 /// [`read_answer`] for any JSON: fields of unexpected types are passed over.
-pub(super) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
+pub(crate) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let mut shown = Shown::default();
     let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);

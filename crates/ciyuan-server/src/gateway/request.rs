@@ -232,10 +232,10 @@ pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Option<(RequestInfo, Spans)> 
     if !matches!(endpoint, Endpoint::Chat | Endpoint::Messages) {
         return None;
     }
-    // Fields read past are not checked for UTF-8 (the forgiving reader refuses what is
-    // not): check the whole body, a fast pass.
-    std::str::from_utf8(body).ok()?;
-    let Obj(r) = serde_json::from_slice::<Obj<Request<'_>>>(body).ok()?;
+    // serde_json checks UTF-8 only in the strings it reads, not in those it skips: a body
+    // that is not UTF-8 is not JSON, and the forgiving reader refuses it.
+    let body_text = std::str::from_utf8(body).ok()?;
+    let Obj(r) = serde_json::from_str::<Obj<Request<'_>>>(body_text).ok()?;
     let model = r.model.as_str().filter(|m| !m.is_empty())?.to_string();
     let include_usage = match r.stream_options.0 {
         None => false,

@@ -16,6 +16,9 @@ pub const MAX_EVENT_BYTES: usize = 4 << 20;
 #[derive(Default)]
 pub struct Splitter {
     pending: BytesMut,
+    /// How much of `pending` holds no blank line: an event sent in small chunks is
+    /// scanned once, not once per chunk.
+    scanned: usize,
     overflowed: bool,
 }
 
@@ -32,12 +35,25 @@ impl Splitter {
             if !rest.is_empty() {
                 self.pending.extend_from_slice(&rest);
             }
+            self.scanned = self.pending.len();
             self.bound(&mut out);
             return out;
         }
         self.pending.extend_from_slice(chunk);
-        while let Some(end) = event_end(&self.pending) {
-            out.push(self.pending.split_to(end).freeze());
+        loop {
+            // A blank line is at most 3 bytes long: one may begin in the last 2 bytes
+            // already scanned, and end in the new ones.
+            let from = self.scanned.saturating_sub(2);
+            match event_end(&self.pending[from..]) {
+                Some(end) => {
+                    out.push(self.pending.split_to(from + end).freeze());
+                    self.scanned = 0;
+                }
+                None => {
+                    self.scanned = self.pending.len();
+                    break;
+                }
+            }
         }
         self.bound(&mut out);
         out
@@ -47,6 +63,7 @@ impl Splitter {
     fn bound(&mut self, out: &mut Vec<Bytes>) {
         if self.pending.len() > MAX_EVENT_BYTES {
             out.push(self.pending.split().freeze());
+            self.scanned = 0;
             self.overflowed = true;
         }
     }
@@ -58,6 +75,7 @@ impl Splitter {
 
     /// What is left when the stream ends: an event without its final blank line.
     pub fn finish(&mut self) -> Option<Bytes> {
+        self.scanned = 0;
         (!self.pending.is_empty()).then(|| std::mem::take(&mut self.pending).freeze())
     }
 }
