@@ -1,6 +1,7 @@
 //! Fuzzing of the readers of untrusted bytes: the CloudEvents reader (driven through the
 //! router, so the status code is the real one), the chat-request readers, the
-//! provider-answer readers, and the SSE splitter with the stream chunk readers.
+//! provider-answer readers, the SSE splitter with the stream chunk readers, and the
+//! gateway end to end (through the router to a fake provider on a local port).
 //!
 //! Each reader gets three kinds of input, mixed: raw random bytes, structural mutations
 //! of the seeds in `fuzz/corpus/<reader>/` (byte flips, inserted, deleted and duplicated
