@@ -278,7 +278,10 @@ impl DefinitionSet {
                 expression: expr.clone(),
                 why,
             };
-            let n: i64 = match program.execute(&ctx).map_err(|e| fail(e.to_string()))? {
+            let n: i64 = match program.execute(&ctx).map_err(|e| {
+                blame(data, &label, &format!("{m}.{d}"), expr, &e)
+                    .unwrap_or_else(|| fail(e.to_string()))
+            })? {
                 Cel::Int(i) => i,
                 Cel::UInt(u) => {
                     i64::try_from(u).map_err(|_| fail(format!("{u} tokens is too large")))?
@@ -304,6 +307,42 @@ impl DefinitionSet {
     }
 }
 
+/// The field of the event's data a failed evaluation is due to, when one can be
+/// named: a measure the expression needs that the event lacks, or one it uses whose
+/// value is not a number. The client then reads `data.pages: ...` rather than CEL's
+/// words about an operator.
+fn blame(
+    data: &Map<String, Value>,
+    label: &str,
+    key: &str,
+    expr: &str,
+    e: &cel::ExecutionError,
+) -> Option<MeasureError> {
+    let uses = |name: &str| {
+        expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|w| w == name)
+    };
+    if let cel::ExecutionError::UndeclaredReference(name) = e {
+        return Some(MeasureError::BadMeasure(
+            name.to_string(),
+            format!("required: {label} computes {key} = {expr}"),
+        ));
+    }
+    data.iter()
+        .find(|(name, v)| !v.is_number() && uses(name))
+        .map(|(name, v)| {
+            let kind = match v {
+                Value::String(_) => "a string",
+                Value::Bool(_) => "a boolean",
+                _ => "not a number",
+            };
+            MeasureError::BadMeasure(
+                name.clone(),
+                format!("is {kind}, where {label} computes {key} = {expr} from it: {e}"),
+            )
+        })
+}
+
 fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
@@ -321,6 +360,30 @@ mod tests {
 
     fn data(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn failed_evaluations_name_the_field_of_the_event() {
+        let set = DefinitionSet::new(vec![def(
+            "doc.verify",
+            1,
+            "2026-01-01T00:00:00Z",
+            json!({"other.input": "5 + 2 * pages"}),
+        )])
+        .unwrap();
+        let at: Timestamp = "2026-06-01T00:00:00Z".parse().unwrap();
+        let e = set
+            .measure("doc.verify", at, &data(json!({"pages": "three"})))
+            .unwrap_err();
+        assert!(
+            matches!(&e, MeasureError::BadMeasure(f, _) if f == "pages"),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("data.pages: is a string"), "{e}");
+        let e = set
+            .measure("doc.verify", at, &data(json!({"page": 3})))
+            .unwrap_err();
+        assert!(e.to_string().starts_with("data.pages: required"), "{e}");
     }
 
     #[test]
