@@ -993,12 +993,13 @@ async fn rule_defined_services_record_their_definition_and_measures() {
             &missing.to_string(),
         )
         .await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    // A measure the definition needs is missing: a bad request naming the field.
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(
         v["detail"]
             .as_str()
             .unwrap()
-            .contains("doc.verify@1: other.input = 5 + 2 * pages"),
+            .contains("data.pages: required: doc.verify@1 computes other.input = 5 + 2 * pages"),
         "{v}"
     );
     let (_, u) = h

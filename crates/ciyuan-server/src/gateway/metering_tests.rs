@@ -268,6 +268,39 @@ fn regression_cut_openai_compatible_stream_without_tokenizer_is_never_zero() {
 }
 
 #[test]
+fn regression_unreadable_stream_events_are_metered_as_delivered_text() {
+    // A chunk whose fields have unexpected types is refused by the chunk reader whole;
+    // it reached the client all the same, so a cut stream counts its bytes.
+    let good = r#"data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}"#;
+    let odd = r#"data: {"choices":[{"index":0,"delta":{"content":"world, and more words","tool_calls":{}}}]}"#;
+    assert!(serde_json::from_str::<super::protocol::OpenAiChunk>(&odd[6..]).is_err());
+    let stream = format!("{good}\n\n{odd}\n\n");
+    let meter = metered_stream(Family::OpenAi, stream.as_bytes(), 7, Some(stream.len()));
+    assert!(
+        meter.shown.text.starts_with("Hello"),
+        "{}",
+        meter.shown.text
+    );
+    assert!(
+        meter.shown.text.contains("world, and more words"),
+        "{}",
+        meter.shown.text
+    );
+    let anthropic = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":[],\"delta\":{\"type\":\"text_delta\",\"text\":\"hidden words\"}}\n\n";
+    let meter = metered_stream(
+        Family::Anthropic,
+        anthropic.as_bytes(),
+        5,
+        Some(anthropic.len()),
+    );
+    assert!(
+        meter.shown.text.contains("hidden words"),
+        "{}",
+        meter.shown.text
+    );
+}
+
+#[test]
 fn regression_delivered_reasoning_of_a_cut_stream_is_metered() {
     // A DeepSeek reasoner cut in its reasoning: the reasoning text was delivered.
     let (measured, _) = cut("deepseek", Endpoint::Chat, "deepseek-reasoner", 50);

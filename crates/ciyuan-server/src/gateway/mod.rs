@@ -1170,6 +1170,8 @@ impl Meter {
                     if strip_usage && chunk.is_usage_only() {
                         forward = false;
                     }
+                } else {
+                    self.unreadable(&data);
                 }
             }
             Family::Anthropic => {
@@ -1178,6 +1180,8 @@ impl Meter {
                     if ev.apply(&mut self.anthropic, &mut self.shown) {
                         self.complete = true;
                     }
+                } else {
+                    self.unreadable(&data);
                 }
             }
         }
@@ -1185,6 +1189,16 @@ impl Meter {
             self.ttft = Some(started.elapsed());
         }
         forward
+    }
+
+    /// An event the chunk readers cannot take (a field of an unexpected type, not
+    /// JSON) still reached the client: its data is metered as delivered text, so a
+    /// broken provider's output is never free when its count does not come. (When the
+    /// count does come, it is what is billed; the recount then counts these bytes.)
+    fn unreadable(&mut self, data: &str) {
+        if !data.trim().is_empty() {
+            self.shown.text.push_str(data);
+        }
     }
 
     /// Whether the provider's final count has come.
