@@ -47,6 +47,11 @@ pub fn check_text(field: &str, s: &str, max_bytes: usize) -> Result<(), TextErro
             max: max_bytes,
         });
     }
+    // Ids, sources and subjects are printable ASCII nearly always: one pass over the
+    // bytes (on the ingest path, per event) settles them.
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Ok(());
+    }
     if let Some((at, c)) = s.char_indices().find(|(_, c)| c.is_control()) {
         return Err(TextError::Control {
             field: field.to_string(),

@@ -657,9 +657,14 @@ fn string_attr<'a>(
             kind(raw)
         )));
     };
-    // Ids, sources, types and subjects come back in listings, exports and logs.
-    ciyuan_core::check_text(name, &s, MAX_ATTRIBUTE_BYTES)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if s.is_empty() {
+        return Err(ApiError::bad_request(format!("{name}: must not be empty")));
+    }
+    if s.len() > MAX_ATTRIBUTE_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "{name}: longer than {MAX_ATTRIBUTE_BYTES} bytes"
+        )));
+    }
     Ok(Some(s))
 }
 
@@ -667,6 +672,17 @@ fn string_attr<'a>(
 fn required_attr<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<Cow<'a, str>, ApiError> {
     string_attr(raw, name, true)?
         .ok_or_else(|| ApiError::bad_request(format!("{name}: required attribute is missing")))
+}
+
+/// A required attribute that is kept and read back (in listings, exports, logs): no
+/// control characters. (`subject` needs no such check: an account path admits only
+/// letters, digits, `-`, `_`, `.` and `/`; `specversion` and `datacontenttype` are
+/// compared with fixed values.)
+fn kept_attr<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<Cow<'a, str>, ApiError> {
+    let s = required_attr(raw, name)?;
+    ciyuan_core::check_text(name, &s, MAX_ATTRIBUTE_BYTES)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(s)
 }
 
 /// A token quantity: a non-negative integer that fits the ledger's counters. Read from
@@ -832,14 +848,14 @@ fn validate(
                 "specversion: {version:?} is not supported (expected \"1.0\")"
             )));
         }
-        let id = required_attr(ev.id, "id")?;
-        let source = required_attr(ev.source, "source")?;
+        let id = kept_attr(ev.id, "id")?;
+        let source = kept_attr(ev.source, "source")?;
         if source == GATEWAY_SOURCE {
             return Err(ApiError::bad_request(format!(
                 "source: {GATEWAY_SOURCE:?} is reserved for the gateway's own records"
             )));
         }
-        let service = required_attr(ev.service, "type")?;
+        let service = kept_attr(ev.service, "type")?;
         let subject = required_attr(ev.subject, "subject")?;
         let account = match last_account {
             // The previous event's subject passed the checks below.
