@@ -588,6 +588,31 @@ fn add_usage(
     }
 }
 
+/// Counts `amount` of usage that happened at `at` on `who`'s counter of `l`, in the
+/// window containing `at` (nothing, for a window older than the limit's latest).
+fn count_at(
+    path: &AccountPath,
+    l: &mut Limit,
+    who: Who<'_>,
+    amount: i128,
+    at: Timestamp,
+    out: &mut Settled,
+) {
+    let w = l.advance(at);
+    if !w.contains(at) {
+        return; // a past window
+    }
+    let Some(c) = l.counter_or_insert(who) else {
+        return;
+    };
+    c.roll(&w);
+    let mut copy = *c;
+    add_usage(path, l, &mut copy, who, amount, out);
+    if let Some(slot) = l.counter(who) {
+        *slot = copy;
+    }
+}
+
 /// A request-scope limit looking at one request's actual size.
 fn request_usage(path: &AccountPath, l: &Limit, at: Timestamp, amount: i128, out: &mut Settled) {
     let spec = &l.spec;
@@ -1143,19 +1168,7 @@ impl Engine {
                     request_usage(&node.path, l, at, amt, &mut out);
                     continue;
                 }
-                let w = l.advance(at);
-                if !w.contains(at) {
-                    continue; // a past window
-                }
-                let Some(c) = l.counter_or_insert(who) else {
-                    continue;
-                };
-                c.roll(&w);
-                let mut copy = *c;
-                add_usage(&node.path, l, &mut copy, who, amt, &mut out);
-                if let Some(slot) = l.counter(who) {
-                    *slot = copy;
-                }
+                count_at(&node.path, l, who, amt, at, &mut out);
             }
         }
         out
@@ -1187,19 +1200,7 @@ impl Engine {
                     continue;
                 }
                 let amt = tokens.measure(&l.spec.measure);
-                let w = l.advance(at);
-                if !w.contains(at) {
-                    continue; // a past window
-                }
-                let Some(c) = l.counter_or_insert(Who::Node) else {
-                    continue;
-                };
-                c.roll(&w);
-                let mut copy = *c;
-                add_usage(&node.path, l, &mut copy, Who::Node, amt, &mut out);
-                if let Some(slot) = l.counter(Who::Node) {
-                    *slot = copy;
-                }
+                count_at(&node.path, l, Who::Node, amt, at, &mut out);
             }
         }
         out

@@ -549,3 +549,35 @@ fn regression_session_and_key_counters_keep_their_subject() {
         ]
     );
 }
+
+#[test]
+fn corrections_count_on_node_token_counters_only() {
+    let now = t("2026-11-25T08:30:00Z");
+    let e = Engine::new();
+    let tokens = Measure::Tokens(Selector::ALL);
+    let mut per_key = LimitSpec::new(p("acme"), "per-key", tokens, 1000, Period::Day);
+    per_key.scope = LimitScope::Key;
+    for spec in [
+        LimitSpec::new(p("acme"), "daily", tokens, 1000, Period::Day),
+        LimitSpec::new(p("acme"), "requests", Measure::Requests, 10, Period::Day),
+        per_key,
+    ] {
+        e.set_limit(spec).unwrap();
+    }
+    e.record(&p("acme/a"), "k1", None, &toks(&[("text.input", 100)]), now);
+    let settled = e.record_correction(&p("acme/a"), &toks(&[("text.input", -40)]), now);
+    assert!(settled.crossings.is_empty() && settled.exceeded.is_empty());
+    assert_eq!(row(&e, "acme", "daily", now).used, 60);
+    // A correction is no request and no key's usage.
+    assert_eq!(row(&e, "acme", "requests", now).used, 1);
+    let key = e
+        .status(&p("acme"), now)
+        .into_iter()
+        .find(|r| r.spec.name == "per-key" && r.subject == Subject::Key("k1".into()))
+        .unwrap();
+    assert_eq!(key.used, 100);
+    // A credit larger than the window's usage leaves room, as after a restart.
+    e.record_correction(&p("acme/a"), &toks(&[("text.input", -100)]), now);
+    assert_eq!(row(&e, "acme", "daily", now).used, -40);
+    assert_eq!(row(&e, "acme", "daily", now).remaining, 1000);
+}
