@@ -74,6 +74,7 @@ pub async fn create(
     // One correction at a time, checked against everything before it.
     let _guard = app.admin_lock.lock().await;
     app.caught_up().await?;
+    app.require_account(&account).await?;
     let corrected = match body.corrects {
         Some(id) => Some((id, corrected_entry(&app, id, &account).await?)),
         None => None,
@@ -89,11 +90,6 @@ pub async fn create(
         let wanted = negative.clone();
         let held = app
             .blocking(move |app| {
-                if app.store.account(&acct)?.is_none() {
-                    return Err(ApiError::not_found(format!(
-                        "account {acct} does not exist"
-                    )));
-                }
                 lifetime_usage(
                     app.store.as_ref(),
                     &acct,
@@ -120,16 +116,6 @@ pub async fn create(
                     )));
                 }
             }
-        }
-    } else {
-        let acct = account.clone();
-        let exists = app
-            .blocking(move |app| Ok(app.store.account(&acct)?.is_some()))
-            .await?;
-        if !exists {
-            return Err(ApiError::not_found(format!(
-                "account {account} does not exist"
-            )));
         }
     }
     let now = Timestamp::now();

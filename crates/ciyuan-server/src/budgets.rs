@@ -335,17 +335,7 @@ async fn existing_node(
 ) -> Result<AccountPath, ApiError> {
     let node = parse_path(raw, "path")?;
     caller.require_within(&node)?;
-    if !node.is_root() {
-        let n = node.clone();
-        let exists = app
-            .blocking(move |app| Ok(app.store.account(&n)?.is_some()))
-            .await?;
-        if !exists {
-            return Err(ApiError::not_found(format!(
-                "account {node} does not exist"
-            )));
-        }
-    }
+    app.require_account(&node).await?;
     Ok(node)
 }
 

@@ -74,17 +74,7 @@ pub async fn create(
         ciyuan_core::check_text("name", n, MAX_KEY_NAME_BYTES)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
-    if !account.is_root() {
-        let a = account.clone();
-        let exists = app
-            .blocking(move |app| Ok(app.store.account(&a)?.is_some()))
-            .await?;
-        if !exists {
-            return Err(ApiError::not_found(format!(
-                "account {account} does not exist"
-            )));
-        }
-    }
+    app.require_account(&account).await?;
     let new = generate_key()?;
     let record = KeyRecord {
         key_id: new.key_id.clone(),

@@ -212,6 +212,27 @@ impl App {
             .await
     }
 
+    /// Fails with 404 unless account `path` exists (the root always does).
+    pub(crate) async fn require_account(
+        self: &Arc<Self>,
+        path: &AccountPath,
+    ) -> Result<(), ApiError> {
+        if path.is_root() {
+            return Ok(());
+        }
+        let p = path.clone();
+        let exists = self
+            .blocking(move |app| Ok(app.store.account(&p)?.is_some()))
+            .await?;
+        if exists {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(format!(
+                "account {path} does not exist"
+            )))
+        }
+    }
+
     /// Waits until queries see every entry acknowledged before this call: queries
     /// read their writes (and everyone's), at the cost of the projector's short linger.
     pub async fn caught_up(&self) -> Result<(), ApiError> {
