@@ -1147,31 +1147,7 @@ impl Engine {
         tokens: &TokenMap,
         at: Timestamp,
     ) -> Settled {
-        if self.limit_count.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            // No limit anywhere: nothing to count (a limit set later starts from the
-            // projections, as after a restart).
-            return Settled::default();
-        }
-        let tokens = Amounts::of(tokens);
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let chain = inner.chain(account.as_str());
-        let mut out = Settled::default();
-        for n in chain.top_down() {
-            let node = &mut inner.nodes[n];
-            for l in node.limits.iter_mut() {
-                let Some(who) = l.pick(key_id, session) else {
-                    continue;
-                };
-                let amt = tokens.measure(&l.spec.measure);
-                if l.spec.scope == LimitScope::Request {
-                    request_usage(&node.path, l, at, amt, &mut out);
-                    continue;
-                }
-                count_at(&node.path, l, who, amt, at, &mut out);
-            }
-        }
-        out
+        self.count_usage(account, tokens, at, |l| l.pick(key_id, session))
     }
 
     /// Counts a correction (signed token deltas on `account`, made at `at`) on the
@@ -1185,7 +1161,24 @@ impl Engine {
         tokens: &TokenMap,
         at: Timestamp,
     ) -> Settled {
+        self.count_usage(account, tokens, at, |l| {
+            (l.spec.scope == LimitScope::Node && l.spec.measure != Measure::Requests)
+                .then_some(Who::Node)
+        })
+    }
+
+    /// Counts usage that happened at `at` on every limit of `account`'s path for
+    /// which `who` names a counter (`None`: the limit does not count it).
+    fn count_usage<'a>(
+        &self,
+        account: &AccountPath,
+        tokens: &TokenMap,
+        at: Timestamp,
+        who: impl Fn(&Limit) -> Option<Who<'a>>,
+    ) -> Settled {
         if self.limit_count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            // No limit anywhere: nothing to count (a limit set later starts from the
+            // projections, as after a restart).
             return Settled::default();
         }
         let tokens = Amounts::of(tokens);
@@ -1196,11 +1189,15 @@ impl Engine {
         for n in chain.top_down() {
             let node = &mut inner.nodes[n];
             for l in node.limits.iter_mut() {
-                if l.spec.scope != LimitScope::Node || l.spec.measure == Measure::Requests {
+                let Some(who) = who(l) else {
+                    continue;
+                };
+                let amt = tokens.measure(&l.spec.measure);
+                if l.spec.scope == LimitScope::Request {
+                    request_usage(&node.path, l, at, amt, &mut out);
                     continue;
                 }
-                let amt = tokens.measure(&l.spec.measure);
-                count_at(&node.path, l, Who::Node, amt, at, &mut out);
+                count_at(&node.path, l, who, amt, at, &mut out);
             }
         }
         out
