@@ -13,6 +13,21 @@ use ciyuan_store::KeyRecord;
 use serde_json::{Value, json};
 use std::time::Instant;
 
+/// Replaces the `k`-th value (in document order) of `v` with `with`; `k` counts down
+/// as values are passed. Shared by the readers' property tests.
+pub(crate) fn replace_nth(v: &mut Value, k: &mut usize, with: &Value) -> bool {
+    if *k == 0 {
+        *v = with.clone();
+        return true;
+    }
+    *k -= 1;
+    match v {
+        Value::Array(items) => items.iter_mut().any(|i| replace_nth(i, k, with)),
+        Value::Object(map) => map.values_mut().any(|i| replace_nth(i, k, with)),
+        _ => false,
+    }
+}
+
 /// The property tests' settings: `cases` by default, `CIYUAN_FUZZ_CASES` for a long
 /// run; failures are kept in `fixtures/proptest-<name>.txt` and replayed first.
 pub(crate) fn fuzz_config(cases: u32, name: &str) -> proptest::test_runner::Config {
@@ -455,20 +470,6 @@ mod properties {
         ("anthropic", Endpoint::Messages),
         ("anthropic_tool_use", Endpoint::Messages),
     ];
-
-    /// Replaces the `k`-th value (in document order) of `v` with `with`.
-    fn replace_nth(v: &mut Value, k: &mut usize, with: &Value) -> bool {
-        if *k == 0 {
-            *v = with.clone();
-            return true;
-        }
-        *k -= 1;
-        match v {
-            Value::Array(items) => items.iter_mut().any(|i| replace_nth(i, k, with)),
-            Value::Object(map) => map.values_mut().any(|i| replace_nth(i, k, with)),
-            _ => false,
-        }
-    }
 
     /// JSON values of every type.
     fn any_value() -> impl Strategy<Value = Value> {

@@ -571,6 +571,7 @@ mod tests {
 
     mod properties {
         use super::*;
+        use crate::gateway::metering_tests::replace_nth;
         use proptest::prelude::*;
 
         /// A corpus request with byte edits (overwrite, insert, delete) and a cut.
@@ -591,21 +592,6 @@ mod tests {
                 b.truncate(cut % (b.len() + 1));
             }
             b
-        }
-
-        /// Replaces the `k`-th value (in document order) of `v` with `with`; `k` counts
-        /// down as values are passed.
-        fn replace_nth(v: &mut Value, k: &mut usize, with: &Value) -> bool {
-            if *k == 0 {
-                *v = with.clone();
-                return true;
-            }
-            *k -= 1;
-            match v {
-                Value::Array(items) => items.iter_mut().any(|i| replace_nth(i, k, with)),
-                Value::Object(map) => map.values_mut().any(|i| replace_nth(i, k, with)),
-                _ => false,
-            }
         }
 
         /// JSON values of every type, including the awkward ones.
