@@ -192,7 +192,7 @@ impl From<crate::error::ApiError> for GatewayError {
 }
 
 /// What the gateway reads of a request: the model, whether it streams, and its text.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct RequestInfo {
     /// The requested model.
     pub model: String,
