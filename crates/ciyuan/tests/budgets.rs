@@ -34,7 +34,7 @@ fn set_budget(gw: &Gateway, path: &str, body: Value) -> Value {
 }
 
 /// The tokens the ledger has for a subtree, all kinds together.
-fn used_in_ledger(gw: &Gateway, account: &str) -> i64 {
+pub fn used_in_ledger(gw: &Gateway, account: &str) -> i64 {
     let (_, b) = gw.server.http(
         "GET",
         &format!("/api/v1/usage?account={account}"),

@@ -2,6 +2,7 @@
 //! Anthropic Python SDKs, and raw sockets for failures) and `ciyuan sim` in its own
 //! process, with the ledger checked after every call.
 
+use crate::budgets::used_in_ledger;
 use crate::common::{Server, bin, http, json};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -802,22 +803,6 @@ fn request_heads_over_8_kib_are_refused_with_431_and_serving_goes_on() {
         None,
     );
     assert!(r.status == 200 && r.complete, "{} {}", r.head, r.body);
-}
-
-/// The tokens the ledger has for a subtree, all kinds together.
-fn used_in_ledger(gw: &Gateway, account: &str) -> i64 {
-    let (_, b) = gw.server.http(
-        "GET",
-        &format!("/api/v1/usage?account={account}"),
-        &gw.admin,
-        None,
-    );
-    json(&b)["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["total"].as_i64().unwrap())
-        .sum()
 }
 
 #[test]
