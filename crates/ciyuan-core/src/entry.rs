@@ -11,6 +11,7 @@
 //! versions they do not know rather than guess.
 
 use crate::budget::{AccessSet, BudgetCleared, BudgetSet, Incident};
+use crate::definition::TokenDefinition;
 use crate::{AccountPath, Scopes, tokens::TokenMap};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,8 @@ pub enum EntryBody {
     AccessSet(AccessSet),
     /// A threshold was reached or a hard limit exceeded on the entry's node.
     Incident(Incident),
+    /// A version of a service's token definition was declared (on the root node).
+    DefinitionSet(TokenDefinition),
 }
 
 /// Tokens of one call or event.
@@ -263,6 +266,7 @@ impl EntryBody {
             EntryBody::BudgetCleared(_) => "budget.cleared",
             EntryBody::AccessSet(_) => "access.set",
             EntryBody::Incident(_) => "incident",
+            EntryBody::DefinitionSet(_) => "definition.set",
         }
     }
 }
@@ -335,6 +339,7 @@ impl Entry {
             EntryBody::BudgetCleared(d) => put(self, d, out),
             EntryBody::AccessSet(d) => put(self, d, out),
             EntryBody::Incident(d) => put(self, d, out),
+            EntryBody::DefinitionSet(d) => put(self, d, out),
         }
     }
 
@@ -356,6 +361,7 @@ impl Entry {
             "budget.cleared" => EntryBody::BudgetCleared(serde_json::from_str(data)?),
             "access.set" => EntryBody::AccessSet(serde_json::from_str(data)?),
             "incident" => EntryBody::Incident(serde_json::from_str(data)?),
+            "definition.set" => EntryBody::DefinitionSet(serde_json::from_str(data)?),
             other => return Err(DecodeError::Kind(other.to_string())),
         };
         Ok(Entry {
@@ -465,6 +471,14 @@ mod tests {
                 amount: 1000,
                 subject: Some("session-1".into()),
                 cause: Some(41),
+            }),
+            EntryBody::DefinitionSet(crate::TokenDefinition {
+                service: "doc.verify".into(),
+                version: 2,
+                effective_from: at,
+                description: Some("pages × 500".into()),
+                tokens: [("other.input".to_string(), "pages * 500".to_string())].into(),
+                set_by: Some(AccountPath::root()),
             }),
         ];
         for body in bodies {

@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 mod budget;
+mod definition;
 mod entry;
 mod money;
 mod path;
@@ -38,6 +39,7 @@ pub use budget::{
     AccessSet, BudgetCleared, BudgetMeasure, BudgetMode, BudgetPer, BudgetPeriod, BudgetSet,
     Incident, Selector, may_change_control,
 };
+pub use definition::TokenDefinition;
 pub use entry::{
     AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, GATEWAY_SOURCE,
     KeyCreated, KeyRevoked, Quality, Recount, Usage, ingest_key_hash,

@@ -3,30 +3,16 @@
 use cel::{Context, Program, Value as Cel};
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{Direction, Modality, TokenMap};
-use serde::Deserialize;
 use serde_json::{Map, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Longest expression accepted, in bytes: definitions are short formulas.
 const MAX_EXPRESSION_BYTES: usize = 1024;
 
-/// A definition as written in the configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawDefinition {
-    /// The service (the CloudEvent `type`), e.g. `doc.verify`.
-    pub service: String,
-    /// Version, increasing with `effective_from`.
-    pub version: u32,
-    /// From when it applies (RFC 3339, UTC).
-    pub effective_from: Timestamp,
-    /// What it is, for people.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Token key (`modality.direction`) → CEL expression over the event's data fields.
-    pub tokens: BTreeMap<String, String>,
-}
+/// A definition as declared (in the configuration or the API) and recorded in the
+/// ledger (`definition.set`).
+pub type RawDefinition = ciyuan_core::TokenDefinition;
 
 /// A compiled definition.
 pub struct Definition {

@@ -463,20 +463,14 @@ pub async fn set(
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let _guard = app.admin_lock.lock().await;
     may_change_limit(&app, &caller, &node, &budget.name).await?;
+    // The engine takes the limit from the entry (`App::apply_controls`), counting
+    // what its window already holds.
     app.append_visible(&[Entry::new(
         Timestamp::now(),
         node.clone(),
         EntryBody::BudgetSet(budget),
     )])
     .await?;
-    app.budget
-        .set_limit(spec.clone())
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    // Count what the window already holds (a new limit, or one whose window changed,
-    // starts from the ledger's usage, not from zero).
-    app.caught_up().await?;
-    app.blocking(move |app| restore_used(app.store.as_ref(), &app.budget, &spec, Timestamp::now()))
-        .await?;
     Ok((StatusCode::OK, answer(&app, &caller, &node).await))
 }
 
@@ -511,7 +505,6 @@ pub async fn clear(
         }),
     )])
     .await?;
-    app.budget.clear_limit(&node, &name);
     Ok(answer(&app, &caller, &node).await)
 }
 
@@ -628,7 +621,6 @@ pub async fn set_access(
         EntryBody::AccessSet(rules.clone()),
     )])
     .await?;
-    app.budget.set_models(&node, rules.allow, rules.deny);
     Ok(answer(&app, &caller, &node).await)
 }
 

@@ -1218,7 +1218,7 @@ fn door_on(rt: tokio::runtime::Runtime, config: ServerConfig) -> Door {
             store,
             log,
             ServerConfig {
-                definitions: Arc::new(ciyuan_measure::DefinitionSet::new(definitions).unwrap()),
+                definitions,
                 ..config
             },
         )

@@ -927,8 +927,7 @@ fn validate(
                 let data: Map<String, Value> = serde_json::from_str(data.get())
                     .map_err(|e| ApiError::bad_request(format!("data: {e}")))?;
                 let measured =
-                    app.config
-                        .definitions
+                    app.definitions()
                         .measure(other, ts, &data)
                         .map_err(|e| match e {
                             M::BadMeasure(..) => ApiError::bad_request(e.to_string()),

@@ -11,6 +11,7 @@ mod adjust;
 mod audit;
 pub mod auth;
 pub mod budgets;
+mod controls;
 pub mod error;
 mod extract;
 #[cfg(test)]
@@ -52,8 +53,11 @@ pub struct ServerConfig {
     pub ingest_max_future: Duration,
     /// Most events in one ingest batch.
     pub max_events_per_batch: usize,
-    /// How services other than `llm.usage` turn measures into tokens.
-    pub definitions: Arc<ciyuan_measure::DefinitionSet>,
+    /// How services other than `llm.usage` turn measures into tokens, as declared in
+    /// the configuration: on start, those the ledger does not hold are appended as
+    /// `definition.set` entries (a conflicting one stops the start); the definitions
+    /// in force are always the ledger's.
+    pub definitions: Vec<ciyuan_core::TokenDefinition>,
     /// Providers and the gateway's settings.
     pub gateway: gateway::GatewayConfig,
     /// Where budget incidents are sent as signed webhooks, if anywhere.
@@ -71,7 +75,7 @@ impl Default for ServerConfig {
             ingest_max_age: Duration::from_secs(7 * 24 * 3600),
             ingest_max_future: Duration::from_secs(300),
             max_events_per_batch: 10_000,
-            definitions: Arc::default(),
+            definitions: Vec::new(),
             gateway: gateway::GatewayConfig::default(),
             notifier: None,
             reservation_ttl: Duration::from_secs(3600),
@@ -96,6 +100,8 @@ pub struct App {
     gateway: gateway::Gateway,
     /// Limits, access rules, reservations and counters.
     budget: ciyuan_budget::Engine,
+    /// Token definitions in force (the ledger's `definition.set` entries).
+    definitions: controls::Definitions,
 }
 
 impl App {
@@ -109,6 +115,21 @@ impl App {
         // them, and must know every limit before the first request.
         pipeline::project(store.as_ref(), log.as_ref(), log.size(), &mut |_| {})
             .map_err(ApiError::internal)?;
+        // The configuration's definitions that the ledger lacks are recorded before
+        // anything is served, so the first event is measured by the ledger's rules.
+        let declared = controls::definition_entries(
+            store.as_ref(),
+            &config.definitions,
+            &AccountPath::root(),
+            Timestamp::now(),
+        )
+        .map_err(|e| ApiError::bad_request(format!("token_definitions: {e}")))?;
+        if !declared.is_empty() {
+            pipeline::append_blocking(log.as_ref(), &declared)?;
+            pipeline::project(store.as_ref(), log.as_ref(), log.size(), &mut |_| {})
+                .map_err(ApiError::internal)?;
+        }
+        let definitions = controls::Definitions::load(store.as_ref())?;
         let budget = budgets::load(store.as_ref(), Timestamp::now())?;
         let projector = Projector::start(store.clone(), log.clone())?;
         let recent = ingest::Recent::load(store.as_ref(), log.as_ref())?;
@@ -116,6 +137,7 @@ impl App {
         Ok(Arc::new(App {
             gateway,
             budget,
+            definitions,
             auth: Authenticator::new(store.clone()),
             store,
             log,
@@ -133,12 +155,25 @@ impl App {
         Ok(range)
     }
 
-    /// Appends entries and waits until queries see them.
-    pub async fn append_visible(&self, entries: &[Entry]) -> Result<Range<u64>, ApiError> {
+    /// Appends entries and waits until queries see them; control entries (limits,
+    /// access rules, definitions) then take effect in the request path.
+    pub async fn append_visible(
+        self: &Arc<Self>,
+        entries: &[Entry],
+    ) -> Result<Range<u64>, ApiError> {
         let range = self.append(entries).await?;
         self.projector
             .wait_for(range.end, self.config.projection_wait)
             .await?;
+        let controls: Vec<Entry> = entries
+            .iter()
+            .filter(|e| controls::is_control(e))
+            .cloned()
+            .collect();
+        if !controls.is_empty() {
+            self.blocking(move |app| app.apply_controls(&controls))
+                .await?;
+        }
         Ok(range)
     }
 
@@ -333,6 +368,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/v1/webhooks/deliveries", get(budgets::deliveries))
         .route("/api/v1/discrepancies", get(records::discrepancies))
+        .route(
+            "/api/v1/definitions",
+            get(controls::list).post(controls::declare),
+        )
         .route("/api/v1/incidents", get(records::incidents))
         .route("/api/v1/adjustments", post(adjust::create))
         .route(

@@ -148,6 +148,25 @@ async fn append_then(
     Ok(range)
 }
 
+/// [`append`] from a thread that may block (start-up, before the server serves):
+/// waits for the entries to be durable.
+pub fn append_blocking(log: &dyn Log, entries: &[Entry]) -> Result<Range<u64>, ApiError> {
+    let bytes: Vec<Vec<u8>> = entries.iter().map(Entry::encode).collect();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    log.append(
+        bytes,
+        Box::new(move |r| {
+            // The receiver waits below until this is sent; it cannot be gone.
+            let sent = tx.send(r);
+            debug_assert!(sent.is_ok());
+        }),
+    )?;
+    let range = rx
+        .recv()
+        .map_err(|_| ApiError::unavailable("the ledger writer stopped"))??;
+    Ok(range)
+}
+
 /// Why projecting stopped.
 #[derive(Debug)]
 pub enum ProjectError {

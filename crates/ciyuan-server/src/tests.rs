@@ -136,7 +136,7 @@ async fn harness_on(store: Arc<dyn Store>, log: Arc<dyn Log>, admin: Option<Stri
     .unwrap();
     let config = ServerConfig {
         max_body_bytes: 4096,
-        definitions: Arc::new(ciyuan_measure::DefinitionSet::new(definitions).unwrap()),
+        definitions,
         ..ServerConfig::default()
     };
     let app = App::new(store, log, config).unwrap();
@@ -1134,4 +1134,122 @@ async fn repeats_answer_the_original_entry_once_projected_and_after_a_restart() 
     // Each event counted once: a..f, 2 tokens each.
     let (_, u) = h.admin("GET", "/api/v1/usage?account=acme", None).await;
     assert_eq!(u["rows"][0]["tokens"], json!({"text.input": 12}), "{u}");
+}
+
+/// Issue 14: token definitions are ledger entries. The configuration's are recorded
+/// once (a restart appends nothing), a version's rules are never rewritten, a new
+/// version never takes effect in the past, only a root admin declares, and events are
+/// measured by the ledger's version in force at their time.
+#[tokio::test]
+async fn definitions_are_ledger_entries_declared_once_and_never_rewritten() {
+    let store: Arc<dyn Store> =
+        Arc::new(ciyuan_store_sqlite::SqliteStore::open_in_memory().unwrap());
+    let log: Arc<dyn Log> = Arc::new(MemLog::new());
+    let h = harness_on(store.clone(), log.clone(), None).await;
+    let (s, listed) = h.admin("GET", "/api/v1/definitions", None).await;
+    assert_eq!(s, StatusCode::OK, "{listed}");
+    let ids = |v: &Value| -> Vec<(String, u64)> {
+        v["definitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["id"].as_str().unwrap().to_string(),
+                    d["entry"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let first = ids(&listed);
+    assert_eq!(
+        first.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["doc.verify@1", "face.match@1"]
+    );
+    assert_eq!(listed["definitions"][0]["set_by"], "/");
+    let size = log.size();
+    let admin = h.admin.clone();
+    drop(h);
+    let h = harness_on(store, log.clone(), Some(admin)).await;
+    assert_eq!(
+        log.size(),
+        size,
+        "a restart with the same file appends nothing"
+    );
+    let (_, again) = h.admin("GET", "/api/v1/definitions", None).await;
+    assert_eq!(ids(&again), first);
+
+    let def = |version: u32, from: String, expr: &str| {
+        json!({"service": "doc.verify", "version": version, "effective_from": from,
+               "tokens": {"other.input": expr}})
+    };
+    let past = "2021-01-01T00:00:00Z".to_string();
+    let (s, v) = h
+        .admin(
+            "POST",
+            "/api/v1/definitions",
+            Some(def(1, "2020-01-01T00:00:00Z".into(), "9")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("declare version 2"),
+        "{v}"
+    );
+    let (s, v) = h
+        .admin("POST", "/api/v1/definitions", Some(def(2, past, "pages")))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("in the past"), "{v}");
+
+    h.admin("POST", "/api/v1/accounts", Some(json!({"path": "bank"})))
+        .await;
+    let tenant = h.key("bank", &["admin"]).await;
+    let from = Timestamp::now() + std::time::Duration::from_secs(2);
+    let body = def(2, from.to_string(), "100 * pages").to_string();
+    let (s, v) = h
+        .send("POST", "/api/v1/definitions", Some(&tenant), Some(&body))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = h
+        .admin(
+            "POST",
+            "/api/v1/definitions",
+            Some(def(2, from.to_string(), "100 * pages")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["appended"], json!(["doc.verify@2"]));
+
+    let ingest = h.key("bank", &["ingest"]).await;
+    let measured = |id: &str, at: Timestamp| {
+        let mut e = event(id, "bank", json!({"pages": 3}));
+        e["type"] = json!("doc.verify");
+        e["time"] = json!(at.to_string());
+        e
+    };
+    for (id, at, want) in [
+        ("before", Timestamp::now(), ("doc.verify@1", 11)),
+        (
+            "after",
+            from + std::time::Duration::from_secs(1),
+            ("doc.verify@2", 300),
+        ),
+    ] {
+        let (s, v) = h
+            .events(
+                &ingest,
+                "application/cloudevents+json",
+                &measured(id, at).to_string(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let entry_id = v["entry_id"].as_u64().unwrap();
+        let (_, e) = h
+            .admin("GET", &format!("/api/v1/audit/entries/{entry_id}"), None)
+            .await;
+        let entry: Value = serde_json::from_str(e["entry"].as_str().unwrap()).unwrap();
+        assert_eq!(entry["data"]["definition"], want.0, "{entry}");
+        assert_eq!(entry["data"]["tokens"]["other.input"], want.1, "{entry}");
+    }
 }

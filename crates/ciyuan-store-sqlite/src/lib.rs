@@ -8,12 +8,9 @@
 #![deny(missing_docs)]
 
 use ciyuan_core::jiff::Timestamp;
-use ciyuan_core::{AccountPath, Direction, Entry, EntryBody, Modality, Scopes};
-use ciyuan_store::{
-    Account, HourFilter, HourRow, KeyRecord, Recorded, Store, StoreError, floor_hour,
-};
+use ciyuan_core::{AccountPath, Entry, Scopes};
+use ciyuan_store::{Account, Change, HourFilter, HourRow, KeyRecord, Recorded, Store, StoreError};
 use rusqlite::{Connection, OptionalExtension, params};
-use rustc_hash::FxHashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -131,6 +128,17 @@ DELETE FROM access_rules;
 DELETE FROM flagged;
 DELETE FROM incidents;
 UPDATE meta SET value = 0 WHERE name = 'projected_through';
+"#,
+    // Token definitions are ledger entries (`definition.set`). No earlier entry can be
+    // one, so nothing needs projecting again.
+    r#"
+CREATE TABLE definitions (
+    service    TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    definition TEXT NOT NULL,
+    entry      INTEGER NOT NULL,
+    PRIMARY KEY (service, version)
+) WITHOUT ROWID;
 "#,
 ];
 
@@ -380,8 +388,90 @@ fn account_from_raw(raw: RawAccount) -> Result<Account, StoreError> {
     })
 }
 
-/// Rollup key borrowed from the entries being applied: no allocation per token.
-type RollupKey<'a> = (&'a str, i64, &'a str, &'a str, Modality, Direction);
+/// Writes the projection changes (decided by `ciyuan_store::project`) in order.
+fn write_changes(tx: &rusqlite::Transaction<'_>, changes: &[Change<'_>]) -> Result<(), StoreError> {
+    for change in changes {
+        match change {
+            Change::AccountCreated {
+                entry,
+                at,
+                path,
+                info,
+            } => tx
+                .prepare_cached(
+                    "INSERT INTO accounts (path, info, created_at, created_entry) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (path) DO NOTHING",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![path.as_str(), to_json(info).map_err(sql)?, at.to_string(), *entry as i64])
+                }),
+            Change::AccountUpdated { path, info } => tx
+                .prepare_cached("UPDATE accounts SET info = ? WHERE path = ?")
+                .and_then(|mut st| st.execute(params![to_json(info).map_err(sql)?, path.as_str()])),
+            Change::BudgetSet {
+                entry,
+                node,
+                budget,
+            } => tx
+                .prepare_cached(
+                    "INSERT INTO budgets (node, name, spec, entry) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (node, name) DO UPDATE SET spec = excluded.spec, entry = excluded.entry",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![node.as_str(), budget.name, to_json(budget).map_err(sql)?, *entry as i64])
+                }),
+            Change::BudgetCleared { node, name } => tx
+                .prepare_cached("DELETE FROM budgets WHERE node = ? AND name = ?")
+                .and_then(|mut st| st.execute(params![node.as_str(), name])),
+            Change::AccessSet { entry, node, rules } => tx
+                .prepare_cached(
+                    "INSERT INTO access_rules (node, rules, entry) VALUES (?, ?, ?)
+                     ON CONFLICT (node) DO UPDATE SET rules = excluded.rules, entry = excluded.entry",
+                )
+                .and_then(|mut st| st.execute(params![node.as_str(), to_json(rules).map_err(sql)?, *entry as i64])),
+            Change::Incident {
+                entry,
+                at,
+                node,
+                incident,
+            } => tx
+                .prepare_cached("INSERT INTO incidents (entry, ts, account, incident) VALUES (?, ?, ?, ?)")
+                .and_then(|mut st| {
+                    st.execute(params![*entry as i64, at.to_string(), node.as_str(), to_json(incident).map_err(sql)?])
+                }),
+            Change::Flagged {
+                entry,
+                at,
+                node,
+                usage,
+            } => tx
+                .prepare_cached("INSERT INTO flagged (entry, ts, account, usage) VALUES (?, ?, ?, ?)")
+                .and_then(|mut st| {
+                    st.execute(params![*entry as i64, at.to_string(), node.as_str(), to_json(usage).map_err(sql)?])
+                }),
+            Change::DefinitionSet { entry, definition } => tx
+                .prepare_cached(
+                    "INSERT INTO definitions (service, version, definition, entry) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (service, version) DO NOTHING",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        definition.service,
+                        definition.version,
+                        to_json(definition).map_err(sql)?,
+                        *entry as i64
+                    ])
+                }),
+        }
+        .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// A projection error carried through rusqlite's error type inside a statement closure.
+fn sql(e: StoreError) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+}
 
 impl Store for SqliteStore {
     fn projected_through(&self) -> Result<u64, StoreError> {
@@ -417,140 +507,10 @@ impl Store for SqliteStore {
                 from: start,
             });
         }
-        // Sum usage per rollup key first: a batch of many events for one key becomes one
-        // upsert.
-        let mut rollup: FxHashMap<RollupKey<'_>, i128> = FxHashMap::default();
+        let projected = ciyuan_store::project(start, parts)?;
+        write_changes(&tx, &projected.changes)?;
+        insert_ingest_index(&tx, &projected.ingest)?;
         {
-            let mut insert_account = tx
-                .prepare_cached(
-                    "INSERT INTO accounts (path, info, created_at, created_entry) VALUES (?, ?, ?, ?)
-                     ON CONFLICT (path) DO NOTHING",
-                )
-                .map_err(backend)?;
-            let mut update_account = tx
-                .prepare_cached("UPDATE accounts SET info = ? WHERE path = ?")
-                .map_err(backend)?;
-            // Events to index, in log order.
-            let mut events: Vec<(i64, i64)> = Vec::with_capacity(count);
-            for (i, entry) in parts.iter().flat_map(|p| p.iter()).enumerate() {
-                let index = start + i as u64;
-                let (service, model, tokens) = match &entry.body {
-                    EntryBody::Usage(u) => {
-                        if let Some((source, id)) = u.ingest_key() {
-                            // Stored as SQLite's signed integer, read back as u64.
-                            let hash = ciyuan_core::ingest_key_hash(source, id) as i64;
-                            events.push((index as i64, hash));
-                        }
-                        (&u.service, &u.model, &u.tokens)
-                    }
-                    EntryBody::Adjustment(a) => (&a.service, &a.model, &a.tokens),
-                    EntryBody::AccountCreated(info) => {
-                        insert_account
-                            .execute(params![
-                                entry.account.as_str(),
-                                to_json(info)?,
-                                entry.ts.to_string(),
-                                index as i64
-                            ])
-                            .map_err(backend)?;
-                        continue;
-                    }
-                    EntryBody::AccountUpdated(info) => {
-                        update_account
-                            .execute(params![to_json(info)?, entry.account.as_str()])
-                            .map_err(backend)?;
-                        continue;
-                    }
-                    EntryBody::KeyCreated(_) | EntryBody::KeyRevoked(_) => continue,
-                    EntryBody::BudgetSet(b) => {
-                        let spec = to_json(b)?;
-                        tx.prepare_cached(
-                            "INSERT INTO budgets (node, name, spec, entry) VALUES (?, ?, ?, ?)
-                             ON CONFLICT (node, name) DO UPDATE SET spec = excluded.spec, entry = excluded.entry",
-                        )
-                        .and_then(|mut st| {
-                            st.execute(params![
-                                entry.account.as_str(),
-                                b.name,
-                                spec,
-                                index as i64
-                            ])
-                        })
-                        .map_err(backend)?;
-                        continue;
-                    }
-                    EntryBody::BudgetCleared(b) => {
-                        tx.prepare_cached("DELETE FROM budgets WHERE node = ? AND name = ?")
-                            .and_then(|mut st| st.execute(params![entry.account.as_str(), b.name]))
-                            .map_err(backend)?;
-                        continue;
-                    }
-                    EntryBody::AccessSet(a) => {
-                        let rules = to_json(a)?;
-                        tx.prepare_cached(
-                            "INSERT INTO access_rules (node, rules, entry) VALUES (?, ?, ?)
-                             ON CONFLICT (node) DO UPDATE SET rules = excluded.rules, entry = excluded.entry",
-                        )
-                        .and_then(|mut st| {
-                            st.execute(params![entry.account.as_str(), rules, index as i64])
-                        })
-                        .map_err(backend)?;
-                        continue;
-                    }
-                    EntryBody::Incident(inc) => {
-                        let incident = to_json(inc)?;
-                        tx.prepare_cached(
-                            "INSERT INTO incidents (entry, ts, account, incident) VALUES (?, ?, ?, ?)",
-                        )
-                        .and_then(|mut st| {
-                            st.execute(params![
-                                index as i64,
-                                entry.ts.to_string(),
-                                entry.account.as_str(),
-                                incident
-                            ])
-                        })
-                        .map_err(backend)?;
-                        continue;
-                    }
-                };
-                if let EntryBody::Usage(u) = &entry.body
-                    && u.recount.as_ref().is_some_and(|r| r.flagged)
-                {
-                    let usage = to_json(u)?;
-                    tx.prepare_cached(
-                        "INSERT INTO flagged (entry, ts, account, usage) VALUES (?, ?, ?, ?)",
-                    )
-                    .and_then(|mut st| {
-                        st.execute(params![
-                            index as i64,
-                            entry.ts.to_string(),
-                            entry.account.as_str(),
-                            usage
-                        ])
-                    })
-                    .map_err(backend)?;
-                }
-                let hour = floor_hour(entry.ts);
-                for t in tokens.iter() {
-                    let slot = rollup
-                        .entry((
-                            entry.account.as_str(),
-                            hour,
-                            service.as_str(),
-                            model.as_deref().unwrap_or(""),
-                            t.modality,
-                            t.direction,
-                        ))
-                        .or_insert(0);
-                    // A batch holds at most a few thousand entries of i64 counts: an
-                    // i128 sum of them cannot overflow, but the check is cheap.
-                    *slot = slot.checked_add(i128::from(t.count)).ok_or_else(|| {
-                        StoreError::Backend(format!("token sum overflows at entry {index}"))
-                    })?;
-                }
-            }
-            insert_ingest_index(&tx, &events)?;
             let mut upsert = tx
                 .prepare_cached(
                     "INSERT INTO usage_hourly (account, hour, service, model, modality, direction, hi, lo)
@@ -560,16 +520,16 @@ impl Store for SqliteStore {
                                    lo = (lo + excluded.lo) & 4611686018427387903",
                 )
                 .map_err(backend)?;
-            for ((account, hour, service, model, modality, direction), tokens) in rollup {
-                let (hi, lo) = split_sum(tokens)?;
+            for (k, tokens) in &projected.usage {
+                let (hi, lo) = split_sum(*tokens)?;
                 upsert
                     .execute(params![
-                        account,
-                        hour,
-                        service,
-                        model,
-                        modality.as_str(),
-                        direction.as_str(),
+                        k.account.as_str(),
+                        k.hour,
+                        k.service,
+                        k.model,
+                        k.modality.as_str(),
+                        k.direction.as_str(),
                         hi,
                         lo
                     ])
@@ -595,6 +555,7 @@ impl Store for SqliteStore {
                  DELETE FROM access_rules;
                  DELETE FROM flagged;
                  DELETE FROM incidents;
+                 DELETE FROM definitions;
                  UPDATE meta SET value = 0 WHERE name = 'projected_through';
                  COMMIT;",
             )
@@ -731,6 +692,27 @@ impl Store for SqliteStore {
         )
     }
 
+    fn definitions(&self) -> Result<Vec<(u64, ciyuan_core::TokenDefinition)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT entry, definition FROM definitions ORDER BY service, version")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (entry, json) = row.map_err(backend)?;
+            out.push((
+                u64::try_from(entry)
+                    .map_err(|_| StoreError::Corrupt(format!("definition entry id {entry}")))?,
+                serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("stored definition {json:?}: {e}")))?,
+            ));
+        }
+        Ok(out)
+    }
+
     fn flagged(
         &self,
         under: &AccountPath,
@@ -844,7 +826,10 @@ const INGEST_INDEX_ROWS_PER_INSERT: usize = 64;
 
 /// Appends ingested events `(entry, hash)` to the idempotency index, in entry order:
 /// the table is keyed by entry, so each commit only extends its last pages.
-fn insert_ingest_index(tx: &Connection, events: &[(i64, i64)]) -> Result<(), StoreError> {
+fn insert_ingest_index(tx: &Connection, events: &[(u64, u64)]) -> Result<(), StoreError> {
+    // Stored as SQLite's signed integers: entry ids are far below 2^63, and a hash is
+    // read back with the same cast.
+    let signed = |&(entry, hash): &(u64, u64)| (entry as i64, hash as i64);
     fn sql(rows: usize) -> String {
         let mut sql = String::from("INSERT INTO ingest_index (entry, hash) VALUES ");
         for r in 0..rows {
@@ -858,7 +843,7 @@ fn insert_ingest_index(tx: &Connection, events: &[(i64, i64)]) -> Result<(), Sto
             .prepare_cached(&sql(INGEST_INDEX_ROWS_PER_INSERT))
             .map_err(backend)?;
         for chunk in &mut chunks {
-            for (r, (entry, hash)) in chunk.iter().enumerate() {
+            for (r, (entry, hash)) in chunk.iter().map(signed).enumerate() {
                 many.raw_bind_parameter(2 * r + 1, entry).map_err(backend)?;
                 many.raw_bind_parameter(2 * r + 2, hash).map_err(backend)?;
             }
@@ -866,7 +851,7 @@ fn insert_ingest_index(tx: &Connection, events: &[(i64, i64)]) -> Result<(), Sto
         }
     }
     let mut one = tx.prepare_cached(&sql(1)).map_err(backend)?;
-    for (entry, hash) in chunks.remainder() {
+    for (entry, hash) in chunks.remainder().iter().map(signed) {
         one.execute(params![entry, hash]).map_err(backend)?;
     }
     Ok(())

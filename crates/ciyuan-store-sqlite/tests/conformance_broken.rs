@@ -74,6 +74,9 @@ impl Store for BrokenAfterReset {
     fn access_rules(&self) -> Result<Vec<(AccountPath, AccessSet)>, StoreError> {
         self.inner.access_rules()
     }
+    fn definitions(&self) -> Result<Vec<(u64, ciyuan_core::TokenDefinition)>, StoreError> {
+        self.inner.definitions()
+    }
     fn flagged(
         &self,
         under: &AccountPath,

@@ -70,6 +70,40 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     ingest_index(make().as_ref());
     budgets_access_flags_and_incidents(make().as_ref());
     regression_token_sums_past_i64_stay_exact(make().as_ref());
+    definitions_keep_the_first_word_on_a_version(make().as_ref());
+}
+
+/// `definition.set` entries project into the definitions in force; a repeated
+/// `service@version` keeps the ledger's first declaration, and a reset forgets them.
+fn definitions_keep_the_first_word_on_a_version(s: &dyn Store) {
+    let def = |version: u32, expr: &str| ciyuan_core::TokenDefinition {
+        service: "doc.verify".into(),
+        version,
+        effective_from: ts(&format!("2026-0{version}-01T00:00:00Z")),
+        description: None,
+        tokens: [("other.input".to_string(), expr.to_string())].into(),
+        set_by: Some(AccountPath::root()),
+    };
+    let on_root = |d| {
+        Entry::new(
+            ts("2026-01-01T00:00:00Z"),
+            AccountPath::root(),
+            EntryBody::DefinitionSet(d),
+        )
+    };
+    let entries = [
+        on_root(def(2, "pages * 600")),
+        on_root(def(1, "pages * 500")),
+        on_root(def(1, "pages * 9")),
+    ];
+    ok(s.apply(0, &entries), "apply()");
+    assert_eq!(
+        ok(s.definitions(), "definitions()"),
+        vec![(1, def(1, "pages * 500")), (0, def(2, "pages * 600"))],
+        "by service and version, the first declaration of a version kept"
+    );
+    ok(s.reset_projections(), "reset_projections()");
+    assert!(ok(s.definitions(), "definitions() after a reset").is_empty());
 }
 
 /// Issue 13: two events of 9223372036854775807 input tokens and one of 1 in the same

@@ -14,8 +14,10 @@ use ciyuan_core::jiff::{Timestamp, tz::TimeZone};
 use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, Modality, Scopes};
 
 mod log;
+mod projection;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
+pub use projection::{Change, Projected, RollupKey, project};
 pub use usage::{
     Bucket, GroupBy, SumOverflow, TokenSums, UsageQuery, UsageRow, aggregate, ceil_hour, floor_hour,
 };
@@ -179,6 +181,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// The model access rules of every node that has some.
     fn access_rules(&self) -> Result<Vec<(AccountPath, ciyuan_core::AccessSet)>, StoreError>;
+
+    /// Every token definition version declared in the ledger (`definition.set`), with
+    /// the entry that declared it, by service and version.
+    fn definitions(&self) -> Result<Vec<(u64, ciyuan_core::TokenDefinition)>, StoreError>;
 
     /// Gateway usage whose recount disagreed with the provider beyond tolerance, in a
     /// subtree, newest first.

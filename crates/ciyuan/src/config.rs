@@ -303,8 +303,9 @@ pub struct ServeConfig {
     pub ingest_max_future_secs: u64,
     /// Batch bound.
     pub max_events_per_batch: usize,
-    /// Compiled token definitions.
-    pub definitions: ciyuan_measure::DefinitionSet,
+    /// Token definitions declared in the file (checked: they compile); recorded in the
+    /// ledger on start where it lacks them.
+    pub definitions: Vec<ciyuan_core::TokenDefinition>,
     /// The gateway's providers and settings (no providers: the simulated one).
     pub gateway: ciyuan_server::gateway::GatewayConfig,
     /// Webhook receivers of budget incidents.
@@ -339,7 +340,9 @@ impl ServeConfig {
         if checkpoint_interval_secs == 0 {
             bail!("checkpoint_interval_secs must be at least 1");
         }
-        let definitions = ciyuan_measure::DefinitionSet::new(file.token_definitions.clone())?;
+        // Compiled here only to refuse a bad file early, naming the rule.
+        ciyuan_measure::DefinitionSet::new(file.token_definitions.clone())?;
+        let definitions = file.token_definitions.clone();
         let mut gateway = ciyuan_server::gateway::GatewayConfig {
             encodings: file.tokenizer_rules()?,
             providers: file

@@ -108,7 +108,7 @@ async fn run(
         ingest_max_age: Duration::from_secs(cfg.ingest_max_age_secs),
         ingest_max_future: Duration::from_secs(cfg.ingest_max_future_secs),
         max_events_per_batch: cfg.max_events_per_batch,
-        definitions: Arc::new(std::mem::take(&mut cfg.definitions)),
+        definitions: std::mem::take(&mut cfg.definitions),
         gateway: std::mem::take(&mut cfg.gateway),
         ..ServerConfig::default()
     };
