@@ -5,6 +5,7 @@
 //! - [`Entry`]: one record of the tamper-evident ledger, with its typed [`EntryBody`].
 //! - [`TokenCount`], [`Modality`], [`Direction`]: tokens by modality and direction.
 //! - [`Money`]: exact decimal amounts, never floats.
+//! - [`PriceBook`], [`PriceContract`], [`Rating`]: prices and what an entry cost.
 //!
 //! This crate does no IO. The ledger's bytes for an entry are produced here
 //! ([`Entry::encode`]) because the entry format is part of the domain: an auditor reads
@@ -29,6 +30,7 @@ mod definition;
 mod entry;
 mod money;
 mod path;
+mod price;
 mod reuse;
 mod scope;
 mod text;
@@ -48,6 +50,13 @@ pub use entry::{
 pub use jiff;
 pub use money::{Currency, Money, MoneyError};
 pub use path::{AccountPath, PathError};
+pub use price::{
+    Band, ClockTime, CommitmentPeriod, MAX_MARKUP_PERCENT, MAX_PARTS_PER_RULE,
+    MAX_PRICE_NAME_BYTES, MAX_PRICE_SCALE, MAX_ROUNDING_PLACES, MAX_RULES_PER_BOOK, MAX_UNIT_PRICE,
+    MinimumCommitment, PriceBook, PriceContract, PriceError, PriceKey, PriceRule, PriceSource,
+    RatedLine, Rating, RatingBasis, Rounding, RoundingAt, RoundingMode, ServiceTier, Threshold,
+    TierKey, TierKind, TierPeriod, Tiers, TimeWindow, UnitPrices, decimal_from_text, exact,
+};
 pub use scope::{Scope, ScopeError, Scopes};
 pub use text::{TextError, check_text};
 pub use tokens::{Direction, MAX_TOKENS_PER_KEY, Modality, TokenCount, TokenError, TokenMap};

@@ -1,0 +1,1384 @@
+//! Price books, contracts and ratings as the ledger records them.
+//!
+//! A price book version is an entry (`price.book`): once appended it never changes, so
+//! "this amount follows book `list` version 3" can be checked from the log alone. A
+//! contract (`price.contract`) sits on an account node and adjusts the book for the
+//! node's subtree. A [`Rating`] is what a usage entry carries once priced: the total,
+//! and every line it is the sum of.
+//!
+//! Every amount is a [`Decimal`] written in the ledger as a string and read back
+//! exactly ([`Decimal::from_str_exact`]); a JSON number is refused, so no price ever
+//! passes through a float. [`decimal_from_text`] turns a number's literal text
+//! (`2.5e-06`) into the exact decimal (`0.0000025`) for importers.
+//!
+//! The rounding rule of a book is applied in one place, [`Rating::settle`]: lines keep
+//! full precision, and `amount == rounding.apply(adjust(sum(lines)))`.
+
+use crate::{AccountPath, Currency, Direction, Modality, check_text};
+use jiff::Timestamp;
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// Most rules one book may hold. LiteLLM's table makes about 6,000; ten times that
+/// leaves room and still bounds an entry's size.
+pub const MAX_RULES_PER_BOOK: usize = 100_000;
+/// Most thresholds, bands or windows in one rule.
+pub const MAX_PARTS_PER_RULE: usize = 64;
+/// The largest unit price accepted, in the book's currency. A price above a million
+/// per unit is a typo (a per-million price written as per-unit the other way round is
+/// caught by the importers' tests, not here), and the bound keeps every
+/// quantity × price of an entry inside [`Decimal`]'s range.
+pub const MAX_UNIT_PRICE: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
+/// Most decimal places a unit price or percentage may have: rust_decimal holds 28.
+pub const MAX_PRICE_SCALE: u32 = 20;
+/// Most decimal places a book may round its entries to.
+pub const MAX_ROUNDING_PLACES: u32 = 18;
+/// Longest book name, model or service pattern, measure name or time zone, in bytes.
+pub const MAX_PRICE_NAME_BYTES: usize = 256;
+
+/// Why a price book, rule, contract or number was refused: the field (a path such as
+/// `rules[3].unit_prices.text.input`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {why}")]
+pub struct PriceError {
+    /// Where: the field's path.
+    pub field: String,
+    /// What is wrong.
+    pub why: String,
+}
+
+impl PriceError {
+    /// An error about `field`.
+    pub fn new(field: impl Into<String>, why: impl Into<String>) -> PriceError {
+        PriceError {
+            field: field.into(),
+            why: why.into(),
+        }
+    }
+}
+
+/// What a unit price is a price of: a token key of the ledger (`text.input`), a
+/// service's own measure (`measure.pages`), or, in a [`RatedLine`] only, the request
+/// itself (`request`, priced by [`PriceRule::per_request`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PriceKey {
+    /// Tokens of one modality and direction, written `modality.direction`.
+    Tokens(Modality, Direction),
+    /// A measure the usage entry carries in `measures`, written `measure.<name>`.
+    Measure(String),
+    /// One request, written `request`.
+    Request,
+}
+
+impl PriceKey {
+    /// Whether the key counts as input for context thresholds: fresh, cached and
+    /// cache-write input of every modality.
+    pub fn is_input(&self) -> bool {
+        matches!(
+            self,
+            PriceKey::Tokens(
+                _,
+                Direction::Input | Direction::CachedInput | Direction::CacheWrite
+            )
+        )
+    }
+}
+
+impl fmt::Display for PriceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PriceKey::Tokens(m, d) => write!(f, "{m}.{d}"),
+            PriceKey::Measure(name) => write!(f, "measure.{name}"),
+            PriceKey::Request => f.write_str("request"),
+        }
+    }
+}
+
+impl FromStr for PriceKey {
+    type Err = PriceError;
+    fn from_str(s: &str) -> Result<PriceKey, PriceError> {
+        if s == "request" {
+            return Ok(PriceKey::Request);
+        }
+        if let Some(name) = s.strip_prefix("measure.") {
+            check_text("measure", name, MAX_PRICE_NAME_BYTES)
+                .map_err(|e| PriceError::new(s, e.to_string()))?;
+            return Ok(PriceKey::Measure(name.to_string()));
+        }
+        let parsed = s
+            .split_once('.')
+            .and_then(|(m, d)| Some((m.parse().ok()?, d.parse().ok()?)));
+        match parsed {
+            Some((m, d)) => Ok(PriceKey::Tokens(m, d)),
+            None => Err(PriceError::new(
+                s,
+                "not a price key: a token key such as text.input or text.cached_input, \
+                 measure.<name>, or request",
+            )),
+        }
+    }
+}
+
+impl Serialize for PriceKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PriceKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Unit prices by key. Sorted, so a book's bytes are deterministic.
+pub type UnitPrices = BTreeMap<PriceKey, Decimal>;
+
+/// Serde for amounts: written as strings, read only from strings (exactly) or JSON
+/// integers. A JSON float would have passed through `f64`, so it is refused.
+pub mod exact {
+    use rust_decimal::Decimal;
+    use std::fmt;
+
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Decimal;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a decimal amount written as a string, such as \"0.0000025\"")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Decimal, E> {
+            Decimal::from_str_exact(v)
+                .map_err(|_| E::custom(format!("{v:?} is not an exact decimal amount")))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Decimal, E> {
+            Err(E::custom(format!(
+                "amount {v} is a float; write amounts as strings so they stay exact"
+            )))
+        }
+    }
+
+    /// Writes the amount as a string.
+    pub fn serialize<S: serde::Serializer>(v: &Decimal, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    /// Reads an amount from a string or an integer.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+        d.deserialize_any(V)
+    }
+
+    /// The same for optional amounts.
+    pub mod option {
+        use rust_decimal::Decimal;
+        use serde::Deserialize;
+
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "super")] Decimal);
+
+        /// Writes the amount as a string, or none.
+        pub fn serialize<S: serde::Serializer>(
+            v: &Option<Decimal>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(d) => s.collect_str(d),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads an optional amount.
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Decimal>, D::Error> {
+            Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+
+    /// The same for maps of unit prices.
+    pub mod map {
+        use super::super::{PriceKey, UnitPrices};
+        use serde::Deserialize;
+        use serde::ser::SerializeMap;
+
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "super")] rust_decimal::Decimal);
+
+        /// Writes the prices with string amounts.
+        pub fn serialize<S: serde::Serializer>(v: &UnitPrices, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(Some(v.len()))?;
+            for (k, d) in v {
+                map.serialize_entry(k, &d.to_string())?;
+            }
+            map.end()
+        }
+
+        /// Reads prices, refusing float amounts.
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<UnitPrices, D::Error> {
+            let raw = std::collections::BTreeMap::<PriceKey, W>::deserialize(d)?;
+            Ok(raw.into_iter().map(|(k, w)| (k, w.0)).collect())
+        }
+    }
+}
+
+/// Turns a number's literal text into the exact decimal it denotes: `2.5e-06` becomes
+/// `0.0000025`, `1E3` becomes `1000`, `-0.50` stays `-0.50`. Importers use it on the
+/// text of JSON and TOML numbers, never on a float. Refuses what a [`Decimal`] cannot
+/// hold exactly (more than 28 decimal places or a mantissa beyond 96 bits), naming the
+/// text.
+pub fn decimal_from_text(text: &str) -> Result<Decimal, PriceError> {
+    let bad = |why: &str| PriceError::new(format!("number {text:?}"), why.to_string());
+    let (negative, rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(i) => {
+            let e = &rest[i + 1..];
+            let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.len() > 4
+            {
+                return Err(bad("has a malformed exponent"));
+            }
+            let value: i64 = e.parse().map_err(|_| bad("has a malformed exponent"))?;
+            (&rest[..i], value)
+        }
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if (int.is_empty() && frac.is_empty())
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return Err(bad("is not a decimal number"));
+    }
+    let mut digits: String = int.chars().chain(frac.chars()).collect();
+    let mut scale = i64::try_from(frac.len()).map_err(|_| bad("is too long"))? - exponent;
+    if scale < 0 {
+        // A positive exponent beyond the fraction: append zeros.
+        let zeros = usize::try_from(-scale).map_err(|_| bad("is too large"))?;
+        if zeros > 40 {
+            return Err(bad("is too large for an exact decimal"));
+        }
+        digits.extend(std::iter::repeat_n('0', zeros));
+        scale = 0;
+    }
+    // Trailing zeros past the point carry no value, but `0.50` keeps its written
+    // scale when it fits, so text round-trips.
+    while scale > 28 && digits.ends_with('0') {
+        digits.pop();
+        scale -= 1;
+    }
+    if scale > 28 {
+        return Err(bad("has more than 28 decimal places"));
+    }
+    let trimmed = digits.trim_start_matches('0');
+    if trimmed.len() > 29 {
+        return Err(bad("has more significant digits than a decimal holds"));
+    }
+    let mut m: i128 = if trimmed.is_empty() {
+        0
+    } else {
+        trimmed
+            .parse()
+            .map_err(|_| bad("is not a decimal number"))?
+    };
+    if negative {
+        m = -m;
+    }
+    let scale = u32::try_from(scale).map_err(|_| bad("has a bad scale"))?;
+    Decimal::try_from_i128_with_scale(m, scale)
+        .map_err(|_| bad("has more significant digits than a decimal holds"))
+}
+
+/// Which service tier a usage entry states; absent means standard.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceTier {
+    /// The default tier.
+    #[default]
+    Standard,
+    /// Asynchronous batch jobs (typically half price).
+    Batch,
+    /// Priority processing.
+    Priority,
+    /// Flex processing (cheaper, slower).
+    Flex,
+}
+
+impl ServiceTier {
+    /// The name used in the ledger.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceTier::Standard => "standard",
+            ServiceTier::Batch => "batch",
+            ServiceTier::Priority => "priority",
+            ServiceTier::Flex => "flex",
+        }
+    }
+
+    fn is_standard(&self) -> bool {
+        *self == ServiceTier::Standard
+    }
+}
+
+impl fmt::Display for ServiceTier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ServiceTier {
+    type Err = PriceError;
+    fn from_str(s: &str) -> Result<ServiceTier, PriceError> {
+        match s {
+            "standard" | "default" => Ok(ServiceTier::Standard),
+            "batch" => Ok(ServiceTier::Batch),
+            "priority" => Ok(ServiceTier::Priority),
+            "flex" => Ok(ServiceTier::Flex),
+            _ => Err(PriceError::new(
+                "tier",
+                format!("{s:?} is not a service tier (standard, batch, priority or flex)"),
+            )),
+        }
+    }
+}
+
+/// How a book rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundingMode {
+    /// To the nearest, ties to even (banker's rounding).
+    HalfEven,
+    /// To the nearest, ties away from zero.
+    HalfUp,
+    /// Toward zero (truncate).
+    Down,
+    /// Away from zero.
+    Up,
+}
+
+/// Where a book rounds. Only one place exists today: each entry's total. Written in
+/// the book anyway, so a book that rounds elsewhere later is a new variant, not a
+/// silent change of meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundingAt {
+    /// The total of each usage entry, after discount and markup; lines keep full
+    /// precision.
+    #[default]
+    Entry,
+}
+
+/// A book's rounding rule: where, to how many decimal places, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rounding {
+    /// Where it applies.
+    #[serde(rename = "where", default)]
+    pub at: RoundingAt,
+    /// Decimal places kept (2 for cents; 6 or more for per-entry amounts of cheap
+    /// models, which would otherwise round to zero).
+    pub to: u32,
+    /// How.
+    pub mode: RoundingMode,
+}
+
+impl Default for Rounding {
+    /// Ten places, half to even: exact for every per-token price of LiteLLM's table
+    /// times a whole token count down to 1e-10, and fine enough for a bill to sum.
+    fn default() -> Rounding {
+        Rounding {
+            at: RoundingAt::Entry,
+            to: 10,
+            mode: RoundingMode::HalfEven,
+        }
+    }
+}
+
+impl Rounding {
+    /// Rounds `amount` by this rule. The one place a book's rounding is applied.
+    pub fn apply(&self, amount: Decimal) -> Decimal {
+        let strategy = match self.mode {
+            RoundingMode::HalfEven => RoundingStrategy::MidpointNearestEven,
+            RoundingMode::HalfUp => RoundingStrategy::MidpointAwayFromZero,
+            RoundingMode::Down => RoundingStrategy::ToZero,
+            RoundingMode::Up => RoundingStrategy::AwayFromZero,
+        };
+        amount.round_dp_with_strategy(self.to, strategy)
+    }
+}
+
+/// Where a book's prices came from: the format and the SHA-256 of the imported file,
+/// and the file's keys the importer could not map (each with how many models had it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSource {
+    /// `litellm` or `toml`.
+    pub format: String,
+    /// SHA-256 of the file's bytes, lower-case hex.
+    pub sha256: String,
+    /// Keys of the file that no rule carries, e.g. `output_cost_per_image (342 models)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmapped: Vec<String>,
+}
+
+/// Prices that replace the base ones of a rule for entries whose input tokens (all
+/// input keys: fresh, cached and cache-write, every modality) exceed `input_tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Threshold {
+    /// Applies when the entry's input tokens are strictly above this.
+    pub input_tokens: u64,
+    /// The prices above it; keys not named keep the base price.
+    #[serde(with = "exact::map")]
+    pub unit_prices: UnitPrices,
+}
+
+/// Graduated or volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TierKind {
+    /// Each band's share of the quantity at that band's price.
+    Graduated,
+    /// The entry's whole quantity at the price of the band the period's quantity
+    /// reaches with it.
+    Volume,
+}
+
+/// The period over which tiered quantities accumulate, in the account's time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TierPeriod {
+    /// A calendar day.
+    Day,
+    /// A calendar month.
+    Month,
+}
+
+/// Which quantity tiers count: one key, or all the rule's token keys together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TierKey {
+    /// Every token key of the entry, summed, in the ledger's key order.
+    All,
+    /// One key.
+    Key(PriceKey),
+}
+
+impl TierKey {
+    /// Whether `key` is counted.
+    pub fn covers(&self, key: &PriceKey) -> bool {
+        match self {
+            TierKey::All => matches!(key, PriceKey::Tokens(..)),
+            TierKey::Key(k) => k == key,
+        }
+    }
+}
+
+impl Serialize for TierKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TierKey::All => s.serialize_str("all"),
+            TierKey::Key(k) => s.collect_str(k),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TierKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if s == "all" {
+            return Ok(TierKey::All);
+        }
+        s.parse()
+            .map(TierKey::Key)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One band of a tiered price.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Band {
+    /// The band holds the period's units up to this many (exclusive of those below
+    /// the previous band's bound); none = no upper bound (the last band).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_to: Option<u64>,
+    /// The prices in the band.
+    #[serde(with = "exact::map")]
+    pub unit_prices: UnitPrices,
+}
+
+/// Tiered prices over a period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tiers {
+    /// Graduated or volume.
+    pub kind: TierKind,
+    /// Over which period quantities accumulate.
+    pub period: TierPeriod,
+    /// Which quantity is tiered.
+    pub key: TierKey,
+    /// The bands, in increasing `up_to`; the last has none.
+    pub bands: Vec<Band>,
+}
+
+/// A time of day, written `HH:MM`, kept as minutes since midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClockTime(u16);
+
+impl ClockTime {
+    /// Minutes since midnight, 0 to 1439.
+    pub fn minutes(self) -> u16 {
+        self.0
+    }
+}
+
+impl FromStr for ClockTime {
+    type Err = PriceError;
+    fn from_str(s: &str) -> Result<ClockTime, PriceError> {
+        let bad = || PriceError::new(s, "not a time of day written HH:MM (00:00 to 23:59)");
+        let (h, m) = s.split_once(':').ok_or_else(bad)?;
+        if h.len() != 2 || m.len() != 2 {
+            return Err(bad());
+        }
+        let h: u16 = h.parse().map_err(|_| bad())?;
+        let m: u16 = m.parse().map_err(|_| bad())?;
+        if h > 23 || m > 59 {
+            return Err(bad());
+        }
+        Ok(ClockTime(h * 60 + m))
+    }
+}
+
+impl fmt::Display for ClockTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:02}:{:02}", self.0 / 60, self.0 % 60)
+    }
+}
+
+impl Serialize for ClockTime {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ClockTime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Prices by time of day in a zone (off-peak prices). The window covers `[from, to)`
+/// of local time; when `to` is not after `from` it runs past midnight, and `from ==
+/// to` covers the whole day. `weekdays` (1 = Monday ... 7 = Sunday, of the local
+/// date of the entry's time) limits it to those days; empty = every day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeWindow {
+    /// Start, inclusive.
+    pub from: ClockTime,
+    /// End, exclusive.
+    pub to: ClockTime,
+    /// IANA time zone, e.g. `Asia/Shanghai` or `UTC`.
+    pub time_zone: String,
+    /// Days it applies, ISO numbered; empty = every day.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weekdays: Vec<u8>,
+    /// The prices inside the window; keys not named keep their other prices.
+    #[serde(with = "exact::map")]
+    pub unit_prices: UnitPrices,
+}
+
+impl TimeWindow {
+    /// Whether local time `minute` (since midnight) on ISO weekday `weekday` is inside.
+    pub fn contains(&self, weekday: u8, minute: u16) -> bool {
+        if !self.weekdays.is_empty() && !self.weekdays.contains(&weekday) {
+            return false;
+        }
+        let (from, to) = (self.from.0, self.to.0);
+        if from < to {
+            from <= minute && minute < to
+        } else {
+            // Past midnight, or the whole day when from == to.
+            minute >= from || minute < to
+        }
+    }
+}
+
+/// One rule of a book: what it prices and at what.
+///
+/// **Which rule prices an entry.** The candidates are the contract's overrides, then
+/// the book's rules, in order. A rule matches when its `model` pattern matches the
+/// entry's model (an entry without a model matches only rules without one), its
+/// `service` pattern matches the entry's service (absent = any service), and its
+/// `tier` equals the entry's tier. The first match for the entry's tier prices it;
+/// for a batch, priority or flex entry, keys that rule does not name at all take the
+/// price of the first matching standard rule, and with no rule of the entry's tier
+/// the standard rule prices everything. No match at all: the entry is unpriced.
+///
+/// **Which price of the rule applies to a key**, first that names the key:
+/// 1. a time window containing the entry's time (the first such window);
+/// 2. the highest context threshold the entry's input tokens exceed;
+/// 3. the tiers, when they count this key (graduated: split across bands; volume:
+///    the band the period's quantity reaches with this entry);
+/// 4. the base `unit_prices`.
+///
+/// A key with a quantity but no price anywhere is listed in [`Rating::missing`] and
+/// costs nothing; never silently.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceRule {
+    /// Model pattern ([`crate::wildcard_match`]: `*` runs, ASCII case ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Service pattern, e.g. `llm.chat`, `doc.*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The tier it prices; absent = standard.
+    #[serde(default, skip_serializing_if = "ServiceTier::is_standard")]
+    pub tier: ServiceTier,
+    /// Base prices per unit.
+    #[serde(
+        default,
+        with = "exact::map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub unit_prices: UnitPrices,
+    /// A price per request (per usage entry).
+    #[serde(
+        default,
+        with = "exact::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub per_request: Option<Decimal>,
+    /// Context thresholds, in increasing `input_tokens`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub above_input_tokens: Vec<Threshold>,
+    /// Graduated or volume tiers over a period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<Tiers>,
+    /// Time-of-day windows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<TimeWindow>,
+}
+
+fn check_price(field: &str, p: &Decimal) -> Result<(), PriceError> {
+    if p.is_sign_negative() && !p.is_zero() {
+        return Err(PriceError::new(field, format!("price {p} is negative")));
+    }
+    if *p > MAX_UNIT_PRICE {
+        return Err(PriceError::new(
+            field,
+            format!("price {p} is above the largest unit price, {MAX_UNIT_PRICE}"),
+        ));
+    }
+    if p.scale() > MAX_PRICE_SCALE {
+        return Err(PriceError::new(
+            field,
+            format!("price {p} has more than {MAX_PRICE_SCALE} decimal places"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_prices(field: &str, prices: &UnitPrices) -> Result<(), PriceError> {
+    for (k, p) in prices {
+        let f = format!("{field}.{k}");
+        if *k == PriceKey::Request {
+            return Err(PriceError::new(
+                f,
+                "a price per request is written per_request, not as a unit price",
+            ));
+        }
+        check_price(&f, p)?;
+    }
+    Ok(())
+}
+
+fn check_name(field: &str, s: &str) -> Result<(), PriceError> {
+    check_text(field, s, MAX_PRICE_NAME_BYTES).map_err(|e| PriceError::new(field, e.to_string()))
+}
+
+fn check_percent(field: &str, p: &Decimal, max: Decimal) -> Result<(), PriceError> {
+    if p.is_sign_negative() || *p > max || p.scale() > MAX_PRICE_SCALE {
+        return Err(PriceError::new(
+            field,
+            format!(
+                "{p} is not a percentage from 0 to {max} with at most {MAX_PRICE_SCALE} places"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl PriceRule {
+    /// Checks the rule; `field` names it in errors (`rules[3]`).
+    pub fn check(&self, field: &str) -> Result<(), PriceError> {
+        if self.model.is_none() && self.service.is_none() {
+            return Err(PriceError::new(
+                field,
+                "a rule names a model pattern, a service pattern, or both",
+            ));
+        }
+        if let Some(m) = &self.model {
+            check_name(&format!("{field}.model"), m)?;
+        }
+        if let Some(s) = &self.service {
+            check_name(&format!("{field}.service"), s)?;
+        }
+        check_prices(&format!("{field}.unit_prices"), &self.unit_prices)?;
+        if let Some(p) = &self.per_request {
+            check_price(&format!("{field}.per_request"), p)?;
+        }
+        let parts = self.above_input_tokens.len()
+            + self.windows.len()
+            + self.tiers.as_ref().map_or(0, |t| t.bands.len());
+        if parts > MAX_PARTS_PER_RULE {
+            return Err(PriceError::new(
+                field,
+                format!("more than {MAX_PARTS_PER_RULE} thresholds, bands and windows"),
+            ));
+        }
+        let mut last = None;
+        for (i, t) in self.above_input_tokens.iter().enumerate() {
+            let f = format!("{field}.above_input_tokens[{i}]");
+            if last.is_some_and(|l| t.input_tokens <= l) {
+                return Err(PriceError::new(
+                    format!("{f}.input_tokens"),
+                    format!(
+                        "{} is not above the previous threshold: thresholds increase",
+                        t.input_tokens
+                    ),
+                ));
+            }
+            last = Some(t.input_tokens);
+            check_prices(&format!("{f}.unit_prices"), &t.unit_prices)?;
+        }
+        if let Some(tiers) = &self.tiers {
+            let f = format!("{field}.tiers");
+            if tiers.key == TierKey::Key(PriceKey::Request) {
+                return Err(PriceError::new(
+                    format!("{f}.key"),
+                    "requests are not tiered",
+                ));
+            }
+            if tiers.bands.is_empty() {
+                return Err(PriceError::new(format!("{f}.bands"), "no band"));
+            }
+            let mut last = None;
+            for (i, b) in tiers.bands.iter().enumerate() {
+                let bf = format!("{f}.bands[{i}]");
+                let is_last = i + 1 == tiers.bands.len();
+                match (b.up_to, is_last) {
+                    (None, true) => {}
+                    (None, false) => {
+                        return Err(PriceError::new(
+                            format!("{bf}.up_to"),
+                            "only the last band is unbounded",
+                        ));
+                    }
+                    (Some(_), true) => {
+                        return Err(PriceError::new(
+                            format!("{bf}.up_to"),
+                            "the last band has no up_to, so every quantity has a band",
+                        ));
+                    }
+                    (Some(u), false) => {
+                        if u == 0 || last.is_some_and(|l| u <= l) {
+                            return Err(PriceError::new(
+                                format!("{bf}.up_to"),
+                                format!("{u} does not increase on the band before"),
+                            ));
+                        }
+                        last = Some(u);
+                    }
+                }
+                check_prices(&format!("{bf}.unit_prices"), &b.unit_prices)?;
+            }
+        }
+        for (i, w) in self.windows.iter().enumerate() {
+            let f = format!("{field}.windows[{i}]");
+            check_name(&format!("{f}.time_zone"), &w.time_zone)?;
+            if jiff::tz::TimeZone::get(&w.time_zone).is_err() {
+                return Err(PriceError::new(
+                    format!("{f}.time_zone"),
+                    format!("{:?} is not a known IANA time zone", w.time_zone),
+                ));
+            }
+            if let Some(d) = w.weekdays.iter().find(|d| !(1..=7).contains(*d)) {
+                return Err(PriceError::new(
+                    format!("{f}.weekdays"),
+                    format!("{d} is not an ISO weekday (1 = Monday to 7 = Sunday)"),
+                ));
+            }
+            check_prices(&format!("{f}.unit_prices"), &w.unit_prices)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the rule applies to an entry of this model, service and tier.
+    pub fn matches(&self, model: Option<&str>, service: &str, tier: ServiceTier) -> bool {
+        self.tier == tier
+            && match (&self.model, model) {
+                (Some(p), Some(m)) => crate::wildcard_match(p, m),
+                (Some(_), None) => false,
+                (None, _) => true,
+            }
+            && self
+                .service
+                .as_deref()
+                .is_none_or(|p| crate::wildcard_match(p, service))
+    }
+
+    /// Whether the rule has a price for `key` anywhere: base, thresholds, bands or
+    /// windows.
+    pub fn names(&self, key: &PriceKey) -> bool {
+        self.unit_prices.contains_key(key)
+            || self
+                .above_input_tokens
+                .iter()
+                .any(|t| t.unit_prices.contains_key(key))
+            || self.tiers.as_ref().is_some_and(|t| {
+                t.key.covers(key) && t.bands.iter().any(|b| b.unit_prices.contains_key(key))
+            })
+            || self.windows.iter().any(|w| w.unit_prices.contains_key(key))
+    }
+}
+
+/// One version of a price book (entry kind `price.book`). Versions of a name count
+/// 1, 2, ...; each applies from its `effective_from` until the next version's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceBook {
+    /// The book's name, e.g. `list`.
+    pub name: String,
+    /// Its version, from 1.
+    pub version: u32,
+    /// The currency of every price in it.
+    pub currency: Currency,
+    /// From when this version prices usage.
+    pub effective_from: Timestamp,
+    /// How each entry's total is rounded.
+    pub rounding: Rounding,
+    /// Where the prices came from, when imported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PriceSource>,
+    /// The account node of the key that set it (see [`crate::BudgetSet::set_by`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_by: Option<AccountPath>,
+    /// The rules, in precedence order (see [`PriceRule`]).
+    pub rules: Vec<PriceRule>,
+}
+
+impl PriceBook {
+    /// Checks every field, naming the first that is wrong.
+    pub fn check(&self) -> Result<(), PriceError> {
+        check_name("name", &self.name)?;
+        if self.version == 0 {
+            return Err(PriceError::new("version", "versions count from 1"));
+        }
+        if self.rounding.to > MAX_ROUNDING_PLACES {
+            return Err(PriceError::new(
+                "rounding.to",
+                format!(
+                    "{} is more than {MAX_ROUNDING_PLACES} decimal places",
+                    self.rounding.to
+                ),
+            ));
+        }
+        if self.rules.len() > MAX_RULES_PER_BOOK {
+            return Err(PriceError::new(
+                "rules",
+                format!("more than {MAX_RULES_PER_BOOK} rules"),
+            ));
+        }
+        if let Some(s) = &self.source {
+            check_name("source.format", &s.format)?;
+            if s.sha256.len() != 64 || !s.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(PriceError::new(
+                    "source.sha256",
+                    "not 64 hexadecimal digits",
+                ));
+            }
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            r.check(&format!("rules[{i}]"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The period of a minimum commitment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitmentPeriod {
+    /// A calendar month in the node's time zone.
+    Month,
+}
+
+/// A minimum spend per period: a bill below it is topped up to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinimumCommitment {
+    /// The minimum, in the book's currency.
+    #[serde(with = "exact")]
+    pub amount: Decimal,
+    /// Per what.
+    pub period: CommitmentPeriod,
+}
+
+/// The price terms of an account node (entry kind `price.contract`), inherited by its
+/// subtree: the nearest node with a contract wins, whole (its fields are not merged
+/// with an ancestor's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceContract {
+    /// The book the node's usage is priced with.
+    pub book: String,
+    /// Rules tried before the book's (see [`PriceRule`]): negotiated prices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<PriceRule>,
+    /// Taken off each entry's subtotal, in percent (0 to 100).
+    #[serde(
+        default,
+        with = "exact::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub discount_percent: Option<Decimal>,
+    /// Added on (resale), in percent, after the discount.
+    #[serde(
+        default,
+        with = "exact::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub markup_percent: Option<Decimal>,
+    /// A minimum spend per period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_commitment: Option<MinimumCommitment>,
+    /// The account node of the key that set it. Only a key strictly above the
+    /// contract's node may set it (a tenant does not negotiate its own prices); the
+    /// lead checks that with [`crate::may_change_control`] and the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_by: Option<AccountPath>,
+}
+
+/// The largest markup, in percent: a thousand-fold resale price is a typo.
+pub const MAX_MARKUP_PERCENT: Decimal = Decimal::from_parts(100_000, 0, 0, false, 0);
+
+impl PriceContract {
+    /// Checks every field, naming the first that is wrong.
+    pub fn check(&self) -> Result<(), PriceError> {
+        check_name("book", &self.book)?;
+        if self.overrides.len() > MAX_RULES_PER_BOOK {
+            return Err(PriceError::new(
+                "overrides",
+                format!("more than {MAX_RULES_PER_BOOK} rules"),
+            ));
+        }
+        for (i, r) in self.overrides.iter().enumerate() {
+            r.check(&format!("overrides[{i}]"))?;
+        }
+        if let Some(d) = &self.discount_percent {
+            check_percent("discount_percent", d, Decimal::ONE_HUNDRED)?;
+        }
+        if let Some(m) = &self.markup_percent {
+            check_percent("markup_percent", m, MAX_MARKUP_PERCENT)?;
+        }
+        if let Some(c) = &self.minimum_commitment
+            && (c.amount.is_sign_negative() || c.amount.scale() > MAX_PRICE_SCALE)
+        {
+            return Err(PriceError::new(
+                "minimum_commitment.amount",
+                format!("{} is not a non-negative amount", c.amount),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which count a rating priced, when the lead's setting chose one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RatingBasis {
+    /// The provider's reported count.
+    Provider,
+    /// Ciyuan's recount.
+    Recount,
+    /// The greater of the two, key by key.
+    Greater,
+}
+
+/// One priced quantity of a usage entry. `amount == quantity × unit_price`, exact
+/// (no rounding: the book rounds only the entry's total).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatedLine {
+    /// What was priced.
+    pub key: PriceKey,
+    /// How many units (tokens, a measure's value, or 1 request).
+    #[serde(with = "exact")]
+    pub quantity: Decimal,
+    /// The price per unit used.
+    #[serde(with = "exact")]
+    pub unit_price: Decimal,
+    /// `quantity × unit_price`.
+    #[serde(with = "exact")]
+    pub amount: Decimal,
+}
+
+/// What a usage entry carries once priced: a bill line explained by its entry.
+///
+/// `amount == book.rounding.apply(adjust(Σ lines.amount))`, where `adjust` takes the
+/// discount off and then adds the markup ([`Rating::adjust`]); see [`Rating::settle`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rating {
+    /// The total, rounded by the book's rule.
+    #[serde(with = "exact")]
+    pub amount: Decimal,
+    /// The book's currency.
+    pub currency: Currency,
+    /// The book's name.
+    pub book: String,
+    /// The book's version.
+    pub version: u32,
+    /// Every priced quantity, full precision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<RatedLine>,
+    /// The node whose contract applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<AccountPath>,
+    /// The contract's discount, as applied.
+    #[serde(
+        default,
+        with = "exact::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub discount_percent: Option<Decimal>,
+    /// The contract's markup, as applied.
+    #[serde(
+        default,
+        with = "exact::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub markup_percent: Option<Decimal>,
+    /// No rule of the book priced the entry: the amount is zero and the lead raises an
+    /// incident.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unpriced: bool,
+    /// Keys with a quantity that the matching rule has no price for: they cost
+    /// nothing here, and the lead raises an incident for them as for `unpriced`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<PriceKey>,
+    /// Which count was priced, as the lead's setting chose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<RatingBasis>,
+}
+
+impl Rating {
+    /// `subtotal` less `discount_percent`, plus `markup_percent`, exact; `None` when
+    /// it does not fit a [`Decimal`].
+    pub fn adjust(
+        subtotal: Decimal,
+        discount_percent: Option<Decimal>,
+        markup_percent: Option<Decimal>,
+    ) -> Option<Decimal> {
+        let mut v = subtotal;
+        if let Some(d) = discount_percent {
+            let off = v.checked_mul(d)?.checked_div(Decimal::ONE_HUNDRED)?;
+            v = v.checked_sub(off)?;
+        }
+        if let Some(m) = markup_percent {
+            let on = v.checked_mul(m)?.checked_div(Decimal::ONE_HUNDRED)?;
+            v = v.checked_add(on)?;
+        }
+        Some(v)
+    }
+
+    /// Sets `amount` from the lines: their exact sum, adjusted, then rounded by
+    /// `rounding`. The only way a rating's amount is computed; `None` on overflow.
+    pub fn settle(&mut self, rounding: &Rounding) -> Option<()> {
+        let mut sum = Decimal::ZERO;
+        for l in &self.lines {
+            sum = sum.checked_add(l.amount)?;
+        }
+        let adjusted = Rating::adjust(sum, self.discount_percent, self.markup_percent)?;
+        self.amount = rounding.apply(adjusted);
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str_exact(s).unwrap()
+    }
+
+    #[test]
+    fn number_text_becomes_the_exact_decimal() {
+        for (text, want) in [
+            ("2.5e-06", "0.0000025"),
+            ("1e-05", "0.00001"),
+            ("1.25E-05", "0.0000125"),
+            ("1E3", "1000"),
+            ("1.5e+2", "150"),
+            ("0", "0"),
+            ("-0.50", "-0.50"),
+            ("3e-09", "0.000000003"),
+            ("1.875e-08", "0.00000001875"),
+            ("256000.0", "256000.0"),
+            ("0.1", "0.1"),
+            ("1e-28", "0.0000000000000000000000000001"),
+            ("10e-29", "0.0000000000000000000000000001"),
+        ] {
+            assert_eq!(decimal_from_text(text).unwrap(), d(want), "{text}");
+            assert_eq!(decimal_from_text(text).unwrap().to_string(), want, "{text}");
+        }
+        for bad in [
+            "", "-", ".", "e5", "1e", "1e+", "1.2.3", "0x10", "1_000", "inf", "NaN", "1e-29",
+            "1e99999", " 1",
+        ] {
+            let err = decimal_from_text(bad).unwrap_err();
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn keys_parse_and_print() {
+        for k in [
+            "text.input",
+            "text.cached_input",
+            "audio.output",
+            "measure.pages",
+            "request",
+        ] {
+            assert_eq!(k.parse::<PriceKey>().unwrap().to_string(), k);
+        }
+        assert!("text".parse::<PriceKey>().is_err());
+        assert!("text.sideways".parse::<PriceKey>().is_err());
+        assert!("measure.".parse::<PriceKey>().is_err());
+        assert!("image.cache_write".parse::<PriceKey>().unwrap().is_input());
+        assert!(!"text.reasoning".parse::<PriceKey>().unwrap().is_input());
+    }
+
+    #[test]
+    fn rounding_modes() {
+        let r = |to, mode| Rounding {
+            at: RoundingAt::Entry,
+            to,
+            mode,
+        };
+        assert_eq!(r(2, RoundingMode::HalfEven).apply(d("0.125")), d("0.12"));
+        assert_eq!(r(2, RoundingMode::HalfEven).apply(d("0.135")), d("0.14"));
+        assert_eq!(r(2, RoundingMode::HalfUp).apply(d("0.125")), d("0.13"));
+        assert_eq!(r(2, RoundingMode::Down).apply(d("0.129")), d("0.12"));
+        assert_eq!(r(2, RoundingMode::Up).apply(d("0.121")), d("0.13"));
+        assert_eq!(r(2, RoundingMode::Up).apply(d("0.12")), d("0.12"));
+    }
+
+    fn rule() -> PriceRule {
+        PriceRule {
+            model: Some("gpt-4o*".into()),
+            unit_prices: [("text.input".parse().unwrap(), d("0.0000025"))].into(),
+            ..PriceRule::default()
+        }
+    }
+
+    fn book() -> PriceBook {
+        PriceBook {
+            name: "list".into(),
+            version: 1,
+            currency: "USD".parse().unwrap(),
+            effective_from: "2026-01-01T00:00:00Z".parse().unwrap(),
+            rounding: Rounding::default(),
+            source: None,
+            set_by: None,
+            rules: vec![rule()],
+        }
+    }
+
+    #[test]
+    fn books_serialize_with_string_amounts_and_round_trip() {
+        let b = book();
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(
+            json,
+            r#"{"name":"list","version":1,"currency":"USD","effective_from":"2026-01-01T00:00:00Z","rounding":{"where":"entry","to":10,"mode":"half_even"},"rules":[{"model":"gpt-4o*","unit_prices":{"text.input":"0.0000025"}}]}"#
+        );
+        assert_eq!(serde_json::from_str::<PriceBook>(&json).unwrap(), b);
+        // A float amount would have passed through f64: refused.
+        let float = json.replace(r#""0.0000025""#, "2.5e-06");
+        let err = serde_json::from_str::<PriceBook>(&float).unwrap_err();
+        assert!(err.to_string().contains("is a float"), "{err}");
+        // A misspelt field is an error, not a rule without prices.
+        let typo = json.replace("unit_prices", "unit_price");
+        assert!(serde_json::from_str::<PriceBook>(&typo).is_err());
+    }
+
+    #[test]
+    fn checks_name_the_field() {
+        let check = |f: &dyn Fn(&mut PriceBook)| {
+            let mut b = book();
+            f(&mut b);
+            b.check().unwrap_err().to_string()
+        };
+        assert!(book().check().is_ok());
+        assert_eq!(check(&|b| b.version = 0), "version: versions count from 1");
+        assert!(
+            check(&|b| b.rules[0]
+                .unit_prices
+                .insert("text.output".parse().unwrap(), d("-1"))
+                .map_or((), |_| ()))
+            .starts_with("rules[0].unit_prices.text.output: price -1 is negative")
+        );
+        assert!(
+            check(&|b| {
+                b.rules[0].model = None;
+            })
+            .starts_with("rules[0]: a rule names")
+        );
+        assert!(
+            check(&|b| b.rules[0].above_input_tokens = vec![
+                Threshold {
+                    input_tokens: 200_000,
+                    unit_prices: UnitPrices::new()
+                },
+                Threshold {
+                    input_tokens: 128_000,
+                    unit_prices: UnitPrices::new()
+                },
+            ])
+            .starts_with("rules[0].above_input_tokens[1].input_tokens:")
+        );
+        assert!(
+            check(&|b| b.rules[0].windows = vec![TimeWindow {
+                from: "00:00".parse().unwrap(),
+                to: "08:00".parse().unwrap(),
+                time_zone: "Mars/Olympus".into(),
+                weekdays: vec![],
+                unit_prices: UnitPrices::new(),
+            }])
+            .starts_with("rules[0].windows[0].time_zone:")
+        );
+        assert!(
+            check(&|b| b.rules[0].tiers = Some(Tiers {
+                kind: TierKind::Graduated,
+                period: TierPeriod::Month,
+                key: TierKey::All,
+                bands: vec![Band {
+                    up_to: Some(10),
+                    unit_prices: UnitPrices::new()
+                }],
+            }))
+            .starts_with("rules[0].tiers.bands[0].up_to: the last band")
+        );
+        assert!(check(&|b| b.rounding.to = 19).starts_with("rounding.to:"));
+        assert!(
+            check(&|b| {
+                b.rules[0].unit_prices.insert(PriceKey::Request, d("1"));
+            })
+            .starts_with("rules[0].unit_prices.request:")
+        );
+    }
+
+    #[test]
+    fn contracts_check_percentages() {
+        let mut c = PriceContract {
+            book: "list".into(),
+            overrides: vec![rule()],
+            discount_percent: Some(d("12.5")),
+            markup_percent: None,
+            minimum_commitment: Some(MinimumCommitment {
+                amount: d("1000"),
+                period: CommitmentPeriod::Month,
+            }),
+            set_by: Some("acme".parse().unwrap()),
+        };
+        assert!(c.check().is_ok());
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<PriceContract>(&json).unwrap(), c);
+        c.discount_percent = Some(d("100.1"));
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("discount_percent: 100.1 is not a percentage")
+        );
+    }
+
+    #[test]
+    fn windows_wrap_past_midnight() {
+        let w = |from: &str, to: &str, days: Vec<u8>| TimeWindow {
+            from: from.parse().unwrap(),
+            to: to.parse().unwrap(),
+            time_zone: "UTC".into(),
+            weekdays: days,
+            unit_prices: UnitPrices::new(),
+        };
+        let night = w("22:30", "06:00", vec![]);
+        assert!(night.contains(1, 22 * 60 + 30));
+        assert!(night.contains(1, 0));
+        assert!(night.contains(1, 5 * 60 + 59));
+        assert!(!night.contains(1, 6 * 60));
+        assert!(!night.contains(1, 12 * 60));
+        let day = w("08:00", "18:00", vec![1, 2, 3, 4, 5]);
+        assert!(day.contains(5, 8 * 60));
+        assert!(!day.contains(6, 8 * 60));
+        assert!(w("00:00", "00:00", vec![6, 7]).contains(7, 1439));
+        assert!("24:00".parse::<ClockTime>().is_err());
+        assert!("7:00".parse::<ClockTime>().is_err());
+    }
+
+    #[test]
+    fn settle_rounds_once_after_discount_and_markup() {
+        let line = |q: &str, p: &str| RatedLine {
+            key: "text.input".parse().unwrap(),
+            quantity: d(q),
+            unit_price: d(p),
+            amount: d(q) * d(p),
+        };
+        let mut r = Rating {
+            amount: Decimal::ZERO,
+            currency: "CNY".parse().unwrap(),
+            book: "list".into(),
+            version: 1,
+            lines: vec![line("3", "0.005"), line("1", "0.005")],
+            contract: None,
+            discount_percent: Some(d("10")),
+            markup_percent: Some(d("50")),
+            unpriced: false,
+            missing: vec![],
+            basis: None,
+        };
+        // 0.02 × 0.9 × 1.5 = 0.027: rounded once, not per line (each line would be 0.01
+        // and 0.00 at two places).
+        r.settle(&Rounding {
+            at: RoundingAt::Entry,
+            to: 2,
+            mode: RoundingMode::HalfUp,
+        })
+        .unwrap();
+        assert_eq!(r.amount, d("0.03"));
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Rating>(&json).unwrap(), r);
+        assert!(
+            json.starts_with(r#"{"amount":"0.03","currency":"CNY""#),
+            "{json}"
+        );
+    }
+}
