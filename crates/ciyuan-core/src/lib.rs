@@ -5,6 +5,8 @@
 //! - [`Entry`]: one record of the tamper-evident ledger, with its typed [`EntryBody`].
 //! - [`TokenCount`], [`Modality`], [`Direction`]: tokens by modality and direction.
 //! - [`Money`]: exact decimal amounts, never floats.
+//! - [`Posting`]: a balanced double-entry wallet transaction; [`ExactSum`] sums money
+//!   without rounding.
 //!
 //! This crate does no IO. The ledger's bytes for an entry are produced here
 //! ([`Entry::encode`]) because the entry format is part of the domain: an auditor reads
@@ -28,6 +30,7 @@ mod budget;
 mod entry;
 mod money;
 mod path;
+mod posting;
 mod reuse;
 mod scope;
 mod text;
@@ -46,6 +49,11 @@ pub use entry::{
 pub use jiff;
 pub use money::{Currency, Money, MoneyError};
 pub use path::{AccountPath, PathError};
+pub use posting::{
+    ExactSum, Grant, LedgerAccount, Leg, MAX_GRANT_ID_BYTES, MAX_LEGS, MAX_MEMO_BYTES,
+    MAX_SIGNIFICANT_DIGITS, Posting, PostingError, PostingKind, WalletSet, fits_digits, may_post,
+    parse_amount,
+};
 pub use scope::{Scope, ScopeError, Scopes};
 pub use text::{TextError, check_text};
 pub use tokens::{Direction, MAX_TOKENS_PER_KEY, Modality, TokenCount, TokenError, TokenMap};
