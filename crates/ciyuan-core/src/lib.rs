@@ -6,6 +6,8 @@
 //! - [`TokenCount`], [`Modality`], [`Direction`]: tokens by modality and direction.
 //! - [`Money`]: exact decimal amounts, never floats.
 //! - [`PriceBook`], [`PriceContract`], [`Rating`]: prices and what an entry cost.
+//! - [`Posting`]: a balanced double-entry wallet transaction; [`ExactSum`] sums money
+//!   without rounding.
 //!
 //! This crate does no IO. The ledger's bytes for an entry are produced here
 //! ([`Entry::encode`]) because the entry format is part of the domain: an auditor reads
@@ -31,6 +33,7 @@ mod entry;
 mod money;
 mod path;
 mod price;
+mod posting;
 mod reuse;
 mod scope;
 mod text;
@@ -56,6 +59,11 @@ pub use price::{
     MinimumCommitment, PriceBook, PriceContract, PriceError, PriceKey, PriceRule, PriceSource,
     RatedLine, Rating, RatingBasis, Rounding, RoundingAt, RoundingMode, ServiceTier, Threshold,
     TierKey, TierKind, TierPeriod, Tiers, TimeWindow, UnitPrices, decimal_from_text, exact,
+};
+pub use posting::{
+    ExactSum, Grant, LedgerAccount, Leg, MAX_GRANT_ID_BYTES, MAX_LEGS, MAX_MEMO_BYTES,
+    MAX_SIGNIFICANT_DIGITS, Posting, PostingError, PostingKind, WalletSet, fits_digits, may_post,
+    parse_amount,
 };
 pub use scope::{Scope, ScopeError, Scopes};
 pub use text::{TextError, check_text};
