@@ -12,6 +12,8 @@
 
 use crate::budget::{AccessSet, BudgetCleared, BudgetSet, Incident};
 use crate::definition::TokenDefinition;
+use crate::posting::{Posting, WalletSet};
+use crate::price::{PriceBook, PriceContract, Rating};
 use crate::{AccountPath, Scopes, tokens::TokenMap};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -66,6 +68,15 @@ pub enum EntryBody {
     Incident(Incident),
     /// A version of a service's token definition was declared (on the root node).
     DefinitionSet(TokenDefinition),
+    /// A version of a price book was recorded (on the root node).
+    PriceBook(PriceBook),
+    /// The entry's node's price contract was set (the new contract, whole).
+    PriceContract(PriceContract),
+    /// A balanced double-entry wallet transaction (on the node whose wallet it
+    /// concerns first).
+    Posting(Posting),
+    /// The entry's node's wallet settings in one currency.
+    WalletSet(WalletSet),
 }
 
 /// Tokens of one call or event.
@@ -104,6 +115,11 @@ pub struct Usage {
     /// Ciyuan's own count of the request's text, beside the provider's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recount: Option<Box<Recount>>,
+    /// What it cost, priced as it was appended: the book and version, unit prices and
+    /// amount, so a bill line is explained by its entry. Absent where no price book
+    /// is in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rating: Option<Box<Rating>>,
 }
 
 /// How one gateway request went. Durations are whole microseconds, so every figure is
@@ -267,6 +283,10 @@ impl EntryBody {
             EntryBody::AccessSet(_) => "access.set",
             EntryBody::Incident(_) => "incident",
             EntryBody::DefinitionSet(_) => "definition.set",
+            EntryBody::PriceBook(_) => "price.book",
+            EntryBody::PriceContract(_) => "price.contract",
+            EntryBody::Posting(_) => "posting",
+            EntryBody::WalletSet(_) => "wallet.set",
         }
     }
 }
@@ -340,6 +360,10 @@ impl Entry {
             EntryBody::AccessSet(d) => put(self, d, out),
             EntryBody::Incident(d) => put(self, d, out),
             EntryBody::DefinitionSet(d) => put(self, d, out),
+            EntryBody::PriceBook(d) => put(self, d, out),
+            EntryBody::PriceContract(d) => put(self, d, out),
+            EntryBody::Posting(d) => put(self, d, out),
+            EntryBody::WalletSet(d) => put(self, d, out),
         }
     }
 
@@ -362,6 +386,10 @@ impl Entry {
             "access.set" => EntryBody::AccessSet(serde_json::from_str(data)?),
             "incident" => EntryBody::Incident(serde_json::from_str(data)?),
             "definition.set" => EntryBody::DefinitionSet(serde_json::from_str(data)?),
+            "price.book" => EntryBody::PriceBook(serde_json::from_str(data)?),
+            "price.contract" => EntryBody::PriceContract(serde_json::from_str(data)?),
+            "posting" => EntryBody::Posting(serde_json::from_str(data)?),
+            "wallet.set" => EntryBody::WalletSet(serde_json::from_str(data)?),
             other => return Err(DecodeError::Kind(other.to_string())),
         };
         Ok(Entry {

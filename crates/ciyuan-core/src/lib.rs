@@ -32,8 +32,8 @@ mod definition;
 mod entry;
 mod money;
 mod path;
-mod price;
 mod posting;
+mod price;
 mod reuse;
 mod scope;
 mod text;
@@ -53,17 +53,17 @@ pub use entry::{
 pub use jiff;
 pub use money::{Currency, Money, MoneyError};
 pub use path::{AccountPath, PathError};
+pub use posting::{
+    ExactSum, Grant, LedgerAccount, Leg, MAX_GRANT_ID_BYTES, MAX_LEGS, MAX_MEMO_BYTES,
+    MAX_SIGNIFICANT_DIGITS, Posting, PostingError, PostingKind, WalletSet, fits_digits, may_post,
+    parse_amount,
+};
 pub use price::{
     Band, ClockTime, CommitmentPeriod, MAX_MARKUP_PERCENT, MAX_PARTS_PER_RULE,
     MAX_PRICE_NAME_BYTES, MAX_PRICE_SCALE, MAX_ROUNDING_PLACES, MAX_RULES_PER_BOOK, MAX_UNIT_PRICE,
     MinimumCommitment, PriceBook, PriceContract, PriceError, PriceKey, PriceRule, PriceSource,
     RatedLine, Rating, RatingBasis, Rounding, RoundingAt, RoundingMode, ServiceTier, Threshold,
     TierKey, TierKind, TierPeriod, Tiers, TimeWindow, UnitPrices, decimal_from_text, exact,
-};
-pub use posting::{
-    ExactSum, Grant, LedgerAccount, Leg, MAX_GRANT_ID_BYTES, MAX_LEGS, MAX_MEMO_BYTES,
-    MAX_SIGNIFICANT_DIGITS, Posting, PostingError, PostingKind, WalletSet, fits_digits, may_post,
-    parse_amount,
 };
 pub use scope::{Scope, ScopeError, Scopes};
 pub use text::{TextError, check_text};

@@ -187,6 +187,7 @@ impl<'de> Visitor<'de> for UsageSeed<'_> {
                 "measures" => 7,
                 "quality" => 8,
                 "recount" => 9,
+                "rating" => 10,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -206,7 +207,8 @@ impl<'de> Visitor<'de> for UsageSeed<'_> {
                 6 => u.partial = map.next_value()?,
                 7 => u.measures = map.next_value()?,
                 8 => u.quality = map.next_value()?,
-                _ => u.recount = map.next_value()?,
+                9 => u.recount = map.next_value()?,
+                _ => u.rating = map.next_value()?,
             }
         }
         // `service` and `tokens` are required; the others default when absent.
@@ -237,6 +239,9 @@ impl<'de> Visitor<'de> for UsageSeed<'_> {
         }
         if absent(9) {
             u.recount = None;
+        }
+        if absent(10) {
+            u.rating = None;
         }
         Ok(())
     }
@@ -325,6 +330,23 @@ mod tests {
                         input: 1,
                         output: 2,
                         flagged: true,
+                    })
+                }),
+                // A rated entry must keep its rating through the fast path: a decoder
+                // that skipped the field would lose the entry's cost.
+                rating: (i % 3 == 1).then(|| {
+                    Box::new(crate::Rating {
+                        amount: rust_decimal::Decimal::new(45, 1),
+                        currency: "USD".parse().unwrap(),
+                        book: "list".into(),
+                        version: 2,
+                        lines: vec![],
+                        contract: None,
+                        discount_percent: None,
+                        markup_percent: None,
+                        unpriced: false,
+                        missing: vec![],
+                        basis: None,
                     })
                 }),
             }),

@@ -140,6 +140,49 @@ CREATE TABLE definitions (
     PRIMARY KEY (service, version)
 ) WITHOUT ROWID;
 "#,
+    // Money: price books, contracts, wallet postings and settings, and hourly cost
+    // rollups of rated usage. No earlier entry is of these kinds or rated.
+    r#"
+CREATE TABLE price_books (
+    name    TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    book    TEXT NOT NULL,
+    entry   INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+) WITHOUT ROWID;
+CREATE TABLE contracts (
+    node     TEXT PRIMARY KEY,
+    contract TEXT NOT NULL,
+    entry    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE wallet_settings (
+    node     TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    entry    INTEGER NOT NULL,
+    PRIMARY KEY (node, currency)
+) WITHOUT ROWID;
+CREATE TABLE postings (
+    entry   INTEGER PRIMARY KEY,
+    ts      TEXT NOT NULL,
+    account TEXT NOT NULL,
+    posting TEXT NOT NULL
+);
+CREATE TABLE posting_nodes (
+    node  TEXT NOT NULL,
+    entry INTEGER NOT NULL,
+    PRIMARY KEY (node, entry)
+) WITHOUT ROWID;
+CREATE TABLE cost_hourly (
+    account  TEXT NOT NULL,
+    hour     INTEGER NOT NULL,
+    service  TEXT NOT NULL,
+    model    TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    amount   TEXT NOT NULL,
+    PRIMARY KEY (account, hour, service, model, currency)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// A token sum as stored: `hi * 2^62 + lo`, `0 <= lo < 2^62`. Sums of the ledger's
@@ -272,6 +315,58 @@ fn by_node<T: serde::de::DeserializeOwned>(
                 .map_err(|e| StoreError::Backend(format!("stored node {node:?}: {e}")))?,
             serde_json::from_str(&json)
                 .map_err(|e| StoreError::Backend(format!("stored value on {node}: {e}")))?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Rows of (entry, json) decoded.
+fn entries_of<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+) -> Result<Vec<(u64, T)>, StoreError> {
+    let mut stmt = conn.prepare(sql).map_err(backend)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (entry, json) = row.map_err(backend)?;
+        out.push((
+            u64::try_from(entry).map_err(|_| StoreError::Corrupt(format!("entry id {entry}")))?,
+            serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("stored entry {entry}: {e}")))?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Rows of (node, entry, json) decoded.
+fn by_node_entry<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+) -> Result<Vec<(AccountPath, (u64, T))>, StoreError> {
+    let mut stmt = conn.prepare(sql).map_err(backend)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (node, entry, json) = row.map_err(backend)?;
+        out.push((
+            parse_path(&node)?,
+            (
+                u64::try_from(entry)
+                    .map_err(|_| StoreError::Corrupt(format!("entry id {entry}")))?,
+                serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("stored value on {node}: {e}")))?,
+            ),
         ));
     }
     Ok(out)
@@ -449,6 +544,49 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: &[Change<'_>]) -> Resu
                 .and_then(|mut st| {
                     st.execute(params![*entry as i64, at.to_string(), node.as_str(), to_json(usage).map_err(sql)?])
                 }),
+            Change::PriceBook { entry, book } => tx
+                .prepare_cached(
+                    "INSERT INTO price_books (name, version, book, entry) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (name, version) DO NOTHING",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![book.name, book.version, to_json(book).map_err(sql)?, *entry as i64])
+                }),
+            Change::PriceContract { entry, node, contract } => tx
+                .prepare_cached(
+                    "INSERT INTO contracts (node, contract, entry) VALUES (?, ?, ?)
+                     ON CONFLICT (node) DO UPDATE SET contract = excluded.contract, entry = excluded.entry",
+                )
+                .and_then(|mut st| st.execute(params![node.as_str(), to_json(contract).map_err(sql)?, *entry as i64])),
+            Change::WalletSet { entry, node, settings } => tx
+                .prepare_cached(
+                    "INSERT INTO wallet_settings (node, currency, settings, entry) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (node, currency) DO UPDATE SET settings = excluded.settings, entry = excluded.entry",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        node.as_str(),
+                        settings.currency.as_str(),
+                        to_json(settings).map_err(sql)?,
+                        *entry as i64
+                    ])
+                }),
+            Change::Posting { entry, at, node, posting } => tx
+                .prepare_cached("INSERT INTO postings (entry, ts, account, posting) VALUES (?, ?, ?, ?)")
+                .and_then(|mut st| {
+                    st.execute(params![*entry as i64, at.to_string(), node.as_str(), to_json(posting).map_err(sql)?])
+                })
+                .and_then(|_| {
+                    let mut st = tx.prepare_cached(
+                        "INSERT INTO posting_nodes (node, entry) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    )?;
+                    for leg in &posting.legs {
+                        if let Some(n) = leg.account.node() {
+                            st.execute(params![n.as_str(), *entry as i64])?;
+                        }
+                    }
+                    Ok(1)
+                }),
             Change::DefinitionSet { entry, definition } => tx
                 .prepare_cached(
                     "INSERT INTO definitions (service, version, definition, entry) VALUES (?, ?, ?, ?)
@@ -466,6 +604,72 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: &[Change<'_>]) -> Resu
         .map_err(backend)?;
     }
     Ok(())
+}
+
+/// Adds exact amounts to the hourly cost rollups. SQLite has no exact decimal type:
+/// an amount is stored as its decimal text and added here, in Rust, exactly; a sum
+/// that no longer fits a 28-digit decimal is an error, never a rounded value.
+fn add_costs(
+    tx: &rusqlite::Transaction<'_>,
+    costs: &ciyuan_store::CostSums<'_>,
+) -> Result<(), StoreError> {
+    let mut read = tx
+        .prepare_cached(
+            "SELECT amount FROM cost_hourly
+             WHERE account = ? AND hour = ? AND service = ? AND model = ? AND currency = ?",
+        )
+        .map_err(backend)?;
+    let mut write = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO cost_hourly (account, hour, service, model, currency, amount)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .map_err(backend)?;
+    for (k, add) in costs {
+        let key = params![
+            k.account.as_str(),
+            k.hour,
+            k.service,
+            k.model,
+            k.currency.as_str()
+        ];
+        let old: Option<String> = read
+            .query_row(key, |r| r.get(0))
+            .optional()
+            .map_err(backend)?;
+        let mut sum = *add;
+        if let Some(old) = old {
+            sum = sum.checked_add(parse_amount(&old)?).ok_or_else(|| {
+                StoreError::Backend(format!("cost sum of {} overflows", k.account))
+            })?;
+        }
+        let text = sum
+            .to_decimal()
+            .ok_or_else(|| {
+                StoreError::Backend(format!(
+                    "the hourly cost of {} ({sum}) needs more than 28 digits",
+                    k.account
+                ))
+            })?
+            .to_string();
+        write
+            .execute(params![
+                k.account.as_str(),
+                k.hour,
+                k.service,
+                k.model,
+                k.currency.as_str(),
+                text
+            ])
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+fn parse_amount(text: &str) -> Result<ciyuan_core::ExactSum, StoreError> {
+    rust_decimal::Decimal::from_str_exact(text)
+        .map(ciyuan_core::ExactSum::of)
+        .map_err(|e| StoreError::Corrupt(format!("stored amount {text:?}: {e}")))
 }
 
 /// A projection error carried through rusqlite's error type inside a statement closure.
@@ -536,6 +740,7 @@ impl Store for SqliteStore {
                     .map_err(backend)?;
             }
         }
+        add_costs(&tx, &projected.cost)?;
         tx.execute(
             "UPDATE meta SET value = ? WHERE name = 'projected_through'",
             params![(start + count as u64) as i64],
@@ -556,6 +761,12 @@ impl Store for SqliteStore {
                  DELETE FROM flagged;
                  DELETE FROM incidents;
                  DELETE FROM definitions;
+                 DELETE FROM price_books;
+                 DELETE FROM contracts;
+                 DELETE FROM wallet_settings;
+                 DELETE FROM postings;
+                 DELETE FROM posting_nodes;
+                 DELETE FROM cost_hourly;
                  UPDATE meta SET value = 0 WHERE name = 'projected_through';
                  COMMIT;",
             )
@@ -709,6 +920,88 @@ impl Store for SqliteStore {
                 serde_json::from_str(&json)
                     .map_err(|e| StoreError::Corrupt(format!("stored definition {json:?}: {e}")))?,
             ));
+        }
+        Ok(out)
+    }
+
+    fn price_books(&self) -> Result<Vec<(u64, ciyuan_core::PriceBook)>, StoreError> {
+        entries_of(
+            &self.conn(),
+            "SELECT entry, book FROM price_books ORDER BY name, version",
+        )
+    }
+
+    fn contracts(&self) -> Result<Vec<(AccountPath, u64, ciyuan_core::PriceContract)>, StoreError> {
+        let rows: Vec<(AccountPath, (u64, ciyuan_core::PriceContract))> = by_node_entry(
+            &self.conn(),
+            "SELECT node, entry, contract FROM contracts ORDER BY node",
+        )?;
+        Ok(rows.into_iter().map(|(n, (e, c))| (n, e, c)).collect())
+    }
+
+    fn wallet_settings(&self) -> Result<Vec<(AccountPath, ciyuan_core::WalletSet)>, StoreError> {
+        by_node(
+            &self.conn(),
+            "SELECT node, settings FROM wallet_settings ORDER BY node, currency",
+        )
+    }
+
+    fn postings(
+        &self,
+        node: Option<&AccountPath>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Recorded<ciyuan_core::Posting>>, StoreError> {
+        let after = after.map_or(-1, |a| a as i64);
+        let limit = limit.min(i64::MAX as usize) as i64;
+        match node {
+            None => recorded(
+                &self.conn(),
+                "SELECT entry, ts, account, posting FROM postings WHERE entry > ? ORDER BY entry LIMIT ?",
+                vec![after.to_string(), limit.to_string()],
+            ),
+            Some(n) => recorded(
+                &self.conn(),
+                "SELECT p.entry, p.ts, p.account, p.posting FROM posting_nodes n
+                 JOIN postings p ON p.entry = n.entry
+                 WHERE n.node = ? AND n.entry > ? ORDER BY n.entry LIMIT ?",
+                vec![n.as_str().to_string(), after.to_string(), limit.to_string()],
+            ),
+        }
+    }
+
+    fn cost_hours(&self, filter: &HourFilter) -> Result<Vec<ciyuan_store::CostRow>, StoreError> {
+        let (cond, mut args) = subtree("account", &filter.account);
+        let mut sql = format!(
+            "SELECT hour, account, service, model, currency, amount FROM cost_hourly WHERE {cond}"
+        );
+        if let Some(from) = filter.from_hour {
+            sql.push_str(" AND hour >= ?");
+            args.push(from.to_string());
+        }
+        if let Some(to) = filter.to_hour {
+            sql.push_str(" AND hour < ?");
+            args.push(to.to_string());
+        }
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql).map_err(backend)?;
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(args))
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(backend)? {
+            let currency: String = r.get(4).map_err(backend)?;
+            let amount: String = r.get(5).map_err(backend)?;
+            out.push(ciyuan_store::CostRow {
+                hour: r.get(0).map_err(backend)?,
+                account: parse_path(&r.get::<_, String>(1).map_err(backend)?)?,
+                service: r.get(2).map_err(backend)?,
+                model: r.get(3).map_err(backend)?,
+                currency: currency
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
+                amount: parse_amount(&amount)?,
+            });
         }
         Ok(out)
     }

@@ -77,6 +77,29 @@ impl Store for BrokenAfterReset {
     fn definitions(&self) -> Result<Vec<(u64, ciyuan_core::TokenDefinition)>, StoreError> {
         self.inner.definitions()
     }
+    fn price_books(&self) -> Result<Vec<(u64, ciyuan_core::PriceBook)>, StoreError> {
+        self.inner.price_books()
+    }
+    fn contracts(&self) -> Result<Vec<(AccountPath, u64, ciyuan_core::PriceContract)>, StoreError> {
+        self.inner.contracts()
+    }
+    fn wallet_settings(&self) -> Result<Vec<(AccountPath, ciyuan_core::WalletSet)>, StoreError> {
+        self.inner.wallet_settings()
+    }
+    fn postings(
+        &self,
+        node: Option<&AccountPath>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ciyuan_store::Recorded<ciyuan_core::Posting>>, StoreError> {
+        self.inner.postings(node, after, limit)
+    }
+    fn cost_hours(
+        &self,
+        filter: &ciyuan_store::HourFilter,
+    ) -> Result<Vec<ciyuan_store::CostRow>, StoreError> {
+        self.inner.cost_hours(filter)
+    }
     fn flagged(
         &self,
         under: &AccountPath,

@@ -71,6 +71,140 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     budgets_access_flags_and_incidents(make().as_ref());
     regression_token_sums_past_i64_stay_exact(make().as_ref());
     definitions_keep_the_first_word_on_a_version(make().as_ref());
+    money_books_contracts_postings_and_exact_costs(make().as_ref());
+}
+
+/// Price books keep the first word on `name@version`, contracts are replaced whole,
+/// postings are listed under every node whose wallet they move (paged by entry), and
+/// hourly costs of rated usage add exactly (ten times 0.1 is 1, never 0.9999...).
+fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
+    use ciyuan_core::{Currency, LedgerAccount, Leg, Posting, PostingKind, PriceBook, Rating};
+    let d = |t: &str| ok(ciyuan_core::decimal_from_text(t), "decimal");
+    let cny: Currency = ok("CNY".parse(), "currency");
+    let book = |version: u32, name: &str| PriceBook {
+        name: name.into(),
+        version,
+        currency: cny,
+        effective_from: ts("2026-01-01T00:00:00Z"),
+        rounding: ciyuan_core::Rounding::default(),
+        source: None,
+        set_by: None,
+        rules: vec![],
+    };
+    let contract = |b: &str| ciyuan_core::PriceContract {
+        book: b.into(),
+        overrides: vec![],
+        discount_percent: None,
+        markup_percent: None,
+        minimum_commitment: None,
+        set_by: Some(AccountPath::root()),
+    };
+    let transfer = Posting {
+        kind: PostingKind::Transfer,
+        currency: cny,
+        legs: vec![
+            Leg::debit(LedgerAccount::Cash(path("acme/a")), d("5")),
+            Leg::credit(LedgerAccount::Cash(path("acme/b")), d("5")),
+        ],
+        memo: "move".into(),
+        usage_entry: None,
+        grant: None,
+        set_by: Some(path("acme")),
+    };
+    let topup = Posting {
+        kind: PostingKind::Topup,
+        legs: vec![
+            Leg::debit(LedgerAccount::Payments, d("100")),
+            Leg::credit(LedgerAccount::Cash(path("acme/a")), d("100")),
+        ],
+        ..transfer.clone()
+    };
+    let at = "2026-11-24T15:10:00Z";
+    let rated = |amount: &str| {
+        let mut e = usage("acme/a", at, "gpt-4o", 1);
+        if let EntryBody::Usage(u) = &mut e.body {
+            u.rating = Some(Box::new(Rating {
+                amount: d(amount),
+                currency: cny,
+                book: "list".into(),
+                version: 1,
+                lines: vec![],
+                contract: None,
+                discount_percent: None,
+                markup_percent: None,
+                unpriced: false,
+                missing: vec![],
+                basis: None,
+            }));
+        }
+        e
+    };
+    let on = |account: &str, body: EntryBody| Entry::new(ts(at), path(account), body);
+    let mut entries = vec![
+        on("/", EntryBody::PriceBook(book(1, "list"))),
+        on("/", EntryBody::PriceBook(book(2, "list"))),
+        on("/", EntryBody::PriceBook(book(1, "list"))),
+        on("acme", EntryBody::PriceContract(contract("list"))),
+        on("acme", EntryBody::PriceContract(contract("resale"))),
+        on("acme/a", EntryBody::Posting(topup.clone())),
+        on("acme/a", EntryBody::Posting(transfer.clone())),
+    ];
+    entries.extend((0..10).map(|_| rated("0.1")));
+    ok(s.apply(0, &entries[..9]), "apply()");
+    ok(s.apply(9, &entries[9..]), "apply()");
+    let books = ok(s.price_books(), "price_books()");
+    assert_eq!(
+        books
+            .iter()
+            .map(|(e, b)| (*e, b.version))
+            .collect::<Vec<_>>(),
+        vec![(0, 1), (1, 2)],
+        "by name and version, the first word on a version kept"
+    );
+    let contracts = ok(s.contracts(), "contracts()");
+    assert_eq!(contracts, vec![(path("acme"), 4, contract("resale"))]);
+    let all = ok(s.postings(None, None, 10), "postings()");
+    assert_eq!(all.iter().map(|p| p.entry).collect::<Vec<_>>(), vec![5, 6]);
+    assert_eq!(all[1].body, transfer);
+    let b = ok(
+        s.postings(Some(&path("acme/b")), None, 10),
+        "postings(acme/b)",
+    );
+    assert_eq!(
+        b.iter().map(|p| p.entry).collect::<Vec<_>>(),
+        vec![6],
+        "a transfer is listed under both nodes"
+    );
+    let a = ok(
+        s.postings(Some(&path("acme/a")), Some(5), 10),
+        "postings(acme/a, after 5)",
+    );
+    assert_eq!(
+        a.iter().map(|p| p.entry).collect::<Vec<_>>(),
+        vec![6],
+        "paged by entry"
+    );
+    let costs = ok(
+        s.cost_hours(&HourFilter {
+            account: path("acme"),
+            from_hour: None,
+            to_hour: None,
+        }),
+        "cost_hours()",
+    );
+    assert_eq!(costs.len(), 1);
+    assert_eq!(
+        costs[0].amount,
+        ciyuan_core::ExactSum::of(d("1")),
+        "exact: ten times 0.1"
+    );
+    assert_eq!(
+        (costs[0].currency, costs[0].model.as_str()),
+        (cny, "gpt-4o")
+    );
+    ok(s.reset_projections(), "reset_projections()");
+    assert!(ok(s.price_books(), "price_books() after a reset").is_empty());
+    assert!(ok(s.postings(None, None, 10), "postings() after a reset").is_empty());
 }
 
 /// `definition.set` entries project into the definitions in force; a repeated

@@ -17,7 +17,7 @@ mod log;
 mod projection;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
-pub use projection::{Change, Projected, RollupKey, project};
+pub use projection::{Change, CostKey, CostSums, Projected, RollupKey, project};
 pub use usage::{
     Bucket, GroupBy, SumOverflow, TokenSums, UsageQuery, UsageRow, aggregate, ceil_hour, floor_hour,
 };
@@ -83,6 +83,23 @@ pub struct HourRow {
     pub direction: Direction,
     /// Signed token sum, exact (the backend keeps sums wider than `i64`).
     pub tokens: i128,
+}
+
+/// A cost rollup row: rated usage of one node, service, model, UTC hour and currency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostRow {
+    /// Start of the UTC hour, in seconds since the epoch.
+    pub hour: i64,
+    /// The node.
+    pub account: AccountPath,
+    /// The service.
+    pub service: String,
+    /// The model, empty where none.
+    pub model: String,
+    /// The currency.
+    pub currency: ciyuan_core::Currency,
+    /// The amount, exact.
+    pub amount: ciyuan_core::ExactSum,
 }
 
 /// Which hourly rows a usage query reads.
@@ -185,6 +202,28 @@ pub trait Store: Send + Sync + 'static {
     /// Every token definition version declared in the ledger (`definition.set`), with
     /// the entry that declared it, by service and version.
     fn definitions(&self) -> Result<Vec<(u64, ciyuan_core::TokenDefinition)>, StoreError>;
+
+    /// Every price book version recorded (`price.book`), with its entry, by name and
+    /// version.
+    fn price_books(&self) -> Result<Vec<(u64, ciyuan_core::PriceBook)>, StoreError>;
+
+    /// The price contract of every node that has one, with its entry, in path order.
+    fn contracts(&self) -> Result<Vec<(AccountPath, u64, ciyuan_core::PriceContract)>, StoreError>;
+
+    /// The wallet settings of every node and currency that has some.
+    fn wallet_settings(&self) -> Result<Vec<(AccountPath, ciyuan_core::WalletSet)>, StoreError>;
+
+    /// Wallet postings in entry order, from entry `after` (exclusive; `None` from the
+    /// start), at most `limit`; only those moving a wallet of `node` when given.
+    fn postings(
+        &self,
+        node: Option<&AccountPath>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Recorded<ciyuan_core::Posting>>, StoreError>;
+
+    /// Hourly cost rollup rows of a subtree (rated usage), summed over equal keys.
+    fn cost_hours(&self, filter: &HourFilter) -> Result<Vec<CostRow>, StoreError>;
 
     /// Gateway usage whose recount disagreed with the provider beyond tolerance, in a
     /// subtree, newest first.

@@ -10,8 +10,9 @@
 use crate::{StoreError, floor_hour};
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
-    AccessSet, AccountInfo, AccountPath, BudgetSet, Direction, Entry, EntryBody, Incident,
-    Modality, TokenDefinition, Usage,
+    AccessSet, AccountInfo, AccountPath, BudgetSet, Currency, Direction, Entry, EntryBody,
+    ExactSum, Incident, Modality, Posting, PriceBook, PriceContract, TokenDefinition, Usage,
+    WalletSet,
 };
 use rustc_hash::FxHashMap;
 
@@ -93,6 +94,58 @@ pub enum Change<'a> {
         /// The definition.
         definition: &'a TokenDefinition,
     },
+    /// A price book version was recorded (a repeat of `name@version` keeps the first).
+    PriceBook {
+        /// The recording entry.
+        entry: u64,
+        /// The book.
+        book: &'a PriceBook,
+    },
+    /// A node's price contract was replaced (whole).
+    PriceContract {
+        /// The setting entry.
+        entry: u64,
+        /// The node.
+        node: &'a AccountPath,
+        /// The contract.
+        contract: &'a PriceContract,
+    },
+    /// A wallet posting, listed under every node whose wallet it moves.
+    Posting {
+        /// The entry.
+        entry: u64,
+        /// Its time.
+        at: Timestamp,
+        /// The entry's node.
+        node: &'a AccountPath,
+        /// The posting.
+        posting: &'a Posting,
+    },
+    /// A node's wallet settings in one currency were replaced.
+    WalletSet {
+        /// The setting entry.
+        entry: u64,
+        /// The node.
+        node: &'a AccountPath,
+        /// The settings.
+        settings: &'a WalletSet,
+    },
+}
+
+/// The key of an hourly cost rollup: rated usage by node, hour, service, model and
+/// currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CostKey<'a> {
+    /// The node.
+    pub account: &'a AccountPath,
+    /// Start of the UTC hour, in seconds since the epoch.
+    pub hour: i64,
+    /// The service.
+    pub service: &'a str,
+    /// The model, empty where none.
+    pub model: &'a str,
+    /// The currency.
+    pub currency: Currency,
 }
 
 /// The key of an hourly usage rollup, borrowed from the entries: no allocation per
@@ -113,6 +166,9 @@ pub struct RollupKey<'a> {
     pub direction: Direction,
 }
 
+/// Exact amounts by cost key.
+pub type CostSums<'a> = FxHashMap<CostKey<'a>, ExactSum>;
+
 /// What a run of entries does to the projections.
 #[derive(Debug, Default)]
 pub struct Projected<'a> {
@@ -123,6 +179,8 @@ pub struct Projected<'a> {
     /// Signed token sums to add, one per rollup key (a batch of many events of one
     /// key becomes one write).
     pub usage: FxHashMap<RollupKey<'a>, i128>,
+    /// Exact amounts to add, one per cost key (from rated usage entries).
+    pub cost: CostSums<'a>,
 }
 
 /// Projects entries `start..` (the concatenation of `parts`).
@@ -135,6 +193,7 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
         changes: Vec::new(),
         ingest: Vec::with_capacity(count),
         usage: FxHashMap::default(),
+        cost: FxHashMap::default(),
     };
     for (i, entry) in parts.iter().flat_map(|p| p.iter()).enumerate() {
         let index = start + i as u64;
@@ -144,6 +203,21 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                 if let Some((source, id)) = u.ingest_key() {
                     out.ingest
                         .push((index, ciyuan_core::ingest_key_hash(source, id)));
+                }
+                if let Some(r) = &u.rating {
+                    let slot = out
+                        .cost
+                        .entry(CostKey {
+                            account: node,
+                            hour: floor_hour(entry.ts),
+                            service: &u.service,
+                            model: u.model.as_deref().unwrap_or(""),
+                            currency: r.currency,
+                        })
+                        .or_insert(ExactSum::ZERO);
+                    *slot = slot.checked_add(ExactSum::of(r.amount)).ok_or_else(|| {
+                        StoreError::Backend(format!("cost sum overflows at entry {index}"))
+                    })?;
                 }
                 if u.recount.as_ref().is_some_and(|r| r.flagged) {
                     out.changes.push(Change::Flagged {
@@ -209,6 +283,35 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                 out.changes.push(Change::DefinitionSet {
                     entry: index,
                     definition,
+                });
+                continue;
+            }
+            EntryBody::PriceBook(book) => {
+                out.changes.push(Change::PriceBook { entry: index, book });
+                continue;
+            }
+            EntryBody::PriceContract(contract) => {
+                out.changes.push(Change::PriceContract {
+                    entry: index,
+                    node,
+                    contract,
+                });
+                continue;
+            }
+            EntryBody::Posting(posting) => {
+                out.changes.push(Change::Posting {
+                    entry: index,
+                    at: entry.ts,
+                    node,
+                    posting,
+                });
+                continue;
+            }
+            EntryBody::WalletSet(settings) => {
+                out.changes.push(Change::WalletSet {
+                    entry: index,
+                    node,
+                    settings,
                 });
                 continue;
             }
