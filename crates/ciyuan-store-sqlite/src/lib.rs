@@ -341,11 +341,14 @@ fn entries_of<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
+/// A node's projected value and the entry that set it.
+type NodeEntry<T> = (AccountPath, (u64, T));
+
 /// Rows of (node, entry, json) decoded.
 fn by_node_entry<T: serde::de::DeserializeOwned>(
     conn: &Connection,
     sql: &str,
-) -> Result<Vec<(AccountPath, (u64, T))>, StoreError> {
+) -> Result<Vec<NodeEntry<T>>, StoreError> {
     let mut stmt = conn.prepare(sql).map_err(backend)?;
     let rows = stmt
         .query_map([], |r| {
@@ -932,7 +935,7 @@ impl Store for SqliteStore {
     }
 
     fn contracts(&self) -> Result<Vec<(AccountPath, u64, ciyuan_core::PriceContract)>, StoreError> {
-        let rows: Vec<(AccountPath, (u64, ciyuan_core::PriceContract))> = by_node_entry(
+        let rows: Vec<NodeEntry<ciyuan_core::PriceContract>> = by_node_entry(
             &self.conn(),
             "SELECT node, entry, contract FROM contracts ORDER BY node",
         )?;
