@@ -33,7 +33,7 @@ pub const MAX_PARTS_PER_RULE: usize = 64;
 /// quantity × price of an entry inside [`Decimal`]'s range.
 pub const MAX_UNIT_PRICE: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 /// Most decimal places a unit price or percentage may have: rust_decimal holds 28.
-pub const MAX_PRICE_SCALE: u32 = 20;
+pub const MAX_PRICE_SCALE: u32 = 24;
 /// Most decimal places a book may round its entries to.
 pub const MAX_ROUNDING_PLACES: u32 = 18;
 /// Longest book name, model or service pattern, measure name or time zone, in bytes.
@@ -807,6 +807,14 @@ impl PriceRule {
                     }
                 }
                 check_prices(&format!("{bf}.unit_prices"), &b.unit_prices)?;
+                // A key priced in one band and not another would leave part of a
+                // quantity without a price.
+                if !b.unit_prices.keys().eq(tiers.bands[0].unit_prices.keys()) {
+                    return Err(PriceError::new(
+                        format!("{bf}.unit_prices"),
+                        "every band prices the same keys as the first",
+                    ));
+                }
             }
         }
         for (i, w) in self.windows.iter().enumerate() {
