@@ -182,6 +182,8 @@ pub struct WalletView {
 
 #[derive(Debug, Clone)]
 struct GrantBal {
+    /// Unique among all grants in memory.
+    serial: u64,
     id: String,
     priority: i32,
     expires_at: Option<Timestamp>,
@@ -203,6 +205,7 @@ impl GrantBal {
 #[derive(Debug, Clone)]
 struct Wallet {
     node: AccountPath,
+    currency: Currency,
     cash: ExactSum,
     cash_held: ExactSum,
     overdraft: Decimal,
@@ -212,9 +215,10 @@ struct Wallet {
 }
 
 impl Wallet {
-    fn new(node: AccountPath) -> Wallet {
+    fn new(node: AccountPath, currency: Currency) -> Wallet {
         Wallet {
             node,
+            currency,
             cash: ExactSum::ZERO,
             cash_held: ExactSum::ZERO,
             overdraft: Decimal::ZERO,
@@ -238,6 +242,10 @@ impl Wallet {
 
     fn grant_mut(&mut self, id: &str) -> Option<&mut GrantBal> {
         self.grants.iter_mut().find(|g| g.id == id)
+    }
+
+    fn grant_by_serial(&mut self, serial: u64) -> Option<&mut GrantBal> {
+        self.grants.iter_mut().find(|g| g.serial == serial)
     }
 
     fn held(&self) -> ExactSum {
@@ -325,7 +333,7 @@ fn take_from_grants(
             continue;
         }
         apply(gr, take);
-        parts.push((Source::Grant(gr.id.clone()), take));
+        parts.push((Source::Grant(gr.serial), take));
         rest = left;
     }
     rest
@@ -334,45 +342,59 @@ fn take_from_grants(
 /// What a hold earmarked, source by source, in spending order.
 #[derive(Debug, Clone)]
 enum Source {
-    Grant(String),
+    /// A grant, by its serial (ids are strings; serials spare a copy per hold).
+    Grant(u64),
     Cash,
 }
 
 #[derive(Debug)]
 struct HoldRec {
-    node: Box<str>,
-    currency: Currency,
+    /// The wallet's index in [`Inner::wallets`].
+    wallet: u32,
     at: Timestamp,
     parts: Vec<(Source, Decimal)>,
 }
 
 #[derive(Default)]
 struct Inner {
-    /// Wallets by currency, then node (`AccountPath::as_str`).
-    wallets: FxHashMap<Currency, FxHashMap<Box<str>, Wallet>>,
+    /// Indexes into `wallets` by currency, then node (`AccountPath::as_str`).
+    index: FxHashMap<Currency, FxHashMap<Box<str>, u32>>,
+    /// Every wallet; never removed, so an index stays valid.
+    wallets: Vec<Wallet>,
     holds: FxHashMap<u64, HoldRec>,
     next_hold: u64,
+    next_grant: u64,
 }
 
 impl Inner {
     fn wallet_mut(&mut self, node: &AccountPath, currency: Currency) -> &mut Wallet {
-        self.wallets
-            .entry(currency)
-            .or_default()
-            .entry(node.as_str().into())
-            .or_insert_with(|| Wallet::new(node.clone()))
+        let by_node = self.index.entry(currency).or_default();
+        let i = match by_node.get(node.as_str()) {
+            Some(&i) => i as usize,
+            None => {
+                let i = self.wallets.len();
+                // Holds name wallets by u32: 4 billion wallets is beyond any memory.
+                assert!(i < u32::MAX as usize, "more than 2^32 wallets");
+                self.wallets.push(Wallet::new(node.clone(), currency));
+                by_node.insert(node.as_str().into(), i as u32);
+                i
+            }
+        };
+        &mut self.wallets[i]
     }
 
-    /// The nearest wallet in `currency` on `node`'s path, the node first.
-    fn paying(&mut self, node: &AccountPath, currency: Currency) -> Option<&mut Wallet> {
-        let by_node = self.wallets.get_mut(&currency)?;
-        let path = node.as_str();
-        let mut candidate = Some(path);
-        let mut found = None;
+    fn wallet(&self, node: &AccountPath, currency: Currency) -> Option<&Wallet> {
+        let &i = self.index.get(&currency)?.get(node.as_str())?;
+        self.wallets.get(i as usize)
+    }
+
+    /// The index of the nearest wallet in `currency` on `node`'s path, the node first.
+    fn paying(&self, node: &AccountPath, currency: Currency) -> Option<usize> {
+        let by_node = self.index.get(&currency)?;
+        let mut candidate = Some(node.as_str());
         while let Some(p) = candidate {
-            if by_node.contains_key(p) {
-                found = Some(p);
-                break;
+            if let Some(&i) = by_node.get(p) {
+                return Some(i as usize);
             }
             candidate = match p.rfind('/') {
                 Some(i) => Some(&p[..i]),
@@ -380,7 +402,7 @@ impl Inner {
                 None => None,
             };
         }
-        by_node.get_mut(found?)
+        None
     }
 }
 
@@ -400,10 +422,7 @@ impl fmt::Debug for Wallets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let g = self.lock();
         f.debug_struct("Wallets")
-            .field(
-                "wallets",
-                &g.wallets.values().map(|m| m.len()).sum::<usize>(),
-            )
+            .field("wallets", &g.wallets.len())
             .field("holds", &g.holds.len())
             .finish()
     }
@@ -467,9 +486,7 @@ impl Wallets {
                     why,
                 };
                 let existing = g
-                    .wallets
-                    .get(&cur)
-                    .and_then(|m| m.get(p.as_str()))
+                    .wallet(p, cur)
                     .and_then(|w| w.grants.iter().find(|x| x.id == *id));
                 let creates = posting.kind == PostingKind::Grant;
                 if creates && existing.is_some() {
@@ -501,10 +518,13 @@ impl Wallets {
                     w.cash = w.cash.plus(leg.credit).minus(leg.debit);
                 }
                 LedgerAccount::Grant(p, id) => {
+                    g.next_grant += 1;
+                    let serial = g.next_grant;
                     let w = g.wallet_mut(p, cur);
                     if w.grant_mut(id).is_none() {
                         let meta = posting.grant.as_ref();
                         w.grants.push(GrantBal {
+                            serial,
                             id: id.clone(),
                             priority: meta.map_or(0, |m| m.priority),
                             expires_at: meta.and_then(|m| m.expires_at),
@@ -534,8 +554,9 @@ impl Wallets {
 
     /// The node whose wallet pays for requests at `node` in `currency`, if any.
     pub fn paying_node(&self, node: &AccountPath, currency: Currency) -> Option<AccountPath> {
-        let mut g = self.lock();
-        g.paying(node, currency).map(|w| w.node.clone())
+        let g = self.lock();
+        let i = g.paying(node, currency)?;
+        Some(g.wallets[i].node.clone())
     }
 
     /// Admits a request of at most `max_cost` at `node`, at `now`: `Ok(None)` when no
@@ -552,9 +573,10 @@ impl Wallets {
         positive("max_cost", max_cost)?;
         let mut g = self.lock();
         let inner = &mut *g;
-        let Some(w) = inner.paying(node, currency) else {
+        let Some(wi) = inner.paying(node, currency) else {
             return Ok(None);
         };
+        let w = &mut inner.wallets[wi];
         let refusal = |w: &Wallet| {
             WalletError::Refused(WalletRefusal {
                 node: w.node.clone(),
@@ -582,11 +604,10 @@ impl Wallets {
         for (src, amt) in &parts {
             match src {
                 Source::Cash => w.cash_held = w.cash_held.plus(*amt),
-                Source::Grant(id) => {
-                    if let Some(gr) = w.grant_mut(id) {
-                        gr.held = gr.held.plus(*amt);
-                    }
-                }
+                Source::Grant(serial) => match w.grant_by_serial(*serial) {
+                    Some(gr) => gr.held = gr.held.plus(*amt),
+                    None => unreachable!("grant {serial} planned from is gone"),
+                },
             }
         }
         let wallet_node = w.node.clone();
@@ -595,8 +616,7 @@ impl Wallets {
         inner.holds.insert(
             id,
             HoldRec {
-                node: wallet_node.as_str().into(),
-                currency,
+                wallet: wi as u32,
                 at: now,
                 parts,
             },
@@ -630,17 +650,13 @@ impl Wallets {
             .holds
             .get(&hold.id)
             .ok_or(WalletError::UnknownHold(hold.id))?;
-        let currency = rec.currency;
-        let Some(w) = inner
-            .wallets
-            .get_mut(&rec.currency)
-            .and_then(|m| m.get_mut(&rec.node))
-        else {
+        let Some(w) = inner.wallets.get_mut(rec.wallet as usize) else {
             unreachable!(
                 "hold {} on a wallet that is gone: wallets are never removed",
                 hold.id
             )
         };
+        let currency = w.currency;
         // Plan: what each earmarked part pays, then the excess.
         let mut spent: Vec<(Source, Decimal)> = Vec::new();
         let mut rest = actual;
@@ -659,18 +675,18 @@ impl Wallets {
         for (src, amt) in &rec.parts {
             match src {
                 Source::Cash => w.cash_held = w.cash_held.minus(*amt),
-                Source::Grant(id) => match w.grant_mut(id) {
+                Source::Grant(serial) => match w.grant_by_serial(*serial) {
                     Some(gr) => gr.held = gr.held.minus(*amt),
-                    None => unreachable!("grant {id} dropped while held"),
+                    None => unreachable!("grant {serial} dropped while held"),
                 },
             }
         }
         for (src, amt) in &spent {
             match src {
                 Source::Cash => w.cash = w.cash.minus(*amt),
-                Source::Grant(id) => match w.grant_mut(id) {
+                Source::Grant(serial) => match w.grant_by_serial(*serial) {
                     Some(gr) => gr.left = gr.left.minus(*amt),
-                    None => unreachable!("grant {id} dropped while held"),
+                    None => unreachable!("grant {serial} dropped while held"),
                 },
             }
         }
@@ -686,8 +702,8 @@ impl Wallets {
                 spent.push((Source::Cash, rest));
             }
         }
-        w.drop_spent_grants(now);
         if actual.is_zero() {
+            w.drop_spent_grants(now);
             return Ok(None);
         }
         // One leg per source where the sum is exact (always, but for amounts of more
@@ -696,7 +712,11 @@ impl Wallets {
         for (src, amt) in spent {
             let account = match src {
                 Source::Cash => LedgerAccount::Cash(w.node.clone()),
-                Source::Grant(id) => LedgerAccount::Grant(w.node.clone(), id),
+                Source::Grant(serial) => match w.grants.iter().find(|g| g.serial == serial) {
+                    Some(gr) => LedgerAccount::Grant(w.node.clone(), gr.id.clone()),
+                    // Spent grants are dropped only after the legs are built.
+                    None => unreachable!("grant {serial} spent from is gone"),
+                },
             };
             let merged = legs
                 .iter_mut()
@@ -708,6 +728,7 @@ impl Wallets {
             }
         }
         legs.push(Leg::credit(LedgerAccount::Revenue, actual));
+        w.drop_spent_grants(now);
         let posting = Posting {
             kind: PostingKind::Consume,
             currency,
@@ -759,36 +780,35 @@ impl Wallets {
     pub fn expire_grants(&self, now: Timestamp) -> Vec<(AccountPath, Posting)> {
         let mut g = self.lock();
         let mut out = Vec::new();
-        for (cur, by_node) in g.wallets.iter_mut() {
-            for w in by_node.values_mut() {
-                for gr in w.grants.iter_mut().filter(|gr| !gr.valid_at(now)) {
-                    let free = sub(gr.left, gr.held);
-                    if !free.is_positive() {
-                        continue;
-                    }
-                    let Some(amt) = free.to_decimal_floor().filter(|a| !a.is_zero()) else {
-                        continue;
-                    };
-                    gr.left = gr.left.minus(amt);
-                    let account = LedgerAccount::Grant(w.node.clone(), gr.id.clone());
-                    out.push((
-                        w.node.clone(),
-                        Posting {
-                            kind: PostingKind::Expire,
-                            currency: *cur,
-                            legs: vec![
-                                Leg::debit(account, amt),
-                                Leg::credit(LedgerAccount::Promotions, amt),
-                            ],
-                            memo: String::new(),
-                            usage_entry: None,
-                            grant: None,
-                            set_by: None,
-                        },
-                    ));
+        for w in g.wallets.iter_mut() {
+            let cur = w.currency;
+            for gr in w.grants.iter_mut().filter(|gr| !gr.valid_at(now)) {
+                let free = sub(gr.left, gr.held);
+                if !free.is_positive() {
+                    continue;
                 }
-                w.drop_spent_grants(now);
+                let Some(amt) = free.to_decimal_floor().filter(|a| !a.is_zero()) else {
+                    continue;
+                };
+                gr.left = gr.left.minus(amt);
+                let account = LedgerAccount::Grant(w.node.clone(), gr.id.clone());
+                out.push((
+                    w.node.clone(),
+                    Posting {
+                        kind: PostingKind::Expire,
+                        currency: cur,
+                        legs: vec![
+                            Leg::debit(account, amt),
+                            Leg::credit(LedgerAccount::Promotions, amt),
+                        ],
+                        memo: String::new(),
+                        usage_entry: None,
+                        grant: None,
+                        set_by: None,
+                    },
+                ));
             }
+            w.drop_spent_grants(now);
         }
         out
     }
@@ -801,7 +821,7 @@ impl Wallets {
         now: Timestamp,
     ) -> Option<WalletView> {
         let g = self.lock();
-        let w = g.wallets.get(&currency)?.get(node.as_str())?;
+        let w = g.wallet(node, currency)?;
         Some(WalletView {
             node: w.node.clone(),
             currency,
@@ -837,19 +857,15 @@ fn release_rec(inner: &mut Inner, id: u64) -> bool {
     let Some(rec) = inner.holds.remove(&id) else {
         return false;
     };
-    let Some(w) = inner
-        .wallets
-        .get_mut(&rec.currency)
-        .and_then(|m| m.get_mut(&rec.node))
-    else {
+    let Some(w) = inner.wallets.get_mut(rec.wallet as usize) else {
         unreachable!("hold {id} on a wallet that is gone: wallets are never removed")
     };
     for (src, amt) in rec.parts {
         match src {
             Source::Cash => w.cash_held = w.cash_held.minus(amt),
-            Source::Grant(gid) => match w.grant_mut(&gid) {
+            Source::Grant(serial) => match w.grant_by_serial(serial) {
                 Some(gr) => gr.held = gr.held.minus(amt),
-                None => unreachable!("grant {gid} dropped while held"),
+                None => unreachable!("grant {serial} dropped while held"),
             },
         }
     }
