@@ -1,6 +1,7 @@
 //! The engine's benchmark (`ciyuan bench budgets`): admit + settle on a five-level tree
 //! where every level has a node limit, plus a session and a key limit, on one thread
-//! and then on several threads at once against the same engine.
+//! and then on several threads at once against the same engine; and the wallets'
+//! ([`wallet_bench`]): reserve + settle against one wallet, the same way.
 
 use std::fmt;
 use std::time::Instant;
@@ -8,7 +9,12 @@ use std::time::Instant;
 use ciyuan_core::jiff::{SignedDuration, Timestamp};
 use ciyuan_core::{AccountPath, Direction, Modality, TokenMap};
 
-use crate::{Admission, BudgetError, Engine, LimitScope, LimitSpec, Measure, Period, Selector};
+use ciyuan_core::{Currency, Grant, LedgerAccount, Leg, Posting, PostingError, PostingKind};
+
+use crate::{
+    Admission, BudgetError, Engine, LimitScope, LimitSpec, Measure, Period, Selector, WalletError,
+    Wallets,
+};
 
 /// What [`bench`] measured.
 #[derive(Debug, Clone, PartialEq)]
@@ -192,6 +198,149 @@ pub fn bench(iterations: u64, threads: usize) -> Result<BenchReport, BudgetError
     })
 }
 
+/// What [`wallet_bench`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WalletBenchReport {
+    /// Reserve + settle pairs per thread in each run.
+    pub iterations: u64,
+    /// Threads of the parallel run.
+    pub threads: usize,
+    /// Single thread: nanoseconds per reserve + settle.
+    pub single_ns: f64,
+    /// Parallel run: wall-clock nanoseconds per reserve + settle, all threads together.
+    pub parallel_ns: f64,
+    /// Parallel run: mean nanoseconds one thread spends per reserve + settle.
+    pub parallel_thread_ns: f64,
+    /// Requests refused (0 unless the wallet is too small for the run).
+    pub refused: u64,
+}
+
+impl fmt::Display for WalletBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "wallet admission (reserve + settle), paid from the top of a five-level tree, two grants and cash, {} iterations per thread",
+            self.iterations
+        )?;
+        writeln!(f, "  1 thread:   {:>8.0} ns per request", self.single_ns)?;
+        writeln!(
+            f,
+            "  {} threads: {:>8.0} ns per request (wall), {:.0} ns per request per thread",
+            self.threads, self.parallel_ns, self.parallel_thread_ns
+        )?;
+        if self.refused > 0 {
+            writeln!(f, "  refused: {}", self.refused)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `iterations` reserve + settle pairs per thread against one wallet on the top
+/// node of a five-level tree (requests come from the leaf, so the paying wallet is
+/// looked up four levels above), funded with cash and two grants (one spent across
+/// the run, so holds split between a grant and cash): once on one thread, then on
+/// `threads` threads at once (at least 1). Each settle builds its `consume` posting.
+pub fn wallet_bench(iterations: u64, threads: usize) -> Result<WalletBenchReport, WalletError> {
+    use rust_decimal::Decimal;
+    let threads = threads.max(1);
+    let wallets = Wallets::new();
+    let path = |s: &str| {
+        AccountPath::parse(s)
+            .map_err(|e| WalletError::Posting(PostingError::Account(e.to_string())))
+    };
+    let top = path(LEVELS[0])?;
+    let leaf = path(LEVELS[4])?;
+    let cny: Currency = "CNY"
+        .parse()
+        .map_err(|_| WalletError::Posting(PostingError::Account("CNY".into())))?;
+    let runs = iterations.saturating_mul(threads as u64 + 1);
+    // Enough cash for every request at its maximum; a small grant spent early on.
+    let cash = Decimal::new(5, 2) * Decimal::from(runs) + Decimal::ONE;
+    let post = |kind, legs, grant| Posting {
+        kind,
+        currency: cny,
+        legs,
+        memo: String::new(),
+        usage_entry: None,
+        grant,
+        set_by: None,
+    };
+    let at = Timestamp::from_second(1_795_000_000).unwrap_or(Timestamp::UNIX_EPOCH);
+    wallets.apply_posting(
+        &top,
+        &post(
+            PostingKind::Topup,
+            vec![
+                Leg::debit(LedgerAccount::Payments, cash),
+                Leg::credit(LedgerAccount::Cash(top.clone()), cash),
+            ],
+            None,
+        ),
+        at,
+    )?;
+    for (id, amount, priority) in [
+        ("welcome", Decimal::new(25, 0), 1),
+        ("later", Decimal::new(1, 3), 0),
+    ] {
+        wallets.apply_posting(
+            &top,
+            &post(
+                PostingKind::Grant,
+                vec![
+                    Leg::debit(LedgerAccount::Promotions, amount),
+                    Leg::credit(LedgerAccount::Grant(top.clone(), id.into()), amount),
+                ],
+                Some(Grant {
+                    id: id.into(),
+                    priority,
+                    expires_at: None,
+                }),
+            ),
+            at,
+        )?;
+    }
+    let max_cost = Decimal::new(5, 2);
+    let actual = Decimal::new(213, 4);
+    let run = || -> Result<(u64, f64), WalletError> {
+        let mut refused = 0;
+        let t0 = Instant::now();
+        for _ in 0..iterations {
+            match wallets.reserve(&leaf, cny, max_cost, at) {
+                Ok(Some(h)) => {
+                    wallets.settle(&h, actual, at)?;
+                }
+                Ok(None) => refused += 1,
+                Err(WalletError::Refused(_)) => refused += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((refused, t0.elapsed().as_nanos() as f64))
+    };
+    let (mut refused, single) = run()?;
+    let t0 = Instant::now();
+    let mut thread_ns = 0.0;
+    std::thread::scope(|s| -> Result<(), WalletError> {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(run)).collect();
+        for h in handles {
+            let (r, ns) = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?;
+            refused += r;
+            thread_ns += ns;
+        }
+        Ok(())
+    })?;
+    let wall = t0.elapsed().as_nanos() as f64;
+    let n = iterations.max(1) as f64;
+    let total = n * threads as f64;
+    Ok(WalletBenchReport {
+        iterations,
+        threads,
+        single_ns: single / n,
+        parallel_ns: wall / total,
+        parallel_thread_ns: thread_ns / total,
+        refused,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -199,6 +348,13 @@ mod tests {
         let r = super::bench(2000, 2).unwrap();
         assert_eq!(r.refused, 0);
         assert_eq!(r.limits_per_request, 7);
+        assert!(r.single_ns > 0.0 && r.parallel_ns > 0.0);
+    }
+
+    #[test]
+    fn wallet_bench_runs() {
+        let r = super::wallet_bench(2000, 2).unwrap();
+        assert_eq!(r.refused, 0);
         assert!(r.single_ns > 0.0 && r.parallel_ns > 0.0);
     }
 }

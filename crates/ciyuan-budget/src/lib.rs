@@ -13,6 +13,9 @@
 //! - [`Engine::status`] for what is used, reserved and left; [`Engine::load_used`] to
 //!   restore counters from the projections after a restart (reservations are never
 //!   persisted: a restart releases them).
+//! - [`Wallets`]: prepaid balances rebuilt from the ledger's postings, and wallet
+//!   admission ([`Wallets::reserve`] → [`Hold`], [`Wallets::settle`] → the `consume`
+//!   posting) that never lets admitted requests spend past zero (or the overdraft).
 //!
 //! No IO and no async: time is always passed in.
 //!
@@ -54,6 +57,7 @@ pub mod bench;
 mod engine;
 mod models;
 mod spec;
+mod wallet;
 
 pub use engine::{
     Admission, Crossing, Engine, LimitStatus, Refusal, RefusalKind, Reservation, Settled, Subject,
@@ -62,6 +66,7 @@ pub use models::matches as model_matches;
 pub use spec::{
     LimitScope, LimitSpec, MAX_NAME_BYTES, MAX_THRESHOLDS, Measure, Mode, Period, Selector,
 };
+pub use wallet::{Charge, GrantView, Hold, WalletError, WalletRefusal, WalletView, Wallets};
 
 use ciyuan_core::AccountPath;
 
