@@ -154,6 +154,7 @@ impl App {
     pub(crate) fn apply_controls(&self, entries: &[Entry]) -> Result<(), ApiError> {
         let now = Timestamp::now();
         let mut definitions = false;
+        let mut prices = false;
         for entry in entries {
             let node = &entry.account;
             match &entry.body {
@@ -175,11 +176,15 @@ impl App {
                         .set_models(node, a.allow.clone(), a.deny.clone())
                 }
                 EntryBody::DefinitionSet(_) => definitions = true,
+                EntryBody::PriceBook(_) | EntryBody::PriceContract(_) => prices = true,
                 _ => {}
             }
         }
         if definitions {
             self.definitions.set(compiled(self.store.as_ref())?);
+        }
+        if prices {
+            self.pricing.reload(self.store.as_ref())?;
         }
         Ok(())
     }
@@ -193,6 +198,8 @@ pub(crate) fn is_control(entry: &Entry) -> bool {
             | EntryBody::BudgetCleared(_)
             | EntryBody::AccessSet(_)
             | EntryBody::DefinitionSet(_)
+            | EntryBody::PriceBook(_)
+            | EntryBody::PriceContract(_)
     )
 }
 

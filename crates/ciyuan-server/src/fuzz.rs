@@ -1784,6 +1784,7 @@ fn gateway_door() -> (Door, Arc<std::sync::Mutex<Upstream>>) {
         timeout: Duration::from_secs(3),
         idle_timeout: Duration::from_secs(2),
         forward_headers: vec![],
+        rate_basis: Default::default(),
     };
     let config = ServerConfig {
         gateway: crate::gateway::GatewayConfig {

@@ -1139,6 +1139,17 @@ async fn record(
             .collect()
     };
 
+    // Priced before the lock (pure work): each entry carries its amount, book and
+    // unit prices into the ledger.
+    let mut candidates = candidates;
+    let mut price_incidents = Vec::new();
+    for (_, a) in candidates.iter_mut() {
+        if let Some(incident) = app.rate_entry(&mut a.entry) {
+            price_incidents.push(incident);
+        }
+    }
+    app.raise_price_incidents(price_incidents).await;
+
     // Classify and claim under the lock, so two requests carrying the same event cannot
     // both append it; the lock is not held while appending, so concurrent requests
     // still share group commits.

@@ -21,6 +21,7 @@ mod ingest;
 mod keys;
 pub mod listen;
 pub mod pipeline;
+pub mod prices;
 mod records;
 mod usage;
 
@@ -102,6 +103,8 @@ pub struct App {
     budget: ciyuan_budget::Engine,
     /// Token definitions in force (the ledger's `definition.set` entries).
     definitions: controls::Definitions,
+    /// Price books and contracts in force, and their raters.
+    pricing: prices::Pricing,
 }
 
 impl App {
@@ -130,6 +133,7 @@ impl App {
                 .map_err(ApiError::internal)?;
         }
         let definitions = controls::Definitions::load(store.as_ref())?;
+        let pricing = prices::Pricing::load(store.as_ref())?;
         let budget = budgets::load(store.as_ref(), Timestamp::now())?;
         let projector = Projector::start(store.clone(), log.clone())?;
         let recent = ingest::Recent::load(store.as_ref(), log.as_ref())?;
@@ -138,6 +142,7 @@ impl App {
             gateway,
             budget,
             definitions,
+            pricing,
             auth: Authenticator::new(store.clone()),
             store,
             log,
@@ -340,6 +345,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/messages", post(gateway::messages))
         .route("/v1/models", get(gateway::models))
         .layer(DefaultBodyLimit::max(app.gateway.config().max_body_bytes));
+    // A price file (LiteLLM's table is ~3 MB) is larger than any other admin body.
+    let price_files = Router::new()
+        .route("/api/v1/prices", post(prices::import).get(prices::list))
+        .layer(DefaultBodyLimit::max(prices::MAX_PRICE_FILE_BYTES));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(gateway::metrics_page))
@@ -372,6 +381,12 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/definitions",
             get(controls::list).post(controls::declare),
         )
+        .route("/api/v1/prices/{name}", get(prices::show))
+        .route("/api/v1/prices/{name}/diff", get(prices::diff))
+        .route(
+            "/api/v1/contracts/{*path}",
+            get(prices::show_contract).put(prices::set_contract),
+        )
         .route("/api/v1/incidents", get(records::incidents))
         .route("/api/v1/adjustments", post(adjust::create))
         .route(
@@ -385,6 +400,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/audit/consistency", get(audit::consistency))
         .layer(DefaultBodyLimit::max(limit))
         .merge(gateway_routes)
+        .merge(price_files)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)

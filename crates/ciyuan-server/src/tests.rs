@@ -1253,3 +1253,136 @@ async fn definitions_are_ledger_entries_declared_once_and_never_rewritten() {
         assert_eq!(entry["data"]["tokens"]["other.input"], want.1, "{entry}");
     }
 }
+
+/// The LiteLLM table as providers' users keep it (see `../shared/fixtures`).
+const LITELLM: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../../shared/fixtures/litellm_model_prices.json"
+);
+
+/// Issue 14: a price book imported from LiteLLM's real table prices usage as it is
+/// appended (1M input + 200k output tokens of gpt-4o are 4.50 USD at list price), a
+/// contract from above discounts a subtree, a tenant cannot set its own, an unpriced
+/// model is rated zero and raises an incident, and no version takes effect in the past.
+#[tokio::test]
+async fn usage_is_rated_as_appended_with_the_book_and_contract_in_force() {
+    use sha2::Digest;
+    let h = harness().await;
+    let file = std::fs::read(LITELLM).unwrap();
+    let req = Request::post("/api/v1/prices?format=litellm")
+        .header("authorization", format!("Bearer {}", h.admin))
+        .header("content-type", "application/json")
+        .body(Body::from(file.clone()))
+        .unwrap();
+    let resp = h.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let book: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(status, StatusCode::OK, "{book}");
+    assert_eq!(
+        (book["name"].as_str(), book["version"].as_u64()),
+        (Some("list"), Some(1))
+    );
+    assert_eq!(
+        book["source"]["sha256"],
+        hex::encode(sha2::Sha256::digest(&file)),
+        "the entry names the file it came from"
+    );
+    assert!(
+        !book["source"]["unmapped"].as_array().unwrap().is_empty(),
+        "keys it cannot map are listed"
+    );
+
+    for p in ["acme/cn", "acme/us"] {
+        h.admin("POST", "/api/v1/accounts", Some(json!({"path": p})))
+            .await;
+    }
+    let ingest = h.key("acme", &["ingest"]).await;
+    let rated = |id: &str, subject: &str, model: &str| {
+        let h = &h;
+        let ingest = ingest.clone();
+        let e = event(
+            id,
+            subject,
+            json!({"model": model, "input_tokens": 1_000_000, "output_tokens": 200_000}),
+        );
+        async move {
+            let (s, v) = h
+                .events(&ingest, "application/cloudevents+json", &e.to_string())
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+            let id = v["entry_id"].as_u64().unwrap();
+            let (_, e) = h
+                .admin("GET", &format!("/api/v1/audit/entries/{id}"), None)
+                .await;
+            let entry: Value = serde_json::from_str(e["entry"].as_str().unwrap()).unwrap();
+            entry["data"]["rating"].clone()
+        }
+    };
+    let r = rated("e1", "acme/us", "gpt-4o").await;
+    assert_eq!(r["currency"], "USD", "{r}");
+    assert_eq!(
+        (r["book"].as_str(), r["version"].as_u64()),
+        (Some("list"), Some(1))
+    );
+    assert_eq!(
+        rust_decimal::Decimal::from_str_exact(r["amount"].as_str().unwrap()).unwrap(),
+        rust_decimal::Decimal::new(450, 2),
+        "{r}"
+    );
+    assert_eq!(
+        r["lines"].as_array().unwrap().len(),
+        2,
+        "unit prices kept: {r}"
+    );
+
+    // A tenant does not price itself; a key above it does.
+    let tenant = h.key("acme/cn", &["admin"]).await;
+    let contract = json!({"book": "list", "discount_percent": "10"}).to_string();
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/api/v1/contracts/acme/cn",
+            Some(&tenant),
+            Some(&contract),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = h
+        .admin(
+            "PUT",
+            "/api/v1/contracts/acme/cn",
+            Some(json!({"book": "list", "discount_percent": "10"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let r = rated("e2", "acme/cn", "gpt-4o").await;
+    assert_eq!(r["contract"], "acme/cn", "{r}");
+    assert_eq!(
+        rust_decimal::Decimal::from_str_exact(r["amount"].as_str().unwrap()).unwrap(),
+        rust_decimal::Decimal::new(405, 2),
+        "{r}"
+    );
+
+    // No rule prices it: zero, marked, and an incident names it.
+    let r = rated("e3", "acme/us", "no-such-model-anywhere").await;
+    assert_eq!(r["unpriced"], true, "{r}");
+    assert_eq!(
+        rust_decimal::Decimal::from_str_exact(r["amount"].as_str().unwrap()).unwrap(),
+        rust_decimal::Decimal::ZERO
+    );
+    let (_, incidents) = h.admin("GET", "/api/v1/incidents?account=acme", None).await;
+    assert!(
+        incidents.to_string().contains("price.unpriced")
+            && incidents.to_string().contains("no-such-model-anywhere"),
+        "{incidents}"
+    );
+
+    // A new version never takes effect in the past.
+    let req = Request::post("/api/v1/prices?format=litellm&effective_from=2020-01-01T00:00:00Z")
+        .header("authorization", format!("Bearer {}", h.admin))
+        .body(Body::from(file))
+        .unwrap();
+    let resp = h.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}

@@ -155,6 +155,9 @@ pub struct ProviderSection {
     /// Extra request headers passed on to the provider (`x-foo`, or a prefix `x-foo-*`).
     #[serde(default)]
     pub forward_headers: Vec<String>,
+    /// Which count is priced: `provider` (default), `recount` or `greater`.
+    #[serde(default)]
+    pub rate_basis: ciyuan_server::prices::Basis,
 }
 
 impl ProviderSection {
@@ -205,6 +208,7 @@ impl ProviderSection {
                 .iter()
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
+            rate_basis: self.rate_basis,
         })
     }
 }

@@ -247,6 +247,7 @@ pub fn sim_providers(base: &str) -> Vec<ciyuan_server::gateway::Provider> {
         timeout: Duration::from_secs(120),
         idle_timeout: Duration::from_secs(60),
         forward_headers: vec!["x-sim-*".into()],
+        rate_basis: Default::default(),
     })
     .collect()
 }

@@ -95,6 +95,9 @@ pub struct Provider {
     pub idle_timeout: Duration,
     /// Request headers passed on to the provider (lower case; `*` ends a prefix).
     pub forward_headers: Vec<String>,
+    /// Which count is priced: the provider's (default), Ciyuan's recount, or the
+    /// greater of the two per key.
+    pub rate_basis: crate::prices::Basis,
 }
 
 impl std::fmt::Debug for Provider {
@@ -1462,7 +1465,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
             flagged,
             output_tokens_per_sec,
         });
-        let entry = Entry::new(
+        let mut entry = Entry::new(
             call.at,
             call.caller.key.account.clone(),
             EntryBody::Usage(Usage {
@@ -1488,7 +1491,12 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                 ..Usage::default()
             }),
         );
+        // Priced as it is appended, on the count the provider's setting names.
+        let price_incident = app.rate_gateway_entry(&mut entry, provider.rate_basis);
         app.record_gateway(entry);
+        if let Some(incident) = price_incident {
+            app.raise_price_incidents(vec![incident]).await;
+        }
         app.gateway
             .finishing
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);

@@ -1,0 +1,722 @@
+//! Price books and contracts (ledger entries), the raters built from them, rating of
+//! usage entries as they are appended, and the prices and contracts API.
+//!
+//! Which book prices an entry: the contract of the entry's node or its nearest
+//! ancestor that has one names the book (and its overrides, discount or markup
+//! apply); with no contract on the path, the book named [`LIST_BOOK`]. The book's
+//! version in force at the entry's time prices it. With no book recorded at all,
+//! pricing is off and entries carry no rating. An entry no rule prices is rated zero,
+//! marked `unpriced`, and raises a `price.unpriced` incident, never silently.
+//!
+//! A price book never changes the past, as a definition does not: a new version takes
+//! effect from the moment it is recorded (or later), and entries keep the rating
+//! they were appended with.
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::extract::{Json, PathParam, Query};
+use crate::{App, parse_path};
+use axum::body::Bytes;
+use axum::extract::State;
+use ciyuan_core::jiff::Timestamp;
+use ciyuan_core::{
+    AccountPath, Entry, EntryBody, Incident, PriceBook, PriceContract, Rating, RatingBasis, Scope,
+    ServiceTier, TokenMap, Usage,
+};
+use ciyuan_price::{RateInput, Rater};
+use ciyuan_store::Store;
+use rust_decimal::Decimal;
+use rustc_hash::FxHashMap;
+use serde::Deserialize;
+use std::sync::{Arc, Mutex, RwLock};
+
+/// The book that prices usage of nodes without a contract on their path.
+pub const LIST_BOOK: &str = "list";
+
+/// Largest price file accepted by `POST /api/v1/prices` (LiteLLM's table is ~3 MB).
+pub const MAX_PRICE_FILE_BYTES: usize = 16 << 20;
+
+/// What the request path reads: every book version and contract, and the raters
+/// built from them (one per book version and contract node, built on first use).
+#[derive(Default)]
+struct State_ {
+    /// Versions of each book, ascending by version (and so by `effective_from`).
+    books: FxHashMap<String, Vec<Arc<PriceBook>>>,
+    /// Contracts by node path.
+    contracts: FxHashMap<String, (AccountPath, Arc<PriceContract>)>,
+    /// Raters by (contract node or "", book, version).
+    raters: RwLock<FxHashMap<(String, String, u32), Arc<Rater>>>,
+    /// (node, model, service, book@version) already reported unpriced by this
+    /// process: one incident each, not one per request.
+    unpriced: Mutex<rustc_hash::FxHashSet<(String, String, String, String)>>,
+}
+
+/// The prices in force, swapped whole when a book or contract is recorded.
+#[derive(Default)]
+pub(crate) struct Pricing(RwLock<Arc<State_>>);
+
+impl Pricing {
+    /// Loads every book and contract from the store's projections.
+    pub(crate) fn load(store: &dyn Store) -> Result<Pricing, ApiError> {
+        let p = Pricing::default();
+        p.reload(store)?;
+        Ok(p)
+    }
+
+    /// Rebuilds from the store (after a book or contract is recorded).
+    pub(crate) fn reload(&self, store: &dyn Store) -> Result<(), ApiError> {
+        let mut state = State_::default();
+        for (_, book) in store.price_books()? {
+            state
+                .books
+                .entry(book.name.clone())
+                .or_default()
+                .push(Arc::new(book));
+        }
+        for versions in state.books.values_mut() {
+            versions.sort_by_key(|b| b.version);
+        }
+        for (node, _, contract) in store.contracts()? {
+            state
+                .contracts
+                .insert(node.as_str().to_string(), (node, Arc::new(contract)));
+        }
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+        Ok(())
+    }
+
+    fn state(&self) -> Arc<State_> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The rater for usage of `node` at `at`, or why there is none. `Ok(None)`:
+    /// pricing is off.
+    pub(crate) fn rater(
+        &self,
+        node: &AccountPath,
+        at: Timestamp,
+    ) -> Result<Option<Arc<Rater>>, String> {
+        self.state().rater(node, at)
+    }
+}
+
+impl State_ {
+    /// The nearest contract on the path of `node` (itself first).
+    fn contract(&self, node: &AccountPath) -> Option<&(AccountPath, Arc<PriceContract>)> {
+        if self.contracts.is_empty() {
+            return None;
+        }
+        // Walks the path's prefixes as slices: no allocation per lookup.
+        let mut p = node.as_str();
+        loop {
+            if let Some(c) = self.contracts.get(p) {
+                return Some(c);
+            }
+            if p == "/" || p.is_empty() {
+                return None;
+            }
+            p = match p.rfind('/') {
+                Some(i) => &p[..i],
+                None => "/",
+            };
+        }
+    }
+
+    fn rater(&self, node: &AccountPath, at: Timestamp) -> Result<Option<Arc<Rater>>, String> {
+        if self.books.is_empty() {
+            return Ok(None);
+        }
+        let contract = self.contract(node);
+        let name = contract.map_or(LIST_BOOK, |(_, c)| c.book.as_str());
+        let versions = self.books.get(name).ok_or_else(|| match contract {
+            Some((at_node, _)) => {
+                format!("the contract of {at_node} names book {name:?}, which is not recorded")
+            }
+            None => format!("no contract on the path of {node} and no book named {LIST_BOOK:?}"),
+        })?;
+        let i = versions.partition_point(|b| b.effective_from <= at);
+        let Some(book) = i.checked_sub(1).map(|i| &versions[i]) else {
+            return Err(format!("book {name:?} has no version in force at {at}"));
+        };
+        let key = (
+            contract.map_or(String::new(), |(n, _)| n.as_str().to_string()),
+            book.name.clone(),
+            book.version,
+        );
+        // Read-mostly: every entry looks its rater up; one is built per book version
+        // and contract node.
+        if let Some(r) = self
+            .raters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(Some(r.clone()));
+        }
+        let mut raters = self.raters.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = raters.get(&key) {
+            return Ok(Some(r.clone()));
+        }
+        let rater = Rater::new(book, contract.map(|(n, c)| (n, c.as_ref())))
+            .map_err(|e| format!("book {}@{}: {e}", book.name, book.version))?;
+        let rater = Arc::new(rater);
+        raters.insert(key, rater.clone());
+        Ok(Some(rater))
+    }
+}
+
+/// Which count is priced for a gateway provider (`rate_basis` in its settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    /// The provider's count (the default: it is what the provider bills).
+    #[default]
+    Provider,
+    /// Ciyuan's recount.
+    Recount,
+    /// The greater of the two, per key.
+    Greater,
+}
+
+impl Basis {
+    /// As a rating records it.
+    pub fn recorded(self) -> RatingBasis {
+        match self {
+            Basis::Provider => RatingBasis::Provider,
+            Basis::Recount => RatingBasis::Recount,
+            Basis::Greater => RatingBasis::Greater,
+        }
+    }
+}
+
+/// What rating an entry came to.
+pub(crate) enum Rated {
+    /// Pricing is off: no book recorded.
+    Off,
+    /// Priced (possibly `unpriced`, amount zero).
+    Priced(Rating),
+    /// No book applies (named in the incident); the entry carries no rating.
+    NoBook(String),
+}
+
+impl App {
+    /// Rates `usage` of `node` at `at` with the counts `tokens`.
+    pub(crate) fn rate(
+        &self,
+        node: &AccountPath,
+        usage: &Usage,
+        tokens: &TokenMap,
+        tier: ServiceTier,
+        at: Timestamp,
+    ) -> Rated {
+        let rater = match self.pricing.rater(node, at) {
+            Ok(None) => return Rated::Off,
+            Ok(Some(r)) => r,
+            Err(why) => return Rated::NoBook(why),
+        };
+        let input = RateInput {
+            model: usage.model.as_deref(),
+            service: &usage.service,
+            tier,
+            tokens,
+            measures: &usage.measures,
+            at,
+            // Graduated and volume tiers need the period's quantity so far: not
+            // tracked yet, so tiered rules price from their first band.
+            period_to_date: Decimal::ZERO,
+        };
+        match rater.rate(&input) {
+            Ok(r) => Rated::Priced(r),
+            Err(e) => Rated::NoBook(e.to_string()),
+        }
+    }
+
+    /// Rates a usage entry in place (its own counts, the provider's basis), and
+    /// returns the incident to raise when it is unpriced or no book applies.
+    pub(crate) fn rate_entry(&self, entry: &mut Entry) -> Option<Entry> {
+        let EntryBody::Usage(u) = &mut entry.body else {
+            return None;
+        };
+        if u.tokens.iter().any(|t| t.count < 0) {
+            return None;
+        }
+        match self.rate(
+            &entry.account,
+            u,
+            &u.tokens,
+            ServiceTier::Standard,
+            entry.ts,
+        ) {
+            Rated::Off => None,
+            Rated::Priced(r) => {
+                let incident = (r.unpriced || !r.missing.is_empty())
+                    .then(|| self.unpriced_incident(&entry.account, u, &r))
+                    .flatten();
+                u.rating = Some(Box::new(r));
+                incident
+            }
+            Rated::NoBook(why) => self.no_book_incident(&entry.account, u, &why),
+        }
+    }
+
+    /// Rates a gateway usage entry in place on the count `basis` names (the recount
+    /// covers text input and output; other keys are the provider's), recording the
+    /// basis; returns the incident to raise when it is unpriced.
+    pub(crate) fn rate_gateway_entry(&self, entry: &mut Entry, basis: Basis) -> Option<Entry> {
+        let EntryBody::Usage(u) = &mut entry.body else {
+            return None;
+        };
+        let tokens = match (&u.recount, basis) {
+            (_, Basis::Provider) | (None, _) => None,
+            (Some(r), b) => Some(recounted(&u.tokens, r, b == Basis::Greater)),
+        };
+        let priced = tokens.as_ref().unwrap_or(&u.tokens);
+        match self.rate(&entry.account, u, priced, ServiceTier::Standard, entry.ts) {
+            Rated::Off => None,
+            Rated::Priced(mut r) => {
+                r.basis = Some(basis.recorded());
+                let incident = (r.unpriced || !r.missing.is_empty())
+                    .then(|| self.unpriced_incident(&entry.account, u, &r))
+                    .flatten();
+                u.rating = Some(Box::new(r));
+                incident
+            }
+            Rated::NoBook(why) => self.no_book_incident(&entry.account, u, &why),
+        }
+    }
+
+    /// Appends price incidents (best effort: the usage they are about is recorded
+    /// already, and says `unpriced` itself).
+    pub(crate) async fn raise_price_incidents(self: &Arc<Self>, incidents: Vec<Entry>) {
+        if incidents.is_empty() {
+            return;
+        }
+        for i in &incidents {
+            if let EntryBody::Incident(inc) = &i.body {
+                tracing::warn!(account = %i.account, subject = ?inc.subject, "usage not priced");
+            }
+        }
+        if let Err(e) = self.append(&incidents).await {
+            tracing::error!(detail = %e.detail, "price incidents not recorded");
+        }
+    }
+
+    /// A `price.unpriced` incident for `usage`, once per (node, model, service, book
+    /// version) per process.
+    pub(crate) fn unpriced_incident(
+        &self,
+        node: &AccountPath,
+        usage: &Usage,
+        r: &Rating,
+    ) -> Option<Entry> {
+        let book = format!("{}@{}", r.book, r.version);
+        let missing: Vec<String> = r.missing.iter().map(|k| k.to_string()).collect();
+        let what = if r.unpriced {
+            format!("no rule of {book} prices it")
+        } else {
+            format!("{book} has no price for {}", missing.join(", "))
+        };
+        self.price_incident(node, usage, book, what)
+    }
+
+    fn no_book_incident(&self, node: &AccountPath, usage: &Usage, why: &str) -> Option<Entry> {
+        self.price_incident(node, usage, String::new(), why.to_string())
+    }
+
+    fn price_incident(
+        &self,
+        node: &AccountPath,
+        usage: &Usage,
+        book: String,
+        what: String,
+    ) -> Option<Entry> {
+        let state = self.pricing.state();
+        let key = (
+            node.as_str().to_string(),
+            usage.model.clone().unwrap_or_default(),
+            usage.service.clone(),
+            book.clone(),
+        );
+        if !state
+            .unpriced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key)
+        {
+            return None;
+        }
+        let subject = match &usage.model {
+            Some(m) => format!("{} {m}: {what}", usage.service),
+            None => format!("{}: {what}", usage.service),
+        };
+        Some(Entry::new(
+            Timestamp::now(),
+            node.clone(),
+            EntryBody::Incident(Incident {
+                kind: "price.unpriced".into(),
+                limit: if book.is_empty() {
+                    LIST_BOOK.into()
+                } else {
+                    book
+                },
+                mode: ciyuan_core::BudgetMode::Soft,
+                window_start: None,
+                threshold: None,
+                used: 0,
+                amount: 0,
+                subject: Some(subject),
+                cause: None,
+            }),
+        ))
+    }
+}
+
+/// The provider's counts with the recount's text input (fresh input: the recount's
+/// prompt less the provider's cached and cache-write input) and text output put in,
+/// or the greater of each when `greater`.
+fn recounted(provider: &TokenMap, r: &ciyuan_core::Recount, greater: bool) -> TokenMap {
+    use ciyuan_core::{Direction, Modality};
+    let cached: i64 = provider
+        .iter()
+        .filter(|t| {
+            t.modality == Modality::Text
+                && matches!(t.direction, Direction::CachedInput | Direction::CacheWrite)
+        })
+        .map(|t| t.count)
+        .sum();
+    let bound = |n: u64| {
+        i64::try_from(n)
+            .unwrap_or(i64::MAX)
+            .min(ciyuan_core::MAX_TOKENS_PER_KEY)
+    };
+    let fresh_input = (bound(r.input) - cached).max(0);
+    let output = bound(r.output);
+    let mut out = TokenMap::new();
+    for t in provider.iter() {
+        let ours = match (t.modality, t.direction) {
+            (Modality::Text, Direction::Input) => Some(fresh_input),
+            (Modality::Text, Direction::Output) => Some(output),
+            _ => None,
+        };
+        let n = match ours {
+            Some(o) if greater => o.max(t.count),
+            Some(o) => o,
+            None => t.count,
+        };
+        if n != 0 {
+            // Counts within MAX_TOKENS_PER_KEY each: a fresh map cannot overflow.
+            let added = out.add(t.modality, t.direction, n);
+            assert!(added.is_some(), "a bounded count fits a fresh token map");
+        }
+    }
+    for (d, o) in [(Direction::Input, fresh_input), (Direction::Output, output)] {
+        let provided = provider
+            .iter()
+            .any(|t| t.modality == Modality::Text && t.direction == d);
+        if o != 0 && !provided {
+            let added = out.add(Modality::Text, d, o);
+            assert!(added.is_some(), "a bounded count fits a fresh token map");
+        }
+    }
+    out
+}
+
+/// `POST /api/v1/prices` query: how to read the body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportParams {
+    /// `litellm` or `toml`.
+    format: String,
+    /// The book's name (default: the file's, else `list`).
+    name: Option<String>,
+    /// From when the new version applies (default: now; never before now when the
+    /// book has a version already).
+    effective_from: Option<Timestamp>,
+}
+
+/// `POST /api/v1/prices?format=litellm|toml[&name=][&effective_from=]`: the file is
+/// the body. Records the book's next version as one `price.book` entry naming the
+/// file's SHA-256, and answers its summary with the keys the import could not map.
+pub async fn import(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Query(p): Query<ImportParams>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    if !caller.key.account.is_root() {
+        return Err(ApiError::forbidden(
+            "price books price every tenant: only a root admin key may record one (a node's prices are its contract)",
+        ));
+    }
+    let body = body.map_err(crate::extract::body_error)?;
+    let imported = match p.format.as_str() {
+        "litellm" => ciyuan_price::import_litellm(&body),
+        "toml" => {
+            let text = std::str::from_utf8(&body)
+                .map_err(|e| ApiError::bad_request(format!("the TOML file is not UTF-8: {e}")))?;
+            ciyuan_price::import_toml(text)
+        }
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "format: {other:?} is not litellm or toml"
+            )));
+        }
+    }
+    .map_err(|e| ApiError::bad_request(format!("{}: {e}", p.format)))?;
+    let _guard = app.admin_lock.lock().await;
+    app.caught_up().await?;
+    let now = Timestamp::now();
+    let name = p
+        .name
+        .clone()
+        .or_else(|| imported.name.clone())
+        .unwrap_or_else(|| LIST_BOOK.to_string());
+    let n = name.clone();
+    let latest = app
+        .blocking(move |app| {
+            Ok(app
+                .store
+                .price_books()?
+                .into_iter()
+                .map(|(_, b)| b)
+                .filter(|b| b.name == n)
+                .max_by_key(|b| b.version))
+        })
+        .await?;
+    let from = p.effective_from.unwrap_or(now);
+    if let Some(latest) = &latest {
+        if from < now {
+            return Err(ApiError::unprocessable(format!(
+                "effective_from {from} is in the past: entries already rated with {}@{} keep their prices; a new version takes effect from now on (re-rate a period with corrections)",
+                latest.name, latest.version
+            )));
+        }
+        if from <= latest.effective_from {
+            return Err(ApiError::unprocessable(format!(
+                "effective_from {from} must be after that of {}@{} ({})",
+                latest.name, latest.version, latest.effective_from
+            )));
+        }
+    }
+    let version = latest.as_ref().map_or(1, |b| b.version + 1);
+    let book = imported
+        .into_book(Some(&name), version, from, Some(caller.key.account.clone()))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let summary = book_summary(&book, None);
+    let range = app
+        .append_visible(&[Entry::new(
+            now,
+            AccountPath::root(),
+            EntryBody::PriceBook(book),
+        )])
+        .await?;
+    let mut summary = summary;
+    summary["entry"] = range.start.into();
+    Ok(axum::Json(summary))
+}
+
+/// What `prices list` shows of a book version.
+fn book_summary(b: &PriceBook, entry: Option<u64>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "name": b.name,
+        "version": b.version,
+        "currency": b.currency.as_str(),
+        "effective_from": b.effective_from.to_string(),
+        "rounding": b.rounding,
+        "rules": b.rules.len(),
+        "source": b.source,
+        "set_by": b.set_by,
+    });
+    if let Some(e) = entry {
+        v["entry"] = e.into();
+    }
+    v
+}
+
+/// `GET /api/v1/prices`: every book version, newest last (any read key: tenants see
+/// the list prices their usage is rated with).
+pub async fn list(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    caller.require(Scope::Read)?;
+    app.caught_up().await?;
+    let books = app.blocking(|app| Ok(app.store.price_books()?)).await?;
+    let list: Vec<serde_json::Value> = books
+        .iter()
+        .map(|(e, b)| book_summary(b, Some(*e)))
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "books": list })))
+}
+
+/// `GET /api/v1/prices/{name}` query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShowParams {
+    version: Option<u32>,
+}
+
+async fn book_version(
+    app: &Arc<App>,
+    name: String,
+    version: Option<u32>,
+) -> Result<(u64, PriceBook), ApiError> {
+    app.caught_up().await?;
+    let n = name.clone();
+    let mut versions: Vec<(u64, PriceBook)> = app
+        .blocking(move |app| {
+            Ok(app
+                .store
+                .price_books()?
+                .into_iter()
+                .filter(|(_, b)| b.name == n)
+                .collect())
+        })
+        .await?;
+    versions.sort_by_key(|(_, b)| b.version);
+    let found = match version {
+        Some(v) => versions.into_iter().find(|(_, b)| b.version == v),
+        None => versions.pop(),
+    };
+    found.ok_or_else(|| {
+        ApiError::not_found(match version {
+            Some(v) => format!("no version {v} of book {name:?}"),
+            None => format!("no book {name:?}"),
+        })
+    })
+}
+
+/// `GET /api/v1/prices/{name}?version=`: one version whole (default the latest).
+pub async fn show(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParam(name): PathParam,
+    Query(p): Query<ShowParams>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    caller.require(Scope::Read)?;
+    let (entry, book) = book_version(&app, name, p.version).await?;
+    let mut v = serde_json::to_value(&book).map_err(ApiError::internal)?;
+    v["entry"] = entry.into();
+    Ok(axum::Json(v))
+}
+
+/// `GET /api/v1/prices/{name}/diff` query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffParams {
+    from: u32,
+    to: Option<u32>,
+}
+
+/// `GET /api/v1/prices/{name}/diff?from=1[&to=2]`: what changed between versions.
+pub async fn diff(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParam(name): PathParam,
+    Query(p): Query<DiffParams>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    caller.require(Scope::Read)?;
+    let (_, old) = book_version(&app, name.clone(), Some(p.from)).await?;
+    let (_, new) = book_version(&app, name, p.to).await?;
+    let changes: Vec<String> = ciyuan_price::diff(&old, &new)
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    Ok(axum::Json(serde_json::json!({
+        "name": new.name,
+        "from": old.version,
+        "to": new.version,
+        "changes": changes,
+    })))
+}
+
+/// `PUT /api/v1/contracts/{path}`: sets a node's contract (whole), from a key strictly
+/// above the node (a tenant does not set its own prices); changing one set from
+/// above needs a key at that setter's node or above.
+pub async fn set_contract(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParam(raw): PathParam,
+    Json(mut contract): Json<PriceContract>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let node = parse_path(&raw, "path")?;
+    caller.require_within(&node)?;
+    let mine = &caller.key.account;
+    if !mine.is_root() && (mine == &node || !node.is_within(mine)) {
+        return Err(ApiError::forbidden(format!(
+            "a contract on {node} prices its usage: only a key strictly above it may set it"
+        )));
+    }
+    app.require_account(&node).await?;
+    contract.set_by = Some(mine.clone());
+    contract
+        .check()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let _guard = app.admin_lock.lock().await;
+    app.caught_up().await?;
+    let n = node.clone();
+    let (current, book_known) = {
+        let name = contract.book.clone();
+        app.blocking(move |app| {
+            let current = app
+                .store
+                .contracts()?
+                .into_iter()
+                .find(|(p, _, _)| *p == n)
+                .map(|(_, _, c)| c);
+            let known = app.store.price_books()?.iter().any(|(_, b)| b.name == name);
+            Ok((current, known))
+        })
+        .await?
+    };
+    if !book_known {
+        return Err(ApiError::unprocessable(format!(
+            "book: no book named {:?} is recorded",
+            contract.book
+        )));
+    }
+    if let Some(c) = current
+        && !ciyuan_core::may_change_control(c.set_by.as_ref(), mine)
+    {
+        return Err(ApiError::forbidden(format!(
+            "the contract on {node} was set by a key at {}: only a key at that node or above may change it",
+            c.set_by.map_or("/".to_string(), |s| s.to_string())
+        )));
+    }
+    let range = app
+        .append_visible(&[Entry::new(
+            Timestamp::now(),
+            node.clone(),
+            EntryBody::PriceContract(contract.clone()),
+        )])
+        .await?;
+    Ok(axum::Json(serde_json::json!({
+        "account": node,
+        "entry": range.start,
+        "contract": contract,
+    })))
+}
+
+/// `GET /api/v1/contracts/{path}`: the contract that prices the node's usage (its
+/// own or its nearest ancestor's) and the book it names.
+pub async fn show_contract(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParam(raw): PathParam,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    caller.require(Scope::Read)?;
+    let node = parse_path(&raw, "path")?;
+    caller.require_within(&node)?;
+    app.require_account(&node).await?;
+    app.caught_up().await?;
+    let state = app.pricing.state();
+    let found = state.contract(&node);
+    Ok(axum::Json(serde_json::json!({
+        "account": node,
+        "from": found.map(|(n, _)| n.clone()),
+        "book": found.map_or(LIST_BOOK.to_string(), |(_, c)| c.book.clone()),
+        "contract": found.map(|(_, c)| c.as_ref().clone()),
+    })))
+}
