@@ -99,6 +99,9 @@ pub struct UsageArgs {
     /// Time zone of days and months (default: the account's).
     #[arg(long)]
     tz: Option<String>,
+    /// `cost`: the amounts of each row beside its tokens, per currency.
+    #[arg(long)]
+    with: Option<String>,
     #[command(flatten)]
     remote: Remote,
 }
@@ -339,6 +342,7 @@ pub fn usage(a: UsageArgs) -> anyhow::Result<ExitCode> {
         ("from", &a.from),
         ("to", &a.to),
         ("tz", &a.tz),
+        ("with", &a.with),
     ] {
         if let Some(v) = v {
             q.push(format!("{k}={}", enc(v)));
@@ -375,13 +379,26 @@ pub fn usage(a: UsageArgs) -> anyhow::Result<ExitCode> {
             .collect();
         writeln!(
             out,
-            "{:<60} total={:<12} {}",
+            "{:<60} total={:<12} {}{}",
             label.join("  "),
             r["total"],
-            tokens.join(" ")
+            tokens.join(" "),
+            costs(&r["cost"], " cost=")
         )?;
     }
+    if let Some(t) = v.get("cost_totals") {
+        writeln!(out, "cost in total:{}", costs(t, " "))?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Amounts by currency (`{"USD": "4.5"}`) as ` USD 4.5`, each after `lead`.
+fn costs(v: &Value, lead: &str) -> String {
+    v.as_object()
+        .into_iter()
+        .flatten()
+        .map(|(cur, amount)| format!("{lead}{} {cur}", amount.as_str().unwrap_or("?")))
+        .collect()
 }
 
 pub fn adjust(a: AdjustArgs) -> anyhow::Result<ExitCode> {

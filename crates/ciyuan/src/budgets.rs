@@ -17,11 +17,18 @@ pub enum BudgetsCmd {
         /// The node, e.g. acme/cn.
         path: String,
         /// Limit in tokens.
-        #[arg(long, conflicts_with = "requests")]
+        #[arg(long, conflicts_with_all = ["requests", "amount"])]
         tokens: Option<u64>,
         /// Limit in requests (a rate limit, with --period minute).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "amount")]
         requests: Option<u64>,
+        /// Limit in money, e.g. 500 (with --currency): what the node's usage costs
+        /// at the prices that rate it.
+        #[arg(long, requires = "currency")]
+        amount: Option<String>,
+        /// The money limit's currency (ISO 4217), e.g. CNY.
+        #[arg(long, requires = "amount")]
+        currency: Option<String>,
         /// minute, hour, day, month (in the node's time zone) or lifetime.
         #[arg(long)]
         period: String,
@@ -85,6 +92,14 @@ pub enum AccessCmd {
     },
 }
 
+/// A figure as text: money limits answer amounts as strings, shown without quotes.
+fn bare(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 fn print(v: &Value, remote: &Remote) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     if remote.json {
@@ -110,9 +125,9 @@ fn print(v: &Value, remote: &Remote) -> anyhow::Result<ExitCode> {
             l["mode"].as_str().unwrap_or("?"),
             l["limit"].as_str().unwrap_or("?"),
             subject,
-            l["used"],
-            l["reserved"],
-            l["remaining"],
+            bare(&l["used"]),
+            bare(&l["reserved"]),
+            bare(&l["remaining"]),
         )?;
     }
     for m in v["models"].as_array().into_iter().flatten() {
@@ -131,6 +146,8 @@ pub fn budgets(cmd: BudgetsCmd) -> anyhow::Result<ExitCode> {
             path,
             tokens,
             requests,
+            amount,
+            currency,
             period,
             hard: _,
             soft,
@@ -141,8 +158,14 @@ pub fn budgets(cmd: BudgetsCmd) -> anyhow::Result<ExitCode> {
             name,
             remote,
         } => {
-            if tokens.is_none() && requests.is_none() {
-                bail!("give --tokens or --requests");
+            if tokens.is_none() && requests.is_none() && amount.is_none() {
+                bail!("give --tokens, --requests or --amount with --currency");
+            }
+            if let (Some(a), Some(c)) = (&amount, &currency) {
+                // Sent as typed; checked first so a typo is named here.
+                ciyuan_core::parse_amount("--amount", a).map_err(|e| anyhow::anyhow!("{e}"))?;
+                c.parse::<ciyuan_core::Currency>()
+                    .map_err(|e| anyhow::anyhow!("--currency: {e}"))?;
             }
             let mut body = json!({
                 "period": period,
@@ -153,6 +176,8 @@ pub fn budgets(cmd: BudgetsCmd) -> anyhow::Result<ExitCode> {
             for (k, v) in [
                 ("tokens", tokens.map(Value::from)),
                 ("requests", requests.map(Value::from)),
+                ("cost", amount.map(Value::from)),
+                ("currency", currency.map(Value::from)),
                 ("selector", selector.map(Value::from)),
                 ("thresholds", thresholds.map(Value::from)),
                 ("name", name.map(Value::from)),

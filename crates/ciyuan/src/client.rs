@@ -8,6 +8,14 @@ use serde_json::Value;
 /// Most time one admin request may take.
 const REQUEST_TIMEOUT_SECS: u64 = 60;
 
+/// A request body.
+enum Payload<'a> {
+    /// Serialized as JSON.
+    Json(&'a Value),
+    /// Sent as it is, with its content type.
+    Raw(&'a str, Vec<u8>),
+}
+
 /// A client of one Ciyuan server.
 pub struct Client {
     http: reqwest::Client,
@@ -44,14 +52,39 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Vec<u8>> {
+        self.send(method, path, body.map(Payload::Json))
+    }
+
+    /// [`Client::call`] with a body that is not JSON (a file sent as it is).
+    pub fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Value> {
+        let bytes = self.send(method, path, Some(Payload::Raw(content_type, body)))?;
+        serde_json::from_slice(&bytes).context("the server's answer is not JSON")
+    }
+
+    fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Payload<'_>>,
+    ) -> anyhow::Result<Vec<u8>> {
         let url = format!("{}{path}", self.base);
         self.rt.block_on(async {
             let mut req = self
                 .http
                 .request(method.clone(), &url)
                 .bearer_auth(&self.key);
-            if let Some(b) = body {
-                req = req.json(b);
+            match body {
+                Some(Payload::Json(b)) => req = req.json(b),
+                Some(Payload::Raw(ct, bytes)) => {
+                    req = req.header(reqwest::header::CONTENT_TYPE, ct).body(bytes)
+                }
+                None => {}
             }
             let resp = req
                 .send()

@@ -14,6 +14,7 @@ mod client;
 mod config;
 mod demo;
 mod ingest;
+mod money;
 mod serve;
 mod sim;
 
@@ -65,6 +66,15 @@ enum Command {
     /// Model access rules on account nodes.
     #[command(subcommand)]
     Access(budgets::AccessCmd),
+    /// Price books: import (LiteLLM or TOML), list, show, diff.
+    #[command(subcommand)]
+    Prices(money::PricesCmd),
+    /// Price contracts of account nodes: a book, discounts, markups, overrides.
+    #[command(subcommand)]
+    Contracts(money::ContractsCmd),
+    /// Prepaid wallets: top-ups, grants, refunds, transfers, overdraft, balances.
+    #[command(subcommand)]
+    Wallets(money::WalletsCmd),
     /// Record a correction of earlier usage.
     Adjust(admin::AdjustArgs),
     /// Checkpoints, proofs, bundles and offline verification.
@@ -207,6 +217,9 @@ fn main() -> ExitCode {
         Command::Usage(args) => admin::usage(args),
         Command::Budgets(cmd) => budgets::budgets(cmd),
         Command::Access(cmd) => budgets::access(cmd),
+        Command::Prices(cmd) => money::prices(cmd),
+        Command::Contracts(cmd) => money::contracts(cmd),
+        Command::Wallets(cmd) => money::wallets(cmd),
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),
