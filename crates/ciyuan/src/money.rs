@@ -257,6 +257,15 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// `1 rule`, `2 rules`.
+fn counted(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Checks a typed amount so a typo is named before anything is sent; the text
 /// itself is what is sent.
 fn check_amount(flag: &str, text: &str) -> anyhow::Result<()> {
@@ -377,11 +386,11 @@ pub fn prices(cmd: PricesCmd) -> anyhow::Result<ExitCode> {
             let changes = v["changes"].as_array().cloned().unwrap_or_default();
             writeln!(
                 out,
-                "book {} from version {} to {}: {} changes",
+                "book {} from version {} to {}: {}",
                 text(&v["name"]),
                 text(&v["from"]),
                 text(&v["to"]),
-                changes.len()
+                counted(changes.len(), "change")
             )?;
             for c in &changes {
                 writeln!(out, "  {}", text(c))?;
@@ -395,11 +404,11 @@ fn print_import(v: &Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "recorded book {} version {} ({}, {} rules, effective from {}) as entry {}",
+        "recorded book {} version {} ({}, {}, effective from {}) as entry {}",
         text(&v["name"]),
         text(&v["version"]),
         text(&v["currency"]),
-        text(&v["rules"]),
+        counted(v["rules"].as_u64().unwrap_or(0) as usize, "rule"),
         text(&v["effective_from"]),
         text(&v["entry"]),
     )?;
@@ -457,7 +466,7 @@ fn print_book(v: &Value, model: Option<&str>) -> anyhow::Result<()> {
             shown.len(),
             rules.len()
         )?,
-        None => writeln!(out, "{} rules; prices per unit:", rules.len())?,
+        None => writeln!(out, "{}; prices per unit:", counted(rules.len(), "rule"))?,
     }
     for r in shown {
         writeln!(out, "  {}", rule_line(r))?;
@@ -545,6 +554,12 @@ pub fn contracts(cmd: ContractsCmd) -> anyhow::Result<ExitCode> {
             }
             let mut out = std::io::stdout().lock();
             match v.get("from").filter(|f| !f.is_null()) {
+                Some(from) if *from == v["account"] => writeln!(
+                    out,
+                    "{} is priced by its own contract: {}",
+                    text(&v["account"]),
+                    contract_terms(&v["contract"])
+                )?,
                 Some(from) => writeln!(
                     out,
                     "{} is priced by the contract of {}: {}",

@@ -8,4 +8,5 @@ mod crash;
 mod e2e;
 mod gateway;
 mod hostile;
+mod money;
 mod tamper;

@@ -1,0 +1,397 @@
+//! Money end to end, through the CLI: LiteLLM's real table imported, usage rated at
+//! list price and under a contract, and a prepaid wallet that holds at zero against
+//! a race of streamed gateway requests, its postings summing exactly and the ledger
+//! verifying afterwards.
+
+use crate::common::{Server, json, stdout, verify};
+use ciyuan_core::{ExactSum, parse_amount};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// LiteLLM's price table, as the issue ships it beside the repository.
+fn litellm_table() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures/litellm_model_prices.json");
+    assert!(
+        p.is_file(),
+        "LiteLLM's table is expected at {} (../shared/fixtures beside the repository)",
+        p.display()
+    );
+    p
+}
+
+/// An amount as an exact sum, from the decimal text the API answers.
+fn exact(field: &str, v: &Value) -> ExactSum {
+    let text = v
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is not a decimal string: {v}"));
+    ExactSum::of(parse_amount(field, text).unwrap_or_else(|e| panic!("{e}")))
+}
+
+fn amount(text: &str) -> ExactSum {
+    ExactSum::of(parse_amount("expected", text).unwrap())
+}
+
+/// `ciyuan ARGS --json`, parsed.
+fn cli_json(server: &Server, key: &str, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    json(stdout(&server.cli(key, &all)).as_bytes())
+}
+
+fn import_litellm(server: &Server, key: &str) -> Value {
+    let table = litellm_table();
+    cli_json(
+        server,
+        key,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "litellm",
+            table.to_str().unwrap(),
+        ],
+    )
+}
+
+/// One CloudEvent of `gpt-4o` usage on `subject`, through `ciyuan ingest`.
+fn ingest_gpt_4o(server: &Server, key: &str, dir: &std::path::Path, id: &str, subject: &str) {
+    let ev = json!({"specversion": "1.0", "id": id, "source": "svc://billing-test",
+        "type": "llm.usage", "subject": subject,
+        "data": {"model": "gpt-4o", "input_tokens": 1_000_000, "output_tokens": 200_000}});
+    let file = dir.join(format!("{id}.jsonl"));
+    std::fs::write(&file, format!("{ev}\n")).unwrap();
+    let out = stdout(&server.cli(key, &["ingest", file.to_str().unwrap()]));
+    assert_eq!(out.trim(), "1 accepted, 0 duplicates, 0 rejected");
+}
+
+/// The usage entries of `account` in the ledger, read back through the audit API.
+fn usage_entries(server: &Server, key: &str, account: &str) -> Vec<Value> {
+    let (s, b) = server.http("GET", "/api/v1/audit/entries?start=0&limit=1000", key, None);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    b.split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(json)
+        .filter(|e| e["kind"] == "usage" && e["account"] == account)
+        .collect()
+}
+
+#[test]
+fn litellm_prices_rate_gpt_4o_at_list_and_a_contract_discounts_a_child() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"));
+    let root = server.bootstrap.clone().unwrap();
+
+    let book = import_litellm(&server, &root);
+    assert_eq!(book["name"], "list");
+    assert_eq!(book["version"], 1);
+    assert_eq!(book["currency"], "USD");
+    assert!(book["rules"].as_u64().unwrap() > 4000, "{book}");
+    let sha = book["source"]["sha256"].as_str().unwrap();
+    assert!(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()));
+    let unmapped = book["source"]["unmapped"].as_array().unwrap();
+    assert!(
+        unmapped
+            .iter()
+            .any(|k| k.as_str().unwrap().starts_with("output_cost_per_image")),
+        "keys that cannot be mapped are listed: {unmapped:?}"
+    );
+    // The human forms name what a user checks: the rules that price a model.
+    let listed = stdout(&server.cli(&root, &["prices", "list"]));
+    assert!(
+        listed.contains("list") && listed.contains("USD"),
+        "{listed}"
+    );
+    let shown = stdout(&server.cli(&root, &["prices", "show", "list", "--model", "gpt-4o"]));
+    assert!(
+        shown.contains("text.input=0.0000025") && shown.contains("text.output=0.00001"),
+        "{shown}"
+    );
+
+    for path in ["acme/list", "acme/deal/child"] {
+        stdout(&server.cli(&root, &["accounts", "create", path]));
+    }
+    let set = stdout(&server.cli(
+        &root,
+        &[
+            "contracts",
+            "set",
+            "acme/deal",
+            "--book",
+            "list",
+            "--discount",
+            "10",
+        ],
+    ));
+    assert!(set.contains("10% off"), "{set}");
+    let shown = stdout(&server.cli(&root, &["contracts", "show", "acme/deal/child"]));
+    assert!(
+        shown.contains("contract of acme/deal") && shown.contains("10% off"),
+        "the child inherits its parent's contract: {shown}"
+    );
+    let bad = server.cli(
+        &root,
+        &[
+            "contracts",
+            "set",
+            "acme/deal",
+            "--book",
+            "list",
+            "--discount",
+            "ten",
+        ],
+    );
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--discount") && err.contains("ten"),
+        "a bad figure is named: {err}"
+    );
+
+    ingest_gpt_4o(&server, &root, tmp.path(), "at-list", "acme/list");
+    ingest_gpt_4o(
+        &server,
+        &root,
+        tmp.path(),
+        "under-contract",
+        "acme/deal/child",
+    );
+
+    // The entry explains its amount: book, version, the unit prices used.
+    let listed = usage_entries(&server, &root, "acme/list");
+    assert_eq!(listed.len(), 1);
+    let rating = &listed[0]["data"]["rating"];
+    assert_eq!(rating["book"], "list");
+    assert_eq!(rating["version"], 1);
+    assert_eq!(exact("rating.amount", &rating["amount"]), amount("4.50"));
+    let discounted = usage_entries(&server, &root, "acme/deal/child");
+    let rating = &discounted[0]["data"]["rating"];
+    assert_eq!(exact("rating.amount", &rating["amount"]), amount("4.05"));
+
+    let usage = cli_json(
+        &server,
+        &root,
+        &["usage", "--group-by", "account", "--with", "cost"],
+    );
+    let cost_of = |account: &str| {
+        let row = usage["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["account"] == account)
+            .unwrap_or_else(|| panic!("no row for {account}: {usage}"));
+        exact("cost.USD", &row["cost"]["USD"])
+    };
+    assert_eq!(cost_of("acme/list"), amount("4.50"));
+    assert_eq!(cost_of("acme/deal/child"), amount("4.05"));
+    assert_eq!(
+        exact("cost_totals.USD", &usage["cost_totals"]["USD"]),
+        amount("8.55")
+    );
+    let human = stdout(&server.cli(&root, &["usage", "--group-by", "account", "--with", "cost"]));
+    assert!(human.contains("USD"), "{human}");
+}
+
+/// Fires `n` streamed chat requests at once; answers each status.
+fn race(server: &Server, key: &str, n: usize) -> Vec<u16> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", server.url);
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let req = client
+                    .post(&url)
+                    .bearer_auth(key)
+                    .header("x-sim-tokens-per-sec", "200")
+                    .header("x-sim-output-tokens", "20")
+                    .json(&json!({"model": "gpt-4o", "stream": true, "max_tokens": 20,
+                        "messages": [{"role": "user", "content": "Race for the last cent."}]}));
+                tokio::spawn(async move {
+                    match req.send().await {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            // Read to the end: the stream settles when it is done.
+                            let _ = r.bytes().await;
+                            status
+                        }
+                        Err(_) => 0,
+                    }
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    })
+}
+
+/// The node's USD wallet once nothing is reserved any more.
+fn settled_wallet(server: &Server, key: &str, node: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = cli_json(server, key, &["wallets", "show", node]);
+        let w = v["wallets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["currency"] == "USD")
+            .unwrap_or_else(|| panic!("no USD wallet on {node}: {v}"))
+            .clone();
+        if exact("reserved", &w["reserved"]).is_zero() {
+            return w;
+        }
+        assert!(Instant::now() < deadline, "reservations left behind: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every movement of the node's wallets, page by page through `wallets history`.
+fn history(server: &Server, key: &str, node: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after: Option<u64> = None;
+    loop {
+        let mut args = vec!["wallets", "history", node, "--limit", "100"];
+        let a = after.map(|a| a.to_string());
+        if let Some(a) = &a {
+            args.extend(["--after", a]);
+        }
+        let page = cli_json(server, key, &args);
+        all.extend(page["movements"].as_array().unwrap().iter().cloned());
+        match page["next"].as_u64() {
+            Some(n) => after = Some(n),
+            None => return all,
+        }
+    }
+}
+
+#[test]
+fn a_wallet_holds_at_zero_against_500_streams_and_its_postings_sum_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let root = server.bootstrap.clone().unwrap();
+    import_litellm(&server, &root);
+    let node = "acme/wallet";
+    stdout(&server.cli(&root, &["accounts", "create", node]));
+    let key = cli_json(
+        &server,
+        &root,
+        &["keys", "create", "--account", node, "--scopes", "gateway"],
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A request holds its prompt plus 20 output tokens of gpt-4o (some 0.00024 USD):
+    // the top-up pays for a few dozen of the 500.
+    let topup = "0.01";
+    let out = stdout(&server.cli(
+        &root,
+        &[
+            "wallets",
+            "topup",
+            node,
+            "--amount",
+            topup,
+            "--currency",
+            "USD",
+            "--memo",
+            "INV-1",
+        ],
+    ));
+    assert!(out.contains("recorded topup of 0.01 USD"), "{out}");
+    let bad = server.cli(
+        &root,
+        &[
+            "wallets",
+            "topup",
+            node,
+            "--amount",
+            "1e",
+            "--currency",
+            "USD",
+        ],
+    );
+    assert!(!bad.status.success(), "a malformed amount is refused");
+
+    let statuses = race(&server, &key, 500);
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    assert!(ok >= 1, "nothing got through: {statuses:?}");
+    assert!(refused >= 1, "the wallet refused nothing: {ok} answered");
+    assert_eq!(ok + refused, 500, "other answers: {statuses:?}");
+
+    let wallet = settled_wallet(&server, &root, node);
+    let balance = exact("balance", &wallet["balance"]);
+    assert!(
+        !balance.is_negative(),
+        "the wallet went below zero: {wallet}"
+    );
+
+    let movements = history(&server, &root, node);
+    let mut topups = ExactSum::ZERO;
+    let mut consumed = ExactSum::ZERO;
+    let mut consumes = 0;
+    for m in &movements {
+        let effect = ciyuan_effect(node, m);
+        match m["kind"].as_str().unwrap() {
+            "topup" => topups = topups.checked_add(effect).unwrap(),
+            "consume" => {
+                consumes += 1;
+                consumed = consumed.checked_add(effect).unwrap();
+            }
+            other => panic!("unexpected {other} posting: {m}"),
+        }
+    }
+    assert_eq!(topups, amount(topup));
+    assert!(
+        consumes >= 1 && consumes <= ok,
+        "{consumes} consume postings for {ok} answers"
+    );
+    // Consumption took exactly what the balance lost.
+    assert_eq!(
+        consumed.checked_neg().unwrap(),
+        amount(topup).checked_sub(balance).unwrap(),
+        "consumed {consumed}, balance {balance}"
+    );
+    let human = stdout(&server.cli(&root, &["wallets", "history", node, "--limit", "3"]));
+    assert!(
+        human.contains("topup") && human.contains("INV-1"),
+        "{human}"
+    );
+
+    server.stop();
+    let (code, report) = verify(&data);
+    assert_eq!(code, 0, "{report}");
+}
+
+/// What a movement did to the node's own wallet accounts: credits less debits.
+fn ciyuan_effect(node: &str, m: &Value) -> ExactSum {
+    let prefix = format!("{node}:");
+    let mut sum = ExactSum::ZERO;
+    for leg in m["legs"].as_array().unwrap() {
+        if !leg["account"].as_str().unwrap().starts_with(&prefix) {
+            continue;
+        }
+        for (side, negate) in [("credit", false), ("debit", true)] {
+            if let Some(v) = leg.get(side).filter(|v| !v.is_null()) {
+                let d = exact(side, v);
+                let d = if negate { d.checked_neg().unwrap() } else { d };
+                sum = sum.checked_add(d).unwrap();
+            }
+        }
+    }
+    sum
+}
