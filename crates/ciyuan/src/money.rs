@@ -628,7 +628,7 @@ fn contract_terms(c: &Value) -> String {
         terms.push(format!("{}% markup", text(m)));
     }
     if let Some(o) = c["overrides"].as_array().filter(|o| !o.is_empty()) {
-        terms.push(format!("{} overriding rules", o.len()));
+        terms.push(counted(o.len(), "overriding rule"));
     }
     if let Some(m) = c.get("minimum_commitment").filter(|m| !m.is_null()) {
         terms.push(format!(

@@ -109,6 +109,53 @@ fn litellm_prices_rate_gpt_4o_at_list_and_a_contract_discounts_a_child() {
         "{shown}"
     );
 
+    // A hand-written book, its next version from a later date, and what changed.
+    let cn = tmp.path().join("cn.toml");
+    let book_text = "name = \"cn\"\ncurrency = \"CNY\"\n[[rules]]\nmodel = \"qwen-max*\"\n\
+        unit_prices = { \"text.input\" = \"0.0000024\", \"text.output\" = 9.6e-06 }\n";
+    std::fs::write(&cn, book_text).unwrap();
+    let out = stdout(&server.cli(
+        &root,
+        &["prices", "import", "--format", "toml", cn.to_str().unwrap()],
+    ));
+    assert!(
+        out.contains("recorded book cn version 1 (CNY, 1 rule,"),
+        "{out}"
+    );
+    std::fs::write(&cn, book_text.replace("0.0000024", "0.0000020")).unwrap();
+    let later = [
+        "prices",
+        "import",
+        "--format",
+        "toml",
+        cn.to_str().unwrap(),
+        "--effective-from",
+        "2099-01-01T00:00:00Z",
+    ];
+    stdout(&server.cli(&root, &later));
+    let diff = stdout(&server.cli(&root, &["prices", "diff", "cn", "--from", "1"]));
+    assert!(
+        diff.contains("from version 1 to 2: 1 change") && diff.contains("0.0000024 -> 0.0000020"),
+        "{diff}"
+    );
+    let shown = stdout(&server.cli(&root, &["prices", "show", "cn", "--version", "1"]));
+    assert!(
+        shown.contains("text.output=0.0000096"),
+        "exact from 9.6e-06: {shown}"
+    );
+    let wrong = server.cli(
+        &root,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "litellm",
+            cn.to_str().unwrap(),
+        ],
+    );
+    assert!(!wrong.status.success(), "a TOML file is not LiteLLM's JSON");
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("400"));
+
     for path in ["acme/list", "acme/deal/child"] {
         stdout(&server.cli(&root, &["accounts", "create", path]));
     }
