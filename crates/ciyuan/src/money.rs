@@ -146,7 +146,7 @@ pub enum WalletsCmd {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Give a node free credits, spent before its cash (by priority, then expiry).
+    /// Give a node free credits, spent before its cash.
     Grant {
         /// The node.
         path: String,
@@ -159,9 +159,9 @@ pub enum WalletsCmd {
         /// The grant's id (letters, digits, '-', '_', '.').
         #[arg(long)]
         id: String,
-        /// Lower is spent first.
-        #[arg(long, default_value_t = 0)]
-        priority: u32,
+        /// Grants of higher priority are spent first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
         /// When the unused rest expires, RFC 3339.
         #[arg(long)]
         expires: Option<String>,
@@ -699,9 +699,12 @@ pub fn wallets(cmd: WalletsCmd) -> anyhow::Result<ExitCode> {
             if remote.json {
                 return print_json(&v);
             }
-            println!("{path} may spend {amount} {currency} below zero");
-            if v.get("wallets").is_some() {
-                print_wallets(&v)?;
+            println!(
+                "{path} may spend {amount} {currency} below zero (entry {})",
+                text(&v["entry"])
+            );
+            if v["wallet"].is_object() {
+                println!("  {}", wallet_line(&v["wallet"]));
             }
             Ok(ExitCode::SUCCESS)
         }
