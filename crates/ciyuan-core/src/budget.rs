@@ -16,6 +16,8 @@ pub enum BudgetMeasure {
     Tokens,
     /// Requests (rate limits).
     Requests,
+    /// Money: the rated amounts of usage, in [`BudgetSet::cost`]'s currency.
+    Cost,
 }
 
 /// The window a limit applies to.
@@ -163,6 +165,20 @@ pub struct BudgetSet {
     /// the root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_by: Option<AccountPath>,
+    /// For cost limits: the money per window (`amount` is then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostAmount>,
+}
+
+/// A limit in money: an exact amount of one currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostAmount {
+    /// The amount, exact (a decimal string in the entry).
+    #[serde(with = "crate::price::exact")]
+    pub amount: rust_decimal::Decimal,
+    /// Its currency.
+    pub currency: crate::Currency,
 }
 
 /// A limit removed from the entry's node (kind `budget.cleared`).
@@ -268,6 +284,7 @@ mod tests {
             thresholds: vec![50, 80, 100],
             clamp: false,
             set_by: None,
+            cost: None,
         };
         let json = serde_json::to_string(&b).unwrap();
         assert_eq!(

@@ -479,6 +479,7 @@ mod tests {
                 thresholds: vec![80, 100],
                 clamp: true,
                 set_by: Some("a".parse().unwrap()),
+                cost: None,
             }),
             EntryBody::BudgetCleared(crate::BudgetCleared {
                 name: "monthly".into(),
