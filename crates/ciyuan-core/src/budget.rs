@@ -181,6 +181,20 @@ pub struct CostAmount {
     pub currency: crate::Currency,
 }
 
+/// The money side of an incident on a money limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentCost {
+    /// The limit's currency.
+    pub currency: crate::Currency,
+    /// Spent in the window when it happened, exact.
+    #[serde(with = "crate::price::exact")]
+    pub used: rust_decimal::Decimal,
+    /// The limit.
+    #[serde(with = "crate::price::exact")]
+    pub amount: rust_decimal::Decimal,
+}
+
 /// A limit removed from the entry's node (kind `budget.cleared`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BudgetCleared {
@@ -241,6 +255,10 @@ pub struct Incident {
     /// The usage entry that caused it, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<u64>,
+    /// For money limits: the spend and the limit in money (then `used` and `amount`
+    /// are 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<IncidentCost>,
 }
 
 #[cfg(test)]

@@ -500,6 +500,7 @@ mod tests {
                 amount: 1000,
                 subject: Some("session-1".into()),
                 cause: Some(41),
+                cost: None,
             }),
             EntryBody::DefinitionSet(crate::TokenDefinition {
                 service: "doc.verify".into(),

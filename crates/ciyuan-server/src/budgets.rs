@@ -184,6 +184,18 @@ pub(crate) async fn incidents(app: &Arc<App>, settled: Settled, cause: Option<u6
                 amount: status.as_ref().map_or(0, |s| s.spec.amount),
                 subject: None,
                 cause,
+                cost: status.as_ref().and_then(|s| s.cost.as_ref()).map(|m| {
+                    ciyuan_core::IncidentCost {
+                        currency: m.currency,
+                        used: m
+                            .used
+                            .to_decimal_floor()
+                            .unwrap_or(rust_decimal::Decimal::MAX),
+                        amount: status
+                            .as_ref()
+                            .map_or(rust_decimal::Decimal::ZERO, |s| s.spec.money),
+                    }
+                }),
             }),
         ));
     }
@@ -234,6 +246,15 @@ fn incident_entry(c: &Crossing, cause: Option<u64>, now: Timestamp) -> Entry {
             amount: c.amount,
             subject: subject_name(&c.subject),
             cause,
+            cost: c.cost.as_ref().map(|m| ciyuan_core::IncidentCost {
+                currency: m.currency,
+                // Beyond 28 digits only past any real spend; floored, as `used` is.
+                used: m
+                    .used
+                    .to_decimal_floor()
+                    .unwrap_or(rust_decimal::Decimal::MAX),
+                amount: m.amount,
+            }),
         }),
     )
 }

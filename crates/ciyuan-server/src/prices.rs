@@ -401,6 +401,7 @@ impl App {
                 amount: 0,
                 subject: Some(subject),
                 cause: None,
+                cost: None,
             }),
         ))
     }

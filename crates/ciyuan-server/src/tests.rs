@@ -1378,7 +1378,45 @@ async fn usage_is_rated_as_appended_with_the_book_and_contract_in_force() {
         "{incidents}"
     );
 
-    // Usage with its cost: 4.50 + 4.05 + 0, by currency, exact.
+    // A money limit counts the rated amounts: 50% of 10 USD is crossed by e1 + e2
+    // once set (restored from the cost rollups), and again by new usage.
+    let (s, v) = h
+        .admin(
+            "PUT",
+            "/api/v1/budgets/acme",
+            Some(json!({"name": "spend", "amount": "10", "currency": "USD", "period": "month", "thresholds": [50, 90]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let spend = v["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "spend")
+        .unwrap()
+        .clone();
+    assert_eq!(spend["cost"]["used"], "8.55", "{spend}");
+    rated("e4", "acme/us", "gpt-4o").await;
+    let (_, incidents) = h.admin("GET", "/api/v1/incidents?account=acme", None).await;
+    let crossed = incidents["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["limit"] == "spend")
+        .map(|i| (i["kind"].clone(), i["threshold"].clone(), i["cost"].clone()))
+        .collect::<Vec<_>>();
+    // Usage that already happened is recorded; the hard limit it went over is named.
+    let money = json!({"amount": "10", "currency": "USD", "used": "13.05"});
+    assert!(
+        crossed.contains(&(json!("budget.exceeded"), Value::Null, money.clone())),
+        "{incidents}"
+    );
+    assert!(
+        crossed.contains(&(json!("budget.threshold"), json!(90), money)),
+        "{incidents}"
+    );
+
+    // Usage with its cost: 4.50 + 4.05 + 0 + 4.50, by currency, exact.
     let (s, u) = h
         .admin(
             "GET",
@@ -1390,7 +1428,7 @@ async fn usage_is_rated_as_appended_with_the_book_and_contract_in_force() {
     let dec = |v: &Value| rust_decimal::Decimal::from_str_exact(v.as_str().unwrap()).unwrap();
     assert_eq!(
         dec(&u["cost_totals"]["USD"]),
-        rust_decimal::Decimal::new(855, 2),
+        rust_decimal::Decimal::new(1305, 2),
         "{u}"
     );
     let cn = u["rows"]

@@ -324,6 +324,7 @@ fn budgets_access_flags_and_incidents(s: &dyn Store) {
         amount: 1000,
         subject: None,
         cause: Some(5),
+        cost: None,
     };
     let entries = [
         on("acme", EntryBody::BudgetSet(budget("monthly", 1000))),
