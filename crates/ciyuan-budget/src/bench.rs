@@ -156,6 +156,7 @@ pub fn bench(iterations: u64, threads: usize) -> Result<BenchReport, BudgetError
                 now,
                 input: &input,
                 max_output: &max_output,
+                max_cost: None,
             };
             match engine.admit(&a) {
                 Ok(r) => {

@@ -5,7 +5,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ciyuan_core::jiff::{SignedDuration, Timestamp};
-use ciyuan_core::{AccountPath, TokenMap};
+use ciyuan_core::{AccountPath, Currency, ExactSum, Money, TokenMap};
+use rust_decimal::Decimal;
 use rustc_hash::FxHashMap;
 
 use crate::BudgetError;
@@ -38,6 +39,12 @@ pub struct Admission<'a> {
     /// holds only while actual usage stays within `input` + `max_output`. Never
     /// negative, as `input`.
     pub max_output: &'a TokenMap,
+    /// The most the request may cost (e.g. its input and maximum output at the
+    /// price book's prices), for [`Measure::Cost`] limits; `None` when it is not
+    /// priced, which cost limits count as nothing (as rating counts an unpriced
+    /// request as zero). A hard cost limit in another currency refuses the request:
+    /// it cannot bound it. Never negative (a panic, as a negative token count).
+    pub max_cost: Option<Money>,
 }
 
 /// An admitted request's hold on its limits, to be [`Engine::settle`]d or
@@ -123,6 +130,32 @@ pub struct Crossing {
     pub amount: u64,
     /// The limit's mode.
     pub mode: Mode,
+    /// For cost limits, the money figures (`used` and `amount` are then 0).
+    pub cost: Option<CostCrossing>,
+}
+
+/// A cost limit's counter reaching a threshold, exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostCrossing {
+    /// The limit's currency.
+    pub currency: Currency,
+    /// The money counted after the usage that reached the threshold (above zero).
+    pub used: ExactSum,
+    /// The limit ([`LimitSpec::money`]).
+    pub amount: Decimal,
+}
+
+/// A cost limit's counter as it stands, exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostStatus {
+    /// The limit's currency.
+    pub currency: Currency,
+    /// Net money counted in the window (corrections count negatively).
+    pub used: ExactSum,
+    /// Held by requests in flight (their maximum costs).
+    pub reserved: ExactSum,
+    /// `money - used - reserved`, clamped to `0..=money`.
+    pub remaining: ExactSum,
 }
 
 /// What settling or recording usage did.
@@ -155,6 +188,9 @@ pub struct LimitStatus {
     pub reserved: u64,
     /// `amount - used - reserved`, exactly, clamped to `0..=amount`.
     pub remaining: u64,
+    /// For cost limits, the money counters (`used`, `reserved` and `remaining` above
+    /// are then 0).
+    pub cost: Option<CostStatus>,
 }
 
 /// The budget engine. Cheap to share (`Send + Sync`); every call holds one internal
@@ -235,6 +271,10 @@ struct Counter {
     reserved: u64,
     /// Bit i: `spec.thresholds[i]` already reported in this window.
     crossed: u16,
+    /// Cost limits: net money counted (corrections count negatively).
+    cost_used: ExactSum,
+    /// Cost limits: the sum of the live holds' maximum costs in this window.
+    cost_reserved: ExactSum,
 }
 
 /// Why a counter cannot hold a request.
@@ -247,6 +287,44 @@ enum NoRoom {
     Held { reserved: u64 },
 }
 
+/// What a restored counter starts from.
+#[derive(Debug, Clone, Copy)]
+enum Loaded {
+    Tokens(i128),
+    Cost(Decimal),
+}
+
+/// Why a cost counter cannot hold a request: `used + reserved + need` would exceed
+/// the hard limit's money.
+#[derive(Debug, Clone, Copy)]
+struct NoMoney {
+    used: ExactSum,
+    reserved: ExactSum,
+}
+
+/// Sums of money in the engine stay far inside [`ExactSum`]'s ±1.7 × 10^38 (every
+/// amount is a `Decimal`, below 7.9 × 10^28); leaving it is a broken invariant.
+fn madd(a: ExactSum, b: ExactSum) -> ExactSum {
+    let s = a.checked_add(b);
+    assert!(s.is_some(), "money counter {a} + {b} overflows");
+    s.unwrap_or(a)
+}
+
+fn msub(a: ExactSum, b: ExactSum) -> ExactSum {
+    let s = a.checked_sub(b);
+    assert!(s.is_some(), "money counter {a} - {b} overflows");
+    s.unwrap_or(a)
+}
+
+/// What a request held, or counts, on a cost limit in `currency`: its amount in
+/// that currency, nothing for an unpriced request or another currency.
+fn cost_in(currency: Currency, cost: Option<Money>) -> ExactSum {
+    match cost {
+        Some(m) if m.currency == currency => ExactSum::of(m.amount),
+        _ => ExactSum::ZERO,
+    }
+}
+
 impl Counter {
     const EMPTY: Counter = Counter::fresh(Timestamp::MIN);
 
@@ -256,6 +334,8 @@ impl Counter {
             used: 0,
             reserved: 0,
             crossed: 0,
+            cost_used: ExactSum::ZERO,
+            cost_reserved: ExactSum::ZERO,
         }
     }
 
@@ -303,6 +383,46 @@ impl Counter {
         };
         self.reserved = reserved;
         Ok(n)
+    }
+
+    /// (money used, money reserved) in window `w`.
+    fn view_cost(&self, w: &Window) -> (ExactSum, ExactSum) {
+        if self.window_start == w.start {
+            (self.cost_used, self.cost_reserved)
+        } else {
+            (ExactSum::ZERO, ExactSum::ZERO)
+        }
+    }
+
+    /// Holds `need` (not negative) of money in window `w`, unless `hard` and
+    /// `used + reserved + need > limit`.
+    fn reserve_cost(
+        &mut self,
+        w: &Window,
+        need: ExactSum,
+        hard: bool,
+        limit: Decimal,
+    ) -> Result<(), NoMoney> {
+        self.roll(w);
+        let total = madd(madd(self.cost_used, self.cost_reserved), need);
+        if hard && total > ExactSum::of(limit) {
+            return Err(NoMoney {
+                used: self.cost_used,
+                reserved: self.cost_reserved,
+            });
+        }
+        self.cost_reserved = madd(self.cost_reserved, need);
+        Ok(())
+    }
+
+    /// Gives back the money one hold on this counter, in its window, held.
+    fn unhold_cost(&mut self, amount: ExactSum) {
+        assert!(
+            self.cost_reserved >= amount,
+            "a hold of {amount} on a counter holding {} in all: reserved is the sum of its holds",
+            self.cost_reserved
+        );
+        self.cost_reserved = msub(self.cost_reserved, amount);
     }
 
     /// Gives back what one hold on this counter, in its window, held.
@@ -359,6 +479,9 @@ struct Slot {
     admitted: Timestamp,
     key_id: String,
     session: Option<String>,
+    /// The admission's maximum cost: what it holds on each cost limit in its
+    /// currency.
+    cost: Option<Money>,
     holds: Vec<Hold>,
 }
 
@@ -465,6 +588,26 @@ impl Limit {
         }
     }
 
+    /// Holds `need` of money on the counter of `who` in window `w` (see
+    /// [`Counter::reserve_cost`]), creating the counter only if that succeeds.
+    fn reserve_cost(&mut self, who: Who<'_>, w: &Window, need: ExactSum) -> Result<(), NoMoney> {
+        let hard = self.spec.mode == Mode::Hard;
+        let limit = self.spec.money;
+        match who {
+            Who::Node => self.node.reserve_cost(w, need, hard, limit),
+            Who::Session(s) | Who::Key(s) => match self.keyed.get_mut(s) {
+                Some(c) => c.reserve_cost(w, need, hard, limit),
+                None => {
+                    let mut c = Counter::fresh(w.start);
+                    c.reserve_cost(w, need, hard, limit)?;
+                    self.keyed.insert(s.into(), c);
+                    Ok(())
+                }
+            },
+            Who::Request => Ok(()),
+        }
+    }
+
     /// Holds `need` on the counter of `who` in window `w` (see [`Counter::reserve`]),
     /// creating the counter only if the reservation succeeds; what it holds.
     fn reserve(&mut self, who: Who<'_>, w: &Window, need: i128) -> Result<u64, NoRoom> {
@@ -507,17 +650,27 @@ fn held<'a>(nodes: &'a mut [Node], h: &Hold) -> Option<(&'a AccountPath, &'a mut
     Some((&node.path, node.limits.get_mut(i)?))
 }
 
-/// Gives back what `holds` reserved.
-fn unreserve(nodes: &mut [Node], holds: &[Hold], key_id: &str, session: Option<&str>) {
+/// Gives back what `holds` reserved (`cost` on cost limits).
+fn unreserve(
+    nodes: &mut [Node],
+    holds: &[Hold],
+    key_id: &str,
+    session: Option<&str>,
+    cost: Option<Money>,
+) {
     for h in holds {
         let Some((_, l)) = held(nodes, h) else {
             continue;
         };
         let who = holder(l.spec.scope, key_id, session);
+        let measure = l.spec.measure;
         if let Some(c) = l.counter(who)
             && c.window_start == h.window_start
         {
-            c.unhold(h.amount);
+            match measure {
+                Measure::Cost(cur) => c.unhold_cost(cost_in(cur, cost)),
+                _ => c.unhold(h.amount),
+            }
         }
     }
 }
@@ -580,6 +733,7 @@ fn add_usage(
                 used: crossing_used(c.used),
                 amount: spec.amount,
                 mode: spec.mode,
+                cost: None,
             });
         }
     }
@@ -627,11 +781,192 @@ fn request_usage(path: &AccountPath, l: &Limit, at: Timestamp, amount: i128, out
                 used: crossing_used(amount),
                 amount: spec.amount,
                 mode: spec.mode,
+                cost: None,
             });
         }
     }
     if spec.mode == Mode::Hard && amount > i128::from(spec.amount) {
         push_exceeded(out, path, &spec.name);
+    }
+}
+
+/// Whether money `used` reaches `pct` percent of `limit` (`used × 100 ≥ limit ×
+/// pct`, exactly); never at or below zero.
+fn reached_cost(used: ExactSum, limit: Decimal, pct: u8) -> bool {
+    // limit × pct < 7.9 × 10^28 × 255 fits ExactSum; used × 100 beyond it is far
+    // past any limit.
+    let Some(bar) = ExactSum::of(limit).checked_mul_small(u32::from(pct)) else {
+        unreachable!("{limit} × {pct} within ExactSum")
+    };
+    used.is_positive() && used.checked_mul_small(100).is_none_or(|u| u >= bar)
+}
+
+fn cost_crossing(
+    path: &AccountPath,
+    spec: &LimitSpec,
+    subject: Subject,
+    window_start: Option<Timestamp>,
+    threshold: u8,
+    used: ExactSum,
+    currency: Currency,
+) -> Crossing {
+    Crossing {
+        node: path.clone(),
+        limit: spec.name.clone(),
+        subject,
+        window_start,
+        threshold,
+        used: 0,
+        amount: 0,
+        mode: spec.mode,
+        cost: Some(CostCrossing {
+            currency,
+            used,
+            amount: spec.money,
+        }),
+    }
+}
+
+/// Adds `amount` of money (negative for a correction) to a cost counter and reports
+/// what that did, as [`add_usage`] does for tokens.
+fn add_cost_usage(
+    path: &AccountPath,
+    l: &Limit,
+    c: &mut Counter,
+    who: Who<'_>,
+    currency: Currency,
+    amount: ExactSum,
+    out: &mut Settled,
+) {
+    c.cost_used = madd(c.cost_used, amount);
+    let spec = &l.spec;
+    for (i, &t) in spec.thresholds.iter().enumerate() {
+        if c.crossed & (1 << i) == 0 && reached_cost(c.cost_used, spec.money, t) {
+            c.crossed |= 1 << i;
+            let ws = (l.window != Window::LIFETIME).then_some(c.window_start);
+            out.crossings.push(cost_crossing(
+                path,
+                spec,
+                who.subject(),
+                ws,
+                t,
+                c.cost_used,
+                currency,
+            ));
+        }
+    }
+    if spec.mode == Mode::Hard && amount.is_positive() && c.cost_used > ExactSum::of(spec.money) {
+        push_exceeded(out, path, &spec.name);
+    }
+}
+
+/// Counts `amount` of money spent at `at` on `who`'s counter of cost limit `l`, in
+/// the window containing `at` (nothing, for a window older than the limit's latest).
+fn count_cost_at(
+    path: &AccountPath,
+    l: &mut Limit,
+    who: Who<'_>,
+    currency: Currency,
+    amount: ExactSum,
+    at: Timestamp,
+    out: &mut Settled,
+) {
+    let w = l.advance(at);
+    if !w.contains(at) {
+        return;
+    }
+    let Some(c) = l.counter_or_insert(who) else {
+        return;
+    };
+    c.roll(&w);
+    let mut copy = *c;
+    add_cost_usage(path, l, &mut copy, who, currency, amount, out);
+    if let Some(slot) = l.counter(who) {
+        *slot = copy;
+    }
+}
+
+/// A request-scope cost limit looking at one request's actual cost.
+fn request_cost_usage(
+    path: &AccountPath,
+    l: &Limit,
+    at: Timestamp,
+    currency: Currency,
+    amount: ExactSum,
+    out: &mut Settled,
+) {
+    let spec = &l.spec;
+    for &t in &spec.thresholds {
+        if reached_cost(amount, spec.money, t) {
+            out.crossings.push(cost_crossing(
+                path,
+                spec,
+                Subject::Request,
+                Some(at),
+                t,
+                amount,
+                currency,
+            ));
+        }
+    }
+    if spec.mode == Mode::Hard && amount > ExactSum::of(spec.money) {
+        push_exceeded(out, path, &spec.name);
+    }
+}
+
+/// Checks and holds an admission's maximum cost on cost limit `l` (in `currency`)
+/// of node `path`: the window start the hold is in, or the refusal.
+fn admit_cost(
+    path: &AccountPath,
+    l: &mut Limit,
+    who: Who<'_>,
+    currency: Currency,
+    a: &Admission<'_>,
+) -> Result<Timestamp, Refusal> {
+    let hard = l.spec.mode == Mode::Hard;
+    let refusal = |l: &Limit, message: String, retry: bool| Refusal {
+        node: path.clone(),
+        limit: Some(l.spec.name.clone()),
+        kind: kind(&l.spec),
+        message,
+        retry_after: (retry && l.window.end != Timestamp::MAX).then(|| until(a.now, l.window.end)),
+    };
+    let need = match a.max_cost {
+        Some(m) if m.currency != currency && hard => {
+            let msg = format!(
+                "hard limit '{}' on {path}: {}, cannot bound a request priced in {}",
+                l.spec.name,
+                l.spec.describe(),
+                m.currency
+            );
+            return Err(refusal(l, msg, false));
+        }
+        cost => cost_in(currency, cost),
+    };
+    if l.spec.scope == LimitScope::Request {
+        if hard && need > ExactSum::of(l.spec.money) {
+            let msg = format!(
+                "hard limit '{}' on {path}: {}, this request may cost {need}",
+                l.spec.name,
+                l.spec.describe()
+            );
+            return Err(refusal(l, msg, false));
+        }
+        return Ok(a.now);
+    }
+    let w = l.advance(a.now);
+    match l.reserve_cost(who, &w, need) {
+        Ok(()) => Ok(w.start),
+        Err(NoMoney { used, reserved }) => {
+            let msg = format!(
+                "hard limit '{}' on {path}: {}{}, {used} used, {reserved} reserved, this request may cost {need}",
+                l.spec.name,
+                l.spec.describe(),
+                subject_phrase(who)
+            );
+            let fits_alone = need <= ExactSum::of(l.spec.money);
+            Err(refusal(l, msg, fits_alone))
+        }
     }
 }
 
@@ -737,7 +1072,15 @@ impl Inner {
         s.holds.clear();
         s.key_id.clear();
         s.session = None;
+        s.cost = None;
         i
+    }
+
+    /// The slot of a live reservation, left live.
+    fn peek(&self, id: u64) -> Option<usize> {
+        let i = (id & 0xffff_ffff) as usize;
+        let s = self.slots.get(i)?;
+        (s.live && u64::from(s.generation) == id >> 32).then_some(i)
     }
 
     /// The slot of a live reservation, no longer live; [`Inner::free_slot`] it after use.
@@ -766,7 +1109,7 @@ impl Inner {
     fn release_slot(&mut self, i: usize) {
         let Inner { nodes, slots, .. } = self;
         if let Some(s) = slots.get(i) {
-            unreserve(nodes, &s.holds, &s.key_id, s.session.as_deref());
+            unreserve(nodes, &s.holds, &s.key_id, s.session.as_deref(), s.cost);
         }
         self.free_slot(i);
     }
@@ -917,6 +1260,12 @@ impl Engine {
             negative.is_none(),
             "an admission with a negative count: {negative:?}"
         );
+        assert!(
+            a.max_cost
+                .is_none_or(|m| !m.amount.is_sign_negative() || m.amount.is_zero()),
+            "an admission with a negative maximum cost: {:?}",
+            a.max_cost
+        );
         let mut g = self.lock();
         let inner = &mut *g;
         let chain = inner.chain(a.account.as_str());
@@ -970,6 +1319,8 @@ impl Engine {
                     let o = max_output.select(sel);
                     input.select(sel) + cap.map_or(o, |c| o.min(i128::from(c)))
                 }
+                // Held as money by `admit_cost`, never as tokens.
+                Measure::Cost(_) => 0,
             }
         };
 
@@ -985,6 +1336,22 @@ impl Engine {
                 let Some(who) = l.pick(a.key_id, a.session) else {
                     continue;
                 };
+                if let Measure::Cost(currency) = l.spec.measure {
+                    match admit_cost(&node.path, l, who, currency, a) {
+                        Ok(window_start) => holds.push(Hold {
+                            node: n as u32,
+                            index: index as u32,
+                            limit: l.id,
+                            window_start,
+                            amount: 0,
+                        }),
+                        Err(r) => {
+                            refusal = Some(r);
+                            break 'nodes;
+                        }
+                    }
+                    continue;
+                }
                 let amt = need(&l.spec.measure);
                 let s = &l.spec;
                 let (window_start, outcome) = if s.scope == LimitScope::Request {
@@ -1014,7 +1381,7 @@ impl Engine {
             }
         }
         if let Some(refusal) = refusal {
-            unreserve(nodes, &holds, a.key_id, a.session);
+            unreserve(nodes, &holds, a.key_id, a.session, a.max_cost);
             holds.clear();
             slots[slot].holds = holds;
             inner.free_slot(slot);
@@ -1024,6 +1391,7 @@ impl Engine {
         s.holds = holds;
         s.live = true;
         s.admitted = a.now;
+        s.cost = a.max_cost;
         s.key_id.push_str(a.key_id);
         if let Some(session) = a.session {
             let mut buf = s.session.take().unwrap_or_default();
@@ -1053,6 +1421,22 @@ impl Engine {
         actual: &TokenMap,
         now: Timestamp,
     ) -> Result<Settled, BudgetError> {
+        self.settle_cost(reservation, actual, None, now)
+    }
+
+    /// [`Engine::settle`] with the request's actual cost, which cost limits count in
+    /// place of the maximum cost they held (`None`: not priced, counted as nothing;
+    /// a cost beyond the hold is counted all the same, and reported in
+    /// [`Settled::exceeded`] when it takes a hard limit over). A negative cost, or one
+    /// in another currency than the admission's maximum cost, is an error that leaves
+    /// the reservation held.
+    pub fn settle_cost(
+        &self,
+        reservation: u64,
+        actual: &TokenMap,
+        cost: Option<Money>,
+        now: Timestamp,
+    ) -> Result<Settled, BudgetError> {
         let actual = Amounts::of(actual);
         if let Some(t) = actual.negative {
             return Err(BudgetError::NegativeUsage {
@@ -1061,8 +1445,23 @@ impl Engine {
                 count: t.count,
             });
         }
+        if let Some(m) = cost
+            && m.amount.is_sign_negative()
+            && !m.amount.is_zero()
+        {
+            return Err(BudgetError::NegativeCost(m));
+        }
         let mut g = self.lock();
         let inner = &mut *g;
+        if let (Some(m), Some(slot)) = (cost, inner.peek(reservation))
+            && let Some(admitted) = inner.slots[slot].cost
+            && admitted.currency != m.currency
+        {
+            return Err(BudgetError::CostCurrency {
+                admitted: admitted.currency,
+                settled: m.currency,
+            });
+        }
         let Some(i) = inner.take(reservation) else {
             return Err(BudgetError::UnknownReservation(reservation));
         };
@@ -1073,6 +1472,25 @@ impl Engine {
             let Some((path, l)) = held(nodes, h) else {
                 continue;
             };
+            if let Measure::Cost(cur) = l.spec.measure {
+                let spent = cost_in(cur, cost);
+                if l.spec.scope == LimitScope::Request {
+                    request_cost_usage(path, l, h.window_start, cur, spent, &mut out);
+                    continue;
+                }
+                let who = res.holder(l.spec.scope);
+                l.advance(now);
+                let mut c = match l.counter(who) {
+                    Some(c) if c.window_start == h.window_start => *c,
+                    _ => continue,
+                };
+                c.unhold_cost(cost_in(cur, res.cost));
+                add_cost_usage(path, l, &mut c, who, cur, spent, &mut out);
+                if let Some(slot) = l.counter(who) {
+                    *slot = c;
+                }
+                continue;
+            }
             let amt = actual.measure(&l.spec.measure);
             if l.spec.scope == LimitScope::Request {
                 request_usage(path, l, h.window_start, amt, &mut out);
@@ -1147,7 +1565,38 @@ impl Engine {
         tokens: &TokenMap,
         at: Timestamp,
     ) -> Settled {
-        self.count_usage(account, tokens, at, |l| l.pick(key_id, session))
+        self.count_usage(account, tokens, None, at, |l| l.pick(key_id, session))
+    }
+
+    /// [`Engine::record`] with what the usage cost, counted by cost limits in its
+    /// currency (signed: a re-rating's credit counts negatively). Limits in other
+    /// currencies do not count it: they cannot measure it.
+    pub fn record_cost(
+        &self,
+        account: &AccountPath,
+        key_id: &str,
+        session: Option<&str>,
+        tokens: &TokenMap,
+        cost: Option<Money>,
+        at: Timestamp,
+    ) -> Settled {
+        self.count_usage(account, tokens, cost, at, |l| l.pick(key_id, session))
+    }
+
+    /// [`Engine::record_correction`] with a signed cost (a correction's or
+    /// re-rating's amount), counted on the node counters of cost limits in its
+    /// currency.
+    pub fn record_correction_cost(
+        &self,
+        account: &AccountPath,
+        tokens: &TokenMap,
+        cost: Option<Money>,
+        at: Timestamp,
+    ) -> Settled {
+        self.count_usage(account, tokens, cost, at, |l| {
+            (l.spec.scope == LimitScope::Node && l.spec.measure != Measure::Requests)
+                .then_some(Who::Node)
+        })
     }
 
     /// Counts a correction (signed token deltas on `account`, made at `at`) on the
@@ -1161,7 +1610,7 @@ impl Engine {
         tokens: &TokenMap,
         at: Timestamp,
     ) -> Settled {
-        self.count_usage(account, tokens, at, |l| {
+        self.count_usage(account, tokens, None, at, |l| {
             (l.spec.scope == LimitScope::Node && l.spec.measure != Measure::Requests)
                 .then_some(Who::Node)
         })
@@ -1173,6 +1622,7 @@ impl Engine {
         &self,
         account: &AccountPath,
         tokens: &TokenMap,
+        cost: Option<Money>,
         at: Timestamp,
         who: impl Fn(&Limit) -> Option<Who<'a>>,
     ) -> Settled {
@@ -1192,6 +1642,18 @@ impl Engine {
                 let Some(who) = who(l) else {
                     continue;
                 };
+                if let Measure::Cost(cur) = l.spec.measure {
+                    let Some(m) = cost.filter(|m| m.currency == cur) else {
+                        continue;
+                    };
+                    let spent = ExactSum::of(m.amount);
+                    if l.spec.scope == LimitScope::Request {
+                        request_cost_usage(&node.path, l, at, cur, spent, &mut out);
+                    } else {
+                        count_cost_at(&node.path, l, who, cur, spent, at, &mut out);
+                    }
+                    continue;
+                }
                 let amt = tokens.measure(&l.spec.measure);
                 if l.spec.scope == LimitScope::Request {
                     request_usage(&node.path, l, at, amt, &mut out);
@@ -1218,6 +1680,30 @@ impl Engine {
         window_start: Option<Timestamp>,
         used: i128,
     ) -> Result<(), BudgetError> {
+        self.load(node, name, subject, window_start, Loaded::Tokens(used))
+    }
+
+    /// [`Engine::load_used`] for a cost limit: restores the money counted in the
+    /// window (net, corrections included, in the limit's currency).
+    pub fn load_cost_used(
+        &self,
+        node: &AccountPath,
+        name: &str,
+        subject: Option<&str>,
+        window_start: Option<Timestamp>,
+        used: Decimal,
+    ) -> Result<(), BudgetError> {
+        self.load(node, name, subject, window_start, Loaded::Cost(used))
+    }
+
+    fn load(
+        &self,
+        node: &AccountPath,
+        name: &str,
+        subject: Option<&str>,
+        window_start: Option<Timestamp>,
+        used: Loaded,
+    ) -> Result<(), BudgetError> {
         let mut g = self.lock();
         let unknown = || BudgetError::UnknownLimit {
             node: node.clone(),
@@ -1243,8 +1729,17 @@ impl Engine {
             (LimitScope::Session, Some(s)) => Who::Session(s),
             (LimitScope::Key, Some(k)) => Who::Key(k),
         };
-        if used.unsigned_abs() > MAX_LOADED.unsigned_abs() {
-            return Err(bad("used is beyond ±2^100 tokens"));
+        match (used, l.spec.measure) {
+            (Loaded::Cost(_), Measure::Cost(_)) => {}
+            (Loaded::Cost(_), _) => return Err(bad("only cost limits count money")),
+            (Loaded::Tokens(_), Measure::Cost(_)) => {
+                return Err(bad("a cost limit counts money: load_cost_used"));
+            }
+            (Loaded::Tokens(used), _) => {
+                if used.unsigned_abs() > MAX_LOADED.unsigned_abs() {
+                    return Err(bad("used is beyond ±2^100 tokens"));
+                }
+            }
         }
         let w = match window_start {
             None if l.spec.period == crate::Period::Lifetime => Window::LIFETIME,
@@ -1263,10 +1758,24 @@ impl Engine {
         if w.start > l.window.start || l.window == EMPTY_WINDOW {
             l.move_to(w);
         }
-        let bits = reached_bits(&l.spec, used);
+        let bits = match used {
+            Loaded::Tokens(u) => reached_bits(&l.spec, u),
+            Loaded::Cost(u) => {
+                let mut bits = 0u16;
+                for (i, &t) in l.spec.thresholds.iter().enumerate() {
+                    if reached_cost(ExactSum::of(u), l.spec.money, t) {
+                        bits |= 1 << i;
+                    }
+                }
+                bits
+            }
+        };
         if let Some(c) = l.counter_or_insert(who) {
             c.roll(&w);
-            c.used = used;
+            match used {
+                Loaded::Tokens(u) => c.used = u,
+                Loaded::Cost(u) => c.cost_used = ExactSum::of(u),
+            }
             c.crossed = bits;
         }
         Ok(())
@@ -1314,8 +1823,24 @@ fn check_rules(inner: &Inner, chain: &Chain, model: &str) -> Result<(), Refusal>
 
 fn status_of(node: &mut Node, now: Timestamp, out: &mut Vec<LimitStatus>) {
     for l in node.limits.iter_mut() {
-        let row =
-            |spec: &LimitSpec, subject, w: Option<Window>, used: i128, reserved: u64| LimitStatus {
+        let row = |spec: &LimitSpec, subject, w: Option<Window>, c: &Counter| {
+            let (used, reserved) = w.map_or((0, 0), |w| c.view(&w));
+            let cost = match spec.measure {
+                Measure::Cost(currency) => {
+                    let (used, reserved) =
+                        w.map_or((ExactSum::ZERO, ExactSum::ZERO), |w| c.view_cost(&w));
+                    let money = ExactSum::of(spec.money);
+                    let free = msub(msub(money, used), reserved);
+                    Some(CostStatus {
+                        currency,
+                        used,
+                        reserved,
+                        remaining: free.clamp(ExactSum::ZERO, money),
+                    })
+                }
+                _ => None,
+            };
+            LimitStatus {
                 spec: spec.clone(),
                 subject,
                 window_start: w.and_then(|w| w.start_opt()),
@@ -1323,13 +1848,16 @@ fn status_of(node: &mut Node, now: Timestamp, out: &mut Vec<LimitStatus>) {
                 used,
                 reserved,
                 remaining: remaining(spec.amount, used, reserved),
-            };
+                cost,
+            }
+        };
         match l.spec.scope {
-            LimitScope::Request => out.push(row(&l.spec, Subject::Request, None, 0, 0)),
+            LimitScope::Request => {
+                out.push(row(&l.spec, Subject::Request, None, &Counter::EMPTY));
+            }
             LimitScope::Node => {
                 let w = l.advance(now);
-                let (u, r) = l.node.view(&w);
-                out.push(row(&l.spec, Subject::Node, Some(w), u, r));
+                out.push(row(&l.spec, Subject::Node, Some(w), &l.node));
             }
             scope @ (LimitScope::Session | LimitScope::Key) => {
                 let w = l.advance(now);
@@ -1340,8 +1868,14 @@ fn status_of(node: &mut Node, now: Timestamp, out: &mut Vec<LimitStatus>) {
                 let mut rows: Vec<LimitStatus> = l
                     .keyed
                     .iter()
-                    .filter(|(_, c)| c.window_start == w.start && (c.used != 0 || c.reserved > 0))
-                    .map(|(k, c)| row(&l.spec, who(k).subject(), Some(w), c.used, c.reserved))
+                    .filter(|(_, c)| {
+                        c.window_start == w.start
+                            && (c.used != 0
+                                || c.reserved > 0
+                                || !c.cost_used.is_zero()
+                                || !c.cost_reserved.is_zero())
+                    })
+                    .map(|(k, c)| row(&l.spec, who(k).subject(), Some(w), c))
                     .collect();
                 rows.sort_by(|a, b| a.subject.cmp(&b.subject));
                 out.extend(rows);
@@ -1413,6 +1947,258 @@ fn refuse(
 #[cfg(test)]
 mod tests {
     use super::reached;
+    use crate::{Admission, BudgetError, Engine, LimitScope, LimitSpec, Mode, Period, RefusalKind};
+    use ciyuan_core::jiff::Timestamp;
+    use ciyuan_core::{AccountPath, Currency, ExactSum, Money, TokenMap};
+    use proptest::prelude::*;
+    use rust_decimal::Decimal;
+
+    fn p(s: &str) -> AccountPath {
+        s.parse().unwrap()
+    }
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str_exact(s).unwrap()
+    }
+    fn money(a: &str, c: &str) -> Option<Money> {
+        Some(Money::parse(a, c).unwrap())
+    }
+    fn cny() -> Currency {
+        "CNY".parse().unwrap()
+    }
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+    fn admit(
+        e: &Engine,
+        node: &str,
+        cost: Option<Money>,
+        now: Timestamp,
+    ) -> Result<u64, crate::Refusal> {
+        let none = TokenMap::new();
+        e.admit(&Admission {
+            account: &p(node),
+            key_id: "k1",
+            session: None,
+            model: "m",
+            now,
+            input: &none,
+            max_output: &none,
+            max_cost: cost,
+        })
+        .map(|r| r.id)
+    }
+    fn cost_row(e: &Engine, node: &str, now: Timestamp) -> crate::CostStatus {
+        e.status(&p(node), now)[0].cost.clone().unwrap()
+    }
+
+    #[test]
+    fn cost_limits_hold_the_maximum_and_count_the_actual_exactly() {
+        let e = Engine::new();
+        let mut spec = LimitSpec::cost(p("acme"), "monthly", cny(), d("1.00"), Period::Month);
+        spec.thresholds = vec![50, 100];
+        e.set_limit(spec).unwrap();
+        let now = at("2026-12-06T08:00:00Z");
+        let r1 = admit(&e, "acme/cn", money("0.6", "CNY"), now).unwrap();
+        let refused = admit(&e, "acme/cn", money("0.4000000001", "CNY"), now).unwrap_err();
+        assert_eq!(
+            refused.message,
+            "hard limit 'monthly' on acme: 1.00 CNY per month, 0 used, 0.6 reserved, this request may cost 0.4000000001"
+        );
+        assert_eq!(refused.kind, RefusalKind::Quota);
+        assert!(refused.retry_after.is_some());
+        let none = TokenMap::new();
+        let s = e
+            .settle_cost(r1, &none, money("0.3000000001", "CNY"), now)
+            .unwrap();
+        assert!(s.crossings.is_empty());
+        let row = cost_row(&e, "acme", now);
+        assert_eq!(row.used.to_string(), "0.3000000001");
+        assert!(row.reserved.is_zero());
+        assert_eq!(row.remaining.to_string(), "0.6999999999");
+        // Exactly to the limit is allowed; a hair more is not.
+        assert!(admit(&e, "acme", money("0.7", "CNY"), now).is_err());
+        let r2 = admit(&e, "acme", money("0.6999999999", "CNY"), now).unwrap();
+        let s = e.settle_cost(r2, &none, money("0.2", "CNY"), now).unwrap();
+        let th: Vec<u8> = s.crossings.iter().map(|c| c.threshold).collect();
+        assert_eq!(th, [50]);
+        let c = s.crossings[0].cost.clone().unwrap();
+        assert_eq!(
+            (c.used.to_string(), c.amount),
+            ("0.5000000001".to_string(), d("1.00"))
+        );
+        assert_eq!((s.crossings[0].used, s.crossings[0].amount), (0, 0));
+        // A cost beyond the hold is counted, and reported over the hard limit.
+        let r3 = admit(&e, "acme", money("0.1", "CNY"), now).unwrap();
+        let s = e.settle_cost(r3, &none, money("0.6", "CNY"), now).unwrap();
+        assert_eq!(s.exceeded, vec![(p("acme"), "monthly".to_string())]);
+        assert_eq!(
+            s.crossings.iter().map(|c| c.threshold).collect::<Vec<_>>(),
+            [100]
+        );
+        assert_eq!(cost_row(&e, "acme", now).remaining, ExactSum::ZERO);
+        // A new month starts from nothing.
+        let next = at("2027-01-01T00:00:00Z");
+        assert!(admit(&e, "acme", money("1", "CNY"), next).is_ok());
+    }
+
+    #[test]
+    fn currencies_unpriced_requests_and_token_limits_stay_apart() {
+        let e = Engine::new();
+        e.set_limit(LimitSpec::cost(
+            p("acme"),
+            "usd",
+            "USD".parse().unwrap(),
+            d("10"),
+            Period::Day,
+        ))
+        .unwrap();
+        let mut soft = LimitSpec::cost(p("acme"), "cny", cny(), d("1"), Period::Day);
+        soft.mode = Mode::Soft;
+        e.set_limit(soft).unwrap();
+        let now = at("2026-12-06T08:00:00Z");
+        let r = admit(&e, "acme", money("5", "CNY"), now).unwrap_err();
+        assert_eq!(
+            r.message,
+            "hard limit 'usd' on acme: 10 USD per day, cannot bound a request priced in CNY"
+        );
+        // Unpriced: counts nothing anywhere.
+        let id = admit(&e, "acme", None, now).unwrap();
+        e.settle(id, &TokenMap::new(), now).unwrap();
+        let id = admit(&e, "acme", money("3", "USD"), now).unwrap();
+        assert_eq!(
+            e.settle_cost(id, &TokenMap::new(), money("1", "CNY"), now),
+            Err(BudgetError::CostCurrency {
+                admitted: "USD".parse().unwrap(),
+                settled: cny()
+            })
+        );
+        assert_eq!(
+            e.settle_cost(id, &TokenMap::new(), money("-1", "USD"), now)
+                .unwrap_err()
+                .to_string(),
+            "actual cost cannot be negative: -1 USD"
+        );
+        // Still held after the errors; the soft CNY limit counts nothing in USD.
+        let rows = e.status(&p("acme"), now);
+        assert_eq!(rows[0].cost.as_ref().unwrap().reserved.to_string(), "3");
+        e.settle_cost(id, &TokenMap::new(), money("2.5", "USD"), now)
+            .unwrap();
+        let rows = e.status(&p("acme"), now);
+        assert_eq!(rows[0].cost.as_ref().unwrap().used.to_string(), "2.5");
+        assert!(rows[1].cost.as_ref().unwrap().used.is_zero());
+        // Recorded usage (ingested) counts in its own currency only.
+        let s = e.record_cost(
+            &p("acme/x"),
+            "k",
+            None,
+            &TokenMap::new(),
+            money("1.5", "CNY"),
+            now,
+        );
+        assert_eq!(s.crossings.len(), 0, "no thresholds set");
+        let rows = e.status(&p("acme"), now);
+        assert_eq!(rows[1].cost.as_ref().unwrap().used.to_string(), "1.5");
+        assert_eq!(rows[0].cost.as_ref().unwrap().used.to_string(), "2.5");
+        // Corrections count negatively.
+        e.record_correction_cost(&p("acme"), &TokenMap::new(), money("-0.5", "USD"), now);
+        assert_eq!(cost_row(&e, "acme", now).used.to_string(), "2");
+    }
+
+    #[test]
+    fn cost_limits_validate_restore_and_limit_single_requests() {
+        let mut bad = LimitSpec::cost(p("a"), "x", cny(), d("-1"), Period::Day);
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "limit \"x\" is invalid: money -1 must be zero or more, with at most 28 significant digits"
+        );
+        bad.money = d("1");
+        bad.amount = 5;
+        assert!(bad.validate().is_err());
+        let mut tok = LimitSpec::new(p("a"), "t", crate::Measure::Requests, 5, Period::Day);
+        tok.money = d("1");
+        assert!(tok.validate().is_err());
+
+        let e = Engine::new();
+        let mut spec = LimitSpec::cost(p("a"), "daily", cny(), d("100"), Period::Day);
+        spec.thresholds = vec![50];
+        e.set_limit(spec).unwrap();
+        let day = at("2026-12-06T00:00:00Z");
+        e.load_cost_used(&p("a"), "daily", None, Some(day), d("99.99"))
+            .unwrap();
+        assert_eq!(
+            e.load_used(&p("a"), "daily", None, Some(day), 5)
+                .unwrap_err()
+                .to_string(),
+            "cannot restore limit \"daily\": a cost limit counts money: load_cost_used"
+        );
+        let now = at("2026-12-06T12:00:00Z");
+        assert!(admit(&e, "a", money("0.02", "CNY"), now).is_err());
+        let id = admit(&e, "a", money("0.01", "CNY"), now).unwrap();
+        // The 50% threshold was reached before the restart: not reported again.
+        let s = e
+            .settle_cost(id, &TokenMap::new(), money("0.01", "CNY"), now)
+            .unwrap();
+        assert!(s.crossings.is_empty());
+
+        let mut per = LimitSpec::cost(p("b"), "per-request", cny(), d("0.5"), Period::Day);
+        per.scope = LimitScope::Request;
+        e.set_limit(per).unwrap();
+        let r = admit(&e, "b", money("0.51", "CNY"), now).unwrap_err();
+        assert_eq!(
+            r.message,
+            "hard limit 'per-request' on b: 0.5 CNY per request, this request may cost 0.51"
+        );
+        let id = admit(&e, "b", money("0.5", "CNY"), now).unwrap();
+        let s = e
+            .settle_cost(id, &TokenMap::new(), money("0.7", "CNY"), now)
+            .unwrap();
+        assert_eq!(s.exceeded.len(), 1);
+    }
+
+    proptest! {
+        /// Random admissions (maximum costs of 0 to 4 decimals) on a three-level tree of
+        /// hard cost limits, settled with random costs within their hold or released:
+        /// no counter's used plus reserved ever passes its limit, and each counter's
+        /// used is exactly the sum of the costs settled under it.
+        #[test]
+        fn hard_cost_limits_are_never_exceeded_by_admitted_requests(
+            limits in proptest::collection::vec(1u32..5_000, 3),
+            reqs in proptest::collection::vec((0usize..3, 0u32..2_000, 0u32..=100, any::<bool>(), 0u32..5), 1..60),
+        ) {
+            let e = Engine::new();
+            let nodes = ["a", "a/b", "a/b/c"];
+            for (i, &amt) in limits.iter().enumerate() {
+                e.set_limit(LimitSpec::cost(p(nodes[i]), "l", cny(), Decimal::new(amt.into(), 2), Period::Lifetime)).unwrap();
+            }
+            let now = at("2026-12-06T08:00:00Z");
+            let mut spent = [ExactSum::ZERO; 3];
+            let mut live: Vec<(u64, usize, Decimal)> = Vec::new();
+            for (node, max, pct, release, scale) in reqs {
+                let max_cost = Decimal::new(max.into(), scale);
+                if let Ok(id) = admit(&e, nodes[node], Some(Money { amount: max_cost, currency: cny() }), now) {
+                    live.push((id, node, max_cost));
+                }
+                if !live.is_empty() && (live.len() > 3 || release) {
+                    let (id, node, max_cost) = live.remove(0);
+                    if release {
+                        prop_assert!(e.release(id));
+                    } else {
+                        let actual = max_cost * Decimal::from(pct) / Decimal::from(100);
+                        e.settle_cost(id, &TokenMap::new(), Some(Money { amount: actual, currency: cny() }), now).unwrap();
+                        for s in spent.iter_mut().take(node + 1) {
+                            *s = s.plus(actual);
+                        }
+                    }
+                }
+                for (i, n) in nodes.iter().enumerate() {
+                    let c = cost_row(&e, n, now);
+                    let total = c.used.checked_add(c.reserved).unwrap();
+                    prop_assert!(total <= ExactSum::of(Decimal::new(limits[i].into(), 2)), "{n}: {total}");
+                    prop_assert_eq!(c.used, spent[i]);
+                }
+            }
+        }
+    }
 
     #[test]
     fn regression_thresholds_are_exact_for_any_signed_usage() {

@@ -36,7 +36,7 @@
 //! let now: jiff::Timestamp = "2026-11-25T08:00:00Z".parse().unwrap();
 //! let admission = Admission {
 //!     account: &hr, key_id: "k1", session: None, model: "qwen-max", now,
-//!     input: &input, max_output: &max_output,
+//!     input: &input, max_output: &max_output, max_cost: None,
 //! };
 //! let r = engine.admit(&admission).unwrap();
 //! // 800 reserved: a second identical request does not fit in 1000.
@@ -60,7 +60,8 @@ mod spec;
 mod wallet;
 
 pub use engine::{
-    Admission, Crossing, Engine, LimitStatus, Refusal, RefusalKind, Reservation, Settled, Subject,
+    Admission, CostCrossing, CostStatus, Crossing, Engine, LimitStatus, Refusal, RefusalKind,
+    Reservation, Settled, Subject,
 };
 pub use models::matches as model_matches;
 pub use spec::{
@@ -100,6 +101,21 @@ pub enum BudgetError {
     /// The reservation was already settled, released or expired (or never existed).
     #[error("no reservation {0} (already settled, released or expired)")]
     UnknownReservation(u64),
+    /// An actual cost given to [`Engine::settle_cost`] is negative; the reservation
+    /// is left as it was.
+    #[error("actual cost cannot be negative: {0}")]
+    NegativeCost(ciyuan_core::Money),
+    /// An actual cost in another currency than the admission's maximum cost; the
+    /// reservation is left as it was.
+    #[error(
+        "actual cost is in {settled}, the request was admitted with a maximum cost in {admitted}"
+    )]
+    CostCurrency {
+        /// The admission's currency.
+        admitted: ciyuan_core::Currency,
+        /// The settlement's.
+        settled: ciyuan_core::Currency,
+    },
     /// Actual usage given to [`Engine::settle`] has a negative count. What a request
     /// used is never negative; a correction is usage of its own, for
     /// [`Engine::record`]. The reservation is left as it was.

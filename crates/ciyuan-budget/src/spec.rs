@@ -5,7 +5,8 @@ use std::fmt;
 
 use ciyuan_core::jiff::tz::TimeZone;
 use ciyuan_core::jiff::{SignedDuration, Timestamp};
-use ciyuan_core::{AccountPath, Direction, Modality, TokenCount, TokenMap};
+use ciyuan_core::{AccountPath, Currency, Direction, Modality, TokenCount, TokenMap};
+use rust_decimal::Decimal;
 
 use crate::BudgetError;
 
@@ -64,6 +65,10 @@ pub enum Measure {
     Tokens(Selector),
     /// Requests: each admitted or recorded request counts 1.
     Requests,
+    /// Money in one currency: what requests cost (their maximum cost while in
+    /// flight), counted exactly ([`ciyuan_core::ExactSum`]); the limit is
+    /// [`LimitSpec::money`]. Amounts in other currencies are not counted by it.
+    Cost(Currency),
 }
 
 impl Measure {
@@ -73,6 +78,8 @@ impl Measure {
         match self {
             Measure::Tokens(sel) => sel.count(tokens),
             Measure::Requests => 1,
+            // Tokens are not money: a cost limit's token counters stay at zero.
+            Measure::Cost(_) => 0,
         }
     }
 }
@@ -82,6 +89,7 @@ impl fmt::Display for Measure {
         match self {
             Measure::Tokens(sel) => sel.fmt(f),
             Measure::Requests => f.write_str("requests"),
+            Measure::Cost(c) => write!(f, "{c}"),
         }
     }
 }
@@ -155,8 +163,13 @@ pub struct LimitSpec {
     /// What is counted.
     pub measure: Measure,
     /// The most that may be counted in one window (a request's size for
-    /// [`LimitScope::Request`]).
+    /// [`LimitScope::Request`]); 0 for [`Measure::Cost`] limits, whose limit is
+    /// [`LimitSpec::money`].
     pub amount: u64,
+    /// For [`Measure::Cost`] limits: the most money that may be counted in one
+    /// window (a request's maximum cost for [`LimitScope::Request`]), in the
+    /// measure's currency, at most 28 significant digits; zero for other limits.
+    pub money: Decimal,
     /// The window. Ignored for [`LimitScope::Request`].
     pub period: Period,
     /// Refuse, or only alert.
@@ -189,6 +202,7 @@ impl LimitSpec {
             name: name.into(),
             measure,
             amount,
+            money: Decimal::ZERO,
             period,
             mode: Mode::Hard,
             scope: LimitScope::Node,
@@ -196,6 +210,20 @@ impl LimitSpec {
             time_zone: TimeZone::UTC,
             clamp: false,
         }
+    }
+
+    /// A hard, node-scoped limit of `money` in `currency` per `period`, in UTC, with
+    /// no thresholds; adjust the public fields for anything else.
+    pub fn cost(
+        node: AccountPath,
+        name: impl Into<String>,
+        currency: Currency,
+        money: Decimal,
+        period: Period,
+    ) -> LimitSpec {
+        let mut spec = LimitSpec::new(node, name, Measure::Cost(currency), 0, period);
+        spec.money = money;
+        spec
     }
 
     /// Checks the spec as [`crate::Engine::set_limit`] does and puts its thresholds in
@@ -223,9 +251,24 @@ impl LimitSpec {
             if self.scope != LimitScope::Request || self.mode != Mode::Hard {
                 return Err(bad("clamp is only for hard limits of request scope"));
             }
-            if self.measure == Measure::Requests {
+            if !matches!(self.measure, Measure::Tokens(_)) {
                 return Err(bad("clamp needs a token measure"));
             }
+        }
+        if let Measure::Cost(_) = self.measure {
+            if self.amount != 0 {
+                return Err(bad("a cost limit's amount is its money; amount must be 0"));
+            }
+            if (self.money.is_sign_negative() && !self.money.is_zero())
+                || !ciyuan_core::fits_digits(self.money)
+            {
+                return Err(bad(&format!(
+                    "money {} must be zero or more, with at most 28 significant digits",
+                    self.money
+                )));
+            }
+        } else if !self.money.is_zero() {
+            return Err(bad("only cost limits have money"));
         }
         if self.scope == LimitScope::Request && self.measure == Measure::Requests {
             return Err(bad("a request-scope limit must measure tokens"));
@@ -250,14 +293,24 @@ impl LimitSpec {
             LimitScope::Node => "",
             LimitScope::Session => " per session",
             LimitScope::Key => " per key",
-            LimitScope::Request => return format!("{} {} per request", self.amount, self.measure),
+            LimitScope::Request => {
+                return format!("{} {} per request", self.limit_text(), self.measure);
+            }
         };
         format!(
             "{} {} {}{per}",
-            self.amount,
+            self.limit_text(),
             self.measure,
             self.period.phrase()
         )
+    }
+
+    /// The limit as written: the money of cost limits, else the amount.
+    fn limit_text(&self) -> String {
+        match self.measure {
+            Measure::Cost(_) => self.money.to_string(),
+            _ => self.amount.to_string(),
+        }
     }
 
     /// Whether waiting and retrying can help, i.e. the kind of a refusal: minute
@@ -398,6 +451,7 @@ impl Amounts {
         match m {
             Measure::Tokens(sel) => self.select(sel),
             Measure::Requests => 1,
+            Measure::Cost(_) => 0,
         }
     }
 }

@@ -463,6 +463,29 @@ impl Wallets {
         posting: &Posting,
         ts: Timestamp,
     ) -> Result<(), WalletError> {
+        self.apply(node, posting, ts, false)
+    }
+
+    /// [`Wallets::apply_posting`] for a new movement out of wallets (a transfer, a
+    /// refund paid out): also refuses, under the same lock, to take any cash account
+    /// below its overdraft once the money held for requests in flight is set aside.
+    /// Replaying the ledger uses `apply_posting`: what was recorded happened.
+    pub fn apply_funded_posting(
+        &self,
+        node: &AccountPath,
+        posting: &Posting,
+        ts: Timestamp,
+    ) -> Result<(), WalletError> {
+        self.apply(node, posting, ts, true)
+    }
+
+    fn apply(
+        &self,
+        node: &AccountPath,
+        posting: &Posting,
+        ts: Timestamp,
+        funded: bool,
+    ) -> Result<(), WalletError> {
         posting.check()?;
         let mut g = self.lock();
         let cur = posting.currency;
@@ -509,6 +532,33 @@ impl Wallets {
                     id,
                     sub(ExactSum::of(leg.credit), ExactSum::of(leg.debit)),
                 ));
+            }
+        }
+        if funded {
+            for leg in &posting.legs {
+                let LedgerAccount::Cash(p) = &leg.account else {
+                    continue;
+                };
+                // Net effect of every leg of this posting on that cash account.
+                let net = posting
+                    .legs
+                    .iter()
+                    .filter(|l| l.account == leg.account)
+                    .fold(ExactSum::ZERO, |s, l| s.plus(l.credit).minus(l.debit));
+                if !net.is_negative() {
+                    continue;
+                }
+                let free = g.wallet(p, cur).map_or(ExactSum::ZERO, |w| {
+                    sub(w.cash.plus(w.overdraft), w.cash_held)
+                });
+                if add(free, net).is_negative() {
+                    return Err(WalletError::Refused(WalletRefusal {
+                        node: p.clone(),
+                        currency: cur,
+                        available: free,
+                        needed: leg.debit,
+                    }));
+                }
             }
         }
         for leg in &posting.legs {
@@ -847,6 +897,19 @@ impl Wallets {
         })
     }
 
+    /// The currencies in which `node` has a wallet of its own, in code order.
+    pub fn currencies(&self, node: &AccountPath) -> Vec<Currency> {
+        let g = self.lock();
+        let mut out: Vec<Currency> = g
+            .index
+            .iter()
+            .filter(|(_, by_node)| by_node.contains_key(node.as_str()))
+            .map(|(c, _)| *c)
+            .collect();
+        out.sort();
+        out
+    }
+
     /// How many holds are live.
     pub fn holds(&self) -> usize {
         self.lock().holds.len()
@@ -937,6 +1000,40 @@ mod tests {
     }
     fn view(w: &Wallets, node: &str, now: i64) -> WalletView {
         w.balance(&p(node), cny(), t(now)).unwrap()
+    }
+
+    #[test]
+    fn a_funded_posting_never_takes_cash_below_what_requests_hold() {
+        let w = Wallets::new();
+        topup(&w, "a/x", "10");
+        let hold = w.reserve(&p("a/x"), cny(), d("4"), t(1)).unwrap().unwrap();
+        let out = |amount: &str| {
+            posting(
+                PostingKind::Transfer,
+                vec![
+                    Leg::debit(LedgerAccount::Cash(p("a/x")), d(amount)),
+                    Leg::credit(LedgerAccount::Cash(p("a/y")), d(amount)),
+                ],
+            )
+        };
+        // 10 paid in, 4 held: 6.01 would leave the hold unfunded.
+        assert!(matches!(
+            w.apply_funded_posting(&p("a"), &out("6.01"), t(2)),
+            Err(WalletError::Refused(_))
+        ));
+        assert_eq!(
+            view(&w, "a/x", 2).cash,
+            ExactSum::of(d("10")),
+            "nothing changed"
+        );
+        w.apply_funded_posting(&p("a"), &out("6"), t(2)).unwrap();
+        assert_eq!(view(&w, "a/y", 2).cash, ExactSum::of(d("6")));
+        // Released, the rest may go; replay (apply_posting) takes what happened.
+        assert!(w.release(&hold));
+        w.apply_funded_posting(&p("a"), &out("4"), t(3)).unwrap();
+        assert!(w.apply_funded_posting(&p("a"), &out("0.01"), t(3)).is_err());
+        w.apply_posting(&p("a"), &out("0.01"), t(3)).unwrap();
+        assert_eq!(view(&w, "a/x", 3).cash, ExactSum::of(d("-0.01")));
     }
 
     #[test]

@@ -72,6 +72,7 @@ fn race(round: u64) {
                         now,
                         input: &input,
                         max_output: &max_output,
+                        max_cost: None,
                     }) {
                         Ok(r) => {
                             if seed.is_multiple_of(7) {

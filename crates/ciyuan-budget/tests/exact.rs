@@ -68,6 +68,7 @@ fn admit(
         now,
         input,
         max_output,
+        max_cost: None,
     })
 }
 

@@ -326,6 +326,7 @@ fn need(s: &LimitSpec, input: &TokenMap, max_output: &TokenMap, cap: Option<u64>
             let out = count(&sel, max_output);
             count(&sel, input) + cap.map_or(out, |c| out.min(i128::from(c)))
         }
+        Measure::Cost(_) => unreachable!("these properties generate no cost limits"),
     }
 }
 
@@ -333,6 +334,7 @@ fn actual(s: &LimitSpec, tokens: &TokenMap) -> i128 {
     match s.measure {
         Measure::Requests => 1,
         Measure::Tokens(sel) => count(&sel, tokens),
+        Measure::Cost(_) => unreachable!("these properties generate no cost limits"),
     }
 }
 
@@ -511,6 +513,7 @@ fn run(limits: Vec<GenLimit>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     now: model.now,
                     input: &input,
                     max_output: &max_output,
+                    max_cost: None,
                 });
                 let cap = model.cap(&account, &input, &max_output);
                 match res {

@@ -69,6 +69,7 @@ impl<'a> Req<'a> {
             now: self.now,
             input: &self.input,
             max_output: &self.max_output,
+            max_cost: None,
         })
     }
 }
@@ -442,6 +443,7 @@ fn soft_limits_never_refuse_and_alert() {
             used: 150,
             amount: 100,
             mode: Mode::Soft,
+            cost: None,
         }
     );
 }

@@ -16,6 +16,8 @@ pub enum BudgetMeasure {
     Tokens,
     /// Requests (rate limits).
     Requests,
+    /// Money: the rated amounts of usage, in [`BudgetSet::cost`]'s currency.
+    Cost,
 }
 
 /// The window a limit applies to.
@@ -163,6 +165,34 @@ pub struct BudgetSet {
     /// the root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_by: Option<AccountPath>,
+    /// For cost limits: the money per window (`amount` is then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostAmount>,
+}
+
+/// A limit in money: an exact amount of one currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostAmount {
+    /// The amount, exact (a decimal string in the entry).
+    #[serde(with = "crate::price::exact")]
+    pub amount: rust_decimal::Decimal,
+    /// Its currency.
+    pub currency: crate::Currency,
+}
+
+/// The money side of an incident on a money limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentCost {
+    /// The limit's currency.
+    pub currency: crate::Currency,
+    /// Spent in the window when it happened, exact.
+    #[serde(with = "crate::price::exact")]
+    pub used: rust_decimal::Decimal,
+    /// The limit.
+    #[serde(with = "crate::price::exact")]
+    pub amount: rust_decimal::Decimal,
 }
 
 /// A limit removed from the entry's node (kind `budget.cleared`).
@@ -225,6 +255,10 @@ pub struct Incident {
     /// The usage entry that caused it, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<u64>,
+    /// For money limits: the spend and the limit in money (then `used` and `amount`
+    /// are 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<IncidentCost>,
 }
 
 #[cfg(test)]
@@ -268,6 +302,7 @@ mod tests {
             thresholds: vec![50, 80, 100],
             clamp: false,
             set_by: None,
+            cost: None,
         };
         let json = serde_json::to_string(&b).unwrap();
         assert_eq!(

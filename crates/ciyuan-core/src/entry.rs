@@ -479,6 +479,7 @@ mod tests {
                 thresholds: vec![80, 100],
                 clamp: true,
                 set_by: Some("a".parse().unwrap()),
+                cost: None,
             }),
             EntryBody::BudgetCleared(crate::BudgetCleared {
                 name: "monthly".into(),
@@ -499,6 +500,7 @@ mod tests {
                 amount: 1000,
                 subject: Some("session-1".into()),
                 cause: Some(41),
+                cost: None,
             }),
             EntryBody::DefinitionSet(crate::TokenDefinition {
                 service: "doc.verify".into(),

@@ -42,7 +42,7 @@ mod wildcard;
 
 pub use budget::{
     AccessSet, BudgetCleared, BudgetMeasure, BudgetMode, BudgetPer, BudgetPeriod, BudgetSet,
-    Incident, Selector, may_change_control,
+    CostAmount, Incident, IncidentCost, Selector, may_change_control,
 };
 pub use definition::TokenDefinition;
 pub use entry::{

@@ -33,12 +33,16 @@ pub(crate) fn spec_of(
     b: &BudgetSet,
     tz: ciyuan_core::jiff::tz::TimeZone,
 ) -> LimitSpec {
-    let measure = match b.measure {
-        BudgetMeasure::Tokens => Measure::Tokens(Selector {
+    let measure = match (b.measure, b.cost) {
+        (BudgetMeasure::Tokens, _) => Measure::Tokens(Selector {
             modality: b.selector.modality,
             direction: b.selector.direction,
         }),
-        BudgetMeasure::Requests => Measure::Requests,
+        (BudgetMeasure::Requests, _) => Measure::Requests,
+        (BudgetMeasure::Cost, Some(c)) => Measure::Cost(c.currency),
+        // Refused at the door; in a ledger written by another build it is a limit of
+        // nothing in no currency: the engine refuses it by name on start.
+        (BudgetMeasure::Cost, None) => Measure::Requests,
     };
     let period = match b.period {
         BudgetPeriod::Minute => Period::Minute,
@@ -48,6 +52,9 @@ pub(crate) fn spec_of(
         BudgetPeriod::Lifetime => Period::Lifetime,
     };
     let mut spec = LimitSpec::new(node.clone(), b.name.clone(), measure, b.amount, period);
+    if let Some(c) = b.cost {
+        spec.money = c.amount;
+    }
     spec.mode = match b.mode {
         BudgetMode::Hard => Mode::Hard,
         BudgetMode::Soft => Mode::Soft,
@@ -106,6 +113,25 @@ pub(crate) fn restore_used(
         Measure::Tokens(sel) => sel,
         // Request counts are not projected; they restart with the process.
         Measure::Requests => return Ok(()),
+        Measure::Cost(currency) => {
+            // Rated amounts of the window, exactly as the engine counts them live.
+            let mut spent = ciyuan_core::ExactSum::ZERO;
+            for row in store.cost_hours(&filter)? {
+                if row.currency == currency {
+                    spent = spent.checked_add(row.amount).ok_or_else(|| {
+                        ApiError::internal(format!("spend of limit on {node} overflows"))
+                    })?;
+                }
+            }
+            let spent = spent.to_decimal().ok_or_else(|| {
+                ApiError::internal(format!(
+                    "spend of limit on {node} needs more than 28 digits"
+                ))
+            })?;
+            return engine
+                .load_cost_used(node, &spec.name, None, window.map(|(s, _)| s), spent)
+                .map_err(|e| ApiError::internal(format!("restoring limit on {node}: {e}")));
+        }
     };
     // Net usage, corrections included, exactly as the engine counts it live.
     let mut amount: i128 = 0;
@@ -158,6 +184,18 @@ pub(crate) async fn incidents(app: &Arc<App>, settled: Settled, cause: Option<u6
                 amount: status.as_ref().map_or(0, |s| s.spec.amount),
                 subject: None,
                 cause,
+                cost: status.as_ref().and_then(|s| s.cost.as_ref()).map(|m| {
+                    ciyuan_core::IncidentCost {
+                        currency: m.currency,
+                        used: m
+                            .used
+                            .to_decimal_floor()
+                            .unwrap_or(rust_decimal::Decimal::MAX),
+                        amount: status
+                            .as_ref()
+                            .map_or(rust_decimal::Decimal::ZERO, |s| s.spec.money),
+                    }
+                }),
             }),
         ));
     }
@@ -208,6 +246,15 @@ fn incident_entry(c: &Crossing, cause: Option<u64>, now: Timestamp) -> Entry {
             amount: c.amount,
             subject: subject_name(&c.subject),
             cause,
+            cost: c.cost.as_ref().map(|m| ciyuan_core::IncidentCost {
+                currency: m.currency,
+                // Beyond 28 digits only past any real spend; floored, as `used` is.
+                used: m
+                    .used
+                    .to_decimal_floor()
+                    .unwrap_or(rust_decimal::Decimal::MAX),
+                amount: m.amount,
+            }),
         }),
     )
 }
@@ -220,7 +267,8 @@ fn subject_name(s: &Subject) -> Option<String> {
     }
 }
 
-/// Releases reservations of requests that died without settling.
+/// Releases reservations and wallet holds of requests that died without settling,
+/// and records the unused rest of grants that reached their expiry.
 pub async fn expiry_loop(app: Arc<App>, ttl: std::time::Duration) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -232,6 +280,31 @@ pub async fn expiry_loop(app: Arc<App>, ttl: std::time::Duration) {
                 reservations = n,
                 "expired reservations of requests that never settled"
             );
+        }
+        let n = app.wallets.expire_holds(Timestamp::now(), ttl);
+        if n > 0 {
+            tracing::warn!(
+                holds = n,
+                "expired wallet holds of requests that never settled"
+            );
+        }
+        let expired = {
+            let _guard = app.admin_lock.lock().await;
+            let postings = app.wallets.expire_grants(Timestamp::now());
+            let entries: Vec<Entry> = postings
+                .into_iter()
+                .map(|(node, p)| Entry::new(Timestamp::now(), node, EntryBody::Posting(p)))
+                .collect();
+            if entries.is_empty() {
+                Ok(0..0)
+            } else {
+                app.append(&entries).await
+            }
+        };
+        if let Err(e) = expired {
+            // Applied in the engine already; a restart replays the log without these
+            // postings and the grants expire again then.
+            tracing::error!(detail = %e.detail, "grant expiries not recorded");
         }
     }
 }
@@ -257,8 +330,9 @@ pub struct SetBody {
     thresholds: Option<Vec<u8>>,
     #[serde(default)]
     clamp: bool,
-    /// Money limits arrive with pricing.
-    #[serde(default)]
+    /// A money limit: the amount per window, an exact decimal string (`"500"`), with
+    /// `currency`.
+    #[serde(default, alias = "cost")]
     amount: Option<String>,
     #[serde(default)]
     currency: Option<String>,
@@ -294,6 +368,9 @@ struct LimitView {
     thresholds: Vec<u8>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     clamp: bool,
+    /// For money limits: the amount, used, reserved and remaining, exact decimals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost: Option<serde_json::Value>,
 }
 
 fn view(s: LimitStatus) -> LimitView {
@@ -325,6 +402,15 @@ fn view(s: LimitStatus) -> LimitView {
         remaining: s.remaining,
         thresholds: s.spec.thresholds.clone(),
         clamp: s.spec.clamp,
+        cost: s.cost.as_ref().map(|c| {
+            serde_json::json!({
+                "currency": c.currency.as_str(),
+                "amount": s.spec.money.to_string(),
+                "used": c.used.to_string(),
+                "reserved": c.reserved.to_string(),
+                "remaining": c.remaining.to_string(),
+            })
+        }),
     }
 }
 
@@ -380,6 +466,15 @@ async fn answer(
                     window_end: window.map(|w| w.1),
                     used: 0,
                     reserved: 0,
+                    cost: match spec.measure {
+                        Measure::Cost(currency) => Some(ciyuan_budget::CostStatus {
+                            currency,
+                            used: ciyuan_core::ExactSum::ZERO,
+                            reserved: ciyuan_core::ExactSum::ZERO,
+                            remaining: ciyuan_core::ExactSum::of(spec.money),
+                        }),
+                        _ => None,
+                    },
                     spec,
                 }));
             }
@@ -419,22 +514,40 @@ pub async fn set(
 ) -> Result<(StatusCode, axum::Json<serde_json::Value>), ApiError> {
     caller.require(Scope::Admin)?;
     let node = existing_node(&app, &caller, &raw).await?;
-    if b.amount.is_some() || b.currency.is_some() {
-        return Err(ApiError::unprocessable(
-            "amount/currency: money limits need pricing, which this build does not have yet; limit tokens or requests",
-        ));
-    }
-    let (measure, amount) = match (b.tokens, b.requests) {
-        (Some(t), None) => (BudgetMeasure::Tokens, t),
-        (None, Some(r)) => (BudgetMeasure::Requests, r),
-        (Some(_), Some(_)) => {
+    let cost = match (&b.amount, &b.currency) {
+        (None, None) => None,
+        (Some(a), Some(c)) => Some(ciyuan_core::CostAmount {
+            amount: ciyuan_core::decimal_from_text(a)
+                .map_err(|e| ApiError::bad_request(format!("amount: {e}")))?,
+            currency: c
+                .parse()
+                .map_err(|e| ApiError::bad_request(format!("currency: {e}")))?,
+        }),
+        (Some(_), None) => {
             return Err(ApiError::bad_request(
-                "give either tokens or requests, not both",
+                "currency: required with a money amount (CNY, USD, ...)",
             ));
         }
-        (None, None) => return Err(ApiError::bad_request("tokens or requests: required")),
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request("amount: required with a currency"));
+        }
     };
-    if measure == BudgetMeasure::Requests && b.selector.is_some() {
+    let (measure, amount) = match (b.tokens, b.requests, cost) {
+        (Some(t), None, None) => (BudgetMeasure::Tokens, t),
+        (None, Some(r), None) => (BudgetMeasure::Requests, r),
+        (None, None, Some(_)) => (BudgetMeasure::Cost, 0),
+        (None, None, None) => {
+            return Err(ApiError::bad_request(
+                "tokens, requests or amount with currency: required",
+            ));
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give one of tokens, requests or amount (money), not several",
+            ));
+        }
+    };
+    if measure != BudgetMeasure::Tokens && b.selector.is_some() {
         return Err(ApiError::bad_request(
             "selector: only token limits select tokens",
         ));
@@ -450,6 +563,7 @@ pub async fn set(
         thresholds: b.thresholds.unwrap_or_else(|| DEFAULT_THRESHOLDS.to_vec()),
         clamp: b.clamp,
         set_by: Some(caller.key.account.clone()),
+        cost,
     };
     check_text("name", &budget.name, ciyuan_budget::MAX_NAME_BYTES)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;

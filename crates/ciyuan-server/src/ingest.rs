@@ -1300,9 +1300,18 @@ async fn record(
         let mut over = Vec::new();
         for (entry, entry_id) in claim.entries.iter().zip(range.clone()) {
             if let EntryBody::Usage(u) = &entry.body {
-                let settled = app
-                    .budget
-                    .record(&entry.account, &key_id, None, &u.tokens, entry.ts);
+                let cost = u.rating.as_ref().map(|r| ciyuan_core::Money {
+                    amount: r.amount,
+                    currency: r.currency,
+                });
+                let settled = app.budget.record_cost(
+                    &entry.account,
+                    &key_id,
+                    None,
+                    &u.tokens,
+                    cost,
+                    entry.ts,
+                );
                 if !settled.crossings.is_empty() || !settled.exceeded.is_empty() {
                     over.push((entry_id, !settled.exceeded.is_empty(), settled));
                 }

@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod prices;
 mod records;
 mod usage;
+mod wallets;
 
 use crate::auth::{Authenticator, Caller};
 use crate::error::ApiError;
@@ -105,6 +106,8 @@ pub struct App {
     definitions: controls::Definitions,
     /// Price books and contracts in force, and their raters.
     pricing: prices::Pricing,
+    /// Wallet balances, grants and holds (rebuilt from the ledger's postings).
+    wallets: ciyuan_budget::Wallets,
 }
 
 impl App {
@@ -134,6 +137,7 @@ impl App {
         }
         let definitions = controls::Definitions::load(store.as_ref())?;
         let pricing = prices::Pricing::load(store.as_ref())?;
+        let wallets = wallets::load(store.as_ref())?;
         let budget = budgets::load(store.as_ref(), Timestamp::now())?;
         let projector = Projector::start(store.clone(), log.clone())?;
         let recent = ingest::Recent::load(store.as_ref(), log.as_ref())?;
@@ -143,6 +147,7 @@ impl App {
             budget,
             definitions,
             pricing,
+            wallets,
             auth: Authenticator::new(store.clone()),
             store,
             log,
@@ -386,6 +391,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/api/v1/contracts/{*path}",
             get(prices::show_contract).put(prices::set_contract),
+        )
+        .route(
+            "/api/v1/wallets/{*path}",
+            get(wallets::show)
+                .post(wallets::post)
+                .put(wallets::settings),
         )
         .route("/api/v1/incidents", get(records::incidents))
         .route("/api/v1/adjustments", post(adjust::create))

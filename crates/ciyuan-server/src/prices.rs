@@ -259,6 +259,41 @@ impl App {
         }
     }
 
+    /// The most a request may cost: its prompt and maximum output at the prices
+    /// that will rate it; `None` when pricing is off or nothing prices it (it is then
+    /// held as nothing, as rating counts it as nothing).
+    pub(crate) fn max_cost(
+        &self,
+        node: &AccountPath,
+        model: &str,
+        service: &str,
+        input: &TokenMap,
+        max_output: &TokenMap,
+        at: Timestamp,
+    ) -> Option<ciyuan_core::Money> {
+        let rater = self.pricing.rater(node, at).ok()??;
+        let mut tokens = input.clone();
+        for t in max_output.iter() {
+            tokens.add(t.modality, t.direction, t.count)?;
+        }
+        let no_measures = std::collections::BTreeMap::new();
+        let r = rater
+            .rate(&RateInput {
+                model: Some(model),
+                service,
+                tier: ServiceTier::Standard,
+                tokens: &tokens,
+                measures: &no_measures,
+                at,
+                period_to_date: Decimal::ZERO,
+            })
+            .ok()?;
+        (!r.unpriced).then_some(ciyuan_core::Money {
+            amount: r.amount,
+            currency: r.currency,
+        })
+    }
+
     /// Rates a gateway usage entry in place on the count `basis` names (the recount
     /// covers text input and output; other keys are the provider's), recording the
     /// basis; returns the incident to raise when it is unpriced.
@@ -366,6 +401,7 @@ impl App {
                 amount: 0,
                 subject: Some(subject),
                 cause: None,
+                cost: None,
             }),
         ))
     }

@@ -1378,6 +1378,71 @@ async fn usage_is_rated_as_appended_with_the_book_and_contract_in_force() {
         "{incidents}"
     );
 
+    // A money limit counts the rated amounts: 50% of 10 USD is crossed by e1 + e2
+    // once set (restored from the cost rollups), and again by new usage.
+    let (s, v) = h
+        .admin(
+            "PUT",
+            "/api/v1/budgets/acme",
+            Some(json!({"name": "spend", "amount": "10", "currency": "USD", "period": "month", "thresholds": [50, 90]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let spend = v["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "spend")
+        .unwrap()
+        .clone();
+    assert_eq!(spend["cost"]["used"], "8.55", "{spend}");
+    rated("e4", "acme/us", "gpt-4o").await;
+    let (_, incidents) = h.admin("GET", "/api/v1/incidents?account=acme", None).await;
+    let crossed = incidents["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["limit"] == "spend")
+        .map(|i| (i["kind"].clone(), i["threshold"].clone(), i["cost"].clone()))
+        .collect::<Vec<_>>();
+    // Usage that already happened is recorded; the hard limit it went over is named.
+    let money = json!({"amount": "10", "currency": "USD", "used": "13.05"});
+    assert!(
+        crossed.contains(&(json!("budget.exceeded"), Value::Null, money.clone())),
+        "{incidents}"
+    );
+    assert!(
+        crossed.contains(&(json!("budget.threshold"), json!(90), money)),
+        "{incidents}"
+    );
+
+    // Usage with its cost: 4.50 + 4.05 + 0 + 4.50, by currency, exact.
+    let (s, u) = h
+        .admin(
+            "GET",
+            "/api/v1/usage?account=acme&group_by=account&with=cost",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{u}");
+    let dec = |v: &Value| rust_decimal::Decimal::from_str_exact(v.as_str().unwrap()).unwrap();
+    assert_eq!(
+        dec(&u["cost_totals"]["USD"]),
+        rust_decimal::Decimal::new(1305, 2),
+        "{u}"
+    );
+    let cn = u["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["account"] == "acme/cn")
+        .unwrap();
+    assert_eq!(
+        dec(&cn["cost"]["USD"]),
+        rust_decimal::Decimal::new(405, 2),
+        "{u}"
+    );
+
     // A new version never takes effect in the past.
     let req = Request::post("/api/v1/prices?format=litellm&effective_from=2020-01-01T00:00:00Z")
         .header("authorization", format!("Bearer {}", h.admin))
@@ -1385,4 +1450,128 @@ async fn usage_is_rated_as_appended_with_the_book_and_contract_in_force() {
         .unwrap();
     let resp = h.router.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+/// Issue 14: wallets are moved by balanced postings from strictly above the node; a
+/// refund or transfer beyond the balance is refused and not recorded; history pages
+/// by entry; the engine rebuilt after a restart holds the same balances.
+#[tokio::test]
+async fn wallets_move_by_balanced_postings_from_above_and_survive_a_restart() {
+    let store: Arc<dyn Store> =
+        Arc::new(ciyuan_store_sqlite::SqliteStore::open_in_memory().unwrap());
+    let log: Arc<dyn Log> = Arc::new(MemLog::new());
+    let h = harness_on(store.clone(), log.clone(), None).await;
+    for p in ["acme/cn", "acme/us"] {
+        h.admin("POST", "/api/v1/accounts", Some(json!({"path": p})))
+            .await;
+    }
+    let tenant = h.key("acme", &["admin"]).await;
+    let post = |key: &str, path: &str, body: Value| {
+        let h = &h;
+        let key = key.to_string();
+        let path = path.to_string();
+        async move {
+            h.send(
+                "POST",
+                &format!("/api/v1/wallets/{path}"),
+                Some(&key),
+                Some(&body.to_string()),
+            )
+            .await
+        }
+    };
+    let topup = |amount: &str| json!({"kind": "topup", "amount": amount, "currency": "CNY"});
+    // A tenant does not fund itself.
+    let (s, v) = post(&tenant, "acme", topup("100")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let admin = h.admin.clone();
+    let (s, v) = post(&admin, "acme", topup("100.10")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["wallet"]["balance"], "100.1");
+    // From above, the tenant funds its children.
+    let (s, v) = post(&tenant, "acme/cn", topup("30")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = post(
+        &tenant,
+        "acme/cn",
+        json!({"kind": "transfer", "amount": "12.5", "currency": "CNY", "to": "acme/us"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Beyond the balance: refused, and nothing recorded.
+    let size = log.size();
+    let (s, v) = post(
+        &tenant,
+        "acme/cn",
+        json!({"kind": "transfer", "amount": "18", "currency": "CNY", "to": "acme/us"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(log.size(), size);
+    let (s, v) = post(
+        &admin,
+        "acme",
+        json!({"kind": "grant", "amount": "5", "currency": "CNY",
+        "grant": {"id": "welcome", "priority": 1, "expires_at": "2099-01-01T00:00:00Z"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = post(
+        &admin,
+        "acme",
+        json!({"kind": "mint", "amount": "5", "currency": "CNY"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    async fn balances(h: &Harness) -> Vec<Option<String>> {
+        let mut out = Vec::new();
+        for p in ["acme", "acme/cn", "acme/us"] {
+            let (_, v) = h.admin("GET", &format!("/api/v1/wallets/{p}"), None).await;
+            out.push(v["wallets"][0]["balance"].as_str().map(str::to_string));
+        }
+        out
+    }
+    let before = balances(&h).await;
+    assert_eq!(
+        before,
+        vec![
+            Some("105.1".into()),
+            Some("17.5".into()),
+            Some("12.5".into())
+        ]
+    );
+    // Every posting balances: debits equal credits on each.
+    let (_, v) = h
+        .admin("GET", "/api/v1/wallets/acme/cn?limit=1", None)
+        .await;
+    let first = v["movements"].as_array().unwrap();
+    assert_eq!(first.len(), 1);
+    let next = v["next"].as_u64().unwrap();
+    let (_, v) = h
+        .admin(
+            "GET",
+            &format!("/api/v1/wallets/acme/cn?after={next}"),
+            None,
+        )
+        .await;
+    assert_eq!(v["movements"][0]["kind"], "transfer", "{v}");
+    for m in v["movements"].as_array().unwrap().iter().chain(first) {
+        let sum = |side: &str| -> rust_decimal::Decimal {
+            m["legs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| rust_decimal::Decimal::from_str_exact(l[side].as_str().unwrap()).unwrap())
+                .sum()
+        };
+        assert_eq!(sum("debit"), sum("credit"), "{m}");
+    }
+    drop(h);
+    let h = harness_on(store, log, Some(admin)).await;
+    assert_eq!(
+        balances(&h).await,
+        before,
+        "rebuilt from the ledger's postings"
+    );
 }

@@ -22,6 +22,8 @@ pub struct Params {
     from: Option<String>,
     to: Option<String>,
     tz: Option<String>,
+    /// `cost`: each row also carries its rated amounts by currency.
+    with: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -37,6 +39,9 @@ struct Row {
     tokens: Sums,
     /// Exact: sums past `i64` are written as JSON integers of any size.
     total: i128,
+    /// With `with=cost`: rated amounts by currency, exact decimal strings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Token sums as a JSON object keyed `modality.direction`, like a ledger entry's.
@@ -64,6 +69,9 @@ pub struct Answer {
     #[serde(skip_serializing_if = "Option::is_none")]
     to: Option<Timestamp>,
     rows: Vec<Row>,
+    /// With `with=cost`: the rows' amounts summed by currency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_totals: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn parse_time(s: &str, what: &str) -> Result<Timestamp, ApiError> {
@@ -146,14 +154,26 @@ pub async fn query(
         from_hour: from.map(floor_hour),
         to_hour: to.map(ceil_hour),
     };
+    let with_cost = match p.with.as_deref() {
+        None | Some("") => false,
+        Some("cost") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!("with {other:?} is not cost")));
+        }
+    };
     let acct = account.clone();
-    let (rows, tz) = app
+    let (rows, costs, tz) = app
         .blocking(move |app| {
             let tz = match tz_given {
                 Some(tz) => tz,
                 None => ciyuan_store::effective_time_zone(app.store.as_ref(), &acct)?,
             };
-            Ok((app.store.usage_hours(&filter)?, tz))
+            let costs = if with_cost {
+                app.store.cost_hours(&filter)?
+            } else {
+                Vec::new()
+            };
+            Ok((app.store.usage_hours(&filter)?, costs, tz))
         })
         .await?;
     let tz_name = tz.iana_name().unwrap_or("UTC").to_string();
@@ -164,10 +184,54 @@ pub async fn query(
         tz: tz.clone(),
     };
     let overflow = |_| ApiError::unprocessable("a usage sum exceeds 128 bits");
-    let rows = aggregate(&rows, &q)
-        .map_err(overflow)?
+    let mut usage = aggregate(&rows, &q).map_err(overflow)?;
+    // Each row's cost, matched by its key; a priced entry without tokens (a
+    // per-request price) still gets its row.
+    let mut cost_of: Vec<Option<ciyuan_store::RowCost>> = vec![None; usage.len()];
+    let mut cost_totals: Option<ciyuan_store::RowCost> = with_cost.then(Default::default);
+    if with_cost {
+        let key = |r: &ciyuan_store::UsageRow| {
+            (
+                r.bucket_start,
+                r.account.clone(),
+                r.service.clone(),
+                r.model.clone(),
+            )
+        };
+        let mut index: std::collections::BTreeMap<_, usize> =
+            usage.iter().enumerate().map(|(i, u)| (key(u), i)).collect();
+        for (row, cost) in ciyuan_store::aggregate_cost(&costs, &q).map_err(overflow)? {
+            if let Some(totals) = &mut cost_totals {
+                for (c, a) in &cost {
+                    let slot = totals.entry(*c).or_insert(ciyuan_core::ExactSum::ZERO);
+                    *slot = slot
+                        .checked_add(*a)
+                        .ok_or(ciyuan_store::SumOverflow)
+                        .map_err(overflow)?;
+                }
+            }
+            match index.get(&key(&row)) {
+                Some(&i) => cost_of[i] = Some(cost),
+                None => {
+                    index.insert(key(&row), usage.len());
+                    usage.push(row);
+                    cost_of.push(Some(cost));
+                }
+            }
+        }
+        for c in cost_of.iter_mut() {
+            c.get_or_insert_with(Default::default);
+        }
+    }
+    let strings = |c: ciyuan_store::RowCost| {
+        c.into_iter()
+            .map(|(cur, a)| (cur.to_string(), a.to_string()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let rows = usage
         .into_iter()
-        .map(|r| {
+        .zip(cost_of)
+        .map(|(r, cost)| {
             Ok(Row {
                 bucket_start: r.bucket_start.map(|t| {
                     t.to_zoned(tz.clone())
@@ -183,6 +247,7 @@ pub async fn query(
                     .ok_or(ciyuan_store::SumOverflow)
                     .map_err(overflow)?,
                 tokens: Sums(r.tokens),
+                cost: cost.map(strings),
             })
         })
         .collect::<Result<_, ApiError>>()?;
@@ -194,5 +259,6 @@ pub async fn query(
         from,
         to,
         rows,
+        cost_totals: cost_totals.map(strings),
     }))
 }

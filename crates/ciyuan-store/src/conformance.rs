@@ -302,6 +302,7 @@ fn budgets_access_flags_and_incidents(s: &dyn Store) {
         thresholds: vec![80],
         clamp: false,
         set_by: None,
+        cost: None,
     };
     let on = |account: &str, body: EntryBody| Entry::new(ts(at), path(account), body);
     let mut flagged = usage("acme/cn", at, "gpt-4o", 100);
@@ -323,6 +324,7 @@ fn budgets_access_flags_and_incidents(s: &dyn Store) {
         amount: 1000,
         subject: None,
         cause: Some(5),
+        cost: None,
     };
     let entries = [
         on("acme", EntryBody::BudgetSet(budget("monthly", 1000))),

@@ -19,7 +19,8 @@ mod usage;
 pub use log::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
 pub use projection::{Change, CostKey, CostSums, Projected, RollupKey, project};
 pub use usage::{
-    Bucket, GroupBy, SumOverflow, TokenSums, UsageQuery, UsageRow, aggregate, ceil_hour, floor_hour,
+    Bucket, CostSums as RowCost, GroupBy, SumOverflow, TokenSums, UsageQuery, UsageRow, aggregate,
+    aggregate_cost, ceil_hour, floor_hour,
 };
 
 /// An account node, as projected from the ledger.

@@ -411,6 +411,7 @@ mod tests {
                 thresholds: vec![],
                 clamp: false,
                 set_by: None,
+                cost: None,
             }),
         );
         let cleared = Entry::new(

@@ -144,6 +144,56 @@ pub fn aggregate(rows: &[HourRow], query: &UsageQuery) -> Result<Vec<UsageRow>, 
         .collect())
 }
 
+/// Rated amounts of one answer row, by currency, exact.
+pub type CostSums = BTreeMap<ciyuan_core::Currency, ciyuan_core::ExactSum>;
+
+/// Groups hourly cost rows as [`aggregate`] groups token rows (same keys, same
+/// order), so each usage row can carry its cost.
+pub fn aggregate_cost(
+    rows: &[crate::CostRow],
+    query: &UsageQuery,
+) -> Result<Vec<(UsageRow, CostSums)>, SumOverflow> {
+    let mut groups: BTreeMap<Key, CostSums> = BTreeMap::new();
+    for row in rows {
+        let key = (
+            query.bucket.map(|b| bucket_start(row.hour, b, &query.tz)),
+            query
+                .group_by
+                .contains(&GroupBy::Account)
+                .then(|| row.account.clone()),
+            query
+                .group_by
+                .contains(&GroupBy::Service)
+                .then(|| row.service.clone()),
+            query
+                .group_by
+                .contains(&GroupBy::Model)
+                .then(|| row.model.clone()),
+        );
+        let slot = groups
+            .entry(key)
+            .or_default()
+            .entry(row.currency)
+            .or_insert(ciyuan_core::ExactSum::ZERO);
+        *slot = slot.checked_add(row.amount).ok_or(SumOverflow)?;
+    }
+    Ok(groups
+        .into_iter()
+        .map(|((bucket, account, service, model), cost)| {
+            (
+                UsageRow {
+                    bucket_start: bucket.and_then(|s| Timestamp::from_second(s).ok()),
+                    account,
+                    service,
+                    model,
+                    tokens: TokenSums::default(),
+                },
+                cost,
+            )
+        })
+        .collect())
+}
+
 /// Start of the bucket holding the UTC hour starting at `hour` seconds.
 fn bucket_start(hour: i64, bucket: Bucket, tz: &TimeZone) -> i64 {
     let Ok(ts) = Timestamp::from_second(hour) else {

@@ -112,6 +112,7 @@ fn call(endpoint: Endpoint, model: &str, prompt: &str, tools: &str) -> Call {
         started: Instant::now(),
         at: Timestamp::UNIX_EPOCH,
         reservation: None,
+        hold: None,
         session: None,
         encoding: encoding_for_model(model, &[]),
         input_estimate: None,

@@ -666,6 +666,8 @@ struct Call {
     at: Timestamp,
     /// The budget reservation to settle or release when the request ends.
     reservation: Option<u64>,
+    /// The money its wallet holds for it, to settle or release when it ends.
+    hold: Option<ciyuan_budget::Hold>,
     /// The session the request belongs to (`x-ciyuan-session`, else the `user` field).
     session: Option<String>,
     /// The model's tokenizer, if Ciyuan has it.
@@ -766,6 +768,7 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
             .max_tokens
             .unwrap_or(app.gateway.config.default_max_output_tokens),
     };
+    let max_cost;
     let reservation = {
         let input_n = info
             .media_parts
@@ -792,6 +795,16 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
             Direction::Output,
             max_output.min(protocol::MAX_REPORTED_TOKENS),
         );
+        // The most the request may cost at the prices that will rate it: held by
+        // money limits and by the wallet that pays.
+        max_cost = app.max_cost(
+            &caller.key.account,
+            &info.model,
+            endpoint.service(),
+            &input,
+            &out,
+            at,
+        );
         let admission = ciyuan_budget::Admission {
             account: &caller.key.account,
             key_id: &caller.key.key_id,
@@ -800,11 +813,27 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
             now: at,
             input: &input,
             max_output: &out,
+            max_cost,
         };
         match app.budget.admit(&admission) {
             Ok(r) => r,
             Err(refusal) => return refused(family, refusal),
         }
+    };
+    // The wallet (the node's, else its nearest ancestor's in the price's currency)
+    // holds the maximum cost, or the request is refused before it reaches a provider.
+    let hold = match max_cost.filter(|m| m.amount > rust_decimal::Decimal::ZERO) {
+        None => None,
+        Some(m) => match app
+            .wallets
+            .reserve(&caller.key.account, m.currency, m.amount, at)
+        {
+            Ok(hold) => hold,
+            Err(e) => {
+                app.budget.release(reservation.id);
+                return wallet_refused(family, e);
+            }
+        },
     };
     // A per-request limit with clamping: the request may produce only this much.
     let cap = reservation.output_cap.filter(|c| *c < max_output);
@@ -820,6 +849,9 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
             Some(b) => b,
             None => {
                 app.budget.release(reservation.id);
+                if let Some(h) = &hold {
+                    app.wallets.release(h);
+                }
                 return GatewayError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "the request could not be rewritten for the provider",
@@ -848,6 +880,7 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
         started,
         at,
         reservation: Some(reservation.id),
+        hold,
         session,
         encoding,
         input_estimate: counted,
@@ -1240,6 +1273,7 @@ fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &'static 
         started: call.started,
         at: call.at,
         reservation: call.reservation,
+        hold: call.hold.clone(),
         session: call.session.clone(),
         encoding: call.encoding,
         input_estimate: None,
@@ -1419,25 +1453,6 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
         let partial = billable && (meter.failure.is_some() || measured.estimated);
         let tokens = measured.tokens;
         let flagged = measured.recount.as_ref().is_some_and(|r| r.flagged);
-        // Settle the reservation to what was consumed (or release it: nothing was).
-        if let Some(r) = call.reservation {
-            if billable {
-                let settled = match app.budget.settle(r, &tokens, Timestamp::now()) {
-                    Ok(settled) => settled,
-                    // Expired before the request ended: count what it used anyway.
-                    Err(_) => app.budget.record(
-                        &call.caller.key.account,
-                        &call.caller.key.key_id,
-                        call.session.as_deref(),
-                        &tokens,
-                        call.at,
-                    ),
-                };
-                crate::budgets::incidents(&app, settled, None).await;
-            } else {
-                app.budget.release(r);
-            }
-        }
         let provider = &gw.config.providers[call.provider];
         // Generation speed: output over the time after the first token (for whole
         // answers, over the whole latency: the first token's time is unknown).
@@ -1493,7 +1508,54 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
         );
         // Priced as it is appended, on the count the provider's setting names.
         let price_incident = app.rate_gateway_entry(&mut entry, provider.rate_basis);
+        let EntryBody::Usage(usage) = &entry.body else {
+            unreachable!("a gateway entry is a usage entry")
+        };
+        let cost = usage
+            .rating
+            .as_ref()
+            .filter(|_| billable)
+            .map(|r| ciyuan_core::Money {
+                amount: r.amount,
+                currency: r.currency,
+            });
+        // Settle the reservation to what was consumed (or release it: nothing was).
+        if let Some(r) = call.reservation {
+            if billable {
+                let tokens = &usage.tokens;
+                let settled = match app.budget.settle_cost(r, tokens, cost, Timestamp::now()) {
+                    Ok(settled) => settled,
+                    // Expired before the request ended: count what it used anyway.
+                    Err(_) => app.budget.record_cost(
+                        &call.caller.key.account,
+                        &call.caller.key.key_id,
+                        call.session.as_deref(),
+                        tokens,
+                        cost,
+                        call.at,
+                    ),
+                };
+                crate::budgets::incidents(&app, settled, None).await;
+            } else {
+                app.budget.release(r);
+            }
+        }
+        // The wallet pays what the entry says it cost: a `consume` posting, appended
+        // beside the entry (its memo names the request).
+        let charge = app.settle_hold(
+            call.hold.take(),
+            &call.caller.key.account,
+            cost,
+            usage.event_id.as_deref(),
+        );
         app.record_gateway(entry);
+        if let Some((node, posting)) = charge {
+            app.record_gateway(Entry::new(
+                Timestamp::now(),
+                node,
+                EntryBody::Posting(posting),
+            ));
+        }
         if let Some(incident) = price_incident {
             app.raise_price_incidents(vec![incident]).await;
         }
@@ -1539,6 +1601,24 @@ fn recount(enc: Encoding, call: &Call, shown: &Shown) -> Option<Counted> {
         output,
         reasoning,
     })
+}
+
+/// A request its wallet cannot pay for, in the family's shape: 429 with OpenAI's
+/// `insufficient_quota` code (what SDKs show for an exhausted balance).
+fn wallet_refused(family: Family, e: ciyuan_budget::WalletError) -> Response {
+    match e {
+        ciyuan_budget::WalletError::Refused(r) => GatewayError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("insufficient balance: the {r}"),
+        )
+        .code("insufficient_quota")
+        .into_response(family),
+        other => GatewayError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("wallet admission failed: {other}"),
+        )
+        .into_response(family),
+    }
 }
 
 /// A refused request, in the family's shape: 429 for budgets and rates (with
