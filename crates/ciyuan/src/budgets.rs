@@ -92,7 +92,7 @@ pub enum AccessCmd {
     },
 }
 
-/// A figure as text: money limits answer amounts as strings, shown without quotes.
+/// A figure as text: amounts are strings, shown without quotes.
 fn bare(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -117,17 +117,23 @@ fn print(v: &Value, remote: &Remote) -> anyhow::Result<ExitCode> {
             .as_str()
             .map(|s| format!(" [{s}]"))
             .unwrap_or_default();
+        // A money limit's figures are in its `cost`, exact; the token fields beside
+        // them count nothing for it.
+        let (figures, unit) = match l.get("cost").filter(|c| c.is_object()) {
+            Some(c) => (c, format!(" {}", bare(&c["currency"]))),
+            None => (l, String::new()),
+        };
         writeln!(
             out,
-            "  {:<16} {:<12} {} {}{}: used {}, reserved {}, remaining {}",
+            "  {:<16} {:<12} {} {}{}: used {}{unit}, reserved {}{unit}, remaining {}{unit}",
             l["node"].as_str().unwrap_or("?"),
             l["name"].as_str().unwrap_or("?"),
             l["mode"].as_str().unwrap_or("?"),
             l["limit"].as_str().unwrap_or("?"),
             subject,
-            bare(&l["used"]),
-            bare(&l["reserved"]),
-            bare(&l["remaining"]),
+            bare(&figures["used"]),
+            bare(&figures["reserved"]),
+            bare(&figures["remaining"]),
         )?;
     }
     for m in v["models"].as_array().into_iter().flatten() {
