@@ -851,14 +851,14 @@ fn print_history(v: &Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:>8}  {:<27} {:<9} {:>18} {:<4}  MEMO",
+        "{:>8}  {:<30} {:<9} {:>18} {:<4}  MEMO",
         "ENTRY", "TIME", "KIND", "ON THE WALLET", "CUR"
     )?;
     for m in v["movements"].as_array().into_iter().flatten() {
         let effect = effect_on(&node, m)?;
         writeln!(
             out,
-            "{:>8}  {:<27} {:<9} {:>18} {:<4}  {}",
+            "{:>8}  {:<30} {:<9} {:>18} {:<4}  {}",
             text(&m["entry"]),
             text(&m["ts"]),
             text(&m["kind"]),
