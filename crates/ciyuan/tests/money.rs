@@ -407,8 +407,16 @@ fn a_wallet_holds_at_zero_against_500_streams_and_its_postings_sum_exactly() {
     let mut topups = ExactSum::ZERO;
     let mut consumed = ExactSum::ZERO;
     let mut consumes = 0;
+    // The balance after each posting, in entry order: never below zero at any point.
+    let mut running = ExactSum::ZERO;
     for m in &movements {
         let effect = ciyuan_effect(node, m);
+        running = running.checked_add(effect).unwrap();
+        assert!(
+            !running.is_negative(),
+            "the wallet was at {running} after entry {}",
+            m["entry"]
+        );
         match m["kind"].as_str().unwrap() {
             "topup" => topups = topups.checked_add(effect).unwrap(),
             "consume" => {
@@ -419,6 +427,7 @@ fn a_wallet_holds_at_zero_against_500_streams_and_its_postings_sum_exactly() {
         }
     }
     assert_eq!(topups, amount(topup));
+    assert_eq!(running, balance, "the postings sum to the balance shown");
     assert!(
         consumes >= 1 && consumes <= ok,
         "{consumes} consume postings for {ok} answers"
