@@ -810,10 +810,13 @@ fn print_wallets(v: &Value) -> anyhow::Result<()> {
         for g in w["grants"].as_array().into_iter().flatten() {
             writeln!(
                 out,
-                "  grant {} (priority {}, expires {}): balance {}, reserved {}",
+                "  grant {} (priority {}, {}): balance {}, reserved {}",
                 text(&g["id"]),
                 text(&g["priority"]),
-                text(&g["expires_at"]),
+                match g["expires_at"].as_str() {
+                    Some(t) => format!("expires {t}"),
+                    None => "never expires".to_string(),
+                },
                 text(&g["balance"]),
                 text(&g["reserved"]),
             )?;
