@@ -403,7 +403,24 @@ fn a_wallet_holds_at_zero_against_500_streams_and_its_postings_sum_exactly() {
         "the wallet went below zero: {wallet}"
     );
 
-    let movements = history(&server, &root, node);
+    // The engine settles a request before its `consume` posting is appended (the
+    // gateway groups its records for a few milliseconds): wait until the ledger has
+    // caught up with the balance.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let movements = loop {
+        let movements = history(&server, &root, node);
+        let sum = movements.iter().fold(ExactSum::ZERO, |s, m| {
+            s.checked_add(ciyuan_effect(node, m)).unwrap()
+        });
+        if sum == balance {
+            break movements;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the postings sum to {sum}, the wallet shows {balance}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let mut topups = ExactSum::ZERO;
     let mut consumed = ExactSum::ZERO;
     let mut consumes = 0;
