@@ -583,6 +583,17 @@ impl WalletSet {
 /// 10^28: one unit in [`ExactSum`]'s fractional part.
 const ONE: u128 = 10u128.pow(28);
 
+/// 10^0 to 10^28, looked up rather than computed on every conversion.
+const POW10: [u128; 29] = {
+    let mut t = [1u128; 29];
+    let mut i = 1;
+    while i < 29 {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
+
 /// An exact signed sum of decimal amounts: `units + frac / 10^28` with
 /// `0 <= frac < 10^28`.
 ///
@@ -606,13 +617,38 @@ impl ExactSum {
 
     /// `d`, exactly.
     pub fn of(d: Decimal) -> ExactSum {
-        let pow = 10i128.pow(d.scale());
+        let scale = d.scale();
         let m = d.mantissa();
-        // 0 <= rem < 10^scale, so rem × 10^(28 - scale) < 10^28.
-        let rem = m.rem_euclid(pow) as u128;
-        ExactSum {
-            units: m.div_euclid(pow),
-            frac: rem * 10u128.pow(28 - d.scale()),
+        if scale == 0 {
+            return ExactSum { units: m, frac: 0 };
+        }
+        // |m| < 2^96: split it into whole units and the fraction's digits, with one
+        // 64-bit division when both fit (the usual case: prices and costs have small
+        // mantissas), else one 128-bit one.
+        let a = m.unsigned_abs();
+        let p = POW10[scale as usize];
+        let (q, r) = match (u64::try_from(a), scale <= 19) {
+            (Ok(a64), true) => {
+                let p = p as u64;
+                (u128::from(a64 / p), u128::from(a64 % p))
+            }
+            _ => {
+                let q = a / p;
+                (q, a - q * p)
+            }
+        };
+        // 0 <= r < 10^scale, so r × 10^(28 - scale) < 10^28; q < 2^96.
+        let positive = ExactSum {
+            units: q as i128,
+            frac: r * POW10[(28 - scale) as usize],
+        };
+        if m < 0 {
+            // A Decimal's mantissa is far from i128::MIN: negation cannot fail.
+            let neg = positive.checked_neg();
+            assert!(neg.is_some(), "negating {positive}");
+            neg.unwrap_or(positive)
+        } else {
+            positive
         }
     }
 
@@ -692,17 +728,43 @@ impl ExactSum {
 
     /// The same value as a `Decimal`, when one holds it exactly.
     pub fn to_decimal(self) -> Option<Decimal> {
-        let mut frac = self.frac;
-        let mut scale = 28u32;
-        while scale > 0 && frac.is_multiple_of(10) {
-            frac /= 10;
-            scale -= 1;
-        }
+        let (frac, scale) = self.fraction_digits();
         let m = self
             .units
-            .checked_mul(10i128.pow(scale))?
+            .checked_mul(POW10[scale as usize] as i128)?
             .checked_add(frac as i128)?;
         Decimal::try_from_i128_with_scale(m, scale).ok()
+    }
+
+    /// The fraction without its trailing zeros, and how many digits are left: `frac
+    /// / 10^(28 - scale)` and `scale`. One 128-bit division (into two 14-digit
+    /// halves), then 64-bit arithmetic.
+    fn fraction_digits(self) -> (u128, u32) {
+        if self.frac == 0 {
+            return (0, 0);
+        }
+        const HALF: u128 = 10u128.pow(14);
+        let (hi, lo) = ((self.frac / HALF) as u64, (self.frac % HALF) as u64);
+        let zeros = |mut x: u64| {
+            let mut z = 0u32;
+            while x != 0 && x.is_multiple_of(10) {
+                x /= 10;
+                z += 1;
+            }
+            (x, z)
+        };
+        if lo == 0 {
+            // At least 14 trailing zeros; hi is not zero (frac is not).
+            let (x, z) = zeros(hi);
+            (u128::from(x), 28 - 14 - z)
+        } else {
+            let (x, z) = zeros(lo);
+            // frac / 10^z = hi × 10^(14 - z) + lo / 10^z, below 10^28.
+            (
+                u128::from(hi) * POW10[(14 - z) as usize] + u128::from(x),
+                28 - z,
+            )
+        }
     }
 
     /// The largest `Decimal` at or below this value (itself, when one holds it
@@ -712,7 +774,8 @@ impl ExactSum {
             return Some(d);
         }
         // Drop fractional digits (towards minus infinity, as frac is the part above
-        // the floor) until the value fits.
+        // the floor) until the value fits. Rare (values of more than 28 digits), so
+        // plainly.
         for scale in (0..28u32).rev() {
             let frac = self.frac / 10u128.pow(28 - scale);
             let m = self
@@ -1010,6 +1073,43 @@ mod tests {
             let err = parse_amount("price", bad).unwrap_err().to_string();
             assert!(err.starts_with("price: "), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn conversions_at_the_edges() {
+        for s in [
+            "0",
+            "-0.5",
+            "0.0000000000000000000000000001",
+            "-0.0000000000000000000000000001",
+            "12345678901234.56789012345678",
+            "79228162514264337593543950335",
+            "-79228162514264337593543950335",
+            "7.9228162514264337593543950335",
+            "0.00000000000001",
+            "0.10000000000001",
+            "18446744073709551616.5",
+        ] {
+            let x = d(s);
+            assert_eq!(ExactSum::of(x).to_decimal().unwrap(), x, "{s}");
+            assert_eq!(
+                ExactSum::of(x).to_string(),
+                x.normalize().to_string(),
+                "{s}"
+            );
+        }
+        // Beyond a Decimal: exact as a sum, floored when converted.
+        let big = ExactSum::of(Decimal::MAX).plus(d("0.5"));
+        assert_eq!(big.to_decimal(), None);
+        assert_eq!(big.to_decimal_floor(), Some(Decimal::MAX));
+        let neg = ExactSum::ZERO
+            .minus(d("10000000000000000000000000000"))
+            .minus(d("0.1"));
+        assert_eq!(neg.to_decimal(), None);
+        assert_eq!(
+            neg.to_decimal_floor(),
+            Some(d("-10000000000000000000000000001"))
+        );
     }
 
     proptest! {
