@@ -4,8 +4,9 @@
 //! be proved like usage; the engine that enforces them (`ciyuan-budget`) is rebuilt
 //! from these entries on start.
 
-use crate::{AccountPath, Direction, Modality};
+use crate::{AccountPath, Currency, Direction, Modality};
 use jiff::Timestamp;
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 /// What a limit counts.
@@ -16,6 +17,16 @@ pub enum BudgetMeasure {
     Tokens,
     /// Requests (rate limits).
     Requests,
+    /// Money in one currency: what requests cost. The limit is `amount` here, exact
+    /// (a decimal string in the entry); the entry's integer `amount` is 0.
+    Cost {
+        /// The currency counted; costs in others are not.
+        #[serde(with = "crate::posting::currency_serde")]
+        currency: Currency,
+        /// The most money per window (or per request).
+        #[serde(with = "crate::posting::amount_serde")]
+        amount: Decimal,
+    },
 }
 
 /// The window a limit applies to.
@@ -275,5 +286,38 @@ mod tests {
             r#"{"name":"monthly","measure":"tokens","amount":1000000,"period":"month","mode":"hard","thresholds":[50,80,100]}"#
         );
         assert_eq!(serde_json::from_str::<BudgetSet>(&json).unwrap(), b);
+    }
+
+    #[test]
+    fn cost_limits_serialize_beside_old_entries() {
+        // An entry written before money limits still decodes.
+        let old = r#"{"name":"monthly","measure":"tokens","amount":1000000,"period":"month","mode":"hard","thresholds":[50,80,100]}"#;
+        let b: BudgetSet = serde_json::from_str(old).unwrap();
+        assert_eq!(b.measure, BudgetMeasure::Tokens);
+        let b = BudgetSet {
+            name: "spend".into(),
+            measure: BudgetMeasure::Cost {
+                currency: "CNY".parse().unwrap(),
+                amount: Decimal::from_str_exact("500.00").unwrap(),
+            },
+            selector: Selector::default(),
+            amount: 0,
+            period: BudgetPeriod::Month,
+            mode: BudgetMode::Hard,
+            per: BudgetPer::Node,
+            thresholds: vec![80],
+            clamp: false,
+            set_by: Some("acme".parse().unwrap()),
+        };
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(
+            json,
+            r#"{"name":"spend","measure":{"cost":{"currency":"CNY","amount":"500.00"}},"amount":0,"period":"month","mode":"hard","thresholds":[80],"set_by":"acme"}"#
+        );
+        assert_eq!(serde_json::from_str::<BudgetSet>(&json).unwrap(), b);
+        let bad = json.replace("\"CNY\"", "\"cny\"");
+        assert!(serde_json::from_str::<BudgetSet>(&bad).is_err());
+        let float = json.replace("\"500.00\"", "500.0");
+        assert!(serde_json::from_str::<BudgetSet>(&float).is_err());
     }
 }
