@@ -350,10 +350,32 @@ pub(crate) mod amount_serde {
     }
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+        named("amount", d)
+    }
+
+    /// Reads an amount, naming `field` in the error.
+    pub fn named<'de, D: serde::Deserializer<'de>>(field: &str, d: D) -> Result<Decimal, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        super::parse_amount("amount", &s).map_err(serde::de::Error::custom)
+        super::parse_amount(field, &s).map_err(serde::de::Error::custom)
     }
 }
+
+/// Field-named variants of [`amount_serde`], so an error says which amount.
+macro_rules! named_amount {
+    ($module:ident, $field:literal) => {
+        pub(crate) mod $module {
+            pub use super::amount_serde::serialize;
+            pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> Result<rust_decimal::Decimal, D::Error> {
+                super::amount_serde::named($field, d)
+            }
+        }
+    };
+}
+named_amount!(debit_serde, "debit");
+named_amount!(credit_serde, "credit");
+named_amount!(overdraft_serde, "overdraft");
 
 /// Serde for a [`Currency`] as its three-letter code (money.rs gives `Currency` no
 /// serde of its own).
@@ -381,10 +403,10 @@ pub struct Leg {
     /// The account moved.
     pub account: LedgerAccount,
     /// Taken from the account (zero when this is a credit).
-    #[serde(with = "amount_serde", default, skip_serializing_if = "is_zero")]
+    #[serde(with = "debit_serde", default, skip_serializing_if = "is_zero")]
     pub debit: Decimal,
     /// Given to the account (zero when this is a debit).
-    #[serde(with = "amount_serde", default, skip_serializing_if = "is_zero")]
+    #[serde(with = "credit_serde", default, skip_serializing_if = "is_zero")]
     pub credit: Decimal,
 }
 
@@ -561,7 +583,7 @@ pub struct WalletSet {
     #[serde(with = "currency_serde")]
     pub currency: Currency,
     /// How far below zero the wallet may be spent; zero by default.
-    #[serde(with = "amount_serde", default, skip_serializing_if = "is_zero")]
+    #[serde(with = "overdraft_serde", default, skip_serializing_if = "is_zero")]
     pub overdraft: Decimal,
     /// The account node of the key that set them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -905,7 +927,10 @@ mod tests {
         let err = serde_json::from_str::<Posting>(json)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("more than 28 decimal places"), "{err}");
+        assert!(
+            err.starts_with("debit: \"0.00000000000000000000000000001\" is not an exact decimal amount (more than 28 decimal places)"),
+            "{err}"
+        );
         let json = r#"{"kind":"topup","currency":"cny","legs":[]}"#;
         assert!(serde_json::from_str::<Posting>(json).is_err());
     }
