@@ -470,6 +470,89 @@ pub struct Posting {
 }
 
 impl Posting {
+    fn new(kind: PostingKind, currency: Currency, legs: Vec<Leg>) -> Posting {
+        Posting {
+            kind,
+            currency,
+            legs,
+            memo: String::new(),
+            usage_entry: None,
+            grant: None,
+            set_by: None,
+        }
+    }
+
+    /// Money paid in: `@payments` → `node:cash`.
+    pub fn topup(node: &AccountPath, currency: Currency, amount: Decimal) -> Posting {
+        Posting::new(
+            PostingKind::Topup,
+            currency,
+            vec![
+                Leg::debit(LedgerAccount::Payments, amount),
+                Leg::credit(LedgerAccount::Cash(node.clone()), amount),
+            ],
+        )
+    }
+
+    /// Free credits: `@promotions` → `node:grant:<id>`.
+    pub fn grant(node: &AccountPath, currency: Currency, amount: Decimal, grant: Grant) -> Posting {
+        let mut p = Posting::new(
+            PostingKind::Grant,
+            currency,
+            vec![
+                Leg::debit(LedgerAccount::Promotions, amount),
+                Leg::credit(LedgerAccount::Grant(node.clone(), grant.id.clone()), amount),
+            ],
+        );
+        p.grant = Some(grant);
+        p
+    }
+
+    /// Cash moved from one node's wallet to another's (written on a common
+    /// ancestor of both).
+    pub fn transfer(
+        from: &AccountPath,
+        to: &AccountPath,
+        currency: Currency,
+        amount: Decimal,
+    ) -> Posting {
+        Posting::new(
+            PostingKind::Transfer,
+            currency,
+            vec![
+                Leg::debit(LedgerAccount::Cash(from.clone()), amount),
+                Leg::credit(LedgerAccount::Cash(to.clone()), amount),
+            ],
+        )
+    }
+
+    /// Money given back to a node's wallet: `@refunds` → `node:cash`.
+    pub fn refund(node: &AccountPath, currency: Currency, amount: Decimal) -> Posting {
+        Posting::new(
+            PostingKind::Refund,
+            currency,
+            vec![
+                Leg::debit(LedgerAccount::Refunds, amount),
+                Leg::credit(LedgerAccount::Cash(node.clone()), amount),
+            ],
+        )
+    }
+
+    /// The mirror image of this posting (every debit a credit and back), as a
+    /// `reverse` posting; name the reversed entry in its memo.
+    pub fn reversal(&self) -> Posting {
+        let legs = self
+            .legs
+            .iter()
+            .map(|l| Leg {
+                account: l.account.clone(),
+                debit: l.credit,
+                credit: l.debit,
+            })
+            .collect();
+        Posting::new(PostingKind::Reverse, self.currency, legs)
+    }
+
     /// Checks what every posting must satisfy, naming the leg or field at fault:
     /// 1 to [`MAX_LEGS`] legs; on each leg exactly one side non-zero, positive, with
     /// at most 28 significant digits; debits equal to credits, exactly; a grant
@@ -1023,6 +1106,34 @@ mod tests {
             ExactSum::of(big).plus(tiny).to_string(),
             "1000000000000000000000000000.000000000000000000000000001"
         );
+    }
+
+    #[test]
+    fn constructors_build_balanced_postings() {
+        let cny: Currency = "CNY".parse().unwrap();
+        let g = Grant {
+            id: "spring".into(),
+            priority: 2,
+            expires_at: None,
+        };
+        let all = [
+            Posting::topup(&p("acme"), cny, d("100")),
+            Posting::grant(&p("acme"), cny, d("5"), g),
+            Posting::transfer(&p("acme/a"), &p("acme/b"), cny, d("1.5")),
+            Posting::refund(&p("acme"), cny, d("0.25")),
+        ];
+        for x in &all {
+            x.check().unwrap();
+            x.reversal().check().unwrap();
+            assert_eq!(x.reversal().reversal().legs, x.legs);
+        }
+        assert_eq!(
+            serde_json::to_string(&all[1]).unwrap(),
+            r#"{"kind":"grant","currency":"CNY","legs":[{"account":"@promotions","debit":"5"},{"account":"acme:grant:spring","credit":"5"}],"grant":{"id":"spring","priority":2}}"#
+        );
+        let acme_cash = LedgerAccount::Cash(p("acme"));
+        assert_eq!(all[0].effect_on(&acme_cash).to_string(), "100");
+        assert_eq!(all[0].reversal().effect_on(&acme_cash).to_string(), "-100");
     }
 
     #[test]
