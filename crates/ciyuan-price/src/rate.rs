@@ -430,7 +430,9 @@ impl Rater {
             basis: None,
         };
         let mut input_tokens: i128 = 0;
-        let mut all_tokens = Decimal::ZERO;
+        // Sums of at most 25 i64 counts: below 2^69, inside a decimal's 96 bits, so
+        // their conversion to `Decimal` in the tiers is exact.
+        let mut all_tokens: i128 = 0;
         for t in input.tokens.iter() {
             if t.count < 0 {
                 return Err(RateError::Negative {
@@ -441,7 +443,7 @@ impl Rater {
             if PriceKey::Tokens(t.modality, t.direction).is_input() {
                 input_tokens += i128::from(t.count);
             }
-            all_tokens += Decimal::from(t.count);
+            all_tokens += i128::from(t.count);
         }
         let resolved = self.resolve(input.model, input.service, input.tier);
         let Some(primary) = resolved.tiered.or(resolved.standard) else {
@@ -465,8 +467,9 @@ impl Rater {
             input_tokens,
             all_tokens,
         };
-        rating.lines.reserve(input.tokens.iter().count() + 1);
-        let mut before = Decimal::ZERO;
+        // Typical entries have up to 5 keys and a request line: one allocation.
+        rating.lines.reserve(6);
+        let mut before: i128 = 0;
         for t in input.tokens.iter() {
             let key = PriceKey::Tokens(t.modality, t.direction);
             let quantity = Decimal::from(t.count);
@@ -480,7 +483,7 @@ impl Rater {
                     rating.missing.push(key);
                 }
             }
-            before += quantity;
+            before += i128::from(t.count);
         }
         for (name, value) in input.measures {
             let k = Key::Measure(name);
@@ -492,7 +495,7 @@ impl Rater {
                 continue;
             }
             let key = PriceKey::Measure(name.clone());
-            if !ctx.price(rule, k, &key, quantity, Decimal::ZERO, &mut rating.lines)? {
+            if !ctx.price(rule, k, &key, quantity, 0, &mut rating.lines)? {
                 rating.missing.push(key);
             }
         }
@@ -534,7 +537,7 @@ pub fn measure_quantity(name: &str, value: &serde_json::Value) -> Result<Decimal
 struct Context<'a, 'b> {
     input: &'a RateInput<'b>,
     input_tokens: i128,
-    all_tokens: Decimal,
+    all_tokens: i128,
 }
 
 impl Context<'_, '_> {
@@ -546,7 +549,7 @@ impl Context<'_, '_> {
         k: Key<'_>,
         key: &PriceKey,
         quantity: Decimal,
-        before: Decimal,
+        before: i128,
         lines: &mut Vec<RatedLine>,
     ) -> Result<bool, RateError> {
         let line = |unit_price: Decimal, quantity: Decimal| {
@@ -588,7 +591,7 @@ impl Context<'_, '_> {
             match t.kind {
                 TierKind::Volume => {
                     let counted = match t.key {
-                        TierKey::All => self.all_tokens,
+                        TierKey::All => Decimal::from(self.all_tokens),
                         TierKey::Key(_) => quantity,
                     };
                     let reached = ptd
@@ -606,7 +609,7 @@ impl Context<'_, '_> {
                 }
                 TierKind::Graduated => {
                     let offset = match t.key {
-                        TierKey::All => ptd.checked_add(before),
+                        TierKey::All => ptd.checked_add(Decimal::from(before)),
                         TierKey::Key(_) => Some(ptd),
                     }
                     .ok_or_else(|| RateError::Overflow("period_to_date".into()))?;

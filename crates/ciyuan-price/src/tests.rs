@@ -776,6 +776,21 @@ fn diff_lists_rules_and_prices() {
 
 // ---- property tests: the rater and the naive recomputation agree ----
 
+/// Quantities, thresholds and band bounds from one small set, and neighbours, so
+/// inputs land on the edges where `>` and `>=` part.
+fn edge() -> impl Strategy<Value = u64> {
+    (
+        prop::sample::select(vec![10u64, 50, 100, 200, 1000]),
+        -1i64..=1,
+    )
+        .prop_map(|(e, d)| (e as i64 + d) as u64)
+}
+
+/// Times of day on the hour, where windows start and end.
+fn clock() -> impl Strategy<Value = u16> {
+    prop_oneof![3 => (0u16..24).prop_map(|h| h * 60), 1 => 0u16..1440]
+}
+
 fn arb_price() -> impl Strategy<Value = Decimal> {
     (0u64..1_000_000, 0u32..10).prop_map(|(m, s)| Decimal::new(m as i64, s))
 }
@@ -793,14 +808,14 @@ fn arb_key() -> impl Strategy<Value = PriceKey> {
 }
 
 fn arb_prices() -> impl Strategy<Value = UnitPrices> {
-    prop::collection::btree_map(arb_key(), arb_price(), 0..4)
+    prop::collection::btree_map(arb_key(), arb_price(), 0..6)
 }
 
 fn arb_tiers() -> impl Strategy<Value = Tiers> {
     (
         prop_oneof![Just(TierKind::Graduated), Just(TierKind::Volume)],
         prop_oneof![Just(TierKey::All), arb_key().prop_map(TierKey::Key)],
-        prop::collection::btree_set(1u64..2000, 0..3),
+        prop::collection::btree_set(edge(), 0..3),
         prop::collection::btree_set(arb_key(), 1..3),
         prop::collection::vec(arb_price(), 8),
     )
@@ -830,8 +845,8 @@ fn arb_tiers() -> impl Strategy<Value = Tiers> {
 
 fn arb_window() -> impl Strategy<Value = TimeWindow> {
     (
-        0u16..1440,
-        0u16..1440,
+        clock(),
+        clock(),
         prop::sample::select(vec!["UTC", "Asia/Shanghai", "America/New_York"]),
         prop::collection::vec(1u8..=7, 0..3),
         arb_prices(),
@@ -852,7 +867,7 @@ fn arb_rule() -> impl Strategy<Value = PriceRule> {
         prop_oneof![3 => Just(ServiceTier::Standard), 1 => Just(ServiceTier::Batch), 1 => Just(ServiceTier::Flex)],
         arb_prices(),
         prop::option::of(arb_price()),
-        prop::collection::btree_map(1u64..3000, arb_prices(), 0..3),
+        prop::collection::btree_map(edge(), arb_prices(), 0..3),
         prop::option::of(arb_tiers()),
         prop::collection::vec(arb_window(), 0..2),
     )
@@ -886,13 +901,24 @@ fn arb_rounding() -> impl Strategy<Value = Rounding> {
 }
 
 fn arb_tokens() -> impl Strategy<Value = TokenMap> {
+    let keys = vec![
+        (Modality::Text, Direction::Input),
+        (Modality::Text, Direction::CachedInput),
+        (Modality::Text, Direction::CacheWrite),
+        (Modality::Text, Direction::Output),
+        (Modality::Text, Direction::Reasoning),
+        (Modality::Audio, Direction::Input),
+        (Modality::Video, Direction::Output),
+    ];
     prop::collection::btree_map(
-        (
-            prop::sample::select(Modality::ALL.to_vec()),
-            prop::sample::select(Direction::ALL.to_vec()),
-        ),
-        prop_oneof![Just(0i64), 1i64..3000, 1i64..2_000_000_000],
-        0..5,
+        prop::sample::select(keys),
+        prop_oneof![
+            4 => edge().prop_map(|e| e as i64),
+            4 => edge().prop_map(|e| e as i64 / 2),
+            1 => Just(0i64),
+            1 => 1i64..2_000_000_000,
+        ],
+        1..6,
     )
     .prop_map(|m| {
         let mut t = TokenMap::new();
@@ -904,7 +930,7 @@ fn arb_tokens() -> impl Strategy<Value = TokenMap> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(600))]
+    #![proptest_config(ProptestConfig::with_cases(4000))]
 
     #[test]
     fn rater_and_naive_recomputation_agree(
@@ -914,13 +940,21 @@ proptest! {
         discount in prop::option::of((0u32..=10000).prop_map(|p| Decimal::new(p.into(), 2))),
         markup in prop::option::of((0u32..=5000).prop_map(|p| Decimal::new(p.into(), 1))),
         rounding in arb_rounding(),
-        model in prop::option::of(prop::sample::select(vec!["gpt-4o", "gpt-4o-mini", "claude-3", "llama"])),
+        model in prop_oneof![
+            1 => Just(None),
+            6 => prop::sample::select(vec!["gpt-4o", "gpt-4o-mini", "claude-3", "llama"]).prop_map(Some),
+        ],
         service in prop::sample::select(vec!["llm.chat", "doc.verify"]),
         tier in prop_oneof![Just(ServiceTier::Standard), Just(ServiceTier::Batch), Just(ServiceTier::Flex), Just(ServiceTier::Priority)],
         tokens in arb_tokens(),
         pages in prop::option::of((0u64..100_000, 0u32..3)),
-        secs in 1_700_000_000i64..1_900_000_000,
-        ptd in 0u64..5000,
+        secs in prop_oneof![
+            // On the hour (the windows' edges in UTC, Shanghai and New York), a
+            // second before, or anywhere.
+            3 => (0i64..24 * 14, prop_oneof![Just(0i64), Just(-1)]).prop_map(|(h, s)| 1_804_032_000 + h * 3600 + s),
+            1 => 1_700_000_000i64..1_900_000_000,
+        ],
+        ptd in prop_oneof![edge(), edge().prop_map(|e| e / 2), Just(0), 0u64..5000],
     ) {
         let book = small_book(rules, rounding);
         prop_assume!(book.check().is_ok());
@@ -1022,11 +1056,71 @@ fn bench_rating_litellm_gpt_4o() {
     ]);
     let i = input("gpt-4o", ServiceTier::Standard, &t, no_measures());
     bench_rating(&rater, &i, 10_000).unwrap();
-    let n = 1_000_000;
-    let took = bench_rating(&rater, &i, n).unwrap();
+    // The machine is shared: the best of rounds is the cost, the median the noise.
+    let n = 200_000;
+    let mut rounds: Vec<f64> = (0..9)
+        .map(|_| bench_rating(&rater, &i, n).unwrap().as_nanos() as f64 / f64::from(n))
+        .collect();
+    rounds.sort_by(f64::total_cmp);
     println!(
-        "rating: {:.1} ns/entry over {n} gpt-4o entries (4 token keys) on the LiteLLM book ({} rules)",
-        took.as_nanos() as f64 / f64::from(n),
+        "rating: {:.1} ns/entry best, {:.1} median, of 9 rounds of {n} gpt-4o entries (4 token keys) on the LiteLLM book ({} rules)",
+        rounds[0],
+        rounds[4],
         book.rules.len()
     );
+}
+
+/// Where the time goes: the fixed cost (an unpriced entry), one key, four keys.
+#[test]
+#[ignore]
+fn bench_rating_parts() {
+    let book = litellm_book();
+    let rater = Rater::new(book, None).unwrap();
+    let run = |label: &str, t: &TokenMap, model: &str| {
+        let i = input(model, ServiceTier::Standard, t, no_measures());
+        let n = 200_000;
+        let mut rounds: Vec<f64> = (0..9)
+            .map(|_| bench_rating(&rater, &i, n).unwrap().as_nanos() as f64 / f64::from(n))
+            .collect();
+        rounds.sort_by(f64::total_cmp);
+        println!("{label}: {:.1} best {:.1} median", rounds[0], rounds[4]);
+    };
+    let t0 = tokens(&[("text.input", 1200)]);
+    let t4 = tokens(&[
+        ("text.input", 1200),
+        ("text.cached_input", 800),
+        ("text.output", 350),
+        ("text.reasoning", 120),
+    ]);
+    run("unpriced 4 keys", &t4, "nope");
+    run("gpt-4o 1 key", &t0, "gpt-4o");
+    run("gpt-4o 4 keys", &t4, "gpt-4o");
+}
+
+/// The TOML example of the crate documentation imports and checks.
+#[test]
+fn the_documented_toml_example_imports() {
+    let doc = include_str!("lib.rs");
+    let start = doc.find("//! ```toml\n").unwrap() + "//! ```toml\n".len();
+    let end = start + doc[start..].find("//! ```\n").unwrap();
+    let text: String = doc[start..end]
+        .lines()
+        .map(|l| {
+            l.strip_prefix("//!")
+                .unwrap()
+                .strip_prefix(' ')
+                .unwrap_or("")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let import = import_toml(&text).unwrap();
+    assert_eq!(import.rules.len(), 3);
+    let book = import
+        .into_book(None, 1, "2027-01-01T00:00:00Z".parse().unwrap(), None)
+        .unwrap();
+    assert_eq!(
+        book.rules[0].unit_prices[&key("text.output")],
+        d("0.0000096")
+    );
+    assert_eq!(book.rules[2].tiers.as_ref().unwrap().bands.len(), 2);
 }
