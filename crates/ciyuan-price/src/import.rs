@@ -413,7 +413,10 @@ pub fn import_litellm(bytes: &[u8]) -> Result<Import, PriceError> {
             sha256: sha256_hex(bytes),
             unmapped: unmapped
                 .into_iter()
-                .map(|(k, n)| format!("{k} ({n} models)"))
+                .map(|(k, n)| match n {
+                    1 => format!("{k} (1 model)"),
+                    n => format!("{k} ({n} models)"),
+                })
                 .collect(),
         },
     })

@@ -101,7 +101,9 @@ mod verify;
 pub use ciyuan_core::{RatedLine, Rating};
 pub use diff::{Change, diff};
 pub use import::{Import, import_litellm, import_toml};
-pub use rate::{MAX_CACHED_RESOLUTIONS, RateError, RateInput, Rater, measure_quantity};
+pub use rate::{
+    MAX_CACHED_MODELS, MAX_CACHED_PER_MODEL, RateError, RateInput, Rater, measure_quantity,
+};
 pub use verify::{Mismatch, rate_naive, round_naive, verify_rating};
 
 /// Rates `input` `n` times and returns the time taken: a micro benchmark without

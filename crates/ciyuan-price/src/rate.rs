@@ -17,10 +17,12 @@ use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 
-/// Most (model, service, tier) resolutions a rater remembers. Model names come from
+/// Most models whose rule resolution a rater remembers. Model names come from
 /// clients; past the bound, resolutions are computed each time instead of growing
 /// the map without end.
-pub const MAX_CACHED_RESOLUTIONS: usize = 16_384;
+pub const MAX_CACHED_MODELS: usize = 16_384;
+/// Most (service, tier) resolutions remembered per model.
+pub const MAX_CACHED_PER_MODEL: usize = 64;
 
 /// What is priced: one usage entry, as the lead reads it from the entry.
 #[derive(Debug, Clone, Copy)]
@@ -316,6 +318,11 @@ impl Rater {
         })
     }
 
+    #[cfg(test)]
+    fn cached_models(&self) -> usize {
+        self.cache.read().map_or(0, |c| c.len())
+    }
+
     /// The book's name and version.
     pub fn book(&self) -> (&str, u32) {
         (&self.book, self.version)
@@ -379,9 +386,9 @@ impl Rater {
         match model {
             Some(m) => {
                 let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-                if cache.len() < MAX_CACHED_RESOLUTIONS {
+                if cache.len() < MAX_CACHED_MODELS || cache.contains_key(m) {
                     let list = cache.entry(Box::from(m)).or_default();
-                    if list.len() < MAX_CACHED_RESOLUTIONS && find(list).is_none() {
+                    if list.len() < MAX_CACHED_PER_MODEL && find(list).is_none() {
                         list.push(entry);
                     }
                 }
@@ -391,7 +398,7 @@ impl Rater {
                     .cache_no_model
                     .write()
                     .unwrap_or_else(|e| e.into_inner());
-                if list.len() < MAX_CACHED_RESOLUTIONS && find(&list).is_none() {
+                if list.len() < MAX_CACHED_PER_MODEL && find(&list).is_none() {
                     list.push(entry);
                 }
             }
@@ -642,5 +649,49 @@ impl Context<'_, '_> {
             return Ok(true);
         }
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciyuan_core::{PriceRule, Rounding};
+
+    #[test]
+    fn the_resolution_cache_is_bounded() {
+        let book = PriceBook {
+            name: "b".into(),
+            version: 1,
+            currency: "USD".parse().unwrap(),
+            effective_from: Timestamp::UNIX_EPOCH,
+            rounding: Rounding::default(),
+            source: None,
+            set_by: None,
+            rules: vec![PriceRule {
+                model: Some("m-*".into()),
+                unit_prices: [("text.input".parse().unwrap(), Decimal::ONE)].into(),
+                ..PriceRule::default()
+            }],
+        };
+        let rater = Rater::new(&book, None).unwrap();
+        let mut tokens = TokenMap::new();
+        tokens.add(Modality::Text, Direction::Input, 2).unwrap();
+        let measures = BTreeMap::new();
+        for i in 0..MAX_CACHED_MODELS + 100 {
+            let model = format!("m-{i}");
+            let r = rater
+                .rate(&RateInput {
+                    model: Some(&model),
+                    service: "llm.chat",
+                    tier: ServiceTier::Standard,
+                    tokens: &tokens,
+                    measures: &measures,
+                    at: Timestamp::UNIX_EPOCH,
+                    period_to_date: Decimal::ZERO,
+                })
+                .unwrap();
+            assert_eq!(r.amount, Decimal::TWO);
+        }
+        assert_eq!(rater.cached_models(), MAX_CACHED_MODELS);
     }
 }
