@@ -1042,6 +1042,47 @@ proptest! {
     }
 }
 
+fn litellm_rater() -> &'static Rater {
+    static RATER: OnceLock<Rater> = OnceLock::new();
+    RATER.get_or_init(|| Rater::new(litellm_book(), None).unwrap())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Real prices (thresholds, tiers, off-peak windows, per-request prices): the
+    /// rater, its cache and the naive recomputation agree model by model.
+    #[test]
+    fn litellm_book_rated_two_ways_agrees(
+        pick in any::<prop::sample::Index>(),
+        upper in any::<bool>(),
+        tier in prop_oneof![Just(ServiceTier::Standard), Just(ServiceTier::Batch), Just(ServiceTier::Flex), Just(ServiceTier::Priority)],
+        tokens in arb_tokens(),
+        big in prop::sample::select(vec![0i64, 128_000, 200_000, 256_000, 272_000, 1_000_000]),
+        secs in 1_800_000_000i64..1_800_700_000,
+    ) {
+        let book = litellm_book();
+        let rule = &book.rules[pick.index(book.rules.len())];
+        let model = rule.model.clone().unwrap();
+        let model = if upper { model.to_uppercase() } else { model };
+        let mut tokens = tokens;
+        tokens.add(Modality::Text, Direction::Input, big).unwrap();
+        let i = RateInput {
+            model: Some(&model),
+            service: "llm.chat",
+            tier,
+            tokens: &tokens,
+            measures: no_measures(),
+            at: ciyuan_core::jiff::Timestamp::from_second(secs).unwrap(),
+            period_to_date: Decimal::ZERO,
+        };
+        let fast = litellm_rater().rate(&i).unwrap();
+        prop_assert!(!fast.unpriced);
+        prop_assert_eq!(&fast, &rate_naive(book, None, &i).unwrap());
+        prop_assert!(verify_rating(book, None, &i, &fast).is_ok());
+    }
+}
+
 /// `cargo test -p ciyuan-price --release -- --ignored --nocapture bench`
 #[test]
 #[ignore]
