@@ -541,6 +541,32 @@ pub fn measure_quantity(name: &str, value: &serde_json::Value) -> Result<Decimal
     Ok(q)
 }
 
+/// Appends `quantity × unit_price` as a line, built in place.
+fn push_line(
+    lines: &mut Vec<RatedLine>,
+    key: &PriceKey,
+    quantity: Decimal,
+    unit_price: Decimal,
+) -> Result<(), RateError> {
+    match quantity.checked_mul(unit_price) {
+        Some(amount) => {
+            lines.push(RatedLine {
+                key: key.clone(),
+                quantity,
+                unit_price,
+                amount,
+            });
+            Ok(())
+        }
+        None => Err(overflow(key)),
+    }
+}
+
+#[cold]
+fn overflow(key: &PriceKey) -> RateError {
+    RateError::Overflow(key.to_string())
+}
+
 struct Context<'a, 'b> {
     input: &'a RateInput<'b>,
     input_tokens: i128,
@@ -559,17 +585,8 @@ impl Context<'_, '_> {
         before: i128,
         lines: &mut Vec<RatedLine>,
     ) -> Result<bool, RateError> {
-        let line = |unit_price: Decimal, quantity: Decimal| {
-            quantity
-                .checked_mul(unit_price)
-                .map(|amount| RatedLine {
-                    key: key.clone(),
-                    quantity,
-                    unit_price,
-                    amount,
-                })
-                .ok_or_else(|| RateError::Overflow(key.to_string()))
-        };
+        let mut line =
+            |unit_price: Decimal, quantity: Decimal| push_line(lines, key, quantity, unit_price);
         for w in &rule.windows {
             if let Some(p) = w.prices.get(k) {
                 let local = w.zone.to_datetime(self.input.at);
@@ -577,7 +594,7 @@ impl Context<'_, '_> {
                 let minute = u16::from(local.hour().unsigned_abs()) * 60
                     + u16::from(local.minute().unsigned_abs());
                 if w.window.contains(weekday, minute) {
-                    lines.push(line(p, quantity)?);
+                    line(p, quantity)?;
                     return Ok(true);
                 }
             }
@@ -586,7 +603,7 @@ impl Context<'_, '_> {
             if self.input_tokens > i128::from(*n)
                 && let Some(p) = prices.get(k)
             {
-                lines.push(line(p, quantity)?);
+                line(p, quantity)?;
                 return Ok(true);
             }
         }
@@ -609,7 +626,7 @@ impl Context<'_, '_> {
                         .iter()
                         .find(|(up, _)| up.is_none_or(|u| reached <= u));
                     if let Some(p) = band.and_then(|(_, b)| b.get(k)) {
-                        lines.push(line(p, quantity)?);
+                        line(p, quantity)?;
                         return Ok(true);
                     }
                     return Ok(false);
@@ -632,7 +649,7 @@ impl Context<'_, '_> {
                         if end > start
                             && let Some(p) = b.get(k)
                         {
-                            lines.push(line(p, end - start)?);
+                            line(p, end - start)?;
                             any = true;
                         }
                         match up {
@@ -645,7 +662,7 @@ impl Context<'_, '_> {
             }
         }
         if let Some(p) = rule.base.get(k) {
-            lines.push(line(p, quantity)?);
+            line(p, quantity)?;
             return Ok(true);
         }
         Ok(false)
