@@ -631,13 +631,19 @@ impl TimeWindow {
 ///
 /// **Which price of the rule applies to a key**, first that names the key:
 /// 1. a time window containing the entry's time (the first such window);
-/// 2. the highest context threshold the entry's input tokens exceed;
-/// 3. the tiers, when they count this key (graduated: split across bands; volume:
-///    the band the period's quantity reaches with this entry);
+/// 2. the highest context threshold that the entry's input tokens (fresh, cached and
+///    cache-write, every modality) exceed and that prices the key;
+/// 3. the tiers, when they count this key. The caller passes the quantity the tiers
+///    counted earlier in their period (`period_to_date`); this entry's units follow
+///    it, token keys in the ledger's key order when the tiers count `all`. Graduated:
+///    each band prices the units inside it; volume: the band holding the last unit
+///    prices the entry's whole quantity;
 /// 4. the base `unit_prices`.
 ///
-/// A key with a quantity but no price anywhere is listed in [`Rating::missing`] and
-/// costs nothing; never silently.
+/// A token key with a count but no price that applies is listed in
+/// [`Rating::missing`] and costs nothing; never silently. Measures are the raw
+/// inputs of token definitions (widths, durations), so only those the rule prices
+/// (`measure.<name>`) are read; each must then be a non-negative number.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceRule {
