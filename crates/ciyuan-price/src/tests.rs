@@ -1165,3 +1165,21 @@ fn the_documented_toml_example_imports() {
     );
     assert_eq!(book.rules[2].tiers.as_ref().unwrap().bands.len(), 2);
 }
+
+/// Rates `CIYUAN_BENCH_N` gpt-4o entries, nothing else: for counting instructions
+/// with `perf stat -e instructions:u` at two values of N, a figure a loaded machine
+/// does not blur.
+#[test]
+#[ignore]
+fn bench_rating_loop() {
+    let n: u32 = std::env::var("CIYUAN_BENCH_N").map_or(0, |v| v.parse().unwrap());
+    let rater = litellm_rater();
+    let t = tokens(&[
+        ("text.input", 1200),
+        ("text.cached_input", 800),
+        ("text.output", 350),
+        ("text.reasoning", 120),
+    ]);
+    let i = input("gpt-4o", ServiceTier::Standard, &t, no_measures());
+    bench_rating(rater, &i, n).unwrap();
+}
