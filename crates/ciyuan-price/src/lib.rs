@@ -1,7 +1,8 @@
 //! Rating: turning a usage entry's tokens into money by a versioned price book.
 //!
 //! - [`Rater`]: a book version (and the contract of the entry's node) compiled for the
-//!   hot path; [`Rater::rate`] gives the [`Rating`] a usage entry carries.
+//!   hot path; [`Rater::rate`] gives the [`Rating`] a usage entry carries, and
+//!   [`Rater::max_cost`] the most a request can cost, for reserving money.
 //! - [`verify_rating`]: the auditor's independent, naive recomputation
 //!   ([`rate_naive`]), used by `ciyuan audit verify`.
 //! - [`import_litellm`], [`import_toml`]: books from LiteLLM's price table and from

@@ -420,6 +420,38 @@ impl Rater {
         rule.tiers.as_ref().map(|t| (t.period, t.key.clone()))
     }
 
+    /// The most a request can cost before it runs, for reserving money at admission:
+    /// `input` holds the prompt's counts; `max_output` output tokens are added, all as
+    /// `text.output` and all as `text.reasoning` in turn, and the dearer rating is
+    /// returned (cost is linear in each key, so one of the two extremes is the
+    /// maximum of any split; with tiers whose prices fall with volume it remains an
+    /// upper bound). `None` when the request would be unpriced; the rating's
+    /// `missing` keys cost nothing in it, as they will in the entry.
+    pub fn max_cost(
+        &self,
+        input: &RateInput<'_>,
+        max_output: i64,
+    ) -> Result<Option<Rating>, RateError> {
+        let mut best: Option<Rating> = None;
+        for direction in [Direction::Output, Direction::Reasoning] {
+            let mut tokens = input.tokens.clone();
+            tokens
+                .add(Modality::Text, direction, max_output)
+                .ok_or_else(|| RateError::Overflow("max_output".into()))?;
+            let r = self.rate(&RateInput {
+                tokens: &tokens,
+                ..*input
+            })?;
+            if r.unpriced {
+                return Ok(None);
+            }
+            if best.as_ref().is_none_or(|b| r.amount > b.amount) {
+                best = Some(r);
+            }
+        }
+        Ok(best)
+    }
+
     /// Prices one entry. See [`PriceRule`] for which rule and which of its prices
     /// apply; the total is rounded once, by the book's rule ([`Rating::settle`]).
     pub fn rate(&self, input: &RateInput<'_>) -> Result<Rating, RateError> {

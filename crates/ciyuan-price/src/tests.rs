@@ -619,6 +619,58 @@ fn a_flipped_price_or_amount_is_caught() {
 }
 
 #[test]
+fn max_cost_bounds_the_request_before_it_runs() {
+    let book = small_book(
+        vec![PriceRule {
+            model: Some("r1".into()),
+            unit_prices: prices(&[
+                ("text.input", "1"),
+                ("text.output", "2"),
+                ("text.reasoning", "3"),
+            ]),
+            ..PriceRule::default()
+        }],
+        exact_rounding(),
+    );
+    let rater = Rater::new(&book, None).unwrap();
+    let prompt = tokens(&[("text.input", 10)]);
+    let i = input("r1", ServiceTier::Standard, &prompt, no_measures());
+    let max = rater.max_cost(&i, 100).unwrap().unwrap();
+    assert_eq!(max.amount, d("310")); // all 100 as reasoning, the dearer
+    // Any split of the output costs no more.
+    for reasoning in [0, 1, 50, 99, 100] {
+        let t = tokens(&[
+            ("text.input", 10),
+            ("text.output", 100 - reasoning),
+            ("text.reasoning", reasoning),
+        ]);
+        let r = rater
+            .rate(&input("r1", ServiceTier::Standard, &t, no_measures()))
+            .unwrap();
+        assert!(r.amount <= max.amount);
+    }
+    assert_eq!(
+        rater
+            .max_cost(
+                &input("other", ServiceTier::Standard, &prompt, no_measures()),
+                100
+            )
+            .unwrap(),
+        None
+    );
+    // gpt-4o: 1,000 prompt tokens and up to 500 out.
+    let t = tokens(&[("text.input", 1000)]);
+    let m = litellm_rater()
+        .max_cost(
+            &input("gpt-4o", ServiceTier::Standard, &t, no_measures()),
+            500,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.amount, d("0.0075"));
+}
+
+#[test]
 fn negative_counts_are_refused() {
     let book = litellm_book();
     let t = tokens(&[("text.input", -1)]);
