@@ -396,8 +396,10 @@ pub struct Rounding {
 }
 
 impl Default for Rounding {
-    /// Ten places, half to even: exact for every per-token price of LiteLLM's table
-    /// times a whole token count down to 1e-10, and fine enough for a bill to sum.
+    /// Ten places, half to even: an entry's amount is off by at most 5e-11 of the
+    /// currency, so a bill summing a hundred million entries is off by less than a
+    /// cent, while a one-token entry of the cheapest models still costs more than
+    /// zero.
     fn default() -> Rounding {
         Rounding {
             at: RoundingAt::Entry,
