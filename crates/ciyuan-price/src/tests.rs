@@ -1078,6 +1078,39 @@ proptest! {
         }
     }
 
+    /// Imports read untrusted uploads (`POST /api/v1/prices`): any bytes give a book
+    /// or an error, never a panic. Mutations of real documents reach deeper than
+    /// random text.
+    #[test]
+    fn imports_never_panic(
+        text in ".{0,200}",
+        cut in 0usize..2000,
+        flip in 0usize..2000,
+        byte in any::<u8>(),
+    ) {
+        let _ = import_toml(&text);
+        let _ = import_litellm(text.as_bytes());
+        let _ = ciyuan_core::decimal_from_text(&text);
+        let mut toml = TOML_BOOK.as_bytes().to_vec();
+        if !toml.is_empty() {
+            let i = flip % toml.len();
+            toml[i] = byte;
+            toml.truncate(cut.max(i));
+        }
+        let _ = import_toml(&String::from_utf8_lossy(&toml));
+        let sample = br#"{"m": {"input_cost_per_token": 1e-06, "output_cost_per_token_above_200k_tokens_batches": 2.5e-06,
+            "tiered_pricing": [{"input_cost_per_token": 1e-07, "range": [0, 1000.0]}, {"input_cost_per_token": 2e-07, "range": [1000.0, 5000]}],
+            "off_peak_pricing": {"input_cost_per_token": 5e-08, "windows": [{"hours_utc": ["00:00-08:00"], "weekdays": [1, 2]}]}}}"#;
+        let unmutated = import_litellm(sample).unwrap();
+        prop_assert_eq!(unmutated.rules.len(), 2);
+        prop_assert!(import_toml(TOML_BOOK).is_ok());
+        let mut json = sample.to_vec();
+        let i = flip % json.len();
+        json[i] = byte;
+        json.truncate(cut.max(i + 1));
+        let _ = import_litellm(&json);
+    }
+
     #[test]
     fn decimal_text_round_trips(m in any::<i64>(), scale in 0u32..=18, exp in -6i32..6) {
         let v = Decimal::new(m, scale);
