@@ -101,7 +101,7 @@ mod verify;
 
 pub use ciyuan_core::{RatedLine, Rating};
 pub use diff::{Change, diff};
-pub use import::{Import, import_litellm, import_toml};
+pub use import::{Import, MAX_IMPORT_BYTES, import_litellm, import_toml};
 pub use rate::{
     MAX_CACHED_MODELS, MAX_CACHED_PER_MODEL, RateError, RateInput, Rater, measure_quantity,
 };

@@ -792,6 +792,14 @@ fn toml_errors_name_the_field() {
 }
 
 #[test]
+fn imports_are_bounded() {
+    let big = " ".repeat(MAX_IMPORT_BYTES + 1);
+    let e = import_toml(&big).unwrap_err().to_string();
+    assert!(e.starts_with("file: 16777217 bytes is more than"), "{e}");
+    assert!(import_litellm(big.as_bytes()).is_err());
+}
+
+#[test]
 fn diff_lists_rules_and_prices() {
     let old = import_toml(TOML_BOOK)
         .unwrap()
