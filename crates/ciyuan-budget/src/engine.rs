@@ -2155,6 +2155,82 @@ mod tests {
         assert_eq!(s.exceeded.len(), 1);
     }
 
+    #[test]
+    fn eight_threads_never_pass_a_hard_cost_limit_and_end_exact() {
+        let e = Engine::new();
+        e.set_limit(LimitSpec::cost(
+            p("org"),
+            "cap",
+            cny(),
+            d("50.0001"),
+            Period::Lifetime,
+        ))
+        .unwrap();
+        let now = at("2026-12-06T08:00:00Z");
+        let settled: Vec<ExactSum> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8u32)
+                .map(|th| {
+                    let e = &e;
+                    s.spawn(move || {
+                        let mut sum = ExactSum::ZERO;
+                        for i in 0..2000u32 {
+                            let node = ["org", "org/a", "org/a/b"][(i % 3) as usize];
+                            let max = Decimal::new(i64::from(10 + (i * 7 + th) % 90), 3);
+                            if let Ok(id) = admit(
+                                e,
+                                node,
+                                Some(Money {
+                                    amount: max,
+                                    currency: cny(),
+                                }),
+                                now,
+                            ) {
+                                let cost = Decimal::new(i64::from((i * 13 + th) % 10), 3).min(max);
+                                e.settle_cost(
+                                    id,
+                                    &TokenMap::new(),
+                                    Some(Money {
+                                        amount: cost,
+                                        currency: cny(),
+                                    }),
+                                    now,
+                                )
+                                .unwrap();
+                                sum = sum.plus(cost);
+                            }
+                            let c = cost_row(e, "org", now);
+                            assert!(
+                                c.used.checked_add(c.reserved).unwrap()
+                                    <= ExactSum::of(d("50.0001"))
+                            );
+                        }
+                        sum
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let total = settled
+            .iter()
+            .fold(ExactSum::ZERO, |a, s| a.checked_add(*s).unwrap());
+        let c = cost_row(&e, "org", now);
+        assert_eq!(c.used, total);
+        assert!(c.reserved.is_zero());
+        // Sized so that the limit is reached: refusals happened.
+        assert!(
+            admit(
+                &e,
+                "org",
+                Some(Money {
+                    amount: d("0.1"),
+                    currency: cny()
+                }),
+                now
+            )
+            .is_err()
+        );
+    }
+
     proptest! {
         /// Random admissions (maximum costs of 0 to 4 decimals) on a three-level tree of
         /// hard cost limits, settled with random costs within their hold or released:

@@ -3,7 +3,8 @@
 //! what the ingest API tells about usage that already happened.
 //!
 //! - [`LimitSpec`]: a limit on an account node, inherited by its whole subtree —
-//!   tokens (any, or by [`Selector`]) or requests, per minute, hour, calendar day or
+//!   tokens (any, or by [`Selector`]), requests, or money in one currency
+//!   ([`Measure::Cost`], counted exactly; [`Engine::settle_cost`]), per minute, hour, calendar day or
 //!   month (in the limit's time zone) or lifetime; hard (refuse) or soft (alert);
 //!   counted for the node, per session, per API key, or per single request.
 //! - Model access rules per node ([`Engine::set_models`]), `*` wildcards.

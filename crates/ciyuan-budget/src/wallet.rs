@@ -209,6 +209,8 @@ struct Wallet {
     cash: ExactSum,
     cash_held: ExactSum,
     overdraft: Decimal,
+    /// `overdraft`, converted once.
+    overdraft_exact: ExactSum,
     /// In spending order: priority (highest first), expiry (soonest first, never
     /// last), id.
     grants: Vec<GrantBal>,
@@ -222,6 +224,7 @@ impl Wallet {
             cash: ExactSum::ZERO,
             cash_held: ExactSum::ZERO,
             overdraft: Decimal::ZERO,
+            overdraft_exact: ExactSum::ZERO,
             grants: Vec::new(),
         }
     }
@@ -259,7 +262,7 @@ impl Wallet {
     }
 
     fn available(&self, now: Timestamp) -> ExactSum {
-        let mut a = sub(self.cash.plus(self.overdraft), self.cash_held);
+        let mut a = sub(add(self.cash, self.overdraft_exact), self.cash_held);
         for g in self.grants.iter().filter(|g| g.valid_at(now)) {
             a = add(a, sub(g.left, g.held));
         }
@@ -288,12 +291,21 @@ fn sub(a: ExactSum, b: ExactSum) -> ExactSum {
 
 /// `a - b` as a `Decimal`, when exact.
 fn dsub(a: Decimal, b: Decimal) -> Option<Decimal> {
-    ExactSum::of(a).checked_sub(ExactSum::of(b))?.to_decimal()
+    dadd(a, -b)
 }
 
-/// `a + b` as a `Decimal`, when exact.
+/// `a + b` as a `Decimal`, when exact: the mantissas added at the finer scale
+/// (cheap, and what almost every sum takes), else through [`ExactSum`] (a result that
+/// fits only at a coarser scale).
 fn dadd(a: Decimal, b: Decimal) -> Option<Decimal> {
-    ExactSum::of(a).checked_add(ExactSum::of(b))?.to_decimal()
+    let s = a.scale().max(b.scale());
+    let fast = a
+        .mantissa()
+        .checked_mul(10i128.pow(s - a.scale()))
+        .zip(b.mantissa().checked_mul(10i128.pow(s - b.scale())))
+        .and_then(|(x, y)| x.checked_add(y))
+        .and_then(|m| Decimal::try_from_i128_with_scale(m, s).ok());
+    fast.or_else(|| ExactSum::of(a).checked_add(ExactSum::of(b))?.to_decimal())
 }
 
 /// Takes up to `amount` from the free (unheld) rest of `w`'s grants valid at `now`,
@@ -598,7 +610,9 @@ impl Wallets {
     pub fn apply_settings(&self, node: &AccountPath, set: &WalletSet) -> Result<(), WalletError> {
         set.check()?;
         let mut g = self.lock();
-        g.wallet_mut(node, set.currency).overdraft = set.overdraft;
+        let w = g.wallet_mut(node, set.currency);
+        w.overdraft = set.overdraft;
+        w.overdraft_exact = ExactSum::of(set.overdraft);
         Ok(())
     }
 
@@ -644,7 +658,7 @@ impl Wallets {
         let mut parts: Vec<(Source, Decimal)> = Vec::new();
         let rest = take_from_grants(w, max_cost, now, &mut parts, |_, _| {});
         if !rest.is_zero() {
-            let cash_free = sub(w.cash.plus(w.overdraft), w.cash_held);
+            let cash_free = sub(add(w.cash, w.overdraft_exact), w.cash_held);
             if ExactSum::of(rest) > cash_free {
                 // Only when grants held dust a Decimal cannot take exactly.
                 return Err(refusal(w));

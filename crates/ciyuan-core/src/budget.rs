@@ -175,7 +175,7 @@ pub struct BudgetSet {
 #[serde(deny_unknown_fields)]
 pub struct CostAmount {
     /// The amount, exact (a decimal string in the entry).
-    #[serde(with = "crate::price::exact")]
+    #[serde(with = "crate::posting::amount_serde")]
     pub amount: rust_decimal::Decimal,
     /// Its currency.
     pub currency: crate::Currency,
@@ -188,10 +188,10 @@ pub struct IncidentCost {
     /// The limit's currency.
     pub currency: crate::Currency,
     /// Spent in the window when it happened, exact.
-    #[serde(with = "crate::price::exact")]
+    #[serde(with = "crate::posting::amount_serde")]
     pub used: rust_decimal::Decimal,
     /// The limit.
-    #[serde(with = "crate::price::exact")]
+    #[serde(with = "crate::posting::amount_serde")]
     pub amount: rust_decimal::Decimal,
 }
 
@@ -310,5 +310,39 @@ mod tests {
             r#"{"name":"monthly","measure":"tokens","amount":1000000,"period":"month","mode":"hard","thresholds":[50,80,100]}"#
         );
         assert_eq!(serde_json::from_str::<BudgetSet>(&json).unwrap(), b);
+    }
+
+    #[test]
+    fn cost_limits_serialize_beside_old_entries() {
+        // An entry written before money limits still decodes.
+        let old = r#"{"name":"monthly","measure":"tokens","amount":1000000,"period":"month","mode":"hard","thresholds":[50,80,100]}"#;
+        let b: BudgetSet = serde_json::from_str(old).unwrap();
+        assert_eq!(b.measure, BudgetMeasure::Tokens);
+        let b = BudgetSet {
+            name: "spend".into(),
+            measure: BudgetMeasure::Cost,
+            selector: Selector::default(),
+            amount: 0,
+            period: BudgetPeriod::Month,
+            mode: BudgetMode::Hard,
+            per: BudgetPer::Node,
+            thresholds: vec![80],
+            clamp: false,
+            set_by: Some("acme".parse().unwrap()),
+            cost: Some(CostAmount {
+                amount: rust_decimal::Decimal::from_str_exact("500.00").unwrap(),
+                currency: "CNY".parse().unwrap(),
+            }),
+        };
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(
+            json,
+            r#"{"name":"spend","measure":"cost","amount":0,"period":"month","mode":"hard","thresholds":[80],"set_by":"acme","cost":{"amount":"500.00","currency":"CNY"}}"#
+        );
+        assert_eq!(serde_json::from_str::<BudgetSet>(&json).unwrap(), b);
+        let bad = json.replace("\"CNY\"", "\"cny\"");
+        assert!(serde_json::from_str::<BudgetSet>(&bad).is_err());
+        let float = json.replace("\"500.00\"", "500.0");
+        assert!(serde_json::from_str::<BudgetSet>(&float).is_err());
     }
 }

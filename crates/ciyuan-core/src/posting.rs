@@ -350,10 +350,32 @@ pub(crate) mod amount_serde {
     }
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+        named("amount", d)
+    }
+
+    /// Reads an amount, naming `field` in the error.
+    pub fn named<'de, D: serde::Deserializer<'de>>(field: &str, d: D) -> Result<Decimal, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        super::parse_amount("amount", &s).map_err(serde::de::Error::custom)
+        super::parse_amount(field, &s).map_err(serde::de::Error::custom)
     }
 }
+
+/// Field-named variants of [`amount_serde`], so an error says which amount.
+macro_rules! named_amount {
+    ($module:ident, $field:literal) => {
+        pub(crate) mod $module {
+            pub use super::amount_serde::serialize;
+            pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> Result<rust_decimal::Decimal, D::Error> {
+                super::amount_serde::named($field, d)
+            }
+        }
+    };
+}
+named_amount!(debit_serde, "debit");
+named_amount!(credit_serde, "credit");
+named_amount!(overdraft_serde, "overdraft");
 
 /// Serde for a [`Currency`] as its three-letter code (money.rs gives `Currency` no
 /// serde of its own).
@@ -381,10 +403,10 @@ pub struct Leg {
     /// The account moved.
     pub account: LedgerAccount,
     /// Taken from the account (zero when this is a credit).
-    #[serde(with = "amount_serde", default, skip_serializing_if = "is_zero")]
+    #[serde(with = "debit_serde", default, skip_serializing_if = "is_zero")]
     pub debit: Decimal,
     /// Given to the account (zero when this is a debit).
-    #[serde(with = "amount_serde", default, skip_serializing_if = "is_zero")]
+    #[serde(with = "credit_serde", default, skip_serializing_if = "is_zero")]
     pub credit: Decimal,
 }
 
@@ -448,6 +470,89 @@ pub struct Posting {
 }
 
 impl Posting {
+    fn new(kind: PostingKind, currency: Currency, legs: Vec<Leg>) -> Posting {
+        Posting {
+            kind,
+            currency,
+            legs,
+            memo: String::new(),
+            usage_entry: None,
+            grant: None,
+            set_by: None,
+        }
+    }
+
+    /// Money paid in: `@payments` → `node:cash`.
+    pub fn topup(node: &AccountPath, currency: Currency, amount: Decimal) -> Posting {
+        Posting::new(
+            PostingKind::Topup,
+            currency,
+            vec![
+                Leg::debit(LedgerAccount::Payments, amount),
+                Leg::credit(LedgerAccount::Cash(node.clone()), amount),
+            ],
+        )
+    }
+
+    /// Free credits: `@promotions` → `node:grant:<id>`.
+    pub fn grant(node: &AccountPath, currency: Currency, amount: Decimal, grant: Grant) -> Posting {
+        let mut p = Posting::new(
+            PostingKind::Grant,
+            currency,
+            vec![
+                Leg::debit(LedgerAccount::Promotions, amount),
+                Leg::credit(LedgerAccount::Grant(node.clone(), grant.id.clone()), amount),
+            ],
+        );
+        p.grant = Some(grant);
+        p
+    }
+
+    /// Cash moved from one node's wallet to another's (written on a common
+    /// ancestor of both).
+    pub fn transfer(
+        from: &AccountPath,
+        to: &AccountPath,
+        currency: Currency,
+        amount: Decimal,
+    ) -> Posting {
+        Posting::new(
+            PostingKind::Transfer,
+            currency,
+            vec![
+                Leg::debit(LedgerAccount::Cash(from.clone()), amount),
+                Leg::credit(LedgerAccount::Cash(to.clone()), amount),
+            ],
+        )
+    }
+
+    /// Money given back to a node's wallet: `@refunds` → `node:cash`.
+    pub fn refund(node: &AccountPath, currency: Currency, amount: Decimal) -> Posting {
+        Posting::new(
+            PostingKind::Refund,
+            currency,
+            vec![
+                Leg::debit(LedgerAccount::Refunds, amount),
+                Leg::credit(LedgerAccount::Cash(node.clone()), amount),
+            ],
+        )
+    }
+
+    /// The mirror image of this posting (every debit a credit and back), as a
+    /// `reverse` posting; name the reversed entry in its memo.
+    pub fn reversal(&self) -> Posting {
+        let legs = self
+            .legs
+            .iter()
+            .map(|l| Leg {
+                account: l.account.clone(),
+                debit: l.credit,
+                credit: l.debit,
+            })
+            .collect();
+        Posting::new(PostingKind::Reverse, self.currency, legs)
+    }
+
     /// Checks what every posting must satisfy, naming the leg or field at fault:
     /// 1 to [`MAX_LEGS`] legs; on each leg exactly one side non-zero, positive, with
     /// at most 28 significant digits; debits equal to credits, exactly; a grant
@@ -561,7 +666,7 @@ pub struct WalletSet {
     #[serde(with = "currency_serde")]
     pub currency: Currency,
     /// How far below zero the wallet may be spent; zero by default.
-    #[serde(with = "amount_serde", default, skip_serializing_if = "is_zero")]
+    #[serde(with = "overdraft_serde", default, skip_serializing_if = "is_zero")]
     pub overdraft: Decimal,
     /// The account node of the key that set them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -582,6 +687,17 @@ impl WalletSet {
 
 /// 10^28: one unit in [`ExactSum`]'s fractional part.
 const ONE: u128 = 10u128.pow(28);
+
+/// 10^0 to 10^28, looked up rather than computed on every conversion.
+const POW10: [u128; 29] = {
+    let mut t = [1u128; 29];
+    let mut i = 1;
+    while i < 29 {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
 
 /// An exact signed sum of decimal amounts: `units + frac / 10^28` with
 /// `0 <= frac < 10^28`.
@@ -606,13 +722,38 @@ impl ExactSum {
 
     /// `d`, exactly.
     pub fn of(d: Decimal) -> ExactSum {
-        let pow = 10i128.pow(d.scale());
+        let scale = d.scale();
         let m = d.mantissa();
-        // 0 <= rem < 10^scale, so rem × 10^(28 - scale) < 10^28.
-        let rem = m.rem_euclid(pow) as u128;
-        ExactSum {
-            units: m.div_euclid(pow),
-            frac: rem * 10u128.pow(28 - d.scale()),
+        if scale == 0 {
+            return ExactSum { units: m, frac: 0 };
+        }
+        // |m| < 2^96: split it into whole units and the fraction's digits, with one
+        // 64-bit division when both fit (the usual case: prices and costs have small
+        // mantissas), else one 128-bit one.
+        let a = m.unsigned_abs();
+        let p = POW10[scale as usize];
+        let (q, r) = match (u64::try_from(a), scale <= 19) {
+            (Ok(a64), true) => {
+                let p = p as u64;
+                (u128::from(a64 / p), u128::from(a64 % p))
+            }
+            _ => {
+                let q = a / p;
+                (q, a - q * p)
+            }
+        };
+        // 0 <= r < 10^scale, so r × 10^(28 - scale) < 10^28; q < 2^96.
+        let positive = ExactSum {
+            units: q as i128,
+            frac: r * POW10[(28 - scale) as usize],
+        };
+        if m < 0 {
+            // A Decimal's mantissa is far from i128::MIN: negation cannot fail.
+            let neg = positive.checked_neg();
+            assert!(neg.is_some(), "negating {positive}");
+            neg.unwrap_or(positive)
+        } else {
+            positive
         }
     }
 
@@ -692,17 +833,43 @@ impl ExactSum {
 
     /// The same value as a `Decimal`, when one holds it exactly.
     pub fn to_decimal(self) -> Option<Decimal> {
-        let mut frac = self.frac;
-        let mut scale = 28u32;
-        while scale > 0 && frac.is_multiple_of(10) {
-            frac /= 10;
-            scale -= 1;
-        }
+        let (frac, scale) = self.fraction_digits();
         let m = self
             .units
-            .checked_mul(10i128.pow(scale))?
+            .checked_mul(POW10[scale as usize] as i128)?
             .checked_add(frac as i128)?;
         Decimal::try_from_i128_with_scale(m, scale).ok()
+    }
+
+    /// The fraction without its trailing zeros, and how many digits are left: `frac
+    /// / 10^(28 - scale)` and `scale`. One 128-bit division (into two 14-digit
+    /// halves), then 64-bit arithmetic.
+    fn fraction_digits(self) -> (u128, u32) {
+        if self.frac == 0 {
+            return (0, 0);
+        }
+        const HALF: u128 = 10u128.pow(14);
+        let (hi, lo) = ((self.frac / HALF) as u64, (self.frac % HALF) as u64);
+        let zeros = |mut x: u64| {
+            let mut z = 0u32;
+            while x != 0 && x.is_multiple_of(10) {
+                x /= 10;
+                z += 1;
+            }
+            (x, z)
+        };
+        if lo == 0 {
+            // At least 14 trailing zeros; hi is not zero (frac is not).
+            let (x, z) = zeros(hi);
+            (u128::from(x), 28 - 14 - z)
+        } else {
+            let (x, z) = zeros(lo);
+            // frac / 10^z = hi × 10^(14 - z) + lo / 10^z, below 10^28.
+            (
+                u128::from(hi) * POW10[(14 - z) as usize] + u128::from(x),
+                28 - z,
+            )
+        }
     }
 
     /// The largest `Decimal` at or below this value (itself, when one holds it
@@ -712,7 +879,8 @@ impl ExactSum {
             return Some(d);
         }
         // Drop fractional digits (towards minus infinity, as frac is the part above
-        // the floor) until the value fits.
+        // the floor) until the value fits. Rare (values of more than 28 digits), so
+        // plainly.
         for scale in (0..28u32).rev() {
             let frac = self.frac / 10u128.pow(28 - scale);
             let m = self
@@ -842,7 +1010,10 @@ mod tests {
         let err = serde_json::from_str::<Posting>(json)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("more than 28 decimal places"), "{err}");
+        assert!(
+            err.starts_with("debit: \"0.00000000000000000000000000001\" is not an exact decimal amount (more than 28 decimal places)"),
+            "{err}"
+        );
         let json = r#"{"kind":"topup","currency":"cny","legs":[]}"#;
         assert!(serde_json::from_str::<Posting>(json).is_err());
     }
@@ -938,6 +1109,34 @@ mod tests {
     }
 
     #[test]
+    fn constructors_build_balanced_postings() {
+        let cny: Currency = "CNY".parse().unwrap();
+        let g = Grant {
+            id: "spring".into(),
+            priority: 2,
+            expires_at: None,
+        };
+        let all = [
+            Posting::topup(&p("acme"), cny, d("100")),
+            Posting::grant(&p("acme"), cny, d("5"), g),
+            Posting::transfer(&p("acme/a"), &p("acme/b"), cny, d("1.5")),
+            Posting::refund(&p("acme"), cny, d("0.25")),
+        ];
+        for x in &all {
+            x.check().unwrap();
+            x.reversal().check().unwrap();
+            assert_eq!(x.reversal().reversal().legs, x.legs);
+        }
+        assert_eq!(
+            serde_json::to_string(&all[1]).unwrap(),
+            r#"{"kind":"grant","currency":"CNY","legs":[{"account":"@promotions","debit":"5"},{"account":"acme:grant:spring","credit":"5"}],"grant":{"id":"spring","priority":2}}"#
+        );
+        let acme_cash = LedgerAccount::Cash(p("acme"));
+        assert_eq!(all[0].effect_on(&acme_cash).to_string(), "100");
+        assert_eq!(all[0].reversal().effect_on(&acme_cash).to_string(), "-100");
+    }
+
+    #[test]
     fn only_keys_strictly_above_may_post() {
         assert!(may_post(Some(&p("acme")), &p("acme/cn")));
         assert!(may_post(Some(&AccountPath::root()), &p("acme")));
@@ -1010,6 +1209,43 @@ mod tests {
             let err = parse_amount("price", bad).unwrap_err().to_string();
             assert!(err.starts_with("price: "), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn conversions_at_the_edges() {
+        for s in [
+            "0",
+            "-0.5",
+            "0.0000000000000000000000000001",
+            "-0.0000000000000000000000000001",
+            "12345678901234.56789012345678",
+            "79228162514264337593543950335",
+            "-79228162514264337593543950335",
+            "7.9228162514264337593543950335",
+            "0.00000000000001",
+            "0.10000000000001",
+            "18446744073709551616.5",
+        ] {
+            let x = d(s);
+            assert_eq!(ExactSum::of(x).to_decimal().unwrap(), x, "{s}");
+            assert_eq!(
+                ExactSum::of(x).to_string(),
+                x.normalize().to_string(),
+                "{s}"
+            );
+        }
+        // Beyond a Decimal: exact as a sum, floored when converted.
+        let big = ExactSum::of(Decimal::MAX).plus(d("0.5"));
+        assert_eq!(big.to_decimal(), None);
+        assert_eq!(big.to_decimal_floor(), Some(Decimal::MAX));
+        let neg = ExactSum::ZERO
+            .minus(d("10000000000000000000000000000"))
+            .minus(d("0.1"));
+        assert_eq!(neg.to_decimal(), None);
+        assert_eq!(
+            neg.to_decimal_floor(),
+            Some(d("-10000000000000000000000000001"))
+        );
     }
 
     proptest! {

@@ -396,8 +396,10 @@ pub struct Rounding {
 }
 
 impl Default for Rounding {
-    /// Ten places, half to even: exact for every per-token price of LiteLLM's table
-    /// times a whole token count down to 1e-10, and fine enough for a bill to sum.
+    /// Ten places, half to even: an entry's amount is off by at most 5e-11 of the
+    /// currency, so a bill summing a hundred million entries is off by less than a
+    /// cent, while a one-token entry of the cheapest models still costs more than
+    /// zero.
     fn default() -> Rounding {
         Rounding {
             at: RoundingAt::Entry,
@@ -631,13 +633,19 @@ impl TimeWindow {
 ///
 /// **Which price of the rule applies to a key**, first that names the key:
 /// 1. a time window containing the entry's time (the first such window);
-/// 2. the highest context threshold the entry's input tokens exceed;
-/// 3. the tiers, when they count this key (graduated: split across bands; volume:
-///    the band the period's quantity reaches with this entry);
+/// 2. the highest context threshold that the entry's input tokens (fresh, cached and
+///    cache-write, every modality) exceed and that prices the key;
+/// 3. the tiers, when they count this key. The caller passes the quantity the tiers
+///    counted earlier in their period (`period_to_date`); this entry's units follow
+///    it, token keys in the ledger's key order when the tiers count `all`. Graduated:
+///    each band prices the units inside it; volume: the band holding the last unit
+///    prices the entry's whole quantity;
 /// 4. the base `unit_prices`.
 ///
-/// A key with a quantity but no price anywhere is listed in [`Rating::missing`] and
-/// costs nothing; never silently.
+/// A token key with a count but no price that applies is listed in
+/// [`Rating::missing`] and costs nothing; never silently. Measures are the raw
+/// inputs of token definitions (widths, durations), so only those the rule prices
+/// (`measure.<name>`) are read; each must then be a non-negative number.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceRule {
@@ -927,6 +935,39 @@ impl PriceBook {
         }
         Ok(())
     }
+
+    /// Checks that `next` may follow this version: the same book, the next version
+    /// number, and an `effective_from` after this one's, so versions order the same
+    /// way by number and by time. (Whether it may start before the moment it is
+    /// appended, re-pricing the past, is the caller's rule: the ledger's answer is
+    /// correction entries.)
+    pub fn check_successor(&self, next: &PriceBook) -> Result<(), PriceError> {
+        if next.name != self.name {
+            return Err(PriceError::new(
+                "name",
+                format!("{:?} is not the book {:?}", next.name, self.name),
+            ));
+        }
+        if Some(next.version) != self.version.checked_add(1) {
+            return Err(PriceError::new(
+                "version",
+                format!(
+                    "{} does not follow version {} of {}",
+                    next.version, self.version, self.name
+                ),
+            ));
+        }
+        if next.effective_from <= self.effective_from {
+            return Err(PriceError::new(
+                "effective_from",
+                format!(
+                    "{} is not after {}, from when version {} applies",
+                    next.effective_from, self.effective_from, self.version
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The period of a minimum commitment.
@@ -981,6 +1022,54 @@ pub struct PriceContract {
     /// lead checks that with [`crate::may_change_control`] and the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_by: Option<AccountPath>,
+}
+
+impl MinimumCommitment {
+    /// What a period billed `billed` still owes to reach the minimum; zero when it
+    /// reached it.
+    pub fn shortfall(&self, billed: Decimal) -> Decimal {
+        if billed >= self.amount {
+            Decimal::ZERO
+        } else {
+            self.amount - billed
+        }
+    }
+}
+
+/// Whether a key at `caller` may set, change or remove the contract of `node`, whose
+/// contract now is `current`: only from strictly above the node, since a tenant does
+/// not negotiate its own prices, and for a contract already set, from its setter's
+/// node or above too ([`crate::may_change_control`]).
+pub fn may_set_contract(
+    caller: &AccountPath,
+    node: &AccountPath,
+    current: Option<&PriceContract>,
+) -> bool {
+    node.is_within(caller)
+        && node != caller
+        && current.is_none_or(|c| crate::may_change_control(c.set_by.as_ref(), caller))
+}
+
+/// The contract that prices `node`'s usage: its own, else its parent's, and so on up
+/// to its top-level node (the root takes no contract: nothing is above it to set
+/// one). With the node whose contract it is.
+pub fn nearest_contract<'a>(
+    node: &AccountPath,
+    lookup: impl Fn(&AccountPath) -> Option<&'a PriceContract>,
+) -> Option<(AccountPath, &'a PriceContract)> {
+    node.lineage()
+        .into_iter()
+        .rev()
+        .find_map(|p| lookup(&p).map(|c| (p, c)))
+}
+
+/// The version of a book in force at `at`, among `versions` (one book's): the one
+/// with the latest `effective_from` not after `at`.
+pub fn book_in_force(versions: &[PriceBook], at: Timestamp) -> Option<&PriceBook> {
+    versions
+        .iter()
+        .filter(|b| b.effective_from <= at)
+        .max_by_key(|b| (b.effective_from, b.version))
 }
 
 /// The largest markup, in percent: a thousand-fold resale price is a typo.
@@ -1327,6 +1416,88 @@ mod tests {
                 .to_string()
                 .starts_with("discount_percent: 100.1 is not a percentage")
         );
+    }
+
+    #[test]
+    fn contracts_are_set_from_strictly_above_and_inherited_from_the_nearest() {
+        let p = |s: &str| s.parse::<AccountPath>().unwrap();
+        let c = |by: &str| PriceContract {
+            book: "list".into(),
+            overrides: vec![],
+            discount_percent: None,
+            markup_percent: None,
+            minimum_commitment: None,
+            set_by: Some(p(by)),
+        };
+        let from_root = PriceContract {
+            set_by: Some(AccountPath::root()),
+            ..c("acme")
+        };
+        assert!(may_set_contract(&p("acme"), &p("acme/cn"), None));
+        assert!(!may_set_contract(&p("acme/cn"), &p("acme/cn"), None));
+        assert!(!may_set_contract(&p("acme/cn/hr"), &p("acme/cn"), None));
+        assert!(!may_set_contract(&p("other"), &p("acme/cn"), None));
+        assert!(may_set_contract(&AccountPath::root(), &p("acme"), None));
+        assert!(!may_set_contract(
+            &AccountPath::root(),
+            &AccountPath::root(),
+            None
+        ));
+        // A contract set from the root is not lifted by acme's key.
+        assert!(!may_set_contract(
+            &p("acme"),
+            &p("acme/cn"),
+            Some(&from_root)
+        ));
+        assert!(may_set_contract(
+            &p("acme"),
+            &p("acme/cn"),
+            Some(&c("acme"))
+        ));
+
+        let contracts: BTreeMap<AccountPath, PriceContract> =
+            [(p("acme"), c("acme")), (p("acme/cn/hr"), c("acme/cn"))].into();
+        let near =
+            |n: &str| nearest_contract(&p(n), |q| contracts.get(q)).map(|(q, _)| q.to_string());
+        assert_eq!(near("acme/cn/hr/x").as_deref(), Some("acme/cn/hr"));
+        assert_eq!(near("acme/cn").as_deref(), Some("acme"));
+        assert_eq!(near("other"), None);
+        let m = MinimumCommitment {
+            amount: d("100"),
+            period: CommitmentPeriod::Month,
+        };
+        assert_eq!(m.shortfall(d("30.5")), d("69.5"));
+        assert_eq!(m.shortfall(d("130")), Decimal::ZERO);
+    }
+
+    #[test]
+    fn versions_follow_in_number_and_time() {
+        let v1 = book();
+        let mut v2 = book();
+        v2.version = 2;
+        v2.effective_from = "2026-02-01T00:00:00Z".parse().unwrap();
+        assert!(v1.check_successor(&v2).is_ok());
+        let mut late = v2.clone();
+        late.version = 3;
+        assert!(
+            v1.check_successor(&late)
+                .unwrap_err()
+                .to_string()
+                .starts_with("version: 3 does not follow version 1")
+        );
+        let mut early = v2.clone();
+        early.effective_from = v1.effective_from;
+        assert!(
+            v1.check_successor(&early)
+                .unwrap_err()
+                .to_string()
+                .starts_with("effective_from:")
+        );
+        let versions = [v1.clone(), v2.clone()];
+        let at = |t: &str| book_in_force(&versions, t.parse().unwrap()).map(|b| b.version);
+        assert_eq!(at("2025-12-31T23:59:59Z"), None);
+        assert_eq!(at("2026-01-15T00:00:00Z"), Some(1));
+        assert_eq!(at("2026-02-01T00:00:00Z"), Some(2));
     }
 
     #[test]

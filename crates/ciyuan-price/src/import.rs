@@ -13,6 +13,21 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
+/// Largest file an import reads. A book is one ledger entry, and the ledger's format
+/// caps an entry at 16 MiB; LiteLLM's table of 4,242 models is 3 MB and makes an
+/// 0.8 MB book.
+pub const MAX_IMPORT_BYTES: usize = 16 << 20;
+
+fn check_size(len: usize) -> Result<(), PriceError> {
+    if len > MAX_IMPORT_BYTES {
+        return Err(PriceError::new(
+            "file",
+            format!("{len} bytes is more than the {MAX_IMPORT_BYTES} an import reads"),
+        ));
+    }
+    Ok(())
+}
+
 /// What an import produced: the rules, the book's header where the file gives it,
 /// and the source (format, the file's SHA-256, the keys it could not map).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,6 +338,7 @@ fn tiered(
 /// reasoning where no reasoning price is given. Every other cost key is listed in
 /// `source.unmapped` with the number of models that have it.
 pub fn import_litellm(bytes: &[u8]) -> Result<Import, PriceError> {
+    check_size(bytes.len())?;
     let top: BTreeMap<String, &RawValue> = serde_json::from_slice(bytes)
         .map_err(|e| PriceError::new("litellm", format!("not a JSON object of models: {e}")))?;
     let mut un = Unmapped(BTreeMap::new());
@@ -413,7 +429,10 @@ pub fn import_litellm(bytes: &[u8]) -> Result<Import, PriceError> {
             sha256: sha256_hex(bytes),
             unmapped: unmapped
                 .into_iter()
-                .map(|(k, n)| format!("{k} ({n} models)"))
+                .map(|(k, n)| match n {
+                    1 => format!("{k} (1 model)"),
+                    n => format!("{k} ({n} models)"),
+                })
                 .collect(),
         },
     })
@@ -478,6 +497,7 @@ fn toml_to_json(path: &str, v: &toml::de::DeValue<'_>) -> Result<serde_json::Val
 /// Unit prices may be strings or TOML numbers; either way the decimal is the text's
 /// exact value. Unknown fields are errors, so a misspelt key never drops prices.
 pub fn import_toml(text: &str) -> Result<Import, PriceError> {
+    check_size(text.len())?;
     let doc = toml::de::DeTable::parse(text)
         .map_err(|e| PriceError::new("toml", e.to_string().trim_end().to_string()))?;
     let json = toml_to_json("", &toml::de::DeValue::Table(doc.into_inner()))?;

@@ -1,7 +1,8 @@
 //! Rating: turning a usage entry's tokens into money by a versioned price book.
 //!
 //! - [`Rater`]: a book version (and the contract of the entry's node) compiled for the
-//!   hot path; [`Rater::rate`] gives the [`Rating`] a usage entry carries.
+//!   hot path; [`Rater::rate`] gives the [`Rating`] a usage entry carries, and
+//!   [`Rater::max_cost`] the most a request can cost, for reserving money.
 //! - [`verify_rating`]: the auditor's independent, naive recomputation
 //!   ([`rate_naive`]), used by `ciyuan audit verify`.
 //! - [`import_litellm`], [`import_toml`]: books from LiteLLM's price table and from
@@ -100,8 +101,10 @@ mod verify;
 
 pub use ciyuan_core::{RatedLine, Rating};
 pub use diff::{Change, diff};
-pub use import::{Import, import_litellm, import_toml};
-pub use rate::{MAX_CACHED_RESOLUTIONS, RateError, RateInput, Rater, measure_quantity};
+pub use import::{Import, MAX_IMPORT_BYTES, import_litellm, import_toml};
+pub use rate::{
+    MAX_CACHED_MODELS, MAX_CACHED_PER_MODEL, RateError, RateInput, Rater, measure_quantity,
+};
 pub use verify::{Mismatch, rate_naive, round_naive, verify_rating};
 
 /// Rates `input` `n` times and returns the time taken: a micro benchmark without

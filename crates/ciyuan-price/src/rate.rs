@@ -17,10 +17,12 @@ use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 
-/// Most (model, service, tier) resolutions a rater remembers. Model names come from
+/// Most models whose rule resolution a rater remembers. Model names come from
 /// clients; past the bound, resolutions are computed each time instead of growing
 /// the map without end.
-pub const MAX_CACHED_RESOLUTIONS: usize = 16_384;
+pub const MAX_CACHED_MODELS: usize = 16_384;
+/// Most (service, tier) resolutions remembered per model.
+pub const MAX_CACHED_PER_MODEL: usize = 64;
 
 /// What is priced: one usage entry, as the lead reads it from the entry.
 #[derive(Debug, Clone, Copy)]
@@ -316,6 +318,11 @@ impl Rater {
         })
     }
 
+    #[cfg(test)]
+    fn cached_models(&self) -> usize {
+        self.cache.read().map_or(0, |c| c.len())
+    }
+
     /// The book's name and version.
     pub fn book(&self) -> (&str, u32) {
         (&self.book, self.version)
@@ -379,9 +386,9 @@ impl Rater {
         match model {
             Some(m) => {
                 let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-                if cache.len() < MAX_CACHED_RESOLUTIONS {
+                if cache.len() < MAX_CACHED_MODELS || cache.contains_key(m) {
                     let list = cache.entry(Box::from(m)).or_default();
-                    if list.len() < MAX_CACHED_RESOLUTIONS && find(list).is_none() {
+                    if list.len() < MAX_CACHED_PER_MODEL && find(list).is_none() {
                         list.push(entry);
                     }
                 }
@@ -391,7 +398,7 @@ impl Rater {
                     .cache_no_model
                     .write()
                     .unwrap_or_else(|e| e.into_inner());
-                if list.len() < MAX_CACHED_RESOLUTIONS && find(&list).is_none() {
+                if list.len() < MAX_CACHED_PER_MODEL && find(&list).is_none() {
                     list.push(entry);
                 }
             }
@@ -413,6 +420,38 @@ impl Rater {
         rule.tiers.as_ref().map(|t| (t.period, t.key.clone()))
     }
 
+    /// The most a request can cost before it runs, for reserving money at admission:
+    /// `input` holds the prompt's counts; `max_output` output tokens are added, all as
+    /// `text.output` and all as `text.reasoning` in turn, and the dearer rating is
+    /// returned (cost is linear in each key, so one of the two extremes is the
+    /// maximum of any split; with tiers whose prices fall with volume it remains an
+    /// upper bound). `None` when the request would be unpriced; the rating's
+    /// `missing` keys cost nothing in it, as they will in the entry.
+    pub fn max_cost(
+        &self,
+        input: &RateInput<'_>,
+        max_output: i64,
+    ) -> Result<Option<Rating>, RateError> {
+        let mut best: Option<Rating> = None;
+        for direction in [Direction::Output, Direction::Reasoning] {
+            let mut tokens = input.tokens.clone();
+            tokens
+                .add(Modality::Text, direction, max_output)
+                .ok_or_else(|| RateError::Overflow("max_output".into()))?;
+            let r = self.rate(&RateInput {
+                tokens: &tokens,
+                ..*input
+            })?;
+            if r.unpriced {
+                return Ok(None);
+            }
+            if best.as_ref().is_none_or(|b| r.amount > b.amount) {
+                best = Some(r);
+            }
+        }
+        Ok(best)
+    }
+
     /// Prices one entry. See [`PriceRule`] for which rule and which of its prices
     /// apply; the total is rounded once, by the book's rule ([`Rating::settle`]).
     pub fn rate(&self, input: &RateInput<'_>) -> Result<Rating, RateError> {
@@ -430,7 +469,9 @@ impl Rater {
             basis: None,
         };
         let mut input_tokens: i128 = 0;
-        let mut all_tokens = Decimal::ZERO;
+        // Sums of at most 25 i64 counts: below 2^69, inside a decimal's 96 bits, so
+        // their conversion to `Decimal` in the tiers is exact.
+        let mut all_tokens: i128 = 0;
         for t in input.tokens.iter() {
             if t.count < 0 {
                 return Err(RateError::Negative {
@@ -441,7 +482,7 @@ impl Rater {
             if PriceKey::Tokens(t.modality, t.direction).is_input() {
                 input_tokens += i128::from(t.count);
             }
-            all_tokens += Decimal::from(t.count);
+            all_tokens += i128::from(t.count);
         }
         let resolved = self.resolve(input.model, input.service, input.tier);
         let Some(primary) = resolved.tiered.or(resolved.standard) else {
@@ -465,8 +506,9 @@ impl Rater {
             input_tokens,
             all_tokens,
         };
-        rating.lines.reserve(input.tokens.iter().count() + 1);
-        let mut before = Decimal::ZERO;
+        // Typical entries have up to 5 keys and a request line: one allocation.
+        rating.lines.reserve(6);
+        let mut before: i128 = 0;
         for t in input.tokens.iter() {
             let key = PriceKey::Tokens(t.modality, t.direction);
             let quantity = Decimal::from(t.count);
@@ -480,7 +522,7 @@ impl Rater {
                     rating.missing.push(key);
                 }
             }
-            before += quantity;
+            before += i128::from(t.count);
         }
         for (name, value) in input.measures {
             let k = Key::Measure(name);
@@ -492,7 +534,7 @@ impl Rater {
                 continue;
             }
             let key = PriceKey::Measure(name.clone());
-            if !ctx.price(rule, k, &key, quantity, Decimal::ZERO, &mut rating.lines)? {
+            if !ctx.price(rule, k, &key, quantity, 0, &mut rating.lines)? {
                 rating.missing.push(key);
             }
         }
@@ -531,10 +573,36 @@ pub fn measure_quantity(name: &str, value: &serde_json::Value) -> Result<Decimal
     Ok(q)
 }
 
+/// Appends `quantity × unit_price` as a line, built in place.
+fn push_line(
+    lines: &mut Vec<RatedLine>,
+    key: &PriceKey,
+    quantity: Decimal,
+    unit_price: Decimal,
+) -> Result<(), RateError> {
+    match quantity.checked_mul(unit_price) {
+        Some(amount) => {
+            lines.push(RatedLine {
+                key: key.clone(),
+                quantity,
+                unit_price,
+                amount,
+            });
+            Ok(())
+        }
+        None => Err(overflow(key)),
+    }
+}
+
+#[cold]
+fn overflow(key: &PriceKey) -> RateError {
+    RateError::Overflow(key.to_string())
+}
+
 struct Context<'a, 'b> {
     input: &'a RateInput<'b>,
     input_tokens: i128,
-    all_tokens: Decimal,
+    all_tokens: i128,
 }
 
 impl Context<'_, '_> {
@@ -546,20 +614,11 @@ impl Context<'_, '_> {
         k: Key<'_>,
         key: &PriceKey,
         quantity: Decimal,
-        before: Decimal,
+        before: i128,
         lines: &mut Vec<RatedLine>,
     ) -> Result<bool, RateError> {
-        let line = |unit_price: Decimal, quantity: Decimal| {
-            quantity
-                .checked_mul(unit_price)
-                .map(|amount| RatedLine {
-                    key: key.clone(),
-                    quantity,
-                    unit_price,
-                    amount,
-                })
-                .ok_or_else(|| RateError::Overflow(key.to_string()))
-        };
+        let mut line =
+            |unit_price: Decimal, quantity: Decimal| push_line(lines, key, quantity, unit_price);
         for w in &rule.windows {
             if let Some(p) = w.prices.get(k) {
                 let local = w.zone.to_datetime(self.input.at);
@@ -567,7 +626,7 @@ impl Context<'_, '_> {
                 let minute = u16::from(local.hour().unsigned_abs()) * 60
                     + u16::from(local.minute().unsigned_abs());
                 if w.window.contains(weekday, minute) {
-                    lines.push(line(p, quantity)?);
+                    line(p, quantity)?;
                     return Ok(true);
                 }
             }
@@ -576,7 +635,7 @@ impl Context<'_, '_> {
             if self.input_tokens > i128::from(*n)
                 && let Some(p) = prices.get(k)
             {
-                lines.push(line(p, quantity)?);
+                line(p, quantity)?;
                 return Ok(true);
             }
         }
@@ -588,7 +647,7 @@ impl Context<'_, '_> {
             match t.kind {
                 TierKind::Volume => {
                     let counted = match t.key {
-                        TierKey::All => self.all_tokens,
+                        TierKey::All => Decimal::from(self.all_tokens),
                         TierKey::Key(_) => quantity,
                     };
                     let reached = ptd
@@ -599,14 +658,14 @@ impl Context<'_, '_> {
                         .iter()
                         .find(|(up, _)| up.is_none_or(|u| reached <= u));
                     if let Some(p) = band.and_then(|(_, b)| b.get(k)) {
-                        lines.push(line(p, quantity)?);
+                        line(p, quantity)?;
                         return Ok(true);
                     }
                     return Ok(false);
                 }
                 TierKind::Graduated => {
                     let offset = match t.key {
-                        TierKey::All => ptd.checked_add(before),
+                        TierKey::All => ptd.checked_add(Decimal::from(before)),
                         TierKey::Key(_) => Some(ptd),
                     }
                     .ok_or_else(|| RateError::Overflow("period_to_date".into()))?;
@@ -622,7 +681,7 @@ impl Context<'_, '_> {
                         if end > start
                             && let Some(p) = b.get(k)
                         {
-                            lines.push(line(p, end - start)?);
+                            line(p, end - start)?;
                             any = true;
                         }
                         match up {
@@ -635,9 +694,53 @@ impl Context<'_, '_> {
             }
         }
         if let Some(p) = rule.base.get(k) {
-            lines.push(line(p, quantity)?);
+            line(p, quantity)?;
             return Ok(true);
         }
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciyuan_core::{PriceRule, Rounding};
+
+    #[test]
+    fn the_resolution_cache_is_bounded() {
+        let book = PriceBook {
+            name: "b".into(),
+            version: 1,
+            currency: "USD".parse().unwrap(),
+            effective_from: Timestamp::UNIX_EPOCH,
+            rounding: Rounding::default(),
+            source: None,
+            set_by: None,
+            rules: vec![PriceRule {
+                model: Some("m-*".into()),
+                unit_prices: [("text.input".parse().unwrap(), Decimal::ONE)].into(),
+                ..PriceRule::default()
+            }],
+        };
+        let rater = Rater::new(&book, None).unwrap();
+        let mut tokens = TokenMap::new();
+        tokens.add(Modality::Text, Direction::Input, 2).unwrap();
+        let measures = BTreeMap::new();
+        for i in 0..MAX_CACHED_MODELS + 100 {
+            let model = format!("m-{i}");
+            let r = rater
+                .rate(&RateInput {
+                    model: Some(&model),
+                    service: "llm.chat",
+                    tier: ServiceTier::Standard,
+                    tokens: &tokens,
+                    measures: &measures,
+                    at: Timestamp::UNIX_EPOCH,
+                    period_to_date: Decimal::ZERO,
+                })
+                .unwrap();
+            assert_eq!(r.amount, Decimal::TWO);
+        }
+        assert_eq!(rater.cached_models(), MAX_CACHED_MODELS);
     }
 }

@@ -619,6 +619,58 @@ fn a_flipped_price_or_amount_is_caught() {
 }
 
 #[test]
+fn max_cost_bounds_the_request_before_it_runs() {
+    let book = small_book(
+        vec![PriceRule {
+            model: Some("r1".into()),
+            unit_prices: prices(&[
+                ("text.input", "1"),
+                ("text.output", "2"),
+                ("text.reasoning", "3"),
+            ]),
+            ..PriceRule::default()
+        }],
+        exact_rounding(),
+    );
+    let rater = Rater::new(&book, None).unwrap();
+    let prompt = tokens(&[("text.input", 10)]);
+    let i = input("r1", ServiceTier::Standard, &prompt, no_measures());
+    let max = rater.max_cost(&i, 100).unwrap().unwrap();
+    assert_eq!(max.amount, d("310")); // all 100 as reasoning, the dearer
+    // Any split of the output costs no more.
+    for reasoning in [0, 1, 50, 99, 100] {
+        let t = tokens(&[
+            ("text.input", 10),
+            ("text.output", 100 - reasoning),
+            ("text.reasoning", reasoning),
+        ]);
+        let r = rater
+            .rate(&input("r1", ServiceTier::Standard, &t, no_measures()))
+            .unwrap();
+        assert!(r.amount <= max.amount);
+    }
+    assert_eq!(
+        rater
+            .max_cost(
+                &input("other", ServiceTier::Standard, &prompt, no_measures()),
+                100
+            )
+            .unwrap(),
+        None
+    );
+    // gpt-4o: 1,000 prompt tokens and up to 500 out.
+    let t = tokens(&[("text.input", 1000)]);
+    let m = litellm_rater()
+        .max_cost(
+            &input("gpt-4o", ServiceTier::Standard, &t, no_measures()),
+            500,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.amount, d("0.0075"));
+}
+
+#[test]
 fn negative_counts_are_refused() {
     let book = litellm_book();
     let t = tokens(&[("text.input", -1)]);
@@ -740,6 +792,14 @@ fn toml_errors_name_the_field() {
 }
 
 #[test]
+fn imports_are_bounded() {
+    let big = " ".repeat(MAX_IMPORT_BYTES + 1);
+    let e = import_toml(&big).unwrap_err().to_string();
+    assert!(e.starts_with("file: 16777217 bytes is more than"), "{e}");
+    assert!(import_litellm(big.as_bytes()).is_err());
+}
+
+#[test]
 fn diff_lists_rules_and_prices() {
     let old = import_toml(TOML_BOOK)
         .unwrap()
@@ -776,6 +836,21 @@ fn diff_lists_rules_and_prices() {
 
 // ---- property tests: the rater and the naive recomputation agree ----
 
+/// Quantities, thresholds and band bounds from one small set, and neighbours, so
+/// inputs land on the edges where `>` and `>=` part.
+fn edge() -> impl Strategy<Value = u64> {
+    (
+        prop::sample::select(vec![10u64, 50, 100, 200, 1000]),
+        -1i64..=1,
+    )
+        .prop_map(|(e, d)| (e as i64 + d) as u64)
+}
+
+/// Times of day on the hour, where windows start and end.
+fn clock() -> impl Strategy<Value = u16> {
+    prop_oneof![3 => (0u16..24).prop_map(|h| h * 60), 1 => 0u16..1440]
+}
+
 fn arb_price() -> impl Strategy<Value = Decimal> {
     (0u64..1_000_000, 0u32..10).prop_map(|(m, s)| Decimal::new(m as i64, s))
 }
@@ -793,14 +868,14 @@ fn arb_key() -> impl Strategy<Value = PriceKey> {
 }
 
 fn arb_prices() -> impl Strategy<Value = UnitPrices> {
-    prop::collection::btree_map(arb_key(), arb_price(), 0..4)
+    prop::collection::btree_map(arb_key(), arb_price(), 0..6)
 }
 
 fn arb_tiers() -> impl Strategy<Value = Tiers> {
     (
         prop_oneof![Just(TierKind::Graduated), Just(TierKind::Volume)],
         prop_oneof![Just(TierKey::All), arb_key().prop_map(TierKey::Key)],
-        prop::collection::btree_set(1u64..2000, 0..3),
+        prop::collection::btree_set(edge(), 0..3),
         prop::collection::btree_set(arb_key(), 1..3),
         prop::collection::vec(arb_price(), 8),
     )
@@ -830,8 +905,8 @@ fn arb_tiers() -> impl Strategy<Value = Tiers> {
 
 fn arb_window() -> impl Strategy<Value = TimeWindow> {
     (
-        0u16..1440,
-        0u16..1440,
+        clock(),
+        clock(),
         prop::sample::select(vec!["UTC", "Asia/Shanghai", "America/New_York"]),
         prop::collection::vec(1u8..=7, 0..3),
         arb_prices(),
@@ -852,7 +927,7 @@ fn arb_rule() -> impl Strategy<Value = PriceRule> {
         prop_oneof![3 => Just(ServiceTier::Standard), 1 => Just(ServiceTier::Batch), 1 => Just(ServiceTier::Flex)],
         arb_prices(),
         prop::option::of(arb_price()),
-        prop::collection::btree_map(1u64..3000, arb_prices(), 0..3),
+        prop::collection::btree_map(edge(), arb_prices(), 0..3),
         prop::option::of(arb_tiers()),
         prop::collection::vec(arb_window(), 0..2),
     )
@@ -886,13 +961,24 @@ fn arb_rounding() -> impl Strategy<Value = Rounding> {
 }
 
 fn arb_tokens() -> impl Strategy<Value = TokenMap> {
+    let keys = vec![
+        (Modality::Text, Direction::Input),
+        (Modality::Text, Direction::CachedInput),
+        (Modality::Text, Direction::CacheWrite),
+        (Modality::Text, Direction::Output),
+        (Modality::Text, Direction::Reasoning),
+        (Modality::Audio, Direction::Input),
+        (Modality::Video, Direction::Output),
+    ];
     prop::collection::btree_map(
-        (
-            prop::sample::select(Modality::ALL.to_vec()),
-            prop::sample::select(Direction::ALL.to_vec()),
-        ),
-        prop_oneof![Just(0i64), 1i64..3000, 1i64..2_000_000_000],
-        0..5,
+        prop::sample::select(keys),
+        prop_oneof![
+            4 => edge().prop_map(|e| e as i64),
+            4 => edge().prop_map(|e| e as i64 / 2),
+            1 => Just(0i64),
+            1 => 1i64..2_000_000_000,
+        ],
+        1..6,
     )
     .prop_map(|m| {
         let mut t = TokenMap::new();
@@ -904,7 +990,7 @@ fn arb_tokens() -> impl Strategy<Value = TokenMap> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(600))]
+    #![proptest_config(ProptestConfig::with_cases(4000))]
 
     #[test]
     fn rater_and_naive_recomputation_agree(
@@ -914,13 +1000,21 @@ proptest! {
         discount in prop::option::of((0u32..=10000).prop_map(|p| Decimal::new(p.into(), 2))),
         markup in prop::option::of((0u32..=5000).prop_map(|p| Decimal::new(p.into(), 1))),
         rounding in arb_rounding(),
-        model in prop::option::of(prop::sample::select(vec!["gpt-4o", "gpt-4o-mini", "claude-3", "llama"])),
+        model in prop_oneof![
+            1 => Just(None),
+            6 => prop::sample::select(vec!["gpt-4o", "gpt-4o-mini", "claude-3", "llama"]).prop_map(Some),
+        ],
         service in prop::sample::select(vec!["llm.chat", "doc.verify"]),
         tier in prop_oneof![Just(ServiceTier::Standard), Just(ServiceTier::Batch), Just(ServiceTier::Flex), Just(ServiceTier::Priority)],
         tokens in arb_tokens(),
         pages in prop::option::of((0u64..100_000, 0u32..3)),
-        secs in 1_700_000_000i64..1_900_000_000,
-        ptd in 0u64..5000,
+        secs in prop_oneof![
+            // On the hour (the windows' edges in UTC, Shanghai and New York), a
+            // second before, or anywhere.
+            3 => (0i64..24 * 14, prop_oneof![Just(0i64), Just(-1)]).prop_map(|(h, s)| 1_804_032_000 + h * 3600 + s),
+            1 => 1_700_000_000i64..1_900_000_000,
+        ],
+        ptd in prop_oneof![edge(), edge().prop_map(|e| e / 2), Just(0), 0u64..5000],
     ) {
         let book = small_book(rules, rounding);
         prop_assume!(book.check().is_ok());
@@ -992,6 +1086,39 @@ proptest! {
         }
     }
 
+    /// Imports read untrusted uploads (`POST /api/v1/prices`): any bytes give a book
+    /// or an error, never a panic. Mutations of real documents reach deeper than
+    /// random text.
+    #[test]
+    fn imports_never_panic(
+        text in ".{0,200}",
+        cut in 0usize..2000,
+        flip in 0usize..2000,
+        byte in any::<u8>(),
+    ) {
+        let _ = import_toml(&text);
+        let _ = import_litellm(text.as_bytes());
+        let _ = ciyuan_core::decimal_from_text(&text);
+        let mut toml = TOML_BOOK.as_bytes().to_vec();
+        if !toml.is_empty() {
+            let i = flip % toml.len();
+            toml[i] = byte;
+            toml.truncate(cut.max(i));
+        }
+        let _ = import_toml(&String::from_utf8_lossy(&toml));
+        let sample = br#"{"m": {"input_cost_per_token": 1e-06, "output_cost_per_token_above_200k_tokens_batches": 2.5e-06,
+            "tiered_pricing": [{"input_cost_per_token": 1e-07, "range": [0, 1000.0]}, {"input_cost_per_token": 2e-07, "range": [1000.0, 5000]}],
+            "off_peak_pricing": {"input_cost_per_token": 5e-08, "windows": [{"hours_utc": ["00:00-08:00"], "weekdays": [1, 2]}]}}}"#;
+        let unmutated = import_litellm(sample).unwrap();
+        prop_assert_eq!(unmutated.rules.len(), 2);
+        prop_assert!(import_toml(TOML_BOOK).is_ok());
+        let mut json = sample.to_vec();
+        let i = flip % json.len();
+        json[i] = byte;
+        json.truncate(cut.max(i + 1));
+        let _ = import_litellm(&json);
+    }
+
     #[test]
     fn decimal_text_round_trips(m in any::<i64>(), scale in 0u32..=18, exp in -6i32..6) {
         let v = Decimal::new(m, scale);
@@ -1005,6 +1132,47 @@ proptest! {
             v / Decimal::from(10i64.pow(exp.unsigned_abs()))
         };
         prop_assert_eq!(back, want);
+    }
+}
+
+fn litellm_rater() -> &'static Rater {
+    static RATER: OnceLock<Rater> = OnceLock::new();
+    RATER.get_or_init(|| Rater::new(litellm_book(), None).unwrap())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Real prices (thresholds, tiers, off-peak windows, per-request prices): the
+    /// rater, its cache and the naive recomputation agree model by model.
+    #[test]
+    fn litellm_book_rated_two_ways_agrees(
+        pick in any::<prop::sample::Index>(),
+        upper in any::<bool>(),
+        tier in prop_oneof![Just(ServiceTier::Standard), Just(ServiceTier::Batch), Just(ServiceTier::Flex), Just(ServiceTier::Priority)],
+        tokens in arb_tokens(),
+        big in prop::sample::select(vec![0i64, 128_000, 200_000, 256_000, 272_000, 1_000_000]),
+        secs in 1_800_000_000i64..1_800_700_000,
+    ) {
+        let book = litellm_book();
+        let rule = &book.rules[pick.index(book.rules.len())];
+        let model = rule.model.clone().unwrap();
+        let model = if upper { model.to_uppercase() } else { model };
+        let mut tokens = tokens;
+        tokens.add(Modality::Text, Direction::Input, big).unwrap();
+        let i = RateInput {
+            model: Some(&model),
+            service: "llm.chat",
+            tier,
+            tokens: &tokens,
+            measures: no_measures(),
+            at: ciyuan_core::jiff::Timestamp::from_second(secs).unwrap(),
+            period_to_date: Decimal::ZERO,
+        };
+        let fast = litellm_rater().rate(&i).unwrap();
+        prop_assert!(!fast.unpriced);
+        prop_assert_eq!(&fast, &rate_naive(book, None, &i).unwrap());
+        prop_assert!(verify_rating(book, None, &i, &fast).is_ok());
     }
 }
 
@@ -1022,11 +1190,89 @@ fn bench_rating_litellm_gpt_4o() {
     ]);
     let i = input("gpt-4o", ServiceTier::Standard, &t, no_measures());
     bench_rating(&rater, &i, 10_000).unwrap();
-    let n = 1_000_000;
-    let took = bench_rating(&rater, &i, n).unwrap();
+    // The machine is shared: the best of rounds is the cost, the median the noise.
+    let n = 200_000;
+    let mut rounds: Vec<f64> = (0..9)
+        .map(|_| bench_rating(&rater, &i, n).unwrap().as_nanos() as f64 / f64::from(n))
+        .collect();
+    rounds.sort_by(f64::total_cmp);
     println!(
-        "rating: {:.1} ns/entry over {n} gpt-4o entries (4 token keys) on the LiteLLM book ({} rules)",
-        took.as_nanos() as f64 / f64::from(n),
+        "rating: {:.1} ns/entry best, {:.1} median, of 9 rounds of {n} gpt-4o entries (4 token keys) on the LiteLLM book ({} rules)",
+        rounds[0],
+        rounds[4],
         book.rules.len()
     );
+}
+
+/// Where the time goes: the fixed cost (an unpriced entry), one key, four keys.
+#[test]
+#[ignore]
+fn bench_rating_parts() {
+    let book = litellm_book();
+    let rater = Rater::new(book, None).unwrap();
+    let run = |label: &str, t: &TokenMap, model: &str| {
+        let i = input(model, ServiceTier::Standard, t, no_measures());
+        let n = 200_000;
+        let mut rounds: Vec<f64> = (0..9)
+            .map(|_| bench_rating(&rater, &i, n).unwrap().as_nanos() as f64 / f64::from(n))
+            .collect();
+        rounds.sort_by(f64::total_cmp);
+        println!("{label}: {:.1} best {:.1} median", rounds[0], rounds[4]);
+    };
+    let t0 = tokens(&[("text.input", 1200)]);
+    let t4 = tokens(&[
+        ("text.input", 1200),
+        ("text.cached_input", 800),
+        ("text.output", 350),
+        ("text.reasoning", 120),
+    ]);
+    run("unpriced 4 keys", &t4, "nope");
+    run("gpt-4o 1 key", &t0, "gpt-4o");
+    run("gpt-4o 4 keys", &t4, "gpt-4o");
+}
+
+/// The TOML example of the crate documentation imports and checks.
+#[test]
+fn the_documented_toml_example_imports() {
+    let doc = include_str!("lib.rs");
+    let start = doc.find("//! ```toml\n").unwrap() + "//! ```toml\n".len();
+    let end = start + doc[start..].find("//! ```\n").unwrap();
+    let text: String = doc[start..end]
+        .lines()
+        .map(|l| {
+            l.strip_prefix("//!")
+                .unwrap()
+                .strip_prefix(' ')
+                .unwrap_or("")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let import = import_toml(&text).unwrap();
+    assert_eq!(import.rules.len(), 3);
+    let book = import
+        .into_book(None, 1, "2027-01-01T00:00:00Z".parse().unwrap(), None)
+        .unwrap();
+    assert_eq!(
+        book.rules[0].unit_prices[&key("text.output")],
+        d("0.0000096")
+    );
+    assert_eq!(book.rules[2].tiers.as_ref().unwrap().bands.len(), 2);
+}
+
+/// Rates `CIYUAN_BENCH_N` gpt-4o entries, nothing else: for counting instructions
+/// with `perf stat -e instructions:u` at two values of N, a figure a loaded machine
+/// does not blur.
+#[test]
+#[ignore]
+fn bench_rating_loop() {
+    let n: u32 = std::env::var("CIYUAN_BENCH_N").map_or(0, |v| v.parse().unwrap());
+    let rater = litellm_rater();
+    let t = tokens(&[
+        ("text.input", 1200),
+        ("text.cached_input", 800),
+        ("text.output", 350),
+        ("text.reasoning", 120),
+    ]);
+    let i = input("gpt-4o", ServiceTier::Standard, &t, no_measures());
+    bench_rating(rater, &i, n).unwrap();
 }

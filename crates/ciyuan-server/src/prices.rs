@@ -259,36 +259,36 @@ impl App {
         }
     }
 
-    /// The most a request may cost: its prompt and maximum output at the prices
-    /// that will rate it; `None` when pricing is off or nothing prices it (it is then
-    /// held as nothing, as rating counts it as nothing).
+    /// The most a request may cost: its prompt and maximum output (as output or as
+    /// reasoning, whichever is dearer) at the prices that will rate it; `None` when
+    /// pricing is off or nothing prices it (it is then held as nothing, as rating
+    /// counts it as nothing).
     pub(crate) fn max_cost(
         &self,
         node: &AccountPath,
         model: &str,
         service: &str,
         input: &TokenMap,
-        max_output: &TokenMap,
+        max_output: i64,
         at: Timestamp,
     ) -> Option<ciyuan_core::Money> {
         let rater = self.pricing.rater(node, at).ok()??;
-        let mut tokens = input.clone();
-        for t in max_output.iter() {
-            tokens.add(t.modality, t.direction, t.count)?;
-        }
         let no_measures = std::collections::BTreeMap::new();
         let r = rater
-            .rate(&RateInput {
-                model: Some(model),
-                service,
-                tier: ServiceTier::Standard,
-                tokens: &tokens,
-                measures: &no_measures,
-                at,
-                period_to_date: Decimal::ZERO,
-            })
-            .ok()?;
-        (!r.unpriced).then_some(ciyuan_core::Money {
+            .max_cost(
+                &RateInput {
+                    model: Some(model),
+                    service,
+                    tier: ServiceTier::Standard,
+                    tokens: input,
+                    measures: &no_measures,
+                    at,
+                    period_to_date: Decimal::ZERO,
+                },
+                max_output,
+            )
+            .ok()??;
+        Some(ciyuan_core::Money {
             amount: r.amount,
             currency: r.currency,
         })
@@ -680,7 +680,7 @@ pub async fn set_contract(
     let node = parse_path(&raw, "path")?;
     caller.require_within(&node)?;
     let mine = &caller.key.account;
-    if !mine.is_root() && (mine == &node || !node.is_within(mine)) {
+    if !mine.is_root() && !ciyuan_core::may_set_contract(mine, &node, None) {
         return Err(ApiError::forbidden(format!(
             "a contract on {node} prices its usage: only a key strictly above it may set it"
         )));
@@ -714,7 +714,8 @@ pub async fn set_contract(
         )));
     }
     if let Some(c) = current
-        && !ciyuan_core::may_change_control(c.set_by.as_ref(), mine)
+        && !mine.is_root()
+        && !ciyuan_core::may_set_contract(mine, &node, Some(&c))
     {
         return Err(ApiError::forbidden(format!(
             "the contract on {node} was set by a key at {}: only a key at that node or above may change it",

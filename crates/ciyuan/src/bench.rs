@@ -18,6 +18,25 @@ pub enum BenchCmd {
     Gateway(GatewayArgs),
     /// Budget admission plus settlement in-process, on a five-level tree.
     Budgets(BudgetsArgs),
+    /// Money in-process: rating one chat entry with LiteLLM's table, and wallet
+    /// admission (reserve + settle).
+    Money(MoneyArgs),
+}
+
+#[derive(Args)]
+pub struct MoneyArgs {
+    /// The price file rated with (LiteLLM's JSON table).
+    #[arg(long, default_value = "../shared/fixtures/litellm_model_prices.json")]
+    prices: PathBuf,
+    /// Ratings, and wallet reserve + settle pairs per thread.
+    #[arg(long, default_value_t = 1_000_000)]
+    iterations: u64,
+    /// Threads of the parallel wallet run.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// End with one JSON line of the figures.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -84,6 +103,10 @@ pub struct IngestArgs {
     /// `ev-1`, `ev-2`, ... (which the idempotency index receives in key order).
     #[arg(long)]
     random_ids: bool,
+    /// Import this LiteLLM price table first, so every event is rated as it is
+    /// appended (the events are `gpt-4o` chat usage).
+    #[arg(long)]
+    prices: Option<PathBuf>,
     /// End with one JSON line of the figures.
     #[arg(long)]
     json: bool,
@@ -176,9 +199,15 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         }
         BenchCmd::Tokens(a) => crate::bench_tokens::run(a.file, a.bytes, &a.python, a.json)?,
         BenchCmd::Ingest(a) => {
-            let r = crate::bench_ingest::run(a.events, a.batch, a.clients, a.random_ids)?;
+            let r = crate::bench_ingest::run(
+                a.events,
+                a.batch,
+                a.clients,
+                a.random_ids,
+                a.prices.as_deref(),
+            )?;
             println!(
-                "ingest: {} events in batches of {} from {} clients over HTTP ({} ids)",
+                "ingest: {} events in batches of {} from {} clients over HTTP ({} ids, {})",
                 r.events,
                 a.batch,
                 a.clients,
@@ -186,6 +215,11 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                     "random UUID"
                 } else {
                     "sequential"
+                },
+                if a.prices.is_some() {
+                    "rated"
+                } else {
+                    "unrated"
                 }
             );
             println!("  {:.0} durable events/s", r.events_per_sec);
@@ -214,6 +248,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        BenchCmd::Money(a) => money(a)?,
         BenchCmd::Budgets(a) => {
             let r = ciyuan_budget::bench::bench(a.iterations, a.threads)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -424,4 +459,65 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// `ciyuan bench money`: what rating adds per entry and what wallet admission costs.
+fn money(a: MoneyArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let bytes = std::fs::read(&a.prices)
+        .with_context(|| format!("reading the price file {}", a.prices.display()))?;
+    let book = ciyuan_price::import_litellm(&bytes)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .into_book(
+            Some("list"),
+            1,
+            ciyuan_core::jiff::Timestamp::UNIX_EPOCH,
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rater = ciyuan_price::Rater::new(&book, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tokens = ciyuan_core::TokenMap::new();
+    use ciyuan_core::{Direction as D, Modality as M};
+    for (d, n) in [(D::Input, 1200), (D::CachedInput, 800), (D::Output, 350)] {
+        tokens.add(M::Text, d, n).context("token map")?;
+    }
+    let measures = std::collections::BTreeMap::new();
+    let input = ciyuan_price::RateInput {
+        model: Some("gpt-4o"),
+        service: "llm.chat",
+        tier: ciyuan_core::ServiceTier::Standard,
+        tokens: &tokens,
+        measures: &measures,
+        at: ciyuan_core::jiff::Timestamp::now(),
+        period_to_date: rust_decimal::Decimal::ZERO,
+    };
+    let n = u32::try_from(a.iterations).unwrap_or(u32::MAX);
+    // Once to warm the rater's model cache, as a running server has it.
+    ciyuan_price::bench_rating(&rater, &input, 1000).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let took = ciyuan_price::bench_rating(&rater, &input, n).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rating_ns = took.as_nanos() as f64 / f64::from(n);
+    let w = ciyuan_budget::bench::wallet_bench(a.iterations, a.threads)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!(
+        "money: rating a gpt-4o chat entry (3 token keys) with LiteLLM's table ({} rules)",
+        book.rules.len()
+    );
+    println!("  {rating_ns:.0} ns per entry");
+    println!(
+        "wallet admission (reserve + settle): 1 thread {:.0} ns; {} threads {:.0} ns per request per thread",
+        w.single_ns, w.threads, w.parallel_thread_ns
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "rules": book.rules.len(),
+                "rating_ns": rating_ns,
+                "wallet_single_ns": w.single_ns,
+                "wallet_threads": w.threads,
+                "wallet_parallel_thread_ns": w.parallel_thread_ns,
+            })
+        );
+    }
+    Ok(())
 }

@@ -82,7 +82,16 @@ fn uuid_like(i: u64) -> String {
     )
 }
 
-pub fn run(events: u64, batch: u64, clients: u64, random_ids: bool) -> anyhow::Result<Report> {
+pub fn run(
+    events: u64,
+    batch: u64,
+    clients: u64,
+    random_ids: bool,
+    prices: Option<&std::path::Path>,
+) -> anyhow::Result<Report> {
+    let prices = prices
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
     if batch == 0 || clients == 0 || events == 0 {
         bail!("--events, --batch and --clients must be positive");
     }
@@ -121,6 +130,16 @@ pub fn run(events: u64, batch: u64, clients: u64, random_ids: bool) -> anyhow::R
             http.post(format!("{url}{path}")).bearer_auth(key).json(&body).send()
         };
         post("/api/v1/accounts", serde_json::json!({"path": "bench/app"}), &admin).await?.error_for_status()?;
+        if let Some(file) = prices {
+            // The book named `list` rates every event as it is appended.
+            http.post(format!("{url}/api/v1/prices?format=litellm"))
+                .bearer_auth(&admin)
+                .header("content-type", "application/json")
+                .body(file)
+                .send()
+                .await?
+                .error_for_status()?;
+        }
         let key: serde_json::Value = post(
             "/api/v1/keys",
             serde_json::json!({"account": "bench", "scopes": ["ingest"]}),

@@ -802,7 +802,7 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
             &info.model,
             endpoint.service(),
             &input,
-            &out,
+            i64::try_from(max_output.min(protocol::MAX_REPORTED_TOKENS)).unwrap_or(i64::MAX),
             at,
         );
         let admission = ciyuan_budget::Admission {
