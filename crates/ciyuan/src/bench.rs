@@ -66,6 +66,10 @@ pub struct GatewayArgs {
     /// Concurrent streams of the memory measurement.
     #[arg(long, default_value_t = 1000)]
     streams: usize,
+    /// Import this LiteLLM price table and fund the account's wallet first: every
+    /// request is then rated, held and settled.
+    #[arg(long)]
+    prices: Option<PathBuf>,
     /// End with one JSON line of the figures.
     #[arg(long)]
     json: bool,
@@ -286,6 +290,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 seconds: a.seconds,
                 concurrency: a.concurrency,
                 streams: a.streams,
+                prices: a.prices.clone(),
             })?;
             let (d, g) = (&r.latency_direct, &r.latency_gateway);
             println!(

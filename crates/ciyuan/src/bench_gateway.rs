@@ -36,6 +36,9 @@ pub struct Options {
     pub concurrency: usize,
     /// Concurrent streams of the memory phase.
     pub streams: usize,
+    /// A LiteLLM price table to import first, with a wallet funded for the account:
+    /// every request is then priced, held in the wallet and settled as a posting.
+    pub prices: Option<std::path::PathBuf>,
 }
 
 /// Output tokens of each small completion.
@@ -526,6 +529,11 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
     if !positive(o.rate) || !positive(o.seconds) {
         bail!("--rate and --seconds must be positive");
     }
+    let prices = o
+        .prices
+        .as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
     if o.concurrency == 0 {
         bail!("--concurrency must be positive");
     }
@@ -589,6 +597,21 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
         post("/api/v1/accounts", serde_json::json!({"path": "bench"}))
             .await?
             .error_for_status()?;
+        if let Some(file) = &prices {
+            http.post(format!("{gw_url}/api/v1/prices?format=litellm"))
+                .bearer_auth(&admin)
+                .header("content-type", "application/json")
+                .body(file.clone())
+                .send()
+                .await?
+                .error_for_status()?;
+            post(
+                "/api/v1/wallets/bench",
+                serde_json::json!({"kind": "topup", "amount": "1000000", "currency": "USD"}),
+            )
+            .await?
+            .error_for_status()?;
+        }
         let key: serde_json::Value = post(
             "/api/v1/keys",
             serde_json::json!({"account": "bench", "scopes": ["gateway"]}),
