@@ -346,7 +346,7 @@ pub(crate) mod amount_serde {
     use serde::Deserialize;
 
     pub fn serialize<S: serde::Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(d)
+        crate::price::exact::serialize(d, s)
     }
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {

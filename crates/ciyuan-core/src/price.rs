@@ -169,7 +169,53 @@ pub mod exact {
 
     /// Writes the amount as a string.
     pub fn serialize<S: serde::Serializer>(v: &Decimal, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(v)
+        let mut buf = [0u8; TEXT_BYTES];
+        s.serialize_str(text(v, &mut buf))
+    }
+
+    /// The most bytes of a decimal's text: sign, 29 digits, point, leading zeros of a
+    /// scale of 28.
+    const TEXT_BYTES: usize = 64;
+
+    /// `d`'s text exactly as its `Display` writes it (every digit of its scale), built
+    /// in `buf` without the formatting machinery: a rated entry writes several amounts
+    /// and this is on the append path of every one.
+    pub fn text<'b>(d: &Decimal, buf: &'b mut [u8; TEXT_BYTES]) -> &'b str {
+        let mut m = d.mantissa().unsigned_abs();
+        let scale = d.scale() as usize;
+        let mut digits = [0u8; 40];
+        let mut n = 0;
+        loop {
+            // At most 29 digits: the mantissa is below 2^96.
+            digits[n] = b'0' + (m % 10) as u8;
+            m /= 10;
+            n += 1;
+            if m == 0 {
+                break;
+            }
+        }
+        // Leading zeros up to one before the point.
+        while n < scale + 1 {
+            digits[n] = b'0';
+            n += 1;
+        }
+        let mut len = 0;
+        if d.is_sign_negative() && !d.is_zero() {
+            buf[len] = b'-';
+            len += 1;
+        }
+        for i in (0..n).rev() {
+            if i + 1 == scale {
+                buf[len] = b'.';
+                len += 1;
+            }
+            buf[len] = digits[i];
+            len += 1;
+        }
+        match std::str::from_utf8(&buf[..len]) {
+            Ok(text) => text,
+            Err(_) => unreachable!("only ASCII digits, '-' and '.' are written"),
+        }
     }
 
     /// Reads an amount from a string or an integer.
@@ -191,7 +237,7 @@ pub mod exact {
             s: S,
         ) -> Result<S::Ok, S::Error> {
             match v {
-                Some(d) => s.collect_str(d),
+                Some(d) => super::serialize(d, s),
                 None => s.serialize_none(),
             }
         }
@@ -217,7 +263,8 @@ pub mod exact {
         pub fn serialize<S: serde::Serializer>(v: &UnitPrices, s: S) -> Result<S::Ok, S::Error> {
             let mut map = s.serialize_map(Some(v.len()))?;
             for (k, d) in v {
-                map.serialize_entry(k, &d.to_string())?;
+                let mut buf = [0u8; 64];
+                map.serialize_entry(k, super::text(d, &mut buf))?;
             }
             map.end()
         }
@@ -1220,6 +1267,30 @@ impl Rating {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decimal_text_is_display_exactly() {
+        use proptest::prelude::*;
+        let mut buf = [0u8; 64];
+        for d in [
+            Decimal::ZERO,
+            Decimal::new(0, 5),
+            Decimal::new(-0, 3),
+            Decimal::new(450, 2),
+            Decimal::new(-25, 7),
+            Decimal::MAX,
+            Decimal::MIN,
+            Decimal::from_i128_with_scale(1, 28),
+            Decimal::from_i128_with_scale(-79228162514264337593543950335, 28),
+        ] {
+            assert_eq!(exact::text(&d, &mut buf), d.to_string());
+        }
+        proptest!(|(m in any::<i64>(), hi in any::<u32>(), neg in any::<bool>(), scale in 0u32..=28)| {
+            let d = Decimal::from_parts(m as u32, (m >> 32) as u32, hi, neg, scale);
+            let mut buf = [0u8; 64];
+            prop_assert_eq!(exact::text(&d, &mut buf), d.to_string());
+        });
+    }
+
     use super::*;
 
     fn d(s: &str) -> Decimal {
