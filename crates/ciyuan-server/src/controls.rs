@@ -203,6 +203,14 @@ pub(crate) fn is_control(entry: &Entry) -> bool {
     )
 }
 
+/// Whether an entry changes how usage is measured or priced (see `App::rules_gate`).
+pub(crate) fn is_rule(entry: &Entry) -> bool {
+    matches!(
+        entry.body,
+        EntryBody::DefinitionSet(_) | EntryBody::PriceBook(_) | EntryBody::PriceContract(_)
+    )
+}
+
 /// One definition as the API shows it.
 #[derive(Serialize)]
 pub struct DefinitionView {

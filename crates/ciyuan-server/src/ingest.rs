@@ -1053,6 +1053,9 @@ pub async fn events(
             ),
         ));
     }
+    // Measured and rated under the rules in force until the append is submitted (see
+    // `App::rules_gate`).
+    let rules = app.rules_gate.clone().read_owned().await;
     let now = Timestamp::now();
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(events.len());
     let mut candidates: Vec<(usize, Accepted)> = Vec::with_capacity(events.len());
@@ -1072,7 +1075,13 @@ pub async fn events(
     // Once events are checked, recording them runs to its end even if the client goes:
     // an append cut off between the ledger and the idempotency index could be counted
     // twice on a retry.
-    let task = tokio::spawn(record(app, caller.key.key_id.clone(), candidates, outcomes));
+    let task = tokio::spawn(record(
+        app,
+        caller.key.key_id.clone(),
+        candidates,
+        outcomes,
+        rules,
+    ));
     let outcomes = task.await.map_err(ApiError::internal)??;
     match mode {
         Mode::Single => match outcomes.into_iter().next() {
@@ -1102,7 +1111,9 @@ async fn record(
     key_id: String,
     candidates: Vec<(usize, Accepted)>,
     mut outcomes: Vec<Option<Outcome>>,
+    rules: tokio::sync::OwnedRwLockReadGuard<()>,
 ) -> Result<Vec<Outcome>, ApiError> {
+    let mut rules = Some(rules);
     // Accounts must exist; checked once per distinct account.
     let accounts: Vec<AccountPath> = {
         let mut distinct = FxHashSet::default();
@@ -1286,10 +1297,14 @@ async fn record(
         let settle = Settle(&claim);
         // Lent to the projector, which then applies these entries without reading them
         // back from the ledger.
-        let appended =
-            crate::pipeline::append_lent(app.log.as_ref(), &app.projector, claim.clone())
-                .await
-                .inspect(|_| app.projector.kick());
+        let appended = crate::pipeline::append_lent_then(
+            app.log.as_ref(),
+            &app.projector,
+            claim.clone(),
+            || drop(rules.take()),
+        )
+        .await
+        .inspect(|_| app.projector.kick());
         claim
             .appended
             .send_replace(Some(appended.as_ref().map(|r| r.start).map_err(|_| ())));

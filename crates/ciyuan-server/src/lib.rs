@@ -108,6 +108,12 @@ pub struct App {
     pricing: prices::Pricing,
     /// Wallet balances, grants and holds (rebuilt from the ledger's postings).
     wallets: ciyuan_budget::Wallets,
+    /// Orders usage against the rules that measure and price it: a usage entry is
+    /// measured and rated under a read guard held until its append is submitted to
+    /// the ledger; a definition, book or contract is appended and applied under the
+    /// write guard. So every usage entry follows the rules recorded before it in the
+    /// log, which is what `ciyuan audit verify` checks.
+    pub(crate) rules_gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl App {
@@ -148,6 +154,7 @@ impl App {
             definitions,
             pricing,
             wallets,
+            rules_gate: Arc::default(),
             auth: Authenticator::new(store.clone()),
             store,
             log,
@@ -171,15 +178,22 @@ impl App {
         self: &Arc<Self>,
         entries: &[Entry],
     ) -> Result<Range<u64>, ApiError> {
-        let range = self.append(entries).await?;
-        self.projector
-            .wait_for(range.end, self.config.projection_wait)
-            .await?;
         let controls: Vec<Entry> = entries
             .iter()
             .filter(|e| controls::is_control(e))
             .cloned()
             .collect();
+        // Rules of measuring and pricing wait for the usage already measured or rated
+        // under the old ones to be submitted, and take effect before any more is.
+        let _rules = if controls.iter().any(controls::is_rule) {
+            Some(self.rules_gate.write().await)
+        } else {
+            None
+        };
+        let range = self.append(entries).await?;
+        self.projector
+            .wait_for(range.end, self.config.projection_wait)
+            .await?;
         if !controls.is_empty() {
             self.blocking(move |app| app.apply_controls(&controls))
                 .await?;

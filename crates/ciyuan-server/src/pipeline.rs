@@ -114,11 +114,41 @@ pub async fn append_lent(
     append_then(log, entries.entries(), move |r| shelf.lend(r.start, lent)).await
 }
 
+/// [`append_lent`], running `submitted` once the entries hold their place in the
+/// ledger's order (before they are durable): what must come after them may go.
+pub async fn append_lent_then(
+    log: &dyn Log,
+    projector: &Projector,
+    lent: Arc<dyn Lent>,
+    submitted: impl FnOnce(),
+) -> Result<Range<u64>, ApiError> {
+    let shelf = projector.shelf.clone();
+    let entries = lent.clone();
+    append_submitted(
+        log,
+        entries.entries(),
+        move |r| shelf.lend(r.start, lent),
+        submitted,
+    )
+    .await
+}
+
 /// [`append`], running `durable` with the range as soon as the entries are durable.
 async fn append_then(
     log: &dyn Log,
     entries: &[Entry],
     durable: impl FnOnce(&Range<u64>) + Send + 'static,
+) -> Result<Range<u64>, ApiError> {
+    append_submitted(log, entries, durable, || {}).await
+}
+
+/// [`append_then`], running `submitted` as soon as the ledger has taken the entries
+/// (their order is then fixed), before waiting for them to be durable.
+async fn append_submitted(
+    log: &dyn Log,
+    entries: &[Entry],
+    durable: impl FnOnce(&Range<u64>) + Send + 'static,
+    submitted: impl FnOnce(),
 ) -> Result<Range<u64>, ApiError> {
     // Sized from the entries before: most batches hold entries of similar length, and a
     // buffer that has to grow is copied.
@@ -142,6 +172,7 @@ async fn append_then(
             let _ = tx.send(r);
         }),
     )?;
+    submitted();
     let range = rx
         .await
         .map_err(|_| ApiError::unavailable("the ledger writer stopped"))??;

@@ -6,9 +6,11 @@
 //! transfers are written by keys strictly above the wallet's node (a tenant does not
 //! fund itself); consumption is written by the server when a gateway request that the
 //! wallet held money for settles. The engine applies a posting before it is appended,
-//! under the admin lock, so a posting the engine refuses (a refund of more than the
+//! under the admin lock, so a posting the engine refuses (a transfer of more than the
 //! balance) is never recorded; if the append then fails, its mirror image is applied
-//! to take it back.
+//! to take it back. That is done under the rules gate's write guard, and consumption
+//! is settled under its read guard, so a consumption never precedes in the log the
+//! posting whose money it spends.
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -314,6 +316,10 @@ pub async fn post(
         .check()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let _guard = app.admin_lock.lock().await;
+    // A consumption that draws on this money is settled under the rules gate's read
+    // guard: holding the write guard until this posting holds its place in the ledger
+    // keeps every such consumption after it (a replay meets the grant before its use).
+    let _rules = app.rules_gate.write().await;
     let now = Timestamp::now();
     // Applied first, so a posting the wallet refuses (more than it holds beside what
     // requests in flight hold) is never recorded.

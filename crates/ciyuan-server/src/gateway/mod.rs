@@ -191,10 +191,15 @@ const RECORD_QUEUE: usize = 16 * 1024;
 // Nearly every message is an entry; boxing it would allocate per request.
 #[allow(clippy::large_enum_variant)]
 enum Record {
-    Entry(Entry),
+    /// An entry, with the rules guard it was rated under (released once the entry
+    /// holds its place in the ledger; see `App::rules_gate`).
+    Entry(Entry, Option<RulesGuard>),
     /// Append what is queued now and say when it is durable.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
+
+/// A read guard of `App::rules_gate`.
+type RulesGuard = tokio::sync::OwnedRwLockReadGuard<()>;
 
 /// A group of gateway entries as appended. They are built from strings, integers and a
 /// timestamp, which decode back exactly as they are, so the projector may apply them
@@ -211,12 +216,16 @@ impl crate::pipeline::Lent for Recorded {
 async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver<Record>) {
     let mut batch: Vec<Entry> = Vec::with_capacity(RECORD_BATCH_MAX);
     let mut waiting: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+    let mut guards: Vec<RulesGuard> = Vec::new();
     while let Some(first) = rx.recv().await {
         let deadline = tokio::time::Instant::now() + RECORD_LINGER;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Record::Entry(e) => batch.push(e),
+                Record::Entry(e, guard) => {
+                    batch.push(e);
+                    guards.extend(guard);
+                }
                 Record::Flush(done) => {
                     waiting.push(done);
                     break;
@@ -239,7 +248,15 @@ async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver
                 &mut batch,
                 Vec::with_capacity(n.next_power_of_two()),
             )));
-            match crate::pipeline::append_lent(app.log.as_ref(), &app.projector, lent).await {
+            let submitted = || guards.clear();
+            match crate::pipeline::append_lent_then(
+                app.log.as_ref(),
+                &app.projector,
+                lent,
+                submitted,
+            )
+            .await
+            {
                 Ok(_) => app.projector.kick(),
                 Err(e) => {
                     tracing::error!(entries = n, detail = %e.detail, "gateway usage not recorded")
@@ -275,23 +292,32 @@ impl App {
     }
 
     /// Hands a gateway entry to the recorder (started on first use).
-    fn record_gateway(self: &Arc<Self>, entry: Entry) {
+    fn record_gateway(self: &Arc<Self>, entry: Entry, guard: Option<RulesGuard>) {
         let tx = self.gateway.recorder.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(RECORD_QUEUE);
             tokio::spawn(recorder(Arc::downgrade(self), rx));
             tx
         });
-        if let Err(e) = tx.try_send(Record::Entry(entry)) {
+        if let Err(e) = tx.try_send(Record::Entry(entry, guard)) {
             // The recorder is behind: append this one alone rather than drop it.
-            let entry = match e {
-                tokio::sync::mpsc::error::TrySendError::Full(Record::Entry(e))
-                | tokio::sync::mpsc::error::TrySendError::Closed(Record::Entry(e)) => e,
+            let (entry, guard) = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(Record::Entry(e, g))
+                | tokio::sync::mpsc::error::TrySendError::Closed(Record::Entry(e, g)) => (e, g),
                 _ => return,
             };
             let app = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = app.append(&[entry]).await {
-                    tracing::error!(detail = %e.detail, "gateway usage not recorded");
+                let mut guard = guard;
+                let appended = crate::pipeline::append_lent_then(
+                    app.log.as_ref(),
+                    &app.projector,
+                    Arc::new(Recorded(vec![entry])),
+                    || drop(guard.take()),
+                )
+                .await;
+                match appended {
+                    Ok(_) => app.projector.kick(),
+                    Err(e) => tracing::error!(detail = %e.detail, "gateway usage not recorded"),
                 }
             });
         }
@@ -1506,7 +1532,9 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                 ..Usage::default()
             }),
         );
-        // Priced as it is appended, on the count the provider's setting names.
+        // Priced as it is appended, on the count the provider's setting names, under
+        // the rules in force until the entry holds its place in the ledger.
+        let rules = app.rules_gate.clone().read_owned().await;
         let price_incident = app.rate_gateway_entry(&mut entry, provider.rate_basis);
         let EntryBody::Usage(usage) = &entry.body else {
             unreachable!("a gateway entry is a usage entry")
@@ -1548,13 +1576,17 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
             cost,
             usage.event_id.as_deref(),
         );
-        app.record_gateway(entry);
-        if let Some((node, posting)) = charge {
-            app.record_gateway(Entry::new(
-                Timestamp::now(),
-                node,
-                EntryBody::Posting(posting),
-            ));
+        // The guard goes with the last record: the recorder keeps their order, so when
+        // it is released both hold their places.
+        match charge {
+            None => app.record_gateway(entry, Some(rules)),
+            Some((node, posting)) => {
+                app.record_gateway(entry, None);
+                app.record_gateway(
+                    Entry::new(Timestamp::now(), node, EntryBody::Posting(posting)),
+                    Some(rules),
+                );
+            }
         }
         if let Some(incident) = price_incident {
             app.raise_price_incidents(vec![incident]).await;
