@@ -19,8 +19,10 @@
 //! 3. **Definitions.** A usage entry naming `service@version` (other than the built-in
 //!    [`BUILT_IN_DEFINITIONS`]) names a `definition.set` of its own service recorded
 //!    earlier, and that version is the one in force at the entry's time (the latest
-//!    `effective_from` at or before it). No two `definition.set` entries give
-//!    different rules for one `service@version`.
+//!    `effective_from` at or before it), and its tokens are what that definition gives
+//!    for the entry's measures (re-measured with `ciyuan_measure`). No two
+//!    `definition.set` entries give different rules for one `service@version`, and
+//!    the recorded versions compile together as the server requires.
 //!
 //! Memory holds the books, contracts, definitions and wallets, never usage entries.
 //!
@@ -38,6 +40,7 @@ use ciyuan_core::{
     ServiceTier, TokenDefinition, TokenMap, Usage,
 };
 use ciyuan_ledger::{VerifyFailure, VerifyReport};
+use ciyuan_measure::DefinitionSet;
 use ciyuan_price::RateInput;
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
@@ -64,7 +67,8 @@ pub struct RulesReport {
     /// Of `rated`, those whose counts (basis `recount` or `greater`) were taken from
     /// the rating's lines as recorded.
     pub rated_basis_as_recorded: u64,
-    /// Usage entries whose recorded definition was found in force.
+    /// Usage entries whose recorded definition was found in force and gives their
+    /// tokens from their measures.
     pub defined: u64,
     /// `price.book` versions recorded.
     pub books: u64,
@@ -120,6 +124,9 @@ pub struct RuleChecker {
     /// Versions of each service's definition, in the order `in_force` searches:
     /// `effective_from`, then version.
     definitions: HashMap<String, Vec<(TokenDefinition, u64)>>,
+    /// The recorded definitions compiled, rebuilt after a `definition.set` when the
+    /// next defined entry needs them.
+    compiled: Option<DefinitionSet>,
     wallets: Wallets,
     report: RulesReport,
 }
@@ -146,6 +153,7 @@ impl RuleChecker {
             books: HashMap::new(),
             contracts: HashMap::new(),
             definitions: HashMap::new(),
+            compiled: None,
             wallets: Wallets::new(),
             report: RulesReport::default(),
         }
@@ -254,6 +262,17 @@ impl RuleChecker {
             (d.effective_from, d.version) <= (def.effective_from, def.version)
         });
         versions.insert(at, (def.clone(), index));
+        // The server admits a version only if all of them still compile together
+        // (versions increase with effective_from, expressions parse).
+        let all: Vec<TokenDefinition> = self
+            .definitions
+            .values()
+            .flatten()
+            .map(|(d, _)| d.clone())
+            .collect();
+        let compiled =
+            DefinitionSet::new(all).map_err(|e| format!("definition {}: {e}", def.id()))?;
+        self.compiled = Some(compiled);
         self.report.definitions += 1;
         Ok(())
     }
@@ -297,6 +316,37 @@ impl RuleChecker {
                 "definition: {id} was not in force at {ts}; {} (from {}, entry {at}) was",
                 current.id(),
                 current.effective_from
+            ));
+        }
+        let compiled = self.compiled.as_ref().ok_or_else(|| {
+            format!("definition: {id} is recorded but no compiled definitions are kept")
+        })?;
+        let data: serde_json::Map<String, serde_json::Value> = usage
+            .measures
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let measured = compiled
+            .measure(service, ts, &data)
+            .map_err(|e| format!("measures: re-measuring with {id}: {e}"))?;
+        let nonzero = |t: &TokenMap| -> Vec<(String, i64)> {
+            t.iter()
+                .filter(|c| c.count != 0)
+                .map(|c| (format!("{}.{}", c.modality, c.direction), c.count))
+                .collect()
+        };
+        let (want, found) = (nonzero(&measured.tokens), nonzero(&usage.tokens));
+        if want != found {
+            let show = |v: &[(String, i64)]| {
+                v.iter()
+                    .map(|(k, n)| format!("{k} = {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(format!(
+                "tokens: {id} gives {} for the entry's measures, the entry has {}",
+                show(&want),
+                show(&found)
             ));
         }
         self.report.defined += 1;
@@ -770,7 +820,7 @@ mod tests {
         log.push(bytes(
             "2026-03-03T00:00:00Z",
             "/",
-            EntryBody::DefinitionSet(definition(2, "2026-03-01T00:00:00Z", "pages * 400")),
+            EntryBody::DefinitionSet(definition(2, "2026-03-01T00:00:00Z", "pages * 500")),
         ));
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ledger");
@@ -784,7 +834,7 @@ mod tests {
         );
         // Recorded first, the same log verifies.
         log.swap(5, 6);
-        assert!(run(&log).is_ok());
+        assert_eq!(run(&log).unwrap().defined, 1);
     }
 
     #[test]
@@ -858,6 +908,50 @@ mod tests {
             bad[5] = bytes("2026-02-02T00:00:00Z", "acme/cn", EntryBody::Usage(u));
             assert_eq!(run(&bad).unwrap().defined, 0, "{id}");
         }
+    }
+
+    #[test]
+    fn tokens_that_do_not_follow_the_definition_fail() {
+        let mut log = good_log();
+        let mut u = doc_usage(1, 3);
+        u.tokens = TokenMap::new();
+        u.tokens
+            .add(Modality::Other, Direction::Input, 1501)
+            .unwrap();
+        log[5] = bytes("2026-02-02T00:00:00Z", "acme/cn", EntryBody::Usage(u));
+        let err = run(&log).unwrap_err();
+        assert_eq!(err.entry, Some(5));
+        assert!(
+            err.what.contains(
+                "tokens: doc.verify@1 gives other.input = 1500 for the entry's measures, the entry has other.input = 1501"
+            ),
+            "{err}"
+        );
+        // Measures the definition cannot read are named.
+        let mut u = doc_usage(1, 3);
+        u.measures = [("sheets".to_string(), serde_json::json!(3))].into();
+        log[5] = bytes("2026-02-02T00:00:00Z", "acme/cn", EntryBody::Usage(u));
+        let err = run(&log).unwrap_err();
+        assert!(
+            err.what
+                .contains("measures: re-measuring with doc.verify@1"),
+            "{err}"
+        );
+        assert!(err.what.contains("pages"), "{err}");
+        // A version that does not compile with those recorded before is refused.
+        let mut bad = good_log();
+        bad.push(bytes(
+            "2026-02-03T00:00:00Z",
+            "/",
+            EntryBody::DefinitionSet(definition(2, "2025-06-01T00:00:00Z", "pages * 400")),
+        ));
+        let err = run(&bad).unwrap_err();
+        assert_eq!(err.entry, Some(6));
+        assert!(
+            err.what
+                .contains("versions must increase with effective_from"),
+            "{err}"
+        );
     }
 
     #[test]
