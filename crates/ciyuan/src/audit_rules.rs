@@ -36,8 +36,8 @@
 use ciyuan_budget::Wallets;
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
-    AccountPath, Entry, EntryBody, PriceBook, PriceContract, PriceKey, Rating, RatingBasis,
-    ServiceTier, TokenDefinition, TokenMap, Usage,
+    AccountPath, DecodeError, Entry, EntryBody, PriceBook, PriceContract, PriceKey, Rating,
+    RatingBasis, ServiceTier, TokenDefinition, TokenMap, Usage,
 };
 use ciyuan_ledger::{VerifyFailure, VerifyReport};
 use ciyuan_measure::DefinitionSet;
@@ -165,9 +165,20 @@ impl RuleChecker {
     }
 
     /// Judges entry `index` (its ledger bytes) by what the entries before it recorded,
-    /// then records what it changes. Entries must come in log order from 0.
+    /// then records what it changes. Entries must come in log order from 0. (The
+    /// binary decodes on another thread and calls [`RuleChecker::check_decoded`].)
+    #[cfg(test)]
     pub fn check(&mut self, index: u64, bytes: &[u8]) -> Result<(), RuleFailure> {
-        let entry = Entry::decode(bytes).map_err(|e| RuleFailure {
+        self.check_decoded(index, Entry::decode(bytes))
+    }
+
+    /// [`RuleChecker::check`] for an entry already decoded (on another thread).
+    pub fn check_decoded(
+        &mut self,
+        index: u64,
+        entry: Result<Entry, DecodeError>,
+    ) -> Result<(), RuleFailure> {
+        let entry = entry.map_err(|e| RuleFailure {
             entry: Some(index),
             what: format!("not an entry this build reads: {e}"),
         })?;
@@ -329,24 +340,27 @@ impl RuleChecker {
         let measured = compiled
             .measure(service, ts, &data)
             .map_err(|e| format!("measures: re-measuring with {id}: {e}"))?;
-        let nonzero = |t: &TokenMap| -> Vec<(String, i64)> {
+        let nonzero = |t: &TokenMap| {
             t.iter()
                 .filter(|c| c.count != 0)
-                .map(|c| (format!("{}.{}", c.modality, c.direction), c.count))
-                .collect()
+                .map(|c| (c.modality, c.direction, c.count))
+                .collect::<Vec<_>>()
         };
-        let (want, found) = (nonzero(&measured.tokens), nonzero(&usage.tokens));
-        if want != found {
-            let show = |v: &[(String, i64)]| {
-                v.iter()
-                    .map(|(k, n)| format!("{k} = {n}"))
+        if !nonzero(&measured.tokens)
+            .into_iter()
+            .eq(nonzero(&usage.tokens))
+        {
+            let show = |t: &TokenMap| {
+                nonzero(t)
+                    .iter()
+                    .map(|(m, d, n)| format!("{m}.{d} = {n}"))
                     .collect::<Vec<_>>()
                     .join(", ")
             };
             return Err(format!(
                 "tokens: {id} gives {} for the entry's measures, the entry has {}",
-                show(&want),
-                show(&found)
+                show(&measured.tokens),
+                show(&usage.tokens)
             ));
         }
         self.report.defined += 1;
@@ -387,21 +401,26 @@ impl RuleChecker {
                 ),
             });
         }
-        let id = format!("{}@{}", rating.book, rating.version);
+        // Named only in failures: no allocation per entry on the way through.
+        let id = || format!("{}@{}", rating.book, rating.version);
         let Some(recorded) = self
             .books
             .get(&rating.book)
             .and_then(|v| v.get(&rating.version))
         else {
             return Err(format!(
-                "rating: book {id} is not recorded by any price.book before this entry"
+                "rating: book {} is not recorded by any price.book before this entry",
+                id()
             ));
         };
         let book = &recorded.book;
         if book.effective_from > entry.ts {
             return Err(format!(
-                "rating: book {id} (entry {}) takes effect at {}, after the entry's time {}",
-                recorded.entry, book.effective_from, entry.ts
+                "rating: book {} (entry {}) takes effect at {}, after the entry's time {}",
+                id(),
+                recorded.entry,
+                book.effective_from,
+                entry.ts
             ));
         }
         let (tokens, as_recorded) = priced_tokens(usage, rating)?;
@@ -418,7 +437,7 @@ impl RuleChecker {
             period_to_date: Decimal::ZERO,
         };
         ciyuan_price::verify_rating(book, contract.map(|(node, c, _)| (node, c)), &input, rating)
-            .map_err(|m| format!("rating.{m} (book {id}, entry {})", recorded.entry))?;
+            .map_err(|m| format!("rating.{m} (book {}, entry {})", id(), recorded.entry))?;
         self.report.rated += 1;
         if as_recorded {
             self.report.rated_basis_as_recorded += 1;
@@ -478,12 +497,68 @@ fn priced_tokens<'a>(
     Ok((std::borrow::Cow::Owned(tokens), true))
 }
 
+/// Entries decoded per message from the reading thread to the judging one.
+const DECODE_CHUNK_ENTRIES: usize = 1024;
+/// Chunks in flight between the two: with entries of at most 16 MiB (most are a few
+/// hundred bytes) memory stays bounded.
+const DECODE_CHUNKS_IN_FLIGHT: usize = 4;
+
+type Decoded = Vec<(u64, Result<Entry, DecodeError>)>;
+
 /// Checks the rules over the first `entries` entries of a verified ledger directory or
-/// bundle, streaming them.
+/// bundle, streaming them: one thread reads and decodes (most of the work), the
+/// caller's judges in order.
 pub fn check_path(path: &Path, entries: u64) -> Result<RulesReport, RuleFailure> {
     let mut checker = RuleChecker::new();
-    ciyuan_ledger::for_each_entry::<RuleFailure>(path, entries, |i, b| checker.check(i, b))?;
-    Ok(checker.report().clone())
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(DECODE_CHUNKS_IN_FLIGHT);
+        let reader = scope.spawn(move || {
+            let mut chunk = Vec::with_capacity(DECODE_CHUNK_ENTRIES);
+            let gone = || RuleFailure {
+                entry: None,
+                what: "the rules stopped reading".into(),
+            };
+            ciyuan_ledger::for_each_entry::<RuleFailure>(path, entries, |i, b| {
+                chunk.push((i, Entry::decode(b)));
+                if chunk.len() == DECODE_CHUNK_ENTRIES {
+                    let full =
+                        std::mem::replace(&mut chunk, Vec::with_capacity(DECODE_CHUNK_ENTRIES));
+                    tx.send(full).map_err(|_| gone())?;
+                }
+                Ok(())
+            })?;
+            if !chunk.is_empty() {
+                tx.send(chunk).map_err(|_| gone())?;
+            }
+            Ok::<(), RuleFailure>(())
+        });
+        let judged = (|| {
+            for chunk in &rx {
+                for (i, e) in chunk {
+                    checker.check_decoded(i, e)?;
+                }
+            }
+            Ok::<(), RuleFailure>(())
+        })();
+        // On a failure here the reader must not wait on a full channel.
+        drop(rx);
+        let read = reader.join().map_err(|_| RuleFailure {
+            entry: None,
+            what: "the thread reading the entries panicked".into(),
+        })?;
+        // The judge's failure names an entry; the reader's, when the judge found
+        // none, names a file.
+        judged?;
+        read
+    })?;
+    let report = checker.report().clone();
+    // Every entry the bytes vouched for was judged.
+    assert_eq!(
+        report.entries, entries,
+        "the rules judged {} of {entries} entries",
+        report.entries
+    );
+    Ok(report)
 }
 
 /// Everything `ciyuan audit verify` checks of `target` (a ledger directory or a
@@ -790,6 +865,35 @@ mod tests {
             );
             assert!(err.to_string().contains(want), "{err}");
         }
+    }
+
+    #[test]
+    fn an_early_failure_in_a_long_log_stops_the_reader_and_is_the_one_reported() {
+        // Far more entries than the channel holds: the reader is blocked on a full
+        // channel when the judge fails, and must be released.
+        let mut log = good_log();
+        let spare = log[5].clone();
+        log.resize(6 + 40 * DECODE_CHUNK_ENTRIES, spare);
+        let mut p = topup("acme/cn", "100");
+        p.legs[0].debit = d("100.5");
+        log[2] = bytes("2026-01-02T00:00:00Z", "acme/cn", EntryBody::Posting(p));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ledger");
+        write_ledger(&dir, &log);
+        let err = verify(&dir).unwrap_err();
+        assert_eq!(err.entry, Some(2), "{err}");
+        // And the whole log, judged, counts every defined entry.
+        log[2] = bytes(
+            "2026-01-02T00:00:00Z",
+            "acme/cn",
+            EntryBody::Posting(topup("acme/cn", "100")),
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ledger");
+        write_ledger(&dir, &log);
+        let (_, rules) = verify(&dir).unwrap();
+        assert_eq!(rules.entries, log.len() as u64);
+        assert_eq!(rules.defined, (log.len() - 5) as u64);
     }
 
     #[test]
@@ -1255,6 +1359,98 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "entry 1: not an entry this build reads: unknown entry kind \"mystery\""
+        );
+    }
+
+    /// Times the byte verification and the rules pass over a ledger of rated usage,
+    /// defined usage and postings. Run in release:
+    /// `cargo test --release -p ciyuan --bin ciyuan measure_rules -- --ignored --nocapture`
+    /// (`CIYUAN_AUDIT_BENCH_ENTRIES` sets the size; a million by default).
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn measure_rules_throughput() {
+        let n: usize = std::env::var("CIYUAN_AUDIT_BENCH_ENTRIES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        let b = list_v1();
+        let variants: Vec<Vec<u8>> = (0..100)
+            .map(|i| {
+                bytes(
+                    "2026-02-01T00:00:00Z",
+                    "acme/cn",
+                    EntryBody::Usage(rated_chat(
+                        &b,
+                        None,
+                        "2026-02-01T00:00:00Z",
+                        1000 + i,
+                        200 + 3 * i,
+                    )),
+                )
+            })
+            .collect();
+        let defined = bytes(
+            "2026-02-02T00:00:00Z",
+            "acme/cn",
+            EntryBody::Usage(doc_usage(1, 3)),
+        );
+        let spend = bytes(
+            "2026-02-02T00:00:00Z",
+            "acme/cn",
+            EntryBody::Posting(consume("acme/cn", 3, "0.0042")),
+        );
+        let mut log = good_log();
+        log[2] = bytes(
+            "2026-01-02T00:00:00Z",
+            "acme/cn",
+            EntryBody::Posting(topup("acme/cn", "1000000000")),
+        );
+        let (mut rated, mut postings, mut defs) = (1u64, 2u64, 1u64);
+        while log.len() < n {
+            let i = log.len();
+            log.push(match i % 10 {
+                0 => {
+                    postings += 1;
+                    spend.clone()
+                }
+                1 => {
+                    defs += 1;
+                    defined.clone()
+                }
+                _ => {
+                    rated += 1;
+                    variants[i % variants.len()].clone()
+                }
+            });
+        }
+        let bytes_total: usize = log.iter().map(Vec::len).sum();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ledger");
+        let mut ledger = Ledger::open(&dir, LedgerOptions::default()).unwrap();
+        for chunk in log.chunks(10_000) {
+            ledger.append_batch(chunk).unwrap();
+        }
+        ledger.checkpoint().unwrap();
+        drop(ledger);
+        drop(log);
+        let t = std::time::Instant::now();
+        let report = ciyuan_ledger::verify_path(&dir).unwrap();
+        let bytes_secs = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let rules = check_path(&dir, report.entries).unwrap();
+        let rules_secs = t.elapsed().as_secs_f64();
+        assert_eq!(
+            (rules.rated, rules.postings, rules.defined),
+            (rated, postings, defs)
+        );
+        println!(
+            "{n} entries, {:.0} MB: bytes verified in {bytes_secs:.2} s ({:.0} entries/s); \
+             rules in {rules_secs:.2} s ({:.0} entries/s, {:.2} µs per entry): \
+             {rated} rated, {postings} postings, {defs} defined",
+            bytes_total as f64 / 1e6,
+            n as f64 / bytes_secs,
+            n as f64 / rules_secs,
+            rules_secs * 1e6 / n as f64,
         );
     }
 
