@@ -114,13 +114,26 @@ struct RecordedBook {
     entry: u64,
 }
 
+/// A node's contract, the entry that set it, and what it replaced (kept to explain a
+/// rating made with the contract of just before a change).
+struct ContractState {
+    node: AccountPath,
+    contract: PriceContract,
+    entry: u64,
+    previous: Option<PriceContract>,
+}
+
+/// The contract that prices a node's usage: its node, the contract, and the entry that
+/// set it; `None` when no node on the path has one.
+type InForce<'a> = Option<(&'a AccountPath, &'a PriceContract, u64)>;
+
 /// The state of the rules at one point of the log, and the counts so far. Feed it every
 /// entry in order with [`RuleChecker::check`].
 pub struct RuleChecker {
     /// Versions of each book, by name then version.
     books: HashMap<String, BTreeMap<u32, RecordedBook>>,
-    /// The contract of each node (by path text, the root's empty) and its entry.
-    contracts: HashMap<String, (AccountPath, PriceContract, u64)>,
+    /// The contract of each node, by path text (the root's empty).
+    contracts: HashMap<String, ContractState>,
     /// Versions of each service's definition, in the order `in_force` searches:
     /// `effective_from`, then version.
     definitions: HashMap<String, Vec<(TokenDefinition, u64)>>,
@@ -198,9 +211,18 @@ impl RuleChecker {
                 contract
                     .check()
                     .map_err(|e| format!("the contract is invalid: {e}"))?;
+                let previous = self
+                    .contracts
+                    .remove(entry.account.as_str())
+                    .map(|c| c.contract);
                 self.contracts.insert(
                     entry.account.as_str().to_string(),
-                    (entry.account.clone(), contract.clone(), index),
+                    ContractState {
+                        node: entry.account.clone(),
+                        contract: contract.clone(),
+                        entry: index,
+                        previous,
+                    },
                 );
                 self.report.contracts += 1;
                 Ok(())
@@ -223,7 +245,7 @@ impl RuleChecker {
                     self.check_definition(entry.ts, usage, id)?;
                 }
                 if let Some(rating) = &usage.rating {
-                    self.check_rating(entry, usage, rating)?;
+                    self.check_rating(index, entry, usage, rating)?;
                 }
                 Ok(())
             }
@@ -368,11 +390,11 @@ impl RuleChecker {
     }
 
     /// The nearest contract on the path of `node`, itself first.
-    fn contract_of(&self, node: &AccountPath) -> Option<&(AccountPath, PriceContract, u64)> {
+    fn contract_of(&self, node: &AccountPath) -> InForce<'_> {
         let mut p = node.as_str();
         loop {
             if let Some(c) = self.contracts.get(p) {
-                return Some(c);
+                return Some((&c.node, &c.contract, c.entry));
             }
             if p.is_empty() {
                 return None;
@@ -381,13 +403,79 @@ impl RuleChecker {
         }
     }
 
+    /// The contract that priced `node`'s usage just before the latest contract entry on
+    /// its path, and that entry's index; `None` when no node on the path has one.
+    fn contract_before_last_change(&self, node: &AccountPath) -> Option<(InForce<'_>, u64)> {
+        let mut path = Vec::new();
+        let mut p = node.as_str();
+        loop {
+            path.push(p);
+            if p.is_empty() {
+                break;
+            }
+            p = p.rfind('/').map_or("", |i| &p[..i]);
+        }
+        let changed = path
+            .iter()
+            .filter_map(|p| self.contracts.get(*p))
+            .max_by_key(|c| c.entry)?;
+        for p in path {
+            let Some(c) = self.contracts.get(p) else {
+                continue;
+            };
+            if c.entry != changed.entry {
+                return Some((Some((&c.node, &c.contract, c.entry)), changed.entry));
+            }
+            if let Some(prev) = &c.previous {
+                return Some((Some((&c.node, prev, c.entry)), changed.entry));
+            }
+        }
+        Some((None, changed.entry))
+    }
+
     fn check_rating(
         &mut self,
+        index: u64,
         entry: &Entry,
         usage: &Usage,
         rating: &Rating,
     ) -> Result<(), String> {
         let contract = self.contract_of(&entry.account);
+        let as_recorded = match self.judge_rating(entry, usage, rating, contract) {
+            Ok(as_recorded) => as_recorded,
+            Err(why) => {
+                // The server rates an entry before appending it, and applies a new
+                // contract once its entry is projected: say so when the rating follows
+                // the contract of just before the latest change.
+                let hint = self
+                    .contract_before_last_change(&entry.account)
+                    .filter(|(before, _)| self.judge_rating(entry, usage, rating, *before).is_ok())
+                    .map(|(_, changed)| {
+                        format!(
+                            "; it follows the contract in force before entry {changed}, {} entries earlier: rated before the server applied that change?",
+                            index - changed
+                        )
+                    })
+                    .unwrap_or_default();
+                return Err(format!("{why}{hint}"));
+            }
+        };
+        self.report.rated += 1;
+        if as_recorded {
+            self.report.rated_basis_as_recorded += 1;
+        }
+        Ok(())
+    }
+
+    /// Whether `rating` follows the books recorded so far under `contract`; true when
+    /// its counts were taken as recorded.
+    fn judge_rating(
+        &self,
+        entry: &Entry,
+        usage: &Usage,
+        rating: &Rating,
+        contract: InForce<'_>,
+    ) -> Result<bool, String> {
         let want_book = contract.map_or(LIST_BOOK, |(_, c, _)| c.book.as_str());
         if rating.book != want_book {
             return Err(match contract {
@@ -398,6 +486,20 @@ impl RuleChecker {
                 None => format!(
                     "rating.book: no contract on the path, so book {LIST_BOOK:?} prices it, the entry has {:?}",
                     rating.book
+                ),
+            });
+        }
+        if rating.contract.as_ref() != contract.map(|(node, _, _)| node) {
+            let named = rating
+                .contract
+                .as_ref()
+                .map_or("none".to_string(), |n| n.to_string());
+            return Err(match contract {
+                Some((node, _, at)) => format!(
+                    "rating.contract: the contract in force on the path is that of {node} (entry {at}), the entry names {named}"
+                ),
+                None => format!(
+                    "rating.contract: no contract is in force on the path, the entry names {named}"
                 ),
             });
         }
@@ -438,11 +540,7 @@ impl RuleChecker {
         };
         ciyuan_price::verify_rating(book, contract.map(|(node, c, _)| (node, c)), &input, rating)
             .map_err(|m| format!("rating.{m} (book {}, entry {})", id(), recorded.entry))?;
-        self.report.rated += 1;
-        if as_recorded {
-            self.report.rated_basis_as_recorded += 1;
-        }
-        Ok(())
+        Ok(as_recorded)
     }
 }
 
@@ -1205,10 +1303,13 @@ mod tests {
         wrong[5] = bytes("2026-02-01T00:00:00Z", "acme/cn", EntryBody::Usage(bare));
         let err = run(&wrong).unwrap_err();
         assert!(
-            err.what
-                .contains("rating.contract: the book gives acme, the entry has none"),
+            err.what.contains(
+                "rating.contract: the contract in force on the path is that of acme (entry 2), the entry names none"
+            ),
             "{err}"
         );
+        // No hint: gold was never the book without a contract.
+        assert!(!err.what.contains("before the server applied"), "{err}");
         // The discount changed in the entry.
         let wrong = with_rating(&log, 5, |r| r.discount_percent = Some(d("20")));
         let err = run(&wrong).unwrap_err();
@@ -1235,6 +1336,79 @@ mod tests {
         assert!(
             err.what
                 .contains("the contract of acme/cn (entry 3) names book \"list\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_rating_made_just_before_a_contract_change_is_refused_and_explained() {
+        // The server rates before it appends and applies a contract once projected:
+        // an entry rated by the old terms can follow the new contract in the log.
+        let contract = |discount: &str| PriceContract {
+            book: "list".into(),
+            overrides: Vec::new(),
+            discount_percent: Some(d(discount)),
+            markup_percent: None,
+            minimum_commitment: None,
+            set_by: Some(AccountPath::root()),
+        };
+        let acme = node("acme");
+        let b = list_v1();
+        let mut log = good_log();
+        log[3] = bytes(
+            "2026-02-01T00:00:00Z",
+            "acme/cn",
+            EntryBody::Usage(rated_chat(&b, None, "2026-02-01T00:00:00Z", 1000, 100)),
+        );
+        // A first contract: the entry rated without one follows it.
+        log.insert(
+            3,
+            bytes(
+                "2026-01-31T00:00:00Z",
+                "acme",
+                EntryBody::PriceContract(contract("10")),
+            ),
+        );
+        let err = run(&log).unwrap_err();
+        assert_eq!(err.entry, Some(4));
+        assert!(
+            err.what.ends_with(
+                "; it follows the contract in force before entry 3, 1 entries earlier: rated before the server applied that change?"
+            ),
+            "{err}"
+        );
+        // A changed contract: the entry rated by the old discount follows the new one.
+        let c10 = contract("10");
+        log[4] = bytes(
+            "2026-02-01T00:00:00Z",
+            "acme/cn",
+            EntryBody::Usage(rated_chat(
+                &b,
+                Some((&acme, &c10)),
+                "2026-02-01T00:00:00Z",
+                1000,
+                100,
+            )),
+        );
+        assert_eq!(run(&log).unwrap().rated, 1);
+        log.insert(
+            4,
+            bytes(
+                "2026-01-31T00:00:01Z",
+                "acme",
+                EntryBody::PriceContract(contract("20")),
+            ),
+        );
+        let err = run(&log).unwrap_err();
+        assert_eq!(err.entry, Some(5));
+        assert!(
+            err.what
+                .contains("rating.discount_percent: the book gives 20, the entry has 10"),
+            "{err}"
+        );
+        assert!(
+            err.what
+                .contains("it follows the contract in force before entry 4, 1 entries earlier"),
             "{err}"
         );
     }

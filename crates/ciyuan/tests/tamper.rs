@@ -182,3 +182,72 @@ fn the_servers_own_ratings_and_definitions_keep_the_rules() {
     assert_eq!(report["defined"], 1, "{report}");
     assert_eq!(report["postings"], 0, "{report}");
 }
+
+/// Usage rated while a contract changes must still verify: the audit judges each
+/// rating by the contract in force at its place in the log. Today the server rates an
+/// entry before appending it and applies a new contract only once its entry is
+/// projected, so entries rated by the old terms land after the new contract (every
+/// run of this test so far: at entry 20 to 30 of a few thousand).
+#[test]
+#[ignore = "fails until the server orders ratings with contract changes"]
+fn race_usage_rated_while_a_contract_changes() {
+    let gw = crate::gateway::gateway_with("", &[]);
+    let s = &gw.server;
+    let admin = gw.admin.clone();
+    let table = json!({"gpt-4o-mini": {"litellm_provider": "openai", "mode": "chat",
+        "input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07}});
+    let (st, _) = s.http(
+        "POST",
+        "/api/v1/prices?format=litellm&name=list&effective_from=2020-01-01T00:00:00Z",
+        &admin,
+        Some(&table),
+    );
+    assert_eq!(st, 200);
+    let ingest = gw.key_for("acme/app", &["ingest"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let (url, key, stop) = (s.url.clone(), ingest.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ev = json!({"specversion": "1.0", "id": format!("t{t}-{i}"),
+                        "source": "svc://race", "type": "llm.usage", "subject": "acme/app",
+                        "data": {"model": "gpt-4o-mini", "input_tokens": 1000, "output_tokens": 10}});
+                    let (st, _) = http(&url, "POST", "/v1/events", &key, Some(&ev));
+                    assert!(st < 300, "{st}");
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    for k in 0..30 {
+        let discount = if k % 2 == 0 { "10" } else { "20" };
+        let (st, _) = s.http(
+            "PUT",
+            "/api/v1/contracts/acme",
+            &admin,
+            Some(&json!({"book": "list", "discount_percent": discount})),
+        );
+        assert_eq!(st, 200);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent: usize = senders.into_iter().map(|h| h.join().unwrap()).sum();
+    let data = s.data_dir.clone();
+    gw.server.stop();
+    let o = std::process::Command::new(bin())
+        .args(["audit", "verify", "--json"])
+        .arg(&data)
+        .env("CIYUAN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{sent} events: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
