@@ -43,9 +43,11 @@ use ciyuan_ledger::{VerifyFailure, VerifyReport};
 use ciyuan_measure::DefinitionSet;
 use ciyuan_price::RateInput;
 use rust_decimal::Decimal;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
+use std::rc::Rc;
 
 pub use ciyuan_server::prices::LIST_BOOK;
 
@@ -141,8 +143,18 @@ pub struct RuleChecker {
     /// next defined entry needs them.
     compiled: Option<DefinitionSet>,
     wallets: Wallets,
+    /// The rules of a book version that can price one (model, service): see
+    /// [`RuleChecker::subset`].
+    subsets: RefCell<HashMap<SubsetKey, Rc<PriceBook>>>,
     report: RulesReport,
 }
+
+/// A book version and the model and service of the entries it prices.
+type SubsetKey = (String, u32, Option<String>, String);
+
+/// Most book subsets kept; past it the cache starts over (a log naming many distinct
+/// models costs time, never unbounded memory).
+const MAX_BOOK_SUBSETS: usize = 4096;
 
 impl Default for RuleChecker {
     fn default() -> Self {
@@ -168,6 +180,7 @@ impl RuleChecker {
             definitions: HashMap::new(),
             compiled: None,
             wallets: Wallets::new(),
+            subsets: RefCell::new(HashMap::new()),
             report: RulesReport::default(),
         }
     }
@@ -433,6 +446,44 @@ impl RuleChecker {
         Some((None, changed.entry))
     }
 
+    /// `book` with only the rules that match `model` and `service` at some tier, in
+    /// their order. The naive verifier walks every rule of a book per entry (4,500 for
+    /// LiteLLM's table); the first rule matching at each tier, which is all it uses, is
+    /// the same in the subset, so its verdict is too.
+    fn subset(&self, book: &PriceBook, model: Option<&str>, service: &str) -> Rc<PriceBook> {
+        let key = (
+            book.name.clone(),
+            book.version,
+            model.map(str::to_string),
+            service.to_string(),
+        );
+        let mut cache = self.subsets.borrow_mut();
+        if let Some(b) = cache.get(&key) {
+            return b.clone();
+        }
+        if cache.len() >= MAX_BOOK_SUBSETS {
+            cache.clear();
+        }
+        let sub = Rc::new(PriceBook {
+            name: book.name.clone(),
+            version: book.version,
+            currency: book.currency,
+            effective_from: book.effective_from,
+            rounding: book.rounding,
+            // Not read by the verifier, and long for imported books.
+            source: None,
+            set_by: book.set_by.clone(),
+            rules: book
+                .rules
+                .iter()
+                .filter(|r| r.matches(model, service, r.tier))
+                .cloned()
+                .collect(),
+        });
+        cache.insert(key, sub.clone());
+        sub
+    }
+
     fn check_rating(
         &mut self,
         index: u64,
@@ -538,8 +589,14 @@ impl RuleChecker {
             // rules price from their first band there, and so here.
             period_to_date: Decimal::ZERO,
         };
-        ciyuan_price::verify_rating(book, contract.map(|(node, c, _)| (node, c)), &input, rating)
-            .map_err(|m| format!("rating.{m} (book {}, entry {})", id(), recorded.entry))?;
+        let book = self.subset(book, usage.model.as_deref(), &usage.service);
+        ciyuan_price::verify_rating(
+            &book,
+            contract.map(|(node, c, _)| (node, c)),
+            &input,
+            rating,
+        )
+        .map_err(|m| format!("rating.{m} (book {}, entry {})", id(), recorded.entry))?;
         Ok(as_recorded)
     }
 }
@@ -1628,8 +1685,126 @@ mod tests {
         );
     }
 
+    /// Times the rules over entries rated by LiteLLM's real table (4,500 rules), for
+    /// models early and late in it. Run in release with `--ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn measure_rules_with_litellms_table() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/fixtures/litellm_model_prices.json");
+        let Ok(raw) = std::fs::read(&file) else {
+            println!("no {}: skipped", file.display());
+            return;
+        };
+        let b = ciyuan_price::import_litellm(&raw)
+            .unwrap()
+            .into_book(
+                Some("list"),
+                1,
+                at("2026-01-01T00:00:00Z"),
+                Some(AccountPath::root()),
+            )
+            .unwrap();
+        println!("{} rules", b.rules.len());
+        let book_entry = bytes("2026-01-01T00:00:00Z", "/", EntryBody::PriceBook(b.clone()));
+        for model in [
+            "gpt-4o",
+            "claude-sonnet-4-5",
+            "qwen-max",
+            "zz-unknown-model",
+        ] {
+            let mut c = RuleChecker::new();
+            c.check(0, &book_entry).unwrap();
+            let mut u = rated_chat(&b, None, "2026-02-01T00:00:00Z", 1000, 100);
+            u.model = Some(model.into());
+            let rating = Rater::new(&b, None)
+                .unwrap()
+                .rate(&RateInput {
+                    model: u.model.as_deref(),
+                    service: &u.service,
+                    tier: ServiceTier::Standard,
+                    tokens: &u.tokens,
+                    measures: &u.measures,
+                    at: at("2026-02-01T00:00:00Z"),
+                    period_to_date: Decimal::ZERO,
+                })
+                .unwrap();
+            u.rating = Some(Box::new(rating));
+            let e = bytes("2026-02-01T00:00:00Z", "acme/cn", EntryBody::Usage(u));
+            let n = 20_000u64;
+            let t = std::time::Instant::now();
+            for i in 1..=n {
+                c.check(i, &e).unwrap();
+            }
+            println!(
+                "{model}: {:.2} µs per rated entry (decoding included)",
+                t.elapsed().as_secs_f64() * 1e6 / n as f64
+            );
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Books of rules for many models and services, in any order: the verifier
+        /// (over the subset of rules that can match an entry) agrees with the rater
+        /// (over the whole book) for every model and service.
+        #[test]
+        fn ratings_by_many_rule_books_verify(
+            picks in prop::collection::vec((0usize..8, 1i64..1_000_000), 1..12),
+            model in prop::sample::select(vec![Some("gpt-4o"), Some("gpt-4o-mini"), Some("claude-3"), None]),
+            service in prop::sample::select(vec!["llm.chat", "doc.verify", "llm.embedding"]),
+        ) {
+            let pool: [(Option<&str>, Option<&str>, ServiceTier); 8] = [
+                (Some("gpt-4o"), None, ServiceTier::Standard),
+                (Some("gpt-*"), None, ServiceTier::Standard),
+                (Some("GPT-4O*"), Some("llm.*"), ServiceTier::Standard),
+                (Some("gpt-4o"), None, ServiceTier::Batch),
+                (Some("claude*"), None, ServiceTier::Standard),
+                (None, Some("doc.verify"), ServiceTier::Standard),
+                (None, Some("llm.*"), ServiceTier::Standard),
+                (Some("*"), Some("llm.embedding"), ServiceTier::Flex),
+            ];
+            let mut b = list_v1();
+            b.rules = picks
+                .iter()
+                .map(|(i, nanos)| {
+                    let (m, sv, tier) = pool[*i];
+                    PriceRule {
+                        model: m.map(str::to_string),
+                        service: sv.map(str::to_string),
+                        tier,
+                        unit_prices: prices(&[
+                            ("text.input", &Decimal::new(*nanos, 9).to_string()),
+                            ("text.output", &Decimal::new(*nanos * 3, 9).to_string()),
+                        ]),
+                        per_request: (*i % 2 == 0).then(|| Decimal::new(*nanos, 6)),
+                        ..PriceRule::default()
+                    }
+                })
+                .collect();
+            let mut u = rated_chat(&list_v1(), None, "2026-02-01T00:00:00Z", 1234, 567);
+            u.model = model.map(str::to_string);
+            u.service = service.to_string();
+            u.definition = None;
+            let rating = Rater::new(&b, None).unwrap().rate(&RateInput {
+                model: u.model.as_deref(),
+                service: &u.service,
+                tier: ServiceTier::Standard,
+                tokens: &u.tokens,
+                measures: &u.measures,
+                at: at("2026-02-01T00:00:00Z"),
+                period_to_date: Decimal::ZERO,
+            }).unwrap();
+            u.rating = Some(Box::new(rating));
+            let log = vec![
+                bytes("2026-01-01T00:00:00Z", "/", EntryBody::PriceBook(b)),
+                bytes("2026-02-01T00:00:00Z", "acme/cn", EntryBody::Usage(u)),
+            ];
+            prop_assert_eq!(run(&log).unwrap().rated, 1);
+            let more = with_rating(&log, 1, |r| r.amount += Decimal::new(1, 10));
+            prop_assert!(run(&more).is_err());
+        }
 
         /// Whatever the prices, counts and rounding, what the rater gave verifies, and
         /// the smallest change to the amount, or any change to a unit price, does not.
