@@ -358,8 +358,22 @@ impl RuleChecker {
             ));
         };
         if current.version != version {
+            // The server measures an event before appending it and applies a new
+            // version once its entry is projected: say so when the entry names the
+            // version that was in force without the latest one recorded.
+            let latest = versions.iter().map(|(_, e)| *e).max();
+            let before_latest = versions
+                .iter()
+                .filter(|(d, e)| Some(*e) != latest && d.effective_from <= ts)
+                .max_by_key(|(d, _)| (d.effective_from, d.version));
+            let hint = match (before_latest, latest) {
+                (Some((d, _)), Some(l)) if d.version == version => format!(
+                    "; {id} was in force before entry {l} was recorded: measured before the server applied it?"
+                ),
+                _ => String::new(),
+            };
             return Err(format!(
-                "definition: {id} was not in force at {ts}; {} (from {}, entry {at}) was",
+                "definition: {id} was not in force at {ts}; {} (from {}, entry {at}) was{hint}",
                 current.id(),
                 current.effective_from
             ));
@@ -1114,6 +1128,11 @@ mod tests {
             err.what.contains("doc.verify@1 was not in force at 2026-02-02T00:00:00Z; doc.verify@2 (from 2026-02-01T00:00:00Z, entry 1) was"),
             "{err}"
         );
+        // Version 2 was recorded first here, so no measurement could have missed it.
+        assert!(
+            !err.what.contains("measured before the server applied it"),
+            "{err}"
+        );
         // Before version 2 takes effect, version 1 is the one.
         let mut early = log.clone();
         early[6] = bytes(
@@ -1133,6 +1152,30 @@ mod tests {
                 .unwrap_err()
                 .what
                 .contains("none of doc.verify was in force")
+        );
+    }
+
+    #[test]
+    fn an_entry_measured_just_before_a_new_definition_was_applied_is_refused_and_explained() {
+        let mut log = good_log();
+        // Version 2 (in force from noon on 2026-02-01) is recorded just before the
+        // usage of 2026-02-02 that names version 1: the server measured that usage
+        // before it applied version 2.
+        log.insert(
+            5,
+            bytes(
+                "2026-02-02T00:00:00Z",
+                "/",
+                EntryBody::DefinitionSet(definition(2, "2026-02-01T12:00:00Z", "pages * 400")),
+            ),
+        );
+        let err = run(&log).unwrap_err();
+        assert_eq!(err.entry, Some(6));
+        assert!(
+            err.what.ends_with(
+                "; doc.verify@1 was in force before entry 5 was recorded: measured before the server applied it?"
+            ),
+            "{err}"
         );
     }
 
