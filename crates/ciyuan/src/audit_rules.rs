@@ -32,6 +32,14 @@
 //! counts with its recount is not recomputed, as [`ciyuan_price::verify_rating`]
 //! documents); such entries are counted in [`RulesReport::rated_basis_as_recorded`].
 //! Their unit prices, amounts and total are still checked against the book.
+//!
+//! What the log alone cannot excuse: the server rates and measures an entry before it
+//! appends it, and applies a new contract or definition version only once that entry
+//! is projected, so under load an entry priced or measured by the old terms can land
+//! just after the new ones. Judged by its place in the log it fails; the failure says
+//! when it follows the terms of just before the latest change ("rated before the
+//! server applied that change?"). Ordering ratings with control changes in the server
+//! makes such logs impossible.
 
 use ciyuan_budget::Wallets;
 use ciyuan_core::jiff::Timestamp;
