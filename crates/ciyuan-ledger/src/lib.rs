@@ -42,6 +42,7 @@
 
 pub mod bench;
 mod bundle;
+mod entries;
 mod format;
 mod group;
 mod keys;
@@ -49,6 +50,7 @@ mod ledger;
 mod verify;
 
 pub use bundle::{BundleSummary, BundleWriter, export_bundle, write_bundle};
+pub use entries::for_each_entry;
 pub use group::{GroupCommitter, OnAppended, OnCheckpoint};
 pub use ledger::{Ledger, LedgerReader};
 pub use verify::{VerifyFailure, VerifyReport, verify_path, verify_path_with_progress};

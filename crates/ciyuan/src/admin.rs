@@ -522,6 +522,10 @@ fn export(client: &Client, dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+// Declared here rather than in main.rs: only `audit verify` uses it.
+#[path = "audit_rules.rs"]
+pub mod audit_rules;
+
 fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     // A data directory holds the ledger in `ledger/`.
     let target = if path.join("ledger").is_dir() {
@@ -529,8 +533,8 @@ fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         path
     };
-    match ciyuan_ledger::verify_path(&target) {
-        Ok(report) => {
+    match audit_rules::verify(&target) {
+        Ok((report, rules)) => {
             if json {
                 println!(
                     "{}",
@@ -540,6 +544,10 @@ fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
                         "checkpoints": report.checkpoints,
                         "size": report.size,
                         "root_hash": base64_hash(&report.root),
+                        "postings": rules.postings,
+                        "rated": rules.rated,
+                        "rated_basis_as_recorded": rules.rated_basis_as_recorded,
+                        "defined": rules.defined,
                     })
                 );
             } else {
@@ -550,12 +558,19 @@ fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
                     base64_hash(&report.root),
                     report.size
                 );
+                println!(
+                    "rules: {} postings balanced and replayed through the wallets; {} rated entries follow their books ({} with the recount basis taken as recorded); {} entries name the definition in force",
+                    rules.postings, rules.rated, rules.rated_basis_as_recorded, rules.defined
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(failure) => {
             if json {
-                println!("{}", json!({ "ok": false, "error": failure.to_string() }));
+                println!(
+                    "{}",
+                    json!({ "ok": false, "error": failure.to_string(), "entry": failure.entry })
+                );
             }
             eprintln!("verification FAILED: {failure}");
             Ok(ExitCode::from(1))

@@ -70,3 +70,197 @@ fn flipped_bytes_are_found_and_named() {
     flip_and_verify(&data.join("ledger"), &data, &mut seed);
     flip_and_verify(&bundle, &bundle, &mut seed);
 }
+
+/// What the server itself writes (a book, a contract, a definition, rated gateway and
+/// ingested usage) passes the money and counting rules, and the counts say so.
+#[test]
+fn the_servers_own_ratings_and_definitions_keep_the_rules() {
+    let gw = crate::gateway::gateway_with("", &[]);
+    let s = &gw.server;
+    let admin = gw.admin.clone();
+    // LiteLLM's shape: the prices are JSON numbers, read from their text.
+    let table = json!({
+        "gpt-4o-mini": {"litellm_provider": "openai", "mode": "chat",
+                        "input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07},
+    });
+    let (st, b) = s.http(
+        "POST",
+        "/api/v1/prices?format=litellm&name=list&effective_from=2020-01-01T00:00:00Z",
+        &admin,
+        Some(&table),
+    );
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    let (st, b) = s.http(
+        "PUT",
+        "/api/v1/contracts/acme",
+        &admin,
+        Some(&json!({"book": "list", "discount_percent": "12.5"})),
+    );
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    let (st, b) = s.http(
+        "POST",
+        "/api/v1/definitions",
+        &admin,
+        Some(&json!({"service": "doc.verify", "version": 1,
+                     "effective_from": "2020-01-01T00:00:00Z",
+                     "tokens": {"other.input": "pages * 500"}})),
+    );
+    assert!(
+        st == 200 || st == 201,
+        "{st} {}",
+        String::from_utf8_lossy(&b)
+    );
+
+    // A prepaid wallet, where this build has them: the gateway request below then
+    // settles its rated amount as a consume posting.
+    let (st, b) = s.http(
+        "POST",
+        "/api/v1/wallets/acme/app",
+        &admin,
+        Some(&json!({"kind": "topup", "amount": "10", "currency": "USD"})),
+    );
+    let wallets = st != 404;
+    assert!(!wallets || st < 300, "{st} {}", String::from_utf8_lossy(&b));
+
+    let ingest = gw.key_for("acme/app", &["ingest"]);
+    for (i, (kind, data)) in [
+        (
+            "llm.usage",
+            json!({"model": "gpt-4o-mini", "input_tokens": 1234, "output_tokens": 56}),
+        ),
+        ("doc.verify", json!({"pages": 3})),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (st, b) = s.http(
+            "POST",
+            "/v1/events",
+            &ingest,
+            Some(
+                &json!({"specversion": "1.0", "id": format!("ev-{i}"), "source": "svc://audit",
+                         "type": kind, "subject": "acme/app", "data": data}),
+            ),
+        );
+        assert!(st < 300, "{st} {}", String::from_utf8_lossy(&b));
+    }
+    let (st, b) = s.http(
+        "POST",
+        "/v1/chat/completions",
+        &gw.key,
+        Some(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]})),
+    );
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+
+    // The gateway appends its entry just after answering: wait for the three rated
+    // entries, then stop the server (the verifier reads a ledger nobody holds).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (st, body) = s.http("GET", "/api/v1/audit/entries?start=0", &admin, None);
+        assert_eq!(st, 200);
+        let rated = String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| l.contains(r#""rating":{"#))
+            .count();
+        if rated == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rated} rated entries"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let data = s.data_dir.clone();
+    gw.server.stop();
+    let o = std::process::Command::new(bin())
+        .args(["audit", "verify", "--json"])
+        .arg(&data)
+        .env("CIYUAN_LOG", "warn")
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    assert_eq!(o.status.code(), Some(0), "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["rated"], 3, "{report}");
+    assert_eq!(report["rated_basis_as_recorded"], 0, "{report}");
+    assert_eq!(report["defined"], 1, "{report}");
+    // The top-up and the gateway request's consumption.
+    let postings = if wallets { 2 } else { 0 };
+    assert_eq!(report["postings"], postings, "{report}");
+}
+
+/// Usage rated while a contract changes must still verify: the audit judges each
+/// rating by the contract in force at its place in the log. Today the server rates an
+/// entry before appending it and applies a new contract only once its entry is
+/// projected, so entries rated by the old terms land after the new contract (every
+/// run of this test so far: at entry 20 to 30 of a few thousand).
+#[test]
+#[ignore = "fails until the server orders ratings with contract changes"]
+fn race_usage_rated_while_a_contract_changes() {
+    let gw = crate::gateway::gateway_with("", &[]);
+    let s = &gw.server;
+    let admin = gw.admin.clone();
+    let table = json!({"gpt-4o-mini": {"litellm_provider": "openai", "mode": "chat",
+        "input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07}});
+    let (st, _) = s.http(
+        "POST",
+        "/api/v1/prices?format=litellm&name=list&effective_from=2020-01-01T00:00:00Z",
+        &admin,
+        Some(&table),
+    );
+    assert_eq!(st, 200);
+    let ingest = gw.key_for("acme/app", &["ingest"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let (url, key, stop) = (s.url.clone(), ingest.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ev = json!({"specversion": "1.0", "id": format!("t{t}-{i}"),
+                        "source": "svc://race", "type": "llm.usage", "subject": "acme/app",
+                        "data": {"model": "gpt-4o-mini", "input_tokens": 1000, "output_tokens": 10}});
+                    let (st, _) = http(&url, "POST", "/v1/events", &key, Some(&ev));
+                    assert!(st < 300, "{st}");
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    for k in 0..30 {
+        let discount = if k % 2 == 0 { "10" } else { "20" };
+        let (st, _) = s.http(
+            "PUT",
+            "/api/v1/contracts/acme",
+            &admin,
+            Some(&json!({"book": "list", "discount_percent": discount})),
+        );
+        assert_eq!(st, 200);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent: usize = senders.into_iter().map(|h| h.join().unwrap()).sum();
+    let data = s.data_dir.clone();
+    gw.server.stop();
+    let o = std::process::Command::new(bin())
+        .args(["audit", "verify", "--json"])
+        .arg(&data)
+        .env("CIYUAN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{sent} events: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
