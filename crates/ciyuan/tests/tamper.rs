@@ -197,12 +197,10 @@ fn the_servers_own_ratings_and_definitions_keep_the_rules() {
 }
 
 /// Usage rated while a contract changes must still verify: the audit judges each
-/// rating by the contract in force at its place in the log. Today the server rates an
-/// entry before appending it and applies a new contract only once its entry is
-/// projected, so entries rated by the old terms land after the new contract (every
-/// run of this test so far: at entry 20 to 30 of a few thousand).
+/// rating by the contract in force at its place in the log. Before the server's rules
+/// gate, entries rated by the old terms landed after the new contract (every run:
+/// at entry 20 to 30 of a few thousand).
 #[test]
-#[ignore = "fails until the server orders ratings with contract changes"]
 fn race_usage_rated_while_a_contract_changes() {
     let gw = crate::gateway::gateway_with("", &[]);
     let s = &gw.server;
