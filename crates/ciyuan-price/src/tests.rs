@@ -1170,7 +1170,12 @@ proptest! {
             period_to_date: Decimal::ZERO,
         };
         let fast = litellm_rater().rate(&i).unwrap();
-        prop_assert!(!fast.unpriced);
+        // Unpriced only where the table has no price of that tier and none standard
+        // (fireworks_ai/.../minimax-m2p7 has priority prices alone).
+        let priced_tier = book.rules.iter().any(|r| {
+            r.model == rule.model && (r.tier == ServiceTier::Standard || r.tier == tier)
+        });
+        prop_assert_eq!(fast.unpriced, !priced_tier, "{}", model);
         prop_assert_eq!(&fast, &rate_naive(book, None, &i).unwrap());
         prop_assert!(verify_rating(book, None, &i, &fast).is_ok());
     }
@@ -1275,4 +1280,24 @@ fn bench_rating_loop() {
     ]);
     let i = input("gpt-4o", ServiceTier::Standard, &t, no_measures());
     bench_rating(rater, &i, n).unwrap();
+}
+
+/// A model the table prices only at the priority tier is unpriced at the others (and
+/// so raises an incident), never silently priced by another tier's numbers.
+#[test]
+fn a_model_priced_only_at_priority_is_unpriced_at_standard() {
+    let model = "fireworks_ai/accounts/fireworks/models/minimax-m2p7";
+    let t = tokens(&[("text.input", 10)]);
+    let standard = litellm_rater()
+        .rate(&input(model, ServiceTier::Standard, &t, no_measures()))
+        .unwrap();
+    assert!(standard.unpriced, "{standard:?}");
+    let priority = litellm_rater()
+        .rate(&input(model, ServiceTier::Priority, &t, no_measures()))
+        .unwrap();
+    assert!(!priority.unpriced);
+    assert_eq!(
+        priority.amount,
+        Decimal::from_str_exact("0.000012").unwrap()
+    );
 }
