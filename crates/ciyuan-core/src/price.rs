@@ -181,17 +181,31 @@ pub mod exact {
     /// in `buf` without the formatting machinery: a rated entry writes several amounts
     /// and this is on the append path of every one.
     pub fn text<'b>(d: &Decimal, buf: &'b mut [u8; TEXT_BYTES]) -> &'b str {
-        let mut m = d.mantissa().unsigned_abs();
+        let m = d.mantissa().unsigned_abs();
         let scale = d.scale() as usize;
         let mut digits = [0u8; 40];
         let mut n = 0;
-        loop {
-            // At most 29 digits: the mantissa is below 2^96.
-            digits[n] = b'0' + (m % 10) as u8;
-            m /= 10;
-            n += 1;
-            if m == 0 {
-                break;
+        // At most 29 digits: the mantissa is below 2^96. Prices and amounts fit 64
+        // bits, whose division is a machine instruction (128-bit division is a call).
+        match u64::try_from(m) {
+            Ok(mut m) => loop {
+                digits[n] = b'0' + (m % 10) as u8;
+                m /= 10;
+                n += 1;
+                if m == 0 {
+                    break;
+                }
+            },
+            Err(_) => {
+                let mut m = m;
+                loop {
+                    digits[n] = b'0' + (m % 10) as u8;
+                    m /= 10;
+                    n += 1;
+                    if m == 0 {
+                        break;
+                    }
+                }
             }
         }
         // Leading zeros up to one before the point.
