@@ -120,6 +120,10 @@ pub struct Usage {
     /// is in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rating: Option<Box<Rating>>,
+    /// The service tier the usage was served at (`batch`, `priority`, `flex`) where
+    /// the event or request says; absent is standard. Prices follow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<crate::price::ServiceTier>,
 }
 
 /// How one gateway request went. Durations are whole microseconds, so every figure is

@@ -188,6 +188,7 @@ impl<'de> Visitor<'de> for UsageSeed<'_> {
                 "quality" => 8,
                 "recount" => 9,
                 "rating" => 10,
+                "tier" => 11,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -208,7 +209,8 @@ impl<'de> Visitor<'de> for UsageSeed<'_> {
                 7 => u.measures = map.next_value()?,
                 8 => u.quality = map.next_value()?,
                 9 => u.recount = map.next_value()?,
-                _ => u.rating = map.next_value()?,
+                10 => u.rating = map.next_value()?,
+                _ => u.tier = map.next_value()?,
             }
         }
         // `service` and `tokens` are required; the others default when absent.
@@ -242,6 +244,9 @@ impl<'de> Visitor<'de> for UsageSeed<'_> {
         }
         if absent(10) {
             u.rating = None;
+        }
+        if absent(11) {
+            u.tier = None;
         }
         Ok(())
     }
@@ -349,6 +354,7 @@ mod tests {
                         basis: None,
                     })
                 }),
+                tier: (i % 5 == 3).then_some(crate::ServiceTier::Batch),
             }),
         )
     }

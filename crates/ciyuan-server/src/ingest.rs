@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
     AccountPath, Direction, Entry, EntryBody, GATEWAY_SOURCE, MAX_TOKENS_PER_KEY, Modality, Scope,
-    TokenMap, Usage, ingest_key_hash,
+    ServiceTier, TokenMap, Usage, ingest_key_hash,
 };
 use ciyuan_store::{Log, Store};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -732,9 +732,10 @@ fn members<'a>(raw: &'a RawValue, field: &str) -> Result<Members<'a>, ApiError> 
 }
 
 /// Tokens of an `llm.usage` event's data.
-fn llm_usage(data: &RawValue) -> Result<(String, TokenMap), ApiError> {
+fn llm_usage(data: &RawValue) -> Result<(String, TokenMap, Option<ServiceTier>), ApiError> {
     let data = members(data, "data")?;
     let mut model = None;
+    let mut tier = None;
     let mut tokens = TokenMap::new();
     let mut seen = 0u16;
     let overflow = |f: &dyn std::fmt::Display| {
@@ -742,16 +743,17 @@ fn llm_usage(data: &RawValue) -> Result<(String, TokenMap), ApiError> {
     };
     for (Text(key), value) in &data.0 {
         let key = key.as_ref();
-        // Bit 0..8 for LLM_FIELDS, 8 for model, 9 for tokens: a repeated member would be
-        // counted twice, so it is refused.
+        // Bit 0..8 for LLM_FIELDS, 8 for model, 9 for tokens, 10 for service_tier: a
+        // repeated member would be counted twice, so it is refused.
         let (bit, known) = match key {
             "model" => (8, None),
             "tokens" => (9, None),
+            "service_tier" => (10, None),
             _ => match LLM_FIELDS.iter().position(|(name, _, _)| *name == key) {
                 Some(i) => (i, Some(LLM_FIELDS[i])),
                 None => {
                     return Err(ApiError::bad_request(format!(
-                        "data.{key}: unknown field for llm.usage (expected model, tokens or one of {})",
+                        "data.{key}: unknown field for llm.usage (expected model, service_tier, tokens or one of {})",
                         LLM_FIELDS.map(|f| f.0).join(", ")
                     )));
                 }
@@ -767,6 +769,24 @@ fn llm_usage(data: &RawValue) -> Result<(String, TokenMap), ApiError> {
             let field = format_args!("data.{name}");
             let n = quantity(value, &field)?;
             tokens.add(m, d, n).ok_or_else(|| overflow(&field))?;
+        } else if key == "service_tier" {
+            // OpenAI's names: `default` (and `auto`, resolved by the provider to what it
+            // reports) are standard.
+            tier = match text(value) {
+                Ok(Text(t)) if t == "auto" => None,
+                Ok(Text(t)) => Some(t.parse::<ServiceTier>().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "data.service_tier: {t:?} is not standard, default, batch, priority or flex"
+                    ))
+                })?)
+                .filter(|t| *t != ServiceTier::Standard),
+                Err(_) => {
+                    return Err(ApiError::bad_request(format!(
+                        "data.service_tier: must be a string, got {}",
+                        kind(value)
+                    )));
+                }
+            };
         } else if key == "model" {
             model = Some(match text(value) {
                 Ok(Text(m)) => {
@@ -814,7 +834,7 @@ fn llm_usage(data: &RawValue) -> Result<(String, TokenMap), ApiError> {
             "data: an llm.usage event must carry at least one token count",
         ));
     }
-    Ok((model, tokens))
+    Ok((model, tokens, tier))
 }
 
 /// Validates one event into an entry (without touching the store).
@@ -906,9 +926,11 @@ fn validate(
         let Some(data) = ev.data else {
             return Err(ApiError::bad_request("data: required attribute is missing"));
         };
+        let mut tier = None;
         let (model, tokens, definition, measures) = match service.as_ref() {
             "llm.usage" => {
-                let (m, t) = llm_usage(data)?;
+                let (m, t, served_at) = llm_usage(data)?;
+                tier = served_at;
                 (
                     Some(m),
                     t,
@@ -963,6 +985,7 @@ fn validate(
                 definition: Some(definition),
                 partial: false,
                 measures,
+                tier,
                 ..Usage::default()
             }),
         );

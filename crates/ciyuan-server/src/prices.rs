@@ -244,7 +244,7 @@ impl App {
             &entry.account,
             u,
             &u.tokens,
-            ServiceTier::Standard,
+            u.tier.unwrap_or_default(),
             entry.ts,
         ) {
             Rated::Off => None,
@@ -266,28 +266,11 @@ impl App {
     pub(crate) fn max_cost(
         &self,
         node: &AccountPath,
-        model: &str,
-        service: &str,
-        input: &TokenMap,
+        input: &RateInput<'_>,
         max_output: i64,
-        at: Timestamp,
     ) -> Option<ciyuan_core::Money> {
-        let rater = self.pricing.rater(node, at).ok()??;
-        let no_measures = std::collections::BTreeMap::new();
-        let r = rater
-            .max_cost(
-                &RateInput {
-                    model: Some(model),
-                    service,
-                    tier: ServiceTier::Standard,
-                    tokens: input,
-                    measures: &no_measures,
-                    at,
-                    period_to_date: Decimal::ZERO,
-                },
-                max_output,
-            )
-            .ok()??;
+        let rater = self.pricing.rater(node, input.at).ok()??;
+        let r = rater.max_cost(input, max_output).ok()??;
         Some(ciyuan_core::Money {
             amount: r.amount,
             currency: r.currency,
@@ -306,7 +289,13 @@ impl App {
             (Some(r), b) => Some(recounted(&u.tokens, r, b == Basis::Greater)),
         };
         let priced = tokens.as_ref().unwrap_or(&u.tokens);
-        match self.rate(&entry.account, u, priced, ServiceTier::Standard, entry.ts) {
+        match self.rate(
+            &entry.account,
+            u,
+            priced,
+            u.tier.unwrap_or_default(),
+            entry.ts,
+        ) {
             Rated::Off => None,
             Rated::Priced(mut r) => {
                 r.basis = Some(basis.recorded());

@@ -1443,6 +1443,43 @@ async fn usage_is_rated_as_appended_with_the_book_and_contract_in_force() {
         "{u}"
     );
 
+    // The tier the event says it was served at picks its prices: batch is half.
+    let mut batch = event(
+        "e-batch",
+        "acme/us",
+        json!({"model": "gpt-4o", "input_tokens": 1_000_000, "output_tokens": 200_000,
+               "service_tier": "batch"}),
+    );
+    let (s, v) = h
+        .events(&ingest, "application/cloudevents+json", &batch.to_string())
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (_, e) = h
+        .admin(
+            "GET",
+            &format!("/api/v1/audit/entries/{}", v["entry_id"]),
+            None,
+        )
+        .await;
+    let entry: Value = serde_json::from_str(e["entry"].as_str().unwrap()).unwrap();
+    assert_eq!(entry["data"]["tier"], "batch", "{entry}");
+    assert_eq!(
+        rust_decimal::Decimal::from_str_exact(entry["data"]["rating"]["amount"].as_str().unwrap())
+            .unwrap(),
+        rust_decimal::Decimal::new(225, 2),
+        "{entry}"
+    );
+    batch["id"] = json!("e-bad-tier");
+    batch["data"]["service_tier"] = json!("fancy");
+    let (s, v) = h
+        .events(&ingest, "application/cloudevents+json", &batch.to_string())
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("data.service_tier"),
+        "{v}"
+    );
+
     // A new version never takes effect in the past.
     let req = Request::post("/api/v1/prices?format=litellm&effective_from=2020-01-01T00:00:00Z")
         .header("authorization", format!("Bearer {}", h.admin))

@@ -45,7 +45,7 @@ use ciyuan_budget::Wallets;
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
     AccountPath, DecodeError, Entry, EntryBody, PriceBook, PriceContract, PriceKey, Rating,
-    RatingBasis, ServiceTier, TokenDefinition, TokenMap, Usage,
+    RatingBasis, TokenDefinition, TokenMap, Usage,
 };
 use ciyuan_ledger::{VerifyFailure, VerifyReport};
 use ciyuan_measure::DefinitionSet;
@@ -602,8 +602,8 @@ impl RuleChecker {
         let input = RateInput {
             model: usage.model.as_deref(),
             service: &usage.service,
-            // The server rates every entry at the standard tier.
-            tier: ServiceTier::Standard,
+            // The tier the entry says it was served at (absent: standard).
+            tier: usage.tier.unwrap_or_default(),
             tokens: &tokens,
             measures: &usage.measures,
             at: entry.ts,
@@ -752,6 +752,7 @@ pub fn verify(target: &Path) -> Result<(VerifyReport, RulesReport), RuleFailure>
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+    use ciyuan_core::ServiceTier;
     use ciyuan_core::{
         Currency, Direction, Grant, LedgerAccount, Leg, Modality, Posting, PostingKind, PriceRule,
         Recount, Rounding, RoundingMode, UnitPrices,

@@ -126,7 +126,9 @@ fn the_servers_own_ratings_and_definitions_keep_the_rules() {
     for (i, (kind, data)) in [
         (
             "llm.usage",
-            json!({"model": "gpt-4o-mini", "input_tokens": 1234, "output_tokens": 56}),
+            // Served at the batch tier: rated with the batch prices, and so verified.
+            json!({"model": "gpt-4o-mini", "input_tokens": 1234, "output_tokens": 56,
+                   "service_tier": "batch"}),
         ),
         ("doc.verify", json!({"pages": 3})),
     ]
@@ -148,7 +150,8 @@ fn the_servers_own_ratings_and_definitions_keep_the_rules() {
         "POST",
         "/v1/chat/completions",
         &gw.key,
-        Some(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]})),
+        Some(&json!({"model": "gpt-4o-mini", "service_tier": "priority",
+                     "messages": [{"role": "user", "content": "hello"}]})),
     );
     assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
 

@@ -823,13 +823,20 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
         );
         // The most the request may cost at the prices that will rate it: held by
         // money limits and by the wallet that pays.
+        let no_measures = std::collections::BTreeMap::new();
         max_cost = app.max_cost(
             &caller.key.account,
-            &info.model,
-            endpoint.service(),
-            &input,
+            &ciyuan_price::RateInput {
+                model: Some(&info.model),
+                service: endpoint.service(),
+                tier: info.service_tier.unwrap_or_default(),
+                tokens: &input,
+                measures: &no_measures,
+                at,
+                period_to_date: rust_decimal::Decimal::ZERO,
+            },
+            // At most 10^12 (checked above), so it fits.
             i64::try_from(max_output.min(protocol::MAX_REPORTED_TOKENS)).unwrap_or(i64::MAX),
-            at,
         );
         let admission = ciyuan_budget::Admission {
             account: &caller.key.account,
@@ -1529,6 +1536,7 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                     uncounted: measured.uncounted,
                 })),
                 recount: measured.recount,
+                tier: call.info.service_tier,
                 ..Usage::default()
             }),
         );

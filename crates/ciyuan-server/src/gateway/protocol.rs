@@ -215,6 +215,21 @@ pub struct RequestInfo {
     pub media_parts: u64,
     /// Tool and function definitions as JSON text: providers count them as input.
     pub tools_text: String,
+    /// The service tier the request asks for (OpenAI's `service_tier`: `flex`,
+    /// `priority`); `None` for the default (`auto`, `default`, absent).
+    pub service_tier: Option<ciyuan_core::ServiceTier>,
+}
+
+/// The tier a request's `service_tier` names, as both request readers map it: a tier
+/// priced apart (`flex`, `priority`, `batch`) or `None` (standard, `auto`, anything
+/// else: the provider judges the value).
+pub fn requested_tier(value: Option<&str>) -> Option<ciyuan_core::ServiceTier> {
+    match value? {
+        "flex" => Some(ciyuan_core::ServiceTier::Flex),
+        "priority" => Some(ciyuan_core::ServiceTier::Priority),
+        "batch" => Some(ciyuan_core::ServiceTier::Batch),
+        _ => None,
+    }
 }
 
 fn text_of_content(content: &Value, media: &mut u64) -> String {
@@ -310,6 +325,7 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
         include_usage,
         max_tokens,
         user,
+        service_tier: requested_tier(obj.get("service_tier").and_then(Value::as_str)),
         ..RequestInfo::default()
     };
     match endpoint {

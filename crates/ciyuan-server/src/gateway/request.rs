@@ -180,6 +180,8 @@ struct Request<'a> {
     #[serde(default, borrow)]
     user: Text<'a>,
     #[serde(default, borrow)]
+    service_tier: Text<'a>,
+    #[serde(default, borrow)]
     metadata: Field<'a>,
     #[serde(default, borrow)]
     system: Field<'a>,
@@ -269,6 +271,7 @@ pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Option<(RequestInfo, Spans)> 
         include_usage,
         max_tokens,
         user,
+        service_tier: super::protocol::requested_tier(r.service_tier.as_str()),
         ..RequestInfo::default()
     };
     if endpoint == Endpoint::Messages
