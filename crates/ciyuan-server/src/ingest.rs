@@ -1177,8 +1177,9 @@ async fn record(
     // unit prices into the ledger.
     let mut candidates = candidates;
     let mut price_incidents = Vec::new();
+    let prices = app.pricing.snapshot();
     for (_, a) in candidates.iter_mut() {
-        if let Some(incident) = app.rate_entry(&mut a.entry) {
+        if let Some(incident) = app.rate_entry(&prices, &mut a.entry) {
             price_incidents.push(incident);
         }
     }

@@ -44,8 +44,10 @@ struct State_ {
     books: FxHashMap<String, Vec<Arc<PriceBook>>>,
     /// Contracts by node path.
     contracts: FxHashMap<String, (AccountPath, Arc<PriceContract>)>,
-    /// Raters by (contract node or "", book, version).
-    raters: RwLock<FxHashMap<(String, String, u32), Arc<Rater>>>,
+    /// Raters by (contract, book version), each named by the address of the `Arc`
+    /// this state holds for it (stable and unique while the state lives, and the
+    /// cache lives and dies with it): no allocation to look one up.
+    raters: RwLock<FxHashMap<(usize, usize), Arc<Rater>>>,
     /// (node, model, service, book@version) already reported unpriced by this
     /// process: one incident each, not one per request.
     unpriced: Mutex<rustc_hash::FxHashSet<(String, String, String, String)>>,
@@ -98,6 +100,11 @@ impl Pricing {
     ) -> Result<Option<Arc<Rater>>, String> {
         self.state().rater(node, at)
     }
+
+    /// The prices in force now, for rating a batch with one look.
+    pub(crate) fn snapshot(&self) -> Prices {
+        Prices(self.state())
+    }
 }
 
 impl State_ {
@@ -139,9 +146,8 @@ impl State_ {
             return Err(format!("book {name:?} has no version in force at {at}"));
         };
         let key = (
-            contract.map_or(String::new(), |(n, _)| n.as_str().to_string()),
-            book.name.clone(),
-            book.version,
+            contract.map_or(0, |(_, c)| Arc::as_ptr(c) as usize),
+            Arc::as_ptr(book) as usize,
         );
         // Read-mostly: every entry looks its rater up; one is built per book version
         // and contract node.
@@ -164,6 +170,9 @@ impl State_ {
         Ok(Some(rater))
     }
 }
+
+/// The prices in force at one moment (see [`Pricing::snapshot`]).
+pub(crate) struct Prices(Arc<State_>);
 
 /// Which count is priced for a gateway provider (`rate_basis` in its settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -203,13 +212,14 @@ impl App {
     /// Rates `usage` of `node` at `at` with the counts `tokens`.
     pub(crate) fn rate(
         &self,
+        prices: &Prices,
         node: &AccountPath,
         usage: &Usage,
         tokens: &TokenMap,
         tier: ServiceTier,
         at: Timestamp,
     ) -> Rated {
-        let rater = match self.pricing.rater(node, at) {
+        let rater = match prices.0.rater(node, at) {
             Ok(None) => return Rated::Off,
             Ok(Some(r)) => r,
             Err(why) => return Rated::NoBook(why),
@@ -233,7 +243,7 @@ impl App {
 
     /// Rates a usage entry in place (its own counts, the provider's basis), and
     /// returns the incident to raise when it is unpriced or no book applies.
-    pub(crate) fn rate_entry(&self, entry: &mut Entry) -> Option<Entry> {
+    pub(crate) fn rate_entry(&self, prices: &Prices, entry: &mut Entry) -> Option<Entry> {
         let EntryBody::Usage(u) = &mut entry.body else {
             return None;
         };
@@ -241,6 +251,7 @@ impl App {
             return None;
         }
         match self.rate(
+            prices,
             &entry.account,
             u,
             &u.tokens,
@@ -289,7 +300,9 @@ impl App {
             (Some(r), b) => Some(recounted(&u.tokens, r, b == Basis::Greater)),
         };
         let priced = tokens.as_ref().unwrap_or(&u.tokens);
+        let prices = self.pricing.snapshot();
         match self.rate(
+            &prices,
             &entry.account,
             u,
             priced,
