@@ -241,25 +241,38 @@ impl App {
         }
     }
 
-    /// Rates a usage entry in place (its own counts, the provider's basis), and
-    /// returns the incident to raise when it is unpriced or no book applies.
+    /// Rates a usage entry in place on its own counts, and returns the incident to
+    /// raise when it is unpriced or no book applies.
     pub(crate) fn rate_entry(&self, prices: &Prices, entry: &mut Entry) -> Option<Entry> {
+        self.rate_in_place(prices, entry, None)
+    }
+
+    /// Rates a usage entry in place: on its own counts, or (`basis` given) on the
+    /// count `basis` names and recording it (the recount covers text input and output;
+    /// other keys are the provider's). Returns the incident to raise when it is
+    /// unpriced or no book applies. Corrections (negative counts) are not rated.
+    fn rate_in_place(
+        &self,
+        prices: &Prices,
+        entry: &mut Entry,
+        basis: Option<Basis>,
+    ) -> Option<Entry> {
         let EntryBody::Usage(u) = &mut entry.body else {
             return None;
         };
         if u.tokens.iter().any(|t| t.count < 0) {
             return None;
         }
-        match self.rate(
-            prices,
-            &entry.account,
-            u,
-            &u.tokens,
-            u.tier.unwrap_or_default(),
-            entry.ts,
-        ) {
+        let recounted = match (&u.recount, basis) {
+            (None, _) | (_, None | Some(Basis::Provider)) => None,
+            (Some(r), Some(b)) => Some(recounted(&u.tokens, r, b == Basis::Greater)),
+        };
+        let priced = recounted.as_ref().unwrap_or(&u.tokens);
+        let tier = u.tier.unwrap_or_default();
+        match self.rate(prices, &entry.account, u, priced, tier, entry.ts) {
             Rated::Off => None,
-            Rated::Priced(r) => {
+            Rated::Priced(mut r) => {
+                r.basis = basis.map(Basis::recorded);
                 let incident = (r.unpriced || !r.missing.is_empty())
                     .then(|| self.unpriced_incident(&entry.account, u, &r))
                     .flatten();
@@ -288,38 +301,10 @@ impl App {
         })
     }
 
-    /// Rates a gateway usage entry in place on the count `basis` names (the recount
-    /// covers text input and output; other keys are the provider's), recording the
-    /// basis; returns the incident to raise when it is unpriced.
+    /// Rates a gateway usage entry in place on the count the provider's `basis`
+    /// names, recording the basis.
     pub(crate) fn rate_gateway_entry(&self, entry: &mut Entry, basis: Basis) -> Option<Entry> {
-        let EntryBody::Usage(u) = &mut entry.body else {
-            return None;
-        };
-        let tokens = match (&u.recount, basis) {
-            (_, Basis::Provider) | (None, _) => None,
-            (Some(r), b) => Some(recounted(&u.tokens, r, b == Basis::Greater)),
-        };
-        let priced = tokens.as_ref().unwrap_or(&u.tokens);
-        let prices = self.pricing.snapshot();
-        match self.rate(
-            &prices,
-            &entry.account,
-            u,
-            priced,
-            u.tier.unwrap_or_default(),
-            entry.ts,
-        ) {
-            Rated::Off => None,
-            Rated::Priced(mut r) => {
-                r.basis = Some(basis.recorded());
-                let incident = (r.unpriced || !r.missing.is_empty())
-                    .then(|| self.unpriced_incident(&entry.account, u, &r))
-                    .flatten();
-                u.rating = Some(Box::new(r));
-                incident
-            }
-            Rated::NoBook(why) => self.no_book_incident(&entry.account, u, &why),
-        }
+        self.rate_in_place(&self.pricing.snapshot(), entry, Some(basis))
     }
 
     /// Appends price incidents (best effort: the usage they are about is recorded

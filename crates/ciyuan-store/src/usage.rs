@@ -105,27 +105,29 @@ type Key = (
     Option<String>,
 );
 
+/// The answer row an hourly row of this node, service and model falls in.
+fn group_key(
+    query: &UsageQuery,
+    hour: i64,
+    account: &AccountPath,
+    service: &str,
+    model: &str,
+) -> Key {
+    let by = |g| query.group_by.contains(&g);
+    (
+        query.bucket.map(|b| bucket_start(hour, b, &query.tz)),
+        by(GroupBy::Account).then(|| account.clone()),
+        by(GroupBy::Service).then(|| service.to_string()),
+        by(GroupBy::Model).then(|| model.to_string()),
+    )
+}
+
 /// Groups hourly rows into the rows `query` asks for, in a deterministic order (bucket,
 /// account, service, model), so the same log always gives byte-identical answers.
 pub fn aggregate(rows: &[HourRow], query: &UsageQuery) -> Result<Vec<UsageRow>, SumOverflow> {
     let mut groups: BTreeMap<Key, TokenSums> = BTreeMap::new();
     for row in rows {
-        let bucket = query.bucket.map(|b| bucket_start(row.hour, b, &query.tz));
-        let key = (
-            bucket,
-            query
-                .group_by
-                .contains(&GroupBy::Account)
-                .then(|| row.account.clone()),
-            query
-                .group_by
-                .contains(&GroupBy::Service)
-                .then(|| row.service.clone()),
-            query
-                .group_by
-                .contains(&GroupBy::Model)
-                .then(|| row.model.clone()),
-        );
+        let key = group_key(query, row.hour, &row.account, &row.service, &row.model);
         groups
             .entry(key)
             .or_default()
@@ -155,21 +157,7 @@ pub fn aggregate_cost(
 ) -> Result<Vec<(UsageRow, CostSums)>, SumOverflow> {
     let mut groups: BTreeMap<Key, CostSums> = BTreeMap::new();
     for row in rows {
-        let key = (
-            query.bucket.map(|b| bucket_start(row.hour, b, &query.tz)),
-            query
-                .group_by
-                .contains(&GroupBy::Account)
-                .then(|| row.account.clone()),
-            query
-                .group_by
-                .contains(&GroupBy::Service)
-                .then(|| row.service.clone()),
-            query
-                .group_by
-                .contains(&GroupBy::Model)
-                .then(|| row.model.clone()),
-        );
+        let key = group_key(query, row.hour, &row.account, &row.service, &row.model);
         let slot = groups
             .entry(key)
             .or_default()
