@@ -414,7 +414,8 @@ fn view(s: LimitStatus) -> LimitView {
     }
 }
 
-async fn existing_node(
+/// The node a `{path}` names, within the caller's subtree and existing.
+pub(crate) async fn existing_node(
     app: &Arc<App>,
     caller: &Caller,
     raw: &str,

@@ -731,9 +731,7 @@ pub async fn show_contract(
     PathParam(raw): PathParam,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Read)?;
-    let node = parse_path(&raw, "path")?;
-    caller.require_within(&node)?;
-    app.require_account(&node).await?;
+    let node = crate::budgets::existing_node(&app, &caller, &raw).await?;
     app.caught_up().await?;
     let state = app.pricing.state();
     let found = state.contract(&node);

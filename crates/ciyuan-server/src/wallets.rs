@@ -140,9 +140,7 @@ pub async fn show(
     Query(p): Query<ShowParams>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Read)?;
-    let node = parse_path(&raw, "path")?;
-    caller.require_within(&node)?;
-    app.require_account(&node).await?;
+    let node = crate::budgets::existing_node(&app, &caller, &raw).await?;
     app.caught_up().await?;
     let limit = p.limit.unwrap_or(100).clamp(1, MAX_MOVEMENTS);
     let n = node.clone();
@@ -205,9 +203,7 @@ pub async fn post(
     Json(b): Json<MoveBody>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Admin)?;
-    let node = parse_path(&raw, "path")?;
-    caller.require_within(&node)?;
-    app.require_account(&node).await?;
+    let node = crate::budgets::existing_node(&app, &caller, &raw).await?;
     let amount =
         decimal_from_text(&b.amount).map_err(|e| ApiError::bad_request(format!("amount: {e}")))?;
     if amount <= rust_decimal::Decimal::ZERO {
