@@ -693,6 +693,51 @@ impl Wallets {
         }))
     }
 
+    /// Charges `actual` to the wallet that pays for `node` without a hold (a request
+    /// whose hold expired before it ended: the money was spent all the same), from
+    /// the free rest of grants valid at `now`, then cash (which may go below its
+    /// overdraft, as spending beyond a hold does). `None` when no wallet pays or the
+    /// cost is zero.
+    pub fn charge(
+        &self,
+        node: &AccountPath,
+        currency: Currency,
+        actual: Decimal,
+        now: Timestamp,
+    ) -> Result<Option<Charge>, WalletError> {
+        positive("actual", actual)?;
+        // An empty hold, settled at once: everything is spent beyond it.
+        let hold = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let Some(wi) = inner.paying(node, currency) else {
+                return Ok(None);
+            };
+            let wallet_node = inner.wallets[wi].node.clone();
+            inner.next_hold += 1;
+            let id = inner.next_hold;
+            inner.holds.insert(
+                id,
+                HoldRec {
+                    wallet: wi as u32,
+                    at: now,
+                    parts: Vec::new(),
+                },
+            );
+            Hold {
+                id,
+                node: wallet_node,
+                currency,
+                amount: Decimal::ZERO,
+            }
+        };
+        let charged = self.settle(&hold, actual, now);
+        if charged.is_err() {
+            self.release(&hold);
+        }
+        charged
+    }
+
     /// Ends a hold with the request's actual cost at `now`: releases the hold, spends
     /// `actual` from the sources it earmarked (in their order), and anything beyond
     /// the hold from the free rest of grants valid at `now`, then cash. Returns the
@@ -1014,6 +1059,36 @@ mod tests {
     }
     fn view(w: &Wallets, node: &str, now: i64) -> WalletView {
         w.balance(&p(node), cny(), t(now)).unwrap()
+    }
+
+    #[test]
+    fn a_request_whose_hold_expired_is_charged_all_the_same() {
+        let w = Wallets::new();
+        topup(&w, "a", "10");
+        grant(&w, "a", "g", "1", 5, None);
+        let hold = w.reserve(&p("a/x"), cny(), d("3"), t(1)).unwrap().unwrap();
+        assert_eq!(
+            w.expire_holds(t(7200), std::time::Duration::from_secs(3600)),
+            1
+        );
+        assert!(matches!(
+            w.settle(&hold, d("2.5"), t(7201)),
+            Err(WalletError::UnknownHold(_))
+        ));
+        let charge = w
+            .charge(&p("a/x"), cny(), d("2.5"), t(7201))
+            .unwrap()
+            .unwrap();
+        charge.posting.check().unwrap();
+        assert_eq!(charge.node, p("a"));
+        // The grant first, then cash; nothing left held.
+        let v = view(&w, "a", 7201);
+        assert_eq!(v.balance, ExactSum::of(d("8.5")));
+        assert_eq!(v.cash, ExactSum::of(d("8.5")));
+        assert!(v.reserved.is_zero());
+        assert_eq!(w.holds(), 0);
+        // No wallet on the path: nothing to charge.
+        assert!(w.charge(&p("b"), cny(), d("1"), t(7202)).unwrap().is_none());
     }
 
     #[test]

@@ -81,7 +81,17 @@ impl App {
                 return None;
             }
         };
-        match self.wallets.settle(&hold, actual, Timestamp::now()) {
+        let now = Timestamp::now();
+        let charged = match self.wallets.settle(&hold, actual, now) {
+            // Held longer than the reservations' expiry: the hold is gone, the money
+            // was spent all the same.
+            Err(ciyuan_budget::WalletError::UnknownHold(_)) => {
+                tracing::warn!(%node, "a request outlived its wallet hold: charged without it");
+                self.wallets.charge(node, hold.currency, actual, now)
+            }
+            other => other,
+        };
+        match charged {
             Ok(Some(charge)) => {
                 if !charge.beyond_hold.is_zero() {
                     tracing::warn!(%node, beyond = %charge.beyond_hold, "request cost more than its hold: charged all the same");
@@ -94,8 +104,8 @@ impl App {
             }
             Ok(None) => None,
             Err(e) => {
-                // The money was spent; the posting could not be formed (an unknown
-                // hold after expiry). Said loudly, never silently dropped.
+                // The money was spent; the posting could not be formed (a cost of more
+                // than 28 significant digits). Said loudly, never silently dropped.
                 tracing::error!(%node, error = %e, amount = %actual, "wallet consumption not recorded");
                 None
             }
