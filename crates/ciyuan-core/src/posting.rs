@@ -308,7 +308,8 @@ pub fn parse_amount(field: &str, text: &str) -> Result<Decimal, PostingError> {
         scale -= 1;
     }
     if digits.is_empty() {
-        return Ok(Decimal::ZERO);
+        // Zero keeps the scale it is written at (`0.00`), so text round-trips.
+        return Ok(Decimal::new(0, scale.clamp(0, 28) as u32));
     }
     if scale > 28 {
         return Err(bad("more than 28 decimal places"));

@@ -151,8 +151,7 @@ pub mod exact {
             f.write_str("a decimal amount written as a string, such as \"0.0000025\"")
         }
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Decimal, E> {
-            Decimal::from_str_exact(v)
-                .map_err(|_| E::custom(format!("{v:?} is not an exact decimal amount")))
+            super::decimal_from_text(v).map_err(E::custom)
         }
         fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Decimal, E> {
             Ok(Decimal::from(v))
@@ -297,68 +296,14 @@ pub mod exact {
 /// hold exactly (more than 28 decimal places or a mantissa beyond 96 bits), naming the
 /// text.
 pub fn decimal_from_text(text: &str) -> Result<Decimal, PriceError> {
-    let bad = |why: &str| PriceError::new(format!("number {text:?}"), why.to_string());
-    let (negative, rest) = match text.as_bytes().first() {
-        Some(b'-') => (true, &text[1..]),
-        Some(b'+') => (false, &text[1..]),
-        _ => (false, text),
-    };
-    let (mantissa, exponent) = match rest.find(['e', 'E']) {
-        Some(i) => {
-            let e = &rest[i + 1..];
-            let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
-            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.len() > 4
-            {
-                return Err(bad("has a malformed exponent"));
-            }
-            let value: i64 = e.parse().map_err(|_| bad("has a malformed exponent"))?;
-            (&rest[..i], value)
-        }
-        None => (rest, 0),
-    };
-    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    if (int.is_empty() && frac.is_empty())
-        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
-    {
-        return Err(bad("is not a decimal number"));
-    }
-    let mut digits: String = int.chars().chain(frac.chars()).collect();
-    let mut scale = i64::try_from(frac.len()).map_err(|_| bad("is too long"))? - exponent;
-    if scale < 0 {
-        // A positive exponent beyond the fraction: append zeros.
-        let zeros = usize::try_from(-scale).map_err(|_| bad("is too large"))?;
-        if zeros > 40 {
-            return Err(bad("is too large for an exact decimal"));
-        }
-        digits.extend(std::iter::repeat_n('0', zeros));
-        scale = 0;
-    }
-    // Trailing zeros past the point carry no value, but `0.50` keeps its written
-    // scale when it fits, so text round-trips.
-    while scale > 28 && digits.ends_with('0') {
-        digits.pop();
-        scale -= 1;
-    }
-    if scale > 28 {
-        return Err(bad("has more than 28 decimal places"));
-    }
-    let trimmed = digits.trim_start_matches('0');
-    if trimmed.len() > 29 {
-        return Err(bad("has more significant digits than a decimal holds"));
-    }
-    let mut m: i128 = if trimmed.is_empty() {
-        0
-    } else {
-        trimmed
-            .parse()
-            .map_err(|_| bad("is not a decimal number"))?
-    };
-    if negative {
-        m = -m;
-    }
-    let scale = u32::try_from(scale).map_err(|_| bad("has a bad scale"))?;
-    Decimal::try_from_i128_with_scale(m, scale)
-        .map_err(|_| bad("has more significant digits than a decimal holds"))
+    // One exact parser for every amount the ledger reads (posting amounts too).
+    crate::posting::parse_amount("number", text).map_err(|e| match e {
+        crate::PostingError::Amount { why, .. } => PriceError::new(
+            format!("number {text:?}"),
+            format!("is not an exact decimal: {why}"),
+        ),
+        other => PriceError::new(format!("number {text:?}"), other.to_string()),
+    })
 }
 
 /// Which service tier a usage entry states; absent means standard.
