@@ -101,6 +101,11 @@ impl Pricing {
         self.state().rater(node, at)
     }
 
+    /// The newest recorded version of book `name`.
+    pub(crate) fn latest(&self, name: &str) -> Option<Arc<PriceBook>> {
+        self.state().books.get(name).and_then(|v| v.last()).cloned()
+    }
+
     /// The prices in force now, for rating a batch with one look.
     pub(crate) fn snapshot(&self) -> Prices {
         Prices(self.state())
@@ -495,18 +500,9 @@ pub async fn import(
         .clone()
         .or_else(|| imported.name.clone())
         .unwrap_or_else(|| LIST_BOOK.to_string());
-    let n = name.clone();
-    let latest = app
-        .blocking(move |app| {
-            Ok(app
-                .store
-                .price_books()?
-                .into_iter()
-                .map(|(_, b)| b)
-                .filter(|b| b.name == n)
-                .max_by_key(|b| b.version))
-        })
-        .await?;
+    // The prices in force hold every version, current under the admin lock (a book
+    // is applied before its append returns): no stored book is read and parsed again.
+    let latest: Option<Arc<PriceBook>> = app.pricing.latest(&name);
     let from = p.effective_from.unwrap_or(now);
     if let Some(latest) = &latest {
         if from < now {
@@ -679,22 +675,10 @@ pub async fn set_contract(
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let _guard = app.admin_lock.lock().await;
     app.caught_up().await?;
-    let n = node.clone();
-    let (current, book_known) = {
-        let name = contract.book.clone();
-        app.blocking(move |app| {
-            let current = app
-                .store
-                .contracts()?
-                .into_iter()
-                .find(|(p, _, _)| *p == n)
-                .map(|(_, _, c)| c);
-            let known = app.store.price_books()?.iter().any(|(_, b)| b.name == name);
-            Ok((current, known))
-        })
-        .await?
-    };
-    if !book_known {
+    // Books and contracts in force, current under the admin lock.
+    let state = app.pricing.state();
+    let current = state.contracts.get(node.as_str()).map(|(_, c)| c.clone());
+    if !state.books.contains_key(&contract.book) {
         return Err(ApiError::unprocessable(format!(
             "book: no book named {:?} is recorded",
             contract.book
@@ -706,7 +690,7 @@ pub async fn set_contract(
     {
         return Err(ApiError::forbidden(format!(
             "the contract on {node} was set by a key at {}: only a key at that node or above may change it",
-            c.set_by.map_or("/".to_string(), |s| s.to_string())
+            c.set_by.as_ref().map_or("/".to_string(), |s| s.to_string())
         )));
     }
     let range = app
