@@ -27,12 +27,14 @@ use ciyuan_store::{HourFilter, Store};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// The engine's limit for a `budget.set` on `node`, periods in `tz`.
+/// The engine's limit for a `budget.set` on `node`, periods in `tz`; `None` for a
+/// money limit without its amount, which this server never writes (the API refuses
+/// it) and which bounds nothing it could enforce.
 pub(crate) fn spec_of(
     node: &AccountPath,
     b: &BudgetSet,
     tz: ciyuan_core::jiff::tz::TimeZone,
-) -> LimitSpec {
+) -> Option<LimitSpec> {
     let measure = match (b.measure, b.cost) {
         (BudgetMeasure::Tokens, _) => Measure::Tokens(Selector {
             modality: b.selector.modality,
@@ -40,9 +42,7 @@ pub(crate) fn spec_of(
         }),
         (BudgetMeasure::Requests, _) => Measure::Requests,
         (BudgetMeasure::Cost, Some(c)) => Measure::Cost(c.currency),
-        // Refused at the door; in a ledger written by another build it is a limit of
-        // nothing in no currency: the engine refuses it by name on start.
-        (BudgetMeasure::Cost, None) => Measure::Requests,
+        (BudgetMeasure::Cost, None) => return None,
     };
     let period = match b.period {
         BudgetPeriod::Minute => Period::Minute,
@@ -68,7 +68,7 @@ pub(crate) fn spec_of(
     spec.thresholds = b.thresholds.clone();
     spec.time_zone = tz;
     spec.clamp = b.clamp;
-    spec
+    Some(spec)
 }
 
 /// Builds the engine from the projections: limits, access rules, and the node
@@ -80,7 +80,10 @@ pub(crate) fn load(store: &dyn Store, now: Timestamp) -> Result<Engine, ApiError
     }
     for (node, b) in store.budgets()? {
         let tz = ciyuan_store::effective_time_zone(store, &node)?;
-        let spec = spec_of(&node, &b, tz);
+        let Some(spec) = spec_of(&node, &b, tz) else {
+            tracing::error!(%node, limit = %b.name, "a money limit without its amount is not enforced");
+            continue;
+        };
         engine
             .set_limit(spec.clone())
             .map_err(|e| ApiError::internal(format!("stored limit on {node}: {e}")))?;
@@ -572,7 +575,8 @@ pub async fn set(
     let tz = app
         .blocking(move |app| Ok(ciyuan_store::effective_time_zone(app.store.as_ref(), &n)?))
         .await?;
-    let mut spec = spec_of(&node, &budget, tz);
+    let mut spec = spec_of(&node, &budget, tz)
+        .ok_or_else(|| ApiError::bad_request("amount: a money limit needs its amount"))?;
     // Checked by the engine's own rules before anything is recorded.
     spec.validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;

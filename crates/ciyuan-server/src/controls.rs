@@ -160,7 +160,10 @@ impl App {
             match &entry.body {
                 EntryBody::BudgetSet(b) => {
                     let tz = ciyuan_store::effective_time_zone(self.store.as_ref(), node)?;
-                    let spec = crate::budgets::spec_of(node, b, tz);
+                    let Some(spec) = crate::budgets::spec_of(node, b, tz) else {
+                        tracing::error!(%node, limit = %b.name, "a money limit without its amount is not enforced");
+                        continue;
+                    };
                     self.budget.set_limit(spec.clone()).map_err(|e| {
                         ApiError::internal(format!("limit {} on {node}: {e}", b.name))
                     })?;
