@@ -522,7 +522,16 @@ pub async fn set(
         (None, None) => None,
         (Some(a), Some(c)) => Some(ciyuan_core::CostAmount {
             amount: ciyuan_core::decimal_from_text(a)
-                .map_err(|e| ApiError::bad_request(format!("amount: {e}")))?,
+                .map_err(|e| ApiError::bad_request(format!("amount: {e}")))
+                .and_then(|d| {
+                    if d.is_sign_negative() && !d.is_zero() {
+                        Err(ApiError::bad_request(format!(
+                            "amount: {a} is negative; a money limit is zero or more"
+                        )))
+                    } else {
+                        Ok(d)
+                    }
+                })?,
             currency: c
                 .parse()
                 .map_err(|e| ApiError::bad_request(format!("currency: {e}")))?,

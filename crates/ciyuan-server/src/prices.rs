@@ -726,3 +726,66 @@ pub async fn show_contract(
         "contract": found.map(|(_, c)| c.as_ref().clone()),
     })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciyuan_core::{Direction as D, Modality as M, Recount};
+
+    fn map(counts: &[(M, D, i64)]) -> TokenMap {
+        let mut t = TokenMap::new();
+        for &(m, d, n) in counts {
+            t.add(m, d, n).unwrap();
+        }
+        t
+    }
+
+    /// `rate_basis`: the recount replaces the provider's text input (less its cached
+    /// and cache-write input) and output; `greater` takes the larger of each; other
+    /// keys stay the provider's.
+    #[test]
+    fn the_priced_count_follows_the_providers_basis() {
+        let provider = map(&[
+            (M::Text, D::Input, 100),
+            (M::Text, D::CachedInput, 40),
+            (M::Text, D::Output, 50),
+            (M::Audio, D::Output, 7),
+        ]);
+        let recount = Recount {
+            encoding: "o200k_base".into(),
+            input: 150,
+            output: 45,
+            flagged: true,
+        };
+        let ours = recounted(&provider, &recount, false);
+        assert_eq!(
+            ours,
+            map(&[
+                (M::Text, D::Input, 110),
+                (M::Text, D::CachedInput, 40),
+                (M::Text, D::Output, 45),
+                (M::Audio, D::Output, 7),
+            ])
+        );
+        let greater = recounted(&provider, &recount, true);
+        assert_eq!(
+            greater,
+            map(&[
+                (M::Text, D::Input, 110),
+                (M::Text, D::CachedInput, 40),
+                (M::Text, D::Output, 50),
+                (M::Audio, D::Output, 7),
+            ])
+        );
+        // A key the provider did not report is added from the recount.
+        let bare = recounted(&map(&[(M::Audio, D::Input, 3)]), &recount, false);
+        assert_eq!(
+            bare,
+            map(&[
+                (M::Audio, D::Input, 3),
+                (M::Text, D::Input, 150),
+                (M::Text, D::Output, 45)
+            ])
+        );
+    }
+}

@@ -1352,10 +1352,29 @@ async fn usage_is_rated_as_appended_with_the_book_and_contract_in_force() {
         .admin(
             "PUT",
             "/api/v1/contracts/acme/cn",
+            Some(json!({"book": "list", "discount_percent": "101"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a discount beyond 100%: {v}");
+    let (s, v) = h
+        .admin(
+            "PUT",
+            "/api/v1/contracts/acme/cn",
             Some(json!({"book": "list", "discount_percent": "10"})),
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    // Once set from above, the node's own admin still cannot replace it.
+    let better = json!({"book": "list", "discount_percent": "90"}).to_string();
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/api/v1/contracts/acme/cn",
+            Some(&tenant),
+            Some(&better),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     let r = rated("e2", "acme/cn", "gpt-4o").await;
     assert_eq!(r["contract"], "acme/cn", "{r}");
     assert_eq!(
@@ -1396,6 +1415,46 @@ async fn usage_is_rated_as_appended_with_the_book_and_contract_in_force() {
         .unwrap()
         .clone();
     assert_eq!(spend["cost"]["used"], "8.55", "{spend}");
+    // A key at the node cannot lift or remove a money limit set above it.
+    let acme_admin = h.key("acme", &["admin"]).await;
+    let lift = json!({"name": "spend", "amount": "1000000", "currency": "USD", "period": "month"});
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/api/v1/budgets/acme",
+            Some(&acme_admin),
+            Some(&lift.to_string()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = h
+        .send(
+            "DELETE",
+            "/api/v1/budgets/acme?name=spend",
+            Some(&acme_admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // Amounts past their bounds are refused, naming the field.
+    for (amount, what) in [
+        (json!("-1"), "amount"),
+        (json!(10.5), "amount"),
+        (json!("1e40"), "amount"),
+        (json!("0.1"), "currency"),
+    ] {
+        let mut body =
+            json!({"name": "odd", "amount": amount, "currency": "USD", "period": "month"});
+        if what == "currency" {
+            body["currency"] = json!("usd");
+        }
+        let (s, v) = h.admin("PUT", "/api/v1/budgets/acme/us", Some(body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{amount}: {v}");
+        assert!(
+            v["detail"].as_str().unwrap().contains(what),
+            "{amount}: {v}"
+        );
+    }
     rated("e4", "acme/us", "gpt-4o").await;
     let (_, incidents) = h.admin("GET", "/api/v1/incidents?account=acme", None).await;
     let crossed = incidents["rows"]
@@ -1480,6 +1539,14 @@ async fn usage_is_rated_as_appended_with_the_book_and_contract_in_force() {
         "{v}"
     );
 
+    // Price books price every tenant: a tenant's admin records none.
+    let req = Request::post("/api/v1/prices?format=litellm")
+        .header("authorization", format!("Bearer {acme_admin}"))
+        .body(Body::from(std::fs::read(LITELLM).unwrap()))
+        .unwrap();
+    let resp = h.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
     // A new version never takes effect in the past.
     let req = Request::post("/api/v1/prices?format=litellm&effective_from=2020-01-01T00:00:00Z")
         .header("authorization", format!("Bearer {}", h.admin))
@@ -1559,6 +1626,55 @@ async fn wallets_move_by_balanced_postings_from_above_and_survive_a_restart() {
         json!({"kind": "mint", "amount": "5", "currency": "CNY"}),
     )
     .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // The same grant twice is refused, not added.
+    let (s, v) = post(
+        &admin,
+        "acme",
+        json!({"kind": "grant", "amount": "5", "currency": "CNY",
+        "grant": {"id": "welcome", "priority": 1}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    // Amounts past their bounds, or not exact strings, are refused naming the field.
+    for amount in [
+        json!("0"),
+        json!("-5"),
+        json!("1e-40"),
+        json!("1e40"),
+        json!(5.5),
+    ] {
+        let (s, v) = post(
+            &admin,
+            "acme",
+            json!({"kind": "topup", "amount": amount, "currency": "CNY"}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{amount}: {v}");
+        assert!(
+            v["detail"].as_str().unwrap().contains("amount"),
+            "{amount}: {v}"
+        );
+    }
+    // A tenant cannot grant itself an overdraft; from above, a negative one is refused.
+    let overdraft = |amount: &str| json!({"currency": "CNY", "overdraft": amount}).to_string();
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/api/v1/wallets/acme/settings",
+            Some(&tenant),
+            Some(&overdraft("1000")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/api/v1/wallets/acme/settings",
+            Some(&admin),
+            Some(&overdraft("-1")),
+        )
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
 
     async fn balances(h: &Harness) -> Vec<Option<String>> {
