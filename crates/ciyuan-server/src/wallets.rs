@@ -20,8 +20,8 @@ use axum::extract::State;
 use ciyuan_budget::{Hold, WalletView, Wallets};
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
-    AccountPath, Currency, Entry, EntryBody, Grant, LedgerAccount, Leg, Money, Posting,
-    PostingKind, Scope, WalletSet, decimal_from_text,
+    AccountPath, Currency, Entry, EntryBody, Grant, Money, Posting, Scope, WalletSet,
+    decimal_from_text,
 };
 use ciyuan_store::Store;
 use serde::Deserialize;
@@ -237,41 +237,16 @@ pub async fn post(
         }
     };
     from_above(&node)?;
-    let cash = LedgerAccount::Cash(node.clone());
     // The node a posting is written on: the wallet's, or for a transfer the nearest
     // node above both wallets (the engine checks every leg is on or below it).
-    let (kind, legs, grant, on) = match b.kind.as_str() {
-        "topup" => (
-            PostingKind::Topup,
-            vec![
-                Leg::debit(LedgerAccount::Payments, amount),
-                Leg::credit(cash, amount),
-            ],
-            None,
-            node.clone(),
-        ),
-        "refund" => (
-            PostingKind::Refund,
-            vec![
-                Leg::debit(LedgerAccount::Refunds, amount),
-                Leg::credit(cash, amount),
-            ],
-            None,
-            node.clone(),
-        ),
+    let (mut posting, on) = match b.kind.as_str() {
+        "topup" => (Posting::topup(&node, currency, amount), node.clone()),
+        "refund" => (Posting::refund(&node, currency, amount), node.clone()),
         "grant" => {
             let g = b.grant.clone().ok_or_else(|| {
                 ApiError::bad_request("grant: a grant needs {\"id\", \"priority\", \"expires_at\"}")
             })?;
-            (
-                PostingKind::Grant,
-                vec![
-                    Leg::debit(LedgerAccount::Promotions, amount),
-                    Leg::credit(LedgerAccount::Grant(node.clone(), g.id.clone()), amount),
-                ],
-                Some(g),
-                node.clone(),
-            )
+            (Posting::grant(&node, currency, amount, g), node.clone())
         }
         "transfer" => {
             let to = parse_path(
@@ -293,15 +268,7 @@ pub async fn post(
                 .rev()
                 .find(|a| to.is_within(a))
                 .unwrap_or_else(AccountPath::root);
-            (
-                PostingKind::Transfer,
-                vec![
-                    Leg::debit(cash, amount),
-                    Leg::credit(LedgerAccount::Cash(to), amount),
-                ],
-                None,
-                common,
-            )
+            (Posting::transfer(&node, &to, currency, amount), common)
         }
         other => {
             return Err(ApiError::bad_request(format!(
@@ -309,15 +276,8 @@ pub async fn post(
             )));
         }
     };
-    let posting = Posting {
-        kind,
-        currency,
-        legs,
-        memo: b.memo.unwrap_or_default(),
-        usage_entry: None,
-        grant,
-        set_by: Some(mine.clone()),
-    };
+    posting.memo = b.memo.unwrap_or_default();
+    posting.set_by = Some(mine.clone());
     posting
         .check()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -336,20 +296,7 @@ pub async fn post(
     let range = match app.append_visible(std::slice::from_ref(&entry)).await {
         Ok(r) => r,
         Err(e) => {
-            let mirror = Posting {
-                kind: PostingKind::Reverse,
-                legs: posting
-                    .legs
-                    .iter()
-                    .map(|l| Leg {
-                        account: l.account.clone(),
-                        debit: l.credit,
-                        credit: l.debit,
-                    })
-                    .collect(),
-                grant: None,
-                ..posting.clone()
-            };
+            let mirror = posting.reversal();
             if let Err(undo) = app.wallets.apply_posting(&on, &mirror, now) {
                 tracing::error!(error = %undo, "a posting that was not recorded could not be taken back");
             }
