@@ -187,7 +187,7 @@ impl App {
             self.definitions.set(compiled(self.store.as_ref())?);
         }
         if prices {
-            self.pricing.reload(self.store.as_ref())?;
+            self.pricing.apply(entries);
         }
         Ok(())
     }

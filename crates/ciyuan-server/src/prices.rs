@@ -60,13 +60,6 @@ pub(crate) struct Pricing(RwLock<Arc<State_>>);
 impl Pricing {
     /// Loads every book and contract from the store's projections.
     pub(crate) fn load(store: &dyn Store) -> Result<Pricing, ApiError> {
-        let p = Pricing::default();
-        p.reload(store)?;
-        Ok(p)
-    }
-
-    /// Rebuilds from the store (after a book or contract is recorded).
-    pub(crate) fn reload(&self, store: &dyn Store) -> Result<(), ApiError> {
         let mut state = State_::default();
         for (_, book) in store.price_books()? {
             state
@@ -83,8 +76,62 @@ impl Pricing {
                 .contracts
                 .insert(node.as_str().to_string(), (node, Arc::new(contract)));
         }
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
-        Ok(())
+        Ok(Pricing(RwLock::new(Arc::new(state))))
+    }
+
+    /// Applies recorded `price.book` and `price.contract` entries, as the store's
+    /// projection does (a repeated `name@version` keeps the first; a contract is
+    /// replaced whole). Books and contracts not touched are shared with the previous
+    /// state, and so are the raters built from them: a contract set for one node does
+    /// not make every book be read and compiled again.
+    pub(crate) fn apply(&self, entries: &[Entry]) {
+        let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let old = current.clone();
+        let mut books = old.books.clone();
+        let mut contracts = old.contracts.clone();
+        for entry in entries {
+            match &entry.body {
+                EntryBody::PriceBook(b) => {
+                    let versions = books.entry(b.name.clone()).or_default();
+                    if !versions.iter().any(|v| v.version == b.version) {
+                        versions.push(Arc::new(b.clone()));
+                        versions.sort_by_key(|v| v.version);
+                    }
+                }
+                EntryBody::PriceContract(c) => {
+                    contracts.insert(
+                        entry.account.as_str().to_string(),
+                        (entry.account.clone(), Arc::new(c.clone())),
+                    );
+                }
+                _ => {}
+            }
+        }
+        let live: rustc_hash::FxHashSet<usize> = books
+            .values()
+            .flatten()
+            .map(|b| Arc::as_ptr(b) as usize)
+            .chain(contracts.values().map(|(_, c)| Arc::as_ptr(c) as usize))
+            .collect();
+        let raters: FxHashMap<(usize, usize), Arc<Rater>> = old
+            .raters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((c, b), _)| (*c == 0 || live.contains(c)) && live.contains(b))
+            .map(|(k, r)| (*k, r.clone()))
+            .collect();
+        let unpriced = old
+            .unpriced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        *current = Arc::new(State_ {
+            books,
+            contracts,
+            raters: RwLock::new(raters),
+            unpriced: Mutex::new(unpriced),
+        });
     }
 
     fn state(&self) -> Arc<State_> {
