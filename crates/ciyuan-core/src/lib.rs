@@ -63,8 +63,8 @@ pub use price::{
     MAX_PRICE_NAME_BYTES, MAX_PRICE_SCALE, MAX_ROUNDING_PLACES, MAX_RULES_PER_BOOK, MAX_UNIT_PRICE,
     MinimumCommitment, PriceBook, PriceContract, PriceError, PriceKey, PriceRule, PriceSource,
     RatedLine, Rating, RatingBasis, Rounding, RoundingAt, RoundingMode, ServiceTier, Threshold,
-    TierKey, TierKind, TierPeriod, Tiers, TimeWindow, UnitPrices, book_in_force, decimal_from_text,
-    exact, may_set_contract, nearest_contract,
+    TierKey, TierKind, TierPeriod, TierPlace, Tiers, TimeWindow, UnitPrices, book_in_force,
+    decimal_from_text, exact, may_set_contract, nearest_contract,
 };
 pub use scope::{Scope, ScopeError, Scopes};
 pub use text::{TextError, check_text};

@@ -1189,6 +1189,27 @@ pub struct Rating {
     /// Which count was priced, as the lead's setting chose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basis: Option<RatingBasis>,
+    /// Where the entry's tiered units were placed in their period, when the rule that
+    /// priced it has graduated or volume tiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub place: Option<TierPlace>,
+}
+
+/// Where a tiered entry's units sit in their period: the rule's tiers priced them as
+/// following `before` units counted earlier in the period that starts at `period`.
+///
+/// Placement is provisional: concurrent requests, retries and late events can place
+/// units in an order other than the log's, so the period's tiered total is made exact
+/// by its true-up, never by editing entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierPlace {
+    /// The start of the tiers' period (a day or month in the billing node's time
+    /// zone), UTC.
+    pub period: Timestamp,
+    /// The units the same tiers had counted in the period before this entry.
+    #[serde(with = "exact")]
+    pub before: Decimal,
 }
 
 impl Rating {
@@ -1573,6 +1594,7 @@ mod tests {
             unpriced: false,
             missing: vec![],
             basis: None,
+            place: None,
         };
         // 0.02 × 0.9 × 1.5 = 0.027: rounded once, not per line (each line would be 0.01
         // and 0.00 at two places).

@@ -352,6 +352,7 @@ mod tests {
                         unpriced: false,
                         missing: vec![],
                         basis: None,
+                        place: None,
                     })
                 }),
                 tier: (i % 5 == 3).then_some(crate::ServiceTier::Batch),

@@ -467,6 +467,7 @@ impl Rater {
             unpriced: false,
             missing: Vec::new(),
             basis: None,
+            place: None,
         };
         let mut input_tokens: i128 = 0;
         // Sums of at most 25 i64 counts: below 2^69, inside a decimal's 96 bits, so

@@ -184,6 +184,7 @@ pub fn rate_naive(
         unpriced: false,
         missing: Vec::new(),
         basis: None,
+        place: None,
     };
     let rules: Vec<&PriceRule> = contract
         .map(|(_, c)| c.overrides.iter().collect::<Vec<_>>())

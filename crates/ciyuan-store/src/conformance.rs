@@ -135,6 +135,7 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
                 unpriced: false,
                 missing: vec![],
                 basis: None,
+                place: None,
             }));
         }
         e
