@@ -13,6 +13,7 @@
 use crate::budget::{AccessSet, BudgetCleared, BudgetSet, Incident};
 use crate::definition::TokenDefinition;
 use crate::posting::{Posting, WalletSet};
+use crate::price::RatingCorrection;
 use crate::price::{PriceBook, PriceContract, Rating};
 use crate::{AccountPath, Scopes, tokens::TokenMap};
 use jiff::Timestamp;
@@ -77,6 +78,9 @@ pub enum EntryBody {
     Posting(Posting),
     /// The entry's node's wallet settings in one currency.
     WalletSet(WalletSet),
+    /// A usage entry re-rated under the prices now in force for its time (on the
+    /// usage entry's node).
+    RatingCorrection(RatingCorrection),
 }
 
 /// Tokens of one call or event.
@@ -291,6 +295,7 @@ impl EntryBody {
             EntryBody::PriceContract(_) => "price.contract",
             EntryBody::Posting(_) => "posting",
             EntryBody::WalletSet(_) => "wallet.set",
+            EntryBody::RatingCorrection(_) => "rating.correction",
         }
     }
 }
@@ -368,6 +373,7 @@ impl Entry {
             EntryBody::PriceContract(d) => put(self, d, out),
             EntryBody::Posting(d) => put(self, d, out),
             EntryBody::WalletSet(d) => put(self, d, out),
+            EntryBody::RatingCorrection(d) => put(self, d, out),
         }
     }
 
@@ -394,6 +400,7 @@ impl Entry {
             "price.contract" => EntryBody::PriceContract(serde_json::from_str(data)?),
             "posting" => EntryBody::Posting(serde_json::from_str(data)?),
             "wallet.set" => EntryBody::WalletSet(serde_json::from_str(data)?),
+            "rating.correction" => EntryBody::RatingCorrection(serde_json::from_str(data)?),
             other => return Err(DecodeError::Kind(other.to_string())),
         };
         Ok(Entry {

@@ -62,9 +62,9 @@ pub use price::{
     Band, ClockTime, CommitmentPeriod, MAX_MARKUP_PERCENT, MAX_PARTS_PER_RULE,
     MAX_PRICE_NAME_BYTES, MAX_PRICE_SCALE, MAX_ROUNDING_PLACES, MAX_RULES_PER_BOOK, MAX_UNIT_PRICE,
     MinimumCommitment, PriceBook, PriceContract, PriceError, PriceKey, PriceRule, PriceSource,
-    RatedLine, Rating, RatingBasis, Rounding, RoundingAt, RoundingMode, ServiceTier, Threshold,
-    TierKey, TierKind, TierPeriod, TierPlace, Tiers, TimeWindow, UnitPrices, book_in_force,
-    decimal_from_text, exact, may_set_contract, nearest_contract,
+    RatedLine, Rating, RatingBasis, RatingCorrection, Rounding, RoundingAt, RoundingMode,
+    ServiceTier, Threshold, TierKey, TierKind, TierPeriod, TierPlace, Tiers, TimeWindow,
+    UnitPrices, book_in_force, decimal_from_text, exact, may_set_contract, nearest_contract,
 };
 pub use scope::{Scope, ScopeError, Scopes};
 pub use text::{TextError, check_text};

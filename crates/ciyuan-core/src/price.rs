@@ -943,10 +943,12 @@ impl PriceBook {
     }
 
     /// Checks that `next` may follow this version: the same book, the next version
-    /// number, and an `effective_from` after this one's, so versions order the same
-    /// way by number and by time. (Whether it may start before the moment it is
-    /// appended, re-pricing the past, is the caller's rule: the ledger's answer is
-    /// correction entries.)
+    /// number, and an `effective_from` at or after this one's, so versions order the
+    /// same way by number and by time. A version starting when this one does replaces
+    /// it wholly (a correction: [`book_in_force`] takes the higher version). (Whether
+    /// it may start before the moment it is appended, re-pricing the past, is the
+    /// caller's rule: entries keep their ratings, and the ledger's answer is
+    /// `rating.correction` entries.)
     pub fn check_successor(&self, next: &PriceBook) -> Result<(), PriceError> {
         if next.name != self.name {
             return Err(PriceError::new(
@@ -963,11 +965,11 @@ impl PriceBook {
                 ),
             ));
         }
-        if next.effective_from <= self.effective_from {
+        if next.effective_from < self.effective_from {
             return Err(PriceError::new(
                 "effective_from",
                 format!(
-                    "{} is not after {}, from when version {} applies",
+                    "{} is before {}, from when version {} applies",
                     next.effective_from, self.effective_from, self.version
                 ),
             ));
@@ -1193,6 +1195,49 @@ pub struct Rating {
     /// priced it has graduated or volume tiers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub place: Option<TierPlace>,
+}
+
+/// A usage entry re-rated (entry kind `rating.correction`, on the usage entry's node):
+/// what it was priced at, and the rating the prices in force for its time give now.
+/// The entry itself is never edited; its amount in every cost figure becomes
+/// `rating.amount` from here on (`previous` taken off, `rating` added, each in its
+/// own currency, at the usage entry's time).
+///
+/// It carries a copy of the usage entry (`usage`, with the rating it was appended
+/// with) so that the correction is explained by itself and `ciyuan audit verify` can
+/// re-rate it without holding the log in memory; the verifier checks the copy against
+/// the entry it names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatingCorrection {
+    /// The index of the usage entry corrected.
+    pub entry: u64,
+    /// The usage entry's time.
+    pub at: Timestamp,
+    /// The usage entry's body as appended (its `rating` is the original one).
+    pub usage: Box<crate::Usage>,
+    /// The rating the entry stood at before this correction: the original, or the
+    /// previous correction's.
+    pub previous: Box<Rating>,
+    /// The rating it stands at now.
+    pub rating: Box<Rating>,
+}
+
+impl RatingCorrection {
+    /// The change in the entry's cost: `(-previous, currency)` and `(rating, currency)`,
+    /// or one signed amount when both are in one currency.
+    pub fn changes(&self) -> impl Iterator<Item = (Currency, Decimal)> + '_ {
+        let same = self.previous.currency == self.rating.currency;
+        let first = if same {
+            (
+                self.rating.currency,
+                self.rating.amount - self.previous.amount,
+            )
+        } else {
+            (self.previous.currency, -self.previous.amount)
+        };
+        std::iter::once(first).chain((!same).then_some((self.rating.currency, self.rating.amount)))
+    }
 }
 
 /// Where a tiered entry's units sit in their period: the rule's tiers priced them as
@@ -1536,8 +1581,17 @@ mod tests {
                 .to_string()
                 .starts_with("version: 3 does not follow version 1")
         );
+        let mut same = v2.clone();
+        same.effective_from = v1.effective_from;
+        assert!(v1.check_successor(&same).is_ok());
+        let v2_same = [v1.clone(), same];
+        assert_eq!(
+            book_in_force(&v2_same, v1.effective_from).map(|b| b.version),
+            Some(2),
+            "a version starting with the one before corrects it"
+        );
         let mut early = v2.clone();
-        early.effective_from = v1.effective_from;
+        early.effective_from = "2025-12-31T00:00:00Z".parse().unwrap();
         assert!(
             v1.check_successor(&early)
                 .unwrap_err()

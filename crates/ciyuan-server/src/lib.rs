@@ -23,6 +23,7 @@ pub mod listen;
 pub mod pipeline;
 pub mod prices;
 mod records;
+mod rerate;
 mod usage;
 mod wallets;
 
@@ -400,6 +401,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/definitions",
             get(controls::list).post(controls::declare),
         )
+        .route("/api/v1/prices/rerate", post(rerate::rerate))
         .route("/api/v1/prices/{name}", get(prices::show))
         .route("/api/v1/prices/{name}/diff", get(prices::diff))
         .route(

@@ -21,7 +21,7 @@ use axum::extract::State;
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
     AccountPath, Entry, EntryBody, Incident, PriceBook, PriceContract, Rating, RatingBasis, Scope,
-    ServiceTier, TokenMap, Usage,
+    TokenMap, Usage,
 };
 use ciyuan_price::{RateInput, Rater};
 use ciyuan_store::Store;
@@ -261,34 +261,42 @@ pub(crate) enum Rated {
 }
 
 impl App {
-    /// Rates `usage` of `node` at `at` with the counts `tokens`.
-    pub(crate) fn rate(
+    /// Rates `usage` of `node` at `at`: on its own counts, or (`basis` given) on the
+    /// count `basis` names, recording it (the recount covers text input and output;
+    /// other keys are the provider's). `period_to_date` places tiered units (see
+    /// [`RateInput::period_to_date`]).
+    pub(crate) fn rate_usage(
         &self,
         prices: &Prices,
         node: &AccountPath,
-        usage: &Usage,
-        tokens: &TokenMap,
-        tier: ServiceTier,
         at: Timestamp,
+        usage: &Usage,
+        basis: Option<Basis>,
+        period_to_date: Decimal,
     ) -> Rated {
         let rater = match prices.0.rater(node, at) {
             Ok(None) => return Rated::Off,
             Ok(Some(r)) => r,
             Err(why) => return Rated::NoBook(why),
         };
+        let recounted = match (&usage.recount, basis) {
+            (None, _) | (_, None | Some(Basis::Provider)) => None,
+            (Some(r), Some(b)) => Some(recounted(&usage.tokens, r, b == Basis::Greater)),
+        };
         let input = RateInput {
             model: usage.model.as_deref(),
             service: &usage.service,
-            tier,
-            tokens,
+            tier: usage.tier.unwrap_or_default(),
+            tokens: recounted.as_ref().unwrap_or(&usage.tokens),
             measures: &usage.measures,
             at,
-            // Graduated and volume tiers need the period's quantity so far: not
-            // tracked yet, so tiered rules price from their first band.
-            period_to_date: Decimal::ZERO,
+            period_to_date,
         };
         match rater.rate(&input) {
-            Ok(r) => Rated::Priced(r),
+            Ok(mut r) => {
+                r.basis = basis.map(Basis::recorded);
+                Rated::Priced(r)
+            }
             Err(e) => Rated::NoBook(e.to_string()),
         }
     }
@@ -315,16 +323,9 @@ impl App {
         if u.tokens.iter().any(|t| t.count < 0) {
             return None;
         }
-        let recounted = match (&u.recount, basis) {
-            (None, _) | (_, None | Some(Basis::Provider)) => None,
-            (Some(r), Some(b)) => Some(recounted(&u.tokens, r, b == Basis::Greater)),
-        };
-        let priced = recounted.as_ref().unwrap_or(&u.tokens);
-        let tier = u.tier.unwrap_or_default();
-        match self.rate(prices, &entry.account, u, priced, tier, entry.ts) {
+        match self.rate_usage(prices, &entry.account, entry.ts, u, basis, Decimal::ZERO) {
             Rated::Off => None,
-            Rated::Priced(mut r) => {
-                r.basis = basis.map(Basis::recorded);
+            Rated::Priced(r) => {
                 let incident = (r.unpriced || !r.missing.is_empty())
                     .then(|| self.unpriced_incident(&entry.account, u, &r))
                     .flatten();
@@ -505,8 +506,13 @@ pub struct ImportParams {
     /// The book's name (default: the file's, else `list`).
     name: Option<String>,
     /// From when the new version applies (default: now; never before now when the
-    /// book has a version already).
+    /// book has a version already, unless `correct`).
     effective_from: Option<Timestamp>,
+    /// The version corrects prices of the past: `effective_from` may be before now
+    /// (at or after the latest version's). Entries already rated keep their ratings;
+    /// `POST /api/v1/prices/rerate` then appends their corrections.
+    #[serde(default)]
+    correct: bool,
 }
 
 /// `POST /api/v1/prices?format=litellm|toml[&name=][&effective_from=]`: the file is
@@ -551,24 +557,21 @@ pub async fn import(
     // is applied before its append returns): no stored book is read and parsed again.
     let latest: Option<Arc<PriceBook>> = app.pricing.latest(&name);
     let from = p.effective_from.unwrap_or(now);
-    if let Some(latest) = &latest {
-        if from < now {
-            return Err(ApiError::unprocessable(format!(
-                "effective_from {from} is in the past: entries already rated with {}@{} keep their prices; a new version takes effect from now on (re-rate a period with corrections)",
-                latest.name, latest.version
-            )));
-        }
-        if from <= latest.effective_from {
-            return Err(ApiError::unprocessable(format!(
-                "effective_from {from} must be after that of {}@{} ({})",
-                latest.name, latest.version, latest.effective_from
-            )));
-        }
+    if let Some(latest) = latest.as_ref().filter(|_| from < now && !p.correct) {
+        return Err(ApiError::unprocessable(format!(
+            "effective_from {from} is in the past: entries already rated with {}@{} keep their prices; a new version takes effect from now on, or corrects the past with correct=true (then re-rate the period: POST /api/v1/prices/rerate)",
+            latest.name, latest.version
+        )));
     }
     let version = latest.as_ref().map_or(1, |b| b.version + 1);
     let book = imported
         .into_book(Some(&name), version, from, Some(caller.key.account.clone()))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(latest) = &latest {
+        latest.check_successor(&book).map_err(|e| {
+            ApiError::unprocessable(format!("{e} ({}@{})", latest.name, latest.version))
+        })?;
+    }
     let summary = book_summary(&book, None);
     let range = app
         .append_visible(&[Entry::new(

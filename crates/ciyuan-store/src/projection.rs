@@ -183,6 +183,31 @@ pub struct Projected<'a> {
     pub cost: CostSums<'a>,
 }
 
+/// Adds `amount` to the cost of `usage` (of `node`, at `at`) in `currency`.
+fn add_cost<'a>(
+    cost: &mut CostSums<'a>,
+    index: u64,
+    node: &'a AccountPath,
+    at: Timestamp,
+    usage: &'a ciyuan_core::Usage,
+    currency: ciyuan_core::Currency,
+    amount: rust_decimal::Decimal,
+) -> Result<(), StoreError> {
+    let slot = cost
+        .entry(CostKey {
+            account: node,
+            hour: floor_hour(at),
+            service: &usage.service,
+            model: usage.model.as_deref().unwrap_or(""),
+            currency,
+        })
+        .or_insert(ExactSum::ZERO);
+    *slot = slot
+        .checked_add(ExactSum::of(amount))
+        .ok_or_else(|| StoreError::Backend(format!("cost sum overflows at entry {index}")))?;
+    Ok(())
+}
+
 /// Projects entries `start..` (the concatenation of `parts`).
 ///
 /// Errors only on a sum that leaves 128 bits, which no real ledger reaches (each count
@@ -205,19 +230,15 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                         .push((index, ciyuan_core::ingest_key_hash(source, id)));
                 }
                 if let Some(r) = &u.rating {
-                    let slot = out
-                        .cost
-                        .entry(CostKey {
-                            account: node,
-                            hour: floor_hour(entry.ts),
-                            service: &u.service,
-                            model: u.model.as_deref().unwrap_or(""),
-                            currency: r.currency,
-                        })
-                        .or_insert(ExactSum::ZERO);
-                    *slot = slot.checked_add(ExactSum::of(r.amount)).ok_or_else(|| {
-                        StoreError::Backend(format!("cost sum overflows at entry {index}"))
-                    })?;
+                    add_cost(
+                        &mut out.cost,
+                        index,
+                        node,
+                        entry.ts,
+                        u,
+                        r.currency,
+                        r.amount,
+                    )?;
                 }
                 if u.recount.as_ref().is_some_and(|r| r.flagged) {
                     out.changes.push(Change::Flagged {
@@ -313,6 +334,13 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                     node,
                     settings,
                 });
+                continue;
+            }
+            // The usage entry's cost becomes the new rating's, at the usage's time.
+            EntryBody::RatingCorrection(c) => {
+                for (currency, amount) in c.changes() {
+                    add_cost(&mut out.cost, index, node, c.at, &c.usage, currency, amount)?;
+                }
                 continue;
             }
         };

@@ -548,6 +548,7 @@ fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
                         "rated": rules.rated,
                         "rated_basis_as_recorded": rules.rated_basis_as_recorded,
                         "defined": rules.defined,
+                        "corrections": rules.corrections,
                     })
                 );
             } else {
@@ -559,8 +560,12 @@ fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
                     report.size
                 );
                 println!(
-                    "rules: {} postings balanced and replayed through the wallets; {} rated entries follow their books ({} with the recount basis taken as recorded); {} entries name the definition in force",
-                    rules.postings, rules.rated, rules.rated_basis_as_recorded, rules.defined
+                    "rules: {} postings balanced and replayed through the wallets; {} ratings follow their books ({} with the recount basis taken as recorded; {} of them by corrections, each matching the entry it re-rates); {} entries name the definition in force",
+                    rules.postings,
+                    rules.rated,
+                    rules.rated_basis_as_recorded,
+                    rules.corrections,
+                    rules.defined
                 );
             }
             Ok(ExitCode::SUCCESS)

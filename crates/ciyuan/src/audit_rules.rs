@@ -24,7 +24,15 @@
 //!    `definition.set` entries give different rules for one `service@version`, and
 //!    the recorded versions compile together as the server requires.
 //!
-//! Memory holds the books, contracts, definitions and wallets, never usage entries.
+//! 4. **Corrections.** A `rating.correction` names an earlier entry and starts from
+//!    the rating that entry stands at (its own, or its latest correction's); its new
+//!    rating is recomputed as in 2, for the usage's time and node, with the book
+//!    version it names and the contract in force at the correction's place in the log.
+//!    A second reading of the log, only when corrections exist, checks that each
+//!    named entry is usage of that node and time whose body is the correction's copy.
+//!
+//! Memory holds the books, contracts, definitions, wallets and the corrections' copies
+//! of the entries they re-rate, never the usage entries themselves.
 //!
 //! What is taken as recorded rather than recomputed: when a rating's `basis` is
 //! `recount` or `greater` and the entry carries a recount, the counts priced are the
@@ -45,7 +53,7 @@ use ciyuan_budget::Wallets;
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{
     AccountPath, DecodeError, Entry, EntryBody, PriceBook, PriceContract, PriceKey, Rating,
-    RatingBasis, TokenDefinition, TokenMap, Usage,
+    RatingBasis, RatingCorrection, TokenDefinition, TokenMap, Usage,
 };
 use ciyuan_ledger::{VerifyFailure, VerifyReport};
 use ciyuan_measure::DefinitionSet;
@@ -72,7 +80,8 @@ pub struct RulesReport {
     pub entries: u64,
     /// `posting` entries found balanced and replayed through the wallets.
     pub postings: u64,
-    /// Usage entries whose rating was recomputed from the book it names.
+    /// Ratings recomputed from the book they name: of usage entries, and of
+    /// `rating.correction` entries.
     pub rated: u64,
     /// Of `rated`, those whose counts (basis `recount` or `greater`) were taken from
     /// the rating's lines as recorded.
@@ -86,6 +95,9 @@ pub struct RulesReport {
     pub contracts: u64,
     /// `definition.set` entries recorded.
     pub definitions: u64,
+    /// `rating.correction` entries whose new rating was recomputed and whose copy of
+    /// the usage matched the entry it names.
+    pub corrections: u64,
 }
 
 /// The first entry that breaks a rule (or, with no entry, why the log could not be
@@ -133,6 +145,12 @@ struct ContractState {
     previous: Option<PriceContract>,
 }
 
+/// Where and when usage was: a usage entry's, or the one a correction re-rates.
+struct Used<'a> {
+    ts: Timestamp,
+    account: &'a AccountPath,
+}
+
 /// The contract that prices a node's usage: its node, the contract, and the entry that
 /// set it; `None` when no node on the path has one.
 type InForce<'a> = Option<(&'a AccountPath, &'a PriceContract, u64)>;
@@ -154,7 +172,21 @@ pub struct RuleChecker {
     /// The rules of a book version that can price one (model, service): see
     /// [`RuleChecker::subset`].
     subsets: RefCell<HashMap<SubsetKey, Rc<PriceBook>>>,
+    /// Entries corrected so far, by index: what their corrections say of them.
+    corrected: BTreeMap<u64, Corrected>,
     report: RulesReport,
+}
+
+/// What corrections say of the usage entry they correct.
+struct Corrected {
+    /// The latest correction.
+    by: u64,
+    /// Their copy of the entry's time, node and usage.
+    at: Timestamp,
+    account: AccountPath,
+    usage: Box<Usage>,
+    /// The rating it stands at now.
+    rating: Rating,
 }
 
 /// A book version and the model and service of the entries it prices.
@@ -189,6 +221,7 @@ impl RuleChecker {
             compiled: None,
             wallets: Wallets::new(),
             subsets: RefCell::new(HashMap::new()),
+            corrected: BTreeMap::new(),
             report: RulesReport::default(),
         }
     }
@@ -257,6 +290,7 @@ impl RuleChecker {
                 self.report.postings += 1;
                 Ok(())
             }
+            EntryBody::RatingCorrection(c) => self.check_correction(index, entry, c),
             EntryBody::WalletSet(set) => self
                 .wallets
                 .apply_settings(&entry.account, set)
@@ -266,12 +300,86 @@ impl RuleChecker {
                     self.check_definition(entry.ts, usage, id)?;
                 }
                 if let Some(rating) = &usage.rating {
-                    self.check_rating(index, entry, usage, rating)?;
+                    let used = Used {
+                        ts: entry.ts,
+                        account: &entry.account,
+                    };
+                    self.check_rating(index, &used, usage, rating)?;
                 }
                 Ok(())
             }
             _ => Ok(()),
         }
+    }
+
+    /// A correction names an earlier entry, starts from the rating that entry stood
+    /// at (its own, or its last correction's), and its new rating follows the books
+    /// and contract in force at the correction's place in the log, for the usage's
+    /// time. Its copy of the usage is checked against the entry by [`check_path`]'s
+    /// second reading.
+    fn check_correction(
+        &mut self,
+        index: u64,
+        entry: &Entry,
+        c: &RatingCorrection,
+    ) -> Result<(), String> {
+        if c.entry >= index {
+            return Err(format!(
+                "entry: {} is not before the correction ({index})",
+                c.entry
+            ));
+        }
+        match self.corrected.get(&c.entry) {
+            Some(was) => {
+                if was.usage != c.usage || was.at != c.at || was.account != entry.account {
+                    return Err(format!(
+                        "usage: the copy of entry {} differs from the one correction entry {} carried",
+                        c.entry, was.by
+                    ));
+                }
+                if was.rating != *c.previous {
+                    return Err(format!(
+                        "previous: entry {} stands at the rating of correction entry {} ({} {}), not at {} {}",
+                        c.entry,
+                        was.by,
+                        was.rating.amount,
+                        was.rating.currency,
+                        c.previous.amount,
+                        c.previous.currency
+                    ));
+                }
+            }
+            None => {
+                if c.usage.rating.as_deref() != Some(&*c.previous) {
+                    return Err(format!(
+                        "previous: entry {} was appended with another rating than the one the correction starts from",
+                        c.entry
+                    ));
+                }
+            }
+        }
+        if c.rating.place != c.previous.place {
+            return Err(
+                "rating.place: a correction keeps where the tiered units were placed".into(),
+            );
+        }
+        let used = Used {
+            ts: c.at,
+            account: &entry.account,
+        };
+        self.check_rating(index, &used, &c.usage, &c.rating)?;
+        self.corrected.insert(
+            c.entry,
+            Corrected {
+                by: index,
+                at: c.at,
+                account: entry.account.clone(),
+                usage: c.usage.clone(),
+                rating: (*c.rating).clone(),
+            },
+        );
+        self.report.corrections += 1;
+        Ok(())
     }
 
     fn record_book(&mut self, index: u64, book: &PriceBook) -> Result<(), String> {
@@ -509,11 +617,11 @@ impl RuleChecker {
     fn check_rating(
         &mut self,
         index: u64,
-        entry: &Entry,
+        entry: &Used<'_>,
         usage: &Usage,
         rating: &Rating,
     ) -> Result<(), String> {
-        let contract = self.contract_of(&entry.account);
+        let contract = self.contract_of(entry.account);
         let as_recorded = match self.judge_rating(entry, usage, rating, contract) {
             Ok(as_recorded) => as_recorded,
             Err(why) => {
@@ -521,7 +629,7 @@ impl RuleChecker {
                 // contract once its entry is projected: say so when the rating follows
                 // the contract of just before the latest change.
                 let hint = self
-                    .contract_before_last_change(&entry.account)
+                    .contract_before_last_change(entry.account)
                     .filter(|(before, _)| self.judge_rating(entry, usage, rating, *before).is_ok())
                     .map(|(_, changed)| {
                         format!(
@@ -544,7 +652,7 @@ impl RuleChecker {
     /// its counts were taken as recorded.
     fn judge_rating(
         &self,
-        entry: &Entry,
+        entry: &Used<'_>,
         usage: &Usage,
         rating: &Rating,
         contract: InForce<'_>,
@@ -607,9 +715,9 @@ impl RuleChecker {
             tokens: &tokens,
             measures: &usage.measures,
             at: entry.ts,
-            // The server does not track tiers' period-to-date quantities yet: tiered
-            // rules price from their first band there, and so here.
-            period_to_date: Decimal::ZERO,
+            // Where the server placed the entry's tiered units (the period's true-up
+            // makes their total exact; each entry follows its place).
+            period_to_date: rating.place.as_ref().map_or(Decimal::ZERO, |p| p.before),
         };
         let book = self.subset(book, usage.model.as_deref(), &usage.service);
         ciyuan_price::verify_rating(
@@ -728,6 +836,7 @@ pub fn check_path(path: &Path, entries: u64) -> Result<RulesReport, RuleFailure>
         judged?;
         read
     })?;
+    check_corrected(path, entries, &checker.corrected)?;
     let report = checker.report().clone();
     // Every entry the bytes vouched for was judged.
     assert_eq!(
@@ -736,6 +845,50 @@ pub fn check_path(path: &Path, entries: u64) -> Result<RulesReport, RuleFailure>
         report.entries
     );
     Ok(report)
+}
+
+/// Reads the log again for the entries corrections name (only when there are any):
+/// each must be a usage entry of the node and time the corrections say, whose body is
+/// their copy. Held in memory are the corrections' copies, never the log.
+fn check_corrected(
+    path: &Path,
+    entries: u64,
+    corrected: &BTreeMap<u64, Corrected>,
+) -> Result<(), RuleFailure> {
+    let Some(last) = corrected.keys().next_back() else {
+        return Ok(());
+    };
+    let fail = |i: u64, c: &Corrected, what: String| RuleFailure {
+        entry: Some(c.by),
+        what: format!("rating.correction on {}: entry {i} {what}", c.account),
+    };
+    ciyuan_ledger::for_each_entry::<RuleFailure>(path, entries.min(last + 1), |i, bytes| {
+        let Some(c) = corrected.get(&i) else {
+            return Ok(());
+        };
+        let e = Entry::decode(bytes).map_err(|e| fail(i, c, format!("does not decode: {e}")))?;
+        let EntryBody::Usage(u) = &e.body else {
+            return Err(fail(i, c, format!("is a {}, not usage", e.body.kind())));
+        };
+        if e.account != c.account || e.ts != c.at {
+            return Err(fail(
+                i,
+                c,
+                format!(
+                    "is usage of {} at {}, not of {} at {}",
+                    e.account, e.ts, c.account, c.at
+                ),
+            ));
+        }
+        if *u != *c.usage {
+            return Err(fail(
+                i,
+                c,
+                "differs from the copy the correction re-rated".into(),
+            ));
+        }
+        Ok(())
+    })
 }
 
 /// Everything `ciyuan audit verify` checks of `target` (a ledger directory or a
@@ -996,6 +1149,7 @@ mod tests {
             books: 1,
             contracts: 0,
             definitions: 1,
+            corrections: 0,
         };
         assert_eq!(rules, want);
 
@@ -1072,6 +1226,146 @@ mod tests {
         let (_, rules) = verify(&dir).unwrap();
         assert_eq!(rules.entries, log.len() as u64);
         assert_eq!(rules.defined, (log.len() - 5) as u64);
+    }
+
+    /// The good log, then version 2 of the list book correcting version 1 from its
+    /// start (input at 0.000002), and the correction of entry 3 it gives.
+    fn corrected_log() -> (Vec<Vec<u8>>, RatingCorrection) {
+        let mut log = good_log();
+        let v2 = book("list", 2, "2026-01-01T00:00:00Z", "0.000002", "0.00001");
+        log.push(bytes(
+            "2026-03-01T00:00:00Z",
+            "/",
+            EntryBody::PriceBook(v2.clone()),
+        ));
+        let EntryBody::Usage(original) = Entry::decode(&log[3]).unwrap().body else {
+            unreachable!()
+        };
+        let now = rated_chat(&v2, None, "2026-02-01T00:00:00Z", 1_000_000, 200_000);
+        let c = RatingCorrection {
+            entry: 3,
+            at: at("2026-02-01T00:00:00Z"),
+            previous: original.rating.clone().unwrap(),
+            rating: now.rating.unwrap(),
+            usage: Box::new(original),
+        };
+        assert_eq!(c.previous.amount, d("4.5"));
+        assert_eq!(c.rating.amount, d("4.0"));
+        assert_eq!(c.changes().collect::<Vec<_>>(), vec![(usd(), d("-0.5"))]);
+        log.push(bytes(
+            "2026-03-01T00:00:01Z",
+            "acme/cn",
+            EntryBody::RatingCorrection(c.clone()),
+        ));
+        (log, c)
+    }
+
+    #[test]
+    fn a_correction_follows_the_version_now_in_force_and_names_its_entry_faithfully() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log, c) = corrected_log();
+        let dir = tmp.path().join("ok");
+        write_ledger(&dir, &log);
+        let rules = verify(&dir).unwrap().1;
+        assert_eq!(rules.corrections, 1);
+        assert_eq!(rules.rated, 2);
+
+        // A second correction must start from the first's rating.
+        let mut again = log.clone();
+        let mut c2 = c.clone();
+        c2.previous = c.previous.clone();
+        again.push(bytes(
+            "2026-03-02T00:00:00Z",
+            "acme/cn",
+            EntryBody::RatingCorrection(c2),
+        ));
+        let e = run(&again).unwrap_err();
+        assert_eq!(e.entry, Some(8));
+        assert!(
+            e.what
+                .contains("stands at the rating of correction entry 7"),
+            "{e}"
+        );
+
+        // A flipped amount in the correction's rating.
+        let mut flipped = c.clone();
+        flipped.rating.amount = d("3.9");
+        let mut bad = log.clone();
+        bad[7] = bytes(
+            "2026-03-01T00:00:01Z",
+            "acme/cn",
+            EntryBody::RatingCorrection(flipped),
+        );
+        let e = run(&bad).unwrap_err();
+        assert_eq!(e.entry, Some(7));
+        assert!(
+            e.what.starts_with("rating.correction on acme/cn: rating."),
+            "{e}"
+        );
+
+        // A correction rated with the old version is not what the book says now...
+        // but still follows a book version in force at the time: only a wrong amount
+        // for the version it names fails. Starting from another rating fails.
+        let mut wrong_previous = c.clone();
+        wrong_previous.previous.amount = d("5");
+        bad[7] = bytes(
+            "2026-03-01T00:00:01Z",
+            "acme/cn",
+            EntryBody::RatingCorrection(wrong_previous),
+        );
+        let e = run(&bad).unwrap_err();
+        assert!(e.what.contains("another rating"), "{e}");
+
+        // A copy of the usage that is not the entry's: caught by the second reading.
+        let mut forged = c.clone();
+        let mut usage = (*forged.usage).clone();
+        usage.tokens = tokens(10, 2);
+        let rated = rated_chat(
+            &book("list", 2, "2026-01-01T00:00:00Z", "0.000002", "0.00001"),
+            None,
+            "2026-02-01T00:00:00Z",
+            10,
+            2,
+        );
+        usage.rating = forged.usage.rating.clone();
+        forged.usage = Box::new(usage);
+        forged.rating = rated.rating.unwrap();
+        bad[7] = bytes(
+            "2026-03-01T00:00:01Z",
+            "acme/cn",
+            EntryBody::RatingCorrection(forged),
+        );
+        assert!(run(&bad).is_ok(), "alone, the correction is consistent");
+        let dir = tmp.path().join("forged");
+        write_ledger(&dir, &bad);
+        let e = verify(&dir).unwrap_err();
+        assert_eq!(e.entry, Some(7));
+        assert!(
+            e.what
+                .contains("entry 3 differs from the copy the correction re-rated"),
+            "{e}"
+        );
+
+        // Naming an entry that is not usage, or a later one.
+        let mut not_usage = c.clone();
+        not_usage.entry = 2;
+        bad[7] = bytes(
+            "2026-03-01T00:00:01Z",
+            "acme/cn",
+            EntryBody::RatingCorrection(not_usage),
+        );
+        let dir = tmp.path().join("not-usage");
+        write_ledger(&dir, &bad);
+        let e = verify(&dir).unwrap_err();
+        assert!(e.what.contains("entry 2 is a posting, not usage"), "{e}");
+        let mut later = c;
+        later.entry = 9;
+        bad[7] = bytes(
+            "2026-03-01T00:00:01Z",
+            "acme/cn",
+            EntryBody::RatingCorrection(later),
+        );
+        assert!(run(&bad).unwrap_err().what.contains("is not before"));
     }
 
     #[test]
