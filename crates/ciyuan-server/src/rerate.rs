@@ -285,9 +285,9 @@ pub async fn rerate(
         .map(|(c, s)| {
             serde_json::json!({
                 "currency": c.as_str(),
-                "previous": s.previous.to_string(),
-                "now": s.now.to_string(),
-                "change": (s.now - s.previous).to_string(),
+                "previous": s.previous.normalize().to_string(),
+                "now": s.now.normalize().to_string(),
+                "change": (s.now - s.previous).normalize().to_string(),
             })
         })
         .collect();

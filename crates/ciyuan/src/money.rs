@@ -57,6 +57,32 @@ pub enum PricesCmd {
         /// From when this version prices usage, RFC 3339 (default: now).
         #[arg(long)]
         effective_from: Option<String>,
+        /// The version corrects prices of the past: --effective-from may be before
+        /// now (at or after the latest version's). Entries keep their ratings until
+        /// `prices rerate` appends their corrections.
+        #[arg(long)]
+        correct: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Re-rate a period's usage with the prices in force now for its time,
+    /// appending a correction for each entry whose rating changes (root admin key).
+    Rerate {
+        /// Usage from this time, RFC 3339 (inclusive).
+        #[arg(long)]
+        from: String,
+        /// Until this time, RFC 3339 (exclusive; default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this node's subtree.
+        #[arg(long)]
+        account: Option<String>,
+        /// Only entries rated by this book.
+        #[arg(long)]
+        book: Option<String>,
+        /// Show what would change, append nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -292,6 +318,7 @@ pub fn prices(cmd: PricesCmd) -> anyhow::Result<ExitCode> {
             file,
             name,
             effective_from,
+            correct,
             remote,
         } => {
             let bytes =
@@ -303,6 +330,9 @@ pub fn prices(cmd: PricesCmd) -> anyhow::Result<ExitCode> {
             if let Some(t) = &effective_from {
                 q.push(format!("effective_from={}", enc(t)));
             }
+            if correct {
+                q.push("correct=true".into());
+            }
             let v = Client::new(&remote)?.call_raw(
                 Method::POST,
                 &format!("/api/v1/prices?{}", q.join("&")),
@@ -313,6 +343,62 @@ pub fn prices(cmd: PricesCmd) -> anyhow::Result<ExitCode> {
                 return print_json(&v);
             }
             print_import(&v)?;
+        }
+        PricesCmd::Rerate {
+            from,
+            to,
+            account,
+            book,
+            dry_run,
+            remote,
+        } => {
+            let body = serde_json::json!({
+                "from": from,
+                "to": to,
+                "account": account,
+                "book": book,
+                "dry_run": dry_run,
+            });
+            let v =
+                Client::new(&remote)?.json(Method::POST, "/api/v1/prices/rerate", Some(&body))?;
+            if remote.json {
+                return print_json(&v);
+            }
+            let mut out = std::io::stdout().lock();
+            let verb = if dry_run {
+                "would correct"
+            } else {
+                "corrected"
+            };
+            writeln!(
+                out,
+                "usage from {} to {}: {} rated entries read, {verb} {}{}",
+                text(&v["from"]),
+                text(&v["to"]),
+                text(&v["examined"]),
+                text(&v["corrected"]),
+                match &v["entries"] {
+                    serde_json::Value::Null => String::new(),
+                    e => format!(" (entries {} to {})", text(&e["first"]), text(&e["last"])),
+                }
+            )?;
+            if v["not_rerated"].as_u64().is_some_and(|n| n > 0) {
+                writeln!(
+                    out,
+                    "  {} left as they are: no book, or no rule prices them now",
+                    text(&v["not_rerated"])
+                )?;
+            }
+            for c in v["currencies"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "  {}: {} before, {} now, change {}",
+                    text(&c["currency"]),
+                    text(&c["previous"]),
+                    text(&c["now"]),
+                    text(&c["change"])
+                )?;
+            }
         }
         PricesCmd::List { remote } => {
             let v = Client::new(&remote)?.json(Method::GET, "/api/v1/prices", None)?;

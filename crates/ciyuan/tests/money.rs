@@ -488,3 +488,147 @@ fn ciyuan_effect(node: &str, m: &Value) -> ExactSum {
     }
     sum
 }
+
+/// A book of one `gpt-4o` rule, as TOML.
+fn gpt_4o_book(input: &str) -> String {
+    format!(
+        "name = \"list\"\ncurrency = \"USD\"\n[[rules]]\nmodel = \"gpt-4o*\"\n\
+         unit_prices = {{ \"text.input\" = \"{input}\", \"text.output\" = \"0.00001\" }}\n"
+    )
+}
+
+#[test]
+fn a_price_correction_rerates_a_period_by_appending_corrections_that_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let root = server.bootstrap.clone().unwrap();
+    let file = tmp.path().join("list.toml");
+    std::fs::write(&file, gpt_4o_book("0.0000025")).unwrap();
+    let from = "2026-01-01T00:00:00Z";
+    let import = |extra: &[&str]| {
+        let mut args = vec![
+            "prices",
+            "import",
+            "--format",
+            "toml",
+            file.to_str().unwrap(),
+            "--effective-from",
+            from,
+        ];
+        args.extend_from_slice(extra);
+        server.cli(&root, &args)
+    };
+    assert!(import(&[]).status.success());
+    for path in ["acme/a", "acme/b"] {
+        stdout(&server.cli(&root, &["accounts", "create", path]));
+    }
+    for (id, subject) in [("a1", "acme/a"), ("a2", "acme/a"), ("b1", "acme/b")] {
+        ingest_gpt_4o(&server, &root, tmp.path(), id, subject);
+    }
+
+    // The input price was wrong from the start: version 2 corrects version 1 from
+    // the same moment. Without --correct a version may not start in the past.
+    std::fs::write(&file, gpt_4o_book("0.000002")).unwrap();
+    let refused = import(&[]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("in the past") && err.contains("correct"),
+        "{err}"
+    );
+    assert!(import(&["--correct"]).status.success());
+    // The entries keep the rating they were appended with.
+    let cost = |account: &str| {
+        let usage = cli_json(
+            &server,
+            &root,
+            &["usage", "--group-by", "account", "--with", "cost"],
+        );
+        let row = usage["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["account"] == account)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {account}: {usage}"));
+        exact("cost.USD", &row["cost"]["USD"])
+    };
+    assert_eq!(cost("acme/a"), amount("9.00"));
+
+    let dry = cli_json(
+        &server,
+        &root,
+        &[
+            "prices",
+            "rerate",
+            "--from",
+            from,
+            "--account",
+            "acme/a",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(dry["examined"], 2, "{dry}");
+    assert_eq!(dry["corrected"], 2, "{dry}");
+    assert_eq!(
+        exact("change", &dry["currencies"][0]["change"]),
+        amount("-1.0")
+    );
+    assert_eq!(cost("acme/a"), amount("9.00"), "a dry run appends nothing");
+
+    let human = stdout(&server.cli(&root, &["prices", "rerate", "--from", from]));
+    assert!(
+        human.contains("3 rated entries read, corrected 3")
+            && human.contains("USD: 13.5 before, 12 now, change -1.5"),
+        "{human}"
+    );
+    assert_eq!(cost("acme/a"), amount("8.00"));
+    assert_eq!(cost("acme/b"), amount("4.00"));
+    // Nothing changed since: a second run corrects nothing.
+    let again = cli_json(&server, &root, &["prices", "rerate", "--from", from]);
+    assert_eq!(again["examined"], 3, "{again}");
+    assert_eq!(again["corrected"], 0, "{again}");
+
+    // Each correction explains itself: the entry it re-rates, both ratings.
+    let (s, b) = server.http(
+        "GET",
+        "/api/v1/audit/entries?start=0&limit=1000",
+        &root,
+        None,
+    );
+    assert_eq!(s, 200);
+    let corrections: Vec<Value> = b
+        .split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(json)
+        .filter(|e| e["kind"] == "rating.correction")
+        .collect();
+    assert_eq!(corrections.len(), 3);
+    for c in &corrections {
+        assert_eq!(c["data"]["rating"]["version"], 2, "{c}");
+        assert_eq!(c["data"]["previous"]["version"], 1, "{c}");
+        assert_eq!(
+            exact("amount", &c["data"]["rating"]["amount"]),
+            amount("4.00")
+        );
+    }
+
+    // Only a root admin re-rates.
+    let tenant = cli_json(
+        &server,
+        &root,
+        &["keys", "create", "--account", "acme", "--scopes", "admin"],
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let denied = server.cli(&tenant, &["prices", "rerate", "--from", from]);
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("root admin"));
+
+    server.stop();
+    let (code, report) = verify(&data);
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("3 of them by corrections"), "{report}");
+}
