@@ -1241,20 +1241,42 @@ impl RatingCorrection {
 }
 
 /// Where a tiered entry's units sit in their period: the rule's tiers priced them as
-/// following `before` units counted earlier in the period that starts at `period`.
+/// following `before` units counted earlier in the period on the same counter.
 ///
-/// Placement is provisional: concurrent requests, retries and late events can place
-/// units in an order other than the log's, so the period's tiered total is made exact
-/// by its true-up, never by editing entries.
+/// A counter is named by the billing node (the node whose contract priced the entry,
+/// else the entry's top-level account), the book, the rule (`rule`: its model and
+/// service patterns and tier, so it carries on across book versions) and the period.
+/// Entries take their place in the order of the log: on each counter, an entry's
+/// `before` is the sum of the `units` of the entries before it in the log, which
+/// `ciyuan audit verify` checks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierPlace {
+    /// The billing node whose usage the tiers count.
+    pub node: AccountPath,
+    /// The rule: `model|service|tier`, its patterns as written (empty when absent).
+    pub rule: String,
     /// The start of the tiers' period (a day or month in the billing node's time
     /// zone), UTC.
     pub period: Timestamp,
-    /// The units the same tiers had counted in the period before this entry.
+    /// The units counted on the counter in the period before this entry.
     #[serde(with = "exact")]
     pub before: Decimal,
+    /// The units this entry adds: its quantities of the keys the tiers count.
+    #[serde(with = "exact")]
+    pub units: Decimal,
+}
+
+impl PriceRule {
+    /// The name of the rule's tier counter (see [`TierPlace::rule`]).
+    pub fn counter_name(&self) -> String {
+        format!(
+            "{}|{}|{}",
+            self.model.as_deref().unwrap_or(""),
+            self.service.as_deref().unwrap_or(""),
+            self.tier.as_str()
+        )
+    }
 }
 
 impl Rating {

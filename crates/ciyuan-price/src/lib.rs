@@ -103,7 +103,8 @@ pub use ciyuan_core::{RatedLine, Rating};
 pub use diff::{Change, diff};
 pub use import::{Import, MAX_IMPORT_BYTES, import_litellm, import_toml};
 pub use rate::{
-    MAX_CACHED_MODELS, MAX_CACHED_PER_MODEL, RateError, RateInput, Rater, measure_quantity,
+    MAX_CACHED_MODELS, MAX_CACHED_PER_MODEL, RateError, RateInput, Rater, TierCounter,
+    measure_quantity,
 };
 pub use verify::{Mismatch, rate_naive, round_naive, verify_rating};
 

@@ -45,6 +45,17 @@ pub struct RateInput<'a> {
     pub period_to_date: Decimal,
 }
 
+/// The tier counter an entry advances (see [`Rater::tier_counter`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierCounter {
+    /// Over which period the counter runs.
+    pub period: TierPeriod,
+    /// The rule's counter name ([`ciyuan_core::PriceRule::counter_name`]).
+    pub rule: String,
+    /// What this entry adds to it.
+    pub units: Decimal,
+}
+
 /// Why an entry could not be rated. Never for a missing price (that is
 /// [`Rating::unpriced`] or [`Rating::missing`]): only for input a rating cannot
 /// describe.
@@ -145,6 +156,8 @@ struct Compiled {
     windows: Vec<CompiledWindow>,
     /// Whether the rule prices a key anywhere (base, threshold, band, window).
     named: Prices,
+    /// The name of its tier counter ([`PriceRule::counter_name`]).
+    counter: String,
 }
 
 impl Compiled {
@@ -194,6 +207,7 @@ impl Compiled {
             });
         }
         Ok(Compiled {
+            counter: r.counter_name(),
             model: r.model.clone(),
             service: r.service.clone(),
             tier: r.tier,
@@ -406,18 +420,48 @@ impl Rater {
         r
     }
 
-    /// The period and key of the tiers of the rule that prices this (model, service,
-    /// tier), so the lead can sum [`RateInput::period_to_date`]; none when that rule
-    /// has no tiers.
-    pub fn tiers_for(
-        &self,
-        model: Option<&str>,
-        service: &str,
-        tier: ServiceTier,
-    ) -> Option<(TierPeriod, TierKey)> {
-        let r = self.resolve(model, service, tier);
-        let rule = &self.rules[r.tiered.or(r.standard)? as usize];
-        rule.tiers.as_ref().map(|t| (t.period, t.key.clone()))
+    /// The counter the entry advances when the rule that prices it has graduated or
+    /// volume tiers: their period, the rule's counter name, and the entry's units
+    /// (its quantities of the keys the tiers count). The lead places the entry on
+    /// the counter and passes [`RateInput::period_to_date`]; `input.period_to_date`
+    /// is not read here.
+    pub fn tier_counter(&self, input: &RateInput<'_>) -> Result<Option<TierCounter>, RateError> {
+        let r = self.resolve(input.model, input.service, input.tier);
+        let Some(i) = r.tiered.or(r.standard) else {
+            return Ok(None);
+        };
+        let rule = &self.rules[i as usize];
+        let Some(t) = &rule.tiers else {
+            return Ok(None);
+        };
+        let units = match &t.key {
+            TierKey::All => {
+                let mut sum: i128 = 0;
+                for c in input.tokens.iter() {
+                    sum += i128::from(c.count);
+                }
+                Decimal::try_from_i128_with_scale(sum, 0)
+                    .map_err(|_| RateError::Overflow("tier units".into()))?
+            }
+            TierKey::Key(PriceKey::Tokens(m, d)) => Decimal::from(
+                input
+                    .tokens
+                    .iter()
+                    .filter(|c| c.modality == *m && c.direction == *d)
+                    .map(|c| c.count)
+                    .sum::<i64>(),
+            ),
+            TierKey::Key(PriceKey::Measure(name)) => match input.measures.get(name) {
+                Some(v) => measure_quantity(name, v)?,
+                None => Decimal::ZERO,
+            },
+            TierKey::Key(PriceKey::Request) => Decimal::ONE,
+        };
+        Ok(Some(TierCounter {
+            period: t.period,
+            rule: rule.counter.clone(),
+            units,
+        }))
     }
 
     /// The most a request can cost before it runs, for reserving money at admission:

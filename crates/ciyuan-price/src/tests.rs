@@ -478,13 +478,10 @@ fn volume_tiers_price_the_whole_quantity_at_the_band_reached() {
     i.period_to_date = d("88");
     assert_eq!(rate_both(&book, None, &i).amount, d("1.26"));
     let rater = Rater::new(&book, None).unwrap();
-    let (period, k) = rater
-        .tiers_for(None, "doc.verify", ServiceTier::Standard)
-        .unwrap();
-    assert_eq!(
-        (period, k),
-        (TierPeriod::Day, TierKey::Key(key("measure.pages")))
-    );
+    let counter = rater.tier_counter(&i).unwrap().unwrap();
+    assert_eq!(counter.period, TierPeriod::Day);
+    assert_eq!(counter.rule, "|doc.verify|standard");
+    assert_eq!(counter.units, d("12.5"), "the pages the tiers count");
     let bad: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(r#"{"pages": "many"}"#).unwrap();
     i.measures = &bad;

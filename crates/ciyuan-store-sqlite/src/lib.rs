@@ -183,6 +183,17 @@ CREATE TABLE cost_hourly (
     PRIMARY KEY (account, hour, service, model, currency)
 ) WITHOUT ROWID;
 "#,
+    // 8: tier counters (graduated and volume tiers' units per period).
+    r#"
+CREATE TABLE tier_units (
+    node   TEXT NOT NULL,
+    book   TEXT NOT NULL,
+    rule   TEXT NOT NULL,
+    period TEXT NOT NULL,
+    units  TEXT NOT NULL,
+    PRIMARY KEY (node, book, rule, period)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// A token sum as stored: `hi * 2^62 + lo`, `0 <= lo < 2^62`. Sums of the ledger's
@@ -669,6 +680,54 @@ fn add_costs(
     Ok(())
 }
 
+/// Adds units to the tier counters, exactly (decimal text added in Rust, as costs).
+fn add_tier_units(
+    tx: &rusqlite::Transaction<'_>,
+    tiers: &ciyuan_store::TierSums<'_>,
+) -> Result<(), StoreError> {
+    if tiers.is_empty() {
+        return Ok(());
+    }
+    let mut read = tx
+        .prepare_cached(
+            "SELECT units FROM tier_units WHERE node = ? AND book = ? AND rule = ? AND period = ?",
+        )
+        .map_err(backend)?;
+    let mut write = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO tier_units (node, book, rule, period, units)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .map_err(backend)?;
+    for (k, add) in tiers {
+        let period = k.period.to_string();
+        let key = params![k.node.as_str(), k.book, k.rule, period];
+        let old: Option<String> = read
+            .query_row(key, |r| r.get(0))
+            .optional()
+            .map_err(backend)?;
+        let mut sum = *add;
+        if let Some(old) = old {
+            sum = sum
+                .checked_add(parse_amount(&old)?)
+                .ok_or_else(|| StoreError::Backend(format!("tier units of {} overflow", k.node)))?;
+        }
+        let text = sum
+            .to_decimal()
+            .ok_or_else(|| {
+                StoreError::Backend(format!(
+                    "the tier units of {} ({sum}) need more than 28 digits",
+                    k.node
+                ))
+            })?
+            .to_string();
+        write
+            .execute(params![k.node.as_str(), k.book, k.rule, period, text])
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
 fn parse_amount(text: &str) -> Result<ciyuan_core::ExactSum, StoreError> {
     rust_decimal::Decimal::from_str_exact(text)
         .map(ciyuan_core::ExactSum::of)
@@ -744,6 +803,7 @@ impl Store for SqliteStore {
             }
         }
         add_costs(&tx, &projected.cost)?;
+        add_tier_units(&tx, &projected.tiers)?;
         tx.execute(
             "UPDATE meta SET value = ? WHERE name = 'projected_through'",
             params![(start + count as u64) as i64],
@@ -770,6 +830,7 @@ impl Store for SqliteStore {
                  DELETE FROM postings;
                  DELETE FROM posting_nodes;
                  DELETE FROM cost_hourly;
+                 DELETE FROM tier_units;
                  UPDATE meta SET value = 0 WHERE name = 'projected_through';
                  COMMIT;",
             )
@@ -1004,6 +1065,29 @@ impl Store for SqliteStore {
                     .parse()
                     .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
                 amount: parse_amount(&amount)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn tier_units(&self) -> Result<Vec<ciyuan_store::TierUnits>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT node, book, rule, period, units FROM tier_units")
+            .map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(backend)? {
+            let period: String = r.get(3).map_err(backend)?;
+            let units: String = r.get(4).map_err(backend)?;
+            out.push(ciyuan_store::TierUnits {
+                node: parse_path(&r.get::<_, String>(0).map_err(backend)?)?,
+                book: r.get(1).map_err(backend)?,
+                rule: r.get(2).map_err(backend)?,
+                period: period
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("stored period {period:?}: {e}")))?,
+                units: parse_amount(&units)?,
             });
         }
         Ok(out)

@@ -94,6 +94,9 @@ impl Store for BrokenAfterReset {
     ) -> Result<Vec<ciyuan_store::Recorded<ciyuan_core::Posting>>, StoreError> {
         self.inner.postings(node, after, limit)
     }
+    fn tier_units(&self) -> Result<Vec<ciyuan_store::TierUnits>, StoreError> {
+        self.inner.tier_units()
+    }
     fn cost_hours(
         &self,
         filter: &ciyuan_store::HourFilter,

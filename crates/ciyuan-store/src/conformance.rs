@@ -203,7 +203,71 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
         (costs[0].currency, costs[0].model.as_str()),
         (cny, "gpt-4o")
     );
+
+    // Tiered entries add their units to their counter; a correction moves the cost of
+    // the entry it names, at that entry's hour.
+    let placed = |before: &str| {
+        let mut e = rated("0.1");
+        if let EntryBody::Usage(u) = &mut e.body
+            && let Some(r) = &mut u.rating
+        {
+            r.place = Some(ciyuan_core::TierPlace {
+                node: path("acme"),
+                rule: "gpt-4o|llm.chat|standard".into(),
+                period: ts("2026-11-01T00:00:00Z"),
+                before: d(before),
+                units: d("2.5"),
+            });
+        }
+        e
+    };
+    let first = placed("0");
+    let EntryBody::Usage(usage) = first.body.clone() else {
+        unreachable!()
+    };
+    let rating = usage.rating.clone().unwrap();
+    let mut corrected = (*rating).clone();
+    corrected.amount = d("0.35");
+    let correction = on(
+        "acme/a",
+        EntryBody::RatingCorrection(ciyuan_core::RatingCorrection {
+            entry: 17,
+            at: ts(at),
+            usage: Box::new(usage),
+            previous: rating,
+            rating: Box::new(corrected),
+        }),
+    );
+    ok(s.apply(17, &[first, placed("2.5")]), "apply()");
+    ok(s.apply(19, &[placed("5"), correction]), "apply()");
+    let tiers = ok(s.tier_units(), "tier_units()");
+    assert_eq!(tiers.len(), 1, "{tiers:?}");
+    assert_eq!(
+        (
+            tiers[0].node.as_str(),
+            tiers[0].rule.as_str(),
+            tiers[0].book.as_str()
+        ),
+        ("acme", "gpt-4o|llm.chat|standard", "list")
+    );
+    assert_eq!(tiers[0].period, ts("2026-11-01T00:00:00Z"));
+    assert_eq!(tiers[0].units, ciyuan_core::ExactSum::of(d("7.5")));
+    let costs = ok(
+        s.cost_hours(&HourFilter {
+            account: path("acme"),
+            from_hour: None,
+            to_hour: None,
+        }),
+        "cost_hours()",
+    );
+    assert_eq!(
+        costs[0].amount,
+        ciyuan_core::ExactSum::of(d("1.55")),
+        "1 + 3 x 0.1 + the correction's 0.25"
+    );
+
     ok(s.reset_projections(), "reset_projections()");
+    assert!(ok(s.tier_units(), "tier_units() after a reset").is_empty());
     assert!(ok(s.price_books(), "price_books() after a reset").is_empty());
     assert!(ok(s.postings(None, None, 10), "postings() after a reset").is_empty());
 }

@@ -17,7 +17,9 @@ mod log;
 mod projection;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
-pub use projection::{Change, CostKey, CostSums, Projected, RollupKey, project};
+pub use projection::{
+    Change, CostKey, CostSums, Projected, RollupKey, TierCounterKey, TierSums, project,
+};
 pub use usage::{
     Bucket, CostSums as RowCost, GroupBy, SumOverflow, TokenSums, UsageQuery, UsageRow, aggregate,
     aggregate_cost, ceil_hour, floor_hour,
@@ -101,6 +103,21 @@ pub struct CostRow {
     pub currency: ciyuan_core::Currency,
     /// The amount, exact.
     pub amount: ciyuan_core::ExactSum,
+}
+
+/// The units counted on one tier counter (see [`ciyuan_core::TierPlace`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierUnits {
+    /// The billing node.
+    pub node: AccountPath,
+    /// The book.
+    pub book: String,
+    /// The rule's counter name.
+    pub rule: String,
+    /// The period's start.
+    pub period: ciyuan_core::jiff::Timestamp,
+    /// The units counted, exact.
+    pub units: ciyuan_core::ExactSum,
 }
 
 /// Which hourly rows a usage query reads.
@@ -225,6 +242,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Hourly cost rollup rows of a subtree (rated usage), summed over equal keys.
     fn cost_hours(&self, filter: &HourFilter) -> Result<Vec<CostRow>, StoreError>;
+
+    /// Every tier counter with the units counted on it (few: one per billing node,
+    /// tiered rule and period).
+    fn tier_units(&self) -> Result<Vec<TierUnits>, StoreError>;
 
     /// Gateway usage whose recount disagreed with the provider beyond tolerance, in a
     /// subtree, newest first.

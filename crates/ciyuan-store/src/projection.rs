@@ -148,6 +148,22 @@ pub struct CostKey<'a> {
     pub currency: Currency,
 }
 
+/// A tier counter: billing node, book, rule and period (see [`ciyuan_core::TierPlace`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TierCounterKey<'a> {
+    /// The billing node.
+    pub node: &'a AccountPath,
+    /// The book.
+    pub book: &'a str,
+    /// The rule's counter name.
+    pub rule: &'a str,
+    /// The period's start.
+    pub period: Timestamp,
+}
+
+/// Units added to tier counters.
+pub type TierSums<'a> = FxHashMap<TierCounterKey<'a>, ExactSum>;
+
 /// The key of an hourly usage rollup, borrowed from the entries: no allocation per
 /// token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -181,6 +197,8 @@ pub struct Projected<'a> {
     pub usage: FxHashMap<RollupKey<'a>, i128>,
     /// Exact amounts to add, one per cost key (from rated usage entries).
     pub cost: CostSums<'a>,
+    /// Units added to each tier counter (see [`ciyuan_core::TierPlace`]).
+    pub tiers: TierSums<'a>,
 }
 
 /// Adds `amount` to the cost of `usage` (of `node`, at `at`) in `currency`.
@@ -219,6 +237,7 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
         ingest: Vec::with_capacity(count),
         usage: FxHashMap::default(),
         cost: FxHashMap::default(),
+        tiers: FxHashMap::default(),
     };
     for (i, entry) in parts.iter().flat_map(|p| p.iter()).enumerate() {
         let index = start + i as u64;
@@ -239,6 +258,20 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                         r.currency,
                         r.amount,
                     )?;
+                    if let Some(p) = &r.place {
+                        let slot = out
+                            .tiers
+                            .entry(TierCounterKey {
+                                node: &p.node,
+                                book: &r.book,
+                                rule: &p.rule,
+                                period: p.period,
+                            })
+                            .or_insert(ExactSum::ZERO);
+                        *slot = slot.checked_add(ExactSum::of(p.units)).ok_or_else(|| {
+                            StoreError::Backend(format!("tier units overflow at entry {index}"))
+                        })?;
+                    }
                 }
                 if u.recount.as_ref().is_some_and(|r| r.flagged) {
                     out.changes.push(Change::Flagged {
