@@ -104,9 +104,9 @@ pub use diff::{Change, diff};
 pub use import::{Import, MAX_IMPORT_BYTES, import_litellm, import_toml};
 pub use rate::{
     MAX_CACHED_MODELS, MAX_CACHED_PER_MODEL, RateError, RateInput, Rater, TierCounter,
-    measure_quantity,
+    measure_quantity, period_start,
 };
-pub use verify::{Mismatch, rate_naive, round_naive, verify_rating};
+pub use verify::{Mismatch, rate_naive, round_naive, tier_counter_naive, verify_rating};
 
 /// Rates `input` `n` times and returns the time taken: a micro benchmark without
 /// `cargo bench` (the figure divided by `n` is the cost of one entry).

@@ -56,6 +56,17 @@ pub struct TierCounter {
     pub units: Decimal,
 }
 
+/// The start (UTC) of the tier period holding `at`, a day or a calendar month in
+/// `zone`; `None` only where the zone's calendar leaves the supported range.
+pub fn period_start(period: TierPeriod, zone: &TimeZone, at: Timestamp) -> Option<Timestamp> {
+    let local = at.to_zoned(zone.clone());
+    let day = match period {
+        TierPeriod::Day => local,
+        TierPeriod::Month => local.first_of_month().ok()?,
+    };
+    day.start_of_day().ok().map(|z| z.timestamp())
+}
+
 /// Why an entry could not be rated. Never for a missing price (that is
 /// [`Rating::unpriced`] or [`Rating::missing`]): only for input a rating cannot
 /// describe.
@@ -335,6 +346,11 @@ impl Rater {
     #[cfg(test)]
     fn cached_models(&self) -> usize {
         self.cache.read().map_or(0, |c| c.len())
+    }
+
+    /// The node whose contract it applies, if any.
+    pub fn contract(&self) -> Option<&AccountPath> {
+        self.contract.as_ref()
     }
 
     /// The book's name and version.

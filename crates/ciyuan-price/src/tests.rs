@@ -480,7 +480,10 @@ fn volume_tiers_price_the_whole_quantity_at_the_band_reached() {
     let rater = Rater::new(&book, None).unwrap();
     let counter = rater.tier_counter(&i).unwrap().unwrap();
     assert_eq!(counter.period, TierPeriod::Day);
-    assert_eq!(counter.rule, "|doc.verify|standard");
+    assert_eq!(
+        counter.rule, "|doc.*|standard",
+        "the rule's patterns as written"
+    );
     assert_eq!(counter.units, d("12.5"), "the pages the tiers count");
     let bad: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(r#"{"pages": "many"}"#).unwrap();
@@ -1296,5 +1299,25 @@ fn a_model_priced_only_at_priority_is_unpriced_at_standard() {
     assert_eq!(
         priority.amount,
         Decimal::from_str_exact("0.000012").unwrap()
+    );
+}
+
+#[test]
+fn tier_periods_start_at_local_midnight_and_the_first_of_the_month() {
+    use ciyuan_core::jiff::tz::TimeZone;
+    let shanghai = TimeZone::get("Asia/Shanghai").unwrap();
+    let at: ciyuan_core::jiff::Timestamp = "2026-11-30T17:30:00Z".parse().unwrap();
+    // 01:30 on 1 December in Shanghai.
+    assert_eq!(
+        crate::period_start(TierPeriod::Month, &shanghai, at).unwrap(),
+        "2026-11-30T16:00:00Z".parse().unwrap()
+    );
+    assert_eq!(
+        crate::period_start(TierPeriod::Day, &shanghai, at).unwrap(),
+        "2026-11-30T16:00:00Z".parse().unwrap()
+    );
+    assert_eq!(
+        crate::period_start(TierPeriod::Month, &TimeZone::UTC, at).unwrap(),
+        "2026-11-01T00:00:00Z".parse().unwrap()
     );
 }

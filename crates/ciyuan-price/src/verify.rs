@@ -6,7 +6,7 @@
 //! [`Rating::adjust`] (discount then markup, one definition in core) and the reading
 //! of a measure's number are shared. Property tests hold the two to the same answers.
 
-use crate::rate::{RateError, RateInput, measure_quantity};
+use crate::rate::{RateError, RateInput, TierCounter, measure_quantity};
 use ciyuan_core::jiff::tz::TimeZone;
 use ciyuan_core::{
     AccountPath, PriceBook, PriceContract, PriceKey, PriceRule, RatedLine, Rating, Rounding,
@@ -166,6 +166,69 @@ fn price_of(
         .unwrap_or_default()
 }
 
+/// The rule that prices `input` and the standard rule its unnamed keys fall back to
+/// (see [`PriceRule`]), found by walking every rule.
+fn rules_naive<'a>(
+    book: &'a PriceBook,
+    contract: Option<(&AccountPath, &'a PriceContract)>,
+    input: &RateInput<'_>,
+) -> (Option<&'a PriceRule>, Option<&'a PriceRule>) {
+    let rules = contract
+        .map(|(_, c)| c.overrides.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .chain(book.rules.iter());
+    let first = |tier| {
+        rules
+            .clone()
+            .find(|r| r.matches(input.model, input.service, tier))
+    };
+    let standard = first(ServiceTier::Standard);
+    match input.tier {
+        ServiceTier::Standard => (standard, None),
+        t => match first(t) {
+            Some(r) => (Some(r), standard),
+            None => (standard, None),
+        },
+    }
+}
+
+/// The tier counter `input` advances, found the naive way: the counter name of the
+/// rule that prices it, when that rule has tiers, and the entry's quantities of the
+/// keys they count.
+pub fn tier_counter_naive(
+    book: &PriceBook,
+    contract: Option<(&AccountPath, &PriceContract)>,
+    input: &RateInput<'_>,
+) -> Result<Option<TierCounter>, RateError> {
+    let Some(rule) = rules_naive(book, contract, input).0 else {
+        return Ok(None);
+    };
+    let Some(t) = &rule.tiers else {
+        return Ok(None);
+    };
+    let mut units = Decimal::ZERO;
+    for c in input.tokens.iter() {
+        if t.key.covers(&PriceKey::Tokens(c.modality, c.direction)) {
+            units += Decimal::from(c.count);
+        }
+    }
+    match &t.key {
+        TierKey::Key(PriceKey::Measure(name)) => {
+            if let Some(v) = input.measures.get(name) {
+                units += measure_quantity(name, v)?;
+            }
+        }
+        TierKey::Key(PriceKey::Request) => units = Decimal::ONE,
+        _ => {}
+    }
+    Ok(Some(TierCounter {
+        period: t.period,
+        rule: rule.counter_name(),
+        units,
+    }))
+}
+
 /// Rates `input` by `book` (and the contract of node `contract.0`) the naive way.
 pub fn rate_naive(
     book: &PriceBook,
@@ -186,26 +249,7 @@ pub fn rate_naive(
         basis: None,
         place: None,
     };
-    let rules: Vec<&PriceRule> = contract
-        .map(|(_, c)| c.overrides.iter().collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain(book.rules.iter())
-        .collect();
-    let first = |tier| {
-        rules
-            .iter()
-            .find(|r| r.matches(input.model, input.service, tier))
-            .copied()
-    };
-    let standard = first(ServiceTier::Standard);
-    let (primary, fallback) = match input.tier {
-        ServiceTier::Standard => (standard, None),
-        t => match first(t) {
-            Some(r) => (Some(r), standard),
-            None => (standard, None),
-        },
-    };
+    let (primary, fallback) = rules_naive(book, contract, input);
     let Some(primary) = primary else {
         for t in input.tokens.iter() {
             if t.count < 0 {

@@ -224,12 +224,17 @@ pub async fn update(
         info.metadata = m;
     }
     validate_info(&info)?;
+    // A zone moves the periods of the tier counters of the nodes that inherit it: the
+    // change takes its place in the log between tiered entries, under their lock.
+    let tiers = app.tiers.lock().await;
     app.append_visible(&[Entry::new(
         Timestamp::now(),
         path.clone(),
         EntryBody::AccountUpdated(info),
     )])
     .await?;
+    app.tiers.forget_zones();
+    drop(tiers);
     Ok(axum::Json(load(&app, path).await?))
 }
 

@@ -1188,6 +1188,7 @@ async fn record(
     // Classify and claim under the lock, so two requests carrying the same event cannot
     // both append it; the lock is not held while appending, so concurrent requests
     // still share group commits.
+    let mut tiers: Option<crate::tiers::TiersGuard> = None;
     let mut slots = Vec::with_capacity(candidates.len());
     let mut waits = Vec::new();
     let claim = {
@@ -1313,6 +1314,15 @@ async fn record(
                 hashes.push(a.hash);
                 entries.push(a.entry);
             }
+            // New entries only (a duplicate takes no place), in the order they go to
+            // the ledger, under the counters' lock until they hold their places there.
+            if prices.tiered() {
+                let mut counters = app.tiers.lock().await;
+                for e in &mut entries {
+                    app.place_tiers(&prices, &mut counters, e)?;
+                }
+                tiers = Some(counters);
+            }
             Some(recent.claim(Claim::new(entries, hashes, None)))
         }
     };
@@ -1325,7 +1335,10 @@ async fn record(
             app.log.as_ref(),
             &app.projector,
             claim.clone(),
-            || drop(rules.take()),
+            || {
+                drop(rules.take());
+                drop(tiers.take());
+            },
         )
         .await
         .inspect(|_| app.projector.kick());

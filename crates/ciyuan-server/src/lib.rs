@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod prices;
 mod records;
 mod rerate;
+mod tiers;
 mod usage;
 mod wallets;
 
@@ -107,6 +108,8 @@ pub struct App {
     definitions: controls::Definitions,
     /// Price books and contracts in force, and their raters.
     pricing: prices::Pricing,
+    /// Tier counters (graduated and volume tiers' period-to-date units).
+    tiers: tiers::Tiers,
     /// Wallet balances, grants and holds (rebuilt from the ledger's postings).
     wallets: ciyuan_budget::Wallets,
     /// Orders usage against the rules that measure and price it: a usage entry is
@@ -144,6 +147,7 @@ impl App {
         }
         let definitions = controls::Definitions::load(store.as_ref())?;
         let pricing = prices::Pricing::load(store.as_ref())?;
+        let tiers = tiers::Tiers::load(store.as_ref())?;
         let wallets = wallets::load(store.as_ref())?;
         let budget = budgets::load(store.as_ref(), Timestamp::now())?;
         let projector = Projector::start(store.clone(), log.clone())?;
@@ -154,6 +158,7 @@ impl App {
             budget,
             definitions,
             pricing,
+            tiers,
             wallets,
             rules_gate: Arc::default(),
             auth: Authenticator::new(store.clone()),

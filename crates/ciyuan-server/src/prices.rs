@@ -51,6 +51,21 @@ struct State_ {
     /// (node, model, service, book@version) already reported unpriced by this
     /// process: one incident each, not one per request.
     unpriced: Mutex<rustc_hash::FxHashSet<(String, String, String, String)>>,
+    /// Whether a rule of any book or contract has tiers.
+    tiered: bool,
+}
+
+/// Whether a rule of `books` or `contracts` has graduated or volume tiers.
+fn any_tiers(
+    books: &FxHashMap<String, Vec<Arc<PriceBook>>>,
+    contracts: &FxHashMap<String, (AccountPath, Arc<PriceContract>)>,
+) -> bool {
+    books
+        .values()
+        .flatten()
+        .flat_map(|b| &b.rules)
+        .chain(contracts.values().flat_map(|(_, c)| &c.overrides))
+        .any(|r| r.tiers.is_some())
 }
 
 /// The prices in force, swapped whole when a book or contract is recorded.
@@ -76,6 +91,7 @@ impl Pricing {
                 .contracts
                 .insert(node.as_str().to_string(), (node, Arc::new(contract)));
         }
+        state.tiered = any_tiers(&state.books, &state.contracts);
         Ok(Pricing(RwLock::new(Arc::new(state))))
     }
 
@@ -127,6 +143,7 @@ impl Pricing {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         *current = Arc::new(State_ {
+            tiered: any_tiers(&books, &contracts),
             books,
             contracts,
             raters: RwLock::new(raters),
@@ -226,6 +243,33 @@ impl State_ {
 /// The prices in force at one moment (see [`Pricing::snapshot`]).
 pub(crate) struct Prices(Arc<State_>);
 
+impl Prices {
+    /// Whether any book or contract has graduated or volume tiers (only then are
+    /// entries placed on tier counters).
+    pub(crate) fn tiered(&self) -> bool {
+        self.0.tiered
+    }
+
+    /// The rater of usage of `node` at `at`, when one applies.
+    pub(crate) fn rater_for(&self, node: &AccountPath, at: Timestamp) -> Option<Arc<Rater>> {
+        self.0.rater(node, at).ok().flatten()
+    }
+}
+
+/// The counts a rating with `basis` prices: the entry's own, or its recount combined
+/// with them (see [`Basis`]).
+pub(crate) fn priced_tokens(
+    usage: &Usage,
+    basis: Option<RatingBasis>,
+) -> std::borrow::Cow<'_, TokenMap> {
+    match (&usage.recount, basis) {
+        (Some(r), Some(b @ (RatingBasis::Recount | RatingBasis::Greater))) => {
+            std::borrow::Cow::Owned(recounted(&usage.tokens, r, b == RatingBasis::Greater))
+        }
+        _ => std::borrow::Cow::Borrowed(&usage.tokens),
+    }
+}
+
 /// Which count is priced for a gateway provider (`rate_basis` in its settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -254,8 +298,8 @@ impl Basis {
 pub(crate) enum Rated {
     /// Pricing is off: no book recorded.
     Off,
-    /// Priced (possibly `unpriced`, amount zero).
-    Priced(Rating),
+    /// Priced (possibly `unpriced`, amount zero); boxed as the entry holds it.
+    Priced(Box<Rating>),
     /// No book applies (named in the incident); the entry carries no rating.
     NoBook(String),
 }
@@ -279,15 +323,12 @@ impl App {
             Ok(Some(r)) => r,
             Err(why) => return Rated::NoBook(why),
         };
-        let recounted = match (&usage.recount, basis) {
-            (None, _) | (_, None | Some(Basis::Provider)) => None,
-            (Some(r), Some(b)) => Some(recounted(&usage.tokens, r, b == Basis::Greater)),
-        };
+        let tokens = priced_tokens(usage, basis.map(Basis::recorded));
         let input = RateInput {
             model: usage.model.as_deref(),
             service: &usage.service,
             tier: usage.tier.unwrap_or_default(),
-            tokens: recounted.as_ref().unwrap_or(&usage.tokens),
+            tokens: tokens.as_ref(),
             measures: &usage.measures,
             at,
             period_to_date,
@@ -295,7 +336,7 @@ impl App {
         match rater.rate(&input) {
             Ok(mut r) => {
                 r.basis = basis.map(Basis::recorded);
-                Rated::Priced(r)
+                Rated::Priced(Box::new(r))
             }
             Err(e) => Rated::NoBook(e.to_string()),
         }
@@ -329,7 +370,7 @@ impl App {
                 let incident = (r.unpriced || !r.missing.is_empty())
                     .then(|| self.unpriced_incident(&entry.account, u, &r))
                     .flatten();
-                u.rating = Some(Box::new(r));
+                u.rating = Some(r);
                 incident
             }
             Rated::NoBook(why) => self.no_book_incident(&entry.account, u, &why),
@@ -356,8 +397,30 @@ impl App {
 
     /// Rates a gateway usage entry in place on the count the provider's `basis`
     /// names, recording the basis.
-    pub(crate) fn rate_gateway_entry(&self, entry: &mut Entry, basis: Basis) -> Option<Entry> {
-        self.rate_in_place(&self.pricing.snapshot(), entry, Some(basis))
+    ///
+    /// A tiered entry is also placed on its tier counter; the counters' lock comes
+    /// back with it, to be held until the entry holds its place in the ledger.
+    pub(crate) async fn rate_gateway_entry(
+        &self,
+        entry: &mut Entry,
+        basis: Basis,
+    ) -> (Option<Entry>, Option<crate::tiers::TiersGuard>) {
+        let prices = self.pricing.snapshot();
+        let incident = self.rate_in_place(&prices, entry, Some(basis));
+        if !prices.tiered() {
+            return (incident, None);
+        }
+        let mut counters = self.tiers.lock().await;
+        match self.place_tiers(&prices, &mut counters, entry) {
+            Ok(true) => (incident, Some(counters)),
+            Ok(false) => (incident, None),
+            Err(e) => {
+                // The call is over and its usage must be recorded: recorded rated from
+                // the first band, which `audit verify` reports.
+                tracing::error!(account = %entry.account, detail = %e.detail, "tiered usage not placed");
+                (incident, None)
+            }
+        }
     }
 
     /// Appends price incidents (best effort: the usage they are about is recorded

@@ -171,7 +171,7 @@ fn step(
                     }
                 };
             rating.place.clone_from(&original.place);
-            if rating == *was {
+            if *rating == *was {
                 return Ok(());
             }
             if rating.unpriced && !was.unpriced {
@@ -186,7 +186,7 @@ fn step(
                 at: ts,
                 usage: Box::new(usage),
                 previous: Box::new(previous),
-                rating: Box::new(rating),
+                rating,
             };
             for (currency, _) in correction.changes() {
                 progress.sums.entry(currency).or_default();

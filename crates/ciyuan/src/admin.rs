@@ -549,6 +549,7 @@ fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
                         "rated_basis_as_recorded": rules.rated_basis_as_recorded,
                         "defined": rules.defined,
                         "corrections": rules.corrections,
+                        "placed": rules.placed,
                     })
                 );
             } else {
@@ -560,11 +561,12 @@ fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
                     report.size
                 );
                 println!(
-                    "rules: {} postings balanced and replayed through the wallets; {} ratings follow their books ({} with the recount basis taken as recorded; {} of them by corrections, each matching the entry it re-rates); {} entries name the definition in force",
+                    "rules: {} postings balanced and replayed through the wallets; {} ratings follow their books ({} with the recount basis taken as recorded; {} of them by corrections, each matching the entry it re-rates; {} placed on their tier counters in log order); {} entries name the definition in force",
                     rules.postings,
                     rules.rated,
                     rules.rated_basis_as_recorded,
                     rules.corrections,
+                    rules.placed,
                     rules.defined
                 );
             }

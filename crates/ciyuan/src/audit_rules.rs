@@ -24,6 +24,13 @@
 //!    `definition.set` entries give different rules for one `service@version`, and
 //!    the recorded versions compile together as the server requires.
 //!
+//!    When the rule that prices it has graduated or volume tiers, the rating says
+//!    where its units were placed (`place`): the billing node (the contract's node,
+//!    else the top-level account), the rule's counter name, the period holding the
+//!    entry's time in that node's time zone (as `account.*` entries set it so far),
+//!    the entry's units of the keys the tiers count, and `before`, which must equal
+//!    the units of the entries before it in the log on the same counter: no unit is
+//!    priced twice or skipped.
 //! 4. **Corrections.** A `rating.correction` names an earlier entry and starts from
 //!    the rating that entry stands at (its own, or its latest correction's); its new
 //!    rating is recomputed as in 2, for the usage's time and node, with the book
@@ -51,6 +58,7 @@
 
 use ciyuan_budget::Wallets;
 use ciyuan_core::jiff::Timestamp;
+use ciyuan_core::jiff::tz::TimeZone;
 use ciyuan_core::{
     AccountPath, DecodeError, Entry, EntryBody, PriceBook, PriceContract, PriceKey, Rating,
     RatingBasis, RatingCorrection, TokenDefinition, TokenMap, Usage,
@@ -98,6 +106,9 @@ pub struct RulesReport {
     /// `rating.correction` entries whose new rating was recomputed and whose copy of
     /// the usage matched the entry it names.
     pub corrections: u64,
+    /// Rated entries placed on a tier counter right after the units counted before
+    /// them in their period.
+    pub placed: u64,
 }
 
 /// The first entry that breaks a rule (or, with no entry, why the log could not be
@@ -174,6 +185,10 @@ pub struct RuleChecker {
     subsets: RefCell<HashMap<SubsetKey, Rc<PriceBook>>>,
     /// Entries corrected so far, by index: what their corrections say of them.
     corrected: BTreeMap<u64, Corrected>,
+    /// Units counted on each tier counter so far.
+    counters: HashMap<CounterKey, Decimal>,
+    /// Time zones set on nodes by `account.created` / `account.updated`, by path.
+    zones: HashMap<String, String>,
     report: RulesReport,
 }
 
@@ -188,6 +203,9 @@ struct Corrected {
     /// The rating it stands at now.
     rating: Rating,
 }
+
+/// A tier counter: billing node, book, rule, period start.
+type CounterKey = (String, String, String, Timestamp);
 
 /// A book version and the model and service of the entries it prices.
 type SubsetKey = (String, u32, Option<String>, String);
@@ -222,6 +240,8 @@ impl RuleChecker {
             wallets: Wallets::new(),
             subsets: RefCell::new(HashMap::new()),
             corrected: BTreeMap::new(),
+            counters: HashMap::new(),
+            zones: HashMap::new(),
             report: RulesReport::default(),
         }
     }
@@ -291,6 +311,13 @@ impl RuleChecker {
                 Ok(())
             }
             EntryBody::RatingCorrection(c) => self.check_correction(index, entry, c),
+            EntryBody::AccountCreated(info) | EntryBody::AccountUpdated(info) => {
+                if let Some(z) = &info.time_zone {
+                    self.zones
+                        .insert(entry.account.as_str().to_string(), z.clone());
+                }
+                Ok(())
+            }
             EntryBody::WalletSet(set) => self
                 .wallets
                 .apply_settings(&entry.account, set)
@@ -304,7 +331,7 @@ impl RuleChecker {
                         ts: entry.ts,
                         account: &entry.account,
                     };
-                    self.check_rating(index, &used, usage, rating)?;
+                    self.check_rating(index, &used, usage, rating, false)?;
                 }
                 Ok(())
             }
@@ -367,7 +394,7 @@ impl RuleChecker {
             ts: c.at,
             account: &entry.account,
         };
-        self.check_rating(index, &used, &c.usage, &c.rating)?;
+        self.check_rating(index, &used, &c.usage, &c.rating, true)?;
         self.corrected.insert(
             c.entry,
             Corrected {
@@ -614,23 +641,31 @@ impl RuleChecker {
         sub
     }
 
+    /// Judges `rating` of `usage`; `correcting` when it is a correction's, whose
+    /// tiered units keep the place the entry took (they are not counted again).
     fn check_rating(
         &mut self,
         index: u64,
         entry: &Used<'_>,
         usage: &Usage,
         rating: &Rating,
+        correcting: bool,
     ) -> Result<(), String> {
         let contract = self.contract_of(entry.account);
-        let as_recorded = match self.judge_rating(entry, usage, rating, contract) {
-            Ok(as_recorded) => as_recorded,
+        let (as_recorded, counter) = match self
+            .judge_rating(entry, usage, rating, contract, correcting)
+        {
+            Ok(judged) => judged,
             Err(why) => {
                 // The server rates an entry before appending it, and applies a new
                 // contract once its entry is projected: say so when the rating follows
                 // the contract of just before the latest change.
                 let hint = self
                     .contract_before_last_change(entry.account)
-                    .filter(|(before, _)| self.judge_rating(entry, usage, rating, *before).is_ok())
+                    .filter(|(before, _)| {
+                        self.judge_rating(entry, usage, rating, *before, correcting)
+                            .is_ok()
+                    })
                     .map(|(_, changed)| {
                         format!(
                             "; it follows the contract in force before entry {changed}, {} entries earlier: rated before the server applied that change?",
@@ -641,6 +676,12 @@ impl RuleChecker {
                 return Err(format!("{why}{hint}"));
             }
         };
+        if let Some((key, after)) = counter
+            && !correcting
+        {
+            self.report.placed += 1;
+            self.counters.insert(key, after);
+        }
         self.report.rated += 1;
         if as_recorded {
             self.report.rated_basis_as_recorded += 1;
@@ -648,15 +689,109 @@ impl RuleChecker {
         Ok(())
     }
 
-    /// Whether `rating` follows the books recorded so far under `contract`; true when
-    /// its counts were taken as recorded.
+    /// The effective time zone of `node` as the log has set it so far (its own, or
+    /// its nearest ancestor's; UTC when none).
+    fn zone_of(&self, node: &AccountPath) -> Result<TimeZone, String> {
+        let mut p = Some(node.clone());
+        while let Some(n) = p {
+            if let Some(name) = self.zones.get(n.as_str()) {
+                return TimeZone::get(name).map_err(|e| format!("time zone {name:?} of {n}: {e}"));
+            }
+            p = n.parent();
+        }
+        Ok(TimeZone::UTC)
+    }
+
+    /// Checks where a rating says its tiered units were placed (see
+    /// [`ciyuan_core::TierPlace`]); answers the counter and its new total.
+    fn judge_place(
+        &self,
+        entry: &Used<'_>,
+        rating: &Rating,
+        counter: Option<ciyuan_price::TierCounter>,
+        correcting: bool,
+    ) -> Result<Option<(CounterKey, Decimal)>, String> {
+        let (counter, place) = match (counter, &rating.place) {
+            (None, None) => return Ok(None),
+            (None, Some(_)) => {
+                return Err(
+                    "rating.place: the rule that prices the entry has no graduated or volume tiers"
+                        .into(),
+                );
+            }
+            (Some(c), None) => {
+                return Err(format!(
+                    "rating.place: missing, though the rule that prices the entry ({}) has graduated or volume tiers",
+                    c.rule
+                ));
+            }
+            (Some(c), Some(p)) => (c, p),
+        };
+        let node = match &rating.contract {
+            Some(n) => n.clone(),
+            None => entry
+                .account
+                .segments()
+                .next()
+                .and_then(|top| AccountPath::parse(top).ok())
+                .unwrap_or_else(AccountPath::root),
+        };
+        if place.node != node {
+            return Err(format!(
+                "rating.place.node: the tiers count the usage of {node}, the entry names {}",
+                place.node
+            ));
+        }
+        if place.rule != counter.rule {
+            return Err(format!(
+                "rating.place.rule: the rule that prices the entry is {:?}, the entry names {:?}",
+                counter.rule, place.rule
+            ));
+        }
+        if place.units != counter.units {
+            return Err(format!(
+                "rating.place.units: the tiers count {} units of the entry, it says {}",
+                counter.units, place.units
+            ));
+        }
+        let zone = self.zone_of(&node)?;
+        let period = ciyuan_price::period_start(counter.period, &zone, entry.ts)
+            .ok_or_else(|| format!("rating.place.period: no period holds {}", entry.ts))?;
+        if place.period != period {
+            return Err(format!(
+                "rating.place.period: the entry's time {} is in the period from {period} in {node}'s time zone, the entry says {}",
+                entry.ts, place.period
+            ));
+        }
+        let key = (
+            node.as_str().to_string(),
+            rating.book.clone(),
+            counter.rule,
+            period,
+        );
+        let counted = self.counters.get(&key).copied().unwrap_or(Decimal::ZERO);
+        if !correcting && place.before != counted {
+            return Err(format!(
+                "rating.place.before: {} units were counted on its tiers before it in the period, the entry says {}",
+                counted, place.before
+            ));
+        }
+        let after = counted
+            .checked_add(place.units)
+            .ok_or_else(|| "rating.place.units: the counter overflows".to_string())?;
+        Ok(Some((key, after)))
+    }
+
+    /// Whether `rating` follows the books recorded so far under `contract`: whether
+    /// its counts were taken as recorded, and the tier counter it advances.
     fn judge_rating(
         &self,
         entry: &Used<'_>,
         usage: &Usage,
         rating: &Rating,
         contract: InForce<'_>,
-    ) -> Result<bool, String> {
+        correcting: bool,
+    ) -> Result<(bool, Option<(CounterKey, Decimal)>), String> {
         let want_book = contract.map_or(LIST_BOOK, |(_, c, _)| c.book.as_str());
         if rating.book != want_book {
             return Err(match contract {
@@ -715,19 +850,18 @@ impl RuleChecker {
             tokens: &tokens,
             measures: &usage.measures,
             at: entry.ts,
-            // Where the server placed the entry's tiered units (the period's true-up
-            // makes their total exact; each entry follows its place).
+            // Where the server placed the entry's tiered units, checked below against
+            // the units counted before it.
             period_to_date: rating.place.as_ref().map_or(Decimal::ZERO, |p| p.before),
         };
         let book = self.subset(book, usage.model.as_deref(), &usage.service);
-        ciyuan_price::verify_rating(
-            &book,
-            contract.map(|(node, c, _)| (node, c)),
-            &input,
-            rating,
-        )
-        .map_err(|m| format!("rating.{m} (book {}, entry {})", id(), recorded.entry))?;
-        Ok(as_recorded)
+        let contract = contract.map(|(node, c, _)| (node, c));
+        ciyuan_price::verify_rating(&book, contract, &input, rating)
+            .map_err(|m| format!("rating.{m} (book {}, entry {})", id(), recorded.entry))?;
+        let counter = ciyuan_price::tier_counter_naive(&book, contract, &input)
+            .map_err(|e| format!("rating: {e}"))?;
+        let counter = self.judge_place(entry, rating, counter, correcting)?;
+        Ok((as_recorded, counter))
     }
 }
 
@@ -907,8 +1041,8 @@ mod tests {
     use super::*;
     use ciyuan_core::ServiceTier;
     use ciyuan_core::{
-        Currency, Direction, Grant, LedgerAccount, Leg, Modality, Posting, PostingKind, PriceRule,
-        Recount, Rounding, RoundingMode, UnitPrices,
+        AccountInfo, Currency, Direction, Grant, LedgerAccount, Leg, Modality, Posting,
+        PostingKind, PriceRule, Recount, Rounding, RoundingMode, UnitPrices,
     };
     use ciyuan_ledger::{Ledger, LedgerOptions};
     use ciyuan_price::Rater;
@@ -1150,6 +1284,7 @@ mod tests {
             contracts: 0,
             definitions: 1,
             corrections: 0,
+            placed: 0,
         };
         assert_eq!(rules, want);
 
@@ -1366,6 +1501,145 @@ mod tests {
             EntryBody::RatingCorrection(later),
         );
         assert!(run(&bad).unwrap_err().what.contains("is not before"));
+    }
+
+    /// A book whose `gpt-4o` rule prices text input in graduated monthly tiers: the
+    /// first 1,000,000 input tokens of a month at 0.000002, the rest at 0.000001.
+    fn tiered_book() -> PriceBook {
+        let mut b = list_v1();
+        b.rules[0].tiers = Some(ciyuan_core::Tiers {
+            kind: ciyuan_core::TierKind::Graduated,
+            period: ciyuan_core::TierPeriod::Month,
+            key: ciyuan_core::TierKey::Key("text.input".parse().unwrap()),
+            bands: vec![
+                ciyuan_core::Band {
+                    up_to: Some(1_000_000),
+                    unit_prices: prices(&[("text.input", "0.000002")]),
+                },
+                ciyuan_core::Band {
+                    up_to: None,
+                    unit_prices: prices(&[("text.input", "0.000001")]),
+                },
+            ],
+        });
+        b
+    }
+
+    /// A chat entry rated by `book` placed on acme's counter after `before` units of
+    /// the month starting at `period`.
+    fn placed_chat(book: &PriceBook, ts: &str, input: i64, before: &str, period: &str) -> Usage {
+        let mut u = rated_chat(book, None, ts, input, 0);
+        let rating = Rater::new(book, None)
+            .unwrap()
+            .rate(&RateInput {
+                model: u.model.as_deref(),
+                service: &u.service,
+                tier: ServiceTier::Standard,
+                tokens: &u.tokens,
+                measures: &u.measures,
+                at: at(ts),
+                period_to_date: d(before),
+            })
+            .unwrap();
+        let mut rating = Box::new(rating);
+        rating.place = Some(ciyuan_core::TierPlace {
+            node: node("acme"),
+            rule: "gpt-4o*||standard".into(),
+            period: at(period),
+            before: d(before),
+            units: Decimal::from(input),
+        });
+        u.rating = Some(rating);
+        u
+    }
+
+    #[test]
+    fn tiered_entries_follow_the_units_counted_before_them_in_their_period() {
+        let b = tiered_book();
+        let shanghai = AccountInfo {
+            time_zone: Some("Asia/Shanghai".into()),
+            ..AccountInfo::default()
+        };
+        // November in Shanghai starts at 16:00 UTC on 31 October.
+        let nov = "2026-10-31T16:00:00Z";
+        let dec = "2026-11-30T16:00:00Z";
+        let log = vec![
+            bytes("2026-01-01T00:00:00Z", "/", EntryBody::PriceBook(b.clone())),
+            bytes(
+                "2026-01-01T00:00:00Z",
+                "acme",
+                EntryBody::AccountCreated(shanghai),
+            ),
+            bytes(
+                "2026-11-02T00:00:00Z",
+                "acme/cn",
+                EntryBody::Usage(placed_chat(&b, "2026-11-02T00:00:00Z", 600_000, "0", nov)),
+            ),
+            // Crosses the band: 400,000 at 0.000002 and 200,000 at 0.000001.
+            bytes(
+                "2026-11-03T00:00:00Z",
+                "acme/us",
+                EntryBody::Usage(placed_chat(
+                    &b,
+                    "2026-11-03T00:00:00Z",
+                    600_000,
+                    "600000",
+                    nov,
+                )),
+            ),
+            // 1 December in Shanghai: a new period.
+            bytes(
+                "2026-11-30T17:00:00Z",
+                "acme/cn",
+                EntryBody::Usage(placed_chat(&b, "2026-11-30T17:00:00Z", 10, "0", dec)),
+            ),
+        ];
+        let EntryBody::Usage(u) = Entry::decode(&log[3]).unwrap().body else {
+            unreachable!()
+        };
+        assert_eq!(u.rating.unwrap().amount, d("1.0"));
+        let report = run(&log).unwrap();
+        assert_eq!(report.placed, 3);
+
+        // The second entry placed as if it came first.
+        let mut bad = log.clone();
+        bad[3] = bytes(
+            "2026-11-03T00:00:00Z",
+            "acme/us",
+            EntryBody::Usage(placed_chat(&b, "2026-11-03T00:00:00Z", 600_000, "0", nov)),
+        );
+        let e = run(&bad).unwrap_err();
+        assert_eq!(e.entry, Some(3));
+        assert!(
+            e.what
+                .contains("rating.place.before: 600000 units were counted"),
+            "{e}"
+        );
+        // The December entry filed under November.
+        let mut bad = log.clone();
+        bad[4] = bytes(
+            "2026-11-30T17:00:00Z",
+            "acme/cn",
+            EntryBody::Usage(placed_chat(&b, "2026-11-30T17:00:00Z", 10, "1200000", nov)),
+        );
+        let e = run(&bad).unwrap_err();
+        assert!(e.what.contains("rating.place.period"), "{e}");
+        // Rated from the first band with no place at all.
+        let mut bad = log.clone();
+        bad[3] = bytes(
+            "2026-11-03T00:00:00Z",
+            "acme/us",
+            EntryBody::Usage(rated_chat(&b, None, "2026-11-03T00:00:00Z", 600_000, 0)),
+        );
+        let e = run(&bad).unwrap_err();
+        assert!(e.what.contains("rating.place: missing"), "{e}");
+        // A place whose price is not the band's.
+        let mut bad = log;
+        let mut u = placed_chat(&b, "2026-11-03T00:00:00Z", 600_000, "600000", nov);
+        u.rating.as_mut().unwrap().place.as_mut().unwrap().before = d("0");
+        bad[3] = bytes("2026-11-03T00:00:00Z", "acme/us", EntryBody::Usage(u));
+        let e = run(&bad).unwrap_err();
+        assert!(e.what.contains("rating."), "{e}");
     }
 
     #[test]

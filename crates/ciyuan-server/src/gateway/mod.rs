@@ -291,6 +291,36 @@ impl App {
         }
     }
 
+    /// Appends a gateway entry (and its wallet posting) at once, releasing the rules
+    /// and tier guards once they hold their places in the ledger.
+    async fn record_gateway_now(
+        self: &Arc<Self>,
+        entry: Entry,
+        posting: Option<Entry>,
+        rules: RulesGuard,
+        tiers: crate::tiers::TiersGuard,
+    ) {
+        let mut entries = vec![entry];
+        entries.extend(posting);
+        let n = entries.len();
+        let appended = crate::pipeline::append_lent_then(
+            self.log.as_ref(),
+            &self.projector,
+            Arc::new(Recorded(entries)),
+            || {
+                drop(rules);
+                drop(tiers);
+            },
+        )
+        .await;
+        match appended {
+            Ok(_) => self.projector.kick(),
+            Err(e) => {
+                tracing::error!(entries = n, detail = %e.detail, "gateway usage not recorded")
+            }
+        }
+    }
+
     /// Hands a gateway entry to the recorder (started on first use).
     fn record_gateway(self: &Arc<Self>, entry: Entry, guard: Option<RulesGuard>) {
         let tx = self.gateway.recorder.get_or_init(|| {
@@ -1543,7 +1573,9 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
         // Priced as it is appended, on the count the provider's setting names, under
         // the rules in force until the entry holds its place in the ledger.
         let rules = app.rules_gate.clone().read_owned().await;
-        let price_incident = app.rate_gateway_entry(&mut entry, provider.rate_basis);
+        let (price_incident, tiers) = app
+            .rate_gateway_entry(&mut entry, provider.rate_basis)
+            .await;
         let EntryBody::Usage(usage) = &entry.body else {
             unreachable!("a gateway entry is a usage entry")
         };
@@ -1584,17 +1616,21 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
             cost,
             usage.event_id.as_deref(),
         );
-        // The guard goes with the last record: the recorder keeps their order, so when
-        // it is released both hold their places.
-        match charge {
-            None => app.record_gateway(entry, Some(rules)),
-            Some((node, posting)) => {
-                app.record_gateway(entry, None);
-                app.record_gateway(
-                    Entry::new(Timestamp::now(), node, EntryBody::Posting(posting)),
-                    Some(rules),
-                );
-            }
+        let posting =
+            charge.map(|(node, p)| Entry::new(Timestamp::now(), node, EntryBody::Posting(p)));
+        match tiers {
+            // A tiered entry holds the tier counters' lock: appended now, not after the
+            // recorder's linger, and the lock released once it holds its place.
+            Some(tiers) => app.record_gateway_now(entry, posting, rules, tiers).await,
+            // The guard goes with the last record: the recorder keeps their order, so
+            // when it is released both hold their places.
+            None => match posting {
+                None => app.record_gateway(entry, Some(rules)),
+                Some(posting) => {
+                    app.record_gateway(entry, None);
+                    app.record_gateway(posting, Some(rules));
+                }
+            },
         }
         if let Some(incident) = price_incident {
             app.raise_price_incidents(vec![incident]).await;
