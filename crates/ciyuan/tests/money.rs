@@ -632,3 +632,150 @@ fn a_price_correction_rerates_a_period_by_appending_corrections_that_verify() {
     assert_eq!(code, 0, "{report}");
     assert!(report.contains("3 of them by corrections"), "{report}");
 }
+
+/// A `list` book pricing `gpt-4o` input in graduated monthly tiers: the first
+/// 1,500,000 input tokens of a month at 0.000002, the rest at 0.000001.
+const TIERED_BOOK: &str = r#"name = "list"
+currency = "USD"
+[[rules]]
+model = "gpt-4o*"
+unit_prices = { "text.output" = "0.00001" }
+[rules.tiers]
+kind = "graduated"
+period = "month"
+key = "text.input"
+bands = [
+  { up_to = 1500000, unit_prices = { "text.input" = "0.000002" } },
+  { unit_prices = { "text.input" = "0.000001" } },
+]
+"#;
+
+/// The usage entries of the log with a tier place, in log order.
+fn placed_entries(server: &Server, key: &str) -> Vec<Value> {
+    let (s, b) = server.http(
+        "GET",
+        "/api/v1/audit/entries?start=0&limit=10000",
+        key,
+        None,
+    );
+    assert_eq!(s, 200);
+    b.split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(json)
+        .filter(|e| e["kind"] == "usage" && !e["data"]["rating"]["place"].is_null())
+        .collect()
+}
+
+#[test]
+fn graduated_tiers_count_the_month_to_date_across_nodes_restarts_and_concurrent_calls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let root = server.bootstrap.clone().unwrap();
+    let book = tmp.path().join("tiered.toml");
+    std::fs::write(&book, TIERED_BOOK).unwrap();
+    let out = stdout(&server.cli(
+        &root,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "toml",
+            book.to_str().unwrap(),
+        ],
+    ));
+    assert!(out.contains("recorded book list version 1"), "{out}");
+    stdout(&server.cli(
+        &root,
+        &["accounts", "create", "acme", "--time-zone", "Asia/Shanghai"],
+    ));
+    for path in ["acme/cn", "acme/us"] {
+        stdout(&server.cli(&root, &["accounts", "create", path]));
+    }
+
+    // 1,000,000 input tokens in the first band; the next 1,000,000 straddle it: the
+    // nodes of one tenant share its counter.
+    ingest_gpt_4o(&server, &root, tmp.path(), "t1", "acme/cn");
+    ingest_gpt_4o(&server, &root, tmp.path(), "t2", "acme/us");
+    // A duplicate takes no place.
+    let again = tmp.path().join("t2.jsonl");
+    let out = stdout(&server.cli(&root, &["ingest", again.to_str().unwrap()]));
+    assert!(out.contains("1 duplicates"), "{out}");
+    let placed = placed_entries(&server, &root);
+    assert_eq!(placed.len(), 2);
+    let place = |e: &Value| e["data"]["rating"]["place"].clone();
+    assert_eq!(place(&placed[0])["node"], "acme");
+    assert_eq!(exact("before", &place(&placed[0])["before"]), amount("0"));
+    assert_eq!(
+        exact("before", &place(&placed[1])["before"]),
+        amount("1000000")
+    );
+    assert_eq!(
+        exact("amount", &placed[0]["data"]["rating"]["amount"]),
+        amount("4.00")
+    );
+    // 500,000 at 0.000002, 500,000 at 0.000001, and the output: 3.50.
+    assert_eq!(
+        exact("amount", &placed[1]["data"]["rating"]["amount"]),
+        amount("3.50")
+    );
+    // The month is Shanghai's.
+    let period = place(&placed[0])["period"].as_str().unwrap().to_string();
+    assert!(period.ends_with("T16:00:00Z"), "{period}");
+
+    // After a restart the counter goes on from the projection.
+    server.stop();
+    let server = Server::start(&data);
+    ingest_gpt_4o(&server, &root, tmp.path(), "t3", "acme/cn");
+    let placed = placed_entries(&server, &root);
+    assert_eq!(
+        exact("before", &place(&placed[2])["before"]),
+        amount("2000000")
+    );
+    assert_eq!(
+        exact("amount", &placed[2]["data"]["rating"]["amount"]),
+        amount("3.00")
+    );
+
+    // Concurrent gateway calls of one tenant take disjoint places, in log order.
+    let key = cli_json(
+        &server,
+        &root,
+        &[
+            "keys",
+            "create",
+            "--account",
+            "acme/cn",
+            "--scopes",
+            "gateway",
+        ],
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let answers = race(&server, &key, 20);
+    assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let placed = loop {
+        let p = placed_entries(&server, &root);
+        if p.len() == 23 || Instant::now() > deadline {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(placed.len(), 23);
+    let mut next = amount("0");
+    for e in &placed {
+        let p = place(e);
+        assert_eq!(exact("before", &p["before"]), next, "{e}");
+        next = next.checked_add(exact("units", &p["units"])).unwrap();
+    }
+
+    server.stop();
+    let (code, report) = verify(&data);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report.contains("23 placed on their tier counters"),
+        "{report}"
+    );
+}
