@@ -81,7 +81,10 @@ impl PriceKey {
             self,
             PriceKey::Tokens(
                 _,
-                Direction::Input | Direction::CachedInput | Direction::CacheWrite
+                Direction::Input
+                    | Direction::CachedInput
+                    | Direction::CacheWrite
+                    | Direction::CacheWrite1h
             )
         )
     }

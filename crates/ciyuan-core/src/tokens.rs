@@ -26,8 +26,11 @@ pub enum Direction {
     Input,
     /// Input served from the provider's prompt cache.
     CachedInput,
-    /// Input written to the provider's prompt cache.
+    /// Input written to the provider's prompt cache (for its default lifetime, five
+    /// minutes at Anthropic).
     CacheWrite,
+    /// Input written to the provider's prompt cache for an hour (priced apart).
+    CacheWrite1h,
     /// Output (completion) tokens, reasoning excluded.
     Output,
     /// Reasoning tokens the provider bills as output but does not return.
@@ -42,7 +45,7 @@ pub enum TokenError {
     Modality(String),
     /// Unknown direction name.
     #[error(
-        "unknown direction {0:?} (expected input, cached_input, cache_write, output or reasoning)"
+        "unknown direction {0:?} (expected input, cached_input, cache_write, cache_write_1h, output or reasoning)"
     )]
     Direction(String),
     /// A token key not of the form `modality.direction`.
@@ -84,7 +87,7 @@ macro_rules! names {
 }
 
 names!(Modality, Modality, Text => "text", Image => "image", Audio => "audio", Video => "video", Other => "other");
-names!(Direction, Direction, Input => "input", CachedInput => "cached_input", CacheWrite => "cache_write", Output => "output", Reasoning => "reasoning");
+names!(Direction, Direction, Input => "input", CachedInput => "cached_input", CacheWrite => "cache_write", CacheWrite1h => "cache_write_1h", Output => "output", Reasoning => "reasoning");
 
 /// The largest count of one token key that one entry may carry: a usage event, a
 /// gateway record or a correction (in either sign). The longest context windows hold

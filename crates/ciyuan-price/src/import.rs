@@ -95,9 +95,10 @@ fn litellm_base(key: &str) -> Option<Option<PriceKey>> {
         "input_cost_per_token" => t(Text, Input),
         "output_cost_per_token" => t(Text, Output),
         "cache_read_input_token_cost" | "input_cost_per_token_cache_hit" => t(Text, CachedInput),
-        // LiteLLM's plain cache-creation price is the 5-minute write; the 1-hour
-        // write (`..._above_1hr`) has no ledger key of its own and stays unmapped.
+        // LiteLLM's plain cache-creation price is the 5-minute write; `_above_1hr`
+        // is the one-hour write.
         "cache_creation_input_token_cost" => t(Text, CacheWrite),
+        "cache_creation_input_token_cost_above_1hr" => t(Text, CacheWrite1h),
         "output_cost_per_reasoning_token" => t(Text, Reasoning),
         "input_cost_per_audio_token" => t(Audio, Input),
         "output_cost_per_audio_token" => t(Audio, Output),

@@ -228,8 +228,24 @@ fn unmapped_keys_are_listed_with_counts() {
         "{un:?}"
     );
     assert!(
-        un.contains(&"cache_creation_input_token_cost_above_1hr (199 models)".to_string()),
-        "{un:?}"
+        !un.iter()
+            .any(|k| k.starts_with("cache_creation_input_token_cost_above_1hr ")),
+        "one-hour cache writes have their own key: {un:?}"
+    );
+    let sonnet = import
+        .rules
+        .iter()
+        .find(|r| {
+            r.model.as_deref() == Some("claude-sonnet-4-5") && r.tier == ServiceTier::Standard
+        })
+        .unwrap();
+    assert_eq!(
+        sonnet.unit_prices[&key("text.cache_write")],
+        d("0.00000375")
+    );
+    assert_eq!(
+        sonnet.unit_prices[&key("text.cache_write_1h")],
+        d("0.000006")
     );
     for entry in un {
         let name = entry.split(" (").next().unwrap();

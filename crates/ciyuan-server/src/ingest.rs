@@ -41,7 +41,7 @@ const LLM_USAGE_DEFINITION: &str = "llm.usage@1";
 
 /// Named usage fields of an `llm.usage` event and the token key each one feeds. They
 /// are disjoint: their sum is the total.
-const LLM_FIELDS: [(&str, Modality, Direction); 8] = [
+const LLM_FIELDS: [(&str, Modality, Direction); 9] = [
     ("input_tokens", Modality::Text, Direction::Input),
     (
         "cached_input_tokens",
@@ -49,6 +49,11 @@ const LLM_FIELDS: [(&str, Modality, Direction); 8] = [
         Direction::CachedInput,
     ),
     ("cache_write_tokens", Modality::Text, Direction::CacheWrite),
+    (
+        "cache_write_1h_tokens",
+        Modality::Text,
+        Direction::CacheWrite1h,
+    ),
     ("output_tokens", Modality::Text, Direction::Output),
     ("reasoning_tokens", Modality::Text, Direction::Reasoning),
     ("audio_input_tokens", Modality::Audio, Direction::Input),
@@ -743,12 +748,14 @@ fn llm_usage(data: &RawValue) -> Result<(String, TokenMap, Option<ServiceTier>),
     };
     for (Text(key), value) in &data.0 {
         let key = key.as_ref();
-        // Bit 0..8 for LLM_FIELDS, 8 for model, 9 for tokens, 10 for service_tier: a
-        // repeated member would be counted twice, so it is refused.
+        // Bits 0..LLM_FIELDS.len() for LLM_FIELDS, then model, tokens and
+        // service_tier: a repeated member would be counted twice, so it is refused.
+        const FIELDS: usize = LLM_FIELDS.len();
+        const _: () = assert!(FIELDS + 3 <= u16::BITS as usize);
         let (bit, known) = match key {
-            "model" => (8, None),
-            "tokens" => (9, None),
-            "service_tier" => (10, None),
+            "model" => (FIELDS, None),
+            "tokens" => (FIELDS + 1, None),
+            "service_tier" => (FIELDS + 2, None),
             _ => match LLM_FIELDS.iter().position(|(name, _, _)| *name == key) {
                 Some(i) => (i, Some(LLM_FIELDS[i])),
                 None => {

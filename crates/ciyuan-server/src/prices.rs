@@ -519,7 +519,10 @@ fn recounted(provider: &TokenMap, r: &ciyuan_core::Recount, greater: bool) -> To
         .iter()
         .filter(|t| {
             t.modality == Modality::Text
-                && matches!(t.direction, Direction::CachedInput | Direction::CacheWrite)
+                && matches!(
+                    t.direction,
+                    Direction::CachedInput | Direction::CacheWrite | Direction::CacheWrite1h
+                )
         })
         .map(|t| t.count)
         .sum();

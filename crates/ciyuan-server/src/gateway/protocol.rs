@@ -7,8 +7,9 @@
 //!   includes reasoning and audio output; the parts are split out. DeepSeek reports
 //!   `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens` instead of details.
 //! - Anthropic: `input_tokens` excludes cache reads and writes, which come as
-//!   `cache_read_input_tokens` and `cache_creation_input_tokens`; `output_tokens`
-//!   includes thinking.
+//!   `cache_read_input_tokens` and `cache_creation_input_tokens` (split by lifetime in
+//!   `cache_creation`: five-minute writes are `cache_write`, one-hour writes
+//!   `cache_write_1h`); `output_tokens` includes thinking.
 
 use super::request::Obj;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -539,6 +540,16 @@ pub struct AnthropicUsage {
     output_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
+    /// The cache writes by lifetime, when the request asked for more than one.
+    cache_creation: Option<CacheCreation>,
+}
+
+/// Anthropic's `usage.cache_creation`: cache writes by lifetime, priced apart.
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(default)]
+pub struct CacheCreation {
+    ephemeral_5m_input_tokens: Option<u64>,
+    ephemeral_1h_input_tokens: Option<u64>,
 }
 
 impl AnthropicUsage {
@@ -559,16 +570,28 @@ impl AnthropicUsage {
             &mut self.cache_read_input_tokens,
             later.cache_read_input_tokens,
         );
+        if later.cache_creation.is_some() {
+            self.cache_creation = later.cache_creation;
+        }
     }
 
     /// Maps the report onto disjoint token keys; `complete` says whether its output
     /// count is final. `None` when a figure is out of range.
     pub fn reported(&self, complete: bool) -> Option<Reported> {
         let input = self.input_tokens.unwrap_or(0);
-        let write = self.cache_creation_input_tokens.unwrap_or(0);
+        // The breakdown by lifetime, where given, is what is billed (its parts sum
+        // to `cache_creation_input_tokens`); without it every write is the default
+        // five-minute one.
+        let (write, write_1h) = match self.cache_creation {
+            Some(c) => (
+                c.ephemeral_5m_input_tokens.unwrap_or(0),
+                c.ephemeral_1h_input_tokens.unwrap_or(0),
+            ),
+            None => (self.cache_creation_input_tokens.unwrap_or(0), 0),
+        };
         let read = self.cache_read_input_tokens.unwrap_or(0);
         let output = self.output_tokens.unwrap_or(0);
-        if [input, write, read, output]
+        if [input, write, write_1h, read, output]
             .iter()
             .any(|n| *n > MAX_REPORTED_TOKENS)
         {
@@ -577,13 +600,22 @@ impl AnthropicUsage {
         let mut tokens = TokenMap::new();
         add(&mut tokens, Modality::Text, Direction::Input, input);
         add(&mut tokens, Modality::Text, Direction::CacheWrite, write);
+        add(
+            &mut tokens,
+            Modality::Text,
+            Direction::CacheWrite1h,
+            write_1h,
+        );
         add(&mut tokens, Modality::Text, Direction::CachedInput, read);
         add(&mut tokens, Modality::Text, Direction::Output, output);
         Some(Reported {
             tokens,
             // Only compared with the recount: a report past u64 is far off at u64::MAX
             // too, and must not panic (or wrap to a small, plausible count).
-            input: input.saturating_add(write).saturating_add(read),
+            input: input
+                .saturating_add(write)
+                .saturating_add(write_1h)
+                .saturating_add(read),
             output,
             reasoning: 0,
             audio_output: false,
@@ -597,6 +629,7 @@ impl AnthropicUsage {
             || self.output_tokens.is_some()
             || self.cache_creation_input_tokens.is_some()
             || self.cache_read_input_tokens.is_some()
+            || self.cache_creation.is_some()
     }
 }
 
@@ -1228,6 +1261,29 @@ mod tests {
             json!({"text.input": 25, "text.cache_write": 10, "text.cached_input": 90, "text.output": 15})
         );
         assert_eq!(r.input, 125);
+    }
+
+    #[test]
+    fn anthropic_cache_writes_by_lifetime_are_priced_apart() {
+        let u: AnthropicUsage = serde_json::from_value(json!({
+            "input_tokens": 5, "cache_creation_input_tokens": 300, "cache_read_input_tokens": 0,
+            "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+            "output_tokens": 7}))
+        .unwrap();
+        let r = u.reported(true).unwrap();
+        assert_eq!(
+            serde_json::to_value(&r.tokens).unwrap(),
+            json!({"text.input": 5, "text.cache_write": 100, "text.cache_write_1h": 200, "text.output": 7})
+        );
+        assert_eq!(r.input, 305);
+        // Without the breakdown every write is a five-minute one.
+        let u: AnthropicUsage =
+            serde_json::from_value(json!({"input_tokens": 5, "cache_creation_input_tokens": 300}))
+                .unwrap();
+        assert_eq!(
+            serde_json::to_value(&u.reported(true).unwrap().tokens).unwrap(),
+            json!({"text.input": 5, "text.cache_write": 300})
+        );
     }
 
     #[test]
