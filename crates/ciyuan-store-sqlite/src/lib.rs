@@ -193,6 +193,23 @@ CREATE TABLE tier_units (
     units  TEXT NOT NULL,
     PRIMARY KEY (node, book, rule, period)
 ) WITHOUT ROWID;
+CREATE TABLE cost_lines (
+    account    TEXT NOT NULL,
+    hour       INTEGER NOT NULL,
+    adjustment INTEGER NOT NULL,
+    service    TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    unit_price TEXT NOT NULL,
+    currency   TEXT NOT NULL,
+    book       TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    quantity   TEXT NOT NULL,
+    list       TEXT NOT NULL,
+    contracted TEXT NOT NULL,
+    billed     TEXT NOT NULL,
+    PRIMARY KEY (account, hour, adjustment, service, model, key, unit_price, currency, book, version)
+) WITHOUT ROWID;
 "#,
 ];
 
@@ -680,6 +697,90 @@ fn add_costs(
     Ok(())
 }
 
+/// Adds billing lines, exactly (decimal text added in Rust, as costs).
+fn add_cost_lines(
+    tx: &rusqlite::Transaction<'_>,
+    lines: &ciyuan_store::LineSums<'_>,
+) -> Result<(), StoreError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut read = tx
+        .prepare_cached(
+            "SELECT quantity, list, contracted, billed FROM cost_lines
+             WHERE account = ? AND hour = ? AND adjustment = ? AND service = ? AND model = ?
+               AND key = ? AND unit_price = ? AND currency = ? AND book = ? AND version = ?",
+        )
+        .map_err(backend)?;
+    let mut write = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO cost_lines (account, hour, adjustment, service, model, key,
+                 unit_price, currency, book, version, quantity, list, contracted, billed)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .map_err(backend)?;
+    for (k, add) in lines {
+        let key = k.key.text();
+        let price = k.unit_price.map(|p| p.to_string()).unwrap_or_default();
+        let dims = params![
+            k.account.as_str(),
+            k.hour,
+            k.adjustment,
+            k.service,
+            k.model,
+            key.as_ref(),
+            price,
+            k.currency.as_str(),
+            k.book,
+            k.version
+        ];
+        let old: Option<[String; 4]> = read
+            .query_row(dims, |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?]))
+            .optional()
+            .map_err(backend)?;
+        let mut sums = *add;
+        if let Some(old) = old {
+            for (s, o) in sums.iter_mut().zip(old) {
+                *s = s.checked_add(parse_amount(&o)?).ok_or_else(|| {
+                    StoreError::Backend(format!("billing line of {} overflows", k.account))
+                })?;
+            }
+        }
+        let mut text = Vec::with_capacity(4);
+        for s in sums {
+            text.push(
+                s.to_decimal()
+                    .ok_or_else(|| {
+                        StoreError::Backend(format!(
+                            "a billing line of {} ({s}) needs more than 28 digits",
+                            k.account
+                        ))
+                    })?
+                    .to_string(),
+            );
+        }
+        write
+            .execute(params![
+                k.account.as_str(),
+                k.hour,
+                k.adjustment,
+                k.service,
+                k.model,
+                key.as_ref(),
+                price,
+                k.currency.as_str(),
+                k.book,
+                k.version,
+                text[0],
+                text[1],
+                text[2],
+                text[3]
+            ])
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
 /// Adds units to the tier counters, exactly (decimal text added in Rust, as costs).
 fn add_tier_units(
     tx: &rusqlite::Transaction<'_>,
@@ -804,6 +905,7 @@ impl Store for SqliteStore {
         }
         add_costs(&tx, &projected.cost)?;
         add_tier_units(&tx, &projected.tiers)?;
+        add_cost_lines(&tx, &projected.lines)?;
         tx.execute(
             "UPDATE meta SET value = ? WHERE name = 'projected_through'",
             params![(start + count as u64) as i64],
@@ -831,6 +933,7 @@ impl Store for SqliteStore {
                  DELETE FROM posting_nodes;
                  DELETE FROM cost_hourly;
                  DELETE FROM tier_units;
+                 DELETE FROM cost_lines;
                  UPDATE meta SET value = 0 WHERE name = 'projected_through';
                  COMMIT;",
             )
@@ -1065,6 +1168,60 @@ impl Store for SqliteStore {
                     .parse()
                     .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
                 amount: parse_amount(&amount)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
+        let (cond, mut args) = subtree("account", &filter.account);
+        let mut sql = format!(
+            "SELECT hour, account, adjustment, service, model, key, unit_price, currency, book,
+                    version, quantity, list, contracted, billed
+             FROM cost_lines WHERE {cond}"
+        );
+        if let Some(from) = filter.from_hour {
+            sql.push_str(" AND hour >= ?");
+            args.push(from.to_string());
+        }
+        if let Some(to) = filter.to_hour {
+            sql.push_str(" AND hour < ?");
+            args.push(to.to_string());
+        }
+        sql.push_str(" ORDER BY hour, account");
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql).map_err(backend)?;
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(args))
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(backend)? {
+            let price: String = r.get(6).map_err(backend)?;
+            let currency: String = r.get(7).map_err(backend)?;
+            let text = |i: usize| -> Result<String, StoreError> { r.get(i).map_err(backend) };
+            out.push(ciyuan_store::LineRow {
+                hour: r.get(0).map_err(backend)?,
+                account: parse_path(&text(1)?)?,
+                adjustment: r.get(2).map_err(backend)?,
+                service: text(3)?,
+                model: text(4)?,
+                key: text(5)?,
+                unit_price: if price.is_empty() {
+                    None
+                } else {
+                    Some(rust_decimal::Decimal::from_str_exact(&price).map_err(|e| {
+                        StoreError::Corrupt(format!("stored unit price {price:?}: {e}"))
+                    })?)
+                },
+                currency: currency
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
+                book: text(8)?,
+                version: r.get(9).map_err(backend)?,
+                quantity: parse_amount(&text(10)?)?,
+                list: parse_amount(&text(11)?)?,
+                contracted: parse_amount(&text(12)?)?,
+                billed: parse_amount(&text(13)?)?,
             });
         }
         Ok(out)

@@ -94,6 +94,12 @@ impl Store for BrokenAfterReset {
     ) -> Result<Vec<ciyuan_store::Recorded<ciyuan_core::Posting>>, StoreError> {
         self.inner.postings(node, after, limit)
     }
+    fn cost_lines(
+        &self,
+        filter: &ciyuan_store::HourFilter,
+    ) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
+        self.inner.cost_lines(filter)
+    }
     fn tier_units(&self) -> Result<Vec<ciyuan_store::TierUnits>, StoreError> {
         self.inner.tier_units()
     }

@@ -265,9 +265,40 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
         ciyuan_core::ExactSum::of(d("1.55")),
         "1 + 3 x 0.1 + the correction's 0.25"
     );
+    // The billing lines bill the same, exactly: these ratings have no priced lines,
+    // so all of it is the rounding of their totals, and the correction's is an
+    // adjustment that withdraws 0.1 and bills 0.35.
+    let lines = ok(
+        s.cost_lines(&HourFilter {
+            account: path("acme"),
+            from_hour: None,
+            to_hour: None,
+        }),
+        "cost_lines()",
+    );
+    let billed = lines.iter().fold(ciyuan_core::ExactSum::ZERO, |a, l| {
+        a.checked_add(l.billed).unwrap()
+    });
+    assert_eq!(billed, ciyuan_core::ExactSum::of(d("1.55")), "{lines:?}");
+    assert!(lines.iter().all(|l| l.key == "rounding" && l.adjustment));
+    let none = ok(
+        s.cost_lines(&HourFilter {
+            account: path("acme/b"),
+            from_hour: None,
+            to_hour: None,
+        }),
+        "cost_lines(acme/b)",
+    );
+    assert!(none.is_empty(), "only the subtree asked for: {none:?}");
 
     ok(s.reset_projections(), "reset_projections()");
     assert!(ok(s.tier_units(), "tier_units() after a reset").is_empty());
+    let after = HourFilter {
+        account: path("acme"),
+        from_hour: None,
+        to_hour: None,
+    };
+    assert!(ok(s.cost_lines(&after), "cost_lines() after a reset").is_empty());
     assert!(ok(s.price_books(), "price_books() after a reset").is_empty());
     assert!(ok(s.postings(None, None, 10), "postings() after a reset").is_empty());
 }

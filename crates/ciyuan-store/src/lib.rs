@@ -18,7 +18,8 @@ mod projection;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
 pub use projection::{
-    Change, CostKey, CostSums, Projected, RollupKey, TierCounterKey, TierSums, project,
+    Change, CostKey, CostSums, LineKey, LineOf, LineSums, Projected, RollupKey, TierCounterKey,
+    TierSums, project,
 };
 pub use usage::{
     Bucket, CostSums as RowCost, GroupBy, SumOverflow, TokenSums, UsageQuery, UsageRow, aggregate,
@@ -103,6 +104,39 @@ pub struct CostRow {
     pub currency: ciyuan_core::Currency,
     /// The amount, exact.
     pub amount: ciyuan_core::ExactSum,
+}
+
+/// An hourly billing line as stored (see [`LineKey`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineRow {
+    /// Start of the UTC hour, in seconds since the epoch.
+    pub hour: i64,
+    /// The node.
+    pub account: AccountPath,
+    /// An adjustment (a correction's, or rounding), not usage.
+    pub adjustment: bool,
+    /// The service.
+    pub service: String,
+    /// The model, empty where none.
+    pub model: String,
+    /// The priced key's text, or `rounding`.
+    pub key: String,
+    /// The list price of one unit; none for rounding.
+    pub unit_price: Option<rust_decimal::Decimal>,
+    /// The currency.
+    pub currency: ciyuan_core::Currency,
+    /// The book.
+    pub book: String,
+    /// Its version.
+    pub version: u32,
+    /// Units.
+    pub quantity: ciyuan_core::ExactSum,
+    /// At list prices.
+    pub list: ciyuan_core::ExactSum,
+    /// After the contract's discount and markup.
+    pub contracted: ciyuan_core::ExactSum,
+    /// Billed.
+    pub billed: ciyuan_core::ExactSum,
 }
 
 /// The units counted on one tier counter (see [`ciyuan_core::TierPlace`]).
@@ -242,6 +276,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Hourly cost rollup rows of a subtree (rated usage), summed over equal keys.
     fn cost_hours(&self, filter: &HourFilter) -> Result<Vec<CostRow>, StoreError>;
+
+    /// Hourly billing lines of a subtree, in (hour, account) order.
+    fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<LineRow>, StoreError>;
 
     /// Every tier counter with the units counted on it (few: one per billing node,
     /// tiered rule and period).

@@ -14,6 +14,7 @@ use ciyuan_core::{
     ExactSum, Incident, Modality, Posting, PriceBook, PriceContract, TokenDefinition, Usage,
     WalletSet,
 };
+use rust_decimal::Decimal;
 use rustc_hash::FxHashMap;
 
 /// One change to the projections (besides usage sums and the ingest index, which
@@ -148,6 +149,56 @@ pub struct CostKey<'a> {
     pub currency: Currency,
 }
 
+/// What a billing line bills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LineOf<'a> {
+    /// A priced key of a rating.
+    Price(&'a ciyuan_core::PriceKey),
+    /// What the book's rounding of entries' totals added.
+    Rounding,
+}
+
+impl LineOf<'_> {
+    /// As stored: the key's text, or `rounding`.
+    pub fn text(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            LineOf::Price(k) => std::borrow::Cow::Owned(k.to_string()),
+            LineOf::Rounding => std::borrow::Cow::Borrowed("rounding"),
+        }
+    }
+}
+
+/// The key of an hourly billing line: rated usage (or a correction's adjustment) of a
+/// node, service and model, one priced key at one list unit price, in one currency and
+/// book version. Corrections are billed at their own time, as adjustments: a period
+/// already billed never changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LineKey<'a> {
+    /// The node.
+    pub account: &'a AccountPath,
+    /// Start of the UTC hour, in seconds since the epoch.
+    pub hour: i64,
+    /// An adjustment (a correction's, or rounding), not usage.
+    pub adjustment: bool,
+    /// The service.
+    pub service: &'a str,
+    /// The model, empty where none.
+    pub model: &'a str,
+    /// What it bills.
+    pub key: LineOf<'a>,
+    /// The list price of one unit, normalized; none for rounding.
+    pub unit_price: Option<Decimal>,
+    /// The currency.
+    pub currency: Currency,
+    /// The book.
+    pub book: &'a str,
+    /// Its version.
+    pub version: u32,
+}
+
+/// Sums of billing lines: quantity, list cost, contracted cost, billed cost.
+pub type LineSums<'a> = FxHashMap<LineKey<'a>, [ExactSum; 4]>;
+
 /// A tier counter: billing node, book, rule and period (see [`ciyuan_core::TierPlace`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TierCounterKey<'a> {
@@ -199,6 +250,8 @@ pub struct Projected<'a> {
     pub cost: CostSums<'a>,
     /// Units added to each tier counter (see [`ciyuan_core::TierPlace`]).
     pub tiers: TierSums<'a>,
+    /// Billing lines (see [`LineKey`]).
+    pub lines: LineSums<'a>,
 }
 
 /// Adds `amount` to the cost of `usage` (of `node`, at `at`) in `currency`.
@@ -226,6 +279,88 @@ fn add_cost<'a>(
     Ok(())
 }
 
+/// How a rating's lines are billed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Billed {
+    /// As usage.
+    Usage,
+    /// Taken back by a correction: an adjustment, every figure negated.
+    Withdrawn,
+    /// Given by a correction: an adjustment.
+    Corrected,
+}
+
+/// Adds the billing lines of `rating` (of `usage` of `node`, billed at `at`): one per
+/// rated line at its list price (contracted = the line after the contract's discount
+/// and markup), and a `rounding` adjustment for what the book's rounding of the
+/// entry's total added, so the lines of an entry sum to its amount exactly.
+fn add_lines<'a>(
+    lines: &mut LineSums<'a>,
+    index: u64,
+    node: &'a AccountPath,
+    at: Timestamp,
+    usage: &'a ciyuan_core::Usage,
+    rating: &'a ciyuan_core::Rating,
+    billed: Billed,
+) -> Result<(), StoreError> {
+    let overflow = || StoreError::Backend(format!("billing line sum overflows at entry {index}"));
+    let sign = |d: Decimal| if billed == Billed::Withdrawn { -d } else { d };
+    let adjustment = billed != Billed::Usage;
+    let mut key = LineKey {
+        account: node,
+        hour: floor_hour(at),
+        adjustment,
+        service: &usage.service,
+        model: usage.model.as_deref().unwrap_or(""),
+        key: LineOf::Rounding,
+        unit_price: None,
+        currency: rating.currency,
+        book: &rating.book,
+        version: rating.version,
+    };
+    let mut contracted_sum = ExactSum::ZERO;
+    for l in &rating.lines {
+        let contracted =
+            ciyuan_core::Rating::adjust(l.amount, rating.discount_percent, rating.markup_percent)
+                .ok_or_else(overflow)?;
+        contracted_sum = contracted_sum
+            .checked_add(ExactSum::of(contracted))
+            .ok_or_else(overflow)?;
+        key.key = LineOf::Price(&l.key);
+        key.unit_price = Some(l.unit_price.normalize());
+        add_line(
+            lines,
+            key,
+            [l.quantity, l.amount, contracted, contracted].map(sign),
+        )
+        .ok_or_else(overflow)?;
+    }
+    let rounding = ExactSum::of(rating.amount)
+        .checked_sub(contracted_sum)
+        .and_then(ExactSum::to_decimal)
+        .ok_or_else(overflow)?;
+    if !rounding.is_zero() {
+        key.key = LineOf::Rounding;
+        key.unit_price = None;
+        key.adjustment = true;
+        add_line(
+            lines,
+            key,
+            [Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, sign(rounding)],
+        )
+        .ok_or_else(overflow)?;
+    }
+    Ok(())
+}
+
+fn add_line<'a>(lines: &mut LineSums<'a>, key: LineKey<'a>, add: [Decimal; 4]) -> Option<()> {
+    let slot = lines.entry(key).or_insert([ExactSum::ZERO; 4]);
+    for (s, a) in slot.iter_mut().zip(add) {
+        *s = s.checked_add(ExactSum::of(a))?;
+    }
+    Some(())
+}
+
 /// Projects entries `start..` (the concatenation of `parts`).
 ///
 /// Errors only on a sum that leaves 128 bits, which no real ledger reaches (each count
@@ -238,6 +373,7 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
         usage: FxHashMap::default(),
         cost: FxHashMap::default(),
         tiers: FxHashMap::default(),
+        lines: FxHashMap::default(),
     };
     for (i, entry) in parts.iter().flat_map(|p| p.iter()).enumerate() {
         let index = start + i as u64;
@@ -258,6 +394,7 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                         r.currency,
                         r.amount,
                     )?;
+                    add_lines(&mut out.lines, index, node, entry.ts, u, r, Billed::Usage)?;
                     if let Some(p) = &r.place {
                         let slot = out
                             .tiers
@@ -374,6 +511,25 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                 for (currency, amount) in c.changes() {
                     add_cost(&mut out.cost, index, node, c.at, &c.usage, currency, amount)?;
                 }
+                // Billed when it is made: a period already billed is never reopened.
+                add_lines(
+                    &mut out.lines,
+                    index,
+                    node,
+                    entry.ts,
+                    &c.usage,
+                    &c.previous,
+                    Billed::Withdrawn,
+                )?;
+                add_lines(
+                    &mut out.lines,
+                    index,
+                    node,
+                    entry.ts,
+                    &c.usage,
+                    &c.rating,
+                    Billed::Corrected,
+                )?;
                 continue;
             }
         };
@@ -402,6 +558,72 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
 mod tests {
     use super::*;
     use ciyuan_core::{BudgetCleared, TokenMap};
+
+    #[test]
+    fn billing_lines_of_any_rating_sum_to_its_amount_exactly() {
+        use ciyuan_core::{PriceKey, RatedLine, Rating, Rounding, RoundingAt, RoundingMode, Usage};
+        use proptest::prelude::*;
+        let keys = [
+            "text.input",
+            "text.output",
+            "text.cached_input",
+            "measure.pages",
+        ];
+        let modes = [
+            RoundingMode::HalfEven,
+            RoundingMode::HalfUp,
+            RoundingMode::Down,
+            RoundingMode::Up,
+        ];
+        proptest!(|(lines in proptest::collection::vec((0usize..4, 0u64..5_000_000, 1i64..100_000, 0u32..9), 0..4),
+                    discount in proptest::option::of(0u32..10_000),
+                    markup in proptest::option::of(0u32..5_000),
+                    to in 0u32..11, mode in 0usize..4)| {
+            let lines: Vec<RatedLine> = lines
+                .iter()
+                .map(|(k, q, mantissa, scale)| {
+                    let quantity = Decimal::from(*q);
+                    let unit_price = Decimal::new(*mantissa, scale + 2);
+                    RatedLine {
+                        key: keys[*k].parse::<PriceKey>().unwrap(),
+                        quantity,
+                        unit_price,
+                        amount: quantity * unit_price,
+                    }
+                })
+                .collect();
+            let mut rating = Rating {
+                amount: Decimal::ZERO,
+                currency: "CNY".parse().unwrap(),
+                book: "list".into(),
+                version: 1,
+                lines,
+                contract: None,
+                discount_percent: discount.map(|d| Decimal::new(i64::from(d), 2)),
+                markup_percent: markup.map(|m| Decimal::new(i64::from(m), 2)),
+                unpriced: false,
+                missing: vec![],
+                basis: None,
+                place: None,
+            };
+            rating
+                .settle(&Rounding { at: RoundingAt::Entry, to, mode: modes[mode] })
+                .unwrap();
+            let usage = Usage {
+                service: "llm.chat".into(),
+                model: Some("m".into()),
+                rating: Some(Box::new(rating.clone())),
+                ..Usage::default()
+            };
+            let entries = [Entry::new(at("2026-11-02T03:04:05Z"), "acme".parse().unwrap(), EntryBody::Usage(usage))];
+            let p = project(0, &[&entries]).unwrap();
+            let sum = |i: usize| p.lines.values().fold(ExactSum::ZERO, |a, s| a.checked_add(s[i]).unwrap());
+            prop_assert_eq!(sum(3), ExactSum::of(rating.amount));
+            let list = rating.lines.iter().fold(ExactSum::ZERO, |a, l| a.plus(l.amount));
+            prop_assert_eq!(sum(1), list);
+            prop_assert!(p.lines.keys().all(|k| k.adjustment == (k.key == LineOf::Rounding)));
+        });
+    }
 
     fn at(s: &str) -> Timestamp {
         s.parse().unwrap()
