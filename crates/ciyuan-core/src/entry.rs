@@ -81,6 +81,8 @@ pub enum EntryBody {
     /// A usage entry re-rated under the prices now in force for its time (on the
     /// usage entry's node).
     RatingCorrection(RatingCorrection),
+    /// A statement issued: its period closed for the entry's node.
+    StatementClosed(crate::StatementClosed),
 }
 
 /// Tokens of one call or event.
@@ -296,6 +298,7 @@ impl EntryBody {
             EntryBody::Posting(_) => "posting",
             EntryBody::WalletSet(_) => "wallet.set",
             EntryBody::RatingCorrection(_) => "rating.correction",
+            EntryBody::StatementClosed(_) => "statement.closed",
         }
     }
 }
@@ -374,6 +377,7 @@ impl Entry {
             EntryBody::Posting(d) => put(self, d, out),
             EntryBody::WalletSet(d) => put(self, d, out),
             EntryBody::RatingCorrection(d) => put(self, d, out),
+            EntryBody::StatementClosed(d) => put(self, d, out),
         }
     }
 
@@ -401,6 +405,7 @@ impl Entry {
             "posting" => EntryBody::Posting(serde_json::from_str(data)?),
             "wallet.set" => EntryBody::WalletSet(serde_json::from_str(data)?),
             "rating.correction" => EntryBody::RatingCorrection(serde_json::from_str(data)?),
+            "statement.closed" => EntryBody::StatementClosed(serde_json::from_str(data)?),
             other => return Err(DecodeError::Kind(other.to_string())),
         };
         Ok(Entry {

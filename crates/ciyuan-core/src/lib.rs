@@ -36,6 +36,7 @@ mod posting;
 mod price;
 mod reuse;
 mod scope;
+mod statement;
 mod text;
 mod tokens;
 mod wildcard;
@@ -59,7 +60,7 @@ pub use posting::{
     parse_amount,
 };
 pub use price::{
-    Band, ClockTime, CommitmentPeriod, MAX_MARKUP_PERCENT, MAX_PARTS_PER_RULE,
+    Band, BookTax, ClockTime, CommitmentPeriod, MAX_MARKUP_PERCENT, MAX_PARTS_PER_RULE,
     MAX_PRICE_NAME_BYTES, MAX_PRICE_SCALE, MAX_ROUNDING_PLACES, MAX_RULES_PER_BOOK, MAX_UNIT_PRICE,
     MinimumCommitment, PriceBook, PriceContract, PriceError, PriceKey, PriceRule, PriceSource,
     RatedLine, Rating, RatingBasis, RatingCorrection, Rounding, RoundingAt, RoundingMode,
@@ -67,6 +68,7 @@ pub use price::{
     UnitPrices, book_in_force, decimal_from_text, exact, may_set_contract, nearest_contract,
 };
 pub use scope::{Scope, ScopeError, Scopes};
+pub use statement::StatementClosed;
 pub use text::{TextError, check_text};
 pub use tokens::{Direction, MAX_TOKENS_PER_KEY, Modality, TokenCount, TokenError, TokenMap};
 pub use wildcard::wildcard_match;

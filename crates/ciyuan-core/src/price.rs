@@ -906,6 +906,43 @@ pub struct PriceBook {
     pub set_by: Option<AccountPath>,
     /// The rules, in precedence order (see [`PriceRule`]).
     pub rules: Vec<PriceRule>,
+    /// A tax levied on what the book prices, shown on statements (China's 6% VAT on
+    /// information-technology services, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tax: Option<BookTax>,
+}
+
+/// A tax a book declares: a rate on the amount billed in a statement's period,
+/// rounded by its own rule (invoices show taxes in the currency's smallest unit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BookTax {
+    /// Its name, e.g. `VAT`.
+    pub name: String,
+    /// The rate in percent, e.g. `6`.
+    #[serde(with = "exact")]
+    pub rate_percent: Decimal,
+    /// How the tax of a statement's period is rounded (default: 2 places, half up).
+    #[serde(default = "BookTax::default_rounding")]
+    pub rounding: Rounding,
+}
+
+impl BookTax {
+    fn default_rounding() -> Rounding {
+        Rounding {
+            at: RoundingAt::Entry,
+            to: 2,
+            mode: RoundingMode::HalfUp,
+        }
+    }
+
+    /// The tax on `base`, rounded by its rule; `None` on overflow.
+    pub fn on(&self, base: Decimal) -> Option<Decimal> {
+        let t = base
+            .checked_mul(self.rate_percent)?
+            .checked_div(Decimal::ONE_HUNDRED)?;
+        Some(self.rounding.apply(t))
+    }
 }
 
 impl PriceBook {
@@ -941,6 +978,19 @@ impl PriceBook {
         }
         for (i, r) in self.rules.iter().enumerate() {
             r.check(&format!("rules[{i}]"))?;
+        }
+        if let Some(t) = &self.tax {
+            check_name("tax.name", &t.name)?;
+            check_percent("tax.rate_percent", &t.rate_percent, Decimal::ONE_HUNDRED)?;
+            if t.rounding.to > MAX_ROUNDING_PLACES {
+                return Err(PriceError::new(
+                    "tax.rounding.to",
+                    format!(
+                        "{} is more than {MAX_ROUNDING_PLACES} decimal places",
+                        t.rounding.to
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -1419,6 +1469,7 @@ mod tests {
 
     fn book() -> PriceBook {
         PriceBook {
+            tax: None,
             name: "list".into(),
             version: 1,
             currency: "USD".parse().unwrap(),

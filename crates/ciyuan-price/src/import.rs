@@ -44,6 +44,8 @@ pub struct Import {
     pub rules: Vec<PriceRule>,
     /// Format, SHA-256 and unmapped keys (`key (N models)`).
     pub source: PriceSource,
+    /// The tax the file declares (TOML).
+    pub tax: Option<ciyuan_core::BookTax>,
 }
 
 impl Import {
@@ -67,6 +69,7 @@ impl Import {
             }
         };
         let book = PriceBook {
+            tax: self.tax,
             name,
             version,
             currency: self.currency,
@@ -424,6 +427,7 @@ pub fn import_litellm(bytes: &[u8]) -> Result<Import, PriceError> {
         currency,
         rounding: Rounding::default(),
         effective_from: None,
+        tax: None,
         rules,
         source: PriceSource {
             format: "litellm".into(),
@@ -450,6 +454,8 @@ struct TomlBook {
     effective_from: Option<Timestamp>,
     #[serde(default)]
     rules: Vec<PriceRule>,
+    #[serde(default)]
+    tax: Option<ciyuan_core::BookTax>,
 }
 
 /// A TOML document as JSON, floats replaced by the exact decimal of their text
@@ -513,6 +519,7 @@ pub fn import_toml(text: &str) -> Result<Import, PriceError> {
         rounding: book.rounding.unwrap_or_default(),
         effective_from: book.effective_from,
         rules: book.rules,
+        tax: book.tax,
         source: PriceSource {
             format: "toml".into(),
             sha256: sha256_hex(text.as_bytes()),

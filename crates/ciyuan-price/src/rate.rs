@@ -770,6 +770,7 @@ mod tests {
     #[test]
     fn the_resolution_cache_is_bounded() {
         let book = PriceBook {
+            tax: None,
             name: "b".into(),
             version: 1,
             currency: "USD".parse().unwrap(),

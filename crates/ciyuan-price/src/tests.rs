@@ -349,6 +349,7 @@ fn an_unknown_model_is_unpriced_and_a_key_without_price_is_missing() {
 
 fn small_book(rules: Vec<PriceRule>, rounding: Rounding) -> PriceBook {
     PriceBook {
+        tax: None,
         name: "b".into(),
         version: 3,
         currency: "CNY".parse().unwrap(),

@@ -210,6 +210,14 @@ CREATE TABLE cost_lines (
     billed     TEXT NOT NULL,
     PRIMARY KEY (account, hour, adjustment, service, model, key, unit_price, currency, book, version)
 ) WITHOUT ROWID;
+CREATE TABLE statements (
+    node   TEXT NOT NULL,
+    period TEXT NOT NULL,
+    entry  INTEGER NOT NULL,
+    ts     TEXT NOT NULL,
+    closed TEXT NOT NULL,
+    PRIMARY KEY (node, period)
+) WITHOUT ROWID;
 "#,
 ];
 
@@ -575,6 +583,20 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: &[Change<'_>]) -> Resu
                 .and_then(|mut st| {
                     st.execute(params![*entry as i64, at.to_string(), node.as_str(), to_json(usage).map_err(sql)?])
                 }),
+            Change::StatementClosed { entry, at, node, closed } => tx
+                .prepare_cached(
+                    "INSERT INTO statements (node, period, entry, ts, closed) VALUES (?, ?, ?, ?, ?)
+                     ON CONFLICT (node, period) DO NOTHING",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        node.as_str(),
+                        closed.period,
+                        *entry as i64,
+                        at.to_string(),
+                        to_json(closed).map_err(sql)?
+                    ])
+                }),
             Change::PriceBook { entry, book } => tx
                 .prepare_cached(
                     "INSERT INTO price_books (name, version, book, entry) VALUES (?, ?, ?, ?)
@@ -934,6 +956,7 @@ impl Store for SqliteStore {
                  DELETE FROM cost_hourly;
                  DELETE FROM tier_units;
                  DELETE FROM cost_lines;
+                 DELETE FROM statements;
                  UPDATE meta SET value = 0 WHERE name = 'projected_through';
                  COMMIT;",
             )
@@ -1168,6 +1191,34 @@ impl Store for SqliteStore {
                     .parse()
                     .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
                 amount: parse_amount(&amount)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn statements(
+        &self,
+        node: &AccountPath,
+    ) -> Result<Vec<Recorded<ciyuan_core::StatementClosed>>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT entry, ts, closed FROM statements WHERE node = ? ORDER BY period")
+            .map_err(backend)?;
+        let mut rows = stmt.query(params![node.as_str()]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(backend)? {
+            let entry: i64 = r.get(0).map_err(backend)?;
+            let ts: String = r.get(1).map_err(backend)?;
+            let json: String = r.get(2).map_err(backend)?;
+            out.push(Recorded {
+                entry: u64::try_from(entry)
+                    .map_err(|_| StoreError::Corrupt(format!("entry id {entry}")))?,
+                ts: ts
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("stored time {ts:?}: {e}")))?,
+                account: node.clone(),
+                body: serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("stored statement {entry}: {e}")))?,
             });
         }
         Ok(out)

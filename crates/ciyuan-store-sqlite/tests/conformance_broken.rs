@@ -94,6 +94,12 @@ impl Store for BrokenAfterReset {
     ) -> Result<Vec<ciyuan_store::Recorded<ciyuan_core::Posting>>, StoreError> {
         self.inner.postings(node, after, limit)
     }
+    fn statements(
+        &self,
+        node: &AccountPath,
+    ) -> Result<Vec<ciyuan_store::Recorded<ciyuan_core::StatementClosed>>, StoreError> {
+        self.inner.statements(node)
+    }
     fn cost_lines(
         &self,
         filter: &ciyuan_store::HourFilter,

@@ -82,6 +82,7 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
     let d = |t: &str| ok(ciyuan_core::decimal_from_text(t), "decimal");
     let cny: Currency = ok("CNY".parse(), "currency");
     let book = |version: u32, name: &str| PriceBook {
+        tax: None,
         name: name.into(),
         version,
         currency: cny,
@@ -291,7 +292,33 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
     );
     assert!(none.is_empty(), "only the subtree asked for: {none:?}");
 
+    // A period is closed once: the first statement issued for it is kept.
+    let close = |doc: &str| {
+        on(
+            "acme",
+            EntryBody::StatementClosed(ciyuan_core::StatementClosed::new(
+                "2026-11".into(),
+                ts("2026-11-01T00:00:00Z"),
+                ts("2026-12-01T00:00:00Z"),
+                "UTC".into(),
+                doc.into(),
+            )),
+        )
+    };
+    ok(
+        s.apply(21, &[close("{\"first\":1}"), close("{\"second\":2}")]),
+        "apply()",
+    );
+    let issued = ok(s.statements(&path("acme")), "statements()");
+    assert_eq!(issued.len(), 1);
+    assert_eq!(
+        (issued[0].entry, issued[0].body.document.as_str()),
+        (21, "{\"first\":1}")
+    );
+    assert!(ok(s.statements(&path("acme/a")), "statements(acme/a)").is_empty());
+
     ok(s.reset_projections(), "reset_projections()");
+    assert!(ok(s.statements(&path("acme")), "statements() after a reset").is_empty());
     assert!(ok(s.tier_units(), "tier_units() after a reset").is_empty());
     let after = HourFilter {
         account: path("acme"),

@@ -277,6 +277,13 @@ pub trait Store: Send + Sync + 'static {
     /// Hourly cost rollup rows of a subtree (rated usage), summed over equal keys.
     fn cost_hours(&self, filter: &HourFilter) -> Result<Vec<CostRow>, StoreError>;
 
+    /// The statements issued for a node (`statement.closed`), by period; the first
+    /// close of a period is kept.
+    fn statements(
+        &self,
+        node: &AccountPath,
+    ) -> Result<Vec<Recorded<ciyuan_core::StatementClosed>>, StoreError>;
+
     /// Hourly billing lines of a subtree, in (hour, account) order.
     fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<LineRow>, StoreError>;
 

@@ -131,6 +131,17 @@ pub enum Change<'a> {
         /// The settings.
         settings: &'a WalletSet,
     },
+    /// A statement was issued and its period closed for a node.
+    StatementClosed {
+        /// The entry.
+        entry: u64,
+        /// When.
+        at: Timestamp,
+        /// The node.
+        node: &'a AccountPath,
+        /// The statement.
+        closed: &'a ciyuan_core::StatementClosed,
+    },
 }
 
 /// The key of an hourly cost rollup: rated usage by node, hour, service, model and
@@ -503,6 +514,15 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                     entry: index,
                     node,
                     settings,
+                });
+                continue;
+            }
+            EntryBody::StatementClosed(closed) => {
+                out.changes.push(Change::StatementClosed {
+                    entry: index,
+                    at: entry.ts,
+                    node,
+                    closed,
                 });
                 continue;
             }

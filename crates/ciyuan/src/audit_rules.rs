@@ -622,6 +622,7 @@ impl RuleChecker {
             cache.clear();
         }
         let sub = Rc::new(PriceBook {
+            tax: book.tax.clone(),
             name: book.name.clone(),
             version: book.version,
             currency: book.currency,
@@ -1077,6 +1078,7 @@ mod tests {
 
     fn book(name: &str, version: u32, from: &str, input: &str, output: &str) -> PriceBook {
         PriceBook {
+            tax: None,
             name: name.into(),
             version,
             currency: usd(),

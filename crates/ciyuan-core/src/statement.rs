@@ -1,0 +1,96 @@
+//! The entry that closes a statement's period.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A statement issued for a period (entry kind `statement.closed`, on the statement's
+/// node): the period is closed for that node, and `document` is the statement exactly
+/// as issued, so it is read back byte for byte and its hash proves it. Usage or
+/// corrections that reach a closed period later are billed in the next open one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatementClosed {
+    /// The period's name, a calendar month: `2026-11`.
+    pub period: String,
+    /// Its first instant (UTC).
+    pub from: Timestamp,
+    /// Its end (UTC, exclusive).
+    pub to: Timestamp,
+    /// The time zone it was computed in.
+    pub time_zone: String,
+    /// SHA-256 of `document`, in hexadecimal.
+    pub sha256: String,
+    /// The statement's JSON as issued.
+    pub document: String,
+}
+
+impl StatementClosed {
+    /// Closes `period` with `document`, hashing it.
+    pub fn new(
+        period: String,
+        from: Timestamp,
+        to: Timestamp,
+        time_zone: String,
+        document: String,
+    ) -> StatementClosed {
+        let sha256 = hex_sha256(document.as_bytes());
+        StatementClosed {
+            period,
+            from,
+            to,
+            time_zone,
+            sha256,
+            document,
+        }
+    }
+
+    /// Whether `sha256` is the document's hash and the period is not empty.
+    pub fn check(&self) -> Result<(), String> {
+        if self.from >= self.to {
+            return Err(format!(
+                "from: {} is not before to ({})",
+                self.from, self.to
+            ));
+        }
+        let h = hex_sha256(self.document.as_bytes());
+        if h != self.sha256 {
+            return Err(format!(
+                "sha256: the document hashes to {h}, the entry says {}",
+                self.sha256
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hash_is_the_documents() {
+        let mut c = StatementClosed::new(
+            "2026-11".into(),
+            "2026-10-31T16:00:00Z".parse().unwrap(),
+            "2026-11-30T16:00:00Z".parse().unwrap(),
+            "Asia/Shanghai".into(),
+            "{\"total\":\"1\"}".into(),
+        );
+        assert!(c.check().is_ok());
+        assert_eq!(c.sha256.len(), 64);
+        c.document.push(' ');
+        assert!(c.check().unwrap_err().starts_with("sha256:"));
+    }
+}
