@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod prices;
 mod records;
 mod rerate;
+mod statements;
 mod tiers;
 mod usage;
 mod wallets;
@@ -418,6 +419,10 @@ pub fn router(app: Arc<App>) -> Router {
             get(wallets::show)
                 .post(wallets::post)
                 .put(wallets::settings),
+        )
+        .route(
+            "/api/v1/statements/{*path}",
+            get(statements::show).post(statements::close),
         )
         .route("/api/v1/incidents", get(records::incidents))
         .route("/api/v1/adjustments", post(adjust::create))

@@ -165,6 +165,15 @@ impl Pricing {
         self.state().rater(node, at)
     }
 
+    /// Version `version` of book `name`, if recorded.
+    pub(crate) fn book_version(&self, name: &str, version: u32) -> Option<Arc<PriceBook>> {
+        self.state()
+            .books
+            .get(name)
+            .and_then(|v| v.iter().find(|b| b.version == version))
+            .cloned()
+    }
+
     /// The newest recorded version of book `name`.
     pub(crate) fn latest(&self, name: &str) -> Option<Arc<PriceBook>> {
         self.state().books.get(name).and_then(|v| v.last()).cloned()

@@ -13,6 +13,7 @@ mod budgets;
 mod client;
 mod config;
 mod demo;
+mod finance;
 mod ingest;
 mod money;
 mod serve;
@@ -75,6 +76,9 @@ enum Command {
     /// Prepaid wallets: top-ups, grants, refunds, transfers, overdraft, balances.
     #[command(subcommand)]
     Wallets(money::WalletsCmd),
+    /// A node's statement for a month (or a range), with a subtotal per child node;
+    /// --close issues it and closes the month.
+    Statement(finance::StatementArgs),
     /// Record a correction of earlier usage.
     Adjust(admin::AdjustArgs),
     /// Checkpoints, proofs, bundles and offline verification.
@@ -220,6 +224,7 @@ fn main() -> ExitCode {
         Command::Prices(cmd) => money::prices(cmd),
         Command::Contracts(cmd) => money::contracts(cmd),
         Command::Wallets(cmd) => money::wallets(cmd),
+        Command::Statement(a) => finance::statement(a),
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),

@@ -6,6 +6,7 @@ mod budgets;
 mod common;
 mod crash;
 mod e2e;
+mod finance;
 mod gateway;
 mod hostile;
 mod money;

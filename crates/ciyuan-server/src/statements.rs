@@ -1,0 +1,637 @@
+//! Statements: what an account node owes for a period, with a subtotal per child node,
+//! built from the hourly billing lines (`Store::cost_lines`); issuing one closes its
+//! period with a `statement.closed` entry holding the statement as issued.
+//!
+//! What a statement covers: the billing lines of the node's subtree whose hour is in
+//! the period: usage by its time, corrections by the time they were made (a period
+//! is never re-billed), and the rounding of entries' totals. Its lines show list
+//! prices (quantity × unit price = amount, exactly); what contracts took off or added
+//! is one `contract` adjustment, the books' rounding one `rounding` adjustment, so
+//! `subtotal = Σ lines + Σ adjustments` to the last digit. Taxes a book declares are
+//! levied on what its versions billed. A closed month is answered as issued, byte for
+//! byte; usage that reaches it later (a late event) is billed in the first open month
+//! after it, as a `late:<month>` adjustment.
+
+use crate::App;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::extract::{PathParam, Query};
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use ciyuan_core::jiff::civil::Date;
+use ciyuan_core::jiff::tz::TimeZone;
+use ciyuan_core::jiff::{Timestamp, ToSpan};
+use ciyuan_core::{AccountPath, Currency, Entry, EntryBody, ExactSum, Scope, StatementClosed};
+use ciyuan_report::{
+    ChargeCategory, ChildSubtotal, CurrencyTotal, Statement, StatementLine, TaxLine,
+};
+use ciyuan_store::{HourFilter, LineRow};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// `GET`/`POST /api/v1/statements/{path}` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatementQuery {
+    /// A calendar month in the node's time zone, `2026-11`.
+    period: Option<String>,
+    /// Or a range: first instant (RFC 3339, on a whole hour).
+    from: Option<Timestamp>,
+    /// End (exclusive).
+    to: Option<Timestamp>,
+    /// `json` (default), `csv` or `html`.
+    format: Option<String>,
+    /// For `html`: `en` (default) or `zh-CN`.
+    lang: Option<String>,
+}
+
+/// The period a statement covers.
+struct Period {
+    /// The month's name, when it is one.
+    name: Option<String>,
+    from: Timestamp,
+    to: Timestamp,
+    zone_name: String,
+}
+
+/// Parses `2026-11`.
+fn month(name: &str) -> Result<Date, ApiError> {
+    let bad = || {
+        ApiError::bad_request(format!(
+            "period: {name:?} is not a month written YYYY-MM, e.g. 2026-11"
+        ))
+    };
+    let (y, m) = name.split_once('-').ok_or_else(bad)?;
+    if y.len() != 4 || m.len() != 2 {
+        return Err(bad());
+    }
+    let y: i16 = y.parse().map_err(|_| bad())?;
+    let m: i8 = m.parse().map_err(|_| bad())?;
+    Date::new(y, m, 1).map_err(|_| bad())
+}
+
+/// The instant a civil date starts in `zone`.
+fn start_of(date: Date, zone: &TimeZone) -> Result<Timestamp, ApiError> {
+    date.to_zoned(zone.clone())
+        .and_then(|z| z.start_of_day())
+        .map(|z| z.timestamp())
+        .map_err(|e| ApiError::bad_request(format!("period: {date} in {zone:?}: {e}")))
+}
+
+/// The name of the month holding `at` in `zone`.
+fn month_of(at: Timestamp, zone: &TimeZone) -> String {
+    let d = at.to_zoned(zone.clone()).date();
+    format!("{:04}-{:02}", d.year(), d.month())
+}
+
+impl Period {
+    fn of(q: &StatementQuery, zone: &TimeZone) -> Result<Period, ApiError> {
+        let zone_name = zone.iana_name().unwrap_or("UTC").to_string();
+        let (name, from, to) = match (&q.period, q.from, q.to) {
+            (Some(p), None, None) => {
+                let first = month(p)?;
+                let next = first
+                    .checked_add(1.month())
+                    .map_err(|e| ApiError::bad_request(format!("period: {p}: {e}")))?;
+                (
+                    Some(p.clone()),
+                    start_of(first, zone)?,
+                    start_of(next, zone)?,
+                )
+            }
+            (None, Some(from), Some(to)) => (None, from, to),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "give period=YYYY-MM, or from and to (RFC 3339)",
+                ));
+            }
+        };
+        if from >= to {
+            return Err(ApiError::unprocessable(format!(
+                "from: {from} is not before to ({to})"
+            )));
+        }
+        for (what, t) in [("from", from), ("to", to)] {
+            if t.as_second() % 3600 != 0 || t.subsec_nanosecond() != 0 {
+                return Err(ApiError::unprocessable(format!(
+                    "{what}: {t} is not on a whole UTC hour: billing lines are hourly (time zones 30 or 45 minutes off UTC cannot close a month on them)"
+                )));
+            }
+        }
+        Ok(Period {
+            name,
+            from,
+            to,
+            zone_name,
+        })
+    }
+
+    fn filter(&self, node: &AccountPath) -> HourFilter {
+        HourFilter {
+            account: node.clone(),
+            from_hour: Some(self.from.as_second()),
+            to_hour: Some(self.to.as_second()),
+        }
+    }
+}
+
+/// The node `row` counts toward in `node`'s statement: the direct child holding it,
+/// or `node` itself.
+fn child_of(node: &AccountPath, account: &AccountPath) -> AccountPath {
+    let depth = node.depth();
+    if account.depth() <= depth {
+        return node.clone();
+    }
+    let mut path = node.clone();
+    if let Some(seg) = account.segments().nth(depth)
+        && let Ok(child) = path.child(seg)
+    {
+        path = child;
+    }
+    path
+}
+
+fn exact(d: ExactSum, what: &str) -> Result<Decimal, ApiError> {
+    d.to_decimal()
+        .map(|d| d.normalize())
+        .ok_or_else(|| ApiError::internal(format!("{what} ({d}) needs more than 28 digits")))
+}
+
+fn add(sum: &mut ExactSum, d: ExactSum) -> Result<(), ApiError> {
+    *sum = sum
+        .checked_add(d)
+        .ok_or_else(|| ApiError::internal("a statement sum overflows"))?;
+    Ok(())
+}
+
+/// A line's grouping: currency, service, model, key, unit price, book@version.
+type LineGroup = (Currency, String, String, String, Option<Decimal>, String);
+
+/// Sums of billing lines by what a statement shows of them.
+#[derive(Default)]
+struct Sums {
+    usage: BTreeMap<LineGroup, (ExactSum, ExactSum)>,
+    corrections: BTreeMap<LineGroup, (ExactSum, ExactSum)>,
+    contract: BTreeMap<Currency, ExactSum>,
+    rounding: BTreeMap<Currency, ExactSum>,
+    billed: BTreeMap<Currency, ExactSum>,
+    children: BTreeMap<AccountPath, BTreeMap<Currency, ExactSum>>,
+    /// Billed per (currency, book, version), for taxes.
+    by_book: BTreeMap<(Currency, String, u32), ExactSum>,
+}
+
+impl Sums {
+    fn of(node: &AccountPath, rows: &[LineRow]) -> Result<Sums, ApiError> {
+        let mut s = Sums::default();
+        for r in rows {
+            let c = r.currency;
+            add(s.billed.entry(c).or_insert(ExactSum::ZERO), r.billed)?;
+            add(
+                s.children
+                    .entry(child_of(node, &r.account))
+                    .or_default()
+                    .entry(c)
+                    .or_insert(ExactSum::ZERO),
+                r.billed,
+            )?;
+            add(
+                s.by_book
+                    .entry((c, r.book.clone(), r.version))
+                    .or_insert(ExactSum::ZERO),
+                r.billed,
+            )?;
+            if r.unit_price.is_none() {
+                add(s.rounding.entry(c).or_insert(ExactSum::ZERO), r.billed)?;
+                continue;
+            }
+            let diff = r
+                .contracted
+                .checked_sub(r.list)
+                .ok_or_else(|| ApiError::internal("a statement sum overflows"))?;
+            add(s.contract.entry(c).or_insert(ExactSum::ZERO), diff)?;
+            let group = (
+                c,
+                r.service.clone(),
+                r.model.clone(),
+                r.key.clone(),
+                r.unit_price.map(|p| p.normalize()),
+                format!("{}@{}", r.book, r.version),
+            );
+            let into = if r.adjustment {
+                &mut s.corrections
+            } else {
+                &mut s.usage
+            };
+            let slot = into
+                .entry(group)
+                .or_insert((ExactSum::ZERO, ExactSum::ZERO));
+            add(&mut slot.0, r.quantity)?;
+            add(&mut slot.1, r.list)?;
+        }
+        Ok(s)
+    }
+}
+
+fn lines(
+    groups: &BTreeMap<LineGroup, (ExactSum, ExactSum)>,
+    category: ChargeCategory,
+) -> Result<Vec<StatementLine>, ApiError> {
+    let mut out = Vec::with_capacity(groups.len());
+    for ((currency, service, model, key, price, book), (q, amount)) in groups {
+        let amount = exact(*amount, "a line's amount")?;
+        let quantity = exact(*q, "a line's quantity")?;
+        if amount.is_zero() && quantity.is_zero() {
+            continue;
+        }
+        out.push(StatementLine {
+            category,
+            service: service.clone(),
+            model: model.clone(),
+            key: key.clone(),
+            quantity,
+            unit_price: *price,
+            amount,
+            currency: *currency,
+            book: book.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn adjustment(key: &str, amount: Decimal, currency: Currency) -> StatementLine {
+    StatementLine {
+        category: ChargeCategory::Adjustment,
+        service: String::new(),
+        model: String::new(),
+        key: key.to_string(),
+        quantity: Decimal::ZERO,
+        unit_price: None,
+        amount,
+        currency,
+        book: String::new(),
+    }
+}
+
+impl App {
+    /// The statement of `node` for `period`, from the billing lines (blocking).
+    fn build_statement(&self, node: &AccountPath, period: &Period) -> Result<Statement, ApiError> {
+        let rows = self.store.cost_lines(&period.filter(node))?;
+        let sums = Sums::of(node, &rows)?;
+        let name_of = |p: &AccountPath| -> Result<Option<String>, ApiError> {
+            Ok(self.store.account(p)?.and_then(|a| a.info.display_name))
+        };
+        let mut adjustments = lines(&sums.corrections, ChargeCategory::Adjustment)?;
+        for (c, d) in &sums.contract {
+            let d = exact(*d, "the contract adjustment")?;
+            if !d.is_zero() {
+                adjustments.push(adjustment("contract", d, *c));
+            }
+        }
+        for (c, d) in &sums.rounding {
+            let d = exact(*d, "the rounding")?;
+            if !d.is_zero() {
+                adjustments.push(adjustment("rounding", d, *c));
+            }
+        }
+        let mut billed = sums.billed.clone();
+        for (c, late_month, amount) in self.late_items(node, period)? {
+            adjustments.push(adjustment(&format!("late:{late_month}"), amount, c));
+            add(
+                billed.entry(c).or_insert(ExactSum::ZERO),
+                ExactSum::of(amount),
+            )?;
+        }
+        // Taxes, per tax a book version declares, on what that version billed.
+        let mut taxes: BTreeMap<(Currency, String, Decimal), (ExactSum, ciyuan_core::BookTax)> =
+            BTreeMap::new();
+        for ((c, book, version), amount) in &sums.by_book {
+            if let Some(tax) = self
+                .pricing
+                .book_version(book, *version)
+                .and_then(|b| b.tax.clone())
+            {
+                let slot = taxes
+                    .entry((*c, tax.name.clone(), tax.rate_percent.normalize()))
+                    .or_insert((ExactSum::ZERO, tax));
+                add(&mut slot.0, *amount)?;
+            }
+        }
+        let mut tax_lines = Vec::new();
+        let mut tax_by_currency: BTreeMap<Currency, Decimal> = BTreeMap::new();
+        for ((c, name, rate), (base, tax)) in &taxes {
+            let base = exact(*base, "a tax base")?;
+            let amount = tax
+                .on(base)
+                .ok_or_else(|| ApiError::internal("a tax overflows"))?
+                .normalize();
+            *tax_by_currency.entry(*c).or_default() += amount;
+            tax_lines.push(TaxLine {
+                name: name.clone(),
+                rate_percent: *rate,
+                base,
+                amount,
+                currency: *c,
+            });
+        }
+        let mut totals = Vec::new();
+        for (c, s) in &billed {
+            let subtotal = exact(*s, "a subtotal")?;
+            let tax = tax_by_currency.get(c).copied().unwrap_or(Decimal::ZERO);
+            totals.push(CurrencyTotal {
+                currency: *c,
+                subtotal,
+                tax,
+                total: (subtotal + tax).normalize(),
+            });
+        }
+        let usage = lines(&sums.usage, ChargeCategory::Usage)?;
+        // The statement's own arithmetic, checked before anyone reads it.
+        for t in &totals {
+            let of = |ls: &[StatementLine]| -> Decimal {
+                ls.iter()
+                    .filter(|l| l.currency == t.currency)
+                    .map(|l| l.amount)
+                    .sum()
+            };
+            assert_eq!(
+                of(&usage) + of(&adjustments),
+                t.subtotal,
+                "a statement's lines and adjustments sum to its subtotal in {}",
+                t.currency
+            );
+        }
+        let mut children = Vec::new();
+        for (child, per) in &sums.children {
+            let mut ts = Vec::new();
+            for (c, s) in per {
+                let subtotal = exact(*s, "a child's subtotal")?;
+                ts.push(CurrencyTotal {
+                    currency: *c,
+                    subtotal,
+                    tax: Decimal::ZERO,
+                    total: subtotal,
+                });
+            }
+            children.push(ChildSubtotal {
+                account: child.clone(),
+                display_name: name_of(child)?,
+                totals: ts,
+            });
+        }
+        for (c, s) in &sums.billed {
+            let sum: Decimal = children
+                .iter()
+                .flat_map(|ch| &ch.totals)
+                .filter(|t| t.currency == *c)
+                .map(|t| t.subtotal)
+                .sum();
+            assert_eq!(
+                sum,
+                exact(*s, "a subtotal")?,
+                "the children's subtotals sum to the usage billed in {c}"
+            );
+        }
+        Ok(Statement {
+            account: node.clone(),
+            display_name: name_of(node)?,
+            period: period.name.clone(),
+            from: period.from,
+            to: period.to,
+            time_zone: period.zone_name.clone(),
+            lines: usage,
+            adjustments,
+            taxes: tax_lines,
+            children,
+            totals,
+            closed: None,
+        })
+    }
+
+    /// Usage that reached closed months of `node` after they were issued, billed in
+    /// `period` when it is the first open month after them: per closed month and
+    /// currency, what its billing lines say now less what was issued and what later
+    /// statements already carried.
+    fn late_items(
+        &self,
+        node: &AccountPath,
+        period: &Period,
+    ) -> Result<Vec<(Currency, String, Decimal)>, ApiError> {
+        let Some(this) = &period.name else {
+            return Ok(Vec::new());
+        };
+        let issued = self.store.statements(node)?;
+        if issued.iter().any(|s| s.body.period == *this) {
+            return Ok(Vec::new());
+        }
+        let mut docs = Vec::new();
+        for s in &issued {
+            let doc: Statement = serde_json::from_str(&s.body.document)
+                .map_err(|e| ApiError::internal(format!("statement {} of {node}: {e}", s.entry)))?;
+            docs.push((s, doc));
+        }
+        let mut out = Vec::new();
+        for (s, doc) in &docs {
+            let q = &s.body;
+            if q.to > period.from {
+                continue;
+            }
+            // Only the first open month after q carries it: no open month between.
+            let next = docs
+                .iter()
+                .filter(|(o, _)| o.body.from >= q.to && o.body.to <= period.from)
+                .map(|(o, _)| o.body.from)
+                .collect::<Vec<_>>();
+            let mut at = q.to;
+            let mut gap = false;
+            while at < period.from {
+                if !next.contains(&at) {
+                    gap = true;
+                    break;
+                }
+                let zone = TimeZone::get(&q.time_zone).map_err(|e| {
+                    ApiError::internal(format!("statement {}: zone {}: {e}", s.entry, q.time_zone))
+                })?;
+                let m = month(&month_of(at, &zone))?;
+                at = start_of(
+                    m.checked_add(1.month())
+                        .map_err(|e| ApiError::internal(e.to_string()))?,
+                    &zone,
+                )?;
+            }
+            if gap {
+                continue;
+            }
+            let now = self.store.cost_lines(&HourFilter {
+                account: node.clone(),
+                from_hour: Some(q.from.as_second()),
+                to_hour: Some(q.to.as_second()),
+            })?;
+            let mut per: BTreeMap<Currency, ExactSum> = BTreeMap::new();
+            for r in &now {
+                add(per.entry(r.currency).or_insert(ExactSum::ZERO), r.billed)?;
+            }
+            for t in &doc.totals {
+                add(
+                    per.entry(t.currency).or_insert(ExactSum::ZERO),
+                    ExactSum::of(-t.subtotal),
+                )?;
+            }
+            let key = format!("late:{}", q.period);
+            for (_, later) in &docs {
+                for a in later.adjustments.iter().filter(|a| a.key == key) {
+                    add(
+                        per.entry(a.currency).or_insert(ExactSum::ZERO),
+                        ExactSum::of(-a.amount),
+                    )?;
+                }
+            }
+            for (c, d) in per {
+                let d = exact(d, "a late item")?;
+                if !d.is_zero() {
+                    out.push((c, q.period.clone(), d));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The statement in the format asked, with how it was issued in headers.
+fn render(st: &Statement, json: Option<String>, q: &StatementQuery) -> Result<Response, ApiError> {
+    let (ctype, body) = match q.format.as_deref().unwrap_or("json") {
+        "json" => (
+            "application/json",
+            match json {
+                Some(j) => j.into_bytes(),
+                None => serde_json::to_vec(st).map_err(ApiError::internal)?,
+            },
+        ),
+        "csv" | "html" => {
+            let _ = &q.lang;
+            return Err(ApiError::bad_request(
+                "format: csv and html arrive with the renderers",
+            ));
+        }
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "format: {other:?} is not json, csv or html"
+            )));
+        }
+    };
+    let mut resp = (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(ctype))],
+        body,
+    )
+        .into_response();
+    if let Some(c) = &st.closed {
+        resp.headers_mut()
+            .insert("x-ciyuan-statement-entry", HeaderValue::from(c.entry));
+    }
+    Ok(resp)
+}
+
+/// `GET /api/v1/statements/{path}?period=2026-11[&format=json|csv|html][&lang=]`:
+/// the statement of a node (any read key of the node or above). A closed month is
+/// answered as issued.
+pub async fn show(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParam(raw): PathParam,
+    Query(q): Query<StatementQuery>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Read)?;
+    let node = crate::budgets::existing_node(&app, &caller, &raw).await?;
+    app.caught_up().await?;
+    let (st, json, q) = app
+        .blocking(move |app| {
+            let zone = ciyuan_store::effective_time_zone(app.store.as_ref(), &node)?;
+            let period = Period::of(&q, &zone)?;
+            if let Some(name) = &period.name
+                && let Some(s) = app
+                    .store
+                    .statements(&node)?
+                    .into_iter()
+                    .find(|s| s.body.period == *name)
+            {
+                let mut st: Statement = serde_json::from_str(&s.body.document)
+                    .map_err(|e| ApiError::internal(format!("statement {}: {e}", s.entry)))?;
+                st.closed = Some(ciyuan_report::Closed {
+                    entry: s.entry,
+                    at: s.ts,
+                });
+                return Ok((st, Some(s.body.document), q));
+            }
+            Ok((app.build_statement(&node, &period)?, None, q))
+        })
+        .await?;
+    render(&st, json, &q)
+}
+
+/// `POST /api/v1/statements/{path}?period=2026-11`: issues the month's statement and
+/// closes the month for the node, appending a `statement.closed` entry that holds the
+/// statement and its SHA-256 (an admin key of the node or above; the month must be
+/// over, and is closed once).
+pub async fn close(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParam(raw): PathParam,
+    Query(q): Query<StatementQuery>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let node = crate::budgets::existing_node(&app, &caller, &raw).await?;
+    if q.period.is_none() {
+        return Err(ApiError::bad_request(
+            "period: a statement is issued for a calendar month (period=YYYY-MM)",
+        ));
+    }
+    let _guard = app.admin_lock.lock().await;
+    app.caught_up().await?;
+    let n = node.clone();
+    let (closed, q) = app
+        .blocking(move |app| {
+            let zone = ciyuan_store::effective_time_zone(app.store.as_ref(), &n)?;
+            let period = Period::of(&q, &zone)?;
+            let name = period.name.clone().unwrap_or_default();
+            if period.to > Timestamp::now() {
+                return Err(ApiError::unprocessable(format!(
+                    "period: {name} in {} is not over until {}",
+                    period.zone_name, period.to
+                )));
+            }
+            if let Some(s) = app
+                .store
+                .statements(&n)?
+                .into_iter()
+                .find(|s| s.body.period == name)
+            {
+                return Err(ApiError::conflict(format!(
+                    "period: {name} of {n} was closed by entry {}",
+                    s.entry
+                )));
+            }
+            let st = app.build_statement(&n, &period)?;
+            let document = serde_json::to_string(&st).map_err(ApiError::internal)?;
+            Ok((
+                StatementClosed::new(name, period.from, period.to, period.zone_name, document),
+                q,
+            ))
+        })
+        .await?;
+    let document = closed.document.clone();
+    let range = app
+        .append_visible(&[Entry::new(
+            Timestamp::now(),
+            node.clone(),
+            EntryBody::StatementClosed(closed),
+        )])
+        .await?;
+    let mut st: Statement = serde_json::from_str(&document).map_err(ApiError::internal)?;
+    st.closed = Some(ciyuan_report::Closed {
+        entry: range.start,
+        at: Timestamp::now(),
+    });
+    render(&st, Some(document), &q)
+}

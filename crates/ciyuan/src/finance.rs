@@ -1,0 +1,158 @@
+//! The finance subcommands: statements (and, with them, the period close).
+
+use crate::Remote;
+use crate::client::{Client, enc};
+use clap::Args;
+use reqwest::Method;
+use serde_json::Value;
+use std::io::Write;
+use std::process::ExitCode;
+
+/// `ciyuan statement PATH --period 2026-11`
+#[derive(Args)]
+pub struct StatementArgs {
+    /// The account node, e.g. acme.
+    path: String,
+    /// A calendar month in the node's time zone, e.g. 2026-11.
+    #[arg(long, required_unless_present = "from")]
+    period: Option<String>,
+    /// Or a range: from (RFC 3339, on a whole hour)...
+    #[arg(long, requires = "to", conflicts_with = "period")]
+    from: Option<String>,
+    /// ...to (exclusive).
+    #[arg(long)]
+    to: Option<String>,
+    /// json, csv or html (printed as the server writes it); default: a readable
+    /// summary of the JSON.
+    #[arg(long)]
+    format: Option<String>,
+    /// For html: en or zh-CN.
+    #[arg(long)]
+    lang: Option<String>,
+    /// Issue the month's statement and close the month for the node (admin key).
+    #[arg(long, requires = "period")]
+    close: bool,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+/// Runs `ciyuan statement`.
+pub fn statement(a: StatementArgs) -> anyhow::Result<ExitCode> {
+    let mut q = Vec::new();
+    if let Some(p) = &a.period {
+        q.push(format!("period={}", enc(p)));
+    }
+    if let (Some(f), Some(t)) = (&a.from, &a.to) {
+        q.push(format!("from={}&to={}", enc(f), enc(t)));
+    }
+    let raw = a.format.is_some() || a.remote.json;
+    if let Some(f) = &a.format {
+        q.push(format!("format={}", enc(f)));
+    }
+    if let Some(l) = &a.lang {
+        q.push(format!("lang={}", enc(l)));
+    }
+    let method = if a.close { Method::POST } else { Method::GET };
+    let path = format!("/api/v1/statements/{}?{}", a.path, q.join("&"));
+    let bytes = Client::new(&a.remote)?.call(method, &path, None)?;
+    let mut out = std::io::stdout().lock();
+    if raw {
+        out.write_all(&bytes)?;
+        if !bytes.ends_with(b"\n") {
+            writeln!(out)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v: Value = serde_json::from_slice(&bytes)?;
+    summary(&v, a.close, &mut out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn t(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// The statement as a terminal reads it.
+fn summary(v: &Value, closed_now: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let period = match &v["period"] {
+        Value::Null => format!("{} to {}", t(&v["from"]), t(&v["to"])),
+        p => t(p),
+    };
+    writeln!(
+        out,
+        "statement of {} for {period} ({}, {} to {})",
+        t(&v["account"]),
+        t(&v["time_zone"]),
+        t(&v["from"]),
+        t(&v["to"])
+    )?;
+    if closed_now {
+        writeln!(out, "issued: the period is closed for {}", t(&v["account"]))?;
+    }
+    let rows = |title: &str, list: &Value, out: &mut dyn Write| -> anyhow::Result<()> {
+        let list = list.as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            return Ok(());
+        }
+        writeln!(out, "{title}")?;
+        for l in list {
+            let what = [t(&l["service"]), t(&l["model"]), t(&l["key"])]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let price = match &l["unit_price"] {
+                Value::Null => String::new(),
+                p => format!("{} x {}", t(&l["quantity"]), t(p)),
+            };
+            writeln!(
+                out,
+                "  {what:<48} {price:>28} {:>16} {}",
+                t(&l["amount"]),
+                t(&l["currency"])
+            )?;
+        }
+        Ok(())
+    };
+    rows("lines", &v["lines"], out)?;
+    rows("adjustments", &v["adjustments"], out)?;
+    for tax in v["taxes"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "tax {} {}% on {}: {} {}",
+            t(&tax["name"]),
+            t(&tax["rate_percent"]),
+            t(&tax["base"]),
+            t(&tax["amount"]),
+            t(&tax["currency"])
+        )?;
+    }
+    let children = v["children"].as_array().cloned().unwrap_or_default();
+    if !children.is_empty() {
+        writeln!(out, "by node")?;
+        for c in children {
+            let totals: Vec<String> = c["totals"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| format!("{} {}", t(&x["subtotal"]), t(&x["currency"])))
+                .collect();
+            writeln!(out, "  {:<40} {}", t(&c["account"]), totals.join(", "))?;
+        }
+    }
+    for x in v["totals"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "total {}: subtotal {}, tax {}, total {}",
+            t(&x["currency"]),
+            t(&x["subtotal"]),
+            t(&x["tax"]),
+            t(&x["total"])
+        )?;
+    }
+    Ok(())
+}

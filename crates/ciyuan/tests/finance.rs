@@ -1,0 +1,366 @@
+//! Statements through the CLI and the API: a month in the node's time zone, list
+//! lines, the contract and rounding adjustments, a tax the book declares, one
+//! subtotal per child, byte-identical reissues, the close, and a late event billed in
+//! the next open month.
+
+use crate::common::{Server, bin, json, stdout, verify};
+use serde_json::{Value, json};
+use std::process::Command;
+
+/// Starts a server that accepts events up to 90 days old (the test bills last month).
+fn start(dir: &std::path::Path) -> Server {
+    let config = dir.join("ciyuan.toml");
+    std::fs::write(&config, "[ingest]\nmax_age_secs = 7776000\n").unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.join("data"));
+    Server::spawn(cmd)
+}
+
+const BOOK: &str = r#"name = "list"
+currency = "CNY"
+[rounding]
+to = 2
+mode = "half_up"
+[tax]
+name = "VAT"
+rate_percent = "6"
+[[rules]]
+model = "qwen-max*"
+unit_prices = { "text.input" = "0.0000024", "text.output" = "0.0000096" }
+"#;
+
+fn ingest(
+    server: &Server,
+    key: &str,
+    dir: &std::path::Path,
+    id: &str,
+    subject: &str,
+    time: &str,
+    input: u64,
+    output: u64,
+) {
+    let ev = json!({"specversion": "1.0", "id": id, "source": "svc://finance-test",
+        "type": "llm.usage", "subject": subject, "time": time,
+        "data": {"model": "qwen-max", "input_tokens": input, "output_tokens": output}});
+    let file = dir.join(format!("{id}.jsonl"));
+    std::fs::write(&file, format!("{ev}\n")).unwrap();
+    let out = stdout(&server.cli(key, &["ingest", file.to_str().unwrap()]));
+    assert_eq!(out.trim(), "1 accepted, 0 duplicates, 0 rejected", "{id}");
+}
+
+fn statement(server: &Server, key: &str, path: &str, period: &str) -> (u16, Vec<u8>) {
+    server.http(
+        "GET",
+        &format!("/api/v1/statements/{path}?period={period}"),
+        key,
+        None,
+    )
+}
+
+fn amount_of(lines: &Value, key: &str) -> String {
+    lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["key"] == key)
+        .map(|l| l["amount"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no {key} in {lines}"))
+}
+
+#[test]
+fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path());
+    let root = server.bootstrap.clone().unwrap();
+    let book = tmp.path().join("list.toml");
+    std::fs::write(&book, BOOK).unwrap();
+    let out = stdout(&server.cli(
+        &root,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "toml",
+            book.to_str().unwrap(),
+            "--effective-from",
+            "2026-01-01T00:00:00Z",
+        ],
+    ));
+    assert!(out.contains("recorded book list version 1"), "{out}");
+    stdout(&server.cli(
+        &root,
+        &[
+            "accounts",
+            "create",
+            "acme",
+            "--time-zone",
+            "Asia/Shanghai",
+            "--display-name",
+            "ACME <Group>",
+        ],
+    ));
+    for p in ["acme/cn", "acme/us"] {
+        stdout(&server.cli(&root, &["accounts", "create", p]));
+    }
+    stdout(&server.cli(
+        &root,
+        &[
+            "contracts",
+            "set",
+            "acme/us",
+            "--book",
+            "list",
+            "--discount",
+            "10",
+        ],
+    ));
+    stdout(&server.cli(
+        &root,
+        &[
+            "accounts",
+            "create",
+            "globex",
+            "--time-zone",
+            "America/New_York",
+        ],
+    ));
+
+    let d = tmp.path();
+    // 00:30 on 1 November in Shanghai: November's.
+    ingest(
+        &server,
+        &root,
+        d,
+        "e1",
+        "acme/cn",
+        "2026-10-31T16:30:00Z",
+        1_000_000,
+        100_000,
+    );
+    // 333,333 input tokens, 10% off: 0.71999928, rounded to 0.72.
+    ingest(
+        &server,
+        &root,
+        d,
+        "e2",
+        "acme/us",
+        "2026-11-15T00:00:00Z",
+        333_333,
+        0,
+    );
+    // 23:59 on 30 November: 0.0000024, rounded to 0.00.
+    ingest(
+        &server,
+        &root,
+        d,
+        "e3",
+        "acme/cn",
+        "2026-11-30T15:59:00Z",
+        1,
+        0,
+    );
+    // 00:00 on 1 December in Shanghai: December's.
+    ingest(
+        &server,
+        &root,
+        d,
+        "e4",
+        "acme/cn",
+        "2026-11-30T16:00:00Z",
+        1_000_000,
+        0,
+    );
+    // 00:30 on 1 November in New York (still daylight time, UTC-4): November's.
+    ingest(
+        &server,
+        &root,
+        d,
+        "g1",
+        "globex",
+        "2026-11-01T04:30:00Z",
+        1_000_000,
+        0,
+    );
+
+    let (s, first) = statement(&server, &root, "acme", "2026-11");
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&first));
+    let (_, again) = statement(&server, &root, "acme", "2026-11");
+    assert_eq!(first, again, "the same statement twice is byte-identical");
+    let st = json(&first);
+    assert_eq!(st["from"], "2026-10-31T16:00:00Z");
+    assert_eq!(st["to"], "2026-11-30T16:00:00Z");
+    assert_eq!(st["time_zone"], "Asia/Shanghai");
+    assert_eq!(st["display_name"], "ACME <Group>");
+    let lines = st["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 2, "{st}");
+    assert_eq!(amount_of(&st["lines"], "text.input"), "3.2000016");
+    assert_eq!(lines[0]["quantity"], "1333334");
+    assert_eq!(amount_of(&st["lines"], "text.output"), "0.96");
+    assert_eq!(amount_of(&st["adjustments"], "contract"), "-0.07999992");
+    assert_eq!(amount_of(&st["adjustments"], "rounding"), "-0.00000168");
+    let total = &st["totals"][0];
+    assert_eq!(
+        (
+            total["currency"].as_str(),
+            total["subtotal"].as_str(),
+            total["tax"].as_str(),
+            total["total"].as_str()
+        ),
+        (Some("CNY"), Some("4.08"), Some("0.24"), Some("4.32")),
+        "{st}"
+    );
+    assert_eq!(st["taxes"][0]["name"], "VAT");
+    let children: Vec<(String, String)> = st["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["account"].as_str().unwrap().to_string(),
+                c["totals"][0]["subtotal"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        children,
+        vec![
+            ("acme/cn".into(), "3.36".into()),
+            ("acme/us".into(), "0.72".into())
+        ]
+    );
+
+    // The totals are the ledger's: the usage entries of the month, summed.
+    let (_, entries) = server.http(
+        "GET",
+        "/api/v1/audit/entries?start=0&limit=1000",
+        &root,
+        None,
+    );
+    let sum: rust_decimal::Decimal = entries
+        .split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(json)
+        .filter(|e| e["kind"] == "usage" && e["account"].as_str().unwrap().starts_with("acme"))
+        .filter(|e| {
+            let ts = e["ts"].as_str().unwrap();
+            ("2026-10-31T16:00:00Z"..="2026-11-30T15:59:59Z").contains(&ts)
+        })
+        .map(|e| {
+            e["data"]["rating"]["amount"]
+                .as_str()
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(sum.normalize().to_string(), "4.08");
+
+    // New York's November starts at 04:00 UTC and ends at 05:00 UTC (standard time).
+    let (_, g) = statement(&server, &root, "globex", "2026-11");
+    let g = json(&g);
+    assert_eq!(
+        (g["from"].as_str(), g["to"].as_str()),
+        (Some("2026-11-01T04:00:00Z"), Some("2026-12-01T05:00:00Z"))
+    );
+    assert_eq!(g["totals"][0]["subtotal"], "2.4");
+
+    // The human form, and a tenant below cannot close its parent's month.
+    let human = stdout(&server.cli(&root, &["statement", "acme", "--period", "2026-11"]));
+    assert!(
+        human.contains("total CNY: subtotal 4.08, tax 0.24, total 4.32"),
+        "{human}"
+    );
+    assert!(
+        human.contains("acme/us") && human.contains("0.72 CNY"),
+        "{human}"
+    );
+    let cn_admin = json(
+        stdout(&server.cli(
+            &root,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "acme/cn",
+                "--scopes",
+                "admin",
+                "--json",
+            ],
+        ))
+        .as_bytes(),
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let denied = server.cli(
+        &cn_admin,
+        &["statement", "acme", "--period", "2026-11", "--close"],
+    );
+    assert!(!denied.status.success());
+
+    // Issue it: the answer is the statement as it was, and so is every read after.
+    let issued = server.cli(
+        &root,
+        &[
+            "statement",
+            "acme",
+            "--period",
+            "2026-11",
+            "--close",
+            "--format",
+            "json",
+        ],
+    );
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    assert_eq!(
+        issued.stdout.strip_suffix(b"\n").unwrap_or(&issued.stdout),
+        &first[..]
+    );
+    let twice = server.cli(
+        &root,
+        &["statement", "acme", "--period", "2026-11", "--close"],
+    );
+    assert!(!twice.status.success());
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("was closed by entry"));
+    let dec_not_over = server.cli(
+        &root,
+        &["statement", "acme", "--period", "2026-12", "--close"],
+    );
+    assert!(String::from_utf8_lossy(&dec_not_over.stderr).contains("is not over"));
+
+    // A late November event: November stays as issued; December bills it.
+    ingest(
+        &server,
+        &root,
+        d,
+        "late",
+        "acme/cn",
+        "2026-11-20T00:00:00Z",
+        1_000_000,
+        0,
+    );
+    let (_, nov) = statement(&server, &root, "acme", "2026-11");
+    assert_eq!(nov, first, "a closed month is answered as issued");
+    let (_, dec) = statement(&server, &root, "acme", "2026-12");
+    let dec = json(&dec);
+    assert_eq!(
+        amount_of(&dec["adjustments"], "late:2026-11"),
+        "2.4",
+        "{dec}"
+    );
+    assert_eq!(
+        dec["totals"][0]["subtotal"], "4.8",
+        "e4 (2.40) and the late 2.40: {dec}"
+    );
+
+    server.stop();
+    let (code, report) = verify(&tmp.path().join("data"));
+    assert_eq!(code, 0, "{report}");
+}
