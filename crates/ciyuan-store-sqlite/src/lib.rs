@@ -1240,42 +1240,51 @@ impl Store for SqliteStore {
             args.push(to.to_string());
         }
         sql.push_str(" ORDER BY hour, account");
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&sql).map_err(backend)?;
-        let mut rows = stmt
-            .query(rusqlite::params_from_iter(args))
-            .map_err(backend)?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next().map_err(backend)? {
-            let price: String = r.get(6).map_err(backend)?;
-            let currency: String = r.get(7).map_err(backend)?;
-            let text = |i: usize| -> Result<String, StoreError> { r.get(i).map_err(backend) };
-            out.push(ciyuan_store::LineRow {
-                hour: r.get(0).map_err(backend)?,
-                account: parse_path(&text(1)?)?,
-                adjustment: r.get(2).map_err(backend)?,
-                service: text(3)?,
-                model: text(4)?,
-                key: text(5)?,
-                unit_price: if price.is_empty() {
-                    None
-                } else {
-                    Some(rust_decimal::Decimal::from_str_exact(&price).map_err(|e| {
-                        StoreError::Corrupt(format!("stored unit price {price:?}: {e}"))
-                    })?)
-                },
-                currency: currency
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
-                book: text(8)?,
-                version: r.get(9).map_err(backend)?,
-                quantity: parse_amount(&text(10)?)?,
-                list: parse_amount(&text(11)?)?,
-                contracted: parse_amount(&text(12)?)?,
-                billed: parse_amount(&text(13)?)?,
-            });
+        read_lines(&self.conn(), &sql, args)
+    }
+
+    fn cost_lines_page(
+        &self,
+        filter: &HourFilter,
+        after: Option<&ciyuan_store::LineRow>,
+        limit: usize,
+    ) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
+        let (cond, mut args) = subtree("account", &filter.account);
+        let mut sql = format!(
+            "SELECT hour, account, adjustment, service, model, key, unit_price, currency, book,
+                    version, quantity, list, contracted, billed
+             FROM cost_lines WHERE {cond}"
+        );
+        if let Some(from) = filter.from_hour {
+            sql.push_str(" AND hour >= ?");
+            args.push(from.to_string());
         }
-        Ok(out)
+        if let Some(to) = filter.to_hour {
+            sql.push_str(" AND hour < ?");
+            args.push(to.to_string());
+        }
+        if let Some(a) = after {
+            sql.push_str(
+                " AND (account, hour, adjustment, service, model, key, unit_price, currency, book, version)
+                     > (?, CAST(? AS INTEGER), CAST(? AS INTEGER), ?, ?, ?, ?, ?, ?, CAST(? AS INTEGER))",
+            );
+            args.extend([
+                a.account.as_str().to_string(),
+                a.hour.to_string(),
+                i64::from(a.adjustment).to_string(),
+                a.service.clone(),
+                a.model.clone(),
+                a.key.clone(),
+                a.unit_price.map(|p| p.to_string()).unwrap_or_default(),
+                a.currency.as_str().to_string(),
+                a.book.clone(),
+                a.version.to_string(),
+            ]);
+        }
+        sql.push_str(&format!(
+            " ORDER BY account, hour, adjustment, service, model, key, unit_price, currency, book, version LIMIT {limit}"
+        ));
+        read_lines(&self.conn(), &sql, args)
     }
 
     fn tier_units(&self) -> Result<Vec<ciyuan_store::TierUnits>, StoreError> {
@@ -1447,3 +1456,46 @@ fn insert_ingest_index(tx: &Connection, events: &[(u64, u64)]) -> Result<(), Sto
 
 #[cfg(test)]
 mod tests;
+
+/// Reads billing line rows (the columns `cost_lines` selects).
+fn read_lines(
+    conn: &Connection,
+    sql: &str,
+    args: Vec<String>,
+) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
+    let mut stmt = conn.prepare(sql).map_err(backend)?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(args))
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(backend)? {
+        let price: String = r.get(6).map_err(backend)?;
+        let currency: String = r.get(7).map_err(backend)?;
+        let text = |i: usize| -> Result<String, StoreError> { r.get(i).map_err(backend) };
+        out.push(ciyuan_store::LineRow {
+            hour: r.get(0).map_err(backend)?,
+            account: parse_path(&text(1)?)?,
+            adjustment: r.get(2).map_err(backend)?,
+            service: text(3)?,
+            model: text(4)?,
+            key: text(5)?,
+            unit_price: if price.is_empty() {
+                None
+            } else {
+                Some(rust_decimal::Decimal::from_str_exact(&price).map_err(|e| {
+                    StoreError::Corrupt(format!("stored unit price {price:?}: {e}"))
+                })?)
+            },
+            currency: currency
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
+            book: text(8)?,
+            version: r.get(9).map_err(backend)?,
+            quantity: parse_amount(&text(10)?)?,
+            list: parse_amount(&text(11)?)?,
+            contracted: parse_amount(&text(12)?)?,
+            billed: parse_amount(&text(13)?)?,
+        });
+    }
+    Ok(out)
+}

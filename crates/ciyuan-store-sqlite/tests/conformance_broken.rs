@@ -100,6 +100,14 @@ impl Store for BrokenAfterReset {
     ) -> Result<Vec<ciyuan_store::Recorded<ciyuan_core::StatementClosed>>, StoreError> {
         self.inner.statements(node)
     }
+    fn cost_lines_page(
+        &self,
+        filter: &ciyuan_store::HourFilter,
+        after: Option<&ciyuan_store::LineRow>,
+        limit: usize,
+    ) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
+        self.inner.cost_lines_page(filter, after, limit)
+    }
     fn cost_lines(
         &self,
         filter: &ciyuan_store::HourFilter,

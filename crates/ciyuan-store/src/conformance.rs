@@ -291,6 +291,29 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
         "cost_lines(acme/b)",
     );
     assert!(none.is_empty(), "only the subtree asked for: {none:?}");
+    // Paged by key, the pages hold every line once.
+    let all = HourFilter {
+        account: path("acme"),
+        from_hour: None,
+        to_hour: None,
+    };
+    let mut paged = Vec::new();
+    let mut after: Option<crate::LineRow> = None;
+    loop {
+        let page = ok(
+            s.cost_lines_page(&all, after.as_ref(), 1),
+            "cost_lines_page()",
+        );
+        match page.last() {
+            Some(last) => after = Some(last.clone()),
+            None => break,
+        }
+        paged.extend(page);
+    }
+    assert_eq!(paged.len(), lines.len());
+    for l in &lines {
+        assert!(paged.contains(l), "{l:?} is in a page");
+    }
 
     // A period is closed once: the first statement issued for it is kept.
     let close = |doc: &str| {

@@ -287,6 +287,16 @@ pub trait Store: Send + Sync + 'static {
     /// Hourly billing lines of a subtree, in (hour, account) order.
     fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<LineRow>, StoreError>;
 
+    /// At most `limit` hourly billing lines of a subtree after `after`, in the order
+    /// of their key (account, hour, adjustment, service, model, key, unit price,
+    /// currency, book, version): a cursor for exports of any size in bounded memory.
+    fn cost_lines_page(
+        &self,
+        filter: &HourFilter,
+        after: Option<&LineRow>,
+        limit: usize,
+    ) -> Result<Vec<LineRow>, StoreError>;
+
     /// Every tier counter with the units counted on it (few: one per billing node,
     /// tiered rule and period).
     fn tier_units(&self) -> Result<Vec<TierUnits>, StoreError>;
