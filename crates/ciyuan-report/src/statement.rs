@@ -110,3 +110,41 @@ pub struct Closed {
     /// When.
     pub at: Timestamp,
 }
+
+/// One CSV field as RFC 4180 writes it: quoted when it holds a comma, a quote, CR or LF,
+/// quotes doubled. Text from tenants that a spreadsheet would run as a formula (a leading
+/// `=`, `+`, `-`, `@`, tab or CR) is prefixed with `'` when `text` is true; amounts pass
+/// `text = false` so a negative amount stays a number.
+pub(crate) fn csv_field(out: &mut String, value: &str, text: bool) {
+    let guard = text && value.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let quote = value.contains([',', '"', '\r', '\n']);
+    if quote {
+        out.push('"');
+    }
+    if guard {
+        out.push('\'');
+    }
+    for c in value.chars() {
+        if c == '"' {
+            out.push('"');
+        }
+        out.push(c);
+    }
+    if quote {
+        out.push('"');
+    }
+}
+
+/// Fields joined into one CSV record ending in CRLF (RFC 4180). Each field is
+/// `(value, is_text)`; see [`csv_field`].
+pub(crate) fn csv_record<'a>(fields: impl IntoIterator<Item = (&'a str, bool)>) -> String {
+    let mut out = String::new();
+    for (i, (value, text)) in fields.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        csv_field(&mut out, value, text);
+    }
+    out.push_str("\r\n");
+    out
+}
