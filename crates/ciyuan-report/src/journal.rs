@@ -68,6 +68,9 @@ pub struct JournalConfig {
     pub detail: LineDetail,
     /// The node metadata key holding the department or cost-center code.
     pub department_key: String,
+    /// The supplier code (供应商编码) of the payable line, where the counter account
+    /// is kept by supplier (应付账款 usually is); `None` writes none.
+    pub supplier: Option<String>,
     /// Text that starts every summary (摘要).
     pub summary_prefix: String,
     /// The book's own currency (本位币).
@@ -95,6 +98,7 @@ impl JournalConfig {
             voucher_word: "记".to_string(),
             detail: LineDetail::Node,
             department_key: "cost_center".to_string(),
+            supplier: None,
             summary_prefix: "AI服务费".to_string(),
             base_currency,
             exchange_rates: BTreeMap::new(),
@@ -146,12 +150,25 @@ impl JournalPeriod {
     }
 }
 
+/// What a voucher line books.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineKind {
+    /// A debit to the expense account.
+    Expense,
+    /// A debit to the tax account.
+    Tax,
+    /// The credit to the payable or prepaid account.
+    Counter,
+}
+
 /// One line of a voucher. Amounts are already rounded to minor units and carry exactly
 /// that many decimals; one of `debit`/`credit` is zero.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VoucherLine {
     /// 1-based line number within the voucher.
     pub line: u32,
+    /// What it books.
+    pub kind: LineKind,
     /// The summary (摘要).
     pub summary: String,
     /// The account code (科目编码).
@@ -179,6 +196,8 @@ pub struct Voucher {
     pub node: AccountPath,
     /// The department or cost-center code from the node's metadata, if set.
     pub department: Option<String>,
+    /// The supplier code of the payable line ([`JournalConfig::supplier`]).
+    pub supplier: Option<String>,
     /// The currency of `debit`/`credit`.
     pub currency: Currency,
     /// Base-currency units per unit of `currency` (1 for the base currency).
@@ -327,6 +346,11 @@ pub fn build_journal(
             }
             voucher_lines.push(VoucherLine {
                 line: 0,
+                kind: if group.tax {
+                    LineKind::Tax
+                } else {
+                    LineKind::Expense
+                },
                 summary,
                 account_code: account,
                 debit: debits.parts[i],
@@ -337,6 +361,7 @@ pub fn build_journal(
         }
         voucher_lines.push(VoucherLine {
             line: 0,
+            kind: LineKind::Counter,
             summary: head,
             account_code: config.counter_account.clone(),
             debit: zero(minor),
@@ -362,6 +387,7 @@ pub fn build_journal(
             number,
             node: node.clone(),
             department,
+            supplier: config.supplier.clone(),
             currency,
             exchange_rate: rate,
             lines: voucher_lines,
@@ -531,6 +557,24 @@ impl<W: Write> Encoded<W> {
     }
 }
 
+/// The department code where a line carries one in an ERP layout: on expense lines
+/// only, since the payable and tax accounts are rarely kept by department and both ERPs
+/// refuse a dimension an account does not have.
+fn department_of<'a>(v: &'a Voucher, l: &VoucherLine) -> &'a str {
+    match l.kind {
+        LineKind::Expense => v.department.as_deref().unwrap_or(""),
+        LineKind::Tax | LineKind::Counter => "",
+    }
+}
+
+/// The supplier code, on the payable line only.
+fn supplier_of<'a>(v: &'a Voucher, l: &VoucherLine) -> &'a str {
+    match l.kind {
+        LineKind::Counter => v.supplier.as_deref().unwrap_or(""),
+        LineKind::Expense | LineKind::Tax => "",
+    }
+}
+
 fn text(value: &str) -> (&str, bool) {
     (value, true)
 }
@@ -539,7 +583,7 @@ fn num(value: &str) -> (&str, bool) {
 }
 
 /// The generic layout's header, in column order.
-pub const GENERIC_COLUMNS: [&str; 15] = [
+pub const GENERIC_COLUMNS: [&str; 16] = [
     "date",
     "voucher_word",
     "voucher_number",
@@ -554,11 +598,13 @@ pub const GENERIC_COLUMNS: [&str; 15] = [
     "credit_local",
     "local_currency",
     "department",
+    "supplier",
     "node",
 ];
 
 /// Writes every voucher line as one generic journal line (RFC 4180 CSV, columns
-/// [`GENERIC_COLUMNS`]).
+/// [`GENERIC_COLUMNS`]): the department on every line of the node's voucher, the
+/// supplier on the payable line.
 pub fn write_generic(
     journal: &Journal,
     encoding: TextEncoding,
@@ -596,6 +642,7 @@ pub fn write_generic(
                 num(&cl),
                 num(base),
                 text(v.department.as_deref().unwrap_or("")),
+                text(supplier_of(v, l)),
                 text(&node),
             ]))?;
         }
@@ -652,7 +699,7 @@ impl KingdeeSettings {
 /// import template exported from 总账 → 凭证 → 引入: the field key (first header row) and
 /// the Chinese label (second header row); `*` marks what the importer requires.
 /// Columns of the full template not listed are optional and may be absent.
-pub const KINGDEE_COLUMNS: [(&str, &str); 21] = [
+pub const KINGDEE_COLUMNS: [(&str, &str); 22] = [
     ("FBillHead(GL_VOUCHER)", "*单据头(序号)"),
     ("FAccountBookID", "*(单据头)账簿#编码"),
     ("FDate", "*(单据头)日期"),
@@ -668,6 +715,7 @@ pub const KINGDEE_COLUMNS: [(&str, &str); 21] = [
     ("FEXPLANATION", "(分录)摘要"),
     ("FACCOUNTID", "*(分录)科目编码#编码"),
     ("FDetailID#FFlex5", "(分录)部门#编码"),
+    ("FDetailID#FFlex4", "(分录)供应商#编码"),
     ("FCURRENCYID", "*(分录)币别#编码"),
     ("FEXCHANGERATETYPE", "*(分录)汇率类型#编码"),
     ("FEXCHANGERATE", "(分录)汇率"),
@@ -745,7 +793,8 @@ pub fn write_kingdee(
                 line,
                 l.summary.clone(),
                 l.account_code.clone(),
-                v.department.clone().unwrap_or_default(),
+                department_of(v, l).to_string(),
+                supplier_of(v, l).to_string(),
                 currency.to_string(),
                 settings.exchange_rate_type.clone(),
                 rate.clone(),
@@ -753,12 +802,13 @@ pub fn write_kingdee(
                 debit,
                 credit,
             ];
-            // Summary, account and department come from tenants and books: guarded as text.
+            // Summary, account, department and supplier come from tenants and books:
+            // guarded as text.
             w.record(&csv_record(
                 cells
                     .iter()
                     .enumerate()
-                    .map(|(i, c)| (c.as_str(), (12..=14).contains(&i))),
+                    .map(|(i, c)| (c.as_str(), (12..=15).contains(&i))),
             ))?;
         }
     }
@@ -766,10 +816,11 @@ pub fn write_kingdee(
 }
 
 /// The Yonyou U8 voucher import (总账工具 凭证引入) fields, in the order of its text
-/// format: one row per entry, fields 1–16 (the later ones — personal, customer, supplier,
-/// project codes — are optional and omitted, as the format allows).
+/// format: one row per entry, fields 1–19 (the later ones — salesman, project codes,
+/// free items — are optional and omitted, as the format allows). The department is on
+/// expense lines, the supplier on the payable line.
 /// `[制单日期 + 凭证类别字 + 凭证号]` identifies a voucher; its lines are consecutive.
-pub const U8_COLUMNS: [&str; 16] = [
+pub const U8_COLUMNS: [&str; 19] = [
     "制单日期",
     "凭证类别字",
     "凭证号",
@@ -786,6 +837,9 @@ pub const U8_COLUMNS: [&str; 16] = [
     "票号",
     "发生日期",
     "部门编码",
+    "个人编码",
+    "客户编码",
+    "供应商编码",
 ];
 
 /// Writes the journal in Yonyou U8's voucher import layout ([`U8_COLUMNS`], with a
@@ -834,7 +888,10 @@ pub fn write_u8(
                 num(""),
                 num(""),
                 num(&date),
-                text(v.department.as_deref().unwrap_or("")),
+                text(department_of(v, l)),
+                num(""),
+                num(""),
+                text(supplier_of(v, l)),
             ]))?;
         }
     }
@@ -891,6 +948,7 @@ mod tests {
     fn config() -> JournalConfig {
         let mut c = JournalConfig::new("6602", "2202", cur("CNY"));
         c.exchange_rates.insert(cur("USD"), d("7.1234"));
+        c.supplier = Some("S001".to_string());
         c
     }
     fn sums(v: &Voucher) -> (Decimal, Decimal, Decimal, Decimal) {
@@ -1050,11 +1108,11 @@ mod tests {
         assert_eq!(rows[0], GENERIC_COLUMNS.join(","));
         assert_eq!(
             rows[1],
-            "2026-11-30,记,1,1,AI服务费 2026-11 人力资源部,6602,5.50,0.00,CNY,1,5.50,0.00,CNY,0301,acme/cn/hr"
+            "2026-11-30,记,1,1,AI服务费 2026-11 人力资源部,6602,5.50,0.00,CNY,1,5.50,0.00,CNY,0301,,acme/cn/hr"
         );
         assert_eq!(
             rows[4],
-            "2026-11-30,记,2,2,AI服务费 2026-11 人力资源部,2202,0.00,1.25,USD,7.1234,0.00,8.90,CNY,0301,acme/cn/hr"
+            "2026-11-30,记,2,2,AI服务费 2026-11 人力资源部,2202,0.00,1.25,USD,7.1234,0.00,8.90,CNY,0301,S001,acme/cn/hr"
         );
         assert_eq!(rows.len(), 6); // header, 4 lines, and the empty tail after CRLF
     }
@@ -1070,15 +1128,15 @@ mod tests {
         assert!(rows[1].starts_with("*单据头(序号),*(单据头)账簿#编码,*(单据头)日期,"));
         assert_eq!(
             rows[2],
-            "1,001,2026-11-30,2026-11-30,2026,11,PRE001,1,0,100,,1,AI服务费 2026-11 人力资源部,6602,0301,PRE001,HLTX01_SYS,1,5.50,5.50,"
+            "1,001,2026-11-30,2026-11-30,2026,11,PRE001,1,0,100,,1,AI服务费 2026-11 人力资源部,6602,0301,,PRE001,HLTX01_SYS,1,5.50,5.50,"
         );
         assert_eq!(
             rows[3],
-            ",,,,,,,,,,,2,AI服务费 2026-11 人力资源部,2202,0301,PRE001,HLTX01_SYS,1,5.50,,5.50"
+            ",,,,,,,,,,,2,AI服务费 2026-11 人力资源部,2202,,S001,PRE001,HLTX01_SYS,1,5.50,,5.50"
         );
         assert_eq!(
             rows[5],
-            ",,,,,,,,,,,2,AI服务费 2026-11 人力资源部,2202,0301,PRE007,HLTX01_SYS,7.1234,1.25,,8.90"
+            ",,,,,,,,,,,2,AI服务费 2026-11 人力资源部,2202,,S001,PRE007,HLTX01_SYS,7.1234,1.25,,8.90"
         );
         let mut bad = settings.clone();
         bad.account_book = String::new();
@@ -1099,11 +1157,15 @@ mod tests {
         assert_eq!(rows[0], U8_COLUMNS.join(","));
         assert_eq!(
             rows[1],
-            "2026-11-30,记,1,0,AI服务费 2026-11 人力资源部,6602,5.50,0.00,,,,张三,,,2026-11-30,0301"
+            "2026-11-30,记,1,0,AI服务费 2026-11 人力资源部,6602,5.50,0.00,,,,张三,,,2026-11-30,0301,,,"
         );
         assert_eq!(
             rows[3],
-            "2026-11-30,记,2,0,AI服务费 2026-11 人力资源部,6602,8.90,0.00,,1.25,7.1234,张三,,,2026-11-30,0301"
+            "2026-11-30,记,2,0,AI服务费 2026-11 人力资源部,6602,8.90,0.00,,1.25,7.1234,张三,,,2026-11-30,0301,,,"
+        );
+        assert_eq!(
+            rows[4],
+            "2026-11-30,记,2,0,AI服务费 2026-11 人力资源部,2202,0.00,8.90,,1.25,7.1234,张三,,,2026-11-30,,,,S001"
         );
         // The bytes are GBK, not UTF-8: 记 is B C7 in GBK.
         assert!(out.windows(2).any(|w| w == [0xBC, 0xC7]));

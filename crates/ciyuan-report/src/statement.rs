@@ -525,7 +525,7 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:now
 tr.total td{font-weight:700;border-top:2px solid #111}\
 .muted{color:#666}\
 @media print{body{margin:0;max-width:none;font-size:10pt}\
-th{background:none}section{break-inside:avoid}thead{display:table-header-group}\
+th{background:none}h2{break-after:avoid}thead{display:table-header-group}\
 tr{break-inside:avoid}}";
 
 /// Writes the statement as one self-contained, printable HTML page in `lang`: inline CSS
