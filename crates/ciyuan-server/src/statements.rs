@@ -509,11 +509,21 @@ fn render(st: &Statement, json: Option<String>, q: &StatementQuery) -> Result<Re
                 None => serde_json::to_vec(st).map_err(ApiError::internal)?,
             },
         ),
-        "csv" | "html" => {
-            let _ = &q.lang;
-            return Err(ApiError::bad_request(
-                "format: csv and html arrive with the renderers",
-            ));
+        "csv" => {
+            let mut out = Vec::new();
+            ciyuan_report::statement::write_csv(st, &mut out).map_err(ApiError::internal)?;
+            ("text/csv; charset=utf-8", out)
+        }
+        "html" => {
+            let lang: ciyuan_report::statement::Lang = q
+                .lang
+                .as_deref()
+                .unwrap_or("en")
+                .parse()
+                .map_err(|e| ApiError::bad_request(format!("lang: {e}")))?;
+            let mut out = Vec::new();
+            ciyuan_report::statement::write_html(st, lang, &mut out).map_err(ApiError::internal)?;
+            ("text/html; charset=utf-8", out)
         }
         other => {
             return Err(ApiError::bad_request(format!(

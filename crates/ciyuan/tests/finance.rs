@@ -267,6 +267,38 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
     );
     assert_eq!(g["totals"][0]["subtotal"], "2.4");
 
+    // CSV and printable HTML (Chinese), from the same statement; names are escaped.
+    let (s, csv) = server.http(
+        "GET",
+        "/api/v1/statements/acme?period=2026-11&format=csv",
+        &root,
+        None,
+    );
+    assert_eq!(s, 200);
+    let csv = String::from_utf8(csv).unwrap();
+    assert!(csv.starts_with("section,"), "{csv}");
+    assert!(csv.contains("4.32"), "{csv}");
+    let (s, html) = server.http(
+        "GET",
+        "/api/v1/statements/acme?period=2026-11&format=html&lang=zh-CN",
+        &root,
+        None,
+    );
+    assert_eq!(s, 200);
+    let html = String::from_utf8(html).unwrap();
+    assert!(
+        html.contains("ACME &lt;Group&gt;") && !html.contains("<Group>"),
+        "{html}"
+    );
+    assert!(html.contains("lang=\"zh-CN\""), "{html}");
+    let (s, _) = server.http(
+        "GET",
+        "/api/v1/statements/acme?period=2026-11&format=html&lang=fr",
+        &root,
+        None,
+    );
+    assert_eq!(s, 400);
+
     // The human form, and a tenant below cannot close its parent's month.
     let human = stdout(&server.cli(&root, &["statement", "acme", "--period", "2026-11"]));
     assert!(
