@@ -9,7 +9,8 @@
 //! - [`journal`]: ERP journal vouchers (generic, Kingdee, Yonyou U8; UTF-8 with BOM or
 //!   GBK);
 //! - [`hr`]: usage and cost per person-level node per day;
-//! - [`allocate`]: shared costs split exactly to the smallest currency unit.
+//! - [`allocate`]: shared costs split exactly to the smallest currency unit;
+//! - [`usage`]: every billing line as a CSV row, in Ciyuan's own columns.
 //!
 //! Every writer streams to the `std::io::Write` it is given and is deterministic: the
 //! same input gives the same bytes. Money is [`Decimal`], never a float.
@@ -21,6 +22,7 @@ pub mod focus;
 pub mod hr;
 pub mod journal;
 pub mod statement;
+pub mod usage;
 
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Currency};

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod budgets;
 mod controls;
 pub mod error;
+mod exports;
 mod extract;
 #[cfg(test)]
 mod fuzz;
@@ -424,6 +425,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/statements/{*path}",
             get(statements::show).post(statements::close),
         )
+        .route("/api/v1/exports/{kind}", get(exports::export))
         .route("/api/v1/incidents", get(records::incidents))
         .route("/api/v1/adjustments", post(adjust::create))
         .route(

@@ -48,8 +48,8 @@ pub struct StatementQuery {
     lang: Option<String>,
 }
 
-/// The period a statement covers.
-struct Period {
+/// The period a statement (or an export) covers.
+pub(crate) struct Period {
     /// The month's name, when it is one.
     name: Option<String>,
     from: Timestamp,
@@ -89,15 +89,25 @@ fn month_of(at: Timestamp, zone: &TimeZone) -> String {
 
 impl Period {
     fn of(q: &StatementQuery, zone: &TimeZone) -> Result<Period, ApiError> {
+        Period::of_range(q.period.as_deref(), q.from, q.to, zone)
+    }
+
+    /// A month (`2026-11`) in `zone`, or `from`..`to`, on whole hours.
+    pub(crate) fn of_range(
+        period: Option<&str>,
+        from: Option<Timestamp>,
+        to: Option<Timestamp>,
+        zone: &TimeZone,
+    ) -> Result<Period, ApiError> {
         let zone_name = zone.iana_name().unwrap_or("UTC").to_string();
-        let (name, from, to) = match (&q.period, q.from, q.to) {
+        let (name, from, to) = match (period, from, to) {
             (Some(p), None, None) => {
                 let first = month(p)?;
                 let next = first
                     .checked_add(1.month())
                     .map_err(|e| ApiError::bad_request(format!("period: {p}: {e}")))?;
                 (
-                    Some(p.clone()),
+                    Some(p.to_string()),
                     start_of(first, zone)?,
                     start_of(next, zone)?,
                 )
@@ -129,7 +139,16 @@ impl Period {
         })
     }
 
-    fn filter(&self, node: &AccountPath) -> HourFilter {
+    /// For file names: the month, or `from_to`.
+    pub(crate) fn label(&self) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => format!("{}_{}", self.from.as_second(), self.to.as_second()),
+        }
+    }
+
+    /// The billing lines of `node`'s subtree in the period.
+    pub(crate) fn filter(&self, node: &AccountPath) -> HourFilter {
         HourFilter {
             account: node.clone(),
             from_hour: Some(self.from.as_second()),

@@ -103,6 +103,43 @@ impl Client {
         })
     }
 
+    /// A GET whose answer is streamed into `out` as it arrives (exports of any
+    /// size); a transfer the server cuts is an error, never a short file taken whole.
+    pub fn download(&self, path: &str, out: &mut dyn std::io::Write) -> anyhow::Result<u64> {
+        let url = format!("{}{path}", self.base);
+        self.rt.block_on(async {
+            let mut resp = self
+                .http
+                .get(&url)
+                .bearer_auth(&self.key)
+                // An export runs as long as it has lines; the usual bound is for calls.
+                .timeout(std::time::Duration::from_secs(24 * 3600))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the Ciyuan server at {}", self.base))?;
+            let status = resp.status();
+            if !status.is_success() {
+                let bytes = resp.bytes().await.context("reading the server's answer")?;
+                let detail = serde_json::from_slice::<Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_string))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                bail!("GET {path}: {status}: {detail}");
+            }
+            let mut n = 0u64;
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .with_context(|| format!("GET {path}: the transfer was cut after {n} bytes"))?
+            {
+                out.write_all(&chunk)?;
+                n += chunk.len() as u64;
+            }
+            out.flush()?;
+            Ok(n)
+        })
+    }
+
     /// Sends a batch of CloudEvents; answers the per-event results.
     pub fn events(&self, batch: &Value) -> anyhow::Result<Value> {
         let url = format!("{}/v1/events", self.base);

@@ -1,4 +1,4 @@
-//! The finance subcommands: statements (and, with them, the period close).
+//! The finance subcommands: statements (and, with them, the period close) and exports.
 
 use crate::Remote;
 use crate::client::{Client, enc};
@@ -155,4 +155,58 @@ fn summary(v: &Value, closed_now: bool, out: &mut impl Write) -> anyhow::Result<
         )?;
     }
     Ok(())
+}
+
+/// `ciyuan export KIND --account PATH --period 2026-11`
+#[derive(Args)]
+pub struct ExportArgs {
+    /// usage (every billing line in Ciyuan's columns) or focus (FOCUS 1.2).
+    kind: String,
+    /// The node whose subtree is exported.
+    #[arg(long)]
+    account: String,
+    /// A calendar month in the node's time zone, e.g. 2026-11.
+    #[arg(long, required_unless_present = "from")]
+    period: Option<String>,
+    /// Or a range: from (RFC 3339, on a whole hour)...
+    #[arg(long, requires = "to", conflicts_with = "period")]
+    from: Option<String>,
+    /// ...to (exclusive).
+    #[arg(long)]
+    to: Option<String>,
+    /// Write to this file instead of standard output.
+    #[arg(long, short)]
+    output: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+/// Runs `ciyuan export`: streams the server's CSV to a file or standard output.
+pub fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let mut q = vec![format!("account={}", enc(&a.account))];
+    if let Some(p) = &a.period {
+        q.push(format!("period={}", enc(p)));
+    }
+    if let (Some(f), Some(t)) = (&a.from, &a.to) {
+        q.push(format!("from={}&to={}", enc(f), enc(t)));
+    }
+    let path = format!("/api/v1/exports/{}?{}", enc(&a.kind), q.join("&"));
+    let client = Client::new(&a.remote)?;
+    match &a.output {
+        Some(file) => {
+            // Written beside and renamed when whole: a cut transfer leaves no file that
+            // looks complete.
+            let part = file.with_extension("part");
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&part)?);
+            let n = client.download(&path, &mut out)?;
+            drop(out);
+            std::fs::rename(&part, file)?;
+            eprintln!("{n} bytes written to {}", file.display());
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            client.download(&path, &mut out)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

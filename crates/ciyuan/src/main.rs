@@ -79,6 +79,8 @@ enum Command {
     /// A node's statement for a month (or a range), with a subtotal per child node;
     /// --close issues it and closes the month.
     Statement(finance::StatementArgs),
+    /// Stream a finance export of a subtree: usage (Ciyuan's columns) or focus.
+    Export(finance::ExportArgs),
     /// Record a correction of earlier usage.
     Adjust(admin::AdjustArgs),
     /// Checkpoints, proofs, bundles and offline verification.
@@ -225,6 +227,7 @@ fn main() -> ExitCode {
         Command::Contracts(cmd) => money::contracts(cmd),
         Command::Wallets(cmd) => money::wallets(cmd),
         Command::Statement(a) => finance::statement(a),
+        Command::Export(a) => finance::export(a),
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),

@@ -39,8 +39,7 @@ fn ingest(
     id: &str,
     subject: &str,
     time: &str,
-    input: u64,
-    output: u64,
+    (input, output): (u64, u64),
 ) {
     let ev = json!({"specversion": "1.0", "id": id, "source": "svc://finance-test",
         "type": "llm.usage", "subject": subject, "time": time,
@@ -137,8 +136,7 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
         "e1",
         "acme/cn",
         "2026-10-31T16:30:00Z",
-        1_000_000,
-        100_000,
+        (1_000_000, 100_000),
     );
     // 333,333 input tokens, 10% off: 0.71999928, rounded to 0.72.
     ingest(
@@ -148,8 +146,7 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
         "e2",
         "acme/us",
         "2026-11-15T00:00:00Z",
-        333_333,
-        0,
+        (333_333, 0),
     );
     // 23:59 on 30 November: 0.0000024, rounded to 0.00.
     ingest(
@@ -159,8 +156,7 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
         "e3",
         "acme/cn",
         "2026-11-30T15:59:00Z",
-        1,
-        0,
+        (1, 0),
     );
     // 00:00 on 1 December in Shanghai: December's.
     ingest(
@@ -170,8 +166,7 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
         "e4",
         "acme/cn",
         "2026-11-30T16:00:00Z",
-        1_000_000,
-        0,
+        (1_000_000, 0),
     );
     // 00:30 on 1 November in New York (still daylight time, UTC-4): November's.
     ingest(
@@ -181,8 +176,7 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
         "g1",
         "globex",
         "2026-11-01T04:30:00Z",
-        1_000_000,
-        0,
+        (1_000_000, 0),
     );
 
     let (s, first) = statement(&server, &root, "acme", "2026-11");
@@ -299,6 +293,49 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
     );
     assert_eq!(s, 400);
 
+    // The usage export bills the same, line by line.
+    let file = tmp.path().join("usage.csv");
+    let out = server.cli(
+        &root,
+        &[
+            "export",
+            "usage",
+            "--account",
+            "acme",
+            "--period",
+            "2026-11",
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(&file).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let billed = header.iter().position(|c| *c == "billed_cost").unwrap();
+    let sum: rust_decimal::Decimal = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .nth(billed)
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(sum.normalize().to_string(), "4.08", "{csv}");
+    let (s, _) = server.http(
+        "GET",
+        "/api/v1/exports/nope?account=acme&period=2026-11",
+        &root,
+        None,
+    );
+    assert_eq!(s, 404);
+
     // The human form, and a tenant below cannot close its parent's month.
     let human = stdout(&server.cli(&root, &["statement", "acme", "--period", "2026-11"]));
     assert!(
@@ -375,8 +412,7 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
         "late",
         "acme/cn",
         "2026-11-20T00:00:00Z",
-        1_000_000,
-        0,
+        (1_000_000, 0),
     );
     let (_, nov) = statement(&server, &root, "acme", "2026-11");
     assert_eq!(nov, first, "a closed month is answered as issued");
