@@ -109,54 +109,72 @@ with open(projected, "w", newline="", encoding="utf-8") as f:
     for row in rows[1:]:
         w.writerow(row + [row[i] for i, _ in copies] + [""] * len(absent))
 
-# The validator reads its currency list by a path relative to the working directory.
-import focus_validator
-os.chdir(os.path.dirname(os.path.dirname(focus_validator.__file__)))
+# From here on, an exception means the validator could not run (exit 3), which is not
+# the same as the file failing its checks (exit 1).
+try:
+    # The validator reads its currency list by a path relative to the working directory.
+    import focus_validator
+    os.chdir(os.path.dirname(os.path.dirname(focus_validator.__file__)))
 
-from focus_validator.validator import Validator
+    from focus_validator.validator import Validator
 
-v = Validator(
-    data_filename=projected,
-    output_destination=None,
-    output_type="console",
-    rules_version="1.0",
-)
-v.spec_rules.load()
-# The validator's own loader is pandas' read_csv with its type guessing: a Decimal column
-# whose values are all whole numbers becomes int64 and fails "is decimal", an id of
-# digits becomes a number and fails "is string", and a model named "None" or "NA" becomes
-# null. FOCUS allows integer notation in Decimal columns, so the file is read with the
-# types the rules themselves declare instead, and only an empty field is null.
-from focus_validator.config_objects.common import DataTypeCheck, DataTypes
-import pandas as pd
+    v = Validator(
+        data_filename=projected,
+        output_destination=None,
+        output_type="console",
+        rules_version="1.0",
+    )
+    v.spec_rules.load()
+    # The validator's own loader is pandas' read_csv with its type guessing: a Decimal column
+    # whose values are all whole numbers becomes int64 and fails "is decimal", an id of
+    # digits becomes a number and fails "is string", and a model named "None" or "NA" becomes
+    # null. FOCUS allows integer notation in Decimal columns, so the file is read with the
+    # types the rules themselves declare instead, and only an empty field is null.
+    from focus_validator.config_objects.common import DataTypeCheck, DataTypes
+    import pandas as pd
 
-declared = {
-    r.column_id: r.check.data_type
-    for r in v.spec_rules.rules
-    if isinstance(getattr(r, "check", None), DataTypeCheck)
-}
-v.focus_data = pd.read_csv(
-    projected,
-    dtype={c: ("float64" if t == DataTypes.DECIMAL else str) for c, t in declared.items()},
-    keep_default_na=False,
-    na_values=[""],
-)
-result = v.spec_rules.validate(v.focus_data)
-v.outputter.write(result)
-counts = {}
-bad = []
-for check in result.checklist.values():
-    counts[check.status.value] = counts.get(check.status.value, 0) + 1
-    if check.status.value in ("failed", "errored"):
-        bad.append(f"  {check.check_name} ({check.column_id}): {check.status.value}"
-                   + (f": {check.error}" if check.error else ""))
-print("checks:", ", ".join(f"{k} {counts[k]}" for k in sorted(counts)))
-if bad or not counts.get("passed"):
-    print("focus_validate: FOCUS 1.0 validation failed:", file=sys.stderr)
-    print("\n".join(bad), file=sys.stderr)
-    sys.exit(1)
-print(f"focus_validate: {src}: every FOCUS 1.0 check passed")
+    declared = {
+        r.column_id: r.check.data_type
+        for r in v.spec_rules.rules
+        if isinstance(getattr(r, "check", None), DataTypeCheck)
+    }
+    try:
+        v.focus_data = pd.read_csv(
+            projected,
+            dtype={c: ("float64" if t == DataTypes.DECIMAL else str) for c, t in declared.items()},
+            keep_default_na=False,
+            na_values=[""],
+        )
+    except ValueError as e:
+        # A Decimal column holds something that is not a number: the validator's own
+        # loader keeps it as text, and its "is decimal" check reports it.
+        print(f"focus_validate: not every Decimal column is numeric ({e})", file=sys.stderr)
+        v.focus_data = pd.read_csv(projected)
+    result = v.spec_rules.validate(v.focus_data)
+    v.outputter.write(result)
+    counts = {}
+    bad = []
+    for check in result.checklist.values():
+        counts[check.status.value] = counts.get(check.status.value, 0) + 1
+        if check.status.value in ("failed", "errored"):
+            bad.append(f"  {check.check_name} ({check.column_id}): {check.status.value}"
+                       + (f": {check.error}" if check.error else ""))
+    print("checks:", ", ".join(f"{k} {counts[k]}" for k in sorted(counts)))
+    if bad or not counts.get("passed"):
+        print("focus_validate: FOCUS 1.0 validation failed:", file=sys.stderr)
+        print("\n".join(bad), file=sys.stderr)
+        sys.exit(1)
+    print(f"focus_validate: {src}: every FOCUS 1.0 check passed")
+except SystemExit:
+    raise
+except Exception:
+    import traceback
+    traceback.print_exc()
+    print("focus_validate: the validator could not run", file=sys.stderr)
+    sys.exit(3)
 PY
-if [ "$status" -ne 0 ]; then
-  exit 1
-fi
+case $status in
+  0) ;;
+  1) exit 1 ;;
+  *) exit 2 ;;
+esac
