@@ -707,3 +707,23 @@ fn every_column_meets_the_focus_1_2_requirements() {
             .any(|r| r["SkuId"] == Some("acme-ft, \"v2\"/text.output"))
     );
 }
+
+/// Throughput and memory: a million lines streamed to a sink. Run with
+/// `cargo test --release -p ciyuan-report --test focus -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn a_million_lines_stream() {
+    let lines: Vec<CostLine> = representative()
+        .into_iter()
+        .map(|(l, _)| l)
+        .filter(|l| l.category == ChargeCategory::Usage)
+        .collect();
+    let mut w = FocusWriter::new(std::io::BufWriter::new(std::io::sink()), meta()).unwrap();
+    let start = std::time::Instant::now();
+    for i in 0..1_000_000 {
+        w.write(&lines[i % lines.len()]).unwrap();
+    }
+    let (_, summary) = w.finish().unwrap();
+    eprintln!("1e6 rows in {:?}", start.elapsed());
+    assert_eq!(summary.rows, 1_000_000);
+}
