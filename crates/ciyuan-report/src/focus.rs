@@ -14,8 +14,10 @@
 //!   (`measure.pages` in `Pages`); the unit prices are per one such unit.
 //! - `EffectiveCost` is `BilledCost`: Ciyuan amortizes nothing (a wallet top-up is a
 //!   payment, not a FOCUS purchase).
-//! - `ContractedUnitPrice` is `ContractedCost / PricingQuantity`, written only when that
-//!   quotient is exact (FOCUS requires their product to give the cost back).
+//! - `ContractedUnitPrice` is `ContractedCost / PricingQuantity`; a line whose quotient
+//!   is not exact is refused, because FOCUS requires the product to give the cost back
+//!   (except on a correction, where it allows discrepancies). Likewise a line whose
+//!   `list_cost` is not `quantity × list_unit_price`, and usage without a list price.
 //! - `ChargeClass` is `Correction` for a line whose charge period starts before the
 //!   billing period: a correction of a closed period lands in the next open one.
 //! - `SubAccountId` is the line's node path; `SubAccountName` its display name (given to
