@@ -1,1 +1,1227 @@
-//! (being written)
+//! The FinOps Foundation's FOCUS 1.2 cost-and-usage export, as CSV, streamed.
+//!
+//! [`FocusWriter`] takes [`CostLine`]s one at a time and writes one row each, so an
+//! export of any size holds one row in memory. The columns are [`COLUMNS`]: every column
+//! FOCUS 1.2 marks Mandatory, and the Conditional and Recommended ones that apply to
+//! metered AI usage (consumed and pricing quantities and units, SKU and SKU price ids,
+//! unit prices, sub accounts, service subcategory, charge frequency, region).
+//!
+//! How a line becomes a row, where FOCUS leaves a choice:
+//! - `SkuId` is `model/key` (`gpt-4o/text.input`), or `service/key` for lines without
+//!   a model; `SkuPriceId` adds the price book (`gpt-4o/text.input@list`): FOCUS wants
+//!   it stable across time and contracts, so the book's version is not in it.
+//! - Tokens are counted in `Tokens`, requests in `Requests`, a measure in its own name
+//!   (`measure.pages` in `Pages`); the unit prices are per one such unit.
+//! - `EffectiveCost` is `BilledCost`: Ciyuan amortizes nothing (a wallet top-up is a
+//!   payment, not a FOCUS purchase).
+//! - `ContractedUnitPrice` is `ContractedCost / PricingQuantity`; a line whose quotient
+//!   is not exact is refused, because FOCUS requires the product to give the cost back
+//!   (except on a correction, where it allows discrepancies). Likewise a line whose
+//!   `list_cost` is not `quantity × list_unit_price`, and usage without a list price.
+//! - `ChargeClass` is `Correction` for a line whose charge period starts before the
+//!   billing period: a correction of a closed period lands in the next open one.
+//! - `SubAccountId` is the line's node path; `SubAccountName` its display name (given to
+//!   [`FocusWriter::write_named`]) or the path.
+//! - Amounts are written as exact decimal text, never in exponent notation; a null is
+//!   an empty field; datetimes are `YYYY-MM-DDTHH:MM:SSZ`.
+//! - Quoting follows RFC 4180: a field with a comma, quote, CR or LF is quoted and its
+//!   quotes doubled; rows end with CRLF.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::str::FromStr;
+
+use ciyuan_core::jiff::Timestamp;
+use ciyuan_core::{AccountPath, Currency, PriceKey};
+use rust_decimal::Decimal;
+
+use crate::{ChargeCategory, CostLine};
+
+/// The FOCUS version the export follows.
+pub const FOCUS_VERSION: &str = "1.2";
+
+/// The provider, publisher and invoice issuer named when [`FocusMeta`] names none.
+pub const DEFAULT_PROVIDER: &str = "Ciyuan";
+
+/// `ServiceCategory` of every row: FOCUS 1.2's category for AI services.
+pub const SERVICE_CATEGORY: &str = "AI and Machine Learning";
+
+/// `ServiceSubcategory` of every row: the 1.2 subcategory under [`SERVICE_CATEGORY`].
+pub const SERVICE_SUBCATEGORY: &str = "Generative AI";
+
+/// The header, in the order the fields of every row are written.
+pub const COLUMNS: [&str; 33] = [
+    "BilledCost",
+    "BillingAccountId",
+    "BillingAccountName",
+    "BillingCurrency",
+    "BillingPeriodEnd",
+    "BillingPeriodStart",
+    "ChargeCategory",
+    "ChargeClass",
+    "ChargeDescription",
+    "ChargeFrequency",
+    "ChargePeriodEnd",
+    "ChargePeriodStart",
+    "ConsumedQuantity",
+    "ConsumedUnit",
+    "ContractedCost",
+    "ContractedUnitPrice",
+    "EffectiveCost",
+    "InvoiceIssuerName",
+    "ListCost",
+    "ListUnitPrice",
+    "PricingQuantity",
+    "PricingUnit",
+    "ProviderName",
+    "PublisherName",
+    "RegionId",
+    "ServiceCategory",
+    "ServiceName",
+    "ServiceSubcategory",
+    "SkuId",
+    "SkuMeter",
+    "SkuPriceId",
+    "SubAccountId",
+    "SubAccountName",
+];
+
+/// What an export is for: the provider, the billing account and the billing period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FocusMeta {
+    /// `ProviderName`, `PublisherName` and `InvoiceIssuerName`; [`DEFAULT_PROVIDER`]
+    /// unless a reseller names itself.
+    pub provider: String,
+    /// The node the export is for: `BillingAccountId` is its path.
+    pub billing_account: AccountPath,
+    /// Its display name (`BillingAccountName`); the path when it has none, because
+    /// FOCUS requires a name where the provider supports display names.
+    pub billing_account_name: Option<String>,
+    /// First instant of the billing period (inclusive, UTC, whole seconds).
+    pub billing_period_start: Timestamp,
+    /// First instant after it (exclusive, UTC, whole seconds).
+    pub billing_period_end: Timestamp,
+    /// The currency the account is billed in. When set, every line must be in it
+    /// (nothing is converted); when `None`, each row's `BillingCurrency` is its line's
+    /// currency, as for an account billed in several currencies.
+    pub billing_currency: Option<Currency>,
+}
+
+impl FocusMeta {
+    /// An export of `account` for `[start, end)`, provider [`DEFAULT_PROVIDER`], each
+    /// line billed in its own currency.
+    pub fn new(
+        account: AccountPath,
+        name: Option<String>,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> FocusMeta {
+        FocusMeta {
+            provider: DEFAULT_PROVIDER.to_string(),
+            billing_account: account,
+            billing_account_name: name,
+            billing_period_start: start,
+            billing_period_end: end,
+            billing_currency: None,
+        }
+    }
+}
+
+/// Why an export could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum FocusError {
+    /// The writer failed.
+    #[error("writing the FOCUS export: {0}")]
+    Io(#[from] std::io::Error),
+    /// The export's description is unusable.
+    #[error("FOCUS export: {0}")]
+    Meta(String),
+    /// A line cannot be written as FOCUS requires; nothing of it was written.
+    #[error("FOCUS export, line {line} ({what}): {why}")]
+    Line {
+        /// The line's position among those given, from 1.
+        line: u64,
+        /// Which line: category, service, model, key.
+        what: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The export's total of one currency does not fit a decimal.
+    #[error("FOCUS export: the total BilledCost in {0} overflows")]
+    Overflow(Currency),
+}
+
+/// What an export held, returned by [`FocusWriter::finish`] so the caller can check it
+/// against its own sums.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FocusSummary {
+    /// Rows written, the header not counted.
+    pub rows: u64,
+    /// Sum of `BilledCost` per currency, exact.
+    pub billed: BTreeMap<Currency, Decimal>,
+}
+
+/// Streams a FOCUS 1.2 CSV export: [`FocusWriter::new`] writes the header, each
+/// [`FocusWriter::write`] one row, [`FocusWriter::finish`] flushes.
+///
+/// Each row goes to `out` in one `write_all`; give it a `BufWriter` over a file or a
+/// socket. A line that cannot be written as FOCUS requires is refused with
+/// [`FocusError::Line`] before any of its bytes are written, so the caller may skip it
+/// or stop.
+pub struct FocusWriter<W: Write> {
+    out: W,
+    meta: FocusMeta,
+    // Fields common to every row, rendered once.
+    period_start: String,
+    period_end: String,
+    account_id: String,
+    account_name: String,
+    charge_start: DateCache,
+    charge_end: DateCache,
+    row: String,
+    scratch: String,
+    seen: u64,
+    summary: FocusSummary,
+}
+
+impl<W: Write> FocusWriter<W> {
+    /// Checks `meta` and writes the header.
+    pub fn new(mut out: W, meta: FocusMeta) -> Result<FocusWriter<W>, FocusError> {
+        if meta.provider.trim().is_empty() {
+            return Err(FocusError::Meta(
+                "the provider name is empty (FOCUS ProviderName must not be null)".into(),
+            ));
+        }
+        if meta.billing_period_end <= meta.billing_period_start {
+            return Err(FocusError::Meta(format!(
+                "the billing period ends ({}) before it starts ({})",
+                meta.billing_period_end, meta.billing_period_start
+            )));
+        }
+        let period_start = datetime(meta.billing_period_start)
+            .map_err(|e| FocusError::Meta(format!("billing period start: {e}")))?;
+        let period_end = datetime(meta.billing_period_end)
+            .map_err(|e| FocusError::Meta(format!("billing period end: {e}")))?;
+        let account_id = meta.billing_account.to_string();
+        let account_name = match &meta.billing_account_name {
+            Some(n) if !n.trim().is_empty() => n.clone(),
+            _ => account_id.clone(),
+        };
+        let mut header = String::with_capacity(512);
+        for (i, c) in COLUMNS.iter().enumerate() {
+            if i > 0 {
+                header.push(',');
+            }
+            header.push_str(c);
+        }
+        header.push_str("\r\n");
+        out.write_all(header.as_bytes())?;
+        Ok(FocusWriter {
+            out,
+            meta,
+            period_start,
+            period_end,
+            account_id,
+            account_name,
+            charge_start: DateCache::default(),
+            charge_end: DateCache::default(),
+            row: String::with_capacity(1024),
+            scratch: String::with_capacity(256),
+            seen: 0,
+            summary: FocusSummary::default(),
+        })
+    }
+
+    /// Writes one line; its node's display name is unknown, so `SubAccountName` is the
+    /// path.
+    pub fn write(&mut self, line: &CostLine) -> Result<(), FocusError> {
+        self.write_named(line, None)
+    }
+
+    /// Writes one line whose node is called `sub_account_name` (`SubAccountName`).
+    pub fn write_named(
+        &mut self,
+        line: &CostLine,
+        sub_account_name: Option<&str>,
+    ) -> Result<(), FocusError> {
+        self.seen += 1;
+        let seen = self.seen;
+        let row = Row::of(line, &self.meta).map_err(|why| line_error(seen, line, why))?;
+        // Summed before writing so an overflow leaves the output untouched.
+        let total = self.summary.billed.get(&line.currency).copied();
+        let total = total
+            .unwrap_or(Decimal::ZERO)
+            .checked_add(line.billed_cost)
+            .ok_or(FocusError::Overflow(line.currency))?;
+
+        let start = self
+            .charge_start
+            .get(line.charge_period_start)
+            .map_err(|e| line_error(seen, line, format!("charge period start: {e}")))?;
+        let end = self
+            .charge_end
+            .get(line.charge_period_end)
+            .map_err(|e| line_error(seen, line, format!("charge period end: {e}")))?;
+        let sub_name = match sub_account_name {
+            Some(n) if !n.trim().is_empty() => Some(n),
+            _ => None,
+        };
+        let provider = self.meta.provider.as_str();
+        let b = &mut self.row;
+        let scratch = &mut self.scratch;
+        b.clear();
+        let sep = |b: &mut String| b.push(',');
+        push_decimal(b, line.billed_cost);
+        sep(b);
+        push_field(b, &self.account_id);
+        sep(b);
+        push_field(b, &self.account_name);
+        sep(b);
+        b.push_str(line.currency.as_str());
+        sep(b);
+        b.push_str(&self.period_end);
+        sep(b);
+        b.push_str(&self.period_start);
+        sep(b);
+        b.push_str(category_name(line.category));
+        sep(b);
+        b.push_str(row.class.unwrap_or(""));
+        sep(b);
+        scratch.clear();
+        description(line, scratch);
+        push_field(b, scratch);
+        sep(b);
+        b.push_str(row.frequency);
+        sep(b);
+        b.push_str(end);
+        sep(b);
+        b.push_str(start);
+        sep(b);
+        // ConsumedQuantity, ConsumedUnit: usage only.
+        if row.usage {
+            push_decimal(b, line.quantity);
+            sep(b);
+            push_field(b, row.unit.as_deref().unwrap_or(""));
+        } else {
+            sep(b);
+        }
+        sep(b);
+        push_decimal(b, line.contracted_cost);
+        sep(b);
+        if let Some(p) = row.contracted_unit_price {
+            push_decimal(b, p);
+        }
+        sep(b);
+        // EffectiveCost: nothing is amortized.
+        push_decimal(b, line.billed_cost);
+        sep(b);
+        push_field(b, provider);
+        sep(b);
+        push_decimal(b, line.list_cost);
+        sep(b);
+        if let Some(p) = row.list_unit_price {
+            push_decimal(b, p);
+        }
+        sep(b);
+        if let Some(q) = row.pricing_quantity {
+            push_decimal(b, q);
+            sep(b);
+            push_field(b, row.unit.as_deref().unwrap_or(""));
+        } else {
+            sep(b);
+        }
+        sep(b);
+        push_field(b, provider);
+        sep(b);
+        push_field(b, provider);
+        sep(b);
+        // RegionId: Ciyuan's services are not operated from distinct regions.
+        sep(b);
+        b.push_str(SERVICE_CATEGORY);
+        sep(b);
+        push_field(b, row.service);
+        sep(b);
+        b.push_str(SERVICE_SUBCATEGORY);
+        sep(b);
+        // SkuId, SkuMeter, SkuPriceId: usage only.
+        if row.usage {
+            scratch.clear();
+            sku_of(line, scratch);
+            push_field(b, scratch);
+            sep(b);
+            push_field(b, &line.key);
+            sep(b);
+            if !line.book.is_empty() {
+                scratch.push('@');
+                scratch.push_str(&line.book);
+            }
+            push_field(b, scratch);
+        } else {
+            sep(b);
+            sep(b);
+        }
+        sep(b);
+        scratch.clear();
+        let _ = write!(scratch, "{}", line.account);
+        push_field(b, scratch);
+        sep(b);
+        match sub_name {
+            Some(n) => push_field(b, n),
+            None => push_field(b, scratch),
+        }
+        b.push_str("\r\n");
+        self.out.write_all(self.row.as_bytes())?;
+        self.summary.billed.insert(line.currency, total);
+        self.summary.rows += 1;
+        Ok(())
+    }
+
+    /// Flushes and returns the writer and what was written.
+    pub fn finish(mut self) -> Result<(W, FocusSummary), FocusError> {
+        self.out.flush()?;
+        Ok((self.out, self.summary))
+    }
+}
+
+/// Writes a whole export of `lines` to `out`: [`FocusWriter`] for callers that have an
+/// iterator.
+pub fn write_focus_csv<W: Write, I>(
+    out: W,
+    meta: FocusMeta,
+    lines: I,
+) -> Result<(W, FocusSummary), FocusError>
+where
+    I: IntoIterator,
+    I::Item: std::borrow::Borrow<CostLine>,
+{
+    let mut w = FocusWriter::new(out, meta)?;
+    for line in lines {
+        w.write(std::borrow::Borrow::borrow(&line))?;
+    }
+    w.finish()
+}
+
+/// The FOCUS `ChargeCategory` value of a category.
+pub fn category_name(c: ChargeCategory) -> &'static str {
+    match c {
+        ChargeCategory::Usage => "Usage",
+        ChargeCategory::Adjustment => "Adjustment",
+        ChargeCategory::Credit => "Credit",
+        ChargeCategory::Tax => "Tax",
+    }
+}
+
+/// The FOCUS unit (`ConsumedUnit`, `PricingUnit`) a price key counts in: `Tokens`,
+/// `Requests`, or a measure's name as a capitalized plural noun (`measure.pages` is
+/// `Pages`, `measure.audio_seconds` is `Audio Seconds`). `None` for what is not a
+/// price key.
+pub fn unit_of(key: &str) -> Option<String> {
+    unit(key).map(Cow::into_owned)
+}
+
+fn unit(key: &str) -> Option<Cow<'static, str>> {
+    // The hot path: token keys, without parsing.
+    if let Some((modality, direction)) = key.split_once('.')
+        && modality.parse::<ciyuan_core::Modality>().is_ok()
+        && direction.parse::<ciyuan_core::Direction>().is_ok()
+    {
+        return Some(Cow::Borrowed("Tokens"));
+    }
+    match PriceKey::from_str(key).ok()? {
+        PriceKey::Tokens(..) => Some(Cow::Borrowed("Tokens")),
+        PriceKey::Request => Some(Cow::Borrowed("Requests")),
+        PriceKey::Measure(name) => {
+            let mut unit = String::with_capacity(name.len());
+            for word in name
+                .split(|c: char| c == '_' || c == '-' || c == '.' || c.is_whitespace())
+                .filter(|w| !w.is_empty())
+            {
+                if !unit.is_empty() {
+                    unit.push(' ');
+                }
+                let mut chars = word.chars();
+                if let Some(first) = chars.next() {
+                    unit.extend(first.to_uppercase());
+                    unit.push_str(chars.as_str());
+                }
+            }
+            (!unit.is_empty()).then_some(Cow::Owned(unit))
+        }
+    }
+}
+
+/// What a row holds beyond the line itself, checked.
+struct Row<'a> {
+    class: Option<&'static str>,
+    frequency: &'static str,
+    usage: bool,
+    unit: Option<Cow<'static, str>>,
+    pricing_quantity: Option<Decimal>,
+    list_unit_price: Option<Decimal>,
+    contracted_unit_price: Option<Decimal>,
+    service: &'a str,
+}
+
+impl<'a> Row<'a> {
+    fn of(line: &'a CostLine, meta: &'a FocusMeta) -> Result<Row<'a>, String> {
+        if let Some(c) = meta.billing_currency
+            && c != line.currency
+        {
+            return Err(format!(
+                "its currency {} is not the export's billing currency {c} (nothing is \
+                 converted)",
+                line.currency
+            ));
+        }
+        if line.charge_period_end <= line.charge_period_start {
+            return Err(format!(
+                "its charge period ends ({}) before it starts ({})",
+                line.charge_period_end, line.charge_period_start
+            ));
+        }
+        // A charge of an earlier period corrects a period already invoiced.
+        let correction = line.charge_period_start < meta.billing_period_start;
+        let usage = line.category == ChargeCategory::Usage;
+        let tax = line.category == ChargeCategory::Tax;
+
+        let service = if !line.service.trim().is_empty() {
+            line.service.as_str()
+        } else if usage {
+            return Err("it has no service (FOCUS ServiceName must not be null)".into());
+        } else {
+            // An adjustment, credit or tax of the whole account: the provider's service.
+            meta.provider.as_str()
+        };
+        if usage && line.key.trim().is_empty() {
+            return Err("it has no priced key".into());
+        }
+
+        let unit = unit(&line.key);
+        // FOCUS: a tax row has no SKU, unit price or pricing quantity; a usage row has
+        // them all; an adjustment or credit has what it carries.
+        let pricing_quantity = if tax {
+            None
+        } else if usage {
+            match &unit {
+                Some(_) => Some(line.quantity),
+                None => {
+                    return Err(format!(
+                        "its key {:?} is not a price key (text.input, measure.<name>, \
+                         request), so it has no FOCUS unit",
+                        line.key
+                    ));
+                }
+            }
+        } else {
+            match &unit {
+                Some(_) if !line.quantity.is_zero() => Some(line.quantity),
+                _ => None,
+            }
+        };
+        if usage && line.quantity.is_sign_negative() && !line.quantity.is_zero() && !correction {
+            return Err(format!(
+                "its quantity {} is negative outside a correction",
+                line.quantity
+            ));
+        }
+
+        let list_unit_price = if tax { None } else { line.list_unit_price };
+        if usage && list_unit_price.is_none() {
+            return Err(
+                "it is usage without a list unit price (FOCUS ListUnitPrice must not be null \
+                 on usage)"
+                    .into(),
+            );
+        }
+        if let Some(p) = list_unit_price
+            && p.is_sign_negative()
+            && !p.is_zero()
+        {
+            return Err(format!("its list unit price {p} is negative"));
+        }
+        let list_unit_price = list_unit_price.filter(|_| pricing_quantity.is_some());
+
+        let mut contracted_unit_price = None;
+        if let (Some(q), Some(p)) = (pricing_quantity, list_unit_price) {
+            let product = q
+                .checked_mul(p)
+                .ok_or_else(|| format!("quantity {q} × list unit price {p} overflows"))?;
+            if !correction && product != line.list_cost {
+                return Err(format!(
+                    "its list cost {} is not quantity {q} × list unit price {p} = {product} \
+                     (FOCUS requires them equal)",
+                    line.list_cost
+                ));
+            }
+            contracted_unit_price = Some(contracted_price(q, p, line.contracted_cost, correction)?);
+        }
+        if !usage && !tax && list_unit_price.is_none() {
+            // FOCUS: the list and contracted cost of a charge unrelated to other charges
+            // is its billed cost.
+            if line.category == ChargeCategory::Credit
+                && (line.list_cost != line.billed_cost || line.contracted_cost != line.billed_cost)
+            {
+                return Err(format!(
+                    "a credit without a unit price must have list cost ({}) and contracted \
+                     cost ({}) equal to its billed cost ({})",
+                    line.list_cost, line.contracted_cost, line.billed_cost
+                ));
+            }
+        }
+
+        Ok(Row {
+            class: correction.then_some("Correction"),
+            frequency: match line.category {
+                ChargeCategory::Usage | ChargeCategory::Tax => "Usage-Based",
+                ChargeCategory::Adjustment | ChargeCategory::Credit => "One-Time",
+            },
+            usage,
+            unit: if pricing_quantity.is_some() || usage {
+                unit
+            } else {
+                None
+            },
+            pricing_quantity,
+            list_unit_price,
+            contracted_unit_price,
+            service,
+        })
+    }
+}
+
+/// The contracted price of one unit: the contracted cost over the quantity, which must
+/// be exact because FOCUS requires `ContractedUnitPrice × PricingQuantity =
+/// ContractedCost`. A zero quantity has no quotient: its contracted price is taken to be
+/// the list price (a zero cost is then consistent with either).
+fn contracted_price(
+    quantity: Decimal,
+    list_price: Decimal,
+    contracted_cost: Decimal,
+    correction: bool,
+) -> Result<Decimal, String> {
+    if quantity.is_zero() {
+        if !contracted_cost.is_zero() && !correction {
+            return Err(format!(
+                "its quantity is zero but its contracted cost is {contracted_cost}"
+            ));
+        }
+        return Ok(list_price);
+    }
+    if quantity.checked_mul(list_price) == Some(contracted_cost) {
+        // No discount or markup: no division needed.
+        return Ok(list_price);
+    }
+    let price = contracted_cost.checked_div(quantity).ok_or_else(|| {
+        format!("contracted cost {contracted_cost} / quantity {quantity} overflows")
+    })?;
+    let exact = price.checked_mul(quantity) == Some(contracted_cost);
+    if !exact && !correction {
+        return Err(format!(
+            "its contracted cost {contracted_cost} is not quantity {quantity} × an exact unit \
+             price (FOCUS ContractedUnitPrice × PricingQuantity must equal ContractedCost)"
+        ));
+    }
+    if price.is_sign_negative() && !price.is_zero() {
+        return Err(format!(
+            "its contracted unit price {price} is negative (contracted cost {contracted_cost}, \
+             quantity {quantity})"
+        ));
+    }
+    Ok(price.normalize())
+}
+
+/// `SkuId`: what is sold, whatever its price: the model (or, without one, the service)
+/// and the key.
+fn sku_of(line: &CostLine, out: &mut String) {
+    out.push_str(if line.model.is_empty() {
+        &line.service
+    } else {
+        &line.model
+    });
+    out.push('/');
+    out.push_str(&line.key);
+}
+
+fn description(line: &CostLine, out: &mut String) {
+    match line.category {
+        ChargeCategory::Usage => {}
+        ChargeCategory::Adjustment => out.push_str("Adjustment: "),
+        ChargeCategory::Credit => out.push_str("Credit: "),
+        ChargeCategory::Tax => out.push_str("Tax: "),
+    }
+    let parts = [
+        line.key.as_str(),
+        line.model.as_str(),
+        line.service.as_str(),
+    ];
+    let mut first = true;
+    for p in parts.iter().filter(|p| !p.is_empty()) {
+        if !first {
+            out.push_str(if line.category == ChargeCategory::Usage {
+                " of "
+            } else {
+                ", "
+            });
+        }
+        out.push_str(p);
+        first = false;
+    }
+    if first {
+        out.push_str(category_name(line.category));
+    }
+}
+
+fn describe(line: &CostLine) -> String {
+    format!(
+        "{} {} {} {}",
+        category_name(line.category),
+        if line.service.is_empty() {
+            "-"
+        } else {
+            &line.service
+        },
+        if line.model.is_empty() {
+            "-"
+        } else {
+            &line.model
+        },
+        if line.key.is_empty() { "-" } else { &line.key }
+    )
+}
+
+fn line_error(seen: u64, line: &CostLine, why: String) -> FocusError {
+    FocusError::Line {
+        line: seen,
+        what: describe(line),
+        why,
+    }
+}
+
+/// The last date/time rendered: lines come in charge-period order, so most rows repeat
+/// the previous row's periods.
+#[derive(Default)]
+struct DateCache {
+    at: Option<Timestamp>,
+    text: String,
+}
+
+impl DateCache {
+    fn get(&mut self, t: Timestamp) -> Result<&str, String> {
+        if self.at != Some(t) {
+            self.text = datetime(t)?;
+            self.at = Some(t);
+        }
+        Ok(&self.text)
+    }
+}
+
+/// FOCUS's date/time format: UTC, whole seconds, `Z`.
+fn datetime(t: Timestamp) -> Result<String, String> {
+    if t.subsec_nanosecond() != 0 {
+        return Err(format!(
+            "{t} has a fraction of a second (FOCUS date/times are whole seconds)"
+        ));
+    }
+    let year = t.to_zoned(ciyuan_core::jiff::tz::TimeZone::UTC).year();
+    if !(1..=9999).contains(&year) {
+        return Err(format!(
+            "{t} is outside the years ISO 8601 writes in four digits"
+        ));
+    }
+    Ok(t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+}
+
+/// Exact decimal text: never an exponent, never `-0`; the digits of the mantissa with
+/// the point `scale` places from the right, as `Decimal`'s `Display` writes them, but
+/// several times faster (this runs seven times per row).
+fn push_decimal(out: &mut String, d: Decimal) {
+    let mantissa = d.mantissa();
+    let scale = d.scale() as usize;
+    if mantissa < 0 {
+        out.push('-');
+    }
+    // A mantissa has at most 96 bits: 29 digits. Two u64 halves avoid 128-bit division
+    // per digit.
+    let mut n = mantissa.unsigned_abs();
+    const E19: u128 = 10_000_000_000_000_000_000;
+    let low = (n % E19) as u64;
+    n /= E19;
+    let parts = [low, (n % E19) as u64, (n / E19) as u64];
+    let top = parts.iter().rposition(|p| *p != 0).unwrap_or(0);
+    let mut digits = [b'0'; 60];
+    let mut i = digits.len();
+    for (k, mut c) in parts.into_iter().enumerate().take(top + 1) {
+        if k < top {
+            // A lower part holds exactly 19 digits, leading zeros included.
+            for _ in 0..19 {
+                i -= 1;
+                digits[i] = b'0' + (c % 10) as u8;
+                c /= 10;
+            }
+        } else {
+            loop {
+                i -= 1;
+                digits[i] = b'0' + (c % 10) as u8;
+                c /= 10;
+                if c == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    let ds = &digits[i..];
+    fn push_digits(out: &mut String, b: &[u8]) {
+        out.extend(b.iter().map(|&c| char::from(c)));
+    }
+    if ds.len() <= scale {
+        out.push_str("0.");
+        for _ in ds.len()..scale {
+            out.push('0');
+        }
+        push_digits(out, ds);
+    } else {
+        let (int, frac) = ds.split_at(ds.len() - scale);
+        push_digits(out, int);
+        if scale > 0 {
+            out.push('.');
+            push_digits(out, frac);
+        }
+    }
+}
+
+/// Appends `f` as one RFC 4180 field.
+pub(crate) fn push_field(out: &mut String, f: &str) {
+    if f.contains([',', '"', '\r', '\n']) {
+        out.push('"');
+        for c in f.chars() {
+            if c == '"' {
+                out.push('"');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    } else {
+        out.push_str(f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn meta() -> FocusMeta {
+        FocusMeta::new(
+            AccountPath::parse("acme").unwrap(),
+            Some("Acme Group".into()),
+            ts("2026-11-01T00:00:00Z"),
+            ts("2026-12-01T00:00:00Z"),
+        )
+    }
+
+    fn usage(model: &str, key: &str, qty: i64, price: &str, currency: &str) -> CostLine {
+        let price: Decimal = price.parse().unwrap();
+        let cost = Decimal::from(qty) * price;
+        CostLine {
+            account: AccountPath::parse("acme/cn/alice").unwrap(),
+            charge_period_start: ts("2026-11-03T10:00:00Z"),
+            charge_period_end: ts("2026-11-03T11:00:00Z"),
+            category: ChargeCategory::Usage,
+            service: "llm.chat".into(),
+            model: model.into(),
+            key: key.into(),
+            quantity: Decimal::from(qty),
+            list_unit_price: Some(price),
+            list_cost: cost,
+            contracted_cost: cost,
+            billed_cost: cost,
+            currency: currency.parse().unwrap(),
+            book: "list".into(),
+            version: 3,
+        }
+    }
+
+    fn other(category: ChargeCategory, key: &str, amount: &str) -> CostLine {
+        let a: Decimal = amount.parse().unwrap();
+        CostLine {
+            category,
+            key: key.into(),
+            model: String::new(),
+            quantity: Decimal::ZERO,
+            list_unit_price: None,
+            list_cost: a,
+            contracted_cost: a,
+            billed_cost: a,
+            book: String::new(),
+            ..usage("x", "text.input", 1, "1", "CNY")
+        }
+    }
+
+    /// A minimal RFC 4180 reader, to read the output back.
+    pub(crate) fn parse_csv(s: &str) -> Vec<Vec<String>> {
+        let mut rows = Vec::new();
+        let mut row = Vec::new();
+        let mut field = String::new();
+        let mut quoted = false;
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            if quoted {
+                if c == '"' {
+                    if chars.peek() == Some(&'"') {
+                        chars.next();
+                        field.push('"');
+                    } else {
+                        quoted = false;
+                    }
+                } else {
+                    field.push(c);
+                }
+                continue;
+            }
+            match c {
+                '"' => {
+                    assert!(field.is_empty(), "quote inside an unquoted field");
+                    quoted = true;
+                }
+                ',' => row.push(std::mem::take(&mut field)),
+                '\r' => {
+                    assert_eq!(chars.next(), Some('\n'), "CR without LF");
+                    row.push(std::mem::take(&mut field));
+                    rows.push(std::mem::take(&mut row));
+                }
+                '\n' => panic!("bare LF ends a row"),
+                c => field.push(c),
+            }
+        }
+        assert!(!quoted, "unterminated quote");
+        assert!(field.is_empty() && row.is_empty(), "last row without CRLF");
+        rows
+    }
+
+    fn export(lines: &[CostLine]) -> String {
+        let (out, _) = write_focus_csv(Vec::new(), meta(), lines).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn table(lines: &[CostLine]) -> Vec<BTreeMap<String, String>> {
+        let rows = parse_csv(&export(lines));
+        let header = &rows[0];
+        rows[1..]
+            .iter()
+            .map(|r| header.iter().cloned().zip(r.iter().cloned()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn header_is_the_columns_and_every_row_has_them_all() {
+        let rows = parse_csv(&export(&[
+            usage("gpt-4o", "text.input", 1000, "0.0000025", "USD"),
+            other(ChargeCategory::Tax, "VAT", "0.6"),
+        ]));
+        assert_eq!(rows[0], COLUMNS.map(String::from).to_vec());
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().all(|r| r.len() == COLUMNS.len()));
+        let mut sorted = COLUMNS.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), COLUMNS.len(), "a column is named twice");
+    }
+
+    #[test]
+    fn a_usage_row_carries_skus_units_and_prices() {
+        let t = table(&[usage("gpt-4o", "text.input", 1000, "0.0000025", "USD")]);
+        let r = &t[0];
+        let get = |c: &str| r[c].as_str();
+        assert_eq!(get("BilledCost"), "0.0025000");
+        assert_eq!(get("BillingAccountId"), "acme");
+        assert_eq!(get("BillingAccountName"), "Acme Group");
+        assert_eq!(get("BillingCurrency"), "USD");
+        assert_eq!(get("BillingPeriodStart"), "2026-11-01T00:00:00Z");
+        assert_eq!(get("BillingPeriodEnd"), "2026-12-01T00:00:00Z");
+        assert_eq!(get("ChargePeriodStart"), "2026-11-03T10:00:00Z");
+        assert_eq!(get("ChargePeriodEnd"), "2026-11-03T11:00:00Z");
+        assert_eq!(get("ChargeCategory"), "Usage");
+        assert_eq!(get("ChargeClass"), "");
+        assert_eq!(get("ChargeFrequency"), "Usage-Based");
+        assert_eq!(get("ConsumedQuantity"), "1000");
+        assert_eq!(get("ConsumedUnit"), "Tokens");
+        assert_eq!(get("PricingQuantity"), "1000");
+        assert_eq!(get("PricingUnit"), "Tokens");
+        assert_eq!(get("ListUnitPrice"), "0.0000025");
+        assert_eq!(get("ContractedUnitPrice"), "0.0000025");
+        assert_eq!(get("SkuId"), "gpt-4o/text.input");
+        assert_eq!(get("SkuPriceId"), "gpt-4o/text.input@list");
+        assert_eq!(get("SkuMeter"), "text.input");
+        assert_eq!(get("ServiceName"), "llm.chat");
+        assert_eq!(get("ServiceCategory"), "AI and Machine Learning");
+        assert_eq!(get("ServiceSubcategory"), "Generative AI");
+        assert_eq!(get("SubAccountId"), "acme/cn/alice");
+        assert_eq!(get("SubAccountName"), "acme/cn/alice");
+        assert_eq!(get("ProviderName"), "Ciyuan");
+        assert_eq!(get("PublisherName"), "Ciyuan");
+        assert_eq!(get("InvoiceIssuerName"), "Ciyuan");
+        assert_eq!(get("RegionId"), "");
+        assert_eq!(get("EffectiveCost"), get("BilledCost"));
+    }
+
+    #[test]
+    fn tax_rows_have_no_sku_price_or_quantity() {
+        let mut tax = other(ChargeCategory::Tax, "VAT 6%", "0.6");
+        tax.list_unit_price = Some(Decimal::new(6, 2));
+        tax.quantity = Decimal::from(10);
+        let t = table(&[tax]);
+        for c in [
+            "SkuId",
+            "SkuPriceId",
+            "SkuMeter",
+            "ListUnitPrice",
+            "ContractedUnitPrice",
+            "PricingQuantity",
+            "PricingUnit",
+            "ConsumedQuantity",
+            "ConsumedUnit",
+        ] {
+            assert_eq!(t[0][c], "", "{c} of a tax row");
+        }
+        assert_eq!(t[0]["ChargeCategory"], "Tax");
+        assert_eq!(t[0]["ChargeDescription"], "Tax: VAT 6%, llm.chat");
+    }
+
+    #[test]
+    fn adjustments_and_credits_map_to_their_categories() {
+        let t = table(&[
+            other(ChargeCategory::Adjustment, "rounding", "-0.004"),
+            other(ChargeCategory::Credit, "service_credit", "-5"),
+        ]);
+        assert_eq!(t[0]["ChargeCategory"], "Adjustment");
+        assert_eq!(t[1]["ChargeCategory"], "Credit");
+        for r in &t {
+            assert_eq!(r["ChargeFrequency"], "One-Time");
+            assert_eq!(r["ListCost"], r["BilledCost"]);
+            assert_eq!(r["ConsumedQuantity"], "");
+            assert_eq!(r["PricingQuantity"], "");
+            assert_eq!(r["SkuId"], "");
+        }
+    }
+
+    #[test]
+    fn a_late_correction_is_a_correction_row() {
+        let mut l = other(ChargeCategory::Adjustment, "correction", "-1.25");
+        l.charge_period_start = ts("2026-10-30T00:00:00Z");
+        l.charge_period_end = ts("2026-10-30T01:00:00Z");
+        let t = table(&[l, other(ChargeCategory::Adjustment, "rounding", "0.01")]);
+        assert_eq!(t[0]["ChargeClass"], "Correction");
+        assert_eq!(t[1]["ChargeClass"], "");
+    }
+
+    #[test]
+    fn text_from_clients_is_quoted() {
+        let mut l = usage("evil, \"model\"\r\nx", "text.output", 3, "0.5", "CNY");
+        l.service = "a,b".into();
+        let csv = export(&[l.clone()]);
+        assert!(
+            csv.contains("\"evil, \"\"model\"\"\r\nx/text.output\""),
+            "{csv}"
+        );
+        let t = table(&[l]);
+        assert_eq!(t[0]["SkuId"], "evil, \"model\"\r\nx/text.output");
+        assert_eq!(t[0]["ServiceName"], "a,b");
+        assert_eq!(
+            t[0]["ChargeDescription"],
+            "text.output of evil, \"model\"\r\nx of a,b"
+        );
+    }
+
+    #[test]
+    fn same_lines_give_the_same_bytes() {
+        let lines = vec![
+            usage("gpt-4o", "text.input", 1000, "0.0000025", "USD"),
+            usage("qwen", "measure.pages", 7, "0.1", "CNY"),
+            other(ChargeCategory::Credit, "refund", "-2"),
+        ];
+        assert_eq!(export(&lines), export(&lines));
+    }
+
+    #[test]
+    fn units_follow_the_key() {
+        assert_eq!(unit_of("text.input").as_deref(), Some("Tokens"));
+        assert_eq!(unit_of("audio.cache_write_1h").as_deref(), Some("Tokens"));
+        assert_eq!(unit_of("request").as_deref(), Some("Requests"));
+        assert_eq!(unit_of("measure.pages").as_deref(), Some("Pages"));
+        assert_eq!(
+            unit_of("measure.audio_seconds").as_deref(),
+            Some("Audio Seconds")
+        );
+        assert_eq!(unit_of("rounding"), None);
+        let t = table(&[usage("", "measure.pages", 4, "0.25", "CNY")]);
+        assert_eq!(t[0]["PricingUnit"], "Pages");
+        assert_eq!(t[0]["SkuId"], "llm.chat/measure.pages");
+    }
+
+    #[test]
+    fn contracted_unit_price_is_exact_or_refused() {
+        let mut l = usage("m", "text.input", 3, "0.1", "USD");
+        l.contracted_cost = "0.27".parse().unwrap();
+        l.billed_cost = l.contracted_cost;
+        let t = table(&[l.clone()]);
+        assert_eq!(t[0]["ContractedUnitPrice"], "0.09");
+        l.contracted_cost = "0.2".parse().unwrap();
+        let err = write_focus_csv(Vec::new(), meta(), [&l]).unwrap_err();
+        assert!(err.to_string().contains("contracted cost 0.2"), "{err}");
+    }
+
+    #[test]
+    fn bad_lines_are_refused_and_leave_no_bytes() {
+        let mut w = FocusWriter::new(Vec::new(), meta()).unwrap();
+        let good = usage("m", "text.input", 2, "0.5", "USD");
+        w.write(&good).unwrap();
+        let mut bad = good.clone();
+        bad.list_cost = Decimal::from(7);
+        let before = w.out.len();
+        let err = w.write(&bad).unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert!(err.to_string().contains("list cost 7"), "{err}");
+        assert_eq!(w.out.len(), before);
+        let mut no_price = good.clone();
+        no_price.list_unit_price = None;
+        assert!(
+            w.write(&no_price)
+                .unwrap_err()
+                .to_string()
+                .contains("list unit price")
+        );
+        let mut bad_key = good.clone();
+        bad_key.key = "tokens".into();
+        assert!(
+            w.write(&bad_key)
+                .unwrap_err()
+                .to_string()
+                .contains("not a price key")
+        );
+        let mut frac = good.clone();
+        frac.charge_period_start = ts("2026-11-03T10:00:00.5Z");
+        assert!(w.write(&frac).unwrap_err().to_string().contains("fraction"));
+        let (_, summary) = w.finish().unwrap();
+        assert_eq!(summary.rows, 1);
+    }
+
+    #[test]
+    fn a_fixed_billing_currency_refuses_others() {
+        let mut m = meta();
+        m.billing_currency = Some("CNY".parse().unwrap());
+        let err =
+            write_focus_csv(Vec::new(), m, [usage("m", "text.input", 1, "1", "USD")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("USD is not the export's billing currency CNY")
+        );
+    }
+
+    #[test]
+    fn bad_meta_is_refused() {
+        let mut m = meta();
+        m.billing_period_end = m.billing_period_start;
+        assert!(FocusWriter::new(Vec::new(), m).is_err());
+        let mut m = meta();
+        m.provider = " ".into();
+        assert!(FocusWriter::new(Vec::new(), m).is_err());
+    }
+
+    #[test]
+    fn names_given_are_used() {
+        let mut w = FocusWriter::new(Vec::new(), meta()).unwrap();
+        w.write_named(&usage("m", "text.input", 1, "1", "USD"), Some("Alice, CN"))
+            .unwrap();
+        let (out, _) = w.finish().unwrap();
+        let rows = parse_csv(std::str::from_utf8(&out).unwrap());
+        assert_eq!(rows[1][32], "Alice, CN");
+    }
+
+    fn amount() -> impl Strategy<Value = Decimal> {
+        (any::<i64>(), 0u32..12).prop_map(|(m, s)| Decimal::new(m, s))
+    }
+
+    fn line() -> impl Strategy<Value = CostLine> {
+        (
+            0usize..4,
+            0u64..10_000_000,
+            (1i64..1_000_000, 0u32..10),
+            amount(),
+            prop::bool::ANY,
+        )
+            .prop_map(|(cat, qty, (p, ps), billed, cny)| {
+                let currency = if cny { "CNY" } else { "USD" };
+                let mut l = match cat {
+                    0 => usage("gpt-4o", "text.input", qty as i64, "1", currency),
+                    1 => other(ChargeCategory::Adjustment, "rounding", "0"),
+                    2 => other(ChargeCategory::Credit, "refund", "0"),
+                    _ => other(ChargeCategory::Tax, "VAT", "0"),
+                };
+                l.currency = currency.parse().unwrap();
+                if cat == 0 {
+                    let price = Decimal::new(p, ps);
+                    l.list_unit_price = Some(price);
+                    l.list_cost = l.quantity * price;
+                    l.contracted_cost = l.list_cost;
+                } else {
+                    l.list_cost = billed;
+                    l.contracted_cost = billed;
+                }
+                l.billed_cost = billed;
+                l
+            })
+    }
+
+    proptest! {
+        /// Decimals are written as `Decimal` writes them, but never as `-0`.
+        #[test]
+        fn decimals_are_written_exactly(m in any::<i128>(), scale in 0u32..=28) {
+            let m = m % 79_228_162_514_264_337_593_543_950_336i128; // 2^96
+            let d = Decimal::from_i128_with_scale(m, scale);
+            let mut s = String::new();
+            push_decimal(&mut s, d);
+            let want = if d.is_zero() { d.abs().to_string() } else { d.to_string() };
+            prop_assert_eq!(&s, &want);
+            prop_assert_eq!(s.parse::<Decimal>().unwrap(), d);
+        }
+
+        /// The BilledCost column sums, per currency, to exactly the lines' billed cost.
+        #[test]
+        fn billed_cost_sums_exactly(lines in prop::collection::vec(line(), 0..60)) {
+            let csv = export(&lines);
+            let rows = parse_csv(&csv);
+            let at = |name: &str| COLUMNS.iter().position(|c| *c == name).unwrap();
+            let mut from_csv: BTreeMap<String, Decimal> = BTreeMap::new();
+            for r in &rows[1..] {
+                let v: Decimal = r[at("BilledCost")].parse().unwrap();
+                prop_assert!(!r[at("BilledCost")].contains(['e', 'E']));
+                *from_csv.entry(r[at("BillingCurrency")].clone()).or_default() += v;
+            }
+            let mut from_lines: BTreeMap<String, Decimal> = BTreeMap::new();
+            for l in &lines {
+                *from_lines.entry(l.currency.to_string()).or_default() += l.billed_cost;
+            }
+            prop_assert_eq!(&from_csv, &from_lines);
+            let (_, summary) = write_focus_csv(Vec::new(), meta(), &lines).unwrap();
+            prop_assert_eq!(summary.rows as usize, lines.len());
+            let summed: BTreeMap<String, Decimal> =
+                summary.billed.iter().map(|(c, d)| (c.to_string(), *d)).collect();
+            prop_assert_eq!(summed, from_lines);
+        }
+
+        /// Any text survives quoting: the field read back is the text written.
+        #[test]
+        fn any_model_name_reads_back(model in "\\PC*|[,\"\r\n a-z]{0,12}") {
+            let l = usage(&model, "text.input", 1, "1", "USD");
+            let t = table(std::slice::from_ref(&l));
+            let want = format!("{}/text.input", if model.is_empty() { "llm.chat" } else { &model });
+            prop_assert_eq!(&t[0]["SkuId"], &want);
+        }
+    }
+}
