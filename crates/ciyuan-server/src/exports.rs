@@ -1,0 +1,218 @@
+//! Finance exports, streamed: `GET /api/v1/exports/{usage|focus|journal}?account=PATH`
+//! with `period=YYYY-MM` (in the node's time zone) or `from`/`to`.
+//!
+//! The billing lines are read a page at a time by key (`Store::cost_lines_page`) on a
+//! blocking thread and written through the report crate's writers into a bounded
+//! channel the response body drains: memory stays bounded by a page and the channel
+//! whatever the export's size, and a client that goes away stops the reading.
+
+use crate::App;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::extract::{PathParam, Query};
+use crate::statements::Period;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use ciyuan_core::jiff::{SignedDuration, Timestamp};
+use ciyuan_core::{AccountPath, ExactSum, Scope};
+use ciyuan_report::{ChargeCategory, CostLine};
+use ciyuan_store::{HourFilter, LineRow};
+use serde::Deserialize;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Billing lines read per page.
+const PAGE_LINES: usize = 4096;
+/// Bytes gathered before a chunk is handed to the response.
+const CHUNK_BYTES: usize = 64 * 1024;
+/// Chunks in flight between the reader and the response.
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+/// `GET /api/v1/exports/{kind}` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportQuery {
+    /// The node whose subtree is exported.
+    account: String,
+    /// A calendar month in the node's time zone.
+    period: Option<String>,
+    /// Or a range (RFC 3339, whole hours).
+    from: Option<Timestamp>,
+    /// End (exclusive).
+    to: Option<Timestamp>,
+}
+
+/// A response body fed by a channel.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        self.get_mut()
+            .0
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(http_body::Frame::data)))
+    }
+}
+
+/// A `Write` that hands full chunks to the response (blocking when it is behind).
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(CHUNK_BYTES),
+        ));
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+fn decimal(d: ExactSum, what: &str) -> std::io::Result<rust_decimal::Decimal> {
+    d.to_decimal()
+        .map(|d| d.normalize())
+        .ok_or_else(|| std::io::Error::other(format!("{what} ({d}) needs more than 28 digits")))
+}
+
+/// A stored billing line as the report crate takes it: its hour is its charge period.
+fn cost_line(r: LineRow) -> std::io::Result<CostLine> {
+    let start = Timestamp::from_second(r.hour).map_err(std::io::Error::other)?;
+    Ok(CostLine {
+        account: r.account,
+        charge_period_start: start,
+        charge_period_end: start
+            .checked_add(SignedDuration::from_hours(1))
+            .map_err(std::io::Error::other)?,
+        category: if r.adjustment {
+            ChargeCategory::Adjustment
+        } else {
+            ChargeCategory::Usage
+        },
+        service: r.service,
+        model: r.model,
+        key: r.key,
+        quantity: decimal(r.quantity, "a quantity")?,
+        list_unit_price: r.unit_price,
+        list_cost: decimal(r.list, "a list cost")?,
+        contracted_cost: decimal(r.contracted, "a contracted cost")?,
+        billed_cost: decimal(r.billed, "a billed cost")?,
+        currency: r.currency,
+        book: r.book,
+        version: r.version,
+    })
+}
+
+/// Reads every billing line of `filter` a page at a time and hands each to `write`.
+fn each_line(
+    app: &App,
+    filter: &HourFilter,
+    mut write: impl FnMut(CostLine) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut after: Option<LineRow> = None;
+    loop {
+        let page = app
+            .store
+            .cost_lines_page(filter, after.as_ref(), PAGE_LINES)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let full = page.len() == PAGE_LINES;
+        after = page.last().cloned();
+        for r in page {
+            write(cost_line(r)?)?;
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// `GET /api/v1/exports/{kind}?account=PATH&period=2026-11` (or `from`/`to`): `usage`
+/// (Ciyuan's columns) or `focus` (FOCUS 1.2), streamed as CSV (a read key of the node
+/// or above).
+pub async fn export(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathParam(kind): PathParam,
+    Query(q): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Read)?;
+    let node: AccountPath = crate::budgets::existing_node(&app, &caller, &q.account).await?;
+    if !matches!(kind.as_str(), "usage") {
+        return Err(ApiError::not_found(format!(
+            "export {kind:?}: the exports are usage"
+        )));
+    }
+    app.caught_up().await?;
+    let n = node.clone();
+    let period = app
+        .blocking(move |app| {
+            let zone = ciyuan_store::effective_time_zone(app.store.as_ref(), &n)?;
+            Period::of_range(q.period.as_deref(), q.from, q.to, &zone)
+        })
+        .await?;
+    let filter = period.filter(&node);
+    let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+    let app2 = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK_BYTES),
+        };
+        let done = (|| {
+            let mut usage = ciyuan_report::usage::UsageWriter::new(&mut w)?;
+            each_line(&app2, &filter, |l| usage.write(&l))?;
+            usage.finish()?;
+            w.send()
+        })();
+        if let Err(e) = done {
+            // The headers are gone: the body ends with the error, and the client sees
+            // a cut transfer, never a short file that looks whole.
+            tracing::warn!(detail = %e, "export stopped");
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let name = format!(
+        "attachment; filename=\"ciyuan-{kind}-{}-{}.csv\"",
+        node.as_str().replace('/', "_"),
+        period.label()
+    );
+    let mut resp = Body::new(ChannelBody(rx)).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&name) {
+        resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
