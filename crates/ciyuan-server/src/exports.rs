@@ -156,6 +156,25 @@ fn each_line(
     }
 }
 
+/// Display names of the nodes an export names, each read once.
+#[derive(Default)]
+struct NodeNames(rustc_hash::FxHashMap<AccountPath, Option<String>>);
+
+impl NodeNames {
+    fn of(&mut self, app: &App, node: &AccountPath) -> std::io::Result<Option<String>> {
+        if let Some(n) = self.0.get(node) {
+            return Ok(n.clone());
+        }
+        let name = app
+            .store
+            .account(node)
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .and_then(|a| a.info.display_name);
+        self.0.insert(node.clone(), name.clone());
+        Ok(name)
+    }
+}
+
 /// `GET /api/v1/exports/{kind}?account=PATH&period=2026-11` (or `from`/`to`): `usage`
 /// (Ciyuan's columns) or `focus` (FOCUS 1.2), streamed as CSV (a read key of the node
 /// or above).
@@ -167,31 +186,50 @@ pub async fn export(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
     let node: AccountPath = crate::budgets::existing_node(&app, &caller, &q.account).await?;
-    if !matches!(kind.as_str(), "usage") {
+    if !matches!(kind.as_str(), "usage" | "focus") {
         return Err(ApiError::not_found(format!(
-            "export {kind:?}: the exports are usage"
+            "export {kind:?}: the exports are usage and focus"
         )));
     }
     app.caught_up().await?;
     let n = node.clone();
-    let period = app
+    let (period, name) = app
         .blocking(move |app| {
             let zone = ciyuan_store::effective_time_zone(app.store.as_ref(), &n)?;
-            Period::of_range(q.period.as_deref(), q.from, q.to, &zone)
+            let name = app.store.account(&n)?.and_then(|a| a.info.display_name);
+            Ok((
+                Period::of_range(q.period.as_deref(), q.from, q.to, &zone)?,
+                name,
+            ))
         })
         .await?;
+    let meta = ciyuan_report::focus::FocusMeta::new(node.clone(), name, period.from, period.to);
     let filter = period.filter(&node);
     let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     let app2 = app.clone();
+    let focus = kind == "focus";
     tokio::task::spawn_blocking(move || {
         let mut w = ChannelWriter {
             tx: tx.clone(),
             buf: Vec::with_capacity(CHUNK_BYTES),
         };
+        let focus_error =
+            |e: ciyuan_report::focus::FocusError| std::io::Error::other(e.to_string());
         let done = (|| {
-            let mut usage = ciyuan_report::usage::UsageWriter::new(&mut w)?;
-            each_line(&app2, &filter, |l| usage.write(&l))?;
-            usage.finish()?;
+            if focus {
+                let mut names = NodeNames::default();
+                let mut focus =
+                    ciyuan_report::focus::FocusWriter::new(&mut w, meta).map_err(focus_error)?;
+                each_line(&app2, &filter, |l| {
+                    let name = names.of(&app2, &l.account)?;
+                    focus.write_named(&l, name.as_deref()).map_err(focus_error)
+                })?;
+                focus.finish().map_err(focus_error)?;
+            } else {
+                let mut usage = ciyuan_report::usage::UsageWriter::new(&mut w)?;
+                each_line(&app2, &filter, |l| usage.write(&l))?;
+                usage.finish()?;
+            }
             w.send()
         })();
         if let Err(e) = done {

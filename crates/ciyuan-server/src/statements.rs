@@ -52,8 +52,8 @@ pub struct StatementQuery {
 pub(crate) struct Period {
     /// The month's name, when it is one.
     name: Option<String>,
-    from: Timestamp,
-    to: Timestamp,
+    pub(crate) from: Timestamp,
+    pub(crate) to: Timestamp,
     zone_name: String,
 }
 

@@ -160,7 +160,8 @@ fn summary(v: &Value, closed_now: bool, out: &mut impl Write) -> anyhow::Result<
 /// `ciyuan export KIND --account PATH --period 2026-11`
 #[derive(Args)]
 pub struct ExportArgs {
-    /// usage (every billing line in Ciyuan's columns) or focus (FOCUS 1.2).
+    /// usage (every billing line in Ciyuan's columns) or focus (FOCUS 1.2, the
+    /// FinOps Foundation's cost-and-usage format).
     kind: String,
     /// The node whose subtree is exported.
     #[arg(long)]

@@ -328,6 +328,71 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
         })
         .sum();
     assert_eq!(sum.normalize().to_string(), "4.08", "{csv}");
+    // FOCUS: the same total, and the Foundation's validator accepts the file.
+    let focus = tmp.path().join("focus.csv");
+    let out = server.cli(
+        &root,
+        &[
+            "export",
+            "focus",
+            "--account",
+            "acme",
+            "--period",
+            "2026-11",
+            "-o",
+            focus.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&focus).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    for col in [
+        "BilledCost",
+        "ChargePeriodStart",
+        "ServiceCategory",
+        "SkuId",
+        "ConsumedQuantity",
+        "ListUnitPrice",
+    ] {
+        assert!(header.contains(&col), "{col} in {header:?}");
+    }
+    let billed = header.iter().position(|c| *c == "BilledCost").unwrap();
+    let sum: rust_decimal::Decimal = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .nth(billed)
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(sum.normalize().to_string(), "4.08", "{text}");
+    assert!(text.contains("AI and Machine Learning") && text.contains("Generative AI"));
+    if std::env::var("CIYUAN_SKIP_FOCUS_VALIDATOR").as_deref() != Ok("1") {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/focus_validate.sh");
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script).arg(&focus);
+        if std::env::var_os("CARGO_TARGET_DIR").is_none() {
+            cmd.env(
+                "CARGO_TARGET_DIR",
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
+            );
+        }
+        let v = cmd.output().unwrap();
+        assert!(
+            v.status.success(),
+            "the FOCUS validator refused the export (CIYUAN_SKIP_FOCUS_VALIDATOR=1 skips it knowingly):\n{}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
+    }
     let (s, _) = server.http(
         "GET",
         "/api/v1/exports/nope?account=acme&period=2026-11",
