@@ -44,6 +44,195 @@ pub struct ExportQuery {
     from: Option<Timestamp>,
     /// End (exclusive).
     to: Option<Timestamp>,
+    /// Journal: `generic` (default), `kingdee` or `u8`.
+    profile: Option<String>,
+    /// Journal: `utf8` (with a byte-order mark, the default) or `gbk`.
+    encoding: Option<String>,
+    /// Journal: the expense account debited (default `6602`, 管理费用).
+    expense: Option<String>,
+    /// Journal: the payable or prepaid account credited (default `2202`, 应付账款).
+    counter: Option<String>,
+    /// Journal: the book's own currency (default: CNY).
+    base_currency: Option<String>,
+    /// Journal: `node` (default), `service` or `model`: how finely expenses are broken
+    /// down.
+    detail: Option<String>,
+    /// Journal, Kingdee: the account book (账簿) and organisation (核算组织) codes.
+    book: Option<String>,
+    /// See `book`.
+    org: Option<String>,
+    /// Journal, U8: who prepared the vouchers (制单人; default `ciyuan`).
+    preparer: Option<String>,
+}
+
+impl ExportQuery {
+    /// The journal's settings, checked; an error names a parameter given to an export
+    /// that does not take it.
+    fn journal(&self, kind: &str) -> Result<Option<JournalSettings>, ApiError> {
+        if kind != "journal" {
+            for (name, given) in [
+                ("profile", self.profile.is_some()),
+                ("encoding", self.encoding.is_some()),
+                ("expense", self.expense.is_some()),
+                ("counter", self.counter.is_some()),
+                ("base_currency", self.base_currency.is_some()),
+                ("detail", self.detail.is_some()),
+                ("book", self.book.is_some()),
+                ("org", self.org.is_some()),
+                ("preparer", self.preparer.is_some()),
+            ] {
+                if given {
+                    return Err(ApiError::bad_request(format!(
+                        "{name}: only the journal export takes it"
+                    )));
+                }
+            }
+            return Ok(None);
+        }
+        let Some(month) = &self.period else {
+            return Err(ApiError::bad_request(
+                "period: a journal is for a calendar month (period=YYYY-MM)",
+            ));
+        };
+        let period = month
+            .split_once('-')
+            .and_then(|(y, m)| Some((y.parse::<i16>().ok()?, m.parse::<i8>().ok()?)))
+            .ok_or_else(|| ApiError::bad_request(format!("period: {month:?} is not YYYY-MM")))
+            .and_then(|(y, m)| {
+                ciyuan_report::journal::JournalPeriod::month(y, m)
+                    .map_err(|e| ApiError::bad_request(format!("period: {e}")))
+            })?;
+        let base: ciyuan_core::Currency = self
+            .base_currency
+            .as_deref()
+            .unwrap_or("CNY")
+            .parse()
+            .map_err(|e| ApiError::bad_request(format!("base_currency: {e}")))?;
+        let mut config = ciyuan_report::journal::JournalConfig::new(
+            self.expense.as_deref().unwrap_or("6602"),
+            self.counter.as_deref().unwrap_or("2202"),
+            base,
+        );
+        config.detail = match self.detail.as_deref().unwrap_or("node") {
+            "node" => ciyuan_report::journal::LineDetail::Node,
+            "service" => ciyuan_report::journal::LineDetail::Service,
+            "model" => ciyuan_report::journal::LineDetail::ServiceModel,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "detail: {other:?} is not node, service or model"
+                )));
+            }
+        };
+        let encoding = match self.encoding.as_deref().unwrap_or("utf8") {
+            "utf8" => ciyuan_report::journal::TextEncoding::Utf8Bom,
+            "gbk" => ciyuan_report::journal::TextEncoding::Gbk,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "encoding: {other:?} is not utf8 or gbk"
+                )));
+            }
+        };
+        let profile = match self.profile.as_deref().unwrap_or("generic") {
+            "generic" => Profile::Generic,
+            "kingdee" => match (&self.book, &self.org) {
+                (Some(b), Some(o)) => {
+                    Profile::Kingdee(ciyuan_report::journal::KingdeeSettings::new(b, o))
+                }
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "book, org: Kingdee's voucher import names the account book and organisation codes",
+                    ));
+                }
+            },
+            "u8" => Profile::U8(self.preparer.clone().unwrap_or_else(|| "ciyuan".into())),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "profile: {other:?} is not generic, kingdee or u8"
+                )));
+            }
+        };
+        Ok(Some(JournalSettings {
+            period,
+            config,
+            encoding,
+            profile,
+        }))
+    }
+}
+
+/// The ERP layout of a journal.
+enum Profile {
+    Generic,
+    Kingdee(ciyuan_report::journal::KingdeeSettings),
+    /// With the preparer's name.
+    U8(String),
+}
+
+/// A journal export's choices.
+struct JournalSettings {
+    period: ciyuan_report::journal::JournalPeriod,
+    config: ciyuan_report::journal::JournalConfig,
+    encoding: ciyuan_report::journal::TextEncoding,
+    profile: Profile,
+}
+
+/// Node, service, model, adjustment, key, currency, book, version.
+type JournalKey = (
+    AccountPath,
+    String,
+    String,
+    bool,
+    String,
+    ciyuan_core::Currency,
+    String,
+    u32,
+);
+
+/// The month's billing lines summed per node, service, model, category, key and
+/// currency (a voucher needs no finer grain), and the subtree's nodes: bounded by the
+/// tree and its models, not by the usage.
+fn journal_lines(
+    app: &App,
+    node: &AccountPath,
+    filter: &HourFilter,
+) -> std::io::Result<(
+    Vec<CostLine>,
+    std::collections::BTreeMap<AccountPath, ciyuan_core::AccountInfo>,
+)> {
+    let mut sums: std::collections::BTreeMap<JournalKey, CostLine> =
+        std::collections::BTreeMap::new();
+    each_line(app, filter, |l| {
+        let key = (
+            l.account.clone(),
+            l.service.clone(),
+            l.model.clone(),
+            l.category == ChargeCategory::Adjustment,
+            l.key.clone(),
+            l.currency,
+            l.book.clone(),
+            l.version,
+        );
+        match sums.get_mut(&key) {
+            Some(s) => {
+                s.quantity += l.quantity;
+                s.list_cost += l.list_cost;
+                s.contracted_cost += l.contracted_cost;
+                s.billed_cost += l.billed_cost;
+            }
+            None => {
+                sums.insert(key, l);
+            }
+        }
+        Ok(())
+    })?;
+    let nodes = app
+        .store
+        .accounts(node)
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .into_iter()
+        .map(|a| (a.path, a.info))
+        .collect();
+    Ok((sums.into_values().collect(), nodes))
 }
 
 /// A response body fed by a channel.
@@ -186,11 +375,12 @@ pub async fn export(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
     let node: AccountPath = crate::budgets::existing_node(&app, &caller, &q.account).await?;
-    if !matches!(kind.as_str(), "usage" | "focus") {
+    if !matches!(kind.as_str(), "usage" | "focus" | "journal") {
         return Err(ApiError::not_found(format!(
-            "export {kind:?}: the exports are usage and focus"
+            "export {kind:?}: the exports are usage, focus and journal"
         )));
     }
+    let journal = q.journal(&kind)?;
     app.caught_up().await?;
     let n = node.clone();
     let (period, name) = app
@@ -207,6 +397,7 @@ pub async fn export(
     let filter = period.filter(&node);
     let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     let app2 = app.clone();
+    let root = node.clone();
     let focus = kind == "focus";
     tokio::task::spawn_blocking(move || {
         let mut w = ChannelWriter {
@@ -216,7 +407,24 @@ pub async fn export(
         let focus_error =
             |e: ciyuan_report::focus::FocusError| std::io::Error::other(e.to_string());
         let done = (|| {
-            if focus {
+            if let Some(j) = journal {
+                let (lines, nodes) = journal_lines(&app2, &root, &filter)?;
+                let built =
+                    ciyuan_report::journal::build_journal(&lines, &nodes, &j.period, &j.config)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let written = match &j.profile {
+                    Profile::Generic => {
+                        ciyuan_report::journal::write_generic(&built, j.encoding, &mut w)
+                    }
+                    Profile::Kingdee(k) => {
+                        ciyuan_report::journal::write_kingdee(&built, k, j.encoding, &mut w)
+                    }
+                    Profile::U8(p) => {
+                        ciyuan_report::journal::write_u8(&built, j.encoding, p, &mut w)
+                    }
+                };
+                written.map_err(|e| std::io::Error::other(e.to_string()))?;
+            } else if focus {
                 let mut names = NodeNames::default();
                 let mut focus =
                     ciyuan_report::focus::FocusWriter::new(&mut w, meta).map_err(focus_error)?;

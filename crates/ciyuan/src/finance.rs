@@ -160,8 +160,8 @@ fn summary(v: &Value, closed_now: bool, out: &mut impl Write) -> anyhow::Result<
 /// `ciyuan export KIND --account PATH --period 2026-11`
 #[derive(Args)]
 pub struct ExportArgs {
-    /// usage (every billing line in Ciyuan's columns) or focus (FOCUS 1.2, the
-    /// FinOps Foundation's cost-and-usage format).
+    /// usage (every billing line in Ciyuan's columns), focus (FOCUS 1.2, the FinOps
+    /// Foundation's cost-and-usage format) or journal (ERP vouchers for a month).
     kind: String,
     /// The node whose subtree is exported.
     #[arg(long)]
@@ -178,6 +178,33 @@ pub struct ExportArgs {
     /// Write to this file instead of standard output.
     #[arg(long, short)]
     output: Option<std::path::PathBuf>,
+    /// Journal: generic, kingdee or u8.
+    #[arg(long)]
+    profile: Option<String>,
+    /// Journal: utf8 (with a byte-order mark) or gbk.
+    #[arg(long)]
+    encoding: Option<String>,
+    /// Journal: the expense account debited (default 6602).
+    #[arg(long)]
+    expense: Option<String>,
+    /// Journal: the payable or prepaid account credited (default 2202).
+    #[arg(long)]
+    counter: Option<String>,
+    /// Journal: the book's own currency (default CNY).
+    #[arg(long)]
+    base_currency: Option<String>,
+    /// Journal: node, service or model (how finely expenses are broken down).
+    #[arg(long)]
+    detail: Option<String>,
+    /// Journal, Kingdee: the account book code (账簿).
+    #[arg(long)]
+    book: Option<String>,
+    /// Journal, Kingdee: the accounting organisation code (核算组织).
+    #[arg(long)]
+    org: Option<String>,
+    /// Journal, U8: who prepared the vouchers (制单人).
+    #[arg(long)]
+    preparer: Option<String>,
     #[command(flatten)]
     remote: Remote,
 }
@@ -190,6 +217,21 @@ pub fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     }
     if let (Some(f), Some(t)) = (&a.from, &a.to) {
         q.push(format!("from={}&to={}", enc(f), enc(t)));
+    }
+    for (name, v) in [
+        ("profile", &a.profile),
+        ("encoding", &a.encoding),
+        ("expense", &a.expense),
+        ("counter", &a.counter),
+        ("base_currency", &a.base_currency),
+        ("detail", &a.detail),
+        ("book", &a.book),
+        ("org", &a.org),
+        ("preparer", &a.preparer),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{name}={}", enc(v)));
+        }
     }
     let path = format!("/api/v1/exports/{}?{}", enc(&a.kind), q.join("&"));
     let client = Client::new(&a.remote)?;

@@ -79,7 +79,8 @@ enum Command {
     /// A node's statement for a month (or a range), with a subtotal per child node;
     /// --close issues it and closes the month.
     Statement(finance::StatementArgs),
-    /// Stream a finance export of a subtree: usage (Ciyuan's columns) or focus.
+    /// Stream a finance export of a subtree: usage, focus (FOCUS 1.2) or journal
+    /// (ERP vouchers: generic, Kingdee, Yonyou U8).
     Export(finance::ExportArgs),
     /// Record a correction of earlier usage.
     Adjust(admin::AdjustArgs),

@@ -393,6 +393,89 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
             String::from_utf8_lossy(&v.stderr)
         );
     }
+    // The ERP journal: one balanced voucher per node; U8's layout in GBK.
+    let journal = tmp.path().join("journal.csv");
+    let out = server.cli(
+        &root,
+        &[
+            "export",
+            "journal",
+            "--account",
+            "acme",
+            "--period",
+            "2026-11",
+            "-o",
+            journal.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&journal).unwrap();
+    assert!(
+        bytes.starts_with(b"\xEF\xBB\xBF"),
+        "UTF-8 with a byte-order mark"
+    );
+    let text = String::from_utf8(bytes[3..].to_vec()).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    let col = |n: &str| {
+        header
+            .iter()
+            .position(|c| *c == n)
+            .unwrap_or_else(|| panic!("{n} in {header:?}"))
+    };
+    let (debit, credit) = (col("debit"), col("credit"));
+    let total = |i: usize| -> rust_decimal::Decimal {
+        text.lines()
+            .skip(1)
+            .filter_map(|l| l.split(',').nth(i))
+            .filter(|v| !v.is_empty())
+            .map(|v| v.parse::<rust_decimal::Decimal>().unwrap())
+            .sum()
+    };
+    assert_eq!(total(debit), total(credit), "{text}");
+    assert_eq!(total(debit).normalize().to_string(), "4.08", "{text}");
+    let u8 = server.cli(
+        &root,
+        &[
+            "export",
+            "journal",
+            "--account",
+            "acme",
+            "--period",
+            "2026-11",
+            "--profile",
+            "u8",
+            "--encoding",
+            "gbk",
+        ],
+    );
+    assert!(
+        u8.status.success(),
+        "{}",
+        String::from_utf8_lossy(&u8.stderr)
+    );
+    assert!(
+        String::from_utf8(u8.stdout.clone()).is_err(),
+        "GBK, not UTF-8"
+    );
+    let kingdee = server.cli(
+        &root,
+        &[
+            "export",
+            "journal",
+            "--account",
+            "acme",
+            "--period",
+            "2026-11",
+            "--profile",
+            "kingdee",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&kingdee.stderr).contains("book, org"));
+
     let (s, _) = server.http(
         "GET",
         "/api/v1/exports/nope?account=acme&period=2026-11",
