@@ -210,6 +210,23 @@ CREATE TABLE cost_lines (
     billed     TEXT NOT NULL,
     PRIMARY KEY (account, hour, adjustment, service, model, key, unit_price, currency, book, version)
 ) WITHOUT ROWID;
+CREATE TABLE cost_lines_daily (
+    account    TEXT NOT NULL,
+    hour       INTEGER NOT NULL,
+    adjustment INTEGER NOT NULL,
+    service    TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    unit_price TEXT NOT NULL,
+    currency   TEXT NOT NULL,
+    book       TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    quantity   TEXT NOT NULL,
+    list       TEXT NOT NULL,
+    contracted TEXT NOT NULL,
+    billed     TEXT NOT NULL,
+    PRIMARY KEY (account, hour, adjustment, service, model, key, unit_price, currency, book, version)
+) WITHOUT ROWID;
 CREATE TABLE statements (
     node   TEXT NOT NULL,
     period TEXT NOT NULL,
@@ -727,19 +744,46 @@ fn add_cost_lines(
     if lines.is_empty() {
         return Ok(());
     }
+    upsert_lines(tx, "cost_lines", lines)?;
+    // The same lines by UTC day: a month's statement reads its whole days here and
+    // only its edge hours (a zone's midnight is not UTC's) from the hourly table.
+    let mut daily = ciyuan_store::LineSums::default();
+    for (k, v) in lines {
+        let mut day = *k;
+        day.hour = k.hour.div_euclid(DAY_SECS) * DAY_SECS;
+        let slot = daily.entry(day).or_insert([ciyuan_core::ExactSum::ZERO; 4]);
+        for (s, a) in slot.iter_mut().zip(v) {
+            *s = s.checked_add(*a).ok_or_else(|| {
+                StoreError::Backend(format!("billing line of {} overflows", k.account))
+            })?;
+        }
+    }
+    upsert_lines(tx, "cost_lines_daily", &daily)
+}
+
+/// Seconds in a UTC day.
+const DAY_SECS: i64 = 86_400;
+
+/// Adds `lines` to `table` (`cost_lines` or `cost_lines_daily`, whose `hour` is the
+/// day's first second).
+fn upsert_lines(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    lines: &ciyuan_store::LineSums<'_>,
+) -> Result<(), StoreError> {
     let mut read = tx
-        .prepare_cached(
-            "SELECT quantity, list, contracted, billed FROM cost_lines
+        .prepare_cached(&format!(
+            "SELECT quantity, list, contracted, billed FROM {table}
              WHERE account = ? AND hour = ? AND adjustment = ? AND service = ? AND model = ?
-               AND key = ? AND unit_price = ? AND currency = ? AND book = ? AND version = ?",
-        )
+               AND key = ? AND unit_price = ? AND currency = ? AND book = ? AND version = ?"
+        ))
         .map_err(backend)?;
     let mut write = tx
-        .prepare_cached(
-            "INSERT OR REPLACE INTO cost_lines (account, hour, adjustment, service, model, key,
+        .prepare_cached(&format!(
+            "INSERT OR REPLACE INTO {table} (account, hour, adjustment, service, model, key,
                  unit_price, currency, book, version, quantity, list, contracted, billed)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
         .map_err(backend)?;
     for (k, add) in lines {
         let key = k.key.text();
@@ -956,6 +1000,7 @@ impl Store for SqliteStore {
                  DELETE FROM cost_hourly;
                  DELETE FROM tier_units;
                  DELETE FROM cost_lines;
+                 DELETE FROM cost_lines_daily;
                  DELETE FROM statements;
                  UPDATE meta SET value = 0 WHERE name = 'projected_through';
                  COMMIT;",
@@ -1225,22 +1270,47 @@ impl Store for SqliteStore {
     }
 
     fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
-        let (cond, mut args) = subtree("account", &filter.account);
-        let mut sql = format!(
-            "SELECT hour, account, adjustment, service, model, key, unit_price, currency, book,
-                    version, quantity, list, contracted, billed
-             FROM cost_lines WHERE {cond}"
-        );
-        if let Some(from) = filter.from_hour {
-            sql.push_str(" AND hour >= ?");
-            args.push(from.to_string());
+        // Whole UTC days from the daily table, the hours around them from the hourly
+        // one: the same sums, a twenty-fourth of the rows.
+        let from = filter.from_hour;
+        let to = filter.to_hour;
+        let first_day = from.map(|f| {
+            f.div_euclid(DAY_SECS) * DAY_SECS + if f % DAY_SECS == 0 { 0 } else { DAY_SECS }
+        });
+        let last_day = to.map(|t| t.div_euclid(DAY_SECS) * DAY_SECS);
+        let days = match (first_day, last_day) {
+            (Some(a), Some(b)) if a < b => Some((a, b)),
+            (None, None) => None,
+            _ => None,
+        };
+        let conn = self.conn();
+        let read = |table: &str, from: Option<i64>, to: Option<i64>| {
+            let (cond, mut args) = subtree("account", &filter.account);
+            let mut sql = format!(
+                "SELECT hour, account, adjustment, service, model, key, unit_price, currency, book,
+                        version, quantity, list, contracted, billed
+                 FROM {table} WHERE {cond}"
+            );
+            if let Some(from) = from {
+                sql.push_str(" AND hour >= ?");
+                args.push(from.to_string());
+            }
+            if let Some(to) = to {
+                sql.push_str(" AND hour < ?");
+                args.push(to.to_string());
+            }
+            sql.push_str(" ORDER BY hour, account");
+            read_lines(&conn, &sql, args)
+        };
+        match days {
+            None => read("cost_lines", from, to),
+            Some((a, b)) => {
+                let mut out = read("cost_lines", from, Some(a))?;
+                out.extend(read("cost_lines_daily", Some(a), Some(b))?);
+                out.extend(read("cost_lines", Some(b), to)?);
+                Ok(out)
+            }
         }
-        if let Some(to) = filter.to_hour {
-            sql.push_str(" AND hour < ?");
-            args.push(to.to_string());
-        }
-        sql.push_str(" ORDER BY hour, account");
-        read_lines(&self.conn(), &sql, args)
     }
 
     fn cost_lines_page(

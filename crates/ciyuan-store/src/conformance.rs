@@ -226,7 +226,10 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
     let EntryBody::Usage(usage) = first.body.clone() else {
         unreachable!()
     };
-    let rating = usage.rating.clone().unwrap();
+    let rating = ok(
+        usage.rating.clone().ok_or("no rating"),
+        "the placed entry's rating",
+    );
     let mut corrected = (*rating).clone();
     corrected.amount = d("0.35");
     let correction = on(
@@ -278,7 +281,7 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
         "cost_lines()",
     );
     let billed = lines.iter().fold(ciyuan_core::ExactSum::ZERO, |a, l| {
-        a.checked_add(l.billed).unwrap()
+        ok(a.checked_add(l.billed).ok_or("overflow"), "summing billed")
     });
     assert_eq!(billed, ciyuan_core::ExactSum::of(d("1.55")), "{lines:?}");
     assert!(lines.iter().all(|l| l.key == "rounding" && l.adjustment));
@@ -315,6 +318,47 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
         assert!(paged.contains(l), "{l:?} is in a page");
     }
 
+    // A range over whole days and edge hours sums as its hourly lines do.
+    let at_time = |t: &str| {
+        let mut e = rated("0.01");
+        e.ts = ts(t);
+        e
+    };
+    let spread: Vec<Entry> = [
+        "2026-12-01T04:59:59Z",
+        "2026-12-01T05:00:00Z",
+        "2026-12-01T23:30:00Z",
+        "2026-12-02T00:00:00Z",
+        "2026-12-02T13:00:00Z",
+        "2026-12-03T06:59:00Z",
+        "2026-12-03T07:00:00Z",
+    ]
+    .iter()
+    .map(|t| at_time(t))
+    .collect();
+    ok(s.apply(21, &spread), "apply()");
+    let range = HourFilter {
+        account: path("acme"),
+        from_hour: Some(ts("2026-12-01T05:00:00Z").as_second()),
+        to_hour: Some(ts("2026-12-03T07:00:00Z").as_second()),
+    };
+    let sum = |rows: &[crate::LineRow]| {
+        rows.iter().fold(ciyuan_core::ExactSum::ZERO, |a, l| {
+            ok(a.checked_add(l.billed).ok_or("overflow"), "summing billed")
+        })
+    };
+    let whole = ok(s.cost_lines(&range), "cost_lines(range)");
+    let hourly = ok(
+        s.cost_lines_page(&range, None, 1000),
+        "cost_lines_page(range)",
+    );
+    assert_eq!(
+        sum(&whole),
+        ciyuan_core::ExactSum::of(d("0.05")),
+        "{whole:?}"
+    );
+    assert_eq!(sum(&whole), sum(&hourly));
+
     // A period is closed once: the first statement issued for it is kept.
     let close = |doc: &str| {
         on(
@@ -329,14 +373,14 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
         )
     };
     ok(
-        s.apply(21, &[close("{\"first\":1}"), close("{\"second\":2}")]),
+        s.apply(28, &[close("{\"first\":1}"), close("{\"second\":2}")]),
         "apply()",
     );
     let issued = ok(s.statements(&path("acme")), "statements()");
     assert_eq!(issued.len(), 1);
     assert_eq!(
         (issued[0].entry, issued[0].body.document.as_str()),
-        (21, "{\"first\":1}")
+        (28, "{\"first\":1}")
     );
     assert!(ok(s.statements(&path("acme/a")), "statements(acme/a)").is_empty());
 

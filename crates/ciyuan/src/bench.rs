@@ -21,6 +21,28 @@ pub enum BenchCmd {
     /// Money in-process: rating one chat entry with LiteLLM's table, and wallet
     /// admission (reserve + settle).
     Money(MoneyArgs),
+    /// A month of rated usage in a `ciyuan serve` process, then the month's statement
+    /// and its FOCUS export, timed.
+    Finance(FinanceArgs),
+}
+
+#[derive(Args)]
+pub struct FinanceArgs {
+    /// Usage events of the month.
+    #[arg(long, default_value_t = 10_000_000)]
+    events: u64,
+    /// Child nodes of the billed node.
+    #[arg(long, default_value_t = 100)]
+    nodes: u64,
+    /// The month (UTC), YYYY-MM.
+    #[arg(long, default_value = "2026-11")]
+    month: String,
+    /// Events per request.
+    #[arg(long, default_value_t = 1000)]
+    batch: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    clients: u64,
 }
 
 #[derive(Args)]
@@ -253,6 +275,34 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             }
         }
         BenchCmd::Money(a) => money(a)?,
+        BenchCmd::Finance(a) => {
+            let r = crate::bench_finance::run(a.events, a.nodes, &a.month, a.batch, a.clients)?;
+            let mut st = r.statement_seconds.clone();
+            st.sort_by(f64::total_cmp);
+            println!(
+                "finance: {} events of {} nodes over {} ingested and projected in {:.1} s",
+                r.events, r.nodes, a.month, r.ingest_seconds
+            );
+            println!(
+                "statement of the month from the projections: {} (median {:.3} s, {} bytes)",
+                r.statement_seconds
+                    .iter()
+                    .map(|s| format!("{s:.3} s"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                st[st.len() / 2],
+                r.statement_bytes
+            );
+            println!(
+                "FOCUS export: {} rows ({} billing lines), {} bytes streamed in {:.2} s; server RSS {} MiB before, peak {} MiB during",
+                r.focus_rows,
+                r.billing_lines,
+                r.focus_bytes,
+                r.focus_seconds,
+                r.rss_before_kib / 1024,
+                r.rss_peak_kib / 1024
+            );
+        }
         BenchCmd::Budgets(a) => {
             let r = ciyuan_budget::bench::bench(a.iterations, a.threads)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
