@@ -345,6 +345,77 @@ fn each_line(
     }
 }
 
+/// Usage and cost per node and day in the node's own time zone (the HR report): the
+/// usage view, where a correction counts on the day of the usage it corrects. Bounded
+/// by the subtree's nodes and the period's days.
+fn hr_rows(app: &App, filter: &HourFilter) -> std::io::Result<Vec<ciyuan_report::hr::HrRow>> {
+    use ciyuan_core::jiff::tz::TimeZone;
+    use std::collections::BTreeMap;
+    let io = |e: ciyuan_store::StoreError| std::io::Error::other(e.to_string());
+    let usage = app.store.usage_hours(filter).map_err(io)?;
+    let costs = app.store.cost_hours(filter).map_err(io)?;
+    let mut zones: rustc_hash::FxHashMap<AccountPath, TimeZone> = Default::default();
+    let mut day_of = |node: &AccountPath,
+                      hour: i64|
+     -> std::io::Result<ciyuan_core::jiff::civil::Date> {
+        let zone = match zones.get(node) {
+            Some(z) => z.clone(),
+            None => {
+                let z = ciyuan_store::effective_time_zone(app.store.as_ref(), node).map_err(io)?;
+                zones.insert(node.clone(), z.clone());
+                z
+            }
+        };
+        let t = Timestamp::from_second(hour).map_err(std::io::Error::other)?;
+        Ok(t.to_zoned(zone).date())
+    };
+    type Day = (i128, BTreeMap<ciyuan_core::Currency, ExactSum>);
+    let mut days: BTreeMap<(AccountPath, ciyuan_core::jiff::civil::Date), Day> = BTreeMap::new();
+    for u in usage {
+        let d = day_of(&u.account, u.hour)?;
+        let slot = days.entry((u.account, d)).or_default();
+        slot.0 = slot
+            .0
+            .checked_add(u.tokens)
+            .ok_or_else(|| std::io::Error::other("a day's tokens overflow"))?;
+    }
+    for c in costs {
+        let d = day_of(&c.account, c.hour)?;
+        let slot = days
+            .entry((c.account, d))
+            .or_default()
+            .1
+            .entry(c.currency)
+            .or_insert(ExactSum::ZERO);
+        *slot = slot
+            .checked_add(c.amount)
+            .ok_or_else(|| std::io::Error::other("a day's cost overflows"))?;
+    }
+    let mut infos: rustc_hash::FxHashMap<AccountPath, Option<ciyuan_core::AccountInfo>> =
+        Default::default();
+    let mut out = Vec::with_capacity(days.len());
+    for ((account, day), (tokens, costs)) in days {
+        if !infos.contains_key(&account) {
+            let info = app.store.account(&account).map_err(io)?.map(|a| a.info);
+            infos.insert(account.clone(), info);
+        }
+        let info = infos.get(&account).and_then(Option::as_ref);
+        let mut money = BTreeMap::new();
+        for (c, s) in costs {
+            money.insert(c, decimal(s, "a day's cost")?);
+        }
+        out.push(ciyuan_report::hr::HrRow {
+            day,
+            display_name: info.and_then(|i| i.display_name.clone()),
+            employee_id: info.and_then(|i| i.metadata.get("employee_id").cloned()),
+            account,
+            tokens,
+            costs: money,
+        });
+    }
+    Ok(out)
+}
+
 /// Display names of the nodes an export names, each read once.
 #[derive(Default)]
 struct NodeNames(rustc_hash::FxHashMap<AccountPath, Option<String>>);
@@ -375,9 +446,9 @@ pub async fn export(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
     let node: AccountPath = crate::budgets::existing_node(&app, &caller, &q.account).await?;
-    if !matches!(kind.as_str(), "usage" | "focus" | "journal") {
+    if !matches!(kind.as_str(), "usage" | "focus" | "journal" | "hr") {
         return Err(ApiError::not_found(format!(
-            "export {kind:?}: the exports are usage, focus and journal"
+            "export {kind:?}: the exports are usage, focus, journal and hr"
         )));
     }
     let journal = q.journal(&kind)?;
@@ -399,6 +470,7 @@ pub async fn export(
     let app2 = app.clone();
     let root = node.clone();
     let focus = kind == "focus";
+    let hr = kind == "hr";
     tokio::task::spawn_blocking(move || {
         let mut w = ChannelWriter {
             tx: tx.clone(),
@@ -424,6 +496,10 @@ pub async fn export(
                     }
                 };
                 written.map_err(|e| std::io::Error::other(e.to_string()))?;
+            } else if hr {
+                let rows = hr_rows(&app2, &filter)?;
+                ciyuan_report::hr::write_hr_csv(&mut w, rows)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
             } else if focus {
                 let mut names = NodeNames::default();
                 let mut focus =

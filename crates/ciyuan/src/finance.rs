@@ -161,7 +161,8 @@ fn summary(v: &Value, closed_now: bool, out: &mut impl Write) -> anyhow::Result<
 #[derive(Args)]
 pub struct ExportArgs {
     /// usage (every billing line in Ciyuan's columns), focus (FOCUS 1.2, the FinOps
-    /// Foundation's cost-and-usage format) or journal (ERP vouchers for a month).
+    /// Foundation's cost-and-usage format), journal (ERP vouchers for a month) or hr
+    /// (usage and cost per node and day).
     kind: String,
     /// The node whose subtree is exported.
     #[arg(long)]

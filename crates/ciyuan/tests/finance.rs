@@ -476,6 +476,24 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
     );
     assert!(String::from_utf8_lossy(&kingdee.stderr).contains("book, org"));
 
+    // The HR report: per node and Shanghai day; e1 is 1 November's.
+    let hr = server.cli(
+        &root,
+        &["export", "hr", "--account", "acme", "--period", "2026-11"],
+    );
+    assert!(
+        hr.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hr.stderr)
+    );
+    let hr = String::from_utf8(hr.stdout).unwrap();
+    assert!(
+        hr.starts_with("date,account,display_name,employee_id,tokens,currency,cost"),
+        "{hr}"
+    );
+    assert!(hr.contains("2026-11-01,acme/cn,,,1100000,CNY,3.36"), "{hr}");
+    assert!(hr.contains("2026-11-30,acme/cn,,,1,CNY,0"), "{hr}");
+
     let (s, _) = server.http(
         "GET",
         "/api/v1/exports/nope?account=acme&period=2026-11",
