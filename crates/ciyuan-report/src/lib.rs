@@ -29,7 +29,10 @@ use ciyuan_core::{AccountPath, Currency};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-pub use statement::{ChildSubtotal, Closed, CurrencyTotal, Statement, StatementLine, TaxLine};
+pub use statement::{
+    AllocatedCost, AllocationPart, ChildSubtotal, Closed, CurrencyTotal, Statement, StatementLine,
+    TaxLine,
+};
 
 /// What a billing line charges for (FOCUS's `ChargeCategory`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

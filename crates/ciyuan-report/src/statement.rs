@@ -100,6 +100,37 @@ pub struct Statement {
     /// When the period was closed: the ledger entry that closed it (which holds the
     /// SHA-256 of this statement's JSON as issued).
     pub closed: Option<Closed>,
+    /// The node's own (shared) cost allocated to its children by the rule it declares,
+    /// one per currency.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allocations: Vec<AllocatedCost>,
+}
+
+/// A shared cost allocated: `Σ parts + unallocated = shared`, exactly; each part a
+/// whole number of the currency's smallest unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocatedCost {
+    /// The currency.
+    pub currency: Currency,
+    /// The node's own cost in the period.
+    pub shared: Decimal,
+    /// The rule, as the node declares it (`cost`, `usage`, `equal`, `metadata:KEY`,
+    /// `shares:a=60,b=40`).
+    pub rule: String,
+    /// What is below the smallest unit and stays with the node (half-even rounding of
+    /// `shared` to the currency's minor units).
+    pub unallocated: Decimal,
+    /// One part per child, in path order.
+    pub parts: Vec<AllocationPart>,
+}
+
+/// One child's part of a shared cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationPart {
+    /// The child.
+    pub account: AccountPath,
+    /// Its part.
+    pub amount: Decimal,
 }
 
 /// How a statement was issued.
@@ -853,6 +884,7 @@ mod tests {
                 entry: 4242,
                 at: "2026-12-01T02:00:00Z".parse().unwrap(),
             }),
+            allocations: Vec::new(),
         }
     }
 

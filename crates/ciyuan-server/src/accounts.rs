@@ -98,6 +98,14 @@ fn validate_info(info: &AccountInfo) -> Result<(), ApiError> {
             "metadata has more than {MAX_METADATA_ENTRIES} entries"
         )));
     }
+    if let Some(spec) = info.metadata.get(crate::statements::ALLOCATION_KEY) {
+        crate::statements::Allocation::parse(spec).map_err(|e| {
+            ApiError::bad_request(format!(
+                "metadata.{}: {e}",
+                crate::statements::ALLOCATION_KEY
+            ))
+        })?;
+    }
     for (k, v) in &info.metadata {
         text("metadata key", k, MAX_METADATA_KEY_BYTES)?;
         if !v.is_empty() {

@@ -32,6 +32,66 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// The metadata key in which a node declares how its own (shared) cost is allocated
+/// to its children.
+pub(crate) const ALLOCATION_KEY: &str = "allocation";
+
+/// An allocation rule as a node declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Allocation {
+    /// In proportion to each child's cost in the period.
+    Cost,
+    /// In proportion to each child's tokens in the period.
+    Usage,
+    /// Equal parts.
+    Equal,
+    /// In proportion to a number in each child's metadata (head count, say).
+    Metadata(String),
+    /// Fixed percentages per child segment, summing to 100.
+    Shares(Vec<(String, Decimal)>),
+}
+
+impl Allocation {
+    /// Parses `cost`, `usage`, `equal`, `metadata:KEY` or `shares:a=60,b=40`.
+    pub(crate) fn parse(spec: &str) -> Result<Allocation, String> {
+        match spec {
+            "cost" => return Ok(Allocation::Cost),
+            "usage" => return Ok(Allocation::Usage),
+            "equal" => return Ok(Allocation::Equal),
+            _ => {}
+        }
+        if let Some(key) = spec.strip_prefix("metadata:") {
+            if key.is_empty() {
+                return Err("metadata: names no key".into());
+            }
+            return Ok(Allocation::Metadata(key.to_string()));
+        }
+        if let Some(list) = spec.strip_prefix("shares:") {
+            let mut shares = Vec::new();
+            let mut total = Decimal::ZERO;
+            for part in list.split(',') {
+                let (child, pct) = part
+                    .split_once('=')
+                    .ok_or_else(|| format!("{part:?} is not child=percent"))?;
+                let pct = ciyuan_core::decimal_from_text(pct.trim())
+                    .map_err(|e| format!("{part:?}: {}", e.why))?;
+                if pct.is_sign_negative() {
+                    return Err(format!("{part:?}: a share is not negative"));
+                }
+                total += pct;
+                shares.push((child.trim().to_string(), pct));
+            }
+            if total != Decimal::ONE_HUNDRED {
+                return Err(format!("the shares sum to {total}, not 100"));
+            }
+            return Ok(Allocation::Shares(shares));
+        }
+        Err(format!(
+            "{spec:?} is not cost, usage, equal, metadata:KEY or shares:child=percent,..."
+        ))
+    }
+}
+
 /// `GET`/`POST /api/v1/statements/{path}` query.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -423,10 +483,135 @@ impl App {
             lines: usage,
             adjustments,
             taxes: tax_lines,
+            allocations: self.allocations(node, period, &children)?,
             children,
             totals,
             closed: None,
         })
+    }
+
+    /// The node's own cost allocated to its children by the rule its `allocation`
+    /// metadata declares (none without one).
+    fn allocations(
+        &self,
+        node: &AccountPath,
+        period: &Period,
+        children: &[ChildSubtotal],
+    ) -> Result<Vec<ciyuan_report::AllocatedCost>, ApiError> {
+        use ciyuan_report::allocate::{
+            AllocationRule, OnZeroTotal, allocate, round_to_minor_units,
+        };
+        let Some(spec) = self
+            .store
+            .account(node)?
+            .and_then(|a| a.info.metadata.get(ALLOCATION_KEY).cloned())
+        else {
+            return Ok(Vec::new());
+        };
+        let rule = Allocation::parse(&spec).map_err(|e| {
+            ApiError::unprocessable(format!("metadata.{ALLOCATION_KEY} of {node}: {e}"))
+        })?;
+        let kids: Vec<ciyuan_store::Account> = self
+            .store
+            .accounts(node)?
+            .into_iter()
+            .filter(|a| a.path.depth() == node.depth() + 1)
+            .collect();
+        if kids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let own = children.iter().find(|c| c.account == *node);
+        let mut out = Vec::new();
+        for shared in own.map(|c| c.totals.as_slice()).unwrap_or_default() {
+            let c = shared.currency;
+            let minor = ciyuan_report::journal::default_minor_units(c).unwrap_or(2);
+            let rounded = round_to_minor_units(shared.subtotal, minor);
+            let weight_of = |path: &AccountPath| -> Decimal {
+                children
+                    .iter()
+                    .find(|ch| ch.account == *path)
+                    .and_then(|ch| ch.totals.iter().find(|t| t.currency == c))
+                    .map_or(Decimal::ZERO, |t| t.subtotal)
+            };
+            let paths = || kids.iter().map(|k| k.path.clone());
+            let weights: Vec<(AccountPath, Decimal)> = match &rule {
+                Allocation::Cost => paths().map(|p| (p.clone(), weight_of(&p))).collect(),
+                Allocation::Usage => {
+                    let mut w = Vec::new();
+                    for p in paths() {
+                        let tokens: i128 = self
+                            .store
+                            .usage_hours(&period.filter(&p))?
+                            .iter()
+                            .map(|r| r.tokens)
+                            .sum();
+                        w.push((
+                            p,
+                            Decimal::try_from_i128_with_scale(tokens.max(0), 0).map_err(|_| {
+                                ApiError::internal("a child's tokens do not fit a decimal")
+                            })?,
+                        ));
+                    }
+                    w
+                }
+                Allocation::Metadata(key) => {
+                    let mut w = Vec::new();
+                    for k in &kids {
+                        let v = k.info.metadata.get(key).map(String::as_str).unwrap_or("0");
+                        let d = ciyuan_core::decimal_from_text(v).map_err(|e| {
+                            ApiError::unprocessable(format!(
+                                "metadata.{key} of {}: {v:?} is not a number ({})",
+                                k.path, e.why
+                            ))
+                        })?;
+                        w.push((k.path.clone(), d));
+                    }
+                    w
+                }
+                Allocation::Equal | Allocation::Shares(_) => Vec::new(),
+            };
+            let rule_value = match &rule {
+                Allocation::Equal => AllocationRule::Equal(paths().collect()),
+                Allocation::Shares(shares) => {
+                    let mut fixed = Vec::new();
+                    for (seg, pct) in shares {
+                        let child = node.child(seg).map_err(|e| {
+                            ApiError::unprocessable(format!("metadata.{ALLOCATION_KEY}: {e}"))
+                        })?;
+                        fixed.push((child, *pct));
+                    }
+                    AllocationRule::FixedPercent(fixed)
+                }
+                _ => AllocationRule::Proportional {
+                    weights,
+                    on_zero_total: OnZeroTotal::Equal,
+                },
+            };
+            let parts = allocate(rounded, minor, &rule_value).map_err(|e| {
+                ApiError::unprocessable(format!("allocating the shared cost of {node}: {e}"))
+            })?;
+            let unallocated = (shared.subtotal - rounded).normalize();
+            let sum: Decimal = parts.iter().map(|p| p.amount).sum();
+            assert_eq!(
+                sum + unallocated,
+                shared.subtotal,
+                "an allocation's parts and remainder sum to the shared cost"
+            );
+            out.push(ciyuan_report::AllocatedCost {
+                currency: c,
+                shared: shared.subtotal,
+                rule: spec.clone(),
+                unallocated,
+                parts: parts
+                    .into_iter()
+                    .map(|p| ciyuan_report::AllocationPart {
+                        account: p.child,
+                        amount: p.amount.normalize(),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(out)
     }
 
     /// Usage that reached closed months of `node` after they were issued, billed in
