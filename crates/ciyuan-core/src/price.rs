@@ -124,7 +124,14 @@ impl FromStr for PriceKey {
 
 impl Serialize for PriceKey {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self {
+            // Every rated line writes one: spelled out without the formatting machinery.
+            PriceKey::Tokens(m, d) => {
+                let mut buf = [0u8; 32];
+                s.serialize_str(wire::token_key(*m, *d, &mut buf))
+            }
+            _ => s.collect_str(self),
+        }
     }
 }
 
@@ -304,6 +311,137 @@ pub fn decimal_from_text(text: &str) -> Result<Decimal, PriceError> {
         ),
         other => PriceError::new(format!("number {text:?}"), other.to_string()),
     })
+}
+
+/// The append path's JSON, written by hand: each function appends the bytes serde_json
+/// writes for the same value (the tests hold them to it), without the serializer's
+/// per-field machinery. Every rated entry goes through here.
+pub(crate) mod wire {
+    use super::PriceKey;
+    use crate::{Direction, Modality};
+    use rust_decimal::Decimal;
+
+    /// The same value at the same scale: what reading a written decimal gives back.
+    pub(crate) fn same(a: &Decimal, b: &Decimal) -> bool {
+        a == b && a.scale() == b.scale()
+    }
+
+    /// `d` as an `i64` where it is written as a JSON integer: whole (scale 0) and in
+    /// range. Read back, an integer is a decimal of scale 0, so nothing is lost.
+    pub(crate) fn whole(d: &Decimal) -> Option<i64> {
+        if d.scale() == 0 {
+            i64::try_from(d.mantissa()).ok()
+        } else {
+            None
+        }
+    }
+
+    /// An integer, as serde_json writes it.
+    pub(crate) fn int(out: &mut Vec<u8>, n: i64) {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        let mut m = n.unsigned_abs();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (m % 10) as u8;
+            m /= 10;
+            if m == 0 {
+                break;
+            }
+        }
+        if n < 0 {
+            out.push(b'-');
+        }
+        out.extend_from_slice(&buf[i..]);
+    }
+
+    /// A decimal as [`super::exact`] writes it: a string of its exact text.
+    pub(crate) fn decimal(out: &mut Vec<u8>, d: &Decimal) {
+        let mut buf = [0u8; 64];
+        out.push(b'"');
+        out.extend_from_slice(super::exact::text(d, &mut buf).as_bytes());
+        out.push(b'"');
+    }
+
+    /// A JSON string with serde_json's escapes: `"`, `\\`, and control characters
+    /// (`\b \t \n \f \r` short, the others `\u00xx`); nothing else.
+    pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out.push(b'"');
+        let bytes = s.as_bytes();
+        let mut start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            if b >= 0x20 && b != b'"' && b != b'\\' {
+                continue;
+            }
+            out.extend_from_slice(&bytes[start..i]);
+            start = i + 1;
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                _ => out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ]),
+            }
+        }
+        out.extend_from_slice(&bytes[start..]);
+        out.push(b'"');
+    }
+
+    /// `modality.direction` spelled into `buf`.
+    pub(crate) fn token_key(m: Modality, d: Direction, buf: &mut [u8; 32]) -> &str {
+        let (m, d) = (m.as_str().as_bytes(), d.as_str().as_bytes());
+        // The longest is `image.cached_input`, 18 bytes.
+        let len = m.len() + 1 + d.len();
+        buf[..m.len()].copy_from_slice(m);
+        buf[m.len()] = b'.';
+        buf[m.len() + 1..len].copy_from_slice(d);
+        match std::str::from_utf8(&buf[..len]) {
+            Ok(key) => key,
+            Err(_) => unreachable!("token key names are ASCII"),
+        }
+    }
+
+    /// A price key's string.
+    pub(crate) fn key(out: &mut Vec<u8>, k: &PriceKey) {
+        match k {
+            PriceKey::Tokens(m, d) => {
+                let mut buf = [0u8; 32];
+                string(out, token_key(*m, *d, &mut buf));
+            }
+            PriceKey::Request => out.extend_from_slice(b"\"request\""),
+            // Rare: a service's own measure.
+            PriceKey::Measure(name) => string(out, &format!("measure.{name}")),
+        }
+    }
+
+    /// Serializes a decimal as [`super::exact`] does.
+    pub(crate) struct Text<'a>(pub(crate) &'a Decimal);
+
+    impl serde::Serialize for Text<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            super::exact::serialize(self.0, s)
+        }
+    }
+
+    /// Reads a decimal as [`super::exact`] does.
+    pub(crate) struct Read(pub(crate) Decimal);
+
+    impl<'de> serde::Deserialize<'de> for Read {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            super::exact::deserialize(d).map(Read)
+        }
+    }
 }
 
 /// Which service tier a usage entry states; absent means standard.
@@ -1126,20 +1264,111 @@ pub enum RatingBasis {
 
 /// One priced quantity of a usage entry. `amount == quantity × unit_price`, exact
 /// (no rounding: the book rounds only the entry's total).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// Written as an array, `[key, quantity, unit_price]`, with a fourth element, the
+/// amount, only where it is not `quantity × unit_price` as [`Decimal::checked_mul`]
+/// computes it (the same value at the same scale): every rated entry carries its
+/// lines, and field names and a derivable amount were half of a rating's bytes. The
+/// quantity is a JSON integer where it is whole (scale 0) and fits an `i64`, a string
+/// otherwise; prices and amounts are always strings. Reading restores every field
+/// exactly, scale included.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RatedLine {
     /// What was priced.
     pub key: PriceKey,
     /// How many units (tokens, a measure's value, or 1 request).
-    #[serde(with = "exact")]
     pub quantity: Decimal,
     /// The price per unit used.
-    #[serde(with = "exact")]
     pub unit_price: Decimal,
     /// `quantity × unit_price`.
-    #[serde(with = "exact")]
     pub amount: Decimal,
+}
+
+impl RatedLine {
+    /// Whether `amount` is exactly what reading the line without it gives back.
+    fn amount_is_derived(&self) -> bool {
+        self.quantity
+            .checked_mul(self.unit_price)
+            .is_some_and(|p| wire::same(&p, &self.amount))
+    }
+
+    /// Appends the line's JSON: the bytes its `Serialize` gives through serde_json.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        wire::key(out, &self.key);
+        out.push(b',');
+        match wire::whole(&self.quantity) {
+            Some(n) => wire::int(out, n),
+            None => wire::decimal(out, &self.quantity),
+        }
+        out.push(b',');
+        wire::decimal(out, &self.unit_price);
+        if !self.amount_is_derived() {
+            out.push(b',');
+            wire::decimal(out, &self.amount);
+        }
+        out.push(b']');
+    }
+}
+
+impl Serialize for RatedLine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let derived = self.amount_is_derived();
+        let mut t = s.serialize_tuple(if derived { 3 } else { 4 })?;
+        t.serialize_element(&self.key)?;
+        match wire::whole(&self.quantity) {
+            Some(n) => t.serialize_element(&n)?,
+            None => t.serialize_element(&wire::Text(&self.quantity))?,
+        }
+        t.serialize_element(&wire::Text(&self.unit_price))?;
+        if !derived {
+            t.serialize_element(&wire::Text(&self.amount))?;
+        }
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for RatedLine {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RatedLine;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a rated line: [key, quantity, unit_price] or [key, quantity, unit_price, amount]")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<RatedLine, A::Error> {
+                use serde::de::Error;
+                let missing = |i| A::Error::invalid_length(i, &self);
+                let key: PriceKey = a.next_element()?.ok_or_else(|| missing(0))?;
+                let wire::Read(quantity) = a.next_element()?.ok_or_else(|| missing(1))?;
+                let wire::Read(unit_price) = a.next_element()?.ok_or_else(|| missing(2))?;
+                let amount = match a.next_element::<wire::Read>()? {
+                    Some(wire::Read(amount)) => {
+                        if a.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                            return Err(A::Error::invalid_length(5, &self));
+                        }
+                        amount
+                    }
+                    None => quantity.checked_mul(unit_price).ok_or_else(|| {
+                        A::Error::custom(format!(
+                            "{key}: {quantity} × {unit_price} overflows; the amount must be written"
+                        ))
+                    })?,
+                };
+                Ok(RatedLine {
+                    key,
+                    quantity,
+                    unit_price,
+                    amount,
+                })
+            }
+        }
+        d.deserialize_seq(V)
+    }
 }
 
 /// What a usage entry carries once priced: a bill line explained by its entry.
@@ -1242,6 +1471,214 @@ impl Rating {
         let adjusted = Rating::adjust(sum, self.discount_percent, self.markup_percent)?;
         self.amount = rounding.apply(adjusted);
         Some(())
+    }
+
+    /// Appends the rating's JSON to `out`: the bytes serde_json writes for it, built
+    /// without the serializer, as a usage entry is encoded (`Entry::encode_into`).
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        // Every field named: one added to `Rating` must be written here too.
+        let Rating {
+            amount,
+            currency,
+            book,
+            version,
+            lines,
+            contract,
+            discount_percent,
+            markup_percent,
+            unpriced,
+            missing,
+            basis,
+            place,
+        } = self;
+        out.extend_from_slice(b"{\"amount\":");
+        wire::decimal(out, amount);
+        out.extend_from_slice(b",\"currency\":");
+        wire::string(out, currency.as_str());
+        out.extend_from_slice(b",\"book\":");
+        wire::string(out, book);
+        out.extend_from_slice(b",\"version\":");
+        wire::int(out, i64::from(*version));
+        if !lines.is_empty() {
+            out.extend_from_slice(b",\"lines\":[");
+            for (i, line) in lines.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                line.write_json(out);
+            }
+            out.push(b']');
+        }
+        if let Some(c) = contract {
+            out.extend_from_slice(b",\"contract\":");
+            serde_json::to_writer(&mut *out, c)?;
+        }
+        if let Some(d) = discount_percent {
+            out.extend_from_slice(b",\"discount_percent\":");
+            wire::decimal(out, d);
+        }
+        if let Some(m) = markup_percent {
+            out.extend_from_slice(b",\"markup_percent\":");
+            wire::decimal(out, m);
+        }
+        if *unpriced {
+            out.extend_from_slice(b",\"unpriced\":true");
+        }
+        if !missing.is_empty() {
+            out.extend_from_slice(b",\"missing\":[");
+            for (i, k) in missing.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                wire::key(out, k);
+            }
+            out.push(b']');
+        }
+        // Rare, and free to grow: written by their own serde.
+        if let Some(b) = basis {
+            out.extend_from_slice(b",\"basis\":");
+            serde_json::to_writer(&mut *out, b)?;
+        }
+        if let Some(p) = place {
+            out.extend_from_slice(b",\"place\":");
+            serde_json::to_writer(&mut *out, p)?;
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// Random ratings for the codec's tests (here, and the entry codec's in `reuse`).
+#[cfg(test)]
+pub(crate) mod arb {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any decimal, and often one shaped like a count, a price or an amount.
+    pub(crate) fn decimal() -> impl Strategy<Value = Decimal> {
+        prop_oneof![
+            (0i64..10_000_000).prop_map(Decimal::from),
+            (1i64..1_000_000, 0u32..=12).prop_map(|(m, s)| Decimal::new(m, s)),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<bool>(),
+                0u32..=28
+            )
+                .prop_map(|(lo, mid, hi, neg, scale)| Decimal::from_parts(lo, mid, hi, neg, scale)),
+            any::<i64>().prop_map(Decimal::from),
+        ]
+    }
+
+    /// Text with quotes, backslashes, control characters and any other character.
+    pub(crate) fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z.]{1,12}",
+            prop::collection::vec(
+                prop_oneof![
+                    any::<char>(),
+                    Just('"'),
+                    Just('\\'),
+                    (0u8..0x20).prop_map(char::from),
+                    Just('\u{7f}'),
+                    Just('/'),
+                ],
+                0..12
+            )
+            .prop_map(String::from_iter),
+        ]
+    }
+
+    pub(crate) fn key() -> impl Strategy<Value = PriceKey> {
+        prop_oneof![
+            4 => (0..Modality::ALL.len(), 0..Direction::ALL.len())
+                .prop_map(|(m, d)| PriceKey::Tokens(Modality::ALL[m], Direction::ALL[d])),
+            1 => "[a-z_]{1,10}".prop_map(PriceKey::Measure),
+            1 => Just(PriceKey::Request),
+        ]
+    }
+
+    pub(crate) fn line() -> impl Strategy<Value = RatedLine> {
+        (key(), decimal(), decimal(), decimal(), any::<bool>()).prop_map(
+            |(key, quantity, unit_price, other, derived)| RatedLine {
+                key,
+                quantity,
+                unit_price,
+                // The rater's lines, whose amount is the product, and any others.
+                amount: match quantity.checked_mul(unit_price) {
+                    Some(p) if derived => p,
+                    _ => other,
+                },
+            },
+        )
+    }
+
+    pub(crate) fn rating() -> impl Strategy<Value = Rating> {
+        let head = (
+            decimal(),
+            prop_oneof![Just("USD"), Just("CNY"), Just("EUR")],
+            text(),
+            any::<u32>(),
+            prop::collection::vec(line(), 0..6),
+            prop_oneof![Just(None), Just(Some("/")), Just(Some("acme/cn"))],
+        );
+        let tail = (
+            proptest::option::of(decimal()),
+            proptest::option::of(decimal()),
+            any::<bool>(),
+            prop::collection::vec(key(), 0..3),
+            proptest::option::of(prop_oneof![
+                Just(RatingBasis::Provider),
+                Just(RatingBasis::Recount),
+                Just(RatingBasis::Greater)
+            ]),
+            proptest::option::of((0i64..4_000_000_000, 0i32..1_000_000_000, decimal())),
+        );
+        (head, tail).prop_map(
+            |(
+                (amount, currency, book, version, lines, contract),
+                (discount_percent, markup_percent, unpriced, missing, basis, place),
+            )| Rating {
+                amount,
+                currency: currency.parse().unwrap(),
+                book,
+                version,
+                lines,
+                contract: contract.map(|c| {
+                    if c == "/" {
+                        AccountPath::root()
+                    } else {
+                        c.parse().unwrap()
+                    }
+                }),
+                discount_percent,
+                markup_percent,
+                unpriced,
+                missing,
+                basis,
+                place: place.map(|(secs, nanos, before)| TierPlace {
+                    period: Timestamp::new(secs, nanos).unwrap(),
+                    before,
+                }),
+            },
+        )
+    }
+
+    /// Equal, and every decimal at the same scale: nothing was lost in the bytes.
+    pub(crate) fn assert_exactly(got: &Rating, want: &Rating) {
+        assert_eq!(got, want);
+        let scales = |r: &Rating| {
+            let mut v = vec![r.amount.scale()];
+            for l in &r.lines {
+                v.extend([l.quantity.scale(), l.unit_price.scale(), l.amount.scale()]);
+            }
+            v.extend(r.discount_percent.map(|d| d.scale()));
+            v.extend(r.markup_percent.map(|d| d.scale()));
+            v.extend(r.place.as_ref().map(|p| p.before.scale()));
+            v
+        };
+        assert_eq!(scales(got), scales(want), "scales of {want:?}");
     }
 }
 
@@ -1611,5 +2048,95 @@ mod tests {
             json.starts_with(r#"{"amount":"0.03","currency":"CNY""#),
             "{json}"
         );
+    }
+
+    #[test]
+    fn ratings_round_trip_exactly_through_their_compact_bytes() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(2000), |(r in arb::rating())| {
+            let bytes = serde_json::to_vec(&r).unwrap();
+            // The append path's hand-written bytes are serde's, byte for byte.
+            let mut by_hand = Vec::new();
+            r.write_json(&mut by_hand).unwrap();
+            prop_assert_eq!(
+                String::from_utf8_lossy(&by_hand),
+                String::from_utf8_lossy(&bytes)
+            );
+            let back: Rating = serde_json::from_slice(&bytes).unwrap();
+            arb::assert_exactly(&back, &r);
+            // And written again, the same bytes.
+            prop_assert_eq!(serde_json::to_vec(&back).unwrap(), bytes);
+        });
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(2000), |(t in arb::text())| {
+            let mut out = Vec::new();
+            wire::string(&mut out, &t);
+            prop_assert_eq!(out, serde_json::to_vec(&t).unwrap());
+        });
+        for n in [0, 7, -1, i64::MAX, i64::MIN, 1_000_000] {
+            let mut out = Vec::new();
+            wire::int(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
+    }
+
+    #[test]
+    fn rated_lines_are_compact_arrays() {
+        let line = |q: &str, p: &str, a: &str| RatedLine {
+            key: "text.input".parse().unwrap(),
+            quantity: d(q),
+            unit_price: d(p),
+            amount: d(a),
+        };
+        for (l, want) in [
+            // The rater's lines: the amount is the product and left out.
+            (
+                line("1000", "0.0000025", "0.0025000"),
+                r#"["text.input",1000,"0.0000025"]"#,
+            ),
+            // A fractional quantity (a measure) is a string.
+            (line("1.5", "2", "3.0"), r#"["text.input","1.5","2"]"#),
+            // Not the product (a changed amount, or another scale): written.
+            (
+                line("1000", "0.0000025", "0.0026"),
+                r#"["text.input",1000,"0.0000025","0.0026"]"#,
+            ),
+            (
+                line("1000", "0.0000025", "0.0025"),
+                r#"["text.input",1000,"0.0000025","0.0025"]"#,
+            ),
+        ] {
+            let json = serde_json::to_string(&l).unwrap();
+            assert_eq!(json, want);
+            let back: RatedLine = serde_json::from_str(&json).unwrap();
+            assert_eq!(
+                (back.amount, back.amount.scale()),
+                (l.amount, l.amount.scale())
+            );
+        }
+        for bad in [
+            r#"["text.input",1000]"#,
+            r#"["text.input",1000,"1","1000","x"]"#,
+            r#"["text.input",1000,1.5]"#,
+            r#"{"key":"text.input","quantity":"1","unit_price":"1","amount":"1"}"#,
+        ] {
+            assert!(serde_json::from_str::<RatedLine>(bad).is_err(), "{bad}");
+        }
+        // A product that overflows cannot be left out, and is not read as if it were.
+        let big = Decimal::MAX;
+        let l = RatedLine {
+            key: PriceKey::Request,
+            quantity: big,
+            unit_price: big,
+            amount: Decimal::ONE,
+        };
+        let json = serde_json::to_string(&l).unwrap();
+        assert_eq!(serde_json::from_str::<RatedLine>(&json).unwrap(), l);
+        let cut = json.rsplit_once(',').unwrap().0.to_string() + "]";
+        assert!(serde_json::from_str::<RatedLine>(&cut).is_err(), "{cut}");
     }
 }
