@@ -1285,10 +1285,34 @@ pub struct RatedLine {
 }
 
 impl RatedLine {
+    /// `quantity × unit_price` as a line's amount is defined, and as a line written
+    /// without its amount is read: exactly [`Decimal::checked_mul`]'s result (value,
+    /// scale and sign), computed in one machine multiplication where both mantissas
+    /// fit 64 bits and the product fits a decimal unrounded (token counts times list
+    /// prices), and by `checked_mul` otherwise. The rater prices every line with it.
+    pub fn product(quantity: Decimal, unit_price: Decimal) -> Option<Decimal> {
+        let scale = quantity.scale() + unit_price.scale();
+        if scale <= 28
+            && let (Ok(q), Ok(p)) = (
+                i64::try_from(quantity.mantissa()),
+                i64::try_from(unit_price.mantissa()),
+            )
+            && q != 0
+            && p != 0
+        {
+            // `checked_mul` keeps a product below 2^96 at scale s₁ + s₂ ≤ 28 as it is
+            // (it returns a zero, of scale 0, for a zero factor: not taken here).
+            let m = i128::from(q) * i128::from(p);
+            if m.unsigned_abs() < 1 << 96 {
+                return Decimal::try_from_i128_with_scale(m, scale).ok();
+            }
+        }
+        quantity.checked_mul(unit_price)
+    }
+
     /// Whether `amount` is exactly what reading the line without it gives back.
     fn amount_is_derived(&self) -> bool {
-        self.quantity
-            .checked_mul(self.unit_price)
+        RatedLine::product(self.quantity, self.unit_price)
             .is_some_and(|p| wire::same(&p, &self.amount))
     }
 
@@ -1353,7 +1377,7 @@ impl<'de> Deserialize<'de> for RatedLine {
                         }
                         amount
                     }
-                    None => quantity.checked_mul(unit_price).ok_or_else(|| {
+                    None => RatedLine::product(quantity, unit_price).ok_or_else(|| {
                         A::Error::custom(format!(
                             "{key}: {quantity} × {unit_price} overflows; the amount must be written"
                         ))
@@ -1606,7 +1630,7 @@ pub(crate) mod arb {
                 quantity,
                 unit_price,
                 // The rater's lines, whose amount is the product, and any others.
-                amount: match quantity.checked_mul(unit_price) {
+                amount: match RatedLine::product(quantity, unit_price) {
                     Some(p) if derived => p,
                     _ => other,
                 },
@@ -2138,5 +2162,29 @@ mod tests {
         assert_eq!(serde_json::from_str::<RatedLine>(&json).unwrap(), l);
         let cut = json.rsplit_once(',').unwrap().0.to_string() + "]";
         assert!(serde_json::from_str::<RatedLine>(&cut).is_err(), "{cut}");
+    }
+
+    #[test]
+    fn a_lines_product_is_checked_muls_exactly() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(20_000), |(q in arb::decimal(), p in arb::decimal())| {
+            let want = q.checked_mul(p);
+            let got = RatedLine::product(q, p);
+            prop_assert_eq!(got.map(|d| d.serialize()), want.map(|d| d.serialize()), "{} × {}", q, p);
+        });
+        for (q, p) in [
+            (Decimal::ZERO, d("0.0000025")),
+            (d("-3"), d("0.5")),
+            (d("3"), d("-0.50")),
+            (Decimal::from(i64::MAX), Decimal::from(i64::MAX)),
+            (Decimal::from(i64::MIN), d("1.5")),
+            (d("1000"), Decimal::from_i128_with_scale(25, 28)),
+        ] {
+            assert_eq!(
+                RatedLine::product(q, p).map(|d| d.serialize()),
+                q.checked_mul(p).map(|d| d.serialize()),
+                "{q} × {p}"
+            );
+        }
     }
 }

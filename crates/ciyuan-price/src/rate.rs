@@ -507,8 +507,11 @@ impl Rater {
             input_tokens,
             all_tokens,
         };
-        // Typical entries have up to 5 keys and a request line: one allocation.
-        rating.lines.reserve(6);
+        // One allocation, no larger than the lines need (a key with a count, a priced
+        // measure, the request; tiers may split a key): rated entries are held in
+        // memory until projected, and the memory they hold is what they cost there.
+        let counted = input.tokens.iter().filter(|t| t.count != 0).count();
+        rating.lines.reserve(counted + input.measures.len() + 1);
         let mut before: i128 = 0;
         for t in input.tokens.iter() {
             let key = PriceKey::Tokens(t.modality, t.direction);
@@ -581,7 +584,8 @@ fn push_line(
     quantity: Decimal,
     unit_price: Decimal,
 ) -> Result<(), RateError> {
-    match quantity.checked_mul(unit_price) {
+    // The product a line written without its amount is read back with.
+    match RatedLine::product(quantity, unit_price) {
         Some(amount) => {
             lines.push(RatedLine {
                 key: key.clone(),
