@@ -187,6 +187,14 @@ pub mod exact {
     /// in `buf` without the formatting machinery: a rated entry writes several amounts
     /// and this is on the append path of every one.
     pub fn text<'b>(d: &Decimal, buf: &'b mut [u8; TEXT_BYTES]) -> &'b str {
+        match std::str::from_utf8(text_bytes(d, buf)) {
+            Ok(text) => text,
+            Err(_) => unreachable!("only ASCII digits, '-' and '.' are written"),
+        }
+    }
+
+    /// [`text`] as bytes, for writers that need no `str`.
+    pub(crate) fn text_bytes<'b>(d: &Decimal, buf: &'b mut [u8; TEXT_BYTES]) -> &'b [u8] {
         let m = d.mantissa().unsigned_abs();
         let scale = d.scale() as usize;
         let mut digits = [0u8; 40];
@@ -232,10 +240,7 @@ pub mod exact {
             buf[len] = digits[i];
             len += 1;
         }
-        match std::str::from_utf8(&buf[..len]) {
-            Ok(text) => text,
-            Err(_) => unreachable!("only ASCII digits, '-' and '.' are written"),
-        }
+        &buf[..len]
     }
 
     /// Reads an amount from a string or an integer.
@@ -359,8 +364,24 @@ pub(crate) mod wire {
     pub(crate) fn decimal(out: &mut Vec<u8>, d: &Decimal) {
         let mut buf = [0u8; 64];
         out.push(b'"');
-        out.extend_from_slice(super::exact::text(d, &mut buf).as_bytes());
+        out.extend_from_slice(super::exact::text_bytes(d, &mut buf));
         out.push(b'"');
+    }
+
+    /// A string that needs no escape (names of this crate's own: token keys,
+    /// currency codes), quoted.
+    pub(crate) fn plain(out: &mut Vec<u8>, parts: &[&str]) {
+        out.push(b'"');
+        for p in parts {
+            debug_assert!(p.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\'));
+            out.extend_from_slice(p.as_bytes());
+        }
+        out.push(b'"');
+    }
+
+    /// A token key, `"modality.direction"`, quoted.
+    pub(crate) fn token_key_json(out: &mut Vec<u8>, m: Modality, d: Direction) {
+        plain(out, &[m.as_str(), ".", d.as_str()]);
     }
 
     /// A JSON string with serde_json's escapes: `"`, `\\`, and control characters
@@ -415,10 +436,7 @@ pub(crate) mod wire {
     /// A price key's string.
     pub(crate) fn key(out: &mut Vec<u8>, k: &PriceKey) {
         match k {
-            PriceKey::Tokens(m, d) => {
-                let mut buf = [0u8; 32];
-                string(out, token_key(*m, *d, &mut buf));
-            }
+            PriceKey::Tokens(m, d) => token_key_json(out, *m, *d),
             PriceKey::Request => out.extend_from_slice(b"\"request\""),
             // Rare: a service's own measure.
             PriceKey::Measure(name) => string(out, &format!("measure.{name}")),
@@ -1518,7 +1536,7 @@ impl Rating {
         out.extend_from_slice(b"{\"amount\":");
         wire::decimal(out, amount);
         out.extend_from_slice(b",\"currency\":");
-        wire::string(out, currency.as_str());
+        wire::plain(out, &[currency.as_str()]);
         out.extend_from_slice(b",\"book\":");
         wire::string(out, book);
         out.extend_from_slice(b",\"version\":");

@@ -84,8 +84,7 @@ pub(crate) fn encode_usage(e: &Entry, u: &Usage, out: &mut Vec<u8>) -> serde_jso
         if i > 0 {
             out.push(b',');
         }
-        let mut buf = [0u8; 32];
-        wire::string(out, wire::token_key(t.modality, t.direction, &mut buf));
+        wire::token_key_json(out, t.modality, t.direction);
         out.push(b':');
         wire::int(out, t.count);
     }
