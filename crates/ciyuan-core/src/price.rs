@@ -360,12 +360,55 @@ pub(crate) mod wire {
         out.extend_from_slice(&buf[i..]);
     }
 
-    /// A decimal as [`super::exact`] writes it: a string of its exact text.
+    /// A decimal as [`super::exact`] writes it: a string of its exact text, spelled
+    /// right to left into one buffer (point included) and copied once.
     pub(crate) fn decimal(out: &mut Vec<u8>, d: &Decimal) {
+        // Quotes, a sign, 29 digits, a point and up to 28 leading zeros.
         let mut buf = [0u8; 64];
-        out.push(b'"');
-        out.extend_from_slice(super::exact::text_bytes(d, &mut buf));
-        out.push(b'"');
+        let mut i = buf.len() - 1;
+        buf[i] = b'"';
+        let scale = d.scale() as usize;
+        let mut written = 0;
+        // Digits right to left, the point before the `scale`-th, until the mantissa is
+        // spent and one digit stands before the point.
+        let mut put = |digit: u8, i: &mut usize| {
+            if written == scale && scale > 0 {
+                *i -= 1;
+                buf[*i] = b'.';
+            }
+            *i -= 1;
+            buf[*i] = b'0' + digit;
+            written += 1;
+            written > scale
+        };
+        let m = d.mantissa().unsigned_abs();
+        // Prices and amounts fit 64 bits, whose division by 10 is a multiplication.
+        match u64::try_from(m) {
+            Ok(mut m) => loop {
+                let past_point = put((m % 10) as u8, &mut i);
+                m /= 10;
+                if m == 0 && past_point {
+                    break;
+                }
+            },
+            Err(_) => {
+                let mut m = m;
+                loop {
+                    let past_point = put((m % 10) as u8, &mut i);
+                    m /= 10;
+                    if m == 0 && past_point {
+                        break;
+                    }
+                }
+            }
+        }
+        if d.is_sign_negative() && !d.is_zero() {
+            i -= 1;
+            buf[i] = b'-';
+        }
+        i -= 1;
+        buf[i] = b'"';
+        out.extend_from_slice(&buf[i..]);
     }
 
     /// A string that needs no escape (names of this crate's own: token keys,
@@ -382,6 +425,56 @@ pub(crate) mod wire {
     /// A token key, `"modality.direction"`, quoted.
     pub(crate) fn token_key_json(out: &mut Vec<u8>, m: Modality, d: Direction) {
         plain(out, &[m.as_str(), ".", d.as_str()]);
+    }
+
+    /// A timestamp as jiff writes it in RFC 3339 (`2026-12-06T08:40:12.1234Z`: UTC,
+    /// the fraction with the digits it needs, none when whole), quoted; `false`,
+    /// writing nothing, outside the years 1970 to 9999, which are left to jiff.
+    pub(crate) fn timestamp(out: &mut Vec<u8>, ts: &jiff::Timestamp) -> bool {
+        let (secs, nanos) = (ts.as_second(), ts.subsec_nanosecond());
+        // Before 1970 the fraction counts back from the second (negative): jiff's.
+        if !(0..253_402_300_800).contains(&secs) || nanos < 0 {
+            return false;
+        }
+        // Days to a civil date: H. Hinnant's `civil_from_days`, for days ≥ 0.
+        let (days, tod) = (secs / 86_400, secs % 86_400);
+        let z = days + 719_468;
+        let (era, doe) = (z / 146_097, z % 146_097);
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let mut buf = *b"\"0000-00-00T00:00:00.000000000Z\"";
+        let mut two = |at: usize, v: i64| {
+            buf[at] = b'0' + (v / 10) as u8;
+            buf[at + 1] = b'0' + (v % 10) as u8;
+        };
+        two(1, year / 100);
+        two(3, year % 100);
+        two(6, month);
+        two(9, day);
+        two(12, tod / 3_600);
+        two(15, tod / 60 % 60);
+        two(18, tod % 60);
+        if nanos == 0 {
+            out.extend_from_slice(&buf[..20]);
+            out.extend_from_slice(b"Z\"");
+            return true;
+        }
+        let mut n = nanos.unsigned_abs();
+        for at in (21..30).rev() {
+            buf[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        let mut end = 30;
+        while buf[end - 1] == b'0' {
+            end -= 1;
+        }
+        out.extend_from_slice(&buf[..end]);
+        out.extend_from_slice(b"Z\"");
+        true
     }
 
     /// A JSON string with serde_json's escapes: `"`, `\\`, and control characters
@@ -2109,6 +2202,58 @@ mod tests {
             // And written again, the same bytes.
             prop_assert_eq!(serde_json::to_vec(&back).unwrap(), bytes);
         });
+    }
+
+    #[test]
+    fn decimals_are_written_as_their_exact_text() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(20_000), |(x in arb::decimal())| {
+            let mut out = Vec::new();
+            wire::decimal(&mut out, &x);
+            prop_assert_eq!(String::from_utf8(out).unwrap(), format!("\"{x}\""));
+        });
+        for x in [
+            Decimal::ZERO,
+            Decimal::new(-0, 5),
+            Decimal::MAX,
+            Decimal::MIN,
+            Decimal::new(5, 28),
+            d("-0.001"),
+        ] {
+            let mut out = Vec::new();
+            wire::decimal(&mut out, &x);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("\"{x}\""));
+        }
+    }
+
+    #[test]
+    fn timestamps_are_written_as_jiff_writes_them() {
+        use proptest::prelude::*;
+        let check = |secs: i64, nanos: i32| {
+            let ts = Timestamp::new(secs, nanos).unwrap();
+            let mut out = Vec::new();
+            if wire::timestamp(&mut out, &ts) {
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    serde_json::to_string(&ts).unwrap()
+                );
+            } else {
+                assert!(out.is_empty());
+                assert!(ts < Timestamp::UNIX_EPOCH, "{ts}");
+            }
+        };
+        proptest!(ProptestConfig::with_cases(20_000), |(
+            secs in prop_oneof![0i64..253_402_207_200, -100_000i64..100_000, 1_700_000_000i64..1_900_000_000],
+            nanos in prop_oneof![Just(0i32), 0i32..1_000_000_000, (0i32..1000).prop_map(|n| n * 1_000_000), (0i32..1_000_000).prop_map(|n| n * 1000)],
+        )| {
+            check(secs, nanos);
+        });
+        // jiff's last second is 253_402_207_200.
+        for secs in [0, 951_782_400, 4_107_542_400, 253_402_207_199, -1] {
+            check(secs, 0);
+            check(secs, 1);
+            check(secs, 999_999_999);
+        }
     }
 
     #[test]

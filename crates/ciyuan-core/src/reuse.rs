@@ -59,7 +59,9 @@ pub(crate) fn encode_usage(e: &Entry, u: &Usage, out: &mut Vec<u8>) -> serde_jso
     out.extend_from_slice(b"{\"v\":");
     wire::int(out, i64::from(e.v));
     out.extend_from_slice(b",\"ts\":");
-    serde_json::to_writer(&mut *out, &e.ts)?;
+    if !wire::timestamp(out, &e.ts) {
+        serde_json::to_writer(&mut *out, &e.ts)?;
+    }
     out.extend_from_slice(b",\"account\":");
     // `AccountPath`'s written form: the root is "/", any other node its path.
     wire::string(
@@ -627,5 +629,90 @@ mod tests {
                 arb::assert_exactly(b.rating.as_ref().unwrap(), want);
             }
         });
+    }
+
+    /// `cargo test -p ciyuan-core --release --lib -- --ignored --nocapture bench_encode`:
+    /// the encoding of an ingested `llm.usage` entry as `ciyuan bench ingest` sends it,
+    /// unrated and rated (two lines, as the LiteLLM book rates `gpt-4o`), by hand and
+    /// through serde (the same bytes).
+    #[test]
+    #[ignore]
+    fn bench_encode_usage() {
+        let entry = |rated: bool| {
+            let mut tokens = TokenMap::new();
+            tokens.add(Modality::Text, Direction::Input, 996).unwrap();
+            tokens.add(Modality::Text, Direction::Output, 87).unwrap();
+            let d = |s: &str| rust_decimal::Decimal::from_str_exact(s).unwrap();
+            let line = |k: &str, q: &str, p: &str| crate::RatedLine {
+                key: k.parse().unwrap(),
+                quantity: d(q),
+                unit_price: d(p),
+                amount: crate::RatedLine::product(d(q), d(p)).unwrap(),
+            };
+            Entry::new(
+                "2026-12-06T08:40:12.123456789Z".parse().unwrap(),
+                "bench/app".parse().unwrap(),
+                EntryBody::Usage(Usage {
+                    service: "llm.chat".into(),
+                    model: Some("gpt-4o".into()),
+                    tokens,
+                    source: Some("svc://bench".into()),
+                    event_id: Some("ev-123456".into()),
+                    rating: rated.then(|| {
+                        Box::new(crate::Rating {
+                            amount: d("0.0033600"),
+                            currency: "USD".parse().unwrap(),
+                            book: "list".into(),
+                            version: 1,
+                            lines: vec![
+                                line("text.input", "996", "0.0000025"),
+                                line("text.output", "87", "0.00001"),
+                            ],
+                            contract: None,
+                            discount_percent: None,
+                            markup_percent: None,
+                            unpriced: false,
+                            missing: vec![],
+                            basis: None,
+                            place: None,
+                        })
+                    }),
+                    ..Usage::default()
+                }),
+            )
+        };
+        let time = |f: &dyn Fn(&mut Vec<u8>)| {
+            let n = 200_000u32;
+            let mut out = Vec::with_capacity(1024);
+            let mut rounds: Vec<f64> = (0..9)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    for _ in 0..n {
+                        out.clear();
+                        f(std::hint::black_box(&mut out));
+                    }
+                    t.elapsed().as_nanos() as f64 / f64::from(n)
+                })
+                .collect();
+            rounds.sort_by(f64::total_cmp);
+            (rounds[0], rounds[4])
+        };
+        let rated = entry(true);
+        let EntryBody::Usage(u) = &rated.body else {
+            panic!("usage")
+        };
+        let r = u.rating.as_ref().unwrap();
+        let (best, median) = time(&|out| r.write_json(out).unwrap());
+        println!("the rating alone: {best:.0} ns best {median:.0} median");
+        for rated in [false, true] {
+            let e = entry(rated);
+            let len = e.encode().len();
+            let (hand, hand_med) = time(&|out| e.encode_into(out));
+            let (serde, serde_med) = time(&|out| out.extend_from_slice(&by_serde(&e)));
+            println!(
+                "{} entry, {len} bytes: by hand {hand:.0} ns best {hand_med:.0} median; serde {serde:.0} best {serde_med:.0} median",
+                if rated { "rated" } else { "unrated" }
+            );
+        }
     }
 }
