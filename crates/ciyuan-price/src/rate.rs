@@ -473,7 +473,10 @@ impl Rater {
         // Sums of at most 25 i64 counts: below 2^69, inside a decimal's 96 bits, so
         // their conversion to `Decimal` in the tiers is exact.
         let mut all_tokens: i128 = 0;
+        // Keys with a count: each is a line (or more, with tiers).
+        let mut counted = 0;
         for t in input.tokens.iter() {
+            counted += usize::from(t.count != 0);
             if t.count < 0 {
                 return Err(RateError::Negative {
                     key: format!("{}.{}", t.modality, t.direction),
@@ -510,7 +513,6 @@ impl Rater {
         // One allocation, no larger than the lines need (a key with a count, a priced
         // measure, the request; tiers may split a key): rated entries are held in
         // memory until projected, and the memory they hold is what they cost there.
-        let counted = input.tokens.iter().filter(|t| t.count != 0).count();
         rating.lines.reserve(counted + input.measures.len() + 1);
         let mut before: i128 = 0;
         for t in input.tokens.iter() {
