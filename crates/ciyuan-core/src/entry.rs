@@ -362,7 +362,14 @@ impl Entry {
             );
         }
         match &self.body {
-            EntryBody::Usage(d) => put(self, d, out),
+            EntryBody::Usage(d) => {
+                // Nearly every entry: the same bytes as `put`, written by hand.
+                let written = crate::reuse::encode_usage(self, d, out);
+                assert!(
+                    written.is_ok(),
+                    "encoding a usage entry failed: {written:?}"
+                );
+            }
             EntryBody::Adjustment(d) => put(self, d, out),
             EntryBody::AccountCreated(d) | EntryBody::AccountUpdated(d) => put(self, d, out),
             EntryBody::KeyCreated(d) => put(self, d, out),

@@ -127,7 +127,14 @@ impl FromStr for PriceKey {
 
 impl Serialize for PriceKey {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self {
+            // Every rated line writes one: spelled out without the formatting machinery.
+            PriceKey::Tokens(m, d) => {
+                let mut buf = [0u8; 32];
+                s.serialize_str(wire::token_key(*m, *d, &mut buf))
+            }
+            _ => s.collect_str(self),
+        }
     }
 }
 
@@ -183,6 +190,14 @@ pub mod exact {
     /// in `buf` without the formatting machinery: a rated entry writes several amounts
     /// and this is on the append path of every one.
     pub fn text<'b>(d: &Decimal, buf: &'b mut [u8; TEXT_BYTES]) -> &'b str {
+        match std::str::from_utf8(text_bytes(d, buf)) {
+            Ok(text) => text,
+            Err(_) => unreachable!("only ASCII digits, '-' and '.' are written"),
+        }
+    }
+
+    /// [`text`] as bytes, for writers that need no `str`.
+    pub(crate) fn text_bytes<'b>(d: &Decimal, buf: &'b mut [u8; TEXT_BYTES]) -> &'b [u8] {
         let m = d.mantissa().unsigned_abs();
         let scale = d.scale() as usize;
         let mut digits = [0u8; 40];
@@ -228,10 +243,7 @@ pub mod exact {
             buf[len] = digits[i];
             len += 1;
         }
-        match std::str::from_utf8(&buf[..len]) {
-            Ok(text) => text,
-            Err(_) => unreachable!("only ASCII digits, '-' and '.' are written"),
-        }
+        &buf[..len]
     }
 
     /// Reads an amount from a string or an integer.
@@ -307,6 +319,243 @@ pub fn decimal_from_text(text: &str) -> Result<Decimal, PriceError> {
         ),
         other => PriceError::new(format!("number {text:?}"), other.to_string()),
     })
+}
+
+/// The append path's JSON, written by hand: each function appends the bytes serde_json
+/// writes for the same value (the tests hold them to it), without the serializer's
+/// per-field machinery. Every rated entry goes through here.
+pub(crate) mod wire {
+    use super::PriceKey;
+    use crate::{Direction, Modality};
+    use rust_decimal::Decimal;
+
+    /// The same value at the same scale: what reading a written decimal gives back.
+    pub(crate) fn same(a: &Decimal, b: &Decimal) -> bool {
+        a == b && a.scale() == b.scale()
+    }
+
+    /// `d` as an `i64` where it is written as a JSON integer: whole (scale 0) and in
+    /// range. Read back, an integer is a decimal of scale 0, so nothing is lost.
+    pub(crate) fn whole(d: &Decimal) -> Option<i64> {
+        if d.scale() == 0 {
+            i64::try_from(d.mantissa()).ok()
+        } else {
+            None
+        }
+    }
+
+    /// An integer, as serde_json writes it.
+    pub(crate) fn int(out: &mut Vec<u8>, n: i64) {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        let mut m = n.unsigned_abs();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (m % 10) as u8;
+            m /= 10;
+            if m == 0 {
+                break;
+            }
+        }
+        if n < 0 {
+            out.push(b'-');
+        }
+        out.extend_from_slice(&buf[i..]);
+    }
+
+    /// A decimal as [`super::exact`] writes it: a string of its exact text, spelled
+    /// right to left into one buffer (point included) and copied once.
+    pub(crate) fn decimal(out: &mut Vec<u8>, d: &Decimal) {
+        // Quotes, a sign, 29 digits, a point and up to 28 leading zeros.
+        let mut buf = [0u8; 64];
+        let mut i = buf.len() - 1;
+        buf[i] = b'"';
+        let scale = d.scale() as usize;
+        let mut written = 0;
+        // Digits right to left, the point before the `scale`-th, until the mantissa is
+        // spent and one digit stands before the point.
+        let mut put = |digit: u8, i: &mut usize| {
+            if written == scale && scale > 0 {
+                *i -= 1;
+                buf[*i] = b'.';
+            }
+            *i -= 1;
+            buf[*i] = b'0' + digit;
+            written += 1;
+            written > scale
+        };
+        let m = d.mantissa().unsigned_abs();
+        // Prices and amounts fit 64 bits, whose division by 10 is a multiplication.
+        match u64::try_from(m) {
+            Ok(mut m) => loop {
+                let past_point = put((m % 10) as u8, &mut i);
+                m /= 10;
+                if m == 0 && past_point {
+                    break;
+                }
+            },
+            Err(_) => {
+                let mut m = m;
+                loop {
+                    let past_point = put((m % 10) as u8, &mut i);
+                    m /= 10;
+                    if m == 0 && past_point {
+                        break;
+                    }
+                }
+            }
+        }
+        if d.is_sign_negative() && !d.is_zero() {
+            i -= 1;
+            buf[i] = b'-';
+        }
+        i -= 1;
+        buf[i] = b'"';
+        out.extend_from_slice(&buf[i..]);
+    }
+
+    /// A string that needs no escape (names of this crate's own: token keys,
+    /// currency codes), quoted.
+    pub(crate) fn plain(out: &mut Vec<u8>, parts: &[&str]) {
+        out.push(b'"');
+        for p in parts {
+            debug_assert!(p.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\'));
+            out.extend_from_slice(p.as_bytes());
+        }
+        out.push(b'"');
+    }
+
+    /// A token key, `"modality.direction"`, quoted.
+    pub(crate) fn token_key_json(out: &mut Vec<u8>, m: Modality, d: Direction) {
+        plain(out, &[m.as_str(), ".", d.as_str()]);
+    }
+
+    /// A timestamp as jiff writes it in RFC 3339 (`2026-12-06T08:40:12.1234Z`: UTC,
+    /// the fraction with the digits it needs, none when whole), quoted; `false`,
+    /// writing nothing, outside the years 1970 to 9999, which are left to jiff.
+    pub(crate) fn timestamp(out: &mut Vec<u8>, ts: &jiff::Timestamp) -> bool {
+        let (secs, nanos) = (ts.as_second(), ts.subsec_nanosecond());
+        // Before 1970 the fraction counts back from the second (negative): jiff's.
+        if !(0..253_402_300_800).contains(&secs) || nanos < 0 {
+            return false;
+        }
+        // Days to a civil date: H. Hinnant's `civil_from_days`, for days ≥ 0.
+        let (days, tod) = (secs / 86_400, secs % 86_400);
+        let z = days + 719_468;
+        let (era, doe) = (z / 146_097, z % 146_097);
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let mut buf = *b"\"0000-00-00T00:00:00.000000000Z\"";
+        let mut two = |at: usize, v: i64| {
+            buf[at] = b'0' + (v / 10) as u8;
+            buf[at + 1] = b'0' + (v % 10) as u8;
+        };
+        two(1, year / 100);
+        two(3, year % 100);
+        two(6, month);
+        two(9, day);
+        two(12, tod / 3_600);
+        two(15, tod / 60 % 60);
+        two(18, tod % 60);
+        if nanos == 0 {
+            out.extend_from_slice(&buf[..20]);
+            out.extend_from_slice(b"Z\"");
+            return true;
+        }
+        let mut n = nanos.unsigned_abs();
+        for at in (21..30).rev() {
+            buf[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        let mut end = 30;
+        while buf[end - 1] == b'0' {
+            end -= 1;
+        }
+        out.extend_from_slice(&buf[..end]);
+        out.extend_from_slice(b"Z\"");
+        true
+    }
+
+    /// A JSON string with serde_json's escapes: `"`, `\\`, and control characters
+    /// (`\b \t \n \f \r` short, the others `\u00xx`); nothing else.
+    pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out.push(b'"');
+        let bytes = s.as_bytes();
+        let mut start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            if b >= 0x20 && b != b'"' && b != b'\\' {
+                continue;
+            }
+            out.extend_from_slice(&bytes[start..i]);
+            start = i + 1;
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                _ => out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ]),
+            }
+        }
+        out.extend_from_slice(&bytes[start..]);
+        out.push(b'"');
+    }
+
+    /// `modality.direction` spelled into `buf`.
+    pub(crate) fn token_key(m: Modality, d: Direction, buf: &mut [u8; 32]) -> &str {
+        let (m, d) = (m.as_str().as_bytes(), d.as_str().as_bytes());
+        // The longest is `image.cached_input`, 18 bytes.
+        let len = m.len() + 1 + d.len();
+        buf[..m.len()].copy_from_slice(m);
+        buf[m.len()] = b'.';
+        buf[m.len() + 1..len].copy_from_slice(d);
+        match std::str::from_utf8(&buf[..len]) {
+            Ok(key) => key,
+            Err(_) => unreachable!("token key names are ASCII"),
+        }
+    }
+
+    /// A price key's string.
+    pub(crate) fn key(out: &mut Vec<u8>, k: &PriceKey) {
+        match k {
+            PriceKey::Tokens(m, d) => token_key_json(out, *m, *d),
+            PriceKey::Request => out.extend_from_slice(b"\"request\""),
+            // Rare: a service's own measure.
+            PriceKey::Measure(name) => string(out, &format!("measure.{name}")),
+        }
+    }
+
+    /// Serializes a decimal as [`super::exact`] does.
+    pub(crate) struct Text<'a>(pub(crate) &'a Decimal);
+
+    impl serde::Serialize for Text<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            super::exact::serialize(self.0, s)
+        }
+    }
+
+    /// Reads a decimal as [`super::exact`] does.
+    pub(crate) struct Read(pub(crate) Decimal);
+
+    impl<'de> serde::Deserialize<'de> for Read {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            super::exact::deserialize(d).map(Read)
+        }
+    }
 }
 
 /// Which service tier a usage entry states; absent means standard.
@@ -1181,20 +1430,135 @@ pub enum RatingBasis {
 
 /// One priced quantity of a usage entry. `amount == quantity × unit_price`, exact
 /// (no rounding: the book rounds only the entry's total).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// Written as an array, `[key, quantity, unit_price]`, with a fourth element, the
+/// amount, only where it is not `quantity × unit_price` as [`Decimal::checked_mul`]
+/// computes it (the same value at the same scale): every rated entry carries its
+/// lines, and field names and a derivable amount were half of a rating's bytes. The
+/// quantity is a JSON integer where it is whole (scale 0) and fits an `i64`, a string
+/// otherwise; prices and amounts are always strings. Reading restores every field
+/// exactly, scale included.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RatedLine {
     /// What was priced.
     pub key: PriceKey,
     /// How many units (tokens, a measure's value, or 1 request).
-    #[serde(with = "exact")]
     pub quantity: Decimal,
     /// The price per unit used.
-    #[serde(with = "exact")]
     pub unit_price: Decimal,
     /// `quantity × unit_price`.
-    #[serde(with = "exact")]
     pub amount: Decimal,
+}
+
+impl RatedLine {
+    /// `quantity × unit_price` as a line's amount is defined, and as a line written
+    /// without its amount is read: exactly [`Decimal::checked_mul`]'s result (value,
+    /// scale and sign), computed in one machine multiplication where both mantissas
+    /// fit 64 bits and the product fits a decimal unrounded (token counts times list
+    /// prices), and by `checked_mul` otherwise. The rater prices every line with it.
+    pub fn product(quantity: Decimal, unit_price: Decimal) -> Option<Decimal> {
+        let scale = quantity.scale() + unit_price.scale();
+        if scale <= 28
+            && let (Ok(q), Ok(p)) = (
+                i64::try_from(quantity.mantissa()),
+                i64::try_from(unit_price.mantissa()),
+            )
+            && q != 0
+            && p != 0
+        {
+            // `checked_mul` keeps a product below 2^96 at scale s₁ + s₂ ≤ 28 as it is
+            // (it returns a zero, of scale 0, for a zero factor: not taken here).
+            let m = i128::from(q) * i128::from(p);
+            if m.unsigned_abs() < 1 << 96 {
+                return Decimal::try_from_i128_with_scale(m, scale).ok();
+            }
+        }
+        quantity.checked_mul(unit_price)
+    }
+
+    /// Whether `amount` is exactly what reading the line without it gives back.
+    fn amount_is_derived(&self) -> bool {
+        RatedLine::product(self.quantity, self.unit_price)
+            .is_some_and(|p| wire::same(&p, &self.amount))
+    }
+
+    /// Appends the line's JSON: the bytes its `Serialize` gives through serde_json.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        wire::key(out, &self.key);
+        out.push(b',');
+        match wire::whole(&self.quantity) {
+            Some(n) => wire::int(out, n),
+            None => wire::decimal(out, &self.quantity),
+        }
+        out.push(b',');
+        wire::decimal(out, &self.unit_price);
+        if !self.amount_is_derived() {
+            out.push(b',');
+            wire::decimal(out, &self.amount);
+        }
+        out.push(b']');
+    }
+}
+
+impl Serialize for RatedLine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let derived = self.amount_is_derived();
+        let mut t = s.serialize_tuple(if derived { 3 } else { 4 })?;
+        t.serialize_element(&self.key)?;
+        match wire::whole(&self.quantity) {
+            Some(n) => t.serialize_element(&n)?,
+            None => t.serialize_element(&wire::Text(&self.quantity))?,
+        }
+        t.serialize_element(&wire::Text(&self.unit_price))?;
+        if !derived {
+            t.serialize_element(&wire::Text(&self.amount))?;
+        }
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for RatedLine {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RatedLine;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a rated line: [key, quantity, unit_price] or [key, quantity, unit_price, amount]")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<RatedLine, A::Error> {
+                use serde::de::Error;
+                let missing = |i| A::Error::invalid_length(i, &self);
+                let key: PriceKey = a.next_element()?.ok_or_else(|| missing(0))?;
+                let wire::Read(quantity) = a.next_element()?.ok_or_else(|| missing(1))?;
+                let wire::Read(unit_price) = a.next_element()?.ok_or_else(|| missing(2))?;
+                let amount = match a.next_element::<wire::Read>()? {
+                    Some(wire::Read(amount)) => {
+                        if a.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                            return Err(A::Error::invalid_length(5, &self));
+                        }
+                        amount
+                    }
+                    None => RatedLine::product(quantity, unit_price).ok_or_else(|| {
+                        A::Error::custom(format!(
+                            "{key}: {quantity} × {unit_price} overflows; the amount must be written"
+                        ))
+                    })?,
+                };
+                Ok(RatedLine {
+                    key,
+                    quantity,
+                    unit_price,
+                    amount,
+                })
+            }
+        }
+        d.deserialize_seq(V)
+    }
 }
 
 /// What a usage entry carries once priced: a bill line explained by its entry.
@@ -1355,13 +1719,257 @@ impl Rating {
     /// Sets `amount` from the lines: their exact sum, adjusted, then rounded by
     /// `rounding`. The only way a rating's amount is computed; `None` on overflow.
     pub fn settle(&mut self, rounding: &Rounding) -> Option<()> {
-        let mut sum = Decimal::ZERO;
-        for l in &self.lines {
-            sum = sum.checked_add(l.amount)?;
-        }
+        let sum = Rating::sum_lines(&self.lines)?;
         let adjusted = Rating::adjust(sum, self.discount_percent, self.markup_percent)?;
         self.amount = rounding.apply(adjusted);
         Some(())
+    }
+
+    /// The lines' amounts added up in order with [`Decimal::checked_add`] from zero:
+    /// its exact result (value, scale and sign). Where every amount is positive and
+    /// fits 64 bits, that is the sum of the mantissas aligned to the largest scale, done
+    /// in one pass of integer additions (`checked_add` builds each partial sum as a
+    /// decimal, a store-forwarding stall apiece, and was most of `settle`).
+    fn sum_lines(lines: &[RatedLine]) -> Option<Decimal> {
+        let aligned = || {
+            let scale = lines.iter().map(|l| l.amount.scale()).max()?;
+            let mut total: u128 = 0;
+            for l in lines {
+                let a = &l.amount;
+                // A zero keeps the other operand's scale in `checked_add`: not here.
+                if a.is_sign_negative() || a.is_zero() {
+                    return None;
+                }
+                let m = u64::try_from(a.mantissa()).ok()?;
+                let up = scale - a.scale();
+                // 10^19 × a 64-bit mantissa still fits 128 bits.
+                if up > 19 {
+                    return None;
+                }
+                total = total.checked_add(u128::from(m) * 10u128.pow(up))?;
+            }
+            // Exact while every partial sum fits a decimal's 96 bits (they grow).
+            if total >= 1 << 96 {
+                return None;
+            }
+            Decimal::try_from_i128_with_scale(i128::try_from(total).ok()?, scale).ok()
+        };
+        if let Some(sum) = aligned() {
+            return Some(sum);
+        }
+        let mut sum = Decimal::ZERO;
+        for l in lines {
+            sum = sum.checked_add(l.amount)?;
+        }
+        Some(sum)
+    }
+
+    /// Appends the rating's JSON to `out`: the bytes serde_json writes for it, built
+    /// without the serializer, as a usage entry is encoded (`Entry::encode_into`).
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        // Every field named: one added to `Rating` must be written here too.
+        let Rating {
+            amount,
+            currency,
+            book,
+            version,
+            lines,
+            contract,
+            discount_percent,
+            markup_percent,
+            unpriced,
+            missing,
+            basis,
+            place,
+        } = self;
+        out.extend_from_slice(b"{\"amount\":");
+        wire::decimal(out, amount);
+        out.extend_from_slice(b",\"currency\":");
+        wire::plain(out, &[currency.as_str()]);
+        out.extend_from_slice(b",\"book\":");
+        wire::string(out, book);
+        out.extend_from_slice(b",\"version\":");
+        wire::int(out, i64::from(*version));
+        if !lines.is_empty() {
+            out.extend_from_slice(b",\"lines\":[");
+            for (i, line) in lines.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                line.write_json(out);
+            }
+            out.push(b']');
+        }
+        if let Some(c) = contract {
+            out.extend_from_slice(b",\"contract\":");
+            serde_json::to_writer(&mut *out, c)?;
+        }
+        if let Some(d) = discount_percent {
+            out.extend_from_slice(b",\"discount_percent\":");
+            wire::decimal(out, d);
+        }
+        if let Some(m) = markup_percent {
+            out.extend_from_slice(b",\"markup_percent\":");
+            wire::decimal(out, m);
+        }
+        if *unpriced {
+            out.extend_from_slice(b",\"unpriced\":true");
+        }
+        if !missing.is_empty() {
+            out.extend_from_slice(b",\"missing\":[");
+            for (i, k) in missing.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                wire::key(out, k);
+            }
+            out.push(b']');
+        }
+        // Rare, and free to grow: written by their own serde.
+        if let Some(b) = basis {
+            out.extend_from_slice(b",\"basis\":");
+            serde_json::to_writer(&mut *out, b)?;
+        }
+        if let Some(p) = place {
+            out.extend_from_slice(b",\"place\":");
+            serde_json::to_writer(&mut *out, p)?;
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// Random ratings for the codec's tests (here, and the entry codec's in `reuse`).
+#[cfg(test)]
+pub(crate) mod arb {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any decimal, and often one shaped like a count, a price or an amount.
+    pub(crate) fn decimal() -> impl Strategy<Value = Decimal> {
+        prop_oneof![
+            (0i64..10_000_000).prop_map(Decimal::from),
+            (1i64..1_000_000, 0u32..=12).prop_map(|(m, s)| Decimal::new(m, s)),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<bool>(),
+                0u32..=28
+            )
+                .prop_map(|(lo, mid, hi, neg, scale)| Decimal::from_parts(lo, mid, hi, neg, scale)),
+            any::<i64>().prop_map(Decimal::from),
+        ]
+    }
+
+    /// Text with quotes, backslashes, control characters and any other character.
+    pub(crate) fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z.]{1,12}",
+            prop::collection::vec(
+                prop_oneof![
+                    any::<char>(),
+                    Just('"'),
+                    Just('\\'),
+                    (0u8..0x20).prop_map(char::from),
+                    Just('\u{7f}'),
+                    Just('/'),
+                ],
+                0..12
+            )
+            .prop_map(String::from_iter),
+        ]
+    }
+
+    pub(crate) fn key() -> impl Strategy<Value = PriceKey> {
+        prop_oneof![
+            4 => (0..Modality::ALL.len(), 0..Direction::ALL.len())
+                .prop_map(|(m, d)| PriceKey::Tokens(Modality::ALL[m], Direction::ALL[d])),
+            1 => "[a-z_]{1,10}".prop_map(PriceKey::Measure),
+            1 => Just(PriceKey::Request),
+        ]
+    }
+
+    pub(crate) fn line() -> impl Strategy<Value = RatedLine> {
+        (key(), decimal(), decimal(), decimal(), any::<bool>()).prop_map(
+            |(key, quantity, unit_price, other, derived)| RatedLine {
+                key,
+                quantity,
+                unit_price,
+                // The rater's lines, whose amount is the product, and any others.
+                amount: match RatedLine::product(quantity, unit_price) {
+                    Some(p) if derived => p,
+                    _ => other,
+                },
+            },
+        )
+    }
+
+    pub(crate) fn rating() -> impl Strategy<Value = Rating> {
+        let head = (
+            decimal(),
+            prop_oneof![Just("USD"), Just("CNY"), Just("EUR")],
+            text(),
+            any::<u32>(),
+            prop::collection::vec(line(), 0..6),
+            prop_oneof![Just(None), Just(Some("/")), Just(Some("acme/cn"))],
+        );
+        let tail = (
+            proptest::option::of(decimal()),
+            proptest::option::of(decimal()),
+            any::<bool>(),
+            prop::collection::vec(key(), 0..3),
+            proptest::option::of(prop_oneof![
+                Just(RatingBasis::Provider),
+                Just(RatingBasis::Recount),
+                Just(RatingBasis::Greater)
+            ]),
+            proptest::option::of((0i64..4_000_000_000, 0i32..1_000_000_000, decimal())),
+        );
+        (head, tail).prop_map(
+            |(
+                (amount, currency, book, version, lines, contract),
+                (discount_percent, markup_percent, unpriced, missing, basis, place),
+            )| Rating {
+                amount,
+                currency: currency.parse().unwrap(),
+                book,
+                version,
+                lines,
+                contract: contract.map(|c| {
+                    if c == "/" {
+                        AccountPath::root()
+                    } else {
+                        c.parse().unwrap()
+                    }
+                }),
+                discount_percent,
+                markup_percent,
+                unpriced,
+                missing,
+                basis,
+                place: place.map(|(secs, nanos, before)| TierPlace {
+                    period: Timestamp::new(secs, nanos).unwrap(),
+                    before,
+                }),
+            },
+        )
+    }
+
+    /// Equal, and every decimal at the same scale: nothing was lost in the bytes.
+    pub(crate) fn assert_exactly(got: &Rating, want: &Rating) {
+        assert_eq!(got, want);
+        let scales = |r: &Rating| {
+            let mut v = vec![r.amount.scale()];
+            for l in &r.lines {
+                v.extend([l.quantity.scale(), l.unit_price.scale(), l.amount.scale()]);
+            }
+            v.extend(r.discount_percent.map(|d| d.scale()));
+            v.extend(r.markup_percent.map(|d| d.scale()));
+            v.extend(r.place.as_ref().map(|p| p.before.scale()));
+            v
+        };
+        assert_eq!(scales(got), scales(want), "scales of {want:?}");
     }
 }
 
@@ -1741,5 +2349,199 @@ mod tests {
             json.starts_with(r#"{"amount":"0.03","currency":"CNY""#),
             "{json}"
         );
+    }
+
+    #[test]
+    fn ratings_round_trip_exactly_through_their_compact_bytes() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(2000), |(r in arb::rating())| {
+            let bytes = serde_json::to_vec(&r).unwrap();
+            // The append path's hand-written bytes are serde's, byte for byte.
+            let mut by_hand = Vec::new();
+            r.write_json(&mut by_hand).unwrap();
+            prop_assert_eq!(
+                String::from_utf8_lossy(&by_hand),
+                String::from_utf8_lossy(&bytes)
+            );
+            let back: Rating = serde_json::from_slice(&bytes).unwrap();
+            arb::assert_exactly(&back, &r);
+            // And written again, the same bytes.
+            prop_assert_eq!(serde_json::to_vec(&back).unwrap(), bytes);
+        });
+    }
+
+    #[test]
+    fn decimals_are_written_as_their_exact_text() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(20_000), |(x in arb::decimal())| {
+            let mut out = Vec::new();
+            wire::decimal(&mut out, &x);
+            prop_assert_eq!(String::from_utf8(out).unwrap(), format!("\"{x}\""));
+        });
+        for x in [
+            Decimal::ZERO,
+            Decimal::new(-0, 5),
+            Decimal::MAX,
+            Decimal::MIN,
+            Decimal::new(5, 28),
+            d("-0.001"),
+        ] {
+            let mut out = Vec::new();
+            wire::decimal(&mut out, &x);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("\"{x}\""));
+        }
+    }
+
+    #[test]
+    fn timestamps_are_written_as_jiff_writes_them() {
+        use proptest::prelude::*;
+        let check = |secs: i64, nanos: i32| {
+            let ts = Timestamp::new(secs, nanos).unwrap();
+            let mut out = Vec::new();
+            if wire::timestamp(&mut out, &ts) {
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    serde_json::to_string(&ts).unwrap()
+                );
+            } else {
+                assert!(out.is_empty());
+                assert!(ts < Timestamp::UNIX_EPOCH, "{ts}");
+            }
+        };
+        proptest!(ProptestConfig::with_cases(20_000), |(
+            secs in prop_oneof![0i64..253_402_207_200, -100_000i64..100_000, 1_700_000_000i64..1_900_000_000],
+            nanos in prop_oneof![Just(0i32), 0i32..1_000_000_000, (0i32..1000).prop_map(|n| n * 1_000_000), (0i32..1_000_000).prop_map(|n| n * 1000)],
+        )| {
+            check(secs, nanos);
+        });
+        // jiff's last second is 253_402_207_200.
+        for secs in [0, 951_782_400, 4_107_542_400, 253_402_207_199, -1] {
+            check(secs, 0);
+            check(secs, 1);
+            check(secs, 999_999_999);
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(2000), |(t in arb::text())| {
+            let mut out = Vec::new();
+            wire::string(&mut out, &t);
+            prop_assert_eq!(out, serde_json::to_vec(&t).unwrap());
+        });
+        for n in [0, 7, -1, i64::MAX, i64::MIN, 1_000_000] {
+            let mut out = Vec::new();
+            wire::int(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
+    }
+
+    #[test]
+    fn rated_lines_are_compact_arrays() {
+        let line = |q: &str, p: &str, a: &str| RatedLine {
+            key: "text.input".parse().unwrap(),
+            quantity: d(q),
+            unit_price: d(p),
+            amount: d(a),
+        };
+        for (l, want) in [
+            // The rater's lines: the amount is the product and left out.
+            (
+                line("1000", "0.0000025", "0.0025000"),
+                r#"["text.input",1000,"0.0000025"]"#,
+            ),
+            // A fractional quantity (a measure) is a string.
+            (line("1.5", "2", "3.0"), r#"["text.input","1.5","2"]"#),
+            // Not the product (a changed amount, or another scale): written.
+            (
+                line("1000", "0.0000025", "0.0026"),
+                r#"["text.input",1000,"0.0000025","0.0026"]"#,
+            ),
+            (
+                line("1000", "0.0000025", "0.0025"),
+                r#"["text.input",1000,"0.0000025","0.0025"]"#,
+            ),
+        ] {
+            let json = serde_json::to_string(&l).unwrap();
+            assert_eq!(json, want);
+            let back: RatedLine = serde_json::from_str(&json).unwrap();
+            assert_eq!(
+                (back.amount, back.amount.scale()),
+                (l.amount, l.amount.scale())
+            );
+        }
+        for bad in [
+            r#"["text.input",1000]"#,
+            r#"["text.input",1000,"1","1000","x"]"#,
+            r#"["text.input",1000,1.5]"#,
+            r#"{"key":"text.input","quantity":"1","unit_price":"1","amount":"1"}"#,
+        ] {
+            assert!(serde_json::from_str::<RatedLine>(bad).is_err(), "{bad}");
+        }
+        // A product that overflows cannot be left out, and is not read as if it were.
+        let big = Decimal::MAX;
+        let l = RatedLine {
+            key: PriceKey::Request,
+            quantity: big,
+            unit_price: big,
+            amount: Decimal::ONE,
+        };
+        let json = serde_json::to_string(&l).unwrap();
+        assert_eq!(serde_json::from_str::<RatedLine>(&json).unwrap(), l);
+        let cut = json.rsplit_once(',').unwrap().0.to_string() + "]";
+        assert!(serde_json::from_str::<RatedLine>(&cut).is_err(), "{cut}");
+    }
+
+    #[test]
+    fn lines_add_up_as_checked_add_adds_them() {
+        use proptest::prelude::*;
+        let chain = |lines: &[RatedLine]| {
+            let mut sum = Some(Decimal::ZERO);
+            for l in lines {
+                sum = sum.and_then(|s| s.checked_add(l.amount));
+            }
+            sum.map(|d| d.serialize())
+        };
+        let positive = prop_oneof![
+            (1i64..10_000_000, 0u32..=12).prop_map(|(m, s)| Decimal::new(m, s)),
+            (1u64..u64::MAX, 0u32..=28)
+                .prop_map(|(m, s)| Decimal::from_i128_with_scale(i128::from(m), s)),
+            Just(Decimal::ZERO),
+            Just(Decimal::new(0, 7)),
+        ];
+        let line = (arb::line(), positive, any::<bool>()).prop_map(|(mut l, a, keep)| {
+            if !keep {
+                l.amount = a;
+            }
+            l
+        });
+        proptest!(ProptestConfig::with_cases(20_000), |(lines in prop::collection::vec(line, 0..6))| {
+            prop_assert_eq!(Rating::sum_lines(&lines).map(|d| d.serialize()), chain(&lines));
+        });
+    }
+
+    #[test]
+    fn a_lines_product_is_checked_muls_exactly() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(20_000), |(q in arb::decimal(), p in arb::decimal())| {
+            let want = q.checked_mul(p);
+            let got = RatedLine::product(q, p);
+            prop_assert_eq!(got.map(|d| d.serialize()), want.map(|d| d.serialize()), "{} × {}", q, p);
+        });
+        for (q, p) in [
+            (Decimal::ZERO, d("0.0000025")),
+            (d("-3"), d("0.5")),
+            (d("3"), d("-0.50")),
+            (Decimal::from(i64::MAX), Decimal::from(i64::MAX)),
+            (Decimal::from(i64::MIN), d("1.5")),
+            (d("1000"), Decimal::from_i128_with_scale(25, 28)),
+        ] {
+            assert_eq!(
+                RatedLine::product(q, p).map(|d| d.serialize()),
+                q.checked_mul(p).map(|d| d.serialize()),
+                "{q} × {p}"
+            );
+        }
     }
 }

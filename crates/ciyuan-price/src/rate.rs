@@ -533,7 +533,10 @@ impl Rater {
         // Sums of at most 25 i64 counts: below 2^69, inside a decimal's 96 bits, so
         // their conversion to `Decimal` in the tiers is exact.
         let mut all_tokens: i128 = 0;
+        // Keys with a count: each is a line (or more, with tiers).
+        let mut counted = 0;
         for t in input.tokens.iter() {
+            counted += usize::from(t.count != 0);
             if t.count < 0 {
                 return Err(RateError::Negative {
                     key: format!("{}.{}", t.modality, t.direction),
@@ -567,8 +570,10 @@ impl Rater {
             input_tokens,
             all_tokens,
         };
-        // Typical entries have up to 5 keys and a request line: one allocation.
-        rating.lines.reserve(6);
+        // One allocation, no larger than the lines need (a key with a count, a priced
+        // measure, the request; tiers may split a key): rated entries are held in
+        // memory until projected, and the memory they hold is what they cost there.
+        rating.lines.reserve(counted + input.measures.len() + 1);
         let mut before: i128 = 0;
         for t in input.tokens.iter() {
             let key = PriceKey::Tokens(t.modality, t.direction);
@@ -641,7 +646,8 @@ fn push_line(
     quantity: Decimal,
     unit_price: Decimal,
 ) -> Result<(), RateError> {
-    match quantity.checked_mul(unit_price) {
+    // The product a line written without its amount is read back with.
+    match RatedLine::product(quantity, unit_price) {
         Some(amount) => {
             lines.push(RatedLine {
                 key: key.clone(),
