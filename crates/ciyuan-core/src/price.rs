@@ -1949,8 +1949,11 @@ pub(crate) mod arb {
                 missing,
                 basis,
                 place: place.map(|(secs, nanos, before)| TierPlace {
+                    node: "acme".parse().unwrap(),
+                    rule: "gpt-4o*||standard".into(),
                     period: Timestamp::new(secs, nanos).unwrap(),
                     before,
+                    units: before,
                 }),
             },
         )
