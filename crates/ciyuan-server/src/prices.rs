@@ -165,6 +165,14 @@ impl Pricing {
         self.state().rater(node, at)
     }
 
+    /// The contract set on `node` itself (not inherited), if any.
+    pub(crate) fn contract_at(&self, node: &AccountPath) -> Option<Arc<PriceContract>> {
+        self.state()
+            .contracts
+            .get(node.as_str())
+            .map(|(_, c)| c.clone())
+    }
+
     /// Version `version` of book `name`, if recorded.
     pub(crate) fn book_version(&self, name: &str, version: u32) -> Option<Arc<PriceBook>> {
         self.state()

@@ -376,6 +376,27 @@ impl App {
             }
         }
         let mut billed = sums.billed.clone();
+        // A minimum commitment of the node's own contract tops a month up to it, in
+        // the currency of the book the contract names.
+        if period.name.is_some()
+            && let Some(contract) = self.pricing.contract_at(node)
+            && let Some(minimum) = &contract.minimum_commitment
+            && let Some(book) = self.pricing.latest(&contract.book)
+        {
+            let c = book.currency;
+            let so_far = exact(
+                billed.get(&c).copied().unwrap_or(ExactSum::ZERO),
+                "the month's billed",
+            )?;
+            let short = minimum.shortfall(so_far);
+            if !short.is_zero() {
+                adjustments.push(adjustment("commitment", short.normalize(), c));
+                add(
+                    billed.entry(c).or_insert(ExactSum::ZERO),
+                    ExactSum::of(short),
+                )?;
+            }
+        }
         for (c, late_month, amount) in self.late_items(node, period)? {
             adjustments.push(adjustment(&format!("late:{late_month}"), amount, c));
             add(
@@ -677,10 +698,23 @@ impl App {
             for r in &now {
                 add(per.entry(r.currency).or_insert(ExactSum::ZERO), r.billed)?;
             }
+            // What the month's billing lines said when it was issued: its subtotal less
+            // what the statement added beside them (a commitment's top-up, late items
+            // of earlier months).
             for t in &doc.totals {
                 add(
                     per.entry(t.currency).or_insert(ExactSum::ZERO),
                     ExactSum::of(-t.subtotal),
+                )?;
+            }
+            for a in doc
+                .adjustments
+                .iter()
+                .filter(|a| a.key == "commitment" || a.key.starts_with("late:"))
+            {
+                add(
+                    per.entry(a.currency).or_insert(ExactSum::ZERO),
+                    ExactSum::of(a.amount),
                 )?;
             }
             let key = format!("late:{}", q.period);

@@ -349,7 +349,7 @@ fn rebuild_and_verify_refuse_while_the_server_runs() {
     let mut lines = out.lines();
     assert_eq!(
         lines.next(),
-        Some("ledger: 1 entries; database schema version 7 (this build: 7)"),
+        Some("ledger: 1 entries; database schema version 8 (this build: 8)"),
         "{out}"
     );
     // And the projections are caught up with the ledger.

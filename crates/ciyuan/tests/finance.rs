@@ -598,3 +598,145 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
     let (code, report) = verify(&tmp.path().join("data"));
     assert_eq!(code, 0, "{report}");
 }
+
+#[test]
+fn a_nodes_own_cost_is_allocated_to_its_children_to_the_cent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path());
+    let root = server.bootstrap.clone().unwrap();
+    let book = tmp.path().join("list.toml");
+    std::fs::write(&book, BOOK).unwrap();
+    let out = server.cli(
+        &root,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "toml",
+            book.to_str().unwrap(),
+            "--effective-from",
+            "2026-01-01T00:00:00Z",
+        ],
+    );
+    assert!(out.status.success());
+    // A rule that does not parse is refused with its name.
+    let bad = server.cli(
+        &root,
+        &[
+            "accounts",
+            "create",
+            "grp",
+            "--meta",
+            "allocation=shares:a=50,b=40",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("sum to 90, not 100"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    stdout(&server.cli(
+        &root,
+        &["accounts", "create", "grp", "--meta", "allocation=cost"],
+    ));
+    for p in ["grp/a", "grp/b", "grp/c"] {
+        stdout(&server.cli(&root, &["accounts", "create", p]));
+    }
+    let d = tmp.path();
+    // The platform's own 1.00, and its children's 2.40 and 4.80 (grp/c used nothing).
+    ingest(
+        &server,
+        &root,
+        d,
+        "own",
+        "grp",
+        "2026-11-02T00:00:00Z",
+        (416_667, 0),
+    );
+    ingest(
+        &server,
+        &root,
+        d,
+        "a",
+        "grp/a",
+        "2026-11-03T00:00:00Z",
+        (1_000_000, 0),
+    );
+    ingest(
+        &server,
+        &root,
+        d,
+        "b",
+        "grp/b",
+        "2026-11-04T00:00:00Z",
+        (2_000_000, 0),
+    );
+    let (s, body) = statement(&server, &root, "grp", "2026-11");
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let st = json(&body);
+    let a = &st["allocations"][0];
+    assert_eq!(
+        (
+            a["currency"].as_str(),
+            a["shared"].as_str(),
+            a["rule"].as_str()
+        ),
+        (Some("CNY"), Some("1"), Some("cost")),
+        "{st}"
+    );
+    let parts: Vec<(String, String)> = a["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["account"].as_str().unwrap().to_string(),
+                p["amount"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // 1/3 and 2/3 of a yuan: 0.33 and 0.67 (the last cent to the larger remainder).
+    assert_eq!(
+        parts,
+        vec![
+            ("grp/a".into(), "0.33".into()),
+            ("grp/b".into(), "0.67".into()),
+            ("grp/c".into(), "0".into())
+        ]
+    );
+    assert_eq!(a["unallocated"], "0");
+
+    // A minimum commitment of 10 CNY a month on grp's own contract tops it up.
+    let contract = tmp.path().join("contract.json");
+    std::fs::write(
+        &contract,
+        r#"{"book": "list", "minimum_commitment": {"amount": "10", "period": "month"}}"#,
+    )
+    .unwrap();
+    let set = server.cli(
+        &root,
+        &[
+            "contracts",
+            "set",
+            "grp",
+            "--file",
+            contract.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let (_, body) = statement(&server, &root, "grp", "2026-11");
+    let st = json(&body);
+    assert_eq!(
+        amount_of(&st["adjustments"], "commitment"),
+        "1.8",
+        "8.20 billed: {st}"
+    );
+    assert_eq!(st["totals"][0]["subtotal"], "10", "{st}");
+    // Its children's statements are not topped up: the commitment is grp's.
+    let (_, body) = statement(&server, &root, "grp/a", "2026-11");
+    assert!(!String::from_utf8_lossy(&body).contains("commitment"));
+}
