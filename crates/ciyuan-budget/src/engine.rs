@@ -714,7 +714,7 @@ fn add_usage(
     out: &mut Settled,
 ) {
     // A counter starts within ±MAX_LOADED (2^100) and each usage moves it by less
-    // than 2^68 (at most 25 keys of i64), so leaving i128 takes more than 2^58
+    // than 2^68 (at most 30 keys of i64), so leaving i128 takes more than 2^58
     // usages in one window: it cannot happen, and if it did, stop.
     let Some(used) = c.used.checked_add(amount) else {
         unreachable!("counter of '{}' on {path} overflows i128", l.spec.name)

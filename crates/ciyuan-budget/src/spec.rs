@@ -37,7 +37,7 @@ impl Selector {
     }
 
     /// The selected tokens of `map`, net: negative counts (corrections) count
-    /// negatively. Exact: a map has at most 25 keys of `i64`, so the sum's magnitude
+    /// negatively. Exact: a map has at most 30 keys of `i64`, so the sum's magnitude
     /// stays below 25 × 2^63 < 2^68, far inside `i128`.
     pub fn count(&self, map: &TokenMap) -> i128 {
         map.iter()
@@ -396,19 +396,23 @@ pub(crate) fn until(now: Timestamp, end: Timestamp) -> std::time::Duration {
     std::time::Duration::try_from(d).unwrap_or(std::time::Duration::ZERO)
 }
 
+/// Token keys: every modality by every direction, as the ledger names them.
+const MODALITIES: usize = ciyuan_core::Modality::ALL.len();
+const DIRECTIONS: usize = ciyuan_core::Direction::ALL.len();
+
 /// Tokens of a map by modality × direction, net (negative counts count negatively),
 /// with the sums by modality, by direction and in total, so that any selector is one
 /// lookup and limits are measured without walking the map again (and outside the
 /// engine's lock).
 ///
-/// Every sum is exact with plain `+`: a map has at most 25 keys (5 modalities × 5
+/// Every sum is exact with plain `+`: a map has at most 30 keys (5 modalities × 6
 /// directions), each an `i64` (so a cell is one count), and no sum's magnitude
-/// reaches 25 × 2^63 < 2^68.
+/// reaches 30 × 2^63 < 2^68.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Amounts {
-    cell: [i64; 25],
-    by_modality: [i128; 5],
-    by_direction: [i128; 5],
+    cell: [i64; MODALITIES * DIRECTIONS],
+    by_modality: [i128; MODALITIES],
+    by_direction: [i128; DIRECTIONS],
     total: i128,
     /// The map's first negative count, if any: usage that happened (or may happen) is
     /// never negative; only corrections are.
@@ -418,16 +422,16 @@ pub(crate) struct Amounts {
 impl Amounts {
     pub fn of(map: &TokenMap) -> Amounts {
         let mut a = Amounts {
-            cell: [0; 25],
-            by_modality: [0; 5],
-            by_direction: [0; 5],
+            cell: [0; MODALITIES * DIRECTIONS],
+            by_modality: [0; MODALITIES],
+            by_direction: [0; DIRECTIONS],
             total: 0,
             negative: None,
         };
         for t in map.iter() {
             let n = i128::from(t.count);
             let (m, d) = (t.modality as usize, t.direction as usize);
-            a.cell[m * 5 + d] = t.count;
+            a.cell[m * DIRECTIONS + d] = t.count;
             a.by_modality[m] += n;
             a.by_direction[d] += n;
             a.total += n;
@@ -440,7 +444,7 @@ impl Amounts {
 
     pub fn select(&self, sel: &Selector) -> i128 {
         match (sel.modality, sel.direction) {
-            (Some(m), Some(d)) => i128::from(self.cell[m as usize * 5 + d as usize]),
+            (Some(m), Some(d)) => i128::from(self.cell[m as usize * DIRECTIONS + d as usize]),
             (Some(m), None) => self.by_modality[m as usize],
             (None, Some(d)) => self.by_direction[d as usize],
             (None, None) => self.total,

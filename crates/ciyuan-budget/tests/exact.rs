@@ -10,20 +10,10 @@ use ciyuan_budget::{
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Direction, Modality, TokenMap};
 
-const MODALITIES: [Modality; 5] = [
-    Modality::Text,
-    Modality::Image,
-    Modality::Audio,
-    Modality::Video,
-    Modality::Other,
-];
-const DIRECTIONS: [Direction; 5] = [
-    Direction::Input,
-    Direction::CachedInput,
-    Direction::CacheWrite,
-    Direction::Output,
-    Direction::Reasoning,
-];
+const MODALITIES: &[Modality] = Modality::ALL;
+const DIRECTIONS: &[Direction] = Direction::ALL;
+/// Every token key of the ledger.
+const KEYS: i128 = (Modality::ALL.len() * Direction::ALL.len()) as i128;
 
 fn p(s: &str) -> AccountPath {
     s.parse().unwrap()
@@ -42,11 +32,11 @@ fn toks(pairs: &[(&str, i64)]) -> TokenMap {
     m
 }
 
-/// Every one of the 25 keys at `n`.
+/// Every one of the 30 keys at `n`.
 fn every_key(n: i64) -> TokenMap {
     let mut m = TokenMap::new();
-    for modality in MODALITIES {
-        for direction in DIRECTIONS {
+    for &modality in MODALITIES {
+        for &direction in DIRECTIONS {
             m.add(modality, direction, n).unwrap();
         }
     }
@@ -285,13 +275,13 @@ fn regression_sums_near_i64_max_are_exact() {
         (u64::MAX, u64::MAX)
     );
 
-    // Far past u64: 1000 events of all 25 keys at i64::MAX, then as many corrections.
+    // Far past u64: 1000 events of all 30 keys at i64::MAX, then as many corrections.
     for _ in 0..1000 {
         let s = e.record(&p("a"), "k1", None, &every_key(i64::MAX), now);
         assert_eq!(s.exceeded.len(), 1);
     }
     let r = row(&e, "a", "hard", now);
-    assert_eq!(r.used, 2 * max + 1 + 1000 * 25 * max);
+    assert_eq!(r.used, 2 * max + 1 + 1000 * KEYS * max);
     assert_eq!(r.remaining, 0);
     // Over the amount, even a request needing nothing does not fit.
     assert!(admit(&e, "a", now, &TokenMap::new(), &TokenMap::new()).is_err());
@@ -338,7 +328,7 @@ fn regression_sums_near_i64_max_are_exact() {
     e2.set_limit(soft2).unwrap();
     let s = e2.record(&p("a"), "k1", None, &every_key(i64::MAX), now);
     assert_eq!((s.crossings.len(), s.crossings[0].used), (1, u64::MAX));
-    assert_eq!(row(&e2, "a", "soft", now).used, 25 * max);
+    assert_eq!(row(&e2, "a", "soft", now).used, KEYS * max);
 
     let event = every_key(1_000_000_000_000);
     let n = 750_000i128;
@@ -346,7 +336,7 @@ fn regression_sums_near_i64_max_are_exact() {
         e.record(&p("a"), "k1", None, &event, now);
     }
     let r = row(&e, "a", "soft", now);
-    assert_eq!(r.used, n * 25 * 1_000_000_000_000);
+    assert_eq!(r.used, n * KEYS * 1_000_000_000_000);
     assert!(r.used > i128::from(u64::MAX));
     assert_eq!(r.remaining, 0);
 }
@@ -388,9 +378,10 @@ fn regression_reservations_beyond_u64_are_refused_not_wrapped() {
     let huge = every_key(i64::MAX);
     let refusal = admit(&e, "a", now, &huge, &TokenMap::new()).unwrap_err();
     assert!(
-        refusal
-            .message
-            .contains(&format!("this request needs {}", 25 * i128::from(i64::MAX))),
+        refusal.message.contains(&format!(
+            "this request needs {}",
+            KEYS * i128::from(i64::MAX)
+        )),
         "{}",
         refusal.message
     );

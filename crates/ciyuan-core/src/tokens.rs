@@ -93,7 +93,7 @@ names!(Direction, Direction, Input => "input", CachedInput => "cached_input", Ca
 /// gateway record or a correction (in either sign). The longest context windows hold
 /// about 10^7 tokens; 10^12 leaves five orders of magnitude for events that report
 /// a service's aggregated usage, and keeps every sum the ledger can hold exact in
-/// `i128`: 10^12 × 25 keys × 2^64 entries < 2^127. The doors (ingest, the gateway,
+/// `i128`: 10^12 × 30 keys × 2^64 entries < 2^127. The doors (ingest, the gateway,
 /// adjustments, token definitions) refuse larger counts, naming the field.
 pub const MAX_TOKENS_PER_KEY: i64 = 1_000_000_000_000;
 
