@@ -299,6 +299,26 @@ impl SqliteStore {
     fn init(mut conn: Connection) -> Result<SqliteStore, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(backend)?;
+        // Exact decimal addition inside SQL, so a rollup row is added to in one
+        // upsert (SQLite's own arithmetic is binary floating point).
+        conn.create_scalar_function(
+            "dec_add",
+            2,
+            rusqlite::functions::FunctionFlags::SQLITE_UTF8
+                | rusqlite::functions::FunctionFlags::SQLITE_DETERMINISTIC,
+            |ctx| {
+                let a: String = ctx.get(0)?;
+                let b: String = ctx.get(1)?;
+                let fail = |why: String| rusqlite::Error::UserFunctionError(why.into());
+                let sum = parse_amount(&a)
+                    .and_then(|x| Ok(x.checked_add(parse_amount(&b)?)))
+                    .map_err(|e| fail(e.to_string()))?
+                    .and_then(|s| s.to_decimal())
+                    .ok_or_else(|| fail(format!("{a} + {b} needs more than 28 digits")))?;
+                Ok(sum.to_string())
+            },
+        )
+        .map_err(backend)?;
         let version: usize = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(backend)?;
@@ -771,49 +791,24 @@ fn upsert_lines(
     table: &str,
     lines: &ciyuan_store::LineSums<'_>,
 ) -> Result<(), StoreError> {
-    let mut read = tx
-        .prepare_cached(&format!(
-            "SELECT quantity, list, contracted, billed FROM {table}
-             WHERE account = ? AND hour = ? AND adjustment = ? AND service = ? AND model = ?
-               AND key = ? AND unit_price = ? AND currency = ? AND book = ? AND version = ?"
-        ))
-        .map_err(backend)?;
     let mut write = tx
         .prepare_cached(&format!(
-            "INSERT OR REPLACE INTO {table} (account, hour, adjustment, service, model, key,
+            "INSERT INTO {table} (account, hour, adjustment, service, model, key,
                  unit_price, currency, book, version, quantity, list, contracted, billed)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (account, hour, adjustment, service, model, key, unit_price, currency,
+                          book, version)
+             DO UPDATE SET quantity = dec_add(quantity, excluded.quantity),
+                           list = dec_add(list, excluded.list),
+                           contracted = dec_add(contracted, excluded.contracted),
+                           billed = dec_add(billed, excluded.billed)"
         ))
         .map_err(backend)?;
     for (k, add) in lines {
         let key = k.key.text();
         let price = k.unit_price.map(|p| p.to_string()).unwrap_or_default();
-        let dims = params![
-            k.account.as_str(),
-            k.hour,
-            k.adjustment,
-            k.service,
-            k.model,
-            key.as_ref(),
-            price,
-            k.currency.as_str(),
-            k.book,
-            k.version
-        ];
-        let old: Option<[String; 4]> = read
-            .query_row(dims, |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?]))
-            .optional()
-            .map_err(backend)?;
-        let mut sums = *add;
-        if let Some(old) = old {
-            for (s, o) in sums.iter_mut().zip(old) {
-                *s = s.checked_add(parse_amount(&o)?).ok_or_else(|| {
-                    StoreError::Backend(format!("billing line of {} overflows", k.account))
-                })?;
-            }
-        }
         let mut text = Vec::with_capacity(4);
-        for s in sums {
+        for s in add {
             text.push(
                 s.to_decimal()
                     .ok_or_else(|| {

@@ -54,3 +54,21 @@ fn key_writes_are_synced_and_projections_are_not() {
     );
     assert_eq!(synchronous(&store), 1);
 }
+
+#[test]
+fn rollups_add_decimals_exactly_in_sql() {
+    let s = SqliteStore::open_in_memory().unwrap();
+    let add = |a: &str, b: &str| -> Result<String, rusqlite::Error> {
+        s.conn()
+            .query_row("SELECT dec_add(?, ?)", [a, b], |r| r.get(0))
+    };
+    assert_eq!(add("0.1", "0.2").unwrap(), "0.3");
+    assert_eq!(add("-0.0000025", "0.0000025").unwrap(), "0");
+    assert_eq!(
+        add("0.0000000000000000000000000001", "1").unwrap(),
+        "1.0000000000000000000000000001"
+    );
+    let e = add("79228162514264337593543950335", "1").unwrap_err();
+    assert!(e.to_string().contains("needs more than 28 digits"), "{e}");
+    assert!(add("x", "1").is_err());
+}
