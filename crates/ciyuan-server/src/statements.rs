@@ -883,3 +883,179 @@ pub async fn close(
     });
     render(&st, Some(document), &q)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use ciyuan_core::{
+        AccountInfo, PriceKey, RatedLine, Rating, RatingCorrection, Rounding, RoundingAt,
+        RoundingMode, Usage,
+    };
+    use proptest::prelude::*;
+
+    fn rating(
+        lines: &[(usize, u64, i64, u32)],
+        discount: Option<u32>,
+        rounding: (u32, usize),
+        usd: bool,
+    ) -> Rating {
+        let keys = ["text.input", "text.output", "measure.pages"];
+        let modes = [
+            RoundingMode::HalfEven,
+            RoundingMode::HalfUp,
+            RoundingMode::Down,
+            RoundingMode::Up,
+        ];
+        let mut r = Rating {
+            amount: Decimal::ZERO,
+            currency: if usd { "USD" } else { "CNY" }.parse().unwrap(),
+            book: "list".into(),
+            version: 1,
+            lines: lines
+                .iter()
+                .map(|(k, q, m, scale)| {
+                    let quantity = Decimal::from(*q);
+                    let unit_price = Decimal::new(*m, scale + 3);
+                    RatedLine {
+                        key: keys[*k].parse::<PriceKey>().unwrap(),
+                        quantity,
+                        unit_price,
+                        amount: quantity * unit_price,
+                    }
+                })
+                .collect(),
+            contract: None,
+            discount_percent: discount.map(|d| Decimal::new(i64::from(d), 1)),
+            markup_percent: None,
+            unpriced: false,
+            missing: vec![],
+            basis: None,
+            place: None,
+        };
+        r.settle(&Rounding {
+            at: RoundingAt::Entry,
+            to: rounding.0,
+            mode: modes[rounding.1],
+        })
+        .unwrap();
+        r
+    }
+
+    /// For random ratings, nodes, times and corrections, a month's statement totals
+    /// exactly what the ledger's entries of that month and subtree say: usage by its
+    /// time, corrections by theirs.
+    #[test]
+    fn statement_totals_equal_the_ledgers_sums() {
+        let line = (0usize..3, 0u64..3_000_000, 1i64..50_000, 0u32..6);
+        let usage = (
+            0usize..4,
+            -900_000i64..3_600_000,
+            proptest::collection::vec(line.clone(), 0..3),
+            proptest::option::of(0u32..500),
+            (0u32..8, 0usize..4),
+            any::<bool>(),
+        );
+        let config = ProptestConfig {
+            cases: 24,
+            ..ProptestConfig::default()
+        };
+        proptest!(config, |(events in proptest::collection::vec(usage, 1..30),
+                            corrections in proptest::collection::vec((0usize..30, 0i64..3_600_000, proptest::collection::vec(line, 0..3)), 0..5),
+                            zone in 0usize..3)| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let store: Arc<dyn ciyuan_store::Store> =
+                    Arc::new(ciyuan_store_sqlite::SqliteStore::open_in_memory().unwrap());
+                let log: Arc<dyn ciyuan_store::Log> = Arc::new(crate::tests::MemLog::new());
+                let app = App::new(store, log, crate::ServerConfig::default()).unwrap();
+                let nodes = ["acme", "acme/a", "acme/b", "other"];
+                let zones = ["UTC", "Asia/Shanghai", "America/New_York"];
+                let mut entries = vec![Entry::new(
+                    "2026-01-01T00:00:00Z".parse().unwrap(),
+                    "acme".parse().unwrap(),
+                    EntryBody::AccountCreated(AccountInfo {
+                        time_zone: Some(zones[zone].into()),
+                        ..AccountInfo::default()
+                    }),
+                )];
+                for n in ["acme/a", "acme/b", "other"] {
+                    entries.push(Entry::new(
+                        "2026-01-01T00:00:00Z".parse().unwrap(),
+                        n.parse().unwrap(),
+                        EntryBody::AccountCreated(AccountInfo::default()),
+                    ));
+                }
+                let base: Timestamp = "2026-11-01T00:00:00Z".parse().unwrap();
+                let first_usage = entries.len();
+                for (node, secs, lines, discount, rounding, usd) in &events {
+                    let r = rating(lines, *discount, *rounding, *usd);
+                    entries.push(Entry::new(
+                        base.checked_add(SignedDur::from_secs(*secs)).unwrap(),
+                        nodes[*node].parse().unwrap(),
+                        EntryBody::Usage(Usage {
+                            service: "llm.chat".into(),
+                            model: Some("m".into()),
+                            rating: Some(Box::new(r)),
+                            ..Usage::default()
+                        }),
+                    ));
+                }
+                for (target, secs, lines) in &corrections {
+                    let i = first_usage + target % events.len();
+                    let Entry { ts, account, body: EntryBody::Usage(u), .. } = entries[i].clone() else {
+                        unreachable!()
+                    };
+                    let previous = u.rating.clone().unwrap();
+                    let now = rating(lines, None, (2, 0), previous.currency.as_str() == "USD");
+                    entries.push(Entry::new(
+                        base.checked_add(SignedDur::from_secs(*secs)).unwrap(),
+                        account,
+                        EntryBody::RatingCorrection(RatingCorrection {
+                            entry: i as u64,
+                            at: ts,
+                            usage: Box::new(u),
+                            previous,
+                            rating: Box::new(now),
+                        }),
+                    ));
+                }
+                app.append(&entries).await.unwrap();
+                app.caught_up().await.unwrap();
+                let acme: AccountPath = "acme".parse().unwrap();
+                let zone = TimeZone::get(zones[zone]).unwrap();
+                let period = Period::of_range(Some("2026-11"), None, None, &zone).unwrap();
+                let st = app.build_statement(&acme, &period).unwrap();
+                let mut want: BTreeMap<Currency, Decimal> = BTreeMap::new();
+                let inside = |e: &Entry| {
+                    e.ts >= period.from && e.ts < period.to && e.account.is_within(&acme)
+                };
+                for e in entries.iter().filter(|e| inside(e)) {
+                    match &e.body {
+                        EntryBody::Usage(u) => {
+                            let r = u.rating.as_ref().unwrap();
+                            *want.entry(r.currency).or_default() += r.amount;
+                        }
+                        EntryBody::RatingCorrection(c) => {
+                            for (cur, d) in c.changes() {
+                                *want.entry(cur).or_default() += d;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                let got: BTreeMap<Currency, Decimal> =
+                    st.totals.iter().map(|t| (t.currency, t.subtotal)).collect();
+                let want: BTreeMap<Currency, Decimal> = want
+                    .into_iter()
+                    .filter(|(c, d)| !d.is_zero() || got.contains_key(c))
+                    .map(|(c, d)| (c, d.normalize()))
+                    .collect();
+                prop_assert_eq!(got, want);
+                Ok(())
+            })?;
+        });
+    }
+
+    use ciyuan_core::jiff::SignedDuration as SignedDur;
+}
