@@ -77,8 +77,9 @@ struct Progress {
     examined: u64,
     /// Corrections appended (or, dry, that would be).
     corrected: u64,
-    /// Entries whose rating the prices now in force would not give (no book, or
-    /// unpriced where it was priced): left as they are and counted.
+    /// Entries whose rating the prices now in force would not give (no book,
+    /// unpriced where it was priced, or other tiers than the entry was placed on):
+    /// left as they are and counted.
     not_rerated: u64,
     /// Per currency.
     sums: BTreeMap<Currency, Sums>,
@@ -171,6 +172,33 @@ fn step(
                     }
                 };
             rating.place.clone_from(&original.place);
+            // The units keep their place only on the same counter: an entry the
+            // prices now put on other tiers (or none) is left for a person, as a
+            // correction could not be placed without moving every entry after it.
+            let counter = prices.rater_for(&account, ts).and_then(|rater| {
+                let tokens = crate::prices::priced_tokens(&usage, original.basis);
+                rater
+                    .tier_counter(&ciyuan_price::RateInput {
+                        model: usage.model.as_deref(),
+                        service: &usage.service,
+                        tier: usage.tier.unwrap_or_default(),
+                        tokens: tokens.as_ref(),
+                        measures: &usage.measures,
+                        at: ts,
+                        period_to_date: before,
+                    })
+                    .ok()
+                    .flatten()
+            });
+            let same_counter = match (&original.place, &counter) {
+                (None, None) => true,
+                (Some(p), Some(c)) => p.rule == c.rule && p.units == c.units,
+                _ => false,
+            };
+            if !same_counter {
+                progress.not_rerated += 1;
+                return Ok(());
+            }
             if *rating == *was {
                 return Ok(());
             }

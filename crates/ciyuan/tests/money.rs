@@ -771,6 +771,43 @@ fn graduated_tiers_count_the_month_to_date_across_nodes_restarts_and_concurrent_
         next = next.checked_add(exact("units", &p["units"])).unwrap();
     }
 
+    // A correction that takes the tiers away cannot keep the entries' places: the
+    // re-rating leaves them and says so, and the ledger still verifies.
+    let books = cli_json(&server, &root, &["prices", "list"]);
+    let from = books["books"][0]["effective_from"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(&book, gpt_4o_book("0.000002")).unwrap();
+    let corrected = server.cli(
+        &root,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "toml",
+            book.to_str().unwrap(),
+            "--effective-from",
+            &from,
+            "--correct",
+        ],
+    );
+    assert!(
+        corrected.status.success(),
+        "{}",
+        String::from_utf8_lossy(&corrected.stderr)
+    );
+    let r = cli_json(&server, &root, &["prices", "rerate", "--from", &from]);
+    assert_eq!(
+        (
+            r["examined"].as_u64(),
+            r["corrected"].as_u64(),
+            r["not_rerated"].as_u64()
+        ),
+        (Some(23), Some(0), Some(23)),
+        "{r}"
+    );
+
     server.stop();
     let (code, report) = verify(&data);
     assert_eq!(code, 0, "{report}");
