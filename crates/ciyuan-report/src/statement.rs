@@ -337,6 +337,60 @@ pub fn write_csv(statement: &Statement, mut out: impl Write) -> std::io::Result<
             out.write_all(totals("child", &child, child_name, t).as_bytes())?;
         }
     }
+    // One row per child's part of a shared cost (its rule in `key`), then what stayed
+    // below the smallest unit (on the statement's node).
+    for a in &statement.allocations {
+        for p in &a.parts {
+            let (child, amount) = (p.account.to_string(), p.amount.to_string());
+            out.write_all(
+                row([
+                    "allocation",
+                    &child,
+                    "",
+                    "",
+                    "",
+                    "",
+                    &a.rule,
+                    "",
+                    "",
+                    &amount,
+                    a.currency.as_str(),
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ])
+                .as_bytes(),
+            )?;
+        }
+        let rest = a.unallocated.to_string();
+        out.write_all(
+            row([
+                "allocation",
+                &account,
+                name,
+                "",
+                "",
+                "",
+                "unallocated",
+                "",
+                "",
+                &rest,
+                a.currency.as_str(),
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+            ])
+            .as_bytes(),
+        )?;
+    }
     for t in &statement.totals {
         out.write_all(totals("total", &account, name, t).as_bytes())?;
     }
@@ -399,6 +453,9 @@ struct Words {
     adjustments: &'static str,
     taxes: &'static str,
     children: &'static str,
+    allocations: &'static str,
+    rule: &'static str,
+    unallocated: &'static str,
     totals: &'static str,
     category: &'static str,
     service: &'static str,
@@ -436,6 +493,9 @@ const EN: Words = Words {
     adjustments: "Adjustments, credits and refunds",
     taxes: "Taxes",
     children: "Subtotals by child node",
+    allocations: "Shared cost allocated to child nodes",
+    rule: "Rule",
+    unallocated: "Below the smallest unit, not allocated",
     totals: "Totals",
     category: "Category",
     service: "Service",
@@ -472,6 +532,9 @@ const ZH: Words = Words {
     adjustments: "调整、抵扣与退款",
     taxes: "税费",
     children: "下级节点小计",
+    allocations: "共享成本分摊至下级节点",
+    rule: "分摊规则",
+    unallocated: "不足最小货币单位，未分摊",
     totals: "合计",
     category: "类别",
     service: "服务",
@@ -775,6 +838,29 @@ pub fn write_html(statement: &Statement, lang: Lang, mut out: impl Write) -> std
         h.push_str("\n</tbody></table>\n</section>\n");
     }
 
+    for a in &statement.allocations {
+        h.push_str("<section>\n<h2>");
+        esc(&mut h, w.allocations);
+        h.push_str("</h2>\n<p>");
+        esc(&mut h, w.rule);
+        h.push_str(": <code>");
+        esc(&mut h, &a.rule);
+        h.push_str("</code></p>\n<table>");
+        head(&mut h, &[(w.node, false), (w.amount, true)]);
+        for p in &a.parts {
+            h.push_str("\n<tr><td>");
+            esc(&mut h, &p.account.to_string());
+            h.push_str("</td>");
+            money(&mut h, p.amount, a.currency);
+            h.push_str("</tr>");
+        }
+        h.push_str("\n<tr><td class=\"muted\">");
+        esc(&mut h, w.unallocated);
+        h.push_str("</td>");
+        money(&mut h, a.unallocated, a.currency);
+        h.push_str("</tr>\n</tbody></table>\n</section>\n");
+    }
+
     h.push_str("<section>\n<h2>");
     esc(&mut h, w.totals);
     h.push_str("</h2>\n<table>");
@@ -1028,6 +1114,43 @@ mod tests {
         assert!(page.contains("<dd>2026-10-31 16:00:00 UTC – 2026-11-30 16:00:00 UTC</dd>"));
         assert!(!page.contains("<h2>Taxes</h2>"));
         assert!(page.contains(">None</td>"));
+    }
+
+    #[test]
+    fn allocations_are_rendered_with_their_rule_and_remainder() {
+        let mut st = statement();
+        st.allocations = vec![AllocatedCost {
+            currency: "CNY".parse().unwrap(),
+            shared: "1.005".parse().unwrap(),
+            rule: "shares:a=60,b=40".into(),
+            unallocated: "0.005".parse().unwrap(),
+            parts: vec![
+                AllocationPart {
+                    account: "acme/a".parse().unwrap(),
+                    amount: "0.60".parse().unwrap(),
+                },
+                AllocationPart {
+                    account: "acme/b".parse().unwrap(),
+                    amount: "0.40".parse().unwrap(),
+                },
+            ],
+        }];
+        let mut csv = Vec::new();
+        write_csv(&st, &mut csv).unwrap();
+        let csv = String::from_utf8(csv).unwrap();
+        assert!(
+            csv.contains("allocation,acme/a,,,,,\"shares:a=60,b=40\",,,0.60,CNY,"),
+            "{csv}"
+        );
+
+        assert!(csv.contains(",unallocated,,,0.005,CNY,"), "{csv}");
+        let mut html = Vec::new();
+        write_html(&st, Lang::ZhCn, &mut html).unwrap();
+        let html = String::from_utf8(html).unwrap();
+        assert!(
+            html.contains("共享成本分摊至下级节点") && html.contains("shares:a=60,b=40"),
+            "{html}"
+        );
     }
 
     #[test]
