@@ -4,8 +4,6 @@
 
 use anyhow::{Context, bail};
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The book: five models, two token keys each, rounded to cents per entry (so every
@@ -65,17 +63,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-struct Child(std::process::Child, std::path::PathBuf);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        // Best effort on the way out: the process may be gone already.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
 /// Runs the benchmark: `events` usage events of `nodes` nodes over `month`
 /// (`YYYY-MM`, UTC), `batch` per request, from `clients` concurrent clients.
 pub fn run(
@@ -107,30 +94,7 @@ pub fn run(
         format!("[ingest]\nmax_age_secs = {}\n", age + 86_400),
     )?;
     let admin = format!("cy_{}_{}", hex::encode(&seed[..6]), "b".repeat(64));
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.join("data"))
-        .env("CIYUAN_BOOTSTRAP_ADMIN_KEY", &admin)
-        .env("CIYUAN_LOG", "warn")
-        .env("CIYUAN_MAX_BODY_BYTES", (64u64 << 20).to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting ciyuan serve")?;
-    let stdout = child.stdout.take().context("server stdout")?;
-    let pid = child.id();
-    let guard = Child(child, dir);
-    let mut lines = BufReader::new(stdout).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .context("the server exited before listening")??;
-        if let Some(u) = line.strip_prefix("listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (guard, url, pid) = crate::bench_ingest::spawn_server(dir, Some(&config), &admin)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -44,8 +44,54 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Kills the server process when the benchmark ends, however it ends.
-struct Child(std::process::Child, std::path::PathBuf);
+/// Kills the server process when the benchmark ends, however it ends, and removes its
+/// directory.
+pub(crate) struct Child(std::process::Child, std::path::PathBuf);
+
+/// A `ciyuan serve` of this binary in its own process on a loopback port, with data in
+/// `dir/data` (or `dir` itself when `config` is none), `admin` as its bootstrap key and
+/// large bodies allowed: the guard that stops it, its URL and its pid.
+pub(crate) fn spawn_server(
+    dir: std::path::PathBuf,
+    config: Option<&std::path::Path>,
+    admin: &str,
+) -> anyhow::Result<(Child, String, u32)> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("serve");
+    match config {
+        Some(c) => {
+            cmd.arg("--config")
+                .arg(c)
+                .args(["--listen", "127.0.0.1:0", "--data"])
+                .arg(dir.join("data"));
+        }
+        None => {
+            cmd.args(["--listen", "127.0.0.1:0", "--data"]).arg(&dir);
+        }
+    }
+    let mut child = cmd
+        .env("CIYUAN_BOOTSTRAP_ADMIN_KEY", admin)
+        .env("CIYUAN_LOG", "warn")
+        .env("CIYUAN_MAX_BODY_BYTES", (64u64 << 20).to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting ciyuan serve")?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let pid = child.id();
+    let guard = Child(child, dir);
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .context("the server exited before listening")??;
+        if let Some(u) = line.strip_prefix("listening on ") {
+            break u.to_string();
+        }
+    };
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok((guard, url, pid))
+}
 
 impl Drop for Child {
     fn drop(&mut self) {
@@ -97,28 +143,7 @@ pub fn run(
     }
     let dir = std::env::temp_dir().join(format!("ciyuan-bench-ingest-{}", random_hex(6)?));
     let admin = format!("cy_{}_{}", random_hex(6)?, random_hex(32)?);
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&dir)
-        .env("CIYUAN_BOOTSTRAP_ADMIN_KEY", &admin)
-        .env("CIYUAN_LOG", "warn")
-        .env("CIYUAN_MAX_BODY_BYTES", (64u64 << 20).to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting ciyuan serve")?;
-    let stdout = child.stdout.take().context("server stdout")?;
-    let pid = child.id();
-    let guard = Child(child, dir);
-    let mut lines = BufReader::new(stdout).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .context("the server exited before listening")??;
-        if let Some(u) = line.strip_prefix("listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (guard, url, pid) = spawn_server(dir, None, &admin)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
