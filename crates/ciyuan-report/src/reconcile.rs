@@ -861,3 +861,719 @@ pub fn compare(
         summary,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    fn d(s: &str) -> Date {
+        s.parse().unwrap()
+    }
+
+    fn row(day: &str, model: &str, key: &str, tokens: i128) -> ProviderUsage {
+        ProviderUsage {
+            day: d(day),
+            model: model.into(),
+            key: key.into(),
+            tokens,
+        }
+    }
+
+    fn tol(relative: &str, absolute: i128) -> Tolerance {
+        Tolerance {
+            relative: relative.parse().unwrap(),
+            absolute,
+        }
+    }
+
+    const OPENAI: &str = include_str!("../tests/fixtures/reconcile/openai_completions.json");
+    const ANTHROPIC: &str = include_str!("../tests/fixtures/reconcile/anthropic_messages.json");
+    const CSV: &str = include_str!("../tests/fixtures/reconcile/generic.csv");
+
+    #[test]
+    fn openai_export_splits_cached_and_audio_out_of_input_and_sums_projects() {
+        let rows = parse_openai(OPENAI).unwrap();
+        let (g, a, m) = (
+            "gpt-4o-2024-08-06",
+            "gpt-4o-audio-preview-2024-12-17",
+            "gpt-4o-mini-2024-07-18",
+        );
+        assert_eq!(
+            rows,
+            vec![
+                // Two projects' results of one model and day are summed.
+                row("2026-11-01", g, TEXT_CACHED_INPUT, 20_000),
+                row("2026-11-01", g, TEXT_INPUT, 105_000),
+                row("2026-11-01", g, TEXT_OUTPUT, 35_000),
+                row("2026-11-01", a, AUDIO_INPUT, 12_000),
+                row("2026-11-01", a, AUDIO_OUTPUT, 7_000),
+                row("2026-11-01", a, TEXT_CACHED_INPUT, 1_000),
+                row("2026-11-01", a, TEXT_INPUT, 2_000),
+                row("2026-11-01", a, TEXT_OUTPUT, 2_000),
+                row("2026-11-01", m, TEXT_CACHED_INPUT, 640_000),
+                row("2026-11-01", m, TEXT_INPUT, 160_000),
+                row("2026-11-01", m, TEXT_OUTPUT, 90_000),
+                row("2026-11-02", g, TEXT_INPUT, 98_000),
+                row("2026-11-02", g, TEXT_OUTPUT, 21_000),
+                // The second page; an empty bucket gives nothing.
+                row("2026-11-04", a, AUDIO_INPUT, 3_000),
+                row("2026-11-04", a, AUDIO_OUTPUT, 2_000),
+                row("2026-11-04", a, TEXT_INPUT, 1_000),
+                row("2026-11-04", a, TEXT_OUTPUT, 500),
+            ]
+        );
+    }
+
+    #[test]
+    fn openai_single_page_is_read_like_a_list_of_one() {
+        let pages: Value = serde_json::from_str(OPENAI).unwrap();
+        let first = serde_json::to_string(&pages[0]).unwrap();
+        let one = parse_openai(&first).unwrap();
+        let listed = parse_openai(&format!("[{first}]")).unwrap();
+        assert_eq!(one, listed);
+        assert!(one.iter().all(|r| r.day < d("2026-11-03")));
+        assert_eq!(one.len(), 13);
+    }
+
+    #[test]
+    fn anthropic_export_maps_cache_reads_and_writes_by_lifetime() {
+        let rows = parse_anthropic(ANTHROPIC).unwrap();
+        let (s, h, o) = (
+            "claude-sonnet-4-20250514",
+            "claude-3-5-haiku-20241022",
+            "claude-opus-4-1-20250805",
+        );
+        assert_eq!(
+            rows,
+            vec![
+                row("2026-11-01", h, TEXT_INPUT, 120_000),
+                row("2026-11-01", h, TEXT_OUTPUT, 18_000),
+                row("2026-11-01", s, TEXT_CACHE_WRITE, 17_000),
+                row("2026-11-01", s, TEXT_CACHE_WRITE_1H, 8_000),
+                row("2026-11-01", s, TEXT_CACHED_INPUT, 319_000),
+                row("2026-11-01", s, TEXT_INPUT, 59_000),
+                row("2026-11-01", s, TEXT_OUTPUT, 44_000),
+                row("2026-11-02", s, TEXT_CACHE_WRITE, 11_000),
+                row("2026-11-02", s, TEXT_CACHED_INPUT, 270_000),
+                row("2026-11-02", s, TEXT_INPUT, 61_000),
+                row("2026-11-02", s, TEXT_OUTPUT, 38_000),
+                row("2026-11-03", o, TEXT_INPUT, 4_000),
+                row("2026-11-03", o, TEXT_OUTPUT, 900),
+            ]
+        );
+    }
+
+    #[test]
+    fn generic_csv_sums_rows_and_costs_and_reads_quotes_bom_and_crlf() {
+        let got = parse_csv(CSV).unwrap();
+        let (c, r, q) = ("deepseek-chat", "deepseek-reasoner", "qwen-plus,latest");
+        assert_eq!(
+            got.usage,
+            vec![
+                row("2026-11-01", c, TEXT_CACHED_INPUT, 50_000),
+                row("2026-11-01", c, TEXT_INPUT, 160_000),
+                row("2026-11-01", c, TEXT_OUTPUT, 32_000),
+                row("2026-11-01", r, TEXT_INPUT, 20_000),
+                row("2026-11-01", r, TEXT_OUTPUT, 12_000),
+                row("2026-11-02", c, TEXT_CACHED_INPUT, 30_000),
+                row("2026-11-02", c, TEXT_INPUT, 90_000),
+                row("2026-11-02", c, TEXT_OUTPUT, 21_000),
+                row("2026-11-02", q, TEXT_INPUT, 5_000),
+                row("2026-11-02", q, TEXT_OUTPUT, 1_000),
+            ]
+        );
+        let cny: Currency = "CNY".parse().unwrap();
+        let cost = |day: &str, model: &str, amount: &str| ProviderCost {
+            day: d(day),
+            model: model.into(),
+            amount: amount.parse().unwrap(),
+            currency: cny,
+        };
+        assert_eq!(
+            got.costs,
+            vec![
+                cost("2026-11-01", c, "0.1590"),
+                cost("2026-11-01", r, "0.0680"),
+                cost("2026-11-02", c, "0.0990"),
+                cost("2026-11-02", q, "0.0060"),
+                cost("2026-11-03", c, "0"),
+            ]
+        );
+        // Exact decimal text, never through a float.
+        assert_eq!(got.costs[0].amount.to_string(), "0.1590");
+    }
+
+    #[test]
+    fn generic_csv_without_optional_columns_in_another_order() {
+        let got = parse_csv("model,output_tokens,day,input_tokens\nm,7,2026-11-05,3\n").unwrap();
+        assert_eq!(
+            got.usage,
+            vec![
+                row("2026-11-05", "m", TEXT_INPUT, 3),
+                row("2026-11-05", "m", TEXT_OUTPUT, 7),
+            ]
+        );
+        assert!(got.costs.is_empty());
+    }
+
+    fn err(result: Result<impl fmt::Debug, ImportError>) -> ImportError {
+        result.unwrap_err()
+    }
+
+    #[test]
+    fn openai_negative_fresh_input_is_an_error_naming_bucket_and_model() {
+        let page = r#"{"data":[{"start_time":1793491200,"end_time":1793577600,"results":[
+            {"model":"gpt-4o","input_tokens":100,"input_cached_tokens":80,"input_audio_tokens":30,"output_tokens":1}]}]}"#;
+        let e = err(parse_openai(page));
+        assert_eq!(e.field, "input_tokens");
+        assert!(e.at.contains("bucket 0") && e.at.contains("gpt-4o"), "{e}");
+        assert!(e.at.contains("2026-11-01T00:00:00Z"), "{e}");
+        assert!(e.problem.contains("80") && e.problem.contains("30"), "{e}");
+
+        let page = page.replace(r#""input_cached_tokens":80"#, r#""input_cached_tokens":0"#);
+        let page = page.replace(
+            r#""output_tokens":1"#,
+            r#""output_tokens":1,"output_audio_tokens":2"#,
+        );
+        let e = err(parse_openai(&page));
+        assert_eq!(e.field, "output_tokens");
+    }
+
+    #[test]
+    fn openai_bad_inputs_name_the_field() {
+        let bucket = |results: &str| {
+            format!(
+                r#"{{"data":[{{"start_time":1793491200,"end_time":1793577600,"results":[{results}]}}]}}"#
+            )
+        };
+        let cases: &[(&str, String)] = &[
+            ("model", bucket(r#"{"input_tokens":1,"output_tokens":1}"#)),
+            (
+                "model",
+                bucket(r#"{"model":null,"input_tokens":1,"output_tokens":1}"#),
+            ),
+            (
+                "model",
+                bucket(r#"{"model":"","input_tokens":1,"output_tokens":1}"#),
+            ),
+            ("input_tokens", bucket(r#"{"model":"m","output_tokens":1}"#)),
+            (
+                "input_tokens",
+                bucket(r#"{"model":"m","input_tokens":-1,"output_tokens":1}"#),
+            ),
+            (
+                "input_tokens",
+                bucket(r#"{"model":"m","input_tokens":1.5,"output_tokens":1}"#),
+            ),
+            (
+                "input_tokens",
+                bucket(r#"{"model":"m","input_tokens":"1","output_tokens":1}"#),
+            ),
+            ("output_tokens", bucket(r#"{"model":"m","input_tokens":1}"#)),
+            (
+                "input_cached_tokens",
+                bucket(
+                    r#"{"model":"m","input_tokens":1,"output_tokens":1,"input_cached_tokens":true}"#,
+                ),
+            ),
+            ("start_time", r#"{"data":[{"results":[]}]}"#.into()),
+            (
+                "start_time",
+                r#"{"data":[{"start_time":"2026-11-01","results":[]}]}"#.into(),
+            ),
+            (
+                "end_time",
+                r#"{"data":[{"start_time":1793491200,"end_time":1793491200,"results":[]}]}"#.into(),
+            ),
+            // A bucket from noon to noon belongs to two UTC days.
+            (
+                "end_time",
+                r#"{"data":[{"start_time":1793534400,"end_time":1793620800,"results":[]}]}"#.into(),
+            ),
+            ("results", r#"{"data":[{"start_time":1793491200}]}"#.into()),
+            ("data", r#"{"object":"page"}"#.into()),
+            ("data", r#"{"data":{}}"#.into()),
+            ("", r#"[1]"#.into()),
+            ("", "not json".into()),
+        ];
+        for (field, text) in cases {
+            let e = err(parse_openai(text));
+            assert_eq!(&e.field, field, "{text}: {e}");
+            assert!(!e.problem.is_empty());
+        }
+        // Hourly buckets inside one day are fine.
+        let hourly = r#"{"data":[{"start_time":1793534400,"end_time":1793538000,"results":[
+            {"model":"m","input_tokens":5,"output_tokens":1}]}]}"#;
+        assert_eq!(
+            parse_openai(hourly).unwrap()[0],
+            row("2026-11-01", "m", TEXT_INPUT, 5)
+        );
+    }
+
+    #[test]
+    fn anthropic_bad_inputs_name_the_field() {
+        let bucket = |results: &str| {
+            format!(
+                r#"{{"data":[{{"starting_at":"2026-11-01T00:00:00Z","ending_at":"2026-11-02T00:00:00Z","results":[{results}]}}]}}"#
+            )
+        };
+        let cases: &[(&str, String)] = &[
+            ("model", bucket(r#"{"uncached_input_tokens":1,"output_tokens":1}"#)),
+            ("uncached_input_tokens", bucket(r#"{"model":"c","output_tokens":1}"#)),
+            ("output_tokens", bucket(r#"{"model":"c","uncached_input_tokens":1,"output_tokens":-3}"#)),
+            ("cache_creation", bucket(r#"{"model":"c","uncached_input_tokens":1,"output_tokens":1,"cache_creation":5}"#)),
+            ("cache_creation.ephemeral_1h_input_tokens", bucket(r#"{"model":"c","uncached_input_tokens":1,"output_tokens":1,"cache_creation":{"ephemeral_1h_input_tokens":"x"}}"#)),
+            ("cache_read_input_tokens", bucket(r#"{"model":"c","uncached_input_tokens":1,"output_tokens":1,"cache_read_input_tokens":2.5}"#)),
+            ("starting_at", r#"{"data":[{"results":[]}]}"#.into()),
+            ("starting_at", r#"{"data":[{"starting_at":"yesterday","results":[]}]}"#.into()),
+            ("starting_at", r#"{"data":[{"starting_at":1793491200,"results":[]}]}"#.into()),
+            ("ending_at", r#"{"data":[{"starting_at":"2026-11-01T00:00:00Z","ending_at":"2026-11-03T00:00:00Z","results":[]}]}"#.into()),
+        ];
+        for (field, text) in cases {
+            let e = err(parse_anthropic(text));
+            assert_eq!(&e.field, field, "{text}: {e}");
+        }
+        let e = err(parse_anthropic(&bucket(
+            r#"{"model":"c","uncached_input_tokens":1,"output_tokens":-3}"#,
+        )));
+        assert!(
+            e.at.contains("result 0 (c)") && e.at.contains("2026-11-01T00:00:00Z"),
+            "{e}"
+        );
+        // An offset other than Z is the same instant: its UTC day counts.
+        let shanghai = r#"{"data":[{"starting_at":"2026-11-02T08:00:00+08:00","results":[
+            {"model":"c","uncached_input_tokens":1,"output_tokens":0}]}]}"#;
+        assert_eq!(
+            parse_anthropic(shanghai).unwrap(),
+            vec![row("2026-11-02", "c", TEXT_INPUT, 1)]
+        );
+    }
+
+    #[test]
+    fn csv_bad_inputs_name_the_field_and_row() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("", "row 1", ""),
+            ("model,input_tokens,output_tokens\n", "header", "day"),
+            (
+                "day,model,input_tokens,output_tokens,tokens\n",
+                "header",
+                "tokens",
+            ),
+            (
+                "day,model,input_tokens,output_tokens,day\n",
+                "header",
+                "day",
+            ),
+            (
+                "day,model,input_tokens,output_tokens,cost\n",
+                "header",
+                "currency",
+            ),
+            (
+                "day,model,input_tokens,output_tokens\n2026-11-1,m,1,1\n",
+                "row 2",
+                "day",
+            ),
+            (
+                "day,model,input_tokens,output_tokens\n2026-13-01,m,1,1\n",
+                "row 2",
+                "day",
+            ),
+            (
+                "day,model,input_tokens,output_tokens\n2026-11-01,,1,1\n",
+                "row 2",
+                "model",
+            ),
+            (
+                "day,model,input_tokens,output_tokens\n2026-11-01,m,-1,1\n",
+                "row 2",
+                "input_tokens",
+            ),
+            (
+                "day,model,input_tokens,output_tokens\n2026-11-01,m,1.0,1\n",
+                "row 2",
+                "input_tokens",
+            ),
+            (
+                "day,model,input_tokens,output_tokens\n2026-11-01,m,1,\n",
+                "row 2",
+                "output_tokens",
+            ),
+            (
+                "day,model,input_tokens,output_tokens\n\n2026-11-01,m,1\n",
+                "row 3",
+                "",
+            ),
+            (
+                "day,model,input_tokens,output_tokens\n2026-11-01,\"m,1,1\n",
+                "row 2",
+                "",
+            ),
+            (
+                "day,model,input_tokens,output_tokens\n2026-11-01,m\"x,1,1\n",
+                "row 2",
+                "",
+            ),
+            (
+                "day,model,input_tokens,output_tokens,cached_input_tokens\n2026-11-01,m,1,1,x\n",
+                "row 2",
+                "cached_input_tokens",
+            ),
+            (
+                "day,model,input_tokens,output_tokens,cost,currency\n2026-11-01,m,1,1,0.1x,USD\n",
+                "row 2",
+                "cost",
+            ),
+            (
+                "day,model,input_tokens,output_tokens,cost,currency\n2026-11-01,m,1,1,0.1,usd\n",
+                "row 2",
+                "currency",
+            ),
+            (
+                "day,model,input_tokens,output_tokens,cost,currency\n2026-11-01,m,1,1,0.1,\n",
+                "row 2",
+                "currency",
+            ),
+            (
+                "day,model,input_tokens,output_tokens,cost,currency\n2026-11-01,m,1,1,,USD\n",
+                "row 2",
+                "cost",
+            ),
+        ];
+        for (text, at, field) in cases {
+            let e = err(parse_csv(text));
+            assert!(e.at.starts_with(at), "{text:?}: {e}");
+            assert_eq!(&e.field, field, "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_sum_beyond_the_bound_is_an_error() {
+        // No single field exceeds u64, so only a sum can pass the bound: feed the sums
+        // directly rather than 5 × 10^7 rows of a file.
+        let mut sums = Sums::default();
+        let day = d("2026-11-01");
+        sums.add(day, "m", TEXT_INPUT, MAX_TOKENS, &"row 2")
+            .unwrap();
+        sums.add(day, "m", TEXT_OUTPUT, MAX_TOKENS, &"row 2")
+            .unwrap();
+        let e = sums.add(day, "m", TEXT_INPUT, 1, &"row 3").unwrap_err();
+        assert_eq!((e.at.as_str(), e.field.as_str()), ("row 3", TEXT_INPUT));
+        assert!(e.problem.contains("exceeds"), "{e}");
+        // The largest count a field may carry is read exactly.
+        let max = u64::MAX;
+        let got = parse_csv(&format!(
+            "day,model,input_tokens,output_tokens\n2026-11-01,m,{max},0\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            got.usage,
+            vec![row("2026-11-01", "m", TEXT_INPUT, i128::from(max))]
+        );
+        let e = err(parse_csv(
+            "day,model,input_tokens,output_tokens\n2026-11-01,m,18446744073709551616,0\n",
+        ));
+        assert_eq!(e.field, "input_tokens");
+    }
+
+    #[test]
+    fn reconciled_key_folds_reasoning_into_output_and_skips_other_keys() {
+        assert_eq!(reconciled_key("text.reasoning"), Some(TEXT_OUTPUT));
+        for k in KEYS {
+            assert_eq!(reconciled_key(k), Some(k));
+        }
+        assert_eq!(reconciled_key("measure.pages"), None);
+        assert_eq!(reconciled_key("request"), None);
+    }
+
+    #[test]
+    fn compare_reports_both_sides_differences_and_one_sided_keys_in_order() {
+        let provider = vec![
+            row("2026-11-02", "a", TEXT_INPUT, 1_000),
+            row("2026-11-01", "b", TEXT_OUTPUT, 500),
+            row("2026-11-01", "a", TEXT_INPUT, 10_300),
+            row("2026-11-01", "a", TEXT_INPUT, 200),
+        ];
+        let recorded = vec![
+            row("2026-11-01", "a", TEXT_INPUT, 10_000),
+            row("2026-11-01", "a", TEXT_OUTPUT, 3_000),
+            row("2026-11-02", "a", TEXT_INPUT, 1_000),
+        ];
+        let r = compare(&provider, &recorded, tol("0.01", 100));
+        let got: Vec<_> = r
+            .findings
+            .iter()
+            .map(|f| {
+                (
+                    f.day.to_string(),
+                    f.model.as_str(),
+                    f.key.as_str(),
+                    f.provider,
+                    f.recorded,
+                    f.difference,
+                    f.relative_difference.map(|x| x.to_string()),
+                    f.beyond_tolerance,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "2026-11-01".into(),
+                    "a",
+                    TEXT_INPUT,
+                    Some(10_500),
+                    Some(10_000),
+                    500,
+                    Some("0.05".into()),
+                    true
+                ),
+                (
+                    "2026-11-01".into(),
+                    "a",
+                    TEXT_OUTPUT,
+                    None,
+                    Some(3_000),
+                    -3_000,
+                    Some("-1".into()),
+                    true
+                ),
+                (
+                    "2026-11-01".into(),
+                    "b",
+                    TEXT_OUTPUT,
+                    Some(500),
+                    None,
+                    500,
+                    None,
+                    true
+                ),
+                (
+                    "2026-11-02".into(),
+                    "a",
+                    TEXT_INPUT,
+                    Some(1_000),
+                    Some(1_000),
+                    0,
+                    Some("0".into()),
+                    false
+                ),
+            ]
+        );
+        assert_eq!(r.summary.rows_compared, 4);
+        assert_eq!(r.summary.beyond_tolerance, 3);
+        assert_eq!(r.summary.provider_only, 1);
+        assert_eq!(r.summary.recorded_only, 1);
+        assert_eq!(
+            r.summary.totals,
+            vec![
+                KeyTotal {
+                    key: TEXT_INPUT.into(),
+                    provider: 11_500,
+                    recorded: 11_000,
+                    difference: 500
+                },
+                KeyTotal {
+                    key: TEXT_OUTPUT.into(),
+                    provider: 500,
+                    recorded: 3_000,
+                    difference: -2_500
+                },
+            ]
+        );
+        assert_eq!(r.beyond_tolerance().count(), 3);
+    }
+
+    #[test]
+    fn tolerance_needs_both_bounds_exceeded_and_is_exact_at_the_edge() {
+        let rec = [row("2026-11-01", "a", TEXT_INPUT, 10_000)];
+        let at = |p: i128, t: Tolerance| {
+            compare(&[row("2026-11-01", "a", TEXT_INPUT, p)], &rec, t)
+                .summary
+                .beyond_tolerance
+        };
+        // 1% of 10 000 is 100: exactly 100 is within, 101 beyond (both ways).
+        assert_eq!(at(10_100, tol("0.01", 0)), 0);
+        assert_eq!(at(10_101, tol("0.01", 0)), 1);
+        assert_eq!(at(9_899, tol("0.01", 0)), 1);
+        // Beyond the relative bound but not the absolute one: within.
+        assert_eq!(at(10_500, tol("0.01", 500)), 0);
+        assert_eq!(at(10_501, tol("0.01", 500)), 1);
+        // Beyond the absolute bound but not the relative one: within.
+        assert_eq!(at(10_500, tol("0.05", 0)), 0);
+        // Zero tolerance: any difference.
+        assert_eq!(at(10_001, tol("0", 0)), 1);
+        assert_eq!(at(10_000, tol("0", 0)), 0);
+        // A huge relative tolerance whose bound leaves Decimal's range: never beyond it.
+        let big = [row("2026-11-01", "a", TEXT_INPUT, MAX_TOKENS)];
+        let r = compare(&[], &big, tol("79228162514264337593543950335", 0));
+        assert_eq!(r.summary.beyond_tolerance, 0);
+        assert_eq!(r.findings[0].difference, -MAX_TOKENS);
+    }
+
+    #[test]
+    #[should_panic(expected = "never negative")]
+    fn a_negative_tolerance_is_refused() {
+        compare(&[], &[], tol("-0.01", 0));
+    }
+
+    #[test]
+    #[should_panic(expected = "exceed")]
+    fn recorded_counts_beyond_the_bound_are_refused() {
+        let r = row("2026-11-01", "a", TEXT_INPUT, MAX_TOKENS);
+        compare(&[], &[r.clone(), r], tol("0", 0));
+    }
+
+    #[test]
+    fn reconciliation_round_trips_through_json() {
+        let provider = parse_anthropic(ANTHROPIC).unwrap();
+        let mut recorded = provider.clone();
+        recorded[0].tokens += 5_000;
+        recorded.pop();
+        let r = compare(&provider, &recorded, tol("0.01", 100));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""day":"2026-11-01""#), "{json}");
+        assert!(json.contains(r#""relative":"0.01""#), "{json}");
+        let back: Reconciliation = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(r.summary.beyond_tolerance, 2);
+    }
+
+    #[test]
+    fn a_fixture_reconciles_cleanly_against_itself() {
+        for rows in [
+            parse_openai(OPENAI).unwrap(),
+            parse_anthropic(ANTHROPIC).unwrap(),
+            parse_csv(CSV).unwrap().usage,
+        ] {
+            let r = compare(&rows, &rows, tol("0", 0));
+            assert_eq!(r.summary.beyond_tolerance, 0);
+            assert_eq!(r.summary.rows_compared, rows.len());
+            assert!(r.summary.totals.iter().all(|t| t.difference == 0));
+        }
+    }
+
+    const DAYS: usize = 4;
+    const MODELS: [&str; 3] = ["gpt-4o", "claude-sonnet-4", "gpt-4o-audio-preview"];
+    const CELLS: usize = DAYS * MODELS.len() * KEYS.len();
+
+    fn cell(i: usize) -> (Date, &'static str, &'static str) {
+        let day = d("2026-11-01")
+            .checked_add(
+                ciyuan_core::jiff::Span::new()
+                    .days(i64::try_from(i / (MODELS.len() * KEYS.len())).unwrap()),
+            )
+            .unwrap();
+        (
+            day,
+            MODELS[(i / KEYS.len()) % MODELS.len()],
+            KEYS[i % KEYS.len()],
+        )
+    }
+
+    /// The recorded rows (each split into two parts, so summing is exercised too) and
+    /// each cell's recorded total.
+    fn recorded_rows(counts: &[Option<u32>]) -> (Vec<ProviderUsage>, Vec<i128>) {
+        let mut rows = Vec::new();
+        for (i, c) in counts.iter().enumerate() {
+            if let Some(c) = c {
+                let (day, model, key) = cell(i);
+                let c = i128::from(*c);
+                rows.push(ProviderUsage {
+                    day,
+                    model: model.into(),
+                    key: key.into(),
+                    tokens: c / 3,
+                });
+                rows.push(ProviderUsage {
+                    day,
+                    model: model.into(),
+                    key: key.into(),
+                    tokens: c - c / 3,
+                });
+            }
+        }
+        let totals = counts.iter().map(|c| c.map_or(0, i128::from)).collect();
+        (rows, totals)
+    }
+
+    fn export(totals: &[i128]) -> Vec<ProviderUsage> {
+        totals
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t != 0)
+            .map(|(i, t)| {
+                let (day, model, key) = cell(i);
+                ProviderUsage {
+                    day,
+                    model: model.into(),
+                    key: key.into(),
+                    tokens: *t,
+                }
+            })
+            .collect()
+    }
+
+    const RELATIVE: &str = "0.01";
+    const ABSOLUTE: i128 = 100;
+
+    /// The smallest difference beyond tolerance for a recorded count `r`.
+    fn just_beyond(r: i128) -> i128 {
+        ABSOLUTE.max(r / 100) + 1
+    }
+
+    proptest! {
+        #[test]
+        fn reconciliation_finds_every_injected_difference_and_none_in_a_clean_export(
+            counts in proptest::collection::vec(proptest::option::of(0u32..2_000_000_000), CELLS),
+            injected in proptest::sample::subsequence((0..CELLS).collect::<Vec<_>>(), 0..=12),
+            extra in proptest::collection::vec(0i128..1_000_000, CELLS),
+            how in proptest::collection::vec(0u8..3, CELLS),
+            noise in proptest::collection::vec(any::<u32>(), CELLS),
+        ) {
+            let (recorded, totals) = recorded_rows(&counts);
+            let tolerance = tol(RELATIVE, ABSOLUTE);
+
+            // A clean export, exact or with noise within tolerance, gives no finding.
+            let clean = compare(&export(&totals), &recorded, tolerance);
+            prop_assert_eq!(clean.summary.beyond_tolerance, 0);
+            prop_assert!(clean.findings.iter().all(|f| f.difference == 0));
+            let noisy: Vec<i128> = totals.iter().zip(&noise).map(|(&t, &n)| {
+                let room = ABSOLUTE.max(t / 100);
+                let d = i128::from(n) % (room + 1);
+                if n % 2 == 0 || t < d { t + d } else { t - d }
+            }).collect();
+            prop_assert_eq!(compare(&export(&noisy), &recorded, tolerance).summary.beyond_tolerance, 0);
+
+            // k differences beyond tolerance: exactly those k are found.
+            let mut dirty = totals.clone();
+            for &i in &injected {
+                let r = totals[i];
+                let step = just_beyond(r) + extra[i];
+                dirty[i] = match how[i] {
+                    // Missing from the export altogether (when that is beyond tolerance).
+                    0 if r > ABSOLUTE => 0,
+                    1 if r >= step => r - step,
+                    _ => r + step,
+                };
+            }
+            let found = compare(&export(&dirty), &recorded, tolerance);
+            let got: BTreeSet<(Date, String, String)> = found
+                .beyond_tolerance()
+                .map(|f| (f.day, f.model.clone(), f.key.clone()))
+                .collect();
+            let want: BTreeSet<(Date, String, String)> = injected
+                .iter()
+                .map(|&i| { let (d, m, k) = cell(i); (d, m.to_owned(), k.to_owned()) })
+                .collect();
+            prop_assert_eq!(found.summary.beyond_tolerance, injected.len());
+            prop_assert_eq!(got, want);
+            for f in found.beyond_tolerance() {
+                prop_assert_eq!(f.difference, f.provider.unwrap_or(0) - f.recorded.unwrap_or(0));
+            }
+        }
+    }
+}
