@@ -83,6 +83,8 @@ pub enum EntryBody {
     RatingCorrection(RatingCorrection),
     /// A statement issued: its period closed for the entry's node.
     StatementClosed(crate::StatementClosed),
+    /// A provider's usage export reconciled with the ledger (on the root node).
+    Reconciled(crate::Reconciled),
 }
 
 /// Tokens of one call or event.
@@ -299,6 +301,7 @@ impl EntryBody {
             EntryBody::WalletSet(_) => "wallet.set",
             EntryBody::RatingCorrection(_) => "rating.correction",
             EntryBody::StatementClosed(_) => "statement.closed",
+            EntryBody::Reconciled(_) => "reconciliation",
         }
     }
 }
@@ -385,6 +388,7 @@ impl Entry {
             EntryBody::WalletSet(d) => put(self, d, out),
             EntryBody::RatingCorrection(d) => put(self, d, out),
             EntryBody::StatementClosed(d) => put(self, d, out),
+            EntryBody::Reconciled(d) => put(self, d, out),
         }
     }
 
@@ -413,6 +417,7 @@ impl Entry {
             "wallet.set" => EntryBody::WalletSet(serde_json::from_str(data)?),
             "rating.correction" => EntryBody::RatingCorrection(serde_json::from_str(data)?),
             "statement.closed" => EntryBody::StatementClosed(serde_json::from_str(data)?),
+            "reconciliation" => EntryBody::Reconciled(serde_json::from_str(data)?),
             other => return Err(DecodeError::Kind(other.to_string())),
         };
         Ok(Entry {

@@ -1,4 +1,4 @@
-//! The entry that closes a statement's period.
+//! Finance entries: the close of a statement's period, and a reconciliation's result.
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -61,6 +61,37 @@ impl StatementClosed {
             ));
         }
         Ok(())
+    }
+}
+
+/// A provider's usage export compared with what the gateway recorded for one upstream
+/// (entry kind `reconciliation`, on the root): the file's hash, the days it covers, and
+/// the findings as the comparison wrote them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reconciled {
+    /// The upstream (provider name in the gateway's configuration).
+    pub upstream: String,
+    /// The export's format: `openai`, `anthropic` or `csv`.
+    pub format: String,
+    /// SHA-256 of the file, in hexadecimal.
+    pub sha256: String,
+    /// First day covered (UTC), `YYYY-MM-DD`.
+    pub from: String,
+    /// Last day covered (UTC), inclusive.
+    pub to: String,
+    /// (day, model, key) rows compared.
+    pub compared: u64,
+    /// Of them, those whose difference is beyond the tolerance.
+    pub beyond_tolerance: u64,
+    /// The comparison: tolerance, totals and every finding.
+    pub result: serde_json::Value,
+}
+
+impl Reconciled {
+    /// SHA-256 of `bytes`, in hexadecimal (the file's, for [`Reconciled::sha256`]).
+    pub fn hash(bytes: &[u8]) -> String {
+        hex_sha256(bytes)
     }
 }
 

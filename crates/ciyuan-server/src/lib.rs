@@ -23,6 +23,7 @@ mod keys;
 pub mod listen;
 pub mod pipeline;
 pub mod prices;
+mod reconciliations;
 mod records;
 mod rerate;
 mod statements;
@@ -375,6 +376,10 @@ pub fn router(app: Arc<App>) -> Router {
     // A price file (LiteLLM's table is ~3 MB) is larger than any other admin body.
     let price_files = Router::new()
         .route("/api/v1/prices", post(prices::import).get(prices::list))
+        .route(
+            "/api/v1/reconciliations",
+            post(reconciliations::reconcile_export),
+        )
         .layer(DefaultBodyLimit::max(prices::MAX_PRICE_FILE_BYTES));
     Router::new()
         .route("/healthz", get(healthz))

@@ -517,6 +517,8 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                 });
                 continue;
             }
+            // The result is read from the log (`ciyuan audit`); nothing is projected.
+            EntryBody::Reconciled(_) => continue,
             EntryBody::StatementClosed(closed) => {
                 out.changes.push(Change::StatementClosed {
                     entry: index,

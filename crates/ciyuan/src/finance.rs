@@ -254,3 +254,83 @@ pub fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `ciyuan reconcile FILE --format openai|anthropic|csv --upstream NAME`
+#[derive(Args)]
+pub struct ReconcileArgs {
+    /// The provider's usage export.
+    file: std::path::PathBuf,
+    /// openai (organization usage API, completions), anthropic (usage report,
+    /// messages) or csv (day,model,input_tokens,output_tokens[,cached_input_tokens]).
+    #[arg(long)]
+    format: String,
+    /// The upstream (provider name in the gateway's configuration) it is compared with.
+    #[arg(long)]
+    upstream: String,
+    /// Relative tolerance, a fraction (default 0.01).
+    #[arg(long)]
+    relative: Option<String>,
+    /// Absolute tolerance in tokens (default 0).
+    #[arg(long)]
+    absolute: Option<u64>,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+/// Runs `ciyuan reconcile`.
+pub fn reconcile(a: ReconcileArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let mut q = vec![
+        format!("format={}", enc(&a.format)),
+        format!("upstream={}", enc(&a.upstream)),
+    ];
+    if let Some(r) = &a.relative {
+        q.push(format!("relative={}", enc(r)));
+    }
+    if let Some(n) = a.absolute {
+        q.push(format!("absolute={n}"));
+    }
+    let v = Client::new(&a.remote)?.call_raw(
+        Method::POST,
+        &format!("/api/v1/reconciliations?{}", q.join("&")),
+        "application/octet-stream",
+        bytes,
+    )?;
+    let mut out = std::io::stdout().lock();
+    if a.remote.json {
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s = &v["summary"];
+    writeln!(
+        out,
+        "{} rows compared with upstream {} (entry {}): {} beyond tolerance, {} only in the export, {} only recorded",
+        t(&s["rows_compared"]),
+        t(&v["upstream"]),
+        t(&v["entry"]),
+        t(&s["beyond_tolerance"]),
+        t(&s["provider_only"]),
+        t(&s["recorded_only"])
+    )?;
+    for f in v["findings"].as_array().into_iter().flatten() {
+        if f["beyond_tolerance"] == true {
+            writeln!(
+                out,
+                "  {} {} {}: provider {}, recorded {}, difference {}",
+                t(&f["day"]),
+                t(&f["model"]),
+                t(&f["key"]),
+                t(&f["provider"]),
+                t(&f["recorded"]),
+                t(&f["difference"])
+            )?;
+        }
+    }
+    Ok(if s["beyond_tolerance"].as_u64().unwrap_or(0) > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -83,6 +83,9 @@ enum Command {
     /// Stream a finance export of a subtree: usage, focus (FOCUS 1.2) or journal
     /// (ERP vouchers: generic, Kingdee, Yonyou U8).
     Export(finance::ExportArgs),
+    /// Compare a provider's usage export with what the gateway recorded for an
+    /// upstream (exit 1 when a difference is beyond tolerance).
+    Reconcile(finance::ReconcileArgs),
     /// Record a correction of earlier usage.
     Adjust(admin::AdjustArgs),
     /// Checkpoints, proofs, bundles and offline verification.
@@ -230,6 +233,7 @@ fn main() -> ExitCode {
         Command::Wallets(cmd) => money::wallets(cmd),
         Command::Statement(a) => finance::statement(a),
         Command::Export(a) => finance::export(a),
+        Command::Reconcile(a) => finance::reconcile(a),
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),

@@ -740,3 +740,171 @@ fn a_nodes_own_cost_is_allocated_to_its_children_to_the_cent() {
     let (_, body) = statement(&server, &root, "grp/a", "2026-11");
     assert!(!String::from_utf8_lossy(&body).contains("commitment"));
 }
+
+#[test]
+fn a_provider_export_is_reconciled_with_the_gateways_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path());
+    let root = server.bootstrap.clone().unwrap();
+    stdout(&server.cli(&root, &["accounts", "create", "acme/gw"]));
+    let key = json(
+        stdout(&server.cli(
+            &root,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "acme/gw",
+                "--scopes",
+                "gateway",
+                "--json",
+            ],
+        ))
+        .as_bytes(),
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for text in [
+        "What is a token?",
+        "And a ledger?",
+        "Count these words, please.",
+    ] {
+        let (s, b) = server.http(
+            "POST",
+            "/v1/chat/completions",
+            &key,
+            Some(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": text}]})),
+        );
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    }
+    // What the gateway recorded for the built-in simulated upstream, from the ledger.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (input, output) = loop {
+        let (_, entries) = server.http(
+            "GET",
+            "/api/v1/audit/entries?start=0&limit=1000",
+            &root,
+            None,
+        );
+        let usage: Vec<Value> = entries
+            .split(|&c| c == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(json)
+            .filter(|e| e["kind"] == "usage")
+            .collect();
+        if usage.len() == 3 || std::time::Instant::now() > deadline {
+            let sum = |k: &str| {
+                usage
+                    .iter()
+                    .map(|e| e["data"]["tokens"][k].as_i64().unwrap_or(0))
+                    .sum::<i64>()
+            };
+            break (
+                sum("text.input"),
+                sum("text.output") + sum("text.reasoning"),
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(input > 0 && output > 0);
+    let today = ciyuan_core::jiff::Timestamp::now()
+        .to_zoned(ciyuan_core::jiff::tz::TimeZone::UTC)
+        .date();
+    let export = |out: i64| {
+        let f = tmp.path().join(format!("export-{out}.csv"));
+        std::fs::write(
+            &f,
+            format!("day,model,input_tokens,output_tokens\n{today},gpt-4o,{input},{out}\n"),
+        )
+        .unwrap();
+        f
+    };
+    let clean = export(output);
+    let ok = server.cli(
+        &root,
+        &[
+            "reconcile",
+            clean.to_str().unwrap(),
+            "--format",
+            "csv",
+            "--upstream",
+            "sim",
+        ],
+    );
+    assert!(
+        ok.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains(": 0 beyond tolerance"),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    // The provider bills 50 more output tokens than were recorded: found, named,
+    // recorded in the ledger with the file's hash, and raised as an incident.
+    let off = export(output + 50);
+    let found = server.cli(
+        &root,
+        &[
+            "reconcile",
+            off.to_str().unwrap(),
+            "--format",
+            "csv",
+            "--upstream",
+            "sim",
+        ],
+    );
+    assert_eq!(found.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&found.stdout).into_owned();
+    assert!(
+        text.contains("1 beyond tolerance") && text.contains("gpt-4o text.output"),
+        "{text}"
+    );
+    let (_, entries) = server.http(
+        "GET",
+        "/api/v1/audit/entries?start=0&limit=1000",
+        &root,
+        None,
+    );
+    let log: Vec<Value> = entries
+        .split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(json)
+        .collect();
+    assert_eq!(
+        log.iter().filter(|e| e["kind"] == "reconciliation").count(),
+        2
+    );
+    assert!(
+        log.iter()
+            .any(|e| e["kind"] == "incident" && e["data"]["kind"] == "reconciliation.difference")
+    );
+    // Bad input is named.
+    let bad = tmp.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "day,model,input_tokens,output_tokens\n2026-13-01,gpt-4o,1,1\n",
+    )
+    .unwrap();
+    let refused = server.cli(
+        &root,
+        &[
+            "reconcile",
+            bad.to_str().unwrap(),
+            "--format",
+            "csv",
+            "--upstream",
+            "sim",
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("row"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    server.stop();
+}
