@@ -697,51 +697,22 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: &[Change<'_>]) -> Resu
 }
 
 /// Adds exact amounts to the hourly cost rollups. SQLite has no exact decimal type:
-/// an amount is stored as its decimal text and added here, in Rust, exactly; a sum
+/// an amount is stored as its decimal text and added by `dec_add` (Rust, exact); a sum
 /// that no longer fits a 28-digit decimal is an error, never a rounded value.
 fn add_costs(
     tx: &rusqlite::Transaction<'_>,
     costs: &ciyuan_store::CostSums<'_>,
 ) -> Result<(), StoreError> {
-    let mut read = tx
-        .prepare_cached(
-            "SELECT amount FROM cost_hourly
-             WHERE account = ? AND hour = ? AND service = ? AND model = ? AND currency = ?",
-        )
-        .map_err(backend)?;
     let mut write = tx
         .prepare_cached(
-            "INSERT OR REPLACE INTO cost_hourly (account, hour, service, model, currency, amount)
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO cost_hourly (account, hour, service, model, currency, amount)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (account, hour, service, model, currency)
+             DO UPDATE SET amount = dec_add(amount, excluded.amount)",
         )
         .map_err(backend)?;
     for (k, add) in costs {
-        let key = params![
-            k.account.as_str(),
-            k.hour,
-            k.service,
-            k.model,
-            k.currency.as_str()
-        ];
-        let old: Option<String> = read
-            .query_row(key, |r| r.get(0))
-            .optional()
-            .map_err(backend)?;
-        let mut sum = *add;
-        if let Some(old) = old {
-            sum = sum.checked_add(parse_amount(&old)?).ok_or_else(|| {
-                StoreError::Backend(format!("cost sum of {} overflows", k.account))
-            })?;
-        }
-        let text = sum
-            .to_decimal()
-            .ok_or_else(|| {
-                StoreError::Backend(format!(
-                    "the hourly cost of {} ({sum}) needs more than 28 digits",
-                    k.account
-                ))
-            })?
-            .to_string();
+        let text = amount_text(*add, || format!("the hourly cost of {}", k.account))?;
         write
             .execute(params![
                 k.account.as_str(),
@@ -756,7 +727,18 @@ fn add_costs(
     Ok(())
 }
 
-/// Adds billing lines, exactly (decimal text added in Rust, as costs).
+/// A sum as the decimal text a rollup stores; a sum that needs more than 28 digits is
+/// an error naming `what`, never a rounded value.
+fn amount_text(
+    sum: ciyuan_core::ExactSum,
+    what: impl FnOnce() -> String,
+) -> Result<String, StoreError> {
+    sum.to_decimal()
+        .map(|d| d.to_string())
+        .ok_or_else(|| StoreError::Backend(format!("{} ({sum}) needs more than 28 digits", what())))
+}
+
+/// Adds billing lines, exactly (decimal text added by `dec_add`, as costs).
 fn add_cost_lines(
     tx: &rusqlite::Transaction<'_>,
     lines: &ciyuan_store::LineSums<'_>,
@@ -809,16 +791,9 @@ fn upsert_lines(
         let price = k.unit_price.map(|p| p.to_string()).unwrap_or_default();
         let mut text = Vec::with_capacity(4);
         for s in add {
-            text.push(
-                s.to_decimal()
-                    .ok_or_else(|| {
-                        StoreError::Backend(format!(
-                            "a billing line of {} ({s}) needs more than 28 digits",
-                            k.account
-                        ))
-                    })?
-                    .to_string(),
-            );
+            text.push(amount_text(*s, || {
+                format!("a billing line of {}", k.account)
+            })?);
         }
         write
             .execute(params![
@@ -850,41 +825,23 @@ fn add_tier_units(
     if tiers.is_empty() {
         return Ok(());
     }
-    let mut read = tx
-        .prepare_cached(
-            "SELECT units FROM tier_units WHERE node = ? AND book = ? AND rule = ? AND period = ?",
-        )
-        .map_err(backend)?;
     let mut write = tx
         .prepare_cached(
-            "INSERT OR REPLACE INTO tier_units (node, book, rule, period, units)
-             VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO tier_units (node, book, rule, period, units) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (node, book, rule, period)
+             DO UPDATE SET units = dec_add(units, excluded.units)",
         )
         .map_err(backend)?;
     for (k, add) in tiers {
-        let period = k.period.to_string();
-        let key = params![k.node.as_str(), k.book, k.rule, period];
-        let old: Option<String> = read
-            .query_row(key, |r| r.get(0))
-            .optional()
-            .map_err(backend)?;
-        let mut sum = *add;
-        if let Some(old) = old {
-            sum = sum
-                .checked_add(parse_amount(&old)?)
-                .ok_or_else(|| StoreError::Backend(format!("tier units of {} overflow", k.node)))?;
-        }
-        let text = sum
-            .to_decimal()
-            .ok_or_else(|| {
-                StoreError::Backend(format!(
-                    "the tier units of {} ({sum}) need more than 28 digits",
-                    k.node
-                ))
-            })?
-            .to_string();
+        let text = amount_text(*add, || format!("the tier units of {}", k.node))?;
         write
-            .execute(params![k.node.as_str(), k.book, k.rule, period, text])
+            .execute(params![
+                k.node.as_str(),
+                k.book,
+                k.rule,
+                k.period.to_string(),
+                text
+            ])
             .map_err(backend)?;
     }
     Ok(())
