@@ -110,6 +110,14 @@ impl AccountPath {
         self.segments().count()
     }
 
+    /// The top-level node holding this one (itself at depth 1; the root for the root).
+    pub fn top_level(&self) -> AccountPath {
+        match self.segments().next() {
+            Some(top) => AccountPath(top.to_string()),
+            None => AccountPath::root(),
+        }
+    }
+
     /// The parent node; `None` for the root. A top-level node's parent is the root.
     pub fn parent(&self) -> Option<AccountPath> {
         if self.is_root() {

@@ -1684,6 +1684,14 @@ pub struct TierPlace {
     pub units: Decimal,
 }
 
+impl TierPlace {
+    /// The node whose usage a rating's tiers count: the node whose contract priced it,
+    /// else the entry's top-level account.
+    pub fn billing_node(contract: Option<&AccountPath>, account: &AccountPath) -> AccountPath {
+        contract.cloned().unwrap_or_else(|| account.top_level())
+    }
+}
+
 impl PriceRule {
     /// The name of the rule's tier counter (see [`TierPlace::rule`]).
     pub fn counter_name(&self) -> String {

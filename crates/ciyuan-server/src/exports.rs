@@ -94,14 +94,9 @@ impl ExportQuery {
                 "period: a journal is for a calendar month (period=YYYY-MM)",
             ));
         };
-        let period = month
-            .split_once('-')
-            .and_then(|(y, m)| Some((y.parse::<i16>().ok()?, m.parse::<i8>().ok()?)))
-            .ok_or_else(|| ApiError::bad_request(format!("period: {month:?} is not YYYY-MM")))
-            .and_then(|(y, m)| {
-                ciyuan_report::journal::JournalPeriod::month(y, m)
-                    .map_err(|e| ApiError::bad_request(format!("period: {e}")))
-            })?;
+        let first = crate::statements::month(month)?;
+        let period = ciyuan_report::journal::JournalPeriod::month(first.year(), first.month())
+            .map_err(|e| ApiError::bad_request(format!("period: {e}")))?;
         let base: ciyuan_core::Currency = self
             .base_currency
             .as_deref()

@@ -273,6 +273,24 @@ impl Prices {
     }
 }
 
+/// What a rater reads of `usage` at `at`, priced on `tokens` (see [`priced_tokens`]).
+pub(crate) fn usage_input<'a>(
+    usage: &'a Usage,
+    tokens: &'a TokenMap,
+    at: Timestamp,
+    period_to_date: Decimal,
+) -> RateInput<'a> {
+    RateInput {
+        model: usage.model.as_deref(),
+        service: &usage.service,
+        tier: usage.tier.unwrap_or_default(),
+        tokens,
+        measures: &usage.measures,
+        at,
+        period_to_date,
+    }
+}
+
 /// The counts a rating with `basis` prices: the entry's own, or its recount combined
 /// with them (see [`Basis`]).
 pub(crate) fn priced_tokens(
@@ -341,15 +359,7 @@ impl App {
             Err(why) => return Rated::NoBook(why),
         };
         let tokens = priced_tokens(usage, basis.map(Basis::recorded));
-        let input = RateInput {
-            model: usage.model.as_deref(),
-            service: &usage.service,
-            tier: usage.tier.unwrap_or_default(),
-            tokens: tokens.as_ref(),
-            measures: &usage.measures,
-            at,
-            period_to_date,
-        };
+        let input = usage_input(usage, &tokens, at, period_to_date);
         match rater.rate(&input) {
             Ok(mut r) => {
                 r.basis = basis.map(Basis::recorded);

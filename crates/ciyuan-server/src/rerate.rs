@@ -178,15 +178,7 @@ fn step(
             let counter = prices.rater_for(&account, ts).and_then(|rater| {
                 let tokens = crate::prices::priced_tokens(&usage, original.basis);
                 rater
-                    .tier_counter(&ciyuan_price::RateInput {
-                        model: usage.model.as_deref(),
-                        service: &usage.service,
-                        tier: usage.tier.unwrap_or_default(),
-                        tokens: tokens.as_ref(),
-                        measures: &usage.measures,
-                        at: ts,
-                        period_to_date: before,
-                    })
+                    .tier_counter(&crate::prices::usage_input(&usage, &tokens, ts, before))
                     .ok()
                     .flatten()
             });

@@ -118,7 +118,7 @@ pub(crate) struct Period {
 }
 
 /// Parses `2026-11`.
-fn month(name: &str) -> Result<Date, ApiError> {
+pub(crate) fn month(name: &str) -> Result<Date, ApiError> {
     let bad = || {
         ApiError::bad_request(format!(
             "period: {name:?} is not a month written YYYY-MM, e.g. 2026-11"

@@ -72,16 +72,6 @@ impl Tiers {
     }
 }
 
-/// The node whose usage a rating's tiers count when no contract priced it: the
-/// entry's top-level account (the root for usage of the root itself).
-fn top_level(node: &AccountPath) -> AccountPath {
-    match node.segments().next() {
-        // A segment of a valid path is a valid path.
-        Some(top) => AccountPath::parse(top).unwrap_or_else(|_| AccountPath::root()),
-        None => AccountPath::root(),
-    }
-}
-
 impl App {
     /// The effective time zone of `node` (its own, or its nearest ancestor's).
     fn zone_of(&self, node: &AccountPath) -> Result<TimeZone, ApiError> {
@@ -127,15 +117,7 @@ impl App {
         };
         let basis = rating.basis;
         let tokens = crate::prices::priced_tokens(u, basis);
-        let mut input = ciyuan_price::RateInput {
-            model: u.model.as_deref(),
-            service: &u.service,
-            tier: u.tier.unwrap_or_default(),
-            tokens: tokens.as_ref(),
-            measures: &u.measures,
-            at: entry.ts,
-            period_to_date: Decimal::ZERO,
-        };
+        let mut input = crate::prices::usage_input(u, &tokens, entry.ts, Decimal::ZERO);
         // The entry was rated from these inputs a moment ago: a counter that cannot be
         // read from them now is a bug, and says so.
         let counter = rater
@@ -144,10 +126,7 @@ impl App {
         let Some(counter) = counter else {
             return Ok(false);
         };
-        let node = rater
-            .contract()
-            .cloned()
-            .unwrap_or_else(|| top_level(&entry.account));
+        let node = TierPlace::billing_node(rater.contract(), &entry.account);
         let zone = self.zone_of(&node)?;
         let period =
             ciyuan_price::period_start(counter.period, &zone, entry.ts).ok_or_else(|| {

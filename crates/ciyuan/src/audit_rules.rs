@@ -728,15 +728,7 @@ impl RuleChecker {
             }
             (Some(c), Some(p)) => (c, p),
         };
-        let node = match &rating.contract {
-            Some(n) => n.clone(),
-            None => entry
-                .account
-                .segments()
-                .next()
-                .and_then(|top| AccountPath::parse(top).ok())
-                .unwrap_or_else(AccountPath::root),
-        };
+        let node = ciyuan_core::TierPlace::billing_node(rating.contract.as_ref(), entry.account);
         if place.node != node {
             return Err(format!(
                 "rating.place.node: the tiers count the usage of {node}, the entry names {}",
