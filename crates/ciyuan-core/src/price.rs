@@ -2262,6 +2262,25 @@ mod tests {
     }
 
     #[test]
+    fn a_tax_rate_is_a_percentage_and_rounds_by_its_rule() {
+        let mut b = book();
+        b.tax = Some(BookTax {
+            name: "VAT".into(),
+            rate_percent: d("6"),
+            rounding: BookTax::default_rounding(),
+        });
+        assert!(b.check().is_ok());
+        let tax = b.tax.clone().unwrap();
+        assert_eq!(tax.on(d("4.08")).unwrap(), d("0.24"));
+        for bad in ["-1", "100.5"] {
+            let mut over = b.clone();
+            over.tax.as_mut().unwrap().rate_percent = d(bad);
+            let e = over.check().unwrap_err().to_string();
+            assert!(e.starts_with("tax.rate_percent:"), "{e}");
+        }
+    }
+
+    #[test]
     fn versions_follow_in_number_and_time() {
         let v1 = book();
         let mut v2 = book();

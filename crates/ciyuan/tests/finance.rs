@@ -494,6 +494,41 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
     assert!(hr.contains("2026-11-01,acme/cn,,,1100000,CNY,3.36"), "{hr}");
     assert!(hr.contains("2026-11-30,acme/cn,,,1,CNY,0"), "{hr}");
 
+    // A key below reads its own subtree's export, never its parent's or a sibling's.
+    let cn_reader = json(
+        stdout(&server.cli(
+            &root,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "acme/cn",
+                "--scopes",
+                "read",
+                "--json",
+            ],
+        ))
+        .as_bytes(),
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (account, want) in [("acme", 403), ("acme/us", 403), ("acme/cn", 200)] {
+        let (s, _) = server.http(
+            "GET",
+            &format!("/api/v1/exports/usage?account={account}&period=2026-11"),
+            &cn_reader,
+            None,
+        );
+        assert_eq!(s, want, "{account}");
+    }
+    let (s, _) = server.http(
+        "GET",
+        "/api/v1/statements/acme?period=2026-11",
+        &cn_reader,
+        None,
+    );
+    assert_eq!(s, 403);
     let (s, _) = server.http(
         "GET",
         "/api/v1/exports/nope?account=acme&period=2026-11",
@@ -882,6 +917,38 @@ fn a_provider_export_is_reconciled_with_the_gateways_records() {
         log.iter()
             .any(|e| e["kind"] == "incident" && e["data"]["kind"] == "reconciliation.difference")
     );
+    // A tenant's admin key cannot reconcile a provider's export, which covers everyone.
+    let tenant = json(
+        stdout(&server.cli(
+            &root,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "acme",
+                "--scopes",
+                "admin",
+                "--json",
+            ],
+        ))
+        .as_bytes(),
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let denied = server.cli(
+        &tenant,
+        &[
+            "reconcile",
+            clean.to_str().unwrap(),
+            "--format",
+            "csv",
+            "--upstream",
+            "sim",
+        ],
+    );
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("root admin"));
     // Bad input is named.
     let bad = tmp.path().join("bad.csv");
     std::fs::write(
