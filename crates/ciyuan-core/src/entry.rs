@@ -83,6 +83,9 @@ pub enum EntryBody {
     RatingCorrection(RatingCorrection),
     /// A statement issued: its period closed for the entry's node.
     StatementClosed(crate::StatementClosed),
+    /// A contract's service level evaluated for a period, with the credit it owes
+    /// (on the contract's node).
+    ServiceLevelEvaluated(Box<crate::ServiceLevelEvaluated>),
     /// A provider's usage export reconciled with the ledger (on the root node).
     Reconciled(crate::Reconciled),
 }
@@ -301,6 +304,7 @@ impl EntryBody {
             EntryBody::WalletSet(_) => "wallet.set",
             EntryBody::RatingCorrection(_) => "rating.correction",
             EntryBody::StatementClosed(_) => "statement.closed",
+            EntryBody::ServiceLevelEvaluated(_) => "service_level.evaluated",
             EntryBody::Reconciled(_) => "reconciliation",
         }
     }
@@ -388,6 +392,7 @@ impl Entry {
             EntryBody::WalletSet(d) => put(self, d, out),
             EntryBody::RatingCorrection(d) => put(self, d, out),
             EntryBody::StatementClosed(d) => put(self, d, out),
+            EntryBody::ServiceLevelEvaluated(d) => put(self, d, out),
             EntryBody::Reconciled(d) => put(self, d, out),
         }
     }
@@ -417,6 +422,9 @@ impl Entry {
             "wallet.set" => EntryBody::WalletSet(serde_json::from_str(data)?),
             "rating.correction" => EntryBody::RatingCorrection(serde_json::from_str(data)?),
             "statement.closed" => EntryBody::StatementClosed(serde_json::from_str(data)?),
+            "service_level.evaluated" => {
+                EntryBody::ServiceLevelEvaluated(serde_json::from_str(data)?)
+            }
             "reconciliation" => EntryBody::Reconciled(serde_json::from_str(data)?),
             other => return Err(DecodeError::Kind(other.to_string())),
         };

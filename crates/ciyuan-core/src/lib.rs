@@ -36,6 +36,7 @@ mod posting;
 mod price;
 mod reuse;
 mod scope;
+mod service_level;
 mod statement;
 mod text;
 mod tokens;
@@ -68,6 +69,11 @@ pub use price::{
     UnitPrices, book_in_force, decimal_from_text, exact, may_set_contract, nearest_contract,
 };
 pub use scope::{Scope, ScopeError, Scopes};
+pub use service_level::{
+    CreditLine, CreditStep, Evaluation, Figures, LevelPeriod, MAX_CREDIT_STEPS, MAX_SERVICE_LEVELS,
+    Metric, Objective, ObjectiveResult, Sample, ServiceLevel, ServiceLevelEvaluated, covered,
+    credit_memo, evaluate, nearest_rank, upstream_failed,
+};
 pub use statement::{Reconciled, StatementClosed};
 pub use text::{TextError, check_text};
 pub use tokens::{Direction, MAX_TOKENS_PER_KEY, Modality, TokenCount, TokenError, TokenMap};

@@ -31,6 +31,19 @@ impl Currency {
         // Only ASCII upper-case letters are ever stored.
         std::str::from_utf8(&self.0).unwrap_or("???")
     }
+
+    /// The ISO 4217 minor units (decimals of the smallest unit) of common currencies;
+    /// `None` for others.
+    pub fn minor_units(&self) -> Option<u32> {
+        match self.as_str() {
+            "JPY" | "KRW" | "VND" | "CLP" | "ISK" => Some(0),
+            "CNY" | "USD" | "EUR" | "GBP" | "HKD" | "SGD" | "AUD" | "CAD" | "CHF" | "TWD"
+            | "MOP" | "NZD" | "SEK" | "NOK" | "DKK" | "INR" | "MYR" | "THB" | "PHP" | "IDR"
+            | "BRL" | "MXN" | "ZAR" | "RUB" | "AED" | "SAR" => Some(2),
+            "KWD" | "BHD" | "OMR" | "JOD" | "TND" => Some(3),
+            _ => None,
+        }
+    }
 }
 
 impl FromStr for Currency {

@@ -52,6 +52,9 @@ pub enum PostingKind {
     Expire,
     /// The mirror image of an earlier posting.
     Reverse,
+    /// A service credit a contract's service level owes: `@refunds` → a node's cash;
+    /// its memo names the `service_level.evaluated` entry that computed it.
+    ServiceCredit,
 }
 
 impl fmt::Display for PostingKind {
@@ -64,6 +67,7 @@ impl fmt::Display for PostingKind {
             PostingKind::Transfer => "transfer",
             PostingKind::Expire => "expire",
             PostingKind::Reverse => "reverse",
+            PostingKind::ServiceCredit => "service_credit",
         })
     }
 }
@@ -531,6 +535,18 @@ impl Posting {
     pub fn refund(node: &AccountPath, currency: Currency, amount: Decimal) -> Posting {
         Posting::new(
             PostingKind::Refund,
+            currency,
+            vec![
+                Leg::debit(LedgerAccount::Refunds, amount),
+                Leg::credit(LedgerAccount::Cash(node.clone()), amount),
+            ],
+        )
+    }
+
+    /// A service credit paid into a node's wallet: `@refunds` → `node:cash`.
+    pub fn service_credit(node: &AccountPath, currency: Currency, amount: Decimal) -> Posting {
+        Posting::new(
+            PostingKind::ServiceCredit,
             currency,
             vec![
                 Leg::debit(LedgerAccount::Refunds, amount),

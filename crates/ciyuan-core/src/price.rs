@@ -1327,6 +1327,10 @@ pub struct PriceContract {
     /// A minimum spend per period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimum_commitment: Option<MinimumCommitment>,
+    /// What the contract promises about the gateway's requests made under it, and
+    /// the credits owed when a period misses it (see [`crate::ServiceLevel`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_levels: Vec<crate::ServiceLevel>,
     /// The account node of the key that set it. Only a key strictly above the
     /// contract's node may set it (a tenant does not negotiate its own prices); the
     /// lead checks that with [`crate::may_change_control`] and the node.
@@ -1411,6 +1415,25 @@ impl PriceContract {
                 "minimum_commitment.amount",
                 format!("{} is not a non-negative amount", c.amount),
             ));
+        }
+        if self.service_levels.len() > crate::MAX_SERVICE_LEVELS {
+            return Err(PriceError::new(
+                "service_levels",
+                format!("more than {} levels", crate::MAX_SERVICE_LEVELS),
+            ));
+        }
+        for (i, l) in self.service_levels.iter().enumerate() {
+            let field = format!("service_levels[{i}]");
+            l.check(&field).map_err(|why| match why.split_once(": ") {
+                Some((f, w)) => PriceError::new(f, w),
+                None => PriceError::new(field.clone(), why.clone()),
+            })?;
+            if self.service_levels[..i].iter().any(|o| o.name == l.name) {
+                return Err(PriceError::new(
+                    format!("{field}.name"),
+                    format!("{:?} names two levels", l.name),
+                ));
+            }
         }
         Ok(())
     }
@@ -2195,6 +2218,7 @@ mod tests {
                 amount: d("1000"),
                 period: CommitmentPeriod::Month,
             }),
+            service_levels: Vec::new(),
             set_by: Some("acme".parse().unwrap()),
         };
         assert!(c.check().is_ok());
@@ -2218,6 +2242,7 @@ mod tests {
             discount_percent: None,
             markup_percent: None,
             minimum_commitment: None,
+            service_levels: Vec::new(),
             set_by: Some(p(by)),
         };
         let from_root = PriceContract {

@@ -563,6 +563,7 @@ fn contracts_override_then_discount_then_markup() {
         discount_percent: Some(d("10")),
         markup_percent: Some(d("20")),
         minimum_commitment: None,
+        service_levels: Vec::new(),
         set_by: Some("acme".parse().unwrap()),
     };
     let t = tokens(&[("text.input", 5), ("text.output", 5)]);
@@ -1042,6 +1043,7 @@ proptest! {
             discount_percent: discount,
             markup_percent: markup,
             minimum_commitment: None,
+            service_levels: Vec::new(),
             set_by: None,
         };
         let contract = with_contract.then_some((&node, &contract));

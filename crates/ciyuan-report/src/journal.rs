@@ -120,14 +120,7 @@ impl JournalConfig {
 /// The ISO 4217 minor units of common currencies; `None` for others (configure them in
 /// [`JournalConfig::minor_units`]).
 pub fn default_minor_units(currency: Currency) -> Option<u32> {
-    match currency.as_str() {
-        "JPY" | "KRW" | "VND" | "CLP" | "ISK" => Some(0),
-        "CNY" | "USD" | "EUR" | "GBP" | "HKD" | "SGD" | "AUD" | "CAD" | "CHF" | "TWD" | "MOP"
-        | "NZD" | "SEK" | "NOK" | "DKK" | "INR" | "MYR" | "THB" | "PHP" | "IDR" | "BRL" | "MXN"
-        | "ZAR" | "RUB" | "AED" | "SAR" => Some(2),
-        "KWD" | "BHD" | "OMR" | "JOD" | "TND" => Some(3),
-        _ => None,
-    }
+    currency.minor_units()
 }
 
 /// The period the vouchers are for.

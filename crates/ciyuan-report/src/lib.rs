@@ -21,6 +21,7 @@ pub mod allocate;
 pub mod focus;
 pub mod hr;
 pub mod journal;
+pub mod quality;
 pub mod reconcile;
 pub mod statement;
 pub mod usage;

@@ -559,7 +559,7 @@ const ZH: Words = Words {
 
 /// Appends `s` with `&`, `<`, `>`, `"` and `'` escaped: every statement text goes
 /// through here (names come from tenants).
-fn esc(out: &mut String, s: &str) {
+pub(crate) fn esc(out: &mut String, s: &str) {
     for c in s.chars() {
         match c {
             '&' => out.push_str("&amp;"),
@@ -606,7 +606,7 @@ fn local_time(at: ciyuan_core::jiff::Timestamp, zone: &str) -> String {
     }
 }
 
-const STYLE: &str = "\
+pub(crate) const STYLE: &str = "\
 body{font-family:system-ui,-apple-system,'Segoe UI','PingFang SC','Microsoft YaHei',sans-serif;\
 color:#111;margin:2rem auto;max-width:64rem;padding:0 1rem;line-height:1.4}\
 h1{font-size:1.6rem;margin:0 0 .5rem}h2{font-size:1.15rem;margin:1.6rem 0 .4rem}\

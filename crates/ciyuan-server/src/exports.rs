@@ -298,10 +298,12 @@ fn cost_line(r: LineRow) -> std::io::Result<CostLine> {
         charge_period_end: start
             .checked_add(SignedDuration::from_hours(1))
             .map_err(std::io::Error::other)?,
-        category: if r.adjustment {
-            ChargeCategory::Adjustment
-        } else {
+        category: if !r.adjustment {
             ChargeCategory::Usage
+        } else if r.key == "refund" || r.key.starts_with("service_credit:") {
+            ChargeCategory::Credit
+        } else {
+            ChargeCategory::Adjustment
         },
         service: r.service,
         model: r.model,

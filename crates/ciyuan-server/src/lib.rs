@@ -26,6 +26,7 @@ pub mod prices;
 mod reconciliations;
 mod records;
 mod rerate;
+pub mod service_levels;
 mod statements;
 mod tiers;
 mod usage;
@@ -432,6 +433,11 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/v1/exports/{kind}", get(exports::export))
         .route("/api/v1/incidents", get(records::incidents))
+        .route("/api/v1/quality", get(service_levels::quality))
+        .route(
+            "/api/v1/service-levels/{*path}",
+            get(service_levels::list).post(service_levels::evaluate),
+        )
         .route("/api/v1/adjustments", post(adjust::create))
         .route(
             "/api/v1/audit/checkpoint",

@@ -111,10 +111,10 @@ pub struct StatementQuery {
 /// The period a statement (or an export) covers.
 pub(crate) struct Period {
     /// The month's name, when it is one.
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     pub(crate) from: Timestamp,
     pub(crate) to: Timestamp,
-    zone_name: String,
+    pub(crate) zone_name: String,
 }
 
 /// Parses `2026-11`.
@@ -142,7 +142,7 @@ fn start_of(date: Date, zone: &TimeZone) -> Result<Timestamp, ApiError> {
 }
 
 /// The name of the month holding `at` in `zone`.
-fn month_of(at: Timestamp, zone: &TimeZone) -> String {
+pub(crate) fn month_of(at: Timestamp, zone: &TimeZone) -> String {
     let d = at.to_zoned(zone.clone()).date();
     format!("{:04}-{:02}", d.year(), d.month())
 }
@@ -254,6 +254,8 @@ type LineGroup = (Currency, String, String, String, Option<Decimal>, String);
 struct Sums {
     usage: BTreeMap<LineGroup, (ExactSum, ExactSum)>,
     corrections: BTreeMap<LineGroup, (ExactSum, ExactSum)>,
+    /// Service credits and refunds: (currency, key, book@version) → billed.
+    credits: BTreeMap<(Currency, String, String), ExactSum>,
     contract: BTreeMap<Currency, ExactSum>,
     rounding: BTreeMap<Currency, ExactSum>,
     billed: BTreeMap<Currency, ExactSum>,
@@ -283,7 +285,22 @@ impl Sums {
                 r.billed,
             )?;
             if r.unit_price.is_none() {
-                add(s.rounding.entry(c).or_insert(ExactSum::ZERO), r.billed)?;
+                if r.key == "rounding" {
+                    add(s.rounding.entry(c).or_insert(ExactSum::ZERO), r.billed)?;
+                } else {
+                    // A service credit (`service_credit:<level>`) or a refund.
+                    let book = if r.book.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{}@{}", r.book, r.version)
+                    };
+                    add(
+                        s.credits
+                            .entry((c, r.key.clone(), book))
+                            .or_insert(ExactSum::ZERO),
+                        r.billed,
+                    )?;
+                }
                 continue;
             }
             let diff = r
@@ -367,6 +384,16 @@ impl App {
             let d = exact(*d, "the contract adjustment")?;
             if !d.is_zero() {
                 adjustments.push(adjustment("contract", d, *c));
+            }
+        }
+        for ((c, key, book), d) in &sums.credits {
+            let d = exact(*d, "a credit")?;
+            if !d.is_zero() {
+                adjustments.push(StatementLine {
+                    category: ChargeCategory::Credit,
+                    book: book.clone(),
+                    ..adjustment(key, d, *c)
+                });
             }
         }
         for (c, d) in &sums.rounding {
@@ -836,6 +863,11 @@ pub async fn close(
         ));
     }
     let _guard = app.admin_lock.lock().await;
+    // The month's service levels in the subtree are evaluated first, so their credits
+    // are on the statement that closes it.
+    if let Some(month) = &q.period {
+        app.evaluate_service_levels_under(&node, month).await?;
+    }
     app.caught_up().await?;
     let n = node.clone();
     let (closed, q) = app

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use tower::ServiceExt;
 
 mod audit;
+mod service_levels;
 
 /// A log kept in memory: the same contract as the file ledger, for handler tests.
 pub(crate) struct MemLog {
@@ -117,6 +118,7 @@ impl Log for MemLog {
 struct Harness {
     router: Router,
     admin: String,
+    app: Arc<App>,
 }
 
 async fn harness() -> Harness {
@@ -149,8 +151,9 @@ async fn harness_on(store: Arc<dyn Store>, log: Arc<dyn Log>, admin: Option<Stri
         "bootstrap happens once"
     );
     Harness {
-        router: router(app),
+        router: router(app.clone()),
         admin,
+        app,
     }
 }
 

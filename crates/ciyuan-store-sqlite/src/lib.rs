@@ -236,6 +236,24 @@ CREATE TABLE statements (
     PRIMARY KEY (node, period)
 ) WITHOUT ROWID;
 "#,
+    // 9: service levels evaluated, and where each hour's gateway requests lie in the
+    // log.
+    r#"
+CREATE TABLE service_levels (
+    node      TEXT NOT NULL,
+    level     TEXT NOT NULL,
+    period    TEXT NOT NULL,
+    entry     INTEGER NOT NULL,
+    ts        TEXT NOT NULL,
+    evaluated TEXT NOT NULL,
+    PRIMARY KEY (node, level, period)
+) WITHOUT ROWID;
+CREATE TABLE quality_hours (
+    hour  INTEGER PRIMARY KEY,
+    first INTEGER NOT NULL,
+    last  INTEGER NOT NULL
+);
+"#,
 ];
 
 /// A token sum as stored: `hi * 2^62 + lo`, `0 <= lo < 2^62`. Sums of the ledger's
@@ -634,6 +652,22 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: &[Change<'_>]) -> Resu
                         to_json(closed).map_err(sql)?
                     ])
                 }),
+            Change::ServiceLevelEvaluated { entry, at, node, evaluated } => tx
+                .prepare_cached(
+                    "INSERT INTO service_levels (node, level, period, entry, ts, evaluated)
+                     VALUES (?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (node, level, period) DO NOTHING",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        node.as_str(),
+                        evaluated.level.name,
+                        evaluated.period,
+                        *entry as i64,
+                        at.to_string(),
+                        to_json(evaluated).map_err(sql)?
+                    ])
+                }),
             Change::PriceBook { entry, book } => tx
                 .prepare_cached(
                     "INSERT INTO price_books (name, version, book, entry) VALUES (?, ?, ?, ?)
@@ -818,6 +852,28 @@ fn upsert_lines(
 }
 
 /// Adds units to the tier counters, exactly (decimal text added in Rust, as costs).
+fn add_quality_hours(
+    tx: &rusqlite::Transaction<'_>,
+    hours: &ciyuan_store::QualityHours,
+) -> Result<(), StoreError> {
+    if hours.is_empty() {
+        return Ok(());
+    }
+    let mut write = tx
+        .prepare_cached(
+            "INSERT INTO quality_hours (hour, first, last) VALUES (?, ?, ?)
+             ON CONFLICT (hour)
+             DO UPDATE SET first = min(first, excluded.first), last = max(last, excluded.last)",
+        )
+        .map_err(backend)?;
+    for (hour, (first, last)) in hours {
+        write
+            .execute(params![hour, *first as i64, *last as i64])
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
 fn add_tier_units(
     tx: &rusqlite::Transaction<'_>,
     tiers: &ciyuan_store::TierSums<'_>,
@@ -924,6 +980,7 @@ impl Store for SqliteStore {
         add_costs(&tx, &projected.cost)?;
         add_tier_units(&tx, &projected.tiers)?;
         add_cost_lines(&tx, &projected.lines)?;
+        add_quality_hours(&tx, &projected.quality_hours)?;
         tx.execute(
             "UPDATE meta SET value = ? WHERE name = 'projected_through'",
             params![(start + count as u64) as i64],
@@ -954,6 +1011,8 @@ impl Store for SqliteStore {
                  DELETE FROM cost_lines;
                  DELETE FROM cost_lines_daily;
                  DELETE FROM statements;
+                 DELETE FROM service_levels;
+                 DELETE FROM quality_hours;
                  UPDATE meta SET value = 0 WHERE name = 'projected_through';
                  COMMIT;",
             )
@@ -1219,6 +1278,64 @@ impl Store for SqliteStore {
             });
         }
         Ok(out)
+    }
+
+    fn service_levels(
+        &self,
+        under: &AccountPath,
+    ) -> Result<Vec<Recorded<ciyuan_core::ServiceLevelEvaluated>>, StoreError> {
+        let (cond, args) = subtree("node", under);
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT node, entry, ts, evaluated FROM service_levels WHERE {cond}
+                 ORDER BY node, period, level"
+            ))
+            .map_err(backend)?;
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(args.iter()))
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(backend)? {
+            let node: String = r.get(0).map_err(backend)?;
+            let entry: i64 = r.get(1).map_err(backend)?;
+            let ts: String = r.get(2).map_err(backend)?;
+            let json: String = r.get(3).map_err(backend)?;
+            out.push(Recorded {
+                entry: u64::try_from(entry)
+                    .map_err(|_| StoreError::Corrupt(format!("entry id {entry}")))?,
+                ts: ts
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("stored time {ts:?}: {e}")))?,
+                account: parse_path(&node)?,
+                body: serde_json::from_str(&json).map_err(|e| {
+                    StoreError::Corrupt(format!("stored service level evaluation {entry}: {e}"))
+                })?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn quality_range(
+        &self,
+        from_hour: i64,
+        to_hour: i64,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let conn = self.conn();
+        let (first, last): (Option<i64>, Option<i64>) = conn
+            .query_row(
+                "SELECT min(first), max(last) FROM quality_hours WHERE hour >= ? AND hour < ?",
+                params![from_hour, to_hour],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(backend)?;
+        match (first, last) {
+            (Some(f), Some(l)) => Ok(Some((
+                u64::try_from(f).map_err(|_| StoreError::Corrupt(format!("entry id {f}")))?,
+                u64::try_from(l).map_err(|_| StoreError::Corrupt(format!("entry id {l}")))?,
+            ))),
+            _ => Ok(None),
+        }
     }
 
     fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {

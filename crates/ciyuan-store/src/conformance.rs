@@ -98,6 +98,7 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
         discount_percent: None,
         markup_percent: None,
         minimum_commitment: None,
+        service_levels: Vec::new(),
         set_by: Some(AccountPath::root()),
     };
     let transfer = Posting {

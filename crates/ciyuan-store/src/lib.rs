@@ -18,8 +18,8 @@ mod projection;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
 pub use projection::{
-    Change, CostKey, CostSums, LineKey, LineOf, LineSums, Projected, RollupKey, TierCounterKey,
-    TierSums, project,
+    Change, CostKey, CostSums, LineKey, LineOf, LineSums, Projected, QualityHours, RollupKey,
+    TierCounterKey, TierSums, project,
 };
 pub use usage::{
     Bucket, CostSums as RowCost, GroupBy, SumOverflow, TokenSums, UsageQuery, UsageRow, aggregate,
@@ -283,6 +283,20 @@ pub trait Store: Send + Sync + 'static {
         &self,
         node: &AccountPath,
     ) -> Result<Vec<Recorded<ciyuan_core::StatementClosed>>, StoreError>;
+
+    /// The service levels evaluated on the nodes of a subtree
+    /// (`service_level.evaluated`), by node, period and level; the first evaluation of
+    /// a node's level and period is kept.
+    fn service_levels(
+        &self,
+        under: &AccountPath,
+    ) -> Result<Vec<Recorded<ciyuan_core::ServiceLevelEvaluated>>, StoreError>;
+
+    /// The first and last index of the entries with a gateway quality record whose
+    /// time falls in the UTC hours `from_hour..to_hour` (seconds since the epoch);
+    /// `None` when there are none.
+    fn quality_range(&self, from_hour: i64, to_hour: i64)
+    -> Result<Option<(u64, u64)>, StoreError>;
 
     /// Hourly billing lines of a subtree, in (hour, account) order.
     fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<LineRow>, StoreError>;

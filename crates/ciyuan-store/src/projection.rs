@@ -142,6 +142,18 @@ pub enum Change<'a> {
         /// The statement.
         closed: &'a ciyuan_core::StatementClosed,
     },
+    /// A contract's service level was evaluated for a period (a repeat of the same
+    /// node, level and period keeps the first: the credit is owed once).
+    ServiceLevelEvaluated {
+        /// The entry.
+        entry: u64,
+        /// When.
+        at: Timestamp,
+        /// The contract's node.
+        node: &'a AccountPath,
+        /// The evaluation.
+        evaluated: &'a ciyuan_core::ServiceLevelEvaluated,
+    },
 }
 
 /// The key of an hourly cost rollup: rated usage by node, hour, service, model and
@@ -167,6 +179,11 @@ pub enum LineOf<'a> {
     Price(&'a ciyuan_core::PriceKey),
     /// What the book's rounding of entries' totals added.
     Rounding,
+    /// A service credit owed under the named service level (a credit, negative).
+    ServiceCredit(&'a str),
+    /// Money given back into the node's wallet by a `refund` posting (a credit,
+    /// negative).
+    Refund,
 }
 
 impl LineOf<'_> {
@@ -175,6 +192,10 @@ impl LineOf<'_> {
         match self {
             LineOf::Price(k) => std::borrow::Cow::Owned(k.to_string()),
             LineOf::Rounding => std::borrow::Cow::Borrowed("rounding"),
+            LineOf::ServiceCredit(name) => {
+                std::borrow::Cow::Owned(format!("service_credit:{name}"))
+            }
+            LineOf::Refund => std::borrow::Cow::Borrowed("refund"),
         }
     }
 }
@@ -263,7 +284,15 @@ pub struct Projected<'a> {
     pub tiers: TierSums<'a>,
     /// Billing lines (see [`LineKey`]).
     pub lines: LineSums<'a>,
+    /// Per UTC hour (seconds since the epoch), the first and last index of the
+    /// entries of that hour carrying a gateway quality record: where a period's
+    /// requests lie in the log, so service levels and quality reports read only that
+    /// range.
+    pub quality_hours: QualityHours,
 }
+
+/// Per UTC hour, the first and last index of the entries with a quality record.
+pub type QualityHours = FxHashMap<i64, (u64, u64)>;
 
 /// Adds `amount` to the cost of `usage` (of `node`, at `at`) in `currency`.
 fn add_cost<'a>(
@@ -364,6 +393,38 @@ fn add_lines<'a>(
     Ok(())
 }
 
+/// Adds a credit of `amount` (billed negative) to `node`'s lines at `hour`.
+#[allow(clippy::too_many_arguments)]
+fn add_credit<'a>(
+    lines: &mut LineSums<'a>,
+    index: u64,
+    node: &'a AccountPath,
+    hour: i64,
+    key: LineOf<'a>,
+    currency: Currency,
+    book: &'a str,
+    version: u32,
+    amount: Decimal,
+) -> Result<(), StoreError> {
+    add_line(
+        lines,
+        LineKey {
+            account: node,
+            hour,
+            adjustment: true,
+            service: "",
+            model: "",
+            key,
+            unit_price: None,
+            currency,
+            book,
+            version,
+        },
+        [Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, -amount],
+    )
+    .ok_or_else(|| StoreError::Backend(format!("billing line sum overflows at entry {index}")))
+}
+
 fn add_line<'a>(lines: &mut LineSums<'a>, key: LineKey<'a>, add: [Decimal; 4]) -> Option<()> {
     let slot = lines.entry(key).or_insert([ExactSum::ZERO; 4]);
     for (s, a) in slot.iter_mut().zip(add) {
@@ -385,6 +446,7 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
         cost: FxHashMap::default(),
         tiers: FxHashMap::default(),
         lines: FxHashMap::default(),
+        quality_hours: FxHashMap::default(),
     };
     for (i, entry) in parts.iter().flat_map(|p| p.iter()).enumerate() {
         let index = start + i as u64;
@@ -420,6 +482,14 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                             StoreError::Backend(format!("tier units overflow at entry {index}"))
                         })?;
                     }
+                }
+                if u.quality.is_some() {
+                    let slot = out
+                        .quality_hours
+                        .entry(floor_hour(entry.ts))
+                        .or_insert((index, index));
+                    slot.0 = slot.0.min(index);
+                    slot.1 = slot.1.max(index);
                 }
                 if u.recount.as_ref().is_some_and(|r| r.flagged) {
                     out.changes.push(Change::Flagged {
@@ -501,6 +571,26 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                 continue;
             }
             EntryBody::Posting(posting) => {
+                // Money given back into a wallet is a credit on the node's statement.
+                if posting.kind == ciyuan_core::PostingKind::Refund {
+                    for leg in &posting.legs {
+                        if let ciyuan_core::LedgerAccount::Cash(to) = &leg.account
+                            && !leg.credit.is_zero()
+                        {
+                            add_credit(
+                                &mut out.lines,
+                                index,
+                                to,
+                                floor_hour(entry.ts),
+                                LineOf::Refund,
+                                posting.currency,
+                                "",
+                                0,
+                                leg.credit,
+                            )?;
+                        }
+                    }
+                }
                 out.changes.push(Change::Posting {
                     entry: index,
                     at: entry.ts,
@@ -519,6 +609,36 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
             }
             // The result is read from the log (`ciyuan audit`); nothing is projected.
             EntryBody::Reconciled(_) => continue,
+            EntryBody::ServiceLevelEvaluated(evaluated) => {
+                // Billed in the period's last hour: on the period's own statement while
+                // it is open, else carried to the next open one as a late item.
+                let hour = floor_hour(
+                    evaluated
+                        .to
+                        .checked_sub(ciyuan_core::jiff::SignedDuration::from_secs(1))
+                        .map_err(|e| StoreError::Backend(format!("entry {index}: {e}")))?,
+                );
+                for c in &evaluated.credits {
+                    add_credit(
+                        &mut out.lines,
+                        index,
+                        node,
+                        hour,
+                        LineOf::ServiceCredit(&evaluated.level.name),
+                        c.currency,
+                        &c.book,
+                        c.version,
+                        c.amount,
+                    )?;
+                }
+                out.changes.push(Change::ServiceLevelEvaluated {
+                    entry: index,
+                    at: entry.ts,
+                    node,
+                    evaluated,
+                });
+                continue;
+            }
             EntryBody::StatementClosed(closed) => {
                 out.changes.push(Change::StatementClosed {
                     entry: index,

@@ -38,8 +38,23 @@
 //!    A second reading of the log, only when corrections exist, checks that each
 //!    named entry is usage of that node and time whose body is the correction's copy.
 //!
-//! Memory holds the books, contracts, definitions, wallets and the corrections' copies
-//! of the entries they re-rate, never the usage entries themselves.
+//! 5. **Service levels.** A `service_level.evaluated` entry evaluates a level its
+//!    node's contract holds at that point of the log, for a month (in the node's time
+//!    zone, as `account.*` entries set it so far) that was over when it was appended,
+//!    once per node, level and month; the log range it read starts at the month's
+//!    first gateway request (entry with a quality record whose time is in the month)
+//!    and ends before the evaluation, where the server's projections stood: requests
+//!    of the month recorded after that end are not in it, none before it is left out. A second reading of the log, only
+//!    when evaluations exist, recomputes each from the requests it covers
+//!    ([`ciyuan_core::covered`]): the figures, every objective's result, the credit
+//!    percent and the credits must be what [`ciyuan_core::evaluate`] gives. A
+//!    `service_credit` posting pays a credit of an evaluation before it on the same
+//!    node (its memo names the level and month), in that credit's currency and amount,
+//!    once.
+//!
+//! Memory holds the books, contracts, definitions, wallets, the corrections' copies
+//! of the entries they re-rate, the evaluations, and per hour where its gateway
+//! requests lie in the log, never the usage entries themselves.
 //!
 //! What is taken as recorded rather than recomputed: when a rating's `basis` is
 //! `recount` or `greater` and the entry carries a recount, the counts priced are the
@@ -61,7 +76,7 @@ use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::jiff::tz::TimeZone;
 use ciyuan_core::{
     AccountPath, DecodeError, Entry, EntryBody, PriceBook, PriceContract, PriceKey, Rating,
-    RatingBasis, RatingCorrection, TokenDefinition, TokenMap, Usage,
+    RatingBasis, RatingCorrection, ServiceLevelEvaluated, TokenDefinition, TokenMap, Usage,
 };
 use ciyuan_ledger::{VerifyFailure, VerifyReport};
 use ciyuan_measure::DefinitionSet;
@@ -109,6 +124,8 @@ pub struct RulesReport {
     /// Rated entries placed on a tier counter right after the units counted before
     /// them in their period.
     pub placed: u64,
+    /// `service_level.evaluated` entries recomputed from the requests they cover.
+    pub service_levels: u64,
 }
 
 /// The first entry that breaks a rule (or, with no entry, why the log could not be
@@ -189,6 +206,12 @@ pub struct RuleChecker {
     counters: HashMap<CounterKey, Decimal>,
     /// Time zones set on nodes by `account.created` / `account.updated`, by path.
     zones: HashMap<String, String>,
+    /// Per UTC hour, the first and last index of the entries with a quality record.
+    quality_hours: BTreeMap<i64, (u64, u64)>,
+    /// Service levels evaluated so far: (entry, node, evaluation).
+    evaluated: Vec<(u64, AccountPath, ServiceLevelEvaluated)>,
+    /// Credits paid so far: (node, memo, currency).
+    credits_paid: std::collections::HashSet<(String, String, ciyuan_core::Currency)>,
     report: RulesReport,
 }
 
@@ -242,6 +265,9 @@ impl RuleChecker {
             corrected: BTreeMap::new(),
             counters: HashMap::new(),
             zones: HashMap::new(),
+            quality_hours: BTreeMap::new(),
+            evaluated: Vec::new(),
+            credits_paid: std::collections::HashSet::new(),
             report: RulesReport::default(),
         }
     }
@@ -304,6 +330,9 @@ impl RuleChecker {
             EntryBody::DefinitionSet(def) => self.record_definition(index, def),
             EntryBody::Posting(posting) => {
                 posting.check().map_err(|e| format!("{e}"))?;
+                if posting.kind == ciyuan_core::PostingKind::ServiceCredit {
+                    self.judge_credit(&entry.account, posting)?;
+                }
                 self.wallets
                     .apply_posting(&entry.account, posting, entry.ts)
                     .map_err(|e| format!("replaying it through the wallets: {e}"))?;
@@ -322,7 +351,13 @@ impl RuleChecker {
                 .wallets
                 .apply_settings(&entry.account, set)
                 .map_err(|e| format!("wallet settings: {e}")),
+            EntryBody::ServiceLevelEvaluated(e) => self.judge_evaluation(index, entry, e),
             EntryBody::Usage(usage) => {
+                if usage.quality.is_some() {
+                    let hour = entry.ts.as_second().div_euclid(3600) * 3600;
+                    let slot = self.quality_hours.entry(hour).or_insert((index, index));
+                    slot.1 = index;
+                }
                 if let Some(id) = &usage.definition {
                     self.check_definition(entry.ts, usage, id)?;
                 }
@@ -690,6 +725,111 @@ impl RuleChecker {
         Ok(())
     }
 
+    /// A service level's evaluation: of a level the node's contract holds now, for a
+    /// month that was over, once, having read exactly the month's requests so far.
+    fn judge_evaluation(
+        &mut self,
+        index: u64,
+        entry: &Entry,
+        e: &ServiceLevelEvaluated,
+    ) -> Result<(), String> {
+        let node = &entry.account;
+        let held = self
+            .contracts
+            .get(node.as_str())
+            .is_some_and(|c| c.contract.service_levels.contains(&e.level));
+        if !held {
+            return Err(format!(
+                "level: {:?} is not a service level of the contract of {node} at this point",
+                e.level.name
+            ));
+        }
+        if self
+            .evaluated
+            .iter()
+            .any(|(_, n, o)| n == node && o.key() == e.key())
+        {
+            return Err(format!(
+                "{} of {:?} was evaluated already: a credit is owed once",
+                e.period, e.level.name
+            ));
+        }
+        let zone = self.zone_of(node)?;
+        let month =
+            ciyuan_core::jiff::civil::Date::strptime("%Y-%m-%d", format!("{}-01", e.period))
+                .map_err(|x| format!("period: {:?}: {x}", e.period))?;
+        let start = |d: ciyuan_core::jiff::civil::Date| {
+            zone.to_timestamp(d.to_datetime(ciyuan_core::jiff::civil::Time::midnight()))
+                .map_err(|x| format!("period: {x}"))
+        };
+        let next = month
+            .checked_add(ciyuan_core::jiff::Span::new().months(1))
+            .map_err(|x| format!("period: {x}"))?;
+        if (e.from, e.to) != (start(month)?, start(next)?) {
+            return Err(format!(
+                "from/to: {} – {} is not {} in the node's time zone",
+                e.from, e.to, e.period
+            ));
+        }
+        if e.to > entry.ts {
+            return Err(format!("{} was not over at {}", e.period, entry.ts));
+        }
+        // The read ends where the server's projections stood (before this entry) and
+        // must start at the month's first request, if one came before that end.
+        let first = self
+            .quality_hours
+            .range(e.from.as_second()..e.to.as_second())
+            .map(|(_, &(f, _))| f)
+            .min();
+        let (start, end) = e.scanned;
+        let right = end <= index
+            && match first {
+                Some(f) if f < end => start == f,
+                _ => start == end,
+            };
+        if !right {
+            return Err(format!(
+                "scanned: {start}..{end} does not start at the month's first request before \
+                 its end (entry {first:?}), or ends after the evaluation"
+            ));
+        }
+        self.evaluated.push((index, node.clone(), e.clone()));
+        Ok(())
+    }
+
+    /// A `service_credit` posting pays one credit of an earlier evaluation, once.
+    fn judge_credit(&mut self, node: &AccountPath, p: &ciyuan_core::Posting) -> Result<(), String> {
+        let amount: Decimal = p
+            .legs
+            .iter()
+            .filter(|l| l.account == ciyuan_core::LedgerAccount::Cash(node.clone()))
+            .map(|l| l.credit)
+            .sum();
+        let owed = self.evaluated.iter().any(|(_, n, e)| {
+            n == node
+                && ciyuan_core::credit_memo(&e.level.name, &e.period) == p.memo
+                && e.credits
+                    .iter()
+                    .any(|c| c.currency == p.currency && c.amount == amount)
+        });
+        if !owed || p.legs.len() != 2 {
+            return Err(format!(
+                "service credit: {amount} {} ({:?}) is not a credit an evaluation of {node} owes",
+                p.currency, p.memo
+            ));
+        }
+        if !self
+            .credits_paid
+            .insert((node.as_str().to_string(), p.memo.clone(), p.currency))
+        {
+            return Err(format!(
+                "service credit: {:?} in {} was paid already",
+                p.memo, p.currency
+            ));
+        }
+        Ok(())
+    }
+
     /// The effective time zone of `node` as the log has set it so far (its own, or
     /// its nearest ancestor's; UTC when none).
     fn zone_of(&self, node: &AccountPath) -> Result<TimeZone, String> {
@@ -964,7 +1104,9 @@ pub fn check_path(path: &Path, entries: u64) -> Result<RulesReport, RuleFailure>
         read
     })?;
     check_corrected(path, entries, &checker.corrected)?;
-    let report = checker.report().clone();
+    check_evaluations(path, entries, &checker.evaluated)?;
+    let mut report = checker.report().clone();
+    report.service_levels = checker.evaluated.len() as u64;
     // Every entry the bytes vouched for was judged.
     assert_eq!(
         report.entries, entries,
@@ -972,6 +1114,67 @@ pub fn check_path(path: &Path, entries: u64) -> Result<RulesReport, RuleFailure>
         report.entries
     );
     Ok(report)
+}
+
+/// Reads the log again, only when service levels were evaluated, and recomputes each
+/// evaluation from the requests in the range it read.
+fn check_evaluations(
+    path: &Path,
+    entries: u64,
+    evaluated: &[(u64, AccountPath, ServiceLevelEvaluated)],
+) -> Result<(), RuleFailure> {
+    let Some(end) = evaluated.iter().map(|(_, _, e)| e.scanned.1).max() else {
+        return Ok(());
+    };
+    // Per evaluation: the requests it covers, and the first and last of their entries.
+    type Covered = (Vec<ciyuan_core::Sample>, Option<(u64, u64)>);
+    let mut samples: Vec<Covered> = vec![(Vec::new(), None); evaluated.len()];
+    ciyuan_ledger::for_each_entry::<RuleFailure>(path, entries.min(end), |i, bytes| {
+        let hit: Vec<usize> = evaluated
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, _, e))| (e.scanned.0..e.scanned.1).contains(&i))
+            .map(|(k, _)| k)
+            .collect();
+        if hit.is_empty() {
+            return Ok(());
+        }
+        let e = Entry::decode(bytes).map_err(|x| RuleFailure {
+            entry: Some(i),
+            what: format!("does not decode: {x}"),
+        })?;
+        let EntryBody::Usage(u) = &e.body else {
+            return Ok(());
+        };
+        for k in hit {
+            let (_, node, ev) = &evaluated[k];
+            if e.ts >= ev.from
+                && e.ts < ev.to
+                && e.account.is_within(node)
+                && ciyuan_core::covered(node, &ev.level, u)
+                && let Some(s) = ciyuan_core::Sample::of(u)
+            {
+                samples[k].0.push(s);
+                let r = samples[k].1.get_or_insert((i, i));
+                r.1 = i;
+            }
+        }
+        Ok(())
+    })?;
+    for ((index, node, ev), (s, range)) in evaluated.iter().zip(samples) {
+        let fail = |what: String| RuleFailure {
+            entry: Some(*index),
+            what: format!("service_level.evaluated on {node}: {what}"),
+        };
+        if ev.entries != range {
+            return Err(fail(format!(
+                "entries: {:?} is not the range of the requests it covers ({range:?})",
+                ev.entries
+            )));
+        }
+        ev.check_against(&s).map_err(fail)?;
+    }
+    Ok(())
 }
 
 /// Reads the log again for the entries corrections name (only when there are any):
@@ -1279,6 +1482,7 @@ mod tests {
             definitions: 1,
             corrections: 0,
             placed: 0,
+            service_levels: 0,
         };
         assert_eq!(rules, want);
 
@@ -1923,6 +2127,7 @@ mod tests {
             discount_percent: Some(d("10")),
             markup_percent: None,
             minimum_commitment: None,
+            service_levels: Vec::new(),
             set_by: Some(AccountPath::root()),
         };
         let acme = node("acme");
@@ -2021,6 +2226,7 @@ mod tests {
             discount_percent: Some(d(discount)),
             markup_percent: None,
             minimum_commitment: None,
+            service_levels: Vec::new(),
             set_by: Some(AccountPath::root()),
         };
         let acme = node("acme");
@@ -2487,5 +2693,166 @@ mod tests {
             prop_assert_eq!(err.entry, Some(0));
             prop_assert!(err.what.contains("debits"), "{}", err);
         }
+    }
+
+    /// A log where acme/cn's contract promises 99% availability to upstream `sim`
+    /// (credit 10%), November has 10 requests of which 2 failed, and the month is
+    /// evaluated (and its credit paid) in December.
+    fn evaluated_log() -> (Vec<Vec<u8>>, usize) {
+        let b = list_v1();
+        let level: ciyuan_core::ServiceLevel = serde_json::from_value(serde_json::json!({
+            "name": "sim", "upstream": "sim",
+            "objectives": [{"metric": "availability", "target": "99",
+                            "credits": [{"worse_than": "99", "percent": "10"}]}]
+        }))
+        .unwrap();
+        let contract = PriceContract {
+            book: "list".into(),
+            overrides: vec![],
+            discount_percent: None,
+            markup_percent: None,
+            minimum_commitment: None,
+            service_levels: vec![level],
+            set_by: Some(AccountPath::root()),
+        };
+        let cn = node("acme/cn");
+        let mut log = vec![
+            bytes("2026-01-01T00:00:00Z", "/", EntryBody::PriceBook(b.clone())),
+            bytes(
+                "2026-01-01T00:00:00Z",
+                "acme/cn",
+                EntryBody::PriceContract(contract.clone()),
+            ),
+            bytes(
+                "2026-01-02T00:00:00Z",
+                "acme/cn",
+                EntryBody::Posting(topup("acme/cn", "100")),
+            ),
+        ];
+        let mut samples = Vec::new();
+        for i in 0..10 {
+            let ts = format!("2026-11-{:02}T00:00:00Z", i + 1);
+            let mut u = rated_chat(&b, Some((&cn, &contract)), &ts, 1_000_000, 200_000);
+            u.quality = Some(Box::new(ciyuan_core::Quality {
+                upstream: "sim".into(),
+                status: if i < 2 { 502 } else { 200 },
+                failure: (i < 2).then(|| "upstream_error".into()),
+                latency_us: 1000,
+                ..Default::default()
+            }));
+            samples.push(ciyuan_core::Sample::of(&u).unwrap());
+            log.push(bytes(&ts, "acme/cn", EntryBody::Usage(u)));
+        }
+        let level = &contract.service_levels[0];
+        let e = ciyuan_core::evaluate(level, samples.iter());
+        assert_eq!(e.credit_percent, Decimal::from(10));
+        let evaluated = ServiceLevelEvaluated {
+            level: level.clone(),
+            period: "2026-11".into(),
+            from: at("2026-11-01T00:00:00Z"),
+            to: at("2026-12-01T00:00:00Z"),
+            time_zone: "UTC".into(),
+            scanned: (3, 13),
+            entries: Some((3, 12)),
+            figures: e.figures,
+            objectives: e.objectives,
+            credit_percent: e.credit_percent,
+            credits: e.credits.clone(),
+        };
+        let at_eval = log.len();
+        log.push(bytes(
+            "2026-12-01T00:20:00Z",
+            "acme/cn",
+            EntryBody::ServiceLevelEvaluated(Box::new(evaluated)),
+        ));
+        let mut p = Posting::service_credit(&cn, usd(), e.credits[0].amount);
+        p.memo = ciyuan_core::credit_memo("sim", "2026-11");
+        log.push(bytes(
+            "2026-12-01T00:20:00Z",
+            "acme/cn",
+            EntryBody::Posting(p),
+        ));
+        (log, at_eval)
+    }
+
+    fn evaluation_of(log: &[Vec<u8>], i: usize) -> ServiceLevelEvaluated {
+        match Entry::decode(&log[i]).unwrap().body {
+            EntryBody::ServiceLevelEvaluated(e) => *e,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn with_evaluation(
+        log: &[Vec<u8>],
+        i: usize,
+        change: impl FnOnce(&mut ServiceLevelEvaluated),
+    ) -> Vec<Vec<u8>> {
+        let mut out = log.to_vec();
+        let mut e = evaluation_of(log, i);
+        change(&mut e);
+        out[i] = bytes(
+            "2026-12-01T00:20:00Z",
+            "acme/cn",
+            EntryBody::ServiceLevelEvaluated(Box::new(e)),
+        );
+        out
+    }
+
+    #[test]
+    fn service_level_evaluations_are_recomputed_from_the_requests_they_cover() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log, i) = evaluated_log();
+        let good = tmp.path().join("good");
+        write_ledger(&good, &log);
+        let (_, rules) = verify(&good).unwrap();
+        assert_eq!(rules.service_levels, 1);
+        let fails = |name: &str, log: &[Vec<u8>]| {
+            let dir = tmp.path().join(name);
+            write_ledger(&dir, log);
+            verify(&dir).unwrap_err()
+        };
+        // A failure left out of the figures.
+        let e = fails(
+            "figures",
+            &with_evaluation(&log, i, |e| e.figures.upstream_failures = 1),
+        );
+        assert!(e.what.contains("figures"), "{e}");
+        // A credit larger than the schedule's.
+        // (With its posting the inflated credit is caught at the posting; without it,
+        // by the recomputation.)
+        let inflated = with_evaluation(&log, i, |e| e.credits[0].amount += Decimal::ONE);
+        let e = fails("credit-paid", &inflated);
+        assert_eq!(e.entry, Some(i as u64 + 1), "{e}");
+        let e = fails("credit", &inflated[..=i]);
+        assert_eq!(e.entry, Some(i as u64), "{e}");
+        assert!(e.what.contains("credits"), "{e}");
+        // A read that skips the month's first request.
+        let e = fails("scanned", &with_evaluation(&log, i, |e| e.scanned.0 = 4));
+        assert!(e.what.contains("scanned"), "{e}");
+        // A month evaluated before it was over.
+        let mut early = log.clone();
+        early[i] = bytes(
+            "2026-11-30T00:00:00Z",
+            "acme/cn",
+            EntryBody::ServiceLevelEvaluated(Box::new(evaluation_of(&log, i))),
+        );
+        let e = fails("early", &early);
+        assert!(e.what.contains("not over"), "{e}");
+        // Evaluated twice, or its credit paid twice.
+        let mut twice = log.clone();
+        twice.push(log[i].clone());
+        let e = fails("twice", &twice);
+        assert!(e.what.contains("evaluated already"), "{e}");
+        let mut paid = log.clone();
+        paid.push(log[i + 1].clone());
+        let e = fails("paid", &paid);
+        assert!(e.what.contains("paid already"), "{e}");
+        // A credit posting no evaluation owes.
+        let mut p = Posting::service_credit(&node("acme/cn"), usd(), d("5"));
+        p.memo = ciyuan_core::credit_memo("sim", "2026-10");
+        let mut unowed = log.clone();
+        unowed[i + 1] = bytes("2026-12-01T00:20:00Z", "acme/cn", EntryBody::Posting(p));
+        let e = fails("unowed", &unowed);
+        assert!(e.what.contains("is not a credit"), "{e}");
     }
 }

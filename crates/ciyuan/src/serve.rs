@@ -180,6 +180,12 @@ async fn run(
     }
     tracing::info!(%addr, data = %cfg.data.display(), "ciyuan serving");
     let checkpoints = tokio::spawn(ciyuan_server::checkpoint_loop(app.clone()));
+    // Contracts' service levels, evaluated once each month is over (and caught up
+    // after a stop): a minute's delay on a monthly figure is nothing.
+    let service_levels = tokio::spawn(ciyuan_server::service_levels::service_level_loop(
+        app.clone(),
+        Duration::from_secs(60),
+    ));
     if let Some(key) = demo_key {
         let url = format!("http://{addr}");
         tokio::spawn(async move {
@@ -217,6 +223,7 @@ async fn run(
         m.abort();
     }
     checkpoints.abort();
+    service_levels.abort();
     expiry.abort();
     // Gateway entries of answered requests are appended in groups: append the last.
     app.flush_gateway(Duration::from_secs(10)).await;
