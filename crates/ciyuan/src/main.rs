@@ -18,6 +18,7 @@ mod finance;
 mod ingest;
 mod money;
 mod serve;
+mod service_levels;
 mod sim;
 
 use clap::{Args, Parser, Subcommand};
@@ -86,6 +87,12 @@ enum Command {
     /// Compare a provider's usage export with what the gateway recorded for an
     /// upstream (exit 1 when a difference is beyond tolerance).
     Reconcile(finance::ReconcileArgs),
+    /// Service quality per upstream and model of a subtree's gateway requests:
+    /// latency and TTFT percentiles, tokens/s, error, cut-stream and discrepancy rates.
+    Quality(service_levels::QualityArgs),
+    /// Contracts' service levels evaluated per month, with the credits they owe.
+    #[command(subcommand)]
+    ServiceLevels(service_levels::ServiceLevelsCmd),
     /// Record a correction of earlier usage.
     Adjust(admin::AdjustArgs),
     /// Checkpoints, proofs, bundles and offline verification.
@@ -232,6 +239,8 @@ fn main() -> ExitCode {
         Command::Contracts(cmd) => money::contracts(cmd),
         Command::Wallets(cmd) => money::wallets(cmd),
         Command::Statement(a) => finance::statement(a),
+        Command::Quality(a) => service_levels::quality(a),
+        Command::ServiceLevels(c) => service_levels::run(c),
         Command::Export(a) => finance::export(a),
         Command::Reconcile(a) => finance::reconcile(a),
         Command::Adjust(args) => admin::adjust(args),

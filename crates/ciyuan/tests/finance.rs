@@ -975,3 +975,160 @@ fn a_provider_export_is_reconciled_with_the_gateways_records() {
     );
     server.stop();
 }
+
+#[test]
+fn service_levels_are_declared_in_contracts_and_quality_is_reported_per_upstream_and_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path());
+    let root = server.bootstrap.clone().unwrap();
+    let book = tmp.path().join("book.toml");
+    std::fs::write(
+        &book,
+        BOOK.replace("qwen-max*", "gpt-4o*")
+            .replace("0.0000024", "0.0025"),
+    )
+    .unwrap();
+    stdout(&server.cli(
+        &root,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "toml",
+            book.to_str().unwrap(),
+        ],
+    ));
+    stdout(&server.cli(&root, &["accounts", "create", "acme/gw"]));
+    let contract = tmp.path().join("contract.json");
+    std::fs::write(
+        &contract,
+        json!({"book": "list", "service_levels": [{
+        "name": "sim-gpt", "upstream": "sim", "model": "gpt-4o*",
+        "objectives": [
+            {"metric": "availability", "target": "99.9",
+             "credits": [{"worse_than": "99.9", "percent": "10"}]},
+            {"metric": "count_accuracy", "target": "99"}
+        ]}]})
+        .to_string(),
+    )
+    .unwrap();
+    stdout(&server.cli(
+        &root,
+        &[
+            "contracts",
+            "set",
+            "acme/gw",
+            "--file",
+            contract.to_str().unwrap(),
+        ],
+    ));
+    let shown = stdout(&server.cli(&root, &["contracts", "show", "acme/gw", "--json"]));
+    assert!(shown.contains("sim-gpt"), "{shown}");
+    let key = json(
+        stdout(&server.cli(
+            &root,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "acme/gw",
+                "--scopes",
+                "gateway,read",
+                "--json",
+            ],
+        ))
+        .as_bytes(),
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for text in ["What is a service level?", "And a credit?"] {
+        let (s, b) = server.http(
+            "POST",
+            "/v1/chat/completions",
+            &key,
+            Some(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": text}]})),
+        );
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    }
+    // This hour's quality, as CSV and as the terminal table; the tenant's own key.
+    let now = ciyuan_core::jiff::Timestamp::now().as_second();
+    let hour = |s: i64| ciyuan_core::jiff::Timestamp::from_second(s - s.rem_euclid(3600)).unwrap();
+    let (from, to) = (hour(now).to_string(), hour(now + 3600).to_string());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let csv = loop {
+        let csv = stdout(&server.cli(
+            &key,
+            &["quality", "--from", &from, "--to", &to, "--format", "csv"],
+        ));
+        if csv.contains("sim,gpt-4o,2,") || std::time::Instant::now() > deadline {
+            break csv;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(csv.starts_with("upstream,model,requests,"), "{csv}");
+    assert!(csv.contains("sim,gpt-4o,2,0,0,0,0,"), "{csv}");
+    let table = stdout(&server.cli(&key, &["quality", "--from", &from, "--to", &to]));
+    assert!(table.contains("sim") && table.contains("gpt-4o"), "{table}");
+    let html = stdout(&server.cli(
+        &root,
+        &[
+            "quality",
+            "--account",
+            "acme",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--format",
+            "html",
+        ],
+    ));
+    assert!(
+        html.contains("<table>") && html.contains("gpt-4o"),
+        "{html}"
+    );
+    // This month is not over: nothing to evaluate yet, and nothing was.
+    let month = ciyuan_core::jiff::Timestamp::now()
+        .to_zoned(ciyuan_core::jiff::tz::TimeZone::UTC)
+        .strftime("%Y-%m")
+        .to_string();
+    let early = server.cli(
+        &root,
+        &["service-levels", "evaluate", "acme/gw", "--period", &month],
+    );
+    assert!(!early.status.success());
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("is not over"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    let list = stdout(&server.cli(&root, &["service-levels", "list", "acme"]));
+    assert!(list.contains("no service level evaluated"), "{list}");
+    // A level that promises nothing is refused with the field's name.
+    std::fs::write(
+        &contract,
+        json!({"book": "list", "service_levels": [{"name": "x", "upstream": "sim", "objectives": []}]})
+            .to_string(),
+    )
+    .unwrap();
+    let bad = server.cli(
+        &root,
+        &[
+            "contracts",
+            "set",
+            "acme/gw",
+            "--file",
+            contract.to_str().unwrap(),
+        ],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("service_levels[0].objectives"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    server.stop();
+    let (code, out) = verify(&tmp.path().join("data"));
+    assert_eq!(code, 0, "{out}");
+}
