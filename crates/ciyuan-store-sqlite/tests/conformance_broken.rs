@@ -117,6 +117,19 @@ impl Store for BrokenAfterReset {
     fn tier_units(&self) -> Result<Vec<ciyuan_store::TierUnits>, StoreError> {
         self.inner.tier_units()
     }
+    fn service_levels(
+        &self,
+        under: &AccountPath,
+    ) -> Result<Vec<ciyuan_store::Recorded<ciyuan_core::ServiceLevelEvaluated>>, StoreError> {
+        self.inner.service_levels(under)
+    }
+    fn quality_range(
+        &self,
+        from_hour: i64,
+        to_hour: i64,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        self.inner.quality_range(from_hour, to_hour)
+    }
     fn cost_hours(
         &self,
         filter: &ciyuan_store::HourFilter,

@@ -72,6 +72,184 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     regression_token_sums_past_i64_stay_exact(make().as_ref());
     definitions_keep_the_first_word_on_a_version(make().as_ref());
     money_books_contracts_postings_and_exact_costs(make().as_ref());
+    service_levels_quality_hours_and_credit_lines(make().as_ref());
+}
+
+/// Where each hour's gateway requests lie in the log (merged across applies), service
+/// level evaluations kept once per node, level and month, and credits (a service
+/// credit in the month's last hour, a refund into a wallet) billed as negative lines.
+fn service_levels_quality_hours_and_credit_lines(s: &dyn Store) {
+    let gateway = |at: &str| {
+        let mut e = usage("acme/cn", at, "gpt-4o", 10);
+        if let EntryBody::Usage(u) = &mut e.body {
+            u.quality = Some(Box::new(ciyuan_core::Quality {
+                upstream: "sim".into(),
+                status: 200,
+                latency_us: 5,
+                ..Default::default()
+            }));
+        }
+        e
+    };
+    let hour = |t: &str| ts(t).as_second();
+    ok(
+        s.apply(
+            0,
+            &[
+                gateway("2026-11-02T01:10:00Z"),
+                gateway("2026-11-02T01:20:00Z"),
+            ],
+        ),
+        "apply",
+    );
+    ok(
+        s.apply(
+            2,
+            &[
+                gateway("2026-11-02T01:59:59Z"),
+                gateway("2026-11-03T05:00:00Z"),
+                usage("acme/cn", "2026-11-02T01:30:00Z", "gpt-4o", 1),
+            ],
+        ),
+        "apply",
+    );
+    assert_eq!(
+        ok(
+            s.quality_range(hour("2026-11-02T01:00:00Z"), hour("2026-11-02T02:00:00Z")),
+            "quality_range"
+        ),
+        Some((0, 2))
+    );
+    assert_eq!(
+        ok(
+            s.quality_range(hour("2026-11-01T00:00:00Z"), hour("2026-12-01T00:00:00Z")),
+            "quality_range"
+        ),
+        Some((0, 3))
+    );
+    assert_eq!(
+        ok(
+            s.quality_range(hour("2026-10-01T00:00:00Z"), hour("2026-11-01T00:00:00Z")),
+            "quality_range"
+        ),
+        None
+    );
+    let usd: ciyuan_core::Currency = ok("USD".parse(), "currency");
+    let level = ciyuan_core::ServiceLevel {
+        name: "sim-gpt".into(),
+        upstream: "sim".into(),
+        model: None,
+        period: ciyuan_core::LevelPeriod::Month,
+        objectives: vec![ciyuan_core::Objective {
+            metric: ciyuan_core::Metric::Availability,
+            target: rust_decimal::Decimal::from(99),
+            credits: vec![],
+        }],
+        max_credit_percent: None,
+    };
+    let evaluated = |credit: &str| ciyuan_core::ServiceLevelEvaluated {
+        level: level.clone(),
+        period: "2026-11".into(),
+        from: ts("2026-11-01T00:00:00Z"),
+        to: ts("2026-12-01T00:00:00Z"),
+        time_zone: "UTC".into(),
+        scanned: (0, 5),
+        entries: Some((0, 3)),
+        figures: ciyuan_core::Figures::default(),
+        objectives: vec![],
+        credit_percent: rust_decimal::Decimal::from(10),
+        credits: vec![ciyuan_core::CreditLine {
+            currency: usd,
+            book: "list".into(),
+            version: 1,
+            base: rust_decimal::Decimal::from(6),
+            amount: ok(credit.parse(), "credit"),
+        }],
+    };
+    let at = |t: &str, body: EntryBody| Entry::new(ts(t), path("acme/cn"), body);
+    ok(
+        s.apply(
+            5,
+            &[
+                at(
+                    "2026-12-01T00:20:00Z",
+                    EntryBody::ServiceLevelEvaluated(Box::new(evaluated("0.6"))),
+                ),
+                // A second word on the same node, level and month changes nothing.
+                at(
+                    "2026-12-01T00:30:00Z",
+                    EntryBody::ServiceLevelEvaluated(Box::new(evaluated("9"))),
+                ),
+                at(
+                    "2026-11-10T08:30:00Z",
+                    EntryBody::Posting(ciyuan_core::Posting::refund(
+                        &path("acme/cn"),
+                        usd,
+                        rust_decimal::Decimal::from(5),
+                    )),
+                ),
+            ],
+        ),
+        "apply",
+    );
+    let listed = ok(s.service_levels(&path("acme")), "service_levels");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].entry, listed[0].account.as_str()),
+        (5, "acme/cn")
+    );
+    assert_eq!(listed[0].body, evaluated("0.6"));
+    assert!(ok(s.service_levels(&path("beta")), "service_levels").is_empty());
+    let lines = ok(
+        s.cost_lines(&HourFilter {
+            account: path("acme"),
+            from_hour: Some(hour("2026-11-01T00:00:00Z")),
+            to_hour: Some(hour("2026-12-01T00:00:00Z")),
+        }),
+        "cost_lines",
+    );
+    // Whole days may come back as one line dated the day's start: the day is what
+    // is checked.
+    let billed = |key: &str| -> Vec<(i64, String)> {
+        lines
+            .iter()
+            .filter(|l| l.key == key && l.adjustment && l.unit_price.is_none())
+            .map(|l| (l.hour - l.hour.rem_euclid(86_400), l.billed.to_string()))
+            .collect()
+    };
+    // The two evaluations of one month are two lines of the same key: the projection
+    // bills what the log says, and the server never appends the second.
+    assert_eq!(
+        billed("service_credit:sim-gpt"),
+        vec![(hour("2026-11-30T00:00:00Z"), "-9.6".to_string())]
+    );
+    assert_eq!(
+        billed("refund"),
+        vec![(hour("2026-11-10T00:00:00Z"), "-5".to_string())]
+    );
+    let last_hour = ok(
+        s.cost_lines(&HourFilter {
+            account: path("acme/cn"),
+            from_hour: Some(hour("2026-11-30T23:00:00Z")),
+            to_hour: Some(hour("2026-12-01T00:00:00Z")),
+        }),
+        "cost_lines",
+    );
+    assert!(
+        last_hour
+            .iter()
+            .any(|l| l.key == "service_credit:sim-gpt" && l.hour == hour("2026-11-30T23:00:00Z")),
+        "a service credit is billed in the month's last hour"
+    );
+    ok(s.reset_projections(), "reset_projections");
+    assert!(ok(s.service_levels(&path("acme")), "service_levels").is_empty());
+    assert_eq!(
+        ok(
+            s.quality_range(hour("2026-11-01T00:00:00Z"), hour("2026-12-01T00:00:00Z")),
+            "quality_range"
+        ),
+        None
+    );
 }
 
 /// Price books keep the first word on `name@version`, contracts are replaced whole,
