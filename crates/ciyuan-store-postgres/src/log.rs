@@ -1,0 +1,570 @@
+//! The log on PostgreSQL: one verifiable sequence however many nodes append.
+//!
+//! Entries, their leaf hashes and every completed perfect subtree of the RFC 6962 tree
+//! are rows; `log_head` holds the size and the tree's right edge (its frontier). An
+//! append is one transaction that locks the head row (`SELECT ... FOR UPDATE`), so
+//! appends from every node are ordered by the database: each takes the next indices,
+//! extends the frontier, writes the entries and the subtrees they complete, and
+//! commits; an entry is acknowledged only after its commit. Each node sends its appends
+//! through one writer thread that groups the requests waiting into one transaction
+//! (group commit), as the file ledger does with `fdatasync`.
+//!
+//! Checkpoints are signed by any node holding the log's signing key (the same key on
+//! every node, its verifier key recorded in `log_head` at creation: a node with another
+//! key refuses to open the log), under the same head lock, over the committed head
+//! only: a checkpoint never names an entry that is not durable.
+
+use crate::Pool;
+use ciyuan_store::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
+use ciyuan_tlog::{Checkpoint, Frontier, Hash, NodeSource, NoteSigner};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+/// Most requests one group commit takes.
+const MAX_GROUP_REQUESTS: usize = 1024;
+/// Entries read per query while scanning.
+const SCAN_CHUNK: i64 = 4096;
+
+enum Job {
+    Append(Vec<Vec<u8>>, AppendDone),
+    Checkpoint(CheckpointDone),
+}
+
+/// What every handle of the log shares with the writer thread.
+struct Shared {
+    pool: Pool,
+    signer: NoteSigner,
+    /// Durable entries as this node last saw them.
+    size: AtomicU64,
+    latest: Mutex<Option<SignedCheckpoint>>,
+    checkpoints: AtomicU64,
+}
+
+/// The log on PostgreSQL (see the module documentation).
+pub struct PgLog {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn io(e: impl Into<Described>) -> LogError {
+    LogError::Io(e.into().0)
+}
+
+/// An error's text, with what the server said for database errors.
+struct Described(String);
+
+impl From<postgres::Error> for Described {
+    fn from(e: postgres::Error) -> Described {
+        Described(crate::describe(&e))
+    }
+}
+
+impl From<String> for Described {
+    fn from(e: String) -> Described {
+        Described(e)
+    }
+}
+
+impl From<std::io::Error> for Described {
+    fn from(e: std::io::Error) -> Described {
+        Described(e.to_string())
+    }
+}
+
+impl From<ciyuan_tlog::NoteError> for Described {
+    fn from(e: ciyuan_tlog::NoteError) -> Described {
+        Described(e.to_string())
+    }
+}
+
+fn hash_of(bytes: &[u8], what: &str) -> Result<Hash, LogError> {
+    <[u8; 32]>::try_from(bytes).map_err(|_| LogError::Io(format!("{what} is not 32 bytes")))
+}
+
+/// The frontier of `size` leaves from the edge hashes stored beside it.
+fn frontier_of(size: u64, edge: &[u8]) -> Result<Frontier, LogError> {
+    if edge.len() != 32 * size.count_ones() as usize {
+        return Err(LogError::Io(format!(
+            "the stored frontier of {size} entries has {} bytes",
+            edge.len()
+        )));
+    }
+    let mut nodes = HashMap::new();
+    let mut start = 0u64;
+    let mut chunks = edge.chunks_exact(32);
+    for level in (0..u64::BITS).rev() {
+        if size & (1u64 << level) != 0 {
+            let h = hash_of(chunks.next().unwrap_or_default(), "a frontier hash")?;
+            nodes.insert((level, start >> level), h);
+            start += 1u64 << level;
+        }
+    }
+    struct Edge(HashMap<(u32, u64), Hash>);
+    impl NodeSource for Edge {
+        type Error = LogError;
+        fn node(&self, level: u32, index: u64) -> Result<Hash, LogError> {
+            self.0
+                .get(&(level, index))
+                .copied()
+                .ok_or_else(|| LogError::Io(format!("no frontier node {level}/{index}")))
+        }
+    }
+    Frontier::from_source(&Edge(nodes), size)
+}
+
+fn edge_bytes(f: &Frontier) -> Vec<u8> {
+    f.nodes().flat_map(|(_, _, h)| h).collect()
+}
+
+/// Why an entry cannot be in the log: empty, or holding a newline (a bundle holds one
+/// entry per line), as the file ledger judges.
+fn invalid(entry: &[u8]) -> Option<&'static str> {
+    if entry.is_empty() {
+        Some("entry is empty")
+    } else if entry.contains(&b'\n') {
+        Some("entry contains a newline")
+    } else {
+        None
+    }
+}
+
+/// Reads perfect subtrees with one connection.
+struct Nodes<'a>(std::cell::RefCell<&'a mut postgres::Client>);
+
+impl NodeSource for Nodes<'_> {
+    type Error = LogError;
+    fn node(&self, level: u32, index: u64) -> Result<Hash, LogError> {
+        let mut c = self.0.borrow_mut();
+        let row = if level == 0 {
+            c.query_opt(
+                "SELECT leaf FROM log_entries WHERE idx = $1",
+                &[&(index as i64)],
+            )
+        } else {
+            c.query_opt(
+                "SELECT hash FROM log_nodes WHERE level = $1 AND idx = $2",
+                &[&(level as i16), &(index as i64)],
+            )
+        }
+        .map_err(io)?
+        .ok_or_else(|| LogError::Io(format!("tree node {level}/{index} is missing")))?;
+        hash_of(row.get::<_, &[u8]>(0), "a tree node")
+    }
+}
+
+impl Shared {
+    /// The committed size, read from the database (and remembered).
+    fn head_size(&self, c: &mut postgres::Client) -> Result<u64, LogError> {
+        let size: i64 = c
+            .query_one("SELECT size FROM log_head", &[])
+            .map_err(io)?
+            .get(0);
+        let size = size as u64;
+        self.size.fetch_max(size, Ordering::AcqRel);
+        Ok(size)
+    }
+
+    /// One group commit of `appends`; answers each request's result.
+    fn commit(&self, appends: &[&Vec<Vec<u8>>]) -> Result<Vec<Option<Range<u64>>>, LogError> {
+        let mut c = self.pool.get().map_err(io)?;
+        let mut tx = c.transaction().map_err(io)?;
+        let head = tx
+            .query_one("SELECT size, frontier FROM log_head FOR UPDATE", &[])
+            .map_err(io)?;
+        let size = head.get::<_, i64>(0) as u64;
+        let mut frontier = frontier_of(size, head.get::<_, &[u8]>(1))?;
+        let mut idx: Vec<i64> = Vec::new();
+        let mut leaves: Vec<Vec<u8>> = Vec::new();
+        let mut bytes: Vec<&[u8]> = Vec::new();
+        let (mut n_level, mut n_idx, mut n_hash) = (Vec::new(), Vec::new(), Vec::new());
+        let mut ranges = Vec::with_capacity(appends.len());
+        for entries in appends {
+            if entries.is_empty() || entries.iter().any(|e| invalid(e).is_some()) {
+                ranges.push(None);
+                continue;
+            }
+            let start = frontier.size();
+            for e in entries.iter() {
+                let leaf = ciyuan_tlog::leaf_hash(e);
+                idx.push(frontier.size() as i64);
+                leaves.push(leaf.to_vec());
+                bytes.push(e);
+                frontier.push(leaf, |level, index, hash| {
+                    if level > 0 {
+                        n_level.push(level as i16);
+                        n_idx.push(index as i64);
+                        n_hash.push(hash.to_vec());
+                    }
+                });
+            }
+            ranges.push(Some(start..frontier.size()));
+        }
+        if !idx.is_empty() {
+            tx.execute(
+                "INSERT INTO log_entries (idx, leaf, bytes)
+                 SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bytea[])",
+                &[&idx, &leaves, &bytes],
+            )
+            .map_err(io)?;
+            if !n_level.is_empty() {
+                tx.execute(
+                    "INSERT INTO log_nodes (level, idx, hash)
+                     SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])",
+                    &[&n_level, &n_idx, &n_hash],
+                )
+                .map_err(io)?;
+            }
+            tx.execute(
+                "UPDATE log_head SET size = $1, frontier = $2",
+                &[&(frontier.size() as i64), &edge_bytes(&frontier)],
+            )
+            .map_err(io)?;
+            tx.execute(
+                "SELECT pg_notify('ciyuan_log', $1)",
+                &[&frontier.size().to_string()],
+            )
+            .map_err(io)?;
+        }
+        tx.commit().map_err(io)?;
+        self.size.fetch_max(frontier.size(), Ordering::AcqRel);
+        Ok(ranges)
+    }
+
+    /// Signs a checkpoint of the committed head unless the latest covers it.
+    fn checkpoint(&self) -> Result<SignedCheckpoint, LogError> {
+        let mut c = self.pool.get().map_err(io)?;
+        let mut tx = c.transaction().map_err(io)?;
+        let head = tx
+            .query_one("SELECT size, frontier FROM log_head FOR UPDATE", &[])
+            .map_err(io)?;
+        let size = head.get::<_, i64>(0) as u64;
+        let frontier = frontier_of(size, head.get::<_, &[u8]>(1))?;
+        let last = tx
+            .query_opt(
+                "SELECT seq, note FROM log_checkpoints ORDER BY seq DESC LIMIT 1",
+                &[],
+            )
+            .map_err(io)?;
+        let seq = match &last {
+            Some(row) => {
+                let note: String = row.get(1);
+                let signed = self.open(note)?;
+                if signed.checkpoint.size == size {
+                    tx.commit().map_err(io)?;
+                    self.remember(row.get::<_, i64>(0) as u64 + 1, signed.clone());
+                    return Ok(signed);
+                }
+                row.get::<_, i64>(0) + 1
+            }
+            None => 0,
+        };
+        let checkpoint = Checkpoint {
+            origin: self.signer.name().to_string(),
+            size,
+            root: frontier.root(),
+            extensions: vec![],
+        };
+        let note = self.signer.sign(&checkpoint.to_text()).map_err(io)?;
+        tx.execute(
+            "INSERT INTO log_checkpoints (seq, size, note) VALUES ($1, $2, $3)",
+            &[&seq, &(size as i64), &note],
+        )
+        .map_err(io)?;
+        tx.commit().map_err(io)?;
+        let signed = SignedCheckpoint { checkpoint, note };
+        self.remember(seq as u64 + 1, signed.clone());
+        Ok(signed)
+    }
+
+    fn remember(&self, count: u64, latest: SignedCheckpoint) {
+        if let Ok(mut l) = self.latest.lock()
+            && l.as_ref()
+                .is_none_or(|old| old.checkpoint.size <= latest.checkpoint.size)
+        {
+            *l = Some(latest);
+        }
+        self.checkpoints.fetch_max(count, Ordering::AcqRel);
+    }
+
+    /// A stored note, checked against this log's signer.
+    fn open(&self, note: String) -> Result<SignedCheckpoint, LogError> {
+        let checkpoint =
+            ciyuan_tlog::open_checkpoint(&self.signer.verifier(), &note, Some(self.signer.name()))
+                .map_err(|e| LogError::Io(format!("a stored checkpoint does not verify: {e}")))?;
+        Ok(SignedCheckpoint { checkpoint, note })
+    }
+}
+
+fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP_REQUESTS {
+            match jobs.try_recv() {
+                Ok(j) => group.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut appends = Vec::new();
+        let mut checkpoints = Vec::new();
+        for j in group {
+            match j {
+                Job::Append(entries, done) => appends.push((entries, done)),
+                Job::Checkpoint(done) => checkpoints.push(done),
+            }
+        }
+        if !appends.is_empty() {
+            let refs: Vec<&Vec<Vec<u8>>> = appends.iter().map(|(e, _)| e).collect();
+            match shared.commit(&refs) {
+                Ok(ranges) => {
+                    for ((entries, done), range) in appends.into_iter().zip(ranges) {
+                        done(range.ok_or_else(|| {
+                            LogError::Invalid(
+                                entries
+                                    .iter()
+                                    .find_map(|e| invalid(e))
+                                    .unwrap_or("no entries")
+                                    .to_string(),
+                            )
+                        }));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "an append to PostgreSQL failed");
+                    for (_, done) in appends {
+                        done(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        // After the appends of the same group: a checkpoint asked after an append
+        // covers it.
+        for done in checkpoints {
+            done(shared.checkpoint());
+        }
+    }
+}
+
+impl PgLog {
+    /// Opens the log of the database `pool` connects to, creating it (empty, signed by
+    /// `signer`) when it is new. A log signed by another key is refused.
+    pub fn open(pool: Pool, signer: NoteSigner) -> Result<PgLog, LogError> {
+        let mut c = pool.get().map_err(io)?;
+        crate::migrate(&mut c).map_err(io)?;
+        let vkey = signer.verifier_key();
+        c.execute(
+            "INSERT INTO log_head (size, frontier, signer) VALUES (0, '', $1)
+             ON CONFLICT DO NOTHING",
+            &[&vkey],
+        )
+        .map_err(io)?;
+        let row = c
+            .query_one("SELECT size, signer FROM log_head", &[])
+            .map_err(io)?;
+        let recorded: String = row.get(1);
+        if recorded != vkey {
+            return Err(LogError::Invalid(format!(
+                "the log in this database is signed by {recorded}, not by this node's key {vkey}"
+            )));
+        }
+        let size = row.get::<_, i64>(0) as u64;
+        let shared = Arc::new(Shared {
+            pool: pool.clone(),
+            signer,
+            size: AtomicU64::new(size),
+            latest: Mutex::new(None),
+            checkpoints: AtomicU64::new(0),
+        });
+        if let Some(row) = c
+            .query_opt(
+                "SELECT seq, note FROM log_checkpoints ORDER BY seq DESC LIMIT 1",
+                &[],
+            )
+            .map_err(io)?
+        {
+            let signed = shared.open(row.get(1))?;
+            shared.remember(row.get::<_, i64>(0) as u64 + 1, signed);
+        }
+        drop(c);
+        let (tx, rx) = mpsc::channel();
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ciyuan-pg-log".into())
+            .spawn(move || writer(s, rx))
+            .map_err(io)?;
+        Ok(PgLog {
+            shared,
+            writer: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn send(&self, job: Job) -> Result<(), LogError> {
+        let w = self
+            .writer
+            .lock()
+            .map_err(|_| LogError::Unavailable("the writer's lock is poisoned".into()))?;
+        w.as_ref()
+            .ok_or_else(|| LogError::Unavailable("the log is closed".into()))?
+            .send(job)
+            .map_err(|_| LogError::Unavailable("the log's writer stopped".into()))
+    }
+
+    /// Reads the committed size from the database: entries other nodes appended
+    /// become visible to `size()`.
+    pub fn refresh(&self) -> Result<u64, LogError> {
+        let mut c = self.shared.pool.get().map_err(io)?;
+        self.shared.head_size(&mut c)
+    }
+
+    /// Stops the writer after the requests already queued.
+    pub fn close(&self) {
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+        if let Ok(mut t) = self.thread.lock()
+            && let Some(t) = t.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the PostgreSQL log's writer panicked");
+        }
+    }
+
+    fn check_size(&self, c: &mut postgres::Client, size: u64) -> Result<(), LogError> {
+        let durable = self.shared.head_size(c)?;
+        if size > durable {
+            return Err(LogError::Invalid(format!(
+                "tree size {size} is past the log's {durable} entries"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PgLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Log for PgLog {
+    fn append(&self, entries: Vec<Vec<u8>>, done: AppendDone) -> Result<(), LogError> {
+        self.send(Job::Append(entries, done))
+    }
+
+    fn checkpoint(&self, done: CheckpointDone) -> Result<(), LogError> {
+        self.send(Job::Checkpoint(done))
+    }
+
+    fn size(&self) -> u64 {
+        self.shared.size.load(Ordering::Acquire)
+    }
+
+    fn entry(&self, index: u64) -> Result<Vec<u8>, LogError> {
+        let i = i64::try_from(index).map_err(|_| LogError::Invalid(format!("no entry {index}")))?;
+        let mut c = self.shared.pool.get().map_err(io)?;
+        c.query_opt("SELECT bytes FROM log_entries WHERE idx = $1", &[&i])
+            .map_err(io)?
+            .map(|r| r.get::<_, Vec<u8>>(0))
+            .ok_or_else(|| LogError::Invalid(format!("no entry {index}")))
+    }
+
+    fn scan(&self, range: Range<u64>, f: &mut ScanFn<'_>) -> Result<(), LogError> {
+        if range.start >= range.end {
+            return Ok(());
+        }
+        let mut c = self.shared.pool.get().map_err(io)?;
+        let durable = self.shared.head_size(&mut c)?;
+        if range.end > durable {
+            return Err(LogError::Invalid(format!(
+                "scan to {} is past the log's {durable} entries",
+                range.end
+            )));
+        }
+        let mut at = range.start as i64;
+        let end = range.end as i64;
+        while at < end {
+            let upto = (at + SCAN_CHUNK).min(end);
+            let rows = c
+                .query(
+                    "SELECT idx, bytes FROM log_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                    &[&at, &upto],
+                )
+                .map_err(io)?;
+            if rows.len() as i64 != upto - at {
+                return Err(LogError::Io(format!(
+                    "entries {at}..{upto} are not all stored ({} found)",
+                    rows.len()
+                )));
+            }
+            for r in rows {
+                f(r.get::<_, i64>(0) as u64, r.get::<_, &[u8]>(1))?;
+            }
+            at = upto;
+        }
+        Ok(())
+    }
+
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, LogError> {
+        if index >= size {
+            return Err(LogError::Invalid(format!(
+                "entry {index} is not in a tree of {size}"
+            )));
+        }
+        let mut c = self.shared.pool.get().map_err(io)?;
+        self.check_size(&mut c, size)?;
+        let src = Nodes(std::cell::RefCell::new(&mut c));
+        ciyuan_tlog::inclusion_proof(&src, index, size)
+            .map_err(|e| LogError::Invalid(format!("{e:?}")))
+    }
+
+    fn consistency_proof(&self, old_size: u64, new_size: u64) -> Result<Vec<Hash>, LogError> {
+        if old_size > new_size {
+            return Err(LogError::Invalid(format!(
+                "old size {old_size} is above the new {new_size}"
+            )));
+        }
+        let mut c = self.shared.pool.get().map_err(io)?;
+        self.check_size(&mut c, new_size)?;
+        let src = Nodes(std::cell::RefCell::new(&mut c));
+        ciyuan_tlog::consistency_proof(&src, old_size, new_size)
+            .map_err(|e| LogError::Invalid(format!("{e:?}")))
+    }
+
+    fn root_at(&self, size: u64) -> Result<Hash, LogError> {
+        let mut c = self.shared.pool.get().map_err(io)?;
+        self.check_size(&mut c, size)?;
+        let src = Nodes(std::cell::RefCell::new(&mut c));
+        ciyuan_tlog::root(&src, size)
+    }
+
+    fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
+        self.shared.latest.lock().ok().and_then(|l| l.clone())
+    }
+
+    fn checkpoint_count(&self) -> u64 {
+        self.shared.checkpoints.load(Ordering::Acquire)
+    }
+
+    fn checkpoints(&self, from: u64, limit: usize) -> Result<Vec<SignedCheckpoint>, LogError> {
+        let (Ok(from), Ok(limit)) = (i64::try_from(from), i64::try_from(limit)) else {
+            return Ok(Vec::new());
+        };
+        let mut c = self.shared.pool.get().map_err(io)?;
+        c.query(
+            "SELECT note FROM log_checkpoints WHERE seq >= $1 ORDER BY seq LIMIT $2",
+            &[&from, &limit],
+        )
+        .map_err(io)?
+        .into_iter()
+        .map(|r| self.shared.open(r.get(0)))
+        .collect()
+    }
+
+    fn verifier_key(&self) -> String {
+        self.shared.signer.verifier_key()
+    }
+}
