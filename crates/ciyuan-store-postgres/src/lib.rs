@@ -7,10 +7,12 @@
 #![deny(missing_docs)]
 
 mod log;
+mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use log::PgLog;
+pub use store::PgStore;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,6 +47,8 @@ CREATE TABLE log_checkpoints (
     note TEXT NOT NULL
 );
 "#,
+    // 2: projections and keys.
+    store::MIGRATION,
 ];
 
 /// The schema version this build writes.

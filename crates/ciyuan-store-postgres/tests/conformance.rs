@@ -52,3 +52,36 @@ fn a_log_signed_by_another_key_is_refused() {
         .unwrap();
     assert!(err.to_string().contains("signed by"), "{err}");
 }
+
+#[test]
+fn the_store_on_postgres_keeps_the_store_contract() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let next = std::cell::Cell::new(0u32);
+    ciyuan_store::conformance::run_all(&|| {
+        next.set(next.get() + 1);
+        let url = cluster.database(&format!("store{}", next.get())).unwrap();
+        Box::new(ciyuan_store_postgres::PgStore::open(Pool::connect(&url).unwrap()).unwrap())
+    });
+}
+
+#[test]
+fn migrations_are_applied_once_when_nodes_start_together() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("together").unwrap();
+    let applied: Vec<usize> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let pool = Pool::connect(&url).unwrap();
+                    ciyuan_store_postgres::migrate(&mut pool.get().unwrap()).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        applied.iter().sum::<usize>(),
+        ciyuan_store_postgres::SCHEMA_VERSION,
+        "each migration applied by exactly one node: {applied:?}"
+    );
+}
