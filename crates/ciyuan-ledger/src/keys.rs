@@ -78,6 +78,27 @@ pub fn parse_signing_key(text: &str) -> Result<NoteSigner, String> {
     Ok(signer)
 }
 
+/// The signing key kept in `dir` (`signing.key` and `public.key`), created there
+/// named `origin` (or a random `ciyuan-xxxxxxxx`) when there is none: how a node
+/// whose log is in a database keeps the log's key. Every node of one log holds a copy
+/// of the same key.
+pub fn load_or_create(dir: &Path, origin: Option<&str>) -> Result<NoteSigner, LedgerError> {
+    if dir.join(SIGNING_KEY_FILE).exists() || dir.join(PUBLIC_KEY_FILE).exists() {
+        return Ok(load(dir)?.0);
+    }
+    std::fs::create_dir_all(dir).map_err(LedgerError::io(format!("creating {}", dir.display())))?;
+    let origin = match origin {
+        Some(o) => o.to_string(),
+        None => {
+            let mut r = [0u8; 4];
+            getrandom::fill(&mut r)
+                .map_err(|e| LedgerError::Corrupt(format!("no randomness for the origin: {e}")))?;
+            format!("ciyuan-{}", hex::encode(r))
+        }
+    };
+    create(dir, &origin)
+}
+
 /// Loads the key pair of an existing ledger and checks that the halves match.
 pub fn load(dir: &Path) -> Result<(NoteSigner, NoteVerifier), LedgerError> {
     let read = |name: &str| {

@@ -52,6 +52,7 @@ mod verify;
 pub use bundle::{BundleSummary, BundleWriter, export_bundle, write_bundle};
 pub use entries::for_each_entry;
 pub use group::{GroupCommitter, OnAppended, OnCheckpoint};
+pub use keys::load_or_create as signing_key;
 pub use ledger::{Ledger, LedgerReader};
 pub use verify::{VerifyFailure, VerifyReport, verify_path, verify_path_with_progress};
 

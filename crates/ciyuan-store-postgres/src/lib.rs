@@ -94,6 +94,21 @@ pub fn migrate(client: &mut postgres::Client) -> Result<usize, String> {
     Ok(MIGRATIONS.len() - applied)
 }
 
+/// Runs `f`, which blocks on PostgreSQL, where that is allowed: the synchronous client
+/// drives its own small runtime, which cannot start on a thread already driving a
+/// tokio runtime, so on a worker of the server's (multi-threaded) runtime `f` runs in
+/// [`tokio::task::block_in_place`], which also lets the other tasks of that worker
+/// move on. Elsewhere (plain threads, `spawn_blocking`) it runs as it is. A
+/// current-thread runtime cannot host this backend.
+pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// An error with what the server said (`postgres::Error`'s display is only "db error"
 /// for errors the server reports).
 pub fn describe(e: &postgres::Error) -> String {
@@ -129,7 +144,7 @@ impl Pool {
             config,
             idle: Mutex::new(Vec::new()),
         }));
-        drop(pool.get()?);
+        off_runtime(|| pool.get().map(drop))?;
         Ok(pool)
     }
 

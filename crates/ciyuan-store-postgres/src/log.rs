@@ -352,6 +352,10 @@ impl PgLog {
     /// Opens the log of the database `pool` connects to, creating it (empty, signed by
     /// `signer`) when it is new. A log signed by another key is refused.
     pub fn open(pool: Pool, signer: NoteSigner) -> Result<PgLog, LogError> {
+        crate::off_runtime(|| PgLog::open_here(pool, signer))
+    }
+
+    fn open_here(pool: Pool, signer: NoteSigner) -> Result<PgLog, LogError> {
         let mut c = pool.get().map_err(io)?;
         crate::migrate(&mut c).map_err(io)?;
         let vkey = signer.verifier_key();
@@ -416,8 +420,10 @@ impl PgLog {
     /// Reads the committed size from the database: entries other nodes appended
     /// become visible to `size()`.
     pub fn refresh(&self) -> Result<u64, LogError> {
-        let mut c = self.shared.pool.get().map_err(io)?;
-        self.shared.head_size(&mut c)
+        crate::off_runtime(|| {
+            let mut c = self.shared.pool.get().map_err(io)?;
+            self.shared.head_size(&mut c)
+        })
     }
 
     /// Stops the writer after the requests already queued.
@@ -464,81 +470,92 @@ impl Log for PgLog {
     }
 
     fn entry(&self, index: u64) -> Result<Vec<u8>, LogError> {
-        let i = i64::try_from(index).map_err(|_| LogError::Invalid(format!("no entry {index}")))?;
-        let mut c = self.shared.pool.get().map_err(io)?;
-        c.query_opt("SELECT bytes FROM log_entries WHERE idx = $1", &[&i])
-            .map_err(io)?
-            .map(|r| r.get::<_, Vec<u8>>(0))
-            .ok_or_else(|| LogError::Invalid(format!("no entry {index}")))
+        crate::off_runtime(|| {
+            let i =
+                i64::try_from(index).map_err(|_| LogError::Invalid(format!("no entry {index}")))?;
+            let mut c = self.shared.pool.get().map_err(io)?;
+            c.query_opt("SELECT bytes FROM log_entries WHERE idx = $1", &[&i])
+                .map_err(io)?
+                .map(|r| r.get::<_, Vec<u8>>(0))
+                .ok_or_else(|| LogError::Invalid(format!("no entry {index}")))
+        })
     }
 
     fn scan(&self, range: Range<u64>, f: &mut ScanFn<'_>) -> Result<(), LogError> {
-        if range.start >= range.end {
-            return Ok(());
-        }
-        let mut c = self.shared.pool.get().map_err(io)?;
-        let durable = self.shared.head_size(&mut c)?;
-        if range.end > durable {
-            return Err(LogError::Invalid(format!(
-                "scan to {} is past the log's {durable} entries",
-                range.end
-            )));
-        }
-        let mut at = range.start as i64;
-        let end = range.end as i64;
-        while at < end {
-            let upto = (at + SCAN_CHUNK).min(end);
-            let rows = c
-                .query(
-                    "SELECT idx, bytes FROM log_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
-                    &[&at, &upto],
-                )
-                .map_err(io)?;
-            if rows.len() as i64 != upto - at {
-                return Err(LogError::Io(format!(
-                    "entries {at}..{upto} are not all stored ({} found)",
-                    rows.len()
+        crate::off_runtime(|| {
+            if range.start >= range.end {
+                return Ok(());
+            }
+            let mut c = self.shared.pool.get().map_err(io)?;
+            let durable = self.shared.head_size(&mut c)?;
+            if range.end > durable {
+                return Err(LogError::Invalid(format!(
+                    "scan to {} is past the log's {durable} entries",
+                    range.end
                 )));
             }
-            for r in rows {
-                f(r.get::<_, i64>(0) as u64, r.get::<_, &[u8]>(1))?;
+            let mut at = range.start as i64;
+            let end = range.end as i64;
+            while at < end {
+                let upto = (at + SCAN_CHUNK).min(end);
+                let rows = c
+                    .query(
+                        "SELECT idx, bytes FROM log_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                        &[&at, &upto],
+                    )
+                    .map_err(io)?;
+                if rows.len() as i64 != upto - at {
+                    return Err(LogError::Io(format!(
+                        "entries {at}..{upto} are not all stored ({} found)",
+                        rows.len()
+                    )));
+                }
+                for r in rows {
+                    f(r.get::<_, i64>(0) as u64, r.get::<_, &[u8]>(1))?;
+                }
+                at = upto;
             }
-            at = upto;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, LogError> {
-        if index >= size {
-            return Err(LogError::Invalid(format!(
-                "entry {index} is not in a tree of {size}"
-            )));
-        }
-        let mut c = self.shared.pool.get().map_err(io)?;
-        self.check_size(&mut c, size)?;
-        let src = Nodes(std::cell::RefCell::new(&mut c));
-        ciyuan_tlog::inclusion_proof(&src, index, size)
-            .map_err(|e| LogError::Invalid(format!("{e:?}")))
+        crate::off_runtime(|| {
+            if index >= size {
+                return Err(LogError::Invalid(format!(
+                    "entry {index} is not in a tree of {size}"
+                )));
+            }
+            let mut c = self.shared.pool.get().map_err(io)?;
+            self.check_size(&mut c, size)?;
+            let src = Nodes(std::cell::RefCell::new(&mut c));
+            ciyuan_tlog::inclusion_proof(&src, index, size)
+                .map_err(|e| LogError::Invalid(format!("{e:?}")))
+        })
     }
 
     fn consistency_proof(&self, old_size: u64, new_size: u64) -> Result<Vec<Hash>, LogError> {
-        if old_size > new_size {
-            return Err(LogError::Invalid(format!(
-                "old size {old_size} is above the new {new_size}"
-            )));
-        }
-        let mut c = self.shared.pool.get().map_err(io)?;
-        self.check_size(&mut c, new_size)?;
-        let src = Nodes(std::cell::RefCell::new(&mut c));
-        ciyuan_tlog::consistency_proof(&src, old_size, new_size)
-            .map_err(|e| LogError::Invalid(format!("{e:?}")))
+        crate::off_runtime(|| {
+            if old_size > new_size {
+                return Err(LogError::Invalid(format!(
+                    "old size {old_size} is above the new {new_size}"
+                )));
+            }
+            let mut c = self.shared.pool.get().map_err(io)?;
+            self.check_size(&mut c, new_size)?;
+            let src = Nodes(std::cell::RefCell::new(&mut c));
+            ciyuan_tlog::consistency_proof(&src, old_size, new_size)
+                .map_err(|e| LogError::Invalid(format!("{e:?}")))
+        })
     }
 
     fn root_at(&self, size: u64) -> Result<Hash, LogError> {
-        let mut c = self.shared.pool.get().map_err(io)?;
-        self.check_size(&mut c, size)?;
-        let src = Nodes(std::cell::RefCell::new(&mut c));
-        ciyuan_tlog::root(&src, size)
+        crate::off_runtime(|| {
+            let mut c = self.shared.pool.get().map_err(io)?;
+            self.check_size(&mut c, size)?;
+            let src = Nodes(std::cell::RefCell::new(&mut c));
+            ciyuan_tlog::root(&src, size)
+        })
     }
 
     fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
@@ -550,18 +567,20 @@ impl Log for PgLog {
     }
 
     fn checkpoints(&self, from: u64, limit: usize) -> Result<Vec<SignedCheckpoint>, LogError> {
-        let (Ok(from), Ok(limit)) = (i64::try_from(from), i64::try_from(limit)) else {
-            return Ok(Vec::new());
-        };
-        let mut c = self.shared.pool.get().map_err(io)?;
-        c.query(
-            "SELECT note FROM log_checkpoints WHERE seq >= $1 ORDER BY seq LIMIT $2",
-            &[&from, &limit],
-        )
-        .map_err(io)?
-        .into_iter()
-        .map(|r| self.shared.open(r.get(0)))
-        .collect()
+        crate::off_runtime(|| {
+            let (Ok(from), Ok(limit)) = (i64::try_from(from), i64::try_from(limit)) else {
+                return Ok(Vec::new());
+            };
+            let mut c = self.shared.pool.get().map_err(io)?;
+            c.query(
+                "SELECT note FROM log_checkpoints WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                &[&from, &limit],
+            )
+            .map_err(io)?
+            .into_iter()
+            .map(|r| self.shared.open(r.get(0)))
+            .collect()
+        })
     }
 
     fn verifier_key(&self) -> String {

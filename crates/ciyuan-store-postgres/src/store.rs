@@ -16,8 +16,14 @@ use ciyuan_store::{
 };
 use postgres::types::ToSql;
 
-/// The store on PostgreSQL.
+/// The store on PostgreSQL. Every call runs where the synchronous client may block
+/// ([`crate::off_runtime`]).
 pub struct PgStore {
+    inner: Inner,
+}
+
+/// The store's queries, run on the calling thread.
+struct Inner {
     pool: Pool,
 }
 
@@ -735,12 +741,18 @@ const LINE_COLUMNS: &str =
 impl PgStore {
     /// Opens the store of the database `pool` connects to, migrating it as needed.
     pub fn open(pool: Pool) -> Result<PgStore, StoreError> {
-        let mut c = pool.get().map_err(pool_error)?;
-        crate::migrate(&mut c).map_err(StoreError::Backend)?;
-        drop(c);
-        Ok(PgStore { pool })
+        crate::off_runtime(|| {
+            let mut c = pool.get().map_err(pool_error)?;
+            crate::migrate(&mut c).map_err(StoreError::Backend)?;
+            drop(c);
+            Ok(PgStore {
+                inner: Inner { pool },
+            })
+        })
     }
+}
 
+impl Inner {
     fn conn(&self) -> Result<crate::Conn<'_>, StoreError> {
         self.pool.get().map_err(pool_error)
     }
@@ -773,7 +785,7 @@ impl PgStore {
     }
 }
 
-impl Store for PgStore {
+impl Store for Inner {
     fn projected_through(&self) -> Result<u64, StoreError> {
         let v: i64 = self
             .conn()?
@@ -1260,5 +1272,155 @@ impl Store for PgStore {
             })
         })
         .collect()
+    }
+}
+
+impl Store for PgStore {
+    fn ingest_index(&self, f: &mut dyn FnMut(u64, u64)) -> Result<u64, StoreError> {
+        crate::off_runtime(|| self.inner.ingest_index(f))
+    }
+
+    fn projected_through(&self) -> Result<u64, StoreError> {
+        crate::off_runtime(|| self.inner.projected_through())
+    }
+
+    fn apply(&self, start: u64, entries: &[Entry]) -> Result<(), StoreError> {
+        crate::off_runtime(|| self.inner.apply(start, entries))
+    }
+
+    fn apply_parts(&self, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
+        crate::off_runtime(|| self.inner.apply_parts(start, parts))
+    }
+
+    fn reset_projections(&self) -> Result<(), StoreError> {
+        crate::off_runtime(|| self.inner.reset_projections())
+    }
+
+    fn account(&self, path: &AccountPath) -> Result<Option<Account>, StoreError> {
+        crate::off_runtime(|| self.inner.account(path))
+    }
+
+    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError> {
+        crate::off_runtime(|| self.inner.accounts(under))
+    }
+
+    fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError> {
+        crate::off_runtime(|| self.inner.insert_key(key, secret_hash))
+    }
+
+    fn key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
+        crate::off_runtime(|| self.inner.key_by_hash(secret_hash))
+    }
+
+    fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        crate::off_runtime(|| self.inner.key(key_id))
+    }
+
+    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError> {
+        crate::off_runtime(|| self.inner.keys(under))
+    }
+
+    fn key_count(&self) -> Result<u64, StoreError> {
+        crate::off_runtime(|| self.inner.key_count())
+    }
+
+    fn revoke_key(&self, key_id: &str, at: Timestamp) -> Result<Option<KeyRecord>, StoreError> {
+        crate::off_runtime(|| self.inner.revoke_key(key_id, at))
+    }
+
+    fn budgets(&self) -> Result<Vec<(AccountPath, ciyuan_core::BudgetSet)>, StoreError> {
+        crate::off_runtime(|| self.inner.budgets())
+    }
+
+    fn access_rules(&self) -> Result<Vec<(AccountPath, ciyuan_core::AccessSet)>, StoreError> {
+        crate::off_runtime(|| self.inner.access_rules())
+    }
+
+    fn definitions(&self) -> Result<Vec<(u64, ciyuan_core::TokenDefinition)>, StoreError> {
+        crate::off_runtime(|| self.inner.definitions())
+    }
+
+    fn price_books(&self) -> Result<Vec<(u64, ciyuan_core::PriceBook)>, StoreError> {
+        crate::off_runtime(|| self.inner.price_books())
+    }
+
+    fn contracts(&self) -> Result<Vec<(AccountPath, u64, ciyuan_core::PriceContract)>, StoreError> {
+        crate::off_runtime(|| self.inner.contracts())
+    }
+
+    fn wallet_settings(&self) -> Result<Vec<(AccountPath, ciyuan_core::WalletSet)>, StoreError> {
+        crate::off_runtime(|| self.inner.wallet_settings())
+    }
+
+    fn postings(
+        &self,
+        node: Option<&AccountPath>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Recorded<ciyuan_core::Posting>>, StoreError> {
+        crate::off_runtime(|| self.inner.postings(node, after, limit))
+    }
+
+    fn cost_hours(&self, filter: &HourFilter) -> Result<Vec<CostRow>, StoreError> {
+        crate::off_runtime(|| self.inner.cost_hours(filter))
+    }
+
+    fn statements(
+        &self,
+        node: &AccountPath,
+    ) -> Result<Vec<Recorded<ciyuan_core::StatementClosed>>, StoreError> {
+        crate::off_runtime(|| self.inner.statements(node))
+    }
+
+    fn service_levels(
+        &self,
+        under: &AccountPath,
+    ) -> Result<Vec<Recorded<ciyuan_core::ServiceLevelEvaluated>>, StoreError> {
+        crate::off_runtime(|| self.inner.service_levels(under))
+    }
+
+    fn quality_range(
+        &self,
+        from_hour: i64,
+        to_hour: i64,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        crate::off_runtime(|| self.inner.quality_range(from_hour, to_hour))
+    }
+
+    fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<LineRow>, StoreError> {
+        crate::off_runtime(|| self.inner.cost_lines(filter))
+    }
+
+    fn cost_lines_page(
+        &self,
+        filter: &HourFilter,
+        after: Option<&LineRow>,
+        limit: usize,
+    ) -> Result<Vec<LineRow>, StoreError> {
+        crate::off_runtime(|| self.inner.cost_lines_page(filter, after, limit))
+    }
+
+    fn tier_units(&self) -> Result<Vec<TierUnits>, StoreError> {
+        crate::off_runtime(|| self.inner.tier_units())
+    }
+
+    fn flagged(
+        &self,
+        under: &AccountPath,
+        limit: usize,
+    ) -> Result<Vec<Recorded<ciyuan_core::Usage>>, StoreError> {
+        crate::off_runtime(|| self.inner.flagged(under, limit))
+    }
+
+    fn incidents(
+        &self,
+        under: &AccountPath,
+        limit: usize,
+    ) -> Result<Vec<Recorded<ciyuan_core::Incident>>, StoreError> {
+        crate::off_runtime(|| self.inner.incidents(under, limit))
+    }
+
+    fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
+        crate::off_runtime(|| self.inner.usage_hours(filter))
     }
 }

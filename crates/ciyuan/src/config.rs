@@ -18,6 +18,9 @@ pub const DEFAULT_DATA: &str = "./ciyuan-data";
 pub struct FileConfig {
     /// Data directory.
     pub data: Option<PathBuf>,
+    /// A PostgreSQL database to keep the log and the projections in, instead of the
+    /// data directory (which then holds only the signing key and the webhook outbox).
+    pub database: Option<Secret>,
     /// HTTP listen address.
     pub listen: Option<String>,
     /// Largest request body accepted, in bytes.
@@ -289,6 +292,8 @@ impl FileConfig {
 pub struct ServeConfig {
     /// Data directory.
     pub data: PathBuf,
+    /// The PostgreSQL database, when the log and projections live there.
+    pub database: Option<Secret>,
     /// HTTP listen address.
     pub listen: SocketAddr,
     /// Largest request body accepted.
@@ -418,6 +423,18 @@ impl ServeConfig {
             webhooks,
             reservation_ttl_secs,
             data: data.or(file.data).unwrap_or_else(|| DEFAULT_DATA.into()),
+            database: match file.database {
+                Some(Secret(url))
+                    if !(url.starts_with("postgres://")
+                        || url.starts_with("postgresql://")
+                        || url.contains("host=")) =>
+                {
+                    bail!(
+                        "database: not a PostgreSQL connection string (postgres://user@host:port/db, or host=... dbname=...)"
+                    )
+                }
+                d => d,
+            },
             listen,
             max_body_bytes,
             checkpoint_interval_secs,

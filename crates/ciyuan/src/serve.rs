@@ -21,6 +21,11 @@ pub struct ServeArgs {
     /// Data directory.
     #[arg(long, env = "CIYUAN_DATA")]
     data: Option<PathBuf>,
+    /// Keep the log and the projections in this PostgreSQL database
+    /// (postgres://user@host:port/db) instead of the data directory, which then holds
+    /// only the log's signing key and the webhook outbox.
+    #[arg(long, env = "CIYUAN_DATABASE", hide_env_values = true)]
+    database: Option<String>,
     /// HTTP listen address, HOST:PORT (port 0 picks a free one).
     #[arg(long, env = "CIYUAN_LISTEN")]
     listen: Option<String>,
@@ -80,20 +85,48 @@ pub fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ExitCode>
     if args.checkpoint_interval_secs.is_some() {
         file.checkpoint_interval_secs = args.checkpoint_interval_secs;
     }
+    if let Some(url) = args.database {
+        file.database = Some(crate::config::Secret(url));
+    }
     let demo = args.demo;
     let cfg = ServeConfig::resolve(file, args.data, args.listen, args.bootstrap_admin_key)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let Some(url) = &cfg.database {
+        let (log, store) = open_postgres(&cfg, &url.0)?;
+        let shared: Arc<dyn Log> = log.clone();
+        let result = rt.block_on(run(cfg, store, shared, demo));
+        // Appends already queued are committed before the process ends.
+        log.close();
+        return result;
+    }
     let (ledger, store) = open(&cfg.data, ledger_options(&cfg))?;
     let (committer, writer) = GroupCommitter::start(ledger);
     let log: Arc<dyn Log> = Arc::new(committer.clone());
     let store: Arc<dyn Store> = Arc::new(store);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     let result = rt.block_on(run(cfg, store, log, demo));
     // Whatever happened, let the writer finish what it acknowledged and seal the sidecar.
     committer.shutdown();
     let _ = writer.join();
     result
+}
+
+/// Opens the log and the store in PostgreSQL, with the log's signing key from the
+/// data directory (created there on the first node's first start).
+fn open_postgres(
+    cfg: &ServeConfig,
+    url: &str,
+) -> anyhow::Result<(Arc<ciyuan_store_postgres::PgLog>, Arc<dyn Store>)> {
+    let signer = ciyuan_ledger::signing_key(&cfg.data, cfg.origin.as_deref())
+        .with_context(|| format!("the log's signing key in {}", cfg.data.display()))?;
+    let pool = ciyuan_store_postgres::Pool::connect(url)
+        .map_err(|e| anyhow::anyhow!("the database: {e}"))?;
+    let log = ciyuan_store_postgres::PgLog::open(pool.clone(), signer)
+        .map_err(|e| anyhow::anyhow!("the log in the database: {e}"))?;
+    let store = ciyuan_store_postgres::PgStore::open(pool)
+        .map_err(|e| anyhow::anyhow!("the projections in the database: {e}"))?;
+    Ok((Arc::new(log), Arc::new(store)))
 }
 
 async fn run(

@@ -1,0 +1,120 @@
+//! `ciyuan serve --database postgres://...`: the log and the projections in a
+//! throwaway PostgreSQL 15 cluster (started by the test; a missing PostgreSQL fails the
+//! test, never skips it).
+
+use crate::common::{Server, json, stdout};
+use ciyuan_store_postgres::testing::TestCluster;
+use serde_json::json;
+
+fn usage_input(server: &Server, key: &str) -> i64 {
+    let (s, b) = server.http("GET", "/api/v1/usage?account=acme", key, None);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    json(&b)["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["tokens"]["text.input"].as_i64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn serve_keeps_the_log_and_projections_in_postgres_across_restarts() {
+    let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
+    let url = cluster.database("serve").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let node = tmp.path().join("node");
+    let server = Server::start_with(&node, &["--database", &url]);
+    let root = server
+        .bootstrap
+        .clone()
+        .expect("a bootstrap key on first start");
+    stdout(&server.cli(&root, &["accounts", "create", "acme/cn"]));
+    let key = json(
+        stdout(&server.cli(
+            &root,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "acme/cn",
+                "--scopes",
+                "gateway,ingest,read",
+                "--json",
+            ],
+        ))
+        .as_bytes(),
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, b) = server.http(
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Where is the ledger?"}]})),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let ev = json!({"specversion": "1.0", "id": "e1", "source": "svc://pg", "type": "llm.usage",
+        "subject": "acme/cn", "data": {"model": "qwen-max", "input_tokens": 1000, "output_tokens": 10}});
+    let (s, b) = server.http("POST", "/v1/events", &key, Some(&ev));
+    assert_eq!(s, 201, "{}", String::from_utf8_lossy(&b));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut input = usage_input(&server, &root);
+    while input <= 1000 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        input = usage_input(&server, &root);
+    }
+    assert!(
+        input > 1000,
+        "the gateway call and the event are both counted: {input}"
+    );
+    // A repeated event is answered with the original entry.
+    let (s, again) = server.http("POST", "/v1/events", &key, Some(&ev));
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&again));
+    assert_eq!(json(&again)["entry_id"], json(&b)["entry_id"]);
+    // Proofs come from the database's tree.
+    let (s, cp) = server.http("POST", "/api/v1/audit/checkpoint", &root, None);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&cp));
+    let size = json(&cp)["size"].as_u64().unwrap_or_else(|| {
+        json(&cp)["checkpoint"]["size"]
+            .as_u64()
+            .expect("a checkpoint size")
+    });
+    assert!(size >= 4, "{}", String::from_utf8_lossy(&cp));
+    let (s, proof) = server.http("GET", "/api/v1/audit/entries/1/proof", &root, None);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&proof));
+    server.stop();
+
+    // The same data after a restart: nothing lives in the data directory but the key.
+    let names: Vec<String> = std::fs::read_dir(&node)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n == "ledger" || n == "ciyuan.db"),
+        "{names:?}"
+    );
+    let server = Server::start_with(&node, &["--database", &url]);
+    assert!(server.bootstrap.is_none(), "bootstrapped once");
+    assert_eq!(usage_input(&server, &root), input);
+    let (s, b) = server.http("POST", "/v1/events", &key, Some(&ev));
+    assert_eq!(
+        s,
+        200,
+        "still a repeat after the restart: {}",
+        String::from_utf8_lossy(&b)
+    );
+    server.stop();
+
+    // A node with another signing key is refused: one log, one key.
+    let stranger = std::process::Command::new(crate::common::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(tmp.path().join("stranger"))
+        .args(["--database", &url])
+        .env("CIYUAN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!stranger.status.success());
+    let err = String::from_utf8_lossy(&stranger.stderr);
+    assert!(err.contains("signed by"), "{err}");
+}
