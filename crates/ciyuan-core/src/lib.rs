@@ -68,7 +68,7 @@ pub use price::{
     UnitPrices, book_in_force, decimal_from_text, exact, may_set_contract, nearest_contract,
 };
 pub use scope::{Scope, ScopeError, Scopes};
-pub use statement::{Reconciled, StatementClosed};
+pub use statement::{Reconciled, ReportDelivered, StatementClosed};
 pub use text::{TextError, check_text};
 pub use tokens::{Direction, MAX_TOKENS_PER_KEY, Modality, TokenCount, TokenError, TokenMap};
 pub use wildcard::wildcard_match;

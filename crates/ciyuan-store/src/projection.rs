@@ -142,6 +142,18 @@ pub enum Change<'a> {
         /// The statement.
         closed: &'a ciyuan_core::StatementClosed,
     },
+    /// A scheduled report was delivered; one the schedule delivered (not by hand)
+    /// advances its progress if its period is later than the one recorded.
+    ReportDelivered {
+        /// The entry.
+        entry: u64,
+        /// When.
+        at: Timestamp,
+        /// The report's node.
+        node: &'a AccountPath,
+        /// The delivery.
+        delivered: &'a ciyuan_core::ReportDelivered,
+    },
 }
 
 /// The key of an hourly cost rollup: rated usage by node, hour, service, model and
@@ -519,6 +531,15 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
             }
             // The result is read from the log (`ciyuan audit`); nothing is projected.
             EntryBody::Reconciled(_) => continue,
+            EntryBody::ReportDelivered(delivered) => {
+                out.changes.push(Change::ReportDelivered {
+                    entry: index,
+                    at: entry.ts,
+                    node,
+                    delivered,
+                });
+                continue;
+            }
             EntryBody::StatementClosed(closed) => {
                 out.changes.push(Change::StatementClosed {
                     entry: index,
