@@ -17,6 +17,7 @@ mod demo;
 mod finance;
 mod ingest;
 mod money;
+mod reports;
 mod serve;
 mod sim;
 
@@ -86,6 +87,9 @@ enum Command {
     /// Compare a provider's usage export with what the gateway recorded for an
     /// upstream (exit 1 when a difference is beyond tolerance).
     Reconcile(finance::ReconcileArgs),
+    /// Scheduled usage and cost reports: list them, or deliver a period by hand.
+    #[command(subcommand)]
+    Reports(reports::ReportsCmd),
     /// Record a correction of earlier usage.
     Adjust(admin::AdjustArgs),
     /// Checkpoints, proofs, bundles and offline verification.
@@ -234,6 +238,7 @@ fn main() -> ExitCode {
         Command::Statement(a) => finance::statement(a),
         Command::Export(a) => finance::export(a),
         Command::Reconcile(a) => finance::reconcile(a),
+        Command::Reports(cmd) => reports::reports(cmd),
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),

@@ -132,6 +132,8 @@ async fn run(
         None
     };
     server_cfg.reservation_ttl = Duration::from_secs(cfg.reservation_ttl_secs);
+    server_cfg.reports = std::mem::take(&mut cfg.reports);
+    server_cfg.report_interval = Duration::from_secs(cfg.reports_check_secs);
     if !cfg.webhooks.is_empty() {
         let notifier = ciyuan_notify::Notifier::start(
             std::mem::take(&mut cfg.webhooks),
@@ -180,6 +182,7 @@ async fn run(
     }
     tracing::info!(%addr, data = %cfg.data.display(), "ciyuan serving");
     let checkpoints = tokio::spawn(ciyuan_server::checkpoint_loop(app.clone()));
+    let reports = tokio::spawn(ciyuan_server::reports::report_loop(app.clone()));
     if let Some(key) = demo_key {
         let url = format!("http://{addr}");
         tokio::spawn(async move {
@@ -217,6 +220,8 @@ async fn run(
         m.abort();
     }
     checkpoints.abort();
+    // A report cut off mid-delivery has no entry yet: it is delivered again on start.
+    reports.abort();
     expiry.abort();
     // Gateway entries of answered requests are appended in groups: append the last.
     app.flush_gateway(Duration::from_secs(10)).await;

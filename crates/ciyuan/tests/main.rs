@@ -10,4 +10,5 @@ mod finance;
 mod gateway;
 mod hostile;
 mod money;
+mod reports;
 mod tamper;
