@@ -188,4 +188,32 @@ mod tests {
         c.document.push(' ');
         assert!(c.check().unwrap_err().starts_with("sha256:"));
     }
+
+    #[test]
+    fn a_delivery_names_its_report_a_period_and_a_hash() {
+        let mut d = ReportDelivered {
+            name: "hourly".into(),
+            period: "2026-11-05T10".into(),
+            period_start: "2026-11-05T10:00:00Z".parse().unwrap(),
+            period_end: "2026-11-05T11:00:00Z".parse().unwrap(),
+            time_zone: "UTC".into(),
+            format: "json".into(),
+            sha256: ReportDelivered::hash(b"{}"),
+            bytes: 2,
+            destination: "https://hooks.example.com/in".into(),
+            secret_sha256: None,
+            manual: false,
+        };
+        assert!(d.check().is_ok());
+        d.sha256.make_ascii_uppercase();
+        assert!(d.check().is_ok(), "hexadecimal either case");
+        d.sha256.pop();
+        assert!(d.check().unwrap_err().starts_with("sha256:"));
+        d.sha256 = ReportDelivered::hash(b"{}");
+        d.period_end = d.period_start;
+        assert!(d.check().unwrap_err().starts_with("period_start:"));
+        d.period_end = "2026-11-05T11:00:00Z".parse().unwrap();
+        d.name.clear();
+        assert!(d.check().unwrap_err().starts_with("name"));
+    }
 }

@@ -272,9 +272,13 @@ fn content(
 /// synced, renamed over the name, and the directory synced, so a reader never sees a
 /// part and a crash leaves the old file or the new one.
 fn write_atomically(dir: &Path, file: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    // Two writers of one period (the schedule and a run by hand) never share a
+    // temporary file: each rename installs one whole file.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     std::fs::create_dir_all(dir)?;
     let target = dir.join(file);
-    let temp = dir.join(format!(".{file}.tmp"));
+    let temp = dir.join(format!(".{file}.{}-{n}.tmp", std::process::id()));
     {
         let mut f = std::fs::File::create(&temp)?;
         f.write_all(bytes)?;
@@ -354,6 +358,14 @@ async fn deliver(
     let (s, p) = (spec.clone(), period.clone());
     let (bytes, zone) = app
         .blocking(move |app| {
+            // A node not created yet would be reported in UTC days, shifted once it
+            // gets its zone: refused until it exists.
+            if !s.account.is_root() && app.store.account(&s.account)?.is_none() {
+                return Err(ApiError::unprocessable(format!(
+                    "reports[{}].account: {} does not exist",
+                    s.name, s.account
+                )));
+            }
             let zone = ciyuan_store::effective_time_zone(app.store.as_ref(), &s.account)?;
             let report = content(app, &s, &p, &zone)?;
             let bytes = report.render(s.format).map_err(ApiError::internal)?;
@@ -431,10 +443,14 @@ fn first_due(app: &App, spec: &ReportSpec) -> Result<String, ApiError> {
         return Ok(start.label);
     };
     // A day is named by its date: re-read in today's zone, the next date follows.
-    let done = spec
-        .every
-        .period(&last.body.period, &zone)
-        .map_err(|e| ApiError::internal(format!("report {} progress: {e}", spec.name)))?;
+    let done = spec.every.period(&last.body.period, &zone).map_err(|e| {
+        ApiError::internal(format!(
+            "report {}: its schedule delivered up to {:?}, not a period of every = {:?} ({e}); a report whose `every` changes needs a new name",
+            spec.name,
+            last.body.period,
+            spec.every.as_str()
+        ))
+    })?;
     let next = spec
         .every
         .next(&done, &zone)
@@ -808,6 +824,104 @@ mod tests {
         );
         let two = [spec(), spec()];
         assert!(check_all(&two).unwrap_err().contains("share this name"));
+    }
+
+    fn count_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// The `report.delivered` entries of the log: (period, manual).
+    fn delivered(app: &App) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        app.log
+            .scan(0..app.log.size(), &mut |_, bytes| {
+                if let EntryBody::ReportDelivered(d) = Entry::decode(bytes).unwrap().body {
+                    out.push((d.period, d.manual));
+                }
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_outage_is_caught_up_in_bounded_passes_in_order_and_resumed_from_the_ledger() {
+        let dir =
+            std::env::temp_dir().join(format!("ciyuan-reports-outage-{}", std::process::id()));
+        let now = Timestamp::now();
+        let this_hour = Timestamp::from_second(now.as_second().div_euclid(3600) * 3600).unwrap();
+        let first = this_hour
+            .checked_sub(SignedDuration::from_hours(30))
+            .unwrap();
+        let label = |t: Timestamp| {
+            let z = t.to_zoned(TimeZone::UTC);
+            format!("{}T{:02}", z.date(), z.hour())
+        };
+        let spec = ReportSpec {
+            name: "hourly".into(),
+            account: AccountPath::root(),
+            every: Every::Hour,
+            format: Format::Json,
+            destination: Destination::Directory(dir.clone()),
+            start: label(first),
+            delay: Duration::ZERO,
+        };
+        let store: Arc<dyn ciyuan_store::Store> =
+            Arc::new(ciyuan_store_sqlite::SqliteStore::open_in_memory().unwrap());
+        let log: Arc<dyn ciyuan_store::Log> = Arc::new(crate::tests::MemLog::new());
+        let config = crate::ServerConfig {
+            reports: vec![spec.clone()],
+            ..crate::ServerConfig::default()
+        };
+        let app = App::new(store, log, config).unwrap();
+        let http = client().unwrap();
+
+        // Thirty hours missed: 24 in the first pass, the other 6 in the next, in order.
+        let mut s = Schedule {
+            next: None,
+            failing: false,
+        };
+        pass(&app, &http, &spec, &mut s).await;
+        assert_eq!(count_files(&dir), MAX_PERIODS_PER_PASS);
+        pass(&app, &http, &spec, &mut s).await;
+        assert_eq!(count_files(&dir), 30);
+        let expected: Vec<(String, bool)> = (0..30)
+            .map(|i| {
+                (
+                    label(first.checked_add(SignedDuration::from_hours(i)).unwrap()),
+                    false,
+                )
+            })
+            .collect();
+        assert_eq!(delivered(&app), expected);
+        // This hour is not over: nothing more.
+        pass(&app, &http, &spec, &mut s).await;
+        assert_eq!(delivered(&app).len(), 30);
+
+        // By hand: recorded as manual, the schedule's progress unmoved.
+        let p = Every::Hour.period(&expected[3].0, &TimeZone::UTC).unwrap();
+        let (_, d) = deliver(&app, &http, &spec, &p, true).await.unwrap();
+        assert!(d.manual);
+        app.caught_up().await.unwrap();
+        let progress = app.store.report_progress().unwrap();
+        assert_eq!(progress.len(), 1);
+        assert_eq!(progress[0].body.period, expected[29].0);
+
+        // As after a restart: the schedule is read back from the projections and
+        // delivers nothing again.
+        let mut fresh = Schedule {
+            next: None,
+            failing: false,
+        };
+        pass(&app, &http, &spec, &mut fresh).await;
+        assert_eq!(fresh.next.as_deref(), Some(label(this_hour).as_str()));
+        assert_eq!(delivered(&app).len(), 31);
+        assert_eq!(
+            count_files(&dir),
+            30,
+            "the run by hand rewrote its period's file"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

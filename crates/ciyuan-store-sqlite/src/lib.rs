@@ -1440,8 +1440,13 @@ impl Store for SqliteStore {
                 ts: ts
                     .parse()
                     .map_err(|e| StoreError::Corrupt(format!("stored time {ts:?}: {e}")))?,
-                account: AccountPath::parse(&account)
-                    .map_err(|e| StoreError::Corrupt(format!("stored path {account:?}: {e}")))?,
+                // Paths are stored as `as_str` writes them: the root is empty.
+                account: if account.is_empty() {
+                    AccountPath::root()
+                } else {
+                    AccountPath::parse(&account)
+                        .map_err(|e| StoreError::Corrupt(format!("stored path {account:?}: {e}")))?
+                },
                 body: serde_json::from_str(&json)
                     .map_err(|e| StoreError::Corrupt(format!("stored delivery {entry}: {e}")))?,
             });

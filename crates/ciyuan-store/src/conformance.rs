@@ -79,10 +79,10 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
 /// delivered later (a replay) and deliveries by hand never move it back or forward;
 /// a reset forgets it.
 fn report_progress_is_the_latest_scheduled_period(s: &dyn Store) {
-    let delivered = |name: &str, day: u32, manual: bool| {
+    let on = |node: AccountPath, name: &str, day: u32, manual: bool| {
         Entry::new(
             ts("2026-11-10T00:00:00Z"),
-            path("acme"),
+            node,
             EntryBody::ReportDelivered(ciyuan_core::ReportDelivered {
                 name: name.into(),
                 period: format!("2026-11-{day:02}"),
@@ -98,6 +98,7 @@ fn report_progress_is_the_latest_scheduled_period(s: &dyn Store) {
             }),
         )
     };
+    let delivered = |name: &str, day: u32, manual: bool| on(path("acme"), name, day, manual);
     assert!(ok(s.report_progress(), "report_progress() when empty").is_empty());
     let entries = [
         created("acme"),
@@ -107,6 +108,8 @@ fn report_progress_is_the_latest_scheduled_period(s: &dyn Store) {
         delivered("daily", 9, true),
         delivered("hourly", 1, true),
         delivered("costs", 5, false),
+        // A report of the whole tree, on the root.
+        on(AccountPath::root(), "all", 1, false),
     ];
     ok(s.apply(0, &entries), "apply()");
     let progress = ok(s.report_progress(), "report_progress()");
@@ -116,11 +119,16 @@ fn report_progress_is_the_latest_scheduled_period(s: &dyn Store) {
         .collect();
     assert_eq!(
         seen,
-        [("costs", "2026-11-05", 6), ("daily", "2026-11-04", 2)]
+        [
+            ("all", "2026-11-01", 7),
+            ("costs", "2026-11-05", 6),
+            ("daily", "2026-11-04", 2)
+        ]
     );
-    assert_eq!(progress[1].account, path("acme"));
+    assert!(progress[0].account.is_root(), "{:?}", progress[0].account);
+    assert_eq!(progress[2].account, path("acme"));
     assert_eq!(
-        progress[1].body,
+        progress[2].body,
         match &entries[2].body {
             EntryBody::ReportDelivered(d) => d.clone(),
             _ => unreachable!("entry 2 is a delivery"),
