@@ -44,6 +44,10 @@ pub const MAX_PERIODS_PER_PASS: usize = 24;
 /// next one retries).
 pub const WEBHOOK_ATTEMPTS: u32 = 4;
 
+/// Time limit of one webhook attempt (connect, send, answer's head): all attempts
+/// and their backoff stay within a minute, so `ciyuan reports run` sees the outcome.
+pub const WEBHOOK_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Longest report name: it is part of file names and idempotency keys.
 pub const MAX_REPORT_NAME_BYTES: usize = 64;
 
@@ -310,7 +314,7 @@ async fn post(
         let signature = ciyuan_notify::sign(secret, Timestamp::now(), bytes);
         let sent = client
             .post(url)
-            .timeout(Duration::from_secs(30))
+            .timeout(WEBHOOK_ATTEMPT_TIMEOUT)
             .header("content-type", spec.format.content_type())
             .header(ciyuan_notify::HEADER_SIGNATURE, signature)
             .header(HEADER_IDEMPOTENCY_KEY, &key)
