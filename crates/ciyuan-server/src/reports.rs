@@ -293,6 +293,28 @@ fn write_atomically(dir: &Path, file: &str, bytes: &[u8]) -> std::io::Result<Pat
     Ok(target)
 }
 
+/// Removes the temporary files of `report` that an earlier process left in `dir` when
+/// it stopped mid-write (this process's own are in use); answers how many.
+fn remove_stale_temps(dir: &Path, report: &str) -> std::io::Result<usize> {
+    let prefix = format!(".{report}_");
+    let own = format!(".{}-", std::process::id());
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && name.ends_with(".tmp") && !name.contains(&own) {
+            std::fs::remove_file(e.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// POSTs `bytes`, signed, retrying connection errors, timeouts, 408, 429 and 5xx with
 /// backoff up to [`WEBHOOK_ATTEMPTS`] times. Errors never show the URL's credentials.
 async fn post(
@@ -616,6 +638,23 @@ pub async fn report_loop(app: Arc<App>) {
             )
         })
         .collect();
+    for spec in &reports {
+        if let Destination::Directory(dir) = &spec.destination {
+            let (dir, name) = (dir.clone(), spec.name.clone());
+            match tokio::task::spawn_blocking(move || remove_stale_temps(&dir, &name)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => {
+                    tracing::info!(report = %spec.name, removed = n, "removed temporary files of an interrupted write")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(report = %spec.name, error = %e, "cannot clear temporary files")
+                }
+                Err(e) => {
+                    tracing::warn!(report = %spec.name, error = %e, "cannot clear temporary files")
+                }
+            }
+        }
+    }
     let mut tick = tokio::time::interval(app.config.report_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -940,6 +979,25 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"a,b\r\n");
         let path = write_atomically(&dir, &name, b"c\r\n").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"c\r\n");
+        // A temporary file of an earlier process is cleared; this one's are kept.
+        let stale = dir.join(".daily-usage_2026-11-04.csv.1-0.tmp");
+        let own = dir.join(format!(
+            ".daily-usage_2026-11-06.csv.{}-9.tmp",
+            std::process::id()
+        ));
+        let other = dir.join(".weekly_2026-11-04.csv.1-0.tmp");
+        for f in [&stale, &own, &other] {
+            std::fs::write(f, b"part").unwrap();
+        }
+        assert_eq!(remove_stale_temps(&dir, "daily-usage").unwrap(), 1);
+        assert!(!stale.exists() && own.exists() && other.exists());
+        for f in [&own, &other] {
+            std::fs::remove_file(f).unwrap();
+        }
+        assert_eq!(
+            remove_stale_temps(&dir.join("absent"), "daily-usage").unwrap(),
+            0
+        );
         let left: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
