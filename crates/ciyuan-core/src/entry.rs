@@ -88,6 +88,8 @@ pub enum EntryBody {
     ServiceLevelEvaluated(Box<crate::ServiceLevelEvaluated>),
     /// A provider's usage export reconciled with the ledger (on the root node).
     Reconciled(crate::Reconciled),
+    /// A scheduled report delivered for a period (on the report's node).
+    ReportDelivered(crate::ReportDelivered),
 }
 
 /// Tokens of one call or event.
@@ -306,6 +308,7 @@ impl EntryBody {
             EntryBody::StatementClosed(_) => "statement.closed",
             EntryBody::ServiceLevelEvaluated(_) => "service_level.evaluated",
             EntryBody::Reconciled(_) => "reconciliation",
+            EntryBody::ReportDelivered(_) => "report.delivered",
         }
     }
 }
@@ -394,6 +397,7 @@ impl Entry {
             EntryBody::StatementClosed(d) => put(self, d, out),
             EntryBody::ServiceLevelEvaluated(d) => put(self, d, out),
             EntryBody::Reconciled(d) => put(self, d, out),
+            EntryBody::ReportDelivered(d) => put(self, d, out),
         }
     }
 
@@ -426,6 +430,7 @@ impl Entry {
                 EntryBody::ServiceLevelEvaluated(serde_json::from_str(data)?)
             }
             "reconciliation" => EntryBody::Reconciled(serde_json::from_str(data)?),
+            "report.delivered" => EntryBody::ReportDelivered(serde_json::from_str(data)?),
             other => return Err(DecodeError::Kind(other.to_string())),
         };
         Ok(Entry {
@@ -545,6 +550,19 @@ mod tests {
                 description: Some("pages × 500".into()),
                 tokens: [("other.input".to_string(), "pages * 500".to_string())].into(),
                 set_by: Some(AccountPath::root()),
+            }),
+            EntryBody::ReportDelivered(crate::ReportDelivered {
+                name: "daily-usage".into(),
+                period: "2026-11-05".into(),
+                period_start: "2026-11-04T16:00:00Z".parse().unwrap(),
+                period_end: "2026-11-05T16:00:00Z".parse().unwrap(),
+                time_zone: "Asia/Shanghai".into(),
+                format: "csv".into(),
+                sha256: crate::ReportDelivered::hash(b"x"),
+                bytes: 1,
+                destination: "https://hooks.example.com/finance".into(),
+                secret_sha256: Some("0123456789abcdef".into()),
+                manual: true,
             }),
         ];
         for body in bodies {

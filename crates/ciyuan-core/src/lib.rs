@@ -74,7 +74,7 @@ pub use service_level::{
     Metric, Objective, ObjectiveResult, Sample, ServiceLevel, ServiceLevelEvaluated, covered,
     credit_memo, evaluate, nearest_rank, upstream_failed,
 };
-pub use statement::{Reconciled, StatementClosed};
+pub use statement::{Reconciled, ReportDelivered, StatementClosed};
 pub use text::{TextError, check_text};
 pub use tokens::{Direction, MAX_TOKENS_PER_KEY, Modality, TokenCount, TokenError, TokenMap};
 pub use wildcard::wildcard_match;

@@ -95,6 +95,70 @@ impl Reconciled {
     }
 }
 
+/// A scheduled report delivered (entry kind `report.delivered`, on the report's node):
+/// which period, what bytes (their hash and length) and where they went. The schedule's
+/// progress is the latest period delivered by the schedule (`manual: false`), so a
+/// restarted server knows where to resume from the projections alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportDelivered {
+    /// The report's name in the configuration.
+    pub name: String,
+    /// The period's label: `2026-11-05` (a day in `time_zone`) or `2026-11-05T10`
+    /// (a UTC hour).
+    pub period: String,
+    /// The period's first instant (UTC).
+    pub period_start: Timestamp,
+    /// Its end (UTC, exclusive).
+    pub period_end: Timestamp,
+    /// The time zone its days are computed in.
+    pub time_zone: String,
+    /// `csv` or `json`.
+    pub format: String,
+    /// SHA-256 of the bytes delivered, in hexadecimal.
+    pub sha256: String,
+    /// How many bytes.
+    pub bytes: u64,
+    /// Where they went: the file written, or the webhook URL without credentials
+    /// (no user, password or query).
+    pub destination: String,
+    /// For a webhook: the first 16 hexadecimal digits of SHA-256 of the signing
+    /// secret, so a rotation shows without the secret ever being recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_sha256: Option<String>,
+    /// Delivered by hand (`ciyuan reports run`), outside the schedule.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub manual: bool,
+}
+
+impl ReportDelivered {
+    /// SHA-256 of `bytes`, in hexadecimal (for [`ReportDelivered::sha256`]).
+    pub fn hash(bytes: &[u8]) -> String {
+        hex_sha256(bytes)
+    }
+
+    /// Whether the period is not empty, the hash is 64 hexadecimal digits and the name
+    /// and period are present.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.period.is_empty() {
+            return Err("name, period: a delivery names its report and period".into());
+        }
+        if self.period_start >= self.period_end {
+            return Err(format!(
+                "period_start: {} is not before period_end ({})",
+                self.period_start, self.period_end
+            ));
+        }
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "sha256: {:?} is not 64 hexadecimal digits",
+                self.sha256
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn hex_sha256(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(bytes);
@@ -123,5 +187,33 @@ mod tests {
         assert_eq!(c.sha256.len(), 64);
         c.document.push(' ');
         assert!(c.check().unwrap_err().starts_with("sha256:"));
+    }
+
+    #[test]
+    fn a_delivery_names_its_report_a_period_and_a_hash() {
+        let mut d = ReportDelivered {
+            name: "hourly".into(),
+            period: "2026-11-05T10".into(),
+            period_start: "2026-11-05T10:00:00Z".parse().unwrap(),
+            period_end: "2026-11-05T11:00:00Z".parse().unwrap(),
+            time_zone: "UTC".into(),
+            format: "json".into(),
+            sha256: ReportDelivered::hash(b"{}"),
+            bytes: 2,
+            destination: "https://hooks.example.com/in".into(),
+            secret_sha256: None,
+            manual: false,
+        };
+        assert!(d.check().is_ok());
+        d.sha256.make_ascii_uppercase();
+        assert!(d.check().is_ok(), "hexadecimal either case");
+        d.sha256.pop();
+        assert!(d.check().unwrap_err().starts_with("sha256:"));
+        d.sha256 = ReportDelivered::hash(b"{}");
+        d.period_end = d.period_start;
+        assert!(d.check().unwrap_err().starts_with("period_start:"));
+        d.period_end = "2026-11-05T11:00:00Z".parse().unwrap();
+        d.name.clear();
+        assert!(d.check().unwrap_err().starts_with("name"));
     }
 }

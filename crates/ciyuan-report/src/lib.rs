@@ -10,7 +10,9 @@
 //!   GBK);
 //! - [`hr`]: usage and cost per person-level node per day;
 //! - [`allocate`]: shared costs split exactly to the smallest currency unit;
-//! - [`usage`]: every billing line as a CSV row, in Ciyuan's own columns.
+//! - [`usage`]: every billing line as a CSV row, in Ciyuan's own columns;
+//! - [`reports`]: scheduled reports' periods (UTC hours, days in a zone) and their CSV
+//!   and JSON bytes.
 //!
 //! Every writer streams to the `std::io::Write` it is given and is deterministic: the
 //! same input gives the same bytes. Money is [`Decimal`], never a float.
@@ -23,6 +25,7 @@ pub mod hr;
 pub mod journal;
 pub mod quality;
 pub mod reconcile;
+pub mod reports;
 pub mod statement;
 pub mod usage;
 

@@ -25,6 +25,7 @@ pub mod pipeline;
 pub mod prices;
 mod reconciliations;
 mod records;
+pub mod reports;
 mod rerate;
 pub mod service_levels;
 mod statements;
@@ -72,6 +73,10 @@ pub struct ServerConfig {
     pub notifier: Option<ciyuan_notify::Notifier>,
     /// How long a gateway reservation may stay unsettled before it is released.
     pub reservation_ttl: Duration,
+    /// Scheduled reports (checked with `reports::check_all`).
+    pub reports: Vec<reports::ReportSpec>,
+    /// How often the scheduled reports are checked for due periods.
+    pub report_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +92,8 @@ impl Default for ServerConfig {
             gateway: gateway::GatewayConfig::default(),
             notifier: None,
             reservation_ttl: Duration::from_secs(3600),
+            reports: Vec::new(),
+            report_interval: Duration::from_secs(30),
         }
     }
 }
@@ -432,6 +439,8 @@ pub fn router(app: Arc<App>) -> Router {
             get(statements::show).post(statements::close),
         )
         .route("/api/v1/exports/{kind}", get(exports::export))
+        .route("/api/v1/reports", get(reports::list))
+        .route("/api/v1/reports/{name}/run", post(reports::run))
         .route("/api/v1/incidents", get(records::incidents))
         .route("/api/v1/quality", get(service_levels::quality))
         .route(

@@ -49,6 +49,8 @@ CREATE TABLE log_checkpoints (
 "#,
     // 2: projections and keys.
     store::MIGRATION,
+    // 3: scheduled reports' progress.
+    store::MIGRATION_REPORTS,
 ];
 
 /// The schema version this build writes.

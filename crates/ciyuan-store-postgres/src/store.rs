@@ -263,6 +263,18 @@ CREATE TABLE quality_hours (
 /// The store's schema, as a migration of the crate's list.
 pub(crate) const MIGRATION: &str = SCHEMA;
 
+/// Scheduled reports' progress (the latest period each schedule delivered).
+pub(crate) const MIGRATION_REPORTS: &str = r#"
+CREATE TABLE report_progress (
+    name         TEXT COLLATE "C" PRIMARY KEY,
+    period_start BIGINT NOT NULL,
+    entry        BIGINT NOT NULL,
+    ts           TEXT NOT NULL,
+    account      TEXT COLLATE "C" NOT NULL,
+    delivered    TEXT NOT NULL
+);
+"#;
+
 /// Every projection table, cleared by a reset (keys are kept).
 const PROJECTIONS: &[&str] = &[
     "accounts",
@@ -285,6 +297,7 @@ const PROJECTIONS: &[&str] = &[
     "statements",
     "service_levels",
     "quality_hours",
+    "report_progress",
 ];
 
 /// Seconds in a UTC day.
@@ -391,6 +404,30 @@ fn write_changes(tx: &mut Tx<'_>, changes: &[Change<'_>]) -> Result<(), StoreErr
                     &(*entry as i64),
                     &at.to_string(),
                     &to_json(evaluated)?,
+                ],
+            )?,
+            // A delivery by hand never moves a schedule's progress.
+            Change::ReportDelivered { delivered, .. } if delivered.manual => {}
+            Change::ReportDelivered {
+                entry,
+                at,
+                node,
+                delivered,
+            } => exec(
+                tx,
+                "INSERT INTO report_progress (name, period_start, entry, ts, account, delivered)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (name) DO UPDATE SET period_start = excluded.period_start,
+                     entry = excluded.entry, ts = excluded.ts, account = excluded.account,
+                     delivered = excluded.delivered
+                 WHERE excluded.period_start > report_progress.period_start",
+                &[
+                    &delivered.name,
+                    &delivered.period_start.as_second(),
+                    &(*entry as i64),
+                    &at.to_string(),
+                    &node.as_str(),
+                    &to_json(delivered)?,
                 ],
             )?,
             Change::PriceBook { entry, book } => exec(
@@ -1241,6 +1278,13 @@ impl Store for Inner {
         )?)
     }
 
+    fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError> {
+        recorded_from(self.query(
+            "SELECT entry, ts, account, delivered FROM report_progress ORDER BY name",
+            &[],
+        )?)
+    }
+
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
         self.hour_rows(
             "account, hour, service, model, modality, direction, tokens::text",
@@ -1276,6 +1320,10 @@ impl Store for Inner {
 }
 
 impl Store for PgStore {
+    fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError> {
+        crate::off_runtime(|| self.inner.report_progress())
+    }
+
     fn ingest_index(&self, f: &mut dyn FnMut(u64, u64)) -> Result<u64, StoreError> {
         crate::off_runtime(|| self.inner.ingest_index(f))
     }

@@ -254,6 +254,17 @@ CREATE TABLE quality_hours (
     last  INTEGER NOT NULL
 );
 "#,
+    // 10: scheduled reports' progress (the latest period each schedule delivered).
+    r#"
+CREATE TABLE report_progress (
+    name         TEXT PRIMARY KEY,
+    period_start INTEGER NOT NULL,
+    entry        INTEGER NOT NULL,
+    ts           TEXT NOT NULL,
+    account      TEXT NOT NULL,
+    delivered    TEXT NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 /// A token sum as stored: `hi * 2^62 + lo`, `0 <= lo < 2^62`. Sums of the ledger's
@@ -491,8 +502,8 @@ fn recorded<T: serde::de::DeserializeOwned>(
             ts: ts
                 .parse()
                 .map_err(|e| StoreError::Backend(format!("stored time {ts:?}: {e}")))?,
-            account: AccountPath::parse(&account)
-                .map_err(|e| StoreError::Backend(format!("stored account {account:?}: {e}")))?,
+            // The root is stored as `as_str` writes it: empty.
+            account: parse_path(&account)?,
             body: serde_json::from_str(&json)
                 .map_err(|e| StoreError::Backend(format!("stored entry {entry}: {e}")))?,
         });
@@ -710,6 +721,28 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: &[Change<'_>]) -> Resu
                         }
                     }
                     Ok(1)
+                }),
+            // By hand is outside the schedule; a replayed earlier period never moves
+            // the progress back.
+            Change::ReportDelivered { delivered, .. } if delivered.manual => Ok(0),
+            Change::ReportDelivered { entry, at, node, delivered } => tx
+                .prepare_cached(
+                    "INSERT INTO report_progress (name, period_start, entry, ts, account, delivered)
+                     VALUES (?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (name) DO UPDATE SET period_start = excluded.period_start,
+                         entry = excluded.entry, ts = excluded.ts, account = excluded.account,
+                         delivered = excluded.delivered
+                     WHERE excluded.period_start > report_progress.period_start",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        delivered.name,
+                        delivered.period_start.as_second(),
+                        *entry as i64,
+                        at.to_string(),
+                        node.as_str(),
+                        to_json(delivered).map_err(sql)?
+                    ])
                 }),
             Change::DefinitionSet { entry, definition } => tx
                 .prepare_cached(
@@ -1013,6 +1046,7 @@ impl Store for SqliteStore {
                  DELETE FROM statements;
                  DELETE FROM service_levels;
                  DELETE FROM quality_hours;
+                 DELETE FROM report_progress;
                  UPDATE meta SET value = 0 WHERE name = 'projected_through';
                  COMMIT;",
             )
@@ -1503,6 +1537,38 @@ impl Store for SqliteStore {
         }
         tx.commit().map_err(backend)?;
         Ok(through as u64)
+    }
+
+    fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT entry, ts, account, delivered FROM report_progress ORDER BY name")
+            .map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(backend)? {
+            let entry: i64 = r.get(0).map_err(backend)?;
+            let ts: String = r.get(1).map_err(backend)?;
+            let account: String = r.get(2).map_err(backend)?;
+            let json: String = r.get(3).map_err(backend)?;
+            out.push(Recorded {
+                entry: u64::try_from(entry)
+                    .map_err(|_| StoreError::Corrupt(format!("entry id {entry}")))?,
+                ts: ts
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("stored time {ts:?}: {e}")))?,
+                // Paths are stored as `as_str` writes them: the root is empty.
+                account: if account.is_empty() {
+                    AccountPath::root()
+                } else {
+                    AccountPath::parse(&account)
+                        .map_err(|e| StoreError::Corrupt(format!("stored path {account:?}: {e}")))?
+                },
+                body: serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("stored delivery {entry}: {e}")))?,
+            });
+        }
+        Ok(out)
     }
 
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {

@@ -154,6 +154,10 @@ impl Store for BrokenAfterReset {
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
         self.inner.usage_hours(filter)
     }
+    fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError> {
+        self.broken()?;
+        self.inner.report_progress()
+    }
 }
 
 #[test]

@@ -73,6 +73,7 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     definitions_keep_the_first_word_on_a_version(make().as_ref());
     money_books_contracts_postings_and_exact_costs(make().as_ref());
     service_levels_quality_hours_and_credit_lines(make().as_ref());
+    report_progress_is_the_latest_scheduled_period(make().as_ref());
 }
 
 /// Where each hour's gateway requests lie in the log (merged across applies), service
@@ -250,6 +251,69 @@ fn service_levels_quality_hours_and_credit_lines(s: &dyn Store) {
         ),
         None
     );
+}
+
+/// A report's progress is the latest period its schedule delivered: an earlier period
+/// delivered later (a replay) and deliveries by hand never move it back or forward;
+/// a reset forgets it.
+fn report_progress_is_the_latest_scheduled_period(s: &dyn Store) {
+    let on = |node: AccountPath, name: &str, day: u32, manual: bool| {
+        Entry::new(
+            ts("2026-11-10T00:00:00Z"),
+            node,
+            EntryBody::ReportDelivered(ciyuan_core::ReportDelivered {
+                name: name.into(),
+                period: format!("2026-11-{day:02}"),
+                period_start: ts(&format!("2026-11-{day:02}T00:00:00Z")),
+                period_end: ts(&format!("2026-11-{:02}T00:00:00Z", day + 1)),
+                time_zone: "UTC".into(),
+                format: "csv".into(),
+                sha256: ciyuan_core::ReportDelivered::hash(name.as_bytes()),
+                bytes: 10,
+                destination: "/srv/reports".into(),
+                secret_sha256: None,
+                manual,
+            }),
+        )
+    };
+    let delivered = |name: &str, day: u32, manual: bool| on(path("acme"), name, day, manual);
+    assert!(ok(s.report_progress(), "report_progress() when empty").is_empty());
+    let entries = [
+        created("acme"),
+        delivered("daily", 3, false),
+        delivered("daily", 4, false),
+        delivered("daily", 2, false),
+        delivered("daily", 9, true),
+        delivered("hourly", 1, true),
+        delivered("costs", 5, false),
+        // A report of the whole tree, on the root.
+        on(AccountPath::root(), "all", 1, false),
+    ];
+    ok(s.apply(0, &entries), "apply()");
+    let progress = ok(s.report_progress(), "report_progress()");
+    let seen: Vec<(&str, &str, u64)> = progress
+        .iter()
+        .map(|r| (r.body.name.as_str(), r.body.period.as_str(), r.entry))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("all", "2026-11-01", 7),
+            ("costs", "2026-11-05", 6),
+            ("daily", "2026-11-04", 2)
+        ]
+    );
+    assert!(progress[0].account.is_root(), "{:?}", progress[0].account);
+    assert_eq!(progress[2].account, path("acme"));
+    assert_eq!(
+        progress[2].body,
+        match &entries[2].body {
+            EntryBody::ReportDelivered(d) => d.clone(),
+            _ => unreachable!("entry 2 is a delivery"),
+        }
+    );
+    ok(s.reset_projections(), "reset_projections()");
+    assert!(ok(s.report_progress(), "report_progress() after a reset").is_empty());
 }
 
 /// Price books keep the first word on `name@version`, contracts are replaced whole,

@@ -332,6 +332,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Hourly rollup rows of a subtree, summed over equal keys.
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
+
+    /// Every scheduled report's progress: per report name, the delivery of the latest
+    /// period its schedule delivered (`report.delivered` entries with `manual` false;
+    /// deliveries by hand never move it), by name.
+    fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError>;
 }
 
 /// The time zone a node's periods are computed in: its own, else its nearest ancestor's,

@@ -154,6 +154,18 @@ pub enum Change<'a> {
         /// The evaluation.
         evaluated: &'a ciyuan_core::ServiceLevelEvaluated,
     },
+    /// A scheduled report was delivered; one the schedule delivered (not by hand)
+    /// advances its progress if its period is later than the one recorded.
+    ReportDelivered {
+        /// The entry.
+        entry: u64,
+        /// When.
+        at: Timestamp,
+        /// The report's node.
+        node: &'a AccountPath,
+        /// The delivery.
+        delivered: &'a ciyuan_core::ReportDelivered,
+    },
 }
 
 /// The key of an hourly cost rollup: rated usage by node, hour, service, model and
@@ -636,6 +648,15 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
                     at: entry.ts,
                     node,
                     evaluated,
+                });
+                continue;
+            }
+            EntryBody::ReportDelivered(delivered) => {
+                out.changes.push(Change::ReportDelivered {
+                    entry: index,
+                    at: entry.ts,
+                    node,
+                    delivered,
                 });
                 continue;
             }

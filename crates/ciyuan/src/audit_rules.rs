@@ -347,6 +347,7 @@ impl RuleChecker {
                 }
                 Ok(())
             }
+            EntryBody::ReportDelivered(d) => d.check(),
             EntryBody::WalletSet(set) => self
                 .wallets
                 .apply_settings(&entry.account, set)
@@ -1838,6 +1839,49 @@ mod tests {
         bad[3] = bytes("2026-11-03T00:00:00Z", "acme/us", EntryBody::Usage(u));
         let e = run(&bad).unwrap_err();
         assert!(e.what.contains("rating."), "{e}");
+    }
+
+    #[test]
+    fn a_report_delivery_is_accepted_and_one_with_a_bad_hash_or_period_is_not() {
+        let good = ciyuan_core::ReportDelivered {
+            name: "daily".into(),
+            period: "2026-11-05".into(),
+            period_start: "2026-11-04T16:00:00Z".parse().unwrap(),
+            period_end: "2026-11-05T16:00:00Z".parse().unwrap(),
+            time_zone: "Asia/Shanghai".into(),
+            format: "csv".into(),
+            sha256: ciyuan_core::ReportDelivered::hash(b"bytes"),
+            bytes: 5,
+            destination: "/srv/reports/daily_2026-11-05.csv".into(),
+            secret_sha256: None,
+            manual: false,
+        };
+        let mut log = good_log();
+        log.push(bytes(
+            "2026-11-05T16:01:00Z",
+            "acme",
+            EntryBody::ReportDelivered(good.clone()),
+        ));
+        assert!(run(&log).is_ok());
+        let mut bad = good.clone();
+        bad.sha256 = "x".into();
+        let last = log.len() - 1;
+        log[last] = bytes(
+            "2026-11-05T16:01:00Z",
+            "acme",
+            EntryBody::ReportDelivered(bad),
+        );
+        let err = run(&log).unwrap_err();
+        assert_eq!(err.entry, Some(last as u64), "{err}");
+        assert!(err.to_string().contains("sha256"), "{err}");
+        let mut empty = good;
+        empty.period_end = empty.period_start;
+        log[last] = bytes(
+            "2026-11-05T16:01:00Z",
+            "acme",
+            EntryBody::ReportDelivered(empty),
+        );
+        assert!(run(&log).unwrap_err().to_string().contains("period_start"));
     }
 
     #[test]

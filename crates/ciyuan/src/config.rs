@@ -55,6 +55,77 @@ pub struct FileConfig {
     /// `/metrics` settings.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Scheduled usage and cost reports.
+    #[serde(default)]
+    pub reports: Vec<ReportSection>,
+    /// Seconds between checks of the scheduled reports for due periods (default 30).
+    pub reports_check_secs: Option<u64>,
+}
+
+/// `[[reports]]`: an hourly or daily usage and cost report of a subtree, written to a
+/// directory or POSTed to a signed webhook once per period.
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSection {
+    /// Unique name (letters, digits, `.`, `_`, `-`): in file names and idempotency keys.
+    pub name: String,
+    /// The node whose subtree it covers, e.g. `acme`.
+    pub account: String,
+    /// `hour` (UTC hours) or `day` (days in the node's time zone).
+    pub every: String,
+    /// `csv` or `json` (default csv).
+    pub format: Option<String>,
+    /// Write files here...
+    pub directory: Option<PathBuf>,
+    /// ...or POST to this URL, signed.
+    pub webhook: Option<String>,
+    /// Environment variable holding the webhook's HMAC secret (at least 16 bytes).
+    pub secret_env: Option<String>,
+    /// The first period delivered: `2026-11-01` (day) or `2026-11-01T00` (hour, UTC).
+    pub start: String,
+    /// Seconds after a period's end before it is delivered, so late events land in
+    /// it (default 60).
+    pub delay_secs: Option<u64>,
+}
+
+impl ReportSection {
+    /// Checks the section, naming the field at fault, and reads the webhook's secret
+    /// from the environment.
+    pub fn resolve(&self) -> anyhow::Result<ciyuan_server::reports::ReportSpec> {
+        use ciyuan_server::reports::{Destination, Every, Format, ReportSpec};
+        let at = format!("reports[{}]", self.name);
+        let account = ciyuan_core::AccountPath::parse(&self.account)
+            .map_err(|e| anyhow::anyhow!("{at}.account: {e}"))?;
+        let every = Every::parse(&self.every).map_err(|e| anyhow::anyhow!("{at}.every: {e}"))?;
+        let format = Format::parse(self.format.as_deref().unwrap_or("csv"))
+            .map_err(|e| anyhow::anyhow!("{at}.format: {e}"))?;
+        let destination = match (&self.directory, &self.webhook, &self.secret_env) {
+            (Some(d), None, None) => Destination::Directory(d.clone()),
+            (None, Some(url), Some(var)) => Destination::Webhook {
+                url: url.clone(),
+                secret: std::env::var(var).map_err(|_| {
+                    anyhow::anyhow!("{at}.secret_env: environment variable {var} is not set")
+                })?,
+            },
+            (None, Some(_), None) => bail!("{at}.secret_env: a webhook needs a signing secret"),
+            (Some(_), None, Some(_)) => {
+                bail!("{at}.secret_env: only a webhook is signed, not a directory")
+            }
+            (Some(_), Some(_), _) => bail!("{at}.directory, {at}.webhook: give one, not both"),
+            (None, None, _) => bail!("{at}.directory, {at}.webhook: give one"),
+        };
+        let spec = ReportSpec {
+            name: self.name.clone(),
+            account,
+            every,
+            format,
+            destination,
+            start: self.start.clone(),
+            delay: std::time::Duration::from_secs(self.delay_secs.unwrap_or(60)),
+        };
+        spec.check().map_err(anyhow::Error::msg)?;
+        Ok(spec)
+    }
 }
 
 /// `[metrics]` settings.
@@ -325,6 +396,10 @@ pub struct ServeConfig {
     pub body_timeout_secs: u64,
     /// The separate, keyless `/metrics` address, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// Scheduled reports, checked.
+    pub reports: Vec<ciyuan_server::reports::ReportSpec>,
+    /// Seconds between checks of the scheduled reports.
+    pub reports_check_secs: u64,
 }
 
 impl ServeConfig {
@@ -412,7 +487,19 @@ impl ServeConfig {
         if max_events_per_batch == 0 {
             bail!("ingest.max_events_per_batch must be at least 1");
         }
+        let reports = file
+            .reports
+            .iter()
+            .map(ReportSection::resolve)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        ciyuan_server::reports::check_all(&reports).map_err(anyhow::Error::msg)?;
+        let reports_check_secs = file.reports_check_secs.unwrap_or(30);
+        if reports_check_secs == 0 {
+            bail!("reports_check_secs must be at least 1");
+        }
         Ok(ServeConfig {
+            reports,
+            reports_check_secs,
             body_timeout_secs,
             metrics_listen,
             ingest_max_age_secs: file.ingest.max_age_secs.unwrap_or(7 * 24 * 3600),
@@ -518,6 +605,68 @@ mod tests {
         assert_eq!(c.body_timeout_secs, 30);
         assert_eq!(c.gateway.metrics_max_models, 200);
         assert_eq!(c.metrics_listen, None);
+    }
+
+    #[test]
+    fn reports_are_checked_field_by_field() {
+        let base = "[[reports]]\nname = \"daily\"\naccount = \"acme\"\nevery = \"day\"\nstart = \"2026-11-01\"\n";
+        let ok = |extra: &str| {
+            let file: FileConfig = toml::from_str(&format!("{base}{extra}")).unwrap();
+            ServeConfig::resolve(file, None, None, None)
+        };
+        let c = ok("directory = \"/srv/reports\"\nformat = \"json\"").unwrap();
+        assert_eq!(c.reports.len(), 1);
+        assert_eq!(c.reports[0].delay.as_secs(), 60);
+        assert_eq!(c.reports_check_secs, 30);
+        for (extra, needle) in [
+            (
+                "directory = \"/d\"\nformat = \"xml\"",
+                "reports[daily].format",
+            ),
+            (
+                "",
+                "reports[daily].directory, reports[daily].webhook: give one",
+            ),
+            (
+                "directory = \"/d\"\nwebhook = \"https://h\"",
+                "give one, not both",
+            ),
+            ("webhook = \"https://h/x\"", "reports[daily].secret_env"),
+            (
+                "webhook = \"https://h/x\"\nsecret_env = \"CIYUAN_TEST_UNSET_VARIABLE\"",
+                "CIYUAN_TEST_UNSET_VARIABLE is not set",
+            ),
+            (
+                "directory = \"/d\"\ndelay_secs = 99999999",
+                "reports[daily].delay_secs",
+            ),
+        ] {
+            let err = ok(extra).err().unwrap();
+            assert!(
+                format!("{err:#}").contains(needle),
+                "{err:#} lacks {needle}"
+            );
+        }
+        for (field, value, needle) in [
+            ("every", "week", "reports[daily].every"),
+            ("account", "a//b", "reports[daily].account"),
+            ("start", "2026-11-01T00", "reports[daily].start"),
+        ] {
+            let text = base.replace(
+                &format!("{field} = "),
+                &format!("{field} = \"{value}\"\n# was "),
+            );
+            let file: FileConfig = toml::from_str(&format!("{text}directory = \"/d\"")).unwrap();
+            let err = ServeConfig::resolve(file, None, None, None).err().unwrap();
+            assert!(
+                format!("{err:#}").contains(needle),
+                "{err:#} lacks {needle}"
+            );
+        }
+        let twice = format!("{base}directory = \"/d\"\n{base}directory = \"/e\"");
+        let file: FileConfig = toml::from_str(&twice).unwrap();
+        let err = ServeConfig::resolve(file, None, None, None).err().unwrap();
+        assert!(format!("{err:#}").contains("share this name"), "{err:#}");
     }
 
     #[test]

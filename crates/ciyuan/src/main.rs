@@ -17,6 +17,7 @@ mod demo;
 mod finance;
 mod ingest;
 mod money;
+mod reports;
 mod serve;
 mod service_levels;
 mod sim;
@@ -93,6 +94,9 @@ enum Command {
     /// Contracts' service levels evaluated per month, with the credits they owe.
     #[command(subcommand)]
     ServiceLevels(service_levels::ServiceLevelsCmd),
+    /// Scheduled usage and cost reports: list them, or deliver a period by hand.
+    #[command(subcommand)]
+    Reports(reports::ReportsCmd),
     /// Record a correction of earlier usage.
     Adjust(admin::AdjustArgs),
     /// Checkpoints, proofs, bundles and offline verification.
@@ -243,6 +247,7 @@ fn main() -> ExitCode {
         Command::ServiceLevels(c) => service_levels::run(c),
         Command::Export(a) => finance::export(a),
         Command::Reconcile(a) => finance::reconcile(a),
+        Command::Reports(cmd) => reports::reports(cmd),
         Command::Adjust(args) => admin::adjust(args),
         Command::Audit(cmd) => admin::audit(cmd),
         Command::Rebuild(args) => serve::rebuild(cli.config.as_deref(), args),

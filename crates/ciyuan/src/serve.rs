@@ -165,6 +165,8 @@ async fn run(
         None
     };
     server_cfg.reservation_ttl = Duration::from_secs(cfg.reservation_ttl_secs);
+    server_cfg.reports = std::mem::take(&mut cfg.reports);
+    server_cfg.report_interval = Duration::from_secs(cfg.reports_check_secs);
     if !cfg.webhooks.is_empty() {
         let notifier = ciyuan_notify::Notifier::start(
             std::mem::take(&mut cfg.webhooks),
@@ -219,6 +221,7 @@ async fn run(
         app.clone(),
         Duration::from_secs(60),
     ));
+    let reports = tokio::spawn(ciyuan_server::reports::report_loop(app.clone()));
     if let Some(key) = demo_key {
         let url = format!("http://{addr}");
         tokio::spawn(async move {
@@ -257,6 +260,8 @@ async fn run(
     }
     checkpoints.abort();
     service_levels.abort();
+    // A report cut off mid-delivery has no entry yet: it is delivered again on start.
+    reports.abort();
     expiry.abort();
     // Gateway entries of answered requests are appended in groups: append the last.
     app.flush_gateway(Duration::from_secs(10)).await;

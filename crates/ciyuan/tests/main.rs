@@ -11,4 +11,5 @@ mod gateway;
 mod hostile;
 mod money;
 mod postgres;
+mod reports;
 mod tamper;
