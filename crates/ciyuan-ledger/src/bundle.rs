@@ -195,6 +195,45 @@ pub fn write_bundle<'a>(
     w.finish()
 }
 
+/// [`export_bundle`] of any [`ciyuan_store::Log`] (the PostgreSQL log, say): the
+/// entries up to its newest signed checkpoint and every checkpoint signed by then.
+pub fn export_log(log: &dyn ciyuan_store::Log, out: &Path) -> Result<BundleSummary, LedgerError> {
+    let Some(latest) = log.latest_checkpoint() else {
+        return Err(LedgerError::Invalid(
+            "the log has no signed checkpoint yet: sign one before exporting".into(),
+        ));
+    };
+    let size = latest.checkpoint.size;
+    let mut w = BundleWriter::create(out, &log.verifier_key())?;
+    let mut failed = None;
+    log.scan(0..size, &mut |_, bytes| {
+        w.entry(bytes).map_err(|e| {
+            let m = e.to_string();
+            failed = Some(e);
+            ciyuan_store::LogError::Io(m)
+        })
+    })
+    .map_err(|e| {
+        failed
+            .take()
+            .unwrap_or_else(|| LedgerError::Invalid(e.to_string()))
+    })?;
+    let mut from = 0;
+    loop {
+        let page = log
+            .checkpoints(from, EXPORT_CHECKPOINTS_PER_PAGE)
+            .map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        for c in page.iter().filter(|c| c.checkpoint.size <= size) {
+            w.checkpoint(&c.note)?;
+        }
+        if page.len() < EXPORT_CHECKPOINTS_PER_PAGE {
+            break;
+        }
+        from += page.len() as u64;
+    }
+    w.finish()
+}
+
 /// Writes the log as a bundle, up to its newest signed checkpoint, streaming entries
 /// and checkpoints (a page at a time) so memory stays small.
 ///

@@ -49,7 +49,7 @@ mod keys;
 mod ledger;
 mod verify;
 
-pub use bundle::{BundleSummary, BundleWriter, export_bundle, write_bundle};
+pub use bundle::{BundleSummary, BundleWriter, export_bundle, export_log, write_bundle};
 pub use entries::for_each_entry;
 pub use group::{GroupCommitter, OnAppended, OnCheckpoint};
 pub use keys::load_or_create as signing_key;

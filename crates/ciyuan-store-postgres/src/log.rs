@@ -36,7 +36,9 @@ enum Job {
 /// What every handle of the log shares with the writer thread.
 struct Shared {
     pool: Pool,
-    signer: NoteSigner,
+    /// The log's signing key; `None` for a reader (an auditor), which cannot sign.
+    signer: Option<NoteSigner>,
+    verifier: ciyuan_tlog::NoteVerifier,
     /// Durable entries as this node last saw them.
     size: AtomicU64,
     latest: Mutex<Option<SignedCheckpoint>>,
@@ -132,10 +134,10 @@ fn invalid(entry: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Reads perfect subtrees with one connection.
-struct Nodes<'a>(std::cell::RefCell<&'a mut postgres::Client>);
+/// Reads perfect subtrees with one connection (or transaction).
+struct Nodes<'a, C: postgres::GenericClient>(std::cell::RefCell<&'a mut C>);
 
-impl NodeSource for Nodes<'_> {
+impl<C: postgres::GenericClient> NodeSource for Nodes<'_, C> {
     type Error = LogError;
     fn node(&self, level: u32, index: u64) -> Result<Hash, LogError> {
         let mut c = self.0.borrow_mut();
@@ -262,13 +264,16 @@ impl Shared {
             }
             None => 0,
         };
+        let signer = self.signer.as_ref().ok_or_else(|| {
+            LogError::Unavailable("this node reads the log only: it holds no signing key".into())
+        })?;
         let checkpoint = Checkpoint {
-            origin: self.signer.name().to_string(),
+            origin: signer.name().to_string(),
             size,
             root: frontier.root(),
             extensions: vec![],
         };
-        let note = self.signer.sign(&checkpoint.to_text()).map_err(io)?;
+        let note = signer.sign(&checkpoint.to_text()).map_err(io)?;
         tx.execute(
             "INSERT INTO log_checkpoints (seq, size, note) VALUES ($1, $2, $3)",
             &[&seq, &(size as i64), &note],
@@ -293,7 +298,7 @@ impl Shared {
     /// A stored note, checked against this log's signer.
     fn open(&self, note: String) -> Result<SignedCheckpoint, LogError> {
         let checkpoint =
-            ciyuan_tlog::open_checkpoint(&self.signer.verifier(), &note, Some(self.signer.name()))
+            ciyuan_tlog::open_checkpoint(&self.verifier, &note, Some(self.verifier.name()))
                 .map_err(|e| LogError::Io(format!("a stored checkpoint does not verify: {e}")))?;
         Ok(SignedCheckpoint { checkpoint, note })
     }
@@ -352,32 +357,47 @@ impl PgLog {
     /// Opens the log of the database `pool` connects to, creating it (empty, signed by
     /// `signer`) when it is new. A log signed by another key is refused.
     pub fn open(pool: Pool, signer: NoteSigner) -> Result<PgLog, LogError> {
-        crate::off_runtime(|| PgLog::open_here(pool, signer))
+        crate::off_runtime(|| PgLog::open_here(pool, Some(signer)))
     }
 
-    fn open_here(pool: Pool, signer: NoteSigner) -> Result<PgLog, LogError> {
+    /// Opens an existing log to read and verify it (an auditor's view): no signing
+    /// key, checkpoints checked against the verifier key the log recorded at its
+    /// creation; appends and signing are refused.
+    pub fn open_reader(pool: Pool) -> Result<PgLog, LogError> {
+        crate::off_runtime(|| PgLog::open_here(pool, None))
+    }
+
+    fn open_here(pool: Pool, signer: Option<NoteSigner>) -> Result<PgLog, LogError> {
         let mut c = pool.get().map_err(io)?;
-        crate::migrate(&mut c).map_err(io)?;
-        let vkey = signer.verifier_key();
-        c.execute(
-            "INSERT INTO log_head (size, frontier, signer) VALUES (0, '', $1)
-             ON CONFLICT DO NOTHING",
-            &[&vkey],
-        )
-        .map_err(io)?;
-        let row = c
-            .query_one("SELECT size, signer FROM log_head", &[])
+        if let Some(signer) = &signer {
+            crate::migrate(&mut c).map_err(io)?;
+            c.execute(
+                "INSERT INTO log_head (size, frontier, signer) VALUES (0, '', $1)
+                 ON CONFLICT DO NOTHING",
+                &[&signer.verifier_key()],
+            )
             .map_err(io)?;
+        }
+        let row = c
+            .query_opt("SELECT size, signer FROM log_head", &[])
+            .map_err(io)?
+            .ok_or_else(|| LogError::Invalid("this database holds no Ciyuan log".into()))?;
         let recorded: String = row.get(1);
-        if recorded != vkey {
+        if let Some(signer) = &signer
+            && recorded != signer.verifier_key()
+        {
             return Err(LogError::Invalid(format!(
-                "the log in this database is signed by {recorded}, not by this node's key {vkey}"
+                "the log in this database is signed by {recorded}, not by this node's key {}",
+                signer.verifier_key()
             )));
         }
+        let verifier = ciyuan_tlog::NoteVerifier::from_vkey(&recorded)
+            .map_err(|e| LogError::Io(format!("the log's recorded verifier key: {e}")))?;
         let size = row.get::<_, i64>(0) as u64;
         let shared = Arc::new(Shared {
             pool: pool.clone(),
             signer,
+            verifier,
             size: AtomicU64::new(size),
             latest: Mutex::new(None),
             checkpoints: AtomicU64::new(0),
@@ -393,6 +413,14 @@ impl PgLog {
             shared.remember(row.get::<_, i64>(0) as u64 + 1, signed);
         }
         drop(c);
+        if shared.signer.is_none() {
+            // A reader: nothing to write with.
+            return Ok(PgLog {
+                shared,
+                writer: Mutex::new(None),
+                thread: Mutex::new(None),
+            });
+        }
         let (tx, rx) = mpsc::channel();
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -415,6 +443,63 @@ impl PgLog {
             .ok_or_else(|| LogError::Unavailable("the log is closed".into()))?
             .send(job)
             .map_err(|_| LogError::Unavailable("the log's writer stopped".into()))
+    }
+
+    /// Records checkpoints signed elsewhere over this log's entries (a log copied in
+    /// from an embedded ledger keeps its history of signatures): each must verify with
+    /// the log's key, name a size the log has, with the root the log has there, and
+    /// come after the last one recorded. Answers how many were recorded.
+    pub fn import_checkpoints(&self, notes: &[String]) -> Result<u64, LogError> {
+        crate::off_runtime(|| {
+            let mut c = self.shared.pool.get().map_err(io)?;
+            let mut tx = c.transaction().map_err(io)?;
+            let head = tx
+                .query_one("SELECT size FROM log_head FOR UPDATE", &[])
+                .map_err(io)?;
+            let size = head.get::<_, i64>(0) as u64;
+            let last = tx
+                .query_opt(
+                    "SELECT seq, size FROM log_checkpoints ORDER BY seq DESC LIMIT 1",
+                    &[],
+                )
+                .map_err(io)?;
+            let (mut seq, mut at) = match last {
+                Some(r) => (r.get::<_, i64>(0) + 1, r.get::<_, i64>(1) as u64),
+                None => (0, 0),
+            };
+            let mut recorded = None;
+            for note in notes {
+                let signed = self.shared.open(note.clone())?;
+                let cp = &signed.checkpoint;
+                if cp.size > size || (seq > 0 && cp.size < at) {
+                    return Err(LogError::Invalid(format!(
+                        "a checkpoint of size {} does not fit a log of {size} entries after one of {at}",
+                        cp.size
+                    )));
+                }
+                let src = Nodes(std::cell::RefCell::new(&mut tx));
+                let root = ciyuan_tlog::root(&src, cp.size)?;
+                if root != cp.root {
+                    return Err(LogError::Invalid(format!(
+                        "the checkpoint of size {} signs another root than the log's",
+                        cp.size
+                    )));
+                }
+                tx.execute(
+                    "INSERT INTO log_checkpoints (seq, size, note) VALUES ($1, $2, $3)",
+                    &[&seq, &(cp.size as i64), note],
+                )
+                .map_err(io)?;
+                recorded = Some((seq as u64 + 1, signed.clone()));
+                seq += 1;
+                at = cp.size;
+            }
+            tx.commit().map_err(io)?;
+            if let Some((count, latest)) = recorded {
+                self.shared.remember(count, latest);
+            }
+            Ok(notes.len() as u64)
+        })
     }
 
     /// Reads the committed size from the database: entries other nodes appended
@@ -528,7 +613,7 @@ impl Log for PgLog {
             }
             let mut c = self.shared.pool.get().map_err(io)?;
             self.check_size(&mut c, size)?;
-            let src = Nodes(std::cell::RefCell::new(&mut c));
+            let src = Nodes(std::cell::RefCell::new(&mut *c));
             ciyuan_tlog::inclusion_proof(&src, index, size)
                 .map_err(|e| LogError::Invalid(format!("{e:?}")))
         })
@@ -543,7 +628,7 @@ impl Log for PgLog {
             }
             let mut c = self.shared.pool.get().map_err(io)?;
             self.check_size(&mut c, new_size)?;
-            let src = Nodes(std::cell::RefCell::new(&mut c));
+            let src = Nodes(std::cell::RefCell::new(&mut *c));
             ciyuan_tlog::consistency_proof(&src, old_size, new_size)
                 .map_err(|e| LogError::Invalid(format!("{e:?}")))
         })
@@ -553,7 +638,7 @@ impl Log for PgLog {
         crate::off_runtime(|| {
             let mut c = self.shared.pool.get().map_err(io)?;
             self.check_size(&mut c, size)?;
-            let src = Nodes(std::cell::RefCell::new(&mut c));
+            let src = Nodes(std::cell::RefCell::new(&mut *c));
             ciyuan_tlog::root(&src, size)
         })
     }
@@ -584,6 +669,6 @@ impl Log for PgLog {
     }
 
     fn verifier_key(&self) -> String {
-        self.shared.signer.verifier_key()
+        self.shared.verifier.verifier_key()
     }
 }

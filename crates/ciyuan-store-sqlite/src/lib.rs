@@ -386,6 +386,26 @@ impl SqliteStore {
         result
     }
 
+    /// Every key with the SHA-256 of its secret, in creation order: what moving the
+    /// keys to another store needs (the hashes never leave a store otherwise).
+    pub fn keys_with_hashes(&self) -> Result<Vec<(KeyRecord, [u8; 32])>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {KEY_COLUMNS}, secret_hash FROM keys ORDER BY seq"
+            ))
+            .map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(backend)? {
+            let hash: Vec<u8> = r.get(6).map_err(backend)?;
+            let hash = <[u8; 32]>::try_from(hash.as_slice())
+                .map_err(|_| StoreError::Corrupt("a stored key hash is not 32 bytes".into()))?;
+            out.push((key_from_raw(raw_key(r).map_err(backend)?)?, hash));
+        }
+        Ok(out)
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions
         // roll back on drop), so a poisoned lock is still usable.

@@ -148,12 +148,18 @@ pub enum AuditCmd {
     Export {
         /// Output directory (created; must be empty).
         dir: PathBuf,
+        /// Read the log straight from this PostgreSQL database instead of the server
+        /// (no key needed: the database's own access control applies).
+        #[arg(long)]
+        database: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
-    /// Verify a data directory or a bundle offline; exits 0 only if everything checks.
+    /// Verify a data directory, a bundle or a PostgreSQL database offline; exits 0 only
+    /// if everything checks.
     Verify {
-        /// A data directory, a ledger directory or an exported bundle.
+        /// A data directory, a ledger directory, an exported bundle, or a database URL
+        /// (postgres://...: its log is read up to its newest signed checkpoint).
         path: PathBuf,
         /// Print the report as one JSON line.
         #[arg(long)]
@@ -450,7 +456,24 @@ pub fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
             )?;
             print_json(&v)?;
         }
-        AuditCmd::Export { dir, remote } => {
+        AuditCmd::Export {
+            dir,
+            database: Some(url),
+            ..
+        } => {
+            let summary = export_database(&url, &dir)?;
+            println!(
+                "exported {} entries and {} checkpoints from the database to {}",
+                summary.entries,
+                summary.checkpoints,
+                dir.display()
+            );
+        }
+        AuditCmd::Export {
+            dir,
+            database: None,
+            remote,
+        } => {
             let client = Client::new(&remote)?;
             export(&client, &dir)?;
         }
@@ -526,7 +549,31 @@ fn export(client: &Client, dir: &std::path::Path) -> anyhow::Result<()> {
 #[path = "audit_rules.rs"]
 pub mod audit_rules;
 
+/// Writes the log of a PostgreSQL database as a bundle in `dir`, read with the
+/// verifier key the log recorded (no signing key).
+fn export_database(
+    url: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<ciyuan_ledger::BundleSummary> {
+    let pool = ciyuan_store_postgres::Pool::connect(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let log = ciyuan_store_postgres::PgLog::open_reader(pool)
+        .map_err(|e| anyhow::anyhow!("the log in the database: {e}"))?;
+    Ok(ciyuan_ledger::export_log(&log, dir)?)
+}
+
 fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+    // A database: its log is copied out as a bundle (entries up to the newest
+    // checkpoint) and the bundle verified like any other, so the same code judges both.
+    let text = path.to_string_lossy().into_owned();
+    let database = text.starts_with("postgres://")
+        || text.starts_with("postgresql://")
+        || (text.contains("host=") && !path.exists());
+    if database {
+        let tmp = tempfile::tempdir()?;
+        let bundle = tmp.path().join("bundle");
+        export_database(&text, &bundle)?;
+        return verify(bundle, json);
+    }
     // A data directory holds the ledger in `ledger/`.
     let target = if path.join("ledger").is_dir() {
         path.join("ledger")
@@ -585,7 +632,7 @@ fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn base64_hash(h: &[u8; 32]) -> String {
+pub(crate) fn base64_hash(h: &[u8; 32]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(h)
 }

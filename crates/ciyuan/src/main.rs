@@ -102,8 +102,9 @@ enum Command {
     /// Checkpoints, proofs, bundles and offline verification.
     #[command(subcommand)]
     Audit(admin::AuditCmd),
-    /// Migrate a data directory to this build and recover its ledger (server stopped).
-    Migrate(serve::RebuildArgs),
+    /// Migrate a data directory to this build and recover its ledger (server stopped),
+    /// or copy it into PostgreSQL (--from DIR --to postgres://...).
+    Migrate(serve::MigrateArgs),
     /// Rebuild the projections from the ledger alone (server stopped).
     Rebuild(serve::RebuildArgs),
     /// Count the tokens of a text with a model's own tokenizer.

@@ -118,8 +118,14 @@ fn open_postgres(
     cfg: &ServeConfig,
     url: &str,
 ) -> anyhow::Result<(Arc<ciyuan_store_postgres::PgLog>, Arc<dyn Store>)> {
-    let signer = ciyuan_ledger::signing_key(&cfg.data, cfg.origin.as_deref())
-        .with_context(|| format!("the log's signing key in {}", cfg.data.display()))?;
+    // A data directory migrated from the embedded default keeps its key in `ledger/`.
+    let key_dir = if cfg.data.join("ledger").join("signing.key").exists() {
+        cfg.data.join("ledger")
+    } else {
+        cfg.data.clone()
+    };
+    let signer = ciyuan_ledger::signing_key(&key_dir, cfg.origin.as_deref())
+        .with_context(|| format!("the log's signing key in {}", key_dir.display()))?;
     let pool = ciyuan_store_postgres::Pool::connect(url)
         .map_err(|e| anyhow::anyhow!("the database: {e}"))?;
     let log = ciyuan_store_postgres::PgLog::open(pool.clone(), signer)
@@ -335,10 +341,124 @@ pub fn rebuild(config: Option<&Path>, args: RebuildArgs) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ciyuan migrate` arguments.
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// Data directory (to bring up to this build).
+    #[arg(long, env = "CIYUAN_DATA")]
+    data: Option<PathBuf>,
+    /// Copy this embedded data directory (server stopped) into the database `--to`.
+    #[arg(long, requires = "to", conflicts_with = "data")]
+    from: Option<PathBuf>,
+    /// The PostgreSQL database to copy into (postgres://...; its log must be empty).
+    #[arg(long, requires = "from")]
+    to: Option<String>,
+}
+
+/// `ciyuan migrate --from DIR --to postgres://...`: copies an embedded data directory
+/// into PostgreSQL — the log entry by entry (the same bytes, so the same tree and
+/// roots), its signed checkpoints (checked against the copied tree), the keys (their
+/// hashes), then the projections built from the copied log — and checks the roots.
+fn migrate_to_postgres(from: &Path, url: &str) -> anyhow::Result<ExitCode> {
+    let ledger_dir = from.join("ledger");
+    let ledger = Ledger::open(&ledger_dir, LedgerOptions::default())
+        .with_context(|| format!("opening the ledger in {}", ledger_dir.display()))?;
+    let sqlite = SqliteStore::open(&from.join("ciyuan.db"))
+        .with_context(|| format!("opening {}", from.join("ciyuan.db").display()))?;
+    let signer = ciyuan_ledger::signing_key(&ledger_dir, None)
+        .with_context(|| format!("the ledger's signing key in {}", ledger_dir.display()))?;
+    let pool = ciyuan_store_postgres::Pool::connect(url)
+        .map_err(|e| anyhow::anyhow!("the database: {e}"))?;
+    let log = ciyuan_store_postgres::PgLog::open(pool.clone(), signer)
+        .map_err(|e| anyhow::anyhow!("the log in the database: {e}"))?;
+    let store = ciyuan_store_postgres::PgStore::open(pool)
+        .map_err(|e| anyhow::anyhow!("the projections in the database: {e}"))?;
+    if log.refresh()? != 0 {
+        anyhow::bail!("the database's log is not empty: migrate into a new database");
+    }
+    let reader = ledger.reader();
+    let size = reader.size();
+    let started = std::time::Instant::now();
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let flush = |batch: &mut Vec<Vec<u8>>| -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        log.append(
+            std::mem::take(batch),
+            Box::new(move |r| {
+                // The receiver waits below.
+                let _ = tx.send(r);
+            }),
+        )?;
+        rx.recv()
+            .map_err(|_| anyhow::anyhow!("the database's writer stopped"))??;
+        Ok(())
+    };
+    let mut failed = None;
+    reader
+        .scan(
+            0..size,
+            |_, bytes| -> Result<(), ciyuan_ledger::LedgerError> {
+                batch.push(bytes.to_vec());
+                if batch.len() == 10_000
+                    && let Err(e) = flush(&mut batch)
+                {
+                    failed = Some(e);
+                    return Err(ciyuan_ledger::LedgerError::Invalid("copy failed".into()));
+                }
+                Ok(())
+            },
+        )
+        .map_err(|e| failed.take().unwrap_or_else(|| anyhow::anyhow!("{e}")))?;
+    flush(&mut batch)?;
+    let (ours, theirs) = (reader.root_at(size)?, log.root_at(size)?);
+    if ours != theirs || log.size() != size {
+        anyhow::bail!(
+            "the copied log's root differs from the ledger's: nothing is trustworthy here"
+        );
+    }
+    let mut notes = Vec::new();
+    let mut at = 0;
+    loop {
+        let page = reader.checkpoints(at, 1024)?;
+        notes.extend(page.iter().map(|c| c.note.clone()));
+        if page.len() < 1024 {
+            break;
+        }
+        at += page.len() as u64;
+    }
+    let checkpoints = log.import_checkpoints(&notes)?;
+    let keys = sqlite.keys_with_hashes()?;
+    for (k, hash) in &keys {
+        store.insert_key(k, hash)?;
+    }
+    let applied = ciyuan_server::pipeline::project(&store, &log, size, &mut |_| {})
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    log.close();
+    println!(
+        "copied {size} entries (root {} unchanged), {checkpoints} checkpoints and {} keys into the database, and projected {applied} entries, in {:.2}s",
+        crate::admin::base64_hash(&ours),
+        keys.len(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "serve it with: ciyuan serve --database <url> --data {} (the log's signing key stays in {})",
+        from.display(),
+        ledger_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `ciyuan migrate`: brings a stopped server's data directory up to this build —
 /// database schema migrations, the ledger's crash recovery, and the projections caught
 /// up with the ledger (a migration may have reset them) — without serving.
-pub fn migrate(config: Option<&Path>, args: RebuildArgs) -> anyhow::Result<ExitCode> {
+pub fn migrate(config: Option<&Path>, args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    if let (Some(from), Some(to)) = (&args.from, &args.to) {
+        return migrate_to_postgres(from, to);
+    }
+    let args = RebuildArgs { data: args.data };
     let file = match config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),

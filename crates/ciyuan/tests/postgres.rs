@@ -118,3 +118,125 @@ fn serve_keeps_the_log_and_projections_in_postgres_across_restarts() {
     let err = String::from_utf8_lossy(&stranger.stderr);
     assert!(err.contains("signed by"), "{err}");
 }
+
+fn root_of(verify_output: &str) -> String {
+    verify_output
+        .split("root ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no root in {verify_output}"))
+        .to_string()
+}
+
+#[test]
+fn an_embedded_data_directory_moves_into_postgres_with_the_same_roots() {
+    let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
+    let url = cluster.database("moved").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let root = server.bootstrap.clone().unwrap();
+    stdout(&server.cli(&root, &["accounts", "create", "acme/cn"]));
+    let key = json(
+        stdout(&server.cli(
+            &root,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "acme/cn",
+                "--scopes",
+                "gateway,read",
+                "--json",
+            ],
+        ))
+        .as_bytes(),
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for text in ["one", "two", "three"] {
+        let (s, b) = server.http(
+            "POST",
+            "/v1/chat/completions",
+            &key,
+            Some(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": text}]})),
+        );
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    }
+    let (s, _) = server.http("POST", "/api/v1/audit/checkpoint", &root, None);
+    assert_eq!(s, 200);
+    // A call's entry is recorded just after its answer: wait until all three are.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut before = usage_input(&server, &root);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let now = usage_input(&server, &root);
+        if now == before || std::time::Instant::now() > deadline {
+            break;
+        }
+        before = now;
+    }
+    server.stop();
+    let embedded = crate::common::verify(&data);
+    assert_eq!(embedded.0, 0, "{}", embedded.1);
+
+    let moved = std::process::Command::new(crate::common::bin())
+        .args(["migrate", "--from"])
+        .arg(&data)
+        .args(["--to", &url])
+        .env("CIYUAN_LOG", "warn")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&moved.stdout);
+    assert!(
+        moved.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert!(said.contains("unchanged"), "{said}");
+    // The database verifies on its own, with the same root as the directory.
+    let (code, out) = crate::common::verify(std::path::Path::new(&url));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(root_of(&out), root_of(&embedded.1), "{out}\n{}", embedded.1);
+    // A second copy into the same database is refused.
+    let again = std::process::Command::new(crate::common::bin())
+        .args(["migrate", "--from"])
+        .arg(&data)
+        .args(["--to", &url])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+
+    // Served from the database, with the same keys and figures.
+    let server = Server::start_with(&data, &["--database", &url]);
+    assert_eq!(usage_input(&server, &root), before);
+    let (s, b) = server.http(
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "four"}]})),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let (s, _) = server.http("POST", "/api/v1/audit/checkpoint", &root, None);
+    assert_eq!(s, 200);
+    server.stop();
+    let (code, out) = crate::common::verify(std::path::Path::new(&url));
+    assert_eq!(code, 0, "{out}");
+    // And an export of the database is a bundle like any other.
+    let bundle = tmp.path().join("bundle");
+    let exported = std::process::Command::new(crate::common::bin())
+        .args(["audit", "export"])
+        .arg(&bundle)
+        .args(["--database", &url])
+        .output()
+        .unwrap();
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let (code, from_bundle) = crate::common::verify(&bundle);
+    assert_eq!(code, 0, "{from_bundle}");
+    assert_eq!(root_of(&from_bundle), root_of(&out));
+}
