@@ -259,6 +259,9 @@ fn project_reusing(
     shelf: &Shelf,
 ) -> Result<u64, ProjectError> {
     let mut at = store.projected_through().map_err(ProjectError::Store)?;
+    // Another node sharing the store may have applied entries this one has not
+    // (PostgreSQL): they are visible to queries all the same.
+    progress(at);
     while at < end {
         let stop = end.min(at + PROJECT_BATCH_ENTRIES);
         let lent = shelf.overlapping(&(at..stop));
@@ -293,10 +296,13 @@ fn project_reusing(
                 Part::Read(r) => &pool[r.clone()],
             })
             .collect();
-        store
-            .apply_parts(at, &slices)
-            .map_err(ProjectError::Store)?;
-        at = stop;
+        match store.apply_parts(at, &slices) {
+            Ok(()) => at = stop,
+            // Another node sharing the store (PostgreSQL) applied these entries first:
+            // go on from where the store is.
+            Err(StoreError::OutOfOrder { at: there, .. }) if there > at => at = there,
+            Err(e) => return Err(ProjectError::Store(e)),
+        }
         shelf.release(at);
         progress(at);
     }
@@ -527,9 +533,11 @@ mod tests {
             &shelf,
         )
         .unwrap();
+        // The store's watermark first (another node may have moved it), then each batch.
         assert_eq!(
             marks,
             [
+                5,
                 PROJECT_BATCH_ENTRIES + 5,
                 2 * PROJECT_BATCH_ENTRIES + 5,
                 n - 100

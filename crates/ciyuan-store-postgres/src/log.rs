@@ -50,6 +50,52 @@ pub struct PgLog {
     shared: Arc<Shared>,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set to stop the follower.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How often the follower reads the head when no notification came.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Keeps this node's view of the log current with what other nodes append and sign:
+/// waits for the `ciyuan_log` notification every commit sends (or polls), then reads
+/// the committed size and the newest checkpoint. A lost connection is retried.
+fn follow(shared: Arc<Shared>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    while !stop.load(Ordering::Acquire) {
+        let mut listener = match shared.pool.get() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "the log's follower cannot connect; retrying");
+                std::thread::sleep(FOLLOW_POLL);
+                continue;
+            }
+        };
+        if let Err(e) = listener.batch_execute("LISTEN ciyuan_log") {
+            tracing::warn!(error = %crate::describe(&e), "the log's follower cannot listen");
+            std::thread::sleep(FOLLOW_POLL);
+            continue;
+        }
+        while !stop.load(Ordering::Acquire) {
+            // Wake on the first notification (or the poll), then take all that queued.
+            let woke = {
+                use postgres::fallible_iterator::FallibleIterator;
+                let mut n = listener.notifications();
+                let first = n.timeout_iter(FOLLOW_POLL).next();
+                match first {
+                    Ok(_) => {
+                        let mut pending = n.iter();
+                        while let Ok(Some(_)) = pending.next() {}
+                        true
+                    }
+                    Err(_) => false,
+                }
+            };
+            if !woke || shared.catch_up(&mut listener).is_err() {
+                // The connection broke: listen again on a new one.
+                break;
+            }
+        }
+    }
 }
 
 fn io(e: impl Into<Described>) -> LogError {
@@ -159,6 +205,22 @@ impl<C: postgres::GenericClient> NodeSource for Nodes<'_, C> {
 }
 
 impl Shared {
+    /// Reads the committed size and the newest checkpoint signed by any node.
+    fn catch_up(&self, c: &mut postgres::Client) -> Result<(), LogError> {
+        self.head_size(c)?;
+        if let Some(row) = c
+            .query_opt(
+                "SELECT seq, note FROM log_checkpoints ORDER BY seq DESC LIMIT 1",
+                &[],
+            )
+            .map_err(io)?
+        {
+            let signed = self.open(row.get(1))?;
+            self.remember(row.get::<_, i64>(0) as u64 + 1, signed);
+        }
+        Ok(())
+    }
+
     /// The committed size, read from the database (and remembered).
     fn head_size(&self, c: &mut postgres::Client) -> Result<u64, LogError> {
         let size: i64 = c
@@ -413,12 +475,14 @@ impl PgLog {
             shared.remember(row.get::<_, i64>(0) as u64 + 1, signed);
         }
         drop(c);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if shared.signer.is_none() {
-            // A reader: nothing to write with.
+            // A reader: nothing to write with, nobody to follow.
             return Ok(PgLog {
                 shared,
                 writer: Mutex::new(None),
                 thread: Mutex::new(None),
+                stop,
             });
         }
         let (tx, rx) = mpsc::channel();
@@ -427,10 +491,16 @@ impl PgLog {
             .name("ciyuan-pg-log".into())
             .spawn(move || writer(s, rx))
             .map_err(io)?;
+        let (s, halt) = (shared.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("ciyuan-pg-follow".into())
+            .spawn(move || follow(s, halt))
+            .map_err(io)?;
         Ok(PgLog {
             shared,
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
+            stop,
         })
     }
 
@@ -513,6 +583,7 @@ impl PgLog {
 
     /// Stops the writer after the requests already queued.
     pub fn close(&self) {
+        self.stop.store(true, Ordering::Release);
         if let Ok(mut w) = self.writer.lock() {
             w.take();
         }

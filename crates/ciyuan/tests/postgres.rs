@@ -240,3 +240,78 @@ fn an_embedded_data_directory_moves_into_postgres_with_the_same_roots() {
     assert_eq!(code, 0, "{from_bundle}");
     assert_eq!(root_of(&from_bundle), root_of(&out));
 }
+
+#[test]
+fn two_nodes_append_to_one_verifiable_log_and_see_each_others_entries() {
+    let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
+    let url = cluster.database("two").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    let a = Server::start_with(&a_dir, &["--database", &url]);
+    let root = a.bootstrap.clone().unwrap();
+    // The second node holds a copy of the log's key.
+    std::fs::create_dir_all(&b_dir).unwrap();
+    for f in ["signing.key", "public.key"] {
+        std::fs::copy(a_dir.join(f), b_dir.join(f)).unwrap();
+    }
+    let b = Server::start_with(&b_dir, &["--database", &url]);
+    assert!(b.bootstrap.is_none(), "one bootstrap for the shared store");
+    stdout(&a.cli(&root, &["accounts", "create", "acme/cn"]));
+    let key = json(
+        stdout(&a.cli(
+            &root,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "acme/cn",
+                "--scopes",
+                "ingest,read",
+                "--json",
+            ],
+        ))
+        .as_bytes(),
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Both nodes take events at once; each event is 100 input tokens.
+    std::thread::scope(|s| {
+        for (node, tag) in [(&a, "a"), (&b, "b")] {
+            let key = key.clone();
+            s.spawn(move || {
+                for i in 0..20 {
+                    let batch: Vec<serde_json::Value> = (0..5)
+                        .map(|j| {
+                            json!({"specversion": "1.0", "id": format!("{tag}-{i}-{j}"),
+                            "source": "svc://two", "type": "llm.usage", "subject": "acme/cn",
+                            "data": {"model": "m", "input_tokens": 100, "output_tokens": 1}})
+                        })
+                        .collect();
+                    let (st, body) = node.http("POST", "/v1/events", &key, Some(&json!(batch)));
+                    assert!(
+                        st == 201 || st == 207 || st == 200,
+                        "{st} {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+            });
+        }
+    });
+    // Each node sees all 200 events, whichever node took them.
+    for node in [&a, &b] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        let mut seen = usage_input(node, &root);
+        while seen < 20_000 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            seen = usage_input(node, &root);
+        }
+        assert_eq!(seen, 20_000, "every event once, seen from {}", node.url);
+    }
+    let (s, _) = b.http("POST", "/api/v1/audit/checkpoint", &root, None);
+    assert_eq!(s, 200);
+    a.stop();
+    b.stop();
+    let (code, out) = crate::common::verify(std::path::Path::new(&url));
+    assert_eq!(code, 0, "{out}");
+}
