@@ -95,6 +95,26 @@ impl Server {
             .expect("run ciyuan")
     }
 
+    /// A new key on `account` with `scopes` (comma-separated), made with `admin`.
+    pub fn new_key(&self, admin: &str, account: &str, scopes: &str) -> String {
+        let out = stdout(&self.cli(
+            admin,
+            &[
+                "keys",
+                "create",
+                "--account",
+                account,
+                "--scopes",
+                scopes,
+                "--json",
+            ],
+        ));
+        json(out.as_bytes())["key"]
+            .as_str()
+            .expect("the new key")
+            .to_string()
+    }
+
     /// A blocking HTTP call: (status, body).
     pub fn http(
         &self,

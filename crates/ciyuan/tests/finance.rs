@@ -495,24 +495,7 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
     assert!(hr.contains("2026-11-30,acme/cn,,,1,CNY,0"), "{hr}");
 
     // A key below reads its own subtree's export, never its parent's or a sibling's.
-    let cn_reader = json(
-        stdout(&server.cli(
-            &root,
-            &[
-                "keys",
-                "create",
-                "--account",
-                "acme/cn",
-                "--scopes",
-                "read",
-                "--json",
-            ],
-        ))
-        .as_bytes(),
-    )["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cn_reader = server.new_key(&root, "acme/cn", "read");
     for (account, want) in [("acme", 403), ("acme/us", 403), ("acme/cn", 200)] {
         let (s, _) = server.http(
             "GET",
@@ -547,24 +530,7 @@ fn a_month_is_billed_in_the_nodes_zone_closed_once_and_late_usage_lands_in_the_n
         human.contains("acme/us") && human.contains("0.72 CNY"),
         "{human}"
     );
-    let cn_admin = json(
-        stdout(&server.cli(
-            &root,
-            &[
-                "keys",
-                "create",
-                "--account",
-                "acme/cn",
-                "--scopes",
-                "admin",
-                "--json",
-            ],
-        ))
-        .as_bytes(),
-    )["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cn_admin = server.new_key(&root, "acme/cn", "admin");
     let denied = server.cli(
         &cn_admin,
         &["statement", "acme", "--period", "2026-11", "--close"],
@@ -782,24 +748,7 @@ fn a_provider_export_is_reconciled_with_the_gateways_records() {
     let server = start(tmp.path());
     let root = server.bootstrap.clone().unwrap();
     stdout(&server.cli(&root, &["accounts", "create", "acme/gw"]));
-    let key = json(
-        stdout(&server.cli(
-            &root,
-            &[
-                "keys",
-                "create",
-                "--account",
-                "acme/gw",
-                "--scopes",
-                "gateway",
-                "--json",
-            ],
-        ))
-        .as_bytes(),
-    )["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = server.new_key(&root, "acme/gw", "gateway");
     for text in [
         "What is a token?",
         "And a ledger?",
@@ -918,24 +867,7 @@ fn a_provider_export_is_reconciled_with_the_gateways_records() {
             .any(|e| e["kind"] == "incident" && e["data"]["kind"] == "reconciliation.difference")
     );
     // A tenant's admin key cannot reconcile a provider's export, which covers everyone.
-    let tenant = json(
-        stdout(&server.cli(
-            &root,
-            &[
-                "keys",
-                "create",
-                "--account",
-                "acme",
-                "--scopes",
-                "admin",
-                "--json",
-            ],
-        ))
-        .as_bytes(),
-    )["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let tenant = server.new_key(&root, "acme", "admin");
     let denied = server.cli(
         &tenant,
         &[
@@ -1024,24 +956,7 @@ fn service_levels_are_declared_in_contracts_and_quality_is_reported_per_upstream
     ));
     let shown = stdout(&server.cli(&root, &["contracts", "show", "acme/gw", "--json"]));
     assert!(shown.contains("sim-gpt"), "{shown}");
-    let key = json(
-        stdout(&server.cli(
-            &root,
-            &[
-                "keys",
-                "create",
-                "--account",
-                "acme/gw",
-                "--scopes",
-                "gateway,read",
-                "--json",
-            ],
-        ))
-        .as_bytes(),
-    )["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = server.new_key(&root, "acme/gw", "gateway,read");
     for text in ["What is a service level?", "And a credit?"] {
         let (s, b) = server.http(
             "POST",

@@ -29,24 +29,7 @@ fn serve_keeps_the_log_and_projections_in_postgres_across_restarts() {
         .clone()
         .expect("a bootstrap key on first start");
     stdout(&server.cli(&root, &["accounts", "create", "acme/cn"]));
-    let key = json(
-        stdout(&server.cli(
-            &root,
-            &[
-                "keys",
-                "create",
-                "--account",
-                "acme/cn",
-                "--scopes",
-                "gateway,ingest,read",
-                "--json",
-            ],
-        ))
-        .as_bytes(),
-    )["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = server.new_key(&root, "acme/cn", "gateway,ingest,read");
     let (s, b) = server.http(
         "POST",
         "/v1/chat/completions",
@@ -137,24 +120,7 @@ fn an_embedded_data_directory_moves_into_postgres_with_the_same_roots() {
     let server = Server::start(&data);
     let root = server.bootstrap.clone().unwrap();
     stdout(&server.cli(&root, &["accounts", "create", "acme/cn"]));
-    let key = json(
-        stdout(&server.cli(
-            &root,
-            &[
-                "keys",
-                "create",
-                "--account",
-                "acme/cn",
-                "--scopes",
-                "gateway,read",
-                "--json",
-            ],
-        ))
-        .as_bytes(),
-    )["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = server.new_key(&root, "acme/cn", "gateway,read");
     for text in ["one", "two", "three"] {
         let (s, b) = server.http(
             "POST",
@@ -257,24 +223,7 @@ fn two_nodes_append_to_one_verifiable_log_and_see_each_others_entries() {
     let b = Server::start_with(&b_dir, &["--database", &url]);
     assert!(b.bootstrap.is_none(), "one bootstrap for the shared store");
     stdout(&a.cli(&root, &["accounts", "create", "acme/cn"]));
-    let key = json(
-        stdout(&a.cli(
-            &root,
-            &[
-                "keys",
-                "create",
-                "--account",
-                "acme/cn",
-                "--scopes",
-                "ingest,read",
-                "--json",
-            ],
-        ))
-        .as_bytes(),
-    )["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = a.new_key(&root, "acme/cn", "ingest,read");
     // Both nodes take events at once; each event is 100 input tokens.
     std::thread::scope(|s| {
         for (node, tag) in [(&a, "a"), (&b, "b")] {
