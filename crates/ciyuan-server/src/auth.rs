@@ -110,18 +110,24 @@ fn checked(record: &KeyRecord) -> Result<Caller, ApiError> {
 }
 
 /// Looks keys up, with a cache so the gateway's hot path does not touch the database.
-/// Revocation goes through [`Authenticator::revoked`] and takes effect at once.
+/// Revocation goes through [`Authenticator::revoked`] and takes effect at once on this
+/// node; with a store shared by several nodes, a cached key is read again once it is
+/// older than the cache's time to live, so a revocation on another node takes effect
+/// here within that time.
 pub struct Authenticator {
     store: Arc<dyn Store>,
-    cache: RwLock<HashMap<[u8; 32], KeyRecord>>,
+    cache: RwLock<HashMap<[u8; 32], (KeyRecord, std::time::Instant)>>,
+    ttl: Option<std::time::Duration>,
 }
 
 impl Authenticator {
-    /// A new authenticator over `store`.
-    pub fn new(store: Arc<dyn Store>) -> Authenticator {
+    /// A new authenticator over `store`; `ttl` bounds how long a cached key is trusted
+    /// (`None`: until this node revokes it, for a store no other node writes).
+    pub fn new(store: Arc<dyn Store>, ttl: Option<std::time::Duration>) -> Authenticator {
         Authenticator {
             store,
             cache: RwLock::new(HashMap::new()),
+            ttl,
         }
     }
 
@@ -169,7 +175,7 @@ impl Authenticator {
             if cache.len() >= CACHE_MAX_KEYS {
                 cache.clear();
             }
-            cache.insert(hash, record.clone());
+            cache.insert(hash, (record.clone(), std::time::Instant::now()));
         }
         checked(&record)
     }
@@ -180,7 +186,11 @@ impl Authenticator {
         parse_key(key)?;
         let hash = hash_key(key);
         let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
-        cache.get(&hash).map(checked)
+        let (record, at) = cache.get(&hash)?;
+        if self.ttl.is_some_and(|ttl| at.elapsed() > ttl) {
+            return None;
+        }
+        Some(checked(record))
     }
 
     /// Forgets a revoked key so its next use reads the revocation.
@@ -188,7 +198,7 @@ impl Authenticator {
         self.cache
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, r| r.key_id != key_id);
+            .retain(|_, (r, _)| r.key_id != key_id);
     }
 }
 

@@ -77,6 +77,11 @@ pub struct ServerConfig {
     pub reports: Vec<reports::ReportSpec>,
     /// How often the scheduled reports are checked for due periods.
     pub report_interval: Duration,
+    /// How long an API key read from the store is trusted before it is read again:
+    /// `None` when this node is the store's only writer (revocations here evict at
+    /// once); with several nodes on one database, how soon a revocation on another
+    /// node takes effect here.
+    pub key_cache_ttl: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +99,7 @@ impl Default for ServerConfig {
             reservation_ttl: Duration::from_secs(3600),
             reports: Vec::new(),
             report_interval: Duration::from_secs(30),
+            key_cache_ttl: None,
         }
     }
 }
@@ -172,7 +178,7 @@ impl App {
             tiers,
             wallets,
             rules_gate: Arc::default(),
-            auth: Authenticator::new(store.clone()),
+            auth: Authenticator::new(store.clone(), config.key_cache_ttl),
             store,
             log,
             projector,

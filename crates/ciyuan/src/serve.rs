@@ -171,6 +171,11 @@ async fn run(
         None
     };
     server_cfg.reservation_ttl = Duration::from_secs(cfg.reservation_ttl_secs);
+    // Other nodes may revoke keys in a shared database: trust a cached key for a
+    // second at most.
+    if cfg.database.is_some() {
+        server_cfg.key_cache_ttl = Some(Duration::from_secs(1));
+    }
     server_cfg.reports = std::mem::take(&mut cfg.reports);
     server_cfg.report_interval = Duration::from_secs(cfg.reports_check_secs);
     if !cfg.webhooks.is_empty() {

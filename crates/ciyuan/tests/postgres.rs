@@ -257,6 +257,18 @@ fn two_nodes_append_to_one_verifiable_log_and_see_each_others_entries() {
         }
         assert_eq!(seen, 20_000, "every event once, seen from {}", node.url);
     }
+    // A key revoked on one node stops working on the other within a second or so.
+    let (s, _) = b.http("GET", "/api/v1/usage?account=acme/cn", &key, None);
+    assert_eq!(s, 200);
+    let id = key[3..15].to_string();
+    stdout(&a.cli(&root, &["keys", "revoke", &id]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut status = 200;
+    while status == 200 && std::time::Instant::now() < deadline {
+        status = b.http("GET", "/api/v1/usage?account=acme/cn", &key, None).0;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(status, 401, "the revocation reached the other node");
     let (s, _) = b.http("POST", "/api/v1/audit/checkpoint", &root, None);
     assert_eq!(s, 200);
     a.stop();
