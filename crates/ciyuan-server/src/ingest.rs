@@ -320,10 +320,13 @@ impl Recent {
         claim
     }
 
-    /// Drops the oldest claims the projections have indexed, and failed ones; bounds
-    /// the index.
-    fn prune(&mut self, projected: u64) {
+    /// Takes out the oldest claims the projections have indexed, and failed ones;
+    /// bounds the index. They come back to be dropped once the ingest lock is
+    /// released: dropping a claim frees every string and rating of its entries, by
+    /// then out of the cache, and no other request need wait for that.
+    fn prune(&mut self, projected: u64) -> Vec<Arc<Claim>> {
         let Recent { seen, claims } = self;
+        let mut pruned = Vec::new();
         while let Some(front) = claims.front() {
             match front.state() {
                 Some(Ok(start)) if start + front.entries.len() as u64 <= projected => {
@@ -332,10 +335,11 @@ impl Recent {
                     }
                 }
                 Some(Err(())) => {}
-                _ => return,
+                _ => break,
             }
-            claims.pop_front();
+            pruned.extend(claims.pop_front());
         }
+        pruned
     }
 }
 
@@ -1183,13 +1187,9 @@ async fn record(
     // Priced before the lock (pure work): each entry carries its amount, book and
     // unit prices into the ledger.
     let mut candidates = candidates;
-    let mut price_incidents = Vec::new();
     let prices = app.pricing.snapshot();
-    for (_, a) in candidates.iter_mut() {
-        if let Some(incident) = app.rate_entry(&prices, &mut a.entry) {
-            price_incidents.push(incident);
-        }
-    }
+    let price_incidents =
+        app.rate_entries(&prices, candidates.iter_mut().map(|(_, a)| &mut a.entry));
     app.raise_price_incidents(price_incidents).await;
 
     // Classify and claim under the lock, so two requests carrying the same event cannot
@@ -1198,9 +1198,10 @@ async fn record(
     let mut tiers: Option<crate::tiers::TiersGuard> = None;
     let mut slots = Vec::with_capacity(candidates.len());
     let mut waits = Vec::new();
+    let pruned;
     let claim = {
         let mut recent = app.ingest_lock.lock().await;
-        recent.prune(app.projected());
+        pruned = recent.prune(app.projected());
         recent.seen.warm(candidates.iter().map(|(_, a)| a.hash));
         let mut fresh: Vec<(usize, Accepted)> = Vec::with_capacity(candidates.len());
         let mut known = Vec::new();
@@ -1345,6 +1346,8 @@ async fn record(
             || {
                 drop(rules.take());
                 drop(tiers.take());
+                // While the ledger syncs this request's group.
+                drop(pruned);
             },
         )
         .await

@@ -15,8 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Entries applied to the projections per transaction.
-pub const PROJECT_BATCH_ENTRIES: u64 = 4096;
+/// Most entries applied to the projections per transaction (a projector that keeps
+/// up applies what is new, far fewer). A backlog is worked off in large transactions:
+/// each commit writes every page it dirtied to the WAL, and the rollups of many
+/// nodes' hours dirty pages all over their tables; more entries per commit sum more
+/// events into each rollup row and write each page fewer times (`ciyuan bench
+/// finance`, BENCHMARKS.md). The store is locked for the whole transaction.
+pub const PROJECT_BATCH_ENTRIES: u64 = 16_384;
 /// Below this many new entries, the projector waits [`PROJECT_LINGER`] for more
 /// before committing them.
 const PROJECT_LINGER_BELOW: u64 = 256;

@@ -216,6 +216,17 @@ impl State_ {
     }
 
     fn rater(&self, node: &AccountPath, at: Timestamp) -> Result<Option<Arc<Rater>>, String> {
+        self.rater_span(node, at).map(|r| r.map(|(r, _)| r))
+    }
+
+    /// [`State_::rater`], with the times its book version is in force:
+    /// `effective_from..` the next version's (`None`: no later version).
+    #[allow(clippy::type_complexity)]
+    fn rater_span(
+        &self,
+        node: &AccountPath,
+        at: Timestamp,
+    ) -> Result<Option<(Arc<Rater>, (Timestamp, Option<Timestamp>))>, String> {
         if self.books.is_empty() {
             return Ok(None);
         }
@@ -231,6 +242,10 @@ impl State_ {
         let Some(book) = i.checked_sub(1).map(|i| &versions[i]) else {
             return Err(format!("book {name:?} has no version in force at {at}"));
         };
+        let span = (
+            book.effective_from,
+            versions.get(i).map(|b| b.effective_from),
+        );
         let key = (
             contract.map_or(0, |(_, c)| Arc::as_ptr(c) as usize),
             Arc::as_ptr(book) as usize,
@@ -243,18 +258,29 @@ impl State_ {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
         {
-            return Ok(Some(r.clone()));
+            return Ok(Some((r.clone(), span)));
         }
         let mut raters = self.raters.write().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = raters.get(&key) {
-            return Ok(Some(r.clone()));
+            return Ok(Some((r.clone(), span)));
         }
         let rater = Rater::new(book, contract.map(|(n, c)| (n, c.as_ref())))
             .map_err(|e| format!("book {}@{}: {e}", book.name, book.version))?;
         let rater = Arc::new(rater);
         raters.insert(key, rater.clone());
-        Ok(Some(rater))
+        Ok(Some((rater, span)))
     }
+}
+
+/// The rater last looked up in one batch, and for which contract and times it holds:
+/// a batch looks its rater up once per run of entries under one contract (or none)
+/// and one book version, not once per entry (a hash lookup, a lock and two atomic
+/// counts each).
+#[derive(Default)]
+pub(crate) struct RaterMemo {
+    /// The contract (its address in the snapshot, 0 for none), the span of times its
+    /// book version is in force, and the rater.
+    last: Option<(usize, Timestamp, Option<Timestamp>, Arc<Rater>)>,
 }
 
 /// The prices in force at one moment (see [`Pricing::snapshot`]).
@@ -270,6 +296,35 @@ impl Prices {
     /// The rater of usage of `node` at `at`, when one applies.
     pub(crate) fn rater_for(&self, node: &AccountPath, at: Timestamp) -> Option<Arc<Rater>> {
         self.0.rater(node, at).ok().flatten()
+    }
+
+    /// [`State_::rater`] through `memo`, which must only ever be used with this
+    /// snapshot (it names contracts by their address in it).
+    fn rater_memo<'m>(
+        &self,
+        memo: &'m mut RaterMemo,
+        node: &AccountPath,
+        at: Timestamp,
+    ) -> Result<Option<&'m Arc<Rater>>, String> {
+        if self.0.books.is_empty() {
+            return Ok(None);
+        }
+        // Which rater applies depends on the nearest contract and, through the book
+        // version in force, on the time; nothing else of the node.
+        let contract = self
+            .0
+            .contract(node)
+            .map_or(0, |(_, c)| Arc::as_ptr(c) as usize);
+        let held = memo.last.as_ref().is_some_and(|(c, from, until, _)| {
+            *c == contract && *from <= at && until.is_none_or(|u| at < u)
+        });
+        if !held {
+            match self.0.rater_span(node, at)? {
+                None => return Ok(None),
+                Some((r, (from, until))) => memo.last = Some((contract, from, until, r)),
+            }
+        }
+        Ok(memo.last.as_ref().map(|(_, _, _, r)| r))
     }
 }
 
@@ -353,7 +408,30 @@ impl App {
         basis: Option<Basis>,
         period_to_date: Decimal,
     ) -> Rated {
-        let rater = match prices.0.rater(node, at) {
+        self.rate_usage_memo(
+            prices,
+            &mut RaterMemo::default(),
+            node,
+            at,
+            usage,
+            basis,
+            period_to_date,
+        )
+    }
+
+    /// [`App::rate_usage`], the rater looked up through `memo` (of `prices`).
+    #[allow(clippy::too_many_arguments)]
+    fn rate_usage_memo(
+        &self,
+        prices: &Prices,
+        memo: &mut RaterMemo,
+        node: &AccountPath,
+        at: Timestamp,
+        usage: &Usage,
+        basis: Option<Basis>,
+        period_to_date: Decimal,
+    ) -> Rated {
+        let rater = match prices.rater_memo(memo, node, at) {
             Ok(None) => return Rated::Off,
             Ok(Some(r)) => r,
             Err(why) => return Rated::NoBook(why),
@@ -369,10 +447,18 @@ impl App {
         }
     }
 
-    /// Rates a usage entry in place on its own counts, and returns the incident to
-    /// raise when it is unpriced or no book applies.
-    pub(crate) fn rate_entry(&self, prices: &Prices, entry: &mut Entry) -> Option<Entry> {
-        self.rate_in_place(prices, entry, None)
+    /// Rates usage entries in place on their own counts, as one batch (their rater is
+    /// looked up once per run of one node's entries), and returns the incidents to
+    /// raise for those unpriced or that no book applies to.
+    pub(crate) fn rate_entries<'e>(
+        &self,
+        prices: &Prices,
+        entries: impl Iterator<Item = &'e mut Entry>,
+    ) -> Vec<Entry> {
+        let mut memo = RaterMemo::default();
+        entries
+            .filter_map(|e| self.rate_in_place(prices, &mut memo, e, None))
+            .collect()
     }
 
     /// Rates a usage entry in place: on its own counts, or (`basis` given) on the
@@ -382,6 +468,7 @@ impl App {
     fn rate_in_place(
         &self,
         prices: &Prices,
+        memo: &mut RaterMemo,
         entry: &mut Entry,
         basis: Option<Basis>,
     ) -> Option<Entry> {
@@ -391,7 +478,15 @@ impl App {
         if u.tokens.iter().any(|t| t.count < 0) {
             return None;
         }
-        match self.rate_usage(prices, &entry.account, entry.ts, u, basis, Decimal::ZERO) {
+        match self.rate_usage_memo(
+            prices,
+            memo,
+            &entry.account,
+            entry.ts,
+            u,
+            basis,
+            Decimal::ZERO,
+        ) {
             Rated::Off => None,
             Rated::Priced(r) => {
                 let incident = (r.unpriced || !r.missing.is_empty())
@@ -433,7 +528,7 @@ impl App {
         basis: Basis,
     ) -> (Option<Entry>, Option<crate::tiers::TiersGuard>) {
         let prices = self.pricing.snapshot();
-        let incident = self.rate_in_place(&prices, entry, Some(basis));
+        let incident = self.rate_in_place(&prices, &mut RaterMemo::default(), entry, Some(basis));
         if !prices.tiered() {
             return (incident, None);
         }
@@ -881,6 +976,84 @@ mod tests {
             t.add(m, d, n).unwrap();
         }
         t
+    }
+
+    /// A batch's rater memo gives every entry the rater a lookup of its own gives,
+    /// across nodes with and without a contract and across a new book version's
+    /// effective time.
+    #[test]
+    fn a_batch_memo_gives_each_entry_its_own_rater() {
+        let at = |s: &str| s.parse::<Timestamp>().unwrap();
+        let book = |name: &str, version: u32, from: &str| {
+            let file = "name = \"x\"\ncurrency = \"USD\"\n[[rules]]\nmodel = \"m\"\nunit_prices = { \"text.input\" = \"0.001\" }\n";
+            Arc::new(
+                ciyuan_price::import_toml(file)
+                    .unwrap()
+                    .into_book(Some(name), version, at(from), None)
+                    .unwrap(),
+            )
+        };
+        let mut state = State_::default();
+        state.books.insert(
+            LIST_BOOK.into(),
+            vec![
+                book(LIST_BOOK, 1, "2026-01-01T00:00:00Z"),
+                book(LIST_BOOK, 2, "2026-06-01T00:00:00Z"),
+            ],
+        );
+        state
+            .books
+            .insert("gold".into(), vec![book("gold", 1, "2026-03-01T00:00:00Z")]);
+        let vip: AccountPath = "acme/vip".parse().unwrap();
+        let contract = PriceContract {
+            book: "gold".into(),
+            overrides: vec![],
+            discount_percent: None,
+            markup_percent: None,
+            minimum_commitment: None,
+            service_levels: Vec::new(),
+            set_by: None,
+        };
+        state
+            .contracts
+            .insert(vip.as_str().into(), (vip.clone(), Arc::new(contract)));
+        let prices = Prices(Arc::new(state));
+        let nodes: Vec<AccountPath> = ["acme", "acme/vip/a", "acme/b", "acme/vip"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let times = [
+            "2026-05-31T23:59:59Z",
+            "2026-06-01T00:00:00Z",
+            "2026-02-01T00:00:00Z",
+            "2025-12-31T00:00:00Z",
+        ];
+        let mut memo = RaterMemo::default();
+        let mut seen = rustc_hash::FxHashSet::default();
+        for round in 0..3 {
+            for (i, node) in nodes.iter().enumerate() {
+                for t in times.iter().cycle().skip(i + round).take(times.len()) {
+                    let alone = prices.0.rater(node, at(t));
+                    let batched = prices
+                        .rater_memo(&mut memo, node, at(t))
+                        .map(|r| r.cloned());
+                    match (&alone, &batched) {
+                        (Ok(Some(a)), Ok(Some(b))) => {
+                            assert!(Arc::ptr_eq(a, b), "{node} at {t}");
+                            seen.insert(Arc::as_ptr(a));
+                        }
+                        (Err(a), Err(b)) => assert_eq!(a, b, "{node} at {t}"),
+                        _ => panic!(
+                            "{node} at {t}: {:?} against {:?}",
+                            alone.is_ok(),
+                            batched.is_ok()
+                        ),
+                    }
+                }
+            }
+        }
+        // list@1, list@2 and gold@1 each priced some entry.
+        assert_eq!(seen.len(), 3);
     }
 
     /// `rate_basis`: the recount replaces the provider's text input (less its cached

@@ -280,8 +280,13 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             let mut st = r.statement_seconds.clone();
             st.sort_by(f64::total_cmp);
             println!(
-                "finance: {} events of {} nodes over {} ingested and projected in {:.1} s",
-                r.events, r.nodes, a.month, r.ingest_seconds
+                "finance: {} events of {} nodes over {} ingested and projected in {:.1} s ({:.0} events/s, server CPU {:.2} µs/event)",
+                r.events,
+                r.nodes,
+                a.month,
+                r.ingest_seconds,
+                r.events as f64 / r.ingest_seconds,
+                r.server_cpu_us_per_event
             );
             println!(
                 "statement of the month from the projections: {} (median {:.3} s, {} bytes)",

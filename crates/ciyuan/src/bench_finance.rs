@@ -40,6 +40,9 @@ pub struct Report {
     pub nodes: u64,
     pub billing_lines: u64,
     pub ingest_seconds: f64,
+    /// CPU time the server spent ingesting and projecting, per event (user + system),
+    /// in microseconds: steadier than wall time on a shared machine.
+    pub server_cpu_us_per_event: f64,
     /// Each statement request, in seconds.
     pub statement_seconds: Vec<f64>,
     pub statement_bytes: usize,
@@ -142,6 +145,7 @@ pub fn run(
             b.push(']');
             axum::body::Bytes::from(b)
         };
+        let cpu_before = crate::bench_ingest::cpu_seconds(pid);
         let started = Instant::now();
         let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = Vec::new();
@@ -174,6 +178,8 @@ pub fn run(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let ingest_seconds = started.elapsed().as_secs_f64();
+        let server_cpu_us_per_event =
+            (crate::bench_ingest::cpu_seconds(pid) - cpu_before) * 1e6 / events as f64;
 
         let mut statement_seconds = Vec::new();
         let mut statement = Vec::new();
@@ -226,6 +232,7 @@ pub fn run(
             nodes,
             billing_lines: focus_rows.saturating_sub(1),
             ingest_seconds,
+            server_cpu_us_per_event,
             statement_seconds,
             statement_bytes: statement.len(),
             focus_seconds,
