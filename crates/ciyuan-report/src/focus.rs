@@ -1143,6 +1143,237 @@ mod tests {
         assert_eq!(rows[1][32], "Alice, CN");
     }
 
+    /// A deterministic, varied stream of lines (SplitMix64, so the same lines on every
+    /// machine): every category, node, model and key shape, amounts of every scale and
+    /// sign, hours over centuries, text that needs quoting, and lines FOCUS refuses.
+    fn varied_lines(n: usize) -> Vec<(CostLine, Option<String>)> {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        // SplitMix64.
+        let mut next = move || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) >> 1
+        };
+        let models = [
+            "gpt-4o",
+            "qwen-max",
+            "",
+            "evil, \"m\"\r\nx",
+            "glm-4",
+            "a\"b",
+        ];
+        let keys = [
+            "text.input",
+            "text.output",
+            "audio.cache_write_1h",
+            "request",
+            "measure.pages",
+            "measure.audio_seconds",
+            "text.input",
+            "text.output",
+            "image.input",
+            "rounding",
+            "tokens",
+            "",
+        ];
+        let services = ["llm.chat", "doc.verify", "", "a,b"];
+        let books = ["list", "", "vip,2"];
+        let nodes = [
+            "acme",
+            "acme/cn",
+            "acme/cn/alice",
+            "acme/us/bob.b",
+            "acme/x-y_z",
+        ];
+        let names = [None, Some("Alice, CN"), Some(" "), Some("Bob \"B\"")];
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let r = next();
+            let category = match r % 10 {
+                0 => ChargeCategory::Adjustment,
+                1 => ChargeCategory::Credit,
+                2 => ChargeCategory::Tax,
+                _ => ChargeCategory::Usage,
+            };
+            let hour = (next() % 2_000_000) as i64 - 200_000 + 490_000;
+            let start =
+                Timestamp::from_second(hour * 3600 + if next() % 50 == 0 { 7 } else { 0 }).unwrap();
+            let end = Timestamp::from_second(
+                start.as_second() + [0, 82_800, 0, 0, 0, 0, 0, -3600][(next() % 8) as usize] + 3600,
+            )
+            .unwrap();
+            let scale = |k: u64| (k % 29) as u32;
+            let small = |k: u64| -> i64 {
+                match k % 4 {
+                    0 => (k % 10) as i64,
+                    1 => (k % 100_000) as i64,
+                    2 => (k % 10_000_000_000) as i64,
+                    _ => (k >> 3) as i64,
+                }
+            };
+            let qty = Decimal::new(
+                small(next()),
+                if next() % 3 == 0 {
+                    scale(next()) % 6
+                } else {
+                    0
+                },
+            );
+            let qty = if next() % 40 == 0 { -qty } else { qty };
+            let price = Decimal::new(small(next()) % 1_000_000_000 + 1, scale(next()) % 12);
+            let list = qty.checked_mul(price).unwrap_or(Decimal::MAX);
+            let pick = next() % 16;
+            let contracted = match pick {
+                0 => Decimal::new(small(next()), scale(next())),
+                1 => (list / Decimal::from(2)).normalize(),
+                _ => list,
+            };
+            let billed = match next() % 6 {
+                0 => Decimal::new(-small(next()), scale(next())),
+                1 => contracted.round_dp(2),
+                2 => Decimal::new(0, scale(next())),
+                3 => Decimal::from_i128_with_scale(
+                    (i128::from(next()) << 30) * if next() % 2 == 0 { 1 } else { -1 },
+                    scale(next()),
+                ),
+                _ => contracted,
+            };
+            let key = keys[(next() % keys.len() as u64) as usize];
+            let line = CostLine {
+                account: AccountPath::parse(nodes[(next() % nodes.len() as u64) as usize]).unwrap(),
+                charge_period_start: start,
+                charge_period_end: end,
+                category,
+                service: services[(next() % services.len() as u64) as usize].into(),
+                model: models[(next() % models.len() as u64) as usize].into(),
+                key: key.into(),
+                quantity: qty,
+                list_unit_price: if next() % 40 == 0 { None } else { Some(price) },
+                list_cost: if next() % 60 == 0 {
+                    list + Decimal::ONE
+                } else {
+                    list
+                },
+                contracted_cost: contracted,
+                billed_cost: billed,
+                currency: ["CNY", "USD", "EUR"][(next() % 3) as usize]
+                    .parse()
+                    .unwrap(),
+                book: books[(next() % books.len() as u64) as usize].into(),
+                version: (next() % 5) as u32,
+            };
+            let name = names[(next() % names.len() as u64) as usize].map(String::from);
+            out.push((line, name));
+        }
+        out
+    }
+
+    /// FNV-1a, 64 bits: enough to notice any changed byte of a golden output.
+    fn fnv(h: &mut u64, bytes: &[u8]) {
+        for b in bytes {
+            *h ^= u64::from(*b);
+            *h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// The bytes and refusals of a large varied export, hashed: the value was taken
+    /// with the formatter as it was before it was made fast (Decimal's `Display`,
+    /// jiff's `strftime`, a `String` per row), so any byte that changes fails here.
+    #[test]
+    fn a_large_varied_export_is_byte_identical_to_the_old_formatter() {
+        let mut m = meta();
+        let lines = varied_lines(200_000);
+        let mut w = FocusWriter::new(Vec::new(), m.clone()).unwrap();
+        let mut refused = 0u64;
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for (l, name) in &lines {
+            if let Err(e) = w.write_named(l, name.as_deref()) {
+                refused += 1;
+                fnv(&mut h, e.to_string().as_bytes());
+            }
+        }
+        let (out, summary) = w.finish().unwrap();
+        fnv(&mut h, &out);
+        for (c, t) in &summary.billed {
+            fnv(&mut h, format!("{c}={t};").as_bytes());
+        }
+        // A fixed billing currency and a provider whose name needs quoting.
+        m.billing_currency = Some("CNY".parse().unwrap());
+        m.provider = "Re, \"seller\"".into();
+        let mut w = FocusWriter::new(Vec::new(), m).unwrap();
+        for (l, name) in lines.iter().take(20_000) {
+            if let Err(e) = w.write_named(l, name.as_deref()) {
+                refused += 1;
+                fnv(&mut h, e.to_string().as_bytes());
+            }
+        }
+        let (out2, _) = w.finish().unwrap();
+        fnv(&mut h, &out2);
+        println!(
+            "rows {} refused {refused} bytes {} hash {h:#018x}",
+            summary.rows,
+            out.len()
+        );
+        assert!(
+            summary.rows > 100_000 && refused > 5_000,
+            "the lines are not varied enough"
+        );
+        assert_eq!(h, GOLDEN);
+    }
+
+    const GOLDEN: u64 = 0x626a_f4bf_7ca1_d2a6;
+
+    /// Rows per second of the writer alone, on lines shaped like the benchmark's (run
+    /// with `--ignored --nocapture` on a release build).
+    #[test]
+    #[ignore]
+    fn throughput() {
+        let models = ["qwen-max", "qwen-plus", "glm-4", "deepseek-chat", "kimi-k2"];
+        let mut lines = Vec::new();
+        for node in 0..10 {
+            for hour in 0..100i64 {
+                for (i, m) in models.iter().enumerate() {
+                    for key in ["text.input", "text.output"] {
+                        let mut l = usage(m, key, 1000 + hour * 7 + i as i64, "0.0000024", "CNY");
+                        l.account = AccountPath::parse(&format!("bench/n{node:04}")).unwrap();
+                        l.charge_period_start =
+                            Timestamp::from_second(1_793_491_200 + hour * 3600).unwrap();
+                        l.charge_period_end =
+                            Timestamp::from_second(1_793_494_800 + hour * 3600).unwrap();
+                        lines.push(l);
+                    }
+                    let mut r = other(ChargeCategory::Adjustment, "rounding", "-0.0012");
+                    r.account = AccountPath::parse(&format!("bench/n{node:04}")).unwrap();
+                    r.model = (*m).into();
+                    r.charge_period_start =
+                        Timestamp::from_second(1_793_491_200 + hour * 3600).unwrap();
+                    r.charge_period_end =
+                        Timestamp::from_second(1_793_494_800 + hour * 3600).unwrap();
+                    lines.push(r);
+                }
+            }
+        }
+        let rounds = 20;
+        let t = std::time::Instant::now();
+        let mut bytes = 0;
+        for _ in 0..rounds {
+            let mut w = FocusWriter::new(Vec::with_capacity(64 << 20), meta()).unwrap();
+            for l in &lines {
+                w.write_named(l, None).unwrap();
+            }
+            bytes += w.finish().unwrap().0.len();
+        }
+        let n = (lines.len() * rounds) as f64;
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "{n} rows, {bytes} bytes in {s:.3} s: {:.0} ns a row, {:.0} rows/s",
+            s / n * 1e9,
+            n / s
+        );
+    }
+
     fn amount() -> impl Strategy<Value = Decimal> {
         (any::<i64>(), 0u32..12).prop_map(|(m, s)| Decimal::new(m, s))
     }
