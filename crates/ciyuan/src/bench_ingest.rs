@@ -29,7 +29,7 @@ struct Counts {
 }
 
 /// User plus system CPU seconds a process has used so far (Linux; 0 elsewhere).
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
