@@ -29,7 +29,6 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::io::Write;
 use std::str::FromStr;
 
@@ -173,15 +172,23 @@ pub struct FocusSummary {
 pub struct FocusWriter<W: Write> {
     out: W,
     meta: FocusMeta,
-    // Fields common to every row, rendered once.
-    period_start: String,
-    period_end: String,
-    account_id: String,
-    account_name: String,
+    // Fields common to every row, rendered once (quoted where they need it).
+    // `,BillingAccountId,BillingAccountName,`
+    account: Vec<u8>,
+    // `,BillingPeriodEnd,BillingPeriodStart,`
+    period: Vec<u8>,
+    // `,InvoiceIssuerName,`
+    issuer: Vec<u8>,
+    // `,ProviderName,PublisherName,RegionId,ServiceCategory,`
+    provider: Vec<u8>,
     charge_start: DateCache,
     charge_end: DateCache,
-    row: String,
-    scratch: String,
+    // Lines come in runs of one node and of a few keys: what depends only on the node
+    // (and its name) or only on the key is rendered once per run.
+    sub_account: SubAccountCache,
+    unit: UnitCache,
+    row: Vec<u8>,
+    scratch: Vec<u8>,
     seen: u64,
     summary: FocusSummary,
 }
@@ -204,11 +211,27 @@ impl<W: Write> FocusWriter<W> {
             .map_err(|e| FocusError::Meta(format!("billing period start: {e}")))?;
         let period_end = datetime(meta.billing_period_end)
             .map_err(|e| FocusError::Meta(format!("billing period end: {e}")))?;
-        let account_id = meta.billing_account.to_string();
-        let account_name = match &meta.billing_account_name {
-            Some(n) if !n.trim().is_empty() => n.clone(),
-            _ => account_id.clone(),
-        };
+        let id = meta.billing_account.to_string();
+        let mut account = vec![b','];
+        push_field_bytes(&mut account, &id);
+        account.push(b',');
+        match &meta.billing_account_name {
+            Some(n) if !n.trim().is_empty() => push_field_bytes(&mut account, n),
+            _ => push_field_bytes(&mut account, &id),
+        }
+        account.push(b',');
+        let period = format!(",{period_end},{period_start},").into_bytes();
+        let mut issuer = vec![b','];
+        push_field_bytes(&mut issuer, &meta.provider);
+        issuer.push(b',');
+        let mut provider = vec![b','];
+        push_field_bytes(&mut provider, &meta.provider);
+        provider.push(b',');
+        push_field_bytes(&mut provider, &meta.provider);
+        // RegionId: Ciyuan's services are not operated from distinct regions.
+        provider.extend_from_slice(b",,");
+        provider.extend_from_slice(SERVICE_CATEGORY.as_bytes());
+        provider.push(b',');
         let mut header = String::with_capacity(512);
         for (i, c) in COLUMNS.iter().enumerate() {
             if i > 0 {
@@ -221,14 +244,16 @@ impl<W: Write> FocusWriter<W> {
         Ok(FocusWriter {
             out,
             meta,
-            period_start,
-            period_end,
-            account_id,
-            account_name,
+            account,
+            period,
+            issuer,
+            provider,
             charge_start: DateCache::default(),
             charge_end: DateCache::default(),
-            row: String::with_capacity(1024),
-            scratch: String::with_capacity(256),
+            sub_account: SubAccountCache::default(),
+            unit: UnitCache::default(),
+            row: Vec::with_capacity(1024),
+            scratch: Vec::with_capacity(256),
             seen: 0,
             summary: FocusSummary::default(),
         })
@@ -248,7 +273,8 @@ impl<W: Write> FocusWriter<W> {
     ) -> Result<(), FocusError> {
         self.seen += 1;
         let seen = self.seen;
-        let row = Row::of(line, &self.meta).map_err(|why| line_error(seen, line, why))?;
+        let unit = self.unit.get(&line.key);
+        let row = Row::of(line, &self.meta, unit).map_err(|why| line_error(seen, line, why))?;
         // Summed before writing so an overflow leaves the output untouched.
         let total = self.summary.billed.get(&line.currency).copied();
         let total = total
@@ -268,111 +294,86 @@ impl<W: Write> FocusWriter<W> {
             Some(n) if !n.trim().is_empty() => Some(n),
             _ => None,
         };
-        let provider = self.meta.provider.as_str();
+        let sub_account = self.sub_account.get(&line.account, sub_name);
         let b = &mut self.row;
         let scratch = &mut self.scratch;
         b.clear();
-        let sep = |b: &mut String| b.push(',');
         push_decimal(b, line.billed_cost);
-        sep(b);
-        push_field(b, &self.account_id);
-        sep(b);
-        push_field(b, &self.account_name);
-        sep(b);
-        b.push_str(line.currency.as_str());
-        sep(b);
-        b.push_str(&self.period_end);
-        sep(b);
-        b.push_str(&self.period_start);
-        sep(b);
-        b.push_str(category_name(line.category));
-        sep(b);
-        b.push_str(row.class.unwrap_or(""));
-        sep(b);
+        let billed = b.len();
+        b.extend_from_slice(&self.account);
+        b.extend_from_slice(line.currency.as_str().as_bytes());
+        b.extend_from_slice(&self.period);
+        b.extend_from_slice(category_name(line.category).as_bytes());
+        b.push(b',');
+        b.extend_from_slice(row.class.unwrap_or("").as_bytes());
+        b.push(b',');
         scratch.clear();
         description(line, scratch);
-        push_field(b, scratch);
-        sep(b);
-        b.push_str(row.frequency);
-        sep(b);
-        b.push_str(end);
-        sep(b);
-        b.push_str(start);
-        sep(b);
+        push_field_raw(b, scratch);
+        b.push(b',');
+        b.extend_from_slice(row.frequency.as_bytes());
+        b.push(b',');
+        b.extend_from_slice(end.as_bytes());
+        b.push(b',');
+        b.extend_from_slice(start.as_bytes());
+        b.push(b',');
         // ConsumedQuantity, ConsumedUnit: usage only.
         if row.usage {
             push_decimal(b, line.quantity);
-            sep(b);
-            push_field(b, row.unit.as_deref().unwrap_or(""));
+            b.push(b',');
+            push_field_bytes(b, row.unit.unwrap_or(""));
         } else {
-            sep(b);
+            b.push(b',');
         }
-        sep(b);
+        b.push(b',');
         push_decimal(b, line.contracted_cost);
-        sep(b);
+        b.push(b',');
         if let Some(p) = row.contracted_unit_price {
             push_decimal(b, p);
         }
-        sep(b);
-        // EffectiveCost: nothing is amortized.
-        push_decimal(b, line.billed_cost);
-        sep(b);
-        push_field(b, provider);
-        sep(b);
+        b.push(b',');
+        // EffectiveCost: nothing is amortized, so it is BilledCost again.
+        b.extend_from_within(..billed);
+        b.extend_from_slice(&self.issuer);
         push_decimal(b, line.list_cost);
-        sep(b);
+        b.push(b',');
         if let Some(p) = row.list_unit_price {
             push_decimal(b, p);
         }
-        sep(b);
+        b.push(b',');
         if let Some(q) = row.pricing_quantity {
             push_decimal(b, q);
-            sep(b);
-            push_field(b, row.unit.as_deref().unwrap_or(""));
+            b.push(b',');
+            push_field_bytes(b, row.unit.unwrap_or(""));
         } else {
-            sep(b);
+            b.push(b',');
         }
-        sep(b);
-        push_field(b, provider);
-        sep(b);
-        push_field(b, provider);
-        sep(b);
-        // RegionId: Ciyuan's services are not operated from distinct regions.
-        sep(b);
-        b.push_str(SERVICE_CATEGORY);
-        sep(b);
-        push_field(b, row.service);
-        sep(b);
-        b.push_str(SERVICE_SUBCATEGORY);
-        sep(b);
+        b.extend_from_slice(&self.provider);
+        push_field_bytes(b, row.service);
+        b.push(b',');
+        b.extend_from_slice(SERVICE_SUBCATEGORY.as_bytes());
+        b.push(b',');
         // SkuId, SkuMeter, SkuPriceId: usage only.
         if row.usage {
             scratch.clear();
             sku_of(line, scratch);
-            push_field(b, scratch);
-            sep(b);
-            push_field(b, &line.key);
-            sep(b);
+            push_field_raw(b, scratch);
+            b.push(b',');
+            push_field_bytes(b, &line.key);
+            b.push(b',');
             if !line.book.is_empty() {
-                scratch.push('@');
-                scratch.push_str(&line.book);
+                scratch.push(b'@');
+                scratch.extend_from_slice(line.book.as_bytes());
             }
-            push_field(b, scratch);
+            push_field_raw(b, scratch);
         } else {
-            sep(b);
-            sep(b);
+            b.push(b',');
+            b.push(b',');
         }
-        sep(b);
-        scratch.clear();
-        let _ = write!(scratch, "{}", line.account);
-        push_field(b, scratch);
-        sep(b);
-        match sub_name {
-            Some(n) => push_field(b, n),
-            None => push_field(b, scratch),
-        }
-        b.push_str("\r\n");
-        self.out.write_all(self.row.as_bytes())?;
+        b.push(b',');
+        b.extend_from_slice(sub_account);
+        b.extend_from_slice(b"\r\n");
+        self.out.write_all(&self.row)?;
         self.summary.billed.insert(line.currency, total);
         self.summary.rows += 1;
         Ok(())
@@ -457,7 +458,7 @@ struct Row<'a> {
     class: Option<&'static str>,
     frequency: &'static str,
     usage: bool,
-    unit: Option<Cow<'static, str>>,
+    unit: Option<&'a str>,
     pricing_quantity: Option<Decimal>,
     list_unit_price: Option<Decimal>,
     contracted_unit_price: Option<Decimal>,
@@ -465,7 +466,12 @@ struct Row<'a> {
 }
 
 impl<'a> Row<'a> {
-    fn of(line: &'a CostLine, meta: &'a FocusMeta) -> Result<Row<'a>, String> {
+    /// `unit` is [`unit`] of the line's key.
+    fn of(
+        line: &'a CostLine,
+        meta: &'a FocusMeta,
+        unit: Option<&'a str>,
+    ) -> Result<Row<'a>, String> {
         if let Some(c) = meta.billing_currency
             && c != line.currency
         {
@@ -498,13 +504,12 @@ impl<'a> Row<'a> {
             return Err("it has no priced key".into());
         }
 
-        let unit = unit(&line.key);
         // FOCUS: a tax row has no SKU, unit price or pricing quantity; a usage row has
         // them all; an adjustment or credit has what it carries.
         let pricing_quantity = if tax {
             None
         } else if usage {
-            match &unit {
+            match unit {
                 Some(_) => Some(line.quantity),
                 None => {
                     return Err(format!(
@@ -515,7 +520,7 @@ impl<'a> Row<'a> {
                 }
             }
         } else {
-            match &unit {
+            match unit {
                 Some(_) if !line.quantity.is_zero() => Some(line.quantity),
                 _ => None,
             }
@@ -634,22 +639,25 @@ fn contracted_price(
 
 /// `SkuId`: what is sold, whatever its price: the model (or, without one, the service)
 /// and the key.
-fn sku_of(line: &CostLine, out: &mut String) {
-    out.push_str(if line.model.is_empty() {
-        &line.service
-    } else {
-        &line.model
-    });
-    out.push('/');
-    out.push_str(&line.key);
+fn sku_of(line: &CostLine, out: &mut Vec<u8>) {
+    out.extend_from_slice(
+        if line.model.is_empty() {
+            &line.service
+        } else {
+            &line.model
+        }
+        .as_bytes(),
+    );
+    out.push(b'/');
+    out.extend_from_slice(line.key.as_bytes());
 }
 
-fn description(line: &CostLine, out: &mut String) {
+fn description(line: &CostLine, out: &mut Vec<u8>) {
     match line.category {
         ChargeCategory::Usage => {}
-        ChargeCategory::Adjustment => out.push_str("Adjustment: "),
-        ChargeCategory::Credit => out.push_str("Credit: "),
-        ChargeCategory::Tax => out.push_str("Tax: "),
+        ChargeCategory::Adjustment => out.extend_from_slice(b"Adjustment: "),
+        ChargeCategory::Credit => out.extend_from_slice(b"Credit: "),
+        ChargeCategory::Tax => out.extend_from_slice(b"Tax: "),
     }
     let parts = [
         line.key.as_str(),
@@ -659,17 +667,17 @@ fn description(line: &CostLine, out: &mut String) {
     let mut first = true;
     for p in parts.iter().filter(|p| !p.is_empty()) {
         if !first {
-            out.push_str(if line.category == ChargeCategory::Usage {
-                " of "
+            out.extend_from_slice(if line.category == ChargeCategory::Usage {
+                b" of "
             } else {
-                ", "
+                b", "
             });
         }
-        out.push_str(p);
+        out.extend_from_slice(p.as_bytes());
         first = false;
     }
     if first {
-        out.push_str(category_name(line.category));
+        out.extend_from_slice(category_name(line.category).as_bytes());
     }
 }
 
@@ -699,8 +707,8 @@ fn line_error(seen: u64, line: &CostLine, why: String) -> FocusError {
     }
 }
 
-/// The last date/time rendered: lines come in charge-period order, so most rows repeat
-/// the previous row's periods.
+/// The last date/time rendered: lines come in runs of one charge period (a node's
+/// models and keys of one hour), so most rows repeat the previous row's periods.
 #[derive(Default)]
 struct DateCache {
     at: Option<Timestamp>,
@@ -717,6 +725,63 @@ impl DateCache {
     }
 }
 
+/// The last node's `SubAccountId,SubAccountName` fields: a page of lines is in node
+/// order, so each node's fields are rendered once per run of its lines.
+#[derive(Default)]
+struct SubAccountCache {
+    account: Option<AccountPath>,
+    name: Option<String>,
+    fields: Vec<u8>,
+}
+
+impl SubAccountCache {
+    fn get(&mut self, account: &AccountPath, name: Option<&str>) -> &[u8] {
+        if self.account.as_ref() != Some(account) || self.name.as_deref() != name {
+            let path = account.to_string();
+            self.fields.clear();
+            push_field_bytes(&mut self.fields, &path);
+            self.fields.push(b',');
+            push_field_bytes(&mut self.fields, name.unwrap_or(&path));
+            self.account = Some(account.clone());
+            self.name = name.map(str::to_string);
+        }
+        &self.fields
+    }
+}
+
+/// The FOCUS units of the keys seen last: a node's lines cycle through a handful of
+/// keys (`text.input`, `text.output`, `rounding`), so a few slots hold them all.
+#[derive(Default)]
+struct UnitCache {
+    slots: Vec<(String, Option<Cow<'static, str>>)>,
+    next: usize,
+}
+
+impl UnitCache {
+    const SLOTS: usize = 16;
+
+    fn get(&mut self, key: &str) -> Option<&str> {
+        let at = match self.slots.iter().position(|(k, _)| k == key) {
+            Some(at) => at,
+            None => {
+                let slot = (key.to_string(), unit(key));
+                if self.slots.len() < Self::SLOTS {
+                    self.slots.push(slot);
+                    self.slots.len() - 1
+                } else {
+                    // Round robin: an export with more keys than slots stays correct,
+                    // only slower.
+                    let at = self.next;
+                    self.next = (self.next + 1) % Self::SLOTS;
+                    self.slots[at] = slot;
+                    at
+                }
+            }
+        };
+        self.slots[at].1.as_deref()
+    }
+}
+
 /// FOCUS's date/time format: UTC, whole seconds, `Z`.
 fn datetime(t: Timestamp) -> Result<String, String> {
     if t.subsec_nanosecond() != 0 {
@@ -724,76 +789,158 @@ fn datetime(t: Timestamp) -> Result<String, String> {
             "{t} has a fraction of a second (FOCUS date/times are whole seconds)"
         ));
     }
-    let year = t.to_zoned(ciyuan_core::jiff::tz::TimeZone::UTC).year();
+    let secs = t.as_second();
+    let (days, in_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
     if !(1..=9999).contains(&year) {
         return Err(format!(
             "{t} is outside the years ISO 8601 writes in four digits"
         ));
     }
-    Ok(t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+    // `strftime("%Y-%m-%dT%H:%M:%SZ")`, written directly: jiff's general formatter is
+    // several times slower, and a year of four digits needs no padding rules.
+    let mut b = [0u8; 20];
+    let two = |b: &mut [u8], v: i64| {
+        b[0] = b'0' + (v / 10) as u8;
+        b[1] = b'0' + (v % 10) as u8;
+    };
+    two(&mut b[0..2], year / 100);
+    two(&mut b[2..4], year % 100);
+    b[4] = b'-';
+    two(&mut b[5..7], month);
+    b[7] = b'-';
+    two(&mut b[8..10], day);
+    b[10] = b'T';
+    two(&mut b[11..13], in_day / 3600);
+    b[13] = b':';
+    two(&mut b[14..16], in_day / 60 % 60);
+    b[16] = b':';
+    two(&mut b[17..19], in_day % 60);
+    b[19] = b'Z';
+    Ok(b.iter().map(|&c| char::from(c)).collect())
 }
+
+/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`): year, month (1–12), day (1–31).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Two ASCII digits of every number below 100.
+const DIGIT_PAIRS: &[u8; 200] = b"\
+0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
 
 /// Exact decimal text: never an exponent, never `-0`; the digits of the mantissa with
 /// the point `scale` places from the right, as `Decimal`'s `Display` writes them, but
 /// several times faster (this runs seven times per row).
-fn push_decimal(out: &mut String, d: Decimal) {
+fn push_decimal(out: &mut Vec<u8>, d: Decimal) {
     let mantissa = d.mantissa();
     let scale = d.scale() as usize;
     if mantissa < 0 {
-        out.push('-');
+        out.push(b'-');
     }
-    // A mantissa has at most 96 bits: 29 digits. Two u64 halves avoid 128-bit division
-    // per digit.
-    let mut n = mantissa.unsigned_abs();
-    const E19: u128 = 10_000_000_000_000_000_000;
-    let low = (n % E19) as u64;
-    n /= E19;
-    let parts = [low, (n % E19) as u64, (n / E19) as u64];
-    let top = parts.iter().rposition(|p| *p != 0).unwrap_or(0);
-    let mut digits = [b'0'; 60];
+    // A mantissa has at most 96 bits: 29 digits, written from the right.
+    let mut digits = [b'0'; 40];
     let mut i = digits.len();
-    for (k, mut c) in parts.into_iter().enumerate().take(top + 1) {
-        if k < top {
-            // A lower part holds exactly 19 digits, leading zeros included.
+    let n = mantissa.unsigned_abs();
+    let mut low = match u64::try_from(n) {
+        // The usual case (prices, costs, token counts): 64-bit arithmetic only.
+        Ok(small) => small,
+        Err(_) => {
+            // Two 19-digit halves, so only one 128-bit division per amount.
+            const E19: u128 = 10_000_000_000_000_000_000;
+            let (high, rest) = (n / E19, (n % E19) as u64);
+            let mut rest = rest;
             for _ in 0..19 {
                 i -= 1;
-                digits[i] = b'0' + (c % 10) as u8;
-                c /= 10;
+                digits[i] = b'0' + (rest % 10) as u8;
+                rest /= 10;
             }
-        } else {
-            loop {
-                i -= 1;
-                digits[i] = b'0' + (c % 10) as u8;
-                c /= 10;
-                if c == 0 {
-                    break;
-                }
-            }
+            // At most 10 digits: 2^96 / 10^19 < 10^10.
+            high as u64
         }
+    };
+    let wide = i < digits.len();
+    while low >= 100 {
+        let pair = (low % 100) as usize * 2;
+        low /= 100;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if low >= 10 {
+        let pair = low as usize * 2;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else if low > 0 || !wide {
+        i -= 1;
+        digits[i] = b'0' + low as u8;
     }
     let ds = &digits[i..];
-    fn push_digits(out: &mut String, b: &[u8]) {
-        out.extend(b.iter().map(|&c| char::from(c)));
-    }
     if ds.len() <= scale {
-        out.push_str("0.");
-        for _ in ds.len()..scale {
-            out.push('0');
-        }
-        push_digits(out, ds);
+        out.extend_from_slice(b"0.");
+        out.resize(out.len() + (scale - ds.len()), b'0');
+        out.extend_from_slice(ds);
     } else {
         let (int, frac) = ds.split_at(ds.len() - scale);
-        push_digits(out, int);
+        out.extend_from_slice(int);
         if scale > 0 {
-            out.push('.');
-            push_digits(out, frac);
+            out.push(b'.');
+            out.extend_from_slice(frac);
         }
     }
 }
 
+/// Whether a field must be quoted (RFC 4180): it holds a comma, quote, CR or LF.
+fn needs_quotes(f: &[u8]) -> bool {
+    // Without an early exit per byte, so the compiler compares many bytes at once;
+    // fields are short and almost never need quotes.
+    f.chunks(32).any(|chunk| {
+        chunk.iter().fold(0u8, |seen, &c| {
+            seen | u8::from(c == b',')
+                | u8::from(c == b'"')
+                | u8::from(c == b'\r')
+                | u8::from(c == b'\n')
+        }) != 0
+    })
+}
+
+/// Appends the UTF-8 text `f` as one RFC 4180 field.
+fn push_field_raw(out: &mut Vec<u8>, f: &[u8]) {
+    if needs_quotes(f) {
+        out.push(b'"');
+        for &c in f {
+            if c == b'"' {
+                out.push(b'"');
+            }
+            out.push(c);
+        }
+        out.push(b'"');
+    } else {
+        out.extend_from_slice(f);
+    }
+}
+
+/// Appends `f` as one RFC 4180 field.
+fn push_field_bytes(out: &mut Vec<u8>, f: &str) {
+    push_field_raw(out, f.as_bytes());
+}
+
 /// Appends `f` as one RFC 4180 field.
 pub(crate) fn push_field(out: &mut String, f: &str) {
-    if f.contains([',', '"', '\r', '\n']) {
+    if needs_quotes(f.as_bytes()) {
         out.push('"');
         for c in f.chars() {
             if c == '"' {
@@ -1143,6 +1290,249 @@ mod tests {
         assert_eq!(rows[1][32], "Alice, CN");
     }
 
+    /// A deterministic, varied stream of lines (SplitMix64, so the same lines on every
+    /// machine): every category, node, model and key shape, amounts of every scale and
+    /// sign, hours over centuries, text that needs quoting, and lines FOCUS refuses.
+    fn varied_lines(n: usize) -> Vec<(CostLine, Option<String>)> {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        // SplitMix64.
+        let mut next = move || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) >> 1
+        };
+        let models = [
+            "gpt-4o",
+            "qwen-max",
+            "",
+            "evil, \"m\"\r\nx",
+            "glm-4",
+            "a\"b",
+        ];
+        let keys = [
+            "text.input",
+            "text.output",
+            "audio.cache_write_1h",
+            "request",
+            "measure.pages",
+            "measure.audio_seconds",
+            "text.input",
+            "text.output",
+            "image.input",
+            "rounding",
+            "tokens",
+            "",
+        ];
+        let services = ["llm.chat", "doc.verify", "", "a,b"];
+        let books = ["list", "", "vip,2"];
+        let nodes = [
+            "acme",
+            "acme/cn",
+            "acme/cn/alice",
+            "acme/us/bob.b",
+            "acme/x-y_z",
+        ];
+        let names = [None, Some("Alice, CN"), Some(" "), Some("Bob \"B\"")];
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let r = next();
+            let category = match r % 10 {
+                0 => ChargeCategory::Adjustment,
+                1 => ChargeCategory::Credit,
+                2 => ChargeCategory::Tax,
+                _ => ChargeCategory::Usage,
+            };
+            let hour = (next() % 2_000_000) as i64 - 200_000 + 490_000;
+            let start =
+                Timestamp::from_second(hour * 3600 + if next() % 50 == 0 { 7 } else { 0 }).unwrap();
+            let end = Timestamp::from_second(
+                start.as_second() + [0, 82_800, 0, 0, 0, 0, 0, -3600][(next() % 8) as usize] + 3600,
+            )
+            .unwrap();
+            let scale = |k: u64| (k % 29) as u32;
+            let small = |k: u64| -> i64 {
+                match k % 4 {
+                    0 => (k % 10) as i64,
+                    1 => (k % 100_000) as i64,
+                    2 => (k % 10_000_000_000) as i64,
+                    _ => (k >> 3) as i64,
+                }
+            };
+            let qty = Decimal::new(
+                small(next()),
+                if next() % 3 == 0 {
+                    scale(next()) % 6
+                } else {
+                    0
+                },
+            );
+            let qty = if next() % 40 == 0 { -qty } else { qty };
+            let price = Decimal::new(small(next()) % 1_000_000_000 + 1, scale(next()) % 12);
+            let list = qty.checked_mul(price).unwrap_or(Decimal::MAX);
+            let pick = next() % 16;
+            let contracted = match pick {
+                0 => Decimal::new(small(next()), scale(next())),
+                1 => (list / Decimal::from(2)).normalize(),
+                _ => list,
+            };
+            let billed = match next() % 6 {
+                0 => Decimal::new(-small(next()), scale(next())),
+                1 => contracted.round_dp(2),
+                2 => Decimal::new(0, scale(next())),
+                3 => Decimal::from_i128_with_scale(
+                    (i128::from(next()) << 30) * if next() % 2 == 0 { 1 } else { -1 },
+                    scale(next()),
+                ),
+                _ => contracted,
+            };
+            let key = keys[(next() % keys.len() as u64) as usize];
+            let line = CostLine {
+                account: AccountPath::parse(nodes[(next() % nodes.len() as u64) as usize]).unwrap(),
+                charge_period_start: start,
+                charge_period_end: end,
+                category,
+                service: services[(next() % services.len() as u64) as usize].into(),
+                model: models[(next() % models.len() as u64) as usize].into(),
+                key: key.into(),
+                quantity: qty,
+                list_unit_price: if next() % 40 == 0 { None } else { Some(price) },
+                list_cost: if next() % 60 == 0 {
+                    list + Decimal::ONE
+                } else {
+                    list
+                },
+                contracted_cost: contracted,
+                billed_cost: billed,
+                currency: ["CNY", "USD", "EUR"][(next() % 3) as usize]
+                    .parse()
+                    .unwrap(),
+                book: books[(next() % books.len() as u64) as usize].into(),
+                version: (next() % 5) as u32,
+            };
+            let name = names[(next() % names.len() as u64) as usize].map(String::from);
+            out.push((line, name));
+        }
+        out
+    }
+
+    /// FNV-1a, 64 bits: enough to notice any changed byte of a golden output.
+    fn fnv(h: &mut u64, bytes: &[u8]) {
+        for b in bytes {
+            *h ^= u64::from(*b);
+            *h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// The bytes and refusals of a large varied export, hashed: the value was taken
+    /// with the formatter as it was before it was made fast (Decimal's `Display`,
+    /// jiff's `strftime`, a `String` per row), so any byte that changes fails here.
+    #[test]
+    fn a_large_varied_export_is_byte_identical_to_the_old_formatter() {
+        let mut m = meta();
+        let lines = varied_lines(200_000);
+        let mut w = FocusWriter::new(Vec::new(), m.clone()).unwrap();
+        let mut refused = 0u64;
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for (l, name) in &lines {
+            if let Err(e) = w.write_named(l, name.as_deref()) {
+                refused += 1;
+                fnv(&mut h, e.to_string().as_bytes());
+            }
+        }
+        let (out, summary) = w.finish().unwrap();
+        fnv(&mut h, &out);
+        for (c, t) in &summary.billed {
+            fnv(&mut h, format!("{c}={t};").as_bytes());
+        }
+        // A fixed billing currency and a provider whose name needs quoting.
+        m.billing_currency = Some("CNY".parse().unwrap());
+        m.provider = "Re, \"seller\"".into();
+        let mut w = FocusWriter::new(Vec::new(), m).unwrap();
+        for (l, name) in lines.iter().take(20_000) {
+            if let Err(e) = w.write_named(l, name.as_deref()) {
+                refused += 1;
+                fnv(&mut h, e.to_string().as_bytes());
+            }
+        }
+        let (out2, _) = w.finish().unwrap();
+        fnv(&mut h, &out2);
+        println!(
+            "rows {} refused {refused} bytes {} hash {h:#018x}",
+            summary.rows,
+            out.len()
+        );
+        assert!(
+            summary.rows > 100_000 && refused > 5_000,
+            "the lines are not varied enough"
+        );
+        assert_eq!(h, GOLDEN);
+    }
+
+    const GOLDEN: u64 = 0x626a_f4bf_7ca1_d2a6;
+
+    /// Rows per second of the writer alone, on lines shaped like the benchmark's (run
+    /// with `--ignored --nocapture` on a release build).
+    #[test]
+    #[ignore]
+    fn throughput() {
+        let models = ["qwen-max", "qwen-plus", "glm-4", "deepseek-chat", "kimi-k2"];
+        let mut lines = Vec::new();
+        for node in 0..10 {
+            for hour in 0..100i64 {
+                for (i, m) in models.iter().enumerate() {
+                    for key in ["text.input", "text.output"] {
+                        let mut l = usage(m, key, 1000 + hour * 7 + i as i64, "0.0000024", "CNY");
+                        l.account = AccountPath::parse(&format!("bench/n{node:04}")).unwrap();
+                        l.charge_period_start =
+                            Timestamp::from_second(1_793_491_200 + hour * 3600).unwrap();
+                        l.charge_period_end =
+                            Timestamp::from_second(1_793_494_800 + hour * 3600).unwrap();
+                        lines.push(l);
+                    }
+                    let mut r = other(ChargeCategory::Adjustment, "rounding", "-0.0012");
+                    r.account = AccountPath::parse(&format!("bench/n{node:04}")).unwrap();
+                    r.model = (*m).into();
+                    r.charge_period_start =
+                        Timestamp::from_second(1_793_491_200 + hour * 3600).unwrap();
+                    r.charge_period_end =
+                        Timestamp::from_second(1_793_494_800 + hour * 3600).unwrap();
+                    lines.push(r);
+                }
+            }
+        }
+        let rounds = 100;
+        // CPU time of this thread, not the wall clock: the machine is shared.
+        let cpu = || -> f64 {
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<f64> = rest
+                .split_whitespace()
+                .map(|v| v.parse().unwrap_or(0.0))
+                .collect();
+            (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+        };
+        let (t, c) = (std::time::Instant::now(), cpu());
+        for _ in 0..rounds {
+            // Into a 64 KiB buffer, as the server's channel writer gathers its chunks.
+            let out = std::io::BufWriter::with_capacity(64 << 10, std::io::sink());
+            let mut w = FocusWriter::new(out, meta()).unwrap();
+            for l in &lines {
+                w.write_named(l, None).unwrap();
+            }
+            w.finish().unwrap();
+        }
+        let n = (lines.len() * rounds) as f64;
+        let s = cpu() - c;
+        println!(
+            "{n} rows in {s:.2} s of CPU ({:.2} s wall): {:.0} ns a row, {:.0} rows/s",
+            t.elapsed().as_secs_f64(),
+            s / n * 1e9,
+            n / s
+        );
+    }
+
     fn amount() -> impl Strategy<Value = Decimal> {
         (any::<i64>(), 0u32..12).prop_map(|(m, s)| Decimal::new(m, s))
     }
@@ -1184,11 +1574,27 @@ mod tests {
         fn decimals_are_written_exactly(m in any::<i128>(), scale in 0u32..=28) {
             let m = m % 79_228_162_514_264_337_593_543_950_336i128; // 2^96
             let d = Decimal::from_i128_with_scale(m, scale);
-            let mut s = String::new();
+            let mut s = Vec::new();
             push_decimal(&mut s, d);
+            let s = String::from_utf8(s).unwrap();
             let want = if d.is_zero() { d.abs().to_string() } else { d.to_string() };
             prop_assert_eq!(&s, &want);
             prop_assert_eq!(s.parse::<Decimal>().unwrap(), d);
+        }
+
+        /// Date/times are written as jiff's `strftime` writes them, over every year
+        /// FOCUS can hold, and refused outside them.
+        #[test]
+        fn datetimes_are_written_as_strftime_does(secs in -62_135_596_800i64 - 86_400..253_402_387_200) {
+            let t = Timestamp::from_second(secs).unwrap();
+            let year = t.to_zoned(ciyuan_core::jiff::tz::TimeZone::UTC).year();
+            match datetime(t) {
+                Ok(s) => {
+                    prop_assert!((1..=9999).contains(&year));
+                    prop_assert_eq!(s, t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+                }
+                Err(_) => prop_assert!(!(1..=9999).contains(&year)),
+            }
         }
 
         /// The BilledCost column sums, per currency, to exactly the lines' billed cost.

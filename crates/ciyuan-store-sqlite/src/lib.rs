@@ -1484,7 +1484,9 @@ impl Store for SqliteStore {
         after: Option<&ciyuan_store::LineRow>,
         limit: usize,
     ) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
-        let (cond, mut args) = subtree("account", &filter.account);
+        use rusqlite::types::Value;
+        let (cond, subtree_args) = subtree("account", &filter.account);
+        let mut args: Vec<Value> = subtree_args.into_iter().map(Value::Text).collect();
         let mut sql = format!(
             "SELECT hour, account, adjustment, service, model, key, unit_price, currency, book,
                     version, quantity, list, contracted, billed
@@ -1492,34 +1494,37 @@ impl Store for SqliteStore {
         );
         if let Some(from) = filter.from_hour {
             sql.push_str(" AND hour >= ?");
-            args.push(from.to_string());
+            args.push(Value::Integer(from));
         }
         if let Some(to) = filter.to_hour {
             sql.push_str(" AND hour < ?");
-            args.push(to.to_string());
+            args.push(Value::Integer(to));
         }
         if let Some(a) = after {
+            // Bound with their columns' types and compared as they are: an expression
+            // in the row value (a CAST) keeps SQLite from seeking the primary key by
+            // the whole row, and each page would scan its node's lines from the first.
             sql.push_str(
                 " AND (account, hour, adjustment, service, model, key, unit_price, currency, book, version)
-                     > (?, CAST(? AS INTEGER), CAST(? AS INTEGER), ?, ?, ?, ?, ?, ?, CAST(? AS INTEGER))",
+                     > (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             );
             args.extend([
-                a.account.as_str().to_string(),
-                a.hour.to_string(),
-                i64::from(a.adjustment).to_string(),
-                a.service.clone(),
-                a.model.clone(),
-                a.key.clone(),
-                a.unit_price.map(|p| p.to_string()).unwrap_or_default(),
-                a.currency.as_str().to_string(),
-                a.book.clone(),
-                a.version.to_string(),
+                Value::Text(a.account.as_str().to_string()),
+                Value::Integer(a.hour),
+                Value::Integer(i64::from(a.adjustment)),
+                Value::Text(a.service.clone()),
+                Value::Text(a.model.clone()),
+                Value::Text(a.key.clone()),
+                Value::Text(a.unit_price.map(|p| p.to_string()).unwrap_or_default()),
+                Value::Text(a.currency.as_str().to_string()),
+                Value::Text(a.book.clone()),
+                Value::Integer(i64::from(a.version)),
             ]);
         }
         sql.push_str(&format!(
             " ORDER BY account, hour, adjustment, service, model, key, unit_price, currency, book, version LIMIT {limit}"
         ));
-        read_lines(&self.conn(), &sql, args)
+        read_line_page(&self.conn(), &sql, args, limit)
     }
 
     fn tier_units(&self) -> Result<Vec<ciyuan_store::TierUnits>, StoreError> {
@@ -1723,6 +1728,63 @@ fn insert_ingest_index(tx: &Connection, events: &[(u64, u64)]) -> Result<(), Sto
 
 #[cfg(test)]
 mod tests;
+
+/// Reads one page of billing lines (the columns `cost_lines_page` selects), as
+/// [`read_lines`] does but for the export's hot path: the statement is cached, text is
+/// read in place rather than copied into a `String` per column, and a node's path is
+/// parsed once for its run of lines (a page is in node order).
+fn read_line_page(
+    conn: &Connection,
+    sql: &str,
+    args: Vec<rusqlite::types::Value>,
+    limit: usize,
+) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(args))
+        .map_err(backend)?;
+    let mut out: Vec<ciyuan_store::LineRow> = Vec::with_capacity(limit);
+    while let Some(r) = rows.next().map_err(backend)? {
+        let text = |i: usize| -> Result<&str, StoreError> {
+            r.get_ref(i)
+                .map_err(backend)?
+                .as_str()
+                .map_err(|e| StoreError::Corrupt(format!("stored billing line column {i}: {e}")))
+        };
+        let account = text(1)?;
+        let account = match out.last() {
+            Some(prev) if prev.account.as_str() == account => prev.account.clone(),
+            _ => parse_path(account)?,
+        };
+        let price = text(6)?;
+        let currency = text(7)?;
+        out.push(ciyuan_store::LineRow {
+            hour: r.get(0).map_err(backend)?,
+            account,
+            adjustment: r.get(2).map_err(backend)?,
+            service: text(3)?.to_string(),
+            model: text(4)?.to_string(),
+            key: text(5)?.to_string(),
+            unit_price: if price.is_empty() {
+                None
+            } else {
+                Some(rust_decimal::Decimal::from_str_exact(price).map_err(|e| {
+                    StoreError::Corrupt(format!("stored unit price {price:?}: {e}"))
+                })?)
+            },
+            currency: currency
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
+            book: text(8)?.to_string(),
+            version: r.get(9).map_err(backend)?,
+            quantity: parse_amount(text(10)?)?,
+            list: parse_amount(text(11)?)?,
+            contracted: parse_amount(text(12)?)?,
+            billed: parse_amount(text(13)?)?,
+        });
+    }
+    Ok(out)
+}
 
 /// Reads billing line rows (the columns `cost_lines` selects).
 fn read_lines(

@@ -43,6 +43,9 @@ pub struct FinanceArgs {
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: u64,
+    /// Times the FOCUS export is streamed, one after the other.
+    #[arg(long, default_value_t = 1)]
+    exports: u64,
 }
 
 #[derive(Args)]
@@ -276,7 +279,9 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         }
         BenchCmd::Money(a) => money(a)?,
         BenchCmd::Finance(a) => {
-            let r = crate::bench_finance::run(a.events, a.nodes, &a.month, a.batch, a.clients)?;
+            let r = crate::bench_finance::run(
+                a.events, a.nodes, &a.month, a.batch, a.clients, a.exports,
+            )?;
             let mut st = r.statement_seconds.clone();
             st.sort_by(f64::total_cmp);
             println!(
@@ -298,14 +303,31 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 st[st.len() / 2],
                 r.statement_bytes
             );
+            let mut fs = r.focus_seconds.clone();
+            fs.sort_by(f64::total_cmp);
+            let median = fs[fs.len() / 2];
             println!(
-                "FOCUS export: {} rows ({} billing lines), {} bytes streamed in {:.2} s; server RSS {} MiB before, peak {} MiB during",
+                "FOCUS export: {} rows ({} billing lines), {} bytes streamed in {} (median {:.2} s, {:.0} rows/s); server RSS {} MiB before, peak {} MiB during",
                 r.focus_rows,
                 r.billing_lines,
                 r.focus_bytes,
-                r.focus_seconds,
+                r.focus_seconds
+                    .iter()
+                    .map(|s| format!("{s:.2} s"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                median,
+                r.focus_rows as f64 / median,
                 r.rss_before_kib / 1024,
                 r.rss_peak_kib / 1024
+            );
+            println!(
+                "CPU seconds per export, server / client: {}",
+                r.focus_cpu
+                    .iter()
+                    .map(|(s, c)| format!("{s:.2} / {c:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         BenchCmd::Budgets(a) => {

@@ -46,7 +46,11 @@ pub struct Report {
     /// Each statement request, in seconds.
     pub statement_seconds: Vec<f64>,
     pub statement_bytes: usize,
-    pub focus_seconds: f64,
+    /// Each export, in seconds.
+    pub focus_seconds: Vec<f64>,
+    /// CPU seconds the server and this client spent on each export: on a shared
+    /// machine, what the wall clock does not say.
+    pub focus_cpu: Vec<(f64, f64)>,
     pub focus_bytes: u64,
     pub focus_rows: u64,
     /// The server's resident memory before the export and its peak during it, KiB.
@@ -67,16 +71,18 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Runs the benchmark: `events` usage events of `nodes` nodes over `month`
-/// (`YYYY-MM`, UTC), `batch` per request, from `clients` concurrent clients.
+/// (`YYYY-MM`, UTC), `batch` per request, from `clients` concurrent clients; the FOCUS
+/// export is then streamed `exports` times.
 pub fn run(
     events: u64,
     nodes: u64,
     month: &str,
     batch: u64,
     clients: u64,
+    exports: u64,
 ) -> anyhow::Result<Report> {
-    if events == 0 || nodes == 0 || batch == 0 || clients == 0 {
-        bail!("--events, --nodes, --batch and --clients must be positive");
+    if events == 0 || nodes == 0 || batch == 0 || clients == 0 || exports == 0 {
+        bail!("--events, --nodes, --batch, --clients and --exports must be positive");
     }
     let start: ciyuan_core::jiff::Timestamp = format!("{month}-01T00:00:00Z")
         .parse()
@@ -212,19 +218,36 @@ pub fn run(
                 peak
             })
         };
-        let t = Instant::now();
-        let mut r = http
-            .get(format!("{url}/api/v1/exports/focus?account=bench&period={month}"))
-            .bearer_auth(&admin)
-            .send()
-            .await?
-            .error_for_status()?;
+        let mut focus_seconds = Vec::new();
+        let mut focus_cpu = Vec::new();
         let (mut focus_bytes, mut focus_rows) = (0u64, 0u64);
-        while let Some(chunk) = r.chunk().await? {
-            focus_bytes += chunk.len() as u64;
-            focus_rows += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        for run in 0..exports {
+            let cpu = (
+                crate::bench_ingest::cpu_seconds(pid),
+                crate::bench_ingest::cpu_seconds(std::process::id()),
+            );
+            let t = Instant::now();
+            let mut r = http
+                .get(format!("{url}/api/v1/exports/focus?account=bench&period={month}"))
+                .bearer_auth(&admin)
+                .send()
+                .await?
+                .error_for_status()?;
+            let (mut bytes, mut rows) = (0u64, 0u64);
+            while let Some(chunk) = r.chunk().await? {
+                bytes += chunk.len() as u64;
+                rows += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+            }
+            focus_seconds.push(t.elapsed().as_secs_f64());
+            focus_cpu.push((
+                crate::bench_ingest::cpu_seconds(pid) - cpu.0,
+                crate::bench_ingest::cpu_seconds(std::process::id()) - cpu.1,
+            ));
+            if run > 0 && (bytes, rows) != (focus_bytes, focus_rows) {
+                bail!("export {run} gave {rows} rows of {bytes} bytes, the first {focus_rows} of {focus_bytes}");
+            }
+            (focus_bytes, focus_rows) = (bytes, rows);
         }
-        let focus_seconds = t.elapsed().as_secs_f64();
         sampling.store(false, std::sync::atomic::Ordering::Relaxed);
         let rss_peak_kib = sampler.join().map_err(|_| anyhow::anyhow!("the sampler panicked"))?;
         anyhow::Ok(Report {
@@ -236,6 +259,7 @@ pub fn run(
             statement_seconds,
             statement_bytes: statement.len(),
             focus_seconds,
+            focus_cpu,
             focus_bytes,
             focus_rows: focus_rows.saturating_sub(1),
             rss_before_kib,
