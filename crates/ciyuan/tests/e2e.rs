@@ -347,9 +347,13 @@ fn rebuild_and_verify_refuse_while_the_server_runs() {
         .unwrap();
     let out = stdout(&o);
     let mut lines = out.lines();
+    let version = ciyuan_store_sqlite::SqliteStore::SCHEMA_VERSION;
     assert_eq!(
         lines.next(),
-        Some("ledger: 1 entries; database schema version 8 (this build: 8)"),
+        Some(
+            format!("ledger: 1 entries; database schema version {version} (this build: {version})")
+                .as_str()
+        ),
         "{out}"
     );
     // And the projections are caught up with the ledger.
