@@ -358,6 +358,10 @@ pub struct MigrateArgs {
     /// The PostgreSQL database to copy into (postgres://...; its log must be empty).
     #[arg(long, requires = "from")]
     to: Option<String>,
+    /// Apply the schema migrations a PostgreSQL database lacks (as `serve --database`
+    /// does on start), and nothing else.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    database: Option<String>,
 }
 
 /// `ciyuan migrate --from DIR --to postgres://...`: copies an embedded data directory
@@ -462,6 +466,19 @@ fn migrate_to_postgres(from: &Path, url: &str) -> anyhow::Result<ExitCode> {
 pub fn migrate(config: Option<&Path>, args: MigrateArgs) -> anyhow::Result<ExitCode> {
     if let (Some(from), Some(to)) = (&args.from, &args.to) {
         return migrate_to_postgres(from, to);
+    }
+    if let Some(url) = &args.database {
+        let pool = ciyuan_store_postgres::Pool::connect(url)
+            .map_err(|e| anyhow::anyhow!("the database: {e}"))?;
+        let applied = {
+            let mut c = pool.get().map_err(|e| anyhow::anyhow!("{e}"))?;
+            ciyuan_store_postgres::migrate(&mut c).map_err(|e| anyhow::anyhow!("{e}"))?
+        };
+        println!(
+            "database schema: {applied} migrations applied; version {} (this build)",
+            ciyuan_store_postgres::SCHEMA_VERSION
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     let args = RebuildArgs { data: args.data };
     let file = match config {

@@ -21,6 +21,18 @@ fn usage_input(server: &Server, key: &str) -> i64 {
 fn serve_keeps_the_log_and_projections_in_postgres_across_restarts() {
     let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
     let url = cluster.database("serve").unwrap();
+    // The schema, applied by hand before the first start, and once only.
+    for applied in [ciyuan_store_postgres::SCHEMA_VERSION, 0] {
+        let o = std::process::Command::new(crate::common::bin())
+            .args(["migrate", "--database", &url])
+            .output()
+            .unwrap();
+        assert!(
+            stdout(&o).starts_with(&format!("database schema: {applied} migrations applied")),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
     let tmp = tempfile::tempdir().unwrap();
     let node = tmp.path().join("node");
     let server = Server::start_with(&node, &["--database", &url]);
