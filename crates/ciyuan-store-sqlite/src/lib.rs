@@ -526,14 +526,15 @@ fn recorded<T: serde::de::DeserializeOwned>(
     for row in rows {
         let (entry, ts, account, json) = row.map_err(backend)?;
         out.push(Recorded {
-            entry: entry as u64,
+            entry: u64::try_from(entry)
+                .map_err(|_| StoreError::Corrupt(format!("entry id {entry}")))?,
             ts: ts
                 .parse()
-                .map_err(|e| StoreError::Backend(format!("stored time {ts:?}: {e}")))?,
+                .map_err(|e| StoreError::Corrupt(format!("stored time {ts:?}: {e}")))?,
             // The root is stored as `as_str` writes it: empty.
             account: parse_path(&account)?,
             body: serde_json::from_str(&json)
-                .map_err(|e| StoreError::Backend(format!("stored entry {entry}: {e}")))?,
+                .map_err(|e| StoreError::Corrupt(format!("stored entry {entry}: {e}")))?,
         });
     }
     Ok(out)
@@ -1352,28 +1353,11 @@ impl Store for SqliteStore {
         &self,
         node: &AccountPath,
     ) -> Result<Vec<Recorded<ciyuan_core::StatementClosed>>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT entry, ts, closed FROM statements WHERE node = ? ORDER BY period")
-            .map_err(backend)?;
-        let mut rows = stmt.query(params![node.as_str()]).map_err(backend)?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next().map_err(backend)? {
-            let entry: i64 = r.get(0).map_err(backend)?;
-            let ts: String = r.get(1).map_err(backend)?;
-            let json: String = r.get(2).map_err(backend)?;
-            out.push(Recorded {
-                entry: u64::try_from(entry)
-                    .map_err(|_| StoreError::Corrupt(format!("entry id {entry}")))?,
-                ts: ts
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("stored time {ts:?}: {e}")))?,
-                account: node.clone(),
-                body: serde_json::from_str(&json)
-                    .map_err(|e| StoreError::Corrupt(format!("stored statement {entry}: {e}")))?,
-            });
-        }
-        Ok(out)
+        recorded(
+            &self.conn(),
+            "SELECT entry, ts, node, closed FROM statements WHERE node = ? ORDER BY period",
+            vec![node.as_str().to_string()],
+        )
     }
 
     fn service_levels(
@@ -1381,35 +1365,14 @@ impl Store for SqliteStore {
         under: &AccountPath,
     ) -> Result<Vec<Recorded<ciyuan_core::ServiceLevelEvaluated>>, StoreError> {
         let (cond, args) = subtree("node", under);
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT node, entry, ts, evaluated FROM service_levels WHERE {cond}
+        recorded(
+            &self.conn(),
+            &format!(
+                "SELECT entry, ts, node, evaluated FROM service_levels WHERE {cond}
                  ORDER BY node, period, level"
-            ))
-            .map_err(backend)?;
-        let mut rows = stmt
-            .query(rusqlite::params_from_iter(args.iter()))
-            .map_err(backend)?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next().map_err(backend)? {
-            let node: String = r.get(0).map_err(backend)?;
-            let entry: i64 = r.get(1).map_err(backend)?;
-            let ts: String = r.get(2).map_err(backend)?;
-            let json: String = r.get(3).map_err(backend)?;
-            out.push(Recorded {
-                entry: u64::try_from(entry)
-                    .map_err(|_| StoreError::Corrupt(format!("entry id {entry}")))?,
-                ts: ts
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("stored time {ts:?}: {e}")))?,
-                account: parse_path(&node)?,
-                body: serde_json::from_str(&json).map_err(|e| {
-                    StoreError::Corrupt(format!("stored service level evaluation {entry}: {e}"))
-                })?,
-            });
-        }
-        Ok(out)
+            ),
+            args,
+        )
     }
 
     fn quality_range(
@@ -1607,35 +1570,11 @@ impl Store for SqliteStore {
     }
 
     fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT entry, ts, account, delivered FROM report_progress ORDER BY name")
-            .map_err(backend)?;
-        let mut rows = stmt.query([]).map_err(backend)?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next().map_err(backend)? {
-            let entry: i64 = r.get(0).map_err(backend)?;
-            let ts: String = r.get(1).map_err(backend)?;
-            let account: String = r.get(2).map_err(backend)?;
-            let json: String = r.get(3).map_err(backend)?;
-            out.push(Recorded {
-                entry: u64::try_from(entry)
-                    .map_err(|_| StoreError::Corrupt(format!("entry id {entry}")))?,
-                ts: ts
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("stored time {ts:?}: {e}")))?,
-                // Paths are stored as `as_str` writes them: the root is empty.
-                account: if account.is_empty() {
-                    AccountPath::root()
-                } else {
-                    AccountPath::parse(&account)
-                        .map_err(|e| StoreError::Corrupt(format!("stored path {account:?}: {e}")))?
-                },
-                body: serde_json::from_str(&json)
-                    .map_err(|e| StoreError::Corrupt(format!("stored delivery {entry}: {e}")))?,
-            });
-        }
-        Ok(out)
+        recorded(
+            &self.conn(),
+            "SELECT entry, ts, account, delivered FROM report_progress ORDER BY name",
+            vec![],
+        )
     }
 
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
