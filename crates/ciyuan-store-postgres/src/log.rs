@@ -464,16 +464,7 @@ impl PgLog {
             latest: Mutex::new(None),
             checkpoints: AtomicU64::new(0),
         });
-        if let Some(row) = c
-            .query_opt(
-                "SELECT seq, note FROM log_checkpoints ORDER BY seq DESC LIMIT 1",
-                &[],
-            )
-            .map_err(io)?
-        {
-            let signed = shared.open(row.get(1))?;
-            shared.remember(row.get::<_, i64>(0) as u64 + 1, signed);
-        }
+        shared.catch_up(&mut c)?;
         drop(c);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if shared.signer.is_none() {
