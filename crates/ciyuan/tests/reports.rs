@@ -464,6 +464,28 @@ fn missed_periods_are_delivered_once_each_in_order_to_a_directory_and_a_signed_w
         h["last_delivered"]["period"].as_str().unwrap() >= hours[4].as_str(),
         "{h}"
     );
+    // Tenants below the root neither run a report (its own node's or another's) nor
+    // see reports of a tree beside theirs.
+    stdout(&server.cli(&root, &["accounts", "create", "beta"]));
+    for account in ["acme", "beta"] {
+        let key = server.new_key(&root, account, "admin,read");
+        let (status, body) = server.http(
+            "POST",
+            &format!("/api/v1/reports/hourly-usage/run?period={}", hours[1]),
+            &key,
+            None,
+        );
+        assert_eq!(status, 403, "{account}: {}", String::from_utf8_lossy(&body));
+        if account == "beta" {
+            let (_, body) = server.http("GET", "/api/v1/reports", &key, None);
+            assert_eq!(
+                json(&body)["reports"].as_array().map(Vec::len),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
     server.stop();
 
     let (code, report) = verify(&dir.join("data"));
