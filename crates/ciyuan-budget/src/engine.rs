@@ -1599,6 +1599,22 @@ impl Engine {
         })
     }
 
+    /// Counts usage another process recorded (a node sharing the ledger) on the node
+    /// counters of every limit on `account`'s path, as a restart restores them from
+    /// the projections: the key's and session's counters are the other node's, and a
+    /// request-scope limit was that node's to check.
+    pub fn record_elsewhere(
+        &self,
+        account: &AccountPath,
+        tokens: &TokenMap,
+        cost: Option<Money>,
+        at: Timestamp,
+    ) -> Settled {
+        self.count_usage(account, tokens, cost, at, |l| {
+            (l.spec.scope == LimitScope::Node).then_some(Who::Node)
+        })
+    }
+
     /// Counts a correction (signed token deltas on `account`, made at `at`) on the
     /// node counters of token limits only: the counters a restart restores from the
     /// usage projections, which count corrections. A correction is not a request, nor
@@ -1989,6 +2005,80 @@ mod tests {
     }
     fn cost_row(e: &Engine, node: &str, now: Timestamp) -> crate::CostStatus {
         e.status(&p(node), now)[0].cost.clone().unwrap()
+    }
+
+    #[test]
+    fn usage_recorded_elsewhere_counts_on_node_counters_only() {
+        let e = Engine::new();
+        let tokens_spec = |name: &str, scope: LimitScope| {
+            let mut s = LimitSpec::new(
+                p("acme"),
+                name,
+                crate::Measure::Tokens(crate::Selector::ALL),
+                1000,
+                Period::Month,
+            );
+            s.scope = scope;
+            s
+        };
+        e.set_limit(tokens_spec("node", LimitScope::Node)).unwrap();
+        e.set_limit(tokens_spec("per-key", LimitScope::Key))
+            .unwrap();
+        let mut requests = LimitSpec::new(
+            p("acme"),
+            "calls",
+            crate::Measure::Requests,
+            10,
+            Period::Month,
+        );
+        requests.scope = LimitScope::Node;
+        e.set_limit(requests).unwrap();
+        e.set_limit(LimitSpec::cost(
+            p("acme"),
+            "money",
+            cny(),
+            d("5"),
+            Period::Month,
+        ))
+        .unwrap();
+        let now = at("2026-12-06T08:00:00Z");
+        let mut tokens = TokenMap::new();
+        tokens
+            .add(
+                ciyuan_core::Modality::Text,
+                ciyuan_core::Direction::Input,
+                300,
+            )
+            .unwrap();
+        let s = e.record_elsewhere(&p("acme/cn"), &tokens, money("1.25", "CNY"), now);
+        assert!(s.exceeded.is_empty());
+        let status = e.status(&p("acme"), now);
+        let used = |name: &str| {
+            status
+                .iter()
+                .filter(|l| l.spec.name == name)
+                .map(|l| l.used)
+                .sum::<i128>()
+        };
+        assert_eq!(used("node"), 300, "the node counter counts it");
+        assert_eq!(used("calls"), 1, "as one request");
+        assert_eq!(
+            used("per-key"),
+            0,
+            "no key's counter: the key was the other node's"
+        );
+        let money_row = status.iter().find(|l| l.spec.name == "money").unwrap();
+        assert_eq!(money_row.cost.as_ref().unwrap().used.to_string(), "1.25");
+        // A hard limit it takes over is reported, as for usage recorded here.
+        let mut more = TokenMap::new();
+        more.add(
+            ciyuan_core::Modality::Text,
+            ciyuan_core::Direction::Input,
+            800,
+        )
+        .unwrap();
+        let s = e.record_elsewhere(&p("acme"), &more, None, now);
+        assert_eq!(s.exceeded, vec![(p("acme"), "node".to_string())]);
     }
 
     #[test]

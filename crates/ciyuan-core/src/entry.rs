@@ -273,16 +273,23 @@ impl Usage {
 /// little-endian), the source and the id. A cryptographic hash because event ids are
 /// chosen by clients: nobody can make many keys share a hash.
 pub fn ingest_key_hash(source: &str, id: &str) -> u64 {
+    let digest = ingest_key_digest(source, id);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// The whole SHA-256 of which [`ingest_key_hash`] is the first 8 bytes: the key under
+/// which a log shared by several nodes refuses a second entry of the same event (64
+/// bits would let two of billions of events collide; 256 do not).
+pub fn ingest_key_digest(source: &str, id: &str) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     // Ids are at most a few hundred bytes: the length always fits.
     h.update((source.len() as u32).to_le_bytes());
     h.update(source.as_bytes());
     h.update(id.as_bytes());
-    let digest = h.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    u64::from_le_bytes(first)
+    h.finalize().into()
 }
 
 impl EntryBody {

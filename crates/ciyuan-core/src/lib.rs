@@ -49,7 +49,7 @@ pub use budget::{
 pub use definition::TokenDefinition;
 pub use entry::{
     AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, GATEWAY_SOURCE,
-    KeyCreated, KeyRevoked, Quality, Recount, Usage, ingest_key_hash,
+    KeyCreated, KeyRevoked, Quality, Recount, Usage, ingest_key_digest, ingest_key_hash,
 };
 /// Re-exported so every crate names time with the same version.
 pub use jiff;

@@ -291,6 +291,11 @@ pub async fn expiry_loop(app: Arc<App>, ttl: std::time::Duration) {
                 "expired wallet holds of requests that never settled"
             );
         }
+        // Grants expire once for the whole ledger: on the node that leads (the
+        // others follow its postings).
+        if !app.leads().await {
+            continue;
+        }
         let expired = {
             let _guard = app.admin_lock.lock().await;
             let postings = app.wallets.expire_grants(Timestamp::now());

@@ -95,6 +95,9 @@ impl From<LogError> for ApiError {
             LogError::Invalid(m) => ApiError::unprocessable(m),
             LogError::Unavailable(m) => ApiError::unavailable(m),
             LogError::Io(m) => ApiError::internal(m),
+            // Only a keyed append is refused so, and the ingest door answers it
+            // itself; anywhere else, the client sent what another node is recording.
+            e @ LogError::Duplicate(_) => ApiError::conflict(e.to_string()),
         }
     }
 }

@@ -279,6 +279,11 @@ impl Recent {
         }
     }
 
+    /// Files an event another node appended at `entry` (see `crate::follow`).
+    pub(crate) fn index_elsewhere(&mut self, hash: u64, entry: u64) {
+        self.seen.index(hash, entry);
+    }
+
     /// For each event of `wanted` (its hash and key), the claim holding it and its
     /// position there, unless the claim failed.
     fn find_many(&self, wanted: &[(u64, (&str, &str))]) -> Vec<Option<(Arc<Claim>, usize)>> {
@@ -1312,6 +1317,37 @@ async fn record(
             // Entries go to the ledger in the batch's order.
             fresh.sort_unstable_by_key(|(i, _)| *i);
         }
+        if app.log.keeps_keys() && !fresh.is_empty() {
+            // Other nodes append to this log: an event new here may be in the ledger
+            // already (sent to another node first); the log's keys say where. One
+            // that races in after this read is refused by the append itself.
+            let digests: Vec<ciyuan_store::EntryKey> = fresh
+                .iter()
+                .map(|(_, a)| {
+                    let (s, i) = a.key();
+                    ciyuan_core::ingest_key_digest(s, i)
+                })
+                .collect();
+            let held = app
+                .blocking(move |app| Ok(app.log.find_keys(&digests)?))
+                .await?;
+            let mut new = Vec::with_capacity(fresh.len());
+            for ((i, a), held) in fresh.into_iter().zip(held) {
+                match held {
+                    Some(entry_id) => {
+                        recent.seen.index(a.hash, entry_id);
+                        let (source, id) = a.into_key();
+                        outcomes[i] = Some(Outcome::Duplicate {
+                            source,
+                            id,
+                            entry_id,
+                        });
+                    }
+                    None => new.push((i, a)),
+                }
+            }
+            fresh = new;
+        }
         if fresh.is_empty() {
             None
         } else {
@@ -1337,12 +1373,23 @@ async fn record(
 
     if let Some(claim) = claim {
         let settle = Settle(&claim);
+        let keys = app.log.keeps_keys().then(|| {
+            claim
+                .entries
+                .iter()
+                .map(|e| {
+                    let (s, i) = event_key(e);
+                    Some(ciyuan_core::ingest_key_digest(s, i))
+                })
+                .collect()
+        });
         // Lent to the projector, which then applies these entries without reading them
         // back from the ledger.
-        let appended = crate::pipeline::append_lent_then(
+        let appended = crate::pipeline::append_lent_keyed_then(
             app.log.as_ref(),
             &app.projector,
             claim.clone(),
+            keys,
             || {
                 drop(rules.take());
                 drop(tiers.take());
@@ -1356,7 +1403,39 @@ async fn record(
             .appended
             .send_replace(Some(appended.as_ref().map(|r| r.start).map_err(|_| ())));
         drop(settle);
-        let range = appended?;
+        let range = match appended {
+            Ok(range) => range,
+            Err(ciyuan_store::LogError::Duplicate(held)) => {
+                // Another node recorded some of these events between the check above
+                // and this append, which the log refused whole: those are answered
+                // with the entries holding them, the rest must be sent again.
+                let mut recent = app.ingest_lock.lock().await;
+                for &(pos, entry_id) in &held {
+                    recent.seen.index(claim.hashes[pos], entry_id);
+                }
+                drop(recent);
+                for (pos, &i) in slots.iter().enumerate() {
+                    let (source, id) = event_key(&claim.entries[pos]);
+                    let (source, id) = (source.to_string(), id.to_string());
+                    outcomes[i] = Some(match held.iter().find(|(p, _)| *p == pos) {
+                        Some(&(_, entry_id)) => Outcome::Duplicate {
+                            source,
+                            id,
+                            entry_id,
+                        },
+                        None => Outcome::Rejected {
+                            source: Some(source),
+                            id: Some(id),
+                            error: ApiError::unavailable(
+                                "not recorded: another node recorded events of this batch at the same moment; send this event again",
+                            ),
+                        },
+                    });
+                }
+                return finish(outcomes, waits).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
         // Usage that already happened counts against budgets, never refused; a hard
         // limit it pushes over is flagged on its answer and by an incident naming it.
         let mut over = Vec::new();
@@ -1392,6 +1471,18 @@ async fn record(
         }
     }
 
+    finish(outcomes, waits).await
+}
+
+/// Events held by a concurrent request's claim: answered once that request's append
+/// ends.
+type Waits = Vec<(usize, Accepted, Arc<Claim>, usize)>;
+
+/// Answers the events that waited on other requests' claims, then every outcome.
+async fn finish(
+    mut outcomes: Vec<Option<Outcome>>,
+    waits: Waits,
+) -> Result<Vec<Outcome>, ApiError> {
     for (i, a, claim, pos) in waits {
         let mut rx = claim.appended.subscribe();
         let start = match rx.wait_for(Option::is_some).await {

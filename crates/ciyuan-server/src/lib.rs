@@ -15,6 +15,7 @@ mod controls;
 pub mod error;
 mod exports;
 mod extract;
+mod follow;
 #[cfg(test)]
 mod fuzz;
 pub mod gateway;
@@ -82,6 +83,11 @@ pub struct ServerConfig {
     /// once); with several nodes on one database, how soon a revocation on another
     /// node takes effect here.
     pub key_cache_ttl: Option<Duration>,
+    /// With several nodes on one ledger, how often this node looks for entries the
+    /// others appended and applies them to its in-memory state (limits, access rules,
+    /// rules of counting and pricing, budget counters, wallets, the ingest index);
+    /// `None` when this node is the ledger's only writer.
+    pub follow: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -100,12 +106,20 @@ impl Default for ServerConfig {
             reports: Vec::new(),
             report_interval: Duration::from_secs(30),
             key_cache_ttl: None,
+            follow: None,
         }
     }
 }
 
+/// How long a node leads (`App::leads`) without renewing: every background task
+/// renews it at least every 5 s, so another node takes over within this much of a
+/// leader's death.
+const LEAD_TERM: Duration = Duration::from_secs(15);
+
 /// Everything a request handler needs.
 pub struct App {
+    /// This process's name among the nodes sharing the ledger (random per start).
+    node: String,
     store: Arc<dyn Store>,
     log: Arc<dyn Log>,
     auth: Authenticator,
@@ -144,6 +158,15 @@ impl App {
         log: Arc<dyn Log>,
         config: ServerConfig,
     ) -> Result<Arc<App>, ApiError> {
+        // With other writers, every append is noted, so the follower can tell this
+        // node's entries from theirs.
+        let (log, own): (Arc<dyn Log>, _) = match config.follow {
+            Some(_) => {
+                let (log, own) = follow::OwnLog::new(log);
+                (log, Some(own))
+            }
+            None => (log, None),
+        };
         // Catch the projections up with the log first: the budget engine is built from
         // them, and must know every limit before the first request.
         pipeline::project(store.as_ref(), log.as_ref(), log.size(), &mut |_| {})
@@ -162,6 +185,10 @@ impl App {
             pipeline::project(store.as_ref(), log.as_ref(), log.size(), &mut |_| {})
                 .map_err(ApiError::internal)?;
         }
+        // What other nodes append from here on is followed; what they projected while
+        // the state below loads may be counted twice (a restart's counters err the
+        // same way), never missed.
+        let followed = store.projected_through()?;
         let definitions = controls::Definitions::load(store.as_ref())?;
         let pricing = prices::Pricing::load(store.as_ref())?;
         let tiers = tiers::Tiers::load(store.as_ref())?;
@@ -170,7 +197,8 @@ impl App {
         let projector = Projector::start(store.clone(), log.clone())?;
         let recent = ingest::Recent::load(store.as_ref(), log.as_ref())?;
         let gateway = gateway::Gateway::new(config.gateway.clone()).map_err(ApiError::internal)?;
-        Ok(Arc::new(App {
+        let app = Arc::new(App {
+            node: node_name()?,
             gateway,
             budget,
             definitions,
@@ -185,7 +213,11 @@ impl App {
             config,
             admin_lock: tokio::sync::Mutex::new(()),
             ingest_lock: tokio::sync::Mutex::new(recent),
-        }))
+        });
+        if let (Some(own), Some(poll)) = (own, app.config.follow) {
+            follow::start(&app, own, followed, poll).map_err(ApiError::internal)?;
+        }
+        Ok(app)
     }
 
     /// Appends entries durably and lets the projector know.
@@ -321,6 +353,22 @@ impl App {
         self.projector
             .wait_for(self.log.size(), self.config.projection_wait)
             .await
+    }
+
+    /// Whether this node is to run the work done once for the whole ledger
+    /// (`Store::lead`); a store that cannot answer keeps the work from running here
+    /// this time (it runs at a later tick, here or on the node that leads).
+    pub async fn leads(self: &Arc<Self>) -> bool {
+        match self
+            .blocking(|app| Ok(app.store.lead(&app.node, LEAD_TERM)?))
+            .await
+        {
+            Ok(leads) => leads,
+            Err(e) => {
+                tracing::warn!(detail = %e.detail, "cannot tell whether this node leads");
+                false
+            }
+        }
     }
 
     /// The projection watermark: entries visible to queries.
@@ -508,6 +556,19 @@ pub async fn checkpoint_loop(app: Arc<App>) {
             tracing::warn!(detail = %e.detail, "periodic checkpoint failed");
         }
     }
+}
+
+/// A name for this process among the nodes: the host's name, the process id and 64
+/// random bits (a restarted node is a new node).
+fn node_name() -> Result<String, ApiError> {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "node".into());
+    Ok(format!(
+        "{host}-{}-{:016x}",
+        std::process::id(),
+        u64::from_le_bytes(r)
+    ))
 }
 
 /// Parses an account path from user input, as a 400 naming the problem.

@@ -127,11 +127,24 @@ pub async fn append_lent_then(
     lent: Arc<dyn Lent>,
     submitted: impl FnOnce(),
 ) -> Result<Range<u64>, ApiError> {
+    Ok(append_lent_keyed_then(log, projector, lent, None, submitted).await?)
+}
+
+/// [`append_lent_then`] with each entry's unique key (see [`Log::append_keyed`]):
+/// `keys[i]` is entry `i`'s.
+pub async fn append_lent_keyed_then(
+    log: &dyn Log,
+    projector: &Projector,
+    lent: Arc<dyn Lent>,
+    keys: Option<Vec<Option<ciyuan_store::EntryKey>>>,
+    submitted: impl FnOnce(),
+) -> Result<Range<u64>, LogError> {
     let shelf = projector.shelf.clone();
     let entries = lent.clone();
     append_submitted(
         log,
         entries.entries(),
+        keys,
         move |r| shelf.lend(r.start, lent),
         submitted,
     )
@@ -144,7 +157,7 @@ async fn append_then(
     entries: &[Entry],
     durable: impl FnOnce(&Range<u64>) + Send + 'static,
 ) -> Result<Range<u64>, ApiError> {
-    append_submitted(log, entries, durable, || {}).await
+    Ok(append_submitted(log, entries, None, durable, || {}).await?)
 }
 
 /// [`append_then`], running `submitted` as soon as the ledger has taken the entries
@@ -152,9 +165,10 @@ async fn append_then(
 async fn append_submitted(
     log: &dyn Log,
     entries: &[Entry],
+    keys: Option<Vec<Option<ciyuan_store::EntryKey>>>,
     durable: impl FnOnce(&Range<u64>) + Send + 'static,
     submitted: impl FnOnce(),
-) -> Result<Range<u64>, ApiError> {
+) -> Result<Range<u64>, LogError> {
     // Sized from the entries before: most batches hold entries of similar length, and a
     // buffer that has to grow is copied.
     let mut cap = 256;
@@ -168,20 +182,19 @@ async fn append_submitted(
         })
         .collect();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    log.append(
-        bytes,
-        Box::new(move |r| {
-            if let Ok(range) = &r {
-                durable(range);
-            }
-            let _ = tx.send(r);
-        }),
-    )?;
+    let done: ciyuan_store::AppendDone = Box::new(move |r| {
+        if let Ok(range) = &r {
+            durable(range);
+        }
+        let _ = tx.send(r);
+    });
+    match keys {
+        Some(keys) => log.append_keyed(bytes, keys, done)?,
+        None => log.append(bytes, done)?,
+    }
     submitted();
-    let range = rx
-        .await
-        .map_err(|_| ApiError::unavailable("the ledger writer stopped"))??;
-    Ok(range)
+    rx.await
+        .map_err(|_| LogError::Unavailable("the ledger writer stopped".into()))?
 }
 
 /// [`append`] from a thread that may block (start-up, before the server serves):

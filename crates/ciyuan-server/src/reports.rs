@@ -659,6 +659,10 @@ pub async fn report_loop(app: Arc<App>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // Delivered once for the whole ledger: by the node that leads.
+        if !app.leads().await {
+            continue;
+        }
         for spec in &reports {
             if let Some(s) = schedules.get_mut(&spec.name) {
                 pass(&app, &client, spec, s).await;

@@ -329,6 +329,10 @@ pub async fn service_level_loop(app: Arc<App>, every: std::time::Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // Once for the whole ledger: on the node that leads.
+        if !app.leads().await {
+            continue;
+        }
         if let Err(e) = app.evaluate_due_service_levels().await {
             tracing::warn!(detail = %e.detail, "evaluating service levels failed; retried later");
         }

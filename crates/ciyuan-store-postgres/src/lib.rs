@@ -51,6 +51,21 @@ CREATE TABLE log_checkpoints (
     store::MIGRATION,
     // 3: scheduled reports' progress.
     store::MIGRATION_REPORTS,
+    // 4: the log's entry keys (an ingested event once, whichever node records it).
+    r#"
+CREATE TABLE log_keys (
+    key BYTEA PRIMARY KEY,
+    idx BIGINT NOT NULL
+);
+"#,
+    // 5: which node runs the work done once (`Store::lead`).
+    r#"
+CREATE TABLE leader (
+    one   BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    node  TEXT NOT NULL,
+    until TIMESTAMPTZ NOT NULL
+);
+"#,
 ];
 
 /// The schema version this build writes.

@@ -15,7 +15,7 @@
 //! only: a checkpoint never names an entry that is not durable.
 
 use crate::Pool;
-use ciyuan_store::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
+use ciyuan_store::{AppendDone, CheckpointDone, EntryKey, Log, LogError, ScanFn, SignedCheckpoint};
 use ciyuan_tlog::{Checkpoint, Frontier, Hash, NodeSource, NoteSigner};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -28,8 +28,11 @@ const MAX_GROUP_REQUESTS: usize = 1024;
 /// Entries read per query while scanning.
 const SCAN_CHUNK: i64 = 4096;
 
+/// Entries to append and, for a keyed append, each entry's key.
+type Keys = Option<Vec<Option<EntryKey>>>;
+
 enum Job {
-    Append(Vec<Vec<u8>>, AppendDone),
+    Append(Vec<Vec<u8>>, Keys, AppendDone),
     Checkpoint(CheckpointDone),
 }
 
@@ -204,6 +207,56 @@ impl<C: postgres::GenericClient> NodeSource for Nodes<'_, C> {
     }
 }
 
+/// Records the keys of an append that will take the indices from `start` on, in the
+/// group's transaction (whose head lock orders it with every other node's); when one
+/// is held already, removes those just recorded and answers the entries holding them.
+fn claim_keys(
+    tx: &mut postgres::Transaction<'_>,
+    keys: &[Option<EntryKey>],
+    start: u64,
+) -> Result<Result<(), LogError>, LogError> {
+    let (mut key, mut at): (Vec<&[u8]>, Vec<i64>) = (Vec::new(), Vec::new());
+    for (i, k) in keys.iter().enumerate() {
+        if let Some(k) = k {
+            key.push(k);
+            at.push((start + i as u64) as i64);
+        }
+    }
+    if key.is_empty() {
+        return Ok(Ok(()));
+    }
+    let claimed = tx
+        .query(
+            "INSERT INTO log_keys (key, idx)
+             SELECT * FROM unnest($1::bytea[], $2::bigint[])
+             ON CONFLICT DO NOTHING RETURNING key",
+            &[&key, &at],
+        )
+        .map_err(io)?;
+    if claimed.len() == key.len() {
+        return Ok(Ok(()));
+    }
+    let mine: Vec<Vec<u8>> = claimed.iter().map(|r| r.get(0)).collect();
+    tx.execute("DELETE FROM log_keys WHERE key = ANY($1)", &[&mine])
+        .map_err(io)?;
+    let held = tx
+        .query("SELECT key, idx FROM log_keys WHERE key = ANY($1)", &[&key])
+        .map_err(io)?;
+    let held: HashMap<Vec<u8>, u64> = held
+        .iter()
+        .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, i64>(1) as u64))
+        .collect();
+    let dups: Vec<(usize, u64)> = keys
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| Some((i, *held.get(k.as_ref()?.as_slice())?)))
+        .collect();
+    // A key the insert found held but the read finds free was held by a transaction
+    // that rolled back in between: the append is refused all the same (its caller
+    // retries), never written over a key it did not claim.
+    Ok(Err(LogError::Duplicate(dups)))
+}
+
 impl Shared {
     /// Reads the committed size and the newest checkpoint signed by any node.
     fn catch_up(&self, c: &mut postgres::Client) -> Result<(), LogError> {
@@ -232,8 +285,13 @@ impl Shared {
         Ok(size)
     }
 
-    /// One group commit of `appends`; answers each request's result.
-    fn commit(&self, appends: &[&Vec<Vec<u8>>]) -> Result<Vec<Option<Range<u64>>>, LogError> {
+    /// One group commit of `appends`; answers each request's result. A keyed request
+    /// whose key another entry holds is refused whole ([`LogError::Duplicate`]) and
+    /// takes no index; the rest of the group goes on.
+    fn commit(
+        &self,
+        appends: &[(&Vec<Vec<u8>>, &Keys)],
+    ) -> Result<Vec<Result<Range<u64>, LogError>>, LogError> {
         let mut c = self.pool.get().map_err(io)?;
         let mut tx = c.transaction().map_err(io)?;
         let head = tx
@@ -246,12 +304,22 @@ impl Shared {
         let mut bytes: Vec<&[u8]> = Vec::new();
         let (mut n_level, mut n_idx, mut n_hash) = (Vec::new(), Vec::new(), Vec::new());
         let mut ranges = Vec::with_capacity(appends.len());
-        for entries in appends {
-            if entries.is_empty() || entries.iter().any(|e| invalid(e).is_some()) {
-                ranges.push(None);
+        for (entries, keys) in appends {
+            if let Some(why) = entries.iter().find_map(|e| invalid(e)) {
+                ranges.push(Err(LogError::Invalid(why.to_string())));
+                continue;
+            }
+            if entries.is_empty() {
+                ranges.push(Err(LogError::Invalid("no entries".into())));
                 continue;
             }
             let start = frontier.size();
+            if let Some(keys) = keys
+                && let Err(e) = claim_keys(&mut tx, keys, start)?
+            {
+                ranges.push(Err(e));
+                continue;
+            }
             for e in entries.iter() {
                 let leaf = ciyuan_tlog::leaf_hash(e);
                 idx.push(frontier.size() as i64);
@@ -265,7 +333,7 @@ impl Shared {
                     }
                 });
             }
-            ranges.push(Some(start..frontier.size()));
+            ranges.push(Ok(start..frontier.size()));
         }
         if !idx.is_empty() {
             tx.execute(
@@ -379,29 +447,22 @@ fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
         let mut checkpoints = Vec::new();
         for j in group {
             match j {
-                Job::Append(entries, done) => appends.push((entries, done)),
+                Job::Append(entries, keys, done) => appends.push((entries, keys, done)),
                 Job::Checkpoint(done) => checkpoints.push(done),
             }
         }
         if !appends.is_empty() {
-            let refs: Vec<&Vec<Vec<u8>>> = appends.iter().map(|(e, _)| e).collect();
+            let refs: Vec<(&Vec<Vec<u8>>, &Keys)> =
+                appends.iter().map(|(e, k, _)| (e, k)).collect();
             match shared.commit(&refs) {
                 Ok(ranges) => {
-                    for ((entries, done), range) in appends.into_iter().zip(ranges) {
-                        done(range.ok_or_else(|| {
-                            LogError::Invalid(
-                                entries
-                                    .iter()
-                                    .find_map(|e| invalid(e))
-                                    .unwrap_or("no entries")
-                                    .to_string(),
-                            )
-                        }));
+                    for ((_, _, done), range) in appends.into_iter().zip(ranges) {
+                        done(range);
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "an append to PostgreSQL failed");
-                    for (_, done) in appends {
+                    for (_, _, done) in appends {
                         done(Err(e.clone()));
                     }
                 }
@@ -605,7 +666,51 @@ impl Drop for PgLog {
 
 impl Log for PgLog {
     fn append(&self, entries: Vec<Vec<u8>>, done: AppendDone) -> Result<(), LogError> {
-        self.send(Job::Append(entries, done))
+        self.send(Job::Append(entries, None, done))
+    }
+
+    fn append_keyed(
+        &self,
+        entries: Vec<Vec<u8>>,
+        keys: Vec<Option<EntryKey>>,
+        done: AppendDone,
+    ) -> Result<(), LogError> {
+        if keys.len() != entries.len() {
+            return Err(LogError::Invalid(format!(
+                "{} keys for {} entries",
+                keys.len(),
+                entries.len()
+            )));
+        }
+        self.send(Job::Append(entries, Some(keys), done))
+    }
+
+    fn keeps_keys(&self) -> bool {
+        true
+    }
+
+    fn find_keys(&self, keys: &[EntryKey]) -> Result<Vec<Option<u64>>, LogError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        crate::off_runtime(|| {
+            let mut c = self.shared.pool.get().map_err(io)?;
+            let wanted: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+            let rows = c
+                .query(
+                    "SELECT key, idx FROM log_keys WHERE key = ANY($1)",
+                    &[&wanted],
+                )
+                .map_err(io)?;
+            let held: HashMap<Vec<u8>, u64> = rows
+                .iter()
+                .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, i64>(1) as u64))
+                .collect();
+            Ok(keys
+                .iter()
+                .map(|k| held.get(k.as_slice()).copied())
+                .collect())
+        })
     }
 
     fn checkpoint(&self, done: CheckpointDone) -> Result<(), LogError> {

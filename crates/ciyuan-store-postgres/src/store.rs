@@ -1332,6 +1332,28 @@ impl Store for PgStore {
         crate::off_runtime(|| self.inner.projected_through())
     }
 
+    fn lead(&self, node: &str, term: std::time::Duration) -> Result<bool, StoreError> {
+        // Seconds as a float: a lease's length, never a sum of anything.
+        let secs = term.as_secs_f64();
+        crate::off_runtime(|| {
+            // The database's clock decides when a lease lapsed: nodes' clocks may
+            // disagree, the one they share does not.
+            let held = self
+                .inner
+                .conn()?
+                .query_opt(
+                    "INSERT INTO leader (node, until)
+                     VALUES ($1, now() + make_interval(secs => $2))
+                     ON CONFLICT (one) DO UPDATE SET node = EXCLUDED.node, until = EXCLUDED.until
+                     WHERE leader.node = EXCLUDED.node OR leader.until < now()
+                     RETURNING node",
+                    &[&node, &secs],
+                )
+                .map_err(backend)?;
+            Ok(held.is_some())
+        })
+    }
+
     fn apply(&self, start: u64, entries: &[Entry]) -> Result<(), StoreError> {
         crate::off_runtime(|| self.inner.apply(start, entries))
     }

@@ -16,7 +16,7 @@ use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, Modality, Scopes};
 mod log;
 mod projection;
 mod usage;
-pub use log::{AppendDone, CheckpointDone, Log, LogError, ScanFn, SignedCheckpoint};
+pub use log::{AppendDone, CheckpointDone, EntryKey, Log, LogError, ScanFn, SignedCheckpoint};
 pub use projection::{
     Change, CostKey, CostSums, LineKey, LineOf, LineSums, Projected, QualityHours, RollupKey,
     TierCounterKey, TierSums, project,
@@ -191,6 +191,14 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Index of the next ledger entry the projections expect (= entries applied).
     fn projected_through(&self) -> Result<u64, StoreError>;
+    /// Whether the caller, `node`, is to run the work the ledger wants done once
+    /// however many nodes serve it (expiring grants, evaluating service levels,
+    /// delivering scheduled reports). Where several nodes share the store, one holds a
+    /// lease: each call by the holder renews it for `term`, and another node takes it
+    /// once it lapsed. A store with one writer answers true.
+    fn lead(&self, _node: &str, _term: std::time::Duration) -> Result<bool, StoreError> {
+        Ok(true)
+    }
 
     /// Applies ledger entries `start..start + entries.len()` to the projections in one
     /// transaction. `start` must equal [`Store::projected_through`], so every entry is

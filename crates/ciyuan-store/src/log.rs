@@ -25,7 +25,17 @@ pub enum LogError {
     /// Storage failed.
     #[error("ledger storage: {0}")]
     Io(String),
+    /// A log several nodes write refused the whole append: an entry's [`EntryKey`] is
+    /// held already, by the entries named (position in the append, index of the entry
+    /// holding the key). Nothing of the append was written.
+    #[error("{} of the entries are in the ledger already", .0.len())]
+    Duplicate(Vec<(usize, u64)>),
 }
+
+/// The unique key of an entry, where it has one (an ingested event's
+/// `ciyuan_core::ingest_key_digest`): a log that several nodes write keeps them and
+/// never holds two entries with one key.
+pub type EntryKey = [u8; 32];
 
 /// Called once the appended entries are durable (or failed): their index range.
 pub type AppendDone = Box<dyn FnOnce(Result<Range<u64>, LogError>) + Send>;
@@ -39,6 +49,32 @@ pub type ScanFn<'a> = dyn FnMut(u64, &[u8]) -> Result<(), LogError> + 'a;
 pub trait Log: Send + Sync + 'static {
     /// Queues entries for a durable append; `done` runs when they are durable.
     fn append(&self, entries: Vec<Vec<u8>>, done: AppendDone) -> Result<(), LogError>;
+    /// [`Log::append`] of entries with their unique keys (`keys[i]` is `entries[i]`'s).
+    /// A log that [`Log::keeps_keys`] fails the whole append with
+    /// [`LogError::Duplicate`] when one of them is held, in the same transaction that
+    /// would have written it: across nodes, an event is in the ledger at most once.
+    /// The default (a log with one writer, whose callers keep their own exact index)
+    /// ignores the keys.
+    fn append_keyed(
+        &self,
+        entries: Vec<Vec<u8>>,
+        keys: Vec<Option<EntryKey>>,
+        done: AppendDone,
+    ) -> Result<(), LogError> {
+        debug_assert_eq!(entries.len(), keys.len());
+        drop(keys);
+        self.append(entries, done)
+    }
+    /// Whether this log keeps entry keys ([`Log::append_keyed`], [`Log::find_keys`]):
+    /// true where several nodes append.
+    fn keeps_keys(&self) -> bool {
+        false
+    }
+    /// The index of the entry holding each key, where one does (a log that does not
+    /// [`Log::keeps_keys`] answers none).
+    fn find_keys(&self, keys: &[EntryKey]) -> Result<Vec<Option<u64>>, LogError> {
+        Ok(vec![None; keys.len()])
+    }
     /// Signs a checkpoint of the current tree (unless the latest already covers it).
     fn checkpoint(&self, done: CheckpointDone) -> Result<(), LogError>;
     /// Number of durable entries.

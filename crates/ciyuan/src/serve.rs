@@ -172,9 +172,10 @@ async fn run(
     };
     server_cfg.reservation_ttl = Duration::from_secs(cfg.reservation_ttl_secs);
     // Other nodes may revoke keys in a shared database: trust a cached key for a
-    // second at most.
+    // second at most; and apply what they append to this node's state.
     if cfg.database.is_some() {
         server_cfg.key_cache_ttl = Some(Duration::from_secs(1));
+        server_cfg.follow = Some(Duration::from_millis(100));
     }
     server_cfg.reports = std::mem::take(&mut cfg.reports);
     server_cfg.report_interval = Duration::from_secs(cfg.reports_check_secs);
@@ -388,14 +389,20 @@ fn migrate_to_postgres(from: &Path, url: &str) -> anyhow::Result<ExitCode> {
     let reader = ledger.reader();
     let size = reader.size();
     let started = std::time::Instant::now();
+    // Each entry with its ingested event's key: the database refuses a second entry
+    // of an event from any node from then on (see `Log::append_keyed`).
     let mut batch: Vec<Vec<u8>> = Vec::new();
-    let flush = |batch: &mut Vec<Vec<u8>>| -> anyhow::Result<()> {
+    let mut keys: Vec<Option<ciyuan_store::EntryKey>> = Vec::new();
+    let flush = |batch: &mut Vec<Vec<u8>>,
+                 keys: &mut Vec<Option<ciyuan_store::EntryKey>>|
+     -> anyhow::Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        log.append(
+        log.append_keyed(
             std::mem::take(batch),
+            std::mem::take(keys),
             Box::new(move |r| {
                 // The receiver waits below.
                 let _ = tx.send(r);
@@ -409,10 +416,19 @@ fn migrate_to_postgres(from: &Path, url: &str) -> anyhow::Result<ExitCode> {
     reader
         .scan(
             0..size,
-            |_, bytes| -> Result<(), ciyuan_ledger::LedgerError> {
+            |i, bytes| -> Result<(), ciyuan_ledger::LedgerError> {
+                let entry = ciyuan_core::Entry::decode(bytes).map_err(|e| {
+                    ciyuan_ledger::LedgerError::Invalid(format!("entry {i} does not decode: {e}"))
+                })?;
+                keys.push(match &entry.body {
+                    ciyuan_core::EntryBody::Usage(u) => u
+                        .ingest_key()
+                        .map(|(s, id)| ciyuan_core::ingest_key_digest(s, id)),
+                    _ => None,
+                });
                 batch.push(bytes.to_vec());
                 if batch.len() == 10_000
-                    && let Err(e) = flush(&mut batch)
+                    && let Err(e) = flush(&mut batch, &mut keys)
                 {
                     failed = Some(e);
                     return Err(ciyuan_ledger::LedgerError::Invalid("copy failed".into()));
@@ -421,7 +437,7 @@ fn migrate_to_postgres(from: &Path, url: &str) -> anyhow::Result<ExitCode> {
             },
         )
         .map_err(|e| failed.take().unwrap_or_else(|| anyhow::anyhow!("{e}")))?;
-    flush(&mut batch)?;
+    flush(&mut batch, &mut keys)?;
     let (ours, theirs) = (reader.root_at(size)?, log.root_at(size)?);
     if ours != theirs || log.size() != size {
         anyhow::bail!(

@@ -288,3 +288,177 @@ fn two_nodes_append_to_one_verifiable_log_and_see_each_others_entries() {
     let (code, out) = crate::common::verify(std::path::Path::new(&url));
     assert_eq!(code, 0, "{out}");
 }
+
+/// Two nodes on one fresh database (the second with a copy of the first's signing
+/// key): the temporary directory, the nodes, the bootstrap key and the database's URL.
+fn two_nodes(
+    cluster: &TestCluster,
+    name: &str,
+) -> (tempfile::TempDir, Server, Server, String, String) {
+    let url = cluster.database(name).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    let a = Server::start_with(&a_dir, &["--database", &url]);
+    let root = a.bootstrap.clone().unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    for f in ["signing.key", "public.key"] {
+        std::fs::copy(a_dir.join(f), b_dir.join(f)).unwrap();
+    }
+    let b = Server::start_with(&b_dir, &["--database", &url]);
+    (tmp, a, b, root, url)
+}
+
+/// Polls `f` every 20 ms until it holds; how long that took, or `None` after `limit`.
+fn within(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> Option<std::time::Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn a_limit_an_access_rule_and_an_event_id_set_on_one_node_hold_on_the_other() {
+    let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
+    let (_tmp, a, b, root, url) = two_nodes(&cluster, "follow");
+    stdout(&a.cli(&root, &["accounts", "create", "acme/cn"]));
+    let key = a.new_key(&root, "acme/cn", "gateway,ingest,read");
+    let chat = |model: &str| json!({"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hello"}]});
+    let (s, body) = b.http(
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(&chat("gpt-4o-mini")),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+
+    // An access rule set on A refuses the model on B within a second.
+    let (s, _) = a.http(
+        "PUT",
+        "/api/v1/access/acme",
+        &root,
+        Some(&json!({"deny": ["gpt-4o-mini*"]})),
+    );
+    assert_eq!(s, 200);
+    let took = within(std::time::Duration::from_secs(1), || {
+        b.http(
+            "POST",
+            "/v1/chat/completions",
+            &key,
+            Some(&chat("gpt-4o-mini")),
+        )
+        .0 == 403
+    });
+    assert!(
+        took.is_some(),
+        "the access rule reached the other node within 1 s"
+    );
+
+    // A hard limit set on A refuses on B within a second: 10 tokens a day, and B's
+    // usage so far (one call) is counted against it.
+    let (s, body) = a.http(
+        "PUT",
+        "/api/v1/budgets/acme",
+        &root,
+        Some(&json!({"name": "tiny", "tokens": 10, "period": "day"})),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let took = within(std::time::Duration::from_secs(1), || {
+        b.http("POST", "/v1/chat/completions", &key, Some(&chat("gpt-4o")))
+            .0
+            == 429
+    });
+    assert!(
+        took.is_some(),
+        "the limit reached the other node within 1 s"
+    );
+    // And B's status of the limit counts what A's node recorded.
+    let (s, body) = b.http("GET", "/api/v1/budgets/acme", &root, None);
+    assert_eq!(s, 200);
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"tiny\""),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // An event recorded on A, sent again to B, is answered with A's entry.
+    let ev = |id: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "svc://follow", "type": "llm.usage",
+        "subject": "acme/cn", "data": {"model": "qwen-max", "input_tokens": 100, "output_tokens": 1}})
+    };
+    let (s, body) = a.http("POST", "/v1/events", &key, Some(&ev("once")));
+    assert_eq!(s, 201, "{}", String::from_utf8_lossy(&body));
+    let first = json(&body)["entry_id"].as_u64().unwrap();
+    let (s, body) = b.http("POST", "/v1/events", &key, Some(&ev("once")));
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        json(&body)["entry_id"].as_u64(),
+        Some(first),
+        "B answers with A's entry"
+    );
+
+    // The same 50 events sent to both nodes at the same moment: each is in the
+    // ledger once; a node that lost the race answers it as a duplicate, or asks for
+    // it again (then answers it as a duplicate).
+    let batch: Vec<serde_json::Value> = (0..50).map(|i| ev(&format!("race-{i}"))).collect();
+    let answers: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let runs: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|node| {
+                let (key, batch) = (key.clone(), batch.clone());
+                s.spawn(move || {
+                    let mut pending = batch;
+                    let mut done = Vec::new();
+                    for _ in 0..5 {
+                        let (st, body) =
+                            node.http("POST", "/v1/events", &key, Some(&json!(pending)));
+                        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+                        let mut again = Vec::new();
+                        for (ev, r) in pending
+                            .iter()
+                            .zip(json(&body)["results"].as_array().unwrap())
+                        {
+                            if r["status"] == "rejected" {
+                                again.push(ev.clone());
+                            } else {
+                                done.push(r.clone());
+                            }
+                        }
+                        pending = again;
+                        if pending.is_empty() {
+                            break;
+                        }
+                    }
+                    assert!(pending.is_empty(), "every event answered after retries");
+                    done
+                })
+            })
+            .collect();
+        runs.into_iter().flat_map(|r| r.join().unwrap()).collect()
+    });
+    let accepted = answers.iter().filter(|r| r["status"] == "accepted").count();
+    let duplicates = answers
+        .iter()
+        .filter(|r| r["status"] == "duplicate")
+        .count();
+    assert_eq!((accepted, duplicates), (50, 50), "{answers:?}");
+    // Both answers of an event name the same entry.
+    let mut by_id: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    for r in &answers {
+        by_id
+            .entry(r["id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(r["entry_id"].as_u64().unwrap());
+    }
+    assert!(
+        by_id.values().all(|e| e.len() == 2 && e[0] == e[1]),
+        "{by_id:?}"
+    );
+    a.stop();
+    b.stop();
+    let (code, out) = crate::common::verify(std::path::Path::new(&url));
+    assert_eq!(code, 0, "{out}");
+}

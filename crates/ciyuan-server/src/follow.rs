@@ -1,0 +1,352 @@
+//! Several nodes on one ledger: each node applies the entries the others append to the
+//! in-memory state its request path reads, as it applies its own.
+//!
+//! A node knows which entries are its own ([`OwnLog`] notes the range of every append
+//! it makes); the follower thread reads the rest in log order, once the shared
+//! projections hold them (a limit's counters and the definitions are read from there),
+//! and applies them: limits, access rules, definitions, books and contracts
+//! ([`App::apply_controls`], as for its own), usage and corrections on the budget
+//! counters, postings and settings on the wallets, ingested events' keys in the
+//! idempotency index, revoked keys out of the key cache. A change made on one node so
+//! takes effect on the others within the projector's and the follower's polls (well
+//! under a second), not at their restart.
+//!
+//! What is counted from another node's entries is counted as a restart restores it:
+//! on node counters (the key's and session's counters, and the incidents, are the
+//! appending node's).
+
+use crate::App;
+use crate::controls;
+use ciyuan_core::{Entry, EntryBody, Money};
+use ciyuan_store::{AppendDone, CheckpointDone, EntryKey, Log, LogError, ScanFn};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+/// The appends this node made, so the follower can tell its own entries from others'.
+#[derive(Default)]
+pub(crate) struct Own {
+    state: Mutex<OwnState>,
+    ended: Condvar,
+}
+
+#[derive(Default)]
+struct OwnState {
+    /// The next append's ticket.
+    next: u64,
+    /// Tickets of appends submitted and not ended.
+    pending: BTreeSet<u64>,
+    /// Ranges this node appended, by start, not yet passed by the follower.
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl Own {
+    fn lock(&self) -> MutexGuard<'_, OwnState> {
+        // Plain data, consistent between statements: a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn submit(&self) -> u64 {
+        let mut s = self.lock();
+        let t = s.next;
+        s.next += 1;
+        s.pending.insert(t);
+        t
+    }
+
+    fn end(&self, ticket: u64, range: Option<&Range<u64>>) {
+        let mut s = self.lock();
+        s.pending.remove(&ticket);
+        if let Some(r) = range
+            && !r.is_empty()
+        {
+            s.ranges.insert(r.start, r.end);
+        }
+        drop(s);
+        self.ended.notify_all();
+    }
+
+    /// Waits until every append submitted before this call has ended, so each of
+    /// this node's entries below a size read before the call is in `ranges`.
+    fn settle(&self) {
+        let mut s = self.lock();
+        let before = s.next;
+        while s.pending.first().is_some_and(|&t| t < before) {
+            s = self
+                .ended
+                .wait_timeout(s, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The parts of `range` other nodes appended.
+    fn foreign(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        let s = self.lock();
+        let mut out = Vec::new();
+        let mut at = range.start;
+        for (&start, &end) in s.ranges.range(..range.end) {
+            if end <= at {
+                continue;
+            }
+            if start > at {
+                out.push(at..start);
+            }
+            at = at.max(end);
+        }
+        if at < range.end {
+            out.push(at..range.end);
+        }
+        out
+    }
+
+    /// Forgets this node's ranges that end at or before `at` (the follower is past).
+    fn forget(&self, at: u64) {
+        self.lock().ranges.retain(|_, end| *end > at);
+    }
+}
+
+/// The log, noting the range of every append this node makes (see [`Own`]).
+pub(crate) struct OwnLog {
+    inner: Arc<dyn Log>,
+    own: Arc<Own>,
+}
+
+impl OwnLog {
+    pub(crate) fn new(inner: Arc<dyn Log>) -> (Arc<OwnLog>, Arc<Own>) {
+        let own = Arc::new(Own::default());
+        (
+            Arc::new(OwnLog {
+                inner,
+                own: own.clone(),
+            }),
+            own,
+        )
+    }
+
+    fn noted(&self, done: AppendDone) -> (u64, AppendDone) {
+        let ticket = self.own.submit();
+        let own = self.own.clone();
+        (
+            ticket,
+            Box::new(move |r| {
+                own.end(ticket, r.as_ref().ok());
+                done(r)
+            }),
+        )
+    }
+}
+
+impl Log for OwnLog {
+    fn append(&self, entries: Vec<Vec<u8>>, done: AppendDone) -> Result<(), LogError> {
+        let (ticket, done) = self.noted(done);
+        self.inner
+            .append(entries, done)
+            .inspect_err(|_| self.own.end(ticket, None))
+    }
+    fn append_keyed(
+        &self,
+        entries: Vec<Vec<u8>>,
+        keys: Vec<Option<EntryKey>>,
+        done: AppendDone,
+    ) -> Result<(), LogError> {
+        let (ticket, done) = self.noted(done);
+        self.inner
+            .append_keyed(entries, keys, done)
+            .inspect_err(|_| self.own.end(ticket, None))
+    }
+    fn keeps_keys(&self) -> bool {
+        self.inner.keeps_keys()
+    }
+    fn find_keys(&self, keys: &[EntryKey]) -> Result<Vec<Option<u64>>, LogError> {
+        self.inner.find_keys(keys)
+    }
+    fn checkpoint(&self, done: CheckpointDone) -> Result<(), LogError> {
+        self.inner.checkpoint(done)
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn entry(&self, index: u64) -> Result<Vec<u8>, LogError> {
+        self.inner.entry(index)
+    }
+    fn scan(&self, range: Range<u64>, f: &mut ScanFn<'_>) -> Result<(), LogError> {
+        self.inner.scan(range, f)
+    }
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<ciyuan_tlog::Hash>, LogError> {
+        self.inner.inclusion_proof(index, size)
+    }
+    fn consistency_proof(
+        &self,
+        old_size: u64,
+        new_size: u64,
+    ) -> Result<Vec<ciyuan_tlog::Hash>, LogError> {
+        self.inner.consistency_proof(old_size, new_size)
+    }
+    fn root_at(&self, size: u64) -> Result<ciyuan_tlog::Hash, LogError> {
+        self.inner.root_at(size)
+    }
+    fn latest_checkpoint(&self) -> Option<ciyuan_store::SignedCheckpoint> {
+        self.inner.latest_checkpoint()
+    }
+    fn checkpoint_count(&self) -> u64 {
+        self.inner.checkpoint_count()
+    }
+    fn checkpoints(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<ciyuan_store::SignedCheckpoint>, LogError> {
+        self.inner.checkpoints(from, limit)
+    }
+    fn verifier_key(&self) -> String {
+        self.inner.verifier_key()
+    }
+}
+
+/// Most entries the follower reads and applies at once.
+const FOLLOW_CHUNK: u64 = 4096;
+
+/// Starts the follower thread of `app`, from entry `from` (the projections' watermark
+/// the in-memory state was built at). It stops when the app is dropped.
+pub(crate) fn start(
+    app: &Arc<App>,
+    own: Arc<Own>,
+    from: u64,
+    poll: Duration,
+) -> Result<(), std::io::Error> {
+    let weak = Arc::downgrade(app);
+    std::thread::Builder::new()
+        .name("ciyuan-follow".into())
+        .spawn(move || run(weak, own, from, poll))
+        .map(drop)
+}
+
+fn run(app: Weak<App>, own: Arc<Own>, mut followed: u64, poll: Duration) {
+    loop {
+        std::thread::sleep(poll);
+        let Some(app) = app.upgrade() else { return };
+        // The size first, then the tickets: an own append below it was submitted
+        // before, and `settle` waits for it to be noted.
+        let target = app.log.size().min(app.projected());
+        if target <= followed {
+            continue;
+        }
+        own.settle();
+        let target = target.min(followed + FOLLOW_CHUNK);
+        let mut failed = None;
+        for range in own.foreign(followed..target) {
+            if let Err(e) = app.follow_range(range.clone()) {
+                failed = Some(range.start);
+                // The state would miss these entries: retried from here on the next
+                // poll, never skipped.
+                tracing::error!(error = %e, from = range.start, "applying other nodes' entries failed; retrying");
+                break;
+            }
+        }
+        followed = failed.unwrap_or(target);
+        own.forget(followed);
+    }
+}
+
+impl App {
+    /// Reads entries `range` (all appended by other nodes) and applies them.
+    fn follow_range(&self, range: Range<u64>) -> Result<(), String> {
+        let mut entries = Vec::with_capacity((range.end - range.start) as usize);
+        self.log
+            .scan(range, &mut |i, bytes| {
+                let e = Entry::decode(bytes)
+                    .map_err(|e| LogError::Io(format!("entry {i} does not decode: {e}")))?;
+                entries.push((i, e));
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        self.apply_elsewhere(&entries)
+    }
+
+    /// Applies entries another node appended (with their indices, in log order) to
+    /// this node's in-memory state.
+    pub(crate) fn apply_elsewhere(&self, entries: &[(u64, Entry)]) -> Result<(), String> {
+        let mut keys = Vec::new();
+        for (i, e) in entries {
+            match &e.body {
+                EntryBody::Usage(u) => {
+                    let cost = u.rating.as_ref().map(|r| Money {
+                        amount: r.amount,
+                        currency: r.currency,
+                    });
+                    self.budget
+                        .record_elsewhere(&e.account, &u.tokens, cost, e.ts);
+                    if let Some((source, id)) = u.ingest_key() {
+                        keys.push((ciyuan_core::ingest_key_hash(source, id), *i));
+                    }
+                }
+                EntryBody::Adjustment(a) => {
+                    self.budget.record_correction(&e.account, &a.tokens, e.ts);
+                }
+                EntryBody::Posting(p) => self
+                    .wallets
+                    .apply_posting(&e.account, p, e.ts)
+                    .map_err(|err| format!("posting at entry {i}: {err}"))?,
+                EntryBody::WalletSet(w) => self
+                    .wallets
+                    .apply_settings(&e.account, w)
+                    .map_err(|err| format!("wallet settings at entry {i}: {err}"))?,
+                EntryBody::KeyRevoked(k) => self.auth.revoked(&k.key_id),
+                EntryBody::AccountUpdated(_) => self.tiers.forget_zones(),
+                _ if controls::is_control(e) => self
+                    .apply_controls(std::slice::from_ref(e))
+                    .map_err(|err| format!("entry {i}: {}", err.detail))?,
+                _ => {}
+            }
+        }
+        if !keys.is_empty() {
+            let mut recent = self.ingest_lock.blocking_lock();
+            for (hash, i) in keys {
+                recent.index_elsewhere(hash, i);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreign_ranges_are_the_gaps_between_own_appends() {
+        let own = Own::default();
+        for r in [2..4, 6..7, 9..12] {
+            let t = own.submit();
+            own.end(t, Some(&r));
+        }
+        // A failed append notes nothing.
+        let t = own.submit();
+        own.end(t, None);
+        own.settle();
+        assert_eq!(own.foreign(0..10), vec![0..2, 4..6, 7..9]);
+        own.forget(10);
+        // 9..12 reaches past 10: still known for the next range.
+        assert_eq!(own.foreign(10..14), vec![12..14]);
+        own.forget(14);
+        assert!(own.lock().ranges.is_empty());
+        assert_eq!(own.foreign(14..15), vec![14..15]);
+    }
+
+    #[test]
+    fn settle_waits_for_appends_submitted_before_it() {
+        let own = Arc::new(Own::default());
+        let t = own.submit();
+        let o = own.clone();
+        let ender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            o.end(t, Some(&(5..8)));
+        });
+        own.settle();
+        // Settled only once the append ended and its range was noted.
+        assert_eq!(own.foreign(0..10), vec![0..5, 8..10]);
+        ender.join().unwrap();
+    }
+}

@@ -1,0 +1,147 @@
+//! What several nodes on one database rely on: an entry key held once whichever node
+//! appends it, and one node leading at a time.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use ciyuan_store::{EntryKey, Log, LogError, Store};
+use ciyuan_store_postgres::testing::TestCluster;
+use ciyuan_store_postgres::{PgLog, PgStore, Pool};
+use std::ops::Range;
+use std::time::Duration;
+
+fn signer() -> ciyuan_tlog::NoteSigner {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    ciyuan_tlog::NoteSigner::new("test.ciyuan/pg", key).unwrap()
+}
+
+fn key(n: u8) -> EntryKey {
+    [n; 32]
+}
+
+/// Appends `entries` with `keys` and waits for the outcome.
+fn append(
+    log: &PgLog,
+    entries: &[&str],
+    keys: Vec<Option<EntryKey>>,
+) -> Result<Range<u64>, LogError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    log.append_keyed(
+        entries.iter().map(|e| e.as_bytes().to_vec()).collect(),
+        keys,
+        Box::new(move |r| tx.send(r).unwrap()),
+    )
+    .unwrap();
+    rx.recv().unwrap()
+}
+
+#[test]
+fn an_entry_key_is_held_once_across_nodes() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("keys").unwrap();
+    let a = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    let b = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    assert!(a.keeps_keys());
+    let first = append(
+        &a,
+        &["a0", "a1", "a2"],
+        vec![Some(key(1)), None, Some(key(2))],
+    )
+    .unwrap();
+    assert_eq!(first, 0..3);
+    // B's append holding A's key 1 is refused whole, naming A's entry; nothing of it
+    // is written.
+    let err = append(&b, &["b0", "b1"], vec![Some(key(3)), Some(key(1))]).unwrap_err();
+    match err {
+        LogError::Duplicate(held) => assert_eq!(held, vec![(1, 0)]),
+        other => panic!("{other}"),
+    }
+    assert_eq!(b.refresh().unwrap(), 3);
+    // Key 3 was not kept by the refused append: it can be appended now.
+    assert_eq!(append(&b, &["b0"], vec![Some(key(3))]).unwrap(), 3..4);
+    assert_eq!(
+        a.find_keys(&[key(1), key(2), key(3), key(4)]).unwrap(),
+        vec![Some(0), Some(2), Some(3), None]
+    );
+    // Unkeyed appends and the conformance of the rest are untouched.
+    let (tx, rx) = std::sync::mpsc::channel();
+    a.append(
+        vec![b"plain".to_vec()],
+        Box::new(move |r| tx.send(r).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(rx.recv().unwrap().unwrap(), 4..5);
+    // Keys and entries must pair up.
+    let err = a
+        .append_keyed(vec![b"x".to_vec()], vec![], Box::new(|_| {}))
+        .unwrap_err();
+    assert!(err.to_string().contains("0 keys for 1 entries"), "{err}");
+}
+
+#[test]
+fn nodes_racing_with_the_same_keys_record_each_once() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("race").unwrap();
+    let nodes: Vec<PgLog> = (0..3)
+        .map(|_| PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap())
+        .collect();
+    // Every node sends the same 40 keyed appends (of 2 entries each) from 4 threads.
+    let won: Vec<Vec<(u8, u64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .flat_map(|node| (0..4).map(move |t| (node, t)))
+            .map(|(node, t)| {
+                s.spawn(move || {
+                    let mut won = Vec::new();
+                    for i in 0..40u8 {
+                        let k = i.wrapping_add(t * 10) % 40;
+                        match append(node, &["x", "y"], vec![Some(key(k)), Some(key(k + 100))]) {
+                            Ok(r) => won.push((k, r.start)),
+                            Err(LogError::Duplicate(held)) => {
+                                assert!(!held.is_empty(), "a refusal names what holds the keys");
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    won
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut won: Vec<(u8, u64)> = won.into_iter().flatten().collect();
+    won.sort_unstable();
+    assert_eq!(
+        won.iter().map(|w| w.0).collect::<Vec<_>>(),
+        (0..40).collect::<Vec<_>>(),
+        "each key won by exactly one append"
+    );
+    assert_eq!(
+        nodes[0].refresh().unwrap(),
+        80,
+        "no refused append left an entry"
+    );
+    let found = nodes[1]
+        .find_keys(&(0..40).map(key).collect::<Vec<_>>())
+        .unwrap();
+    for ((_, start), f) in won.iter().zip(found) {
+        assert_eq!(f, Some(*start));
+    }
+}
+
+#[test]
+fn one_node_leads_at_a_time_and_another_takes_over_when_its_lease_lapses() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("lead").unwrap();
+    let a = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    let b = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    let term = Duration::from_millis(800);
+    assert!(a.lead("a", term).unwrap());
+    assert!(!b.lead("b", term).unwrap(), "a holds the lease");
+    std::thread::sleep(Duration::from_millis(500));
+    // Renewed by its holder: still a's after the first term would have ended.
+    assert!(a.lead("a", term).unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!b.lead("b", term).unwrap(), "renewed, not lapsed");
+    std::thread::sleep(Duration::from_millis(900));
+    assert!(b.lead("b", term).unwrap(), "lapsed: b takes it");
+    assert!(!a.lead("a", term).unwrap(), "and a no longer leads");
+}
