@@ -47,6 +47,52 @@ pub struct Admission<'a> {
     pub max_cost: Option<Money>,
 }
 
+/// A hard limit's node counter held by a reservation, as nodes sharing one ledger
+/// reserve it in the database ([`Engine::shared_terms`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedTerm {
+    /// Names the counter on every node: the limit's node and name, its measure and
+    /// the window's start.
+    pub counter: String,
+    /// What this process counts on it: used and reserved, the hold included.
+    pub local: Decimal,
+    /// The reservation's hold on it.
+    pub need: Decimal,
+    /// The limit's amount.
+    pub amount: Decimal,
+    /// How usage is counted on it.
+    pub measure: Measure,
+    /// "hard limit 'name' on node", for a refusal.
+    pub describe: String,
+}
+
+impl SharedTerm {
+    /// What a request that used `tokens` and cost `cost` counts on the counter.
+    pub fn actual(&self, tokens: &TokenMap, cost: Option<Money>) -> Decimal {
+        match self.measure {
+            Measure::Cost(cur) => match cost {
+                Some(m) if m.currency == cur => m.amount,
+                _ => Decimal::ZERO,
+            },
+            m => Decimal::from_i128_with_scale(m.amount(tokens), 0),
+        }
+    }
+}
+
+/// The measure's part of a counter's name.
+fn measure_tag(m: &Measure) -> String {
+    match m {
+        Measure::Requests => "requests".into(),
+        Measure::Tokens(sel) => format!("tokens:{sel:?}"),
+        Measure::Cost(c) => format!("cost:{c}"),
+    }
+}
+
+/// A maximum cost as a decimal (none: nothing held).
+fn cost_in_decimal(cost: Option<Money>) -> Decimal {
+    cost.map_or(Decimal::ZERO, |m| m.amount)
+}
+
 /// An admitted request's hold on its limits, to be [`Engine::settle`]d or
 /// [`Engine::release`]d.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1510,6 +1556,73 @@ impl Engine {
         }
         inner.free_slot(i);
         Ok(out)
+    }
+
+    /// The node counters of hard limits that `reservation` holds, as nodes sharing one
+    /// ledger reserve them in the database too: each with what this process counts on
+    /// it (used and reserved, this reservation's hold included), the hold and the
+    /// amount, in one unit (tokens, requests, or money in the limit's currency).
+    /// Per-key, per-session and per-request limits are each node's own. Unknown ids
+    /// have none.
+    pub fn shared_terms(&self, reservation: u64) -> Vec<SharedTerm> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let Some(i) = inner.peek(reservation) else {
+            return Vec::new();
+        };
+        let Inner { nodes, slots, .. } = inner;
+        let res = &slots[i];
+        let mut out = Vec::new();
+        for h in &res.holds {
+            let Some((path, l)) = held(nodes, h) else {
+                continue;
+            };
+            if l.spec.mode != Mode::Hard || l.spec.scope != LimitScope::Node {
+                continue;
+            }
+            let measure = l.spec.measure;
+            let (amount, name) = (l.spec.amount, l.spec.name.clone());
+            let money = l.spec.money;
+            let Some(c) = l.counter(Who::Node) else {
+                continue;
+            };
+            if c.window_start != h.window_start {
+                continue;
+            }
+            let (local, need, amount) = match measure {
+                Measure::Cost(_) => {
+                    let held = cost_in_decimal(res.cost);
+                    let local = c
+                        .cost_used
+                        .checked_add(c.cost_reserved)
+                        .and_then(ExactSum::to_decimal);
+                    match local {
+                        Some(local) => (local, held, money),
+                        // Beyond 28 digits: counted as the whole limit, so the
+                        // database refuses rather than admits on a guess.
+                        None => (money, held, money),
+                    }
+                }
+                _ => (
+                    Decimal::from_i128_with_scale(c.used + i128::from(c.reserved), 0),
+                    Decimal::from(h.amount),
+                    Decimal::from(amount),
+                ),
+            };
+            out.push(SharedTerm {
+                counter: format!(
+                    "{path}\u{1f}{name}\u{1f}{}\u{1f}{}",
+                    measure_tag(&measure),
+                    h.window_start
+                ),
+                local,
+                need,
+                amount,
+                measure,
+                describe: format!("hard limit '{name}' on {path}"),
+            });
+        }
+        out
     }
 
     /// Drops a reservation without usage (the request failed before using anything);

@@ -62,7 +62,7 @@ mod wallet;
 
 pub use engine::{
     Admission, CostCrossing, CostStatus, Crossing, Engine, LimitStatus, Refusal, RefusalKind,
-    Reservation, Settled, Subject,
+    Reservation, Settled, SharedTerm, Subject,
 };
 pub use models::matches as model_matches;
 pub use spec::{

@@ -223,10 +223,20 @@ pub(crate) fn start(
         .map(drop)
 }
 
+/// How often a node tells the others how far it has followed (and that it lives).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 fn run(app: Weak<App>, own: Arc<Own>, mut followed: u64, poll: Duration) {
+    let mut beat = std::time::Instant::now();
     loop {
         std::thread::sleep(poll);
         let Some(app) = app.upgrade() else { return };
+        if beat.elapsed() >= HEARTBEAT {
+            beat = std::time::Instant::now();
+            if let Err(e) = app.store.heartbeat(&app.node, followed) {
+                tracing::warn!(error = %e, "the heartbeat to the other nodes failed");
+            }
+        }
         // The size first, then the tickets: an own append below it was submitted
         // before, and `settle` waits for it to be noted.
         let target = app.log.size().min(app.projected());
@@ -247,6 +257,8 @@ fn run(app: Weak<App>, own: Arc<Own>, mut followed: u64, poll: Duration) {
         }
         followed = failed.unwrap_or(target);
         own.forget(followed);
+        app.followed
+            .store(followed, std::sync::atomic::Ordering::Release);
     }
 }
 

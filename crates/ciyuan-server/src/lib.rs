@@ -19,6 +19,7 @@ mod follow;
 #[cfg(test)]
 mod fuzz;
 pub mod gateway;
+mod holds;
 mod ingest;
 mod keys;
 pub mod listen;
@@ -120,6 +121,9 @@ const LEAD_TERM: Duration = Duration::from_secs(15);
 pub struct App {
     /// This process's name among the nodes sharing the ledger (random per start).
     node: String,
+    /// Entries below this that other nodes appended are applied here (see
+    /// `follow`); where this node is the only writer, unused.
+    followed: Arc<std::sync::atomic::AtomicU64>,
     store: Arc<dyn Store>,
     log: Arc<dyn Log>,
     auth: Authenticator,
@@ -189,6 +193,10 @@ impl App {
         // the state below loads may be counted twice (a restart's counters err the
         // same way), never missed.
         let followed = store.projected_through()?;
+        let node = node_name()?;
+        // Said before the state loads: holds recorded from here on stay until this
+        // node has applied their entries.
+        store.heartbeat(&node, followed)?;
         let definitions = controls::Definitions::load(store.as_ref())?;
         let pricing = prices::Pricing::load(store.as_ref())?;
         let tiers = tiers::Tiers::load(store.as_ref())?;
@@ -198,7 +206,8 @@ impl App {
         let recent = ingest::Recent::load(store.as_ref(), log.as_ref())?;
         let gateway = gateway::Gateway::new(config.gateway.clone()).map_err(ApiError::internal)?;
         let app = Arc::new(App {
-            node: node_name()?,
+            node,
+            followed: Arc::new(std::sync::atomic::AtomicU64::new(followed)),
             gateway,
             budget,
             definitions,
@@ -369,6 +378,11 @@ impl App {
                 false
             }
         }
+    }
+
+    /// Entries below this that other nodes appended are applied to this node's state.
+    pub(crate) fn followed(&self) -> u64 {
+        self.followed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The projection watermark: entries visible to queries.

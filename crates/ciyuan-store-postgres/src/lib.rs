@@ -6,6 +6,7 @@
 //! once; a database migrated by a newer Ciyuan is refused rather than misread.
 #![deny(missing_docs)]
 
+mod holds;
 mod log;
 mod store;
 #[cfg(feature = "testing")]
@@ -66,6 +67,8 @@ CREATE TABLE leader (
     until TIMESTAMPTZ NOT NULL
 );
 "#,
+    // 6: gateway requests held across nodes (`Store::reserve`).
+    holds::MIGRATION,
 ];
 
 /// The schema version this build writes.

@@ -1332,6 +1332,35 @@ impl Store for PgStore {
         crate::off_runtime(|| self.inner.projected_through())
     }
 
+    fn shares_holds(&self) -> bool {
+        true
+    }
+
+    fn heartbeat(&self, node: &str, followed: u64) -> Result<(), StoreError> {
+        crate::off_runtime(|| crate::holds::heartbeat(&mut *self.inner.conn()?, node, followed))
+    }
+
+    fn reserve(
+        &self,
+        node: &str,
+        id: i64,
+        followed: u64,
+        terms: &[ciyuan_store::HoldTerm],
+        ttl: std::time::Duration,
+    ) -> Result<Option<(usize, rust_decimal::Decimal)>, StoreError> {
+        crate::off_runtime(|| {
+            crate::holds::reserve(&mut *self.inner.conn()?, node, id, followed, terms, ttl)
+        })
+    }
+
+    fn settle_holds(&self, settled: &[ciyuan_store::SettledHold]) -> Result<(), StoreError> {
+        crate::off_runtime(|| crate::holds::settle(&mut *self.inner.conn()?, settled))
+    }
+
+    fn release_hold(&self, id: i64) -> Result<(), StoreError> {
+        crate::off_runtime(|| crate::holds::release(&mut *self.inner.conn()?, id))
+    }
+
     fn lead(&self, node: &str, term: std::time::Duration) -> Result<bool, StoreError> {
         // Seconds as a float: a lease's length, never a sum of anything.
         let secs = term.as_secs_f64();

@@ -187,6 +187,34 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// One counter a gateway request holds in a database several nodes share
+/// ([`Store::reserve`]): a hard limit's node counter, or a wallet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldTerm {
+    /// The counter's name, the same on every node.
+    pub counter: String,
+    /// What the reserving node counts on it itself: its usage as it has followed the
+    /// ledger, its own holds, this request's included.
+    pub local: rust_decimal::Decimal,
+    /// What this request holds on it.
+    pub need: rust_decimal::Decimal,
+    /// The most the counter may reach (a limit's amount; a wallet's balance and
+    /// overdraft as the node knows them).
+    pub amount: rust_decimal::Decimal,
+}
+
+/// A held request's usage, recorded: what it counts on each counter it held, and the
+/// entry that recorded it ([`Store::settle_holds`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettledHold {
+    /// The hold's id.
+    pub id: i64,
+    /// The entry recording the usage.
+    pub entry: u64,
+    /// (counter, what the request counts on it).
+    pub actual: Vec<(String, rust_decimal::Decimal)>,
+}
+
 /// Everything the server keeps beside the ledger.
 pub trait Store: Send + Sync + 'static {
     /// Index of the next ledger entry the projections expect (= entries applied).
@@ -198,6 +226,42 @@ pub trait Store: Send + Sync + 'static {
     /// once it lapsed. A store with one writer answers true.
     fn lead(&self, _node: &str, _term: std::time::Duration) -> Result<bool, StoreError> {
         Ok(true)
+    }
+    /// Whether nodes sharing this store hold gateway requests here too
+    /// ([`Store::reserve`]); false where one process is the only writer (its own
+    /// engine's holds are then all there is).
+    fn shares_holds(&self) -> bool {
+        false
+    }
+    /// Says that `node` is alive and has applied every other node's entry below
+    /// `followed`; clears holds every node is past (and those of nodes gone quiet).
+    fn heartbeat(&self, _node: &str, _followed: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Holds a request on `terms` in one step ordered with every node's: refused
+    /// (answering the index of the term and what other nodes hold on it) when, on a
+    /// term, `local` plus what the other nodes hold (requests in flight, and usage
+    /// recorded at or after `followed`, which `node` has not applied) exceeds
+    /// `amount`. Nothing is held on a refusal. A hold lapses after `ttl`, or when its
+    /// node stops heartbeating.
+    fn reserve(
+        &self,
+        _node: &str,
+        _id: i64,
+        _followed: u64,
+        _terms: &[HoldTerm],
+        _ttl: std::time::Duration,
+    ) -> Result<Option<(usize, rust_decimal::Decimal)>, StoreError> {
+        Ok(None)
+    }
+    /// Records that held requests' usage is in the ledger: each hold now counts what
+    /// the request used, until every node has applied its entry.
+    fn settle_holds(&self, _settled: &[SettledHold]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Drops a hold whose request recorded nothing.
+    fn release_hold(&self, _id: i64) -> Result<(), StoreError> {
+        Ok(())
     }
 
     /// Applies ledger entries `start..start + entries.len()` to the projections in one

@@ -462,3 +462,162 @@ fn a_limit_an_access_rule_and_an_event_id_set_on_one_node_hold_on_the_other() {
     let (code, out) = crate::common::verify(std::path::Path::new(&url));
     assert_eq!(code, 0, "{out}");
 }
+
+/// Fires `n` streamed chat requests at `server` at once; each answer's status.
+fn stream_race(server: &Server, key: &str, n: usize) -> Vec<(u16, String)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", server.url);
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let req = client
+                    .post(&url)
+                    .bearer_auth(key)
+                    .header("x-sim-tokens-per-sec", "200")
+                    .header("x-sim-output-tokens", "20")
+                    .json(&json!({"model": "gpt-4o", "stream": true, "max_tokens": 20,
+                        "messages": [{"role": "user", "content": "Race for the last token."}]}));
+                tokio::spawn(async move {
+                    match req.send().await {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            let body = r.text().await.unwrap_or_else(|e| format!("<cut: {e}>"));
+                            (status, body)
+                        }
+                        Err(e) => (0, e.to_string()),
+                    }
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    })
+}
+
+#[test]
+fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
+    let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
+    let (tmp, a, b, root, url) = two_nodes(&cluster, "race3");
+    let c_dir = tmp.path().join("c");
+    std::fs::create_dir_all(&c_dir).unwrap();
+    for f in ["signing.key", "public.key"] {
+        std::fs::copy(tmp.path().join("a").join(f), c_dir.join(f)).unwrap();
+    }
+    let c = Server::start_with(&c_dir, &["--database", &url]);
+    let node = "acme/race";
+    stdout(&a.cli(&root, &["accounts", "create", node]));
+    let key = a.new_key(&root, node, "gateway,read");
+    // Prices, so each request costs money its wallet holds.
+    let book = tmp.path().join("book.toml");
+    std::fs::write(
+        &book,
+        "name = \"list\"\ncurrency = \"USD\"\n[[rules]]\nmodel = \"gpt-4o*\"\n\
+         unit_prices = { \"text.input\" = \"0.0000025\", \"text.output\" = \"0.00001\" }\n",
+    )
+    .unwrap();
+    stdout(&b.cli(
+        &root,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "toml",
+            book.to_str().unwrap(),
+        ],
+    ));
+    // A request holds its prompt and 20 output tokens: some 35 tokens and 0.00024 USD.
+    // The limit lets ~40 through, the wallet ~40: 180 streams race for them.
+    let (s, body) = c.http(
+        "PUT",
+        "/api/v1/budgets/acme",
+        &root,
+        Some(&json!({"name": "race", "tokens": 1400, "period": "month"})),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    stdout(&a.cli(
+        &root,
+        &[
+            "wallets",
+            "topup",
+            node,
+            "--amount",
+            "0.0095",
+            "--currency",
+            "USD",
+        ],
+    ));
+    // Every node has followed the limit, the book and the top-up.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let runs: Vec<_> = [&a, &b, &c]
+            .into_iter()
+            .map(|server| {
+                let key = key.clone();
+                s.spawn(move || stream_race(server, &key, 60))
+            })
+            .collect();
+        runs.into_iter().flat_map(|r| r.join().unwrap()).collect()
+    });
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    let refused = answers.iter().filter(|(s, _)| *s == 429).count();
+    let other: Vec<_> = answers
+        .iter()
+        .filter(|(s, _)| *s != 200 && *s != 429)
+        .collect();
+    assert!(other.is_empty(), "other answers: {other:?}");
+    assert!(ok > 0 && refused > 0, "{ok} answered, {refused} refused");
+    // Once the ledger has every request: the tokens used stay within the limit and
+    // the wallet at or above zero, on every node's view.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    for server in [&a, &b, &c] {
+        let (s, body) = server.http("GET", &format!("/api/v1/usage?account={node}"), &root, None);
+        assert_eq!(s, 200);
+        let used: i64 = json(&body)["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["total"].as_i64().unwrap())
+            .sum();
+        assert!(
+            used <= 1400,
+            "{used} tokens used against a hard limit of 1400 ({ok} answered)"
+        );
+        assert!(used > 0);
+        let (s, body) = server.http("GET", &format!("/api/v1/wallets/{node}"), &root, None);
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+        let w = json(&body);
+        let usd = w["wallets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["currency"] == "USD")
+            .unwrap()
+            .clone();
+        let balance = usd["balance"].as_str().unwrap();
+        assert!(
+            !balance.starts_with('-'),
+            "the wallet went below zero: {usd}"
+        );
+        eprintln!(
+            "{}: {ok} answered, {refused} refused; {used} of 1400 tokens, balance {balance} USD",
+            server.url
+        );
+    }
+    a.stop();
+    b.stop();
+    c.stop();
+    let (code, out) = crate::common::verify(std::path::Path::new(&url));
+    assert_eq!(code, 0, "{out}");
+}

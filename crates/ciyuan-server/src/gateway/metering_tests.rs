@@ -113,6 +113,7 @@ fn call(endpoint: Endpoint, model: &str, prompt: &str, tools: &str) -> Call {
         at: Timestamp::UNIX_EPOCH,
         reservation: None,
         hold: None,
+        shared: None,
         session: None,
         encoding: encoding_for_model(model, &[]),
         input_estimate: None,

@@ -192,8 +192,9 @@ const RECORD_QUEUE: usize = 16 * 1024;
 #[allow(clippy::large_enum_variant)]
 enum Record {
     /// An entry, with the rules guard it was rated under (released once the entry
-    /// holds its place in the ledger; see `App::rules_gate`).
-    Entry(Entry, Option<RulesGuard>),
+    /// holds its place in the ledger; see `App::rules_gate`), and the holds across
+    /// nodes its usage settles once it is appended.
+    Entry(Entry, Option<RulesGuard>, Option<crate::holds::Settling>),
     /// Append what is queued now and say when it is durable.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -217,12 +218,17 @@ async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver
     let mut batch: Vec<Entry> = Vec::with_capacity(RECORD_BATCH_MAX);
     let mut waiting: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     let mut guards: Vec<RulesGuard> = Vec::new();
+    // Holds settled by the batch's entries, by position.
+    let mut settling: Vec<(usize, crate::holds::Settling)> = Vec::new();
     while let Some(first) = rx.recv().await {
         let deadline = tokio::time::Instant::now() + RECORD_LINGER;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Record::Entry(e, guard) => {
+                Record::Entry(e, guard, settles) => {
+                    if let Some(s) = settles {
+                        settling.push((batch.len(), s));
+                    }
                     batch.push(e);
                     guards.extend(guard);
                 }
@@ -249,19 +255,14 @@ async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver
                 Vec::with_capacity(n.next_power_of_two()),
             )));
             let submitted = || guards.clear();
-            match crate::pipeline::append_lent_then(
+            let appended = crate::pipeline::append_lent_then(
                 app.log.as_ref(),
                 &app.projector,
                 lent,
                 submitted,
             )
-            .await
-            {
-                Ok(_) => app.projector.kick(),
-                Err(e) => {
-                    tracing::error!(entries = n, detail = %e.detail, "gateway usage not recorded")
-                }
-            }
+            .await;
+            app.recorded(appended, std::mem::take(&mut settling), n);
         }
         for w in waiting.drain(..) {
             let _ = w.send(());
@@ -299,6 +300,7 @@ impl App {
         posting: Option<Entry>,
         rules: RulesGuard,
         tiers: crate::tiers::TiersGuard,
+        settles: Option<crate::holds::Settling>,
     ) {
         let mut entries = vec![entry];
         entries.extend(posting);
@@ -313,8 +315,33 @@ impl App {
             },
         )
         .await;
+        // Settled with the last entry (the payment, where there is one).
+        self.recorded(
+            appended,
+            settles.map(|s| (n - 1, s)).into_iter().collect(),
+            n,
+        );
+    }
+
+    /// After gateway entries' append: lets the projector know, and settles the holds
+    /// across nodes of the requests whose entries they are (by position); on a
+    /// failure, says so (the holds lapse).
+    fn recorded(
+        self: &Arc<Self>,
+        appended: Result<std::ops::Range<u64>, crate::error::ApiError>,
+        settling: Vec<(usize, crate::holds::Settling)>,
+        n: usize,
+    ) {
         match appended {
-            Ok(_) => self.projector.kick(),
+            Ok(range) => {
+                self.projector.kick();
+                self.settle_across_nodes(
+                    settling
+                        .into_iter()
+                        .map(|(pos, s)| (s, range.start + pos as u64))
+                        .collect(),
+                );
+            }
             Err(e) => {
                 tracing::error!(entries = n, detail = %e.detail, "gateway usage not recorded")
             }
@@ -322,17 +349,24 @@ impl App {
     }
 
     /// Hands a gateway entry to the recorder (started on first use).
-    fn record_gateway(self: &Arc<Self>, entry: Entry, guard: Option<RulesGuard>) {
+    fn record_gateway(
+        self: &Arc<Self>,
+        entry: Entry,
+        guard: Option<RulesGuard>,
+        settles: Option<crate::holds::Settling>,
+    ) {
         let tx = self.gateway.recorder.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(RECORD_QUEUE);
             tokio::spawn(recorder(Arc::downgrade(self), rx));
             tx
         });
-        if let Err(e) = tx.try_send(Record::Entry(entry, guard)) {
+        if let Err(e) = tx.try_send(Record::Entry(entry, guard, settles)) {
             // The recorder is behind: append this one alone rather than drop it.
-            let (entry, guard) = match e {
-                tokio::sync::mpsc::error::TrySendError::Full(Record::Entry(e, g))
-                | tokio::sync::mpsc::error::TrySendError::Closed(Record::Entry(e, g)) => (e, g),
+            let (entry, guard, settles) = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(Record::Entry(e, g, s))
+                | tokio::sync::mpsc::error::TrySendError::Closed(Record::Entry(e, g, s)) => {
+                    (e, g, s)
+                }
                 _ => return,
             };
             let app = self.clone();
@@ -345,10 +379,7 @@ impl App {
                     || drop(guard.take()),
                 )
                 .await;
-                match appended {
-                    Ok(_) => app.projector.kick(),
-                    Err(e) => tracing::error!(detail = %e.detail, "gateway usage not recorded"),
-                }
+                app.recorded(appended, settles.map(|s| (0, s)).into_iter().collect(), 1);
             });
         }
     }
@@ -724,6 +755,8 @@ struct Call {
     reservation: Option<u64>,
     /// The money its wallet holds for it, to settle or release when it ends.
     hold: Option<ciyuan_budget::Hold>,
+    /// Its holds in the database nodes share, if any.
+    shared: Option<crate::holds::SharedHold>,
     /// The session the request belongs to (`x-ciyuan-session`, else the `user` field).
     session: Option<String>,
     /// The model's tokenizer, if Ciyuan has it.
@@ -898,6 +931,24 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
             }
         },
     };
+    // Nodes sharing one ledger: held in the database too, beside the other nodes'.
+    let shared = match app.hold_across_nodes(reservation.id, hold.as_ref()).await {
+        Ok(shared) => shared,
+        Err(not_held) => {
+            app.budget.release(reservation.id);
+            if let Some(h) = &hold {
+                app.wallets.release(h);
+            }
+            return match not_held {
+                crate::holds::NotHeld::Refused(message) => {
+                    GatewayError::new(StatusCode::TOO_MANY_REQUESTS, message)
+                        .code("insufficient_quota")
+                        .into_response(family)
+                }
+                crate::holds::NotHeld::Failed(e) => GatewayError::from(e).into_response(family),
+            };
+        }
+    };
     // A per-request limit with clamping: the request may produce only this much.
     let cap = reservation.output_cap.filter(|c| *c < max_output);
     // Ask for usage inside OpenAI streams; the extra chunk is taken out again on the
@@ -915,6 +966,7 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
                 if let Some(h) = &hold {
                     app.wallets.release(h);
                 }
+                app.release_across_nodes(shared);
                 return GatewayError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "the request could not be rewritten for the provider",
@@ -944,6 +996,7 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
         at,
         reservation: Some(reservation.id),
         hold,
+        shared,
         session,
         encoding,
         input_estimate: counted,
@@ -1337,6 +1390,7 @@ fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &'static 
         at: call.at,
         reservation: call.reservation,
         hold: call.hold.clone(),
+        shared: call.shared.clone(),
         session: call.session.clone(),
         encoding: call.encoding,
         input_estimate: None,
@@ -1618,17 +1672,31 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
         );
         let posting =
             charge.map(|(node, p)| Entry::new(Timestamp::now(), node, EntryBody::Posting(p)));
+        // Its holds across nodes count its usage once the entry is appended (the
+        // usage entry's index is what other nodes follow to).
+        let settles = match call.shared.take() {
+            Some(shared) if billable => Some(shared.settling(&usage.tokens, cost)),
+            other => {
+                app.release_across_nodes(other);
+                None
+            }
+        };
         match tiers {
             // A tiered entry holds the tier counters' lock: appended now, not after the
             // recorder's linger, and the lock released once it holds its place.
-            Some(tiers) => app.record_gateway_now(entry, posting, rules, tiers).await,
+            Some(tiers) => {
+                app.record_gateway_now(entry, posting, rules, tiers, settles)
+                    .await
+            }
             // The guard goes with the last record: the recorder keeps their order, so
             // when it is released both hold their places.
             None => match posting {
-                None => app.record_gateway(entry, Some(rules)),
+                None => app.record_gateway(entry, Some(rules), settles),
+                // The holds settle with the later of the two: other nodes count a
+                // hold until they have applied both the usage and the payment.
                 Some(posting) => {
-                    app.record_gateway(entry, None);
-                    app.record_gateway(posting, Some(rules));
+                    app.record_gateway(entry, None, None);
+                    app.record_gateway(posting, Some(rules), settles);
                 }
             },
         }

@@ -1,0 +1,193 @@
+//! Gateway requests held across the nodes sharing one database, beside each node's own
+//! budget and wallet engines (`Store::reserve`).
+//!
+//! A node admits a request in its engines first (they know its own holds and usage,
+//! and every other node's entry it has applied); then, when the store is shared, the
+//! request's hard limits (node counters) and its wallet hold are held in the database,
+//! where the other nodes' requests in flight and their usage this node has not applied
+//! yet are counted too. A refusal there takes back the engines' holds. When the
+//! request ends, its usage is recorded on its holds with the entry that holds it
+//! (after the append), or its holds are dropped (it used nothing).
+
+use crate::App;
+use crate::error::ApiError;
+use ciyuan_budget::SharedTerm;
+use ciyuan_core::{Money, TokenMap};
+use ciyuan_store::{HoldTerm, SettledHold};
+use rust_decimal::Decimal;
+use std::sync::Arc;
+
+/// A request's holds in the database.
+#[derive(Clone)]
+pub(crate) struct SharedHold {
+    id: i64,
+    terms: Vec<SharedTerm>,
+    /// The wallet's counter and currency, where a wallet holds for the request.
+    wallet: Option<(String, ciyuan_core::Currency)>,
+}
+
+/// What a held request counts on each counter, once its entry is appended.
+pub(crate) struct Settling {
+    id: i64,
+    actual: Vec<(String, Decimal)>,
+}
+
+impl SharedHold {
+    /// What the request that used `tokens` and cost `cost` counts on its counters.
+    pub(crate) fn settling(self, tokens: &TokenMap, cost: Option<Money>) -> Settling {
+        let mut actual: Vec<(String, Decimal)> = self
+            .terms
+            .iter()
+            .map(|t| (t.counter.clone(), t.actual(tokens, cost)))
+            .collect();
+        if let Some((counter, currency)) = self.wallet {
+            let spent = match cost {
+                Some(m) if m.currency == currency => m.amount,
+                _ => Decimal::ZERO,
+            };
+            actual.push((counter, spent));
+        }
+        Settling {
+            id: self.id,
+            actual,
+        }
+    }
+}
+
+/// Why a request cannot be held across nodes: a limit or wallet the other nodes hold
+/// too much of (the message names it), or the database failing.
+pub(crate) enum NotHeld {
+    Refused(String),
+    Failed(ApiError),
+}
+
+/// The counter of a wallet.
+fn wallet_counter(node: &ciyuan_core::AccountPath, currency: ciyuan_core::Currency) -> String {
+    format!("wallet\u{1f}{node}\u{1f}{currency}")
+}
+
+impl App {
+    /// Holds an admitted request in the database the nodes share (nothing when the
+    /// store is this node's alone, or the request holds no hard limit and no wallet).
+    pub(crate) async fn hold_across_nodes(
+        self: &Arc<Self>,
+        reservation: u64,
+        hold: Option<&ciyuan_budget::Hold>,
+    ) -> Result<Option<SharedHold>, NotHeld> {
+        if !self.store.shares_holds() {
+            return Ok(None);
+        }
+        let terms = self.budget.shared_terms(reservation);
+        let mut held: Vec<HoldTerm> = terms
+            .iter()
+            .map(|t| HoldTerm {
+                counter: t.counter.clone(),
+                local: t.local,
+                need: t.need,
+                amount: t.amount,
+            })
+            .collect();
+        let mut wallet = None;
+        if let Some(h) = hold {
+            let now = ciyuan_core::jiff::Timestamp::now();
+            let view = self
+                .wallets
+                .balance(&h.node, h.currency, now)
+                .ok_or_else(|| {
+                    NotHeld::Failed(ApiError::internal(format!(
+                        "the wallet of {} in {} holding a request is gone",
+                        h.node, h.currency
+                    )))
+                })?;
+            let counter = wallet_counter(&h.node, h.currency);
+            let too_large = || {
+                NotHeld::Failed(ApiError::internal(format!(
+                    "the wallet of {} in {} holds more than a decimal carries",
+                    h.node, h.currency
+                )))
+            };
+            held.push(HoldTerm {
+                counter: counter.clone(),
+                local: view.reserved.to_decimal().ok_or_else(too_large)?,
+                need: h.amount,
+                amount: view
+                    .balance
+                    .plus(view.overdraft)
+                    .to_decimal()
+                    .ok_or_else(too_large)?,
+            });
+            wallet = Some((counter, h.currency));
+        }
+        if held.is_empty() {
+            return Ok(None);
+        }
+        let mut raw = [0u8; 8];
+        getrandom::fill(&mut raw).map_err(|e| NotHeld::Failed(ApiError::internal(e)))?;
+        // Positive, so it reads the same as a BIGINT everywhere.
+        let id = (u64::from_le_bytes(raw) >> 1) as i64;
+        let followed = self.followed();
+        let ttl = self.config.reservation_ttl;
+        let node = self.node.clone();
+        let asked = held.clone();
+        let refused = self
+            .blocking(move |app| Ok(app.store.reserve(&node, id, followed, &asked, ttl)?))
+            .await
+            .map_err(NotHeld::Failed)?;
+        match refused {
+            None => Ok(Some(SharedHold { id, terms, wallet })),
+            Some((i, elsewhere)) => {
+                let t = &held[i];
+                let what = match terms.get(i) {
+                    Some(term) => term.describe.clone(),
+                    None => "the wallet paying for this request".to_string(),
+                };
+                Err(NotHeld::Refused(format!(
+                    "{what}: {} allowed, {} counted on this node, {elsewhere} held or used on other nodes, this request needs {}",
+                    t.amount,
+                    t.local - t.need,
+                    t.need
+                )))
+            }
+        }
+    }
+
+    /// Records held requests' usage on their holds, now that `entries` hold it.
+    pub(crate) fn settle_across_nodes(self: &Arc<Self>, settled: Vec<(Settling, u64)>) {
+        if settled.is_empty() {
+            return;
+        }
+        let list: Vec<SettledHold> = settled
+            .into_iter()
+            .map(|(s, entry)| SettledHold {
+                id: s.id,
+                entry,
+                actual: s.actual,
+            })
+            .collect();
+        let app = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = app
+                .blocking(move |app| Ok(app.store.settle_holds(&list)?))
+                .await
+            {
+                // The holds keep counting their requests' maximum until they lapse:
+                // the limit errs on the safe side.
+                tracing::warn!(detail = %e.detail, "recording held requests' usage failed");
+            }
+        });
+    }
+
+    /// Drops the holds of a request that recorded nothing.
+    pub(crate) fn release_across_nodes(self: &Arc<Self>, held: Option<SharedHold>) {
+        let Some(held) = held else { return };
+        let app = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = app
+                .blocking(move |app| Ok(app.store.release_hold(held.id)?))
+                .await
+            {
+                tracing::warn!(detail = %e.detail, "dropping a request's holds failed; they lapse");
+            }
+        });
+    }
+}
