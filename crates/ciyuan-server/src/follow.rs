@@ -225,28 +225,55 @@ pub(crate) fn start(
 
 /// How often a node tells the others how far it has followed (and that it lives).
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Longest a node stays paused for another node's change of the rules (that node
+/// died mid-change if it never lowers its barrier).
+const MOST_PAUSED: Duration = Duration::from_secs(30);
 
-fn run(app: Weak<App>, own: Arc<Own>, mut followed: u64, poll: Duration) {
-    let mut beat = std::time::Instant::now();
+/// The follower thread's state.
+struct Follower {
+    app: Weak<App>,
+    own: Arc<Own>,
+    followed: u64,
+    beat: std::time::Instant,
+}
+
+fn run(app: Weak<App>, own: Arc<Own>, followed: u64, poll: Duration) {
+    let mut f = Follower {
+        app,
+        own,
+        followed,
+        beat: std::time::Instant::now() - HEARTBEAT,
+    };
     loop {
+        let Some(app) = f.app.upgrade() else { return };
+        f.step(&app);
+        if let Some(id) = f.barrier_raised(&app) {
+            f.paused(&app, id, poll);
+        }
+        drop(app);
         std::thread::sleep(poll);
-        let Some(app) = app.upgrade() else { return };
-        if beat.elapsed() >= HEARTBEAT {
-            beat = std::time::Instant::now();
-            if let Err(e) = app.store.heartbeat(&app.node, followed) {
+    }
+}
+
+impl Follower {
+    /// Heartbeats when due and applies what other nodes appended since the last step.
+    fn step(&mut self, app: &App) {
+        if self.beat.elapsed() >= HEARTBEAT {
+            self.beat = std::time::Instant::now();
+            if let Err(e) = app.store.heartbeat(&app.node, self.followed) {
                 tracing::warn!(error = %e, "the heartbeat to the other nodes failed");
             }
         }
         // The size first, then the tickets: an own append below it was submitted
         // before, and `settle` waits for it to be noted.
         let target = app.log.size().min(app.projected());
-        if target <= followed {
-            continue;
+        if target <= self.followed {
+            return;
         }
-        own.settle();
-        let target = target.min(followed + FOLLOW_CHUNK);
+        self.own.settle();
+        let target = target.min(self.followed + FOLLOW_CHUNK);
         let mut failed = None;
-        for range in own.foreign(followed..target) {
+        for range in self.own.foreign(self.followed..target) {
             if let Err(e) = app.follow_range(range.clone()) {
                 failed = Some(range.start);
                 // The state would miss these entries: retried from here on the next
@@ -255,14 +282,129 @@ fn run(app: Weak<App>, own: Arc<Own>, mut followed: u64, poll: Duration) {
                 break;
             }
         }
-        followed = failed.unwrap_or(target);
-        own.forget(followed);
+        self.followed = failed.unwrap_or(target);
+        self.own.forget(self.followed);
         app.followed
-            .store(followed, std::sync::atomic::Ordering::Release);
+            .store(self.followed, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Another node's rules barrier that is up, if any.
+    fn barrier_raised(&self, app: &App) -> Option<i64> {
+        match app.store.barrier() {
+            Ok(Some(b)) if b.lowered.is_none() && b.node != app.node => Some(b.id),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the rules barrier");
+                None
+            }
+        }
+    }
+
+    /// Pauses this node's rating for barrier `id` (another node is about to change the
+    /// rules of measuring or pricing): takes the rules gate's write guard, so nothing
+    /// more is rated here; waits until what was rated before is in the log; says so;
+    /// then follows on until the change is in the log and applied here, or the
+    /// barrier is lowered without it, or it outlived [`MOST_PAUSED`].
+    fn paused(&mut self, app: &App, id: i64, poll: Duration) {
+        let gate = app.rules_gate.clone();
+        let _paused = gate.blocking_write();
+        self.own.settle();
+        if let Err(e) = app.store.pause(&app.node, id) {
+            tracing::warn!(error = %e, "cannot say this node paused for a change of the rules");
+            return;
+        }
+        let since = std::time::Instant::now();
+        loop {
+            std::thread::sleep(poll.min(Duration::from_millis(20)));
+            self.step(app);
+            let done = match app.store.barrier() {
+                Ok(Some(b)) if b.id == id => match b.lowered {
+                    None => false,
+                    Some(None) => true,
+                    // Applied here once followed past it.
+                    Some(Some(size)) => self.followed >= size,
+                },
+                // Replaced or gone: that change is over.
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the rules barrier");
+                    false
+                }
+            };
+            if done {
+                return;
+            }
+            if since.elapsed() > MOST_PAUSED {
+                tracing::warn!(
+                    barrier = id,
+                    "a change of the rules never came: rating again"
+                );
+                return;
+            }
+        }
     }
 }
 
+/// How long a node changing the rules waits for the others to pause.
+const PAUSE_WAIT: Duration = Duration::from_secs(3);
+
 impl App {
+    /// Before this node appends a change of the rules of measuring or pricing (under
+    /// the rules gate's write guard): raises the barrier that pauses every other live
+    /// node's rating, and waits until each has paused with what it rated before in the
+    /// log. Answers the barrier's id, to lower once the change is in the log
+    /// ([`App::lower_rules_barrier`]).
+    pub(crate) async fn raise_rules_barrier(
+        self: &Arc<Self>,
+    ) -> Result<i64, crate::error::ApiError> {
+        use crate::error::ApiError;
+        let mut raw = [0u8; 8];
+        getrandom::fill(&mut raw).map_err(ApiError::internal)?;
+        let id = (u64::from_le_bytes(raw) >> 1) as i64;
+        let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+        loop {
+            let raised = self
+                .blocking(move |app| Ok(app.store.raise_barrier(&app.node, id)?))
+                .await?;
+            if raised {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ApiError::unavailable(
+                    "another node is changing the rules of measuring or pricing; try again",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        loop {
+            let waiting = self
+                .blocking(move |app| Ok(app.store.unpaused(&app.node, id)?))
+                .await?;
+            if waiting.is_empty() {
+                return Ok(id);
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.lower_rules_barrier(id, None).await;
+                return Err(ApiError::unavailable(format!(
+                    "nodes {} did not pause their rating for this change of the rules; try again",
+                    waiting.join(", ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Lowers barrier `id`: the change is in the log below `size` (`None`: not made).
+    pub(crate) async fn lower_rules_barrier(self: &Arc<Self>, id: i64, size: Option<u64>) {
+        if let Err(e) = self
+            .blocking(move |app| Ok(app.store.lower_barrier(id, size)?))
+            .await
+        {
+            // The other nodes rate again once it is 30 s old.
+            tracing::warn!(detail = %e.detail, "cannot lower the rules barrier");
+        }
+    }
+
     /// Reads entries `range` (all appended by other nodes) and applies them.
     fn follow_range(&self, range: Range<u64>) -> Result<(), String> {
         let mut entries = Vec::with_capacity((range.end - range.start) as usize);

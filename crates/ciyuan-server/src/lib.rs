@@ -254,15 +254,43 @@ impl App {
         } else {
             None
         };
-        let range = self.append(entries).await?;
+        // With several nodes, every node's rating pauses until the change is in the
+        // log and applied there too.
+        let barrier = match (&_rules, self.config.follow) {
+            (Some(_), Some(_)) => Some(self.raise_rules_barrier().await?),
+            _ => None,
+        };
+        let range = match self.append(entries).await {
+            Ok(range) => range,
+            Err(e) => {
+                if let Some(id) = barrier {
+                    self.lower_rules_barrier(id, None).await;
+                }
+                return Err(e);
+            }
+        };
+        let applied = self.apply_appended(range.end, controls).await;
+        if let Some(id) = barrier {
+            // In the log whatever happens next: the others wait until they have it.
+            self.lower_rules_barrier(id, Some(range.end)).await;
+        }
+        applied.map(|()| range)
+    }
+
+    /// Waits for the projection of the entries below `end` and applies `controls`.
+    async fn apply_appended(
+        self: &Arc<Self>,
+        end: u64,
+        controls: Vec<Entry>,
+    ) -> Result<(), ApiError> {
         self.projector
-            .wait_for(range.end, self.config.projection_wait)
+            .wait_for(end, self.config.projection_wait)
             .await?;
         if !controls.is_empty() {
             self.blocking(move |app| app.apply_controls(&controls))
                 .await?;
         }
-        Ok(range)
+        Ok(())
     }
 
     /// Runs a blocking store call off the async reactor.

@@ -178,3 +178,89 @@ pub(crate) fn release(c: &mut postgres::Client, id: i64) -> Result<(), StoreErro
         .map_err(backend)?;
     Ok(())
 }
+
+/// A barrier not lowered this long after it was raised is taken as abandoned (its
+/// node died mid-change).
+const BARRIER_STALE: &str = "interval '30 seconds'";
+
+pub(crate) fn raise_barrier(
+    c: &mut postgres::Client,
+    node: &str,
+    id: i64,
+) -> Result<bool, StoreError> {
+    let raised = c
+        .query_opt(
+            &format!(
+                "INSERT INTO rules_barrier (id, node, raised) VALUES ($1, $2, now())
+                 ON CONFLICT (one) DO UPDATE
+                     SET id = EXCLUDED.id, node = EXCLUDED.node, raised = now(),
+                         lowered = false, size = NULL
+                 WHERE rules_barrier.lowered OR rules_barrier.raised < now() - {BARRIER_STALE}
+                 RETURNING id"
+            ),
+            &[&id, &node],
+        )
+        .map_err(backend)?;
+    Ok(raised.is_some())
+}
+
+pub(crate) fn unpaused(
+    c: &mut postgres::Client,
+    node: &str,
+    id: i64,
+) -> Result<Vec<String>, StoreError> {
+    let rows = c
+        .query(
+            &format!(
+                "SELECT node FROM nodes WHERE node <> $1 AND seen_at > now() - {QUIET}
+                 AND paused IS DISTINCT FROM $2 ORDER BY node"
+            ),
+            &[&node, &id],
+        )
+        .map_err(backend)?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+pub(crate) fn pause(c: &mut postgres::Client, node: &str, id: i64) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE nodes SET paused = $2 WHERE node = $1",
+        &[&node, &id],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+pub(crate) fn lower_barrier(
+    c: &mut postgres::Client,
+    id: i64,
+    size: Option<u64>,
+) -> Result<(), StoreError> {
+    let size = size.map(|s| s as i64);
+    c.execute(
+        "UPDATE rules_barrier SET lowered = true, size = $2 WHERE id = $1",
+        &[&id, &size],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+pub(crate) fn barrier(
+    c: &mut postgres::Client,
+) -> Result<Option<ciyuan_store::Barrier>, StoreError> {
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT id, node, lowered, size FROM rules_barrier
+                 WHERE lowered OR raised >= now() - {BARRIER_STALE}"
+            ),
+            &[],
+        )
+        .map_err(backend)?;
+    Ok(row.map(|r| ciyuan_store::Barrier {
+        id: r.get(0),
+        node: r.get(1),
+        lowered: r
+            .get::<_, bool>(2)
+            .then(|| r.get::<_, Option<i64>>(3).map(|s| s as u64)),
+    }))
+}

@@ -69,6 +69,19 @@ CREATE TABLE leader (
 "#,
     // 6: gateway requests held across nodes (`Store::reserve`).
     holds::MIGRATION,
+    // 7: changes of the rules of measuring and pricing, one at a time across nodes
+    // (`Store::raise_barrier`).
+    r#"
+CREATE TABLE rules_barrier (
+    one      BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    id       BIGINT NOT NULL,
+    node     TEXT NOT NULL,
+    raised   TIMESTAMPTZ NOT NULL,
+    lowered  BOOLEAN NOT NULL DEFAULT false,
+    size     BIGINT
+);
+ALTER TABLE nodes ADD COLUMN paused BIGINT;
+"#,
 ];
 
 /// The schema version this build writes.

@@ -1361,6 +1361,26 @@ impl Store for PgStore {
         crate::off_runtime(|| crate::holds::release(&mut *self.inner.conn()?, id))
     }
 
+    fn raise_barrier(&self, node: &str, id: i64) -> Result<bool, StoreError> {
+        crate::off_runtime(|| crate::holds::raise_barrier(&mut *self.inner.conn()?, node, id))
+    }
+
+    fn unpaused(&self, node: &str, id: i64) -> Result<Vec<String>, StoreError> {
+        crate::off_runtime(|| crate::holds::unpaused(&mut *self.inner.conn()?, node, id))
+    }
+
+    fn pause(&self, node: &str, id: i64) -> Result<(), StoreError> {
+        crate::off_runtime(|| crate::holds::pause(&mut *self.inner.conn()?, node, id))
+    }
+
+    fn lower_barrier(&self, id: i64, size: Option<u64>) -> Result<(), StoreError> {
+        crate::off_runtime(|| crate::holds::lower_barrier(&mut *self.inner.conn()?, id, size))
+    }
+
+    fn barrier(&self) -> Result<Option<ciyuan_store::Barrier>, StoreError> {
+        crate::off_runtime(|| crate::holds::barrier(&mut *self.inner.conn()?))
+    }
+
     fn lead(&self, node: &str, term: std::time::Duration) -> Result<bool, StoreError> {
         // Seconds as a float: a lease's length, never a sum of anything.
         let secs = term.as_secs_f64();

@@ -215,6 +215,18 @@ pub struct SettledHold {
     pub actual: Vec<(String, rust_decimal::Decimal)>,
 }
 
+/// A rules barrier as the store holds it ([`Store::barrier`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Barrier {
+    /// Its id.
+    pub id: i64,
+    /// The node changing the rules.
+    pub node: String,
+    /// `None` while up; once lowered, the log size holding the change (`Some(None)`:
+    /// the change was not made).
+    pub lowered: Option<Option<u64>>,
+}
+
 /// Everything the server keeps beside the ledger.
 pub trait Store: Send + Sync + 'static {
     /// Index of the next ledger entry the projections expect (= entries applied).
@@ -262,6 +274,34 @@ pub trait Store: Send + Sync + 'static {
     /// Drops a hold whose request recorded nothing.
     fn release_hold(&self, _id: i64) -> Result<(), StoreError> {
         Ok(())
+    }
+    /// Raises the rules barrier `id` for `node`, which is about to append a change of
+    /// the rules of measuring or pricing: every other live node pauses its rating
+    /// ([`Store::pause`]) until the change is in the log and it has applied it, so no
+    /// node's usage lands after a change it was not rated under. False when another
+    /// node's barrier is up (raised less than 30 s ago and not lowered).
+    fn raise_barrier(&self, _node: &str, _id: i64) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    /// The live nodes other than `node` that have not paused for barrier `id`.
+    fn unpaused(&self, _node: &str, _id: i64) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Says that `node` has paused its rating for barrier `id`.
+    fn pause(&self, _node: &str, _id: i64) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Lowers barrier `id`: the change is in the log below `size` (`None`: the change
+    /// was not made).
+    fn lower_barrier(&self, _id: i64, _size: Option<u64>) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The newest barrier: its id, its node, whether it is still up, and the log size
+    /// that holds its change once lowered (`None` there: not made). `None` when no
+    /// barrier was ever raised, or it is older than 30 s and was never lowered (its
+    /// node died).
+    fn barrier(&self) -> Result<Option<Barrier>, StoreError> {
+        Ok(None)
     }
 
     /// Applies ledger entries `start..start + entries.len()` to the projections in one

@@ -10,8 +10,9 @@
 //!    the node's subtree, spends a grant that does not exist, or takes a grant below
 //!    zero. Cash may end below zero: a request that cost more than it held is settled
 //!    in full (see `ciyuan_budget::wallet`).
-//! 2. **Ratings.** A usage entry carrying a `rating` names a `price.book` version
-//!    recorded earlier and in force by the entry's time; the book is the one the
+//! 2. **Ratings.** A usage entry carrying a `rating` names the `price.book` version in
+//!    force at the entry's time among those recorded earlier (the latest
+//!    `effective_from` at or before it; a correction names its own); the book is the one the
 //!    nearest contract on the entry's path names (else [`LIST_BOOK`]), and the rating
 //!    names that contract's node; the rating is recomputed independently
 //!    ([`ciyuan_price::verify_rating`]) from the entry's model, service, standard tier,
@@ -973,6 +974,25 @@ impl RuleChecker {
                 recorded.entry,
                 book.effective_from,
                 entry.ts
+            ));
+        }
+        // Priced as appended: with the version in force at the entry's time among
+        // those recorded before it (versions take effect in order), not an older one
+        // (a correction names the version it re-rates with).
+        if !correcting
+            && let Some((_, latest)) = self
+                .books
+                .get(&rating.book)
+                .and_then(|v| v.iter().rfind(|(_, b)| b.book.effective_from <= entry.ts))
+            && latest.book.version != rating.version
+        {
+            return Err(format!(
+                "rating: book {} is not the version in force at {}: {}@{} (entry {}) is; rated before the server applied it?",
+                id(),
+                entry.ts,
+                rating.book,
+                latest.book.version,
+                latest.entry
             ));
         }
         let (tokens, as_recorded) = priced_tokens(usage, rating)?;
@@ -2141,6 +2161,21 @@ mod tests {
         let err = run(&future).unwrap_err();
         assert_eq!(err.entry, Some(4));
         assert!(err.what.contains("rating: book list@2 (entry 1) takes effect at 2026-03-01T00:00:00Z, after the entry's time 2026-02-01T00:00:00Z"), "{err}");
+        // An older version, when a newer one in force was recorded before the entry
+        // (rated before the server applied it).
+        let b2_now = book("list", 2, "2026-01-15T00:00:00Z", "0.0000025", "0.00001");
+        let mut stale = log.clone();
+        stale.insert(
+            1,
+            bytes("2026-01-01T00:00:00Z", "/", EntryBody::PriceBook(b2_now)),
+        );
+        let err = run(&stale).unwrap_err();
+        assert!(
+            err.what
+                .contains("rating: book list@1 is not the version in force at")
+                && err.what.contains("list@2 (entry 1) is"),
+            "{err}"
+        );
         // A version recorded twice with other prices.
         let mut twice = log.clone();
         twice.push(bytes(

@@ -621,3 +621,97 @@ fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
     let (code, out) = crate::common::verify(std::path::Path::new(&url));
     assert_eq!(code, 0, "{out}");
 }
+
+#[test]
+fn prices_changed_on_one_node_while_another_rates_keep_every_rating_in_log_order() {
+    let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
+    let (tmp, a, b, root, url) = two_nodes(&cluster, "rules");
+    stdout(&a.cli(&root, &["accounts", "create", "acme/cn"]));
+    let key = a.new_key(&root, "acme/cn", "gateway,ingest,read");
+    let book = |price: &str| {
+        let path = tmp.path().join(format!("book-{price}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"list\"\ncurrency = \"USD\"\n[[rules]]\nmodel = \"gpt-4o*\"\n\
+                 unit_prices = {{ \"text.input\" = \"{price}\", \"text.output\" = \"0.00001\" }}\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    stdout(&a.cli(
+        &root,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "toml",
+            book("0.000001").to_str().unwrap(),
+        ],
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (rated, changes) = std::thread::scope(|s| {
+        // B rates events and gateway calls without pause, from three clients...
+        let rating: Vec<_> = (0..3).map(|t| { let (b, key, stop) = (&b, &key, &stop); s.spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let batch: Vec<serde_json::Value> = (0..5)
+                    .map(|j| {
+                        json!({"specversion": "1.0", "id": format!("r-{t}-{n}-{j}"), "source": "svc://rules",
+                            "type": "llm.usage", "subject": "acme/cn",
+                            "data": {"model": "gpt-4o", "input_tokens": 1000, "output_tokens": 10}})
+                    })
+                    .collect();
+                let (st, body) = b.http("POST", "/v1/events", key, Some(&json!(batch)));
+                assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+                let (st, body) = b.http(
+                    "POST",
+                    "/v1/chat/completions",
+                    key,
+                    Some(&json!({"model": "gpt-4o", "max_tokens": 5,
+                        "messages": [{"role": "user", "content": "price me"}]})),
+                );
+                assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+                n += 1;
+            }
+            n
+        })}).collect();
+        // ...while A changes the book's prices again and again.
+        let mut changes = 0;
+        for (i, price) in ["0.000002", "0.000003", "0.000004", "0.000005", "0.000006"]
+            .iter()
+            .enumerate()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(150 + 50 * i as u64));
+            let o = a.cli(
+                &root,
+                &[
+                    "prices",
+                    "import",
+                    "--format",
+                    "toml",
+                    book(price).to_str().unwrap(),
+                ],
+            );
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            changes += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        (
+            rating.into_iter().map(|r| r.join().unwrap()).sum::<usize>(),
+            changes,
+        )
+    });
+    assert!(
+        rated >= 3 && changes == 5,
+        "{rated} rounds of rating, {changes} changes"
+    );
+    a.stop();
+    b.stop();
+    // Every rating follows the book version before it in the log.
+    let (code, out) = crate::common::verify(std::path::Path::new(&url));
+    assert_eq!(code, 0, "{out}");
+}
