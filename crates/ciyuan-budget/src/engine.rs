@@ -54,7 +54,7 @@ pub struct SharedTerm {
     /// Names the counter on every node: the limit's node and name, its measure and
     /// the window's start.
     pub counter: String,
-    /// What this process counts on it: used and reserved, the hold included.
+    /// What this process has counted as used on it (not its holds).
     pub local: Decimal,
     /// The reservation's hold on it.
     pub need: Decimal,
@@ -1559,9 +1559,11 @@ impl Engine {
     }
 
     /// The node counters of hard limits that `reservation` holds, as nodes sharing one
-    /// ledger reserve them in the database too: each with what this process counts on
-    /// it (used and reserved, this reservation's hold included), the hold and the
-    /// amount, in one unit (tokens, requests, or money in the limit's currency).
+    /// ledger reserve them in the database too: each with what this process has
+    /// counted as used on it (its own settled usage and what it applied of other
+    /// processes'; its holds are in the database, where every process's are), the
+    /// hold and the amount, in one unit (tokens, requests, or money in the limit's
+    /// currency).
     /// Per-key, per-session and per-request limits are each node's own. Unknown ids
     /// have none.
     pub fn shared_terms(&self, reservation: u64) -> Vec<SharedTerm> {
@@ -1592,10 +1594,7 @@ impl Engine {
             let (local, need, amount) = match measure {
                 Measure::Cost(_) => {
                     let held = cost_in_decimal(res.cost);
-                    let local = c
-                        .cost_used
-                        .checked_add(c.cost_reserved)
-                        .and_then(ExactSum::to_decimal);
+                    let local = c.cost_used.to_decimal();
                     match local {
                         Some(local) => (local, held, money),
                         // Beyond 28 digits: counted as the whole limit, so the
@@ -1604,7 +1603,7 @@ impl Engine {
                     }
                 }
                 _ => (
-                    Decimal::from_i128_with_scale(c.used + i128::from(c.reserved), 0),
+                    Decimal::from_i128_with_scale(c.used, 0),
                     Decimal::from(h.amount),
                     Decimal::from(amount),
                 ),

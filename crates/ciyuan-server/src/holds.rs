@@ -77,6 +77,10 @@ impl App {
         if !self.store.shares_holds() {
             return Ok(None);
         }
+        // How far this node has followed, read before what its engines count: entries
+        // applied in between are then counted twice (as applied, and as other nodes'
+        // recorded holds), never missed.
+        let followed = self.followed();
         let terms = self.budget.shared_terms(reservation);
         let mut held: Vec<HoldTerm> = terms
             .iter()
@@ -108,7 +112,8 @@ impl App {
             };
             held.push(HoldTerm {
                 counter: counter.clone(),
-                local: view.reserved.to_decimal().ok_or_else(too_large)?,
+                // Spent is out of the balance already; holds are the database's.
+                local: Decimal::ZERO,
                 need: h.amount,
                 amount: view
                     .balance
@@ -125,7 +130,6 @@ impl App {
         getrandom::fill(&mut raw).map_err(|e| NotHeld::Failed(ApiError::internal(e)))?;
         // Positive, so it reads the same as a BIGINT everywhere.
         let id = (u64::from_le_bytes(raw) >> 1) as i64;
-        let followed = self.followed();
         let ttl = self.config.reservation_ttl;
         let node = self.node.clone();
         let asked = held.clone();
@@ -142,10 +146,8 @@ impl App {
                     None => "the wallet paying for this request".to_string(),
                 };
                 Err(NotHeld::Refused(format!(
-                    "{what}: {} allowed, {} counted on this node, {elsewhere} held or used on other nodes, this request needs {}",
-                    t.amount,
-                    t.local - t.need,
-                    t.need
+                    "{what}: {} allowed, {} used as this node knows, {elsewhere} held by requests in flight on every node or used on others, this request needs {}",
+                    t.amount, t.local, t.need
                 )))
             }
         }

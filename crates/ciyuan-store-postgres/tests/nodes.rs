@@ -145,3 +145,50 @@ fn one_node_leads_at_a_time_and_another_takes_over_when_its_lease_lapses() {
     assert!(b.lead("b", term).unwrap(), "lapsed: b takes it");
     assert!(!a.lead("a", term).unwrap(), "and a no longer leads");
 }
+
+#[test]
+fn holds_from_racing_nodes_never_exceed_the_amount() {
+    use ciyuan_store::HoldTerm;
+    use rust_decimal::Decimal;
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("holds").unwrap();
+    let stores: Vec<PgStore> = (0..3)
+        .map(|_| PgStore::open(Pool::connect(&url).unwrap()).unwrap())
+        .collect();
+    for (n, s) in stores.iter().enumerate() {
+        s.heartbeat(&format!("n{n}"), 0).unwrap();
+    }
+    // 3 nodes x 8 clients, each client holding 0.25 until refused, on an amount of
+    // 10 none of which is used yet: at most 40 holds in all, whichever node and
+    // client takes them.
+    let held: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = stores
+            .iter()
+            .enumerate()
+            .flat_map(|(n, store)| (0..8).map(move |c| (n, c, store)))
+            .map(|(n, c, store)| {
+                s.spawn(move || {
+                    let mut won = 0;
+                    for i in 0..40 {
+                        let term = HoldTerm {
+                            counter: "wallet".into(),
+                            local: Decimal::ZERO,
+                            need: Decimal::new(25, 2),
+                            amount: Decimal::from(10),
+                        };
+                        let id = ((n * 100 + c) * 1000 + i) as i64;
+                        let refused = store
+                            .reserve(&format!("n{n}"), id, 0, &[term], Duration::from_secs(60))
+                            .unwrap();
+                        if refused.is_none() {
+                            won += 1;
+                        }
+                    }
+                    won
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(held, 40, "exactly what fits is held, across nodes");
+}

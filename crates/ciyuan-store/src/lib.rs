@@ -193,8 +193,9 @@ pub enum StoreError {
 pub struct HoldTerm {
     /// The counter's name, the same on every node.
     pub counter: String,
-    /// What the reserving node counts on it itself: its usage as it has followed the
-    /// ledger, its own holds, this request's included.
+    /// What the reserving node has counted as used on it: its own recorded usage and
+    /// what it applied of the other nodes' (holds, its own included, are the
+    /// database's to count: a node's requests race each other too).
     pub local: rust_decimal::Decimal,
     /// What this request holds on it.
     pub need: rust_decimal::Decimal,
@@ -251,11 +252,11 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
     /// Holds a request on `terms` in one step ordered with every node's: refused
-    /// (answering the index of the term and what other nodes hold on it) when, on a
-    /// term, `local` plus what the other nodes hold (requests in flight, and usage
-    /// recorded at or after `followed`, which `node` has not applied) exceeds
-    /// `amount`. Nothing is held on a refusal. A hold lapses after `ttl`, or when its
-    /// node stops heartbeating.
+    /// (answering the index of the term and what is held on it) when, on a term,
+    /// `local` plus the holds of requests in flight (every live node's, `node`'s own
+    /// included) plus other nodes' usage recorded at or after `followed` (which
+    /// `node` has not applied) plus `need` exceeds `amount`. Nothing is held on a
+    /// refusal. A hold lapses after `ttl`, or when its node stops heartbeating.
     fn reserve(
         &self,
         _node: &str,

@@ -24,6 +24,29 @@ pub enum BenchCmd {
     /// A month of rated usage in a `ciyuan serve` process, then the month's statement
     /// and its FOCUS export, timed.
     Finance(FinanceArgs),
+    /// Admission across nodes: a request's hard limit and wallet held in the
+    /// PostgreSQL database nodes share, then settled, from several nodes at once.
+    Admission(AdmissionArgs),
+}
+
+#[derive(Args)]
+pub struct AdmissionArgs {
+    /// The database (a new one, or one earlier runs of this bench used).
+    #[arg(long, env = "CIYUAN_DATABASE")]
+    database: String,
+    /// Nodes, each with its own connections.
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Clients per node, each holding and settling one request after another.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// How long to run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Holds per second over all clients, paced (open loop); unset: each client as
+    /// fast as it can (closed loop).
+    #[arg(long)]
+    rate: Option<f64>,
 }
 
 #[derive(Args)]
@@ -328,6 +351,30 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                     .map(|(s, c)| format!("{s:.2} / {c:.2}"))
                     .collect::<Vec<_>>()
                     .join(", ")
+            );
+        }
+        BenchCmd::Admission(a) => {
+            let r =
+                crate::bench_admission::run(&a.database, a.nodes, a.clients, a.seconds, a.rate)?;
+            println!(
+                "admission across nodes: {} nodes x {} clients on one hard limit and one wallet, {} s, {}",
+                a.nodes,
+                a.clients,
+                a.seconds,
+                a.rate
+                    .map_or("closed loop".to_string(), |r| format!("{r} holds/s paced"))
+            );
+            println!(
+                "  {} holds, {:.0}/s; hold p50 {} us, p99 {} us, p99.9 {} us, max {} us (target: p99 <= 2 ms); settle p50 {} us, p99 {} us; {} refused",
+                r.holds,
+                r.per_sec,
+                r.reserve_us[0],
+                r.reserve_us[1],
+                r.reserve_us[2],
+                r.reserve_us[3],
+                r.settle_us[0],
+                r.settle_us[1],
+                r.refused
             );
         }
         BenchCmd::Budgets(a) => {

@@ -194,7 +194,7 @@ fn start(mut cmd: Command, what: &str) -> anyhow::Result<(Child, String)> {
     Ok((guard, url))
 }
 
-fn random_hex(bytes: usize) -> anyhow::Result<String> {
+pub(crate) fn random_hex(bytes: usize) -> anyhow::Result<String> {
     let mut b = vec![0u8; bytes];
     getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
     Ok(hex::encode(b))

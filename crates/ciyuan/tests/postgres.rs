@@ -568,7 +568,14 @@ fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
                 s.spawn(move || stream_race(server, &key, 60))
             })
             .collect();
-        runs.into_iter().flat_map(|r| r.join().unwrap()).collect()
+        let per: Vec<Vec<(u16, String)>> = runs.into_iter().map(|r| r.join().unwrap()).collect();
+        eprintln!(
+            "answered per node: {:?}",
+            per.iter()
+                .map(|a| a.iter().filter(|(s, _)| *s == 200).count())
+                .collect::<Vec<_>>()
+        );
+        per.into_iter().flatten().collect()
     });
     let ok = answers.iter().filter(|(s, _)| *s == 200).count();
     let refused = answers.iter().filter(|(s, _)| *s == 429).count();

@@ -1,0 +1,190 @@
+//! `ciyuan bench admission`: the step of gateway admission that crosses nodes — a
+//! request's hard limits and wallet held in the PostgreSQL database several nodes
+//! share (`Store::reserve`), then settled with its entry (`Store::settle_holds`) —
+//! timed from several nodes at once against the same counters (the worst case: every
+//! request of every node on one hard limit and one wallet, so every hold queues on the
+//! same advisory locks).
+//!
+//! Each node is its own `PgStore` (its own connections) with its own name and
+//! heartbeat, as `ciyuan serve` nodes have; each client is a thread of a node looping
+//! reserve → settle. The in-memory engines' part of admission is `bench budgets`.
+
+use anyhow::{Context, bail};
+use ciyuan_store::{HoldTerm, SettledHold, Store};
+use rust_decimal::Decimal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// What was measured.
+pub struct Report {
+    /// Holds taken (reserve calls answered) in all.
+    pub holds: u64,
+    /// Holds per second over all nodes.
+    pub per_sec: f64,
+    /// Latency of one reserve call, in microseconds: p50, p99, p99.9, max.
+    pub reserve_us: [u64; 4],
+    /// Latency of one settle call, p50 and p99, in microseconds.
+    pub settle_us: [u64; 2],
+    /// Reserve calls refused (none expected: the limit is out of reach).
+    pub refused: u64,
+}
+
+/// Runs `nodes` nodes of `clients` threads each for `seconds` against the database
+/// at `url` (which must be new or hold only earlier runs of this bench).
+/// With `rate` (holds per second over all clients), each client paces its holds
+/// evenly (open loop: a late hold does not delay its schedule); without, each holds
+/// again as soon as it settled (closed loop: the most the counters take).
+pub fn run(
+    url: &str,
+    nodes: usize,
+    clients: usize,
+    seconds: f64,
+    rate: Option<f64>,
+) -> anyhow::Result<Report> {
+    if nodes == 0 || clients == 0 || !(seconds > 0.0 && seconds.is_finite()) {
+        bail!("--nodes, --clients and --seconds must be positive");
+    }
+    if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        bail!("--rate must be positive");
+    }
+    // Each client's interval between holds.
+    let every = rate.map(|r| Duration::from_secs_f64((nodes * clients) as f64 / r));
+    let stores: Vec<Arc<dyn Store>> = (0..nodes)
+        .map(|_| -> anyhow::Result<Arc<dyn Store>> {
+            let pool = ciyuan_store_postgres::Pool::connect(url)
+                .map_err(|e| anyhow::anyhow!("the database: {e}"))?;
+            let store = ciyuan_store_postgres::PgStore::open(pool)
+                .map_err(|e| anyhow::anyhow!("the database: {e}"))?;
+            Ok(Arc::new(store))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let next_entry = Arc::new(AtomicU64::new(0));
+    // How far the nodes have followed: the entries of half a second ago (a node
+    // follows within a few hundred milliseconds).
+    let followed = Arc::new(AtomicU64::new(0));
+    let run_tag = crate::bench_gateway::random_hex(4)?;
+    // The nodes say they live, as `ciyuan serve` does every second.
+    let beats: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .map(|(n, s)| {
+            let (s, stop, name) = (s.clone(), stop.clone(), format!("bench-{run_tag}-{n}"));
+            let (followed, next_entry) = (followed.clone(), next_entry.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                while !stop.load(Ordering::Acquire) {
+                    s.heartbeat(&name, followed.load(Ordering::Acquire))?;
+                    std::thread::sleep(Duration::from_millis(500));
+                    followed.store(next_entry.load(Ordering::Acquire), Ordering::Release);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let workers: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .flat_map(|(n, s)| (0..clients).map(move |c| (n, c, s.clone())))
+        .map(|(n, c, store)| {
+            let (next_entry, name) = (next_entry.clone(), format!("bench-{run_tag}-{n}"));
+            let followed = followed.clone();
+            let run_tag = run_tag.clone();
+            std::thread::spawn(move || -> anyhow::Result<(Vec<u64>, Vec<u64>, u64)> {
+                let mut reserve = Vec::new();
+                let mut settle = Vec::new();
+                let mut refused = 0;
+                let mut id = ((n * 1000 + c) as i64) << 32;
+                let terms = [
+                    HoldTerm {
+                        counter: format!("bench-{run_tag}\u{1f}limit"),
+                        local: Decimal::from(1000),
+                        need: Decimal::from(500),
+                        amount: Decimal::from(1_000_000_000_000i64),
+                    },
+                    HoldTerm {
+                        counter: format!("bench-{run_tag}\u{1f}wallet"),
+                        local: Decimal::ZERO,
+                        need: Decimal::new(24, 5),
+                        amount: Decimal::from(1_000_000),
+                    },
+                ];
+                let mut due = Instant::now();
+                while Instant::now() < deadline {
+                    if let Some(every) = every {
+                        due += every;
+                        let now = Instant::now();
+                        if due > now {
+                            std::thread::sleep(due - now);
+                        }
+                    }
+                    id += 1;
+                    let t = Instant::now();
+                    let answer = store.reserve(
+                        &name,
+                        id,
+                        followed.load(Ordering::Acquire),
+                        &terms,
+                        Duration::from_secs(60),
+                    )?;
+                    reserve.push(t.elapsed().as_micros() as u64);
+                    if answer.is_some() {
+                        refused += 1;
+                        continue;
+                    }
+                    let entry = next_entry.fetch_add(1, Ordering::Relaxed);
+                    let t = Instant::now();
+                    store.settle_holds(&[SettledHold {
+                        id,
+                        entry,
+                        actual: terms.iter().map(|t| (t.counter.clone(), t.need)).collect(),
+                    }])?;
+                    settle.push(t.elapsed().as_micros() as u64);
+                }
+                Ok((reserve, settle, refused))
+            })
+        })
+        .collect();
+    let mut reserve = Vec::new();
+    let mut settle = Vec::new();
+    let mut refused = 0;
+    for w in workers {
+        let (r, s, x) = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
+        reserve.extend(r);
+        settle.extend(s);
+        refused += x;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Release);
+    for b in beats {
+        b.join()
+            .map_err(|_| anyhow::anyhow!("a heartbeat panicked"))??;
+    }
+    reserve.sort_unstable();
+    settle.sort_unstable();
+    let pct = |v: &[u64], p: f64| -> u64 {
+        if v.is_empty() {
+            return 0;
+        }
+        // Nearest rank.
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    };
+    Ok(Report {
+        holds: reserve.len() as u64,
+        per_sec: reserve.len() as f64 / elapsed,
+        reserve_us: [
+            pct(&reserve, 50.0),
+            pct(&reserve, 99.0),
+            pct(&reserve, 99.9),
+            reserve.last().copied().context("no hold was taken")?,
+        ],
+        settle_us: [pct(&settle, 50.0), pct(&settle, 99.0)],
+        refused,
+    })
+}
