@@ -556,9 +556,18 @@ fn export_database(
     dir: &std::path::Path,
 ) -> anyhow::Result<ciyuan_ledger::BundleSummary> {
     let pool = ciyuan_store_postgres::Pool::connect(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    export_pool(pool, dir).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Writes the log of a connected database as a bundle; an error here is the log's
+/// content (or the connection failing midway), not a database that cannot be reached.
+fn export_pool(
+    pool: ciyuan_store_postgres::Pool,
+    dir: &std::path::Path,
+) -> Result<ciyuan_ledger::BundleSummary, String> {
     let log = ciyuan_store_postgres::PgLog::open_reader(pool)
-        .map_err(|e| anyhow::anyhow!("the log in the database: {e}"))?;
-    Ok(ciyuan_ledger::export_log(&log, dir)?)
+        .map_err(|e| format!("the log in the database: {e}"))?;
+    ciyuan_ledger::export_log(&log, dir).map_err(|e| format!("the log in the database: {e}"))
 }
 
 fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
@@ -571,7 +580,18 @@ fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     if database {
         let tmp = tempfile::tempdir()?;
         let bundle = tmp.path().join("bundle");
-        export_database(&text, &bundle)?;
+        // A database that cannot be reached is an error (exit 2); a log that cannot be
+        // read out of it (a stored checkpoint that does not verify, an entry missing)
+        // fails the verification (exit 1), as the same fault in a directory does.
+        let pool =
+            ciyuan_store_postgres::Pool::connect(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Err(why) = export_pool(pool, &bundle) {
+            if json {
+                println!("{}", json!({ "ok": false, "error": why, "entry": null }));
+            }
+            eprintln!("verification FAILED: {why}");
+            return Ok(ExitCode::from(1));
+        }
         return verify(bundle, json);
     }
     // A data directory holds the ledger in `ledger/`.
