@@ -129,7 +129,7 @@ fn an_embedded_data_directory_moves_into_postgres_with_the_same_roots() {
     let url = cluster.database("moved").unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let server = Server::start(&data);
+    let server = Server::start_embedded(&data);
     let root = server.bootstrap.clone().unwrap();
     stdout(&server.cli(&root, &["accounts", "create", "acme/cn"]));
     let key = server.new_key(&root, "acme/cn", "gateway,read");
