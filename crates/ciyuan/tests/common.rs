@@ -23,18 +23,25 @@ pub enum Backend {
     Postgres,
 }
 
-/// The backend named by `CIYUAN_TEST_BACKEND` (`sqlite`, the default, or `postgres`).
-/// Any other value fails every test that starts a server: a typo must not quietly
-/// test the default instead.
-pub fn backend() -> Backend {
+/// The backend `CIYUAN_TEST_BACKEND` names (`sqlite` or `postgres`); `None` when it is
+/// unset: then this process runs on SQLite and runs the suite again on PostgreSQL
+/// (`every_test_again_on_postgres`). Any other value fails every test that starts a
+/// server: a typo must not quietly test the default instead.
+pub fn chosen_backend() -> Option<Backend> {
     match std::env::var("CIYUAN_TEST_BACKEND").as_deref() {
-        Err(std::env::VarError::NotPresent) | Ok("") | Ok("sqlite") => Backend::Sqlite,
-        Ok("postgres") => Backend::Postgres,
+        Err(std::env::VarError::NotPresent) | Ok("") => None,
+        Ok("sqlite") => Some(Backend::Sqlite),
+        Ok("postgres") => Some(Backend::Postgres),
         Ok(other) => {
-            panic!("CIYUAN_TEST_BACKEND={other:?}: expected `sqlite` (the default) or `postgres`")
+            panic!("CIYUAN_TEST_BACKEND={other:?}: expected `sqlite` or `postgres` (unset: both)")
         }
         Err(e) => panic!("CIYUAN_TEST_BACKEND: {e}"),
     }
+}
+
+/// The backend the servers of this process run on.
+pub fn backend() -> Backend {
+    chosen_backend().unwrap_or(Backend::Sqlite)
 }
 
 /// Runs the rest of the calling test only on `only`; on the other backend it prints
@@ -419,4 +426,41 @@ fn the_test_backend_is_known_and_ready() {
         assert_eq!(one, 1);
     }
     println!("servers run on {b:?}");
+}
+
+/// With no backend chosen, `cargo test` runs the suite on both: this process on
+/// SQLite, and this test the whole suite again in a child process on PostgreSQL, so
+/// one command (the README's) covers both and a missing PostgreSQL fails it. The child
+/// runs one test at a time, and this test holds one of this process's test threads
+/// meanwhile: as many servers run at once as in a run on one backend.
+#[test]
+fn every_test_again_on_postgres() {
+    if let Some(b) = chosen_backend() {
+        println!("CIYUAN_TEST_BACKEND={b:?}: this run is on {b:?} only");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let started = Instant::now();
+    let o = Command::new(&exe)
+        .args(["--test-threads", "1"])
+        .env("CIYUAN_TEST_BACKEND", "postgres")
+        .output()
+        .unwrap_or_else(|e| panic!("running {} again: {e}", exe.display()));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "the suite on PostgreSQL failed ({}; rerun one test with CIYUAN_TEST_BACKEND=postgres):\n{out}{err}",
+        o.status
+    );
+    let summary = out
+        .lines()
+        .rfind(|l| l.starts_with("test result:"))
+        .unwrap_or("no summary");
+    // The suite on PostgreSQL must have run, not filtered itself away.
+    assert!(
+        summary.contains(" passed;") && !summary.contains(" 0 passed;"),
+        "{out}"
+    );
+    println!("on PostgreSQL, in {:.0?}: {summary}", started.elapsed());
 }
