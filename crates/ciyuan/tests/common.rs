@@ -44,19 +44,6 @@ pub fn backend() -> Backend {
     chosen_backend().unwrap_or(Backend::Sqlite)
 }
 
-/// Runs the rest of the calling test only on `only`; on the other backend it prints
-/// why it does not apply there (never a silent skip) and answers false.
-pub fn runs_on(only: Backend, why_not_elsewhere: &str) -> bool {
-    if backend() == only {
-        return true;
-    }
-    println!(
-        "not run on {:?}: {why_not_elsewhere} (this test runs on {only:?} only)",
-        backend()
-    );
-    false
-}
-
 /// The one PostgreSQL cluster of this test process, started on first use and stopped
 /// when the process ends. A missing PostgreSQL fails the test that asked, loudly.
 fn cluster() -> &'static TestCluster {
@@ -137,6 +124,19 @@ pub fn database_text(url: &str) -> Vec<(String, String)> {
             (t, text.unwrap_or_default())
         })
         .collect()
+}
+
+/// `ciyuan rebuild` of the server that used `data`: its data directory, or its
+/// database on the PostgreSQL backend.
+pub fn rebuild(data: &Path) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(["rebuild", "--data"]).arg(data);
+    if let Some(url) = database_of(data) {
+        cmd.args(["--database", &url]);
+    }
+    cmd.env("CIYUAN_LOG", "warn")
+        .output()
+        .expect("run ciyuan rebuild")
 }
 
 /// The data directory a prepared `ciyuan serve` command names (`--data DIR`, else

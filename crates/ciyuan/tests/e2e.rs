@@ -213,17 +213,7 @@ fn admin_cli_audit_and_rebuild() {
     }
 
     // Rebuild from the log alone gives byte-identical answers.
-    if runs_on(
-        Backend::Sqlite,
-        "`ciyuan rebuild --data` rebuilds a data directory's SQLite projections",
-    ) {
-        let o = Command::new(bin())
-            .args(["rebuild", "--data"])
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(stdout(&o).contains("rebuilt projections"));
-    }
+    assert!(stdout(&rebuild(&data)).contains("rebuilt projections"));
     let server = Server::start(&data);
     assert!(
         server.bootstrap.is_none(),
@@ -336,11 +326,8 @@ fn config_file_then_environment_then_flags() {
 
 #[test]
 fn rebuild_and_verify_refuse_while_the_server_runs() {
-    if !runs_on(
-        Backend::Sqlite,
-        "the data directory's lock guards the embedded ledger and SQLite file; a database is shared by design",
-    ) {
-        return;
+    if backend() == Backend::Postgres {
+        return rebuild_refuses_while_a_node_is_connected();
     }
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(tmp.path());
@@ -382,6 +369,21 @@ fn rebuild_and_verify_refuse_while_the_server_runs() {
             .is_some_and(|l| l.starts_with("projections: ") && l.contains(" entries applied in ")),
         "{out}"
     );
+}
+
+/// The PostgreSQL form: a database is shared by design (several nodes, and `audit
+/// verify` reads it while they run), but its projections are not rebuilt under a
+/// running node.
+fn rebuild_refuses_while_a_node_is_connected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let o = rebuild(&data);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("stop every node"), "{err}");
+    server.stop();
+    assert!(stdout(&rebuild(&data)).contains("rebuilt projections from 1 ledger entries"));
 }
 
 pub fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
