@@ -167,6 +167,38 @@ impl TestCluster {
         }
     }
 
+    /// Stops and deletes the cluster once the process `pid` has ended, for a cluster
+    /// that is never dropped (one kept in a `static` for a whole test run: Rust runs
+    /// no destructors of statics, and an `initdb`'d cluster left running would keep
+    /// its port, its memory and its directory). A small shell process watches `pid`
+    /// once a second; an outside server (`CIYUAN_TEST_DATABASE_URL`) is left alone.
+    pub fn stop_when_process_ends(&self, pid: u32) -> Result<(), String> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let pg_ctl = self.bin.join("pg_ctl");
+        let data = dir.path().join("data");
+        let stop = if self.as_postgres {
+            "runuser -u postgres -- \"$2\" -D \"$3\" -m immediate -w stop"
+        } else {
+            "\"$2\" -D \"$3\" -m immediate -w stop"
+        };
+        let script = format!(
+            "while kill -0 \"$1\" 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf \"$4\""
+        );
+        Command::new("sh")
+            .args(["-c", &script, "ciyuan-pg-watch", &pid.to_string()])
+            .arg(&pg_ctl)
+            .arg(&data)
+            .arg(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(drop)
+            .map_err(|e| format!("starting the cluster's watcher: {e}"))
+    }
+
     /// A new, empty database on the cluster; answers its connection string.
     pub fn database(&self, name: &str) -> Result<String, String> {
         let admin =

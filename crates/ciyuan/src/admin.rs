@@ -556,9 +556,28 @@ fn export_database(
     dir: &std::path::Path,
 ) -> anyhow::Result<ciyuan_ledger::BundleSummary> {
     let pool = ciyuan_store_postgres::Pool::connect(url).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let log = ciyuan_store_postgres::PgLog::open_reader(pool)
-        .map_err(|e| anyhow::anyhow!("the log in the database: {e}"))?;
-    Ok(ciyuan_ledger::export_log(&log, dir)?)
+    export_pool(pool, dir)?.map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Writes the log of a connected database as a bundle. The inner error is the log
+/// read out of the database (a stored checkpoint that does not verify, an entry
+/// missing, or the connection failing midway); the outer one writing the bundle here.
+fn export_pool(
+    pool: ciyuan_store_postgres::Pool,
+    dir: &std::path::Path,
+) -> anyhow::Result<Result<ciyuan_ledger::BundleSummary, String>> {
+    let log = match ciyuan_store_postgres::PgLog::open_reader(pool) {
+        Ok(log) => log,
+        Err(e) => return Ok(Err(format!("the log in the database: {e}"))),
+    };
+    match ciyuan_ledger::export_log(&log, dir) {
+        Ok(summary) => Ok(Ok(summary)),
+        Err(e @ ciyuan_ledger::LedgerError::Io { .. }) => Err(anyhow::anyhow!(
+            "writing the bundle in {}: {e}",
+            dir.display()
+        )),
+        Err(e) => Ok(Err(format!("the log in the database: {e}"))),
+    }
 }
 
 fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
@@ -571,7 +590,18 @@ fn verify(path: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     if database {
         let tmp = tempfile::tempdir()?;
         let bundle = tmp.path().join("bundle");
-        export_database(&text, &bundle)?;
+        // A database that cannot be reached is an error (exit 2); a log that cannot be
+        // read out of it (a stored checkpoint that does not verify, an entry missing)
+        // fails the verification (exit 1), as the same fault in a directory does.
+        let pool =
+            ciyuan_store_postgres::Pool::connect(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Err(why) = export_pool(pool, &bundle)? {
+            if json {
+                println!("{}", json!({ "ok": false, "error": why, "entry": null }));
+            }
+            eprintln!("verification FAILED: {why}");
+            return Ok(ExitCode::from(1));
+        }
         return verify(bundle, json);
     }
     // A data directory holds the ledger in `ledger/`.

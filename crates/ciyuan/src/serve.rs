@@ -49,6 +49,10 @@ pub struct RebuildArgs {
     /// Data directory.
     #[arg(long, env = "CIYUAN_DATA")]
     data: Option<PathBuf>,
+    /// Rebuild the projections of this PostgreSQL database from its log instead
+    /// (every node stopped: refused while other clients are connected to it).
+    #[arg(long, env = "CIYUAN_DATABASE", hide_env_values = true)]
+    database: Option<String>,
 }
 
 fn ledger_options(cfg: &ServeConfig) -> LedgerOptions {
@@ -331,11 +335,17 @@ async fn shutdown_signal() {
 }
 
 pub fn rebuild(config: Option<&Path>, args: RebuildArgs) -> anyhow::Result<ExitCode> {
-    let file = match config {
+    let mut file = match config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
+    if let Some(url) = args.database {
+        file.database = Some(crate::config::Secret(url));
+    }
     let cfg = ServeConfig::resolve(file, args.data, None, None)?;
+    if let Some(url) = &cfg.database {
+        return rebuild_database(&url.0);
+    }
     let (ledger, store) = open(&cfg.data, ledger_options(&cfg))?;
     let started = std::time::Instant::now();
     store.reset_projections()?;
@@ -496,7 +506,10 @@ pub fn migrate(config: Option<&Path>, args: MigrateArgs) -> anyhow::Result<ExitC
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let args = RebuildArgs { data: args.data };
+    let args = RebuildArgs {
+        data: args.data,
+        database: None,
+    };
     let file = match config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
@@ -513,6 +526,47 @@ pub fn migrate(config: Option<&Path>, args: MigrateArgs) -> anyhow::Result<ExitC
     let applied = catch_up(ledger, &store)?;
     println!(
         "projections: {applied} entries applied in {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `rebuild` of a PostgreSQL database: its projections emptied and applied again from
+/// its log, read with the verifier key it recorded (no signing key needed).
+fn rebuild_database(url: &str) -> anyhow::Result<ExitCode> {
+    let pool = ciyuan_store_postgres::Pool::connect(url)
+        .map_err(|e| anyhow::anyhow!("the database: {e}"))?;
+    // A running node keeps in memory what it built from the projections (the ingest
+    // index, budget counters) and projects on from its own watermark: emptying the
+    // tables under it would leave it answering from state that no longer matches. The
+    // data directory's lock guards the embedded rebuild; here, the database's sessions.
+    let others: i64 = {
+        let mut c = pool
+            .get()
+            .map_err(|e| anyhow::anyhow!("the database: {e}"))?;
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            &[],
+        )
+        .map_err(|e| anyhow::anyhow!("the database: {}", ciyuan_store_postgres::describe(&e)))?
+        .get(0)
+    };
+    if others > 0 {
+        anyhow::bail!(
+            "{others} other clients are connected to the database: stop every node before a rebuild"
+        );
+    }
+    let log = ciyuan_store_postgres::PgLog::open_reader(pool.clone())
+        .map_err(|e| anyhow::anyhow!("the log in the database: {e}"))?;
+    let store = ciyuan_store_postgres::PgStore::open(pool)
+        .map_err(|e| anyhow::anyhow!("the projections in the database: {e}"))?;
+    let started = std::time::Instant::now();
+    store.reset_projections()?;
+    let applied = ciyuan_server::pipeline::project(&store, &log, log.size(), &mut |_| {})
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!(
+        "rebuilt projections from {applied} ledger entries in {:.2}s",
         started.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)

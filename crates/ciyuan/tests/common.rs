@@ -1,13 +1,174 @@
 //! Starting the real binary and talking to it.
 
+use ciyuan_store_postgres::testing::TestCluster;
 use serde_json::Value;
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ciyuan"))
+}
+
+/// Where the servers the tests start keep their log and projections.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Backend {
+    /// The embedded default: ledger files and SQLite in the data directory.
+    Sqlite,
+    /// One database per server on a PostgreSQL cluster shared by the test process.
+    Postgres,
+}
+
+/// The backend `CIYUAN_TEST_BACKEND` names (`sqlite` or `postgres`); `None` when it is
+/// unset: then this process runs on SQLite and runs the suite again on PostgreSQL
+/// (`every_test_again_on_postgres`). Any other value fails every test that starts a
+/// server: a typo must not quietly test the default instead.
+pub fn chosen_backend() -> Option<Backend> {
+    match std::env::var("CIYUAN_TEST_BACKEND").as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("") => None,
+        Ok("sqlite") => Some(Backend::Sqlite),
+        Ok("postgres") => Some(Backend::Postgres),
+        Ok(other) => {
+            panic!("CIYUAN_TEST_BACKEND={other:?}: expected `sqlite` or `postgres` (unset: both)")
+        }
+        Err(e) => panic!("CIYUAN_TEST_BACKEND: {e}"),
+    }
+}
+
+/// The backend the servers of this process run on.
+pub fn backend() -> Backend {
+    chosen_backend().unwrap_or(Backend::Sqlite)
+}
+
+/// The one PostgreSQL cluster of this test process, started on first use and stopped
+/// when the process ends. A missing PostgreSQL fails the test that asked, loudly.
+fn cluster() -> &'static TestCluster {
+    static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let c = TestCluster::start().unwrap_or_else(|e| {
+            panic!("CIYUAN_TEST_BACKEND=postgres needs PostgreSQL (initdb, pg_ctl): {e}")
+        });
+        c.stop_when_process_ends(std::process::id())
+            .unwrap_or_else(|e| panic!("{e}"));
+        c
+    })
+}
+
+/// Each data directory's database (PostgreSQL backend): a restart of the same server
+/// reuses it.
+fn databases() -> &'static Mutex<HashMap<PathBuf, String>> {
+    static DATABASES: OnceLock<Mutex<HashMap<PathBuf, String>>> = OnceLock::new();
+    DATABASES.get_or_init(Mutex::default)
+}
+
+/// The database of the server whose data directory is `data`, created on first use.
+pub fn database_for(data: &Path) -> String {
+    // Started before the map is locked: a cluster that cannot start fails each test
+    // with its own reason, not with the lock poisoned by the first.
+    let cluster = cluster();
+    let mut map = databases().lock().unwrap();
+    if let Some(url) = map.get(data) {
+        return url.clone();
+    }
+    let name = format!("ciyuan_test_{}", map.len());
+    let url = cluster
+        .database(&name)
+        .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+    map.insert(data.to_path_buf(), url.clone());
+    url
+}
+
+/// The database a server on `data` used, if it ran on PostgreSQL.
+pub fn database_of(data: &Path) -> Option<String> {
+    databases().lock().unwrap().get(data).cloned()
+}
+
+/// What `ciyuan audit verify` and friends should read for the server that used `data`:
+/// the directory itself, or its database on the PostgreSQL backend.
+pub fn audit_target(data: &Path) -> OsString {
+    match database_of(data) {
+        Some(url) => OsString::from(url),
+        None => data.as_os_str().to_owned(),
+    }
+}
+
+/// Every row of every table of the database at `url`, as text, by table: to look for
+/// what must never be stored (key secrets).
+pub fn database_text(url: &str) -> Vec<(String, String)> {
+    let pool = ciyuan_store_postgres::Pool::connect(url).unwrap();
+    let mut c = pool.get().unwrap();
+    let tables: Vec<String> = c
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!tables.is_empty(), "no tables in {url}");
+    tables
+        .into_iter()
+        .map(|t| {
+            let text: Option<String> = c
+                .query_one(
+                    format!("SELECT string_agg(t::text, E'\\n') FROM \"{t}\" t").as_str(),
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            (t, text.unwrap_or_default())
+        })
+        .collect()
+}
+
+/// `ciyuan rebuild` of the server that used `data`: its data directory, or its
+/// database on the PostgreSQL backend.
+pub fn rebuild(data: &Path) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(["rebuild", "--data"]).arg(data);
+    if let Some(url) = database_of(data) {
+        cmd.args(["--database", &url]);
+    }
+    cmd.env("CIYUAN_LOG", "warn")
+        .output()
+        .expect("run ciyuan rebuild")
+}
+
+/// The data directory a prepared `ciyuan serve` command names (`--data DIR`, else
+/// `CIYUAN_DATA`).
+fn data_of(cmd: &Command) -> Option<PathBuf> {
+    let args: Vec<_> = cmd.get_args().collect();
+    if let Some(i) = args.iter().position(|a| *a == "--data") {
+        return args.get(i + 1).map(PathBuf::from);
+    }
+    cmd.get_envs()
+        .find(|(k, _)| *k == "CIYUAN_DATA")
+        .and_then(|(_, v)| v.map(PathBuf::from))
+}
+
+/// On the PostgreSQL backend, points a `ciyuan serve` command at its data directory's
+/// database, unless the command names a database of its own.
+pub fn with_backend(mut cmd: Command) -> Command {
+    if backend() == Backend::Sqlite {
+        return cmd;
+    }
+    let args: Vec<_> = cmd.get_args().collect();
+    let serve = args.iter().any(|a| *a == "serve");
+    let own = args.iter().any(|a| *a == "--database")
+        || cmd.get_envs().any(|(k, _)| k == "CIYUAN_DATABASE");
+    if !serve || own {
+        return cmd;
+    }
+    let data = data_of(&cmd).unwrap_or_else(|| {
+        panic!("CIYUAN_TEST_BACKEND=postgres: this serve command names no data directory (--data or CIYUAN_DATA), so it cannot be given its database")
+    });
+    cmd.args(["--database", &database_for(&data)]);
+    cmd
 }
 
 /// A running `ciyuan serve`.
@@ -33,8 +194,22 @@ impl Server {
         Self::spawn(cmd)
     }
 
-    /// Starts a prepared `ciyuan serve` command and waits until it listens.
-    pub fn spawn(mut cmd: Command) -> Server {
+    /// `ciyuan serve` on the embedded backend whatever `CIYUAN_TEST_BACKEND` says, for
+    /// tests whose subject is a data directory's files (`migrate --from`).
+    pub fn start_embedded(data: &Path) -> Server {
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data);
+        Self::spawn_as_is(cmd)
+    }
+
+    /// Starts a prepared `ciyuan serve` command on the test backend and waits until
+    /// it listens.
+    pub fn spawn(cmd: Command) -> Server {
+        Self::spawn_as_is(with_backend(cmd))
+    }
+
+    fn spawn_as_is(mut cmd: Command) -> Server {
         let mut child = cmd
             .env("CIYUAN_LOG", "warn")
             .stdout(Stdio::piped())
@@ -215,11 +390,12 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// `ciyuan audit verify PATH`: (exit code, stdout + stderr).
+/// `ciyuan audit verify PATH`: (exit code, stdout + stderr). A data directory a
+/// server used on the PostgreSQL backend is verified as its database.
 pub fn verify(path: &Path) -> (i32, String) {
     let o = Command::new(bin())
         .args(["audit", "verify"])
-        .arg(path)
+        .arg(audit_target(path))
         .env("CIYUAN_LOG", "warn")
         .output()
         .expect("run verify");
@@ -231,4 +407,60 @@ pub fn verify(path: &Path) -> (i32, String) {
             String::from_utf8_lossy(&o.stderr)
         ),
     )
+}
+
+/// Fails the run when `CIYUAN_TEST_BACKEND` names no backend, or names PostgreSQL and
+/// no cluster can start, even when no other test that runs starts a server.
+#[test]
+fn the_test_backend_is_known_and_ready() {
+    let b = backend();
+    if b == Backend::Postgres {
+        let url = database_for(Path::new("/the-test-backend-is-ready"));
+        let pool = ciyuan_store_postgres::Pool::connect(&url).unwrap();
+        let one: i32 = pool
+            .get()
+            .unwrap()
+            .query_one("SELECT 1", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(one, 1);
+    }
+    println!("servers run on {b:?}");
+}
+
+/// With no backend chosen, `cargo test` runs the suite on both: this process on
+/// SQLite, and this test the whole suite again in a child process on PostgreSQL, so
+/// one command (the README's) covers both and a missing PostgreSQL fails it. The child
+/// runs one test at a time, and this test holds one of this process's test threads
+/// meanwhile: as many servers run at once as in a run on one backend.
+#[test]
+fn every_test_again_on_postgres() {
+    if let Some(b) = chosen_backend() {
+        println!("CIYUAN_TEST_BACKEND={b:?}: this run is on {b:?} only");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let started = Instant::now();
+    let o = Command::new(&exe)
+        .args(["--test-threads", "1"])
+        .env("CIYUAN_TEST_BACKEND", "postgres")
+        .output()
+        .unwrap_or_else(|e| panic!("running {} again: {e}", exe.display()));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "the suite on PostgreSQL failed ({}; rerun one test with CIYUAN_TEST_BACKEND=postgres):\n{out}{err}",
+        o.status
+    );
+    let summary = out
+        .lines()
+        .rfind(|l| l.starts_with("test result:"))
+        .unwrap_or("no summary");
+    // The suite on PostgreSQL must have run, not filtered itself away.
+    assert!(
+        summary.contains(" passed;") && !summary.contains(" 0 passed;"),
+        "{out}"
+    );
+    println!("on PostgreSQL, in {:.0?}: {summary}", started.elapsed());
 }

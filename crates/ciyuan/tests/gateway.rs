@@ -735,9 +735,10 @@ fn failures_are_metered_and_answered_in_the_providers_shape() {
 #[test]
 fn serve_demo_meters_calls_through_the_simulated_provider() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bin())
-        .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
+    let mut demo = Command::new(bin());
+    demo.args(["serve", "--demo", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path());
+    let mut child = crate::common::with_backend(demo)
         .env("CIYUAN_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

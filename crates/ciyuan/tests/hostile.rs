@@ -3,10 +3,9 @@
 //! defect it pins; at the end the server restarts, the ledger verifies and usage
 //! answers equal those after a rebuild from the log alone.
 
-use crate::common::{Server, bin, json, stdout, verify};
+use crate::common::{Server, json, rebuild, stdout, verify};
 use crate::gateway::{Gateway, gateway_with};
 use serde_json::{Value, json};
-use std::process::Command;
 
 const MAX: i64 = 1_000_000_000_000;
 
@@ -578,12 +577,7 @@ fn after_hostile_input_the_ledger_verifies_and_rebuilds_identically() {
     t.gw.server.child.wait().unwrap();
     let (code, msg) = verify(&data);
     assert_eq!(code, 0, "{msg}");
-    let o = Command::new(bin())
-        .args(["rebuild", "--data"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(stdout(&o).contains("rebuilt projections"));
+    assert!(stdout(&rebuild(&data)).contains("rebuilt projections"));
     t.gw.restart_hard();
     let after = usage(&t.gw.server, &root, "/");
     assert_eq!(before, after);

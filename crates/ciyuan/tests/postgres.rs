@@ -6,6 +6,14 @@ use crate::common::{Server, json, stdout};
 use ciyuan_store_postgres::testing::TestCluster;
 use serde_json::json;
 
+/// A database name the run on the other backend does not use: with
+/// `CIYUAN_TEST_DATABASE_URL` both runs share one server, at the same time
+/// (`every_test_again_on_postgres`). Fixed names, so a server of one's own does not
+/// collect a database per run.
+fn unique(name: &str) -> String {
+    format!("{name}_{:?}", crate::common::backend()).to_lowercase()
+}
+
 fn usage_input(server: &Server, key: &str) -> i64 {
     let (s, b) = server.http("GET", "/api/v1/usage?account=acme", key, None);
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
@@ -20,7 +28,7 @@ fn usage_input(server: &Server, key: &str) -> i64 {
 #[test]
 fn serve_keeps_the_log_and_projections_in_postgres_across_restarts() {
     let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
-    let url = cluster.database("serve").unwrap();
+    let url = cluster.database(&unique("serve")).unwrap();
     // The schema, applied by hand before the first start, and once only.
     for applied in [ciyuan_store_postgres::SCHEMA_VERSION, 0] {
         let o = std::process::Command::new(crate::common::bin())
@@ -126,10 +134,10 @@ fn root_of(verify_output: &str) -> String {
 #[test]
 fn an_embedded_data_directory_moves_into_postgres_with_the_same_roots() {
     let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
-    let url = cluster.database("moved").unwrap();
+    let url = cluster.database(&unique("moved")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let server = Server::start(&data);
+    let server = Server::start_embedded(&data);
     let root = server.bootstrap.clone().unwrap();
     stdout(&server.cli(&root, &["accounts", "create", "acme/cn"]));
     let key = server.new_key(&root, "acme/cn", "gateway,read");
@@ -222,7 +230,7 @@ fn an_embedded_data_directory_moves_into_postgres_with_the_same_roots() {
 #[test]
 fn two_nodes_append_to_one_verifiable_log_and_see_each_others_entries() {
     let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
-    let url = cluster.database("two").unwrap();
+    let url = cluster.database(&unique("two")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
     let a = Server::start_with(&a_dir, &["--database", &url]);

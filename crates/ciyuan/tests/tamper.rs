@@ -67,8 +67,113 @@ fn flipped_bytes_are_found_and_named() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, bundle) = populated(tmp.path());
     let mut seed = 0x2545_F491_4F6C_DD1D;
-    flip_and_verify(&data.join("ledger"), &data, &mut seed);
+    match database_of(&data) {
+        None => flip_and_verify(&data.join("ledger"), &data, &mut seed),
+        Some(url) => flip_in_database_and_verify(&url, &mut seed),
+    }
     flip_and_verify(&bundle, &bundle, &mut seed);
+}
+
+/// The PostgreSQL form of a flipped bit: one bit of a stored entry's bytes, or of a
+/// stored checkpoint's note, changed with SQL behind the server's back. `audit verify`
+/// of the database must fail and name the entry (or the checkpoint) changed.
+fn flip_in_database_and_verify(url: &str, seed: &mut u64) {
+    let pool = ciyuan_store_postgres::Pool::connect(url).unwrap();
+    let mut c = pool.get().unwrap();
+    let entries: i64 = c
+        .query_one("SELECT count(*) FROM log_entries", &[])
+        .unwrap()
+        .get(0);
+    // (seq, size) of every checkpoint, in order.
+    let checkpoints: Vec<(i64, i64)> = c
+        .query("SELECT seq, size FROM log_checkpoints ORDER BY seq", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        entries > 30 && checkpoints.len() >= 3,
+        "{entries} entries, {checkpoints:?}"
+    );
+    for _ in 0..FLIPS {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let bit = 1i32 << ((*seed >> 8) % 8);
+        // Entries most of the time: they are the evidence; a note now and then.
+        let (table, key, column, len) = if !seed.is_multiple_of(4) {
+            let idx = ((*seed >> 20) % entries as u64) as i64;
+            let len: i32 = c
+                .query_one(
+                    "SELECT length(bytes) FROM log_entries WHERE idx = $1",
+                    &[&idx],
+                )
+                .unwrap()
+                .get(0);
+            ("log_entries", ("idx", idx), "bytes", len)
+        } else {
+            let (seq, _) = checkpoints[((*seed >> 20) % checkpoints.len() as u64) as usize];
+            let len: i32 = c
+                .query_one(
+                    "SELECT octet_length(note) FROM log_checkpoints WHERE seq = $1",
+                    &[&seq],
+                )
+                .unwrap()
+                .get(0);
+            ("log_checkpoints", ("seq", seq), "note", len)
+        };
+        let at = ((*seed >> 32) % len as u64) as i32;
+        let flip = |c: &mut ciyuan_store_postgres::Conn<'_>| {
+            let sql = if column == "bytes" {
+                format!(
+                    "UPDATE {table} SET bytes = set_byte(bytes, $2, get_byte(bytes, $2) # $3) WHERE {} = $1",
+                    key.0
+                )
+            } else {
+                // A note is text: flip the bit in its UTF-8 bytes and store them back,
+                // as long as they still decode (else the row could not be stored).
+                format!(
+                    "UPDATE {table} SET note = convert_from(set_byte(convert_to(note, 'UTF8'), $2, get_byte(convert_to(note, 'UTF8'), $2) # $3), 'UTF8') WHERE {} = $1",
+                    key.0
+                )
+            };
+            c.execute(sql.as_str(), &[&key.1, &at, &bit])
+        };
+        if flip(&mut c).is_err() {
+            // The flipped note is not UTF-8: PostgreSQL refuses to store it at all.
+            continue;
+        }
+        let (code, msg) = verify(std::path::Path::new(url));
+        assert_eq!(
+            code, 1,
+            "flip of bit {bit:#x} at {at} in {table} {}={} went unnoticed: {msg}",
+            key.0, key.1
+        );
+        // The entry itself, or (the database's stored leaf hashes are not compared
+        // with the bytes on the way out yet) the first checkpoint over it, whose root
+        // no longer matches: the change lies after the checkpoint before that one.
+        // A changed note: that checkpoint.
+        let (_, covering) = if table == "log_entries" {
+            *checkpoints.iter().find(|(_, size)| *size > key.1).unwrap()
+        } else {
+            *checkpoints.iter().find(|(seq, _)| *seq == key.1).unwrap()
+        };
+        let checkpoint = format!("checkpoints/{covering:020}.note");
+        let entry = format!("entry {}", key.1);
+        // A note that no longer verifies is refused as the log is read out of the
+        // database, before any file is written; that message does not say which one.
+        let refused_note =
+            table == "log_checkpoints" && msg.contains("a stored checkpoint does not verify");
+        assert!(
+            msg.contains(&checkpoint)
+                || (table == "log_entries" && msg.contains(&entry))
+                || refused_note,
+            "failure names neither {entry} nor {checkpoint}: {msg}"
+        );
+        flip(&mut c).unwrap();
+    }
+    let (code, msg) = verify(std::path::Path::new(url));
+    assert_eq!(code, 0, "restored database must verify: {msg}");
 }
 
 /// What the server itself writes (a book, a contract, a definition, rated gateway and
@@ -178,7 +283,7 @@ fn the_servers_own_ratings_and_definitions_keep_the_rules() {
     gw.server.stop();
     let o = std::process::Command::new(bin())
         .args(["audit", "verify", "--json"])
-        .arg(&data)
+        .arg(audit_target(&data))
         .env("CIYUAN_LOG", "warn")
         .output()
         .unwrap();
@@ -253,7 +358,7 @@ fn race_usage_rated_while_a_contract_changes() {
     gw.server.stop();
     let o = std::process::Command::new(bin())
         .args(["audit", "verify", "--json"])
-        .arg(&data)
+        .arg(audit_target(&data))
         .env("CIYUAN_LOG", "warn")
         .output()
         .unwrap();
