@@ -143,6 +143,38 @@ pub struct GatewayConfig {
     pub media_reserve_tokens: u64,
     /// Distinct model labels `/metrics` keeps; further models count as `other`.
     pub metrics_max_models: usize,
+    /// What admission does while the ledger cannot record (its database is out of
+    /// reach).
+    pub ledger_outage: LedgerOutage,
+}
+
+/// What admission does while the ledger cannot record usage (`[gateway]
+/// ledger_outage`).
+///
+/// Only refusing is offered. A request admitted during an outage would have its usage
+/// entry held in the node's memory until the database returns: a node that stops or
+/// dies meanwhile loses it (the tenant was served and never billed, against the
+/// invariant that every byte sent is metered), and budgets and wallets on other nodes
+/// would not see it. Allowing "up to an amount" would bound the loss, not prevent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LedgerOutage {
+    /// Answer 503 in the provider's error shape, with `retry-after`, before the
+    /// request reaches a provider.
+    #[default]
+    Refuse,
+}
+
+impl std::str::FromStr for LedgerOutage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LedgerOutage, String> {
+        match s {
+            "refuse" => Ok(LedgerOutage::Refuse),
+            "allow" => Err(
+                "\"allow\" is not offered: usage served while the ledger cannot record would live only in the node's memory and be lost if the node stopped; the only setting is \"refuse\"".into(),
+            ),
+            other => Err(format!("{other:?} is not a setting; the only one is \"refuse\"")),
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -156,6 +188,7 @@ impl Default for GatewayConfig {
             default_max_output_tokens: 4096,
             media_reserve_tokens: 2048,
             metrics_max_models: metrics::DEFAULT_MAX_MODELS,
+            ledger_outage: LedgerOutage::Refuse,
         }
     }
 }
@@ -752,6 +785,17 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
         Ok(c) => c,
         Err(e) => return e.into_response(family),
     };
+    // A request whose usage the ledger cannot record now is refused before it reaches
+    // a provider (`LedgerOutage`): served, it could go unmetered.
+    if let Err(e) = app.log.available() {
+        match app.gateway.config.ledger_outage {
+            LedgerOutage::Refuse => {
+                return GatewayError::from(crate::error::ApiError::from(e))
+                    .code("ledger_unavailable")
+                    .into_response(family);
+            }
+        }
+    }
     // Within the route's body limit, and the listener's read deadline.
     let body = match Bytes::from_request(req, &()).await {
         Ok(b) => b,
@@ -1745,6 +1789,16 @@ fn count_input(enc: Encoding, info: &RequestInfo) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ledger_outage_setting_is_refuse_only_and_says_why() {
+        assert_eq!("refuse".parse::<LedgerOutage>(), Ok(LedgerOutage::Refuse));
+        assert_eq!(GatewayConfig::default().ledger_outage, LedgerOutage::Refuse);
+        let allow = "allow".parse::<LedgerOutage>().unwrap_err();
+        assert!(allow.contains("lost"), "{allow}");
+        let other = "queue".parse::<LedgerOutage>().unwrap_err();
+        assert!(other.contains("refuse"), "{other}");
+    }
 
     #[test]
     fn regression_forward_patterns_never_pass_the_tenants_key_on() {
