@@ -124,7 +124,13 @@ fn follow(shared: Arc<Shared>, stop: Arc<std::sync::atomic::AtomicBool>) {
                     Err(_) => false,
                 }
             };
-            if !woke || shared.catch_up(&mut listener).is_err() {
+            if woke && shared.catch_up(&mut listener).is_ok() {
+                // The database answers: whatever marked the log down (a writer's
+                // failure on a connection from before a restart) is over.
+                if shared.mark_up() {
+                    tracing::info!("PostgreSQL answers the log's follower again");
+                }
+            } else {
                 // The connection broke (the server restarted, most often): so did the
                 // pool's idle ones. Listen again on a new one.
                 shared.mark_down("the log's follower lost its connection");
