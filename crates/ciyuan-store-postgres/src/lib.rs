@@ -246,6 +246,9 @@ const MAX_IDLE: usize = 16;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest wait between attempts while the database is out of reach.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a session may sit idle inside a transaction before the server ends it
+/// (unless the URL sets `idle_in_transaction_session_timeout` itself).
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(10);
 /// How long connecting may take unless the URL says otherwise: a request waits at
 /// most this for a database that does not answer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -263,6 +266,20 @@ impl Pool {
         config
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10));
+        // A node cut off mid-transaction (a network fault, not a crash) leaves its
+        // session holding the log's head lock until the server notices, which TCP
+        // alone takes hours to do: every node's appends would wait. Ciyuan's
+        // transactions never sit idle, so the server may end any session that does.
+        let options = match config.get_options() {
+            Some(o) => o.to_string(),
+            None => String::new(),
+        };
+        if !options.contains("idle_in_transaction_session_timeout") {
+            config.options(&format!(
+                "{options} -c idle_in_transaction_session_timeout={}",
+                IDLE_IN_TRANSACTION.as_millis()
+            ));
+        }
         let pool = Pool(Arc::new(PoolInner {
             config,
             idle: Mutex::new(Idle {

@@ -997,13 +997,16 @@ impl Store for Inner {
             )
             .map_err(backend)?
             .get(0);
-        for row in tx
+        let rows = tx
             .query("SELECT hash, entry FROM ingest_index ORDER BY entry", &[])
-            .map_err(backend)?
-        {
+            .map_err(backend)?;
+        // Ended before the rows are handed on: a session left idle in a transaction
+        // is ended by the server (`IDLE_IN_TRANSACTION`), and a large index takes a
+        // while to load.
+        tx.commit().map_err(backend)?;
+        for row in rows {
             f(row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
         }
-        tx.commit().map_err(backend)?;
         entry_id(through)
     }
 

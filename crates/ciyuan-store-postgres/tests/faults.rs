@@ -226,3 +226,28 @@ fn the_log_fails_fast_while_postgres_is_down_and_recovers_by_itself() {
     assert!(log.available().is_ok());
     assert_eq!(all_entries(&log).len(), 2);
 }
+
+#[test]
+fn a_session_idle_inside_a_transaction_is_ended_by_the_server() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("idle").unwrap();
+    let pool = Pool::connect(&url).unwrap();
+    let mut c = pool.get().unwrap();
+    let v: String = c
+        .query_one("SHOW idle_in_transaction_session_timeout", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "10s");
+    // A URL's own setting is kept.
+    let own = Pool::connect(&format!(
+        "{url} options='-c idle_in_transaction_session_timeout=3s'"
+    ))
+    .unwrap();
+    let v: String = own
+        .get()
+        .unwrap()
+        .query_one("SHOW idle_in_transaction_session_timeout", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "3s");
+}
