@@ -256,16 +256,28 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 impl Pool {
     /// A pool for `url` (`postgres://user@host:port/db` or `host=... dbname=...`),
     /// checked by opening one connection. Connecting gives up after
-    /// [`CONNECT_TIMEOUT`] unless the URL says otherwise; TCP keepalives find a
-    /// server that vanished without closing its connections.
+    /// [`CONNECT_TIMEOUT`], TCP keepalives (10 s idle, then 3 probes 2 s apart) and a
+    /// 10 s TCP user timeout find a server that vanished without closing its
+    /// connections, and the server ends sessions idle in a transaction after
+    /// [`IDLE_IN_TRANSACTION`]: each unless the URL sets its own.
     pub fn connect(url: &str) -> Result<Pool, String> {
         let mut config: postgres::Config = url.parse().map_err(|e| format!("database URL: {e}"))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        config
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(10));
+        // A server that vanished without closing its connections (a network fault, a
+        // host gone) is found in seconds, not in TCP's hours: a request waiting on it
+        // fails, retryably, instead of hanging.
+        if !url.contains("keepalives") {
+            config
+                .keepalives(true)
+                .keepalives_idle(Duration::from_secs(10))
+                .keepalives_interval(Duration::from_secs(2))
+                .keepalives_retries(3);
+        }
+        if !url.contains("tcp_user_timeout") {
+            config.tcp_user_timeout(Duration::from_secs(10));
+        }
         // A node cut off mid-transaction (a network fault, not a crash) leaves its
         // session holding the log's head lock until the server notices, which TCP
         // alone takes hours to do: every node's appends would wait. Ciyuan's
