@@ -12,8 +12,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// Gateway streams in flight when the database stops.
+const STREAMS: usize = 4;
 /// Batches each node's client sends, and events per batch (100 input tokens each).
-const BATCHES: usize = 80;
+const BATCHES: usize = 160;
 const PER_BATCH: usize = 5;
 const SOURCE: &str = "svc://restart";
 
@@ -127,10 +129,35 @@ fn postgres_restarted_under_load_loses_and_doubles_no_acknowledged_event() {
         let tb = s.spawn(|| stream(&b, &key, "b", &acked));
         // Mid-stream: the database stops, stays down two seconds, and starts again.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while acked.load(Ordering::SeqCst) < total / 4 {
+        while acked.load(Ordering::SeqCst) < total / 10 {
             assert!(Instant::now() < deadline, "the stream did not start");
             std::thread::sleep(Duration::from_millis(5));
         }
+        // Streams served across the outage's start: their usage is appended after
+        // their answer, while the database is down, and must be recorded once it is
+        // back.
+        let streams: Vec<_> = (0..STREAMS)
+            .map(|_| {
+                let (url, gw) = (a.url.clone(), gw.clone());
+                s.spawn(move || {
+                    crate::gateway::raw(
+                        &url,
+                        "/v1/chat/completions",
+                        &gw,
+                        &[
+                            ("x-sim-tokens-per-sec", "30"),
+                            ("x-sim-output-tokens", "60"),
+                        ],
+                        &json!({"model": "gpt-4o", "stream": true,
+                            "messages": [{"role": "user", "content": "a slow answer"}]}),
+                        None,
+                    )
+                })
+            })
+            .collect();
+        // Admitted well before the stop (the machine may be slow), still streaming
+        // when it comes.
+        std::thread::sleep(Duration::from_millis(1000));
         let down = Instant::now();
         cluster.halt().unwrap();
         let stopped_after = down.elapsed();
@@ -152,6 +179,11 @@ fn postgres_restarted_under_load_loses_and_doubles_no_acknowledged_event() {
             "PostgreSQL stopped in {stopped_after:?}, back after {outage:?}, with {} of {total} events acknowledged",
             acked.load(Ordering::SeqCst)
         );
+        for st in streams {
+            let r = st.join().unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert!(r.complete, "{}", r.body);
+        }
         (ta.join().unwrap(), tb.join().unwrap(), outage)
     });
 
@@ -190,11 +222,13 @@ fn postgres_restarted_under_load_loses_and_doubles_no_acknowledged_event() {
     assert!(outage < Duration::from_secs(10));
 
     // The nodes serve again by themselves: a gateway call on each.
+    let mut served_after = 0;
     for node in [&a, &b] {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (s, body, _) = gateway_probe(node, &gw, "/v1/chat/completions");
             if s == 200 {
+                served_after += 1;
                 break;
             }
             assert!(Instant::now() < deadline, "{s}: {body}");
@@ -249,6 +283,20 @@ fn postgres_restarted_under_load_loses_and_doubles_no_acknowledged_event() {
             in_log.entry(id).or_default().push(i as u64);
         }
     }
+    // The streams in flight at the stop, and the calls after it, each once; the calls
+    // refused during the outage, none.
+    let gateway_entries = lines
+        .lines()
+        .filter(|l| {
+            let e: Value = serde_json::from_str(l).unwrap();
+            e["account"] == "acme/gw" && e["kind"] == "usage"
+        })
+        .count();
+    assert_eq!(
+        gateway_entries,
+        STREAMS + served_after,
+        "gateway usage entries"
+    );
     let mut acked_all = seen_a.acked.clone();
     acked_all.extend(seen_b.acked.clone());
     assert_eq!(acked_all.len(), total);

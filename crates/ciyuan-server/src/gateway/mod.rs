@@ -217,6 +217,9 @@ pub struct Gateway {
 const RECORD_LINGER: Duration = Duration::from_millis(5);
 /// Most entries appended at once by the recorder.
 const RECORD_BATCH_MAX: usize = 1024;
+/// How long the recorder keeps trying to append a group the ledger refused as
+/// unavailable (its database restarting) before it gives the usage up.
+const RECORD_RETRY_FOR: Duration = Duration::from_secs(300);
 /// Entries queued for the recorder before `finish` appends on its own instead.
 const RECORD_QUEUE: usize = 16 * 1024;
 
@@ -225,7 +228,7 @@ const RECORD_QUEUE: usize = 16 * 1024;
 #[allow(clippy::large_enum_variant)]
 enum Record {
     /// An entry, with the rules guard it was rated under (released once the entry
-    /// holds its place in the ledger; see `App::rules_gate`).
+    /// is durable in the ledger, or given up; see `App::rules_gate`).
     Entry(Entry, Option<RulesGuard>),
     /// Append what is queued now and say when it is durable.
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -281,23 +284,72 @@ async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver
                 &mut batch,
                 Vec::with_capacity(n.next_power_of_two()),
             )));
-            let submitted = || guards.clear();
+            // The rules guards are held until the outcome, not only until the ledger
+            // takes the entries: an append refused as unavailable is tried again
+            // under them, so no rule can have come into force in between.
             match crate::pipeline::append_lent_then(
                 app.log.as_ref(),
                 &app.projector,
-                lent,
-                submitted,
+                lent.clone(),
+                || {},
             )
             .await
             {
                 Ok(_) => app.projector.kick(),
+                Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+                    record_again(&app, lent, &e.detail).await;
+                }
                 Err(e) => {
                     tracing::error!(entries = n, detail = %e.detail, "gateway usage not recorded")
                 }
             }
+            guards.clear();
         }
         for w in waiting.drain(..) {
             let _ = w.send(());
+        }
+    }
+}
+
+/// Appends again a group of gateway entries the ledger refused as unavailable (so
+/// certainly not recorded: its database is restarting or out of reach), once it is
+/// back, for up to [`RECORD_RETRY_FOR`]. These requests were served before the outage
+/// was known; without this their usage would be lost. The caller holds the entries'
+/// rules guards throughout.
+async fn record_again(app: &Arc<App>, lent: Arc<Recorded>, first: &str) {
+    let n = lent.0.len();
+    tracing::warn!(entries = n, detail = %first, "gateway usage waits for the ledger");
+    let until = tokio::time::Instant::now() + RECORD_RETRY_FOR;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+        if app.log.available().is_err() && tokio::time::Instant::now() < until {
+            continue;
+        }
+        match crate::pipeline::append_lent_then(
+            app.log.as_ref(),
+            &app.projector,
+            lent.clone(),
+            || {},
+        )
+        .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    entries = n,
+                    "gateway usage recorded after the ledger came back"
+                );
+                app.projector.kick();
+                return;
+            }
+            Err(e)
+                if e.status == StatusCode::SERVICE_UNAVAILABLE
+                    && tokio::time::Instant::now() < until => {}
+            Err(e) => {
+                tracing::error!(entries = n, detail = %e.detail, "gateway usage not recorded");
+                return;
+            }
         }
     }
 }
