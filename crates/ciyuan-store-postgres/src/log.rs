@@ -50,6 +50,9 @@ struct Shared {
     /// A group whose COMMIT was sent on a connection that broke before the answer
     /// came: set by [`Shared::commit`], settled by the writer.
     doubt: Mutex<Option<Doubt>>,
+    /// Set while the writer settles a doubt: the log stays unavailable (appends are
+    /// refused) whatever the follower reads meanwhile.
+    settling: AtomicBool,
 }
 
 /// What a group commit that may or may not have happened would have made the log.
@@ -406,9 +409,10 @@ impl Shared {
         self.down.store(true, Ordering::Release);
     }
 
-    /// Marks the log reachable again; answers whether it was down.
+    /// Marks the log reachable again, unless the writer is settling a doubt; answers
+    /// whether it was down.
     fn mark_up(&self) -> bool {
-        self.down.swap(false, Ordering::AcqRel)
+        !self.settling.load(Ordering::Acquire) && self.down.swap(false, Ordering::AcqRel)
     }
 
     /// Whether the group of `doubt` committed, read under the head lock, so the
@@ -614,7 +618,10 @@ fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>, stop: Arc<AtomicBool>)
                     shared.mark_down(&e.to_string());
                     shared.pool.flush();
                     tracing::warn!(error = %e, "the answer to a commit to PostgreSQL was lost");
-                    match settle(&shared, &doubt, &jobs, &stop) {
+                    shared.settling.store(true, Ordering::Release);
+                    let settled = settle(&shared, &doubt, &jobs, &stop);
+                    shared.settling.store(false, Ordering::Release);
+                    match settled {
                         Some(true) => {
                             shared.size.fetch_max(doubt.to, Ordering::AcqRel);
                             shared.mark_up();
@@ -708,6 +715,7 @@ impl PgLog {
             down: AtomicBool::new(false),
             down_why: Mutex::new(String::new()),
             doubt: Mutex::new(None),
+            settling: AtomicBool::new(false),
         });
         shared.catch_up(&mut c)?;
         drop(c);

@@ -29,10 +29,15 @@ const CUT_AFTER: u8 = 1;
 /// Cuts the connection instead of forwarding it: the server rolls back.
 const CUT_BEFORE: u8 = 2;
 
+/// [`CUT_AFTER`], and from then on new connections are closed at once (the database
+/// out of reach) until [`Proxy::unblock`].
+const CUT_AFTER_AND_BLOCK: u8 = 3;
+
 /// A TCP proxy in front of the cluster that cuts one connection at its next COMMIT.
 struct Proxy {
     port: u16,
     arm: Arc<AtomicU8>,
+    blocked: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -41,9 +46,15 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let arm = Arc::new(AtomicU8::new(PASS));
         let armed = arm.clone();
+        let blocked = Arc::new(AtomicBool::new(false));
+        let block = blocked.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
+                if block.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
                 };
@@ -55,11 +66,15 @@ impl Proxy {
                 );
                 // Server to client, unless muted.
                 std::thread::spawn(move || pump(s2, c2, &m2, None));
-                let arm = armed.clone();
-                std::thread::spawn(move || pump(client, server, &mute, Some(&arm)));
+                let (arm, block) = (armed.clone(), block.clone());
+                std::thread::spawn(move || pump(client, server, &mute, Some((&arm, &block))));
             }
         });
-        Proxy { port, arm }
+        Proxy { port, arm, blocked }
+    }
+
+    fn unblock(&self) {
+        self.blocked.store(false, Ordering::SeqCst);
     }
 
     fn cut_next_commit(&self, how: u8) {
@@ -67,7 +82,12 @@ impl Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, mute: &AtomicBool, arm: Option<&AtomicU8>) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    mute: &AtomicBool,
+    arm: Option<(&AtomicU8, &AtomicBool)>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -75,11 +95,15 @@ fn pump(mut from: TcpStream, mut to: TcpStream, mute: &AtomicBool, arm: Option<&
             Ok(n) => n,
         };
         let chunk = &buf[..n];
-        if let Some(arm) = arm
+        if let Some((arm, block)) = arm
             && chunk.windows(COMMIT.len()).any(|w| w == COMMIT)
         {
-            match arm.swap(PASS, Ordering::SeqCst) {
-                CUT_AFTER => {
+            let how = arm.swap(PASS, Ordering::SeqCst);
+            if how == CUT_AFTER_AND_BLOCK {
+                block.store(true, Ordering::SeqCst);
+            }
+            match how {
+                CUT_AFTER | CUT_AFTER_AND_BLOCK => {
                     mute.store(true, Ordering::SeqCst);
                     let _ = to.write_all(chunk);
                     // Long enough for the server to commit.
@@ -250,4 +274,74 @@ fn a_session_idle_inside_a_transaction_is_ended_by_the_server() {
         .unwrap()
         .get(0);
     assert_eq!(v, "3s");
+}
+
+#[test]
+fn while_a_commit_s_outcome_is_unknown_new_appends_fail_fast_and_it_is_answered_once_known() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("doubt").unwrap();
+    let proxy = Proxy::start(port_of(&url));
+    let via = url.replace(
+        &format!("port={}", port_of(&url)),
+        &format!("port={}", proxy.port),
+    );
+    let log = Arc::new(PgLog::open(Pool::connect(&via).unwrap(), signer()).unwrap());
+    append(log.as_ref(), vec![b"{\"n\":0}".to_vec()]).unwrap();
+
+    // The COMMIT reaches the server, its answer is lost, and the database is then out
+    // of reach: the writer cannot know yet.
+    proxy.cut_next_commit(CUT_AFTER_AND_BLOCK);
+    let (tx, pending) = mpsc::channel();
+    let doubtful = b"{\"n\":1}".to_vec();
+    log.append(
+        vec![doubtful.clone()],
+        Box::new(move |r| tx.send(r).unwrap()),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while log.available().is_ok() {
+        assert!(Instant::now() < deadline, "the log never noticed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Others are refused at once, retryable, while the first waits for its answer.
+    for i in 0..5 {
+        let t = Instant::now();
+        let err = append(
+            log.as_ref(),
+            vec![format!("{{\"later\":{i}}}").into_bytes()],
+        )
+        .expect_err("refused while in doubt");
+        assert!(err.is_retryable(), "{err}");
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    // Longer than the follower's poll: its own connection still works, but the log
+    // stays unavailable while the outcome is unknown.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_millis(1500) {
+        assert!(log.available().is_err(), "available while in doubt");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        pending.try_recv().is_err(),
+        "no answer before the outcome is known"
+    );
+
+    proxy.unblock();
+    let range = pending
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("the append committed and is acknowledged");
+    assert_eq!(range, 1..2);
+    assert_eq!(log.entry(1).unwrap(), doubtful);
+    let entries = all_entries(log.as_ref());
+    assert_eq!(entries.len(), 2, "none of the refused appends is there");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while log.available().is_err() {
+        assert!(Instant::now() < deadline, "the log stays unavailable");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
