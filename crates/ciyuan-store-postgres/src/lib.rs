@@ -185,17 +185,6 @@ impl Fault {
             ciyuan_store::StoreError::Backend(self.text)
         }
     }
-
-    /// As the log reports it. Only for calls that wrote nothing or whose writes were
-    /// rolled back: a retryable log error promises the caller that nothing of it took
-    /// effect (the writer settles an interrupted commit itself before answering).
-    pub fn log(self) -> ciyuan_store::LogError {
-        if self.retryable {
-            ciyuan_store::LogError::Unavailable(self.text)
-        } else {
-            ciyuan_store::LogError::Io(self.text)
-        }
-    }
 }
 
 /// Whether a SQLSTATE names a transient condition.
