@@ -84,6 +84,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
             StoreError::Conflict(m) => ApiError::conflict(m),
+            // The database is restarting or out of reach, or the transaction lost a
+            // race: nothing took effect and the same request may succeed in a moment.
+            e @ StoreError::Unavailable(_) => ApiError::unavailable(e.to_string()),
             other => ApiError::internal(other),
         }
     }

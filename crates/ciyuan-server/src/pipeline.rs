@@ -31,6 +31,12 @@ const PROJECT_LINGER: Duration = Duration::from_millis(10);
 /// How long the projector sleeps when nobody kicks it; catches appends by other writers.
 const PROJECT_IDLE_POLL: Duration = Duration::from_millis(250);
 
+/// First wait of the projector after a retryable storage failure; doubled up to
+/// [`PROJECT_RETRY_MAX`] while it lasts.
+const PROJECT_RETRY_MIN: Duration = Duration::from_millis(50);
+/// Longest wait between the projector's attempts while its storage is out of reach.
+const PROJECT_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Most lent entries held for the projector; past it, loans are refused and the
 /// projector reads those entries back from the log (a projector far behind, or stopped,
 /// does not make the server hold every entry since).
@@ -229,6 +235,18 @@ pub enum ProjectError {
 
 impl std::error::Error for ProjectError {}
 
+impl ProjectError {
+    /// Whether projecting may go on after a wait (the database is restarting or out
+    /// of reach): nothing was applied, and the same batch can be tried again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProjectError::Log(e) => e.is_retryable(),
+            ProjectError::Store(e) => e.is_retryable(),
+            ProjectError::Decode(..) => false,
+        }
+    }
+}
+
 impl std::fmt::Display for ProjectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -420,6 +438,7 @@ fn run(
     shelf: Shelf,
 ) {
     let mut pool = Vec::with_capacity(PROJECT_BATCH_ENTRIES as usize);
+    let mut backoff = PROJECT_RETRY_MIN;
     loop {
         let end = log.size();
         let result = project_reusing(
@@ -432,6 +451,18 @@ fn run(
             &mut pool,
             &shelf,
         );
+        match &result {
+            Err(e) if e.is_retryable() => {
+                // The database is out of reach: it comes back by itself, and the
+                // projector with it, without spinning meanwhile.
+                tracing::warn!(error = %e, "projector waiting for its storage");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(PROJECT_RETRY_MAX);
+                continue;
+            }
+            Err(_) => {}
+            Ok(_) => backoff = PROJECT_RETRY_MIN,
+        }
         if let Err(e) = result {
             // Retrying cannot fix a corrupt log or a failing disk by itself; stop and
             // make every waiter see why, instead of spinning.

@@ -17,6 +17,8 @@ mod service_levels;
 pub(crate) struct MemLog {
     inner: Mutex<(Vec<Vec<u8>>, MemoryTree, Vec<SignedCheckpoint>)>,
     signer: NoteSigner,
+    /// Set to play a log whose storage is out of reach (`Log::available`).
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl MemLog {
@@ -25,6 +27,7 @@ impl MemLog {
         MemLog {
             inner: Mutex::new((Vec::new(), MemoryTree::new(), Vec::new())),
             signer: NoteSigner::new("test.ciyuan/log", key).unwrap(),
+            down: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -112,6 +115,12 @@ impl Log for MemLog {
     }
     fn verifier_key(&self) -> String {
         self.signer.verifier_key()
+    }
+    fn available(&self) -> Result<(), LogError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LogError::Unavailable("the database is restarting".into()));
+        }
+        Ok(())
     }
 }
 
@@ -1730,4 +1739,90 @@ async fn wallets_move_by_balanced_postings_from_above_and_survive_a_restart() {
         before,
         "rebuilt from the ledger's postings"
     );
+}
+
+#[tokio::test]
+async fn the_gateway_refuses_in_the_providers_shape_while_the_ledger_cannot_record() {
+    let store: Arc<dyn Store> =
+        Arc::new(ciyuan_store_sqlite::SqliteStore::open_in_memory().unwrap());
+    let log = Arc::new(MemLog::new());
+    let h = harness_on(store, log.clone(), None).await;
+    let (s, v) = h
+        .admin("POST", "/api/v1/accounts", Some(json!({"path": "acme"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let key = h.key("acme", &["gateway"]).await;
+    let call = |path: &'static str, body: Value| {
+        let router = h.router.clone();
+        let key = key.clone();
+        async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri(path)
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let resp = router.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                headers,
+                serde_json::from_slice::<Value>(&bytes).unwrap(),
+            )
+        }
+    };
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let messages = json!({"model": "claude-sonnet-4-5", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let size = log.size();
+
+    log.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (s, headers, v) = call("/v1/chat/completions", chat.clone()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["type"], "server_error", "{v}");
+    assert_eq!(v["error"]["code"], "ledger_unavailable", "{v}");
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["x-should-retry"], "true");
+    let (s, headers, v) = call("/v1/messages", messages.clone()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "api_error", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("restarting"),
+        "{v}"
+    );
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(log.size(), size, "a refused request records nothing");
+
+    // Back: the same request goes on to routing (no provider is configured here).
+    log.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (s, _, v) = call("/v1/chat/completions", chat).await;
+    assert_ne!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_ne!(v["error"]["code"], "ledger_unavailable", "{v}");
+}
+
+#[test]
+fn retryable_storage_errors_are_503_with_retry_after_and_permanent_ones_500() {
+    use axum::response::IntoResponse;
+    let r = crate::error::ApiError::from(ciyuan_store::StoreError::Unavailable(
+        "connection closed".into(),
+    ))
+    .into_response();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let r = crate::error::ApiError::from(ciyuan_store::StoreError::Backend("duplicate key".into()))
+        .into_response();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(r.headers().get("retry-after").is_none());
+    let r = crate::error::ApiError::from(LogError::Unavailable("refused".into())).into_response();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let r = crate::error::ApiError::from(LogError::Io("corrupt".into())).into_response();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }

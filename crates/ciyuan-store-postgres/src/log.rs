@@ -19,7 +19,7 @@ use ciyuan_store::{AppendDone, CheckpointDone, EntryKey, Log, LogError, ScanFn, 
 use ciyuan_tlog::{Checkpoint, Frontier, Hash, NodeSource, NoteSigner};
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -46,6 +46,27 @@ struct Shared {
     size: AtomicU64,
     latest: Mutex<Option<SignedCheckpoint>>,
     checkpoints: AtomicU64,
+    /// Set while PostgreSQL is known to be out of reach (a commit or the follower
+    /// failed to reach it, and neither has since), with why.
+    down: AtomicBool,
+    down_why: Mutex<String>,
+    /// A group whose COMMIT was sent on a connection that broke before the answer
+    /// came: set by [`Shared::commit`], settled by the writer.
+    doubt: Mutex<Option<Doubt>>,
+    /// Set while the writer settles a doubt: the log stays unavailable (appends are
+    /// refused) whatever the follower reads meanwhile.
+    settling: AtomicBool,
+}
+
+/// What a group commit that may or may not have happened would have made the log.
+struct Doubt {
+    /// The size before it and the size it would have reached.
+    from: u64,
+    to: u64,
+    /// The root of the tree of `to` entries it would have made.
+    root: Hash,
+    /// Each request's outcome, had it committed.
+    ranges: Vec<Result<Range<u64>, LogError>>,
 }
 
 /// The log on PostgreSQL (see the module documentation).
@@ -62,22 +83,38 @@ const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Keeps this node's view of the log current with what other nodes append and sign:
 /// waits for the `ciyuan_log` notification every commit sends (or polls), then reads
-/// the committed size and the newest checkpoint. A lost connection is retried.
+/// the committed size and the newest checkpoint. A lost connection is replaced, after
+/// a backoff while the database stays out of reach, and the log is marked unavailable
+/// until the follower reads it again; notifications sent meanwhile are lost, so it
+/// catches up as soon as it listens again.
 fn follow(shared: Arc<Shared>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let mut backoff = Backoff::default();
     while !stop.load(Ordering::Acquire) {
         let mut listener = match shared.pool.get() {
             Ok(c) => c,
             Err(e) => {
+                shared.mark_down(&e.text);
                 tracing::warn!(error = %e, "the log's follower cannot connect; retrying");
-                std::thread::sleep(FOLLOW_POLL);
+                backoff.sleep();
                 continue;
             }
         };
-        if let Err(e) = listener.batch_execute("LISTEN ciyuan_log") {
-            tracing::warn!(error = %crate::describe(&e), "the log's follower cannot listen");
-            std::thread::sleep(FOLLOW_POLL);
+        let listening = listener
+            .batch_execute("LISTEN ciyuan_log")
+            .map_err(io)
+            .and_then(|()| shared.catch_up(&mut listener));
+        if let Err(e) = listening {
+            shared.mark_down(&e.to_string());
+            tracing::warn!(error = %e, "the log's follower cannot listen");
+            drop(listener);
+            shared.pool.flush();
+            backoff.sleep();
             continue;
         }
+        if shared.mark_up() {
+            tracing::info!("the log's follower reached PostgreSQL again");
+        }
+        backoff = Backoff::default();
         while !stop.load(Ordering::Acquire) {
             // Wake on the first notification (or the poll), then take all that queued.
             let woke = {
@@ -93,42 +130,91 @@ fn follow(shared: Arc<Shared>, stop: Arc<std::sync::atomic::AtomicBool>) {
                     Err(_) => false,
                 }
             };
-            if !woke || shared.catch_up(&mut listener).is_err() {
-                // The connection broke: listen again on a new one.
+            if woke && shared.catch_up(&mut listener).is_ok() {
+                // The database answers: whatever marked the log down (a writer's
+                // failure on a connection from before a restart) is over.
+                if shared.mark_up() {
+                    tracing::info!("PostgreSQL answers the log's follower again");
+                }
+            } else {
+                // The connection broke (the server restarted, most often): so did the
+                // pool's idle ones. Listen again on a new one.
+                shared.mark_down("the log's follower lost its connection");
+                tracing::warn!("the log's follower lost its connection to PostgreSQL");
+                drop(listener);
+                shared.pool.flush();
                 break;
             }
         }
     }
 }
 
-fn io(e: impl Into<Described>) -> LogError {
-    LogError::Io(e.into().0)
+/// Waits between attempts to reach a database that is out of reach: doubling from
+/// 50 ms to [`crate::MAX_BACKOFF`], so an outage costs a few attempts a second.
+struct Backoff(std::time::Duration);
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff(std::time::Duration::from_millis(50))
+    }
 }
 
-/// An error's text, with what the server said for database errors.
-struct Described(String);
+impl Backoff {
+    /// The next wait (and doubles the one after).
+    fn next(&mut self) -> std::time::Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(crate::MAX_BACKOFF);
+        d
+    }
+
+    fn sleep(&mut self) {
+        std::thread::sleep(self.next());
+    }
+}
+
+/// A log error from anything that failed: PostgreSQL's errors classified by
+/// [`crate::Fault::of`] (retryable ones become [`LogError::Unavailable`]), everything
+/// else permanent.
+fn io(e: impl Into<Described>) -> LogError {
+    let Described(text, retryable) = e.into();
+    if retryable {
+        LogError::Unavailable(text)
+    } else {
+        LogError::Io(text)
+    }
+}
+
+/// An error's text, with what the server said for database errors, and whether it
+/// may heal.
+struct Described(String, bool);
 
 impl From<postgres::Error> for Described {
     fn from(e: postgres::Error) -> Described {
-        Described(crate::describe(&e))
+        crate::Fault::of(&e).into()
+    }
+}
+
+impl From<crate::Fault> for Described {
+    fn from(e: crate::Fault) -> Described {
+        Described(e.text, e.retryable)
     }
 }
 
 impl From<String> for Described {
     fn from(e: String) -> Described {
-        Described(e)
+        Described(e, false)
     }
 }
 
 impl From<std::io::Error> for Described {
     fn from(e: std::io::Error) -> Described {
-        Described(e.to_string())
+        Described(e.to_string(), false)
     }
 }
 
 impl From<ciyuan_tlog::NoteError> for Described {
     fn from(e: ciyuan_tlog::NoteError) -> Described {
-        Described(e.to_string())
+        Described(e.to_string(), false)
     }
 }
 
@@ -361,9 +447,65 @@ impl Shared {
             )
             .map_err(io)?;
         }
-        tx.commit().map_err(io)?;
+        if let Err(e) = tx.commit() {
+            // Only a transaction rollback (class 40) or a constraint (23) answered to
+            // the COMMIT itself says it did not happen. Anything else (the connection
+            // broke before the answer, the server shut down around it) may follow a
+            // commit: the writer finds out before answering anyone.
+            let rolled_back = e
+                .as_db_error()
+                .is_some_and(|db| matches!(db.code().code().get(..2), Some("40" | "23")));
+            if !rolled_back && !idx.is_empty() {
+                *self.doubt.lock().unwrap_or_else(|p| p.into_inner()) = Some(Doubt {
+                    from: size,
+                    to: frontier.size(),
+                    root: frontier.root(),
+                    ranges,
+                });
+            }
+            return Err(io(e));
+        }
         self.size.fetch_max(frontier.size(), Ordering::AcqRel);
         Ok(ranges)
+    }
+
+    /// Marks the log out of reach (appends are refused by [`Log::available`]).
+    fn mark_down(&self, why: &str) {
+        if let Ok(mut w) = self.down_why.lock() {
+            why.clone_into(&mut w);
+        }
+        self.down.store(true, Ordering::Release);
+    }
+
+    /// Marks the log reachable again, unless the writer is settling a doubt; answers
+    /// whether it was down.
+    fn mark_up(&self) -> bool {
+        !self.settling.load(Ordering::Acquire) && self.down.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether the group of `doubt` committed, read under the head lock, so the
+    /// interrupted transaction (if the server still runs it) has finished first: the
+    /// head only grows, so below `doubt.to` it did not; at or past it, it did exactly
+    /// when the tree of `doubt.to` entries has the root it would have made (another
+    /// node's entries at those indices make another root).
+    fn settled(&self, doubt: &Doubt) -> Result<bool, LogError> {
+        let mut c = self.pool.get().map_err(io)?;
+        let mut tx = c.transaction().map_err(io)?;
+        // A transaction cut off by a network fault keeps the head locked until the
+        // server notices; ask again rather than wait on it.
+        tx.batch_execute("SET LOCAL lock_timeout = '2s'")
+            .map_err(io)?;
+        let size = tx
+            .query_one("SELECT size FROM log_head FOR UPDATE", &[])
+            .map_err(io)?
+            .get::<_, i64>(0) as u64;
+        if size < doubt.to {
+            return Ok(false);
+        }
+        let src = Nodes(std::cell::RefCell::new(&mut tx));
+        let root = ciyuan_tlog::root(&src, doubt.to)?;
+        tx.commit().map_err(io)?;
+        Ok(root == doubt.root)
     }
 
     /// Signs a checkpoint of the committed head unless the latest covers it.
@@ -434,7 +576,77 @@ impl Shared {
     }
 }
 
-fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
+/// Answers each request of a group committed as `ranges`.
+fn answer(
+    appends: Vec<(Vec<Vec<u8>>, Keys, AppendDone)>,
+    ranges: Vec<Result<Range<u64>, LogError>>,
+) {
+    for ((_, _, done), range) in appends.into_iter().zip(ranges) {
+        done(range);
+    }
+}
+
+/// Refuses a job that arrived while the writer cannot reach PostgreSQL: it was never
+/// tried, so it is certainly not in the log and its caller may retry it.
+fn refuse(job: Job, why: &str) {
+    let e = || {
+        LogError::Unavailable(format!(
+            "PostgreSQL is out of reach ({why}); nothing was recorded, retry"
+        ))
+    };
+    match job {
+        Job::Append(_, _, done) => done(Err(e())),
+        Job::Checkpoint(done) => done(Err(e())),
+    }
+}
+
+/// Finds out whether the group of `doubt` committed, however long PostgreSQL stays
+/// out of reach: nobody may be told an entry failed while it may be in the log (a
+/// retry would record it twice), nor that it is in when it may not be. Jobs that
+/// arrive meanwhile are refused at once (retryable), not kept waiting. `None` when
+/// the log is closing before the answer could be found.
+fn settle(
+    shared: &Shared,
+    doubt: &Doubt,
+    jobs: &mpsc::Receiver<Job>,
+    stop: &AtomicBool,
+) -> Option<bool> {
+    let mut backoff = Backoff::default();
+    loop {
+        match shared.settled(doubt) {
+            Ok(committed) => {
+                tracing::warn!(
+                    entries = doubt.to - doubt.from,
+                    committed,
+                    "the outcome of an interrupted commit to PostgreSQL is known"
+                );
+                return Some(committed);
+            }
+            Err(e) => {
+                shared.mark_down(&e.to_string());
+                tracing::warn!(error = %e, "cannot yet learn whether an interrupted commit happened");
+            }
+        }
+        if stop.load(Ordering::Acquire) {
+            return None;
+        }
+        let until = std::time::Instant::now() + backoff.next();
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match jobs.recv_timeout(left) {
+                Ok(job) => refuse(job, "a commit's outcome is being settled"),
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                // Closing: settle what is in doubt all the same (bounded by `stop`).
+                Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(left),
+            }
+        }
+    }
+}
+
+fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>, stop: Arc<AtomicBool>) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP_REQUESTS {
@@ -454,13 +666,53 @@ fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
         if !appends.is_empty() {
             let refs: Vec<(&Vec<Vec<u8>>, &Keys)> =
                 appends.iter().map(|(e, k, _)| (e, k)).collect();
-            match shared.commit(&refs) {
-                Ok(ranges) => {
-                    for ((_, _, done), range) in appends.into_iter().zip(ranges) {
-                        done(range);
+            let committed = shared.commit(&refs);
+            // A poisoned lock still holds a valid doubt (one assignment, nothing else).
+            let doubt = shared
+                .doubt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            match (committed, doubt) {
+                (Ok(ranges), _) => {
+                    shared.mark_up();
+                    answer(appends, ranges);
+                }
+                (Err(e), Some(doubt)) => {
+                    shared.mark_down(&e.to_string());
+                    shared.pool.flush();
+                    tracing::warn!(error = %e, "the answer to a commit to PostgreSQL was lost");
+                    shared.settling.store(true, Ordering::Release);
+                    let settled = settle(&shared, &doubt, &jobs, &stop);
+                    shared.settling.store(false, Ordering::Release);
+                    match settled {
+                        Some(true) => {
+                            shared.size.fetch_max(doubt.to, Ordering::AcqRel);
+                            shared.mark_up();
+                            answer(appends, doubt.ranges);
+                        }
+                        Some(false) => {
+                            shared.mark_up();
+                            for (_, _, done) in appends {
+                                done(Err(LogError::Unavailable(format!(
+                                    "the answer to an append's commit was lost ({e}) and PostgreSQL did not commit it; nothing was recorded, retry"
+                                ))));
+                            }
+                        }
+                        None => {
+                            for (_, _, done) in appends {
+                                done(Err(LogError::Io(format!(
+                                    "the node stopped before it could learn whether an interrupted append to PostgreSQL committed ({e}); look the entries up before sending them again"
+                                ))));
+                            }
+                        }
                     }
                 }
-                Err(e) => {
+                (Err(e), None) => {
+                    if e.is_retryable() {
+                        shared.mark_down(&e.to_string());
+                        shared.pool.flush();
+                    }
                     tracing::warn!(error = %e, "an append to PostgreSQL failed");
                     for (_, _, done) in appends {
                         done(Err(e.clone()));
@@ -524,6 +776,10 @@ impl PgLog {
             size: AtomicU64::new(size),
             latest: Mutex::new(None),
             checkpoints: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+            down_why: Mutex::new(String::new()),
+            doubt: Mutex::new(None),
+            settling: AtomicBool::new(false),
         });
         shared.catch_up(&mut c)?;
         drop(c);
@@ -538,10 +794,10 @@ impl PgLog {
             });
         }
         let (tx, rx) = mpsc::channel();
-        let s = shared.clone();
+        let (s, halt) = (shared.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("ciyuan-pg-log".into())
-            .spawn(move || writer(s, rx))
+            .spawn(move || writer(s, rx, halt))
             .map_err(io)?;
         let (s, halt) = (shared.clone(), stop.clone());
         std::thread::Builder::new()
@@ -837,5 +1093,19 @@ impl Log for PgLog {
 
     fn verifier_key(&self) -> String {
         self.shared.verifier.verifier_key()
+    }
+
+    fn available(&self) -> Result<(), LogError> {
+        if !self.shared.down.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let why = self
+            .shared
+            .down_why
+            .lock()
+            .map_or_else(|_| "the reason's lock is poisoned".into(), |w| w.clone());
+        Err(LogError::Unavailable(format!(
+            "the ledger's database is out of reach ({why})"
+        )))
     }
 }

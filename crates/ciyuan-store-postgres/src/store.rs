@@ -7,7 +7,7 @@
 //! subtree is the range `[p/, p0)` and cursors page in the same order on both.
 //! Each write of a kind is one statement over arrays (`unnest`), not one per row.
 
-use crate::{Pool, describe};
+use crate::Pool;
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Entry, ExactSum, Scopes};
 use ciyuan_store::{
@@ -28,13 +28,12 @@ struct Inner {
 }
 
 fn backend(e: postgres::Error) -> StoreError {
-    // Lost connections and serialization failures are worth a retry; the caller
-    // decides, the text says which.
-    StoreError::Backend(describe(&e))
+    // Lost connections and serialization failures are worth a retry, and say so.
+    crate::Fault::of(&e).store()
 }
 
-fn pool_error(e: String) -> StoreError {
-    StoreError::Backend(e)
+fn pool_error(e: crate::Fault) -> StoreError {
+    e.store()
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
@@ -998,13 +997,16 @@ impl Store for Inner {
             )
             .map_err(backend)?
             .get(0);
-        for row in tx
+        let rows = tx
             .query("SELECT hash, entry FROM ingest_index ORDER BY entry", &[])
-            .map_err(backend)?
-        {
+            .map_err(backend)?;
+        // Ended before the rows are handed on: a session left idle in a transaction
+        // is ended by the server (`IDLE_IN_TRANSACTION`), and a large index takes a
+        // while to load.
+        tx.commit().map_err(backend)?;
+        for row in rows {
             f(row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
         }
-        tx.commit().map_err(backend)?;
         entry_id(through)
     }
 

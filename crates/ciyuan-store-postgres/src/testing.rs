@@ -18,6 +18,8 @@ pub struct TestCluster {
     dir: Option<tempfile::TempDir>,
     bin: PathBuf,
     as_postgres: bool,
+    /// The server's options (`pg_ctl -o`), to start it again on the same port.
+    opts: String,
 }
 
 fn pg_bin() -> Result<PathBuf, String> {
@@ -74,6 +76,7 @@ impl TestCluster {
                 dir: None,
                 bin: PathBuf::new(),
                 as_postgres: false,
+                opts: String::new(),
             });
         }
         let bin = pg_bin()?;
@@ -98,6 +101,7 @@ impl TestCluster {
             dir: Some(dir),
             bin,
             as_postgres,
+            opts: String::new(),
         };
         cluster.run(
             "initdb",
@@ -119,21 +123,41 @@ impl TestCluster {
             "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
             sockets.display()
         );
-        cluster.run(
+        cluster.opts = opts;
+        cluster.resume()?;
+        cluster.base = format!("host=127.0.0.1 port={port} user=ciyuan");
+        Ok(cluster)
+    }
+
+    /// Stops the server as an operator's restart does (`pg_ctl stop -m fast`: open
+    /// transactions are rolled back, connections cut), keeping its data for
+    /// [`TestCluster::resume`].
+    pub fn halt(&self) -> Result<(), String> {
+        let data = self.dir()?.join("data");
+        self.run(
+            "pg_ctl",
+            &["-D", &data.to_string_lossy(), "-m", "fast", "-w", "stop"],
+        )
+    }
+
+    /// Starts the server (again), on the same port, and waits until it accepts
+    /// connections.
+    pub fn resume(&self) -> Result<(), String> {
+        let dir = self.dir()?;
+        let data = dir.join("data");
+        self.run(
             "pg_ctl",
             &[
                 "-D",
                 &data.to_string_lossy(),
                 "-o",
-                &opts,
+                &self.opts,
                 "-l",
-                &sockets.join("log").to_string_lossy(),
+                &dir.join("log").to_string_lossy(),
                 "-w",
                 "start",
             ],
-        )?;
-        cluster.base = format!("host=127.0.0.1 port={port} user=ciyuan");
-        Ok(cluster)
+        )
     }
 
     fn dir(&self) -> Result<&Path, String> {

@@ -182,9 +182,23 @@ pub enum StoreError {
     /// Stored data that does not parse.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
-    /// The backend failed.
+    /// The backend failed, and the same call would fail again (a constraint, a schema
+    /// this build does not know, a bug).
     #[error("storage backend: {0}")]
     Backend(String),
+    /// The backend cannot answer now but may in a moment: the connection was lost or
+    /// refused, the database is shutting down or starting, or the transaction lost a
+    /// serialization race or a deadlock and was rolled back. Nothing of the call took
+    /// effect, so the caller may retry it as it was.
+    #[error("storage unavailable, retry: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed if tried again later (and took no effect).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 /// One counter a gateway request holds in a database several nodes share

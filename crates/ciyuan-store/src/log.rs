@@ -19,10 +19,13 @@ pub enum LogError {
     /// the end, an entry that breaks the log's rules).
     #[error("{0}")]
     Invalid(String),
-    /// The log is shutting down or its writer stopped.
+    /// The log cannot take or answer this now but may in a moment: it is shutting
+    /// down, or its storage is out of reach (a lost or refused connection, a database
+    /// restarting, a serialization race). A failed append with this error is certainly
+    /// not in the log, so retrying it cannot record it twice.
     #[error("ledger unavailable: {0}")]
     Unavailable(String),
-    /// Storage failed.
+    /// Storage failed, and would again (corrupt data, a broken disk, a bug).
     #[error("ledger storage: {0}")]
     Io(String),
     /// A log several nodes write refused the whole append: an entry's [`EntryKey`] is
@@ -36,6 +39,13 @@ pub enum LogError {
 /// `ciyuan_core::ingest_key_digest`): a log that several nodes write keeps them and
 /// never holds two entries with one key.
 pub type EntryKey = [u8; 32];
+
+impl LogError {
+    /// Whether the same call may succeed if tried again later (and took no effect).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LogError::Unavailable(_))
+    }
+}
 
 /// Called once the appended entries are durable (or failed): their index range.
 pub type AppendDone = Box<dyn FnOnce(Result<Range<u64>, LogError>) + Send>;
@@ -100,4 +110,11 @@ pub trait Log: Send + Sync + 'static {
     fn checkpoints(&self, from: u64, limit: usize) -> Result<Vec<SignedCheckpoint>, LogError>;
     /// The C2SP verifier key of the checkpoint signer.
     fn verifier_key(&self) -> String;
+    /// Whether appends can be recorded now: `Err` (retryable) while the log's storage
+    /// is known to be out of reach, so a door that cannot afford to lose what it would
+    /// append (the gateway's usage) refuses before doing anything. A log on local
+    /// files is always available.
+    fn available(&self) -> Result<(), LogError> {
+        Ok(())
+    }
 }

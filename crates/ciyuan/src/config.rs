@@ -203,6 +203,9 @@ pub struct GatewaySection {
     /// Input tokens reserved for each image, audio or file part of a prompt (default
     /// 2048).
     pub media_reserve_tokens: Option<u64>,
+    /// What admission does while the ledger's database is out of reach: `refuse`
+    /// (the default, and the only setting; see `ciyuan_server::gateway::LedgerOutage`).
+    pub ledger_outage: Option<String>,
 }
 
 /// `[[providers]]`: one upstream.
@@ -457,6 +460,11 @@ impl ServeConfig {
         if let Some(m) = file.gateway.media_reserve_tokens {
             gateway.media_reserve_tokens = m;
         }
+        if let Some(o) = &file.gateway.ledger_outage {
+            gateway.ledger_outage = o
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("gateway.ledger_outage: {e}"))?;
+        }
         let reservation_ttl_secs = file.gateway.reservation_ttl_secs.unwrap_or(3600).max(1);
         let webhooks = file
             .webhooks
@@ -605,6 +613,23 @@ mod tests {
         assert_eq!(c.body_timeout_secs, 30);
         assert_eq!(c.gateway.metrics_max_models, 200);
         assert_eq!(c.metrics_listen, None);
+        assert_eq!(
+            c.gateway.ledger_outage,
+            ciyuan_server::gateway::LedgerOutage::Refuse
+        );
+    }
+
+    #[test]
+    fn the_ledger_outage_setting_is_refuse_and_nothing_else() {
+        let file: FileConfig = toml::from_str(
+            "[gateway]
+ledger_outage = \"allow\"",
+        )
+        .unwrap();
+        let err = ServeConfig::resolve(file, None, None, None).err().unwrap();
+        let text = format!("{err:#}");
+        assert!(text.contains("gateway.ledger_outage"), "{text}");
+        assert!(text.contains("\"refuse\""), "{text}");
     }
 
     #[test]

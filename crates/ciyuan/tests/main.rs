@@ -10,6 +10,7 @@ mod finance;
 mod gateway;
 mod hostile;
 mod money;
+mod pg_faults;
 mod postgres;
 mod reports;
 mod tamper;

@@ -143,6 +143,38 @@ pub struct GatewayConfig {
     pub media_reserve_tokens: u64,
     /// Distinct model labels `/metrics` keeps; further models count as `other`.
     pub metrics_max_models: usize,
+    /// What admission does while the ledger cannot record (its database is out of
+    /// reach).
+    pub ledger_outage: LedgerOutage,
+}
+
+/// What admission does while the ledger cannot record usage (`[gateway]
+/// ledger_outage`).
+///
+/// Only refusing is offered. A request admitted during an outage would have its usage
+/// entry held in the node's memory until the database returns: a node that stops or
+/// dies meanwhile loses it (the tenant was served and never billed, against the
+/// invariant that every byte sent is metered), and budgets and wallets on other nodes
+/// would not see it. Allowing "up to an amount" would bound the loss, not prevent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LedgerOutage {
+    /// Answer 503 in the provider's error shape, with `retry-after`, before the
+    /// request reaches a provider.
+    #[default]
+    Refuse,
+}
+
+impl std::str::FromStr for LedgerOutage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LedgerOutage, String> {
+        match s {
+            "refuse" => Ok(LedgerOutage::Refuse),
+            "allow" => Err(
+                "\"allow\" is not offered: usage served while the ledger cannot record would live only in the node's memory and be lost if the node stopped; the only setting is \"refuse\"".into(),
+            ),
+            other => Err(format!("{other:?} is not a setting; the only one is \"refuse\"")),
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -156,6 +188,7 @@ impl Default for GatewayConfig {
             default_max_output_tokens: 4096,
             media_reserve_tokens: 2048,
             metrics_max_models: metrics::DEFAULT_MAX_MODELS,
+            ledger_outage: LedgerOutage::Refuse,
         }
     }
 }
@@ -184,6 +217,9 @@ pub struct Gateway {
 const RECORD_LINGER: Duration = Duration::from_millis(5);
 /// Most entries appended at once by the recorder.
 const RECORD_BATCH_MAX: usize = 1024;
+/// How long the recorder keeps trying to append a group the ledger refused as
+/// unavailable (its database restarting) before it gives the usage up.
+const RECORD_RETRY_FOR: Duration = Duration::from_secs(300);
 /// Entries queued for the recorder before `finish` appends on its own instead.
 const RECORD_QUEUE: usize = 16 * 1024;
 
@@ -192,8 +228,8 @@ const RECORD_QUEUE: usize = 16 * 1024;
 #[allow(clippy::large_enum_variant)]
 enum Record {
     /// An entry, with the rules guard it was rated under (released once the entry
-    /// holds its place in the ledger; see `App::rules_gate`), and the holds across
-    /// nodes its usage settles once it is appended.
+    /// is durable in the ledger, or given up; see `App::rules_gate`), and the holds
+    /// across nodes its usage settles once it is appended.
     Entry(Entry, Option<RulesGuard>, Option<crate::holds::Settling>),
     /// Append what is queued now and say when it is durable.
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -254,18 +290,70 @@ async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver
                 &mut batch,
                 Vec::with_capacity(n.next_power_of_two()),
             )));
-            let submitted = || guards.clear();
-            let appended = crate::pipeline::append_lent_then(
+            // The rules guards are held until the outcome, not only until the ledger
+            // takes the entries: an append refused as unavailable is tried again
+            // under them, so no rule can have come into force in between.
+            let appended = match crate::pipeline::append_lent_then(
                 app.log.as_ref(),
                 &app.projector,
-                lent,
-                submitted,
+                lent.clone(),
+                || {},
             )
-            .await;
+            .await
+            {
+                Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+                    record_again(&app, lent, &e.detail).await
+                }
+                other => other,
+            };
             app.recorded(appended, std::mem::take(&mut settling), n);
+            guards.clear();
         }
         for w in waiting.drain(..) {
             let _ = w.send(());
+        }
+    }
+}
+
+/// Appends again a group of gateway entries the ledger refused as unavailable (so
+/// certainly not recorded: its database is restarting or out of reach), once it is
+/// back, for up to [`RECORD_RETRY_FOR`]. These requests were served before the outage
+/// was known; without this their usage would be lost. The caller holds the entries'
+/// rules guards throughout.
+async fn record_again(
+    app: &Arc<App>,
+    lent: Arc<Recorded>,
+    first: &str,
+) -> Result<std::ops::Range<u64>, crate::error::ApiError> {
+    let n = lent.0.len();
+    tracing::warn!(entries = n, detail = %first, "gateway usage waits for the ledger");
+    let until = tokio::time::Instant::now() + RECORD_RETRY_FOR;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+        if app.log.available().is_err() && tokio::time::Instant::now() < until {
+            continue;
+        }
+        match crate::pipeline::append_lent_then(
+            app.log.as_ref(),
+            &app.projector,
+            lent.clone(),
+            || {},
+        )
+        .await
+        {
+            Ok(range) => {
+                tracing::info!(
+                    entries = n,
+                    "gateway usage recorded after the ledger came back"
+                );
+                return Ok(range);
+            }
+            Err(e)
+                if e.status == StatusCode::SERVICE_UNAVAILABLE
+                    && tokio::time::Instant::now() < until => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -785,6 +873,17 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
         Ok(c) => c,
         Err(e) => return e.into_response(family),
     };
+    // A request whose usage the ledger cannot record now is refused before it reaches
+    // a provider (`LedgerOutage`): served, it could go unmetered.
+    if let Err(e) = app.log.available() {
+        match app.gateway.config.ledger_outage {
+            LedgerOutage::Refuse => {
+                return GatewayError::from(crate::error::ApiError::from(e))
+                    .code("ledger_unavailable")
+                    .into_response(family);
+            }
+        }
+    }
     // Within the route's body limit, and the listener's read deadline.
     let body = match Bytes::from_request(req, &()).await {
         Ok(b) => b,
@@ -1813,6 +1912,16 @@ fn count_input(enc: Encoding, info: &RequestInfo) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ledger_outage_setting_is_refuse_only_and_says_why() {
+        assert_eq!("refuse".parse::<LedgerOutage>(), Ok(LedgerOutage::Refuse));
+        assert_eq!(GatewayConfig::default().ledger_outage, LedgerOutage::Refuse);
+        let allow = "allow".parse::<LedgerOutage>().unwrap_err();
+        assert!(allow.contains("lost"), "{allow}");
+        let other = "queue".parse::<LedgerOutage>().unwrap_err();
+        assert!(other.contains("refuse"), "{other}");
+    }
 
     #[test]
     fn regression_forward_patterns_never_pass_the_tenants_key_on() {

@@ -172,6 +172,11 @@ impl GatewayError {
             }
         };
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Both families' SDKs retry a 503 by themselves; this says it outright.
+            resp.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("true"));
+        }
         if let Some(secs) = self.retry_after_secs
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {
