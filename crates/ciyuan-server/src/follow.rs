@@ -218,6 +218,10 @@ pub(crate) fn start(
 ) -> Result<(), std::io::Error> {
     let weak = Arc::downgrade(app);
     std::thread::Builder::new()
+        .name("ciyuan-heartbeat".into())
+        .spawn(move || beat(weak))?;
+    let weak = Arc::downgrade(app);
+    std::thread::Builder::new()
         .name("ciyuan-follow".into())
         .spawn(move || run(weak, own, from, poll))
         .map(drop)
@@ -234,16 +238,47 @@ struct Follower {
     app: Weak<App>,
     own: Arc<Own>,
     followed: u64,
-    beat: std::time::Instant,
+}
+
+/// A node that could not heartbeat for this long stops rating (takes its rules gate's
+/// write guard) until it can again: the others take it for dead after 10 s
+/// (`QUIET` in the store) and change the rules without waiting for it, so by then it
+/// must rate nothing.
+const FENCE_AFTER: Duration = Duration::from_secs(5);
+
+/// Tells the other nodes, every [`HEARTBEAT`], that this node lives and how far it
+/// has followed; fences its rating when it cannot (see [`FENCE_AFTER`]). Its own
+/// thread: the follower may wait (for appends, for a pause) longer than a heartbeat.
+fn beat(app: Weak<App>) {
+    let mut last_ok = std::time::Instant::now();
+    loop {
+        let Some(a) = app.upgrade() else { return };
+        match a.store.heartbeat(&a.node, a.followed()) {
+            Ok(()) => last_ok = std::time::Instant::now(),
+            Err(e) => tracing::warn!(error = %e, "the heartbeat to the other nodes failed"),
+        }
+        if last_ok.elapsed() >= FENCE_AFTER {
+            tracing::warn!(
+                "no heartbeat reached the database for 5 s: rating paused until one does"
+            );
+            let gate = a.rules_gate.clone();
+            let _fenced = gate.blocking_write();
+            loop {
+                std::thread::sleep(HEARTBEAT);
+                if a.store.heartbeat(&a.node, a.followed()).is_ok() {
+                    last_ok = std::time::Instant::now();
+                    tracing::info!("heartbeat back: rating again");
+                    break;
+                }
+            }
+        }
+        drop(a);
+        std::thread::sleep(HEARTBEAT);
+    }
 }
 
 fn run(app: Weak<App>, own: Arc<Own>, followed: u64, poll: Duration) {
-    let mut f = Follower {
-        app,
-        own,
-        followed,
-        beat: std::time::Instant::now() - HEARTBEAT,
-    };
+    let mut f = Follower { app, own, followed };
     loop {
         let Some(app) = f.app.upgrade() else { return };
         f.step(&app);
@@ -258,12 +293,6 @@ fn run(app: Weak<App>, own: Arc<Own>, followed: u64, poll: Duration) {
 impl Follower {
     /// Heartbeats when due and applies what other nodes appended since the last step.
     fn step(&mut self, app: &App) {
-        if self.beat.elapsed() >= HEARTBEAT {
-            self.beat = std::time::Instant::now();
-            if let Err(e) = app.store.heartbeat(&app.node, self.followed) {
-                tracing::warn!(error = %e, "the heartbeat to the other nodes failed");
-            }
-        }
         // The size first, then the tickets: an own append below it was submitted
         // before, and `settle` waits for it to be noted.
         let target = app.log.size().min(app.projected());
@@ -345,8 +374,10 @@ impl Follower {
     }
 }
 
-/// How long a node changing the rules waits for the others to pause.
-const PAUSE_WAIT: Duration = Duration::from_secs(3);
+/// How long a node changing the rules waits for the others to pause: longer than the
+/// store's `QUIET` (10 s), after which a node that neither paused nor heartbeated is
+/// taken for dead (and has fenced itself, see [`FENCE_AFTER`]).
+const PAUSE_WAIT: Duration = Duration::from_secs(12);
 
 impl App {
     /// Before this node appends a change of the rules of measuring or pricing (under
@@ -391,6 +422,17 @@ impl App {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Leaves the nodes sharing the ledger (a clean stop): the others stop waiting for
+    /// this one, and its holds go.
+    pub async fn leave(self: &Arc<Self>) {
+        if self.config.follow.is_none() {
+            return;
+        }
+        if let Err(e) = self.blocking(|app| Ok(app.store.leave(&app.node)?)).await {
+            tracing::warn!(detail = %e.detail, "cannot say this node leaves; the others take it for dead in 10 s");
         }
     }
 

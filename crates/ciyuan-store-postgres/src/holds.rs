@@ -12,7 +12,9 @@
 //!
 //! A hold lives until every live node has applied the entry that recorded its
 //! request's usage (its node says which entry; the heartbeat says how far each node
-//! is), or until its node stops heartbeating (killed), or its time to live passes.
+//! is), or until its node has not heartbeated for a minute (killed: its requests died
+//! with it), or its time to live passes. A node whose own heartbeat is 5 s old holds
+//! nothing more (the others may be about to take it for dead).
 //!
 //! Holds commit without waiting for the WAL's flush (`synchronous_commit = off` for
 //! their transactions only): with every request of every node on one hot counter,
@@ -59,9 +61,17 @@ BEGIN
     FOR i IN 1 .. coalesce(array_length(p_counters, 1), 0) LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended(p_counters[i], 0));
     END LOOP;
+    -- A node whose own heartbeat is stale may be taken for dead by the others: it
+    -- holds nothing more until its heartbeat is through again.
+    IF NOT EXISTS (SELECT 1 FROM nodes WHERE node = p_node
+                   AND seen_at > now() - interval '5 seconds') THEN
+        RETURN QUERY SELECT -1, 0::NUMERIC;
+        RETURN;
+    END IF;
+    -- A node's requests in flight count for a minute after its last heartbeat (they
+    -- may still be streaming from a node that is slow, not dead).
     SELECT coalesce(array_agg(node), '{}') INTO live
-    FROM nodes WHERE seen_at > now() - interval '10 seconds';
-    live := live || p_node;
+    FROM nodes WHERE seen_at > now() - interval '60 seconds';
     FOR i IN 1 .. coalesce(array_length(p_counters, 1), 0) LOOP
         -- Requests in flight on live nodes, this one's included (its requests race
         -- each other as much as other nodes')...
@@ -135,10 +145,18 @@ pub(crate) fn heartbeat(
         "DELETE FROM holds WHERE recorded < (SELECT min(followed) FROM nodes
                                              WHERE seen_at > now() - {QUIET})
             OR (recorded IS NULL AND (expires_at <= now() OR node NOT IN
-                (SELECT node FROM nodes WHERE seen_at > now() - {QUIET})));
+                (SELECT node FROM nodes WHERE seen_at > now() - interval '60 seconds')));
          DELETE FROM nodes WHERE seen_at < now() - interval '1 day';"
     ))
     .map_err(backend)
+}
+
+pub(crate) fn leave(c: &mut postgres::Client, node: &str) -> Result<(), StoreError> {
+    c.execute("DELETE FROM holds WHERE node = $1", &[&node])
+        .map_err(backend)?;
+    c.execute("DELETE FROM nodes WHERE node = $1", &[&node])
+        .map_err(backend)?;
+    Ok(())
 }
 
 pub(crate) fn reserve(
@@ -176,6 +194,11 @@ pub(crate) fn reserve(
     let refused: i32 = row.get(0);
     if refused == 0 {
         return Ok(None);
+    }
+    if refused < 0 {
+        return Err(StoreError::Unavailable(format!(
+            "node {node} has not heartbeated for 5 s: it holds nothing until it does"
+        )));
     }
     let at = order
         .get(refused as usize - 1)

@@ -1342,6 +1342,10 @@ impl Store for PgStore {
         crate::off_runtime(|| crate::holds::heartbeat(&mut *self.inner.conn()?, node, followed))
     }
 
+    fn leave(&self, node: &str) -> Result<(), StoreError> {
+        crate::off_runtime(|| crate::holds::leave(&mut *self.inner.conn()?, node))
+    }
+
     fn reserve(
         &self,
         node: &str,

@@ -265,6 +265,11 @@ pub trait Store: Send + Sync + 'static {
     fn heartbeat(&self, _node: &str, _followed: u64) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Says that `node` stops (a clean stop): the others need not wait for it, and its
+    /// holds go.
+    fn leave(&self, _node: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Holds a request on `terms` in one step ordered with every node's: refused
     /// (answering the index of the term and what is held on it) when, on a term,
     /// `local` plus the holds of requests in flight (every live node's, `node`'s own

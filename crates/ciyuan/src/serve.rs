@@ -285,6 +285,7 @@ async fn run(
     if let Err(e) = app.checkpoint().await {
         tracing::warn!(detail = %e.detail, "final checkpoint failed");
     }
+    app.leave().await;
     tracing::info!("ciyuan stopped");
     Ok(ExitCode::SUCCESS)
 }
