@@ -118,6 +118,11 @@ pub struct GatewayArgs {
     /// request is then rated, held and settled.
     #[arg(long)]
     prices: Option<PathBuf>,
+    /// With `CIYUAN_DATABASE` set (every `ciyuan serve` on one PostgreSQL database):
+    /// this many gateway nodes, the throughput measured again with the clients spread
+    /// over all of them.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
     /// End with one JSON line of the figures.
     #[arg(long)]
     json: bool,
@@ -415,6 +420,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 concurrency: a.concurrency,
                 streams: a.streams,
                 prices: a.prices.clone(),
+                nodes: a.nodes,
             })?;
             let (d, g) = (&r.latency_direct, &r.latency_gateway);
             println!(
@@ -442,6 +448,20 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 "    added   p50 {:+} us, p99 {:+} us, p99.9 {:+} us (target: p99 <= 1000 us)",
                 r.added_p50_us, r.added_p99_us, r.added_p999_us
             );
+            if let Some(t) = &r.throughput_nodes {
+                println!(
+                    "  throughput, {} clients spread over {} nodes on one PostgreSQL database:",
+                    a.concurrency, a.nodes
+                );
+                println!(
+                    "    {} nodes {:.0} requests/s ({} requests; CPU/request all nodes {:.0} us) = {:.2}x one node",
+                    a.nodes,
+                    t.per_sec,
+                    t.requests,
+                    t.gateway_cpu_us,
+                    t.per_sec / r.throughput_gateway.per_sec
+                );
+            }
             let (d, g) = (&r.throughput_direct, &r.throughput_gateway);
             println!(
                 "  throughput, closed loop, {} clients for {} s each (alternating in 1 s slices):",

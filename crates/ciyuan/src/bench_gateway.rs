@@ -39,6 +39,9 @@ pub struct Options {
     /// A LiteLLM price table to import first, with a wallet funded for the account:
     /// every request is then priced, held in the wallet and settled as a posting.
     pub prices: Option<std::path::PathBuf>,
+    /// Gateway nodes on one PostgreSQL database (`CIYUAN_DATABASE`); more than one
+    /// adds a throughput run spread over all of them.
+    pub nodes: usize,
 }
 
 /// Output tokens of each small completion.
@@ -124,6 +127,8 @@ pub struct Report {
     pub responses: u64,
     /// What went wrong: non-200 answers, transport errors, streams without `[DONE]`.
     pub problems: Vec<String>,
+    /// Throughput with the clients spread over every node (more than one node).
+    pub throughput_nodes: Option<Throughput>,
 }
 
 /// User plus system CPU seconds a process has used so far (Linux; 0 elsewhere).
@@ -411,6 +416,44 @@ async fn closed_loop(
     Ok(())
 }
 
+/// Closed loop over several nodes: client `i` calls node `i % nodes`; the CPU is
+/// every node's.
+async fn closed_loop_nodes(
+    targets: &[Target],
+    concurrency: usize,
+    seconds: f64,
+    pids: &[u32],
+) -> anyhow::Result<Throughput> {
+    let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::with_capacity(concurrency);
+    for i in 0..concurrency {
+        let t = targets[i % targets.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                t.call().await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut requests = 0;
+    for task in tasks {
+        requests += task.await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+    Ok(Throughput {
+        requests,
+        per_sec: requests as f64 / secs,
+        gateway_cpu_us: cpu * 1e6 / requests.max(1) as f64,
+        sim_cpu_us: 0.0,
+        client_cpu_us: 0.0,
+    })
+}
+
 /// `streams` concurrent slow streams through the gateway (started over about a
 /// second), the gateway's resident memory sampled every 10 ms meanwhile.
 async fn memory(
@@ -576,6 +619,32 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
     let (gw_guard, gw_url) = start(serve, "ciyuan serve")?;
     let gw_pid = gw_guard.0.id();
     let pids = (gw_pid, sim_pid);
+    // More nodes on the same database, each with a copy of the log's signing key.
+    if o.nodes > 1 && std::env::var_os("CIYUAN_DATABASE").is_none() {
+        bail!("--nodes above 1 needs CIYUAN_DATABASE (the nodes share one PostgreSQL database)");
+    }
+    let mut more = Vec::new();
+    for n in 1..o.nodes {
+        let data = dir.0.join(format!("data{n}"));
+        std::fs::create_dir_all(&data)?;
+        for f in ["signing.key", "public.key"] {
+            std::fs::copy(dir.0.join("data").join(f), data.join(f))
+                .with_context(|| format!("copying the first node's {f}"))?;
+        }
+        let mut serve = Command::new(&exe);
+        serve
+            .arg("--config")
+            .arg(&config)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&data);
+        more.push(start(serve, "another ciyuan serve")?);
+    }
+    let node_urls: Vec<String> = std::iter::once(gw_url.clone())
+        .chain(more.iter().map(|(_, u)| u.clone()))
+        .collect();
+    let node_pids: Vec<u32> = std::iter::once(gw_pid)
+        .chain(more.iter().map(|(g, _)| g.0.id()))
+        .collect();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -694,6 +763,20 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
         }
         let (throughput_direct, throughput_gateway) =
             (direct_closed.throughput(), gateway_closed.throughput());
+        // 2b. Throughput over every node (several nodes on one database).
+        let throughput_nodes = if node_urls.len() > 1 {
+            let targets: Vec<Target> = node_urls
+                .iter()
+                .map(|u| Target {
+                    url: format!("{u}/v1/chat/completions"),
+                    ..gateway.clone()
+                })
+                .collect();
+            closed_loop_nodes(&targets, o.concurrency, warm, &node_pids).await?;
+            Some(closed_loop_nodes(&targets, o.concurrency, o.seconds, &node_pids).await?)
+        } else {
+            None
+        };
 
         // 3. Memory under many concurrent streams.
         let memory = memory(&gateway, o.streams, gw_pid, (rss_start_kb, rss_warm_kb)).await?;
@@ -717,11 +800,13 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
             throughput_ratio: throughput_gateway.per_sec / throughput_direct.per_sec,
             throughput_direct,
             throughput_gateway,
+            throughput_nodes,
             memory,
             responses: checks.responses.load(Ordering::Relaxed),
             problems,
         })
     })?;
+    drop(more);
     drop(gw_guard);
     drop(sim_guard);
     drop(dir);
