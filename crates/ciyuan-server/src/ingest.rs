@@ -1317,37 +1317,6 @@ async fn record(
             // Entries go to the ledger in the batch's order.
             fresh.sort_unstable_by_key(|(i, _)| *i);
         }
-        if app.log.keeps_keys() && !fresh.is_empty() {
-            // Other nodes append to this log: an event new here may be in the ledger
-            // already (sent to another node first); the log's keys say where. One
-            // that races in after this read is refused by the append itself.
-            let digests: Vec<ciyuan_store::EntryKey> = fresh
-                .iter()
-                .map(|(_, a)| {
-                    let (s, i) = a.key();
-                    ciyuan_core::ingest_key_digest(s, i)
-                })
-                .collect();
-            let held = app
-                .blocking(move |app| Ok(app.log.find_keys(&digests)?))
-                .await?;
-            let mut new = Vec::with_capacity(fresh.len());
-            for ((i, a), held) in fresh.into_iter().zip(held) {
-                match held {
-                    Some(entry_id) => {
-                        recent.seen.index(a.hash, entry_id);
-                        let (source, id) = a.into_key();
-                        outcomes[i] = Some(Outcome::Duplicate {
-                            source,
-                            id,
-                            entry_id,
-                        });
-                    }
-                    None => new.push((i, a)),
-                }
-            }
-            fresh = new;
-        }
         if fresh.is_empty() {
             None
         } else {
