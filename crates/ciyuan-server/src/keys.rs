@@ -1,6 +1,7 @@
 //! `/api/v1/keys`: API keys, shown once, stored hashed.
 
-use crate::auth::{Caller, generate_key};
+use crate::accounts::{more_after, page_limit};
+use crate::auth::{Caller, generate_key, is_key_id};
 use crate::error::ApiError;
 use crate::extract::{Json, PathParam, Query};
 use crate::{App, parse_path};
@@ -94,8 +95,13 @@ pub async fn create(
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     account: Option<String>,
+    /// The `next` of the previous page: the id of its last key.
+    after: Option<String>,
+    limit: Option<String>,
 }
 
+/// `GET /api/v1/keys?account=&after=&limit=`: a page of a subtree's keys in id order,
+/// with `next` (the `after` of the next page) unless it is the last.
 pub async fn list(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -107,11 +113,29 @@ pub async fn list(
         None => caller.key.account.clone(),
     };
     caller.require_within(&under)?;
-    let keys = app
-        .blocking(move |app| app.store.keys(&under).map_err(ApiError::from))
+    let limit = page_limit(q.limit.as_deref())?;
+    if let Some(a) = &q.after
+        && !is_key_id(a)
+    {
+        return Err(ApiError::bad_request(format!(
+            "after: {a:?} is not a key id (12 hex digits); pass the next of the previous page"
+        )));
+    }
+    let mut keys = app
+        .blocking(move |app| {
+            app.store
+                .keys_page(&under, q.after.as_deref(), limit + 1)
+                .map_err(ApiError::from)
+        })
         .await?;
+    let more = more_after(&mut keys, limit);
+    let next = keys.last().filter(|_| more).map(|k| k.key_id.clone());
     let dtos: Vec<KeyDto> = keys.into_iter().map(KeyDto::from).collect();
-    Ok(axum::Json(serde_json::json!({ "keys": dtos })))
+    let mut body = serde_json::json!({ "keys": dtos });
+    if let Some(n) = next {
+        body["next"] = n.into();
+    }
+    Ok(axum::Json(body))
 }
 
 async fn find(app: &Arc<App>, caller: &Caller, key_id: String) -> Result<KeyRecord, ApiError> {

@@ -97,6 +97,12 @@ fn subtree(column: &str, path: &AccountPath, n: usize) -> (String, Vec<String>) 
     }
 }
 
+/// A page's size as SQL's `LIMIT` reads it: a signed 64-bit integer, so more than it
+/// holds is no limit at all.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
 fn params(v: &[String]) -> Vec<&(dyn ToSql + Sync)> {
     v.iter().map(|s| s as &(dyn ToSql + Sync)).collect()
 }
@@ -892,17 +898,25 @@ impl Store for Inner {
         .transpose()
     }
 
-    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError> {
-        let (cond, args) = subtree("path", under, 1);
-        self.query(
-            &format!(
-                "SELECT path, info, created_at, created_entry FROM accounts WHERE {cond} ORDER BY path"
-            ),
-            &args,
-        )?
-        .iter()
-        .map(account_from_row)
-        .collect()
+    fn accounts_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&AccountPath>,
+        limit: usize,
+    ) -> Result<Vec<Account>, StoreError> {
+        let (cond, mut args) = subtree("path", under, 1);
+        let mut sql =
+            format!("SELECT path, info, created_at, created_entry FROM accounts WHERE {cond}");
+        if let Some(a) = after {
+            args.push(a.as_str().to_string());
+            // The column's collation ("C"): byte order, as the order of the pages.
+            sql.push_str(&format!(" AND path > ${}", args.len()));
+        }
+        sql.push_str(&format!(" ORDER BY path LIMIT {}", sql_limit(limit)));
+        self.query(&sql, &args)?
+            .iter()
+            .map(account_from_row)
+            .collect()
     }
 
     fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError> {
@@ -952,15 +966,20 @@ impl Store for Inner {
             .transpose()
     }
 
-    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError> {
-        let (cond, args) = subtree("account", under, 1);
-        self.query(
-            &format!("SELECT {KEY_COLUMNS} FROM keys WHERE {cond} ORDER BY seq"),
-            &args,
-        )?
-        .iter()
-        .map(key_from_row)
-        .collect()
+    fn keys_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let (cond, mut args) = subtree("account", under, 1);
+        let mut sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE {cond}");
+        if let Some(a) = after {
+            args.push(a.to_string());
+            sql.push_str(&format!(" AND key_id > ${}", args.len()));
+        }
+        sql.push_str(&format!(" ORDER BY key_id LIMIT {}", sql_limit(limit)));
+        self.query(&sql, &args)?.iter().map(key_from_row).collect()
     }
 
     fn key_count(&self) -> Result<u64, StoreError> {
@@ -1419,8 +1438,13 @@ impl Store for PgStore {
         crate::off_runtime(|| self.inner.account(path))
     }
 
-    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError> {
-        crate::off_runtime(|| self.inner.accounts(under))
+    fn accounts_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&AccountPath>,
+        limit: usize,
+    ) -> Result<Vec<Account>, StoreError> {
+        crate::off_runtime(|| self.inner.accounts_page(under, after, limit))
     }
 
     fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError> {
@@ -1435,8 +1459,13 @@ impl Store for PgStore {
         crate::off_runtime(|| self.inner.key(key_id))
     }
 
-    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError> {
-        crate::off_runtime(|| self.inner.keys(under))
+    fn keys_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        crate::off_runtime(|| self.inner.keys_page(under, after, limit))
     }
 
     fn key_count(&self) -> Result<u64, StoreError> {

@@ -556,6 +556,12 @@ fn subtree(column: &str, path: &AccountPath) -> (String, Vec<String>) {
     }
 }
 
+/// A page's size as SQL's `LIMIT` reads it: a signed 64-bit integer, so more than it
+/// holds is no limit at all.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
 fn parse_ts(s: &str) -> Result<Timestamp, StoreError> {
     s.parse()
         .map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
@@ -1129,14 +1135,22 @@ impl Store for SqliteStore {
         raw.map(account_from_raw).transpose()
     }
 
-    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError> {
-        let (cond, args) = subtree("path", under);
+    fn accounts_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&AccountPath>,
+        limit: usize,
+    ) -> Result<Vec<Account>, StoreError> {
+        let (cond, mut args) = subtree("path", under);
+        let mut sql =
+            format!("SELECT path, info, created_at, created_entry FROM accounts WHERE {cond}");
+        if let Some(a) = after {
+            sql.push_str(" AND path > ?");
+            args.push(a.as_str().to_string());
+        }
+        sql.push_str(&format!(" ORDER BY path LIMIT {}", sql_limit(limit)));
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT path, info, created_at, created_entry FROM accounts WHERE {cond} ORDER BY path"
-            ))
-            .map_err(backend)?;
+        let mut stmt = conn.prepare(&sql).map_err(backend)?;
         let rows = stmt
             .query_map(rusqlite::params_from_iter(args.iter()), |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
@@ -1199,14 +1213,21 @@ impl Store for SqliteStore {
         raw.map(key_from_raw).transpose()
     }
 
-    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError> {
-        let (cond, args) = subtree("account", under);
+    fn keys_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let (cond, mut args) = subtree("account", under);
+        let mut sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE {cond}");
+        if let Some(a) = after {
+            sql.push_str(" AND key_id > ?");
+            args.push(a.to_string());
+        }
+        sql.push_str(&format!(" ORDER BY key_id LIMIT {}", sql_limit(limit)));
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {KEY_COLUMNS} FROM keys WHERE {cond} ORDER BY seq"
-            ))
-            .map_err(backend)?;
+        let mut stmt = conn.prepare(&sql).map_err(backend)?;
         let rows = stmt
             .query_map(rusqlite::params_from_iter(args.iter()), raw_key)
             .map_err(backend)?;

@@ -327,8 +327,17 @@ pub trait Store: Send + Sync + 'static {
     /// One account node.
     fn account(&self, path: &AccountPath) -> Result<Option<Account>, StoreError>;
 
-    /// The nodes of a subtree (the node itself included), in path order.
-    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError>;
+    /// At most `limit` nodes of a subtree (the node itself included) whose path sorts
+    /// after `after` (all from the start when `None`), in byte order of the path: a
+    /// cursor, since a tree may have any number of nodes. `after` is a position, not a
+    /// row: it need not exist, so a listing goes on whatever is created or renamed
+    /// meanwhile, each node at most once.
+    fn accounts_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&AccountPath>,
+        limit: usize,
+    ) -> Result<Vec<Account>, StoreError>;
 
     /// Stores a new key with the SHA-256 of its secret.
     fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError>;
@@ -339,8 +348,15 @@ pub trait Store: Send + Sync + 'static {
     /// One key by id.
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError>;
 
-    /// Keys of a subtree, in creation order.
-    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError>;
+    /// At most `limit` keys of a subtree whose id sorts after `after` (all from the
+    /// start when `None`), in byte order of the id: a cursor, as
+    /// [`Store::accounts_page`].
+    fn keys_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
 
     /// Number of keys ever created (revoked included).
     fn key_count(&self) -> Result<u64, StoreError>;
@@ -449,6 +465,29 @@ pub trait Store: Send + Sync + 'static {
     /// period its schedule delivered (`report.delivered` entries with `manual` false;
     /// deliveries by hand never move it), by name.
     fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError>;
+}
+
+/// Nodes read per page by [`each_account`].
+const ACCOUNT_PAGE: usize = 1000;
+
+/// Calls `f` with every node of a subtree (the node itself included), in path order,
+/// read a page at a time ([`Store::accounts_page`]): memory holds one page, and what
+/// `f` keeps.
+pub fn each_account(
+    store: &dyn Store,
+    under: &AccountPath,
+    f: &mut dyn FnMut(Account),
+) -> Result<(), StoreError> {
+    let mut after: Option<AccountPath> = None;
+    loop {
+        let page = store.accounts_page(under, after.as_ref(), ACCOUNT_PAGE)?;
+        let full = page.len() == ACCOUNT_PAGE;
+        after = page.last().map(|a| a.path.clone());
+        page.into_iter().for_each(&mut *f);
+        if !full {
+            return Ok(());
+        }
+    }
 }
 
 /// The time zone a node's periods are computed in: its own, else its nearest ancestor's,
