@@ -100,8 +100,9 @@ pub struct ListQuery {
     limit: Option<String>,
 }
 
-/// `GET /api/v1/keys?account=&after=&limit=`: a page of a subtree's keys in id order,
-/// with `next` (the `after` of the next page) unless it is the last.
+/// `GET /api/v1/keys?account=&after=&limit=`: a page of a subtree's keys by node (in
+/// path order) then id, with `next` (the `after` of the next page: the id of its last
+/// key) unless it is the last.
 pub async fn list(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -123,8 +124,26 @@ pub async fn list(
     }
     let mut keys = app
         .blocking(move |app| {
+            // The cursor is the last key listed; the page goes on from its node. A key
+            // outside the subtree answers as one that does not exist, so ids of other
+            // tenants' keys cannot be probed.
+            let after = match q.after {
+                Some(id) => match app.store.key(&id)? {
+                    Some(k) if k.account.is_within(&under) => Some((k.account, id)),
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "after: {id} is no key of {under}; pass the next of the previous page"
+                        )));
+                    }
+                },
+                None => None,
+            };
             app.store
-                .keys_page(&under, q.after.as_deref(), limit + 1)
+                .keys_page(
+                    &under,
+                    after.as_ref().map(|(n, id)| (n, id.as_str())),
+                    limit + 1,
+                )
                 .map_err(ApiError::from)
         })
         .await?;

@@ -63,7 +63,7 @@ impl Store for BrokenAfterReset {
     fn keys_page(
         &self,
         under: &AccountPath,
-        after: Option<&str>,
+        after: Option<(&AccountPath, &str)>,
         limit: usize,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         self.inner.keys_page(under, after, limit)

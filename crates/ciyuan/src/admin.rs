@@ -268,9 +268,9 @@ impl Listing {
             let Some(next) = page.get("next").and_then(Value::as_str) else {
                 break;
             };
-            // Cursors move forward in byte order; one that does not would list forever.
-            if after.as_deref().is_some_and(|a| a >= next) {
-                bail!("the server's next page ({next}) does not follow the last ({after:?})");
+            // A cursor that does not move would list the same page forever.
+            if after.as_deref() == Some(next) {
+                bail!("the server answered the page after {next} with the same next");
             }
             after = Some(next.to_string());
         }

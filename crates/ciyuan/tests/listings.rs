@@ -227,10 +227,10 @@ fn accounts_and_keys_are_listed_page_by_page() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("limit"));
 
-    // Keys: a page at a time in id order, the same way.
-    let mut ids: Vec<String> = (0..30)
+    // Keys: a page at a time by node then id, the same way.
+    let mut made: Vec<(String, String)> = (0..30)
         .map(|i| {
-            let account = format!("big/t{:02}", i % TEAMS);
+            let account = format!("big/t{:02}", i % 7);
             let (st, body) = server.http(
                 "POST",
                 "/api/v1/keys",
@@ -238,25 +238,34 @@ fn accounts_and_keys_are_listed_page_by_page() {
                 Some(&json!({"account": account, "scopes": ["read"]})),
             );
             assert_eq!(st, 201);
-            json(&body)["key_id"].as_str().unwrap().to_string()
+            (account, json(&body)["key_id"].as_str().unwrap().to_string())
         })
         .collect();
-    let (st, _) = server.http(
+    made.sort();
+    let ids: Vec<String> = made.into_iter().map(|(_, id)| id).collect();
+    let (st, body) = server.http(
         "POST",
         "/api/v1/keys",
         &admin,
         Some(&json!({"account": "big-x", "scopes": ["read"]})),
     );
     assert_eq!(st, 201);
-    ids.sort();
+    let outside = json(&body)["key_id"].as_str().unwrap().to_string();
     let kbase = "/api/v1/keys?account=big";
     let (rows, pages) = api_pages(&server, &admin, kbase, "keys", "key_id", Some(7), None);
     assert_eq!(rows, ids);
     assert_eq!(pages, ids.len().div_ceil(7));
+    // A cursor that is no key of the listing is refused (a key of another subtree
+    // answers as one that does not exist).
     for (query, needle) in [
-        ("after=ck_1", "after"),
-        ("after=ABCDEF012345", "after"),
-        ("limit=20000", "limit"),
+        ("after=ck_1".to_string(), "after"),
+        ("after=ABCDEF012345".into(), "after"),
+        (
+            "after=0123456789ab".into(),
+            "after: 0123456789ab is no key of big",
+        ),
+        (format!("after={outside}"), "is no key of big"),
+        ("limit=20000".into(), "limit"),
     ] {
         let (st, v) = get(&server, &admin, &format!("{kbase}&{query}"));
         assert_eq!(st, 400, "{query}: {v}");

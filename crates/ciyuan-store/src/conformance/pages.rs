@@ -37,19 +37,23 @@ pub(crate) fn all_accounts(s: &dyn Store, under: &AccountPath, limit: usize) -> 
     }
 }
 
-/// Every key of `under`, read `limit` at a time.
+/// Every key of `under`, read `limit` at a time: (node, id) in order.
 #[track_caller]
-pub(crate) fn all_keys(s: &dyn Store, under: &AccountPath, limit: usize) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
+pub(crate) fn all_keys(s: &dyn Store, under: &AccountPath, limit: usize) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut after: Option<(AccountPath, String)> = None;
     loop {
-        let after = out.last().map(String::as_str);
         let page = ok(
-            s.keys_page(under, after, limit),
+            s.keys_page(under, after.as_ref().map(|(p, id)| (p, id.as_str())), limit),
             &format!("keys_page({under}, {after:?}, {limit})"),
         );
         assert!(page.len() <= limit, "a page of {} > {limit}", page.len());
+        let Some(last) = page.last() else {
+            return out;
+        };
+        after = Some((last.account.clone(), last.key_id.clone()));
         let short = page.len() < limit;
-        out.extend(page.into_iter().map(|k| k.key_id));
+        out.extend(page.into_iter().map(|k| (k.account.to_string(), k.key_id)));
         if short {
             return out;
         }
@@ -139,9 +143,9 @@ pub(crate) fn accounts_page_by_cursor(s: &dyn Store) {
     );
 }
 
-/// Keys a page at a time: every key of a subtree once, in byte order of the id, keys
-/// created between pages read when their id sorts after the cursor; a revoked key is
-/// still listed.
+/// Keys a page at a time: every key of a subtree once, in byte order of its node's
+/// path then of its id, keys created between pages read when they sort after the
+/// cursor; a revoked key is still listed.
 pub(crate) fn keys_page_by_cursor(s: &dyn Store) {
     let key = |id: &str, account: &str| KeyRecord {
         key_id: id.into(),
@@ -151,24 +155,39 @@ pub(crate) fn keys_page_by_cursor(s: &dyn Store) {
         created_at: ts("2026-01-01T00:00:00Z"),
         revoked_at: None,
     };
-    let accounts = ["acme/cn", "acme", "acme-x", "/", "acme/cn/hr"];
+    // Nodes (the root among them) whose byte order differs from a collation's, and
+    // ids likewise, several on a node.
+    let nodes = [
+        "acme/cn",
+        "acme",
+        "acme-x",
+        "/",
+        "acme/cn/hr",
+        "acme/C",
+        "acme.x",
+    ];
     let mut hash = 0u8;
-    let mut insert = |id: &str, account: &str| {
+    let mut made: Vec<(String, String)> = Vec::new();
+    let mut insert = |id: &str, account: &str, made: &mut Vec<(String, String)>| {
         hash += 1;
         ok(s.insert_key(&key(id, account), &[hash; 32]), "insert_key");
+        made.push((path(account).to_string(), id.to_string()));
     };
     for (i, id) in KEY_IDS.iter().enumerate() {
-        insert(id, accounts[i % accounts.len()]);
+        insert(id, nodes[i % nodes.len()], &mut made);
+        insert(&format!("{id}x"), nodes[(i + 3) % nodes.len()], &mut made);
     }
-    let ids_within = |under: &str| -> Vec<String> {
+    let within = |made: &[(String, String)], under: &str| -> Vec<(String, String)> {
         let under = path(under);
-        let mut v: Vec<String> = KEY_IDS
+        let mut v: Vec<(String, String)> = made
             .iter()
-            .enumerate()
-            .filter(|(i, _)| path(accounts[i % accounts.len()]).is_within(&under))
-            .map(|(_, id)| id.to_string())
+            .filter(|(node, _)| path(if node.is_empty() { "/" } else { node }).is_within(&under))
+            .cloned()
             .collect();
-        v.sort();
+        v.sort_by(|a, b| {
+            let node = |n: &String| if n == "/" { String::new() } else { n.clone() };
+            (node(&a.0), &a.1).cmp(&(node(&b.0), &b.1))
+        });
         v
     };
     ok(
@@ -176,8 +195,8 @@ pub(crate) fn keys_page_by_cursor(s: &dyn Store) {
         "revoke_key",
     );
     for under in ["acme", "acme/cn", "/"] {
-        let want = ids_within(under);
-        assert!(!want.is_empty(), "{under} has keys");
+        let want = within(&made, under);
+        assert!(want.len() > 2, "{under} has keys");
         for limit in 1..=want.len() + 1 {
             assert_eq!(all_keys(s, &path(under), limit), want, "{under} by {limit}");
         }
@@ -187,30 +206,82 @@ pub(crate) fn keys_page_by_cursor(s: &dyn Store) {
         ok(s.keys_page(&path("nobody"), None, 10), "keys of no node").is_empty(),
         "a subtree with no node has no keys"
     );
+    // A cursor is a position: on no key, or a node outside the subtree.
+    let from = |node: &str, id: &str| -> Vec<String> {
+        ok(
+            s.keys_page(&path("acme"), Some((&path(node), id)), 100),
+            &format!("keys_page(acme, {node} {id})"),
+        )
+        .into_iter()
+        .map(|k| format!("{} {}", k.account, k.key_id))
+        .collect()
+    };
+    let listed = |want: Vec<(String, String)>| -> Vec<String> {
+        want.into_iter()
+            .map(|(n, id)| format!("{n} {id}"))
+            .collect()
+    };
+    let all = within(&made, "acme");
+    assert_eq!(from("a", "zz"), listed(all.clone()));
+    assert_eq!(
+        from("acme", "k0"),
+        listed(
+            all.iter()
+                .filter(|(n, id)| n != "acme" || id.as_str() > "k0")
+                .cloned()
+                .collect()
+        )
+    );
+    assert_eq!(
+        from("acme-x", "k0"),
+        listed(all.iter().filter(|(n, _)| n != "acme").cloned().collect())
+    );
+    assert!(from("zz", "").is_empty());
 
-    let first = ok(s.keys_page(&AccountPath::root(), None, 4), "first page");
-    let cursor: Vec<String> = first.into_iter().map(|k| k.key_id).collect();
-    assert_eq!(cursor, ["K2", "k-1", "k.1", "k/1"]);
-    insert("k+", "acme");
-    insert("k0", "acme/cn");
-    insert("kz", "/");
-    let mut seen = cursor;
-    loop {
-        let after = seen.last().cloned();
+    // Keys created while a listing is under way: read when after the cursor.
+    let first = ok(s.keys_page(&AccountPath::root(), None, 5), "first page");
+    let Some(last) = first.last() else {
+        unreachable!("five keys were made")
+    };
+    let cursor = (last.account.clone(), last.key_id.clone());
+    let mut seen: Vec<(String, String)> = first
+        .iter()
+        .map(|k| (k.account.to_string(), k.key_id.clone()))
+        .collect();
+    let mut late = Vec::new();
+    assert_eq!((cursor.0.as_str(), cursor.1.as_str()), ("acme", "k_1"));
+    insert("a0", "/", &mut late);
+    insert("a1", "acme", &mut late);
+    insert("zz0", "acme", &mut late);
+    insert("zz1", "acme/cn/hr", &mut late);
+    insert("a2", "acme/a", &mut late);
+    let mut after = Some(cursor);
+    while let Some((node, id)) = after.take() {
         let page = ok(
-            s.keys_page(&AccountPath::root(), after.as_deref(), 4),
+            s.keys_page(&AccountPath::root(), Some((&node, &id)), 5),
             "page",
         );
-        if page.is_empty() {
-            break;
+        if let Some(k) = page.last() {
+            after = Some((k.account.clone(), k.key_id.clone()));
         }
-        seen.extend(page.into_iter().map(|k| k.key_id));
+        seen.extend(page.into_iter().map(|k| (k.account.to_string(), k.key_id)));
     }
-    let mut want = ids_within("/");
-    want.extend(["k0".to_string(), "kz".to_string()]);
-    want.sort();
+    let before = seen.len();
+    let mut want = within(&made, "/");
+    for k in &late {
+        if !want.contains(k) {
+            want.push(k.clone());
+        }
+    }
+    let want = within(&want, "/");
+    let missing: Vec<&(String, String)> = want.iter().filter(|k| !seen.contains(k)).collect();
     assert_eq!(
-        seen, want,
-        "created before the cursor are not read, after are"
+        missing,
+        [
+            &("/".to_string(), "a0".to_string()),
+            &("acme".to_string(), "a1".to_string())
+        ],
+        "only the keys created before the cursor are not read"
     );
+    assert_eq!(before, want.len() - 2, "each key once");
 }
