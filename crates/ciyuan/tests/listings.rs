@@ -63,7 +63,22 @@ fn api_pages(
 #[test]
 fn accounts_and_keys_are_listed_page_by_page() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("data"));
+    listed_page_by_page(Server::start(&tmp.path().join("data")));
+}
+
+#[test]
+fn accounts_and_keys_are_listed_page_by_page_on_postgres() {
+    let cluster = ciyuan_store_postgres::testing::TestCluster::start()
+        .expect("PostgreSQL for the tests (initdb, pg_ctl)");
+    let url = cluster.database("listings").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    listed_page_by_page(Server::start_with(
+        &tmp.path().join("node"),
+        &["--database", &url],
+    ));
+}
+
+fn listed_page_by_page(server: Server) {
     let admin = server.bootstrap.clone().unwrap();
 
     // Names whose byte order differs from a language's collation ('-', '.', '_',
