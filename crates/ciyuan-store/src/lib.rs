@@ -330,8 +330,8 @@ pub trait Store: Send + Sync + 'static {
     /// At most `limit` nodes of a subtree (the node itself included) whose path sorts
     /// after `after` (all from the start when `None`), in byte order of the path: a
     /// cursor, since a tree may have any number of nodes. `after` is a position, not a
-    /// row: it need not exist, so a listing goes on whatever is created or renamed
-    /// meanwhile, each node at most once.
+    /// row (it need not exist): a listing reads every node once, and of the nodes
+    /// created meanwhile those that sort after where it stands.
     fn accounts_page(
         &self,
         under: &AccountPath,
