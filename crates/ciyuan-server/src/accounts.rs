@@ -246,12 +246,43 @@ pub async fn update(
     Ok(axum::Json(load(&app, path).await?))
 }
 
+/// Rows a listing answers when the caller names no `limit`.
+const DEFAULT_PAGE: usize = 1000;
+/// Most rows a listing answers.
+const MAX_PAGE: usize = 10_000;
+
+/// A listing's `limit` parameter: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
+pub(crate) fn page_limit(raw: Option<&str>) -> Result<usize, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(DEFAULT_PAGE);
+    };
+    match raw.parse::<usize>() {
+        Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        _ => Err(ApiError::bad_request(format!(
+            "limit: {raw:?} is not a number of rows from 1 to {MAX_PAGE}"
+        ))),
+    }
+}
+
+/// Cuts a page read with one row more than `limit` back to `limit`; true when that row
+/// was there, so another page follows.
+pub(crate) fn more_after<T>(rows: &mut Vec<T>, limit: usize) -> bool {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    more
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     under: Option<String>,
+    /// The `next` of the previous page: the path of its last node.
+    after: Option<String>,
+    limit: Option<String>,
 }
 
+/// `GET /api/v1/accounts?under=&after=&limit=`: a page of a subtree's nodes in path
+/// order, with `next` (the `after` of the next page) unless it is the last.
 pub async fn list(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -263,9 +294,28 @@ pub async fn list(
         None => caller.key.account.clone(),
     };
     caller.require_within(&under)?;
-    let accounts = app
-        .blocking(move |app| app.store.accounts(&under).map_err(ApiError::from))
+    let limit = page_limit(q.limit.as_deref())?;
+    let after = q.after.map(|a| parse_path(&a, "after")).transpose()?;
+    if let Some(a) = &after
+        && !a.is_within(&under)
+    {
+        return Err(ApiError::bad_request(format!(
+            "after: {a} is not within {under}; pass the next of the previous page of this listing"
+        )));
+    }
+    let mut accounts = app
+        .blocking(move |app| {
+            app.store
+                .accounts_page(&under, after.as_ref(), limit + 1)
+                .map_err(ApiError::from)
+        })
         .await?;
+    let more = more_after(&mut accounts, limit);
+    let next = accounts.last().filter(|_| more).map(|a| a.path.to_string());
     let dtos: Vec<AccountDto> = accounts.into_iter().map(AccountDto::from).collect();
-    Ok(axum::Json(serde_json::json!({ "accounts": dtos })))
+    let mut body = serde_json::json!({ "accounts": dtos });
+    if let Some(n) = next {
+        body["next"] = n.into();
+    }
+    Ok(axum::Json(body))
 }

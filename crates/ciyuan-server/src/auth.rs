@@ -58,6 +58,11 @@ pub fn parse_key(key: &str) -> Option<&str> {
     (hex(id) && hex(secret)).then_some(id)
 }
 
+/// Whether `id` has the shape of a key id (the 12 hex digits after `cy_`).
+pub fn is_key_id(id: &str) -> bool {
+    id.len() == ID_HEX && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// SHA-256 of a key string.
 pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
@@ -212,6 +217,16 @@ mod tests {
         assert!(k.secret.starts_with("cy_"));
         assert_eq!(k.secret.len(), KEY_LEN);
         assert_eq!(parse_key(&k.secret), Some(k.key_id.as_str()));
+        assert!(is_key_id(&k.key_id));
+        for not_an_id in [
+            "0123456789a",
+            "0123456789abc",
+            "0123456789AB",
+            "0123456789ag",
+            "",
+        ] {
+            assert!(!is_key_id(not_an_id), "{not_an_id}");
+        }
         assert_eq!(k.hash, hash_key(&k.secret));
         assert!(parse_key("cy_short").is_none());
         assert!(parse_key(&k.secret.replace("cy_", "sk_")).is_none());

@@ -184,7 +184,7 @@ type JournalKey = (
 );
 
 /// The month's billing lines summed per node, service, model, category, key and
-/// currency (a voucher needs no finer grain), and the subtree's nodes: bounded by the
+/// currency (a voucher needs no finer grain), and those nodes' attributes: bounded by the
 /// tree and its models, not by the usage.
 fn journal_lines(
     app: &App,
@@ -220,13 +220,17 @@ fn journal_lines(
         }
         Ok(())
     })?;
-    let nodes = app
-        .store
-        .accounts(node)
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-        .into_iter()
-        .map(|a| (a.path, a.info))
-        .collect();
+    // The attributes (name, department) of the nodes with lines only: no more than the
+    // lines summed per node, however large the subtree read a page at a time.
+    let with_lines: std::collections::BTreeSet<&AccountPath> = sums.keys().map(|k| &k.0).collect();
+    let mut nodes = std::collections::BTreeMap::new();
+    ciyuan_store::each_account(app.store.as_ref(), node, &mut |a| {
+        if with_lines.contains(&a.path) {
+            nodes.insert(a.path, a.info);
+        }
+    })
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    drop(with_lines);
     Ok((sums.into_values().collect(), nodes))
 }
 

@@ -1,6 +1,7 @@
 //! `/api/v1/keys`: API keys, shown once, stored hashed.
 
-use crate::auth::{Caller, generate_key};
+use crate::accounts::{more_after, page_limit};
+use crate::auth::{Caller, generate_key, is_key_id};
 use crate::error::ApiError;
 use crate::extract::{Json, PathParam, Query};
 use crate::{App, parse_path};
@@ -94,8 +95,14 @@ pub async fn create(
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     account: Option<String>,
+    /// The `next` of the previous page: the id of its last key.
+    after: Option<String>,
+    limit: Option<String>,
 }
 
+/// `GET /api/v1/keys?account=&after=&limit=`: a page of a subtree's keys by node (in
+/// path order) then id, with `next` (the `after` of the next page: the id of its last
+/// key) unless it is the last.
 pub async fn list(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -107,11 +114,47 @@ pub async fn list(
         None => caller.key.account.clone(),
     };
     caller.require_within(&under)?;
-    let keys = app
-        .blocking(move |app| app.store.keys(&under).map_err(ApiError::from))
+    let limit = page_limit(q.limit.as_deref())?;
+    if let Some(a) = &q.after
+        && !is_key_id(a)
+    {
+        return Err(ApiError::bad_request(format!(
+            "after: {a:?} is not a key id (12 hex digits); pass the next of the previous page"
+        )));
+    }
+    let mut keys = app
+        .blocking(move |app| {
+            // The cursor is the last key listed; the page goes on from its node. A key
+            // outside the subtree answers as one that does not exist, so ids of other
+            // tenants' keys cannot be probed.
+            let after = match q.after {
+                Some(id) => match app.store.key(&id)? {
+                    Some(k) if k.account.is_within(&under) => Some((k.account, id)),
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "after: {id} is no key of {under}; pass the next of the previous page"
+                        )));
+                    }
+                },
+                None => None,
+            };
+            app.store
+                .keys_page(
+                    &under,
+                    after.as_ref().map(|(n, id)| (n, id.as_str())),
+                    limit + 1,
+                )
+                .map_err(ApiError::from)
+        })
         .await?;
+    let more = more_after(&mut keys, limit);
+    let next = keys.last().filter(|_| more).map(|k| k.key_id.clone());
     let dtos: Vec<KeyDto> = keys.into_iter().map(KeyDto::from).collect();
-    Ok(axum::Json(serde_json::json!({ "keys": dtos })))
+    let mut body = serde_json::json!({ "keys": dtos });
+    if let Some(n) = next {
+        body["next"] = n.into();
+    }
+    Ok(axum::Json(body))
 }
 
 async fn find(app: &Arc<App>, caller: &Caller, key_id: String) -> Result<KeyRecord, ApiError> {

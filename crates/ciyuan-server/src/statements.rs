@@ -559,12 +559,14 @@ impl App {
         let rule = Allocation::parse(&spec).map_err(|e| {
             ApiError::unprocessable(format!("metadata.{ALLOCATION_KEY} of {node}: {e}"))
         })?;
-        let kids: Vec<ciyuan_store::Account> = self
-            .store
-            .accounts(node)?
-            .into_iter()
-            .filter(|a| a.path.depth() == node.depth() + 1)
-            .collect();
+        // The children only are kept (as many as the subtotals already held); the
+        // subtree below them is read a page at a time and passed over.
+        let mut kids: Vec<ciyuan_store::Account> = Vec::new();
+        ciyuan_store::each_account(self.store.as_ref(), node, &mut |a| {
+            if a.path.depth() == node.depth() + 1 {
+                kids.push(a);
+            }
+        })?;
         if kids.is_empty() {
             return Ok(Vec::new());
         }

@@ -82,6 +82,8 @@ CREATE TABLE rules_barrier (
 );
 ALTER TABLE nodes ADD COLUMN paused BIGINT;
 "#,
+    // 8: keys listed a page at a time (`Store::keys_page`).
+    store::MIGRATION_KEYS_BY_NODE,
 ];
 
 /// The schema version this build writes.

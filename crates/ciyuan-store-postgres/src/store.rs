@@ -11,8 +11,8 @@ use crate::Pool;
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Entry, ExactSum, Scopes};
 use ciyuan_store::{
-    Account, Change, CostRow, HourFilter, HourRow, KeyRecord, LineRow, Recorded, Store, StoreError,
-    TierUnits,
+    Account, Change, CostRow, HourFilter, HourRow, KeyRecord, LineRow, OwnRows, RangeStart,
+    Recorded, Store, StoreError, SubtreeSeek, TierUnits, subtree_seek,
 };
 use postgres::types::ToSql;
 
@@ -94,6 +94,45 @@ fn subtree(column: &str, path: &AccountPath, n: usize) -> (String, Vec<String>) 
             ],
         )
     }
+}
+
+/// SQL selecting the descendants' range of `seek` on `column`, with its values bound
+/// from `$1`; `cursor` is the condition (`?` for each value) and the values of the rows
+/// after the cursor, for a cursor standing in the range.
+fn range(column: &str, seek: &SubtreeSeek, cursor: (&str, Vec<String>)) -> (String, Vec<String>) {
+    let (mut cond, mut args) = match &seek.from {
+        RangeStart::From(p) => (format!("{column} >= ?"), vec![p.clone()]),
+        RangeStart::After(p) => (format!("{column} > ?"), vec![p.clone()]),
+        RangeStart::Cursor => (cursor.0.to_string(), cursor.1),
+    };
+    if let Some(to) = &seek.to {
+        cond.push_str(&format!(" AND {column} < ?"));
+        args.push(to.clone());
+    }
+    let mut numbered = String::with_capacity(cond.len() + 8);
+    let mut n = 0;
+    for c in cond.chars() {
+        if c == '?' {
+            n += 1;
+            numbered.push_str(&format!("${n}"));
+        } else {
+            numbered.push(c);
+        }
+    }
+    (numbered, args)
+}
+
+/// What is left of a page of `limit` rows once `got` are read.
+fn rest_of(limit: usize, got: usize) -> Result<usize, StoreError> {
+    limit
+        .checked_sub(got)
+        .ok_or_else(|| StoreError::Backend(format!("{got} rows read for a page of {limit}")))
+}
+
+/// A page's size as SQL's `LIMIT` reads it: a signed 64-bit integer, so more than it
+/// holds is no limit at all.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 fn params(v: &[String]) -> Vec<&(dyn ToSql + Sync)> {
@@ -257,6 +296,12 @@ CREATE TABLE quality_hours (
     first BIGINT NOT NULL,
     last  BIGINT NOT NULL
 );
+"#;
+
+/// Keys listed a page at a time in (node, id) order, each page one index seek.
+pub(crate) const MIGRATION_KEYS_BY_NODE: &str = r#"
+DROP INDEX keys_account;
+CREATE INDEX keys_account_id ON keys (account, key_id);
 "#;
 
 /// The store's schema, as a migration of the crate's list.
@@ -891,17 +936,34 @@ impl Store for Inner {
         .transpose()
     }
 
-    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError> {
-        let (cond, args) = subtree("path", under, 1);
-        self.query(
+    fn accounts_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&AccountPath>,
+        limit: usize,
+    ) -> Result<Vec<Account>, StoreError> {
+        let seek = subtree_seek(under, after.map(AccountPath::as_str));
+        let mut out = Vec::new();
+        if seek.own == OwnRows::All
+            && limit > 0
+            && let Some(node) = self.account(under)?
+        {
+            out.push(node);
+        }
+        let cursor = after.map(|a| a.as_str().to_string());
+        let (cond, args) = range("path", &seek, ("path > ?", cursor.into_iter().collect()));
+        let rest = rest_of(limit, out.len())?;
+        for row in self.query(
             &format!(
-                "SELECT path, info, created_at, created_entry FROM accounts WHERE {cond} ORDER BY path"
+                "SELECT path, info, created_at, created_entry FROM accounts WHERE {cond}
+                 ORDER BY path LIMIT {}",
+                sql_limit(rest)
             ),
             &args,
-        )?
-        .iter()
-        .map(account_from_row)
-        .collect()
+        )? {
+            out.push(account_from_row(&row)?);
+        }
+        Ok(out)
     }
 
     fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError> {
@@ -951,15 +1013,56 @@ impl Store for Inner {
             .transpose()
     }
 
-    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError> {
-        let (cond, args) = subtree("account", under, 1);
-        self.query(
-            &format!("SELECT {KEY_COLUMNS} FROM keys WHERE {cond} ORDER BY seq"),
-            &args,
-        )?
-        .iter()
-        .map(key_from_row)
-        .collect()
+    fn keys_page(
+        &self,
+        under: &AccountPath,
+        after: Option<(&AccountPath, &str)>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let seek = subtree_seek(under, after.map(|(node, _)| node.as_str()));
+        let read = |sql: String, args: Vec<String>| -> Result<Vec<KeyRecord>, StoreError> {
+            self.query(&sql, &args)?.iter().map(key_from_row).collect()
+        };
+        let own = match (seek.own, after) {
+            (OwnRows::All, _) => Some(("account = $1", vec![under.as_str().to_string()])),
+            (OwnRows::AfterCursor, Some((_, id))) => Some((
+                "account = $1 AND key_id > $2",
+                vec![under.as_str().to_string(), id.to_string()],
+            )),
+            _ => None,
+        };
+        let mut out = match own {
+            Some((cond, args)) => read(
+                format!(
+                    "SELECT {KEY_COLUMNS} FROM keys WHERE {cond} ORDER BY key_id LIMIT {}",
+                    sql_limit(limit)
+                ),
+                args,
+            )?,
+            None => Vec::new(),
+        };
+        // The row value seeks the (account, key_id) index at the cursor.
+        let cursor = after.map_or_else(Vec::new, |(node, id)| {
+            vec![
+                node.as_str().to_string(),
+                node.as_str().to_string(),
+                id.to_string(),
+            ]
+        });
+        let (cond, args) = range(
+            "account",
+            &seek,
+            ("account >= ? AND (account, key_id) > (?, ?)", cursor),
+        );
+        let rest = rest_of(limit, out.len())?;
+        out.extend(read(
+            format!(
+                "SELECT {KEY_COLUMNS} FROM keys WHERE {cond} ORDER BY account, key_id LIMIT {}",
+                sql_limit(rest)
+            ),
+            args,
+        )?);
+        Ok(out)
     }
 
     fn key_count(&self) -> Result<u64, StoreError> {
@@ -1425,8 +1528,13 @@ impl Store for PgStore {
         crate::off_runtime(|| self.inner.account(path))
     }
 
-    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError> {
-        crate::off_runtime(|| self.inner.accounts(under))
+    fn accounts_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&AccountPath>,
+        limit: usize,
+    ) -> Result<Vec<Account>, StoreError> {
+        crate::off_runtime(|| self.inner.accounts_page(under, after, limit))
     }
 
     fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError> {
@@ -1441,8 +1549,13 @@ impl Store for PgStore {
         crate::off_runtime(|| self.inner.key(key_id))
     }
 
-    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError> {
-        crate::off_runtime(|| self.inner.keys(under))
+    fn keys_page(
+        &self,
+        under: &AccountPath,
+        after: Option<(&AccountPath, &str)>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        crate::off_runtime(|| self.inner.keys_page(under, after, limit))
     }
 
     fn key_count(&self) -> Result<u64, StoreError> {

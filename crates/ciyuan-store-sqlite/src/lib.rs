@@ -9,7 +9,10 @@
 
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Entry, Scopes};
-use ciyuan_store::{Account, Change, HourFilter, HourRow, KeyRecord, Recorded, Store, StoreError};
+use ciyuan_store::{
+    Account, Change, HourFilter, HourRow, KeyRecord, OwnRows, RangeStart, Recorded, Store,
+    StoreError, SubtreeSeek, subtree_seek,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -264,6 +267,11 @@ CREATE TABLE report_progress (
     account      TEXT NOT NULL,
     delivered    TEXT NOT NULL
 ) WITHOUT ROWID;
+"#,
+    // 11: keys listed a page at a time in (node, id) order, each page one index seek.
+    r#"
+DROP INDEX keys_account;
+CREATE INDEX keys_account_id ON keys (account, key_id);
 "#,
 ];
 
@@ -554,6 +562,35 @@ fn subtree(column: &str, path: &AccountPath) -> (String, Vec<String>) {
             ],
         )
     }
+}
+
+/// SQL selecting the descendants' range of `seek` on `column`, with its values;
+/// `cursor` is the condition (and its values) of the rows after the cursor, for a
+/// cursor standing in the range.
+fn range(column: &str, seek: &SubtreeSeek, cursor: (&str, Vec<String>)) -> (String, Vec<String>) {
+    let (mut cond, mut args) = match &seek.from {
+        RangeStart::From(p) => (format!("{column} >= ?"), vec![p.clone()]),
+        RangeStart::After(p) => (format!("{column} > ?"), vec![p.clone()]),
+        RangeStart::Cursor => (cursor.0.to_string(), cursor.1),
+    };
+    if let Some(to) = &seek.to {
+        cond.push_str(&format!(" AND {column} < ?"));
+        args.push(to.clone());
+    }
+    (cond, args)
+}
+
+/// What is left of a page of `limit` rows once `got` are read.
+fn rest_of(limit: usize, got: usize) -> Result<usize, StoreError> {
+    limit
+        .checked_sub(got)
+        .ok_or_else(|| StoreError::Backend(format!("{got} rows read for a page of {limit}")))
+}
+
+/// A page's size as SQL's `LIMIT` reads it: a signed 64-bit integer, so more than it
+/// holds is no limit at all.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 fn parse_ts(s: &str) -> Result<Timestamp, StoreError> {
@@ -1129,12 +1166,29 @@ impl Store for SqliteStore {
         raw.map(account_from_raw).transpose()
     }
 
-    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError> {
-        let (cond, args) = subtree("path", under);
+    fn accounts_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&AccountPath>,
+        limit: usize,
+    ) -> Result<Vec<Account>, StoreError> {
+        let seek = subtree_seek(under, after.map(AccountPath::as_str));
+        let mut out = Vec::new();
+        if seek.own == OwnRows::All
+            && limit > 0
+            && let Some(node) = self.account(under)?
+        {
+            out.push(node);
+        }
+        let cursor = after.map(|a| a.as_str().to_string());
+        let (cond, args) = range("path", &seek, ("path > ?", cursor.into_iter().collect()));
+        let rest = rest_of(limit, out.len())?;
         let conn = self.conn();
         let mut stmt = conn
             .prepare(&format!(
-                "SELECT path, info, created_at, created_entry FROM accounts WHERE {cond} ORDER BY path"
+                "SELECT path, info, created_at, created_entry FROM accounts WHERE {cond}
+                 ORDER BY path LIMIT {}",
+                sql_limit(rest)
             ))
             .map_err(backend)?;
         let rows = stmt
@@ -1142,8 +1196,10 @@ impl Store for SqliteStore {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
             .map_err(backend)?;
-        rows.map(|r| account_from_raw(r.map_err(backend)?))
-            .collect()
+        for r in rows {
+            out.push(account_from_raw(r.map_err(backend)?)?);
+        }
+        Ok(out)
     }
 
     fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError> {
@@ -1199,18 +1255,61 @@ impl Store for SqliteStore {
         raw.map(key_from_raw).transpose()
     }
 
-    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError> {
-        let (cond, args) = subtree("account", under);
+    fn keys_page(
+        &self,
+        under: &AccountPath,
+        after: Option<(&AccountPath, &str)>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let seek = subtree_seek(under, after.map(|(node, _)| node.as_str()));
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {KEY_COLUMNS} FROM keys WHERE {cond} ORDER BY seq"
-            ))
-            .map_err(backend)?;
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(args.iter()), raw_key)
-            .map_err(backend)?;
-        rows.map(|r| key_from_raw(r.map_err(backend)?)).collect()
+        let read = |sql: String, args: Vec<String>| -> Result<Vec<KeyRecord>, StoreError> {
+            let mut stmt = conn.prepare(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), raw_key)
+                .map_err(backend)?;
+            rows.map(|r| key_from_raw(r.map_err(backend)?)).collect()
+        };
+        let own = match (seek.own, after) {
+            (OwnRows::All, _) => Some(("account = ?", vec![under.as_str().to_string()])),
+            (OwnRows::AfterCursor, Some((_, id))) => Some((
+                "account = ? AND key_id > ?",
+                vec![under.as_str().to_string(), id.to_string()],
+            )),
+            _ => None,
+        };
+        let mut out = match own {
+            Some((cond, args)) => read(
+                format!(
+                    "SELECT {KEY_COLUMNS} FROM keys WHERE {cond} ORDER BY key_id LIMIT {}",
+                    sql_limit(limit)
+                ),
+                args,
+            )?,
+            None => Vec::new(),
+        };
+        // The row value seeks the (account, key_id) index at the cursor.
+        let cursor = after.map_or_else(Vec::new, |(node, id)| {
+            vec![
+                node.as_str().to_string(),
+                node.as_str().to_string(),
+                id.to_string(),
+            ]
+        });
+        let (cond, args) = range(
+            "account",
+            &seek,
+            ("account >= ? AND (account, key_id) > (?, ?)", cursor),
+        );
+        let rest = rest_of(limit, out.len())?;
+        out.extend(read(
+            format!(
+                "SELECT {KEY_COLUMNS} FROM keys WHERE {cond} ORDER BY account, key_id LIMIT {}",
+                sql_limit(rest)
+            ),
+            args,
+        )?);
+        Ok(out)
     }
 
     fn key_count(&self) -> Result<u64, StoreError> {

@@ -42,9 +42,14 @@ impl Store for BrokenAfterReset {
     fn account(&self, path: &AccountPath) -> Result<Option<Account>, StoreError> {
         self.inner.account(path)
     }
-    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError> {
+    fn accounts_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&AccountPath>,
+        limit: usize,
+    ) -> Result<Vec<Account>, StoreError> {
         self.broken()?;
-        self.inner.accounts(under)
+        self.inner.accounts_page(under, after, limit)
     }
     fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError> {
         self.inner.insert_key(key, secret_hash)
@@ -55,8 +60,13 @@ impl Store for BrokenAfterReset {
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.key(key_id)
     }
-    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.keys(under)
+    fn keys_page(
+        &self,
+        under: &AccountPath,
+        after: Option<(&AccountPath, &str)>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.keys_page(under, after, limit)
     }
     fn key_count(&self) -> Result<u64, StoreError> {
         self.inner.key_count()

@@ -3,6 +3,7 @@
 //! [`Store`] suite is [`run_all`]; the [`crate::Log`] suite is [`log::run_all`].
 
 pub mod log;
+mod pages;
 
 use crate::{HourFilter, KeyRecord, Store, StoreError};
 use ciyuan_core::jiff::Timestamp;
@@ -66,6 +67,8 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     projections_apply_in_parts(make().as_ref());
     accounts_and_subtrees(make().as_ref());
     keys_lifecycle(make().as_ref());
+    pages::accounts_page_by_cursor(make().as_ref());
+    pages::keys_page_by_cursor(make().as_ref());
     usage_rollups_and_reset(make().as_ref());
     ingest_index(make().as_ref());
     budgets_access_flags_and_incidents(make().as_ref());
@@ -881,10 +884,7 @@ fn projections_apply_in_parts(s: &dyn Store) {
     );
     assert!(s.apply_parts(4, &[]).is_ok());
     assert_eq!(s.projected_through().ok(), Some(4));
-    let paths: Vec<String> = ok(s.accounts(&AccountPath::root()), "accounts(/)")
-        .iter()
-        .map(|a| a.path.to_string())
-        .collect();
+    let paths = pages::all_accounts(s, &AccountPath::root(), 100);
     assert_eq!(paths, ["a", "c", "d", "d/e"]);
 }
 
@@ -897,12 +897,7 @@ fn accounts_and_subtrees(s: &dyn Store) {
         created("acme/us"),
     ];
     assert!(s.apply(0, &entries).is_ok());
-    let names = |under: &str| -> Vec<String> {
-        ok(s.accounts(&path(under)), "accounts()")
-            .iter()
-            .map(|a| a.path.to_string())
-            .collect()
-    };
+    let names = |under: &str| pages::all_accounts(s, &path(under), 2);
     assert_eq!(names("acme"), ["acme", "acme/cn", "acme/cn/hr", "acme/us"]);
     assert_eq!(names("acme/cn"), ["acme/cn", "acme/cn/hr"]);
     assert_eq!(names("/").len(), 5);
@@ -956,12 +951,12 @@ fn keys_lifecycle(s: &dyn Store) {
         Some(AccountPath::root())
     );
     assert!(ok(s.key_by_hash(&[9; 32]), "key_by_hash(unknown)").is_none());
-    let ids: Vec<String> = ok(s.keys(&path("acme")), "keys(acme)")
+    let ids: Vec<String> = pages::all_keys(s, &path("acme"), 1)
         .into_iter()
-        .map(|k| k.key_id)
+        .map(|(_, id)| id)
         .collect();
     assert_eq!(ids, ["k1", "k2"]);
-    assert_eq!(s.keys(&AccountPath::root()).map(|k| k.len()).ok(), Some(3));
+    assert_eq!(pages::all_keys(s, &AccountPath::root(), 2).len(), 3);
     let at = ts("2026-02-01T00:00:00Z");
     let revoked = s.revoke_key("k1", at).ok().flatten();
     assert_eq!(revoked.and_then(|k| k.revoked_at), Some(at));
@@ -1031,5 +1026,11 @@ fn usage_rollups_and_reset(s: &dyn Store) {
     assert!(s.reset_projections().is_ok());
     assert_eq!(s.projected_through().ok(), Some(0));
     assert_eq!(s.usage_hours(&filter).map(|r| r.len()).ok(), Some(0));
-    assert!(ok(s.accounts(&AccountPath::root()), "accounts() after a reset").is_empty());
+    assert!(
+        ok(
+            s.accounts_page(&AccountPath::root(), None, 10),
+            "accounts_page() after a reset"
+        )
+        .is_empty()
+    );
 }

@@ -347,8 +347,17 @@ pub trait Store: Send + Sync + 'static {
     /// One account node.
     fn account(&self, path: &AccountPath) -> Result<Option<Account>, StoreError>;
 
-    /// The nodes of a subtree (the node itself included), in path order.
-    fn accounts(&self, under: &AccountPath) -> Result<Vec<Account>, StoreError>;
+    /// At most `limit` nodes of a subtree (the node itself included) whose path sorts
+    /// after `after` (all from the start when `None`), in byte order of the path: a
+    /// cursor, since a tree may have any number of nodes. `after` is a position, not a
+    /// row (it need not exist): a listing reads every node once, and of the nodes
+    /// created meanwhile those that sort after where it stands.
+    fn accounts_page(
+        &self,
+        under: &AccountPath,
+        after: Option<&AccountPath>,
+        limit: usize,
+    ) -> Result<Vec<Account>, StoreError>;
 
     /// Stores a new key with the SHA-256 of its secret.
     fn insert_key(&self, key: &KeyRecord, secret_hash: &[u8; 32]) -> Result<(), StoreError>;
@@ -359,8 +368,15 @@ pub trait Store: Send + Sync + 'static {
     /// One key by id.
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError>;
 
-    /// Keys of a subtree, in creation order.
-    fn keys(&self, under: &AccountPath) -> Result<Vec<KeyRecord>, StoreError>;
+    /// At most `limit` keys of a subtree after the position `after` (a key's node and
+    /// id; all from the start when `None`), in byte order of the node's path, then of
+    /// the id: a cursor, as [`Store::accounts_page`].
+    fn keys_page(
+        &self,
+        under: &AccountPath,
+        after: Option<(&AccountPath, &str)>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
 
     /// Number of keys ever created (revoked included).
     fn key_count(&self) -> Result<u64, StoreError>;
@@ -471,6 +487,99 @@ pub trait Store: Send + Sync + 'static {
     fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError>;
 }
 
+/// A subtree's rows after a cursor, as index ranges: a node's path sorts before its
+/// descendants', which are one range (`[p/, p0)`, as `'0'` is the byte after `'/'`),
+/// so a page is the node's own rows, then that range from where the cursor stands.
+/// Written as one condition (`path = p OR path in range`), a database reads the whole
+/// subtree and sorts it for every page; as two seeks it reads the page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubtreeSeek {
+    /// Which of the node's own rows the page starts with.
+    pub own: OwnRows,
+    /// Where the descendants' range starts.
+    pub from: RangeStart,
+    /// Where it ends (exclusive); `None` under the root, which holds every path.
+    pub to: Option<String>,
+}
+
+/// The node's own rows in a [`SubtreeSeek`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnRows {
+    /// All of them: no cursor, or one before the node.
+    All,
+    /// Those after the cursor, which stands on the node (for accounts: none).
+    AfterCursor,
+    /// None: the cursor is past the node.
+    Skip,
+}
+
+/// The start of the descendants' range in a [`SubtreeSeek`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RangeStart {
+    /// Paths from this one, included.
+    From(String),
+    /// Paths after this one.
+    After(String),
+    /// Rows after the cursor, which stands in the range.
+    Cursor,
+}
+
+/// Where a page of `under`'s rows starts when the last page ended on a row of path `at`
+/// (`None`: the first page). A cursor need not name a row, nor lie in the subtree.
+pub fn subtree_seek(under: &AccountPath, at: Option<&str>) -> SubtreeSeek {
+    let u = under.as_str();
+    let (start, to) = if under.is_root() {
+        (RangeStart::After(String::new()), None)
+    } else {
+        (RangeStart::From(format!("{u}/")), Some(format!("{u}0")))
+    };
+    let Some(a) = at else {
+        return SubtreeSeek {
+            own: OwnRows::All,
+            from: start,
+            to,
+        };
+    };
+    let in_range = match &start {
+        RangeStart::From(lo) => a >= lo.as_str(),
+        RangeStart::After(lo) => a > lo.as_str(),
+        RangeStart::Cursor => false,
+    };
+    let own = match a.cmp(u) {
+        std::cmp::Ordering::Less => OwnRows::All,
+        std::cmp::Ordering::Equal => OwnRows::AfterCursor,
+        std::cmp::Ordering::Greater => OwnRows::Skip,
+    };
+    SubtreeSeek {
+        own,
+        from: if in_range { RangeStart::Cursor } else { start },
+        to,
+    }
+}
+
+/// Nodes read per page by [`each_account`].
+const ACCOUNT_PAGE: usize = 1000;
+
+/// Calls `f` with every node of a subtree (the node itself included), in path order,
+/// read a page at a time ([`Store::accounts_page`]): memory holds one page, and what
+/// `f` keeps.
+pub fn each_account(
+    store: &dyn Store,
+    under: &AccountPath,
+    f: &mut dyn FnMut(Account),
+) -> Result<(), StoreError> {
+    let mut after: Option<AccountPath> = None;
+    loop {
+        let page = store.accounts_page(under, after.as_ref(), ACCOUNT_PAGE)?;
+        let full = page.len() == ACCOUNT_PAGE;
+        after = page.last().map(|a| a.path.clone());
+        page.into_iter().for_each(&mut *f);
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
 /// The time zone a node's periods are computed in: its own, else its nearest ancestor's,
 /// else UTC.
 pub fn effective_time_zone(store: &dyn Store, path: &AccountPath) -> Result<TimeZone, StoreError> {
@@ -489,3 +598,60 @@ pub fn effective_time_zone(store: &dyn Store, path: &AccountPath) -> Result<Time
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seek(under: &str, at: Option<&str>) -> SubtreeSeek {
+        let under = AccountPath::parse(under).map_err(|e| e.to_string());
+        subtree_seek(&under.unwrap_or_else(|e| unreachable!("{e}")), at)
+    }
+
+    #[test]
+    fn a_page_starts_where_the_cursor_stands() {
+        let range = |own, from| SubtreeSeek {
+            own,
+            from,
+            to: Some("acme0".into()),
+        };
+        let start = || RangeStart::From("acme/".into());
+        assert_eq!(seek("acme", None), range(OwnRows::All, start()));
+        assert_eq!(seek("acme", Some("a")), range(OwnRows::All, start()));
+        assert_eq!(
+            seek("acme", Some("acme")),
+            range(OwnRows::AfterCursor, start())
+        );
+        // Between the node and its descendants: a sibling such as acme-x.
+        assert_eq!(seek("acme", Some("acme-x")), range(OwnRows::Skip, start()));
+        assert_eq!(
+            seek("acme", Some("acme/")),
+            range(OwnRows::Skip, RangeStart::Cursor)
+        );
+        assert_eq!(
+            seek("acme", Some("acme/a")),
+            range(OwnRows::Skip, RangeStart::Cursor)
+        );
+        assert_eq!(
+            seek("acme", Some("zz")),
+            range(OwnRows::Skip, RangeStart::Cursor)
+        );
+        let root = |own, from| SubtreeSeek {
+            own,
+            from,
+            to: None,
+        };
+        assert_eq!(
+            seek("/", None),
+            root(OwnRows::All, RangeStart::After(String::new()))
+        );
+        assert_eq!(
+            seek("/", Some("")),
+            root(OwnRows::AfterCursor, RangeStart::After(String::new()))
+        );
+        assert_eq!(
+            seek("/", Some("a")),
+            root(OwnRows::Skip, RangeStart::Cursor)
+        );
+    }
+}

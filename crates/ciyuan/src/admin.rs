@@ -29,11 +29,18 @@ pub enum AccountsCmd {
         #[command(flatten)]
         remote: Remote,
     },
-    /// List a subtree.
+    /// List a subtree, in path order: every node, a page at a time, or one page with
+    /// --limit.
     List {
         /// Subtree (default: the key's own node).
         #[arg(long)]
         under: Option<String>,
+        /// Only nodes after this path (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// One page of at most this many nodes (1 to 10000), with where the next begins.
+        #[arg(long)]
+        limit: Option<u32>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -62,11 +69,18 @@ pub enum KeysCmd {
         #[command(flatten)]
         remote: Remote,
     },
-    /// List the keys of a subtree.
+    /// List the keys of a subtree, in id order: every key, a page at a time, or one
+    /// page with --limit.
     List {
         /// Subtree (default: the key's own node).
         #[arg(long)]
         account: Option<String>,
+        /// Only keys after this id (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// One page of at most this many keys (1 to 10000), with where the next begins.
+        #[arg(long)]
+        limit: Option<u32>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -178,6 +192,95 @@ fn str_of<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
+/// A listing the API answers a page at a time: rows under `field`, and `next`, the
+/// `after` of the following page, on every page but the last.
+struct Listing {
+    /// The endpoint.
+    path: &'static str,
+    /// Where the rows are in each page.
+    field: &'static str,
+    /// Its own parameter (the subtree), encoded.
+    query: Option<String>,
+}
+
+/// Writes one line of a listing.
+type Line<'a> = &'a dyn Fn(&mut dyn Write, &Value) -> std::io::Result<()>;
+
+impl Listing {
+    fn url(&self, after: Option<&str>, limit: Option<u32>) -> String {
+        let mut q: Vec<String> = self.query.iter().cloned().collect();
+        if let Some(a) = after {
+            q.push(format!("after={}", enc(a)));
+        }
+        if let Some(l) = limit {
+            q.push(format!("limit={l}"));
+        }
+        format!("{}?{}", self.path, q.join("&"))
+    }
+
+    /// Prints one page (`limit` given: as the server answered it with `--json`, else
+    /// its rows and where the next page begins), or every page from `after` to the
+    /// end, each written as it arrives so memory holds one page; `--json` then writes
+    /// one document, `{field: [rows]}`.
+    fn print(
+        &self,
+        client: &Client,
+        after: Option<String>,
+        limit: Option<u32>,
+        json: bool,
+        header: &dyn Fn(&mut dyn Write) -> std::io::Result<()>,
+        line: Line<'_>,
+    ) -> anyhow::Result<()> {
+        if let Some(limit) = limit {
+            let page = client.json(Method::GET, &self.url(after.as_deref(), Some(limit)), None)?;
+            if json {
+                return print_json(&page);
+            }
+            let mut out = std::io::stdout().lock();
+            header(&mut out)?;
+            for row in page[self.field].as_array().into_iter().flatten() {
+                line(&mut out, row)?;
+            }
+            if let Some(n) = page.get("next").and_then(Value::as_str) {
+                writeln!(out, "more: --after {n}")?;
+            }
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        if json {
+            write!(out, "{{\"{}\": [", self.field)?;
+        } else {
+            header(&mut out)?;
+        }
+        let mut after = after;
+        let mut first = true;
+        loop {
+            let page = client.json(Method::GET, &self.url(after.as_deref(), None), None)?;
+            for row in page[self.field].as_array().into_iter().flatten() {
+                if json {
+                    write!(out, "{}", if first { "\n  " } else { ",\n  " })?;
+                    serde_json::to_writer(&mut out, row)?;
+                    first = false;
+                } else {
+                    line(&mut out, row)?;
+                }
+            }
+            let Some(next) = page.get("next").and_then(Value::as_str) else {
+                break;
+            };
+            // A cursor that does not move would list the same page forever.
+            if after.as_deref() == Some(next) {
+                bail!("the server answered the page after {next} with the same next");
+            }
+            after = Some(next.to_string());
+        }
+        if json {
+            writeln!(out, "{}]}}", if first { "" } else { "\n" })?;
+        }
+        Ok(())
+    }
+}
+
 pub fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         AccountsCmd::Create {
@@ -208,27 +311,33 @@ pub fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
                 println!("created {}", str_of(&v, "path"));
             }
         }
-        AccountsCmd::List { under, remote } => {
-            let q = under
-                .map(|u| format!("?under={}", enc(&u)))
-                .unwrap_or_default();
-            let v =
-                Client::new(&remote)?.json(Method::GET, &format!("/api/v1/accounts{q}"), None)?;
-            if remote.json {
-                print_json(&v)?;
-            } else {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{:<40} {:<24} {:<20}", "PATH", "NAME", "TIME ZONE")?;
-                for a in v["accounts"].as_array().into_iter().flatten() {
+        AccountsCmd::List {
+            under,
+            after,
+            limit,
+            remote,
+        } => {
+            let listing = Listing {
+                path: "/api/v1/accounts",
+                field: "accounts",
+                query: under.map(|u| format!("under={}", enc(&u))),
+            };
+            listing.print(
+                &Client::new(&remote)?,
+                after,
+                limit,
+                remote.json,
+                &|out| writeln!(out, "{:<40} {:<24} {:<20}", "PATH", "NAME", "TIME ZONE"),
+                &|out, a| {
                     writeln!(
                         out,
                         "{:<40} {:<24} {:<20}",
                         str_of(a, "path"),
                         str_of(a, "display_name"),
                         str_of(a, "time_zone")
-                    )?;
-                }
-            }
+                    )
+                },
+            )?;
         }
         AccountsCmd::Show { path, remote } => {
             let v = Client::new(&remote)?.json(
@@ -279,21 +388,30 @@ pub fn keys(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        KeysCmd::List { account, remote } => {
-            let q = account
-                .map(|a| format!("?account={}", enc(&a)))
-                .unwrap_or_default();
-            let v = Client::new(&remote)?.json(Method::GET, &format!("/api/v1/keys{q}"), None)?;
-            if remote.json {
-                print_json(&v)?;
-            } else {
-                let mut out = std::io::stdout().lock();
-                writeln!(
-                    out,
-                    "{:<14} {:<30} {:<28} {:<10}",
-                    "KEY ID", "ACCOUNT", "SCOPES", "STATE"
-                )?;
-                for k in v["keys"].as_array().into_iter().flatten() {
+        KeysCmd::List {
+            account,
+            after,
+            limit,
+            remote,
+        } => {
+            let listing = Listing {
+                path: "/api/v1/keys",
+                field: "keys",
+                query: account.map(|a| format!("account={}", enc(&a))),
+            };
+            listing.print(
+                &Client::new(&remote)?,
+                after,
+                limit,
+                remote.json,
+                &|out| {
+                    writeln!(
+                        out,
+                        "{:<14} {:<30} {:<28} {:<10}",
+                        "KEY ID", "ACCOUNT", "SCOPES", "STATE"
+                    )
+                },
+                &|out, k| {
                     let scopes = k["scopes"]
                         .as_array()
                         .map(|a| {
@@ -315,9 +433,9 @@ pub fn keys(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                         str_of(k, "account"),
                         scopes,
                         state
-                    )?;
-                }
-            }
+                    )
+                },
+            )?;
         }
         KeysCmd::Revoke { key_id, remote } => {
             let v = Client::new(&remote)?.json(

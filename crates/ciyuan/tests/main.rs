@@ -9,6 +9,7 @@ mod e2e;
 mod finance;
 mod gateway;
 mod hostile;
+mod listings;
 mod money;
 mod pg_faults;
 mod postgres;
