@@ -54,6 +54,67 @@ impl SharedHold {
     }
 }
 
+/// A request waiting to be held, with where its answer goes.
+pub(crate) struct Ask {
+    id: i64,
+    terms: Vec<HoldTerm>,
+    followed: u64,
+    answer: tokio::sync::oneshot::Sender<Result<Option<(usize, Decimal)>, ApiError>>,
+}
+
+/// Most requests held in one call.
+const HOLD_GROUP: usize = 256;
+
+/// The queue of requests waiting to be held: one task takes every request waiting
+/// into one call of `Store::reserve_many` (as group commit does for appends), so a
+/// hot counter's lock is taken once per group, not once per request.
+#[derive(Default)]
+pub(crate) struct Holder(std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Ask>>);
+
+/// Holds the groups of requests `rx` brings, one call at a time.
+async fn hold_groups(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Ask>) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < HOLD_GROUP {
+            match rx.try_recv() {
+                Ok(a) => group.push(a),
+                Err(_) => break,
+            }
+        }
+        let Some(app) = app.upgrade() else { return };
+        // The least followed of the group: what any of them has not applied is counted
+        // for all (more, never less).
+        let followed = group.iter().map(|a| a.followed).min().unwrap_or(0);
+        let asked: Vec<(i64, Vec<HoldTerm>)> =
+            group.iter().map(|a| (a.id, a.terms.clone())).collect();
+        let ttl = app.config.reservation_ttl;
+        let answers = app
+            .blocking(move |app| {
+                let requests: Vec<(i64, &[HoldTerm])> =
+                    asked.iter().map(|(id, t)| (*id, t.as_slice())).collect();
+                Ok(app
+                    .store
+                    .reserve_many(&app.node, followed, &requests, ttl)?)
+            })
+            .await;
+        match answers {
+            Ok(answers) => {
+                for (ask, answer) in group.into_iter().zip(answers) {
+                    // The request may have gone (its client left): nothing to tell.
+                    drop(ask.answer.send(Ok(answer)));
+                }
+            }
+            Err(e) => {
+                for ask in group {
+                    let mut each = ApiError::new(e.status, e.slug, e.detail.clone());
+                    each.retry_after_secs = e.retry_after_secs;
+                    drop(ask.answer.send(Err(each)));
+                }
+            }
+        }
+    }
+}
+
 /// Why a request cannot be held across nodes: a limit or wallet the other nodes hold
 /// too much of (the message names it), or the database failing.
 pub(crate) enum NotHeld {
@@ -67,6 +128,15 @@ fn wallet_counter(node: &ciyuan_core::AccountPath, currency: ciyuan_core::Curren
 }
 
 impl App {
+    /// The holder's queue (its task started on first use).
+    fn holder(self: &Arc<Self>) -> &tokio::sync::mpsc::UnboundedSender<Ask> {
+        self.holder.0.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(hold_groups(Arc::downgrade(self), rx));
+            tx
+        })
+    }
+
     /// Holds an admitted request in the database the nodes share (nothing when the
     /// store is this node's alone, or the request holds no hard limit and no wallet).
     pub(crate) async fn hold_across_nodes(
@@ -130,12 +200,18 @@ impl App {
         getrandom::fill(&mut raw).map_err(|e| NotHeld::Failed(ApiError::internal(e)))?;
         // Positive, so it reads the same as a BIGINT everywhere.
         let id = (u64::from_le_bytes(raw) >> 1) as i64;
-        let ttl = self.config.reservation_ttl;
-        let node = self.node.clone();
-        let asked = held.clone();
-        let refused = self
-            .blocking(move |app| Ok(app.store.reserve(&node, id, followed, &asked, ttl)?))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.holder()
+            .send(Ask {
+                id,
+                terms: held.clone(),
+                followed,
+                answer: tx,
+            })
+            .map_err(|_| NotHeld::Failed(ApiError::unavailable("the holder stopped")))?;
+        let refused = rx
             .await
+            .map_err(|_| NotHeld::Failed(ApiError::unavailable("the holder stopped")))?
             .map_err(NotHeld::Failed)?;
         match refused {
             None => Ok(Some(SharedHold { id, terms, wallet })),

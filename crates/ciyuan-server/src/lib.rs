@@ -124,6 +124,8 @@ pub struct App {
     /// Entries below this that other nodes appended are applied here (see
     /// `follow`); where this node is the only writer, unused.
     followed: Arc<std::sync::atomic::AtomicU64>,
+    /// Gateway requests waiting to be held in the database nodes share.
+    holder: holds::Holder,
     store: Arc<dyn Store>,
     log: Arc<dyn Log>,
     auth: Authenticator,
@@ -208,6 +210,7 @@ impl App {
         let app = Arc::new(App {
             node,
             followed: Arc::new(std::sync::atomic::AtomicU64::new(followed)),
+            holder: holds::Holder::default(),
             gateway,
             budget,
             definitions,

@@ -96,6 +96,83 @@ BEGIN
     RETURN QUERY SELECT 0, 0::NUMERIC;
 END
 $$;
+CREATE FUNCTION ciyuan_reserve_many(
+    p_node TEXT, p_followed BIGINT, p_ids BIGINT[], p_counters TEXT[],
+    p_local NUMERIC[], p_need NUMERIC[], p_amount NUMERIC[], p_ttl_secs DOUBLE PRECISION
+) RETURNS TABLE (id BIGINT, refused INT, elsewhere NUMERIC) LANGUAGE plpgsql AS $$
+-- The terms of each request are consecutive in the arrays (`p_ids` says whose); the
+-- requests are judged in that order, each seeing the holds of those before it.
+DECLARE
+    c TEXT;
+    n INT := coalesce(array_length(p_counters, 1), 0);
+    counters TEXT[];
+    held NUMERIC[];
+    live TEXT[];
+    i INT;
+    j INT;
+    k INT;
+    first INT := 1;
+    bad INT;
+    recorded NUMERIC;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    IF NOT EXISTS (SELECT 1 FROM nodes WHERE node = p_node
+                   AND seen_at > now() - interval '5 seconds') THEN
+        RETURN QUERY SELECT DISTINCT t.id, -1, 0::NUMERIC FROM unnest(p_ids) AS t(id);
+        RETURN;
+    END IF;
+    -- Each counter's lock once, in one order on every node.
+    SELECT array_agg(DISTINCT x ORDER BY x) INTO counters FROM unnest(p_counters) AS x;
+    FOREACH c IN ARRAY coalesce(counters, '{}') LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended(c, 0));
+    END LOOP;
+    SELECT coalesce(array_agg(node), '{}') INTO live
+    FROM nodes WHERE seen_at > now() - interval '60 seconds';
+    -- What is held on each counter now: every live node's requests in flight, and
+    -- the other nodes' usage this node has not applied.
+    held := '{}';
+    FOR k IN 1 .. coalesce(array_length(counters, 1), 0) LOOP
+        SELECT coalesce(sum(h.amount), 0) INTO recorded FROM holds h
+        WHERE h.counter = counters[k] AND h.recorded IS NULL
+          AND h.node = ANY(live) AND h.expires_at > now();
+        held := held || recorded;
+        SELECT coalesce(sum(h.amount), 0) INTO recorded FROM holds h
+        WHERE h.counter = counters[k] AND h.recorded >= p_followed AND h.node <> p_node;
+        held[k] := held[k] + recorded;
+    END LOOP;
+    i := 1;
+    WHILE i <= n LOOP
+        j := i;
+        WHILE j < n AND p_ids[j + 1] = p_ids[i] LOOP
+            j := j + 1;
+        END LOOP;
+        -- Terms i..j are one request's.
+        bad := 0;
+        FOR k IN i .. j LOOP
+            IF p_local[k] + held[array_position(counters, p_counters[k])] + p_need[k]
+               > p_amount[k] THEN
+                bad := k;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF bad = 0 THEN
+            FOR k IN i .. j LOOP
+                held[array_position(counters, p_counters[k])] :=
+                    held[array_position(counters, p_counters[k])] + p_need[k];
+            END LOOP;
+            INSERT INTO holds (id, counter, node, amount, expires_at)
+            SELECT p_ids[i], p_counters[g.x], p_node, p_need[g.x],
+                   now() + make_interval(secs => p_ttl_secs)
+            FROM generate_series(i, j) AS g(x);
+            RETURN QUERY SELECT p_ids[i], 0, 0::NUMERIC;
+        ELSE
+            RETURN QUERY SELECT p_ids[i], bad - i + 1,
+                held[array_position(counters, p_counters[bad])];
+        END IF;
+        i := j + 1;
+    END LOOP;
+END
+$$;
 CREATE FUNCTION ciyuan_settle(
     p_ids BIGINT[], p_counters TEXT[], p_actual NUMERIC[], p_entries BIGINT[]
 ) RETURNS VOID LANGUAGE plpgsql AS $$
@@ -157,6 +234,69 @@ pub(crate) fn leave(c: &mut postgres::Client, node: &str) -> Result<(), StoreErr
     c.execute("DELETE FROM nodes WHERE node = $1", &[&node])
         .map_err(backend)?;
     Ok(())
+}
+
+/// Holds several requests of `node` in one call (see `Store::reserve_many`).
+pub(crate) fn reserve_many(
+    c: &mut postgres::Client,
+    node: &str,
+    followed: u64,
+    requests: &[(i64, &[HoldTerm])],
+    ttl: std::time::Duration,
+) -> Result<Vec<Option<(usize, Decimal)>>, StoreError> {
+    let (mut ids, mut counters, mut local, mut need, mut amount) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (id, terms) in requests {
+        if terms.is_empty() {
+            return Err(StoreError::Corrupt(format!("hold {id} holds nothing")));
+        }
+        for t in terms.iter() {
+            ids.push(*id);
+            counters.push(t.counter.as_str());
+            local.push(t.local.to_string());
+            need.push(t.need.to_string());
+            amount.push(t.amount.to_string());
+        }
+    }
+    let rows = c
+        .query(
+            "SELECT id, refused, elsewhere::text FROM ciyuan_reserve_many($1, $2, $3, $4,
+                 $5::text[]::numeric[], $6::text[]::numeric[], $7::text[]::numeric[], $8)",
+            &[
+                &node,
+                &(followed as i64),
+                &ids,
+                &counters,
+                &local,
+                &need,
+                &amount,
+                &ttl.as_secs_f64(),
+            ],
+        )
+        .map_err(backend)?;
+    let mut answers = std::collections::HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let refused: i32 = r.get(1);
+        if refused < 0 {
+            return Err(StoreError::Unavailable(format!(
+                "node {node} has not heartbeated for 5 s: it holds nothing until it does"
+            )));
+        }
+        let answer = if refused == 0 {
+            None
+        } else {
+            Some((refused as usize - 1, decimal(r.get(2))?))
+        };
+        answers.insert(r.get::<_, i64>(0), answer);
+    }
+    requests
+        .iter()
+        .map(|(id, _)| {
+            answers
+                .remove(id)
+                .ok_or_else(|| StoreError::Corrupt(format!("no answer for hold {id}")))
+        })
+        .collect()
 }
 
 pub(crate) fn reserve(

@@ -1462,6 +1462,18 @@ impl Store for PgStore {
         })
     }
 
+    fn reserve_many(
+        &self,
+        node: &str,
+        followed: u64,
+        requests: &[(i64, &[ciyuan_store::HoldTerm])],
+        ttl: std::time::Duration,
+    ) -> Result<Vec<Option<(usize, rust_decimal::Decimal)>>, StoreError> {
+        crate::off_runtime(|| {
+            crate::holds::reserve_many(&mut *self.inner.conn()?, node, followed, requests, ttl)
+        })
+    }
+
     fn settle_holds(&self, settled: &[ciyuan_store::SettledHold]) -> Result<(), StoreError> {
         crate::off_runtime(|| crate::holds::settle(&mut *self.inner.conn()?, settled))
     }

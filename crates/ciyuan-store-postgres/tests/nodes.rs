@@ -192,3 +192,60 @@ fn holds_from_racing_nodes_never_exceed_the_amount() {
     });
     assert_eq!(held, 40, "exactly what fits is held, across nodes");
 }
+
+#[test]
+fn a_group_of_holds_is_judged_in_order_each_seeing_those_before_it() {
+    use ciyuan_store::HoldTerm;
+    use rust_decimal::Decimal;
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("group").unwrap();
+    let a = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    let b = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    a.heartbeat("a", 0).unwrap();
+    b.heartbeat("b", 0).unwrap();
+    let term = |counter: &str, need: i64, amount: i64| HoldTerm {
+        counter: counter.into(),
+        local: Decimal::ZERO,
+        need: Decimal::from(need),
+        amount: Decimal::from(amount),
+    };
+    // Another node holds 3 of the limit's 10.
+    assert_eq!(
+        b.reserve("b", 1, 0, &[term("limit", 3, 10)], Duration::from_secs(60))
+            .unwrap(),
+        None
+    );
+    let r1 = [term("limit", 4, 10), term("wallet", 1, 100)];
+    let r2 = [term("wallet", 1, 100), term("limit", 4, 10)];
+    let r3 = [term("limit", 1, 10)];
+    let answers = a
+        .reserve_many(
+            "a",
+            0,
+            &[(11, &r1[..]), (12, &r2[..]), (13, &r3[..])],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    // 3 + 4 fit; the second request's limit term (its second) would make 11; the
+    // third fits in what the second did not take.
+    assert_eq!(answers[0], None);
+    assert_eq!(answers[1], Some((1, Decimal::from(7))));
+    assert_eq!(answers[2], None);
+    // A refused request held nothing: 2 of the 10 are left, and the wallet holds 1.
+    assert_eq!(
+        b.reserve("b", 2, 0, &[term("limit", 3, 10)], Duration::from_secs(60))
+            .unwrap(),
+        Some((0, Decimal::from(8)))
+    );
+    assert_eq!(
+        b.reserve(
+            "b",
+            3,
+            0,
+            &[term("wallet", 99, 100)],
+            Duration::from_secs(60)
+        )
+        .unwrap(),
+        None
+    );
+}

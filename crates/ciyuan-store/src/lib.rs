@@ -278,13 +278,29 @@ pub trait Store: Send + Sync + 'static {
     /// refusal. A hold lapses after `ttl`, or when its node stops heartbeating.
     fn reserve(
         &self,
-        _node: &str,
-        _id: i64,
-        _followed: u64,
-        _terms: &[HoldTerm],
-        _ttl: std::time::Duration,
+        node: &str,
+        id: i64,
+        followed: u64,
+        terms: &[HoldTerm],
+        ttl: std::time::Duration,
     ) -> Result<Option<(usize, rust_decimal::Decimal)>, StoreError> {
-        Ok(None)
+        let mut answers = self.reserve_many(node, followed, &[(id, terms)], ttl)?;
+        answers
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("no answer for a hold".into()))
+    }
+    /// [`Store::reserve`] for several requests of `node` at once (a node's concurrent
+    /// requests, grouped as appends are): judged in order, each seeing the holds of
+    /// those before it; one answer per request. One call takes each counter's lock
+    /// once for all of them.
+    fn reserve_many(
+        &self,
+        _node: &str,
+        _followed: u64,
+        requests: &[(i64, &[HoldTerm])],
+        _ttl: std::time::Duration,
+    ) -> Result<Vec<Option<(usize, rust_decimal::Decimal)>>, StoreError> {
+        Ok(vec![None; requests.len()])
     }
     /// Records that held requests' usage is in the ledger: each hold now counts what
     /// the request used, until every node has applied its entry.
