@@ -47,6 +47,9 @@ pub struct AdmissionArgs {
     /// fast as it can (closed loop).
     #[arg(long)]
     rate: Option<f64>,
+    /// Group each node's waiting requests into one call, as `ciyuan serve` does.
+    #[arg(long)]
+    group: bool,
 }
 
 #[derive(Args)]
@@ -359,13 +362,20 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             );
         }
         BenchCmd::Admission(a) => {
-            let r =
-                crate::bench_admission::run(&a.database, a.nodes, a.clients, a.seconds, a.rate)?;
-            println!(
-                "admission across nodes: {} nodes x {} clients on one hard limit and one wallet, {} s, {}",
+            let r = crate::bench_admission::run(
+                &a.database,
                 a.nodes,
                 a.clients,
                 a.seconds,
+                a.rate,
+                a.group,
+            )?;
+            println!(
+                "admission across nodes: {} nodes x {} clients on one hard limit and one wallet, {} s, {}{}",
+                a.nodes,
+                a.clients,
+                a.seconds,
+                if a.group { "grouped per node, " } else { "" },
                 a.rate
                     .map_or("closed loop".to_string(), |r| format!("{r} holds/s paced"))
             );

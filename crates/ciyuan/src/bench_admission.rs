@@ -16,6 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// A request waiting in a node's group: its id, terms and where the answer goes.
+struct Ask(
+    i64,
+    Vec<HoldTerm>,
+    std::sync::mpsc::Sender<Result<Option<(usize, Decimal)>, String>>,
+);
+
 /// What was measured.
 pub struct Report {
     /// Holds taken (reserve calls answered) in all.
@@ -35,12 +42,16 @@ pub struct Report {
 /// With `rate` (holds per second over all clients), each client paces its holds
 /// evenly (open loop: a late hold does not delay its schedule); without, each holds
 /// again as soon as it settled (closed loop: the most the counters take).
+///
+/// With `group`, each node holds its clients' requests as `ciyuan serve` does: one
+/// thread per node takes every request waiting into one `Store::reserve_many` call.
 pub fn run(
     url: &str,
     nodes: usize,
     clients: usize,
     seconds: f64,
     rate: Option<f64>,
+    group: bool,
 ) -> anyhow::Result<Report> {
     if nodes == 0 || clients == 0 || !(seconds > 0.0 && seconds.is_finite()) {
         bail!("--nodes, --clients and --seconds must be positive");
@@ -82,6 +93,47 @@ pub fn run(
             })
         })
         .collect();
+    // Per node, with `group`: the queue its clients' requests wait in.
+    let groupers: Vec<Option<std::sync::mpsc::Sender<Ask>>> = stores
+        .iter()
+        .enumerate()
+        .map(|(n, s)| {
+            if !group {
+                return None;
+            }
+            let (tx, rx) = std::sync::mpsc::channel::<Ask>();
+            let (s, name, followed) = (s.clone(), format!("bench-{run_tag}-{n}"), followed.clone());
+            std::thread::spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut asks = vec![first];
+                    while let Ok(a) = rx.try_recv() {
+                        asks.push(a);
+                    }
+                    let requests: Vec<(i64, &[HoldTerm])> =
+                        asks.iter().map(|a| (a.0, a.1.as_slice())).collect();
+                    let answers = s.reserve_many(
+                        &name,
+                        followed.load(Ordering::Acquire),
+                        &requests,
+                        Duration::from_secs(60),
+                    );
+                    match answers {
+                        Ok(answers) => {
+                            for (a, answer) in asks.into_iter().zip(answers) {
+                                drop(a.2.send(Ok(answer)));
+                            }
+                        }
+                        Err(e) => {
+                            for a in asks {
+                                drop(a.2.send(Err(e.to_string())));
+                            }
+                        }
+                    }
+                }
+            });
+            Some(tx)
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
@@ -90,6 +142,7 @@ pub fn run(
         .enumerate()
         .flat_map(|(n, s)| (0..clients).map(move |c| (n, c, s.clone())))
         .map(|(n, c, store)| {
+            let grouper = groupers[n].clone();
             let (next_entry, name) = (next_entry.clone(), format!("bench-{run_tag}-{n}"));
             let followed = followed.clone();
             let run_tag = run_tag.clone();
@@ -123,13 +176,23 @@ pub fn run(
                     }
                     id += 1;
                     let t = Instant::now();
-                    let answer = store.reserve(
-                        &name,
-                        id,
-                        followed.load(Ordering::Acquire),
-                        &terms,
-                        Duration::from_secs(60),
-                    )?;
+                    let answer = match &grouper {
+                        None => store.reserve(
+                            &name,
+                            id,
+                            followed.load(Ordering::Acquire),
+                            &terms,
+                            Duration::from_secs(60),
+                        )?,
+                        Some(g) => {
+                            let (tx, rx) = std::sync::mpsc::channel();
+                            g.send(Ask(id, terms.to_vec(), tx))
+                                .map_err(|_| anyhow::anyhow!("the node's holder stopped"))?;
+                            rx.recv()
+                                .map_err(|_| anyhow::anyhow!("the node's holder stopped"))?
+                                .map_err(|e| anyhow::anyhow!("{e}"))?
+                        }
+                    };
                     reserve.push(t.elapsed().as_micros() as u64);
                     if answer.is_some() {
                         refused += 1;
