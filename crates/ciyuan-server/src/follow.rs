@@ -472,8 +472,16 @@ impl App {
                         amount: r.amount,
                         currency: r.currency,
                     });
-                    self.budget
-                        .record_elsewhere(&e.account, &u.tokens, cost, e.ts);
+                    // A gateway request the provider did not accept consumed nothing
+                    // and its node counted nothing (not even the request).
+                    let consumed = u
+                        .quality
+                        .as_ref()
+                        .is_none_or(|q| (200..300).contains(&q.status));
+                    if consumed {
+                        self.budget
+                            .record_elsewhere(&e.account, &u.tokens, cost, e.ts);
+                    }
                     if let Some((source, id)) = u.ingest_key() {
                         keys.push((ciyuan_core::ingest_key_hash(source, id), *i));
                     }
