@@ -303,11 +303,11 @@ impl Follower {
         let target = target.min(self.followed + FOLLOW_CHUNK);
         let mut failed = None;
         for range in self.own.foreign(self.followed..target) {
-            if let Err(e) = app.follow_range(range.clone()) {
-                failed = Some(range.start);
-                // The state would miss these entries: retried from here on the next
-                // poll, never skipped.
-                tracing::error!(error = %e, from = range.start, "applying other nodes' entries failed; retrying");
+            if let Err((at, e)) = app.follow_range(range) {
+                failed = Some(at);
+                // The entries before `at` are applied; `at` and on are retried from
+                // there on the next poll: never skipped, never applied twice.
+                tracing::error!(error = %e, at, "applying another node's entry failed; retrying");
                 break;
             }
         }
@@ -447,8 +447,10 @@ impl App {
         }
     }
 
-    /// Reads entries `range` (all appended by other nodes) and applies them.
-    fn follow_range(&self, range: Range<u64>) -> Result<(), String> {
+    /// Reads entries `range` (all appended by other nodes) and applies them; on a
+    /// failure, the index of the first entry not applied, and why.
+    fn follow_range(&self, range: Range<u64>) -> Result<(), (u64, String)> {
+        let start = range.start;
         let mut entries = Vec::with_capacity((range.end - range.start) as usize);
         self.log
             .scan(range, &mut |i, bytes| {
@@ -457,15 +459,32 @@ impl App {
                 entries.push((i, e));
                 Ok(())
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| (start, e.to_string()))?;
         self.apply_elsewhere(&entries)
     }
 
     /// Applies entries another node appended (with their indices, in log order) to
-    /// this node's in-memory state.
-    pub(crate) fn apply_elsewhere(&self, entries: &[(u64, Entry)]) -> Result<(), String> {
+    /// this node's in-memory state, one after another; on a failure, the index of the
+    /// entry that failed (those before it are applied, it and those after are not).
+    pub(crate) fn apply_elsewhere(&self, entries: &[(u64, Entry)]) -> Result<(), (u64, String)> {
         let mut keys = Vec::new();
+        let applied = self.apply_each(entries, &mut keys);
+        if !keys.is_empty() {
+            let mut recent = self.ingest_lock.blocking_lock();
+            for (hash, i) in keys {
+                recent.index_elsewhere(hash, i);
+            }
+        }
+        applied
+    }
+
+    fn apply_each(
+        &self,
+        entries: &[(u64, Entry)],
+        keys: &mut Vec<(u64, u64)>,
+    ) -> Result<(), (u64, String)> {
         for (i, e) in entries {
+            let i = *i;
             match &e.body {
                 EntryBody::Usage(u) => {
                     let cost = u.rating.as_ref().map(|r| Money {
@@ -483,7 +502,7 @@ impl App {
                             .record_elsewhere(&e.account, &u.tokens, cost, e.ts);
                     }
                     if let Some((source, id)) = u.ingest_key() {
-                        keys.push((ciyuan_core::ingest_key_hash(source, id), *i));
+                        keys.push((ciyuan_core::ingest_key_hash(source, id), i));
                     }
                 }
                 EntryBody::Adjustment(a) => {
@@ -492,23 +511,17 @@ impl App {
                 EntryBody::Posting(p) => self
                     .wallets
                     .apply_posting(&e.account, p, e.ts)
-                    .map_err(|err| format!("posting at entry {i}: {err}"))?,
+                    .map_err(|err| (i, format!("posting at entry {i}: {err}")))?,
                 EntryBody::WalletSet(w) => self
                     .wallets
                     .apply_settings(&e.account, w)
-                    .map_err(|err| format!("wallet settings at entry {i}: {err}"))?,
+                    .map_err(|err| (i, format!("wallet settings at entry {i}: {err}")))?,
                 EntryBody::KeyRevoked(k) => self.auth.revoked(&k.key_id),
                 EntryBody::AccountUpdated(_) => self.tiers.forget_zones(),
                 _ if controls::is_control(e) => self
                     .apply_controls(std::slice::from_ref(e))
-                    .map_err(|err| format!("entry {i}: {}", err.detail))?,
+                    .map_err(|err| (i, format!("entry {i}: {}", err.detail)))?,
                 _ => {}
-            }
-        }
-        if !keys.is_empty() {
-            let mut recent = self.ingest_lock.blocking_lock();
-            for (hash, i) in keys {
-                recent.index_elsewhere(hash, i);
             }
         }
         Ok(())

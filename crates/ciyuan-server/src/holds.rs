@@ -58,7 +58,7 @@ impl SharedHold {
 pub(crate) struct Ask {
     id: i64,
     terms: Vec<HoldTerm>,
-    followed: u64,
+    seen: ciyuan_store::Seen,
     answer: tokio::sync::oneshot::Sender<Result<Option<(usize, Decimal)>, ApiError>>,
 }
 
@@ -82,9 +82,12 @@ async fn hold_groups(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Unbou
             }
         }
         let Some(app) = app.upgrade() else { return };
-        // The least followed of the group: what any of them has not applied is counted
-        // for all (more, never less).
-        let followed = group.iter().map(|a| a.followed).min().unwrap_or(0);
+        // The least of the group: what any of them may not hold is counted for all
+        // (more, never less).
+        let seen = ciyuan_store::Seen {
+            followed: group.iter().map(|a| a.seen.followed).min().unwrap_or(0),
+            own_from: group.iter().map(|a| a.seen.own_from).min().unwrap_or(0),
+        };
         let asked: Vec<(i64, Vec<HoldTerm>)> =
             group.iter().map(|a| (a.id, a.terms.clone())).collect();
         let ttl = app.config.reservation_ttl;
@@ -92,16 +95,24 @@ async fn hold_groups(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Unbou
             .blocking(move |app| {
                 let requests: Vec<(i64, &[HoldTerm])> =
                     asked.iter().map(|(id, t)| (*id, t.as_slice())).collect();
-                Ok(app
-                    .store
-                    .reserve_many(&app.node, followed, &requests, ttl)?)
+                Ok(app.store.reserve_many(&app.node, seen, &requests, ttl)?)
             })
             .await;
         match answers {
             Ok(answers) => {
                 for (ask, answer) in group.into_iter().zip(answers) {
-                    // The request may have gone (its client left): nothing to tell.
-                    drop(ask.answer.send(Ok(answer)));
+                    let held = answer.is_none();
+                    // The request went (its client left) while it waited: what was
+                    // held for it goes too.
+                    if ask.answer.send(Ok(answer)).is_err() && held {
+                        let id = ask.id;
+                        if let Err(e) = app
+                            .blocking(move |app| Ok(app.store.release_hold(id)?))
+                            .await
+                        {
+                            tracing::warn!(detail = %e.detail, "a gone request's hold lapses");
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -150,7 +161,12 @@ impl App {
         // How far this node has followed, read before what its engines count: entries
         // applied in between are then counted twice (as applied, and as other nodes'
         // recorded holds), never missed.
-        let followed = self.followed();
+        // Likewise this node's own entries: those below the log's size now were
+        // counted by the engines before they were appended.
+        let seen = ciyuan_store::Seen {
+            followed: self.followed(),
+            own_from: self.log.size(),
+        };
         let terms = self.budget.shared_terms(reservation);
         let mut held: Vec<HoldTerm> = terms
             .iter()
@@ -205,7 +221,7 @@ impl App {
             .send(Ask {
                 id,
                 terms: held.clone(),
-                followed,
+                seen,
                 answer: tx,
             })
             .map_err(|_| NotHeld::Failed(ApiError::unavailable("the holder stopped")))?;

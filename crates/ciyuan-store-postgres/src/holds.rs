@@ -32,6 +32,9 @@ pub(crate) const MIGRATION: &str = r#"
 CREATE TABLE nodes (
     node     TEXT PRIMARY KEY,
     followed BIGINT NOT NULL,
+    -- What it said the heartbeat before: a request judged now may have read its
+    -- counts that long ago.
+    followed_before BIGINT NOT NULL,
     seen_at  TIMESTAMPTZ NOT NULL
 );
 CREATE TABLE holds (
@@ -46,7 +49,7 @@ CREATE TABLE holds (
 -- In flight (recorded IS NULL) and recorded after a point: two ranges of one index.
 CREATE INDEX holds_by_counter ON holds (counter, recorded);
 CREATE FUNCTION ciyuan_reserve(
-    p_node TEXT, p_id BIGINT, p_followed BIGINT, p_counters TEXT[],
+    p_node TEXT, p_id BIGINT, p_followed BIGINT, p_own_from BIGINT, p_counters TEXT[],
     p_local NUMERIC[], p_need NUMERIC[], p_amount NUMERIC[], p_ttl_secs DOUBLE PRECISION
 ) RETURNS TABLE (refused INT, elsewhere NUMERIC) LANGUAGE plpgsql AS $$
 DECLARE
@@ -79,11 +82,13 @@ BEGIN
         FROM holds h
         WHERE h.counter = p_counters[i] AND h.recorded IS NULL
           AND h.node = ANY(live) AND h.expires_at > now();
-        -- ...and other nodes' usage recorded in entries this node has not applied
-        -- yet (its own recorded usage is in `p_local`).
+        -- ...and usage recorded in entries `p_local` may not hold: other nodes' it
+        -- has not applied, its own appended since it counted.
         SELECT coalesce(sum(h.amount), 0) INTO recorded
         FROM holds h
-        WHERE h.counter = p_counters[i] AND h.recorded >= p_followed AND h.node <> p_node;
+        WHERE h.counter = p_counters[i]
+          AND ((h.node <> p_node AND h.recorded >= p_followed)
+               OR (h.node = p_node AND h.recorded >= p_own_from));
         other := other + recorded;
         IF p_local[i] + other + p_need[i] > p_amount[i] THEN
             RETURN QUERY SELECT i, other;
@@ -97,7 +102,7 @@ BEGIN
 END
 $$;
 CREATE FUNCTION ciyuan_reserve_many(
-    p_node TEXT, p_followed BIGINT, p_ids BIGINT[], p_counters TEXT[],
+    p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_ids BIGINT[], p_counters TEXT[],
     p_local NUMERIC[], p_need NUMERIC[], p_amount NUMERIC[], p_ttl_secs DOUBLE PRECISION
 ) RETURNS TABLE (id BIGINT, refused INT, elsewhere NUMERIC) LANGUAGE plpgsql AS $$
 -- The terms of each request are consecutive in the arrays (`p_ids` says whose); the
@@ -122,7 +127,8 @@ BEGIN
         RETURN;
     END IF;
     -- Each counter's lock once, in one order on every node.
-    SELECT array_agg(DISTINCT x ORDER BY x) INTO counters FROM unnest(p_counters) AS x;
+    SELECT array_agg(x ORDER BY x) INTO counters
+    FROM (SELECT DISTINCT x COLLATE "C" AS x FROM unnest(p_counters) AS u(x)) AS d;
     FOREACH c IN ARRAY coalesce(counters, '{}') LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended(c, 0));
     END LOOP;
@@ -137,7 +143,9 @@ BEGIN
           AND h.node = ANY(live) AND h.expires_at > now();
         held := held || recorded;
         SELECT coalesce(sum(h.amount), 0) INTO recorded FROM holds h
-        WHERE h.counter = counters[k] AND h.recorded >= p_followed AND h.node <> p_node;
+        WHERE h.counter = counters[k]
+          AND ((h.node <> p_node AND h.recorded >= p_followed)
+               OR (h.node = p_node AND h.recorded >= p_own_from));
         held[k] := held[k] + recorded;
     END LOOP;
     i := 1;
@@ -211,26 +219,32 @@ pub(crate) fn heartbeat(
 ) -> Result<(), StoreError> {
     let followed = followed as i64;
     c.execute(
-        "INSERT INTO nodes (node, followed, seen_at) VALUES ($1, $2, now())
-         ON CONFLICT (node) DO UPDATE SET followed = EXCLUDED.followed, seen_at = now()",
+        "INSERT INTO nodes (node, followed, followed_before, seen_at) VALUES ($1, $2, $2, now())
+         ON CONFLICT (node) DO UPDATE
+             SET followed_before = nodes.followed, followed = EXCLUDED.followed,
+                 seen_at = now()",
         &[&node, &followed],
     )
     .map_err(backend)?;
     // Recorded usage every live node has applied; holds of requests that died with
     // their node, or outlived their time.
-    c.batch_execute(&format!(
-        "DELETE FROM holds WHERE recorded < (SELECT min(followed) FROM nodes
-                                             WHERE seen_at > now() - {QUIET})
+    c.batch_execute(
+        "DELETE FROM holds WHERE recorded < (SELECT min(followed_before) FROM nodes
+                                             WHERE seen_at > now() - interval '60 seconds')
             OR (recorded IS NULL AND (expires_at <= now() OR node NOT IN
                 (SELECT node FROM nodes WHERE seen_at > now() - interval '60 seconds')));
-         DELETE FROM nodes WHERE seen_at < now() - interval '1 day';"
-    ))
+         DELETE FROM nodes WHERE seen_at < now() - interval '1 day';",
+    )
     .map_err(backend)
 }
 
 pub(crate) fn leave(c: &mut postgres::Client, node: &str) -> Result<(), StoreError> {
-    c.execute("DELETE FROM holds WHERE node = $1", &[&node])
-        .map_err(backend)?;
+    // Its settled holds stay until every node has followed their entries.
+    c.execute(
+        "DELETE FROM holds WHERE node = $1 AND recorded IS NULL",
+        &[&node],
+    )
+    .map_err(backend)?;
     c.execute("DELETE FROM nodes WHERE node = $1", &[&node])
         .map_err(backend)?;
     Ok(())
@@ -240,7 +254,7 @@ pub(crate) fn leave(c: &mut postgres::Client, node: &str) -> Result<(), StoreErr
 pub(crate) fn reserve_many(
     c: &mut postgres::Client,
     node: &str,
-    followed: u64,
+    seen: ciyuan_store::Seen,
     requests: &[(i64, &[HoldTerm])],
     ttl: std::time::Duration,
 ) -> Result<Vec<Option<(usize, Decimal)>>, StoreError> {
@@ -260,11 +274,12 @@ pub(crate) fn reserve_many(
     }
     let rows = c
         .query(
-            "SELECT id, refused, elsewhere::text FROM ciyuan_reserve_many($1, $2, $3, $4,
-                 $5::text[]::numeric[], $6::text[]::numeric[], $7::text[]::numeric[], $8)",
+            "SELECT id, refused, elsewhere::text FROM ciyuan_reserve_many($1, $2, $3, $4, $5,
+                 $6::text[]::numeric[], $7::text[]::numeric[], $8::text[]::numeric[], $9)",
             &[
                 &node,
-                &(followed as i64),
+                &(seen.followed as i64),
+                &(seen.own_from as i64),
                 &ids,
                 &counters,
                 &local,
@@ -303,7 +318,7 @@ pub(crate) fn reserve(
     c: &mut postgres::Client,
     node: &str,
     id: i64,
-    followed: u64,
+    seen: ciyuan_store::Seen,
     terms: &[HoldTerm],
     ttl: std::time::Duration,
 ) -> Result<Option<(usize, Decimal)>, StoreError> {
@@ -317,12 +332,13 @@ pub(crate) fn reserve(
     let amount: Vec<String> = order.iter().map(|&i| terms[i].amount.to_string()).collect();
     let row = c
         .query_one(
-            "SELECT refused, elsewhere::text FROM ciyuan_reserve($1, $2, $3, $4,
-                 $5::text[]::numeric[], $6::text[]::numeric[], $7::text[]::numeric[], $8)",
+            "SELECT refused, elsewhere::text FROM ciyuan_reserve($1, $2, $3, $4, $5,
+                 $6::text[]::numeric[], $7::text[]::numeric[], $8::text[]::numeric[], $9)",
             &[
                 &node,
                 &id,
-                &(followed as i64),
+                &(seen.followed as i64),
+                &(seen.own_from as i64),
                 &counters,
                 &local,
                 &need,

@@ -1453,24 +1453,24 @@ impl Store for PgStore {
         &self,
         node: &str,
         id: i64,
-        followed: u64,
+        seen: ciyuan_store::Seen,
         terms: &[ciyuan_store::HoldTerm],
         ttl: std::time::Duration,
     ) -> Result<Option<(usize, rust_decimal::Decimal)>, StoreError> {
         crate::off_runtime(|| {
-            crate::holds::reserve(&mut *self.inner.conn()?, node, id, followed, terms, ttl)
+            crate::holds::reserve(&mut *self.inner.conn()?, node, id, seen, terms, ttl)
         })
     }
 
     fn reserve_many(
         &self,
         node: &str,
-        followed: u64,
+        seen: ciyuan_store::Seen,
         requests: &[(i64, &[ciyuan_store::HoldTerm])],
         ttl: std::time::Duration,
     ) -> Result<Vec<Option<(usize, rust_decimal::Decimal)>>, StoreError> {
         crate::off_runtime(|| {
-            crate::holds::reserve_many(&mut *self.inner.conn()?, node, followed, requests, ttl)
+            crate::holds::reserve_many(&mut *self.inner.conn()?, node, seen, requests, ttl)
         })
     }
 

@@ -2,7 +2,12 @@
 //! appends it, and one node leading at a time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use ciyuan_store::{EntryKey, Log, LogError, Store};
+use ciyuan_store::{EntryKey, Log, LogError, Seen, Store};
+
+const FROM_START: Seen = Seen {
+    followed: 0,
+    own_from: 0,
+};
 use ciyuan_store_postgres::testing::TestCluster;
 use ciyuan_store_postgres::{PgLog, PgStore, Pool};
 use std::ops::Range;
@@ -178,7 +183,13 @@ fn holds_from_racing_nodes_never_exceed_the_amount() {
                         };
                         let id = ((n * 100 + c) * 1000 + i) as i64;
                         let refused = store
-                            .reserve(&format!("n{n}"), id, 0, &[term], Duration::from_secs(60))
+                            .reserve(
+                                &format!("n{n}"),
+                                id,
+                                FROM_START,
+                                &[term],
+                                Duration::from_secs(60),
+                            )
                             .unwrap();
                         if refused.is_none() {
                             won += 1;
@@ -211,8 +222,14 @@ fn a_group_of_holds_is_judged_in_order_each_seeing_those_before_it() {
     };
     // Another node holds 3 of the limit's 10.
     assert_eq!(
-        b.reserve("b", 1, 0, &[term("limit", 3, 10)], Duration::from_secs(60))
-            .unwrap(),
+        b.reserve(
+            "b",
+            1,
+            FROM_START,
+            &[term("limit", 3, 10)],
+            Duration::from_secs(60)
+        )
+        .unwrap(),
         None
     );
     let r1 = [term("limit", 4, 10), term("wallet", 1, 100)];
@@ -221,7 +238,7 @@ fn a_group_of_holds_is_judged_in_order_each_seeing_those_before_it() {
     let answers = a
         .reserve_many(
             "a",
-            0,
+            FROM_START,
             &[(11, &r1[..]), (12, &r2[..]), (13, &r3[..])],
             Duration::from_secs(60),
         )
@@ -233,15 +250,21 @@ fn a_group_of_holds_is_judged_in_order_each_seeing_those_before_it() {
     assert_eq!(answers[2], None);
     // A refused request held nothing: 2 of the 10 are left, and the wallet holds 1.
     assert_eq!(
-        b.reserve("b", 2, 0, &[term("limit", 3, 10)], Duration::from_secs(60))
-            .unwrap(),
+        b.reserve(
+            "b",
+            2,
+            FROM_START,
+            &[term("limit", 3, 10)],
+            Duration::from_secs(60)
+        )
+        .unwrap(),
         Some((0, Decimal::from(8)))
     );
     assert_eq!(
         b.reserve(
             "b",
             3,
-            0,
+            FROM_START,
             &[term("wallet", 99, 100)],
             Duration::from_secs(60)
         )

@@ -218,6 +218,17 @@ pub struct HoldTerm {
     pub amount: rust_decimal::Decimal,
 }
 
+/// How far a node's `HoldTerm::local` counts are known to reach: they hold every other
+/// node's entry below `followed` and every one of the node's own below `own_from`
+/// (both read before the counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// Other nodes' entries below this are applied.
+    pub followed: u64,
+    /// The node's own entries below this were counted before they were appended.
+    pub own_from: u64,
+}
+
 /// A held request's usage, recorded: what it counts on each counter it held, and the
 /// entry that recorded it ([`Store::settle_holds`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -273,18 +284,19 @@ pub trait Store: Send + Sync + 'static {
     /// Holds a request on `terms` in one step ordered with every node's: refused
     /// (answering the index of the term and what is held on it) when, on a term,
     /// `local` plus the holds of requests in flight (every live node's, `node`'s own
-    /// included) plus other nodes' usage recorded at or after `followed` (which
-    /// `node` has not applied) plus `need` exceeds `amount`. Nothing is held on a
+    /// included) plus the usage recorded in entries `local` may not hold (`seen`:
+    /// other nodes' at or after `seen.followed`, `node`'s own at or after
+    /// `seen.own_from`) plus `need` exceeds `amount`. Nothing is held on a
     /// refusal. A hold lapses after `ttl`, or when its node stops heartbeating.
     fn reserve(
         &self,
         node: &str,
         id: i64,
-        followed: u64,
+        seen: Seen,
         terms: &[HoldTerm],
         ttl: std::time::Duration,
     ) -> Result<Option<(usize, rust_decimal::Decimal)>, StoreError> {
-        let mut answers = self.reserve_many(node, followed, &[(id, terms)], ttl)?;
+        let mut answers = self.reserve_many(node, seen, &[(id, terms)], ttl)?;
         answers
             .pop()
             .ok_or_else(|| StoreError::Corrupt("no answer for a hold".into()))
@@ -296,7 +308,7 @@ pub trait Store: Send + Sync + 'static {
     fn reserve_many(
         &self,
         _node: &str,
-        _followed: u64,
+        _seen: Seen,
         requests: &[(i64, &[HoldTerm])],
         _ttl: std::time::Duration,
     ) -> Result<Vec<Option<(usize, rust_decimal::Decimal)>>, StoreError> {

@@ -111,9 +111,13 @@ pub fn run(
                     }
                     let requests: Vec<(i64, &[HoldTerm])> =
                         asks.iter().map(|a| (a.0, a.1.as_slice())).collect();
+                    let f = followed.load(Ordering::Acquire);
                     let answers = s.reserve_many(
                         &name,
-                        followed.load(Ordering::Acquire),
+                        ciyuan_store::Seen {
+                            followed: f,
+                            own_from: f,
+                        },
                         &requests,
                         Duration::from_secs(60),
                     );
@@ -180,7 +184,10 @@ pub fn run(
                         None => store.reserve(
                             &name,
                             id,
-                            followed.load(Ordering::Acquire),
+                            ciyuan_store::Seen {
+                                followed: followed.load(Ordering::Acquire),
+                                own_from: followed.load(Ordering::Acquire),
+                            },
                             &terms,
                             Duration::from_secs(60),
                         )?,
