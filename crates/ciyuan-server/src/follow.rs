@@ -364,6 +364,15 @@ impl Follower {
                 return;
             }
             if since.elapsed() > MOST_PAUSED {
+                // The change may be in the log already and its barrier never lowered
+                // (its node died after the append): follow past what the log holds
+                // now before rating again (for at most as long again).
+                let size = app.log.size();
+                let until = std::time::Instant::now() + MOST_PAUSED;
+                while self.followed < size && std::time::Instant::now() < until {
+                    std::thread::sleep(poll);
+                    self.step(app);
+                }
                 tracing::warn!(
                     barrier = id,
                     "a change of the rules never came: rating again"

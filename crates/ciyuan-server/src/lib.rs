@@ -272,12 +272,13 @@ impl App {
                 return Err(e);
             }
         };
-        let applied = self.apply_appended(range.end, controls).await;
         if let Some(id) = barrier {
-            // In the log whatever happens next: the others wait until they have it.
+            // In the log: the others rate again once they have followed past it (this
+            // node's own rating waits on its write guard until it has applied it).
             self.lower_rules_barrier(id, Some(range.end)).await;
         }
-        applied.map(|()| range)
+        self.apply_appended(range.end, controls).await?;
+        Ok(range)
     }
 
     /// Waits for the projection of the entries below `end` and applies `controls`.
