@@ -246,34 +246,66 @@ struct Follower {
 /// must rate nothing.
 const FENCE_AFTER: Duration = Duration::from_secs(5);
 
+/// Milliseconds since `epoch` (the heartbeat's clock).
+fn millis(epoch: std::time::Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Tells the other nodes, every [`HEARTBEAT`], that this node lives and how far it
-/// has followed; fences its rating when it cannot (see [`FENCE_AFTER`]). Its own
-/// thread: the follower may wait (for appends, for a pause) longer than a heartbeat.
+/// has followed. Its own thread: the follower may wait (for appends, for a pause)
+/// longer than a heartbeat. A watchdog of its own fences the rating (see
+/// [`FENCE_AFTER`]) on a clock the heartbeat's calls cannot hold up: a call hung on a
+/// dead connection can take as long as the TCP timeout.
 fn beat(app: Weak<App>) {
-    let mut last_ok = std::time::Instant::now();
+    let epoch = std::time::Instant::now();
+    // When the last heartbeat that got through was sent (the database's `seen_at`
+    // is no later than that).
+    let last_ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let (app, last_ok) = (app.clone(), last_ok.clone());
+        let spawned = std::thread::Builder::new()
+            .name("ciyuan-fence".into())
+            .spawn(move || fence(app, epoch, last_ok));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "no fence thread: a node cut off from the database would go on rating");
+        }
+    }
     loop {
         let Some(a) = app.upgrade() else { return };
+        let sent = millis(epoch);
         match a.store.heartbeat(&a.node, a.followed()) {
-            Ok(()) => last_ok = std::time::Instant::now(),
+            Ok(()) => last_ok.store(sent, std::sync::atomic::Ordering::Release),
             Err(e) => tracing::warn!(error = %e, "the heartbeat to the other nodes failed"),
-        }
-        if last_ok.elapsed() >= FENCE_AFTER {
-            tracing::warn!(
-                "no heartbeat reached the database for 5 s: rating paused until one does"
-            );
-            let gate = a.rules_gate.clone();
-            let _fenced = gate.blocking_write();
-            loop {
-                std::thread::sleep(HEARTBEAT);
-                if a.store.heartbeat(&a.node, a.followed()).is_ok() {
-                    last_ok = std::time::Instant::now();
-                    tracing::info!("heartbeat back: rating again");
-                    break;
-                }
-            }
         }
         drop(a);
         std::thread::sleep(HEARTBEAT);
+    }
+}
+
+/// Pauses this node's rating (the rules gate's write guard) while no heartbeat sent
+/// in the last [`FENCE_AFTER`] got through.
+pub(crate) fn fence(
+    app: Weak<App>,
+    epoch: std::time::Instant,
+    last_ok: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let stale = || {
+        millis(epoch).saturating_sub(last_ok.load(std::sync::atomic::Ordering::Acquire))
+            >= FENCE_AFTER.as_millis() as u64
+    };
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let Some(a) = app.upgrade() else { return };
+        if !stale() {
+            continue;
+        }
+        tracing::warn!("no heartbeat reached the database for 5 s: rating paused until one does");
+        let gate = a.rules_gate.clone();
+        let _fenced = gate.blocking_write();
+        while stale() {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        tracing::info!("heartbeat back: rating again");
     }
 }
 

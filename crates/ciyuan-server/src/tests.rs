@@ -1826,3 +1826,40 @@ fn retryable_storage_errors_are_503_with_retry_after_and_permanent_ones_500() {
     let r = crate::error::ApiError::from(LogError::Io("corrupt".into())).into_response();
     assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
+
+/// A node whose heartbeats stop getting through pauses its rating (the rules gate's
+/// write guard) after 5 s, and rates again once one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_database_pauses_its_rating_until_a_heartbeat_gets_through() {
+    let h = harness().await;
+    // The last heartbeat that got through was sent 6 s before the fence looks.
+    let epoch = std::time::Instant::now() - Duration::from_secs(6);
+    let last_ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (weak, ok) = (Arc::downgrade(&h.app), last_ok.clone());
+    std::thread::spawn(move || crate::follow::fence(weak, epoch, ok));
+    let gate = h.app.rules_gate.clone();
+    let mut fenced = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if gate.try_read().is_err() {
+            fenced = true;
+            break;
+        }
+    }
+    assert!(
+        fenced,
+        "rating paused once no heartbeat got through for 5 s"
+    );
+    // A heartbeat gets through: rating goes on.
+    let now = u64::try_from(epoch.elapsed().as_millis()).unwrap();
+    last_ok.store(now, std::sync::atomic::Ordering::Release);
+    let mut free = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if gate.try_read().is_ok() {
+            free = true;
+            break;
+        }
+    }
+    assert!(free, "rating resumed once a heartbeat got through");
+}
