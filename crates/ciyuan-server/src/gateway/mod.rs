@@ -230,7 +230,12 @@ enum Record {
     /// An entry, with the rules guard it was rated under (released once the entry
     /// is durable in the ledger, or given up; see `App::rules_gate`), and the holds
     /// across nodes its usage settles once it is appended.
-    Entry(Entry, Option<RulesGuard>, Option<crate::holds::Settling>),
+    Entry(
+        Entry,
+        Option<Entry>,
+        Option<RulesGuard>,
+        Option<crate::holds::Settling>,
+    ),
     /// Append what is queued now and say when it is durable.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -261,11 +266,14 @@ async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Record::Entry(e, guard, settles) => {
-                    if let Some(s) = settles {
-                        settling.push((batch.len(), s));
-                    }
+                Record::Entry(e, posting, guard, settles) => {
+                    // Side by side in one append: the payment never lands apart from
+                    // its usage, and the holds settle with the last of them.
                     batch.push(e);
+                    batch.extend(posting);
+                    if let Some(s) = settles {
+                        settling.push((batch.len() - 1, s));
+                    }
                     guards.extend(guard);
                 }
                 Record::Flush(done) => {
@@ -440,6 +448,7 @@ impl App {
     fn record_gateway(
         self: &Arc<Self>,
         entry: Entry,
+        posting: Option<Entry>,
         guard: Option<RulesGuard>,
         settles: Option<crate::holds::Settling>,
     ) {
@@ -448,26 +457,33 @@ impl App {
             tokio::spawn(recorder(Arc::downgrade(self), rx));
             tx
         });
-        if let Err(e) = tx.try_send(Record::Entry(entry, guard, settles)) {
+        if let Err(e) = tx.try_send(Record::Entry(entry, posting, guard, settles)) {
             // The recorder is behind: append this one alone rather than drop it.
-            let (entry, guard, settles) = match e {
-                tokio::sync::mpsc::error::TrySendError::Full(Record::Entry(e, g, s))
-                | tokio::sync::mpsc::error::TrySendError::Closed(Record::Entry(e, g, s)) => {
-                    (e, g, s)
+            let (entry, posting, guard, settles) = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(Record::Entry(e, p, g, s))
+                | tokio::sync::mpsc::error::TrySendError::Closed(Record::Entry(e, p, g, s)) => {
+                    (e, p, g, s)
                 }
                 _ => return,
             };
+            let mut entries = vec![entry];
+            entries.extend(posting);
+            let n = entries.len();
             let app = self.clone();
             tokio::spawn(async move {
                 let mut guard = guard;
                 let appended = crate::pipeline::append_lent_then(
                     app.log.as_ref(),
                     &app.projector,
-                    Arc::new(Recorded(vec![entry])),
+                    Arc::new(Recorded(entries)),
                     || drop(guard.take()),
                 )
                 .await;
-                app.recorded(appended, settles.map(|s| (0, s)).into_iter().collect(), 1);
+                app.recorded(
+                    appended,
+                    settles.map(|s| (n - 1, s)).into_iter().collect(),
+                    n,
+                );
             });
         }
     }
@@ -1787,17 +1803,11 @@ fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Du
                 app.record_gateway_now(entry, posting, rules, tiers, settles)
                     .await
             }
-            // The guard goes with the last record: the recorder keeps their order, so
-            // when it is released both hold their places.
-            None => match posting {
-                None => app.record_gateway(entry, Some(rules), settles),
-                // The holds settle with the later of the two: other nodes count a
-                // hold until they have applied both the usage and the payment.
-                Some(posting) => {
-                    app.record_gateway(entry, None, None);
-                    app.record_gateway(posting, Some(rules), settles);
-                }
-            },
+            // With its payment, in one message: both are appended together (also when
+            // the recorder is behind), so they hold their places side by side when the
+            // rules guard goes, and other nodes count the request's holds until they
+            // have applied both.
+            None => app.record_gateway(entry, posting, Some(rules), settles),
         }
         if let Some(incident) = price_incident {
             app.raise_price_incidents(vec![incident]).await;
