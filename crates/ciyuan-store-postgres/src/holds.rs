@@ -48,59 +48,6 @@ CREATE TABLE holds (
 );
 -- In flight (recorded IS NULL) and recorded after a point: two ranges of one index.
 CREATE INDEX holds_by_counter ON holds (counter, recorded);
-CREATE FUNCTION ciyuan_reserve(
-    p_node TEXT, p_id BIGINT, p_followed BIGINT, p_own_from BIGINT, p_counters TEXT[],
-    p_local NUMERIC[], p_need NUMERIC[], p_amount NUMERIC[], p_ttl_secs DOUBLE PRECISION
-) RETURNS TABLE (refused INT, elsewhere NUMERIC) LANGUAGE plpgsql AS $$
-DECLARE
-    i INT;
-    other NUMERIC;
-    recorded NUMERIC;
-    live TEXT[];
-BEGIN
-    -- A counter's lock is held until the commit: not waiting for the WAL's flush
-    -- lets the next node's hold in at once (see the module's documentation).
-    PERFORM set_config('synchronous_commit', 'off', true);
-    FOR i IN 1 .. coalesce(array_length(p_counters, 1), 0) LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended(p_counters[i], 0));
-    END LOOP;
-    -- A node whose own heartbeat is stale may be taken for dead by the others: it
-    -- holds nothing more until its heartbeat is through again.
-    IF NOT EXISTS (SELECT 1 FROM nodes WHERE node = p_node
-                   AND seen_at > now() - interval '5 seconds') THEN
-        RETURN QUERY SELECT -1, 0::NUMERIC;
-        RETURN;
-    END IF;
-    -- A node's requests in flight count for a minute after its last heartbeat (they
-    -- may still be streaming from a node that is slow, not dead).
-    SELECT coalesce(array_agg(node), '{}') INTO live
-    FROM nodes WHERE seen_at > now() - interval '60 seconds';
-    FOR i IN 1 .. coalesce(array_length(p_counters, 1), 0) LOOP
-        -- Requests in flight on live nodes, this one's included (its requests race
-        -- each other as much as other nodes')...
-        SELECT coalesce(sum(h.amount), 0) INTO other
-        FROM holds h
-        WHERE h.counter = p_counters[i] AND h.recorded IS NULL
-          AND h.node = ANY(live) AND h.expires_at > now();
-        -- ...and usage recorded in entries `p_local` may not hold: other nodes' it
-        -- has not applied, its own appended since it counted.
-        SELECT coalesce(sum(h.amount), 0) INTO recorded
-        FROM holds h
-        WHERE h.counter = p_counters[i]
-          AND ((h.node <> p_node AND h.recorded >= p_followed)
-               OR (h.node = p_node AND h.recorded >= p_own_from));
-        other := other + recorded;
-        IF p_local[i] + other + p_need[i] > p_amount[i] THEN
-            RETURN QUERY SELECT i, other;
-            RETURN;
-        END IF;
-    END LOOP;
-    INSERT INTO holds (id, counter, node, amount, expires_at)
-    SELECT p_id, c, p_node, n, now() + make_interval(secs => p_ttl_secs)
-    FROM unnest(p_counters, p_need) AS t(c, n);
-    RETURN QUERY SELECT 0, 0::NUMERIC;
-END
-$$;
 CREATE FUNCTION ciyuan_reserve_many(
     p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_ids BIGINT[], p_counters TEXT[],
     p_local NUMERIC[], p_need NUMERIC[], p_amount NUMERIC[], p_ttl_secs DOUBLE PRECISION
@@ -208,8 +155,8 @@ fn decimal(text: &str) -> Result<Decimal, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("a held amount {text:?}: {e}")))
 }
 
-/// How long a node may go without a heartbeat before its holds in flight lapse (the
-/// same interval as in the admission function).
+/// How long a node may go without a heartbeat before the others stop waiting for it at
+/// a rules barrier (it fences its own rating after 5 s).
 const QUIET: &str = "interval '10 seconds'";
 
 pub(crate) fn heartbeat(
@@ -312,55 +259,6 @@ pub(crate) fn reserve_many(
                 .ok_or_else(|| StoreError::Corrupt(format!("no answer for hold {id}")))
         })
         .collect()
-}
-
-pub(crate) fn reserve(
-    c: &mut postgres::Client,
-    node: &str,
-    id: i64,
-    seen: ciyuan_store::Seen,
-    terms: &[HoldTerm],
-    ttl: std::time::Duration,
-) -> Result<Option<(usize, Decimal)>, StoreError> {
-    // Locks are taken in one order on every node: no two admissions wait on each
-    // other in a cycle.
-    let mut order: Vec<usize> = (0..terms.len()).collect();
-    order.sort_by(|&a, &b| terms[a].counter.cmp(&terms[b].counter));
-    let counters: Vec<&str> = order.iter().map(|&i| terms[i].counter.as_str()).collect();
-    let local: Vec<String> = order.iter().map(|&i| terms[i].local.to_string()).collect();
-    let need: Vec<String> = order.iter().map(|&i| terms[i].need.to_string()).collect();
-    let amount: Vec<String> = order.iter().map(|&i| terms[i].amount.to_string()).collect();
-    let row = c
-        .query_one(
-            "SELECT refused, elsewhere::text FROM ciyuan_reserve($1, $2, $3, $4, $5,
-                 $6::text[]::numeric[], $7::text[]::numeric[], $8::text[]::numeric[], $9)",
-            &[
-                &node,
-                &id,
-                &(seen.followed as i64),
-                &(seen.own_from as i64),
-                &counters,
-                &local,
-                &need,
-                &amount,
-                &ttl.as_secs_f64(),
-            ],
-        )
-        .map_err(backend)?;
-    let refused: i32 = row.get(0);
-    if refused == 0 {
-        return Ok(None);
-    }
-    if refused < 0 {
-        return Err(StoreError::Unavailable(format!(
-            "node {node} has not heartbeated for 5 s: it holds nothing until it does"
-        )));
-    }
-    let at = order
-        .get(refused as usize - 1)
-        .copied()
-        .ok_or_else(|| StoreError::Corrupt(format!("a refusal at term {refused}")))?;
-    Ok(Some((at, decimal(row.get(1))?)))
 }
 
 pub(crate) fn settle(c: &mut postgres::Client, settled: &[SettledHold]) -> Result<(), StoreError> {

@@ -1449,19 +1449,6 @@ impl Store for PgStore {
         crate::off_runtime(|| crate::holds::leave(&mut *self.inner.conn()?, node))
     }
 
-    fn reserve(
-        &self,
-        node: &str,
-        id: i64,
-        seen: ciyuan_store::Seen,
-        terms: &[ciyuan_store::HoldTerm],
-        ttl: std::time::Duration,
-    ) -> Result<Option<(usize, rust_decimal::Decimal)>, StoreError> {
-        crate::off_runtime(|| {
-            crate::holds::reserve(&mut *self.inner.conn()?, node, id, seen, terms, ttl)
-        })
-    }
-
     fn reserve_many(
         &self,
         node: &str,
