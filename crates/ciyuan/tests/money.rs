@@ -241,7 +241,7 @@ fn litellm_prices_rate_gpt_4o_at_list_and_a_contract_discounts_a_child() {
 }
 
 /// Fires `n` streamed chat requests at once; answers each status and body.
-fn race(server: &Server, key: &str, n: usize) -> Vec<(u16, String)> {
+pub(crate) fn race(server: &Server, key: &str, n: usize) -> Vec<(u16, String)> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

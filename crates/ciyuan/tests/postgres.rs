@@ -471,49 +471,6 @@ fn a_limit_an_access_rule_and_an_event_id_set_on_one_node_hold_on_the_other() {
     assert_eq!(code, 0, "{out}");
 }
 
-/// Fires `n` streamed chat requests at `server` at once; each answer's status.
-fn stream_race(server: &Server, key: &str, n: usize) -> Vec<(u16, String)> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(std::time::Duration::from_secs(120))
-        .build()
-        .unwrap();
-    let url = format!("{}/v1/chat/completions", server.url);
-    rt.block_on(async {
-        let tasks: Vec<_> = (0..n)
-            .map(|_| {
-                let req = client
-                    .post(&url)
-                    .bearer_auth(key)
-                    .header("x-sim-tokens-per-sec", "200")
-                    .header("x-sim-output-tokens", "20")
-                    .json(&json!({"model": "gpt-4o", "stream": true, "max_tokens": 20,
-                        "messages": [{"role": "user", "content": "Race for the last token."}]}));
-                tokio::spawn(async move {
-                    match req.send().await {
-                        Ok(r) => {
-                            let status = r.status().as_u16();
-                            let body = r.text().await.unwrap_or_else(|e| format!("<cut: {e}>"));
-                            (status, body)
-                        }
-                        Err(e) => (0, e.to_string()),
-                    }
-                })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
-    })
-}
-
 #[test]
 fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
     let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
@@ -573,7 +530,7 @@ fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
             .into_iter()
             .map(|server| {
                 let key = key.clone();
-                s.spawn(move || stream_race(server, &key, 60))
+                s.spawn(move || crate::money::race(server, &key, 60))
             })
             .collect();
         let per: Vec<Vec<(u16, String)>> = runs.into_iter().map(|r| r.join().unwrap()).collect();
