@@ -390,6 +390,21 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `ciyuan audit export BUNDLE --database URL`, which must succeed.
+pub fn export_database(url: &str, bundle: &Path) {
+    let exported = Command::new(bin())
+        .args(["audit", "export"])
+        .arg(bundle)
+        .args(["--database", url])
+        .output()
+        .expect("run audit export");
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+}
+
 /// `ciyuan audit verify PATH`: (exit code, stdout + stderr). A data directory a
 /// server used on the PostgreSQL backend is verified as its database.
 pub fn verify(path: &Path) -> (i32, String) {

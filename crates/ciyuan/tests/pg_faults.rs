@@ -263,17 +263,7 @@ fn postgres_restarted_under_load_loses_and_doubles_no_acknowledged_event() {
     // Every acknowledged event is in the log once, at the entry it was acknowledged
     // as; no event is there that was not acknowledged.
     let bundle = tmp.path().join("bundle");
-    let exported = std::process::Command::new(crate::common::bin())
-        .args(["audit", "export"])
-        .arg(&bundle)
-        .args(["--database", &url])
-        .output()
-        .unwrap();
-    assert!(
-        exported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exported.stderr)
-    );
+    crate::common::export_database(&url, &bundle);
     let mut in_log: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let lines = std::fs::read_to_string(bundle.join("entries.jsonl")).unwrap();
     for (i, line) in lines.lines().enumerate() {

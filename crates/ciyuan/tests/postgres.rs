@@ -211,17 +211,7 @@ fn an_embedded_data_directory_moves_into_postgres_with_the_same_roots() {
     assert_eq!(code, 0, "{out}");
     // And an export of the database is a bundle like any other.
     let bundle = tmp.path().join("bundle");
-    let exported = std::process::Command::new(crate::common::bin())
-        .args(["audit", "export"])
-        .arg(&bundle)
-        .args(["--database", &url])
-        .output()
-        .unwrap();
-    assert!(
-        exported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exported.stderr)
-    );
+    crate::common::export_database(&url, &bundle);
     let (code, from_bundle) = crate::common::verify(&bundle);
     assert_eq!(code, 0, "{from_bundle}");
     assert_eq!(root_of(&from_bundle), root_of(&out));
