@@ -217,10 +217,17 @@ fn sdk_python() -> PathBuf {
     let venv = target.join("sdk-venv");
     let python = venv.join("bin/python");
     let stamp = venv.join("installed-requirements.txt");
+    // The suite runs a second time on PostgreSQL in a child process beside the first:
+    // two installs into one directory break each other, so the install is done under a
+    // lock (released when `lock` drops).
+    let lock = std::fs::File::create(target.join("sdk-venv.lock")).unwrap();
+    lock.lock().expect("locking the SDK virtual environment");
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
         return python;
     }
-    let _ = std::fs::remove_dir_all(&venv);
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv).expect("removing a half-made SDK environment");
+    }
     let ok = Command::new("python3")
         .args(["-m", "venv"])
         .arg(&venv)
