@@ -349,6 +349,16 @@ impl Follower {
             .store(self.followed, std::sync::atomic::Ordering::Release);
     }
 
+    /// Follows until every entry below `size` is applied here (for at most
+    /// [`MOST_PAUSED`]).
+    fn follow_to(&mut self, app: &App, size: u64, poll: Duration) {
+        let until = std::time::Instant::now() + MOST_PAUSED;
+        while self.followed < size && std::time::Instant::now() < until {
+            std::thread::sleep(poll.min(Duration::from_millis(20)));
+            self.step(app);
+        }
+    }
+
     /// Another node's rules barrier that is up, if any.
     fn barrier_raised(&self, app: &App) -> Option<i64> {
         match app.store.barrier() {
@@ -385,8 +395,14 @@ impl Follower {
                     // Applied here once followed past it.
                     Some(Some(size)) => self.followed >= size,
                 },
-                // Replaced or gone: that change is over.
-                Ok(_) => true,
+                // Replaced (its node lowered it, then it or another raised the
+                // next) or gone: its change, if made, is in the log below the size
+                // now. Applied here before rating again, or the next change's barrier
+                // could free this node's rating before it has this one.
+                Ok(_) => {
+                    self.follow_to(app, app.log.size(), poll);
+                    true
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the rules barrier");
                     false
@@ -399,12 +415,7 @@ impl Follower {
                 // The change may be in the log already and its barrier never lowered
                 // (its node died after the append): follow past what the log holds
                 // now before rating again (for at most as long again).
-                let size = app.log.size();
-                let until = std::time::Instant::now() + MOST_PAUSED;
-                while self.followed < size && std::time::Instant::now() < until {
-                    std::thread::sleep(poll);
-                    self.step(app);
-                }
+                self.follow_to(app, app.log.size(), poll);
                 tracing::warn!(
                     barrier = id,
                     "a change of the rules never came: rating again"
