@@ -17,19 +17,21 @@ use ciyuan_store::{HoldTerm, SettledHold};
 use rust_decimal::Decimal;
 use std::sync::Arc;
 
-/// A request's holds in the database.
-#[derive(Clone)]
+/// A request's holds in the database: its own, or its part of this node's slices.
 pub(crate) struct SharedHold {
     id: i64,
     terms: Vec<SharedTerm>,
     /// The wallet's counter and currency, where a wallet holds for the request.
     wallet: Option<(String, ciyuan_core::Currency)>,
+    /// Admitted from slices (`id` is then no hold's).
+    ticket: Option<crate::slices::Ticket>,
 }
 
 /// What a held request counts on each counter, once its entry is appended.
 pub(crate) struct Settling {
     id: i64,
     actual: Vec<(String, Decimal)>,
+    ticket: Option<crate::slices::Ticket>,
 }
 
 impl SharedHold {
@@ -50,6 +52,7 @@ impl SharedHold {
         Settling {
             id: self.id,
             actual,
+            ticket: self.ticket,
         }
     }
 }
@@ -212,6 +215,25 @@ impl App {
         if held.is_empty() {
             return Ok(None);
         }
+        if let Some(slices) = &self.slices {
+            let wants: Vec<crate::slices::Want<'_>> = held
+                .iter()
+                .enumerate()
+                .map(|(i, term)| crate::slices::Want {
+                    term,
+                    // The limits' terms come first, the wallet's last.
+                    fixed_amount: i < terms.len(),
+                })
+                .collect();
+            if let Some(ticket) = slices.admit(seen, &wants) {
+                return Ok(Some(SharedHold {
+                    id: 0,
+                    terms,
+                    wallet,
+                    ticket: Some(ticket),
+                }));
+            }
+        }
         let mut raw = [0u8; 8];
         getrandom::fill(&mut raw).map_err(|e| NotHeld::Failed(ApiError::internal(e)))?;
         // Positive, so it reads the same as a BIGINT everywhere.
@@ -230,7 +252,12 @@ impl App {
             .map_err(|_| NotHeld::Failed(ApiError::unavailable("the holder stopped")))?
             .map_err(NotHeld::Failed)?;
         match refused {
-            None => Ok(Some(SharedHold { id, terms, wallet })),
+            None => Ok(Some(SharedHold {
+                id,
+                terms,
+                wallet,
+                ticket: None,
+            })),
             Some((i, elsewhere)) => {
                 let t = &held[i];
                 let what = match terms.get(i) {
@@ -247,17 +274,20 @@ impl App {
 
     /// Records held requests' usage on their holds, now that `entries` hold it.
     pub(crate) fn settle_across_nodes(self: &Arc<Self>, settled: Vec<(Settling, u64)>) {
-        if settled.is_empty() {
+        let mut list: Vec<SettledHold> = Vec::with_capacity(settled.len());
+        for (s, entry) in settled {
+            match (s.ticket, &self.slices) {
+                (Some(ticket), Some(slices)) => slices.settle(ticket, &s.actual, entry),
+                _ => list.push(SettledHold {
+                    id: s.id,
+                    entry,
+                    actual: s.actual,
+                }),
+            }
+        }
+        if list.is_empty() {
             return;
         }
-        let list: Vec<SettledHold> = settled
-            .into_iter()
-            .map(|(s, entry)| SettledHold {
-                id: s.id,
-                entry,
-                actual: s.actual,
-            })
-            .collect();
         let app = self.clone();
         tokio::spawn(async move {
             if let Err(e) = app
@@ -274,6 +304,10 @@ impl App {
     /// Drops the holds of a request that recorded nothing.
     pub(crate) fn release_across_nodes(self: &Arc<Self>, held: Option<SharedHold>) {
         let Some(held) = held else { return };
+        if held.ticket.is_some() {
+            // Dropped, the ticket gives its needs back to the slices.
+            return;
+        }
         let app = self.clone();
         tokio::spawn(async move {
             if let Err(e) = app

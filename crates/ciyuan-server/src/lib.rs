@@ -30,6 +30,7 @@ mod records;
 pub mod reports;
 mod rerate;
 pub mod service_levels;
+pub mod slices;
 mod statements;
 mod tiers;
 mod usage;
@@ -126,6 +127,9 @@ pub struct App {
     followed: Arc<std::sync::atomic::AtomicU64>,
     /// Gateway requests waiting to be held in the database nodes share.
     holder: holds::Holder,
+    /// Slices of hard limits' and wallets' room this node holds in the database
+    /// nodes share, its requests admitted from them (none where it writes alone).
+    pub(crate) slices: Option<Arc<slices::Slices>>,
     store: Arc<dyn Store>,
     log: Arc<dyn Log>,
     auth: Authenticator,
@@ -207,10 +211,23 @@ impl App {
         let projector = Projector::start(store.clone(), log.clone())?;
         let recent = ingest::Recent::load(store.as_ref(), log.as_ref())?;
         let gateway = gateway::Gateway::new(config.gateway.clone()).map_err(ApiError::internal)?;
+        let slices = if store.shares_holds() {
+            Some(
+                slices::Slices::start(
+                    Arc::new(slices::OfStore(store.clone())),
+                    node.clone(),
+                    config.reservation_ttl,
+                )
+                .map_err(ApiError::internal)?,
+            )
+        } else {
+            None
+        };
         let app = Arc::new(App {
             node,
             followed: Arc::new(std::sync::atomic::AtomicU64::new(followed)),
             holder: holds::Holder::default(),
+            slices,
             gateway,
             budget,
             definitions,

@@ -24,7 +24,7 @@
 //! in flight then go uncounted until their usage is recorded (the ledger's own
 //! appends stay synchronous: nothing acknowledged is lost).
 
-use ciyuan_store::{HoldTerm, SettledHold, StoreError};
+use ciyuan_store::{HoldTerm, SettledHold, SliceAsk, SliceSize, StoreError};
 use rust_decimal::Decimal;
 
 /// The tables and the admission function.
@@ -146,6 +146,154 @@ END
 $$;
 "#;
 
+/// Slices of a counter's room (`Store::reserve_slices`): what is held on a counter, as
+/// a node counts it, becomes one function both admissions use.
+pub(crate) const MIGRATION_SLICES: &str = r#"
+CREATE FUNCTION ciyuan_held(
+    p_counter TEXT, p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_live TEXT[]
+) RETURNS NUMERIC LANGUAGE sql STABLE AS $$
+    -- Every live node's requests (and slices) in flight, and the usage recorded in
+    -- entries the asking node may not have counted.
+    SELECT (SELECT coalesce(sum(h.amount), 0) FROM holds h
+            WHERE h.counter = p_counter AND h.recorded IS NULL
+              AND h.node = ANY(p_live) AND h.expires_at > now())
+         + (SELECT coalesce(sum(h.amount), 0) FROM holds h
+            WHERE h.counter = p_counter
+              AND ((h.node <> p_node AND h.recorded >= p_followed)
+                   OR (h.node = p_node AND h.recorded >= p_own_from)))
+$$;
+CREATE OR REPLACE FUNCTION ciyuan_reserve_many(
+    p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_ids BIGINT[], p_counters TEXT[],
+    p_local NUMERIC[], p_need NUMERIC[], p_amount NUMERIC[], p_ttl_secs DOUBLE PRECISION
+) RETURNS TABLE (id BIGINT, refused INT, elsewhere NUMERIC) LANGUAGE plpgsql AS $$
+DECLARE
+    c TEXT;
+    n INT := coalesce(array_length(p_counters, 1), 0);
+    counters TEXT[];
+    held NUMERIC[];
+    live TEXT[];
+    i INT;
+    j INT;
+    k INT;
+    bad INT;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    IF NOT EXISTS (SELECT 1 FROM nodes WHERE node = p_node
+                   AND seen_at > now() - interval '5 seconds') THEN
+        RETURN QUERY SELECT DISTINCT t.id, -1, 0::NUMERIC FROM unnest(p_ids) AS t(id);
+        RETURN;
+    END IF;
+    SELECT array_agg(x ORDER BY x) INTO counters
+    FROM (SELECT DISTINCT x COLLATE "C" AS x FROM unnest(p_counters) AS u(x)) AS d;
+    FOREACH c IN ARRAY coalesce(counters, '{}') LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended(c, 0));
+    END LOOP;
+    SELECT coalesce(array_agg(node), '{}') INTO live
+    FROM nodes WHERE seen_at > now() - interval '60 seconds';
+    held := '{}';
+    FOR k IN 1 .. coalesce(array_length(counters, 1), 0) LOOP
+        held := held || ciyuan_held(counters[k], p_node, p_followed, p_own_from, live);
+    END LOOP;
+    i := 1;
+    WHILE i <= n LOOP
+        j := i;
+        WHILE j < n AND p_ids[j + 1] = p_ids[i] LOOP
+            j := j + 1;
+        END LOOP;
+        bad := 0;
+        FOR k IN i .. j LOOP
+            IF p_local[k] + held[array_position(counters, p_counters[k])] + p_need[k]
+               > p_amount[k] THEN
+                bad := k;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF bad = 0 THEN
+            FOR k IN i .. j LOOP
+                held[array_position(counters, p_counters[k])] :=
+                    held[array_position(counters, p_counters[k])] + p_need[k];
+            END LOOP;
+            INSERT INTO holds (id, counter, node, amount, expires_at)
+            SELECT p_ids[i], p_counters[g.x], p_node, p_need[g.x],
+                   now() + make_interval(secs => p_ttl_secs)
+            FROM generate_series(i, j) AS g(x);
+            RETURN QUERY SELECT p_ids[i], 0, 0::NUMERIC;
+        ELSE
+            RETURN QUERY SELECT p_ids[i], bad - i + 1,
+                held[array_position(counters, p_counters[bad])];
+        END IF;
+        i := j + 1;
+    END LOOP;
+END
+$$;
+CREATE FUNCTION ciyuan_reserve_slices(
+    p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_ids BIGINT[], p_counters TEXT[],
+    p_local NUMERIC[], p_least NUMERIC[], p_want NUMERIC[], p_amount NUMERIC[],
+    p_ttl_secs DOUBLE PRECISION
+) RETURNS TABLE (id BIGINT, granted NUMERIC) LANGUAGE plpgsql AS $$
+-- Granted: what was held; NULL: refused; -1: the node has not heartbeated.
+DECLARE
+    c TEXT;
+    n INT := coalesce(array_length(p_counters, 1), 0);
+    counters TEXT[];
+    held NUMERIC[];
+    live TEXT[];
+    shares INT;
+    k INT;
+    at INT;
+    room NUMERIC;
+    g NUMERIC;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    IF NOT EXISTS (SELECT 1 FROM nodes WHERE node = p_node
+                   AND seen_at > now() - interval '5 seconds') THEN
+        RETURN QUERY SELECT t.id, -1::NUMERIC FROM unnest(p_ids) AS t(id);
+        RETURN;
+    END IF;
+    SELECT array_agg(x ORDER BY x) INTO counters
+    FROM (SELECT DISTINCT x COLLATE "C" AS x FROM unnest(p_counters) AS u(x)) AS d;
+    FOREACH c IN ARRAY coalesce(counters, '{}') LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended(c, 0));
+    END LOOP;
+    SELECT coalesce(array_agg(node), '{}') INTO live
+    FROM nodes WHERE seen_at > now() - interval '60 seconds';
+    shares := 2 * greatest(coalesce(array_length(live, 1), 0), 1);
+    held := '{}';
+    FOR k IN 1 .. coalesce(array_length(counters, 1), 0) LOOP
+        held := held || ciyuan_held(counters[k], p_node, p_followed, p_own_from, live);
+    END LOOP;
+    FOR k IN 1 .. n LOOP
+        at := array_position(counters, p_counters[k]);
+        room := p_amount[k] - p_local[k] - held[at];
+        -- A share of the room, in the unit's own scale, never above what was asked.
+        g := least(p_want[k], trunc(room / shares, scale(p_least[k])));
+        IF g > 0 AND g >= p_least[k] AND g <= room THEN
+            held[at] := held[at] + g;
+            INSERT INTO holds (id, counter, node, amount, expires_at)
+            VALUES (p_ids[k], p_counters[k], p_node, g,
+                    now() + make_interval(secs => p_ttl_secs));
+            RETURN QUERY SELECT p_ids[k], g;
+        ELSE
+            RETURN QUERY SELECT p_ids[k], NULL::NUMERIC;
+        END IF;
+    END LOOP;
+END
+$$;
+CREATE FUNCTION ciyuan_resize_slices(
+    p_ids BIGINT[], p_counters TEXT[], p_amounts NUMERIC[], p_recorded BIGINT[]
+) RETURNS VOID LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    DELETE FROM holds h
+    USING unnest(p_ids, p_counters, p_amounts) AS t(id, counter, amount)
+    WHERE h.id = t.id AND h.counter = t.counter AND t.amount = 0;
+    UPDATE holds h SET amount = t.amount, recorded = t.recorded
+    FROM unnest(p_ids, p_counters, p_amounts, p_recorded) AS t(id, counter, amount, recorded)
+    WHERE h.id = t.id AND h.counter = t.counter AND t.amount <> 0;
+END
+$$;
+"#;
+
 fn backend(e: postgres::Error) -> StoreError {
     StoreError::Backend(crate::describe(&e))
 }
@@ -259,6 +407,93 @@ pub(crate) fn reserve_many(
                 .ok_or_else(|| StoreError::Corrupt(format!("no answer for hold {id}")))
         })
         .collect()
+}
+
+/// Holds slices for `node` (see `Store::reserve_slices`).
+pub(crate) fn reserve_slices(
+    c: &mut postgres::Client,
+    node: &str,
+    seen: ciyuan_store::Seen,
+    asks: &[SliceAsk],
+    ttl: std::time::Duration,
+) -> Result<Vec<Option<Decimal>>, StoreError> {
+    let (mut ids, mut counters, mut local, mut least, mut want, mut amount) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for a in asks {
+        ids.push(a.id);
+        counters.push(a.term.counter.as_str());
+        local.push(a.term.local.to_string());
+        least.push(a.least.to_string());
+        want.push(a.term.need.to_string());
+        amount.push(a.term.amount.to_string());
+    }
+    let rows = c
+        .query(
+            "SELECT id, granted::text FROM ciyuan_reserve_slices($1, $2, $3, $4, $5,
+                 $6::text[]::numeric[], $7::text[]::numeric[], $8::text[]::numeric[],
+                 $9::text[]::numeric[], $10)",
+            &[
+                &node,
+                &(seen.followed as i64),
+                &(seen.own_from as i64),
+                &ids,
+                &counters,
+                &local,
+                &least,
+                &want,
+                &amount,
+                &ttl.as_secs_f64(),
+            ],
+        )
+        .map_err(backend)?;
+    if rows.len() != asks.len() {
+        return Err(StoreError::Corrupt(format!(
+            "{} answers for {} slices asked",
+            rows.len(),
+            asks.len()
+        )));
+    }
+    let mut granted = Vec::with_capacity(rows.len());
+    for (r, a) in rows.iter().zip(asks) {
+        if r.get::<_, i64>(0) != a.id {
+            return Err(StoreError::Corrupt(format!("no answer for slice {}", a.id)));
+        }
+        granted.push(match r.get::<_, Option<&str>>(1) {
+            None => None,
+            Some("-1") => {
+                return Err(StoreError::Unavailable(format!(
+                    "node {node} has not heartbeated for 5 s: it holds nothing until it does"
+                )));
+            }
+            Some(g) => Some(decimal(g)?),
+        });
+    }
+    Ok(granted)
+}
+
+pub(crate) fn resize_slices(
+    c: &mut postgres::Client,
+    sizes: &[SliceSize],
+) -> Result<(), StoreError> {
+    if sizes.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = sizes.iter().map(|s| s.id).collect();
+    let counters: Vec<&str> = sizes.iter().map(|s| s.counter.as_str()).collect();
+    let amounts: Vec<String> = sizes.iter().map(|s| s.amount.to_string()).collect();
+    let recorded: Vec<Option<i64>> = sizes.iter().map(|s| s.recorded.map(|r| r as i64)).collect();
+    c.execute(
+        "SELECT ciyuan_resize_slices($1, $2, $3::text[]::numeric[], $4)",
+        &[&ids, &counters, &amounts, &recorded],
+    )
+    .map_err(backend)?;
+    Ok(())
 }
 
 pub(crate) fn settle(c: &mut postgres::Client, settled: &[SettledHold]) -> Result<(), StoreError> {

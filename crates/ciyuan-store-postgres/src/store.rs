@@ -1461,6 +1461,22 @@ impl Store for PgStore {
         })
     }
 
+    fn reserve_slices(
+        &self,
+        node: &str,
+        seen: ciyuan_store::Seen,
+        asks: &[ciyuan_store::SliceAsk],
+        ttl: std::time::Duration,
+    ) -> Result<Vec<Option<rust_decimal::Decimal>>, StoreError> {
+        crate::off_runtime(|| {
+            crate::holds::reserve_slices(&mut *self.inner.conn()?, node, seen, asks, ttl)
+        })
+    }
+
+    fn resize_slices(&self, sizes: &[ciyuan_store::SliceSize]) -> Result<(), StoreError> {
+        crate::off_runtime(|| crate::holds::resize_slices(&mut *self.inner.conn()?, sizes))
+    }
+
     fn settle_holds(&self, settled: &[ciyuan_store::SettledHold]) -> Result<(), StoreError> {
         crate::off_runtime(|| crate::holds::settle(&mut *self.inner.conn()?, settled))
     }

@@ -272,3 +272,107 @@ fn a_group_of_holds_is_judged_in_order_each_seeing_those_before_it() {
         None
     );
 }
+
+#[test]
+fn a_slice_takes_a_share_of_the_room_and_counts_until_resized() {
+    use ciyuan_store::{HoldTerm, SliceAsk, SliceSize};
+    use rust_decimal::Decimal;
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("slices").unwrap();
+    let a = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    let b = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    a.heartbeat("a", 0).unwrap();
+    b.heartbeat("b", 0).unwrap();
+    let ttl = Duration::from_secs(60);
+    let term = |need: i64, local: i64| HoldTerm {
+        counter: "limit".into(),
+        local: Decimal::from(local),
+        need: Decimal::from(need),
+        amount: Decimal::from(1000),
+    };
+    let ask = |id: i64, want: i64, least: i64| SliceAsk {
+        id,
+        term: term(want, 100),
+        least: Decimal::from(least),
+    };
+    // 900 left of 1000 as node a counts it; two live nodes: a share is 900 / 4, cut
+    // to the unit's scale, and never more than asked.
+    let granted = a
+        .reserve_slices("a", FROM_START, &[ask(1, 500, 10), ask(2, 50, 10)], ttl)
+        .unwrap();
+    assert_eq!(
+        granted,
+        vec![Some(Decimal::from(225)), Some(Decimal::from(50))]
+    );
+    // The slices count as requests in flight for everyone: 1000 - 100 - 275 = 625.
+    assert_eq!(
+        b.reserve("b", 3, FROM_START, &[term(626, 100)], ttl)
+            .unwrap(),
+        Some((0, Decimal::from(275)))
+    );
+    assert_eq!(
+        b.reserve("b", 4, FROM_START, &[term(625, 100)], ttl)
+            .unwrap(),
+        None
+    );
+    // Nothing left to share: refused, nothing held.
+    assert_eq!(
+        b.reserve_slices("b", FROM_START, &[ask(5, 100, 1)], ttl)
+            .unwrap(),
+        vec![None]
+    );
+    // Slice 1 trimmed to 25 and slice 2 gone: 250 back.
+    a.resize_slices(&[
+        SliceSize {
+            id: 1,
+            counter: "limit".into(),
+            amount: Decimal::from(25),
+            recorded: None,
+        },
+        SliceSize {
+            id: 2,
+            counter: "limit".into(),
+            amount: Decimal::ZERO,
+            recorded: None,
+        },
+    ])
+    .unwrap();
+    assert_eq!(
+        b.reserve("b", 6, FROM_START, &[term(251, 100)], ttl)
+            .unwrap(),
+        Some((0, Decimal::from(650)))
+    );
+    // Closed with its usage recorded at entry 7: counted by a node that has not
+    // followed to 7, not by one that has.
+    a.resize_slices(&[SliceSize {
+        id: 1,
+        counter: "limit".into(),
+        amount: Decimal::from(20),
+        recorded: Some(7),
+    }])
+    .unwrap();
+    let behind = Seen {
+        followed: 7,
+        own_from: 0,
+    };
+    let past = Seen {
+        followed: 8,
+        own_from: 0,
+    };
+    assert_eq!(
+        b.reserve("b", 8, behind, &[term(256, 100)], ttl).unwrap(),
+        Some((0, Decimal::from(645)))
+    );
+    assert_eq!(
+        b.reserve("b", 9, past, &[term(275, 100)], ttl).unwrap(),
+        None
+    );
+    // A node whose heartbeat is stale gets no slice.
+    let quiet = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    assert!(
+        quiet
+            .reserve_slices("never-seen", FROM_START, &[ask(10, 1, 1)], ttl)
+            .unwrap_err()
+            .is_retryable()
+    );
+}

@@ -241,6 +241,33 @@ pub struct SettledHold {
     pub actual: Vec<(String, rust_decimal::Decimal)>,
 }
 
+/// A slice of a counter's room that a node asks to hold for requests it will admit
+/// itself ([`Store::reserve_slices`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SliceAsk {
+    /// The slice's id (a hold's id: unique across nodes).
+    pub id: i64,
+    /// The counter, as for a request; `need` is the most the slice asks for.
+    pub term: HoldTerm,
+    /// The least worth holding; less is refused.
+    pub least: rust_decimal::Decimal,
+}
+
+/// What a slice now holds ([`Store::resize_slices`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SliceSize {
+    /// The slice's id.
+    pub id: i64,
+    /// Its counter.
+    pub counter: String,
+    /// What it holds from now on (zero: it goes).
+    pub amount: rust_decimal::Decimal,
+    /// `None` while its node may still admit or finish requests under it; once every
+    /// request under it ended, the last entry recording their usage (it then counts
+    /// as their recorded usage, as a settled hold does).
+    pub recorded: Option<u64>,
+}
+
 /// A rules barrier as the store holds it ([`Store::barrier`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Barrier {
@@ -313,6 +340,27 @@ pub trait Store: Send + Sync + 'static {
         _ttl: std::time::Duration,
     ) -> Result<Vec<Option<(usize, rust_decimal::Decimal)>>, StoreError> {
         Ok(vec![None; requests.len()])
+    }
+    /// Holds slices of counters' room for `node`, in order, each under the same
+    /// accounting as [`Store::reserve`]: a slice gets at most its `term.need` and at
+    /// most the room left on its counter divided by twice the number of live nodes
+    /// (so one node never takes it all); less than `least` is refused (`None`). The
+    /// node admits requests under a slice without asking again, so the slice counts as
+    /// a request in flight until [`Store::resize_slices`] says what it recorded. A
+    /// store whose node is the only writer grants none.
+    fn reserve_slices(
+        &self,
+        _node: &str,
+        _seen: Seen,
+        asks: &[SliceAsk],
+        _ttl: std::time::Duration,
+    ) -> Result<Vec<Option<rust_decimal::Decimal>>, StoreError> {
+        Ok(vec![None; asks.len()])
+    }
+    /// Sets what slices hold: trimmed to what their requests still need once they
+    /// admit no more, and at last their recorded usage with its last entry.
+    fn resize_slices(&self, _sizes: &[SliceSize]) -> Result<(), StoreError> {
+        Ok(())
     }
     /// Records that held requests' usage is in the ledger: each hold now counts what
     /// the request used, until every node has applied its entry.

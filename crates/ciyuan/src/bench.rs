@@ -50,6 +50,10 @@ pub struct AdmissionArgs {
     /// Group each node's waiting requests into one call, as `ciyuan serve` does.
     #[arg(long)]
     group: bool,
+    /// Admit from slices of the counters' room each node holds, as `ciyuan serve`
+    /// does (requests that do not fit are held one by one, grouped with `--group`).
+    #[arg(long)]
+    slices: bool,
 }
 
 #[derive(Args)]
@@ -369,19 +373,23 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 a.seconds,
                 a.rate,
                 a.group,
+                a.slices,
             )?;
             println!(
-                "admission across nodes: {} nodes x {} clients on one hard limit and one wallet, {} s, {}{}",
+                "admission across nodes: {} nodes x {} clients on one hard limit and one wallet, {} s, {}{}{}",
                 a.nodes,
                 a.clients,
                 a.seconds,
+                if a.slices { "from slices, " } else { "" },
                 if a.group { "grouped per node, " } else { "" },
                 a.rate
                     .map_or("closed loop".to_string(), |r| format!("{r} holds/s paced"))
             );
             println!(
-                "  {} holds, {:.0}/s; hold p50 {} us, p99 {} us, p99.9 {} us, max {} us (target: p99 <= 2 ms); settle p50 {} us, p99 {} us; {} refused",
+                "  {} holds ({} from slices, {} slices asked for), {:.0}/s; hold p50 {} us, p99 {} us, p99.9 {} us, max {} us (target: p99 <= 2 ms); settle p50 {} us, p99 {} us; {} refused",
                 r.holds,
+                r.from_slices,
+                r.slices_asked,
                 r.per_sec,
                 r.reserve_us[0],
                 r.reserve_us[1],

@@ -35,6 +35,32 @@ pub struct Report {
     pub settle_us: [u64; 2],
     /// Reserve calls refused (none expected: the limit is out of reach).
     pub refused: u64,
+    /// Holds admitted from a node's slices (no database call).
+    pub from_slices: u64,
+    /// Slices the nodes asked for.
+    pub slices_asked: u64,
+}
+
+/// A node's slices, counting the asks that reach the database.
+struct Counted(Arc<dyn Store>, Arc<AtomicU64>);
+
+impl ciyuan_server::slices::Backend for Counted {
+    fn reserve_slices(
+        &self,
+        node: &str,
+        seen: ciyuan_store::Seen,
+        asks: &[ciyuan_store::SliceAsk],
+        ttl: Duration,
+    ) -> Result<Vec<Option<Decimal>>, ciyuan_store::StoreError> {
+        self.1.fetch_add(asks.len() as u64, Ordering::Relaxed);
+        self.0.reserve_slices(node, seen, asks, ttl)
+    }
+    fn resize_slices(
+        &self,
+        sizes: &[ciyuan_store::SliceSize],
+    ) -> Result<(), ciyuan_store::StoreError> {
+        self.0.resize_slices(sizes)
+    }
 }
 
 /// Runs `nodes` nodes of `clients` threads each for `seconds` against the database
@@ -45,6 +71,9 @@ pub struct Report {
 ///
 /// With `group`, each node holds its clients' requests as `ciyuan serve` does: one
 /// thread per node takes every request waiting into one `Store::reserve_many` call.
+/// With `slices`, each node first admits from the slices of the counters it holds
+/// (`ciyuan_server::slices`, as `ciyuan serve` does), and holds alone only what does
+/// not fit.
 pub fn run(
     url: &str,
     nodes: usize,
@@ -52,6 +81,7 @@ pub fn run(
     seconds: f64,
     rate: Option<f64>,
     group: bool,
+    slices: bool,
 ) -> anyhow::Result<Report> {
     if nodes == 0 || clients == 0 || !(seconds > 0.0 && seconds.is_finite()) {
         bail!("--nodes, --clients and --seconds must be positive");
@@ -138,6 +168,21 @@ pub fn run(
             Some(tx)
         })
         .collect();
+    let asked = Arc::new(AtomicU64::new(0));
+    let node_slices: Vec<Option<Arc<ciyuan_server::slices::Slices>>> = stores
+        .iter()
+        .enumerate()
+        .map(|(n, s)| -> anyhow::Result<_> {
+            if !slices {
+                return Ok(None);
+            }
+            Ok(Some(ciyuan_server::slices::Slices::start(
+                Arc::new(Counted(s.clone(), asked.clone())),
+                format!("bench-{run_tag}-{n}"),
+                Duration::from_secs(60),
+            )?))
+        })
+        .collect::<anyhow::Result<_>>()?;
     std::thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
@@ -147,13 +192,15 @@ pub fn run(
         .flat_map(|(n, s)| (0..clients).map(move |c| (n, c, s.clone())))
         .map(|(n, c, store)| {
             let grouper = groupers[n].clone();
+            let slices = node_slices[n].clone();
             let (next_entry, name) = (next_entry.clone(), format!("bench-{run_tag}-{n}"));
             let followed = followed.clone();
             let run_tag = run_tag.clone();
-            std::thread::spawn(move || -> anyhow::Result<(Vec<u64>, Vec<u64>, u64)> {
+            std::thread::spawn(move || -> anyhow::Result<(Vec<u64>, Vec<u64>, u64, u64)> {
                 let mut reserve = Vec::new();
                 let mut settle = Vec::new();
                 let mut refused = 0;
+                let mut from_slices = 0;
                 let mut id = ((n * 1000 + c) as i64) << 32;
                 let terms = [
                     HoldTerm {
@@ -180,17 +227,33 @@ pub fn run(
                     }
                     id += 1;
                     let t = Instant::now();
+                    let seen = ciyuan_store::Seen {
+                        followed: followed.load(Ordering::Acquire),
+                        own_from: followed.load(Ordering::Acquire),
+                    };
+                    if let Some(slices) = &slices {
+                        let wants: Vec<ciyuan_server::slices::Want<'_>> = terms
+                            .iter()
+                            .enumerate()
+                            .map(|(i, term)| ciyuan_server::slices::Want {
+                                term,
+                                fixed_amount: i == 0,
+                            })
+                            .collect();
+                        if let Some(ticket) = slices.admit(seen, &wants) {
+                            reserve.push(t.elapsed().as_micros() as u64);
+                            from_slices += 1;
+                            let entry = next_entry.fetch_add(1, Ordering::Relaxed);
+                            let t = Instant::now();
+                            let actual: Vec<(String, Decimal)> =
+                                terms.iter().map(|t| (t.counter.clone(), t.need)).collect();
+                            slices.settle(ticket, &actual, entry);
+                            settle.push(t.elapsed().as_micros() as u64);
+                            continue;
+                        }
+                    }
                     let answer = match &grouper {
-                        None => store.reserve(
-                            &name,
-                            id,
-                            ciyuan_store::Seen {
-                                followed: followed.load(Ordering::Acquire),
-                                own_from: followed.load(Ordering::Acquire),
-                            },
-                            &terms,
-                            Duration::from_secs(60),
-                        )?,
+                        None => store.reserve(&name, id, seen, &terms, Duration::from_secs(60))?,
                         Some(g) => {
                             let (tx, rx) = std::sync::mpsc::channel();
                             g.send(Ask(id, terms.to_vec(), tx))
@@ -214,20 +277,22 @@ pub fn run(
                     }])?;
                     settle.push(t.elapsed().as_micros() as u64);
                 }
-                Ok((reserve, settle, refused))
+                Ok((reserve, settle, refused, from_slices))
             })
         })
         .collect();
     let mut reserve = Vec::new();
     let mut settle = Vec::new();
     let mut refused = 0;
+    let mut from_slices = 0;
     for w in workers {
-        let (r, s, x) = w
+        let (r, s, x, f) = w
             .join()
             .map_err(|_| anyhow::anyhow!("a client panicked"))??;
         reserve.extend(r);
         settle.extend(s);
         refused += x;
+        from_slices += f;
     }
     let elapsed = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Release);
@@ -256,5 +321,7 @@ pub fn run(
         ],
         settle_us: [pct(&settle, 50.0), pct(&settle, 99.0)],
         refused,
+        from_slices,
+        slices_asked: asked.load(Ordering::Relaxed),
     })
 }

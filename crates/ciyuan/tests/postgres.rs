@@ -463,8 +463,27 @@ fn a_limit_an_access_rule_and_an_event_id_set_on_one_node_hold_on_the_other() {
 
 #[test]
 fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
+    // A request holds its prompt and 20 output tokens: some 35 tokens and 0.00024 USD.
+    // The limit lets ~40 through, the wallet ~40: 180 streams race for them at once
+    // (slices of a few requests at first, then, near the limit, one by one).
+    race_three_nodes("race3", 1400, "0.0095", 1, 60);
+}
+
+#[test]
+fn three_nodes_admitting_from_slices_keep_one_hard_limit_and_one_wallet() {
+    // A limit of ~115 requests and a wallet of ~200: each node's share of the room
+    // is a slice of many requests, and 3 x 4 waves of 40 streams outrun the limit.
+    let slices = race_three_nodes("slices3", 4000, "0.05", 4, 40);
+    assert!(slices > 0, "no request was admitted from a slice");
+}
+
+/// Three nodes on one database, one hard limit of `tokens` and one wallet of `wallet`
+/// USD, and `waves` waves of `streams` streams fired at once at each node: usage ends
+/// within the limit and the wallet at or above zero on every node's view, and the
+/// log verifies. Answers how many requests the nodes admitted from slices.
+fn race_three_nodes(name: &str, tokens: i64, wallet: &str, waves: usize, streams: usize) -> u64 {
     let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
-    let (tmp, a, b, root, url) = two_nodes(&cluster, "race3");
+    let (tmp, a, b, root, url) = two_nodes(&cluster, name);
     let c_dir = tmp.path().join("c");
     std::fs::create_dir_all(&c_dir).unwrap();
     for f in ["signing.key", "public.key"] {
@@ -492,13 +511,11 @@ fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
             book.to_str().unwrap(),
         ],
     ));
-    // A request holds its prompt and 20 output tokens: some 35 tokens and 0.00024 USD.
-    // The limit lets ~40 through, the wallet ~40: 180 streams race for them.
     let (s, body) = c.http(
         "PUT",
         "/api/v1/budgets/acme",
         &root,
-        Some(&json!({"name": "race", "tokens": 1400, "period": "month"})),
+        Some(&json!({"name": "race", "tokens": tokens, "period": "month"})),
     );
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
     stdout(&a.cli(
@@ -508,7 +525,7 @@ fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
             "topup",
             node,
             "--amount",
-            "0.0095",
+            wallet,
             "--currency",
             "USD",
         ],
@@ -520,7 +537,11 @@ fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
             .into_iter()
             .map(|server| {
                 let key = key.clone();
-                s.spawn(move || crate::money::race(server, &key, 60))
+                s.spawn(move || {
+                    (0..waves)
+                        .flat_map(|_| crate::money::race(server, &key, streams))
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
         let per: Vec<Vec<(u16, String)>> = runs.into_iter().map(|r| r.join().unwrap()).collect();
@@ -553,8 +574,8 @@ fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
             .map(|r| r["total"].as_i64().unwrap())
             .sum();
         assert!(
-            used <= 1400,
-            "{used} tokens used against a hard limit of 1400 ({ok} answered)"
+            used <= tokens,
+            "{used} tokens used against a hard limit of {tokens} ({ok} answered)"
         );
         assert!(used > 0);
         let (s, body) = server.http("GET", &format!("/api/v1/wallets/{node}"), &root, None);
@@ -573,15 +594,29 @@ fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
             "the wallet went below zero: {usd}"
         );
         eprintln!(
-            "{}: {ok} answered, {refused} refused; {used} of 1400 tokens, balance {balance} USD",
+            "{}: {ok} answered, {refused} refused; {used} of {tokens} tokens, balance {balance} USD",
             server.url
         );
     }
+    let from_slices: u64 = [&a, &b, &c]
+        .iter()
+        .map(|server| {
+            let (s, body) = server.http("GET", "/metrics", &root, None);
+            assert_eq!(s, 200);
+            let text = String::from_utf8_lossy(&body).into_owned();
+            text.lines()
+                .find_map(|l| l.strip_prefix("ciyuan_holds_admitted_total{by=\"slice\"} "))
+                .unwrap_or_else(|| panic!("no slice count in /metrics:\n{text}"))
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
     a.stop();
     b.stop();
     c.stop();
     let (code, out) = crate::common::verify(std::path::Path::new(&url));
     assert_eq!(code, 0, "{out}");
+    from_slices
 }
 
 #[test]

@@ -809,12 +809,16 @@ pub async fn metrics_page(State(app): State<Arc<App>>, headers: HeaderMap) -> Re
 }
 
 fn metrics_text(app: &App) -> Response {
+    let mut text = app.gateway.metrics.render();
+    if let Some(slices) = &app.slices {
+        slices.render_metrics(&mut text);
+    }
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        app.gateway.metrics.render(),
+        text,
     )
         .into_response()
 }
@@ -1290,7 +1294,7 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
         Ok(Err(e)) => {
             let msg = format!("upstream {} failed: {}", provider.name, error_chain(&e));
             let status = StatusCode::BAD_GATEWAY;
-            finish_failed(&app, &call, status, "upstream_error");
+            finish_failed(&app, call, status, "upstream_error");
             return GatewayError::new(status, msg).into_response(family);
         }
         Err(_) => {
@@ -1299,7 +1303,7 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
                 provider.name,
                 provider.timeout.as_secs_f64()
             );
-            finish_failed(&app, &call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
+            finish_failed(&app, call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
             return GatewayError::new(StatusCode::GATEWAY_TIMEOUT, msg).into_response(family);
         }
     };
@@ -1332,7 +1336,7 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
                 provider.name,
                 MAX_ANSWER_BYTES >> 20
             );
-            finish_failed(&app, &call, StatusCode::BAD_GATEWAY, "upstream_too_large");
+            finish_failed(&app, call, StatusCode::BAD_GATEWAY, "upstream_too_large");
             return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
         }
         Ok(Err(e)) => {
@@ -1341,7 +1345,7 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
                 provider.name,
                 error_chain(e.as_ref())
             );
-            finish_failed(&app, &call, StatusCode::BAD_GATEWAY, "upstream_cut");
+            finish_failed(&app, call, StatusCode::BAD_GATEWAY, "upstream_cut");
             return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
         }
         Err(_) => {
@@ -1350,13 +1354,13 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
                 provider.name,
                 provider.timeout.as_secs_f64()
             );
-            finish_failed(&app, &call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
+            finish_failed(&app, call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
             return GatewayError::new(StatusCode::GATEWAY_TIMEOUT, msg).into_response(family);
         }
     };
     if !status.is_success() {
         // The provider's own error, in its own shape, reaches the client as it is.
-        finish_failed(&app, &call, status, "upstream_error");
+        finish_failed(&app, call, status, "upstream_error");
         let mut resp = (status, bytes).into_response();
         *resp.headers_mut() = out_headers;
         return resp;
@@ -1365,7 +1369,7 @@ async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) ->
         let msg = format!("upstream {} answered with malformed JSON", provider.name);
         // The tenant got no answer it can use: it is charged nothing (the entry still
         // records the failure, and the reservation is released).
-        finish_failed(&app, &call, StatusCode::BAD_GATEWAY, "upstream_malformed");
+        finish_failed(&app, call, StatusCode::BAD_GATEWAY, "upstream_malformed");
         return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
     };
     let ttft = call.started.elapsed();
@@ -1489,24 +1493,24 @@ impl Meter {
 /// Records a request that consumed nothing (refused, failed upstream before an
 /// answer, or answered with nothing usable): no tokens, but its status and latency
 /// count for service quality.
-fn finish_failed(app: &Arc<App>, call: &Call, status: StatusCode, why: &'static str) {
+fn finish_failed(app: &Arc<App>, call: Call, status: StatusCode, why: &'static str) {
     let meter = Meter::new(Some(why));
     let call = Call {
         endpoint: call.endpoint,
-        caller: call.caller.clone(),
+        caller: call.caller,
         info: RequestInfo {
-            model: call.info.model.clone(),
+            model: call.info.model,
             stream: call.info.stream,
             ..RequestInfo::default()
         },
         provider: call.provider,
-        request_id: call.request_id.clone(),
+        request_id: call.request_id,
         started: call.started,
         at: call.at,
         reservation: call.reservation,
-        hold: call.hold.clone(),
-        shared: call.shared.clone(),
-        session: call.session.clone(),
+        hold: call.hold,
+        shared: call.shared,
+        session: call.session,
         encoding: call.encoding,
         input_estimate: None,
     };
