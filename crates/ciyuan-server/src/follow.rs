@@ -277,6 +277,7 @@ fn beat(app: Weak<App>) {
             Ok(()) => last_ok.store(sent, std::sync::atomic::Ordering::Release),
             Err(e) => tracing::warn!(error = %e, "the heartbeat to the other nodes failed"),
         }
+        a.release_idle_tiers();
         drop(a);
         std::thread::sleep(HEARTBEAT);
     }
@@ -555,6 +556,13 @@ impl App {
                     }
                     if let Some((source, id)) = u.ingest_key() {
                         keys.push((ciyuan_core::ingest_key_hash(source, id), i));
+                    }
+                    if let Some(r) = u.rating.as_deref()
+                        && let Some(place) = &r.place
+                    {
+                        self.tiers
+                            .placed_elsewhere(place, &r.book)
+                            .map_err(|err| (i, format!("tier place at entry {i}: {err}")))?;
                     }
                 }
                 EntryBody::Adjustment(a) => {

@@ -1201,6 +1201,13 @@ async fn record(
     // both append it; the lock is not held while appending, so concurrent requests
     // still share group commits.
     let mut tiers: Option<crate::tiers::TiersGuard> = None;
+    // Tiered books place under the tier counters' lock, taken before the ingest lock:
+    // with several nodes it may wait for the follower, which takes the ingest lock.
+    let mut placing = if prices.tiered() {
+        Some(app.lock_tiers().await?)
+    } else {
+        None
+    };
     let mut slots = Vec::with_capacity(candidates.len());
     let mut waits = Vec::new();
     let pruned;
@@ -1329,8 +1336,7 @@ async fn record(
             }
             // New entries only (a duplicate takes no place), in the order they go to
             // the ledger, under the counters' lock until they hold their places there.
-            if prices.tiered() {
-                let mut counters = app.tiers.lock().await;
+            if let Some(mut counters) = placing.take() {
                 for e in &mut entries {
                     app.place_tiers(&prices, &mut counters, e)?;
                 }

@@ -523,7 +523,7 @@ impl App {
     /// A tiered entry is also placed on its tier counter; the counters' lock comes
     /// back with it, to be held until the entry holds its place in the ledger.
     pub(crate) async fn rate_gateway_entry(
-        &self,
+        self: &Arc<Self>,
         entry: &mut Entry,
         basis: Basis,
     ) -> (Option<Entry>, Option<crate::tiers::TiersGuard>) {
@@ -532,7 +532,15 @@ impl App {
         if !prices.tiered() {
             return (incident, None);
         }
-        let mut counters = self.tiers.lock().await;
+        let mut counters = match self.lock_tiers().await {
+            Ok(c) => c,
+            Err(e) => {
+                // The call is over and its usage must be recorded: recorded rated from
+                // the first band, which `audit verify` reports.
+                tracing::error!(account = %entry.account, detail = %e.detail, "tiered usage not placed");
+                return (incident, None);
+            }
+        };
         match self.place_tiers(&prices, &mut counters, entry) {
             Ok(true) => (incident, Some(counters)),
             Ok(false) => (incident, None),

@@ -294,6 +294,92 @@ END
 $$;
 "#;
 
+/// Named leases, one node at a time, handed over when another waits
+/// (`Store::take_lease`): tier counters are placed by one node at a time.
+pub(crate) const MIGRATION_LEASES: &str = r#"
+CREATE TABLE leases (
+    name      TEXT PRIMARY KEY,
+    node      TEXT NOT NULL,
+    until     TIMESTAMPTZ NOT NULL,
+    since     TIMESTAMPTZ NOT NULL,
+    wanted_by TEXT
+);
+CREATE FUNCTION ciyuan_take_lease(
+    p_name TEXT, p_node TEXT, p_term DOUBLE PRECISION, p_share DOUBLE PRECISION
+) RETURNS INT LANGUAGE plpgsql AS $$
+-- 1: kept; 2: taken; 0: busy.
+DECLARE
+    r leases%ROWTYPE;
+BEGIN
+    SELECT * INTO r FROM leases WHERE name = p_name FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO leases (name, node, until, since)
+        VALUES (p_name, p_node, now() + make_interval(secs => p_term), now())
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+            RETURN 2;
+        END IF;
+        RETURN 0;
+    END IF;
+    IF r.until <= now() THEN
+        UPDATE leases SET node = p_node, until = now() + make_interval(secs => p_term),
+                          since = now(), wanted_by = NULL
+        WHERE name = p_name;
+        -- Lapsed or let go by the caller itself: nobody held it since.
+        IF r.node = p_node THEN
+            RETURN 1;
+        END IF;
+        RETURN 2;
+    END IF;
+    IF r.node = p_node THEN
+        IF r.wanted_by IS NOT NULL AND r.wanted_by <> p_node
+           AND r.since <= now() - make_interval(secs => p_share) THEN
+            UPDATE leases SET until = now(), wanted_by = NULL WHERE name = p_name;
+            RETURN 0;
+        END IF;
+        UPDATE leases SET until = now() + make_interval(secs => p_term) WHERE name = p_name;
+        RETURN 1;
+    END IF;
+    UPDATE leases SET wanted_by = p_node WHERE name = p_name AND wanted_by IS NULL;
+    RETURN 0;
+END
+$$;
+"#;
+
+pub(crate) fn take_lease(
+    c: &mut postgres::Client,
+    name: &str,
+    node: &str,
+    term: std::time::Duration,
+    share: std::time::Duration,
+) -> Result<ciyuan_store::LeaseTaken, StoreError> {
+    let got: i32 = c
+        .query_one(
+            "SELECT ciyuan_take_lease($1, $2, $3, $4)",
+            &[&name, &node, &term.as_secs_f64(), &share.as_secs_f64()],
+        )
+        .map_err(backend)?
+        .get(0);
+    Ok(match got {
+        1 => ciyuan_store::LeaseTaken::Kept,
+        2 => ciyuan_store::LeaseTaken::Taken,
+        _ => ciyuan_store::LeaseTaken::Busy,
+    })
+}
+
+pub(crate) fn drop_lease(
+    c: &mut postgres::Client,
+    name: &str,
+    node: &str,
+) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE leases SET until = now() WHERE name = $1 AND node = $2 AND until > now()",
+        &[&name, &node],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
 fn backend(e: postgres::Error) -> StoreError {
     StoreError::Backend(crate::describe(&e))
 }

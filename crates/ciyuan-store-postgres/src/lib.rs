@@ -86,6 +86,8 @@ ALTER TABLE nodes ADD COLUMN paused BIGINT;
     store::MIGRATION_KEYS_BY_NODE,
     // 9: slices of a counter's room held by one node (`Store::reserve_slices`).
     holds::MIGRATION_SLICES,
+    // 10: named leases handed over between nodes (`Store::take_lease`).
+    holds::MIGRATION_LEASES,
 ];
 
 /// The schema version this build writes.

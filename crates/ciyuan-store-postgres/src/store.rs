@@ -1461,6 +1461,22 @@ impl Store for PgStore {
         })
     }
 
+    fn take_lease(
+        &self,
+        name: &str,
+        node: &str,
+        term: std::time::Duration,
+        share: std::time::Duration,
+    ) -> Result<ciyuan_store::LeaseTaken, StoreError> {
+        crate::off_runtime(|| {
+            crate::holds::take_lease(&mut *self.inner.conn()?, name, node, term, share)
+        })
+    }
+
+    fn drop_lease(&self, name: &str, node: &str) -> Result<(), StoreError> {
+        crate::off_runtime(|| crate::holds::drop_lease(&mut *self.inner.conn()?, name, node))
+    }
+
     fn reserve_slices(
         &self,
         node: &str,

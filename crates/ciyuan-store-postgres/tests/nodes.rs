@@ -376,3 +376,40 @@ fn a_slice_takes_a_share_of_the_room_and_counts_until_resized() {
             .is_retryable()
     );
 }
+
+#[test]
+fn a_lease_is_one_nodes_at_a_time_and_handed_over_when_another_waits() {
+    use ciyuan_store::LeaseTaken::{Busy, Kept, Taken};
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("leases").unwrap();
+    let a = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    let b = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    let (term, share) = (Duration::from_secs(60), Duration::from_millis(300));
+    assert_eq!(a.take_lease("tiers", "a", term, share).unwrap(), Taken);
+    assert_eq!(a.take_lease("tiers", "a", term, share).unwrap(), Kept);
+    // Another lease is another name.
+    assert_eq!(b.take_lease("other", "b", term, share).unwrap(), Taken);
+    // b waits: a keeps it until it has held it for `share`, then lets it go.
+    assert_eq!(b.take_lease("tiers", "b", term, share).unwrap(), Busy);
+    assert_eq!(a.take_lease("tiers", "a", term, share).unwrap(), Kept);
+    std::thread::sleep(Duration::from_millis(350));
+    assert_eq!(a.take_lease("tiers", "a", term, share).unwrap(), Busy);
+    assert_eq!(b.take_lease("tiers", "b", term, share).unwrap(), Taken);
+    assert_eq!(a.take_lease("tiers", "a", term, share).unwrap(), Busy);
+    // Dropped by its holder, anyone takes it; dropped by another, nothing happens.
+    a.drop_lease("tiers", "a").unwrap();
+    assert_eq!(b.take_lease("tiers", "b", term, share).unwrap(), Kept);
+    b.drop_lease("tiers", "b").unwrap();
+    assert_eq!(a.take_lease("tiers", "a", term, share).unwrap(), Taken);
+    // Let go and taken again with nobody in between: kept.
+    a.drop_lease("tiers", "a").unwrap();
+    assert_eq!(a.take_lease("tiers", "a", term, share).unwrap(), Kept);
+    // A lapsed lease is anyone's.
+    assert_eq!(
+        b.take_lease("lapse", "b", Duration::from_millis(100), share)
+            .unwrap(),
+        Taken
+    );
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(a.take_lease("lapse", "a", term, share).unwrap(), Taken);
+}

@@ -268,6 +268,20 @@ pub struct SliceSize {
     pub recorded: Option<u64>,
 }
 
+/// What [`Store::take_lease`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseTaken {
+    /// The caller holds it, and no other node held it since the caller last did
+    /// (renewed, or taken again after the caller let it go).
+    Kept,
+    /// The caller did not hold it and now does: another node may have held it since
+    /// the caller last did.
+    Taken,
+    /// Another node holds it (it is told the caller waits), or the caller held it
+    /// long enough while another waited, and let it go.
+    Busy,
+}
+
 /// A rules barrier as the store holds it ([`Store::barrier`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Barrier {
@@ -291,6 +305,23 @@ pub trait Store: Send + Sync + 'static {
     /// once it lapsed. A store with one writer answers true.
     fn lead(&self, _node: &str, _term: std::time::Duration) -> Result<bool, StoreError> {
         Ok(true)
+    }
+    /// Takes or renews the lease `name` for `node` for `term`: one node at a time
+    /// holds it. A node that holds it while another waits lets it go once it has held
+    /// it for `share` (the waiting node takes it at its next call). A store with one
+    /// writer answers `Kept`.
+    fn take_lease(
+        &self,
+        _name: &str,
+        _node: &str,
+        _term: std::time::Duration,
+        _share: std::time::Duration,
+    ) -> Result<LeaseTaken, StoreError> {
+        Ok(LeaseTaken::Kept)
+    }
+    /// Lets the lease `name` go if `node` holds it.
+    fn drop_lease(&self, _name: &str, _node: &str) -> Result<(), StoreError> {
+        Ok(())
     }
     /// Whether nodes sharing this store hold gateway requests here too
     /// ([`Store::reserve`]); false where one process is the only writer (its own

@@ -635,7 +635,7 @@ fn a_price_correction_rerates_a_period_by_appending_corrections_that_verify() {
 
 /// A `list` book pricing `gpt-4o` input in graduated monthly tiers: the first
 /// 1,500,000 input tokens of a month at 0.000002, the rest at 0.000001.
-const TIERED_BOOK: &str = r#"name = "list"
+pub(crate) const TIERED_BOOK: &str = r#"name = "list"
 currency = "USD"
 [[rules]]
 model = "gpt-4o*"

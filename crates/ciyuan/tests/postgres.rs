@@ -712,3 +712,84 @@ fn prices_changed_on_one_node_while_another_rates_keep_every_rating_in_log_order
     let (code, out) = crate::common::verify(std::path::Path::new(&url));
     assert_eq!(code, 0, "{out}");
 }
+
+#[test]
+fn two_nodes_placing_graduated_tiers_at_once_leave_no_gap_and_no_overlap() {
+    let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
+    let (tmp, a, b, root, url) = two_nodes(&cluster, "tiers2");
+    stdout(&a.cli(&root, &["accounts", "create", "acme/cn"]));
+    let key = a.new_key(&root, "acme/cn", "gateway,ingest,read");
+    let book = tmp.path().join("tiered.toml");
+    std::fs::write(&book, crate::money::TIERED_BOOK).unwrap();
+    stdout(&a.cli(
+        &root,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "toml",
+            book.to_str().unwrap(),
+        ],
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Both nodes take tiered events and gateway calls at once, each event 40,000
+    // input tokens: 2 x 3 clients x 8 rounds x 3 events cross the band at 1,500,000.
+    std::thread::scope(|s| {
+        for (node, tag) in [(&a, "a"), (&b, "b")] {
+            for t in 0..3 {
+                let key = key.clone();
+                s.spawn(move || {
+                    for i in 0..8 {
+                        let batch: Vec<serde_json::Value> = (0..3)
+                            .map(|j| {
+                                json!({"specversion": "1.0", "id": format!("{tag}-{t}-{i}-{j}"),
+                                    "source": "svc://tiers", "type": "llm.usage",
+                                    "subject": "acme/cn",
+                                    "data": {"model": "gpt-4o", "input_tokens": 40000,
+                                             "output_tokens": 10}})
+                            })
+                            .collect();
+                        let (st, body) = node.http("POST", "/v1/events", &key, Some(&json!(batch)));
+                        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+                        let (st, body) = node.http(
+                            "POST",
+                            "/v1/chat/completions",
+                            &key,
+                            Some(&json!({"model": "gpt-4o", "max_tokens": 5,
+                                "messages": [{"role": "user", "content": "tiers"}]})),
+                        );
+                        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+                    }
+                });
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Every place follows the one before it on the counter, whichever node made it.
+    let (s, body) = a.http(
+        "GET",
+        "/api/v1/audit/entries?start=0&limit=10000",
+        &root,
+        None,
+    );
+    assert_eq!(s, 200);
+    let mut next = rust_decimal::Decimal::ZERO;
+    let mut placed = 0;
+    for line in String::from_utf8_lossy(&body).lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        let place = &e["data"]["rating"]["place"];
+        if e["kind"] != "usage" || place.is_null() {
+            continue;
+        }
+        let before: rust_decimal::Decimal = place["before"].as_str().unwrap().parse().unwrap();
+        let units: rust_decimal::Decimal = place["units"].as_str().unwrap().parse().unwrap();
+        assert_eq!(before, next, "a gap or an overlap at {e}");
+        next = before + units;
+        placed += 1;
+    }
+    assert_eq!(placed, 2 * 3 * 8 * 4, "every event and call placed");
+    a.stop();
+    b.stop();
+    let (code, out) = crate::common::verify(std::path::Path::new(&url));
+    assert_eq!(code, 0, "{out}");
+}
