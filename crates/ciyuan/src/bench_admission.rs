@@ -7,7 +7,9 @@
 //!
 //! Each node is its own `PgStore` (its own connections) with its own name and
 //! heartbeat, as `ciyuan serve` nodes have; each client is a thread of a node looping
-//! reserve → settle. The in-memory engines' part of admission is `bench budgets`.
+//! reserve → settle. With `--slices`, each node first admits from its slices of the
+//! counters' room (`ciyuan_server::slices`, as `serve` does) and holds alone only what
+//! does not fit. The in-memory engines' part of admission is `bench budgets`.
 
 use anyhow::{Context, bail};
 use ciyuan_store::{HoldTerm, SettledHold, Store};
