@@ -582,3 +582,63 @@ fn after_hostile_input_the_ledger_verifies_and_rebuilds_identically() {
     let after = usage(&t.gw.server, &root, "/");
     assert_eq!(before, after);
 }
+
+/// A client that hangs up while its request waits for the provider's answer: the
+/// provider still answers (and charges), so the gateway records the usage and frees
+/// what admission held — nothing is left to lapse an hour later, nothing goes
+/// unmetered.
+#[test]
+fn regression_a_client_gone_before_the_answer_is_metered_and_frees_its_hold() {
+    use std::io::Write;
+    let gw = gateway_with("", &[]);
+    // Room for one request's reservation (prompt + 200 output tokens), not two.
+    let (s, body) = gw.server.http(
+        "PUT",
+        "/api/v1/budgets/acme/app",
+        &gw.admin,
+        Some(&json!({"name": "one-at-a-time", "tokens": 300, "period": "month"})),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let body = json!({"model": "gpt-4o", "max_tokens": 200,
+        "messages": [{"role": "user", "content": "Answer slowly."}]})
+    .to_string();
+    let addr = gw.server.url.trim_start_matches("http://").to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nx-sim-ttft-ms: 1200\r\n\
+         x-sim-output-tokens: 5\r\n\r\n{body}",
+        gw.key,
+        body.len()
+    )
+    .unwrap();
+    // Gone while the provider thinks.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(s);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    // Its usage is in the ledger...
+    let (st, entries) = gw.server.http(
+        "GET",
+        "/api/v1/audit/entries?start=0&limit=1000",
+        &gw.admin,
+        None,
+    );
+    assert_eq!(st, 200);
+    let usage: Vec<Value> = String::from_utf8_lossy(&entries)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["kind"] == "usage" && e["data"]["source"] == "gateway")
+        .collect();
+    assert_eq!(usage.len(), 1, "the hung-up request's usage: {usage:?}");
+    assert_eq!(usage[0]["data"]["tokens"]["text.output"], 5, "{}", usage[0]);
+    // ...and its reservation is settled: the next request fits the limit again.
+    let (st, b) = gw.server.http(
+        "POST",
+        "/v1/chat/completions",
+        &gw.key,
+        Some(&json!({"model": "gpt-4o", "max_tokens": 200,
+            "messages": [{"role": "user", "content": "Answer quickly."}]})),
+    );
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+}

@@ -883,7 +883,33 @@ struct InputCount {
     tools: u64,
 }
 
+/// Serves a gateway request to its end in a task of its own: a client that hangs up
+/// drops only the wait for the answer, not the request. Once admitted, a request's
+/// provider answers (and charges) whether or not the client stayed, so its usage is
+/// recorded and what admission held is settled; dropped with the client, it would go
+/// unmetered and hold its budget and wallet room until the reservations lapse.
 async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Request) -> Response {
+    let family = endpoint.family();
+    match tokio::spawn(serve_call(app, endpoint, headers, req)).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!(error = %e, "a gateway request's task failed");
+            GatewayError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the gateway failed while serving this request",
+            )
+            .into_response(family)
+        }
+    }
+}
+
+/// A gateway request, from its key to its answer (see [`handle`]).
+async fn serve_call(
+    app: Arc<App>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    req: Request,
+) -> Response {
     let started = Instant::now();
     let at = Timestamp::now();
     let family = endpoint.family();
