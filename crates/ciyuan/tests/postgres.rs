@@ -466,22 +466,32 @@ fn three_nodes_racing_streams_keep_one_hard_limit_and_one_wallet() {
     // A request holds its prompt and 20 output tokens: some 35 tokens and 0.00024 USD.
     // The limit lets ~40 through, the wallet ~40: 180 streams race for them at once
     // (slices of a few requests at first, then, near the limit, one by one).
-    race_three_nodes("race3", 1400, "0.0095", 1, 60);
+    race_three_nodes("race3", 1400, "0.0095", Load::Burst(60));
 }
 
 #[test]
 fn three_nodes_admitting_from_slices_keep_one_hard_limit_and_one_wallet() {
     // A limit of ~115 requests and a wallet of ~200: each node's share of the room
-    // is a slice of many requests, and 3 x 4 waves of 40 streams outrun the limit.
-    let slices = race_three_nodes("slices3", 4000, "0.05", 4, 40);
+    // is a slice of many requests, and 3 nodes x 4 clients x 40 requests one after
+    // another (a steady flow, which keeps a node's slices in use) outrun the limit.
+    let slices = race_three_nodes("slices3", 4000, "0.05", Load::Steady(4, 40));
     assert!(slices > 0, "no request was admitted from a slice");
 }
 
+/// How the requests of [`race_three_nodes`] come to each node.
+#[derive(Clone, Copy)]
+enum Load {
+    /// This many streams fired at once.
+    Burst(usize),
+    /// This many clients, each sending this many requests one after another.
+    Steady(usize, usize),
+}
+
 /// Three nodes on one database, one hard limit of `tokens` and one wallet of `wallet`
-/// USD, and `waves` waves of `streams` streams fired at once at each node: usage ends
-/// within the limit and the wallet at or above zero on every node's view, and the
-/// log verifies. Answers how many requests the nodes admitted from slices.
-fn race_three_nodes(name: &str, tokens: i64, wallet: &str, waves: usize, streams: usize) -> u64 {
+/// USD, and `load` at each node: usage ends within the limit and the wallet at or
+/// above zero on every node's view, and the log verifies. Answers how many requests
+/// the nodes admitted from slices.
+fn race_three_nodes(name: &str, tokens: i64, wallet: &str, load: Load) -> u64 {
     let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
     let (tmp, a, b, root, url) = two_nodes(&cluster, name);
     let c_dir = tmp.path().join("c");
@@ -537,10 +547,31 @@ fn race_three_nodes(name: &str, tokens: i64, wallet: &str, waves: usize, streams
             .into_iter()
             .map(|server| {
                 let key = key.clone();
-                s.spawn(move || {
-                    (0..waves)
-                        .flat_map(|_| crate::money::race(server, &key, streams))
-                        .collect::<Vec<_>>()
+                s.spawn(move || match load {
+                    Load::Burst(streams) => crate::money::race(server, &key, streams),
+                    Load::Steady(clients, requests) => std::thread::scope(|s| {
+                        let each: Vec<_> = (0..clients)
+                            .map(|_| {
+                                s.spawn(|| {
+                                    (0..requests)
+                                        .map(|_| {
+                                            let (st, body) = server.http(
+                                                "POST",
+                                                "/v1/chat/completions",
+                                                &key,
+                                                Some(&json!({"model": "gpt-4o",
+                                                    "max_tokens": 20, "messages": [{"role":
+                                                    "user", "content":
+                                                    "Race for the last cent."}]})),
+                                            );
+                                            (st, String::from_utf8_lossy(&body).into_owned())
+                                        })
+                                        .collect::<Vec<_>>()
+                                })
+                            })
+                            .collect();
+                        each.into_iter().flat_map(|h| h.join().unwrap()).collect()
+                    }),
                 })
             })
             .collect();
@@ -611,6 +642,7 @@ fn race_three_nodes(name: &str, tokens: i64, wallet: &str, waves: usize, streams
                 .unwrap()
         })
         .sum();
+    eprintln!("{from_slices} of {ok} answered requests admitted from slices");
     a.stop();
     b.stop();
     c.stop();
