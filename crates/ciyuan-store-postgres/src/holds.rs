@@ -162,38 +162,57 @@ CREATE FUNCTION ciyuan_held(
               AND ((h.node <> p_node AND h.recorded >= p_followed)
                    OR (h.node = p_node AND h.recorded >= p_own_from)))
 $$;
+-- What both admissions start with: the node's heartbeat checked (`counters` NULL when
+-- it is 5 s old: the others may be about to take the node for dead), each counter's
+-- lock taken once in one order on every node, and what is held on each counter.
+CREATE FUNCTION ciyuan_counted(
+    p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_counters TEXT[],
+    OUT counters TEXT[], OUT held NUMERIC[], OUT live_nodes INT
+) LANGUAGE plpgsql AS $$
+DECLARE
+    c TEXT;
+    live TEXT[];
+    k INT;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    IF NOT EXISTS (SELECT 1 FROM nodes WHERE node = p_node
+                   AND seen_at > now() - interval '5 seconds') THEN
+        RETURN;
+    END IF;
+    SELECT coalesce(array_agg(x ORDER BY x), '{}') INTO counters
+    FROM (SELECT DISTINCT x COLLATE "C" AS x FROM unnest(p_counters) AS u(x)) AS d;
+    FOREACH c IN ARRAY counters LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended(c, 0));
+    END LOOP;
+    SELECT coalesce(array_agg(node), '{}') INTO live
+    FROM nodes WHERE seen_at > now() - interval '60 seconds';
+    live_nodes := coalesce(array_length(live, 1), 0);
+    held := '{}';
+    FOR k IN 1 .. coalesce(array_length(counters, 1), 0) LOOP
+        held := held || ciyuan_held(counters[k], p_node, p_followed, p_own_from, live);
+    END LOOP;
+END
+$$;
 CREATE OR REPLACE FUNCTION ciyuan_reserve_many(
     p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_ids BIGINT[], p_counters TEXT[],
     p_local NUMERIC[], p_need NUMERIC[], p_amount NUMERIC[], p_ttl_secs DOUBLE PRECISION
 ) RETURNS TABLE (id BIGINT, refused INT, elsewhere NUMERIC) LANGUAGE plpgsql AS $$
 DECLARE
-    c TEXT;
     n INT := coalesce(array_length(p_counters, 1), 0);
     counters TEXT[];
     held NUMERIC[];
-    live TEXT[];
+    live_nodes INT;
     i INT;
     j INT;
     k INT;
     bad INT;
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
-    IF NOT EXISTS (SELECT 1 FROM nodes WHERE node = p_node
-                   AND seen_at > now() - interval '5 seconds') THEN
+    SELECT * INTO counters, held, live_nodes
+    FROM ciyuan_counted(p_node, p_followed, p_own_from, p_counters);
+    IF counters IS NULL THEN
         RETURN QUERY SELECT DISTINCT t.id, -1, 0::NUMERIC FROM unnest(p_ids) AS t(id);
         RETURN;
     END IF;
-    SELECT array_agg(x ORDER BY x) INTO counters
-    FROM (SELECT DISTINCT x COLLATE "C" AS x FROM unnest(p_counters) AS u(x)) AS d;
-    FOREACH c IN ARRAY coalesce(counters, '{}') LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended(c, 0));
-    END LOOP;
-    SELECT coalesce(array_agg(node), '{}') INTO live
-    FROM nodes WHERE seen_at > now() - interval '60 seconds';
-    held := '{}';
-    FOR k IN 1 .. coalesce(array_length(counters, 1), 0) LOOP
-        held := held || ciyuan_held(counters[k], p_node, p_followed, p_own_from, live);
-    END LOOP;
     i := 1;
     WHILE i <= n LOOP
         j := i;
@@ -233,40 +252,27 @@ CREATE FUNCTION ciyuan_reserve_slices(
 ) RETURNS TABLE (id BIGINT, granted NUMERIC) LANGUAGE plpgsql AS $$
 -- Granted: what was held; NULL: refused; -1: the node has not heartbeated.
 DECLARE
-    c TEXT;
     n INT := coalesce(array_length(p_counters, 1), 0);
     counters TEXT[];
     held NUMERIC[];
-    live TEXT[];
-    shares INT;
+    live_nodes INT;
     k INT;
     at INT;
     room NUMERIC;
     g NUMERIC;
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
-    IF NOT EXISTS (SELECT 1 FROM nodes WHERE node = p_node
-                   AND seen_at > now() - interval '5 seconds') THEN
+    SELECT * INTO counters, held, live_nodes
+    FROM ciyuan_counted(p_node, p_followed, p_own_from, p_counters);
+    IF counters IS NULL THEN
         RETURN QUERY SELECT t.id, -1::NUMERIC FROM unnest(p_ids) AS t(id);
         RETURN;
     END IF;
-    SELECT array_agg(x ORDER BY x) INTO counters
-    FROM (SELECT DISTINCT x COLLATE "C" AS x FROM unnest(p_counters) AS u(x)) AS d;
-    FOREACH c IN ARRAY coalesce(counters, '{}') LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended(c, 0));
-    END LOOP;
-    SELECT coalesce(array_agg(node), '{}') INTO live
-    FROM nodes WHERE seen_at > now() - interval '60 seconds';
-    shares := 2 * greatest(coalesce(array_length(live, 1), 0), 1);
-    held := '{}';
-    FOR k IN 1 .. coalesce(array_length(counters, 1), 0) LOOP
-        held := held || ciyuan_held(counters[k], p_node, p_followed, p_own_from, live);
-    END LOOP;
     FOR k IN 1 .. n LOOP
         at := array_position(counters, p_counters[k]);
         room := p_amount[k] - p_local[k] - held[at];
-        -- A share of the room, in the unit's own scale, never above what was asked.
-        g := least(p_want[k], trunc(room / shares, scale(p_least[k])));
+        -- A share of the room (twice the live nodes' count: one node never takes
+        -- it all), in the unit's own scale, never above what was asked.
+        g := least(p_want[k], trunc(room / (2 * greatest(live_nodes, 1)), scale(p_least[k])));
         IF g > 0 AND g >= p_least[k] AND g <= room THEN
             held[at] := held[at] + g;
             INSERT INTO holds (id, counter, node, amount, expires_at)

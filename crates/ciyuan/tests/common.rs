@@ -270,6 +270,20 @@ impl Server {
             .expect("run ciyuan")
     }
 
+    /// `ciyuan prices import --format toml FILE` by `key`: the CLI's answer.
+    pub fn import_toml_book(&self, key: &str, file: &Path) -> String {
+        stdout(&self.cli(
+            key,
+            &[
+                "prices",
+                "import",
+                "--format",
+                "toml",
+                file.to_str().unwrap(),
+            ],
+        ))
+    }
+
     /// A new key on `account` with `scopes` (comma-separated), made with `admin`.
     pub fn new_key(&self, admin: &str, account: &str, scopes: &str) -> String {
         let out = stdout(&self.cli(

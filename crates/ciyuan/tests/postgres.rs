@@ -511,16 +511,7 @@ fn race_three_nodes(name: &str, tokens: i64, wallet: &str, load: Load) -> u64 {
          unit_prices = { \"text.input\" = \"0.0000025\", \"text.output\" = \"0.00001\" }\n",
     )
     .unwrap();
-    stdout(&b.cli(
-        &root,
-        &[
-            "prices",
-            "import",
-            "--format",
-            "toml",
-            book.to_str().unwrap(),
-        ],
-    ));
+    b.import_toml_book(&root, &book);
     let (s, body) = c.http(
         "PUT",
         "/api/v1/budgets/acme",
@@ -669,16 +660,7 @@ fn prices_changed_on_one_node_while_another_rates_keep_every_rating_in_log_order
         .unwrap();
         path
     };
-    stdout(&a.cli(
-        &root,
-        &[
-            "prices",
-            "import",
-            "--format",
-            "toml",
-            book("0.000001").to_str().unwrap(),
-        ],
-    ));
+    a.import_toml_book(&root, &book("0.000001"));
     std::thread::sleep(std::time::Duration::from_millis(500));
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (rated, changes) = std::thread::scope(|s| {
@@ -714,17 +696,7 @@ fn prices_changed_on_one_node_while_another_rates_keep_every_rating_in_log_order
             .enumerate()
         {
             std::thread::sleep(std::time::Duration::from_millis(150 + 50 * i as u64));
-            let o = a.cli(
-                &root,
-                &[
-                    "prices",
-                    "import",
-                    "--format",
-                    "toml",
-                    book(price).to_str().unwrap(),
-                ],
-            );
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            a.import_toml_book(&root, &book(price));
             changes += 1;
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
@@ -753,16 +725,7 @@ fn two_nodes_placing_graduated_tiers_at_once_leave_no_gap_and_no_overlap() {
     let key = a.new_key(&root, "acme/cn", "gateway,ingest,read");
     let book = tmp.path().join("tiered.toml");
     std::fs::write(&book, crate::money::TIERED_BOOK).unwrap();
-    stdout(&a.cli(
-        &root,
-        &[
-            "prices",
-            "import",
-            "--format",
-            "toml",
-            book.to_str().unwrap(),
-        ],
-    ));
+    a.import_toml_book(&root, &book);
     std::thread::sleep(std::time::Duration::from_millis(500));
     // Both nodes take tiered events and gateway calls at once, each event 40,000
     // input tokens: 2 x 3 clients x 8 rounds x 3 events cross the band at 1,500,000.
