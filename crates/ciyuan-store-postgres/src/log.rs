@@ -1022,7 +1022,7 @@ impl Log for PgLog {
                 let upto = (at + SCAN_CHUNK).min(end);
                 let rows = c
                     .query(
-                        "SELECT idx, bytes FROM log_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                        "SELECT idx, leaf, bytes FROM log_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
                         &[&at, &upto],
                     )
                     .map_err(io)?;
@@ -1033,7 +1033,18 @@ impl Log for PgLog {
                     )));
                 }
                 for r in rows {
-                    f(r.get::<_, i64>(0) as u64, r.get::<_, &[u8]>(1))?;
+                    let (idx, bytes) = (r.get::<_, i64>(0) as u64, r.get::<_, &[u8]>(2));
+                    // Every read checks the entry against the leaf hash stored with it
+                    // when it was appended (as the file ledger checks each record's
+                    // CRC): bytes changed behind the server's back are named here, at
+                    // the entry, not later as a checkpoint whose root no longer holds.
+                    if ciyuan_tlog::leaf_hash(bytes).as_slice() != r.get::<_, &[u8]>(1) {
+                        return Err(LogError::Invalid(format!(
+                            "entry {idx} does not hash to the leaf stored with it: its bytes \
+                             were changed after it was appended"
+                        )));
+                    }
+                    f(idx, bytes)?;
                 }
                 at = upto;
             }
