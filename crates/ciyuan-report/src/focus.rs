@@ -36,7 +36,7 @@ use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Currency, PriceKey};
 use rust_decimal::Decimal;
 
-use crate::{ChargeCategory, CostLine};
+use crate::{ChargeCategory, CostLine, CostLineRef};
 
 /// The FOCUS version the export follows.
 pub const FOCUS_VERSION: &str = "1.2";
@@ -191,6 +191,8 @@ pub struct FocusWriter<W: Write> {
     scratch: Vec<u8>,
     seen: u64,
     summary: FocusSummary,
+    // The running `BilledCost` total of the last line's currency, not yet in `summary`.
+    total: Option<(Currency, Decimal)>,
 }
 
 impl<W: Write> FocusWriter<W> {
@@ -256,6 +258,7 @@ impl<W: Write> FocusWriter<W> {
             scratch: Vec::with_capacity(256),
             seen: 0,
             summary: FocusSummary::default(),
+            total: None,
         })
     }
 
@@ -271,14 +274,34 @@ impl<W: Write> FocusWriter<W> {
         line: &CostLine,
         sub_account_name: Option<&str>,
     ) -> Result<(), FocusError> {
+        self.write_ref(&line.view(), sub_account_name)
+    }
+
+    /// Writes one borrowed line whose node is called `sub_account_name`
+    /// (`SubAccountName`): [`FocusWriter::write_named`] for callers that read lines in
+    /// place.
+    pub fn write_ref(
+        &mut self,
+        line: &CostLineRef<'_>,
+        sub_account_name: Option<&str>,
+    ) -> Result<(), FocusError> {
         self.seen += 1;
         let seen = self.seen;
-        let unit = self.unit.get(&line.key);
+        let unit = self.unit.get(line.key);
         let row = Row::of(line, &self.meta, unit).map_err(|why| line_error(seen, line, why))?;
-        // Summed before writing so an overflow leaves the output untouched.
-        let total = self.summary.billed.get(&line.currency).copied();
+        // Summed before writing so an overflow leaves the output untouched. The
+        // running total of the last currency is kept aside (lines come in runs of one
+        // currency) and put in the summary when another currency comes, or at the end.
+        let total = match self.total {
+            Some((c, t)) if c == line.currency => t,
+            _ => self
+                .summary
+                .billed
+                .get(&line.currency)
+                .copied()
+                .unwrap_or(Decimal::ZERO),
+        };
         let total = total
-            .unwrap_or(Decimal::ZERO)
             .checked_add(line.billed_cost)
             .ok_or(FocusError::Overflow(line.currency))?;
 
@@ -294,7 +317,7 @@ impl<W: Write> FocusWriter<W> {
             Some(n) if !n.trim().is_empty() => Some(n),
             _ => None,
         };
-        let sub_account = self.sub_account.get(&line.account, sub_name);
+        let sub_account = self.sub_account.get(line.account, sub_name);
         let b = &mut self.row;
         let scratch = &mut self.scratch;
         b.clear();
@@ -359,7 +382,7 @@ impl<W: Write> FocusWriter<W> {
             sku_of(line, scratch);
             push_field_raw(b, scratch);
             b.push(b',');
-            push_field_bytes(b, &line.key);
+            push_field_bytes(b, line.key);
             b.push(b',');
             if !line.book.is_empty() {
                 scratch.push(b'@');
@@ -374,7 +397,14 @@ impl<W: Write> FocusWriter<W> {
         b.extend_from_slice(sub_account);
         b.extend_from_slice(b"\r\n");
         self.out.write_all(&self.row)?;
-        self.summary.billed.insert(line.currency, total);
+        match &mut self.total {
+            Some((c, t)) if *c == line.currency => *t = total,
+            slot => {
+                if let Some((c, t)) = slot.replace((line.currency, total)) {
+                    self.summary.billed.insert(c, t);
+                }
+            }
+        }
         self.summary.rows += 1;
         Ok(())
     }
@@ -382,6 +412,9 @@ impl<W: Write> FocusWriter<W> {
     /// Flushes and returns the writer and what was written.
     pub fn finish(mut self) -> Result<(W, FocusSummary), FocusError> {
         self.out.flush()?;
+        if let Some((c, t)) = self.total.take() {
+            self.summary.billed.insert(c, t);
+        }
         Ok((self.out, self.summary))
     }
 }
@@ -468,7 +501,7 @@ struct Row<'a> {
 impl<'a> Row<'a> {
     /// `unit` is [`unit`] of the line's key.
     fn of(
-        line: &'a CostLine,
+        line: &CostLineRef<'a>,
         meta: &'a FocusMeta,
         unit: Option<&'a str>,
     ) -> Result<Row<'a>, String> {
@@ -493,7 +526,7 @@ impl<'a> Row<'a> {
         let tax = line.category == ChargeCategory::Tax;
 
         let service = if !line.service.trim().is_empty() {
-            line.service.as_str()
+            line.service
         } else if usage {
             return Err("it has no service (FOCUS ServiceName must not be null)".into());
         } else {
@@ -560,7 +593,13 @@ impl<'a> Row<'a> {
                     line.list_cost
                 ));
             }
-            contracted_unit_price = Some(contracted_price(q, p, line.contracted_cost, correction)?);
+            contracted_unit_price = Some(contracted_price(
+                q,
+                p,
+                product,
+                line.contracted_cost,
+                correction,
+            )?);
         }
         if !usage && !tax && list_unit_price.is_none() {
             // FOCUS: the list and contracted cost of a charge unrelated to other charges
@@ -599,10 +638,12 @@ impl<'a> Row<'a> {
 /// The contracted price of one unit: the contracted cost over the quantity, which must
 /// be exact because FOCUS requires `ContractedUnitPrice × PricingQuantity =
 /// ContractedCost`. A zero quantity has no quotient: its contracted price is taken to be
-/// the list price (a zero cost is then consistent with either).
+/// the list price (a zero cost is then consistent with either). `list_product` is
+/// `quantity × list_price`.
 fn contracted_price(
     quantity: Decimal,
     list_price: Decimal,
+    list_product: Decimal,
     contracted_cost: Decimal,
     correction: bool,
 ) -> Result<Decimal, String> {
@@ -614,7 +655,7 @@ fn contracted_price(
         }
         return Ok(list_price);
     }
-    if quantity.checked_mul(list_price) == Some(contracted_cost) {
+    if list_product == contracted_cost {
         // No discount or markup: no division needed.
         return Ok(list_price);
     }
@@ -639,12 +680,12 @@ fn contracted_price(
 
 /// `SkuId`: what is sold, whatever its price: the model (or, without one, the service)
 /// and the key.
-fn sku_of(line: &CostLine, out: &mut Vec<u8>) {
+fn sku_of(line: &CostLineRef<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(
         if line.model.is_empty() {
-            &line.service
+            line.service
         } else {
-            &line.model
+            line.model
         }
         .as_bytes(),
     );
@@ -652,18 +693,14 @@ fn sku_of(line: &CostLine, out: &mut Vec<u8>) {
     out.extend_from_slice(line.key.as_bytes());
 }
 
-fn description(line: &CostLine, out: &mut Vec<u8>) {
+fn description(line: &CostLineRef<'_>, out: &mut Vec<u8>) {
     match line.category {
         ChargeCategory::Usage => {}
         ChargeCategory::Adjustment => out.extend_from_slice(b"Adjustment: "),
         ChargeCategory::Credit => out.extend_from_slice(b"Credit: "),
         ChargeCategory::Tax => out.extend_from_slice(b"Tax: "),
     }
-    let parts = [
-        line.key.as_str(),
-        line.model.as_str(),
-        line.service.as_str(),
-    ];
+    let parts = [line.key, line.model, line.service];
     let mut first = true;
     for p in parts.iter().filter(|p| !p.is_empty()) {
         if !first {
@@ -681,25 +718,25 @@ fn description(line: &CostLine, out: &mut Vec<u8>) {
     }
 }
 
-fn describe(line: &CostLine) -> String {
+fn describe(line: &CostLineRef<'_>) -> String {
     format!(
         "{} {} {} {}",
         category_name(line.category),
         if line.service.is_empty() {
             "-"
         } else {
-            &line.service
+            line.service
         },
         if line.model.is_empty() {
             "-"
         } else {
-            &line.model
+            line.model
         },
-        if line.key.is_empty() { "-" } else { &line.key }
+        if line.key.is_empty() { "-" } else { line.key }
     )
 }
 
-fn line_error(seen: u64, line: &CostLine, why: String) -> FocusError {
+fn line_error(seen: u64, line: &CostLineRef<'_>, why: String) -> FocusError {
     FocusError::Line {
         line: seen,
         what: describe(line),
