@@ -187,8 +187,8 @@ pub struct FocusWriter<W: Write> {
     // (and its name) or only on the key is rendered once per run.
     sub_account: SubAccountCache,
     unit: UnitCache,
+    labels: LabelCache,
     row: Vec<u8>,
-    scratch: Vec<u8>,
     seen: u64,
     summary: FocusSummary,
     // The running `BilledCost` total of the last line's currency, not yet in `summary`.
@@ -254,8 +254,8 @@ impl<W: Write> FocusWriter<W> {
             charge_end: DateCache::default(),
             sub_account: SubAccountCache::default(),
             unit: UnitCache::default(),
+            labels: LabelCache::default(),
             row: Vec::with_capacity(1024),
-            scratch: Vec::with_capacity(256),
             seen: 0,
             summary: FocusSummary::default(),
             total: None,
@@ -319,7 +319,6 @@ impl<W: Write> FocusWriter<W> {
         };
         let sub_account = self.sub_account.get(line.account, sub_name);
         let b = &mut self.row;
-        let scratch = &mut self.scratch;
         b.clear();
         push_decimal(b, line.billed_cost);
         let billed = b.len();
@@ -330,9 +329,8 @@ impl<W: Write> FocusWriter<W> {
         b.push(b',');
         b.extend_from_slice(row.class.unwrap_or("").as_bytes());
         b.push(b',');
-        scratch.clear();
-        description(line, scratch);
-        push_field_raw(b, scratch);
+        let labels = self.labels.get(line, row.service, row.usage);
+        b.extend_from_slice(&labels.description);
         b.push(b',');
         b.extend_from_slice(row.frequency.as_bytes());
         b.push(b',');
@@ -372,27 +370,7 @@ impl<W: Write> FocusWriter<W> {
             b.push(b',');
         }
         b.extend_from_slice(&self.provider);
-        push_field_bytes(b, row.service);
-        b.push(b',');
-        b.extend_from_slice(SERVICE_SUBCATEGORY.as_bytes());
-        b.push(b',');
-        // SkuId, SkuMeter, SkuPriceId: usage only.
-        if row.usage {
-            scratch.clear();
-            sku_of(line, scratch);
-            push_field_raw(b, scratch);
-            b.push(b',');
-            push_field_bytes(b, line.key);
-            b.push(b',');
-            if !line.book.is_empty() {
-                scratch.push(b'@');
-                scratch.extend_from_slice(line.book.as_bytes());
-            }
-            push_field_raw(b, scratch);
-        } else {
-            b.push(b',');
-            b.push(b',');
-        }
+        b.extend_from_slice(&labels.service_and_sku);
         b.push(b',');
         b.extend_from_slice(sub_account);
         b.extend_from_slice(b"\r\n");
@@ -783,6 +761,103 @@ impl SubAccountCache {
             self.name = name.map(str::to_string);
         }
         &self.fields
+    }
+}
+
+/// The fields of a row that depend only on what it charges for (its category,
+/// service, model, key and book): `ChargeDescription`, and `ServiceName` through
+/// `SkuPriceId`, rendered once per kind of line seen last (a node's lines cycle through
+/// a handful) and copied after.
+#[derive(Default)]
+struct LabelCache {
+    slots: Vec<Labels>,
+    next: usize,
+}
+
+struct Labels {
+    category: ChargeCategory,
+    service: String,
+    model: String,
+    key: String,
+    book: String,
+    // `ChargeDescription`, as a field.
+    description: Vec<u8>,
+    // `ServiceName,ServiceSubcategory,SkuId,SkuMeter,SkuPriceId`.
+    service_and_sku: Vec<u8>,
+}
+
+impl Labels {
+    fn of(line: &CostLineRef<'_>, service: &str, usage: bool) -> Labels {
+        let mut scratch = Vec::with_capacity(64);
+        description(line, &mut scratch);
+        let mut description = Vec::with_capacity(scratch.len() + 2);
+        push_field_raw(&mut description, &scratch);
+        let b = &mut Vec::with_capacity(128);
+        push_field_bytes(b, service);
+        b.push(b',');
+        b.extend_from_slice(SERVICE_SUBCATEGORY.as_bytes());
+        b.push(b',');
+        // SkuId, SkuMeter, SkuPriceId: usage only.
+        if usage {
+            scratch.clear();
+            sku_of(line, &mut scratch);
+            push_field_raw(b, &scratch);
+            b.push(b',');
+            push_field_bytes(b, line.key);
+            b.push(b',');
+            if !line.book.is_empty() {
+                scratch.push(b'@');
+                scratch.extend_from_slice(line.book.as_bytes());
+            }
+            push_field_raw(b, &scratch);
+        } else {
+            b.push(b',');
+            b.push(b',');
+        }
+        Labels {
+            category: line.category,
+            service: line.service.to_string(),
+            model: line.model.to_string(),
+            key: line.key.to_string(),
+            book: line.book.to_string(),
+            description,
+            service_and_sku: std::mem::take(b),
+        }
+    }
+
+    fn is_of(&self, line: &CostLineRef<'_>) -> bool {
+        self.category == line.category
+            && self.key == line.key
+            && self.model == line.model
+            && self.service == line.service
+            && self.book == line.book
+    }
+}
+
+impl LabelCache {
+    const SLOTS: usize = 32;
+
+    /// The labels of `line`, whose `ServiceName` is `service` and which is usage or
+    /// not (both follow from the line and the export's provider).
+    fn get(&mut self, line: &CostLineRef<'_>, service: &str, usage: bool) -> &Labels {
+        let at = match self.slots.iter().position(|l| l.is_of(line)) {
+            Some(at) => at,
+            None => {
+                let labels = Labels::of(line, service, usage);
+                if self.slots.len() < Self::SLOTS {
+                    self.slots.push(labels);
+                    self.slots.len() - 1
+                } else {
+                    // Round robin: an export with more kinds of lines than slots stays
+                    // correct, only slower.
+                    let at = self.next;
+                    self.next = (self.next + 1) % Self::SLOTS;
+                    self.slots[at] = labels;
+                    at
+                }
+            }
+        };
+        &self.slots[at]
     }
 }
 

@@ -295,10 +295,10 @@ fn decimal(d: ExactSum, what: &str) -> std::io::Result<rust_decimal::Decimal> {
 }
 
 /// What a stored billing line charges for.
-fn category(r: &LineRef<'_>) -> ChargeCategory {
-    if !r.adjustment {
+fn category(adjustment: bool, key: &str) -> ChargeCategory {
+    if !adjustment {
         ChargeCategory::Usage
-    } else if r.key == "refund" || r.key.starts_with("service_credit:") {
+    } else if key == "refund" || key.starts_with("service_credit:") {
         ChargeCategory::Credit
     } else {
         ChargeCategory::Adjustment
@@ -325,62 +325,184 @@ impl HourPeriod {
     }
 }
 
+/// A page of billing lines copied out of the store's rows for the formatting thread:
+/// texts in one buffer, lines as ranges of it, the buffers reused page after page.
+#[derive(Default)]
+struct Page {
+    text: String,
+    nodes: Vec<AccountPath>,
+    lines: Vec<PackedLine>,
+    count: usize,
+    last: Option<LineRow>,
+}
+
+/// A line of a [`Page`]: its texts are ranges of the page's text, its node an index.
+struct PackedLine {
+    hour: i64,
+    node: usize,
+    adjustment: bool,
+    service: (usize, usize),
+    model: (usize, usize),
+    key: (usize, usize),
+    book: (usize, usize),
+    unit_price: Option<rust_decimal::Decimal>,
+    currency: ciyuan_core::Currency,
+    version: u32,
+    sums: [rust_decimal::Decimal; 4],
+}
+
+impl Page {
+    fn clear(&mut self) {
+        self.text.clear();
+        self.nodes.clear();
+        self.lines.clear();
+        self.count = 0;
+        self.last = None;
+    }
+
+    /// The range of `t` in the text, the previous line's `prev` when it is the same
+    /// text (a node's lines repeat their service, book and model).
+    fn text_of(&mut self, t: &str, prev: Option<(usize, usize)>) -> (usize, usize) {
+        if let Some((a, b)) = prev
+            && self.text.get(a..b) == Some(t)
+        {
+            return (a, b);
+        }
+        let a = self.text.len();
+        self.text.push_str(t);
+        (a, self.text.len())
+    }
+
+    fn push(&mut self, l: &LineRef<'_>) {
+        if self.nodes.last() != Some(l.account) {
+            self.nodes.push(l.account.clone());
+        }
+        let prev = self.lines.last().map(|p| (p.service, p.model, p.book));
+        let service = self.text_of(l.service, prev.map(|p| p.0));
+        let model = self.text_of(l.model, prev.map(|p| p.1));
+        let book = self.text_of(l.book, prev.map(|p| p.2));
+        let key = self.text_of(l.key, None);
+        self.lines.push(PackedLine {
+            hour: l.hour,
+            node: self.nodes.len() - 1,
+            adjustment: l.adjustment,
+            service,
+            model,
+            key,
+            book,
+            unit_price: l.unit_price,
+            currency: l.currency,
+            version: l.version,
+            sums: [l.quantity, l.list, l.contracted, l.billed],
+        });
+    }
+
+    fn text(&self, (a, b): (usize, usize)) -> std::io::Result<&str> {
+        self.text
+            .get(a..b)
+            .ok_or_else(|| std::io::Error::other("a packed billing line's text is out of its page"))
+    }
+}
+
+/// Pages in flight between the reading and the formatting thread, besides the one
+/// each holds.
+const PAGES_AHEAD: usize = 1;
+
 /// Reads every billing line of `filter` a page at a time and hands each to `write`
-/// as the report crate takes it (its hour is its charge period), borrowed from the
-/// store's row: nothing is copied but what is written.
+/// as the report crate takes it (its hour is its charge period).
 ///
-/// On this one thread: reading the pages on a thread of their own, ahead of the
-/// writer, was measured slower on two shared cores (3.0-3.3 s of server CPU per
-/// 1.08M-line export against 2.1-2.8 s), the rows crossing between cores.
+/// Two threads: this one formats while another reads the next page from the store
+/// (SQLite's stepping and decoding is about half of an export's CPU). The pages are
+/// copied into buffers that go back and forth and are reused, so nothing is allocated
+/// per line and no line is freed on a thread other than the one that made it (a
+/// read-ahead of `LineRow`s, each with its `String`s, was measured slower than one
+/// thread); at most `PAGES_AHEAD + 2` pages exist at once.
 fn each_line(
     app: &App,
     filter: &HourFilter,
     mut write: impl FnMut(&CostLineRef<'_>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let mut after: Option<LineRow> = None;
-    let mut hours = HourPeriod::default();
-    loop {
-        let mut failed: Option<std::io::Error> = None;
-        let mut visit = |r: &LineRef<'_>| {
-            let written = hours.of(r.hour).and_then(|(start, end)| {
-                write(&CostLineRef {
-                    account: r.account,
-                    charge_period_start: start,
-                    charge_period_end: end,
-                    category: category(r),
-                    service: r.service,
-                    model: r.model,
-                    key: r.key,
-                    quantity: r.quantity,
-                    list_unit_price: r.unit_price,
-                    list_cost: r.list,
-                    contracted_cost: r.contracted,
-                    billed_cost: r.billed,
-                    currency: r.currency,
-                    book: r.book,
-                    version: r.version,
-                })
-            });
-            match written {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(e) => {
-                    failed = Some(e);
-                    ControlFlow::Break(())
-                }
-            }
-        };
-        let page = app
-            .store
-            .each_cost_line(filter, after.as_ref(), PAGE_LINES, &mut visit)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        if page.count < PAGE_LINES {
-            return Ok(());
-        }
-        after = page.last;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Page>(PAGES_AHEAD);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Page>();
+    for _ in 0..PAGES_AHEAD + 1 {
+        // Infallible: the receiver is alive here.
+        let _ = empty_tx.send(Page::default());
     }
+    std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new()
+            .name("export-read".into())
+            .spawn_scoped(scope, move || -> std::io::Result<()> {
+                let mut after: Option<LineRow> = None;
+                // A page comes back once formatted; none when the formatter stopped.
+                while let Ok(mut page) = empty_rx.recv() {
+                    page.clear();
+                    let done = app
+                        .store
+                        .each_cost_line(filter, after.as_ref(), PAGE_LINES, &mut |l| {
+                            page.push(l);
+                            ControlFlow::Continue(())
+                        })
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    page.count = done.count;
+                    page.last = done.last;
+                    let more = page.count == PAGE_LINES;
+                    after = page.last.clone();
+                    if full_tx.send(page).is_err() || !more {
+                        break;
+                    }
+                }
+                Ok(())
+            })?;
+        let mut hours = HourPeriod::default();
+        let mut complete = false;
+        let written = (|| -> std::io::Result<()> {
+            for page in full_rx.iter() {
+                for l in &page.lines {
+                    let (start, end) = hours.of(l.hour)?;
+                    let account = page.nodes.get(l.node).ok_or_else(|| {
+                        std::io::Error::other("a packed line's node is out of its page")
+                    })?;
+                    let key = page.text(l.key)?;
+                    write(&CostLineRef {
+                        account,
+                        charge_period_start: start,
+                        charge_period_end: end,
+                        category: category(l.adjustment, key),
+                        service: page.text(l.service)?,
+                        model: page.text(l.model)?,
+                        key,
+                        quantity: l.sums[0],
+                        list_unit_price: l.unit_price,
+                        list_cost: l.sums[1],
+                        contracted_cost: l.sums[2],
+                        billed_cost: l.sums[3],
+                        currency: l.currency,
+                        book: page.text(l.book)?,
+                        version: l.version,
+                    })?;
+                }
+                complete = page.count < PAGE_LINES;
+                // The reader may have stopped; then the page is dropped here.
+                let _ = empty_tx.send(page);
+            }
+            Ok(())
+        })();
+        // Unblocks a reader waiting for a page to fill or a place to put one.
+        drop(full_rx);
+        drop(empty_tx);
+        let read = reader
+            .join()
+            .map_err(|_| std::io::Error::other("the export's reading thread panicked"))?;
+        written?;
+        read?;
+        if complete {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(
+                "the export's reading thread stopped early",
+            ))
+        }
+    })
 }
 
 /// Usage and cost per node and day in the node's own time zone (the HR report): the

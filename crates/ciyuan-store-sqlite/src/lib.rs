@@ -1792,7 +1792,17 @@ fn line_page_query(
     limit: usize,
 ) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
-    let (cond, subtree_args) = subtree("account", &filter.account);
+    let below = format!("{}/", filter.account.as_str());
+    let (cond, subtree_args) = match after {
+        // A cursor among the descendants: the rows after it are the subtree's while
+        // their node sorts before `p0` ('0' is the byte after '/'). One comparison a
+        // row instead of the subtree's three.
+        Some(a) if !filter.account.is_root() && a.account.as_str().starts_with(&below) => (
+            "account < ?".to_string(),
+            vec![format!("{}0", filter.account.as_str())],
+        ),
+        _ => subtree("account", &filter.account),
+    };
     let mut args: Vec<Value> = subtree_args.into_iter().map(Value::Text).collect();
     let mut sql = format!(
         "SELECT hour, account, adjustment, service, model, key, unit_price, currency, book,

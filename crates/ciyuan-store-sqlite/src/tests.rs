@@ -249,3 +249,41 @@ fn read_throughput() {
         );
     }
 }
+
+/// Paged a line at a time, a subtree's lines are its own and all of them, whether the
+/// cursor is on the node itself or among its descendants, next to nodes whose paths
+/// sort between them (`a-x`, `a.b`, `a0`, `ab`).
+#[test]
+fn pages_of_a_subtree_hold_its_lines_only() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    for node in ["a", "a-x", "a.b", "a/b", "a/b/c", "a/c", "a0", "ab", "b"] {
+        store
+            .conn()
+            .execute(
+                "INSERT INTO cost_lines VALUES (?, 3600, 0, 's', 'm', 'text.input', '1', 'CNY', 'list', 1, '1', '1', '1', '1')",
+                [node],
+            )
+            .unwrap();
+    }
+    let filter = HourFilter {
+        account: AccountPath::parse("a").unwrap(),
+        from_hour: None,
+        to_hour: None,
+    };
+    for limit in [1, 2, 10] {
+        let (mut seen, mut after) = (Vec::new(), None::<ciyuan_store::LineRow>);
+        loop {
+            let done = store
+                .each_cost_line(&filter, after.as_ref(), limit, &mut |l| {
+                    seen.push(l.account.to_string());
+                    std::ops::ControlFlow::Continue(())
+                })
+                .unwrap();
+            if done.count < limit {
+                break;
+            }
+            after = done.last;
+        }
+        assert_eq!(seen, ["a", "a/b", "a/b/c", "a/c"], "limit {limit}");
+    }
+}
