@@ -295,10 +295,6 @@ fn join_sum(hi: i64, lo: i64) -> i128 {
 /// The page cache of a database opened from a file, in KiB.
 const PAGE_CACHE_KIB: u32 = 16 << 10;
 
-/// How much of the database file the exports' connection maps (SQLite caps it at its
-/// compiled maximum, 2 GiB by default): address space, not memory; the kernel pages it.
-const EXPORT_MMAP_BYTES: u64 = 1 << 31;
-
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -306,7 +302,7 @@ pub struct SqliteStore {
     path: Option<std::path::PathBuf>,
     // The exports' own read-only connection, opened on first use: an export reads
     // gigabytes a page at a time, and on the store's connection it would hold the lock
-    // the projector and every request wait on, and read each page through `pread`.
+    // the projector and every request wait on for all that time.
     exports: Mutex<Option<Connection>>,
 }
 
@@ -457,10 +453,9 @@ impl SqliteStore {
                 .map_err(backend)?;
                 c.busy_timeout(std::time::Duration::from_secs(5))
                     .map_err(backend)?;
-                // Pages read from the file through a mapping instead of a `pread` and a
-                // copy each (pages still in the WAL are read from it as before).
-                c.execute_batch(&format!("PRAGMA mmap_size = {EXPORT_MMAP_BYTES}"))
-                    .map_err(backend)?;
+                // No `mmap_size`: reading the file through a mapping saved no measurable
+                // CPU (a scan of 10.8M lines: 3.4-3.9 s either way), and the mapped pages
+                // would count in the server's resident memory.
                 slot.insert(c)
             }
         };
