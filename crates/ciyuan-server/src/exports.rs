@@ -412,11 +412,13 @@ const PAGES_AHEAD: usize = 1;
 /// as the report crate takes it (its hour is its charge period).
 ///
 /// Two threads: this one formats while another reads the next page from the store
-/// (SQLite's stepping and decoding is about half of an export's CPU). The pages are
-/// copied into buffers that go back and forth and are reused, so nothing is allocated
-/// per line and no line is freed on a thread other than the one that made it (a
-/// read-ahead of `LineRow`s, each with its `String`s, was measured slower than one
-/// thread); at most `PAGES_AHEAD + 2` pages exist at once.
+/// (SQLite's stepping and decoding is about half of an export's CPU), for machines with
+/// a core to spare. The pages are copied into buffers that go back and forth and are
+/// reused, so nothing is allocated per line and no line is freed on a thread other
+/// than the one that made it (a read-ahead of `LineRow`s, each with its `String`s, was
+/// measured slower than one thread); at most `PAGES_AHEAD + 2` pages exist at once.
+/// On the two shared cores of BENCHMARKS.md, busy with other builds, it measured as
+/// fast as one thread, no faster.
 fn each_line(
     app: &App,
     filter: &HourFilter,
