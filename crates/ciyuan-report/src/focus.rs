@@ -36,7 +36,7 @@ use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Currency, PriceKey};
 use rust_decimal::Decimal;
 
-use crate::{ChargeCategory, CostLine};
+use crate::{ChargeCategory, CostLine, CostLineRef};
 
 /// The FOCUS version the export follows.
 pub const FOCUS_VERSION: &str = "1.2";
@@ -187,10 +187,12 @@ pub struct FocusWriter<W: Write> {
     // (and its name) or only on the key is rendered once per run.
     sub_account: SubAccountCache,
     unit: UnitCache,
+    labels: LabelCache,
     row: Vec<u8>,
-    scratch: Vec<u8>,
     seen: u64,
     summary: FocusSummary,
+    // The running `BilledCost` total of the last line's currency, not yet in `summary`.
+    total: Option<(Currency, Decimal)>,
 }
 
 impl<W: Write> FocusWriter<W> {
@@ -252,10 +254,11 @@ impl<W: Write> FocusWriter<W> {
             charge_end: DateCache::default(),
             sub_account: SubAccountCache::default(),
             unit: UnitCache::default(),
+            labels: LabelCache::default(),
             row: Vec::with_capacity(1024),
-            scratch: Vec::with_capacity(256),
             seen: 0,
             summary: FocusSummary::default(),
+            total: None,
         })
     }
 
@@ -271,14 +274,34 @@ impl<W: Write> FocusWriter<W> {
         line: &CostLine,
         sub_account_name: Option<&str>,
     ) -> Result<(), FocusError> {
+        self.write_ref(&line.view(), sub_account_name)
+    }
+
+    /// Writes one borrowed line whose node is called `sub_account_name`
+    /// (`SubAccountName`): [`FocusWriter::write_named`] for callers that read lines in
+    /// place.
+    pub fn write_ref(
+        &mut self,
+        line: &CostLineRef<'_>,
+        sub_account_name: Option<&str>,
+    ) -> Result<(), FocusError> {
         self.seen += 1;
         let seen = self.seen;
-        let unit = self.unit.get(&line.key);
+        let unit = self.unit.get(line.key);
         let row = Row::of(line, &self.meta, unit).map_err(|why| line_error(seen, line, why))?;
-        // Summed before writing so an overflow leaves the output untouched.
-        let total = self.summary.billed.get(&line.currency).copied();
+        // Summed before writing so an overflow leaves the output untouched. The
+        // running total of the last currency is kept aside (lines come in runs of one
+        // currency) and put in the summary when another currency comes, or at the end.
+        let total = match self.total {
+            Some((c, t)) if c == line.currency => t,
+            _ => self
+                .summary
+                .billed
+                .get(&line.currency)
+                .copied()
+                .unwrap_or(Decimal::ZERO),
+        };
         let total = total
-            .unwrap_or(Decimal::ZERO)
             .checked_add(line.billed_cost)
             .ok_or(FocusError::Overflow(line.currency))?;
 
@@ -294,9 +317,8 @@ impl<W: Write> FocusWriter<W> {
             Some(n) if !n.trim().is_empty() => Some(n),
             _ => None,
         };
-        let sub_account = self.sub_account.get(&line.account, sub_name);
+        let sub_account = self.sub_account.get(line.account, sub_name);
         let b = &mut self.row;
-        let scratch = &mut self.scratch;
         b.clear();
         push_decimal(b, line.billed_cost);
         let billed = b.len();
@@ -307,9 +329,8 @@ impl<W: Write> FocusWriter<W> {
         b.push(b',');
         b.extend_from_slice(row.class.unwrap_or("").as_bytes());
         b.push(b',');
-        scratch.clear();
-        description(line, scratch);
-        push_field_raw(b, scratch);
+        let labels = self.labels.get(line, row.service, row.usage);
+        b.extend_from_slice(&labels.description);
         b.push(b',');
         b.extend_from_slice(row.frequency.as_bytes());
         b.push(b',');
@@ -349,32 +370,19 @@ impl<W: Write> FocusWriter<W> {
             b.push(b',');
         }
         b.extend_from_slice(&self.provider);
-        push_field_bytes(b, row.service);
-        b.push(b',');
-        b.extend_from_slice(SERVICE_SUBCATEGORY.as_bytes());
-        b.push(b',');
-        // SkuId, SkuMeter, SkuPriceId: usage only.
-        if row.usage {
-            scratch.clear();
-            sku_of(line, scratch);
-            push_field_raw(b, scratch);
-            b.push(b',');
-            push_field_bytes(b, &line.key);
-            b.push(b',');
-            if !line.book.is_empty() {
-                scratch.push(b'@');
-                scratch.extend_from_slice(line.book.as_bytes());
-            }
-            push_field_raw(b, scratch);
-        } else {
-            b.push(b',');
-            b.push(b',');
-        }
+        b.extend_from_slice(&labels.service_and_sku);
         b.push(b',');
         b.extend_from_slice(sub_account);
         b.extend_from_slice(b"\r\n");
         self.out.write_all(&self.row)?;
-        self.summary.billed.insert(line.currency, total);
+        match &mut self.total {
+            Some((c, t)) if *c == line.currency => *t = total,
+            slot => {
+                if let Some((c, t)) = slot.replace((line.currency, total)) {
+                    self.summary.billed.insert(c, t);
+                }
+            }
+        }
         self.summary.rows += 1;
         Ok(())
     }
@@ -382,6 +390,9 @@ impl<W: Write> FocusWriter<W> {
     /// Flushes and returns the writer and what was written.
     pub fn finish(mut self) -> Result<(W, FocusSummary), FocusError> {
         self.out.flush()?;
+        if let Some((c, t)) = self.total.take() {
+            self.summary.billed.insert(c, t);
+        }
         Ok((self.out, self.summary))
     }
 }
@@ -468,7 +479,7 @@ struct Row<'a> {
 impl<'a> Row<'a> {
     /// `unit` is [`unit`] of the line's key.
     fn of(
-        line: &'a CostLine,
+        line: &CostLineRef<'a>,
         meta: &'a FocusMeta,
         unit: Option<&'a str>,
     ) -> Result<Row<'a>, String> {
@@ -493,7 +504,7 @@ impl<'a> Row<'a> {
         let tax = line.category == ChargeCategory::Tax;
 
         let service = if !line.service.trim().is_empty() {
-            line.service.as_str()
+            line.service
         } else if usage {
             return Err("it has no service (FOCUS ServiceName must not be null)".into());
         } else {
@@ -560,7 +571,13 @@ impl<'a> Row<'a> {
                     line.list_cost
                 ));
             }
-            contracted_unit_price = Some(contracted_price(q, p, line.contracted_cost, correction)?);
+            contracted_unit_price = Some(contracted_price(
+                q,
+                p,
+                product,
+                line.contracted_cost,
+                correction,
+            )?);
         }
         if !usage && !tax && list_unit_price.is_none() {
             // FOCUS: the list and contracted cost of a charge unrelated to other charges
@@ -599,10 +616,12 @@ impl<'a> Row<'a> {
 /// The contracted price of one unit: the contracted cost over the quantity, which must
 /// be exact because FOCUS requires `ContractedUnitPrice × PricingQuantity =
 /// ContractedCost`. A zero quantity has no quotient: its contracted price is taken to be
-/// the list price (a zero cost is then consistent with either).
+/// the list price (a zero cost is then consistent with either). `list_product` is
+/// `quantity × list_price`.
 fn contracted_price(
     quantity: Decimal,
     list_price: Decimal,
+    list_product: Decimal,
     contracted_cost: Decimal,
     correction: bool,
 ) -> Result<Decimal, String> {
@@ -614,7 +633,7 @@ fn contracted_price(
         }
         return Ok(list_price);
     }
-    if quantity.checked_mul(list_price) == Some(contracted_cost) {
+    if list_product == contracted_cost {
         // No discount or markup: no division needed.
         return Ok(list_price);
     }
@@ -639,12 +658,12 @@ fn contracted_price(
 
 /// `SkuId`: what is sold, whatever its price: the model (or, without one, the service)
 /// and the key.
-fn sku_of(line: &CostLine, out: &mut Vec<u8>) {
+fn sku_of(line: &CostLineRef<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(
         if line.model.is_empty() {
-            &line.service
+            line.service
         } else {
-            &line.model
+            line.model
         }
         .as_bytes(),
     );
@@ -652,18 +671,14 @@ fn sku_of(line: &CostLine, out: &mut Vec<u8>) {
     out.extend_from_slice(line.key.as_bytes());
 }
 
-fn description(line: &CostLine, out: &mut Vec<u8>) {
+fn description(line: &CostLineRef<'_>, out: &mut Vec<u8>) {
     match line.category {
         ChargeCategory::Usage => {}
         ChargeCategory::Adjustment => out.extend_from_slice(b"Adjustment: "),
         ChargeCategory::Credit => out.extend_from_slice(b"Credit: "),
         ChargeCategory::Tax => out.extend_from_slice(b"Tax: "),
     }
-    let parts = [
-        line.key.as_str(),
-        line.model.as_str(),
-        line.service.as_str(),
-    ];
+    let parts = [line.key, line.model, line.service];
     let mut first = true;
     for p in parts.iter().filter(|p| !p.is_empty()) {
         if !first {
@@ -681,25 +696,25 @@ fn description(line: &CostLine, out: &mut Vec<u8>) {
     }
 }
 
-fn describe(line: &CostLine) -> String {
+fn describe(line: &CostLineRef<'_>) -> String {
     format!(
         "{} {} {} {}",
         category_name(line.category),
         if line.service.is_empty() {
             "-"
         } else {
-            &line.service
+            line.service
         },
         if line.model.is_empty() {
             "-"
         } else {
-            &line.model
+            line.model
         },
-        if line.key.is_empty() { "-" } else { &line.key }
+        if line.key.is_empty() { "-" } else { line.key }
     )
 }
 
-fn line_error(seen: u64, line: &CostLine, why: String) -> FocusError {
+fn line_error(seen: u64, line: &CostLineRef<'_>, why: String) -> FocusError {
     FocusError::Line {
         line: seen,
         what: describe(line),
@@ -746,6 +761,103 @@ impl SubAccountCache {
             self.name = name.map(str::to_string);
         }
         &self.fields
+    }
+}
+
+/// The fields of a row that depend only on what it charges for (its category,
+/// service, model, key and book): `ChargeDescription`, and `ServiceName` through
+/// `SkuPriceId`, rendered once per kind of line seen last (a node's lines cycle through
+/// a handful) and copied after.
+#[derive(Default)]
+struct LabelCache {
+    slots: Vec<Labels>,
+    next: usize,
+}
+
+struct Labels {
+    category: ChargeCategory,
+    service: String,
+    model: String,
+    key: String,
+    book: String,
+    // `ChargeDescription`, as a field.
+    description: Vec<u8>,
+    // `ServiceName,ServiceSubcategory,SkuId,SkuMeter,SkuPriceId`.
+    service_and_sku: Vec<u8>,
+}
+
+impl Labels {
+    fn of(line: &CostLineRef<'_>, service: &str, usage: bool) -> Labels {
+        let mut scratch = Vec::with_capacity(64);
+        description(line, &mut scratch);
+        let mut description = Vec::with_capacity(scratch.len() + 2);
+        push_field_raw(&mut description, &scratch);
+        let b = &mut Vec::with_capacity(128);
+        push_field_bytes(b, service);
+        b.push(b',');
+        b.extend_from_slice(SERVICE_SUBCATEGORY.as_bytes());
+        b.push(b',');
+        // SkuId, SkuMeter, SkuPriceId: usage only.
+        if usage {
+            scratch.clear();
+            sku_of(line, &mut scratch);
+            push_field_raw(b, &scratch);
+            b.push(b',');
+            push_field_bytes(b, line.key);
+            b.push(b',');
+            if !line.book.is_empty() {
+                scratch.push(b'@');
+                scratch.extend_from_slice(line.book.as_bytes());
+            }
+            push_field_raw(b, &scratch);
+        } else {
+            b.push(b',');
+            b.push(b',');
+        }
+        Labels {
+            category: line.category,
+            service: line.service.to_string(),
+            model: line.model.to_string(),
+            key: line.key.to_string(),
+            book: line.book.to_string(),
+            description,
+            service_and_sku: std::mem::take(b),
+        }
+    }
+
+    fn is_of(&self, line: &CostLineRef<'_>) -> bool {
+        self.category == line.category
+            && self.key == line.key
+            && self.model == line.model
+            && self.service == line.service
+            && self.book == line.book
+    }
+}
+
+impl LabelCache {
+    const SLOTS: usize = 32;
+
+    /// The labels of `line`, whose `ServiceName` is `service` and which is usage or
+    /// not (both follow from the line and the export's provider).
+    fn get(&mut self, line: &CostLineRef<'_>, service: &str, usage: bool) -> &Labels {
+        let at = match self.slots.iter().position(|l| l.is_of(line)) {
+            Some(at) => at,
+            None => {
+                let labels = Labels::of(line, service, usage);
+                if self.slots.len() < Self::SLOTS {
+                    self.slots.push(labels);
+                    self.slots.len() - 1
+                } else {
+                    // Round robin: an export with more kinds of lines than slots stays
+                    // correct, only slower.
+                    let at = self.next;
+                    self.next = (self.next + 1) % Self::SLOTS;
+                    self.slots[at] = labels;
+                    at
+                }
+            }
+        };
+        &self.slots[at]
     }
 }
 

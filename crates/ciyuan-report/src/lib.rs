@@ -96,3 +96,85 @@ pub struct CostLine {
     /// Its version.
     pub version: u32,
 }
+
+/// A [`CostLine`] whose text is borrowed: what a writer needs of a line, so a caller
+/// reading lines from a store hands them over without copying their text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CostLineRef<'a> {
+    /// The node whose usage it is.
+    pub account: &'a AccountPath,
+    /// Start of the charge period (inclusive, UTC).
+    pub charge_period_start: Timestamp,
+    /// End of the charge period (exclusive, UTC).
+    pub charge_period_end: Timestamp,
+    /// What it charges for.
+    pub category: ChargeCategory,
+    /// The service.
+    pub service: &'a str,
+    /// The model; empty where none.
+    pub model: &'a str,
+    /// The priced key, or what an adjustment adjusts.
+    pub key: &'a str,
+    /// How many units.
+    pub quantity: Decimal,
+    /// The list price of one unit, where there is one.
+    pub list_unit_price: Option<Decimal>,
+    /// `quantity × list_unit_price`.
+    pub list_cost: Decimal,
+    /// After the contract's discount and markup.
+    pub contracted_cost: Decimal,
+    /// What is billed.
+    pub billed_cost: Decimal,
+    /// The currency of every amount of the line.
+    pub currency: Currency,
+    /// The price book.
+    pub book: &'a str,
+    /// Its version.
+    pub version: u32,
+}
+
+impl CostLine {
+    /// The line, borrowed.
+    pub fn view(&self) -> CostLineRef<'_> {
+        CostLineRef {
+            account: &self.account,
+            charge_period_start: self.charge_period_start,
+            charge_period_end: self.charge_period_end,
+            category: self.category,
+            service: &self.service,
+            model: &self.model,
+            key: &self.key,
+            quantity: self.quantity,
+            list_unit_price: self.list_unit_price,
+            list_cost: self.list_cost,
+            contracted_cost: self.contracted_cost,
+            billed_cost: self.billed_cost,
+            currency: self.currency,
+            book: &self.book,
+            version: self.version,
+        }
+    }
+}
+
+impl CostLineRef<'_> {
+    /// The line, owned.
+    pub fn to_owned_line(&self) -> CostLine {
+        CostLine {
+            account: self.account.clone(),
+            charge_period_start: self.charge_period_start,
+            charge_period_end: self.charge_period_end,
+            category: self.category,
+            service: self.service.to_string(),
+            model: self.model.to_string(),
+            key: self.key.to_string(),
+            quantity: self.quantity,
+            list_unit_price: self.list_unit_price,
+            list_cost: self.list_cost,
+            contracted_cost: self.contracted_cost,
+            billed_cost: self.billed_cost,
+            currency: self.currency,
+            book: self.book.to_string(),
+            version: self.version,
+        }
+    }
+}

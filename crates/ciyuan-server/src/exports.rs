@@ -18,9 +18,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use ciyuan_core::jiff::{SignedDuration, Timestamp};
 use ciyuan_core::{AccountPath, ExactSum, Scope};
-use ciyuan_report::{ChargeCategory, CostLine};
-use ciyuan_store::{HourFilter, LineRow};
+use ciyuan_report::{ChargeCategory, CostLine, CostLineRef};
+use ciyuan_store::{HourFilter, LineRef, LineRow};
 use serde::Deserialize;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -199,12 +200,12 @@ fn journal_lines(
     each_line(app, filter, |l| {
         let key = (
             l.account.clone(),
-            l.service.clone(),
-            l.model.clone(),
+            l.service.to_string(),
+            l.model.to_string(),
             l.category == ChargeCategory::Adjustment,
-            l.key.clone(),
+            l.key.to_string(),
             l.currency,
-            l.book.clone(),
+            l.book.to_string(),
             l.version,
         );
         match sums.get_mut(&key) {
@@ -215,7 +216,7 @@ fn journal_lines(
                 s.billed_cost += l.billed_cost;
             }
             None => {
-                sums.insert(key, l);
+                sums.insert(key, l.to_owned_line());
             }
         }
         Ok(())
@@ -293,61 +294,217 @@ fn decimal(d: ExactSum, what: &str) -> std::io::Result<rust_decimal::Decimal> {
         .ok_or_else(|| std::io::Error::other(format!("{what} ({d}) needs more than 28 digits")))
 }
 
-/// A stored billing line as the report crate takes it: its hour is its charge period.
-fn cost_line(r: LineRow) -> std::io::Result<CostLine> {
-    let start = Timestamp::from_second(r.hour).map_err(std::io::Error::other)?;
-    Ok(CostLine {
-        account: r.account,
-        charge_period_start: start,
-        charge_period_end: start
-            .checked_add(SignedDuration::from_hours(1))
-            .map_err(std::io::Error::other)?,
-        category: if !r.adjustment {
-            ChargeCategory::Usage
-        } else if r.key == "refund" || r.key.starts_with("service_credit:") {
-            ChargeCategory::Credit
-        } else {
-            ChargeCategory::Adjustment
-        },
-        service: r.service,
-        model: r.model,
-        key: r.key,
-        quantity: decimal(r.quantity, "a quantity")?,
-        list_unit_price: r.unit_price,
-        list_cost: decimal(r.list, "a list cost")?,
-        contracted_cost: decimal(r.contracted, "a contracted cost")?,
-        billed_cost: decimal(r.billed, "a billed cost")?,
-        currency: r.currency,
-        book: r.book,
-        version: r.version,
-    })
+/// What a stored billing line charges for.
+fn category(adjustment: bool, key: &str) -> ChargeCategory {
+    if !adjustment {
+        ChargeCategory::Usage
+    } else if key == "refund" || key.starts_with("service_credit:") {
+        ChargeCategory::Credit
+    } else {
+        ChargeCategory::Adjustment
+    }
 }
 
-/// Reads every billing line of `filter` a page at a time and hands each to `write`.
+/// The charge period of the last hour seen: lines come in runs of one hour.
+#[derive(Default)]
+struct HourPeriod(Option<(i64, Timestamp, Timestamp)>);
+
+impl HourPeriod {
+    fn of(&mut self, hour: i64) -> std::io::Result<(Timestamp, Timestamp)> {
+        match self.0 {
+            Some((h, start, end)) if h == hour => Ok((start, end)),
+            _ => {
+                let start = Timestamp::from_second(hour).map_err(std::io::Error::other)?;
+                let end = start
+                    .checked_add(SignedDuration::from_hours(1))
+                    .map_err(std::io::Error::other)?;
+                self.0 = Some((hour, start, end));
+                Ok((start, end))
+            }
+        }
+    }
+}
+
+/// A page of billing lines copied out of the store's rows for the formatting thread:
+/// texts in one buffer, lines as ranges of it, the buffers reused page after page.
+#[derive(Default)]
+struct Page {
+    text: String,
+    nodes: Vec<AccountPath>,
+    lines: Vec<PackedLine>,
+    count: usize,
+    last: Option<LineRow>,
+}
+
+/// A line of a [`Page`]: its texts are ranges of the page's text, its node an index.
+struct PackedLine {
+    hour: i64,
+    node: usize,
+    adjustment: bool,
+    service: (usize, usize),
+    model: (usize, usize),
+    key: (usize, usize),
+    book: (usize, usize),
+    unit_price: Option<rust_decimal::Decimal>,
+    currency: ciyuan_core::Currency,
+    version: u32,
+    sums: [rust_decimal::Decimal; 4],
+}
+
+impl Page {
+    fn clear(&mut self) {
+        self.text.clear();
+        self.nodes.clear();
+        self.lines.clear();
+        self.count = 0;
+        self.last = None;
+    }
+
+    /// The range of `t` in the text, the previous line's `prev` when it is the same
+    /// text (a node's lines repeat their service, book and model).
+    fn text_of(&mut self, t: &str, prev: Option<(usize, usize)>) -> (usize, usize) {
+        if let Some((a, b)) = prev
+            && self.text.get(a..b) == Some(t)
+        {
+            return (a, b);
+        }
+        let a = self.text.len();
+        self.text.push_str(t);
+        (a, self.text.len())
+    }
+
+    fn push(&mut self, l: &LineRef<'_>) {
+        if self.nodes.last() != Some(l.account) {
+            self.nodes.push(l.account.clone());
+        }
+        let prev = self.lines.last().map(|p| (p.service, p.model, p.book));
+        let service = self.text_of(l.service, prev.map(|p| p.0));
+        let model = self.text_of(l.model, prev.map(|p| p.1));
+        let book = self.text_of(l.book, prev.map(|p| p.2));
+        let key = self.text_of(l.key, None);
+        self.lines.push(PackedLine {
+            hour: l.hour,
+            node: self.nodes.len() - 1,
+            adjustment: l.adjustment,
+            service,
+            model,
+            key,
+            book,
+            unit_price: l.unit_price,
+            currency: l.currency,
+            version: l.version,
+            sums: [l.quantity, l.list, l.contracted, l.billed],
+        });
+    }
+
+    fn text(&self, (a, b): (usize, usize)) -> std::io::Result<&str> {
+        self.text
+            .get(a..b)
+            .ok_or_else(|| std::io::Error::other("a packed billing line's text is out of its page"))
+    }
+}
+
+/// Pages in flight between the reading and the formatting thread, besides the one
+/// each holds.
+const PAGES_AHEAD: usize = 1;
+
+/// Reads every billing line of `filter` a page at a time and hands each to `write`
+/// as the report crate takes it (its hour is its charge period).
 ///
-/// On this one thread: reading the pages on a thread of their own, ahead of the
-/// writer, was measured slower on two shared cores (3.0-3.3 s of server CPU per
-/// 1.08M-line export against 2.1-2.8 s), the rows crossing between cores.
+/// Two threads: this one formats while another reads the next page from the store
+/// (SQLite's stepping and decoding is about half of an export's CPU), for machines with
+/// a core to spare. The pages are copied into buffers that go back and forth and are
+/// reused, so nothing is allocated per line and no line is freed on a thread other
+/// than the one that made it (a read-ahead of `LineRow`s, each with its `String`s, was
+/// measured slower than one thread); at most `PAGES_AHEAD + 2` pages exist at once.
+/// On the two shared cores of BENCHMARKS.md, busy with other builds, it measured as
+/// fast as one thread, no faster.
 fn each_line(
     app: &App,
     filter: &HourFilter,
-    mut write: impl FnMut(CostLine) -> std::io::Result<()>,
+    mut write: impl FnMut(&CostLineRef<'_>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let mut after: Option<LineRow> = None;
-    loop {
-        let page = app
-            .store
-            .cost_lines_page(filter, after.as_ref(), PAGE_LINES)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let full = page.len() == PAGE_LINES;
-        after = page.last().cloned();
-        for r in page {
-            write(cost_line(r)?)?;
-        }
-        if !full {
-            return Ok(());
-        }
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Page>(PAGES_AHEAD);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Page>();
+    for _ in 0..PAGES_AHEAD + 1 {
+        // Infallible: the receiver is alive here.
+        let _ = empty_tx.send(Page::default());
     }
+    std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new()
+            .name("export-read".into())
+            .spawn_scoped(scope, move || -> std::io::Result<()> {
+                let mut after: Option<LineRow> = None;
+                // A page comes back once formatted; none when the formatter stopped.
+                while let Ok(mut page) = empty_rx.recv() {
+                    page.clear();
+                    let done = app
+                        .store
+                        .each_cost_line(filter, after.as_ref(), PAGE_LINES, &mut |l| {
+                            page.push(l);
+                            ControlFlow::Continue(())
+                        })
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    page.count = done.count;
+                    page.last = done.last;
+                    let more = page.count == PAGE_LINES;
+                    after = page.last.clone();
+                    if full_tx.send(page).is_err() || !more {
+                        break;
+                    }
+                }
+                Ok(())
+            })?;
+        let mut hours = HourPeriod::default();
+        let mut complete = false;
+        let written = (|| -> std::io::Result<()> {
+            for page in full_rx.iter() {
+                for l in &page.lines {
+                    let (start, end) = hours.of(l.hour)?;
+                    let account = page.nodes.get(l.node).ok_or_else(|| {
+                        std::io::Error::other("a packed line's node is out of its page")
+                    })?;
+                    let key = page.text(l.key)?;
+                    write(&CostLineRef {
+                        account,
+                        charge_period_start: start,
+                        charge_period_end: end,
+                        category: category(l.adjustment, key),
+                        service: page.text(l.service)?,
+                        model: page.text(l.model)?,
+                        key,
+                        quantity: l.sums[0],
+                        list_unit_price: l.unit_price,
+                        list_cost: l.sums[1],
+                        contracted_cost: l.sums[2],
+                        billed_cost: l.sums[3],
+                        currency: l.currency,
+                        book: page.text(l.book)?,
+                        version: l.version,
+                    })?;
+                }
+                complete = page.count < PAGE_LINES;
+                // The reader may have stopped; then the page is dropped here.
+                let _ = empty_tx.send(page);
+            }
+            Ok(())
+        })();
+        // Unblocks a reader waiting for a page to fill or a place to put one.
+        drop(full_rx);
+        drop(empty_tx);
+        let read = reader
+            .join()
+            .map_err(|_| std::io::Error::other("the export's reading thread panicked"))?;
+        written?;
+        read?;
+        if complete {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(
+                "the export's reading thread stopped early",
+            ))
+        }
+    })
 }
 
 /// Usage and cost per node and day in the node's own time zone (the HR report): the
@@ -521,13 +678,13 @@ pub async fn export(
                 let mut focus =
                     ciyuan_report::focus::FocusWriter::new(&mut w, meta).map_err(focus_error)?;
                 each_line(&app2, &filter, |l| {
-                    let name = names.of(&app2, &l.account)?;
-                    focus.write_named(&l, name).map_err(focus_error)
+                    let name = names.of(&app2, l.account)?;
+                    focus.write_ref(l, name).map_err(focus_error)
                 })?;
                 focus.finish().map_err(focus_error)?;
             } else {
                 let mut usage = ciyuan_report::usage::UsageWriter::new(&mut w)?;
-                each_line(&app2, &filter, |l| usage.write(&l))?;
+                each_line(&app2, &filter, |l| usage.write(&l.to_owned_line()))?;
                 usage.finish()?;
             }
             w.send()

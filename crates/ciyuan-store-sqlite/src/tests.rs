@@ -72,3 +72,218 @@ fn rollups_add_decimals_exactly_in_sql() {
     assert!(e.to_string().contains("needs more than 28 digits"), "{e}");
     assert!(add("x", "1").is_err());
 }
+
+proptest::proptest! {
+    /// The fast reading of stored amounts gives what the general parser and
+    /// `normalize` give, digit for digit and scale for scale, or the same refusal.
+    #[test]
+    fn stored_amounts_read_as_the_general_parser_reads_them(
+        sign in proptest::sample::select(vec!["", "-", "+"]),
+        int in "[0-9]{0,30}",
+        point in proptest::bool::ANY,
+        frac in "[0-9]{0,30}",
+        junk in proptest::option::of("[ .eE_a-]"),
+    ) {
+        let mut text = format!("{sign}{int}");
+        if point {
+            text.push('.');
+            text.push_str(&frac);
+        }
+        if let Some(j) = junk {
+            text.push_str(&j);
+        }
+        let fast = stored_decimal(text.as_bytes());
+        let general = rust_decimal::Decimal::from_str_exact(&text).map(|d| d.normalize());
+        match (fast, general) {
+            (Ok(a), Ok(b)) => {
+                proptest::prop_assert_eq!(a.to_string(), b.to_string(), "{}", text);
+                proptest::prop_assert_eq!(a.scale(), b.scale(), "{}", text);
+                proptest::prop_assert_eq!(a.is_sign_negative(), b.is_sign_negative(), "{}", text);
+            }
+            (Err(_), Err(_)) => {}
+            (a, b) => proptest::prop_assert!(false, "{text:?}: fast {a:?}, general {b:?}"),
+        }
+    }
+}
+
+#[test]
+fn stored_amounts_of_the_projection_read_back() {
+    for (text, want) in [
+        ("0", "0"),
+        ("-0", "0"),
+        ("0.000", "0"),
+        ("-0.0012", "-0.0012"),
+        ("1.50", "1.5"),
+        ("100", "100"),
+        ("123456789012345678", "123456789012345678"),
+        (
+            "1234567890123456789012345678",
+            "1234567890123456789012345678",
+        ),
+        (
+            "0.0000000000000000000000000001",
+            "0.0000000000000000000000000001",
+        ),
+    ] {
+        let d = stored_decimal(text.as_bytes()).unwrap();
+        assert_eq!(d.to_string(), want, "{text}");
+    }
+    for bad in ["", "-", ".", "1.", ".5", "1e3", "abc", "1.2.3"] {
+        let general = rust_decimal::Decimal::from_str_exact(bad);
+        assert_eq!(
+            stored_decimal(bad.as_bytes()).is_ok(),
+            general.is_ok(),
+            "{bad:?}: {general:?}"
+        );
+    }
+}
+
+/// Seeds `lines` billing lines the way `ciyuan bench finance` makes them (a node's
+/// hours, five models, two token keys and a rounding line each) straight into a file
+/// database, for the read benchmarks below.
+fn seeded(path: &std::path::Path, nodes: u32, hours: u32) -> SqliteStore {
+    let store = SqliteStore::open(path).unwrap();
+    store
+        .conn()
+        .execute_batch(&format!(
+            "WITH RECURSIVE
+               n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {nodes}),
+               h(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM h WHERE i + 1 < {hours}),
+               m(name, p_in, p_out, l_in, l_out) AS (
+                 VALUES ('qwen-max', '0.0000024', '0.0000096', '0.0024', '0.0096'),
+                 ('qwen-plus', '0.0000008', '0.000002', '0.0008', '0.002'),
+                 ('glm-4', '0.000005', '0.000005', '0.005', '0.005'),
+                 ('deepseek-chat', '0.000002', '0.000008', '0.002', '0.008'),
+                 ('kimi-k2', '0.000004', '0.000016', '0.004', '0.016')),
+               k(key, adj) AS (VALUES ('text.input', 0), ('text.output', 0), ('rounding', 1))
+             INSERT INTO cost_lines
+             SELECT printf('bench/n%04d', n.i), 1793491200 + 3600 * h.i, k.adj, 'llm.usage',
+                    m.name, k.key,
+                    CASE k.adj WHEN 1 THEN '' WHEN 0 THEN
+                      CASE k.key WHEN 'text.input' THEN m.p_in ELSE m.p_out END END,
+                    'CNY', 'list', 1,
+                    CASE k.adj WHEN 1 THEN '0' ELSE '1000' END,
+                    CASE k.adj WHEN 1 THEN '0' ELSE
+                      CASE k.key WHEN 'text.input' THEN m.l_in ELSE m.l_out END END,
+                    CASE k.adj WHEN 1 THEN '0' ELSE
+                      CASE k.key WHEN 'text.input' THEN m.l_in ELSE m.l_out END END,
+                    CASE k.adj WHEN 1 THEN '-0.0012' ELSE
+                      CASE k.key WHEN 'text.input' THEN m.l_in ELSE m.l_out END END
+             FROM n, h, m, k ORDER BY 1, 2, 3, 4, 5, 6;"
+        ))
+        .unwrap();
+    store
+}
+
+/// CPU seconds of this thread.
+fn thread_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
+/// Reading a million billing lines a page at a time, collected (`cost_lines_page`, its
+/// sums then made decimals as the export did) and visited in place (`each_cost_line`):
+/// CPU per line (`cargo test --release -p ciyuan-store-sqlite --lib -- read_throughput
+/// --ignored --nocapture`).
+#[test]
+#[ignore]
+fn read_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = seeded(&dir.path().join("lines.db"), 200, 334);
+    let filter = HourFilter {
+        account: AccountPath::parse("bench").unwrap(),
+        from_hour: None,
+        to_hour: None,
+    };
+    const PAGE: usize = 4096;
+    for round in 0..3 {
+        let (t, c) = (std::time::Instant::now(), thread_cpu());
+        let mut after: Option<ciyuan_store::LineRow> = None;
+        let (mut n, mut sum) = (0usize, rust_decimal::Decimal::ZERO);
+        loop {
+            let page = store
+                .cost_lines_page(&filter, after.as_ref(), PAGE)
+                .unwrap();
+            let full = page.len() == PAGE;
+            after = page.last().cloned();
+            for r in page {
+                n += 1;
+                sum += ciyuan_store::line_decimal(r.billed, "billed").unwrap();
+                std::hint::black_box(ciyuan_store::line_decimal(r.list, "list").unwrap());
+                std::hint::black_box(r);
+            }
+            if !full {
+                break;
+            }
+        }
+        let (paged_cpu, paged_wall) = (thread_cpu() - c, t.elapsed().as_secs_f64());
+        let (t, c) = (std::time::Instant::now(), thread_cpu());
+        let mut after: Option<ciyuan_store::LineRow> = None;
+        let (mut m, mut sum2) = (0usize, rust_decimal::Decimal::ZERO);
+        loop {
+            let done = store
+                .each_cost_line(&filter, after.as_ref(), PAGE, &mut |l| {
+                    m += 1;
+                    sum2 += l.billed;
+                    std::hint::black_box(l);
+                    std::ops::ControlFlow::Continue(())
+                })
+                .unwrap();
+            if done.count < PAGE {
+                break;
+            }
+            after = done.last;
+        }
+        let (each_cpu, each_wall) = (thread_cpu() - c, t.elapsed().as_secs_f64());
+        assert_eq!((n, sum), (m, sum2));
+        println!(
+            "round {round}: {n} lines; cost_lines_page {:.0} ns a line ({paged_wall:.2} s wall), \
+             each_cost_line {:.0} ns a line ({each_wall:.2} s wall)",
+            paged_cpu / n as f64 * 1e9,
+            each_cpu / n as f64 * 1e9
+        );
+    }
+}
+
+/// Paged a line at a time, a subtree's lines are its own and all of them, whether the
+/// cursor is on the node itself or among its descendants, next to nodes whose paths
+/// sort between them (`a-x`, `a.b`, `a0`, `ab`).
+#[test]
+fn pages_of_a_subtree_hold_its_lines_only() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    for node in ["a", "a-x", "a.b", "a/b", "a/b/c", "a/c", "a0", "ab", "b"] {
+        store
+            .conn()
+            .execute(
+                "INSERT INTO cost_lines VALUES (?, 3600, 0, 's', 'm', 'text.input', '1', 'CNY', 'list', 1, '1', '1', '1', '1')",
+                [node],
+            )
+            .unwrap();
+    }
+    let filter = HourFilter {
+        account: AccountPath::parse("a").unwrap(),
+        from_hour: None,
+        to_hour: None,
+    };
+    for limit in [1, 2, 10] {
+        let (mut seen, mut after) = (Vec::new(), None::<ciyuan_store::LineRow>);
+        loop {
+            let done = store
+                .each_cost_line(&filter, after.as_ref(), limit, &mut |l| {
+                    seen.push(l.account.to_string());
+                    std::ops::ControlFlow::Continue(())
+                })
+                .unwrap();
+            if done.count < limit {
+                break;
+            }
+            after = done.last;
+        }
+        assert_eq!(seen, ["a", "a/b", "a/b/c", "a/c"], "limit {limit}");
+    }
+}

@@ -563,6 +563,41 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
     for l in &lines {
         assert!(paged.contains(l), "{l:?} is in a page");
     }
+    // Visited in place, a page at a time, the same lines in the same order, their
+    // sums the decimals of the stored ones; a visitor that stops is obeyed.
+    for limit in [1, 2, 1000] {
+        let mut visited = Vec::new();
+        let mut after: Option<crate::LineRow> = None;
+        loop {
+            let done = ok(
+                s.each_cost_line(&all, after.as_ref(), limit, &mut |l| {
+                    visited.push(l.to_row());
+                    std::ops::ControlFlow::Continue(())
+                }),
+                "each_cost_line()",
+            );
+            assert!(!done.stopped && done.count <= limit, "{done:?}");
+            assert_eq!(
+                done.last.as_ref(),
+                visited.last().filter(|_| done.count > 0)
+            );
+            if done.count < limit {
+                break;
+            }
+            after = done.last;
+        }
+        assert_eq!(visited, paged, "each_cost_line(limit {limit})");
+    }
+    let mut seen = 0;
+    let done = ok(
+        s.each_cost_line(&all, None, 1000, &mut |_| {
+            seen += 1;
+            std::ops::ControlFlow::Break(())
+        }),
+        "each_cost_line(stopping)",
+    );
+    assert_eq!((seen, done.count, done.stopped), (1, 1, true));
+    assert_eq!(done.last.as_ref(), paged.first());
 
     // A range over whole days and edge hours sums as its hourly lines do.
     let at_time = |t: &str| {
@@ -604,6 +639,15 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
         "{whole:?}"
     );
     assert_eq!(sum(&whole), sum(&hourly));
+    let mut visited = Vec::new();
+    ok(
+        s.each_cost_line(&range, None, 1000, &mut |l| {
+            visited.push(l.to_row());
+            std::ops::ControlFlow::Continue(())
+        }),
+        "each_cost_line(range)",
+    );
+    assert_eq!(visited, hourly, "each_cost_line(range)");
 
     // A period is closed once: the first statement issued for it is kept.
     let close = |doc: &str| {

@@ -139,6 +139,85 @@ pub struct LineRow {
     pub billed: ciyuan_core::ExactSum,
 }
 
+/// A billing line as a backend reads it, its text borrowed from the backend's row and
+/// its amounts decimals: what [`Store::each_cost_line`] hands an export, which formats it
+/// without copying anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineRef<'a> {
+    /// Start of the UTC hour, in seconds since the epoch.
+    pub hour: i64,
+    /// The node.
+    pub account: &'a AccountPath,
+    /// An adjustment (a correction's, or rounding), not usage.
+    pub adjustment: bool,
+    /// The service.
+    pub service: &'a str,
+    /// The model, empty where none.
+    pub model: &'a str,
+    /// The priced key's text, or `rounding`.
+    pub key: &'a str,
+    /// The list price of one unit; none for rounding.
+    pub unit_price: Option<rust_decimal::Decimal>,
+    /// The currency.
+    pub currency: ciyuan_core::Currency,
+    /// The book.
+    pub book: &'a str,
+    /// Its version.
+    pub version: u32,
+    /// Units, normalized (no trailing zeros in the fraction).
+    pub quantity: rust_decimal::Decimal,
+    /// At list prices, normalized.
+    pub list: rust_decimal::Decimal,
+    /// After the contract's discount and markup, normalized.
+    pub contracted: rust_decimal::Decimal,
+    /// Billed, normalized.
+    pub billed: rust_decimal::Decimal,
+}
+
+impl LineRef<'_> {
+    /// The line as an owned row (its sums exact, as [`LineRow`] keeps them).
+    pub fn to_row(&self) -> LineRow {
+        use ciyuan_core::ExactSum;
+        LineRow {
+            hour: self.hour,
+            account: self.account.clone(),
+            adjustment: self.adjustment,
+            service: self.service.to_string(),
+            model: self.model.to_string(),
+            key: self.key.to_string(),
+            unit_price: self.unit_price,
+            currency: self.currency,
+            book: self.book.to_string(),
+            version: self.version,
+            quantity: ExactSum::of(self.quantity),
+            list: ExactSum::of(self.list),
+            contracted: ExactSum::of(self.contracted),
+            billed: ExactSum::of(self.billed),
+        }
+    }
+}
+
+/// What one call of [`Store::each_cost_line`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LinesVisited {
+    /// Lines handed to the visitor.
+    pub count: usize,
+    /// The last of them, the cursor for the next call.
+    pub last: Option<LineRow>,
+    /// The visitor asked to stop.
+    pub stopped: bool,
+}
+
+/// A sum of a stored billing line as a decimal, normalized as the backends store them;
+/// an error names what does not fit 28 digits.
+pub fn line_decimal(
+    sum: ciyuan_core::ExactSum,
+    what: &str,
+) -> Result<rust_decimal::Decimal, StoreError> {
+    sum.to_decimal()
+        .ok_or_else(|| StoreError::Corrupt(format!("{what} ({sum}) needs more than 28 digits")))
+}
+
 /// The units counted on one tier counter (see [`ciyuan_core::TierPlace`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierUnits {
@@ -565,6 +644,50 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&LineRow>,
         limit: usize,
     ) -> Result<Vec<LineRow>, StoreError>;
+
+    /// Hands at most `limit` hourly billing lines of a subtree after `after` to `visit`,
+    /// in the order of [`Store::cost_lines_page`]: the same lines, borrowed rather than
+    /// collected, so an export copies nothing it does not write. `visit` returns
+    /// [`std::ops::ControlFlow::Break`] to stop early.
+    ///
+    /// The default reads a page with [`Store::cost_lines_page`]; a backend overrides it
+    /// to read its rows in place.
+    fn each_cost_line(
+        &self,
+        filter: &HourFilter,
+        after: Option<&LineRow>,
+        limit: usize,
+        visit: &mut dyn FnMut(&LineRef<'_>) -> std::ops::ControlFlow<()>,
+    ) -> Result<LinesVisited, StoreError> {
+        let page = self.cost_lines_page(filter, after, limit)?;
+        let mut done = LinesVisited::default();
+        for r in &page {
+            let line = LineRef {
+                hour: r.hour,
+                account: &r.account,
+                adjustment: r.adjustment,
+                service: &r.service,
+                model: &r.model,
+                key: &r.key,
+                unit_price: r.unit_price,
+                currency: r.currency,
+                book: &r.book,
+                version: r.version,
+                quantity: line_decimal(r.quantity, "a quantity")?,
+                list: line_decimal(r.list, "a list cost")?,
+                contracted: line_decimal(r.contracted, "a contracted cost")?,
+                billed: line_decimal(r.billed, "a billed cost")?,
+            };
+            done.count += 1;
+            if visit(&line).is_break() {
+                done.stopped = true;
+                done.last = Some(r.clone());
+                return Ok(done);
+            }
+        }
+        done.last = page.into_iter().last();
+        Ok(done)
+    }
 
     /// Every tier counter with the units counted on it (few: one per billing node,
     /// tiered rule and period).
