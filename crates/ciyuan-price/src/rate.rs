@@ -515,7 +515,23 @@ impl Rater {
     /// Prices one entry. See [`PriceRule`] for which rule and which of its prices
     /// apply; the total is rounded once, by the book's rule ([`Rating::settle`]).
     pub fn rate(&self, input: &RateInput<'_>) -> Result<Rating, RateError> {
-        let mut rating = Rating {
+        let mut rating = self.blank();
+        self.rate_into(input, &mut rating)?;
+        Ok(rating)
+    }
+
+    /// [`Rater::rate`], built in the box a usage entry holds it in: a rating is 200
+    /// bytes, and one built on the stack is copied whole into its box.
+    pub fn rate_boxed(&self, input: &RateInput<'_>) -> Result<Box<Rating>, RateError> {
+        let mut rating = Box::new(self.blank());
+        self.rate_into(input, &mut rating)?;
+        Ok(rating)
+    }
+
+    /// A rating by this rater with nothing priced yet.
+    #[inline]
+    fn blank(&self) -> Rating {
+        Rating {
             amount: Decimal::ZERO,
             currency: self.currency,
             book: self.book.clone(),
@@ -528,7 +544,11 @@ impl Rater {
             missing: Vec::new(),
             basis: None,
             place: None,
-        };
+        }
+    }
+
+    /// Prices `input` into `rating`, fresh from [`Rater::blank`].
+    fn rate_into(&self, input: &RateInput<'_>, rating: &mut Rating) -> Result<(), RateError> {
         let mut input_tokens: i128 = 0;
         // Sums of at most 25 i64 counts: below 2^69, inside a decimal's 96 bits, so
         // their conversion to `Decimal` in the tiers is exact.
@@ -551,7 +571,7 @@ impl Rater {
         let resolved = self.resolve(input.model, input.service, input.tier);
         let Some(primary) = resolved.tiered.or(resolved.standard) else {
             rating.unpriced = true;
-            return Ok(rating);
+            return Ok(());
         };
         let primary = &self.rules[primary as usize];
         let fallback = match resolved.tiered {
@@ -618,7 +638,7 @@ impl Rater {
         rating
             .settle(&self.rounding)
             .ok_or_else(|| RateError::Overflow("the entry's total".into()))?;
-        Ok(rating)
+        Ok(())
     }
 }
 

@@ -1066,6 +1066,8 @@ proptest! {
         prop_assert_eq!(&fast, &slow);
         // Rated twice (the second from the cache): the same.
         prop_assert_eq!(&rater.rate(&i).unwrap(), &fast);
+        // Built in its box (as ingest rates): the same.
+        prop_assert_eq!(&*rater.rate_boxed(&i).unwrap(), &fast);
         prop_assert!(verify_rating(&book, contract, &i, &fast).is_ok());
         // Each line is exact; the total is the book's rounding of the adjusted sum.
         let mut sum = Decimal::ZERO;

@@ -438,10 +438,10 @@ impl App {
         };
         let tokens = priced_tokens(usage, basis.map(Basis::recorded));
         let input = usage_input(usage, &tokens, at, period_to_date);
-        match rater.rate(&input) {
+        match rater.rate_boxed(&input) {
             Ok(mut r) => {
                 r.basis = basis.map(Basis::recorded);
-                Rated::Priced(Box::new(r))
+                Rated::Priced(r)
             }
             Err(e) => Rated::NoBook(e.to_string()),
         }
