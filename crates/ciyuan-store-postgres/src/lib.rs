@@ -84,6 +84,8 @@ ALTER TABLE nodes ADD COLUMN paused BIGINT;
 "#,
     // 8: keys listed a page at a time (`Store::keys_page`).
     store::MIGRATION_KEYS_BY_NODE,
+    // 9: console sessions (`Store::insert_session`).
+    store::MIGRATION_SESSIONS,
 ];
 
 /// The schema version this build writes.
