@@ -244,7 +244,7 @@ async function accounts({ who, params }) {
     ),
   );
   if (has(who, "admin")) {
-    const name = h("input", { id: "new-account", name: "name", required: true, pattern: "[a-z0-9][a-z0-9_.-]*" });
+    const name = h("input", { id: "new-account", name: "name", required: true });
     const zone = h("input", { id: "new-account-tz", name: "time_zone", placeholder: "Asia/Shanghai" });
     const out = h("p", { role: "status", id: "new-account-out" });
     const form = h(
@@ -290,12 +290,24 @@ async function usage({ who, params }) {
   const u = await api("GET", usageUrl(q));
 
   // Series: one per group value (or token key), over the buckets.
-  const xs = [...new Set(u.rows.map((r) => r.bucket_start))].sort();
+  // The x axis: every hour or day of the range (empty ones at zero), in seconds.
+  const secs = (x) => Date.parse(x) / 1000;
+  const have = new Set(u.rows.map((r) => secs(r.bucket_start)));
+  const end = toDay ? secs(dayStart(toDay, tz)) : Date.now() / 1000;
+  if (bucket === "hour" || bucket === "day") {
+    const step = bucket === "hour" ? 3600 : 86400;
+    // At most a few thousand points: past that, the buckets with usage only.
+    for (let x = secs(q.from); x < end && have.size < 5000; x += step) {
+      // Days in zones with summer time are 23 or 25 hours: a day's start is its own.
+      have.add(bucket === "day" ? secs(dayStart(ymd(new Date((x + 43200) * 1000), tz), tz)) : x);
+    }
+  }
+  const xs = [...have].sort((a, b) => a - b);
   const index = new Map(xs.map((x, i) => [x, i]));
   const series = new Map();
   const add = (name, x, n) => {
     if (!series.has(name)) series.set(name, new Array(xs.length).fill(0));
-    series.get(name)[index.get(x)] += n;
+    series.get(name)[index.get(secs(x))] += n;
   };
   for (const r of u.rows) {
     if (group === "token") for (const [k, n] of Object.entries(r.tokens)) add(k, r.bucket_start, Number(n));
@@ -328,7 +340,7 @@ async function usage({ who, params }) {
   });
 
   const chart = h("div", { class: "chart", id: "usage-chart", role: "img", "aria-label": `${t("usage")}: ${node}` });
-  if (xs.length && window.uPlot) {
+  if (u.rows.length && window.uPlot) {
     // Stacked: each series drawn as the running sum of those below it, the largest
     // total at the bottom; the legend shows each series' own value.
     const cum = [];
@@ -337,12 +349,14 @@ async function usage({ who, params }) {
       run = run.map((v, i) => v + series.get(n)[i]);
       cum.push(run);
     }
-    const data = [xs.map((x) => Date.parse(x) / 1000), ...cum.slice().reverse()];
+    const data = [xs, ...cum.slice().reverse()];
     const drawn = names.slice().reverse();
     const opts = {
       width: Math.min(1150, document.getElementById("main").clientWidth - 30),
       height: 320,
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), tz),
+      // One bucket alone would stretch over years: give it an hour or a day each side.
+      scales: xs.length > 1 ? {} : { x: { time: true, range: (_u, lo, hi) => [lo - 86400, hi + 86400] } },
       series: [
         {},
         ...drawn.map((n, i) => {
@@ -495,9 +509,10 @@ function sizeBar(el, used, reserved, amount, thresholds) {
 
 async function budgets({ who, params }) {
   const node = nodeOf(who, params);
-  const [b, w] = await Promise.all([
+  const [b, w, incidents] = await Promise.all([
     api("GET", `/api/v1/budgets/${enc(node)}`),
     api("GET", `/api/v1/wallets/${enc(node)}?limit=20`).catch((e) => ({ error: e.message, wallets: [], movements: [] })),
+    api("GET", `/api/v1/incidents?account=${encodeURIComponent(node)}&limit=20`),
   ]);
   const bars = [];
   const limitRows = (b.limits || []).map((l) => {
@@ -552,8 +567,41 @@ async function budgets({ who, params }) {
     body.append(h("h2", {}, t("setBudget")), form, out);
   }
   body.append(h("h2", {}, t("accessRules")), table([t("account"), t("allow"), t("deny")], (b.models || []).map((m) => [m.node, (m.allow || []).join(", "), (m.deny || []).join(", ")]), { id: "access" }));
+  body.append(
+    h("h2", {}, t("openIncidents")),
+    table(
+      [t("time"), t("account"), t("detail")],
+      incidents.rows.map((r) => [when(r.ts), r.account, r.body.message ?? JSON.stringify(r.body)]),
+      { id: "budget-incidents" },
+    ),
+  );
   body.append(h("h2", {}, t("wallet")));
   if (w.error) body.append(h("p", { class: "muted" }, w.error));
+  // Money moves into a wallet only from above it: offered to admin keys above the node.
+  if (has(who, "admin") && node !== who.account && (who.account === "/" || node.startsWith(who.account + "/"))) {
+    const amount = h("input", { id: "topup-amount", name: "amount", inputmode: "decimal", required: true, pattern: "[0-9]+(\\.[0-9]+)?" });
+    const currency = h("input", { id: "topup-currency", name: "currency", value: (w.wallets || [])[0]?.currency || "CNY", size: 4, required: true });
+    const out = h("p", { id: "topup-out", role: "status" });
+    const form = h(
+      "form",
+      { class: "inline", id: "topup-form" },
+      h("label", {}, t("amount"), amount),
+      h("label", {}, t("currency"), currency),
+      h("button", { type: "submit" }, t("topUp")),
+    );
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        // The amount stays a decimal string: money never goes through a float.
+        await api("POST", `/api/v1/wallets/${enc(node)}`, { kind: "topup", amount: amount.value, currency: currency.value });
+        go("budgets", { account: node, t: Date.now() });
+      } catch (e) {
+        out.textContent = t("error", { detail: e.message });
+        out.className = "error";
+      }
+    });
+    body.append(form, out);
+  }
   body.append(
     table(
       [t("account"), t("currency"), { label: t("balance"), num: true }, { label: t("reserved"), num: true }],

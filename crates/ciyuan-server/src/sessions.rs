@@ -125,8 +125,8 @@ fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// The session id in the request's cookies, if one has the session's shape.
-fn session_id(headers: &HeaderMap) -> Option<&str> {
+/// The value of the session cookie, whatever its shape.
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -135,17 +135,23 @@ fn session_id(headers: &HeaderMap) -> Option<&str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, _)| *name == SESSION_COOKIE)
         .map(|(_, value)| value.trim())
+}
+
+/// The session id in the request's cookies, if it has the session's shape.
+fn session_id(headers: &HeaderMap) -> Option<&str> {
+    session_cookie(headers)
         .filter(|v| v.len() == SESSION_HEX && v.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Whether a request is to be authenticated by its session cookie: it names no key
 /// (a key, when given, always decides), it is for the admin API (the gateway and the
-/// ingest API take keys only), and it carries a session cookie.
+/// ingest API take keys only), and it carries the session cookie (other cookies of
+/// the host are not ours to judge).
 pub(crate) fn by_cookie(parts: &Parts) -> bool {
     parts.uri.path().starts_with("/api/v1/")
         && !parts.headers.contains_key(header::AUTHORIZATION)
         && !parts.headers.contains_key("x-api-key")
-        && parts.headers.contains_key(header::COOKIE)
+        && session_cookie(&parts.headers).is_some()
 }
 
 /// Whether a method changes state (and so needs the CSRF token with a cookie).

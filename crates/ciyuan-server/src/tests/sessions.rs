@@ -294,6 +294,20 @@ async fn expired_and_unknown_sessions_are_refused() {
     )
     .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Other cookies of the host leave a request to the usual key check.
+    let (s, _, v) = raw(
+        &h,
+        "GET",
+        "/api/v1/accounts",
+        &[("cookie", "theme=dark")],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        v["detail"].as_str().unwrap().contains("missing API key"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
