@@ -163,7 +163,8 @@ async function overview({ who, params }) {
     if (crossed.length) alerts.push([l.node, l.limit, `${Math.floor(pct)}% ≥ ${Math.max(...crossed)}%`]);
   }
   for (const w of wallets.wallets || []) {
-    if (w.balance.startsWith("-") || Number(w.available ?? w.balance) <= 0) alerts.push([w.node, t("wallet"), money(w.balance, w.currency)]);
+    // Compared as the decimal string it is: empty or overdrawn.
+    if (w.balance.startsWith("-") || /^0(\.0*)?$/.test(w.balance)) alerts.push([w.node, t("wallet"), money(w.balance, w.currency)]);
   }
   return h(
     "div",
