@@ -310,8 +310,13 @@ async function usage({ who, params }) {
     if (!series.has(name)) series.set(name, new Array(xs.length).fill(0));
     series.get(name)[index.get(secs(x))] += n;
   };
+  // By account, the chart rolls each node's usage up into the child of the node shown
+  // that holds it (the node's own usage under its own name); the table keeps each node.
+  const depth = node === "/" ? 0 : node.split("/").length;
+  const childOf = (a) => (a === node ? a : a.split("/").slice(0, depth + 1).join("/"));
   for (const r of u.rows) {
     if (group === "token") for (const [k, n] of Object.entries(r.tokens)) add(k, r.bucket_start, Number(n));
+    else if (group === "account") add(childOf(r.account), r.bucket_start, Number(r.total));
     else add(r[group] ?? "", r.bucket_start, Number(r.total));
   }
   const names = [...series.keys()].sort((a, b) => series.get(b).reduce((x, y) => x + y, 0) - series.get(a).reduce((x, y) => x + y, 0));
