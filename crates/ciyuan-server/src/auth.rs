@@ -102,7 +102,7 @@ impl Caller {
 }
 
 /// The caller a key record makes, unless the key is revoked.
-fn checked(record: &KeyRecord) -> Result<Caller, ApiError> {
+pub(crate) fn checked(record: &KeyRecord) -> Result<Caller, ApiError> {
     if record.revoked_at.is_some() {
         return Err(ApiError::unauthorized(format!(
             "API key {} has been revoked",
@@ -196,6 +196,18 @@ impl Authenticator {
             return None;
         }
         Some(checked(record))
+    }
+
+    /// The caller key `key_id` makes, judged as [`Authenticator::authenticate`] judges
+    /// a key presented by its secret (a revoked key refused): how a console session
+    /// acts as its key. Read from the store each time, so a revocation on any node
+    /// ends the key's sessions at once. Blocking.
+    pub fn by_id(&self, key_id: &str) -> Result<Caller, ApiError> {
+        let record = self
+            .store
+            .key(key_id)?
+            .ok_or_else(|| ApiError::unauthorized("the session's key no longer exists"))?;
+        checked(&record)
     }
 
     /// Forgets a revoked key so its next use reads the revocation.

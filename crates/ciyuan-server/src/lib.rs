@@ -11,6 +11,7 @@ mod adjust;
 mod audit;
 pub mod auth;
 pub mod budgets;
+mod console;
 mod controls;
 pub mod error;
 mod exports;
@@ -30,6 +31,7 @@ mod records;
 pub mod reports;
 mod rerate;
 pub mod service_levels;
+pub mod sessions;
 pub mod slices;
 mod statements;
 mod tiers;
@@ -153,6 +155,8 @@ pub struct App {
     tiers: tiers::Tiers,
     /// Wallet balances, grants and holds (rebuilt from the ledger's postings).
     wallets: ciyuan_budget::Wallets,
+    /// Console sign-in attempts per client address.
+    sign_ins: sessions::SignInLimiter,
     /// Orders usage against the rules that measure and price it: a usage entry is
     /// measured and rated under a read guard held until its append is submitted to
     /// the ledger; a definition, book or contract is appended and applied under the
@@ -234,6 +238,7 @@ impl App {
             pricing,
             tiers,
             wallets,
+            sign_ins: sessions::SignInLimiter::default(),
             rules_gate: Arc::default(),
             auth: Authenticator::new(store.clone(), config.key_cache_ttl),
             store,
@@ -464,7 +469,12 @@ impl App {
 impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = ApiError;
 
+    /// A key in the headers, else (on the admin API) a console session's cookie; both
+    /// end in the key's record judged the same way (`auth::checked`).
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        if sessions::by_cookie(parts) {
+            return app.session_caller(parts).await;
+        }
         app.caller(&parts.headers).await
     }
 }
@@ -508,6 +518,10 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(DefaultBodyLimit::max(prices::MAX_PRICE_FILE_BYTES));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/", get(console::root))
+        .route("/console", get(console::index))
+        .route("/console/", get(console::index))
+        .route("/console/{*file}", get(console::asset))
         .route("/metrics", get(gateway::metrics_page))
         .route("/v1/events", post(ingest::events))
         .route(
@@ -517,6 +531,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/api/v1/accounts/{*path}",
             get(accounts::show).patch(accounts::update),
+        )
+        .route("/api/v1/sessions", post(sessions::create))
+        .route(
+            "/api/v1/sessions/current",
+            get(sessions::current).delete(sessions::delete),
         )
         .route("/api/v1/keys", post(keys::create).get(keys::list))
         .route(

@@ -79,9 +79,9 @@ pub async fn serve_with(
     let graceful = GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) if transient(&e) => {
                     tracing::warn!(error = %e, "accepting a connection failed; retrying");
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -100,7 +100,7 @@ pub async fn serve_with(
             heads: 0,
             pending: Bytes::new(),
         };
-        let conn = http.serve_connection(io, Service::new(&router, dispatched, config));
+        let conn = http.serve_connection(io, Service::new(&router, dispatched, config, peer));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             // A client that goes away mid-request is not the server's error.
@@ -163,14 +163,22 @@ struct Service {
     router: TowerToHyperService<Router>,
     dispatched: Arc<AtomicU64>,
     config: ListenConfig,
+    /// The client's address, given to handlers (sign-in attempts are limited by it).
+    peer: std::net::SocketAddr,
 }
 
 impl Service {
-    fn new(router: &Router, dispatched: Arc<AtomicU64>, config: ListenConfig) -> Service {
+    fn new(
+        router: &Router,
+        dispatched: Arc<AtomicU64>,
+        config: ListenConfig,
+        peer: std::net::SocketAddr,
+    ) -> Service {
         Service {
             router: TowerToHyperService::new(router.clone()),
             dispatched,
             config,
+            peer,
         }
     }
 }
@@ -182,7 +190,10 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.dispatched.fetch_add(1, Ordering::AcqRel);
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        parts
+            .extensions
+            .insert(axum::extract::ConnectInfo(self.peer));
         let family = shape(parts.uri.path());
         let expired = Arc::new(AtomicBool::new(false));
         let limit = self.config.body_timeout;

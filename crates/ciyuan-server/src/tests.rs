@@ -12,6 +12,7 @@ use tower::ServiceExt;
 
 mod audit;
 mod service_levels;
+mod sessions;
 
 /// A log kept in memory: the same contract as the file ledger, for handler tests.
 pub(crate) struct MemLog {

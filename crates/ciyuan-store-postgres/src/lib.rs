@@ -88,6 +88,8 @@ ALTER TABLE nodes ADD COLUMN paused BIGINT;
     holds::MIGRATION_SLICES,
     // 10: named leases handed over between nodes (`Store::take_lease`).
     holds::MIGRATION_LEASES,
+    // 11: console sessions (`Store::insert_session`).
+    store::MIGRATION_SESSIONS,
 ];
 
 /// The schema version this build writes.

@@ -12,7 +12,7 @@ use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Entry, ExactSum, Scopes};
 use ciyuan_store::{
     Account, Change, CostRow, HourFilter, HourRow, KeyRecord, LineRow, OwnRows, RangeStart,
-    Recorded, Store, StoreError, SubtreeSeek, TierUnits, subtree_seek,
+    Recorded, SessionRecord, Store, StoreError, SubtreeSeek, TierUnits, subtree_seek,
 };
 use postgres::types::ToSql;
 
@@ -302,6 +302,19 @@ CREATE TABLE quality_hours (
 pub(crate) const MIGRATION_KEYS_BY_NODE: &str = r#"
 DROP INDEX keys_account;
 CREATE INDEX keys_account_id ON keys (account, key_id);
+"#;
+
+/// Console sessions: the SHA-256 of each id, never the id; kept by a reset, as keys
+/// are. Shared by the nodes, so a session opened on one works on every one.
+pub(crate) const MIGRATION_SESSIONS: &str = r#"
+CREATE TABLE sessions (
+    id_hash    BYTEA PRIMARY KEY,
+    key_id     TEXT COLLATE "C" NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    revoked_at BIGINT
+);
+CREATE INDEX sessions_expiry ON sessions (expires_at);
 "#;
 
 /// The store's schema, as a migration of the crate's list.
@@ -1084,6 +1097,64 @@ impl Store for Inner {
         self.key(key_id)
     }
 
+    fn insert_session(
+        &self,
+        id_hash: &[u8; 32],
+        session: &SessionRecord,
+    ) -> Result<(), StoreError> {
+        let r = self.conn()?.execute(
+            "INSERT INTO sessions (id_hash, key_id, created_at, expires_at, revoked_at)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &id_hash.as_slice(),
+                &session.key_id,
+                &session.created_at,
+                &session.expires_at,
+                &session.revoked_at,
+            ],
+        );
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                Err(StoreError::Conflict("the session exists".into()))
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    fn session(&self, id_hash: &[u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
+        let row = self
+            .conn()?
+            .query_opt(
+                "SELECT key_id, created_at, expires_at, revoked_at FROM sessions WHERE id_hash = $1",
+                &[&id_hash.as_slice()],
+            )
+            .map_err(backend)?;
+        Ok(row.map(|r| SessionRecord {
+            key_id: r.get(0),
+            created_at: r.get(1),
+            expires_at: r.get(2),
+            revoked_at: r.get(3),
+        }))
+    }
+
+    fn revoke_session(&self, id_hash: &[u8; 32], at: i64) -> Result<bool, StoreError> {
+        let n = self
+            .conn()?
+            .execute(
+                "UPDATE sessions SET revoked_at = $1 WHERE id_hash = $2 AND revoked_at IS NULL",
+                &[&at, &id_hash.as_slice()],
+            )
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
+        self.conn()?
+            .execute("DELETE FROM sessions WHERE expires_at < $1", &[&before])
+            .map_err(backend)
+    }
+
     fn ingest_index(&self, f: &mut dyn FnMut(u64, u64)) -> Result<u64, StoreError> {
         let mut c = self.conn()?;
         // One snapshot: the index and the watermark agree.
@@ -1595,6 +1666,26 @@ impl Store for PgStore {
 
     fn revoke_key(&self, key_id: &str, at: Timestamp) -> Result<Option<KeyRecord>, StoreError> {
         crate::off_runtime(|| self.inner.revoke_key(key_id, at))
+    }
+
+    fn insert_session(
+        &self,
+        id_hash: &[u8; 32],
+        session: &SessionRecord,
+    ) -> Result<(), StoreError> {
+        crate::off_runtime(|| self.inner.insert_session(id_hash, session))
+    }
+
+    fn session(&self, id_hash: &[u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
+        crate::off_runtime(|| self.inner.session(id_hash))
+    }
+
+    fn revoke_session(&self, id_hash: &[u8; 32], at: i64) -> Result<bool, StoreError> {
+        crate::off_runtime(|| self.inner.revoke_session(id_hash, at))
+    }
+
+    fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
+        crate::off_runtime(|| self.inner.purge_sessions(before))
     }
 
     fn budgets(&self) -> Result<Vec<(AccountPath, ciyuan_core::BudgetSet)>, StoreError> {

@@ -10,8 +10,8 @@
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Entry, Scopes};
 use ciyuan_store::{
-    Account, Change, HourFilter, HourRow, KeyRecord, OwnRows, RangeStart, Recorded, Store,
-    StoreError, SubtreeSeek, subtree_seek,
+    Account, Change, HourFilter, HourRow, KeyRecord, OwnRows, RangeStart, Recorded, SessionRecord,
+    Store, StoreError, SubtreeSeek, subtree_seek,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
@@ -272,6 +272,18 @@ CREATE TABLE report_progress (
     r#"
 DROP INDEX keys_account;
 CREATE INDEX keys_account_id ON keys (account, key_id);
+"#,
+    // 12: console sessions (the SHA-256 of each id, never the id), not projections:
+    // a rebuild keeps them, as it keeps keys.
+    r#"
+CREATE TABLE sessions (
+    id_hash    BLOB PRIMARY KEY,
+    key_id     TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    revoked_at INTEGER
+) WITHOUT ROWID;
+CREATE INDEX sessions_expiry ON sessions (expires_at);
 "#,
 ];
 
@@ -1369,6 +1381,73 @@ impl Store for SqliteStore {
         })
         .map_err(backend)?;
         self.key(key_id)
+    }
+
+    fn insert_session(
+        &self,
+        id_hash: &[u8; 32],
+        session: &SessionRecord,
+    ) -> Result<(), StoreError> {
+        let result = self.durably(|conn| {
+            conn.execute(
+                "INSERT INTO sessions (id_hash, key_id, created_at, expires_at, revoked_at)
+                 VALUES (?, ?, ?, ?, ?)",
+                params![
+                    id_hash.as_slice(),
+                    session.key_id,
+                    session.created_at,
+                    session.expires_at,
+                    session.revoked_at,
+                ],
+            )
+        });
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::Conflict("the session exists".into()))
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    fn session(&self, id_hash: &[u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT key_id, created_at, expires_at, revoked_at FROM sessions WHERE id_hash = ?",
+                [id_hash.as_slice()],
+                |r| {
+                    Ok(SessionRecord {
+                        key_id: r.get(0)?,
+                        created_at: r.get(1)?,
+                        expires_at: r.get(2)?,
+                        revoked_at: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(backend)
+    }
+
+    fn revoke_session(&self, id_hash: &[u8; 32], at: i64) -> Result<bool, StoreError> {
+        let n = self
+            .durably(|conn| {
+                conn.execute(
+                    "UPDATE sessions SET revoked_at = ? WHERE id_hash = ? AND revoked_at IS NULL",
+                    params![at, id_hash.as_slice()],
+                )
+            })
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM sessions WHERE expires_at < ?", [before])
+            .map_err(backend)?;
+        Ok(n as u64)
     }
 
     fn budgets(&self) -> Result<Vec<(AccountPath, ciyuan_core::BudgetSet)>, StoreError> {

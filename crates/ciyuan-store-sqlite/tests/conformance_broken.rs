@@ -5,7 +5,8 @@
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccessSet, AccountPath, BudgetSet, Entry, Incident, Usage};
 use ciyuan_store::{
-    Account, HourFilter, HourRow, KeyRecord, Recorded, Store, StoreError, conformance,
+    Account, HourFilter, HourRow, KeyRecord, Recorded, SessionRecord, Store, StoreError,
+    conformance,
 };
 use ciyuan_store_sqlite::SqliteStore;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +57,22 @@ impl Store for BrokenAfterReset {
     }
     fn key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.key_by_hash(secret_hash)
+    }
+    fn insert_session(
+        &self,
+        id_hash: &[u8; 32],
+        session: &SessionRecord,
+    ) -> Result<(), StoreError> {
+        self.inner.insert_session(id_hash, session)
+    }
+    fn session(&self, id_hash: &[u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
+        self.inner.session(id_hash)
+    }
+    fn revoke_session(&self, id_hash: &[u8; 32], at: i64) -> Result<bool, StoreError> {
+        self.inner.revoke_session(id_hash, at)
+    }
+    fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
+        self.inner.purge_sessions(before)
     }
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.key(key_id)

@@ -67,6 +67,7 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     projections_apply_in_parts(make().as_ref());
     accounts_and_subtrees(make().as_ref());
     keys_lifecycle(make().as_ref());
+    sessions_lifecycle(make().as_ref());
     pages::accounts_page_by_cursor(make().as_ref());
     pages::keys_page_by_cursor(make().as_ref());
     usage_rollups_and_reset(make().as_ref());
@@ -963,6 +964,56 @@ fn accounts_and_subtrees(s: &dyn Store) {
     assert_eq!(cn.as_ref().map(|a| &a.info), Some(&info));
     assert_eq!(cn.map(|a| a.created_entry), Some(1));
     assert!(ok(s.account(&path("nope")), "account(nope)").is_none());
+}
+
+/// Sessions are found by the hash of their id, signed out once, kept by a reset of the
+/// projections, and purged only once expired.
+fn sessions_lifecycle(s: &dyn Store) {
+    let session = |key: &str, expires_at: i64| crate::SessionRecord {
+        key_id: key.into(),
+        created_at: 1_000,
+        expires_at,
+        revoked_at: None,
+    };
+    ok(
+        s.insert_session(&[7; 32], &session("k1", 2_000)),
+        "insert_session",
+    );
+    ok(
+        s.insert_session(&[8; 32], &session("k2", 5_000)),
+        "insert_session",
+    );
+    assert!(
+        matches!(
+            s.insert_session(&[7; 32], &session("k3", 9_000)),
+            Err(StoreError::Conflict(_))
+        ),
+        "a session id's hash is taken once"
+    );
+    assert_eq!(
+        ok(s.session(&[7; 32]), "session"),
+        Some(session("k1", 2_000))
+    );
+    assert_eq!(ok(s.session(&[9; 32]), "session"), None);
+    assert!(ok(s.revoke_session(&[7; 32], 1_500), "revoke_session"));
+    assert!(
+        !ok(s.revoke_session(&[7; 32], 1_600), "revoke_session"),
+        "signed out once"
+    );
+    assert!(!ok(s.revoke_session(&[9; 32], 1_600), "revoke_session"));
+    assert_eq!(
+        ok(s.session(&[7; 32]), "session").and_then(|r| r.revoked_at),
+        Some(1_500)
+    );
+    ok(s.reset_projections(), "reset_projections");
+    assert!(
+        ok(s.session(&[8; 32]), "session").is_some(),
+        "a reset keeps sessions"
+    );
+    assert_eq!(ok(s.purge_sessions(2_000), "purge_sessions"), 0);
+    assert_eq!(ok(s.purge_sessions(3_000), "purge_sessions"), 1);
+    assert_eq!(ok(s.session(&[7; 32]), "session"), None);
+    assert!(ok(s.session(&[8; 32]), "session").is_some());
 }
 
 fn keys_lifecycle(s: &dyn Store) {

@@ -69,6 +69,21 @@ pub struct KeyRecord {
     pub revoked_at: Option<Timestamp>,
 }
 
+/// A console session as the store keeps it: the key it acts as and its lifetime. The
+/// session's id is a secret (256 random bits in an HttpOnly cookie); the store holds
+/// only its SHA-256, as it does for keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The key the session acts as: its scopes and subtree, and its revocation.
+    pub key_id: String,
+    /// When it was opened, in seconds since the Unix epoch.
+    pub created_at: i64,
+    /// When it ends whatever happens (an absolute expiry), in seconds since the epoch.
+    pub expires_at: i64,
+    /// When it was signed out, if it was, in seconds since the epoch.
+    pub revoked_at: Option<i64>,
+}
+
 /// A usage rollup row as kept by a backend: one account node, service, model, UTC hour,
 /// modality and direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -569,6 +584,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Marks a key revoked; returns the updated record, `None` if there is no such key.
     fn revoke_key(&self, key_id: &str, at: Timestamp) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Stores a new console session under the SHA-256 of its id.
+    fn insert_session(&self, id_hash: &[u8; 32], session: &SessionRecord)
+    -> Result<(), StoreError>;
+
+    /// A session by the SHA-256 of its id, revoked and expired ones included (the
+    /// caller judges them).
+    fn session(&self, id_hash: &[u8; 32]) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Marks a session signed out at `at` (seconds since the epoch); false when there
+    /// is no such session or it was signed out already.
+    fn revoke_session(&self, id_hash: &[u8; 32], at: i64) -> Result<bool, StoreError>;
+
+    /// Deletes the sessions that expired before `before` (seconds since the epoch);
+    /// returns how many.
+    fn purge_sessions(&self, before: i64) -> Result<u64, StoreError>;
 
     /// Calls `f(hash, entry)` for every ingested event the projections have indexed, in
     /// entry order, and returns the projection watermark of the same snapshot: the index

@@ -24,6 +24,9 @@ pub enum BenchCmd {
     /// A month of rated usage in a `ciyuan serve` process, then the month's statement
     /// and its FOCUS export, timed.
     Finance(FinanceArgs),
+    /// The console's overview and usage explorer: their API answers timed on an
+    /// account tree with millions of usage events.
+    Console(ConsoleArgs),
     /// Admission across nodes: a request's hard limit and wallet held in the
     /// PostgreSQL database nodes share, then settled, from several nodes at once.
     Admission(AdmissionArgs),
@@ -54,6 +57,22 @@ pub struct AdmissionArgs {
     /// does (requests that do not fit are held one by one, grouped with `--group`).
     #[arg(long)]
     slices: bool,
+}
+
+#[derive(Args)]
+pub struct ConsoleArgs {
+    /// Usage events over the last 30 days.
+    #[arg(long, default_value_t = 10_000_000)]
+    events: u64,
+    /// Leaf accounts (`bench/g<i>/n<j>`, 100 per group).
+    #[arg(long, default_value_t = 1000)]
+    nodes: u64,
+    /// Times each view is asked.
+    #[arg(long, default_value_t = 5)]
+    rounds: u64,
+    /// Concurrent ingest clients.
+    #[arg(long, default_value_t = 8)]
+    clients: u64,
 }
 
 #[derive(Args)]
@@ -313,6 +332,28 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             }
         }
         BenchCmd::Money(a) => money(a)?,
+        BenchCmd::Console(a) => {
+            let r = crate::bench_console::run(a.events, a.nodes, a.rounds, a.clients)?;
+            println!(
+                "console: {} events of {} leaf accounts over 30 days ingested and projected in {:.1} s",
+                r.events, r.nodes, r.ingest_seconds
+            );
+            for v in &r.views {
+                let mut s = v.seconds.clone();
+                s.sort_by(f64::total_cmp);
+                println!(
+                    "{}: {} (median {:.0} ms, max {:.0} ms; target 300 ms)",
+                    v.name,
+                    v.seconds
+                        .iter()
+                        .map(|x| format!("{:.0} ms", x * 1e3))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    s[s.len() / 2] * 1e3,
+                    s[s.len() - 1] * 1e3
+                );
+            }
+        }
         BenchCmd::Finance(a) => {
             let r = crate::bench_finance::run(
                 a.events, a.nodes, &a.month, a.batch, a.clients, a.exports,

@@ -7,6 +7,7 @@
 mod admin;
 mod bench;
 mod bench_admission;
+mod bench_console;
 mod bench_finance;
 mod bench_gateway;
 mod bench_ingest;

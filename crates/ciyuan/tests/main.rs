@@ -4,6 +4,7 @@
 
 mod budgets;
 mod common;
+mod console;
 mod crash;
 mod e2e;
 mod finance;
