@@ -168,12 +168,14 @@ impl Authenticator {
         }
         if parse_key(key).is_none() {
             return Err(ApiError::unauthorized(
-                "invalid API key: not a Ciyuan key (cy_…)",
+                "Incorrect API key provided: not a Ciyuan key (cy_…)",
             ));
         }
         let hash = hash_key(key);
         let Some(record) = self.store.key_by_hash(&hash)? else {
-            return Err(ApiError::unauthorized("invalid API key: unknown key"));
+            return Err(ApiError::unauthorized(
+                "Incorrect API key provided: unknown key",
+            ));
         };
         {
             let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());

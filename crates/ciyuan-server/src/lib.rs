@@ -44,6 +44,7 @@ use crate::pipeline::Projector;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Entry, EntryBody, KeyCreated, Scope, Scopes};
@@ -609,16 +610,40 @@ async fn healthz(State(app): State<Arc<App>>) -> axum::Json<serde_json::Value> {
     }))
 }
 
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::not_found(format!("no route for {}", uri.path()))
+/// The shape an error on an unknown route takes: under `/v1/` (but for the ingest
+/// API, which is Ciyuan's own) the provider protocols' error object — Anthropic's when
+/// the request speaks Anthropic (`anthropic-version`), else OpenAI's — so an SDK
+/// calling an endpoint the gateway lacks raises its own not-found error instead of an
+/// empty one; anywhere else problem+json.
+fn route_error(headers: &axum::http::HeaderMap, uri: &axum::http::Uri, e: ApiError) -> Response {
+    let path = uri.path();
+    if path.starts_with("/v1/") && !path.starts_with("/v1/events") {
+        let family = if headers.contains_key("anthropic-version") {
+            gateway::protocol::Family::Anthropic
+        } else {
+            gateway::protocol::Family::OpenAi
+        };
+        return gateway::protocol::GatewayError::new(e.status, e.detail).into_response(family);
+    }
+    e.into_response()
 }
 
-async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
+async fn not_found(headers: axum::http::HeaderMap, uri: axum::http::Uri) -> Response {
+    let e = ApiError::not_found(format!("no route for {}", uri.path()));
+    route_error(&headers, &uri, e)
+}
+
+async fn method_not_allowed(
+    headers: axum::http::HeaderMap,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> Response {
+    let e = ApiError::new(
         axum::http::StatusCode::METHOD_NOT_ALLOWED,
         "method-not-allowed",
         format!("{method} is not allowed on {}", uri.path()),
-    )
+    );
+    route_error(&headers, &uri, e)
 }
 
 /// Signs a checkpoint every `interval` while the log grows. Runs until the app is dropped.

@@ -339,7 +339,9 @@ fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
             "InternalServerError",
             "NotFoundError",
             "NotFoundError",
-            "BadRequestError"
+            "BadRequestError",
+            "NotFoundError",
+            "NotFoundError"
         ]
     );
     // Usage queries see the gateway's entries; metrics count them.
@@ -1247,4 +1249,63 @@ fn regression_provider_account_headers_never_reach_tenants() {
             assert!(head.contains("retry-after: 1"), "{}", r.head);
         }
     }
+}
+
+/// An endpoint the gateway lacks, under `/v1`, answers in the protocol's own error
+/// shape (SDKs show problem+json as "(no body)"); a bad key says what OpenAI says, so
+/// LiteLLM maps it to `AuthenticationError`; the admin API keeps problem+json.
+#[test]
+fn unknown_v1_routes_and_bad_keys_answer_in_the_protocols_shape() {
+    let gw = gateway();
+    let (s, b) = gw
+        .server
+        .http("POST", "/v1/assistants", &gw.key, Some(&json!({})));
+    assert_eq!(s, 404);
+    let e = json(&b);
+    assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/assistants"),
+        "{e}"
+    );
+    let r = raw(
+        &gw.server.url,
+        "/v1/messages/batches",
+        &gw.key,
+        &[("anthropic-version", "2023-06-01")],
+        &json!({}),
+        None,
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    let e: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["error"]["type"], "not_found_error", "{e}");
+    // A method the route does not take, in the same shape.
+    let (s, b) = gw.server.http("GET", "/v1/chat/completions", &gw.key, None);
+    assert_eq!(s, 405);
+    assert_eq!(json(&b)["error"]["type"], "invalid_request_error");
+    // Ciyuan's own APIs keep problem+json.
+    let (s, b) = gw
+        .server
+        .http("GET", "/api/v1/nothing-here", &gw.admin, None);
+    assert_eq!(s, 404);
+    assert_eq!(json(&b)["status"], 404);
+    // A key that is not one: OpenAI's wording.
+    let (s, b) = gw.server.http(
+        "POST",
+        "/v1/chat/completions",
+        "cy_000000000000_notakey",
+        Some(&chat(false)),
+    );
+    assert_eq!(s, 401);
+    let e = json(&b);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Incorrect API key provided"),
+        "{e}"
+    );
 }

@@ -132,4 +132,23 @@ expect(openai.NotFoundError, lambda: oai.chat.completions.create(model="no-such-
 expect(anthropic.NotFoundError, lambda: ant.messages.create(
     model="no-such-model", max_tokens=5, messages=[{"role": "user", "content": "x"}]))
 expect(openai.BadRequestError, lambda: oai.chat.completions.create(model="gpt-4o", messages="nope"))
+
+# An endpoint the gateway lacks: each SDK's not-found error, its body parsed as the
+# protocol's error object (problem+json reached the SDKs as a body they could not read).
+def expect_body(exc, fn, check):
+    try:
+        fn()
+    except exc as e:
+        assert check(e.body), e.body
+        print(json.dumps({"scenario": "error", "type": type(e).__name__,
+                          "status": getattr(e, "status_code", None)}), flush=True)
+        return
+    raise AssertionError(f"expected {exc.__name__}")
+
+expect_body(openai.NotFoundError, lambda: oai.batches.list(),
+            lambda b: b["type"] == "invalid_request_error"
+            and "no route for /v1/batches" in b["message"])
+expect_body(anthropic.NotFoundError, lambda: ant.messages.batches.list(),
+            lambda b: b["error"]["type"] == "not_found_error"
+            and "no route for /v1/messages/batches" in b["error"]["message"])
 print(json.dumps({"scenario": "done"}), flush=True)
