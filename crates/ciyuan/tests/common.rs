@@ -14,6 +14,63 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ciyuan"))
 }
 
+/// The build directory the tests run from (`target/`), where their installs live.
+pub fn target_dir() -> PathBuf {
+    bin().parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// The Python of a virtual environment `name` under the build directory with the
+/// packages of `requirements` (a file under this crate), made once per build
+/// directory. The suite runs a second time on PostgreSQL in a child process beside the
+/// first: two installs into one directory break each other, so the install is made
+/// under a file lock (released when `lock` drops).
+pub fn venv_python(name: &str, requirements: &str) -> PathBuf {
+    let reqs = Path::new(env!("CARGO_MANIFEST_DIR")).join(requirements);
+    let wanted = std::fs::read_to_string(&reqs).unwrap();
+    let target = target_dir();
+    let venv = target.join(name);
+    let python = venv.join("bin/python");
+    let stamp = venv.join("installed-requirements.txt");
+    let lock = std::fs::File::create(target.join(format!("{name}.lock"))).unwrap();
+    lock.lock()
+        .unwrap_or_else(|e| panic!("locking the virtual environment {name}: {e}"));
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return python;
+    }
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)
+            .unwrap_or_else(|e| panic!("removing the half-made environment {name}: {e}"));
+    }
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .expect("python3 -m venv");
+    assert!(
+        ok.success(),
+        "creating the virtual environment {name} failed"
+    );
+    let ok = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&reqs)
+        .status()
+        .expect("pip");
+    assert!(
+        ok.success(),
+        "installing {} into {name} failed",
+        reqs.display()
+    );
+    std::fs::write(&stamp, wanted).unwrap();
+    python
+}
+
 /// Where the servers the tests start keep their log and projections.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Backend {

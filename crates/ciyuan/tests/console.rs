@@ -5,19 +5,14 @@
 //! directory. It fails, never skips, when it cannot. Screenshots of every page are kept
 //! under the target directory's `console-screenshots/<backend>/`.
 
-use crate::common::{Backend, Server, backend, bin, http, json};
-use std::path::{Path, PathBuf};
+use crate::common::{Backend, Server, backend, http, json, target_dir};
+use std::path::Path;
 use std::process::Command;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// A font with Chinese glyphs, so the zh-CN screenshots show text rather than boxes.
 const CJK_FONT: &str = "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc";
-
-/// The target directory (`target/`), where shared installs and artifacts go.
-fn target_dir() -> PathBuf {
-    bin().parent().unwrap().parent().unwrap().to_path_buf()
-}
 
 /// Installs Debian's Chromium, its driver and a CJK font when missing; fails loudly
 /// with apt-get's reason when it cannot.
@@ -58,54 +53,10 @@ fn chromium() {
     );
 }
 
-/// A virtual environment with Selenium, made once under a file lock (see
-/// `gateway::sdk_python`).
-fn selenium_python() -> PathBuf {
-    let reqs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/requirements.txt");
-    let wanted = std::fs::read_to_string(&reqs).unwrap();
-    let target = target_dir();
-    let venv = target.join("console-venv");
-    let python = venv.join("bin/python");
-    let stamp = venv.join("installed-requirements.txt");
-    let lock = std::fs::File::create(target.join("console-venv.lock")).unwrap();
-    lock.lock()
-        .expect("locking the Selenium virtual environment");
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-        return python;
-    }
-    if venv.exists() {
-        std::fs::remove_dir_all(&venv).expect("removing a half-made Selenium environment");
-    }
-    let ok = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .expect("python3 -m venv");
-    assert!(
-        ok.success(),
-        "creating the Selenium virtual environment failed"
-    );
-    let ok = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-        ])
-        .arg(&reqs)
-        .status()
-        .expect("pip");
-    assert!(ok.success(), "installing Selenium failed");
-    std::fs::write(&stamp, wanted).unwrap();
-    python
-}
-
 #[test]
 fn the_console_in_a_browser_for_every_role() {
     chromium();
-    let python = selenium_python();
+    let python = crate::common::venv_python("console-venv", "tests/console/requirements.txt");
     let dir = tempfile::tempdir().unwrap();
     // Checkpoints every second: the audit page proves entries made moments before.
     let server = Server::start_with(dir.path(), &["--checkpoint-interval-secs", "1"]);

@@ -7,7 +7,7 @@ use crate::common::{Server, bin, http, json};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -209,54 +209,9 @@ impl Gateway {
     }
 }
 
-/// The virtual environment with the official SDKs, made once per build directory.
-fn sdk_python() -> PathBuf {
-    let reqs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/requirements.txt");
-    let wanted = std::fs::read_to_string(&reqs).unwrap();
-    let target = bin().parent().unwrap().parent().unwrap().to_path_buf();
-    let venv = target.join("sdk-venv");
-    let python = venv.join("bin/python");
-    let stamp = venv.join("installed-requirements.txt");
-    // The suite runs a second time on PostgreSQL in a child process beside the first:
-    // two installs into one directory break each other, so the install is done under a
-    // lock (released when `lock` drops).
-    let lock = std::fs::File::create(target.join("sdk-venv.lock")).unwrap();
-    lock.lock().expect("locking the SDK virtual environment");
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-        return python;
-    }
-    if venv.exists() {
-        std::fs::remove_dir_all(&venv).expect("removing a half-made SDK environment");
-    }
-    let ok = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .expect("python3 -m venv");
-    assert!(ok.success(), "creating the SDK virtual environment failed");
-    let ok = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-        ])
-        .arg(&reqs)
-        .status()
-        .expect("pip");
-    assert!(
-        ok.success(),
-        "installing the OpenAI and Anthropic SDKs failed"
-    );
-    std::fs::write(&stamp, wanted).unwrap();
-    python
-}
-
 #[test]
 fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
-    let python = sdk_python();
+    let python = crate::common::venv_python("sdk-venv", "tests/sdk/requirements.txt");
     let gw = gateway();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/sdk_check.py");
     let out = Command::new(python)
