@@ -127,38 +127,7 @@ pub fn run(events: u64, nodes: u64, rounds: u64, clients: u64) -> anyhow::Result
             axum::body::Bytes::from(b)
         };
         let started = Instant::now();
-        let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let (http, url, admin, next, body) =
-                (http.clone(), url.clone(), admin.clone(), next.clone(), body);
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let r = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if r >= requests {
-                        return anyhow::Ok(());
-                    }
-                    http.post(format!("{url}/v1/events"))
-                        .bearer_auth(&admin)
-                        .header("content-type", "application/cloudevents-batch+json")
-                        .body(body(r))
-                        .send()
-                        .await?
-                        .error_for_status()?;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        loop {
-            let h: serde_json::Value =
-                http.get(format!("{url}/healthz")).send().await?.json().await?;
-            if h["projected"].as_u64() >= h["entries"].as_u64() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::bench_finance::ingest_batches(&http, &url, &admin, clients, requests, body).await?;
         let ingest_seconds = started.elapsed().as_secs_f64();
 
         // The queries as the console's pages make them, in the node's zone.

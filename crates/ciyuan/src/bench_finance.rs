@@ -153,36 +153,7 @@ pub fn run(
         };
         let cpu_before = crate::bench_ingest::cpu_seconds(pid);
         let started = Instant::now();
-        let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let (http, url, admin, next) = (http.clone(), url.clone(), admin.clone(), next.clone());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let r = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if r >= requests {
-                        return anyhow::Ok(());
-                    }
-                    http.post(format!("{url}/v1/events"))
-                        .bearer_auth(&admin)
-                        .header("content-type", "application/cloudevents-batch+json")
-                        .body(body(r))
-                        .send()
-                        .await?
-                        .error_for_status()?;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        loop {
-            let h: serde_json::Value = http.get(format!("{url}/healthz")).send().await?.json().await?;
-            if h["projected"].as_u64() >= h["entries"].as_u64() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        ingest_batches(&http, &url, &admin, clients, requests, body).await?;
         let ingest_seconds = started.elapsed().as_secs_f64();
         let server_cpu_us_per_event =
             (crate::bench_ingest::cpu_seconds(pid) - cpu_before) * 1e6 / events as f64;
@@ -268,4 +239,57 @@ pub fn run(
     })?;
     drop(guard);
     Ok(report)
+}
+
+/// Sends batch `r` of `requests` (`body(r)`, a CloudEvents batch) to the server at
+/// `url` from `clients` concurrent clients, then waits until every entry is projected
+/// (the finance and console benches measure what queries see).
+pub(crate) async fn ingest_batches(
+    http: &reqwest::Client,
+    url: &str,
+    admin: &str,
+    clients: u64,
+    requests: u64,
+    body: impl Fn(u64) -> axum::body::Bytes + Copy + Send + 'static,
+) -> anyhow::Result<()> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, url, admin, next) = (
+            http.clone(),
+            url.to_string(),
+            admin.to_string(),
+            next.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let r = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if r >= requests {
+                    return anyhow::Ok(());
+                }
+                http.post(format!("{url}/v1/events"))
+                    .bearer_auth(&admin)
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .body(body(r))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    loop {
+        let h: serde_json::Value = http
+            .get(format!("{url}/healthz"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if h["projected"].as_u64() >= h["entries"].as_u64() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
