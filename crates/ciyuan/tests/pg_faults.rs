@@ -105,16 +105,7 @@ fn gateway_probe(node: &Server, key: &str, path: &str) -> (u16, Value, Duration)
 #[test]
 fn postgres_restarted_under_load_loses_and_doubles_no_acknowledged_event() {
     let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
-    let url = cluster.database("restart").unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
-    let a = Server::start_with(&a_dir, &["--database", &url]);
-    let root = a.bootstrap.clone().unwrap();
-    std::fs::create_dir_all(&b_dir).unwrap();
-    for f in ["signing.key", "public.key"] {
-        std::fs::copy(a_dir.join(f), b_dir.join(f)).unwrap();
-    }
-    let b = Server::start_with(&b_dir, &["--database", &url]);
+    let (tmp, a, b, root, url) = crate::postgres::two_nodes(&cluster, "restart");
     stdout(&a.cli(&root, &["accounts", "create", "acme/cn"]));
     stdout(&a.cli(&root, &["accounts", "create", "acme/gw"]));
     let key = a.new_key(&root, "acme/cn", "ingest,read");

@@ -220,17 +220,7 @@ fn an_embedded_data_directory_moves_into_postgres_with_the_same_roots() {
 #[test]
 fn two_nodes_append_to_one_verifiable_log_and_see_each_others_entries() {
     let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
-    let url = cluster.database(&unique("two")).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
-    let a = Server::start_with(&a_dir, &["--database", &url]);
-    let root = a.bootstrap.clone().unwrap();
-    // The second node holds a copy of the log's key.
-    std::fs::create_dir_all(&b_dir).unwrap();
-    for f in ["signing.key", "public.key"] {
-        std::fs::copy(a_dir.join(f), b_dir.join(f)).unwrap();
-    }
-    let b = Server::start_with(&b_dir, &["--database", &url]);
+    let (_tmp, a, b, root, url) = two_nodes(&cluster, &unique("two"));
     assert!(b.bootstrap.is_none(), "one bootstrap for the shared store");
     stdout(&a.cli(&root, &["accounts", "create", "acme/cn"]));
     let key = a.new_key(&root, "acme/cn", "ingest,read");
@@ -289,7 +279,7 @@ fn two_nodes_append_to_one_verifiable_log_and_see_each_others_entries() {
 
 /// Two nodes on one fresh database (the second with a copy of the first's signing
 /// key): the temporary directory, the nodes, the bootstrap key and the database's URL.
-fn two_nodes(
+pub(crate) fn two_nodes(
     cluster: &TestCluster,
     name: &str,
 ) -> (tempfile::TempDir, Server, Server, String, String) {
