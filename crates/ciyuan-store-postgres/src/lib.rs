@@ -90,6 +90,8 @@ ALTER TABLE nodes ADD COLUMN paused BIGINT;
     holds::MIGRATION_LEASES,
     // 11: console sessions (`Store::insert_session`).
     store::MIGRATION_SESSIONS,
+    // 12: subtree rollups (`Store::usage_tree`); projections rebuilt from the log.
+    store::MIGRATION_TREES,
 ];
 
 /// The schema version this build writes.

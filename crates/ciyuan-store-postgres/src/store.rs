@@ -13,6 +13,7 @@ use ciyuan_core::{AccountPath, Entry, ExactSum, Scopes};
 use ciyuan_store::{
     Account, Change, CostRow, HourFilter, HourRow, KeyRecord, LineRow, OwnRows, RangeStart,
     Recorded, SessionRecord, Store, StoreError, SubtreeSeek, TierUnits, subtree_seek,
+    tree::TreeFilter,
 };
 use postgres::types::ToSql;
 
@@ -317,6 +318,37 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_expiry ON sessions (expires_at);
 "#;
 
+/// Subtree rollups (each node's whole subtree by UTC hour and day, see
+/// `ciyuan_store::tree`), rebuilt by projecting the log again.
+pub(crate) const MIGRATION_TREES: &str = r#"
+CREATE TABLE usage_tree_hourly (
+    account   TEXT COLLATE "C" NOT NULL,
+    hour      BIGINT NOT NULL,
+    service   TEXT COLLATE "C" NOT NULL,
+    model     TEXT COLLATE "C" NOT NULL,
+    modality  TEXT COLLATE "C" NOT NULL,
+    direction TEXT COLLATE "C" NOT NULL,
+    tokens    NUMERIC(40, 0) NOT NULL,
+    PRIMARY KEY (account, hour, service, model, modality, direction)
+);
+CREATE TABLE usage_tree_daily (LIKE usage_tree_hourly INCLUDING ALL);
+CREATE TABLE cost_tree_hourly (
+    account  TEXT COLLATE "C" NOT NULL,
+    hour     BIGINT NOT NULL,
+    service  TEXT COLLATE "C" NOT NULL,
+    model    TEXT COLLATE "C" NOT NULL,
+    currency TEXT COLLATE "C" NOT NULL,
+    amount   NUMERIC NOT NULL,
+    PRIMARY KEY (account, hour, service, model, currency)
+);
+CREATE TABLE cost_tree_daily (LIKE cost_tree_hourly INCLUDING ALL);
+TRUNCATE accounts, usage_hourly, ingest_index, budgets, access_rules, flagged, incidents,
+    definitions, price_books, contracts, wallet_settings, postings, posting_nodes,
+    cost_hourly, tier_units, cost_lines, cost_lines_daily, statements, service_levels,
+    quality_hours, report_progress;
+UPDATE meta SET value = 0 WHERE name = 'projected_through';
+"#;
+
 /// The store's schema, as a migration of the crate's list.
 pub(crate) const MIGRATION: &str = SCHEMA;
 
@@ -355,6 +387,10 @@ const PROJECTIONS: &[&str] = &[
     "service_levels",
     "quality_hours",
     "report_progress",
+    "usage_tree_hourly",
+    "usage_tree_daily",
+    "cost_tree_hourly",
+    "cost_tree_daily",
 ];
 
 /// Seconds in a UTC day.
@@ -700,6 +736,7 @@ fn write_sums(tx: &mut Tx<'_>, p: &ciyuan_store::Projected<'_>) -> Result<(), St
             &[&a, &h, &s, &m, &c, &amt],
         )?;
     }
+    add_trees(tx, &p.usage_tree, &p.cost_tree)?;
     if !p.tiers.is_empty() {
         let (mut n, mut b, mut r, mut per, mut u) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -755,6 +792,134 @@ fn write_sums(tx: &mut Tx<'_>, p: &ciyuan_store::Projected<'_>) -> Result<(), St
         )?;
     }
     Ok(())
+}
+
+/// Adds to the subtree rollups, hourly and daily: one statement per table.
+fn add_trees(
+    tx: &mut Tx<'_>,
+    usage: &ciyuan_store::tree::TreeUsage<'_>,
+    cost: &ciyuan_store::tree::TreeCost<'_>,
+) -> Result<(), StoreError> {
+    use ciyuan_store::tree::Span;
+    for (span, table) in [
+        (Span::Hour, "usage_tree_hourly"),
+        (Span::Day, "usage_tree_daily"),
+    ] {
+        let (mut a, mut h, mut sv, mut m, mut mo, mut d, mut t) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for (k, tokens) in usage.iter().filter(|(k, _)| k.span == span) {
+            a.push(k.node);
+            h.push(k.start);
+            sv.push(k.service);
+            m.push(k.model);
+            mo.push(k.modality.as_str());
+            d.push(k.direction.as_str());
+            t.push(tokens.to_string());
+        }
+        if a.is_empty() {
+            continue;
+        }
+        exec(
+            tx,
+            &format!(
+                "INSERT INTO {table} (account, hour, service, model, modality, direction, tokens)
+                 SELECT a, h, s, m, mo, d, t::numeric
+                 FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                             $6::text[], $7::text[]) AS x(a, h, s, m, mo, d, t)
+                 ON CONFLICT (account, hour, service, model, modality, direction)
+                 DO UPDATE SET tokens = {table}.tokens + excluded.tokens"
+            ),
+            &[&a, &h, &sv, &m, &mo, &d, &t],
+        )?;
+    }
+    for (span, table) in [
+        (Span::Hour, "cost_tree_hourly"),
+        (Span::Day, "cost_tree_daily"),
+    ] {
+        let (mut a, mut h, mut s, mut m, mut c, mut amt) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for (k, add) in cost.iter().filter(|(k, _)| k.span == span) {
+            a.push(k.node);
+            h.push(k.start);
+            s.push(k.service);
+            m.push(k.model);
+            c.push(k.currency.as_str().to_string());
+            amt.push(amount_text(*add, || {
+                format!("the subtree cost of {}", k.node)
+            })?);
+        }
+        if a.is_empty() {
+            continue;
+        }
+        exec(
+            tx,
+            &format!(
+                "INSERT INTO {table} (account, hour, service, model, currency, amount)
+                 SELECT a, h, s, m, c, x::numeric
+                 FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                             $6::text[]) AS t(a, h, s, m, c, x)
+                 ON CONFLICT (account, hour, service, model, currency)
+                 DO UPDATE SET amount = {table}.amount + excluded.amount"
+            ),
+            &[&a, &h, &s, &m, &c, &amt],
+        )?;
+    }
+    Ok(())
+}
+
+/// The columns [`usage_row`] reads, in its order.
+const USAGE_COLUMNS: &str = "account, hour, service, model, modality, direction, tokens::text";
+/// The columns [`cost_row`] reads, in its order.
+const COST_COLUMNS: &str = "hour, account, service, model, currency, amount::text";
+
+/// A token row read with [`USAGE_COLUMNS`].
+fn usage_row(r: &postgres::Row) -> Result<HourRow, StoreError> {
+    let modality: &str = r.get(4);
+    let direction: &str = r.get(5);
+    let tokens: &str = r.get(6);
+    Ok(HourRow {
+        account: parse_path(r.get(0))?,
+        hour: r.get(1),
+        service: r.get(2),
+        model: r.get(3),
+        modality: modality
+            .parse()
+            .map_err(|e: ciyuan_core::TokenError| StoreError::Corrupt(e.to_string()))?,
+        direction: direction
+            .parse()
+            .map_err(|e: ciyuan_core::TokenError| StoreError::Corrupt(e.to_string()))?,
+        tokens: tokens
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("stored token sum {tokens:?}: {e}")))?,
+    })
+}
+
+/// A cost row read with [`COST_COLUMNS`].
+fn cost_row(r: &postgres::Row) -> Result<CostRow, StoreError> {
+    let currency: &str = r.get(4);
+    Ok(CostRow {
+        hour: r.get(0),
+        account: parse_path(r.get(1))?,
+        service: r.get(2),
+        model: r.get(3),
+        currency: currency
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
+        amount: parse_amount(r.get(5))?,
+    })
 }
 
 fn key_from_row(r: &postgres::Row) -> Result<KeyRecord, StoreError> {
@@ -853,6 +1018,77 @@ impl Inner {
 
     fn query(&self, sql: &str, p: &[String]) -> Result<Vec<postgres::Row>, StoreError> {
         self.conn()?.query(sql, &params(p)).map_err(backend)
+    }
+
+    /// The rows of the `what` (`usage` or `cost`) subtree rollups `filter` names, in
+    /// one statement: per node, one range of hours or days for each stretch of the
+    /// filter's range, and with [`Subtrees::ChildrenOf`] the node's own hourly rows.
+    fn tree_rows(
+        &self,
+        filter: &TreeFilter,
+        what: &str,
+        columns: &str,
+    ) -> Result<Vec<postgres::Row>, StoreError> {
+        use ciyuan_store::tree::{Span, Subtrees};
+        /// Binds `v` as the next value; its placeholder.
+        fn bind(args: &mut Vec<String>, v: String) -> String {
+            args.push(v);
+            format!("${}", args.len())
+        }
+        fn range(args: &mut Vec<String>, from: Option<i64>, to: Option<i64>) -> String {
+            let mut sql = String::new();
+            if let Some(from) = from {
+                let p = bind(args, from.to_string());
+                sql.push_str(&format!(" AND hour >= {p}::text::bigint"));
+            }
+            if let Some(to) = to {
+                let p = bind(args, to.to_string());
+                sql.push_str(&format!(" AND hour < {p}::text::bigint"));
+            }
+            sql
+        }
+        let mut args: Vec<String> = Vec::new();
+        // The nodes: the one asked about, or its children (from the accounts).
+        let (nodes, own) = match &filter.subtrees {
+            Subtrees::Of(node) => {
+                let p = bind(&mut args, node.as_str().to_string());
+                (format!("SELECT {p}::text AS node"), None)
+            }
+            Subtrees::ChildrenOf(node) => {
+                // A child is in the subtree and has one more segment than the node.
+                let (cond, values) = subtree("path", node, args.len() + 1);
+                args.extend(values);
+                let depth = bind(&mut args, (node.depth() + 1).to_string());
+                (
+                    format!(
+                        "SELECT path AS node FROM accounts WHERE {cond} AND path <> ''
+                         AND array_length(string_to_array(path, '/'), 1) = {depth}::text::int"
+                    ),
+                    Some(node),
+                )
+            }
+        };
+        let mut parts = Vec::new();
+        for stretch in filter.stretches() {
+            let table = match stretch.span {
+                Span::Hour => "hourly",
+                Span::Day => "daily",
+            };
+            let range = range(&mut args, stretch.from, stretch.to);
+            parts.push(format!(
+                "SELECT {columns} FROM {what}_tree_{table}
+                 WHERE account IN (SELECT node FROM nodes){range}"
+            ));
+        }
+        if let Some(node) = own {
+            let p = bind(&mut args, node.as_str().to_string());
+            let range = range(&mut args, filter.from_hour, filter.to_hour);
+            parts.push(format!(
+                "SELECT {columns} FROM {what}_hourly WHERE account = {p}{range}"
+            ));
+        }
+        let sql = format!("WITH nodes AS ({nodes}) {}", parts.join(" UNION ALL "));
+        self.query(&sql, &args)
     }
 
     fn hour_rows(
@@ -1275,7 +1511,7 @@ impl Store for Inner {
 
     fn cost_hours(&self, filter: &HourFilter) -> Result<Vec<CostRow>, StoreError> {
         self.hour_rows(
-            "hour, account, service, model, currency, amount::text",
+            COST_COLUMNS,
             "cost_hourly",
             filter,
             filter.from_hour,
@@ -1283,19 +1519,7 @@ impl Store for Inner {
             "hour, account, service, model, currency",
         )?
         .iter()
-        .map(|r| {
-            let currency: &str = r.get(4);
-            Ok(CostRow {
-                hour: r.get(0),
-                account: parse_path(r.get(1))?,
-                service: r.get(2),
-                model: r.get(3),
-                currency: currency
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
-                amount: parse_amount(r.get(5))?,
-            })
-        })
+        .map(cost_row)
         .collect()
     }
 
@@ -1463,7 +1687,7 @@ impl Store for Inner {
 
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
         self.hour_rows(
-            "account, hour, service, model, modality, direction, tokens::text",
+            USAGE_COLUMNS,
             "usage_hourly",
             filter,
             filter.from_hour,
@@ -1471,31 +1695,34 @@ impl Store for Inner {
             "account, hour, service, model, modality, direction",
         )?
         .iter()
-        .map(|r| {
-            let modality: &str = r.get(4);
-            let direction: &str = r.get(5);
-            let tokens: &str = r.get(6);
-            Ok(HourRow {
-                account: parse_path(r.get(0))?,
-                hour: r.get(1),
-                service: r.get(2),
-                model: r.get(3),
-                modality: modality
-                    .parse()
-                    .map_err(|e: ciyuan_core::TokenError| StoreError::Corrupt(e.to_string()))?,
-                direction: direction
-                    .parse()
-                    .map_err(|e: ciyuan_core::TokenError| StoreError::Corrupt(e.to_string()))?,
-                tokens: tokens.parse().map_err(|e| {
-                    StoreError::Corrupt(format!("stored token sum {tokens:?}: {e}"))
-                })?,
-            })
-        })
+        .map(usage_row)
         .collect()
+    }
+
+    fn usage_tree(&self, filter: &TreeFilter) -> Result<Vec<HourRow>, StoreError> {
+        self.tree_rows(filter, "usage", USAGE_COLUMNS)?
+            .iter()
+            .map(usage_row)
+            .collect()
+    }
+
+    fn cost_tree(&self, filter: &TreeFilter) -> Result<Vec<CostRow>, StoreError> {
+        self.tree_rows(filter, "cost", COST_COLUMNS)?
+            .iter()
+            .map(cost_row)
+            .collect()
     }
 }
 
 impl Store for PgStore {
+    fn usage_tree(&self, filter: &TreeFilter) -> Result<Vec<HourRow>, StoreError> {
+        crate::off_runtime(|| self.inner.usage_tree(filter))
+    }
+
+    fn cost_tree(&self, filter: &TreeFilter) -> Result<Vec<CostRow>, StoreError> {
+        crate::off_runtime(|| self.inner.cost_tree(filter))
+    }
+
     fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError> {
         crate::off_runtime(|| self.inner.report_progress())
     }

@@ -12,6 +12,7 @@ use ciyuan_core::{AccountPath, Entry, Scopes};
 use ciyuan_store::{
     Account, Change, HourFilter, HourRow, KeyRecord, OwnRows, RangeStart, Recorded, SessionRecord,
     Store, StoreError, SubtreeSeek, subtree_seek,
+    tree::{Span, Subtrees, TreeFilter},
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
@@ -285,6 +286,102 @@ CREATE TABLE sessions (
 ) WITHOUT ROWID;
 CREATE INDEX sessions_expiry ON sessions (expires_at);
 "#,
+    // 13: subtree rollups (each node's whole subtree by UTC hour and day), so a node's
+    // month is read from its own rows, not summed over every descendant's. Rebuilt by
+    // projecting the log again.
+    r#"
+CREATE TABLE usage_tree_hourly (
+    account   TEXT NOT NULL,
+    hour      INTEGER NOT NULL,
+    service   TEXT NOT NULL,
+    model     TEXT NOT NULL,
+    modality  TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    hi        INTEGER NOT NULL CHECK (typeof(hi) = 'integer'),
+    lo        INTEGER NOT NULL CHECK (typeof(lo) = 'integer' AND lo >= 0 AND lo < 4611686018427387904),
+    PRIMARY KEY (account, hour, service, model, modality, direction)
+) WITHOUT ROWID;
+CREATE TABLE usage_tree_daily (
+    account   TEXT NOT NULL,
+    hour      INTEGER NOT NULL,
+    service   TEXT NOT NULL,
+    model     TEXT NOT NULL,
+    modality  TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    hi        INTEGER NOT NULL CHECK (typeof(hi) = 'integer'),
+    lo        INTEGER NOT NULL CHECK (typeof(lo) = 'integer' AND lo >= 0 AND lo < 4611686018427387904),
+    PRIMARY KEY (account, hour, service, model, modality, direction)
+) WITHOUT ROWID;
+CREATE TABLE cost_tree_hourly (
+    account  TEXT NOT NULL,
+    hour     INTEGER NOT NULL,
+    service  TEXT NOT NULL,
+    model    TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    amount   TEXT NOT NULL,
+    PRIMARY KEY (account, hour, service, model, currency)
+) WITHOUT ROWID;
+CREATE TABLE cost_tree_daily (
+    account  TEXT NOT NULL,
+    hour     INTEGER NOT NULL,
+    service  TEXT NOT NULL,
+    model    TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    amount   TEXT NOT NULL,
+    PRIMARY KEY (account, hour, service, model, currency)
+) WITHOUT ROWID;
+DELETE FROM accounts;
+DELETE FROM usage_hourly;
+DELETE FROM ingest_index;
+DELETE FROM budgets;
+DELETE FROM access_rules;
+DELETE FROM flagged;
+DELETE FROM incidents;
+DELETE FROM definitions;
+DELETE FROM price_books;
+DELETE FROM contracts;
+DELETE FROM wallet_settings;
+DELETE FROM postings;
+DELETE FROM posting_nodes;
+DELETE FROM cost_hourly;
+DELETE FROM tier_units;
+DELETE FROM cost_lines;
+DELETE FROM cost_lines_daily;
+DELETE FROM statements;
+DELETE FROM service_levels;
+DELETE FROM quality_hours;
+DELETE FROM report_progress;
+UPDATE meta SET value = 0 WHERE name = 'projected_through';
+"#,
+];
+
+/// Every projection table, cleared by a reset (keys and sessions are kept).
+const PROJECTIONS: &[&str] = &[
+    "accounts",
+    "usage_hourly",
+    "ingest_index",
+    "budgets",
+    "access_rules",
+    "flagged",
+    "incidents",
+    "definitions",
+    "price_books",
+    "contracts",
+    "wallet_settings",
+    "postings",
+    "posting_nodes",
+    "cost_hourly",
+    "tier_units",
+    "cost_lines",
+    "cost_lines_daily",
+    "statements",
+    "service_levels",
+    "quality_hours",
+    "report_progress",
+    "usage_tree_hourly",
+    "usage_tree_daily",
+    "cost_tree_hourly",
+    "cost_tree_daily",
 ];
 
 /// A token sum as stored: `hi * 2^62 + lo`, `0 <= lo < 2^62`. Sums of the ledger's
@@ -323,6 +420,69 @@ fn backend(e: rusqlite::Error) -> StoreError {
 }
 
 impl SqliteStore {
+    /// Runs `run` on each query that together read what `filter` asks of the `what`
+    /// (`usage` or `cost`) subtree rollups: per node, one range of hours or days for
+    /// each stretch of the filter's range, and with [`Subtrees::ChildrenOf`] the
+    /// node's own hourly rows.
+    fn each_tree_query(
+        &self,
+        conn: &Connection,
+        filter: &TreeFilter,
+        what: &str,
+        run: &mut dyn FnMut(&str, Vec<String>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let columns = if what == "usage" {
+            USAGE_COLUMNS
+        } else {
+            COST_COLUMNS
+        };
+        let (nodes, own) = match &filter.subtrees {
+            Subtrees::Of(node) => (vec![node.clone()], None),
+            Subtrees::ChildrenOf(node) => {
+                let (cond, args) = subtree("path", node);
+                let mut stmt = conn
+                    .prepare_cached(&format!("SELECT path FROM accounts WHERE {cond}"))
+                    .map_err(backend)?;
+                let paths = stmt
+                    .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))
+                    .map_err(backend)?
+                    .map(|p| parse_path(&p.map_err(backend)?))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let children = ciyuan_store::tree::children_of(node, &paths)
+                    .into_iter()
+                    .cloned()
+                    .collect();
+                (children, Some(node))
+            }
+        };
+        let stretches = filter.stretches();
+        for node in &nodes {
+            for stretch in &stretches {
+                let table = match stretch.span {
+                    Span::Hour => "hourly",
+                    Span::Day => "daily",
+                };
+                let (range, mut more) = hour_range(stretch.from, stretch.to);
+                let mut args = vec![node.as_str().to_string()];
+                args.append(&mut more);
+                run(
+                    &format!("{columns} FROM {what}_tree_{table} WHERE account = ?{range}"),
+                    args,
+                )?;
+            }
+        }
+        if let Some(node) = own {
+            let (range, mut more) = hour_range(filter.from_hour, filter.to_hour);
+            let mut args = vec![node.as_str().to_string()];
+            args.append(&mut more);
+            run(
+                &format!("{columns} FROM {what}_hourly WHERE account = ?{range}"),
+                args,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Opens (creating and migrating as needed) the database at `path`.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path).map_err(backend)?;
@@ -923,6 +1083,86 @@ fn add_costs(
     Ok(())
 }
 
+/// Adds to the subtree rollups, hourly and daily, each table's rows in its key order.
+fn add_trees(
+    tx: &rusqlite::Transaction<'_>,
+    usage: &ciyuan_store::tree::TreeUsage<'_>,
+    cost: &ciyuan_store::tree::TreeCost<'_>,
+) -> Result<(), StoreError> {
+    use ciyuan_store::tree::Span;
+    let table = |span: Span, what: &str| match span {
+        Span::Hour => format!("{what}_tree_hourly"),
+        Span::Day => format!("{what}_tree_daily"),
+    };
+    let mut rows: Vec<_> = usage.iter().collect();
+    rows.sort_unstable_by_key(|(k, _)| {
+        (
+            k.span,
+            k.node,
+            k.start,
+            k.service,
+            k.model,
+            k.modality.as_str(),
+            k.direction.as_str(),
+        )
+    });
+    for (k, tokens) in rows {
+        let (hi, lo) = split_sum(*tokens)?;
+        tx.prepare_cached(&format!(
+            "INSERT INTO {} (account, hour, service, model, modality, direction, hi, lo)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (account, hour, service, model, modality, direction)
+             DO UPDATE SET hi = hi + excluded.hi + ((lo + excluded.lo) >> 62),
+                           lo = (lo + excluded.lo) & 4611686018427387903",
+            table(k.span, "usage")
+        ))
+        .map_err(backend)?
+        .execute(params![
+            k.node,
+            k.start,
+            k.service,
+            k.model,
+            k.modality.as_str(),
+            k.direction.as_str(),
+            hi,
+            lo
+        ])
+        .map_err(backend)?;
+    }
+    let mut rows: Vec<_> = cost.iter().collect();
+    rows.sort_unstable_by_key(|(k, _)| {
+        (
+            k.span,
+            k.node,
+            k.start,
+            k.service,
+            k.model,
+            k.currency.as_str(),
+        )
+    });
+    for (k, add) in rows {
+        let text = amount_text(*add, || format!("the subtree cost of {}", k.node))?;
+        tx.prepare_cached(&format!(
+            "INSERT INTO {} (account, hour, service, model, currency, amount)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (account, hour, service, model, currency)
+             DO UPDATE SET amount = dec_add(amount, excluded.amount)",
+            table(k.span, "cost")
+        ))
+        .map_err(backend)?
+        .execute(params![
+            k.node,
+            k.start,
+            k.service,
+            k.model,
+            k.currency.as_str(),
+            text
+        ])
+        .map_err(backend)?;
+    }
+    Ok(())
+}
+
 /// A sum as the decimal text a rollup stores; a sum that needs more than 28 digits is
 /// an error naming `what`, never a rounded value.
 fn amount_text(
@@ -1163,6 +1403,7 @@ impl Store for SqliteStore {
             }
         }
         add_costs(&tx, &projected.cost)?;
+        add_trees(&tx, &projected.usage_tree, &projected.cost_tree)?;
         add_tier_units(&tx, &projected.tiers)?;
         add_cost_lines(&tx, &projected.lines)?;
         add_quality_hours(&tx, &projected.quality_hours)?;
@@ -1175,34 +1416,18 @@ impl Store for SqliteStore {
     }
 
     fn reset_projections(&self) -> Result<(), StoreError> {
-        self.conn()
-            .execute_batch(
-                "BEGIN;
-                 DELETE FROM accounts;
-                 DELETE FROM usage_hourly;
-                 DELETE FROM ingest_index;
-                 DELETE FROM budgets;
-                 DELETE FROM access_rules;
-                 DELETE FROM flagged;
-                 DELETE FROM incidents;
-                 DELETE FROM definitions;
-                 DELETE FROM price_books;
-                 DELETE FROM contracts;
-                 DELETE FROM wallet_settings;
-                 DELETE FROM postings;
-                 DELETE FROM posting_nodes;
-                 DELETE FROM cost_hourly;
-                 DELETE FROM tier_units;
-                 DELETE FROM cost_lines;
-                 DELETE FROM cost_lines_daily;
-                 DELETE FROM statements;
-                 DELETE FROM service_levels;
-                 DELETE FROM quality_hours;
-                 DELETE FROM report_progress;
-                 UPDATE meta SET value = 0 WHERE name = 'projected_through';
-                 COMMIT;",
-            )
-            .map_err(backend)
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        for table in PROJECTIONS {
+            tx.execute(&format!("DELETE FROM {table}"), [])
+                .map_err(backend)?;
+        }
+        tx.execute(
+            "UPDATE meta SET value = 0 WHERE name = 'projected_through'",
+            [],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)
     }
 
     fn account(&self, path: &AccountPath) -> Result<Option<Account>, StoreError> {
@@ -1532,39 +1757,15 @@ impl Store for SqliteStore {
     }
 
     fn cost_hours(&self, filter: &HourFilter) -> Result<Vec<ciyuan_store::CostRow>, StoreError> {
-        let (cond, mut args) = subtree("account", &filter.account);
-        let mut sql = format!(
-            "SELECT hour, account, service, model, currency, amount FROM cost_hourly WHERE {cond}"
-        );
-        if let Some(from) = filter.from_hour {
-            sql.push_str(" AND hour >= ?");
-            args.push(from.to_string());
-        }
-        if let Some(to) = filter.to_hour {
-            sql.push_str(" AND hour < ?");
-            args.push(to.to_string());
-        }
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&sql).map_err(backend)?;
-        let mut rows = stmt
-            .query(rusqlite::params_from_iter(args))
-            .map_err(backend)?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next().map_err(backend)? {
-            let currency: String = r.get(4).map_err(backend)?;
-            let amount: String = r.get(5).map_err(backend)?;
-            out.push(ciyuan_store::CostRow {
-                hour: r.get(0).map_err(backend)?,
-                account: parse_path(&r.get::<_, String>(1).map_err(backend)?)?,
-                service: r.get(2).map_err(backend)?,
-                model: r.get(3).map_err(backend)?,
-                currency: currency
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
-                amount: parse_amount(&amount)?,
-            });
-        }
-        Ok(out)
+        let (cond, args) = subtree("account", &filter.account);
+        let (range, mut more) = hour_range(filter.from_hour, filter.to_hour);
+        let mut args = args;
+        args.append(&mut more);
+        cost_rows(
+            &self.conn(),
+            &format!("{COST_COLUMNS} FROM cost_hourly WHERE {cond}{range}"),
+            args,
+        )
     }
 
     fn statements(
@@ -1769,53 +1970,120 @@ impl Store for SqliteStore {
 
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
         let (cond, mut args) = subtree("account", &filter.account);
-        let mut sql = format!(
-            "SELECT account, hour, service, model, modality, direction, hi, lo
-             FROM usage_hourly WHERE {cond}"
-        );
-        if let Some(from) = filter.from_hour {
-            sql.push_str(" AND hour >= ?");
-            args.push(from.to_string());
-        }
-        if let Some(to) = filter.to_hour {
-            sql.push_str(" AND hour < ?");
-            args.push(to.to_string());
-        }
-        sql.push_str(" ORDER BY account, hour, service, model, modality, direction");
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&sql).map_err(backend)?;
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    join_sum(r.get(6)?, r.get(7)?),
-                ))
-            })
-            .map_err(backend)?;
-        rows.map(|r| {
-            let (account, hour, service, model, modality, direction, tokens) =
-                r.map_err(backend)?;
-            Ok(HourRow {
-                hour,
-                account: parse_path(&account)?,
-                service,
-                model,
-                modality: modality
-                    .parse()
-                    .map_err(|e: ciyuan_core::TokenError| StoreError::Corrupt(e.to_string()))?,
-                direction: direction
-                    .parse()
-                    .map_err(|e: ciyuan_core::TokenError| StoreError::Corrupt(e.to_string()))?,
-                tokens,
-            })
-        })
-        .collect()
+        let (range, mut more) = hour_range(filter.from_hour, filter.to_hour);
+        args.append(&mut more);
+        usage_rows(
+            &self.conn(),
+            &format!(
+                "{USAGE_COLUMNS} FROM usage_hourly WHERE {cond}{range}
+                 ORDER BY account, hour, service, model, modality, direction"
+            ),
+            args,
+        )
     }
+
+    fn usage_tree(&self, filter: &TreeFilter) -> Result<Vec<HourRow>, StoreError> {
+        let conn = self.conn();
+        let mut out = Vec::new();
+        self.each_tree_query(&conn, filter, "usage", &mut |sql, args| {
+            out.extend(usage_rows(&conn, sql, args)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn cost_tree(&self, filter: &TreeFilter) -> Result<Vec<ciyuan_store::CostRow>, StoreError> {
+        let conn = self.conn();
+        let mut out = Vec::new();
+        self.each_tree_query(&conn, filter, "cost", &mut |sql, args| {
+            out.extend(cost_rows(&conn, sql, args)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+/// The columns [`usage_rows`] reads, in its order.
+const USAGE_COLUMNS: &str = "SELECT account, hour, service, model, modality, direction, hi, lo";
+/// The columns [`cost_rows`] reads, in its order.
+const COST_COLUMNS: &str = "SELECT hour, account, service, model, currency, amount";
+
+/// ` AND hour >= ? AND hour < ?` for the bounds given, with their values.
+fn hour_range(from: Option<i64>, to: Option<i64>) -> (String, Vec<String>) {
+    let mut sql = String::new();
+    let mut args = Vec::new();
+    if let Some(from) = from {
+        sql.push_str(" AND hour >= ?");
+        args.push(from.to_string());
+    }
+    if let Some(to) = to {
+        sql.push_str(" AND hour < ?");
+        args.push(to.to_string());
+    }
+    (sql, args)
+}
+
+/// Token rows selected by `sql` (starting with [`USAGE_COLUMNS`]).
+fn usage_rows(conn: &Connection, sql: &str, args: Vec<String>) -> Result<Vec<HourRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(args.iter()))
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(backend)? {
+        let text = |i: usize| -> Result<&str, StoreError> {
+            r.get_ref(i)
+                .map_err(backend)?
+                .as_str()
+                .map_err(|e| StoreError::Corrupt(format!("stored text: {e}")))
+        };
+        out.push(HourRow {
+            account: parse_path(text(0)?)?,
+            hour: r.get(1).map_err(backend)?,
+            service: text(2)?.to_string(),
+            model: text(3)?.to_string(),
+            modality: text(4)?
+                .parse()
+                .map_err(|e: ciyuan_core::TokenError| StoreError::Corrupt(e.to_string()))?,
+            direction: text(5)?
+                .parse()
+                .map_err(|e: ciyuan_core::TokenError| StoreError::Corrupt(e.to_string()))?,
+            tokens: join_sum(r.get(6).map_err(backend)?, r.get(7).map_err(backend)?),
+        });
+    }
+    Ok(out)
+}
+
+/// Cost rows selected by `sql` (starting with [`COST_COLUMNS`]).
+fn cost_rows(
+    conn: &Connection,
+    sql: &str,
+    args: Vec<String>,
+) -> Result<Vec<ciyuan_store::CostRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(args))
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(backend)? {
+        let text = |i: usize| -> Result<&str, StoreError> {
+            r.get_ref(i)
+                .map_err(backend)?
+                .as_str()
+                .map_err(|e| StoreError::Corrupt(format!("stored text: {e}")))
+        };
+        out.push(ciyuan_store::CostRow {
+            hour: r.get(0).map_err(backend)?,
+            account: parse_path(text(1)?)?,
+            service: text(2)?.to_string(),
+            model: text(3)?.to_string(),
+            currency: text(4)?
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
+            amount: parse_amount(text(5)?)?,
+        });
+    }
+    Ok(out)
 }
 
 /// Rows per `INSERT` of the ingest index: one statement step for many rows costs far

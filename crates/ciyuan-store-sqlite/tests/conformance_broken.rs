@@ -181,6 +181,18 @@ impl Store for BrokenAfterReset {
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
         self.inner.usage_hours(filter)
     }
+    fn usage_tree(
+        &self,
+        filter: &ciyuan_store::tree::TreeFilter,
+    ) -> Result<Vec<HourRow>, StoreError> {
+        self.inner.usage_tree(filter)
+    }
+    fn cost_tree(
+        &self,
+        filter: &ciyuan_store::tree::TreeFilter,
+    ) -> Result<Vec<ciyuan_store::CostRow>, StoreError> {
+        self.inner.cost_tree(filter)
+    }
     fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError> {
         self.broken()?;
         self.inner.report_progress()

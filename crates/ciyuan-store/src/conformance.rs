@@ -78,6 +78,188 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     money_books_contracts_postings_and_exact_costs(make().as_ref());
     service_levels_quality_hours_and_credit_lines(make().as_ref());
     report_progress_is_the_latest_scheduled_period(make().as_ref());
+    subtree_rollups_equal_the_exact_rows(make().as_ref());
+}
+
+/// The subtree rollups answer as summing the exact rows would, for every node, range
+/// and cut into days: tokens and costs, each node's subtree, each child's and the
+/// node's own, hour by hour, across applies that add to rows already written.
+fn subtree_rollups_equal_the_exact_rows(s: &dyn Store) {
+    use crate::tree::{Subtrees, TreeFilter};
+    use crate::{CostRow, HourRow};
+    use ciyuan_core::{Currency, ExactSum, Rating};
+    use std::collections::BTreeMap;
+    let nodes = ["acme", "acme/cn", "acme/cn/hr", "acme/us", "beta", "beta/x"];
+    ok(s.apply(0, &nodes.map(created)), "apply (accounts)");
+    let start = ts("2026-11-01T22:00:00Z").as_second();
+    let cny: Currency = ok("CNY".parse(), "currency");
+    // A fixed pseudo-random spread over four days, six nodes and two models.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut entries = Vec::new();
+    for i in 0..400u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let node = nodes[(x % nodes.len() as u64) as usize];
+        let at = start + ((x >> 8) % (4 * 86_400)) as i64;
+        let at = ok(Timestamp::from_second(at), "timestamp").to_string();
+        let model = if (x >> 40) % 2 == 0 { "m1" } else { "m2" };
+        let mut e = usage(node, &at, model, 1 + ((x >> 20) % 1000) as i64);
+        if i % 3 != 0
+            && let EntryBody::Usage(u) = &mut e.body
+        {
+            u.rating = Some(Box::new(Rating {
+                amount: rust_decimal::Decimal::new(((x >> 30) % 100_000) as i64 - 20_000, 6),
+                currency: cny,
+                book: "list".into(),
+                version: 1,
+                lines: vec![],
+                contract: None,
+                discount_percent: None,
+                markup_percent: None,
+                unpriced: false,
+                missing: vec![],
+                basis: None,
+                place: None,
+            }));
+        }
+        entries.push(e);
+    }
+    let at = nodes.len() as u64;
+    ok(s.apply(at, &entries[..150]), "apply");
+    ok(s.apply(at + 150, &entries[150..]), "apply");
+
+    type Key = (String, Option<i64>, String, String, String);
+    fn tokens(
+        rows: &[HourRow],
+        by_hour: bool,
+        name: impl Fn(&AccountPath) -> Option<String>,
+    ) -> BTreeMap<Key, i128> {
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let Some(n) = name(&r.account) else { continue };
+            let key = (
+                n,
+                by_hour.then_some(r.hour),
+                r.model.clone(),
+                r.modality.to_string(),
+                r.direction.to_string(),
+            );
+            *out.entry(key).or_insert(0) += r.tokens;
+        }
+        out.retain(|_, v| *v != 0);
+        out
+    }
+    fn costs(
+        rows: &[CostRow],
+        by_hour: bool,
+        name: impl Fn(&AccountPath) -> Option<String>,
+    ) -> BTreeMap<Key, ExactSum> {
+        let mut out: BTreeMap<Key, ExactSum> = BTreeMap::new();
+        for r in rows {
+            let Some(n) = name(&r.account) else { continue };
+            let key = (
+                n,
+                by_hour.then_some(r.hour),
+                r.model.clone(),
+                r.currency.to_string(),
+                String::new(),
+            );
+            let slot = out.entry(key).or_insert(ExactSum::ZERO);
+            *slot = ok(slot.checked_add(r.amount).ok_or("overflow"), "cost sum");
+        }
+        out.retain(|_, v| !v.is_zero());
+        out
+    }
+    let hour = |t: &str| ts(t).as_second();
+    let ranges = [
+        (None, None),
+        (
+            Some(hour("2026-11-02T05:00:00Z")),
+            Some(hour("2026-11-04T07:00:00Z")),
+        ),
+        (
+            Some(hour("2026-11-02T00:00:00Z")),
+            Some(hour("2026-11-04T00:00:00Z")),
+        ),
+        (Some(hour("2026-11-03T13:00:00Z")), None),
+        (None, Some(hour("2026-11-03T01:00:00Z"))),
+        (
+            Some(hour("2026-11-03T01:00:00Z")),
+            Some(hour("2026-11-03T04:00:00Z")),
+        ),
+    ];
+    let mut compared = 0;
+    for node in ["/", "acme", "acme/cn", "acme/cn/hr", "beta"] {
+        let node = path(node);
+        for (from_hour, to_hour) in ranges {
+            let exact = HourFilter {
+                account: node.clone(),
+                from_hour,
+                to_hour,
+            };
+            let rows = ok(s.usage_hours(&exact), "usage_hours()");
+            let cost_rows = ok(s.cost_hours(&exact), "cost_hours()");
+            for days in [false, true] {
+                let by_hour = !days;
+                let of = TreeFilter {
+                    subtrees: Subtrees::Of(node.clone()),
+                    from_hour,
+                    to_hour,
+                    days,
+                };
+                let got = ok(s.usage_tree(&of), "usage_tree()");
+                assert!(
+                    got.iter().all(|r| r.account == node),
+                    "usage_tree({of:?}) names another node"
+                );
+                let whole = |_: &AccountPath| Some(node.to_string());
+                assert_eq!(
+                    tokens(&got, by_hour, whole),
+                    tokens(&rows, by_hour, whole),
+                    "usage_tree({of:?})"
+                );
+                let got = ok(s.cost_tree(&of), "cost_tree()");
+                assert_eq!(
+                    costs(&got, by_hour, whole),
+                    costs(&cost_rows, by_hour, whole),
+                    "cost_tree({of:?})"
+                );
+
+                // Each child's subtree under the child's name, the node's own under its.
+                let share = |a: &AccountPath| {
+                    if *a == node {
+                        return Some(node.to_string());
+                    }
+                    let depth = node.depth() + 1;
+                    let child: Vec<&str> = a.segments().take(depth).collect();
+                    (a.depth() >= depth).then(|| child.join("/"))
+                };
+                let children = TreeFilter {
+                    subtrees: Subtrees::ChildrenOf(node.clone()),
+                    from_hour,
+                    to_hour,
+                    days,
+                };
+                let got = ok(s.usage_tree(&children), "usage_tree()");
+                let want = tokens(&rows, by_hour, share);
+                assert_eq!(
+                    tokens(&got, by_hour, |a| Some(a.to_string())),
+                    want,
+                    "usage_tree({children:?})"
+                );
+                let got = ok(s.cost_tree(&children), "cost_tree()");
+                assert_eq!(
+                    costs(&got, by_hour, |a| Some(a.to_string())),
+                    costs(&cost_rows, by_hour, share),
+                    "cost_tree({children:?})"
+                );
+                compared += want.len();
+            }
+        }
+    }
+    // The checks compared something: a store answering nothing would pass otherwise.
+    assert!(compared > 500, "only {compared} sums compared");
 }
 
 /// Where each hour's gateway requests lie in the log (merged across applies), service

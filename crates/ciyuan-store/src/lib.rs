@@ -15,6 +15,7 @@ use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, Modality, Scopes};
 
 mod log;
 mod projection;
+pub mod tree;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, EntryKey, Log, LogError, ScanFn, SignedCheckpoint};
 pub use projection::{
@@ -741,6 +742,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Hourly rollup rows of a subtree, summed over equal keys.
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
+
+    /// Token rows of the subtree rollups `filter` names (see [`tree::TreeFilter`]):
+    /// each row a whole subtree's sum for one hour (or, with `days`, one UTC day
+    /// stamped at its start) and key, its `account` the subtree's node. With
+    /// [`tree::Subtrees::ChildrenOf`], also the node's own hourly rows (not its
+    /// children's), under its own name.
+    fn usage_tree(&self, filter: &tree::TreeFilter) -> Result<Vec<HourRow>, StoreError>;
+
+    /// Cost rows of the subtree rollups `filter` names, as [`Store::usage_tree`].
+    fn cost_tree(&self, filter: &tree::TreeFilter) -> Result<Vec<CostRow>, StoreError>;
 
     /// Every scheduled report's progress: per report name, the delivery of the latest
     /// period its schedule delivered (`report.delivered` entries with `manual` false;

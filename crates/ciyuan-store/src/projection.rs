@@ -301,6 +301,11 @@ pub struct Projected<'a> {
     /// requests lie in the log, so service levels and quality reports read only that
     /// range.
     pub quality_hours: QualityHours,
+    /// `usage` added to the hour and day of every subtree holding it (see
+    /// [`crate::tree`]).
+    pub usage_tree: crate::tree::TreeUsage<'a>,
+    /// `cost` added to the hour and day of every subtree holding it.
+    pub cost_tree: crate::tree::TreeCost<'a>,
 }
 
 /// Per UTC hour, the first and last index of the entries with a quality record.
@@ -459,6 +464,8 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
         tiers: FxHashMap::default(),
         lines: FxHashMap::default(),
         quality_hours: FxHashMap::default(),
+        usage_tree: FxHashMap::default(),
+        cost_tree: FxHashMap::default(),
     };
     for (i, entry) in parts.iter().flat_map(|p| p.iter()).enumerate() {
         let index = start + i as u64;
@@ -714,6 +721,8 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
             })?;
         }
     }
+    out.usage_tree = crate::tree::tree_usage(&out.usage)?;
+    out.cost_tree = crate::tree::tree_cost(&out.cost)?;
     Ok(out)
 }
 
