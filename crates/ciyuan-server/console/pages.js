@@ -137,7 +137,8 @@ async function overview({ who, params }) {
   const [todayU, monthU, byAccount, byModel, byService, incidents, budgets, wallets] = await Promise.all([
     api("GET", usageUrl({ account: node, from: todayFrom, with: "cost", tz })),
     api("GET", usageUrl({ account: node, from: monthFrom, with: "cost", tz })),
-    api("GET", usageUrl({ account: node, from: monthFrom, group_by: "account", with: "cost", tz })),
+    // The children's subtrees (and the node's own usage): one rollup row each.
+    api("GET", usageUrl({ account: node, from: monthFrom, group_by: "child", with: "cost", tz })),
     api("GET", usageUrl({ account: node, from: monthFrom, group_by: "model", with: "cost", tz })),
     api("GET", usageUrl({ account: node, from: monthFrom, group_by: "service", with: "cost", tz })),
     api("GET", `/api/v1/incidents?account=${encodeURIComponent(node)}&limit=10`),
@@ -202,8 +203,9 @@ async function accounts({ who, params }) {
   const depth = (p) => (p === "/" ? 0 : p.split("/").length);
   const children = under.accounts.filter((a) => a.path !== node && depth(a.path) === depth(node) + 1);
   const monthFrom = dayStart(`${ymd(new Date(), tz).slice(0, 7)}-01`, tz);
-  const usage = await api("GET", usageUrl({ account: node, from: monthFrom, group_by: "account", with: "cost", tz }));
-  // Roll-ups: each child's subtree, summed from the rows of its nodes.
+  const usage = await api("GET", usageUrl({ account: node, from: monthFrom, group_by: "child", with: "cost", tz }));
+  // Each child's subtree is one row (its rollup); the node's own usage is the row
+  // under its own name.
   const roll = new Map(children.map((c) => [c.path, { total: 0n, cost: {} }]));
   let own = { total: 0n, cost: {} };
   for (const r of usage.rows) {
@@ -287,7 +289,8 @@ async function usage({ who, params }) {
   const toDay = params.get("to") || "";
   const q = { account: node, bucket, tz, with: "cost", from: dayStart(fromDay, tz) };
   if (toDay) q.to = dayStart(toDay, tz);
-  if (group !== "token") q.group_by = group;
+  // By account, each child's subtree (its rollup) and the node's own usage.
+  if (group !== "token") q.group_by = group === "account" ? "child" : group;
   const u = await api("GET", usageUrl(q));
 
   // Series: one per group value (or token key), over the buckets.
@@ -310,8 +313,8 @@ async function usage({ who, params }) {
     if (!series.has(name)) series.set(name, new Array(xs.length).fill(0));
     series.get(name)[index.get(secs(x))] += n;
   };
-  // By account, the chart rolls each node's usage up into the child of the node shown
-  // that holds it (the node's own usage under its own name); the table keeps each node.
+  // By account, rows are the children of the node shown (and the node's own usage
+  // under its own name); `childOf` keeps any deeper name on its child's series.
   const depth = node === "/" ? 0 : node.split("/").length;
   const childOf = (a) => (a === node ? a : a.split("/").slice(0, depth + 1).join("/"));
   for (const r of u.rows) {

@@ -1864,3 +1864,98 @@ async fn a_node_cut_off_from_the_database_pauses_its_rating_until_a_heartbeat_ge
     }
     assert!(free, "rating resumed once a heartbeat got through");
 }
+
+#[tokio::test]
+async fn usage_by_child_is_each_childs_subtree_and_the_nodes_own() {
+    let h = harness().await;
+    for path in ["acme", "acme/cn", "acme/cn/hr", "acme/us", "other"] {
+        h.admin("POST", "/api/v1/accounts", Some(json!({"path": path})))
+            .await;
+    }
+    for (account, model, input) in [
+        ("acme", "m1", 1),
+        ("acme/cn", "m1", 10),
+        ("acme/cn/hr", "m2", 100),
+        ("acme/us", "m1", 1000),
+        ("other", "m1", 10000),
+    ] {
+        let (s, v) = h
+            .admin(
+                "POST",
+                "/api/v1/adjustments",
+                Some(json!({
+                    "account": account, "reason": "backfill", "service": "llm.chat",
+                    "model": model, "tokens": {"text.input": input}
+                })),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let rows = |v: &serde_json::Value| -> Vec<(String, i64)> {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["account"].as_str().unwrap_or("").to_string(),
+                    r["total"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (s, v) = h
+        .admin("GET", "/api/v1/usage?account=acme&group_by=child", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["group_by"], json!(["child"]));
+    assert_eq!(
+        rows(&v),
+        [
+            ("acme".to_string(), 1),
+            ("acme/cn".to_string(), 110),
+            ("acme/us".to_string(), 1000)
+        ]
+    );
+    // By hour too, and from the root: the top-level nodes.
+    let (s, v) = h
+        .admin(
+            "GET",
+            "/api/v1/usage?account=/&group_by=child&bucket=hour",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        rows(&v),
+        [("acme".to_string(), 1111), ("other".to_string(), 10000)]
+    );
+    // The subtree's total and its models, from the node's own rollups.
+    let (_, v) = h
+        .admin("GET", "/api/v1/usage?account=acme/cn&group_by=model", None)
+        .await;
+    let models: Vec<_> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["model"].as_str().unwrap().to_string(),
+                r["total"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(models, [("m1".to_string(), 10), ("m2".to_string(), 100)]);
+    let (s, v) = h
+        .admin(
+            "GET",
+            "/api/v1/usage?account=acme&group_by=child,account",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("exclude each other"),
+        "{v}"
+    );
+}

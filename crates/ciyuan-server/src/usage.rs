@@ -7,6 +7,7 @@ use crate::{App, parse_path};
 use axum::extract::State;
 use ciyuan_core::Scope;
 use ciyuan_core::jiff::{Timestamp, tz::TimeZone};
+use ciyuan_store::tree::{Subtrees, TreeFilter};
 use ciyuan_store::{
     Bucket, GroupBy, HourFilter, TokenSums, UsageQuery, aggregate, ceil_hour, floor_hour,
 };
@@ -106,11 +107,12 @@ pub async fn query(
         let (dim, name) = match g {
             "" => continue,
             "account" => (GroupBy::Account, "account"),
+            "child" => (GroupBy::Child, "child"),
             "service" => (GroupBy::Service, "service"),
             "model" => (GroupBy::Model, "model"),
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "group_by {other:?} is not one of account, service, model"
+                    "group_by {other:?} is not one of account, child, service, model"
                 )));
             }
         };
@@ -118,6 +120,12 @@ pub async fn query(
             group_by.push(dim);
             group_names.push(name);
         }
+    }
+    if group_by.contains(&GroupBy::Account) && group_by.contains(&GroupBy::Child) {
+        return Err(ApiError::bad_request(
+            "group_by account and child exclude each other: account splits by every node, \
+             child by the node's children's subtrees",
+        ));
     }
     let (bucket, bucket_name) = match p.bucket.as_deref() {
         None | Some("none") => (None, None),
@@ -161,6 +169,19 @@ pub async fn query(
             return Err(ApiError::bad_request(format!("with {other:?} is not cost")));
         }
     };
+    // Unless split by every node, the subtree rollups answer: one row per hour (or
+    // whole UTC day, where the answer sums the range) of the node or of each child,
+    // not every descendant's rows.
+    let tree = (!group_by.contains(&GroupBy::Account)).then(|| TreeFilter {
+        subtrees: if group_by.contains(&GroupBy::Child) {
+            Subtrees::ChildrenOf(account.clone())
+        } else {
+            Subtrees::Of(account.clone())
+        },
+        from_hour: filter.from_hour,
+        to_hour: filter.to_hour,
+        days: bucket.is_none(),
+    });
     let acct = account.clone();
     let (rows, costs, tz) = app
         .blocking(move |app| {
@@ -168,12 +189,27 @@ pub async fn query(
                 Some(tz) => tz,
                 None => ciyuan_store::effective_time_zone(app.store.as_ref(), &acct)?,
             };
-            let costs = if with_cost {
-                app.store.cost_hours(&filter)?
-            } else {
-                Vec::new()
-            };
-            Ok((app.store.usage_hours(&filter)?, costs, tz))
+            let store = app.store.as_ref();
+            Ok(match &tree {
+                Some(tree) => (
+                    store.usage_tree(tree)?,
+                    if with_cost {
+                        store.cost_tree(tree)?
+                    } else {
+                        Vec::new()
+                    },
+                    tz,
+                ),
+                None => (
+                    store.usage_hours(&filter)?,
+                    if with_cost {
+                        store.cost_hours(&filter)?
+                    } else {
+                        Vec::new()
+                    },
+                    tz,
+                ),
+            })
         })
         .await?;
     let tz_name = tz.iana_name().unwrap_or("UTC").to_string();

@@ -64,6 +64,9 @@ pub enum Bucket {
 pub enum GroupBy {
     /// The exact account node.
     Account,
+    /// Each direct child of the node asked about, its whole subtree summed (rows name
+    /// the child), and the node's own usage under its own name.
+    Child,
     /// The service.
     Service,
     /// The model.
@@ -116,7 +119,8 @@ fn group_key(
     let by = |g| query.group_by.contains(&g);
     (
         query.bucket.map(|b| bucket_start(hour, b, &query.tz)),
-        by(GroupBy::Account).then(|| account.clone()),
+        // Rows read for `Child` already name the child (or the node itself).
+        (by(GroupBy::Account) || by(GroupBy::Child)).then(|| account.clone()),
         by(GroupBy::Service).then(|| service.to_string()),
         by(GroupBy::Model).then(|| model.to_string()),
     )

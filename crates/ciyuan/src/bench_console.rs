@@ -3,8 +3,8 @@
 //! leaves and `events` rated usage events spread over the last 30 days.
 //!
 //! The overview is the eight requests its page makes at once (today's and the month's
-//! usage, the month by account, model and service, incidents, budgets, wallets); the
-//! usage explorer is the week by day and model, and by hour and account. Each is asked
+//! usage, the month by child account, model and service, incidents, budgets, wallets);
+//! the usage explorer is the week by day and model, and by hour and child account. Each is asked
 //! `rounds` times; the target is 300 ms (issue 17).
 
 use anyhow::{Context, bail};
@@ -141,7 +141,7 @@ pub fn run(events: u64, nodes: u64, rounds: u64, clients: u64) -> anyhow::Result
         let overview = vec![
             usage(format!("from={}", q(&today))),
             usage(format!("from={}", q(&month))),
-            usage(format!("from={}&group_by=account", q(&month))),
+            usage(format!("from={}&group_by=child", q(&month))),
             usage(format!("from={}&group_by=model", q(&month))),
             usage(format!("from={}&group_by=service", q(&month))),
             "/api/v1/incidents?account=bench&limit=10".to_string(),
@@ -149,12 +149,12 @@ pub fn run(events: u64, nodes: u64, rounds: u64, clients: u64) -> anyhow::Result
             "/api/v1/wallets/bench?limit=1".to_string(),
         ];
         let explorer_day = vec![usage(format!("from={}&group_by=model&bucket=day", q(&week)))];
-        let explorer_hour = vec![usage(format!("from={}&group_by=account&bucket=hour", q(&week)))];
+        let explorer_hour = vec![usage(format!("from={}&group_by=child&bucket=hour", q(&week)))];
         let mut views = Vec::new();
         for (name, paths) in [
             ("overview (8 requests at once)", overview),
             ("usage explorer: week by day and model", explorer_day),
-            ("usage explorer: week by hour and account", explorer_hour),
+            ("usage explorer: week by hour and child account", explorer_hour),
         ] {
             let mut seconds = Vec::new();
             for _ in 0..rounds {
