@@ -7,6 +7,8 @@
 //! server replays the log from the watermark.
 #![deny(missing_docs)]
 
+mod cells;
+
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Entry, Scopes};
 use ciyuan_store::{
@@ -287,8 +289,8 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_expiry ON sessions (expires_at);
 "#,
     // 13: subtree rollups (each node's whole subtree by UTC hour and day), so a node's
-    // month is read from its own rows, not summed over every descendant's. Rebuilt by
-    // projecting the log again.
+    // month is read from its own rows, not summed over every descendant's; hourly
+    // billing lines as cells (see `cells`). Rebuilt by projecting the log again.
     r#"
 CREATE TABLE usage_tree_hourly (
     account   TEXT NOT NULL,
@@ -330,6 +332,16 @@ CREATE TABLE cost_tree_daily (
     amount   TEXT NOT NULL,
     PRIMARY KEY (account, hour, service, model, currency)
 ) WITHOUT ROWID;
+DROP TABLE cost_lines;
+CREATE TABLE cost_cells (
+    account    TEXT NOT NULL,
+    hour       INTEGER NOT NULL,
+    adjustment INTEGER NOT NULL,
+    service    TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    lines      BLOB NOT NULL,
+    PRIMARY KEY (account, hour, adjustment, service, model)
+) WITHOUT ROWID;
 DELETE FROM accounts;
 DELETE FROM usage_hourly;
 DELETE FROM ingest_index;
@@ -345,7 +357,6 @@ DELETE FROM postings;
 DELETE FROM posting_nodes;
 DELETE FROM cost_hourly;
 DELETE FROM tier_units;
-DELETE FROM cost_lines;
 DELETE FROM cost_lines_daily;
 DELETE FROM statements;
 DELETE FROM service_levels;
@@ -372,7 +383,7 @@ const PROJECTIONS: &[&str] = &[
     "posting_nodes",
     "cost_hourly",
     "tier_units",
-    "cost_lines",
+    "cost_cells",
     "cost_lines_daily",
     "statements",
     "service_levels",
@@ -419,6 +430,13 @@ fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// Runs one query (its SQL and bound values).
+type QueryFn<'a> = dyn FnMut(&str, Vec<String>) -> Result<(), StoreError> + 'a;
+
+/// Takes one line of a cell.
+type CellLineFn<'a> = dyn FnMut(&Cell<'_>, &cells::LineBytes<'_>) -> Result<std::ops::ControlFlow<()>, StoreError>
+    + 'a;
+
 impl SqliteStore {
     /// Runs `run` on each query that together read what `filter` asks of the `what`
     /// (`usage` or `cost`) subtree rollups: per node, one range of hours or days for
@@ -429,7 +447,7 @@ impl SqliteStore {
         conn: &Connection,
         filter: &TreeFilter,
         what: &str,
-        run: &mut dyn FnMut(&str, Vec<String>) -> Result<(), StoreError>,
+        run: &mut QueryFn<'_>,
     ) -> Result<(), StoreError> {
         let columns = if what == "usage" {
             USAGE_COLUMNS
@@ -1182,7 +1200,7 @@ fn add_cost_lines(
     if lines.is_empty() {
         return Ok(());
     }
-    upsert_lines(tx, "cost_lines", lines)?;
+    upsert_cells(tx, lines)?;
     // The same lines by UTC day: a month's statement reads its whole days here and
     // only its edge hours (a zone's midnight is not UTC's) from the hourly table.
     let mut daily = ciyuan_store::LineSums::default();
@@ -1202,7 +1220,62 @@ fn add_cost_lines(
 /// Seconds in a UTC day.
 const DAY_SECS: i64 = 86_400;
 
-/// Adds `lines` to `table` (`cost_lines` or `cost_lines_daily`, whose `hour` is the
+/// Adds `lines` to their cells (see [`cells`]): each cell read, merged and written
+/// back, in the table's key order.
+fn upsert_cells(
+    tx: &rusqlite::Transaction<'_>,
+    lines: &ciyuan_store::LineSums<'_>,
+) -> Result<(), StoreError> {
+    type CellKey<'k> = (&'k str, i64, bool, &'k str, &'k str);
+    let mut by_cell: std::collections::BTreeMap<CellKey<'_>, Vec<cells::OwnedLine>> =
+        Default::default();
+    for (k, add) in lines {
+        by_cell
+            .entry((k.account.as_str(), k.hour, k.adjustment, k.service, k.model))
+            .or_default()
+            .push(cells::OwnedLine {
+                key: k.key.text().into_owned(),
+                price: k.unit_price.map(|p| p.to_string()).unwrap_or_default(),
+                currency: k.currency.as_str().to_string(),
+                book: k.book.to_string(),
+                version: k.version,
+                sums: *add,
+            });
+    }
+    let mut read = tx
+        .prepare_cached(
+            "SELECT lines FROM cost_cells
+             WHERE account = ? AND hour = ? AND adjustment = ? AND service = ? AND model = ?",
+        )
+        .map_err(backend)?;
+    let mut write = tx
+        .prepare_cached(
+            "INSERT INTO cost_cells (account, hour, adjustment, service, model, lines)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (account, hour, adjustment, service, model)
+             DO UPDATE SET lines = excluded.lines",
+        )
+        .map_err(backend)?;
+    for ((account, hour, adjustment, service, model), adds) in by_cell {
+        let key = params![account, hour, adjustment, service, model];
+        let stored: Option<Vec<u8>> = read
+            .query_row(key, |r| r.get(0))
+            .optional()
+            .map_err(backend)?;
+        let blob = cells::merge(stored.as_deref(), adds).map_err(|e| match e {
+            StoreError::Corrupt(why) => {
+                StoreError::Corrupt(format!("{why} (cell of {account} at hour {hour})"))
+            }
+            other => other,
+        })?;
+        write
+            .execute(params![account, hour, adjustment, service, model, blob])
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// Adds `lines` to `table` (`cost_lines_daily`, whose `hour` is the
 /// day's first second).
 fn upsert_lines(
     tx: &rusqlite::Transaction<'_>,
@@ -1833,11 +1906,13 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let read = |table: &str, from: Option<i64>, to: Option<i64>| {
             let (cond, mut args) = subtree("account", &filter.account);
-            let mut sql = format!(
+            let columns = if table == "cost_cells" {
+                CELL_COLUMNS
+            } else {
                 "SELECT hour, account, adjustment, service, model, key, unit_price, currency, book,
-                        version, quantity, list, contracted, billed
-                 FROM {table} WHERE {cond}"
-            );
+                        version, quantity, list, contracted, billed"
+            };
+            let mut sql = format!("{columns} FROM {table} WHERE {cond}");
             if let Some(from) = from {
                 sql.push_str(" AND hour >= ?");
                 args.push(from.to_string());
@@ -1847,14 +1922,19 @@ impl Store for SqliteStore {
                 args.push(to.to_string());
             }
             sql.push_str(" ORDER BY hour, account");
-            read_lines(&conn, &sql, args)
+            if table == "cost_cells" {
+                let args = args.into_iter().map(rusqlite::types::Value::Text).collect();
+                read_line_page(&conn, &sql, args, None, usize::MAX)
+            } else {
+                read_lines(&conn, &sql, args)
+            }
         };
         match days {
-            None => read("cost_lines", from, to),
+            None => read("cost_cells", from, to),
             Some((a, b)) => {
-                let mut out = read("cost_lines", from, Some(a))?;
+                let mut out = read("cost_cells", from, Some(a))?;
                 out.extend(read("cost_lines_daily", Some(a), Some(b))?);
-                out.extend(read("cost_lines", Some(b), to)?);
+                out.extend(read("cost_cells", Some(b), to)?);
                 Ok(out)
             }
         }
@@ -1867,7 +1947,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
         let (sql, args) = line_page_query(filter, after, limit);
-        read_line_page(&self.conn(), &sql, args, limit)
+        read_line_page(&self.conn(), &sql, args, after, limit)
     }
 
     fn each_cost_line(
@@ -1878,7 +1958,7 @@ impl Store for SqliteStore {
         visit: &mut dyn FnMut(&ciyuan_store::LineRef<'_>) -> std::ops::ControlFlow<()>,
     ) -> Result<ciyuan_store::LinesVisited, StoreError> {
         let (sql, args) = line_page_query(filter, after, limit);
-        self.export_read(|conn| visit_lines(conn, &sql, args, visit))
+        self.export_read(|conn| visit_lines(conn, &sql, args, after, limit, visit))
     }
 
     fn tier_units(&self) -> Result<Vec<ciyuan_store::TierUnits>, StoreError> {
@@ -2126,8 +2206,12 @@ fn insert_ingest_index(tx: &Connection, events: &[(u64, u64)]) -> Result<(), Sto
 #[cfg(test)]
 mod tests;
 
-/// The query of one page of billing lines of `filter` after `after`, in key order, and
-/// its bound values.
+/// The columns a cell query selects, in the order [`each_cell_line`] reads them.
+const CELL_COLUMNS: &str = "SELECT hour, account, adjustment, service, model, lines";
+
+/// The query of a page of billing lines of a subtree after `after`: the cells from
+/// the cursor's own on (its later lines are in it), at most `limit + 1` of them (the
+/// cursor's cell may have no line left; every other has one at least).
 fn line_page_query(
     filter: &HourFilter,
     after: Option<&ciyuan_store::LineRow>,
@@ -2146,11 +2230,7 @@ fn line_page_query(
         _ => subtree("account", &filter.account),
     };
     let mut args: Vec<Value> = subtree_args.into_iter().map(Value::Text).collect();
-    let mut sql = format!(
-        "SELECT hour, account, adjustment, service, model, key, unit_price, currency, book,
-                version, quantity, list, contracted, billed
-         FROM cost_lines WHERE {cond}"
-    );
+    let mut sql = format!("{CELL_COLUMNS} FROM cost_cells WHERE {cond}");
     if let Some(from) = filter.from_hour {
         sql.push_str(" AND hour >= ?");
         args.push(Value::Integer(from));
@@ -2162,28 +2242,122 @@ fn line_page_query(
     if let Some(a) = after {
         // Bound with their columns' types and compared as they are: an expression
         // in the row value (a CAST) keeps SQLite from seeking the primary key by
-        // the whole row, and each page would scan its node's lines from the first.
-        sql.push_str(
-            " AND (account, hour, adjustment, service, model, key, unit_price, currency, book, version)
-                 > (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        );
+        // the whole row, and each page would scan its node's cells from the first.
+        sql.push_str(" AND (account, hour, adjustment, service, model) >= (?, ?, ?, ?, ?)");
         args.extend([
             Value::Text(a.account.as_str().to_string()),
             Value::Integer(a.hour),
             Value::Integer(i64::from(a.adjustment)),
             Value::Text(a.service.clone()),
             Value::Text(a.model.clone()),
-            Value::Text(a.key.clone()),
-            Value::Text(a.unit_price.map(|p| p.to_string()).unwrap_or_default()),
-            Value::Text(a.currency.as_str().to_string()),
-            Value::Text(a.book.clone()),
-            Value::Integer(i64::from(a.version)),
         ]);
     }
     sql.push_str(&format!(
-        " ORDER BY account, hour, adjustment, service, model, key, unit_price, currency, book, version LIMIT {limit}"
+        " ORDER BY account, hour, adjustment, service, model LIMIT {}",
+        limit.saturating_add(1)
     ));
     (sql, args)
+}
+
+/// A cell's own columns, borrowed from its row.
+struct Cell<'r> {
+    hour: i64,
+    account: &'r [u8],
+    adjustment: bool,
+    service: &'r [u8],
+    model: &'r [u8],
+}
+
+/// Hands each line of the cells the query selects ([`CELL_COLUMNS`]) to `f`, with its
+/// cell, skipping the lines up to and including `after` and stopping after `limit`
+/// lines or when `f` breaks. Returns how many lines `f` was given and whether it broke.
+fn each_cell_line(
+    conn: &Connection,
+    sql: &str,
+    args: Vec<rusqlite::types::Value>,
+    after: Option<&ciyuan_store::LineRow>,
+    limit: usize,
+    f: &mut CellLineFn<'_>,
+) -> Result<(usize, bool), StoreError> {
+    use rusqlite::types::ValueRef;
+    let cursor = after.map(|a| {
+        (
+            a.key.as_str(),
+            a.unit_price.map(|p| p.to_string()).unwrap_or_default(),
+            a.currency.as_str(),
+            a.book.as_str(),
+            a.version,
+        )
+    });
+    let cursor = cursor
+        .as_ref()
+        .map(|(key, price, currency, book, version)| cells::LineBytes {
+            key: key.as_bytes(),
+            price: price.as_bytes(),
+            currency: currency.as_bytes(),
+            book: book.as_bytes(),
+            version: *version,
+            sums: [&[]; 4],
+        });
+    let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(args))
+        .map_err(backend)?;
+    let mut count = 0;
+    while let Some(r) = rows.next().map_err(backend)? {
+        let bytes = |i: usize| -> Result<&[u8], StoreError> {
+            match r.get_ref(i).map_err(backend)? {
+                ValueRef::Text(b) | ValueRef::Blob(b) => Ok(b),
+                other => Err(StoreError::Corrupt(format!(
+                    "stored billing cell column {i} is {:?}, not text",
+                    other.data_type()
+                ))),
+            }
+        };
+        let cell = Cell {
+            hour: r.get(0).map_err(backend)?,
+            account: bytes(1)?,
+            adjustment: r.get(2).map_err(backend)?,
+            service: bytes(3)?,
+            model: bytes(4)?,
+        };
+        // The cursor's own cell: its lines up to the cursor were on the last page.
+        let skip = match (after, &cursor) {
+            (Some(a), Some(c))
+                if a.account.as_str().as_bytes() == cell.account
+                    && a.hour == cell.hour
+                    && a.adjustment == cell.adjustment
+                    && a.service.as_bytes() == cell.service
+                    && a.model.as_bytes() == cell.model =>
+            {
+                Some(c)
+            }
+            _ => None,
+        };
+        let mut prev: Option<cells::LineBytes<'_>> = None;
+        for line in cells::lines(bytes(5)?) {
+            let line = line?;
+            if prev.is_some_and(|p| p.order(&line) != std::cmp::Ordering::Less) {
+                return Err(StoreError::Corrupt(format!(
+                    "stored billing cell of {} at hour {}: lines out of order",
+                    String::from_utf8_lossy(cell.account),
+                    cell.hour
+                )));
+            }
+            prev = Some(line);
+            if skip.is_some_and(|c| line.order(c) != std::cmp::Ordering::Greater) {
+                continue;
+            }
+            if count == limit {
+                return Ok((count, false));
+            }
+            count += 1;
+            if f(&cell, &line)?.is_break() {
+                return Ok((count, true));
+            }
+        }
+    }
+    Ok((count, false))
 }
 
 /// The text of the same column in the rows seen last: a page's lines repeat a handful
@@ -2290,20 +2464,17 @@ fn stored_decimal(text: &[u8]) -> Result<rust_decimal::Decimal, StoreError> {
     ))
 }
 
-/// Hands the billing lines the query selects (the columns of [`line_page_query`]) to
-/// `visit`, read in place: no `String` per line, each distinct text checked once, a
-/// node's path parsed once for its run of lines.
+/// Hands the billing lines of the cells the query selects ([`line_page_query`]) after
+/// `after`, at most `limit`, to `visit`, read in place: no `String` per line, each
+/// distinct text checked once, a node's path parsed once for its run of lines.
 fn visit_lines(
     conn: &Connection,
     sql: &str,
     args: Vec<rusqlite::types::Value>,
+    after: Option<&ciyuan_store::LineRow>,
+    limit: usize,
     visit: &mut dyn FnMut(&ciyuan_store::LineRef<'_>) -> std::ops::ControlFlow<()>,
 ) -> Result<ciyuan_store::LinesVisited, StoreError> {
-    use rusqlite::types::ValueRef;
-    let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
-    let mut rows = stmt
-        .query(rusqlite::params_from_iter(args))
-        .map_err(backend)?;
     let mut services = Seen::<String>::new();
     let mut models = Seen::<String>::new();
     let mut keys = Seen::<String>::new();
@@ -2311,30 +2482,19 @@ fn visit_lines(
     let mut prices = Seen::<Option<rust_decimal::Decimal>>::new();
     let mut currencies = Seen::<ciyuan_core::Currency>::new();
     let mut account: Option<AccountPath> = None;
-    let mut done = ciyuan_store::LinesVisited::default();
     let mut last: Option<LastLine> = None;
-    while let Some(r) = rows.next().map_err(backend)? {
-        let bytes = |i: usize| -> Result<&[u8], StoreError> {
-            match r.get_ref(i).map_err(backend)? {
-                ValueRef::Text(b) => Ok(b),
-                other => Err(StoreError::Corrupt(format!(
-                    "stored billing line column {i} is {:?}, not text",
-                    other.data_type()
-                ))),
-            }
-        };
-        let path = bytes(1)?;
+    let (count, stopped) = each_cell_line(conn, sql, args, after, limit, &mut |cell, l| {
         let node: &AccountPath = match &mut account {
-            Some(a) if a.as_str().as_bytes() == path => a,
-            slot => slot.insert(parse_path(&utf8("account")(path)?)?),
+            Some(a) if a.as_str().as_bytes() == cell.account => a,
+            slot => slot.insert(parse_path(&utf8("account")(cell.account)?)?),
         };
         let texts = [
-            services.get(bytes(3)?, utf8("service"))?,
-            models.get(bytes(4)?, utf8("model"))?,
-            keys.get(bytes(5)?, utf8("key"))?,
-            books.get(bytes(8)?, utf8("book"))?,
+            services.get(cell.service, utf8("service"))?,
+            models.get(cell.model, utf8("model"))?,
+            keys.get(l.key, utf8("key"))?,
+            books.get(l.book, utf8("book"))?,
         ];
-        let price = prices.get(bytes(6)?, |b| {
+        let price = prices.get(l.price, |b| {
             if b.is_empty() {
                 return Ok(None);
             }
@@ -2344,29 +2504,28 @@ fn visit_lines(
                 .map(Some)
                 .map_err(|e| StoreError::Corrupt(format!("stored unit price {t:?}: {e}")))
         })?;
-        let currency = currencies.get(bytes(7)?, |b| {
+        let currency = currencies.get(l.currency, |b| {
             std::str::from_utf8(b)
                 .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?
                 .parse()
                 .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))
         })?;
         let line = ciyuan_store::LineRef {
-            hour: r.get(0).map_err(backend)?,
+            hour: cell.hour,
             account: node,
-            adjustment: r.get(2).map_err(backend)?,
+            adjustment: cell.adjustment,
             service: services.at(texts[0]),
             model: models.at(texts[1]),
             key: keys.at(texts[2]),
             unit_price: *prices.at(price),
             currency: *currencies.at(currency),
             book: books.at(texts[3]),
-            version: r.get(9).map_err(backend)?,
-            quantity: stored_decimal(bytes(10)?)?,
-            list: stored_decimal(bytes(11)?)?,
-            contracted: stored_decimal(bytes(12)?)?,
-            billed: stored_decimal(bytes(13)?)?,
+            version: l.version,
+            quantity: stored_decimal(l.sums[0])?,
+            list: stored_decimal(l.sums[1])?,
+            contracted: stored_decimal(l.sums[2])?,
+            billed: stored_decimal(l.sums[3])?,
         };
-        done.count += 1;
         let flow = visit(&line);
         last = Some(LastLine {
             hour: line.hour,
@@ -2377,12 +2536,13 @@ fn visit_lines(
             sums: [line.quantity, line.list, line.contracted, line.billed],
             texts,
         });
-        if flow.is_break() {
-            done.stopped = true;
-            break;
-        }
-    }
-    drop(rows);
+        Ok(flow)
+    })?;
+    let mut done = ciyuan_store::LinesVisited {
+        count,
+        stopped,
+        last: None,
+    };
     if let (Some(l), Some(node)) = (last, &account) {
         done.last = Some(
             ciyuan_store::LineRef {
@@ -2421,60 +2581,58 @@ struct LastLine {
     texts: [usize; 4],
 }
 
-/// Reads one page of billing lines (the columns `cost_lines_page` selects), as
-/// [`read_lines`] does but for the export's hot path: the statement is cached, text is
-/// read in place rather than copied into a `String` per column, and a node's path is
-/// parsed once for its run of lines (a page is in node order).
+/// Reads the billing lines of the cells the query selects ([`CELL_COLUMNS`]) after
+/// `after`, at most `limit`, as rows.
 fn read_line_page(
     conn: &Connection,
     sql: &str,
     args: Vec<rusqlite::types::Value>,
+    after: Option<&ciyuan_store::LineRow>,
     limit: usize,
 ) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
-    let mut rows = stmt
-        .query(rusqlite::params_from_iter(args))
-        .map_err(backend)?;
-    let mut out: Vec<ciyuan_store::LineRow> = Vec::with_capacity(limit);
-    while let Some(r) = rows.next().map_err(backend)? {
-        let text = |i: usize| -> Result<&str, StoreError> {
-            r.get_ref(i)
-                .map_err(backend)?
-                .as_str()
-                .map_err(|e| StoreError::Corrupt(format!("stored billing line column {i}: {e}")))
-        };
-        let account = text(1)?;
+    let mut out: Vec<ciyuan_store::LineRow> = Vec::new();
+    let text = |b: &[u8], what: &str| -> Result<String, StoreError> {
+        String::from_utf8(b.to_vec())
+            .map_err(|e| StoreError::Corrupt(format!("stored billing line {what}: {e}")))
+    };
+    let sum = |b: &[u8]| -> Result<ciyuan_core::ExactSum, StoreError> {
+        parse_amount(
+            std::str::from_utf8(b)
+                .map_err(|e| StoreError::Corrupt(format!("stored amount: {e}")))?,
+        )
+    };
+    each_cell_line(conn, sql, args, after, limit, &mut |cell, l| {
         let account = match out.last() {
-            Some(prev) if prev.account.as_str() == account => prev.account.clone(),
-            _ => parse_path(account)?,
+            Some(prev) if prev.account.as_str().as_bytes() == cell.account => prev.account.clone(),
+            _ => parse_path(&text(cell.account, "account")?)?,
         };
-        let price = text(6)?;
-        let currency = text(7)?;
+        let price = text(l.price, "unit price")?;
         out.push(ciyuan_store::LineRow {
-            hour: r.get(0).map_err(backend)?,
+            hour: cell.hour,
             account,
-            adjustment: r.get(2).map_err(backend)?,
-            service: text(3)?.to_string(),
-            model: text(4)?.to_string(),
-            key: text(5)?.to_string(),
+            adjustment: cell.adjustment,
+            service: text(cell.service, "service")?,
+            model: text(cell.model, "model")?,
+            key: text(l.key, "key")?,
             unit_price: if price.is_empty() {
                 None
             } else {
-                Some(rust_decimal::Decimal::from_str_exact(price).map_err(|e| {
+                Some(rust_decimal::Decimal::from_str_exact(&price).map_err(|e| {
                     StoreError::Corrupt(format!("stored unit price {price:?}: {e}"))
                 })?)
             },
-            currency: currency
+            currency: text(l.currency, "currency")?
                 .parse()
                 .map_err(|e| StoreError::Corrupt(format!("stored currency: {e}")))?,
-            book: text(8)?.to_string(),
-            version: r.get(9).map_err(backend)?,
-            quantity: parse_amount(text(10)?)?,
-            list: parse_amount(text(11)?)?,
-            contracted: parse_amount(text(12)?)?,
-            billed: parse_amount(text(13)?)?,
+            book: text(l.book, "book")?,
+            version: l.version,
+            quantity: sum(l.sums[0])?,
+            list: sum(l.sums[1])?,
+            contracted: sum(l.sums[2])?,
+            billed: sum(l.sums[3])?,
         });
-    }
+        Ok(std::ops::ControlFlow::Continue(()))
+    })?;
     Ok(out)
 }
 

@@ -143,35 +143,58 @@ fn stored_amounts_of_the_projection_read_back() {
 /// database, for the read benchmarks below.
 fn seeded(path: &std::path::Path, nodes: u32, hours: u32) -> SqliteStore {
     let store = SqliteStore::open(path).unwrap();
-    store
-        .conn()
-        .execute_batch(&format!(
-            "WITH RECURSIVE
-               n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {nodes}),
-               h(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM h WHERE i + 1 < {hours}),
-               m(name, p_in, p_out, l_in, l_out) AS (
-                 VALUES ('qwen-max', '0.0000024', '0.0000096', '0.0024', '0.0096'),
-                 ('qwen-plus', '0.0000008', '0.000002', '0.0008', '0.002'),
-                 ('glm-4', '0.000005', '0.000005', '0.005', '0.005'),
-                 ('deepseek-chat', '0.000002', '0.000008', '0.002', '0.008'),
-                 ('kimi-k2', '0.000004', '0.000016', '0.004', '0.016')),
-               k(key, adj) AS (VALUES ('text.input', 0), ('text.output', 0), ('rounding', 1))
-             INSERT INTO cost_lines
-             SELECT printf('bench/n%04d', n.i), 1793491200 + 3600 * h.i, k.adj, 'llm.usage',
-                    m.name, k.key,
-                    CASE k.adj WHEN 1 THEN '' WHEN 0 THEN
-                      CASE k.key WHEN 'text.input' THEN m.p_in ELSE m.p_out END END,
-                    'CNY', 'list', 1,
-                    CASE k.adj WHEN 1 THEN '0' ELSE '1000' END,
-                    CASE k.adj WHEN 1 THEN '0' ELSE
-                      CASE k.key WHEN 'text.input' THEN m.l_in ELSE m.l_out END END,
-                    CASE k.adj WHEN 1 THEN '0' ELSE
-                      CASE k.key WHEN 'text.input' THEN m.l_in ELSE m.l_out END END,
-                    CASE k.adj WHEN 1 THEN '-0.0012' ELSE
-                      CASE k.key WHEN 'text.input' THEN m.l_in ELSE m.l_out END END
-             FROM n, h, m, k ORDER BY 1, 2, 3, 4, 5, 6;"
-        ))
-        .unwrap();
+    let models = [
+        ("qwen-max", "0.0000024", "0.0000096", "0.0024", "0.0096"),
+        ("qwen-plus", "0.0000008", "0.000002", "0.0008", "0.002"),
+        ("glm-4", "0.000005", "0.000005", "0.005", "0.005"),
+        ("deepseek-chat", "0.000002", "0.000008", "0.002", "0.008"),
+        ("kimi-k2", "0.000004", "0.000016", "0.004", "0.016"),
+    ];
+    let d = |t: &str| ciyuan_core::ExactSum::of(rust_decimal::Decimal::from_str_exact(t).unwrap());
+    let line = |key: &str, price: &str, sums: [&str; 4]| crate::cells::OwnedLine {
+        key: key.into(),
+        price: price.into(),
+        currency: "CNY".into(),
+        book: "list".into(),
+        version: 1,
+        sums: sums.map(d),
+    };
+    let mut conn = store.conn();
+    let tx = conn.transaction().unwrap();
+    {
+        let mut insert = tx
+            .prepare("INSERT INTO cost_cells VALUES (?, ?, ?, 'llm.usage', ?, ?)")
+            .unwrap();
+        for n in 0..nodes {
+            let node = format!("bench/n{n:04}");
+            for h in 0..hours {
+                let hour = 1793491200 + 3600 * i64::from(h);
+                for (model, p_in, p_out, l_in, l_out) in models {
+                    let usage = crate::cells::merge(
+                        None,
+                        vec![
+                            line("text.input", p_in, ["1000", l_in, l_in, l_in]),
+                            line("text.output", p_out, ["1000", l_out, l_out, l_out]),
+                        ],
+                    )
+                    .unwrap();
+                    let rounding = crate::cells::merge(
+                        None,
+                        vec![line("rounding", "", ["0", "0", "0", "-0.0012"])],
+                    )
+                    .unwrap();
+                    insert
+                        .execute(rusqlite::params![node, hour, false, model, usage])
+                        .unwrap();
+                    insert
+                        .execute(rusqlite::params![node, hour, true, model, rounding])
+                        .unwrap();
+                }
+            }
+        }
+    }
+    tx.commit().unwrap();
+    drop(conn);
     store
 }
 
@@ -252,38 +275,78 @@ fn read_throughput() {
 
 /// Paged a line at a time, a subtree's lines are its own and all of them, whether the
 /// cursor is on the node itself or among its descendants, next to nodes whose paths
-/// sort between them (`a-x`, `a.b`, `a0`, `ab`).
+/// sort between them (`a-x`, `a.b`, `a0`, `ab`), and whether a page ends inside a cell
+/// (an hour of a node holds several lines) or at its end.
 #[test]
 fn pages_of_a_subtree_hold_its_lines_only() {
     let store = SqliteStore::open_in_memory().unwrap();
-    for node in ["a", "a-x", "a.b", "a/b", "a/b/c", "a/c", "a0", "ab", "b"] {
+    let line = |key: &str| crate::cells::OwnedLine {
+        key: key.into(),
+        price: "1".into(),
+        currency: "CNY".into(),
+        book: "list".into(),
+        version: 1,
+        sums: [ciyuan_core::ExactSum::of(rust_decimal::Decimal::ONE); 4],
+    };
+    let cell = |node: &str, hour: i64, keys: &[&str]| {
+        let blob = crate::cells::merge(None, keys.iter().map(|k| line(k)).collect()).unwrap();
         store
             .conn()
             .execute(
-                "INSERT INTO cost_lines VALUES (?, 3600, 0, 's', 'm', 'text.input', '1', 'CNY', 'list', 1, '1', '1', '1', '1')",
-                [node],
+                "INSERT INTO cost_cells VALUES (?, ?, 0, 's', 'm', ?)",
+                rusqlite::params![node, hour, blob],
             )
             .unwrap();
+    };
+    for node in ["a", "a-x", "a.b", "a/b", "a/b/c", "a/c", "a0", "ab", "b"] {
+        cell(node, 3600, &["text.input", "text.output"]);
     }
+    cell("a/b", 7200, &["audio.input", "text.input", "text.output"]);
     let filter = HourFilter {
         account: AccountPath::parse("a").unwrap(),
         from_hour: None,
         to_hour: None,
     };
-    for limit in [1, 2, 10] {
+    let want: Vec<String> = [
+        ("a", 3600, "text.input"),
+        ("a", 3600, "text.output"),
+        ("a/b", 3600, "text.input"),
+        ("a/b", 3600, "text.output"),
+        ("a/b", 7200, "audio.input"),
+        ("a/b", 7200, "text.input"),
+        ("a/b", 7200, "text.output"),
+        ("a/b/c", 3600, "text.input"),
+        ("a/b/c", 3600, "text.output"),
+        ("a/c", 3600, "text.input"),
+        ("a/c", 3600, "text.output"),
+    ]
+    .map(|(a, h, k)| format!("{a} {h} {k}"))
+    .into();
+    for limit in [1, 2, 3, 10] {
         let (mut seen, mut after) = (Vec::new(), None::<ciyuan_store::LineRow>);
+        let mut paged = Vec::new();
         loop {
             let done = store
                 .each_cost_line(&filter, after.as_ref(), limit, &mut |l| {
-                    seen.push(l.account.to_string());
+                    seen.push(format!("{} {} {}", l.account, l.hour, l.key));
                     std::ops::ControlFlow::Continue(())
                 })
                 .unwrap();
+            let page = store
+                .cost_lines_page(&filter, after.as_ref(), limit)
+                .unwrap();
+            assert_eq!(page.len(), done.count, "limit {limit}");
+            paged.extend(
+                page.iter()
+                    .map(|l| format!("{} {} {}", l.account, l.hour, l.key)),
+            );
             if done.count < limit {
                 break;
             }
+            assert_eq!(done.last.as_ref(), page.last(), "limit {limit}");
             after = done.last;
         }
-        assert_eq!(seen, ["a", "a/b", "a/b/c", "a/c"], "limit {limit}");
+        assert_eq!(seen, want, "limit {limit}");
+        assert_eq!(paged, want, "limit {limit}");
     }
 }

@@ -103,7 +103,11 @@ fn subtree_rollups_equal_the_exact_rows(s: &dyn Store) {
         let node = nodes[(x % nodes.len() as u64) as usize];
         let at = start + ((x >> 8) % (4 * 86_400)) as i64;
         let at = ok(Timestamp::from_second(at), "timestamp").to_string();
-        let model = if (x >> 40) % 2 == 0 { "m1" } else { "m2" };
+        let model = if (x >> 40).is_multiple_of(2) {
+            "m1"
+        } else {
+            "m2"
+        };
         let mut e = usage(node, &at, model, 1 + ((x >> 20) % 1000) as i64);
         if i % 3 != 0
             && let EntryBody::Usage(u) = &mut e.body
