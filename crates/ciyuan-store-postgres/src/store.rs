@@ -319,7 +319,9 @@ CREATE INDEX sessions_expiry ON sessions (expires_at);
 "#;
 
 /// Subtree rollups (each node's whole subtree by UTC hour and day, see
-/// `ciyuan_store::tree`), rebuilt by projecting the log again.
+/// `ciyuan_store::tree`), and billing lines keyed in the order pages list them (an
+/// hour's adjustments beside its usage of the same service and model); rebuilt by
+/// projecting the log again.
 pub(crate) const MIGRATION_TREES: &str = r#"
 CREATE TABLE usage_tree_hourly (
     account   TEXT COLLATE "C" NOT NULL,
@@ -342,6 +344,9 @@ CREATE TABLE cost_tree_hourly (
     PRIMARY KEY (account, hour, service, model, currency)
 );
 CREATE TABLE cost_tree_daily (LIKE cost_tree_hourly INCLUDING ALL);
+ALTER TABLE cost_lines DROP CONSTRAINT cost_lines_pkey;
+ALTER TABLE cost_lines ADD PRIMARY KEY
+    (account, hour, service, model, adjustment, key, unit_price, currency, book, version);
 TRUNCATE accounts, usage_hourly, ingest_index, budgets, access_rules, flagged, incidents,
     definitions, price_books, contracts, wallet_settings, postings, posting_nodes,
     cost_hourly, tier_units, cost_lines, cost_lines_daily, statements, service_levels,
@@ -1609,16 +1614,16 @@ impl Store for Inner {
         if let Some(a) = after {
             let n = args.len();
             sql.push_str(&format!(
-                " AND (account, hour, adjustment, service, model, key, unit_price, currency, book, version)
-                     > (${}, ${}::text::bigint, ${}::text::bool, ${}, ${}, ${}, ${}, ${}, ${}, ${}::text::bigint)",
+                " AND (account, hour, service, model, adjustment, key, unit_price, currency, book, version)
+                     > (${}, ${}::text::bigint, ${}, ${}, ${}::text::bool, ${}, ${}, ${}, ${}, ${}::text::bigint)",
                 n + 1, n + 2, n + 3, n + 4, n + 5, n + 6, n + 7, n + 8, n + 9, n + 10
             ));
             args.extend([
                 a.account.as_str().to_string(),
                 a.hour.to_string(),
-                a.adjustment.to_string(),
                 a.service.clone(),
                 a.model.clone(),
+                a.adjustment.to_string(),
                 a.key.clone(),
                 a.unit_price.map(|p| p.to_string()).unwrap_or_default(),
                 a.currency.as_str().to_string(),
@@ -1627,7 +1632,7 @@ impl Store for Inner {
             ]);
         }
         sql.push_str(&format!(
-            " ORDER BY account, hour, adjustment, service, model, key, unit_price, currency, book, version LIMIT {limit}"
+            " ORDER BY account, hour, service, model, adjustment, key, unit_price, currency, book, version LIMIT {limit}"
         ));
         self.query(&sql, &args)?.iter().map(line_from).collect()
     }

@@ -1,11 +1,11 @@
-//! Hourly billing lines stored as cells: one row per node, hour, adjustment, service
-//! and model, holding all its lines (priced key, unit price, currency, book, version
-//! and four sums) in one blob, in the order the `Store` contract lists lines.
+//! Hourly billing lines stored as cells: one row per node, hour, service and model,
+//! holding all its lines (adjustment or not, priced key, unit price, currency, book,
+//! version and four sums) in one blob, in the order the `Store` contract lists lines.
 //!
 //! An hour of a node and model holds a handful of lines (input, cached input, output,
-//! rounding) sharing five of the ten key columns. As rows of their own, an export of
-//! ten million lines stepped SQLite ten million times over fourteen columns, most of
-//! its time; as cells it steps a third as often over six. The format is written by
+//! and the rounding adjustment) sharing four of the ten key columns. As rows of their
+//! own, an export of ten million lines stepped SQLite ten million times over fourteen
+//! columns, most of its time; as cells it steps a third as often over five. The format is written by
 //! hand because it is this module's alone: length-prefixed fields, checked on every
 //! read, and a damaged blob is an error naming the cell, never a wrong line.
 
@@ -17,6 +17,8 @@ use std::cmp::Ordering;
 /// is checked by whoever reads it as text), the sums as decimal text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LineBytes<'a> {
+    /// An adjustment (a correction's, rounding, a credit), not usage.
+    pub adjustment: bool,
     pub key: &'a [u8],
     /// The unit price's decimal text, empty where none.
     pub price: &'a [u8],
@@ -31,13 +33,22 @@ impl LineBytes<'_> {
     /// The order of lines within a cell: the `Store` contract's order of the columns
     /// after the cell's (texts compared as bytes, as SQLite's BINARY collation does).
     pub fn order(&self, other: &LineBytes<'_>) -> Ordering {
-        (self.key, self.price, self.currency, self.book, self.version).cmp(&(
-            other.key,
-            other.price,
-            other.currency,
-            other.book,
-            other.version,
-        ))
+        (
+            self.adjustment,
+            self.key,
+            self.price,
+            self.currency,
+            self.book,
+            self.version,
+        )
+            .cmp(&(
+                other.adjustment,
+                other.key,
+                other.price,
+                other.currency,
+                other.book,
+                other.version,
+            ))
     }
 }
 
@@ -72,6 +83,11 @@ impl<'a> Lines<'a> {
     }
 
     fn line(&mut self) -> Result<LineBytes<'a>, StoreError> {
+        let adjustment = match self.take(1, "adjustment")? {
+            [0] => false,
+            [1] => true,
+            _ => return Err(corrupt("adjustment is neither 0 nor 1")),
+        };
         let key = self.field("key")?;
         let price = self.field("unit price")?;
         let currency = self.field("currency")?;
@@ -85,6 +101,7 @@ impl<'a> Lines<'a> {
             self.field("billed cost")?,
         ];
         Ok(LineBytes {
+            adjustment,
             key,
             price,
             currency,
@@ -114,6 +131,7 @@ impl<'a> Iterator for Lines<'a> {
 /// A line to write: its texts and exact sums.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct OwnedLine {
+    pub adjustment: bool,
     pub key: String,
     pub price: String,
     pub currency: String,
@@ -125,6 +143,7 @@ pub(crate) struct OwnedLine {
 impl OwnedLine {
     fn order(&self, other: &OwnedLine) -> Ordering {
         (
+            self.adjustment,
             &self.key,
             &self.price,
             &self.currency,
@@ -132,6 +151,7 @@ impl OwnedLine {
             self.version,
         )
             .cmp(&(
+                other.adjustment,
                 &other.key,
                 &other.price,
                 &other.currency,
@@ -153,6 +173,7 @@ fn put(out: &mut Vec<u8>, field: &[u8], what: &str) -> Result<(), StoreError> {
 fn encode(lines: &[OwnedLine]) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(lines.len() * 80);
     for l in lines {
+        out.push(u8::from(l.adjustment));
         put(&mut out, l.key.as_bytes(), "key")?;
         put(&mut out, l.price.as_bytes(), "unit price")?;
         put(&mut out, l.currency.as_bytes(), "currency")?;
@@ -199,6 +220,7 @@ pub(crate) fn merge(stored: Option<&[u8]>, adds: Vec<OwnedLine>) -> Result<Vec<u
         }
         prev = Some(l);
         all.push(OwnedLine {
+            adjustment: l.adjustment,
             key: text(l.key, "key")?,
             price: text(l.price, "unit price")?,
             currency: text(l.currency, "currency")?,
@@ -235,6 +257,7 @@ mod tests {
 
     fn line(key: &str, price: &str, version: u32, q: i64) -> OwnedLine {
         OwnedLine {
+            adjustment: key == "rounding",
             key: key.into(),
             price: price.into(),
             currency: "CNY".into(),
@@ -267,6 +290,7 @@ mod tests {
         let blob = merge(
             Some(&blob),
             vec![
+                line("rounding", "", 1, 3),
                 line("text.input", "0.0000025", 1, 7),
                 line("text.output", "0.00001", 1, 5),
                 line("text.output", "0.00001", 2, 1),
@@ -274,9 +298,15 @@ mod tests {
         )
         .expect("merge");
         let got = read(&blob);
+        // Usage first, then adjustments.
         assert_eq!(
             got.iter().map(|l| (l.0.as_str(), l.2)).collect::<Vec<_>>(),
-            [("text.input", 1), ("text.output", 1), ("text.output", 2)]
+            [
+                ("text.input", 1),
+                ("text.output", 1),
+                ("text.output", 2),
+                ("rounding", 1)
+            ]
         );
         assert_eq!(got[1].3, ["0.01", "0.02", "0.03", "0.04"]);
     }
@@ -292,8 +322,14 @@ mod tests {
             );
         }
         let mut bad = blob.clone();
-        bad[0] = 0xff;
-        assert!(lines(&bad).any(|r| r.is_err()));
+        bad[0] = 2;
+        assert!(lines(&bad).any(|r| r.is_err()), "an adjustment flag of 2");
+        let mut bad = blob.clone();
+        bad[2] = 0xff;
+        assert!(
+            lines(&bad).any(|r| r.is_err()),
+            "a key running past the end"
+        );
         assert!(merge(Some(&[0, 1]), vec![]).is_err());
     }
 
@@ -307,15 +343,15 @@ mod tests {
                 1..6,
             )
         ) {
-            let keys = ["audio.input", "text.input", "text.input.cached", "text.output"];
+            let keys = ["audio.input", "rounding", "text.input", "text.output"];
             let prices = ["", "0.0000025", "3"];
             let mut blob: Option<Vec<u8>> = None;
-            let mut want: std::collections::BTreeMap<(String, String, u32), i64> = Default::default();
+            let mut want: std::collections::BTreeMap<(bool, String, String, u32), i64> = Default::default();
             for batch in adds {
                 let batch: Vec<_> = batch
                     .into_iter()
                     .map(|(k, p, v, q)| {
-                        *want.entry((keys[k].into(), prices[p].into(), v)).or_default() += q;
+                        *want.entry((keys[k] == "rounding", keys[k].into(), prices[p].into(), v)).or_default() += q;
                         line(keys[k], prices[p], v, q)
                     })
                     .collect();
@@ -337,11 +373,12 @@ mod tests {
             let got = read(&blob);
             prop_assert_eq!(got.len(), want.len());
             for ((g, (k, want_q)), pair) in got.iter().zip(&want).zip(got.windows(2).map(Some).chain([None])) {
-                prop_assert_eq!((&g.0, &g.1, g.2), (&k.0, &k.1, k.2));
+                prop_assert_eq!((&g.0, &g.1, g.2), (&k.1, &k.2, k.3));
                 let q = rust_decimal::Decimal::from_str_exact(&g.3[0]).expect("decimal");
                 prop_assert_eq!(q, rust_decimal::Decimal::new(*want_q, 3));
                 if let Some(w) = pair {
-                    prop_assert!((&w[0].0, &w[0].1, w[0].2) < (&w[1].0, &w[1].1, w[1].2));
+                    let at = |l: &(String, String, u32, Vec<String>)| (l.0 == "rounding", l.0.clone(), l.1.clone(), l.2);
+                    prop_assert!(at(&w[0]) < at(&w[1]));
                 }
             }
         }

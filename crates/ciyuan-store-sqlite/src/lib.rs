@@ -334,13 +334,12 @@ CREATE TABLE cost_tree_daily (
 ) WITHOUT ROWID;
 DROP TABLE cost_lines;
 CREATE TABLE cost_cells (
-    account    TEXT NOT NULL,
-    hour       INTEGER NOT NULL,
-    adjustment INTEGER NOT NULL,
-    service    TEXT NOT NULL,
-    model      TEXT NOT NULL,
-    lines      BLOB NOT NULL,
-    PRIMARY KEY (account, hour, adjustment, service, model)
+    account TEXT NOT NULL,
+    hour    INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    model   TEXT NOT NULL,
+    lines   BLOB NOT NULL,
+    PRIMARY KEY (account, hour, service, model)
 ) WITHOUT ROWID;
 DELETE FROM accounts;
 DELETE FROM usage_hourly;
@@ -1226,14 +1225,15 @@ fn upsert_cells(
     tx: &rusqlite::Transaction<'_>,
     lines: &ciyuan_store::LineSums<'_>,
 ) -> Result<(), StoreError> {
-    type CellKey<'k> = (&'k str, i64, bool, &'k str, &'k str);
+    type CellKey<'k> = (&'k str, i64, &'k str, &'k str);
     let mut by_cell: std::collections::BTreeMap<CellKey<'_>, Vec<cells::OwnedLine>> =
         Default::default();
     for (k, add) in lines {
         by_cell
-            .entry((k.account.as_str(), k.hour, k.adjustment, k.service, k.model))
+            .entry((k.account.as_str(), k.hour, k.service, k.model))
             .or_default()
             .push(cells::OwnedLine {
+                adjustment: k.adjustment,
                 key: k.key.text().into_owned(),
                 price: k.unit_price.map(|p| p.to_string()).unwrap_or_default(),
                 currency: k.currency.as_str().to_string(),
@@ -1245,19 +1245,19 @@ fn upsert_cells(
     let mut read = tx
         .prepare_cached(
             "SELECT lines FROM cost_cells
-             WHERE account = ? AND hour = ? AND adjustment = ? AND service = ? AND model = ?",
+             WHERE account = ? AND hour = ? AND service = ? AND model = ?",
         )
         .map_err(backend)?;
     let mut write = tx
         .prepare_cached(
-            "INSERT INTO cost_cells (account, hour, adjustment, service, model, lines)
-             VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (account, hour, adjustment, service, model)
+            "INSERT INTO cost_cells (account, hour, service, model, lines)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (account, hour, service, model)
              DO UPDATE SET lines = excluded.lines",
         )
         .map_err(backend)?;
-    for ((account, hour, adjustment, service, model), adds) in by_cell {
-        let key = params![account, hour, adjustment, service, model];
+    for ((account, hour, service, model), adds) in by_cell {
+        let key = params![account, hour, service, model];
         let stored: Option<Vec<u8>> = read
             .query_row(key, |r| r.get(0))
             .optional()
@@ -1269,7 +1269,7 @@ fn upsert_cells(
             other => other,
         })?;
         write
-            .execute(params![account, hour, adjustment, service, model, blob])
+            .execute(params![account, hour, service, model, blob])
             .map_err(backend)?;
     }
     Ok(())
@@ -2207,7 +2207,7 @@ fn insert_ingest_index(tx: &Connection, events: &[(u64, u64)]) -> Result<(), Sto
 mod tests;
 
 /// The columns a cell query selects, in the order [`each_cell_line`] reads them.
-const CELL_COLUMNS: &str = "SELECT hour, account, adjustment, service, model, lines";
+const CELL_COLUMNS: &str = "SELECT hour, account, service, model, lines";
 
 /// The query of a page of billing lines of a subtree after `after`: the cells from
 /// the cursor's own on (its later lines are in it), at most `limit + 1` of them (the
@@ -2243,17 +2243,16 @@ fn line_page_query(
         // Bound with their columns' types and compared as they are: an expression
         // in the row value (a CAST) keeps SQLite from seeking the primary key by
         // the whole row, and each page would scan its node's cells from the first.
-        sql.push_str(" AND (account, hour, adjustment, service, model) >= (?, ?, ?, ?, ?)");
+        sql.push_str(" AND (account, hour, service, model) >= (?, ?, ?, ?)");
         args.extend([
             Value::Text(a.account.as_str().to_string()),
             Value::Integer(a.hour),
-            Value::Integer(i64::from(a.adjustment)),
             Value::Text(a.service.clone()),
             Value::Text(a.model.clone()),
         ]);
     }
     sql.push_str(&format!(
-        " ORDER BY account, hour, adjustment, service, model LIMIT {}",
+        " ORDER BY account, hour, service, model LIMIT {}",
         limit.saturating_add(1)
     ));
     (sql, args)
@@ -2263,7 +2262,6 @@ fn line_page_query(
 struct Cell<'r> {
     hour: i64,
     account: &'r [u8],
-    adjustment: bool,
     service: &'r [u8],
     model: &'r [u8],
 }
@@ -2282,6 +2280,7 @@ fn each_cell_line(
     use rusqlite::types::ValueRef;
     let cursor = after.map(|a| {
         (
+            a.adjustment,
             a.key.as_str(),
             a.unit_price.map(|p| p.to_string()).unwrap_or_default(),
             a.currency.as_str(),
@@ -2289,16 +2288,18 @@ fn each_cell_line(
             a.version,
         )
     });
-    let cursor = cursor
-        .as_ref()
-        .map(|(key, price, currency, book, version)| cells::LineBytes {
-            key: key.as_bytes(),
-            price: price.as_bytes(),
-            currency: currency.as_bytes(),
-            book: book.as_bytes(),
-            version: *version,
-            sums: [&[]; 4],
-        });
+    let cursor =
+        cursor.as_ref().map(
+            |(adjustment, key, price, currency, book, version)| cells::LineBytes {
+                adjustment: *adjustment,
+                key: key.as_bytes(),
+                price: price.as_bytes(),
+                currency: currency.as_bytes(),
+                book: book.as_bytes(),
+                version: *version,
+                sums: [&[]; 4],
+            },
+        );
     let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
     let mut rows = stmt
         .query(rusqlite::params_from_iter(args))
@@ -2317,16 +2318,14 @@ fn each_cell_line(
         let cell = Cell {
             hour: r.get(0).map_err(backend)?,
             account: bytes(1)?,
-            adjustment: r.get(2).map_err(backend)?,
-            service: bytes(3)?,
-            model: bytes(4)?,
+            service: bytes(2)?,
+            model: bytes(3)?,
         };
         // The cursor's own cell: its lines up to the cursor were on the last page.
         let skip = match (after, &cursor) {
             (Some(a), Some(c))
                 if a.account.as_str().as_bytes() == cell.account
                     && a.hour == cell.hour
-                    && a.adjustment == cell.adjustment
                     && a.service.as_bytes() == cell.service
                     && a.model.as_bytes() == cell.model =>
             {
@@ -2335,7 +2334,7 @@ fn each_cell_line(
             _ => None,
         };
         let mut prev: Option<cells::LineBytes<'_>> = None;
-        for line in cells::lines(bytes(5)?) {
+        for line in cells::lines(bytes(4)?) {
             let line = line?;
             if prev.is_some_and(|p| p.order(&line) != std::cmp::Ordering::Less) {
                 return Err(StoreError::Corrupt(format!(
@@ -2513,7 +2512,7 @@ fn visit_lines(
         let line = ciyuan_store::LineRef {
             hour: cell.hour,
             account: node,
-            adjustment: cell.adjustment,
+            adjustment: l.adjustment,
             service: services.at(texts[0]),
             model: models.at(texts[1]),
             key: keys.at(texts[2]),
@@ -2610,7 +2609,7 @@ fn read_line_page(
         out.push(ciyuan_store::LineRow {
             hour: cell.hour,
             account,
-            adjustment: cell.adjustment,
+            adjustment: l.adjustment,
             service: text(cell.service, "service")?,
             model: text(cell.model, "model")?,
             key: text(l.key, "key")?,

@@ -152,6 +152,7 @@ fn seeded(path: &std::path::Path, nodes: u32, hours: u32) -> SqliteStore {
     ];
     let d = |t: &str| ciyuan_core::ExactSum::of(rust_decimal::Decimal::from_str_exact(t).unwrap());
     let line = |key: &str, price: &str, sums: [&str; 4]| crate::cells::OwnedLine {
+        adjustment: key == "rounding",
         key: key.into(),
         price: price.into(),
         currency: "CNY".into(),
@@ -163,31 +164,24 @@ fn seeded(path: &std::path::Path, nodes: u32, hours: u32) -> SqliteStore {
     let tx = conn.transaction().unwrap();
     {
         let mut insert = tx
-            .prepare("INSERT INTO cost_cells VALUES (?, ?, ?, 'llm.usage', ?, ?)")
+            .prepare("INSERT INTO cost_cells VALUES (?, ?, 'llm.usage', ?, ?)")
             .unwrap();
         for n in 0..nodes {
             let node = format!("bench/n{n:04}");
             for h in 0..hours {
                 let hour = 1793491200 + 3600 * i64::from(h);
                 for (model, p_in, p_out, l_in, l_out) in models {
-                    let usage = crate::cells::merge(
+                    let cell = crate::cells::merge(
                         None,
                         vec![
                             line("text.input", p_in, ["1000", l_in, l_in, l_in]),
                             line("text.output", p_out, ["1000", l_out, l_out, l_out]),
+                            line("rounding", "", ["0", "0", "0", "-0.0012"]),
                         ],
                     )
                     .unwrap();
-                    let rounding = crate::cells::merge(
-                        None,
-                        vec![line("rounding", "", ["0", "0", "0", "-0.0012"])],
-                    )
-                    .unwrap();
                     insert
-                        .execute(rusqlite::params![node, hour, false, model, usage])
-                        .unwrap();
-                    insert
-                        .execute(rusqlite::params![node, hour, true, model, rounding])
+                        .execute(rusqlite::params![node, hour, model, cell])
                         .unwrap();
                 }
             }
@@ -281,6 +275,7 @@ fn read_throughput() {
 fn pages_of_a_subtree_hold_its_lines_only() {
     let store = SqliteStore::open_in_memory().unwrap();
     let line = |key: &str| crate::cells::OwnedLine {
+        adjustment: key == "rounding",
         key: key.into(),
         price: "1".into(),
         currency: "CNY".into(),
@@ -293,7 +288,7 @@ fn pages_of_a_subtree_hold_its_lines_only() {
         store
             .conn()
             .execute(
-                "INSERT INTO cost_cells VALUES (?, ?, 0, 's', 'm', ?)",
+                "INSERT INTO cost_cells VALUES (?, ?, 's', 'm', ?)",
                 rusqlite::params![node, hour, blob],
             )
             .unwrap();
@@ -301,7 +296,11 @@ fn pages_of_a_subtree_hold_its_lines_only() {
     for node in ["a", "a-x", "a.b", "a/b", "a/b/c", "a/c", "a0", "ab", "b"] {
         cell(node, 3600, &["text.input", "text.output"]);
     }
-    cell("a/b", 7200, &["audio.input", "text.input", "text.output"]);
+    cell(
+        "a/b",
+        7200,
+        &["audio.input", "rounding", "text.input", "text.output"],
+    );
     let filter = HourFilter {
         account: AccountPath::parse("a").unwrap(),
         from_hour: None,
@@ -315,6 +314,7 @@ fn pages_of_a_subtree_hold_its_lines_only() {
         ("a/b", 7200, "audio.input"),
         ("a/b", 7200, "text.input"),
         ("a/b", 7200, "text.output"),
+        ("a/b", 7200, "rounding"),
         ("a/b/c", 3600, "text.input"),
         ("a/b/c", 3600, "text.output"),
         ("a/c", 3600, "text.input"),

@@ -112,12 +112,25 @@ fn subtree_rollups_equal_the_exact_rows(s: &dyn Store) {
         if i % 3 != 0
             && let EntryBody::Usage(u) = &mut e.body
         {
+            // Some priced, so an hour has usage lines beside its rounding.
+            let quantity = rust_decimal::Decimal::from(1 + ((x >> 20) % 1000) as i64);
+            let unit_price = rust_decimal::Decimal::new(25, 7);
+            let lines = if i % 3 == 1 {
+                vec![ciyuan_core::RatedLine {
+                    key: ciyuan_core::PriceKey::Tokens(Modality::Text, Direction::Input),
+                    quantity,
+                    unit_price,
+                    amount: quantity * unit_price,
+                }]
+            } else {
+                vec![]
+            };
             u.rating = Some(Box::new(Rating {
                 amount: rust_decimal::Decimal::new(((x >> 30) % 100_000) as i64 - 20_000, 6),
                 currency: cny,
                 book: "list".into(),
                 version: 1,
-                lines: vec![],
+                lines,
                 contract: None,
                 discount_percent: None,
                 markup_percent: None,
@@ -264,6 +277,56 @@ fn subtree_rollups_equal_the_exact_rows(s: &dyn Store) {
     }
     // The checks compared something: a store answering nothing would pass otherwise.
     assert!(compared > 500, "only {compared} sums compared");
+
+    // Billing lines a page at a time come in the contract's order: an hour's usage
+    // lines, then its adjustments, per service and model.
+    let all = HourFilter {
+        account: AccountPath::root(),
+        from_hour: None,
+        to_hour: None,
+    };
+    let mut paged = Vec::new();
+    let mut after: Option<crate::LineRow> = None;
+    loop {
+        let page = ok(
+            s.cost_lines_page(&all, after.as_ref(), 7),
+            "cost_lines_page()",
+        );
+        match page.last() {
+            Some(last) => after = Some(last.clone()),
+            None => break,
+        }
+        paged.extend(page);
+    }
+    let order = |l: &crate::LineRow| {
+        (
+            (
+                l.account.as_str().to_string(),
+                l.hour,
+                l.service.clone(),
+                l.model.clone(),
+            ),
+            (
+                l.adjustment,
+                l.key.clone(),
+                l.unit_price.map(|p| p.to_string()).unwrap_or_default(),
+            ),
+            (l.currency.as_str().to_string(), l.book.clone(), l.version),
+        )
+    };
+    assert!(
+        paged.windows(2).all(|w| order(&w[0]) < order(&w[1])),
+        "pages in key order"
+    );
+    let mixed = paged
+        .windows(2)
+        .filter(|w| order(&w[0]).0 == order(&w[1]).0 && !w[0].adjustment && w[1].adjustment)
+        .count();
+    assert!(
+        mixed > 10,
+        "only {mixed} hours hold usage and adjustment lines"
+    );
+    assert_eq!(paged.len(), ok(s.cost_lines(&all), "cost_lines()").len());
 }
 
 /// Where each hour's gateway requests lie in the log (merged across applies), service
@@ -750,6 +813,27 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
     for l in &lines {
         assert!(paged.contains(l), "{l:?} is in a page");
     }
+    // In the order the contract names, an hour's adjustments after its usage of the
+    // same service and model, whatever the backend stores.
+    let order = |l: &crate::LineRow| {
+        (
+            l.account.as_str().to_string(),
+            l.hour,
+            l.service.clone(),
+            l.model.clone(),
+            l.adjustment,
+            (
+                l.key.clone(),
+                l.unit_price.map(|p| p.to_string()).unwrap_or_default(),
+            ),
+            (l.currency.as_str().to_string(), l.book.clone(), l.version),
+        )
+    };
+    assert!(
+        paged.windows(2).all(|w| order(&w[0]) < order(&w[1])),
+        "pages in key order: {paged:?}"
+    );
+
     // Visited in place, a page at a time, the same lines in the same order, their
     // sums the decimals of the stored ones; a visitor that stops is obeyed.
     for limit in [1, 2, 1000] {

@@ -668,7 +668,7 @@ pub trait Store: Send + Sync + 'static {
     fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<LineRow>, StoreError>;
 
     /// At most `limit` hourly billing lines of a subtree after `after`, in the order
-    /// of their key (account, hour, adjustment, service, model, key, unit price,
+    /// of their key (account, hour, service, model, adjustment, key, unit price,
     /// currency, book, version): a cursor for exports of any size in bounded memory.
     fn cost_lines_page(
         &self,
