@@ -1571,28 +1571,28 @@ impl Store for Inner {
     }
 
     fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<LineRow>, StoreError> {
+        // An open range is read by the hour, as it always was: its rows' hours are
+        // what the caller gets.
+        let bounded = filter.from_hour.is_some() && filter.to_hour.is_some();
         // Whole UTC days from the daily table, the hours around them from the hourly.
-        let (from, to) = (filter.from_hour, filter.to_hour);
-        let first_day = from.map(|f| {
-            f.div_euclid(DAY_SECS) * DAY_SECS + if f % DAY_SECS == 0 { 0 } else { DAY_SECS }
-        });
-        let last_day = to.map(|t| t.div_euclid(DAY_SECS) * DAY_SECS);
-        let read =
-            |table: &str, from: Option<i64>, to: Option<i64>| -> Result<Vec<LineRow>, StoreError> {
-                self.hour_rows(LINE_COLUMNS, table, filter, from, to, "hour, account")?
-                    .iter()
-                    .map(line_from)
-                    .collect()
+        let mut out = Vec::new();
+        for stretch in ciyuan_store::tree::stretches(filter.from_hour, filter.to_hour, bounded) {
+            let table = match stretch.span {
+                ciyuan_store::tree::Span::Hour => "cost_lines",
+                ciyuan_store::tree::Span::Day => "cost_lines_daily",
             };
-        match (first_day, last_day) {
-            (Some(a), Some(b)) if a < b => {
-                let mut out = read("cost_lines", from, Some(a))?;
-                out.extend(read("cost_lines_daily", Some(a), Some(b))?);
-                out.extend(read("cost_lines", Some(b), to)?);
-                Ok(out)
+            for r in self.hour_rows(
+                LINE_COLUMNS,
+                table,
+                filter,
+                stretch.from,
+                stretch.to,
+                "hour, account",
+            )? {
+                out.push(line_from(&r)?);
             }
-            _ => read("cost_lines", from, to),
         }
+        Ok(out)
     }
 
     fn cost_lines_page(

@@ -1890,19 +1890,11 @@ impl Store for SqliteStore {
     }
 
     fn cost_lines(&self, filter: &HourFilter) -> Result<Vec<ciyuan_store::LineRow>, StoreError> {
+        // An open range is read by the hour, as it always was: its rows' hours are
+        // what the caller gets.
+        let bounded = filter.from_hour.is_some() && filter.to_hour.is_some();
         // Whole UTC days from the daily table, the hours around them from the hourly
         // one: the same sums, a twenty-fourth of the rows.
-        let from = filter.from_hour;
-        let to = filter.to_hour;
-        let first_day = from.map(|f| {
-            f.div_euclid(DAY_SECS) * DAY_SECS + if f % DAY_SECS == 0 { 0 } else { DAY_SECS }
-        });
-        let last_day = to.map(|t| t.div_euclid(DAY_SECS) * DAY_SECS);
-        let days = match (first_day, last_day) {
-            (Some(a), Some(b)) if a < b => Some((a, b)),
-            (None, None) => None,
-            _ => None,
-        };
         let conn = self.conn();
         let read = |table: &str, from: Option<i64>, to: Option<i64>| {
             let (cond, mut args) = subtree("account", &filter.account);
@@ -1929,15 +1921,15 @@ impl Store for SqliteStore {
                 read_lines(&conn, &sql, args)
             }
         };
-        match days {
-            None => read("cost_cells", from, to),
-            Some((a, b)) => {
-                let mut out = read("cost_cells", from, Some(a))?;
-                out.extend(read("cost_lines_daily", Some(a), Some(b))?);
-                out.extend(read("cost_cells", Some(b), to)?);
-                Ok(out)
-            }
+        let mut out = Vec::new();
+        for stretch in ciyuan_store::tree::stretches(filter.from_hour, filter.to_hour, bounded) {
+            let table = match stretch.span {
+                Span::Hour => "cost_cells",
+                Span::Day => "cost_lines_daily",
+            };
+            out.extend(read(table, stretch.from, stretch.to)?);
         }
+        Ok(out)
     }
 
     fn cost_lines_page(

@@ -187,41 +187,49 @@ impl TreeFilter {
     /// hours. The stretches are disjoint and cover the range exactly, so a row is
     /// counted once.
     pub fn stretches(&self) -> Vec<Stretch> {
-        let hours = |from, to| Stretch {
-            span: Span::Hour,
-            from,
-            to,
-        };
-        if !self.days {
-            return vec![hours(self.from_hour, self.to_hour)];
-        }
-        // Whole days: from the first day boundary at or after `from` to the last at
-        // or before `to`.
-        let first_day = self.from_hour.map(|f| day_of(f + DAY_SECS - 1));
-        let end_day = self.to_hour.map(day_of);
-        if let (Some(a), Some(b)) = (first_day, end_day)
-            && a >= b
-        {
-            return vec![hours(self.from_hour, self.to_hour)];
-        }
-        let mut out = Vec::with_capacity(3);
-        if let (Some(f), Some(a)) = (self.from_hour, first_day)
-            && f < a
-        {
-            out.push(hours(Some(f), Some(a)));
-        }
-        out.push(Stretch {
-            span: Span::Day,
-            from: first_day,
-            to: end_day,
-        });
-        if let (Some(b), Some(t)) = (end_day, self.to_hour)
-            && b < t
-        {
-            out.push(hours(Some(b), Some(t)));
-        }
-        out
+        stretches(self.from_hour, self.to_hour, self.days)
     }
+}
+
+/// The hours `from_hour..to_hour` (either end open) cut into the hours before the
+/// first whole UTC day, the whole days and the hours after the last; without `days`,
+/// one stretch of hours. Every table kept by hour and by UTC day (subtree rollups,
+/// billing lines) is read by these stretches.
+pub fn stretches(from_hour: Option<i64>, to_hour: Option<i64>, days: bool) -> Vec<Stretch> {
+    let hours = |from, to| Stretch {
+        span: Span::Hour,
+        from,
+        to,
+    };
+    if !days {
+        return vec![hours(from_hour, to_hour)];
+    }
+    // Whole days: from the first day boundary at or after `from` to the last at or
+    // before `to`.
+    let first_day = from_hour.map(|f| day_of(f + DAY_SECS - 1));
+    let end_day = to_hour.map(day_of);
+    if let (Some(a), Some(b)) = (first_day, end_day)
+        && a >= b
+    {
+        return vec![hours(from_hour, to_hour)];
+    }
+    let mut out = Vec::with_capacity(3);
+    if let (Some(f), Some(a)) = (from_hour, first_day)
+        && f < a
+    {
+        out.push(hours(Some(f), Some(a)));
+    }
+    out.push(Stretch {
+        span: Span::Day,
+        from: first_day,
+        to: end_day,
+    });
+    if let (Some(b), Some(t)) = (end_day, to_hour)
+        && b < t
+    {
+        out.push(hours(Some(b), Some(t)));
+    }
+    out
 }
 
 /// The direct children of `node` among `paths` (any order, any depth).
