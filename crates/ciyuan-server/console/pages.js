@@ -7,6 +7,7 @@ import { allows, api, ApiError } from "./api.js";
 import { h, go } from "./app.js";
 import { money, num, t, when, language } from "./i18n.js";
 import { verifyProof } from "./proof.js";
+import { dayStart, ymd } from "./time.js";
 
 const has = allows;
 
@@ -40,25 +41,6 @@ async function zoneOf(path) {
     p = p.includes("/") ? p.slice(0, p.lastIndexOf("/")) : "/";
   }
   return "UTC";
-}
-
-/** `YYYY-MM-DD` of `date` in `tz`. */
-function ymd(date, tz) {
-  return new Intl.DateTimeFormat("en-CA", { timeZone: tz, year: "numeric", month: "2-digit", day: "2-digit" }).format(date);
-}
-
-/** The UTC offset of `tz` at `date`, as `+08:00`. */
-function offset(date, tz) {
-  const s = new Intl.DateTimeFormat("en-US", { timeZone: tz, timeZoneName: "longOffset" })
-    .formatToParts(date)
-    .find((p) => p.type === "timeZoneName").value;
-  const m = /GMT([+-]\d\d:\d\d)?/.exec(s);
-  return m && m[1] ? m[1] : "+00:00";
-}
-
-/** Midnight starting the day `day` (YYYY-MM-DD) in `tz`, as RFC 3339. */
-function dayStart(day, tz) {
-  return `${day}T00:00:00${offset(new Date(`${day}T12:00:00Z`), tz)}`;
 }
 
 function costText(cost) {

@@ -48,6 +48,7 @@ const ASSETS: &[Asset] = &[
     asset!("i18n.js", JS),
     asset!("pages.js", JS),
     asset!("proof.js", JS),
+    asset!("time.js", JS),
     asset!("style.css", CSS),
     asset!("vendor/uPlot.iife.min.js", JS),
     asset!("vendor/uPlot.min.css", CSS),

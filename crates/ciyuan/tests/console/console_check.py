@@ -202,6 +202,18 @@ check("gpt-4o" in d.find_element(By.ID, "usage-chart").text, "the call is a seri
 shot("admin-usage")
 open_page("usage", account="acme", group="account", bucket="day")
 check("acme/cn" in d.find_element(By.ID, "usage-table").text, "usage by child account")
+# A zone's midnight on a day its offset changes: New York's 8 March 2026 starts at
+# -05:00 (summer time begins at 02:00), not at noon's -04:00.
+starts = d.execute_async_script(
+    """const done = arguments[arguments.length - 1];
+    import('/console/time.js').then((m) => done([
+      m.dayStart('2026-03-08', 'America/New_York'),
+      m.dayStart('2026-11-01', 'America/New_York'),
+      m.dayStart('2026-11-01', 'Asia/Shanghai'),
+    ]), (e) => done(String(e)));"""
+)
+check(starts == ["2026-03-08T00:00:00-05:00", "2026-11-01T00:00:00-04:00", "2026-11-01T00:00:00+08:00"],
+      f"a zone's midnight where summer time starts or ends: {starts}")
 open_page("overview", account="acme")
 check("gpt-4o" in d.find_element(By.ID, "top-model").text, "the overview's top models")
 budget_budget = d.find_element(By.ID, "today").text
