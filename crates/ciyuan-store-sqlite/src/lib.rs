@@ -1107,10 +1107,6 @@ fn add_trees(
     cost: &ciyuan_store::tree::TreeCost<'_>,
 ) -> Result<(), StoreError> {
     use ciyuan_store::tree::Span;
-    let table = |span: Span, what: &str| match span {
-        Span::Hour => format!("{what}_tree_hourly"),
-        Span::Day => format!("{what}_tree_daily"),
-    };
     let mut rows: Vec<_> = usage.iter().collect();
     rows.sort_unstable_by_key(|(k, _)| {
         (
@@ -1123,28 +1119,36 @@ fn add_trees(
             k.direction.as_str(),
         )
     });
-    for (k, tokens) in rows {
-        let (hi, lo) = split_sum(*tokens)?;
-        tx.prepare_cached(&format!(
-            "INSERT INTO {} (account, hour, service, model, modality, direction, hi, lo)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (account, hour, service, model, modality, direction)
-             DO UPDATE SET hi = hi + excluded.hi + ((lo + excluded.lo) >> 62),
-                           lo = (lo + excluded.lo) & 4611686018427387903",
-            table(k.span, "usage")
-        ))
-        .map_err(backend)?
-        .execute(params![
-            k.node,
-            k.start,
-            k.service,
-            k.model,
-            k.modality.as_str(),
-            k.direction.as_str(),
-            hi,
-            lo
-        ])
-        .map_err(backend)?;
+    for span in [Span::Hour, Span::Day] {
+        let table = if span == Span::Hour {
+            "usage_tree_hourly"
+        } else {
+            "usage_tree_daily"
+        };
+        let mut write = tx
+            .prepare_cached(&format!(
+                "INSERT INTO {table} (account, hour, service, model, modality, direction, hi, lo)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (account, hour, service, model, modality, direction)
+                 DO UPDATE SET hi = hi + excluded.hi + ((lo + excluded.lo) >> 62),
+                               lo = (lo + excluded.lo) & 4611686018427387903"
+            ))
+            .map_err(backend)?;
+        for (k, tokens) in rows.iter().filter(|(k, _)| k.span == span) {
+            let (hi, lo) = split_sum(**tokens)?;
+            write
+                .execute(params![
+                    k.node,
+                    k.start,
+                    k.service,
+                    k.model,
+                    k.modality.as_str(),
+                    k.direction.as_str(),
+                    hi,
+                    lo
+                ])
+                .map_err(backend)?;
+        }
     }
     let mut rows: Vec<_> = cost.iter().collect();
     rows.sort_unstable_by_key(|(k, _)| {
@@ -1157,25 +1161,33 @@ fn add_trees(
             k.currency.as_str(),
         )
     });
-    for (k, add) in rows {
-        let text = amount_text(*add, || format!("the subtree cost of {}", k.node))?;
-        tx.prepare_cached(&format!(
-            "INSERT INTO {} (account, hour, service, model, currency, amount)
-             VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (account, hour, service, model, currency)
-             DO UPDATE SET amount = dec_add(amount, excluded.amount)",
-            table(k.span, "cost")
-        ))
-        .map_err(backend)?
-        .execute(params![
-            k.node,
-            k.start,
-            k.service,
-            k.model,
-            k.currency.as_str(),
-            text
-        ])
-        .map_err(backend)?;
+    for span in [Span::Hour, Span::Day] {
+        let table = if span == Span::Hour {
+            "cost_tree_hourly"
+        } else {
+            "cost_tree_daily"
+        };
+        let mut write = tx
+            .prepare_cached(&format!(
+                "INSERT INTO {table} (account, hour, service, model, currency, amount)
+                 VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (account, hour, service, model, currency)
+                 DO UPDATE SET amount = dec_add(amount, excluded.amount)"
+            ))
+            .map_err(backend)?;
+        for (k, add) in rows.iter().filter(|(k, _)| k.span == span) {
+            let text = amount_text(**add, || format!("the subtree cost of {}", k.node))?;
+            write
+                .execute(params![
+                    k.node,
+                    k.start,
+                    k.service,
+                    k.model,
+                    k.currency.as_str(),
+                    text
+                ])
+                .map_err(backend)?;
+        }
     }
     Ok(())
 }
