@@ -181,9 +181,9 @@ async function overview({ who, params }) {
 async function accounts({ who, params }) {
   const node = params.get("path") || who.account;
   const tz = await zoneOf(node);
-  const under = await api("GET", `/api/v1/accounts?under=${encodeURIComponent(node)}&limit=10000`);
-  const depth = (p) => (p === "/" ? 0 : p.split("/").length);
-  const children = under.accounts.filter((a) => a.path !== node && depth(a.path) === depth(node) + 1);
+  // The direct children only, however large their subtrees.
+  const under = await api("GET", `/api/v1/accounts?under=${encodeURIComponent(node)}&depth=1&limit=10000`);
+  const children = under.accounts;
   const monthFrom = dayStart(`${ymd(new Date(), tz).slice(0, 7)}-01`, tz);
   const usage = await api("GET", usageUrl({ account: node, from: monthFrom, group_by: "child", with: "cost", tz }));
   // Each child's subtree is one row (its rollup); the node's own usage is the row

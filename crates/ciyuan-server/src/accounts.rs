@@ -279,10 +279,18 @@ pub struct ListQuery {
     /// The `next` of the previous page: the path of its last node.
     after: Option<String>,
     limit: Option<String>,
+    /// `1`: only the direct children of `under` (the console's tree, whatever the
+    /// size of the subtree below them).
+    depth: Option<String>,
 }
 
-/// `GET /api/v1/accounts?under=&after=&limit=`: a page of a subtree's nodes in path
-/// order, with `next` (the `after` of the next page) unless it is the last.
+/// How many of a subtree's nodes a `depth=1` listing reads from the store at a time
+/// while it looks for children.
+const CHILDREN_SCAN: usize = if cfg!(test) { 4 } else { 1024 };
+
+/// `GET /api/v1/accounts?under=&after=&limit=&depth=`: a page of a subtree's nodes in
+/// path order (with `depth=1`, of the node's direct children only), with `next` (the
+/// `after` of the next page) unless it is the last.
 pub async fn list(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -303,11 +311,40 @@ pub async fn list(
             "after: {a} is not within {under}; pass the next of the previous page of this listing"
         )));
     }
+    let children_only = match q.depth.as_deref() {
+        None => false,
+        Some("1") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "depth {other:?} is not 1 (the direct children; leave it out for the whole subtree)"
+            )));
+        }
+    };
     let mut accounts = app
         .blocking(move |app| {
-            app.store
-                .accounts_page(&under, after.as_ref(), limit + 1)
-                .map_err(ApiError::from)
+            if !children_only {
+                return app
+                    .store
+                    .accounts_page(&under, after.as_ref(), limit + 1)
+                    .map_err(ApiError::from);
+            }
+            // The subtree in path order, keeping its children: a child's descendants
+            // follow it, so they are read and passed over.
+            let want = under.depth() + 1;
+            let mut out = Vec::new();
+            let mut cursor = after;
+            loop {
+                let page = app
+                    .store
+                    .accounts_page(&under, cursor.as_ref(), CHILDREN_SCAN)
+                    .map_err(ApiError::from)?;
+                let last_page = page.len() < CHILDREN_SCAN;
+                cursor = page.last().map(|a| a.path.clone());
+                out.extend(page.into_iter().filter(|a| a.path.depth() == want));
+                if out.len() > limit || last_page {
+                    return Ok(out);
+                }
+            }
         })
         .await?;
     let more = more_after(&mut accounts, limit);

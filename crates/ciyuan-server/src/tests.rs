@@ -1959,3 +1959,54 @@ async fn usage_by_child_is_each_childs_subtree_and_the_nodes_own() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn accounts_listed_by_depth_are_the_direct_children_page_by_page() {
+    let h = harness().await;
+    // Children with subtrees larger than one scan of the store between them.
+    for c in ["a", "b", "c", "d", "e"] {
+        for g in ["x", "y", "z"] {
+            h.admin(
+                "POST",
+                "/api/v1/accounts",
+                Some(json!({"path": format!("acme/{c}/{g}/deep")})),
+            )
+            .await;
+        }
+    }
+    h.admin("POST", "/api/v1/accounts", Some(json!({"path": "acmex"})))
+        .await;
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let url = match &after {
+            Some(a) => format!("/api/v1/accounts?under=acme&depth=1&limit=2&after={a}"),
+            None => "/api/v1/accounts?under=acme&depth=1&limit=2".to_string(),
+        };
+        let (s, v) = h.admin("GET", &url, None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        for a in v["accounts"].as_array().unwrap() {
+            seen.push(a["path"].as_str().unwrap().to_string());
+        }
+        match v["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["acme/a", "acme/b", "acme/c", "acme/d", "acme/e"]);
+    let (s, v) = h
+        .admin("GET", "/api/v1/accounts?under=/&depth=1", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let top: Vec<_> = v["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(top, ["acme", "acmex"]);
+    let (s, v) = h
+        .admin("GET", "/api/v1/accounts?under=acme&depth=2", None)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
