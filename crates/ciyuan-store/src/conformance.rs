@@ -61,6 +61,50 @@ fn created(account: &str) -> Entry {
     )
 }
 
+/// Every billing line of `filter`, read a page of `limit` at a time.
+fn all_pages(s: &dyn Store, filter: &HourFilter, limit: usize) -> Vec<crate::LineRow> {
+    let mut paged = Vec::new();
+    let mut after: Option<crate::LineRow> = None;
+    loop {
+        let page = ok(
+            s.cost_lines_page(filter, after.as_ref(), limit),
+            "cost_lines_page()",
+        );
+        match page.last() {
+            Some(last) => after = Some(last.clone()),
+            None => break,
+        }
+        paged.extend(page);
+    }
+    paged
+}
+
+/// A billing line's place in the order the `Store` contract lists lines: node, hour,
+/// service and model, then usage before adjustments, then key, price, currency, book
+/// and version.
+type LinePlace = (
+    (String, i64, String, String),
+    (bool, String, String),
+    (String, String, u32),
+);
+
+fn line_place(l: &crate::LineRow) -> LinePlace {
+    (
+        (
+            l.account.as_str().to_string(),
+            l.hour,
+            l.service.clone(),
+            l.model.clone(),
+        ),
+        (
+            l.adjustment,
+            l.key.clone(),
+            l.unit_price.map(|p| p.to_string()).unwrap_or_default(),
+        ),
+        (l.currency.as_str().to_string(), l.book.clone(), l.version),
+    )
+}
+
 /// Runs every check against fresh stores made by `make`.
 pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     projections_apply_in_order(make().as_ref());
@@ -285,35 +329,8 @@ fn subtree_rollups_equal_the_exact_rows(s: &dyn Store) {
         from_hour: None,
         to_hour: None,
     };
-    let mut paged = Vec::new();
-    let mut after: Option<crate::LineRow> = None;
-    loop {
-        let page = ok(
-            s.cost_lines_page(&all, after.as_ref(), 7),
-            "cost_lines_page()",
-        );
-        match page.last() {
-            Some(last) => after = Some(last.clone()),
-            None => break,
-        }
-        paged.extend(page);
-    }
-    let order = |l: &crate::LineRow| {
-        (
-            (
-                l.account.as_str().to_string(),
-                l.hour,
-                l.service.clone(),
-                l.model.clone(),
-            ),
-            (
-                l.adjustment,
-                l.key.clone(),
-                l.unit_price.map(|p| p.to_string()).unwrap_or_default(),
-            ),
-            (l.currency.as_str().to_string(), l.book.clone(), l.version),
-        )
-    };
+    let paged = all_pages(s, &all, 7);
+    let order = line_place;
     assert!(
         paged.windows(2).all(|w| order(&w[0]) < order(&w[1])),
         "pages in key order"
@@ -790,50 +807,25 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
         "cost_lines(acme/b)",
     );
     assert!(none.is_empty(), "only the subtree asked for: {none:?}");
-    // Paged by key, the pages hold every line once.
+    // Paged by key, the pages hold every line once, in the order the contract names,
+    // an hour's adjustments after its usage of the same service and model, whatever
+    // the backend stores.
     let all = HourFilter {
         account: path("acme"),
         from_hour: None,
         to_hour: None,
     };
-    let mut paged = Vec::new();
-    let mut after: Option<crate::LineRow> = None;
-    loop {
-        let page = ok(
-            s.cost_lines_page(&all, after.as_ref(), 1),
-            "cost_lines_page()",
-        );
-        match page.last() {
-            Some(last) => after = Some(last.clone()),
-            None => break,
-        }
-        paged.extend(page);
-    }
+    let paged = all_pages(s, &all, 1);
     assert_eq!(paged.len(), lines.len());
     for l in &lines {
         assert!(paged.contains(l), "{l:?} is in a page");
     }
-    // In the order the contract names, an hour's adjustments after its usage of the
-    // same service and model, whatever the backend stores.
-    let order = |l: &crate::LineRow| {
-        (
-            l.account.as_str().to_string(),
-            l.hour,
-            l.service.clone(),
-            l.model.clone(),
-            l.adjustment,
-            (
-                l.key.clone(),
-                l.unit_price.map(|p| p.to_string()).unwrap_or_default(),
-            ),
-            (l.currency.as_str().to_string(), l.book.clone(), l.version),
-        )
-    };
     assert!(
-        paged.windows(2).all(|w| order(&w[0]) < order(&w[1])),
+        paged
+            .windows(2)
+            .all(|w| line_place(&w[0]) < line_place(&w[1])),
         "pages in key order: {paged:?}"
     );
-
     // Visited in place, a page at a time, the same lines in the same order, their
     // sums the decimals of the stored ones; a visitor that stops is obeyed.
     for limit in [1, 2, 1000] {
