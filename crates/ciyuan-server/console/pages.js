@@ -257,6 +257,36 @@ async function accounts({ who, params }) {
   return body;
 }
 
+/** A chart of a usage answer bucketed by day: tokens a day, the day's cost in its legend. */
+function dailyChart(id, usage, tz) {
+  const el = h("div", { class: "chart", id, role: "img", "aria-label": t("history") });
+  if (!usage.rows.length || !window.uPlot) {
+    el.append(h("p", { class: "muted" }, t("none")));
+    return el;
+  }
+  const xs = usage.rows.map((r) => Date.parse(r.bucket_start) / 1000);
+  const tokens = usage.rows.map((r) => Number(r.total));
+  const opts = {
+    width: Math.min(1150, document.getElementById("main").clientWidth - 30),
+    height: 220,
+    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), tz),
+    scales: xs.length > 1 ? {} : { x: { time: true, range: (_u, lo, hi) => [lo - 86400, hi + 86400] } },
+    series: [
+      {},
+      {
+        label: t("tokens"),
+        stroke: PALETTE[0],
+        fill: PALETTE[0] + "55",
+        value: (_u, _v, _si, idx) => (idx == null ? "" : `${num(tokens[idx])} · ${costText(usage.rows[idx].cost)}`),
+      },
+    ],
+    axes: [{}, { values: (_u, ticks) => ticks.map((v) => new Intl.NumberFormat(language(), { notation: "compact" }).format(v)), size: 60 }],
+  };
+  // uPlot measures its container: it is drawn once the page is in the document.
+  queueMicrotask(() => requestAnimationFrame(() => new uPlot(opts, [xs, tokens], el)));
+  return el;
+}
+
 // ---------------------------------------------------------------- Usage explorer
 
 const PALETTE = ["#0b5cad", "#d1495b", "#edae49", "#00798c", "#66a182", "#8e6c8a", "#30638e", "#a05a2c", "#4f6d7a", "#c0c0c0"];
@@ -500,10 +530,14 @@ function sizeBar(el, used, reserved, amount, thresholds) {
 
 async function budgets({ who, params }) {
   const node = nodeOf(who, params);
-  const [b, w, incidents] = await Promise.all([
+  const tz = await zoneOf(node);
+  // The node's last 30 days by day in its zone: one subtree rollup row a day.
+  const since = dayStart(ymd(new Date(Date.now() - 29 * 86400e3), tz), tz);
+  const [b, w, incidents, history] = await Promise.all([
     api("GET", `/api/v1/budgets/${enc(node)}`),
     api("GET", `/api/v1/wallets/${enc(node)}?limit=20`).catch((e) => ({ error: e.message, wallets: [], movements: [] })),
     api("GET", `/api/v1/incidents?account=${encodeURIComponent(node)}&limit=20`),
+    api("GET", usageUrl({ account: node, from: since, bucket: "day", with: "cost", tz })),
   ]);
   const bars = [];
   const limitRows = (b.limits || []).map((l) => {
@@ -528,6 +562,7 @@ async function budgets({ who, params }) {
     ),
   );
   requestAnimationFrame(() => bars.forEach((f) => f()));
+  body.append(h("h2", {}, t("history")), dailyChart("budget-history", history, tz));
   if (has(who, "admin")) {
     const amount = h("input", { id: "budget-tokens", name: "tokens", type: "number", min: 1, required: true });
     const period = h("select", { id: "budget-period", name: "period" }, ["month", "day", "hour", "lifetime"].map((p) => h("option", { value: p }, p)));

@@ -220,6 +220,9 @@ budget_budget = d.find_element(By.ID, "today").text
 check(any(c.isdigit() for c in budget_budget), "today's tokens on the overview")
 open_page("accounts", path="acme")
 check("acme/cn" in d.find_element(By.ID, "children").text, "the account tree rolls up children")
+open_page("budgets", account="acme")
+wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#budget-history .uplot canvas"))
+check(True, "the budgets page charts the node's last 30 days")
 
 open_page("statements", account="acme")
 shot("admin-statements")
