@@ -1025,9 +1025,10 @@ impl Inner {
         self.conn()?.query(sql, &params(p)).map_err(backend)
     }
 
-    /// The rows of the `what` (`usage` or `cost`) subtree rollups `filter` names, in
-    /// one statement: per node, one range of hours or days for each stretch of the
-    /// filter's range, and with [`Subtrees::ChildrenOf`] the node's own hourly rows.
+    /// The rows of the `what` (`usage` or `cost`) rollups `filter` names, in one
+    /// statement: per node, its own hourly rows and one range of hours or days below it
+    /// for each stretch of the filter's range, and with [`Subtrees::ChildrenOf`] the
+    /// node's own hourly rows.
     fn tree_rows(
         &self,
         filter: &TreeFilter,
@@ -1073,7 +1074,11 @@ impl Inner {
                 )
             }
         };
-        let mut parts = Vec::new();
+        // The nodes' own usage, then what lies below them.
+        let own_range = range(&mut args, filter.from_hour, filter.to_hour);
+        let mut parts = vec![format!(
+            "SELECT {columns} FROM {what}_hourly WHERE account IN (SELECT node FROM nodes){own_range}"
+        )];
         for stretch in filter.stretches() {
             let table = match stretch.span {
                 Span::Hour => "hourly",

@@ -438,9 +438,9 @@ type CellLineFn<'a> = dyn FnMut(&Cell<'_>, &cells::LineBytes<'_>) -> Result<std:
 
 impl SqliteStore {
     /// Runs `run` on each query that together read what `filter` asks of the `what`
-    /// (`usage` or `cost`) subtree rollups: per node, one range of hours or days for
-    /// each stretch of the filter's range, and with [`Subtrees::ChildrenOf`] the
-    /// node's own hourly rows.
+    /// (`usage` or `cost`) rollups: per node, its own hourly rows and one range of
+    /// hours or days below it for each stretch of the filter's range, and with
+    /// [`Subtrees::ChildrenOf`] the node's own hourly rows.
     fn each_tree_query(
         &self,
         conn: &Connection,
@@ -473,7 +473,15 @@ impl SqliteStore {
             }
         };
         let stretches = filter.stretches();
+        let (range, more) = hour_range(filter.from_hour, filter.to_hour);
         for node in &nodes {
+            // The node's own usage, then what lies below it.
+            let mut args = vec![node.as_str().to_string()];
+            args.extend(more.iter().cloned());
+            run(
+                &format!("{columns} FROM {what}_hourly WHERE account = ?{range}"),
+                args,
+            )?;
             for stretch in &stretches {
                 let table = match stretch.span {
                     Span::Hour => "hourly",
@@ -489,9 +497,8 @@ impl SqliteStore {
             }
         }
         if let Some(node) = own {
-            let (range, mut more) = hour_range(filter.from_hour, filter.to_hour);
             let mut args = vec![node.as_str().to_string()];
-            args.append(&mut more);
+            args.extend(more.iter().cloned());
             run(
                 &format!("{columns} FROM {what}_hourly WHERE account = ?{range}"),
                 args,

@@ -743,11 +743,11 @@ pub trait Store: Send + Sync + 'static {
     /// Hourly rollup rows of a subtree, summed over equal keys.
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
 
-    /// Token rows of the subtree rollups `filter` names (see [`tree::TreeFilter`]):
-    /// each row a whole subtree's sum for one hour (or, with `days`, one UTC day
-    /// stamped at its start) and key, its `account` the subtree's node. With
-    /// [`tree::Subtrees::ChildrenOf`], also the node's own hourly rows (not its
-    /// children's), under its own name.
+    /// Token rows of the subtrees `filter` names (see [`tree::TreeFilter`]), each row
+    /// named for its subtree's node and summing to that whole subtree: the node's own
+    /// hourly rows and the rollups of what lies below it, by hour (or, with `days`,
+    /// whole UTC days stamped at their start). With [`tree::Subtrees::ChildrenOf`],
+    /// also the node's own hourly rows (not its children's), under its own name.
     fn usage_tree(&self, filter: &tree::TreeFilter) -> Result<Vec<HourRow>, StoreError>;
 
     /// Cost rows of the subtree rollups `filter` names, as [`Store::usage_tree`].

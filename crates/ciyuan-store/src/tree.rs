@@ -1,11 +1,14 @@
-//! Subtree rollups: each node's usage and cost summed over its whole subtree, by UTC
-//! hour and by UTC day, kept as entries are projected.
+//! Subtree rollups: the usage and cost of everything below each node (its descendants,
+//! not the node itself), by UTC hour and by UTC day, kept as entries are projected.
 //!
-//! A question about a node that does not split by exact account (its month, its
-//! models, its children's shares) then reads one row per hour or day and key of that
-//! node (or of each child) instead of every row of every descendant: a month of a tree
-//! of 1,000 leaves is 1,000 times fewer rows. The rules live here once; a backend only
-//! writes the sums and reads the rows [`TreeFilter`] names.
+//! A node's whole subtree is then its own hourly rows (the exact rollups every node
+//! has) plus one row per hour or day and key of what lies below it: a question about a
+//! node that does not split by exact account (its month, its models, its children's
+//! shares) reads those instead of every row of every descendant, 1,000 times fewer for
+//! a tree of 1,000 leaves. Only ancestors get rows, so a leaf's usage, the bulk of any
+//! ledger, is written once (its own rollup), and an ancestor's rows sum a whole batch
+//! of its descendants' entries into one write. The rules live here once; a backend
+//! only writes the sums and reads the rows [`TreeFilter`] names.
 
 use crate::StoreError;
 use crate::projection::{CostKey, CostSums, RollupKey};
@@ -24,8 +27,8 @@ pub enum Span {
     Day,
 }
 
-/// The key of a subtree token rollup: borrowed from the entries, the node a prefix of
-/// an entry's path.
+/// The key of a subtree token rollup (what lies below `node`): borrowed from the
+/// entries, the node a prefix of an entry's path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TreeKey<'a> {
     /// The subtree's node (its internal text: empty for the root).
@@ -66,19 +69,15 @@ pub type TreeUsage<'a> = FxHashMap<TreeKey<'a>, i128>;
 /// Exact amounts to add to subtree cost rollups.
 pub type TreeCost<'a> = FxHashMap<TreeCostKey<'a>, ExactSum>;
 
-/// The root and every ancestor of `path`, and `path` itself, as prefixes of its
-/// internal text ([`AccountPath::as_str`]: empty for the root).
-pub fn subtrees_of(path: &AccountPath) -> impl Iterator<Item = &str> {
+/// Every strict ancestor of `path` (the root first, not `path` itself), as prefixes of
+/// its internal text ([`AccountPath::as_str`]: empty for the root).
+pub fn ancestors_of(path: &AccountPath) -> impl Iterator<Item = &str> {
     let s = path.as_str();
-    let inner = (!path.is_root())
-        .then(|| {
-            s.match_indices('/')
-                .map(move |(i, _)| &s[..i])
-                .chain(std::iter::once(s))
-        })
+    let inner = s.match_indices('/').map(move |(i, _)| &s[..i]);
+    (!path.is_root())
+        .then(|| std::iter::once("").chain(inner))
         .into_iter()
-        .flatten();
-    std::iter::once("").chain(inner)
+        .flatten()
 }
 
 /// The start of the UTC day holding the hour starting at `hour`.
@@ -86,13 +85,13 @@ pub fn day_of(hour: i64) -> i64 {
     hour.div_euclid(DAY_SECS) * DAY_SECS
 }
 
-/// Adds each hourly token sum to the hour and the day of every subtree holding it.
+/// Adds each hourly token sum to the hour and the day of every strict ancestor.
 ///
 /// Errors only on a sum that leaves 128 bits (see [`crate::project`]).
 pub fn tree_usage<'a>(usage: &FxHashMap<RollupKey<'a>, i128>) -> Result<TreeUsage<'a>, StoreError> {
     let mut out = TreeUsage::default();
     for (k, n) in usage {
-        for node in subtrees_of(k.account) {
+        for node in ancestors_of(k.account) {
             for (span, start) in [(Span::Hour, k.hour), (Span::Day, day_of(k.hour))] {
                 let slot = out
                     .entry(TreeKey {
@@ -114,7 +113,7 @@ pub fn tree_usage<'a>(usage: &FxHashMap<RollupKey<'a>, i128>) -> Result<TreeUsag
     Ok(out)
 }
 
-/// Adds each hourly cost to the hour and the day of every subtree holding it.
+/// Adds each hourly cost to the hour and the day of every strict ancestor.
 pub fn tree_cost<'a>(cost: &CostSums<'a>) -> Result<TreeCost<'a>, StoreError> {
     let mut out = TreeCost::default();
     for (k, amount) in cost {
@@ -125,7 +124,7 @@ pub fn tree_cost<'a>(cost: &CostSums<'a>) -> Result<TreeCost<'a>, StoreError> {
             model,
             currency,
         } = *k;
-        for node in subtrees_of(account) {
+        for node in ancestors_of(account) {
             for (span, start) in [(Span::Hour, hour), (Span::Day, day_of(hour))] {
                 let slot = out
                     .entry(TreeCostKey {
@@ -254,14 +253,14 @@ mod tests {
     }
 
     #[test]
-    fn subtrees_are_the_root_every_ancestor_and_the_node() {
+    fn ancestors_are_the_root_and_every_node_above() {
         let p = path("acme/cn/hr");
         assert_eq!(
-            subtrees_of(&p).collect::<Vec<_>>(),
-            ["", "acme", "acme/cn", "acme/cn/hr"]
+            ancestors_of(&p).collect::<Vec<_>>(),
+            ["", "acme", "acme/cn"]
         );
-        assert_eq!(subtrees_of(&path("acme")).collect::<Vec<_>>(), ["", "acme"]);
-        assert_eq!(subtrees_of(&AccountPath::root()).collect::<Vec<_>>(), [""]);
+        assert_eq!(ancestors_of(&path("acme")).collect::<Vec<_>>(), [""]);
+        assert_eq!(ancestors_of(&AccountPath::root()).count(), 0);
     }
 
     #[test]
