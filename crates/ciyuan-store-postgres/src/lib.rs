@@ -90,6 +90,8 @@ ALTER TABLE nodes ADD COLUMN paused BIGINT;
     holds::MIGRATION_LEASES,
     // 11: console sessions (`Store::insert_session`).
     store::MIGRATION_SESSIONS,
+    // 13: entry keys claimed before the append, out of the head lock (`log.rs`).
+    log::MIGRATION_CLAIMS,
 ];
 
 /// The schema version this build writes.
