@@ -553,3 +553,46 @@ fn a_claim_left_by_a_dead_node_expires_and_frees_its_keys() {
     );
     assert_eq!(b.find_keys(&[key(9)]).unwrap(), vec![Some(0)]);
 }
+
+#[test]
+fn keys_recorded_before_claims_existed_keep_their_entries() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("legacy").unwrap();
+    let a = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    assert_eq!(
+        append(&a, &["x", "y"], vec![None, Some(key(5))]).unwrap(),
+        0..2
+    );
+    a.close();
+    drop(a);
+    // The schema as it was before claims: each key with its entry's index.
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute(
+        "ALTER TABLE log_keys ADD COLUMN idx BIGINT;
+         UPDATE log_keys k SET idx = c.start + k.pos FROM log_claims c WHERE c.id = k.claim;
+         ALTER TABLE log_keys DROP COLUMN claim, DROP COLUMN pos;
+         ALTER TABLE log_keys ALTER COLUMN idx SET NOT NULL;
+         DROP TABLE log_claims;
+         DROP SEQUENCE log_claim_ids;
+         DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM schema_migrations);",
+    )
+    .unwrap();
+    assert_eq!(
+        c.query_one("SELECT idx FROM log_keys", &[])
+            .unwrap()
+            .get::<_, i64>(0),
+        1
+    );
+    // Migrated on open: the old key still names its entry and still holds.
+    let b = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    assert_eq!(b.find_keys(&[key(5)]).unwrap(), vec![Some(1)]);
+    match append(&b, &["z"], vec![Some(key(5))]) {
+        Err(LogError::Duplicate(held)) => assert_eq!(held, vec![(0, 1)]),
+        other => panic!("the old key must hold: {other:?}"),
+    }
+    assert_eq!(append(&b, &["w"], vec![Some(key(6))]).unwrap(), 2..3);
+    assert_eq!(
+        b.find_keys(&[key(5), key(6)]).unwrap(),
+        vec![Some(1), Some(2)]
+    );
+}
