@@ -1,7 +1,8 @@
 //! The log on PostgreSQL: one verifiable sequence however many nodes append.
 //!
-//! Entries, their leaf hashes and every completed perfect subtree of the RFC 6962 tree
-//! are rows; `log_head` holds the size and the tree's right edge (its frontier). An
+//! Entries, their leaf hashes and the completed perfect subtrees of the RFC 6962 tree
+//! from level [`STORED_FROM_LEVEL`] up are rows (lower ones are computed from the
+//! leaves); `log_head` holds the size and the tree's right edge (its frontier). An
 //! append is one transaction that locks the head row (`SELECT ... FOR UPDATE`), so
 //! appends from every node are ordered by the database: each takes the next indices,
 //! extends the frontier, writes the entries and the subtrees they complete, and
@@ -342,6 +343,12 @@ fn invalid(entry: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// The lowest level of the tree whose nodes are stored: the levels below are
+/// computed from the leaves when a proof or a root needs them (at most 2^3 leaves
+/// read, and a proof needs at most three such nodes). Storing every level wrote one
+/// node row per entry in the head-locked append; from level 4 on, one per 16.
+const STORED_FROM_LEVEL: u32 = 4;
+
 /// Reads perfect subtrees with one connection (or transaction).
 struct Nodes<'a, C: postgres::GenericClient>(std::cell::RefCell<&'a mut C>);
 
@@ -349,6 +356,34 @@ impl<C: postgres::GenericClient> NodeSource for Nodes<'_, C> {
     type Error = LogError;
     fn node(&self, level: u32, index: u64) -> Result<Hash, LogError> {
         let mut c = self.0.borrow_mut();
+        if level > 0 && level < STORED_FROM_LEVEL {
+            let (from, n) = (index << level, 1u64 << level);
+            let rows = c
+                .query(
+                    "SELECT leaf FROM log_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                    &[&(from as i64), &((from + n) as i64)],
+                )
+                .map_err(io)?;
+            if rows.len() as u64 != n {
+                return Err(LogError::Io(format!(
+                    "tree node {level}/{index} is missing: {} of its {n} leaves are stored",
+                    rows.len()
+                )));
+            }
+            let mut hashes = rows
+                .iter()
+                .map(|r| hash_of(r.get::<_, &[u8]>(0), "a leaf hash"))
+                .collect::<Result<Vec<_>, _>>()?;
+            while hashes.len() > 1 {
+                hashes = hashes
+                    .chunks_exact(2)
+                    .map(|p| ciyuan_tlog::node_hash(&p[0], &p[1]))
+                    .collect();
+            }
+            return hashes
+                .pop()
+                .ok_or_else(|| LogError::Io(format!("tree node {level}/{index} has no leaves")));
+        }
         let row = if level == 0 {
             c.query_opt(
                 "SELECT leaf FROM log_entries WHERE idx = $1",
@@ -729,7 +764,7 @@ impl Shared {
                 leaves.push(leaf.to_vec());
                 bytes.push(e);
                 frontier.push(leaf, |level, index, hash| {
-                    if level > 0 {
+                    if level >= STORED_FROM_LEVEL {
                         n_level.push(level as i16);
                         n_idx.push(index as i64);
                         n_hash.push(hash.to_vec());
