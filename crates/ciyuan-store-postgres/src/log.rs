@@ -78,6 +78,7 @@ enum Ready {
 }
 
 /// A claim holding an append's keys (as stored) until the append sets its start.
+#[derive(Clone)]
 struct Claimed {
     id: i64,
     keys: Vec<[u8; 16]>,
@@ -129,6 +130,11 @@ struct Shared {
     /// How long this node's claims on entry keys hold ([`CLAIM_LIFE`]; shorter in
     /// tests), in milliseconds.
     claim_life_ms: AtomicU64,
+    /// Claims whose appends will not happen that could not be given up when they
+    /// failed (PostgreSQL out of reach, most often): the claimer gives them up before
+    /// it claims again, so a request sent again after an outage does not wait for its
+    /// own first claim to expire.
+    unreleased: Mutex<Vec<Claimed>>,
 }
 
 /// What a group commit that may or may not have happened would have made the log.
@@ -467,6 +473,25 @@ impl Shared {
     /// two nodes claiming overlapping sets lock them in one order (no deadlock) and
     /// each group writes the index's pages in one pass.
     fn claim(&self, requests: &[&[Option<EntryKey>]]) -> Result<Vec<Claim>, LogError> {
+        let mut made = Vec::new();
+        let claimed = self.claim_made(requests, &mut made);
+        if claimed.is_err() {
+            // The claims may have been committed (the answer to the COMMIT lost) or
+            // not: given up later either way.
+            self.unreleased
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(made);
+        }
+        claimed
+    }
+
+    /// [`Shared::claim`], noting in `made` every claim made before a failure.
+    fn claim_made(
+        &self,
+        requests: &[&[Option<EntryKey>]],
+        made: &mut Vec<Claimed>,
+    ) -> Result<Vec<Claim>, LogError> {
         let mut c = self.pool.get().map_err(io)?;
         let mut tx = c.transaction().map_err(io)?;
         // The claim may be lost in a crash only with every later commit: the append
@@ -494,6 +519,10 @@ impl Shared {
                 requests.len()
             )));
         }
+        made.extend(requests.iter().zip(&ids).map(|(keys, &id)| Claimed {
+            id,
+            keys: keyed(keys).map(|(_, k)| stored_array(k)).collect(),
+        }));
         let mut rows: Vec<(&[u8], i64, i64)> = Vec::new();
         for (r, keys) in requests.iter().enumerate() {
             rows.extend(keyed(keys).map(|(pos, k)| (k, ids[r], pos as i64)));
@@ -653,8 +682,24 @@ impl Shared {
             tx.commit().map_err(io)
         });
         if let Err(e) = released {
-            tracing::warn!(error = %e, claims = ids.len(), "claims on entry keys left to expire");
+            tracing::warn!(error = %e, claims = ids.len(), "claims on entry keys not yet given up");
+            self.unreleased
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(claims.iter().map(|&c| c.clone()));
         }
+    }
+
+    /// Gives up the claims that could not be given up before; answers whether some
+    /// are still left.
+    fn release_left(&self) -> bool {
+        let left = std::mem::take(&mut *self.unreleased.lock().unwrap_or_else(|p| p.into_inner()));
+        self.release(&left.iter().collect::<Vec<_>>());
+        !self
+            .unreleased
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     /// What became of the keys a waiting request found claimed: `None` while a claim
@@ -1046,14 +1091,18 @@ fn settle(
 /// longest pause between looks.
 const WAIT_FIRST: std::time::Duration = std::time::Duration::from_millis(2);
 const WAIT_MOST: std::time::Duration = std::time::Duration::from_millis(100);
+/// How soon the claimer tries again to give up claims it could not.
+const RELEASE_AGAIN: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Claims the keys of keyed appends, a group of waiting requests at a time, and hands
 /// every request to the writer in the order it came: while the writer appends one
 /// group, the next group's keys are claimed.
 fn claimer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Ready>) {
     let mut waiting: Vec<Waiting> = Vec::new();
+    let mut left = false;
     loop {
-        let first = match waiting.iter().map(|w| w.next).min() {
+        let retry_release = left.then(|| std::time::Instant::now() + RELEASE_AGAIN);
+        let first = match waiting.iter().map(|w| w.next).chain(retry_release).min() {
             None => match jobs.recv() {
                 Ok(j) => Some(j),
                 Err(_) => break,
@@ -1074,10 +1123,19 @@ fn claimer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<R
                 Err(_) => break,
             }
         }
+        if left || !group.is_empty() {
+            left = shared.release_left();
+        }
         if !group.is_empty() {
             claim_group(&shared, group, &ready, &mut waiting);
         }
         look_again(&shared, &mut waiting);
+        left = left
+            || !shared
+                .unreleased
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
     }
     for w in waiting {
         (w.done)(Err(LogError::Unavailable(
@@ -1400,6 +1458,7 @@ impl PgLog {
             doubt: Mutex::new(None),
             settling: AtomicBool::new(false),
             claim_life_ms: AtomicU64::new(CLAIM_LIFE.as_millis() as u64),
+            unreleased: Mutex::new(Vec::new()),
         });
         shared.catch_up(&mut c)?;
         drop(c);
