@@ -92,6 +92,8 @@ ALTER TABLE nodes ADD COLUMN paused BIGINT;
     store::MIGRATION_SESSIONS,
     // 12: subtree rollups (`Store::usage_tree`); projections rebuilt from the log.
     store::MIGRATION_TREES,
+    // 13: entry keys claimed before the append, out of the head lock (`log.rs`).
+    log::MIGRATION_CLAIMS,
 ];
 
 /// The schema version this build writes.

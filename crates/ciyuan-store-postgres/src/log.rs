@@ -1,7 +1,8 @@
 //! The log on PostgreSQL: one verifiable sequence however many nodes append.
 //!
-//! Entries, their leaf hashes and every completed perfect subtree of the RFC 6962 tree
-//! are rows; `log_head` holds the size and the tree's right edge (its frontier). An
+//! Entries, their leaf hashes and the completed perfect subtrees of the RFC 6962 tree
+//! from level [`STORED_FROM_LEVEL`] up are rows (lower ones are computed from the
+//! leaves); `log_head` holds the size and the tree's right edge (its frontier). An
 //! append is one transaction that locks the head row (`SELECT ... FOR UPDATE`), so
 //! appends from every node are ordered by the database: each takes the next indices,
 //! extends the frontier, writes the entries and the subtrees they complete, and
@@ -13,6 +14,15 @@
 //! every node, its verifier key recorded in `log_head` at creation: a node with another
 //! key refuses to open the log), under the same head lock, over the committed head
 //! only: a checkpoint never names an entry that is not durable.
+//!
+//! Entry keys (an ingested event once across nodes) are claimed before the append, out
+//! of the head lock: a claimer thread takes the keys of every request waiting into one
+//! transaction of its own (`log_claims`, `log_keys`), which runs while the writer
+//! appends the group before. A claim is pending until the append that takes its
+//! indices sets its start in the head-locked transaction; a pending claim expires
+//! ([`CLAIM_LIFE`]), after which another node may take its keys, and an append whose
+//! claim was taken is refused (retryable). Every request passes the claimer in the
+//! order it was sent, so the log keeps that order as before.
 
 use crate::Pool;
 use ciyuan_store::{AppendDone, CheckpointDone, EntryKey, Log, LogError, ScanFn, SignedCheckpoint};
@@ -23,6 +33,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+/// The log's claims on entry keys (schema version 13): an append's keys are held by
+/// a claim, pending until the append sets its start. Keys recorded before keep their
+/// index as their position under claim 0, which starts at 0.
+pub(crate) const MIGRATION_CLAIMS: &str = r#"
+CREATE SEQUENCE log_claim_ids START 1;
+CREATE TABLE log_claims (
+    id      BIGINT PRIMARY KEY,
+    start   BIGINT,
+    expires TIMESTAMPTZ NOT NULL
+);
+INSERT INTO log_claims (id, start, expires) VALUES (0, 0, now());
+ALTER TABLE log_keys RENAME COLUMN idx TO pos;
+ALTER TABLE log_keys ADD COLUMN claim BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE log_keys ALTER COLUMN claim DROP DEFAULT;
+"#;
+
 /// Most requests one group commit takes.
 const MAX_GROUP_REQUESTS: usize = 1024;
 /// Entries read per query while scanning.
@@ -31,9 +57,54 @@ const SCAN_CHUNK: i64 = 4096;
 /// Entries to append and, for a keyed append, each entry's key.
 type Keys = Option<Vec<Option<EntryKey>>>;
 
+/// How long a claim on entry keys holds them without its append: past it, another
+/// node may take the keys (a node that died between its claim and its append loses
+/// none of them for longer), and the append, should it still come, is refused.
+pub const CLAIM_LIFE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Each request's outcome in a group commit.
+type Ranges = Vec<Result<Range<u64>, LogError>>;
+
+/// A request as the log receives it.
 enum Job {
     Append(Vec<Vec<u8>>, Keys, AppendDone),
     Checkpoint(CheckpointDone),
+}
+
+/// A request as the writer receives it: a keyed append's keys already claimed.
+enum Ready {
+    Append(Vec<Vec<u8>>, Option<Claimed>, AppendDone),
+    Checkpoint(CheckpointDone),
+}
+
+/// A claim holding an append's keys (as stored) until the append sets its start.
+#[derive(Clone)]
+struct Claimed {
+    id: i64,
+    keys: Vec<[u8; 16]>,
+}
+
+/// What claiming a request's keys came to.
+enum Claim {
+    /// Every key is held by this claim.
+    Held(Claimed),
+    /// Keys held by entries already in the log: (position in the request, index).
+    Taken(Vec<(usize, u64)>),
+    /// Some keys are claimed by another append, not yet in the log: wait for it.
+    Pending,
+    /// The keys were held by claims that expired, now taken from them: claim again.
+    Again,
+}
+
+/// A keyed request waiting for another append's pending claim on its keys: it ends
+/// as a duplicate of that append's entries, or refused (retryable) when that append
+/// did not happen; never appended, so no request is appended out of its order.
+struct Waiting {
+    keys: Vec<Option<EntryKey>>,
+    done: AppendDone,
+    next: std::time::Instant,
+    pause: std::time::Duration,
+    until: std::time::Instant,
 }
 
 /// What every handle of the log shares with the writer thread.
@@ -56,6 +127,14 @@ struct Shared {
     /// Set while the writer settles a doubt: the log stays unavailable (appends are
     /// refused) whatever the follower reads meanwhile.
     settling: AtomicBool,
+    /// How long this node's claims on entry keys hold ([`CLAIM_LIFE`]; shorter in
+    /// tests), in milliseconds.
+    claim_life_ms: AtomicU64,
+    /// Claims whose appends will not happen that could not be given up when they
+    /// failed (PostgreSQL out of reach, most often): the claimer gives them up before
+    /// it claims again, so a request sent again after an outage does not wait for its
+    /// own first claim to expire.
+    unreleased: Mutex<Vec<Claimed>>,
 }
 
 /// What a group commit that may or may not have happened would have made the log.
@@ -73,7 +152,8 @@ struct Doubt {
 pub struct PgLog {
     shared: Arc<Shared>,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The claimer, then the writer: each ends once the one before it has.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Set to stop the follower.
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -269,6 +349,12 @@ fn invalid(entry: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// The lowest level of the tree whose nodes are stored: the levels below are
+/// computed from the leaves when a proof or a root needs them (at most 2^3 leaves
+/// read, and a proof needs at most three such nodes). Storing every level wrote one
+/// node row per entry in the head-locked append; from level 4 on, one per 16.
+const STORED_FROM_LEVEL: u32 = 4;
+
 /// Reads perfect subtrees with one connection (or transaction).
 struct Nodes<'a, C: postgres::GenericClient>(std::cell::RefCell<&'a mut C>);
 
@@ -276,6 +362,34 @@ impl<C: postgres::GenericClient> NodeSource for Nodes<'_, C> {
     type Error = LogError;
     fn node(&self, level: u32, index: u64) -> Result<Hash, LogError> {
         let mut c = self.0.borrow_mut();
+        if level > 0 && level < STORED_FROM_LEVEL {
+            let (from, n) = (index << level, 1u64 << level);
+            let rows = c
+                .query(
+                    "SELECT leaf FROM log_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                    &[&(from as i64), &((from + n) as i64)],
+                )
+                .map_err(io)?;
+            if rows.len() as u64 != n {
+                return Err(LogError::Io(format!(
+                    "tree node {level}/{index} is missing: {} of its {n} leaves are stored",
+                    rows.len()
+                )));
+            }
+            let mut hashes = rows
+                .iter()
+                .map(|r| hash_of(r.get::<_, &[u8]>(0), "a leaf hash"))
+                .collect::<Result<Vec<_>, _>>()?;
+            while hashes.len() > 1 {
+                hashes = hashes
+                    .chunks_exact(2)
+                    .map(|p| ciyuan_tlog::node_hash(&p[0], &p[1]))
+                    .collect();
+            }
+            return hashes
+                .pop()
+                .ok_or_else(|| LogError::Io(format!("tree node {level}/{index} has no leaves")));
+        }
         let row = if level == 0 {
             c.query_opt(
                 "SELECT leaf FROM log_entries WHERE idx = $1",
@@ -300,67 +414,311 @@ fn stored(key: &EntryKey) -> &[u8] {
     &key[..16]
 }
 
-/// Records the keys of an append that will take the indices from `start` on, in the
-/// group's transaction (whose head lock orders it with every other node's); when one
-/// is held already, removes those just recorded and answers the entries holding them.
-fn claim_keys(
-    tx: &mut postgres::Transaction<'_>,
-    keys: &[Option<EntryKey>],
-    start: u64,
-) -> Result<Result<(), LogError>, LogError> {
-    let (mut key, mut at): (Vec<&[u8]>, Vec<i64>) = (Vec::new(), Vec::new());
-    for (i, k) in keys.iter().enumerate() {
-        if let Some(k) = k {
-            key.push(stored(k));
-            at.push((start + i as u64) as i64);
-        }
-    }
-    if key.is_empty() {
-        return Ok(Ok(()));
-    }
-    // The count only comes back: a thousand keys are 32 KB on the wire for nothing
-    // when none is held, which is nearly always.
-    let claimed: i64 = tx
-        .query_one(
-            "WITH ins AS (
-                 INSERT INTO log_keys (key, idx)
-                 SELECT * FROM unnest($1::bytea[], $2::bigint[])
-                 ON CONFLICT DO NOTHING RETURNING 1)
-             SELECT count(*) FROM ins",
-            &[&key, &at],
+fn stored_array(key: &[u8]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&key[..16]);
+    a
+}
+
+/// Who holds a key a request wanted.
+enum Holder {
+    /// An entry in the log, at this index.
+    Entry(u64),
+    /// A pending claim, still alive.
+    Pending,
+    /// A claim that expired unconfirmed, or is gone: its keys are free to take.
+    Free(i64),
+}
+
+/// Reads who holds each of `keys` (stored form): the claim holding it and what that
+/// claim is now. Keys nobody holds are absent.
+fn holders(
+    c: &mut impl postgres::GenericClient,
+    keys: &[&[u8]],
+) -> Result<HashMap<Vec<u8>, (i64, Holder)>, LogError> {
+    let rows = c
+        .query(
+            "SELECT k.key, k.claim, c.start + k.pos,
+                    c.id IS NOT NULL AND c.start IS NULL AND c.expires >= now()
+             FROM log_keys k LEFT JOIN log_claims c ON c.id = k.claim
+             WHERE k.key = ANY($1)",
+            &[&keys],
         )
-        .map_err(io)?
-        .get(0);
-    if claimed as usize == key.len() {
-        return Ok(Ok(()));
-    }
-    // Some are held: what this append inserted (indices from `start` on) goes, and
-    // the others are named.
-    let end = (start + keys.len() as u64) as i64;
-    tx.execute(
-        "DELETE FROM log_keys WHERE key = ANY($1) AND idx >= $2 AND idx < $3",
-        &[&key, &(start as i64), &end],
-    )
-    .map_err(io)?;
-    let held = tx
-        .query("SELECT key, idx FROM log_keys WHERE key = ANY($1)", &[&key])
         .map_err(io)?;
-    let held: HashMap<Vec<u8>, u64> = held
-        .iter()
-        .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, i64>(1) as u64))
-        .collect();
-    let dups: Vec<(usize, u64)> = keys
-        .iter()
+    let mut held = HashMap::with_capacity(rows.len());
+    for r in rows {
+        let claim: i64 = r.get(1);
+        let holder = match (r.get::<_, Option<i64>>(2), r.get::<_, bool>(3)) {
+            (Some(idx), _) => Holder::Entry(idx as u64),
+            (None, true) => Holder::Pending,
+            (None, false) => Holder::Free(claim),
+        };
+        held.insert(r.get::<_, Vec<u8>>(0), (claim, holder));
+    }
+    Ok(held)
+}
+
+/// The keyed entries of a request: (position, stored key).
+fn keyed(keys: &[Option<EntryKey>]) -> impl Iterator<Item = (usize, &[u8])> {
+    keys.iter()
         .enumerate()
-        .filter_map(|(i, k)| Some((i, *held.get(stored(k.as_ref()?))?)))
-        .collect();
-    // A key the insert found held but the read finds free was held by a transaction
-    // that rolled back in between: the append is refused all the same (its caller
-    // retries), never written over a key it did not claim.
-    Ok(Err(LogError::Duplicate(dups)))
+        .filter_map(|(i, k)| Some((i, stored(k.as_ref()?))))
 }
 
 impl Shared {
+    /// Claims the keys of `requests` in one transaction of its own, outside the head
+    /// lock: a request whose every key is free holds them all under a new pending
+    /// claim; one whose keys another holds keeps none of them. Keys of expired claims
+    /// are taken from them (the request then claims again). The keys go in sorted, so
+    /// two nodes claiming overlapping sets lock them in one order (no deadlock) and
+    /// each group writes the index's pages in one pass.
+    fn claim(&self, requests: &[&[Option<EntryKey>]]) -> Result<Vec<Claim>, LogError> {
+        let mut made = Vec::new();
+        let claimed = self.claim_made(requests, &mut made);
+        if claimed.is_err() {
+            // The claims may have been committed (the answer to the COMMIT lost) or
+            // not: given up later either way.
+            self.unreleased
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(made);
+        }
+        claimed
+    }
+
+    /// [`Shared::claim`], noting in `made` every claim made before a failure.
+    fn claim_made(
+        &self,
+        requests: &[&[Option<EntryKey>]],
+        made: &mut Vec<Claimed>,
+    ) -> Result<Vec<Claim>, LogError> {
+        let mut c = self.pool.get().map_err(io)?;
+        let mut tx = c.transaction().map_err(io)?;
+        // The claim may be lost in a crash only with every later commit: the append
+        // confirming it waits for the WAL flush, which covers it. Until then it only
+        // holds keys, which the crash frees anyway.
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .map_err(io)?;
+        let life = self.claim_life_ms.load(Ordering::Acquire) as i64;
+        let ids: Vec<i64> = tx
+            .query_one(
+                "WITH c AS (
+                     INSERT INTO log_claims (id, expires)
+                     SELECT nextval('log_claim_ids'), now() + $2::bigint * interval '1 millisecond'
+                     FROM generate_series(1, $1::bigint) RETURNING id)
+                 SELECT array_agg(id) FROM c",
+                &[&(requests.len() as i64), &life],
+            )
+            .map_err(io)?
+            .get::<_, Option<Vec<i64>>>(0)
+            .unwrap_or_default();
+        if ids.len() != requests.len() {
+            return Err(LogError::Io(format!(
+                "{} claims made for {} requests",
+                ids.len(),
+                requests.len()
+            )));
+        }
+        made.extend(requests.iter().zip(&ids).map(|(keys, &id)| Claimed {
+            id,
+            keys: keyed(keys).map(|(_, k)| stored_array(k)).collect(),
+        }));
+        let mut rows: Vec<(&[u8], i64, i64)> = Vec::new();
+        for (r, keys) in requests.iter().enumerate() {
+            rows.extend(keyed(keys).map(|(pos, k)| (k, ids[r], pos as i64)));
+        }
+        rows.sort_unstable();
+        let (key, claim, pos): (Vec<&[u8]>, Vec<i64>, Vec<i64>) = (
+            rows.iter().map(|r| r.0).collect(),
+            rows.iter().map(|r| r.1).collect(),
+            rows.iter().map(|r| r.2).collect(),
+        );
+        // Nearly always no key is held: a plain insert then costs less than one that
+        // looks for a conflict first, row by row. Only when one is held (the insert
+        // fails whole) is the batch claimed again key by key.
+        let mut plain = tx.savepoint("plain").map_err(io)?;
+        match plain.execute(
+            "INSERT INTO log_keys (key, claim, pos)
+             SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[])",
+            &[&key, &claim, &pos],
+        ) {
+            Ok(_) => {
+                plain.commit().map_err(io)?;
+                tx.commit().map_err(io)?;
+                return Ok(requests
+                    .iter()
+                    .zip(&ids)
+                    .map(|(keys, &id)| {
+                        Claim::Held(Claimed {
+                            id,
+                            keys: keyed(keys).map(|(_, k)| stored_array(k)).collect(),
+                        })
+                    })
+                    .collect());
+            }
+            Err(e) if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                plain.rollback().map_err(io)?;
+            }
+            Err(e) => return Err(io(e)),
+        }
+        // Counts per claim only come back: a thousand keys are 16 KB on the wire for
+        // nothing when none is held.
+        let counts: HashMap<i64, i64> = tx
+            .query(
+                "WITH ins AS (
+                     INSERT INTO log_keys (key, claim, pos)
+                     SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[])
+                     ON CONFLICT DO NOTHING RETURNING claim)
+                 SELECT claim, count(*) FROM ins GROUP BY claim",
+                &[&key, &claim, &pos],
+            )
+            .map_err(io)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut out = Vec::with_capacity(requests.len());
+        let (mut lost, mut lost_keys): (Vec<i64>, Vec<&[u8]>) = (Vec::new(), Vec::new());
+        for (r, keys) in requests.iter().enumerate() {
+            let wanted = keyed(keys).count() as i64;
+            if counts.get(&ids[r]).copied().unwrap_or(0) == wanted {
+                out.push(Some(Claimed {
+                    id: ids[r],
+                    keys: keyed(keys).map(|(_, k)| stored_array(k)).collect(),
+                }));
+            } else {
+                lost.push(ids[r]);
+                lost_keys.extend(keyed(keys).map(|(_, k)| k));
+                out.push(None);
+            }
+        }
+        if lost.is_empty() {
+            tx.commit().map_err(io)?;
+            return Ok(out.into_iter().flatten().map(Claim::Held).collect());
+        }
+        // Some keys are held: the requests that found one keep none of theirs, so
+        // nothing they hold is waited on while they wait.
+        tx.execute(
+            "DELETE FROM log_keys WHERE key = ANY($1) AND claim = ANY($2)",
+            &[&lost_keys, &lost],
+        )
+        .map_err(io)?;
+        tx.execute("DELETE FROM log_claims WHERE id = ANY($1)", &[&lost])
+            .map_err(io)?;
+        let held = holders(&mut tx, &lost_keys)?;
+        let mut free: Vec<i64> = Vec::new();
+        let mut claims = Vec::with_capacity(requests.len());
+        for (r, o) in out.into_iter().enumerate() {
+            if let Some(claimed) = o {
+                claims.push(Claim::Held(claimed));
+                continue;
+            }
+            let (mut taken, mut pending) = (Vec::new(), false);
+            for (pos, k) in keyed(requests[r]) {
+                match held.get(k) {
+                    Some((_, Holder::Entry(idx))) => taken.push((pos, *idx)),
+                    Some((_, Holder::Pending)) => pending = true,
+                    Some((_, Holder::Free(claim))) => free.push(*claim),
+                    None => {}
+                }
+            }
+            claims.push(if pending {
+                Claim::Pending
+            } else if !taken.is_empty() {
+                Claim::Taken(taken)
+            } else {
+                Claim::Again
+            });
+        }
+        if !free.is_empty() {
+            // Taken from expired claims only if still unconfirmed: an append that
+            // confirmed one meanwhile holds its row locked until its commit, and then
+            // the condition no longer holds. Keys whose claim is gone go with them.
+            free.sort_unstable();
+            free.dedup();
+            tx.execute(
+                "DELETE FROM log_claims
+                 WHERE id = ANY($1) AND start IS NULL AND expires < now()",
+                &[&free],
+            )
+            .map_err(io)?;
+            tx.execute(
+                "DELETE FROM log_keys k WHERE k.key = ANY($1) AND k.claim = ANY($2)
+                 AND NOT EXISTS (SELECT 1 FROM log_claims c WHERE c.id = k.claim)",
+                &[&lost_keys, &free],
+            )
+            .map_err(io)?;
+        }
+        tx.commit().map_err(io)?;
+        Ok(claims)
+    }
+
+    /// Gives up claims whose appends will not happen, so their keys are free at once
+    /// rather than when the claims expire. Best effort: a claim left behind expires.
+    fn release(&self, claims: &[&Claimed]) {
+        if claims.is_empty() {
+            return;
+        }
+        let ids: Vec<i64> = claims.iter().map(|c| c.id).collect();
+        let keys: Vec<&[u8]> = claims
+            .iter()
+            .flat_map(|c| c.keys.iter().map(|k| k.as_slice()))
+            .collect();
+        let released = self.pool.get().map_err(io).and_then(|mut c| {
+            let mut tx = c.transaction().map_err(io)?;
+            let gone: Vec<i64> = tx
+                .query(
+                    "DELETE FROM log_claims WHERE id = ANY($1) AND start IS NULL RETURNING id",
+                    &[&ids],
+                )
+                .map_err(io)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            tx.execute(
+                "DELETE FROM log_keys WHERE key = ANY($1) AND claim = ANY($2)",
+                &[&keys, &gone],
+            )
+            .map_err(io)?;
+            tx.commit().map_err(io)
+        });
+        if let Err(e) = released {
+            tracing::warn!(error = %e, claims = ids.len(), "claims on entry keys not yet given up");
+            self.unreleased
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(claims.iter().map(|&c| c.clone()));
+        }
+    }
+
+    /// Gives up the claims that could not be given up before; answers whether some
+    /// are still left.
+    fn release_left(&self) -> bool {
+        let left = std::mem::take(&mut *self.unreleased.lock().unwrap_or_else(|p| p.into_inner()));
+        self.release(&left.iter().collect::<Vec<_>>());
+        !self
+            .unreleased
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// What became of the keys a waiting request found claimed: `None` while a claim
+    /// on one is still pending, else the entries holding them.
+    fn awaited(&self, keys: &[Option<EntryKey>]) -> Result<Option<Vec<(usize, u64)>>, LogError> {
+        let mut c = self.pool.get().map_err(io)?;
+        let wanted: Vec<&[u8]> = keyed(keys).map(|(_, k)| k).collect();
+        let held = holders(&mut *c, &wanted)?;
+        let mut taken = Vec::new();
+        for (pos, k) in keyed(keys) {
+            match held.get(k) {
+                Some((_, Holder::Entry(idx))) => taken.push((pos, *idx)),
+                Some((_, Holder::Pending)) => return Ok(None),
+                Some((_, Holder::Free(_))) | None => {}
+            }
+        }
+        Ok(Some(taken))
+    }
+
     /// Reads the committed size and the newest checkpoint signed by any node.
     fn catch_up(&self, c: &mut postgres::Client) -> Result<(), LogError> {
         self.head_size(c)?;
@@ -389,12 +747,26 @@ impl Shared {
     }
 
     /// One group commit of `appends`; answers each request's result. A keyed request
-    /// whose key another entry holds is refused whole ([`LogError::Duplicate`]) and
-    /// takes no index; the rest of the group goes on.
-    fn commit(
+    /// whose claim was taken (it expired before this append, and another node took its
+    /// keys) is refused, retryable, and takes no index; the rest of the group goes on.
+    fn commit(&self, appends: &[(&Vec<Vec<u8>>, Option<&Claimed>)]) -> Result<Ranges, LogError> {
+        let mut lost = std::collections::HashSet::new();
+        loop {
+            match self.commit_without(appends, &lost)? {
+                Ok(ranges) => return Ok(ranges),
+                // Rolled back; at most once more, as claims taken stay taken.
+                Err(taken) => lost.extend(taken),
+            }
+        }
+    }
+
+    /// [`Shared::commit`] of the appends whose claims are not in `lost`; rolls back
+    /// and answers the claims found taken when there are any.
+    fn commit_without(
         &self,
-        appends: &[(&Vec<Vec<u8>>, &Keys)],
-    ) -> Result<Vec<Result<Range<u64>, LogError>>, LogError> {
+        appends: &[(&Vec<Vec<u8>>, Option<&Claimed>)],
+        lost: &std::collections::HashSet<i64>,
+    ) -> Result<Result<Ranges, Vec<i64>>, LogError> {
         let mut c = self.pool.get().map_err(io)?;
         let mut tx = c.transaction().map_err(io)?;
         let head = tx
@@ -406,8 +778,9 @@ impl Shared {
         let mut leaves: Vec<Vec<u8>> = Vec::new();
         let mut bytes: Vec<&[u8]> = Vec::new();
         let (mut n_level, mut n_idx, mut n_hash) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut claim_id, mut claim_start): (Vec<i64>, Vec<i64>) = (Vec::new(), Vec::new());
         let mut ranges = Vec::with_capacity(appends.len());
-        for (entries, keys) in appends {
+        for (entries, claim) in appends {
             if let Some(why) = entries.iter().find_map(|e| invalid(e)) {
                 ranges.push(Err(LogError::Invalid(why.to_string())));
                 continue;
@@ -416,20 +789,27 @@ impl Shared {
                 ranges.push(Err(LogError::Invalid("no entries".into())));
                 continue;
             }
-            let start = frontier.size();
-            if let Some(keys) = keys
-                && let Err(e) = claim_keys(&mut tx, keys, start)?
-            {
-                ranges.push(Err(e));
-                continue;
+            if let Some(claim) = claim {
+                if lost.contains(&claim.id) {
+                    ranges.push(Err(LogError::Unavailable(format!(
+                        "the claim on these entries' keys expired before they could be \
+                         appended ({} s) and another node took the keys; nothing was \
+                         recorded, retry",
+                        self.claim_life_ms.load(Ordering::Acquire) / 1000
+                    ))));
+                    continue;
+                }
+                claim_id.push(claim.id);
+                claim_start.push(frontier.size() as i64);
             }
+            let start = frontier.size();
             for e in entries.iter() {
                 let leaf = ciyuan_tlog::leaf_hash(e);
                 idx.push(frontier.size() as i64);
                 leaves.push(leaf.to_vec());
                 bytes.push(e);
                 frontier.push(leaf, |level, index, hash| {
-                    if level > 0 {
+                    if level >= STORED_FROM_LEVEL {
                         n_level.push(level as i16);
                         n_idx.push(index as i64);
                         n_hash.push(hash.to_vec());
@@ -437,6 +817,32 @@ impl Shared {
                 });
             }
             ranges.push(Ok(start..frontier.size()));
+        }
+        if !claim_id.is_empty() {
+            // Confirms each claim: its keys' entries are at `start` plus their
+            // position. A claim taken from this node (expired, then deleted by another
+            // node's claim) is not found; one another node is about to take is locked
+            // by this update until the commit, and then no longer pending.
+            let confirmed: std::collections::HashSet<i64> = tx
+                .query(
+                    "UPDATE log_claims SET start = v.start
+                     FROM unnest($1::bigint[], $2::bigint[]) AS v(id, start)
+                     WHERE log_claims.id = v.id AND log_claims.start IS NULL
+                     RETURNING log_claims.id",
+                    &[&claim_id, &claim_start],
+                )
+                .map_err(io)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if confirmed.len() != claim_id.len() {
+                tx.rollback().map_err(io)?;
+                let taken = claim_id
+                    .into_iter()
+                    .filter(|id| !confirmed.contains(id))
+                    .collect();
+                return Ok(Err(taken));
+            }
         }
         if !idx.is_empty() {
             tx.execute(
@@ -483,7 +889,7 @@ impl Shared {
             return Err(io(e));
         }
         self.size.fetch_max(frontier.size(), Ordering::AcqRel);
-        Ok(ranges)
+        Ok(Ok(ranges))
     }
 
     /// Marks the log out of reach (appends are refused by [`Log::available`]).
@@ -595,7 +1001,7 @@ impl Shared {
 
 /// Answers each request of a group committed as `ranges`.
 fn answer(
-    appends: Vec<(Vec<Vec<u8>>, Keys, AppendDone)>,
+    appends: Vec<(Vec<Vec<u8>>, Option<Claimed>, AppendDone)>,
     ranges: Vec<Result<Range<u64>, LogError>>,
 ) {
     for ((_, _, done), range) in appends.into_iter().zip(ranges) {
@@ -603,17 +1009,35 @@ fn answer(
     }
 }
 
+/// Answers each request of a group that was not committed with the error `e`, after
+/// giving up its claims.
+fn fail(
+    shared: &Shared,
+    appends: Vec<(Vec<Vec<u8>>, Option<Claimed>, AppendDone)>,
+    e: impl Fn() -> LogError,
+) {
+    shared.release(
+        &appends
+            .iter()
+            .filter_map(|a| a.1.as_ref())
+            .collect::<Vec<_>>(),
+    );
+    for (_, _, done) in appends {
+        done(Err(e()));
+    }
+}
+
 /// Refuses a job that arrived while the writer cannot reach PostgreSQL: it was never
 /// tried, so it is certainly not in the log and its caller may retry it.
-fn refuse(job: Job, why: &str) {
+fn refuse(shared: &Shared, job: Ready, why: &str) {
     let e = || {
         LogError::Unavailable(format!(
             "PostgreSQL is out of reach ({why}); nothing was recorded, retry"
         ))
     };
     match job {
-        Job::Append(_, _, done) => done(Err(e())),
-        Job::Checkpoint(done) => done(Err(e())),
+        Ready::Append(entries, claim, done) => fail(shared, vec![(entries, claim, done)], e),
+        Ready::Checkpoint(done) => done(Err(e())),
     }
 }
 
@@ -625,7 +1049,7 @@ fn refuse(job: Job, why: &str) {
 fn settle(
     shared: &Shared,
     doubt: &Doubt,
-    jobs: &mpsc::Receiver<Job>,
+    jobs: &mpsc::Receiver<Ready>,
     stop: &AtomicBool,
 ) -> Option<bool> {
     let mut backoff = Backoff::default();
@@ -654,7 +1078,7 @@ fn settle(
                 break;
             }
             match jobs.recv_timeout(left) {
-                Ok(job) => refuse(job, "a commit's outcome is being settled"),
+                Ok(job) => refuse(shared, job, "a commit's outcome is being settled"),
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 // Closing: settle what is in doubt all the same (bounded by `stop`).
                 Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(left),
@@ -663,7 +1087,234 @@ fn settle(
     }
 }
 
-fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>, stop: Arc<AtomicBool>) {
+/// How soon a request waiting on another append's claim first looks again, and the
+/// longest pause between looks.
+const WAIT_FIRST: std::time::Duration = std::time::Duration::from_millis(2);
+const WAIT_MOST: std::time::Duration = std::time::Duration::from_millis(100);
+/// How soon the claimer tries again to give up claims it could not.
+const RELEASE_AGAIN: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Claims the keys of keyed appends, a group of waiting requests at a time, and hands
+/// every request to the writer in the order it came: while the writer appends one
+/// group, the next group's keys are claimed.
+fn claimer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Ready>) {
+    let mut waiting: Vec<Waiting> = Vec::new();
+    let mut left = false;
+    loop {
+        let retry_release = left.then(|| std::time::Instant::now() + RELEASE_AGAIN);
+        let first = match waiting.iter().map(|w| w.next).chain(retry_release).min() {
+            None => match jobs.recv() {
+                Ok(j) => Some(j),
+                Err(_) => break,
+            },
+            Some(next) => {
+                let left = next.saturating_duration_since(std::time::Instant::now());
+                match jobs.recv_timeout(left) {
+                    Ok(j) => Some(j),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        };
+        let mut group: Vec<Job> = first.into_iter().collect();
+        while !group.is_empty() && group.len() < MAX_GROUP_REQUESTS {
+            match jobs.try_recv() {
+                Ok(j) => group.push(j),
+                Err(_) => break,
+            }
+        }
+        if left || !group.is_empty() {
+            left = shared.release_left();
+        }
+        if !group.is_empty() {
+            claim_group(&shared, group, &ready, &mut waiting);
+        }
+        look_again(&shared, &mut waiting);
+        left = left
+            || !shared
+                .unreleased
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+    }
+    for w in waiting {
+        (w.done)(Err(LogError::Unavailable(
+            "the log closed while these entries' keys were being recorded by another \
+             append; nothing was recorded here, retry"
+                .into(),
+        )));
+    }
+}
+
+/// Why a keyed append's keys cannot be claimed, before any is: a key twice.
+fn twice(keys: &[Option<EntryKey>]) -> Option<LogError> {
+    let mut seen = std::collections::HashSet::new();
+    keyed(keys)
+        .find(|(_, k)| !seen.insert(*k))
+        .map(|(pos, _)| LogError::Invalid(format!("entry {pos} repeats an earlier entry's key")))
+}
+
+/// Claims the keys of the keyed appends of `group` and passes the group on in order.
+fn claim_group(
+    shared: &Shared,
+    group: Vec<Job>,
+    ready: &mpsc::Sender<Ready>,
+    waiting: &mut Vec<Waiting>,
+) {
+    // Refused before claiming: nothing to give up.
+    let mut group: Vec<Option<Job>> = group
+        .into_iter()
+        .filter_map(|j| match j {
+            Job::Append(entries, Some(keys), done) => {
+                let why = entries
+                    .iter()
+                    .find_map(|e| invalid(e).map(|w| LogError::Invalid(w.to_string())))
+                    .or_else(|| {
+                        entries
+                            .is_empty()
+                            .then(|| LogError::Invalid("no entries".into()))
+                    })
+                    .or_else(|| twice(&keys));
+                match why {
+                    Some(e) => {
+                        done(Err(e));
+                        None
+                    }
+                    None => Some(Some(Job::Append(entries, Some(keys), done))),
+                }
+            }
+            j => Some(Some(j)),
+        })
+        .collect();
+    let mut outcomes: HashMap<usize, Claim> = HashMap::new();
+    for _round in 0..3 {
+        let asked: Vec<(usize, &[Option<EntryKey>])> = group
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| matches!(outcomes.get(i), None | Some(Claim::Again)))
+            .filter_map(|(i, j)| match j {
+                Some(Job::Append(_, Some(keys), _)) if keys.iter().any(Option::is_some) => {
+                    Some((i, keys.as_slice()))
+                }
+                _ => None,
+            })
+            .collect();
+        if asked.is_empty() {
+            break;
+        }
+        let keys: Vec<&[Option<EntryKey>]> = asked.iter().map(|a| a.1).collect();
+        let claimed = shared.claim(&keys);
+        let asked: Vec<usize> = asked.into_iter().map(|a| a.0).collect();
+        match claimed {
+            Ok(claims) => {
+                for (i, claim) in asked.into_iter().zip(claims) {
+                    outcomes.insert(i, claim);
+                }
+            }
+            Err(e) => {
+                if e.is_retryable() {
+                    shared.pool.flush();
+                }
+                tracing::warn!(error = %e, "claiming entry keys in PostgreSQL failed");
+                for i in asked {
+                    if let Some(Job::Append(_, _, done)) = group[i].take() {
+                        done(Err(e.clone()));
+                    }
+                }
+                break;
+            }
+        }
+    }
+    for (i, job) in group.into_iter().enumerate() {
+        let Some(job) = job else { continue };
+        let next = match job {
+            Job::Checkpoint(done) => Ready::Checkpoint(done),
+            Job::Append(entries, None, done) => Ready::Append(entries, None, done),
+            Job::Append(entries, Some(keys), done) => match outcomes.remove(&i) {
+                // No key at all among them: nothing to claim.
+                None => Ready::Append(entries, None, done),
+                Some(Claim::Held(claimed)) => Ready::Append(entries, Some(claimed), done),
+                Some(Claim::Taken(taken)) => {
+                    done(Err(LogError::Duplicate(taken)));
+                    continue;
+                }
+                Some(Claim::Pending) => {
+                    let now = std::time::Instant::now();
+                    let life = shared.claim_life_ms.load(Ordering::Acquire);
+                    waiting.push(Waiting {
+                        keys,
+                        done,
+                        next: now + WAIT_FIRST,
+                        pause: WAIT_FIRST,
+                        until: now + std::time::Duration::from_millis(life) * 2,
+                    });
+                    continue;
+                }
+                Some(Claim::Again) => {
+                    done(Err(LogError::Unavailable(
+                        "these entries' keys were held by claims that expired, and could \
+                         not be claimed in three tries; nothing was recorded, retry"
+                            .into(),
+                    )));
+                    continue;
+                }
+            },
+        };
+        if let Err(mpsc::SendError(job)) = ready.send(next) {
+            let e = || LogError::Unavailable("the log's writer stopped".into());
+            match job {
+                Ready::Append(entries, claim, done) => {
+                    fail(shared, vec![(entries, claim, done)], e)
+                }
+                Ready::Checkpoint(done) => done(Err(e())),
+            }
+        }
+    }
+}
+
+/// Looks again at the requests waiting whose time came: a request whose keys another
+/// append confirmed is answered with its entries; one whose keys nobody holds any more
+/// (that append failed, or its node died and its claim expired) is refused, to be sent
+/// again: appended now it would land after requests sent after it.
+fn look_again(shared: &Shared, waiting: &mut Vec<Waiting>) {
+    let now = std::time::Instant::now();
+    let mut i = 0;
+    while i < waiting.len() {
+        if waiting[i].next > now {
+            i += 1;
+            continue;
+        }
+        let w = &mut waiting[i];
+        let outcome = match shared.awaited(&w.keys) {
+            Ok(Some(taken)) if !taken.is_empty() => Some(Err(LogError::Duplicate(taken))),
+            Ok(Some(_)) => Some(Err(LogError::Unavailable(
+                "another append was recording these entries' keys and did not; nothing \
+                 was recorded, retry"
+                    .into(),
+            ))),
+            Ok(None) if now >= w.until => Some(Err(LogError::Unavailable(
+                "another append has held these entries' keys for too long; nothing was \
+                 recorded, retry"
+                    .into(),
+            ))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        };
+        match outcome {
+            Some(result) => {
+                let w = waiting.swap_remove(i);
+                (w.done)(result);
+            }
+            None => {
+                w.pause = (w.pause * 2).min(WAIT_MOST);
+                w.next = now + w.pause;
+                i += 1;
+            }
+        }
+    }
+}
+
+fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Ready>, stop: Arc<AtomicBool>) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP_REQUESTS {
@@ -676,13 +1327,13 @@ fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>, stop: Arc<AtomicBool>)
         let mut checkpoints = Vec::new();
         for j in group {
             match j {
-                Job::Append(entries, keys, done) => appends.push((entries, keys, done)),
-                Job::Checkpoint(done) => checkpoints.push(done),
+                Ready::Append(entries, claim, done) => appends.push((entries, claim, done)),
+                Ready::Checkpoint(done) => checkpoints.push(done),
             }
         }
         if !appends.is_empty() {
-            let refs: Vec<(&Vec<Vec<u8>>, &Keys)> =
-                appends.iter().map(|(e, k, _)| (e, k)).collect();
+            let refs: Vec<(&Vec<Vec<u8>>, Option<&Claimed>)> =
+                appends.iter().map(|(e, c, _)| (e, c.as_ref())).collect();
             let committed = shared.commit(&refs);
             // A poisoned lock still holds a valid doubt (one assignment, nothing else).
             let doubt = shared
@@ -693,6 +1344,15 @@ fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>, stop: Arc<AtomicBool>)
             match (committed, doubt) {
                 (Ok(ranges), _) => {
                     shared.mark_up();
+                    // A request refused in the group (an invalid entry) gives up its
+                    // claim; one whose claim was taken has none left.
+                    let unused: Vec<&Claimed> = appends
+                        .iter()
+                        .zip(&ranges)
+                        .filter(|(_, r)| matches!(r, Err(LogError::Invalid(_))))
+                        .filter_map(|(a, _)| a.1.as_ref())
+                        .collect();
+                    shared.release(&unused);
                     answer(appends, ranges);
                 }
                 (Err(e), Some(doubt)) => {
@@ -710,13 +1370,15 @@ fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>, stop: Arc<AtomicBool>)
                         }
                         Some(false) => {
                             shared.mark_up();
-                            for (_, _, done) in appends {
-                                done(Err(LogError::Unavailable(format!(
+                            fail(&shared, appends, || {
+                                LogError::Unavailable(format!(
                                     "the answer to an append's commit was lost ({e}) and PostgreSQL did not commit it; nothing was recorded, retry"
-                                ))));
-                            }
+                                ))
+                            });
                         }
                         None => {
+                            // Not known whether they committed: their claims stay, to
+                            // be confirmed or to expire.
                             for (_, _, done) in appends {
                                 done(Err(LogError::Io(format!(
                                     "the node stopped before it could learn whether an interrupted append to PostgreSQL committed ({e}); look the entries up before sending them again"
@@ -731,9 +1393,7 @@ fn writer(shared: Arc<Shared>, jobs: mpsc::Receiver<Job>, stop: Arc<AtomicBool>)
                         shared.pool.flush();
                     }
                     tracing::warn!(error = %e, "an append to PostgreSQL failed");
-                    for (_, _, done) in appends {
-                        done(Err(e.clone()));
-                    }
+                    fail(&shared, appends, || e.clone());
                 }
             }
         }
@@ -797,6 +1457,8 @@ impl PgLog {
             down_why: Mutex::new(String::new()),
             doubt: Mutex::new(None),
             settling: AtomicBool::new(false),
+            claim_life_ms: AtomicU64::new(CLAIM_LIFE.as_millis() as u64),
+            unreleased: Mutex::new(Vec::new()),
         });
         shared.catch_up(&mut c)?;
         drop(c);
@@ -806,16 +1468,23 @@ impl PgLog {
             return Ok(PgLog {
                 shared,
                 writer: Mutex::new(None),
-                thread: Mutex::new(None),
+                threads: Mutex::new(Vec::new()),
                 stop,
             });
         }
         let (tx, rx) = mpsc::channel();
+        let (ready, ready_rx) = mpsc::channel();
         let (s, halt) = (shared.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
+        let writer_thread = std::thread::Builder::new()
             .name("ciyuan-pg-log".into())
-            .spawn(move || writer(s, rx, halt))
+            .spawn(move || writer(s, ready_rx, halt))
             .map_err(io)?;
+        let s = shared.clone();
+        let claimer_thread = std::thread::Builder::new()
+            .name("ciyuan-pg-claim".into())
+            .spawn(move || claimer(s, rx, ready))
+            .map_err(io)?;
+        let thread = vec![claimer_thread, writer_thread];
         let (s, halt) = (shared.clone(), stop.clone());
         std::thread::Builder::new()
             .name("ciyuan-pg-follow".into())
@@ -824,7 +1493,7 @@ impl PgLog {
         Ok(PgLog {
             shared,
             writer: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(thread),
             stop,
         })
     }
@@ -906,17 +1575,27 @@ impl PgLog {
         })
     }
 
+    /// Sets how long this node's claims on entry keys hold ([`CLAIM_LIFE`] unless
+    /// set): tests shorten it to see a claim expire.
+    #[cfg(feature = "testing")]
+    pub fn set_claim_life(&self, life: std::time::Duration) {
+        self.shared
+            .claim_life_ms
+            .store(life.as_millis() as u64, Ordering::Release);
+    }
+
     /// Stops the writer after the requests already queued.
     pub fn close(&self) {
         self.stop.store(true, Ordering::Release);
         if let Ok(mut w) = self.writer.lock() {
             w.take();
         }
-        if let Ok(mut t) = self.thread.lock()
-            && let Some(t) = t.take()
-            && t.join().is_err()
-        {
-            tracing::error!("the PostgreSQL log's writer panicked");
+        if let Ok(mut t) = self.threads.lock() {
+            for t in t.drain(..) {
+                if t.join().is_err() {
+                    tracing::error!("the PostgreSQL log's claimer or writer panicked");
+                }
+            }
         }
     }
 
@@ -969,17 +1648,15 @@ impl Log for PgLog {
         crate::off_runtime(|| {
             let mut c = self.shared.pool.get().map_err(io)?;
             let wanted: Vec<&[u8]> = keys.iter().map(stored).collect();
-            let rows = c
-                .query(
-                    "SELECT key, idx FROM log_keys WHERE key = ANY($1)",
-                    &[&wanted],
-                )
-                .map_err(io)?;
-            let held: HashMap<Vec<u8>, u64> = rows
+            // Only keys whose entries are in the log: a pending claim holds none yet.
+            let held = holders(&mut *c, &wanted)?;
+            Ok(keys
                 .iter()
-                .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, i64>(1) as u64))
-                .collect();
-            Ok(keys.iter().map(|k| held.get(stored(k)).copied()).collect())
+                .map(|k| match held.get(stored(k)) {
+                    Some((_, Holder::Entry(idx))) => Some(*idx),
+                    _ => None,
+                })
+                .collect())
         })
     }
 

@@ -345,3 +345,47 @@ fn while_a_commit_s_outcome_is_unknown_new_appends_fail_fast_and_it_is_answered_
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_claim_whose_answer_was_lost_is_given_up_once_postgres_answers_again() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("claim_lost").unwrap();
+    let proxy = Proxy::start(port_of(&url));
+    let via = url.replace(
+        &format!("port={}", port_of(&url)),
+        &format!("port={}", proxy.port),
+    );
+    let log = PgLog::open(Pool::connect(&via).unwrap(), signer()).unwrap();
+    let keyed = |log: &PgLog| {
+        let (tx, rx) = mpsc::channel();
+        log.append_keyed(
+            vec![b"{\"n\":0}".to_vec()],
+            vec![Some([4u8; 32])],
+            Box::new(move |r| tx.send(r).unwrap()),
+        )
+        .unwrap();
+        rx.recv_timeout(Duration::from_secs(60)).unwrap()
+    };
+    // The claim commits but its answer is lost, and PostgreSQL is then out of reach:
+    // the claim stays in the database, pending, as the append fails.
+    proxy.cut_next_commit(CUT_AFTER_AND_BLOCK);
+    let err = keyed(&log).expect_err("the append fails");
+    assert!(err.is_retryable(), "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    proxy.unblock();
+    // Sent again once PostgreSQL answers: the node gives its lost claim up first, so
+    // the event is recorded at once, not after the claim expired (CLAIM_LIFE, 10 s).
+    let t = Instant::now();
+    let range = loop {
+        match keyed(&log) {
+            Ok(r) => break r,
+            Err(e) if e.is_retryable() && t.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(range, 0..1);
+    assert_eq!(log.find_keys(&[[4u8; 32]]).unwrap(), vec![Some(0)]);
+}

@@ -413,3 +413,186 @@ fn a_lease_is_one_nodes_at_a_time_and_handed_over_when_another_waits() {
     std::thread::sleep(Duration::from_millis(150));
     assert_eq!(a.take_lease("lapse", "a", term, share).unwrap(), Taken);
 }
+
+/// Holds the log's head lock from outside, so every node's appends wait (their keys
+/// are claimed meanwhile), until dropped.
+struct HeadLocked(postgres::Client);
+
+impl HeadLocked {
+    fn take(url: &str) -> HeadLocked {
+        let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        c.batch_execute("BEGIN; SELECT 1 FROM log_head FOR UPDATE")
+            .unwrap();
+        HeadLocked(c)
+    }
+
+    fn release(mut self) {
+        self.0.batch_execute("COMMIT").unwrap();
+    }
+}
+
+/// Sends a keyed append and returns where its outcome will arrive.
+fn send(
+    log: &PgLog,
+    entry: &str,
+    keys: Vec<Option<EntryKey>>,
+) -> std::sync::mpsc::Receiver<Result<Range<u64>, LogError>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    log.append_keyed(
+        vec![entry.as_bytes().to_vec()],
+        keys,
+        Box::new(move |r| tx.send(r).unwrap()),
+    )
+    .unwrap();
+    rx
+}
+
+/// Waits until `sql` (one count) answers `n`.
+fn until_count(url: &str, sql: &str, n: i64) {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.query_one(sql, &[]).unwrap().get::<_, i64>(0) != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sql} never came to {n}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn two_nodes_sending_one_key_at_once_record_it_once_and_the_second_is_answered_with_it() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("at_once").unwrap();
+    let a = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    let b = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    let head = HeadLocked::take(&url);
+    // A claims the key; its append waits for the head.
+    let from_a = send(&a, "a", vec![Some(key(7))]);
+    until_count(&url, "SELECT count(*) FROM log_keys", 1);
+    // B finds A's claim pending: it waits for it rather than answering at once.
+    let from_b = send(&b, "b", vec![Some(key(7))]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        from_b.try_recv().is_err(),
+        "B waits while A's claim is pending"
+    );
+    head.release();
+    assert_eq!(from_a.recv().unwrap().unwrap(), 0..1);
+    match from_b.recv().unwrap() {
+        Err(LogError::Duplicate(held)) => assert_eq!(held, vec![(0, 0)]),
+        other => panic!("B should be answered with A's entry: {other:?}"),
+    }
+    assert_eq!(b.refresh().unwrap(), 1, "one entry");
+    assert_eq!(b.find_keys(&[key(7)]).unwrap(), vec![Some(0)]);
+}
+
+#[test]
+fn a_claim_that_expired_before_its_append_is_refused_once_another_node_took_its_keys() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("expired").unwrap();
+    let a = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    let b = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    a.set_claim_life(Duration::from_millis(300));
+    let head = HeadLocked::take(&url);
+    let from_a = send(&a, "a", vec![Some(key(8))]);
+    until_count(&url, "SELECT count(*) FROM log_keys", 1);
+    // A's claim expires while its append waits (a slow or stalled node): B takes the
+    // key from it and claims it for itself.
+    std::thread::sleep(Duration::from_millis(400));
+    let from_b = send(&b, "b", vec![Some(key(8))]);
+    until_count(
+        &url,
+        "SELECT count(*) FROM log_claims WHERE id > 0 AND start IS NULL AND expires > now()",
+        1,
+    );
+    head.release();
+    // However the two writers are ordered on the head, A's append no longer holds its
+    // key and is refused (retryable); B's is recorded, once.
+    match from_a.recv().unwrap() {
+        Err(e @ LogError::Unavailable(_)) => {
+            assert!(e.to_string().contains("expired"), "{e}")
+        }
+        other => panic!("A's append must be refused: {other:?}"),
+    }
+    assert_eq!(from_b.recv().unwrap().unwrap(), 0..1);
+    assert_eq!(a.refresh().unwrap(), 1, "the key's entry once");
+    assert_eq!(a.find_keys(&[key(8)]).unwrap(), vec![Some(0)]);
+}
+
+#[test]
+fn a_claim_left_by_a_dead_node_expires_and_frees_its_keys() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("dead").unwrap();
+    let b = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    // A node claimed key 9 and died before its append: its claim stays pending.
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute(
+        "INSERT INTO log_claims (id, expires)
+             VALUES (nextval('log_claim_ids'), now() + interval '600 milliseconds');
+         INSERT INTO log_keys (key, claim, pos)
+             VALUES (decode(repeat('09', 16), 'hex'), currval('log_claim_ids'), 0);",
+    )
+    .unwrap();
+    // B waits for the claim, which never comes to an entry: once it expired B is told
+    // to send again (nothing recorded), and the next try takes the key.
+    let t = std::time::Instant::now();
+    match send(&b, "b", vec![Some(key(9))]).recv().unwrap() {
+        Err(e @ LogError::Unavailable(_)) => assert!(e.is_retryable()),
+        other => panic!("B must be told to retry: {other:?}"),
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(
+        send(&b, "b", vec![Some(key(9))]).recv().unwrap().unwrap(),
+        0..1
+    );
+    assert_eq!(b.find_keys(&[key(9)]).unwrap(), vec![Some(0)]);
+}
+
+#[test]
+fn keys_recorded_before_claims_existed_keep_their_entries() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("legacy").unwrap();
+    let a = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    assert_eq!(
+        append(&a, &["x", "y"], vec![None, Some(key(5))]).unwrap(),
+        0..2
+    );
+    a.close();
+    drop(a);
+    // The schema as it was before claims: each key with its entry's index.
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute(
+        "ALTER TABLE log_keys ADD COLUMN idx BIGINT;
+         UPDATE log_keys k SET idx = c.start + k.pos FROM log_claims c WHERE c.id = k.claim;
+         ALTER TABLE log_keys DROP COLUMN claim, DROP COLUMN pos;
+         ALTER TABLE log_keys ALTER COLUMN idx SET NOT NULL;
+         DROP TABLE log_claims;
+         DROP SEQUENCE log_claim_ids;
+         DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM schema_migrations);",
+    )
+    .unwrap();
+    assert_eq!(
+        c.query_one("SELECT idx FROM log_keys", &[])
+            .unwrap()
+            .get::<_, i64>(0),
+        1
+    );
+    // Migrated on open: the old key still names its entry and still holds.
+    let b = PgLog::open(Pool::connect(&url).unwrap(), signer()).unwrap();
+    assert_eq!(b.find_keys(&[key(5)]).unwrap(), vec![Some(1)]);
+    match append(&b, &["z"], vec![Some(key(5))]) {
+        Err(LogError::Duplicate(held)) => assert_eq!(held, vec![(0, 1)]),
+        other => panic!("the old key must hold: {other:?}"),
+    }
+    assert_eq!(append(&b, &["w"], vec![Some(key(6))]).unwrap(), 2..3);
+    assert_eq!(
+        b.find_keys(&[key(5), key(6)]).unwrap(),
+        vec![Some(1), Some(2)]
+    );
+}
