@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod protocol;
 mod relay;
 pub(crate) mod request;
+pub(crate) mod responses;
 pub(crate) mod sse;
 mod upstream;
 
@@ -197,8 +198,10 @@ impl Default for GatewayConfig {
 pub struct Gateway {
     config: GatewayConfig,
     clients: Vec<upstream::UpstreamClient>,
-    /// Each provider's URL per endpoint, parsed once.
-    urls: Vec<[Uri; 4]>,
+    /// Each provider's URL per endpoint (in [`Endpoint::ALL`] order), parsed once.
+    urls: Vec<Vec<Uri>>,
+    /// Each Anthropic provider's `/v1/messages/count_tokens`, parsed once.
+    count_tokens_urls: Vec<Option<Uri>>,
     /// Each provider's credential header, made once (marked sensitive: never logged).
     auth: Vec<Option<(HeaderName, HeaderValue)>>,
     /// Models the providers listed behind wildcard patterns, and when they were asked.
@@ -597,12 +600,17 @@ impl Gateway {
                         )),
                     }
                 };
-                Ok([
-                    url(Endpoint::ALL[0])?,
-                    url(Endpoint::ALL[1])?,
-                    url(Endpoint::ALL[2])?,
-                    url(Endpoint::ALL[3])?,
-                ])
+                Endpoint::ALL.iter().map(|e| url(*e)).collect()
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let count_tokens_urls = config
+            .providers
+            .iter()
+            .map(|p| {
+                (p.protocol == Protocol::Anthropic)
+                    .then(|| format!("{}/v1/messages/count_tokens", p.base_url).parse::<Uri>())
+                    .transpose()
+                    .map_err(|e| format!("provider {}: base_url {:?}: {e}", p.name, p.base_url))
             })
             .collect::<Result<Vec<_>, String>>()?;
         let auth = config
@@ -631,6 +639,7 @@ impl Gateway {
             config,
             clients,
             urls,
+            count_tokens_urls,
             auth,
             listed: tokio::sync::Mutex::new(None),
             metrics: metrics::Metrics::new(max_models),
@@ -695,9 +704,124 @@ pub async fn embeddings(app: State<Arc<App>>, headers: TakenHeaders, req: Reques
     handle(app.0, Endpoint::Embeddings, headers.0, req).await
 }
 
+/// `POST /v1/responses`
+pub async fn responses(app: State<Arc<App>>, headers: TakenHeaders, req: Request) -> Response {
+    handle(app.0, Endpoint::Responses, headers.0, req).await
+}
+
 /// `POST /v1/messages`
 pub async fn messages(app: State<Arc<App>>, headers: TakenHeaders, req: Request) -> Response {
     handle(app.0, Endpoint::Messages, headers.0, req).await
+}
+
+/// Largest answer read from `count_tokens` (a provider's is a few dozen bytes).
+const MAX_COUNT_ANSWER_BYTES: usize = 1 << 20;
+
+/// `POST /v1/messages/count_tokens`: Anthropic's count of a prompt, asked of the
+/// provider that serves its model. Authenticated and held to the key's access rules
+/// like a request (a model the key may not use is refused), but it consumes no tokens:
+/// never admitted against budgets or wallets, never recorded.
+pub async fn count_tokens(
+    State(app): State<Arc<App>>,
+    headers: TakenHeaders,
+    req: Request,
+) -> Response {
+    let family = Family::Anthropic;
+    let headers = headers.0;
+    let caller = match caller(&app, &headers).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(family),
+    };
+    let body = match Bytes::from_request(req, &()).await {
+        Ok(b) => b,
+        Err(e) => return GatewayError::from(crate::extract::body_error(e)).into_response(family),
+    };
+    let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m).into_response(family);
+    let model = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(o)) => match o.get("model") {
+            Some(Value::String(m)) if !m.is_empty() => m.clone(),
+            Some(_) => return bad("model: must be a non-empty string".into()),
+            None => return bad("model: required".into()),
+        },
+        Ok(_) => return bad("the request body must be a JSON object".into()),
+        Err(e) => return bad(format!("the request body is not valid JSON: {e}")),
+    };
+    if let Err((field, problem)) = bounded("model", &model) {
+        return bad(format!("{field}: {problem}"));
+    }
+    if let Err(refusal) = app.budget.check_model(&caller.key.account, &model) {
+        return refused(family, refusal);
+    }
+    let gw = &app.gateway;
+    let i = match gw.route(family, &model) {
+        Ok(i) => i,
+        Err(e) => return e.into_response(family),
+    };
+    let provider = &gw.config.providers[i];
+    let Some(uri) = gw.count_tokens_urls[i].clone() else {
+        return GatewayError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("provider {} has no count_tokens endpoint", provider.name),
+        )
+        .into_response(family);
+    };
+    let mut up = hyper::Request::new(Full::new(body));
+    *up.method_mut() = Method::POST;
+    *up.uri_mut() = uri;
+    let out = up.headers_mut();
+    out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    for (name, value) in &headers {
+        if forwarded(name.as_str(), &provider.forward_headers) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if !out.contains_key("anthropic-version") {
+        out.insert(
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static(ANTHROPIC_VERSION),
+        );
+    }
+    if let Some((name, value)) = &gw.auth[i] {
+        out.insert(name.clone(), value.clone());
+    }
+    let answered = tokio::time::timeout(provider.timeout, async {
+        let resp = gw.clients[i]
+            .request(up)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let (parts, incoming) = resp.into_parts();
+        let bytes = http_body_util::Limited::new(incoming, MAX_COUNT_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| error_chain(e.as_ref()))?
+            .to_bytes();
+        Ok::<_, String>((parts, bytes))
+    })
+    .await;
+    match answered {
+        Ok(Ok((parts, bytes))) => {
+            let mut resp = (parts.status, bytes).into_response();
+            *resp.headers_mut() = passed_back_headers(&parts.headers);
+            resp
+        }
+        Ok(Err(e)) => GatewayError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("upstream {} failed: {e}", provider.name),
+        )
+        .into_response(family),
+        Err(_) => GatewayError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "upstream {} did not answer within {}s",
+                provider.name,
+                provider.timeout.as_secs_f64()
+            ),
+        )
+        .into_response(family),
+    }
 }
 
 /// Longest model name, end-user id or session accepted, in bytes (as ingest bounds its
@@ -1098,11 +1222,15 @@ async fn serve_call(
     let cap = reservation.output_cap.filter(|c| *c < max_output);
     // Ask for usage inside OpenAI streams; the extra chunk is taken out again on the
     // way back when the client did not ask for it.
-    let ask_usage = info.stream && family == Family::OpenAi && !info.include_usage;
+    // (A Responses stream always ends with its usage.)
+    let ask_usage = info.stream
+        && family == Family::OpenAi
+        && endpoint != Endpoint::Responses
+        && !info.include_usage;
     let body = if cap.is_some() || ask_usage {
         let edited = match &mut parsed {
             Parsed::Spans(spans) => request::edit(&body, spans, ask_usage, cap),
-            Parsed::Tree(tree) => edit_tree(tree, ask_usage, cap),
+            Parsed::Tree(tree) => edit_tree(endpoint, tree, ask_usage, cap),
         };
         match edited {
             Some(b) => b,
@@ -1161,8 +1289,14 @@ enum Parsed {
     Tree(Value),
 }
 
-/// [`request::edit`] on a value tree (requests of unusual shapes).
-fn edit_tree(tree: &mut Value, include_usage: bool, cap: Option<u64>) -> Option<Bytes> {
+/// [`request::edit`] on a value tree (requests of unusual shapes, and every Responses
+/// request).
+fn edit_tree(
+    endpoint: Endpoint,
+    tree: &mut Value,
+    include_usage: bool,
+    cap: Option<u64>,
+) -> Option<Bytes> {
     let obj = tree.as_object_mut()?;
     if include_usage {
         let opts = obj
@@ -1176,7 +1310,9 @@ fn edit_tree(tree: &mut Value, include_usage: bool, cap: Option<u64>) -> Option<
         }
     }
     if let Some(cap) = cap {
-        let field = if obj.contains_key("max_completion_tokens") {
+        let field = if endpoint == Endpoint::Responses {
+            "max_output_tokens"
+        } else if obj.contains_key("max_completion_tokens") {
             "max_completion_tokens"
         } else {
             "max_tokens"
@@ -1448,14 +1584,31 @@ impl Meter {
         }
     }
 
-    /// Reads one event; returns whether to pass it on to the client.
-    fn event(&mut self, family: Family, event: &[u8], strip_usage: bool, started: Instant) -> bool {
+    /// Reads one event of a stream from `endpoint`; returns whether to pass it on to the
+    /// client.
+    fn event(
+        &mut self,
+        endpoint: Endpoint,
+        event: &[u8],
+        strip_usage: bool,
+        started: Instant,
+    ) -> bool {
         let Some(data) = sse::data(event) else {
             return true;
         };
         let before = self.shown.text.len() + self.shown.reasoning.len();
         let mut forward = true;
-        match family {
+        match endpoint.family() {
+            Family::OpenAi if endpoint == Endpoint::Responses => {
+                match serde_json::from_str::<responses::Event>(&data) {
+                    Ok(ev) => {
+                        if ev.apply(&mut self.shown) == responses::Step::Done {
+                            self.complete = true;
+                        }
+                    }
+                    Err(_) => self.unreadable(&data),
+                }
+            }
             Family::OpenAi => {
                 if data.trim() == "[DONE]" {
                     self.complete = true;

@@ -38,15 +38,18 @@ pub enum Endpoint {
     Embeddings,
     /// `POST /v1/messages`
     Messages,
+    /// `POST /v1/responses`
+    Responses,
 }
 
 impl Endpoint {
     /// Every endpoint, in [`Endpoint::index`] order.
-    pub const ALL: [Endpoint; 4] = [
+    pub const ALL: [Endpoint; 5] = [
         Endpoint::Chat,
         Endpoint::Completions,
         Endpoint::Embeddings,
         Endpoint::Messages,
+        Endpoint::Responses,
     ];
 
     /// The endpoint's position in [`Endpoint::ALL`].
@@ -56,6 +59,7 @@ impl Endpoint {
             Endpoint::Completions => 1,
             Endpoint::Embeddings => 2,
             Endpoint::Messages => 3,
+            Endpoint::Responses => 4,
         }
     }
 
@@ -75,19 +79,23 @@ impl Endpoint {
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
             Endpoint::Messages => "/v1/messages",
+            Endpoint::Responses => "/responses",
         }
     }
 
     /// The service name recorded in the ledger.
     pub fn service(self) -> &'static str {
         match self {
-            Endpoint::Chat | Endpoint::Messages => "llm.chat",
+            // A response is a chat turn by another API: priced as one.
+            Endpoint::Chat | Endpoint::Messages | Endpoint::Responses => "llm.chat",
             Endpoint::Completions => "llm.completion",
             Endpoint::Embeddings => "llm.embedding",
         }
     }
 
     /// The definition (usage mapping rules and their version) recorded in the ledger.
+    /// Responses' usage maps onto the token keys by chat's rules (see
+    /// [`super::responses`]), so it is recorded under chat's definition.
     pub fn definition(self) -> &'static str {
         match self.family() {
             Family::OpenAi => "gateway.openai@1",
@@ -308,7 +316,12 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let max_tokens = ["max_completion_tokens", "max_tokens"]
+    // The Responses API names its limit otherwise (read with its other fields).
+    let limit_fields: &[&str] = match endpoint {
+        Endpoint::Responses => &[],
+        _ => &["max_completion_tokens", "max_tokens"],
+    };
+    let max_tokens = limit_fields
         .iter()
         .find_map(|k| obj.get(*k))
         .map(|v| {
@@ -363,6 +376,7 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
                 return Err(bad("max_tokens: required".into()));
             }
         }
+        Endpoint::Responses => super::responses::inspect(obj, &mut info)?,
         Endpoint::Completions | Endpoint::Embeddings => {
             let field = if endpoint == Endpoint::Completions {
                 "prompt"
@@ -459,6 +473,30 @@ fn add(t: &mut TokenMap, m: Modality, d: Direction, n: u64) {
 }
 
 impl OpenAiUsage {
+    /// A report of OpenAI's figures under other names (the Responses API's).
+    pub(crate) fn from_parts(
+        prompt: u64,
+        completion: u64,
+        total: Option<u64>,
+        cached: Option<u64>,
+        reasoning: Option<u64>,
+    ) -> OpenAiUsage {
+        OpenAiUsage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: total,
+            prompt_tokens_details: Some(OpenAiDetails {
+                cached_tokens: cached,
+                ..OpenAiDetails::default()
+            }),
+            completion_tokens_details: Some(OpenAiDetails {
+                reasoning_tokens: reasoning,
+                ..OpenAiDetails::default()
+            }),
+            ..OpenAiUsage::default()
+        }
+    }
+
     /// Maps the report onto disjoint token keys.
     ///
     /// Shapes read: OpenAI's (`*_tokens_details`), DeepSeek's cache hit/miss split,
@@ -662,6 +700,8 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     // UTF-8, which the forgiving one refuses: such a body is left to that one.
     let fast = match (endpoint.family(), std::str::from_utf8(body).is_ok()) {
         (_, false) => None,
+        // Responses are read as a tree of values only.
+        _ if endpoint == Endpoint::Responses => None,
         (Family::OpenAi, true) => serde_json::from_slice::<Obj<OpenAiAnswer<'_>>>(body)
             .ok()
             .map(|a| a.0.read()),
@@ -890,6 +930,9 @@ pub(crate) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown
     let v: Value = serde_json::from_slice(body).ok()?;
     let mut shown = Shown::default();
     let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    if endpoint == Endpoint::Responses {
+        return Some(super::responses::read_answer(&v));
+    }
     match endpoint.family() {
         Family::OpenAi => {
             if let Some(Value::Array(choices)) = v.get("choices") {
