@@ -1,9 +1,10 @@
 //! Metering against recorded provider answers (`fixtures/`: one answer and one stream
 //! per provider, in the shapes each documents), and the regressions of issue 13.
 
+use super::meter::{Measured, Meter, measure};
 use super::protocol::{Endpoint, RequestInfo, read_answer};
 use super::sse::Splitter;
-use super::{Call, GatewayConfig, Measured, Meter, measure};
+use super::{Call, GatewayConfig};
 use crate::auth::Caller;
 use bytes::Bytes;
 use ciyuan_core::jiff::Timestamp;
