@@ -11,9 +11,11 @@
 //! fsync never adds latency; a crash in the few milliseconds between the two loses that
 //! one record.
 
+mod anthropic;
 mod forward;
 mod meter;
 pub mod metrics;
+mod openai;
 pub mod protocol;
 mod record;
 mod relay;
