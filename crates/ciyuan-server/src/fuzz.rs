@@ -1830,6 +1830,7 @@ impl Door {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Embeddings => "/v1/embeddings",
             Endpoint::Messages => "/v1/messages",
+            Endpoint::Responses => "/v1/responses",
         };
         self.rt.block_on(async {
             let req = Request::post(path)

@@ -507,6 +507,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/completions", post(gateway::completions))
         .route("/v1/embeddings", post(gateway::embeddings))
         .route("/v1/messages", post(gateway::messages))
+        .route("/v1/messages/count_tokens", post(gateway::count_tokens))
+        .route("/v1/responses", post(gateway::responses))
         .route("/v1/models", get(gateway::models))
         .layer(DefaultBodyLimit::max(app.gateway.config().max_body_bytes));
     // A price file (LiteLLM's table is ~3 MB) is larger than any other admin body.

@@ -2,8 +2,8 @@
 
 use crate::answer::{self, Rng, Want, is_cjk};
 use crate::common::{
-    Ctx, Failure, Proto, Sim, answer_json, begin, compute, content_text, encoding, model_of,
-    positive, request_hash, text_failure,
+    Ctx, Failure, Proto, Sim, answer_json, begin, compute, content_text, encoding, json_body,
+    model_of, positive, request_hash, text_failure,
 };
 use crate::sse::{self, Plan};
 use axum::extract::{Request, State};
@@ -44,10 +44,8 @@ fn cache_split(prompt: usize, hash: u64) -> (usize, usize, usize) {
     (prompt - write - read, write, read)
 }
 
-async fn messages_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
-    let model = model_of(&body)?;
-    let cap = positive(&body, "max_tokens")?
-        .ok_or_else(|| Failure::BadRequest("max_tokens: Field required".into(), None))?;
+/// The prompt as (role, text): the system prompt, then the messages.
+fn prompt(body: &Value) -> Result<Vec<(String, String)>, Failure> {
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -84,20 +82,56 @@ async fn messages_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
         }
         msgs.push((role.to_owned(), content));
     }
+    Ok(msgs)
+}
+
+/// The prompt's tokens, as `messages` counts them.
+fn count(model: &str, msgs: &[(String, String)]) -> Result<usize, Failure> {
+    let chat: Vec<ChatMessage<'_>> = msgs
+        .iter()
+        .map(|(role, content)| ChatMessage {
+            role,
+            content,
+            name: None,
+        })
+        .collect();
+    estimate_chat(encoding(model), &chat).map_err(text_failure)
+}
+
+/// `POST /v1/messages/count_tokens`: `{"input_tokens": N}`, the prompt counted as
+/// `messages` would count it. Consumes nothing.
+pub(crate) async fn count_tokens(State(sim): State<Arc<Sim>>, req: Request) -> Response {
+    // Faults asked for by header apply; pacing does not (the count is quick).
+    let (_, body) = match begin(&sim, Proto::Anthropic, req).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let counted = model_of(&body).and_then(|model| {
+        let msgs = prompt(&body)?;
+        Ok((model, msgs))
+    });
+    let (model, msgs) = match counted {
+        Ok(x) => x,
+        Err(f) => return f.respond(Proto::Anthropic),
+    };
+    let bytes: usize = msgs.iter().map(|m| m.1.len()).sum();
+    match compute(bytes > HEAVY_BYTES, move || count(&model, &msgs)).await {
+        Ok(n) => json_body(json!({"input_tokens": n}).to_string().into_bytes()),
+        Err(f) => f.respond(Proto::Anthropic),
+    }
+}
+
+async fn messages_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
+    let model = model_of(&body)?;
+    let cap = positive(&body, "max_tokens")?
+        .ok_or_else(|| Failure::BadRequest("max_tokens: Field required".into(), None))?;
+    let msgs = prompt(&body)?;
     let bytes: usize = msgs.iter().map(|m| m.1.len()).sum();
     let heavy = bytes > HEAVY_BYTES || ctx.forced.is_some_and(|n| n > HEAVY_TOKENS);
     let (forced, seed, m2) = (ctx.forced, ctx.seed, model.clone());
     let (prompt, out, hash) = compute(heavy, move || {
         let enc = encoding(&m2);
-        let chat: Vec<ChatMessage<'_>> = msgs
-            .iter()
-            .map(|(role, content)| ChatMessage {
-                role,
-                content,
-                name: None,
-            })
-            .collect();
-        let prompt = estimate_chat(enc, &chat).map_err(text_failure)?;
+        let prompt = count(&m2, &msgs)?;
         let zh = msgs.iter().any(|m| m.1.chars().any(is_cjk));
         let hash = request_hash(
             seed ^ 0xA7,
@@ -201,6 +235,7 @@ async fn messages_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
         prefix,
         suffix,
         tail: tail.into_bytes(),
+        numbered: None,
     };
     Ok(sse::respond(&ctx, plan, &id))
 }

@@ -5,7 +5,9 @@
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`,
 //! `POST /v1/embeddings`, `GET /v1/models` (OpenAI; with an `anthropic-version` header,
-//! Anthropic's model list), `GET /v1/models/{id}`, `POST /v1/messages` (Anthropic), and
+//! Anthropic's model list), `GET /v1/models/{id}`, `POST /v1/responses` (OpenAI's
+//! Responses API, streamed and not, with cached and reasoning tokens in its usage),
+//! `POST /v1/messages` and `POST /v1/messages/count_tokens` (Anthropic), and
 //! `GET /sim/stats` (requests served, for tests).
 //!
 //! Every answer carries the account headers the real APIs send ([`ACCOUNT_HEADERS`]:
@@ -40,6 +42,7 @@ mod answer;
 mod anthropic;
 mod common;
 mod openai;
+mod responses;
 mod sse;
 
 use axum::Router;
@@ -101,6 +104,8 @@ pub fn router(cfg: SimConfig) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/v1/responses", post(responses::responses))
         .route("/sim/stats", get(stats))
         .fallback(common::not_found)
         .method_not_allowed_fallback(common::not_found)

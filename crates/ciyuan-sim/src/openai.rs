@@ -239,6 +239,7 @@ async fn chat_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
         prefix,
         suffix,
         tail: tail.into_bytes(),
+        numbered: None,
     };
     Ok(sse::respond(&ctx, plan, &id))
 }
@@ -359,6 +360,7 @@ async fn completions_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
         prefix,
         suffix,
         tail: tail.into_bytes(),
+        numbered: None,
     };
     Ok(sse::respond(&ctx, plan, &id))
 }

@@ -16,7 +16,8 @@ const COALESCE_BYTES: usize = 16 << 10;
 const CUT_FLUSH_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// A stream to send: `head` at once, then one frame per piece of `text`
-/// (`prefix` + the piece as a JSON string + `suffix`) paced from the first token on,
+/// (`prefix` + the piece as a JSON string + `suffix`; with `numbered`, `prefix` + the
+/// frame's number + its text + the piece + `suffix`) paced from the first token on,
 /// then `tail`.
 #[derive(Debug)]
 pub(crate) struct Plan {
@@ -26,6 +27,9 @@ pub(crate) struct Plan {
     pub prefix: String,
     pub suffix: String,
     pub tail: Vec<u8>,
+    /// Frames numbered from the first figure on (the Responses API's
+    /// `sequence_number`), and the text between the number and the piece.
+    pub numbered: Option<(u64, String)>,
 }
 
 struct Driver {
@@ -45,6 +49,10 @@ impl Driver {
     fn render(&self, i: usize, buf: &mut Vec<u8>) {
         let piece = &self.plan.text[self.plan.pieces[i].clone()];
         buf.extend_from_slice(self.plan.prefix.as_bytes());
+        if let Some((first, between)) = &self.plan.numbered {
+            buf.extend_from_slice((first + i as u64).to_string().as_bytes());
+            buf.extend_from_slice(between.as_bytes());
+        }
         buf.extend_from_slice(crate::common::json_str(piece).as_bytes());
         buf.extend_from_slice(self.plan.suffix.as_bytes());
     }

@@ -193,6 +193,16 @@ async fn run(
         .context("starting webhook delivery")?;
         server_cfg.notifier = Some(notifier);
     }
+    // The vocabularies the configured models are counted with, loaded before the
+    // listener accepts, so no request waits for one.
+    let gateway_cfg = server_cfg.gateway.clone();
+    let took = tokio::task::spawn_blocking(move || {
+        ciyuan_server::gateway::load_vocabularies(&gateway_cfg)
+    })
+    .await
+    .context("loading the tokenizers' vocabularies")?
+    .map_err(|e| anyhow::anyhow!("loading the tokenizers' vocabularies: {e}"))?;
+    tracing::info!(ms = took.as_millis() as u64, "vocabularies loaded");
     let ttl = server_cfg.reservation_ttl;
     let app = App::new(store, log, server_cfg).map_err(|e| anyhow::anyhow!(e.detail))?;
     let expiry = tokio::spawn(ciyuan_server::budgets::expiry_loop(app.clone(), ttl));

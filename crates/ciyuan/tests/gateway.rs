@@ -268,6 +268,35 @@ fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
                 );
                 assert_eq!(e["quality"]["stream"], true);
             }
+            "openai.responses" | "openai.responses.stream" => {
+                // Cached input and reasoning are split out of the two figures, into the
+                // keys chat uses.
+                let cached = u["input_tokens_details"]["cached_tokens"].as_u64().unwrap();
+                let reasoning = u["output_tokens_details"]["reasoning_tokens"]
+                    .as_u64()
+                    .unwrap();
+                let n = |k: &str| tokens[k].as_u64().unwrap_or(0);
+                assert_eq!(n("text.cached_input"), cached, "{scenario}: {e}");
+                assert_eq!(
+                    n("text.input") + cached,
+                    u["input_tokens"].as_u64().unwrap(),
+                    "{scenario}: {e}"
+                );
+                assert_eq!(n("text.reasoning"), reasoning, "{scenario}: {e}");
+                assert_eq!(
+                    n("text.output") + reasoning,
+                    u["output_tokens"].as_u64().unwrap(),
+                    "{scenario}: {e}"
+                );
+                assert_eq!(e["definition"], "gateway.openai@1");
+                assert_eq!(e["service"], "llm.chat");
+                if scenario == "openai.responses.stream" {
+                    assert!(reasoning > 0, "{e}");
+                    assert_eq!(e["quality"]["stream"], true);
+                    // What the client read is what Ciyuan recounted.
+                    assert_eq!(tokens["text.output"], e["recount"]["output"], "{e}");
+                }
+            }
             "anthropic.messages" | "anthropic.messages.stream" => {
                 assert_eq!(tokens["text.input"], u["input_tokens"], "{scenario}: {e}");
                 assert_eq!(tokens["text.output"], u["output_tokens"], "{scenario}: {e}");
@@ -277,7 +306,18 @@ fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 7);
+    assert_eq!(checked, 9);
+    // The token count is the provider's count of the same prompt `anthropic.messages`
+    // sent, and no entry was recorded for it (the ledger holds exactly the metered calls).
+    let counted = lines
+        .iter()
+        .find(|l| l["scenario"] == "anthropic.count_tokens")
+        .unwrap();
+    let sent = lines
+        .iter()
+        .find(|l| l["scenario"] == "anthropic.messages")
+        .unwrap();
+    assert_eq!(counted["input_tokens"], sent["usage"]["input_tokens"]);
     let errors: Vec<&str> = lines
         .iter()
         .filter(|l| l["scenario"] == "error")
@@ -295,6 +335,9 @@ fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
             "NotFoundError",
             "NotFoundError",
             "BadRequestError",
+            "BadRequestError",
+            "NotFoundError",
+            "NotFoundError",
             "NotFoundError",
             "NotFoundError"
         ]
@@ -1263,4 +1306,204 @@ fn unknown_v1_routes_and_bad_keys_answer_in_the_protocols_shape() {
             .starts_with("Incorrect API key provided"),
         "{e}"
     );
+}
+
+/// Gateway entries in the ledger.
+fn gateway_entries(gw: &Gateway) -> usize {
+    let (s, body) = gw
+        .server
+        .http("GET", "/api/v1/audit/entries?start=0", &gw.admin, None);
+    assert_eq!(s, 200);
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).unwrap()["data"]["source"] == "gateway")
+        .count()
+}
+
+#[test]
+fn count_tokens_is_the_providers_answer_never_billed_nor_budgeted_and_obeys_access_rules() {
+    let gw = gateway();
+    let url = gw.server.url.clone();
+    let version = [("anthropic-version", "2023-06-01")];
+    let prompt = json!({"model": "claude-sonnet-4-5", "system": "You are terse.",
+        "messages": [{"role": "user", "content": "How are tokens counted for 词元 billing?"}]});
+    let count = |key: &str, body: &Value| {
+        let r = raw(&url, "/v1/messages/count_tokens", key, &version, body, None);
+        (r.status, serde_json::from_str::<Value>(&r.body).unwrap())
+    };
+    let (s, b) = count(&gw.key, &prompt);
+    assert_eq!(s, 200, "{b}");
+    let n = b["input_tokens"].as_u64().unwrap();
+    assert!(n > 10, "{b}");
+    // The same prompt sent: the provider bills what it counted.
+    let mut sent = prompt.clone();
+    sent["max_tokens"] = json!(5);
+    let r = raw(&url, "/v1/messages", &gw.key, &version, &sent, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["tokens"]["text.input"], n, "{e}");
+    // Only the message was recorded.
+    assert_eq!(gateway_entries(&gw), 1);
+    // A budget spent to the last token refuses messages, not counts.
+    let (s, b) = gw.server.http(
+        "PUT",
+        "/api/v1/budgets/acme/app",
+        &gw.admin,
+        Some(&json!({"tokens": 1, "period": "month", "mode": "hard"})),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let r = raw(&url, "/v1/messages", &gw.key, &version, &sent, None);
+    assert_eq!(r.status, 429, "{}", r.body);
+    std::thread::sleep(Duration::from_millis(100));
+    let recorded = gateway_entries(&gw);
+    assert_eq!(count(&gw.key, &prompt).0, 200);
+    let sim_requests = || {
+        let (s, b) = http(&gw.sim.url, "GET", "/sim/stats", "", None);
+        assert_eq!(s, 200);
+        json(&b)["requests"].as_u64().unwrap()
+    };
+    let reached = sim_requests();
+    // A model the key may not use is refused in Anthropic's shape, before the provider.
+    let (s, _) = gw.server.http(
+        "PUT",
+        "/api/v1/access/acme",
+        &gw.admin,
+        Some(&json!({"deny": ["claude-haiku*"]})),
+    );
+    assert_eq!(s, 200);
+    let mut haiku = prompt.clone();
+    haiku["model"] = json!("claude-haiku-4-5");
+    let (s, b) = count(&gw.key, &haiku);
+    assert_eq!(s, 403, "{b}");
+    assert_eq!(b["type"], "error");
+    assert_eq!(b["error"]["type"], "permission_error", "{b}");
+    assert_eq!(sim_requests(), reached, "refused before the provider");
+    // Keys: none valid, or one without the gateway scope.
+    let (s, b) = count(&format!("cy_000000000000_{}", "0".repeat(64)), &prompt);
+    assert_eq!(
+        (s, &b["error"]["type"]),
+        (401, &json!("authentication_error"))
+    );
+    let reader = gw.key_for("acme/app", &["read"]);
+    assert_eq!(count(&reader, &prompt).0, 403);
+    // Bad requests name the field; a model on the other protocol says where it is.
+    let (s, b) = count(&gw.key, &json!({"messages": []}));
+    assert_eq!(s, 400);
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("model:"),
+        "{b}"
+    );
+    let (s, b) = count(&gw.key, &json!({"model": "gpt-4o", "messages": []}));
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("OpenAI"),
+        "{b}"
+    );
+    // None of it was recorded.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(gateway_entries(&gw), recorded);
+}
+
+#[test]
+fn responses_streams_that_break_off_are_metered_as_chat_streams_are() {
+    let gw = gateway();
+    let url = gw.server.url.clone();
+    let key = gw.key.clone();
+    let ask = |stream: bool| {
+        json!({"model": "gpt-4o", "stream": stream, "max_output_tokens": 200,
+               "instructions": "Be thorough.", "input": "Tell me about the ledger."})
+    };
+    // A whole answer: the provider's count, recounted without a flag.
+    let r = raw(&url, "/v1/responses", &key, &[], &ask(false), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(answer["object"], "response");
+    let e = gw.entry(&request_id(&r));
+    assert!(
+        e["partial"].is_null() && e["recount"]["flagged"].is_null(),
+        "{e}"
+    );
+    assert_eq!(
+        e["tokens"]["text.input"], answer["usage"]["input_tokens"],
+        "{e}"
+    );
+    assert_eq!(e["tokens"]["text.input"], e["recount"]["input"], "{e}");
+    assert_eq!(
+        e["tokens"]["text.output"], answer["usage"]["output_tokens"],
+        "{e}"
+    );
+    // The client hangs up mid-stream: what it was sent is metered, marked partial.
+    let r = raw(
+        &url,
+        "/v1/responses",
+        &key,
+        &[
+            ("x-sim-tokens-per-sec", "40"),
+            ("x-sim-output-tokens", "150"),
+        ],
+        &ask(true),
+        Some(3000),
+    );
+    assert_eq!(r.status, 200);
+    assert!(!r.complete && r.body.contains("response.output_text.delta"));
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["partial"], true, "{e}");
+    assert_eq!(e["quality"]["failure"], "client_disconnected", "{e}");
+    let out = e["tokens"]["text.output"].as_u64().unwrap();
+    assert!(out > 0 && out < 150, "recounted delivered output: {e}");
+    assert_eq!(e["tokens"]["text.input"], e["recount"]["input"]);
+    // The provider cuts the stream half way: the delivered text, recounted.
+    let r = raw(
+        &url,
+        "/v1/responses",
+        &key,
+        &[("x-sim-cut-at", "50")],
+        &ask(true),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert!(!r.complete, "the client must see the stream break");
+    assert!(!r.body.contains("response.completed"));
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(
+        (e["partial"].clone(), e["quality"]["failure"].clone()),
+        (json!(true), json!("upstream_cut")),
+        "{e}"
+    );
+    assert!(e["tokens"]["text.output"].as_u64().unwrap() > 0, "{e}");
+    assert_eq!(e["tokens"]["text.output"], e["recount"]["output"], "{e}");
+    // A stream whose end carries no usage: recounted, partial.
+    let r = raw(
+        &url,
+        "/v1/responses",
+        &key,
+        &[("x-sim-fault", "no-usage")],
+        &ask(true),
+        None,
+    );
+    assert!(
+        r.complete && r.body.contains("response.completed"),
+        "{}",
+        r.body
+    );
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["quality"]["failure"], "no_usage", "{e}");
+    assert_eq!(e["partial"], true);
+    assert!(e["tokens"]["text.output"].as_u64().unwrap() > 0);
+    // A clamping per-request limit lowers `max_output_tokens` on its way.
+    let (s, b) = gw.server.http(
+        "PUT",
+        "/api/v1/budgets/acme/app",
+        &gw.admin,
+        Some(&json!({"name": "per-request", "tokens": 100, "period": "lifetime", "per": "request", "clamp": true})),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let r = raw(&url, "/v1/responses", &key, &[], &ask(false), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer: Value = serde_json::from_str(&r.body).unwrap();
+    let cap = answer["max_output_tokens"].as_u64().unwrap();
+    assert!(cap < 200, "the provider was asked for less: {answer}");
 }

@@ -1,9 +1,10 @@
 //! Metering against recorded provider answers (`fixtures/`: one answer and one stream
 //! per provider, in the shapes each documents), and the regressions of issue 13.
 
-use super::protocol::{Endpoint, Family, RequestInfo, read_answer};
+use super::meter::{Measured, Meter, measure};
+use super::protocol::{Endpoint, RequestInfo, read_answer};
 use super::sse::Splitter;
-use super::{Call, GatewayConfig, Measured, Meter, measure};
+use super::{Call, GatewayConfig};
 use crate::auth::Caller;
 use bytes::Bytes;
 use ciyuan_core::jiff::Timestamp;
@@ -60,7 +61,7 @@ fn fixture(name: &str) -> Vec<u8> {
 }
 
 /// A stream fed to a meter in pieces of `piece` bytes, up to `cut` bytes if given.
-fn metered_stream(family: Family, stream: &[u8], piece: usize, cut: Option<usize>) -> Meter {
+fn metered_stream(endpoint: Endpoint, stream: &[u8], piece: usize, cut: Option<usize>) -> Meter {
     let mut meter = Meter::new(None);
     meter.billable = true;
     let mut splitter = Splitter::default();
@@ -68,7 +69,7 @@ fn metered_stream(family: Family, stream: &[u8], piece: usize, cut: Option<usize
     let started = Instant::now();
     for chunk in stream[..end].chunks(piece) {
         for event in splitter.push(&Bytes::copy_from_slice(chunk)) {
-            meter.event(family, &event, false, started);
+            meter.event(endpoint, &event, false, started);
         }
     }
     if cut.is_some() {
@@ -184,6 +185,13 @@ fn every_providers_usage_shape_is_read_streamed_and_not() {
             json!({"text.input": 472, "text.output": 89}),
             json!({"text.input": 472, "text.output": 89}),
         ),
+        (
+            // Cached input and reasoning split out of input and output, into chat's keys.
+            "openai_responses",
+            Endpoint::Responses,
+            json!({"text.input": 138, "text.cached_input": 1152, "text.output": 84, "text.reasoning": 384}),
+            json!({"text.input": 138, "text.cached_input": 1152, "text.output": 84, "text.reasoning": 384}),
+        ),
     ];
     for (name, endpoint, answer, stream) in cases {
         let config = GatewayConfig::default();
@@ -194,7 +202,7 @@ fn every_providers_usage_shape_is_read_streamed_and_not() {
         assert!(!whole.estimated, "{name}.json: the provider's count");
         let bytes = fixture(&format!("{name}.sse"));
         for piece in [7, 64, bytes.len()] {
-            let mut m = metered_stream(endpoint.family(), &bytes, piece, None);
+            let mut m = metered_stream(endpoint, &bytes, piece, None);
             assert!(m.complete, "{name}.sse ends properly");
             assert!(m.counted(), "{name}.sse brings its count");
             let streamed = measure(&config, &call(endpoint, model, "hi", ""), &mut m);
@@ -206,7 +214,7 @@ fn every_providers_usage_shape_is_read_streamed_and_not() {
 
 #[test]
 fn regression_moonshot_stream_usage_inside_the_choice_is_read() {
-    let mut m = metered_stream(Family::OpenAi, &fixture("moonshot.sse"), 4096, None);
+    let mut m = metered_stream(Endpoint::Chat, &fixture("moonshot.sse"), 4096, None);
     let measured = measure(
         &GatewayConfig::default(),
         &call(Endpoint::Chat, "kimi-k2-0905-preview", "1+1?", ""),
@@ -222,12 +230,7 @@ fn regression_moonshot_stream_usage_inside_the_choice_is_read() {
 /// Cuts `name.sse` after `percent` of its bytes and measures it for `model`.
 fn cut(name: &str, endpoint: Endpoint, model: &str, percent: usize) -> (Measured, Meter) {
     let bytes = fixture(&format!("{name}.sse"));
-    let mut m = metered_stream(
-        endpoint.family(),
-        &bytes,
-        33,
-        Some(bytes.len() * percent / 100),
-    );
+    let mut m = metered_stream(endpoint, &bytes, 33, Some(bytes.len() * percent / 100));
     let measured = measure(
         &GatewayConfig::default(),
         &call(endpoint, model, "What is the weather in Paris?", ""),
@@ -292,7 +295,7 @@ fn regression_unreadable_stream_events_are_metered_as_delivered_text() {
     let odd = r#"data: {"choices":[{"index":0,"delta":{"content":"world, and more words","tool_calls":{}}}]}"#;
     assert!(serde_json::from_str::<super::protocol::OpenAiChunk>(&odd[6..]).is_err());
     let stream = format!("{good}\n\n{odd}\n\n");
-    let meter = metered_stream(Family::OpenAi, stream.as_bytes(), 7, Some(stream.len()));
+    let meter = metered_stream(Endpoint::Chat, stream.as_bytes(), 7, Some(stream.len()));
     assert!(
         meter.shown.text.starts_with("Hello"),
         "{}",
@@ -305,7 +308,7 @@ fn regression_unreadable_stream_events_are_metered_as_delivered_text() {
     );
     let anthropic = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":[],\"delta\":{\"type\":\"text_delta\",\"text\":\"hidden words\"}}\n\n";
     let meter = metered_stream(
-        Family::Anthropic,
+        Endpoint::Messages,
         anthropic.as_bytes(),
         5,
         Some(anthropic.len()),
@@ -330,7 +333,7 @@ fn regression_delivered_reasoning_of_a_cut_stream_is_metered() {
 fn regression_anthropic_tool_use_recounts_the_same_streamed_and_not() {
     let mut whole = metered_answer(Endpoint::Messages, &fixture("anthropic_tool_use.json"));
     let mut streamed = metered_stream(
-        Family::Anthropic,
+        Endpoint::Messages,
         &fixture("anthropic_tool_use.sse"),
         19,
         None,
@@ -456,12 +459,95 @@ fn regression_reported_counts_out_of_range_are_no_report() {
     );
 }
 
+#[test]
+fn responses_recount_the_same_streamed_and_not_and_flag_nothing() {
+    let model = "gpt-5";
+    let mut whole = metered_answer(Endpoint::Responses, &fixture("openai_responses.json"));
+    let mut streamed = metered_stream(
+        Endpoint::Responses,
+        &fixture("openai_responses.sse"),
+        23,
+        None,
+    );
+    assert!(streamed.complete && streamed.counted());
+    assert_eq!(whole.shown.text, streamed.shown.text);
+    assert_eq!(whole.shown.reasoning, streamed.shown.reasoning);
+    assert!(whole.shown.text.starts_with("Under a silver moon"));
+    assert!(whole.shown.reasoning.contains("bedtime story"));
+    let c = call(Endpoint::Responses, model, "Tell me a bedtime story.", "");
+    let config = GatewayConfig {
+        recount_tolerance_percent: 0,
+        recount_tolerance_tokens: 0,
+        ..GatewayConfig::default()
+    };
+    for m in [&mut whole, &mut streamed] {
+        let measured = measure(&config, &c, m);
+        let recount = measured.recount.unwrap();
+        // The output recounted is the text alone: the reasoning is reported apart.
+        let text = encoding_for_model(model, &[])
+            .unwrap()
+            .count(&m.shown.text)
+            .unwrap() as u64;
+        assert_eq!(recount.output, text);
+        assert!(!measured.estimated);
+    }
+}
+
+#[test]
+fn responses_streams_that_fail_or_break_off_are_billed_what_was_counted_or_seen() {
+    let sse = String::from_utf8(fixture("openai_responses.sse")).unwrap();
+    let completed = sse.rfind("event: response.completed").unwrap();
+    // `response.failed` with the usage of what was generated: that count is billed, and
+    // the stream did not end properly (recorded as cut).
+    let failed = format!(
+        "{}event: response.failed\ndata: {}\n\n",
+        &sse[..completed],
+        json!({"type": "response.failed", "sequence_number": 99, "response": {
+            "id": "resp_1", "object": "response", "status": "failed",
+            "error": {"code": "server_error", "message": "The model failed."},
+            "output": [], "usage": {"input_tokens": 40, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 49}}})
+    );
+    let mut m = metered_stream(Endpoint::Responses, failed.as_bytes(), 50, None);
+    assert!(!m.complete, "a failed response is no proper end");
+    assert!(m.counted(), "its count is the provider's");
+    let measured = measure(
+        &GatewayConfig::default(),
+        &call(Endpoint::Responses, "gpt-5", "hi", ""),
+        &mut m,
+    );
+    assert_eq!(
+        tokens(&measured),
+        json!({"text.input": 40, "text.output": 9})
+    );
+    // An `error` event, or a cut, before any usage: Ciyuan's count of what was
+    // delivered, marked estimated.
+    for end in [
+        "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"x\",\"param\":null,\"sequence_number\":99}\n\n",
+        "",
+    ] {
+        let stream = format!("{}{end}", &sse[..completed]);
+        let mut m = metered_stream(Endpoint::Responses, stream.as_bytes(), 31, None);
+        assert!(!m.complete && !m.counted());
+        let measured = measure(
+            &GatewayConfig::default(),
+            &call(Endpoint::Responses, "gpt-5", "Tell me a bedtime story.", ""),
+            &mut m,
+        );
+        assert!(measured.estimated);
+        let t = tokens(&measured);
+        assert!(t["text.output"].as_u64().unwrap() > 20, "{t}");
+        assert!(t["text.reasoning"].as_u64().unwrap() > 10, "{t}");
+        assert!(t["text.input"].as_u64().unwrap() > 5, "{t}");
+    }
+}
+
 mod properties {
     use super::*;
     use crate::gateway::protocol::{self, OpenAiUsage};
     use proptest::prelude::*;
 
-    const FIXTURES: [(&str, Endpoint); 9] = [
+    const FIXTURES: [(&str, Endpoint); 10] = [
         ("openai", Endpoint::Chat),
         ("deepseek", Endpoint::Chat),
         ("qwen", Endpoint::Chat),
@@ -471,6 +557,7 @@ mod properties {
         ("gemini", Endpoint::Chat),
         ("anthropic", Endpoint::Messages),
         ("anthropic_tool_use", Endpoint::Messages),
+        ("openai_responses", Endpoint::Responses),
     ];
 
     /// JSON values of every type.
@@ -533,7 +620,7 @@ mod properties {
             for (file, stream) in [(format!("{name}.json"), false), (format!("{name}.sse"), true)] {
                 let bytes = mutated(&fixture(&file), &edits, cut);
                 let mut meter = if stream {
-                    metered_stream(endpoint.family(), &bytes, piece, None)
+                    metered_stream(endpoint, &bytes, piece, None)
                 } else {
                     match read_answer(endpoint, &bytes) {
                         Some(shown) => {

@@ -11,10 +11,16 @@
 //! fsync never adds latency; a crash in the few milliseconds between the two loses that
 //! one record.
 
+mod anthropic;
+mod forward;
+mod meter;
 pub mod metrics;
+mod openai;
 pub mod protocol;
+mod record;
 mod relay;
 pub(crate) mod request;
+pub(crate) mod responses;
 pub(crate) mod sse;
 mod upstream;
 
@@ -42,6 +48,11 @@ use protocol::{
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub use forward::count_tokens;
+use forward::{ANTHROPIC_VERSION, error_chain, forward};
+use meter::{ESTIMATOR, Meter, add_tokens, count_input, finish, finish_failed};
+use record::Record;
 
 /// The wire protocol a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,12 +204,79 @@ impl Default for GatewayConfig {
     }
 }
 
+impl GatewayConfig {
+    /// The encodings requests to the configured providers may be counted with: the
+    /// estimator (admission's count for every model without a tokenizer of its own),
+    /// those `[[tokenizers]]` rules name, and those of the built-in table whose
+    /// patterns a provider's model names or patterns may meet (`*` alone meets all).
+    pub fn encodings_in_use(&self) -> Vec<Encoding> {
+        let mut out = vec![ESTIMATOR];
+        let mut add = |e: Encoding| {
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        };
+        for (_, e) in &self.encodings {
+            add(*e);
+        }
+        // What a pattern fixes before its first `*`: two patterns may meet when one
+        // such prefix begins the other.
+        let fixed = |p: &str| {
+            let bare = p.rsplit('/').next().unwrap_or(p);
+            bare.split('*').next().unwrap_or(bare).to_ascii_lowercase()
+        };
+        for m in self.providers.iter().flat_map(|p| &p.models) {
+            if !m.contains('*') {
+                if let Some(e) = encoding_for_model(m, &self.encodings) {
+                    add(e);
+                }
+                continue;
+            }
+            let m = fixed(m);
+            for (t, e) in ciyuan_measure::text::MODEL_ENCODINGS {
+                let t = fixed(t);
+                if m.starts_with(&t) || t.starts_with(&m) {
+                    add(*e);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Loads the vocabularies of [`GatewayConfig::encodings_in_use`], each on a thread of
+/// its own, and answers how long it took. Called before the listener accepts, so no
+/// request waits for a vocabulary to load (the first requests did, up to 68 ms at p99
+/// for `o200k_base`); a vocabulary that does not load stops the start, where it would
+/// otherwise leave admission without its count.
+pub fn load_vocabularies(config: &GatewayConfig) -> Result<Duration, String> {
+    let started = Instant::now();
+    let encodings = config.encodings_in_use();
+    std::thread::scope(|s| {
+        let loading: Vec<_> = encodings
+            .iter()
+            .map(|e| (*e, s.spawn(move || e.count("load"))))
+            .collect();
+        for (e, thread) in loading {
+            match thread.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => return Err(format!("the {} vocabulary: {err}", e.name())),
+                Err(_) => return Err(format!("the {} vocabulary: its loading failed", e.name())),
+            }
+        }
+        Ok(())
+    })?;
+    Ok(started.elapsed())
+}
+
 /// The gateway's running state: configuration, one HTTP client per provider, metrics.
 pub struct Gateway {
     config: GatewayConfig,
     clients: Vec<upstream::UpstreamClient>,
-    /// Each provider's URL per endpoint, parsed once.
-    urls: Vec<[Uri; 4]>,
+    /// Each provider's URL per endpoint (in [`Endpoint::ALL`] order), parsed once.
+    urls: Vec<Vec<Uri>>,
+    /// Each Anthropic provider's `/v1/messages/count_tokens`, parsed once.
+    count_tokens_urls: Vec<Option<Uri>>,
     /// Each provider's credential header, made once (marked sensitive: never logged).
     auth: Vec<Option<(HeaderName, HeaderValue)>>,
     /// Models the providers listed behind wildcard patterns, and when they were asked.
@@ -211,293 +289,11 @@ pub struct Gateway {
     finishing: std::sync::atomic::AtomicUsize,
 }
 
-/// Entries wait this long for company before they are appended together: the answer
-/// is already out, and one append (one fsync, one projection batch) for many requests
-/// is what lets the ledger keep up with a busy gateway.
-const RECORD_LINGER: Duration = Duration::from_millis(5);
-/// Most entries appended at once by the recorder.
-const RECORD_BATCH_MAX: usize = 1024;
-/// How long the recorder keeps trying to append a group the ledger refused as
-/// unavailable (its database restarting) before it gives the usage up.
-const RECORD_RETRY_FOR: Duration = Duration::from_secs(300);
-/// Entries queued for the recorder before `finish` appends on its own instead.
-const RECORD_QUEUE: usize = 16 * 1024;
-
-/// What the recorder task receives.
-// Nearly every message is an entry; boxing it would allocate per request.
-#[allow(clippy::large_enum_variant)]
-enum Record {
-    /// An entry, with the rules guard it was rated under (released once the entry
-    /// is durable in the ledger, or given up; see `App::rules_gate`), and the holds
-    /// across nodes its usage settles once it is appended.
-    Entry(
-        Entry,
-        Option<Entry>,
-        Option<RulesGuard>,
-        Option<crate::holds::Settling>,
-    ),
-    /// Append what is queued now and say when it is durable.
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
-/// A read guard of `App::rules_gate`.
-type RulesGuard = tokio::sync::OwnedRwLockReadGuard<()>;
-
-/// A group of gateway entries as appended. They are built from strings, integers and a
-/// timestamp, which decode back exactly as they are, so the projector may apply them
-/// as held.
-struct Recorded(Vec<Entry>);
-
-impl crate::pipeline::Lent for Recorded {
-    fn entries(&self) -> &[Entry] {
-        &self.0
-    }
-}
-
-/// Appends gateway entries in groups.
-async fn recorder(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Receiver<Record>) {
-    let mut batch: Vec<Entry> = Vec::with_capacity(RECORD_BATCH_MAX);
-    let mut waiting: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
-    let mut guards: Vec<RulesGuard> = Vec::new();
-    // Holds settled by the batch's entries, by position.
-    let mut settling: Vec<(usize, crate::holds::Settling)> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let deadline = tokio::time::Instant::now() + RECORD_LINGER;
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Record::Entry(e, posting, guard, settles) => {
-                    // Side by side in one append: the payment never lands apart from
-                    // its usage, and the holds settle with the last of them.
-                    batch.push(e);
-                    batch.extend(posting);
-                    if let Some(s) = settles {
-                        settling.push((batch.len() - 1, s));
-                    }
-                    guards.extend(guard);
-                }
-                Record::Flush(done) => {
-                    waiting.push(done);
-                    break;
-                }
-            }
-            if batch.len() >= RECORD_BATCH_MAX {
-                break;
-            }
-            next = tokio::time::timeout_at(deadline, rx.recv())
-                .await
-                .ok()
-                .flatten();
-        }
-        let Some(app) = app.upgrade() else { return };
-        if !batch.is_empty() {
-            let n = batch.len();
-            // Lent to the projector, which applies them as they are instead of reading
-            // them back from the ledger and decoding them.
-            let lent = Arc::new(Recorded(std::mem::replace(
-                &mut batch,
-                Vec::with_capacity(n.next_power_of_two()),
-            )));
-            // The rules guards are held until the outcome, not only until the ledger
-            // takes the entries: an append refused as unavailable is tried again
-            // under them, so no rule can have come into force in between.
-            let appended = match crate::pipeline::append_lent_then(
-                app.log.as_ref(),
-                &app.projector,
-                lent.clone(),
-                || {},
-            )
-            .await
-            {
-                Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
-                    record_again(&app, lent, &e.detail).await
-                }
-                other => other,
-            };
-            app.recorded(appended, std::mem::take(&mut settling), n);
-            guards.clear();
-        }
-        for w in waiting.drain(..) {
-            let _ = w.send(());
-        }
-    }
-}
-
-/// Appends again a group of gateway entries the ledger refused as unavailable (so
-/// certainly not recorded: its database is restarting or out of reach), once it is
-/// back, for up to [`RECORD_RETRY_FOR`]. These requests were served before the outage
-/// was known; without this their usage would be lost. The caller holds the entries'
-/// rules guards throughout.
-async fn record_again(
-    app: &Arc<App>,
-    lent: Arc<Recorded>,
-    first: &str,
-) -> Result<std::ops::Range<u64>, crate::error::ApiError> {
-    let n = lent.0.len();
-    tracing::warn!(entries = n, detail = %first, "gateway usage waits for the ledger");
-    let until = tokio::time::Instant::now() + RECORD_RETRY_FOR;
-    let mut wait = Duration::from_millis(50);
-    loop {
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(1));
-        if app.log.available().is_err() && tokio::time::Instant::now() < until {
-            continue;
-        }
-        match crate::pipeline::append_lent_then(
-            app.log.as_ref(),
-            &app.projector,
-            lent.clone(),
-            || {},
-        )
-        .await
-        {
-            Ok(range) => {
-                tracing::info!(
-                    entries = n,
-                    "gateway usage recorded after the ledger came back"
-                );
-                return Ok(range);
-            }
-            Err(e)
-                if e.status == StatusCode::SERVICE_UNAVAILABLE
-                    && tokio::time::Instant::now() < until => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-impl App {
-    /// Waits until every gateway request that has finished has its entry durable in
-    /// the ledger (for a clean stop), at most `timeout`.
-    pub async fn flush_gateway(self: &Arc<Self>, timeout: Duration) {
-        let until = tokio::time::Instant::now() + timeout;
-        while self
-            .gateway
-            .finishing
-            .load(std::sync::atomic::Ordering::Acquire)
-            > 0
-            && tokio::time::Instant::now() < until
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        if let Some(tx) = self.gateway.recorder.get() {
-            let (done, wait) = tokio::sync::oneshot::channel();
-            if tx.send(Record::Flush(done)).await.is_ok() {
-                let _ = tokio::time::timeout_at(until, wait).await;
-            }
-        }
-    }
-
-    /// Appends a gateway entry (and its wallet posting) at once, releasing the rules
-    /// and tier guards once they hold their places in the ledger.
-    async fn record_gateway_now(
-        self: &Arc<Self>,
-        entry: Entry,
-        posting: Option<Entry>,
-        rules: RulesGuard,
-        tiers: crate::tiers::TiersGuard,
-        settles: Option<crate::holds::Settling>,
-    ) {
-        let mut entries = vec![entry];
-        entries.extend(posting);
-        let n = entries.len();
-        let appended = crate::pipeline::append_lent_then(
-            self.log.as_ref(),
-            &self.projector,
-            Arc::new(Recorded(entries)),
-            || {
-                drop(rules);
-                drop(tiers);
-            },
-        )
-        .await;
-        // Settled with the last entry (the payment, where there is one).
-        self.recorded(
-            appended,
-            settles.map(|s| (n - 1, s)).into_iter().collect(),
-            n,
-        );
-    }
-
-    /// After gateway entries' append: lets the projector know, and settles the holds
-    /// across nodes of the requests whose entries they are (by position); on a
-    /// failure, says so (the holds lapse).
-    fn recorded(
-        self: &Arc<Self>,
-        appended: Result<std::ops::Range<u64>, crate::error::ApiError>,
-        settling: Vec<(usize, crate::holds::Settling)>,
-        n: usize,
-    ) {
-        match appended {
-            Ok(range) => {
-                self.projector.kick();
-                self.settle_across_nodes(
-                    settling
-                        .into_iter()
-                        .map(|(pos, s)| (s, range.start + pos as u64))
-                        .collect(),
-                );
-            }
-            Err(e) => {
-                tracing::error!(entries = n, detail = %e.detail, "gateway usage not recorded")
-            }
-        }
-    }
-
-    /// Hands a gateway entry to the recorder (started on first use).
-    fn record_gateway(
-        self: &Arc<Self>,
-        entry: Entry,
-        posting: Option<Entry>,
-        guard: Option<RulesGuard>,
-        settles: Option<crate::holds::Settling>,
-    ) {
-        let tx = self.gateway.recorder.get_or_init(|| {
-            let (tx, rx) = tokio::sync::mpsc::channel(RECORD_QUEUE);
-            tokio::spawn(recorder(Arc::downgrade(self), rx));
-            tx
-        });
-        if let Err(e) = tx.try_send(Record::Entry(entry, posting, guard, settles)) {
-            // The recorder is behind: append this one alone rather than drop it.
-            let (entry, posting, guard, settles) = match e {
-                tokio::sync::mpsc::error::TrySendError::Full(Record::Entry(e, p, g, s))
-                | tokio::sync::mpsc::error::TrySendError::Closed(Record::Entry(e, p, g, s)) => {
-                    (e, p, g, s)
-                }
-                _ => return,
-            };
-            let mut entries = vec![entry];
-            entries.extend(posting);
-            let n = entries.len();
-            let app = self.clone();
-            tokio::spawn(async move {
-                let mut guard = guard;
-                let appended = crate::pipeline::append_lent_then(
-                    app.log.as_ref(),
-                    &app.projector,
-                    Arc::new(Recorded(entries)),
-                    || drop(guard.take()),
-                )
-                .await;
-                app.recorded(
-                    appended,
-                    settles.map(|s| (n - 1, s)).into_iter().collect(),
-                    n,
-                );
-            });
-        }
-    }
-}
-
 /// (model, provider) pairs.
 type ModelList = Vec<(String, String)>;
 
 /// Largest model list read from a provider.
 const MAX_MODEL_LIST_BYTES: usize = 4 << 20;
-
-/// Largest whole (not streamed) answer read from a provider: embeddings of a large
-/// batch run to a hundred megabytes; a provider sending more is broken.
-const MAX_ANSWER_BYTES: usize = 256 << 20;
 
 /// How long the providers' model lists are remembered.
 const MODEL_LIST_TTL: Duration = Duration::from_secs(60);
@@ -597,12 +393,17 @@ impl Gateway {
                         )),
                     }
                 };
-                Ok([
-                    url(Endpoint::ALL[0])?,
-                    url(Endpoint::ALL[1])?,
-                    url(Endpoint::ALL[2])?,
-                    url(Endpoint::ALL[3])?,
-                ])
+                Endpoint::ALL.iter().map(|e| url(*e)).collect()
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let count_tokens_urls = config
+            .providers
+            .iter()
+            .map(|p| {
+                (p.protocol == Protocol::Anthropic)
+                    .then(|| format!("{}/v1/messages/count_tokens", p.base_url).parse::<Uri>())
+                    .transpose()
+                    .map_err(|e| format!("provider {}: base_url {:?}: {e}", p.name, p.base_url))
             })
             .collect::<Result<Vec<_>, String>>()?;
         let auth = config
@@ -631,6 +432,7 @@ impl Gateway {
             config,
             clients,
             urls,
+            count_tokens_urls,
             auth,
             listed: tokio::sync::Mutex::new(None),
             metrics: metrics::Metrics::new(max_models),
@@ -693,6 +495,11 @@ pub async fn completions(app: State<Arc<App>>, headers: TakenHeaders, req: Reque
 /// `POST /v1/embeddings`
 pub async fn embeddings(app: State<Arc<App>>, headers: TakenHeaders, req: Request) -> Response {
     handle(app.0, Endpoint::Embeddings, headers.0, req).await
+}
+
+/// `POST /v1/responses`
+pub async fn responses(app: State<Arc<App>>, headers: TakenHeaders, req: Request) -> Response {
+    handle(app.0, Endpoint::Responses, headers.0, req).await
 }
 
 /// `POST /v1/messages`
@@ -1098,11 +905,15 @@ async fn serve_call(
     let cap = reservation.output_cap.filter(|c| *c < max_output);
     // Ask for usage inside OpenAI streams; the extra chunk is taken out again on the
     // way back when the client did not ask for it.
-    let ask_usage = info.stream && family == Family::OpenAi && !info.include_usage;
+    // (A Responses stream always ends with its usage.)
+    let ask_usage = info.stream
+        && family == Family::OpenAi
+        && endpoint != Endpoint::Responses
+        && !info.include_usage;
     let body = if cap.is_some() || ask_usage {
         let edited = match &mut parsed {
             Parsed::Spans(spans) => request::edit(&body, spans, ask_usage, cap),
-            Parsed::Tree(tree) => edit_tree(tree, ask_usage, cap),
+            Parsed::Tree(tree) => edit_tree(endpoint, tree, ask_usage, cap),
         };
         match edited {
             Some(b) => b,
@@ -1161,8 +972,14 @@ enum Parsed {
     Tree(Value),
 }
 
-/// [`request::edit`] on a value tree (requests of unusual shapes).
-fn edit_tree(tree: &mut Value, include_usage: bool, cap: Option<u64>) -> Option<Bytes> {
+/// [`request::edit`] on a value tree (requests of unusual shapes, and every Responses
+/// request).
+fn edit_tree(
+    endpoint: Endpoint,
+    tree: &mut Value,
+    include_usage: bool,
+    cap: Option<u64>,
+) -> Option<Bytes> {
     let obj = tree.as_object_mut()?;
     if include_usage {
         let opts = obj
@@ -1176,7 +993,9 @@ fn edit_tree(tree: &mut Value, include_usage: bool, cap: Option<u64>) -> Option<
         }
     }
     if let Some(cap) = cap {
-        let field = if obj.contains_key("max_completion_tokens") {
+        let field = if endpoint == Endpoint::Responses {
+            "max_output_tokens"
+        } else if obj.contains_key("max_completion_tokens") {
             "max_completion_tokens"
         } else {
             "max_tokens"
@@ -1215,677 +1034,6 @@ fn request_id() -> String {
     id
 }
 
-/// Whether a client's request header goes on to the provider: the defaults and the
-/// provider's `forward_headers`, never a credential, Ciyuan's own headers, or what
-/// frames the request (which the gateway sets for the body it sends).
-fn forwarded(name: &str, allowed: &[String]) -> bool {
-    if NEVER_FORWARDED.contains(&name)
-        || name.starts_with("x-ciyuan-")
-        || name.starts_with("proxy-")
-    {
-        return false;
-    }
-    DEFAULT_FORWARD_HEADERS.contains(&name)
-        || allowed.iter().any(|a| match a.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => a == name,
-        })
-}
-
-/// Request headers no `forward_headers` pattern passes on: the tenant's key (the
-/// provider gets the gateway's own), cookies, and hop-by-hop and framing headers.
-const NEVER_FORWARDED: [&str; 14] = [
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "cookie",
-    "host",
-    "content-length",
-    "content-type",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "upgrade",
-    "expect",
-];
-
-/// Whether a provider's response header reaches the tenant. An allow-list: providers
-/// answer with their organisation and project ids, cookies, server details and the
-/// remaining capacity of the shared upstream account (`x-ratelimit-*`, which would
-/// show one tenant the others' traffic); the client needs only the body's type, when
-/// and whether to retry (the SDKs obey `x-should-retry`), and the provider's request
-/// id to quote to its support.
-fn passed_back(name: &str) -> bool {
-    matches!(
-        name,
-        "content-type"
-            | "cache-control"
-            | "retry-after"
-            | "retry-after-ms"
-            | "x-should-retry"
-            | "x-request-id"
-            | "request-id"
-    )
-}
-
-/// The provider's response headers that reach the tenant.
-fn passed_back_headers(from: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(4);
-    for (name, value) in from {
-        if passed_back(name.as_str()) {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    out
-}
-
-/// The `anthropic-version` sent when the client sent none.
-const ANTHROPIC_VERSION: &str = "2023-06-01";
-
-async fn forward(app: Arc<App>, call: Call, headers: &HeaderMap, body: Bytes) -> Response {
-    let family = call.endpoint.family();
-    let gw = &app.gateway;
-    let provider = &gw.config.providers[call.provider];
-    let mut req = hyper::Request::new(Full::new(body));
-    *req.method_mut() = Method::POST;
-    *req.uri_mut() = gw.urls[call.provider][call.endpoint.index()].clone();
-    let out = req.headers_mut();
-    out.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    out.insert(
-        header::USER_AGENT,
-        HeaderValue::from_static(concat!("ciyuan/", env!("CARGO_PKG_VERSION"))),
-    );
-    for (name, value) in headers {
-        if forwarded(name.as_str(), &provider.forward_headers) {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    if provider.protocol == Protocol::Anthropic && !out.contains_key("anthropic-version") {
-        out.insert(
-            HeaderName::from_static("anthropic-version"),
-            HeaderValue::from_static(ANTHROPIC_VERSION),
-        );
-    }
-    if let Some((name, value)) = &gw.auth[call.provider] {
-        out.insert(name.clone(), value.clone());
-    }
-    let sent = tokio::time::timeout(provider.timeout, gw.clients[call.provider].request(req)).await;
-    let resp = match sent {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            let msg = format!("upstream {} failed: {}", provider.name, error_chain(&e));
-            let status = StatusCode::BAD_GATEWAY;
-            finish_failed(&app, call, status, "upstream_error");
-            return GatewayError::new(status, msg).into_response(family);
-        }
-        Err(_) => {
-            let msg = format!(
-                "upstream {} did not answer within {}s",
-                provider.name,
-                provider.timeout.as_secs_f64()
-            );
-            finish_failed(&app, call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
-            return GatewayError::new(StatusCode::GATEWAY_TIMEOUT, msg).into_response(family);
-        }
-    };
-    let (parts, incoming) = resp.into_parts();
-    let status = parts.status;
-    let out_headers = passed_back_headers(&parts.headers);
-    let is_stream = call.info.stream
-        && status.is_success()
-        && out_headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-    if is_stream {
-        let idle = provider.idle_timeout;
-        let relay = relay::Relay::new(app.clone(), call, incoming, status.as_u16(), idle);
-        let mut r = Response::new(Body::new(relay));
-        *r.status_mut() = status;
-        *r.headers_mut() = out_headers;
-        return r;
-    }
-    // A whole answer: read it (within the provider's timeout and size bound), pass it
-    // on unchanged.
-    let limited = http_body_util::Limited::new(incoming, MAX_ANSWER_BYTES);
-    let whole = tokio::time::timeout(provider.timeout, limited.collect()).await;
-    let bytes = match whole {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            let msg = format!(
-                "upstream {} answered with more than {} MiB",
-                provider.name,
-                MAX_ANSWER_BYTES >> 20
-            );
-            finish_failed(&app, call, StatusCode::BAD_GATEWAY, "upstream_too_large");
-            return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
-        }
-        Ok(Err(e)) => {
-            let msg = format!(
-                "upstream {} broke off its answer: {}",
-                provider.name,
-                error_chain(e.as_ref())
-            );
-            finish_failed(&app, call, StatusCode::BAD_GATEWAY, "upstream_cut");
-            return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
-        }
-        Err(_) => {
-            let msg = format!(
-                "upstream {} did not finish its answer within {}s",
-                provider.name,
-                provider.timeout.as_secs_f64()
-            );
-            finish_failed(&app, call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
-            return GatewayError::new(StatusCode::GATEWAY_TIMEOUT, msg).into_response(family);
-        }
-    };
-    if !status.is_success() {
-        // The provider's own error, in its own shape, reaches the client as it is.
-        finish_failed(&app, call, status, "upstream_error");
-        let mut resp = (status, bytes).into_response();
-        *resp.headers_mut() = out_headers;
-        return resp;
-    }
-    let Some(shown) = protocol::read_answer(call.endpoint, &bytes) else {
-        let msg = format!("upstream {} answered with malformed JSON", provider.name);
-        // The tenant got no answer it can use: it is charged nothing (the entry still
-        // records the failure, and the reservation is released).
-        finish_failed(&app, call, StatusCode::BAD_GATEWAY, "upstream_malformed");
-        return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
-    };
-    let ttft = call.started.elapsed();
-    let mut meter = Meter::new(None);
-    meter.billable = true;
-    meter.complete = true;
-    if shown.reported.is_none() {
-        meter.failure = Some("no_usage");
-    }
-    meter.shown = shown;
-    finish(&app, call, meter, status.as_u16(), Some(ttft));
-    let mut resp = (status, bytes).into_response();
-    *resp.headers_mut() = out_headers;
-    resp
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
-/// What a relayed answer has shown so far.
-struct Meter {
-    shown: Shown,
-    anthropic: AnthropicStream,
-    /// The stream reached its proper end (`[DONE]`, `message_stop`).
-    complete: bool,
-    failure: Option<&'static str>,
-    ttft: Option<Duration>,
-    /// The provider accepted the request (2xx) and answered: it consumed tokens,
-    /// whether or not its count reaches us.
-    billable: bool,
-}
-
-impl Meter {
-    fn new(failure: Option<&'static str>) -> Meter {
-        Meter {
-            shown: Shown::default(),
-            anthropic: AnthropicStream::default(),
-            complete: false,
-            failure,
-            ttft: None,
-            billable: false,
-        }
-    }
-
-    /// Reads one event; returns whether to pass it on to the client.
-    fn event(&mut self, family: Family, event: &[u8], strip_usage: bool, started: Instant) -> bool {
-        let Some(data) = sse::data(event) else {
-            return true;
-        };
-        let before = self.shown.text.len() + self.shown.reasoning.len();
-        let mut forward = true;
-        match family {
-            Family::OpenAi => {
-                if data.trim() == "[DONE]" {
-                    self.complete = true;
-                } else if let Ok(chunk) = serde_json::from_str::<OpenAiChunk>(&data) {
-                    chunk.text_into(&mut self.shown);
-                    if let Some(u) = chunk.usage() {
-                        self.shown.reported = Some(u);
-                    }
-                    if strip_usage && chunk.is_usage_only() {
-                        forward = false;
-                    }
-                } else {
-                    self.unreadable(&data);
-                }
-            }
-            Family::Anthropic => {
-                if let Ok(ev) = serde_json::from_str::<AnthropicEvent>(&data) {
-                    // The usage is read out once, when the request is measured.
-                    if ev.apply(&mut self.anthropic, &mut self.shown) {
-                        self.complete = true;
-                    }
-                } else {
-                    self.unreadable(&data);
-                }
-            }
-        }
-        if self.ttft.is_none() && self.shown.text.len() + self.shown.reasoning.len() > before {
-            self.ttft = Some(started.elapsed());
-        }
-        forward
-    }
-
-    /// An event the chunk readers cannot take (a field of an unexpected type, not
-    /// JSON) still reached the client: its data is metered as delivered text, so a
-    /// broken provider's output is never free when its count does not come. (When the
-    /// count does come, it is what is billed; the recount then counts these bytes.)
-    fn unreadable(&mut self, data: &str) {
-        if !data.trim().is_empty() {
-            self.shown.text.push_str(data);
-        }
-    }
-
-    /// Whether the provider's final count has come.
-    fn counted(&self) -> bool {
-        match &self.shown.reported {
-            Some(r) => r.complete,
-            None => self.anthropic.is_final(),
-        }
-    }
-
-    /// The provider's count so far: a whole answer's, an OpenAI stream's usage chunk,
-    /// or what an Anthropic stream's events added up to.
-    fn take_reported(&mut self) -> Option<protocol::Reported> {
-        self.shown
-            .reported
-            .take()
-            .or_else(|| self.anthropic.reported())
-    }
-}
-
-/// Records a request that consumed nothing (refused, failed upstream before an
-/// answer, or answered with nothing usable): no tokens, but its status and latency
-/// count for service quality.
-fn finish_failed(app: &Arc<App>, call: Call, status: StatusCode, why: &'static str) {
-    let meter = Meter::new(Some(why));
-    let call = Call {
-        endpoint: call.endpoint,
-        caller: call.caller,
-        info: RequestInfo {
-            model: call.info.model,
-            stream: call.info.stream,
-            ..RequestInfo::default()
-        },
-        provider: call.provider,
-        request_id: call.request_id,
-        started: call.started,
-        at: call.at,
-        reservation: call.reservation,
-        hold: call.hold,
-        shared: call.shared,
-        session: call.session,
-        encoding: call.encoding,
-        input_estimate: None,
-    };
-    finish(app, call, meter, status.as_u16(), None);
-}
-
-/// Tokens allowed per tool call in the answer beyond its arguments: the provider also
-/// counts the call's name and framing, whose format it does not publish.
-const TOOL_CALL_ALLOWANCE: u64 = 24;
-
-/// The tokens to record for a request, and how they were found.
-struct Measured {
-    tokens: TokenMap,
-    recount: Option<Box<Recount>>,
-    /// The tokens are Ciyuan's count (no final count came from the provider).
-    estimated: bool,
-    /// What the recount could not count exactly (its tolerance was widened for it).
-    uncounted: Vec<String>,
-}
-
-/// What a request consumed: the provider's final count when it came (compared with
-/// Ciyuan's own count where Ciyuan has the model's tokenizer), else Ciyuan's count of
-/// the prompt and of everything delivered, with `estimator` for models whose tokenizer
-/// Ciyuan does not have, and never less than what the provider reported so far.
-fn measure(config: &GatewayConfig, call: &Call, meter: &mut Meter) -> Measured {
-    let mut m = Measured {
-        tokens: TokenMap::new(),
-        recount: None,
-        estimated: false,
-        uncounted: Vec::new(),
-    };
-    if !meter.billable {
-        return m;
-    }
-    meter.anthropic.end_tool_input(&mut meter.shown);
-    let exact = call.encoding.is_some();
-    let enc = call.encoding.unwrap_or(ESTIMATOR);
-    let ours = recount(enc, call, &meter.shown);
-    if ours.is_none() {
-        tracing::error!(request = %call.request_id, encoding = enc.name(), "the recount failed: its vocabulary did not load");
-    }
-    let reported = meter.take_reported();
-    let shown = &meter.shown;
-    let thinking_in_output = call.endpoint.family() == Family::Anthropic;
-    match (reported, ours) {
-        (Some(r), ours) if r.complete => {
-            m.tokens = r.tokens;
-            let Some(ours) = ours.filter(|_| exact) else {
-                return m;
-            };
-            // A tolerance past the count itself allows everything: saturating is exact.
-            let tolerance = |provider: u64| {
-                (provider.saturating_mul(config.recount_tolerance_percent) / 100)
-                    .max(config.recount_tolerance_tokens)
-            };
-            // The provider counts reasoning inside the output unless it reports it apart.
-            let our_output = if r.reasoning == 0 {
-                ours.output + ours.reasoning
-            } else {
-                ours.output
-            };
-            let mut input_allowed = Some(tolerance(r.input));
-            if call.info.has_media {
-                m.uncounted.push("media".into());
-                input_allowed = None;
-            }
-            if ours.tools > 0 {
-                // Tool definitions reach the model in a format the provider does not
-                // publish; their JSON is counted, and may differ by as much again.
-                m.uncounted.push("tools".into());
-                input_allowed = input_allowed.map(|a| a.saturating_add(ours.tools));
-            }
-            let mut output_allowed =
-                (!r.audio_output && meter.complete).then(|| tolerance(r.output));
-            if shown.tool_calls > 0 {
-                m.uncounted.push("tool_calls".into());
-                output_allowed = output_allowed.map(|a| {
-                    a.saturating_add(TOOL_CALL_ALLOWANCE.saturating_mul(shown.tool_calls))
-                });
-            }
-            if shown.redacted {
-                m.uncounted.push("redacted_thinking".into());
-                output_allowed = None;
-            }
-            let off = |provider: u64, ours: u64, allowed: Option<u64>| {
-                allowed.is_some_and(|a| provider.abs_diff(ours) > a)
-            };
-            let flagged = off(r.input, ours.input, input_allowed)
-                || off(r.output, our_output, output_allowed);
-            m.recount = Some(Box::new(Recount {
-                encoding: enc.name().to_string(),
-                input: ours.input,
-                output: our_output,
-                flagged,
-            }));
-        }
-        (interim, ours) => {
-            // No final count: Ciyuan's count of what was asked and delivered stands in.
-            m.estimated = true;
-            let Some(ours) = ours else {
-                if let Some(r) = interim {
-                    m.tokens = r.tokens;
-                }
-                return m;
-            };
-            let (output, reasoning) = if thinking_in_output {
-                (ours.output + ours.reasoning, 0)
-            } else {
-                (ours.output, ours.reasoning)
-            };
-            let mut output = output;
-            match &interim {
-                Some(r) => {
-                    // The provider's input figures are exact; its output so far is a floor.
-                    for t in r.tokens.iter() {
-                        if t.direction != Direction::Output && t.direction != Direction::Reasoning {
-                            add_tokens(
-                                &mut m.tokens,
-                                t.modality,
-                                t.direction,
-                                t.count.unsigned_abs(),
-                            );
-                        }
-                    }
-                    output = output.max(r.output);
-                }
-                None => add_tokens(&mut m.tokens, Modality::Text, Direction::Input, ours.input),
-            }
-            add_tokens(&mut m.tokens, Modality::Text, Direction::Output, output);
-            add_tokens(
-                &mut m.tokens,
-                Modality::Text,
-                Direction::Reasoning,
-                reasoning,
-            );
-            m.recount = Some(Box::new(Recount {
-                encoding: enc.name().to_string(),
-                input: ours.input,
-                output,
-                flagged: false,
-            }));
-        }
-    }
-    m
-}
-
-/// Adds a count Ciyuan measured (bounded by the body and answer sizes) to its key.
-fn add_tokens(t: &mut TokenMap, m: Modality, d: Direction, n: u64) {
-    if n == 0 {
-        return;
-    }
-    let added = i64::try_from(n).ok().map(|n| t.add(m, d, n));
-    assert!(
-        matches!(added, Some(Some(()))),
-        "a count of delivered text fits a token map"
-    );
-}
-
-/// Counts, compares and records, off the request's path.
-fn finish(app: &Arc<App>, call: Call, meter: Meter, status: u16, ttft: Option<Duration>) {
-    let latency = call.started.elapsed();
-    // A relay dropped while the runtime shuts down has nowhere to record from.
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        tracing::warn!(request = %call.request_id, "gateway usage not recorded: stopping");
-        return;
-    };
-    let app = app.clone();
-    app.gateway
-        .finishing
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    rt.spawn(async move {
-        let (mut call, mut meter) = (call, meter);
-        let gw = &app.gateway;
-        let billable = meter.billable;
-        let measured = measure(&gw.config, &call, &mut meter);
-        let partial = billable && (meter.failure.is_some() || measured.estimated);
-        let tokens = measured.tokens;
-        let flagged = measured.recount.as_ref().is_some_and(|r| r.flagged);
-        let provider = &gw.config.providers[call.provider];
-        // Generation speed: output over the time after the first token (for whole
-        // answers, over the whole latency: the first token's time is unknown).
-        let output: u64 = tokens
-            .iter()
-            .filter(|t| matches!(t.direction, Direction::Output | Direction::Reasoning))
-            .map(|t| t.count.unsigned_abs())
-            .sum();
-        let generating = match (call.info.stream, ttft) {
-            (true, Some(t)) => latency.saturating_sub(t),
-            _ => latency,
-        };
-        let output_tokens_per_sec = (output > 0 && !generating.is_zero()).then(|| {
-            u64::try_from(u128::from(output) * 1_000_000 / generating.as_micros().max(1))
-                .unwrap_or(u64::MAX)
-        });
-        gw.metrics.observe(&metrics::Observation {
-            upstream: &provider.name,
-            model: &call.info.model,
-            status,
-            ttft,
-            latency,
-            tokens: &tokens,
-            partial,
-            flagged,
-            output_tokens_per_sec,
-        });
-        let mut entry = Entry::new(
-            call.at,
-            call.caller.key.account.clone(),
-            EntryBody::Usage(Usage {
-                service: call.endpoint.service().to_string(),
-                model: Some(std::mem::take(&mut call.info.model)),
-                tokens,
-                source: Some(ciyuan_core::GATEWAY_SOURCE.into()),
-                event_id: Some(std::mem::take(&mut call.request_id)),
-                definition: Some(call.endpoint.definition().to_string()),
-                partial,
-                quality: Some(Box::new(Quality {
-                    upstream: provider.name.clone(),
-                    status,
-                    stream: call.info.stream,
-                    ttft_us: ttft.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-                    latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
-                    output_tokens_per_sec,
-                    failure: meter.failure.map(str::to_string),
-                    estimated: measured.estimated,
-                    uncounted: measured.uncounted,
-                })),
-                recount: measured.recount,
-                tier: call.info.service_tier,
-                ..Usage::default()
-            }),
-        );
-        // Priced as it is appended, on the count the provider's setting names, under
-        // the rules in force until the entry holds its place in the ledger.
-        let rules = app.rules_gate.clone().read_owned().await;
-        let (price_incident, tiers) = app
-            .rate_gateway_entry(&mut entry, provider.rate_basis)
-            .await;
-        let EntryBody::Usage(usage) = &entry.body else {
-            unreachable!("a gateway entry is a usage entry")
-        };
-        let cost = usage
-            .rating
-            .as_ref()
-            .filter(|_| billable)
-            .map(|r| ciyuan_core::Money {
-                amount: r.amount,
-                currency: r.currency,
-            });
-        // Settle the reservation to what was consumed (or release it: nothing was).
-        if let Some(r) = call.reservation {
-            if billable {
-                let tokens = &usage.tokens;
-                let settled = match app.budget.settle_cost(r, tokens, cost, Timestamp::now()) {
-                    Ok(settled) => settled,
-                    // Expired before the request ended: count what it used anyway.
-                    Err(_) => app.budget.record_cost(
-                        &call.caller.key.account,
-                        &call.caller.key.key_id,
-                        call.session.as_deref(),
-                        tokens,
-                        cost,
-                        call.at,
-                    ),
-                };
-                crate::budgets::incidents(&app, settled, None).await;
-            } else {
-                app.budget.release(r);
-            }
-        }
-        // The wallet pays what the entry says it cost: a `consume` posting, appended
-        // beside the entry (its memo names the request).
-        let charge = app.settle_hold(
-            call.hold.take(),
-            &call.caller.key.account,
-            cost,
-            usage.event_id.as_deref(),
-        );
-        let posting =
-            charge.map(|(node, p)| Entry::new(Timestamp::now(), node, EntryBody::Posting(p)));
-        // Its holds across nodes count its usage once the entry is appended (the
-        // usage entry's index is what other nodes follow to).
-        let settles = match call.shared.take() {
-            Some(shared) if billable => Some(shared.settling(&usage.tokens, cost)),
-            other => {
-                app.release_across_nodes(other);
-                None
-            }
-        };
-        match tiers {
-            // A tiered entry holds the tier counters' lock: appended now, not after the
-            // recorder's linger, and the lock released once it holds its place.
-            Some(tiers) => {
-                app.record_gateway_now(entry, posting, rules, tiers, settles)
-                    .await
-            }
-            // With its payment, in one message: both are appended together (also when
-            // the recorder is behind), so they hold their places side by side when the
-            // rules guard goes, and other nodes count the request's holds until they
-            // have applied both.
-            None => app.record_gateway(entry, posting, Some(rules), settles),
-        }
-        if let Some(incident) = price_incident {
-            app.raise_price_incidents(vec![incident]).await;
-        }
-        app.gateway
-            .finishing
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    });
-}
-
-/// The estimator for models whose tokenizer Ciyuan does not have (admission reserves
-/// with it too).
-const ESTIMATOR: Encoding = Encoding::O200kBase;
-
-/// Ciyuan's own count of a request.
-struct Counted {
-    /// The prompt, tool definitions included.
-    input: u64,
-    /// Of which tool definitions.
-    tools: u64,
-    /// Answer text delivered (tool call arguments included).
-    output: u64,
-    /// Reasoning text delivered.
-    reasoning: u64,
-}
-
-/// Ciyuan's own count of the prompt and of the answer text delivered.
-fn recount(enc: Encoding, call: &Call, shown: &Shown) -> Option<Counted> {
-    let (input, tools) = match call.input_estimate {
-        Some(e) if e.encoding == enc => (e.input, e.tools),
-        _ => count_input(enc, &call.info)?,
-    };
-    let (output, reasoning) = if call.endpoint == Endpoint::Embeddings {
-        (0, 0)
-    } else {
-        (
-            enc.count(&shown.text).ok()? as u64,
-            enc.count(&shown.reasoning).ok()? as u64,
-        )
-    };
-    Some(Counted {
-        input,
-        tools,
-        output,
-        reasoning,
-    })
-}
-
 /// A request its wallet cannot pay for, in the family's shape: 429 with OpenAI's
 /// `insufficient_quota` code (what SDKs show for an exhausted balance).
 fn wallet_refused(family: Family, e: ciyuan_budget::WalletError) -> Response {
@@ -1920,37 +1068,9 @@ fn refused(family: Family, r: ciyuan_budget::Refusal) -> Response {
     e.into_response(family)
 }
 
-/// The prompt's tokens as Ciyuan counts them, and how many of them are tool
-/// definitions.
-fn count_input(enc: Encoding, info: &RequestInfo) -> Option<(u64, u64)> {
-    let input = if !info.messages.is_empty() {
-        let msgs: Vec<ChatMessage<'_>> = info
-            .messages
-            .iter()
-            .map(|(role, content)| ChatMessage {
-                role,
-                content,
-                name: None,
-            })
-            .collect();
-        estimate_chat(enc, &msgs).ok()?
-    } else {
-        let mut n = 0;
-        for p in &info.prompts {
-            n += enc.count(p).ok()?;
-        }
-        n
-    };
-    let tools = if info.tools_text.is_empty() {
-        0
-    } else {
-        enc.count(&info.tools_text).ok()?
-    };
-    Some(((input + tools) as u64, tools as u64))
-}
-
 #[cfg(test)]
 mod tests {
+    use super::forward::{forwarded, passed_back_headers};
     use super::*;
 
     #[test]
@@ -1961,6 +1081,45 @@ mod tests {
         assert!(allow.contains("lost"), "{allow}");
         let other = "queue".parse::<LedgerOutage>().unwrap_err();
         assert!(other.contains("refuse"), "{other}");
+    }
+
+    #[test]
+    fn the_encodings_in_use_follow_the_configured_models() {
+        let with = |patterns: &[&str]| {
+            let config = GatewayConfig {
+                providers: vec![Provider {
+                    name: "p".into(),
+                    protocol: Protocol::OpenAi,
+                    base_url: "http://127.0.0.1:1/v1".into(),
+                    api_key: None,
+                    models: patterns.iter().map(|p| p.to_string()).collect(),
+                    connect_timeout: Duration::from_secs(1),
+                    timeout: Duration::from_secs(1),
+                    idle_timeout: Duration::from_secs(1),
+                    forward_headers: Vec::new(),
+                    rate_basis: crate::prices::Basis::default(),
+                }],
+                ..GatewayConfig::default()
+            };
+            config.encodings_in_use()
+        };
+        assert_eq!(with(&[]), [Encoding::O200kBase], "the estimator, always");
+        assert_eq!(with(&["claude-*"]), [Encoding::O200kBase]);
+        assert_eq!(
+            with(&["gpt-*", "deepseek-chat"]),
+            [
+                Encoding::O200kBase,
+                Encoding::Cl100kBase,
+                Encoding::DeepSeekV4
+            ]
+        );
+        assert_eq!(with(&["openai/gpt-4o-mini"]), [Encoding::O200kBase]);
+        let all = with(&["*"]);
+        for (_, e) in ciyuan_measure::text::MODEL_ENCODINGS {
+            assert!(all.contains(e), "{e:?}");
+        }
+        let took = load_vocabularies(&GatewayConfig::default()).unwrap();
+        assert!(took < Duration::from_secs(60));
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! What the gateway must know of each provider family's wire format: the endpoints,
 //! the error shape its SDKs parse, the text of a request and an answer (for the
-//! recount), and the usage report (for the ledger).
+//! recount), and the usage report (for the ledger). What the families share is here;
+//! each family's own readers are in `openai.rs` (chat, completions, embeddings),
+//! `anthropic.rs` (messages) and `responses.rs` (the Responses API), their public
+//! types re-exported here.
 //!
 //! Usage is mapped to disjoint token keys, so their sum is what the provider billed:
 //! - OpenAI: `prompt_tokens` includes cached and audio input, `completion_tokens`
@@ -11,6 +14,10 @@
 //!   `cache_creation`: five-minute writes are `cache_write`, one-hour writes
 //!   `cache_write_1h`); `output_tokens` includes thinking.
 
+use super::anthropic::{AnthropicAnswer, anthropic_usage};
+pub use super::anthropic::{AnthropicEvent, AnthropicStream, AnthropicUsage, CacheCreation};
+use super::openai::{OpenAiAnswer, openai_usage, push_tool_arguments};
+pub use super::openai::{OpenAiChunk, OpenAiUsage};
 use super::request::Obj;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -38,15 +45,18 @@ pub enum Endpoint {
     Embeddings,
     /// `POST /v1/messages`
     Messages,
+    /// `POST /v1/responses`
+    Responses,
 }
 
 impl Endpoint {
     /// Every endpoint, in [`Endpoint::index`] order.
-    pub const ALL: [Endpoint; 4] = [
+    pub const ALL: [Endpoint; 5] = [
         Endpoint::Chat,
         Endpoint::Completions,
         Endpoint::Embeddings,
         Endpoint::Messages,
+        Endpoint::Responses,
     ];
 
     /// The endpoint's position in [`Endpoint::ALL`].
@@ -56,6 +66,7 @@ impl Endpoint {
             Endpoint::Completions => 1,
             Endpoint::Embeddings => 2,
             Endpoint::Messages => 3,
+            Endpoint::Responses => 4,
         }
     }
 
@@ -75,19 +86,23 @@ impl Endpoint {
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
             Endpoint::Messages => "/v1/messages",
+            Endpoint::Responses => "/responses",
         }
     }
 
     /// The service name recorded in the ledger.
     pub fn service(self) -> &'static str {
         match self {
-            Endpoint::Chat | Endpoint::Messages => "llm.chat",
+            // A response is a chat turn by another API: priced as one.
+            Endpoint::Chat | Endpoint::Messages | Endpoint::Responses => "llm.chat",
             Endpoint::Completions => "llm.completion",
             Endpoint::Embeddings => "llm.embedding",
         }
     }
 
     /// The definition (usage mapping rules and their version) recorded in the ledger.
+    /// Responses' usage maps onto the token keys by chat's rules (see
+    /// [`super::responses`]), so it is recorded under chat's definition.
     pub fn definition(self) -> &'static str {
         match self.family() {
             Family::OpenAi => "gateway.openai@1",
@@ -270,20 +285,6 @@ fn text_of_content(content: &Value, media: &mut u64) -> String {
     }
 }
 
-/// Appends the arguments text of OpenAI tool calls (`[{"function": {"arguments"}}]`):
-/// the model wrote them, so they are output (or, in a prompt, input) tokens.
-fn push_tool_arguments(calls: &[Value], out: &mut String) {
-    for call in calls {
-        if let Some(a) = call
-            .get("function")
-            .and_then(|f| f.get("arguments"))
-            .and_then(Value::as_str)
-        {
-            out.push_str(a);
-        }
-    }
-}
-
 /// Reads a request body as `endpoint` defines it; the error names the field.
 pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayError> {
     let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m);
@@ -308,7 +309,12 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let max_tokens = ["max_completion_tokens", "max_tokens"]
+    // The Responses API names its limit otherwise (read with its other fields).
+    let limit_fields: &[&str] = match endpoint {
+        Endpoint::Responses => &[],
+        _ => &["max_completion_tokens", "max_tokens"],
+    };
+    let max_tokens = limit_fields
         .iter()
         .find_map(|k| obj.get(*k))
         .map(|v| {
@@ -363,6 +369,7 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
                 return Err(bad("max_tokens: required".into()));
             }
         }
+        Endpoint::Responses => super::responses::inspect(obj, &mut info)?,
         Endpoint::Completions | Endpoint::Embeddings => {
             let field = if endpoint == Endpoint::Completions {
                 "prompt"
@@ -413,32 +420,6 @@ pub struct Reported {
     pub complete: bool,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct OpenAiDetails {
-    cached_tokens: Option<u64>,
-    audio_tokens: Option<u64>,
-    reasoning_tokens: Option<u64>,
-}
-
-/// OpenAI's `usage` object.
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct OpenAiUsage {
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    /// What the provider bills in all; Gemini's OpenAI endpoint counts thinking here
-    /// and nowhere else.
-    total_tokens: Option<u64>,
-    prompt_tokens_details: Option<OpenAiDetails>,
-    completion_tokens_details: Option<OpenAiDetails>,
-    /// DeepSeek's cache split of `prompt_tokens`.
-    prompt_cache_hit_tokens: Option<u64>,
-    prompt_cache_miss_tokens: Option<u64>,
-    /// Moonshot's cached prompt tokens (beside, or instead of, the details).
-    cached_tokens: Option<u64>,
-}
-
 /// The most tokens a provider may report for one figure of one request: the ledger's
 /// bound on one count ([`ciyuan_core::MAX_TOKENS_PER_KEY`]). No real request comes
 /// near (a million-token context is 2^20); a larger figure is a broken report, read as
@@ -448,193 +429,13 @@ pub const MAX_REPORTED_TOKENS: u64 = ciyuan_core::MAX_TOKENS_PER_KEY as u64;
 
 /// Adds a count known to be at most a few times [`MAX_REPORTED_TOKENS`] to a key of
 /// its own.
-fn add(t: &mut TokenMap, m: Modality, d: Direction, n: u64) {
+pub(crate) fn add(t: &mut TokenMap, m: Modality, d: Direction, n: u64) {
     if n > 0 {
         let n = i64::try_from(n);
         assert!(
             n.is_ok_and(|n| t.add(m, d, n).is_some()),
             "bounded token counts fit a token map"
         );
-    }
-}
-
-impl OpenAiUsage {
-    /// Maps the report onto disjoint token keys.
-    ///
-    /// Shapes read: OpenAI's (`*_tokens_details`), DeepSeek's cache hit/miss split,
-    /// Moonshot's top-level `cached_tokens`, and Gemini's, whose `completion_tokens`
-    /// leaves thinking out and `total_tokens` keeps it in: whatever `total_tokens` holds
-    /// beyond prompt and completion is billed reasoning, so the keys always add up to
-    /// the total the provider bills. Counts that contradict each other (more cached than
-    /// prompt tokens) are clamped to the larger figure they are part of.
-    pub fn reported(&self) -> Option<Reported> {
-        let pd = self.prompt_tokens_details.as_ref();
-        let figures = [
-            Some(self.prompt_tokens),
-            Some(self.completion_tokens),
-            self.total_tokens,
-            self.prompt_cache_hit_tokens,
-            self.prompt_cache_miss_tokens,
-            self.cached_tokens,
-        ];
-        let details = [pd, self.completion_tokens_details.as_ref()]
-            .into_iter()
-            .flatten()
-            .flat_map(|d| [d.cached_tokens, d.audio_tokens, d.reasoning_tokens]);
-        if figures
-            .into_iter()
-            .chain(details)
-            .flatten()
-            .any(|n| n > MAX_REPORTED_TOKENS)
-        {
-            return None;
-        }
-        let cd = self.completion_tokens_details.as_ref();
-        let cached = self
-            .prompt_cache_hit_tokens
-            .or_else(|| pd.and_then(|d| d.cached_tokens))
-            .or(self.cached_tokens)
-            .unwrap_or(0)
-            .min(self.prompt_tokens);
-        let audio_in = pd.and_then(|d| d.audio_tokens).unwrap_or(0);
-        let text_in = self
-            .prompt_cache_miss_tokens
-            .unwrap_or(self.prompt_tokens - cached)
-            .saturating_sub(audio_in);
-        let shown = self.prompt_tokens.saturating_add(self.completion_tokens);
-        let hidden = self.total_tokens.map_or(0, |t| t.saturating_sub(shown));
-        // Reasoning counted inside `completion_tokens`, unless the total shows it was
-        // left out of it.
-        let inner_reasoning = if hidden > 0 {
-            0
-        } else {
-            cd.and_then(|d| d.reasoning_tokens)
-                .unwrap_or(0)
-                .min(self.completion_tokens)
-        };
-        let audio_out = cd
-            .and_then(|d| d.audio_tokens)
-            .unwrap_or(0)
-            .min(self.completion_tokens - inner_reasoning);
-        let text_out = self.completion_tokens - inner_reasoning - audio_out;
-        let reasoning = inner_reasoning.saturating_add(hidden);
-        let mut tokens = TokenMap::new();
-        add(&mut tokens, Modality::Text, Direction::Input, text_in);
-        add(&mut tokens, Modality::Text, Direction::CachedInput, cached);
-        add(&mut tokens, Modality::Audio, Direction::Input, audio_in);
-        add(&mut tokens, Modality::Text, Direction::Output, text_out);
-        add(&mut tokens, Modality::Text, Direction::Reasoning, reasoning);
-        add(&mut tokens, Modality::Audio, Direction::Output, audio_out);
-        Some(Reported {
-            tokens,
-            input: self.prompt_tokens,
-            output: text_out,
-            reasoning,
-            audio_output: audio_out > 0,
-            complete: true,
-        })
-    }
-}
-
-/// Anthropic's `usage` object (`message_start` carries the input side, `message_delta`
-/// the cumulative output).
-#[derive(Deserialize, Default, Clone, Copy)]
-#[serde(default)]
-pub struct AnthropicUsage {
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-    cache_creation_input_tokens: Option<u64>,
-    cache_read_input_tokens: Option<u64>,
-    /// The cache writes by lifetime, when the request asked for more than one.
-    cache_creation: Option<CacheCreation>,
-}
-
-/// Anthropic's `usage.cache_creation`: cache writes by lifetime, priced apart.
-#[derive(Deserialize, Default, Clone, Copy)]
-#[serde(default)]
-pub struct CacheCreation {
-    ephemeral_5m_input_tokens: Option<u64>,
-    ephemeral_1h_input_tokens: Option<u64>,
-}
-
-impl AnthropicUsage {
-    /// Takes the fields `later` reports over this one's.
-    pub fn merge(&mut self, later: &AnthropicUsage) {
-        let pick = |a: &mut Option<u64>, b: Option<u64>| {
-            if b.is_some() {
-                *a = b;
-            }
-        };
-        pick(&mut self.input_tokens, later.input_tokens);
-        pick(&mut self.output_tokens, later.output_tokens);
-        pick(
-            &mut self.cache_creation_input_tokens,
-            later.cache_creation_input_tokens,
-        );
-        pick(
-            &mut self.cache_read_input_tokens,
-            later.cache_read_input_tokens,
-        );
-        if later.cache_creation.is_some() {
-            self.cache_creation = later.cache_creation;
-        }
-    }
-
-    /// Maps the report onto disjoint token keys; `complete` says whether its output
-    /// count is final. `None` when a figure is out of range.
-    pub fn reported(&self, complete: bool) -> Option<Reported> {
-        let input = self.input_tokens.unwrap_or(0);
-        // The breakdown by lifetime, where given, is what is billed (its parts sum
-        // to `cache_creation_input_tokens`); without it every write is the default
-        // five-minute one.
-        let (write, write_1h) = match self.cache_creation {
-            Some(c) => (
-                c.ephemeral_5m_input_tokens.unwrap_or(0),
-                c.ephemeral_1h_input_tokens.unwrap_or(0),
-            ),
-            None => (self.cache_creation_input_tokens.unwrap_or(0), 0),
-        };
-        let read = self.cache_read_input_tokens.unwrap_or(0);
-        let output = self.output_tokens.unwrap_or(0);
-        if [input, write, write_1h, read, output]
-            .iter()
-            .any(|n| *n > MAX_REPORTED_TOKENS)
-        {
-            return None;
-        }
-        let mut tokens = TokenMap::new();
-        add(&mut tokens, Modality::Text, Direction::Input, input);
-        add(&mut tokens, Modality::Text, Direction::CacheWrite, write);
-        add(
-            &mut tokens,
-            Modality::Text,
-            Direction::CacheWrite1h,
-            write_1h,
-        );
-        add(&mut tokens, Modality::Text, Direction::CachedInput, read);
-        add(&mut tokens, Modality::Text, Direction::Output, output);
-        Some(Reported {
-            tokens,
-            // Only compared with the recount: a report past u64 is far off at u64::MAX
-            // too, and must not panic (or wrap to a small, plausible count).
-            input: input
-                .saturating_add(write)
-                .saturating_add(write_1h)
-                .saturating_add(read),
-            output,
-            reasoning: 0,
-            audio_output: false,
-            complete,
-        })
-    }
-
-    /// Whether any figure has been reported.
-    pub fn any(&self) -> bool {
-        self.input_tokens.is_some()
-            || self.output_tokens.is_some()
-            || self.cache_creation_input_tokens.is_some()
-            || self.cache_read_input_tokens.is_some()
-            || self.cache_creation.is_some()
     }
 }
 
@@ -662,6 +463,8 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     // UTF-8, which the forgiving one refuses: such a body is left to that one.
     let fast = match (endpoint.family(), std::str::from_utf8(body).is_ok()) {
         (_, false) => None,
+        // Responses are read as a tree of values only.
+        _ if endpoint == Endpoint::Responses => None,
         (Family::OpenAi, true) => serde_json::from_slice::<Obj<OpenAiAnswer<'_>>>(body)
             .ok()
             .map(|a| a.0.read()),
@@ -756,140 +559,14 @@ impl<'a> Text<'a> {
     }
 }
 
-#[derive(Deserialize)]
-struct OpenAiAnswer<'a> {
-    #[serde(default, borrow)]
-    choices: Vec<Obj<OpenAiAnswerChoice<'a>>>,
-    #[serde(default, borrow)]
-    usage: Option<&'a serde_json::value::RawValue>,
-}
-
-#[derive(Deserialize)]
-struct OpenAiAnswerChoice<'a> {
-    #[serde(default, borrow)]
-    message: Option<Obj<OpenAiAnswerMessage<'a>>>,
-    /// Legacy completions answer here.
-    #[serde(default, borrow)]
-    text: Text<'a>,
-}
-
-#[derive(Deserialize)]
-struct OpenAiAnswerMessage<'a> {
-    #[serde(default, borrow)]
-    content: Text<'a>,
-    /// DeepSeek, Qwen, Moonshot, GLM and Ark send the reasoning text here.
-    #[serde(default, borrow)]
-    reasoning_content: Text<'a>,
-    /// vLLM and OpenRouter send it here.
-    #[serde(default, borrow)]
-    reasoning: Text<'a>,
-    #[serde(default, borrow)]
-    tool_calls: Option<Vec<Obj<OpenAiToolCall<'a>>>>,
-}
-
-#[derive(Deserialize)]
-struct OpenAiToolCall<'a> {
-    #[serde(default, borrow)]
-    function: Option<Obj<OpenAiFunctionCall<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct OpenAiFunctionCall<'a> {
-    #[serde(default, borrow)]
-    arguments: Text<'a>,
-}
-
-/// An OpenAI-shaped `usage` value, read leniently: `null`, a missing value or one of
-/// another shape is no report.
-fn openai_usage(v: &Value) -> Option<Reported> {
-    OpenAiUsage::deserialize(v).ok()?.reported()
-}
-
-impl OpenAiAnswer<'_> {
-    fn read(self) -> Shown {
-        let mut shown = Shown::default();
-        for Obj(c) in &self.choices {
-            match &c.message {
-                Some(Obj(m)) => {
-                    m.content.push_to(&mut shown.text);
-                    m.reasoning_content.push_to(&mut shown.reasoning);
-                    m.reasoning.push_to(&mut shown.reasoning);
-                    for Obj(call) in m.tool_calls.iter().flatten() {
-                        shown.tool_calls += 1;
-                        if let Some(Obj(f)) = &call.function {
-                            f.arguments.push_to(&mut shown.text);
-                        }
-                    }
-                }
-                None => c.text.push_to(&mut shown.text),
-            }
-        }
-        shown.reported = self
-            .usage
-            .and_then(|u| serde_json::from_str::<Value>(u.get()).ok())
-            .and_then(|u| openai_usage(&u));
-        shown
-    }
-}
-
-#[derive(Deserialize)]
-struct AnthropicAnswer<'a> {
-    #[serde(default, borrow)]
-    content: Vec<Obj<AnthropicBlock<'a>>>,
-    #[serde(default, borrow)]
-    usage: Option<&'a serde_json::value::RawValue>,
-}
-
-#[derive(Deserialize)]
-struct AnthropicBlock<'a> {
-    #[serde(rename = "type", default, borrow)]
-    kind: Text<'a>,
-    #[serde(default, borrow)]
-    text: Text<'a>,
-    #[serde(default, borrow)]
-    thinking: Text<'a>,
-    #[serde(default, borrow)]
-    input: Option<&'a serde_json::value::RawValue>,
-}
-
-/// Anthropic's `usage` value, read leniently.
-fn anthropic_usage(v: &Value) -> Option<Reported> {
-    AnthropicUsage::deserialize(v).ok()?.reported(true)
-}
-
-impl AnthropicAnswer<'_> {
-    fn read(self) -> Option<Shown> {
-        let mut shown = Shown::default();
-        for Obj(b) in &self.content {
-            match b.kind.as_str() {
-                Some("text") => b.text.push_to(&mut shown.text),
-                Some("thinking") => b.thinking.push_to(&mut shown.reasoning),
-                Some("redacted_thinking") => shown.redacted = true,
-                Some("tool_use") => {
-                    shown.tool_calls += 1;
-                    if let Some(i) = b.input {
-                        // As the slow path writes it: compact JSON.
-                        shown
-                            .text
-                            .push_str(&serde_json::from_str::<Value>(i.get()).ok()?.to_string());
-                    }
-                }
-                _ => {}
-            }
-        }
-        shown.reported = self
-            .usage
-            .and_then(|u| serde_json::from_str::<Value>(u.get()).ok())
-            .and_then(|u| anthropic_usage(&u));
-        Some(shown)
-    }
-}
-
 /// [`read_answer`] for any JSON: fields of unexpected types are passed over.
 pub(crate) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let mut shown = Shown::default();
     let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    if endpoint == Endpoint::Responses {
+        return Some(super::responses::read_answer(&v));
+    }
     match endpoint.family() {
         Family::OpenAi => {
             if let Some(Value::Array(choices)) = v.get("choices") {
@@ -938,209 +615,6 @@ pub(crate) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown
         }
     }
     Some(shown)
-}
-
-/// One streamed OpenAI chunk, as much of it as metering needs.
-#[derive(Deserialize)]
-pub struct OpenAiChunk {
-    #[serde(default)]
-    choices: Vec<OpenAiChoice>,
-    #[serde(default)]
-    usage: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct OpenAiChoice {
-    #[serde(default)]
-    delta: Option<OpenAiDelta>,
-    /// Legacy completions stream text here.
-    #[serde(default)]
-    text: Option<Value>,
-    /// Moonshot (Kimi) reports a stream's usage inside its last choice.
-    #[serde(default)]
-    usage: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct OpenAiDelta {
-    #[serde(default)]
-    content: Option<Value>,
-    #[serde(default)]
-    reasoning_content: Option<Value>,
-    #[serde(default)]
-    reasoning: Option<Value>,
-    #[serde(default)]
-    tool_calls: Option<Vec<Value>>,
-}
-
-impl OpenAiChunk {
-    /// Folds the chunk's text, reasoning and tool calls into `shown`.
-    pub fn text_into(&self, shown: &mut Shown) {
-        for c in &self.choices {
-            if let Some(d) = &c.delta {
-                if let Some(Value::String(t)) = &d.content {
-                    shown.text.push_str(t);
-                }
-                for r in [&d.reasoning_content, &d.reasoning] {
-                    if let Some(Value::String(t)) = r {
-                        shown.reasoning.push_str(t);
-                    }
-                }
-                if let Some(calls) = &d.tool_calls {
-                    // A call's first delta carries its id; later ones only more
-                    // arguments.
-                    shown.tool_calls +=
-                        calls.iter().filter(|c| c.get("id").is_some()).count() as u64;
-                    push_tool_arguments(calls, &mut shown.text);
-                }
-            }
-            if let Some(Value::String(t)) = &c.text {
-                shown.text.push_str(t);
-            }
-        }
-    }
-
-    /// Whether this is the extra chunk that only carries usage (`choices` empty).
-    pub fn is_usage_only(&self) -> bool {
-        self.choices.is_empty() && self.usage.as_ref().is_some_and(|u| !u.is_null())
-    }
-
-    /// The usage the chunk reports, if any: at the top (OpenAI, DeepSeek, Qwen, GLM,
-    /// Ark, Gemini) or in a choice (Moonshot).
-    pub fn usage(&self) -> Option<Reported> {
-        let top = self.usage.as_ref().filter(|u| !u.is_null());
-        let in_choice = || {
-            self.choices
-                .iter()
-                .find_map(|c| c.usage.as_ref().filter(|u| !u.is_null()))
-        };
-        openai_usage(top.or_else(in_choice)?)
-    }
-}
-
-/// One streamed Anthropic event, as much of it as metering needs.
-#[derive(Deserialize)]
-pub struct AnthropicEvent {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    message: Option<AnthropicStart>,
-    #[serde(default)]
-    usage: Option<AnthropicUsage>,
-    #[serde(default)]
-    delta: Option<AnthropicDelta>,
-    #[serde(default)]
-    content_block: Option<AnthropicBlockStart>,
-}
-
-#[derive(Deserialize)]
-struct AnthropicStart {
-    #[serde(default)]
-    usage: Option<AnthropicUsage>,
-}
-
-#[derive(Deserialize)]
-struct AnthropicBlockStart {
-    #[serde(rename = "type", default)]
-    kind: String,
-}
-
-#[derive(Deserialize)]
-struct AnthropicDelta {
-    #[serde(default)]
-    text: Option<String>,
-    #[serde(default)]
-    thinking: Option<String>,
-    #[serde(default)]
-    partial_json: Option<String>,
-}
-
-/// A streamed Anthropic answer as it has been folded so far.
-#[derive(Default)]
-pub struct AnthropicStream {
-    usage: AnthropicUsage,
-    /// A `message_delta` brought the final output count.
-    final_usage: bool,
-    /// The tool input being streamed (`input_json_delta` pieces), written out compact
-    /// when its block ends, as a whole answer's `input` is.
-    tool_input: Option<String>,
-}
-
-impl AnthropicStream {
-    /// Whether `message_delta` brought the final output count.
-    pub fn is_final(&self) -> bool {
-        self.final_usage
-    }
-
-    /// The usage reported so far, marked final once `message_delta` carried it.
-    pub fn reported(&self) -> Option<Reported> {
-        if !self.usage.any() {
-            return None;
-        }
-        self.usage.reported(self.final_usage)
-    }
-}
-
-impl AnthropicEvent {
-    /// Folds the event into the stream's usage and `shown`; true at `message_stop`.
-    pub fn apply(&self, stream: &mut AnthropicStream, shown: &mut Shown) -> bool {
-        if let Some(u) = self.message.as_ref().and_then(|m| m.usage.as_ref()) {
-            stream.usage.merge(u);
-        }
-        if let Some(u) = &self.usage {
-            stream.usage.merge(u);
-            if self.kind == "message_delta" && u.output_tokens.is_some() {
-                stream.final_usage = true;
-            }
-        }
-        match self.kind.as_str() {
-            "content_block_start" => match self.content_block.as_ref().map(|b| b.kind.as_str()) {
-                Some("tool_use") => {
-                    shown.tool_calls += 1;
-                    stream.tool_input = Some(String::new());
-                }
-                Some("redacted_thinking") => shown.redacted = true,
-                _ => {}
-            },
-            "content_block_delta" => {
-                if let Some(d) = &self.delta {
-                    if let Some(t) = &d.text {
-                        shown.text.push_str(t);
-                    }
-                    if let Some(t) = &d.thinking {
-                        shown.reasoning.push_str(t);
-                    }
-                    if let Some(j) = &d.partial_json {
-                        match &mut stream.tool_input {
-                            Some(input) => input.push_str(j),
-                            None => shown.text.push_str(j),
-                        }
-                    }
-                }
-            }
-            "content_block_stop" => stream.end_tool_input(shown),
-            _ => {}
-        }
-        self.kind == "message_stop"
-    }
-}
-
-impl AnthropicStream {
-    /// Writes a finished (or, at a cut, unfinished) tool input into `shown`: compact
-    /// when it parses, as delivered when it does not.
-    pub fn end_tool_input(&mut self, shown: &mut Shown) {
-        if let Some(input) = self.tool_input.take() {
-            // A tool called without arguments streams no JSON at all: its input is `{}`.
-            if input.trim().is_empty() {
-                shown.text.push_str("{}");
-                return;
-            }
-            match serde_json::from_str::<Value>(&input) {
-                Ok(v) => shown.text.push_str(&v.to_string()),
-                Err(_) => shown.text.push_str(&input),
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -70,6 +70,29 @@ e = raw.parse()
 assert len(e.data) == 2 and len(e.data[0].embedding) > 0
 emit("openai.embeddings", raw, e.usage.model_dump())
 
+# OpenAI Responses, not streamed and streamed (a reasoning model: its usage carries
+# reasoning tokens the client never sees as text).
+raw = oai.responses.with_raw_response.create(
+    model="gpt-4o", instructions="You are terse.",
+    input="How are tokens counted for 词元 billing?", max_output_tokens=40)
+r = raw.parse()
+assert r.output_text and r.status in ("completed", "incomplete"), r
+emit("openai.responses", raw, r.usage.model_dump())
+raw = oai.responses.with_raw_response.create(
+    model="gpt-5-mini", input=[{"role": "user", "content": "Stream me something."}],
+    max_output_tokens=200, stream=True)
+usage, text, kinds = None, "", []
+for ev in raw.parse():
+    kinds.append(ev.type)
+    if ev.type == "response.output_text.delta":
+        text += ev.delta
+    elif ev.type in ("response.completed", "response.incomplete"):
+        usage = ev.response.usage.model_dump()
+assert text and usage and kinds[0] == "response.created", kinds
+assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
+assert usage["output_tokens_details"]["reasoning_tokens"] > 0, usage
+emit("openai.responses.stream", raw, usage, text=text)
+
 # Anthropic, not streamed and streamed.
 raw = ant.messages.with_raw_response.create(
     model="claude-sonnet-4-5", max_tokens=40, system="You are terse.",
@@ -96,6 +119,15 @@ with ant.messages.stream(model="claude-haiku-4-5", max_tokens=20,
                          messages=[{"role": "user", "content": "hi"}]) as s:
     final = s.get_final_message()
 assert final.usage.output_tokens > 0
+
+# Anthropic's token count: the provider's answer, never billed (the caller checks the
+# ledger did not grow for it).
+raw = ant.messages.with_raw_response.count_tokens(
+    model="claude-sonnet-4-5", system="You are terse.",
+    messages=[{"role": "user", "content": "How are tokens counted for 词元 billing?"}])
+n = raw.parse().input_tokens
+assert n > 0, n
+print(json.dumps({"scenario": "anthropic.count_tokens", "input_tokens": n}), flush=True)
 
 # Models: what the providers behind the wildcard patterns list, in each SDK's shape.
 ids = [m.id for m in oai.models.list()]
@@ -132,6 +164,10 @@ expect(openai.NotFoundError, lambda: oai.chat.completions.create(model="no-such-
 expect(anthropic.NotFoundError, lambda: ant.messages.create(
     model="no-such-model", max_tokens=5, messages=[{"role": "user", "content": "x"}]))
 expect(openai.BadRequestError, lambda: oai.chat.completions.create(model="gpt-4o", messages="nope"))
+expect(openai.BadRequestError, lambda: oai.responses.create(model="gpt-4o", input=3))
+expect(openai.NotFoundError, lambda: oai.responses.create(model="no-such-model", input="x"))
+expect(anthropic.NotFoundError, lambda: ant.messages.count_tokens(
+    model="no-such-model", messages=[{"role": "user", "content": "x"}]))
 
 # An endpoint the gateway lacks: each SDK's not-found error, its body parsed as the
 # protocol's error object (problem+json reached the SDKs as a body they could not read).

@@ -1,0 +1,521 @@
+//! Metering: what a relayed answer showed, what a request consumed (the provider's
+//! count compared with Ciyuan's recount, or Ciyuan's count standing in), and the
+//! entry that records it, priced, settled against budgets and wallets, and handed to
+//! the recorder.
+
+use super::*;
+
+/// What a relayed answer has shown so far.
+pub(super) struct Meter {
+    pub(super) shown: Shown,
+    pub(super) anthropic: AnthropicStream,
+    /// The stream reached its proper end (`[DONE]`, `message_stop`).
+    pub(super) complete: bool,
+    pub(super) failure: Option<&'static str>,
+    pub(super) ttft: Option<Duration>,
+    /// The provider accepted the request (2xx) and answered: it consumed tokens,
+    /// whether or not its count reaches us.
+    pub(super) billable: bool,
+}
+
+impl Meter {
+    pub(super) fn new(failure: Option<&'static str>) -> Meter {
+        Meter {
+            shown: Shown::default(),
+            anthropic: AnthropicStream::default(),
+            complete: false,
+            failure,
+            ttft: None,
+            billable: false,
+        }
+    }
+
+    /// Reads one event of a stream from `endpoint`; returns whether to pass it on to the
+    /// client.
+    pub(super) fn event(
+        &mut self,
+        endpoint: Endpoint,
+        event: &[u8],
+        strip_usage: bool,
+        started: Instant,
+    ) -> bool {
+        let Some(data) = sse::data(event) else {
+            return true;
+        };
+        let before = self.shown.text.len() + self.shown.reasoning.len();
+        let mut forward = true;
+        match endpoint.family() {
+            Family::OpenAi if endpoint == Endpoint::Responses => {
+                match serde_json::from_str::<responses::Event>(&data) {
+                    Ok(ev) => {
+                        if ev.apply(&mut self.shown) == responses::Step::Done {
+                            self.complete = true;
+                        }
+                    }
+                    Err(_) => self.unreadable(&data),
+                }
+            }
+            Family::OpenAi => {
+                if data.trim() == "[DONE]" {
+                    self.complete = true;
+                } else if let Ok(chunk) = serde_json::from_str::<OpenAiChunk>(&data) {
+                    chunk.text_into(&mut self.shown);
+                    if let Some(u) = chunk.usage() {
+                        self.shown.reported = Some(u);
+                    }
+                    if strip_usage && chunk.is_usage_only() {
+                        forward = false;
+                    }
+                } else {
+                    self.unreadable(&data);
+                }
+            }
+            Family::Anthropic => {
+                if let Ok(ev) = serde_json::from_str::<AnthropicEvent>(&data) {
+                    // The usage is read out once, when the request is measured.
+                    if ev.apply(&mut self.anthropic, &mut self.shown) {
+                        self.complete = true;
+                    }
+                } else {
+                    self.unreadable(&data);
+                }
+            }
+        }
+        if self.ttft.is_none() && self.shown.text.len() + self.shown.reasoning.len() > before {
+            self.ttft = Some(started.elapsed());
+        }
+        forward
+    }
+
+    /// An event the chunk readers cannot take (a field of an unexpected type, not
+    /// JSON) still reached the client: its data is metered as delivered text, so a
+    /// broken provider's output is never free when its count does not come. (When the
+    /// count does come, it is what is billed; the recount then counts these bytes.)
+    pub(super) fn unreadable(&mut self, data: &str) {
+        if !data.trim().is_empty() {
+            self.shown.text.push_str(data);
+        }
+    }
+
+    /// Whether the provider's final count has come.
+    pub(super) fn counted(&self) -> bool {
+        match &self.shown.reported {
+            Some(r) => r.complete,
+            None => self.anthropic.is_final(),
+        }
+    }
+
+    /// The provider's count so far: a whole answer's, an OpenAI stream's usage chunk,
+    /// or what an Anthropic stream's events added up to.
+    pub(super) fn take_reported(&mut self) -> Option<protocol::Reported> {
+        self.shown
+            .reported
+            .take()
+            .or_else(|| self.anthropic.reported())
+    }
+}
+
+/// Records a request that consumed nothing (refused, failed upstream before an
+/// answer, or answered with nothing usable): no tokens, but its status and latency
+/// count for service quality.
+pub(super) fn finish_failed(app: &Arc<App>, call: Call, status: StatusCode, why: &'static str) {
+    let meter = Meter::new(Some(why));
+    let call = Call {
+        endpoint: call.endpoint,
+        caller: call.caller,
+        info: RequestInfo {
+            model: call.info.model,
+            stream: call.info.stream,
+            ..RequestInfo::default()
+        },
+        provider: call.provider,
+        request_id: call.request_id,
+        started: call.started,
+        at: call.at,
+        reservation: call.reservation,
+        hold: call.hold,
+        shared: call.shared,
+        session: call.session,
+        encoding: call.encoding,
+        input_estimate: None,
+    };
+    finish(app, call, meter, status.as_u16(), None);
+}
+
+/// Tokens allowed per tool call in the answer beyond its arguments: the provider also
+/// counts the call's name and framing, whose format it does not publish.
+pub(super) const TOOL_CALL_ALLOWANCE: u64 = 24;
+
+/// The tokens to record for a request, and how they were found.
+pub(super) struct Measured {
+    pub(super) tokens: TokenMap,
+    pub(super) recount: Option<Box<Recount>>,
+    /// The tokens are Ciyuan's count (no final count came from the provider).
+    pub(super) estimated: bool,
+    /// What the recount could not count exactly (its tolerance was widened for it).
+    pub(super) uncounted: Vec<String>,
+}
+
+/// What a request consumed: the provider's final count when it came (compared with
+/// Ciyuan's own count where Ciyuan has the model's tokenizer), else Ciyuan's count of
+/// the prompt and of everything delivered, with `estimator` for models whose tokenizer
+/// Ciyuan does not have, and never less than what the provider reported so far.
+pub(super) fn measure(config: &GatewayConfig, call: &Call, meter: &mut Meter) -> Measured {
+    let mut m = Measured {
+        tokens: TokenMap::new(),
+        recount: None,
+        estimated: false,
+        uncounted: Vec::new(),
+    };
+    if !meter.billable {
+        return m;
+    }
+    meter.anthropic.end_tool_input(&mut meter.shown);
+    let exact = call.encoding.is_some();
+    let enc = call.encoding.unwrap_or(ESTIMATOR);
+    let ours = recount(enc, call, &meter.shown);
+    if ours.is_none() {
+        tracing::error!(request = %call.request_id, encoding = enc.name(), "the recount failed: its vocabulary did not load");
+    }
+    let reported = meter.take_reported();
+    let shown = &meter.shown;
+    let thinking_in_output = call.endpoint.family() == Family::Anthropic;
+    match (reported, ours) {
+        (Some(r), ours) if r.complete => {
+            m.tokens = r.tokens;
+            let Some(ours) = ours.filter(|_| exact) else {
+                return m;
+            };
+            // A tolerance past the count itself allows everything: saturating is exact.
+            let tolerance = |provider: u64| {
+                (provider.saturating_mul(config.recount_tolerance_percent) / 100)
+                    .max(config.recount_tolerance_tokens)
+            };
+            // The provider counts reasoning inside the output unless it reports it apart.
+            let our_output = if r.reasoning == 0 {
+                ours.output + ours.reasoning
+            } else {
+                ours.output
+            };
+            let mut input_allowed = Some(tolerance(r.input));
+            if call.info.has_media {
+                m.uncounted.push("media".into());
+                input_allowed = None;
+            }
+            if ours.tools > 0 {
+                // Tool definitions reach the model in a format the provider does not
+                // publish; their JSON is counted, and may differ by as much again.
+                m.uncounted.push("tools".into());
+                input_allowed = input_allowed.map(|a| a.saturating_add(ours.tools));
+            }
+            let mut output_allowed =
+                (!r.audio_output && meter.complete).then(|| tolerance(r.output));
+            if shown.tool_calls > 0 {
+                m.uncounted.push("tool_calls".into());
+                output_allowed = output_allowed.map(|a| {
+                    a.saturating_add(TOOL_CALL_ALLOWANCE.saturating_mul(shown.tool_calls))
+                });
+            }
+            if shown.redacted {
+                m.uncounted.push("redacted_thinking".into());
+                output_allowed = None;
+            }
+            let off = |provider: u64, ours: u64, allowed: Option<u64>| {
+                allowed.is_some_and(|a| provider.abs_diff(ours) > a)
+            };
+            let flagged = off(r.input, ours.input, input_allowed)
+                || off(r.output, our_output, output_allowed);
+            m.recount = Some(Box::new(Recount {
+                encoding: enc.name().to_string(),
+                input: ours.input,
+                output: our_output,
+                flagged,
+            }));
+        }
+        (interim, ours) => {
+            // No final count: Ciyuan's count of what was asked and delivered stands in.
+            m.estimated = true;
+            let Some(ours) = ours else {
+                if let Some(r) = interim {
+                    m.tokens = r.tokens;
+                }
+                return m;
+            };
+            let (output, reasoning) = if thinking_in_output {
+                (ours.output + ours.reasoning, 0)
+            } else {
+                (ours.output, ours.reasoning)
+            };
+            let mut output = output;
+            match &interim {
+                Some(r) => {
+                    // The provider's input figures are exact; its output so far is a floor.
+                    for t in r.tokens.iter() {
+                        if t.direction != Direction::Output && t.direction != Direction::Reasoning {
+                            add_tokens(
+                                &mut m.tokens,
+                                t.modality,
+                                t.direction,
+                                t.count.unsigned_abs(),
+                            );
+                        }
+                    }
+                    output = output.max(r.output);
+                }
+                None => add_tokens(&mut m.tokens, Modality::Text, Direction::Input, ours.input),
+            }
+            add_tokens(&mut m.tokens, Modality::Text, Direction::Output, output);
+            add_tokens(
+                &mut m.tokens,
+                Modality::Text,
+                Direction::Reasoning,
+                reasoning,
+            );
+            m.recount = Some(Box::new(Recount {
+                encoding: enc.name().to_string(),
+                input: ours.input,
+                output,
+                flagged: false,
+            }));
+        }
+    }
+    m
+}
+
+/// Adds a count Ciyuan measured (bounded by the body and answer sizes) to its key.
+pub(super) fn add_tokens(t: &mut TokenMap, m: Modality, d: Direction, n: u64) {
+    if n == 0 {
+        return;
+    }
+    let added = i64::try_from(n).ok().map(|n| t.add(m, d, n));
+    assert!(
+        matches!(added, Some(Some(()))),
+        "a count of delivered text fits a token map"
+    );
+}
+
+/// Counts, compares and records, off the request's path.
+pub(super) fn finish(
+    app: &Arc<App>,
+    call: Call,
+    meter: Meter,
+    status: u16,
+    ttft: Option<Duration>,
+) {
+    let latency = call.started.elapsed();
+    // A relay dropped while the runtime shuts down has nowhere to record from.
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(request = %call.request_id, "gateway usage not recorded: stopping");
+        return;
+    };
+    let app = app.clone();
+    app.gateway
+        .finishing
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    rt.spawn(async move {
+        let (mut call, mut meter) = (call, meter);
+        let gw = &app.gateway;
+        let billable = meter.billable;
+        let measured = measure(&gw.config, &call, &mut meter);
+        let partial = billable && (meter.failure.is_some() || measured.estimated);
+        let tokens = measured.tokens;
+        let flagged = measured.recount.as_ref().is_some_and(|r| r.flagged);
+        let provider = &gw.config.providers[call.provider];
+        // Generation speed: output over the time after the first token (for whole
+        // answers, over the whole latency: the first token's time is unknown).
+        let output: u64 = tokens
+            .iter()
+            .filter(|t| matches!(t.direction, Direction::Output | Direction::Reasoning))
+            .map(|t| t.count.unsigned_abs())
+            .sum();
+        let generating = match (call.info.stream, ttft) {
+            (true, Some(t)) => latency.saturating_sub(t),
+            _ => latency,
+        };
+        let output_tokens_per_sec = (output > 0 && !generating.is_zero()).then(|| {
+            u64::try_from(u128::from(output) * 1_000_000 / generating.as_micros().max(1))
+                .unwrap_or(u64::MAX)
+        });
+        gw.metrics.observe(&metrics::Observation {
+            upstream: &provider.name,
+            model: &call.info.model,
+            status,
+            ttft,
+            latency,
+            tokens: &tokens,
+            partial,
+            flagged,
+            output_tokens_per_sec,
+        });
+        let mut entry = Entry::new(
+            call.at,
+            call.caller.key.account.clone(),
+            EntryBody::Usage(Usage {
+                service: call.endpoint.service().to_string(),
+                model: Some(std::mem::take(&mut call.info.model)),
+                tokens,
+                source: Some(ciyuan_core::GATEWAY_SOURCE.into()),
+                event_id: Some(std::mem::take(&mut call.request_id)),
+                definition: Some(call.endpoint.definition().to_string()),
+                partial,
+                quality: Some(Box::new(Quality {
+                    upstream: provider.name.clone(),
+                    status,
+                    stream: call.info.stream,
+                    ttft_us: ttft.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+                    latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+                    output_tokens_per_sec,
+                    failure: meter.failure.map(str::to_string),
+                    estimated: measured.estimated,
+                    uncounted: measured.uncounted,
+                })),
+                recount: measured.recount,
+                tier: call.info.service_tier,
+                ..Usage::default()
+            }),
+        );
+        // Priced as it is appended, on the count the provider's setting names, under
+        // the rules in force until the entry holds its place in the ledger.
+        let rules = app.rules_gate.clone().read_owned().await;
+        let (price_incident, tiers) = app
+            .rate_gateway_entry(&mut entry, provider.rate_basis)
+            .await;
+        let EntryBody::Usage(usage) = &entry.body else {
+            unreachable!("a gateway entry is a usage entry")
+        };
+        let cost = usage
+            .rating
+            .as_ref()
+            .filter(|_| billable)
+            .map(|r| ciyuan_core::Money {
+                amount: r.amount,
+                currency: r.currency,
+            });
+        // Settle the reservation to what was consumed (or release it: nothing was).
+        if let Some(r) = call.reservation {
+            if billable {
+                let tokens = &usage.tokens;
+                let settled = match app.budget.settle_cost(r, tokens, cost, Timestamp::now()) {
+                    Ok(settled) => settled,
+                    // Expired before the request ended: count what it used anyway.
+                    Err(_) => app.budget.record_cost(
+                        &call.caller.key.account,
+                        &call.caller.key.key_id,
+                        call.session.as_deref(),
+                        tokens,
+                        cost,
+                        call.at,
+                    ),
+                };
+                crate::budgets::incidents(&app, settled, None).await;
+            } else {
+                app.budget.release(r);
+            }
+        }
+        // The wallet pays what the entry says it cost: a `consume` posting, appended
+        // beside the entry (its memo names the request).
+        let charge = app.settle_hold(
+            call.hold.take(),
+            &call.caller.key.account,
+            cost,
+            usage.event_id.as_deref(),
+        );
+        let posting =
+            charge.map(|(node, p)| Entry::new(Timestamp::now(), node, EntryBody::Posting(p)));
+        // Its holds across nodes count its usage once the entry is appended (the
+        // usage entry's index is what other nodes follow to).
+        let settles = match call.shared.take() {
+            Some(shared) if billable => Some(shared.settling(&usage.tokens, cost)),
+            other => {
+                app.release_across_nodes(other);
+                None
+            }
+        };
+        match tiers {
+            // A tiered entry holds the tier counters' lock: appended now, not after the
+            // recorder's linger, and the lock released once it holds its place.
+            Some(tiers) => {
+                app.record_gateway_now(entry, posting, rules, tiers, settles)
+                    .await
+            }
+            // With its payment, in one message: both are appended together (also when
+            // the recorder is behind), so they hold their places side by side when the
+            // rules guard goes, and other nodes count the request's holds until they
+            // have applied both.
+            None => app.record_gateway(entry, posting, Some(rules), settles),
+        }
+        if let Some(incident) = price_incident {
+            app.raise_price_incidents(vec![incident]).await;
+        }
+        app.gateway
+            .finishing
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    });
+}
+
+/// The estimator for models whose tokenizer Ciyuan does not have (admission reserves
+/// with it too).
+pub(super) const ESTIMATOR: Encoding = Encoding::O200kBase;
+
+/// Ciyuan's own count of a request.
+pub(super) struct Counted {
+    /// The prompt, tool definitions included.
+    pub(super) input: u64,
+    /// Of which tool definitions.
+    pub(super) tools: u64,
+    /// Answer text delivered (tool call arguments included).
+    pub(super) output: u64,
+    /// Reasoning text delivered.
+    pub(super) reasoning: u64,
+}
+
+/// Ciyuan's own count of the prompt and of the answer text delivered.
+pub(super) fn recount(enc: Encoding, call: &Call, shown: &Shown) -> Option<Counted> {
+    let (input, tools) = match call.input_estimate {
+        Some(e) if e.encoding == enc => (e.input, e.tools),
+        _ => count_input(enc, &call.info)?,
+    };
+    let (output, reasoning) = if call.endpoint == Endpoint::Embeddings {
+        (0, 0)
+    } else {
+        (
+            enc.count(&shown.text).ok()? as u64,
+            enc.count(&shown.reasoning).ok()? as u64,
+        )
+    };
+    Some(Counted {
+        input,
+        tools,
+        output,
+        reasoning,
+    })
+}
+
+/// The prompt's tokens as Ciyuan counts them, and how many of them are tool
+/// definitions.
+pub(super) fn count_input(enc: Encoding, info: &RequestInfo) -> Option<(u64, u64)> {
+    let input = if !info.messages.is_empty() {
+        let msgs: Vec<ChatMessage<'_>> = info
+            .messages
+            .iter()
+            .map(|(role, content)| ChatMessage {
+                role,
+                content,
+                name: None,
+            })
+            .collect();
+        estimate_chat(enc, &msgs).ok()?
+    } else {
+        let mut n = 0;
+        for p in &info.prompts {
+            n += enc.count(p).ok()?;
+        }
+        n
+    };
+    let tools = if info.tools_text.is_empty() {
+        0
+    } else {
+        enc.count(&info.tools_text).ok()?
+    };
+    Some(((input + tools) as u64, tools as u64))
+}
