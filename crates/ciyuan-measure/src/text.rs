@@ -14,7 +14,6 @@
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine;
-use rustc_hash::FxHashMap;
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -156,62 +155,97 @@ impl Encoding {
 }
 
 /// Pieces up to this many bytes have their count remembered.
-const CACHED_PIECE_BYTES: usize = 32;
-/// Texts shorter than this are counted without remembering pieces: too few repeat.
-const CACHE_MIN_BYTES: usize = 2048;
-/// At most this many distinct pieces are remembered per thread and text.
-const CACHED_PIECES: usize = 1 << 16;
+const CACHED_PIECE_BYTES: usize = 16;
+/// Texts shorter than this are counted without remembering pieces: too few repeat to
+/// pay for clearing the memory.
+const CACHE_MIN_BYTES: usize = 8192;
+/// Bits of a piece's hash that pick its entry in [`Seen`] (4,096 entries, 96 KiB: it
+/// stays in the core's own cache, which a map of every piece seen did not).
+const SEEN_BITS: u32 = 12;
 
-/// Token counts of short pieces already counted, keyed by their bytes in the text.
-struct Seen<'a> {
-    counts: FxHashMap<&'a [u8], u32>,
-    /// How many pieces may be remembered: none for a short text.
-    room: usize,
+/// Token counts of short pieces counted lately: one entry per hash, a later piece
+/// taking the place of an earlier one. Words, punctuation and indentation come back
+/// within a page even in text that never repeats, so most short pieces are found
+/// here without a look-up in the vocabulary (a cache miss each).
+struct Seen {
+    /// `None` for a short text.
+    entries: Option<Box<[SeenEntry]>>,
 }
 
-impl<'a> Seen<'a> {
+/// A piece of at most 16 bytes, zero-padded into two words, its length and its count
+/// (length 0: empty).
+#[derive(Clone, Copy, Default)]
+struct SeenEntry {
+    lo: u64,
+    hi: u64,
+    len: u32,
+    count: u32,
+}
+
+impl Seen {
     fn for_text(len: usize) -> Self {
         Seen {
-            counts: FxHashMap::default(),
-            room: if len < CACHE_MIN_BYTES {
-                0
-            } else {
-                CACHED_PIECES
-            },
+            entries: (len >= CACHE_MIN_BYTES)
+                .then(|| vec![SeenEntry::default(); 1 << SEEN_BITS].into_boxed_slice()),
         }
     }
 
     /// The count of `piece`, from memory or from `count`.
-    fn count(&mut self, piece: &'a [u8], count: impl FnOnce(&[u8]) -> usize) -> usize {
-        if piece.len() <= 1 {
-            return piece.len(); // every byte is a token
+    #[inline]
+    fn count(&mut self, piece: &[u8], count: impl FnOnce(&[u8]) -> usize) -> usize {
+        let n = piece.len();
+        if n <= 1 {
+            return n; // every byte is a token
         }
-        if self.room == 0 || piece.len() > CACHED_PIECE_BYTES {
+        let Some(entries) = self.entries.as_mut() else {
+            return count(piece);
+        };
+        if n > CACHED_PIECE_BYTES {
             return count(piece);
         }
-        if let Some(&c) = self.counts.get(piece) {
-            return c as usize;
+        let (lo, hi) = padded_words(piece);
+        let h = (lo ^ hi.rotate_left(29) ^ n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let e = &mut entries[(h >> (64 - SEEN_BITS)) as usize];
+        if e.lo == lo && e.hi == hi && e.len == n as u32 {
+            return e.count as usize;
         }
         let c = count(piece);
-        if self.counts.len() < self.room {
-            self.counts.insert(piece, c as u32);
-        }
+        *e = SeenEntry {
+            lo,
+            hi,
+            len: n as u32,
+            count: c as u32,
+        };
         c
     }
+}
+
+/// A piece of at most 16 bytes as two little-endian words, zero-padded.
+#[inline]
+fn padded_words(piece: &[u8]) -> (u64, u64) {
+    let mut w = [0u8; 16];
+    w[..piece.len()].copy_from_slice(piece);
+    let (lo, hi) = w.split_at(8);
+    let word = |s: &[u8]| {
+        let mut b = [0; 8];
+        b.copy_from_slice(s);
+        u64::from_le_bytes(b)
+    };
+    (word(lo), word(hi))
 }
 
 /// Counts with an OpenAI encoding: the split pattern on `regex-automata` (see
 /// [`Pretokenizer`]) and the byte-pair merge every encoding uses ([`piece_count`]).
 /// Short pieces repeat (words, punctuation, indentation), so their counts are
 /// remembered, keyed by the piece's bytes in the text itself (no copies).
-struct OpenAiCounter<'a> {
+struct OpenAiCounter {
     vocab: &'static Vocab,
     pre: &'static Pretokenizer,
     cache: CacheGuard,
-    seen: Seen<'a>,
+    seen: Seen,
 }
 
-impl<'a> OpenAiCounter<'a> {
+impl OpenAiCounter {
     /// A counter for texts of about `len` bytes (short ones remember no pieces).
     fn new(encoding: Encoding, len: usize) -> Result<Self, TextError> {
         let pre = if encoding == Encoding::Cl100kBase {
@@ -227,7 +261,7 @@ impl<'a> OpenAiCounter<'a> {
         })
     }
 
-    fn count(&mut self, text: &'a str) -> usize {
+    fn count(&mut self, text: &str) -> usize {
         let (mut n, mut at) = (0, 0);
         while let Some((start, end)) = self.pre.next_piece(&mut self.cache, text, at) {
             at = end;
@@ -505,6 +539,42 @@ struct Vocab {
     /// The rank of every two-byte token, indexed by its bytes (`Rank::MAX` where there
     /// is none): merging starts by looking up every adjacent pair (256 KiB).
     pairs: Box<[Rank]>,
+    /// The rank of every byte (each is a token).
+    single: [Rank; 256],
+    /// The rank of every character of three bytes in UTF-8 (U+0800 to U+FFFF, most of
+    /// Chinese; 256 KiB, indexed by [`char3_index`]), `Rank::MAX` where it is not a token: merging Chinese looks
+    /// up each character as it completes, and this table is dense where text is.
+    chars3: Box<[Rank]>,
+    /// One bit per [`FILTER_BITS`]-bit stretch of hash, set where a token's hash falls:
+    /// most pieces merging looks up are not tokens, and this small table (256 KiB,
+    /// which stays in the cache) turns most of them away without touching `slots`
+    /// (megabytes, a cache miss per look-up: most of the time of counting Chinese).
+    filter: Box<[u64]>,
+}
+
+/// Bits of hash that pick a bit of [`Vocab::filter`]: 2^21 bits, about one in ten set
+/// for 200,000 tokens.
+const FILTER_BITS: u32 = 21;
+
+/// Where a piece of three bytes shaped like a character of three bytes in UTF-8 (a
+/// lead byte 0xe0 to 0xef, two continuation bytes) sits in [`Vocab::chars3`]: its 16
+/// payload bits, one index per such piece. Loading and looking up both ask this
+/// function, so the table answers exactly for the pieces it covers, whatever they are.
+#[inline]
+fn char3_index(b: &[u8]) -> Option<usize> {
+    match *b {
+        [a @ 0xe0..=0xef, b @ 0x80..=0xbf, c @ 0x80..=0xbf] => Some(
+            (usize::from(a & 0x0f) << 12) | (usize::from(b & 0x3f) << 6) | usize::from(c & 0x3f),
+        ),
+        _ => None,
+    }
+}
+
+/// The bit of [`Vocab::filter`] for hash `h`: bits above the tag's, which `home` (the
+/// high bits) and the tag (the low bits) do not use alike.
+#[inline]
+fn filter_bit(h: u64) -> usize {
+    ((h >> TAG_BITS) & ((1 << FILTER_BITS) - 1)) as usize
 }
 
 const TAG_BITS: u32 = 12;
@@ -592,6 +662,29 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
+/// Tokens up to this long are kept in their slot, in place of an offset into the
+/// arena, so that finding one reads no more memory than its slot (Chinese characters
+/// are three bytes in UTF-8).
+const INLINE_BYTES: usize = 3;
+
+/// A token of up to [`INLINE_BYTES`] as it is kept in its slot's offset field.
+#[inline]
+fn inline(token: &[u8]) -> u64 {
+    token.iter().rev().fold(0, |w, &b| (w << 8) | u64::from(b))
+}
+
+/// Whether `slot`, whose length (and tag) agree with `b`'s, holds the bytes of `b`.
+#[inline]
+fn slot_holds(arena: &[u8], slot: u64, b: &[u8]) -> bool {
+    let at = slot >> (64 - OFFSET_BITS);
+    if b.len() <= INLINE_BYTES {
+        at == inline(b)
+    } else {
+        let at = at as usize;
+        same_bytes(&arena[at..at + b.len()], b)
+    }
+}
+
 /// The slot of a table of `slots` slots where a token of hash `h` is looked for first.
 #[inline]
 fn home(slots: usize, h: u64) -> usize {
@@ -646,13 +739,33 @@ pub(crate) fn for_each_token(
 }
 
 impl Vocab {
-    /// The rank of the token `b`, if it is one.
+    /// The rank of the token `b`, if it is one. Bytes and pairs of bytes are read from
+    /// their own small tables; longer pieces are looked up in `slots`.
     #[inline]
     fn get(&self, b: &[u8]) -> Option<Rank> {
+        match b.len() {
+            0 => None,
+            1 => Some(self.single[usize::from(b[0])]),
+            2 => Some(self.pair(b[0], b[1])).filter(|&r| r != Rank::MAX),
+            3 => match char3_index(b) {
+                Some(i) => Some(self.chars3[i]).filter(|&r| r != Rank::MAX),
+                None => self.lookup(b),
+            },
+            _ => self.lookup(b),
+        }
+    }
+
+    /// The rank of the token `b` from the hash table, if it is one.
+    #[inline]
+    fn lookup(&self, b: &[u8]) -> Option<Rank> {
         if b.len() > self.longest || b.is_empty() {
             return None;
         }
         let h = piece_hash(b);
+        let bit = filter_bit(h);
+        if self.filter[bit >> 6] & (1 << (bit & 63)) == 0 {
+            return None;
+        }
         let want = ((b.len() as u64) << (TAG_BITS + RANK_BITS)) | (h & TAG_MASK);
         let mut i = home(self.slots.len(), h);
         loop {
@@ -660,11 +773,8 @@ impl Vocab {
             if slot == 0 {
                 return None;
             }
-            if slot & LEN_TAG_MASK == want {
-                let at = (slot >> (64 - OFFSET_BITS)) as usize;
-                if same_bytes(&self.bytes[at..at + b.len()], b) {
-                    return Some(((slot >> TAG_BITS) & ((1 << RANK_BITS) - 1)) as Rank);
-                }
+            if slot & LEN_TAG_MASK == want && slot_holds(&self.bytes, slot, b) {
+                return Some(((slot >> TAG_BITS) & ((1 << RANK_BITS) - 1)) as Rank);
             }
             i += 1;
             if i == self.slots.len() {
@@ -702,7 +812,14 @@ impl Vocab {
         let mut bytes = Vec::with_capacity(total);
         let mut slots = vec![0; tokens * 5 / 3 + 1].into_boxed_slice();
         let mut longest = 0;
+        let mut filter = vec![0u64; 1 << (FILTER_BITS - 6)].into_boxed_slice();
+        let mut chars3 = vec![Rank::MAX; 1 << 16].into_boxed_slice();
         for_each_token(gz, |token, rank| {
+            let bit = filter_bit(piece_hash(token));
+            filter[bit >> 6] |= 1 << (bit & 63);
+            if let Some(i) = char3_index(token) {
+                chars3[i] = rank;
+            }
             if bytes.len() + token.len() > total {
                 return Err("the file read differently the second time".into());
             }
@@ -718,26 +835,35 @@ impl Vocab {
             slots,
             longest,
             pairs: vec![Rank::MAX; 1 << 16].into_boxed_slice(),
+            single: [0; 256],
+            chars3,
+            filter,
         };
         for a in 0..=255 {
             for b in 0..=255 {
-                if let Some(r) = vocab.get(&[a, b]) {
+                if let Some(r) = vocab.lookup(&[a, b]) {
                     vocab.pairs[usize::from(a) << 8 | usize::from(b)] = r;
                 }
             }
-        }
-        if let Some(b) = (0..=255u8).find(|&b| !vocab.contains(&[b])) {
-            return Err(bad(format!("byte {b:#04x} is not a token")));
+            vocab.single[usize::from(a)] = vocab
+                .lookup(&[a])
+                .ok_or_else(|| bad(format!("byte {a:#04x} is not a token")))?;
         }
         Ok(vocab)
     }
 
     /// Puts the token at `at..at + len` of `bytes`, of rank `rank`, in its slot of
-    /// `slots`; a token seen before keeps its later rank.
+    /// `slots` (a token of up to [`INLINE_BYTES`] in the slot itself); a token seen
+    /// before keeps its later rank.
     fn insert(bytes: &[u8], slots: &mut [u64], at: usize, len: usize, rank: Rank) {
         let token = &bytes[at..at + len];
         let h = piece_hash(token);
-        let entry = ((at as u64) << (64 - OFFSET_BITS))
+        let at = if len <= INLINE_BYTES {
+            inline(token)
+        } else {
+            at as u64
+        };
+        let entry = (at << (64 - OFFSET_BITS))
             | ((len as u64) << (TAG_BITS + RANK_BITS))
             | (u64::from(rank) << TAG_BITS)
             | (h & TAG_MASK);
@@ -748,12 +874,9 @@ impl Vocab {
                 slots[i] = entry;
                 return;
             }
-            if slot & LEN_TAG_MASK == entry & LEN_TAG_MASK {
-                let other = (slot >> (64 - OFFSET_BITS)) as usize;
-                if same_bytes(&bytes[other..other + len], token) {
-                    slots[i] = entry;
-                    return;
-                }
+            if slot & LEN_TAG_MASK == entry & LEN_TAG_MASK && slot_holds(bytes, slot, token) {
+                slots[i] = entry;
+                return;
             }
             i += 1;
             if i == slots.len() {
@@ -874,7 +997,7 @@ impl Qwen {
     }
 
     /// Counts NFC text: special tokens one each, the rest split and merged.
-    fn count_nfc<'a>(&self, text: &'a str, cache: &mut CacheGuard, seen: &mut Seen<'a>) -> usize {
+    fn count_nfc(&self, text: &str, cache: &mut CacheGuard, seen: &mut Seen) -> usize {
         let (mut n, mut last) = (0, 0);
         for m in self.specials.find_iter(text) {
             n += self.count_ordinary(&text[last..m.start()], cache, seen) + 1;
@@ -883,12 +1006,7 @@ impl Qwen {
         n + self.count_ordinary(&text[last..], cache, seen)
     }
 
-    fn count_ordinary<'a>(
-        &self,
-        text: &'a str,
-        cache: &mut CacheGuard,
-        seen: &mut Seen<'a>,
-    ) -> usize {
+    fn count_ordinary(&self, text: &str, cache: &mut CacheGuard, seen: &mut Seen) -> usize {
         let (mut n, mut at) = (0, 0);
         while let Some((start, end)) = self.pre.next_piece(cache, text, at) {
             at = end;
@@ -981,7 +1099,7 @@ impl DeepSeek {
         caches: &mut [CacheGuard; 3],
         pieces: &mut Vec<&'a str>,
         next: &mut Vec<&'a str>,
-        seen: &mut Seen<'a>,
+        seen: &mut Seen,
     ) -> usize {
         if pieces.iter().all(|p| p.is_empty()) {
             return 0;
@@ -1144,6 +1262,7 @@ fn deepseek() -> Result<&'static DeepSeek, TextError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustc_hash::FxHashMap;
     use std::io::Read;
 
     /// A rank file as the map `tiktoken-rs` takes, parsed separately from [`Vocab`].
