@@ -1,0 +1,278 @@
+//! Byte-pair merging: how many tokens a piece leaves (tiktoken's merge, on the
+//! stack for short pieces, with a heap for long ones), and [`Seen`], the counts of
+//! short pieces counted lately.
+
+use super::Rank;
+use super::vocab::{RANK_BITS, Vocab};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// Pieces up to this many bytes have their count remembered.
+pub(super) const CACHED_PIECE_BYTES: usize = 16;
+
+/// Texts shorter than this are counted without remembering pieces: too few repeat to
+/// pay for clearing the memory.
+pub(super) const CACHE_MIN_BYTES: usize = 8192;
+
+/// Bits of a piece's hash that pick its entry in [`Seen`] (4,096 entries, 96 KiB: it
+/// stays in the core's own cache, which a map of every piece seen did not).
+pub(super) const SEEN_BITS: u32 = 12;
+
+/// Token counts of short pieces counted lately: one entry per hash, a later piece
+/// taking the place of an earlier one. Words, punctuation and indentation come back
+/// within a page even in text that never repeats, so most short pieces are found
+/// here without a look-up in the vocabulary (a cache miss each).
+pub(super) struct Seen {
+    /// `None` for a short text.
+    pub(super) entries: Option<Box<[SeenEntry]>>,
+}
+
+/// A piece of at most 16 bytes, zero-padded into two words, its length and its count
+/// (length 0: empty).
+#[derive(Clone, Copy, Default)]
+pub(super) struct SeenEntry {
+    pub(super) lo: u64,
+    pub(super) hi: u64,
+    pub(super) len: u32,
+    pub(super) count: u32,
+}
+
+impl Seen {
+    pub(super) fn for_text(len: usize) -> Self {
+        Seen {
+            entries: (len >= CACHE_MIN_BYTES)
+                .then(|| vec![SeenEntry::default(); 1 << SEEN_BITS].into_boxed_slice()),
+        }
+    }
+
+    /// The count of `piece`, from memory or from `count`.
+    #[inline]
+    pub(super) fn count(&mut self, piece: &[u8], count: impl FnOnce(&[u8]) -> usize) -> usize {
+        let n = piece.len();
+        if n <= 1 {
+            return n; // every byte is a token
+        }
+        let Some(entries) = self.entries.as_mut() else {
+            return count(piece);
+        };
+        if n > CACHED_PIECE_BYTES {
+            return count(piece);
+        }
+        let (lo, hi) = padded_words(piece);
+        let h = (lo ^ hi.rotate_left(29) ^ n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let e = &mut entries[(h >> (64 - SEEN_BITS)) as usize];
+        if e.lo == lo && e.hi == hi && e.len == n as u32 {
+            return e.count as usize;
+        }
+        let c = count(piece);
+        *e = SeenEntry {
+            lo,
+            hi,
+            len: n as u32,
+            count: c as u32,
+        };
+        c
+    }
+}
+
+/// A piece of at most 16 bytes as two little-endian words, zero-padded.
+#[inline]
+pub(super) fn padded_words(piece: &[u8]) -> (u64, u64) {
+    let mut w = [0u8; 16];
+    w[..piece.len()].copy_from_slice(piece);
+    let (lo, hi) = w.split_at(8);
+    let word = |s: &[u8]| {
+        let mut b = [0; 8];
+        b.copy_from_slice(s);
+        u64::from_le_bytes(b)
+    };
+    (word(lo), word(hi))
+}
+
+/// Tokens of one piece: one if it is a token, else what byte-pair merging leaves (as
+/// tiktoken's `encode`).
+pub(super) fn piece_count(b: &[u8], ranks: &Vocab) -> usize {
+    if ranks.contains(b) {
+        1
+    } else {
+        merge_count(b, ranks)
+    }
+}
+
+/// Pieces shorter than this are merged by rescanning after every merge, longer ones
+/// with a heap (tiktoken's own cut-over between its two merge routines).
+pub(super) const HEAP_MERGE_MIN_BYTES: usize = 100;
+
+/// How many tokens byte-pair merging leaves of `piece`: the lowest-ranked adjacent pair
+/// first, the leftmost among equals, until no pair is a token.
+///
+/// Short pieces are merged as tiktoken's `_byte_pair_merge` does (every part's rank of
+/// merging with the next kept in a list that is rescanned after each merge), on the
+/// stack. Rescanning is quadratic in the piece's length (DeepSeek's pre-tokenizer
+/// leaves runs of one character of thousands of bytes as one piece), so long pieces
+/// are merged with a heap of candidate merges, as tiktoken's `_byte_pair_merge_large`
+/// does. Both give tiktoken's merge sequence, checked against `tiktoken-rs`'s
+/// `byte_pair_split` by `merge_equals_tiktoken_merge` and
+/// `heap_merge_equals_tiktoken_merge`.
+pub(super) fn merge_count(piece: &[u8], ranks: &Vocab) -> usize {
+    let n = piece.len();
+    if n < 2 {
+        return n;
+    }
+    if n >= HEAP_MERGE_MIN_BYTES {
+        return heap_merge_count(piece, ranks);
+    }
+    let rank = |from: u8, to: u8| {
+        ranks
+            .get(&piece[usize::from(from)..usize::from(to)])
+            .unwrap_or(Rank::MAX)
+    };
+    // parts[i]: where part i starts and the rank of merging it with part i + 1; the
+    // last entry only marks the end.
+    let mut parts = [(0u8, Rank::MAX); HEAP_MERGE_MIN_BYTES];
+    for i in 0..n - 1 {
+        parts[i] = (i as u8, ranks.pair(piece[i], piece[i + 1]));
+    }
+    parts[n - 1] = (n as u8 - 1, Rank::MAX);
+    parts[n] = (n as u8, Rank::MAX);
+    let mut len = n + 1;
+    loop {
+        let (mut min, mut at) = (Rank::MAX, 0);
+        for (i, &(_, r)) in parts[..len - 1].iter().enumerate() {
+            if r < min {
+                (min, at) = (r, i);
+            }
+        }
+        if min == Rank::MAX {
+            return len - 1;
+        }
+        // Part at + 1 joins part at.
+        parts.copy_within(at + 2..len, at + 1);
+        len -= 1;
+        parts[at].1 = if at + 2 < len {
+            rank(parts[at].0, parts[at + 2].0)
+        } else {
+            Rank::MAX
+        };
+        if at > 0 {
+            parts[at - 1].1 = rank(parts[at - 1].0, parts[at + 1].0);
+        }
+    }
+}
+
+/// [`merge_count`] for long pieces, with a heap of candidate merges.
+pub(super) fn heap_merge_count(piece: &[u8], ranks: &Vocab) -> usize {
+    let n = piece.len();
+
+    // For the part that starts at byte i: where it ends, where the part before it
+    // starts, and the rank of merging it with the part after it.
+    let mut end: Vec<usize> = (1..=n).collect();
+    let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+    let mut next_rank = vec![Rank::MAX; n];
+    // Candidate merges as one integer each, rank above position, so that the least is
+    // the lowest rank and, among equals, the leftmost; ranks take at most RANK_BITS,
+    // positions the other 44 (pieces of up to 16 TiB).
+    const AT_BITS: u32 = 64 - RANK_BITS;
+    let key = |r: Rank, at: usize| Reverse((u64::from(r) << AT_BITS) | at as u64);
+    let mut heap = BinaryHeap::with_capacity(n);
+    for i in 0..n - 1 {
+        let r = ranks.pair(piece[i], piece[i + 1]);
+        if r != Rank::MAX {
+            next_rank[i] = r;
+            heap.push(key(r, i));
+        }
+    }
+    let mut parts = n;
+    while let Some(Reverse(k)) = heap.pop() {
+        let (r, left) = ((k >> AT_BITS) as Rank, (k & ((1 << AT_BITS) - 1)) as usize);
+        if r != next_rank[left] {
+            continue; // outdated: one of the two parts has merged since
+        }
+        let right = end[left];
+        let right_end = end[right];
+        end[left] = right_end;
+        next_rank[right] = Rank::MAX;
+        parts -= 1;
+        next_rank[left] = Rank::MAX;
+        if right_end < n {
+            prev[right_end] = left;
+            if let Some(r) = ranks.get(&piece[left..end[right_end]]) {
+                next_rank[left] = r;
+                heap.push(key(r, left));
+            }
+        }
+        if left > 0 {
+            let p = prev[left];
+            next_rank[p] = Rank::MAX;
+            if let Some(r) = ranks.get(&piece[p..right_end]) {
+                next_rank[p] = r;
+                heap.push(key(r, p));
+            }
+        }
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::deepseek::deepseek;
+    use crate::text::testing::{gz, random_pieces, rank_map};
+
+    #[test]
+    fn merge_equals_tiktoken_merge() {
+        for name in ["o200k_base", "cl100k_base", "qwen"] {
+            let map = rank_map(gz(name));
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name)).unwrap();
+            for p in random_pieces(&map, 20_000, 2 * HEAP_MERGE_MIN_BYTES) {
+                assert_eq!(
+                    merge_count(&p, &vocab),
+                    tiktoken_rs::byte_pair_split(&p, &map).len(),
+                    "{name} {p:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn heap_merge_equals_tiktoken_merge() {
+        let ranks = &deepseek().unwrap().ranks;
+        let map = rank_map(gz("deepseek_v4"));
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rand = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let alphabets: [&[&str]; 4] = [
+            &["a", "b", "ab", " "],
+            &["中", "文", "a", "1"],
+            &["e", "r", "t", "h", " ", "\n", "th", "er"],
+            &["x", "y", "z", "é", "!", "-", "="],
+        ];
+        for round in 0..200 {
+            let alphabet = alphabets[round % alphabets.len()];
+            let len = HEAP_MERGE_MIN_BYTES + rand(1500);
+            let mut s = String::new();
+            while s.len() < len {
+                s.push_str(alphabet[rand(alphabet.len())]);
+            }
+            let b = s.as_bytes();
+            assert_eq!(
+                merge_count(b, ranks),
+                tiktoken_rs::byte_pair_split(b, &map).len(),
+                "{s:?}"
+            );
+        }
+        for run in ["a", " ", "中", "1", "ab", "-", "\n"] {
+            let s = run.repeat(3000 / run.len());
+            let b = s.as_bytes();
+            assert_eq!(
+                merge_count(b, ranks),
+                tiktoken_rs::byte_pair_split(b, &map).len(),
+                "{run:?}"
+            );
+        }
+    }
+}
