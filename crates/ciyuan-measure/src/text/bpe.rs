@@ -100,8 +100,11 @@ pub(super) fn piece_count(b: &[u8], ranks: &Vocab) -> usize {
 }
 
 /// Pieces shorter than this are merged by rescanning after every merge, longer ones
-/// with a heap (tiktoken's own cut-over between its two merge routines).
-pub(super) const HEAP_MERGE_MIN_BYTES: usize = 100;
+/// with a heap. tiktoken cuts over at 100 bytes; measured on Chinese that never
+/// repeats (clauses of 10 to 40 characters, 30 to 120 bytes, one piece each), the heap
+/// already costs fewer instructions from about 24 bytes on (cachegrind: 13% fewer for
+/// the whole count).
+pub(super) const HEAP_MERGE_MIN_BYTES: usize = 24;
 
 /// How many tokens byte-pair merging leaves of `piece`: the lowest-ranked adjacent pair
 /// first, the leftmost among equals, until no pair is a token.
