@@ -135,7 +135,14 @@ pub fn run(a: TokensArgs) -> anyhow::Result<()> {
     let mut ours = Vec::new();
     for (label, text) in &texts {
         let mb = text.len() as f64 / 1e6;
-        println!("{label}: {mb:.1} MB, never repeated");
+        if a.file.is_some() {
+            println!("{label}: {mb:.1} MB, as it is");
+        } else {
+            println!(
+                "{label}: {mb:.1} MB, generated, never repeated (seed {})",
+                a.seed
+            );
+        }
         for enc in Encoding::ALL {
             enc.count("warm up")?; // loads the vocabulary outside the timing
             let (mut one, mut every, mut n1, mut n) = (f64::MAX, f64::MAX, 0, 0);
