@@ -1,93 +1,10 @@
 //! Byte-pair merging: how many tokens a piece leaves (tiktoken's merge, on the
-//! stack for short pieces, with a heap for long ones), and [`Seen`], the counts of
-//! short pieces counted lately.
+//! stack for short pieces, with a heap for long ones).
 
 use super::Rank;
 use super::vocab::{RANK_BITS, Vocab};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-
-/// Pieces up to this many bytes have their count remembered.
-pub(super) const CACHED_PIECE_BYTES: usize = 16;
-
-/// Texts shorter than this are counted without remembering pieces: too few repeat to
-/// pay for clearing the memory.
-pub(super) const CACHE_MIN_BYTES: usize = 8192;
-
-/// Bits of a piece's hash that pick its entry in [`Seen`] (4,096 entries, 96 KiB: it
-/// stays in the core's own cache, which a map of every piece seen did not).
-pub(super) const SEEN_BITS: u32 = 12;
-
-/// Token counts of short pieces counted lately: one entry per hash, a later piece
-/// taking the place of an earlier one. Words, punctuation and indentation come back
-/// within a page even in text that never repeats, so most short pieces are found
-/// here without a look-up in the vocabulary (a cache miss each).
-pub(super) struct Seen {
-    /// `None` for a short text.
-    pub(super) entries: Option<Box<[SeenEntry]>>,
-}
-
-/// A piece of at most 16 bytes, zero-padded into two words, its length and its count
-/// (length 0: empty).
-#[derive(Clone, Copy, Default)]
-pub(super) struct SeenEntry {
-    pub(super) lo: u64,
-    pub(super) hi: u64,
-    pub(super) len: u32,
-    pub(super) count: u32,
-}
-
-impl Seen {
-    pub(super) fn for_text(len: usize) -> Self {
-        Seen {
-            entries: (len >= CACHE_MIN_BYTES)
-                .then(|| vec![SeenEntry::default(); 1 << SEEN_BITS].into_boxed_slice()),
-        }
-    }
-
-    /// The count of `piece`, from memory or from `count`.
-    #[inline]
-    pub(super) fn count(&mut self, piece: &[u8], count: impl FnOnce(&[u8]) -> usize) -> usize {
-        let n = piece.len();
-        if n <= 1 {
-            return n; // every byte is a token
-        }
-        let Some(entries) = self.entries.as_mut() else {
-            return count(piece);
-        };
-        if n > CACHED_PIECE_BYTES {
-            return count(piece);
-        }
-        let (lo, hi) = padded_words(piece);
-        let h = (lo ^ hi.rotate_left(29) ^ n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let e = &mut entries[(h >> (64 - SEEN_BITS)) as usize];
-        if e.lo == lo && e.hi == hi && e.len == n as u32 {
-            return e.count as usize;
-        }
-        let c = count(piece);
-        *e = SeenEntry {
-            lo,
-            hi,
-            len: n as u32,
-            count: c as u32,
-        };
-        c
-    }
-}
-
-/// A piece of at most 16 bytes as two little-endian words, zero-padded.
-#[inline]
-pub(super) fn padded_words(piece: &[u8]) -> (u64, u64) {
-    let mut w = [0u8; 16];
-    w[..piece.len()].copy_from_slice(piece);
-    let (lo, hi) = w.split_at(8);
-    let word = |s: &[u8]| {
-        let mut b = [0; 8];
-        b.copy_from_slice(s);
-        u64::from_le_bytes(b)
-    };
-    (word(lo), word(hi))
-}
 
 /// Tokens of one piece: one if it is a token, else what byte-pair merging leaves (as
 /// tiktoken's `encode`).

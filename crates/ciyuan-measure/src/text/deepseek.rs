@@ -1,6 +1,6 @@
 //! DeepSeek V4's encoding: added tokens, three split stages, byte-level BPE.
 
-use super::bpe::{Seen, piece_count};
+use super::bpe::piece_count;
 use super::pretokenize::{CacheGuard, Pretokenizer};
 use super::vocab::{Vocab, vocabulary_gz};
 use super::{Encoding, TextError};
@@ -29,7 +29,6 @@ pub(super) struct DeepSeek {
 impl DeepSeek {
     pub(super) fn count(&'static self, text: &str) -> usize {
         let mut caches = self.stages.each_ref().map(|p| p.cache());
-        let mut seen = Seen::for_text(text.len());
         let mut pieces = Vec::new();
         let mut next = Vec::new();
         // Added tokens (`<｜User｜>`, `<think>`, ...) are split out first and count one each.
@@ -39,11 +38,11 @@ impl DeepSeek {
             pieces.push(&text[last..m.start()]);
             n += 1;
             last = m.end();
-            n += self.count_plain(&mut caches, &mut pieces, &mut next, &mut seen);
+            n += self.count_plain(&mut caches, &mut pieces, &mut next);
         }
         pieces.clear();
         pieces.push(&text[last..]);
-        n + self.count_plain(&mut caches, &mut pieces, &mut next, &mut seen)
+        n + self.count_plain(&mut caches, &mut pieces, &mut next)
     }
 
     /// Counts the text in `pieces` (one piece, without added tokens).
@@ -52,7 +51,6 @@ impl DeepSeek {
         caches: &mut [CacheGuard; 3],
         pieces: &mut Vec<&'a str>,
         next: &mut Vec<&'a str>,
-        seen: &mut Seen,
     ) -> usize {
         if pieces.iter().all(|p| p.is_empty()) {
             return 0;
@@ -66,7 +64,7 @@ impl DeepSeek {
         }
         pieces
             .iter()
-            .map(|p| seen.count(p.as_bytes(), |b| piece_count(b, &self.ranks)))
+            .map(|p| piece_count(p.as_bytes(), &self.ranks))
             .sum()
     }
 }

@@ -138,7 +138,7 @@ impl Encoding {
         let mut n = 0;
         match self {
             Encoding::O200kBase | Encoding::Cl100kBase => {
-                let mut counter = OpenAiCounter::new(self, usize::MAX)?;
+                let mut counter = OpenAiCounter::new(self)?;
                 while let Some(p) = take() {
                     n += counter.count(p);
                 }
@@ -159,9 +159,7 @@ impl Encoding {
 
     fn count_serial(self, text: &str) -> Result<usize, TextError> {
         Ok(match self {
-            Encoding::O200kBase | Encoding::Cl100kBase => {
-                OpenAiCounter::new(self, text.len())?.count(text)
-            }
+            Encoding::O200kBase | Encoding::Cl100kBase => OpenAiCounter::new(self)?.count(text),
             Encoding::Qwen | Encoding::Qwen3_6 => qwen(self)?.count(text),
             Encoding::DeepSeekV4 => deepseek()?.count(text),
         })

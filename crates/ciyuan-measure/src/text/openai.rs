@@ -1,7 +1,7 @@
 //! OpenAI's encodings, `o200k_base` and `cl100k_base`: their split patterns and the
 //! counter that runs them.
 
-use super::bpe::{Seen, piece_count};
+use super::bpe::piece_count;
 use super::pretokenize::{CacheGuard, Pretokenizer};
 use super::vocab::{Vocab, vocabulary_gz};
 use super::{Encoding, TextError};
@@ -9,18 +9,17 @@ use std::sync::{LazyLock, OnceLock};
 
 /// Counts with an OpenAI encoding: the split pattern on `regex-automata` (see
 /// [`Pretokenizer`]) and the byte-pair merge every encoding uses ([`piece_count`]).
-/// Short pieces repeat (words, punctuation, indentation), so their counts are
-/// remembered, keyed by the piece's bytes in the text itself (no copies).
+/// No piece counts are remembered: on text that never repeats a table of them saved
+/// nothing (cachegrind, Chinese, English and code alike), and only repeated text gained.
 pub(super) struct OpenAiCounter {
     pub(super) vocab: &'static Vocab,
     pub(super) pre: &'static Pretokenizer,
     pub(super) cache: CacheGuard,
-    pub(super) seen: Seen,
 }
 
 impl OpenAiCounter {
-    /// A counter for texts of about `len` bytes (short ones remember no pieces).
-    pub(super) fn new(encoding: Encoding, len: usize) -> Result<Self, TextError> {
+    /// A counter with `encoding`.
+    pub(super) fn new(encoding: Encoding) -> Result<Self, TextError> {
         let pre = if encoding == Encoding::Cl100kBase {
             &*CL100K_PRE
         } else {
@@ -30,7 +29,6 @@ impl OpenAiCounter {
             vocab: openai_vocab(encoding)?,
             pre,
             cache: pre.cache(),
-            seen: Seen::for_text(len),
         })
     }
 
@@ -38,10 +36,7 @@ impl OpenAiCounter {
         let (mut n, mut at) = (0, 0);
         while let Some((start, end)) = self.pre.next_piece(&mut self.cache, text, at) {
             at = end;
-            let vocab = self.vocab;
-            n += self
-                .seen
-                .count(&text.as_bytes()[start..end], |b| piece_count(b, vocab));
+            n += piece_count(&text.as_bytes()[start..end], self.vocab);
         }
         n
     }

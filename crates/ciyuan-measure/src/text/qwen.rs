@@ -1,7 +1,7 @@
 //! Qwen's encodings, `qwen` and `qwen3_6`: NFC first, special tokens one each, then
 //! tiktoken's split and merge.
 
-use super::bpe::{Seen, piece_count};
+use super::bpe::piece_count;
 use super::pretokenize::{CacheGuard, Pretokenizer};
 use super::vocab::{Vocab, vocabulary_gz};
 use super::{Encoding, Rank, TextError, split_for_parallel};
@@ -110,35 +110,27 @@ impl Qwen {
             })
             .collect();
         let mut cache = self.pre.cache();
-        let mut seen = Seen::for_text(text.len());
         stretches
             .iter()
-            .map(|s| self.count_nfc(s, &mut cache, &mut seen))
+            .map(|s| self.count_nfc(s, &mut cache))
             .sum()
     }
 
     /// Counts NFC text: special tokens one each, the rest split and merged.
-    pub(super) fn count_nfc(&self, text: &str, cache: &mut CacheGuard, seen: &mut Seen) -> usize {
+    pub(super) fn count_nfc(&self, text: &str, cache: &mut CacheGuard) -> usize {
         let (mut n, mut last) = (0, 0);
         for m in self.specials.find_iter(text) {
-            n += self.count_ordinary(&text[last..m.start()], cache, seen) + 1;
+            n += self.count_ordinary(&text[last..m.start()], cache) + 1;
             last = m.end();
         }
-        n + self.count_ordinary(&text[last..], cache, seen)
+        n + self.count_ordinary(&text[last..], cache)
     }
 
-    pub(super) fn count_ordinary(
-        &self,
-        text: &str,
-        cache: &mut CacheGuard,
-        seen: &mut Seen,
-    ) -> usize {
+    pub(super) fn count_ordinary(&self, text: &str, cache: &mut CacheGuard) -> usize {
         let (mut n, mut at) = (0, 0);
         while let Some((start, end)) = self.pre.next_piece(cache, text, at) {
             at = end;
-            n += seen.count(&text.as_bytes()[start..end], |b| {
-                piece_count(b, &self.ranks)
-            });
+            n += piece_count(&text.as_bytes()[start..end], &self.ranks);
         }
         n
     }
