@@ -22,6 +22,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod corpus;
 mod definitions;
 pub mod media;
 pub mod text;

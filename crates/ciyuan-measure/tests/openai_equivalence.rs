@@ -1,5 +1,5 @@
 //! The OpenAI counters (the split patterns on `regex-automata`, our byte-pair merge
-//! over the compact vocabulary table, plus the piece cache) give the same counts as
+//! over the compact vocabulary table and its small tables) give the same counts as
 //! `tiktoken-rs`, a port of tiktoken's own Rust core, on random texts built from the
 //! characters where the split patterns are subtle:
 //! whitespace before letters and at the end, `\r\n`, apostrophe suffixes, case
@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use ciyuan_measure::corpus::{self, Kind};
 use ciyuan_measure::text::Encoding;
 use proptest::prelude::*;
 
@@ -100,10 +101,32 @@ proptest! {
     }
 
     #[test]
-    fn long_texts_count_as_tiktoken(s in text(3000)) {
-        // Long enough that repeated pieces are served from the cache.
+    fn long_texts_count_as_tiktoken(s in text(6000)) {
+        // Thousands of pieces, words and runs of whitespace among them.
         for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
             prop_assert_eq!(enc.count(&s).unwrap(), reference(enc, &s), "{}", enc.name());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+
+    /// Text that never repeats (the benchmark's): Chinese, English and code.
+    #[test]
+    fn non_repeating_texts_count_as_tiktoken(seed in any::<u64>()) {
+        for kind in Kind::ALL {
+            let s = corpus::generate(kind, 40_000, seed).unwrap();
+            for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
+                prop_assert_eq!(
+                    enc.count_on_one_thread(&s).unwrap(),
+                    reference(enc, &s),
+                    "{} {} seed {}",
+                    enc.name(),
+                    kind.name(),
+                    seed
+                );
+            }
         }
     }
 }

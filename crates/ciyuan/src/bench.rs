@@ -13,7 +13,7 @@ pub enum BenchCmd {
     /// Durable ingest over HTTP: batches of CloudEvents against a `ciyuan serve` process.
     Ingest(IngestArgs),
     /// Token counting speed, side by side with Python tiktoken on the same text.
-    Tokens(TokensArgs),
+    Tokens(crate::bench_tokens::TokensArgs),
     /// The gateway's added latency, throughput and memory, against `ciyuan sim`.
     Gateway(GatewayArgs),
     /// Budget admission plus settlement in-process, on a five-level tree.
@@ -155,22 +155,6 @@ pub struct GatewayArgs {
 }
 
 #[derive(Args)]
-pub struct TokensArgs {
-    /// Text to count (default: the committed parity corpus, repeated).
-    #[arg(long)]
-    file: Option<PathBuf>,
-    /// Repeat the text up to about this many bytes.
-    #[arg(long, default_value_t = 4 << 20)]
-    bytes: usize,
-    /// Python interpreter with `tiktoken` installed (the peer).
-    #[arg(long, default_value = "python3")]
-    python: String,
-    /// End with one JSON line of the figures.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
 pub struct IngestArgs {
     /// Events to send in all.
     #[arg(long, default_value_t = 2_000_000)]
@@ -280,7 +264,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        BenchCmd::Tokens(a) => crate::bench_tokens::run(a.file, a.bytes, &a.python, a.json)?,
+        BenchCmd::Tokens(a) => crate::bench_tokens::run(a)?,
         BenchCmd::Ingest(a) => {
             let r = crate::bench_ingest::run(
                 a.events,
