@@ -1385,6 +1385,15 @@ async fn record(
                 })
                 .collect()
         });
+        // With several nodes the counters' lock is kept until the places are committed,
+        // not only ordered: once it goes, another node may take the tiers lease, and it
+        // catches up to the log's size in the database, which holds committed entries
+        // only.
+        let committed_tiers = if app.config.follow.is_some() {
+            tiers.take()
+        } else {
+            None
+        };
         // Lent to the projector, which then applies these entries without reading them
         // back from the ledger.
         let appended = crate::pipeline::append_lent_keyed_then(
@@ -1401,6 +1410,7 @@ async fn record(
         )
         .await
         .inspect(|_| app.projector.kick());
+        drop(committed_tiers);
         claim
             .appended
             .send_replace(Some(appended.as_ref().map(|r| r.start).map_err(|_| ())));

@@ -21,8 +21,9 @@
 //! counters from the follower ([`Tiers::elsewhere`]). It keeps the lease while it
 //! places, lets it go when another node waits and it has held it for
 //! [`LEASE_SHARE`], and lets it go when idle (the heartbeat). Its places are in the
-//! log before it lets go: the counters' lock, held until each placed entry holds its
-//! place, is held while the lease is taken or dropped.
+//! log before it lets go: the counters' lock, held until each placed entry is
+//! committed (with one node, until it holds its place in the ledger's order), is held
+//! while the lease is taken or dropped; another node catches up to the committed log.
 //!
 //! [`PriceRule::counter_name`]: ciyuan_core::PriceRule::counter_name
 

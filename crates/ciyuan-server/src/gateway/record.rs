@@ -200,16 +200,25 @@ impl App {
         let mut entries = vec![entry];
         entries.extend(posting);
         let n = entries.len();
+        // With several nodes the tier counters' lock goes once the places are committed
+        // (another node taking the tiers lease catches up to the committed log); alone,
+        // once they are ordered.
+        let (ordered_tiers, committed_tiers) = if self.config.follow.is_some() {
+            (None, Some(tiers))
+        } else {
+            (Some(tiers), None)
+        };
         let appended = crate::pipeline::append_lent_then(
             self.log.as_ref(),
             &self.projector,
             Arc::new(Recorded(entries)),
             || {
                 drop(rules);
-                drop(tiers);
+                drop(ordered_tiers);
             },
         )
         .await;
+        drop(committed_tiers);
         // Settled with the last entry (the payment, where there is one).
         self.recorded(
             appended,
