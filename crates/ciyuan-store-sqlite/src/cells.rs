@@ -141,23 +141,23 @@ pub(crate) struct OwnedLine {
 }
 
 impl OwnedLine {
+    /// Its key fields as stored, for [`LineBytes::order`]: one order for lines being
+    /// written and lines read back (two copies of it disagreed once, and the search
+    /// in [`merge`] then misplaced adjustments).
+    fn key(&self) -> LineBytes<'_> {
+        LineBytes {
+            adjustment: self.adjustment,
+            key: self.key.as_bytes(),
+            price: self.price.as_bytes(),
+            currency: self.currency.as_bytes(),
+            book: self.book.as_bytes(),
+            version: self.version,
+            sums: [&[]; 4],
+        }
+    }
+
     fn order(&self, other: &OwnedLine) -> Ordering {
-        (
-            self.adjustment,
-            &self.key,
-            &self.price,
-            &self.currency,
-            &self.book,
-            self.version,
-        )
-            .cmp(&(
-                other.adjustment,
-                &other.key,
-                &other.price,
-                &other.currency,
-                &other.book,
-                other.version,
-            ))
+        self.key().order(&other.key())
     }
 }
 
