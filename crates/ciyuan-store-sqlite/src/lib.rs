@@ -1065,136 +1065,152 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: &[Change<'_>]) -> Resu
     Ok(())
 }
 
-/// Adds exact amounts to the hourly cost rollups. SQLite has no exact decimal type:
-/// an amount is stored as its decimal text and added by `dec_add` (Rust, exact); a sum
-/// that no longer fits a 28-digit decimal is an error, never a rounded value.
-fn add_costs(
+/// A token rollup row to add: node, hour (or day), service, model, modality,
+/// direction, signed sum.
+type UsageAdd<'k> = (
+    &'k str,
+    i64,
+    &'k str,
+    &'k str,
+    ciyuan_core::Modality,
+    ciyuan_core::Direction,
+    i128,
+);
+
+/// A cost rollup row to add: node, hour (or day), service, model, currency, amount.
+type CostAdd<'k> = (
+    &'k str,
+    i64,
+    &'k str,
+    &'k str,
+    ciyuan_core::Currency,
+    ciyuan_core::ExactSum,
+);
+
+/// Adds token sums to `table` (the exact hourly rollups, or a subtree rollup), in the
+/// table's key order, exactly (`hi * 2^62 + lo`, carried in SQL).
+fn upsert_usage<'k>(
     tx: &rusqlite::Transaction<'_>,
-    costs: &ciyuan_store::CostSums<'_>,
+    table: &str,
+    rows: impl Iterator<Item = UsageAdd<'k>>,
 ) -> Result<(), StoreError> {
-    let mut write = tx
-        .prepare_cached(
-            "INSERT INTO cost_hourly (account, hour, service, model, currency, amount)
-             VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (account, hour, service, model, currency)
-             DO UPDATE SET amount = dec_add(amount, excluded.amount)",
-        )
-        .map_err(backend)?;
-    let mut rows: Vec<_> = costs.iter().collect();
-    fn order<'k>(k: &'k ciyuan_store::CostKey<'_>) -> (&'k str, i64, &'k str, &'k str, &'k str) {
-        (
-            k.account.as_str(),
-            k.hour,
-            k.service,
-            k.model,
-            k.currency.as_str(),
-        )
+    let mut rows: Vec<UsageAdd<'k>> = rows.collect();
+    if rows.is_empty() {
+        return Ok(());
     }
-    rows.sort_unstable_by(|(a, _), (b, _)| order(a).cmp(&order(b)));
-    for (k, add) in rows {
-        let text = amount_text(*add, || format!("the hourly cost of {}", k.account))?;
+    rows.sort_unstable_by_key(|r| (r.0, r.1, r.2, r.3, r.4.as_str(), r.5.as_str()));
+    let mut write = tx
+        .prepare_cached(&format!(
+            "INSERT INTO {table} (account, hour, service, model, modality, direction, hi, lo)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (account, hour, service, model, modality, direction)
+             DO UPDATE SET hi = hi + excluded.hi + ((lo + excluded.lo) >> 62),
+                           lo = (lo + excluded.lo) & 4611686018427387903"
+        ))
+        .map_err(backend)?;
+    for (node, hour, service, model, modality, direction, tokens) in rows {
+        let (hi, lo) = split_sum(tokens)?;
         write
             .execute(params![
-                k.account.as_str(),
-                k.hour,
-                k.service,
-                k.model,
-                k.currency.as_str(),
-                text
+                node,
+                hour,
+                service,
+                model,
+                modality.as_str(),
+                direction.as_str(),
+                hi,
+                lo
             ])
             .map_err(backend)?;
     }
     Ok(())
 }
 
-/// Adds to the subtree rollups, hourly and daily, each table's rows in its key order.
+/// Adds amounts to `table` (the exact hourly cost rollups, or a subtree rollup), in
+/// the table's key order, exactly (decimal text added by `dec_add`).
+fn upsert_cost<'k>(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    rows: impl Iterator<Item = CostAdd<'k>>,
+) -> Result<(), StoreError> {
+    let mut rows: Vec<CostAdd<'k>> = rows.collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    rows.sort_unstable_by(|a, b| {
+        (a.0, a.1, a.2, a.3, a.4.as_str()).cmp(&(b.0, b.1, b.2, b.3, b.4.as_str()))
+    });
+    let mut write = tx
+        .prepare_cached(&format!(
+            "INSERT INTO {table} (account, hour, service, model, currency, amount)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (account, hour, service, model, currency)
+             DO UPDATE SET amount = dec_add(amount, excluded.amount)"
+        ))
+        .map_err(backend)?;
+    for (node, hour, service, model, currency, add) in rows {
+        let text = amount_text(add, || format!("the cost of {node} in {table}"))?;
+        write
+            .execute(params![node, hour, service, model, currency.as_str(), text])
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// Adds the hourly cost rollups.
+fn add_costs(
+    tx: &rusqlite::Transaction<'_>,
+    costs: &ciyuan_store::CostSums<'_>,
+) -> Result<(), StoreError> {
+    upsert_cost(
+        tx,
+        "cost_hourly",
+        costs.iter().map(|(k, a)| {
+            (
+                k.account.as_str(),
+                k.hour,
+                k.service,
+                k.model,
+                k.currency,
+                *a,
+            )
+        }),
+    )
+}
+
+/// Adds to the subtree rollups, hourly and daily.
 fn add_trees(
     tx: &rusqlite::Transaction<'_>,
     usage: &ciyuan_store::tree::TreeUsage<'_>,
     cost: &ciyuan_store::tree::TreeCost<'_>,
 ) -> Result<(), StoreError> {
     use ciyuan_store::tree::Span;
-    let mut rows: Vec<_> = usage.iter().collect();
-    rows.sort_unstable_by_key(|(k, _)| {
-        (
-            k.span,
-            k.node,
-            k.start,
-            k.service,
-            k.model,
-            k.modality.as_str(),
-            k.direction.as_str(),
-        )
-    });
-    for span in [Span::Hour, Span::Day] {
-        let table = if span == Span::Hour {
-            "usage_tree_hourly"
-        } else {
-            "usage_tree_daily"
-        };
-        let mut write = tx
-            .prepare_cached(&format!(
-                "INSERT INTO {table} (account, hour, service, model, modality, direction, hi, lo)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (account, hour, service, model, modality, direction)
-                 DO UPDATE SET hi = hi + excluded.hi + ((lo + excluded.lo) >> 62),
-                               lo = (lo + excluded.lo) & 4611686018427387903"
-            ))
-            .map_err(backend)?;
-        for (k, tokens) in rows.iter().filter(|(k, _)| k.span == span) {
-            let (hi, lo) = split_sum(**tokens)?;
-            write
-                .execute(params![
+    for (span, usage_table, cost_table) in [
+        (Span::Hour, "usage_tree_hourly", "cost_tree_hourly"),
+        (Span::Day, "usage_tree_daily", "cost_tree_daily"),
+    ] {
+        upsert_usage(
+            tx,
+            usage_table,
+            usage.iter().filter(|(k, _)| k.span == span).map(|(k, n)| {
+                (
                     k.node,
                     k.start,
                     k.service,
                     k.model,
-                    k.modality.as_str(),
-                    k.direction.as_str(),
-                    hi,
-                    lo
-                ])
-                .map_err(backend)?;
-        }
-    }
-    let mut rows: Vec<_> = cost.iter().collect();
-    rows.sort_unstable_by_key(|(k, _)| {
-        (
-            k.span,
-            k.node,
-            k.start,
-            k.service,
-            k.model,
-            k.currency.as_str(),
-        )
-    });
-    for span in [Span::Hour, Span::Day] {
-        let table = if span == Span::Hour {
-            "cost_tree_hourly"
-        } else {
-            "cost_tree_daily"
-        };
-        let mut write = tx
-            .prepare_cached(&format!(
-                "INSERT INTO {table} (account, hour, service, model, currency, amount)
-                 VALUES (?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (account, hour, service, model, currency)
-                 DO UPDATE SET amount = dec_add(amount, excluded.amount)"
-            ))
-            .map_err(backend)?;
-        for (k, add) in rows.iter().filter(|(k, _)| k.span == span) {
-            let text = amount_text(**add, || format!("the subtree cost of {}", k.node))?;
-            write
-                .execute(params![
-                    k.node,
-                    k.start,
-                    k.service,
-                    k.model,
-                    k.currency.as_str(),
-                    text
-                ])
-                .map_err(backend)?;
-        }
+                    k.modality,
+                    k.direction,
+                    *n,
+                )
+            }),
+        )?;
+        upsert_cost(
+            tx,
+            cost_table,
+            cost.iter()
+                .filter(|(k, _)| k.span == span)
+                .map(|(k, a)| (k.node, k.start, k.service, k.model, k.currency, *a)),
+        )?;
     }
     Ok(())
 }
@@ -1460,40 +1476,21 @@ impl Store for SqliteStore {
         let projected = ciyuan_store::project(start, parts)?;
         write_changes(&tx, &projected.changes)?;
         insert_ingest_index(&tx, &projected.ingest)?;
-        {
-            let mut upsert = tx
-                .prepare_cached(
-                    "INSERT INTO usage_hourly (account, hour, service, model, modality, direction, hi, lo)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                     ON CONFLICT (account, hour, service, model, modality, direction)
-                     DO UPDATE SET hi = hi + excluded.hi + ((lo + excluded.lo) >> 62),
-                                   lo = (lo + excluded.lo) & 4611686018427387903",
-                )
-                .map_err(backend)?;
-            let mut rows: Vec<_> = projected.usage.iter().collect();
-            fn order<'k>(k: &'k ciyuan_store::RollupKey<'_>) -> impl Ord + 'k {
+        upsert_usage(
+            &tx,
+            "usage_hourly",
+            projected.usage.iter().map(|(k, n)| {
                 (
-                    (k.account.as_str(), k.hour, k.service, k.model),
-                    (k.modality.as_str(), k.direction.as_str()),
+                    k.account.as_str(),
+                    k.hour,
+                    k.service,
+                    k.model,
+                    k.modality,
+                    k.direction,
+                    *n,
                 )
-            }
-            rows.sort_unstable_by(|(a, _), (b, _)| order(a).cmp(&order(b)));
-            for (k, tokens) in rows {
-                let (hi, lo) = split_sum(*tokens)?;
-                upsert
-                    .execute(params![
-                        k.account.as_str(),
-                        k.hour,
-                        k.service,
-                        k.model,
-                        k.modality.as_str(),
-                        k.direction.as_str(),
-                        hi,
-                        lo
-                    ])
-                    .map_err(backend)?;
-            }
-        }
+            }),
+        )?;
         add_costs(&tx, &projected.cost)?;
         add_trees(&tx, &projected.usage_tree, &projected.cost_tree)?;
         add_tier_units(&tx, &projected.tiers)?;
