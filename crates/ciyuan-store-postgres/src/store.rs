@@ -678,69 +678,35 @@ fn write_sums(tx: &mut Tx<'_>, p: &ciyuan_store::Projected<'_>) -> Result<(), St
             &[&entry, &hash],
         )?;
     }
-    if !p.usage.is_empty() {
-        let n = p.usage.len();
-        let (mut a, mut h, mut sv, mut m) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut mo, mut d, mut t) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for (k, tokens) in &p.usage {
-            a.push(k.account.as_str());
-            h.push(k.hour);
-            sv.push(k.service);
-            m.push(k.model);
-            mo.push(k.modality.as_str());
-            d.push(k.direction.as_str());
-            t.push(tokens.to_string());
-        }
-        exec(
-            tx,
-            "INSERT INTO usage_hourly (account, hour, service, model, modality, direction, tokens)
-             SELECT a, h, s, m, mo, d, t::numeric
-             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
-                  AS x(a, h, s, m, mo, d, t)
-             ON CONFLICT (account, hour, service, model, modality, direction)
-             DO UPDATE SET tokens = usage_hourly.tokens + excluded.tokens",
-            &[&a, &h, &sv, &m, &mo, &d, &t],
-        )?;
-    }
-    if !p.cost.is_empty() {
-        let (mut a, mut h, mut s, mut m, mut c, mut amt) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        for (k, add) in &p.cost {
-            a.push(k.account.as_str());
-            h.push(k.hour);
-            s.push(k.service);
-            m.push(k.model);
-            c.push(k.currency.as_str().to_string());
-            amt.push(amount_text(*add, || {
-                format!("the hourly cost of {}", k.account)
-            })?);
-        }
-        exec(
-            tx,
-            "INSERT INTO cost_hourly (account, hour, service, model, currency, amount)
-             SELECT a, h, s, m, c, x::numeric
-             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
-                  AS t(a, h, s, m, c, x)
-             ON CONFLICT (account, hour, service, model, currency)
-             DO UPDATE SET amount = cost_hourly.amount + excluded.amount",
-            &[&a, &h, &s, &m, &c, &amt],
-        )?;
-    }
+    upsert_usage(
+        tx,
+        "usage_hourly",
+        p.usage.iter().map(|(k, n)| {
+            (
+                k.account.as_str(),
+                k.hour,
+                k.service,
+                k.model,
+                k.modality,
+                k.direction,
+                *n,
+            )
+        }),
+    )?;
+    upsert_cost(
+        tx,
+        "cost_hourly",
+        p.cost.iter().map(|(k, a)| {
+            (
+                k.account.as_str(),
+                k.hour,
+                k.service,
+                k.model,
+                k.currency,
+                *a,
+            )
+        }),
+    )?;
     add_trees(tx, &p.usage_tree, &p.cost_tree)?;
     if !p.tiers.is_empty() {
         let (mut n, mut b, mut r, mut per, mut u) =
@@ -799,87 +765,144 @@ fn write_sums(tx: &mut Tx<'_>, p: &ciyuan_store::Projected<'_>) -> Result<(), St
     Ok(())
 }
 
-/// Adds to the subtree rollups, hourly and daily: one statement per table.
+/// A token rollup row to add: node, hour (or day), service, model, modality,
+/// direction, signed sum.
+type UsageAdd<'k> = (
+    &'k str,
+    i64,
+    &'k str,
+    &'k str,
+    ciyuan_core::Modality,
+    ciyuan_core::Direction,
+    i128,
+);
+
+/// A cost rollup row to add: node, hour (or day), service, model, currency, amount.
+type CostAdd<'k> = (
+    &'k str,
+    i64,
+    &'k str,
+    &'k str,
+    ciyuan_core::Currency,
+    ExactSum,
+);
+
+/// Adds token sums to `table` (the exact hourly rollups, or a subtree rollup) in one
+/// statement.
+fn upsert_usage<'k>(
+    tx: &mut Tx<'_>,
+    table: &str,
+    rows: impl Iterator<Item = UsageAdd<'k>>,
+) -> Result<(), StoreError> {
+    let (mut a, mut h, mut sv, mut m, mut mo, mut d, mut t) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (node, hour, service, model, modality, direction, tokens) in rows {
+        a.push(node);
+        h.push(hour);
+        sv.push(service);
+        m.push(model);
+        mo.push(modality.as_str());
+        d.push(direction.as_str());
+        t.push(tokens.to_string());
+    }
+    if a.is_empty() {
+        return Ok(());
+    }
+    exec(
+        tx,
+        &format!(
+            "INSERT INTO {table} (account, hour, service, model, modality, direction, tokens)
+             SELECT a, h, s, m, mo, d, t::numeric
+             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::text[]) AS x(a, h, s, m, mo, d, t)
+             ON CONFLICT (account, hour, service, model, modality, direction)
+             DO UPDATE SET tokens = {table}.tokens + excluded.tokens"
+        ),
+        &[&a, &h, &sv, &m, &mo, &d, &t],
+    )
+}
+
+/// Adds amounts to `table` (the exact hourly cost rollups, or a subtree rollup) in
+/// one statement.
+fn upsert_cost<'k>(
+    tx: &mut Tx<'_>,
+    table: &str,
+    rows: impl Iterator<Item = CostAdd<'k>>,
+) -> Result<(), StoreError> {
+    let (mut a, mut h, mut s, mut m, mut c, mut amt) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (node, hour, service, model, currency, add) in rows {
+        a.push(node);
+        h.push(hour);
+        s.push(service);
+        m.push(model);
+        c.push(currency.as_str().to_string());
+        amt.push(amount_text(add, || {
+            format!("the cost of {node} in {table}")
+        })?);
+    }
+    if a.is_empty() {
+        return Ok(());
+    }
+    exec(
+        tx,
+        &format!(
+            "INSERT INTO {table} (account, hour, service, model, currency, amount)
+             SELECT a, h, s, m, c, x::numeric
+             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                         $6::text[]) AS t(a, h, s, m, c, x)
+             ON CONFLICT (account, hour, service, model, currency)
+             DO UPDATE SET amount = {table}.amount + excluded.amount"
+        ),
+        &[&a, &h, &s, &m, &c, &amt],
+    )
+}
+
+/// Adds to the subtree rollups, hourly and daily.
 fn add_trees(
     tx: &mut Tx<'_>,
     usage: &ciyuan_store::tree::TreeUsage<'_>,
     cost: &ciyuan_store::tree::TreeCost<'_>,
 ) -> Result<(), StoreError> {
     use ciyuan_store::tree::Span;
-    for (span, table) in [
-        (Span::Hour, "usage_tree_hourly"),
-        (Span::Day, "usage_tree_daily"),
+    for (span, usage_table, cost_table) in [
+        (Span::Hour, "usage_tree_hourly", "cost_tree_hourly"),
+        (Span::Day, "usage_tree_daily", "cost_tree_daily"),
     ] {
-        let (mut a, mut h, mut sv, mut m, mut mo, mut d, mut t) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        for (k, tokens) in usage.iter().filter(|(k, _)| k.span == span) {
-            a.push(k.node);
-            h.push(k.start);
-            sv.push(k.service);
-            m.push(k.model);
-            mo.push(k.modality.as_str());
-            d.push(k.direction.as_str());
-            t.push(tokens.to_string());
-        }
-        if a.is_empty() {
-            continue;
-        }
-        exec(
+        upsert_usage(
             tx,
-            &format!(
-                "INSERT INTO {table} (account, hour, service, model, modality, direction, tokens)
-                 SELECT a, h, s, m, mo, d, t::numeric
-                 FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                             $6::text[], $7::text[]) AS x(a, h, s, m, mo, d, t)
-                 ON CONFLICT (account, hour, service, model, modality, direction)
-                 DO UPDATE SET tokens = {table}.tokens + excluded.tokens"
-            ),
-            &[&a, &h, &sv, &m, &mo, &d, &t],
+            usage_table,
+            usage.iter().filter(|(k, _)| k.span == span).map(|(k, n)| {
+                (
+                    k.node,
+                    k.start,
+                    k.service,
+                    k.model,
+                    k.modality,
+                    k.direction,
+                    *n,
+                )
+            }),
         )?;
-    }
-    for (span, table) in [
-        (Span::Hour, "cost_tree_hourly"),
-        (Span::Day, "cost_tree_daily"),
-    ] {
-        let (mut a, mut h, mut s, mut m, mut c, mut amt) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        for (k, add) in cost.iter().filter(|(k, _)| k.span == span) {
-            a.push(k.node);
-            h.push(k.start);
-            s.push(k.service);
-            m.push(k.model);
-            c.push(k.currency.as_str().to_string());
-            amt.push(amount_text(*add, || {
-                format!("the subtree cost of {}", k.node)
-            })?);
-        }
-        if a.is_empty() {
-            continue;
-        }
-        exec(
+        upsert_cost(
             tx,
-            &format!(
-                "INSERT INTO {table} (account, hour, service, model, currency, amount)
-                 SELECT a, h, s, m, c, x::numeric
-                 FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                             $6::text[]) AS t(a, h, s, m, c, x)
-                 ON CONFLICT (account, hour, service, model, currency)
-                 DO UPDATE SET amount = {table}.amount + excluded.amount"
-            ),
-            &[&a, &h, &s, &m, &c, &amt],
+            cost_table,
+            cost.iter()
+                .filter(|(k, _)| k.span == span)
+                .map(|(k, a)| (k.node, k.start, k.service, k.model, k.currency, *a)),
         )?;
     }
     Ok(())
