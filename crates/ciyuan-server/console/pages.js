@@ -257,6 +257,19 @@ async function accounts({ who, params }) {
   return body;
 }
 
+/** uPlot options of a time chart of `series` over `xs` (seconds) in `tz`. */
+function chartOptions(xs, tz, height, series) {
+  return {
+    width: Math.min(1150, document.getElementById("main").clientWidth - 30),
+    height,
+    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), tz),
+    // One bucket alone would stretch over years: give it a day each side.
+    scales: xs.length > 1 ? {} : { x: { time: true, range: (_u, lo, hi) => [lo - 86400, hi + 86400] } },
+    series: [{}, ...series],
+    axes: [{}, { values: (_u, ticks) => ticks.map((v) => new Intl.NumberFormat(language(), { notation: "compact" }).format(v)), size: 60 }],
+  };
+}
+
 /** A chart of a usage answer bucketed by day: tokens a day, the day's cost in its legend. */
 function dailyChart(id, usage, tz) {
   const el = h("div", { class: "chart", id, role: "img", "aria-label": t("history") });
@@ -266,22 +279,14 @@ function dailyChart(id, usage, tz) {
   }
   const xs = usage.rows.map((r) => Date.parse(r.bucket_start) / 1000);
   const tokens = usage.rows.map((r) => Number(r.total));
-  const opts = {
-    width: Math.min(1150, document.getElementById("main").clientWidth - 30),
-    height: 220,
-    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), tz),
-    scales: xs.length > 1 ? {} : { x: { time: true, range: (_u, lo, hi) => [lo - 86400, hi + 86400] } },
-    series: [
-      {},
-      {
-        label: t("tokens"),
-        stroke: PALETTE[0],
-        fill: PALETTE[0] + "55",
-        value: (_u, _v, _si, idx) => (idx == null ? "" : `${num(tokens[idx])} · ${costText(usage.rows[idx].cost)}`),
-      },
-    ],
-    axes: [{}, { values: (_u, ticks) => ticks.map((v) => new Intl.NumberFormat(language(), { notation: "compact" }).format(v)), size: 60 }],
-  };
+  const opts = chartOptions(xs, tz, 220, [
+    {
+      label: t("tokens"),
+      stroke: PALETTE[0],
+      fill: PALETTE[0] + "55",
+      value: (_u, _v, _si, idx) => (idx == null ? "" : `${num(tokens[idx])} · ${costText(usage.rows[idx].cost)}`),
+    },
+  ]);
   // uPlot measures its container: it is drawn once the page is in the document.
   queueMicrotask(() => requestAnimationFrame(() => new uPlot(opts, [xs, tokens], el)));
   return el;
@@ -372,26 +377,20 @@ async function usage({ who, params }) {
     }
     const data = [xs, ...cum.slice().reverse()];
     const drawn = names.slice().reverse();
-    const opts = {
-      width: Math.min(1150, document.getElementById("main").clientWidth - 30),
-      height: 320,
-      tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), tz),
-      // One bucket alone would stretch over years: give it an hour or a day each side.
-      scales: xs.length > 1 ? {} : { x: { time: true, range: (_u, lo, hi) => [lo - 86400, hi + 86400] } },
-      series: [
-        {},
-        ...drawn.map((n, i) => {
-          const color = PALETTE[(names.length - 1 - i) % PALETTE.length];
-          return {
-            label: n || "—",
-            stroke: color,
-            fill: color + "cc",
-            value: (_u, _v, _si, idx) => (idx == null ? "" : num(series.get(n)[idx])),
-          };
-        }),
-      ],
-      axes: [{}, { values: (_u, ticks) => ticks.map((v) => new Intl.NumberFormat(language(), { notation: "compact" }).format(v)), size: 60 }],
-    };
+    const opts = chartOptions(
+      xs,
+      tz,
+      320,
+      drawn.map((n, i) => {
+        const color = PALETTE[(names.length - 1 - i) % PALETTE.length];
+        return {
+          label: n || "—",
+          stroke: color,
+          fill: color + "cc",
+          value: (_u, _v, _si, idx) => (idx == null ? "" : num(series.get(n)[idx])),
+        };
+      }),
+    );
     // uPlot measures its container: it is drawn once the page is in the document.
     queueMicrotask(() => requestAnimationFrame(() => new uPlot(opts, data, chart)));
   } else {
