@@ -705,26 +705,28 @@ impl<'de> Deserialize<'de> for Slot<'de> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Slot<'de>, A::Error> {
                 let mut a = Attributes::default();
                 let mut duplicate = None;
+                // Attributes met so far, one bit each (a `null` one counts as met).
+                let mut seen = 0u8;
                 while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
-                    let field = match name.as_ref() {
-                        "specversion" => &mut a.specversion,
-                        "id" => &mut a.id,
-                        "source" => &mut a.source,
-                        "type" => &mut a.service,
-                        "subject" => &mut a.subject,
-                        "time" => &mut a.time,
-                        "datacontenttype" => &mut a.datacontenttype,
-                        "data" => &mut a.data,
+                    let (bit, field) = match name.as_ref() {
+                        "specversion" => (0, &mut a.specversion),
+                        "id" => (1, &mut a.id),
+                        "source" => (2, &mut a.source),
+                        "type" => (3, &mut a.service),
+                        "subject" => (4, &mut a.subject),
+                        "time" => (5, &mut a.time),
+                        "datacontenttype" => (6, &mut a.datacontenttype),
+                        "data" => (7, &mut a.data),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
                         }
                     };
-                    let value = map.next_value::<Option<&'de RawValue>>()?;
-                    if field.is_some() {
+                    *field = map.next_value::<Option<&'de RawValue>>()?;
+                    if seen & (1 << bit) != 0 {
                         duplicate.get_or_insert(name.into_owned());
                     }
-                    *field = value;
+                    seen |= 1 << bit;
                 }
                 Ok(match duplicate {
                     Some(name) => Slot::Invalid(format!("duplicate attribute `{name}`")),

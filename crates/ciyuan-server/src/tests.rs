@@ -685,6 +685,58 @@ fn event(id: &str, subject: &str, data: Value) -> Value {
     })
 }
 
+/// A batch is read in one pass: members that are not events, or events whose
+/// attributes repeat, are refused one by one and their neighbours go on.
+#[tokio::test]
+async fn a_batch_refuses_each_member_that_is_not_an_event_on_its_own() {
+    let h = harness().await;
+    h.admin("POST", "/api/v1/accounts", Some(json!({"path": "acme/cn"})))
+        .await;
+    let ingest = h.key("acme/cn", &["ingest"]).await;
+    let good = |id: &str| event(id, "acme/cn", json!({"model": "gpt-4o", "input_tokens": 3}));
+    // Written by hand: a JSON value cannot hold a repeated member.
+    let body = format!(
+        r#"[{}, {{"specversion":"1.0","id":"d1","source":"s","id":"d2","type":"llm.usage","subject":"acme/cn","data":{{"model":"m","input_tokens":1}}}},
+           {{"specversion":"1.0","id":"n1","source":"s","type":"llm.usage","subject":"acme/cn","time":null,"time":null,"data":{{"model":"m","input_tokens":1}}}},
+           [1, {{"id": "x"}}], 7, "text", true, null,
+           {{"spec\u0076ersion":"1.0","id":"esc","source":"s","type":"llm.usage","subject":"acme/cn","data":{{"model":"m","input_tokens":1}}}}, {}]"#,
+        good("a1"),
+        good("a2")
+    );
+    let (s, v) = h
+        .events(&ingest, "application/cloudevents-batch+json", &body)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 10, "{v}");
+    let detail = |i: usize| {
+        results[i]["error"]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    for i in [0, 8, 9] {
+        assert_eq!(results[i]["status"], "accepted", "{i}: {}", results[i]);
+    }
+    for (i, needle) in [
+        (1, "invalid event: duplicate attribute `id`"),
+        (2, "invalid event: duplicate attribute `time`"),
+        (3, "an event must be a JSON object, got an array"),
+        (4, "an event must be a JSON object, got a number"),
+        (5, "an event must be a JSON object, got a string"),
+        (6, "an event must be a JSON object, got a boolean"),
+        (7, "an event must be a JSON object, got null"),
+    ] {
+        assert_eq!(results[i]["status"], "rejected", "{i}: {}", results[i]);
+        assert!(
+            detail(i).contains(needle),
+            "{i}: {} lacks {needle}",
+            results[i]
+        );
+    }
+    assert_eq!(v["accepted"], 3, "{v}");
+}
+
 #[tokio::test]
 async fn ingest_is_idempotent_and_answers_per_event() {
     let h = harness().await;
