@@ -350,3 +350,45 @@ fn pages_of_a_subtree_hold_its_lines_only() {
         assert_eq!(paged, want, "limit {limit}");
     }
 }
+
+#[test]
+fn ingest_blocks_read_back_in_entry_order_and_damage_is_an_error() {
+    let pack = |pairs: &[(u64, u64)]| -> Vec<u8> {
+        pairs
+            .iter()
+            .flat_map(|(e, h)| e.to_le_bytes().into_iter().chain(h.to_le_bytes()))
+            .collect()
+    };
+    let read = |first: u64, bytes: &[u8], after: Option<u64>| {
+        let mut got = Vec::new();
+        read_ingest_block(first, bytes, after, &mut |h, e| got.push((e, h))).map(|last| (last, got))
+    };
+    let pairs = [(7, 70), (9, 90), (12, u64::MAX)];
+    assert_eq!(read(7, &pack(&pairs), Some(3)).unwrap(), (12, pairs.to_vec()));
+    // Keyed by another entry than its first pair's, not after the block before it,
+    // out of order, cut, or empty.
+    assert!(read(8, &pack(&pairs), None).is_err());
+    assert!(read(7, &pack(&pairs), Some(7)).is_err());
+    assert!(read(7, &pack(&[(7, 1), (7, 2)]), None).is_err());
+    assert!(read(7, &pack(&[(7, 1), (6, 2)]), None).is_err());
+    assert!(read(7, &pack(&pairs)[..40], None).is_err());
+    assert!(read(7, &[], None).is_err());
+
+    // Written by the projector, one block per batch, and read back whole.
+    let store = SqliteStore::open_in_memory().unwrap();
+    let conn = store.conn();
+    insert_ingest_index(&conn, &[(1, 11), (4, 44)]).unwrap();
+    insert_ingest_index(&conn, &[]).unwrap();
+    insert_ingest_index(&conn, &[(5, 55)]).unwrap();
+    drop(conn);
+    let mut got = Vec::new();
+    store.ingest_index(&mut |h, e| got.push((e, h))).unwrap();
+    assert_eq!(got, [(1, 11), (4, 44), (5, 55)]);
+    // A damaged block stops the read instead of losing its events.
+    store
+        .conn()
+        .execute("UPDATE ingest_blocks SET pairs = x'00' WHERE first = 5", [])
+        .unwrap();
+    let err = store.ingest_index(&mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("block at entry 5 is damaged"), "{err}");
+}
