@@ -10,7 +10,10 @@ raises, and the exit code is non-zero.
 """
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
 
 import litellm
 from langchain_openai import ChatOpenAI
@@ -86,5 +89,24 @@ emit("langchain.responses.stream", full.response_metadata.get("headers", {}).get
      u["input_tokens"], u["output_tokens"],
      u.get("input_token_details", {}).get("cache_read", 0),
      u.get("output_token_details", {}).get("reasoning", 0))
+
+# The `llm` command line, through an OpenAI-compatible model of its configuration. It
+# shows no answer headers, so this call is the last one: the caller compares it with the
+# gateway's latest entry.
+with tempfile.TemporaryDirectory() as home:
+    with open(os.path.join(home, "extra-openai-models.yaml"), "w") as f:
+        f.write(f"- model_id: ciyuan-gpt-4o\n  model_name: gpt-4o\n"
+                f"  api_base: \"{base}/v1\"\n  api_key_name: ciyuan\n")
+    env = {**os.environ, "LLM_USER_PATH": home}
+    cli = os.path.join(os.path.dirname(sys.executable), "llm")
+    subprocess.run([cli, "keys", "set", "ciyuan", "--value", key], env=env, check=True)
+    text = subprocess.run([cli, "-m", "ciyuan-gpt-4o", PROMPT], env=env, check=True,
+                          capture_output=True, text=True).stdout
+    assert text.strip(), text
+    log = json.loads(subprocess.run([cli, "logs", "-n", "1", "--json"], env=env, check=True,
+                                    capture_output=True, text=True).stdout)[0]
+    print(json.dumps({"scenario": "llm.cli", "last": True,
+                      "usage": {"input": log["input_tokens"], "output": log["output_tokens"],
+                                "cached": 0, "reasoning": 0}}), flush=True)
 
 print(json.dumps({"scenario": "done"}), flush=True)
