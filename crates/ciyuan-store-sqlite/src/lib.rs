@@ -2256,7 +2256,7 @@ fn read_ingest_block(
             "the ingest index block at entry {first} is damaged: {why}"
         ))
     };
-    if pairs.is_empty() || pairs.len() % INGEST_PAIR_BYTES != 0 {
+    if pairs.is_empty() || !pairs.len().is_multiple_of(INGEST_PAIR_BYTES) {
         return Err(damaged(format!("{} bytes", pairs.len())));
     }
     let mut last = after;

@@ -146,8 +146,7 @@ fn last_gateway_entry(gw: &Gateway) -> Value {
     String::from_utf8_lossy(&body)
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|e| e["kind"] == "usage" && e["data"]["source"] == "gateway")
-        .last()
+        .rfind(|e| e["kind"] == "usage" && e["data"]["source"] == "gateway")
         .expect("a gateway entry")["data"]
         .clone()
 }
