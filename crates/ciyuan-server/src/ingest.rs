@@ -204,6 +204,10 @@ impl crate::pipeline::Lent for Claim {
     fn entries(&self) -> &[Entry] {
         &self.entries
     }
+
+    fn ingest_hashes(&self) -> Option<&[u64]> {
+        Some(&self.hashes)
+    }
 }
 
 /// Settles a claim as failed if its request ends without settling it (a panic), so no

@@ -52,6 +52,12 @@ const MAX_LENT_ENTRIES: usize = 1 << 20;
 pub trait Lent: Send + Sync + 'static {
     /// The entries, in append order.
     fn entries(&self) -> &[Entry];
+
+    /// [`ciyuan_core::ingest_key_hash`] of each entry's event, where the appender
+    /// computed them already: the projector then does not hash the keys again.
+    fn ingest_hashes(&self) -> Option<&[u64]> {
+        None
+    }
 }
 
 /// Entries lent and not yet applied, by the log index of the first of each loan.
@@ -325,14 +331,23 @@ fn project_reusing(
                 }
             }
         }
-        let slices: Vec<&[Entry]> = parts
+        let slices: Vec<ciyuan_store::Part<'_>> = parts
             .iter()
             .map(|p| match p {
-                Part::Lent(k, r) => &lent[*k].1.entries()[r.clone()],
-                Part::Read(r) => &pool[r.clone()],
+                Part::Lent(k, r) => {
+                    let loan = &lent[*k].1;
+                    ciyuan_store::Part {
+                        entries: &loan.entries()[r.clone()],
+                        ingest_hashes: loan.ingest_hashes().map(|h| &h[r.clone()]),
+                    }
+                }
+                Part::Read(r) => ciyuan_store::Part {
+                    entries: &pool[r.clone()],
+                    ingest_hashes: None,
+                },
             })
             .collect();
-        match store.apply_parts(at, &slices) {
+        match store.apply_keyed(at, &slices) {
             Ok(()) => at = stop,
             // Another node sharing the store (PostgreSQL) applied these entries first:
             // go on from where the store is.

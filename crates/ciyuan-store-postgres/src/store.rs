@@ -1166,7 +1166,18 @@ impl Store for Inner {
     }
 
     fn apply_parts(&self, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
-        let count: usize = parts.iter().map(|p| p.len()).sum();
+        let parts: Vec<ciyuan_store::Part<'_>> = parts
+            .iter()
+            .map(|entries| ciyuan_store::Part {
+                entries,
+                ingest_hashes: None,
+            })
+            .collect();
+        self.apply_keyed(start, &parts)
+    }
+
+    fn apply_keyed(&self, start: u64, parts: &[ciyuan_store::Part<'_>]) -> Result<(), StoreError> {
+        let count: usize = parts.iter().map(|p| p.entries.len()).sum();
         let mut c = self.conn()?;
         let mut tx = c.transaction().map_err(backend)?;
         // The watermark row locked: two nodes applying the same entries queue here,
@@ -1184,7 +1195,7 @@ impl Store for Inner {
                 from: start,
             });
         }
-        let projected = ciyuan_store::project(start, parts)?;
+        let projected = ciyuan_store::project_parts(start, parts)?;
         write_changes(&mut tx, &projected.changes)?;
         write_sums(&mut tx, &projected)?;
         exec(
@@ -1880,6 +1891,10 @@ impl Store for PgStore {
 
     fn apply_parts(&self, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
         crate::off_runtime(|| self.inner.apply_parts(start, parts))
+    }
+
+    fn apply_keyed(&self, start: u64, parts: &[ciyuan_store::Part<'_>]) -> Result<(), StoreError> {
+        crate::off_runtime(|| self.inner.apply_keyed(start, parts))
     }
 
     fn reset_projections(&self) -> Result<(), StoreError> {

@@ -1493,7 +1493,18 @@ impl Store for SqliteStore {
     }
 
     fn apply_parts(&self, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
-        let count: usize = parts.iter().map(|p| p.len()).sum();
+        let parts: Vec<ciyuan_store::Part<'_>> = parts
+            .iter()
+            .map(|entries| ciyuan_store::Part {
+                entries,
+                ingest_hashes: None,
+            })
+            .collect();
+        self.apply_keyed(start, &parts)
+    }
+
+    fn apply_keyed(&self, start: u64, parts: &[ciyuan_store::Part<'_>]) -> Result<(), StoreError> {
+        let count: usize = parts.iter().map(|p| p.entries.len()).sum();
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(backend)?;
         let at: i64 = tx
@@ -1509,7 +1520,7 @@ impl Store for SqliteStore {
                 from: start,
             });
         }
-        let projected = ciyuan_store::project(start, parts)?;
+        let projected = ciyuan_store::project_parts(start, parts)?;
         write_changes(&tx, &projected.changes)?;
         insert_ingest_index(&tx, &projected.ingest)?;
         upsert_usage(

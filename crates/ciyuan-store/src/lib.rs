@@ -19,8 +19,8 @@ pub mod tree;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, EntryKey, Log, LogError, ScanFn, SignedCheckpoint};
 pub use projection::{
-    Change, CostKey, CostSums, LineKey, LineOf, LineSums, Projected, QualityHours, RollupKey,
-    TierCounterKey, TierSums, project,
+    Change, CostKey, CostSums, LineKey, LineOf, LineSums, Part, Projected, QualityHours, RollupKey,
+    TierCounterKey, TierSums, project, project_parts,
 };
 pub use usage::{
     Bucket, CostSums as RowCost, GroupBy, SumOverflow, TokenSums, UsageQuery, UsageRow, aggregate,
@@ -540,6 +540,14 @@ pub trait Store: Send + Sync + 'static {
             [one] => self.apply(start, one),
             _ => self.apply(start, &parts.concat()),
         }
+    }
+
+    /// [`Store::apply_parts`] of parts that may carry each ingested event's
+    /// [`ciyuan_core::ingest_key_hash`], which the projection then takes instead of
+    /// hashing the event's key again.
+    fn apply_keyed(&self, start: u64, parts: &[Part<'_>]) -> Result<(), StoreError> {
+        let plain: Vec<&[Entry]> = parts.iter().map(|p| p.entries).collect();
+        self.apply_parts(start, &plain)
     }
 
     /// Forgets every projection (accounts, rollups) so they can be rebuilt from the log.

@@ -558,12 +558,39 @@ fn add_line<'a>(
     Some(())
 }
 
+/// Entries to project, with the [`ciyuan_core::ingest_key_hash`] of each where its
+/// appender already computed them (the ingest door does, to claim the events).
+#[derive(Debug, Clone, Copy)]
+pub struct Part<'a> {
+    /// The entries.
+    pub entries: &'a [Entry],
+    /// One hash per entry, each that of the entry's ingest key where it has one.
+    pub ingest_hashes: Option<&'a [u64]>,
+}
+
 /// Projects entries `start..` (the concatenation of `parts`).
 ///
 /// Errors only on a sum that leaves 128 bits, which no real ledger reaches (each count
 /// is an i64 and a batch holds a bounded number of entries).
 pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, StoreError> {
-    let count: usize = parts.iter().map(|p| p.len()).sum();
+    let parts: Vec<Part<'a>> = parts
+        .iter()
+        .map(|entries| Part {
+            entries,
+            ingest_hashes: None,
+        })
+        .collect();
+    project_parts(start, &parts)
+}
+
+/// [`project`] of parts whose ingest key hashes may be known.
+pub fn project_parts<'a>(start: u64, parts: &[Part<'a>]) -> Result<Projected<'a>, StoreError> {
+    for p in parts {
+        if let Some(h) = p.ingest_hashes {
+            assert_eq!(h.len(), p.entries.len(), "one ingest hash per entry");
+        }
+    }
+    let count: usize = parts.iter().map(|p| p.entries.len()).sum();
     let mut out = Projected {
         changes: Vec::new(),
         ingest: Vec::with_capacity(count),
@@ -578,14 +605,21 @@ pub fn project<'a>(start: u64, parts: &[&'a [Entry]]) -> Result<Projected<'a>, S
     let mut usage: Sums<RollupKey<'a>, i128> = Sums::new();
     let mut cost = Sums::new();
     let mut lines = Sums::new();
-    for (i, entry) in parts.iter().flat_map(|p| p.iter()).enumerate() {
+    let entries = parts.iter().flat_map(|p| {
+        p.entries
+            .iter()
+            .enumerate()
+            .map(|(j, e)| (e, p.ingest_hashes.and_then(|h| h.get(j).copied())))
+    });
+    for (i, (entry, known)) in entries.enumerate() {
         let index = start + i as u64;
         let node = &entry.account;
         let (service, model, tokens) = match &entry.body {
             EntryBody::Usage(u) => {
                 if let Some((source, id)) = u.ingest_key() {
-                    out.ingest
-                        .push((index, ciyuan_core::ingest_key_hash(source, id)));
+                    let hash = known.unwrap_or_else(|| ciyuan_core::ingest_key_hash(source, id));
+                    debug_assert_eq!(hash, ciyuan_core::ingest_key_hash(source, id));
+                    out.ingest.push((index, hash));
                 }
                 if let Some(r) = &u.rating {
                     add_cost(&mut cost, index, node, entry.ts, u, r.currency, r.amount)?;
