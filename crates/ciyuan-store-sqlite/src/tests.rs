@@ -364,7 +364,10 @@ fn ingest_blocks_read_back_in_entry_order_and_damage_is_an_error() {
         read_ingest_block(first, bytes, after, &mut |h, e| got.push((e, h))).map(|last| (last, got))
     };
     let pairs = [(7, 70), (9, 90), (12, u64::MAX)];
-    assert_eq!(read(7, &pack(&pairs), Some(3)).unwrap(), (12, pairs.to_vec()));
+    assert_eq!(
+        read(7, &pack(&pairs), Some(3)).unwrap(),
+        (12, pairs.to_vec())
+    );
     // Keyed by another entry than its first pair's, not after the block before it,
     // out of order, cut, or empty.
     assert!(read(8, &pack(&pairs), None).is_err());
@@ -390,5 +393,8 @@ fn ingest_blocks_read_back_in_entry_order_and_damage_is_an_error() {
         .execute("UPDATE ingest_blocks SET pairs = x'00' WHERE first = 5", [])
         .unwrap();
     let err = store.ingest_index(&mut |_, _| {}).unwrap_err();
-    assert!(err.to_string().contains("block at entry 5 is damaged"), "{err}");
+    assert!(
+        err.to_string().contains("block at entry 5 is damaged"),
+        "{err}"
+    );
 }
