@@ -368,9 +368,15 @@ pub(super) fn finish(
                     failure: meter.failure.map(str::to_string),
                     estimated: measured.estimated,
                     uncounted: measured.uncounted,
+                    served_model: None,
+                    system_fingerprint: None,
+                    provider_request_id: None,
                 })),
                 recount: measured.recount,
                 tier: call.info.service_tier,
+                // Who the engine counted it on, so other nodes count it there too.
+                key: Some(call.caller.key.key_id.clone()),
+                session: call.session.clone(),
                 ..Usage::default()
             }),
         );
