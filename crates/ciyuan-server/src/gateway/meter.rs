@@ -136,6 +136,7 @@ pub(super) fn finish_failed(app: &Arc<App>, call: Call, status: StatusCode, why:
         hold: call.hold,
         shared: call.shared,
         session: call.session,
+        tags: call.tags,
         encoding: call.encoding,
         input_estimate: None,
     };
@@ -377,6 +378,7 @@ pub(super) fn finish(
                 // Who the engine counted it on, so other nodes count it there too.
                 key: Some(call.caller.key.key_id.clone()),
                 session: call.session.clone(),
+                tags: std::mem::take(&mut call.tags),
                 ..Usage::default()
             }),
         );

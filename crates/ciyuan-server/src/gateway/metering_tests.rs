@@ -116,6 +116,7 @@ fn call(endpoint: Endpoint, model: &str, prompt: &str, tools: &str) -> Call {
         hold: None,
         shared: None,
         session: None,
+        tags: Default::default(),
         encoding: encoding_for_model(model, &[]),
         input_estimate: None,
     }

@@ -239,6 +239,28 @@ pub struct RequestInfo {
     /// The service tier the request asks for (OpenAI's `service_tier`: `flex`,
     /// `priority`); `None` for the default (`auto`, `default`, absent).
     pub service_tier: Option<ciyuan_core::ServiceTier>,
+    /// OpenAI's `metadata` (chat, completions, responses): string pairs recorded as
+    /// attribution tags. Anthropic's `metadata` names only the end user.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// OpenAI's `metadata` object as tag pairs; absent or null is none. Its values are
+/// strings (as OpenAI requires): anything else is refused, naming the key.
+pub fn metadata_pairs(value: Option<&Value>) -> Result<Vec<(String, String)>, GatewayError> {
+    let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m).param("metadata");
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                _ => Err(bad(format!(
+                    "metadata.{k}: must be a string (metadata is recorded as tags)"
+                ))),
+            })
+            .collect(),
+        Some(_) => Err(bad("metadata: must be an object of strings".into())),
+    }
 }
 
 /// The tier a request's `service_tier` names, as both request readers map it: a tier
@@ -331,6 +353,10 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
                 .and_then(Value::as_str)
         })
         .map(str::to_string);
+    let metadata = match endpoint.family() {
+        Family::OpenAi => metadata_pairs(obj.get("metadata"))?,
+        Family::Anthropic => Vec::new(),
+    };
     let mut info = RequestInfo {
         model,
         stream,
@@ -338,6 +364,7 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
         max_tokens,
         user,
         service_tier: requested_tier(obj.get("service_tier").and_then(Value::as_str)),
+        metadata,
         ..RequestInfo::default()
     };
     match endpoint {
