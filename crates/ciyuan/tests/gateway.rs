@@ -1507,3 +1507,172 @@ fn responses_streams_that_break_off_are_metered_as_chat_streams_are() {
     let cap = answer["max_output_tokens"].as_u64().unwrap();
     assert!(cap < 200, "the provider was asked for less: {answer}");
 }
+
+#[test]
+fn entries_record_key_session_tags_and_the_providers_provenance() {
+    let gw = gateway();
+    let (s, body) = gw
+        .server
+        .http("GET", "/api/v1/keys?account=acme/app", &gw.admin, None);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let key_id = json(&body)["keys"][0]["key_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a key id in {}", String::from_utf8_lossy(&body)))
+        .to_string();
+    assert_ne!(gw.key, key_id, "the id, never the secret");
+    let tags = ("x-ciyuan-tags", "feature=search, team=hr");
+    let with_meta = |stream: bool| {
+        let mut b = chat(stream);
+        b["metadata"] = json!({"experiment": "b7"});
+        b["user"] = json!("alice");
+        b
+    };
+    let want_tags = json!({"experiment": "b7", "feature": "search", "team": "hr"});
+    // OpenAI chat, whole and streamed: the dated model the sim serves `gpt-4o` with,
+    // its fingerprint, and the provider's request id (header) or the answer's id.
+    for stream in [false, true] {
+        let r = raw(
+            &gw.server.url,
+            "/v1/chat/completions",
+            &gw.key,
+            &[tags],
+            &with_meta(stream),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let e = gw.entry(&request_id(&r));
+        assert_eq!(e["key"], key_id.as_str(), "{e}");
+        assert_eq!(e["session"], "alice", "{e}");
+        assert_eq!(e["tags"], want_tags, "{e}");
+        assert_eq!(e["model"], "gpt-4o", "the model asked for: {e}");
+        let q = &e["quality"];
+        assert_eq!(q["upstream"], "sim-openai");
+        assert_eq!(q["served_model"], "gpt-4o-2024-08-06", "{e}");
+        assert_eq!(q["system_fingerprint"], "fp_5im0c1yuan", "{e}");
+        let provider_id = r
+            .head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .map(str::trim);
+        let id = q["provider_request_id"].as_str().unwrap();
+        match provider_id {
+            // The gateway passes the provider's header back: the same id.
+            Some(h) => assert_eq!(id, h, "{e}"),
+            None => assert!(id.starts_with("req_") || id.starts_with("chatcmpl-"), "{e}"),
+        }
+        if !stream {
+            assert!(
+                id.starts_with("req_"),
+                "the header's id, not the answer's: {e}"
+            );
+        }
+    }
+    // Anthropic: the served model and the message's request id; no fingerprint.
+    let r = raw(
+        &gw.server.url,
+        "/v1/messages",
+        &gw.key,
+        &[
+            ("anthropic-version", "2023-06-01"),
+            ("x-ciyuan-session", "s-9"),
+        ],
+        &json!({"model": "claude-sonnet-4-5", "max_tokens": 50, "stream": true,
+                "messages": [{"role": "user", "content": "Hi"}]}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["session"], "s-9", "{e}");
+    assert!(e["tags"].is_null(), "no tags, none recorded: {e}");
+    assert_eq!(
+        e["quality"]["served_model"], "claude-sonnet-4-5-20250929",
+        "{e}"
+    );
+    assert!(e["quality"]["system_fingerprint"].is_null(), "{e}");
+    assert!(
+        e["quality"]["provider_request_id"].as_str().is_some(),
+        "{e}"
+    );
+    // The Responses API: its metadata is tags too.
+    let r = raw(
+        &gw.server.url,
+        "/v1/responses",
+        &gw.key,
+        &[],
+        &json!({"model": "gpt-4o", "input": "Hi", "metadata": {"feature": "chat"}}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["tags"], json!({"feature": "chat"}), "{e}");
+    assert_eq!(e["quality"]["served_model"], "gpt-4o-2024-08-06", "{e}");
+    assert!(e["session"].is_null(), "{e}");
+    // Tags that cannot be recorded whole are refused before the provider, by name, in
+    // the protocol's error shape.
+    let before = gateway_entries(&gw);
+    for (headers, body, param, says) in [
+        (
+            vec![("x-ciyuan-tags", "Feature=x")],
+            chat(false),
+            "tags",
+            "lowercase letters",
+        ),
+        (
+            vec![("x-ciyuan-tags", "team=hr")],
+            {
+                let mut b = chat(false);
+                b["metadata"] = json!({"team": "ops"});
+                b
+            },
+            "metadata",
+            "given twice",
+        ),
+        (
+            vec![],
+            {
+                let mut b = chat(false);
+                b["metadata"] = json!({"n": 7});
+                b
+            },
+            "metadata",
+            "must be a string",
+        ),
+        (
+            vec![(
+                "x-ciyuan-tags",
+                Box::leak(
+                    (0..17)
+                        .map(|i| format!("k{i}=v"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                        .into_boxed_str(),
+                ) as &str,
+            )],
+            chat(false),
+            "tags",
+            "at most 16",
+        ),
+    ] {
+        let r = raw(
+            &gw.server.url,
+            "/v1/chat/completions",
+            &gw.key,
+            &headers,
+            &body,
+            None,
+        );
+        assert_eq!(r.status, 400, "{}", r.body);
+        let err: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(err["error"]["type"], "invalid_request_error", "{err}");
+        assert_eq!(err["error"]["param"], param, "{err}");
+        assert!(
+            err["error"]["message"].as_str().unwrap().contains(says),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        gateway_entries(&gw),
+        before,
+        "refused before admission: no entry"
+    );
+}

@@ -137,10 +137,21 @@ pub(super) fn finish_failed(app: &Arc<App>, call: Call, status: StatusCode, why:
         shared: call.shared,
         session: call.session,
         tags: call.tags,
+        upstream_request_id: call.upstream_request_id,
         encoding: call.encoding,
         input_estimate: None,
     };
     finish(app, call, meter, status.as_u16(), None);
+}
+
+/// The provider's id of a request from its answer's headers: OpenAI's
+/// `x-request-id`, Anthropic's `request-id`; `None` when neither is recordable.
+pub(super) fn provider_request_id(headers: &HeaderMap) -> Option<String> {
+    ["x-request-id", "request-id"]
+        .iter()
+        .filter_map(|h| headers.get(*h))
+        .find_map(|v| v.to_str().ok().and_then(protocol::recordable))
+        .map(str::to_owned)
 }
 
 /// Tokens allowed per tool call in the answer beyond its arguments: the provider also
@@ -369,9 +380,14 @@ pub(super) fn finish(
                     failure: meter.failure.map(str::to_string),
                     estimated: measured.estimated,
                     uncounted: measured.uncounted,
-                    served_model: None,
-                    system_fingerprint: None,
-                    provider_request_id: None,
+                    served_model: meter.shown.served.model.take(),
+                    system_fingerprint: meter.shown.served.fingerprint.take(),
+                    // The header names the request where the provider sends one;
+                    // else the answer's id does.
+                    provider_request_id: call
+                        .upstream_request_id
+                        .take()
+                        .or_else(|| meter.shown.served.id.take()),
                 })),
                 recount: measured.recount,
                 tier: call.info.service_tier,

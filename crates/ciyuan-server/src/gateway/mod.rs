@@ -677,6 +677,8 @@ struct Call {
     session: Option<String>,
     /// Its attribution tags (`x-ciyuan-tags`, OpenAI's `metadata`).
     tags: std::collections::BTreeMap<String, String>,
+    /// The provider's id of the request, from its answer's headers.
+    upstream_request_id: Option<String>,
     /// The model's tokenizer, if Ciyuan has it.
     encoding: Option<Encoding>,
     /// The prompt as counted locally before forwarding (reused by the recount).
@@ -962,6 +964,7 @@ async fn serve_call(
         shared,
         session,
         tags,
+        upstream_request_id: None,
         encoding,
         input_estimate: counted,
     };

@@ -152,6 +152,12 @@ impl OpenAiUsage {
 #[derive(Deserialize)]
 pub(crate) struct OpenAiAnswer<'a> {
     #[serde(default, borrow)]
+    id: Text<'a>,
+    #[serde(default, borrow)]
+    model: Text<'a>,
+    #[serde(default, borrow)]
+    system_fingerprint: Text<'a>,
+    #[serde(default, borrow)]
     choices: Vec<Obj<OpenAiAnswerChoice<'a>>>,
     #[serde(default, borrow)]
     usage: Option<&'a serde_json::value::RawValue>,
@@ -201,6 +207,11 @@ pub(crate) fn openai_usage(v: &Value) -> Option<Reported> {
 impl OpenAiAnswer<'_> {
     pub(crate) fn read(self) -> Shown {
         let mut shown = Shown::default();
+        shown.served.note(
+            self.model.as_str(),
+            self.system_fingerprint.as_str(),
+            self.id.as_str(),
+        );
         for Obj(c) in &self.choices {
             match &c.message {
                 Some(Obj(m)) => {
@@ -228,6 +239,14 @@ impl OpenAiAnswer<'_> {
 /// One streamed OpenAI chunk, as much of it as metering needs.
 #[derive(Deserialize)]
 pub struct OpenAiChunk {
+    // Any JSON: a field of another type names nothing, and must not make the chunk
+    // unreadable (its text would then be metered as raw data).
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    system_fingerprint: Option<Value>,
     #[serde(default)]
     choices: Vec<OpenAiChoice>,
     #[serde(default)]
@@ -261,6 +280,10 @@ pub(crate) struct OpenAiDelta {
 impl OpenAiChunk {
     /// Folds the chunk's text, reasoning and tool calls into `shown`.
     pub fn text_into(&self, shown: &mut Shown) {
+        let s = str_of;
+        shown
+            .served
+            .note(s(&self.model), s(&self.system_fingerprint), s(&self.id));
         for c in &self.choices {
             if let Some(d) = &c.delta {
                 if let Some(Value::String(t)) = &d.content {
@@ -301,4 +324,9 @@ impl OpenAiChunk {
         };
         openai_usage(top.or_else(in_choice)?)
     }
+}
+
+/// A field that may be of any JSON type, as a string if it is one.
+fn str_of(v: &Option<Value>) -> Option<&str> {
+    v.as_ref().and_then(Value::as_str)
 }

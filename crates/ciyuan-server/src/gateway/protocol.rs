@@ -479,6 +479,50 @@ pub struct Shown {
     pub tool_calls: u64,
     /// Thinking came redacted (encrypted): the provider counts it, nobody else can.
     pub redacted: bool,
+    /// Who the answer says served it.
+    pub served: Served,
+}
+
+/// What an answer says of who served it: its `model` (the dated snapshot, where the
+/// provider names one), `system_fingerprint` and `id`. The first value of each a
+/// stream gives is kept.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Served {
+    /// The answer's `model`.
+    pub model: Option<String>,
+    /// OpenAI's `system_fingerprint`.
+    pub fingerprint: Option<String>,
+    /// The answer's `id` (`chatcmpl-...`, `msg_...`, `resp_...`).
+    pub id: Option<String>,
+}
+
+impl Served {
+    /// Notes what one answer or chunk names, where nothing was noted yet.
+    pub fn note(&mut self, model: Option<&str>, fingerprint: Option<&str>, id: Option<&str>) {
+        for (slot, v) in [
+            (&mut self.model, model),
+            (&mut self.fingerprint, fingerprint),
+            (&mut self.id, id),
+        ] {
+            if slot.is_none() {
+                *slot = v.and_then(recordable).map(str::to_owned);
+            }
+        }
+    }
+
+    /// [`Served::note`] from an answer's fields as JSON values (strings only).
+    pub fn note_values(&mut self, v: &Value) {
+        let s = |k: &str| v.get(k).and_then(Value::as_str);
+        self.note(s("model"), s("system_fingerprint"), s("id"));
+    }
+}
+
+/// A provider's name for something, as an entry may record it: at most
+/// [`super::MAX_NAME_BYTES`], no control characters (ledger text is read back).
+/// Anything else names nothing the ledger can keep: not recorded.
+pub fn recordable(s: &str) -> Option<&str> {
+    (!s.is_empty() && s.len() <= super::MAX_NAME_BYTES && !s.chars().any(char::is_control))
+        .then_some(s)
 }
 
 /// What a whole (not streamed) answer holds: its usage and its text.
@@ -594,6 +638,7 @@ pub(crate) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown
     if endpoint == Endpoint::Responses {
         return Some(super::responses::read_answer(&v));
     }
+    shown.served.note_values(&v);
     match endpoint.family() {
         Family::OpenAi => {
             if let Some(Value::Array(choices)) = v.get("choices") {
