@@ -638,7 +638,14 @@ pub(crate) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown
     if endpoint == Endpoint::Responses {
         return Some(super::responses::read_answer(&v));
     }
-    shown.served.note_values(&v);
+    match endpoint.family() {
+        Family::OpenAi => shown.served.note_values(&v),
+        // Anthropic's answers name no fingerprint.
+        Family::Anthropic => {
+            let s = |k: &str| v.get(k).and_then(Value::as_str);
+            shown.served.note(s("model"), None, s("id"));
+        }
+    }
     match endpoint.family() {
         Family::OpenAi => {
             if let Some(Value::Array(choices)) = v.get("choices") {
