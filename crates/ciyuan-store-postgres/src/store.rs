@@ -354,6 +354,14 @@ TRUNCATE accounts, usage_hourly, ingest_index, budgets, access_rules, flagged, i
 UPDATE meta SET value = 0 WHERE name = 'projected_through';
 "#;
 
+/// Usage by attribution tag set (`ciyuan_store::tags`): the exact hourly rollups'
+/// shape, `service` holding the tag set and the service. No earlier entry carries
+/// tags, so nothing needs projecting again.
+pub(crate) const MIGRATION_TAGS: &str = r#"
+CREATE TABLE IF NOT EXISTS usage_tag_hourly (LIKE usage_hourly INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS cost_tag_hourly (LIKE cost_hourly INCLUDING ALL);
+"#;
+
 /// The store's schema, as a migration of the crate's list.
 pub(crate) const MIGRATION: &str = SCHEMA;
 
@@ -396,6 +404,8 @@ const PROJECTIONS: &[&str] = &[
     "usage_tree_daily",
     "cost_tree_hourly",
     "cost_tree_daily",
+    "usage_tag_hourly",
+    "cost_tag_hourly",
 ];
 
 /// Seconds in a UTC day.
@@ -871,6 +881,44 @@ fn upsert_cost<'k>(
     )
 }
 
+/// Adds the tagged usage of entries `start..` to the tag rollups.
+fn add_tags(tx: &mut Tx<'_>, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
+    let texts = ciyuan_store::tags::texts(parts);
+    if texts.is_empty() {
+        return Ok(());
+    }
+    let tagged = ciyuan_store::tags::project_tags(start, parts, &texts)?;
+    upsert_usage(
+        tx,
+        "usage_tag_hourly",
+        tagged.usage.iter().map(|(k, n)| {
+            (
+                k.account.as_str(),
+                k.hour,
+                k.service,
+                k.model,
+                k.modality,
+                k.direction,
+                *n,
+            )
+        }),
+    )?;
+    upsert_cost(
+        tx,
+        "cost_tag_hourly",
+        tagged.cost.iter().map(|(k, a)| {
+            (
+                k.account.as_str(),
+                k.hour,
+                k.service,
+                k.model,
+                k.currency,
+                *a,
+            )
+        }),
+    )
+}
+
 /// Adds to the subtree rollups, hourly and daily.
 fn add_trees(
     tx: &mut Tx<'_>,
@@ -1187,6 +1235,7 @@ impl Store for Inner {
         let projected = ciyuan_store::project(start, parts)?;
         write_changes(&mut tx, &projected.changes)?;
         write_sums(&mut tx, &projected)?;
+        add_tags(&mut tx, start, parts)?;
         exec(
             &mut tx,
             "UPDATE meta SET value = $1 WHERE name = 'projected_through'",
@@ -1732,6 +1781,44 @@ impl Store for Inner {
         .collect()
     }
 
+    fn tag_usage_hours(
+        &self,
+        filter: &HourFilter,
+    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
+        let rows = self
+            .hour_rows(
+                USAGE_COLUMNS,
+                "usage_tag_hourly",
+                filter,
+                filter.from_hour,
+                filter.to_hour,
+                "account, hour, service, model, modality, direction",
+            )?
+            .iter()
+            .map(usage_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        ciyuan_store::tags::split_usage(rows)
+    }
+
+    fn tag_cost_hours(
+        &self,
+        filter: &HourFilter,
+    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
+        let rows = self
+            .hour_rows(
+                COST_COLUMNS,
+                "cost_tag_hourly",
+                filter,
+                filter.from_hour,
+                filter.to_hour,
+                "account, hour, service, model, currency",
+            )?
+            .iter()
+            .map(cost_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        ciyuan_store::tags::split_cost(rows)
+    }
+
     fn usage_tree(&self, filter: &TreeFilter) -> Result<Vec<HourRow>, StoreError> {
         self.tree_rows(filter, "usage", USAGE_COLUMNS)?
             .iter()
@@ -2042,5 +2129,19 @@ impl Store for PgStore {
 
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
         crate::off_runtime(|| self.inner.usage_hours(filter))
+    }
+
+    fn tag_usage_hours(
+        &self,
+        filter: &HourFilter,
+    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
+        crate::off_runtime(|| self.inner.tag_usage_hours(filter))
+    }
+
+    fn tag_cost_hours(
+        &self,
+        filter: &HourFilter,
+    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
+        crate::off_runtime(|| self.inner.tag_cost_hours(filter))
     }
 }

@@ -197,6 +197,18 @@ impl Store for BrokenAfterReset {
         self.broken()?;
         self.inner.report_progress()
     }
+    fn tag_usage_hours(
+        &self,
+        filter: &HourFilter,
+    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
+        self.inner.tag_usage_hours(filter)
+    }
+    fn tag_cost_hours(
+        &self,
+        filter: &HourFilter,
+    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
+        self.inner.tag_cost_hours(filter)
+    }
 }
 
 #[test]

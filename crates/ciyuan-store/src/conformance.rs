@@ -123,6 +123,185 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     service_levels_quality_hours_and_credit_lines(make().as_ref());
     report_progress_is_the_latest_scheduled_period(make().as_ref());
     subtree_rollups_equal_the_exact_rows(make().as_ref());
+    tag_rollups_by_tag_set(make().as_ref());
+}
+
+/// Tagged usage is kept by whole tag set, exactly: tokens and costs of a subtree and
+/// range, re-ratings moving a tagged entry's cost, untagged usage absent, and the
+/// same rows after the projections are rebuilt.
+fn tag_rollups_by_tag_set(s: &dyn Store) {
+    use ciyuan_core::{Currency, Rating};
+    use std::collections::BTreeMap;
+    let cny: Currency = ok("CNY".parse(), "currency");
+    let rating = |amount: i64| Rating {
+        amount: rust_decimal::Decimal::new(amount, 4),
+        currency: cny,
+        book: "list".into(),
+        version: 1,
+        lines: vec![],
+        contract: None,
+        discount_percent: None,
+        markup_percent: None,
+        unpriced: false,
+        missing: vec![],
+        basis: None,
+        place: None,
+    };
+    let tagged = |account: &str, at: &str, input: i64, tags: &[(&str, &str)], cost: i64| {
+        let mut e = usage(account, at, "gpt-4o", input);
+        if let EntryBody::Usage(u) = &mut e.body {
+            u.tags = tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            u.rating = Some(Box::new(rating(cost)));
+        }
+        e
+    };
+    let hr_search = [("feature", "search"), ("team", "hr")];
+    let entries = [
+        created("acme"),
+        tagged("acme/cn", "2026-11-24T15:10:00Z", 10, &hr_search, 1),
+        tagged("acme/cn", "2026-11-24T15:50:00Z", 5, &hr_search, 2),
+        tagged(
+            "acme/cn/x",
+            "2026-11-24T15:20:00Z",
+            7,
+            &[("feature", "chat")],
+            4,
+        ),
+        // Another hour, and a value needing escapes.
+        tagged(
+            "acme/us",
+            "2026-11-24T16:05:00Z",
+            3,
+            &[("team", "r&d \"q\"")],
+            8,
+        ),
+        // Untagged: no tag rows.
+        usage("acme/cn", "2026-11-24T15:30:00Z", "gpt-4o", 1000),
+        // Outside the subtree asked about.
+        tagged("beta", "2026-11-24T15:00:00Z", 99, &hr_search, 16),
+    ];
+    ok(s.apply(0, &entries), "apply");
+    // The first tagged entry re-rated from 0.0001 to 0.0101 CNY.
+    let EntryBody::Usage(first) = &entries[1].body else {
+        unreachable!("entry 1 is a usage entry")
+    };
+    let correction = Entry::new(
+        ts("2026-11-30T00:00:00Z"),
+        path("acme/cn"),
+        EntryBody::RatingCorrection(ciyuan_core::RatingCorrection {
+            entry: 1,
+            at: ts("2026-11-24T15:10:00Z"),
+            usage: Box::new(first.clone()),
+            previous: Box::new(rating(1)),
+            rating: Box::new(rating(101)),
+        }),
+    );
+    ok(
+        s.apply(entries.len() as u64, &[correction]),
+        "apply (re-rating)",
+    );
+    let filter = HourFilter {
+        account: path("acme"),
+        from_hour: None,
+        to_hour: None,
+    };
+    type Got = BTreeMap<(String, String, i64, BTreeMap<String, String>), String>;
+    let read = |s: &dyn Store, filter: &HourFilter| -> (Got, Got) {
+        let mut tokens = Got::new();
+        for (tags, r) in ok(s.tag_usage_hours(filter), "tag_usage_hours") {
+            assert_eq!(
+                (r.service.as_str(), r.model.as_str()),
+                ("llm.chat", "gpt-4o")
+            );
+            let k = (
+                r.account.to_string(),
+                format!("{}.{}", r.modality, r.direction),
+                r.hour,
+                tags,
+            );
+            assert!(
+                tokens.insert(k, r.tokens.to_string()).is_none(),
+                "one row per key"
+            );
+        }
+        let mut cost = Got::new();
+        for (tags, r) in ok(s.tag_cost_hours(filter), "tag_cost_hours") {
+            let k = (r.account.to_string(), r.currency.to_string(), r.hour, tags);
+            assert!(
+                cost.insert(k, r.amount.to_string()).is_none(),
+                "one row per key"
+            );
+        }
+        (tokens, cost)
+    };
+    let set = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let h15 = ts("2026-11-24T15:00:00Z").as_second();
+    let h16 = ts("2026-11-24T16:00:00Z").as_second();
+    let (tokens, cost) = read(s, &filter);
+    let want_tokens: Got = [
+        (("acme/cn", "text.input", h15, set(&hr_search)), "15"),
+        (
+            ("acme/cn/x", "text.input", h15, set(&[("feature", "chat")])),
+            "7",
+        ),
+        (
+            ("acme/us", "text.input", h16, set(&[("team", "r&d \"q\"")])),
+            "3",
+        ),
+    ]
+    .into_iter()
+    .map(|((a, k, h, t), n)| ((a.to_string(), k.to_string(), h, t), n.to_string()))
+    .collect();
+    assert_eq!(tokens, want_tokens);
+    let want_cost: Got = [
+        // 0.0001 + 0.0002, re-rated by +0.0100.
+        (("acme/cn", "CNY", h15, set(&hr_search)), "0.0103"),
+        (
+            ("acme/cn/x", "CNY", h15, set(&[("feature", "chat")])),
+            "0.0004",
+        ),
+        (
+            ("acme/us", "CNY", h16, set(&[("team", "r&d \"q\"")])),
+            "0.0008",
+        ),
+    ]
+    .into_iter()
+    .map(|((a, c, h, t), n)| ((a.to_string(), c.to_string(), h, t), n.to_string()))
+    .collect();
+    assert_eq!(cost, want_cost);
+    // A node's own subtree and an hour range.
+    let (tokens, _) = read(
+        s,
+        &HourFilter {
+            account: path("acme/cn"),
+            from_hour: Some(h15),
+            to_hour: Some(h16),
+        },
+    );
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+    let (tokens, _) = read(
+        s,
+        &HourFilter {
+            account: path("acme"),
+            from_hour: Some(h16),
+            to_hour: None,
+        },
+    );
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    // Rebuilt from the log: the same rows.
+    ok(s.reset_projections(), "reset_projections");
+    assert!(ok(s.tag_usage_hours(&filter), "tag_usage_hours").is_empty());
+    ok(s.apply(0, &entries), "apply");
+    let (tokens, _) = read(s, &filter);
+    assert_eq!(tokens, want_tokens);
 }
 
 /// The subtree rollups answer as summing the exact rows would, for every node, range

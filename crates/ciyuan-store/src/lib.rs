@@ -15,6 +15,7 @@ use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, Modality, Scopes};
 
 mod log;
 mod projection;
+pub mod tags;
 pub mod tree;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, EntryKey, Log, LogError, ScanFn, SignedCheckpoint};
@@ -742,6 +743,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Hourly rollup rows of a subtree, summed over equal keys.
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
+
+    /// Hourly token rows of a subtree's tagged usage, each with its tag set's text
+    /// ([`tags::set_text`]), summed over equal keys (see [`tags`]).
+    fn tag_usage_hours(&self, filter: &HourFilter) -> Result<Vec<tags::TagHourRow>, StoreError>;
+
+    /// Hourly cost rows of a subtree's tagged usage, as [`Store::tag_usage_hours`].
+    fn tag_cost_hours(&self, filter: &HourFilter) -> Result<Vec<tags::TagCostRow>, StoreError>;
 
     /// Token rows of the subtrees `filter` names (see [`tree::TreeFilter`]), each row
     /// named for its subtree's node and summing to that whole subtree: the node's own

@@ -5,6 +5,7 @@
 use crate::budgets::used_in_ledger;
 use crate::common::{Server, bin, http, json};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -1675,4 +1676,148 @@ fn entries_record_key_session_tags_and_the_providers_provenance() {
         before,
         "refused before admission: no entry"
     );
+}
+
+#[test]
+fn usage_by_tag_from_the_openai_sdks_metadata_and_header_with_cost() {
+    let python = crate::common::venv_python("sdk-venv", "tests/sdk/requirements.txt");
+    let gw = gateway();
+    let book = gw._dir.path().join("book.toml");
+    std::fs::write(
+        &book,
+        "name = \"list\"\ncurrency = \"USD\"\n[[rules]]\nmodel = \"gpt-4o*\"\n\
+         unit_prices = { \"text.input\" = \"0.0000025\", \"text.output\" = \"0.00001\" }\n",
+    )
+    .unwrap();
+    gw.server.import_toml_book(&gw.admin, &book);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/tags_check.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(&gw.server.url)
+        .arg(&gw.key)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.last().unwrap()["scenario"], "done");
+    assert!(lines.iter().any(|l| l["type"] == "BadRequestError"));
+    // Each call's tokens, by scenario, from its entry (waiting for each).
+    let mut total: BTreeMap<&str, i64> = BTreeMap::new();
+    for l in &lines {
+        let Some(id) = l["request_id"].as_str() else {
+            continue;
+        };
+        let e = gw.entry(id);
+        let want = match l["scenario"].as_str().unwrap() {
+            "chat.search" => json!({"experiment": "b7", "feature": "search", "team": "hr"}),
+            "chat.chat" => json!({"feature": "chat", "team": "hr"}),
+            "responses.search" => json!({"feature": "search", "team": "ops"}),
+            _ => Value::Null,
+        };
+        assert_eq!(e["tags"], want, "{e}");
+        let n: i64 = e["tokens"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_i64().unwrap())
+            .sum();
+        *total.entry(l["scenario"].as_str().unwrap()).or_default() += n;
+    }
+    assert_eq!(total.len(), 4, "{total:?}");
+    let usage = |query: &str| {
+        let (s, b) = gw.server.http(
+            "GET",
+            &format!("/api/v1/usage?account=acme&{query}"),
+            &gw.admin,
+            None,
+        );
+        assert_eq!(s, 200, "{query}: {}", String::from_utf8_lossy(&b));
+        json(&b)
+    };
+    let rows_of = |v: &Value| -> BTreeMap<String, (i64, String)> {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let name = r["tags"].to_string();
+                let cost = r["cost"]["USD"].as_str().unwrap_or("0").to_string();
+                (name, (r["total"].as_i64().unwrap(), cost))
+            })
+            .collect()
+    };
+    // Grouped by feature: search (chat and responses), chat, and the untagged rest.
+    let by_feature = usage("group_by=tag:feature&with=cost");
+    let rows = rows_of(&by_feature);
+    assert_eq!(
+        rows.keys().cloned().collect::<Vec<_>>(),
+        [
+            r#"{"feature":"chat"}"#,
+            r#"{"feature":"search"}"#,
+            r#"{"feature":null}"#
+        ],
+        "{by_feature}"
+    );
+    assert_eq!(
+        rows[r#"{"feature":"search"}"#].0,
+        total["chat.search"] + total["responses.search"]
+    );
+    assert_eq!(rows[r#"{"feature":"chat"}"#].0, total["chat.chat"]);
+    assert_eq!(rows[r#"{"feature":null}"#].0, total["chat.untagged"]);
+    // The groups add up to the whole, tokens and money.
+    let whole = usage("with=cost");
+    let sum: i64 = rows.values().map(|(n, _)| n).sum();
+    assert_eq!(sum, whole["rows"][0]["total"].as_i64().unwrap());
+    let money: rust_decimal::Decimal = rows
+        .values()
+        .map(|(_, c)| c.parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    assert!(money > rust_decimal::Decimal::ZERO);
+    assert_eq!(
+        money,
+        whole["cost_totals"]["USD"]
+            .as_str()
+            .unwrap()
+            .parse::<rust_decimal::Decimal>()
+            .unwrap(),
+        "{by_feature} against {whole}"
+    );
+    // Filtered: team hr by feature; then two filters together.
+    let hr = rows_of(&usage("tag=team:hr&group_by=tag:feature,model"));
+    assert_eq!(hr.len(), 2, "{hr:?}");
+    assert_eq!(hr[r#"{"feature":"search"}"#].0, total["chat.search"]);
+    let both = usage("tag=team:hr&tag=feature:search&with=cost");
+    assert_eq!(both["tags"], json!(["feature:search", "team:hr"]));
+    let rows = both["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{both}");
+    assert_eq!(rows[0]["total"].as_i64().unwrap(), total["chat.search"]);
+    assert!(rows[0]["tags"].is_null(), "not grouped by a tag: {both}");
+    let nothing = usage("tag=team:finance");
+    assert_eq!(nothing["rows"], json!([]), "{nothing}");
+    // Bad questions name what is wrong.
+    for (query, says) in [
+        ("tag=feature", "KEY:VALUE"),
+        ("tag=Feature:x", "lowercase"),
+        ("group_by=tag:Feature", "lowercase"),
+        ("tag=team:hr&tag=team:ops", "filtered twice"),
+        ("group_by=tag:team&group_by=model", "given twice"),
+    ] {
+        let (s, b) = gw.server.http(
+            "GET",
+            &format!("/api/v1/usage?account=acme&{query}"),
+            &gw.admin,
+            None,
+        );
+        assert_eq!(s, 400, "{query}");
+        let text = String::from_utf8_lossy(&b);
+        assert!(text.contains(says), "{query}: {text}");
+    }
 }
