@@ -197,6 +197,35 @@ pub fn check_tag(key: &str, value: &str) -> Result<(), TagError> {
     Ok(())
 }
 
+/// Reads tags written `key=value,key=value` (the gateway's `x-ciyuan-tags`, an
+/// ingested event's `ciyuantags`): spaces around keys and values are trimmed, a value
+/// may hold `=`, a key given twice with different values is refused, and the set is
+/// checked by [`check_tags`].
+pub fn parse_tag_list(text: &str) -> Result<BTreeMap<String, String>, TagError> {
+    let mut tags = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(TagError(format!(
+                "{pair:?} is not key=value (e.g. feature=search,team=hr)"
+            )));
+        };
+        let (k, v) = (k.trim(), v.trim());
+        match tags.get(k) {
+            Some(old) if old != v => {
+                return Err(TagError(format!(
+                    "tag {k:?} is given twice, as {old:?} and {v:?}"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                tags.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+    check_tags(&tags)?;
+    Ok(tags)
+}
+
 /// Checks a whole set of tags: each by [`check_tag`], at most [`MAX_TAGS`].
 pub fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), TagError> {
     if tags.len() > MAX_TAGS {
@@ -738,5 +767,21 @@ mod tests {
         );
         let sixteen: BTreeMap<String, String> = many.into_iter().take(16).collect();
         assert!(check_tags(&sixteen).is_ok());
+        let list = parse_tag_list(" feature=search, team = hr,,q=a=b ").unwrap();
+        assert_eq!(list.len(), 3);
+        assert_eq!((list["team"].as_str(), list["q"].as_str()), ("hr", "a=b"));
+        assert!(parse_tag_list("").unwrap().is_empty());
+        assert!(parse_tag_list("a=1,a=1").is_ok());
+        assert_eq!(
+            parse_tag_list("a=1,a=2").unwrap_err().to_string(),
+            "tag \"a\" is given twice, as \"1\" and \"2\""
+        );
+        assert!(
+            parse_tag_list("feature")
+                .unwrap_err()
+                .to_string()
+                .contains("key=value")
+        );
+        assert!(parse_tag_list("A=1").is_err());
     }
 }

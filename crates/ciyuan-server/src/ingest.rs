@@ -675,6 +675,9 @@ struct Attributes<'a> {
     time: Option<&'a RawValue>,
     #[serde(borrow, default)]
     datacontenttype: Option<&'a RawValue>,
+    /// Attribution tags, `key=value,key=value` (Ciyuan's extension attribute).
+    #[serde(borrow, default)]
+    ciyuantags: Option<&'a RawValue>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
 }
@@ -969,6 +972,20 @@ fn validate(
         let Some(data) = ev.data else {
             return Err(ApiError::bad_request("data: required attribute is missing"));
         };
+        // Bounded by the tags' own bounds (16 of 64 + 256 bytes), not an attribute's.
+        let tags = match ev.ciyuantags {
+            None => Default::default(),
+            Some(raw) => {
+                let Ok(Text(t)) = text(raw) else {
+                    return Err(ApiError::bad_request(format!(
+                        "ciyuantags: must be a string of key=value pairs, got {}",
+                        kind(raw)
+                    )));
+                };
+                ciyuan_core::parse_tag_list(&t)
+                    .map_err(|e| ApiError::bad_request(format!("ciyuantags: {e}")))?
+            }
+        };
         let mut tier = None;
         let (model, tokens, definition, measures) = match service.as_ref() {
             "llm.usage" => {
@@ -1029,6 +1046,7 @@ fn validate(
                 partial: false,
                 measures,
                 tier,
+                tags,
                 ..Usage::default()
             }),
         );

@@ -1732,6 +1732,28 @@ fn usage_by_tag_from_the_openai_sdks_metadata_and_header_with_cost() {
         *total.entry(l["scenario"].as_str().unwrap()).or_default() += n;
     }
     assert_eq!(total.len(), 4, "{total:?}");
+    // An ingested event's tags: CloudEvents' extension attribute `ciyuantags`.
+    let ingest = gw.key_for("acme/app", &["ingest"]);
+    let event = |id: &str, tags: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "svc://tags", "type": "llm.usage",
+               "subject": "acme/app", "ciyuantags": tags,
+               "data": {"model": "gpt-4o", "input_tokens": 1000, "output_tokens": 1}})
+    };
+    let (s, b) = gw.server.http(
+        "POST",
+        "/v1/events",
+        &ingest,
+        Some(&event("e1", "feature=search, team=hr")),
+    );
+    assert_eq!(s, 201, "{}", String::from_utf8_lossy(&b));
+    let (s, b) = gw.server.http(
+        "POST",
+        "/v1/events",
+        &ingest,
+        Some(&event("e2", "Feature=search")),
+    );
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    assert!(String::from_utf8_lossy(&b).contains("ciyuantags"));
     let usage = |query: &str| {
         let (s, b) = gw.server.http(
             "GET",
@@ -1768,7 +1790,7 @@ fn usage_by_tag_from_the_openai_sdks_metadata_and_header_with_cost() {
     );
     assert_eq!(
         rows[r#"{"feature":"search"}"#].0,
-        total["chat.search"] + total["responses.search"]
+        total["chat.search"] + total["responses.search"] + 1001
     );
     assert_eq!(rows[r#"{"feature":"chat"}"#].0, total["chat.chat"]);
     assert_eq!(rows[r#"{"feature":null}"#].0, total["chat.untagged"]);
@@ -1793,12 +1815,15 @@ fn usage_by_tag_from_the_openai_sdks_metadata_and_header_with_cost() {
     // Filtered: team hr by feature; then two filters together.
     let hr = rows_of(&usage("tag=team:hr&group_by=tag:feature,model"));
     assert_eq!(hr.len(), 2, "{hr:?}");
-    assert_eq!(hr[r#"{"feature":"search"}"#].0, total["chat.search"]);
+    assert_eq!(hr[r#"{"feature":"search"}"#].0, total["chat.search"] + 1001);
     let both = usage("tag=team:hr&tag=feature:search&with=cost");
     assert_eq!(both["tags"], json!(["feature:search", "team:hr"]));
     let rows = both["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{both}");
-    assert_eq!(rows[0]["total"].as_i64().unwrap(), total["chat.search"]);
+    assert_eq!(
+        rows[0]["total"].as_i64().unwrap(),
+        total["chat.search"] + 1001
+    );
     assert!(rows[0]["tags"].is_null(), "not grouped by a tag: {both}");
     let nothing = usage("tag=team:finance");
     assert_eq!(nothing["rows"], json!([]), "{nothing}");
