@@ -220,7 +220,7 @@ fn tag_rollups_by_tag_set(s: &dyn Store) {
                 r.account.to_string(),
                 format!("{}.{}", r.modality, r.direction),
                 r.hour,
-                tags,
+                (*tags).clone(),
             );
             assert!(
                 tokens.insert(k, r.tokens.to_string()).is_none(),
@@ -229,7 +229,12 @@ fn tag_rollups_by_tag_set(s: &dyn Store) {
         }
         let mut cost = Got::new();
         for (tags, r) in ok(s.tag_cost_hours(filter), "tag_cost_hours") {
-            let k = (r.account.to_string(), r.currency.to_string(), r.hour, tags);
+            let k = (
+                r.account.to_string(),
+                r.currency.to_string(),
+                r.hour,
+                (*tags).clone(),
+            );
             assert!(
                 cost.insert(k, r.amount.to_string()).is_none(),
                 "one row per key"

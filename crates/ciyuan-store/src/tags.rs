@@ -11,7 +11,8 @@
 //! Stored in tables of the exact hourly rollups' shape (`usage_tag_hourly`,
 //! `cost_tag_hourly`), written and read by the same code, with the `service` column
 //! holding the tag set's text, a unit separator (U+001F, which neither a service name
-//! nor escaped JSON can hold) and the service: [`keyed`] and [`split`].
+//! nor escaped JSON can hold) and the service: [`keyed`], [`split_usage`] and
+//! [`split_cost`].
 //!
 //! Counted: usage entries, and re-ratings' changes of their cost (`rating.correction`
 //! carries the usage with its tags). Token corrections (`adjustment`) name no tags and
@@ -53,27 +54,47 @@ pub fn keyed(tags: &BTreeMap<String, String>, service: &str) -> String {
     format!("{}\u{1f}{service}", set_text(tags))
 }
 
-/// A stored tagged `service` split back into its tag set and service.
-pub fn split(stored: &str) -> Result<(BTreeMap<String, String>, String), StoreError> {
-    let corrupt =
-        |why: String| StoreError::Corrupt(format!("a tag rollup's key {stored:?}: {why}"));
-    let (set, service) = stored
-        .split_once('\u{1f}')
-        .ok_or_else(|| corrupt("no separator".into()))?;
-    let tags = serde_json::from_str(set).map_err(|e| corrupt(e.to_string()))?;
-    Ok((tags, service.to_string()))
+/// A tag set read back, shared by every row of it (a month holds many rows of few
+/// sets).
+pub type TagSet = std::sync::Arc<BTreeMap<String, String>>;
+
+/// Reads stored tagged `service`s back into their tag sets and services, each set's
+/// text parsed once.
+#[derive(Default)]
+struct Splitter(FxHashMap<String, TagSet>);
+
+impl Splitter {
+    fn split(&mut self, stored: &str) -> Result<(TagSet, String), StoreError> {
+        let corrupt =
+            |why: String| StoreError::Corrupt(format!("a tag rollup's key {stored:?}: {why}"));
+        let (set, service) = stored
+            .split_once('\u{1f}')
+            .ok_or_else(|| corrupt("no separator".into()))?;
+        let tags = match self.0.get(set) {
+            Some(t) => t.clone(),
+            None => {
+                let t: TagSet = std::sync::Arc::new(
+                    serde_json::from_str(set).map_err(|e| corrupt(e.to_string()))?,
+                );
+                self.0.insert(set.to_string(), t.clone());
+                t
+            }
+        };
+        Ok((tags, service.to_string()))
+    }
 }
 
 /// A tagged token row read back: its tags and the row (its own service).
-pub type TagHourRow = (BTreeMap<String, String>, HourRow);
+pub type TagHourRow = (TagSet, HourRow);
 /// A tagged cost row read back.
-pub type TagCostRow = (BTreeMap<String, String>, CostRow);
+pub type TagCostRow = (TagSet, CostRow);
 
 /// Rows of a tag table read as exact rollup rows, split into tags and row.
 pub fn split_usage(rows: Vec<HourRow>) -> Result<Vec<TagHourRow>, StoreError> {
+    let mut sets = Splitter::default();
     rows.into_iter()
         .map(|mut r| {
-            let (tags, service) = split(&r.service)?;
+            let (tags, service) = sets.split(&r.service)?;
             r.service = service;
             Ok((tags, r))
         })
@@ -82,9 +103,10 @@ pub fn split_usage(rows: Vec<HourRow>) -> Result<Vec<TagHourRow>, StoreError> {
 
 /// [`split_usage`] for cost rows.
 pub fn split_cost(rows: Vec<CostRow>) -> Result<Vec<TagCostRow>, StoreError> {
+    let mut sets = Splitter::default();
     rows.into_iter()
         .map(|mut r| {
-            let (tags, service) = split(&r.service)?;
+            let (tags, service) = sets.split(&r.service)?;
             r.service = service;
             Ok((tags, r))
         })
