@@ -238,13 +238,15 @@ pub async fn query(
     let acct = account.clone();
     let by_tag = !tag_keys.is_empty() || !tag_filter.is_empty();
     let tag_hours = filter.clone();
+    // Not bucketed: the range's sums are all the answer needs.
+    let whole = bucket.is_none();
     let (tagged, tagged_costs) = if by_tag {
         app.blocking(move |app| {
             let store = app.store.as_ref();
             Ok((
-                store.tag_usage_hours(&tag_hours)?,
+                store.tag_usage_hours(&tag_hours, whole)?,
                 if with_cost {
-                    store.tag_cost_hours(&tag_hours)?
+                    store.tag_cost_hours(&tag_hours, whole)?
                 } else {
                     Vec::new()
                 },

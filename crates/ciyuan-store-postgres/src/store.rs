@@ -1181,6 +1181,27 @@ impl Inner {
         to: Option<i64>,
         order: &str,
     ) -> Result<Vec<postgres::Row>, StoreError> {
+        self.hour_rows_then(
+            select,
+            table,
+            filter,
+            from,
+            to,
+            &format!("ORDER BY {order}"),
+        )
+    }
+
+    /// [`Inner::hour_rows`] with any `tail` after the condition (a `GROUP BY` and its
+    /// order).
+    fn hour_rows_then(
+        &self,
+        select: &str,
+        table: &str,
+        filter: &HourFilter,
+        from: Option<i64>,
+        to: Option<i64>,
+        tail: &str,
+    ) -> Result<Vec<postgres::Row>, StoreError> {
         let (cond, mut args) = subtree("account", &filter.account, 1);
         let mut sql = format!("SELECT {select} FROM {table} WHERE {cond}");
         if let Some(from) = from {
@@ -1191,7 +1212,8 @@ impl Inner {
             args.push(to.to_string());
             sql.push_str(&format!(" AND hour < ${}::text::bigint", args.len()));
         }
-        sql.push_str(&format!(" ORDER BY {order}"));
+        sql.push(' ');
+        sql.push_str(tail);
         self.query(&sql, &args)
     }
 }
@@ -1784,38 +1806,58 @@ impl Store for Inner {
     fn tag_usage_hours(
         &self,
         filter: &HourFilter,
+        whole: bool,
     ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
-        let rows = self
-            .hour_rows(
+        // Summed over the range in the query (exact: NUMERIC), so a month of many
+        // hours travels as one row per key.
+        let rows = match whole {
+            true => self.hour_rows_then(
+                "account, min(hour), service, model, modality, direction, sum(tokens)::text",
+                "usage_tag_hourly",
+                filter,
+                filter.from_hour,
+                filter.to_hour,
+                "GROUP BY account, service, model, modality, direction
+                 ORDER BY account, service, model, modality, direction",
+            )?,
+            false => self.hour_rows_then(
                 USAGE_COLUMNS,
                 "usage_tag_hourly",
                 filter,
                 filter.from_hour,
                 filter.to_hour,
-                "account, hour, service, model, modality, direction",
-            )?
-            .iter()
-            .map(usage_row)
-            .collect::<Result<Vec<_>, _>>()?;
+                "ORDER BY account, hour, service, model, modality, direction",
+            )?,
+        };
+        let rows = rows.iter().map(usage_row).collect::<Result<Vec<_>, _>>()?;
         ciyuan_store::tags::split_usage(rows)
     }
 
     fn tag_cost_hours(
         &self,
         filter: &HourFilter,
+        whole: bool,
     ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
-        let rows = self
-            .hour_rows(
+        let rows = match whole {
+            true => self.hour_rows_then(
+                "min(hour), account, service, model, currency, sum(amount)::text",
+                "cost_tag_hourly",
+                filter,
+                filter.from_hour,
+                filter.to_hour,
+                "GROUP BY account, service, model, currency
+                 ORDER BY account, service, model, currency",
+            )?,
+            false => self.hour_rows_then(
                 COST_COLUMNS,
                 "cost_tag_hourly",
                 filter,
                 filter.from_hour,
                 filter.to_hour,
-                "account, hour, service, model, currency",
-            )?
-            .iter()
-            .map(cost_row)
-            .collect::<Result<Vec<_>, _>>()?;
+                "ORDER BY account, hour, service, model, currency",
+            )?,
+        };
+        let rows = rows.iter().map(cost_row).collect::<Result<Vec<_>, _>>()?;
         ciyuan_store::tags::split_cost(rows)
     }
 
@@ -2134,14 +2176,16 @@ impl Store for PgStore {
     fn tag_usage_hours(
         &self,
         filter: &HourFilter,
+        whole: bool,
     ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
-        crate::off_runtime(|| self.inner.tag_usage_hours(filter))
+        crate::off_runtime(|| self.inner.tag_usage_hours(filter, whole))
     }
 
     fn tag_cost_hours(
         &self,
         filter: &HourFilter,
+        whole: bool,
     ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
-        crate::off_runtime(|| self.inner.tag_cost_hours(filter))
+        crate::off_runtime(|| self.inner.tag_cost_hours(filter, whole))
     }
 }

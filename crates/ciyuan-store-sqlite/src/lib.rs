@@ -2143,35 +2143,46 @@ impl Store for SqliteStore {
     fn tag_usage_hours(
         &self,
         filter: &HourFilter,
+        whole: bool,
     ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
         let (cond, mut args) = subtree("account", &filter.account);
         let (range, mut more) = hour_range(filter.from_hour, filter.to_hour);
         args.append(&mut more);
-        ciyuan_store::tags::split_usage(usage_rows(
+        // Summed in Rust: a sum of the stored halves could pass SQLite's 64 bits.
+        let sum = |rows| match whole {
+            true => ciyuan_store::tags::whole_usage(rows),
+            false => Ok(rows),
+        };
+        ciyuan_store::tags::split_usage(sum(usage_rows(
             &self.conn(),
             &format!(
                 "{USAGE_COLUMNS} FROM usage_tag_hourly WHERE {cond}{range}
                  ORDER BY account, hour, service, model, modality, direction"
             ),
             args,
-        )?)
+        )?)?)
     }
 
     fn tag_cost_hours(
         &self,
         filter: &HourFilter,
+        whole: bool,
     ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
         let (cond, mut args) = subtree("account", &filter.account);
         let (range, mut more) = hour_range(filter.from_hour, filter.to_hour);
         args.append(&mut more);
-        ciyuan_store::tags::split_cost(cost_rows(
+        let sum = |rows| match whole {
+            true => ciyuan_store::tags::whole_cost(rows),
+            false => Ok(rows),
+        };
+        ciyuan_store::tags::split_cost(sum(cost_rows(
             &self.conn(),
             &format!(
                 "{COST_COLUMNS} FROM cost_tag_hourly WHERE {cond}{range}
                  ORDER BY account, hour, service, model, currency"
             ),
             args,
-        )?)
+        )?)?)
     }
 
     fn usage_tree(&self, filter: &TreeFilter) -> Result<Vec<HourRow>, StoreError> {

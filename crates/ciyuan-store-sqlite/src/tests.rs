@@ -352,99 +352,11 @@ fn pages_of_a_subtree_hold_its_lines_only() {
 }
 
 /// `cargo test -p ciyuan-store-sqlite --release --lib -- --ignored --nocapture bench_tag_month`:
-/// a month of one tag, grouped and filtered as `/api/v1/usage` asks, over the rows 10
-/// million tagged events leave: the answer reads rows (node, hour, tag set, service,
-/// model, token key), not events. 10 M events over 720 hours, 32 tag sets (8 features
-/// x 4 teams), 3 models and 2 token keys leave at most 138,240 rows; they are made by
-/// one entry per key carrying that key's share of the 10 M events' counts.
+/// see [`ciyuan_store::conformance::bench_tag_month`].
 #[test]
 #[ignore]
 fn bench_tag_month() {
-    use ciyuan_core::{Direction, EntryBody, Modality, TokenMap, Usage};
-    use ciyuan_store::{GroupBy, HourFilter, UsageQuery, aggregate};
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("tags.db")).unwrap();
-    let start = "2026-11-01T00:00:00Z"
-        .parse::<Timestamp>()
-        .unwrap()
-        .as_second();
-    let events_per_key: i64 = 10_000_000 / (720 * 32 * 3);
-    let mut entries = Vec::new();
-    for h in 0..720i64 {
-        for f in 0..8 {
-            for t in 0..4 {
-                for m in 0..3 {
-                    let mut tokens = TokenMap::new();
-                    tokens
-                        .add(Modality::Text, Direction::Input, 500 * events_per_key)
-                        .unwrap();
-                    tokens
-                        .add(Modality::Text, Direction::Output, 80 * events_per_key)
-                        .unwrap();
-                    entries.push(Entry::new(
-                        Timestamp::from_second(start + h * 3600 + 60).unwrap(),
-                        "acme/app".parse().unwrap(),
-                        EntryBody::Usage(Usage {
-                            service: "llm.chat".into(),
-                            model: Some(format!("model-{m}")),
-                            tokens,
-                            tags: [
-                                ("feature".to_string(), format!("feature-{f}")),
-                                ("team".to_string(), format!("team-{t}")),
-                            ]
-                            .into(),
-                            ..Usage::default()
-                        }),
-                    ));
-                }
-            }
-        }
-    }
-    let t = std::time::Instant::now();
-    for (i, chunk) in entries.chunks(16_384).enumerate() {
-        store.apply((i * 16_384) as u64, chunk).unwrap();
-    }
-    eprintln!(
-        "applied {} entries (the rows of 10 M events) in {:?}",
-        entries.len(),
-        t.elapsed()
-    );
-    drop(store);
-    let store = SqliteStore::open(&dir.path().join("tags.db")).unwrap();
-    let filter = HourFilter {
-        account: "acme".parse().unwrap(),
-        from_hour: Some(start),
-        to_hour: Some(start + 720 * 3600),
-    };
-    let q = UsageQuery {
-        account: "acme".parse().unwrap(),
-        group_by: vec![GroupBy::Model],
-        bucket: None,
-        tz: ciyuan_core::jiff::tz::TimeZone::UTC,
-    };
-    for round in 0..3 {
-        let t = std::time::Instant::now();
-        let rows = store.tag_usage_hours(&filter).unwrap();
-        let read = t.elapsed();
-        // group_by=tag:feature,model with tag=team:team-1, as the handler groups.
-        let mut parts: std::collections::BTreeMap<Option<String>, Vec<HourRow>> =
-            Default::default();
-        for (tags, row) in &rows {
-            if tags.get("team").map(String::as_str) == Some("team-1") {
-                parts
-                    .entry(tags.get("feature").cloned())
-                    .or_default()
-                    .push(row.clone());
-            }
-        }
-        let mut answer = 0;
-        for part in parts.values() {
-            answer += aggregate(part, &q).unwrap().len();
-        }
-        eprintln!(
-            "round {round}: {} rows read in {read:?}; a month of feature by model for team-1 ({answer} answer rows) in {:?}",
-            rows.len(),
-            t.elapsed()
-        );
-    }
+    ciyuan_store::conformance::bench_tag_month(&store);
 }

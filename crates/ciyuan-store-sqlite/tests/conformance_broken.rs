@@ -200,14 +200,16 @@ impl Store for BrokenAfterReset {
     fn tag_usage_hours(
         &self,
         filter: &HourFilter,
+        whole: bool,
     ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
-        self.inner.tag_usage_hours(filter)
+        self.inner.tag_usage_hours(filter, whole)
     }
     fn tag_cost_hours(
         &self,
         filter: &HourFilter,
+        whole: bool,
     ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
-        self.inner.tag_cost_hours(filter)
+        self.inner.tag_cost_hours(filter, whole)
     }
 }
 

@@ -211,7 +211,7 @@ fn tag_rollups_by_tag_set(s: &dyn Store) {
     type Got = BTreeMap<(String, String, i64, BTreeMap<String, String>), String>;
     let read = |s: &dyn Store, filter: &HourFilter| -> (Got, Got) {
         let mut tokens = Got::new();
-        for (tags, r) in ok(s.tag_usage_hours(filter), "tag_usage_hours") {
+        for (tags, r) in ok(s.tag_usage_hours(filter, false), "tag_usage_hours") {
             assert_eq!(
                 (r.service.as_str(), r.model.as_str()),
                 ("llm.chat", "gpt-4o")
@@ -228,7 +228,7 @@ fn tag_rollups_by_tag_set(s: &dyn Store) {
             );
         }
         let mut cost = Got::new();
-        for (tags, r) in ok(s.tag_cost_hours(filter), "tag_cost_hours") {
+        for (tags, r) in ok(s.tag_cost_hours(filter, false), "tag_cost_hours") {
             let k = (
                 r.account.to_string(),
                 r.currency.to_string(),
@@ -282,6 +282,23 @@ fn tag_rollups_by_tag_set(s: &dyn Store) {
     .map(|((a, c, h, t), n)| ((a.to_string(), c.to_string(), h, t), n.to_string()))
     .collect();
     assert_eq!(cost, want_cost);
+    // Summed over the range: one row per node, tag set and key, at its first hour.
+    let whole = ok(s.tag_usage_hours(&filter, true), "tag_usage_hours (whole)");
+    let mut sums: BTreeMap<(String, BTreeMap<String, String>), (i64, i128)> = BTreeMap::new();
+    for (tags, r) in &whole {
+        let slot = sums
+            .entry((r.account.to_string(), (**tags).clone()))
+            .or_insert((r.hour, 0));
+        slot.1 += r.tokens;
+    }
+    assert_eq!(whole.len(), 3, "{whole:?}");
+    assert_eq!(sums[&("acme/cn".to_string(), set(&hr_search))], (h15, 15));
+    assert_eq!(
+        sums[&("acme/us".to_string(), set(&[("team", "r&d \"q\"")]))],
+        (h16, 3)
+    );
+    let whole_cost = ok(s.tag_cost_hours(&filter, true), "tag_cost_hours (whole)");
+    assert_eq!(whole_cost.len(), 3, "{whole_cost:?}");
     // A node's own subtree and an hour range.
     let (tokens, _) = read(
         s,
@@ -303,7 +320,7 @@ fn tag_rollups_by_tag_set(s: &dyn Store) {
     assert_eq!(tokens.len(), 1, "{tokens:?}");
     // Rebuilt from the log: the same rows.
     ok(s.reset_projections(), "reset_projections");
-    assert!(ok(s.tag_usage_hours(&filter), "tag_usage_hours").is_empty());
+    assert!(ok(s.tag_usage_hours(&filter, false), "tag_usage_hours").is_empty());
     ok(s.apply(0, &entries), "apply");
     let (tokens, _) = read(s, &filter);
     assert_eq!(tokens, want_tokens);
@@ -1574,4 +1591,98 @@ fn usage_rollups_and_reset(s: &dyn Store) {
         )
         .is_empty()
     );
+}
+
+/// A month of one tag, grouped and filtered as `/api/v1/usage` asks, over the rows 10
+/// million tagged events leave, timed on `s` (an empty store; printed, not asserted:
+/// a benchmark run by hand with `--ignored --nocapture`). The answer reads rows (node,
+/// hour, tag set, service, model, token key), not events: 10 M events over 720 hours,
+/// 32 tag sets (8 features x 4 teams), 3 models and 2 token keys leave at most
+/// 138,240 rows, made here by one entry per key carrying that key's share of the
+/// events' counts.
+#[allow(clippy::panic)] // a benchmark fails the way a test does
+pub fn bench_tag_month(s: &dyn Store) {
+    use crate::{GroupBy, HourRow, UsageQuery, aggregate};
+    let start = ts("2026-11-01T00:00:00Z").as_second();
+    let events_per_key: i64 = 10_000_000 / (720 * 32 * 3);
+    let mut entries = Vec::new();
+    for h in 0..720i64 {
+        for f in 0..8 {
+            for t in 0..4 {
+                for m in 0..3 {
+                    let mut tokens = TokenMap::new();
+                    let added = tokens
+                        .add(Modality::Text, Direction::Input, 500 * events_per_key)
+                        .and_then(|()| {
+                            tokens.add(Modality::Text, Direction::Output, 80 * events_per_key)
+                        });
+                    ok(added.ok_or("overflow"), "TokenMap::add");
+                    entries.push(Entry::new(
+                        ok(Timestamp::from_second(start + h * 3600 + 60), "timestamp"),
+                        path("acme/app"),
+                        EntryBody::Usage(Usage {
+                            service: "llm.chat".into(),
+                            model: Some(format!("model-{m}")),
+                            tokens,
+                            tags: [
+                                ("feature".to_string(), format!("feature-{f}")),
+                                ("team".to_string(), format!("team-{t}")),
+                            ]
+                            .into(),
+                            ..Usage::default()
+                        }),
+                    ));
+                }
+            }
+        }
+    }
+    let t = std::time::Instant::now();
+    for (i, chunk) in entries.chunks(16_384).enumerate() {
+        ok(s.apply((i * 16_384) as u64, chunk), "apply");
+    }
+    eprintln!(
+        "applied {} entries (the rows of 10 M events) in {:?}",
+        entries.len(),
+        t.elapsed()
+    );
+    let filter = HourFilter {
+        account: path("acme"),
+        from_hour: Some(start),
+        to_hour: Some(start + 720 * 3600),
+    };
+    let q = UsageQuery {
+        account: path("acme"),
+        group_by: vec![GroupBy::Model],
+        bucket: None,
+        tz: ciyuan_core::jiff::tz::TimeZone::UTC,
+    };
+    for round in 0..3 {
+        let hourly = std::time::Instant::now();
+        let by_hour = ok(s.tag_usage_hours(&filter, false), "tag_usage_hours").len();
+        let hourly = hourly.elapsed();
+        let t = std::time::Instant::now();
+        let rows = ok(s.tag_usage_hours(&filter, true), "tag_usage_hours");
+        let read = t.elapsed();
+        eprintln!("round {round}: {by_hour} hourly rows read in {hourly:?}");
+        // group_by=tag:feature,model with tag=team:team-1, as the handler groups.
+        let mut parts: std::collections::BTreeMap<Option<String>, Vec<HourRow>> =
+            Default::default();
+        for (tags, row) in &rows {
+            if tags.get("team").map(String::as_str) == Some("team-1") {
+                parts
+                    .entry(tags.get("feature").cloned())
+                    .or_default()
+                    .push(row.clone());
+            }
+        }
+        let mut answer = 0;
+        for part in parts.values() {
+            answer += ok(aggregate(part, &q), "aggregate").len();
+        }
+        eprintln!(
+            "round {round}: {} summed rows read in {read:?}; a month of feature by model for team-1 ({answer} answer rows) in {:?}",
+            rows.len(),
+            t.elapsed()
+        );
+    }
 }

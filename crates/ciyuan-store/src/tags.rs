@@ -202,3 +202,64 @@ pub fn project_tags<'a>(
     }
     Ok(out)
 }
+
+/// Hourly token rows summed over their range, as [`crate::Store::tag_usage_hours`]
+/// answers with `whole` (for a backend that cannot sum in its queries exactly).
+pub fn whole_usage(rows: Vec<HourRow>) -> Result<Vec<HourRow>, StoreError> {
+    type Key = (
+        String,
+        String,
+        String,
+        ciyuan_core::Modality,
+        ciyuan_core::Direction,
+    );
+    let mut sums: BTreeMap<Key, HourRow> = BTreeMap::new();
+    for r in rows {
+        let key = (
+            r.account.as_str().to_string(),
+            r.service.clone(),
+            r.model.clone(),
+            r.modality,
+            r.direction,
+        );
+        match sums.get_mut(&key) {
+            Some(have) => {
+                have.hour = have.hour.min(r.hour);
+                have.tokens = have.tokens.checked_add(r.tokens).ok_or_else(|| {
+                    StoreError::Backend("a tag rollup's sum exceeds 128 bits".into())
+                })?;
+            }
+            None => {
+                sums.insert(key, r);
+            }
+        }
+    }
+    Ok(sums.into_values().collect())
+}
+
+/// [`whole_usage`] for cost rows.
+pub fn whole_cost(rows: Vec<CostRow>) -> Result<Vec<CostRow>, StoreError> {
+    type Key = (String, String, String, ciyuan_core::Currency);
+    let mut sums: BTreeMap<Key, CostRow> = BTreeMap::new();
+    for r in rows {
+        let key = (
+            r.account.as_str().to_string(),
+            r.service.clone(),
+            r.model.clone(),
+            r.currency,
+        );
+        match sums.get_mut(&key) {
+            Some(have) => {
+                have.hour = have.hour.min(r.hour);
+                have.amount = have
+                    .amount
+                    .checked_add(r.amount)
+                    .ok_or_else(|| StoreError::Backend("a tag rollup's cost overflows".into()))?;
+            }
+            None => {
+                sums.insert(key, r);
+            }
+        }
+    }
+    Ok(sums.into_values().collect())
+}
