@@ -59,6 +59,7 @@ impl Meter {
                 if data.trim() == "[DONE]" {
                     self.complete = true;
                 } else if let Ok(chunk) = serde_json::from_str::<OpenAiChunk>(&data) {
+                    super::openai::OpenAiServed::note(&data, &mut self.shown);
                     chunk.text_into(&mut self.shown);
                     if let Some(u) = chunk.usage() {
                         self.shown.reported = Some(u);

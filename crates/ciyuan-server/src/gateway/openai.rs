@@ -236,17 +236,38 @@ impl OpenAiAnswer<'_> {
     }
 }
 
-/// One streamed OpenAI chunk, as much of it as metering needs.
+/// Who a streamed OpenAI chunk says served it: read from a stream's chunks only until
+/// one names its model, so later chunks cost no string of it.
 #[derive(Deserialize)]
-pub struct OpenAiChunk {
-    // Any JSON: a field of another type names nothing, and must not make the chunk
-    // unreadable (its text would then be metered as raw data).
+pub struct OpenAiServed {
+    // Any JSON: a field of another type names nothing.
     #[serde(default)]
     id: Option<Value>,
     #[serde(default)]
     model: Option<Value>,
     #[serde(default)]
     system_fingerprint: Option<Value>,
+}
+
+impl OpenAiServed {
+    /// Notes what the chunk `data` names into `shown`, while its model is unknown.
+    pub fn note(data: &str, shown: &mut Shown) {
+        if shown.served.model.is_some() {
+            return;
+        }
+        if let Ok(h) = serde_json::from_str::<OpenAiServed>(data) {
+            shown.served.note(
+                str_of(&h.model),
+                str_of(&h.system_fingerprint),
+                str_of(&h.id),
+            );
+        }
+    }
+}
+
+/// One streamed OpenAI chunk, as much of it as metering needs.
+#[derive(Deserialize)]
+pub struct OpenAiChunk {
     #[serde(default)]
     choices: Vec<OpenAiChoice>,
     #[serde(default)]
@@ -280,10 +301,6 @@ pub(crate) struct OpenAiDelta {
 impl OpenAiChunk {
     /// Folds the chunk's text, reasoning and tool calls into `shown`.
     pub fn text_into(&self, shown: &mut Shown) {
-        let s = str_of;
-        shown
-            .served
-            .note(s(&self.model), s(&self.system_fingerprint), s(&self.id));
         for c in &self.choices {
             if let Some(d) = &c.delta {
                 if let Some(Value::String(t)) = &d.content {
