@@ -1564,8 +1564,9 @@ impl Engine {
     /// processes'; its holds are in the database, where every process's are), the
     /// hold and the amount, in one unit (tokens, requests, or money in the limit's
     /// currency).
-    /// Per-key, per-session and per-request limits are each node's own. Unknown ids
-    /// have none.
+    /// Per-key and per-session limits are held on the key's or session's counter
+    /// (named by it: every node's requests of one key meet on one counter); a
+    /// request-scope limit is each node's own. Unknown ids have none.
     pub fn shared_terms(&self, reservation: u64) -> Vec<SharedTerm> {
         let mut g = self.lock();
         let inner = &mut *g;
@@ -1579,13 +1580,21 @@ impl Engine {
             let Some((path, l)) = held(nodes, h) else {
                 continue;
             };
-            if l.spec.mode != Mode::Hard || l.spec.scope != LimitScope::Node {
+            if l.spec.mode != Mode::Hard || l.spec.scope == LimitScope::Request {
                 continue;
             }
             let measure = l.spec.measure;
             let (amount, name) = (l.spec.amount, l.spec.name.clone());
             let money = l.spec.money;
-            let Some(c) = l.counter(Who::Node) else {
+            let who = res.holder(l.spec.scope);
+            // Key ids and sessions hold no control characters, so the separator
+            // cannot occur in them and no two subjects share a counter's name.
+            let (subject, whose) = match who {
+                Who::Key(k) => (format!("\u{1f}key:{k}"), format!(" for key {k}")),
+                Who::Session(s) => (format!("\u{1f}session:{s}"), format!(" for session {s}")),
+                Who::Node | Who::Request => (String::new(), String::new()),
+            };
+            let Some(c) = l.counter(who) else {
                 continue;
             };
             if c.window_start != h.window_start {
@@ -1610,7 +1619,7 @@ impl Engine {
             };
             out.push(SharedTerm {
                 counter: format!(
-                    "{path}\u{1f}{name}\u{1f}{}\u{1f}{}",
+                    "{path}\u{1f}{name}\u{1f}{}\u{1f}{}{subject}",
                     measure_tag(&measure),
                     h.window_start
                 ),
@@ -1618,7 +1627,7 @@ impl Engine {
                 need,
                 amount,
                 measure,
-                describe: format!("hard limit '{name}' on {path}"),
+                describe: format!("hard limit '{name}' on {path}{whose}"),
             });
         }
         out
@@ -1712,18 +1721,24 @@ impl Engine {
     }
 
     /// Counts usage another process recorded (a node sharing the ledger) on the node
-    /// counters of every limit on `account`'s path, as a restart restores them from
-    /// the projections: the key's and session's counters are the other node's, and a
-    /// request-scope limit was that node's to check.
+    /// counters of every limit on `account`'s path, and on the counters of the key
+    /// and session it names (its entry's `key` and `session`; entries without them
+    /// count on no key's or session's counter), so per-key and per-session limits
+    /// see every node's requests. A request-scope limit was that node's to check.
     pub fn record_elsewhere(
         &self,
         account: &AccountPath,
+        key_id: Option<&str>,
+        session: Option<&str>,
         tokens: &TokenMap,
         cost: Option<Money>,
         at: Timestamp,
     ) -> Settled {
-        self.count_usage(account, tokens, cost, at, |l| {
-            (l.spec.scope == LimitScope::Node).then_some(Who::Node)
+        self.count_usage(account, tokens, cost, at, |l| match l.spec.scope {
+            LimitScope::Node => Some(Who::Node),
+            LimitScope::Key => key_id.map(Who::Key),
+            LimitScope::Session => session.map(Who::Session),
+            LimitScope::Request => None,
         })
     }
 
@@ -2120,7 +2135,7 @@ mod tests {
     }
 
     #[test]
-    fn usage_recorded_elsewhere_counts_on_node_counters_only() {
+    fn usage_recorded_elsewhere_counts_on_node_key_and_session_counters() {
         let e = Engine::new();
         let tokens_spec = |name: &str, scope: LimitScope| {
             let mut s = LimitSpec::new(
@@ -2162,7 +2177,14 @@ mod tests {
                 300,
             )
             .unwrap();
-        let s = e.record_elsewhere(&p("acme/cn"), &tokens, money("1.25", "CNY"), now);
+        let s = e.record_elsewhere(
+            &p("acme/cn"),
+            None,
+            None,
+            &tokens,
+            money("1.25", "CNY"),
+            now,
+        );
         assert!(s.exceeded.is_empty());
         let status = e.status(&p("acme"), now);
         let used = |name: &str| {
@@ -2174,11 +2196,19 @@ mod tests {
         };
         assert_eq!(used("node"), 300, "the node counter counts it");
         assert_eq!(used("calls"), 1, "as one request");
-        assert_eq!(
-            used("per-key"),
-            0,
-            "no key's counter: the key was the other node's"
-        );
+        assert_eq!(used("per-key"), 0, "no key's counter: the entry named none");
+        // An entry naming its key and session counts on their counters too.
+        e.record_elsewhere(&p("acme/cn"), Some("k1"), Some("s1"), &tokens, None, now);
+        let status = e.status(&p("acme"), now);
+        let keyed = |name: &str| {
+            status
+                .iter()
+                .filter(|l| l.spec.name == name)
+                .map(|l| l.used)
+                .sum::<i128>()
+        };
+        assert_eq!(keyed("per-key"), 300, "key k1's counter counts it");
+        assert_eq!(keyed("node"), 600);
         let money_row = status.iter().find(|l| l.spec.name == "money").unwrap();
         assert_eq!(money_row.cost.as_ref().unwrap().used.to_string(), "1.25");
         // A hard limit it takes over is reported, as for usage recorded here.
@@ -2189,8 +2219,108 @@ mod tests {
             800,
         )
         .unwrap();
-        let s = e.record_elsewhere(&p("acme"), &more, None, now);
+        let s = e.record_elsewhere(&p("acme"), None, None, &more, None, now);
         assert_eq!(s.exceeded, vec![(p("acme"), "node".to_string())]);
+    }
+
+    #[test]
+    fn shared_terms_name_the_key_and_session_counters_held() {
+        let e = Engine::new();
+        for (name, scope) in [
+            ("node", LimitScope::Node),
+            ("per-key", LimitScope::Key),
+            ("per-session", LimitScope::Session),
+            ("per-request", LimitScope::Request),
+        ] {
+            let mut s = LimitSpec::new(
+                p("acme"),
+                name,
+                crate::Measure::Tokens(crate::Selector::ALL),
+                1000,
+                Period::Month,
+            );
+            s.scope = scope;
+            e.set_limit(s).unwrap();
+        }
+        let now = at("2026-12-06T08:00:00Z");
+        let mut input = TokenMap::new();
+        input
+            .add(
+                ciyuan_core::Modality::Text,
+                ciyuan_core::Direction::Input,
+                10,
+            )
+            .unwrap();
+        let none = TokenMap::new();
+        // Key k1's earlier usage on another node, followed here.
+        e.record_elsewhere(&p("acme/cn"), Some("k1"), Some("alice"), &input, None, now);
+        let r = e
+            .admit(&Admission {
+                account: &p("acme/cn"),
+                key_id: "k1",
+                session: Some("alice"),
+                model: "m",
+                now,
+                input: &input,
+                max_output: &none,
+                max_cost: None,
+            })
+            .unwrap();
+        let terms = e.shared_terms(r.id);
+        let names: Vec<(&str, &str)> = terms
+            .iter()
+            .map(|t| {
+                (
+                    t.counter.rsplit('\u{1f}').next().unwrap(),
+                    t.describe.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            terms.len(),
+            3,
+            "node, key and session; not the request's: {names:?}"
+        );
+        assert!(names.contains(&("key:k1", "hard limit 'per-key' on acme for key k1")));
+        assert!(names.contains(&(
+            "session:alice",
+            "hard limit 'per-session' on acme for session alice"
+        )));
+        for t in &terms {
+            assert_eq!(
+                t.local,
+                Decimal::from(10),
+                "{}: the followed usage",
+                t.counter
+            );
+            assert_eq!(t.need, Decimal::from(10));
+        }
+        // Another key's and another session's requests hold other counters.
+        let r2 = e
+            .admit(&Admission {
+                account: &p("acme/cn"),
+                key_id: "k2",
+                session: Some("bob"),
+                model: "m",
+                now,
+                input: &input,
+                max_output: &none,
+                max_cost: None,
+            })
+            .unwrap();
+        let other: Vec<String> = e
+            .shared_terms(r2.id)
+            .into_iter()
+            .map(|t| t.counter)
+            .collect();
+        for t in &terms {
+            assert_eq!(
+                other.contains(&t.counter),
+                !t.counter.contains("k1") && !t.counter.contains("alice"),
+                "{}",
+                t.counter
+            );
+        }
     }
 
     #[test]

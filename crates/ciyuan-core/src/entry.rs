@@ -137,6 +137,107 @@ pub struct Usage {
     /// the event or request says; absent is standard. Prices follow it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<crate::price::ServiceTier>,
+    /// The id of the API key the gateway request came with (its public id, never the
+    /// secret), so other nodes count it on the key's limits. Absent on ingested
+    /// events and in entries written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The session the budget engine counted the request on (`x-ciyuan-session`, else
+    /// OpenAI's `user` or Anthropic's `metadata.user_id`), where the request named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Attribution tags (`feature` → `search`, `team` → `hr`), bounded by
+    /// [`MAX_TAGS`], [`MAX_TAG_KEY_BYTES`] and [`MAX_TAG_VALUE_BYTES`], keys
+    /// `[a-z0-9_.-]` ([`check_tags`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Most attribution tags on one usage entry.
+pub const MAX_TAGS: usize = 16;
+/// Longest tag key, in bytes.
+pub const MAX_TAG_KEY_BYTES: usize = 64;
+/// Longest tag value, in bytes.
+pub const MAX_TAG_VALUE_BYTES: usize = 256;
+
+/// Why a set of tags is refused: the message names the tag and the bound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TagError(pub String);
+
+/// Checks one tag against the bounds every door applies: a key of 1 to
+/// [`MAX_TAG_KEY_BYTES`] bytes of `[a-z0-9_.-]` (so it can name a column of a
+/// `group_by` and never needs quoting), a value of 1 to [`MAX_TAG_VALUE_BYTES`] bytes
+/// with no control characters.
+pub fn check_tag(key: &str, value: &str) -> Result<(), TagError> {
+    if key.is_empty() || key.len() > MAX_TAG_KEY_BYTES {
+        return Err(TagError(format!(
+            "tag key {key:?} must be 1 to {MAX_TAG_KEY_BYTES} bytes"
+        )));
+    }
+    if let Some(c) = key
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '_' | '.' | '-'))
+    {
+        return Err(TagError(format!(
+            "tag key {key:?} holds {c:?}; keys are lowercase letters, digits, '_', '.' and '-'"
+        )));
+    }
+    if value.is_empty() || value.len() > MAX_TAG_VALUE_BYTES {
+        return Err(TagError(format!(
+            "tag {key:?}'s value must be 1 to {MAX_TAG_VALUE_BYTES} bytes (it has {})",
+            value.len()
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(TagError(format!(
+            "tag {key:?}'s value holds control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads tags written `key=value,key=value` (the gateway's `x-ciyuan-tags`, an
+/// ingested event's `ciyuantags`): spaces around keys and values are trimmed, a value
+/// may hold `=`, a key given twice with different values is refused, and the set is
+/// checked by [`check_tags`].
+pub fn parse_tag_list(text: &str) -> Result<BTreeMap<String, String>, TagError> {
+    let mut tags = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(TagError(format!(
+                "{pair:?} is not key=value (e.g. feature=search,team=hr)"
+            )));
+        };
+        let (k, v) = (k.trim(), v.trim());
+        match tags.get(k) {
+            Some(old) if old != v => {
+                return Err(TagError(format!(
+                    "tag {k:?} is given twice, as {old:?} and {v:?}"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                tags.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+    check_tags(&tags)?;
+    Ok(tags)
+}
+
+/// Checks a whole set of tags: each by [`check_tag`], at most [`MAX_TAGS`].
+pub fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), TagError> {
+    if tags.len() > MAX_TAGS {
+        return Err(TagError(format!(
+            "{} tags; at most {MAX_TAGS} are recorded",
+            tags.len()
+        )));
+    }
+    for (k, v) in tags {
+        check_tag(k, v)?;
+    }
+    Ok(())
 }
 
 /// How one gateway request went. Durations are whole microseconds, so every figure is
@@ -175,6 +276,17 @@ pub struct Quality {
     /// `tool_calls` (their framing), `media`, `redacted_thinking`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uncounted: Vec<String>,
+    /// The model the provider says served the request (the answer's `model`, e.g.
+    /// `gpt-4o-2024-08-06`); absent when the answer named none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_model: Option<String>,
+    /// The answer's `system_fingerprint`, where the provider gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+    /// The provider's id of the request (its `x-request-id` or `request-id` header,
+    /// else the answer's `id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_request_id: Option<String>,
 }
 
 /// Ciyuan's independent count of a request's text with the model's tokenizer.
@@ -592,5 +704,84 @@ mod tests {
             Entry::decode(k).unwrap_err().to_string(),
             "unknown entry kind \"mystery\""
         );
+    }
+
+    #[test]
+    fn entries_written_before_attribution_keep_their_bytes() {
+        // An entry as the gateway wrote it before keys, sessions, tags and provenance
+        // were recorded: it decodes with them absent and encodes to the same bytes, so
+        // the leaf hashes of an existing log still verify.
+        let old = br#"{"v":1,"ts":"2026-11-25T06:00:00Z","account":"acme/cn","kind":"usage","data":{"service":"llm.chat","model":"gpt-4o","tokens":{"text.input":12,"text.output":3},"source":"gateway","event_id":"req_1","quality":{"upstream":"openai","status":200,"latency_us":900}}}"#;
+        let e = Entry::decode(old).unwrap();
+        let EntryBody::Usage(u) = &e.body else {
+            panic!("usage")
+        };
+        assert_eq!((u.key.as_deref(), u.session.as_deref()), (None, None));
+        assert!(u.tags.is_empty());
+        assert_eq!(u.quality.as_ref().unwrap().served_model, None);
+        assert_eq!(e.encode(), old.to_vec());
+        let mut slot = e.clone();
+        slot.decode_into(old).unwrap();
+        assert_eq!(slot, e);
+        // With them: written after every older field, in the fixed order.
+        let mut new = e.clone();
+        let EntryBody::Usage(u) = &mut new.body else {
+            panic!("usage")
+        };
+        u.key = Some("k_1".into());
+        u.session = Some("alice".into());
+        u.tags = [("feature".to_string(), "search".to_string())].into();
+        u.quality.as_mut().unwrap().served_model = Some("gpt-4o-2024-08-06".into());
+        let bytes = String::from_utf8(new.encode()).unwrap();
+        assert!(
+            bytes.ends_with(r#""served_model":"gpt-4o-2024-08-06"},"key":"k_1","session":"alice","tags":{"feature":"search"}}}"#),
+            "{bytes}"
+        );
+        assert_eq!(Entry::decode(bytes.as_bytes()).unwrap(), new);
+    }
+
+    #[test]
+    fn tags_are_bounded_and_each_bound_is_named() {
+        let one = |k: &str, v: &str| check_tags(&[(k.to_string(), v.to_string())].into());
+        assert!(one("feature", "search").is_ok());
+        assert!(one("team.sub-1_x", "HR / 人事").is_ok());
+        let err = |k: &str, v: &str| one(k, v).unwrap_err().to_string();
+        assert!(
+            err("Feature", "x").contains("lowercase letters"),
+            "{}",
+            err("Feature", "x")
+        );
+        assert!(err("a b", "x").contains("' '"));
+        assert!(err("", "x").contains("1 to 64 bytes"));
+        assert!(err(&"k".repeat(65), "x").contains("1 to 64 bytes"));
+        assert!(one(&"k".repeat(64), &"v".repeat(256)).is_ok());
+        assert!(err("k", &"v".repeat(257)).contains("1 to 256 bytes (it has 257)"));
+        assert!(err("k", "").contains("1 to 256 bytes"));
+        assert!(err("k", "a\nb").contains("control characters"));
+        let many: BTreeMap<String, String> = (0..17)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        assert_eq!(
+            check_tags(&many).unwrap_err().to_string(),
+            "17 tags; at most 16 are recorded"
+        );
+        let sixteen: BTreeMap<String, String> = many.into_iter().take(16).collect();
+        assert!(check_tags(&sixteen).is_ok());
+        let list = parse_tag_list(" feature=search, team = hr,,q=a=b ").unwrap();
+        assert_eq!(list.len(), 3);
+        assert_eq!((list["team"].as_str(), list["q"].as_str()), ("hr", "a=b"));
+        assert!(parse_tag_list("").unwrap().is_empty());
+        assert!(parse_tag_list("a=1,a=1").is_ok());
+        assert_eq!(
+            parse_tag_list("a=1,a=2").unwrap_err().to_string(),
+            "tag \"a\" is given twice, as \"1\" and \"2\""
+        );
+        assert!(
+            parse_tag_list("feature")
+                .unwrap_err()
+                .to_string()
+                .contains("key=value")
+        );
+        assert!(parse_tag_list("A=1").is_err());
     }
 }

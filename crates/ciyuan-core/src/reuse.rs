@@ -55,6 +55,9 @@ pub(crate) fn encode_usage(e: &Entry, u: &Usage, out: &mut Vec<u8>) -> serde_jso
         recount,
         rating,
         tier,
+        key,
+        session,
+        tags,
     } = u;
     out.extend_from_slice(b"{\"v\":");
     wire::int(out, i64::from(e.v));
@@ -116,6 +119,20 @@ pub(crate) fn encode_usage(e: &Entry, u: &Usage, out: &mut Vec<u8>) -> serde_jso
     if let Some(t) = tier {
         out.extend_from_slice(b",\"tier\":");
         serde_json::to_writer(&mut *out, t)?;
+    }
+    opt(out, b",\"key\":", key);
+    opt(out, b",\"session\":", session);
+    if !tags.is_empty() {
+        out.extend_from_slice(b",\"tags\":{");
+        for (i, (k, v)) in tags.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            wire::string(out, k);
+            out.push(b':');
+            wire::string(out, v);
+        }
+        out.push(b'}');
     }
     out.extend_from_slice(b"}}");
     Ok(())
@@ -277,6 +294,9 @@ impl<'de> Visitor<'de> for UsageSeed<'_> {
                 "recount" => 9,
                 "rating" => 10,
                 "tier" => 11,
+                "key" => 12,
+                "session" => 13,
+                "tags" => 14,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -298,7 +318,10 @@ impl<'de> Visitor<'de> for UsageSeed<'_> {
                 8 => u.quality = map.next_value()?,
                 9 => u.recount = map.next_value()?,
                 10 => u.rating = map.next_value()?,
-                _ => u.tier = map.next_value()?,
+                11 => u.tier = map.next_value()?,
+                12 => set_opt(&mut u.key, map.next_value()?),
+                13 => set_opt(&mut u.session, map.next_value()?),
+                _ => u.tags = map.next_value()?,
             }
         }
         // `service` and `tokens` are required; the others default when absent.
@@ -335,6 +358,15 @@ impl<'de> Visitor<'de> for UsageSeed<'_> {
         }
         if absent(11) {
             u.tier = None;
+        }
+        if absent(12) {
+            u.key = None;
+        }
+        if absent(13) {
+            u.session = None;
+        }
+        if absent(14) {
+            u.tags.clear();
         }
         Ok(())
     }
@@ -444,6 +476,13 @@ mod tests {
                     })
                 }),
                 tier: (i % 5 == 3).then_some(crate::ServiceTier::Batch),
+                key: (i % 3 == 2).then(|| format!("k{i}")),
+                session: (i % 4 == 3).then(|| format!("user-{i}")),
+                tags: if i % 5 == 1 {
+                    [("feature".to_string(), format!("search-{i}"))].into()
+                } else {
+                    Default::default()
+                },
             }),
         )
     }
@@ -551,8 +590,13 @@ mod tests {
                 opt(),
                 prop::collection::vec((0usize..25, 0i64..2_000_000_000_000), 0..6),
             ),
-            (opt(), opt(), opt(), any::<bool>(), 0u8..8),
+            (opt(), opt(), opt(), any::<bool>(), 0u8..32),
             (proptest::option::of(arb::rating()), 0u8..5),
+            (
+                opt(),
+                opt(),
+                prop::collection::btree_map(arb::text(), arb::text(), 0..4),
+            ),
         );
         let entry = (
             usage,
@@ -567,7 +611,7 @@ mod tests {
             EntryBody::KeyRevoked(KeyRevoked { key_id: "k".into() }),
         ));
         proptest!(ProptestConfig::with_cases(1000), |(
-            (((service, model, counts), (source, event_id, definition, partial, extras), (rating, tier)), secs, nanos, account) in entry
+            (((service, model, counts), (source, event_id, definition, partial, extras), (rating, tier), (key, session, tags)), secs, nanos, account) in entry
         )| {
             let mut tokens = TokenMap::new();
             for (k, n) in counts {
@@ -593,6 +637,9 @@ mod tests {
                     status: 200,
                     latency_us: 5,
                     failure: Some("upstream_cut".into()),
+                    served_model: (extras & 8 == 8).then(|| "gpt-4o-2024-08-06".into()),
+                    system_fingerprint: (extras & 16 == 16).then(|| "fp_\"x".into()),
+                    provider_request_id: (extras & 8 == 8).then(|| "req_1".into()),
                     ..Quality::default()
                 })),
                 recount: (extras & 4 == 4).then(|| Box::new(Recount {
@@ -603,6 +650,9 @@ mod tests {
                 })),
                 rating: rating.map(Box::new),
                 tier: [None, Some(crate::ServiceTier::Batch), Some(crate::ServiceTier::Flex), Some(crate::ServiceTier::Priority), Some(crate::ServiceTier::Standard)][usize::from(tier)],
+                key,
+                session,
+                tags,
             };
             let e = Entry::new(
                 Timestamp::new(secs, nanos).unwrap(),

@@ -551,8 +551,16 @@ impl App {
                         .as_ref()
                         .is_none_or(|q| (200..300).contains(&q.status));
                     if consumed {
-                        self.budget
-                            .record_elsewhere(&e.account, &u.tokens, cost, e.ts);
+                        // On the key's and session's counters too, where the entry
+                        // names them: per-key and per-session limits span nodes.
+                        self.budget.record_elsewhere(
+                            &e.account,
+                            u.key.as_deref(),
+                            u.session.as_deref(),
+                            &u.tokens,
+                            cost,
+                            e.ts,
+                        );
                     }
                     if let Some((source, id)) = u.ingest_key() {
                         keys.push((ciyuan_core::ingest_key_hash(source, id), i));

@@ -672,6 +672,8 @@ struct Attributes<'a> {
     subject: Option<&'a RawValue>,
     time: Option<&'a RawValue>,
     datacontenttype: Option<&'a RawValue>,
+    /// Attribution tags, `key=value,key=value` (Ciyuan's extension attribute).
+    ciyuantags: Option<&'a RawValue>,
     data: Option<&'a RawValue>,
 }
 
@@ -710,7 +712,7 @@ impl<'de> Deserialize<'de> for Slot<'de> {
                 let mut a = Attributes::default();
                 let mut duplicate = None;
                 // Attributes met so far, one bit each (a `null` one counts as met).
-                let mut seen = 0u8;
+                let mut seen = 0u16;
                 while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
                     let (bit, field) = match name.as_ref() {
                         "specversion" => (0, &mut a.specversion),
@@ -721,6 +723,7 @@ impl<'de> Deserialize<'de> for Slot<'de> {
                         "time" => (5, &mut a.time),
                         "datacontenttype" => (6, &mut a.datacontenttype),
                         "data" => (7, &mut a.data),
+                        "ciyuantags" => (8, &mut a.ciyuantags),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -1057,6 +1060,20 @@ fn validate(
         let Some(data) = ev.data else {
             return Err(ApiError::bad_request("data: required attribute is missing"));
         };
+        // Bounded by the tags' own bounds (16 of 64 + 256 bytes), not an attribute's.
+        let tags = match ev.ciyuantags {
+            None => Default::default(),
+            Some(raw) => {
+                let Ok(Text(t)) = text(raw) else {
+                    return Err(ApiError::bad_request(format!(
+                        "ciyuantags: must be a string of key=value pairs, got {}",
+                        kind(raw)
+                    )));
+                };
+                ciyuan_core::parse_tag_list(&t)
+                    .map_err(|e| ApiError::bad_request(format!("ciyuantags: {e}")))?
+            }
+        };
         let mut tier = None;
         let (model, tokens, definition, measures) = match service.as_ref() {
             "llm.usage" => {
@@ -1117,6 +1134,7 @@ fn validate(
                 partial: false,
                 measures,
                 tier,
+                tags,
                 ..Usage::default()
             }),
         );

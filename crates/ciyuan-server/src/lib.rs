@@ -36,6 +36,7 @@ pub mod slices;
 mod statements;
 mod tiers;
 mod usage;
+mod usage_tags;
 mod wallets;
 
 use crate::auth::{Authenticator, Caller};

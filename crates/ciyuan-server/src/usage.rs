@@ -2,7 +2,6 @@
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::extract::Query;
 use crate::{App, parse_path};
 use axum::extract::State;
 use ciyuan_core::Scope;
@@ -12,6 +11,7 @@ use ciyuan_store::{
     Bucket, GroupBy, HourFilter, TokenSums, UsageQuery, aggregate, ceil_hour, floor_hour,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 #[derive(Deserialize)]
@@ -37,6 +37,9 @@ struct Row {
     service: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<String>,
+    /// With `group_by=tag:KEY`: each grouped tag's value (`null`: usage without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<BTreeMap<String, Option<String>>>,
     tokens: Sums,
     /// Exact: sums past `i64` are written as JSON integers of any size.
     total: i128,
@@ -62,7 +65,10 @@ impl Serialize for Sums {
 #[derive(Serialize)]
 pub struct Answer {
     account: String,
-    group_by: Vec<&'static str>,
+    group_by: Vec<String>,
+    /// The `tag=KEY:VALUE` filters applied, as `KEY:VALUE`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tags: Vec<String>,
     bucket: Option<&'static str>,
     tz: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,12 +89,49 @@ fn parse_time(s: &str, what: &str) -> Result<Timestamp, ApiError> {
     })
 }
 
+/// The query's parameters: [`Params`] and the repeatable `tag=KEY:VALUE` filters
+/// (the form decoder keeps one value per field, so they are taken out first).
+fn params(uri: &axum::http::Uri) -> Result<(Params, BTreeMap<String, String>), ApiError> {
+    let pairs: Vec<(String, String)> = axum::extract::Query::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    let mut rest = serde_json::Map::new();
+    let mut tags = BTreeMap::new();
+    for (k, v) in pairs {
+        if k == "tag" {
+            let (key, value) = v.split_once(':').ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "tag {v:?} is not KEY:VALUE (e.g. tag=feature:search)"
+                ))
+            })?;
+            ciyuan_core::check_tag(key, value)
+                .map_err(|e| ApiError::bad_request(format!("tag {v:?}: {e}")))?;
+            if let Some(old) = tags.insert(key.to_string(), value.to_string())
+                && old != value
+            {
+                return Err(ApiError::bad_request(format!(
+                    "tag {key:?} is filtered twice, as {old:?} and {value:?}: a tag has one value"
+                )));
+            }
+        } else if rest
+            .insert(k.clone(), serde_json::Value::String(v))
+            .is_some()
+        {
+            return Err(ApiError::bad_request(format!("{k} is given twice")));
+        }
+    }
+    let p = serde_json::from_value(serde_json::Value::Object(rest))
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
+    Ok((p, tags))
+}
+
 pub async fn query(
     State(app): State<Arc<App>>,
     caller: Caller,
-    Query(p): Query<Params>,
+    uri: axum::http::Uri,
 ) -> Result<axum::Json<Answer>, ApiError> {
     caller.require(Scope::Read)?;
+    let (p, tag_filter) = params(&uri)?;
     let account = match &p.account {
         Some(s) => parse_path(s, "account")?,
         None => caller.key.account.clone(),
@@ -97,6 +140,7 @@ pub async fn query(
     app.caught_up().await?;
     let mut group_by = Vec::new();
     let mut group_names = Vec::new();
+    let mut tag_keys: Vec<String> = Vec::new();
     for g in p
         .group_by
         .as_deref()
@@ -104,6 +148,15 @@ pub async fn query(
         .split(',')
         .map(str::trim)
     {
+        if let Some(key) = g.strip_prefix("tag:") {
+            ciyuan_core::check_tag(key, "-")
+                .map_err(|e| ApiError::bad_request(format!("group_by {g:?}: {e}")))?;
+            if !tag_keys.iter().any(|k| k == key) {
+                tag_keys.push(key.to_string());
+                group_names.push(g.to_string());
+            }
+            continue;
+        }
         let (dim, name) = match g {
             "" => continue,
             "account" => (GroupBy::Account, "account"),
@@ -112,13 +165,13 @@ pub async fn query(
             "model" => (GroupBy::Model, "model"),
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "group_by {other:?} is not one of account, child, service, model"
+                    "group_by {other:?} is not one of account, child, service, model, tag:KEY"
                 )));
             }
         };
         if !group_by.contains(&dim) {
             group_by.push(dim);
-            group_names.push(name);
+            group_names.push(name.to_string());
         }
     }
     if group_by.contains(&GroupBy::Account) && group_by.contains(&GroupBy::Child) {
@@ -183,12 +236,37 @@ pub async fn query(
         days: bucket.is_none(),
     });
     let acct = account.clone();
-    let (rows, costs, tz) = app
+    let by_tag = !tag_keys.is_empty() || !tag_filter.is_empty();
+    let tag_hours = filter.clone();
+    // Not bucketed: the range's sums are all the answer needs.
+    let whole = bucket.is_none();
+    let (tagged, tagged_costs) = if by_tag {
+        app.blocking(move |app| {
+            let store = app.store.as_ref();
+            Ok((
+                store.tag_usage_hours(&tag_hours, whole)?,
+                if with_cost {
+                    store.tag_cost_hours(&tag_hours, whole)?
+                } else {
+                    Vec::new()
+                },
+            ))
+        })
+        .await?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    // Filtered by tags, every row is tagged: the untagged rollups are not read.
+    let read_all = tag_filter.is_empty();
+    let (rows, costs, tz): (Vec<_>, Vec<_>, _) = app
         .blocking(move |app| {
             let tz = match tz_given {
                 Some(tz) => tz,
                 None => ciyuan_store::effective_time_zone(app.store.as_ref(), &acct)?,
             };
+            if !read_all {
+                return Ok((Vec::new(), Vec::new(), tz));
+            }
             let store = app.store.as_ref();
             Ok(match &tree {
                 Some(tree) => (
@@ -220,23 +298,50 @@ pub async fn query(
         tz: tz.clone(),
     };
     let overflow = |_| ApiError::unprocessable("a usage sum exceeds 128 bits");
-    let mut usage = aggregate(&rows, &q).map_err(overflow)?;
+    let (mut usage, mut groups, cost_rows) = if by_tag {
+        let t = crate::usage_tags::by_tags(
+            &q,
+            &tag_keys,
+            &tag_filter,
+            (&rows, &costs),
+            (tagged, tagged_costs),
+        )?;
+        (t.rows, t.groups, t.costs)
+    } else {
+        let usage = aggregate(&rows, &q).map_err(overflow)?;
+        let n = usage.len();
+        let costs = if with_cost {
+            ciyuan_store::aggregate_cost(&costs, &q)
+                .map_err(overflow)?
+                .into_iter()
+                .map(|(r, c)| (r, None, c))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (usage, vec![None; n], costs)
+    };
     // Each row's cost, matched by its key; a priced entry without tokens (a
     // per-request price) still gets its row.
     let mut cost_of: Vec<Option<ciyuan_store::RowCost>> = vec![None; usage.len()];
     let mut cost_totals: Option<ciyuan_store::RowCost> = with_cost.then(Default::default);
     if with_cost {
-        let key = |r: &ciyuan_store::UsageRow| {
+        let key = |r: &ciyuan_store::UsageRow, g: &crate::usage_tags::Group| {
             (
                 r.bucket_start,
                 r.account.clone(),
                 r.service.clone(),
                 r.model.clone(),
+                g.clone(),
             )
         };
-        let mut index: std::collections::BTreeMap<_, usize> =
-            usage.iter().enumerate().map(|(i, u)| (key(u), i)).collect();
-        for (row, cost) in ciyuan_store::aggregate_cost(&costs, &q).map_err(overflow)? {
+        let mut index: BTreeMap<_, usize> = usage
+            .iter()
+            .zip(&groups)
+            .enumerate()
+            .map(|(i, (u, g))| (key(u, g), i))
+            .collect();
+        for (row, group, cost) in cost_rows {
             if let Some(totals) = &mut cost_totals {
                 for (c, a) in &cost {
                     let slot = totals.entry(*c).or_insert(ciyuan_core::ExactSum::ZERO);
@@ -246,11 +351,12 @@ pub async fn query(
                         .map_err(overflow)?;
                 }
             }
-            match index.get(&key(&row)) {
+            match index.get(&key(&row, &group)) {
                 Some(&i) => cost_of[i] = Some(cost),
                 None => {
-                    index.insert(key(&row), usage.len());
+                    index.insert(key(&row, &group), usage.len());
                     usage.push(row);
+                    groups.push(group);
                     cost_of.push(Some(cost));
                 }
             }
@@ -267,8 +373,10 @@ pub async fn query(
     let rows = usage
         .into_iter()
         .zip(cost_of)
-        .map(|(r, cost)| {
+        .zip(groups)
+        .map(|((r, cost), group)| {
             Ok(Row {
+                tags: group.map(|values| tag_keys.iter().cloned().zip(values).collect()),
                 bucket_start: r.bucket_start.map(|t| {
                     t.to_zoned(tz.clone())
                         .strftime("%Y-%m-%dT%H:%M:%S%:z")
@@ -290,6 +398,7 @@ pub async fn query(
     Ok(axum::Json(Answer {
         account: account.to_string(),
         group_by: group_names,
+        tags: tag_filter.iter().map(|(k, v)| format!("{k}:{v}")).collect(),
         bucket: bucket_name,
         tz: tz_name,
         from,

@@ -3,7 +3,7 @@
 use crate::answer::{self, Rng, Want, is_cjk};
 use crate::common::{
     Ctx, Failure, Proto, Sim, answer_json, begin, compute, content_text, encoding, json_body,
-    model_of, positive, request_hash, text_failure,
+    model_of, positive, request_hash, served_model, text_failure,
 };
 use crate::sse::{self, Plan};
 use axum::extract::{Request, State};
@@ -166,7 +166,7 @@ async fn messages_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
             "id": id,
             "type": "message",
             "role": "assistant",
-            "model": model,
+            "model": served_model(&model),
             "content": [{"type": "text", "text": out.text}],
             "stop_reason": stop,
             "stop_sequence": null,
@@ -189,7 +189,7 @@ async fn messages_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
             "id": id,
             "type": "message",
             "role": "assistant",
-            "model": model,
+            "model": served_model(&model),
             "content": [],
             "stop_reason": null,
             "stop_sequence": null,

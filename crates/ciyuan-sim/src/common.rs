@@ -477,7 +477,15 @@ pub(crate) async fn answer_json(ctx: &Ctx, body: Vec<u8>, output_tokens: usize) 
             b.extend_from_slice(b"<!-- upstream error -->");
             json_body(b)
         }
-        _ => json_body(body),
+        _ => {
+            let mut resp = json_body(body);
+            // The provider's id of the request, apart from the answer's own `id`.
+            if let Ok(v) = HeaderValue::from_str(&ctx.id("req_")) {
+                resp.headers_mut().insert("x-request-id", v.clone());
+                resp.headers_mut().insert("request-id", v);
+            }
+            resp
+        }
     }
 }
 
@@ -546,6 +554,25 @@ pub(crate) fn model_of(body: &Value) -> Result<String, Failure> {
         .ok_or_else(|| {
             Failure::BadRequest("you must provide a model parameter".into(), Some("model"))
         })
+}
+
+/// The model an answer says served the request: an alias's dated snapshot, as the
+/// providers answer (`gpt-4o` is served by `gpt-4o-2024-08-06`), so the gateway's
+/// record of the served model can be told from the requested one; any other model as
+/// asked.
+pub(crate) fn served_model(model: &str) -> &str {
+    const SNAPSHOTS: &[(&str, &str)] = &[
+        ("gpt-4o", "gpt-4o-2024-08-06"),
+        ("gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
+        ("gpt-4.1", "gpt-4.1-2025-04-14"),
+        ("o3-mini", "o3-mini-2025-01-31"),
+        ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929"),
+        ("claude-haiku-4-5", "claude-haiku-4-5-20251001"),
+    ];
+    SNAPSHOTS
+        .iter()
+        .find(|(alias, _)| *alias == model)
+        .map_or(model, |(_, dated)| dated)
 }
 
 /// A JSON string literal.

@@ -3,7 +3,8 @@
 use crate::answer::{self, Rng, Want, is_cjk};
 use crate::common::{
     Ctx, Failure, Proto, Sim, answer_json, authorize, begin, cached_tokens, compute, content_text,
-    encoding, json_body, json_str, model_of, now_secs, positive, request_hash, text_failure,
+    encoding, json_body, json_str, model_of, now_secs, positive, request_hash, served_model,
+    text_failure,
 };
 use crate::sse::{self, Plan};
 use axum::extract::{Path, Request, State};
@@ -189,7 +190,7 @@ async fn chat_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
             "id": id,
             "object": "chat.completion",
             "created": created,
-            "model": model,
+            "model": served_model(&model),
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": out.text, "refusal": null, "annotations": []},
@@ -209,7 +210,7 @@ async fn chat_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
         format!(
             "data: {{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":{},\"service_tier\":\"default\",\"system_fingerprint\":\"{FINGERPRINT}\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]{usage_null}}}\n\n",
             json_str(&id),
-            json_str(&model),
+            json_str(served_model(&model)),
         )
     };
     let head = head_of(
@@ -221,14 +222,14 @@ async fn chat_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
         tail.push_str(&format!(
             "data: {{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":{},\"service_tier\":\"default\",\"system_fingerprint\":\"{FINGERPRINT}\",\"choices\":[],\"usage\":{usage}}}\n\n",
             json_str(&id),
-            json_str(&model),
+            json_str(served_model(&model)),
         ));
     }
     tail.push_str("data: [DONE]\n\n");
     let prefix = format!(
         "data: {{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":{},\"service_tier\":\"default\",\"system_fingerprint\":\"{FINGERPRINT}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":",
         json_str(&id),
-        json_str(&model),
+        json_str(served_model(&model)),
     );
     let suffix = format!("}},\"logprobs\":null,\"finish_reason\":null}}]{usage_null}}}\n\n");
     let pieces = answer::pieces(&out.text);
@@ -325,7 +326,7 @@ async fn completions_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
             "id": id,
             "object": "text_completion",
             "created": created,
-            "model": model,
+            "model": served_model(&model),
             "choices": [{"text": out.text, "index": 0, "logprobs": null, "finish_reason": finish}],
             "usage": usage,
             "system_fingerprint": FINGERPRINT
@@ -335,7 +336,7 @@ async fn completions_inner(ctx: Ctx, body: Value) -> Result<Response, Failure> {
     }
     let with_usage = include_usage(&body);
     let usage_null = if with_usage { ",\"usage\":null" } else { "" };
-    let (jid, jmodel) = (json_str(&id), json_str(&model));
+    let (jid, jmodel) = (json_str(&id), json_str(served_model(&model)));
     let prefix = format!(
         "data: {{\"id\":{jid},\"object\":\"text_completion\",\"created\":{created},\"choices\":[{{\"text\":"
     );

@@ -11,7 +11,7 @@
 use crate::answer::{self, Rng, Want, is_cjk};
 use crate::common::{
     Ctx, Failure, Proto, Sim, answer_json, begin, cached_tokens, compute, content_text, encoding,
-    json_str, model_of, now_secs, positive, request_hash, text_failure,
+    json_str, model_of, now_secs, positive, request_hash, served_model, text_failure,
 };
 use crate::sse::{self, Plan};
 use axum::extract::{Request, State};
@@ -182,7 +182,7 @@ async fn respond(ctx: Ctx, body: Value) -> Result<Response, Failure> {
             "instructions": body.get("instructions").cloned().unwrap_or(Value::Null),
             "max_output_tokens": cap,
             "max_tool_calls": null,
-            "model": model,
+            "model": served_model(&model),
             "output": output,
             "parallel_tool_calls": true,
             "previous_response_id": body.get("previous_response_id").cloned().unwrap_or(Value::Null),

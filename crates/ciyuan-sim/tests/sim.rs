@@ -104,10 +104,19 @@ async fn chat_completion_shape_and_exact_usage() {
         resp.headers()["content-type"].to_str().unwrap(),
         "application/json"
     );
+    assert!(
+        resp.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .starts_with("req_")
+    );
     let v: Value = resp.json().await.unwrap();
     assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert_eq!(v["object"], "chat.completion");
-    assert_eq!(v["model"], "gpt-4o-mini");
+    // Served by the alias's dated snapshot, as OpenAI answers; the provider's id of
+    // the request in its header.
+    assert_eq!(v["model"], "gpt-4o-mini-2024-07-18");
+    assert!(v["system_fingerprint"].as_str().unwrap().starts_with("fp_"));
     assert!(v["created"].as_u64().unwrap() > 1_700_000_000);
     let choice = &v["choices"][0];
     assert_eq!(choice["index"], 0);

@@ -94,6 +94,8 @@ ALTER TABLE nodes ADD COLUMN paused BIGINT;
     store::MIGRATION_TREES,
     // 13: entry keys claimed before the append, out of the head lock (`log.rs`).
     log::MIGRATION_CLAIMS,
+    // 14: usage by attribution tag set (`ciyuan_store::tags`).
+    store::MIGRATION_TAGS,
 ];
 
 /// The schema version this build writes.

@@ -354,6 +354,14 @@ TRUNCATE accounts, usage_hourly, ingest_index, budgets, access_rules, flagged, i
 UPDATE meta SET value = 0 WHERE name = 'projected_through';
 "#;
 
+/// Usage by attribution tag set (`ciyuan_store::tags`): the exact hourly rollups'
+/// shape, `service` holding the tag set and the service. No earlier entry carries
+/// tags, so nothing needs projecting again.
+pub(crate) const MIGRATION_TAGS: &str = r#"
+CREATE TABLE IF NOT EXISTS usage_tag_hourly (LIKE usage_hourly INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS cost_tag_hourly (LIKE cost_hourly INCLUDING ALL);
+"#;
+
 /// The store's schema, as a migration of the crate's list.
 pub(crate) const MIGRATION: &str = SCHEMA;
 
@@ -396,6 +404,8 @@ const PROJECTIONS: &[&str] = &[
     "usage_tree_daily",
     "cost_tree_hourly",
     "cost_tree_daily",
+    "usage_tag_hourly",
+    "cost_tag_hourly",
 ];
 
 /// Seconds in a UTC day.
@@ -871,6 +881,44 @@ fn upsert_cost<'k>(
     )
 }
 
+/// Adds the tagged usage of entries `start..` to the tag rollups.
+fn add_tags(tx: &mut Tx<'_>, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
+    let texts = ciyuan_store::tags::texts(parts);
+    if texts.is_empty() {
+        return Ok(());
+    }
+    let tagged = ciyuan_store::tags::project_tags(start, parts, &texts)?;
+    upsert_usage(
+        tx,
+        "usage_tag_hourly",
+        tagged.usage.iter().map(|(k, n)| {
+            (
+                k.account.as_str(),
+                k.hour,
+                k.service,
+                k.model,
+                k.modality,
+                k.direction,
+                *n,
+            )
+        }),
+    )?;
+    upsert_cost(
+        tx,
+        "cost_tag_hourly",
+        tagged.cost.iter().map(|(k, a)| {
+            (
+                k.account.as_str(),
+                k.hour,
+                k.service,
+                k.model,
+                k.currency,
+                *a,
+            )
+        }),
+    )
+}
+
 /// Adds to the subtree rollups, hourly and daily.
 fn add_trees(
     tx: &mut Tx<'_>,
@@ -1133,6 +1181,27 @@ impl Inner {
         to: Option<i64>,
         order: &str,
     ) -> Result<Vec<postgres::Row>, StoreError> {
+        self.hour_rows_then(
+            select,
+            table,
+            filter,
+            from,
+            to,
+            &format!("ORDER BY {order}"),
+        )
+    }
+
+    /// [`Inner::hour_rows`] with any `tail` after the condition (a `GROUP BY` and its
+    /// order).
+    fn hour_rows_then(
+        &self,
+        select: &str,
+        table: &str,
+        filter: &HourFilter,
+        from: Option<i64>,
+        to: Option<i64>,
+        tail: &str,
+    ) -> Result<Vec<postgres::Row>, StoreError> {
         let (cond, mut args) = subtree("account", &filter.account, 1);
         let mut sql = format!("SELECT {select} FROM {table} WHERE {cond}");
         if let Some(from) = from {
@@ -1143,7 +1212,8 @@ impl Inner {
             args.push(to.to_string());
             sql.push_str(&format!(" AND hour < ${}::text::bigint", args.len()));
         }
-        sql.push_str(&format!(" ORDER BY {order}"));
+        sql.push(' ');
+        sql.push_str(tail);
         self.query(&sql, &args)
     }
 }
@@ -1198,6 +1268,8 @@ impl Store for Inner {
         let projected = ciyuan_store::project_parts(start, parts)?;
         write_changes(&mut tx, &projected.changes)?;
         write_sums(&mut tx, &projected)?;
+        let plain: Vec<&[Entry]> = parts.iter().map(|p| p.entries).collect();
+        add_tags(&mut tx, start, &plain)?;
         exec(
             &mut tx,
             "UPDATE meta SET value = $1 WHERE name = 'projected_through'",
@@ -1743,6 +1815,64 @@ impl Store for Inner {
         .collect()
     }
 
+    fn tag_usage_hours(
+        &self,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
+        // Summed over the range in the query (exact: NUMERIC), so a month of many
+        // hours travels as one row per key.
+        let rows = match whole {
+            true => self.hour_rows_then(
+                "account, min(hour), service, model, modality, direction, sum(tokens)::text",
+                "usage_tag_hourly",
+                filter,
+                filter.from_hour,
+                filter.to_hour,
+                "GROUP BY account, service, model, modality, direction
+                 ORDER BY account, service, model, modality, direction",
+            )?,
+            false => self.hour_rows_then(
+                USAGE_COLUMNS,
+                "usage_tag_hourly",
+                filter,
+                filter.from_hour,
+                filter.to_hour,
+                "ORDER BY account, hour, service, model, modality, direction",
+            )?,
+        };
+        let rows = rows.iter().map(usage_row).collect::<Result<Vec<_>, _>>()?;
+        ciyuan_store::tags::split_usage(rows)
+    }
+
+    fn tag_cost_hours(
+        &self,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
+        let rows = match whole {
+            true => self.hour_rows_then(
+                "min(hour), account, service, model, currency, sum(amount)::text",
+                "cost_tag_hourly",
+                filter,
+                filter.from_hour,
+                filter.to_hour,
+                "GROUP BY account, service, model, currency
+                 ORDER BY account, service, model, currency",
+            )?,
+            false => self.hour_rows_then(
+                COST_COLUMNS,
+                "cost_tag_hourly",
+                filter,
+                filter.from_hour,
+                filter.to_hour,
+                "ORDER BY account, hour, service, model, currency",
+            )?,
+        };
+        let rows = rows.iter().map(cost_row).collect::<Result<Vec<_>, _>>()?;
+        ciyuan_store::tags::split_cost(rows)
+    }
+
     fn usage_tree(&self, filter: &TreeFilter) -> Result<Vec<HourRow>, StoreError> {
         self.tree_rows(filter, "usage", USAGE_COLUMNS)?
             .iter()
@@ -2057,5 +2187,21 @@ impl Store for PgStore {
 
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError> {
         crate::off_runtime(|| self.inner.usage_hours(filter))
+    }
+
+    fn tag_usage_hours(
+        &self,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
+        crate::off_runtime(|| self.inner.tag_usage_hours(filter, whole))
+    }
+
+    fn tag_cost_hours(
+        &self,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
+        crate::off_runtime(|| self.inner.tag_cost_hours(filter, whole))
     }
 }

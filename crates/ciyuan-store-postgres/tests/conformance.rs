@@ -85,3 +85,14 @@ fn migrations_are_applied_once_when_nodes_start_together() {
         "each migration applied by exactly one node: {applied:?}"
     );
 }
+
+/// `cargo test -p ciyuan-store-postgres --release --test conformance -- --ignored
+/// --nocapture bench_tag_month`: see [`ciyuan_store::conformance::bench_tag_month`].
+#[test]
+#[ignore]
+fn bench_tag_month() {
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("tagbench").unwrap();
+    let store = ciyuan_store_postgres::PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    ciyuan_store::conformance::bench_tag_month(&store);
+}

@@ -399,6 +399,31 @@ DELETE FROM cost_tree_hourly;
 DELETE FROM cost_tree_daily;
 UPDATE meta SET value = 0 WHERE name = 'projected_through';
 "#,
+    // 15: usage by attribution tag set (`ciyuan_store::tags`): the exact hourly
+    // rollups' shape, `service` holding the tag set and the service. No earlier entry
+    // carries tags, so nothing needs projecting again.
+    r#"
+CREATE TABLE usage_tag_hourly (
+    account   TEXT NOT NULL,
+    hour      INTEGER NOT NULL,
+    service   TEXT NOT NULL,
+    model     TEXT NOT NULL,
+    modality  TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    hi        INTEGER NOT NULL CHECK (typeof(hi) = 'integer'),
+    lo        INTEGER NOT NULL CHECK (typeof(lo) = 'integer' AND lo >= 0 AND lo < 4611686018427387904),
+    PRIMARY KEY (account, hour, service, model, modality, direction)
+) WITHOUT ROWID;
+CREATE TABLE cost_tag_hourly (
+    account  TEXT NOT NULL,
+    hour     INTEGER NOT NULL,
+    service  TEXT NOT NULL,
+    model    TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    amount   TEXT NOT NULL,
+    PRIMARY KEY (account, hour, service, model, currency)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Every projection table, cleared by a reset (keys and sessions are kept).
@@ -428,6 +453,8 @@ const PROJECTIONS: &[&str] = &[
     "usage_tree_daily",
     "cost_tree_hourly",
     "cost_tree_daily",
+    "usage_tag_hourly",
+    "cost_tag_hourly",
 ];
 
 /// A token sum as stored: `hi * 2^62 + lo`, `0 <= lo < 2^62`. Sums of the ledger's
@@ -1214,6 +1241,48 @@ fn add_costs(
     )
 }
 
+/// Adds the tagged usage of entries `start..` to the tag rollups.
+fn add_tags(
+    tx: &rusqlite::Transaction<'_>,
+    start: u64,
+    parts: &[&[Entry]],
+) -> Result<(), StoreError> {
+    let texts = ciyuan_store::tags::texts(parts);
+    if texts.is_empty() {
+        return Ok(());
+    }
+    let tagged = ciyuan_store::tags::project_tags(start, parts, &texts)?;
+    upsert_usage(
+        tx,
+        "usage_tag_hourly",
+        tagged.usage.iter().map(|(k, n)| {
+            (
+                k.account.as_str(),
+                k.hour,
+                k.service,
+                k.model,
+                k.modality,
+                k.direction,
+                *n,
+            )
+        }),
+    )?;
+    upsert_cost(
+        tx,
+        "cost_tag_hourly",
+        tagged.cost.iter().map(|(k, a)| {
+            (
+                k.account.as_str(),
+                k.hour,
+                k.service,
+                k.model,
+                k.currency,
+                *a,
+            )
+        }),
+    )
+}
+
 /// Adds to the subtree rollups, hourly and daily.
 fn add_trees(
     tx: &rusqlite::Transaction<'_>,
@@ -1540,6 +1609,8 @@ impl Store for SqliteStore {
         )?;
         add_costs(&tx, &projected.cost)?;
         add_trees(&tx, &projected.usage_tree, &projected.cost_tree)?;
+        let plain: Vec<&[Entry]> = parts.iter().map(|p| p.entries).collect();
+        add_tags(&tx, start, &plain)?;
         add_tier_units(&tx, &projected.tiers)?;
         add_cost_lines(&tx, &projected.lines)?;
         add_quality_hours(&tx, &projected.quality_hours)?;
@@ -2120,6 +2191,51 @@ impl Store for SqliteStore {
             ),
             args,
         )
+    }
+
+    fn tag_usage_hours(
+        &self,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
+        let (cond, mut args) = subtree("account", &filter.account);
+        let (range, mut more) = hour_range(filter.from_hour, filter.to_hour);
+        args.append(&mut more);
+        // Summed in Rust: a sum of the stored halves could pass SQLite's 64 bits.
+        let sum = |rows| match whole {
+            true => ciyuan_store::tags::whole_usage(rows),
+            false => Ok(rows),
+        };
+        ciyuan_store::tags::split_usage(sum(usage_rows(
+            &self.conn(),
+            &format!(
+                "{USAGE_COLUMNS} FROM usage_tag_hourly WHERE {cond}{range}
+                 ORDER BY account, hour, service, model, modality, direction"
+            ),
+            args,
+        )?)?)
+    }
+
+    fn tag_cost_hours(
+        &self,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
+        let (cond, mut args) = subtree("account", &filter.account);
+        let (range, mut more) = hour_range(filter.from_hour, filter.to_hour);
+        args.append(&mut more);
+        let sum = |rows| match whole {
+            true => ciyuan_store::tags::whole_cost(rows),
+            false => Ok(rows),
+        };
+        ciyuan_store::tags::split_cost(sum(cost_rows(
+            &self.conn(),
+            &format!(
+                "{COST_COLUMNS} FROM cost_tag_hourly WHERE {cond}{range}
+                 ORDER BY account, hour, service, model, currency"
+            ),
+            args,
+        )?)?)
     }
 
     fn usage_tree(&self, filter: &TreeFilter) -> Result<Vec<HourRow>, StoreError> {

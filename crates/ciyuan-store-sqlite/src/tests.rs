@@ -398,3 +398,13 @@ fn ingest_blocks_read_back_in_entry_order_and_damage_is_an_error() {
         "{err}"
     );
 }
+
+/// `cargo test -p ciyuan-store-sqlite --release --lib -- --ignored --nocapture bench_tag_month`:
+/// see [`ciyuan_store::conformance::bench_tag_month`].
+#[test]
+#[ignore]
+fn bench_tag_month() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("tags.db")).unwrap();
+    ciyuan_store::conformance::bench_tag_month(&store);
+}

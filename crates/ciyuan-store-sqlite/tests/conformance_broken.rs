@@ -197,6 +197,20 @@ impl Store for BrokenAfterReset {
         self.broken()?;
         self.inner.report_progress()
     }
+    fn tag_usage_hours(
+        &self,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
+        self.inner.tag_usage_hours(filter, whole)
+    }
+    fn tag_cost_hours(
+        &self,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
+        self.inner.tag_cost_hours(filter, whole)
+    }
 }
 
 #[test]

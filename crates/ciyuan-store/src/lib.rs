@@ -15,6 +15,7 @@ use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, Modality, Scopes};
 
 mod log;
 mod projection;
+pub mod tags;
 pub mod tree;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, EntryKey, Log, LogError, ScanFn, SignedCheckpoint};
@@ -750,6 +751,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Hourly rollup rows of a subtree, summed over equal keys.
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
+
+    /// Hourly token rows of a subtree's tagged usage, each with its tag set (see
+    /// [`tags`]), summed over equal keys; with `whole`, summed over the whole range
+    /// too (one row per node, tag set, service, model and token key, stamped with the
+    /// first hour it has usage in): a question that is not bucketed reads those.
+    fn tag_usage_hours(
+        &self,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<tags::TagHourRow>, StoreError>;
+
+    /// Hourly cost rows of a subtree's tagged usage, as [`Store::tag_usage_hours`].
+    fn tag_cost_hours(
+        &self,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<tags::TagCostRow>, StoreError>;
 
     /// Token rows of the subtrees `filter` names (see [`tree::TreeFilter`]), each row
     /// named for its subtree's node and summing to that whole subtree: the node's own

@@ -5,6 +5,7 @@
 use crate::budgets::used_in_ledger;
 use crate::common::{Server, bin, http, json};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -1506,4 +1507,342 @@ fn responses_streams_that_break_off_are_metered_as_chat_streams_are() {
     let answer: Value = serde_json::from_str(&r.body).unwrap();
     let cap = answer["max_output_tokens"].as_u64().unwrap();
     assert!(cap < 200, "the provider was asked for less: {answer}");
+}
+
+#[test]
+fn entries_record_key_session_tags_and_the_providers_provenance() {
+    let gw = gateway();
+    let (s, body) = gw
+        .server
+        .http("GET", "/api/v1/keys?account=acme/app", &gw.admin, None);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let key_id = json(&body)["keys"][0]["key_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a key id in {}", String::from_utf8_lossy(&body)))
+        .to_string();
+    assert_ne!(gw.key, key_id, "the id, never the secret");
+    let tags = ("x-ciyuan-tags", "feature=search, team=hr");
+    let with_meta = |stream: bool| {
+        let mut b = chat(stream);
+        b["metadata"] = json!({"experiment": "b7"});
+        b["user"] = json!("alice");
+        b
+    };
+    let want_tags = json!({"experiment": "b7", "feature": "search", "team": "hr"});
+    // OpenAI chat, whole and streamed: the dated model the sim serves `gpt-4o` with,
+    // its fingerprint, and the provider's request id (header) or the answer's id.
+    for stream in [false, true] {
+        let r = raw(
+            &gw.server.url,
+            "/v1/chat/completions",
+            &gw.key,
+            &[tags],
+            &with_meta(stream),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let e = gw.entry(&request_id(&r));
+        assert_eq!(e["key"], key_id.as_str(), "{e}");
+        assert_eq!(e["session"], "alice", "{e}");
+        assert_eq!(e["tags"], want_tags, "{e}");
+        assert_eq!(e["model"], "gpt-4o", "the model asked for: {e}");
+        let q = &e["quality"];
+        assert_eq!(q["upstream"], "sim-openai");
+        assert_eq!(q["served_model"], "gpt-4o-2024-08-06", "{e}");
+        assert_eq!(q["system_fingerprint"], "fp_5im0c1yuan", "{e}");
+        let provider_id = r
+            .head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .map(str::trim);
+        let id = q["provider_request_id"].as_str().unwrap();
+        match provider_id {
+            // The gateway passes the provider's header back: the same id.
+            Some(h) => assert_eq!(id, h, "{e}"),
+            None => assert!(id.starts_with("req_") || id.starts_with("chatcmpl-"), "{e}"),
+        }
+        if !stream {
+            assert!(
+                id.starts_with("req_"),
+                "the header's id, not the answer's: {e}"
+            );
+        }
+    }
+    // Anthropic: the served model and the message's request id; no fingerprint.
+    let r = raw(
+        &gw.server.url,
+        "/v1/messages",
+        &gw.key,
+        &[
+            ("anthropic-version", "2023-06-01"),
+            ("x-ciyuan-session", "s-9"),
+        ],
+        &json!({"model": "claude-sonnet-4-5", "max_tokens": 50, "stream": true,
+                "messages": [{"role": "user", "content": "Hi"}]}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["session"], "s-9", "{e}");
+    assert!(e["tags"].is_null(), "no tags, none recorded: {e}");
+    assert_eq!(
+        e["quality"]["served_model"], "claude-sonnet-4-5-20250929",
+        "{e}"
+    );
+    assert!(e["quality"]["system_fingerprint"].is_null(), "{e}");
+    assert!(
+        e["quality"]["provider_request_id"].as_str().is_some(),
+        "{e}"
+    );
+    // The Responses API: its metadata is tags too.
+    let r = raw(
+        &gw.server.url,
+        "/v1/responses",
+        &gw.key,
+        &[],
+        &json!({"model": "gpt-4o", "input": "Hi", "metadata": {"feature": "chat"}}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["tags"], json!({"feature": "chat"}), "{e}");
+    assert_eq!(e["quality"]["served_model"], "gpt-4o-2024-08-06", "{e}");
+    assert!(e["session"].is_null(), "{e}");
+    // Tags that cannot be recorded whole are refused before the provider, by name, in
+    // the protocol's error shape.
+    let before = gateway_entries(&gw);
+    for (headers, body, param, says) in [
+        (
+            vec![("x-ciyuan-tags", "Feature=x")],
+            chat(false),
+            "tags",
+            "lowercase letters",
+        ),
+        (
+            vec![("x-ciyuan-tags", "team=hr")],
+            {
+                let mut b = chat(false);
+                b["metadata"] = json!({"team": "ops"});
+                b
+            },
+            "metadata",
+            "given twice",
+        ),
+        (
+            vec![],
+            {
+                let mut b = chat(false);
+                b["metadata"] = json!({"n": 7});
+                b
+            },
+            "metadata",
+            "must be a string",
+        ),
+        (
+            vec![(
+                "x-ciyuan-tags",
+                Box::leak(
+                    (0..17)
+                        .map(|i| format!("k{i}=v"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                        .into_boxed_str(),
+                ) as &str,
+            )],
+            chat(false),
+            "tags",
+            "at most 16",
+        ),
+    ] {
+        let r = raw(
+            &gw.server.url,
+            "/v1/chat/completions",
+            &gw.key,
+            &headers,
+            &body,
+            None,
+        );
+        assert_eq!(r.status, 400, "{}", r.body);
+        let err: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(err["error"]["type"], "invalid_request_error", "{err}");
+        assert_eq!(err["error"]["param"], param, "{err}");
+        assert!(
+            err["error"]["message"].as_str().unwrap().contains(says),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        gateway_entries(&gw),
+        before,
+        "refused before admission: no entry"
+    );
+}
+
+#[test]
+fn usage_by_tag_from_the_openai_sdks_metadata_and_header_with_cost() {
+    let python = crate::common::venv_python("sdk-venv", "tests/sdk/requirements.txt");
+    let gw = gateway();
+    let book = gw._dir.path().join("book.toml");
+    std::fs::write(
+        &book,
+        "name = \"list\"\ncurrency = \"USD\"\n[[rules]]\nmodel = \"gpt-4o*\"\n\
+         unit_prices = { \"text.input\" = \"0.0000025\", \"text.output\" = \"0.00001\" }\n",
+    )
+    .unwrap();
+    gw.server.import_toml_book(&gw.admin, &book);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/tags_check.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(&gw.server.url)
+        .arg(&gw.key)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.last().unwrap()["scenario"], "done");
+    assert!(lines.iter().any(|l| l["type"] == "BadRequestError"));
+    // Each call's tokens, by scenario, from its entry (waiting for each).
+    let mut total: BTreeMap<&str, i64> = BTreeMap::new();
+    for l in &lines {
+        let Some(id) = l["request_id"].as_str() else {
+            continue;
+        };
+        let e = gw.entry(id);
+        let want = match l["scenario"].as_str().unwrap() {
+            "chat.search" => json!({"experiment": "b7", "feature": "search", "team": "hr"}),
+            "chat.chat" => json!({"feature": "chat", "team": "hr"}),
+            "responses.search" => json!({"feature": "search", "team": "ops"}),
+            _ => Value::Null,
+        };
+        assert_eq!(e["tags"], want, "{e}");
+        let n: i64 = e["tokens"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_i64().unwrap())
+            .sum();
+        *total.entry(l["scenario"].as_str().unwrap()).or_default() += n;
+    }
+    assert_eq!(total.len(), 4, "{total:?}");
+    // An ingested event's tags: CloudEvents' extension attribute `ciyuantags`.
+    let ingest = gw.key_for("acme/app", &["ingest"]);
+    let event = |id: &str, tags: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "svc://tags", "type": "llm.usage",
+               "subject": "acme/app", "ciyuantags": tags,
+               "data": {"model": "gpt-4o", "input_tokens": 1000, "output_tokens": 1}})
+    };
+    let (s, b) = gw.server.http(
+        "POST",
+        "/v1/events",
+        &ingest,
+        Some(&event("e1", "feature=search, team=hr")),
+    );
+    assert_eq!(s, 201, "{}", String::from_utf8_lossy(&b));
+    let (s, b) = gw.server.http(
+        "POST",
+        "/v1/events",
+        &ingest,
+        Some(&event("e2", "Feature=search")),
+    );
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    assert!(String::from_utf8_lossy(&b).contains("ciyuantags"));
+    let usage = |query: &str| {
+        let (s, b) = gw.server.http(
+            "GET",
+            &format!("/api/v1/usage?account=acme&{query}"),
+            &gw.admin,
+            None,
+        );
+        assert_eq!(s, 200, "{query}: {}", String::from_utf8_lossy(&b));
+        json(&b)
+    };
+    let rows_of = |v: &Value| -> BTreeMap<String, (i64, String)> {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let name = r["tags"].to_string();
+                let cost = r["cost"]["USD"].as_str().unwrap_or("0").to_string();
+                (name, (r["total"].as_i64().unwrap(), cost))
+            })
+            .collect()
+    };
+    // Grouped by feature: search (chat and responses), chat, and the untagged rest.
+    let by_feature = usage("group_by=tag:feature&with=cost");
+    let rows = rows_of(&by_feature);
+    assert_eq!(
+        rows.keys().cloned().collect::<Vec<_>>(),
+        [
+            r#"{"feature":"chat"}"#,
+            r#"{"feature":"search"}"#,
+            r#"{"feature":null}"#
+        ],
+        "{by_feature}"
+    );
+    assert_eq!(
+        rows[r#"{"feature":"search"}"#].0,
+        total["chat.search"] + total["responses.search"] + 1001
+    );
+    assert_eq!(rows[r#"{"feature":"chat"}"#].0, total["chat.chat"]);
+    assert_eq!(rows[r#"{"feature":null}"#].0, total["chat.untagged"]);
+    // The groups add up to the whole, tokens and money.
+    let whole = usage("with=cost");
+    let sum: i64 = rows.values().map(|(n, _)| n).sum();
+    assert_eq!(sum, whole["rows"][0]["total"].as_i64().unwrap());
+    let money: rust_decimal::Decimal = rows
+        .values()
+        .map(|(_, c)| c.parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    assert!(money > rust_decimal::Decimal::ZERO);
+    assert_eq!(
+        money,
+        whole["cost_totals"]["USD"]
+            .as_str()
+            .unwrap()
+            .parse::<rust_decimal::Decimal>()
+            .unwrap(),
+        "{by_feature} against {whole}"
+    );
+    // Filtered: team hr by feature; then two filters together.
+    let hr = rows_of(&usage("tag=team:hr&group_by=tag:feature,model"));
+    assert_eq!(hr.len(), 2, "{hr:?}");
+    assert_eq!(hr[r#"{"feature":"search"}"#].0, total["chat.search"] + 1001);
+    let both = usage("tag=team:hr&tag=feature:search&with=cost");
+    assert_eq!(both["tags"], json!(["feature:search", "team:hr"]));
+    let rows = both["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{both}");
+    assert_eq!(
+        rows[0]["total"].as_i64().unwrap(),
+        total["chat.search"] + 1001
+    );
+    assert!(rows[0]["tags"].is_null(), "not grouped by a tag: {both}");
+    let nothing = usage("tag=team:finance");
+    assert_eq!(nothing["rows"], json!([]), "{nothing}");
+    // Bad questions name what is wrong.
+    for (query, says) in [
+        ("tag=feature", "KEY:VALUE"),
+        ("tag=Feature:x", "lowercase"),
+        ("group_by=tag:Feature", "lowercase"),
+        ("tag=team:hr&tag=team:ops", "filtered twice"),
+        ("group_by=tag:team&group_by=model", "given twice"),
+    ] {
+        let (s, b) = gw.server.http(
+            "GET",
+            &format!("/api/v1/usage?account=acme&{query}"),
+            &gw.admin,
+            None,
+        );
+        assert_eq!(s, 400, "{query}");
+        let text = String::from_utf8_lossy(&b);
+        assert!(text.contains(says), "{query}: {text}");
+    }
 }

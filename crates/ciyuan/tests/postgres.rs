@@ -778,3 +778,165 @@ fn two_nodes_placing_graduated_tiers_at_once_leave_no_gap_and_no_overlap() {
     let (code, out) = crate::common::verify(std::path::Path::new(&url));
     assert_eq!(code, 0, "{out}");
 }
+
+/// Fires `n` streamed chat requests at once at `server` with `key`, and `session` as
+/// `x-ciyuan-session` when given; each answer's status and body.
+fn race_as(server: &Server, key: &str, session: Option<&str>, n: usize) -> Vec<(u16, String)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", server.url);
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let mut req = client
+                    .post(&url)
+                    .bearer_auth(key)
+                    .header("x-sim-tokens-per-sec", "200")
+                    .header("x-sim-output-tokens", "20")
+                    .json(&json!({"model": "gpt-4o", "stream": true, "max_tokens": 20,
+                        "messages": [{"role": "user", "content": "Race for the last token."}]}));
+                if let Some(s) = session {
+                    req = req.header("x-ciyuan-session", s);
+                }
+                tokio::spawn(async move {
+                    match req.send().await {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            let body = r.text().await.unwrap_or_else(|e| format!("<cut: {e}>"));
+                            (status, body)
+                        }
+                        Err(e) => (0, e.to_string()),
+                    }
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    })
+}
+
+/// The tokens the ledger holds for `node`, as `server` sees them.
+fn used_tokens(server: &Server, root: &str, node: &str) -> i64 {
+    let (s, body) = server.http("GET", &format!("/api/v1/usage?account={node}"), root, None);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    json(&body)["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["total"].as_i64().unwrap())
+        .sum()
+}
+
+#[test]
+fn two_nodes_keep_one_hard_limit_per_key_and_per_session() {
+    let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
+    let (_tmp, a, b, root, url) = two_nodes(&cluster, &unique("perkey"));
+    // One node per limit, so its usage is the one key's or the one session's.
+    stdout(&a.cli(&root, &["accounts", "create", "acme/keyed"]));
+    stdout(&a.cli(&root, &["accounts", "create", "acme/sessions"]));
+    let k1 = a.new_key(&root, "acme/keyed", "gateway,read");
+    let k2 = a.new_key(&root, "acme/keyed", "gateway,read");
+    let s1 = a.new_key(&root, "acme/sessions", "gateway,read");
+    let s2 = a.new_key(&root, "acme/sessions", "gateway,read");
+    // A request holds some 35 tokens: each limit lets ~25 through, and 2 x 50
+    // streams race for them on each.
+    let limit = 900;
+    for (node, per) in [("acme/keyed", "key"), ("acme/sessions", "session")] {
+        let (s, body) = b.http(
+            "PUT",
+            &format!("/api/v1/budgets/{node}"),
+            &root,
+            Some(
+                &json!({"name": format!("per-{per}"), "tokens": limit, "period": "month",
+                "per": per}),
+            ),
+        );
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let runs = [
+            s.spawn(|| race_as(&a, &k1, None, 50)),
+            s.spawn(|| race_as(&b, &k1, None, 50)),
+            // One session over two keys and two nodes.
+            s.spawn(|| race_as(&a, &s1, Some("alice"), 50)),
+            s.spawn(|| race_as(&b, &s2, Some("alice"), 50)),
+        ];
+        runs.into_iter().flat_map(|r| r.join().unwrap()).collect()
+    });
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    let refused = answers.iter().filter(|(s, _)| *s == 429).count();
+    let other: Vec<_> = answers
+        .iter()
+        .filter(|(s, _)| *s != 200 && *s != 429)
+        .collect();
+    assert!(other.is_empty(), "other answers: {other:?}");
+    assert!(ok > 0 && refused > 0, "{ok} answered, {refused} refused");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    for server in [&a, &b] {
+        for node in ["acme/keyed", "acme/sessions"] {
+            let used = used_tokens(server, &root, node);
+            eprintln!("{}: {node} used {used} of {limit}", server.url);
+            assert!(used > 0);
+            assert!(
+                used <= limit,
+                "{node}: {used} tokens used against a hard limit of {limit} per {} ({ok} answered)",
+                if node == "acme/keyed" {
+                    "key"
+                } else {
+                    "session"
+                }
+            );
+        }
+    }
+    // Sent on, one request at a time to each node in turn, until both refuse (what
+    // the race left in flight, or a node's slice, may leave room for a few more): the
+    // limits still hold.
+    for (key, session) in [(&k1, None), (&s2, Some("alice"))] {
+        let mut rounds = 0;
+        loop {
+            let a_says = race_as(&a, key, session, 1);
+            let b_says = race_as(&b, key, session, 1);
+            for (status, body) in a_says.iter().chain(&b_says) {
+                assert!(*status == 200 || *status == 429, "{status} {body}");
+            }
+            if a_says[0].0 == 429 && b_says[0].0 == 429 {
+                break;
+            }
+            rounds += 1;
+            assert!(rounds < 40, "40 more rounds fit a spent limit");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    for server in [&a, &b] {
+        for node in ["acme/keyed", "acme/sessions"] {
+            let used = used_tokens(server, &root, node);
+            assert!(
+                used <= limit,
+                "{node}: {used} of {limit} after requests in turn"
+            );
+        }
+    }
+    // The limits are the key's and the session's: another key and another session
+    // still pass, on either node.
+    for (server, key, session) in [(&a, &k2, None), (&b, &s1, Some("bob"))] {
+        let answers = race_as(server, key, session, 1);
+        assert_eq!(answers[0].0, 200, "{}", answers[0].1);
+    }
+    a.stop();
+    b.stop();
+    let (code, out) = crate::common::verify(std::path::Path::new(&url));
+    assert_eq!(code, 0, "{out}");
+}

@@ -112,6 +112,10 @@ impl AnthropicUsage {
 #[derive(Deserialize)]
 pub(crate) struct AnthropicAnswer<'a> {
     #[serde(default, borrow)]
+    id: Text<'a>,
+    #[serde(default, borrow)]
+    model: Text<'a>,
+    #[serde(default, borrow)]
     content: Vec<Obj<AnthropicBlock<'a>>>,
     #[serde(default, borrow)]
     usage: Option<&'a serde_json::value::RawValue>,
@@ -137,6 +141,9 @@ pub(crate) fn anthropic_usage(v: &Value) -> Option<Reported> {
 impl AnthropicAnswer<'_> {
     pub(crate) fn read(self) -> Option<Shown> {
         let mut shown = Shown::default();
+        shown
+            .served
+            .note(self.model.as_str(), None, self.id.as_str());
         for Obj(b) in &self.content {
             match b.kind.as_str() {
                 Some("text") => b.text.push_to(&mut shown.text),
@@ -181,6 +188,10 @@ pub struct AnthropicEvent {
 pub(crate) struct AnthropicStart {
     #[serde(default)]
     usage: Option<AnthropicUsage>,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    model: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -228,6 +239,10 @@ impl AnthropicStream {
 impl AnthropicEvent {
     /// Folds the event into the stream's usage and `shown`; true at `message_stop`.
     pub fn apply(&self, stream: &mut AnthropicStream, shown: &mut Shown) -> bool {
+        if let Some(m) = &self.message {
+            let s = str_of;
+            shown.served.note(s(&m.model), None, s(&m.id));
+        }
         if let Some(u) = self.message.as_ref().and_then(|m| m.usage.as_ref()) {
             stream.usage.merge(u);
         }
@@ -285,4 +300,9 @@ impl AnthropicStream {
             }
         }
     }
+}
+
+/// A field that may be of any JSON type, as a string if it is one.
+fn str_of(v: &Option<Value>) -> Option<&str> {
+    v.as_ref().and_then(Value::as_str)
 }

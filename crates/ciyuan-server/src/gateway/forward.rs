@@ -241,6 +241,11 @@ pub(super) async fn forward(
         }
     };
     let (parts, incoming) = resp.into_parts();
+    // Provenance: the provider's id of the request, recorded on its entry.
+    let call = Call {
+        upstream_request_id: super::meter::provider_request_id(&parts.headers),
+        ..call
+    };
     let status = parts.status;
     let out_headers = passed_back_headers(&parts.headers);
     let is_stream = call.info.stream

@@ -59,6 +59,7 @@ impl Meter {
                 if data.trim() == "[DONE]" {
                     self.complete = true;
                 } else if let Ok(chunk) = serde_json::from_str::<OpenAiChunk>(&data) {
+                    super::openai::OpenAiServed::note(&data, &mut self.shown);
                     chunk.text_into(&mut self.shown);
                     if let Some(u) = chunk.usage() {
                         self.shown.reported = Some(u);
@@ -136,10 +137,22 @@ pub(super) fn finish_failed(app: &Arc<App>, call: Call, status: StatusCode, why:
         hold: call.hold,
         shared: call.shared,
         session: call.session,
+        tags: call.tags,
+        upstream_request_id: call.upstream_request_id,
         encoding: call.encoding,
         input_estimate: None,
     };
     finish(app, call, meter, status.as_u16(), None);
+}
+
+/// The provider's id of a request from its answer's headers: OpenAI's
+/// `x-request-id`, Anthropic's `request-id`; `None` when neither is recordable.
+pub(super) fn provider_request_id(headers: &HeaderMap) -> Option<String> {
+    ["x-request-id", "request-id"]
+        .iter()
+        .filter_map(|h| headers.get(*h))
+        .find_map(|v| v.to_str().ok().and_then(protocol::recordable))
+        .map(str::to_owned)
 }
 
 /// Tokens allowed per tool call in the answer beyond its arguments: the provider also
@@ -368,9 +381,21 @@ pub(super) fn finish(
                     failure: meter.failure.map(str::to_string),
                     estimated: measured.estimated,
                     uncounted: measured.uncounted,
+                    served_model: meter.shown.served.model.take(),
+                    system_fingerprint: meter.shown.served.fingerprint.take(),
+                    // The header names the request where the provider sends one;
+                    // else the answer's id does.
+                    provider_request_id: call
+                        .upstream_request_id
+                        .take()
+                        .or_else(|| meter.shown.served.id.take()),
                 })),
                 recount: measured.recount,
                 tier: call.info.service_tier,
+                // Who the engine counted it on, so other nodes count it there too.
+                key: Some(call.caller.key.key_id.clone()),
+                session: call.session.clone(),
+                tags: std::mem::take(&mut call.tags),
                 ..Usage::default()
             }),
         );

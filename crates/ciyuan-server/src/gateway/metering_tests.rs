@@ -116,6 +116,8 @@ fn call(endpoint: Endpoint, model: &str, prompt: &str, tools: &str) -> Call {
         hold: None,
         shared: None,
         session: None,
+        tags: Default::default(),
+        upstream_request_id: None,
         encoding: encoding_for_model(model, &[]),
         input_estimate: None,
     }

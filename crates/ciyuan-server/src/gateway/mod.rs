@@ -22,6 +22,7 @@ mod relay;
 pub(crate) mod request;
 pub(crate) mod responses;
 pub(crate) mod sse;
+mod tags;
 mod upstream;
 
 #[cfg(test)]
@@ -674,6 +675,10 @@ struct Call {
     shared: Option<crate::holds::SharedHold>,
     /// The session the request belongs to (`x-ciyuan-session`, else the `user` field).
     session: Option<String>,
+    /// Its attribution tags (`x-ciyuan-tags`, OpenAI's `metadata`).
+    tags: std::collections::BTreeMap<String, String>,
+    /// The provider's id of the request, from its answer's headers.
+    upstream_request_id: Option<String>,
     /// The model's tokenizer, if Ciyuan has it.
     encoding: Option<Encoding>,
     /// The prompt as counted locally before forwarding (reused by the recount).
@@ -788,6 +793,10 @@ async fn serve_call(
                 .param(field)
                 .into_response(family);
         }
+    };
+    let tags = match tags::of(&headers, &std::mem::take(&mut info.metadata)) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(family),
     };
     let provider = match app.gateway.route(family, &info.model) {
         Ok(p) => p,
@@ -954,6 +963,8 @@ async fn serve_call(
         hold,
         shared,
         session,
+        tags,
+        upstream_request_id: None,
         encoding,
         input_estimate: counted,
     };

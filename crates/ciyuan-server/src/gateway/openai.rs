@@ -152,6 +152,12 @@ impl OpenAiUsage {
 #[derive(Deserialize)]
 pub(crate) struct OpenAiAnswer<'a> {
     #[serde(default, borrow)]
+    id: Text<'a>,
+    #[serde(default, borrow)]
+    model: Text<'a>,
+    #[serde(default, borrow)]
+    system_fingerprint: Text<'a>,
+    #[serde(default, borrow)]
     choices: Vec<Obj<OpenAiAnswerChoice<'a>>>,
     #[serde(default, borrow)]
     usage: Option<&'a serde_json::value::RawValue>,
@@ -201,6 +207,11 @@ pub(crate) fn openai_usage(v: &Value) -> Option<Reported> {
 impl OpenAiAnswer<'_> {
     pub(crate) fn read(self) -> Shown {
         let mut shown = Shown::default();
+        shown.served.note(
+            self.model.as_str(),
+            self.system_fingerprint.as_str(),
+            self.id.as_str(),
+        );
         for Obj(c) in &self.choices {
             match &c.message {
                 Some(Obj(m)) => {
@@ -222,6 +233,35 @@ impl OpenAiAnswer<'_> {
             .and_then(|u| serde_json::from_str::<Value>(u.get()).ok())
             .and_then(|u| openai_usage(&u));
         shown
+    }
+}
+
+/// Who a streamed OpenAI chunk says served it: read from a stream's chunks only until
+/// one names its model, so later chunks cost no string of it.
+#[derive(Deserialize)]
+pub struct OpenAiServed {
+    // Any JSON: a field of another type names nothing.
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    system_fingerprint: Option<Value>,
+}
+
+impl OpenAiServed {
+    /// Notes what the chunk `data` names into `shown`, while its model is unknown.
+    pub fn note(data: &str, shown: &mut Shown) {
+        if shown.served.model.is_some() {
+            return;
+        }
+        if let Ok(h) = serde_json::from_str::<OpenAiServed>(data) {
+            shown.served.note(
+                str_of(&h.model),
+                str_of(&h.system_fingerprint),
+                str_of(&h.id),
+            );
+        }
     }
 }
 
@@ -301,4 +341,9 @@ impl OpenAiChunk {
         };
         openai_usage(top.or_else(in_choice)?)
     }
+}
+
+/// A field that may be of any JSON type, as a string if it is one.
+fn str_of(v: &Option<Value>) -> Option<&str> {
+    v.as_ref().and_then(Value::as_str)
 }

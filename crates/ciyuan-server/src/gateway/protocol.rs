@@ -239,6 +239,28 @@ pub struct RequestInfo {
     /// The service tier the request asks for (OpenAI's `service_tier`: `flex`,
     /// `priority`); `None` for the default (`auto`, `default`, absent).
     pub service_tier: Option<ciyuan_core::ServiceTier>,
+    /// OpenAI's `metadata` (chat, completions, responses): string pairs recorded as
+    /// attribution tags. Anthropic's `metadata` names only the end user.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// OpenAI's `metadata` object as tag pairs; absent or null is none. Its values are
+/// strings (as OpenAI requires): anything else is refused, naming the key.
+pub fn metadata_pairs(value: Option<&Value>) -> Result<Vec<(String, String)>, GatewayError> {
+    let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m).param("metadata");
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                _ => Err(bad(format!(
+                    "metadata.{k}: must be a string (metadata is recorded as tags)"
+                ))),
+            })
+            .collect(),
+        Some(_) => Err(bad("metadata: must be an object of strings".into())),
+    }
 }
 
 /// The tier a request's `service_tier` names, as both request readers map it: a tier
@@ -331,6 +353,10 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
                 .and_then(Value::as_str)
         })
         .map(str::to_string);
+    let metadata = match endpoint.family() {
+        Family::OpenAi => metadata_pairs(obj.get("metadata"))?,
+        Family::Anthropic => Vec::new(),
+    };
     let mut info = RequestInfo {
         model,
         stream,
@@ -338,6 +364,7 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
         max_tokens,
         user,
         service_tier: requested_tier(obj.get("service_tier").and_then(Value::as_str)),
+        metadata,
         ..RequestInfo::default()
     };
     match endpoint {
@@ -452,6 +479,50 @@ pub struct Shown {
     pub tool_calls: u64,
     /// Thinking came redacted (encrypted): the provider counts it, nobody else can.
     pub redacted: bool,
+    /// Who the answer says served it.
+    pub served: Served,
+}
+
+/// What an answer says of who served it: its `model` (the dated snapshot, where the
+/// provider names one), `system_fingerprint` and `id`. The first value of each a
+/// stream gives is kept.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Served {
+    /// The answer's `model`.
+    pub model: Option<String>,
+    /// OpenAI's `system_fingerprint`.
+    pub fingerprint: Option<String>,
+    /// The answer's `id` (`chatcmpl-...`, `msg_...`, `resp_...`).
+    pub id: Option<String>,
+}
+
+impl Served {
+    /// Notes what one answer or chunk names, where nothing was noted yet.
+    pub fn note(&mut self, model: Option<&str>, fingerprint: Option<&str>, id: Option<&str>) {
+        for (slot, v) in [
+            (&mut self.model, model),
+            (&mut self.fingerprint, fingerprint),
+            (&mut self.id, id),
+        ] {
+            if slot.is_none() {
+                *slot = v.and_then(recordable).map(str::to_owned);
+            }
+        }
+    }
+
+    /// [`Served::note`] from an answer's fields as JSON values (strings only).
+    pub fn note_values(&mut self, v: &Value) {
+        let s = |k: &str| v.get(k).and_then(Value::as_str);
+        self.note(s("model"), s("system_fingerprint"), s("id"));
+    }
+}
+
+/// A provider's name for something, as an entry may record it: at most
+/// [`super::MAX_NAME_BYTES`], no control characters (ledger text is read back).
+/// Anything else names nothing the ledger can keep: not recorded.
+pub fn recordable(s: &str) -> Option<&str> {
+    (!s.is_empty() && s.len() <= super::MAX_NAME_BYTES && !s.chars().any(char::is_control))
+        .then_some(s)
 }
 
 /// What a whole (not streamed) answer holds: its usage and its text.
@@ -566,6 +637,14 @@ pub(crate) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown
     let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
     if endpoint == Endpoint::Responses {
         return Some(super::responses::read_answer(&v));
+    }
+    match endpoint.family() {
+        Family::OpenAi => shown.served.note_values(&v),
+        // Anthropic's answers name no fingerprint.
+        Family::Anthropic => {
+            let s = |k: &str| v.get(k).and_then(Value::as_str);
+            shown.served.note(s("model"), None, s("id"));
+        }
     }
     match endpoint.family() {
         Family::OpenAi => {

@@ -254,16 +254,23 @@ pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Option<(RequestInfo, Spans)> 
     if endpoint == Endpoint::Messages && max_tokens.is_none() {
         return None;
     }
+    let metadata: Option<Value> = match r.metadata.0 {
+        None => None,
+        Some(m) => Some(serde_json::from_str(m.get()).ok()?),
+    };
     let user = match r.user.as_str() {
         Some(u) => Some(u.to_string()),
-        None => match r.metadata.0 {
-            None => None,
-            Some(m) => serde_json::from_str::<Value>(m.get())
-                .ok()?
-                .get("user_id")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-        },
+        None => metadata
+            .as_ref()
+            .and_then(|m| m.get("user_id"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    };
+    // OpenAI's metadata is recorded as tags; a malformed one is the forgiving
+    // reader's to refuse, by name.
+    let metadata = match endpoint {
+        Endpoint::Chat => super::protocol::metadata_pairs(metadata.as_ref()).ok()?,
+        _ => Vec::new(),
     };
     let mut info = RequestInfo {
         model,
@@ -272,6 +279,7 @@ pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Option<(RequestInfo, Spans)> 
         max_tokens,
         user,
         service_tier: super::protocol::requested_tier(r.service_tier.as_str()),
+        metadata,
         ..RequestInfo::default()
     };
     if endpoint == Endpoint::Messages

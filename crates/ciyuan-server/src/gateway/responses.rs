@@ -177,6 +177,7 @@ fn content_text(content: &Value, media: &mut u64) -> String {
 /// its usage.
 pub fn read_answer(v: &Value) -> Shown {
     let mut shown = Shown::default();
+    shown.served.note_values(v);
     read_output(v.get("output"), &mut shown);
     shown.reported = v.get("usage").and_then(usage);
     shown
@@ -265,6 +266,10 @@ pub enum Step {
 impl Event {
     /// Folds the event into `shown`.
     pub fn apply(&self, shown: &mut Shown) -> Step {
+        // `response.created` (and every later event with the response) names it.
+        if let Some(r) = &self.response {
+            shown.served.note_values(r);
+        }
         let delta = || match &self.delta {
             Some(Value::String(s)) => s.as_str(),
             _ => "",
