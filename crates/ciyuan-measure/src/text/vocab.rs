@@ -2,6 +2,7 @@
 //! of packed slots, and the small tables looked up first (bytes, pairs of bytes,
 //! characters of three bytes, a filter of hashes).
 
+use super::backtrack::Backtrack;
 use super::{Encoding, Rank, TextError};
 use base64::Engine;
 use std::io::BufRead;
@@ -46,6 +47,8 @@ pub(super) struct Vocab {
     /// which stays in the cache) turns most of them away without touching `slots`
     /// (megabytes, a cache miss per look-up: most of the time of counting Chinese).
     pub(super) filter: Box<[u64]>,
+    /// The trie and merges the backtracking count walks.
+    pub(super) backtrack: Backtrack,
 }
 
 /// Bits of hash that pick a bit of [`Vocab::filter`]: 2^21 bits, about one in ten set
@@ -297,8 +300,13 @@ impl Vocab {
     /// Reads a gzipped tiktoken rank file (`base64 rank` lines). It is read twice, line
     /// by line, so that neither the text nor a list of tokens is ever held whole: once
     /// to size the arena and the table exactly, once to fill them. Every byte must be a
-    /// token: unmerged bytes count one token each.
-    pub(super) fn from_tiktoken_gz(name: &'static str, gz: &[u8]) -> Result<Vocab, TextError> {
+    /// token: unmerged bytes count one token each. With `backtrack`, the table for
+    /// counting by backtracking is built too (see [`Encoding::backtracks`]).
+    pub(super) fn from_tiktoken_gz(
+        name: &'static str,
+        gz: &[u8],
+        backtrack: bool,
+    ) -> Result<Vocab, TextError> {
         let bad = |why: String| TextError::Vocabulary(name, why);
         let (mut tokens, mut total) = (0usize, 0usize);
         for_each_token(gz, |token, _| {
@@ -315,6 +323,7 @@ impl Vocab {
         let mut longest = 0;
         let mut filter = vec![0u64; 1 << (FILTER_BITS - 6)].into_boxed_slice();
         let mut chars3 = vec![Rank::MAX; 1 << 16].into_boxed_slice();
+        let mut order = Vec::with_capacity(tokens);
         for_each_token(gz, |token, rank| {
             let bit = filter_bit(piece_hash(token));
             filter[bit >> 6] |= 1 << (bit & 63);
@@ -326,6 +335,7 @@ impl Vocab {
             }
             let at = bytes.len();
             bytes.extend_from_slice(token);
+            order.push((at as u32, token.len() as u8, rank));
             Vocab::insert(&bytes, &mut slots, at, token.len(), rank);
             longest = longest.max(token.len());
             Ok(())
@@ -339,6 +349,7 @@ impl Vocab {
             single: [0; 256],
             chars3,
             filter,
+            backtrack: Backtrack::empty(),
         };
         for a in 0..=255 {
             for b in 0..=255 {
@@ -349,6 +360,9 @@ impl Vocab {
             vocab.single[usize::from(a)] = vocab
                 .lookup(&[a])
                 .ok_or_else(|| bad(format!("byte {a:#04x} is not a token")))?;
+        }
+        if backtrack {
+            vocab.backtrack = Backtrack::new(&vocab.bytes, &order, &vocab);
         }
         Ok(vocab)
     }
@@ -408,7 +422,7 @@ mod tests {
             "deepseek_v4",
         ] {
             let map = rank_map(gz(name));
-            let vocab = Vocab::from_tiktoken_gz("test", gz(name)).unwrap();
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name), false).unwrap();
             assert_eq!(vocab.len(), map.len(), "{name}");
             for (token, &rank) in &map {
                 assert_eq!(vocab.get(token), Some(rank), "{name} {token:?}");
@@ -426,7 +440,7 @@ mod tests {
             bad.finish().unwrap()
         };
         assert!(
-            Vocab::from_tiktoken_gz("test", &bad).is_err(),
+            Vocab::from_tiktoken_gz("test", &bad, false).is_err(),
             "bytes missing"
         );
     }
