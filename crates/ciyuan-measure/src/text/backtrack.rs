@@ -465,6 +465,7 @@ mod tests {
         for name in backtracking() {
             let map = rank_map(gz(name));
             let vocab = Vocab::from_tiktoken_gz("test", gz(name), true).unwrap();
+            vocab.prepare_walk();
             let mut pieces = random_pieces(&map, 20_000, BACKTRACK_MAX_BYTES);
             pieces.extend(text_pieces(Kind::Chinese, 3_000));
             pieces.extend(text_pieces(Kind::English, 1_000));
@@ -474,13 +475,16 @@ mod tests {
             }
             for p in pieces {
                 assert_eq!(
-                    vocab.backtrack.count(&p),
+                    vocab.walk().unwrap().count(&p),
                     Some(tiktoken_rs::byte_pair_split(&p, &map).len()),
                     "{name} {p:?}"
                 );
             }
             assert_eq!(
-                vocab.backtrack.count(&[b'x'; BACKTRACK_MAX_BYTES + 1]),
+                vocab
+                    .walk()
+                    .unwrap()
+                    .count(&[b'x'; BACKTRACK_MAX_BYTES + 1]),
                 None
             );
         }
@@ -519,7 +523,8 @@ mod tests {
             let name = e.name();
             let map = rank_map(gz(name));
             let vocab = Vocab::from_tiktoken_gz("test", gz(name), true).unwrap();
-            let bt = &vocab.backtrack;
+            vocab.prepare_walk();
+            let bt = vocab.walk().unwrap();
             let (mut unmade, mut wrong, mut later_half) = (0, 0, 0);
             for (token, &rank) in &map {
                 if token.len() < 2 || vocab.get(token) != Some(rank) {

@@ -11,14 +11,13 @@ use std::collections::BinaryHeap;
 pub(super) fn piece_count(b: &[u8], ranks: &Vocab) -> usize {
     if ranks.contains(b) {
         1
-    } else if !ranks.backtrack.is_built() || !backtracks(b) {
-        merge_count(b, ranks)
     } else {
-        // The walk cannot go wrong (see `backtrack`); if it did, the merge still counts.
-        ranks
-            .backtrack
-            .count(b)
-            .unwrap_or_else(|| merge_count(b, ranks))
+        match ranks.walk() {
+            // The walk cannot go wrong (see `backtrack`); if it did, the merge still
+            // counts.
+            Some(walk) if backtracks(b) => walk.count(b).unwrap_or_else(|| merge_count(b, ranks)),
+            _ => merge_count(b, ranks),
+        }
     }
 }
 

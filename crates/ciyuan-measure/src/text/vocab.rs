@@ -6,6 +6,7 @@ use super::backtrack::Backtrack;
 use super::{Encoding, Rank, TextError};
 use base64::Engine;
 use std::io::BufRead;
+use std::sync::OnceLock;
 
 /// The vocabulary file an encoding counts with, gzipped as shipped (tiktoken's rank
 /// format: one `base64 rank` line per token). The benchmark hands these very bytes to
@@ -47,8 +48,11 @@ pub(super) struct Vocab {
     /// which stays in the cache) turns most of them away without touching `slots`
     /// (megabytes, a cache miss per look-up: most of the time of counting Chinese).
     pub(super) filter: Box<[u64]>,
-    /// The trie and merges the backtracking count walks.
-    pub(super) backtrack: Backtrack,
+    /// The trie and merges the backtracking count walks, built the first time a
+    /// long text is counted ([`Vocab::prepare_walk`]).
+    pub(super) backtrack: OnceLock<Backtrack>,
+    /// The rank file, kept to build [`Vocab::backtrack`] from, for encodings that walk.
+    pub(super) walk_source: Option<&'static [u8]>,
 }
 
 /// Bits of hash that pick a bit of [`Vocab::filter`]: 2^21 bits, about one in ten set
@@ -300,12 +304,13 @@ impl Vocab {
     /// Reads a gzipped tiktoken rank file (`base64 rank` lines). It is read twice, line
     /// by line, so that neither the text nor a list of tokens is ever held whole: once
     /// to size the arena and the table exactly, once to fill them. Every byte must be a
-    /// token: unmerged bytes count one token each. With `backtrack`, the table for
-    /// counting by backtracking is built too (see [`Encoding::backtracks`]).
+    /// token: unmerged bytes count one token each. With `walk`, the tables for
+    /// counting by backtracking can be built later ([`Vocab::prepare_walk`]; see
+    /// [`Encoding::backtracks`]).
     pub(super) fn from_tiktoken_gz(
         name: &'static str,
-        gz: &[u8],
-        backtrack: bool,
+        gz: &'static [u8],
+        walk: bool,
     ) -> Result<Vocab, TextError> {
         let bad = |why: String| TextError::Vocabulary(name, why);
         let (mut tokens, mut total) = (0usize, 0usize);
@@ -323,7 +328,6 @@ impl Vocab {
         let mut longest = 0;
         let mut filter = vec![0u64; 1 << (FILTER_BITS - 6)].into_boxed_slice();
         let mut chars3 = vec![Rank::MAX; 1 << 16].into_boxed_slice();
-        let mut order = Vec::with_capacity(tokens);
         for_each_token(gz, |token, rank| {
             let bit = filter_bit(piece_hash(token));
             filter[bit >> 6] |= 1 << (bit & 63);
@@ -335,7 +339,6 @@ impl Vocab {
             }
             let at = bytes.len();
             bytes.extend_from_slice(token);
-            order.push((at as u32, token.len() as u8, rank));
             Vocab::insert(&bytes, &mut slots, at, token.len(), rank);
             longest = longest.max(token.len());
             Ok(())
@@ -349,7 +352,8 @@ impl Vocab {
             single: [0; 256],
             chars3,
             filter,
-            backtrack: Backtrack::empty(),
+            backtrack: OnceLock::new(),
+            walk_source: walk.then_some(gz),
         };
         for a in 0..=255 {
             for b in 0..=255 {
@@ -361,10 +365,37 @@ impl Vocab {
                 .lookup(&[a])
                 .ok_or_else(|| bad(format!("byte {a:#04x} is not a token")))?;
         }
-        if backtrack {
-            vocab.backtrack = Backtrack::new(&vocab.bytes, &order, &vocab);
-        }
         Ok(vocab)
+    }
+
+    /// Builds the tables for counting by backtracking, once, if this encoding walks:
+    /// 5 to 9 MiB and a few hundred milliseconds, which is why short texts (the
+    /// gateway's prompts) never ask for them.
+    pub(super) fn prepare_walk(&self) {
+        if let Some(gz) = self.walk_source {
+            self.backtrack.get_or_init(|| {
+                // The tokens as the arena holds them: one after another, in file order.
+                let mut order = Vec::new();
+                let mut at = 0u32;
+                let read = for_each_token(gz, |token, rank| {
+                    order.push((at, token.len() as u8, rank));
+                    at += token.len() as u32;
+                    Ok(())
+                });
+                if read.is_err() || at as usize != self.bytes.len() {
+                    // The file read once already; if it reads differently now, pieces
+                    // are merged, which counts the same, only slower.
+                    return Backtrack::empty();
+                }
+                Backtrack::new(&self.bytes, &order, self)
+            });
+        }
+    }
+
+    /// The tables for counting by backtracking, if they are built.
+    #[inline]
+    pub(super) fn walk(&self) -> Option<&Backtrack> {
+        self.backtrack.get().filter(|b| b.is_built())
     }
 
     /// Puts the token at `at..at + len` of `bytes`, of rank `rank`, in its slot of
@@ -433,14 +464,14 @@ mod tests {
             assert_eq!(vocab.get(b""), None);
         }
         let bad = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        let bad = {
+        let bad: &'static [u8] = {
             use std::io::Write;
             let mut bad = bad;
             bad.write_all(b"YQ== 0\n").unwrap();
-            bad.finish().unwrap()
+            bad.finish().unwrap().leak()
         };
         assert!(
-            Vocab::from_tiktoken_gz("test", &bad, false).is_err(),
+            Vocab::from_tiktoken_gz("test", bad, false).is_err(),
             "bytes missing"
         );
     }
