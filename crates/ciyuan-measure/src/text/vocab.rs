@@ -305,8 +305,7 @@ impl Vocab {
     /// by line, so that neither the text nor a list of tokens is ever held whole: once
     /// to size the arena and the table exactly, once to fill them. Every byte must be a
     /// token: unmerged bytes count one token each. With `walk`, the tables for
-    /// counting by backtracking can be built later ([`Vocab::prepare_walk`]; see
-    /// [`Encoding::backtracks`]).
+    /// counting by backtracking can be built later ([`Vocab::prepare_walk`]).
     pub(super) fn from_tiktoken_gz(
         name: &'static str,
         gz: &'static [u8],
@@ -368,7 +367,7 @@ impl Vocab {
         Ok(vocab)
     }
 
-    /// Builds the tables for counting by backtracking, once, if this encoding walks:
+    /// Builds the tables for counting by backtracking, once, if this vocabulary walks:
     /// 5 to 9 MiB and a few hundred milliseconds, which is why short texts (the
     /// gateway's prompts) never ask for them.
     pub(super) fn prepare_walk(&self) {
