@@ -18,6 +18,8 @@
 //! this is asked).
 
 use super::Rank;
+#[cfg(test)]
+use super::vocab::Walk;
 use super::vocab::{Vocab, char3_index, home};
 
 /// No token.
@@ -131,8 +133,15 @@ impl Backtrack {
     }
 
     /// Builds the trie and the merges of the tokens `tokens` (each a token's place in
-    /// `arena`, its length and rank, in any order), whose ranks `vocab` answers.
-    pub(super) fn new(arena: &[u8], tokens: &[(u32, u8, Rank)], vocab: &Vocab) -> Backtrack {
+    /// `arena`, its length and rank, in any order), whose ranks `vocab` answers; with
+    /// `screen`, looks for tokens made from a half ranked after them and screens out
+    /// the pieces that hold one.
+    pub(super) fn new(
+        arena: &[u8],
+        tokens: &[(u32, u8, Rank)],
+        vocab: &Vocab,
+        screen: bool,
+    ) -> Backtrack {
         let ranks = tokens
             .iter()
             .map(|&(_, _, r)| r as usize + 1)
@@ -174,10 +183,11 @@ impl Backtrack {
             }
             let t = bytes(at, len);
             let rank = r as Rank;
-            let later = (1..t.len()).any(|k| {
-                matches!(vocab.get(&t[..k]), Some(x) if k > 1 && x > rank)
-                    || matches!(vocab.get(&t[k..]), Some(y) if t.len() - k > 1 && y > rank)
-            });
+            let later = screen
+                && (1..t.len()).any(|k| {
+                    matches!(vocab.get(&t[..k]), Some(x) if k > 1 && x > rank)
+                        || matches!(vocab.get(&t[k..]), Some(y) if t.len() - k > 1 && y > rank)
+                });
             if later
                 && let Some((x, y)) = merge_alone(t, vocab)
                 && ((x > rank && by_rank[x as usize].is_some_and(|(_, l)| l > 1))
@@ -503,7 +513,12 @@ mod tests {
         for e in Encoding::ALL {
             let name = e.name();
             let map = rank_map(gz(name));
-            let vocab = Vocab::from_tiktoken_gz("test", gz(name), true).unwrap();
+            let walk = if e == Encoding::Qwen3_6 {
+                Walk::Screened
+            } else {
+                Walk::Plain
+            };
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name), walk).unwrap();
             vocab.prepare_walk();
             let mut pieces = random_pieces(&map, 20_000, BACKTRACK_MAX_BYTES);
             pieces.extend(text_pieces(Kind::Chinese, 3_000));
@@ -569,7 +584,12 @@ mod tests {
         for e in Encoding::ALL {
             let name = e.name();
             let map = rank_map(gz(name));
-            let vocab = Vocab::from_tiktoken_gz("test", gz(name), true).unwrap();
+            let walk = if e == Encoding::Qwen3_6 {
+                Walk::Screened
+            } else {
+                Walk::Plain
+            };
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name), walk).unwrap();
             vocab.prepare_walk();
             let bt = vocab.walk().unwrap();
             let (mut unmade, mut wrong, mut later_half) = (0, 0, 0);

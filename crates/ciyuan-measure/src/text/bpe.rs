@@ -159,7 +159,8 @@ mod tests {
     fn merge_equals_tiktoken_merge() {
         for name in ["o200k_base", "cl100k_base", "qwen"] {
             let map = rank_map(gz(name));
-            let vocab = Vocab::from_tiktoken_gz("test", gz(name), false).unwrap();
+            let vocab =
+                Vocab::from_tiktoken_gz("test", gz(name), crate::text::vocab::Walk::Never).unwrap();
             for p in random_pieces(&map, 20_000, 2 * HEAP_MERGE_MIN_BYTES) {
                 assert_eq!(
                     merge_count(&p, &vocab),

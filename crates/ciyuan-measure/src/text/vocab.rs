@@ -8,6 +8,20 @@ use base64::Engine;
 use std::io::BufRead;
 use std::sync::OnceLock;
 
+/// Whether a vocabulary is counted by backtracking on long texts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Walk {
+    /// Never: pieces are merged.
+    Never,
+    /// Every token is made after its two halves (so `o200k_base`, `cl100k_base`, `qwen`
+    /// and `deepseek_v4`, checked by `backtrack`'s tests): the walk is exact.
+    Plain,
+    /// Some tokens are made from a half ranked after them (27 in `qwen3_6`): they are
+    /// found when the walk's tables are built (a few hundred milliseconds more), and
+    /// pieces holding one are merged.
+    Screened,
+}
+
 /// The vocabulary file an encoding counts with, gzipped as shipped (tiktoken's rank
 /// format: one `base64 rank` line per token). The benchmark hands these very bytes to
 /// Python tiktoken.
@@ -53,6 +67,9 @@ pub(super) struct Vocab {
     pub(super) backtrack: OnceLock<Backtrack>,
     /// The rank file, kept to build [`Vocab::backtrack`] from, for encodings that walk.
     pub(super) walk_source: Option<&'static [u8]>,
+    /// Whether the walk looks for tokens made from a half ranked after them (see
+    /// [`Walk::Screened`]).
+    pub(super) screen: bool,
 }
 
 /// Bits of hash that pick a bit of [`Vocab::filter`]: 2^21 bits, about one in ten set
@@ -309,7 +326,7 @@ impl Vocab {
     pub(super) fn from_tiktoken_gz(
         name: &'static str,
         gz: &'static [u8],
-        walk: bool,
+        walk: Walk,
     ) -> Result<Vocab, TextError> {
         let bad = |why: String| TextError::Vocabulary(name, why);
         let (mut tokens, mut total) = (0usize, 0usize);
@@ -352,7 +369,8 @@ impl Vocab {
             chars3,
             filter,
             backtrack: OnceLock::new(),
-            walk_source: walk.then_some(gz),
+            walk_source: (walk != Walk::Never).then_some(gz),
+            screen: walk == Walk::Screened,
         };
         for a in 0..=255 {
             for b in 0..=255 {
@@ -386,7 +404,7 @@ impl Vocab {
                     // are merged, which counts the same, only slower.
                     return Backtrack::empty();
                 }
-                Backtrack::new(&self.bytes, &order, self)
+                Backtrack::new(&self.bytes, &order, self, self.screen)
             });
         }
     }
@@ -452,7 +470,7 @@ mod tests {
             "deepseek_v4",
         ] {
             let map = rank_map(gz(name));
-            let vocab = Vocab::from_tiktoken_gz("test", gz(name), false).unwrap();
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name), Walk::Never).unwrap();
             assert_eq!(vocab.len(), map.len(), "{name}");
             for (token, &rank) in &map {
                 assert_eq!(vocab.get(token), Some(rank), "{name} {token:?}");
@@ -470,7 +488,7 @@ mod tests {
             bad.finish().unwrap().leak()
         };
         assert!(
-            Vocab::from_tiktoken_gz("test", bad, false).is_err(),
+            Vocab::from_tiktoken_gz("test", bad, Walk::Never).is_err(),
             "bytes missing"
         );
     }
