@@ -74,8 +74,10 @@ pub(super) fn qwen_vocab(which: Encoding) -> Result<Vocab, TextError> {
     Vocab::from_tiktoken_gz(
         which.name(),
         vocabulary_gz(which),
+        // Screened, qwen3_6's walk ran a third fewer instructions on Chinese but was
+        // no faster (stalled on loads) and cost its tables: it merges (BENCHMARKS.md).
         if which == Encoding::Qwen3_6 {
-            Walk::Screened
+            Walk::Never
         } else {
             Walk::Plain
         },
