@@ -2,7 +2,7 @@
 
 use super::bpe::piece_count;
 use super::pretokenize::{CacheGuard, Pretokenizer};
-use super::vocab::{Vocab, vocabulary_gz};
+use super::vocab::{Vocab, Walk, vocabulary_gz};
 use super::{Encoding, TextError};
 use aho_corasick::{AhoCorasick, MatchKind};
 use std::sync::OnceLock;
@@ -73,7 +73,11 @@ pub(super) fn deepseek() -> Result<&'static DeepSeek, TextError> {
     static CELL: OnceLock<Result<DeepSeek, TextError>> = OnceLock::new();
     CELL.get_or_init(|| {
         let bad = |e: String| TextError::Vocabulary("deepseek_v4", e);
-        let ranks = Vocab::from_tiktoken_gz("deepseek_v4", vocabulary_gz(Encoding::DeepSeekV4))?;
+        let ranks = Vocab::from_tiktoken_gz(
+            "deepseek_v4",
+            vocabulary_gz(Encoding::DeepSeekV4),
+            Walk::Plain,
+        )?;
         let stages = [
             Pretokenizer::new(&[DEEPSEEK_STAGES[0]]),
             Pretokenizer::new(&[DEEPSEEK_STAGES[1]]),

@@ -16,6 +16,7 @@
 //! `bpe` (the merge and the memory of short pieces), one room per family (`openai`,
 //! `qwen`, `deepseek`), `models` (model to encoding) and `chat` (framing estimates).
 
+mod backtrack;
 mod bpe;
 mod chat;
 mod deepseek;
@@ -107,6 +108,7 @@ impl Encoding {
     ///
     /// Long texts are cut at boundaries no token can cross and counted on every core.
     pub fn count(self, text: &str) -> Result<usize, TextError> {
+        self.prepare(text)?;
         let ways = cores();
         if text.len() < PARALLEL_MIN_BYTES || ways < 2 {
             return self.count_serial(text);
@@ -154,7 +156,22 @@ impl Encoding {
 
     /// [`Encoding::count`] on the calling thread only, for long texts as for short ones.
     pub fn count_on_one_thread(self, text: &str) -> Result<usize, TextError> {
+        self.prepare(text)?;
         self.count_serial(text)
+    }
+
+    /// Builds the tables for counting by backtracking before a text long enough to
+    /// repay them ([`WALK_MIN_TEXT_BYTES`]).
+    fn prepare(self, text: &str) -> Result<(), TextError> {
+        if text.len() >= WALK_MIN_TEXT_BYTES {
+            let vocab = match self {
+                Encoding::O200kBase | Encoding::Cl100kBase => openai::openai_vocab(self)?,
+                Encoding::Qwen | Encoding::Qwen3_6 => &qwen(self)?.ranks,
+                Encoding::DeepSeekV4 => &deepseek()?.ranks,
+            };
+            vocab.prepare_walk();
+        }
+        Ok(())
     }
 
     fn count_serial(self, text: &str) -> Result<usize, TextError> {
@@ -172,6 +189,11 @@ fn cores() -> usize {
     static CORES: OnceLock<usize> = OnceLock::new();
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
+
+/// From this long on, a text is counted by backtracking (`backtrack`): building its tables takes a few hundred milliseconds
+/// and 5 to 9 MiB, repaid on a text that takes longer than that to count, and never
+/// spent on the gateway's prompts. Shorter texts merge (the same counts).
+pub const WALK_MIN_TEXT_BYTES: usize = 1 << 20;
 
 /// Texts shorter than this are counted on one thread: below it, starting threads costs
 /// more than it saves.
@@ -299,6 +321,23 @@ mod tests {
         }
         // No cut point at all: one part.
         assert_eq!(split_for_parallel(&"x".repeat(1 << 17), 1 << 14).len(), 1);
+    }
+
+    /// Long texts are counted by backtracking, and count as tiktoken counts them.
+    #[test]
+    fn long_texts_walk_and_count_as_tiktoken() {
+        use crate::corpus::{Kind, generate};
+        for kind in [Kind::Chinese, Kind::English, Kind::Code] {
+            let text = generate(kind, WALK_MIN_TEXT_BYTES + 1000, 3).unwrap();
+            for (e, reference) in [
+                (Encoding::O200kBase, tiktoken_rs::o200k_base_singleton()),
+                (Encoding::Cl100kBase, tiktoken_rs::cl100k_base_singleton()),
+            ] {
+                let n = e.count_on_one_thread(&text).unwrap();
+                assert!(openai::openai_vocab(e).unwrap().walk().is_some());
+                assert_eq!(n, reference.count_ordinary(&text), "{}", e.name());
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use super::bpe::piece_count;
 use super::pretokenize::{CacheGuard, Pretokenizer};
-use super::vocab::{Vocab, vocabulary_gz};
+use super::vocab::{Vocab, Walk, vocabulary_gz};
 use super::{Encoding, TextError};
 use std::sync::{LazyLock, OnceLock};
 
@@ -51,9 +51,11 @@ pub(super) fn openai_vocab(encoding: Encoding) -> Result<&'static Vocab, TextErr
     } else {
         &O200K
     };
-    cell.get_or_init(|| Vocab::from_tiktoken_gz(encoding.name(), vocabulary_gz(encoding)))
-        .as_ref()
-        .map_err(Clone::clone)
+    cell.get_or_init(|| {
+        Vocab::from_tiktoken_gz(encoding.name(), vocabulary_gz(encoding), Walk::Plain)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
 }
 
 /// OpenAI's `o200k_base` split pattern, as tiktoken writes it.

@@ -2,9 +2,27 @@
 //! of packed slots, and the small tables looked up first (bytes, pairs of bytes,
 //! characters of three bytes, a filter of hashes).
 
+use super::backtrack::Backtrack;
 use super::{Encoding, Rank, TextError};
 use base64::Engine;
 use std::io::BufRead;
+use std::sync::OnceLock;
+
+/// Whether a vocabulary is counted by backtracking on long texts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Walk {
+    /// Never: pieces are merged.
+    Never,
+    /// Every token is made after its two halves (so `o200k_base`, `cl100k_base`, `qwen`
+    /// and `deepseek_v4`, checked by `backtrack`'s tests): the walk is exact.
+    Plain,
+    /// Some tokens are made from a half ranked after them (27 in `qwen3_6`): they are
+    /// found when the walk's tables are built (a few hundred milliseconds more), and
+    /// pieces holding one are merged. Exact (tested on `qwen3_6`), but no encoding
+    /// uses it: on `qwen3_6` it was no faster than merging.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Screened,
+}
 
 /// The vocabulary file an encoding counts with, gzipped as shipped (tiktoken's rank
 /// format: one `base64 rank` line per token). The benchmark hands these very bytes to
@@ -46,6 +64,14 @@ pub(super) struct Vocab {
     /// which stays in the cache) turns most of them away without touching `slots`
     /// (megabytes, a cache miss per look-up: most of the time of counting Chinese).
     pub(super) filter: Box<[u64]>,
+    /// The trie and merges the backtracking count walks, built the first time a
+    /// long text is counted ([`Vocab::prepare_walk`]).
+    pub(super) backtrack: OnceLock<Backtrack>,
+    /// The rank file, kept to build [`Vocab::backtrack`] from, for encodings that walk.
+    pub(super) walk_source: Option<&'static [u8]>,
+    /// Whether the walk looks for tokens made from a half ranked after them (see
+    /// [`Walk::Screened`]).
+    pub(super) screen: bool,
 }
 
 /// Bits of hash that pick a bit of [`Vocab::filter`]: 2^21 bits, about one in ten set
@@ -297,8 +323,13 @@ impl Vocab {
     /// Reads a gzipped tiktoken rank file (`base64 rank` lines). It is read twice, line
     /// by line, so that neither the text nor a list of tokens is ever held whole: once
     /// to size the arena and the table exactly, once to fill them. Every byte must be a
-    /// token: unmerged bytes count one token each.
-    pub(super) fn from_tiktoken_gz(name: &'static str, gz: &[u8]) -> Result<Vocab, TextError> {
+    /// token: unmerged bytes count one token each. With `walk`, the tables for
+    /// counting by backtracking can be built later ([`Vocab::prepare_walk`]).
+    pub(super) fn from_tiktoken_gz(
+        name: &'static str,
+        gz: &'static [u8],
+        walk: Walk,
+    ) -> Result<Vocab, TextError> {
         let bad = |why: String| TextError::Vocabulary(name, why);
         let (mut tokens, mut total) = (0usize, 0usize);
         for_each_token(gz, |token, _| {
@@ -339,6 +370,9 @@ impl Vocab {
             single: [0; 256],
             chars3,
             filter,
+            backtrack: OnceLock::new(),
+            walk_source: (walk != Walk::Never).then_some(gz),
+            screen: walk == Walk::Screened,
         };
         for a in 0..=255 {
             for b in 0..=255 {
@@ -351,6 +385,36 @@ impl Vocab {
                 .ok_or_else(|| bad(format!("byte {a:#04x} is not a token")))?;
         }
         Ok(vocab)
+    }
+
+    /// Builds the tables for counting by backtracking, once, if this vocabulary walks:
+    /// 5 to 9 MiB and a few hundred milliseconds, which is why short texts (the
+    /// gateway's prompts) never ask for them.
+    pub(super) fn prepare_walk(&self) {
+        if let Some(gz) = self.walk_source {
+            self.backtrack.get_or_init(|| {
+                // The tokens as the arena holds them: one after another, in file order.
+                let mut order = Vec::new();
+                let mut at = 0u32;
+                let read = for_each_token(gz, |token, rank| {
+                    order.push((at, token.len() as u8, rank));
+                    at += token.len() as u32;
+                    Ok(())
+                });
+                if read.is_err() || at as usize != self.bytes.len() {
+                    // The file read once already; if it reads differently now, pieces
+                    // are merged, which counts the same, only slower.
+                    return Backtrack::empty();
+                }
+                Backtrack::new(&self.bytes, &order, self, self.screen)
+            });
+        }
+    }
+
+    /// The tables for counting by backtracking, if they are built.
+    #[inline]
+    pub(super) fn walk(&self) -> Option<&Backtrack> {
+        self.backtrack.get().filter(|b| b.is_built())
     }
 
     /// Puts the token at `at..at + len` of `bytes`, of rank `rank`, in its slot of
@@ -408,7 +472,7 @@ mod tests {
             "deepseek_v4",
         ] {
             let map = rank_map(gz(name));
-            let vocab = Vocab::from_tiktoken_gz("test", gz(name)).unwrap();
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name), Walk::Never).unwrap();
             assert_eq!(vocab.len(), map.len(), "{name}");
             for (token, &rank) in &map {
                 assert_eq!(vocab.get(token), Some(rank), "{name} {token:?}");
@@ -419,14 +483,14 @@ mod tests {
             assert_eq!(vocab.get(b""), None);
         }
         let bad = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        let bad = {
+        let bad: &'static [u8] = {
             use std::io::Write;
             let mut bad = bad;
             bad.write_all(b"YQ== 0\n").unwrap();
-            bad.finish().unwrap()
+            bad.finish().unwrap().leak()
         };
         assert!(
-            Vocab::from_tiktoken_gz("test", &bad).is_err(),
+            Vocab::from_tiktoken_gz("test", bad, Walk::Never).is_err(),
             "bytes missing"
         );
     }

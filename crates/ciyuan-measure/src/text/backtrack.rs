@@ -1,0 +1,642 @@
+//! Byte-pair merging by backtracking: the longest token first, kept only if byte-pair
+//! merging would leave it next to the token before it, as in GitHub's `bpe` crate
+//! (its README sets out why this gives exactly the merge's tokens).
+//!
+//! The merge's tokens are the one sequence in which every two neighbours are
+//! *compatible*: merging the bytes of the two alone leaves the two. So a piece is
+//! counted by walking it left to right, taking at each point the longest token that
+//! starts there and, if it is not compatible with the token before it, the next
+//! shorter one ([`Backtrack::shorter`]); where no token fits, the point is marked dead
+//! and the token before it is shortened in turn. Whether two tokens are compatible is
+//! decided from how each was merged ([`Backtrack::split`]): only a merge across their
+//! boundary could join them, and it can happen only while both sides' parts at the
+//! boundary exist, which their ranks bound ([`Backtrack::compatible`]).
+//!
+//! Only tokens that merging makes are walked: a token that byte-pair merging of its
+//! own bytes does not give back ("unreachable") is never a part of a longer piece's
+//! merge (a piece that *is* such a token counts one, as tiktoken counts it, before
+//! this is asked).
+
+use super::Rank;
+#[cfg(test)]
+use super::vocab::Walk;
+use super::vocab::{Vocab, char3_index, home};
+
+/// No token.
+const NONE: Rank = Rank::MAX;
+
+/// A trie of the tokens merging can make, each token's merge, and the merges by the
+/// pair of tokens they join.
+pub(super) struct Backtrack {
+    /// Per rank, packed: the token's left half (20 bits), its right half (20 bits),
+    /// its length (8 bits); halves all ones for single bytes and for tokens merging
+    /// does not make, 0 where no token has the rank.
+    tree: Box<[u64]>,
+    /// Per rank, the longest token merging makes that is a proper prefix of it.
+    shorter: Box<[Rank]>,
+    /// Per trie node, packed: where its children start (32 bits), how many there are
+    /// (9 bits), the token that ends there (20 bits, all ones for none).
+    nodes: Box<[u64]>,
+    /// Per trie node, the byte of the edge that leads to it; a node's children are
+    /// consecutive and in byte order.
+    labels: Box<[u8]>,
+    /// Per character of three bytes (by [`char3_index`]), the trie node it leads to
+    /// when it is a token, else 0: Chinese is walked from there, not byte by byte
+    /// through nodes of 64 children each.
+    chars3: Box<[u32]>,
+    /// Every token's merge by its two halves (open addressing, linear probing):
+    /// `1 << 63 | token << 40 | right << 20 | left`, 0 where empty. Two tokens next to
+    /// each other merge only into the token they are the halves of (merging that
+    /// token's bytes alone would join them too), so [`Backtrack::compatible`] asks
+    /// this, by ranks, not the vocabulary by bytes.
+    merges: Box<[u64]>,
+    /// One bit per [`MERGE_FILTER_BITS`]-bit stretch of a pair's hash, set where a
+    /// merge's falls (256 KiB): most pairs asked about merge into nothing.
+    merge_filter: Box<[u64]>,
+    /// The tokens made from a half ranked after them (`qwen3_6` has 27), if any. A
+    /// piece that holds none of them merges as if they were not in the vocabulary,
+    /// where every token is made after its halves, as the walk assumes; a piece that
+    /// holds one is merged instead.
+    screen: Option<aho_corasick::AhoCorasick>,
+}
+
+const HALF: u64 = (1 << 20) - 1;
+const LEN_SHIFT: u32 = 40;
+
+const MERGE_FILTER_BITS: u32 = 21;
+
+const NODE_RANK_BITS: u32 = 20;
+const NODE_NO_RANK: u64 = (1 << NODE_RANK_BITS) - 1;
+const NODE_COUNT_SHIFT: u32 = NODE_RANK_BITS;
+const NODE_FIRST_SHIFT: u32 = NODE_RANK_BITS + 9;
+
+/// Pieces at most this long are counted on the stack; longer ones are merged with a
+/// heap (they are rare: runs of one character, long words of code).
+pub(super) const BACKTRACK_MAX_BYTES: usize = 256;
+
+/// The hash of a pair of ranks.
+#[inline]
+fn pair_hash(left: Rank, right: Rank) -> u64 {
+    ((u64::from(left) << 20) | u64::from(right)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+#[inline]
+fn left_half(t: u64) -> Rank {
+    (t & HALF) as Rank
+}
+
+#[inline]
+fn right_half(t: u64) -> Rank {
+    ((t >> 20) & HALF) as Rank
+}
+
+#[inline]
+fn token_len(t: u64) -> usize {
+    (t >> LEN_SHIFT) as usize & 0xff
+}
+
+/// The two tokens whose merge ends byte-pair merging of `token` alone, or `None`
+/// if that leaves more than one part: tiktoken's merge, slowly (asked only of tokens
+/// that could be made from a half ranked after them).
+fn merge_alone(token: &[u8], vocab: &Vocab) -> Option<(Rank, Rank)> {
+    let mut cuts: Vec<usize> = (0..=token.len()).collect();
+    let mut last = None;
+    while let Some((_, i)) = (0..cuts.len() - 2)
+        .filter_map(|i| vocab.get(&token[cuts[i]..cuts[i + 2]]).map(|r| (r, i)))
+        .min()
+    {
+        last = Some((cuts[i], cuts[i + 1], cuts[i + 2]));
+        cuts.remove(i + 1);
+    }
+    let (a, b, c) = last.filter(|_| cuts.len() == 2)?;
+    Some((vocab.get(&token[a..b])?, vocab.get(&token[b..c])?))
+}
+
+impl Backtrack {
+    /// Nothing yet: the table is built once the vocabulary answers look-ups.
+    pub(super) fn empty() -> Backtrack {
+        Backtrack {
+            tree: Box::new([]),
+            shorter: Box::new([]),
+            nodes: Box::new([]),
+            labels: Box::new([]),
+            chars3: Box::new([]),
+            merges: Box::new([]),
+            merge_filter: Box::new([]),
+            screen: None,
+        }
+    }
+
+    /// Whether [`Backtrack::new`] built this (else it is [`Backtrack::empty`]).
+    pub(super) fn is_built(&self) -> bool {
+        !self.nodes.is_empty()
+    }
+
+    /// Builds the trie and the merges of the tokens `tokens` (each a token's place in
+    /// `arena`, its length and rank, in any order), whose ranks `vocab` answers; with
+    /// `screen`, looks for tokens made from a half ranked after them and screens out
+    /// the pieces that hold one.
+    pub(super) fn new(
+        arena: &[u8],
+        tokens: &[(u32, u8, Rank)],
+        vocab: &Vocab,
+        screen: bool,
+    ) -> Backtrack {
+        let ranks = tokens
+            .iter()
+            .map(|&(_, _, r)| r as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let bytes = |at: u32, len: u8| &arena[at as usize..at as usize + usize::from(len)];
+        // Where several entries share bytes the table keeps one rank; the others are
+        // not tokens as counting sees them.
+        let mut by_rank: Vec<Option<(u32, u8)>> = vec![None; ranks];
+        for &(at, len, r) in tokens {
+            if vocab.get(bytes(at, len)) == Some(r) {
+                by_rank[r as usize] = Some((at, len));
+            }
+        }
+        let mut bt = Backtrack {
+            tree: vec![0; ranks].into_boxed_slice(),
+            shorter: vec![NONE; ranks].into_boxed_slice(),
+            nodes: Box::new([]),
+            labels: Box::new([]),
+            chars3: vec![0; 1 << 16].into_boxed_slice(),
+            merges: vec![0; ranks * 5 / 3 + 1].into_boxed_slice(),
+            merge_filter: vec![0; 1 << (MERGE_FILTER_BITS - 6)].into_boxed_slice(),
+            screen: None,
+        };
+        // In rank order, so that the halves of a token are known before it: a token
+        // is made by merging a prefix and a suffix made before it that stay as they
+        // are until its own rank (then nothing else can merge first, and they merge).
+        let mut reachable = vec![false; ranks];
+        let mut banned: Vec<&[u8]> = Vec::new();
+        for r in 0..ranks {
+            let Some((at, len)) = by_rank[r] else {
+                continue;
+            };
+            let unmade = (HALF << 20) | HALF | (u64::from(len) << LEN_SHIFT);
+            bt.tree[r] = unmade;
+            if len == 1 {
+                reachable[r] = true;
+                continue;
+            }
+            let t = bytes(at, len);
+            let rank = r as Rank;
+            let later = screen
+                && (1..t.len()).any(|k| {
+                    matches!(vocab.get(&t[..k]), Some(x) if k > 1 && x > rank)
+                        || matches!(vocab.get(&t[k..]), Some(y) if t.len() - k > 1 && y > rank)
+                });
+            if later
+                && let Some((x, y)) = merge_alone(t, vocab)
+                && ((x > rank && by_rank[x as usize].is_some_and(|(_, l)| l > 1))
+                    || (y > rank && by_rank[y as usize].is_some_and(|(_, l)| l > 1)))
+            {
+                // Made from a half made after it: the walk cannot tell when, so no piece
+                // that holds these bytes is walked (see `screen`).
+                banned.push(t);
+                continue;
+            }
+            for k in 1..t.len() {
+                let (Some(x), Some(y)) = (vocab.get(&t[..k]), vocab.get(&t[k..])) else {
+                    continue;
+                };
+                if x < rank
+                    && y < rank
+                    && reachable[x as usize]
+                    && reachable[y as usize]
+                    && bt.compatible(x, y, rank + 1, rank)
+                {
+                    bt.tree[r] =
+                        (unmade & !((HALF << 20) | HALF)) | (u64::from(y) << 20) | u64::from(x);
+                    bt.add_merge(x, y, rank);
+                    reachable[r] = true;
+                    break;
+                }
+            }
+        }
+        let mut made: Vec<(u32, u8, Rank)> = by_rank
+            .iter()
+            .enumerate()
+            .filter(|&(r, _)| reachable[r])
+            .filter_map(|(r, t)| t.map(|(at, len)| (at, len, r as Rank)))
+            .collect();
+        made.sort_unstable_by(|a, b| bytes(a.0, a.1).cmp(bytes(b.0, b.1)));
+        bt.build_trie(arena, &made);
+        if !banned.is_empty() {
+            bt.screen = aho_corasick::AhoCorasick::new(banned).ok();
+            if bt.screen.is_none() {
+                // Without a screen no piece can be walked safely: merge them all.
+                return Backtrack::empty();
+            }
+        }
+        bt
+    }
+
+    /// Records that `left` and `right` merge into `token`.
+    fn add_merge(&mut self, left: Rank, right: Rank, token: Rank) {
+        let h = pair_hash(left, right);
+        let bit = (h >> (64 - MERGE_FILTER_BITS)) as usize;
+        self.merge_filter[bit >> 6] |= 1 << (bit & 63);
+        let mut i = home(self.merges.len(), h.rotate_left(32));
+        while self.merges[i] != 0 {
+            i = if i + 1 == self.merges.len() { 0 } else { i + 1 };
+        }
+        self.merges[i] =
+            (1 << 63) | (u64::from(token) << 40) | (u64::from(right) << 20) | u64::from(left);
+    }
+
+    /// The token `left` and `right` merge into, if any.
+    #[inline]
+    fn merged(&self, left: Rank, right: Rank) -> Option<Rank> {
+        let h = pair_hash(left, right);
+        let bit = (h >> (64 - MERGE_FILTER_BITS)) as usize;
+        if self.merge_filter[bit >> 6] & (1 << (bit & 63)) == 0 {
+            return None;
+        }
+        let want = (1 << 63) | (u64::from(right) << 20) | u64::from(left);
+        let mut i = home(self.merges.len(), h.rotate_left(32));
+        loop {
+            let m = self.merges[i];
+            if m == 0 {
+                return None;
+            }
+            if m & !(HALF << 40) == want {
+                return Some(((m >> 40) & HALF) as Rank);
+            }
+            i = if i + 1 == self.merges.len() { 0 } else { i + 1 };
+        }
+    }
+
+    /// The trie of `sorted` (tokens in byte order), breadth first, each node's children
+    /// together; and every token's next shorter prefix.
+    fn build_trie(&mut self, arena: &[u8], sorted: &[(u32, u8, Rank)]) {
+        let bytes = |i: usize| {
+            let (at, len, _) = sorted[i];
+            &arena[at as usize..at as usize + usize::from(len)]
+        };
+        // Queue entries: the node, its depth, the tokens below it (a range of `sorted`),
+        // the deepest token above it.
+        let mut nodes: Vec<u64> = vec![0];
+        let mut labels: Vec<u8> = vec![0];
+        let mut queue = std::collections::VecDeque::from([(0usize, 0usize, 0, sorted.len(), NONE)]);
+        while let Some((node, depth, mut lo, hi, above)) = queue.pop_front() {
+            let mut here = NONE;
+            if lo < hi && bytes(lo).len() == depth {
+                here = sorted[lo].2;
+                if let Some(c) = char3_index(bytes(lo)) {
+                    self.chars3[c] = node as u32;
+                }
+                self.shorter[here as usize] = above;
+                lo += 1;
+            }
+            let first = nodes.len();
+            let mut i = lo;
+            while i < hi {
+                let b = bytes(i)[depth];
+                let mut j = i + 1;
+                while j < hi && bytes(j)[depth] == b {
+                    j += 1;
+                }
+                let child = nodes.len();
+                nodes.push(0);
+                labels.push(b);
+                let deepest = if here == NONE { above } else { here };
+                queue.push_back((child, depth + 1, i, j, deepest));
+                i = j;
+            }
+            let count = (nodes.len() - first) as u64;
+            let rank = if here == NONE {
+                NODE_NO_RANK
+            } else {
+                u64::from(here)
+            };
+            nodes[node] = ((first as u64) << NODE_FIRST_SHIFT) | (count << NODE_COUNT_SHIFT) | rank;
+        }
+        self.nodes = nodes.into_boxed_slice();
+        self.labels = labels.into_boxed_slice();
+    }
+
+    /// The child of `node` along byte `b`, if any.
+    #[inline]
+    fn child(&self, node: usize, b: u8) -> Option<usize> {
+        let n = self.nodes[node];
+        let first = (n >> NODE_FIRST_SHIFT) as usize;
+        let count = ((n >> NODE_COUNT_SHIFT) & 0x1ff) as usize;
+        let labels = &self.labels[first..first + count];
+        if count <= 8 {
+            labels.iter().position(|&l| l == b).map(|i| first + i)
+        } else {
+            labels.binary_search(&b).ok().map(|i| first + i)
+        }
+    }
+
+    /// The longest token merging makes that `b` starts with (every byte is one).
+    #[inline]
+    fn longest(&self, b: &[u8]) -> Rank {
+        let mut best = NONE;
+        let mut node = 0;
+        let mut rest = b;
+        if let Some(c) = b.get(..3).and_then(char3_index) {
+            let at = self.chars3[c] as usize;
+            if at != 0 {
+                node = at;
+                best = (self.nodes[at] & NODE_NO_RANK) as Rank;
+                rest = &b[3..];
+            }
+        }
+        for &c in rest {
+            match self.child(node, c) {
+                Some(n) => node = n,
+                None => break,
+            }
+            let r = self.nodes[node] & NODE_NO_RANK;
+            if r != NODE_NO_RANK {
+                best = r as Rank;
+            }
+        }
+        best
+    }
+
+    /// When the token of packed entry `t` and rank `r` is made: its rank, one more so
+    /// that bytes (there from the start, whatever their rank) come first at 0.
+    #[inline]
+    fn birth(r: Rank, t: u64) -> u32 {
+        if token_len(t) == 1 { 0 } else { r + 1 }
+    }
+
+    /// Whether merging the bytes of token `left` and token `right` alone leaves the
+    /// two, before the part at the boundary on the left meets a merge of rank
+    /// `hi_left - 1` or more, or the one on the right a merge above `hi_right - 1`;
+    /// `u32::MAX` for both asks whether the two stay as they are.
+    ///
+    /// Before any merge crosses the boundary, each side merges as it would alone, so
+    /// the part that ends the left side is, going back in time, `left`, its right half,
+    /// that one's right half, and so on down to a byte (and likewise with left halves
+    /// on the right). A merge across the boundary of those two parts happens, first,
+    /// exactly when they are the halves of a token ranked after both were made and
+    /// before either merges on: before the left part's next merge (which, being further
+    /// left, goes first among equals) and no later than the right part's. The walk
+    /// visits every pair of parts that are at the boundary together, newest first.
+    #[inline]
+    fn compatible(
+        &self,
+        mut left: Rank,
+        mut right: Rank,
+        mut hi_left: u32,
+        mut hi_right: u32,
+    ) -> bool {
+        let (mut tl, mut tr) = (self.tree[left as usize], self.tree[right as usize]);
+        loop {
+            let (bl, br) = (Self::birth(left, tl), Self::birth(right, tr));
+            if let Some(c) = self.merged(left, right) {
+                let at = c + 1;
+                if at > bl && at > br && at < hi_left && at <= hi_right {
+                    return false;
+                }
+            }
+            if bl == 0 && br == 0 {
+                return true;
+            }
+            if bl > br {
+                hi_left = bl;
+                left = right_half(tl);
+                tl = self.tree[left as usize];
+            } else {
+                hi_right = br;
+                right = left_half(tr);
+                tr = self.tree[right as usize];
+            }
+        }
+    }
+
+    /// How many tokens byte-pair merging leaves of `piece` (at most
+    /// [`BACKTRACK_MAX_BYTES`] long), or `None` if the walk went wrong, which the
+    /// argument above rules out (the caller then merges the piece the slow way).
+    pub(super) fn count(&self, piece: &[u8]) -> Option<usize> {
+        if let Some(screen) = &self.screen
+            && screen.is_match(piece)
+        {
+            return None;
+        }
+        match piece.len() {
+            0..=64 => self.count_in::<64>(piece),
+            65..=BACKTRACK_MAX_BYTES => self.count_in::<BACKTRACK_MAX_BYTES>(piece),
+            _ => None,
+        }
+    }
+
+    /// [`Backtrack::count`] of a piece of at most `N` bytes.
+    #[inline]
+    fn count_in<const N: usize>(&self, piece: &[u8]) -> Option<usize> {
+        let n = piece.len();
+        // The tokens taken so far, and the points known to lead nowhere: wherever the
+        // walk arrives at a point, the token before it is the same (the merge of what
+        // lies before is), so a point that led nowhere once always does.
+        let mut stack = [0 as Rank; N];
+        let mut depth = 0;
+        let mut dead = [0u64; BACKTRACK_MAX_BYTES / 64 + 1];
+        let mut pos = 0;
+        let mut next = self.longest(piece);
+        loop {
+            let end = pos + token_len(self.tree[next as usize]);
+            let fits = dead[end / 64] & (1 << (end % 64)) == 0
+                && (depth == 0 || self.compatible(stack[depth - 1], next, u32::MAX, u32::MAX));
+            if fits {
+                stack[depth] = next;
+                depth += 1;
+                pos = end;
+                if pos == n {
+                    return Some(depth);
+                }
+                next = self.longest(&piece[pos..]);
+                continue;
+            }
+            let mut shorter = self.shorter[next as usize];
+            while shorter == NONE {
+                // Nothing starting here fits after what is taken: no token starts here.
+                dead[pos / 64] |= 1 << (pos % 64);
+                if depth == 0 {
+                    return None;
+                }
+                depth -= 1;
+                let last = stack[depth];
+                pos -= token_len(self.tree[last as usize]);
+                shorter = self.shorter[last as usize];
+            }
+            next = shorter;
+        }
+    }
+
+    /// Bytes this takes.
+    #[cfg(test)]
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.tree.len() * 8
+            + self.shorter.len() * 4
+            + self.nodes.len() * 9
+            + self.chars3.len() * 4
+            + self.merges.len() * 8
+            + self.merge_filter.len() * 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::corpus::{Kind, generate};
+    use crate::text::Encoding;
+    use crate::text::testing::{gz, random_pieces, rank_map};
+
+    /// Pieces cut from generated text that never repeats, at any byte (inside
+    /// characters too), up to the longest piece the walk takes.
+    fn text_pieces(kind: Kind, count: usize) -> Vec<Vec<u8>> {
+        let text = generate(kind, 1 << 20, 7).unwrap().into_bytes();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rand = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        (0..count)
+            .map(|_| {
+                let len = 2 + rand(BACKTRACK_MAX_BYTES - 1);
+                let at = rand(text.len() - len);
+                text[at..at + len].to_vec()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn backtracking_equals_tiktoken_merge() {
+        for e in Encoding::ALL {
+            let name = e.name();
+            let map = rank_map(gz(name));
+            let walk = if e == Encoding::Qwen3_6 {
+                Walk::Screened
+            } else {
+                Walk::Plain
+            };
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name), walk).unwrap();
+            vocab.prepare_walk();
+            let mut pieces = random_pieces(&map, 20_000, BACKTRACK_MAX_BYTES);
+            pieces.extend(text_pieces(Kind::Chinese, 3_000));
+            pieces.extend(text_pieces(Kind::English, 1_000));
+            pieces.extend(text_pieces(Kind::Code, 1_000));
+            for run in ["a", " ", "中", "1", "ab", "-", "\n", "的的", "\u{3000}"] {
+                pieces.push(run.repeat(BACKTRACK_MAX_BYTES / run.len()).into_bytes());
+            }
+            let walk = vocab.walk().unwrap();
+            let mut screened = 0;
+            for p in pieces {
+                let merged = tiktoken_rs::byte_pair_split(&p, &map).len();
+                match walk.count(&p) {
+                    Some(n) => assert_eq!(n, merged, "{name} {p:?}"),
+                    None => {
+                        // Only pieces that hold a token made from a later half are
+                        // left to the merge.
+                        assert!(walk.screen.as_ref().unwrap().is_match(&p), "{name} {p:?}");
+                        screened += 1;
+                    }
+                }
+            }
+            eprintln!("{name}: {screened} pieces screened out");
+            assert_eq!(
+                vocab
+                    .walk()
+                    .unwrap()
+                    .count(&[b'x'; BACKTRACK_MAX_BYTES + 1]),
+                None
+            );
+        }
+    }
+
+    /// The two parts whose merge gives `token` back when its bytes are merged alone,
+    /// or `None` if merging them leaves more than one part: tiktoken's merge, slowly.
+    fn last_merge<'a>(
+        token: &'a [u8],
+        map: &rustc_hash::FxHashMap<Vec<u8>, Rank>,
+    ) -> Option<(&'a [u8], &'a [u8])> {
+        let mut cuts: Vec<usize> = (0..=token.len()).collect();
+        let mut last = None;
+        loop {
+            let best = (0..cuts.len() - 2)
+                .filter_map(|i| map.get(&token[cuts[i]..cuts[i + 2]]).map(|&r| (r, i)))
+                .min();
+            let Some((_, i)) = best else {
+                return if cuts.len() == 2 { last } else { None };
+            };
+            last = Some((
+                &token[cuts[i]..cuts[i + 1]],
+                &token[cuts[i + 1]..cuts[i + 2]],
+            ));
+            cuts.remove(i + 1);
+        }
+    }
+
+    /// Each token's merge is the one byte-pair merging of its bytes makes, and a token
+    /// counts as made exactly when merging its bytes gives it back, for the encodings
+    /// that backtrack; for the others (tokens made from a half ranked after them) the
+    /// premise fails, which is why they merge.
+    #[test]
+    fn splits_are_the_merges() {
+        for e in Encoding::ALL {
+            let name = e.name();
+            let map = rank_map(gz(name));
+            let walk = if e == Encoding::Qwen3_6 {
+                Walk::Screened
+            } else {
+                Walk::Plain
+            };
+            let vocab = Vocab::from_tiktoken_gz("test", gz(name), walk).unwrap();
+            vocab.prepare_walk();
+            let bt = vocab.walk().unwrap();
+            let (mut unmade, mut wrong, mut later_half) = (0, 0, 0);
+            let (mut screened_wrong, mut screened_later) = (0, 0);
+            let screened = |t: &[u8]| bt.screen.as_ref().is_some_and(|s| s.is_match(t));
+            for (token, &rank) in &map {
+                if token.len() < 2 || vocab.get(token) != Some(rank) {
+                    continue;
+                }
+                let t = bt.tree[rank as usize];
+                let found = (left_half(t), right_half(t));
+                match last_merge(token, &map) {
+                    Some((a, b)) => {
+                        let (x, y) = (map[a], map[b]);
+                        let later = (a.len() > 1 && x > rank) || (b.len() > 1 && y > rank);
+                        later_half += usize::from(later);
+                        screened_later += usize::from(later && screened(token));
+                        let w = (x, y) != found || bt.longest(token) != rank;
+                        wrong += usize::from(w);
+                        screened_wrong += usize::from(w && screened(token));
+                    }
+                    None => {
+                        unmade += 1;
+                        let w = found != (HALF as Rank, HALF as Rank) || bt.longest(token) == rank;
+                        wrong += usize::from(w);
+                        screened_wrong += usize::from(w && screened(token));
+                    }
+                }
+            }
+            eprintln!(
+                "{name}: {unmade} tokens not made, {later_half} made from a later half, {wrong} wrong"
+            );
+            if e != Encoding::Qwen3_6 {
+                assert_eq!((later_half, wrong), (0, 0), "{name}");
+                assert!(bt.screen.is_none(), "{name}");
+                // What the walk adds to the vocabulary's memory stays small next to
+                // the gateway's (tens of MiB).
+                let bytes = bt.heap_bytes();
+                eprintln!("{name}: {:.1} MiB", bytes as f64 / (1 << 20) as f64);
+                assert!(bytes < 16 << 20, "{name} {bytes}");
+            } else {
+                // Every token made from a later half is screened, and every token the
+                // walk got wrong holds one.
+                assert!(later_half > 0 && wrong > 0, "{name}");
+                assert_eq!(screened_wrong, wrong, "{name}");
+                assert_eq!(screened_later, later_half, "{name}");
+            }
+        }
+    }
+}
