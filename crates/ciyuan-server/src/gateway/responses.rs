@@ -57,6 +57,20 @@ pub fn inspect(
     info: &mut RequestInfo,
 ) -> Result<(), GatewayError> {
     let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m);
+    // A background response is answered `queued`, without usage, and generated (and
+    // billed by the provider) after the gateway's part in the request is over: it
+    // could not be metered, so it is refused rather than let through unmetered.
+    match obj.get("background") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => {
+            return Err(bad(
+                "background: background responses are not supported by this gateway \
+                 (they could not be metered); send the request without it"
+                    .into(),
+            ));
+        }
+        Some(_) => return Err(bad("background: must be a boolean".into())),
+    }
     info.max_tokens = match obj.get("max_output_tokens") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -403,6 +417,14 @@ mod tests {
             (
                 json!({"input": "x", "max_output_tokens": -1}),
                 "max_output_tokens: must be",
+            ),
+            (
+                json!({"input": "x", "background": true}),
+                "background: background responses are not supported",
+            ),
+            (
+                json!({"input": "x", "background": "yes"}),
+                "background: must be a boolean",
             ),
         ] {
             let e = read(body).unwrap_err();
