@@ -41,3 +41,81 @@ pub fn client(connect_timeout: Duration) -> Result<UpstreamClient, String> {
         .pool_max_idle_per_host(1024)
         .build(tls))
 }
+
+/// Most gateways whose clients one thread keeps (a process runs one; tests run many,
+/// each `App` with its own).
+const THREAD_GATEWAYS: usize = 8;
+
+thread_local! {
+    /// This thread's clients, by [`Clients::id`]: a request and the provider's
+    /// connection it is sent on are served by the same thread, with no wake-up of
+    /// another in between (see [`Clients`]).
+    static LOCAL: std::cell::RefCell<Vec<(u64, Vec<UpstreamClient>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The gateway's clients, one per provider, and a pool of connections per thread.
+///
+/// A pooled connection is driven by a task on the runtime that opened it. Shared by
+/// every thread, a request on one thread would often be sent on a connection another
+/// thread drives: its bytes written there, the answer read there and handed back, two
+/// wake-ups of another thread per request (on a thread-per-core server, where each
+/// request thread is a runtime of its own, on every request that picks another's
+/// connection). Kept per thread, the request, its connection and its answer stay on
+/// one thread. Each thread builds its clients on its first request; if that failed
+/// (it did not at start, with the same settings), the shared ones serve it.
+pub struct Clients {
+    /// Which gateway these are, for the thread-local table.
+    id: u64,
+    connect_timeouts: Vec<Duration>,
+    /// Built at start (so a bad setting stops the start), and the fallback.
+    shared: Vec<UpstreamClient>,
+}
+
+impl Clients {
+    /// The clients built at start for each provider, with their connect timeouts
+    /// (each thread builds its own alike).
+    pub fn new(shared: Vec<UpstreamClient>, connect_timeouts: Vec<Duration>) -> Clients {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        assert_eq!(
+            shared.len(),
+            connect_timeouts.len(),
+            "one client per provider"
+        );
+        Clients {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            connect_timeouts,
+            shared,
+        }
+    }
+
+    /// Sends `req` to provider `i` on this thread's pool.
+    pub fn request(
+        &self,
+        i: usize,
+        req: hyper::Request<Full<Bytes>>,
+    ) -> hyper_util::client::legacy::ResponseFuture {
+        LOCAL.with(|local| {
+            let mut local = local.borrow_mut();
+            if let Some((_, clients)) = local.iter().find(|(id, _)| *id == self.id) {
+                return clients[i].request(req);
+            }
+            let built: Result<Vec<UpstreamClient>, String> =
+                self.connect_timeouts.iter().map(|t| client(*t)).collect();
+            match built {
+                Ok(clients) => {
+                    let sent = clients[i].request(req);
+                    if local.len() >= THREAD_GATEWAYS {
+                        local.remove(0);
+                    }
+                    local.push((self.id, clients));
+                    sent
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a thread's upstream clients failed to build; using the shared ones");
+                    self.shared[i].request(req)
+                }
+            }
+        })
+    }
+}
