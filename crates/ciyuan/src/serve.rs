@@ -418,6 +418,19 @@ mod per_core {
                 .name(format!("ciyuan-http-{i}"))
                 .spawn(move || {
                     rt.block_on(async move {
+                        // tokio wakes its driver (a write to an eventfd and one more
+                        // round of epoll) whenever a timer is set sooner than the
+                        // driver's next wake-up. Each request sets hyper's 30 s timer
+                        // for the next request's head, and the soonest other timer was
+                        // the provider pool's 90 s sweep: every request paid it. A
+                        // timer every 10 s keeps the next wake-up sooner than those.
+                        tokio::spawn(async {
+                            let mut tick =
+                                tokio::time::interval(std::time::Duration::from_secs(10));
+                            loop {
+                                tick.tick().await;
+                            }
+                        });
                         let result = match TcpListener::from_std(listener) {
                             Ok(l) => {
                                 let stopped = async move {
