@@ -1226,3 +1226,37 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
         problems,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_slices_merge_into_exact_percentiles_and_rates() {
+        let mut s = WrkSamples::default();
+        // Two slices: 100 answers at 10 µs and 2 at 500 µs, then 98 at 20 µs.
+        for (v, c) in [(10, 100), (500, 2), (20, 98)] {
+            *s.histogram.entry(v).or_default() += c;
+        }
+        s.requests = 200;
+        s.micros = 2_000_000;
+        s.gateway_cpu = 0.01;
+        let f = s.figures();
+        assert_eq!((f.p50_us, f.p99_us, f.p999_us), (10, 20, 500));
+        assert_eq!(f.per_sec, 100.0);
+        assert_eq!(f.gateway_cpu_us, 50.0);
+        assert_eq!(WrkSamples::default().figures().p99_us, 0);
+    }
+
+    #[test]
+    fn the_wrk_script_posts_the_chat_body_with_the_key() {
+        let script = wrk_script("Bearer cy_key");
+        assert!(script.contains(SMALL_BODY));
+        assert!(script.contains(r#"wrk.headers["Authorization"] = [==[Bearer cy_key]==]"#));
+        assert!(script.contains("wrk.method = \"POST\""));
+        assert!(
+            !SMALL_BODY.contains("]==]"),
+            "the body must not close the Lua string"
+        );
+    }
+}

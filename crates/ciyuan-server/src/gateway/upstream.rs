@@ -119,3 +119,99 @@ impl Clients {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A provider that answers every request on a connection with a tiny keep-alive
+    /// answer, counting the connections it accepted.
+    fn provider(rt: &tokio::runtime::Runtime) -> (String, Arc<AtomicUsize>) {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let counted = accepted.clone();
+        rt.spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        let n = match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        seen.extend_from_slice(&buf[..n]);
+                        // Bodiless requests: one answer per head.
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if tcp.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (url, accepted)
+    }
+
+    /// Two requests one after the other from this thread, on `clients`; answers the
+    /// runtime, whose worker keeps driving the connections opened on it (so another
+    /// thread sharing the pool would find them alive and idle).
+    fn two_requests(clients: &Clients, url: &str) -> tokio::runtime::Runtime {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for _ in 0..2 {
+                let mut req = hyper::Request::new(Full::new(Bytes::new()));
+                *req.uri_mut() = url.parse().unwrap();
+                let resp = clients.request(0, req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap();
+            }
+        });
+        // hyper returns a connection to its pool from a task of its own: give it time,
+        // so that a shared pool would offer it to the next thread.
+        std::thread::sleep(Duration::from_millis(100));
+        rt
+    }
+
+    #[test]
+    fn each_thread_keeps_its_own_pool_and_reuses_it() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (url, accepted) = provider(&rt);
+        let timeout = Duration::from_secs(5);
+        let clients = Clients::new(vec![client(timeout).unwrap()], vec![timeout]);
+        let first = std::thread::scope(|s| s.spawn(|| two_requests(&clients, &url)).join());
+        let first = first.unwrap();
+        // Kept alive and reused on the same thread: one connection.
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Another thread does not take the first thread's idle connection.
+        let second = std::thread::scope(|s| s.spawn(|| two_requests(&clients, &url)).join());
+        let second = second.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Another gateway's clients on a thread that has some: a pool of their own.
+        let other = Clients::new(vec![client(timeout).unwrap()], vec![timeout]);
+        let third = std::thread::scope(|s| {
+            s.spawn(|| (two_requests(&clients, &url), two_requests(&other, &url)))
+                .join()
+        });
+        let third = third.unwrap();
+        drop((first, second, third));
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+}
