@@ -7,17 +7,22 @@
 #   UPSTREAM_URL  the provider's OpenAI base URL (ending in /v1)
 #   PROXY_URL     the same provider behind the proxy
 #   NGINX_PIDS    the two master processes
-# nginx_stop stops both, waits for them and removes the directory.
+# nginx_stop stops both, waits for them and removes the directory (every step may
+# fail without stopping it: it runs from EXIT traps of `set -e` scripts).
 # NGINX_WORKERS sets worker_processes of both (default: auto, one per core).
 
 nginx_here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-nginx_port_taken() { ss -Htln "sport = :$1" | grep -q .; }
+# Taken by a socket in any state: a port an outgoing connection holds cannot be bound.
+nginx_port_taken() { ss -Htan "sport = :$1" | grep -q .; }
 
+# Below the kernel's range of ephemeral ports, which the benchmark's own client
+# connections (and everyone else's) draw from.
 nginx_free_port() {
-    local p
+    local p low
+    low="$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
     for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((10000 + RANDOM % (low - 10000)))
         if ! nginx_port_taken "$p" && [ "$p" != "${1:-}" ]; then echo "$p"; return 0; fi
     done
     echo "nginx.sh: no free port found" >&2
@@ -64,11 +69,19 @@ nginx_start() {
 
 nginx_stop() {
     local pid
+    # TERM, not QUIT: a shell starts background commands with SIGQUIT ignored, so a
+    # QUIT sent before nginx installed its handlers (a start that failed half-way) was
+    # lost and left that nginx running.
     for pid in $NGINX_PIDS; do
-        kill -QUIT "$pid" 2>/dev/null
+        kill -TERM "$pid" 2>/dev/null || true
     done
     for pid in $NGINX_PIDS; do
-        wait "$pid" 2>/dev/null
+        for _ in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
     done
     NGINX_PIDS=""
     case "${NGINX_DIR:-}" in
