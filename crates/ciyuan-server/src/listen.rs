@@ -401,12 +401,14 @@ impl hyper::rt::Write for Answering {
         if let Some(first) = bufs.iter().find(|b| !b.is_empty())
             && first.starts_with(b"HTTP/1.")
         {
-            // A head is looked at alone (a shorter write than offered is allowed).
+            // A head hyper completed for its own error is taken alone (a shorter
+            // write than offered is allowed); any other goes out with what follows it
+            // in one write: written alone, every answer cost a second system call and
+            // woke the client twice.
             if this.watch(first) {
                 let _ = this.drain(cx)?;
                 return Poll::Ready(Ok(first.len()));
             }
-            return Pin::new(&mut this.inner).poll_write(cx, first);
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }

@@ -14,7 +14,8 @@ pub enum BenchCmd {
     Ingest(IngestArgs),
     /// Token counting speed, side by side with Python tiktoken on the same text.
     Tokens(crate::bench_tokens::TokensArgs),
-    /// The gateway's added latency, throughput and memory, against `ciyuan sim`.
+    /// The gateway's added latency, throughput and memory, against `ciyuan sim`; or,
+    /// with `--upstream`, side by side with an external provider and a proxy.
     Gateway(GatewayArgs),
     /// Budget admission plus settlement in-process, on a five-level tree.
     Budgets(BudgetsArgs),
@@ -149,6 +150,25 @@ pub struct GatewayArgs {
     /// over all of them.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
+    /// An external provider's OpenAI base URL (ending in /v1) instead of `ciyuan sim`
+    /// (`bench/nginx/compare.sh` starts one and runs this): it directly, `--proxy`,
+    /// and the gateway in front of it, side by side, with wrk for throughput and
+    /// one-connection latency and the open-loop client for p99 at `--rate`.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// With `--upstream`: the same provider behind another proxy (e.g. nginx), measured
+    /// side by side as the yardstick.
+    #[arg(long, requires = "upstream")]
+    proxy: Option<String>,
+    /// With `--upstream`: wrk's connections in the throughput measurement.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// With `--upstream`: wrk's threads in the throughput measurement.
+    #[arg(long, default_value_t = 2)]
+    wrk_threads: usize,
+    /// With `--upstream`: the wrk executable.
+    #[arg(long, default_value = "wrk")]
+    wrk: PathBuf,
     /// End with one JSON line of the figures.
     #[arg(long)]
     json: bool,
@@ -456,6 +476,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        BenchCmd::Gateway(a) if a.upstream.is_some() => return gateway_upstream(a),
         BenchCmd::Gateway(a) => {
             let r = crate::bench_gateway::run(crate::bench_gateway::Options {
                 rate: a.rate,
@@ -712,4 +733,145 @@ fn money(a: MoneyArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `ciyuan bench gateway --upstream URL`: the figures side by side.
+fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
+    let Some(upstream) = a.upstream.clone() else {
+        anyhow::bail!("--upstream is required here");
+    };
+    let r = crate::bench_gateway::run_upstream(crate::bench_gateway::UpstreamOptions {
+        upstream,
+        proxy: a.proxy.clone(),
+        rate: a.rate,
+        seconds: a.seconds,
+        connections: a.connections,
+        wrk_threads: a.wrk_threads,
+        wrk: a.wrk.clone(),
+        prices: a.prices.clone(),
+    })?;
+    println!(
+        "gateway against an external provider: small chat completions, targets alternating in 1 s slices ({} s each)",
+        a.seconds
+    );
+    let direct = &r.sides[0];
+    let proxy = r.sides.iter().find(|s| s.name == "nginx proxy");
+    let Some(ciyuan) = r.sides.last() else {
+        anyhow::bail!("no figures");
+    };
+    println!(
+        "  throughput, wrk, {} connections, {} threads:",
+        a.connections,
+        a.wrk_threads.min(a.connections)
+    );
+    for s in &r.sides {
+        let t = &s.throughput;
+        println!(
+            "    {:<11} {:>8.0} requests/s (p50 {} us, p99 {} us; {} requests{})",
+            s.name,
+            t.per_sec,
+            t.p50_us,
+            t.p99_us,
+            t.requests,
+            cpu_note(t.gateway_cpu_us)
+        );
+    }
+    if let Some(p) = proxy {
+        println!(
+            "    ciyuan / nginx proxy {:.2} (target: >= 0.80); ciyuan / direct {:.2}",
+            ciyuan.throughput.per_sec / p.throughput.per_sec,
+            ciyuan.throughput.per_sec / direct.throughput.per_sec
+        );
+    }
+    println!("  latency, wrk, one connection:");
+    for s in &r.sides {
+        let t = &s.one_connection;
+        println!(
+            "    {:<11} p50 {:>5} us (+{:>4} over direct), p99 {:>5} us (+{:>4}), p99.9 {} us; {:.0} requests/s{}",
+            s.name,
+            t.p50_us,
+            t.p50_us as i64 - direct.one_connection.p50_us as i64,
+            t.p99_us,
+            t.p99_us as i64 - direct.one_connection.p99_us as i64,
+            t.p999_us,
+            t.per_sec,
+            cpu_note(t.gateway_cpu_us)
+        );
+    }
+    println!("    (target: ciyuan p50 at most 25 us over direct)");
+    println!(
+        "  latency, open loop at {:.0} requests/s (from scheduled send times):",
+        a.rate
+    );
+    for s in &r.sides {
+        let l = &s.open_loop;
+        println!(
+            "    {:<11} p50 {:>5} us, p99 {:>5} us (+{:>5} over direct), p99.9 {} us, max {} us ({} requests, {:.0}/s sent, client late p99 {} us{})",
+            s.name,
+            l.p50_us,
+            l.p99_us,
+            l.p99_us as i64 - direct.open_loop.p99_us as i64,
+            l.p999_us,
+            l.max_us,
+            l.requests,
+            l.achieved_rate,
+            l.client_late_p99_us,
+            cpu_note(l.gateway_cpu_us)
+        );
+    }
+    println!("    (target: ciyuan p99 at most 1000 us)");
+    if r.problems.is_empty() {
+        println!("  correctness: all {} answers 2xx", r.responses);
+    } else {
+        println!("  correctness: FAILED ({} answers checked)", r.responses);
+        for p in &r.problems {
+            println!("    {p}");
+        }
+    }
+    if a.json {
+        let side = |s: &crate::bench_gateway::Side| {
+            serde_json::json!({
+                "throughput_per_sec": s.throughput.per_sec,
+                "throughput_p50_us": s.throughput.p50_us,
+                "throughput_p99_us": s.throughput.p99_us,
+                "throughput_gateway_cpu_us": s.throughput.gateway_cpu_us,
+                "one_connection_p50_us": s.one_connection.p50_us,
+                "one_connection_p99_us": s.one_connection.p99_us,
+                "one_connection_per_sec": s.one_connection.per_sec,
+                "open_loop_p50_us": s.open_loop.p50_us,
+                "open_loop_p99_us": s.open_loop.p99_us,
+                "open_loop_p999_us": s.open_loop.p999_us,
+            })
+        };
+        let sides: serde_json::Map<String, serde_json::Value> = r
+            .sides
+            .iter()
+            .map(|s| (s.name.replace(' ', "_"), side(s)))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "rate": a.rate,
+                "seconds": a.seconds,
+                "connections": a.connections,
+                "sides": sides,
+                "responses": r.responses,
+                "failed": !r.problems.is_empty(),
+            })
+        );
+    }
+    Ok(if r.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `; gateway CPU N us/request` when measured.
+fn cpu_note(us: f64) -> String {
+    if us > 0.0 {
+        format!("; gateway CPU {us:.0} us/request")
+    } else {
+        String::new()
+    }
 }

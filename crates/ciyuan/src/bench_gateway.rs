@@ -812,3 +812,451 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
     drop(dir);
     Ok(report)
 }
+
+// ---------------------------------------------------------------------------------
+// Against an external provider (issue 18): `--upstream URL [--proxy URL]`.
+
+/// What to run against an external provider.
+pub struct UpstreamOptions {
+    /// The provider's OpenAI base URL (ending in `/v1`), e.g. `bench/nginx`'s
+    /// fixed-answer nginx.
+    pub upstream: String,
+    /// The same provider behind another proxy (`bench/nginx`'s plain nginx reverse
+    /// proxy), measured side by side as the yardstick.
+    pub proxy: Option<String>,
+    /// Requests per second of the open-loop latency phase.
+    pub rate: f64,
+    /// Seconds of each measurement per target, in 1 s slices.
+    pub seconds: f64,
+    /// Connections of the throughput phase (wrk).
+    pub connections: usize,
+    /// wrk's threads in the throughput phase.
+    pub wrk_threads: usize,
+    /// The wrk executable.
+    pub wrk: std::path::PathBuf,
+    /// As [`Options::prices`].
+    pub prices: Option<std::path::PathBuf>,
+}
+
+/// Figures of one wrk measurement (its slices merged).
+#[derive(Clone, Copy, Default)]
+pub struct WrkFigures {
+    pub requests: u64,
+    pub per_sec: f64,
+    /// Latency percentiles of wrk's own histogram (microseconds, from a request's
+    /// write to its answer's end; merged exactly over the slices).
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    /// CPU (user + system) the gateway spent per request while this target ran
+    /// (Ciyuan's only; 0 for the others).
+    pub gateway_cpu_us: f64,
+}
+
+/// One target's figures, side by side with the others'.
+pub struct Side {
+    /// `direct`, `nginx proxy` or `ciyuan`.
+    pub name: &'static str,
+    /// wrk, `connections` connections: throughput.
+    pub throughput: WrkFigures,
+    /// wrk, one connection: latency with nothing queued.
+    pub one_connection: WrkFigures,
+    /// The open-loop client at `rate` requests/s.
+    pub open_loop: Latency,
+}
+
+/// Figures of an upstream run: the targets in the order direct, proxy, Ciyuan.
+pub struct UpstreamReport {
+    pub sides: Vec<Side>,
+    /// Answers checked (wrk's and the open-loop client's).
+    pub responses: u64,
+    /// What went wrong: wrk's socket errors and non-2xx answers, the client's failures.
+    pub problems: Vec<String>,
+}
+
+/// A wrk script posting the benchmark's chat completion with the target's key; at the
+/// end it prints its counts and its latency histogram (value:count pairs, µs), which
+/// the bench merges over slices.
+fn wrk_script(auth: &str) -> String {
+    format!(
+        r#"wrk.method = "POST"
+wrk.body = [==[{SMALL_BODY}]==]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = [==[{auth}]==]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("ciyuan-wrk requests=%d duration_us=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout))
+  io.write("ciyuan-wrk-latency")
+  for i = 1, #latency do
+    local v, c = latency(i)
+    io.write(string.format(" %d:%d", v, c))
+  end
+  io.write("\n")
+end
+"#
+    )
+}
+
+/// wrk slices of one target, merged.
+#[derive(Default)]
+struct WrkSamples {
+    requests: u64,
+    micros: u64,
+    /// Latency (µs) → answers.
+    histogram: std::collections::BTreeMap<u64, u64>,
+    gateway_cpu: f64,
+}
+
+impl WrkSamples {
+    fn figures(&self) -> WrkFigures {
+        let total: u64 = self.histogram.values().sum();
+        let at = |p: f64| {
+            let rank = ((p * total as f64).ceil() as u64).clamp(1, total.max(1));
+            let mut seen = 0;
+            for (v, c) in &self.histogram {
+                seen += c;
+                if seen >= rank {
+                    return *v;
+                }
+            }
+            0
+        };
+        WrkFigures {
+            requests: self.requests,
+            per_sec: self.requests as f64 * 1e6 / self.micros.max(1) as f64,
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            gateway_cpu_us: self.gateway_cpu * 1e6 / self.requests.max(1) as f64,
+        }
+    }
+}
+
+/// One wrk run of `seconds` (whole seconds: wrk's unit) against `url`.
+fn wrk_slice(
+    o: &UpstreamOptions,
+    (threads, connections): (usize, usize),
+    script: &std::path::Path,
+    url: &str,
+    into: &mut WrkSamples,
+    checks: &Checks,
+    name: &str,
+) -> anyhow::Result<()> {
+    let out = Command::new(&o.wrk)
+        .args(["-t", &threads.to_string(), "-c", &connections.to_string()])
+        .args(["-d", "1", "--timeout", "10", "-s"])
+        .arg(script)
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", o.wrk.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed ({}): {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut counted = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("ciyuan-wrk ") {
+            let field = |k: &str| -> anyhow::Result<u64> {
+                rest.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                    .with_context(|| format!("wrk's summary has no {k}: {line}"))?
+                    .parse()
+                    .with_context(|| format!("wrk's {k} in {line}"))
+            };
+            let requests = field("requests")?;
+            into.requests += requests;
+            into.micros += field("duration_us")?;
+            checks.responses.fetch_add(requests, Ordering::Relaxed);
+            let errors: Vec<String> = ["connect", "read", "write", "status", "timeout"]
+                .iter()
+                .map(|k| Ok((k, field(k)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect();
+            if !errors.is_empty() {
+                checks.fail(format!(
+                    "{name}: wrk saw errors: {} (status: answers not 2xx/3xx)",
+                    errors.join(", ")
+                ));
+            }
+            counted = true;
+        } else if let Some(rest) = line.strip_prefix("ciyuan-wrk-latency") {
+            for pair in rest.split_whitespace() {
+                let (v, c) = pair
+                    .split_once(':')
+                    .with_context(|| format!("wrk's histogram entry {pair:?}"))?;
+                *into.histogram.entry(v.parse()?).or_default() += c.parse::<u64>()?;
+            }
+        }
+    }
+    if !counted {
+        bail!("wrk printed no summary (is the script's done() run?): {text}");
+    }
+    Ok(())
+}
+
+/// `ciyuan bench gateway --upstream URL`: `ciyuan serve` with the external provider
+/// as its only provider; the provider directly, the proxy (if given) and Ciyuan,
+/// measured in 1 s slices that rotate through the targets, so all see the same
+/// background load: (1) throughput, wrk with `connections` connections; (2) latency
+/// at one connection, wrk; (3) p99 at `rate` requests/s, the open-loop client (from
+/// scheduled send times). Streams and memory need the sim's pacing and are not run.
+pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
+    let positive = |v: f64| v > 0.0 && v.is_finite();
+    if !positive(o.rate) || !positive(o.seconds) {
+        bail!("--rate and --seconds must be positive");
+    }
+    if o.connections == 0 || o.wrk_threads == 0 {
+        bail!("--concurrency and --wrk-threads must be positive");
+    }
+    let base = |u: &str, flag: &str| -> anyhow::Result<String> {
+        let u = u.trim_end_matches('/');
+        match u.parse::<reqwest::Url>() {
+            Ok(p) if matches!(p.scheme(), "http" | "https") => Ok(u.to_string()),
+            _ => bail!("{flag} {u:?}: not an http(s) URL (an OpenAI base URL ending in /v1)"),
+        }
+    };
+    let upstream = base(&o.upstream, "--upstream")?;
+    let proxy = o.proxy.as_deref().map(|p| base(p, "--proxy")).transpose()?;
+    let prices = o
+        .prices
+        .as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    let exe = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("ciyuan-bench-gateway-{}", random_hex(6)?));
+    std::fs::create_dir_all(&dir)?;
+    let dir = Dir(dir);
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[providers]]\nname = \"upstream\"\nprotocol = \"openai\"\nbase_url = \"{upstream}\"\nmodels = [\"*\"]\n"
+        ),
+    )?;
+    let admin = format!("cy_{}_{}", random_hex(6)?, random_hex(32)?);
+    let mut serve = Command::new(&exe);
+    serve
+        .arg("--config")
+        .arg(&config)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.0.join("data"))
+        .env("CIYUAN_BOOTSTRAP_ADMIN_KEY", &admin);
+    let (gw_guard, gw_url) = start(serve, "ciyuan serve")?;
+    let gw_pid = gw_guard.0.id();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(4096)
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()?;
+    let key = rt.block_on(async {
+        let post = |path: &str, body: serde_json::Value| {
+            http.post(format!("{gw_url}{path}"))
+                .bearer_auth(&admin)
+                .json(&body)
+                .send()
+        };
+        post("/api/v1/accounts", serde_json::json!({"path": "bench"}))
+            .await?
+            .error_for_status()?;
+        if let Some(file) = &prices {
+            http.post(format!("{gw_url}/api/v1/prices?format=litellm"))
+                .bearer_auth(&admin)
+                .header("content-type", "application/json")
+                .body(file.clone())
+                .send()
+                .await?
+                .error_for_status()?;
+            post(
+                "/api/v1/wallets/bench",
+                serde_json::json!({"kind": "topup", "amount": "1000000", "currency": "USD"}),
+            )
+            .await?
+            .error_for_status()?;
+        }
+        let key: serde_json::Value = post(
+            "/api/v1/keys",
+            serde_json::json!({"account": "bench", "scopes": ["gateway"]}),
+        )
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+        anyhow::Ok(
+            key["key"]
+                .as_str()
+                .context("no key in the answer")?
+                .to_string(),
+        )
+    })?;
+    let auth = format!("Bearer {key}");
+    let script = dir.0.join("chat.lua");
+    std::fs::write(&script, wrk_script(&auth))?;
+
+    let checks = Arc::new(Checks::default());
+    let mut names = vec![("direct", upstream.clone())];
+    if let Some(p) = &proxy {
+        names.push(("nginx proxy", p.clone()));
+    }
+    names.push(("ciyuan", format!("{gw_url}/v1")));
+    let targets: Vec<Target> = names
+        .iter()
+        .map(|(name, base)| {
+            Ok(Target {
+                name,
+                url: format!("{base}/chat/completions"),
+                auth: HeaderValue::from_str(&auth)?,
+                http: http.clone(),
+                checks: checks.clone(),
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let ciyuan = targets.len() - 1;
+    let slices = o.seconds.ceil().max(1.0) as usize;
+    // Each slice starts with the next target, so none is always first after a switch.
+    let n = targets.len();
+    let order = move |slice: usize| (0..n).map(move |k| (slice + k) % n);
+
+    // 1 and 2: wrk, whole-second slices. A first slice of each warms connections,
+    // pools, the key cache; it is not counted.
+    let wrk_phase = |shape: (usize, usize)| -> anyhow::Result<Vec<WrkFigures>> {
+        let mut samples: Vec<WrkSamples> = targets.iter().map(|_| WrkSamples::default()).collect();
+        for t in &targets {
+            wrk_slice(
+                &o,
+                shape,
+                &script,
+                &t.url,
+                &mut WrkSamples::default(),
+                &checks,
+                t.name,
+            )?;
+        }
+        for slice in 0..slices {
+            for k in order(slice) {
+                let t = &targets[k];
+                let cpu = cpu_seconds(gw_pid);
+                wrk_slice(&o, shape, &script, &t.url, &mut samples[k], &checks, t.name)?;
+                if k == ciyuan {
+                    samples[k].gateway_cpu += cpu_seconds(gw_pid) - cpu;
+                }
+            }
+        }
+        Ok(samples.iter().map(WrkSamples::figures).collect())
+    };
+    let threads = o.wrk_threads.min(o.connections);
+    let throughput = wrk_phase((threads, o.connections))?;
+    let one_connection = wrk_phase((1, 1))?;
+
+    // 3: open loop at `rate`, in slices of about a second.
+    let slice = o.seconds / slices as f64;
+    let pids = (gw_pid, 0);
+    let open: Vec<Latency> = rt.block_on(async {
+        let mut samples: Vec<OpenSamples> =
+            targets.iter().map(|_| OpenSamples::default()).collect();
+        for t in &targets {
+            open_loop(
+                t,
+                o.rate,
+                o.seconds.min(1.0),
+                pids,
+                &mut OpenSamples::default(),
+            )
+            .await?;
+        }
+        for s in 0..slices {
+            for k in order(s) {
+                open_loop(&targets[k], o.rate, slice, pids, &mut samples[k]).await?;
+            }
+        }
+        anyhow::Ok(
+            samples
+                .into_iter()
+                .enumerate()
+                .map(|(k, s)| {
+                    let mut l = s.latency();
+                    if k != ciyuan {
+                        l.gateway_cpu_us = 0.0;
+                    }
+                    l
+                })
+                .collect(),
+        )
+    })?;
+
+    let mut problems = checks
+        .problems
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    let failed = checks.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        problems.insert(0, format!("{failed} runs or requests failed; the first:"));
+    }
+    let sides = names
+        .iter()
+        .enumerate()
+        .map(|(k, (name, _))| Side {
+            name,
+            throughput: throughput[k],
+            one_connection: one_connection[k],
+            open_loop: open[k],
+        })
+        .collect();
+    drop(gw_guard);
+    drop(dir);
+    Ok(UpstreamReport {
+        sides,
+        responses: checks.responses.load(Ordering::Relaxed),
+        problems,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_slices_merge_into_exact_percentiles_and_rates() {
+        let mut s = WrkSamples::default();
+        // Two slices: 100 answers at 10 µs and 2 at 500 µs, then 98 at 20 µs.
+        for (v, c) in [(10, 100), (500, 2), (20, 98)] {
+            *s.histogram.entry(v).or_default() += c;
+        }
+        s.requests = 200;
+        s.micros = 2_000_000;
+        s.gateway_cpu = 0.01;
+        let f = s.figures();
+        assert_eq!((f.p50_us, f.p99_us, f.p999_us), (10, 20, 500));
+        assert_eq!(f.per_sec, 100.0);
+        assert_eq!(f.gateway_cpu_us, 50.0);
+        assert_eq!(WrkSamples::default().figures().p99_us, 0);
+    }
+
+    #[test]
+    fn the_wrk_script_posts_the_chat_body_with_the_key() {
+        let script = wrk_script("Bearer cy_key");
+        assert!(script.contains(SMALL_BODY));
+        assert!(script.contains(r#"wrk.headers["Authorization"] = [==[Bearer cy_key]==]"#));
+        assert!(script.contains("wrk.method = \"POST\""));
+        assert!(
+            !SMALL_BODY.contains("]==]"),
+            "the body must not close the Lua string"
+        );
+    }
+}

@@ -42,6 +42,14 @@ pub struct ServeArgs {
     /// recorded (needs the admin key: printed on first start, else from CIYUAN_KEY).
     #[arg(long)]
     demo: bool,
+    /// Threads serving HTTP, each its own single-threaded runtime with its own
+    /// listening socket on the address (SO_REUSEPORT: the kernel spreads connections)
+    /// and its own connections to providers, so a request is served on one thread from
+    /// its first byte to its answer. Default: one per core with the data directory;
+    /// 0 serves every connection on the shared multi-threaded runtime (the only way
+    /// with PostgreSQL, whose client blocks in place).
+    #[arg(long, env = "CIYUAN_REQUEST_THREADS")]
+    request_threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -94,13 +102,22 @@ pub fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ExitCode>
     }
     let demo = args.demo;
     let cfg = ServeConfig::resolve(file, args.data, args.listen, args.bootstrap_admin_key)?;
+    let request_threads = match (args.request_threads, &cfg.database) {
+        (Some(n), Some(_)) if n > 0 => anyhow::bail!(
+            "--request-threads {n}: with PostgreSQL every connection is served on the shared runtime (its client blocks in place, which a single-threaded runtime cannot host); leave it unset or 0"
+        ),
+        (_, Some(_)) => 0,
+        (Some(n), None) => n,
+        (None, None) if cfg!(unix) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        (None, None) => 0,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     if let Some(url) = &cfg.database {
         let (log, store) = open_postgres(&cfg, &url.0)?;
         let shared: Arc<dyn Log> = log.clone();
-        let result = rt.block_on(run(cfg, store, shared, demo));
+        let result = rt.block_on(run(cfg, store, shared, demo, 0));
         // Appends already queued are committed before the process ends.
         log.close();
         return result;
@@ -109,7 +126,7 @@ pub fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ExitCode>
     let (committer, writer) = GroupCommitter::start(ledger);
     let log: Arc<dyn Log> = Arc::new(committer.clone());
     let store: Arc<dyn Store> = Arc::new(store);
-    let result = rt.block_on(run(cfg, store, log, demo));
+    let result = rt.block_on(run(cfg, store, log, demo, request_threads));
     // Whatever happened, let the writer finish what it acknowledged and seal the sidecar.
     committer.shutdown();
     let _ = writer.join();
@@ -144,6 +161,7 @@ async fn run(
     store: Arc<dyn Store>,
     log: Arc<dyn Log>,
     demo: bool,
+    request_threads: usize,
 ) -> anyhow::Result<ExitCode> {
     let server_cfg = ServerConfig {
         max_body_bytes: cfg.max_body_bytes,
@@ -211,10 +229,18 @@ async fn run(
         .bootstrap_admin_key(given)
         .await
         .map_err(|e| anyhow::anyhow!("bootstrap admin key: {}", e.detail))?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let listener = if request_threads > 0 {
+        per_core::bind(cfg.listen)
+    } else {
+        tokio::net::TcpListener::bind(cfg.listen).await
+    }
+    .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    // The request threads' sockets, on the port the first one took.
+    let mut listeners = vec![listener];
+    for _ in 1..request_threads {
+        listeners.push(per_core::bind(addr).with_context(|| format!("listening on {addr}"))?);
+    }
     let demo_key = match (demo, &bootstrap) {
         (false, _) => None,
         (true, Some(k)) => Some(k.clone()),
@@ -278,9 +304,15 @@ async fn run(
     };
     // Routes are resolved once here, not for every connection.
     let router = ciyuan_server::router(app.clone()).with_state(());
-    ciyuan_server::listen::serve_with(listener, router, shutdown_signal(), listen)
-        .await
-        .context("serving HTTP")?;
+    let request_threads = if request_threads > 0 {
+        Some(per_core::serve(listeners, router, listen).await?)
+    } else {
+        let listener = listeners.remove(0);
+        ciyuan_server::listen::serve_with(listener, router, shutdown_signal(), listen)
+            .await
+            .context("serving HTTP")?;
+        None
+    };
     if let Some(m) = metrics {
         m.abort();
     }
@@ -296,8 +328,154 @@ async fn run(
         tracing::warn!(detail = %e.detail, "final checkpoint failed");
     }
     app.leave().await;
+    if let Some(threads) = request_threads {
+        threads.end().await?;
+    }
     tracing::info!("ciyuan stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serving HTTP on a thread per core: each thread a single-threaded runtime with its
+/// own listening socket on the one address (`SO_REUSEPORT`), owning the connections
+/// it accepts; the gateway's connections to providers are kept per thread too
+/// (`gateway::upstream::Clients`). A request is read, admitted, forwarded, answered
+/// and metered on one thread, with no hand-off between threads: on the shared
+/// multi-threaded runtime each request woke other threads several times (its task,
+/// the provider connection's task, its metering task), and the wake-ups, not the
+/// work, were most of what the gateway added to a request's latency. What a request
+/// thread gives up is stealing: a handler that blocks holds up that thread's
+/// connections only (the gateway's handlers do not block; exports and other long work
+/// run on threads of their own).
+mod per_core {
+    use super::shutdown_signal;
+    use anyhow::Context;
+    use ciyuan_server::listen::ListenConfig;
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+
+    /// A listening socket on `addr` that other sockets of this process may share.
+    pub(super) fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As TcpListener::bind does: a restart may bind while old connections linger.
+        socket.set_reuseaddr(true)?;
+        #[cfg(unix)]
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    }
+
+    /// The request threads, once they stopped accepting: their runtimes still run what
+    /// they started (requests' metering, the recorder, streams being relayed) until
+    /// [`Threads::end`].
+    pub(super) struct Threads {
+        end: watch::Sender<bool>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    impl Threads {
+        /// Ends the request threads' runtimes and waits for the threads.
+        pub(super) async fn end(self) -> anyhow::Result<()> {
+            self.end.send_replace(true);
+            let threads = self.threads;
+            tokio::task::spawn_blocking(move || {
+                for t in threads {
+                    if t.join().is_err() {
+                        anyhow::bail!("a request thread panicked");
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .context("waiting for the request threads")?
+        }
+    }
+
+    /// Serves `router` on each listener from a thread of its own until the process is
+    /// told to stop (or a thread's serving fails), then waits for the requests in
+    /// flight (each thread's graceful stop).
+    pub(super) async fn serve(
+        listeners: Vec<TcpListener>,
+        router: axum::Router,
+        config: ListenConfig,
+    ) -> anyhow::Result<Threads> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (end_tx, end_rx) = watch::channel(false);
+        let (served_tx, mut served_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut threads = Vec::with_capacity(listeners.len());
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let listener = listener.into_std()?;
+            let (router, mut stop, mut end) = (router.clone(), stop_rx.clone(), end_rx.clone());
+            let served = served_tx.clone();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("a request thread's runtime")?;
+            let thread = std::thread::Builder::new()
+                .name(format!("ciyuan-http-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        // tokio wakes its driver (a write to an eventfd and one more
+                        // round of epoll) whenever a timer is set sooner than the
+                        // driver's next wake-up. Each request sets hyper's 30 s timer
+                        // for the next request's head, and the soonest other timer was
+                        // the provider pool's 90 s sweep: every request paid it. A
+                        // timer every 10 s keeps the next wake-up sooner than those.
+                        tokio::spawn(async {
+                            let mut tick =
+                                tokio::time::interval(std::time::Duration::from_secs(10));
+                            loop {
+                                tick.tick().await;
+                            }
+                        });
+                        let result = match TcpListener::from_std(listener) {
+                            Ok(l) => {
+                                let stopped = async move {
+                                    // A dropped sender (the process ending) stops too.
+                                    let _ = stop.wait_for(|s| *s).await;
+                                };
+                                ciyuan_server::listen::serve_with(l, router, stopped, config).await
+                            }
+                            Err(e) => Err(e),
+                        };
+                        if served.send(result).is_err() {
+                            return;
+                        }
+                        let _ = end.wait_for(|e| *e).await;
+                    });
+                })
+                .context("starting a request thread")?;
+            threads.push(thread);
+        }
+        drop(served_tx);
+        let n = threads.len();
+        let mut results = Vec::with_capacity(n);
+        tokio::select! {
+            () = shutdown_signal() => {}
+            Some(early) = served_rx.recv() => results.push(early),
+        }
+        stop_tx.send_replace(true);
+        while results.len() < n {
+            match served_rx.recv().await {
+                Some(r) => results.push(r),
+                None => anyhow::bail!("a request thread ended without a word"),
+            }
+        }
+        let threads = Threads {
+            end: end_tx,
+            threads,
+        };
+        for r in results {
+            if let Err(e) = r {
+                threads.end().await?;
+                return Err(e).context("serving HTTP");
+            }
+        }
+        Ok(threads)
+    }
 }
 
 /// The simulated provider as the gateway's providers: both protocols, every model, its

@@ -81,8 +81,9 @@ pub async fn count_tokens(
         out.insert(name.clone(), value.clone());
     }
     let answered = tokio::time::timeout(provider.timeout, async {
-        let resp = gw.clients[i]
-            .request(up)
+        let resp = gw
+            .clients
+            .request(i, up)
             .await
             .map_err(|e| error_chain(&e))?;
         let (parts, incoming) = resp.into_parts();
@@ -221,7 +222,7 @@ pub(super) async fn forward(
     if let Some((name, value)) = &gw.auth[call.provider] {
         out.insert(name.clone(), value.clone());
     }
-    let sent = tokio::time::timeout(provider.timeout, gw.clients[call.provider].request(req)).await;
+    let sent = tokio::time::timeout(provider.timeout, gw.clients.request(call.provider, req)).await;
     let resp = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

@@ -273,7 +273,7 @@ pub fn load_vocabularies(config: &GatewayConfig) -> Result<Duration, String> {
 /// The gateway's running state: configuration, one HTTP client per provider, metrics.
 pub struct Gateway {
     config: GatewayConfig,
-    clients: Vec<upstream::UpstreamClient>,
+    clients: upstream::Clients,
     /// Each provider's URL per endpoint (in [`Endpoint::ALL`] order), parsed once.
     urls: Vec<Vec<Uri>>,
     /// Each Anthropic provider's `/v1/messages/count_tokens`, parsed once.
@@ -336,7 +336,7 @@ impl Gateway {
                 req.headers_mut().insert(name.clone(), value.clone());
             }
             let answer = tokio::time::timeout(MODEL_LIST_TIMEOUT, async {
-                let resp = self.clients[i].request(req).await.ok()?;
+                let resp = self.clients.request(i, req).await.ok()?;
                 if !resp.status().is_success() {
                     return None;
                 }
@@ -376,6 +376,10 @@ impl Gateway {
                 upstream::client(p.connect_timeout).map_err(|e| format!("provider {}: {e}", p.name))
             })
             .collect::<Result<_, _>>()?;
+        let clients = upstream::Clients::new(
+            clients,
+            config.providers.iter().map(|p| p.connect_timeout).collect(),
+        );
         let urls = config
             .providers
             .iter()

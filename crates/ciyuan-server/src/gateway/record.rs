@@ -63,6 +63,7 @@ pub(super) async fn recorder(
     while let Some(first) = rx.recv().await {
         let deadline = tokio::time::Instant::now() + RECORD_LINGER;
         let mut next = Some(first);
+        let mut lingered = false;
         while let Some(msg) = next.take() {
             match msg {
                 Record::Entry(e, posting, guard, settles) => {
@@ -83,10 +84,19 @@ pub(super) async fn recorder(
             if batch.len() >= RECORD_BATCH_MAX {
                 break;
             }
-            next = tokio::time::timeout_at(deadline, rx.recv())
-                .await
-                .ok()
-                .flatten();
+            // The linger is slept, not spent waiting in `recv`: the channel wakes its
+            // receiver (often on another thread) for every message sent while it
+            // waits there, so a busy gateway woke the recorder once per request; now
+            // once per group.
+            next = match rx.try_recv() {
+                Ok(msg) => Some(msg),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) if !lingered => {
+                    lingered = true;
+                    tokio::time::sleep_until(deadline).await;
+                    rx.try_recv().ok()
+                }
+                Err(_) => None,
+            };
         }
         let Some(app) = app.upgrade() else { return };
         if !batch.is_empty() {
