@@ -1406,6 +1406,16 @@ fn count_tokens_is_the_providers_answer_never_billed_nor_budgeted_and_obeys_acce
     // None of it was recorded.
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(gateway_entries(&gw), recorded);
+    // The two counts the provider answered are in /metrics, apart from requests.
+    let (s, m) = gw.server.http("GET", "/metrics", &gw.admin, None);
+    assert_eq!(s, 200);
+    let m = String::from_utf8_lossy(&m);
+    assert!(
+        m.contains(
+            "ciyuan_gateway_count_tokens_total{upstream=\"sim-anthropic\",status=\"200\"} 2\n"
+        ),
+        "{m}"
+    );
 }
 
 #[test]

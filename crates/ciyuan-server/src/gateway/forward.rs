@@ -95,7 +95,7 @@ pub async fn count_tokens(
         Ok::<_, String>((parts, bytes))
     })
     .await;
-    match answered {
+    let resp = match answered {
         Ok(Ok((parts, bytes))) => {
             let mut resp = (parts.status, bytes).into_response();
             *resp.headers_mut() = passed_back_headers(&parts.headers);
@@ -115,7 +115,10 @@ pub async fn count_tokens(
             ),
         )
         .into_response(family),
-    }
+    };
+    gw.metrics
+        .observe_count_tokens(&provider.name, resp.status().as_u16());
+    resp
 }
 
 /// Whether a client's request header goes on to the provider: the defaults and the

@@ -61,6 +61,9 @@ struct Inner {
     upstreams: BTreeMap<String, Upstream>,
     /// Model labels given out so far, across upstreams.
     models: std::collections::HashSet<String>,
+    /// Token counts (Anthropic's `count_tokens`) by upstream and status: passed to a
+    /// provider, never billed, so they show here and nowhere in the ledger.
+    count_tokens: BTreeMap<(String, u16), u64>,
 }
 
 /// The model label of requests for models beyond the first `max_models` seen.
@@ -162,11 +165,31 @@ impl Metrics {
         }
     }
 
+    /// Records one token count asked of `upstream` and the status the client got.
+    /// Upstreams are the configured providers, so the series are bounded.
+    pub fn observe_count_tokens(&self, upstream: &str, status: u16) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *m.count_tokens
+            .entry((upstream.to_string(), status))
+            .or_insert(0) += 1;
+    }
+
     /// The metrics in Prometheus' text format.
     pub fn render(&self) -> String {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
         let esc = escape;
+        let _ = writeln!(
+            out,
+            "# HELP ciyuan_gateway_count_tokens_total Token counts (count_tokens) passed to a provider, by upstream and status; never billed.\n# TYPE ciyuan_gateway_count_tokens_total counter"
+        );
+        for ((u, s), n) in &m.count_tokens {
+            let _ = writeln!(
+                out,
+                "ciyuan_gateway_count_tokens_total{{upstream=\"{}\",status=\"{s}\"}} {n}",
+                esc(u)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP ciyuan_gateway_requests_total Gateway requests by upstream, model and status.\n# TYPE ciyuan_gateway_requests_total counter"
@@ -347,6 +370,23 @@ mod tests {
             flagged: false,
             output_tokens_per_sec: None,
         });
+    }
+
+    #[test]
+    fn token_counts_are_counted_by_upstream_and_status() {
+        let m = Metrics::default();
+        m.observe_count_tokens("sim-anthropic", 200);
+        m.observe_count_tokens("sim-anthropic", 200);
+        m.observe_count_tokens("sim-anthropic", 504);
+        let text = m.render();
+        assert!(text.contains(
+            "ciyuan_gateway_count_tokens_total{upstream=\"sim-anthropic\",status=\"200\"} 2\n"
+        ));
+        assert!(text.contains(
+            "ciyuan_gateway_count_tokens_total{upstream=\"sim-anthropic\",status=\"504\"} 1\n"
+        ));
+        // Counted apart: no request series, no tokens.
+        assert!(!text.contains("ciyuan_gateway_requests_total{"));
     }
 
     #[test]
