@@ -52,6 +52,24 @@ impl Drop for Sim {
     }
 }
 
+/// That entry `e` splits a client's OpenAI totals (input including `cached`, output
+/// including `reasoning`) into the ledger's keys: cached input and reasoning under
+/// their own, the rest under `text.input` and `text.output`.
+pub fn assert_totals_split(
+    scenario: &str,
+    e: &Value,
+    input: u64,
+    output: u64,
+    cached: u64,
+    reasoning: u64,
+) {
+    let n = |k: &str| e["tokens"][k].as_u64().unwrap_or(0);
+    assert_eq!(n("text.cached_input"), cached, "{scenario}: {e}");
+    assert_eq!(n("text.input") + cached, input, "{scenario}: {e}");
+    assert_eq!(n("text.reasoning"), reasoning, "{scenario}: {e}");
+    assert_eq!(n("text.output") + reasoning, output, "{scenario}: {e}");
+}
+
 /// A gateway in front of a sim, an account `acme/app` and a gateway key for it.
 pub struct Gateway {
     pub sim: Sim,
@@ -276,18 +294,13 @@ fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
                 let reasoning = u["output_tokens_details"]["reasoning_tokens"]
                     .as_u64()
                     .unwrap();
-                let n = |k: &str| tokens[k].as_u64().unwrap_or(0);
-                assert_eq!(n("text.cached_input"), cached, "{scenario}: {e}");
-                assert_eq!(
-                    n("text.input") + cached,
+                assert_totals_split(
+                    scenario,
+                    &e,
                     u["input_tokens"].as_u64().unwrap(),
-                    "{scenario}: {e}"
-                );
-                assert_eq!(n("text.reasoning"), reasoning, "{scenario}: {e}");
-                assert_eq!(
-                    n("text.output") + reasoning,
                     u["output_tokens"].as_u64().unwrap(),
-                    "{scenario}: {e}"
+                    cached,
+                    reasoning,
                 );
                 assert_eq!(e["definition"], "gateway.openai@1");
                 assert_eq!(e["service"], "llm.chat");
