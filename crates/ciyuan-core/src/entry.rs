@@ -377,6 +377,15 @@ impl Usage {
             _ => None,
         }
     }
+
+    /// Whether the budgets count it: every ingested event, and every gateway request
+    /// the provider accepted (a 2xx status). A request the provider refused consumed
+    /// nothing, and its node counted nothing, not even the request.
+    pub fn consumed(&self) -> bool {
+        self.quality
+            .as_ref()
+            .is_none_or(|q| (200..300).contains(&q.status))
+    }
 }
 
 /// The 64-bit hash of an ingested event's `(source, id)` under which the idempotency

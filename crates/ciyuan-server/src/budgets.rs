@@ -3,9 +3,9 @@
 //!
 //! Limits and access rules are ledger entries (`budget.set`, `budget.cleared`,
 //! `access.set`); the engine is rebuilt from their projections on start, and its
-//! counters from the usage projections (node counters of hour-or-longer windows;
-//! minute, per-session and per-key counters start empty, and reservations of requests
-//! that died with the process are gone, i.e. released). Threshold crossings become
+//! counters from the usage projections (node, per-key and per-session counters of
+//! hour-or-longer windows; minute windows and request counts start empty, and
+//! reservations of requests that died with the process are gone, i.e. released). Threshold crossings become
 //! `incident` entries and signed webhooks.
 
 use crate::auth::Caller;
@@ -25,6 +25,7 @@ use ciyuan_core::{
 };
 use ciyuan_store::{HourFilter, Store};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// The engine's limit for a `budget.set` on `node`, periods in `tz`; `None` for a
@@ -92,10 +93,12 @@ pub(crate) fn load(store: &dyn Store, now: Timestamp) -> Result<Engine, ApiError
     Ok(engine)
 }
 
-/// Sets a node limit's counter to the usage the projections hold for its current
-/// window (hour-or-longer windows; minute windows, per-session and per-key counters
-/// start empty). Used on start and when a limit is set, so a monthly budget set on
-/// the 20th counts the month so far.
+/// Sets a limit's counters to the usage the projections hold for its current window
+/// (hour-or-longer windows): a node limit's one counter, and a per-key or
+/// per-session limit's counter of every key and session with usage in the window
+/// (`ciyuan_store::subjects`). Minute windows and request counts start empty. Used on
+/// start and when a limit is set, so a monthly budget set on the 20th counts the month
+/// so far.
 pub(crate) fn restore_used(
     store: &dyn Store,
     engine: &Engine,
@@ -103,51 +106,101 @@ pub(crate) fn restore_used(
     now: Timestamp,
 ) -> Result<(), ApiError> {
     let node = &spec.node;
-    if spec.scope != LimitScope::Node || spec.period == Period::Minute {
+    if spec.scope == LimitScope::Request || spec.period == Period::Minute {
         return Ok(());
     }
     let window = spec.window(now);
+    let start = window.map(|(s, _)| s);
     let filter = HourFilter {
         account: node.clone(),
         from_hour: window.map(|(s, _)| ciyuan_store::floor_hour(s)),
         to_hour: window.map(|(_, e)| ciyuan_store::ceil_hour(e)),
     };
-    let sel = match spec.measure {
-        Measure::Tokens(sel) => sel,
+    let restoring = |e| ApiError::internal(format!("restoring limit on {node}: {e}"));
+    match spec.measure {
         // Request counts are not projected; they restart with the process.
-        Measure::Requests => return Ok(()),
+        Measure::Requests => Ok(()),
         Measure::Cost(currency) => {
             // Rated amounts of the window, exactly as the engine counts them live.
-            let mut spent = ciyuan_core::ExactSum::ZERO;
-            for row in store.cost_hours(&filter)? {
+            let rows: Vec<(Option<String>, ciyuan_store::CostRow)> = match spec.scope {
+                LimitScope::Node => store
+                    .cost_hours(&filter)?
+                    .into_iter()
+                    .map(|r| (None, r))
+                    .collect(),
+                scope => counted_on(scope, store.subject_cost(&filter)?),
+            };
+            let mut spent: BTreeMap<Option<String>, ciyuan_core::ExactSum> = BTreeMap::new();
+            if spec.scope == LimitScope::Node {
+                spent.insert(None, ciyuan_core::ExactSum::ZERO);
+            }
+            for (who, row) in rows {
                 if row.currency == currency {
-                    spent = spent.checked_add(row.amount).ok_or_else(|| {
+                    let sum = spent.entry(who).or_insert(ciyuan_core::ExactSum::ZERO);
+                    *sum = sum.checked_add(row.amount).ok_or_else(|| {
                         ApiError::internal(format!("spend of limit on {node} overflows"))
                     })?;
                 }
             }
-            let spent = spent.to_decimal().ok_or_else(|| {
-                ApiError::internal(format!(
-                    "spend of limit on {node} needs more than 28 digits"
-                ))
-            })?;
-            return engine
-                .load_cost_used(node, &spec.name, None, window.map(|(s, _)| s), spent)
-                .map_err(|e| ApiError::internal(format!("restoring limit on {node}: {e}")));
+            for (who, sum) in spent {
+                let sum = sum.to_decimal().ok_or_else(|| {
+                    ApiError::internal(format!(
+                        "spend of limit on {node} needs more than 28 digits"
+                    ))
+                })?;
+                engine
+                    .load_cost_used(node, &spec.name, who.as_deref(), start, sum)
+                    .map_err(restoring)?;
+            }
+            Ok(())
         }
-    };
-    // Net usage, corrections included, exactly as the engine counts it live.
-    let mut amount: i128 = 0;
-    for row in store.usage_hours(&filter)? {
-        if sel.matches(row.modality, row.direction) {
-            amount = amount.checked_add(row.tokens).ok_or_else(|| {
-                ApiError::internal(format!("usage of limit on {node} exceeds 128 bits"))
-            })?;
+        Measure::Tokens(sel) => {
+            // Net usage, corrections included, exactly as the engine counts it live.
+            let rows: Vec<(Option<String>, ciyuan_store::HourRow)> = match spec.scope {
+                LimitScope::Node => store
+                    .usage_hours(&filter)?
+                    .into_iter()
+                    .map(|r| (None, r))
+                    .collect(),
+                scope => counted_on(scope, store.subject_usage(&filter)?),
+            };
+            let mut used: BTreeMap<Option<String>, i128> = BTreeMap::new();
+            if spec.scope == LimitScope::Node {
+                used.insert(None, 0);
+            }
+            for (who, row) in rows {
+                if sel.matches(row.modality, row.direction) {
+                    let sum = used.entry(who).or_insert(0);
+                    *sum = sum.checked_add(row.tokens).ok_or_else(|| {
+                        ApiError::internal(format!("usage of limit on {node} exceeds 128 bits"))
+                    })?;
+                }
+            }
+            for (who, sum) in used {
+                engine
+                    .load_used(node, &spec.name, who.as_deref(), start, sum)
+                    .map_err(restoring)?;
+            }
+            Ok(())
         }
     }
-    engine
-        .load_used(node, &spec.name, None, window.map(|(s, _)| s), amount)
-        .map_err(|e| ApiError::internal(format!("restoring limit on {node}: {e}")))
+}
+
+/// The rows of the subjects a per-key (or per-session) limit counts, each with its key
+/// id (or session).
+fn counted_on<R>(
+    scope: LimitScope,
+    rows: Vec<(ciyuan_store::subjects::Subject, R)>,
+) -> Vec<(Option<String>, R)> {
+    use ciyuan_store::subjects::Subject;
+    rows.into_iter()
+        .filter_map(|(who, row)| match (scope, who) {
+            (LimitScope::Key, Subject::Key(id)) | (LimitScope::Session, Subject::Session(id)) => {
+                Some((Some(id), row))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// A counter as an incident reports it (`u64` in the entry format): a net usage below
@@ -799,4 +852,143 @@ pub async fn deliveries(
 #[serde(deny_unknown_fields)]
 pub struct DeliveriesParams {
     limit: Option<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciyuan_core::{AccountInfo, BudgetMeasure, CostAmount, Currency, TokenMap, Usage};
+    use ciyuan_store_sqlite::SqliteStore;
+
+    fn at(t: &str) -> Timestamp {
+        t.parse().unwrap()
+    }
+
+    fn path(p: &str) -> AccountPath {
+        AccountPath::parse(p).unwrap()
+    }
+
+    /// A gateway request's entry: `input` tokens costing `input` fen, by `key`, in
+    /// `session`.
+    fn request(node: &str, t: &str, input: i64, key: &str, session: Option<&str>) -> Entry {
+        let mut tokens = TokenMap::new();
+        tokens
+            .add(
+                ciyuan_core::Modality::Text,
+                ciyuan_core::Direction::Input,
+                input,
+            )
+            .unwrap();
+        let cny: Currency = "CNY".parse().unwrap();
+        let usage = Usage {
+            service: "llm.chat".into(),
+            model: Some("gpt-4o".into()),
+            tokens,
+            key: Some(key.into()),
+            session: session.map(String::from),
+            rating: Some(Box::new(ciyuan_core::Rating {
+                amount: rust_decimal::Decimal::new(input, 2),
+                currency: cny,
+                book: "list".into(),
+                version: 1,
+                lines: vec![],
+                contract: None,
+                discount_percent: None,
+                markup_percent: None,
+                unpriced: false,
+                missing: vec![],
+                basis: None,
+                place: None,
+            })),
+            ..Usage::default()
+        };
+        Entry::new(at(t), path(node), EntryBody::Usage(usage))
+    }
+
+    fn limit(name: &str, per: BudgetPer, cost: bool) -> BudgetSet {
+        BudgetSet {
+            name: name.into(),
+            measure: if cost {
+                BudgetMeasure::Cost
+            } else {
+                BudgetMeasure::Tokens
+            },
+            selector: Default::default(),
+            amount: if cost { 0 } else { 1000 },
+            period: BudgetPeriod::Day,
+            mode: BudgetMode::Hard,
+            per,
+            thresholds: vec![],
+            clamp: false,
+            set_by: None,
+            cost: cost.then(|| CostAmount {
+                amount: rust_decimal::Decimal::new(100, 0),
+                currency: "CNY".parse().unwrap(),
+            }),
+        }
+    }
+
+    /// A restart restores per-key and per-session counters from the projections, in
+    /// tokens and in money, for the current window only and for the limit's subtree
+    /// only; a session spanning two nodes below the limit is one counter.
+    #[test]
+    fn load_restores_key_and_session_counters_of_the_window() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let created = |p: &str| {
+            Entry::new(
+                at("2026-11-01T00:00:00Z"),
+                path(p),
+                EntryBody::AccountCreated(AccountInfo::default()),
+            )
+        };
+        let set = |b: BudgetSet| {
+            Entry::new(
+                at("2026-11-01T00:00:00Z"),
+                path("acme"),
+                EntryBody::BudgetSet(b),
+            )
+        };
+        let entries = vec![
+            created("acme"),
+            created("acme/a"),
+            created("acme/b"),
+            created("beta"),
+            set(limit("tokens-per-key", BudgetPer::Key, false)),
+            set(limit("tokens-per-session", BudgetPer::Session, false)),
+            set(limit("money-per-key", BudgetPer::Key, true)),
+            // Yesterday: another window.
+            request("acme/a", "2026-11-23T23:00:00Z", 500, "k1", Some("s")),
+            request("acme/a", "2026-11-24T10:00:00Z", 10, "k1", Some("s")),
+            request("acme/a", "2026-11-24T11:00:00Z", 20, "k1", None),
+            request("acme/b", "2026-11-24T12:00:00Z", 7, "k2", Some("s")),
+            // Outside the limits' subtree.
+            request("beta", "2026-11-24T12:00:00Z", 300, "k9", Some("s")),
+        ];
+        store.apply(0, &entries).unwrap();
+        let engine = load(&store, at("2026-11-24T15:00:00Z")).unwrap();
+        let mut got: Vec<(String, String, String)> = engine
+            .status(&path("acme"), at("2026-11-24T15:00:00Z"))
+            .into_iter()
+            .map(|s| {
+                let used = match &s.cost {
+                    Some(c) => c.used.to_string(),
+                    None => s.used.to_string(),
+                };
+                (s.spec.name.clone(), format!("{:?}", s.subject), used)
+            })
+            .collect();
+        got.sort();
+        let want = [
+            ("money-per-key", "Key(\"k1\")", "0.3"),
+            ("money-per-key", "Key(\"k2\")", "0.07"),
+            ("tokens-per-key", "Key(\"k1\")", "30"),
+            ("tokens-per-key", "Key(\"k2\")", "7"),
+            ("tokens-per-session", "Session(\"s\")", "17"),
+        ];
+        let want: Vec<(String, String, String)> = want
+            .iter()
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+            .collect();
+        assert_eq!(got, want);
+    }
 }

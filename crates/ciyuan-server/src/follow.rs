@@ -544,13 +544,7 @@ impl App {
                         amount: r.amount,
                         currency: r.currency,
                     });
-                    // A gateway request the provider did not accept consumed nothing
-                    // and its node counted nothing (not even the request).
-                    let consumed = u
-                        .quality
-                        .as_ref()
-                        .is_none_or(|q| (200..300).contains(&q.status));
-                    if consumed {
+                    if u.consumed() {
                         // On the key's and session's counters too, where the entry
                         // names them: per-key and per-session limits span nodes.
                         self.budget.record_elsewhere(

@@ -96,6 +96,9 @@ ALTER TABLE nodes ADD COLUMN paused BIGINT;
     log::MIGRATION_CLAIMS,
     // 14: usage by attribution tag set (`ciyuan_store::tags`).
     store::MIGRATION_TAGS,
+    // 15: usage by API key and session (`ciyuan_store::subjects`); projections
+    // rebuilt from the log.
+    store::MIGRATION_SUBJECTS,
 ];
 
 /// The schema version this build writes.

@@ -362,6 +362,20 @@ CREATE TABLE IF NOT EXISTS usage_tag_hourly (LIKE usage_hourly INCLUDING ALL);
 CREATE TABLE IF NOT EXISTS cost_tag_hourly (LIKE cost_hourly INCLUDING ALL);
 "#;
 
+/// Usage by API key and by session (`ciyuan_store::subjects`), in the tag rollups'
+/// shape. Entries written since keys and sessions were recorded carry them, so the
+/// projections are rebuilt from the log.
+pub(crate) const MIGRATION_SUBJECTS: &str = r#"
+CREATE TABLE usage_subject_hourly (LIKE usage_hourly INCLUDING ALL);
+CREATE TABLE cost_subject_hourly (LIKE cost_hourly INCLUDING ALL);
+TRUNCATE accounts, usage_hourly, ingest_index, budgets, access_rules, flagged, incidents,
+    definitions, price_books, contracts, wallet_settings, postings, posting_nodes,
+    cost_hourly, tier_units, cost_lines, cost_lines_daily, statements, service_levels,
+    quality_hours, report_progress, usage_tree_hourly, usage_tree_daily, cost_tree_hourly,
+    cost_tree_daily, usage_tag_hourly, cost_tag_hourly;
+UPDATE meta SET value = 0 WHERE name = 'projected_through';
+"#;
+
 /// The store's schema, as a migration of the crate's list.
 pub(crate) const MIGRATION: &str = SCHEMA;
 
@@ -406,6 +420,8 @@ const PROJECTIONS: &[&str] = &[
     "cost_tree_daily",
     "usage_tag_hourly",
     "cost_tag_hourly",
+    "usage_subject_hourly",
+    "cost_subject_hourly",
 ];
 
 /// Seconds in a UTC day.
@@ -881,42 +897,46 @@ fn upsert_cost<'k>(
     )
 }
 
-/// Adds the tagged usage of entries `start..` to the tag rollups.
-fn add_tags(tx: &mut Tx<'_>, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
-    let texts = ciyuan_store::tags::texts(parts);
-    if texts.is_empty() {
-        return Ok(());
+/// Adds entries `start..` to the rollups kept by a text (tags, keys and sessions).
+fn add_keyed(tx: &mut Tx<'_>, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
+    use ciyuan_store::keyed;
+    for which in keyed::Keyed::ALL {
+        let texts = keyed::texts(which, parts);
+        if texts.is_empty() {
+            continue;
+        }
+        let sums = keyed::project(which, start, parts, &texts)?;
+        upsert_usage(
+            tx,
+            which.usage_table(),
+            sums.usage.iter().map(|(k, n)| {
+                (
+                    k.account.as_str(),
+                    k.hour,
+                    k.service,
+                    k.model,
+                    k.modality,
+                    k.direction,
+                    *n,
+                )
+            }),
+        )?;
+        upsert_cost(
+            tx,
+            which.cost_table(),
+            sums.cost.iter().map(|(k, a)| {
+                (
+                    k.account.as_str(),
+                    k.hour,
+                    k.service,
+                    k.model,
+                    k.currency,
+                    *a,
+                )
+            }),
+        )?;
     }
-    let tagged = ciyuan_store::tags::project_tags(start, parts, &texts)?;
-    upsert_usage(
-        tx,
-        "usage_tag_hourly",
-        tagged.usage.iter().map(|(k, n)| {
-            (
-                k.account.as_str(),
-                k.hour,
-                k.service,
-                k.model,
-                k.modality,
-                k.direction,
-                *n,
-            )
-        }),
-    )?;
-    upsert_cost(
-        tx,
-        "cost_tag_hourly",
-        tagged.cost.iter().map(|(k, a)| {
-            (
-                k.account.as_str(),
-                k.hour,
-                k.service,
-                k.model,
-                k.currency,
-                *a,
-            )
-        }),
-    )
+    Ok(())
 }
 
 /// Adds to the subtree rollups, hourly and daily.
@@ -1269,7 +1289,7 @@ impl Store for Inner {
         write_changes(&mut tx, &projected.changes)?;
         write_sums(&mut tx, &projected)?;
         let plain: Vec<&[Entry]> = parts.iter().map(|p| p.entries).collect();
-        add_tags(&mut tx, start, &plain)?;
+        add_keyed(&mut tx, start, &plain)?;
         exec(
             &mut tx,
             "UPDATE meta SET value = $1 WHERE name = 'projected_through'",
@@ -1815,17 +1835,18 @@ impl Store for Inner {
         .collect()
     }
 
-    fn tag_usage_hours(
+    fn keyed_usage_hours(
         &self,
+        which: ciyuan_store::keyed::Keyed,
         filter: &HourFilter,
         whole: bool,
-    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
+    ) -> Result<Vec<HourRow>, StoreError> {
         // Summed over the range in the query (exact: NUMERIC), so a month of many
         // hours travels as one row per key.
         let rows = match whole {
             true => self.hour_rows_then(
                 "account, min(hour), service, model, modality, direction, sum(tokens)::text",
-                "usage_tag_hourly",
+                which.usage_table(),
                 filter,
                 filter.from_hour,
                 filter.to_hour,
@@ -1834,26 +1855,26 @@ impl Store for Inner {
             )?,
             false => self.hour_rows_then(
                 USAGE_COLUMNS,
-                "usage_tag_hourly",
+                which.usage_table(),
                 filter,
                 filter.from_hour,
                 filter.to_hour,
                 "ORDER BY account, hour, service, model, modality, direction",
             )?,
         };
-        let rows = rows.iter().map(usage_row).collect::<Result<Vec<_>, _>>()?;
-        ciyuan_store::tags::split_usage(rows)
+        rows.iter().map(usage_row).collect()
     }
 
-    fn tag_cost_hours(
+    fn keyed_cost_hours(
         &self,
+        which: ciyuan_store::keyed::Keyed,
         filter: &HourFilter,
         whole: bool,
-    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
+    ) -> Result<Vec<CostRow>, StoreError> {
         let rows = match whole {
             true => self.hour_rows_then(
                 "min(hour), account, service, model, currency, sum(amount)::text",
-                "cost_tag_hourly",
+                which.cost_table(),
                 filter,
                 filter.from_hour,
                 filter.to_hour,
@@ -1862,15 +1883,14 @@ impl Store for Inner {
             )?,
             false => self.hour_rows_then(
                 COST_COLUMNS,
-                "cost_tag_hourly",
+                which.cost_table(),
                 filter,
                 filter.from_hour,
                 filter.to_hour,
                 "ORDER BY account, hour, service, model, currency",
             )?,
         };
-        let rows = rows.iter().map(cost_row).collect::<Result<Vec<_>, _>>()?;
-        ciyuan_store::tags::split_cost(rows)
+        rows.iter().map(cost_row).collect()
     }
 
     fn usage_tree(&self, filter: &TreeFilter) -> Result<Vec<HourRow>, StoreError> {
@@ -2189,19 +2209,21 @@ impl Store for PgStore {
         crate::off_runtime(|| self.inner.usage_hours(filter))
     }
 
-    fn tag_usage_hours(
+    fn keyed_usage_hours(
         &self,
+        which: ciyuan_store::keyed::Keyed,
         filter: &HourFilter,
         whole: bool,
-    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
-        crate::off_runtime(|| self.inner.tag_usage_hours(filter, whole))
+    ) -> Result<Vec<HourRow>, StoreError> {
+        crate::off_runtime(|| self.inner.keyed_usage_hours(which, filter, whole))
     }
 
-    fn tag_cost_hours(
+    fn keyed_cost_hours(
         &self,
+        which: ciyuan_store::keyed::Keyed,
         filter: &HourFilter,
         whole: bool,
-    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
-        crate::off_runtime(|| self.inner.tag_cost_hours(filter, whole))
+    ) -> Result<Vec<CostRow>, StoreError> {
+        crate::off_runtime(|| self.inner.keyed_cost_hours(which, filter, whole))
     }
 }

@@ -424,7 +424,62 @@ CREATE TABLE cost_tag_hourly (
     PRIMARY KEY (account, hour, service, model, currency)
 ) WITHOUT ROWID;
 "#,
+    // 16: usage by API key and by session (`ciyuan_store::subjects`), in the tag
+    // rollups' shape. Entries written since keys and sessions were recorded carry
+    // them, so the projections are rebuilt from the log (`REBUILD`).
+    r#"
+CREATE TABLE usage_subject_hourly (
+    account   TEXT NOT NULL,
+    hour      INTEGER NOT NULL,
+    service   TEXT NOT NULL,
+    model     TEXT NOT NULL,
+    modality  TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    hi        INTEGER NOT NULL CHECK (typeof(hi) = 'integer'),
+    lo        INTEGER NOT NULL CHECK (typeof(lo) = 'integer' AND lo >= 0 AND lo < 4611686018427387904),
+    PRIMARY KEY (account, hour, service, model, modality, direction)
+) WITHOUT ROWID;
+CREATE TABLE cost_subject_hourly (
+    account  TEXT NOT NULL,
+    hour     INTEGER NOT NULL,
+    service  TEXT NOT NULL,
+    model    TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    amount   TEXT NOT NULL,
+    PRIMARY KEY (account, hour, service, model, currency)
+) WITHOUT ROWID;
+-- REBUILD
+"#,
 ];
+
+/// The line of a migration after which the projections are rebuilt from the log:
+/// every projection table is cleared in the migration's own transaction, so a crash
+/// never leaves the new schema with projections made without it.
+const REBUILD: &str = "-- REBUILD";
+
+/// Clears every projection `tx` has (those of an earlier schema version too), to be
+/// projected again from the log.
+fn clear_projections(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    for table in PROJECTIONS {
+        let exists: bool = tx
+            .query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                [table],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        if exists {
+            tx.execute(&format!("DELETE FROM {table}"), [])
+                .map_err(backend)?;
+        }
+    }
+    tx.execute(
+        "UPDATE meta SET value = 0 WHERE name = 'projected_through'",
+        [],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
 
 /// Every projection table, cleared by a reset (keys and sessions are kept).
 const PROJECTIONS: &[&str] = &[
@@ -455,6 +510,8 @@ const PROJECTIONS: &[&str] = &[
     "cost_tree_daily",
     "usage_tag_hourly",
     "cost_tag_hourly",
+    "usage_subject_hourly",
+    "cost_subject_hourly",
 ];
 
 /// A token sum as stored: `hi * 2^62 + lo`, `0 <= lo < 2^62`. Sums of the ledger's
@@ -643,6 +700,9 @@ impl SqliteStore {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             let tx = conn.transaction().map_err(backend)?;
             tx.execute_batch(sql).map_err(backend)?;
+            if sql.contains(REBUILD) {
+                clear_projections(&tx)?;
+            }
             tx.pragma_update(None, "user_version", i + 1)
                 .map_err(backend)?;
             tx.commit().map_err(backend)?;
@@ -1241,46 +1301,50 @@ fn add_costs(
     )
 }
 
-/// Adds the tagged usage of entries `start..` to the tag rollups.
-fn add_tags(
+/// Adds entries `start..` to the rollups kept by a text (tags, keys and sessions).
+fn add_keyed(
     tx: &rusqlite::Transaction<'_>,
     start: u64,
     parts: &[&[Entry]],
 ) -> Result<(), StoreError> {
-    let texts = ciyuan_store::tags::texts(parts);
-    if texts.is_empty() {
-        return Ok(());
+    use ciyuan_store::keyed;
+    for which in keyed::Keyed::ALL {
+        let texts = keyed::texts(which, parts);
+        if texts.is_empty() {
+            continue;
+        }
+        let sums = keyed::project(which, start, parts, &texts)?;
+        upsert_usage(
+            tx,
+            which.usage_table(),
+            sums.usage.iter().map(|(k, n)| {
+                (
+                    k.account.as_str(),
+                    k.hour,
+                    k.service,
+                    k.model,
+                    k.modality,
+                    k.direction,
+                    *n,
+                )
+            }),
+        )?;
+        upsert_cost(
+            tx,
+            which.cost_table(),
+            sums.cost.iter().map(|(k, a)| {
+                (
+                    k.account.as_str(),
+                    k.hour,
+                    k.service,
+                    k.model,
+                    k.currency,
+                    *a,
+                )
+            }),
+        )?;
     }
-    let tagged = ciyuan_store::tags::project_tags(start, parts, &texts)?;
-    upsert_usage(
-        tx,
-        "usage_tag_hourly",
-        tagged.usage.iter().map(|(k, n)| {
-            (
-                k.account.as_str(),
-                k.hour,
-                k.service,
-                k.model,
-                k.modality,
-                k.direction,
-                *n,
-            )
-        }),
-    )?;
-    upsert_cost(
-        tx,
-        "cost_tag_hourly",
-        tagged.cost.iter().map(|(k, a)| {
-            (
-                k.account.as_str(),
-                k.hour,
-                k.service,
-                k.model,
-                k.currency,
-                *a,
-            )
-        }),
-    )
+    Ok(())
 }
 
 /// Adds to the subtree rollups, hourly and daily.
@@ -1610,7 +1674,7 @@ impl Store for SqliteStore {
         add_costs(&tx, &projected.cost)?;
         add_trees(&tx, &projected.usage_tree, &projected.cost_tree)?;
         let plain: Vec<&[Entry]> = parts.iter().map(|p| p.entries).collect();
-        add_tags(&tx, start, &plain)?;
+        add_keyed(&tx, start, &plain)?;
         add_tier_units(&tx, &projected.tiers)?;
         add_cost_lines(&tx, &projected.lines)?;
         add_quality_hours(&tx, &projected.quality_hours)?;
@@ -1625,15 +1689,7 @@ impl Store for SqliteStore {
     fn reset_projections(&self) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(backend)?;
-        for table in PROJECTIONS {
-            tx.execute(&format!("DELETE FROM {table}"), [])
-                .map_err(backend)?;
-        }
-        tx.execute(
-            "UPDATE meta SET value = 0 WHERE name = 'projected_through'",
-            [],
-        )
-        .map_err(backend)?;
+        clear_projections(&tx)?;
         tx.commit().map_err(backend)
     }
 
@@ -2193,49 +2249,53 @@ impl Store for SqliteStore {
         )
     }
 
-    fn tag_usage_hours(
+    fn keyed_usage_hours(
         &self,
+        which: ciyuan_store::keyed::Keyed,
         filter: &HourFilter,
         whole: bool,
-    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
+    ) -> Result<Vec<HourRow>, StoreError> {
         let (cond, mut args) = subtree("account", &filter.account);
         let (range, mut more) = hour_range(filter.from_hour, filter.to_hour);
         args.append(&mut more);
-        // Summed in Rust: a sum of the stored halves could pass SQLite's 64 bits.
-        let sum = |rows| match whole {
-            true => ciyuan_store::tags::whole_usage(rows),
-            false => Ok(rows),
-        };
-        ciyuan_store::tags::split_usage(sum(usage_rows(
+        let rows = usage_rows(
             &self.conn(),
             &format!(
-                "{USAGE_COLUMNS} FROM usage_tag_hourly WHERE {cond}{range}
-                 ORDER BY account, hour, service, model, modality, direction"
+                "{USAGE_COLUMNS} FROM {} WHERE {cond}{range}
+                 ORDER BY account, hour, service, model, modality, direction",
+                which.usage_table()
             ),
             args,
-        )?)?)
+        )?;
+        // Summed in Rust: a sum of the stored halves could pass SQLite's 64 bits.
+        match whole {
+            true => ciyuan_store::keyed::whole_usage(rows),
+            false => Ok(rows),
+        }
     }
 
-    fn tag_cost_hours(
+    fn keyed_cost_hours(
         &self,
+        which: ciyuan_store::keyed::Keyed,
         filter: &HourFilter,
         whole: bool,
-    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
+    ) -> Result<Vec<ciyuan_store::CostRow>, StoreError> {
         let (cond, mut args) = subtree("account", &filter.account);
         let (range, mut more) = hour_range(filter.from_hour, filter.to_hour);
         args.append(&mut more);
-        let sum = |rows| match whole {
-            true => ciyuan_store::tags::whole_cost(rows),
-            false => Ok(rows),
-        };
-        ciyuan_store::tags::split_cost(sum(cost_rows(
+        let rows = cost_rows(
             &self.conn(),
             &format!(
-                "{COST_COLUMNS} FROM cost_tag_hourly WHERE {cond}{range}
-                 ORDER BY account, hour, service, model, currency"
+                "{COST_COLUMNS} FROM {} WHERE {cond}{range}
+                 ORDER BY account, hour, service, model, currency",
+                which.cost_table()
             ),
             args,
-        )?)?)
+        )?;
+        match whole {
+            true => ciyuan_store::keyed::whole_cost(rows),
+            false => Ok(rows),
+        }
     }
 
     fn usage_tree(&self, filter: &TreeFilter) -> Result<Vec<HourRow>, StoreError> {

@@ -138,6 +138,55 @@ fn stored_amounts_of_the_projection_read_back() {
     }
 }
 
+/// A migration that adds a projection rebuilds them all from the log: opened at the
+/// schema before the subject rollups, a database's projections are cleared in the
+/// migration and projected again from entry 0 (else usage recorded before it would
+/// be missing from the new rollup).
+#[test]
+fn a_migration_marked_rebuild_clears_every_projection() {
+    use ciyuan_core::{AccountInfo, Entry, EntryBody};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let at: ciyuan_core::jiff::Timestamp = "2026-11-24T15:00:00Z".parse().unwrap();
+    let node = ciyuan_core::AccountPath::parse("acme").unwrap();
+    store
+        .apply(
+            0,
+            &[Entry::new(
+                at,
+                node.clone(),
+                EntryBody::AccountCreated(AccountInfo::default()),
+            )],
+        )
+        .unwrap();
+    assert_eq!(store.projected_through().unwrap(), 1);
+    // Back to schema 15, as a database written by the build before.
+    let at_16 = MIGRATIONS
+        .iter()
+        .position(|m| m.contains("usage_subject_hourly"))
+        .unwrap();
+    store
+        .conn()
+        .execute_batch(&format!(
+            "DROP TABLE usage_subject_hourly; DROP TABLE cost_subject_hourly;
+             PRAGMA user_version = {at_16};"
+        ))
+        .unwrap();
+    drop(store);
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), SqliteStore::SCHEMA_VERSION);
+    assert_eq!(
+        store.projected_through().unwrap(),
+        0,
+        "to be projected again"
+    );
+    assert!(
+        store.account(&node).unwrap().is_none(),
+        "projections cleared"
+    );
+}
+
 /// Seeds `lines` billing lines the way `ciyuan bench finance` makes them (a node's
 /// hours, five models, two token keys and a rounding line each) straight into a file
 /// database, for the read benchmarks below.

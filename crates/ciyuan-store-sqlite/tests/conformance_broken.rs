@@ -197,19 +197,21 @@ impl Store for BrokenAfterReset {
         self.broken()?;
         self.inner.report_progress()
     }
-    fn tag_usage_hours(
+    fn keyed_usage_hours(
         &self,
+        which: ciyuan_store::keyed::Keyed,
         filter: &HourFilter,
         whole: bool,
-    ) -> Result<Vec<ciyuan_store::tags::TagHourRow>, StoreError> {
-        self.inner.tag_usage_hours(filter, whole)
+    ) -> Result<Vec<ciyuan_store::HourRow>, StoreError> {
+        self.inner.keyed_usage_hours(which, filter, whole)
     }
-    fn tag_cost_hours(
+    fn keyed_cost_hours(
         &self,
+        which: ciyuan_store::keyed::Keyed,
         filter: &HourFilter,
         whole: bool,
-    ) -> Result<Vec<ciyuan_store::tags::TagCostRow>, StoreError> {
-        self.inner.tag_cost_hours(filter, whole)
+    ) -> Result<Vec<ciyuan_store::CostRow>, StoreError> {
+        self.inner.keyed_cost_hours(which, filter, whole)
     }
 }
 

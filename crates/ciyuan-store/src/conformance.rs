@@ -124,6 +124,189 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     report_progress_is_the_latest_scheduled_period(make().as_ref());
     subtree_rollups_equal_the_exact_rows(make().as_ref());
     tag_rollups_by_tag_set(make().as_ref());
+    subject_rollups_by_key_and_session(make().as_ref());
+}
+
+/// What each API key and session consumed, summed over a subtree and range: a session
+/// spanning nodes, requests the provider refused and usage naming neither left out,
+/// re-ratings not counted (the budget engine counts none live), a session holding the
+/// rows' separator, and the same sums after the projections are rebuilt.
+fn subject_rollups_by_key_and_session(s: &dyn Store) {
+    use crate::subjects::Subject;
+    use ciyuan_core::{Currency, Rating};
+    use std::collections::BTreeMap;
+    let cny: Currency = ok("CNY".parse(), "currency");
+    let rating = |amount: i64| Rating {
+        amount: rust_decimal::Decimal::new(amount, 4),
+        currency: cny,
+        book: "list".into(),
+        version: 1,
+        lines: vec![],
+        contract: None,
+        discount_percent: None,
+        markup_percent: None,
+        unpriced: false,
+        missing: vec![],
+        basis: None,
+        place: None,
+    };
+    let request = |account: &str,
+                   at: &str,
+                   input: i64,
+                   key: Option<&str>,
+                   session: Option<&str>,
+                   status: u16| {
+        let mut e = usage(account, at, "gpt-4o", input);
+        if let EntryBody::Usage(u) = &mut e.body {
+            u.key = key.map(String::from);
+            u.session = session.map(String::from);
+            u.rating = Some(Box::new(rating(input)));
+            u.quality = Some(Box::new(ciyuan_core::Quality {
+                upstream: "sim".into(),
+                status,
+                latency_us: 5,
+                ..Default::default()
+            }));
+        }
+        e
+    };
+    let odd = "a\u{1f}b";
+    let entries = [
+        created("acme"),
+        request(
+            "acme/cn",
+            "2026-11-24T15:10:00Z",
+            10,
+            Some("k1"),
+            Some("s1"),
+            200,
+        ),
+        request("acme/cn", "2026-11-24T15:50:00Z", 5, Some("k1"), None, 200),
+        request(
+            "acme/cn/x",
+            "2026-11-24T15:20:00Z",
+            7,
+            Some("k2"),
+            Some("s1"),
+            201,
+        ),
+        request(
+            "acme/us",
+            "2026-11-24T16:05:00Z",
+            3,
+            Some("k3"),
+            Some(odd),
+            200,
+        ),
+        // Refused by the provider: consumed nothing.
+        request(
+            "acme/cn",
+            "2026-11-24T15:30:00Z",
+            900,
+            Some("k1"),
+            Some("s1"),
+            429,
+        ),
+        // Neither key nor session (an ingested event).
+        usage("acme/cn", "2026-11-24T15:40:00Z", "gpt-4o", 1000),
+        // Outside the subtree asked about.
+        request(
+            "beta",
+            "2026-11-24T15:00:00Z",
+            99,
+            Some("k9"),
+            Some("s1"),
+            200,
+        ),
+    ];
+    ok(s.apply(0, &entries), "apply");
+    let EntryBody::Usage(first) = &entries[1].body else {
+        unreachable!("entry 1 is a usage entry")
+    };
+    let correction = Entry::new(
+        ts("2026-11-30T00:00:00Z"),
+        path("acme/cn"),
+        EntryBody::RatingCorrection(ciyuan_core::RatingCorrection {
+            entry: 1,
+            at: ts("2026-11-24T15:10:00Z"),
+            usage: Box::new(first.clone()),
+            previous: Box::new(rating(10)),
+            rating: Box::new(rating(1010)),
+        }),
+    );
+    ok(
+        s.apply(entries.len() as u64, &[correction]),
+        "apply (re-rating)",
+    );
+    type Sums = BTreeMap<Subject, (i128, ciyuan_core::ExactSum)>;
+    let read = |s: &dyn Store, account: &str, from: Option<&str>| -> Sums {
+        let filter = HourFilter {
+            account: path(account),
+            from_hour: from.map(|t| ts(t).as_second()),
+            to_hour: None,
+        };
+        let mut sums = Sums::new();
+        for (who, r) in ok(s.subject_usage(&filter), "subject_usage") {
+            assert_eq!(
+                (r.service.as_str(), r.model.as_str()),
+                ("llm.chat", "gpt-4o")
+            );
+            sums.entry(who).or_default().0 += r.tokens;
+        }
+        for (who, r) in ok(s.subject_cost(&filter), "subject_cost") {
+            assert_eq!(r.currency, cny);
+            let slot = &mut sums.entry(who).or_default().1;
+            *slot = ok(slot.checked_add(r.amount).ok_or("overflow"), "cost sum");
+        }
+        sums
+    };
+    let want = |rows: &[(Subject, i128)]| -> Sums {
+        rows.iter()
+            .map(|(w, n)| {
+                (
+                    w.clone(),
+                    (
+                        *n,
+                        ciyuan_core::ExactSum::of(rust_decimal::Decimal::new(*n as i64, 4)),
+                    ),
+                )
+            })
+            .collect()
+    };
+    let key = |k: &str| Subject::Key(k.into());
+    let session = |k: &str| Subject::Session(k.into());
+    let all = want(&[
+        (key("k1"), 15),
+        (key("k2"), 7),
+        (key("k3"), 3),
+        (session("s1"), 17),
+        (session(odd), 3),
+    ]);
+    assert_eq!(read(s, "acme", None), all);
+    assert_eq!(
+        read(s, "acme/cn", None),
+        want(&[(key("k1"), 15), (key("k2"), 7), (session("s1"), 17)])
+    );
+    assert_eq!(
+        read(s, "acme", Some("2026-11-24T16:00:00Z")),
+        want(&[(key("k3"), 3), (session(odd), 3)])
+    );
+    // A session spanning nodes is one row per node.
+    let filter = HourFilter {
+        account: path("acme"),
+        from_hour: None,
+        to_hour: None,
+    };
+    let s1_rows = ok(s.subject_usage(&filter), "subject_usage")
+        .into_iter()
+        .filter(|(w, _)| *w == session("s1"))
+        .count();
+    assert_eq!(s1_rows, 2);
+    // Rebuilt from the log: the same sums.
+    ok(s.reset_projections(), "reset_projections");
+    assert!(read(s, "acme", None).is_empty());
+    ok(s.apply(0, &entries), "apply");
+    assert_eq!(read(s, "acme", None), all);
 }
 
 /// Tagged usage is kept by whole tag set, exactly: tokens and costs of a subtree and

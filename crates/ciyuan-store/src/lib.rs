@@ -13,8 +13,10 @@
 use ciyuan_core::jiff::{Timestamp, tz::TimeZone};
 use ciyuan_core::{AccountInfo, AccountPath, Direction, Entry, Modality, Scopes};
 
+pub mod keyed;
 mod log;
 mod projection;
+pub mod subjects;
 pub mod tags;
 pub mod tree;
 mod usage;
@@ -752,22 +754,61 @@ pub trait Store: Send + Sync + 'static {
     /// Hourly rollup rows of a subtree, summed over equal keys.
     fn usage_hours(&self, filter: &HourFilter) -> Result<Vec<HourRow>, StoreError>;
 
+    /// Hourly token rows of a subtree's keyed rollup `which` (see [`keyed`]), their
+    /// `service` as stored, summed over equal keys; with `whole`, summed over the whole
+    /// range too (one row per node, stored service, model and token key, stamped with
+    /// the first hour it has usage in): a question that is not bucketed reads those.
+    fn keyed_usage_hours(
+        &self,
+        which: keyed::Keyed,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<HourRow>, StoreError>;
+
+    /// Hourly cost rows of a subtree's keyed rollup, as [`Store::keyed_usage_hours`].
+    fn keyed_cost_hours(
+        &self,
+        which: keyed::Keyed,
+        filter: &HourFilter,
+        whole: bool,
+    ) -> Result<Vec<CostRow>, StoreError>;
+
     /// Hourly token rows of a subtree's tagged usage, each with its tag set (see
-    /// [`tags`]), summed over equal keys; with `whole`, summed over the whole range
-    /// too (one row per node, tag set, service, model and token key, stamped with the
-    /// first hour it has usage in): a question that is not bucketed reads those.
+    /// [`tags`]), as [`Store::keyed_usage_hours`].
     fn tag_usage_hours(
         &self,
         filter: &HourFilter,
         whole: bool,
-    ) -> Result<Vec<tags::TagHourRow>, StoreError>;
+    ) -> Result<Vec<tags::TagHourRow>, StoreError> {
+        tags::split_usage(self.keyed_usage_hours(keyed::Keyed::Tags, filter, whole)?)
+    }
 
     /// Hourly cost rows of a subtree's tagged usage, as [`Store::tag_usage_hours`].
     fn tag_cost_hours(
         &self,
         filter: &HourFilter,
         whole: bool,
-    ) -> Result<Vec<tags::TagCostRow>, StoreError>;
+    ) -> Result<Vec<tags::TagCostRow>, StoreError> {
+        tags::split_cost(self.keyed_cost_hours(keyed::Keyed::Tags, filter, whole)?)
+    }
+
+    /// What each API key and session consumed in a subtree over the filter's hours
+    /// (see [`subjects`]), summed over the range: one row per node, subject, service,
+    /// model and token key.
+    fn subject_usage(
+        &self,
+        filter: &HourFilter,
+    ) -> Result<Vec<subjects::SubjectHourRow>, StoreError> {
+        subjects::split_usage(self.keyed_usage_hours(keyed::Keyed::Subjects, filter, true)?)
+    }
+
+    /// The rated amounts of [`Store::subject_usage`].
+    fn subject_cost(
+        &self,
+        filter: &HourFilter,
+    ) -> Result<Vec<subjects::SubjectCostRow>, StoreError> {
+        subjects::split_cost(self.keyed_cost_hours(keyed::Keyed::Subjects, filter, true)?)
+    }
 
     /// Token rows of the subtrees `filter` names (see [`tree::TreeFilter`]), each row
     /// named for its subtree's node and summing to that whole subtree: the node's own

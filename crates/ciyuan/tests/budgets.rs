@@ -537,17 +537,25 @@ fn limits_and_usage_survive_a_crash_and_reservations_of_dead_requests_are_releas
         "acme",
         json!({"tokens": 400, "period": "month", "mode": "hard"}),
     );
+    // Per-key and per-session limits are restored too.
+    for per in ["key", "session"] {
+        set_budget(
+            &gw,
+            "acme",
+            json!({"name": format!("per-{per}"), "tokens": 400, "period": "day",
+                   "mode": "hard", "per": per}),
+        );
+    }
     // One request settles; slow streams hold reservations when the server dies.
-    let (s, _) = http(
+    let r = raw(
         &gw.server.url,
-        "POST",
         "/v1/chat/completions",
         &key,
-        Some(
-            &json!({"model": "gpt-4o", "max_tokens": 20, "messages": [{"role": "user", "content": "hello"}]}),
-        ),
+        &[("x-ciyuan-session", "s")],
+        &json!({"model": "gpt-4o", "max_tokens": 20, "messages": [{"role": "user", "content": "hello"}]}),
+        None,
     );
-    assert_eq!(s, 200);
+    assert_eq!(r.status, 200, "{}", r.body);
     // Its entry is in the ledger (appended a few ms after the answer).
     let deadline = Instant::now() + Duration::from_secs(10);
     while used_in_ledger(&gw, "acme") == 0 {
@@ -593,6 +601,24 @@ fn limits_and_usage_survive_a_crash_and_reservations_of_dead_requests_are_releas
     );
     assert_eq!(l["used"].as_u64(), Some(used_before), "{v}");
     assert_eq!(l["reserved"], 0, "{v}");
+    // The key's and the session's counters are back with what the settled request
+    // used (they started empty before the subject rollups).
+    for (name, subject) in [("per-key", "key:"), ("per-session", "session:s")] {
+        let rows: Vec<&Value> = v["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["name"] == name)
+            .collect();
+        assert_eq!(rows.len(), 1, "{name}: {v}");
+        assert!(
+            rows[0]["subject"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(subject)),
+            "{v}"
+        );
+        assert_eq!(rows[0]["used"].as_u64(), Some(used_before), "{name}: {v}");
+    }
     // And it is still enforced.
     let (s, b) = http(
         &gw.server.url,
