@@ -32,11 +32,83 @@ pub(crate) struct Settling {
     id: i64,
     actual: Vec<(String, Decimal)>,
     ticket: Option<crate::slices::Ticket>,
+    /// Its hold named as counted by this node's engines until its settling in the
+    /// database is done (or given up).
+    counted: Option<Counting>,
+}
+
+/// Holds of this node's requests whose usage its engines count already, their
+/// settling in the database not yet done: from the moment a request's usage is
+/// counted as it ends until its entry is appended and its hold settled (the
+/// recorder's linger, the append, a round trip), the database would count the hold
+/// in flight beside the node's own count, and a tight limit's next request would be
+/// refused on usage counted twice. Named in every admission (`Store::reserve_many`'s
+/// `counted`), they are counted once.
+///
+/// Exact because of the order things are read and written in: a hold enters the set
+/// after the engines counted its usage, and an admission reads the set before the
+/// engines' counts, so every hold it names is in those counts; a hold leaves after its
+/// settling is done or given up, when the database counts it by its entry (or, given
+/// up, at its need until it lapses: twice, on the safe side).
+#[derive(Default)]
+pub(crate) struct CountedHere(std::sync::Mutex<std::collections::BTreeSet<i64>>);
+
+impl CountedHere {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<i64>> {
+        // Inserts and removes only: a panic cannot leave it half-changed.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The holds counted now, in order.
+    pub(crate) fn snapshot(&self) -> Counted {
+        Counted(self.lock().iter().copied().collect())
+    }
+}
+
+/// Holds a node's engines counted at one moment, in order ([`CountedHere`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counted(std::sync::Arc<[i64]>);
+
+impl Counted {
+    /// The holds in every one of `all`: a group of admissions judged in one call
+    /// names only holds each of them counted (naming one another had not counted
+    /// would count its usage nowhere).
+    pub fn common<'a>(all: impl IntoIterator<Item = &'a Counted>) -> Vec<i64> {
+        let mut all = all.into_iter();
+        let Some(first) = all.next() else {
+            return Vec::new();
+        };
+        let mut ids: Vec<i64> = first.0.to_vec();
+        for other in all {
+            ids.retain(|id| other.0.binary_search(id).is_ok());
+        }
+        ids
+    }
+}
+
+/// A hold in [`CountedHere`], taken out when dropped.
+pub(crate) struct Counting {
+    set: Arc<App>,
+    id: i64,
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        self.set.holder.counted.lock().remove(&self.id);
+    }
 }
 
 impl SharedHold {
-    /// What the request that used `tokens` and cost `cost` counts on its counters.
-    pub(crate) fn settling(self, tokens: &TokenMap, cost: Option<Money>) -> Settling {
+    /// What the request that used `tokens` and cost `cost` counts on its counters;
+    /// called once `app`'s engines counted it (budgets settled, wallet charged).
+    pub(crate) fn settling(
+        self,
+        app: &Arc<App>,
+        tokens: &TokenMap,
+        cost: Option<Money>,
+    ) -> Settling {
         let mut actual: Vec<(String, Decimal)> = self
             .terms
             .iter()
@@ -49,10 +121,20 @@ impl SharedHold {
             };
             actual.push((counter, spent));
         }
+        // Held alone in the database: counted here from now on. (A request from
+        // slices holds nothing of its own there.)
+        let counted = self.ticket.is_none().then(|| {
+            app.holder.counted.lock().insert(self.id);
+            Counting {
+                set: app.clone(),
+                id: self.id,
+            }
+        });
         Settling {
             id: self.id,
             actual,
             ticket: self.ticket,
+            counted,
         }
     }
 }
@@ -62,6 +144,7 @@ pub(crate) struct Ask {
     id: i64,
     terms: Vec<HoldTerm>,
     seen: ciyuan_store::Seen,
+    counted: Counted,
     answer: tokio::sync::oneshot::Sender<Result<Option<(usize, Decimal)>, ApiError>>,
 }
 
@@ -72,7 +155,15 @@ const HOLD_GROUP: usize = 256;
 /// into one call of `Store::reserve_many` (as group commit does for appends), so a
 /// hot counter's lock is taken once per group, not once per request.
 #[derive(Default)]
-pub(crate) struct Holder(std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Ask>>);
+pub(crate) struct Holder {
+    queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Ask>>,
+    counted: CountedHere,
+    /// Held while a request's usage is counted by the engines and its hold named in
+    /// `counted`, and while an admission reads `counted` and the engines' counts: an
+    /// admission sees both or neither, never the usage without the name (which would
+    /// count it twice and refuse a request that fits).
+    gate: std::sync::Mutex<()>,
+}
 
 /// Holds the groups of requests `rx` brings, one call at a time.
 async fn hold_groups(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Ask>) {
@@ -91,6 +182,7 @@ async fn hold_groups(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Unbou
             followed: group.iter().map(|a| a.seen.followed).min().unwrap_or(0),
             own_from: group.iter().map(|a| a.seen.own_from).min().unwrap_or(0),
         };
+        let counted = Counted::common(group.iter().map(|a| &a.counted));
         let asked: Vec<(i64, Vec<HoldTerm>)> =
             group.iter().map(|a| (a.id, a.terms.clone())).collect();
         let ttl = app.config.reservation_ttl;
@@ -98,7 +190,9 @@ async fn hold_groups(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Unbou
             .blocking(move |app| {
                 let requests: Vec<(i64, &[HoldTerm])> =
                     asked.iter().map(|(id, t)| (*id, t.as_slice())).collect();
-                Ok(app.store.reserve_many(&app.node, seen, &requests, ttl)?)
+                Ok(app
+                    .store
+                    .reserve_many(&app.node, seen, &counted, &requests, ttl)?)
             })
             .await;
         match answers {
@@ -142,9 +236,18 @@ fn wallet_counter(node: &ciyuan_core::AccountPath, currency: ciyuan_core::Curren
 }
 
 impl App {
+    /// The gate of [`Holder`]'s `gate` field, taken.
+    pub(crate) fn counting_gate(&self) -> std::sync::MutexGuard<'_, ()> {
+        // Guards no data: a panic while it was held leaves nothing half-changed.
+        self.holder
+            .gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The holder's queue (its task started on first use).
     fn holder(self: &Arc<Self>) -> &tokio::sync::mpsc::UnboundedSender<Ask> {
-        self.holder.0.get_or_init(|| {
+        self.holder.queue.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             tokio::spawn(hold_groups(Arc::downgrade(self), rx));
             tx
@@ -170,6 +273,10 @@ impl App {
             followed: self.followed(),
             own_from: self.log.size(),
         };
+        // Then the holds the engines count already, with their counts: every hold
+        // named is in the counts read below (see `CountedHere`).
+        let gate = self.counting_gate();
+        let counted = self.holder.counted.snapshot();
         let terms = self.budget.shared_terms(reservation);
         let mut held: Vec<HoldTerm> = terms
             .iter()
@@ -212,6 +319,7 @@ impl App {
             });
             wallet = Some((counter, h.currency));
         }
+        drop(gate);
         if held.is_empty() {
             return Ok(None);
         }
@@ -225,7 +333,7 @@ impl App {
                     fixed_amount: i < terms.len(),
                 })
                 .collect();
-            if let Some(ticket) = slices.admit(seen, &wants) {
+            if let Some(ticket) = slices.admit(seen, &counted, &wants) {
                 return Ok(Some(SharedHold {
                     id: 0,
                     terms,
@@ -244,6 +352,7 @@ impl App {
                 id,
                 terms: held.clone(),
                 seen,
+                counted,
                 answer: tx,
             })
             .map_err(|_| NotHeld::Failed(ApiError::unavailable("the holder stopped")))?;
@@ -275,6 +384,7 @@ impl App {
     /// Records held requests' usage on their holds, now that `entries` hold it.
     pub(crate) fn settle_across_nodes(self: &Arc<Self>, settled: Vec<(Settling, u64)>) {
         let mut list: Vec<SettledHold> = Vec::with_capacity(settled.len());
+        let mut counting = Vec::with_capacity(settled.len());
         for (s, entry) in settled {
             match (s.ticket, &self.slices) {
                 (Some(ticket), Some(slices)) => slices.settle(ticket, &s.actual, entry),
@@ -284,16 +394,19 @@ impl App {
                     actual: s.actual,
                 }),
             }
+            counting.push(s.counted);
         }
         if list.is_empty() {
             return;
         }
         let app = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = app
+            let settled = app
                 .blocking(move |app| Ok(app.store.settle_holds(&list)?))
-                .await
-            {
+                .await;
+            // Settled, the database counts each hold by its entry: no longer named.
+            drop(counting);
+            if let Err(e) = settled {
                 // The holds keep counting their requests' maximum until they lapse:
                 // the limit errs on the safe side.
                 tracing::warn!(detail = %e.detail, "recording held requests' usage failed");

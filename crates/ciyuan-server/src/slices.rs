@@ -25,6 +25,7 @@
 //! node for dead and drop its holds, so a node cut off from the database stops
 //! admitting from its slices long before the others count them gone.
 
+pub use crate::holds::Counted;
 use ciyuan_store::{HoldTerm, Seen, SliceAsk, SliceSize, Store, StoreError};
 use rust_decimal::Decimal;
 use std::collections::HashMap;
@@ -72,6 +73,7 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         node: &str,
         seen: Seen,
+        counted: &[i64],
         asks: &[SliceAsk],
         ttl: Duration,
     ) -> Result<Vec<Option<Decimal>>, StoreError>;
@@ -87,10 +89,11 @@ impl Backend for OfStore {
         &self,
         node: &str,
         seen: Seen,
+        counted: &[i64],
         asks: &[SliceAsk],
         ttl: Duration,
     ) -> Result<Vec<Option<Decimal>>, StoreError> {
-        self.0.reserve_slices(node, seen, asks, ttl)
+        self.0.reserve_slices(node, seen, counted, asks, ttl)
     }
     fn resize_slices(&self, sizes: &[SliceSize]) -> Result<(), StoreError> {
         self.0.resize_slices(sizes)
@@ -186,7 +189,7 @@ impl Slice {
 
 /// Work for the slices' thread, which makes their database calls in order.
 enum Work {
-    Ask(Seen, SliceAsk),
+    Ask(Seen, Counted, SliceAsk),
     Resize(SliceSize),
 }
 
@@ -277,7 +280,12 @@ impl Slices {
     /// Admits a request whose terms are `wants` from this node's slices, or answers
     /// `None` (the caller holds it in the database alone). Either way, asks in the
     /// background for slices where a counter has none or its slice is half spent.
-    pub fn admit(self: &Arc<Self>, seen: Seen, wants: &[Want<'_>]) -> Option<Ticket> {
+    pub fn admit(
+        self: &Arc<Self>,
+        seen: Seen,
+        counted: &Counted,
+        wants: &[Want<'_>],
+    ) -> Option<Ticket> {
         let now = Instant::now();
         let mut work = Vec::new();
         let mut state = self.lock();
@@ -321,6 +329,7 @@ impl Slices {
                 let want = (t.need * Decimal::from(WANT_REQUESTS)).max(c.demand + c.demand_before);
                 work.push(Work::Ask(
                     seen,
+                    counted.clone(),
                     SliceAsk {
                         id: hold_id(),
                         term: HoldTerm {
@@ -570,13 +579,13 @@ fn work(slices: std::sync::Weak<Slices>, rx: mpsc::Receiver<Work>) {
         let Some(slices) = slices.upgrade() else {
             return;
         };
-        let mut asks: Vec<(Seen, SliceAsk)> = Vec::new();
+        let mut asks: Vec<(Seen, Counted, SliceAsk)> = Vec::new();
         for w in first
             .into_iter()
             .chain(std::iter::from_fn(|| rx.try_recv().ok()))
         {
             match w {
-                Work::Ask(seen, ask) => asks.push((seen, ask)),
+                Work::Ask(seen, counted, ask) => asks.push((seen, counted, ask)),
                 Work::Resize(size) => sizes.push(size),
             }
         }
@@ -592,13 +601,14 @@ fn work(slices: std::sync::Weak<Slices>, rx: mpsc::Receiver<Work>) {
         }
         if !asks.is_empty() {
             let seen = Seen {
-                followed: asks.iter().map(|(s, _)| s.followed).min().unwrap_or(0),
-                own_from: asks.iter().map(|(s, _)| s.own_from).min().unwrap_or(0),
+                followed: asks.iter().map(|(s, _, _)| s.followed).min().unwrap_or(0),
+                own_from: asks.iter().map(|(s, _, _)| s.own_from).min().unwrap_or(0),
             };
-            let list: Vec<SliceAsk> = asks.into_iter().map(|(_, a)| a).collect();
+            let counted = Counted::common(asks.iter().map(|(_, c, _)| c));
+            let list: Vec<SliceAsk> = asks.into_iter().map(|(_, _, a)| a).collect();
             match slices
                 .store
-                .reserve_slices(&slices.node, seen, &list, slices.ttl)
+                .reserve_slices(&slices.node, seen, &counted, &list, slices.ttl)
             {
                 Ok(granted) => {
                     for (ask, size) in list.iter().zip(granted) {
@@ -648,6 +658,7 @@ mod tests {
             &self,
             _node: &str,
             _seen: Seen,
+            _counted: &[i64],
             asks: &[SliceAsk],
             _ttl: Duration,
         ) -> Result<Vec<Option<Decimal>>, StoreError> {
@@ -678,6 +689,7 @@ mod tests {
     fn admit(s: &Arc<Slices>, t: &HoldTerm) -> Option<Ticket> {
         s.admit(
             SEEN,
+            &Counted::default(),
             &[Want {
                 term: t,
                 fixed_amount: true,

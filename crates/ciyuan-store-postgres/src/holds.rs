@@ -300,6 +300,179 @@ END
 $$;
 "#;
 
+/// Holds a node counts already (`Store::reserve_many`'s `counted`): a request's usage
+/// is counted by its node's engines as it ends, and its hold here until its entry is
+/// appended and the hold settled (a few milliseconds later); the asking node names
+/// those of its holds, which are then not counted again. The functions take the list
+/// as a last argument; those of the build before call them with none.
+pub(crate) const MIGRATION_COUNTED: &str = r#"
+CREATE OR REPLACE FUNCTION ciyuan_held(
+    p_counter TEXT, p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_live TEXT[],
+    p_counted BIGINT[]
+) RETURNS NUMERIC LANGUAGE sql STABLE AS $$
+    -- Every live node's requests (and slices) in flight, and the usage recorded in
+    -- entries the asking node may not have counted; the asking node's holds it
+    -- counts already (`p_counted`) neither way.
+    SELECT (SELECT coalesce(sum(h.amount), 0) FROM holds h
+            WHERE h.counter = p_counter AND h.recorded IS NULL
+              AND h.node = ANY(p_live) AND h.expires_at > now()
+              AND NOT (h.node = p_node AND h.id = ANY(p_counted)))
+         + (SELECT coalesce(sum(h.amount), 0) FROM holds h
+            WHERE h.counter = p_counter
+              AND ((h.node <> p_node AND h.recorded >= p_followed)
+                   OR (h.node = p_node AND h.recorded >= p_own_from
+                       AND NOT h.id = ANY(p_counted))))
+$$;
+CREATE OR REPLACE FUNCTION ciyuan_held(
+    p_counter TEXT, p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_live TEXT[]
+) RETURNS NUMERIC LANGUAGE sql STABLE AS $$
+    SELECT ciyuan_held(p_counter, p_node, p_followed, p_own_from, p_live, '{}'::BIGINT[])
+$$;
+CREATE OR REPLACE FUNCTION ciyuan_counted(
+    p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_counters TEXT[], p_counted BIGINT[],
+    OUT counters TEXT[], OUT held NUMERIC[], OUT live_nodes INT
+) LANGUAGE plpgsql AS $$
+DECLARE
+    c TEXT;
+    live TEXT[];
+    k INT;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    IF NOT EXISTS (SELECT 1 FROM nodes WHERE node = p_node
+                   AND seen_at > now() - interval '5 seconds') THEN
+        RETURN;
+    END IF;
+    SELECT coalesce(array_agg(x ORDER BY x), '{}') INTO counters
+    FROM (SELECT DISTINCT x COLLATE "C" AS x FROM unnest(p_counters) AS u(x)) AS d;
+    FOREACH c IN ARRAY counters LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended(c, 0));
+    END LOOP;
+    SELECT coalesce(array_agg(node), '{}') INTO live
+    FROM nodes WHERE seen_at > now() - interval '60 seconds';
+    live_nodes := coalesce(array_length(live, 1), 0);
+    held := '{}';
+    FOR k IN 1 .. coalesce(array_length(counters, 1), 0) LOOP
+        held := held || ciyuan_held(counters[k], p_node, p_followed, p_own_from, live,
+                                    p_counted);
+    END LOOP;
+END
+$$;
+CREATE OR REPLACE FUNCTION ciyuan_counted(
+    p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_counters TEXT[],
+    OUT counters TEXT[], OUT held NUMERIC[], OUT live_nodes INT
+) LANGUAGE sql AS $$
+    SELECT * FROM ciyuan_counted(p_node, p_followed, p_own_from, p_counters, '{}'::BIGINT[])
+$$;
+-- Admission as before (migration 9), each counter's hold counted by
+-- `ciyuan_counted` with the holds the node counts already left out.
+CREATE OR REPLACE FUNCTION ciyuan_reserve_many(
+    p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_ids BIGINT[], p_counters TEXT[],
+    p_local NUMERIC[], p_need NUMERIC[], p_amount NUMERIC[], p_ttl_secs DOUBLE PRECISION,
+    p_counted BIGINT[]
+) RETURNS TABLE (id BIGINT, refused INT, elsewhere NUMERIC) LANGUAGE plpgsql AS $$
+DECLARE
+    n INT := coalesce(array_length(p_counters, 1), 0);
+    counters TEXT[];
+    held NUMERIC[];
+    live_nodes INT;
+    i INT;
+    j INT;
+    k INT;
+    bad INT;
+BEGIN
+    SELECT * INTO counters, held, live_nodes
+    FROM ciyuan_counted(p_node, p_followed, p_own_from, p_counters, p_counted);
+    IF counters IS NULL THEN
+        RETURN QUERY SELECT DISTINCT t.id, -1, 0::NUMERIC FROM unnest(p_ids) AS t(id);
+        RETURN;
+    END IF;
+    i := 1;
+    WHILE i <= n LOOP
+        j := i;
+        WHILE j < n AND p_ids[j + 1] = p_ids[i] LOOP
+            j := j + 1;
+        END LOOP;
+        bad := 0;
+        FOR k IN i .. j LOOP
+            IF p_local[k] + held[array_position(counters, p_counters[k])] + p_need[k]
+               > p_amount[k] THEN
+                bad := k;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF bad = 0 THEN
+            FOR k IN i .. j LOOP
+                held[array_position(counters, p_counters[k])] :=
+                    held[array_position(counters, p_counters[k])] + p_need[k];
+            END LOOP;
+            INSERT INTO holds (id, counter, node, amount, expires_at)
+            SELECT p_ids[i], p_counters[g.x], p_node, p_need[g.x],
+                   now() + make_interval(secs => p_ttl_secs)
+            FROM generate_series(i, j) AS g(x);
+            RETURN QUERY SELECT p_ids[i], 0, 0::NUMERIC;
+        ELSE
+            RETURN QUERY SELECT p_ids[i], bad - i + 1,
+                held[array_position(counters, p_counters[bad])];
+        END IF;
+        i := j + 1;
+    END LOOP;
+END
+$$;
+CREATE OR REPLACE FUNCTION ciyuan_reserve_many(
+    p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_ids BIGINT[], p_counters TEXT[],
+    p_local NUMERIC[], p_need NUMERIC[], p_amount NUMERIC[], p_ttl_secs DOUBLE PRECISION
+) RETURNS TABLE (id BIGINT, refused INT, elsewhere NUMERIC) LANGUAGE sql AS $$
+    SELECT * FROM ciyuan_reserve_many(p_node, p_followed, p_own_from, p_ids, p_counters,
+        p_local, p_need, p_amount, p_ttl_secs, '{}'::BIGINT[])
+$$;
+CREATE OR REPLACE FUNCTION ciyuan_reserve_slices(
+    p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_ids BIGINT[], p_counters TEXT[],
+    p_local NUMERIC[], p_least NUMERIC[], p_want NUMERIC[], p_amount NUMERIC[],
+    p_ttl_secs DOUBLE PRECISION, p_counted BIGINT[]
+) RETURNS TABLE (id BIGINT, granted NUMERIC) LANGUAGE plpgsql AS $$
+-- Granted: what was held; NULL: refused; -1: the node has not heartbeated.
+DECLARE
+    n INT := coalesce(array_length(p_counters, 1), 0);
+    counters TEXT[];
+    held NUMERIC[];
+    live_nodes INT;
+    k INT;
+    at INT;
+    room NUMERIC;
+    g NUMERIC;
+BEGIN
+    SELECT * INTO counters, held, live_nodes
+    FROM ciyuan_counted(p_node, p_followed, p_own_from, p_counters, p_counted);
+    IF counters IS NULL THEN
+        RETURN QUERY SELECT t.id, -1::NUMERIC FROM unnest(p_ids) AS t(id);
+        RETURN;
+    END IF;
+    FOR k IN 1 .. n LOOP
+        at := array_position(counters, p_counters[k]);
+        room := p_amount[k] - p_local[k] - held[at];
+        g := least(p_want[k], trunc(room / (2 * greatest(live_nodes, 1)), scale(p_least[k])));
+        IF g > 0 AND g >= p_least[k] AND g <= room THEN
+            held[at] := held[at] + g;
+            INSERT INTO holds (id, counter, node, amount, expires_at)
+            VALUES (p_ids[k], p_counters[k], p_node, g,
+                    now() + make_interval(secs => p_ttl_secs));
+            RETURN QUERY SELECT p_ids[k], g;
+        ELSE
+            RETURN QUERY SELECT p_ids[k], NULL::NUMERIC;
+        END IF;
+    END LOOP;
+END
+$$;
+CREATE OR REPLACE FUNCTION ciyuan_reserve_slices(
+    p_node TEXT, p_followed BIGINT, p_own_from BIGINT, p_ids BIGINT[], p_counters TEXT[],
+    p_local NUMERIC[], p_least NUMERIC[], p_want NUMERIC[], p_amount NUMERIC[],
+    p_ttl_secs DOUBLE PRECISION
+) RETURNS TABLE (id BIGINT, granted NUMERIC) LANGUAGE sql AS $$
+    SELECT * FROM ciyuan_reserve_slices(p_node, p_followed, p_own_from, p_ids, p_counters,
+        p_local, p_least, p_want, p_amount, p_ttl_secs, '{}'::BIGINT[])
+$$;
+"#;
+
 /// Named leases, one node at a time, handed over when another waits
 /// (`Store::take_lease`): tier counters are placed by one node at a time.
 pub(crate) const MIGRATION_LEASES: &str = r#"
@@ -442,6 +615,7 @@ pub(crate) fn reserve_many(
     c: &mut postgres::Client,
     node: &str,
     seen: ciyuan_store::Seen,
+    counted: &[i64],
     requests: &[(i64, &[HoldTerm])],
     ttl: std::time::Duration,
 ) -> Result<Vec<Option<(usize, Decimal)>>, StoreError> {
@@ -462,7 +636,8 @@ pub(crate) fn reserve_many(
     let rows = c
         .query(
             "SELECT id, refused, elsewhere::text FROM ciyuan_reserve_many($1, $2, $3, $4, $5,
-                 $6::text[]::numeric[], $7::text[]::numeric[], $8::text[]::numeric[], $9)",
+                 $6::text[]::numeric[], $7::text[]::numeric[], $8::text[]::numeric[], $9,
+                 $10)",
             &[
                 &node,
                 &(seen.followed as i64),
@@ -473,6 +648,7 @@ pub(crate) fn reserve_many(
                 &need,
                 &amount,
                 &ttl.as_secs_f64(),
+                &counted,
             ],
         )
         .map_err(backend)?;
@@ -506,6 +682,7 @@ pub(crate) fn reserve_slices(
     c: &mut postgres::Client,
     node: &str,
     seen: ciyuan_store::Seen,
+    counted: &[i64],
     asks: &[SliceAsk],
     ttl: std::time::Duration,
 ) -> Result<Vec<Option<Decimal>>, StoreError> {
@@ -529,7 +706,7 @@ pub(crate) fn reserve_slices(
         .query(
             "SELECT id, granted::text FROM ciyuan_reserve_slices($1, $2, $3, $4, $5,
                  $6::text[]::numeric[], $7::text[]::numeric[], $8::text[]::numeric[],
-                 $9::text[]::numeric[], $10)",
+                 $9::text[]::numeric[], $10, $11)",
             &[
                 &node,
                 &(seen.followed as i64),
@@ -541,6 +718,7 @@ pub(crate) fn reserve_slices(
                 &want,
                 &amount,
                 &ttl.as_secs_f64(),
+                &counted,
             ],
         )
         .map_err(backend)?;

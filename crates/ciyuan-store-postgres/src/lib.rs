@@ -99,6 +99,8 @@ ALTER TABLE nodes ADD COLUMN paused BIGINT;
     // 15: usage by API key and session (`ciyuan_store::subjects`); projections
     // rebuilt from the log.
     store::MIGRATION_SUBJECTS,
+    // 16: holds a node counts already, not counted again (`holds.rs`).
+    holds::MIGRATION_COUNTED,
 ];
 
 /// The schema version this build writes.

@@ -366,8 +366,8 @@ CREATE TABLE IF NOT EXISTS cost_tag_hourly (LIKE cost_hourly INCLUDING ALL);
 /// shape. Entries written since keys and sessions were recorded carry them, so the
 /// projections are rebuilt from the log.
 pub(crate) const MIGRATION_SUBJECTS: &str = r#"
-CREATE TABLE usage_subject_hourly (LIKE usage_hourly INCLUDING ALL);
-CREATE TABLE cost_subject_hourly (LIKE cost_hourly INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS usage_subject_hourly (LIKE usage_hourly INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS cost_subject_hourly (LIKE cost_hourly INCLUDING ALL);
 TRUNCATE accounts, usage_hourly, ingest_index, budgets, access_rules, flagged, incidents,
     definitions, price_books, contracts, wallet_settings, postings, posting_nodes,
     cost_hourly, tier_units, cost_lines, cost_lines_daily, statements, service_levels,
@@ -1945,11 +1945,12 @@ impl Store for PgStore {
         &self,
         node: &str,
         seen: ciyuan_store::Seen,
+        counted: &[i64],
         requests: &[(i64, &[ciyuan_store::HoldTerm])],
         ttl: std::time::Duration,
     ) -> Result<Vec<Option<(usize, rust_decimal::Decimal)>>, StoreError> {
         crate::off_runtime(|| {
-            crate::holds::reserve_many(&mut *self.inner.conn()?, node, seen, requests, ttl)
+            crate::holds::reserve_many(&mut *self.inner.conn()?, node, seen, counted, requests, ttl)
         })
     }
 
@@ -1973,11 +1974,12 @@ impl Store for PgStore {
         &self,
         node: &str,
         seen: ciyuan_store::Seen,
+        counted: &[i64],
         asks: &[ciyuan_store::SliceAsk],
         ttl: std::time::Duration,
     ) -> Result<Vec<Option<rust_decimal::Decimal>>, StoreError> {
         crate::off_runtime(|| {
-            crate::holds::reserve_slices(&mut *self.inner.conn()?, node, seen, asks, ttl)
+            crate::holds::reserve_slices(&mut *self.inner.conn()?, node, seen, counted, asks, ttl)
         })
     }
 

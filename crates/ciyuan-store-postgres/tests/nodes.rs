@@ -239,6 +239,7 @@ fn a_group_of_holds_is_judged_in_order_each_seeing_those_before_it() {
         .reserve_many(
             "a",
             FROM_START,
+            &[],
             &[(11, &r1[..]), (12, &r2[..]), (13, &r3[..])],
             Duration::from_secs(60),
         )
@@ -273,6 +274,67 @@ fn a_group_of_holds_is_judged_in_order_each_seeing_those_before_it() {
     );
 }
 
+/// A hold its node names as counted already (its request's usage is in the node's
+/// count, its settling here not yet done) is not counted again for that node, in
+/// flight or settled; another node naming it changes nothing.
+#[test]
+fn holds_a_node_counts_already_are_not_counted_again_for_it() {
+    use ciyuan_store::{HoldTerm, Seen, SettledHold};
+    use rust_decimal::Decimal;
+    let cluster = TestCluster::start().expect("a PostgreSQL cluster for the tests");
+    let url = cluster.database("counted").unwrap();
+    let a = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    let b = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
+    a.heartbeat("a", 0).unwrap();
+    b.heartbeat("b", 0).unwrap();
+    let ttl = Duration::from_secs(60);
+    let term = |need: i64, local: i64| HoldTerm {
+        counter: "limit".into(),
+        local: Decimal::from(local),
+        need: Decimal::from(need),
+        amount: Decimal::from(15),
+    };
+    let ask = |s: &PgStore, node: &str, seen: Seen, counted: &[i64], id: i64, t: HoldTerm| {
+        s.reserve_many(node, seen, counted, &[(id, &[t][..])], ttl)
+            .unwrap()
+            .pop()
+            .unwrap()
+    };
+    assert_eq!(ask(&a, "a", FROM_START, &[], 21, term(6, 0)), None);
+    // Hold 21's request ended and node a counts its 6: named, it is counted once.
+    assert_eq!(
+        ask(&a, "a", FROM_START, &[], 22, term(6, 6)),
+        Some((0, Decimal::from(6))),
+        "6 counted + 6 held + 6 asked > 15"
+    );
+    assert_eq!(ask(&a, "a", FROM_START, &[21], 22, term(6, 6)), None);
+    // Settled by entry 5, which node a's count holds although it asks as of entry 3.
+    a.settle_holds(&[SettledHold {
+        id: 21,
+        entry: 5,
+        actual: vec![("limit".into(), Decimal::from(6))],
+    }])
+    .unwrap();
+    let behind = Seen {
+        followed: 0,
+        own_from: 3,
+    };
+    assert_eq!(
+        ask(&a, "a", behind, &[], 23, term(1, 6)),
+        Some((0, Decimal::from(12)))
+    );
+    assert_eq!(ask(&a, "a", behind, &[21], 23, term(1, 6)), None);
+    // Node b counts none of node a's usage: naming a's holds changes nothing for it.
+    assert_eq!(
+        ask(&b, "b", FROM_START, &[21, 22, 23], 24, term(3, 0)),
+        Some((0, Decimal::from(13)))
+    );
+    assert_eq!(
+        ask(&b, "b", FROM_START, &[21, 22, 23], 24, term(2, 0)),
+        None
+    );
+}
+
 #[test]
 fn a_slice_takes_a_share_of_the_room_and_counts_until_resized() {
     use ciyuan_store::{HoldTerm, SliceAsk, SliceSize};
@@ -298,7 +360,13 @@ fn a_slice_takes_a_share_of_the_room_and_counts_until_resized() {
     // 900 left of 1000 as node a counts it; two live nodes: a share is 900 / 4, cut
     // to the unit's scale, and never more than asked.
     let granted = a
-        .reserve_slices("a", FROM_START, &[ask(1, 500, 10), ask(2, 50, 10)], ttl)
+        .reserve_slices(
+            "a",
+            FROM_START,
+            &[],
+            &[ask(1, 500, 10), ask(2, 50, 10)],
+            ttl,
+        )
         .unwrap();
     assert_eq!(
         granted,
@@ -317,7 +385,7 @@ fn a_slice_takes_a_share_of_the_room_and_counts_until_resized() {
     );
     // Nothing left to share: refused, nothing held.
     assert_eq!(
-        b.reserve_slices("b", FROM_START, &[ask(5, 100, 1)], ttl)
+        b.reserve_slices("b", FROM_START, &[], &[ask(5, 100, 1)], ttl)
             .unwrap(),
         vec![None]
     );
@@ -371,7 +439,7 @@ fn a_slice_takes_a_share_of_the_room_and_counts_until_resized() {
     let quiet = PgStore::open(Pool::connect(&url).unwrap()).unwrap();
     assert!(
         quiet
-            .reserve_slices("never-seen", FROM_START, &[ask(10, 1, 1)], ttl)
+            .reserve_slices("never-seen", FROM_START, &[], &[ask(10, 1, 1)], ttl)
             .unwrap_err()
             .is_retryable()
     );

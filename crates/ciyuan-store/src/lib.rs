@@ -452,7 +452,7 @@ pub trait Store: Send + Sync + 'static {
         terms: &[HoldTerm],
         ttl: std::time::Duration,
     ) -> Result<Option<(usize, rust_decimal::Decimal)>, StoreError> {
-        let mut answers = self.reserve_many(node, seen, &[(id, terms)], ttl)?;
+        let mut answers = self.reserve_many(node, seen, &[], &[(id, terms)], ttl)?;
         answers
             .pop()
             .ok_or_else(|| StoreError::Corrupt("no answer for a hold".into()))
@@ -460,18 +460,22 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::reserve`] for several requests of `node` at once (a node's concurrent
     /// requests, grouped as appends are): judged in order, each seeing the holds of
     /// those before it; one answer per request. One call takes each counter's lock
-    /// once for all of them.
+    /// once for all of them. `counted` names holds of `node` whose usage its counts
+    /// (each term's `local`, a wallet's `amount`) already include: a request counted by
+    /// its node's engines as it ended, its hold not yet settled here; they are not
+    /// counted again.
     fn reserve_many(
         &self,
         _node: &str,
         _seen: Seen,
+        _counted: &[i64],
         requests: &[(i64, &[HoldTerm])],
         _ttl: std::time::Duration,
     ) -> Result<Vec<Option<(usize, rust_decimal::Decimal)>>, StoreError> {
         Ok(vec![None; requests.len()])
     }
     /// Holds slices of counters' room for `node`, in order, each under the same
-    /// accounting as [`Store::reserve`]: a slice gets at most its `term.need` and at
+    /// accounting as [`Store::reserve_many`] (`counted` as there): a slice gets at most its `term.need` and at
     /// most the room left on its counter divided by twice the number of live nodes
     /// (so one node never takes it all); less than `least` is refused (`None`). The
     /// node admits requests under a slice without asking again, so the slice counts as
@@ -481,6 +485,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         _node: &str,
         _seen: Seen,
+        _counted: &[i64],
         asks: &[SliceAsk],
         _ttl: std::time::Duration,
     ) -> Result<Vec<Option<rust_decimal::Decimal>>, StoreError> {

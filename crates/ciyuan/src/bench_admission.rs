@@ -51,11 +51,12 @@ impl ciyuan_server::slices::Backend for Counted {
         &self,
         node: &str,
         seen: ciyuan_store::Seen,
+        counted: &[i64],
         asks: &[ciyuan_store::SliceAsk],
         ttl: Duration,
     ) -> Result<Vec<Option<Decimal>>, ciyuan_store::StoreError> {
         self.1.fetch_add(asks.len() as u64, Ordering::Relaxed);
-        self.0.reserve_slices(node, seen, asks, ttl)
+        self.0.reserve_slices(node, seen, counted, asks, ttl)
     }
     fn resize_slices(
         &self,
@@ -150,6 +151,7 @@ pub fn run(
                             followed: f,
                             own_from: f,
                         },
+                        &[],
                         &requests,
                         Duration::from_secs(60),
                     );
@@ -242,7 +244,9 @@ pub fn run(
                                 fixed_amount: i == 0,
                             })
                             .collect();
-                        if let Some(ticket) = slices.admit(seen, &wants) {
+                        if let Some(ticket) =
+                            slices.admit(seen, &ciyuan_server::slices::Counted::default(), &wants)
+                        {
                             reserve.push(t.elapsed().as_micros() as u64);
                             from_slices += 1;
                             let entry = next_entry.fetch_add(1, Ordering::Relaxed);

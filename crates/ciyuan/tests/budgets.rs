@@ -265,7 +265,6 @@ fn access_rules_rate_limits_and_clamping() {
             Some(&chat("gpt-4o", 5)),
         );
         assert_eq!(s, 200);
-        settled_everywhere();
     }
     let r = raw(
         &url,
@@ -702,7 +701,6 @@ fn session_limits_soft_limits_and_the_cli() {
             None,
         );
         assert_eq!(r.status, 200, "{}", r.body);
-        settled_everywhere();
     }
     let r = raw(
         &url,
@@ -778,15 +776,4 @@ fn session_limits_soft_limits_and_the_cli() {
         Some(&chat(None)),
     );
     assert_eq!(s, 403);
-}
-
-/// Waits out a request's settling across nodes. On PostgreSQL a hard per-key or
-/// per-session limit is held in the database as node limits are: from the time a
-/// request's usage is counted on its node until its entry is appended and its hold
-/// settled (the recorder's 5 ms linger, the append, a round trip), it counts twice,
-/// on the safe side. A tight limit's next request is then refused if sent at once.
-fn settled_everywhere() {
-    if crate::common::backend() == crate::common::Backend::Postgres {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
 }

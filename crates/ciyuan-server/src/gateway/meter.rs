@@ -416,46 +416,59 @@ pub(super) fn finish(
                 amount: r.amount,
                 currency: r.currency,
             });
-        // Settle the reservation to what was consumed (or release it: nothing was).
-        if let Some(r) = call.reservation {
-            if billable {
-                let tokens = &usage.tokens;
-                let settled = match app.budget.settle_cost(r, tokens, cost, Timestamp::now()) {
-                    Ok(settled) => settled,
-                    // Expired before the request ended: count what it used anyway.
-                    Err(_) => app.budget.record_cost(
-                        &call.caller.key.account,
-                        &call.caller.key.key_id,
-                        call.session.as_deref(),
-                        tokens,
-                        cost,
-                        call.at,
-                    ),
-                };
-                crate::budgets::incidents(&app, settled, None).await;
-            } else {
-                app.budget.release(r);
-            }
+        // Settle the reservation to what was consumed (or release it: nothing was),
+        // charge the wallet and name the request's hold across nodes as counted here,
+        // as one step for the node's admissions (`holds::CountedHere`).
+        let (settled, charge, settles) = {
+            let _gate = call.shared.as_ref().map(|_| app.counting_gate());
+            let settled = match call.reservation {
+                Some(r) if billable => {
+                    let tokens = &usage.tokens;
+                    Some(
+                        match app.budget.settle_cost(r, tokens, cost, Timestamp::now()) {
+                            Ok(settled) => settled,
+                            // Expired before the request ended: count what it used anyway.
+                            Err(_) => app.budget.record_cost(
+                                &call.caller.key.account,
+                                &call.caller.key.key_id,
+                                call.session.as_deref(),
+                                tokens,
+                                cost,
+                                call.at,
+                            ),
+                        },
+                    )
+                }
+                Some(r) => {
+                    app.budget.release(r);
+                    None
+                }
+                None => None,
+            };
+            // The wallet pays what the entry says it cost: a `consume` posting, appended
+            // beside the entry (its memo names the request).
+            let charge = app.settle_hold(
+                call.hold.take(),
+                &call.caller.key.account,
+                cost,
+                usage.event_id.as_deref(),
+            );
+            // Its holds across nodes count its usage once the entry is appended (the
+            // usage entry's index is what other nodes follow to).
+            let settles = match call.shared.take() {
+                Some(shared) if billable => Some(shared.settling(&app, &usage.tokens, cost)),
+                other => {
+                    app.release_across_nodes(other);
+                    None
+                }
+            };
+            (settled, charge, settles)
+        };
+        if let Some(settled) = settled {
+            crate::budgets::incidents(&app, settled, None).await;
         }
-        // The wallet pays what the entry says it cost: a `consume` posting, appended
-        // beside the entry (its memo names the request).
-        let charge = app.settle_hold(
-            call.hold.take(),
-            &call.caller.key.account,
-            cost,
-            usage.event_id.as_deref(),
-        );
         let posting =
             charge.map(|(node, p)| Entry::new(Timestamp::now(), node, EntryBody::Posting(p)));
-        // Its holds across nodes count its usage once the entry is appended (the
-        // usage entry's index is what other nodes follow to).
-        let settles = match call.shared.take() {
-            Some(shared) if billable => Some(shared.settling(&usage.tokens, cost)),
-            other => {
-                app.release_across_nodes(other);
-                None
-            }
-        };
         match tiers {
             // A tiered entry holds the tier counters' lock: appended now, not after the
             // recorder's linger, and the lock released once it holds its place.
