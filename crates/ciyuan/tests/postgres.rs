@@ -779,6 +779,82 @@ fn two_nodes_placing_graduated_tiers_at_once_leave_no_gap_and_no_overlap() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// A node lets the tiers lease go only once its places are committed, not as soon as
+/// they are ordered: every commit of the log is held back 2 s (a deferred trigger on
+/// the head's update sleeps in the commit), node a places one tiered event and idles,
+/// and node b, waiting for the lease meanwhile, must place after it. Letting the
+/// counters' lock go at the order (as before 24ad77f), a's heartbeat drops the idle
+/// lease within 1.5 s, b takes it, catches up to a log without a's place, and places
+/// from the same point: an overlap.
+#[test]
+fn the_tiers_lease_goes_to_another_node_only_once_the_places_are_committed() {
+    let cluster = TestCluster::start().expect("PostgreSQL for the tests (initdb, pg_ctl)");
+    let (tmp, a, b, root, url) = two_nodes(&cluster, "tiers_commit");
+    stdout(&a.cli(&root, &["accounts", "create", "acme/cn"]));
+    let key = a.new_key(&root, "acme/cn", "gateway,ingest,read");
+    let book = tmp.path().join("tiered.toml");
+    std::fs::write(&book, crate::money::TIERED_BOOK).unwrap();
+    a.import_toml_book(&root, &book);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pool = ciyuan_store_postgres::Pool::connect(&url).unwrap();
+    pool.get()
+        .unwrap()
+        .batch_execute(
+            "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON log_head
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();",
+        )
+        .unwrap();
+    let event = |id: &str| {
+        json!([{"specversion": "1.0", "id": id, "source": "svc://tiers", "type": "llm.usage",
+                "subject": "acme/cn",
+                "data": {"model": "gpt-4o", "input_tokens": 40000, "output_tokens": 10}}])
+    };
+    std::thread::scope(|s| {
+        let first = s.spawn(|| a.http("POST", "/v1/events", &key, Some(&event("on-a"))));
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let (st, body) = b.http("POST", "/v1/events", &key, Some(&event("on-b")));
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        let (st, body) = first.join().unwrap();
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    });
+    pool.get()
+        .unwrap()
+        .batch_execute("DROP TRIGGER slow_commit ON log_head")
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (s, body) = a.http(
+        "GET",
+        "/api/v1/audit/entries?start=0&limit=10000",
+        &root,
+        None,
+    );
+    assert_eq!(s, 200);
+    let places: Vec<(String, String)> = String::from_utf8_lossy(&body)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == "usage" && !e["data"]["rating"]["place"].is_null())
+        .map(|e| {
+            let p = &e["data"]["rating"]["place"];
+            (
+                p["before"].as_str().unwrap().to_string(),
+                p["units"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        places,
+        [
+            ("0".to_string(), "40000".to_string()),
+            ("40000".to_string(), "40000".to_string())
+        ],
+        "each place follows the one before it"
+    );
+    a.stop();
+    b.stop();
+}
+
 /// Fires `n` streamed chat requests at once at `server` with `key`, and `session` as
 /// `x-ciyuan-session` when given; each answer's status and body.
 fn race_as(server: &Server, key: &str, session: Option<&str>, n: usize) -> Vec<(u16, String)> {
