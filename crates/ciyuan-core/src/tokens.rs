@@ -1,6 +1,6 @@
 //! Tokens by modality and direction.
 
-use std::collections::BTreeMap;
+use smallvec::SmallVec;
 use std::fmt;
 use std::str::FromStr;
 
@@ -113,8 +113,15 @@ pub struct TokenCount {
 /// Tokens keyed by `modality.direction`, kept sorted so an entry's bytes are
 /// deterministic. Serialized as a JSON object such as `{"text.input":19,"text.output":10}`:
 /// compact in the log and readable by an auditor.
+///
+/// Held as a sorted array of at most a few counts inline (most usage has two to four
+/// keys), not a tree: every usage entry holds one, and a tree's node was one heap
+/// allocation per entry on the ingest path. Keys are unique.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TokenMap(BTreeMap<(Modality, Direction), i64>);
+pub struct TokenMap(SmallVec<[TokenCount; INLINE_KEYS]>);
+
+/// Counts a token map holds without a heap allocation.
+const INLINE_KEYS: usize = 4;
 
 impl TokenMap {
     /// An empty map.
@@ -122,22 +129,34 @@ impl TokenMap {
         TokenMap::default()
     }
 
+    /// Where `key` is, or where it would go to keep the keys sorted.
+    fn find(&self, key: (Modality, Direction)) -> Result<usize, usize> {
+        self.0
+            .binary_search_by(|t| (t.modality, t.direction).cmp(&key))
+    }
+
     /// Adds `count` to a key, failing on overflow.
     pub fn add(&mut self, modality: Modality, direction: Direction, count: i64) -> Option<()> {
-        let slot = self.0.entry((modality, direction)).or_insert(0);
-        *slot = slot.checked_add(count)?;
+        match self.find((modality, direction)) {
+            Ok(i) => {
+                let slot = &mut self.0[i].count;
+                *slot = slot.checked_add(count)?;
+            }
+            Err(i) => self.0.insert(
+                i,
+                TokenCount {
+                    modality,
+                    direction,
+                    count,
+                },
+            ),
+        }
         Some(())
     }
 
     /// The counts, in key order.
     pub fn iter(&self) -> impl Iterator<Item = TokenCount> + '_ {
-        self.0
-            .iter()
-            .map(|(&(modality, direction), &count)| TokenCount {
-                modality,
-                direction,
-                count,
-            })
+        self.0.iter().copied()
     }
 
     /// Whether no key is present.
@@ -147,7 +166,9 @@ impl TokenMap {
 
     /// Sum over all keys, or `None` on overflow.
     pub fn total(&self) -> Option<i64> {
-        self.0.values().try_fold(0i64, |acc, v| acc.checked_add(*v))
+        self.0
+            .iter()
+            .try_fold(0i64, |acc, t| acc.checked_add(t.count))
     }
 
     /// The first count outside the bounds a door accepts: above
@@ -172,12 +193,12 @@ impl serde::Serialize for TokenMap {
         use serde::ser::SerializeMap;
         let mut map = s.serialize_map(Some(self.0.len()))?;
         let mut key = String::with_capacity(24);
-        for (&(m, d), v) in &self.0 {
+        for t in &self.0 {
             key.clear();
-            key.push_str(m.as_str());
+            key.push_str(t.modality.as_str());
             key.push('.');
-            key.push_str(d.as_str());
-            map.serialize_entry(&key, v)?;
+            key.push_str(t.direction.as_str());
+            map.serialize_entry(&key, &t.count)?;
         }
         map.end()
     }
@@ -197,11 +218,22 @@ impl<'de> serde::Deserialize<'de> for TokenMap {
             ) -> Result<TokenMap, A::Error> {
                 let mut m = TokenMap::new();
                 while let Some((k, v)) = a.next_entry::<std::borrow::Cow<'de, str>, i64>()? {
-                    let key = parse_key(&k).map_err(serde::de::Error::custom)?;
-                    if m.0.insert(key, v).is_some() {
-                        return Err(serde::de::Error::custom(format!(
-                            "duplicate token key {k:?}"
-                        )));
+                    let (modality, direction) =
+                        parse_key(&k).map_err(serde::de::Error::custom)?;
+                    match m.find((modality, direction)) {
+                        Ok(_) => {
+                            return Err(serde::de::Error::custom(format!(
+                                "duplicate token key {k:?}"
+                            )));
+                        }
+                        Err(i) => m.0.insert(
+                            i,
+                            TokenCount {
+                                modality,
+                                direction,
+                                count: v,
+                            },
+                        ),
                     }
                 }
                 Ok(m)
@@ -228,6 +260,42 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<TokenMap>(&json).unwrap(), m);
         assert_eq!(m.total(), Some(114));
+    }
+
+    proptest::proptest! {
+        /// The map answers as a tree of the same additions would: counts summed per
+        /// key, keys in order, overflow refused and nothing changed by it, and the
+        /// same JSON in and out.
+        #[test]
+        fn token_map_is_a_sorted_map(
+            adds in proptest::collection::vec((0usize..5, 0usize..6, proptest::prelude::any::<i64>()), 0..24)
+        ) {
+            let mut m = TokenMap::new();
+            let mut model: std::collections::BTreeMap<(Modality, Direction), i64> =
+                std::collections::BTreeMap::new();
+            for (mi, di, n) in adds {
+                let (md, dr) = (Modality::ALL[mi], Direction::ALL[di]);
+                let slot = model.entry((md, dr)).or_insert(0);
+                match slot.checked_add(n) {
+                    Some(sum) => {
+                        proptest::prop_assert_eq!(m.add(md, dr, n), Some(()));
+                        *slot = sum;
+                    }
+                    None => {
+                        let before = m.clone();
+                        proptest::prop_assert_eq!(m.add(md, dr, n), None);
+                        proptest::prop_assert_eq!(&m, &before);
+                    }
+                }
+            }
+            let got: Vec<(Modality, Direction, i64)> =
+                m.iter().map(|t| (t.modality, t.direction, t.count)).collect();
+            let want: Vec<(Modality, Direction, i64)> =
+                model.iter().map(|(&(md, dr), &n)| (md, dr, n)).collect();
+            proptest::prop_assert_eq!(&got, &want);
+            let json = serde_json::to_string(&m).unwrap();
+            proptest::prop_assert_eq!(serde_json::from_str::<TokenMap>(&json).unwrap(), m);
+        }
     }
 
     #[test]
