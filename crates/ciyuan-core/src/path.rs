@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Longest accepted path, in bytes. Paths end up in every ledger entry and index key.
 pub const MAX_PATH_BYTES: usize = 512;
@@ -16,8 +17,20 @@ pub const MAX_SEGMENT_BYTES: usize = 64;
 /// internal form; only operators' bootstrap keys live there. Segments are 1 to 64 ASCII
 /// letters, digits, `-`, `_` or `.`, and are never `.` or `..`, so a path can never
 /// escape its subtree or be confused with a file path trick.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct AccountPath(String);
+///
+/// Shared, not copied, when cloned: every entry of a batch names its node, and a
+/// path's text was one heap allocation per entry on the ingest path.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountPath(Arc<str>);
+
+impl Default for AccountPath {
+    fn default() -> Self {
+        AccountPath::root()
+    }
+}
+
+/// The root's (empty) text, shared by every root path.
+static ROOT: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
 
 /// Why a string is not an account path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,7 +63,7 @@ pub enum PathError {
 impl AccountPath {
     /// The root of the tree, written `/`.
     pub fn root() -> AccountPath {
-        AccountPath(String::new())
+        AccountPath(ROOT.clone())
     }
 
     /// Parses and validates a path. `/` is the root.
@@ -86,7 +99,7 @@ impl AccountPath {
                 return Err(PathError::BadCharacter(seg.to_string()));
             }
         }
-        Ok(AccountPath(s.to_string()))
+        Ok(AccountPath(Arc::from(s)))
     }
 
     /// Whether this is the root `/`.
@@ -113,7 +126,7 @@ impl AccountPath {
     /// The top-level node holding this one (itself at depth 1; the root for the root).
     pub fn top_level(&self) -> AccountPath {
         match self.segments().next() {
-            Some(top) => AccountPath(top.to_string()),
+            Some(top) => AccountPath(Arc::from(top)),
             None => AccountPath::root(),
         }
     }
@@ -124,7 +137,7 @@ impl AccountPath {
             return None;
         }
         Some(match self.0.rfind('/') {
-            Some(i) => AccountPath(self.0[..i].to_string()),
+            Some(i) => AccountPath(Arc::from(&self.0[..i])),
             None => AccountPath::root(),
         })
     }
@@ -144,7 +157,7 @@ impl AccountPath {
         let mut out = Vec::with_capacity(self.depth());
         for (i, b) in self.0.bytes().enumerate() {
             if b == b'/' {
-                out.push(AccountPath(self.0[..i].to_string()));
+                out.push(AccountPath(Arc::from(&self.0[..i])));
             }
         }
         if !self.is_root() {
