@@ -109,8 +109,10 @@ pub struct Usage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
     /// The token definition and version that produced the tokens, e.g. `doc.verify@2`.
+    /// A door's own definitions (`llm.usage@1`, `gateway.openai@1`) are shared
+    /// constants: every entry names one, and a copy each was an allocation per entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub definition: Option<String>,
+    pub definition: Option<std::borrow::Cow<'static, str>>,
     /// Whether the measurement is incomplete (a cut stream).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,

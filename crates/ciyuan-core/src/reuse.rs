@@ -77,13 +77,13 @@ pub(crate) fn encode_usage(e: &Entry, u: &Usage, out: &mut Vec<u8>) -> serde_jso
     );
     out.extend_from_slice(b",\"kind\":\"usage\",\"data\":{\"service\":");
     wire::string(out, service);
-    let opt = |out: &mut Vec<u8>, name: &[u8], v: &Option<String>| {
+    let opt = |out: &mut Vec<u8>, name: &[u8], v: Option<&str>| {
         if let Some(v) = v {
             out.extend_from_slice(name);
             wire::string(out, v);
         }
     };
-    opt(out, b",\"model\":", model);
+    opt(out, b",\"model\":", model.as_deref());
     out.extend_from_slice(b",\"tokens\":{");
     for (i, t) in tokens.iter().enumerate() {
         if i > 0 {
@@ -94,9 +94,9 @@ pub(crate) fn encode_usage(e: &Entry, u: &Usage, out: &mut Vec<u8>) -> serde_jso
         wire::int(out, t.count);
     }
     out.push(b'}');
-    opt(out, b",\"source\":", source);
-    opt(out, b",\"event_id\":", event_id);
-    opt(out, b",\"definition\":", definition);
+    opt(out, b",\"source\":", source.as_deref());
+    opt(out, b",\"event_id\":", event_id.as_deref());
+    opt(out, b",\"definition\":", definition.as_deref());
     if *partial {
         out.extend_from_slice(b",\"partial\":true");
     }
@@ -120,8 +120,8 @@ pub(crate) fn encode_usage(e: &Entry, u: &Usage, out: &mut Vec<u8>) -> serde_jso
         out.extend_from_slice(b",\"tier\":");
         serde_json::to_writer(&mut *out, t)?;
     }
-    opt(out, b",\"key\":", key);
-    opt(out, b",\"session\":", session);
+    opt(out, b",\"key\":", key.as_deref());
+    opt(out, b",\"session\":", session.as_deref());
     if !tags.is_empty() {
         out.extend_from_slice(b",\"tags\":{");
         for (i, (k, v)) in tags.iter().enumerate() {
@@ -164,6 +164,15 @@ impl<'de> Deserialize<'de> for Str<'de> {
 fn set(slot: &mut String, s: &str) {
     slot.clear();
     slot.push_str(s);
+}
+
+/// [`set_opt`] for a text that may be a shared constant: an owned buffer is reused.
+fn set_opt_cow(slot: &mut Option<std::borrow::Cow<'static, str>>, s: Option<Str<'_>>) {
+    match (s, slot.as_mut()) {
+        (None, _) => *slot = None,
+        (Some(Str(s)), Some(std::borrow::Cow::Owned(buf))) => set(buf, &s),
+        (Some(Str(s)), _) => *slot = Some(std::borrow::Cow::Owned(s.into_owned())),
+    }
 }
 
 /// Like [`set`] for an optional string: `None` keeps nothing, `Some` reuses any buffer.
@@ -312,7 +321,7 @@ impl<'de> Visitor<'de> for UsageSeed<'_> {
                 2 => u.tokens = map.next_value::<Tokens>()?.0,
                 3 => set_opt(&mut u.source, map.next_value()?),
                 4 => set_opt(&mut u.event_id, map.next_value()?),
-                5 => set_opt(&mut u.definition, map.next_value()?),
+                5 => set_opt_cow(&mut u.definition, map.next_value()?),
                 6 => u.partial = map.next_value()?,
                 7 => u.measures = map.next_value()?,
                 8 => u.quality = map.next_value()?,
@@ -625,7 +634,7 @@ mod tests {
                 tokens,
                 source,
                 event_id,
-                definition,
+                definition: definition.map(Into::into),
                 partial,
                 measures: if extras & 1 == 1 {
                     [("pages".to_string(), serde_json::json!(3)), ("q\"".to_string(), serde_json::json!("x"))].into()

@@ -1082,7 +1082,7 @@ fn validate(
                 (
                     Some(m),
                     t,
-                    LLM_USAGE_DEFINITION.to_string(),
+                    std::borrow::Cow::Borrowed(LLM_USAGE_DEFINITION),
                     Default::default(),
                 )
             }
@@ -1107,7 +1107,7 @@ fn validate(
                 (
                     None,
                     measured.tokens,
-                    measured.definition,
+                    std::borrow::Cow::Owned(measured.definition),
                     data.into_iter().collect(),
                 )
             }

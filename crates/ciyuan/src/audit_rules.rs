@@ -1381,7 +1381,7 @@ mod tests {
             tokens: t,
             source: Some("svc://docs".into()),
             event_id: Some(format!("ev-{version}-{pages}")),
-            definition: Some(format!("doc.verify@{version}")),
+            definition: Some(format!("doc.verify@{version}").into()),
             measures: [("pages".to_string(), serde_json::json!(pages))].into(),
             ..Usage::default()
         }

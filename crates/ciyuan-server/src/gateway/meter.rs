@@ -369,7 +369,7 @@ pub(super) fn finish(
                 tokens,
                 source: Some(ciyuan_core::GATEWAY_SOURCE.into()),
                 event_id: Some(std::mem::take(&mut call.request_id)),
-                definition: Some(call.endpoint.definition().to_string()),
+                definition: Some(call.endpoint.definition().into()),
                 partial,
                 quality: Some(Box::new(Quality {
                     upstream: provider.name.clone(),
