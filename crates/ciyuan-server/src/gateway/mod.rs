@@ -798,10 +798,14 @@ async fn serve_call(
                 .into_response(family);
         }
     };
-    let tags = match tags::of(&headers, &std::mem::take(&mut info.metadata)) {
+    let tags::Tags { tags, skipped } = match tags::of(&headers, &std::mem::take(&mut info.metadata))
+    {
         Ok(t) => t,
         Err(e) => return e.into_response(family),
     };
+    let skipped = (!skipped.is_empty())
+        .then(|| HeaderValue::from_str(&tags::header_list(&skipped)).ok())
+        .flatten();
     let provider = match app.gateway.route(family, &info.model) {
         Ok(p) => p,
         Err(e) => return e.into_response(family),
@@ -977,6 +981,9 @@ async fn serve_call(
     if let Some(id) = id {
         // On every answer, errors included, so a client can name the request.
         resp.headers_mut().insert("x-ciyuan-request-id", id);
+    }
+    if let Some(skipped) = skipped {
+        resp.headers_mut().insert(tags::SKIPPED_HEADER, skipped);
     }
     resp
 }
