@@ -218,8 +218,7 @@ impl<'de> serde::Deserialize<'de> for TokenMap {
             ) -> Result<TokenMap, A::Error> {
                 let mut m = TokenMap::new();
                 while let Some((k, v)) = a.next_entry::<std::borrow::Cow<'de, str>, i64>()? {
-                    let (modality, direction) =
-                        parse_key(&k).map_err(serde::de::Error::custom)?;
+                    let (modality, direction) = parse_key(&k).map_err(serde::de::Error::custom)?;
                     match m.find((modality, direction)) {
                         Ok(_) => {
                             return Err(serde::de::Error::custom(format!(
