@@ -240,8 +240,30 @@ pub fn fast_policy() -> RetryPolicy {
     }
 }
 
-/// A local address nothing listens on (bound, then released).
+/// A local address nothing listens on: a port below the kernel's ephemeral range,
+/// checked free by binding it, then released.
+///
+/// Below the range, because a port bound to 0 and released could be handed by the
+/// kernel to another test's listener (every receiver here binds port 0) before this
+/// test means it to refuse connections; the kernel never picks a port outside the
+/// range for `bind(0)` or an outgoing connection. Each call takes the next port
+/// (tests of one binary run at once; binaries run one after another).
 pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (first, span) = (low.saturating_sub(8_000).max(1_024), 7_000u16);
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Runs of the tests one after another start in different places.
+    let start = (std::process::id() % u32::from(span)) as u16;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = first + (start.wrapping_add(n)) % span;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
+    panic!("no free port in {first}..{}", first + span);
 }
