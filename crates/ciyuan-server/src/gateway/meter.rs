@@ -307,7 +307,7 @@ pub(super) fn add_tokens(t: &mut TokenMap, m: Modality, d: Direction, n: u64) {
     );
 }
 
-/// Counts, compares and records, off the request's path.
+/// Counts, compares and records, off the request's path (`record_call`, spawned).
 pub(super) fn finish(
     app: &Arc<App>,
     call: Call,
@@ -326,169 +326,224 @@ pub(super) fn finish(
         .finishing
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     rt.spawn(async move {
-        let (mut call, mut meter) = (call, meter);
-        let gw = &app.gateway;
-        let billable = meter.billable;
-        let measured = measure(&gw.config, &call, &mut meter);
-        let partial = billable && (meter.failure.is_some() || measured.estimated);
-        let tokens = measured.tokens;
-        let flagged = measured.recount.as_ref().is_some_and(|r| r.flagged);
-        let provider = &gw.config.providers[call.provider];
-        // Generation speed: output over the time after the first token (for whole
-        // answers, over the whole latency: the first token's time is unknown).
-        let output: u64 = tokens
-            .iter()
-            .filter(|t| matches!(t.direction, Direction::Output | Direction::Reasoning))
-            .map(|t| t.count.unsigned_abs())
-            .sum();
-        let generating = match (call.info.stream, ttft) {
-            (true, Some(t)) => latency.saturating_sub(t),
-            _ => latency,
-        };
-        let output_tokens_per_sec = (output > 0 && !generating.is_zero()).then(|| {
-            u64::try_from(u128::from(output) * 1_000_000 / generating.as_micros().max(1))
-                .unwrap_or(u64::MAX)
-        });
-        gw.metrics.observe(&metrics::Observation {
-            upstream: &provider.name,
-            model: &call.info.model,
-            status,
-            ttft,
-            latency,
-            tokens: &tokens,
-            partial,
-            flagged,
-            output_tokens_per_sec,
-        });
-        let mut entry = Entry::new(
-            call.at,
-            call.caller.key.account.clone(),
-            EntryBody::Usage(Usage {
-                service: call.endpoint.service().to_string(),
-                model: Some(std::mem::take(&mut call.info.model)),
-                tokens,
-                source: Some(ciyuan_core::GATEWAY_SOURCE.into()),
-                event_id: Some(std::mem::take(&mut call.request_id)),
-                definition: Some(call.endpoint.definition().into()),
-                partial,
-                quality: Some(Box::new(Quality {
-                    upstream: provider.name.clone(),
-                    status,
-                    stream: call.info.stream,
-                    ttft_us: ttft.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-                    latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
-                    output_tokens_per_sec,
-                    failure: meter.failure.map(str::to_string),
-                    estimated: measured.estimated,
-                    uncounted: measured.uncounted,
-                    served_model: meter.shown.served.model.take(),
-                    system_fingerprint: meter.shown.served.fingerprint.take(),
-                    // The header names the request where the provider sends one;
-                    // else the answer's id does.
-                    provider_request_id: call
-                        .upstream_request_id
-                        .take()
-                        .or_else(|| meter.shown.served.id.take()),
-                })),
-                recount: measured.recount,
-                tier: call.info.service_tier,
-                // Who the engine counted it on, so other nodes count it there too.
-                key: Some(call.caller.key.key_id.clone()),
-                session: call.session.clone(),
-                tags: std::mem::take(&mut call.tags),
-                ..Usage::default()
-            }),
-        );
-        // Priced as it is appended, on the count the provider's setting names, under
-        // the rules in force until the entry holds its place in the ledger.
-        let rules = app.rules_gate.clone().read_owned().await;
-        let (price_incident, tiers) = app
-            .rate_gateway_entry(&mut entry, provider.rate_basis)
-            .await;
-        let EntryBody::Usage(usage) = &entry.body else {
-            unreachable!("a gateway entry is a usage entry")
-        };
-        let cost = usage
-            .rating
-            .as_ref()
-            .filter(|_| billable)
-            .map(|r| ciyuan_core::Money {
-                amount: r.amount,
-                currency: r.currency,
-            });
-        // Settle the reservation to what was consumed (or release it: nothing was),
-        // charge the wallet and name the request's hold across nodes as counted here,
-        // as one step for the node's admissions (`holds::CountedHere`).
-        let (settled, charge, settles) = {
-            let _gate = call.shared.as_ref().map(|_| app.counting_gate());
-            let settled = match call.reservation {
-                Some(r) if billable => {
-                    let tokens = &usage.tokens;
-                    Some(
-                        match app.budget.settle_cost(r, tokens, cost, Timestamp::now()) {
-                            Ok(settled) => settled,
-                            // Expired before the request ended: count what it used anyway.
-                            Err(_) => app.budget.record_cost(
-                                &call.caller.key.account,
-                                &call.caller.key.key_id,
-                                call.session.as_deref(),
-                                tokens,
-                                cost,
-                                call.at,
-                            ),
-                        },
-                    )
-                }
-                Some(r) => {
-                    app.budget.release(r);
-                    None
-                }
-                None => None,
-            };
-            // The wallet pays what the entry says it cost: a `consume` posting, appended
-            // beside the entry (its memo names the request).
-            let charge = app.settle_hold(
-                call.hold.take(),
-                &call.caller.key.account,
-                cost,
-                usage.event_id.as_deref(),
-            );
-            // Its holds across nodes count its usage once the entry is appended (the
-            // usage entry's index is what other nodes follow to).
-            let settles = match call.shared.take() {
-                Some(shared) if billable => Some(shared.settling(&app, &usage.tokens, cost)),
-                other => {
-                    app.release_across_nodes(other);
-                    None
-                }
-            };
-            (settled, charge, settles)
-        };
-        if let Some(settled) = settled {
-            crate::budgets::incidents(&app, settled, None).await;
-        }
-        let posting =
-            charge.map(|(node, p)| Entry::new(Timestamp::now(), node, EntryBody::Posting(p)));
-        match tiers {
-            // A tiered entry holds the tier counters' lock: appended now, not after the
-            // recorder's linger, and the lock released once it holds its place.
-            Some(tiers) => {
-                app.record_gateway_now(entry, posting, rules, tiers, settles)
-                    .await
-            }
-            // With its payment, in one message: both are appended together (also when
-            // the recorder is behind), so they hold their places side by side when the
-            // rules guard goes, and other nodes count the request's holds until they
-            // have applied both.
-            None => app.record_gateway(entry, posting, Some(rules), settles),
-        }
-        if let Some(incident) = price_incident {
-            app.raise_price_incidents(vec![incident]).await;
-        }
+        record_call(
+            &app,
+            call,
+            meter,
+            Ended {
+                status,
+                ttft,
+                latency,
+            },
+        )
+        .await;
         app.gateway
             .finishing
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     });
+}
+
+/// How a request ended, as the relay saw it.
+struct Ended {
+    status: u16,
+    ttft: Option<Duration>,
+    latency: Duration,
+}
+
+/// A request's ending, in order: measured and observed in `/metrics`, its entry made
+/// and priced, budgets, wallet and holds across nodes settled, then recorded.
+async fn record_call(app: &Arc<App>, mut call: Call, mut meter: Meter, ended: Ended) {
+    let gw = &app.gateway;
+    let billable = meter.billable;
+    let measured = measure(&gw.config, &call, &mut meter);
+    let partial = billable && (meter.failure.is_some() || measured.estimated);
+    let provider = &gw.config.providers[call.provider];
+    let output_tokens_per_sec = generation_speed(&call, &measured.tokens, &ended);
+    gw.metrics.observe(&metrics::Observation {
+        upstream: &provider.name,
+        model: &call.info.model,
+        status: ended.status,
+        ttft: ended.ttft,
+        latency: ended.latency,
+        tokens: &measured.tokens,
+        partial,
+        flagged: measured.recount.as_ref().is_some_and(|r| r.flagged),
+        output_tokens_per_sec,
+    });
+    let mut entry = usage_entry(
+        &mut call,
+        &mut meter,
+        &provider.name,
+        measured,
+        &ended,
+        partial,
+        output_tokens_per_sec,
+    );
+    // Priced as it is appended, on the count the provider's setting names, under
+    // the rules in force until the entry holds its place in the ledger.
+    let rules = app.rules_gate.clone().read_owned().await;
+    let (price_incident, tiers) = app
+        .rate_gateway_entry(&mut entry, provider.rate_basis)
+        .await;
+    let EntryBody::Usage(usage) = &entry.body else {
+        unreachable!("a gateway entry is a usage entry")
+    };
+    let (settled, charge, settles) = settle_engines(app, &mut call, usage, billable);
+    if let Some(settled) = settled {
+        crate::budgets::incidents(app, settled, None).await;
+    }
+    let posting = charge.map(|(node, p)| Entry::new(Timestamp::now(), node, EntryBody::Posting(p)));
+    match tiers {
+        // A tiered entry holds the tier counters' lock: appended now, not after the
+        // recorder's linger, and the lock released once it holds its place.
+        Some(tiers) => {
+            app.record_gateway_now(entry, posting, rules, tiers, settles)
+                .await
+        }
+        // With its payment, in one message: both are appended together (also when
+        // the recorder is behind), so they hold their places side by side when the
+        // rules guard goes, and other nodes count the request's holds until they
+        // have applied both.
+        None => app.record_gateway(entry, posting, Some(rules), settles),
+    }
+    if let Some(incident) = price_incident {
+        app.raise_price_incidents(vec![incident]).await;
+    }
+}
+
+/// Generation speed: output over the time after the first token (for whole answers,
+/// over the whole latency: the first token's time is unknown).
+fn generation_speed(call: &Call, tokens: &TokenMap, ended: &Ended) -> Option<u64> {
+    let output: u64 = tokens
+        .iter()
+        .filter(|t| matches!(t.direction, Direction::Output | Direction::Reasoning))
+        .map(|t| t.count.unsigned_abs())
+        .sum();
+    let generating = match (call.info.stream, ended.ttft) {
+        (true, Some(t)) => ended.latency.saturating_sub(t),
+        _ => ended.latency,
+    };
+    (output > 0 && !generating.is_zero()).then(|| {
+        u64::try_from(u128::from(output) * 1_000_000 / generating.as_micros().max(1))
+            .unwrap_or(u64::MAX)
+    })
+}
+
+/// The request's usage entry: what it consumed, how it went (`quality`), and who the
+/// engine counted it on (key, session), so other nodes count it there too.
+fn usage_entry(
+    call: &mut Call,
+    meter: &mut Meter,
+    upstream: &str,
+    measured: Measured,
+    ended: &Ended,
+    partial: bool,
+    output_tokens_per_sec: Option<u64>,
+) -> Entry {
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    Entry::new(
+        call.at,
+        call.caller.key.account.clone(),
+        EntryBody::Usage(Usage {
+            service: call.endpoint.service().to_string(),
+            model: Some(std::mem::take(&mut call.info.model)),
+            tokens: measured.tokens,
+            source: Some(ciyuan_core::GATEWAY_SOURCE.into()),
+            event_id: Some(std::mem::take(&mut call.request_id)),
+            definition: Some(call.endpoint.definition().into()),
+            partial,
+            quality: Some(Box::new(Quality {
+                upstream: upstream.to_string(),
+                status: ended.status,
+                stream: call.info.stream,
+                ttft_us: ended.ttft.map(micros),
+                latency_us: micros(ended.latency),
+                output_tokens_per_sec,
+                failure: meter.failure.map(str::to_string),
+                estimated: measured.estimated,
+                uncounted: measured.uncounted,
+                served_model: meter.shown.served.model.take(),
+                system_fingerprint: meter.shown.served.fingerprint.take(),
+                // The header names the request where the provider sends one; else the
+                // answer's id does.
+                provider_request_id: call
+                    .upstream_request_id
+                    .take()
+                    .or_else(|| meter.shown.served.id.take()),
+            })),
+            recount: measured.recount,
+            tier: call.info.service_tier,
+            key: Some(call.caller.key.key_id.clone()),
+            session: call.session.clone(),
+            tags: std::mem::take(&mut call.tags),
+            ..Usage::default()
+        }),
+    )
+}
+
+/// Settles the reservation to what was consumed (or releases it: nothing was),
+/// charges the wallet (the `consume` posting to append beside the entry, its memo
+/// naming the request) and names the request's hold across nodes as counted here, as
+/// one step for the node's admissions (`holds::CountedHere`). What the budgets
+/// settled, the wallet's posting, and what the holds across nodes count once the
+/// entry is appended (the usage entry's index is what other nodes follow to).
+fn settle_engines(
+    app: &Arc<App>,
+    call: &mut Call,
+    usage: &Usage,
+    billable: bool,
+) -> (
+    Option<ciyuan_budget::Settled>,
+    Option<(ciyuan_core::AccountPath, ciyuan_core::Posting)>,
+    Option<crate::holds::Settling>,
+) {
+    let cost = usage
+        .rating
+        .as_ref()
+        .filter(|_| billable)
+        .map(|r| ciyuan_core::Money {
+            amount: r.amount,
+            currency: r.currency,
+        });
+    let _gate = call.shared.as_ref().map(|_| app.counting_gate());
+    let settled = match call.reservation {
+        Some(r) if billable => {
+            let tokens = &usage.tokens;
+            Some(
+                match app.budget.settle_cost(r, tokens, cost, Timestamp::now()) {
+                    Ok(settled) => settled,
+                    // Expired before the request ended: count what it used anyway.
+                    Err(_) => app.budget.record_cost(
+                        &call.caller.key.account,
+                        &call.caller.key.key_id,
+                        call.session.as_deref(),
+                        tokens,
+                        cost,
+                        call.at,
+                    ),
+                },
+            )
+        }
+        Some(r) => {
+            app.budget.release(r);
+            None
+        }
+        None => None,
+    };
+    let charge = app.settle_hold(
+        call.hold.take(),
+        &call.caller.key.account,
+        cost,
+        usage.event_id.as_deref(),
+    );
+    let settles = match call.shared.take() {
+        Some(shared) if billable => Some(shared.settling(app, &usage.tokens, cost)),
+        other => {
+            app.release_across_nodes(other);
+            None
+        }
+    };
+    (settled, charge, settles)
 }
 
 /// The estimator for models whose tokenizer Ciyuan does not have (admission reserves
