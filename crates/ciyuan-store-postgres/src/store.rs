@@ -11,9 +11,9 @@ use crate::Pool;
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Entry, ExactSum, Scopes};
 use ciyuan_store::{
-    Account, Change, CostRow, HourFilter, HourRow, KeyRecord, LineRow, OwnRows, RangeStart,
-    Recorded, SessionRecord, Store, StoreError, SubtreeSeek, TierUnits, subtree_seek,
-    tree::TreeFilter,
+    Account, Change, CostAdd, CostRow, HourFilter, HourRow, KeyRecord, LineRow, OwnRows,
+    RangeStart, Recorded, SessionRecord, Store, StoreError, SubtreeSeek, TierUnits, UsageAdd,
+    subtree_seek, tree::TreeFilter,
 };
 use postgres::types::ToSql;
 
@@ -704,35 +704,8 @@ fn write_sums(tx: &mut Tx<'_>, p: &ciyuan_store::Projected<'_>) -> Result<(), St
             &[&entry, &hash],
         )?;
     }
-    upsert_usage(
-        tx,
-        "usage_hourly",
-        p.usage.iter().map(|(k, n)| {
-            (
-                k.account.as_str(),
-                k.hour,
-                k.service,
-                k.model,
-                k.modality,
-                k.direction,
-                *n,
-            )
-        }),
-    )?;
-    upsert_cost(
-        tx,
-        "cost_hourly",
-        p.cost.iter().map(|(k, a)| {
-            (
-                k.account.as_str(),
-                k.hour,
-                k.service,
-                k.model,
-                k.currency,
-                *a,
-            )
-        }),
-    )?;
+    upsert_usage(tx, "usage_hourly", p.usage.iter().map(|(k, n)| k.row(*n)))?;
+    upsert_cost(tx, "cost_hourly", p.cost.iter().map(|(k, a)| k.row(*a)))?;
     add_trees(tx, &p.usage_tree, &p.cost_tree)?;
     if !p.tiers.is_empty() {
         let (mut n, mut b, mut r, mut per, mut u) =
@@ -790,28 +763,6 @@ fn write_sums(tx: &mut Tx<'_>, p: &ciyuan_store::Projected<'_>) -> Result<(), St
     }
     Ok(())
 }
-
-/// A token rollup row to add: node, hour (or day), service, model, modality,
-/// direction, signed sum.
-type UsageAdd<'k> = (
-    &'k str,
-    i64,
-    &'k str,
-    &'k str,
-    ciyuan_core::Modality,
-    ciyuan_core::Direction,
-    i128,
-);
-
-/// A cost rollup row to add: node, hour (or day), service, model, currency, amount.
-type CostAdd<'k> = (
-    &'k str,
-    i64,
-    &'k str,
-    &'k str,
-    ciyuan_core::Currency,
-    ExactSum,
-);
 
 /// Adds token sums to `table` (the exact hourly rollups, or a subtree rollup) in one
 /// statement.
@@ -909,31 +860,12 @@ fn add_keyed(tx: &mut Tx<'_>, start: u64, parts: &[&[Entry]]) -> Result<(), Stor
         upsert_usage(
             tx,
             which.usage_table(),
-            sums.usage.iter().map(|(k, n)| {
-                (
-                    k.account.as_str(),
-                    k.hour,
-                    k.service,
-                    k.model,
-                    k.modality,
-                    k.direction,
-                    *n,
-                )
-            }),
+            sums.usage.iter().map(|(k, n)| k.row(*n)),
         )?;
         upsert_cost(
             tx,
             which.cost_table(),
-            sums.cost.iter().map(|(k, a)| {
-                (
-                    k.account.as_str(),
-                    k.hour,
-                    k.service,
-                    k.model,
-                    k.currency,
-                    *a,
-                )
-            }),
+            sums.cost.iter().map(|(k, a)| k.row(*a)),
         )?;
     }
     Ok(())

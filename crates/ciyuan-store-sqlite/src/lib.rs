@@ -12,8 +12,8 @@ mod cells;
 use ciyuan_core::jiff::Timestamp;
 use ciyuan_core::{AccountPath, Entry, Scopes};
 use ciyuan_store::{
-    Account, Change, HourFilter, HourRow, KeyRecord, OwnRows, RangeStart, Recorded, SessionRecord,
-    Store, StoreError, SubtreeSeek, subtree_seek,
+    Account, Change, CostAdd, HourFilter, HourRow, KeyRecord, OwnRows, RangeStart, Recorded,
+    SessionRecord, Store, StoreError, SubtreeSeek, UsageAdd, subtree_seek,
     tree::{Span, Subtrees, TreeFilter},
 };
 use rusqlite::{Connection, OptionalExtension, params};
@@ -1188,28 +1188,6 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: &[Change<'_>]) -> Resu
     Ok(())
 }
 
-/// A token rollup row to add: node, hour (or day), service, model, modality,
-/// direction, signed sum.
-type UsageAdd<'k> = (
-    &'k str,
-    i64,
-    &'k str,
-    &'k str,
-    ciyuan_core::Modality,
-    ciyuan_core::Direction,
-    i128,
-);
-
-/// A cost rollup row to add: node, hour (or day), service, model, currency, amount.
-type CostAdd<'k> = (
-    &'k str,
-    i64,
-    &'k str,
-    &'k str,
-    ciyuan_core::Currency,
-    ciyuan_core::ExactSum,
-);
-
 /// Adds token sums to `table` (the exact hourly rollups, or a subtree rollup), in the
 /// table's key order, exactly (`hi * 2^62 + lo`, carried in SQL).
 fn upsert_usage<'k>(
@@ -1285,20 +1263,7 @@ fn add_costs(
     tx: &rusqlite::Transaction<'_>,
     costs: &ciyuan_store::CostSums<'_>,
 ) -> Result<(), StoreError> {
-    upsert_cost(
-        tx,
-        "cost_hourly",
-        costs.iter().map(|(k, a)| {
-            (
-                k.account.as_str(),
-                k.hour,
-                k.service,
-                k.model,
-                k.currency,
-                *a,
-            )
-        }),
-    )
+    upsert_cost(tx, "cost_hourly", costs.iter().map(|(k, a)| k.row(*a)))
 }
 
 /// Adds entries `start..` to the rollups kept by a text (tags, keys and sessions).
@@ -1317,31 +1282,12 @@ fn add_keyed(
         upsert_usage(
             tx,
             which.usage_table(),
-            sums.usage.iter().map(|(k, n)| {
-                (
-                    k.account.as_str(),
-                    k.hour,
-                    k.service,
-                    k.model,
-                    k.modality,
-                    k.direction,
-                    *n,
-                )
-            }),
+            sums.usage.iter().map(|(k, n)| k.row(*n)),
         )?;
         upsert_cost(
             tx,
             which.cost_table(),
-            sums.cost.iter().map(|(k, a)| {
-                (
-                    k.account.as_str(),
-                    k.hour,
-                    k.service,
-                    k.model,
-                    k.currency,
-                    *a,
-                )
-            }),
+            sums.cost.iter().map(|(k, a)| k.row(*a)),
         )?;
     }
     Ok(())
@@ -1659,17 +1605,7 @@ impl Store for SqliteStore {
         upsert_usage(
             &tx,
             "usage_hourly",
-            projected.usage.iter().map(|(k, n)| {
-                (
-                    k.account.as_str(),
-                    k.hour,
-                    k.service,
-                    k.model,
-                    k.modality,
-                    k.direction,
-                    *n,
-                )
-            }),
+            projected.usage.iter().map(|(k, n)| k.row(*n)),
         )?;
         add_costs(&tx, &projected.cost)?;
         add_trees(&tx, &projected.usage_tree, &projected.cost_tree)?;

@@ -22,8 +22,8 @@ pub mod tree;
 mod usage;
 pub use log::{AppendDone, CheckpointDone, EntryKey, Log, LogError, ScanFn, SignedCheckpoint};
 pub use projection::{
-    Change, CostKey, CostSums, LineKey, LineOf, LineSums, Part, Projected, QualityHours, RollupKey,
-    TierCounterKey, TierSums, project, project_parts,
+    Change, CostAdd, CostKey, CostSums, LineKey, LineOf, LineSums, Part, Projected, QualityHours,
+    RollupKey, TierCounterKey, TierSums, UsageAdd, project, project_parts,
 };
 pub use usage::{
     Bucket, CostSums as RowCost, GroupBy, SumOverflow, TokenSums, UsageQuery, UsageRow, aggregate,

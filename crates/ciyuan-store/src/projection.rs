@@ -279,6 +279,41 @@ pub struct RollupKey<'a> {
 
 /// Exact amounts by cost key.
 pub type CostSums<'a> = FxHashMap<CostKey<'a>, ExactSum>;
+/// A token rollup row to add, as every backend writes one: node, hour (or day),
+/// service, model, modality, direction, signed sum.
+pub type UsageAdd<'k> = (&'k str, i64, &'k str, &'k str, Modality, Direction, i128);
+
+/// A cost rollup row to add: node, hour (or day), service, model, currency, amount.
+pub type CostAdd<'k> = (&'k str, i64, &'k str, &'k str, Currency, ExactSum);
+
+impl<'a> RollupKey<'a> {
+    /// The row adding `sum` under this key.
+    pub fn row(&self, sum: i128) -> UsageAdd<'a> {
+        (
+            self.account.as_str(),
+            self.hour,
+            self.service,
+            self.model,
+            self.modality,
+            self.direction,
+            sum,
+        )
+    }
+}
+
+impl<'a> CostKey<'a> {
+    /// The row adding `amount` under this key.
+    pub fn row(&self, amount: ExactSum) -> CostAdd<'a> {
+        (
+            self.account.as_str(),
+            self.hour,
+            self.service,
+            self.model,
+            self.currency,
+            amount,
+        )
+    }
+}
 
 /// What a run of entries does to the projections.
 #[derive(Debug, Default)]
