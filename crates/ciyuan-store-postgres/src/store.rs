@@ -850,13 +850,7 @@ fn upsert_cost<'k>(
 
 /// Adds entries `start..` to the rollups kept by a text (tags, keys and sessions).
 fn add_keyed(tx: &mut Tx<'_>, start: u64, parts: &[&[Entry]]) -> Result<(), StoreError> {
-    use ciyuan_store::keyed;
-    for which in keyed::Keyed::ALL {
-        let texts = keyed::texts(which, parts);
-        if texts.is_empty() {
-            continue;
-        }
-        let sums = keyed::project(which, start, parts, &texts)?;
+    ciyuan_store::keyed::project_all(start, parts, |which, sums| {
         upsert_usage(
             tx,
             which.usage_table(),
@@ -866,9 +860,8 @@ fn add_keyed(tx: &mut Tx<'_>, start: u64, parts: &[&[Entry]]) -> Result<(), Stor
             tx,
             which.cost_table(),
             sums.cost.iter().map(|(k, a)| k.row(*a)),
-        )?;
-    }
-    Ok(())
+        )
+    })
 }
 
 /// Adds to the subtree rollups, hourly and daily.

@@ -1272,13 +1272,7 @@ fn add_keyed(
     start: u64,
     parts: &[&[Entry]],
 ) -> Result<(), StoreError> {
-    use ciyuan_store::keyed;
-    for which in keyed::Keyed::ALL {
-        let texts = keyed::texts(which, parts);
-        if texts.is_empty() {
-            continue;
-        }
-        let sums = keyed::project(which, start, parts, &texts)?;
+    ciyuan_store::keyed::project_all(start, parts, |which, sums| {
         upsert_usage(
             tx,
             which.usage_table(),
@@ -1288,9 +1282,8 @@ fn add_keyed(
             tx,
             which.cost_table(),
             sums.cost.iter().map(|(k, a)| k.row(*a)),
-        )?;
-    }
-    Ok(())
+        )
+    })
 }
 
 /// Adds to the subtree rollups, hourly and daily.

@@ -246,6 +246,23 @@ pub fn project<'a>(
     Ok(out)
 }
 
+/// Projects entries `start..` (`parts` in order) into every keyed rollup, handing
+/// each rollup's sums to `write` (a backend's upserts into its tables).
+pub fn project_all(
+    start: u64,
+    parts: &[&[Entry]],
+    mut write: impl FnMut(Keyed, &KeyedProjected<'_>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    for which in Keyed::ALL {
+        let texts = texts(which, parts);
+        if texts.is_empty() {
+            continue;
+        }
+        write(which, &project(which, start, parts, &texts)?)?;
+    }
+    Ok(())
+}
+
 /// Hourly token rows summed over their range, as [`crate::Store::keyed_usage_hours`]
 /// answers with `whole` (for a backend that cannot sum in its queries exactly).
 pub fn whole_usage(rows: Vec<HourRow>) -> Result<Vec<HourRow>, StoreError> {
