@@ -88,15 +88,16 @@ impl Counted {
     }
 }
 
-/// A hold in [`CountedHere`], taken out when dropped.
+/// A hold in [`CountedHere`], taken out when dropped. (It holds the set, not the
+/// `App`: a settling waiting in the recorder's queue must not keep the `App` alive.)
 pub(crate) struct Counting {
-    set: Arc<App>,
+    set: Arc<CountedHere>,
     id: i64,
 }
 
 impl Drop for Counting {
     fn drop(&mut self) {
-        self.set.holder.counted.lock().remove(&self.id);
+        self.set.lock().remove(&self.id);
     }
 }
 
@@ -126,7 +127,7 @@ impl SharedHold {
         let counted = self.ticket.is_none().then(|| {
             app.holder.counted.lock().insert(self.id);
             Counting {
-                set: app.clone(),
+                set: app.holder.counted.clone(),
                 id: self.id,
             }
         });
@@ -157,7 +158,7 @@ const HOLD_GROUP: usize = 256;
 #[derive(Default)]
 pub(crate) struct Holder {
     queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Ask>>,
-    counted: CountedHere,
+    counted: Arc<CountedHere>,
     /// Held while a request's usage is counted by the engines and its hold named in
     /// `counted`, and while an admission reads `counted` and the engines' counts: an
     /// admission sees both or neither, never the usage without the name (which would
