@@ -433,3 +433,36 @@ impl App {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group of admissions names only the holds every one of them counted, and a
+    /// hold leaves the set when its settling is done (its `Counting` dropped).
+    #[test]
+    fn counted_holds_are_named_while_counted_and_only_if_every_asker_counted_them() {
+        let here = Arc::new(CountedHere::default());
+        let counting = |id: i64| {
+            here.lock().insert(id);
+            Counting {
+                set: here.clone(),
+                id,
+            }
+        };
+        let first = counting(7);
+        let second = counting(3);
+        let early = here.snapshot();
+        assert_eq!(&*early.0, &[3, 7], "in order");
+        drop(first);
+        let third = counting(9);
+        let late = here.snapshot();
+        assert_eq!(&*late.0, &[3, 9]);
+        // 7 is not in the late snapshot, 9 not in the early one: only 3 is common.
+        assert_eq!(Counted::common([&early, &late]), vec![3]);
+        assert_eq!(Counted::common([&late]), vec![3, 9]);
+        assert!(Counted::common(std::iter::empty::<&Counted>()).is_empty());
+        drop((second, third));
+        assert!(here.snapshot().0.is_empty(), "settled: named no more");
+    }
+}
