@@ -567,6 +567,62 @@ async fn memory(
     })
 }
 
+/// The benches' HTTP client: pooled, without Nagle's delay, never through a proxy.
+fn bench_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(4096)
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()
+}
+
+/// Sets up the gateway under test: the `bench` node, LiteLLM's table and a funded
+/// wallet when `prices` is given, and a gateway key on the node, which it answers.
+async fn bench_key(
+    http: &reqwest::Client,
+    gw_url: &str,
+    admin: &str,
+    prices: Option<&[u8]>,
+) -> anyhow::Result<String> {
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("{gw_url}{path}"))
+            .bearer_auth(admin)
+            .json(&body)
+            .send()
+    };
+    post("/api/v1/accounts", serde_json::json!({"path": "bench"}))
+        .await?
+        .error_for_status()?;
+    if let Some(file) = prices {
+        http.post(format!("{gw_url}/api/v1/prices?format=litellm"))
+            .bearer_auth(admin)
+            .header("content-type", "application/json")
+            .body(file.to_vec())
+            .send()
+            .await?
+            .error_for_status()?;
+        post(
+            "/api/v1/wallets/bench",
+            serde_json::json!({"kind": "topup", "amount": "1000000", "currency": "USD"}),
+        )
+        .await?
+        .error_for_status()?;
+    }
+    let key: serde_json::Value = post(
+        "/api/v1/keys",
+        serde_json::json!({"account": "bench", "scopes": ["gateway"]}),
+    )
+    .await?
+    .error_for_status()?
+    .json()
+    .await?;
+    Ok(key["key"]
+        .as_str()
+        .context("no key in the answer")?
+        .to_string())
+}
+
 pub fn run(o: Options) -> anyhow::Result<Report> {
     let positive = |v: f64| v > 0.0 && v.is_finite();
     if !positive(o.rate) || !positive(o.seconds) {
@@ -651,45 +707,8 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
         .enable_all()
         .build()?;
     let report = rt.block_on(async move {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(4096)
-            .tcp_nodelay(true)
-            .no_proxy()
-            .build()?;
-        let post = |path: &str, body: serde_json::Value| {
-            http.post(format!("{gw_url}{path}"))
-                .bearer_auth(&admin)
-                .json(&body)
-                .send()
-        };
-        post("/api/v1/accounts", serde_json::json!({"path": "bench"}))
-            .await?
-            .error_for_status()?;
-        if let Some(file) = &prices {
-            http.post(format!("{gw_url}/api/v1/prices?format=litellm"))
-                .bearer_auth(&admin)
-                .header("content-type", "application/json")
-                .body(file.clone())
-                .send()
-                .await?
-                .error_for_status()?;
-            post(
-                "/api/v1/wallets/bench",
-                serde_json::json!({"kind": "topup", "amount": "1000000", "currency": "USD"}),
-            )
-            .await?
-            .error_for_status()?;
-        }
-        let key: serde_json::Value = post(
-            "/api/v1/keys",
-            serde_json::json!({"account": "bench", "scopes": ["gateway"]}),
-        )
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-        let key = key["key"].as_str().context("no key in the answer")?;
+        let http = bench_client()?;
+        let key = &bench_key(&http, &gw_url, &admin, prices.as_deref()).await?;
         let rss_start_kb = status_kb(gw_pid, "VmRSS");
         let checks = Arc::new(Checks::default());
         let auth = HeaderValue::from_str(&format!("Bearer {key}"))?;
@@ -1058,52 +1077,8 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(4096)
-        .tcp_nodelay(true)
-        .no_proxy()
-        .build()?;
-    let key = rt.block_on(async {
-        let post = |path: &str, body: serde_json::Value| {
-            http.post(format!("{gw_url}{path}"))
-                .bearer_auth(&admin)
-                .json(&body)
-                .send()
-        };
-        post("/api/v1/accounts", serde_json::json!({"path": "bench"}))
-            .await?
-            .error_for_status()?;
-        if let Some(file) = &prices {
-            http.post(format!("{gw_url}/api/v1/prices?format=litellm"))
-                .bearer_auth(&admin)
-                .header("content-type", "application/json")
-                .body(file.clone())
-                .send()
-                .await?
-                .error_for_status()?;
-            post(
-                "/api/v1/wallets/bench",
-                serde_json::json!({"kind": "topup", "amount": "1000000", "currency": "USD"}),
-            )
-            .await?
-            .error_for_status()?;
-        }
-        let key: serde_json::Value = post(
-            "/api/v1/keys",
-            serde_json::json!({"account": "bench", "scopes": ["gateway"]}),
-        )
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-        anyhow::Ok(
-            key["key"]
-                .as_str()
-                .context("no key in the answer")?
-                .to_string(),
-        )
-    })?;
+    let http = bench_client()?;
+    let key = rt.block_on(bench_key(&http, &gw_url, &admin, prices.as_deref()))?;
     let auth = format!("Bearer {key}");
     let script = dir.0.join("chat.lua");
     std::fs::write(&script, wrk_script(&auth))?;
