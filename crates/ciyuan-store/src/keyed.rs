@@ -69,17 +69,13 @@ impl Keyed {
             // As the budget engine counts a key's and a session's limits live: usage the
             // provider accepted, nothing else (see `crate::subjects`).
             (Keyed::Subjects, EntryBody::Usage(u)) if u.consumed() => {
-                let subjects = [
-                    u.key.as_deref().map(crate::subjects::Subject::key_text),
-                    u.session
-                        .as_deref()
-                        .map(crate::subjects::Subject::session_text),
-                ];
+                use crate::subjects::{KEY_PREFIX, SESSION_PREFIX};
                 let mut n = 0;
-                for text in subjects.into_iter().flatten() {
+                for (prefix, id) in [(KEY_PREFIX, &u.key), (SESSION_PREFIX, &u.session)] {
+                    let Some(id) = id else { continue };
                     n += 1;
                     if let Some(t) = texts.as_deref_mut() {
-                        t.push(stored(&text, &u.service));
+                        t.push(stored(&format!("{prefix}{id}"), &u.service));
                     }
                 }
                 (n, Counted::Usage(u))

@@ -23,21 +23,16 @@ pub enum Subject {
     Session(String),
 }
 
+/// The stored text of a key's rows is this and the key's id.
+pub const KEY_PREFIX: &str = "key:";
+/// The stored text of a session's rows is this and the session.
+pub const SESSION_PREFIX: &str = "session:";
+
 impl Subject {
-    /// The stored text of a key's rows.
-    pub fn key_text(id: &str) -> String {
-        format!("key:{id}")
-    }
-
-    /// The stored text of a session's rows.
-    pub fn session_text(id: &str) -> String {
-        format!("session:{id}")
-    }
-
     fn parse(text: &str) -> Result<Subject, StoreError> {
-        if let Some(id) = text.strip_prefix("key:") {
+        if let Some(id) = text.strip_prefix(KEY_PREFIX) {
             Ok(Subject::Key(id.to_string()))
-        } else if let Some(id) = text.strip_prefix("session:") {
+        } else if let Some(id) = text.strip_prefix(SESSION_PREFIX) {
             Ok(Subject::Session(id.to_string()))
         } else {
             Err(StoreError::Corrupt(format!(
