@@ -1728,6 +1728,30 @@ impl PriceRule {
 }
 
 impl Rating {
+    /// A rating of `amount` by version `version` of `book`, without lines, contract,
+    /// discount or markup: the start a rating is built from.
+    pub fn new(
+        amount: Decimal,
+        currency: Currency,
+        book: impl Into<String>,
+        version: u32,
+    ) -> Rating {
+        Rating {
+            amount,
+            currency,
+            book: book.into(),
+            version,
+            lines: Vec::new(),
+            contract: None,
+            discount_percent: None,
+            markup_percent: None,
+            unpriced: false,
+            missing: Vec::new(),
+            basis: None,
+            place: None,
+        }
+    }
+
     /// `subtotal` less `discount_percent`, plus `markup_percent`, exact; `None` when
     /// it does not fit a [`Decimal`].
     pub fn adjust(

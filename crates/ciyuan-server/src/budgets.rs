@@ -886,20 +886,12 @@ mod tests {
             tokens,
             key: Some(key.into()),
             session: session.map(String::from),
-            rating: Some(Box::new(ciyuan_core::Rating {
-                amount: rust_decimal::Decimal::new(input, 2),
-                currency: cny,
-                book: "list".into(),
-                version: 1,
-                lines: vec![],
-                contract: None,
-                discount_percent: None,
-                markup_percent: None,
-                unpriced: false,
-                missing: vec![],
-                basis: None,
-                place: None,
-            })),
+            rating: Some(Box::new(ciyuan_core::Rating::new(
+                rust_decimal::Decimal::new(input, 2),
+                cny,
+                "list",
+                1,
+            ))),
             ..Usage::default()
         };
         Entry::new(at(t), path(node), EntryBody::Usage(usage))

@@ -136,20 +136,7 @@ fn subject_rollups_by_key_and_session(s: &dyn Store) {
     use ciyuan_core::{Currency, Rating};
     use std::collections::BTreeMap;
     let cny: Currency = ok("CNY".parse(), "currency");
-    let rating = |amount: i64| Rating {
-        amount: rust_decimal::Decimal::new(amount, 4),
-        currency: cny,
-        book: "list".into(),
-        version: 1,
-        lines: vec![],
-        contract: None,
-        discount_percent: None,
-        markup_percent: None,
-        unpriced: false,
-        missing: vec![],
-        basis: None,
-        place: None,
-    };
+    let rating = |amount: i64| Rating::new(rust_decimal::Decimal::new(amount, 4), cny, "list", 1);
     let request = |account: &str,
                    at: &str,
                    input: i64,
@@ -316,20 +303,7 @@ fn tag_rollups_by_tag_set(s: &dyn Store) {
     use ciyuan_core::{Currency, Rating};
     use std::collections::BTreeMap;
     let cny: Currency = ok("CNY".parse(), "currency");
-    let rating = |amount: i64| Rating {
-        amount: rust_decimal::Decimal::new(amount, 4),
-        currency: cny,
-        book: "list".into(),
-        version: 1,
-        lines: vec![],
-        contract: None,
-        discount_percent: None,
-        markup_percent: None,
-        unpriced: false,
-        missing: vec![],
-        basis: None,
-        place: None,
-    };
+    let rating = |amount: i64| Rating::new(rust_decimal::Decimal::new(amount, 4), cny, "list", 1);
     let tagged = |account: &str, at: &str, input: i64, tags: &[(&str, &str)], cost: i64| {
         let mut e = usage(account, at, "gpt-4o", input);
         if let EntryBody::Usage(u) = &mut e.body {
@@ -1021,20 +995,7 @@ fn money_books_contracts_postings_and_exact_costs(s: &dyn Store) {
     let rated = |amount: &str| {
         let mut e = usage("acme/a", at, "gpt-4o", 1);
         if let EntryBody::Usage(u) = &mut e.body {
-            u.rating = Some(Box::new(Rating {
-                amount: d(amount),
-                currency: cny,
-                book: "list".into(),
-                version: 1,
-                lines: vec![],
-                contract: None,
-                discount_percent: None,
-                markup_percent: None,
-                unpriced: false,
-                missing: vec![],
-                basis: None,
-                place: None,
-            }));
+            u.rating = Some(Box::new(Rating::new(d(amount), cny, "list", 1)));
         }
         e
     };
