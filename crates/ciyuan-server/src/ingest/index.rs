@@ -197,6 +197,8 @@ impl Recent {
         while let Some(front) = claims.front() {
             match front.state() {
                 Some(Ok(start)) if start + front.entries.len() as u64 <= projected => {
+                    // The claim's slots are cold by now, as a new batch's are.
+                    seen.warm(front.hashes.iter().copied());
                     for (pos, &hash) in front.hashes.iter().enumerate() {
                         seen.index(hash, start + pos as u64);
                     }
@@ -421,7 +423,7 @@ impl Shard {
             return;
         }
         let size = (2 * self.slots.len()).max(Self::MIN_SLOTS);
-        let old = std::mem::replace(&mut self.slots, vec![(0, 0); size]);
+        let old = std::mem::replace(&mut self.slots, empty_slots(size));
         let mask = size - 1;
         for slot in old.into_iter().filter(|s| s.0 != 0) {
             let mut i = self.home(slot.0, seed);
@@ -431,6 +433,25 @@ impl Shard {
             self.slots[i] = slot;
         }
     }
+}
+
+/// A table of `size` empty slots, every page of it written once.
+///
+/// A zeroed allocation this large is mapped lazily: the first probe that reads a page
+/// maps the shared zero page, and the first insert into it faults again to copy it,
+/// flushing the old mapping from every core's TLB (an interrupt to the other core).
+/// With tables grown during a long ingest that was 4% of the server's CPU (`perf`,
+/// `bench ingest --events 10000000`: `reserve_one` → `do_wp_page` →
+/// `flush_tlb_mm_range`). Writing each page first costs one plain fault per page and
+/// no flush.
+fn empty_slots(size: usize) -> Vec<(u64, u64)> {
+    let mut slots = vec![(0, 0); size];
+    // 4 KiB pages hold 256 slots. The zero comes through `black_box` so that the
+    // compiler cannot drop a store of the value the memory already holds.
+    for i in (0..size).step_by(256) {
+        slots[i] = std::hint::black_box((0, 0));
+    }
+    slots
 }
 
 /// A hash mixed with the per-process seed; Fx-like multiplication spreads every bit of
