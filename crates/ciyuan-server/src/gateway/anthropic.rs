@@ -1,8 +1,13 @@
-//! Anthropic's Messages shapes: the usage report (cache reads and writes by lifetime),
-//! a whole answer's blocks, a stream's events folded into its usage and text.
+//! Anthropic's Messages shapes, [`Messages`]' [`Wire`]: the request's text, the usage
+//! report (cache reads and writes by lifetime), a whole answer's blocks, a stream's
+//! events folded into its usage and text, the error shape.
 
-use super::protocol::{MAX_REPORTED_TOKENS, Reported, Shown, Text, add};
+use super::protocol::{
+    Endpoint, GatewayError, MAX_REPORTED_TOKENS, Read, Reported, RequestInfo, Shown, Step, Text,
+    Wire, add, read_messages, text_of_content,
+};
 use super::request::Obj;
+use axum::http::StatusCode;
 use ciyuan_core::{Direction, Modality, TokenMap};
 use serde::Deserialize;
 use serde_json::Value;
@@ -299,6 +304,107 @@ impl AnthropicStream {
                 Err(_) => shown.text.push_str(&input),
             }
         }
+    }
+}
+
+/// The Messages dialect.
+pub(crate) struct Messages;
+
+impl Wire for Messages {
+    /// The usage merged from `message_start` and `message_delta`, and a tool input
+    /// being streamed.
+    type Stream = AnthropicStream;
+
+    fn read_request(
+        _: Endpoint,
+        obj: &serde_json::Map<String, Value>,
+        info: &mut RequestInfo,
+    ) -> Result<(), GatewayError> {
+        if let Some(system) = obj.get("system") {
+            let text = text_of_content(system, &mut info.media_parts);
+            info.messages.push(("system".into(), text));
+        }
+        read_messages(obj, info)?;
+        if info.max_tokens.is_none() {
+            return Err(GatewayError::new(
+                StatusCode::BAD_REQUEST,
+                "max_tokens: required",
+            ));
+        }
+        Ok(())
+    }
+
+    fn read_answer_typed(body: &[u8]) -> Option<Shown> {
+        serde_json::from_slice::<Obj<AnthropicAnswer<'_>>>(body)
+            .ok()
+            .and_then(|a| a.0.read())
+    }
+
+    fn read_answer_value(v: &Value) -> Shown {
+        let mut shown = Shown::default();
+        let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        // Anthropic's answers name no fingerprint.
+        let s = |k: &str| v.get(k).and_then(Value::as_str);
+        shown.served.note(s("model"), None, s("id"));
+        if let Some(Value::Array(blocks)) = v.get("content") {
+            for b in blocks {
+                match b.get("type").and_then(Value::as_str) {
+                    Some("text") => shown.text.push_str(&str_of(b, "text").unwrap_or_default()),
+                    Some("thinking") => shown
+                        .reasoning
+                        .push_str(&str_of(b, "thinking").unwrap_or_default()),
+                    Some("redacted_thinking") => shown.redacted = true,
+                    Some("tool_use") => {
+                        shown.tool_calls += 1;
+                        // A null input is no input, as the typed reader reads it.
+                        if let Some(i) = b.get("input").filter(|i| !i.is_null()) {
+                            shown.text.push_str(&i.to_string());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        shown.reported = v.get("usage").and_then(anthropic_usage);
+        shown
+    }
+
+    fn read_event(stream: &mut AnthropicStream, data: &str, shown: &mut Shown) -> Option<Read> {
+        let ev = serde_json::from_str::<AnthropicEvent>(data).ok()?;
+        // The usage is read out once, when the request is measured.
+        Some(Read::at(if ev.apply(stream, shown) {
+            Step::Done
+        } else {
+            Step::Going
+        }))
+    }
+
+    fn stream_count(stream: &AnthropicStream) -> Option<Reported> {
+        stream.reported()
+    }
+
+    fn stream_final(stream: &AnthropicStream) -> bool {
+        stream.is_final()
+    }
+
+    fn end_stream(stream: &mut AnthropicStream, shown: &mut Shown) {
+        stream.end_tool_input(shown);
+    }
+
+    fn error_body(e: &GatewayError) -> Value {
+        let kind = match e.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            408 => "timeout_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            529 => "overloaded_error",
+            400..=499 => "invalid_request_error",
+            504 => "timeout_error",
+            _ => "api_error",
+        };
+        serde_json::json!({"type": "error", "error": {"type": kind, "message": e.message}})
     }
 }
 

@@ -315,7 +315,7 @@ pub(super) async fn forward(
         return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
     };
     let ttft = call.started.elapsed();
-    let mut meter = Meter::new(None);
+    let mut meter = Meter::new(call.endpoint, None);
     meter.billable = true;
     meter.complete = true;
     if shown.reported.is_none() {

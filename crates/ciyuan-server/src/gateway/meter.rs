@@ -8,7 +8,8 @@ use super::*;
 /// What a relayed answer has shown so far.
 pub(super) struct Meter {
     pub(super) shown: Shown,
-    pub(super) anthropic: AnthropicStream,
+    /// What the stream's dialect carries between events.
+    pub(super) stream: StreamState,
     /// The stream reached its proper end (`[DONE]`, `message_stop`).
     pub(super) complete: bool,
     pub(super) failure: Option<&'static str>,
@@ -19,10 +20,10 @@ pub(super) struct Meter {
 }
 
 impl Meter {
-    pub(super) fn new(failure: Option<&'static str>) -> Meter {
+    pub(super) fn new(endpoint: Endpoint, failure: Option<&'static str>) -> Meter {
         Meter {
             shown: Shown::default(),
-            anthropic: AnthropicStream::default(),
+            stream: StreamState::new(endpoint),
             complete: false,
             failure,
             ttft: None,
@@ -30,57 +31,23 @@ impl Meter {
         }
     }
 
-    /// Reads one event of a stream from `endpoint`; returns whether to pass it on to the
-    /// client.
-    pub(super) fn event(
-        &mut self,
-        endpoint: Endpoint,
-        event: &[u8],
-        strip_usage: bool,
-        started: Instant,
-    ) -> bool {
+    /// Reads one event of a stream; returns whether to pass it on to the client.
+    pub(super) fn event(&mut self, event: &[u8], strip_usage: bool, started: Instant) -> bool {
         let Some(data) = sse::data(event) else {
             return true;
         };
         let before = self.shown.text.len() + self.shown.reasoning.len();
         let mut forward = true;
-        match endpoint.family() {
-            Family::OpenAi if endpoint == Endpoint::Responses => {
-                match serde_json::from_str::<responses::Event>(&data) {
-                    Ok(ev) => {
-                        if ev.apply(&mut self.shown) == responses::Step::Done {
-                            self.complete = true;
-                        }
-                    }
-                    Err(_) => self.unreadable(&data),
-                }
-            }
-            Family::OpenAi => {
-                if data.trim() == "[DONE]" {
+        match self.stream.read_event(&data, &mut self.shown) {
+            Some(read) => {
+                if read.step == protocol::Step::Done {
                     self.complete = true;
-                } else if let Ok(chunk) = serde_json::from_str::<OpenAiChunk>(&data) {
-                    super::openai::OpenAiServed::note(&data, &mut self.shown);
-                    chunk.text_into(&mut self.shown);
-                    if let Some(u) = chunk.usage() {
-                        self.shown.reported = Some(u);
-                    }
-                    if strip_usage && chunk.is_usage_only() {
-                        forward = false;
-                    }
-                } else {
-                    self.unreadable(&data);
+                }
+                if strip_usage && read.usage_only {
+                    forward = false;
                 }
             }
-            Family::Anthropic => {
-                if let Ok(ev) = serde_json::from_str::<AnthropicEvent>(&data) {
-                    // The usage is read out once, when the request is measured.
-                    if ev.apply(&mut self.anthropic, &mut self.shown) {
-                        self.complete = true;
-                    }
-                } else {
-                    self.unreadable(&data);
-                }
-            }
+            None => self.unreadable(&data),
         }
         if self.ttft.is_none() && self.shown.text.len() + self.shown.reasoning.len() > before {
             self.ttft = Some(started.elapsed());
@@ -102,17 +69,14 @@ impl Meter {
     pub(super) fn counted(&self) -> bool {
         match &self.shown.reported {
             Some(r) => r.complete,
-            None => self.anthropic.is_final(),
+            None => self.stream.is_final(),
         }
     }
 
     /// The provider's count so far: a whole answer's, an OpenAI stream's usage chunk,
     /// or what an Anthropic stream's events added up to.
     pub(super) fn take_reported(&mut self) -> Option<protocol::Reported> {
-        self.shown
-            .reported
-            .take()
-            .or_else(|| self.anthropic.reported())
+        self.shown.reported.take().or_else(|| self.stream.count())
     }
 }
 
@@ -120,7 +84,7 @@ impl Meter {
 /// answer, or answered with nothing usable): no tokens, but its status and latency
 /// count for service quality.
 pub(super) fn finish_failed(app: &Arc<App>, call: Call, status: StatusCode, why: &'static str) {
-    let meter = Meter::new(Some(why));
+    let meter = Meter::new(call.endpoint, Some(why));
     let call = Call {
         endpoint: call.endpoint,
         caller: call.caller,
@@ -183,7 +147,7 @@ pub(super) fn measure(config: &GatewayConfig, call: &Call, meter: &mut Meter) ->
     if !meter.billable {
         return m;
     }
-    meter.anthropic.end_tool_input(&mut meter.shown);
+    meter.stream.end(&mut meter.shown);
     let exact = call.encoding.is_some();
     let enc = call.encoding.unwrap_or(ESTIMATOR);
     let ours = recount(enc, call, &meter.shown);

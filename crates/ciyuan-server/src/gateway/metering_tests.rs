@@ -62,14 +62,14 @@ fn fixture(name: &str) -> Vec<u8> {
 
 /// A stream fed to a meter in pieces of `piece` bytes, up to `cut` bytes if given.
 fn metered_stream(endpoint: Endpoint, stream: &[u8], piece: usize, cut: Option<usize>) -> Meter {
-    let mut meter = Meter::new(None);
+    let mut meter = Meter::new(endpoint, None);
     meter.billable = true;
     let mut splitter = Splitter::default();
     let end = cut.unwrap_or(stream.len()).min(stream.len());
     let started = Instant::now();
     for chunk in stream[..end].chunks(piece) {
         for event in splitter.push(&Bytes::copy_from_slice(chunk)) {
-            meter.event(endpoint, &event, false, started);
+            meter.event(&event, false, started);
         }
     }
     if cut.is_some() {
@@ -80,7 +80,7 @@ fn metered_stream(endpoint: Endpoint, stream: &[u8], piece: usize, cut: Option<u
 
 /// A whole answer's meter.
 fn metered_answer(endpoint: Endpoint, body: &[u8]) -> Meter {
-    let mut meter = Meter::new(None);
+    let mut meter = Meter::new(endpoint, None);
     meter.billable = true;
     meter.complete = true;
     meter.shown = read_answer(endpoint, body).expect("the fixture is JSON");
@@ -626,7 +626,7 @@ mod properties {
                 } else {
                     match read_answer(endpoint, &bytes) {
                         Some(shown) => {
-                            let mut m = Meter::new(None);
+                            let mut m = Meter::new(endpoint, None);
                             m.billable = true;
                             m.shown = shown;
                             m

@@ -42,10 +42,7 @@ use ciyuan_measure::text::{
     ChatMessage, Encoding, encoding_for_model, estimate_chat, wildcard_match,
 };
 use http_body_util::{BodyExt, Full};
-use protocol::{
-    AnthropicEvent, AnthropicStream, Endpoint, Family, GatewayError, OpenAiChunk, RequestInfo,
-    Shown,
-};
+use protocol::{Endpoint, Family, GatewayError, RequestInfo, Shown, StreamState};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

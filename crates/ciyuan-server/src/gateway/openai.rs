@@ -1,8 +1,13 @@
-//! OpenAI's chat and completions shapes (and every OpenAI-compatible provider's): the
-//! usage report in its providers' variants, a whole answer's text, a stream's chunks.
+//! OpenAI's chat, completions and embeddings shapes (and every OpenAI-compatible
+//! provider's), [`Chat`]'s [`Wire`]: the request's text, the usage report in its
+//! providers' variants, a whole answer's text, a stream's chunks, the error shape.
 
-use super::protocol::{MAX_REPORTED_TOKENS, Reported, Shown, Text, add};
+use super::protocol::{
+    Endpoint, GatewayError, MAX_REPORTED_TOKENS, Read, Reported, RequestInfo, Shown, Step, Text,
+    Wire, add, read_messages,
+};
 use super::request::Obj;
+use axum::http::StatusCode;
 use ciyuan_core::{Direction, Modality, TokenMap};
 use serde::Deserialize;
 use serde_json::Value;
@@ -340,6 +345,109 @@ impl OpenAiChunk {
                 .find_map(|c| c.usage.as_ref().filter(|u| !u.is_null()))
         };
         openai_usage(top.or_else(in_choice)?)
+    }
+}
+
+/// The chat completions dialect (completions and embeddings too).
+pub(crate) struct Chat;
+
+impl Wire for Chat {
+    /// Everything a chunk says is folded into `shown` as it comes.
+    type Stream = ();
+
+    fn read_request(
+        endpoint: Endpoint,
+        obj: &serde_json::Map<String, Value>,
+        info: &mut RequestInfo,
+    ) -> Result<(), GatewayError> {
+        let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m);
+        let field = match endpoint {
+            Endpoint::Completions => "prompt",
+            Endpoint::Embeddings => "input",
+            _ => return read_messages(obj, info),
+        };
+        match obj.get(field) {
+            Some(Value::String(s)) => info.prompts.push(s.clone()),
+            Some(Value::Array(items)) => {
+                for it in items {
+                    match it {
+                        Value::String(s) => info.prompts.push(s.clone()),
+                        // Token arrays: already tokens, counted as given.
+                        Value::Number(_) | Value::Array(_) => info.media_parts += 1,
+                        _ => return Err(bad(format!("{field}: items must be strings"))),
+                    }
+                }
+            }
+            _ => return Err(bad(format!("{field}: required, a string or an array"))),
+        }
+        Ok(())
+    }
+
+    fn read_answer_typed(body: &[u8]) -> Option<Shown> {
+        serde_json::from_slice::<Obj<OpenAiAnswer<'_>>>(body)
+            .ok()
+            .map(|a| a.0.read())
+    }
+
+    fn read_answer_value(v: &Value) -> Shown {
+        let mut shown = Shown::default();
+        let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        shown.served.note_values(v);
+        if let Some(Value::Array(choices)) = v.get("choices") {
+            for c in choices {
+                if let Some(m) = c.get("message") {
+                    shown
+                        .text
+                        .push_str(&str_of(m, "content").unwrap_or_default());
+                    for field in ["reasoning_content", "reasoning"] {
+                        shown
+                            .reasoning
+                            .push_str(&str_of(m, field).unwrap_or_default());
+                    }
+                    if let Some(Value::Array(calls)) = m.get("tool_calls") {
+                        shown.tool_calls += calls.len() as u64;
+                        push_tool_arguments(calls, &mut shown.text);
+                    }
+                } else if let Some(t) = str_of(c, "text") {
+                    shown.text.push_str(&t);
+                }
+            }
+        }
+        shown.reported = v.get("usage").and_then(openai_usage);
+        shown
+    }
+
+    fn read_event(_: &mut (), data: &str, shown: &mut Shown) -> Option<Read> {
+        if data.trim() == "[DONE]" {
+            return Some(Read::at(Step::Done));
+        }
+        let chunk = serde_json::from_str::<OpenAiChunk>(data).ok()?;
+        OpenAiServed::note(data, shown);
+        chunk.text_into(shown);
+        if let Some(u) = chunk.usage() {
+            shown.reported = Some(u);
+        }
+        Some(Read {
+            step: Step::Going,
+            usage_only: chunk.is_usage_only(),
+        })
+    }
+
+    fn error_body(e: &GatewayError) -> Value {
+        let kind = match e.status.as_u16() {
+            401 => "invalid_request_error",
+            403 => "permission_error",
+            404 => "invalid_request_error",
+            429 => match e.code {
+                Some("insufficient_quota") => "insufficient_quota",
+                _ => "rate_limit_error",
+            },
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        serde_json::json!({"error": {
+            "message": e.message, "type": kind, "param": e.param, "code": e.code,
+        }})
     }
 }
 

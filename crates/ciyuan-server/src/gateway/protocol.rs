@@ -1,9 +1,13 @@
 //! What the gateway must know of each provider family's wire format: the endpoints,
 //! the error shape its SDKs parse, the text of a request and an answer (for the
-//! recount), and the usage report (for the ledger). What the families share is here;
-//! each family's own readers are in `openai.rs` (chat, completions, embeddings),
-//! `anthropic.rs` (messages) and `responses.rs` (the Responses API), their public
-//! types re-exported here.
+//! recount), and the usage report (for the ledger).
+//!
+//! Each dialect is one module behind one interface, [`Wire`]: `openai.rs` (chat,
+//! completions, embeddings: [`Dialect::Chat`]), `anthropic.rs` (messages:
+//! [`Dialect::Messages`]) and `responses.rs` (the Responses API:
+//! [`Dialect::Responses`]). What they share, and the one place that picks an
+//! endpoint's dialect ([`inspect`], [`read_answer`], [`StreamState`],
+//! [`GatewayError::into_response`]), is here; their public types are re-exported.
 //!
 //! Usage is mapped to disjoint token keys, so their sum is what the provider billed:
 //! - OpenAI: `prompt_tokens` includes cached and audio input, `completion_tokens`
@@ -14,11 +18,11 @@
 //!   `cache_creation`: five-minute writes are `cache_write`, one-hour writes
 //!   `cache_write_1h`); `output_tokens` includes thinking.
 
-use super::anthropic::{AnthropicAnswer, anthropic_usage};
+use super::anthropic::Messages;
 pub use super::anthropic::{AnthropicEvent, AnthropicStream, AnthropicUsage, CacheCreation};
-use super::openai::{OpenAiAnswer, openai_usage, push_tool_arguments};
+use super::openai::{Chat, push_tool_arguments};
 pub use super::openai::{OpenAiChunk, OpenAiUsage};
-use super::request::Obj;
+use super::responses::Responses;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ciyuan_core::{Direction, Modality, TokenMap};
@@ -111,6 +115,162 @@ impl Endpoint {
     }
 }
 
+/// The request and answer shapes an endpoint speaks: each is one module behind [`Wire`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI's chat completions, completions and embeddings (`openai.rs`).
+    Chat,
+    /// Anthropic's Messages API (`anthropic.rs`).
+    Messages,
+    /// OpenAI's Responses API (`responses.rs`).
+    Responses,
+}
+
+impl Endpoint {
+    /// The dialect whose module reads the endpoint's requests, answers and streams.
+    pub fn dialect(self) -> Dialect {
+        match self {
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Embeddings => Dialect::Chat,
+            Endpoint::Messages => Dialect::Messages,
+            Endpoint::Responses => Dialect::Responses,
+        }
+    }
+}
+
+/// What one dialect's module provides: how its requests are read, how its answers and
+/// streams show what was consumed, and how its errors are shaped. Routing, forwarding,
+/// metering and recording know nothing of any dialect's fields; a new API is a new
+/// implementation and a [`Dialect`] variant.
+pub(crate) trait Wire {
+    /// What a stream carries from one event to the next.
+    type Stream: Default;
+
+    /// Reads what is particular to the dialect's requests into `info` (the fields all
+    /// requests share are read by [`inspect`]); the error names the field.
+    fn read_request(
+        endpoint: Endpoint,
+        obj: &serde_json::Map<String, Value>,
+        info: &mut RequestInfo,
+    ) -> Result<(), GatewayError>;
+
+    /// A whole answer of the usual shape, read into borrowed, typed fields; `None`
+    /// leaves it to [`Wire::read_answer_value`].
+    fn read_answer_typed(body: &[u8]) -> Option<Shown>;
+
+    /// A whole answer read from a tree of values; fields of unexpected types are
+    /// passed over.
+    fn read_answer_value(v: &Value) -> Shown;
+
+    /// Folds the data of one streamed event into `stream` and `shown`; `None` when the
+    /// event cannot be read (the meter then counts its data as delivered text).
+    fn read_event(stream: &mut Self::Stream, data: &str, shown: &mut Shown) -> Option<Read>;
+
+    /// The provider's count that the stream's events added up to, where the dialect
+    /// keeps it apart from `shown` until the end.
+    fn stream_count(_stream: &Self::Stream) -> Option<Reported> {
+        None
+    }
+
+    /// Whether the stream's events brought the provider's final count.
+    fn stream_final(_stream: &Self::Stream) -> bool {
+        false
+    }
+
+    /// Writes into `shown` what the stream held back at its end (whole or cut).
+    fn end_stream(_stream: &mut Self::Stream, _shown: &mut Shown) {}
+
+    /// The error's body, in the shape the dialect's SDKs parse.
+    fn error_body(error: &GatewayError) -> Value;
+}
+
+/// How a stream moved on after one event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// More is to come.
+    Going,
+    /// The stream's proper end (`[DONE]`, `message_stop`, `response.completed`).
+    Done,
+    /// The provider gave up (`response.failed`, `error`).
+    Failed,
+}
+
+/// What one streamed event was.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Read {
+    /// Where the stream stands.
+    pub step: Step,
+    /// The event only carries usage (OpenAI's extra chunk a client may not have asked
+    /// for).
+    pub usage_only: bool,
+}
+
+impl Read {
+    /// An event that moved the stream to `step`, carrying more than usage.
+    pub fn at(step: Step) -> Read {
+        Read {
+            step,
+            usage_only: false,
+        }
+    }
+}
+
+/// A stream's state in its dialect.
+pub(crate) enum StreamState {
+    Chat(<Chat as Wire>::Stream),
+    Messages(<Messages as Wire>::Stream),
+    Responses(<Responses as Wire>::Stream),
+}
+
+impl StreamState {
+    /// The state of a new stream from `endpoint`.
+    // Two dialects keep no state (`()`); written alike, a dialect that comes to keep
+    // some needs no change here.
+    #[allow(clippy::unit_arg)]
+    pub(crate) fn new(endpoint: Endpoint) -> StreamState {
+        match endpoint.dialect() {
+            Dialect::Chat => StreamState::Chat(Default::default()),
+            Dialect::Messages => StreamState::Messages(Default::default()),
+            Dialect::Responses => StreamState::Responses(Default::default()),
+        }
+    }
+
+    /// [`Wire::read_event`] of the stream's dialect.
+    pub(crate) fn read_event(&mut self, data: &str, shown: &mut Shown) -> Option<Read> {
+        match self {
+            StreamState::Chat(s) => Chat::read_event(s, data, shown),
+            StreamState::Messages(s) => Messages::read_event(s, data, shown),
+            StreamState::Responses(s) => Responses::read_event(s, data, shown),
+        }
+    }
+
+    /// [`Wire::stream_count`] of the stream's dialect.
+    pub(crate) fn count(&self) -> Option<Reported> {
+        match self {
+            StreamState::Chat(s) => Chat::stream_count(s),
+            StreamState::Messages(s) => Messages::stream_count(s),
+            StreamState::Responses(s) => Responses::stream_count(s),
+        }
+    }
+
+    /// [`Wire::stream_final`] of the stream's dialect.
+    pub(crate) fn is_final(&self) -> bool {
+        match self {
+            StreamState::Chat(s) => Chat::stream_final(s),
+            StreamState::Messages(s) => Messages::stream_final(s),
+            StreamState::Responses(s) => Responses::stream_final(s),
+        }
+    }
+
+    /// [`Wire::end_stream`] of the stream's dialect.
+    pub(crate) fn end(&mut self, shown: &mut Shown) {
+        match self {
+            StreamState::Chat(s) => Chat::end_stream(s, shown),
+            StreamState::Messages(s) => Messages::end_stream(s, shown),
+            StreamState::Responses(s) => Responses::end_stream(s, shown),
+        }
+    }
+}
+
 /// An error answered in the family's own shape, so SDKs raise their usual exceptions.
 #[derive(Debug)]
 pub struct GatewayError {
@@ -152,39 +312,9 @@ impl GatewayError {
 
     /// The error as `family` answers it.
     pub fn into_response(self, family: Family) -> Response {
-        let s = self.status.as_u16();
         let body = match family {
-            Family::OpenAi => {
-                let kind = match s {
-                    401 => "invalid_request_error",
-                    403 => "permission_error",
-                    404 => "invalid_request_error",
-                    429 => match self.code {
-                        Some("insufficient_quota") => "insufficient_quota",
-                        _ => "rate_limit_error",
-                    },
-                    400..=499 => "invalid_request_error",
-                    _ => "server_error",
-                };
-                serde_json::json!({"error": {
-                    "message": self.message, "type": kind, "param": self.param, "code": self.code,
-                }})
-            }
-            Family::Anthropic => {
-                let kind = match s {
-                    401 => "authentication_error",
-                    403 => "permission_error",
-                    404 => "not_found_error",
-                    408 => "timeout_error",
-                    413 => "request_too_large",
-                    429 => "rate_limit_error",
-                    529 => "overloaded_error",
-                    400..=499 => "invalid_request_error",
-                    504 => "timeout_error",
-                    _ => "api_error",
-                };
-                serde_json::json!({"type": "error", "error": {"type": kind, "message": self.message}})
-            }
+            Family::OpenAi => Chat::error_body(&self),
+            Family::Anthropic => Messages::error_body(&self),
         };
         let mut resp = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
@@ -275,7 +405,9 @@ pub fn requested_tier(value: Option<&str>) -> Option<ciyuan_core::ServiceTier> {
     }
 }
 
-fn text_of_content(content: &Value, media: &mut u64) -> String {
+/// The text of a message's content (a string, or parts of which text, tool results
+/// and tool uses are text); other parts are counted in `media`.
+pub(crate) fn text_of_content(content: &Value, media: &mut u64) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(parts) => {
@@ -305,6 +437,33 @@ fn text_of_content(content: &Value, media: &mut u64) -> String {
         }
         _ => String::new(),
     }
+}
+
+/// Reads a chat-shaped `messages` array (OpenAI's chat and Anthropic's messages):
+/// each message's role and text, tool call arguments included.
+pub(crate) fn read_messages(
+    obj: &serde_json::Map<String, Value>,
+    info: &mut RequestInfo,
+) -> Result<(), GatewayError> {
+    let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m);
+    let Some(Value::Array(messages)) = obj.get("messages") else {
+        return Err(bad("messages: required, an array".into()));
+    };
+    for (i, m) in messages.iter().enumerate() {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(format!("messages[{i}].role: required, a string")))?;
+        let mut text = text_of_content(
+            m.get("content").unwrap_or(&Value::Null),
+            &mut info.media_parts,
+        );
+        if let Some(Value::Array(calls)) = m.get("tool_calls") {
+            push_tool_arguments(calls, &mut text);
+        }
+        info.messages.push((role.to_string(), text));
+    }
+    Ok(())
 }
 
 /// Reads a request body as `endpoint` defines it; the error names the field.
@@ -367,57 +526,10 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
         metadata,
         ..RequestInfo::default()
     };
-    match endpoint {
-        Endpoint::Chat | Endpoint::Messages => {
-            if endpoint == Endpoint::Messages
-                && let Some(system) = obj.get("system")
-            {
-                let text = text_of_content(system, &mut info.media_parts);
-                info.messages.push(("system".into(), text));
-            }
-            let Some(Value::Array(messages)) = obj.get("messages") else {
-                return Err(bad("messages: required, an array".into()));
-            };
-            for (i, m) in messages.iter().enumerate() {
-                let role = m
-                    .get("role")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| bad(format!("messages[{i}].role: required, a string")))?;
-                let mut text = text_of_content(
-                    m.get("content").unwrap_or(&Value::Null),
-                    &mut info.media_parts,
-                );
-                if let Some(Value::Array(calls)) = m.get("tool_calls") {
-                    push_tool_arguments(calls, &mut text);
-                }
-                info.messages.push((role.to_string(), text));
-            }
-            if endpoint == Endpoint::Messages && info.max_tokens.is_none() {
-                return Err(bad("max_tokens: required".into()));
-            }
-        }
-        Endpoint::Responses => super::responses::inspect(obj, &mut info)?,
-        Endpoint::Completions | Endpoint::Embeddings => {
-            let field = if endpoint == Endpoint::Completions {
-                "prompt"
-            } else {
-                "input"
-            };
-            match obj.get(field) {
-                Some(Value::String(s)) => info.prompts.push(s.clone()),
-                Some(Value::Array(items)) => {
-                    for it in items {
-                        match it {
-                            Value::String(s) => info.prompts.push(s.clone()),
-                            // Token arrays: already tokens, counted as given.
-                            Value::Number(_) | Value::Array(_) => info.media_parts += 1,
-                            _ => return Err(bad(format!("{field}: items must be strings"))),
-                        }
-                    }
-                }
-                _ => return Err(bad(format!("{field}: required, a string or an array"))),
-            }
-        }
+    match endpoint.dialect() {
+        Dialect::Chat => Chat::read_request(endpoint, obj, &mut info)?,
+        Dialect::Messages => Messages::read_request(endpoint, obj, &mut info)?,
+        Dialect::Responses => Responses::read_request(endpoint, obj, &mut info)?,
     }
     for key in ["tools", "functions"] {
         if let Some(t) = obj.get(key).filter(|t| !t.is_null()) {
@@ -532,16 +644,11 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     // the slow, forgiving way.
     // The typed reader skips the fields it does not need without checking their
     // UTF-8, which the forgiving one refuses: such a body is left to that one.
-    let fast = match (endpoint.family(), std::str::from_utf8(body).is_ok()) {
+    let fast = match (endpoint.dialect(), std::str::from_utf8(body).is_ok()) {
         (_, false) => None,
-        // Responses are read as a tree of values only.
-        _ if endpoint == Endpoint::Responses => None,
-        (Family::OpenAi, true) => serde_json::from_slice::<Obj<OpenAiAnswer<'_>>>(body)
-            .ok()
-            .map(|a| a.0.read()),
-        (Family::Anthropic, true) => serde_json::from_slice::<Obj<AnthropicAnswer<'_>>>(body)
-            .ok()
-            .and_then(|a| a.0.read()),
+        (Dialect::Chat, true) => Chat::read_answer_typed(body),
+        (Dialect::Messages, true) => Messages::read_answer_typed(body),
+        (Dialect::Responses, true) => Responses::read_answer_typed(body),
     };
     fast.or_else(|| read_answer_value(endpoint, body))
 }
@@ -633,71 +740,16 @@ impl<'a> Text<'a> {
 /// [`read_answer`] for any JSON: fields of unexpected types are passed over.
 pub(crate) fn read_answer_value(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     let v: Value = serde_json::from_slice(body).ok()?;
-    let mut shown = Shown::default();
-    let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-    if endpoint == Endpoint::Responses {
-        return Some(super::responses::read_answer(&v));
-    }
-    match endpoint.family() {
-        Family::OpenAi => shown.served.note_values(&v),
-        // Anthropic's answers name no fingerprint.
-        Family::Anthropic => {
-            let s = |k: &str| v.get(k).and_then(Value::as_str);
-            shown.served.note(s("model"), None, s("id"));
-        }
-    }
-    match endpoint.family() {
-        Family::OpenAi => {
-            if let Some(Value::Array(choices)) = v.get("choices") {
-                for c in choices {
-                    if let Some(m) = c.get("message") {
-                        shown
-                            .text
-                            .push_str(&str_of(m, "content").unwrap_or_default());
-                        for field in ["reasoning_content", "reasoning"] {
-                            shown
-                                .reasoning
-                                .push_str(&str_of(m, field).unwrap_or_default());
-                        }
-                        if let Some(Value::Array(calls)) = m.get("tool_calls") {
-                            shown.tool_calls += calls.len() as u64;
-                            push_tool_arguments(calls, &mut shown.text);
-                        }
-                    } else if let Some(t) = str_of(c, "text") {
-                        shown.text.push_str(&t);
-                    }
-                }
-            }
-            shown.reported = v.get("usage").and_then(openai_usage);
-        }
-        Family::Anthropic => {
-            if let Some(Value::Array(blocks)) = v.get("content") {
-                for b in blocks {
-                    match b.get("type").and_then(Value::as_str) {
-                        Some("text") => shown.text.push_str(&str_of(b, "text").unwrap_or_default()),
-                        Some("thinking") => shown
-                            .reasoning
-                            .push_str(&str_of(b, "thinking").unwrap_or_default()),
-                        Some("redacted_thinking") => shown.redacted = true,
-                        Some("tool_use") => {
-                            shown.tool_calls += 1;
-                            // A null input is no input, as the typed reader reads it.
-                            if let Some(i) = b.get("input").filter(|i| !i.is_null()) {
-                                shown.text.push_str(&i.to_string());
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            shown.reported = v.get("usage").and_then(anthropic_usage);
-        }
-    }
-    Some(shown)
+    Some(match endpoint.dialect() {
+        Dialect::Chat => Chat::read_answer_value(&v),
+        Dialect::Messages => Messages::read_answer_value(&v),
+        Dialect::Responses => Responses::read_answer_value(&v),
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::openai::OpenAiAnswer;
     use super::*;
     use serde_json::json;
 
@@ -842,6 +894,58 @@ mod tests {
             serde_json::to_value(&u.reported(true).unwrap().tokens).unwrap(),
             json!({"text.input": 5, "text.cache_write": 300})
         );
+    }
+
+    #[test]
+    fn each_endpoint_is_read_and_answered_by_its_dialect() {
+        let err =
+            || GatewayError::new(StatusCode::NOT_FOUND, "no such model").code("model_not_found");
+        for endpoint in Endpoint::ALL {
+            let dialect = endpoint.dialect();
+            // The error shape follows the family the endpoint's SDKs belong to.
+            let body = match endpoint.family() {
+                Family::OpenAi => Chat::error_body(&err()),
+                Family::Anthropic => Messages::error_body(&err()),
+            };
+            let dialect_body = match dialect {
+                Dialect::Chat => Chat::error_body(&err()),
+                Dialect::Messages => Messages::error_body(&err()),
+                Dialect::Responses => Responses::error_body(&err()),
+            };
+            assert_eq!(body, dialect_body, "{endpoint:?}");
+            // A stream's state is its dialect's: an event of another dialect is not read.
+            let mut state = StreamState::new(endpoint);
+            let mut shown = Shown::default();
+            let stop = r#"{"type":"message_stop"}"#;
+            let read = state.read_event(stop, &mut shown);
+            match dialect {
+                Dialect::Messages => assert_eq!(read, Some(Read::at(Step::Done))),
+                // A chat chunk of no known field reads as an empty chunk, not an end.
+                Dialect::Chat => assert_eq!(read.map(|r| r.step), Some(Step::Going)),
+                Dialect::Responses => assert_eq!(read.map(|r| r.step), Some(Step::Going)),
+            }
+        }
+        assert_eq!(
+            Chat::error_body(&err())["error"]["type"],
+            "invalid_request_error"
+        );
+        assert_eq!(
+            Messages::error_body(&err())["error"]["type"],
+            "not_found_error"
+        );
+        // Only chat's dialect ends at `[DONE]`.
+        for (endpoint, done) in [
+            (Endpoint::Chat, true),
+            (Endpoint::Messages, false),
+            (Endpoint::Responses, false),
+        ] {
+            let read = StreamState::new(endpoint).read_event("[DONE]", &mut Shown::default());
+            assert_eq!(
+                read.is_some_and(|r| r.step == Step::Done),
+                done,
+                "{endpoint:?}"
+            );
+        }
     }
 
     #[test]

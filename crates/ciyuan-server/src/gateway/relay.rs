@@ -5,7 +5,7 @@
 //! open stream costs one body in memory, and a client that goes away drops the relay,
 //! which records the request then (as `client_disconnected`).
 
-use super::protocol::{Endpoint, Family};
+use super::protocol::Dialect;
 use super::upstream::UpstreamBody;
 use super::{Call, Meter, error_chain, finish};
 use crate::App;
@@ -47,10 +47,9 @@ impl Relay {
         status: u16,
         idle_for: Duration,
     ) -> Relay {
-        let strip_usage = call.endpoint.family() == Family::OpenAi
-            && call.endpoint != Endpoint::Responses
-            && !call.info.include_usage;
-        let mut meter = Meter::new(None);
+        // Only chat's dialect has a usage-only chunk to ask for.
+        let strip_usage = call.endpoint.dialect() == Dialect::Chat && !call.info.include_usage;
+        let mut meter = Meter::new(call.endpoint, None);
         meter.billable = true;
         Relay {
             upstream,
@@ -87,7 +86,6 @@ impl Metering {
     /// Meters a chunk; returns what goes to the client (nothing when every event in
     /// it was left out).
     fn pass(&mut self, chunk: Bytes) -> Option<Bytes> {
-        let endpoint = self.call.endpoint;
         let started = self.call.started;
         let events = self.splitter.push(&chunk);
         if self.splitter.overflowed() && self.meter.failure.is_none() {
@@ -95,14 +93,14 @@ impl Metering {
         }
         if !self.strip_usage {
             for e in &events {
-                self.meter.event(endpoint, e, false, started);
+                self.meter.event(e, false, started);
             }
             return Some(chunk);
         }
         // Only whole events go out, so an event can be left out whole.
         let mut kept: Vec<Bytes> = Vec::with_capacity(events.len());
         for e in events {
-            if self.meter.event(endpoint, &e, true, started) {
+            if self.meter.event(&e, true, started) {
                 kept.push(e);
             }
         }
@@ -157,7 +155,7 @@ impl Body for Relay {
                     // An event without its final blank line still goes out, metered.
                     let rest = m.splitter.finish();
                     if let Some(rest) = &rest {
-                        m.meter.event(m.call.endpoint, rest, false, m.call.started);
+                        m.meter.event(rest, false, m.call.started);
                     }
                     let failure = (!m.meter.complete).then_some("upstream_cut");
                     this.end(failure);

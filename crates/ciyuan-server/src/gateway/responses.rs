@@ -13,7 +13,11 @@
 //! counted (if `response.failed` carries usage) is billed, and the request is recorded
 //! as cut, as an Anthropic stream ended by an `error` event is.
 
-use super::protocol::{GatewayError, OpenAiUsage, Reported, RequestInfo, Shown, requested_tier};
+use super::openai::Chat;
+use super::protocol::{
+    Endpoint, GatewayError, OpenAiUsage, Read, Reported, RequestInfo, Shown, Step, Wire,
+    requested_tier,
+};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
@@ -52,7 +56,7 @@ pub fn usage(v: &Value) -> Option<Reported> {
 
 /// Reads what is particular to a Responses request into `info` (the fields all OpenAI
 /// requests share are read by [`super::protocol::inspect`]); the error names the field.
-pub fn inspect(
+fn read_request(
     obj: &serde_json::Map<String, Value>,
     info: &mut RequestInfo,
 ) -> Result<(), GatewayError> {
@@ -189,7 +193,7 @@ fn content_text(content: &Value, media: &mut u64) -> String {
 
 /// What a whole response holds: its output's text, reasoning and function calls, and
 /// its usage.
-pub fn read_answer(v: &Value) -> Shown {
+fn read_answer(v: &Value) -> Shown {
     let mut shown = Shown::default();
     shown.served.note_values(v);
     read_output(v.get("output"), &mut shown);
@@ -266,17 +270,6 @@ pub struct Event {
     response: Option<Value>,
 }
 
-/// How an event moved the stream on.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Step {
-    /// More is to come.
-    Going,
-    /// The stream's proper end (`response.completed`, `response.incomplete`).
-    Done,
-    /// The provider gave up (`response.failed`, `error`).
-    Failed,
-}
-
 impl Event {
     /// Folds the event into `shown`.
     pub fn apply(&self, shown: &mut Shown) -> Step {
@@ -334,6 +327,41 @@ impl Event {
             _ => {}
         }
         Step::Going
+    }
+}
+
+/// The Responses dialect.
+pub(crate) struct Responses;
+
+impl Wire for Responses {
+    /// Every event is folded into `shown` as it comes.
+    type Stream = ();
+
+    fn read_request(
+        _: Endpoint,
+        obj: &serde_json::Map<String, Value>,
+        info: &mut RequestInfo,
+    ) -> Result<(), GatewayError> {
+        read_request(obj, info)
+    }
+
+    /// Responses are read as a tree of values only.
+    fn read_answer_typed(_: &[u8]) -> Option<Shown> {
+        None
+    }
+
+    fn read_answer_value(v: &Value) -> Shown {
+        read_answer(v)
+    }
+
+    fn read_event(_: &mut (), data: &str, shown: &mut Shown) -> Option<Read> {
+        let ev = serde_json::from_str::<Event>(data).ok()?;
+        Some(Read::at(ev.apply(shown)))
+    }
+
+    /// OpenAI's: its SDKs raise the same exceptions for both APIs.
+    fn error_body(e: &GatewayError) -> Value {
+        Chat::error_body(e)
     }
 }
 
