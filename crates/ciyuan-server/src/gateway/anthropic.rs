@@ -315,6 +315,9 @@ impl Wire for Messages {
     /// being streamed.
     type Stream = AnthropicStream;
 
+    /// Anthropic counts thinking as output.
+    const THINKING_IN_OUTPUT: bool = true;
+
     fn read_request(
         _: Endpoint,
         obj: &serde_json::Map<String, Value>,

@@ -156,7 +156,7 @@ pub(super) fn measure(config: &GatewayConfig, call: &Call, meter: &mut Meter) ->
     }
     let reported = meter.take_reported();
     let shown = &meter.shown;
-    let thinking_in_output = call.endpoint.family() == Family::Anthropic;
+    let thinking_in_output = call.endpoint.dialect().thinking_in_output();
     match (reported, ours) {
         (Some(r), ours) if r.complete => {
             m.tokens = r.tokens;

@@ -917,13 +917,9 @@ async fn serve_call(
     };
     // A per-request limit with clamping: the request may produce only this much.
     let cap = reservation.output_cap.filter(|c| *c < max_output);
-    // Ask for usage inside OpenAI streams; the extra chunk is taken out again on the
-    // way back when the client did not ask for it.
-    // (A Responses stream always ends with its usage.)
-    let ask_usage = info.stream
-        && family == Family::OpenAi
-        && endpoint != Endpoint::Responses
-        && !info.include_usage;
+    // Ask for usage inside streams that carry it only when asked; the extra chunk is
+    // taken out again on the way back when the client did not ask for it.
+    let ask_usage = info.stream && endpoint.dialect().usage_on_request() && !info.include_usage;
     let body = if cap.is_some() || ask_usage {
         let edited = match &mut parsed {
             Parsed::Spans(spans) => request::edit(&body, spans, ask_usage, cap),
@@ -1012,13 +1008,7 @@ fn edit_tree(
         }
     }
     if let Some(cap) = cap {
-        let field = if endpoint == Endpoint::Responses {
-            "max_output_tokens"
-        } else if obj.contains_key("max_completion_tokens") {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        };
+        let field = endpoint.dialect().output_limit_field(obj);
         obj.insert(field.into(), Value::from(cap));
     }
     serde_json::to_vec(tree).ok().map(Bytes::from)

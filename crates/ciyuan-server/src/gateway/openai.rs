@@ -355,6 +355,18 @@ impl Wire for Chat {
     /// Everything a chunk says is folded into `shown` as it comes.
     type Stream = ();
 
+    const USAGE_ON_REQUEST: bool = true;
+
+    /// Newer models take `max_completion_tokens` (older ones `max_tokens`): the one
+    /// the request uses.
+    fn output_limit_field(obj: &serde_json::Map<String, Value>) -> &'static str {
+        if obj.contains_key("max_completion_tokens") {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        }
+    }
+
     fn read_request(
         endpoint: Endpoint,
         obj: &serde_json::Map<String, Value>,

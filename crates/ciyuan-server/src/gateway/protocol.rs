@@ -137,6 +137,35 @@ impl Endpoint {
     }
 }
 
+impl Dialect {
+    /// [`Wire::USAGE_ON_REQUEST`] of the dialect.
+    pub fn usage_on_request(self) -> bool {
+        match self {
+            Dialect::Chat => Chat::USAGE_ON_REQUEST,
+            Dialect::Messages => Messages::USAGE_ON_REQUEST,
+            Dialect::Responses => Responses::USAGE_ON_REQUEST,
+        }
+    }
+
+    /// [`Wire::THINKING_IN_OUTPUT`] of the dialect.
+    pub fn thinking_in_output(self) -> bool {
+        match self {
+            Dialect::Chat => Chat::THINKING_IN_OUTPUT,
+            Dialect::Messages => Messages::THINKING_IN_OUTPUT,
+            Dialect::Responses => Responses::THINKING_IN_OUTPUT,
+        }
+    }
+
+    /// [`Wire::output_limit_field`] of the dialect.
+    pub fn output_limit_field(self, obj: &serde_json::Map<String, Value>) -> &'static str {
+        match self {
+            Dialect::Chat => Chat::output_limit_field(obj),
+            Dialect::Messages => Messages::output_limit_field(obj),
+            Dialect::Responses => Responses::output_limit_field(obj),
+        }
+    }
+}
+
 /// What one dialect's module provides: how its requests are read, how its answers and
 /// streams show what was consumed, and how its errors are shaped. Routing, forwarding,
 /// metering and recording know nothing of any dialect's fields; a new API is a new
@@ -144,6 +173,20 @@ impl Endpoint {
 pub(crate) trait Wire {
     /// What a stream carries from one event to the next.
     type Stream: Default;
+
+    /// Whether a stream carries the provider's count only when the request asks for
+    /// it (chat's `stream_options.include_usage`): the gateway then asks, and takes
+    /// the extra chunk out again when the client did not.
+    const USAGE_ON_REQUEST: bool = false;
+
+    /// Whether the provider's output count includes thinking, instead of reporting
+    /// reasoning apart from it.
+    const THINKING_IN_OUTPUT: bool = false;
+
+    /// The request field that limits output, where the gateway writes a cap.
+    fn output_limit_field(_obj: &serde_json::Map<String, Value>) -> &'static str {
+        "max_tokens"
+    }
 
     /// Reads what is particular to the dialect's requests into `info` (the fields all
     /// requests share are read by [`inspect`]); the error names the field.
@@ -933,6 +976,37 @@ mod tests {
             Messages::error_body(&err())["error"]["type"],
             "not_found_error"
         );
+        // Only chat's streams carry usage only when asked; only Anthropic's output
+        // count includes thinking; each dialect names its own output limit.
+        let with_completion = json!({"max_completion_tokens": 5});
+        let with_completion = with_completion.as_object().unwrap();
+        let empty = serde_json::Map::new();
+        for (dialect, on_request, thinking, field, field_if_completion) in [
+            (
+                Dialect::Chat,
+                true,
+                false,
+                "max_tokens",
+                "max_completion_tokens",
+            ),
+            (Dialect::Messages, false, true, "max_tokens", "max_tokens"),
+            (
+                Dialect::Responses,
+                false,
+                false,
+                "max_output_tokens",
+                "max_output_tokens",
+            ),
+        ] {
+            assert_eq!(dialect.usage_on_request(), on_request, "{dialect:?}");
+            assert_eq!(dialect.thinking_in_output(), thinking, "{dialect:?}");
+            assert_eq!(dialect.output_limit_field(&empty), field, "{dialect:?}");
+            assert_eq!(
+                dialect.output_limit_field(with_completion),
+                field_if_completion,
+                "{dialect:?}"
+            );
+        }
         // Only chat's dialect ends at `[DONE]`.
         for (endpoint, done) in [
             (Endpoint::Chat, true),

@@ -5,7 +5,6 @@
 //! open stream costs one body in memory, and a client that goes away drops the relay,
 //! which records the request then (as `client_disconnected`).
 
-use super::protocol::Dialect;
 use super::upstream::UpstreamBody;
 use super::{Call, Meter, error_chain, finish};
 use crate::App;
@@ -47,8 +46,8 @@ impl Relay {
         status: u16,
         idle_for: Duration,
     ) -> Relay {
-        // Only chat's dialect has a usage-only chunk to ask for.
-        let strip_usage = call.endpoint.dialect() == Dialect::Chat && !call.info.include_usage;
+        // The usage-only chunk the gateway asked for, where the client did not.
+        let strip_usage = call.endpoint.dialect().usage_on_request() && !call.info.include_usage;
         let mut meter = Meter::new(call.endpoint, None);
         meter.billable = true;
         Relay {

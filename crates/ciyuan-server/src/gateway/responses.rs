@@ -334,8 +334,13 @@ impl Event {
 pub(crate) struct Responses;
 
 impl Wire for Responses {
-    /// Every event is folded into `shown` as it comes.
+    /// Every event is folded into `shown` as it comes; a stream always ends with its
+    /// usage.
     type Stream = ();
+
+    fn output_limit_field(_: &serde_json::Map<String, Value>) -> &'static str {
+        "max_output_tokens"
+    }
 
     fn read_request(
         _: Endpoint,
