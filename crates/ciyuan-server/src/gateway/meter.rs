@@ -290,6 +290,10 @@ pub(super) fn finish(
         .finishing
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     rt.spawn(async move {
+        // The request's thread runs this task before the connection's own, which was
+        // woken after it was spawned: the answer would wait for the recount, rating and
+        // settling of its own usage. Yielding once lets the answer go out first.
+        tokio::task::yield_now().await;
         record_call(
             &app,
             call,
