@@ -289,7 +289,8 @@ pub(super) fn finish(
     app.gateway
         .finishing
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    rt.spawn(async move {
+    // Boxed as the request's own future is (`handle`): moved as a pointer.
+    rt.spawn(Box::pin(async move {
         // The request's thread runs this task before the connection's own, which was
         // woken after it was spawned: the answer would wait for the recount, rating and
         // settling of its own usage. Yielding once lets the answer go out first.
@@ -308,7 +309,7 @@ pub(super) fn finish(
         app.gateway
             .finishing
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    });
+    }));
 }
 
 /// How a request ended, as the relay saw it.
