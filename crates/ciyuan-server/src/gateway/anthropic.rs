@@ -166,10 +166,15 @@ impl AnthropicAnswer<'_> {
                 _ => {}
             }
         }
-        shown.reported = self
-            .usage
-            .and_then(|u| serde_json::from_str::<Value>(u.get()).ok())
-            .and_then(|u| anthropic_usage(&u));
+        // As OpenAI's answer reads its usage (`openai::OpenAiAnswer::read`).
+        shown.reported =
+            self.usage
+                .and_then(|u| match serde_json::from_str::<AnthropicUsage>(u.get()) {
+                    Ok(usage) => usage.reported(true),
+                    Err(_) => serde_json::from_str::<Value>(u.get())
+                        .ok()
+                        .and_then(|u| anthropic_usage(&u)),
+                });
         Some(shown)
     }
 }

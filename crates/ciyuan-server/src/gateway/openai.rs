@@ -233,10 +233,17 @@ impl OpenAiAnswer<'_> {
                 None => c.text.push_to(&mut shown.text),
             }
         }
-        shown.reported = self
-            .usage
-            .and_then(|u| serde_json::from_str::<Value>(u.get()).ok())
-            .and_then(|u| openai_usage(&u));
+        // Straight into the usage's fields where it has the usual shape (through a
+        // tree of values it was 5% of the gateway's CPU); anything the typed reader
+        // refuses (a repeated key, null) goes the forgiving way, so the two agree.
+        shown.reported =
+            self.usage
+                .and_then(|u| match serde_json::from_str::<OpenAiUsage>(u.get()) {
+                    Ok(usage) => usage.reported(),
+                    Err(_) => serde_json::from_str::<Value>(u.get())
+                        .ok()
+                        .and_then(|u| openai_usage(&u)),
+                });
         shown
     }
 }
