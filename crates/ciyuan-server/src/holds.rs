@@ -179,10 +179,7 @@ async fn hold_groups(app: std::sync::Weak<App>, mut rx: tokio::sync::mpsc::Unbou
         let Some(app) = app.upgrade() else { return };
         // The least of the group: what any of them may not hold is counted for all
         // (more, never less).
-        let seen = ciyuan_store::Seen {
-            followed: group.iter().map(|a| a.seen.followed).min().unwrap_or(0),
-            own_from: group.iter().map(|a| a.seen.own_from).min().unwrap_or(0),
-        };
+        let seen = ciyuan_store::Seen::least(group.iter().map(|a| &a.seen));
         let counted = Counted::common(group.iter().map(|a| &a.counted));
         let asked: Vec<(i64, Vec<HoldTerm>)> =
             group.iter().map(|a| (a.id, a.terms.clone())).collect();

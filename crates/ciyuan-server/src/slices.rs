@@ -600,10 +600,7 @@ fn work(slices: std::sync::Weak<Slices>, rx: mpsc::Receiver<Work>) {
             }
         }
         if !asks.is_empty() {
-            let seen = Seen {
-                followed: asks.iter().map(|(s, _, _)| s.followed).min().unwrap_or(0),
-                own_from: asks.iter().map(|(s, _, _)| s.own_from).min().unwrap_or(0),
-            };
+            let seen = Seen::least(asks.iter().map(|(s, _, _)| s));
             let counted = Counted::common(asks.iter().map(|(_, c, _)| c));
             let list: Vec<SliceAsk> = asks.into_iter().map(|(_, _, a)| a).collect();
             match slices

@@ -327,6 +327,25 @@ pub struct Seen {
     pub own_from: u64,
 }
 
+impl Seen {
+    /// What every one of a group of admissions' counts is known to reach: the least of
+    /// each bound, so what any of them may not hold is counted for all (more, never
+    /// less). An empty group has seen nothing.
+    pub fn least<'a>(group: impl IntoIterator<Item = &'a Seen>) -> Seen {
+        group
+            .into_iter()
+            .copied()
+            .reduce(|a, b| Seen {
+                followed: a.followed.min(b.followed),
+                own_from: a.own_from.min(b.own_from),
+            })
+            .unwrap_or(Seen {
+                followed: 0,
+                own_from: 0,
+            })
+    }
+}
+
 /// A held request's usage, recorded: what it counts on each counter it held, and the
 /// entry that recorded it ([`Store::settle_holds`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -950,6 +969,14 @@ mod tests {
     fn seek(under: &str, at: Option<&str>) -> SubtreeSeek {
         let under = AccountPath::parse(under).map_err(|e| e.to_string());
         subtree_seek(&under.unwrap_or_else(|e| unreachable!("{e}")), at)
+    }
+
+    #[test]
+    fn a_group_has_seen_the_least_of_each_bound() {
+        let s = |followed, own_from| Seen { followed, own_from };
+        assert_eq!(Seen::least([&s(7, 3), &s(5, 9), &s(6, 4)]), s(5, 3));
+        assert_eq!(Seen::least([&s(7, 3)]), s(7, 3));
+        assert_eq!(Seen::least(std::iter::empty()), s(0, 0));
     }
 
     #[test]
