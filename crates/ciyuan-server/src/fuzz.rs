@@ -20,7 +20,7 @@
 
 use crate::extract::nests_deeper_than;
 use crate::gateway::protocol::{
-    self, AnthropicEvent, AnthropicStream, Endpoint, OpenAiChunk, Shown, read_answer,
+    self, AnthropicEvent, AnthropicStream, Endpoint, Shown, StreamState, read_answer,
     read_answer_value,
 };
 use crate::gateway::{request, sse};
@@ -1134,7 +1134,7 @@ fn check_answer(body: &[u8]) -> TestCaseResult {
     Ok(())
 }
 
-/// Splits `stream` whole and at `cuts`, meters both families' readers on every event.
+/// Splits `stream` whole and at `cuts`, and meters every dialect's reader on every event.
 fn check_stream(stream: &[u8], cuts: &[usize]) -> TestCaseResult {
     let whole = {
         let mut s = sse::Splitter::default();
@@ -1158,25 +1158,30 @@ fn check_stream(stream: &[u8], cuts: &[usize]) -> TestCaseResult {
         stream.to_vec(),
         "the splitter loses or adds bytes"
     );
-    let mut shown = Shown::default();
-    let mut anthropic = AnthropicStream::default();
-    for event in &whole {
-        let Some(data) = sse::data(event) else {
-            tally("streams", "event without data");
-            continue;
-        };
-        tally("streams", "event with data");
-        if let Ok(chunk) = serde_json::from_str::<OpenAiChunk>(&data) {
-            tally("streams", "OpenAI chunk read");
-            chunk.text_into(&mut shown);
-            std::hint::black_box(chunk.is_usage_only());
-            std::hint::black_box(chunk.usage());
+    // Every dialect's reader, through the interface the meter uses, on every event:
+    // none may panic, whatever the bytes.
+    for endpoint in [Endpoint::Chat, Endpoint::Messages, Endpoint::Responses] {
+        let mut state = StreamState::new(endpoint);
+        let mut shown = Shown::default();
+        for event in &whole {
+            let Some(data) = sse::data(event) else {
+                tally("streams", "event without data");
+                continue;
+            };
+            tally("streams", "event with data");
+            match state.read_event(&data, &mut shown) {
+                Some(read) => tally(
+                    "streams",
+                    format!("{:?} event read ({:?})", endpoint.dialect(), read.step),
+                ),
+                None => tally(
+                    "streams",
+                    format!("{:?} event unreadable", endpoint.dialect()),
+                ),
+            }
         }
-        if let Ok(ev) = serde_json::from_str::<AnthropicEvent>(&data) {
-            tally("streams", "Anthropic event read");
-            ev.apply(&mut anthropic, &mut shown);
-            std::hint::black_box(anthropic.reported());
-        }
+        std::hint::black_box((state.count(), state.is_final()));
+        state.end(&mut shown);
     }
     Ok(())
 }
