@@ -4,7 +4,7 @@
 
 use super::protocol::{
     Endpoint, GatewayError, MAX_REPORTED_TOKENS, Read, Reported, RequestInfo, Shown, Step, Text,
-    Wire, add, read_messages, text_of_content,
+    Wire, add, chat_max_tokens, read_messages, text_of_content, usage_from_raw,
 };
 use super::request::Obj;
 use axum::http::StatusCode;
@@ -166,15 +166,9 @@ impl AnthropicAnswer<'_> {
                 _ => {}
             }
         }
-        // As OpenAI's answer reads its usage (`openai::OpenAiAnswer::read`).
-        shown.reported =
-            self.usage
-                .and_then(|u| match serde_json::from_str::<AnthropicUsage>(u.get()) {
-                    Ok(usage) => usage.reported(true),
-                    Err(_) => serde_json::from_str::<Value>(u.get())
-                        .ok()
-                        .and_then(|u| anthropic_usage(&u)),
-                });
+        shown.reported = self
+            .usage
+            .and_then(|u| usage_from_raw(u, |u: AnthropicUsage| u.reported(true), anthropic_usage));
         Some(shown)
     }
 }
@@ -328,6 +322,8 @@ impl Wire for Messages {
         obj: &serde_json::Map<String, Value>,
         info: &mut RequestInfo,
     ) -> Result<(), GatewayError> {
+        info.max_tokens = chat_max_tokens(obj)?;
+        // Anthropic's `metadata` names only the end user (read with `user`): no tags.
         if let Some(system) = obj.get("system") {
             let text = text_of_content(system, &mut info.media_parts);
             info.messages.push(("system".into(), text));

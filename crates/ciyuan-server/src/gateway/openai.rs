@@ -4,7 +4,7 @@
 
 use super::protocol::{
     Endpoint, GatewayError, MAX_REPORTED_TOKENS, Read, Reported, RequestInfo, Shown, Step, Text,
-    Wire, add, read_messages,
+    Wire, add, chat_max_tokens, metadata_pairs, read_messages, usage_from_raw,
 };
 use super::request::Obj;
 use axum::http::StatusCode;
@@ -233,17 +233,9 @@ impl OpenAiAnswer<'_> {
                 None => c.text.push_to(&mut shown.text),
             }
         }
-        // Straight into the usage's fields where it has the usual shape (through a
-        // tree of values it was 5% of the gateway's CPU); anything the typed reader
-        // refuses (a repeated key, null) goes the forgiving way, so the two agree.
-        shown.reported =
-            self.usage
-                .and_then(|u| match serde_json::from_str::<OpenAiUsage>(u.get()) {
-                    Ok(usage) => usage.reported(),
-                    Err(_) => serde_json::from_str::<Value>(u.get())
-                        .ok()
-                        .and_then(|u| openai_usage(&u)),
-                });
+        shown.reported = self
+            .usage
+            .and_then(|u| usage_from_raw(u, |u: OpenAiUsage| u.reported(), openai_usage));
         shown
     }
 }
@@ -380,6 +372,11 @@ impl Wire for Chat {
         info: &mut RequestInfo,
     ) -> Result<(), GatewayError> {
         let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m);
+        if info.stream && endpoint == Endpoint::Embeddings {
+            return Err(bad("stream: embeddings do not stream".into()));
+        }
+        info.max_tokens = chat_max_tokens(obj)?;
+        info.metadata = metadata_pairs(obj.get("metadata"))?;
         let field = match endpoint {
             Endpoint::Completions => "prompt",
             Endpoint::Embeddings => "input",

@@ -482,6 +482,25 @@ pub(crate) fn text_of_content(content: &Value, media: &mut u64) -> String {
     }
 }
 
+/// The output limit of a chat-shaped request (`max_completion_tokens`, else
+/// `max_tokens`: OpenAI's chat and completions, Anthropic's messages).
+pub(crate) fn chat_max_tokens(
+    obj: &serde_json::Map<String, Value>,
+) -> Result<Option<u64>, GatewayError> {
+    ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| obj.get(*k))
+        .map(|v| {
+            v.as_u64().ok_or_else(|| {
+                GatewayError::new(
+                    StatusCode::BAD_REQUEST,
+                    "max_tokens: must be a non-negative integer",
+                )
+            })
+        })
+        .transpose()
+}
+
 /// Reads a chat-shaped `messages` array (OpenAI's chat and Anthropic's messages):
 /// each message's role and text, tool call arguments included.
 pub(crate) fn read_messages(
@@ -525,27 +544,11 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad("stream: must be a boolean".into())),
     };
-    if stream && endpoint == Endpoint::Embeddings {
-        return Err(bad("stream: embeddings do not stream".into()));
-    }
     let include_usage = obj
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    // The Responses API names its limit otherwise (read with its other fields).
-    let limit_fields: &[&str] = match endpoint {
-        Endpoint::Responses => &[],
-        _ => &["max_completion_tokens", "max_tokens"],
-    };
-    let max_tokens = limit_fields
-        .iter()
-        .find_map(|k| obj.get(*k))
-        .map(|v| {
-            v.as_u64()
-                .ok_or_else(|| bad("max_tokens: must be a non-negative integer".into()))
-        })
-        .transpose()?;
     let user = obj
         .get("user")
         .and_then(Value::as_str)
@@ -555,18 +558,12 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, GatewayE
                 .and_then(Value::as_str)
         })
         .map(str::to_string);
-    let metadata = match endpoint.family() {
-        Family::OpenAi => metadata_pairs(obj.get("metadata"))?,
-        Family::Anthropic => Vec::new(),
-    };
     let mut info = RequestInfo {
         model,
         stream,
         include_usage,
-        max_tokens,
         user,
         service_tier: requested_tier(obj.get("service_tier").and_then(Value::as_str)),
-        metadata,
         ..RequestInfo::default()
     };
     match endpoint.dialect() {
@@ -694,6 +691,23 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
         (Dialect::Responses, true) => Responses::read_answer_typed(body),
     };
     fast.or_else(|| read_answer_value(endpoint, body))
+}
+
+/// A whole answer's `usage` from its raw text: straight into the dialect's usage
+/// fields (`typed`) where it has the usual shape (through a tree of values it was 2%
+/// of the gateway's CPU); anything that reader refuses (a repeated key, null) goes the
+/// forgiving way (`forgiving`), so the typed and the forgiving answer readers agree.
+pub(crate) fn usage_from_raw<T: serde::de::DeserializeOwned>(
+    raw: &serde_json::value::RawValue,
+    typed: impl FnOnce(T) -> Option<Reported>,
+    forgiving: impl FnOnce(&Value) -> Option<Reported>,
+) -> Option<Reported> {
+    match serde_json::from_str::<T>(raw.get()) {
+        Ok(usage) => typed(usage),
+        Err(_) => serde_json::from_str::<Value>(raw.get())
+            .ok()
+            .and_then(|v| forgiving(&v)),
+    }
 }
 
 /// A string field that may also be absent, null or of another type (then no text).

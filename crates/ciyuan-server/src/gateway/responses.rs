@@ -16,7 +16,7 @@
 use super::openai::Chat;
 use super::protocol::{
     Endpoint, GatewayError, OpenAiUsage, Read, Reported, RequestInfo, Shown, Step, Wire,
-    requested_tier,
+    metadata_pairs, requested_tier,
 };
 use axum::http::StatusCode;
 use serde::Deserialize;
@@ -61,6 +61,7 @@ fn read_request(
     info: &mut RequestInfo,
 ) -> Result<(), GatewayError> {
     let bad = |m: String| GatewayError::new(StatusCode::BAD_REQUEST, m);
+    info.metadata = metadata_pairs(obj.get("metadata"))?;
     // A background response is answered `queued`, without usage, and generated (and
     // billed by the provider) after the gateway's part in the request is over: it
     // could not be metered, so it is refused rather than let through unmetered.
