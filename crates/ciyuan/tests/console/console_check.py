@@ -7,8 +7,10 @@ main flows, checks what each role must not see or do, and saves a screenshot of 
 page. Prints one line per check; exits non-zero at the first failure.
 """
 
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +27,12 @@ URL, ADMIN, SHOTS = sys.argv[1], sys.argv[2], sys.argv[3]
 os.makedirs(SHOTS, exist_ok=True)
 
 
+# The browser's profile is removed when the script ends, passed or failed (registered
+# before the browser starts, so it runs after the browser's own exit handlers).
+PROFILE = tempfile.mkdtemp(prefix="ciyuan-chromium-")
+atexit.register(shutil.rmtree, PROFILE, ignore_errors=True)
+
+
 def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
@@ -39,7 +47,7 @@ def browser():
         "--disable-sync",
         "--window-size=1280,1000",
         "--lang=en-US",
-        f"--user-data-dir={tempfile.mkdtemp(prefix='ciyuan-chromium-')}",
+        f"--user-data-dir={PROFILE}",
     ]:
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
