@@ -40,10 +40,6 @@ pub(super) struct Accepted {
 }
 
 impl Accepted {
-    pub(super) fn key(&self) -> (&str, &str) {
-        event_key(&self.entry)
-    }
-
     /// The event's `(source, id)`, taken out of the entry.
     pub(super) fn into_key(self) -> (String, String) {
         match self.entry.body {
