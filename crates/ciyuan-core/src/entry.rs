@@ -289,6 +289,11 @@ pub struct Quality {
     /// else the answer's `id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider_request_id: Option<String>,
+    /// The id under which the provider keeps the answer to be retrieved later (the
+    /// Responses API's `resp_...`): the gateway serves `GET /v1/responses/{id}` and
+    /// its kin to the account that made it, from the provider that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_id: Option<String>,
 }
 
 /// Ciyuan's independent count of a request's text with the model's tokenizer.

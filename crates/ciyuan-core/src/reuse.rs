@@ -649,6 +649,7 @@ mod tests {
                     served_model: (extras & 8 == 8).then(|| "gpt-4o-2024-08-06".into()),
                     system_fingerprint: (extras & 16 == 16).then(|| "fp_\"x".into()),
                     provider_request_id: (extras & 8 == 8).then(|| "req_1".into()),
+                    response_id: (extras & 16 == 16).then(|| "resp_1".into()),
                     ..Quality::default()
                 })),
                 recount: (extras & 4 == 4).then(|| Box::new(Recount {

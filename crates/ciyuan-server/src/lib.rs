@@ -510,6 +510,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/messages", post(gateway::messages))
         .route("/v1/messages/count_tokens", post(gateway::count_tokens))
         .route("/v1/responses", post(gateway::responses))
+        .route(
+            "/v1/responses/{id}",
+            get(gateway::get_response).delete(gateway::delete_response),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(gateway::response_input_items),
+        )
+        .route("/v1/responses/{id}/cancel", post(gateway::cancel_response))
         .route("/v1/models", get(gateway::models))
         .layer(DefaultBodyLimit::max(app.gateway.config().max_body_bytes));
     // A price file (LiteLLM's table is ~3 MB) is larger than any other admin body.

@@ -20,6 +20,47 @@ pub(crate) struct Sim {
     pub cfg: SimConfig,
     /// Requests seen, numbering them for ids and random faults.
     seq: AtomicU64,
+    /// Responses kept to be retrieved (`store` not false), newest last.
+    pub(crate) stored: std::sync::Mutex<Stored>,
+}
+
+/// The Responses API's kept answers, by id: at most [`STORED_MAX`], the oldest
+/// forgotten first (a simulator's memory stays bounded under a benchmark).
+#[derive(Debug, Default)]
+pub(crate) struct Stored {
+    by_id: std::collections::HashMap<String, Value>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// Most responses the simulator keeps.
+const STORED_MAX: usize = 4096;
+
+impl Stored {
+    /// Keeps `response` under its `id`.
+    pub(crate) fn keep(&mut self, id: String, response: Value) {
+        if self.by_id.insert(id.clone(), response).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > STORED_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+    }
+
+    /// The response kept under `id`.
+    pub(crate) fn get(&self, id: &str) -> Option<&Value> {
+        self.by_id.get(id)
+    }
+
+    /// Forgets the response kept under `id`; whether there was one.
+    pub(crate) fn remove(&mut self, id: &str) -> bool {
+        let had = self.by_id.remove(id).is_some();
+        if had {
+            self.order.retain(|o| o != id);
+        }
+        had
+    }
 }
 
 impl Sim {
@@ -32,6 +73,7 @@ impl Sim {
         Sim {
             cfg,
             seq: AtomicU64::new(0),
+            stored: std::sync::Mutex::new(Stored::default()),
         }
     }
 }

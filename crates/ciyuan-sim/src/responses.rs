@@ -10,12 +10,14 @@
 
 use crate::answer::{self, Rng, Want, is_cjk};
 use crate::common::{
-    Ctx, Failure, Proto, Sim, answer_json, begin, cached_tokens, compute, content_text, encoding,
-    json_str, model_of, now_secs, positive, request_hash, served_model, text_failure,
+    Ctx, Failure, Proto, Sim, answer_json, authorize, begin, cached_tokens, compute, content_text,
+    encoding, json_str, model_of, now_secs, positive, request_hash, served_model, text_failure,
 };
 use crate::sse::{self, Plan};
-use axum::extract::{Request, State};
-use axum::response::Response;
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use ciyuan_measure::text::{ChatMessage, estimate_chat};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -31,10 +33,91 @@ pub(crate) async fn responses(State(sim): State<Arc<Sim>>, req: Request) -> Resp
         Ok(x) => x,
         Err(r) => return r,
     };
-    match respond(ctx, body).await {
+    match respond(&sim, ctx, body).await {
         Ok(r) => r,
         Err(f) => f.respond(Proto::OpenAi),
     }
+}
+
+/// `GET /v1/responses/{id}`: a kept response, as it ended.
+pub(crate) async fn retrieve(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    kept(&sim, &headers, &id, |v| Json(v.clone()).into_response())
+}
+
+/// `GET /v1/responses/{id}/input_items`: the simulator keeps no input, so an empty
+/// list of a kept response.
+pub(crate) async fn input_items(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    kept(&sim, &headers, &id, |_| {
+        Json(json!({"object": "list", "data": [], "first_id": null, "last_id": null, "has_more": false}))
+            .into_response()
+    })
+}
+
+/// `POST /v1/responses/{id}/cancel`: only background responses can be cancelled, and
+/// the simulator makes none.
+pub(crate) async fn cancel(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    kept(&sim, &headers, &id, |_| {
+        Failure::BadRequest("Only background responses can be cancelled.".into(), None)
+            .respond(Proto::OpenAi)
+    })
+}
+
+/// `DELETE /v1/responses/{id}`.
+pub(crate) async fn delete(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(f) = authorize(&sim.cfg, Proto::OpenAi, &headers) {
+        return f.respond(Proto::OpenAi);
+    }
+    let removed = sim
+        .stored
+        .lock()
+        .map(|mut s| s.remove(&id))
+        .unwrap_or(false);
+    if removed {
+        Json(json!({"id": id, "object": "response.deleted", "deleted": true})).into_response()
+    } else {
+        not_kept(&id)
+    }
+}
+
+/// Answers with `then` of the response kept under `id`, or as the API does when there
+/// is none.
+fn kept(
+    sim: &Sim,
+    headers: &HeaderMap,
+    id: &str,
+    then: impl FnOnce(&Value) -> Response,
+) -> Response {
+    if let Err(f) = authorize(&sim.cfg, Proto::OpenAi, headers) {
+        return f.respond(Proto::OpenAi);
+    }
+    let Ok(stored) = sim.stored.lock() else {
+        return Failure::Internal("the simulator's store is poisoned".into())
+            .respond(Proto::OpenAi);
+    };
+    match stored.get(id) {
+        Some(v) => then(v),
+        None => not_kept(id),
+    }
+}
+
+fn not_kept(id: &str) -> Response {
+    Failure::NotFound(format!("Response with id '{id}' not found.")).respond(Proto::OpenAi)
 }
 
 /// Whether `model` thinks before it answers.
@@ -100,7 +183,7 @@ fn messages(body: &Value) -> Result<Vec<(String, String)>, Failure> {
     Ok(msgs)
 }
 
-async fn respond(ctx: Ctx, body: Value) -> Result<Response, Failure> {
+async fn respond(sim: &Sim, ctx: Ctx, body: Value) -> Result<Response, Failure> {
     let model = model_of(&body)?;
     let msgs = messages(&body)?;
     let cap = positive(&body, "max_output_tokens")?;
@@ -211,8 +294,20 @@ async fn respond(ctx: Ctx, body: Value) -> Result<Response, Failure> {
         output.push(reasoning_item.clone());
     }
     output.push(message(status, Some(&out.text)));
-    let last_usage = if ctx.usage() { usage } else { Value::Null };
-    let whole = object(status, output, last_usage);
+    let last_usage = if ctx.usage() {
+        usage.clone()
+    } else {
+        Value::Null
+    };
+    let whole = object(status, output.clone(), last_usage);
+    // Kept as it ended, with its usage (the API shows usage on retrieval), unless the
+    // request said `store: false`. A cut stream's response is kept too: the API keeps
+    // what it generated whether or not the client read it.
+    if body.get("store").and_then(Value::as_bool) != Some(false)
+        && let Ok(mut stored) = sim.stored.lock()
+    {
+        stored.keep(id.clone(), object(status, output, usage));
+    }
     if !body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let mut v = whole;
         ctx.strip_usage(&mut v);

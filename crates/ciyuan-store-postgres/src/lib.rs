@@ -101,6 +101,8 @@ ALTER TABLE nodes ADD COLUMN paused BIGINT;
     store::MIGRATION_SUBJECTS,
     // 16: holds a node counts already, not counted again (`holds.rs`).
     holds::MIGRATION_COUNTED,
+    // 17: answers providers keep to be retrieved (`Store::response`).
+    store::MIGRATION_RESPONSES,
 ];
 
 /// The schema version this build writes.

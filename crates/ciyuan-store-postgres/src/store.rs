@@ -376,6 +376,18 @@ TRUNCATE accounts, usage_hourly, ingest_index, budgets, access_rules, flagged, i
 UPDATE meta SET value = 0 WHERE name = 'projected_through';
 "#;
 
+/// Answers providers keep to be retrieved (`Store::response`). Only entries written
+/// since carry the id, so nothing is rebuilt.
+pub(crate) const MIGRATION_RESPONSES: &str = r#"
+CREATE TABLE IF NOT EXISTS responses (
+    id       TEXT COLLATE "C" PRIMARY KEY,
+    entry    BIGINT NOT NULL,
+    ts       TEXT NOT NULL,
+    account  TEXT COLLATE "C" NOT NULL,
+    upstream TEXT NOT NULL
+);
+"#;
+
 /// The store's schema, as a migration of the crate's list.
 pub(crate) const MIGRATION: &str = SCHEMA;
 
@@ -422,6 +434,7 @@ const PROJECTIONS: &[&str] = &[
     "cost_tag_hourly",
     "usage_subject_hourly",
     "cost_subject_hourly",
+    "responses",
 ];
 
 /// Seconds in a UTC day.
@@ -493,6 +506,18 @@ fn write_changes(tx: &mut Tx<'_>, changes: &[Change<'_>]) -> Result<(), StoreErr
                 tx,
                 "INSERT INTO flagged (entry, ts, account, usage) VALUES ($1, $2, $3, $4)",
                 &[&(*entry as i64), &at.to_string(), &node.as_str(), &to_json(usage)?],
+            )?,
+            Change::ResponseStored {
+                entry,
+                at,
+                node,
+                id,
+                upstream,
+            } => exec(
+                tx,
+                "INSERT INTO responses (id, entry, ts, account, upstream) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (id) DO NOTHING",
+                &[id, &(*entry as i64), &at.to_string(), &node.as_str(), upstream],
             )?,
             Change::StatementClosed {
                 entry,
@@ -1711,6 +1736,15 @@ impl Store for Inner {
         .collect()
     }
 
+    fn response(&self, id: &str) -> Result<Option<Recorded<String>>, StoreError> {
+        // The upstream's name read as the JSON string `recorded_from` takes.
+        Ok(recorded_from(self.query(
+            "SELECT entry, ts, account, to_json(upstream)::text FROM responses WHERE id = $1",
+            &[id.to_string()],
+        )?)?
+        .pop())
+    }
+
     fn flagged(
         &self,
         under: &AccountPath,
@@ -2114,6 +2148,10 @@ impl Store for PgStore {
 
     fn tier_units(&self) -> Result<Vec<TierUnits>, StoreError> {
         crate::off_runtime(|| self.inner.tier_units())
+    }
+
+    fn response(&self, id: &str) -> Result<Option<Recorded<String>>, StoreError> {
+        crate::off_runtime(|| self.inner.response(id))
     }
 
     fn flagged(

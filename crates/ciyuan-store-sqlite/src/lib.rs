@@ -450,6 +450,17 @@ CREATE TABLE cost_subject_hourly (
 ) WITHOUT ROWID;
 -- REBUILD
 "#,
+    // 17: answers providers keep to be retrieved (`Store::response`). Only entries
+    // written since carry the id, so nothing is rebuilt.
+    r#"
+CREATE TABLE responses (
+    id       TEXT PRIMARY KEY,
+    entry    INTEGER NOT NULL,
+    ts       TEXT NOT NULL,
+    account  TEXT NOT NULL,
+    upstream TEXT NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 /// The line of a migration after which the projections are rebuilt from the log:
@@ -512,6 +523,7 @@ const PROJECTIONS: &[&str] = &[
     "cost_tag_hourly",
     "usage_subject_hourly",
     "cost_subject_hourly",
+    "responses",
 ];
 
 /// A token sum as stored: `hi * 2^62 + lo`, `0 <= lo < 2^62`. Sums of the ledger's
@@ -1073,6 +1085,20 @@ fn write_changes(tx: &rusqlite::Transaction<'_>, changes: &[Change<'_>]) -> Resu
                 .prepare_cached("INSERT INTO flagged (entry, ts, account, usage) VALUES (?, ?, ?, ?)")
                 .and_then(|mut st| {
                     st.execute(params![*entry as i64, at.to_string(), node.as_str(), to_json(usage).map_err(sql)?])
+                }),
+            Change::ResponseStored {
+                entry,
+                at,
+                node,
+                id,
+                upstream,
+            } => tx
+                .prepare_cached(
+                    "INSERT INTO responses (id, entry, ts, account, upstream) VALUES (?, ?, ?, ?, ?)
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![id, *entry as i64, at.to_string(), node.as_str(), upstream])
                 }),
             Change::StatementClosed { entry, at, node, closed } => tx
                 .prepare_cached(
@@ -2093,6 +2119,16 @@ impl Store for SqliteStore {
             });
         }
         Ok(out)
+    }
+
+    fn response(&self, id: &str) -> Result<Option<Recorded<String>>, StoreError> {
+        // The upstream's name read as the JSON string `recorded` takes.
+        Ok(recorded(
+            &self.conn(),
+            "SELECT entry, ts, account, json_quote(upstream) FROM responses WHERE id = ?",
+            vec![id.to_string()],
+        )?
+        .pop())
     }
 
     fn flagged(

@@ -170,7 +170,7 @@ fn a_migration_marked_rebuild_clears_every_projection() {
         .conn()
         .execute_batch(&format!(
             "DROP TABLE usage_subject_hourly; DROP TABLE cost_subject_hourly;
-             PRAGMA user_version = {at_16};"
+             DROP TABLE responses; PRAGMA user_version = {at_16};"
         ))
         .unwrap();
     drop(store);

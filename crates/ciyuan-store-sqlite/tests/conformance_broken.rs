@@ -193,6 +193,10 @@ impl Store for BrokenAfterReset {
     ) -> Result<Vec<ciyuan_store::CostRow>, StoreError> {
         self.inner.cost_tree(filter)
     }
+    fn response(&self, id: &str) -> Result<Option<Recorded<String>>, StoreError> {
+        self.broken()?;
+        self.inner.response(id)
+    }
     fn report_progress(&self) -> Result<Vec<Recorded<ciyuan_core::ReportDelivered>>, StoreError> {
         self.broken()?;
         self.inner.report_progress()

@@ -125,6 +125,67 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     subtree_rollups_equal_the_exact_rows(make().as_ref());
     tag_rollups_by_tag_set(make().as_ref());
     subject_rollups_by_key_and_session(make().as_ref());
+    responses_by_id_first_kept(make().as_ref());
+}
+
+/// Answers kept by providers are found by id with the account and upstream of the
+/// entry that first named them; usage without one (or with quality but no id) names
+/// none; a reset clears them and the log brings them back.
+fn responses_by_id_first_kept(s: &dyn Store) {
+    let answered = |account: &str, at: &str, upstream: &str, id: Option<&str>| {
+        let mut e = usage(account, at, "gpt-4o", 3);
+        if let EntryBody::Usage(u) = &mut e.body {
+            u.quality = Some(Box::new(ciyuan_core::Quality {
+                upstream: upstream.into(),
+                status: 200,
+                response_id: id.map(Into::into),
+                ..Default::default()
+            }));
+        }
+        e
+    };
+    let entries = [
+        created("acme"),
+        answered("acme/cn", "2026-11-24T15:10:00Z", "openai", Some("resp_1")),
+        usage("acme/cn", "2026-11-24T15:11:00Z", "gpt-4o", 1),
+        answered("acme/us", "2026-11-24T15:12:00Z", "azure", None),
+        // The same id again (a provider's mistake, or a replayed log): the first stays.
+        answered("acme/us", "2026-11-24T15:13:00Z", "azure", Some("resp_1")),
+        answered(
+            "acme/us",
+            "2026-11-24T15:14:00Z",
+            "azure",
+            Some("resp_'2\""),
+        ),
+    ];
+    ok(s.apply(0, &entries[..3]), "apply");
+    ok(s.apply(3, &entries[3..]), "apply");
+    let check = |s: &dyn Store| {
+        let one = ok(
+            ok(s.response("resp_1"), "response").ok_or("none"),
+            "resp_1 projected",
+        );
+        assert_eq!(
+            (one.entry, one.account.as_str(), one.body.as_str()),
+            (1, "acme/cn", "openai")
+        );
+        assert_eq!(one.ts, ts("2026-11-24T15:10:00Z"));
+        let two = ok(
+            ok(s.response("resp_'2\""), "response").ok_or("none"),
+            "an id with quotes projected",
+        );
+        assert_eq!(
+            (two.entry, two.account.as_str(), two.body.as_str()),
+            (5, "acme/us", "azure")
+        );
+        assert!(ok(s.response("resp_3"), "response").is_none());
+        assert!(ok(s.response(""), "response").is_none());
+    };
+    check(s);
+    ok(s.reset_projections(), "reset_projections");
+    assert!(ok(s.response("resp_1"), "response").is_none());
+    ok(s.apply(0, &entries), "apply");
+    check(s);
 }
 
 /// What each API key and session consumed, summed over a subtree and range: a session

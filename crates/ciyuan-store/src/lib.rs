@@ -760,6 +760,11 @@ pub trait Store: Send + Sync + 'static {
     /// tiered rule and period).
     fn tier_units(&self) -> Result<Vec<TierUnits>, StoreError>;
 
+    /// The gateway request whose answer its provider keeps under `id` (the Responses
+    /// API's `resp_...`): its entry, time and account, and the upstream's name as the
+    /// body. `None` if no projected entry names it.
+    fn response(&self, id: &str) -> Result<Option<Recorded<String>>, StoreError>;
+
     /// Gateway usage whose recount disagreed with the provider beyond tolerance, in a
     /// subtree, newest first.
     fn flagged(

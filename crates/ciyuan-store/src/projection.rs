@@ -154,6 +154,21 @@ pub enum Change<'a> {
         /// The evaluation.
         evaluated: &'a ciyuan_core::ServiceLevelEvaluated,
     },
+    /// A gateway request's answer is kept by its provider under `id` (the Responses
+    /// API's `resp_...`), to be retrieved by the account that made it; the first entry
+    /// naming an id is kept.
+    ResponseStored {
+        /// The entry.
+        entry: u64,
+        /// Its time.
+        at: Timestamp,
+        /// The account that made the request.
+        node: &'a AccountPath,
+        /// The provider's id of the answer.
+        id: &'a str,
+        /// The upstream that made it (its configured name).
+        upstream: &'a str,
+    },
     /// A scheduled report was delivered; one the schedule delivered (not by hand)
     /// advances its progress if its period is later than the one recorded.
     ReportDelivered {
@@ -673,6 +688,17 @@ pub fn project_parts<'a>(start: u64, parts: &[Part<'a>]) -> Result<Projected<'a>
                             StoreError::Backend(format!("tier units overflow at entry {index}"))
                         })?;
                     }
+                }
+                if let Some(q) = &u.quality
+                    && let Some(id) = &q.response_id
+                {
+                    out.changes.push(Change::ResponseStored {
+                        entry: index,
+                        at: entry.ts,
+                        node,
+                        id,
+                        upstream: &q.upstream,
+                    });
                 }
                 if u.quality.is_some() {
                     let slot = out

@@ -353,6 +353,7 @@ fn official_sdks_through_the_gateway_and_usage_in_the_ledger() {
             "NotFoundError",
             "NotFoundError",
             "NotFoundError",
+            "NotFoundError",
             "NotFoundError"
         ]
     );
@@ -1530,6 +1531,121 @@ fn responses_streams_that_break_off_are_metered_as_chat_streams_are() {
     let answer: Value = serde_json::from_str(&r.body).unwrap();
     let cap = answer["max_output_tokens"].as_u64().unwrap();
     assert!(cap < 200, "the provider was asked for less: {answer}");
+}
+
+/// A response the provider keeps is retrieved, listed, cancelled and deleted through
+/// the gateway by the account that made it (or an ancestor's key), from the provider
+/// that made it, at once after it was made and after a restart; to anyone else it does
+/// not exist. Nothing of it is billed.
+#[test]
+fn stored_responses_are_served_to_the_account_that_made_them() {
+    let mut gw = gateway();
+    let ask = |stream: bool| json!({"model": "gpt-4o", "stream": stream, "max_output_tokens": 50, "input": "Say hello."});
+    let r = raw(
+        &gw.server.url,
+        "/v1/responses",
+        &gw.key,
+        &[],
+        &ask(false),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let made: Value = serde_json::from_str(&r.body).unwrap();
+    let id = made["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("resp_"), "{made}");
+    // Retrieved at once, before its entry need be projected.
+    let get = |gw: &Gateway, key: &str, path: &str| {
+        let (s, b) = gw.server.http("GET", path, key, None);
+        (
+            s,
+            serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+        )
+    };
+    let (s, b) = get(&gw, &gw.key, &format!("/v1/responses/{id}"));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        (b["id"].as_str(), &b["usage"]),
+        (Some(id.as_str()), &made["usage"])
+    );
+    // Its entry names it.
+    let e = gw.entry(&request_id(&r));
+    assert_eq!(e["quality"]["response_id"], id.as_str(), "{e}");
+    let recorded = gateway_entries(&gw);
+    // A streamed response too: its id comes in `response.created`.
+    let r = raw(
+        &gw.server.url,
+        "/v1/responses",
+        &gw.key,
+        &[],
+        &ask(true),
+        None,
+    );
+    assert!(r.complete, "{}", r.body);
+    let streamed = r
+        .body
+        .split("\"id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    assert!(streamed.starts_with("resp_"), "{}", r.body);
+    gw.entry(&request_id(&r));
+    assert_eq!(
+        get(&gw, &gw.key, &format!("/v1/responses/{streamed}")).0,
+        200
+    );
+    let recorded = recorded + 1;
+    // An ancestor's key sees it; a sibling's and an unknown id get OpenAI's 404; a key
+    // without the gateway scope is refused.
+    let parent = gw.key_for("acme", &["gateway"]);
+    assert_eq!(get(&gw, &parent, &format!("/v1/responses/{id}")).0, 200);
+    let sibling = gw.key_for("acme/other", &["gateway"]);
+    for (key, path) in [
+        (&sibling, format!("/v1/responses/{id}")),
+        (&sibling, format!("/v1/responses/{id}/input_items")),
+        (&gw.key, "/v1/responses/resp_never_made".to_string()),
+        (&gw.key, "/v1/responses/..%2Fmodels".to_string()),
+    ] {
+        let (s, b) = get(&gw, key, &path);
+        assert_eq!(s, 404, "{path}: {b}");
+        assert_eq!(b["error"]["type"], "invalid_request_error", "{b}");
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not found"),
+            "{b}"
+        );
+    }
+    let reader = gw.key_for("acme/app", &["read"]);
+    assert_eq!(get(&gw, &reader, &format!("/v1/responses/{id}")).0, 403);
+    // Its input items (the query passed on), and a cancel the provider refuses as the
+    // API does for a response that is not in the background.
+    let (s, b) = get(
+        &gw,
+        &gw.key,
+        &format!("/v1/responses/{id}/input_items?limit=5"),
+    );
+    assert_eq!((s, &b["object"]), (200, &json!("list")), "{b}");
+    let (s, b) = gw
+        .server
+        .http("POST", &format!("/v1/responses/{id}/cancel"), &gw.key, None);
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    // After a restart the ledger's projection says who made it.
+    gw.restart_hard();
+    let (s, b) = get(&gw, &gw.key, &format!("/v1/responses/{id}"));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(get(&gw, &sibling, &format!("/v1/responses/{id}")).0, 404);
+    // Deleted at the provider: gone there, so gone here.
+    let (s, b) = gw
+        .server
+        .http("DELETE", &format!("/v1/responses/{id}"), &gw.key, None);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["deleted"], true);
+    assert_eq!(get(&gw, &gw.key, &format!("/v1/responses/{id}")).0, 404);
+    // None of the retrievals was recorded: only the two responses made.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(gateway_entries(&gw), recorded);
 }
 
 #[test]

@@ -280,6 +280,19 @@ pub(super) fn finish(
     ttft: Option<Duration>,
 ) {
     let latency = call.started.elapsed();
+    // A response the provider keeps can be retrieved at once, before its entry is
+    // appended and projected (see `retrieve`).
+    if call.endpoint == Endpoint::Responses
+        && (200..300).contains(&status)
+        && let Some(id) = &meter.shown.served.id
+    {
+        let upstream = &app.gateway.config.providers[call.provider].name;
+        let mut recent = match app.gateway.recent_responses.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        recent.keep(id, &call.caller.key.account, upstream);
+    }
     // A relay dropped while the runtime shuts down has nowhere to record from.
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         tracing::warn!(request = %call.request_id, "gateway usage not recorded: stopping");
@@ -433,6 +446,10 @@ fn usage_entry(
                 uncounted: measured.uncounted,
                 served_model: meter.shown.served.model.take(),
                 system_fingerprint: meter.shown.served.fingerprint.take(),
+                // Only the Responses API keeps answers to be retrieved by their id.
+                response_id: (call.endpoint.dialect() == super::protocol::Dialect::Responses)
+                    .then(|| meter.shown.served.id.clone())
+                    .flatten(),
                 // The header names the request where the provider sends one; else the
                 // answer's id does.
                 provider_request_id: call

@@ -28,6 +28,7 @@ mod record;
 mod relay;
 pub(crate) mod request;
 pub(crate) mod responses;
+mod retrieve;
 mod route;
 pub(crate) mod sse;
 mod tags;
@@ -60,6 +61,7 @@ pub use forward::count_tokens;
 use forward::{ANTHROPIC_VERSION, error_chain, forward};
 use meter::{ESTIMATOR, Meter, add_tokens, count_input, finish, finish_failed};
 use record::Record;
+pub use retrieve::{cancel_response, delete_response, get_response, response_input_items};
 pub use route::Gateway;
 
 /// `POST /v1/chat/completions`

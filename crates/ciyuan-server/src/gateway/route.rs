@@ -22,6 +22,8 @@ pub struct Gateway {
     pub(super) recorder: std::sync::OnceLock<tokio::sync::mpsc::Sender<Record>>,
     /// Requests whose entry is not yet handed to the recorder.
     pub(super) finishing: std::sync::atomic::AtomicUsize,
+    /// Stored Responses whose requests ended here lately (see `retrieve`).
+    pub(super) recent_responses: std::sync::Mutex<retrieve::Recent>,
 }
 
 /// (model, provider) pairs.
@@ -177,6 +179,7 @@ impl Gateway {
             metrics: metrics::Metrics::new(max_models),
             recorder: std::sync::OnceLock::new(),
             finishing: std::sync::atomic::AtomicUsize::new(0),
+            recent_responses: std::sync::Mutex::new(retrieve::Recent::default()),
         })
     }
 

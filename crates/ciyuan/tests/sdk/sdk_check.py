@@ -78,6 +78,12 @@ raw = oai.responses.with_raw_response.create(
 r = raw.parse()
 assert r.output_text and r.status in ("completed", "incomplete"), r
 emit("openai.responses", raw, r.usage.model_dump())
+# The provider keeps it: retrieved and its input items listed through the gateway, by
+# the SDK's own calls (nothing billed; the Rust side counts the entries).
+again = oai.responses.retrieve(r.id)
+assert again.id == r.id and again.usage == r.usage, again
+assert oai.responses.input_items.list(r.id).object == "list"
+print(json.dumps({"scenario": "openai.responses.retrieve", "id": r.id}), flush=True)
 raw = oai.responses.with_raw_response.create(
     model="gpt-5-mini", input=[{"role": "user", "content": "Stream me something."}],
     max_output_tokens=200, stream=True)
@@ -166,6 +172,7 @@ expect(anthropic.NotFoundError, lambda: ant.messages.create(
 expect(openai.BadRequestError, lambda: oai.chat.completions.create(model="gpt-4o", messages="nope"))
 expect(openai.BadRequestError, lambda: oai.responses.create(model="gpt-4o", input=3))
 expect(openai.NotFoundError, lambda: oai.responses.create(model="no-such-model", input="x"))
+expect(openai.NotFoundError, lambda: oai.responses.retrieve("resp_never_made_here"))
 expect(anthropic.NotFoundError, lambda: ant.messages.count_tokens(
     model="no-such-model", messages=[{"role": "user", "content": "x"}]))
 
