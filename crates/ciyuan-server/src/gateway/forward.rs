@@ -101,24 +101,33 @@ pub async fn count_tokens(
             *resp.headers_mut() = passed_back_headers(&parts.headers);
             resp
         }
-        Ok(Err(e)) => GatewayError::new(
-            StatusCode::BAD_GATEWAY,
-            format!("upstream {} failed: {e}", provider.name),
-        )
-        .into_response(family),
-        Err(_) => GatewayError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "upstream {} did not answer within {}s",
-                provider.name,
-                provider.timeout.as_secs_f64()
-            ),
-        )
-        .into_response(family),
+        Ok(Err(e)) => upstream_failed(provider, &e).into_response(family),
+        Err(_) => upstream_timed_out(provider).into_response(family),
     };
     gw.metrics
         .observe_count_tokens(&provider.name, resp.status().as_u16());
     resp
+}
+
+/// A provider that failed before its answer's head came (connection refused, reset,
+/// TLS): 502 naming it and why.
+pub(super) fn upstream_failed(provider: &Provider, why: &str) -> GatewayError {
+    GatewayError::new(
+        StatusCode::BAD_GATEWAY,
+        format!("upstream {} failed: {why}", provider.name),
+    )
+}
+
+/// A provider whose answer's head did not come within its timeout: 504.
+pub(super) fn upstream_timed_out(provider: &Provider) -> GatewayError {
+    GatewayError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "upstream {} did not answer within {}s",
+            provider.name,
+            provider.timeout.as_secs_f64()
+        ),
+    )
 }
 
 /// Whether a client's request header goes on to the provider: the defaults and the
@@ -229,19 +238,14 @@ pub(super) async fn forward(
     let resp = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            let msg = format!("upstream {} failed: {}", provider.name, error_chain(&e));
-            let status = StatusCode::BAD_GATEWAY;
-            finish_failed(&app, call, status, "upstream_error");
-            return GatewayError::new(status, msg).into_response(family);
+            let failed = upstream_failed(provider, &error_chain(&e));
+            finish_failed(&app, call, failed.status, "upstream_error");
+            return failed.into_response(family);
         }
         Err(_) => {
-            let msg = format!(
-                "upstream {} did not answer within {}s",
-                provider.name,
-                provider.timeout.as_secs_f64()
-            );
-            finish_failed(&app, call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
-            return GatewayError::new(StatusCode::GATEWAY_TIMEOUT, msg).into_response(family);
+            let timed_out = upstream_timed_out(provider);
+            finish_failed(&app, call, timed_out.status, "upstream_timeout");
+            return timed_out.into_response(family);
         }
     };
     let (parts, incoming) = resp.into_parts();

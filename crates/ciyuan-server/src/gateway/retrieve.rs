@@ -200,20 +200,8 @@ async fn retrieve(app: Arc<App>, ask: Ask, id: String, headers: HeaderMap, uri: 
             *resp.headers_mut() = forward::passed_back_headers(&parts.headers);
             resp
         }
-        Ok(Err(e)) => GatewayError::new(
-            StatusCode::BAD_GATEWAY,
-            format!("upstream {} failed: {}", provider.name, error_chain(&e)),
-        )
-        .into_response(family),
-        Err(_) => GatewayError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "upstream {} did not answer within {}s",
-                provider.name,
-                provider.timeout.as_secs_f64()
-            ),
-        )
-        .into_response(family),
+        Ok(Err(e)) => forward::upstream_failed(provider, &error_chain(&e)).into_response(family),
+        Err(_) => forward::upstream_timed_out(provider).into_response(family),
     }
 }
 
