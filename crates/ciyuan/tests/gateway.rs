@@ -1631,6 +1631,17 @@ fn stored_responses_are_served_to_the_account_that_made_them() {
         .server
         .http("POST", &format!("/v1/responses/{id}/cancel"), &gw.key, None);
     assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    // Counted on /metrics by upstream, call and status (refusals before a provider is
+    // known are not).
+    let (s, m) = gw.server.http("GET", "/metrics", &gw.admin, None);
+    assert_eq!(s, 200);
+    let m = String::from_utf8_lossy(&m);
+    for (call, status, n) in [("get", 200, 3), ("input_items", 200, 1), ("cancel", 400, 1)] {
+        let line = format!(
+            "ciyuan_gateway_response_retrievals_total{{upstream=\"sim-openai\",call=\"{call}\",status=\"{status}\"}} {n}\n"
+        );
+        assert!(m.contains(&line), "{line} in {m}");
+    }
     // After a restart the ledger's projection says who made it.
     gw.restart_hard();
     let (s, b) = get(&gw, &gw.key, &format!("/v1/responses/{id}"));

@@ -64,6 +64,9 @@ struct Inner {
     /// Token counts (Anthropic's `count_tokens`) by upstream and status: passed to a
     /// provider, never billed, so they show here and nowhere in the ledger.
     count_tokens: BTreeMap<(String, u16), u64>,
+    /// Stored Responses' calls (`get`, `delete`, `input_items`, `cancel`) passed to a
+    /// provider, by upstream, call and status; never billed either.
+    retrievals: BTreeMap<(String, &'static str, u16), u64>,
 }
 
 /// The model label of requests for models beyond the first `max_models` seen.
@@ -174,6 +177,15 @@ impl Metrics {
             .or_insert(0) += 1;
     }
 
+    /// Records one stored-Response call (`call`) passed to `upstream` and the status
+    /// the client got. Upstreams and calls are bounded sets, so the series are.
+    pub fn observe_retrieval(&self, upstream: &str, call: &'static str, status: u16) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *m.retrievals
+            .entry((upstream.to_string(), call, status))
+            .or_insert(0) += 1;
+    }
+
     /// The metrics in Prometheus' text format.
     pub fn render(&self) -> String {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -187,6 +199,17 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "ciyuan_gateway_count_tokens_total{{upstream=\"{}\",status=\"{s}\"}} {n}",
+                esc(u)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ciyuan_gateway_response_retrievals_total Calls on stored Responses (get, delete, input_items, cancel) passed to a provider, by upstream, call and status; never billed.\n# TYPE ciyuan_gateway_response_retrievals_total counter"
+        );
+        for ((u, call, s), n) in &m.retrievals {
+            let _ = writeln!(
+                out,
+                "ciyuan_gateway_response_retrievals_total{{upstream=\"{}\",call=\"{call}\",status=\"{s}\"}} {n}",
                 esc(u)
             );
         }
@@ -386,6 +409,22 @@ mod tests {
             "ciyuan_gateway_count_tokens_total{upstream=\"sim-anthropic\",status=\"504\"} 1\n"
         ));
         // Counted apart: no request series, no tokens.
+        assert!(!text.contains("ciyuan_gateway_requests_total{"));
+    }
+
+    #[test]
+    fn retrievals_are_counted_by_upstream_call_and_status() {
+        let m = Metrics::default();
+        m.observe_retrieval("sim-openai", "get", 200);
+        m.observe_retrieval("sim-openai", "get", 200);
+        m.observe_retrieval("sim-openai", "cancel", 400);
+        let text = m.render();
+        assert!(text.contains(
+            "ciyuan_gateway_response_retrievals_total{upstream=\"sim-openai\",call=\"get\",status=\"200\"} 2\n"
+        ), "{text}");
+        assert!(text.contains(
+            "ciyuan_gateway_response_retrievals_total{upstream=\"sim-openai\",call=\"cancel\",status=\"400\"} 1\n"
+        ), "{text}");
         assert!(!text.contains("ciyuan_gateway_requests_total{"));
     }
 

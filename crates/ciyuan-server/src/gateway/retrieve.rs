@@ -69,6 +69,16 @@ impl Ask {
         }
     }
 
+    /// The call's name on `/metrics`.
+    fn name(self) -> &'static str {
+        match self {
+            Ask::Get => "get",
+            Ask::Delete => "delete",
+            Ask::InputItems => "input_items",
+            Ask::Cancel => "cancel",
+        }
+    }
+
     fn suffix(self) -> &'static str {
         match self {
             Ask::Get | Ask::Delete => "",
@@ -192,7 +202,7 @@ async fn retrieve(app: Arc<App>, ask: Ask, id: String, headers: HeaderMap, uri: 
     }
     // The answer's head within the provider's timeout; its body (a stream, with
     // `?stream=true` on a background response) is passed through as it comes.
-    match tokio::time::timeout(provider.timeout, gw.clients.request(i, up)).await {
+    let resp = match tokio::time::timeout(provider.timeout, gw.clients.request(i, up)).await {
         Ok(Ok(resp)) => {
             let (parts, incoming) = resp.into_parts();
             let mut resp = Response::new(Body::new(incoming));
@@ -202,7 +212,10 @@ async fn retrieve(app: Arc<App>, ask: Ask, id: String, headers: HeaderMap, uri: 
         }
         Ok(Err(e)) => forward::upstream_failed(provider, &error_chain(&e)).into_response(family),
         Err(_) => forward::upstream_timed_out(provider).into_response(family),
-    }
+    };
+    gw.metrics
+        .observe_retrieval(&provider.name, ask.name(), resp.status().as_u16());
+    resp
 }
 
 /// The account and upstream of the request that made response `id`: from the requests
