@@ -18,9 +18,7 @@ pub(super) enum Walk {
     Plain,
     /// Some tokens are made from a half ranked after them (27 in `qwen3_6`): they are
     /// found when the walk's tables are built (a few hundred milliseconds more), and
-    /// pieces holding one are merged. Exact (tested on `qwen3_6`), but no encoding
-    /// uses it: on `qwen3_6` it was no faster than merging.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// pieces holding one are merged. Exact (tested on `qwen3_6`).
     Screened,
 }
 
