@@ -424,11 +424,14 @@ mod per_core {
                         // for the next request's head, and the soonest other timer was
                         // the provider pool's 90 s sweep: every request paid it. A
                         // timer every 10 s keeps the next wake-up sooner than those.
+                        // It also closes this thread's provider connections that have
+                        // idled too long.
                         tokio::spawn(async {
                             let mut tick =
                                 tokio::time::interval(std::time::Duration::from_secs(10));
                             loop {
                                 tick.tick().await;
+                                ciyuan_server::gateway::close_expired_idle();
                             }
                         });
                         let result = match TcpListener::from_std(listener) {

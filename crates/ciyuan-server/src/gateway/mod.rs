@@ -63,6 +63,7 @@ use meter::{ESTIMATOR, Meter, add_tokens, count_input, finish, finish_failed};
 use record::Record;
 pub use retrieve::{cancel_response, delete_response, get_response, response_input_items};
 pub use route::Gateway;
+pub use upstream::close_expired_idle;
 
 /// `POST /v1/chat/completions`
 pub async fn chat(app: State<Arc<App>>, headers: TakenHeaders, req: Request) -> Response {

@@ -118,14 +118,27 @@ fn idle_put(home: (u64, usize), mut c: Inline) {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         // Oldest first: what has idled too long, or is one too many, is at the front.
-        let expired = idle
-            .iter()
-            .take_while(|(_, c)| c.idle_since.elapsed() >= INLINE_IDLE)
-            .count();
-        let over = (idle.len() - expired + 1).saturating_sub(INLINE_IDLE_MAX);
-        idle.drain(..expired + over);
+        close_idle_since(&mut idle, INLINE_IDLE);
+        let over = (idle.len() + 1).saturating_sub(INLINE_IDLE_MAX);
+        idle.drain(..over);
         idle.push((home, c));
     });
+}
+
+/// Closes this thread's inline connections that have idled for [`INLINE_IDLE`]: each
+/// request thread calls it on its periodic tick, so a thread that goes quiet does not
+/// keep its providers' sockets open (hyper's pool closes its own from a timer).
+pub fn close_expired_idle() {
+    IDLE.with(|idle| close_idle_since(&mut idle.borrow_mut(), INLINE_IDLE));
+}
+
+/// Closes the connections of `idle` (oldest first) that have idled for `age`.
+fn close_idle_since(idle: &mut Vec<((u64, usize), Inline)>, age: Duration) {
+    let expired = idle
+        .iter()
+        .take_while(|(_, c)| c.idle_since.elapsed() >= age)
+        .count();
+    idle.drain(..expired);
 }
 
 /// This thread's most recently idled connection to `home`, if it is still open: polled
@@ -554,6 +567,33 @@ mod tests {
             .unwrap()
         });
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn connections_idle_too_long_are_closed() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (url, accepted) = provider(&rt);
+        let clients = clients();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let collect = |resp: hyper::Response<UpstreamBody>| async {
+                    http_body_util::BodyExt::collect(resp.into_body())
+                        .await
+                        .unwrap();
+                };
+                requests(&clients, &url, 1, collect);
+                // The periodic sweep keeps what is younger than its age...
+                close_expired_idle();
+                assert_eq!(IDLE.with(|i| i.borrow().len()), 1);
+                // ...and closes what is older.
+                IDLE.with(|i| close_idle_since(&mut i.borrow_mut(), Duration::ZERO));
+                assert_eq!(IDLE.with(|i| i.borrow().len()), 0);
+                requests(&clients, &url, 1, collect);
+            })
+            .join()
+            .unwrap()
+        });
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[test]
