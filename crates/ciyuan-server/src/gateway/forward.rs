@@ -66,19 +66,12 @@ pub async fn count_tokens(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    for (name, value) in &headers {
-        if forwarded(name.as_str(), &provider.forward_headers) {
-            out.append(name.clone(), value.clone());
-        }
-    }
+    provider_headers(gw, i, &headers, out);
     if !out.contains_key("anthropic-version") {
         out.insert(
             HeaderName::from_static("anthropic-version"),
             HeaderValue::from_static(ANTHROPIC_VERSION),
         );
-    }
-    if let Some((name, value)) = &gw.auth[i] {
-        out.insert(name.clone(), value.clone());
     }
     let answered = tokio::time::timeout(provider.timeout, async {
         let resp = gw
@@ -128,6 +121,21 @@ pub(super) fn upstream_timed_out(provider: &Provider) -> GatewayError {
             provider.timeout.as_secs_f64()
         ),
     )
+}
+
+/// Puts on a request to provider `i` the client's headers the provider may see
+/// ([`forwarded`]) and the provider's own credential, which replaces any the client
+/// sent: every call to a provider (forwarding, `count_tokens`, stored Responses).
+pub(super) fn provider_headers(gw: &Gateway, i: usize, client: &HeaderMap, out: &mut HeaderMap) {
+    let allowed = &gw.config.providers[i].forward_headers;
+    for (name, value) in client {
+        if forwarded(name.as_str(), allowed) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if let Some((name, value)) = &gw.auth[i] {
+        out.insert(name.clone(), value.clone());
+    }
 }
 
 /// Whether a client's request header goes on to the provider: the defaults and the
@@ -220,19 +228,12 @@ pub(super) async fn forward(
         header::USER_AGENT,
         HeaderValue::from_static(concat!("ciyuan/", env!("CARGO_PKG_VERSION"))),
     );
-    for (name, value) in headers {
-        if forwarded(name.as_str(), &provider.forward_headers) {
-            out.append(name.clone(), value.clone());
-        }
-    }
+    provider_headers(gw, call.provider, headers, out);
     if provider.protocol == Protocol::Anthropic && !out.contains_key("anthropic-version") {
         out.insert(
             HeaderName::from_static("anthropic-version"),
             HeaderValue::from_static(ANTHROPIC_VERSION),
         );
-    }
-    if let Some((name, value)) = &gw.auth[call.provider] {
-        out.insert(name.clone(), value.clone());
     }
     let sent = tokio::time::timeout(provider.timeout, gw.clients.request(call.provider, req)).await;
     let resp = match sent {

@@ -191,15 +191,7 @@ async fn retrieve(app: Arc<App>, ask: Ask, id: String, headers: HeaderMap, uri: 
     let mut up = hyper::Request::new(Full::new(Bytes::new()));
     *up.method_mut() = ask.method();
     *up.uri_mut() = target;
-    let out = up.headers_mut();
-    for (name, value) in &headers {
-        if forward::forwarded(name.as_str(), &provider.forward_headers) {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    if let Some((name, value)) = &gw.auth[i] {
-        out.insert(name.clone(), value.clone());
-    }
+    forward::provider_headers(gw, i, &headers, up.headers_mut());
     // The answer's head within the provider's timeout; its body (a stream, with
     // `?stream=true` on a background response) is passed through as it comes.
     let resp = match tokio::time::timeout(provider.timeout, gw.clients.request(i, up)).await {
