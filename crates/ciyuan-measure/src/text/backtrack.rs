@@ -35,12 +35,14 @@ pub(super) struct Backtrack {
     tree: Box<[u64]>,
     /// Per rank, the longest token merging makes that is a proper prefix of it.
     shorter: Box<[Rank]>,
-    /// Per trie node, packed: where its children start (32 bits), how many there are
-    /// (9 bits), the token that ends there (20 bits, all ones for none).
+    /// Per trie node, packed: the token that ends there (20 bits, all ones for none),
+    /// how many children it has (9 bits), where they start (24 bits) and the byte of
+    /// the edge that leads to it (8 bits). A node's children are consecutive and in
+    /// byte order, and each carries its own byte, so finding the child along a byte
+    /// reads one stretch of this table, whose entry found is the child itself (with
+    /// the bytes in a table of their own, each step cost two cache misses: 60% of the
+    /// time of finding the longest token was those loads).
     nodes: Box<[u64]>,
-    /// Per trie node, the byte of the edge that leads to it; a node's children are
-    /// consecutive and in byte order.
-    labels: Box<[u8]>,
     /// Per character of three bytes (by [`char3_index`]), the trie node it leads to
     /// when it is a token, else 0: Chinese is walked from there, not byte by byte
     /// through nodes of 64 children each.
@@ -90,6 +92,14 @@ const NODE_RANK_BITS: u32 = 20;
 const NODE_NO_RANK: u64 = (1 << NODE_RANK_BITS) - 1;
 const NODE_COUNT_SHIFT: u32 = NODE_RANK_BITS;
 const NODE_FIRST_SHIFT: u32 = NODE_RANK_BITS + 9;
+const NODE_FIRST_BITS: u32 = 24;
+const NODE_LABEL_SHIFT: u32 = NODE_FIRST_SHIFT + NODE_FIRST_BITS;
+
+/// The byte of the edge that leads to node entry `n`.
+#[inline]
+fn node_label(n: u64) -> u8 {
+    (n >> NODE_LABEL_SHIFT) as u8
+}
 
 /// Pieces at most this long are counted on the stack; longer ones are merged with a
 /// heap (they are rare: runs of one character, long words of code).
@@ -140,7 +150,6 @@ impl Backtrack {
             tree: Box::new([]),
             shorter: Box::new([]),
             nodes: Box::new([]),
-            labels: Box::new([]),
             chars3: Box::new([]),
             merges: Box::new([]),
             merge_filter: Box::new([]),
@@ -183,7 +192,6 @@ impl Backtrack {
             tree: vec![0; ranks].into_boxed_slice(),
             shorter: vec![NONE; ranks].into_boxed_slice(),
             nodes: Box::new([]),
-            labels: Box::new([]),
             chars3: vec![0; 1 << 16].into_boxed_slice(),
             merges: vec![0; ranks * 5 / 3 + 1].into_boxed_slice(),
             merge_filter: vec![0; 1 << (MERGE_FILTER_BITS - 6)].into_boxed_slice(),
@@ -321,7 +329,6 @@ impl Backtrack {
         // Stack entries: the node, its depth, the tokens below it (a range of `sorted`),
         // the deepest token above it.
         let mut nodes: Vec<u64> = vec![0];
-        let mut labels: Vec<u8> = vec![0];
         let mut stack = vec![(0usize, 0usize, 0, sorted.len(), NONE)];
         while let Some((node, depth, mut lo, hi, above)) = stack.pop() {
             let mut here = NONE;
@@ -342,8 +349,7 @@ impl Backtrack {
                     j += 1;
                 }
                 let child = nodes.len();
-                nodes.push(0);
-                labels.push(b);
+                nodes.push(u64::from(b) << NODE_LABEL_SHIFT);
                 let deepest = if here == NONE { above } else { here };
                 stack.push((child, depth + 1, i, j, deepest));
                 i = j;
@@ -354,23 +360,34 @@ impl Backtrack {
             } else {
                 u64::from(here)
             };
-            nodes[node] = ((first as u64) << NODE_FIRST_SHIFT) | (count << NODE_COUNT_SHIFT) | rank;
+            nodes[node] |= ((first as u64) << NODE_FIRST_SHIFT) | (count << NODE_COUNT_SHIFT) | rank;
+        }
+        if nodes.len() > 1 << NODE_FIRST_BITS {
+            // More nodes than an entry can point at (no supported vocabulary comes
+            // near: `qwen3_6` has about a million): no walk, every piece merges, which
+            // counts the same, only slower.
+            return;
         }
         self.nodes = nodes.into_boxed_slice();
-        self.labels = labels.into_boxed_slice();
     }
 
     /// The child of `node` along byte `b`, if any.
     #[inline]
     fn child(&self, node: usize, b: u8) -> Option<usize> {
         let n = self.nodes[node];
-        let first = (n >> NODE_FIRST_SHIFT) as usize;
+        let first = ((n >> NODE_FIRST_SHIFT) & ((1 << NODE_FIRST_BITS) - 1)) as usize;
         let count = ((n >> NODE_COUNT_SHIFT) & 0x1ff) as usize;
-        let labels = &self.labels[first..first + count];
+        let children = &self.nodes[first..first + count];
         if count <= 8 {
-            labels.iter().position(|&l| l == b).map(|i| first + i)
+            children
+                .iter()
+                .position(|&c| node_label(c) == b)
+                .map(|i| first + i)
         } else {
-            labels.binary_search(&b).ok().map(|i| first + i)
+            children
+                .binary_search_by_key(&b, |&c| node_label(c))
+                .ok()
+                .map(|i| first + i)
         }
     }
 
@@ -522,7 +539,7 @@ impl Backtrack {
     pub(super) fn heap_bytes(&self) -> usize {
         self.tree.len() * 8
             + self.shorter.len() * 4
-            + self.nodes.len() * 9
+            + self.nodes.len() * 8
             + self.chars3.len() * 4
             + self.merges.len() * 8
             + self.merge_filter.len() * 8
