@@ -775,6 +775,14 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
             t.requests,
             cpu_note(t.gateway_cpu_us)
         );
+        if t.gateway_cpu_us > 0.0 {
+            let rooms: Vec<String> = crate::bench_gateway::THREAD_ROOMS
+                .iter()
+                .zip(t.gateway_cpu_rooms_us)
+                .map(|(name, us)| format!("{name} {us:.1}"))
+                .collect();
+            println!("      gateway CPU us/request by thread: {}", rooms.join(", "));
+        }
     }
     if let Some(p) = proxy {
         println!(
@@ -835,6 +843,11 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                 "throughput_p50_us": s.throughput.p50_us,
                 "throughput_p99_us": s.throughput.p99_us,
                 "throughput_gateway_cpu_us": s.throughput.gateway_cpu_us,
+                "throughput_gateway_cpu_us_by_thread": crate::bench_gateway::THREAD_ROOMS
+                    .iter()
+                    .zip(s.throughput.gateway_cpu_rooms_us)
+                    .map(|(name, us)| (name.to_string(), serde_json::json!(us)))
+                    .collect::<serde_json::Map<_, _>>(),
                 "one_connection_p50_us": s.one_connection.p50_us,
                 "one_connection_p99_us": s.one_connection.p99_us,
                 "one_connection_per_sec": s.one_connection.per_sec,

@@ -145,6 +145,45 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The rooms of the gateway's process whose CPU [`thread_cpu`] tells apart, by their
+/// threads' names.
+pub const THREAD_ROOMS: [&str; 5] = ["request threads", "runtime", "ledger", "projector", "other"];
+
+/// CPU seconds (user + system) of each of [`THREAD_ROOMS`] in process `pid` so far, from
+/// `/proc/PID/task/*/stat` (threads that have ended are not counted: the gateway's
+/// live for as long as it serves).
+fn thread_cpu(pid: u32) -> [f64; 5] {
+    let mut rooms = [0.0; 5];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return rooms;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        // The kernel keeps 15 bytes of a thread's name.
+        let name = &stat[open + 1..close];
+        let room = if name.starts_with("ciyuan-http") {
+            0
+        } else if name.starts_with("tokio-runtime") {
+            1
+        } else if name.starts_with("ciyuan-ledger") {
+            2
+        } else if name.starts_with("ciyuan-project") {
+            3
+        } else {
+            4
+        };
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        rooms[room] += (ticks(11) + ticks(12)) / 100.0;
+    }
+    rooms
+}
+
 /// A `kB` field of `/proc/PID/status` (VmRSS, VmHWM); 0 when unreadable.
 fn status_kb(pid: u32, field: &str) -> u64 {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
@@ -870,6 +909,8 @@ pub struct WrkFigures {
     /// CPU (user + system) the gateway spent per request while this target ran
     /// (Ciyuan's only; 0 for the others).
     pub gateway_cpu_us: f64,
+    /// That CPU by room of the gateway ([`THREAD_ROOMS`]), per request.
+    pub gateway_cpu_rooms_us: [f64; 5],
 }
 
 /// One target's figures, side by side with the others'.
@@ -925,6 +966,7 @@ struct WrkSamples {
     /// Latency (µs) → answers.
     histogram: std::collections::BTreeMap<u64, u64>,
     gateway_cpu: f64,
+    gateway_cpu_rooms: [f64; 5],
 }
 
 impl WrkSamples {
@@ -948,6 +990,9 @@ impl WrkSamples {
             p99_us: at(0.99),
             p999_us: at(0.999),
             gateway_cpu_us: self.gateway_cpu * 1e6 / self.requests.max(1) as f64,
+            gateway_cpu_rooms_us: self
+                .gateway_cpu_rooms
+                .map(|c| c * 1e6 / self.requests.max(1) as f64),
         }
     }
 }
@@ -1125,10 +1170,17 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
         for slice in 0..slices {
             for k in order(slice) {
                 let t = &targets[k];
-                let cpu = cpu_seconds(gw_pid);
+                let (cpu, rooms) = (cpu_seconds(gw_pid), thread_cpu(gw_pid));
                 wrk_slice(&o, shape, &script, &t.url, &mut samples[k], &checks, t.name)?;
                 if k == ciyuan {
                     samples[k].gateway_cpu += cpu_seconds(gw_pid) - cpu;
+                    for (sum, (after, before)) in samples[k]
+                        .gateway_cpu_rooms
+                        .iter_mut()
+                        .zip(thread_cpu(gw_pid).iter().zip(rooms))
+                    {
+                        *sum += after - before;
+                    }
                 }
             }
         }
@@ -1216,10 +1268,12 @@ mod tests {
         s.requests = 200;
         s.micros = 2_000_000;
         s.gateway_cpu = 0.01;
+        s.gateway_cpu_rooms = [0.006, 0.0, 0.002, 0.002, 0.0];
         let f = s.figures();
         assert_eq!((f.p50_us, f.p99_us, f.p999_us), (10, 20, 500));
         assert_eq!(f.per_sec, 100.0);
         assert_eq!(f.gateway_cpu_us, 50.0);
+        assert_eq!(f.gateway_cpu_rooms_us, [30.0, 0.0, 10.0, 10.0, 0.0]);
         assert_eq!(WrkSamples::default().figures().p99_us, 0);
     }
 
