@@ -781,7 +781,10 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                 .zip(t.gateway_cpu_rooms_us)
                 .map(|(name, us)| format!("{name} {us:.1}"))
                 .collect();
-            println!("      gateway CPU us/request by thread: {}", rooms.join(", "));
+            println!(
+                "      gateway CPU us/request by thread: {}",
+                rooms.join(", ")
+            );
         }
     }
     if let Some(p) = proxy {
