@@ -55,6 +55,11 @@ pub(super) struct Backtrack {
     /// (together half of the time of finding the longest token). A node marked
     /// [`NODE_PART_BELOW`] is walked byte by byte instead.
     char_steps: Box<[u64]>,
+    /// One bit per [`CHAR_STEP_FILTER_BITS`]-bit stretch of a step's hash, set where a
+    /// step's falls (128 KiB, which stays in the cache): about two in three steps the
+    /// walk asks for are not there (a token ends and the next character does not carry
+    /// it on), and most of those are turned away here without a miss in the table.
+    char_step_filter: Box<[u64]>,
     /// Every token's merge by its two halves (open addressing, linear probing):
     /// `1 << 63 | token << 40 | right << 20 | left`, 0 where empty. Two tokens next to
     /// each other merge only into the token they are the halves of (merging that
@@ -98,6 +103,14 @@ const MERGE_FILTER_BITS: u32 = 21;
 
 /// The bits of a [`Backtrack::char_steps`] entry that are its key (node and character).
 const CHAR_STEP_KEY: u64 = (1 << 40) - 1;
+
+const CHAR_STEP_FILTER_BITS: u32 = 20;
+
+/// The bit of [`Backtrack::char_step_filter`] for a step's hash.
+#[inline]
+fn char_step_bit(h: u64) -> usize {
+    (h >> (64 - CHAR_STEP_FILTER_BITS)) as usize
+}
 
 #[inline]
 fn char_step_hash(key: u64) -> u64 {
@@ -173,6 +186,7 @@ impl Backtrack {
             nodes: Box::new([]),
             chars3: Box::new([]),
             char_steps: Box::new([]),
+            char_step_filter: Box::new([]),
             merges: Box::new([]),
             merge_filter: Box::new([]),
             screen: None,
@@ -216,6 +230,7 @@ impl Backtrack {
             nodes: Box::new([]),
             chars3: vec![0; 1 << 16].into_boxed_slice(),
             char_steps: Box::new([]),
+            char_step_filter: Box::new([]),
             merges: vec![0; ranks * 5 / 3 + 1].into_boxed_slice(),
             merge_filter: vec![0; 1 << (MERGE_FILTER_BITS - 6)].into_boxed_slice(),
             screen: None,
@@ -435,14 +450,19 @@ impl Backtrack {
             }
         }
         let mut table = vec![0u64; (steps.len() * 2).next_power_of_two().max(2)];
+        let mut filter = vec![0u64; 1 << (CHAR_STEP_FILTER_BITS - 6)];
         for step in steps {
-            let mut i = home(table.len(), char_step_hash(step & CHAR_STEP_KEY));
+            let h = char_step_hash(step & CHAR_STEP_KEY);
+            let bit = char_step_bit(h);
+            filter[bit >> 6] |= 1 << (bit & 63);
+            let mut i = home(table.len(), h);
             while table[i] != 0 {
                 i = (i + 1) & (table.len() - 1);
             }
             table[i] = step;
         }
         self.char_steps = table.into_boxed_slice();
+        self.char_step_filter = filter.into_boxed_slice();
     }
 
     /// The node one whole character of three bytes (`ch`, by [`char3_index`]) below
@@ -450,8 +470,13 @@ impl Backtrack {
     #[inline]
     fn char_step(&self, node: usize, ch: usize) -> Option<usize> {
         let key = ((node as u64) << 16) | ch as u64;
+        let h = char_step_hash(key);
+        let bit = char_step_bit(h);
+        if self.char_step_filter[bit >> 6] & (1 << (bit & 63)) == 0 {
+            return None;
+        }
         let mask = self.char_steps.len() - 1;
-        let mut i = home(self.char_steps.len(), char_step_hash(key));
+        let mut i = home(self.char_steps.len(), h);
         loop {
             let e = self.char_steps[i];
             if e == 0 {
@@ -650,6 +675,7 @@ impl Backtrack {
             + self.nodes.len() * 8
             + self.chars3.len() * 4
             + self.char_steps.len() * 8
+            + self.char_step_filter.len() * 8
             + self.merges.len() * 8
             + self.merge_filter.len() * 8
     }
