@@ -49,12 +49,14 @@ pub(super) struct Backtrack {
     chars3: Box<[u32]>,
     /// The trie's edges of one whole character of three bytes, below any node but the
     /// root (which [`Backtrack::chars3`] covers), by the node and the character (by
-    /// [`char3_index`]): `child << 40 | node << 16 | character`, 0 where empty (open
-    /// addressing, linear probing). Walking Chinese down the trie a character at a
-    /// time reads one entry here instead of three nodes' children, each a cache miss
-    /// (together half of the time of finding the longest token). A node marked
-    /// [`NODE_PART_BELOW`] is walked byte by byte instead.
-    char_steps: Box<[u64]>,
+    /// [`char3_index`]): `child << 40 | node << 16 | character` and a copy of the
+    /// child's entry in [`Backtrack::nodes`] (so a step reads one cache line, not that
+    /// and the child's node), 0 where empty (open addressing, linear probing). Walking
+    /// Chinese down the trie a character at a time reads one entry here instead of
+    /// three nodes' children, each a cache miss (together half of the time of finding
+    /// the longest token). A node marked [`NODE_PART_BELOW`] is walked byte by byte
+    /// instead.
+    char_steps: Box<[[u64; 2]]>,
     /// One bit per [`CHAR_STEP_FILTER_BITS`]-bit stretch of a step's hash, set where a
     /// step's falls (128 KiB, which stays in the cache): about two in three steps the
     /// walk asks for are not there (a token ends and the next character does not carry
@@ -419,44 +421,56 @@ impl Backtrack {
             first..first + ((e >> NODE_COUNT_SHIFT) & 0x1ff) as usize
         };
         let holds_token = |e: u64| e & NODE_NO_RANK != NODE_NO_RANK;
-        let mut steps = Vec::new();
+        // Every node's mark first: the steps copy the entries of the nodes they reach.
         for p in 0..self.nodes.len() {
             let mut part_below = p == 0;
-            let mut mine = Vec::new();
+            for b in children(&self.nodes, p) {
+                if (0xe0..=0xef).contains(&node_label(self.nodes[b])) {
+                    part_below |= holds_token(self.nodes[b])
+                        || children(&self.nodes, b).any(|c| {
+                            (0x80..=0xbf).contains(&node_label(self.nodes[c]))
+                                && holds_token(self.nodes[c])
+                        });
+                }
+            }
+            if part_below {
+                self.nodes[p] |= NODE_PART_BELOW;
+            }
+        }
+        let mut steps = Vec::new();
+        for p in 0..self.nodes.len() {
+            if self.nodes[p] & NODE_PART_BELOW != 0 {
+                continue;
+            }
             for b in children(&self.nodes, p) {
                 let lead = node_label(self.nodes[b]);
                 if !(0xe0..=0xef).contains(&lead) {
                     continue;
                 }
-                part_below |= holds_token(self.nodes[b]);
                 for c in children(&self.nodes, b) {
                     let second = node_label(self.nodes[c]);
                     if !(0x80..=0xbf).contains(&second) {
                         continue;
                     }
-                    part_below |= holds_token(self.nodes[c]);
                     for x in children(&self.nodes, c) {
                         let third = node_label(self.nodes[x]);
                         if let Some(ch) = char3_index(&[lead, second, third]) {
-                            mine.push(((x as u64) << 40) | ((p as u64) << 16) | ch as u64);
+                            let key = ((x as u64) << 40) | ((p as u64) << 16) | ch as u64;
+                            steps.push([key, self.nodes[x]]);
                         }
                     }
                 }
             }
-            if part_below {
-                self.nodes[p] |= NODE_PART_BELOW;
-            } else {
-                steps.extend(mine);
-            }
         }
-        let mut table = vec![0u64; (steps.len() * 2).next_power_of_two().max(2)];
+        // At most about 70% full: 16 bytes an entry, four to a cache line.
+        let mut table = vec![[0u64; 2]; (steps.len() * 10 / 7 + 1).next_power_of_two()];
         let mut filter = vec![0u64; 1 << (CHAR_STEP_FILTER_BITS - 6)];
         for step in steps {
-            let h = char_step_hash(step & CHAR_STEP_KEY);
+            let h = char_step_hash(step[0] & CHAR_STEP_KEY);
             let bit = char_step_bit(h);
             filter[bit >> 6] |= 1 << (bit & 63);
             let mut i = home(table.len(), h);
-            while table[i] != 0 {
+            while table[i][0] != 0 {
                 i = (i + 1) & (table.len() - 1);
             }
             table[i] = step;
@@ -466,9 +480,9 @@ impl Backtrack {
     }
 
     /// The node one whole character of three bytes (`ch`, by [`char3_index`]) below
-    /// `node` (not the root, not marked [`NODE_PART_BELOW`]), if any.
+    /// `node` (not the root, not marked [`NODE_PART_BELOW`]), if any, and its entry.
     #[inline]
-    fn char_step(&self, node: usize, ch: usize) -> Option<usize> {
+    fn char_step(&self, node: usize, ch: usize) -> Option<(usize, u64)> {
         let key = ((node as u64) << 16) | ch as u64;
         let h = char_step_hash(key);
         let bit = char_step_bit(h);
@@ -478,53 +492,47 @@ impl Backtrack {
         let mask = self.char_steps.len() - 1;
         let mut i = home(self.char_steps.len(), h);
         loop {
-            let e = self.char_steps[i];
+            let [e, entry] = self.char_steps[i];
             if e == 0 {
                 return None;
             }
             if e & CHAR_STEP_KEY == key {
-                return Some((e >> 40) as usize);
+                return Some(((e >> 40) as usize, entry));
             }
             i = (i + 1) & mask;
         }
     }
 
-    /// The child of `node` along byte `b`, if any.
+    /// The child along byte `b` of the node whose entry is `n`, if any, and its entry.
     #[inline]
-    fn child(&self, node: usize, b: u8) -> Option<usize> {
-        let n = self.nodes[node];
+    fn child(&self, n: u64, b: u8) -> Option<(usize, u64)> {
         let first = ((n >> NODE_FIRST_SHIFT) & ((1 << NODE_FIRST_BITS) - 1)) as usize;
         let count = ((n >> NODE_COUNT_SHIFT) & 0x1ff) as usize;
         let children = &self.nodes[first..first + count];
-        if count <= 8 {
-            children
-                .iter()
-                .position(|&c| node_label(c) == b)
-                .map(|i| first + i)
+        let i = if count <= 8 {
+            children.iter().position(|&c| node_label(c) == b)
         } else {
-            children
-                .binary_search_by_key(&b, |&c| node_label(c))
-                .ok()
-                .map(|i| first + i)
-        }
+            children.binary_search_by_key(&b, |&c| node_label(c)).ok()
+        }?;
+        Some((first + i, children[i]))
     }
 
     /// The longest token merging makes that `b` starts with (every byte is one).
     #[inline]
     fn longest(&self, b: &[u8]) -> Rank {
         let mut best = NONE;
-        let mut node = 0;
+        let (mut node, mut entry) = (0, self.nodes[0]);
         let mut i = 0;
         if let Some(c) = b.get(..3).and_then(char3_index) {
             let at = self.chars3[c] as usize;
             if at != 0 {
-                node = at;
-                best = (self.nodes[at] & NODE_NO_RANK) as Rank;
+                (node, entry) = (at, self.nodes[at]);
+                best = (entry & NODE_NO_RANK) as Rank;
                 i = 3;
             }
         }
         while i < b.len() {
-            let whole = if self.nodes[node] & NODE_PART_BELOW == 0 {
+            let whole = if entry & NODE_PART_BELOW == 0 {
                 b.get(i..i + 3).and_then(char3_index)
             } else {
                 None
@@ -532,18 +540,18 @@ impl Backtrack {
             if let Some(ch) = whole {
                 // No token ends inside this character: step over it whole.
                 match self.char_step(node, ch) {
-                    Some(n) => node = n,
+                    Some(next) => (node, entry) = next,
                     None => break,
                 }
                 i += 3;
             } else {
-                match self.child(node, b[i]) {
-                    Some(n) => node = n,
+                match self.child(entry, b[i]) {
+                    Some(next) => (node, entry) = next,
                     None => break,
                 }
                 i += 1;
             }
-            let r = self.nodes[node] & NODE_NO_RANK;
+            let r = entry & NODE_NO_RANK;
             if r != NODE_NO_RANK {
                 best = r as Rank;
             }
@@ -674,7 +682,7 @@ impl Backtrack {
             + self.shorter.len() * 4
             + self.nodes.len() * 8
             + self.chars3.len() * 4
-            + self.char_steps.len() * 8
+            + self.char_steps.len() * 16
             + self.char_step_filter.len() * 8
             + self.merges.len() * 8
             + self.merge_filter.len() * 8
