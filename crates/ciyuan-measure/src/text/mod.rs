@@ -191,7 +191,7 @@ fn cores() -> usize {
 }
 
 /// From this long on, a text is counted by backtracking (`backtrack`): building its tables takes a few hundred milliseconds
-/// and 5 to 9 MiB, repaid on a text that takes longer than that to count, and never
+/// and 5 to 13 MiB, repaid on a text that takes longer than that to count, and never
 /// spent on the gateway's prompts. Shorter texts merge (the same counts).
 pub const WALK_MIN_TEXT_BYTES: usize = 1 << 20;
 

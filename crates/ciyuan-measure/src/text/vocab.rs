@@ -386,7 +386,7 @@ impl Vocab {
     }
 
     /// Builds the tables for counting by backtracking, once, if this vocabulary walks:
-    /// 5 to 9 MiB and a few hundred milliseconds, which is why short texts (the
+    /// 5 to 13 MiB and a few hundred milliseconds, which is why short texts (the
     /// gateway's prompts) never ask for them.
     pub(super) fn prepare_walk(&self) {
         if let Some(gz) = self.walk_source {
