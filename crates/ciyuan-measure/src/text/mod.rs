@@ -16,6 +16,7 @@
 //! `bpe` (the merge and the memory of short pieces), one room per family (`openai`,
 //! `qwen`, `deepseek`), `models` (model to encoding) and `chat` (framing estimates).
 
+mod ascii_split;
 mod backtrack;
 mod bpe;
 mod chat;

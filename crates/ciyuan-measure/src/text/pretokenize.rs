@@ -1,5 +1,6 @@
 //! Splitting text into pieces with a family's pattern, on `regex-automata`.
 
+use super::ascii_split::AsciiShape;
 use std::sync::Mutex;
 
 /// tiktoken's split patterns as `regex-automata` runs them: the look-ahead alternative
@@ -13,6 +14,9 @@ pub(super) struct Pretokenizer {
     // pool, into the counter and back: a quarter of the time of a short recount.
     #[allow(clippy::vec_box)]
     pub(super) caches: Mutex<Vec<Box<regex_automata::meta::Cache>>>,
+    /// The pattern's shape on ASCII text, where pieces are found by hand
+    /// ([`super::ascii_split`]) before the regex is asked.
+    pub(super) ascii: Option<AsciiShape>,
 }
 
 /// The alternative whose last character is a look-ahead (pattern index); patterns with
@@ -41,6 +45,7 @@ impl Pretokenizer {
         Pretokenizer {
             re,
             caches: Mutex::new(Vec::new()),
+            ascii: None,
         }
     }
 
@@ -54,6 +59,13 @@ impl Pretokenizer {
             .strip_suffix(TAIL)
             .expect("the pattern ends in the look-ahead alternatives");
         Pretokenizer::new(&[&format!(r"{head}|\s+$"), r"\s+\s", r"\s+"])
+    }
+
+    /// This pretokenizer, its pieces of ASCII text found by hand as `shape` says (the
+    /// caller vouches that `shape` is its pattern's; the tests check every one).
+    pub(super) fn with_ascii(mut self, shape: AsciiShape) -> Self {
+        self.ascii = Some(shape);
+        self
     }
 
     /// Hugging Face `Split` with behaviour `Isolated`: every match and every gap between
@@ -107,6 +119,24 @@ impl Pretokenizer {
     /// `find_iter`, text that no alternative matches is skipped (these patterns match
     /// everywhere, so none is).
     pub(super) fn next_piece(
+        &self,
+        guard: &mut CacheGuard,
+        text: &str,
+        at: usize,
+    ) -> Option<(usize, usize)> {
+        if at >= text.len() {
+            return None;
+        }
+        if let Some(shape) = self.ascii
+            && let Some(end) = shape.piece(text.as_bytes(), at)
+        {
+            return Some((at, end));
+        }
+        self.next_piece_by_regex(guard, text, at)
+    }
+
+    /// [`Pretokenizer::next_piece`] by the regex alone.
+    pub(super) fn next_piece_by_regex(
         &self,
         guard: &mut CacheGuard,
         text: &str,
