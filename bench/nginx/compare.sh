@@ -19,5 +19,6 @@ rate=(--rate 10000)
 for a in "$@"; do
     case "$a" in --rate|--rate=*) rate=() ;; esac
 done
-"$ciyuan" bench gateway --upstream "$UPSTREAM_URL" --proxy "$PROXY_URL" "${rate[@]}" "$@"
+"$ciyuan" bench gateway --upstream "$UPSTREAM_URL" --proxy "$PROXY_URL" \
+    --proxy-pid "${NGINX_PIDS##* }" "${rate[@]}" "$@"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -160,6 +160,11 @@ pub struct GatewayArgs {
     /// side by side as the yardstick.
     #[arg(long, requires = "upstream")]
     proxy: Option<String>,
+    /// With `--proxy`: a process of the proxy (repeatable; its children count with
+    /// it, so nginx's master stands for its workers), whose CPU per request is then
+    /// reported beside the gateway's.
+    #[arg(long, requires = "proxy")]
+    proxy_pid: Vec<u32>,
     /// With `--upstream`: wrk's connections in the throughput measurement.
     #[arg(long, default_value_t = 32)]
     connections: usize,
@@ -743,6 +748,7 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
     let r = crate::bench_gateway::run_upstream(crate::bench_gateway::UpstreamOptions {
         upstream,
         proxy: a.proxy.clone(),
+        proxy_pids: a.proxy_pid.clone(),
         rate: a.rate,
         seconds: a.seconds,
         connections: a.connections,
@@ -786,6 +792,20 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                 rooms.join(", ")
             );
         }
+    }
+    let split: Vec<String> = r
+        .sides
+        .iter()
+        .filter(|s| s.throughput.cpu_user_us + s.throughput.cpu_system_us > 0.0)
+        .map(|s| {
+            format!(
+                "{} {:.1} + {:.1}",
+                s.name, s.throughput.cpu_user_us, s.throughput.cpu_system_us
+            )
+        })
+        .collect();
+    if !split.is_empty() {
+        println!("    CPU us/request, user + system: {}", split.join("; "));
     }
     if let Some(p) = proxy {
         println!(
@@ -846,6 +866,8 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                 "throughput_p50_us": s.throughput.p50_us,
                 "throughput_p99_us": s.throughput.p99_us,
                 "throughput_gateway_cpu_us": s.throughput.gateway_cpu_us,
+                "throughput_cpu_user_us": s.throughput.cpu_user_us,
+                "throughput_cpu_system_us": s.throughput.cpu_system_us,
                 "throughput_gateway_cpu_us_by_thread": crate::bench_gateway::THREAD_ROOMS
                     .iter()
                     .zip(s.throughput.gateway_cpu_rooms_us)

@@ -145,6 +145,42 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// User and system CPU seconds of processes `pids` and their children, from
+/// `/proc/PID/stat` (0 for one that cannot be read).
+fn cpu_split(pids: &[u32]) -> (f64, f64) {
+    let mut all = pids.to_vec();
+    for pid in pids {
+        // Each thread lists the children it started.
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                all.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    let (mut user, mut system) = (0.0, 0.0);
+    for pid in all {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime, in USER_HZ (100).
+        user += ticks(11) / 100.0;
+        system += ticks(12) / 100.0;
+    }
+    (user, system)
+}
+
 /// The rooms of the gateway's process whose CPU [`thread_cpu`] tells apart, by their
 /// threads' names.
 pub const THREAD_ROOMS: [&str; 5] = ["request threads", "runtime", "ledger", "projector", "other"];
@@ -882,6 +918,8 @@ pub struct UpstreamOptions {
     /// The same provider behind another proxy (`bench/nginx`'s plain nginx reverse
     /// proxy), measured side by side as the yardstick.
     pub proxy: Option<String>,
+    /// The proxy's processes (their children count with them), for its CPU.
+    pub proxy_pids: Vec<u32>,
     /// Requests per second of the open-loop latency phase.
     pub rate: f64,
     /// Seconds of each measurement per target, in 1 s slices.
@@ -911,6 +949,10 @@ pub struct WrkFigures {
     pub gateway_cpu_us: f64,
     /// That CPU by room of the gateway ([`THREAD_ROOMS`]), per request.
     pub gateway_cpu_rooms_us: [f64; 5],
+    /// CPU per request of the process that served this target, user and system
+    /// (the gateway's; the proxy's when its processes are known; else 0).
+    pub cpu_user_us: f64,
+    pub cpu_system_us: f64,
 }
 
 /// One target's figures, side by side with the others'.
@@ -967,6 +1009,8 @@ struct WrkSamples {
     histogram: std::collections::BTreeMap<u64, u64>,
     gateway_cpu: f64,
     gateway_cpu_rooms: [f64; 5],
+    /// User and system CPU seconds of the serving processes.
+    cpu_split: (f64, f64),
 }
 
 impl WrkSamples {
@@ -993,6 +1037,8 @@ impl WrkSamples {
             gateway_cpu_rooms_us: self
                 .gateway_cpu_rooms
                 .map(|c| c * 1e6 / self.requests.max(1) as f64),
+            cpu_user_us: self.cpu_split.0 * 1e6 / self.requests.max(1) as f64,
+            cpu_system_us: self.cpu_split.1 * 1e6 / self.requests.max(1) as f64,
         }
     }
 }
@@ -1147,6 +1193,7 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
         })
         .collect::<anyhow::Result<_>>()?;
     let ciyuan = targets.len() - 1;
+    let proxy_side = proxy.is_some().then_some(1);
     let slices = o.seconds.ceil().max(1.0) as usize;
     // Each slice starts with the next target, so none is always first after a switch.
     let n = targets.len();
@@ -1171,7 +1218,18 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
             for k in order(slice) {
                 let t = &targets[k];
                 let (cpu, rooms) = (cpu_seconds(gw_pid), thread_cpu(gw_pid));
+                let served: &[u32] = if k == ciyuan {
+                    &[gw_pid]
+                } else if Some(k) == proxy_side {
+                    &o.proxy_pids
+                } else {
+                    &[]
+                };
+                let split = cpu_split(served);
                 wrk_slice(&o, shape, &script, &t.url, &mut samples[k], &checks, t.name)?;
+                let after = cpu_split(served);
+                samples[k].cpu_split.0 += after.0 - split.0;
+                samples[k].cpu_split.1 += after.1 - split.1;
                 if k == ciyuan {
                     samples[k].gateway_cpu += cpu_seconds(gw_pid) - cpu;
                     for (sum, (after, before)) in samples[k]
@@ -1269,12 +1327,43 @@ mod tests {
         s.micros = 2_000_000;
         s.gateway_cpu = 0.01;
         s.gateway_cpu_rooms = [0.006, 0.0, 0.002, 0.002, 0.0];
+        s.cpu_split = (0.004, 0.002);
         let f = s.figures();
         assert_eq!((f.p50_us, f.p99_us, f.p999_us), (10, 20, 500));
         assert_eq!(f.per_sec, 100.0);
         assert_eq!(f.gateway_cpu_us, 50.0);
         assert_eq!(f.gateway_cpu_rooms_us, [30.0, 0.0, 10.0, 10.0, 0.0]);
+        assert_eq!((f.cpu_user_us, f.cpu_system_us), (20.0, 10.0));
         assert_eq!(WrkSamples::default().figures().p99_us, 0);
+    }
+
+    #[test]
+    fn cpu_is_read_for_a_process_and_its_children() {
+        assert_eq!(cpu_split(&[u32::MAX]), (0.0, 0.0), "no such process");
+        // A shell that only waits for a busy child of its own, as nginx's master
+        // waits for its workers: its CPU is the child's.
+        let mut outer = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "sh -c 'i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done' & wait",
+            ])
+            .spawn()
+            .expect("sh runs");
+        let pid = outer.id();
+        let started = std::time::Instant::now();
+        let mut most = 0.0f64;
+        while started.elapsed() < std::time::Duration::from_secs(30) {
+            let (user, system) = cpu_split(&[pid]);
+            most = most.max(user + system);
+            if most >= 0.05 || outer.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(most >= 0.05, "the child's CPU counts: {most} s");
+        assert!(cpu_seconds(pid) < most, "the shell itself only waits");
+        outer.kill().ok();
+        outer.wait().expect("the shell is reaped");
     }
 
     #[test]
