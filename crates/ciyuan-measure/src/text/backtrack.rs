@@ -404,9 +404,9 @@ impl Backtrack {
                 ((first as u64) << NODE_FIRST_SHIFT) | (count << NODE_COUNT_SHIFT) | rank;
         }
         if nodes.len() > 1 << NODE_FIRST_BITS {
-            // More nodes than an entry can point at (no supported vocabulary comes
-            // near: `qwen3_6` has about a million): no walk, every piece merges, which
-            // counts the same, only slower.
+            // More nodes than an entry can point at (2^24; no supported vocabulary
+            // comes near): no walk, every piece merges, which counts the same, only
+            // slower.
             return;
         }
         self.nodes = nodes.into_boxed_slice();
