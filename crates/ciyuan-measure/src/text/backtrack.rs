@@ -131,6 +131,13 @@ const NODE_LABEL_SHIFT: u32 = NODE_FIRST_SHIFT + NODE_FIRST_BITS;
 /// byte there.
 const NODE_PART_BELOW: u64 = 1 << (NODE_LABEL_SHIFT + 8);
 
+/// Where the children of the node whose entry is `n` sit in [`Backtrack::nodes`].
+#[inline]
+fn node_children(n: u64) -> std::ops::Range<usize> {
+    let first = ((n >> NODE_FIRST_SHIFT) & ((1 << NODE_FIRST_BITS) - 1)) as usize;
+    first..first + ((n >> NODE_COUNT_SHIFT) & 0x1ff) as usize
+}
+
 /// The byte of the edge that leads to node entry `n`.
 #[inline]
 fn node_label(n: u64) -> u8 {
@@ -415,11 +422,7 @@ impl Backtrack {
 
     /// Fills [`Backtrack::char_steps`] and marks [`NODE_PART_BELOW`] from the trie.
     fn build_char_steps(&mut self) {
-        let children = |nodes: &[u64], n: usize| {
-            let e = nodes[n];
-            let first = ((e >> NODE_FIRST_SHIFT) & ((1 << NODE_FIRST_BITS) - 1)) as usize;
-            first..first + ((e >> NODE_COUNT_SHIFT) & 0x1ff) as usize
-        };
+        let children = |nodes: &[u64], n: usize| node_children(nodes[n]);
         let holds_token = |e: u64| e & NODE_NO_RANK != NODE_NO_RANK;
         // Every node's mark first: the steps copy the entries of the nodes they reach.
         for p in 0..self.nodes.len() {
@@ -506,10 +509,10 @@ impl Backtrack {
     /// The child along byte `b` of the node whose entry is `n`, if any, and its entry.
     #[inline]
     fn child(&self, n: u64, b: u8) -> Option<(usize, u64)> {
-        let first = ((n >> NODE_FIRST_SHIFT) & ((1 << NODE_FIRST_BITS) - 1)) as usize;
-        let count = ((n >> NODE_COUNT_SHIFT) & 0x1ff) as usize;
-        let children = &self.nodes[first..first + count];
-        let i = if count <= 8 {
+        let range = node_children(n);
+        let first = range.start;
+        let children = &self.nodes[range];
+        let i = if children.len() <= 8 {
             children.iter().position(|&c| node_label(c) == b)
         } else {
             children.binary_search_by_key(&b, |&c| node_label(c)).ok()
