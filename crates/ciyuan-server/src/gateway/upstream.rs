@@ -525,22 +525,24 @@ mod tests {
         Clients::new(vec![client(timeout).unwrap()], vec![timeout])
     }
 
+    /// Runs `f` on a thread of its own, whose idle list (thread-local) starts empty.
+    fn on_a_new_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| s.spawn(f).join().unwrap())
+    }
+
+    /// Reads an answer to its end.
+    async fn read_whole(resp: hyper::Response<UpstreamBody>) {
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+    }
+
     #[test]
     fn an_idle_connection_the_provider_closed_is_not_used() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (url, accepted) = provider_closing(&rt);
         let clients = clients();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                requests(&clients, &url, 5, |resp| async {
-                    http_body_util::BodyExt::collect(resp.into_body())
-                        .await
-                        .unwrap();
-                })
-            })
-            .join()
-            .unwrap()
-        });
+        on_a_new_thread(|| requests(&clients, &url, 5, read_whole));
         // Each answer's connection went idle and was closed by the provider: every
         // request found that out and opened a new one, none failed.
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
@@ -552,19 +554,15 @@ mod tests {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (url, accepted) = provider(&rt);
         let clients = clients();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // As hyper's server relays a body: frames until `is_end_stream`, then
-                // the body is dropped without being polled for its end.
-                requests(&clients, &url, 3, |resp| async {
-                    let mut body = resp.into_body();
-                    while !hyper::body::Body::is_end_stream(&body) {
-                        body.frame().await.unwrap().unwrap();
-                    }
-                })
+        on_a_new_thread(|| {
+            // As hyper's server relays a body: frames until `is_end_stream`, then the
+            // body is dropped without being polled for its end.
+            requests(&clients, &url, 3, |resp| async {
+                let mut body = resp.into_body();
+                while !hyper::body::Body::is_end_stream(&body) {
+                    body.frame().await.unwrap().unwrap();
+                }
             })
-            .join()
-            .unwrap()
         });
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -574,24 +572,15 @@ mod tests {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (url, accepted) = provider(&rt);
         let clients = clients();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let collect = |resp: hyper::Response<UpstreamBody>| async {
-                    http_body_util::BodyExt::collect(resp.into_body())
-                        .await
-                        .unwrap();
-                };
-                requests(&clients, &url, 1, collect);
-                // The periodic sweep keeps what is younger than its age...
-                close_expired_idle();
-                assert_eq!(IDLE.with(|i| i.borrow().len()), 1);
-                // ...and closes what is older.
-                IDLE.with(|i| close_idle_since(&mut i.borrow_mut(), Duration::ZERO));
-                assert_eq!(IDLE.with(|i| i.borrow().len()), 0);
-                requests(&clients, &url, 1, collect);
-            })
-            .join()
-            .unwrap()
+        on_a_new_thread(|| {
+            requests(&clients, &url, 1, read_whole);
+            // The periodic sweep keeps what is younger than its age...
+            close_expired_idle();
+            assert_eq!(IDLE.with(|i| i.borrow().len()), 1);
+            // ...and closes what is older.
+            IDLE.with(|i| close_idle_since(&mut i.borrow_mut(), Duration::ZERO));
+            assert_eq!(IDLE.with(|i| i.borrow().len()), 0);
+            requests(&clients, &url, 1, read_whole);
         });
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -601,11 +590,7 @@ mod tests {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (url, accepted) = provider(&rt);
         let clients = clients();
-        std::thread::scope(|s| {
-            s.spawn(|| requests(&clients, &url, 3, |resp| async { drop(resp) }))
-                .join()
-                .unwrap()
-        });
+        on_a_new_thread(|| requests(&clients, &url, 3, |resp| async { drop(resp) }));
         // What is left of an answer on the wire would be read as the next one's.
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
@@ -614,23 +599,16 @@ mod tests {
     fn each_thread_keeps_its_own_pool_and_reuses_it() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (url, accepted) = provider(&rt);
-        let timeout = Duration::from_secs(5);
-        let clients = Clients::new(vec![client(timeout).unwrap()], vec![timeout]);
-        let first = std::thread::scope(|s| s.spawn(|| two_requests(&clients, &url)).join());
-        let first = first.unwrap();
+        // Another gateway's clients too, for the end.
+        let (clients, other) = (clients(), clients());
+        let first = on_a_new_thread(|| two_requests(&clients, &url));
         // Kept alive and reused on the same thread: one connection.
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         // Another thread does not take the first thread's idle connection.
-        let second = std::thread::scope(|s| s.spawn(|| two_requests(&clients, &url)).join());
-        let second = second.unwrap();
+        let second = on_a_new_thread(|| two_requests(&clients, &url));
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         // Another gateway's clients on a thread that has some: a pool of their own.
-        let other = Clients::new(vec![client(timeout).unwrap()], vec![timeout]);
-        let third = std::thread::scope(|s| {
-            s.spawn(|| (two_requests(&clients, &url), two_requests(&other, &url)))
-                .join()
-        });
-        let third = third.unwrap();
+        let third = on_a_new_thread(|| (two_requests(&clients, &url), two_requests(&other, &url)));
         drop((first, second, third));
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
     }
