@@ -13,10 +13,12 @@
 //! compact table each ([`Vocab`]); every encoding counts with the same byte-pair merge.
 //!
 //! Rooms: `vocab` (the table), `pretokenize` (split patterns on `regex-automata`),
-//! `bpe` (the merge and the memory of short pieces), one room per family (`openai`,
+//! `split_by_hand` (the OpenAI and Qwen patterns by a table of character classes,
+//! the regex deciding only where a character of four bytes is involved),
+//! `bpe` (the merge and the memory of short pieces), `backtrack` (counting by
+//! backtracking), one room per family (`openai`,
 //! `qwen`, `deepseek`), `models` (model to encoding) and `chat` (framing estimates).
 
-mod ascii_split;
 mod backtrack;
 mod bpe;
 mod chat;
@@ -25,6 +27,7 @@ mod models;
 mod openai;
 mod pretokenize;
 mod qwen;
+mod split_by_hand;
 mod vocab;
 
 pub use chat::{ChatMessage, estimate_chat};

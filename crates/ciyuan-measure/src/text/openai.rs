@@ -1,9 +1,9 @@
 //! OpenAI's encodings, `o200k_base` and `cl100k_base`: their split patterns and the
 //! counter that runs them.
 
-use super::ascii_split::{CL100K_SHAPE, O200K_SHAPE};
 use super::bpe::piece_count;
 use super::pretokenize::{CacheGuard, Pretokenizer};
+use super::split_by_hand::{CL100K_SHAPE, O200K_SHAPE};
 use super::vocab::{Vocab, Walk, vocabulary_gz};
 use super::{Encoding, TextError};
 use std::sync::{LazyLock, OnceLock};
@@ -70,7 +70,7 @@ pub(super) const O200K_PATTERN: &str = concat!(
 pub(super) const CL100K_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 pub(super) static O200K_PRE: LazyLock<Pretokenizer> =
-    LazyLock::new(|| Pretokenizer::rewriting_lookahead(O200K_PATTERN).with_ascii(O200K_SHAPE));
+    LazyLock::new(|| Pretokenizer::rewriting_lookahead(O200K_PATTERN).with_shape(O200K_SHAPE));
 
 pub(super) static CL100K_PRE: LazyLock<Pretokenizer> =
-    LazyLock::new(|| Pretokenizer::rewriting_lookahead(CL100K_PATTERN).with_ascii(CL100K_SHAPE));
+    LazyLock::new(|| Pretokenizer::rewriting_lookahead(CL100K_PATTERN).with_shape(CL100K_SHAPE));

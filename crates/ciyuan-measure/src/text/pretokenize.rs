@@ -1,6 +1,6 @@
 //! Splitting text into pieces with a family's pattern, on `regex-automata`.
 
-use super::ascii_split::AsciiShape;
+use super::split_by_hand::Shape;
 use std::sync::Mutex;
 
 /// tiktoken's split patterns as `regex-automata` runs them: the look-ahead alternative
@@ -14,9 +14,9 @@ pub(super) struct Pretokenizer {
     // pool, into the counter and back: a quarter of the time of a short recount.
     #[allow(clippy::vec_box)]
     pub(super) caches: Mutex<Vec<Box<regex_automata::meta::Cache>>>,
-    /// The pattern's shape on ASCII text, where pieces are found by hand
-    /// ([`super::ascii_split`]) before the regex is asked.
-    pub(super) ascii: Option<AsciiShape>,
+    /// The pattern's shape, by which pieces are found by hand
+    /// ([`super::split_by_hand`]) before the regex is asked.
+    pub(super) shape: Option<Shape>,
 }
 
 /// The alternative whose last character is a look-ahead (pattern index); patterns with
@@ -45,7 +45,7 @@ impl Pretokenizer {
         Pretokenizer {
             re,
             caches: Mutex::new(Vec::new()),
-            ascii: None,
+            shape: None,
         }
     }
 
@@ -61,10 +61,11 @@ impl Pretokenizer {
         Pretokenizer::new(&[&format!(r"{head}|\s+$"), r"\s+\s", r"\s+"])
     }
 
-    /// This pretokenizer, its pieces of ASCII text found by hand as `shape` says (the
-    /// caller vouches that `shape` is its pattern's; the tests check every one).
-    pub(super) fn with_ascii(mut self, shape: AsciiShape) -> Self {
-        self.ascii = Some(shape);
+    /// This pretokenizer, its pieces found by hand as `shape` says where it can tell
+    /// them (the caller vouches that `shape` is its pattern's; the tests check every
+    /// one).
+    pub(super) fn with_shape(mut self, shape: Shape) -> Self {
+        self.shape = Some(shape);
         self
     }
 
@@ -127,8 +128,10 @@ impl Pretokenizer {
         if at >= text.len() {
             return None;
         }
-        if let Some(shape) = self.ascii
+        if let Some(shape) = self.shape
             && let Some(end) = shape.piece(text.as_bytes(), at)
+            // An empty piece would never advance: the regex decides instead.
+            && end > at
         {
             return Some((at, end));
         }

@@ -1,9 +1,9 @@
 //! Qwen's encodings, `qwen` and `qwen3_6`: NFC first, special tokens one each, then
 //! tiktoken's split and merge.
 
-use super::ascii_split::QWEN_SHAPE;
 use super::bpe::piece_count;
 use super::pretokenize::{CacheGuard, Pretokenizer};
+use super::split_by_hand::{QWEN_SHAPE, QWEN3_6_SHAPE};
 use super::vocab::{Vocab, Walk, vocabulary_gz};
 use super::{Encoding, Rank, TextError, split_for_parallel};
 use aho_corasick::{AhoCorasick, MatchKind};
@@ -97,10 +97,10 @@ pub(super) struct Qwen {
 }
 
 pub(super) static QWEN_PRE: LazyLock<Pretokenizer> =
-    LazyLock::new(|| Pretokenizer::rewriting_lookahead(QWEN_PATTERN).with_ascii(QWEN_SHAPE));
+    LazyLock::new(|| Pretokenizer::rewriting_lookahead(QWEN_PATTERN).with_shape(QWEN_SHAPE));
 
 pub(super) static QWEN3_6_PRE: LazyLock<Pretokenizer> =
-    LazyLock::new(|| Pretokenizer::rewriting_lookahead(QWEN3_6_PATTERN).with_ascii(QWEN_SHAPE));
+    LazyLock::new(|| Pretokenizer::rewriting_lookahead(QWEN3_6_PATTERN).with_shape(QWEN3_6_SHAPE));
 
 /// Qwen texts are checked for NFC, and normalized if need be, in stretches of about
 /// this many bytes, so that a few non-NFC characters do not cost a copy of all the text.
