@@ -65,6 +65,7 @@ impl Pretokenizer {
     /// them (the caller vouches that `shape` is its pattern's; the tests check every
     /// one).
     pub(super) fn with_shape(mut self, shape: Shape) -> Self {
+        super::split_by_hand::prepare();
         self.shape = Some(shape);
         self
     }
