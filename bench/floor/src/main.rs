@@ -6,9 +6,11 @@
 //! the request passed on as it came, the answer passed back whole. No routing, no
 //! metering, no ledger, and no care for what a product must handle (chunked bodies,
 //! timeouts, errors shaped for the client): a yardstick, not a proxy to deploy.
+//! With `--hyper` it does the same through hyper's HTTP/1 server and client
+//! connections (as the gateway does), bodies collected whole: what hyper itself costs.
 //!
 //!     cargo build --release --manifest-path bench/floor/Cargo.toml
-//!     bench/floor/target/release/ciyuan-floor 127.0.0.1:18090 127.0.0.1:PROVIDER_PORT
+//!     bench/floor/target/release/ciyuan-floor 127.0.0.1:18090 127.0.0.1:PROVIDER_PORT [--hyper]
 //!
 //! then point wrk at `http://127.0.0.1:18090/v1/chat/completions`.
 
@@ -84,8 +86,58 @@ async fn serve(mut client: TcpStream, provider: SocketAddr) -> Option<()> {
     }
 }
 
+thread_local! {
+    /// This thread's idle hyper client connections (`--hyper`).
+    static HYPER_POOL: RefCell<Vec<hyper::client::conn::http1::SendRequest<Full<Bytes>>>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+
+/// One request through a pooled hyper client connection, its answer collected whole.
+async fn forward(
+    provider: SocketAddr,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, Box<dyn std::error::Error + Send + Sync>> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let mut send = match HYPER_POOL.with(|p| p.borrow_mut().pop()) {
+        Some(s) => s,
+        None => {
+            let tcp = TcpStream::connect(provider).await?;
+            tcp.set_nodelay(true)?;
+            let (send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            send
+        }
+    };
+    let answer = send
+        .send_request(hyper::Request::from_parts(parts, Full::new(body)))
+        .await?;
+    let (parts, body) = answer.into_parts();
+    let body = body.collect().await?.to_bytes();
+    HYPER_POOL.with(|p| p.borrow_mut().push(send));
+    Ok(hyper::Response::from_parts(parts, Full::new(body)))
+}
+
+async fn serve_hyper(client: TcpStream, provider: SocketAddr) {
+    if client.set_nodelay(true).is_err() {
+        return;
+    }
+    let service = hyper::service::service_fn(move |req| forward(provider, req));
+    let _closed = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(client), service)
+        .await;
+}
+
 fn listen(at: SocketAddr) -> std::io::Result<TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(at), socket2::Type::STREAM, None)?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(at),
+        socket2::Type::STREAM,
+        None,
+    )?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
     s.bind(&at.into())?;
@@ -95,9 +147,10 @@ fn listen(at: SocketAddr) -> std::io::Result<TcpListener> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: ciyuan-floor LISTEN_ADDR PROVIDER_ADDR";
+    let usage = "usage: ciyuan-floor LISTEN_ADDR PROVIDER_ADDR [--hyper]";
     let at: SocketAddr = args.next().ok_or(usage)?.parse()?;
     let provider: SocketAddr = args.next().ok_or(usage)?.parse()?;
+    let hyper = args.next().as_deref() == Some("--hyper");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads: Vec<_> = (0..cores)
         .map(|_| {
@@ -109,7 +162,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let listener = listen(at)?;
                     loop {
                         let (c, _) = listener.accept().await?;
-                        tokio::spawn(serve(c, provider));
+                        if hyper {
+                            tokio::spawn(serve_hyper(c, provider));
+                        } else {
+                            tokio::spawn(serve(c, provider));
+                        }
                     }
                 })
             })
