@@ -20,7 +20,7 @@
 use super::Rank;
 #[cfg(test)]
 use super::vocab::Walk;
-use super::vocab::{Vocab, char3_index, home};
+use super::vocab::{Vocab, bmp_char, char3_index, home};
 
 /// No token.
 const NONE: Rank = Rank::MAX;
@@ -667,29 +667,10 @@ impl Backtrack {
         if piece.first().is_none_or(|&b| b < 0x80) {
             return true;
         }
-        let cont = |i: usize| {
-            piece
-                .get(i)
-                .filter(|&&b| b & 0xc0 == 0x80)
-                .map(|&b| b & 0x3f)
-        };
         let mut i = 0;
-        while let Some(&b0) = piece.get(i) {
-            let (c, len) = if b0 < 0x80 {
-                (u32::from(b0), 1)
-            } else if (0xc2..0xe0).contains(&b0) {
-                let Some(b1) = cont(i + 1) else {
-                    return true;
-                };
-                ((u32::from(b0 & 0x1f) << 6) | u32::from(b1), 2)
-            } else if (0xe0..0xf0).contains(&b0) {
-                let (Some(b1), Some(b2)) = (cont(i + 1), cont(i + 2)) else {
-                    return true;
-                };
-                let c = (u32::from(b0 & 0x0f) << 12) | (u32::from(b1) << 6);
-                (c | u32::from(b2), 3)
-            } else {
-                // Beyond the plane, or not UTF-8 (the tests count byte strings): searched.
+        while i < piece.len() {
+            // Beyond the plane, or not UTF-8 (the tests count byte strings): searched.
+            let Some((c, len)) = bmp_char(piece, i) else {
                 return true;
             };
             if self.screen_chars[(c >> 6) as usize] & (1 << (c & 63)) != 0 {

@@ -14,6 +14,7 @@
 //! beyond ASCII (`ſ` folds to `s` under `(?i)`): there the regex decides. A property
 //! test holds it to the regex on random text of characters from every class.
 
+use super::vocab::bmp_char;
 use std::sync::LazyLock;
 
 /// `\p{L}`.
@@ -184,24 +185,14 @@ impl Chars<'_> {
     /// `str` never holds).
     #[inline(always)]
     fn at(&self, i: usize) -> Option<Option<(u8, usize)>> {
-        let Some(&b0) = self.text.get(i) else {
-            return Some(None);
-        };
-        let (c, len) = if b0 < 0x80 {
-            return Some(Some((ASCII[usize::from(b0)], 1)));
-        } else if b0 < 0xe0 {
-            let b1 = *self.text.get(i + 1)?;
-            ((u32::from(b0 & 0x1f) << 6) | u32::from(b1 & 0x3f), 2)
-        } else if b0 < 0xf0 {
-            let (b1, b2) = (*self.text.get(i + 1)?, *self.text.get(i + 2)?);
-            (
-                (u32::from(b0 & 0x0f) << 12) | (u32::from(b1 & 0x3f) << 6) | u32::from(b2 & 0x3f),
-                3,
-            )
-        } else {
-            return None;
-        };
-        Some(Some((CLASSES.of(c), len)))
+        match self.text.get(i) {
+            None => Some(None),
+            Some(&b) if b < 0x80 => Some(Some((ASCII[usize::from(b)], 1))),
+            Some(_) => {
+                let (c, len) = bmp_char(self.text, i)?;
+                Some(Some((CLASSES.of(c), len)))
+            }
+        }
     }
 
     /// Where a run of characters whose class bits meet `mask` (or, with `meet`

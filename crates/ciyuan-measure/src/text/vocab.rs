@@ -90,6 +90,28 @@ pub(super) fn char3_index(b: &[u8]) -> Option<usize> {
     }
 }
 
+/// The character of the Basic Multilingual Plane that starts at `i` in `b` (its code
+/// point and length: one to three bytes of UTF-8), or `None` at the end, at a character
+/// of four bytes, or at bytes that are not UTF-8 there (a continuation byte, a lead
+/// byte without its continuations, an overlong lead byte).
+#[inline]
+pub(super) fn bmp_char(b: &[u8], i: usize) -> Option<(u32, usize)> {
+    let cont = |i: usize| {
+        b.get(i)
+            .filter(|&&c| c & 0xc0 == 0x80)
+            .map(|&c| u32::from(c & 0x3f))
+    };
+    match *b.get(i)? {
+        c @ 0..0x80 => Some((u32::from(c), 1)),
+        c @ 0xc2..0xe0 => Some(((u32::from(c & 0x1f) << 6) | cont(i + 1)?, 2)),
+        c @ 0xe0..0xf0 => Some((
+            (u32::from(c & 0x0f) << 12) | (cont(i + 1)? << 6) | cont(i + 2)?,
+            3,
+        )),
+        _ => None,
+    }
+}
+
 /// The bit of [`Vocab::filter`] for hash `h`: bits above the tag's, which `home` (the
 /// high bits) and the tag (the low bits) do not use alike.
 #[inline]
