@@ -287,8 +287,6 @@ impl Shape {
         // `[^\r\n\p{L}\p{N}]`: the one character a word may start with.
         let prefix = c & (NEWLINE | LETTER | NUMBER) == 0;
         if self.cased_words {
-            // Leftmost first: the first alternative with its prefix, then without it
-            // (a mark is a prefix and a letter both), then the second likewise.
             // Leftmost first: `U*L+` with the prefix, then without it (a mark is a
             // prefix and both kinds of letter), then `U+L*` likewise.
             let (with, upper_with) = if prefix {
