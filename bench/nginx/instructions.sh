@@ -5,7 +5,9 @@
 # phase divided by the requests served. Counts, unlike times, do not move with this
 # machine's neighbours, so a change to one phase shows as that phase's number moving.
 # valgrind runs SHA-256's portable code (it hides the SHA instructions), so hashing
-# counts far more here than it costs natively; it is listed on its own line.
+# counts far more here than it costs natively; it is listed on its own line. The
+# ledger's and the projector's lines depend on how many entries a group holds, which
+# follows the request rate: compare the request's own lines between builds.
 #   cargo build --release -p ciyuan && bench/nginx/instructions.sh [SECONDS]
 #   CIYUAN=/path/to/ciyuan bench/nginx/instructions.sh
 set -euo pipefail
