@@ -4,7 +4,7 @@
 
 use super::protocol::{
     Endpoint, GatewayError, MAX_REPORTED_TOKENS, Read, Reported, RequestInfo, Shown, Step, Text,
-    Wire, add, chat_max_tokens, metadata_pairs, read_messages, usage_from_raw,
+    Wire, add, chat_max_tokens, metadata_pairs, read_messages,
 };
 use super::request::Obj;
 use axum::http::StatusCode;
@@ -164,8 +164,12 @@ pub(crate) struct OpenAiAnswer<'a> {
     system_fingerprint: Text<'a>,
     #[serde(default, borrow)]
     choices: Vec<Obj<OpenAiAnswerChoice<'a>>>,
-    #[serde(default, borrow)]
-    usage: Option<&'a serde_json::value::RawValue>,
+    /// Read typed in the same pass: a usage with a field of another type fails the
+    /// whole typed read, and the forgiving one reads the answer (its usage as
+    /// [`openai_usage`] reads it), as it does for any other field of the wrong type.
+    /// (Read as raw JSON and again typed, the usage cost a second pass over it.)
+    #[serde(default)]
+    usage: Option<OpenAiUsage>,
 }
 
 #[derive(Deserialize)]
@@ -233,9 +237,7 @@ impl OpenAiAnswer<'_> {
                 None => c.text.push_to(&mut shown.text),
             }
         }
-        shown.reported = self
-            .usage
-            .and_then(|u| usage_from_raw(u, |u: OpenAiUsage| u.reported(), openai_usage));
+        shown.reported = self.usage.and_then(|u| u.reported());
         shown
     }
 }
