@@ -4,7 +4,7 @@
 
 use super::protocol::{
     Endpoint, GatewayError, MAX_REPORTED_TOKENS, Read, Reported, RequestInfo, Shown, Step, Text,
-    Wire, add, chat_max_tokens, read_messages, text_of_content, usage_from_raw,
+    Wire, add, chat_max_tokens, read_messages, text_of_content,
 };
 use super::request::Obj;
 use axum::http::StatusCode;
@@ -122,8 +122,9 @@ pub(crate) struct AnthropicAnswer<'a> {
     model: Text<'a>,
     #[serde(default, borrow)]
     content: Vec<Obj<AnthropicBlock<'a>>>,
-    #[serde(default, borrow)]
-    usage: Option<&'a serde_json::value::RawValue>,
+    /// Read typed in the same pass, as chat's is ([`super::openai::OpenAiAnswer`]).
+    #[serde(default)]
+    usage: Option<AnthropicUsage>,
 }
 
 #[derive(Deserialize)]
@@ -166,9 +167,7 @@ impl AnthropicAnswer<'_> {
                 _ => {}
             }
         }
-        shown.reported = self
-            .usage
-            .and_then(|u| usage_from_raw(u, |u: AnthropicUsage| u.reported(true), anthropic_usage));
+        shown.reported = self.usage.and_then(|u| u.reported(true));
         Some(shown)
     }
 }

@@ -461,41 +461,72 @@ fn regression_reported_counts_out_of_range_are_no_report() {
     );
 }
 
-/// A chat answer's usage is read in the answer's one typed pass; one with a field of
-/// another type leaves the whole answer to the forgiving reader, which reads the same
-/// text and the same (absent) report as before.
+/// An answer's usage is read in the answer's one typed pass; one with a field of
+/// another type, or a repeated key, leaves the whole answer to the forgiving reader,
+/// which reads the same text and the same report as before.
 #[test]
-fn a_chat_usage_of_the_wrong_shape_is_read_as_the_forgiving_reader_reads_it() {
+fn a_usage_of_the_wrong_shape_is_read_as_the_forgiving_reader_reads_it() {
     // (serde's derived structs read an array as the fields in order, as they did when
     // the usage was read apart.)
-    for (usage, reported) in [
+    let chat = |usage: &str| {
+        format!(
+            r#"{{"model": "gpt-4o-2024-08-06", "choices": [{{"message": {{"content": "hello there"}}}}], "usage": {usage}}}"#
+        )
+    };
+    let messages = |usage: &str| {
+        format!(
+            r#"{{"model": "claude-sonnet-4-5", "content": [{{"type": "text", "text": "hello there"}}], "usage": {usage}}}"#
+        )
+    };
+    for (endpoint, body, reported) in [
         (
-            json!({"prompt_tokens": "21", "completion_tokens": 16}),
+            Endpoint::Chat,
+            chat(r#"{"prompt_tokens": "21", "completion_tokens": 16}"#),
             false,
         ),
         (
-            json!({"prompt_tokens": 21, "completion_tokens": 16, "prompt_tokens_details": 3}),
+            Endpoint::Chat,
+            chat(r#"{"prompt_tokens": 21, "completion_tokens": 16, "prompt_tokens_details": 3}"#),
             false,
         ),
-        (json!([21, 16]), true),
-        (json!(null), false),
+        (Endpoint::Chat, chat("[21, 16]"), true),
+        (Endpoint::Chat, chat("null"), false),
         (
-            json!({"prompt_tokens": 21, "completion_tokens": 16, "total_tokens": 37}),
+            Endpoint::Chat,
+            chat(r#"{"prompt_tokens": 21, "prompt_tokens": 22, "completion_tokens": 16}"#),
+            true,
+        ),
+        (
+            Endpoint::Chat,
+            chat(r#"{"prompt_tokens": 21, "completion_tokens": 16, "total_tokens": 37}"#),
+            true,
+        ),
+        (
+            Endpoint::Messages,
+            messages(r#"{"input_tokens": "21", "output_tokens": 16}"#),
+            false,
+        ),
+        (
+            Endpoint::Messages,
+            messages(r#"{"input_tokens": 21, "input_tokens": 22, "output_tokens": 16}"#),
+            true,
+        ),
+        (Endpoint::Messages, messages("null"), false),
+        (
+            Endpoint::Messages,
+            messages(r#"{"input_tokens": 21, "output_tokens": 16}"#),
             true,
         ),
     ] {
-        let body = json!({"model": "gpt-4o-2024-08-06",
-            "choices": [{"message": {"content": "hello there"}}], "usage": usage})
-        .to_string();
-        let typed = read_answer(Endpoint::Chat, body.as_bytes());
+        let typed = read_answer(endpoint, body.as_bytes());
         assert_eq!(
             typed,
-            super::protocol::read_answer_value(Endpoint::Chat, body.as_bytes()),
-            "{usage}"
+            super::protocol::read_answer_value(endpoint, body.as_bytes()),
+            "{body}"
         );
         let shown = typed.unwrap();
-        assert_eq!(shown.text, "hello there", "{usage}");
-        assert_eq!(shown.reported.is_some(), reported, "{usage}");
+        assert_eq!(shown.text, "hello there", "{body}");
+        assert_eq!(shown.reported.is_some(), reported, "{body}");
     }
 }
 

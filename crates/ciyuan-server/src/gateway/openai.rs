@@ -164,10 +164,11 @@ pub(crate) struct OpenAiAnswer<'a> {
     system_fingerprint: Text<'a>,
     #[serde(default, borrow)]
     choices: Vec<Obj<OpenAiAnswerChoice<'a>>>,
-    /// Read typed in the same pass: a usage with a field of another type fails the
-    /// whole typed read, and the forgiving one reads the answer (its usage as
-    /// [`openai_usage`] reads it), as it does for any other field of the wrong type.
-    /// (Read as raw JSON and again typed, the usage cost a second pass over it.)
+    /// Read typed in the same pass: a usage with a field of another type (or a
+    /// repeated key) fails the whole typed read, and the forgiving one reads the
+    /// answer (its usage as [`openai_usage`] reads it), as it does for any other field
+    /// of the wrong type. (Read as raw JSON and again typed, the usage cost a second
+    /// pass over it.)
     #[serde(default)]
     usage: Option<OpenAiUsage>,
 }

@@ -693,23 +693,6 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     fast.or_else(|| read_answer_value(endpoint, body))
 }
 
-/// A whole answer's `usage` from its raw text: straight into the dialect's usage
-/// fields (`typed`) where it has the usual shape (through a tree of values it was 2%
-/// of the gateway's CPU); anything that reader refuses (a repeated key, null) goes the
-/// forgiving way (`forgiving`), so the typed and the forgiving answer readers agree.
-pub(crate) fn usage_from_raw<T: serde::de::DeserializeOwned>(
-    raw: &serde_json::value::RawValue,
-    typed: impl FnOnce(T) -> Option<Reported>,
-    forgiving: impl FnOnce(&Value) -> Option<Reported>,
-) -> Option<Reported> {
-    match serde_json::from_str::<T>(raw.get()) {
-        Ok(usage) => typed(usage),
-        Err(_) => serde_json::from_str::<Value>(raw.get())
-            .ok()
-            .and_then(|v| forgiving(&v)),
-    }
-}
-
 /// A string field that may also be absent, null or of another type (then no text).
 #[derive(Default)]
 pub(crate) struct Text<'a>(Option<std::borrow::Cow<'a, str>>);
