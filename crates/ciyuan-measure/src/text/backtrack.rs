@@ -20,7 +20,7 @@
 use super::Rank;
 #[cfg(test)]
 use super::vocab::Walk;
-use super::vocab::{Vocab, bmp_char, char3_index, home};
+use super::vocab::{Vocab, bmp_char, char3_index, has_bit, home, set_bit};
 
 /// No token.
 const NONE: Rank = Rank::MAX;
@@ -326,9 +326,7 @@ impl Backtrack {
                     .ok()
                     .and_then(|t| t.chars().next_back())
                 {
-                    Some(c) if u32::from(c) <= 0xffff => {
-                        chars[(u32::from(c) >> 6) as usize] |= 1 << (u32::from(c) & 63);
-                    }
+                    Some(c) if u32::from(c) <= 0xffff => set_bit(&mut chars, c as usize),
                     // Not a whole character, or beyond the plane: every piece is searched.
                     _ => chars.fill(!0),
                 }
@@ -348,8 +346,10 @@ impl Backtrack {
         self.tree[left as usize] |= 1 << (SIG_LEFT_SHIFT + sig_bit(right));
         self.tree[right as usize] |= 1 << (SIG_RIGHT_SHIFT + sig_bit(left));
         let h = pair_hash(left, right);
-        let bit = (h >> (64 - MERGE_FILTER_BITS)) as usize;
-        self.merge_filter[bit >> 6] |= 1 << (bit & 63);
+        set_bit(
+            &mut self.merge_filter,
+            (h >> (64 - MERGE_FILTER_BITS)) as usize,
+        );
         let mut i = home(self.merges.len(), h.rotate_left(32));
         while self.merges[i] != 0 {
             i = if i + 1 == self.merges.len() { 0 } else { i + 1 };
@@ -368,8 +368,7 @@ impl Backtrack {
             return None;
         }
         let h = pair_hash(left, right);
-        let bit = (h >> (64 - MERGE_FILTER_BITS)) as usize;
-        if self.merge_filter[bit >> 6] & (1 << (bit & 63)) == 0 {
+        if !has_bit(&self.merge_filter, (h >> (64 - MERGE_FILTER_BITS)) as usize) {
             return None;
         }
         let want = (1 << 63) | (u64::from(right) << 20) | u64::from(left);
@@ -493,8 +492,7 @@ impl Backtrack {
         let mut filter = vec![0u64; 1 << (CHAR_STEP_FILTER_BITS - 6)];
         for step in steps {
             let h = char_step_hash(step[0] & CHAR_STEP_KEY);
-            let bit = char_step_bit(h);
-            filter[bit >> 6] |= 1 << (bit & 63);
+            set_bit(&mut filter, char_step_bit(h));
             let mut i = home(table.len(), h);
             while table[i][0] != 0 {
                 i = (i + 1) & (table.len() - 1);
@@ -511,8 +509,7 @@ impl Backtrack {
     fn char_step(&self, node: usize, ch: usize) -> Option<(usize, u64)> {
         let key = ((node as u64) << 16) | ch as u64;
         let h = char_step_hash(key);
-        let bit = char_step_bit(h);
-        if self.char_step_filter[bit >> 6] & (1 << (bit & 63)) == 0 {
+        if !has_bit(&self.char_step_filter, char_step_bit(h)) {
             return None;
         }
         let mask = self.char_steps.len() - 1;
@@ -673,7 +670,7 @@ impl Backtrack {
             let Some((c, len)) = bmp_char(piece, i) else {
                 return true;
             };
-            if self.screen_chars[(c >> 6) as usize] & (1 << (c & 63)) != 0 {
+            if has_bit(&self.screen_chars, c as usize) {
                 return true;
             }
             i += len;

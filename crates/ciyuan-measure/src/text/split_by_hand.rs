@@ -200,13 +200,7 @@ impl Chars<'_> {
     /// not answer for to tell.
     #[inline(always)]
     fn run(&self, mut i: usize, mask: u8, meet: bool) -> Option<usize> {
-        // ASCII byte by byte, as most runs are, before any character is decoded.
-        while let Some(&b) = self.text.get(i) {
-            let (c, len) = if b < 0x80 {
-                (ASCII[usize::from(b)], 1)
-            } else {
-                self.at(i)??
-            };
+        while let Some((c, len)) = self.at(i)? {
             if (c & mask != 0) != meet {
                 break;
             }
@@ -253,12 +247,7 @@ impl Chars<'_> {
         // `M`) ends: if no `L` follows the run, `U*` gives characters back until `L+`
         // can take that one.
         let mut last_lower = None;
-        while let Some(&b) = self.text.get(i) {
-            let (c, len) = if b < 0x80 {
-                (ASCII[usize::from(b)], 1)
-            } else {
-                self.at(i)??
-            };
+        while let Some((c, len)) = self.at(i)? {
             if c & UPPER == 0 {
                 break;
             }

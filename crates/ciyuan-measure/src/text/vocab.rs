@@ -112,6 +112,19 @@ pub(super) fn bmp_char(b: &[u8], i: usize) -> Option<(u32, usize)> {
     }
 }
 
+/// Sets bit `i` of a bit set kept in words (the filters in front of hash tables, the
+/// screen's characters).
+#[inline]
+pub(super) fn set_bit(bits: &mut [u64], i: usize) {
+    bits[i >> 6] |= 1 << (i & 63);
+}
+
+/// Whether bit `i` of a bit set kept in words is set.
+#[inline]
+pub(super) fn has_bit(bits: &[u64], i: usize) -> bool {
+    bits[i >> 6] & (1 << (i & 63)) != 0
+}
+
 /// The bit of [`Vocab::filter`] for hash `h`: bits above the tag's, which `home` (the
 /// high bits) and the tag (the low bits) do not use alike.
 #[inline]
@@ -310,7 +323,7 @@ impl Vocab {
         }
         let h = piece_hash(b);
         let bit = filter_bit(h);
-        if self.filter[bit >> 6] & (1 << (bit & 63)) == 0 {
+        if !has_bit(&self.filter, bit) {
             return None;
         }
         let want = ((b.len() as u64) << (TAG_BITS + RANK_BITS)) | (h & TAG_MASK);
@@ -367,8 +380,7 @@ impl Vocab {
         let mut filter = vec![0u64; 1 << (FILTER_BITS - 6)].into_boxed_slice();
         let mut chars3 = vec![Rank::MAX; 1 << 16].into_boxed_slice();
         for_each_token(gz, |token, rank| {
-            let bit = filter_bit(piece_hash(token));
-            filter[bit >> 6] |= 1 << (bit & 63);
+            set_bit(&mut filter, filter_bit(piece_hash(token)));
             if let Some(i) = char3_index(token) {
                 chars3[i] = rank;
             }
