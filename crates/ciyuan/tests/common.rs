@@ -445,6 +445,17 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Polls `done` every 200 ms until it holds, failing the test after `secs` seconds:
+/// for what the servers finish after they answer (a gateway call's entry, a lease
+/// handed between nodes), where a fixed sleep is a race on a loaded machine.
+pub fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn json(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))

@@ -749,29 +749,38 @@ fn two_nodes_placing_graduated_tiers_at_once_leave_no_gap_and_no_overlap() {
             }
         }
     });
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // A gateway call is recorded after its answer, and a node may wait up to the
+    // lease's wait for the other to let the tiers go: poll for every place rather
+    // than sleep a fixed time (1.5 s once left three calls unplaced on a loaded CI).
     // Every place follows the one before it on the counter, whichever node made it.
-    let (s, body) = a.http(
-        "GET",
-        "/api/v1/audit/entries?start=0&limit=10000",
-        &root,
-        None,
-    );
-    assert_eq!(s, 200);
-    let mut next = rust_decimal::Decimal::ZERO;
-    let mut placed = 0;
-    for line in String::from_utf8_lossy(&body).lines() {
-        let e: serde_json::Value = serde_json::from_str(line).unwrap();
-        let place = &e["data"]["rating"]["place"];
-        if e["kind"] != "usage" || place.is_null() {
-            continue;
+    let placed = || {
+        let (s, body) = a.http(
+            "GET",
+            "/api/v1/audit/entries?start=0&limit=10000",
+            &root,
+            None,
+        );
+        assert_eq!(s, 200);
+        let mut next = rust_decimal::Decimal::ZERO;
+        let mut placed = 0;
+        for line in String::from_utf8_lossy(&body).lines() {
+            let e: serde_json::Value = serde_json::from_str(line).unwrap();
+            let place = &e["data"]["rating"]["place"];
+            if e["kind"] != "usage" || place.is_null() {
+                continue;
+            }
+            let before: rust_decimal::Decimal = place["before"].as_str().unwrap().parse().unwrap();
+            let units: rust_decimal::Decimal = place["units"].as_str().unwrap().parse().unwrap();
+            assert_eq!(before, next, "a gap or an overlap at {e}");
+            next = before + units;
+            placed += 1;
         }
-        let before: rust_decimal::Decimal = place["before"].as_str().unwrap().parse().unwrap();
-        let units: rust_decimal::Decimal = place["units"].as_str().unwrap().parse().unwrap();
-        assert_eq!(before, next, "a gap or an overlap at {e}");
-        next = before + units;
-        placed += 1;
-    }
+        placed
+    };
+    crate::common::wait_for("every event and call placed", 60, || {
+        placed() >= 2 * 3 * 8 * 4
+    });
+    let placed = placed();
     assert_eq!(placed, 2 * 3 * 8 * 4, "every event and call placed");
     a.stop();
     b.stop();

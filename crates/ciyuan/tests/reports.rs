@@ -6,7 +6,7 @@
 //! one `report.delivered` entry per period, a period delivered by hand, a bad field
 //! refused by name, and `ciyuan audit verify` passing after it all.
 
-use crate::common::{Server, bin, json, stdout, verify};
+use crate::common::{Server, bin, json, stdout, verify, wait_for};
 use ciyuan_core::jiff::tz::TimeZone;
 use ciyuan_core::jiff::{Timestamp, ToSpan};
 use serde_json::{Value, json};
@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SECRET: &str = "report-secret-0123456789";
 
@@ -150,14 +150,6 @@ fn deliveries(server: &Server, key: &str) -> Vec<Value> {
         .map(json)
         .filter(|e| e["kind"] == "report.delivered")
         .collect()
-}
-
-fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn hour_label(t: Timestamp) -> String {
