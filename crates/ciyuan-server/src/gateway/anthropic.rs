@@ -337,8 +337,8 @@ impl Wire for Messages {
         Ok(())
     }
 
-    fn read_answer_typed(body: &[u8]) -> Option<Shown> {
-        serde_json::from_slice::<Obj<AnthropicAnswer<'_>>>(body)
+    fn read_answer_typed(body: &str) -> Option<Shown> {
+        serde_json::from_str::<Obj<AnthropicAnswer<'_>>>(body)
             .ok()
             .and_then(|a| a.0.read())
     }

@@ -402,8 +402,8 @@ impl Wire for Chat {
         Ok(())
     }
 
-    fn read_answer_typed(body: &[u8]) -> Option<Shown> {
-        serde_json::from_slice::<Obj<OpenAiAnswer<'_>>>(body)
+    fn read_answer_typed(body: &str) -> Option<Shown> {
+        serde_json::from_str::<Obj<OpenAiAnswer<'_>>>(body)
             .ok()
             .map(|a| a.0.read())
     }

@@ -197,8 +197,10 @@ pub(crate) trait Wire {
     ) -> Result<(), GatewayError>;
 
     /// A whole answer of the usual shape, read into borrowed, typed fields; `None`
-    /// leaves it to [`Wire::read_answer_value`].
-    fn read_answer_typed(body: &[u8]) -> Option<Shown>;
+    /// leaves it to [`Wire::read_answer_value`]. The body is UTF-8 already checked
+    /// whole: read from a `str`, serde_json does not check each string again (31
+    /// checks an answer of the usual size, 3.3 k instructions).
+    fn read_answer_typed(body: &str) -> Option<Shown>;
 
     /// A whole answer read from a tree of values; fields of unexpected types are
     /// passed over.
@@ -682,13 +684,14 @@ pub fn read_answer(endpoint: Endpoint, body: &[u8]) -> Option<Shown> {
     // Answers of the usual shape are read into borrowed, typed fields (no tree of
     // values); anything else (a field of an unexpected type, a duplicate key) is read
     // the slow, forgiving way.
-    // The typed reader skips the fields it does not need without checking their
-    // UTF-8, which the forgiving one refuses: such a body is left to that one.
-    let fast = match (endpoint.dialect(), std::str::from_utf8(body).is_ok()) {
-        (_, false) => None,
-        (Dialect::Chat, true) => Chat::read_answer_typed(body),
-        (Dialect::Messages, true) => Messages::read_answer_typed(body),
-        (Dialect::Responses, true) => Responses::read_answer_typed(body),
+    // The forgiving reader refuses a body that is not UTF-8, which the typed one
+    // would skip through in the fields it does not need: such a body is left to that
+    // one. Checked once here, the typed reader reads the text without checking again.
+    let fast = match (endpoint.dialect(), std::str::from_utf8(body)) {
+        (_, Err(_)) => None,
+        (Dialect::Chat, Ok(text)) => Chat::read_answer_typed(text),
+        (Dialect::Messages, Ok(text)) => Messages::read_answer_typed(text),
+        (Dialect::Responses, Ok(text)) => Responses::read_answer_typed(text),
     };
     fast.or_else(|| read_answer_value(endpoint, body))
 }

@@ -352,7 +352,7 @@ impl Wire for Responses {
     }
 
     /// Responses are read as a tree of values only.
-    fn read_answer_typed(_: &[u8]) -> Option<Shown> {
+    fn read_answer_typed(_: &str) -> Option<Shown> {
         None
     }
 
