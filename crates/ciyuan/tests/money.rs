@@ -67,13 +67,10 @@ fn ingest_gpt_4o(server: &Server, key: &str, dir: &std::path::Path, id: &str, su
 }
 
 /// The usage entries of `account` in the ledger, read back through the audit API.
-fn usage_entries(server: &Server, key: &str, account: &str) -> Vec<Value> {
-    let (s, b) = server.http("GET", "/api/v1/audit/entries?start=0&limit=1000", key, None);
-    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
-    b.split(|&c| c == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(json)
-        .filter(|e| e["kind"] == "usage" && e["account"] == account)
+fn usage_entries_of(server: &Server, key: &str, account: &str) -> Vec<Value> {
+    usage_entries(server, key)
+        .into_iter()
+        .filter(|e| e["account"] == account)
         .collect()
 }
 
@@ -206,13 +203,13 @@ fn litellm_prices_rate_gpt_4o_at_list_and_a_contract_discounts_a_child() {
     );
 
     // The entry explains its amount: book, version, the unit prices used.
-    let listed = usage_entries(&server, &root, "acme/list");
+    let listed = usage_entries_of(&server, &root, "acme/list");
     assert_eq!(listed.len(), 1);
     let rating = &listed[0]["data"]["rating"];
     assert_eq!(rating["book"], "list");
     assert_eq!(rating["version"], 1);
     assert_eq!(exact("rating.amount", &rating["amount"]), amount("4.50"));
-    let discounted = usage_entries(&server, &root, "acme/deal/child");
+    let discounted = usage_entries_of(&server, &root, "acme/deal/child");
     let rating = &discounted[0]["data"]["rating"];
     assert_eq!(exact("rating.amount", &rating["amount"]), amount("4.05"));
 
@@ -650,19 +647,28 @@ bands = [
 ]
 "#;
 
-/// The usage entries of the log with a tier place, in log order.
-fn placed_entries(server: &Server, key: &str) -> Vec<Value> {
+/// The usage entries of the log (its first 10,000 entries), read back through the
+/// audit API, in log order.
+pub(crate) fn usage_entries(server: &Server, key: &str) -> Vec<Value> {
     let (s, b) = server.http(
         "GET",
         "/api/v1/audit/entries?start=0&limit=10000",
         key,
         None,
     );
-    assert_eq!(s, 200);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     b.split(|&c| c == b'\n')
         .filter(|l| !l.is_empty())
         .map(json)
-        .filter(|e| e["kind"] == "usage" && !e["data"]["rating"]["place"].is_null())
+        .filter(|e| e["kind"] == "usage")
+        .collect()
+}
+
+/// The usage entries that hold a place on a tier counter, in log order.
+pub(crate) fn placed_entries(server: &Server, key: &str) -> Vec<Value> {
+    usage_entries(server, key)
+        .into_iter()
+        .filter(|e| !e["data"]["rating"]["place"].is_null())
         .collect()
 }
 

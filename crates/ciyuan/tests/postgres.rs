@@ -755,21 +755,10 @@ fn two_nodes_placing_graduated_tiers_at_once_leave_no_gap_and_no_overlap() {
     // Every place follows the one before it on the counter, whichever node made it.
     // Returns the usage entries recorded and how many of them hold a place.
     let placed = || {
-        let (s, body) = a.http(
-            "GET",
-            "/api/v1/audit/entries?start=0&limit=10000",
-            &root,
-            None,
-        );
-        assert_eq!(s, 200);
+        let usage = crate::money::usage_entries(&a, &root);
         let mut next = rust_decimal::Decimal::ZERO;
-        let (mut usage, mut placed) = (0, 0);
-        for line in String::from_utf8_lossy(&body).lines() {
-            let e: serde_json::Value = serde_json::from_str(line).unwrap();
-            if e["kind"] != "usage" {
-                continue;
-            }
-            usage += 1;
+        let mut placed = 0;
+        for e in &usage {
             let place = &e["data"]["rating"]["place"];
             if place.is_null() {
                 continue;
@@ -780,7 +769,7 @@ fn two_nodes_placing_graduated_tiers_at_once_leave_no_gap_and_no_overlap() {
             next = before + units;
             placed += 1;
         }
-        (usage, placed)
+        (usage.len(), placed)
     };
     let all = 2 * 3 * 8 * 4;
     crate::common::wait_for("every event and call recorded", 60, || placed().0 >= all);
@@ -841,17 +830,8 @@ fn the_tiers_lease_goes_to_another_node_only_once_the_places_are_committed() {
         .batch_execute("DROP TRIGGER slow_commit ON log_head")
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let (s, body) = a.http(
-        "GET",
-        "/api/v1/audit/entries?start=0&limit=10000",
-        &root,
-        None,
-    );
-    assert_eq!(s, 200);
-    let places: Vec<(String, String)> = String::from_utf8_lossy(&body)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|e| e["kind"] == "usage" && !e["data"]["rating"]["place"].is_null())
+    let places: Vec<(String, String)> = crate::money::placed_entries(&a, &root)
+        .into_iter()
         .map(|e| {
             let p = &e["data"]["rating"]["place"];
             (
