@@ -312,11 +312,16 @@ impl Clients {
         {
             req.headers_mut().insert(hyper::header::HOST, v);
         }
-        // hyper's connection sends the target as given: the origin form.
+        // hyper's connection sends the target as given: the origin form, made from
+        // the parsed path (shared, not copied or parsed again for every request).
         *req.uri_mut() = match uri.path_and_query() {
-            Some(p) => hyper::Uri::try_from(p.as_str()).map_err(|e| {
-                UpstreamError::Connect(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-            })?,
+            Some(p) => {
+                let mut origin = hyper::http::uri::Parts::default();
+                origin.path_and_query = Some(p.clone());
+                hyper::Uri::from_parts(origin).map_err(|e| {
+                    UpstreamError::Connect(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+                })?
+            }
             None => hyper::Uri::from_static("/"),
         };
         loop {
