@@ -33,7 +33,7 @@ pub fn estimate_chat(encoding: Encoding, messages: &[ChatMessage<'_>]) -> Result
         Encoding::O200kBase | Encoding::Cl100kBase => {
             let mut n = 3; // reply primer
             for m in messages {
-                n += 3 + encoding.count(m.role)? + encoding.count(m.content)?;
+                n += 3 + role_tokens(encoding, m.role)? + encoding.count(m.content)?;
                 if let Some(name) = m.name {
                     n += 1 + encoding.count(name)?;
                 }
@@ -74,6 +74,34 @@ pub fn estimate_chat(encoding: Encoding, messages: &[ChatMessage<'_>]) -> Result
     }
 }
 
+/// The roles [`role_tokens`] knows by heart.
+const USUAL_ROLES: [&str; 5] = ["system", "user", "assistant", "developer", "tool"];
+
+/// The tokens of a message's role with an OpenAI encoding. The usual roles are
+/// counted once per encoding and remembered (they are fixed strings, so this is their
+/// count): two of the six counts of a small chat request through the gateway were its
+/// roles, each paying a counter's setup for one token.
+fn role_tokens(encoding: Encoding, role: &str) -> Result<usize, TextError> {
+    static O200K: std::sync::OnceLock<[usize; 5]> = std::sync::OnceLock::new();
+    static CL100K: std::sync::OnceLock<[usize; 5]> = std::sync::OnceLock::new();
+    let cell = match encoding {
+        Encoding::O200kBase => &O200K,
+        Encoding::Cl100kBase => &CL100K,
+        _ => return encoding.count(role),
+    };
+    let Some(i) = USUAL_ROLES.iter().position(|r| *r == role) else {
+        return encoding.count(role);
+    };
+    if let Some(counts) = cell.get() {
+        return Ok(counts[i]);
+    }
+    let mut counts = [0; 5];
+    for (c, r) in counts.iter_mut().zip(USUAL_ROLES) {
+        *c = encoding.count(r)?;
+    }
+    Ok(cell.get_or_init(|| counts)[i])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +135,26 @@ mod tests {
             name: Some("ann"),
         }];
         assert_eq!(estimate_chat(e, &named).unwrap(), 3 + 3 + 1 + 1 + 1 + 1);
+    }
+
+    #[test]
+    fn remembered_roles_count_as_counting_them_does() {
+        for e in [Encoding::O200kBase, Encoding::Cl100kBase, Encoding::Qwen] {
+            // Twice: the first asks fill the memory, the second read it.
+            for _ in 0..2 {
+                for r in USUAL_ROLES
+                    .into_iter()
+                    .chain(["critic", "", "user ", "User"])
+                {
+                    assert_eq!(
+                        role_tokens(e, r).unwrap(),
+                        e.count(r).unwrap(),
+                        "{} {r:?}",
+                        e.name()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

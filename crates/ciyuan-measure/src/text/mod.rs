@@ -112,6 +112,11 @@ impl Encoding {
     ///
     /// Long texts are cut at boundaries no token can cross and counted on every core.
     pub fn count(self, text: &str) -> Result<usize, TextError> {
+        // Nothing to split (a gateway answer's reasoning is usually empty): no
+        // counter is set up.
+        if text.is_empty() {
+            return Ok(0);
+        }
         self.prepare(text)?;
         let ways = cores();
         if text.len() < PARALLEL_MIN_BYTES || ways < 2 {
