@@ -158,20 +158,16 @@ pub(super) const CL100K_SHAPE: Shape = Shape {
     marks_are_letters: false,
 };
 
-/// `qwen`'s pattern.
+/// `qwen`'s pattern: `cl100k_base`'s with one digit to a piece (`\p{N}`).
 pub(super) const QWEN_SHAPE: Shape = Shape {
-    cased_words: false,
     max_digits: 1,
-    punct_tail_slash: false,
-    marks_are_letters: false,
+    ..CL100K_SHAPE
 };
 
-/// `qwen3_6`'s pattern.
+/// `qwen3_6`'s pattern: `qwen`'s with marks among the letters (`[\p{L}\p{M}]+`).
 pub(super) const QWEN3_6_SHAPE: Shape = Shape {
-    cased_words: false,
-    max_digits: 1,
-    punct_tail_slash: false,
     marks_are_letters: true,
+    ..QWEN_SHAPE
 };
 
 /// The text's characters, read only as far as the table answers for them.
