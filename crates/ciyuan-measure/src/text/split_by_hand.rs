@@ -32,6 +32,18 @@ const LOWER: u8 = 1 << 5;
 /// `[\r\n]`.
 const NEWLINE: u8 = 1 << 6;
 
+/// Each class bit and the class it stands for, as the patterns write it: the table is
+/// made from these, and its test matches every character against them with the regex.
+const CLASS_PATTERNS: [(&str, u8); 7] = [
+    (r"\p{L}", LETTER),
+    (r"\p{M}", MARK),
+    (r"\p{N}", NUMBER),
+    (r"\s", SPACE),
+    (r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", UPPER),
+    (r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]", LOWER),
+    (r"[\r\n]", NEWLINE),
+];
+
 /// ASCII's class bits, read before [`Classes`] is: a constant's address, not a load
 /// through the table (the test of every character holds the two equal).
 const ASCII: [u8; 128] = {
@@ -74,15 +86,7 @@ static CLASSES: LazyLock<Classes> = LazyLock::new(Classes::new);
 impl Classes {
     fn new() -> Classes {
         let mut flat = vec![0u8; 1 << 16];
-        for (class, bit) in [
-            (r"\p{L}", LETTER),
-            (r"\p{M}", MARK),
-            (r"\p{N}", NUMBER),
-            (r"\s", SPACE),
-            (r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", UPPER),
-            (r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]", LOWER),
-            (r"[\r\n]", NEWLINE),
-        ] {
+        for (class, bit) in CLASS_PATTERNS {
             // The classes are constants, checked by every test that counts.
             #[allow(clippy::expect_used)]
             let hir = regex_syntax::parse(class).expect("a valid class");
@@ -444,16 +448,7 @@ mod tests {
     /// classes the regex gives it.
     #[test]
     fn the_table_holds_the_regex_classes_of_every_character() {
-        let classes = [
-            (r"\p{L}", LETTER),
-            (r"\p{M}", MARK),
-            (r"\p{N}", NUMBER),
-            (r"\s", SPACE),
-            (r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", UPPER),
-            (r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]", LOWER),
-            (r"[\r\n]", NEWLINE),
-        ]
-        .map(|(class, bit)| {
+        let classes = CLASS_PATTERNS.map(|(class, bit)| {
             let re = regex_automata::meta::Regex::new(&format!("^{class}$")).unwrap();
             (re, bit)
         });
