@@ -82,6 +82,7 @@ phases = [
         "<ciyuan_server::gateway::openai::Chat as ciyuan_server::gateway::protocol::Wire>::read_answer_typed"]),
     ("hyper server connection", ["<hyper_util::server::graceful::GracefulConnectionFuture<C,F> as core::future::future::Future>::poll"]),
     ("metering and the entry (record_call)", ["ciyuan_server::gateway::meter::record_call::{{closure}}",
+        "ciyuan_server::gateway::meter::Finishing::run::{{closure}}",
         "ciyuan_server::gateway::meter::finish::{{closure}}"]),
     ("counting (admission, recount)", ["ciyuan_measure::text::Encoding::count"]),
     ("the recorder task", ["ciyuan_server::gateway::record::recorder::{{closure}}"]),

@@ -207,12 +207,15 @@ pub(super) fn passed_back_headers(from: &HeaderMap) -> HeaderMap {
 /// The `anthropic-version` sent when the client sent none.
 pub(super) const ANTHROPIC_VERSION: &str = "2023-06-01";
 
+/// Sends `call` to its provider and returns the answer to pass on, with, for a whole
+/// answer, its metering, which the caller runs once the answer is handed over (every
+/// other ending is metered here, in a task of its own).
 pub(super) async fn forward(
     app: Arc<App>,
     call: Call,
     headers: &HeaderMap,
     body: Bytes,
-) -> Response {
+) -> (Response, Option<Finishing>) {
     let family = call.endpoint.family();
     let gw = &app.gateway;
     let provider = &gw.config.providers[call.provider];
@@ -241,12 +244,12 @@ pub(super) async fn forward(
         Ok(Err(e)) => {
             let failed = upstream_failed(provider, &error_chain(&e));
             finish_failed(&app, call, failed.status, "upstream_error");
-            return failed.into_response(family);
+            return (failed.into_response(family), None);
         }
         Err(_) => {
             let timed_out = upstream_timed_out(provider);
             finish_failed(&app, call, timed_out.status, "upstream_timeout");
-            return timed_out.into_response(family);
+            return (timed_out.into_response(family), None);
         }
     };
     let (parts, incoming) = resp.into_parts();
@@ -269,7 +272,7 @@ pub(super) async fn forward(
         let mut r = Response::new(Body::new(relay));
         *r.status_mut() = status;
         *r.headers_mut() = out_headers;
-        return r;
+        return (r, None);
     }
     // A whole answer: read it (within the provider's timeout and size bound), pass it
     // on unchanged.
@@ -284,7 +287,10 @@ pub(super) async fn forward(
                 MAX_ANSWER_BYTES >> 20
             );
             finish_failed(&app, call, StatusCode::BAD_GATEWAY, "upstream_too_large");
-            return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
+            return (
+                GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family),
+                None,
+            );
         }
         Ok(Err(e)) => {
             let msg = format!(
@@ -293,7 +299,10 @@ pub(super) async fn forward(
                 error_chain(e.as_ref())
             );
             finish_failed(&app, call, StatusCode::BAD_GATEWAY, "upstream_cut");
-            return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
+            return (
+                GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family),
+                None,
+            );
         }
         Err(_) => {
             let msg = format!(
@@ -302,7 +311,10 @@ pub(super) async fn forward(
                 provider.timeout.as_secs_f64()
             );
             finish_failed(&app, call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
-            return GatewayError::new(StatusCode::GATEWAY_TIMEOUT, msg).into_response(family);
+            return (
+                GatewayError::new(StatusCode::GATEWAY_TIMEOUT, msg).into_response(family),
+                None,
+            );
         }
     };
     if !status.is_success() {
@@ -310,14 +322,17 @@ pub(super) async fn forward(
         finish_failed(&app, call, status, "upstream_error");
         let mut resp = (status, bytes).into_response();
         *resp.headers_mut() = out_headers;
-        return resp;
+        return (resp, None);
     }
     let Some(shown) = protocol::read_answer(call.endpoint, &bytes) else {
         let msg = format!("upstream {} answered with malformed JSON", provider.name);
         // The tenant got no answer it can use: it is charged nothing (the entry still
         // records the failure, and the reservation is released).
         finish_failed(&app, call, StatusCode::BAD_GATEWAY, "upstream_malformed");
-        return GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family);
+        return (
+            GatewayError::new(StatusCode::BAD_GATEWAY, msg).into_response(family),
+            None,
+        );
     };
     let ttft = call.started.elapsed();
     let mut meter = Meter::new(call.endpoint, None);
@@ -327,10 +342,11 @@ pub(super) async fn forward(
         meter.failure = Some("no_usage");
     }
     meter.shown = shown;
-    finish(&app, call, meter, status.as_u16(), Some(ttft));
+    // Metered by the request's own task once the answer is handed over (`handle`).
+    let after = Finishing::new(&app, call, meter, status.as_u16(), Some(ttft));
     let mut resp = (status, bytes).into_response();
     *resp.headers_mut() = out_headers;
-    resp
+    (resp, Some(after))
 }
 
 pub(super) fn error_chain(e: &dyn std::error::Error) -> String {

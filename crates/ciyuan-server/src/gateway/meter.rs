@@ -279,50 +279,84 @@ pub(super) fn finish(
     status: u16,
     ttft: Option<Duration>,
 ) {
-    let latency = call.started.elapsed();
-    // A response the provider keeps can be retrieved at once, before its entry is
-    // appended and projected (see `retrieve`).
-    if call.endpoint == Endpoint::Responses
-        && (200..300).contains(&status)
-        && let Some(id) = &meter.shown.served.id
-    {
-        let upstream = &app.gateway.config.providers[call.provider].name;
-        let mut recent = match app.gateway.recent_responses.lock() {
-            Ok(r) => r,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        recent.keep(id, &call.caller.key.account, upstream);
-    }
     // A relay dropped while the runtime shuts down has nowhere to record from.
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         tracing::warn!(request = %call.request_id, "gateway usage not recorded: stopping");
         return;
     };
-    let app = app.clone();
-    app.gateway
-        .finishing
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let finishing = Finishing::new(app, call, meter, status, ttft);
     // Boxed as the request's own future is (`handle`): moved as a pointer.
     rt.spawn(Box::pin(async move {
         // The request's thread runs this task before the connection's own, which was
         // woken after it was spawned: the answer would wait for the recount, rating and
         // settling of its own usage. Yielding once lets the answer go out first.
         tokio::task::yield_now().await;
-        record_call(
-            &app,
+        finishing.run().await;
+    }));
+}
+
+/// A request's metering, made ready when it ends and run once its answer is handed
+/// over: by a task of its own ([`finish`]), or, for a whole answer, by the request's
+/// own task after it passed the answer to the connection (`handle`), which spares a
+/// second task per request. Counted in `finishing` from when it is made, so a clean
+/// stop waits for it.
+pub(super) struct Finishing {
+    app: Arc<App>,
+    call: Call,
+    meter: Meter,
+    ended: Ended,
+}
+
+impl Finishing {
+    pub(super) fn new(
+        app: &Arc<App>,
+        call: Call,
+        meter: Meter,
+        status: u16,
+        ttft: Option<Duration>,
+    ) -> Finishing {
+        let latency = call.started.elapsed();
+        // A response the provider keeps can be retrieved at once, before its entry is
+        // appended and projected (see `retrieve`).
+        if call.endpoint == Endpoint::Responses
+            && (200..300).contains(&status)
+            && let Some(id) = &meter.shown.served.id
+        {
+            let upstream = &app.gateway.config.providers[call.provider].name;
+            let mut recent = match app.gateway.recent_responses.lock() {
+                Ok(r) => r,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            recent.keep(id, &call.caller.key.account, upstream);
+        }
+        app.gateway
+            .finishing
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Finishing {
+            app: app.clone(),
             call,
             meter,
-            Ended {
+            ended: Ended {
                 status,
                 ttft,
                 latency,
             },
-        )
-        .await;
+        }
+    }
+
+    /// Counts, compares and records (`record_call`).
+    pub(super) async fn run(self) {
+        let Finishing {
+            app,
+            call,
+            meter,
+            ended,
+        } = self;
+        record_call(&app, call, meter, ended).await;
         app.gateway
             .finishing
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }));
+    }
 }
 
 /// How a request ended, as the relay saw it.

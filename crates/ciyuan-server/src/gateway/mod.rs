@@ -59,7 +59,7 @@ use std::time::{Duration, Instant};
 pub use config::*;
 pub use forward::count_tokens;
 use forward::{ANTHROPIC_VERSION, error_chain, forward};
-use meter::{ESTIMATOR, Meter, add_tokens, count_input, finish, finish_failed};
+use meter::{ESTIMATOR, Finishing, Meter, add_tokens, count_input, finish, finish_failed};
 use record::Record;
 pub use retrieve::{cancel_response, delete_response, get_response, response_input_items};
 pub use route::Gateway;
@@ -284,13 +284,30 @@ struct InputCount {
 /// unmetered and hold its budget and wallet room until the reservations lapse.
 async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Request) -> Response {
     let family = endpoint.family();
+    let (answer, answered) = tokio::sync::oneshot::channel();
     // Boxed where it is made: the request's future is several KiB, and spawning moves
     // a future by value into its task several times over (`memmove` was 6% of the
     // gateway's CPU at 32 connections); a box moves as a pointer.
-    match tokio::spawn(Box::pin(serve_call(app, endpoint, headers, req))).await {
+    tokio::spawn(Box::pin(async move {
+        let mut after = None;
+        let resp = serve_call(app, endpoint, headers, req, &mut after).await;
+        // A client that hung up has no use for the answer; its usage is metered all
+        // the same.
+        let handed_over = answer.send(resp).is_ok();
+        if let Some(after) = after {
+            if handed_over {
+                // Let the connection's task, woken by the answer, write it before this
+                // task counts, rates and settles the request's usage.
+                tokio::task::yield_now().await;
+            }
+            after.run().await;
+        }
+    }));
+    match answered.await {
         Ok(resp) => resp,
-        Err(e) => {
-            tracing::error!(error = %e, "a gateway request's task failed");
+        Err(_) => {
+            // The task ended without an answer: it panicked.
+            tracing::error!("a gateway request's task failed");
             GatewayError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the gateway failed while serving this request",
@@ -300,12 +317,14 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, req: Requ
     }
 }
 
-/// A gateway request, from its key to its answer (see [`handle`]).
+/// A gateway request, from its key to its answer (see [`handle`]); a whole answer's
+/// metering is left in `after`, to run once the answer is handed over.
 async fn serve_call(
     app: Arc<App>,
     endpoint: Endpoint,
     headers: HeaderMap,
     req: Request,
+    after: &mut Option<Finishing>,
 ) -> Response {
     let started = Instant::now();
     let at = Timestamp::now();
@@ -554,7 +573,8 @@ async fn serve_call(
         input_estimate: counted,
     };
     let id = HeaderValue::from_str(&call.request_id).ok();
-    let mut resp = forward(app, call, &headers, body).await;
+    let (mut resp, finishing) = forward(app, call, &headers, body).await;
+    *after = finishing;
     if let Some(id) = id {
         // On every answer, errors included, so a client can name the request.
         resp.headers_mut().insert("x-ciyuan-request-id", id);
