@@ -19,6 +19,7 @@ mod demo;
 mod finance;
 mod ingest;
 mod money;
+mod open_loop;
 mod reports;
 mod serve;
 mod service_levels;
