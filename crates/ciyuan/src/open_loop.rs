@@ -143,6 +143,88 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+/// A run's connections and tallies.
+struct Run<'a> {
+    request: &'a Request,
+    conns: Vec<Conn>,
+    /// Connections with no request in flight.
+    free: Vec<usize>,
+    /// Requests answered or given up.
+    done: u64,
+    out: Paced,
+}
+
+impl Run<'_> {
+    fn fail(&mut self, what: String) {
+        self.out.failed += 1;
+        if self.out.problems.len() < 10 {
+            self.out.problems.push(what);
+        }
+    }
+
+    /// Gives up the request on connection `c` and opens it again.
+    fn lost(&mut self, c: usize, what: String) -> std::io::Result<()> {
+        self.fail(what);
+        self.done += 1;
+        self.conns[c] = Conn::open(self.request.addr)?;
+        self.free.push(c);
+        Ok(())
+    }
+
+    /// Writes what is left of the request on connection `c` (as much as the socket
+    /// takes); the request is lost if the connection broke.
+    fn write(&mut self, c: usize) -> std::io::Result<()> {
+        let bytes = &self.request.bytes;
+        let conn = &mut self.conns[c];
+        match conn.stream.write(&bytes[bytes.len() - conn.unwritten..]) {
+            Ok(k) => conn.unwritten -= k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return self.lost(c, format!("writing a request: {e}")),
+        }
+        Ok(())
+    }
+
+    /// Reads what connection `c` has and, once its answer is whole, counts it.
+    fn read(&mut self, c: usize, chunk: &mut [u8]) -> std::io::Result<()> {
+        let conn = &mut self.conns[c];
+        let broken = loop {
+            match conn.stream.read(chunk) {
+                Ok(0) => break Some("the connection closed".to_string()),
+                Ok(k) => conn.buf.extend_from_slice(&chunk[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(format!("reading an answer: {e}")),
+            }
+        };
+        let Some(due) = conn.due else {
+            return Ok(());
+        };
+        match (answer(&conn.buf), broken) {
+            (Answer::Whole { ok, len }, broken) => {
+                self.out.lat.push(micros(due.elapsed()));
+                self.done += 1;
+                let extra = conn.buf.len() > len;
+                if !ok {
+                    let shown = String::from_utf8_lossy(&conn.buf[..len.min(300)]).into_owned();
+                    self.fail(format!("not 200 with a JSON object: {shown}"));
+                }
+                if extra {
+                    self.fail("bytes after an answer".into());
+                }
+                if extra || broken.is_some() {
+                    self.conns[c] = Conn::open(self.request.addr)?;
+                } else {
+                    self.conns[c].due = None;
+                }
+                self.free.push(c);
+                Ok(())
+            }
+            (Answer::Partial, None) => Ok(()),
+            (Answer::Partial, Some(why)) | (Answer::Unreadable(why), _) => self.lost(c, why),
+        }
+    }
+}
+
 /// Sends `request` at `rate` a second for `seconds` over `connections` connections
 /// and waits for every answer (at most `grace` after the last is sent).
 pub fn run(
@@ -157,65 +239,55 @@ pub fn run(
         "rate and connections must be positive"
     );
     let n = (rate * seconds).round().max(1.0) as u64;
-    let mut conns = (0..connections)
-        .map(|_| Conn::open(request.addr))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let mut free: Vec<usize> = (0..connections).rev().collect();
-    let mut waiting: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
-    let mut out = Paced {
-        lat: Vec::with_capacity(n as usize),
-        late: Vec::with_capacity(n as usize),
-        ..Paced::default()
+    let mut run = Run {
+        request,
+        conns: (0..connections)
+            .map(|_| Conn::open(request.addr))
+            .collect::<std::io::Result<Vec<_>>>()?,
+        free: (0..connections).rev().collect(),
+        done: 0,
+        out: Paced {
+            lat: Vec::with_capacity(n as usize),
+            late: Vec::with_capacity(n as usize),
+            ..Paced::default()
+        },
     };
+    let mut waiting: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
     let start = Instant::now() + Duration::from_millis(10);
     let due_of = |i: u64| start + Duration::from_secs_f64(i as f64 / rate);
     let mut next = 0u64;
-    let mut answered = 0u64;
     let mut last_sent = start;
-    let mut chunk = [0u8; 16 * 1024];
-    let fail = |out: &mut Paced, what: String| {
-        out.failed += 1;
-        if out.problems.len() < 10 {
-            out.problems.push(what);
-        }
-    };
-    while answered < n {
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut busy: Vec<usize> = Vec::with_capacity(connections);
+    let mut ready: Vec<(usize, rustix::event::PollFlags)> = Vec::with_capacity(connections);
+    while run.done < n {
         let now = Instant::now();
         while next < n && due_of(next) <= now {
             waiting.push_back(due_of(next));
             next += 1;
         }
         if next == n && now > last_sent + grace {
-            let missing = n - answered;
-            fail(
-                &mut out,
-                format!("{missing} requests unanswered {grace:?} after the last was sent"),
-            );
-            out.failed += missing - 1;
+            let missing = n - run.done;
+            run.fail(format!(
+                "{missing} requests unanswered {grace:?} after the last was sent"
+            ));
+            run.out.failed += missing - 1;
             break;
         }
         // Write what is due on free connections.
-        while let (Some(&due), Some(&c)) = (waiting.front(), free.last()) {
+        while let (Some(&due), Some(&c)) = (waiting.front(), run.free.last()) {
             waiting.pop_front();
-            free.pop();
-            let conn = &mut conns[c];
+            run.free.pop();
+            let written = Instant::now();
+            run.out
+                .late
+                .push(micros(written.saturating_duration_since(due)));
+            last_sent = written;
+            let conn = &mut run.conns[c];
             conn.due = Some(due);
             conn.unwritten = request.bytes.len();
             conn.buf.clear();
-            let written = Instant::now();
-            out.late
-                .push(micros(written.saturating_duration_since(due)));
-            last_sent = written;
-            match conn.stream.write(&request.bytes) {
-                Ok(k) => conn.unwritten -= k,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    fail(&mut out, format!("writing a request: {e}"));
-                    answered += 1;
-                    conns[c] = Conn::open(request.addr)?;
-                    free.push(c);
-                }
-            }
+            run.write(c)?;
         }
         // Wait for answers, or until the next request is due.
         let timeout = if next < n {
@@ -223,9 +295,8 @@ pub fn run(
         } else {
             Duration::from_millis(100)
         };
-        let busy: Vec<usize> = (0..conns.len())
-            .filter(|&c| conns[c].due.is_some())
-            .collect();
+        busy.clear();
+        busy.extend((0..run.conns.len()).filter(|&c| run.conns[c].due.is_some()));
         if busy.is_empty() {
             if !timeout.is_zero() {
                 std::thread::sleep(timeout);
@@ -236,14 +307,14 @@ pub fn run(
             .iter()
             .map(|&c| {
                 let mut flags = rustix::event::PollFlags::IN;
-                if conns[c].unwritten > 0 {
+                if run.conns[c].unwritten > 0 {
                     flags |= rustix::event::PollFlags::OUT;
                 }
-                rustix::event::PollFd::new(&conns[c].stream, flags)
+                rustix::event::PollFd::new(&run.conns[c].stream, flags)
             })
             .collect();
         let ts = rustix::event::Timespec {
-            tv_sec: timeout.as_secs() as i64,
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: i64::from(timeout.subsec_nanos()),
         };
         match rustix::event::poll(&mut fds, Some(&ts)) {
@@ -251,76 +322,27 @@ pub fn run(
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
-        let ready: Vec<(usize, rustix::event::PollFlags)> = busy
-            .iter()
-            .zip(&fds)
-            .map(|(&c, fd)| (c, fd.revents()))
-            .filter(|(_, r)| !r.is_empty())
-            .collect();
+        ready.clear();
+        ready.extend(
+            busy.iter()
+                .zip(&fds)
+                .map(|(&c, fd)| (c, fd.revents()))
+                .filter(|(_, r)| !r.is_empty()),
+        );
         drop(fds);
-        for (c, revents) in ready {
-            let conn = &mut conns[c];
-            if conn.unwritten > 0 && revents.contains(rustix::event::PollFlags::OUT) {
-                let from = request.bytes.len() - conn.unwritten;
-                match conn.stream.write(&request.bytes[from..]) {
-                    Ok(k) => conn.unwritten -= k,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        fail(&mut out, format!("writing a request: {e}"));
-                        answered += 1;
-                        conns[c] = Conn::open(request.addr)?;
-                        free.push(c);
-                        continue;
-                    }
+        for &(c, revents) in &ready {
+            if run.conns[c].unwritten > 0 && revents.contains(rustix::event::PollFlags::OUT) {
+                run.write(c)?;
+                if run.conns[c].due.is_none() {
+                    // Lost while writing.
+                    continue;
                 }
             }
-            let broken = loop {
-                match conn.stream.read(&mut chunk) {
-                    Ok(0) => break Some("the connection closed".to_string()),
-                    Ok(k) => conn.buf.extend_from_slice(&chunk[..k]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => break Some(format!("reading an answer: {e}")),
-                }
-            };
-            let Some(due) = conn.due else { continue };
-            match answer(&conn.buf) {
-                Answer::Whole { ok, len } => {
-                    out.lat.push(micros(due.elapsed()));
-                    if !ok {
-                        let shown = String::from_utf8_lossy(&conn.buf[..len.min(300)]).into_owned();
-                        fail(&mut out, format!("not 200 with a JSON object: {shown}"));
-                    }
-                    let extra = conn.buf.len() > len;
-                    answered += 1;
-                    if extra || broken.is_some() {
-                        if extra {
-                            fail(&mut out, "bytes after an answer".into());
-                        }
-                        conns[c] = Conn::open(request.addr)?;
-                    } else {
-                        conn.due = None;
-                    }
-                    free.push(c);
-                }
-                Answer::Partial if broken.is_none() => {}
-                Answer::Partial => {
-                    fail(&mut out, broken.unwrap_or_default());
-                    answered += 1;
-                    conns[c] = Conn::open(request.addr)?;
-                    free.push(c);
-                }
-                Answer::Unreadable(why) => {
-                    fail(&mut out, why);
-                    answered += 1;
-                    conns[c] = Conn::open(request.addr)?;
-                    free.push(c);
-                }
-            }
+            run.read(c, &mut chunk)?;
         }
     }
-    out.sent_secs = last_sent.saturating_duration_since(start).as_secs_f64();
-    Ok(out)
+    run.out.sent_secs = last_sent.saturating_duration_since(start).as_secs_f64();
+    Ok(run.out)
 }
 
 #[cfg(test)]
