@@ -356,19 +356,51 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Open loop: request `i` is due at `start + i / rate`, whenever earlier ones answer.
-/// A thread sleeps to each due time and spawns the request on the runtime.
+/// Which client sends an open loop's requests.
+#[derive(Clone, Copy, PartialEq)]
+enum Client {
+    /// A thread sleeps to each due time and spawns the request on the runtime
+    /// ([`spawned_run`]): any target, costly on the machine it measures.
+    Spawned,
+    /// One thread writes each request at its due time (`open_loop.rs`): plain-http
+    /// targets (others fall back to [`Client::Spawned`]).
+    Paced,
+}
+
+/// Open loop: request `i` is due at `start + i / rate`, whenever earlier ones answer;
+/// the slice's latencies, and the CPU the gateway and the provider spent, added to
+/// `into`.
 async fn open_loop(
     t: &Target,
     rate: f64,
     seconds: f64,
     pids: (u32, u32),
     into: &mut OpenSamples,
+    client: Client,
 ) -> anyhow::Result<()> {
+    let cpu = (cpu_seconds(pids.0), cpu_seconds(pids.1));
+    let run = if client == Client::Paced && t.url.starts_with("http://") {
+        paced_run(t, rate, seconds).await?
+    } else {
+        spawned_run(t, rate, seconds).await?
+    };
+    into.cpu.0 += cpu_seconds(pids.0) - cpu.0;
+    into.cpu.1 += cpu_seconds(pids.1) - cpu.1;
+    into.lat.extend(run.lat);
+    into.late.extend(run.late);
+    into.sent_secs += run.sent_secs;
+    Ok(())
+}
+
+/// [`Client::Spawned`]'s run; each request's failure is counted by [`Target::call`].
+async fn spawned_run(
+    t: &Target,
+    rate: f64,
+    seconds: f64,
+) -> anyhow::Result<crate::open_loop::Paced> {
     let n = (rate * seconds).round().max(1.0) as u64;
     let handle = tokio::runtime::Handle::current();
     let start = Instant::now() + Duration::from_millis(10);
-    let cpu = (cpu_seconds(pids.0), cpu_seconds(pids.1));
     let t2 = t.clone();
     let (tasks, sent_for) = tokio::task::spawn_blocking(move || {
         let mut tasks = Vec::with_capacity(n as usize);
@@ -388,33 +420,24 @@ async fn open_loop(
         (tasks, start.elapsed())
     })
     .await?;
+    let mut run = crate::open_loop::Paced {
+        sent_secs: sent_for.as_secs_f64(),
+        ..Default::default()
+    };
     for task in tasks {
         let (l, s, _ok) = task.await?;
-        into.lat.push(l.as_micros() as u64);
-        into.late.push(s.as_micros() as u64);
+        run.lat.push(l.as_micros() as u64);
+        run.late.push(s.as_micros() as u64);
     }
-    into.sent_secs += sent_for.as_secs_f64();
-    into.cpu.0 += cpu_seconds(pids.0) - cpu.0;
-    into.cpu.1 += cpu_seconds(pids.1) - cpu.1;
-    Ok(())
+    Ok(run)
 }
 
 /// Connections of the paced open-loop client: enough that a request rarely waits for
 /// one (at 10,000 requests/s and a few hundred microseconds each, a handful are busy).
 const PACED_CONNECTIONS: usize = 64;
 
-/// [`open_loop`] by the paced client of one thread (`open_loop.rs`), for a plain-http
-/// target; an https one is measured by [`open_loop`].
-async fn open_loop_paced(
-    t: &Target,
-    rate: f64,
-    seconds: f64,
-    pids: (u32, u32),
-    into: &mut OpenSamples,
-) -> anyhow::Result<()> {
-    if !t.url.starts_with("http://") {
-        return open_loop(t, rate, seconds, pids, into).await;
-    }
+/// [`Client::Paced`]'s run; its failures are counted in the target's checks here.
+async fn paced_run(t: &Target, rate: f64, seconds: f64) -> anyhow::Result<crate::open_loop::Paced> {
     let auth = t.auth.to_str().context("the key as a header")?.to_string();
     let request = crate::open_loop::Request::post(
         &t.url,
@@ -424,8 +447,7 @@ async fn open_loop_paced(
         ],
         SMALL_BODY,
     )?;
-    let cpu = (cpu_seconds(pids.0), cpu_seconds(pids.1));
-    let paced = tokio::task::spawn_blocking(move || {
+    let mut run = tokio::task::spawn_blocking(move || {
         crate::open_loop::run(
             &request,
             rate,
@@ -435,21 +457,17 @@ async fn open_loop_paced(
         )
     })
     .await??;
-    into.cpu.0 += cpu_seconds(pids.0) - cpu.0;
-    into.cpu.1 += cpu_seconds(pids.1) - cpu.1;
-    let n = paced.late.len() as u64;
-    t.checks.responses.fetch_add(n, Ordering::Relaxed);
+    t.checks
+        .responses
+        .fetch_add(run.late.len() as u64, Ordering::Relaxed);
     // `fail` counts each problem it is given; the failures beyond those listed count
     // too.
-    let unlisted = paced.failed - paced.problems.len() as u64;
-    for problem in paced.problems {
+    let unlisted = run.failed - run.problems.len() as u64;
+    for problem in std::mem::take(&mut run.problems) {
         t.checks.fail(format!("{}: {problem}", t.name));
     }
     t.checks.failed.fetch_add(unlisted, Ordering::Relaxed);
-    into.lat.extend(paced.lat);
-    into.late.extend(paced.late);
-    into.sent_secs += paced.sent_secs;
-    Ok(())
+    Ok(run)
 }
 
 /// Open-loop slices of one target, merged.
@@ -863,8 +881,24 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
 
         // 1. Added latency.
         let (mut direct_open, mut gateway_open) = (OpenSamples::default(), OpenSamples::default());
-        open_loop(&direct, o.rate, warm, pids, &mut OpenSamples::default()).await?;
-        open_loop(&gateway, o.rate, warm, pids, &mut OpenSamples::default()).await?;
+        open_loop(
+            &direct,
+            o.rate,
+            warm,
+            pids,
+            &mut OpenSamples::default(),
+            Client::Spawned,
+        )
+        .await?;
+        open_loop(
+            &gateway,
+            o.rate,
+            warm,
+            pids,
+            &mut OpenSamples::default(),
+            Client::Spawned,
+        )
+        .await?;
         let rss_warm_kb = status_kb(gw_pid, "VmRSS");
         for i in 0..slices {
             let mut runs = [(&direct, &mut direct_open), (&gateway, &mut gateway_open)];
@@ -872,7 +906,7 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
                 runs.reverse();
             }
             for (t, into) in runs {
-                open_loop(t, o.rate, slice, pids, into).await?;
+                open_loop(t, o.rate, slice, pids, into, Client::Spawned).await?;
             }
         }
         let (latency_direct, latency_gateway) = (direct_open.latency(), gateway_open.latency());
@@ -1308,18 +1342,27 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
         let mut samples: Vec<OpenSamples> =
             targets.iter().map(|_| OpenSamples::default()).collect();
         for t in &targets {
-            open_loop_paced(
+            open_loop(
                 t,
                 o.rate,
                 o.seconds.min(1.0),
                 pids,
                 &mut OpenSamples::default(),
+                Client::Paced,
             )
             .await?;
         }
         for s in 0..slices {
             for k in order(s) {
-                open_loop_paced(&targets[k], o.rate, slice, pids, &mut samples[k]).await?;
+                open_loop(
+                    &targets[k],
+                    o.rate,
+                    slice,
+                    pids,
+                    &mut samples[k],
+                    Client::Paced,
+                )
+                .await?;
             }
         }
         anyhow::Ok(

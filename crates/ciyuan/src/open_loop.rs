@@ -27,8 +27,9 @@ pub struct Paced {
     /// Seconds from the first scheduled time to the last request written.
     pub sent_secs: f64,
     /// Requests that failed (no answer, a broken connection, not `200` with a JSON
-    /// object), and what the first few were.
+    /// object).
     pub failed: u64,
+    /// What the first few failures were.
     pub problems: Vec<String>,
 }
 
