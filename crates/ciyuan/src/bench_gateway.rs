@@ -881,24 +881,10 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
 
         // 1. Added latency.
         let (mut direct_open, mut gateway_open) = (OpenSamples::default(), OpenSamples::default());
-        open_loop(
-            &direct,
-            o.rate,
-            warm,
-            pids,
-            &mut OpenSamples::default(),
-            Client::Spawned,
-        )
-        .await?;
-        open_loop(
-            &gateway,
-            o.rate,
-            warm,
-            pids,
-            &mut OpenSamples::default(),
-            Client::Spawned,
-        )
-        .await?;
+        for t in [&direct, &gateway] {
+            let warming = &mut OpenSamples::default();
+            open_loop(t, o.rate, warm, pids, warming, Client::Spawned).await?;
+        }
         let rss_warm_kb = status_kb(gw_pid, "VmRSS");
         for i in 0..slices {
             let mut runs = [(&direct, &mut direct_open), (&gateway, &mut gateway_open)];
