@@ -781,17 +781,7 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
             t.requests,
             cpu_note(t.gateway_cpu_us)
         );
-        if t.gateway_cpu_us > 0.0 {
-            let rooms: Vec<String> = crate::bench_gateway::THREAD_ROOMS
-                .iter()
-                .zip(t.gateway_cpu_rooms_us)
-                .map(|(name, us)| format!("{name} {us:.1}"))
-                .collect();
-            println!(
-                "      gateway CPU us/request by thread: {}",
-                rooms.join(", ")
-            );
-        }
+        print_rooms(t.gateway_cpu_us, t.gateway_cpu_rooms_us);
     }
     let split: Vec<String> = r
         .sides
@@ -849,6 +839,7 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
             l.client_late_p99_us,
             cpu_note(l.gateway_cpu_us)
         );
+        print_rooms(l.gateway_cpu_us, l.gateway_cpu_rooms_us);
     }
     println!("    (target: ciyuan p99 at most 1000 us)");
     if r.problems.is_empty() {
@@ -879,6 +870,12 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                 "open_loop_p50_us": s.open_loop.p50_us,
                 "open_loop_p99_us": s.open_loop.p99_us,
                 "open_loop_p999_us": s.open_loop.p999_us,
+                "open_loop_gateway_cpu_us": s.open_loop.gateway_cpu_us,
+                "open_loop_gateway_cpu_us_by_thread": crate::bench_gateway::THREAD_ROOMS
+                    .iter()
+                    .zip(s.open_loop.gateway_cpu_rooms_us)
+                    .map(|(name, us)| (name.to_string(), serde_json::json!(us)))
+                    .collect::<serde_json::Map<_, _>>(),
             })
         };
         let sides: serde_json::Map<String, serde_json::Value> = r
@@ -903,6 +900,21 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The gateway's CPU a request by room of its threads, under a figure that has it.
+fn print_rooms(gateway_cpu_us: f64, rooms: [f64; 5]) {
+    if gateway_cpu_us > 0.0 {
+        let rooms: Vec<String> = crate::bench_gateway::THREAD_ROOMS
+            .iter()
+            .zip(rooms)
+            .map(|(name, us)| format!("{name} {us:.1}"))
+            .collect();
+        println!(
+            "      gateway CPU us/request by thread: {}",
+            rooms.join(", ")
+        );
+    }
 }
 
 /// `; gateway CPU N us/request` when measured.

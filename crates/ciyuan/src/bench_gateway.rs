@@ -68,6 +68,10 @@ pub struct Latency {
     pub client_late_p99_us: u64,
     /// CPU (user + system) the gateway process spent per request, microseconds.
     pub gateway_cpu_us: f64,
+    /// That CPU by room of the gateway ([`THREAD_ROOMS`]), per request: at a rate
+    /// below saturation the threads sleep between requests, so what each wakes for
+    /// shows here as it does not at full load.
+    pub gateway_cpu_rooms_us: [f64; 5],
     /// CPU the sim process spent per request, microseconds.
     pub sim_cpu_us: f64,
 }
@@ -379,6 +383,7 @@ async fn open_loop(
     client: Client,
 ) -> anyhow::Result<()> {
     let cpu = (cpu_seconds(pids.0), cpu_seconds(pids.1));
+    let rooms = thread_cpu(pids.0);
     let run = if client == Client::Paced && t.url.starts_with("http://") {
         paced_run(t, rate, seconds).await?
     } else {
@@ -386,6 +391,13 @@ async fn open_loop(
     };
     into.cpu.0 += cpu_seconds(pids.0) - cpu.0;
     into.cpu.1 += cpu_seconds(pids.1) - cpu.1;
+    for (sum, (after, before)) in into
+        .rooms
+        .iter_mut()
+        .zip(thread_cpu(pids.0).iter().zip(rooms))
+    {
+        *sum += after - before;
+    }
     into.lat.extend(run.lat);
     into.late.extend(run.late);
     into.sent_secs += run.sent_secs;
@@ -481,6 +493,8 @@ struct OpenSamples {
     sent_secs: f64,
     /// CPU seconds of the gateway and the sim.
     cpu: (f64, f64),
+    /// The gateway's CPU seconds by room ([`THREAD_ROOMS`]).
+    rooms: [f64; 5],
 }
 
 impl OpenSamples {
@@ -498,6 +512,7 @@ impl OpenSamples {
             max_us: self.lat.last().copied().unwrap_or(0),
             client_late_p99_us: percentile(&self.late, 0.99),
             gateway_cpu_us: per(self.cpu.0),
+            gateway_cpu_rooms_us: self.rooms.map(per),
             sim_cpu_us: per(self.cpu.1),
         }
     }
@@ -1359,6 +1374,7 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
                     let mut l = s.latency();
                     if k != ciyuan {
                         l.gateway_cpu_us = 0.0;
+                        l.gateway_cpu_rooms_us = [0.0; 5];
                     }
                     l
                 })
@@ -1417,6 +1433,25 @@ mod tests {
         assert_eq!(f.gateway_cpu_rooms_us, [30.0, 0.0, 10.0, 10.0, 0.0]);
         assert_eq!((f.cpu_user_us, f.cpu_system_us), (20.0, 10.0));
         assert_eq!(WrkSamples::default().figures().p99_us, 0);
+    }
+
+    #[test]
+    fn open_loop_samples_give_percentiles_and_cpu_per_request_by_room() {
+        let s = OpenSamples {
+            lat: (1..=100).rev().collect(),
+            late: vec![0; 100],
+            sent_secs: 2.0,
+            cpu: (0.005, 0.001),
+            rooms: [0.003, 0.0, 0.001, 0.001, 0.0],
+        };
+        let l = s.latency();
+        assert_eq!(
+            (l.requests, l.p50_us, l.p99_us, l.max_us),
+            (100, 50, 99, 100)
+        );
+        assert_eq!(l.achieved_rate, 50.0);
+        assert_eq!((l.gateway_cpu_us, l.sim_cpu_us), (50.0, 10.0));
+        assert_eq!(l.gateway_cpu_rooms_us, [30.0, 0.0, 10.0, 10.0, 0.0]);
     }
 
     #[test]
