@@ -851,6 +851,13 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if a.json {
+        let by_thread = |rooms: [f64; 5]| {
+            crate::bench_gateway::THREAD_ROOMS
+                .iter()
+                .zip(rooms)
+                .map(|(name, us)| (name.to_string(), serde_json::json!(us)))
+                .collect::<serde_json::Map<_, _>>()
+        };
         let side = |s: &crate::bench_gateway::Side| {
             serde_json::json!({
                 "throughput_per_sec": s.throughput.per_sec,
@@ -859,11 +866,7 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                 "throughput_gateway_cpu_us": s.throughput.gateway_cpu_us,
                 "throughput_cpu_user_us": s.throughput.cpu_user_us,
                 "throughput_cpu_system_us": s.throughput.cpu_system_us,
-                "throughput_gateway_cpu_us_by_thread": crate::bench_gateway::THREAD_ROOMS
-                    .iter()
-                    .zip(s.throughput.gateway_cpu_rooms_us)
-                    .map(|(name, us)| (name.to_string(), serde_json::json!(us)))
-                    .collect::<serde_json::Map<_, _>>(),
+                "throughput_gateway_cpu_us_by_thread": by_thread(s.throughput.gateway_cpu_rooms_us),
                 "one_connection_p50_us": s.one_connection.p50_us,
                 "one_connection_p99_us": s.one_connection.p99_us,
                 "one_connection_per_sec": s.one_connection.per_sec,
@@ -871,11 +874,7 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                 "open_loop_p99_us": s.open_loop.p99_us,
                 "open_loop_p999_us": s.open_loop.p999_us,
                 "open_loop_gateway_cpu_us": s.open_loop.gateway_cpu_us,
-                "open_loop_gateway_cpu_us_by_thread": crate::bench_gateway::THREAD_ROOMS
-                    .iter()
-                    .zip(s.open_loop.gateway_cpu_rooms_us)
-                    .map(|(name, us)| (name.to_string(), serde_json::json!(us)))
-                    .collect::<serde_json::Map<_, _>>(),
+                "open_loop_gateway_cpu_us_by_thread": by_thread(s.open_loop.gateway_cpu_rooms_us),
             })
         };
         let sides: serde_json::Map<String, serde_json::Value> = r
