@@ -224,6 +224,14 @@ fn thread_cpu(pid: u32) -> [f64; 5] {
     rooms
 }
 
+/// Adds to `sums` the CPU seconds each room of process `pid` spent since `before`
+/// (a [`thread_cpu`] reading).
+fn add_thread_cpu_since(sums: &mut [f64; 5], before: [f64; 5], pid: u32) {
+    for (sum, (now, before)) in sums.iter_mut().zip(thread_cpu(pid).into_iter().zip(before)) {
+        *sum += now - before;
+    }
+}
+
 /// A `kB` field of `/proc/PID/status` (VmRSS, VmHWM); 0 when unreadable.
 fn status_kb(pid: u32, field: &str) -> u64 {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
@@ -391,13 +399,7 @@ async fn open_loop(
     };
     into.cpu.0 += cpu_seconds(pids.0) - cpu.0;
     into.cpu.1 += cpu_seconds(pids.1) - cpu.1;
-    for (sum, (after, before)) in into
-        .rooms
-        .iter_mut()
-        .zip(thread_cpu(pids.0).iter().zip(rooms))
-    {
-        *sum += after - before;
-    }
+    add_thread_cpu_since(&mut into.rooms, rooms, pids.0);
     into.lat.extend(run.lat);
     into.late.extend(run.late);
     into.sent_secs += run.sent_secs;
@@ -1320,13 +1322,7 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
                 samples[k].cpu_split.1 += after.1 - split.1;
                 if k == ciyuan {
                     samples[k].gateway_cpu += cpu_seconds(gw_pid) - cpu;
-                    for (sum, (after, before)) in samples[k]
-                        .gateway_cpu_rooms
-                        .iter_mut()
-                        .zip(thread_cpu(gw_pid).iter().zip(rooms))
-                    {
-                        *sum += after - before;
-                    }
+                    add_thread_cpu_since(&mut samples[k].gateway_cpu_rooms, rooms, gw_pid);
                 }
             }
         }
