@@ -145,6 +145,12 @@ pub struct GatewayArgs {
     /// request is then rated, held and settled.
     #[arg(long)]
     prices: Option<PathBuf>,
+    /// The hostile tenant: a key four levels down a tree with every control set from
+    /// above (token limits on each level, per key, per session and per request, model
+    /// rules, a money limit with `--prices`), each request with a session and the
+    /// most tags recorded. Without it the key is on a bare node.
+    #[arg(long)]
+    controls: bool,
     /// With `CIYUAN_DATABASE` set (every `ciyuan serve` on one PostgreSQL database):
     /// this many gateway nodes, the throughput measured again with the clients spread
     /// over all of them.
@@ -489,12 +495,14 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 concurrency: a.concurrency,
                 streams: a.streams,
                 prices: a.prices.clone(),
+                controls: a.controls,
                 nodes: a.nodes,
             })?;
             let (d, g) = (&r.latency_direct, &r.latency_gateway);
             println!(
                 "gateway: `ciyuan sim` (answers at once) directly and behind `ciyuan serve`, small chat completions"
             );
+            println!("  tenant: {}", tenant(a.controls, a.prices.is_some()));
             println!(
                 "  latency, open loop at {:.0} requests/s for {} s each (from scheduled send time; direct and gateway alternate in 1 s slices):",
                 a.rate, a.seconds
@@ -571,6 +579,9 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 "    {} of {} streams ended with [DONE], at most {} open at once, {:.1} s in all",
                 m.completed, m.streams, m.max_open, m.seconds
             );
+            if let Some(c) = &r.controls {
+                println!("  controls: {c}");
+            }
             if r.problems.is_empty() {
                 println!("  correctness: all {} answers 200", r.responses);
             } else {
@@ -587,6 +598,8 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                         "seconds": a.seconds,
                         "concurrency": a.concurrency,
                         "streams": a.streams,
+                        "controls": a.controls,
+                        "prices": a.prices.is_some(),
                         "direct_p50_us": r.latency_direct.p50_us,
                         "direct_p99_us": r.latency_direct.p99_us,
                         "direct_p999_us": r.latency_direct.p999_us,
@@ -740,6 +753,22 @@ fn money(a: MoneyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which tenant a gateway run measured, said with its figures.
+fn tenant(controls: bool, prices: bool) -> String {
+    let money = if prices {
+        "; every request rated, held in a wallet and settled"
+    } else {
+        "; unpriced"
+    };
+    if controls {
+        format!(
+            "hostile (--controls): a key four levels down with every control set from above, a session and the most tags on each request{money}"
+        )
+    } else {
+        format!("a key on a bare node, no controls{money}")
+    }
+}
+
 /// `ciyuan bench gateway --upstream URL`: the figures side by side.
 fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
     let Some(upstream) = a.upstream.clone() else {
@@ -755,11 +784,13 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         wrk_threads: a.wrk_threads,
         wrk: a.wrk.clone(),
         prices: a.prices.clone(),
+        controls: a.controls,
     })?;
     println!(
         "gateway against an external provider: small chat completions, targets alternating in 1 s slices ({} s each)",
         a.seconds
     );
+    println!("  tenant: {}", tenant(a.controls, a.prices.is_some()));
     let direct = &r.sides[0];
     let proxy = r.sides.iter().find(|s| s.name == "nginx proxy");
     let Some(ciyuan) = r.sides.last() else {
@@ -842,6 +873,9 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         print_rooms(l.gateway_cpu_us, l.gateway_cpu_rooms_us);
     }
     println!("    (target: ciyuan p99 at most 1000 us)");
+    if let Some(c) = &r.controls {
+        println!("  controls: {c}");
+    }
     if r.problems.is_empty() {
         println!("  correctness: all {} answers 2xx", r.responses);
     } else {
@@ -888,6 +922,8 @@ fn gateway_upstream(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                 "rate": a.rate,
                 "seconds": a.seconds,
                 "connections": a.connections,
+                "controls": a.controls,
+                "prices": a.prices.is_some(),
                 "sides": sides,
                 "responses": r.responses,
                 "failed": !r.problems.is_empty(),

@@ -39,6 +39,9 @@ pub struct Options {
     /// A LiteLLM price table to import first, with a wallet funded for the account:
     /// every request is then priced, held in the wallet and settled as a posting.
     pub prices: Option<std::path::PathBuf>,
+    /// The hostile tenant ([`Controls`]): every control set from above, each request
+    /// carrying a session and the most tags recorded.
+    pub controls: bool,
     /// Gateway nodes on one PostgreSQL database (`CIYUAN_DATABASE`); more than one
     /// adds a throughput run spread over all of them.
     pub nodes: usize,
@@ -133,6 +136,8 @@ pub struct Report {
     pub problems: Vec<String>,
     /// Throughput with the clients spread over every node (more than one node).
     pub throughput_nodes: Option<Throughput>,
+    /// With `--controls`: what the limits counted ([`controls_counted`]).
+    pub controls: Option<String>,
 }
 
 /// User plus system CPU seconds a process has used so far (Linux; 0 elsewhere).
@@ -317,6 +322,8 @@ struct Target {
     name: &'static str,
     url: String,
     auth: HeaderValue,
+    /// The tenant's own headers ([`Controls::headers`]); empty without `--controls`.
+    extra: reqwest::header::HeaderMap,
     http: reqwest::Client,
     checks: Arc<Checks>,
 }
@@ -331,6 +338,7 @@ impl Target {
             .header(AUTHORIZATION, self.auth.clone())
             .header(CONTENT_TYPE, "application/json")
             .header("x-sim-output-tokens", SMALL_OUTPUT_TOKENS)
+            .headers(self.extra.clone())
             .body(SMALL_BODY)
             .send()
             .await;
@@ -740,13 +748,178 @@ fn bench_client() -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
-/// Sets up the gateway under test: the `bench` node, LiteLLM's table and a funded
-/// wallet when `prices` is given, and a gateway key on the node, which it answers.
+/// The hostile tenant (`--controls`): what a platform team sets from above on a
+/// subsidiary's tree, all at once, and a tenant whose requests carry everything the
+/// gateway records. Measured beside the bare key, it shows what the controls cost a
+/// request (each is checked on every request, on the key's node and every ancestor).
+///
+/// - a tree four levels deep, the key on the leaf ([`Controls::NODE`]);
+/// - hard token limits on every level (month at the top, then day, hour, and a soft
+///   minute limit on the leaf), a request limit per key a minute, a token limit per
+///   session a day, a per-request limit that clamps `max_tokens`, and a money limit
+///   a month at the top when prices are given (its wallet funded there);
+/// - model rules (an allow list and a deny list) at the top;
+/// - every request with a session (`x-ciyuan-session`) and [`ciyuan_core::MAX_TAGS`]
+///   tags (`x-ciyuan-tags`), the most recorded, each a quarter of the longest key and
+///   value allowed.
+///
+/// The limits are far above what a run uses: a refused request would measure the
+/// refusal, not the controls. Disconnects are not part of it (wrk never hangs up);
+/// the gateway's tests hold what a hang-up must leave behind.
+struct Controls;
+
+impl Controls {
+    /// The key's node.
+    const NODE: &'static str = "bench/bu/team/app";
+
+    /// The tenant's headers on every request.
+    fn headers() -> Vec<(&'static str, String)> {
+        let key_len = ciyuan_core::MAX_TAG_KEY_BYTES / 4;
+        let value_len = ciyuan_core::MAX_TAG_VALUE_BYTES / 4;
+        let tags: Vec<String> = (0..ciyuan_core::MAX_TAGS)
+            .map(|i| {
+                let key = format!("{:k$}", format!("tag{i:02}"), k = key_len).replace(' ', "k");
+                let value =
+                    format!("{:v$}", format!("value{i:02}"), v = value_len).replace(' ', "v");
+                format!("{key}={value}")
+            })
+            .collect();
+        vec![
+            ("x-ciyuan-session", "bench-session-0001".to_string()),
+            ("x-ciyuan-tags", tags.join(",")),
+        ]
+    }
+
+    /// [`Controls::headers`] as a header map (empty without controls).
+    fn header_map(on: bool) -> anyhow::Result<reqwest::header::HeaderMap> {
+        let mut map = reqwest::header::HeaderMap::new();
+        if on {
+            for (name, value) in Controls::headers() {
+                map.insert(name, HeaderValue::from_str(&value)?);
+            }
+        }
+        Ok(map)
+    }
+
+    /// Limits on each node, top first: `PUT /api/v1/budgets/{node}` bodies.
+    fn limits(money: bool) -> Vec<(&'static str, serde_json::Value)> {
+        use serde_json::json;
+        let huge = 1_000_000_000_000u64;
+        let mut limits = vec![
+            (
+                "bench",
+                json!({"name": "tokens-month", "tokens": huge, "period": "month", "mode": "hard"}),
+            ),
+            (
+                "bench/bu",
+                json!({"name": "tokens-day", "tokens": huge, "period": "day", "mode": "hard"}),
+            ),
+            (
+                "bench/bu",
+                json!({"name": "rpm-per-key", "requests": huge, "period": "minute", "per": "key", "mode": "hard"}),
+            ),
+            (
+                "bench/bu/team",
+                json!({"name": "tokens-hour", "tokens": huge, "period": "hour", "mode": "hard"}),
+            ),
+            (
+                "bench/bu/team",
+                json!({"name": "per-session", "tokens": huge, "period": "day", "per": "session", "mode": "hard"}),
+            ),
+            (
+                "bench/bu/team",
+                json!({"name": "per-request", "tokens": 8000, "period": "lifetime", "per": "request", "clamp": true}),
+            ),
+            (
+                "bench/bu/team/app",
+                json!({"name": "tokens-minute", "tokens": huge, "period": "minute", "mode": "soft"}),
+            ),
+        ];
+        if money {
+            limits.push((
+                "bench",
+                json!({"name": "money-month", "amount": "1000000000", "currency": "USD", "period": "month", "mode": "hard"}),
+            ));
+        }
+        limits
+    }
+}
+
+/// After a `--controls` run: reads the key's node's live limits and says what they
+/// counted, or why the run did not measure the controls (a limit missing, or one
+/// that counts usage with nothing counted: the requests went around it).
+async fn controls_counted(
+    http: &reqwest::Client,
+    gw_url: &str,
+    admin: &str,
+    money: bool,
+) -> anyhow::Result<Result<String, String>> {
+    let view: serde_json::Value = http
+        .get(format!("{gw_url}/api/v1/budgets/{}", Controls::NODE))
+        .bearer_auth(admin)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(Controls::counted(&view, money))
+}
+
+impl Controls {
+    /// [`controls_counted`] on the live view read.
+    fn counted(view: &serde_json::Value, money: bool) -> Result<String, String> {
+        let shown = view["limits"].as_array().cloned().unwrap_or_default();
+        let mut counted = Vec::new();
+        for (node, limit) in Controls::limits(money) {
+            let name = limit["name"].as_str().unwrap_or_default();
+            let rows: Vec<&serde_json::Value> = shown
+                .iter()
+                .filter(|l| l["node"] == node && l["name"] == name)
+                .collect();
+            if rows.is_empty() {
+                return Err(format!("limit {name} on {node} is not in force"));
+            }
+            if limit["per"] == "request" {
+                continue;
+            }
+            let used: i128 = rows
+                .iter()
+                .map(|l| match l["cost"]["used"].as_str() {
+                    // A money limit: whether it holds any cost (exact decimal text).
+                    Some(u) => ciyuan_core::decimal_from_text(u)
+                        .map_or(0, |d| i128::from(d.is_sign_positive() && !d.is_zero())),
+                    None => l["used"].as_i64().map_or(0, i128::from),
+                })
+                .sum();
+            if used <= 0 {
+                return Err(format!("limit {name} on {node} counted nothing"));
+            }
+            counted.push(name.to_string());
+        }
+        let rules = view["models"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|r| r["node"] == "bench"));
+        if !rules {
+            return Err("the model rules on bench are not in force".into());
+        }
+        Ok(format!(
+            "{} limits on {} and its ancestors counted the run ({}), the per-request clamp and the model rules in force",
+            counted.len(),
+            Controls::NODE,
+            counted.join(", ")
+        ))
+    }
+}
+
+/// Sets up the gateway under test: the `bench` node (or, with `controls`, the tree
+/// and limits of [`Controls`]), LiteLLM's table and a funded wallet when `prices` is
+/// given, and a gateway key on the node, which it answers.
 async fn bench_key(
     http: &reqwest::Client,
     gw_url: &str,
     admin: &str,
     prices: Option<&[u8]>,
+    controls: bool,
 ) -> anyhow::Result<String> {
     let post = |path: &str, body: serde_json::Value| {
         http.post(format!("{gw_url}{path}"))
@@ -754,9 +927,17 @@ async fn bench_key(
             .json(&body)
             .send()
     };
-    post("/api/v1/accounts", serde_json::json!({"path": "bench"}))
-        .await?
-        .error_for_status()?;
+    let node = if controls { Controls::NODE } else { "bench" };
+    let mut path = String::new();
+    for part in node.split('/') {
+        if !path.is_empty() {
+            path.push('/');
+        }
+        path.push_str(part);
+        post("/api/v1/accounts", serde_json::json!({ "path": path }))
+            .await?
+            .error_for_status()?;
+    }
     if let Some(file) = prices {
         http.post(format!("{gw_url}/api/v1/prices?format=litellm"))
             .bearer_auth(admin)
@@ -772,9 +953,32 @@ async fn bench_key(
         .await?
         .error_for_status()?;
     }
+    if controls {
+        for (node, limit) in Controls::limits(prices.is_some()) {
+            let sent = http
+                .put(format!("{gw_url}/api/v1/budgets/{node}"))
+                .bearer_auth(admin)
+                .json(&limit)
+                .send()
+                .await?;
+            let status = sent.status();
+            if !status.is_success() {
+                bail!(
+                    "setting {limit} on {node}: {status}: {}",
+                    sent.text().await?
+                );
+            }
+        }
+        http.put(format!("{gw_url}/api/v1/access/bench"))
+            .bearer_auth(admin)
+            .json(&serde_json::json!({"allow": ["gpt-4o*", "qwen*", "claude-*"], "deny": ["gpt-4o-audio*", "*-realtime*"]}))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
     let key: serde_json::Value = post(
         "/api/v1/keys",
-        serde_json::json!({"account": "bench", "scopes": ["gateway"]}),
+        serde_json::json!({"account": node, "scopes": ["gateway"]}),
     )
     .await?
     .error_for_status()?
@@ -871,7 +1075,7 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
         .build()?;
     let report = rt.block_on(async move {
         let http = bench_client()?;
-        let key = &bench_key(&http, &gw_url, &admin, prices.as_deref()).await?;
+        let key = &bench_key(&http, &gw_url, &admin, prices.as_deref(), o.controls).await?;
         let rss_start_kb = status_kb(gw_pid, "VmRSS");
         let checks = Arc::new(Checks::default());
         let auth = HeaderValue::from_str(&format!("Bearer {key}"))?;
@@ -879,6 +1083,7 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
             name: "direct",
             url: format!("{sim_url}/v1/chat/completions"),
             auth: auth.clone(),
+            extra: Controls::header_map(o.controls)?,
             http: http.clone(),
             checks: checks.clone(),
         };
@@ -974,6 +1179,13 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
         if failed > 0 {
             problems.insert(0, format!("{failed} requests failed; the first:"));
         }
+        let mut controls = None;
+        if o.controls {
+            match controls_counted(&http, &gw_url, &admin, prices.is_some()).await? {
+                Ok(c) => controls = Some(c),
+                Err(e) => problems.push(e),
+            }
+        }
         let added = |g: u64, d: u64| g as i64 - d as i64;
         anyhow::Ok(Report {
             added_p50_us: added(latency_gateway.p50_us, latency_direct.p50_us),
@@ -988,6 +1200,7 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
             memory,
             responses: checks.responses.load(Ordering::Relaxed),
             problems,
+            controls,
         })
     })?;
     drop(more);
@@ -1022,6 +1235,8 @@ pub struct UpstreamOptions {
     pub wrk: std::path::PathBuf,
     /// As [`Options::prices`].
     pub prices: Option<std::path::PathBuf>,
+    /// As [`Options::controls`].
+    pub controls: bool,
 }
 
 /// Figures of one wrk measurement (its slices merged).
@@ -1064,18 +1279,24 @@ pub struct UpstreamReport {
     pub responses: u64,
     /// What went wrong: wrk's socket errors and non-2xx answers, the client's failures.
     pub problems: Vec<String>,
+    /// With `--controls`: what the limits counted ([`controls_counted`]).
+    pub controls: Option<String>,
 }
 
 /// A wrk script posting the benchmark's chat completion with the target's key; at the
 /// end it prints its counts and its latency histogram (value:count pairs, µs), which
 /// the bench merges over slices.
-fn wrk_script(auth: &str) -> String {
+fn wrk_script(auth: &str, extra: &[(&str, String)]) -> String {
+    let extra: String = extra
+        .iter()
+        .map(|(name, value)| format!("wrk.headers[\"{name}\"] = [==[{value}]==]\n"))
+        .collect();
     format!(
         r#"wrk.method = "POST"
 wrk.body = [==[{SMALL_BODY}]==]
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = [==[{auth}]==]
-done = function(summary, latency, requests)
+{extra}done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("ciyuan-wrk requests=%d duration_us=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
     summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout))
@@ -1259,12 +1480,24 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
         .enable_all()
         .build()?;
     let http = bench_client()?;
-    let key = rt.block_on(bench_key(&http, &gw_url, &admin, prices.as_deref()))?;
+    let key = rt.block_on(bench_key(
+        &http,
+        &gw_url,
+        &admin,
+        prices.as_deref(),
+        o.controls,
+    ))?;
     let auth = format!("Bearer {key}");
     let script = dir.0.join("chat.lua");
-    std::fs::write(&script, wrk_script(&auth))?;
+    let extra = if o.controls {
+        Controls::headers()
+    } else {
+        Vec::new()
+    };
+    std::fs::write(&script, wrk_script(&auth, &extra))?;
 
     let checks = Arc::new(Checks::default());
+    let extra_map = Controls::header_map(o.controls)?;
     let mut names = vec![("direct", upstream.clone())];
     if let Some(p) = &proxy {
         names.push(("nginx proxy", p.clone()));
@@ -1277,6 +1510,7 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
                 name,
                 url: format!("{base}/chat/completions"),
                 auth: HeaderValue::from_str(&auth)?,
+                extra: extra_map.clone(),
                 http: http.clone(),
                 checks: checks.clone(),
             })
@@ -1387,6 +1621,13 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
     if failed > 0 {
         problems.insert(0, format!("{failed} runs or requests failed; the first:"));
     }
+    let mut controls = None;
+    if o.controls {
+        match rt.block_on(controls_counted(&http, &gw_url, &admin, prices.is_some()))? {
+            Ok(c) => controls = Some(c),
+            Err(e) => problems.push(e),
+        }
+    }
     let sides = names
         .iter()
         .enumerate()
@@ -1403,6 +1644,7 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
         sides,
         responses: checks.responses.load(Ordering::Relaxed),
         problems,
+        controls,
     })
 }
 
@@ -1481,7 +1723,7 @@ mod tests {
 
     #[test]
     fn the_wrk_script_posts_the_chat_body_with_the_key() {
-        let script = wrk_script("Bearer cy_key");
+        let script = wrk_script("Bearer cy_key", &[]);
         assert!(script.contains(SMALL_BODY));
         assert!(script.contains(r#"wrk.headers["Authorization"] = [==[Bearer cy_key]==]"#));
         assert!(script.contains("wrk.method = \"POST\""));
@@ -1489,5 +1731,74 @@ mod tests {
             !SMALL_BODY.contains("]==]"),
             "the body must not close the Lua string"
         );
+    }
+
+    #[test]
+    fn the_hostile_run_fails_when_a_control_was_not_in_force_or_counted_nothing() {
+        let view = |skip: Option<&str>, unused: Option<&str>, rules: bool| {
+            let limits: Vec<serde_json::Value> = Controls::limits(true)
+                .into_iter()
+                .filter(|(_, l)| Some(l["name"].as_str().unwrap()) != skip)
+                .map(|(node, l)| {
+                    let name = l["name"].as_str().unwrap();
+                    let used = if Some(name) == unused { 0 } else { 37 };
+                    let mut row = serde_json::json!({"node": node, "name": name, "used": used});
+                    if l.get("amount").is_some() {
+                        let cost = if used == 0 { "0" } else { "0.000021" };
+                        row["cost"] = serde_json::json!({"used": cost});
+                    }
+                    row
+                })
+                .collect();
+            let models = if rules {
+                serde_json::json!([{"node": "bench", "allow": ["gpt-4o*"], "deny": []}])
+            } else {
+                serde_json::json!([])
+            };
+            serde_json::json!({"limits": limits, "models": models})
+        };
+        let all = Controls::counted(&view(None, None, true), true).unwrap();
+        assert!(all.starts_with("7 limits"), "{all}");
+        // The per-request limit counts nothing by design; every other must.
+        assert!(Controls::counted(&view(None, Some("per-request"), true), true).is_ok());
+        let e = Controls::counted(&view(Some("rpm-per-key"), None, true), true).unwrap_err();
+        assert!(e.contains("rpm-per-key on bench/bu is not in force"), "{e}");
+        let e = Controls::counted(&view(None, Some("per-session"), true), true).unwrap_err();
+        assert!(
+            e.contains("per-session on bench/bu/team counted nothing"),
+            "{e}"
+        );
+        let e = Controls::counted(&view(None, Some("money-month"), true), true).unwrap_err();
+        assert!(e.contains("money-month"), "{e}");
+        let e = Controls::counted(&view(None, None, false), true).unwrap_err();
+        assert!(e.contains("model rules"), "{e}");
+    }
+
+    #[test]
+    fn the_hostile_tenant_sends_the_most_tags_and_a_session_that_the_gateway_accepts() {
+        let headers = Controls::headers();
+        let tags = &headers
+            .iter()
+            .find(|(n, _)| *n == "x-ciyuan-tags")
+            .expect("tags are sent")
+            .1;
+        // The gateway's own reader: every tag is kept, none skipped for its size.
+        let parsed = ciyuan_core::parse_tag_list(tags).expect("the list parses");
+        assert_eq!(parsed.len(), ciyuan_core::MAX_TAGS);
+        assert!(ciyuan_core::check_tags(&parsed).is_ok());
+        for (k, v) in &parsed {
+            assert_eq!(k.len(), ciyuan_core::MAX_TAG_KEY_BYTES / 4, "{k}");
+            assert_eq!(v.len(), ciyuan_core::MAX_TAG_VALUE_BYTES / 4, "{v}");
+        }
+        let script = wrk_script("Bearer cy_key", &headers);
+        assert!(script.contains(&format!("wrk.headers[\"x-ciyuan-tags\"] = [==[{tags}]==]")));
+        assert!(script.contains("wrk.headers[\"x-ciyuan-session\"] = [==[bench-session-0001]==]"));
+        assert!(Controls::header_map(true).unwrap().len() == 2);
+        assert!(Controls::header_map(false).unwrap().is_empty());
+        // Every limit is on the key's node or an ancestor, so every one is checked.
+        for (node, limit) in Controls::limits(true) {
+            assert!(Controls::NODE.starts_with(node), "{node}");
+            assert!(limit["name"].is_string(), "{limit}");
+        }
     }
 }

@@ -2008,3 +2008,45 @@ fn usage_by_tag_from_the_openai_sdks_metadata_and_header_with_cost() {
         assert!(text.contains(says), "{query}: {text}");
     }
 }
+
+/// `ciyuan bench gateway --controls`, the hostile tenant of issue 18's measurements:
+/// every control set from above on a four-level tree, a session and the most tags on
+/// every request, prices and a wallet. The run must answer every request 200 (a
+/// control refusing the benchmark's own requests would measure refusals), show every
+/// limit counting it, and say which tenant its figures are.
+#[test]
+fn the_gateway_bench_measures_the_hostile_tenant_with_every_control_counting() {
+    let prices = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures/litellm_model_prices.json");
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "bench",
+        "gateway",
+        "--controls",
+        "--seconds",
+        "1",
+        "--rate",
+        "50",
+    ])
+    .args(["--concurrency", "4", "--streams", "4", "--json", "--prices"])
+    .arg(&prices)
+    .env_remove("CIYUAN_DATABASE");
+    let out = cmd.output().expect("ciyuan bench gateway runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("tenant: hostile (--controls)"), "{stdout}");
+    assert!(
+        stdout
+            .contains("controls: 7 limits on bench/bu/team/app and its ancestors counted the run"),
+        "{stdout}"
+    );
+    let figures = json(stdout.lines().last().expect("a JSON line").as_bytes());
+    assert_eq!(figures["controls"], true, "{figures}");
+    assert_eq!(figures["prices"], true, "{figures}");
+    assert_eq!(figures["failed"], false, "{figures}");
+    assert!(figures["responses"].as_u64().unwrap() > 50, "{figures}");
+}
