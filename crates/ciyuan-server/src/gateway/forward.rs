@@ -212,10 +212,10 @@ pub(super) const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// other ending is metered here, in a task of its own).
 pub(super) async fn forward(
     app: Arc<App>,
-    call: Call,
+    mut call: Call,
     headers: &HeaderMap,
     body: Bytes,
-) -> (Response, Option<Finishing>) {
+) -> (Response, Option<Box<Finishing>>) {
     let family = call.endpoint.family();
     let gw = &app.gateway;
     let provider = &gw.config.providers[call.provider];
@@ -254,10 +254,7 @@ pub(super) async fn forward(
     };
     let (parts, incoming) = resp.into_parts();
     // Provenance: the provider's id of the request, recorded on its entry.
-    let call = Call {
-        upstream_request_id: super::meter::provider_request_id(&parts.headers),
-        ..call
-    };
+    call.upstream_request_id = super::meter::provider_request_id(&parts.headers);
     let status = parts.status;
     let out_headers = passed_back_headers(&parts.headers);
     let is_stream = call.info.stream

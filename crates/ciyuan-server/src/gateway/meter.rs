@@ -308,13 +308,18 @@ pub(super) struct Finishing {
 }
 
 impl Finishing {
+    /// Boxed where it is made: a request's metering (its call and meter, a kilobyte)
+    /// then moves as a pointer from the forwarding to the task that runs it, and
+    /// `run`'s future holds the pointer, not the kilobyte (every future that holds a
+    /// value is copied whole when made and moved: `memmove` was the largest single
+    /// item of the gateway's CPU).
     pub(super) fn new(
         app: &Arc<App>,
         call: Call,
         meter: Meter,
         status: u16,
         ttft: Option<Duration>,
-    ) -> Finishing {
+    ) -> Box<Finishing> {
         let latency = call.started.elapsed();
         // A response the provider keeps can be retrieved at once, before its entry is
         // appended and projected (see `retrieve`).
@@ -332,7 +337,7 @@ impl Finishing {
         app.gateway
             .finishing
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Finishing {
+        Box::new(Finishing {
             app: app.clone(),
             call,
             meter,
@@ -341,18 +346,18 @@ impl Finishing {
                 ttft,
                 latency,
             },
-        }
+        })
     }
 
     /// Counts, compares and records (`record_call`).
-    pub(super) async fn run(self) {
+    pub(super) async fn run(mut self: Box<Self>) {
         let Finishing {
             app,
             call,
             meter,
             ended,
-        } = self;
-        record_call(&app, call, meter, ended).await;
+        } = &mut *self;
+        record_call(app, call, meter, ended).await;
         app.gateway
             .finishing
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
@@ -368,13 +373,13 @@ struct Ended {
 
 /// A request's ending, in order: measured and observed in `/metrics`, its entry made
 /// and priced, budgets, wallet and holds across nodes settled, then recorded.
-async fn record_call(app: &Arc<App>, mut call: Call, mut meter: Meter, ended: Ended) {
+async fn record_call(app: &Arc<App>, call: &mut Call, meter: &mut Meter, ended: &Ended) {
     let gw = &app.gateway;
     let billable = meter.billable;
-    let measured = measure(&gw.config, &call, &mut meter);
+    let measured = measure(&gw.config, call, meter);
     let partial = billable && (meter.failure.is_some() || measured.estimated);
     let provider = &gw.config.providers[call.provider];
-    let output_tokens_per_sec = generation_speed(&call, &measured.tokens, &ended);
+    let output_tokens_per_sec = generation_speed(call, &measured.tokens, ended);
     gw.metrics.observe(&metrics::Observation {
         upstream: &provider.name,
         model: &call.info.model,
@@ -387,11 +392,11 @@ async fn record_call(app: &Arc<App>, mut call: Call, mut meter: Meter, ended: En
         output_tokens_per_sec,
     });
     let mut entry = usage_entry(
-        &mut call,
-        &mut meter,
+        call,
+        meter,
         &provider.name,
         measured,
-        &ended,
+        ended,
         partial,
         output_tokens_per_sec,
     );
@@ -404,17 +409,20 @@ async fn record_call(app: &Arc<App>, mut call: Call, mut meter: Meter, ended: En
     let EntryBody::Usage(usage) = &entry.body else {
         unreachable!("a gateway entry is a usage entry")
     };
-    let (settled, charge, settles) = settle_engines(app, &mut call, usage, billable);
-    if let Some(settled) = settled {
-        crate::budgets::incidents(app, settled, None).await;
+    let (settled, charge, settles) = settle_engines(app, call, usage, billable);
+    // The rarer awaits are boxed when taken: inline, each one's future would widen
+    // this one's, which is made and moved on every request.
+    if let Some(settled) = settled
+        && !(settled.crossings.is_empty() && settled.exceeded.is_empty())
+    {
+        Box::pin(crate::budgets::incidents(app, settled, None)).await;
     }
     let posting = charge.map(|(node, p)| Entry::new(Timestamp::now(), node, EntryBody::Posting(p)));
     match tiers {
         // A tiered entry holds the tier counters' lock: appended now, not after the
         // recorder's linger, and the lock released once it holds its place.
         Some(tiers) => {
-            app.record_gateway_now(entry, posting, rules, tiers, settles)
-                .await
+            Box::pin(app.record_gateway_now(entry, posting, rules, tiers, settles)).await
         }
         // With its payment, in one message: both are appended together (also when
         // the recorder is behind), so they hold their places side by side when the
@@ -423,7 +431,7 @@ async fn record_call(app: &Arc<App>, mut call: Call, mut meter: Meter, ended: En
         None => app.record_gateway(entry, posting, Some(rules), settles),
     }
     if let Some(incident) = price_incident {
-        app.raise_price_incidents(vec![incident]).await;
+        Box::pin(app.raise_price_incidents(vec![incident])).await;
     }
 }
 

@@ -23,12 +23,14 @@ pub(super) const RECORD_QUEUE: usize = 16 * 1024;
 // Nearly every message is an entry; boxing it would allocate per request.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Record {
-    /// An entry, with the rules guard it was rated under (released once the entry
-    /// is durable in the ledger, or given up; see `App::rules_gate`), and the holds
-    /// across nodes its usage settles once it is appended.
+    /// An entry, with its payment (boxed: only a priced request paid from a wallet
+    /// has one, and a message is copied into the channel and out of it), the rules
+    /// guard it was rated under (released once the entry is durable in the ledger, or
+    /// given up; see `App::rules_gate`), and the holds across nodes its usage settles
+    /// once it is appended.
     Entry(
         Entry,
-        Option<Entry>,
+        Option<Box<Entry>>,
         Option<RulesGuard>,
         Option<crate::holds::Settling>,
     ),
@@ -70,7 +72,7 @@ pub(super) async fn recorder(
                     // Side by side in one append: the payment never lands apart from
                     // its usage, and the holds settle with the last of them.
                     batch.push(e);
-                    batch.extend(posting);
+                    batch.extend(posting.map(|p| *p));
                     if let Some(s) = settles {
                         settling.push((batch.len() - 1, s));
                     }
@@ -275,6 +277,7 @@ impl App {
             tokio::spawn(recorder(Arc::downgrade(self), rx));
             tx
         });
+        let posting = posting.map(Box::new);
         if let Err(e) = tx.try_send(Record::Entry(entry, posting, guard, settles)) {
             // The recorder is behind: append this one alone rather than drop it.
             let (entry, posting, guard, settles) = match e {
@@ -285,7 +288,7 @@ impl App {
                 _ => return,
             };
             let mut entries = vec![entry];
-            entries.extend(posting);
+            entries.extend(posting.map(|p| *p));
             let n = entries.len();
             let app = self.clone();
             tokio::spawn(async move {
