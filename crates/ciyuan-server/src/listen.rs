@@ -191,15 +191,20 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.dispatched.fetch_add(1, Ordering::AcqRel);
         let (mut parts, body) = req.into_parts();
-        parts
-            .extensions
-            .insert(axum::extract::ConnectInfo(self.peer));
         let family = shape(parts.uri.path());
+        // The peer's address is read by the admin API's sign-in alone (attempts are
+        // limited by it); the doors under `/v1/` are spared the map it goes into.
+        if !parts.uri.path().starts_with("/v1/") {
+            parts
+                .extensions
+                .insert(axum::extract::ConnectInfo(self.peer));
+        }
         let expired = Arc::new(AtomicBool::new(false));
         let limit = self.config.body_timeout;
         let body = Deadline {
             inner: body,
-            timer: Box::pin(tokio::time::sleep(limit)),
+            limit,
+            timer: None,
             expired: expired.clone(),
         };
         let answer = hyper::service::Service::call(&self.router, Request::from_parts(parts, body));
@@ -213,10 +218,14 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     }
 }
 
-/// A request body that fails once its deadline has passed before its end.
+/// A request body that fails once its deadline has passed before its end. The
+/// deadline runs from the first read that has to wait: a body that has arrived with
+/// its head (nearly every request) never sets a timer, which cost a clock read, an
+/// allocation and a timer wheel entry on every request.
 struct Deadline {
     inner: Incoming,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     expired: Arc<AtomicBool>,
 }
 
@@ -231,7 +240,11 @@ impl Body for Deadline {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        if self.timer.as_mut().poll(cx).is_ready() {
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
             self.expired.store(true, Ordering::Release);
             return Poll::Ready(Some(Err(Box::new(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
