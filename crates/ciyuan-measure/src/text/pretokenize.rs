@@ -23,10 +23,24 @@ pub(super) struct Pretokenizer {
 /// fewer alternatives have none.
 pub(super) const LOOKAHEAD_PATTERN: usize = 1;
 
-/// A scratch space for a [`Pretokenizer`]'s regex, given back to it when dropped.
+/// A scratch space for a [`Pretokenizer`]'s regex, taken from its pool the first
+/// time the regex runs and given back when dropped. Most texts are split by hand and
+/// never run it: a gateway's prompt then costs no lock of the pool (two a count, and
+/// a request counts its prompt and its answer).
 pub(super) struct CacheGuard {
     pub(super) pre: &'static Pretokenizer,
-    pub(super) cache: Option<Box<regex_automata::meta::Cache>>,
+    cache: Option<Box<regex_automata::meta::Cache>>,
+}
+
+impl CacheGuard {
+    /// The scratch space, from the pool (or made) on first use.
+    fn get(&mut self) -> &mut regex_automata::meta::Cache {
+        let pre = self.pre;
+        self.cache.get_or_insert_with(|| {
+            let pooled = pre.caches.lock().ok().and_then(|mut p| p.pop());
+            pooled.unwrap_or_else(|| Box::new(pre.re.create_cache()))
+        })
+    }
 }
 
 impl Drop for CacheGuard {
@@ -80,9 +94,7 @@ impl Pretokenizer {
         out: &mut Vec<&'a str>,
     ) {
         use regex_automata::Input;
-        let Some(cache) = guard.cache.as_mut() else {
-            return;
-        };
+        let cache = guard.get();
         let mut last = 0;
         while last < s.len() {
             let Some(m) = self.re.search_with(cache, &Input::new(s).range(last..)) else {
@@ -110,10 +122,9 @@ impl Pretokenizer {
     }
 
     pub(super) fn cache(&'static self) -> CacheGuard {
-        let pooled = self.caches.lock().ok().and_then(|mut p| p.pop());
         CacheGuard {
             pre: self,
-            cache: Some(pooled.unwrap_or_else(|| Box::new(self.re.create_cache()))),
+            cache: None,
         }
     }
 
@@ -150,7 +161,7 @@ impl Pretokenizer {
         if at >= text.len() {
             return None;
         }
-        let cache = guard.cache.as_mut()?;
+        let cache = guard.get();
         let input = Input::new(text).range(at..).anchored(Anchored::Yes);
         let (start, m) = match self.re.search_half_with(cache, &input) {
             Some(m) => (at, m),
