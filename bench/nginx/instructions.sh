@@ -91,6 +91,9 @@ phases = [
     ("the ledger writer thread", ["ciyuan_ledger::group::writer"]),
     ("the projector", ["ciyuan_server::pipeline::run", "ciyuan_server::pipeline::run::{{closure}}",
         "ciyuan_server::pipeline::project_reusing"]),
+    ("  SQLite parsing statements", ["sqlite3Prepare"]),
+    ("memcpy and memmove, all threads", ["__memcpy_avx_unaligned_erms", "__memmove_avx_unaligned_erms",
+        "__memmove_avx512_unaligned_erms", "__memcpy_avx512_unaligned_erms"]),
     ("SHA-256 (portable under valgrind)", ["sha2::sha256::compress256"]),
 ]
 best = {}
