@@ -51,7 +51,7 @@ impl Keyed {
         match (self, &entry.body) {
             (Keyed::Tags, EntryBody::Usage(u)) if !u.tags.is_empty() => {
                 if let Some(t) = texts {
-                    t.push(stored(&crate::tags::set_text(&u.tags), &u.service));
+                    t.push(stored_tags(&u.tags, &u.service));
                 }
                 (1, Counted::Usage(u))
             }
@@ -59,10 +59,7 @@ impl Keyed {
             // (`adjustment`) name no tags and are attributed to none.
             (Keyed::Tags, EntryBody::RatingCorrection(c)) if !c.usage.tags.is_empty() => {
                 if let Some(t) = texts {
-                    t.push(stored(
-                        &crate::tags::set_text(&c.usage.tags),
-                        &c.usage.service,
-                    ));
+                    t.push(stored_tags(&c.usage.tags, &c.usage.service));
                 }
                 (1, Counted::Correction(c))
             }
@@ -113,6 +110,15 @@ pub fn stored(text: &str, service: &str) -> String {
     s
 }
 
+/// [`stored`] of a tag set's text ([`crate::tags::set_text`]) and a service, in one
+/// buffer.
+fn stored_tags(tags: &BTreeMap<String, String>, service: &str) -> String {
+    let mut rest = String::with_capacity(1 + service.len());
+    rest.push('\u{1f}');
+    rest.push_str(service);
+    crate::tags::text_then(tags, &rest)
+}
+
 /// A stored `service` split into the rollup's text and the service.
 pub fn split(stored: &str) -> Result<(&str, &str), StoreError> {
     stored.rsplit_once('\u{1f}').ok_or_else(|| {
@@ -159,9 +165,30 @@ pub fn split_rows<R: Row, K>(
 /// The stored services ([`stored`]) of a run of entries for `which`, in order: made
 /// before [`project`], whose sums borrow them.
 pub fn texts(which: Keyed, parts: &[&[Entry]]) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out: Vec<String> = Vec::new();
+    // The tags and service of the last text pushed, when it was a tagged usage's: a
+    // batch's entries mostly carry their predecessor's, and its text is then copied
+    // rather than written again.
+    let mut last: Option<(&BTreeMap<String, String>, &str)> = None;
     for e in parts.iter().flat_map(|p| p.iter()) {
+        let tagged = match (which, &e.body) {
+            (Keyed::Tags, EntryBody::Usage(u)) if !u.tags.is_empty() => {
+                Some((&u.tags, u.service.as_str()))
+            }
+            _ => None,
+        };
+        if let (Some(now), Some(before), Some(text)) = (tagged, last, out.last())
+            && now == before
+        {
+            let text = text.clone();
+            out.push(text);
+            continue;
+        }
+        let pushed = out.len();
         which.of(e, Some(&mut out));
+        if out.len() > pushed {
+            last = tagged;
+        }
     }
     out
 }
@@ -318,4 +345,99 @@ pub fn whole_cost(rows: Vec<CostRow>) -> Result<Vec<CostRow>, StoreError> {
         }
     }
     Ok(sums.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciyuan_core::{AccountPath, Rating};
+
+    /// The tag set's text as it was written before it was written in one buffer:
+    /// rows already stored must keep meeting new entries' rows under the same key.
+    fn text_as_before(tags: &BTreeMap<String, String>) -> String {
+        let mut out = String::from("{");
+        for (i, (k, v)) in tags.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&serde_json::Value::from(k.as_str()).to_string());
+            out.push(':');
+            out.push_str(&serde_json::Value::from(v.as_str()).to_string());
+        }
+        out.push('}');
+        out
+    }
+
+    #[test]
+    fn a_tag_sets_stored_text_is_what_it_was_byte_for_byte() {
+        use proptest::prelude::*;
+        let text = proptest::collection::btree_map(".{0,12}", ".{0,40}", 0..20);
+        proptest!(ProptestConfig::with_cases(2000), |(tags in text, service in ".{0,10}")| {
+            prop_assert_eq!(crate::tags::set_text(&tags), text_as_before(&tags));
+            prop_assert_eq!(stored_tags(&tags, &service), stored(&text_as_before(&tags), &service));
+        });
+        let hard: BTreeMap<String, String> = [("q\"\\\u{1}\u{7f}é", "\u{1f}\n\t\u{2028}x")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(crate::tags::set_text(&hard), text_as_before(&hard));
+    }
+
+    #[test]
+    fn repeated_tag_sets_get_the_texts_each_entry_would_be_given_alone() {
+        let at: ciyuan_core::jiff::Timestamp = "2026-12-08T01:00:00Z".parse().unwrap();
+        let node = AccountPath::parse("acme/cn").unwrap();
+        let tags = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let usage = |t: &BTreeMap<String, String>, service: &str| Usage {
+            service: service.into(),
+            tags: t.clone(),
+            ..Default::default()
+        };
+        let entry = |body| Entry::new(at, node.clone(), body);
+        let (a, b) = (
+            tags(&[("team", "hr"), ("f", "search")]),
+            tags(&[("team", "hr")]),
+        );
+        let cny: ciyuan_core::Currency = "CNY".parse().unwrap();
+        let correction = |u: Usage| {
+            EntryBody::RatingCorrection(RatingCorrection {
+                entry: 0,
+                at,
+                usage: Box::new(u),
+                previous: Box::new(Rating::new(rust_decimal::Decimal::ONE, cny, "list", 1)),
+                rating: Box::new(Rating::new(rust_decimal::Decimal::TWO, cny, "list", 1)),
+            })
+        };
+        let run = vec![
+            entry(EntryBody::Usage(usage(&a, "chat"))),
+            entry(EntryBody::Usage(usage(&a, "chat"))),
+            entry(EntryBody::Usage(usage(&BTreeMap::new(), "chat"))),
+            entry(EntryBody::Usage(usage(&a, "chat"))),
+            entry(EntryBody::Usage(usage(&a, "embeddings"))),
+            entry(EntryBody::Usage(usage(&b, "embeddings"))),
+            entry(correction(usage(&a, "chat"))),
+            entry(EntryBody::Usage(usage(&b, "embeddings"))),
+            entry(EntryBody::Usage(usage(&b, "embeddings"))),
+        ];
+        let alone: Vec<String> = run
+            .iter()
+            .flat_map(|e| {
+                let mut t = Vec::new();
+                Keyed::Tags.of(e, Some(&mut t));
+                t
+            })
+            .collect();
+        assert_eq!(alone.len(), 8);
+        // Split anywhere into parts: the texts follow the entries across parts too.
+        for cut in 0..=run.len() {
+            let (x, y) = run.split_at(cut);
+            assert_eq!(texts(Keyed::Tags, &[x, y]), alone, "cut at {cut}");
+        }
+        assert!(texts(Keyed::Subjects, &[&run]).is_empty());
+    }
 }

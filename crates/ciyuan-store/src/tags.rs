@@ -22,17 +22,32 @@ use std::collections::BTreeMap;
 
 /// A tag set as stored: its JSON object, keys in order (one text per set).
 pub fn set_text(tags: &BTreeMap<String, String>) -> String {
-    let mut out = String::from("{");
-    for (i, (k, v)) in tags.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&serde_json::Value::from(k.as_str()).to_string());
-        out.push(':');
-        out.push_str(&serde_json::Value::from(v.as_str()).to_string());
+    text_then(tags, "")
+}
+
+/// [`set_text`] followed by `rest`, written into one buffer sized for both: the
+/// projector writes one for every tagged entry, and the set made first as a string
+/// of its own, each key and value through a `serde_json::Value`, was four
+/// allocations a tag (with sixteen tags, 41% of the projector's time).
+pub(crate) fn text_then(tags: &BTreeMap<String, String>, rest: &str) -> String {
+    // Each pair: two quotes each side, ':' and ','; escapes may grow it past this.
+    let size = 2
+        + rest.len()
+        + tags
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 6)
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    // serde_json writes a map of strings as `{"k":"v",...}` in the map's (key)
+    // order, escaping as it escapes every string it writes; into a `Vec` this
+    // cannot fail, and a failure would be a bug that must not store a wrong key.
+    let written = serde_json::to_writer(&mut out, tags);
+    assert!(written.is_ok(), "writing a tag set failed: {written:?}");
+    out.extend_from_slice(rest.as_bytes());
+    match String::from_utf8(out) {
+        Ok(text) => text,
+        Err(e) => unreachable!("JSON written from strings is UTF-8: {e}"),
     }
-    out.push('}');
-    out
 }
 
 /// A tag set read back, shared by every row of it (a month holds many rows of few

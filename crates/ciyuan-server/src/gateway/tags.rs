@@ -36,7 +36,10 @@ pub(crate) fn of(headers: &HeaderMap, metadata: &[(String, String)]) -> Result<T
     let bad = |param: &'static str, m: String| {
         GatewayError::new(StatusCode::BAD_REQUEST, format!("{param}: {m}")).param(param)
     };
-    let mut tags = BTreeMap::new();
+    // The pairs are read as borrowed slices, sorted by key (stably: a key's first
+    // value comes first) and made into the map in order, which compares keys a few
+    // times fewer than looking each up and inserting it (a request may carry sixteen).
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
     for line in headers.get_all(HEADER) {
         let line = std::str::from_utf8(line.as_bytes())
             .map_err(|_| bad(HEADER, "must be UTF-8".into()))?;
@@ -47,21 +50,24 @@ pub(crate) fn of(headers: &HeaderMap, metadata: &[(String, String)]) -> Result<T
                     format!("{pair:?} is not key=value (e.g. feature=search,team=hr)"),
                 ));
             };
-            let (k, v) = (k.trim(), v.trim());
-            match tags.get(k) {
-                Some(old) if old != v => {
-                    return Err(bad(
-                        HEADER,
-                        format!("tag {k:?} is given twice, as {old:?} and {v:?}"),
-                    ));
-                }
-                Some(_) => {}
-                None => {
-                    tags.insert(k.to_string(), v.to_string());
-                }
-            }
+            pairs.push((k.trim(), v.trim()));
         }
     }
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    for w in pairs.windows(2) {
+        let ((k, old), (k2, v)) = (w[0], w[1]);
+        if k == k2 && old != v {
+            return Err(bad(
+                HEADER,
+                format!("tag {k:?} is given twice, as {old:?} and {v:?}"),
+            ));
+        }
+    }
+    pairs.dedup_by(|b, a| a.0 == b.0);
+    let mut tags: BTreeMap<String, String> = pairs
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     ciyuan_core::check_tags(&tags).map_err(|e| bad(HEADER_OR_METADATA, e.0))?;
     let mut skipped = Vec::new();
     for (k, v) in metadata {
