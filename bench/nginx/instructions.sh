@@ -8,12 +8,26 @@
 # counts far more here than it costs natively; it is listed on its own line. The
 # ledger's and the projector's lines depend on how many entries a group holds, which
 # follows the request rate: compare the request's own lines between builds.
-#   cargo build --release -p ciyuan && bench/nginx/instructions.sh [SECONDS]
+# `--controls` measures the hostile tenant of `ciyuan bench gateway --controls
+# --prices` (every control set from above, sixteen tags a request, every request
+# rated and paid from a wallet; LiteLLM's table from ../shared/fixtures, or PRICES),
+# set up by `ciyuan bench gateway --setup` on the gateway under callgrind.
+#   cargo build --release -p ciyuan && bench/nginx/instructions.sh [SECONDS] [--controls]
 #   CIYUAN=/path/to/ciyuan bench/nginx/instructions.sh
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ciyuan="${CIYUAN:-$here/../../target/release/ciyuan}"
-seconds="${1:-10}"
+seconds=10
+controls=""
+for a in "$@"; do
+    case "$a" in
+        --controls) controls=1 ;;
+        *[!0-9]*|"") echo "instructions.sh: unknown argument $a ([SECONDS] [--controls])" >&2; exit 2 ;;
+        *) seconds="$a" ;;
+    esac
+done
+prices="${PRICES:-$here/../../../shared/fixtures/litellm_model_prices.json}"
+[ -z "$controls" ] || [ -f "$prices" ] || { echo "instructions.sh: no price table at $prices (set PRICES)" >&2; exit 1; }
 for tool in valgrind callgrind_control callgrind_annotate wrk curl python3; do
     command -v "$tool" >/dev/null || { echo "instructions.sh: $tool not found" >&2; exit 1; }
 done
@@ -42,14 +56,18 @@ for _ in $(seq 1 600); do
     curl -fsS -o /dev/null "$gw/healthz" 2>/dev/null && break
     sleep 0.1
 done
-api() { curl -fsS -H "Authorization: Bearer $admin" -H 'content-type: application/json' -d "$2" "$gw$1"; }
-api /api/v1/accounts '{"path":"bench"}' > /dev/null
-key="$(api /api/v1/keys '{"account":"bench","scopes":["gateway"]}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
-cat > "$dir/chat.lua" <<EOF
-wrk.method = "POST"
-wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello to the benchmark."}],"max_tokens":32}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $key"
+# The tenant, as `ciyuan bench gateway` sets it up: its key and its requests' headers.
+setup=(bench gateway --setup "$gw")
+[ -n "$controls" ] && setup+=(--controls --prices "$prices")
+CIYUAN_KEY="$admin" "$ciyuan" "${setup[@]}" > "$dir/tenant.json"
+python3 - "$dir/tenant.json" > "$dir/chat.lua" <<'EOF'
+import json, sys
+t = json.load(open(sys.argv[1]))
+print('wrk.method = "POST"')
+print("""wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello to the benchmark."}],"max_tokens":32}'""")
+print('wrk.headers["Content-Type"] = "application/json"')
+for name, value in [("Authorization", "Bearer " + t["key"])] + sorted(t["headers"].items()):
+    print(f'wrk.headers["{name}"] = [==[{value}]==]')
 EOF
 # Warm: vocabularies, pools, caches, the first ledger segment.
 wrk -t1 -c4 -d3s -s "$dir/chat.lua" "$gw/v1/chat/completions" > /dev/null
@@ -63,7 +81,7 @@ sleep 1
 requests="$(grep -oE '^ *[0-9]+ requests in' "$dir/wrk.txt" | grep -oE '[0-9]+')"
 out="$(ls -S "$dir"/callgrind.out.* | head -1)"
 [ -n "${KEEP:-}" ] && cp "$out" "$KEEP"
-echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores; $("$ciyuan" --version 2>/dev/null || echo ciyuan); $requests requests at 4 connections under callgrind"
+echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores; $("$ciyuan" --version 2>/dev/null || echo ciyuan); $requests requests at 4 connections under callgrind; tenant: $([ -n "$controls" ] && echo "hostile (--controls --prices)" || echo "a key on a bare node")"
 callgrind_annotate --inclusive=yes --threshold=100 "$out" 2>/dev/null | python3 -c '
 import re, sys
 requests = int(sys.argv[1])

@@ -180,6 +180,13 @@ pub struct GatewayArgs {
     /// With `--upstream`: the wrk executable.
     #[arg(long, default_value = "wrk")]
     wrk: PathBuf,
+    /// Only prepare the tenant (`--controls`, `--prices`) on the gateway already
+    /// running at this URL, with the admin key in `CIYUAN_KEY`, and print its key
+    /// and the headers its requests carry as one JSON line: for measuring a gateway
+    /// the bench does not start (`bench/nginx/instructions.sh --controls` runs it
+    /// under callgrind).
+    #[arg(long, conflicts_with = "upstream")]
+    setup: Option<String>,
     /// End with one JSON line of the figures.
     #[arg(long)]
     json: bool,
@@ -487,6 +494,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        BenchCmd::Gateway(a) if a.setup.is_some() => return gateway_setup(a),
         BenchCmd::Gateway(a) if a.upstream.is_some() => return gateway_upstream(a),
         BenchCmd::Gateway(a) => {
             let r = crate::bench_gateway::run(crate::bench_gateway::Options {
@@ -751,6 +759,18 @@ fn money(a: MoneyArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `ciyuan bench gateway --setup URL`: the tenant prepared on a running gateway.
+fn gateway_setup(a: GatewayArgs) -> anyhow::Result<ExitCode> {
+    let Some(url) = a.setup.as_deref() else {
+        anyhow::bail!("--setup URL is required here");
+    };
+    let admin = std::env::var("CIYUAN_KEY")
+        .map_err(|_| anyhow::anyhow!("--setup needs the gateway's admin key in CIYUAN_KEY"))?;
+    let tenant = crate::bench_gateway::setup(url, &admin, a.prices.as_deref(), a.controls)?;
+    println!("{tenant}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Which tenant a gateway run measured, said with its figures.

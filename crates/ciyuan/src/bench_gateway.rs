@@ -990,6 +990,35 @@ async fn bench_key(
         .to_string())
 }
 
+/// Prepares the bench's tenant on the gateway running at `url` (`admin` its admin
+/// key) and returns, as JSON, the key (`key`) and the headers (`headers`, name to
+/// value) its requests carry: `ciyuan bench gateway --setup`.
+pub fn setup(
+    url: &str,
+    admin: &str,
+    prices: Option<&std::path::Path>,
+    controls: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let url = url.trim_end_matches('/');
+    let prices = prices
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let http = bench_client()?;
+    let key = rt.block_on(bench_key(&http, url, admin, prices.as_deref(), controls))?;
+    let headers: serde_json::Map<String, serde_json::Value> = if controls {
+        Controls::headers()
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value.into()))
+            .collect()
+    } else {
+        serde_json::Map::new()
+    };
+    Ok(serde_json::json!({ "key": key, "headers": headers }))
+}
+
 pub fn run(o: Options) -> anyhow::Result<Report> {
     let positive = |v: f64| v > 0.0 && v.is_finite();
     if !positive(o.rate) || !positive(o.seconds) {

@@ -2050,3 +2050,66 @@ fn the_gateway_bench_measures_the_hostile_tenant_with_every_control_counting() {
     assert_eq!(figures["failed"], false, "{figures}");
     assert!(figures["responses"].as_u64().unwrap() > 50, "{figures}");
 }
+
+/// `ciyuan bench gateway --setup URL --controls` prepares the hostile tenant on a
+/// gateway the bench does not start (`bench/nginx/instructions.sh --controls` runs one
+/// under callgrind): the tree, every limit and the model rules in force, and a key
+/// and headers that the gateway takes.
+#[test]
+fn the_gateway_bench_prepares_the_hostile_tenant_on_a_running_gateway() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = crate::common::Server::start(&tmp.path().join("data"));
+    let admin = server.bootstrap.clone().expect("a bootstrap admin key");
+    let out = Command::new(bin())
+        .args(["bench", "gateway", "--controls", "--setup", &server.url])
+        .env("CIYUAN_KEY", &admin)
+        .output()
+        .expect("ciyuan bench gateway --setup runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tenant = json(stdout.trim().as_bytes());
+    let key = tenant["key"].as_str().expect("a key");
+    assert!(key.starts_with("cy_"), "{tenant}");
+    assert_eq!(tenant["headers"]["x-ciyuan-session"], "bench-session-0001");
+    let tags = tenant["headers"]["x-ciyuan-tags"].as_str().expect("tags");
+    assert_eq!(tags.split(',').count(), 16, "{tags}");
+    let (status, body) = http(
+        &server.url,
+        "GET",
+        "/api/v1/budgets/bench/bu/team/app",
+        &admin,
+        None,
+    );
+    assert_eq!(status, 200);
+    let view = json(&body);
+    let names: Vec<&str> = view["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["name"].as_str())
+        .collect();
+    for name in [
+        "tokens-month",
+        "tokens-day",
+        "rpm-per-key",
+        "tokens-hour",
+        "per-session",
+        "per-request",
+        "tokens-minute",
+    ] {
+        assert!(names.contains(&name), "{name} not in {view}");
+    }
+    assert_eq!(view["models"][0]["node"], "bench", "{view}");
+    // Without the admin key it says what it needs.
+    let out = Command::new(bin())
+        .args(["bench", "gateway", "--setup", &server.url])
+        .env_remove("CIYUAN_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CIYUAN_KEY"));
+}
