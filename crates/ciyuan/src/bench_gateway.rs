@@ -848,21 +848,38 @@ impl Controls {
 /// After a `--controls` run: reads the key's node's live limits and says what they
 /// counted, or why the run did not measure the controls (a limit missing, or one
 /// that counts usage with nothing counted: the requests went around it).
+///
+/// A window that began in the run's last moments (a new minute, hour or day) holds
+/// only the requests whose metering, which follows the answer, had not finished: one
+/// more request through `gateway` is sent and the view read again for up to 2 s, so
+/// a window's turn is not taken for a limit that counts nothing.
 async fn controls_counted(
     http: &reqwest::Client,
     gw_url: &str,
     admin: &str,
     money: bool,
+    gateway: &Target,
 ) -> anyhow::Result<Result<String, String>> {
-    let view: serde_json::Value = http
-        .get(format!("{gw_url}/api/v1/budgets/{}", Controls::NODE))
-        .bearer_auth(admin)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    Ok(Controls::counted(&view, money))
+    let read = || async {
+        let view: serde_json::Value = http
+            .get(format!("{gw_url}/api/v1/budgets/{}", Controls::NODE))
+            .bearer_auth(admin)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        anyhow::Ok(Controls::counted(&view, money))
+    };
+    let mut counted = read().await?;
+    if counted.is_err() && gateway.call().await {
+        let until = Instant::now() + Duration::from_secs(2);
+        while counted.is_err() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            counted = read().await?;
+        }
+    }
+    Ok(counted)
 }
 
 impl Controls {
@@ -1210,7 +1227,7 @@ pub fn run(o: Options) -> anyhow::Result<Report> {
         }
         let mut controls = None;
         if o.controls {
-            match controls_counted(&http, &gw_url, &admin, prices.is_some()).await? {
+            match controls_counted(&http, &gw_url, &admin, prices.is_some(), &gateway).await? {
                 Ok(c) => controls = Some(c),
                 Err(e) => problems.push(e),
             }
@@ -1652,7 +1669,13 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
     }
     let mut controls = None;
     if o.controls {
-        match rt.block_on(controls_counted(&http, &gw_url, &admin, prices.is_some()))? {
+        match rt.block_on(controls_counted(
+            &http,
+            &gw_url,
+            &admin,
+            prices.is_some(),
+            &targets[ciyuan],
+        ))? {
             Ok(c) => controls = Some(c),
             Err(e) => problems.push(e),
         }
