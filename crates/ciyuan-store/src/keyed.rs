@@ -101,27 +101,23 @@ pub struct KeyedProjected<'a> {
     pub cost: CostSums<'a>,
 }
 
-/// The stored `service` of a keyed row: the rollup's text, U+001F, the service.
+/// What stands between the rollup's text and the service in a keyed row's `service`.
+const SEPARATOR: &str = "\u{1f}";
+
+/// The stored `service` of a keyed row: the rollup's text, [`SEPARATOR`], the service.
 pub fn stored(text: &str, service: &str) -> String {
-    let mut s = String::with_capacity(text.len() + 1 + service.len());
-    s.push_str(text);
-    s.push('\u{1f}');
-    s.push_str(service);
-    s
+    [text, SEPARATOR, service].concat()
 }
 
 /// [`stored`] of a tag set's text ([`crate::tags::set_text`]) and a service, in one
 /// buffer.
 fn stored_tags(tags: &BTreeMap<String, String>, service: &str) -> String {
-    let mut rest = String::with_capacity(1 + service.len());
-    rest.push('\u{1f}');
-    rest.push_str(service);
-    crate::tags::text_then(tags, &rest)
+    crate::tags::text_then(tags, &[SEPARATOR, service])
 }
 
 /// A stored `service` split into the rollup's text and the service.
 pub fn split(stored: &str) -> Result<(&str, &str), StoreError> {
-    stored.rsplit_once('\u{1f}').ok_or_else(|| {
+    stored.rsplit_once(SEPARATOR).ok_or_else(|| {
         StoreError::Corrupt(format!("a keyed rollup's key {stored:?}: no separator"))
     })
 }
