@@ -215,6 +215,13 @@ pub struct Settled {
     pub exceeded: Vec<(AccountPath, String)>,
 }
 
+impl Settled {
+    /// Whether it raises any incident: a threshold crossed or a hard limit exceeded.
+    pub fn raises_incidents(&self) -> bool {
+        !self.crossings.is_empty() || !self.exceeded.is_empty()
+    }
+}
+
 /// One counter of a limit as it stands.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LimitStatus {

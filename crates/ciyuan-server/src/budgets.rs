@@ -212,7 +212,7 @@ fn reported(used: i128) -> u64 {
 
 /// Turns crossings and exceeded hard limits into incident entries (and webhooks).
 pub(crate) async fn incidents(app: &Arc<App>, settled: Settled, cause: Option<u64>) {
-    if settled.crossings.is_empty() && settled.exceeded.is_empty() {
+    if !settled.raises_incidents() {
         return;
     }
     let now = Timestamp::now();

@@ -413,7 +413,7 @@ async fn record_call(app: &Arc<App>, call: &mut Call, meter: &mut Meter, ended: 
     // The rarer awaits are boxed when taken: inline, each one's future would widen
     // this one's, which is made and moved on every request.
     if let Some(settled) = settled
-        && !(settled.crossings.is_empty() && settled.exceeded.is_empty())
+        && settled.raises_incidents()
     {
         Box::pin(crate::budgets::incidents(app, settled, None)).await;
     }

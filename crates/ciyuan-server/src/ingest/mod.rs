@@ -576,7 +576,7 @@ async fn record(
                     cost,
                     entry.ts,
                 );
-                if !settled.crossings.is_empty() || !settled.exceeded.is_empty() {
+                if settled.raises_incidents() {
                     over.push((entry_id, !settled.exceeded.is_empty(), settled));
                 }
             }
