@@ -219,6 +219,14 @@ pub fn check_tag(key: &str, value: &str) -> Result<(), TagError> {
 /// may hold `=`, a key given twice with different values is refused, and the set is
 /// checked by [`check_tags`].
 pub fn parse_tag_list(text: &str) -> Result<BTreeMap<String, String>, TagError> {
+    let tags = read_tag_list(text)?;
+    check_tags(&tags)?;
+    Ok(tags)
+}
+
+/// [`parse_tag_list`] without [`check_tags`], for a reader that checks the set once
+/// it has merged it with tags from elsewhere (the gateway's `metadata`).
+pub fn read_tag_list(text: &str) -> Result<BTreeMap<String, String>, TagError> {
     let mut tags = BTreeMap::new();
     for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((k, v)) = pair.split_once('=') else {
@@ -239,7 +247,6 @@ pub fn parse_tag_list(text: &str) -> Result<BTreeMap<String, String>, TagError> 
             }
         }
     }
-    check_tags(&tags)?;
     Ok(tags)
 }
 

@@ -51,6 +51,7 @@ pub use entry::{
     AccountInfo, Adjustment, DecodeError, ENTRY_VERSION, Entry, EntryBody, GATEWAY_SOURCE,
     KeyCreated, KeyRevoked, MAX_TAG_KEY_BYTES, MAX_TAG_VALUE_BYTES, MAX_TAGS, Quality, Recount,
     TagError, Usage, check_tag, check_tags, ingest_key_digest, ingest_key_hash, parse_tag_list,
+    read_tag_list,
 };
 /// Re-exported so every crate names time with the same version.
 pub use jiff;

@@ -36,38 +36,23 @@ pub(crate) fn of(headers: &HeaderMap, metadata: &[(String, String)]) -> Result<T
     let bad = |param: &'static str, m: String| {
         GatewayError::new(StatusCode::BAD_REQUEST, format!("{param}: {m}")).param(param)
     };
-    // The pairs are read as borrowed slices, sorted by key (stably: a key's first
-    // value comes first) and made into the map in order, which compares keys a few
-    // times fewer than looking each up and inserting it (a request may carry sixteen).
-    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    // Every line of the header, read as one list.
+    let mut lines = Vec::new();
     for line in headers.get_all(HEADER) {
-        let line = std::str::from_utf8(line.as_bytes())
-            .map_err(|_| bad(HEADER, "must be UTF-8".into()))?;
-        for pair in line.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let Some((k, v)) = pair.split_once('=') else {
-                return Err(bad(
-                    HEADER,
-                    format!("{pair:?} is not key=value (e.g. feature=search,team=hr)"),
-                ));
-            };
-            pairs.push((k.trim(), v.trim()));
-        }
+        lines.push(
+            std::str::from_utf8(line.as_bytes())
+                .map_err(|_| bad(HEADER, "must be UTF-8".into()))?,
+        );
     }
-    pairs.sort_by(|a, b| a.0.cmp(b.0));
-    for w in pairs.windows(2) {
-        let ((k, old), (k2, v)) = (w[0], w[1]);
-        if k == k2 && old != v {
-            return Err(bad(
-                HEADER,
-                format!("tag {k:?} is given twice, as {old:?} and {v:?}"),
-            ));
+    let joined;
+    let list = match lines.as_slice() {
+        [one] => *one,
+        _ => {
+            joined = lines.join(",");
+            &joined
         }
-    }
-    pairs.dedup_by(|b, a| a.0 == b.0);
-    let mut tags: BTreeMap<String, String> = pairs
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    };
+    let mut tags = ciyuan_core::read_tag_list(list).map_err(|e| bad(HEADER, e.0))?;
     ciyuan_core::check_tags(&tags).map_err(|e| bad(HEADER_OR_METADATA, e.0))?;
     let mut skipped = Vec::new();
     for (k, v) in metadata {
