@@ -772,8 +772,11 @@ impl Controls {
     /// The key's node.
     const NODE: &'static str = "bench/bu/team/app";
 
-    /// The tenant's headers on every request.
-    fn headers() -> Vec<(&'static str, String)> {
+    /// The tenant's headers on every request (none without controls).
+    fn headers(on: bool) -> Vec<(&'static str, String)> {
+        if !on {
+            return Vec::new();
+        }
         let key_len = ciyuan_core::MAX_TAG_KEY_BYTES / 4;
         let value_len = ciyuan_core::MAX_TAG_VALUE_BYTES / 4;
         let tags: Vec<String> = (0..ciyuan_core::MAX_TAGS)
@@ -793,10 +796,8 @@ impl Controls {
     /// [`Controls::headers`] as a header map (empty without controls).
     fn header_map(on: bool) -> anyhow::Result<reqwest::header::HeaderMap> {
         let mut map = reqwest::header::HeaderMap::new();
-        if on {
-            for (name, value) in Controls::headers() {
-                map.insert(name, HeaderValue::from_str(&value)?);
-            }
+        for (name, value) in Controls::headers(on) {
+            map.insert(name, HeaderValue::from_str(&value)?);
         }
         Ok(map)
     }
@@ -945,15 +946,16 @@ async fn bench_key(
             .send()
     };
     let node = if controls { Controls::NODE } else { "bench" };
-    let mut path = String::new();
-    for part in node.split('/') {
-        if !path.is_empty() {
-            path.push('/');
-        }
-        path.push_str(part);
-        post("/api/v1/accounts", serde_json::json!({ "path": path }))
-            .await?
-            .error_for_status()?;
+    let lineage = ciyuan_core::AccountPath::parse(node)
+        .map_err(|e| anyhow::anyhow!("the bench's node {node}: {e}"))?
+        .lineage();
+    for path in lineage {
+        post(
+            "/api/v1/accounts",
+            serde_json::json!({ "path": path.as_str() }),
+        )
+        .await?
+        .error_for_status()?;
     }
     if let Some(file) = prices {
         http.post(format!("{gw_url}/api/v1/prices?format=litellm"))
@@ -1025,14 +1027,10 @@ pub fn setup(
         .build()?;
     let http = bench_client()?;
     let key = rt.block_on(bench_key(&http, url, admin, prices.as_deref(), controls))?;
-    let headers: serde_json::Map<String, serde_json::Value> = if controls {
-        Controls::headers()
-            .into_iter()
-            .map(|(name, value)| (name.to_string(), value.into()))
-            .collect()
-    } else {
-        serde_json::Map::new()
-    };
+    let headers: serde_json::Map<String, serde_json::Value> = Controls::headers(controls)
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value.into()))
+        .collect();
     Ok(serde_json::json!({ "key": key, "headers": headers }))
 }
 
@@ -1535,12 +1533,7 @@ pub fn run_upstream(o: UpstreamOptions) -> anyhow::Result<UpstreamReport> {
     ))?;
     let auth = format!("Bearer {key}");
     let script = dir.0.join("chat.lua");
-    let extra = if o.controls {
-        Controls::headers()
-    } else {
-        Vec::new()
-    };
-    std::fs::write(&script, wrk_script(&auth, &extra))?;
+    std::fs::write(&script, wrk_script(&auth, &Controls::headers(o.controls)))?;
 
     let checks = Arc::new(Checks::default());
     let extra_map = Controls::header_map(o.controls)?;
@@ -1828,7 +1821,8 @@ mod tests {
 
     #[test]
     fn the_hostile_tenant_sends_the_most_tags_and_a_session_that_the_gateway_accepts() {
-        let headers = Controls::headers();
+        assert!(Controls::headers(false).is_empty());
+        let headers = Controls::headers(true);
         let tags = &headers
             .iter()
             .find(|(n, _)| *n == "x-ciyuan-tags")
